@@ -1,0 +1,35 @@
+# gptlaunch's front door. `make run` trains the default model on this machine; `make test` runs the tests.
+# Both set everything up first: the virtual environment (torch pinned to the CPU wheel) and the data.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TEXT := data/tinyshakespeare/input.txt
+SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
+ARGS ?=
+
+.PHONY: setup data run test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
+	touch $@
+
+data: $(TEXT)
+
+$(TEXT):
+	@mkdir -p $(dir $@)
+	@if [ -f "$(SHARED_TEXT)" ]; then cp "$(SHARED_TEXT)" $@ && echo "copied $(SHARED_TEXT) -> $@"; \
+	else echo "Tiny Shakespeare is missing: put it at $@ (it is data/tinyshakespeare/input.txt in the" \
+	  "karpathy/char-rnn repository on GitHub), or set SHARED_TEXT=/path/to/input.txt" >&2; exit 1; fi
+
+run: setup data
+	$(BIN)/python -m launch $(ARGS)
+
+test: setup data
+	$(BIN)/python -m pytest $(ARGS)
+
+clean:
+	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe

@@ -1,0 +1,1 @@
+"""What runs inside each rank: model, data, trainer, parallel strategies, checkpointing, metrics."""

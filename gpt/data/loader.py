@@ -1,0 +1,170 @@
+"""Deterministic, reshardable batches from prepared token shards.
+
+Every optimizer step has one global batch of `global_batch_size` samples whose start offsets depend only on
+(seed, step): `global_batch_offsets`. Sample i of step s has the global index s * global_batch_size + i. Rank r of
+D data-parallel ranks takes samples [r*B/D, (r+1)*B/D) of it, and micro-step m the m-th micro_batch_size slice of
+that share. Because nothing depends on the world size, a run resumed on another number of ranks (same global batch
+size) continues with exactly the samples it would have seen: none replayed, none skipped.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+
+from gpt.data import SPLITS, read_meta
+from gpt.errors import UserError
+
+
+class TokenDataset:
+    """The memory-mapped shards of one split. Offsets are global: positions in the shards laid end to end."""
+
+    def __init__(self, directory: str | Path, split: str):
+        if split not in SPLITS:
+            raise UserError(f"split {split!r} does not exist; the splits are {', '.join(SPLITS)}")
+        self.directory = Path(directory)
+        self.split = split
+        meta = read_meta(directory)
+        self.vocab_size: int = meta["vocab_size"]
+        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
+        shards = meta["splits"][split]["shards"]
+        self.shards = [np.memmap(self.directory / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
+                       for s in shards]
+        self.shard_sizes = np.array([s["tokens"] for s in shards], dtype=np.int64)
+        self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.shard_sizes.sum())
+
+    def window(self, offset: int, length: int) -> np.ndarray:
+        """Tokens [offset, offset + length) as int64; the window must lie inside one shard."""
+        shard = int(np.searchsorted(self.shard_starts, offset, side="right")) - 1
+        local = int(offset - self.shard_starts[shard])
+        if offset < 0 or local + length > self.shard_sizes[shard]:
+            raise IndexError(f"window [{offset}, {offset + length}) crosses a shard boundary or the end of "
+                             f"the {self.split} split")
+        return self.shards[shard][local:local + length].astype(np.int64)
+
+    def windows(self, offsets: Sequence[int], length: int) -> np.ndarray:
+        """Shape (len(offsets), length), int64."""
+        return np.stack([self.window(int(o), length) for o in offsets])
+
+
+def global_batch_offsets(seed: int, step: int, global_batch_size: int, num_tokens: int | Sequence[int],
+                         block_size: int) -> np.ndarray:
+    """Start offsets (int64, shape (global_batch_size,)) of every sample of optimizer step `step`.
+
+    `num_tokens` is the split's token count, or its tokens per shard: a sample needs block_size + 1 tokens
+    (inputs plus the shifted targets) inside one shard, so starts are drawn uniformly over the valid starts of
+    all shards. Depends on (seed, step) only, never on the world size.
+    """
+    if step < 0 or seed < 0:
+        raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
+    sizes = np.atleast_1d(np.asarray(num_tokens, dtype=np.int64))
+    valid = np.maximum(sizes - block_size, 0)  # start s is valid when s + block_size + 1 <= size
+    if valid.sum() == 0:
+        raise UserError(f"block_size={block_size} is too long for this data: a sample needs block_size + 1 "
+                        f"tokens in one shard and the largest shard has {int(sizes.max(initial=0))}; "
+                        f"lower model.block_size or use more text")
+    rng = np.random.default_rng([seed, step])
+    draws = rng.integers(0, valid.sum(), size=global_batch_size, dtype=np.int64)
+    valid_end = np.cumsum(valid)
+    shard = np.searchsorted(valid_end, draws, side="right")
+    shard_starts = np.cumsum(sizes) - sizes
+    return shard_starts[shard] + draws - (valid_end[shard] - valid[shard])
+
+
+def _split_xy(rows: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    x = torch.from_numpy(np.ascontiguousarray(rows[:, :-1]))
+    y = torch.from_numpy(np.ascontiguousarray(rows[:, 1:]))
+    if device.type == "cuda":
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def _rank_share(batch_size: int, dp_rank: int, dp_size: int, what: str) -> int:
+    if not 0 <= dp_rank < dp_size:
+        raise ValueError(f"dp_rank={dp_rank} is outside [0, dp_size={dp_size})")
+    if batch_size <= 0 or batch_size % dp_size:
+        raise UserError(f"{what}={batch_size} must be a positive multiple of the data-parallel size {dp_size}")
+    return batch_size // dp_size
+
+
+class TrainBatches:
+    """Micro-batches (x, y) of the training split for one data-parallel rank; see the module docstring."""
+
+    def __init__(self, dataset: TokenDataset, seed: int, block_size: int, global_batch_size: int,
+                 micro_batch_size: int, dp_rank: int = 0, dp_size: int = 1, device: str | torch.device = "cpu"):
+        per_rank = _rank_share(global_batch_size, dp_rank, dp_size, "global batch size")
+        if micro_batch_size <= 0 or per_rank % micro_batch_size:
+            raise UserError(f"micro batch size {micro_batch_size} must divide the per-rank batch "
+                            f"{per_rank} (global batch size {global_batch_size} / {dp_size} data-parallel ranks)")
+        self.dataset, self.seed, self.block_size = dataset, seed, block_size
+        self.global_batch_size, self.micro_batch_size = global_batch_size, micro_batch_size
+        self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
+        self.grad_accum_steps = per_rank // micro_batch_size
+        self.step = 0  # the first step whose batch has not been handed out in full
+        self._cached: tuple[int, np.ndarray] | None = None
+
+    def offsets(self, step: int) -> np.ndarray:
+        """This rank's share of the step's global batch: start offsets of samples [r*B/D, (r+1)*B/D)."""
+        if self._cached is None or self._cached[0] != step:
+            offs = global_batch_offsets(self.seed, step, self.global_batch_size, self.dataset.shard_sizes,
+                                        self.block_size)
+            per_rank = self.global_batch_size // self.dp_size
+            self._cached = step, offs[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        return self._cached[1]
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 (x, y) of shape (micro_batch_size, block_size); y is x shifted left by one token."""
+        if not 0 <= micro_step < self.grad_accum_steps:
+            raise ValueError(f"micro_step={micro_step} is outside [0, {self.grad_accum_steps})")
+        lo = micro_step * self.micro_batch_size
+        rows = self.dataset.windows(self.offsets(step)[lo:lo + self.micro_batch_size], self.block_size + 1)
+        if micro_step == self.grad_accum_steps - 1:
+            self.step = step + 1
+        return _split_xy(rows, self.device)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size,
+                "samples_seen": self.step * self.global_batch_size}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue where a checkpoint stopped, on any data-parallel size, if the global batch is unchanged."""
+        if state["global_batch_size"] != self.global_batch_size:
+            raise UserError(
+                f"the checkpoint was trained with a global batch size of {state['global_batch_size']} "
+                f"({state['samples_seen']} samples seen) but this run uses {self.global_batch_size}; to resume, "
+                f"keep the global batch size at {state['global_batch_size']} (choose the micro batch size and "
+                f"gradient accumulation so micro x accumulation x data-parallel ranks equals it), "
+                f"or start a new run in a new directory")
+        if state["seed"] != self.seed:
+            raise UserError(f"the checkpoint's data order uses seed {state['seed']} but this run uses seed "
+                            f"{self.seed}; resume with seed={state['seed']} or start a new run in a new directory")
+        self.step = int(state["step"])
+
+
+class ValBatches:
+    """A fixed set of validation batches, identical on every run and world size.
+
+    Batch j holds the samples of `global_batch_offsets(seed, j, batch_size, ...)` on the validation split; with
+    dp_size > 1 each rank yields its contiguous share of every batch, so all ranks run the same number of
+    forward passes and the mean of the per-rank mean losses is the loss of the whole batch.
+    """
+
+    def __init__(self, dataset: TokenDataset, seed: int, block_size: int, batch_size: int, num_batches: int,
+                 dp_rank: int = 0, dp_size: int = 1, device: str | torch.device = "cpu"):
+        per_rank = _rank_share(batch_size, dp_rank, dp_size, "validation batch size")
+        self.dataset, self.block_size, self.device = dataset, block_size, torch.device(device)
+        self._offsets = [global_batch_offsets(seed, j, batch_size, dataset.shard_sizes, block_size)
+                         [dp_rank * per_rank:(dp_rank + 1) * per_rank] for j in range(num_batches)]
+
+    def __len__(self) -> int:
+        return len(self._offsets)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for offsets in self._offsets:
+            yield _split_xy(self.dataset.windows(offsets, self.block_size + 1), self.device)

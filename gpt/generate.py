@@ -1,0 +1,43 @@
+"""Sample text from a checkpoint.
+
+    python -m gpt.generate RUN_OR_CHECKPOINT_DIR [--prompt "ROMEO:"] [--tokens 500] [--temperature 0.8]
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from gpt.checkpoint import load_model
+from gpt.data.tokenizer import load_tokenizer
+from gpt.errors import UserError
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt.generate", description=__doc__.splitlines()[0])
+    parser.add_argument("path", help="a run folder (its newest checkpoint is used) or a checkpoint folder")
+    parser.add_argument("--prompt", default="\n")
+    parser.add_argument("--tokens", type=int, default=500, help="new tokens per sample")
+    parser.add_argument("--samples", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-k", type=int, default=200)
+    parser.add_argument("--seed", type=int, default=1337)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+    try:
+        model, meta, path = load_model(args.path, args.device)
+        tokenizer = load_tokenizer(meta["data_dir"])
+    except UserError as e:
+        sys.exit(f"error: {e}")
+    torch.manual_seed(args.seed)
+    prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
+    print(f"# {path} (step {meta['step']})", file=sys.stderr)
+    for _ in range(args.samples):
+        out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k)
+        print(tokenizer.decode(out[0].tolist()))
+        print("---")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""Per-rank metrics: one JSONL file and one TensorBoard run per rank in the run folder. A report can be
+rebuilt from these files alone, long after the job is gone."""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Iterable
+
+import psutil
+import torch
+from torch.utils.tensorboard import SummaryWriter
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """GiB in use: allocator figures on CUDA, the process's resident set on CPU."""
+    gib = 2**30
+    if device.type == "cuda":
+        return {
+            "mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "mem/peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
+        }
+    return {"mem/rss_gib": psutil.Process(os.getpid()).memory_info().rss / gib}
+
+
+def layer_grad_norms(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
+    """Gradient norm per transformer layer (and for the embeddings and head), from parameter names."""
+    squares: dict[str, torch.Tensor] = {}
+    for name, grad in named_grads:
+        parts = name.split(".")
+        key = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+        g = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
+        squares[key] = squares.get(key, 0.0) + g.detach().float().pow(2).sum()
+    return {f"grad_norm/{k}": math.sqrt(float(v)) for k, v in squares.items()}
+
+
+class MetricsWriter:
+    """Writes `metrics/rank{R}.jsonl` and TensorBoard events under `tensorboard/rank{R}`."""
+
+    def __init__(self, run_dir: Path, rank: int, hostname: str):
+        self.rank, self.hostname = rank, hostname
+        (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics" / f"rank{rank}.jsonl", "a", buffering=1)
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / f"rank{rank}"))
+
+    def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
+        record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, **values}
+        self.jsonl.write(json.dumps(record) + "\n")
+        for key, value in values.items():
+            if isinstance(value, (int, float)) and value is not None and math.isfinite(value):
+                self.tb.add_scalar(key if "/" in key else f"{kind}/{key}", value, step)
+
+    def text(self, tag: str, text: str) -> None:
+        self.tb.add_text(tag, text)
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self.tb.close()

@@ -1,0 +1,153 @@
+"""The interface every parallel strategy implements. The trainer talks only to this; it never asks which
+strategy is running."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from gpt.distributed import DistEnv
+from gpt.errors import ConfigError
+from gpt.metrics import layer_grad_norms
+from gpt.optim import build_adamw
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass
+class StepResult:
+    loss: torch.Tensor  # this rank's mean loss over its micro-batches (detached, 0-dim)
+    grad_norm: torch.Tensor  # global gradient norm before clipping
+    layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
+
+
+class Strategy:
+    """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
+
+    name = "single"
+
+    def __init__(self, cfg: Any, env: DistEnv, device: torch.device, precision: str):
+        self.cfg, self.env, self.device, self.precision = cfg, env, device, precision
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+
+    # --- topology -------------------------------------------------------------------------------------
+    @property
+    def dp_rank(self) -> int:
+        """This rank's index among the replicas that read different data."""
+        return self.env.rank
+
+    @property
+    def dp_size(self) -> int:
+        return self.env.world_size
+
+    def describe(self) -> str:
+        return "single process"
+
+    @classmethod
+    def data_parallel_size(cls, cfg: Any, model_cfg: Any, world_size: int) -> int:
+        """Check the topology before anything runs; return how many replicas read different data."""
+        if world_size != 1:
+            raise ConfigError("strategy", cls.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
+                              "strategy=single runs exactly one process")
+        return 1
+
+    # --- building -------------------------------------------------------------------------------------
+    def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
+        model.to(self.device)
+        self.model = self.wrap(model)
+        self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        """The GPT module itself, for evaluation, generation and checkpoint naming."""
+        return getattr(self.model, "module", self.model)
+
+    # --- one optimizer step ---------------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=DTYPES[self.precision])
+
+    def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        """Wraps each micro-step's backward; data-parallel strategies skip the all-reduce until the last."""
+        return contextlib.nullcontext()
+
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        for i, (x, y) in enumerate(micro_batches):
+            with self.sync_gradients(i == n_micro - 1):
+                with self.autocast():
+                    _, loss = self.model(x, y)
+                loss = loss / n_micro
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
+        grad_norm = self.clip_gradients(grad_clip)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return StepResult(total, grad_norm, layers)
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # sharded gradients give a DTensor norm
+            norm = norm.full_tensor()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        return norm.detach()
+
+    @torch.no_grad()
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Loss of one evaluation batch on this rank."""
+        with self.autocast():
+            _, loss = self.model(x, y)
+        return loss.detach().float()
+
+    # --- what other parts need ------------------------------------------------------------------------
+    def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
+        """The mean of a per-rank value over the data-parallel replicas (the global loss)."""
+        if self.dp_size == 1:
+            return value
+        value = value.detach().clone().float()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM, group=self.dp_group)
+        return value / self.dp_size
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return None  # the default group: every rank is a replica
+
+    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Gradients by the unwrapped model's parameter names, for per-layer norms."""
+        for name, p in self.unwrapped.named_parameters():
+            if p.grad is not None:
+                yield name, p.grad
+
+    def parameter_bytes(self) -> int:
+        """Bytes of parameters this rank holds (a sharded strategy holds about total / world size)."""
+        total = 0
+        for p in self.model.parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+        return total
+
+    def flops_share(self) -> float:
+        """The fraction of the model's FLOPs per token that this rank computes (1.0 unless layers are split)."""
+        return 1.0

@@ -1,0 +1,27 @@
+"""DistributedDataParallel: a full replica on every rank, gradients all-reduced in buckets during backward."""
+from __future__ import annotations
+
+import contextlib
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from gpt.parallel.base import Strategy
+
+
+class DDP(Strategy):
+    name = "ddp"
+
+    @classmethod
+    def data_parallel_size(cls, cfg, model_cfg, world_size: int) -> int:
+        return world_size
+
+    def describe(self) -> str:
+        return f"DDP, {self.dp_size} replicas"
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.get("bucket_cap_mb", 25))
+
+    def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

@@ -1,0 +1,57 @@
+"""What a run folder records about where and how it ran: the resolved config and each rank's environment."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from gpt.distributed import DistEnv
+
+PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "submitit", "tensorboard", "tokenizers", "deepspeed",
+            "gptlaunch")
+
+
+def git_commit(repo: Path) -> str | None:
+    try:
+        return subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def environment(env: DistEnv) -> dict:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return {
+        "rank": env.rank,
+        "world_size": env.world_size,
+        "local_rank": env.local_rank,
+        "node_rank": env.node_rank,
+        "num_nodes": env.num_nodes,
+        "host": env.hostname,
+        "master": f"{env.master_addr}:{env.master_port}",
+        "pid": os.getpid(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "packages": versions,
+        "cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "git_commit": git_commit(Path(__file__).resolve().parents[1]),
+        "slurm": {k: v for k, v in os.environ.items() if k.startswith("SLURM_")},
+    }
+
+
+def write_environment(run_dir: Path, env: DistEnv) -> None:
+    folder = run_dir / "environment"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"rank{env.rank}.json").write_text(json.dumps(environment(env), indent=1))

@@ -1,0 +1,72 @@
+"""The training loop's configuration (configs/train/) and its validation."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+from gpt.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    global_batch_size: int = 12
+    micro_batch_size: int | None = None
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    layer_grad_norms: bool = True
+    progress: bool = True
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        for key in d:
+            if key not in names:
+                raise ConfigError(f"train.{key}", d[key], f"known train keys are {', '.join(sorted(names))}")
+        cfg = cls(**dict(d))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        for key in ("max_steps", "global_batch_size", "log_interval", "eval_batches"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}", getattr(self, key), "a positive integer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("train.device", self.device, "auto, cpu or cuda")
+        if self.lr <= 0 or not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("train.min_lr", self.min_lr, f"between 0 and train.lr={self.lr} (lr must be > 0)")
+        if self.warmup_steps < 0 or self.eval_interval < 0:
+            raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
+
+    @property
+    def decay_end(self) -> int:
+        return self.decay_steps or self.max_steps
+
+    def micro_batches(self, dp_size: int) -> tuple[int, int]:
+        """(sequences per rank per forward, micro-steps per optimizer step) for this data-parallel size."""
+        if self.global_batch_size % dp_size:
+            raise ConfigError("train.global_batch_size", self.global_batch_size,
+                              f"a multiple of the data-parallel size {dp_size}")
+        per_rank = self.global_batch_size // dp_size
+        micro = self.micro_batch_size or per_rank
+        if micro <= 0 or per_rank % micro:
+            raise ConfigError("train.micro_batch_size", self.micro_batch_size,
+                              f"a divisor of the per-rank batch {per_rank} (= global {self.global_batch_size} / "
+                              f"data-parallel size {dp_size})")
+        return micro, per_rank // micro

@@ -1,0 +1,3 @@
+from launch.app import main
+
+main()

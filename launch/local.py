@@ -1,0 +1,33 @@
+"""The embedded default backend: a sweep point's ranks run as processes on this machine, through the same
+per-rank entry point (launch.worker) that srun starts on a cluster."""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import uuid
+from pathlib import Path
+
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+from gpt.errors import UserError
+
+log = logging.getLogger(__name__)
+
+
+def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
+    world = nodes * tasks_per_node
+    # Ranks share this machine's cores; more threads than cores per rank only slows everyone down.
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
+    os.environ["GPTLAUNCH_TASKS_PER_NODE"] = str(tasks_per_node)
+    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
+                          rdzv_endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, max_restarts=0,
+                          start_method="spawn", monitor_interval=0.1)
+    try:
+        elastic_launch(config, sys.executable)("-m", "launch.worker", str(run_dir))
+    except ChildFailedError as e:
+        rank, failure = e.get_first_failure()
+        log_file = run_dir / "logs" / f"rank{rank}.log"
+        hint = "a configuration error (see above)" if failure.exitcode == 2 else f"exit code {failure.exitcode}"
+        raise UserError(f"rank {rank} failed with {hint}; its log: {log_file}") from None
