@@ -6,16 +6,18 @@ import json
 import logging
 import os
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from gpt.errors import UserError
 
 log = logging.getLogger(__name__)
+# A single process (no process group) saves and loads DCP checkpoints on purpose; DCP warns on every call.
+warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
 PREFIX, TMP_PREFIX, META = "step_", ".tmp-step_", "meta.json"
 
@@ -48,15 +50,14 @@ class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, is_main: bool = True):
         self.root, self.keep, self.is_main = root, keep, is_main
 
-    def save(self, step: int, model, optimizer, meta: dict[str, Any]) -> Path:
+    def save(self, step: int, strategy, meta: dict[str, Any]) -> Path:
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
         if self.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         _barrier()
-        model_sd, optim_sd = get_state_dict(model, optimizer)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        strategy.save_state(tmp)
         _barrier()
         if self.is_main:
             (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
@@ -77,21 +78,12 @@ class Checkpointer:
         found = list_checkpoints(self.root)
         return found[-1] if found else None
 
-    @staticmethod
-    def load(path: Path, model, optimizer=None) -> dict[str, Any]:
-        """Load into a (possibly wrapped or sharded) model and optimizer; DCP reshards as needed."""
+    def load(self, path: Path, strategy) -> dict[str, Any]:
+        """Load into the strategy's model and optimizer, whatever world size wrote them."""
         if not is_complete(path):
             raise UserError(f"{path} is not a complete checkpoint (no {META} or .metadata)")
         meta = read_meta(path)
-        if optimizer is None:
-            state = {"model": model.state_dict()}
-            dcp.load(state, checkpoint_id=path)
-            model.load_state_dict(state["model"])
-        else:
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            state = {"model": model_sd, "optim": optim_sd}
-            dcp.load(state, checkpoint_id=path)
-            set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        strategy.load_state(path)
         return meta
 
 
@@ -115,5 +107,7 @@ def load_model(path: Path, device: str = "cpu"):
     path = resolve(path)
     meta = read_meta(path)
     model = GPT(ModelConfig(**meta["model"]))
-    Checkpointer.load(path, model)
+    state = {"model": model.state_dict()}
+    dcp.load(state, checkpoint_id=path)  # a DCP checkpoint loads into one plain process too
+    model.load_state_dict(state["model"])
     return model.to(device).eval(), meta, path

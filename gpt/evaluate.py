@@ -18,7 +18,7 @@ from gpt.errors import UserError
 
 @torch.no_grad()
 def evaluate(model, data_dir: str, batches: int, batch_size: int, seed: int, device: str) -> float:
-    val = ValBatches(TokenDataset(data_dir, "val"), seed, model.config.block_size, batch_size, batches, 0, 1,
+    val = ValBatches(TokenDataset(data_dir, "val"), seed, model.cfg.block_size, batch_size, batches, 0, 1,
                      torch.device(device))
     losses = [model(x, y)[1].item() for x, y in val]
     return sum(losses) / len(losses)

@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
     print(f"# {path} (step {meta['step']})", file=sys.stderr)
     for _ in range(args.samples):
-        out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k)
+        fits = prompt.size(1) + args.tokens <= model.cfg.block_size  # else slide the context, without a cache
+        out = model.generate(prompt, args.tokens, temperature=args.temperature, top_k=args.top_k, use_cache=fits)
         print(tokenizer.decode(out[0].tolist()))
         print("---")
 

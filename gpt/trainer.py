@@ -167,8 +167,7 @@ class Trainer:
         return summary
 
     def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self.strategy.model, self.strategy.optimizer,
-                                      self.checkpoint_meta())
+        path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta())
         self.saved_step = self.step
         log.info("saved checkpoint %s", path)
         return path

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch import nn
 
 from gpt.distributed import DistEnv
@@ -120,6 +123,18 @@ class Strategy:
         with self.autocast():
             _, loss = self.model(x, y)
         return loss.detach().float()
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def save_state(self, folder: Path) -> None:
+        """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load)."""
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+
+    def load_state(self, folder: Path) -> None:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        state = {"model": model_sd, "optim": optim_sd}
+        dcp.load(state, checkpoint_id=folder)
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
 
     # --- what other parts need ------------------------------------------------------------------------
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:
