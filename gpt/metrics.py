@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Iterable
 
@@ -41,12 +42,14 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, rank: int, hostname: str):
         self.rank, self.hostname = rank, hostname
+        self.start = time.time()
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
         self.jsonl = open(run_dir / "metrics" / f"rank{rank}.jsonl", "a", buffering=1)
         self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / f"rank{rank}"))
 
     def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
-        record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, **values}
+        record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, "time": time.time(),
+                  "elapsed_s": time.time() - self.start, **values}
         self.jsonl.write(json.dumps(record) + "\n")
         for key, value in values.items():
             if isinstance(value, (int, float)) and value is not None and math.isfinite(value):

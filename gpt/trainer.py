@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass, field
 import logging
 import time
 from pathlib import Path
@@ -34,6 +35,15 @@ def model_config(cfg: DictConfig, data_dir: Path) -> ModelConfig:
     return dataclasses.replace(mcfg, vocab_size=mcfg.vocab_size or vocab)
 
 
+@dataclass
+class Window:
+    """Time and steps since the last metrics record."""
+
+    start: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    data_s: float = 0.0
+
+
 class Trainer:
     def __init__(self, cfg: DictConfig, env: DistEnv, run_dir: Path):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
@@ -63,6 +73,7 @@ class Trainer:
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main)
         self.step = 0
         self.saved_step: int | None = None
+        self.window = Window()
 
     # --- reporting ------------------------------------------------------------------------------------
     def banner(self) -> str:
@@ -126,6 +137,27 @@ class Trainer:
             "strategy": self.strategy.name,
         }
 
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; at log intervals also the metrics record of the window it closes."""
+        t = self.train
+        lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        data_start = time.perf_counter()
+        micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
+        self.window.data_s += time.perf_counter() - data_start
+        log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
+        result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
+                                          layer_norms=log_now and t.layer_grad_norms)
+        self.window.steps += 1
+        values = None
+        if log_now:
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            values = self.record(self.window.steps, time.perf_counter() - self.window.start, result, lr,
+                                 self.window.data_s)
+            self.window = Window()
+        self.step += 1
+        return values
+
     def fit(self) -> dict[str, float]:
         t = self.train
         if self.env.is_main:
@@ -134,30 +166,18 @@ class Trainer:
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.env.is_main and t.progress),
                    dynamic_ncols=True, desc="train")
         summary: dict[str, float] = {}
-        window_start, window_steps, data_s = time.perf_counter(), 0, 0.0
+        self.window = Window()
         while self.step < t.max_steps:
-            lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
-            data_start = time.perf_counter()
-            micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
-            data_s += time.perf_counter() - data_start
-            log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
-            result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
-                                              layer_norms=log_now and t.layer_grad_norms)
-            window_steps += 1
-            if log_now:
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                values = self.record(window_steps, time.perf_counter() - window_start, result, lr, data_s)
+            values = self.train_step()
+            bar.update(1)
+            if values:
                 summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
-                window_start, window_steps, data_s = time.perf_counter(), 0, 0.0
-            self.step += 1
-            bar.update(1)
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
                 summary["val_loss"] = self.evaluate()
                 if self.env.is_main:
                     bar.write(f"step {self.step}: val loss {summary['val_loss']:.4f}")
-                window_start = time.perf_counter()  # evaluation time is not training time
+                self.window.start = time.perf_counter()  # evaluation time is not training time
             if self.cfg.checkpoint.interval_steps and self.step % self.cfg.checkpoint.interval_steps == 0:
                 self.save()
         bar.close()

@@ -35,5 +35,5 @@ def main(cfg: DictConfig) -> None:
     try:
         run(cfg)
     except UserError as e:
-        log.error("error: %s", e)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
