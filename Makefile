@@ -7,7 +7,7 @@ TEXT := data/tinyshakespeare/input.txt
 SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
 ARGS ?=
 
-.PHONY: setup data run test clean
+.PHONY: setup data cluster cluster-down run test clean
 
 setup: $(VENV)/.installed
 
@@ -28,7 +28,15 @@ $(TEXT):
 run: setup data
 	$(BIN)/python -m launch $(ARGS)
 
-test: setup data
+# A real 4-node Slurm cluster on this machine (network namespaces), for the `slurm` tests. Needs root.
+cluster:
+	@if [ "$$(id -u)" = 0 ]; then bash slurm/install_deps.sh && bash slurm/local_cluster.sh up 4; \
+	else echo "make cluster: not root, so no local Slurm cluster; the slurm tests will skip (CI fails them)"; fi
+
+cluster-down:
+	bash slurm/local_cluster.sh down
+
+test: setup data cluster
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:
