@@ -1,0 +1,355 @@
+#!/usr/bin/env bash
+# A real multi-node Slurm cluster on this one machine, for tests and CI (root, Debian 12).
+#
+#   slurm/local_cluster.sh up [N]   start N nodes (default 4); idempotent; cleans a crashed cluster first
+#   slurm/local_cluster.sh down     stop everything, remove namespaces, veths and bridge; idempotent
+#   slurm/local_cluster.sh status   sinfo and daemon liveness; exit 0 if up, 1 if not
+#   slurm/local_cluster.sh env      eval "$(slurm/local_cluster.sh env)" to use sbatch/srun/... from a shell
+#
+# Layout: slurmctld (and munged) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
+# gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
+# namespace) that names the controller and every node.  All client commands run on the host with
+# SLURM_CONF pointing at the generated config.  Everything generated lives in $GPTLAUNCH_CLUSTER_DIR
+# (default <repo>/slurm/.cluster).  Bridge, namespace names and the subnet are fixed: one cluster per machine.
+# Facts behind the choices: /work/shared/reference/slurm-local-cluster.md.
+set -euo pipefail
+
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CDIR="${GPTLAUNCH_CLUSTER_DIR:-$REPO/slurm/.cluster}"
+CONF="$CDIR/slurm.conf"
+STATE_FILE="$CDIR/cluster.env"
+BRIDGE=gl-br0
+SUBNET=10.77.0
+CTL_ADDR=$SUBNET.1
+NS_PREFIX=gl-n          # namespace == node name == hostname: gl-n1, gl-n2, ...
+VETH_PREFIX=gl-v        # host side of node i's veth: gl-v1, ...
+CTL_PORT=6917           # not Slurm's default 6817, so a system slurmctld on this host cannot clash
+SLURMD_PORT=6918
+CPUS_PER_NODE="${GL_CPUS_PER_NODE:-2}"
+UP_TIMEOUT="${GL_UP_TIMEOUT:-60}"
+# Auth: munge, with a private munged (own key, socket, pid file) rather than auth/none.  auth/none would
+# let anyone who can reach slurmctld's port (it listens on every interface of the host) run commands as
+# root; munge costs one daemon and ~0.1 s.  The socket lives in /run (short path: unix sockets are limited
+# to 108 bytes, and munged insists on root- or munge-owned, non-world-writable directories).
+MUNGE_DIR="/run/gptlaunch-munge-$(printf '%s' "$CDIR" | cksum | cut -d' ' -f1)"
+export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
+export SLURM_CONF="$CONF"
+
+log() { echo "local_cluster: $*"; }
+die() { echo "local_cluster: error: $*" >&2; exit 1; }
+now() { date +%s.%N; }
+elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
+
+# --- processes: by pid file only, and only if the pid still runs the program we started ---------------
+# (a zombie counts as dead: where pid 1 does not reap, a killed daemon lingers as one)
+running() {  # running PID: exists and is not a zombie (pure bash: called in tight loops)
+  local stat
+  [[ "$1" =~ ^[0-9]+$ ]] || return 1
+  # (`read <`, not `$(< file)`: with set -e bash 5.2 exits on a failed `$(< file)` even behind ||)
+  { read -r stat < "/proc/$1/stat"; } 2>/dev/null || return 1
+  stat="${stat##*) }"
+  [ "${stat%% *}" != Z ]
+}
+alive() {  # alive PID NAME: running, and running NAME (not a recycled pid)
+  local comm
+  running "$1" && { read -r comm < "/proc/$1/comm"; } 2>/dev/null && [ "$comm" = "$2" ]
+}
+pidof_file() { cat "$1" 2>/dev/null || true; }
+stop_pids() {  # stop_pids NAME PID...: TERM, wait up to 6 s (KillWait is 5), then KILL
+  local name="$1"; shift
+  local pid left i
+  for pid in "$@"; do alive "$pid" "$name" && kill -TERM "$pid" 2>/dev/null || true; done
+  for i in $(seq 60); do
+    left=0
+    for pid in "$@"; do alive "$pid" "$name" && left=1; done
+    [ $left = 0 ] && return 0
+    sleep 0.1
+  done
+  for pid in "$@"; do alive "$pid" "$name" && kill -KILL "$pid" 2>/dev/null || true; done
+}
+our_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}[0-9]+$" || true; }
+our_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^(${VETH_PREFIX}[0-9]+|$BRIDGE)$" || true; }
+
+nodes_from_state() { [ -f "$STATE_FILE" ] && . "$STATE_FILE" && echo "${NODES:-0}" || echo 0; }
+
+# --- iptables: with br_netfilter loaded and a FORWARD policy of DROP (Docker sets one), traffic between
+# two namespaces on the bridge is dropped.  Accept bridge-internal traffic explicitly while we are up.
+FWD_RULE=(FORWARD -i "$BRIDGE" -o "$BRIDGE" -j ACCEPT)
+fw_open() {
+  [ "$(cat /proc/sys/net/bridge/bridge-nf-call-iptables 2>/dev/null || echo 0)" = 1 ] || return 0
+  command -v iptables >/dev/null 2>&1 || return 0
+  iptables -C "${FWD_RULE[@]}" 2>/dev/null || iptables -I "${FWD_RULE[@]}" 2>/dev/null ||
+    log "warning: could not add iptables rule '${FWD_RULE[*]}'; node-to-node traffic may be dropped"
+}
+fw_close() {
+  command -v iptables >/dev/null 2>&1 || return 0
+  while iptables -C "${FWD_RULE[@]}" 2>/dev/null; do iptables -D "${FWD_RULE[@]}" 2>/dev/null || break; done
+}
+
+# --- down ------------------------------------------------------------------------------------------------
+do_down() {
+  local ns pid nodepids=() nspids=() link
+  stop_pids slurmctld "$(pidof_file "$CDIR/run/slurmctld.pid")"
+  for f in "$CDIR"/run/slurmd-*.pid; do [ -e "$f" ] && nodepids+=("$(pidof_file "$f")"); done
+  [ ${#nodepids[@]} -gt 0 ] && stop_pids slurmd "${nodepids[@]}"
+  # Whatever still runs in a node (slurmstepd and job tasks outlive slurmd; their controller is gone):
+  # TERM, 1 s of grace, then KILL, by pid.
+  for ns in $(our_namespaces); do
+    for pid in $(ip netns pids "$ns" 2>/dev/null); do nspids+=("$pid"); done
+  done
+  if [ ${#nspids[@]} -gt 0 ]; then
+    for pid in "${nspids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
+    for _ in $(seq 10); do
+      local left=0
+      for pid in "${nspids[@]}"; do running "$pid" && { left=1; break; }; done
+      [ $left = 0 ] && break
+      sleep 0.1
+    done
+    for pid in "${nspids[@]}"; do running "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
+  fi
+  stop_pids munged "$(pidof_file "$MUNGE_DIR/munged.pid")"
+  for ns in $(our_namespaces); do ip netns delete "$ns" 2>/dev/null || true; done
+  for link in $(our_links); do ip link delete "$link" 2>/dev/null || true; done
+  fw_close
+  rm -rf "$MUNGE_DIR" "$CDIR/run" "$STATE_FILE"
+}
+
+# --- up --------------------------------------------------------------------------------------------------
+is_up() {  # is_up N: every piece of an N-node cluster is alive
+  local n="$1" i
+  [ "$n" -gt 0 ] || return 1
+  alive "$(pidof_file "$MUNGE_DIR/munged.pid")" munged || return 1
+  alive "$(pidof_file "$CDIR/run/slurmctld.pid")" slurmctld || return 1
+  for i in $(seq "$n"); do
+    alive "$(pidof_file "$CDIR/run/slurmd-$NS_PREFIX$i.pid")" slurmd || return 1
+  done
+}
+anything_left() {
+  [ -f "$STATE_FILE" ] || [ -n "$(our_namespaces)" ] || [ -n "$(our_links)" ] ||
+    compgen -G "$CDIR/run/*.pid" >/dev/null || [ -e "$MUNGE_DIR" ]
+}
+
+write_conf() {
+  local n="$1" ctl i
+  ctl="$(hostname -s)"  # slurmctld refuses to start unless SlurmctldHost names this host's short name
+  cat > "$CONF" <<EOF
+# Generated by slurm/local_cluster.sh up $n: do not edit (regenerated on every up).
+ClusterName=gptlaunch
+SlurmctldHost=$ctl($CTL_ADDR)
+SlurmctldPort=$CTL_PORT
+SlurmdPort=$SLURMD_PORT
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+# cred_expire=5: a requeued job may start again after 6 s instead of 121 s
+AuthInfo=socket=$MUNGE_DIR/munge.socket,cred_expire=5
+StateSaveLocation=$CDIR/state
+SlurmdSpoolDir=$CDIR/spool/%n
+SlurmctldPidFile=$CDIR/run/slurmctld.pid
+SlurmdPidFile=$CDIR/run/slurmd-%n.pid
+SlurmctldLogFile=$CDIR/log/slurmctld.log
+SlurmdLogFile=$CDIR/log/slurmd-%n.log
+SlurmctldDebug=info
+SlurmdDebug=info
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+JobCompType=jobcomp/none
+SwitchType=switch/none
+MpiDefault=none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+# Trust the node lines below even where this machine has fewer cores or less memory (no DRAIN).
+SlurmdParameters=config_overrides
+ReturnToService=2
+KillWait=5
+InactiveLimit=0
+Waittime=0
+# Finished jobs stay visible to scontrol (and so to slurm/bin/sacct) for an hour.
+MinJobAge=3600
+SchedulerParameters=sched_interval=1,bf_interval=1
+MailProg=/bin/true
+# RealMemory is not a consumable (CR_Core), only a per-node cap: --mem up to this value is accepted.
+EOF
+  for i in $(seq "$n"); do
+    echo "NodeName=$NS_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) NodeHostname=$NS_PREFIX$i CPUs=$CPUS_PER_NODE Sockets=1 CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN" >> "$CONF"
+  done
+  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=08:00:00 DefaultTime=01:00:00 State=UP" >> "$CONF"
+
+  {
+    echo "127.0.0.1 localhost"
+    echo "::1 localhost ip6-localhost ip6-loopback"
+    echo "$CTL_ADDR $ctl"
+    for i in $(seq "$n"); do echo "$SUBNET.$((10 + i)) $NS_PREFIX$i"; done
+  } > "$CDIR/hosts"
+  printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$CDIR/resolv.conf"
+  # See start_slurmd: nodes get an empty tmpfs on /sys/fs/cgroup, which only the v1 plugin accepts.
+  echo "CgroupPlugin=cgroup/v1" > "$CDIR/cgroup.conf"
+}
+
+start_munged() {
+  mkdir -p "$MUNGE_DIR"
+  chown munge:munge "$MUNGE_DIR"
+  chmod 755 "$MUNGE_DIR"   # munged wants the socket's directory executable by all
+  ( umask 077; head -c 1024 /dev/urandom > "$MUNGE_DIR/munge.key" )
+  chown munge:munge "$MUNGE_DIR/munge.key"
+  # munged must run as the munge user (as root it refuses /var/lib/munge's ownership); it daemonizes.
+  runuser -u munge -- munged --socket="$MUNGE_DIR/munge.socket" --key-file="$MUNGE_DIR/munge.key" \
+    --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed" \
+    --log-file="$MUNGE_DIR/munged.log" </dev/null >>"$CDIR/log/munged.out" 2>&1 9>&- ||
+    { cat "$MUNGE_DIR/munged.log" >&2 2>/dev/null; die "munged did not start"; }
+}
+
+make_network() {
+  local n="$1" i ns veth
+  ip link add "$BRIDGE" type bridge
+  ip addr add "$CTL_ADDR/24" dev "$BRIDGE"
+  ip link set "$BRIDGE" up
+  for i in $(seq "$n"); do
+    ns="$NS_PREFIX$i"; veth="$VETH_PREFIX$i"
+    ip netns add "$ns"
+    ip link add "$veth" type veth peer name eth0 netns "$ns"
+    ip link set "$veth" master "$BRIDGE" up
+    ip -n "$ns" link set lo up
+    ip -n "$ns" addr add "$SUBNET.$((10 + i))/24" dev eth0
+    ip -n "$ns" link set eth0 up
+    ip -n "$ns" route add default via "$CTL_ADDR"
+  done
+  fw_open
+}
+
+start_slurmd() {  # start_slurmd NODE
+  local node="$1"
+  mkdir -p "$CDIR/spool/$node"
+  # nsenter, not `ip netns exec`: the latter remounts /sys.  unshare gives the node its own hostname and
+  # a private mount namespace (propagation private: nothing leaks to the host) where we bind
+  #  - the cluster's hosts file on /etc/hosts (node names resolve everywhere in the cluster);
+  #  - a resolv.conf pointing at the node's own loopback on /etc/resolv.conf: the nodes cannot reach any
+  #    DNS server, and a name missing from the hosts file (or an IPv6 lookup: `getent hosts gl-n1`)
+  #    then fails at once instead of after 10-20 s of resolver timeouts;
+  #  - an empty tmpfs on /sys/fs/cgroup, with cgroup.conf forcing the cgroup/v1 plugin: slurmd 22.05
+  #    always initialises a cgroup plugin and needs a filesystem there, but uses no controller with
+  #    proctrack/linuxproc and task/none.  This makes nodes independent of the host's cgroup layout
+  #    (autodetect fails on a cgroup2 mount in a hybrid host: "Hybrid mode is not supported", and on an
+  #    empty tmpfs: "can't stat /sys/fs/cgroup/systemd/").
+  setsid nsenter --net="/run/netns/$node" unshare --mount --uts sh -c "
+    hostname $node &&
+    mount --bind '$CDIR/hosts' /etc/hosts &&
+    { mount --bind '$CDIR/resolv.conf' /etc/resolv.conf 2>/dev/null || true; } &&
+    mount -t tmpfs -o size=1m,mode=755 gl-cgroup /sys/fs/cgroup &&
+    exec slurmd -D -N $node" \
+    </dev/null >>"$CDIR/log/slurmd-$node.out" 2>&1 9>&- &
+}
+
+show_logs() {  # tails of the logs, without the noise every start prints
+  local f lines noise='pmix|PMIx|MPI: Cannot create|state file|NOTE: Trying backup|CPU frequency'
+  for f in "$CDIR/log/slurmctld.log" "$CDIR"/log/slurmd-*.log "$CDIR"/log/*.out "$MUNGE_DIR/munged.log"; do
+    case "$f" in  # an .out only matters where its daemon never opened its log
+      *.out) [ -s "${f%.out}.log" ] && continue ;;
+      */munged.log) alive "$(pidof_file "$MUNGE_DIR/munged.pid")" munged && continue ;;
+    esac
+    [ -s "$f" ] || continue
+    lines=6; [ "${f##*/}" = slurmctld.log ] && lines=15
+    echo "----- $f (last $lines lines, start-up noise left out)" >&2
+    grep -Ev "$noise" "$f" | tail -n "$lines" >&2 || true
+  done
+}
+
+do_up() {
+  local n="$1" t0 i have
+  [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, got '$n'"
+  [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, bridge, mounts)"
+  for c in slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname; do
+    command -v "$c" >/dev/null 2>&1 || die "'$c' not found: run slurm/install_deps.sh first"
+  done
+  t0=$(now)
+  have="$(nodes_from_state)"
+  if is_up "$have"; then
+    [ "$have" = "$n" ] || die "cluster is already up with $have nodes; run 'slurm/local_cluster.sh down' first"
+    log "already up ($n nodes); SLURM_CONF=$CONF"
+    sinfo
+    return 0
+  fi
+  if anything_left; then
+    log "cleaning up a stale or partial cluster"
+    do_down
+  fi
+  # Fresh state on every start: a crashed cluster's jobs must not come back and fail on the new nodes.
+  rm -rf "$CDIR/state" "$CDIR/spool" "$CDIR/log.prev"
+  [ -d "$CDIR/log" ] && mv "$CDIR/log" "$CDIR/log.prev"
+  mkdir -p "$CDIR/state" "$CDIR/spool" "$CDIR/log" "$CDIR/run"
+  write_conf "$n"
+  echo "NODES=$n" > "$STATE_FILE"
+  start_munged
+  make_network "$n"
+  setsid slurmctld -D -i </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
+  local ctl_pid=$!
+  for i in $(seq "$n"); do start_slurmd "$NS_PREFIX$i"; done
+
+  local deadline idle=0 why=""
+  deadline=$(( $(date +%s) + UP_TIMEOUT ))
+  while :; do
+    idle=$(sinfo -h -N -t idle -o '%N' 2>/dev/null | sort -u | wc -l || true)
+    [ "$idle" -ge "$n" ] && break
+    running "$ctl_pid" || why="slurmctld exited"
+    [ "$(date +%s)" -ge "$deadline" ] && why="timeout (${UP_TIMEOUT} s, GL_UP_TIMEOUT)"
+    if [ -n "$why" ]; then
+      echo "local_cluster: error: $why: only $idle of $n nodes idle after $(elapsed "$t0") s" >&2
+      sinfo -N >&2 2>&1 || true
+      show_logs
+      echo "local_cluster: pieces left running for inspection; 'slurm/local_cluster.sh down' removes them" >&2
+      exit 1
+    fi
+    sleep 0.2
+  done
+  log "up: $n nodes idle in $(elapsed "$t0") s; use: eval \"\$($REPO/slurm/local_cluster.sh env)\""
+  sinfo
+}
+
+do_status() {
+  local n i ok=0 pid
+  n="$(nodes_from_state)"
+  if [ "$n" = 0 ] && ! anything_left; then
+    echo "local_cluster: down (no cluster in $CDIR)"
+    return 1
+  fi
+  report() {  # report LABEL PIDFILE NAME
+    pid="$(pidof_file "$2")"
+    if alive "$pid" "$3"; then echo "  $1: running (pid $pid)"; else echo "  $1: NOT running"; ok=1; fi
+  }
+  echo "local_cluster: $n nodes, SLURM_CONF=$CONF"
+  report munged "$MUNGE_DIR/munged.pid" munged
+  report slurmctld "$CDIR/run/slurmctld.pid" slurmctld
+  for i in $(seq "$n"); do report "slurmd $NS_PREFIX$i" "$CDIR/run/slurmd-$NS_PREFIX$i.pid" slurmd; done
+  if [ $ok = 0 ]; then
+    sinfo -N -o '%N %T %c %m %P' || ok=1
+  fi
+  return $ok
+}
+
+do_env() {
+  printf 'export SLURM_CONF=%q\n' "$CONF"
+  printf 'export PATH=%q:"$PATH"\n' "$REPO/slurm/bin"
+}
+
+cmd="${1:-}"
+case "$cmd" in
+  up|down)
+    [ "$(id -u)" -eq 0 ] || die "must run as root"
+    mkdir -p "$CDIR"
+    exec 9>"$CDIR/.lock"
+    # One up/down at a time (parallel test workers, CI steps).  Every daemon is started with 9>&-:
+    # one that inherited the locked descriptor would hold the lock for as long as it runs.
+    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+    if [ "$cmd" = up ]; then
+      do_up "${2:-4}"
+    else
+      t0=$(now); do_down; log "down in $(elapsed "$t0") s"
+    fi
+    ;;
+  status) do_status ;;
+  env) do_env ;;
+  *) echo "usage: $0 up [N] | down | status | env" >&2; exit 2 ;;
+esac

@@ -1,0 +1,144 @@
+"""The local Slurm cluster itself: nodes, multi-node jobs, torch rendezvous across nodes, sacct stand-in."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from submitit.slurm.slurm import SlurmInfoWatcher
+
+pytestmark = pytest.mark.slurm
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_sinfo_shows_idle_nodes_with_distinct_names_and_addresses(slurm_cluster):
+    deadline = time.monotonic() + 60  # jobs of other tests may still hold nodes
+    while True:
+        out = slurm_cluster.run("sinfo", "-h", "-N", "-o", "%N %n %o %T").stdout
+        rows = [line.split() for line in out.splitlines() if line.strip()]
+        idle = {r[0]: r for r in rows if r[3] == "idle"}
+        if len(idle) >= slurm_cluster.nodes or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(idle) >= 4, f"want >= 4 idle nodes, sinfo says:\n{out}"
+    hostnames = {r[1] for r in idle.values()}
+    addresses = {r[2] for r in idle.values()}
+    assert len(hostnames) == len(idle) and len(addresses) == len(idle), out
+    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.77.0.0/24") for a in addresses), out
+
+
+def test_two_node_job_lands_on_two_hosts(slurm_cluster, tmp_path):
+    out_file = tmp_path / "out.txt"
+    job = slurm_cluster.sbatch(
+        "#!/bin/bash\nsrun hostname -s\nsrun hostname -I\n",
+        "--nodes=2", "--ntasks-per-node=1", "--time=5", f"--output={out_file}", f"--chdir={tmp_path}",
+    )
+    assert slurm_cluster.wait_state(job, timeout=60) == "COMPLETED", out_file.read_text()
+    words = out_file.read_text().split()
+    names = {w for w in words if re.fullmatch(r"gl-n\d+", w)}
+    addrs = {w for w in words if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", w)}
+    assert len(names) == 2, words
+    assert len(addrs) == 2 and all(a.startswith("10.77.0.") for a in addrs), words
+    assert names == set(slurm_cluster.hostnames(slurm_cluster.job_info(job)["NodeList"]))
+
+
+ALLREDUCE = """
+import datetime, os, socket
+import torch
+import torch.distributed as dist
+
+rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+dist.init_process_group(
+    "gloo", init_method=f"tcp://{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}",
+    rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60),
+)
+t = torch.tensor([float(rank + 1)])
+dist.all_reduce(t)
+print(f"rank={rank} host={socket.gethostname()} sum={t.item():g}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_gloo_all_reduce_across_two_nodes(slurm_cluster, tmp_path):
+    (tmp_path / "allreduce.py").write_text(ALLREDUCE)
+    out_file = tmp_path / "out.txt"
+    script = f"""#!/bin/bash
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+echo "master=$MASTER_ADDR:$MASTER_PORT"
+srun {sys.executable} allreduce.py
+"""
+    job = slurm_cluster.sbatch(
+        script, "--nodes=2", "--ntasks-per-node=1", "--time=5", f"--output={out_file}", f"--chdir={tmp_path}",
+    )
+    state = slurm_cluster.wait_state(job, timeout=180)
+    out = out_file.read_text()
+    assert state == "COMPLETED", out
+    results = {r: (h, s) for r, h, s in re.findall(r"rank=(\d) host=(\S+) sum=(\S+)", out)}
+    assert sorted(results) == ["0", "1"], out
+    assert {s for _, s in results.values()} == {"3"}, out
+    hosts = [h for h, _ in results.values()]
+    assert len(set(hosts)) == 2, out
+    assert re.search(r"master=(\S+):", out).group(1) == slurm_cluster.hostnames(
+        slurm_cluster.job_info(job)["NodeList"])[0]
+
+
+def test_sacct_stand_in_speaks_submitit(slurm_cluster, tmp_path, monkeypatch):
+    opts = ["--time=5", "--output=/dev/null", f"--chdir={tmp_path}"]
+    done = slurm_cluster.sbatch("#!/bin/bash\ntrue\n", "--nodes=2", *opts)
+    cancelled = slurm_cluster.sbatch("#!/bin/bash\nsleep 300\n", *opts)
+    array = slurm_cluster.sbatch("#!/bin/bash\ntrue\n", "--array=0-2", *opts)
+    held = slurm_cluster.sbatch("#!/bin/bash\ntrue\n", "--array=0-3", "--hold", *opts)
+    try:
+        slurm_cluster.wait_state(cancelled, {"RUNNING"}, timeout=60)
+        slurm_cluster.run("scancel", cancelled)
+        assert slurm_cluster.wait_state(done, timeout=60) == "COMPLETED"
+        assert slurm_cluster.wait_state(cancelled, timeout=60) == "CANCELLED"
+        for task in range(3):
+            assert slurm_cluster.wait_state(f"{array}_{task}", timeout=60) == "COMPLETED"
+
+        sacct = shutil.which("sacct", path=slurm_cluster.env["PATH"])
+        assert sacct == str(REPO / "slurm" / "bin" / "sacct")
+        # submitit's exact invocation, and its own parser
+        cmd = ["sacct", "-o", "JobID,State,NodeList", "--parsable2"]
+        for jid in (done, cancelled, array, held):
+            cmd += ["-j", jid]
+        out = slurm_cluster.run(*cmd).stdout
+        assert out.splitlines()[0] == "JobID|State|NodeList"
+        info = SlurmInfoWatcher().read_info(out)
+        assert info[done]["State"] == "COMPLETED"
+        assert set(slurm_cluster.hostnames(info[done]["NodeList"])) <= {f"gl-n{i}" for i in range(1, 100)}
+        assert len(slurm_cluster.hostnames(info[done]["NodeList"])) == 2
+        assert info[cancelled]["State"] == "CANCELLED"
+        for task in range(3):
+            assert info[f"{array}_{task}"]["State"] == "COMPLETED"
+        for task in range(4):  # one pending row "ID_[0-3]" covers every task
+            assert info[f"{held}_{task}"]["State"] == "PENDING"
+            assert info[f"{held}_{task}"]["NodeList"] == "None assigned"
+
+        # submitit end to end: its watcher runs `sacct` from PATH and sees the jobs end
+        monkeypatch.setenv("PATH", slurm_cluster.env["PATH"])
+        monkeypatch.setenv("SLURM_CONF", slurm_cluster.env["SLURM_CONF"])
+        watcher = SlurmInfoWatcher(delay_s=0)
+        for jid in (done, cancelled, f"{array}_1", f"{held}_2"):
+            watcher.register_job(jid)
+        assert watcher.get_state(done, mode="force") == "COMPLETED"
+        assert watcher.is_done(cancelled, mode="cache") and watcher.get_state(cancelled, "cache") == "CANCELLED"
+        assert watcher.is_done(f"{array}_1", mode="cache")
+        assert not watcher.is_done(f"{held}_2", mode="cache")
+    finally:
+        subprocess.run(["scancel", cancelled, held], env=slurm_cluster.env, capture_output=True)
+
+
+def test_sacct_stand_in_ignores_unknown_jobs(slurm_cluster):
+    out = slurm_cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", "999999").stdout
+    assert out == "JobID|State|NodeList\n"
+    assert SlurmInfoWatcher().read_info(out) == {}
