@@ -4,14 +4,27 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, TypeVar
 
 from gpt.errors import ConfigError
+
+T = TypeVar("T")
 
 NORMS = ("layernorm", "layernorm_nobias", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "rope", "none")
 MLPS = ("gelu", "relu", "silu", "swiglu")
+
+
+def from_section(cls: type[T], section: str, d: Mapping[str, Any]) -> T:
+    """Build a validated config dataclass from one config section, naming any key it does not know."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key in d:
+        if key not in names:
+            raise ConfigError(f"{section}.{key}", d[key], f"known {section} keys are {', '.join(sorted(names))}")
+    cfg = cls(**dict(d))
+    cfg.validate()
+    return cfg
 
 
 @dataclass
@@ -57,13 +70,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"model.{unknown[0]}", d[unknown[0]], f"known model keys are {', '.join(sorted(names))}")
-        cfg = cls(**dict(d))
-        cfg.validate()
-        return cfg
+        return from_section(cls, "model", d)
 
     def validate(self) -> None:
         def choice(key: str, value: str, options: tuple[str, ...]) -> None:

@@ -1,10 +1,10 @@
 """The training loop's configuration (configs/train/) and its validation."""
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from gpt.config import from_section
 from gpt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
@@ -33,13 +33,7 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        for key in d:
-            if key not in names:
-                raise ConfigError(f"train.{key}", d[key], f"known train keys are {', '.join(sorted(names))}")
-        cfg = cls(**dict(d))
-        cfg.validate()
-        return cfg
+        return from_section(cls, "train", d)
 
     def validate(self) -> None:
         for key in ("max_steps", "global_batch_size", "log_interval", "eval_batches"):

@@ -5,13 +5,13 @@ spawning ranks. Preparing lives in gpt.data.prepare (also a command line), the b
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from gpt.data.tokenizer import MIN_BPE_VOCAB, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
+from gpt.config import from_section
 from gpt.errors import ConfigError, UserError
 
 __all__ = ["DataConfig", "ensure_prepared", "check_vocab", "check_settings", "read_meta",
@@ -37,13 +37,7 @@ class DataConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ConfigError(f"data.{unknown[0]}", d[unknown[0]], f"known data keys are {', '.join(sorted(names))}")
-        cfg = cls(**dict(d))
-        cfg.validate()
-        return cfg
+        return from_section(cls, "data", d)
 
     def validate(self) -> None:
         check_settings(self.tokenizer, self.vocab_size, self.val_fraction, self.shard_tokens)
