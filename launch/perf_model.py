@@ -1,0 +1,232 @@
+"""A small performance model of one training step, fitted to a sweep's measured points.
+
+    step_time(n) = c * W(n) + k * C(n)
+
+W(n)  sequences each rank computes per step: global_batch / ranks (with pipeline stages, a rank computes its
+      share of each of global_batch / dp sequences, which is the same number). Compute per sequence is assumed
+      constant: no pipeline bubble, no change in kernel efficiency with the per-rank batch.
+C(n)  the nominal communication time of the strategy's collectives on the configured network:
+      latency + bytes / bandwidth, with the bus-bandwidth convention of nccl-tests:
+        all-reduce              2 (N-1)/N x bytes          (DDP, ZeRO-1/2 reduce-scatter + all-gather)
+        all-gather / reduce-scatter  (N-1)/N x bytes each  (FSDP/ZeRO-3: 2 all-gathers + 1 reduce-scatter ~ 3x)
+        pipeline p2p            activations and their gradients between neighbouring stages
+      and a tree-like latency term, 2 log2(N) hops per collective call (NCCL switches from rings to trees at
+      scale; a ring's 2 (N-1) hops would predict absurd latencies at thousands of ranks).
+      Bandwidth: `intra_node_GBps` (NVLink, 900 GB/s on H100) when all ranks of a collective share a node,
+      `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU) otherwise.
+c, k  fitted by least squares to the measured p50 step times (non-negative; k alone from the measured
+      communication time when the runs recorded `comm_s`). c is seconds of compute per sequence; k says how the
+      measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind
+      compute (DDP overlaps its all-reduce with the backward), > 1 = slower than the configured network (on
+      cluster=local every "link" is a loopback socket, so k is large). With one point, or points that cannot
+      separate the two terms, k is fixed at 1 and only c is fitted.
+
+The model is deliberately simple: it extrapolates what was measured, and is no substitute for measuring at scale.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Mapping, Sequence
+
+GB = 1e9
+
+
+@dataclass(frozen=True)
+class Network:
+    intra_node_GBps: float = 900.0      # NVLink 4 on H100 SXM, per GPU
+    inter_node_GBps: float = 50.0       # InfiniBand NDR 400 Gb/s, one port per GPU
+    intra_node_latency_us: float = 5.0
+    inter_node_latency_us: float = 10.0
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> "Network":
+        cfg = cfg or {}
+        names = {f for f in cls.__dataclass_fields__}
+        unknown = set(cfg) - names
+        if unknown:
+            raise ValueError(f"report.network.{sorted(unknown)[0]} is not a network figure; known: {sorted(names)}")
+        return cls(**{k: float(v) for k, v in cfg.items() if v is not None})
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the model needs to know about a sweep point."""
+
+    nodes: int
+    tasks_per_node: int
+    global_batch: int
+    block_size: int
+    n_embd: int
+    n_layer: int
+    params: int                 # model parameters (tied counted once)
+    strategy: str = "ddp"
+    precision: str = "fp32"
+    strategy_cfg: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def ranks(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+    @property
+    def pp(self) -> int:
+        return int(self.strategy_cfg.get("pp", 1)) if self.strategy == "pipeline" else 1
+
+    @property
+    def dp(self) -> int:
+        return max(self.ranks // self.pp, 1)
+
+    @property
+    def sequences_per_rank(self) -> float:
+        return self.global_batch / self.ranks
+
+    @property
+    def feasible(self) -> bool:
+        return self.global_batch >= self.dp and self.global_batch % self.dp == 0
+
+
+@dataclass(frozen=True)
+class Comm:
+    bus_bytes: float       # bytes each rank moves through its bottleneck link per step (bus-bandwidth convention)
+    calls: int             # collective calls per step (each pays the latency term)
+    p2p_bytes: float = 0.0
+    p2p_calls: int = 0
+    description: str = ""
+
+
+def _bytes(precision: str) -> int:
+    return 2 if precision in ("bf16", "fp16") else 4
+
+
+def comm_volume(s: Shape) -> Comm:
+    """Bytes and collective calls per step for the strategy on this shape."""
+    n = s.dp
+    grad_bytes = 4.0 * s.params  # parameters and gradients stay fp32 under autocast; reductions in fp32
+    cfg = s.strategy_cfg
+    if s.strategy == "single" or s.ranks == 1:
+        return Comm(0.0, 0, description="one rank: no communication")
+    bucket = float(cfg.get("bucket_cap_mb", 25)) * 2**20
+    if s.strategy == "ddp":
+        return Comm(2 * (n - 1) / n * grad_bytes, max(1, math.ceil(grad_bytes / bucket)),
+                    description="ring all-reduce of fp32 gradients: 2(N-1)/N x param bytes")
+    if s.strategy == "zero1":
+        return Comm(3 * (n - 1) / n * grad_bytes, max(1, math.ceil(grad_bytes / bucket)) + 1,
+                    description="all-reduce of gradients + broadcast of updated shards: 3(N-1)/N x param bytes")
+    if s.strategy == "deepspeed":
+        stage = int(cfg.get("stage", 2))
+        bucket = float(cfg.get("reduce_bucket_size", 5e7)) * 4  # elements of fp32
+        factor = 3 if stage == 3 else 2
+        calls = max(1, math.ceil(grad_bytes / bucket)) * (s.n_layer if stage == 3 else 1)
+        return Comm(factor * (n - 1) / n * grad_bytes, calls,
+                    description=f"ZeRO-{stage}: {factor}(N-1)/N x param bytes")
+    if s.strategy == "fsdp":
+        gather = _bytes(s.precision) * s.params
+        reshard = bool(cfg.get("reshard_after_forward", True))
+        gathers = 2 if reshard else 1
+        return Comm((gathers * gather + grad_bytes) * (n - 1) / n, (gathers + 1) * (s.n_layer + 1),
+                    description=f"{gathers} all-gather(s) of parameters + reduce-scatter of gradients, "
+                                f"(N-1)/N x bytes each")
+    if s.strategy == "pipeline":
+        pp, micro = s.pp, int(cfg.get("microbatches", 4))
+        stage_bytes = grad_bytes / pp
+        dp_bytes = 2 * (n - 1) / n * stage_bytes if n > 1 else 0.0
+        act = (s.global_batch / n) * s.block_size * s.n_embd * _bytes(s.precision)
+        p2p = 2 * act if pp > 1 else 0.0  # activations forward, their gradients backward, per stage boundary
+        return Comm(dp_bytes, max(1, math.ceil(stage_bytes / bucket)) if n > 1 else 0, p2p, 2 * micro,
+                    description="all-reduce of each stage's gradients over dp + p2p activations between stages")
+    return Comm(2 * (n - 1) / n * grad_bytes, 1, description=f"unknown strategy {s.strategy}: assumed all-reduce")
+
+
+def nominal_comm_time(s: Shape, net: Network) -> float:
+    """Seconds per step the collectives take on the configured network (no overlap with compute)."""
+    c = comm_volume(s)
+    inter = s.nodes > 1
+    bw = (net.inter_node_GBps if inter else net.intra_node_GBps) * GB
+    lat = (net.inter_node_latency_us if inter else net.intra_node_latency_us) * 1e-6
+    t = c.bus_bytes / bw + c.calls * 2 * math.ceil(math.log2(max(s.dp, 2))) * lat
+    if c.p2p_bytes:
+        p2p_inter = s.pp > s.tasks_per_node
+        p2p_bw = (net.inter_node_GBps if p2p_inter else net.intra_node_GBps) * GB
+        p2p_lat = (net.inter_node_latency_us if p2p_inter else net.intra_node_latency_us) * 1e-6
+        t += c.p2p_bytes / p2p_bw + c.p2p_calls * p2p_lat
+    return t
+
+
+@dataclass(frozen=True)
+class FittedModel:
+    compute_s_per_sequence: float  # c
+    comm_scale: float              # k
+    network: Network
+    method: str                    # how c and k were obtained
+    residual_rms_s: float = 0.0
+
+    def step_time(self, s: Shape) -> float:
+        return self.compute_s_per_sequence * s.sequences_per_rank + self.comm_scale * nominal_comm_time(s, self.network)
+
+    def tokens_per_s(self, s: Shape) -> float:
+        return s.global_batch * s.block_size / self.step_time(s)
+
+    def efficiency(self, s: Shape, reference: Shape) -> float:
+        """Per-rank throughput relative to the reference point (weak and strong scaling alike)."""
+        return (self.tokens_per_s(s) / s.ranks) / (self.tokens_per_s(reference) / reference.ranks)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"compute_s_per_sequence": self.compute_s_per_sequence, "comm_scale": self.comm_scale,
+                "method": self.method, "residual_rms_s": self.residual_rms_s, "network": asdict(self.network)}
+
+
+def _lstsq2(a: Sequence[float], b: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
+    """Least squares y ~ c a + k b; None when a and b cannot be told apart."""
+    saa = sum(x * x for x in a)
+    sbb = sum(x * x for x in b)
+    sab = sum(x * z for x, z in zip(a, b))
+    det = saa * sbb - sab * sab
+    if len(y) < 2 or saa == 0 or sbb == 0 or det <= 1e-12 * saa * sbb:
+        return None
+    say = sum(x * z for x, z in zip(a, y))
+    sby = sum(x * z for x, z in zip(b, y))
+    return (sbb * say - sab * sby) / det, (saa * sby - sab * say) / det
+
+
+def fit(shapes: Sequence[Shape], step_times: Sequence[float], network: Network | None = None,
+        comm_times: Sequence[float | None] | None = None) -> FittedModel:
+    """Fit c (and k where the points allow) to measured step times (seconds, e.g. each point's p50)."""
+    if not shapes or len(shapes) != len(step_times):
+        raise ValueError("fit needs one measured step time per shape, and at least one shape")
+    net = network or Network()
+    a = [s.sequences_per_rank for s in shapes]
+    b = [nominal_comm_time(s, net) for s in shapes]
+    y = list(step_times)
+
+    def only_c(k: float) -> float:
+        return max(sum(ai * (yi - k * bi) for ai, bi, yi in zip(a, b, y)) / sum(ai * ai for ai in a), 0.0)
+
+    measured = [(bi, ci) for bi, ci in zip(b, comm_times or []) if ci is not None and bi > 0]
+    if measured:
+        k = sum(bi * ci for bi, ci in measured) / sum(bi * bi for bi, _ in measured)
+        c, method = only_c(k), "k from the measured communication time, c by least squares"
+    else:
+        both = _lstsq2(a, b, y)
+        if both is None:
+            c, k, method = only_c(1.0), 1.0, "c by least squares; k fixed at 1 (the points cannot separate it)"
+        else:
+            c, k = both
+            method = "c and k by least squares"
+            if k < 0:
+                c, k, method = only_c(0.0), 0.0, "c by least squares; k clipped at 0 (no measurable communication)"
+            elif c < 0:
+                c = 0.0
+                k = max(sum(bi * yi for bi, yi in zip(b, y)) / sum(bi * bi for bi in b), 0.0)
+                method = "k by least squares; c clipped at 0"
+    model = FittedModel(c, k, net, method)
+    rms = math.sqrt(sum((model.step_time(s) - t) ** 2 for s, t in zip(shapes, y)) / len(y))
+    return replace(model, residual_rms_s=rms)
+
+
+def scaled_shape(reference: Shape, nodes: int, mode: str) -> Shape:
+    """The reference point at another node count: per-rank batch kept (weak) or global batch kept (strong)."""
+    if mode == "strong":
+        return replace(reference, nodes=nodes)
+    per_dp = reference.global_batch / reference.dp
+    grown = replace(reference, nodes=nodes)
+    return replace(grown, global_batch=int(round(per_dp * grown.dp)))
