@@ -23,6 +23,7 @@ from gpt.model import GPT
 from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
+from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay, timed_wait
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -42,6 +43,7 @@ class Window:
     start: float = field(default_factory=time.perf_counter)
     steps: int = 0
     data_s: float = 0.0
+    comm_s: float = 0.0  # waiting for the other ranks at the step's barrier
 
 
 class Trainer:
@@ -70,6 +72,9 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, self.train.precision)
         self.metrics = MetricsWriter(run_dir, env.rank, env.hostname)
+        self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
+                                           host=env.hostname, device=self.device if self.device.type == "cuda" else None)
+        self.debug = cfg.get("debug") or {}
         self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main)
         self.step = 0
         self.saved_step: int | None = None
@@ -95,8 +100,8 @@ class Trainer:
         ]
         return "\n".join(lines)
 
-    def record(self, window_steps: int, window_s: float, result: StepResult, lr: float,
-               data_s: float) -> dict[str, Any]:
+    def record(self, window_s: float, result: StepResult, lr: float) -> dict[str, Any]:
+        window_steps = self.window.steps
         tokens_per_s = window_steps * self.tokens_per_step / window_s
         per_rank = tokens_per_s / self.env.world_size
         values: dict[str, Any] = {
@@ -104,14 +109,22 @@ class Trainer:
             "lr": lr,
             "grad_norm": result.grad_norm.item(),
             "step_time_s": window_s / window_steps,
-            "data_time_s": data_s / window_steps,
+            "data_time_s": self.window.data_s / window_steps,
+            "comm_s": self.window.comm_s / window_steps,
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_rank": per_rank,
             "tokens_seen": (self.step + 1) * self.tokens_per_step,
         }
-        values["mfu"] = mfu(per_rank, self.flops_per_token * self.strategy.flops_share(), self.peak)
+        # A rank computes flops_share() of the FLOPs of each token its replica trains on (pipeline stages split them).
+        replica_tokens_per_s = tokens_per_s / self.strategy.dp_size
+        values["mfu"] = mfu(replica_tokens_per_s, self.flops_per_token * self.strategy.flops_share(), self.peak)
+        values["param_bytes"] = self.strategy.parameter_bytes()  # held by this rank: about total / shards when sharded
         values.update(memory_stats(self.device))
         values.update(result.layer_grad_norms or {})
+        stragglers = self.stragglers.update(self.step, values)  # a collective: every rank, every window
+        if self.env.is_main:
+            values.update(stragglers.metrics())
+            StragglerMonitor.log_events(stragglers, log)
         self.metrics.write(self.step, values)
         return values
 
@@ -141,9 +154,12 @@ class Trainer:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t = self.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        injected_delay(self.env.rank, self.debug.get("delay_rank"), self.debug.get("delay_s", 0.0))
         data_start = time.perf_counter()
         micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
         self.window.data_s += time.perf_counter() - data_start
+        # A fast rank waits here for a slow one: that is communication time, not its own work.
+        self.window.comm_s += timed_wait(self.device if self.device.type == "cuda" else None)
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
                                           layer_norms=log_now and t.layer_grad_norms)
@@ -152,8 +168,7 @@ class Trainer:
         if log_now:
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-            values = self.record(self.window.steps, time.perf_counter() - self.window.start, result, lr,
-                                 self.window.data_s)
+            values = self.record(time.perf_counter() - self.window.start, result, lr)
             self.window = Window()
         self.step += 1
         return values

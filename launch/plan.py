@@ -38,7 +38,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
     strategy = strategy_class(cfg.strategy.name)
-    dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node)
+    dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node, train)
     train.micro_batches(dp_size)
 
     cfg = cfg.copy()

@@ -5,14 +5,16 @@ join the process group, train, leave.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gpt.distributed import DistEnv, init_process_group, leave, pick_device
+from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight
 from gpt.errors import UserError
 from gpt.runinfo import write_environment
 from launch.environment import detect
@@ -43,9 +45,25 @@ def run_rank(run_dir: Path) -> dict:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     write_environment(run_dir, env)
     device = pick_device(cfg.train.device, env)
-    init_process_group(env, device)
+    # Until checkpoint-on-signal lands (issue 5), Slurm's warning signal (USR2 before the time limit, sent to
+    # every process of the step) must not kill a rank: its default action would.
+    if signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None):
+        signal.signal(signal.SIGUSR2, lambda *_: log.warning("got SIGUSR2: the job's time limit is near"))
+    timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
+    rendezvous = init_process_group(env, device, join_timeout_s=timeout)
+    if rendezvous is not None:
+        rendezvous = preflight(rendezvous, device)
+        if env.is_main:
+            log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
+            (run_dir / "environment" / "rendezvous.json").write_text(json.dumps(
+                {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
+                 "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
+                 "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
     summary = Trainer(cfg, env, run_dir).fit()
     leave()
+    if env.is_main:  # what a launcher reports as the run's result
+        (run_dir / "summary.json").write_text(json.dumps(
+            {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
     return summary
 
 

@@ -1,0 +1,45 @@
+"""The launcher Hydra uses for `python -m launch -m ...` (configs/config.yaml: override hydra/launcher: gptlaunch).
+
+    python -m launch -m nodes=1,2,4 cluster=slurm model=tiny     # three Slurm jobs: 1, 2 and 4 nodes
+    python -m launch -m nodes=1,2 model=tiny                     # cluster=local: the points run one by one here
+
+Unlike hydra-submitit-launcher, whose resources are resolved once from the primary config (so every point of
+`-m nodes=1,2,4` would get the same --nodes), each point's own config decides its resources. Light on imports:
+Hydra imports every plugin module on every start; the work is in launch.hydra_launcher.
+"""
+
+from dataclasses import dataclass
+from typing import Any, Optional, Sequence
+
+from hydra.core.config_store import ConfigStore
+from hydra.plugins.launcher import Launcher
+
+
+@dataclass
+class GptlaunchLauncherConf:
+    _target_: str = "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher.GptlaunchLauncher"
+    poll_s: float = 1.0  # how often Slurm is asked about the sweep's jobs
+    progress: bool = True  # a progress bar while waiting for the jobs
+
+
+ConfigStore.instance().store(group="hydra/launcher", name="gptlaunch", node=GptlaunchLauncherConf,
+                             provider="gptlaunch")
+
+
+class GptlaunchLauncher(Launcher):
+    def __init__(self, poll_s: float = 1.0, progress: bool = True) -> None:
+        self.poll_s = poll_s
+        self.progress = progress
+        self.config: Optional[Any] = None
+        self.hydra_context: Optional[Any] = None
+        self.task_function: Optional[Any] = None
+
+    def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
+        self.config = config
+        self.hydra_context = hydra_context
+        self.task_function = task_function
+
+    def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[Any]:
+        from launch.hydra_launcher import launch_sweep
+
+        return launch_sweep(self, job_overrides, initial_job_idx)

@@ -1,0 +1,150 @@
+"""Checks against the real cluster before anything is submitted: Slurm's commands are there, the partition
+exists, is up, and has enough nodes with enough CPUs, GPUs and memory, and the time limit fits (sinfo)."""
+from __future__ import annotations
+
+import functools
+import os
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+
+from gpt.errors import UserError
+from launch.slurm import SlurmResources
+
+COMMANDS = ("sbatch", "sinfo", "squeue", "scontrol", "scancel")
+SINFO_FORMAT = "%P|%D|%c|%m|%G|%l|%a"
+
+
+def require_slurm(commands: tuple[str, ...] = COMMANDS) -> None:
+    missing = [c for c in commands if shutil.which(c) is None]
+    if missing:
+        raise UserError(
+            f"cluster=slurm needs Slurm's {', '.join(missing)} on PATH, and this machine has none. Run from a "
+            "cluster's login node, or train on this machine with cluster=local. (The local test cluster: "
+            'eval "$(slurm/local_cluster.sh env)")')
+
+
+@dataclass
+class Partition:
+    name: str
+    default: bool = False
+    up: bool = True
+    max_time_min: int | None = None  # None: no limit
+    # (count, cpus, memory MB, gpus) per group of alike nodes
+    groups: list[tuple[int, int, int, int]] = field(default_factory=list)
+
+    @property
+    def nodes(self) -> int:
+        return sum(g[0] for g in self.groups)
+
+
+def parse_time_min(text: str) -> int | None:
+    """Slurm's [days-]hours:minutes:seconds (or minutes, or 'infinite') as whole minutes."""
+    text = text.strip()
+    if text in ("infinite", "UNLIMITED", "n/a", ""):
+        return None
+    days = 0
+    if "-" in text:
+        d, text = text.split("-", 1)
+        days = int(d)
+    parts = [int(p) for p in text.split(":")]
+    if len(parts) == 1:  # minutes
+        h, m, s = 0, parts[0], 0
+    elif len(parts) == 2:  # minutes:seconds
+        h, (m, s) = 0, parts
+    else:
+        h, m, s = parts[-3:]
+    return days * 1440 + h * 60 + m + (1 if s else 0)
+
+
+def parse_gpus(gres: str) -> int:
+    """'gpu:4', 'gpu:a100:8(S:0-1)', 'gpu:2,shard:8' -> GPUs per node; '(null)' -> 0"""
+    total = 0
+    for item in gres.split(","):
+        parts = re.sub(r"\(.*?\)", "", item).split(":")
+        if parts[0] == "gpu" and len(parts) >= 2 and parts[-1].isdigit():
+            total += int(parts[-1])
+    return total
+
+
+def parse_sinfo(text: str) -> dict[str, Partition]:
+    """`sinfo -h -o '%P|%D|%c|%m|%G|%l|%a'` -> partitions by name."""
+    parts: dict[str, Partition] = {}
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        name, count, cpus, mem, gres, limit, avail = line.split("|")[:7]
+        default = name.endswith("*")
+        name = name.rstrip("*")
+        p = parts.setdefault(name, Partition(name))
+        p.default |= default
+        p.up = avail.strip() == "up"
+        p.max_time_min = parse_time_min(limit)
+        p.groups.append((int(count), int(re.sub(r"\D.*", "", cpus) or 0), int(re.sub(r"\D.*", "", mem) or 0),
+                         parse_gpus(gres)))
+    return parts
+
+
+@functools.lru_cache(maxsize=4)
+def _sinfo(path: str) -> str:  # cached per PATH: one sinfo per sweep, however many points it has
+    try:
+        proc = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise UserError(f"cannot ask Slurm about its partitions (sinfo): {e}") from None
+    if proc.returncode != 0:
+        raise UserError(f"cannot ask Slurm about its partitions: sinfo exited {proc.returncode}: "
+                        f"{proc.stderr.strip() or proc.stdout.strip()}")
+    return proc.stdout
+
+
+def read_partitions() -> dict[str, Partition]:
+    return parse_sinfo(_sinfo(os.environ.get("PATH", "") + "|" + os.environ.get("SLURM_CONF", "")))
+
+
+def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition]) -> Partition:
+    """The partition these resources will run on, or a UserError naming what does not fit."""
+    names = ", ".join(sorted(partitions)) or "none"
+    if res.partition is None:
+        defaults = [p for p in partitions.values() if p.default]
+        if not defaults:
+            raise UserError(f"this cluster has no default partition: set cluster.partition to one of {names}")
+        part = defaults[0]
+    elif res.partition not in partitions:
+        raise UserError(f"cluster.partition={res.partition!r} is not a partition of this cluster; "
+                        f"its partitions: {names}")
+    else:
+        part = partitions[res.partition]
+    if not part.up:
+        raise UserError(f"partition {part.name!r} is not up (sinfo): jobs would wait forever; pick another with "
+                        f"cluster.partition (one of {names})")
+    if res.nodes > part.nodes:
+        raise UserError(f"nodes={res.nodes} is more than partition {part.name!r} has ({part.nodes} node(s))")
+    if part.max_time_min is not None and res.time_min > part.max_time_min:
+        raise UserError(f"cluster.time_min={res.time_min} is longer than partition {part.name!r} allows "
+                        f"({part.max_time_min} min)")
+    cpus = res.tasks_per_node * res.cpus_per_task
+    needs = [
+        (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={res.cpus_per_task} = "
+                  f"{cpus} CPU(s)", "CPU(s)"),
+        (res.gpus_per_node, 3, f"cluster.gpus_per_node={res.gpus_per_node}", "GPU(s)"),
+        (_mem_mb(res.mem), 2, f"cluster.mem={res.mem}", "MB of memory"),
+    ]
+    for need, index, what, unit in needs:
+        most = max((g[index] for g in part.groups), default=0)
+        if need and need > most:
+            raise UserError(f"{what} per node, but the nodes of partition {part.name!r} have at most {most} {unit}")
+    fit = sum(g[0] for g in part.groups
+              if g[1] >= cpus and g[3] >= res.gpus_per_node and g[2] >= _mem_mb(res.mem))
+    if res.nodes > fit:
+        raise UserError(f"nodes={res.nodes} with {cpus} CPU(s), {res.gpus_per_node} GPU(s) per node: only {fit} of the "
+                        f"{part.nodes} nodes of partition {part.name!r} have that much")
+    return part
+
+
+def _mem_mb(mem: str | None) -> int:
+    if not mem:
+        return 0
+    scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+    unit = mem[-1].upper()
+    return int(float(mem[:-1]) * scale[unit]) if unit in scale else int(mem)

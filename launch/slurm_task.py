@@ -1,0 +1,110 @@
+"""What submitit runs in every task of a cluster=slurm job (srun starts nodes x tasks_per_node of them).
+
+Each task runs the rank in a child process, `python -m launch.worker RUN_DIR`, the very entry point of the
+local and srun backends. Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
+teardown ("terminate called without an active exception"), and that would also skip submitit writing the
+task's result. Here the child may exit hard, and this process (which never imports torch) reports its exit
+status to submitit: a result on success, or RankFailed, naming the rank, its host and its log, on failure.
+
+Kept free of heavy imports: it is unpickled in every task before anything else runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class RankFailed(RuntimeError):
+    """A rank's process failed; the message is what the launcher shows the user."""
+
+
+@dataclass(frozen=True)
+class RankTask:
+    run_dir: str
+
+    def __call__(self) -> dict:
+        rank = int(os.environ.get("SLURM_PROCID", "0"))
+        host = socket.gethostname()
+        env = dict(os.environ)
+        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env)
+        # Slurm's warning signal reaches every process of the step (the child too); submitit's handler in this
+        # process would requeue the job. Until issue 5 makes ranks checkpoint on it, pass it on only.
+        signal.signal(signal.SIGUSR2, lambda *_: child.send_signal(signal.SIGUSR2))
+        code = child.wait()
+        if code != 0:
+            raise RankFailed(describe_failure(rank, host, code, Path(self.run_dir), task_output()))
+        summary = Path(self.run_dir) / "summary.json"
+        result = {"rank": rank, "host": host}
+        if rank == 0 and summary.exists():
+            result["summary"] = json.loads(summary.read_text())
+        return result
+
+
+def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:
+    """One line: which rank, where, how it ended, its last error, and where to read more."""
+    log_file = run_dir / "logs" / f"rank{rank}.log"
+    if code < 0:
+        how = f"was killed by {signal.Signals(-code).name}"
+    else:
+        how = f"exited with code {code}"
+    last, where = last_error(log_file), log_file
+    if not last and output is not None:  # it failed before its log was set up: the traceback is in the output
+        last = last_traceback_line(output)
+        if last or not log_file.exists():
+            where = output
+    if last.startswith(f"rank {rank} "):  # our own errors already say which rank, and where
+        return f"{last} (its log: {where})"
+    return f"rank {rank} on {host} {how}{': ' + last if last else ''} (its log: {where})"
+
+
+def _read(path: Path) -> list[str]:
+    try:
+        return path.read_text(errors="replace").splitlines()
+    except OSError:
+        return []
+
+
+def _short(message: str, limit: int = 300) -> str:
+    """torch's errors run on for several sentences; the first one says what happened."""
+    message = message.strip()
+    first = message.split(". ", 1)[0]
+    return (first if len(first) > 20 else message)[:limit]
+
+
+def last_error(log_file: Path) -> str:
+    """The last error a rank logged: its message, or the last line of its traceback."""
+    lines = _read(log_file)
+    for i in range(len(lines) - 1, -1, -1):
+        if " ERROR] " in lines[i]:
+            message = lines[i].split(" ERROR] ", 1)[1].strip()
+            tail = [x for x in lines[i + 1:] if x.strip() and not x.startswith("[rank")]
+            if tail and tail[0].startswith("Traceback"):
+                message = tail[-1].strip()
+            return _short(message)
+    return ""
+
+
+def last_traceback_line(output: Path) -> str:
+    lines = _read(output)
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith("Traceback"):
+            tail = [x for x in lines[i + 1:] if x.strip() and not x.startswith((" ", "\t"))]
+            return _short(tail[0]) if tail else ""
+    return ""
+
+
+def task_output() -> Path | None:
+    """This task's error output file (submitit's), where a rank's early traceback lands."""
+    try:
+        from submitit import JobEnvironment
+
+        return Path(JobEnvironment().paths.stderr)
+    except Exception:  # not under submitit
+        return None

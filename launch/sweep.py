@@ -1,0 +1,311 @@
+"""Submitting planned cluster=slurm points and waiting for them: the budget guard, one submitit executor per
+group of points with equal resources (a job array when the group has several), job ids and log paths as they
+are submitted, a progress bar while waiting, and each point's result, or its error and log path.
+
+Job states come from `squeue` (then `scontrol`, then `sacct`): submitit alone would ask `sacct`, which a cluster
+without accounting lacks, and then never see a job that died without writing its result.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from gpt.errors import UserError
+from launch.budget import PointCost, check_budget, check_limit, table
+from launch.slurm import SlurmResources, make_executor
+from launch.slurm_task import RankTask
+
+# States after which Slurm will not run a job again by itself (PREEMPTED and NODE_FAIL jobs with --requeue
+# come back as PENDING, REQUEUED: those are not final).
+FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
+         "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}
+GONE = "GONE"  # no longer known to squeue, scontrol or sacct
+
+
+@dataclass
+class SlurmPoint:
+    """A planned sweep point to submit."""
+
+    label: str  # e.g. "nodes=2"
+    run_dir: Path
+    job_name: str
+    resources: SlurmResources
+
+
+@dataclass
+class Submitted:
+    point: SlurmPoint
+    job_id: str
+    folder: Path
+
+    def paths(self, task: int = 0):
+        from submitit.core.utils import JobPaths
+
+        return JobPaths(self.folder, job_id=self.job_id, task_id=task)
+
+    @property
+    def num_tasks(self) -> int:
+        return self.point.resources.world_size
+
+
+@dataclass
+class Outcome:
+    submitted: Submitted
+    state: str
+    results: list[Any] = field(default_factory=list)  # per task, when every task succeeded
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED" and not self.errors
+
+    @property
+    def result(self) -> dict:
+        """What a sweep point returns: where and how it ran, and rank 0's training summary."""
+        s = self.submitted
+        hosts = sorted({r["host"] for r in self.results if isinstance(r, dict) and "host" in r})
+        summary = next((r.get("summary") for r in self.results if isinstance(r, dict) and r.get("rank") == 0), None)
+        return {"job_id": s.job_id, "run_dir": str(s.point.run_dir), "state": self.state,
+                "nodes": s.point.resources.nodes, "world_size": s.point.resources.world_size, "hosts": hosts,
+                "summary": summary}
+
+    def message(self) -> str:
+        s = self.submitted
+        lines = [f"job {s.job_id} ({s.point.label}) ended {self.state}:"]
+        lines += [f"  {e}" for e in self.errors]
+        lines.append(f"  job log: {_show(s.paths(0).stderr)}")
+        return "\n".join(lines)
+
+
+def budget_gate(points: list[SlurmPoint], max_node_hours: object, out=sys.stdout) -> None:
+    """Print what the sweep may cost; refuse above the limit (before anything is submitted)."""
+    limit = check_limit(max_node_hours)
+    costs = [PointCost(p.label, p.resources) for p in points]
+    print(table(costs, limit), file=out, flush=True)
+    check_budget(costs, limit)
+
+
+def submit(points: list[SlurmPoint], folder: Path, out=sys.stdout) -> list[Submitted]:
+    """One executor per group of points with equal resources; one job (or one job array) per group. If Slurm
+    refuses a group, the jobs already submitted are cancelled: a sweep starts whole or not at all."""
+    groups: dict[tuple, list[SlurmPoint]] = {}
+    for p in points:
+        groups.setdefault((p.resources, p.job_name), []).append(p)
+    submitted: list[Submitted] = []
+    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        for (resources, job_name), group in groups.items():
+            executor = make_executor(resources, folder, job_name)
+            if len(group) == 1:
+                jobs = [executor.submit(RankTask(str(group[0].run_dir)))]
+            else:
+                with executor.batch():
+                    jobs = [executor.submit(RankTask(str(p.run_dir))) for p in group]
+            for p, job in zip(group, jobs):
+                s = Submitted(p, job.job_id, folder)
+                submitted.append(s)
+                paths = s.paths(0)
+                (p.run_dir / "slurm_job.json").write_text(json.dumps(
+                    {"job_id": s.job_id, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
+                     "submission": str(paths.submission_file), "resources": resources.describe()}, indent=1))
+                print(f"submitted job {s.job_id} for {p.label}: {resources.describe()}; log: {_show(paths.stdout)}",
+                      file=out, flush=True)
+    except Exception as e:
+        cancel([s.job_id for s in submitted])
+        done = f"; cancelled the {len(submitted)} job(s) already submitted" if submitted else ""
+        raise UserError(f"Slurm refused a job of this sweep: {_first_line(e)}{done}") from None
+    return submitted
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
+
+
+def job_states(job_ids: list[str]) -> dict[str, str]:
+    """Job id -> state, for every job Slurm still knows; GONE for the ones it forgot."""
+    states: dict[str, str] = {}
+    try:
+        proc = subprocess.run(["squeue", "--me", "--states=all", "-h", "-r", "-o", "%i|%T"], capture_output=True,
+                              text=True, timeout=60)
+        if proc.returncode == 0:
+            for line in proc.stdout.splitlines():
+                jid, _, state = line.strip().partition("|")
+                if jid in job_ids:
+                    states[jid] = state.split()[0] if state else "UNKNOWN"
+    except (OSError, subprocess.SubprocessError):
+        pass
+    for jid in job_ids:
+        if jid not in states:
+            states[jid] = _scontrol_state(jid) or _sacct_state(jid) or GONE
+    return states
+
+
+def _scontrol_state(job_id: str) -> str | None:
+    info = scontrol_job(job_id)
+    return info.get("JobState")
+
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    try:
+        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return {}
+    if proc.returncode != 0 or not proc.stdout.strip():
+        return {}
+    return dict(kv.split("=", 1) for kv in proc.stdout.splitlines()[0].split() if "=" in kv)
+
+
+def _sacct_state(job_id: str) -> str | None:
+    try:
+        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    words = proc.stdout.split()
+    return words[0] if proc.returncode == 0 and words else None
+
+
+def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
+    """Read every task's result (a pickle submitit wrote) once the job has ended."""
+    from submitit.core.utils import pickle_load
+
+    outcome = Outcome(s, state)
+    pickles = [s.paths(t).result_pickle for t in range(s.num_tasks)]
+    if state in ("COMPLETED", GONE):  # a shared filesystem may show the files a little late
+        deadline = time.monotonic() + grace_s
+        while not all(p.exists() for p in pickles) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    missing = []
+    for task, path in enumerate(pickles):
+        try:
+            kind, value = pickle_load(path)
+        except Exception:  # missing, or cut short by a killed task
+            missing.append(task)
+            continue
+        if kind == "success":
+            outcome.results.append(value)
+        else:
+            outcome.errors.append(_exception_line(str(value), s, task))
+    if state == GONE and not missing and not outcome.errors:
+        outcome.state = "COMPLETED"
+    if outcome.state != "COMPLETED" or missing or outcome.errors:
+        if missing and not outcome.errors:
+            info = scontrol_job(s.job_id)
+            why = ", ".join(f"{k}={info[k]}" for k in ("ExitCode", "Reason") if info.get(k) not in (None, "None"))
+            tail = _tail(s.paths(0).stderr)
+            outcome.errors.append(f"the job ended before {_tasks(missing, s.num_tasks)} reported"
+                                  f"{' (' + why + ')' if why else ''}" + (f"; its error output ends:\n    "
+                                  + "\n    ".join(tail) if tail else ""))
+        if outcome.state == "COMPLETED":
+            outcome.state = "FAILED"
+    return outcome
+
+
+def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
+         on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Poll Slurm until every job has ended; report each as it ends (errors at once, not after the sweep)."""
+    from tqdm import tqdm
+
+    pending = {s.job_id: s for s in submitted}
+    outcomes: dict[str, Outcome] = {}
+    # A bar on a terminal; in a log file (nohup, CI) one line whenever the counts change.
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
+               dynamic_ncols=True, mininterval=0.5)
+    last_status = ""
+    try:
+        while pending:
+            states = job_states(list(pending))
+            for jid, state in states.items():
+                if state in FINAL or state == GONE:
+                    outcome = collect(pending.pop(jid), state)
+                    outcomes[jid] = outcome
+                    bar.update(1)
+                    if on_done:
+                        bar.clear()
+                        on_done(outcome)
+            counts: dict[str, int] = {}
+            for state in (states[j] for j in pending):
+                counts[state.lower()] = counts.get(state.lower(), 0) + 1
+            status = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+            bar.set_postfix_str(status, refresh=True)
+            if progress and not live and status and status != last_status:
+                print(f"jobs: {len(outcomes)} of {len(submitted)} done, {status}", file=sys.stderr, flush=True)
+            last_status = status
+            if pending:
+                time.sleep(poll_s)
+    except KeyboardInterrupt:
+        bar.close()
+        ids = " ".join(pending)
+        print(f"\ninterrupted: job(s) {ids} keep running; stop them with: scancel {ids}", file=sys.stderr)
+        raise SystemExit(130) from None
+    bar.close()
+    return [outcomes[s.job_id] for s in submitted]
+
+
+def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
+    s = outcome.submitted
+    if outcome.ok:
+        summary = outcome.result.get("summary") or {}
+        loss = f", train loss {summary['train_loss']:.4f}" if summary.get("train_loss") is not None else ""
+        hosts = ", ".join(outcome.result["hosts"])
+        print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {_show(s.point.run_dir)}",
+              file=out, flush=True)
+    else:
+        print(f"error: {outcome.message()}", file=sys.stderr, flush=True)
+
+
+def run_points(points: list[SlurmPoint], folder: Path, max_node_hours: object, poll_s: float = 1.0,
+               progress: bool = True) -> list[Outcome]:
+    """Budget, submit, wait: the whole life of a cluster=slurm sweep (or single run) after planning."""
+    budget_gate(points, max_node_hours)
+    submitted = submit(points, folder)
+    return wait(submitted, poll_s, progress, on_done=print_outcome)
+
+
+def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:
+    lines = [x for x in traceback_text.strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else "unknown error"
+    prefix = "launch.slurm_task.RankFailed: "
+    if last.startswith(prefix):
+        return last[len(prefix):]
+    return f"task {task}: {last} (traceback in {_show(s.paths(task).stderr)})"
+
+
+def _tasks(missing: list[int], total: int) -> str:
+    if len(missing) == total:
+        return "any rank"
+    return "rank(s) " + ",".join(map(str, missing))
+
+
+def _tail(path: Path, n: int = 6) -> list[str]:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return []
+    # submitit's own chatter says nothing about the failure
+    return [x[:300] for x in lines if "submitit INFO" not in x][-n:]
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    for line in text.splitlines():
+        if "error" in line.lower():
+            return line.strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
+def _show(path: Path) -> str:
+    """A path as the user typed it: relative to where they are when that is shorter."""
+    try:
+        rel = os.path.relpath(path)
+        return rel if not rel.startswith("..") else str(path)
+    except ValueError:
+        return str(path)

@@ -1,0 +1,63 @@
+#!/bin/bash
+# One gptlaunch training run as a plain sbatch job. Submit it from the repository (the job runs where you
+# submit it, and every node must see that folder); its arguments are Hydra overrides:
+#
+#   sbatch slurm/multi_node.sh model=tiny strategy=ddp
+#   sbatch --nodes=4 slurm/multi_node.sh model=llama_124m strategy=zero2 train.max_steps=5000
+#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 slurm/multi_node.sh model=gpt2_124m strategy=fsdp
+#
+# The batch host plans the run (`python -m launch cluster=srun`: every check, the resolved config written to
+# the run folder), then srun starts one rank per task: one task per GPU on GPU nodes (--ntasks-per-node must
+# equal --gpus-per-node), or --ntasks-per-node ranks on CPU nodes. The run folder is runs/<name>/slurm-<job id>
+# (a requeued job finds its own folder again); pass hydra.run.dir=... to put it elsewhere.
+#
+# Edit the defaults below, or override any of them on the sbatch command line (which wins).
+#SBATCH --job-name=gptlaunch
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#   GPU nodes: one task per GPU, e.g. --gpus-per-node=8 with --ntasks-per-node=8
+##SBATCH --gpus-per-node=8
+#SBATCH --cpus-per-task=1
+#SBATCH --time=01:00:00
+##SBATCH --partition=gpu
+##SBATCH --account=my_account
+#   Preemption: Slurm may requeue the job, and warns the batch shell 120 s before the time limit (the warning
+#   can come up to 30 s early). The script passes the warning on to every rank.
+#SBATCH --requeue
+#SBATCH --signal=B:USR2@120
+#   A requeued job appends to its log instead of overwriting it. (%x: job name, %j: job id; the log goes to the
+#   folder you submit from, which exists: Slurm does not create folders for logs.)
+#SBATCH --open-mode=append
+#SBATCH --output=%x-%j.out
+
+set -uo pipefail
+
+die() { echo "multi_node.sh: error: $*" >&2; exit 2; }
+
+# --- the environment ------------------------------------------------------------------------------------
+[ -n "${SLURM_JOB_ID:-}" ] || die "run me with sbatch (or inside salloc): SLURM_JOB_ID is not set"
+command -v srun >/dev/null || die "srun is not on PATH on the batch host ($(hostname -s))"
+PYTHON="${GPTLAUNCH_PYTHON:-python}"   # the job inherits your PATH: activate the venv before sbatch
+command -v "$PYTHON" >/dev/null || die "$PYTHON is not on PATH on $(hostname -s); activate gptlaunch's environment before sbatch, or set GPTLAUNCH_PYTHON"
+cd "${SLURM_SUBMIT_DIR:-.}" || die "cannot enter the submit folder $SLURM_SUBMIT_DIR from $(hostname -s)"
+if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ] && [ -n "${SLURM_NTASKS_PER_NODE:-}" ] &&
+   [ "${SLURM_NTASKS_PER_NODE}" != "${SLURM_GPUS_ON_NODE}" ]; then
+  die "${SLURM_GPUS_ON_NODE} GPU(s) per node but --ntasks-per-node=${SLURM_NTASKS_PER_NODE}: one task per GPU needs --ntasks-per-node=${SLURM_GPUS_ON_NODE}"
+fi
+echo "multi_node.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s): ${SLURM_JOB_NODELIST}; in $(pwd)"
+
+# --- plan here, run everywhere ----------------------------------------------------------------------------
+# In the background, so that this shell can pass Slurm's warning (USR2) and stop (TERM) signals on: bash runs
+# a trap only after its foreground child ends, but interrupts `wait` at once.
+"$PYTHON" -m launch cluster=srun "hydra.run.dir=runs/\${name}/slurm-${SLURM_JOB_ID}" "$@" &
+LAUNCH=$!
+trap 'kill -USR2 $LAUNCH 2>/dev/null' USR2
+trap 'kill -TERM $LAUNCH 2>/dev/null' TERM
+while true; do
+  wait $LAUNCH
+  code=$?
+  # >128: wait was interrupted by a trapped signal while the launcher still runs
+  if [ $code -gt 128 ] && kill -0 $LAUNCH 2>/dev/null; then continue; fi
+  break
+done
+exit $code

@@ -1,0 +1,77 @@
+"""The training loop in one process: precision, accumulation, compile, and what it records."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, SHAKESPEARE, losses, read_metrics
+from gpt.distributed import DistEnv
+from gpt.parallel.base import Strategy
+from gpt.trainer import Trainer
+from launch.plan import make_plan
+
+BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
+        "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}"]
+
+
+@pytest.fixture
+def train(tmp_path_factory):
+    prepared = tmp_path_factory.getbasetemp() / "trainer-data"
+
+    def run(*overrides: str):
+        run_dir = tmp_path_factory.mktemp("run")
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
+        make_plan(cfg, run_dir)
+        summary = Trainer(OmegaConf.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
+        return run_dir, summary
+
+    return run
+
+
+def test_gradient_accumulation_matches_one_big_batch(train):
+    whole, _ = train("train.global_batch_size=12")
+    accumulated, _ = train("train.global_batch_size=12", "train.micro_batch_size=3")
+    for a, b in zip(losses(whole), losses(accumulated), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_close_to_fp32(train, precision):
+    fp32, _ = train()
+    mixed, _ = train(f"train.precision={precision}")
+    a, b = losses(fp32), losses(mixed)
+    assert b[-1] < b[0] - 0.3 and all(math.isfinite(x) for x in b)
+    assert max(abs(x - y) for x, y in zip(a, b)) < 0.05  # low-precision matmuls drift a little, not a lot
+
+
+def test_learning_rate_warms_up_then_decays(train):
+    run_dir, _ = train("train.max_steps=20", "train.warmup_steps=5", "train.min_lr=3e-4")
+    lrs = [r["lr"] for r in read_metrics(run_dir)]
+    assert lrs[0] == pytest.approx(3e-3 / 5) and lrs[4] == pytest.approx(3e-3)
+    assert all(a > b for a, b in zip(lrs[5:], lrs[6:]))  # cosine decay towards min_lr, reached at max_steps
+    assert 3e-4 < lrs[-1] < 3.5e-4
+
+
+def test_gradient_clipping_scales_to_the_threshold_and_reports_the_norm_before():
+    model = torch.nn.Linear(4, 3)
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 2.0)
+    before = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32")
+    strategy.model = model
+    reported = strategy.clip_gradients(0.5)
+    after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert reported == pytest.approx(before.item()) and after == pytest.approx(0.5, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_compiled_model_matches_eager(train):
+    eager, _ = train("train.max_steps=4")
+    compiled, _ = train("train.max_steps=4", "train.compile=true")
+    for a, b in zip(losses(eager), losses(compiled), strict=True):
+        assert a == pytest.approx(b, rel=1e-4)

@@ -1,0 +1,187 @@
+"""cluster=slurm input checks and the budget guard, without a cluster: everything a user can get wrong is one
+short line naming it, before anything is submitted."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from gpt.errors import ConfigError, UserError
+from launch.budget import PointCost, check_budget, check_limit, table
+from launch.cluster_checks import check_against_cluster, parse_gpus, parse_sinfo, parse_time_min
+from launch.slurm import SlurmResources
+
+REPO = Path(__file__).resolve().parents[2]
+SINFO = """debug*|4|2|8000|(null)|8:00:00|up
+gpu|2|64|512000|gpu:a100:8(S:0-1)|2-00:00:00|up
+gpu|6|32|256000|gpu:4|2-00:00:00|up
+old|3|8|16000|(null)|infinite|down
+"""
+
+
+def slurm_cfg(*overrides: str):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=["cluster=slurm", *overrides])
+
+
+def resources(*overrides: str) -> SlurmResources:
+    return SlurmResources.from_config(slurm_cfg(*overrides))
+
+
+def test_defaults_follow_the_top_level_node_count():
+    res = resources("nodes=4")
+    assert (res.nodes, res.tasks_per_node, res.gpus_per_node, res.time_min, res.requeue) == (4, 1, 0, 60, True)
+    params = res.executor_parameters("tiny-ddp")
+    assert params["nodes"] == 4 and params["time"] == 60 and params["additional_parameters"]["requeue"] is True
+    assert "--kill-on-bad-exit=1" in params["srun_args"]
+
+
+CONFLICTS = {
+    "tasks differ from GPUs": (["cluster.gpus_per_node=4", "cluster.tasks_per_node=2"],
+                               "cluster.tasks_per_node=2 is not valid: equal to cluster.gpus_per_node=4"),
+    "cuda without GPUs": (["train.device=cuda"], "cluster.gpus_per_node=0 is not valid: at least 1 with train.device=cuda"),
+    "sbatch flag the launcher owns": (["+cluster.sbatch.nodes=3"], "cluster.sbatch.nodes=3 is not valid: set through nodes"),
+    "sbatch output flag": (["+cluster.sbatch.output=x.out"], "cluster.sbatch.output='x.out' is not valid: a flag the launcher"),
+    "zero nodes": (["nodes=0"], "cluster.nodes=0 is not valid: an integer >= 1"),
+    "bad memory": (["cluster.mem=lots"], "cluster.mem='lots' is not valid: memory per node like 64G"),
+    "time limit shorter than the checkpoint interval": (
+        ["cluster.time_min=30", "checkpoint.interval_minutes=45"],
+        "cluster.time_min=30 is not valid: longer than checkpoint.interval_minutes=45"),
+    "warning signal after the time limit": (["cluster.time_min=1", "cluster.signal_delay_s=120"],
+                                            "cluster.signal_delay_s=120 is not valid: shorter than the time limit"),
+}
+
+
+@pytest.mark.parametrize("overrides,message", CONFLICTS.values(), ids=CONFLICTS.keys())
+def test_conflicting_resources_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        resources(*overrides)
+    assert message in str(e.value)
+
+
+def test_extra_sbatch_flags_and_setup_lines_pass_through():
+    res = resources("+cluster.sbatch.exclusive=true", "+cluster.sbatch.reservation=r1", "cluster.setup=[module load x]")
+    params = res.executor_parameters("n")
+    assert params["additional_parameters"] == {"requeue": True, "exclusive": True, "reservation": "r1"}
+    assert params["setup"][-1] == "module load x"
+
+
+def test_sinfo_parsing():
+    parts = parse_sinfo(SINFO)
+    assert parts["debug"].default and parts["debug"].nodes == 4 and parts["debug"].max_time_min == 480
+    assert parts["gpu"].nodes == 8 and parts["gpu"].max_time_min == 2880
+    assert {g[3] for g in parts["gpu"].groups} == {8, 4}
+    assert parts["old"].max_time_min is None and not parts["old"].up
+    assert parse_time_min("30") == 30 and parse_time_min("1:30:00") == 90 and parse_time_min("05:30") == 6
+    assert parse_gpus("gpu:2,shard:8") == 2 and parse_gpus("(null)") == 0
+
+
+CLUSTER = {
+    "unknown partition": (["cluster.partition=gpus"], "cluster.partition='gpus' is not a partition of this cluster; "
+                                                       "its partitions: debug, gpu, old"),
+    "more nodes than the partition has": (["nodes=8"], "nodes=8 is more than partition 'debug' has (4 node(s))"),
+    "time limit above the partition's": (["cluster.time_min=600"], "cluster.time_min=600 is longer than partition "
+                                                                    "'debug' allows (480 min)"),
+    "partition down": (["cluster.partition=old"], "partition 'old' is not up"),
+    "too many CPUs per node": (["cluster.tasks_per_node=2", "cluster.cpus_per_task=2"],
+                               "= 4 CPU(s) per node, but the nodes of partition 'debug' have at most 2 CPU(s)"),
+    "GPUs on a CPU partition": (["cluster.gpus_per_node=2", "cluster.tasks_per_node=2"],
+                                "cluster.gpus_per_node=2 per node, but the nodes of partition 'debug' have at most 0"),
+    "too few nodes with 8 GPUs": (["cluster.partition=gpu", "nodes=3", "cluster.gpus_per_node=8",
+                                   "cluster.tasks_per_node=8"], "only 2 of the 8 nodes of partition 'gpu' have that much"),
+    "memory": (["cluster.mem=16G"], "cluster.mem=16G per node, but the nodes of partition 'debug' have at most 8000 MB"),
+}
+
+
+@pytest.mark.parametrize("overrides,message", CLUSTER.values(), ids=CLUSTER.keys())
+def test_resources_checked_against_the_partitions(overrides, message):
+    with pytest.raises(UserError) as e:
+        check_against_cluster(resources(*overrides), parse_sinfo(SINFO))
+    assert message in str(e.value)
+
+
+def test_fitting_resources_pass_and_pick_the_default_partition():
+    assert check_against_cluster(resources("nodes=4"), parse_sinfo(SINFO)).name == "debug"
+    part = check_against_cluster(resources("nodes=6", "cluster.partition=gpu", "cluster.gpus_per_node=4",
+                                           "cluster.tasks_per_node=4"), parse_sinfo(SINFO))
+    assert part.name == "gpu"
+
+
+def sweep(*nodes: int, time_min: int = 60, gpus: int = 0) -> list[PointCost]:
+    return [PointCost(f"nodes={n}", SlurmResources(nodes=n, tasks_per_node=max(gpus, 1), gpus_per_node=gpus,
+                                                   time_min=time_min)) for n in nodes]
+
+
+def test_budget_counts_nodes_times_time_limit_over_the_sweep():
+    costs = sweep(1, 2, 4, time_min=90, gpus=8)
+    text = table(costs, 100.0)
+    assert "10.50" in text and "84.00" in text and "budget.max_node_hours=100" in text  # 7 x 1.5 h; x 8 GPUs
+    check_budget(costs, 100.0)
+    check_budget(costs, None)  # null: no limit
+
+
+def test_budget_refuses_above_the_limit_naming_figure_and_limit():
+    with pytest.raises(UserError) as e:
+        check_budget(sweep(1, 2, 400), 100.0)  # a typo: 400 instead of 4
+    message = str(e.value)
+    assert "403.00 node-hours" in message and "budget.max_node_hours=100" in message
+    assert "nodes=400" in message and "budget.max_node_hours=403" in message  # how to raise it, if meant
+
+
+def test_budget_limit_must_be_positive():
+    assert check_limit(None) is None and check_limit(5) == 5.0
+    for bad in (0, -1, "lots", True):
+        with pytest.raises(ConfigError):
+            check_limit(bad)
+
+
+def test_no_sbatch_suggests_cluster_local(tmp_path):
+    """On a machine without Slurm: one line, no traceback, nothing run."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env["PATH"] = str(Path(sys.executable).parent)  # python, no Slurm
+    proc = subprocess.run([sys.executable, "-m", "launch", "cluster=slurm", f"hydra.run.dir={tmp_path / 'run'}"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert "error: cluster=slurm needs Slurm's sbatch" in proc.stderr and "cluster=local" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NTASKS": "2"}
+
+
+@pytest.fixture
+def srun_on_path(monkeypatch):
+    import launch.srun
+
+    monkeypatch.setattr(launch.srun.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+
+def srun_cfg(*overrides: str):
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        return compose("config", overrides=["cluster=srun", *overrides])
+
+
+def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):
+    from launch.srun import resolve_allocation
+
+    cfg = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4"})
+    assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node) == (3, 4)
+    cfg = resolve_allocation(srun_cfg(), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)"})
+    assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node) == (2, 2)
+
+
+def test_srun_backend_checks_its_environment(srun_on_path):
+    from launch.srun import resolve_allocation
+
+    with pytest.raises(UserError, match="cluster=srun runs inside a Slurm allocation"):
+        resolve_allocation(srun_cfg(), {})
+    with pytest.raises(UserError, match="4 GPU.s. per node but 1 task.s. per node: one rank per GPU needs "
+                                        "sbatch --ntasks-per-node=4"):
+        resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_GPUS_ON_NODE": "4"})
+    with pytest.raises(ConfigError, match="cluster.nodes=4 is not valid: auto or 2"):
+        resolve_allocation(srun_cfg("cluster.nodes=4"), ALLOCATION)

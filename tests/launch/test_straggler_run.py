@@ -1,0 +1,27 @@
+"""Straggler detection inside real training: a delay injected on one rank makes that rank, and its host, a
+straggler in rank 0's records; without it no rank is one."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import launch, read_metrics
+
+RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=30", "train.log_interval=5",
+       "train.eval_interval=0", "train.layer_grad_norms=false", "metrics.straggler_windows=2"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delayed", [True, False], ids=["delay-on-rank-1", "no-delay"])
+def test_injected_delay_makes_a_straggler(delayed, tmp_path, data_overrides):
+    delay = ["debug.delay_rank=1", "debug.delay_s=0.15"] if delayed else []
+    launch(*RUN, *data_overrides, *delay, run_dir=tmp_path)
+    records = read_metrics(tmp_path, rank=0)
+    counts = [r["stragglers/count"] for r in records]
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    if delayed:
+        assert counts[-1] == 1, counts
+        assert records[-1]["rank_busy_s/rank1"] > records[-1]["rank_busy_s/rank0"] + 0.1  # wall time is shared
+        assert "rank 1" in log and "straggler" in log
+    else:
+        assert max(counts) == 0, counts
+        assert "straggler" not in log

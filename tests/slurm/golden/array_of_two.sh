@@ -1,0 +1,21 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --array=0-1%2
+#SBATCH --cpus-per-task=1
+#SBATCH --error=<LOGS>/%A_%a_0_log.err
+#SBATCH --job-name=tiny-ddp
+#SBATCH --no-requeue
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=1
+#SBATCH --open-mode=append
+#SBATCH --output=<LOGS>/%A_%a_0_log.out
+#SBATCH --signal=USR2@120
+#SBATCH --time=30
+
+# setup
+export OMP_NUM_THREADS=1
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output <LOGS>/%A_%a_%t_log.out --error <LOGS>/%A_%a_%t_log.err --kill-on-bad-exit=1 <PYTHON> -u -m submitit.core._submit <LOGS>

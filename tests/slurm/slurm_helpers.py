@@ -1,0 +1,44 @@
+"""Helpers for the tests that run gptlaunch on the local Slurm cluster."""
+from __future__ import annotations
+
+import json
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+GOLDEN = Path(__file__).resolve().parent / "golden"
+# A few seconds of training per job; every step is recorded.
+TINY = ["model=tiny", "strategy=ddp", "train.max_steps=6", "train.warmup_steps=2", "train.log_interval=1",
+        "train.eval_interval=0", "train.progress=false", "checkpoint.interval_steps=0"]
+SLURM = ["cluster=slurm", "cluster.time_min=10", "hydra.launcher.progress=false", "hydra.launcher.poll_s=0.5"]
+
+
+def launch_cmd(*overrides: str) -> list[str]:
+    return [sys.executable, "-m", "launch", *overrides]
+
+
+def run_launch(env: dict[str, str], *overrides: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run(launch_cmd(*overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def losses(run_dir: Path, rank: int = 0) -> list[float]:
+    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def environments(run_dir: Path) -> list[dict]:
+    return [json.loads(f.read_text()) for f in sorted((run_dir / "environment").glob("rank*.json"))]
+
+
+def output(proc: subprocess.CompletedProcess) -> str:
+    return f"exit {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-6000:]}"
+
+
+def normalise(script: str, logs: Path | str) -> str:
+    """An sbatch script with its paths replaced: the log folder by <LOGS>, the interpreter by <PYTHON>."""
+    script = script.replace(str(logs), "<LOGS>")
+    for python in {sys.executable, shlex.quote(sys.executable)}:
+        script = script.replace(python, "<PYTHON>")
+    return script

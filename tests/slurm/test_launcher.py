@@ -1,0 +1,89 @@
+"""`python -m launch -m nodes=1,2,4 cluster=slurm`: one real Slurm job per sweep point, each with its own node
+count; bad sweeps are refused before anything is submitted."""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from slurm_helpers import GOLDEN, SLURM, TINY, environments, losses, normalise, output, run_launch
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.mark.timeout(300)
+def test_sweep_over_node_counts_gives_one_job_per_point(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2,4", *SLURM, *TINY, *data_overrides,
+                      f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, output(proc)
+    assert "budget.max_node_hours=100" in proc.stdout and "1.17" in proc.stdout  # 7 nodes x 10 min
+    jobs = dict((n, jid) for jid, n in re.findall(r"submitted job (\d+) for nodes=(\d): .*; log: \S+", proc.stdout))
+    assert sorted(jobs) == ["1", "2", "4"] and len(set(jobs.values())) == 3, output(proc)
+
+    for n, jid in jobs.items():
+        run_dir, nodes = sweep / f"nodes={n}", int(n)
+        assert f"job {jid} (nodes={n}) COMPLETED" in proc.stdout
+        envs = environments(run_dir)
+        assert sorted(e["rank"] for e in envs) == list(range(nodes))
+        for e in envs:  # each rank's own record of its Slurm job
+            assert e["world_size"] == nodes and e["num_nodes"] == nodes
+            assert e["slurm"]["SLURM_JOB_ID"] == jid and e["slurm"]["SLURM_JOB_NUM_NODES"] == n
+            assert e["slurm"]["SLURM_NTASKS"] == n
+        assert len({e["host"] for e in envs}) == nodes
+        assert {e["host"] for e in envs} <= {f"gl-n{i}" for i in range(1, 5)}
+        assert len({e["master"] for e in envs}) == 1 and not envs[0]["master"].startswith(("localhost", "127."))
+        info = slurm_cluster.job_info(jid)
+        assert info["NumNodes"] == n and info["JobState"] == "COMPLETED"
+        assert json.loads((run_dir / "slurm_job.json").read_text())["job_id"] == jid
+        rendezvous = json.loads((run_dir / "environment" / "rendezvous.json").read_text()) if nodes > 1 else None
+        assert rendezvous is None or len(set(rendezvous["hosts"])) == nodes
+
+    # the global batch is fixed, so every node count trains the same model
+    assert losses(sweep / "nodes=2") == pytest.approx(losses(sweep / "nodes=1"), rel=1e-4)
+    assert losses(sweep / "nodes=4") == pytest.approx(losses(sweep / "nodes=1"), rel=1e-4)
+    # what was really submitted is what the golden files say
+    for n, golden in (("1", "one_node"), ("4", "four_nodes")):
+        submitted = (sweep / "slurm" / f"{jobs[n]}_submission.sh").read_text()
+        assert normalise(submitted, sweep / "slurm") == (GOLDEN / f"{golden}.sh").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_bad_points_stop_the_sweep_before_anything_is_submitted(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1,8", "cluster.partition=debug,nope", *SLURM, *TINY,
+                      *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 2, output(proc)
+    assert "nodes=8 is more than partition 'debug' has (4 node(s))" in proc.stderr
+    assert "cluster.partition='nope' is not a partition of this cluster; its partitions: debug" in proc.stderr
+    assert "nothing was submitted or run (3 of 4 sweep point(s) are not valid)" in proc.stderr
+    assert "Traceback" not in proc.stderr and "submitted job" not in proc.stdout
+    assert not (sweep / "slurm").exists()
+
+
+@pytest.mark.timeout(180)
+def test_budget_guard_refuses_a_costly_run(slurm_cluster, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    proc = run_launch(slurm_cluster.env, "nodes=4", "cluster=slurm", "cluster.time_min=480",
+                      "budget.max_node_hours=10", *TINY, *data_overrides, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, output(proc)
+    assert "error: this sweep may use 32.00 node-hours" in proc.stderr
+    assert "above budget.max_node_hours=10" in proc.stderr and "budget.max_node_hours=32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (run_dir / "slurm_job.json").exists() and not (run_dir / "slurm").exists()
+
+
+@pytest.mark.timeout(180)
+def test_points_with_equal_resources_share_one_job_array(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1", "train.lr=1e-3,2e-3", *SLURM, *TINY, "train.max_steps=2",
+                      *data_overrides, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=lr${train.lr}")
+    assert proc.returncode == 0, output(proc)
+    jobs = re.findall(r"submitted job (\d+)_(\d) for (lr\S+):", proc.stdout)
+    assert len(jobs) == 2 and len({array for array, _, _ in jobs}) == 1, output(proc)  # one array, two tasks
+    for array, task, label in jobs:
+        assert f"job {array}_{task} ({label}) COMPLETED" in proc.stdout
+        [env] = environments(sweep / label)
+        assert env["slurm"]["SLURM_ARRAY_JOB_ID"] == array and env["slurm"]["SLURM_ARRAY_TASK_ID"] == task
+    assert "#SBATCH --array=0-1%2" in (sweep / "slurm" / f"{jobs[0][0]}_submission.sh").read_text()
