@@ -14,6 +14,10 @@ from gpt.parallel.base import Strategy
 STRATEGIES = {
     "single": "gpt.parallel.base:Strategy",
     "ddp": "gpt.parallel.ddp:DDP",
+    "fsdp": "gpt.parallel.fsdp:FSDP",
+    "zero1": "gpt.parallel.zero1:Zero1",
+    "deepspeed": "gpt.parallel.deepspeed:DeepSpeed",
+    "pipeline": "gpt.parallel.pipeline:Pipeline",
 }
 
 

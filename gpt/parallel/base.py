@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch import nn
 
 from gpt.distributed import DistEnv
@@ -19,6 +19,26 @@ from gpt.metrics import layer_grad_norms
 from gpt.optim import build_adamw
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# Optimizer state keyed by parameter name, one key per parameter and setting ("optim.state.layers.0...exp_avg",
+# "optim.param_groups.layers.0...lr"): ranks that hold different parameters (ZeRO-1 partitions, pipeline stages)
+# write disjoint keys, and every DCP strategy names its state the same way.
+STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
+
+
+def planned_device(train: Any) -> str:
+    """The device type a run will use, as far as the planner can tell ('cuda' or 'cpu')."""
+    requested = getattr(train, "device", "auto") if train is not None else "auto"
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_keys(cfg: Any, known: Iterable[str]) -> None:
+    """Reject strategy keys this strategy does not read (a typo, or a key of another strategy)."""
+    known = {"name", *known}
+    for key in cfg.keys():
+        if key not in known:
+            raise ConfigError(f"strategy.{key}", cfg[key], f"strategy={cfg.name} reads {', '.join(sorted(known))}")
 
 
 @dataclass
@@ -53,8 +73,12 @@ class Strategy:
         return "single process"
 
     @classmethod
-    def data_parallel_size(cls, cfg: Any, model_cfg: Any, world_size: int) -> int:
-        """Check the topology before anything runs; return how many replicas read different data."""
+    def data_parallel_size(cls, cfg: Any, model_cfg: Any, world_size: int, train: Any = None) -> int:
+        """Check the topology before anything runs; return how many replicas read different data.
+
+        cfg is the `strategy` config, model_cfg a ModelConfig, train a TrainConfig (None: not checked against it).
+        Raises ConfigError naming the key, the value and what would be valid."""
+        check_keys(cfg, ())
         if world_size != 1:
             raise ConfigError("strategy", cls.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
                               "strategy=single runs exactly one process")
@@ -125,16 +149,27 @@ class Strategy:
         return loss.detach().float()
 
     # --- checkpoints ----------------------------------------------------------------------------------
+    def state_parts(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:
+        """(module, optimizer over its parameters) pairs whose state this rank saves; names are the GPT's."""
+        return [(self.model, self.optimizer)]
+
     def save_state(self, folder: Path) -> None:
         """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load)."""
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        model_sd, optim_sd = {}, {}
+        for module, optimizer in self.state_parts():
+            m, o = get_state_dict(module, optimizer, options=STATE_OPTIONS)
+            model_sd.update(m)
+            optim_sd.update(o)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
 
     def load_state(self, folder: Path) -> None:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        state = {"model": model_sd, "optim": optim_sd}
+        parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]
+        state = {"model": {k: v for m, _ in parts for k, v in m.items()},
+                 "optim": {k: v for _, o in parts for k, v in o.items()}}
         dcp.load(state, checkpoint_id=folder)
-        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        for (module, optimizer), (m, o) in zip(self.state_parts(), parts):
+            set_state_dict(module, optimizer, model_state_dict={k: state["model"][k] for k in m},
+                           optim_state_dict={k: state["optim"][k] for k in o}, options=STATE_OPTIONS)
 
     # --- what other parts need ------------------------------------------------------------------------
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,217 @@
+"""DeepSpeed: the DeepSpeed engine with ZeRO stage 0-3, its ds_config generated from our config.
+
+- Stage 1 splits the optimizer state over the ranks, stage 2 also the gradients, stage 3 also the parameters.
+- The optimizer is our torch AdamW object (the same parameter groups as every strategy). A DeepSpeed optimizer
+  type would JIT-build fused_adam (about 50 s) and give different numerics.
+- Precision: bf16 and fp16 are DeepSpeed's own (the model is cast; fp32 master weights in the optimizer).
+  bf16 needs stage >= 1: at stage 0 gradients accumulate in bf16 and training drifts.
+- The engine's micro-batch and accumulation steps are set from the batches the trainer hands over.
+- Checkpoints: the engine's own save_checkpoint/load_checkpoint under `deepspeed/` (exact resume on the same
+  world size), plus the fp32 weights as a DCP `model` entry so `gpt.generate` and evaluation read any run alike.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+
+from gpt.errors import ConfigError
+from gpt.metrics import layer_grad_norms
+from gpt.optim import build_adamw
+from gpt.parallel.base import StepResult, Strategy, check_keys, planned_device
+from gpt.parallel.mesh import ensure_process_group
+
+KEYS = ("stage", "offload_optimizer", "reduce_bucket_size", "overlap_comm", "config")
+TAG = "engine"
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("strategy", "deepspeed", f"DeepSpeed installed (it is not: {e}); `pip install deepspeed`, "
+                          "or pick strategy=zero1 (ZeRO-1) or strategy=fsdp (ZeRO-3-like) from PyTorch") from None
+    return deepspeed
+
+
+def ds_config(cfg: Any, precision: str, grad_clip: float = 0.0, micro_batch: int = 1, grad_accum: int = 1,
+              world_size: int = 1) -> dict[str, Any]:
+    """The DeepSpeed JSON config for our strategy config; strategy.config entries are merged in last."""
+    zero: dict[str, Any] = {"stage": int(cfg.get("stage", 2)),
+                            "overlap_comm": bool(cfg.get("overlap_comm", False)),
+                            "reduce_bucket_size": int(cfg.get("reduce_bucket_size", 50_000_000)),
+                            "contiguous_gradients": True}
+    if zero["stage"] == 3:
+        zero["stage3_param_persistence_threshold"] = 0  # shard every parameter, however small
+    if cfg.get("offload_optimizer", False):
+        zero["offload_optimizer"] = {"device": "cpu"}
+    config: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": grad_accum,
+        "train_batch_size": micro_batch * grad_accum * world_size,
+        "gradient_clipping": float(grad_clip),
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**62,
+        "wall_clock_breakdown": False,
+    }
+    if precision == "bf16" and zero["stage"] >= 1:
+        config["data_types"] = {"grad_accum_dtype": "fp32"}
+    extra = cfg.get("config") or {}
+    if hasattr(extra, "items"):
+        for key, value in extra.items():  # an escape hatch: any ds_config key, e.g. strategy.config.zero_optimization
+            config[key] = {**config[key], **value} if isinstance(config.get(key), dict) and hasattr(value, "items") \
+                else value
+    return config
+
+
+class DeepSpeed(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env, device, precision):
+        super().__init__(cfg, env, device, precision)
+        self.scaler = None  # DeepSpeed scales fp16 losses itself
+        self.stage = int(cfg.get("stage", 2))
+        self.engine = None
+        self._batch: tuple[int, int] | None = None  # (micro-batch, accumulation steps) the engine is set to
+
+    @classmethod
+    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
+        check_keys(cfg, KEYS)
+        stage = cfg.get("stage", 2)
+        if stage not in (0, 1, 2, 3):
+            raise ConfigError("strategy.stage", stage, "0, 1, 2 or 3 (ZeRO stage)")
+        precision = getattr(train, "precision", "fp32")
+        if precision == "bf16" and stage == 0:
+            raise ConfigError("strategy.stage", stage, "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed "
+                              "accumulates gradients in bf16 and training drifts)")
+        if train is not None and getattr(train, "compile", False):
+            raise ConfigError("train.compile", True, "false with strategy=deepspeed (the engine is not compiled)")
+        deepspeed = _import_deepspeed()
+        if precision == "fp16" and planned_device(train) == "cpu":
+            from deepspeed.accelerator import get_accelerator
+            if not get_accelerator().is_fp16_supported():
+                raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=deepspeed on this CPU "
+                                  "(DeepSpeed's CPU accelerator has no fp16 here)")
+        del deepspeed
+        return world_size
+
+    def describe(self) -> str:
+        shards = {0: "nothing sharded (DDP-like)", 1: "optimizer state sharded", 2: "optimizer state and gradients "
+                  "sharded", 3: "parameters, gradients and optimizer state sharded"}[self.stage]
+        offload = ", optimizer offloaded to CPU" if self.cfg.get("offload_optimizer") else ""
+        return (f"DeepSpeed ZeRO-{self.stage} over {self.dp_size} data-parallel ranks: {shards}; "
+                f"{self.precision}{offload}")
+
+    def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
+        deepspeed = _import_deepspeed()
+        logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+        # ZeRO calls collectives torch has renamed; each call would print a FutureWarning.
+        warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+        ensure_process_group(self.device)
+        deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
+        model.to(self.device)
+        optimizer = build_adamw(model, lr, weight_decay, betas, self.device)
+        if self.cfg.get("offload_optimizer", False):
+            # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (JIT-built once, like the comm op),
+            # over the same parameter groups and settings as our AdamW.
+            from deepspeed.ops.adam import DeepSpeedCPUAdam
+            optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=lr, betas=betas, eps=optimizer.defaults["eps"],
+                                         weight_decay=weight_decay, adamw_mode=True)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(self.cfg, self.precision, world_size=self.dp_size),
+            dist_init_required=False)
+        self.model = self.engine
+
+    @property
+    def unwrapped(self) -> nn.Module:
+        return self.engine.module
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()  # the engine casts the model itself
+
+    def _configure(self, micro_batch: int, n_micro: int, grad_clip: float) -> None:
+        if self._batch != (micro_batch, n_micro):
+            self.engine.set_train_micro_batch_size(micro_batch)
+            self.engine.set_train_batch_size(micro_batch * n_micro * self.dp_size)
+            self._batch = micro_batch, n_micro
+        # train.grad_clip reaches the strategy with each step; the engine and its ZeRO optimizer read it from
+        # their config at init, so both copies are kept in step with it.
+        self.engine._config.gradient_clipping = float(grad_clip)
+        if hasattr(self.optimizer, "clip_grad"):
+            self.optimizer.clip_grad = float(grad_clip)
+
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=self.device)
+        layers = None
+        for i, (x, y) in enumerate(micro_batches):
+            if i == 0:
+                self._configure(x.size(0), n_micro, grad_clip)
+            _, loss = self.engine(x, y)
+            self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
+            if i == n_micro - 1 and layer_norms:
+                layers = layer_grad_norms(self.named_gradients())  # after the last backward, before the step
+            self.engine.step()  # steps the optimizer only at the accumulation boundary
+            total += loss.detach().float() / n_micro
+        norm = self.engine.get_global_grad_norm()
+        norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
+        return StepResult(total, norm.detach().cpu(), layers)
+
+    @torch.no_grad()
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _, loss = self.engine(x, y)
+        return loss.detach().float()
+
+    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
+        from deepspeed.utils import safe_get_full_grad
+        for name, p in self.engine.module.named_parameters():
+            grad = safe_get_full_grad(p)  # gathered over the ranks: a collective at stages 2 and 3
+            if grad is not None:
+                yield name, grad
+
+    def parameter_bytes(self) -> int:
+        total = 0
+        for p in self.engine.module.parameters():
+            local = p.ds_tensor if hasattr(p, "ds_tensor") else p  # ZeRO-3: the partition this rank holds
+            total += local.numel() * local.element_size()
+        return total
+
+    # --- checkpoints ----------------------------------------------------------------------------------
+    def full_weights(self) -> dict[str, torch.Tensor]:
+        """The model's fp32 weights by state-dict name, gathered from the ZeRO partitions (a collective)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+        module = self.engine.module
+        full: dict[int, torch.Tensor] = {}
+        for p in module.parameters():  # each tensor once: gathering is a collective
+            value = safe_get_full_fp32_param(p)
+            full[id(p)] = (value if value is not None else p.detach()).float().cpu().clone()
+        # Every name of a tied tensor, as in a plain module's state dict.
+        weights = {name: full[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}
+        for prefix, sub in module.named_modules():
+            for name, buffer in sub._buffers.items():
+                if buffer is not None and name not in sub._non_persistent_buffers_set:
+                    weights[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu().clone()
+        return weights
+
+    def save_state(self, folder: Path) -> None:
+        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
+        dcp.save({"model": self.full_weights()}, checkpoint_id=folder)
+
+    def load_state(self, folder: Path) -> None:
+        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_optimizer_states=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise ConfigError("strategy", "deepspeed", f"a checkpoint written by strategy=deepspeed; {folder} has no "
+                              "DeepSpeed engine state (resume it with the strategy that wrote it)")

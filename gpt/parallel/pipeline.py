@@ -1,0 +1,355 @@
+"""Pipeline parallelism (torch.distributed.pipelining) x data parallelism inside each stage.
+
+Topology: a DeviceMesh ("pp", "dp") of pp x (world / pp) ranks. Rank r sits at pp = r // dp, dp = r % dp: the
+replicas of one stage are neighbouring ranks, the stages of one replica are dp ranks apart. Every rank of a
+replica reads that replica's data (the first stage uses the inputs, the last the targets).
+
+Stages: the model's layers are split into pp x stages_per_rank contiguous runs (earlier stages take the extra
+layer when they do not divide evenly); the first stage also holds the embeddings, the last the final norm and
+head. A stage is the GPT class with the other parts deleted, so parameter names stay the model's names and
+checkpoints are interchangeable with every other strategy. With `interleaved`, rank p holds stages p, p + pp, ...
+
+Micro-batches: the trainer hands over the step's micro-batches for this replica; they are concatenated and split
+again into `strategy.microbatches` pipeline micro-batches (which must divide the per-replica batch). The loss is
+the mean over them, so a step is the same as one process on the whole global batch.
+
+Tied embeddings: the first stage's wte and the last stage's lm_head are two copies of one weight; their gradients
+are summed across the two stages before the step, so both copies stay equal (as Megatron-LM does).
+
+Data parallelism inside stages: `fsdp` (FSDP2 on the dp sub-mesh) works with every schedule. `ddp` works with
+1f1b only: under gpipe and interleaved DDP's reducer fails in torch 2.13 ("rebuilt parameter indices size is not
+same as original model parameters size"), and DDP(static_graph=True) there trains to wrong losses, so those
+combinations are refused before anything runs.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import math
+from typing import Any, Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
+from torch.nn.parallel import DistributedDataParallel
+
+from gpt.errors import ConfigError
+from gpt.flops import flops_per_token
+from gpt.metrics import layer_grad_norms
+from gpt.model import GPT
+from gpt.optim import build_adamw
+from gpt.parallel.base import StepResult, Strategy, check_keys, planned_device
+from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
+from gpt.parallel.mesh import build_mesh, describe_mesh
+
+SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
+DATA_PARALLEL = ("ddp", "fsdp")
+KEYS = ("pp", "schedule", "microbatches", "stages_per_rank", "dp", "bucket_cap_mb", "reshard_after_forward",
+        "activation_checkpointing", "cpu_offload")
+
+
+def split_layers(n_layer: int, n_stages: int) -> list[range]:
+    """Contiguous runs of layer indices, one per stage; the first n_layer % n_stages stages take one more."""
+    base, extra = divmod(n_layer, n_stages)
+    runs, start = [], 0
+    for s in range(n_stages):
+        size = base + (s < extra)
+        runs.append(range(start, start + size))
+        start += size
+    return runs
+
+
+class StageGPT(GPT):
+    """A pipeline stage: GPT with parts deleted; forward returns only the output (hidden states or logits)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return GPT.forward(self, x)[0]
+
+
+def make_stage(model: GPT, stage: int, n_stages: int, runs: list[range]) -> StageGPT:
+    """Cut `model` (in place) down to stage `stage` of n_stages."""
+    keep = {str(i) for i in runs[stage]}
+    for key in list(model.layers.keys()):
+        if key not in keep:
+            del model.layers[key]
+    if stage != 0:
+        model.wte, model.wpe = None, None
+    if stage != n_stages - 1:
+        model.ln_f, model.lm_head = None, None
+    # A tied lm_head keeps the weight wte had: the last stage's own copy, kept equal to the first stage's.
+    model.__class__ = StageGPT
+    return model
+
+
+def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """The model's own loss (GPT.forward), for the last stage."""
+    return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
+
+
+class Pipeline(Strategy):
+    name = "pipeline"
+
+    def __init__(self, cfg, env, device, precision):
+        super().__init__(cfg, env, device, precision)
+        self.pp = int(cfg.get("pp", 2))
+        self.schedule_name = cfg.get("schedule", "1f1b")
+        self.microbatches = int(cfg.get("microbatches", self.pp))
+        self.per_rank = int(cfg.get("stages_per_rank", 2)) if self.schedule_name == "interleaved" else 1
+        self.n_stages = self.pp * self.per_rank
+        self.dp_kind = cfg.get("dp", "ddp")
+        self.mesh: DeviceMesh | None = None
+        self.stages: dict[int, nn.Module] = {}  # stage index -> the stage module as trained (maybe DDP-wrapped)
+        self.optimizers: list[torch.optim.Optimizer] = []
+        self.tie_group: dist.ProcessGroup | None = None
+        self.model_cfg = None
+        self.runs: list[range] = []
+
+    # --- topology -------------------------------------------------------------------------------------
+    @classmethod
+    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
+        check_keys(cfg, KEYS)
+        pp = cfg.get("pp", 2)
+        if not isinstance(pp, int) or pp < 2:
+            raise ConfigError("strategy.pp", pp, "an integer >= 2 (pipeline stages); for one stage use "
+                              "strategy=ddp or strategy=fsdp")
+        if world_size % pp:
+            valid = [d for d in range(2, world_size + 1) if world_size % d == 0]
+            raise ConfigError("strategy.pp", pp, f"a divisor of the world size {world_size} (nodes x tasks per node)"
+                              f": {', '.join(map(str, valid)) or 'none; run at least 2 ranks'}; or change the "
+                              f"number of ranks to a multiple of {pp}")
+        dp = world_size // pp
+        schedule = cfg.get("schedule", "1f1b")
+        if schedule not in SCHEDULES:
+            raise ConfigError("strategy.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
+        per_rank = cfg.get("stages_per_rank", 2) if schedule == "interleaved" else 1
+        if not isinstance(per_rank, int) or per_rank < (2 if schedule == "interleaved" else 1):
+            raise ConfigError("strategy.stages_per_rank", per_rank, "an integer >= 2 with schedule=interleaved")
+        stages = pp * per_rank
+        if stages > model_cfg.n_layer:
+            raise ConfigError("strategy.pp", pp, f"at most model.n_layer={model_cfg.n_layer} stages in all; "
+                              f"pp={pp} x stages_per_rank={per_rank} gives {stages}")
+        micro = cfg.get("microbatches", pp)
+        if not isinstance(micro, int) or micro < pp:
+            raise ConfigError("strategy.microbatches", micro, f"an integer >= strategy.pp={pp}: with fewer "
+                              "micro-batches than stages some stages never work at the same time as others")
+        if schedule == "interleaved" and micro % max(1, micro // pp):
+            raise ConfigError("strategy.microbatches", micro, f"a multiple of {max(1, micro // pp)} for the "
+                              f"interleaved schedule (e.g. {pp} or {2 * pp})")
+        kind = cfg.get("dp", "ddp")
+        if kind not in DATA_PARALLEL:
+            raise ConfigError("strategy.dp", kind, f"one of {', '.join(DATA_PARALLEL)} (data parallel inside stages)")
+        if kind == "ddp" and schedule != "1f1b" and dp > 1:
+            raise ConfigError("strategy.dp", kind, f"fsdp with schedule={schedule}, or schedule=1f1b with dp=ddp: "
+                              f"DDP's reducer fails inside {schedule} stages in torch 2.13 (and "
+                              "DDP(static_graph=True) there trains to wrong losses)")
+        check_fsdp_options(cfg, train)
+        if getattr(model_cfg, "n_expert", 0):
+            raise ConfigError("model.n_expert", model_cfg.n_expert, "0 with strategy=pipeline (the MoE "
+                              "load-balancing loss of earlier stages does not reach the last stage)")
+        if train is not None:
+            if train.precision == "fp16":
+                raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=pipeline (no loss "
+                                  "scaler across stages)")
+            if train.compile:
+                raise ConfigError("train.compile", True, "false with strategy=pipeline")
+            if train.global_batch_size % dp == 0 and (train.global_batch_size // dp) % micro:
+                per_replica = train.global_batch_size // dp
+                raise ConfigError("strategy.microbatches", micro, f"a divisor of the per-replica batch "
+                                  f"{per_replica} (train.global_batch_size={train.global_batch_size} / "
+                                  f"data-parallel size {dp}), at least pp={pp}")
+        return dp
+
+    @property
+    def pp_rank(self) -> int:
+        return self.mesh.get_local_rank("pp")
+
+    @property
+    def dp_rank(self) -> int:
+        return self.mesh.get_local_rank("dp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.env.world_size // self.pp
+
+    @property
+    def dp_group(self) -> dist.ProcessGroup | None:
+        return self.mesh.get_group("dp")
+
+    @property
+    def pp_group(self) -> dist.ProcessGroup:
+        return self.mesh.get_group("pp")
+
+    def describe(self) -> str:
+        layers = ", ".join(f"stage {s}: layer{'s' if len(r) > 1 else ''} {r.start}"
+                           f"{f'-{r.stop - 1}' if len(r) > 1 else ''}" for s, r in enumerate(self.runs))
+        dp = f"{self.dp_kind.upper()} inside stages" if self.dp_size > 1 else "no data parallelism"
+        return (f"pipeline {self.schedule_name}, mesh {describe_mesh(self.mesh)} ({self.n_stages} stages, "
+                f"{self.microbatches} micro-batches, {dp}; {layers})")
+
+    # --- building -------------------------------------------------------------------------------------
+    def local_stage_ids(self) -> list[int]:
+        return [self.pp_rank + i * self.pp for i in range(self.per_rank)]
+
+    def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
+        self.model_cfg = model.cfg
+        self.mesh = build_mesh(self.device, pp=self.pp, dp=self.dp_size)
+        self.runs = split_layers(model.cfg.n_layer, self.n_stages)
+        ids = self.local_stage_ids()
+        schedule_stages = []
+        for i, sid in enumerate(ids):
+            part = model if i == len(ids) - 1 else copy.deepcopy(model)
+            part = make_stage(part, sid, self.n_stages, self.runs).to(self.device)
+            wrapped = self._data_parallel(part)
+            self.stages[sid] = wrapped
+            self.optimizers.append(build_adamw(self._unwrap(wrapped), lr, weight_decay, betas, self.device))
+            schedule_stages.append(PipelineStage(wrapped, sid, self.n_stages, self.device, group=self.pp_group))
+        self.model = nn.ModuleList(self.stages[s] for s in ids)
+        self.optimizer = self.optimizers[0]
+        if self.schedule_name == "interleaved":
+            self.schedule = ScheduleInterleaved1F1B(schedule_stages, self.microbatches, loss_fn=loss_fn)
+        else:
+            self.schedule = SCHEDULES[self.schedule_name](schedule_stages[0], self.microbatches, loss_fn=loss_fn)
+        self._tie_embeddings()
+
+    def _data_parallel(self, stage: nn.Module) -> nn.Module:
+        if self.cfg.get("activation_checkpointing", False):
+            for block in stage.layers.values():
+                checkpoint_activations(block)
+        if self.dp_kind == "fsdp":
+            return shard(stage, self.mesh["dp"], self.precision, self.cfg)
+        if self.dp_size == 1:
+            return stage
+        device_ids = [self.device] if self.device.type == "cuda" else None
+        return DistributedDataParallel(stage, device_ids=device_ids, process_group=self.dp_group,
+                                       bucket_cap_mb=self.cfg.get("bucket_cap_mb", 25))
+
+    @staticmethod
+    def _unwrap(module: nn.Module) -> nn.Module:
+        return module.module if isinstance(module, DistributedDataParallel) else module
+
+    def _tie_embeddings(self) -> None:
+        """A group per replica joining its first and last stage ranks, to sum the tied weight's gradients."""
+        if not self.model_cfg.tie_embeddings:
+            return
+        last_owner = (self.n_stages - 1) % self.pp
+        for d in range(self.dp_size):
+            ranks = sorted({int(self.mesh.mesh[0, d]), int(self.mesh.mesh[last_owner, d])})
+            group = dist.new_group(ranks)  # every rank creates every group, in the same order
+            if self.env.rank in ranks:
+                self.tie_group = group
+
+    def _tied_parameters(self) -> list[nn.Parameter]:
+        """This rank's copies of the tied embedding weight: wte on the first stage, lm_head on the last."""
+        if self.tie_group is None:
+            return []
+        params = []
+        if 0 in self.stages:
+            params.append(self._unwrap(self.stages[0]).wte.weight)
+        if self.n_stages - 1 in self.stages:
+            params.append(self._unwrap(self.stages[self.n_stages - 1]).lm_head.weight)
+        return params
+
+    # --- one optimizer step ---------------------------------------------------------------------------
+    def _parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
+        for sid in sorted(self.stages):
+            yield from self._unwrap(self.stages[sid]).named_parameters()
+
+    def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
+                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+        for optimizer in self.optimizers:
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+        xs, ys = zip(*micro_batches)
+        x, y = torch.cat(xs), torch.cat(ys)
+        first, last = 0 in self.stages, self.n_stages - 1 in self.stages
+        losses: list[torch.Tensor] = []
+        args = (x,) if first else ()
+        kwargs = {"target": y, "losses": losses} if last else {}
+        with self.autocast():
+            self.schedule.step(*args, **kwargs)
+        loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=self.device)
+        dist.all_reduce(loss, group=self.pp_group)  # only the last stage has it
+        for p in self._tied_parameters():  # gradients scaled and averaged over dp by now
+            grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            dist.all_reduce(grad, group=self.tie_group)
+        layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
+        grad_norm = self.clip_gradients(grad_clip)
+        for optimizer in self.optimizers:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, grad_norm, layers)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.dp_kind == "fsdp":
+            return contextlib.nullcontext()  # FSDP's MixedPrecisionPolicy casts instead
+        return super().autocast()
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """The norm over every stage's gradients (the tied weight counted once), then clip with it."""
+        params = [p for _, p in self._parameters() if p.grad is not None]
+        tied_copy = self._tied_parameters()[-1:] if self.n_stages - 1 in self.stages else []
+        counted = [p.grad for p in params if not any(p is t for t in tied_copy)]
+        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+        if hasattr(norm, "full_tensor"):
+            norm = norm.full_tensor()
+        square = norm.detach().float() ** 2
+        dist.all_reduce(square, group=self.pp_group)
+        total = square.sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for name, p in self._parameters():
+            if p.grad is not None:
+                yield name, p.grad
+
+    @torch.no_grad()
+    def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Evaluation without the schedule: the whole batch goes through the stages in turn."""
+        hidden = None
+        loss = torch.zeros((), device=self.device)
+        shape = (x.size(0), x.size(1), self.model_cfg.n_embd)
+        with self.autocast():
+            for sid in range(self.n_stages):
+                owner, prev_owner = sid % self.pp, (sid - 1) % self.pp
+                if owner != self.pp_rank:
+                    continue
+                if sid == 0:
+                    hidden = x
+                elif prev_owner != self.pp_rank:
+                    hidden = torch.empty(shape, dtype=torch.float32, device=self.device)
+                    dist.recv(hidden, group=self.pp_group, group_src=prev_owner)
+                out = self._unwrap(self.stages[sid])(hidden)
+                if sid == self.n_stages - 1:
+                    loss = loss_fn(out, y).detach().float()
+                elif (sid + 1) % self.pp != self.pp_rank:
+                    dist.send(out.float().contiguous(), group=self.pp_group, group_dst=(sid + 1) % self.pp)
+                else:
+                    hidden = out
+        dist.all_reduce(loss, group=self.pp_group)
+        return loss
+
+    # --- what other parts need ------------------------------------------------------------------------
+    def state_parts(self):
+        return [(self._unwrap(self.stages[sid]), opt) for sid, opt in zip(sorted(self.stages), self.optimizers)]
+
+    def parameter_bytes(self) -> int:
+        total = 0
+        for _, p in self._parameters():
+            local = p.to_local() if hasattr(p, "to_local") else p
+            total += local.numel() * local.element_size()
+        return total
+
+    def flops_share(self) -> float:
+        """Training FLOPs per token of this rank's layers (and head, on the last stage) over the whole model's."""
+        cfg = self.model_cfg
+        n_local = sum(len(self.runs[s]) for s in self.stages)
+        local = flops_per_token(dataclasses.replace(cfg, n_layer=n_local), cfg.block_size)
+        if self.n_stages - 1 not in self.stages:
+            local -= 6.0 * cfg.n_embd * cfg.vocab_size  # the head's matmul runs on the last stage only
+        return local / flops_per_token(cfg, cfg.block_size)

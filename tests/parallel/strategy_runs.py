@@ -1,0 +1,78 @@
+"""Runs shared by the tests of tests/parallel: each strategy configuration trains once per session.
+
+Every run trains the same 4-layer tiny GPT for 20 steps on the same global batch (8 sequences) and seed, with a
+learning rate high enough (and gradient clipping active) that a wrong gradient shows in the loss within a step or
+two. The baseline is one process, strategy=single.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from conftest import launch, losses, read_metrics
+
+STEPS = 20
+COMMON = ["model=tiny", "model.n_layer=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",
+          "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=10", "train.eval_batches=2",
+          "checkpoint.interval_steps=0"]
+FP32_RTOL = 1e-5
+# bf16 against the fp32 baseline: bf16 rounding alone moves the single-process losses by up to 0.7% over these 20
+# steps (FSDP's bf16 parameters, DeepSpeed's bf16 model and autocast each differently); a wrong gradient moves
+# them by 5-15% (a stale clip setting: 9%; pipeline x DDP(static_graph): 14%).
+BF16_RTOL = 2e-2
+
+PIPELINE = ["strategy=pipeline", "strategy.microbatches=4"]
+# name -> (overrides, ranks)
+CASES: dict[str, tuple[list[str], int]] = {
+    "ddp": (["strategy=ddp", "nodes=2"], 2),  # 2 "nodes" x 1 task, as the acceptance line runs it
+    "fsdp": (["strategy=fsdp", "cluster.tasks_per_node=2"], 2),
+    "fsdp_checkpointing_accumulation": (["strategy=fsdp", "strategy.activation_checkpointing=true",
+                                         "train.micro_batch_size=2", "cluster.tasks_per_node=2"], 2),
+    "zero1": (["strategy=zero1", "nodes=2"], 2),
+    "deepspeed_zero1": (["strategy=deepspeed", "strategy.stage=1", "nodes=2"], 2),
+    "deepspeed_zero2_accumulation": (["strategy=deepspeed", "strategy.stage=2", "train.micro_batch_size=2",
+                                      "cluster.tasks_per_node=2"], 2),
+    "deepspeed_zero3": (["strategy=deepspeed", "strategy.stage=3", "cluster.tasks_per_node=2"], 2),
+    "pipeline_gpipe": ([*PIPELINE, "strategy.schedule=gpipe", "cluster.tasks_per_node=2"], 2),
+    "pipeline_interleaved": ([*PIPELINE, "strategy.schedule=interleaved", "cluster.tasks_per_node=2"], 2),
+    "pp2_dp2_1f1b_ddp": ([*PIPELINE, "strategy.schedule=1f1b", "strategy.dp=ddp", "nodes=2",
+                          "cluster.tasks_per_node=2"], 4),
+    "pp2_dp2_gpipe_fsdp_accumulation": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp",
+                                         "train.micro_batch_size=2", "cluster.tasks_per_node=4"], 4),
+}
+BF16_CASES: dict[str, tuple[list[str], int]] = {
+    "fsdp_bf16": (["strategy=fsdp", "train.precision=bf16", "cluster.tasks_per_node=2"], 2),
+    "deepspeed_zero2_bf16": (["strategy=deepspeed", "strategy.stage=2", "train.precision=bf16",
+                              "cluster.tasks_per_node=2"], 2),
+}
+SINGLE: tuple[list[str], int] = (["strategy=single"], 1)
+
+_done: dict[str, Path] = {}
+
+
+def run(name: str, tmp_path_factory, data_overrides: list[str]) -> Path:
+    """The run folder of configuration `name` (or "single"), trained on first use."""
+    if name not in _done:
+        overrides, _ = SINGLE if name == "single" else {**CASES, **BF16_CASES}[name]
+        run_dir = tmp_path_factory.mktemp("parallel") / name
+        proc = launch(*COMMON, *data_overrides, *overrides, run_dir=run_dir)
+        (run_dir / "launcher.log").write_text(proc.stdout + proc.stderr)
+        _done[name] = run_dir
+    return _done[name]
+
+
+def ranks(name: str) -> int:
+    return 1 if name == "single" else {**CASES, **BF16_CASES}[name][1]
+
+
+def val_losses(run_dir: Path) -> list[float]:
+    return [r["loss"] for r in read_metrics(run_dir, kind="val")]
+
+
+def max_rel_diff(a: list[float], b: list[float]) -> float:
+    assert len(a) == len(b), (a, b)
+    return max(abs(x - y) / abs(x) for x, y in zip(a, b))
+
+
+def last_record(run_dir: Path, rank: int) -> dict:
+    return read_metrics(run_dir, rank)[-1]
+

@@ -1,0 +1,53 @@
+"""What each rank holds: sharded strategies hold about 1/world of the parameters, pipeline ranks hold their own
+layers only, and every rank's parameters receive gradients."""
+from __future__ import annotations
+
+import pytest
+
+from strategy_runs import last_record, ranks, run
+
+EMBEDDING, HEAD = {"wte", "wpe"}, {"ln_f", "lm_head"}  # lm_head is the last stage's copy of the tied wte
+
+
+@pytest.fixture(scope="module")
+def total_bytes(tmp_path_factory, data_overrides) -> int:
+    return last_record(run("single", tmp_path_factory, data_overrides), 0)["param_bytes"]
+
+
+@pytest.mark.parametrize("name", ["fsdp", "deepspeed_zero3"])
+def test_sharded_strategies_hold_a_share_of_the_parameters(name, total_bytes, tmp_path_factory, data_overrides):
+    run_dir = run(name, tmp_path_factory, data_overrides)
+    held = [last_record(run_dir, r)["param_bytes"] for r in range(ranks(name))]
+    for share in held:
+        assert 0.45 <= share / total_bytes <= 0.6, (held, total_bytes)
+    assert 0.98 <= sum(held) / total_bytes <= 1.1  # shards add up to the model (with a little padding)
+
+
+@pytest.mark.parametrize("name", ["ddp", "zero1", "deepspeed_zero1"])
+def test_replicating_strategies_hold_every_parameter(name, total_bytes, tmp_path_factory, data_overrides):
+    run_dir = run(name, tmp_path_factory, data_overrides)
+    assert [last_record(run_dir, r)["param_bytes"] for r in range(ranks(name))] == [total_bytes] * ranks(name)
+
+
+PIPELINE_LAYOUT = {
+    # rank -> the parameter groups (wte, layers.N, ...) whose gradients that rank holds
+    "pp2_dp2_1f1b_ddp": {0: EMBEDDING | {"layers.0", "layers.1"}, 1: EMBEDDING | {"layers.0", "layers.1"},
+                         2: {"layers.2", "layers.3"} | HEAD, 3: {"layers.2", "layers.3"} | HEAD},
+    "pp2_dp2_gpipe_fsdp_accumulation": {0: EMBEDDING | {"layers.0", "layers.1"},
+                                        1: EMBEDDING | {"layers.0", "layers.1"},
+                                        2: {"layers.2", "layers.3"} | HEAD, 3: {"layers.2", "layers.3"} | HEAD},
+    # interleaved: rank 0 runs stages 0 and 2, rank 1 stages 1 and 3
+    "pipeline_interleaved": {0: EMBEDDING | {"layers.0", "layers.2"}, 1: {"layers.1", "layers.3"} | HEAD},
+}
+
+
+@pytest.mark.parametrize("name", PIPELINE_LAYOUT)
+def test_pipeline_ranks_hold_their_layers_and_all_get_gradients(name, total_bytes, tmp_path_factory,
+                                                                data_overrides):
+    run_dir = run(name, tmp_path_factory, data_overrides)
+    for rank, groups in PIPELINE_LAYOUT[name].items():
+        record = last_record(run_dir, rank)
+        norms = {k.removeprefix("grad_norm/"): v for k, v in record.items() if k.startswith("grad_norm/")}
+        assert set(norms) == groups, (rank, sorted(norms))
+        assert all(v > 0 for v in norms.values()), (rank, norms)
+        assert record["param_bytes"] < 0.75 * total_bytes  # a stage, not the model

@@ -1,0 +1,154 @@
+"""Topologies that cannot run are refused before any rank starts, with one line naming the key, the value and
+what would be valid (exit code 2, no traceback)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+from conftest import launch
+from gpt.config import ModelConfig
+from gpt.errors import ConfigError
+from gpt.parallel import STRATEGIES, strategy_class
+from gpt.parallel.deepspeed import ds_config
+from gpt.parallel.pipeline import split_layers
+from gpt.train_config import TrainConfig
+
+FOUR = ["cluster.tasks_per_node=4"]
+CASES = {
+    "world size not divisible by pp": (["strategy=pipeline", "strategy.pp=3", *FOUR],
+                                       "strategy.pp=3 is not valid: a divisor of the world size 4"),
+    "more stages than layers": (["strategy=pipeline", "strategy.pp=4", *FOUR],
+                                "strategy.pp=4 is not valid: at most model.n_layer=2 stages"),
+    "more interleaved stages than layers": (["strategy=pipeline", "strategy.schedule=interleaved",
+                                             "cluster.tasks_per_node=2"], "pp=2 x stages_per_rank=2 gives 4"),
+    "fewer microbatches than stages": (["strategy=pipeline", "strategy.microbatches=1", "cluster.tasks_per_node=2"],
+                                       "strategy.microbatches=1 is not valid: an integer >= strategy.pp=2"),
+    "microbatches not dividing the replica batch": (
+        ["strategy=pipeline", "strategy.microbatches=3", "train.global_batch_size=8", *FOUR],
+        "strategy.microbatches=3 is not valid: a divisor of the per-replica batch 4"),
+    "gpipe with ddp inside stages": (["strategy=pipeline", "strategy.schedule=gpipe", *FOUR],
+                                     "strategy.dp='ddp' is not valid: fsdp with schedule=gpipe, or schedule=1f1b"),
+    "unknown schedule": (["strategy=pipeline", "strategy.schedule=zigzag", "cluster.tasks_per_node=2"],
+                         "one of gpipe, 1f1b, interleaved"),
+    "pipeline on one rank": (["strategy=pipeline"], "strategy.pp=2 is not valid: a divisor of the world size 1"),
+    "cpu offload on a cpu": (["strategy=fsdp", "strategy.cpu_offload=true", "cluster.tasks_per_node=2"],
+                             "strategy.cpu_offload=True is not valid: false on a CPU run"),
+    "deepspeed fp16 on a cpu": (["strategy=deepspeed", "train.precision=fp16", "cluster.tasks_per_node=2"],
+                                "train.precision='fp16' is not valid: fp32 or bf16 with strategy=deepspeed"),
+    "deepspeed bf16 at stage 0": (["strategy=deepspeed", "strategy.stage=0", "train.precision=bf16"],
+                                  "strategy.stage=0 is not valid: 1, 2 or 3 with train.precision=bf16"),
+    "unknown zero stage": (["strategy=deepspeed", "strategy.stage=4"], "strategy.stage=4 is not valid: 0, 1, 2 or 3"),
+    "another strategy's key": (["strategy=fsdp", "+strategy.stage=3"],
+                               "strategy.stage=3 is not valid: strategy=fsdp reads activation_checkpointing"),
+    "unknown strategy": (["strategy.name=tensor"], "strategy='tensor' is not valid: one of single, ddp, fsdp"),
+}
+
+
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
+# Through the launcher, as a user meets them; all cases are also checked in process below.
+LAUNCHED = ["world size not divisible by pp", "gpipe with ddp inside stages", "cpu offload on a cpu",
+            "deepspeed bf16 at stage 0"]
+
+
+@pytest.mark.parametrize("name", LAUNCHED)
+def test_bad_topology_is_one_clear_line(name, tmp_path, data_overrides):
+    overrides, message = CASES[name]
+    proc = launch("model=tiny", *data_overrides, *overrides, run_dir=tmp_path / "run", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert message in proc.stderr, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "run" / "logs").exists()  # no rank started
+
+
+def plan(overrides: list[str]) -> int:
+    """What launch.plan checks, for `model=tiny` (2 layers) and these overrides: the data-parallel size."""
+    strategy, world, strategy_keys, train_keys = "single", 1, [], []
+    for override in overrides:
+        key, value = override.lstrip("+").split("=", 1)
+        if key == "strategy":
+            strategy = value
+        elif key.startswith("strategy."):
+            strategy_keys.append(f"{key.removeprefix('strategy.')}={value}")
+        elif key == "cluster.tasks_per_node":
+            world = int(value)
+        elif key.startswith("train."):
+            train_keys.append(f"{key.removeprefix('train.')}={value}")
+    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "strategy" / f"{strategy}.yaml"),
+                          OmegaConf.from_dotlist(strategy_keys))
+    train = OmegaConf.merge(OmegaConf.load(CONFIGS / "train" / "default.yaml"), OmegaConf.from_dotlist(train_keys))
+    train = TrainConfig.from_dict(OmegaConf.to_container(train))
+    dp = strategy_class(cfg.name).data_parallel_size(cfg, tiny(2), world, train)
+    train.micro_batches(dp)
+    return dp
+
+
+@pytest.mark.parametrize("overrides,message", CASES.values(), ids=CASES.keys())
+def test_bad_topology_is_refused_with_its_message(overrides, message):
+    with pytest.raises(ConfigError) as error:
+        plan(overrides)
+    assert message in str(error.value)
+
+
+def test_missing_deepspeed_is_one_clear_line(tmp_path, data_overrides):
+    shadow = tmp_path / "shadow"
+    (shadow / "deepspeed").mkdir(parents=True)
+    (shadow / "deepspeed" / "__init__.py").write_text("raise ImportError('No module named deepspeed')\n")
+    proc = launch("model=tiny", "strategy=deepspeed", "cluster.tasks_per_node=2", *data_overrides,
+                  run_dir=tmp_path / "run", check=False, env={"PYTHONPATH": str(shadow)})
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "strategy='deepspeed' is not valid: DeepSpeed installed" in proc.stderr
+    assert "pip install deepspeed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# --- the same checks, in process ------------------------------------------------------------------------------
+def tiny(n_layer: int = 4) -> ModelConfig:
+    return ModelConfig(name="t", n_layer=n_layer, n_head=2, n_embd=64, block_size=64, vocab_size=65)
+
+
+@pytest.mark.parametrize("pp,world,dp", [(2, 2, 1), (2, 4, 2), (4, 8, 2)])
+def test_pipeline_data_parallel_degree_is_world_over_pp(pp, world, dp):
+    cfg = OmegaConf.create({"name": "pipeline", "pp": pp, "schedule": "1f1b", "microbatches": pp, "dp": "ddp"})
+    assert strategy_class("pipeline").data_parallel_size(cfg, tiny(), world, TrainConfig(global_batch_size=8)) == dp
+
+
+@pytest.mark.parametrize("overrides,dp", [(["strategy=ddp", "cluster.tasks_per_node=4"], 4),
+                                          (["strategy=fsdp", "cluster.tasks_per_node=2"], 2),
+                                          (["strategy=zero1", "cluster.tasks_per_node=2"], 2),
+                                          (["strategy=deepspeed", "strategy.stage=3", "train.precision=bf16"], 1),
+                                          (["strategy=pipeline", "strategy.dp=fsdp", "strategy.schedule=gpipe",
+                                            "cluster.tasks_per_node=4"], 2),
+                                          (["strategy=fsdp"], 1)])
+def test_good_topologies_pass(overrides, dp):
+    assert plan(overrides) == dp
+
+
+def test_every_registered_strategy_has_a_config_and_imports():
+    for name in STRATEGIES:
+        assert (CONFIGS / "strategy" / f"{name}.yaml").is_file(), name
+        assert strategy_class(name).name == name
+
+
+def test_layers_split_into_contiguous_runs_earlier_stages_take_the_extra():
+    assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_layers(12, 8)[:4] == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    assert sum(len(r) for r in split_layers(12, 8)) == 12
+
+
+def test_deepspeed_config_follows_ours():
+    cfg = OmegaConf.create({"name": "deepspeed", "stage": 3, "offload_optimizer": True,
+                            "config": {"zero_optimization": {"round_robin_gradients": True}, "steps_per_print": 10}})
+    ds = ds_config(cfg, "bf16", grad_clip=1.0, micro_batch=2, grad_accum=3, world_size=4)
+    assert ds["train_batch_size"] == 24 and ds["gradient_accumulation_steps"] == 3
+    assert ds["zero_optimization"]["stage"] == 3 and ds["zero_optimization"]["offload_optimizer"] == {"device": "cpu"}
+    assert ds["zero_optimization"]["round_robin_gradients"] is True  # merged, not replaced
+    assert ds["bf16"] == {"enabled": True} and ds["data_types"] == {"grad_accum_dtype": "fp32"}
+    assert ds["steps_per_print"] == 10 and ds["gradient_clipping"] == 1.0
+
+
+def test_config_error_names_key_value_and_valid():
+    cfg = OmegaConf.create({"name": "pipeline", "pp": 2, "schedule": "1f1b", "microbatches": 2, "dp": "ddp"})
+    with pytest.raises(ConfigError, match="model.n_expert=4 is not valid: 0 with strategy=pipeline"):
+        strategy_class("pipeline").data_parallel_size(cfg, ModelConfig(**{**tiny().__dict__, "n_expert": 4}), 2)
