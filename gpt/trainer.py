@@ -120,6 +120,7 @@ class Trainer:
         values["mfu"] = mfu(replica_tokens_per_s, self.flops_per_token * self.strategy.flops_share(), self.peak)
         values["param_bytes"] = self.strategy.parameter_bytes()  # held by this rank: about total / shards when sharded
         values.update(memory_stats(self.device))
+        values.update(result.clock.seconds() if result.clock else {})  # this step's phases, a sample of the window
         values.update(result.layer_grad_norms or {})
         stragglers = self.stragglers.update(self.step, values)  # a collective: every rank, every window
         if self.env.is_main:

@@ -3,6 +3,7 @@ strategy is running."""
 from __future__ import annotations
 
 import contextlib
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -46,6 +47,36 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (detached, 0-dim)
     grad_norm: torch.Tensor  # global gradient norm before clipping
     layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
+    clock: "PhaseClock | None" = None  # when forward+backward and the optimizer step ended
+
+
+class PhaseClock:
+    """Wall time of a step's phases. On CUDA the marks are events, read (and waited for) only when asked, so
+    timing every step costs no synchronisation; the trainer reads them once per log window."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, Any]] = [("start", self._now())]
+
+    def _now(self) -> Any:
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self, phase: str) -> None:
+        """The phase named `phase` ends now."""
+        self.marks.append((phase, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        """{"<phase>_s": seconds} for every phase marked."""
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        out = {}
+        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:]):
+            out[f"{phase}_s"] = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+        return out
 
 
 class Strategy:
@@ -112,6 +143,7 @@ class Strategy:
                    lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
+        clock = PhaseClock(self.device)
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
             with self.sync_gradients(i == n_micro - 1):
@@ -120,6 +152,7 @@ class Strategy:
                 loss = loss / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.detach()
+        clock.mark("fwd_bwd")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
@@ -130,7 +163,8 @@ class Strategy:
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(total, grad_norm, layers)
+        clock.mark("optimizer")
+        return StepResult(total, grad_norm, layers, clock)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -153,14 +187,24 @@ class Strategy:
         """(module, optimizer over its parameters) pairs whose state this rank saves; names are the GPT's."""
         return [(self.model, self.optimizer)]
 
-    def save_state(self, folder: Path) -> None:
-        """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load)."""
+    supports_async_save = True  # save_state(folder, async_group=...) returns a future (dcp.async_save)
+
+    def save_state(self, folder: Path, async_group: Any = None) -> Any:
+        """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load).
+
+        With `async_group` (a gloo group of its own: on the default group async_save crashes or hangs while
+        training goes on), the state is staged in memory and written in the background; returns the future."""
         model_sd, optim_sd = {}, {}
         for module, optimizer in self.state_parts():
             m, o = get_state_dict(module, optimizer, options=STATE_OPTIONS)
             model_sd.update(m)
             optim_sd.update(o)
-        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=folder)
+        state = {"model": model_sd, "optim": optim_sd}
+        if async_group is not None or (self.env.world_size == 1 and async_group == "local"):
+            group = None if async_group == "local" else async_group
+            return dcp.async_save(state, checkpoint_id=folder, process_group=group)
+        dcp.save(state, checkpoint_id=folder)
+        return None
 
     def load_state(self, folder: Path) -> None:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]

@@ -25,7 +25,7 @@ from torch import nn
 from gpt.errors import ConfigError
 from gpt.metrics import layer_grad_norms
 from gpt.optim import build_adamw
-from gpt.parallel.base import StepResult, Strategy, check_keys, planned_device
+from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, planned_device
 from gpt.parallel.mesh import ensure_process_group
 
 KEYS = ("stage", "offload_optimizer", "reduce_bucket_size", "overlap_comm", "config")
@@ -156,6 +156,7 @@ class DeepSpeed(Strategy):
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         layers = None
+        clock = PhaseClock(self.device)  # the engine steps inside the loop: its optimizer time counts as fwd_bwd
         for i, (x, y) in enumerate(micro_batches):
             if i == 0:
                 self._configure(x.size(0), n_micro, grad_clip)
@@ -165,9 +166,10 @@ class DeepSpeed(Strategy):
                 layers = layer_grad_norms(self.named_gradients())  # after the last backward, before the step
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float() / n_micro
+        clock.mark("fwd_bwd")
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
-        return StepResult(total, norm.detach().cpu(), layers)
+        return StepResult(total, norm.detach().cpu(), layers, clock)
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -205,7 +207,9 @@ class DeepSpeed(Strategy):
                     weights[f"{prefix}.{name}" if prefix else name] = buffer.detach().cpu().clone()
         return weights
 
-    def save_state(self, folder: Path) -> None:
+    supports_async_save = False  # the engine writes its own checkpoint, synchronously
+
+    def save_state(self, folder: Path, async_group=None) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
         dcp.save({"model": self.full_weights()}, checkpoint_id=folder)
 

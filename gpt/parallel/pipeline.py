@@ -42,7 +42,7 @@ from gpt.flops import flops_per_token
 from gpt.metrics import layer_grad_norms
 from gpt.model import GPT
 from gpt.optim import build_adamw
-from gpt.parallel.base import StepResult, Strategy, check_keys, planned_device
+from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, planned_device
 from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
 
@@ -263,6 +263,7 @@ class Pipeline(Strategy):
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        clock = PhaseClock(self.device)
         xs, ys = zip(*micro_batches)
         x, y = torch.cat(xs), torch.cat(ys)
         first, last = 0 in self.stages, self.n_stages - 1 in self.stages
@@ -276,12 +277,14 @@ class Pipeline(Strategy):
         for p in self._tied_parameters():  # gradients scaled and averaged over dp by now
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             dist.all_reduce(grad, group=self.tie_group)
+        clock.mark("fwd_bwd")
         layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, grad_norm, layers)
+        clock.mark("optimizer")
+        return StepResult(loss, grad_norm, layers, clock)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dp_kind == "fsdp":

@@ -32,7 +32,8 @@ def test_run_folder_holds_config_environment_metrics_and_checkpoint(tiny_run):
     env = json.loads((tiny_run / "environment" / "rank0.json").read_text())
     assert env["world_size"] == 1 and env["packages"]["torch"].startswith("2.")
     record = read_metrics(tiny_run)[-1]
-    for key in ("loss", "lr", "tokens_per_s", "step_time_s", "grad_norm", "mem/rss_gib", "grad_norm/layers.0"):
+    for key in ("loss", "lr", "tokens_per_s", "step_time_s", "data_time_s", "fwd_bwd_s", "optimizer_s", "comm_s",
+                "grad_norm", "mem/rss_gib", "grad_norm/layers.0"):
         assert key in record, key
     assert record["mfu"] is None  # no peak FLOP/s is known for a CPU: "n/a", never a guess
     assert (tiny_run / "checkpoints" / "step_00000060" / "meta.json").is_file()
