@@ -14,9 +14,10 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
 def launch(*overrides: str, run_dir: Path, check: bool = True, timeout: float = 600,
-           env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run `python -m launch` with Hydra overrides into `run_dir`; the data comes from tests' own copy."""
-    cmd = [sys.executable, "-m", "launch", f"hydra.run.dir={run_dir}", "train.progress=false", *overrides]
+           env: dict[str, str] | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
+    """Run `python -m launch [-m]` with Hydra overrides into `run_dir` (a sweep: into hydra.sweep.dir)."""
+    where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
+    cmd = [sys.executable, "-m", "launch", *(["-m"] if multirun else []), where, "train.progress=false", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
     if check and proc.returncode != 0:

@@ -23,9 +23,13 @@ def run_launch(env: dict[str, str], *overrides: str, timeout: float = 240) -> su
     return subprocess.run(launch_cmd(*overrides), cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def losses(run_dir: Path, rank: int = 0) -> list[float]:
+def train_records(run_dir: Path, rank: int = 0) -> list[dict]:
     lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
-    return [r["loss"] for r in map(json.loads, lines) if r["kind"] == "train"]
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def losses(run_dir: Path, rank: int = 0) -> list[float]:
+    return [r["loss"] for r in train_records(run_dir, rank)]
 
 
 def environments(run_dir: Path) -> list[dict]:

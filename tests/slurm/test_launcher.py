@@ -2,12 +2,13 @@
 count; bad sweeps are refused before anything is submitted."""
 from __future__ import annotations
 
+import csv
 import json
 import re
 
 import pytest
 
-from slurm_helpers import GOLDEN, SLURM, TINY, environments, losses, normalise, output, run_launch
+from slurm_helpers import GOLDEN, SLURM, TINY, environments, losses, normalise, output, run_launch, train_records
 
 pytestmark = pytest.mark.slurm
 
@@ -43,6 +44,16 @@ def test_sweep_over_node_counts_gives_one_job_per_point(slurm_cluster, tmp_path,
     # the global batch is fixed, so every node count trains the same model
     assert losses(sweep / "nodes=2") == pytest.approx(losses(sweep / "nodes=1"), rel=1e-4)
     assert losses(sweep / "nodes=4") == pytest.approx(losses(sweep / "nodes=1"), rel=1e-4)
+    # the sweep ends in its scaling report: one row per job, numbers from the run folders
+    with open(sweep / "report" / "scaling.csv") as f:
+        rows = {r["point"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == ["nodes=1", "nodes=2", "nodes=4"]
+    for n, row in rows.items():
+        records = [r for e in environments(sweep / n) for r in train_records(sweep / n, e["rank"])]
+        assert row["nodes"] == row["ranks"] == n.split("=")[1]
+        assert min(r["tokens_per_s"] for r in records) <= float(row["tokens_per_s"]) <= max(
+            r["tokens_per_s"] for r in records)
+    assert float(rows["nodes=1"]["efficiency"]) == 1.0
     # what was really submitted is what the golden files say
     for n, golden in (("1", "one_node"), ("4", "four_nodes")):
         submitted = (sweep / "slurm" / f"{jobs[n]}_submission.sh").read_text()
