@@ -1,4 +1,4 @@
-# gptlaunch's front door. `make run` trains the default model on this machine; `make test` runs the tests.
+# gptlaunch's front door. `make run` trains a small sweep on this machine; `make test` runs the tests.
 # Both set everything up first: the virtual environment (torch pinned to the CPU wheel) and the data.
 PYTHON ?= python3
 VENV ?= .venv
@@ -6,6 +6,9 @@ BIN := $(VENV)/bin
 TEXT := data/tinyshakespeare/input.txt
 SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
 ARGS ?=
+# The main command: a small sweep on this machine (1 and 2 ranks of the default model) that trains,
+# checkpoints, and ends in the scaling report and its TensorBoard dashboard.
+RUN_ARGS ?= -m nodes=1,2 strategy=ddp train.max_steps=1000
 
 .PHONY: setup data cluster cluster-down run test clean
 
@@ -26,7 +29,7 @@ $(TEXT):
 	  "karpathy/char-rnn repository on GitHub), or set SHARED_TEXT=/path/to/input.txt" >&2; exit 1; fi
 
 run: setup data
-	$(BIN)/python -m launch $(ARGS)
+	$(BIN)/python -m launch $(RUN_ARGS) $(ARGS)
 
 # A real 4-node Slurm cluster on this machine (network namespaces), for the `slurm` tests. Needs root.
 cluster:
