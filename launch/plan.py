@@ -11,6 +11,7 @@ from gpt.config import ModelConfig
 from gpt.data import DataConfig, check_vocab, ensure_prepared
 from gpt.errors import ConfigError
 from gpt.parallel import strategy_class
+from gpt.stragglers import StragglerConfig
 from gpt.train_config import TrainConfig
 
 
@@ -40,6 +41,10 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     strategy = strategy_class(cfg.strategy.name)
     dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node, train)
     train.micro_batches(dp_size)
+    try:
+        StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
+    except ValueError as e:
+        raise ConfigError("metrics", OmegaConf.to_container(cfg.metrics), str(e)) from None
 
     cfg = cfg.copy()
     cfg.data.text_path = to_absolute_path(cfg.data.text_path)
