@@ -1,15 +1,29 @@
 """Checkpoints: sharded through torch.distributed.checkpoint (every rank writes its part), written atomically
-(a temporary folder renamed once complete), and pruned to the newest `keep`. The trainer only says save or load."""
+(a temporary folder renamed once complete), and pruned to the newest `keep`. The trainer only says save or load.
+
+A checkpoint folder `step_<N>/` holds
+  - the strategy's state (DCP shards `__*.distcp` + `.metadata`; DeepSpeed adds its engine folder),
+  - `ranks/rank<R>.pt`: each rank's own small state (RNG streams of python, numpy, torch and CUDA, the data
+    position, the GradScaler),
+  - `meta.json`, written last: step, tokens seen, the config fingerprint, world size, strategy, and a manifest of
+    every file with its size (a missing or truncated shard is found before anything is loaded).
+It is written as `.tmp-step_<N>/` and renamed once every rank's part is on disk: a crash mid-save leaves the
+previous checkpoint loadable; the partial folder is never loaded and is removed by the next save.
+"""
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import shutil
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
@@ -19,24 +33,41 @@ log = logging.getLogger(__name__)
 # A single process (no process group) saves and loads DCP checkpoints on purpose; DCP warns on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-PREFIX, TMP_PREFIX, META = "step_", ".tmp-step_", "meta.json"
+PREFIX, TMP_PREFIX, META, RANKS = "step_", ".tmp-step_", "meta.json", "ranks"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def _barrier() -> None:
-    if dist.is_available() and dist.is_initialized():
+    if _distributed():
         dist.barrier()
+
+
+def all_ranks_ok(ok: bool) -> bool:
+    """True on every rank when `ok` is True on every rank (a collective)."""
+    if not _distributed():
+        return ok
+    t = torch.tensor([0.0 if ok else 1.0])
+    dist.all_reduce(t)
+    return t.item() == 0
 
 
 def is_complete(path: Path) -> bool:
     """A checkpoint is complete once its meta.json exists: it is written last, after every shard."""
-    return (path / META).is_file() and (path / ".metadata").is_file()
+    return (path / META).is_file() and (path / ".metadata").is_file() and not path.name.startswith(".")
+
+
+def step_of(path: Path) -> int:
+    return int(path.name[len(PREFIX):])
 
 
 def list_checkpoints(root: Path) -> list[Path]:
     """Complete checkpoints, oldest first."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob(f"{PREFIX}*") if is_complete(p)), key=lambda p: int(p.name[len(PREFIX):]))
+    return sorted((p for p in root.glob(f"{PREFIX}*") if is_complete(p)), key=step_of)
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -46,34 +77,163 @@ def read_meta(path: Path) -> dict[str, Any]:
         raise UserError(f"checkpoint {path} is unreadable ({path / META}: {e})") from e
 
 
-class Checkpointer:
-    def __init__(self, root: Path, keep: int = 3, is_main: bool = True):
-        self.root, self.keep, self.is_main = root, keep, is_main
+def manifest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
 
-    def save(self, step: int, strategy, meta: dict[str, Any]) -> Path:
+
+def verify(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (naming the file), or None when every file is there, whole."""
+    if not (path / META).is_file():
+        return f"{path / META} is missing (the save did not finish)"
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / META} is unreadable: {e}"
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"shard {f} is missing"
+        if f.stat().st_size != size:
+            return f"shard {f} has {f.stat().st_size} bytes, {size} were written (truncated or corrupt)"
+    if not (path / ".metadata").is_file():
+        return f"{path / '.metadata'} is missing"
+    return None
+
+
+def check_fingerprint(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint written under a config that trains differently; list every mismatching key."""
+    if saved is None:
+        return
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, this run {current.get(k, '<unset>')!r}"
+             for k in keys if _norm(saved.get(k)) != _norm(current.get(k))]
+    if diffs:
+        raise UserError(f"checkpoint {path} was written by a run with a different config; mismatching keys:\n  "
+                        + "\n  ".join(diffs) + "\nresume with the same settings, resume=none to start over in a "
+                        "new run folder, or point hydra.run.dir at a new folder")
+
+
+def _norm(value: Any) -> Any:
+    return json.loads(json.dumps(value)) if value is not None else None
+
+
+@dataclass
+class Pending:
+    """An asynchronous save in flight: the shards are being written to `tmp` while training goes on."""
+
+    future: Any
+    step: int
+    tmp: Path
+    final: Path
+    meta: dict[str, Any]
+    started: float
+
+
+class Checkpointer:
+    def __init__(self, root: Path, keep: int = 3, is_main: bool = True, rank: int = 0,
+                 async_group: Any = None, async_save: bool = False, before_commit: Callable[[int], None] | None = None):
+        self.root, self.keep, self.is_main, self.rank = root, keep, is_main, rank
+        self.async_save, self.async_group = async_save, async_group
+        self.pending: Pending | None = None
+        self.before_commit = before_commit  # a test hook (debug.save_sleep_s): runs before meta.json is written
+        self.last_blocked_s = 0.0  # how long the last save() held up training
+
+    # --- saving -----------------------------------------------------------------------------------------
+    def save(self, step: int, strategy, meta: dict[str, Any], rank_state: dict[str, Any] | None = None,
+             allow_async: bool = True) -> Path:
+        """Every rank calls it at the same step. Returns the final folder (complete once the save is done)."""
+        start = time.perf_counter()
+        self.wait()  # the previous asynchronous save first
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
+        error = None
         if self.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            except OSError as e:
+                error = e
+        if not all_ranks_ok(error is None):
+            raise UserError(_write_error(tmp if error is None else Path(error.filename or tmp), error,
+                                         "rank 0 could not create the checkpoint folder"))
+        try:
+            if rank_state is not None:
+                (tmp / RANKS).mkdir(exist_ok=True)
+                torch.save(rank_state, tmp / RANKS / f"rank{self.rank}.pt")
+            ok = True
+        except OSError as e:
+            error, ok = e, False
+        if not all_ranks_ok(ok):
+            raise UserError(_write_error(tmp / RANKS, error, "another rank could not write its state"))
+        use_async = allow_async and self.async_save and getattr(strategy, "supports_async_save", False)
+        try:
+            if use_async:
+                future = strategy.save_state(tmp, async_group=self.async_group)
+                self.pending = Pending(future, step, tmp, final, meta, time.perf_counter())
+                self.last_blocked_s = time.perf_counter() - start
+                return final
+            strategy.save_state(tmp)
+        except OSError as e:
+            raise UserError(_write_error(tmp, e, "")) from e
+        except Exception as e:  # DCP gathers every rank's write errors into one exception
+            if "No space left" in str(e) or "Permission denied" in str(e) or "Read-only" in str(e):
+                raise UserError(f"cannot write checkpoint {tmp}: {str(e).strip().splitlines()[-1]}") from e
+            raise
         _barrier()
-        strategy.save_state(tmp)
+        self._commit(step, tmp, final, meta)
         _barrier()
-        if self.is_main:
-            (tmp / META).write_text(json.dumps({"step": step, **meta}, indent=1))
+        self.last_blocked_s = time.perf_counter() - start
+        return final
+
+    def poll_done(self) -> bool:
+        """Whether this rank's part of the asynchronous save is written (True when none is pending)."""
+        return self.pending is None or self.pending.future.done()
+
+    def finish_async(self) -> Path | None:
+        """Every rank's part is written (the trainer agreed on it in the step's all_reduce): commit it."""
+        p, self.pending = self.pending, None
+        if p is None:
+            return None
+        p.future.result()  # raises the write's error, if any
+        self._commit(p.step, p.tmp, p.final, p.meta)
+        log.info("saved checkpoint %s (written in the background in %.2f s)", p.final, time.perf_counter() - p.started)
+        return p.final
+
+    def wait(self) -> Path | None:
+        """Block until the pending asynchronous save is written on every rank, then commit it."""
+        if self.pending is None:
+            return None
+        self.pending.future.result()
+        _barrier()
+        final = self.finish_async()
+        _barrier()
+        return final
+
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+        if not self.is_main:
+            return
+        if self.before_commit is not None:
+            self.before_commit(step)
+        try:
+            files = manifest(tmp)
+            (tmp / META).write_text(json.dumps({"step": step, **meta, "files": files}, indent=1))
             if final.exists():
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            self._prune()
-        _barrier()
-        return final
+        except OSError as e:
+            raise UserError(_write_error(tmp, e, "")) from e
+        self._prune()
 
     def _prune(self) -> None:
         for old in list_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in self.root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
-            shutil.rmtree(partial, ignore_errors=True)
+            if self.pending is None or partial != self.pending.tmp:
+                log.info("removing %s, left incomplete by an earlier attempt", partial)
+                shutil.rmtree(partial, ignore_errors=True)
 
+    # --- loading ----------------------------------------------------------------------------------------
     def latest(self) -> Path | None:
         found = list_checkpoints(self.root)
         return found[-1] if found else None
@@ -82,9 +242,44 @@ class Checkpointer:
         """Load into the strategy's model and optimizer, whatever world size wrote them."""
         if not is_complete(path):
             raise UserError(f"{path} is not a complete checkpoint (no {META} or .metadata)")
+        problem = verify(path)
+        if problem:
+            raise UserError(f"checkpoint {path} is unusable: {problem}")
         meta = read_meta(path)
-        strategy.load_state(path)
+        try:
+            strategy.load_state(path)
+        except UserError:
+            raise
+        except Exception as e:
+            raise UserError(f"checkpoint {path} could not be loaded: {_first_line(e)}") from e
         return meta
+
+    def rank_state(self, path: Path) -> dict[str, Any] | None:
+        f = path / RANKS / f"rank{self.rank}.pt"
+        if not f.is_file():
+            return None
+        try:
+            return torch.load(f, weights_only=False)
+        except Exception as e:
+            raise UserError(f"checkpoint {path}: {f} is unreadable ({_first_line(e)})") from e
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()]
+    # DCP wraps every rank's failure in a CheckpointException whose last lines say what went wrong.
+    interesting = [x for x in lines if "Error" in x or "error" in x]
+    return (interesting[-1] if interesting else lines[-1] if lines else type(e).__name__)[:400]
+
+
+def _write_error(path: Path, e: BaseException | None, fallback: str) -> str:
+    if e is None:
+        return f"cannot write checkpoint {path}: {fallback}"
+    why = {errno.ENOSPC: "the disk is full", errno.EROFS: "the file system is read-only",
+           errno.EACCES: "permission denied (a read-only folder?)",
+           errno.EPERM: "operation not permitted (a read-only or immutable folder?)"}.get(
+        getattr(e, "errno", None), getattr(e, "strerror", None) or str(e))
+    return (f"cannot write checkpoint {getattr(e, 'filename', None) or path}: {why}; point hydra.run.dir at a "
+            "writable folder with room for the checkpoints")
 
 
 def resolve(path: Path) -> Path:

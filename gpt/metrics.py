@@ -40,12 +40,30 @@ def layer_grad_norms(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[st
 class MetricsWriter:
     """Writes `metrics/rank{R}.jsonl` and TensorBoard events under `tensorboard/rank{R}`."""
 
-    def __init__(self, run_dir: Path, rank: int, hostname: str):
+    def __init__(self, run_dir: Path, rank: int, hostname: str, resume_step: int | None = None,
+                 keep_val_at_resume: bool = True):
+        """resume_step: this attempt continues from a checkpoint at that step; records an earlier attempt wrote
+        after it (steps it trained but did not checkpoint) are dropped, here and in TensorBoard (purge_step),
+        so the run reads as one continuous run."""
         self.rank, self.hostname = rank, hostname
         self.start = time.time()
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics" / f"rank{rank}.jsonl", "a", buffering=1)
-        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / f"rank{rank}"))
+        path = run_dir / "metrics" / f"rank{rank}.jsonl"
+        if resume_step is not None and path.exists():
+            keep = []
+            for line in path.read_text().splitlines():
+                try:
+                    r = json.loads(line)
+                except json.JSONDecodeError:  # cut short by a killed attempt
+                    continue
+                step = r.get("step", -1)
+                if step < resume_step or (step == resume_step and r.get("kind") == "val" and keep_val_at_resume):
+                    keep.append(line)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(x + "\n" for x in keep))
+            tmp.replace(path)
+        self.jsonl = open(path, "a", buffering=1)
+        self.tb = SummaryWriter(log_dir=str(run_dir / "tensorboard" / f"rank{rank}"), purge_step=resume_step)
 
     def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
         record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, "time": time.time(),

@@ -267,6 +267,23 @@ class StragglerMonitor:
             (logger.warning if event.kind == "straggler" else logger.info)("%s", event.message())
 
 
+def timed_all_reduce(values: list[float], device: Any = None, group: Any = None) -> tuple[float, list[float]]:
+    """timed_wait that also sums a few small per-rank values (flags) in the same all_reduce: the step's one
+    collective carries the preemption flag and the checkpoint decisions too. Returns (seconds, sums)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return 0.0, list(values)
+    t = torch.tensor(values, dtype=torch.float32, device=device)
+    if t.is_cuda:
+        torch.cuda.synchronize(t.device)
+    start = time.perf_counter()
+    dist.all_reduce(t, group=group)
+    out = t.tolist()  # waits for the result on CUDA too
+    return time.perf_counter() - start, out
+
+
 def timed_wait(device: Any = None, group: Any = None) -> float:
     """Seconds this rank waits for the others at a tiny all_reduce (a barrier that works on gloo and NCCL).
 

@@ -12,18 +12,21 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
-from gpt.checkpoint import Checkpointer
+from gpt import rng
+from gpt.checkpoint import Checkpointer, all_ranks_ok, check_fingerprint, list_checkpoints, read_meta, resolve, verify
 from gpt.config import ModelConfig
 from gpt.data import check_vocab
 from gpt.data.loader import TokenDataset, TrainBatches, ValBatches
 from gpt.distributed import DistEnv, pick_device
+from gpt.errors import ConfigError, UserError
 from gpt.flops import flops_per_token, mfu, param_count, peak_flops
 from gpt.metrics import MetricsWriter, memory_stats
 from gpt.model import GPT
 from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
-from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay, timed_wait
+from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay, timed_all_reduce
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -71,13 +74,34 @@ class Trainer:
         self.flops_per_token = flops_per_token(self.model_cfg, block)
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, self.train.precision)
-        self.metrics = MetricsWriter(run_dir, env.rank, env.hostname)
         self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
                                            host=env.hostname, device=self.device if self.device.type == "cuda" else None)
         self.debug = cfg.get("debug") or {}
-        self.checkpointer = Checkpointer(run_dir / "checkpoints", cfg.checkpoint.keep, env.is_main)
+        self.ckpt = CheckpointConfig.from_cfg(cfg)
+        preemption = cfg.get("preemption") or {}
+        self.flag = (PreemptionFlag.installed(preemption.get("signals", DEFAULT_SIGNALS))
+                     if preemption.get("enabled", True) else None)
+        async_group = None
+        if self.ckpt.async_save and self.strategy.supports_async_save:
+            # async_save on the default group crashes or hangs while training uses it: a gloo group of its own
+            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+            async_group = torch.distributed.new_group(backend="gloo") if distributed else "local"
+        self.checkpointer = Checkpointer(run_dir / "checkpoints", self.ckpt.keep, env.is_main, env.rank,
+                                         async_group=async_group, async_save=self.ckpt.async_save,
+                                         before_commit=self._debug_save_sleep)
         self.step = 0
+        self.first_step = 0
         self.saved_step: int | None = None
+        self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
+        self.stop_signal: str | None = None  # set on every rank once any rank got a preemption signal
+        self.save_due = False  # checkpoint.interval_minutes elapsed (rank 0's clock, agreed in the step's all_reduce)
+        self.last_save_time = time.monotonic()
+        self.resumed_from = self.resume()
+        if self.resumed_from is not None:
+            self.saved_step = self.step
+        self.metrics = MetricsWriter(run_dir, env.rank, env.hostname,
+                                     resume_step=self.step if self.resumed_from is not None else None,
+                                     keep_val_at_resume=not self.eval_pending)
         self.window = Window()
 
     # --- reporting ------------------------------------------------------------------------------------
@@ -130,37 +154,175 @@ class Trainer:
         return values
 
     # --- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self) -> float:
+    def evaluate(self) -> float | None:
+        """The validation loss; None when a preemption signal interrupted it (the resumed run evaluates again)."""
         self.strategy.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val:
+            if self.flag is not None and self.flag.any_rank(self.device if self.device.type == "cuda" else None):
+                self.stop_signal = self.flag.signal_name or "SIGNAL(another rank)"
+                self.eval_pending = True
+                self.strategy.model.train()
+                return None
             total += self.strategy.forward_loss(x, y)
             count += 1
         self.strategy.model.train()
+        self.eval_pending = False
         loss = self.strategy.mean_over_dp(total / max(count, 1)).item()
         self.metrics.write(self.step, {"loss": loss}, kind="val")
         return loss
 
     # --- the loop -------------------------------------------------------------------------------------
+    def fingerprint(self) -> dict[str, Any]:
+        """What must be equal for a checkpoint to continue this run exactly (max_steps may grow if the schedule
+        does not depend on it: set train.decay_steps)."""
+        t = self.train
+        fp: dict[str, Any] = {f"model.{k}": v for k, v in dataclasses.asdict(self.model_cfg).items()}
+        fp.update({"seed": self.cfg.seed, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
+                   "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps,
+                   "train.decay_steps (or max_steps)": t.decay_end, "train.weight_decay": t.weight_decay,
+                   "train.betas": list(t.betas), "train.grad_clip": t.grad_clip, "train.precision": t.precision})
+        return fp
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             "tokens_seen": self.step * self.tokens_per_step,
             "model": dataclasses.asdict(self.model_cfg),
             "data_dir": str(self.cfg.data.dir),
+            "data": {**self.batches.state_dict(), "step": self.step, "samples_seen": self.step * self.train.global_batch_size},
             "world_size": self.env.world_size,
+            "dp_size": self.strategy.dp_size,
             "strategy": self.strategy.name,
+            "fingerprint": self.fingerprint(),
+            "eval_pending": self.eval_pending,
+            "time": time.time(),
         }
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own part of a checkpoint: its RNG streams, data position and grad scaler."""
+        scaler = self.strategy.scaler
+        return {"rank": self.env.rank, "world_size": self.env.world_size, "step": self.step, "rng": rng.capture(),
+                "data": self.batches.state_dict(), "scaler": scaler.state_dict() if scaler is not None else None}
+
+    # --- resuming -------------------------------------------------------------------------------------
+    def resume(self) -> Path | None:
+        """resume=auto: the newest usable checkpoint of this run folder (an unusable one is skipped with a
+        warning); resume=PATH: that checkpoint (or a run folder's newest); resume=none: start over."""
+        mode = self.cfg.get("resume", "auto")
+        if mode is None or str(mode).lower() in ("none", "false", "null"):
+            return None
+        explicit = str(mode).lower() != "auto"
+        candidates = [resolve(Path(str(mode)))] if explicit else list(reversed(list_checkpoints(self.checkpointer.root)))
+        skipped = []
+        for path in candidates:
+            problem = verify(path)
+            if problem is None:
+                meta = read_meta(path)
+                self.check_resumable(path, meta)
+                try:
+                    self.strategy.load_state(path)
+                    ok = True
+                except UserError:
+                    raise
+                except Exception as e:  # a corrupt shard: DCP names it in its message
+                    ok, problem = False, f"loading failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"
+                if all_ranks_ok(ok):
+                    self.restore(path, meta)
+                    if skipped:
+                        log.warning("resumed from %s, older than the unusable newest checkpoint(s): %s", path,
+                                    "; ".join(skipped))
+                    return path
+                problem = problem or "another rank could not load its part"
+            if explicit:
+                raise UserError(f"cannot resume from {path}: {problem}")
+            log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+            skipped.append(f"{path.name}: {problem}")
+        if skipped:
+            raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +
+                            "; remove the broken ones to start over, or resume=none in a new run folder")
+        return None
+
+    def check_resumable(self, path: Path, meta: dict[str, Any]) -> None:
+        check_fingerprint(path, meta.get("fingerprint"), self.fingerprint())
+        written_by, world = meta.get("strategy"), meta.get("world_size")
+        deepspeed = "deepspeed" in (written_by, self.strategy.name)
+        if deepspeed and written_by != self.strategy.name:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by}; DeepSpeed's engine checkpoints "
+                            f"and DCP checkpoints do not load into each other: resume with strategy={written_by}")
+        if deepspeed and world != self.env.world_size:
+            raise UserError(f"checkpoint {path} was written by strategy=deepspeed on {world} ranks and this run has "
+                            f"{self.env.world_size}: DeepSpeed's ZeRO checkpoints cannot be resharded; resume on "
+                            f"{world} ranks (or use a DCP strategy: ddp, fsdp, zero1, pipeline)")
+
+    def restore(self, path: Path, meta: dict[str, Any]) -> None:
+        self.step = self.first_step = int(meta["step"])
+        self.batches.load_state_dict(meta.get("data") or {**self.batches.state_dict(), "step": self.step})
+        self.eval_pending = bool(meta.get("eval_pending", False))
+        state = self.checkpointer.rank_state(path)
+        if state is not None and meta.get("world_size") == self.env.world_size:
+            rng.restore(state["rng"])
+            how = "RNG restored"
+        else:  # another world size: a fresh, reproducible stream per rank
+            rng.reseed(self.cfg.seed, self.step, self.env.rank)
+            how = f"RNG reseeded (written on {meta.get('world_size')} ranks, now {self.env.world_size})"
+        if self.strategy.scaler is not None and state is not None and state.get("scaler"):
+            self.strategy.scaler.load_state_dict(state["scaler"])
+        if self.env.is_main:
+            log.info("resumed from %s at step %d (%s samples seen; %s)", path, self.step,
+                     f"{self.step * self.train.global_batch_size:,}", how)
+
+    # --- agreeing across ranks ------------------------------------------------------------------------
+    def sync(self) -> float:
+        """The step's one small all_reduce: the straggler wait, the OR of the preemption flags, whether every
+        rank's background checkpoint write is done, and rank 0's verdict on checkpoint.interval_minutes."""
+        minutes_due = (self.env.is_main and self.ckpt.interval_minutes is not None
+                       and time.monotonic() - self.last_save_time >= 60 * self.ckpt.interval_minutes)
+        values = [1.0 if self.flag is not None and self.flag.raised else 0.0,
+                  0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0]
+        seconds, (signalled, writing, due) = timed_all_reduce(values, self.device if self.device.type == "cuda" else None)
+        if self.checkpointer.pending is not None and writing == 0:
+            self.checkpointer.finish_async()
+        if signalled and self.stop_signal is None:
+            own = self.flag.signal_name if self.flag is not None else None
+            self.stop_signal = own or "SIGNAL(another rank)"
+        if due:
+            self.save_due = True
+        return seconds
+
+    def _debug_save_sleep(self, step: int) -> None:
+        """debug.save_sleep_s: stall inside a save, before meta.json (to kill a run mid-write in tests)."""
+        delay = float(self.debug.get("save_sleep_s") or 0)
+        at = self.debug.get("save_sleep_step")
+        if delay > 0 and (at is None or int(at) == step):
+            log.info("debug: sleeping %.1f s inside the save of step %d", delay, step)
+            time.sleep(delay)
+
+    def _debug_signal(self) -> None:
+        """debug.signal_at_step / signal_rank / signal_name: a rank signals itself (tests of preemption)."""
+        at = self.debug.get("signal_at_step")
+        steps = [] if at is None else [int(x) for x in at] if not isinstance(at, (int, str)) else [int(at)]
+        # not at the step an attempt resumed from: it would stop again at once, for ever
+        if (self.step in steps and self.step > self.first_step
+                and self.env.rank == int(self.debug.get("signal_rank") or 0)):
+            import os
+            import signal as _signal
+
+            os.kill(os.getpid(), getattr(_signal, str(self.debug.get("signal_name") or "SIGUSR2")))
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t = self.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
         injected_delay(self.env.rank, self.debug.get("delay_rank"), self.debug.get("delay_s", 0.0))
+        self._debug_signal()
         data_start = time.perf_counter()
         micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
         self.window.data_s += time.perf_counter() - data_start
         # A fast rank waits here for a slow one: that is communication time, not its own work.
-        self.window.comm_s += timed_wait(self.device if self.device.type == "cuda" else None)
+        self.window.comm_s += self.sync()
+        if self.stop_signal is not None:  # every rank stops before this step, and saves
+            self.batches.step = self.step
+            return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
                                           layer_norms=log_now and t.layer_grad_norms)
@@ -181,29 +343,80 @@ class Trainer:
             self.metrics.text("banner", "    " + self.banner().replace("\n", "\n    "))
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.env.is_main and t.progress),
                    dynamic_ncols=True, desc="train")
-        summary: dict[str, float] = {}
+        summary: dict[str, Any] = {}
         self.window = Window()
-        while self.step < t.max_steps:
+        if self.eval_pending and t.eval_interval:  # a signal interrupted it before the checkpoint: do it again
+            self.run_eval(summary, bar)
+        while self.step < t.max_steps and self.stop_signal is None:
             values = self.train_step()
+            if self.stop_signal is not None:
+                break
             bar.update(1)
             if values:
                 summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
-                summary["val_loss"] = self.evaluate()
-                if self.env.is_main:
-                    bar.write(f"step {self.step}: val loss {summary['val_loss']:.4f}")
-                self.window.start = time.perf_counter()  # evaluation time is not training time
-            if self.cfg.checkpoint.interval_steps and self.step % self.cfg.checkpoint.interval_steps == 0:
+                if not self.run_eval(summary, bar):
+                    break
+            every = self.ckpt.interval_steps
+            if (every and self.step % every == 0) or self.save_due:
                 self.save()
         bar.close()
-        if self.saved_step != self.step:
-            self.save()
+        if self.stop_signal is not None:
+            log.warning("preemption signal %s: every rank saves at step %d and stops", self.stop_signal, self.step)
+            summary["preempted"] = self.stop_signal
+        if self.saved_step != self.step or self.eval_pending:
+            self.save(allow_async=False)
+        self.checkpointer.wait()
+        summary["first_step"], summary["last_step"] = self.first_step, self.step
         self.metrics.close()
         return summary
 
-    def save(self) -> Path:
-        path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta())
+    def run_eval(self, summary: dict[str, Any], bar) -> bool:
+        loss = self.evaluate()
+        if loss is None:
+            return False
+        summary["val_loss"] = loss
+        if self.env.is_main:
+            bar.write(f"step {self.step}: val loss {loss:.4f}")
+        self.window.start = time.perf_counter()  # evaluation time is not training time
+        return True
+
+    def save(self, allow_async: bool = True) -> Path:
+        path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
+                                      allow_async=allow_async)
         self.saved_step = self.step
-        log.info("saved checkpoint %s", path)
+        self.save_due = False
+        self.last_save_time = time.monotonic()
+        if self.checkpointer.pending is None:
+            log.info("saved checkpoint %s (training blocked %.2f s)", path, self.checkpointer.last_blocked_s)
+        else:
+            log.info("saving checkpoint %s in the background (training blocked %.2f s)", path,
+                     self.checkpointer.last_blocked_s)
+        self.window.start += self.checkpointer.last_blocked_s  # saving is not training time
         return path
+
+
+@dataclass
+class CheckpointConfig:
+    """The `checkpoint` section, checked."""
+
+    interval_steps: int = 500
+    interval_minutes: float | None = None
+    keep: int = 3
+    async_save: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg: DictConfig) -> "CheckpointConfig":
+        c = cfg.get("checkpoint") or {}
+        every, minutes, keep = c.get("interval_steps", 500), c.get("interval_minutes"), c.get("keep", 3)
+        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
+            raise ConfigError("checkpoint.interval_steps", every, "0 (only at the end) or a positive number of steps")
+        if minutes is not None and (not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0):
+            raise ConfigError("checkpoint.interval_minutes", minutes, "a positive number of minutes, or null")
+        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
+            raise ConfigError("checkpoint.keep", keep, "a positive number of checkpoints to keep")
+        flag = c.get("async", False)
+        if not isinstance(flag, bool):
+            raise ConfigError("checkpoint.async", flag, "true or false")
+        return cls(every, minutes, keep, flag)

@@ -12,6 +12,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import UserError
+from gpt.preemption import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
@@ -29,5 +30,8 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         log_file = run_dir / "logs" / f"rank{rank}.log"
+        if failure.exitcode == EXIT_PREEMPTED:
+            raise UserError(f"the run was stopped by a signal and saved a checkpoint in {run_dir / 'checkpoints'}; "
+                            f"run the same command (same hydra.run.dir={run_dir}) to resume") from None
         hint = "a configuration error (see above)" if failure.exitcode == 2 else f"exit code {failure.exitcode}"
         raise UserError(f"rank {rank} failed with {hint}; its log: {log_file}") from None

@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 
+PREEMPTED = 3  # gpt.preemption.EXIT_PREEMPTED (not imported: this module stays free of torch)
+
+
 class RankFailed(RuntimeError):
     """A rank's process failed; the message is what the launcher shows the user."""
 
@@ -34,10 +37,23 @@ class RankTask:
         env = dict(os.environ)
         env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
         child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env)
-        # Slurm's warning signal reaches every process of the step (the child too); submitit's handler in this
-        # process would requeue the job. Until issue 5 makes ranks checkpoint on it, pass it on only.
-        signal.signal(signal.SIGUSR2, lambda *_: child.send_signal(signal.SIGUSR2))
+        # Preemption is the rank's business: on USR2 (Slurm's time-limit warning, `scancel --signal=USR2`) or
+        # TERM (preemption, `scontrol requeue`) every rank sets a flag, all of them save at the same step, and
+        # rank 0 requeues the job. submitit's own USR2 handler here would requeue from rank 0 only, with no
+        # checkpoint, and exit: replaced by passing the signal on (Slurm usually signals the child itself too; a
+        # second signal only sets the flag again). A requeued job reruns this same pickle: the rank resumes from
+        # the newest checkpoint on disk, never from a stale path.
+        def forward(signum, _frame) -> None:
+            if child.poll() is None:
+                child.send_signal(signum)
+
+        for signum in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(signum, forward)
         code = child.wait()
+        if code == PREEMPTED:
+            raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
+                             f"the job was not requeued (see {Path(self.run_dir) / 'attempts.jsonl'}); submit the "
+                             "same command again to resume")
         if code != 0:
             raise RankFailed(describe_failure(rank, host, code, Path(self.run_dir), task_output()))
         summary = Path(self.run_dir) / "summary.json"

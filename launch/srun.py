@@ -85,6 +85,9 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+    if code == 3:  # gpt.preemption.EXIT_PREEMPTED
+        raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "
+                         f"requeued (see {run_dir / 'attempts.jsonl'}); submit the same command to resume")
     if code != 0 and signal.SIGTERM in received:
         raise SrunFailed(f"the job was stopped (SIGTERM: scancel, preemption or the time limit) and srun with it "
                          f"(exit code {code}); rank logs: {run_dir / 'logs'}/rank*.log")

@@ -8,16 +8,17 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight
-from gpt.errors import UserError
-from gpt.runinfo import write_environment
-from launch.environment import detect
+from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag, log_attempt, requeue
+
+from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
+from gpt.errors import UserError  # noqa: E402
+from gpt.runinfo import write_environment  # noqa: E402
+from launch.environment import detect  # noqa: E402
 
 log = logging.getLogger("launch.worker")
 
@@ -45,10 +46,6 @@ def run_rank(run_dir: Path) -> dict:
     cfg = OmegaConf.load(run_dir / "config.yaml")
     write_environment(run_dir, env)
     device = pick_device(cfg.train.device, env)
-    # Until checkpoint-on-signal lands (issue 5), Slurm's warning signal (USR2 before the time limit, sent to
-    # every process of the step) must not kill a rank: its default action would.
-    if signal.getsignal(signal.SIGUSR2) in (signal.SIG_DFL, None):
-        signal.signal(signal.SIGUSR2, lambda *_: log.warning("got SIGUSR2: the job's time limit is near"))
     timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
     rendezvous = init_process_group(env, device, join_timeout_s=timeout)
     if rendezvous is not None:
@@ -59,30 +56,97 @@ def run_rank(run_dir: Path) -> dict:
                 {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
                  "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
                  "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
-    summary = Trainer(cfg, env, run_dir).fit()
+    trainer = Trainer(cfg, env, run_dir)
+    ATTEMPT["first_step"] = trainer.first_step
+    ATTEMPT["trainer"] = trainer
+    summary = trainer.fit()
+    preempted = summary.get("preempted")
+    if preempted:
+        # Every rank has saved (the save ends with a barrier). One rank requeues; Slurm then stops every process
+        # of this attempt (SIGTERM, which only sets the flag now) and starts the job again with the same id.
+        requeued, how = False, "preemption.enabled=false"
+        if env.is_main:
+            max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+            requeued, how = requeue(max_restarts)
+            log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
+                                  "ended": f"preempted:{preempted}", "requeued": requeued, "note": how})
+            (log.warning if not requeued else log.info)("stopped at step %d after %s, checkpoint saved; %s",
+                                                         summary["last_step"], preempted, how)
+        requeued = _from_rank0(requeued)
+        leave()
+        return {**summary, "requeued": requeued}
     leave()
     if env.is_main:  # what a launcher reports as the run's result
+        log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
+                              "ended": "finished"})
         (run_dir / "summary.json").write_text(json.dumps(
             {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
     return summary
 
 
+ATTEMPT: dict = {}  # what main() logs if the attempt fails
+
+
+def _from_rank0(value: bool) -> bool:
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    t = torch.tensor([1.0 if value and dist.get_rank() == 0 else 0.0])
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
+def install_flag(run_dir: Path) -> None:
+    """The preemption handlers, before torch is imported: a signal during start-up sets the flag too."""
+    try:
+        cfg = OmegaConf.load(run_dir / "config.yaml")
+        if not OmegaConf.select(cfg, "preemption.enabled", default=True):
+            return
+        signals = OmegaConf.select(cfg, "preemption.signals", default=list(DEFAULT_SIGNALS))
+    except Exception:  # reported properly once run_rank reads the config
+        signals = list(DEFAULT_SIGNALS)
+    try:
+        PreemptionFlag(signals)
+    except UserError:
+        PreemptionFlag(DEFAULT_SIGNALS)  # the trainer reports the bad key
+
+
 def main() -> None:
     run_dir = Path(sys.argv[1])
+    install_flag(run_dir)
     code = 0
     try:
-        run_rank(run_dir)
+        summary = run_rank(run_dir)
+        if summary.get("preempted") and not summary.get("requeued"):
+            code = EXIT_PREEMPTED
     except UserError as e:
         log.error("%s", e)
         code = 2
-    except BaseException:
+        _log_failure(run_dir, str(e))
+    except BaseException as e:
         log.exception("rank failed")
         code = 1
+        _log_failure(run_dir, f"{type(e).__name__}: {e}")
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
+
+
+def _log_failure(run_dir: Path, message: str) -> None:
+    trainer = ATTEMPT.get("trainer")
+    rank = trainer.env.rank if trainer is not None else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    if rank != 0:
+        return
+    try:
+        log_attempt(run_dir, {"first_step": ATTEMPT.get("first_step"),
+                              "last_step": trainer.step if trainer is not None else None,
+                              "ended": f"failed: {message.splitlines()[0][:300] if message else ''}"})
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

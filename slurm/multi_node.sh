@@ -22,7 +22,8 @@
 ##SBATCH --partition=gpu
 ##SBATCH --account=my_account
 #   Preemption: Slurm may requeue the job, and warns the batch shell 120 s before the time limit (the warning
-#   can come up to 30 s early). The script passes the warning on to every rank.
+#   can come up to 30 s early). The script passes the warning on to every rank; the ranks save a checkpoint and
+#   requeue the job, which (same job id, same run folder) resumes from it.
 #SBATCH --requeue
 #SBATCH --signal=B:USR2@120
 #   A requeued job appends to its log instead of overwriting it. (%x: job name, %j: job id; the log goes to the

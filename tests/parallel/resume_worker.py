@@ -1,7 +1,9 @@
-"""One rank of the resume test (started by torch.distributed.run): for each strategy, train 20 steps with a
-checkpoint at step 10, then a fresh trainer loads that checkpoint through the strategy and trains steps 10-19 again.
+"""One rank of the resume test (started by torch.distributed.run): for each strategy, train 20 steps without
+interruption; then the same run again in another folder, stopped by a preemption signal that ONE rank (rank 1)
+sends itself before step 7 (every rank must stop and save at step 7), and resumed by a fresh trainer with
+resume=auto in that folder, which trains steps 7-19. The test compares the two folders' losses bitwise.
 
-    python -m torch.distributed.run --nproc-per-node 2 resume_worker.py OUT_DIR DATA_DIR STRATEGY_OVERRIDES_JSON
+    python -m torch.distributed.run --nproc-per-node 2 resume_worker.py OUT_DIR DATA_DIR CASES_JSON COMMON_JSON
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from gpt.distributed import init_process_group, leave, pick_device  # noqa: E402
+from gpt.preemption import PreemptionFlag  # noqa: E402
 from gpt.trainer import Trainer  # noqa: E402
 from launch.environment import detect  # noqa: E402
+
+STOP_AT = 7
 
 
 def main() -> None:
@@ -26,15 +31,18 @@ def main() -> None:
     env = detect()
     device = pick_device("cpu", env)
     init_process_group(env, device)
+    flag = PreemptionFlag()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for name, overrides in cases.items():
-            cfg = compose("config", overrides=[*common, *overrides, f"data.dir={data_dir}", "train.device=cpu",
-                                               "checkpoint.interval_steps=10"])
-            full = Trainer(cfg, env, out / name / "full")
-            full.fit()
-            resumed = Trainer(cfg, env, out / name / "resumed")
-            resumed.checkpointer.load(out / name / "full" / "checkpoints" / "step_00000010", resumed.strategy)
-            resumed.step = 10
+            base = [*common, *overrides, f"data.dir={data_dir}", "train.device=cpu", "checkpoint.interval_steps=5"]
+            Trainer(compose("config", overrides=base), env, out / name / "full").fit()
+            stopped = compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}", "debug.signal_rank=1"])
+            summary = Trainer(stopped, env, out / name / "stopped").fit()
+            assert summary.get("preempted") == ("SIGUSR2" if env.rank == 1 else "SIGNAL(another rank)"), summary
+            assert summary["last_step"] == STOP_AT, summary
+            flag.received = None
+            resumed = Trainer(compose("config", overrides=base), env, out / name / "stopped")
+            assert resumed.step == STOP_AT, resumed.step
             resumed.fit()
     leave()
     sys.stdout.flush()

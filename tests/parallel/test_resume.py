@@ -1,5 +1,8 @@
-"""Each strategy's save_state/load_state round trip: a fresh trainer that loads the step-10 checkpoint trains
-steps 10-19 with the losses of the uninterrupted run (model, optimizer state and, for DeepSpeed, its engine)."""
+"""Exact resume for every strategy: a run stopped by a preemption signal at step 7 (sent to one rank only; every
+rank stops and saves) and resumed with resume=auto repeats the uninterrupted run's losses bitwise (CPU, fp32):
+model, optimizer, RNG streams and data position all come back. Also: resume on another world size (DCP reshards,
+the data continues by global sample index), and DeepSpeed refusing to.
+"""
 from __future__ import annotations
 
 import json
@@ -10,15 +13,18 @@ from pathlib import Path
 
 import pytest
 
-from conftest import losses
+from conftest import launch, losses, read_metrics
 from strategy_runs import COMMON, run
 
 CASES = {
+    "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
     "zero1": ["strategy=zero1"],
     "deepspeed_zero3": ["strategy=deepspeed", "strategy.stage=3"],
     "pipeline_1f1b": ["strategy=pipeline", "strategy.schedule=1f1b"],  # the tied head lives on stage 1
 }
+RESUME_COMMON = [o for o in COMMON if not o.startswith(("checkpoint.", "train.eval_interval"))] + [
+    "train.progress=false", "train.eval_interval=0"]
 
 
 @pytest.fixture(scope="module")
@@ -26,10 +32,9 @@ def resumed(tmp_path_factory, data_overrides) -> Path:
     run("single", tmp_path_factory, data_overrides)  # prepares the data
     data_dir = next(o.split("=", 1)[1] for o in data_overrides if o.startswith("data.dir="))
     out = tmp_path_factory.mktemp("resume")
-    common = [o for o in COMMON if not o.startswith("checkpoint.")] + ["train.progress=false"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
            str(Path(__file__).with_name("resume_worker.py")), str(out), data_dir, json.dumps(CASES),
-           json.dumps(common)]
+           json.dumps(RESUME_COMMON)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-6000:]
@@ -37,7 +42,45 @@ def resumed(tmp_path_factory, data_overrides) -> Path:
 
 
 @pytest.mark.parametrize("name", CASES)
-def test_resumed_run_repeats_the_uninterrupted_losses(name, resumed):
-    full, again = losses(resumed / name / "full"), losses(resumed / name / "resumed")
-    assert len(full) == 20 and len(again) == 10
-    assert again == pytest.approx(full[10:], rel=1e-6, abs=0)
+def test_resumed_run_repeats_the_uninterrupted_losses_bitwise(name, resumed):
+    full, again = losses(resumed / name / "full"), losses(resumed / name / "stopped")
+    assert len(full) == 20
+    assert again == full  # bitwise: the stopped run's records after step 7 were dropped, then written again
+    steps = [r["step"] for r in read_metrics(resumed / name / "stopped")]
+    assert steps == list(range(20))
+
+
+def test_single_process_stopped_by_a_signal_resumes_bitwise_with_the_same_command(tmp_path, data_overrides):
+    args = [*RESUME_COMMON, *data_overrides, "checkpoint.interval_steps=5"]
+    full = tmp_path / "full"
+    launch(*args, run_dir=full)
+    stopped = tmp_path / "stopped"
+    proc = launch(*args, "debug.signal_at_step=7", "debug.signal_name=SIGTERM", run_dir=stopped, check=False)
+    assert proc.returncode != 0 and "run the same command" in proc.stderr, proc.stderr[-3000:]
+    launch(*args, run_dir=stopped)  # the same command again (without the test's self-signal)
+    assert losses(stopped) == losses(full)
+    attempts = [json.loads(x) for x in (stopped / "attempts.jsonl").read_text().splitlines()]
+    assert [(a["first_step"], a["last_step"], a["ended"]) for a in attempts] == [
+        (0, 7, "preempted:SIGTERM"), (7, 20, "finished")]
+
+
+def test_resume_on_another_world_size_reshards_and_continues_by_sample(tmp_path, data_overrides):
+    """DDP on 2 ranks to step 10, then ONE process resumes it: DCP reshards model and optimizer, and the same
+    global batch means the same samples from step 10 on, so the losses follow a one-process run's."""
+    args = [*RESUME_COMMON, *data_overrides, "train.decay_steps=20", "checkpoint.interval_steps=0"]
+    launch(*args, "train.max_steps=10", "strategy=ddp", "nodes=2", run_dir=tmp_path / "two")
+    launch(*args, f"resume={tmp_path / 'two'}", run_dir=tmp_path / "one")
+    launch(*args, run_dir=tmp_path / "baseline")
+    one, baseline = losses(tmp_path / "one"), losses(tmp_path / "baseline")
+    assert [r["step"] for r in read_metrics(tmp_path / "one")] == list(range(10, 20))
+    assert one == pytest.approx(baseline[10:], rel=1e-5)  # 2-rank vs 1-rank reduction order: not bitwise
+
+
+def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
+    args = [*COMMON, *data_overrides, "strategy=deepspeed", "strategy.stage=2", "train.max_steps=3",
+            "train.decay_steps=20", "checkpoint.interval_steps=0"]
+    launch(*args, "cluster.tasks_per_node=2", run_dir=tmp_path / "two")
+    proc = launch(*args, "train.max_steps=4", "cluster.tasks_per_node=1",
+                  f"resume={tmp_path / 'two'}", run_dir=tmp_path / "one", check=False)
+    assert proc.returncode != 0
+    assert "cannot be resharded" in proc.stderr, proc.stderr[-3000:]

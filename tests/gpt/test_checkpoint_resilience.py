@@ -1,0 +1,144 @@
+"""Checkpoints under bad conditions, in one process: a kill -9 in the middle of a save, a corrupt or missing shard,
+a checkpoint of another model config, a read-only folder; also retention, time-based and asynchronous saves."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import REPO, SHAKESPEARE, launch, losses
+from gpt.checkpoint import list_checkpoints
+from gpt.distributed import DistEnv
+from gpt.errors import UserError
+from gpt.trainer import Trainer
+from launch.plan import make_plan
+
+BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
+        "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}", "checkpoint.interval_steps=4"]
+
+
+@pytest.fixture
+def trainer(tmp_path_factory):
+    prepared = tmp_path_factory.getbasetemp() / "resilience-data"
+
+    def make(run_dir: Path, *overrides: str) -> Trainer:
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
+        make_plan(cfg, run_dir)
+        return Trainer(OmegaConf.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+
+    return make
+
+
+@pytest.fixture
+def full(trainer, tmp_path) -> Path:
+    run_dir = tmp_path / "full"
+    trainer(run_dir).fit()
+    return run_dir
+
+
+def test_retention_keeps_the_newest_k_and_each_holds_every_part(full):
+    found = list_checkpoints(full / "checkpoints")
+    assert [p.name for p in found] == ["step_00000004", "step_00000008", "step_00000012"]
+    meta = json.loads((found[-1] / "meta.json").read_text())
+    assert meta["step"] == 12 and meta["tokens_seen"] == 12 * meta["data"]["global_batch_size"] * 64
+    assert "model.n_layer" in meta["fingerprint"] and (found[-1] / "ranks" / "rank0.pt").is_file()
+    assert all(size > 0 for size in meta["files"].values())
+
+
+def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(trainer, full, tmp_path, caplog):
+    run_dir = tmp_path / "copy"
+    shutil.copytree(full, run_dir)
+    newest = run_dir / "checkpoints" / "step_00000012"
+    shard = next(newest.glob("*.distcp"))
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    t = trainer(run_dir, "train.max_steps=16", "train.decay_steps=12")
+    assert t.step == 8
+    assert f"shard {shard} has 100 bytes" in caplog.text and "falling back" in caplog.text
+    # an explicit resume=PATH does not fall back: it names the file
+    with pytest.raises(UserError, match=f"cannot resume from {newest}: shard {shard}"):
+        trainer(tmp_path / "explicit", f"resume={newest}")
+    # a missing shard too
+    (run_dir / "checkpoints" / "step_00000008" / shard.name).unlink()
+    t = trainer(run_dir, "train.max_steps=16", "train.decay_steps=12")
+    assert t.step == 4 and "is missing" in caplog.text
+
+
+def test_a_checkpoint_of_another_model_config_lists_the_mismatching_keys(trainer, full):
+    with pytest.raises(UserError) as e:
+        trainer(full, "model.n_layer=3", "train.lr=1e-3")
+    text = str(e.value)
+    assert "model.n_layer: checkpoint 2, this run 3" in text or "model.n_layer: checkpoint" in text
+    assert "train.lr: checkpoint 0.003, this run 0.001" in text and "model.n_embd" not in text
+
+
+def test_read_only_checkpoint_folder_is_a_clear_error_naming_it(trainer, tmp_path):
+    run_dir = tmp_path / "ro"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    folder = run_dir / "checkpoints"
+    if os.geteuid() == 0:  # root ignores permission bits: make the folder immutable instead
+        if subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode != 0:
+            pytest.skip("chattr +i is not available here")
+    else:
+        folder.chmod(0o555)
+    try:
+        t = trainer(run_dir, "train.max_steps=2", "checkpoint.interval_steps=0")
+        with pytest.raises(UserError, match=rf"cannot write checkpoint {folder}/\.tmp-step_00000002: "):
+            t.fit()
+    finally:
+        subprocess.run(["chattr", "-i", str(folder)], capture_output=True)
+        folder.chmod(0o755)
+
+
+def test_resume_none_starts_over_and_a_config_typo_is_named(trainer, full):
+    assert trainer(full, "resume=none").step == 0
+    from gpt.errors import ConfigError
+    with pytest.raises(ConfigError, match="checkpoint.keep"):
+        trainer(full, "checkpoint.keep=0")
+
+
+def test_async_and_time_based_saves_match_sync_bitwise(trainer, full, tmp_path):
+    run_dir = tmp_path / "async"
+    t = trainer(run_dir, "checkpoint.async=true", "checkpoint.interval_minutes=0.0001")
+    t.fit()
+    assert losses(run_dir) == losses(full)
+    steps = [int(p.name[5:]) for p in list_checkpoints(run_dir / "checkpoints")]
+    assert steps[-1] == 12 and len(steps) == 3  # every step was due by the clock; the newest 3 are kept
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+    resumed = trainer(run_dir, "train.max_steps=12")
+    assert resumed.step == 12
+
+
+def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_command_resumes(
+        tmp_path, data_overrides):
+    args = [*BASE[:-1], *data_overrides, "checkpoint.interval_steps=4"]
+    reference = tmp_path / "reference"
+    launch(*args, run_dir=reference)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", f"hydra.run.dir={run_dir}", *args, "debug.save_sleep_s=60",
+           "debug.save_sleep_step=8"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    partial = run_dir / "checkpoints" / ".tmp-step_00000008"
+    deadline = time.monotonic() + 120
+    try:
+        while not (partial / ".metadata").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "the run never reached its step-8 save"
+            time.sleep(0.1)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # this test's own launcher and its rank
+        proc.wait()
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004"]
+    launch(*args, run_dir=run_dir)  # the same command
+    assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
+    assert not partial.exists()
+    assert losses(run_dir) == losses(reference)
