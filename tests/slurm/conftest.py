@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -105,7 +106,9 @@ def slurm_cluster() -> SlurmCluster:
     conf = Path(os.environ.get("GPTLAUNCH_CLUSTER_DIR") or REPO / "slurm" / ".cluster") / "slurm.conf"
     env = dict(os.environ)
     env["SLURM_CONF"] = str(conf)
-    env["PATH"] = f"{SLURM_BIN}:{env.get('PATH', '/usr/bin:/bin')}"
+    # As for a user who activated the venv before sbatch: jobs inherit PATH, and slurm/multi_node.sh runs `python`.
+    venv_bin = Path(sys.executable).parent
+    env["PATH"] = f"{SLURM_BIN}:{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}"
     # A test run inside a Slurm job must not leak that job's variables into the jobs it submits.
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         del env[key]
