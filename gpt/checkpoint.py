@@ -234,10 +234,6 @@ class Checkpointer:
                 shutil.rmtree(partial, ignore_errors=True)
 
     # --- loading ----------------------------------------------------------------------------------------
-    def latest(self) -> Path | None:
-        found = list_checkpoints(self.root)
-        return found[-1] if found else None
-
     def load(self, path: Path, strategy) -> dict[str, Any]:
         """Load into the strategy's model and optimizer, whatever world size wrote them."""
         if not is_complete(path):

@@ -44,7 +44,6 @@ class PreemptionFlag:
     def __init__(self, signals: Iterable[Any] = DEFAULT_SIGNALS):
         self.signals = parse_signals(signals)
         self.received: int | None = None
-        self.received_at: float | None = None
         for signum in self.signals:
             signal.signal(signum, self._handle)
         PreemptionFlag._installed = self
@@ -67,7 +66,7 @@ class PreemptionFlag:
     def _handle(self, signum: int, frame) -> None:
         # Nothing else here: a handler may run in the middle of a collective or a checkpoint write.
         if self.received is None:
-            self.received, self.received_at = signum, time.time()
+            self.received = signum
 
     @property
     def raised(self) -> bool:

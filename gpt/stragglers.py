@@ -150,9 +150,6 @@ class WindowSummary:
             out[f"stragglers/top{i + 1}_lag_pct"] = r.ema_lag_pct
         return out
 
-    def describe_top(self) -> str:
-        return ", ".join(f"rank {r.rank}@{r.host} {r.busy_s * 1e3:.1f} ms ({r.lag_pct:+.0f}%)" for r in self.top)
-
 
 class StragglerDetector:
     """The pure rule: feed one window of per-rank figures at a time."""
@@ -268,8 +265,11 @@ class StragglerMonitor:
 
 
 def timed_all_reduce(values: list[float], device: Any = None, group: Any = None) -> tuple[float, list[float]]:
-    """timed_wait that also sums a few small per-rank values (flags) in the same all_reduce: the step's one
-    collective carries the preemption flag and the checkpoint decisions too. Returns (seconds, sums)."""
+    """Seconds this rank waits for the others at a tiny all_reduce, which also sums a few per-rank values (flags):
+    the step's one collective carries the preemption flag and the checkpoint decisions too. Returns (seconds, sums).
+
+    Place it where a rank's own work ends and the collective work begins, so that the time a fast rank spends
+    waiting for a slow one is counted as its `comm_s`, not as its own."""
     import torch
     import torch.distributed as dist
 
@@ -282,26 +282,6 @@ def timed_all_reduce(values: list[float], device: Any = None, group: Any = None)
     dist.all_reduce(t, group=group)
     out = t.tolist()  # waits for the result on CUDA too
     return time.perf_counter() - start, out
-
-
-def timed_wait(device: Any = None, group: Any = None) -> float:
-    """Seconds this rank waits for the others at a tiny all_reduce (a barrier that works on gloo and NCCL).
-
-    Place it where a rank's own work ends and the collective work begins, so that the time a fast rank spends
-    waiting for a slow one is counted as its `comm_s`, not as its own."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return 0.0
-    t = torch.zeros(1, device=device)
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
-    start = time.perf_counter()
-    dist.all_reduce(t, group=group)
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
-    return time.perf_counter() - start
 
 
 def injected_delay(rank: int, delay_rank: int | None, delay_s: float) -> float:
