@@ -25,6 +25,21 @@ def git_commit(repo: Path) -> str | None:
         return None
 
 
+def machine_id() -> str | None:
+    """The running kernel's boot id: equal for every "node" that is really a namespace of one machine."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return None
+
+
+def cpu_affinity() -> list[int]:
+    try:
+        return sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return list(range(os.cpu_count() or 1))
+
+
 def environment(env: DistEnv) -> dict:
     versions = {}
     for name in PACKAGES:
@@ -41,6 +56,10 @@ def environment(env: DistEnv) -> dict:
         "host": env.hostname,
         "master": f"{env.master_addr}:{env.master_port}",
         "pid": os.getpid(),
+        "machine_id": machine_id(),
+        "cpu_count": os.cpu_count(),
+        "cpu_affinity": cpu_affinity(),
+        "threads": torch.get_num_threads(),
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "packages": versions,
@@ -51,7 +70,18 @@ def environment(env: DistEnv) -> dict:
     }
 
 
-def write_environment(run_dir: Path, env: DistEnv) -> None:
+def write_environment(run_dir: Path, env: DistEnv, extra: dict | None = None) -> None:
     folder = run_dir / "environment"
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"rank{env.rank}.json").write_text(json.dumps(environment(env), indent=1))
+    (folder / f"rank{env.rank}.json").write_text(json.dumps({**environment(env), **(extra or {})}, indent=1))
+
+
+def cpu_list(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5', as taskset and Slurm write it."""
+    runs: list[list[int]] = []
+    for c in cpus:
+        if runs and c == runs[-1][1] + 1:
+            runs[-1][1] = c
+        else:
+            runs.append([c, c])
+    return ",".join(f"{a}-{b}" if b > a else str(a) for a, b in runs)

@@ -26,6 +26,7 @@ from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from gpt.runinfo import cpu_affinity, cpu_list
 from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay, timed_all_reduce
 from gpt.train_config import TrainConfig
 
@@ -116,7 +117,8 @@ class Trainer:
             f"model        {self.model_cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
             f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), {self.flops_per_token / 1e6:.1f} MFLOPs/token",
             f"strategy     {self.strategy.describe()} on {world} rank(s), {self.env.num_nodes} node(s)",
-            f"device       {self.device} ({self.train.precision})",
+            f"device       {self.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
+            f"rank on CPUs {cpu_list(cpu_affinity())}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
             f"tokens/step; {self.micro_batch} per rank x {self.n_micro} micro-steps",
             f"at 50% MFU   {at_half}",

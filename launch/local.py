@@ -3,7 +3,6 @@ per-rank entry point (launch.worker) that srun starts on a cluster."""
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import uuid
 from pathlib import Path
@@ -13,20 +12,23 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import UserError
 from gpt.preemption import EXIT_PREEMPTED
+from launch.threads import ThreadPlan
 
 log = logging.getLogger(__name__)
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     world = nodes * tasks_per_node
-    # Ranks share this machine's cores; more threads than cores per rank only slows everyone down.
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world)))
-    os.environ["GPTLAUNCH_TASKS_PER_NODE"] = str(tasks_per_node)
+    # Every rank shares this machine's CPUs. The ranks get their settings in their own environment (through
+    # env(1): the elastic agent copies this process's environment, which must stay as the user left it, so that
+    # nothing carries over from one sweep point to the next).
+    rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, max_restarts=0,
                           start_method="spawn", monitor_interval=0.1)
+    args = [f"{k}={v}" for k, v in rank_env.items()] + [sys.executable, "-m", "launch.worker", str(run_dir)]
     try:
-        elastic_launch(config, sys.executable)("-m", "launch.worker", str(run_dir))
+        elastic_launch(config, "env")(*args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
         log_file = run_dir / "logs" / f"rank{rank}.log"

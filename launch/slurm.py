@@ -128,8 +128,7 @@ class SlurmResources:
             "job_name": job_name, "time": self.time_min, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node,
             "cpus_per_task": self.cpus_per_task, "signal_delay_s": self.signal_delay_s, "wckey": None,
             "srun_args": list(SRUN_ARGS), "additional_parameters": extra,
-            # each rank's threads: one per CPU it was given
-            "setup": [f"export OMP_NUM_THREADS={self.cpus_per_task}", *self.setup],
+            "setup": list(self.setup),  # each task sets its rank's threads from its -c (launch.threads)
         }
         optional = {"gpus_per_node": self.gpus_per_node or None, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}

@@ -19,6 +19,8 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from launch.threads import ThreadPlan
+
 
 PREEMPTED = 3  # gpt.preemption.EXIT_PREEMPTED (not imported: this module stays free of torch)
 
@@ -34,8 +36,7 @@ class RankTask:
     def __call__(self) -> dict:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         host = socket.gethostname()
-        env = dict(os.environ)
-        env.setdefault("OMP_NUM_THREADS", os.environ.get("SLURM_CPUS_PER_TASK", "1"))
+        env = {**os.environ, **ThreadPlan.from_env().env()}  # decided here, per job: -c, or CPUs / tasks
         child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env)
         # Preemption is the rank's business: on USR2 (Slurm's time-limit warning, `scancel --signal=USR2`) or
         # TERM (preemption, `scontrol requeue`) every rank sets a flag, all of them save at the same step, and

@@ -13,6 +13,7 @@ from pathlib import Path
 from omegaconf import DictConfig, open_dict
 
 from gpt.errors import ConfigError, UserError
+from launch.threads import ThreadPlan
 
 
 def _int(env: dict[str, str], *keys: str) -> int | None:
@@ -69,8 +70,8 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
         cmd.append(f"--cpus-per-task={cpus}")
-    env = dict(os.environ)
-    env.setdefault("OMP_NUM_THREADS", cpus or "1")
+    threads = ThreadPlan.decide(ranks_on_host=tasks_per_node, cpus_per_task=int(cpus) if cpus else None)
+    env = {**os.environ, **threads.env()}
     child = subprocess.Popen([*cmd, sys.executable, "-m", "launch.worker", str(run_dir)], env=env)
     # The batch script forwards Slurm's warning and stop signals here; srun passes them on to every rank.
     received: list[int] = []

@@ -19,6 +19,7 @@ from gpt.distributed import DistEnv, init_process_group, leave, pick_device, pre
 from gpt.errors import UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from launch.environment import detect  # noqa: E402
+from launch.threads import ThreadPlan  # noqa: E402
 
 log = logging.getLogger("launch.worker")
 
@@ -44,7 +45,9 @@ def run_rank(run_dir: Path) -> dict:
     env = detect()
     setup_logging(run_dir, env)
     cfg = OmegaConf.load(run_dir / "config.yaml")
-    write_environment(run_dir, env)
+    threads = apply_threads(env)
+    write_environment(run_dir, env, {"threads": threads.threads, "threads_source": threads.source,
+                                     "ranks_on_host": threads.ranks_on_host})
     device = pick_device(cfg.train.device, env)
     timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
     rendezvous = init_process_group(env, device, join_timeout_s=timeout)
@@ -85,6 +88,19 @@ def run_rank(run_dir: Path) -> dict:
 
 
 ATTEMPT: dict = {}  # what main() logs if the attempt fails
+
+
+def apply_threads(env: DistEnv) -> ThreadPlan:
+    """The thread count the launcher chose for this rank, applied here (OMP_NUM_THREADS alone does not reach
+    every pool), and said once per host when the ranks there ask for more threads than it has CPUs."""
+    import torch
+
+    plan = ThreadPlan.from_env()
+    torch.set_num_threads(plan.threads)
+    warning = plan.oversubscribed()
+    if warning and env.local_rank == 0:
+        log.warning("%s", warning)
+    return plan
 
 
 def _from_rank0(value: bool) -> bool:

@@ -31,7 +31,8 @@ CASES = {
 def check_golden(name: str, script: str) -> None:
     path = GOLDEN / f"{name}.sh"
     if os.environ.get("GPTLAUNCH_UPDATE_GOLDEN"):
-        path.write_text(script)
+        path.write_text(script)  # then fail, so that an update switch left on can never pass a run
+        pytest.fail(f"wrote {path}: review the diff, then run again without GPTLAUNCH_UPDATE_GOLDEN")
     assert path.exists(), f"no golden file {path}: run with GPTLAUNCH_UPDATE_GOLDEN=1 to write it"
     assert script == path.read_text(), f"the sbatch script for {name} changed; diff it against {path}"
 

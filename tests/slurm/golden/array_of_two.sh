@@ -14,7 +14,6 @@
 #SBATCH --time=30
 
 # setup
-export OMP_NUM_THREADS=1
 
 # command
 export SUBMITIT_EXECUTOR=slurm

@@ -20,7 +20,6 @@
 #SBATCH --time=720
 
 # setup
-export OMP_NUM_THREADS=12
 module load cuda/12.4
 source ~/venv/bin/activate
 

@@ -13,7 +13,6 @@
 #SBATCH --time=10
 
 # setup
-export OMP_NUM_THREADS=1
 
 # command
 export SUBMITIT_EXECUTOR=slurm

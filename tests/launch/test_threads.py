@@ -1,0 +1,52 @@
+"""Each rank's CPU threads: decided per sweep point, passed in the rank's own environment, recorded."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import launch
+from launch.threads import ThreadPlan, usable_cpus
+
+QUICK = ["model=tiny", "strategy=ddp", "train.max_steps=4", "train.log_interval=2", "train.eval_interval=0",
+         "checkpoint.interval_steps=0"]
+
+
+def recorded(point) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((point / "environment").glob("rank*.json"))]
+
+
+@pytest.mark.parametrize("order", ["1,2", "2,1"])
+def test_each_sweep_point_gets_its_own_thread_count(order, tmp_path, data_overrides, monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    launch(f"nodes={order}", *QUICK, *data_overrides, run_dir=tmp_path, multirun=True)
+    cpus = usable_cpus()
+    one, two = recorded(tmp_path / "nodes=1"), recorded(tmp_path / "nodes=2")
+    assert [r["threads"] for r in one] == [cpus]
+    assert [r["threads"] for r in two] == [max(1, cpus // 2)] * 2
+    for r in one + two:
+        assert r["cpu_affinity"] and r["machine_id"] and r["threads_source"].endswith("rank(s)")
+    assert "CPU thread(s) per rank" in (tmp_path / "nodes=2" / "logs" / "rank0.log").read_text()
+
+
+def test_the_users_omp_num_threads_is_respected_and_oversubscription_warned(tmp_path, data_overrides):
+    cpus = usable_cpus()
+    proc = launch("cluster.nodes=2", *QUICK, *data_overrides, run_dir=tmp_path, env={"OMP_NUM_THREADS": str(cpus)})
+    ranks = recorded(tmp_path)
+    assert [r["threads"] for r in ranks] == [cpus, cpus]
+    assert all("(yours)" in r["threads_source"] for r in ranks)
+    assert f"2 rank(s) x {cpus} thread(s)" in proc.stderr
+
+
+def test_plan_rules():
+    assert ThreadPlan.decide(2, environ={}, cpus=8).threads == 4
+    assert ThreadPlan.decide(3, environ={}, cpus=2).threads == 1
+    assert ThreadPlan.decide(4, cpus_per_task=6, environ={}, cpus=64).threads == 6
+    assert ThreadPlan.decide(4, cpus_per_task=6, environ={"OMP_NUM_THREADS": "2"}).threads == 2
+    assert ThreadPlan.decide(2, environ={"OMP_NUM_THREADS": "junk"}, cpus=8).threads == 4
+    plan = ThreadPlan.decide(2, environ={}, cpus=8)
+    assert ThreadPlan.from_env(plan.env()) == plan  # what the rank reads is what the launcher decided
+    slurm = ThreadPlan.from_env({"SLURM_CPUS_PER_TASK": "3", "SLURM_TASKS_PER_NODE": "4(x2)"})
+    assert (slurm.threads, slurm.ranks_on_host) == (3, 4)
+    assert ThreadPlan(4, "x", 2).oversubscribed(cpus=8) is None
+    assert "2 rank(s) x 4 thread(s) = 8 threads on 4 CPU(s)" in ThreadPlan(4, "x", 2).oversubscribed(cpus=4)
