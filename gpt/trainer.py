@@ -58,11 +58,14 @@ class Trainer:
         data_dir = Path(cfg.data.dir)
         self.model_cfg = model_config(cfg, data_dir)
 
+        self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
+        clock = time.perf_counter()
         torch.manual_seed(cfg.seed)  # the same initial weights on every rank
         self.strategy = build_strategy(cfg.strategy, env, self.device, self.train.precision)
         self.strategy.setup(GPT(self.model_cfg), self.train.lr, self.train.weight_decay, tuple(self.train.betas))
         if self.train.compile:
             self.strategy.model = torch.compile(self.strategy.model)
+        self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
         self.micro_batch, self.n_micro = self.train.micro_batches(self.strategy.dp_size)
         block = self.model_cfg.block_size
@@ -70,6 +73,7 @@ class Trainer:
                                     self.micro_batch, self.strategy.dp_rank, self.strategy.dp_size, self.device)
         self.val = ValBatches(TokenDataset(data_dir, "val"), cfg.seed, block, self.micro_batch * self.strategy.dp_size,
                               self.train.eval_batches, self.strategy.dp_rank, self.strategy.dp_size, self.device)
+        self.startup["data_s"] = time.perf_counter() - clock
 
         self.tokens_per_step = self.train.global_batch_size * block
         self.flops_per_token = flops_per_token(self.model_cfg, block)
@@ -97,7 +101,9 @@ class Trainer:
         self.stop_signal: str | None = None  # set on every rank once any rank got a preemption signal
         self.save_due = False  # checkpoint.interval_minutes elapsed (rank 0's clock, agreed in the step's all_reduce)
         self.last_save_time = time.monotonic()
+        clock = time.perf_counter()
         self.resumed_from = self.resume()
+        self.startup["checkpoint_load_s"] = time.perf_counter() - clock
         if self.resumed_from is not None:
             self.saved_step = self.step
         self.metrics = MetricsWriter(run_dir, env.rank, env.hostname,
@@ -349,8 +355,11 @@ class Trainer:
         self.window = Window()
         if self.eval_pending and t.eval_interval:  # a signal interrupted it before the checkpoint: do it again
             self.run_eval(summary, bar)
+        started = time.perf_counter()
         while self.step < t.max_steps and self.stop_signal is None:
             values = self.train_step()
+            if "first_step_s" not in self.startup:
+                self.startup.update(first_step_s=time.perf_counter() - started, first_step_at=time.time())
             if self.stop_signal is not None:
                 break
             bar.update(1)

@@ -12,6 +12,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import UserError
 from gpt.preemption import EXIT_PREEMPTED
+from launch.startup import attempt_start_env
 from launch.threads import ThreadPlan
 
 log = logging.getLogger(__name__)
@@ -22,7 +23,8 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     # Every rank shares this machine's CPUs. The ranks get their settings in their own environment (through
     # env(1): the elastic agent copies this process's environment, which must stay as the user left it, so that
     # nothing carries over from one sweep point to the next).
-    rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node)}
+    rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
+                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node)}
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, max_restarts=0,
                           start_method="spawn", monitor_interval=0.1)

@@ -16,6 +16,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from gpt.errors import ConfigError
+from launch.startup import ATTEMPT_START
 
 # sbatch flags the launcher sets itself: cluster.sbatch must not set them behind its back.
 MANAGED = {
@@ -128,7 +129,9 @@ class SlurmResources:
             "job_name": job_name, "time": self.time_min, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node,
             "cpus_per_task": self.cpus_per_task, "signal_delay_s": self.signal_delay_s, "wckey": None,
             "srun_args": list(SRUN_ARGS), "additional_parameters": extra,
-            "setup": list(self.setup),  # each task sets its rank's threads from its -c (launch.threads)
+            # when this attempt started (the start-up breakdown in attempts.jsonl); each task then sets its rank's
+            # threads from its -c (launch.threads)
+            "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.setup],
         }
         optional = {"gpus_per_node": self.gpus_per_node or None, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}

@@ -5,20 +5,25 @@ join the process group, train, leave.
 """
 from __future__ import annotations
 
-import json
-import logging
-import os
-import sys
-from pathlib import Path
+import time
 
-from omegaconf import OmegaConf
+STARTED = time.time()  # the interpreter is up; everything after this line is imports (start-up breakdown)
 
-from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag, log_attempt, requeue
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag, log_attempt, requeue  # noqa: E402
 
 from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
 from gpt.errors import UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from launch.environment import detect  # noqa: E402
+from launch.startup import StartupClock  # noqa: E402
 from launch.threads import ThreadPlan  # noqa: E402
 
 log = logging.getLogger("launch.worker")
@@ -42,6 +47,8 @@ def setup_logging(run_dir: Path, env: DistEnv) -> None:
 def run_rank(run_dir: Path) -> dict:
     from gpt.trainer import Trainer  # after logging is set up, so import-time warnings carry the rank
 
+    clock = StartupClock(run_dir, process_start=STARTED)
+    clock.mark("imported")
     env = detect()
     setup_logging(run_dir, env)
     cfg = OmegaConf.load(run_dir / "config.yaml")
@@ -59,10 +66,15 @@ def run_rank(run_dir: Path) -> dict:
                 {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
                  "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
                  "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+    clock.mark("rendezvous")
     trainer = Trainer(cfg, env, run_dir)
+    ATTEMPT["startup"] = lambda: clock.breakdown(trainer.startup)
     ATTEMPT["first_step"] = trainer.first_step
     ATTEMPT["trainer"] = trainer
     summary = trainer.fit()
+    startup = clock.breakdown(trainer.startup)
+    if env.is_main:
+        log.info("%s", StartupClock.describe(startup))
     preempted = summary.get("preempted")
     if preempted:
         # Every rank has saved (the save ends with a barrier). One rank requeues; Slurm then stops every process
@@ -72,7 +84,8 @@ def run_rank(run_dir: Path) -> dict:
             max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
             requeued, how = requeue(max_restarts)
             log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
-                                  "ended": f"preempted:{preempted}", "requeued": requeued, "note": how})
+                                  "ended": f"preempted:{preempted}", "requeued": requeued, "note": how,
+                                  "startup": startup})
             (log.warning if not requeued else log.info)("stopped at step %d after %s, checkpoint saved; %s",
                                                          summary["last_step"], preempted, how)
         requeued = _from_rank0(requeued)
@@ -81,7 +94,7 @@ def run_rank(run_dir: Path) -> dict:
     leave()
     if env.is_main:  # what a launcher reports as the run's result
         log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
-                              "ended": "finished"})
+                              "ended": "finished", "startup": startup})
         (run_dir / "summary.json").write_text(json.dumps(
             {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
     return summary
@@ -104,14 +117,9 @@ def apply_threads(env: DistEnv) -> ThreadPlan:
 
 
 def _from_rank0(value: bool) -> bool:
-    import torch
-    import torch.distributed as dist
+    from gpt.distributed import from_rank0
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return value
-    t = torch.tensor([1.0 if value and dist.get_rank() == 0 else 0.0])
-    dist.all_reduce(t)
-    return t.item() > 0
+    return from_rank0(value)
 
 
 def install_flag(run_dir: Path) -> None:
@@ -160,7 +168,8 @@ def _log_failure(run_dir: Path, message: str) -> None:
     try:
         log_attempt(run_dir, {"first_step": ATTEMPT.get("first_step"),
                               "last_step": trainer.step if trainer is not None else None,
-                              "ended": f"failed: {message.splitlines()[0][:300] if message else ''}"})
+                              "ended": f"failed: {message.splitlines()[0][:300] if message else ''}",
+                              **({"startup": ATTEMPT["startup"]()} if "startup" in ATTEMPT else {})})
     except OSError:
         pass
 

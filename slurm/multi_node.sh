@@ -32,6 +32,7 @@
 #SBATCH --output=%x-%j.out
 
 set -uo pipefail
+export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)  # this attempt's start, for the start-up breakdown in attempts.jsonl
 
 die() { echo "multi_node.sh: error: $*" >&2; exit 2; }
 

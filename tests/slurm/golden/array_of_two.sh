@@ -14,6 +14,7 @@
 #SBATCH --time=30
 
 # setup
+export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)
 
 # command
 export SUBMITIT_EXECUTOR=slurm

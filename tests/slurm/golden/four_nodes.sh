@@ -13,6 +13,7 @@
 #SBATCH --time=10
 
 # setup
+export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)
 
 # command
 export SUBMITIT_EXECUTOR=slurm

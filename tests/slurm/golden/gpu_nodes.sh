@@ -20,6 +20,7 @@
 #SBATCH --time=720
 
 # setup
+export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)
 module load cuda/12.4
 source ~/venv/bin/activate
 
