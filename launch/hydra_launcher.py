@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
-from omegaconf import open_dict
+from omegaconf import OmegaConf, open_dict
 
 from gpt.errors import UserError
 from launch.app import Prepared, prepare
+from launch.point_label import point_labels
+
+DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +39,16 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     # 1. plan every point
     points = []
+    # Left at its default, each point's folder is named by the keys that vary across the sweep.
+    labels = point_labels(job_overrides) if _default_subdir(config) else None
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
         sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
+            if labels:
+                sweep_config.hydra.sweep.subdir = labels[i]
         ret = run_job(hydra_context=context, task_function=_prepare_task, config=sweep_config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         points.append((idx, overrides, sweep_config, ret))
@@ -99,6 +106,10 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     report = write_report(sweep_dir)
     print(f"scaling report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
     return [r for r in returns if r is not None]
+
+
+def _default_subdir(config) -> bool:
+    return OmegaConf.to_container(config.hydra.sweep, resolve=False).get("subdir") == DEFAULT_SUBDIR
 
 
 def _stop_on_bad_points(points) -> None:

@@ -1,0 +1,26 @@
+"""Sweep points are named by what varies across the sweep, short and safe as folder names."""
+from __future__ import annotations
+
+from launch.point_label import point_labels, varying_keys
+
+
+def test_only_the_keys_that_vary_name_a_point():
+    sweep = [["nodes=1", "strategy=ddp", "model=tiny"], ["nodes=2", "strategy=ddp", "model=tiny"]]
+    assert varying_keys(sweep) == ["nodes"]
+    assert point_labels(sweep) == ["nodes=1", "nodes=2"]
+
+
+def test_several_varying_keys_and_unsafe_values():
+    sweep = [["train.lr=0.001", "data.dir=/a/b"], ["train.lr=0.0003", "data.dir=/a/c"]]
+    assert point_labels(sweep) == ["train.lr=0.001,data.dir=_a_b", "train.lr=0.0003,data.dir=_a_c"]
+
+
+def test_a_one_point_sweep_keeps_its_overrides_or_a_number():
+    assert point_labels([["nodes=1"]]) == ["nodes=1"]
+    assert point_labels([["model=tiny"] * 20]) == ["point0"]
+
+
+def test_labels_are_unique_for_distinct_points():
+    sweep = [[f"train.lr={lr}", f"nodes={n}"] for lr in (1e-3, 3e-4) for n in (1, 2)]
+    labels = point_labels(sweep)
+    assert len(set(labels)) == 4 and "train.lr=0.001,nodes=2" in labels
