@@ -14,20 +14,29 @@ C(n)  the nominal communication time of the strategy's collectives on the config
       scale; a ring's 2 (N-1) hops would predict absurd latencies at thousands of ranks).
       Bandwidth: `intra_node_GBps` (NVLink, 900 GB/s on H100) when all ranks of a collective share a node,
       `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU) otherwise.
-c, k  fitted by least squares to the measured p50 step times (non-negative; k alone from the measured
-      communication time when the runs recorded `comm_s`). c is seconds of compute per sequence; k says how the
-      measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind
-      compute (DDP overlaps its all-reduce with the backward), > 1 = slower than the configured network (on
-      cluster=local every "link" is a loopback socket, so k is large). With one point, or points that cannot
-      separate the two terms, k is fixed at 1 and only c is fitted.
+c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or
+      minus k C(n) where none was measured), by least squares on the log of busy time per sequence, so that every
+      point counts alike. k is fitted only from points whose ranks sit on separate machines or within one real node: from
+      their measured communication time when recorded, else by least squares with c. It says how the measured
+      communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind compute (DDP
+      overlaps its all-reduce with the backward), > 1 = slower than the configured network. Points whose "nodes"
+      share one machine (cluster=local, or a test cluster of namespaces) measure loopback sockets and contention
+      for the same cores, not a network: they are left out of the fit of k, and of c too where other points
+      exist (else c comes from them alone). With no point that measures a network, k is fixed at 1 (the
+      configured network).
+cores On CPUs, a rank computes with its share of the machine's cores (`cores_per_rank`: its threads, or fewer
+      when ranks share cores), so W(n) is scaled by reference cores / the rank's cores: 2 ranks x 1 core on a
+      2-core machine compute as fast as 1 rank x 2 cores, not twice as fast. On GPUs, or where the run did not
+      record its cores, no scaling.
 
 The model is deliberately simple: it extrapolates what was measured, and is no substitute for measuring at scale.
 """
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 GB = 1e9
 
@@ -40,12 +49,12 @@ class Network:
     inter_node_latency_us: float = 10.0
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> "Network":
+    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> Network:
         cfg = cfg or {}
         names = {f for f in cls.__dataclass_fields__}
         unknown = set(cfg) - names
         if unknown:
-            raise ValueError(f"report.network.{sorted(unknown)[0]} is not a network figure; known: {sorted(names)}")
+            raise ValueError(f"report.network.{min(unknown)} is not a network figure; known: {sorted(names)}")
         return cls(**{k: float(v) for k, v in cfg.items() if v is not None})
 
 
@@ -63,6 +72,8 @@ class Shape:
     strategy: str = "ddp"
     precision: str = "fp32"
     strategy_cfg: Mapping[str, Any] = field(default_factory=dict)
+    cores_per_rank: float | None = None  # CPU cores a rank computes with; None on GPUs or when not recorded
+    shared_host: bool = False            # several "nodes" on one machine: no network between them
 
     @property
     def ranks(self) -> int:
@@ -159,9 +170,22 @@ class FittedModel:
     network: Network
     method: str                    # how c and k were obtained
     residual_rms_s: float = 0.0
+    reference_cores: float | None = None  # c is per sequence for a rank with this many cores (None: per rank)
+
+    def work(self, s: Shape) -> float:
+        """Sequences per rank, scaled to the reference's cores on CPUs."""
+        if self.reference_cores and s.cores_per_rank:
+            return s.sequences_per_rank * self.reference_cores / s.cores_per_rank
+        return s.sequences_per_rank
+
+    def compute_time(self, s: Shape) -> float:
+        return self.compute_s_per_sequence * self.work(s)
+
+    def comm_time(self, s: Shape) -> float:
+        return self.comm_scale * nominal_comm_time(s, self.network)
 
     def step_time(self, s: Shape) -> float:
-        return self.compute_s_per_sequence * s.sequences_per_rank + self.comm_scale * nominal_comm_time(s, self.network)
+        return self.compute_time(s) + self.comm_time(s)
 
     def tokens_per_s(self, s: Shape) -> float:
         return s.global_batch * s.block_size / self.step_time(s)
@@ -172,7 +196,8 @@ class FittedModel:
 
     def as_dict(self) -> dict[str, Any]:
         return {"compute_s_per_sequence": self.compute_s_per_sequence, "comm_scale": self.comm_scale,
-                "method": self.method, "residual_rms_s": self.residual_rms_s, "network": asdict(self.network)}
+                "reference_cores": self.reference_cores, "method": self.method,
+                "residual_rms_s": self.residual_rms_s, "network": asdict(self.network)}
 
 
 def _lstsq2(a: Sequence[float], b: Sequence[float], y: Sequence[float]) -> tuple[float, float] | None:
@@ -188,45 +213,99 @@ def _lstsq2(a: Sequence[float], b: Sequence[float], y: Sequence[float]) -> tuple
     return (sbb * say - sab * sby) / det, (saa * sby - sab * say) / det
 
 
+def _comm_scale(shapes: Sequence[Shape], a: list[float], b: list[float], y: list[float],
+                comm: list[float | None]) -> tuple[float, str]:
+    """k, and how it was obtained, from the points that measure a network (never from shared-host points)."""
+    net = [i for i, s in enumerate(shapes) if b[i] > 0 and not s.shared_host]
+    if not net:
+        why = "every multi-rank point shares one machine" if any(b) else "no point communicates"
+        return 1.0, f"k fixed at 1 ({why}: no network measured)"
+    timed = [i for i in net if comm[i] is not None]
+    if timed:
+        k = sum(b[i] * comm[i] for i in timed) / sum(b[i] ** 2 for i in timed)
+        return k, f"k from the measured communication time of {len(timed)} point(s)"
+    own = [i for i, s in enumerate(shapes) if not s.shared_host]
+    both = _lstsq2([a[i] for i in own], [b[i] for i in own], [y[i] for i in own])
+    if both is None:
+        return 1.0, "k fixed at 1 (the points cannot separate it from compute)"
+    if both[1] < 0:
+        return 0.0, "k clipped at 0 (no measurable communication)"
+    return both[1], "k by least squares with c"
+
+
+def _compute_scale(a: list[float], b: list[float], y: list[float], comm: list[float | None],
+                   k: float) -> float:
+    """c by least squares on the log of each point's busy time per unit of work (busy = step time minus
+    communication): every point counts alike, and the fit misses two points by the same ratio either way."""
+    busy = [yi - (ci if ci is not None else k * bi) for yi, bi, ci in zip(y, b, comm)]
+    logs = [math.log(ti / ai) for ai, ti in zip(a, busy) if ai > 0 and ti > 0]
+    return math.exp(sum(logs) / len(logs)) if logs else 0.0
+
+
 def fit(shapes: Sequence[Shape], step_times: Sequence[float], network: Network | None = None,
         comm_times: Sequence[float | None] | None = None) -> FittedModel:
-    """Fit c (and k where the points allow) to measured step times (seconds, e.g. each point's p50)."""
+    """Fit c and k to measured step times (seconds, e.g. each point's p50) and communication times."""
     if not shapes or len(shapes) != len(step_times):
         raise ValueError("fit needs one measured step time per shape, and at least one shape")
     net = network or Network()
-    a = [s.sequences_per_rank for s in shapes]
+    cores = [s.cores_per_rank for s in shapes]
+    probe = FittedModel(1.0, 0.0, net, "", reference_cores=cores[0] if all(cores) else None)
+    a = [probe.work(s) for s in shapes]
     b = [nominal_comm_time(s, net) for s in shapes]
     y = list(step_times)
-
-    def only_c(k: float) -> float:
-        return max(sum(ai * (yi - k * bi) for ai, bi, yi in zip(a, b, y)) / sum(ai * ai for ai in a), 0.0)
-
-    measured = [(bi, ci) for bi, ci in zip(b, comm_times or []) if ci is not None and bi > 0]
-    if measured:
-        k = sum(bi * ci for bi, ci in measured) / sum(bi * bi for bi, _ in measured)
-        c, method = only_c(k), "k from the measured communication time, c by least squares"
+    comm = list(comm_times) if comm_times else [None] * len(shapes)
+    k, k_how = _comm_scale(shapes, a, b, y, comm)
+    # Shared-host points compute on cores their ranks share: c comes from the other points where there are any.
+    own = [i for i, s in enumerate(shapes) if not s.shared_host] or list(range(len(shapes)))
+    c = _compute_scale(*([v[i] for i in own] for v in (a, b, y, comm)), k)
+    if len(own) == len(shapes):
+        shared = sum(s.shared_host for s in shapes)
+        c_how = "c from every point's busy time" + (" (all share one machine)" if shared else "")
     else:
-        both = _lstsq2(a, b, y)
-        if both is None:
-            c, k, method = only_c(1.0), 1.0, "c by least squares; k fixed at 1 (the points cannot separate it)"
-        else:
-            c, k = both
-            method = "c and k by least squares"
-            if k < 0:
-                c, k, method = only_c(0.0), 0.0, "c by least squares; k clipped at 0 (no measurable communication)"
-            elif c < 0:
-                c = 0.0
-                k = max(sum(bi * yi for bi, yi in zip(b, y)) / sum(bi * bi for bi in b), 0.0)
-                method = "k by least squares; c clipped at 0"
-    model = FittedModel(c, k, net, method)
+        c_how = f"c from the busy time of the {len(own)} point(s) on machines of their own (shared-host points out)"
+    model = replace(probe, compute_s_per_sequence=c, comm_scale=k, method=f"{c_how}; {k_how}")
     rms = math.sqrt(sum((model.step_time(s) - t) ** 2 for s, t in zip(shapes, y)) / len(y))
     return replace(model, residual_rms_s=rms)
 
 
+@dataclass(frozen=True)
+class PointError:
+    """The model against one measured point: fitted to every point, and fitted without it (leave-one-out)."""
+
+    measured_s: float
+    model_s: float
+    loo_s: float | None  # None with fewer than 3 points
+
+    @property
+    def error(self) -> float:
+        return self.model_s / self.measured_s - 1
+
+    @property
+    def loo_error(self) -> float | None:
+        return None if self.loo_s is None else self.loo_s / self.measured_s - 1
+
+
+def point_errors(shapes: Sequence[Shape], step_times: Sequence[float], network: Network | None = None,
+                 comm_times: Sequence[float | None] | None = None) -> list[PointError]:
+    """The fit's error on each of its own points, and leave-one-out where there are at least 3 points."""
+    comm = list(comm_times) if comm_times else [None] * len(shapes)
+    model = fit(shapes, step_times, network, comm)
+    out = []
+    for i, (s, t) in enumerate(zip(shapes, step_times)):
+        loo = None
+        if len(shapes) >= 3:
+            rest = [j for j in range(len(shapes)) if j != i]
+            held_out = fit([shapes[j] for j in rest], [step_times[j] for j in rest], network, [comm[j] for j in rest])
+            loo = held_out.step_time(s)
+        out.append(PointError(t, model.step_time(s), loo))
+    return out
+
+
 def scaled_shape(reference: Shape, nodes: int, mode: str) -> Shape:
-    """The reference point at another node count: per-rank batch kept (weak) or global batch kept (strong)."""
+    """The reference point at another node count, on machines of its own (no shared host): per-rank batch kept
+    (weak) or global batch kept (strong)."""
+    grown = replace(reference, nodes=nodes, shared_host=False)
     if mode == "strong":
-        return replace(reference, nodes=nodes)
+        return grown
     per_dp = reference.global_batch / reference.dp
-    grown = replace(reference, nodes=nodes)
-    return replace(grown, global_batch=int(round(per_dp * grown.dp)))
+    return replace(grown, global_batch=round(per_dp * grown.dp))
