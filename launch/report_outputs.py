@@ -1,41 +1,18 @@
-"""The scaling report's PNG plots and its TensorBoard run (scalars by node count, and a custom-scalars layout)."""
+"""The report's PNG plots: scaling (throughput, efficiency, per-rank step times, prediction) and comparison (loss
+curves of every point overlaid)."""
 from __future__ import annotations
 
-import math
-import shutil
 import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from launch.report_rows import steady
+
 if TYPE_CHECKING:
     from launch.report import Report
 
-# The scaling dashboard (TensorBoard's CUSTOM SCALARS tab). Multiline entries are regular expressions, anchored so
-# that "scaling/tokens_per_s" does not also match "scaling/tokens_per_s_ideal". The "training" category draws the
-# per-window straggler figures rank 0 logs during training (gpt.stragglers) from every run under the logdir.
-LAYOUT = {
-    "scaling": {
-        "throughput vs nodes (tokens/s, ideal = linear from the smallest point)":
-            ["Multiline", [r"^scaling/tokens_per_s$", r"^scaling/tokens_per_s_ideal$", r"^model/tokens_per_s$"]],
-        "efficiency vs nodes (measured, model)": ["Multiline", [r"^scaling/efficiency$", r"^model/efficiency$"]],
-        "step time p50 [min, p90] vs nodes (s)":
-            ["Margin", ["scaling/step_time_p50_s", "scaling/step_time_min_s", "scaling/step_time_p90_s"]],
-        "step time: measured p50 vs model (s)": ["Multiline", [r"^scaling/step_time_p50_s$", r"^model/step_time_s$"]],
-        "tokens/s per rank and MFU": ["Multiline", [r"^scaling/tokens_per_s_per_rank$", r"^scaling/mfu$"]],
-        "stragglers and communication fraction":
-            ["Multiline", [r"^scaling/stragglers$", r"^scaling/comm_fraction$"]],
-    },
-    "stragglers during training": {
-        "step time min / median / max over ranks (s)":
-            ["Margin", ["stragglers/step_time_median_s", "stragglers/step_time_min_s", "stragglers/step_time_max_s"]],
-        "per-rank step time (s)": ["Multiline", [r"^rank_step_time_s/"]],
-        "per-rank busy time (s)": ["Multiline", [r"^rank_busy_s/"]],
-        "stragglers (chronic) and lagging ranks": ["Multiline", [r"^stragglers/count$", r"^stragglers/lagging$"]],
-    },
-}
-
-
 MAX_BOXES = 64
+DPI = 100
 
 
 def _log2_nodes(ax, nodes) -> None:
@@ -47,47 +24,89 @@ def _log2_nodes(ax, nodes) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
 
 
-def plots(rep: "Report", out: Path) -> None:
+def _save(fig, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path.name
+
+
+def plots(rep: Report, out: Path) -> list[str]:
+    """Write the report's plots into `out`; returns their file names, in the order the report shows them."""
     import matplotlib
 
     matplotlib.use("Agg")
+    names = []
+    if rep.compare:
+        names.append(loss_curves(rep, out / "loss_curves.png"))
+    if rep.scaling:
+        names += [throughput(rep, out / "throughput.png"), efficiency(rep, out / "efficiency.png"),
+                  step_time_per_rank(rep, out / "step_time_per_rank.png"), prediction(rep, out / "prediction.png")]
+    return names
+
+
+def loss_curves(rep: Report, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    rows = sorted(rep.rows, key=lambda r: (r.nodes, r.ranks))
-    ref = rep.reference
-    nodes = [r.nodes for r in rows]
-    mode = rep.mode
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    labels = {r.point: r.label for r in rep.compare}
+    for i, point in enumerate(sorted(rep.points, key=lambda p: labels[p.name])):
+        color = f"C{i % 10}"
+        if point.train_loss:
+            ax.plot(*zip(*point.train_loss), "-", color=color, label=f"{labels[point.name]} (train)")
+        if point.val_loss:
+            ax.plot(*zip(*point.val_loss), "o--", color=color, label=f"{labels[point.name]} (val)")
+    ax.set(xlabel="step", ylabel="loss", title="Loss per point (train: lines; validation: markers)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small")
+    return _save(fig, path)
 
+
+def throughput(rep: Report, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    rows, ref = sorted(rep.rows, key=lambda r: (r.nodes, r.ranks)), rep.reference
+    nodes = [r.nodes for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(nodes, [r.tokens_per_s for r in rows], "o-", label="measured")
     ax.plot(nodes, [ref.tokens_per_s * r.ranks / ref.ranks for r in rows], "k--", label="ideal (linear)")
-    ax.plot(nodes, [r.tokens_per_step / r.predicted_step_time_s for r in rows],
-            "x:", label="model")
-    ax.set(xlabel="nodes", ylabel="tokens/s (all ranks)", title=f"Throughput vs nodes ({mode})")
+    ax.plot(nodes, [r.tokens_per_step / r.predicted_step_time_s for r in rows], "x:", label="model")
+    ax.set(xlabel="nodes", ylabel="tokens/s (all ranks)", title=f"Throughput vs nodes ({rep.mode})")
     ax.set_xticks(nodes)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "throughput.png", dpi=100)
-    plt.close(fig)
+    return _save(fig, path)
 
-    preds = [p for p in rep.predictions if p["feasible"]]
+
+def efficiency(rep: Report, path: Path) -> str:
+    import matplotlib.pyplot as plt
+
+    rows = sorted(rep.rows, key=lambda r: (r.nodes, r.ranks))
+    nodes = [r.nodes for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([p["nodes"] for p in preds], [100 * p["efficiency"] for p in preds], "x:", label="model (predicted)")
-    ax.plot(nodes, [100 * r.efficiency for r in rows], "o-", label="measured")
+    xs = list(nodes)
+    for kept, style in (("strong", "x:"), ("weak", "+-.")):
+        preds = [p for p in rep.predictions if p["scaling"] == kept and p["feasible"]]
+        if preds:
+            xs += [p["nodes"] for p in preds]
+            ax.plot([p["nodes"] for p in preds], [100 * p["efficiency"] for p in preds], style,
+                    label=f"model, {kept} scaling")
+    ax.plot(nodes, [100 * r.efficiency for r in rows], "o-", label=f"measured ({rep.mode})")
     ax.axhline(100, color="k", ls="--", lw=0.8, label="ideal")
-    _log2_nodes(ax, nodes + [p["nodes"] for p in preds])
-    ax.set(xlabel="nodes", ylabel="efficiency (%)", title=f"Efficiency vs nodes ({mode}, vs {ref.nodes} node(s))")
+    _log2_nodes(ax, xs)
+    ax.set(xlabel="nodes", ylabel="efficiency (%)", title=f"Efficiency vs nodes (vs {rep.reference.nodes} node(s))")
     ax.grid(alpha=0.3, which="both")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "efficiency.png", dpi=100)
-    plt.close(fig)
+    return _save(fig, path)
+
+
+def step_time_per_rank(rep: Report, path: Path) -> str:
+    import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, len(rep.points), figsize=(max(4, 3.2 * len(rep.points)), 3.6), squeeze=False,
                              sharey=True)
-    from launch.report import steady
-
     for ax, point in zip(axes[0], rep.points):
         ranks = sorted(point.records)
         data = [[r["step_time_s"] * 1e3 for r in steady(point.records[k], rep.config.skip_windows)] for k in ranks]
@@ -100,56 +119,26 @@ def plots(rep: "Report", out: Path) -> None:
             ax.set(title=title, xlabel="ranks (median over windows)")
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("step time (ms) per window")
-    fig.tight_layout()
-    fig.savefig(out / "step_time_per_rank.png", dpi=100)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    xs = [p["nodes"] for p in preds]
-    ax.stackplot(xs, [p["compute_s"] for p in preds], [p["comm_s"] for p in preds],
-                 labels=["model: compute", "model: communication"], alpha=0.5)
-    ax.plot(nodes, [r.step_time_p50_s for r in rows], "ko", label="measured p50")
-    _log2_nodes(ax, nodes + xs)
-    ax.set(xlabel="nodes", ylabel="step time (s)", title="Step time: model and measurements")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out / "prediction.png", dpi=100)
-    plt.close(fig)
+    return _save(fig, path)
 
 
-def tensorboard_run(rep: "Report", folder: Path, text: str) -> None:
-    """A fresh TensorBoard run: scalars with the node count as the step, the layout, and the Markdown report."""
-    from torch.utils.tensorboard import SummaryWriter
+def prediction(rep: Report, path: Path) -> str:
+    """Predicted step time split into compute and communication, one panel per kind of scaling predicted."""
+    import matplotlib.pyplot as plt
 
-    if folder.exists():
-        shutil.rmtree(folder)  # a rebuilt report replaces the old run instead of doubling its points
-    writer = SummaryWriter(log_dir=str(folder))
-    ref = rep.reference
-    for r in sorted(rep.rows, key=lambda r: (r.nodes, r.ranks)):
-        n = r.nodes
-        scalars = {
-            "scaling/tokens_per_s": r.tokens_per_s,
-            "scaling/tokens_per_s_ideal": ref.tokens_per_s * r.ranks / ref.ranks,
-            "scaling/tokens_per_s_per_rank": r.tokens_per_s_rank,
-            "scaling/efficiency": r.efficiency,
-            "scaling/step_time_p50_s": r.step_time_p50_s,
-            "scaling/step_time_p90_s": r.step_time_p90_s,
-            "scaling/step_time_min_s": r.step_time_min_s,
-            "scaling/step_time_max_s": r.step_time_max_s,
-            "scaling/stragglers": r.stragglers,
-            "scaling/ranks": r.ranks,
-            "scaling/mfu": r.mfu,
-            "scaling/comm_fraction": r.comm_fraction,
-        }
-        for tag, value in scalars.items():
-            if value is not None and math.isfinite(value):
-                writer.add_scalar(tag, value, n)
-    for p in rep.predictions:
-        if p["feasible"]:
-            writer.add_scalar("model/step_time_s", p["step_time_s"], p["nodes"])
-            writer.add_scalar("model/tokens_per_s", p["tokens_per_s"], p["nodes"])
-            writer.add_scalar("model/efficiency", p["efficiency"], p["nodes"])
-    writer.add_custom_scalars(LAYOUT)
-    writer.add_text("scaling/report", text)
-    writer.close()
+    kinds = [k for k in ("strong", "weak") if any(p["scaling"] == k and p["feasible"] for p in rep.predictions)]
+    fig, axes = plt.subplots(1, len(kinds), figsize=(6 * len(kinds), 4), squeeze=False)
+    rows = sorted(rep.rows, key=lambda r: (r.nodes, r.ranks))
+    for ax, kept in zip(axes[0], kinds):
+        preds = [p for p in rep.predictions if p["scaling"] == kept and p["feasible"]]
+        xs = [p["nodes"] for p in preds]
+        ax.stackplot(xs, [p["compute_s"] for p in preds], [p["comm_s"] for p in preds],
+                     labels=["model: compute", "model: communication"], alpha=0.5)
+        measured = [(p["nodes"], p["measured_step_time_s"]) for p in preds if p["measured_step_time_s"] is not None]
+        if measured:
+            ax.plot(*zip(*measured), "ko", label="measured p50")
+        _log2_nodes(ax, xs + [r.nodes for r in rows if kept == "strong"])
+        ax.set(xlabel="nodes", ylabel="step time (s)", title=f"Step time, {kept} scaling: model and measurements")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    return _save(fig, path)

@@ -1,22 +1,24 @@
-"""The scaling report: from real run folders, on synthetic sweeps (efficiency, stragglers), and its performance model."""
+"""The scaling report: from real run folders, and on synthetic sweeps (efficiency, stragglers, shared hosts, the
+model's error and flags, predictions)."""
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import launch, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from conftest import launch, read_metrics
-from launch.perf_model import Network, Shape, comm_volume, fit, nominal_comm_time, scaled_shape
 from launch.report import ReportConfig, build_report, main, write_report
 
 OUTPUTS = ("scaling.csv", "scaling.md", "prediction.csv", "model.json", "throughput.png", "efficiency.png",
            "step_time_per_rank.png", "prediction.png")
+CORES = len(os.sched_getaffinity(0))  # what each rank may use: threads = cores / ranks on the machine
 TINY = ["model=tiny", "strategy=ddp", "train.max_steps=20", "train.log_interval=5", "train.eval_interval=0",
         "train.layer_grad_norms=false", "checkpoint.interval_steps=0"]
 
@@ -62,6 +64,25 @@ def test_report_rows_match_the_metrics_files(sweep):
     assert float(rows[1]["efficiency"]) == pytest.approx(per_rank_tokens[1] / per_rank_tokens[0])
     md = (sweep / "report" / "scaling.md").read_text()
     assert "**strong scaling**" in md and "| nodes=2 | 2 | 2 | ddp | 12 | 6 |" in md
+    # two "nodes" of cluster=local share this machine: the report says so, row by row and in a note
+    assert [(r["shared_host"], r["threads"]) for r in rows] == [("False", str(CORES)), ("True", str(CORES // 2))]
+    assert "> **Shared host.** `nodes=2`: cluster=local: 2 nodes are groups of processes on one machine" in md
+    assert "not network scaling. The performance model leaves them out of its fit" in md
+
+
+@pytest.mark.slow
+def test_report_states_the_models_error_on_every_point(sweep):
+    md = (sweep / "report" / "scaling.md").read_text()
+    rows = {r["point"]: r for r in csv_rows(sweep / "report" / "scaling.csv")}
+    assert "### Model error" in md and "(leave-one-out needs 3 points or more)" in md
+    for name, row in rows.items():
+        measured, model = float(row["step_time_p50_s"]), float(row["predicted_step_time_s"])
+        assert float(row["model_error"]) == pytest.approx(model / measured - 1)
+        line = next(x for x in md.splitlines() if x.startswith(f"| {name} | {measured:.4g} | {model:.4g} | "))
+        assert (abs(model / measured - 1) > 0.10) == ("off by more than 10%" in line) == bool(row["model_flag"])
+    model = json.loads((sweep / "report" / "model.json").read_text())
+    assert model["comm_scale"] == 1.0 and "shared-host points out" in model["method"]  # k not from loopback
+    assert float(rows["nodes=1"]["model_error"]) == pytest.approx(0, abs=1e-9)  # the reference is reproduced
 
 
 @pytest.mark.slow
@@ -73,8 +94,18 @@ def test_report_files_exist(sweep):
             assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     model = json.loads((sweep / "report" / "model.json").read_text())
     assert model["mode"] == "strong" and model["network"]["inter_node_GBps"] == 50.0
-    nodes = [int(r["nodes"]) for r in csv_rows(sweep / "report" / "prediction.csv")]
-    assert nodes == [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024]
+    predictions = csv_rows(sweep / "report" / "prediction.csv")
+    every = [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024]
+    for kept in ("weak", "strong"):
+        assert [int(r["nodes"]) for r in predictions if r["scaling"] == kept] == every
+    # strong scaling of a global batch of 12 ends at 12 ranks; the weak-scaling rows fill 8 to 1,024 nodes
+    assert [r["feasible"] for r in predictions if r["scaling"] == "strong"] == ["True"] * 2 + ["False"] * 8
+    weak = [r for r in predictions if r["scaling"] == "weak"]
+    assert all(r["feasible"] == "True" and float(r["step_time_s"]) > 0 for r in weak)
+    assert [int(r["global_batch"]) for r in weak] == [12 * n for n in every]
+    md = (sweep / "report" / "scaling.md").read_text()
+    assert "### Predicted: Weak scaling: 12 sequence(s) per data-parallel rank" in md
+    assert "| 1024 | 1024 | 12288 | " in md
 
 
 @pytest.mark.slow
@@ -83,24 +114,33 @@ def test_tensorboard_scaling_run_holds_the_scalars_and_the_custom_scalars_layout
     events.Reload()
     scalars = set(events.Tags()["scalars"])
     assert {"scaling/tokens_per_s", "scaling/tokens_per_s_ideal", "scaling/efficiency", "scaling/step_time_p50_s",
-            "scaling/step_time_p90_s", "model/step_time_s", "model/efficiency"} <= scalars
-    assert [(e.step, round(e.value, 3)) for e in events.Scalars("scaling/efficiency")][0] == (1, 1.0)
+            "scaling/step_time_p90_s", "scaling/model_step_time_s", "model_strong/step_time_s",
+            "model_weak/efficiency"} <= scalars
+    first = events.Scalars("scaling/efficiency")[0]
+    assert (first.step, round(first.value, 3)) == (1, 1.0)
     assert [e.step for e in events.Scalars("scaling/tokens_per_s")] == [1, 2]
-    assert "custom_scalars__config__" in events.PluginTagToContent("custom_scalars")
-    proto = events.Tensors("custom_scalars__config__")[0].tensor_proto
-    layout = layout_pb2.Layout.FromString(proto.string_val[0])
+    assert [e.step for e in events.Scalars("model_weak/efficiency")] == [1, 2, 8, 16, 32, 64, 128, 256, 512, 1024]
+    # exact figures first: the report's plots as images, its summary and tables as text
+    assert set(events.Tags()["images"]) == {"report/throughput", "report/efficiency", "report/step_time_per_rank",
+                                             "report/prediction"}
+    assert {"report/1_summary/text_summary", "report/2_tables/text_summary",
+            "report/3_full/text_summary"} <= set(events.Tags()["tensors"])
+    summary = events.Tensors("report/1_summary/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "**Shared host.**" in summary and "### Model error" in summary
+    layout = layout_pb2.Layout.FromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
     charts = {ch.title: ch for c in layout.category for ch in c.chart}
-    assert [c.title for c in layout.category] == ["scaling", "stragglers during training"]
+    assert [c.title.split(" (")[0] for c in layout.category] == ["scaling: x = nodes", "stragglers during training"]
+    assert "set smoothing to 0" in layout.category[0].title
     throughput = next(ch for t, ch in charts.items() if t.startswith("throughput vs nodes"))
     assert list(throughput.multiline.tag) == [r"^scaling/tokens_per_s$", r"^scaling/tokens_per_s_ideal$",
-                                              r"^model/tokens_per_s$"]
+                                              r"^model_strong/tokens_per_s$"]
     margin = next(ch for t, ch in charts.items() if t.startswith("step time p50"))
     assert margin.margin.series[0].upper == "scaling/step_time_p90_s"
-    # every tag the scaling category names is one the run holds
+    # no chart is empty without a word on why: MFU is n/a on a CPU, and the chart says so
+    assert "tokens/s per rank (MFU n/a: no peak FLOP/s is known for this device, e.g. a CPU)" in charts
     for chart in layout.category[0].chart:
         for pattern in chart.multiline.tag:
-            assert any(re.search(pattern, t) for t in scalars) or "mfu" in pattern or "comm" in pattern, pattern
-    assert "scaling/report/text_summary" in events.Tags()["tensors"]
+            assert any(re.search(pattern, t) for t in scalars), pattern
 
 
 @pytest.mark.slow
@@ -124,30 +164,32 @@ def test_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
 
 # --- synthetic sweeps ---------------------------------------------------------------------------------
 def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_times, comm=None, hosts=None,
-                strategy: str = "ddp", block: int = 64) -> None:
-    """A run folder as the trainer writes it; step_times[rank][window] (or one list for every rank)."""
+                strategy: str = "ddp", block: int = 64, cluster: str = "slurm", env=None, lr: float = 1e-3,
+                val=((99, 1.0),), losses=None) -> None:
+    """A run folder as the trainer writes it; step_times[rank][window] (or one list for every rank); env(rank) gives
+    more keys of environment/rank<R>.json; val: (step, loss) records; losses: the train loss of each window."""
     ranks = nodes * tasks
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(
         f"model:\n  name: tiny\n  n_layer: 2\n  n_head: 2\n  n_embd: 64\n  block_size: {block}\n  vocab_size: 65\n"
-        f"train:\n  global_batch_size: {global_batch}\n  precision: fp32\n"
-        f"strategy:\n  name: {strategy}\n  bucket_cap_mb: 25\ncluster:\n  name: local\n  nodes: {nodes}\n"
+        f"train:\n  global_batch_size: {global_batch}\n  precision: fp32\n  lr: {lr}\n"
+        f"strategy:\n  name: {strategy}\n  bucket_cap_mb: 25\ncluster:\n  name: {cluster}\n  nodes: {nodes}\n"
         f"  tasks_per_node: {tasks}\nnodes: {nodes}\n")
     (folder / "metrics").mkdir()
     (folder / "environment").mkdir()
     for r in range(ranks):
         host = hosts[r] if hosts else f"node{r // tasks}"
         (folder / "environment" / f"rank{r}.json").write_text(json.dumps(
-            {"rank": r, "world_size": ranks, "num_nodes": nodes, "host": host}))
+            {"rank": r, "world_size": ranks, "num_nodes": nodes, "host": host, **(env(r) if env else {})}))
         times = step_times[r] if isinstance(step_times[0], list) else step_times
         lines = []
         for w, t in enumerate(times):
             rec = {"kind": "train", "step": 5 * w + 4, "rank": r, "host": host, "step_time_s": t,
-                   "tokens_per_s": global_batch * block / t, "mfu": None}
+                   "tokens_per_s": global_batch * block / t, "mfu": None, "loss": losses[w] if losses else 2.0}
             if comm is not None:
                 rec["comm_s"] = comm[r][w] if isinstance(comm[r], list) else comm[r]
             lines.append(json.dumps(rec))
-        lines.append(json.dumps({"kind": "val", "step": 99, "rank": r, "loss": 1.0}))
+        lines += [json.dumps({"kind": "val", "step": step, "rank": r, "loss": loss}) for step, loss in val]
         (folder / "metrics" / f"rank{r}.jsonl").write_text("\n".join(lines) + "\n")
 
 
@@ -166,8 +208,13 @@ def test_strong_scaling_efficiency_and_mixed(tmp_path):
     rep = build_report(tmp_path / "strong", ReportConfig(skip_windows=0))
     assert rep.mode == "strong"
     assert [r.efficiency for r in rep.rows] == pytest.approx([1.0, 0.8, 0.5])  # t0 r0 / (t r)
-    assert [p["feasible"] for p in rep.predictions if p["nodes"] >= 8] == [True, True, False, False, False, False,
-                                                                            False, False]
+    strong = [p for p in rep.predictions if p["scaling"] == "strong" and p["nodes"] >= 8]
+    assert [p["feasible"] for p in strong] == [True, True, False, False, False, False, False, False]
+    weak = [p for p in rep.predictions if p["scaling"] == "weak" and p["nodes"] >= 8]
+    assert [(p["feasible"], p["global_batch"]) for p in weak] == [(True, 16 * n) for n in rep.config.predict_nodes]
+    md = (write_report(tmp_path / "strong", ReportConfig(skip_windows=0)) / "scaling.md").read_text()
+    assert "### Predicted: Weak scaling" in md and "### Predicted: Strong scaling" in md
+    assert "the weak-scaling rows go on" in md
     write_point(tmp_path / "mixed" / "a", 1, 1, 8, [1.0])
     write_point(tmp_path / "mixed" / "b", 2, 1, 12, [1.0])
     mixed = build_report(tmp_path / "mixed", ReportConfig(skip_windows=0))
@@ -194,52 +241,53 @@ def test_report_of_many_ranks(tmp_path):
     assert [r["ranks"] for r in csv_rows(out / "scaling.csv")] == ["80"]
 
 
-# --- the performance model ---------------------------------------------------------------------------
-def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", **cfg) -> Shape:
-    return Shape(nodes=nodes, tasks_per_node=tasks, global_batch=batch, block_size=1024, n_embd=768, n_layer=12,
-                 params=124_000_000, strategy=strategy, strategy_cfg=cfg)
+# --- where the ranks ran: shared hosts ----------------------------------------------------------------
+def machine(boot_ids, cpus: int = 4, threads: int = 2):
+    """environment keys of each rank: its machine (boot id), cores, affinity and threads."""
+    return lambda r: {"machine_id": boot_ids[r], "cpu_count": cpus, "cpu_affinity": list(range(cpus)),
+                      "threads": threads}
 
 
-def test_collective_volumes_per_strategy():
-    s = shape(2)  # 16 ranks
-    p = 4 * 124e6
-    assert comm_volume(s).bus_bytes == pytest.approx(2 * 15 / 16 * p)
-    assert comm_volume(shape(2, strategy="fsdp")).bus_bytes == pytest.approx(3 * 15 / 16 * p)
-    assert comm_volume(shape(2, strategy="fsdp", reshard_after_forward=False)).bus_bytes == pytest.approx(
-        2 * 15 / 16 * p)
-    assert comm_volume(shape(2, strategy="deepspeed", stage=3)).bus_bytes == pytest.approx(3 * 15 / 16 * p)
-    pipe = comm_volume(shape(2, strategy="pipeline", pp=2, microbatches=4))
-    assert pipe.bus_bytes == pytest.approx(2 * 7 / 8 * p / 2) and pipe.p2p_bytes > 0
-    assert comm_volume(shape(1, tasks=1)).bus_bytes == 0
-    # one node: NVLink; more: InfiniBand, 18x slower per byte
-    net = Network(intra_node_latency_us=0, inter_node_latency_us=0)
-    assert nominal_comm_time(shape(2), net) / nominal_comm_time(shape(1, tasks=16), net) == pytest.approx(18)
+def test_shared_host_is_read_from_machine_ids_then_host_names_then_the_cluster(tmp_path):
+    hosts = ["gl-n1", "gl-n2"]
+    # the local test cluster: two namespaces with their own host names on one machine (one boot id)
+    write_point(tmp_path / "a" / "nodes=2", 2, 1, 12, [0.1] * 3, hosts=hosts, env=machine(["m0", "m0"]))
+    # two real machines
+    write_point(tmp_path / "b" / "nodes=2", 2, 1, 12, [0.1] * 3, hosts=hosts, env=machine(["m0", "m1"]))
+    # folders written before machine ids were recorded: cluster=local, or one host name for two nodes
+    write_point(tmp_path / "c" / "nodes=2", 2, 1, 12, [0.1] * 3, cluster="local", hosts=["vm", "vm"])
+    write_point(tmp_path / "d" / "nodes=2", 2, 1, 12, [0.1] * 3, hosts=["vm", "vm"])
+    write_point(tmp_path / "e" / "nodes=2", 2, 1, 12, [0.1] * 3, hosts=hosts)
+    shared = {k: build_report(tmp_path / k).rows[0].shared_host for k in "abcde"}
+    assert shared == {"a": True, "b": False, "c": True, "d": True, "e": False}
+    a = build_report(tmp_path / "a").points[0]
+    assert (a.shared_host, a.cores_per_rank) == ("2 nodes (gl-n1, gl-n2) on 1 machine(s)", 2)  # 4 cores, 2 ranks
+    assert build_report(tmp_path / "b").points[0].cores_per_rank == 2  # each rank: its 2 threads of 4 cores
+    md = (write_report(tmp_path / "a") / "scaling.md").read_text()
+    assert "> **Shared host.** `nodes=2`: 2 nodes (gl-n1, gl-n2) on 1 machine(s); 2 thread(s) per rank" in md
+    assert "shared host" not in (write_report(tmp_path / "b") / "scaling.md").read_text().split("## Measured")[0]
 
 
-@pytest.mark.parametrize("mode", ["weak", "strong"])
-def test_the_fit_recovers_its_parameters(mode):
-    net = Network()
-    c, k = 0.004, 0.7
-    shapes = [scaled_shape(shape(1, batch=256), n, mode) for n in (1, 2, 4, 8)]
-    truth = [c * s.sequences_per_rank + k * nominal_comm_time(s, net) for s in shapes]
-    model = fit(shapes, truth, net)
-    assert (model.compute_s_per_sequence, model.comm_scale) == pytest.approx((c, k), rel=1e-6)
-    assert model.residual_rms_s < 1e-9 and model.method == "c and k by least squares"
-    noisy = fit(shapes, [t * f for t, f in zip(truth, (1.01, 0.99, 1.0, 1.02))], net)
-    assert noisy.compute_s_per_sequence == pytest.approx(c, rel=0.05) and noisy.comm_scale == pytest.approx(k, rel=0.2)
-    if mode == "weak":
-        effs = [model.efficiency(scaled_shape(shapes[0], n, mode), shapes[0]) for n in (8, 64, 1024)]
-        assert 1.0 > effs[0] > effs[1] > effs[2] > 0
-
-
-def test_the_fit_with_one_point_or_measured_communication():
-    net = Network()
-    one = fit([shape(1)], [0.5], net)
-    assert one.comm_scale == 1.0 and one.step_time(shape(1)) == pytest.approx(0.5)
-    shapes = [shape(n) for n in (1, 2, 4)]
-    comm = [2.0 * nominal_comm_time(s, net) for s in shapes]
-    model = fit(shapes, [0.001 * s.sequences_per_rank + x for s, x in zip(shapes, comm)], net, comm)
-    assert model.comm_scale == pytest.approx(2.0) and model.compute_s_per_sequence == pytest.approx(0.001)
-    assert "measured communication" in model.method
-    with pytest.raises(ValueError):
-        Network.from_cfg({"nvlink": 1})
+def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is_flagged_with_its_cause(tmp_path):
+    # the local test cluster, 2 cores: 1, 2 and 4 "nodes" of one rank each share one machine
+    for n, step, comm in ((1, 0.1, None), (2, 0.125, 0.025), (4, 0.3, 0.02)):
+        write_point(tmp_path / "clean" / f"nodes={n}", n, 1, 12, [step] * 4, comm=comm and [comm] * n,
+                    hosts=[f"gl-n{i + 1}" for i in range(n)], env=machine(["m0"] * n, cpus=2, threads=max(2 // n, 1)))
+    rep = build_report(tmp_path / "clean")
+    assert [r.shared_host for r in rep.rows] == [False, True, True]
+    assert all(r.loo_error is not None for r in rep.rows)  # three points: leave-one-out too
+    md = (write_report(tmp_path / "clean") / "scaling.md").read_text()
+    assert "fitted to every point and, leave-one-out, to every other point" in md
+    flags = {r.point: r.model_flag for r in rep.rows}
+    # 2 ranks x 1 core compute as fast as 1 rank x 2 cores, but wait 0.025 s of 0.125 s over loopback, which no
+    # network term describes; 4 ranks x 1 thread on 2 cores are oversubscribed
+    assert flags["nodes=4"].startswith("oversubscribed: 4 ranks x 1 threads on 2 cores")
+    assert flags["nodes=2"].startswith("shared host: 0.025 s of each step is spent in collectives over loopback")
+    assert flags["nodes=1"] == ""
+    assert "| nodes=2 | 0.125 | 0.1 | -20.0% |" in md and "**off by more than 10%**: shared host" in md
+    # a noisy point says so
+    write_point(tmp_path / "noisy" / "nodes=1", 1, 1, 12, [0.1, 0.2, 0.2, 0.2, 0.5, 0.5])
+    write_point(tmp_path / "noisy" / "nodes=2", 2, 1, 12, [0.05] * 4, comm=[0.0, 0.0], hosts=["a", "b"])
+    noisy = {r.point: r.model_flag for r in build_report(tmp_path / "noisy").rows}
+    assert noisy["nodes=1"].startswith("noisy: step time p90 is") and "which noisy point(s) nodes=1 pull" in noisy[
+        "nodes=2"]

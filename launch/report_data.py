@@ -1,0 +1,186 @@
+"""Reading a report's run folders: config, per-rank environment and metrics, and where the ranks ran.
+
+A point is a run folder: `config.yaml` next to `metrics/rank<R>.jsonl` (and `environment/rank<R>.json`).
+
+Where the ranks ran decides what a point measures. Ranks of several "nodes" on one machine (cluster=local, or the
+local test cluster whose nodes are network namespaces) share its cores and talk over loopback: such a point is a
+*shared host*, and measures no network. A machine is known by `machine_id` (the kernel's boot id, equal in every
+namespace of one machine); run folders written before it was recorded fall back to host names and the cluster.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+REPORT_DIR = "report"
+TB_RUN = Path("tensorboard") / "scaling"
+SKIP_DIRS = (REPORT_DIR, "tensorboard", ".hydra", "checkpoints", "logs")
+
+
+@dataclass
+class Point:
+    path: Path
+    name: str
+    config: dict[str, Any]
+    environments: list[dict[str, Any]]
+    records: dict[int, list[dict[str, Any]]]  # rank -> train records with a step time, in step order
+    train_loss: list[tuple[int, float]]       # rank 0's training loss curve, every logged step
+    val_loss: list[tuple[int, float]]         # rank 0's validation losses
+    overrides: list[str] | None               # Hydra's saved overrides of this point, when present
+
+    @property
+    def ranks(self) -> int:
+        if self.environments:
+            return int(self.environments[0].get("world_size") or len(self.records))
+        return len(self.records)
+
+    @property
+    def nodes(self) -> int:
+        n = get(self.config, "cluster.nodes") or get(self.config, "nodes")
+        if n is None and self.environments:
+            n = self.environments[0].get("num_nodes")
+        return int(n or 1)
+
+    @property
+    def hosts(self) -> list[str]:
+        by_rank = {int(e["rank"]): str(e.get("host", "?")) for e in self.environments if "rank" in e}
+        for rank, recs in self.records.items():
+            if rank not in by_rank and recs:
+                by_rank[rank] = str(recs[0].get("host", "?"))
+        return [by_rank.get(r, "?") for r in range(self.ranks)]
+
+    @property
+    def machines(self) -> list[str]:
+        """Each rank's machine: its machine id where recorded, else its host name."""
+        ids = {int(e["rank"]): e.get("machine_id") for e in self.environments if "rank" in e}
+        return [str(ids.get(r) or h) for r, h in enumerate(self.hosts)]
+
+    @property
+    def shared_host(self) -> str:
+        """Why this point's "nodes" share one machine ('' when they do not)."""
+        if self.nodes < 2:
+            return ""
+        machines = len(set(self.machines))
+        if get(self.config, "cluster.name") == "local":
+            return f"cluster=local: {self.nodes} nodes are groups of processes on one machine"
+        if machines < self.nodes:
+            hosts = ", ".join(sorted(set(self.hosts)))
+            return f"{self.nodes} nodes ({hosts}) on {machines} machine(s)"
+        return ""
+
+    @property
+    def threads(self) -> int | None:
+        values = [e.get("threads") for e in self.environments]
+        return max(values) if values and all(isinstance(v, int) for v in values) else None
+
+    @property
+    def cores_per_rank(self) -> float | None:
+        """CPU cores each rank computes with (the smallest share over ranks); None on GPUs or when not recorded.
+
+        A core that n ranks of one machine may run on counts 1/n for each; a rank uses at most its threads."""
+        envs = self.environments
+        if not envs or any(e.get("gpu") or not e.get("cpu_count") for e in envs):
+            return None
+        cpus = [set(e.get("cpu_affinity") or range(int(e["cpu_count"]))) for e in envs]
+        users = Counter((m, c) for m, cs in zip(self.machines, cpus) for c in cs)
+        shares = []
+        for e, m, cs in zip(envs, self.machines, cpus):
+            share = sum(1 / users[(m, c)] for c in cs)
+            shares.append(min(share, e["threads"]) if isinstance(e.get("threads"), int) else share)
+        return min(shares)
+
+    @property
+    def oversubscribed(self) -> str:
+        """'N ranks x T threads on C cores' when the ranks of one machine ask for more threads than it has."""
+        envs = [e for e in self.environments if isinstance(e.get("threads"), int) and e.get("cpu_count")]
+        if len(envs) != len(self.environments) or not envs:
+            return ""
+        by_machine = Counter(m for m in self.machines)
+        machine, ranks = by_machine.most_common(1)[0]
+        env = next(e for e, m in zip(envs, self.machines) if m == machine)
+        if ranks * env["threads"] > env["cpu_count"]:
+            return f"{ranks} ranks x {env['threads']} threads on {env['cpu_count']} cores"
+        return ""
+
+
+def get(d: dict[str, Any], dotted: str, default: Any = None) -> Any:
+    for part in dotted.split("."):
+        if not isinstance(d, dict) or part not in d:
+            return default
+        d = d[part]
+    return d
+
+
+def load_yaml(path: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # already resolved when written
+
+
+def is_run_folder(path: Path) -> bool:
+    return (path / "config.yaml").is_file() and (path / "metrics").is_dir()
+
+
+def find_run_folders(root: Path, max_depth: int = 4) -> list[Path]:
+    """The run folders at or under root (a run folder's own subfolders are not searched)."""
+    if is_run_folder(root):
+        return [root]
+    found: list[Path] = []
+    if max_depth == 0:
+        return found
+    for child in sorted(p for p in root.iterdir() if p.is_dir()):
+        if child.name in SKIP_DIRS or child.name.startswith("."):
+            continue
+        found.extend(find_run_folders(child, max_depth - 1))
+    return found
+
+
+def _jsonl(path: Path) -> Iterable[dict[str, Any]]:
+    for line in path.read_text().splitlines():
+        try:
+            yield json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a killed job
+
+
+def _newest_per_step(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A requeued job appends to the same file: keep the newest record of each step, in step order."""
+    by_step = {r["step"]: r for r in records if "step" in r}
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def _environments(path: Path) -> list[dict[str, Any]]:
+    envs = []
+    for f in sorted((path / "environment").glob("rank*.json")):
+        try:
+            envs.append(json.loads(f.read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            log.warning("skipping %s: %s", f, e)
+    return sorted(envs, key=lambda e: int(e.get("rank", 0)))
+
+
+def load_point(path: Path, root: Path) -> Point:
+    records: dict[int, list[dict[str, Any]]] = {}
+    train_loss: list[tuple[int, float]] = []
+    val_loss: list[tuple[int, float]] = []
+    for f in sorted((path / "metrics").glob("rank*.jsonl")):
+        rank = int(f.stem.removeprefix("rank"))
+        recs = list(_jsonl(f))
+        train = _newest_per_step(r for r in recs if r.get("kind") == "train")
+        records[rank] = [r for r in train if r.get("step_time_s") is not None]
+        if rank == 0:
+            train_loss = [(r["step"], r["loss"]) for r in train if isinstance(r.get("loss"), (int, float))]
+            val = _newest_per_step(r for r in recs if r.get("kind") == "val")
+            val_loss = [(r["step"], r["loss"]) for r in val if isinstance(r.get("loss"), (int, float))]
+    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
+    name = str(path.relative_to(root)) if path != root else path.name
+    return Point(path, name, load_yaml(path / "config.yaml"), _environments(path), records, train_loss, val_loss,
+                 overrides)

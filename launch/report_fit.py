@@ -1,0 +1,84 @@
+"""The performance model of a scaling report: its fit to the points, its error on each, and its predictions.
+
+A point the model (fitted to every point) misses by more than `TOLERANCE` is flagged with the likely cause, read from the point's own
+files: oversubscribed cores, a shared host (whose collectives run over loopback between ranks that share cores,
+which the model's network term does not describe), a noisy measurement, or compute that does not scale with the
+per-rank batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from launch.perf_model import FittedModel, Network, Shape, fit, point_errors, scaled_shape
+from launch.report_data import Point
+from launch.report_rows import Row, median_or_none, steady
+
+TOLERANCE = 0.10
+NOISY_P90_OVER_P50 = 1.3
+
+
+def measured_comm(point: Point, skip: int) -> float | None:
+    return median_or_none(r.get("comm_s") for rank in sorted(point.records) for r in steady(point.records[rank], skip))
+
+
+def noisy(row: Row) -> bool:
+    return row.step_time_p90_s > NOISY_P90_OVER_P50 * row.step_time_p50_s
+
+
+def fit_points(points: Sequence[Point], rows: Sequence[Row], shapes: Sequence[Shape], network: Network,
+               skip: int) -> FittedModel:
+    """Fit the model, and fill each row's model step time, its error, and the flag where it misses."""
+    step_times = [r.step_time_p50_s for r in rows]
+    comm = [measured_comm(p, skip) for p in points]
+    model = fit(shapes, step_times, network, comm)
+    for point, row, shape, err in zip(points, rows, shapes, point_errors(shapes, step_times, network, comm)):
+        row.predicted_step_time_s = err.model_s
+        row.model_error, row.loo_error = err.error, err.loo_error
+        if abs(err.error) > TOLERANCE:  # leave-one-out errors are stated, not flagged: they test the data too
+            others = [r.point for r in rows if r is not row and noisy(r)]
+            row.model_flag = likely_cause(point, row, model, shape, others)
+    return model
+
+
+def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
+    """Why the model misses this point, from what the point (and the others) recorded."""
+    if point.oversubscribed:
+        return f"oversubscribed: {point.oversubscribed}, so ranks wait for cores"
+    if noisy(row):
+        return (f"noisy: step time p90 is {row.step_time_p90_s / row.step_time_p50_s:.2f}x p50 "
+                "(other load on the machine?)")
+    short = row.step_time_p50_s - row.predicted_step_time_s
+    if point.shared_host and row.comm_s and short > 0 and row.comm_s >= short / 2:
+        return (f"shared host: {row.comm_s:.3g} s of each step is spent in collectives over loopback between ranks "
+                f"that share cores (the model's network term: {model.comm_time(shape):.2g} s)")
+    busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
+    cause = f"compute: its busy time per sequence is {busy:.2f}x the fitted c"
+    if noisy_others:
+        return f"{cause}, which noisy point(s) {', '.join(noisy_others)} pull"
+    if point.shared_host:
+        return f"{cause}: ranks that share one machine's cores do not compute like separate nodes"
+    return f"{cause} (the per-rank batch changes kernel efficiency)"
+
+
+def predict(model: FittedModel, ref: Shape, kept: str, nodes: Iterable[int], rows: Sequence[Row]
+            ) -> list[dict[str, Any]]:
+    """Predicted rows at `nodes` (and the measured node counts) with the reference's global batch kept (strong)
+    or its per-rank batch kept (weak), on machines of their own."""
+    measured = {r.nodes: r for r in rows if r.tasks_per_node == ref.tasks_per_node}
+    ref = scaled_shape(ref, ref.nodes, kept)
+    out = []
+    for n in sorted(set(nodes) | set(measured)):
+        s = scaled_shape(ref, n, kept)
+        row = measured.get(n) if kept == "strong" or n == ref.nodes else None
+        entry: dict[str, Any] = {"scaling": kept, "nodes": n, "ranks": s.ranks, "global_batch": s.global_batch,
+                                 "feasible": s.feasible}
+        figures = (model.step_time(s), model.compute_time(s), model.comm_time(s), model.tokens_per_s(s),
+                   model.efficiency(s, ref)) if s.feasible else (math.nan,) * 5
+        entry.update(zip(("step_time_s", "compute_s", "comm_s", "tokens_per_s", "efficiency"), figures))
+        entry["measured_step_time_s"] = row.step_time_p50_s if row else None
+        entry["measured_efficiency"] = row.efficiency if row else None
+        out.append(entry)
+    return out
+

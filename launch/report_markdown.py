@@ -1,0 +1,192 @@
+"""The report as Markdown (`report/scaling.md`, and the text of the TensorBoard run)."""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+from launch.report_data import TB_RUN
+from launch.report_fit import TOLERANCE
+from launch.report_rows import BREAKDOWN, replay_stragglers
+
+if TYPE_CHECKING:
+    from launch.report import Report
+
+MODE_TEXT = {
+    "weak": "**weak scaling**: the per-rank batch is fixed, so efficiency = t(ref) / t(n)",
+    "strong": "**strong scaling**: the global batch is fixed, so efficiency = t(ref) x ranks(ref) / (t(n) x ranks(n))",
+    "single point": "a single point: no scaling to measure; efficiency is 1 by definition",
+    "mixed": "**mixed**: neither the global nor the per-rank batch is fixed across points; efficiency is tokens/s "
+             "per rank against the smallest point",
+}
+MFU_NOTE = "MFU is n/a where no peak FLOP/s is known (CPU, unknown GPU)."
+
+
+def fmt(v: Any, spec: str = ".3g") -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "n/a"
+    if isinstance(v, float):
+        return format(v, spec)
+    return str(v)
+
+
+def pct(v: float | None, signed: bool = False) -> str:
+    if v is None or math.isnan(v):
+        return "n/a"
+    return f"{100 * v:+.1f}%" if signed else f"{100 * v:.1f}%"
+
+
+def markdown(rep: Report) -> str:
+    parts = [intro(rep), shared_host_note(rep)]
+    if rep.compare:
+        parts.append(comparison(rep))
+    if rep.scaling:
+        parts += [scaling_table(rep), stragglers(rep), model_section(rep), prediction_tables(rep)]
+    parts.append(plots(rep))
+    return "\n".join(p for p in parts if p)
+
+
+def intro(rep: Report) -> str:
+    n = len(rep.rows)
+    if not rep.scaling:
+        return (f"# Sweep report: {rep.root.name}\n\n{n} points; they differ in "
+                f"{', '.join(f'`{k}`' for k in rep.keys)}.\n")
+    ref = rep.reference
+    swept = f" Swept: {', '.join(f'`{k}`' for k in rep.keys)}." if rep.keys else ""
+    return (f"# Scaling report: {rep.root.name}\n\n{n} point(s); {MODE_TEXT[rep.mode]}.{swept} Reference: "
+            f"`{ref.point}` ({ref.nodes} node(s), {ref.ranks} rank(s)). Steady state: the first "
+            f"{rep.config.skip_windows} log window(s) of each rank are left out.\n")
+
+
+def shared_host_note(rep: Report) -> str:
+    shared = [p for p in rep.points if p.shared_host]
+    if not shared:
+        return ""
+    lines = [f"> **Shared host.** `{p.name}`: {p.shared_host}" + (f"; {p.threads} thread(s) per rank" if p.threads
+             else "") + (f", {p.cores_per_rank:g} core(s) each" if p.cores_per_rank else "") + "." for p in shared]
+    lines.append("> These points measure how ranks share one machine's cores and its loopback, not network "
+                 f"scaling. {_fit_of_shared(rep, len(shared))}")
+    return "\n>\n".join(lines) + "\n"
+
+
+def _fit_of_shared(rep: Report, shared: int) -> str:
+    if not rep.scaling:
+        return "This comparison fits no performance model."
+    if shared < len(rep.points):
+        return "The performance model leaves them out of its fit (compute and communication terms)."
+    return "The performance model fits only its compute term from them, not its communication term."
+
+
+def comparison(rep: Report) -> str:
+    by_val = any(r.best_val_loss is not None for r in rep.compare)
+    order = "best validation loss" if by_val else "final training loss (no point recorded a validation loss)"
+    out = [f"## Comparison: {', '.join(rep.compared_keys)}\n", f"Ranked by {order}; lower is better.\n",
+           "| rank | point | best val loss (step) | final val loss | final train loss | tokens/s | steps |",
+           "|---|---|---|---|---|---|---|"]
+    for r in rep.compare:
+        best = f"{r.best_val_loss:.4f} ({r.best_val_step})" if r.best_val_loss is not None else "n/a"
+        out.append(f"| {r.rank} | {r.label} | {best} | {fmt(r.final_val_loss, '.4f')} | "
+                   f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {r.steps} |")
+    return "\n".join(out) + "\n\n![training and validation loss per point](loss_curves.png)\n"
+
+
+def scaling_table(rep: Report) -> str:
+    out = ["## Measured\n",
+           ("| point | nodes | ranks | strategy | global batch | batch/rank | tokens/s | tokens/s/rank | MFU | "
+           "step p50 (s) | step p90 (s) | comm | stragglers | efficiency | threads/rank | shared host |"),
+           "|" + "---|" * 16]
+    for r in rep.rows:
+        strag = f"{r.stragglers} ({r.straggler_ranks})" if r.stragglers else "none"
+        out.append(f"| {r.point} | {r.nodes} | {r.ranks} | {r.strategy} | {r.global_batch} | {r.batch_per_rank:g} | "
+                   f"{r.tokens_per_s:,.0f} | {r.tokens_per_s_rank:,.0f} | {pct(r.mfu)} | {r.step_time_p50_s:.4g} | "
+                   f"{r.step_time_p90_s:.4g} | {pct(r.comm_fraction)} | {strag} | {pct(r.efficiency)} | "
+                   f"{fmt(r.threads)} | {'yes' if r.shared_host else 'no'} |")
+    breakdown = "; ".join(f"`{r.point}` " + ", ".join(
+        f"{k.removesuffix('_s').replace('_time', '')} {fmt(getattr(r, k), '.3g')}" for k in BREAKDOWN)
+        for r in rep.rows)
+    out.append(f"\nStep-time breakdown (medians, s): {breakdown}.\n")
+    out.append(f"{MFU_NOTE} comm is the median fraction of the step spent in collectives, n/a where the run did "
+               "not record `comm_s`.\n")
+    return "\n".join(out)
+
+
+def stragglers(rep: Report) -> str:
+    sc = rep.straggler_config
+    out = ["## Stragglers\n", (f"Rule: a rank whose busy time (step time minus time in collectives, when recorded) "
+           f"is more than {sc.threshold_pct:g}% above the median rank for {sc.windows} consecutive log windows.\n")]
+    events = [f"- `{p.name}`: {e.message()}" for p in rep.points
+              for e in replay_stragglers(p, sc, rep.config.skip_windows)[1]]
+    out.append("\n".join(events) + "\n" if events else "No rank was a straggler at any point.\n")
+    return "\n".join(out)
+
+
+def model_section(rep: Report) -> str:
+    m, net = rep.model, rep.model.network
+    per = f"for a rank with {m.reference_cores:g} core(s)" if m.reference_cores else "per rank"
+    out = ["## Performance model\n",
+           ("step_time(n) = c x sequences_per_rank(n) x cores(ref) / cores(n) + k x comm(n), comm = latency + "
+           "bytes / bandwidth for the strategy's collectives (see `launch/perf_model.py`).\n"),
+           (f"- c = {m.compute_s_per_sequence:.4g} s per sequence {per}; k = {m.comm_scale:.3g} (1 = communication "
+           f"as fast as the configured network); {m.method}; rms residual {m.residual_rms_s:.3g} s"),
+           (f"- network (`report.network.*`): intra-node {net.intra_node_GBps:g} GB/s, {net.intra_node_latency_us:g} "
+           f"us; inter-node {net.inter_node_GBps:g} GB/s, {net.inter_node_latency_us:g} us\n")]
+    return "\n".join(out) + "\n" + model_error(rep)
+
+
+def model_error(rep: Report) -> str:
+    loo = len(rep.rows) >= 3
+    flagged = [r for r in rep.rows if r.model_flag]
+    head = (f"### Model error\n\nThe model against each measured step time (p50), fitted to every point"
+            f"{' and, leave-one-out, to every other point' if loo else ' (leave-one-out needs 3 points or more)'}. "
+            f"{len(rep.rows) - len(flagged)} of {len(rep.rows)} point(s) within {TOLERANCE:.0%}"
+            f"{'; flagged points give the likely cause' if flagged else ''}.\n")
+    out = [head, ("| point | measured step (s) | model step (s) | error | leave-one-out step (s) | "
+           "leave-one-out error | flag |"), "|---|---|---|---|---|---|---|"]
+    for r in rep.rows:
+        loo_step = r.step_time_p50_s * (1 + r.loo_error) if r.loo_error is not None else None
+        out.append(f"| {r.point} | {r.step_time_p50_s:.4g} | {r.predicted_step_time_s:.4g} | "
+                   f"{pct(r.model_error, signed=True)} | {fmt(loo_step, '.4g')} | {pct(r.loo_error, signed=True)} | "
+                   f"{'**off by more than 10%**: ' + r.model_flag if r.model_flag else 'ok'} |")
+    return "\n".join(out) + "\n"
+
+
+def prediction_tables(rep: Report) -> str:
+    ref = rep.reference
+    out = []
+    for kept, title in (("weak", (f"Weak scaling: {ref.batch_per_rank:g} sequence(s) per data-parallel rank, as "
+                                 f"`{ref.point}`")),
+                        ("strong", f"Strong scaling: a global batch of {ref.global_batch} sequences, as measured")):
+        rows = [p for p in rep.predictions if p["scaling"] == kept]
+        if rows:
+            out.append(f"### Predicted: {title}\n\n" + _prediction_table(rows))
+    note = ("Predictions put each node on a machine of its own, with the reference's cores per rank, on the "
+            "configured network.")
+    if any(not p["feasible"] for p in rep.predictions):
+        note += (f" Strong scaling ends where the data-parallel ranks outnumber the global batch "
+                 f"({ref.global_batch} sequences); the weak-scaling rows go on.")
+    return "\n".join(out) + note + "\n"
+
+
+def _prediction_table(rows: list[dict[str, Any]]) -> str:
+    out = [("| nodes | ranks | global batch | predicted step (s) | compute (s) | comm (s) | predicted tokens/s | "
+           "predicted efficiency | measured step p50 (s) | measured efficiency |"), "|" + "---|" * 10]
+    for p in rows:
+        if not p["feasible"]:
+            out.append(f"| {p['nodes']} | {p['ranks']} | {p['global_batch']} | global batch < data-parallel ranks "
+                       "| | | | | | |")
+            continue
+        out.append(f"| {p['nodes']} | {p['ranks']} | {p['global_batch']} | {p['step_time_s']:.4g} | "
+                   f"{p['compute_s']:.4g} | {p['comm_s']:.4g} | {p['tokens_per_s']:,.0f} | {pct(p['efficiency'])} | "
+                   f"{fmt(p['measured_step_time_s'], '.4g')} | {pct(p['measured_efficiency'])} |")
+    return "\n".join(out) + "\n\n"
+
+
+PLOTS = (("throughput.png", "throughput vs nodes"), ("efficiency.png", "efficiency vs nodes"),
+         ("step_time_per_rank.png", "per-rank step time per point"),
+         ("prediction.png", "predicted step time vs nodes"))
+
+
+def plots(rep: Report) -> str:
+    out = (["## Plots\n"] + [f"![{title}]({name})\n" for name, title in PLOTS]) if rep.scaling else []
+    out.append(f"TensorBoard: `tensorboard --logdir {rep.root}`: run `{TB_RUN.as_posix()}` holds this report's plots "
+               "(IMAGES) and tables (TEXT), and a dashboard (CUSTOM SCALARS).\n")
+    return "\n".join(out)
