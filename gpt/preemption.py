@@ -1,19 +1,15 @@
 """Preemption: signal handlers only raise a flag; the training loop asks, at a step boundary (and between
 evaluation batches), whether ANY rank saw a signal (an OR over all ranks, folded into the step's one small
-all_reduce), so every rank stops at the same step and saves together. Then one rank requeues the Slurm job.
+all_reduce), so every rank stops at the same step and saves together. Then the launcher's side of the rank
+(launch.job_env) asks the scheduler, if there is one, to run the job again.
 
 Kept light (no torch at import): the worker installs the handlers first thing, so a signal that arrives while
 torch imports or the process group forms is not lost (and does not kill the rank).
 """
 from __future__ import annotations
 
-import json
 import logging
-import os
 import signal
-import subprocess
-import time
-from pathlib import Path
 from typing import Any, Iterable
 
 from gpt.errors import ConfigError
@@ -85,58 +81,3 @@ class PreemptionFlag:
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(flag)
         return bool(flag.item() > 0)
-
-
-# --- Slurm ----------------------------------------------------------------------------------------------
-def slurm_job_id() -> str | None:
-    return os.environ.get("SLURM_JOB_ID") or None
-
-
-def restart_count() -> int:
-    try:
-        return int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    except ValueError:
-        return 0
-
-
-def _job_state(job_id: str) -> str | None:
-    try:
-        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=30)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    for word in proc.stdout.split():
-        if word.startswith("JobState="):
-            return word.split("=", 1)[1]
-    return None
-
-
-def requeue(max_restarts: int) -> tuple[bool, str]:
-    """Ask Slurm to run this job again (same job id). Returns (requeued, why not / how).
-
-    Only while the job is RUNNING: a job that `scancel` cancelled, or that `scontrol requeue` from outside is
-    already requeueing, is left to Slurm."""
-    job = slurm_job_id()
-    if job is None:
-        return False, "not a Slurm job"
-    restarts = restart_count()
-    if restarts >= max_restarts:
-        return False, f"restart limit reached ({restarts} of preemption.max_restarts={max_restarts})"
-    state = _job_state(job)
-    if state is not None and state != "RUNNING":
-        return False, f"job {job} is {state}: Slurm decides what happens next"
-    try:
-        proc = subprocess.run(["scontrol", "requeue", job], capture_output=True, text=True, timeout=60)
-    except FileNotFoundError:
-        return False, "scontrol is not on PATH inside the job: cannot requeue (resubmit the same command to resume)"
-    except subprocess.SubprocessError as e:
-        return False, f"scontrol requeue {job} failed: {e}"
-    if proc.returncode != 0:
-        return False, f"scontrol requeue {job} failed: {proc.stderr.strip() or proc.stdout.strip()}"
-    return True, f"requeued job {job} (restart {restarts + 1} of at most {max_restarts})"
-
-
-def log_attempt(run_dir: Path, record: dict[str, Any]) -> None:
-    """One line per attempt in RUN_DIR/attempts.jsonl (rank 0 writes it)."""
-    record = {"job_id": slurm_job_id(), "restart": restart_count(), "time": time.time(), **record}
-    with open(run_dir / "attempts.jsonl", "a") as f:
-        f.write(json.dumps(record) + "\n")

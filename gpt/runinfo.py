@@ -66,7 +66,6 @@ def environment(env: DistEnv) -> dict:
         "cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
         "git_commit": git_commit(Path(__file__).resolve().parents[1]),
-        "slurm": {k: v for k, v in os.environ.items() if k.startswith("SLURM_")},
     }
 
 

@@ -47,8 +47,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
             sweep_config.hydra.job.num = idx
-            if labels:
-                sweep_config.hydra.sweep.subdir = labels[i]
+            if labels:  # a one-point sweep keeps the name a node sweep would give it
+                sweep_config.hydra.sweep.subdir = labels[i] or f"nodes={sweep_config.nodes}"
         ret = run_job(hydra_context=context, task_function=_prepare_task, config=sweep_config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         points.append((idx, overrides, sweep_config, ret))

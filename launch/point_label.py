@@ -21,12 +21,11 @@ def varying_keys(job_overrides: Sequence[Sequence[str]]) -> list[str]:
 
 
 def point_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
+    """One label per point; empty where nothing varies (a one-point sweep), for the caller to fill in."""
     keys = varying_keys(job_overrides)
     labels = []
-    for i, overrides in enumerate(job_overrides):
+    for overrides in job_overrides:
         values = dict(_pairs(overrides))
         label = ",".join(f"{k}={values[k]}" for k in keys if k in values)
-        if not label:  # nothing varies (a one-point sweep): all of its overrides, while they stay short
-            label = ",".join(overrides) if len(",".join(overrides)) <= 60 else f"point{i}"
-        labels.append(UNSAFE.sub("_", label.lstrip("+~")) or f"point{i}")
+        labels.append(UNSAFE.sub("_", label.lstrip("+~")))
     return labels

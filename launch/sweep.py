@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -17,15 +16,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gpt.errors import UserError
+from launch import slurm_commands
 from launch.budget import PointCost, check_budget, check_limit, table
+from launch.slurm_commands import FINAL, GONE, JobInfo, SlurmUnavailable
 from launch.slurm import SlurmResources, make_executor
 from launch.slurm_task import RankTask
 
-# States after which Slurm will not run a job again by itself (PREEMPTED and NODE_FAIL jobs with --requeue
-# come back as PENDING, REQUEUED: those are not final).
-FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-         "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"}
-GONE = "GONE"  # no longer known to squeue, scontrol or sacct
+OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
 
 
 @dataclass
@@ -117,59 +114,15 @@ def submit(points: list[SlurmPoint], folder: Path, out=sys.stdout) -> list[Submi
                 print(f"submitted job {s.job_id} for {p.label}: {resources.describe()}; log: {_show(paths.stdout)}",
                       file=out, flush=True)
     except Exception as e:
-        cancel([s.job_id for s in submitted])
+        slurm_commands.cancel([s.job_id for s in submitted])
         done = f"; cancelled the {len(submitted)} job(s) already submitted" if submitted else ""
         raise UserError(f"Slurm refused a job of this sweep: {_first_line(e)}{done}") from None
     return submitted
 
 
-def cancel(job_ids: list[str]) -> None:
-    if job_ids:
-        subprocess.run(["scancel", *job_ids], capture_output=True, timeout=60)
-
-
-def job_states(job_ids: list[str]) -> dict[str, str]:
-    """Job id -> state, for every job Slurm still knows; GONE for the ones it forgot."""
-    states: dict[str, str] = {}
-    try:
-        proc = subprocess.run(["squeue", "--me", "--states=all", "-h", "-r", "-o", "%i|%T"], capture_output=True,
-                              text=True, timeout=60)
-        if proc.returncode == 0:
-            for line in proc.stdout.splitlines():
-                jid, _, state = line.strip().partition("|")
-                if jid in job_ids:
-                    states[jid] = state.split()[0] if state else "UNKNOWN"
-    except (OSError, subprocess.SubprocessError):
-        pass
-    for jid in job_ids:
-        if jid not in states:
-            states[jid] = _scontrol_state(jid) or _sacct_state(jid) or GONE
-    return states
-
-
-def _scontrol_state(job_id: str) -> str | None:
-    info = scontrol_job(job_id)
-    return info.get("JobState")
-
-
-def scontrol_job(job_id: str) -> dict[str, str]:
-    try:
-        proc = subprocess.run(["scontrol", "-o", "show", "job", job_id], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return {}
-    if proc.returncode != 0 or not proc.stdout.strip():
-        return {}
-    return dict(kv.split("=", 1) for kv in proc.stdout.splitlines()[0].split() if "=" in kv)
-
-
-def _sacct_state(job_id: str) -> str | None:
-    try:
-        proc = subprocess.run(["sacct", "-n", "-X", "-P", "-o", "State", "-j", job_id], capture_output=True,
-                              text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError):
-        return None
-    words = proc.stdout.split()
-    return words[0] if proc.returncode == 0 and words else None
+def job_states(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Job id -> state and pending reason; GONE for the jobs Slurm forgot. SlurmUnavailable in an outage."""
+    return slurm_commands.job_infos(job_ids)
 
 
 def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
@@ -197,8 +150,9 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
         outcome.state = "COMPLETED"
     if outcome.state != "COMPLETED" or missing or outcome.errors:
         if missing and not outcome.errors:
-            info = scontrol_job(s.job_id)
-            why = ", ".join(f"{k}={info[k]}" for k in ("ExitCode", "Reason") if info.get(k) not in (None, "None"))
+            info = _job_info(s.job_id)
+            why = ", ".join(f"{k}={info.get(k)}" for k in ("ExitCode", "Reason")
+                            if info and info.get(k) not in (None, "None"))
             tail = _tail(s.paths(0).stderr)
             outcome.errors.append(f"the job ended before {_tasks(missing, s.num_tasks)} reported"
                                   f"{' (' + why + ')' if why else ''}" + (f"; its error output ends:\n    "
@@ -215,39 +169,80 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
 
     pending = {s.job_id: s for s in submitted}
     outcomes: dict[str, Outcome] = {}
-    # A bar on a terminal; in a log file (nohup, CI) one line whenever the counts change.
+    # A bar on a terminal; in a log file (nohup, CI) one line whenever the status changes.
     live = progress and sys.stderr.isatty()
     bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
                dynamic_ncols=True, mininterval=0.5)
-    last_status = ""
+    watch = Watch()
     try:
         while pending:
-            states = job_states(list(pending))
-            for jid, state in states.items():
-                if state in FINAL or state == GONE:
-                    outcome = collect(pending.pop(jid), state)
-                    outcomes[jid] = outcome
+            infos = watch.poll(list(pending))
+            for jid, info in infos.items():
+                if info.state in FINAL or info.state == GONE:
+                    outcomes[jid] = collect(pending.pop(jid), info.state)
                     bar.update(1)
                     if on_done:
                         bar.clear()
-                        on_done(outcome)
-            counts: dict[str, int] = {}
-            for state in (states[j] for j in pending):
-                counts[state.lower()] = counts.get(state.lower(), 0) + 1
-            status = ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+                        on_done(outcomes[jid])
+            status = watch.status(infos, pending)
             bar.set_postfix_str(status, refresh=True)
-            if progress and not live and status and status != last_status:
+            if progress and not live and status and status != watch.last_status:
                 print(f"jobs: {len(outcomes)} of {len(submitted)} done, {status}", file=sys.stderr, flush=True)
-            last_status = status
+            watch.last_status = status
             if pending:
                 time.sleep(poll_s)
     except KeyboardInterrupt:
         bar.close()
         ids = " ".join(pending)
-        print(f"\ninterrupted: job(s) {ids} keep running; stop them with: scancel {ids}", file=sys.stderr)
+        print(f"\ninterrupted: job(s) {ids} keep running; watch them with: squeue -j {','.join(pending)}; "
+              f"stop them with: scancel {ids}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
     return [outcomes[s.job_id] for s in submitted]
+
+
+@dataclass
+class Watch:
+    """The waiter's memory between polls: the last states it saw (kept through a Slurm outage, never taken
+    for jobs that are gone), and the stuck jobs it has already explained."""
+
+    infos: dict[str, JobInfo] = field(default_factory=dict)
+    outage_since: float | None = None
+    explained: set[str] = field(default_factory=set)
+    last_status: str = ""
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        try:
+            fresh = job_states(job_ids)
+        except SlurmUnavailable as e:
+            now = time.monotonic()
+            if self.outage_since is None:
+                self.outage_since = now
+                print(f"Slurm does not answer ({e}); still waiting", file=sys.stderr, flush=True)
+            elif now - self.outage_since > OUTAGE_GRACE_S:
+                raise UserError(f"Slurm has not answered for {OUTAGE_GRACE_S} s ({e}); the jobs "
+                                f"{' '.join(job_ids)} may still run: check with squeue") from None
+            return {j: self.infos.get(j, JobInfo(j, "UNKNOWN")) for j in job_ids}
+        if self.outage_since is not None:
+            print("Slurm answers again", file=sys.stderr, flush=True)
+            self.outage_since = None
+        self.infos.update(fresh)
+        for info in fresh.values():
+            if info.stuck_hint and info.job_id not in self.explained:
+                self.explained.add(info.job_id)
+                print(f"job {info.job_id} is pending ({info.reason}) and will not start by itself: "
+                      f"{info.stuck_hint}", file=sys.stderr, flush=True)
+        return fresh
+
+    @staticmethod
+    def status(infos: dict[str, JobInfo], pending: dict[str, Submitted]) -> str:
+        """'1 running, 2 pending (Resources)': pending jobs with their reasons."""
+        counts: dict[str, int] = {}
+        for info in (infos[j] for j in pending if j in infos):
+            why = f" ({info.reason})" if info.state != "RUNNING" and info.reason not in ("", "None") else ""
+            key = info.state.lower() + why
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
 
 
 def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
@@ -268,6 +263,13 @@ def run_points(points: list[SlurmPoint], folder: Path, max_node_hours: object, p
     budget_gate(points, max_node_hours)
     submitted = submit(points, folder)
     return wait(submitted, poll_s, progress, on_done=print_outcome)
+
+
+def _job_info(job_id: str) -> JobInfo | None:
+    try:
+        return slurm_commands.scontrol_job(job_id)
+    except SlurmUnavailable:
+        return None
 
 
 def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:

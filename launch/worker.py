@@ -17,12 +17,14 @@ from pathlib import Path  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag, log_attempt, requeue  # noqa: E402
+from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag  # noqa: E402
 
 from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
 from gpt.errors import UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
+from launch.attempts import log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
+from launch.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.startup import StartupClock  # noqa: E402
 from launch.threads import ThreadPlan  # noqa: E402
 
@@ -49,55 +51,63 @@ def run_rank(run_dir: Path) -> dict:
 
     clock = StartupClock(run_dir, process_start=STARTED)
     clock.mark("imported")
-    env = detect()
+    env, job = detect(), job_environment()
     setup_logging(run_dir, env)
     cfg = OmegaConf.load(run_dir / "config.yaml")
     threads = apply_threads(env)
     write_environment(run_dir, env, {"threads": threads.threads, "threads_source": threads.source,
-                                     "ranks_on_host": threads.ranks_on_host})
-    device = pick_device(cfg.train.device, env)
-    timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
-    rendezvous = init_process_group(env, device, join_timeout_s=timeout)
-    if rendezvous is not None:
-        rendezvous = preflight(rendezvous, device)
-        if env.is_main:
-            log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
-            (run_dir / "environment" / "rendezvous.json").write_text(json.dumps(
-                {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
-                 "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
-                 "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+                                     "ranks_on_host": threads.ranks_on_host, "scheduler": job.variables()})
+    join(run_dir, env, cfg)
     clock.mark("rendezvous")
     trainer = Trainer(cfg, env, run_dir)
-    ATTEMPT["startup"] = lambda: clock.breakdown(trainer.startup)
-    ATTEMPT["first_step"] = trainer.first_step
-    ATTEMPT["trainer"] = trainer
+    ATTEMPT.update(startup=lambda: clock.breakdown(trainer.startup), first_step=trainer.first_step,
+                   trainer=trainer, job=job)
     summary = trainer.fit()
     startup = clock.breakdown(trainer.startup)
     if env.is_main:
         log.info("%s", StartupClock.describe(startup))
-    preempted = summary.get("preempted")
-    if preempted:
-        # Every rank has saved (the save ends with a barrier). One rank requeues; Slurm then stops every process
-        # of this attempt (SIGTERM, which only sets the flag now) and starts the job again with the same id.
-        requeued, how = False, "preemption.enabled=false"
-        if env.is_main:
-            max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
-            requeued, how = requeue(max_restarts)
-            log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
-                                  "ended": f"preempted:{preempted}", "requeued": requeued, "note": how,
-                                  "startup": startup})
-            (log.warning if not requeued else log.info)("stopped at step %d after %s, checkpoint saved; %s",
-                                                         summary["last_step"], preempted, how)
-        requeued = _from_rank0(requeued)
-        leave()
-        return {**summary, "requeued": requeued}
+    record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup}
+    if summary.get("preempted"):
+        return {**summary, "requeued": stop_preempted(run_dir, env, job, cfg, summary, record)}
     leave()
     if env.is_main:  # what a launcher reports as the run's result
-        log_attempt(run_dir, {"first_step": summary["first_step"], "last_step": summary["last_step"],
-                              "ended": "finished", "startup": startup})
+        log_attempt(run_dir, job, {**record, "ended": "finished"})
         (run_dir / "summary.json").write_text(json.dumps(
             {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
     return summary
+
+
+def join(run_dir: Path, env: DistEnv, cfg) -> None:
+    """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
+    device = pick_device(cfg.train.device, env)
+    timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
+    rendezvous = init_process_group(env, device, join_timeout_s=timeout)
+    if rendezvous is None:
+        return
+    rendezvous = preflight(rendezvous, device)
+    if env.is_main:
+        log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
+        (run_dir / "environment" / "rendezvous.json").write_text(json.dumps(
+            {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
+             "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
+             "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+
+
+def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summary: dict, record: dict) -> bool:
+    """Every rank has saved (the save ends with a barrier). Rank 0 asks the scheduler to run the job again;
+    Slurm then stops every process of this attempt (SIGTERM, which only sets the flag now) and starts the job
+    again with the same id. Returns whether it was requeued, on every rank."""
+    requeued = False
+    if env.is_main:
+        max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+        requeued, how = job.requeue(max_restarts)
+        log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
+                                   "note": how})
+        (log.info if requeued else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
+                                                summary["last_step"], summary["preempted"], how)
+    requeued = _from_rank0(requeued)
+    leave()
+    return requeued
 
 
 ATTEMPT: dict = {}  # what main() logs if the attempt fails
@@ -162,11 +172,11 @@ def main() -> None:
 
 def _log_failure(run_dir: Path, message: str) -> None:
     trainer = ATTEMPT.get("trainer")
-    rank = trainer.env.rank if trainer is not None else int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    rank = trainer.env.rank if trainer is not None else detect().rank
     if rank != 0:
         return
     try:
-        log_attempt(run_dir, {"first_step": ATTEMPT.get("first_step"),
+        log_attempt(run_dir, ATTEMPT.get("job") or job_environment(), {"first_step": ATTEMPT.get("first_step"),
                               "last_step": trainer.step if trainer is not None else None,
                               "ended": f"failed: {message.splitlines()[0][:300] if message else ''}",
                               **({"startup": ATTEMPT["startup"]()} if "startup" in ATTEMPT else {})})

@@ -8,7 +8,6 @@ Missing Slurm in CI is a failure, never a skip (a skipped `slurm` test in CI is 
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -18,18 +17,13 @@ from pathlib import Path
 
 import pytest
 
+from launch.slurm_commands import FINAL, parse_hostnames, parse_scontrol_job
+
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
 SLURM_BIN = REPO / "slurm" / "bin"
 NODES = 4
 SETUP_CMD = "slurm/install_deps.sh && slurm/local_cluster.sh up 4"
-# Job states after which a job will not run again by itself.
-FINAL_STATES = {
-    "COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED",
-    "BOOT_FAIL", "DEADLINE", "OUT_OF_MEMORY",
-}
-
-
 @dataclass
 class SlurmCluster:
     """The running local cluster, and the environment that talks to it."""
@@ -56,15 +50,14 @@ class SlurmCluster:
         proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
         if proc.returncode != 0 or not proc.stdout.strip():
             return {}
-        line = proc.stdout.splitlines()[0]
-        return dict(m.groups() for m in re.finditer(r"(\S+?)=(\S*)", line))
+        return parse_scontrol_job(proc.stdout)
 
     def job_state(self, job_id: str) -> str:
         return self.job_info(job_id).get("JobState", "UNKNOWN")
 
     def wait_state(self, job_id: str, states: set[str] | None = None, timeout: float = 120) -> str:
         """Poll scontrol until the job reaches one of `states` (default: a final state)."""
-        states = states or FINAL_STATES
+        states = states or FINAL
         deadline = time.monotonic() + timeout
         state = "UNKNOWN"
         while time.monotonic() < deadline:
@@ -75,7 +68,7 @@ class SlurmCluster:
         raise TimeoutError(f"job {job_id} still {state} after {timeout} s (wanted {sorted(states)})")
 
     def hostnames(self, nodelist: str) -> list[str]:
-        return self.run("scontrol", "show", "hostnames", nodelist).stdout.split()
+        return parse_hostnames(self.run("scontrol", "show", "hostnames", nodelist).stdout)
 
 
 def _missing_or_fail(reason: str) -> None:

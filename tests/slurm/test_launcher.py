@@ -30,8 +30,8 @@ def test_sweep_over_node_counts_gives_one_job_per_point(slurm_cluster, tmp_path,
         assert sorted(e["rank"] for e in envs) == list(range(nodes))
         for e in envs:  # each rank's own record of its Slurm job
             assert e["world_size"] == nodes and e["num_nodes"] == nodes
-            assert e["slurm"]["SLURM_JOB_ID"] == jid and e["slurm"]["SLURM_JOB_NUM_NODES"] == n
-            assert e["slurm"]["SLURM_NTASKS"] == n
+            assert e["scheduler"]["SLURM_JOB_ID"] == jid and e["scheduler"]["SLURM_JOB_NUM_NODES"] == n
+            assert e["scheduler"]["SLURM_NTASKS"] == n
         assert len({e["host"] for e in envs}) == nodes
         assert {e["host"] for e in envs} <= {f"gl-n{i}" for i in range(1, 5)}
         assert len({e["master"] for e in envs}) == 1 and not envs[0]["master"].startswith(("localhost", "127."))
@@ -96,5 +96,5 @@ def test_points_with_equal_resources_share_one_job_array(slurm_cluster, tmp_path
     for array, task, label in jobs:
         assert f"job {array}_{task} ({label}) COMPLETED" in proc.stdout
         [env] = environments(sweep / label)
-        assert env["slurm"]["SLURM_ARRAY_JOB_ID"] == array and env["slurm"]["SLURM_ARRAY_TASK_ID"] == task
+        assert env["scheduler"]["SLURM_ARRAY_JOB_ID"] == array and env["scheduler"]["SLURM_ARRAY_TASK_ID"] == task
     assert "#SBATCH --array=0-1%2" in (sweep / "slurm" / f"{jobs[0][0]}_submission.sh").read_text()

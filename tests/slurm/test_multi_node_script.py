@@ -37,7 +37,7 @@ def test_sbatch_multi_node_trains_on_two_hosts_like_local(slurm_cluster, tmp_pat
     hosts = {e["host"] for e in envs}
     assert len(hosts) == 2 and hosts <= {f"gl-n{i}" for i in range(1, 5)}, hosts
     assert hosts == set(slurm_cluster.hostnames(slurm_cluster.job_info(job)["NodeList"]))
-    assert all(e["world_size"] == 2 and e["slurm"]["SLURM_JOB_ID"] == job for e in envs)
+    assert all(e["world_size"] == 2 and e["scheduler"]["SLURM_JOB_ID"] == job for e in envs)
     assert "name: srun" in (run_dir / "config.yaml").read_text()
     assert losses(run_dir) == pytest.approx(losses(tmp_path / "local"), rel=1e-5)
     assert len(losses(run_dir)) == 6

@@ -15,11 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from launch.slurm_commands import FINAL
 from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, output, run_launch
 
 pytestmark = pytest.mark.slurm
-FINAL_STATES = {"COMPLETED", "CANCELLED", "FAILED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL", "DEADLINE",
-                "OUT_OF_MEMORY"}
 
 STEPS = 80
 # Slow enough to be interrupted mid-run (about 0.1 s a step), a checkpoint every 5 steps.
@@ -81,7 +80,7 @@ class Job:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.cluster.job_state(self.id()) not in FINAL_STATES
+        return self.cluster.job_state(self.id()) not in FINAL
 
     def id(self, timeout: float = 60) -> str:
         deadline = time.monotonic() + timeout

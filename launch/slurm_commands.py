@@ -1,0 +1,167 @@
+"""The one place that runs Slurm's client commands (scontrol, squeue, sacct, scancel) and reads their output.
+
+Parsing is kept in pure functions, tested on recorded outputs (tests/launch/slurm_outputs/), so that a change of
+Slurm's format breaks one test rather than a sweep. The launcher, the ranks (through launch.job_env) and the
+tests all ask here. Torch-free: it runs in the launcher and in every task's wrapper.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+from dataclasses import dataclass
+
+# Every job state Slurm reports (squeue's %T, scontrol's JobState, sacct's State), by what it means to us.
+PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
+                     "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT", "POWER_UP_NODE"})
+RUNNING = frozenset({"RUNNING", "COMPLETING"})
+# After these Slurm runs the job no more by itself (a PREEMPTED or NODE_FAIL job with --requeue is shown as
+# PENDING or REQUEUED instead, so these are final when seen).
+FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
+                   "DEADLINE", "OUT_OF_MEMORY", "SPECIAL_EXIT", "REVOKED"})
+STATES = PENDING | RUNNING | FINAL
+GONE = "GONE"  # Slurm no longer knows the job (past MinJobAge, and no accounting)
+# Pending reasons that never clear by themselves, and what the user can do.
+STUCK = {
+    "JobHeldUser": "scontrol release {job}",
+    "JobHeldAdmin": "ask an administrator to release it (scontrol release {job})",
+    "DependencyNeverSatisfied": "scancel {job}; its dependency failed",
+    "BadConstraints": "scancel {job}; no node has what it asks for",
+    "PartitionNodeLimit": "scancel {job}; the partition has fewer nodes than it asks for",
+}
+TIMEOUT_S = 30
+KEY = re.compile(r"^[A-Za-z][\w:/]*=")  # JobState=, CPUs/Task=, AllocNode:Sid=
+
+
+def state_of(raw: str) -> str:
+    """'CANCELLED by 0' -> 'CANCELLED'; 'RUNNING+' (sacct) -> 'RUNNING'; unknown words stay as they are."""
+    word = raw.strip().split()[0] if raw.strip() else "UNKNOWN"
+    return word.rstrip("+")
+
+
+# --- parsing ---------------------------------------------------------------------------------------------
+def parse_scontrol_job(text: str) -> dict[str, str]:
+    """`scontrol [-o] show job ID` as a dict: the one-line (-o) and the multi-line format alike. Values may
+    hold spaces only in the few fields Slurm ends a line with (Reason=..., Comment=...)."""
+    fields: dict[str, str] = {}
+    for line in text.splitlines():
+        if line.strip() == "" and fields:
+            break  # the first record only (an array prints one per task)
+        key = None
+        for word in line.split():
+            if KEY.match(word):
+                key, value = word.split("=", 1)
+                fields[key] = value
+            elif key is not None:  # a value with a space in it
+                fields[key] += " " + word
+    return fields
+
+
+def parse_squeue(text: str) -> dict[str, tuple[str, str]]:
+    """`squeue -h -o '%i|%T|%r'` -> {job id: (state, reason)}."""
+    out: dict[str, tuple[str, str]] = {}
+    for line in text.splitlines():
+        parts = line.strip().split("|")
+        if len(parts) >= 2 and parts[0]:
+            out[parts[0]] = (state_of(parts[1]), parts[2].strip() if len(parts) > 2 else "")
+    return out
+
+
+def parse_sacct(text: str) -> str | None:
+    """`sacct -n -X -P -o State -j ID` -> the job's state (its first row)."""
+    for line in text.splitlines():
+        if line.strip():
+            return state_of(line)
+    return None
+
+
+def parse_hostnames(text: str) -> list[str]:
+    return text.split()
+
+
+# --- running -------------------------------------------------------------------------------------------
+class SlurmUnavailable(RuntimeError):
+    """A client command failed to answer (not found, timed out, or the controller is down)."""
+
+
+def run(*cmd: str, timeout: float = TIMEOUT_S) -> str:
+    try:
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+    except FileNotFoundError as e:
+        raise SlurmUnavailable(f"{cmd[0]} is not on PATH") from e
+    except subprocess.SubprocessError as e:
+        raise SlurmUnavailable(f"{' '.join(cmd)}: {e}") from e
+    if proc.returncode != 0:
+        raise SlurmUnavailable(f"{' '.join(cmd)}: {(proc.stderr or proc.stdout).strip()[:300]}")
+    return proc.stdout
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    job_id: str
+    state: str
+    reason: str = ""
+    fields: tuple[tuple[str, str], ...] = ()
+
+    def get(self, key: str, default: str | None = None) -> str | None:
+        return dict(self.fields).get(key, default)
+
+    @property
+    def stuck_hint(self) -> str | None:
+        """How to unstick a pending job that will not start by itself, or None."""
+        hint = STUCK.get(self.reason)
+        return hint.format(job=self.job_id) if hint and self.state in PENDING else None
+
+
+def scontrol_job(job_id: str) -> JobInfo | None:
+    """None when Slurm does not know the job (any more); SlurmUnavailable when it cannot be asked."""
+    try:
+        fields = parse_scontrol_job(run("scontrol", "-o", "show", "job", str(job_id)))
+    except SlurmUnavailable as e:
+        if "Invalid job id" in str(e):
+            return None
+        raise
+    if not fields.get("JobState"):
+        return None
+    return JobInfo(str(job_id), state_of(fields["JobState"]), fields.get("Reason", ""), tuple(fields.items()))
+
+
+def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
+    """The given jobs squeue still lists (array tasks one by one)."""
+    rows = parse_squeue(run("squeue", "--me", "--states=all", "-h", "-r", "-o", "%i|%T|%r"))
+    return {j: JobInfo(j, *rows[j]) for j in job_ids if j in rows}
+
+
+def sacct_state(job_id: str) -> str | None:
+    try:
+        return parse_sacct(run("sacct", "-n", "-X", "-P", "-o", "State", "-j", str(job_id)))
+    except SlurmUnavailable:
+        return None
+
+
+def job_infos(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Every job's state and pending reason: squeue first, then scontrol, then sacct, else GONE. Raises
+    SlurmUnavailable when the controller cannot be asked at all, so that a caller never takes an outage
+    for jobs that are gone."""
+    infos = squeue(job_ids)
+    for job in job_ids:
+        if job not in infos:
+            info = scontrol_job(job)
+            state = info.state if info else sacct_state(job)
+            infos[job] = info or JobInfo(job, state or GONE)
+    return infos
+
+
+def requeue(job_id: str) -> None:
+    run("scontrol", "requeue", str(job_id), timeout=60)
+
+
+def cancel(job_ids: list[str]) -> None:
+    if job_ids:
+        try:
+            run("scancel", *map(str, job_ids), timeout=60)
+        except SlurmUnavailable:
+            pass
+
+
+def hostnames(nodelist: str) -> list[str]:
+    return parse_hostnames(run("scontrol", "show", "hostnames", nodelist))
