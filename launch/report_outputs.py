@@ -24,6 +24,13 @@ def _log2_nodes(ax, nodes) -> None:
     ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
 
 
+def _mark_shared(ax, rows, ys) -> None:
+    """Ring the points whose "nodes" share one machine: they measure no network."""
+    shared = [(r.nodes, y) for r, y in zip(rows, ys) if r.shared_host]
+    if shared:
+        ax.plot(*zip(*shared), "o", ms=13, mfc="none", mec="red", label="shared host (no network measured)")
+
+
 def _save(fig, path: Path) -> str:
     import matplotlib.pyplot as plt
 
@@ -71,6 +78,7 @@ def throughput(rep: Report, path: Path) -> str:
     nodes = [r.nodes for r in rows]
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot(nodes, [r.tokens_per_s for r in rows], "o-", label="measured")
+    _mark_shared(ax, rows, [r.tokens_per_s for r in rows])
     ax.plot(nodes, [ref.tokens_per_s * r.ranks / ref.ranks for r in rows], "k--", label="ideal (linear)")
     ax.plot(nodes, [r.tokens_per_step / r.predicted_step_time_s for r in rows], "x:", label="model")
     ax.set(xlabel="nodes", ylabel="tokens/s (all ranks)", title=f"Throughput vs nodes ({rep.mode})")
@@ -94,6 +102,7 @@ def efficiency(rep: Report, path: Path) -> str:
             ax.plot([p["nodes"] for p in preds], [100 * p["efficiency"] for p in preds], style,
                     label=f"model, {kept} scaling")
     ax.plot(nodes, [100 * r.efficiency for r in rows], "o-", label=f"measured ({rep.mode})")
+    _mark_shared(ax, rows, [100 * r.efficiency for r in rows])
     ax.axhline(100, color="k", ls="--", lw=0.8, label="ideal")
     _log2_nodes(ax, xs)
     ax.set(xlabel="nodes", ylabel="efficiency (%)", title=f"Efficiency vs nodes (vs {rep.reference.nodes} node(s))")

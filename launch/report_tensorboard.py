@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -92,6 +93,11 @@ def scalars(rep: Report) -> list[tuple[str, float, int]]:
     return [(t, float(v), n) for t, v, n in out if v is not None and math.isfinite(v)]
 
 
+def _without_image_links(text: str) -> str:
+    """TensorBoard cannot show `![...](plot.png)` from the report folder: point to the IMAGES tab instead."""
+    return re.sub(r"!\[([^]]*)\]\(([^)]+)\.png\)", r"(plot: \1, IMAGES tab, report/\2)", text)
+
+
 def texts(rep: Report, full: str) -> dict[str, str]:
     summary = [md.intro(rep), md.shared_host_note(rep)]
     tables = []
@@ -104,7 +110,7 @@ def texts(rep: Report, full: str) -> dict[str, str]:
     if tables:
         out["report/2_tables"] = "\n".join(tables)
     out["report/3_full"] = full
-    return out
+    return {tag: _without_image_links(text) for tag, text in out.items()}
 
 
 def write_run(rep: Report, folder: Path, full_text: str, images: list[str]) -> None:

@@ -50,6 +50,7 @@ def test_an_lr_sweep_ranks_its_points_by_validation_loss_with_no_scaling_columns
     assert [c.title.split(" (")[0] for c in layout.category] == ["comparison: train.lr"]  # 1 rank: no stragglers
     summary = events.Tensors("report/1_summary/text_summary")[0].tensor_proto.string_val[0].decode()
     assert "| 1 | train.lr=0.0003 |" in summary
+    assert "![" not in summary and "(plot: training and validation loss per point, IMAGES tab, report/loss_curves)" in summary
 
 
 def test_without_validation_the_points_are_ranked_by_training_loss(tmp_path):
