@@ -69,7 +69,7 @@ class Report:
     config: ReportConfig
     straggler_config: StragglerConfig
     keys: list[str]                  # the keys that vary between points
-    scaling: bool                    # node or rank counts vary (or a single point): a scaling report
+    scaling: bool                    # node or rank counts vary (or nothing else does): a scaling report
     compare: list[CompareRow]        # other keys vary: the points ranked by validation loss (else empty)
     mode: str = "single point"
     reference: Row | None = None
@@ -100,11 +100,12 @@ def build_report(root: Path, config: ReportConfig | None = None) -> Report:
     straggler_config = StragglerConfig.from_metrics_cfg(get(first, "metrics"))
     rows = [summarize(p, config.skip_windows, straggler_config) for p in points]
     keys = varying_keys(points)
-    scaling = len(points) == 1 or len({(r.nodes, r.ranks) for r in rows}) > 1
-    rep = Report(root, points, rows, config, straggler_config, keys, scaling, [])
+    rep = Report(root, points, rows, config, straggler_config, keys, True, [])
+    # a scaling report unless only other keys than the node and rank counts vary
+    rep.scaling = len({(r.nodes, r.ranks) for r in rows}) > 1 or not rep.compared_keys
     if rep.compared_keys:
         rep.compare = compare_rows(points, rep.compared_keys, [r.tokens_per_s for r in rows])
-    if scaling:
+    if rep.scaling:
         add_scaling(rep)
     return rep
 
