@@ -1,5 +1,10 @@
 """Errors a user can cause. The launcher prints them as one short message, without a traceback."""
 
+# Exit codes, the same from every process: a rank, a Slurm task, the launcher.
+EXIT_FAILED = 1     # a run that was started failed
+EXIT_USER = 2       # a user error, caught before anything ran
+EXIT_PREEMPTED = 3  # a rank saved a checkpoint after a signal and the job was not requeued: run again to resume
+
 
 class UserError(Exception):
     """Something the user can fix: bad config, missing data, impossible topology, corrupt checkpoint."""

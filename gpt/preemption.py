@@ -17,7 +17,6 @@ from gpt.errors import ConfigError
 log = logging.getLogger(__name__)
 
 DEFAULT_SIGNALS = ("SIGTERM", "SIGUSR2")
-EXIT_PREEMPTED = 3  # a rank saved a checkpoint after a signal and the job was not requeued: run again to resume
 
 
 def parse_signals(names: Iterable[Any]) -> list[signal.Signals]:

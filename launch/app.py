@@ -15,16 +15,12 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from gpt.errors import ConfigError, UserError
+from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
+from launch.backends import Backend, Point, RunFailed, get_backend
 from launch.plan import Plan, make_plan
 
 log = logging.getLogger("launch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-BACKENDS = ("local", "slurm", "srun")
-
-
-class RunFailed(UserError):
-    """The run was planned and started, and failed (exit code 1, not 2)."""
 
 
 @dataclass
@@ -33,57 +29,37 @@ class Prepared:
 
     cfg: DictConfig
     plan: Plan
-    resources: object | None = None  # launch.slurm.SlurmResources for cluster=slurm
+    backend: Backend
+    resources: object | None = None  # what a submitting backend's job asks for
 
     @property
     def label(self) -> str:
         return self.plan.run_dir.name
 
+    def point(self) -> Point:
+        return Point(self.label, self.plan.run_dir, str(self.cfg.name), self.resources)
+
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Everything that can be checked before a process starts or a job is submitted."""
     run_dir = Path(HydraConfig.get().runtime.output_dir)
-    backend = cfg.cluster.get("name")
-    if backend not in BACKENDS:
-        raise ConfigError("cluster.name", backend, f"one of {', '.join(BACKENDS)} (cluster=local|slurm|srun)")
-    resources = None
-    if backend == "slurm":
-        from launch.cluster_checks import check_against_cluster, read_partitions, require_slurm
-        from launch.slurm import SlurmResources
-
-        require_slurm()
-        resources = SlurmResources.from_config(cfg)
-        check_against_cluster(resources, read_partitions())
-    elif backend == "srun":
-        from launch.srun import resolve_allocation
-
-        cfg = resolve_allocation(cfg)
-    return Prepared(cfg, make_plan(cfg, run_dir), resources)
+    backend = get_backend(cfg.cluster.get("name"))
+    cfg, resources = backend.check(cfg)
+    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources)
 
 
 def run(cfg: DictConfig) -> Path:
     prepared = prepare(cfg)
-    plan = prepared.plan
+    plan, backend = prepared.plan, prepared.backend
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", cfg.name, plan.world_size,
-             plan.nodes, plan.tasks_per_node, cfg.cluster.name)
-    if cfg.cluster.name == "local":
-        from launch.local import run_local
-
-        run_local(plan.run_dir, plan.nodes, plan.tasks_per_node)
-    elif cfg.cluster.name == "srun":
-        from launch.srun import SrunFailed, run_srun
-
-        try:
-            run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
-        except SrunFailed as e:
-            raise RunFailed(str(e)) from None
-    else:
-        from launch.sweep import SlurmPoint, run_points
-
-        point = SlurmPoint(prepared.label, plan.run_dir, str(cfg.name), prepared.resources)
-        [outcome] = run_points([point], plan.run_dir / "slurm", cfg.budget.get("max_node_hours"))
+             plan.nodes, plan.tasks_per_node, backend.name)
+    if backend.submits:
+        submitted = backend.submit([prepared.point()], plan.run_dir / backend.name, cfg.budget.get("max_node_hours"))
+        [outcome] = backend.wait(submitted)
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
+    else:
+        backend.run(plan)
     log.info("done. Run folder: %s\n  tensorboard --logdir %s\n  python -m gpt.generate %s", plan.run_dir,
              plan.run_dir / "tensorboard", plan.run_dir)
     return plan.run_dir
@@ -96,7 +72,7 @@ def main(cfg: DictConfig) -> None:
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()
-        sys.exit(1)
+        sys.exit(EXIT_FAILED)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(EXIT_USER)

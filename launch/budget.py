@@ -3,15 +3,25 @@ submitted, and refused above budget.max_node_hours, so a typo in nodes= cannot b
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 from gpt.errors import ConfigError, UserError
-from launch.slurm import SlurmResources
+
+
+class Billable(Protocol):
+    """What a submitting backend's resources say about their cost."""
+
+    nodes: int
+    gpus_per_node: int
+    time_min: int
+    node_hours: float
+    gpu_hours: float
 
 
 @dataclass(frozen=True)
 class PointCost:
     label: str  # the sweep point, e.g. "nodes=4"
-    resources: SlurmResources
+    resources: Billable
 
     @property
     def node_hours(self) -> float:

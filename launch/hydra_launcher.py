@@ -2,9 +2,9 @@
 
 1. Every point is composed and planned (launch.app.prepare: config checks, Slurm checks against sinfo, data,
    the resolved config written to the point's run folder). Any bad point stops the sweep before anything runs.
-2. cluster=slurm points: the budget guard, then one executor per group of equal resources (launch.sweep).
-3. Other points (cluster=local, srun) run one after another here, through the app's own task function.
-4. The Slurm jobs are waited for; each point's JobReturn holds its result (job id, hosts, world size, summary).
+2. Points that are jobs (cluster=slurm): the budget guard, then submission (launch.backends.<name>).
+3. Points that run here (cluster=local, srun) run one after another, through the app's own task function.
+4. The jobs are waited for; each point's JobReturn holds its result (job id, hosts, world size, summary).
 5. The scaling report of the whole sweep is written into the sweep folder.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any, Sequence
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
 
-from gpt.errors import UserError
+from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch.app import Prepared, prepare
 from launch.point_label import point_labels
 
@@ -26,8 +26,12 @@ DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any oth
 log = logging.getLogger(__name__)
 
 
-def _prepare_task(cfg) -> Prepared:
-    return prepare(cfg)
+def _prepare_task(cfg) -> Prepared | UserError:
+    """A user's error comes back as the point's value (to be listed with the others); a bug raises."""
+    try:
+        return prepare(cfg)
+    except UserError as e:
+        return e
 
 
 def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
@@ -55,50 +59,35 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
     _stop_on_bad_points(points)
 
-    prepared: list[Prepared] = [ret._return_value for *_, ret in points]
-    slurm = [(n, p) for n, p in enumerate(prepared) if p.resources is not None]
+    prepared: list[Prepared] = [ret.return_value for *_, ret in points]
+    jobs = [(n, p) for n, p in enumerate(prepared) if p.backend.submits]
     returns: list[JobReturn | None] = [None] * len(points)
 
-    # 2. budget and submission of every Slurm point, before anything else runs
+    # 2. budget and submission of every point that is a job, before anything else runs
     submitted = []
-    if slurm:
-        from launch.sweep import SlurmPoint, budget_gate, submit
-
-        slurm_points = [SlurmPoint(p.label, p.plan.run_dir, str(p.cfg.name), p.resources) for _, p in slurm]
-        limit = slurm[0][1].cfg.get("budget", {}).get("max_node_hours")
+    if jobs:
+        backend = jobs[0][1].backend
+        if any(p.backend.name != backend.name for _, p in jobs):
+            print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
+            sys.exit(EXIT_USER)
+        limit = jobs[0][1].cfg.get("budget", {}).get("max_node_hours")
         try:
-            budget_gate(slurm_points, limit)
-            submitted = submit(slurm_points, sweep_dir / "slurm")
+            submitted = backend.submit([p.point() for _, p in jobs], sweep_dir / backend.name, limit)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            sys.exit(EXIT_USER)
 
     # 3. points that run here, one after another
     for n, (idx, overrides, sweep_config, _) in enumerate(points):
-        if prepared[n].resources is None:
-            log.info("#%d : %s", idx, " ".join(filter_overrides(overrides)))
+        if not prepared[n].backend.submits:
+            log.info("#%d : %s", idx, prepared[n].label)
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
 
-    # 4. wait for the Slurm jobs
+    # 4. wait for the jobs
     if submitted:
-        from launch.sweep import print_outcome, wait
-
-        outcomes = wait(submitted, launcher.poll_s, launcher.progress, on_done=print_outcome)
-        failed = []
-        for (n, _), outcome in zip(slurm, outcomes):
-            ret = points[n][3]
-            ret.return_value = outcome.result
-            ret.status = JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED
-            returns[n] = ret
-            if not outcome.ok:
-                failed.append(outcome)
-        if failed:
-            ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
-            print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
-                  file=sys.stderr, flush=True)
-            sys.exit(1)
+        _collect(backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns)
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
     from launch.report import write_report
@@ -106,6 +95,23 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     report = write_report(sweep_dir)
     print(f"scaling report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
     return [r for r in returns if r is not None]
+
+
+def _collect(outcomes, jobs, points, returns) -> None:
+    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs."""
+    failed = []
+    for (n, _), outcome in zip(jobs, outcomes):
+        ret = points[n][3]
+        ret.return_value = outcome.result
+        ret.status = JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED
+        returns[n] = ret
+        if not outcome.ok:
+            failed.append(outcome)
+    if failed:
+        ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
+        print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)
 
 
 def _default_subdir(config) -> bool:
@@ -118,13 +124,11 @@ def _stop_on_bad_points(points) -> None:
     run_dirs: dict[str, str] = {}
     for idx, overrides, _, ret in points:
         label = " ".join(filter_overrides(overrides)) or f"#{idx}"
-        if ret.status != JobStatus.COMPLETED:
-            error = ret._return_value
-            if not isinstance(error, UserError):
-                raise error
-            bad.append(f"sweep point #{idx} ({label}): {error}")
+        value = ret.return_value  # raises a bug's exception as it was
+        if isinstance(value, UserError):
+            bad.append(f"sweep point #{idx} ({label}): {value}")
             continue
-        run_dir = str(ret._return_value.plan.run_dir)
+        run_dir = str(value.plan.run_dir)
         if run_dir in run_dirs:
             bad.append(f"sweep points {run_dirs[run_dir]} and #{idx} ({label}) would share the run folder {run_dir}: "
                        "name each point's folder, e.g. hydra.sweep.subdir='${hydra.job.override_dirname}'")
@@ -134,4 +138,4 @@ def _stop_on_bad_points(points) -> None:
             print(f"error: {line}", file=sys.stderr)
         print(f"error: nothing was submitted or run ({len(bad)} of {len(points)} sweep point(s) are not valid)",
               file=sys.stderr, flush=True)
-        sys.exit(2)
+        sys.exit(EXIT_USER)

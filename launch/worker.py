@@ -17,10 +17,10 @@ from pathlib import Path  # noqa: E402
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from gpt.preemption import DEFAULT_SIGNALS, EXIT_PREEMPTED, PreemptionFlag  # noqa: E402
+from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 
 from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
-from gpt.errors import UserError  # noqa: E402
+from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from launch.attempts import log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
@@ -157,11 +157,11 @@ def main() -> None:
             code = EXIT_PREEMPTED
     except UserError as e:
         log.error("%s", e)
-        code = 2
+        code = EXIT_USER
         _log_failure(run_dir, str(e))
     except BaseException as e:
         log.exception("rank failed")
-        code = 1
+        code = EXIT_FAILED
         _log_failure(run_dir, f"{type(e).__name__}: {e}")
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()

@@ -10,8 +10,8 @@ from pathlib import Path
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from gpt.errors import UserError
-from gpt.preemption import EXIT_PREEMPTED
+from gpt.errors import EXIT_PREEMPTED, EXIT_USER, UserError
+from launch.backends import Backend
 from launch.startup import attempt_start_env
 from launch.threads import ThreadPlan
 
@@ -37,5 +37,12 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
         if failure.exitcode == EXIT_PREEMPTED:
             raise UserError(f"the run was stopped by a signal and saved a checkpoint in {run_dir / 'checkpoints'}; "
                             f"run the same command (same hydra.run.dir={run_dir}) to resume") from None
-        hint = "a configuration error (see above)" if failure.exitcode == 2 else f"exit code {failure.exitcode}"
+        hint = "a configuration error (see above)" if failure.exitcode == EXIT_USER else f"exit code {failure.exitcode}"
         raise UserError(f"rank {rank} failed with {hint}; its log: {log_file}") from None
+
+
+class LocalBackend(Backend):
+    name = "local"
+
+    def run(self, plan) -> None:
+        run_local(plan.run_dir, plan.nodes, plan.tasks_per_node)

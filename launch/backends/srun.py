@@ -12,7 +12,8 @@ from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
 
-from gpt.errors import ConfigError, UserError
+from gpt.errors import EXIT_PREEMPTED, ConfigError, UserError
+from launch.backends import Backend, RunFailed
 from launch.threads import ThreadPlan
 
 
@@ -86,7 +87,7 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
-    if code == 3:  # gpt.preemption.EXIT_PREEMPTED
+    if code == EXIT_PREEMPTED:
         raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "
                          f"requeued (see {run_dir / 'attempts.jsonl'}); submit the same command to resume")
     if code != 0 and signal.SIGTERM in received:
@@ -98,7 +99,7 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
 
 
 def _first_rank_error(run_dir: Path, world: int) -> str:
-    from launch.slurm_task import last_error
+    from launch.backends.slurm.task import last_error
 
     for rank in range(world):
         error = last_error(run_dir / "logs" / f"rank{rank}.log")
@@ -107,5 +108,15 @@ def _first_rank_error(run_dir: Path, world: int) -> str:
     return "a rank failed (srun names it above)"
 
 
-class SrunFailed(UserError):
+class SrunFailed(RunFailed):
     """The ranks ran and one failed (not a configuration error)."""
+
+
+class SrunBackend(Backend):
+    name = "srun"
+
+    def check(self, cfg):
+        return resolve_allocation(cfg), None
+
+    def run(self, plan) -> None:
+        run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)

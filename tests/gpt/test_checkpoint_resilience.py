@@ -15,7 +15,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHAKESPEARE, launch, losses
+from helpers import REPO, SHAKESPEARE, launch, losses
 from gpt.checkpoint import list_checkpoints
 from gpt.distributed import DistEnv
 from gpt.errors import UserError

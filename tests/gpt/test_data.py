@@ -17,8 +17,8 @@ from gpt.data.prepare import main as prepare_main
 from gpt.data.prepare import prepare, token_dtype
 from gpt.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 CORPUS = REPO.parent / "shared/data/tinyshakespeare/input.txt"
 TEXT = CORPUS.read_text(encoding="utf-8")
 SPLIT = int(len(TEXT) * 0.9)  # nanoGPT: the first 90% of characters train

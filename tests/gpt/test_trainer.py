@@ -8,7 +8,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import REPO, SHAKESPEARE, losses, read_metrics
+from helpers import REPO, SHAKESPEARE, losses, read_metrics
 from gpt.distributed import DistEnv
 from gpt.parallel.base import Strategy
 from gpt.trainer import Trainer

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import launch
+from helpers import launch
 
 CASES = {
     "n_embd not divisible by n_head": (["model.n_embd=100", "model.n_head=3"],

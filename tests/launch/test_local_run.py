@@ -6,7 +6,7 @@ import json
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import launch, losses, read_metrics
+from helpers import launch, losses, read_metrics
 
 TINY = ["model=tiny", "train.max_steps=60", "train.warmup_steps=5", "train.log_interval=5", "train.eval_interval=30",
         "train.eval_batches=4", "train.lr=3e-3"]

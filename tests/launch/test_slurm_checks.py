@@ -12,10 +12,10 @@ from hydra import compose, initialize_config_dir
 
 from gpt.errors import ConfigError, UserError
 from launch.budget import PointCost, check_budget, check_limit, table
-from launch.cluster_checks import check_against_cluster, parse_gpus, parse_sinfo, parse_time_min
-from launch.slurm import SlurmResources
+from launch.backends.slurm.partitions import check_against_cluster, parse_gpus, parse_sinfo, parse_time_min
+from launch.backends.slurm.resources import SlurmResources
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
 SINFO = """debug*|4|2|8000|(null)|8:00:00|up
 gpu|2|64|512000|gpu:a100:8(S:0-1)|2-00:00:00|up
 gpu|6|32|256000|gpu:4|2-00:00:00|up
@@ -156,9 +156,9 @@ ALLOCATION = {"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "2", "SLURM_NTASKS_PER
 
 @pytest.fixture
 def srun_on_path(monkeypatch):
-    import launch.srun
+    import launch.backends.srun
 
-    monkeypatch.setattr(launch.srun.shutil, "which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr(launch.backends.srun.shutil, "which", lambda name: f"/usr/bin/{name}")
 
 
 def srun_cfg(*overrides: str):
@@ -167,7 +167,7 @@ def srun_cfg(*overrides: str):
 
 
 def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):
-    from launch.srun import resolve_allocation
+    from launch.backends.srun import resolve_allocation
 
     cfg = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4"})
     assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node) == (3, 4)
@@ -176,7 +176,7 @@ def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):
 
 
 def test_srun_backend_checks_its_environment(srun_on_path):
-    from launch.srun import resolve_allocation
+    from launch.backends.srun import resolve_allocation
 
     with pytest.raises(UserError, match="cluster=srun runs inside a Slurm allocation"):
         resolve_allocation(srun_cfg(), {})

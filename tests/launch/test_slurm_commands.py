@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm_commands import (FINAL, GONE, PENDING, RUNNING, STATES, JobInfo, parse_sacct, parse_scontrol_job,
+from launch.backends.slurm.commands import (FINAL, GONE, PENDING, RUNNING, STATES, JobInfo, parse_sacct, parse_scontrol_job,
                                    parse_squeue, state_of)
 
 OUTPUTS = Path(__file__).parent / "slurm_outputs"

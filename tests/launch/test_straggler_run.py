@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import launch, read_metrics
+from helpers import launch, read_metrics
 
 RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=30", "train.log_interval=5",
        "train.eval_interval=0", "train.layer_grad_norms=false", "metrics.straggler_windows=2"]

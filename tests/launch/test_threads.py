@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from conftest import launch
+from helpers import launch
 from launch.threads import ThreadPlan, usable_cpus
 
 QUICK = ["model=tiny", "strategy=ddp", "train.max_steps=4", "train.log_interval=2", "train.eval_interval=0",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import losses
+from helpers import losses
 from gpt.checkpoint import load_model
 from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, max_rel_diff, ranks, run,
                            val_losses)

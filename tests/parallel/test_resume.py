@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import launch, losses, read_metrics
+from helpers import launch, losses, read_metrics
 from strategy_runs import COMMON, run
 
 CASES = {

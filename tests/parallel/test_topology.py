@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import launch
+from helpers import launch
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
 from gpt.parallel import STRATEGIES, strategy_class

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm_commands import FINAL, parse_hostnames, parse_scontrol_job
+from helpers import REPO
+from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
 
-REPO = Path(__file__).resolve().parents[2]
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
 SLURM_BIN = REPO / "slurm" / "bin"
 NODES = 4

@@ -7,7 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+from helpers import REPO
+
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # A few seconds of training per job; every step is recorded.
 TINY = ["model=tiny", "strategy=ddp", "train.max_steps=6", "train.warmup_steps=2", "train.log_interval=1",

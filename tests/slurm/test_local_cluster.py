@@ -14,9 +14,9 @@ import pytest
 
 from submitit.slurm.slurm import SlurmInfoWatcher
 
-pytestmark = pytest.mark.slurm
+from helpers import REPO
 
-REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slurm
 
 
 def test_sinfo_shows_idle_nodes_with_distinct_names_and_addresses(slurm_cluster):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from launch.slurm_commands import FINAL
+from launch.backends.slurm.commands import FINAL
 from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, output, run_launch
 
 pytestmark = pytest.mark.slurm

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.slurm import SlurmResources, sbatch_script
+from launch.backends.slurm.resources import SlurmResources, sbatch_script
 from slurm_helpers import GOLDEN, normalise
 
 LOGS = Path("/golden/sweep/slurm")

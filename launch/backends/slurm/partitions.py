@@ -10,7 +10,7 @@ import subprocess
 from dataclasses import dataclass, field
 
 from gpt.errors import UserError
-from launch.slurm import SlurmResources
+from launch.backends.slurm.resources import SlurmResources
 
 COMMANDS = ("sbatch", "sinfo", "squeue", "scontrol", "scancel")
 SINFO_FORMAT = "%P|%D|%c|%m|%G|%l|%a"

@@ -1,7 +1,7 @@
 """cluster=slurm: what a sweep point asks Slurm for, checked without a cluster, and the submitit executor (and
 so the sbatch script) that asks for it.
 
-Every task of a job (nodes x tasks_per_node, started by srun) runs launch.slurm_task.RankTask, which runs the
+Every task of a job (nodes x tasks_per_node, started by srun) runs launch.backends.slurm.task.RankTask, which runs the
 same per-rank entry point as every other backend: `python -m launch.worker RUN_DIR`.
 """
 from __future__ import annotations

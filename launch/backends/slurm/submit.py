@@ -16,28 +16,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gpt.errors import UserError
-from launch import slurm_commands
+from launch.backends.slurm import commands as slurm_commands
 from launch.budget import PointCost, check_budget, check_limit, table
-from launch.slurm_commands import FINAL, GONE, JobInfo, SlurmUnavailable
-from launch.slurm import SlurmResources, make_executor
-from launch.slurm_task import RankTask
+from launch.backends.slurm.commands import FINAL, GONE, JobInfo, SlurmUnavailable
+from launch.backends import Point
+from launch.backends.slurm.resources import make_executor
+from launch.backends.slurm.task import RankTask
 
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
 
 
 @dataclass
-class SlurmPoint:
-    """A planned sweep point to submit."""
-
-    label: str  # e.g. "nodes=2"
-    run_dir: Path
-    job_name: str
-    resources: SlurmResources
-
-
-@dataclass
 class Submitted:
-    point: SlurmPoint
+    point: Point
     job_id: str
     folder: Path
 
@@ -80,7 +71,7 @@ class Outcome:
         return "\n".join(lines)
 
 
-def budget_gate(points: list[SlurmPoint], max_node_hours: object, out=sys.stdout) -> None:
+def budget_gate(points: list[Point], max_node_hours: object, out=sys.stdout) -> None:
     """Print what the sweep may cost; refuse above the limit (before anything is submitted)."""
     limit = check_limit(max_node_hours)
     costs = [PointCost(p.label, p.resources) for p in points]
@@ -88,10 +79,10 @@ def budget_gate(points: list[SlurmPoint], max_node_hours: object, out=sys.stdout
     check_budget(costs, limit)
 
 
-def submit(points: list[SlurmPoint], folder: Path, out=sys.stdout) -> list[Submitted]:
+def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]:
     """One executor per group of points with equal resources; one job (or one job array) per group. If Slurm
     refuses a group, the jobs already submitted are cancelled: a sweep starts whole or not at all."""
-    groups: dict[tuple, list[SlurmPoint]] = {}
+    groups: dict[tuple, list[Point]] = {}
     for p in points:
         groups.setdefault((p.resources, p.job_name), []).append(p)
     submitted: list[Submitted] = []
@@ -257,14 +248,6 @@ def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
         print(f"error: {outcome.message()}", file=sys.stderr, flush=True)
 
 
-def run_points(points: list[SlurmPoint], folder: Path, max_node_hours: object, poll_s: float = 1.0,
-               progress: bool = True) -> list[Outcome]:
-    """Budget, submit, wait: the whole life of a cluster=slurm sweep (or single run) after planning."""
-    budget_gate(points, max_node_hours)
-    submitted = submit(points, folder)
-    return wait(submitted, poll_s, progress, on_done=print_outcome)
-
-
 def _job_info(job_id: str) -> JobInfo | None:
     try:
         return slurm_commands.scontrol_job(job_id)
@@ -275,7 +258,7 @@ def _job_info(job_id: str) -> JobInfo | None:
 def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:
     lines = [x for x in traceback_text.strip().splitlines() if x.strip()]
     last = lines[-1] if lines else "unknown error"
-    prefix = "launch.slurm_task.RankFailed: "
+    prefix = "launch.backends.slurm.task.RankFailed: "
     if last.startswith(prefix):
         return last[len(prefix):]
     return f"task {task}: {last} (traceback in {_show(s.paths(task).stderr)})"

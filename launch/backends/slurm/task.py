@@ -19,10 +19,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt.errors import EXIT_PREEMPTED
 from launch.threads import ThreadPlan
 
 
-PREEMPTED = 3  # gpt.preemption.EXIT_PREEMPTED (not imported: this module stays free of torch)
 
 
 class RankFailed(RuntimeError):
@@ -51,7 +51,7 @@ class RankTask:
         for signum in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(signum, forward)
         code = child.wait()
-        if code == PREEMPTED:
+        if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
                              f"the job was not requeued (see {Path(self.run_dir) / 'attempts.jsonl'}); submit the "
                              "same command again to resume")

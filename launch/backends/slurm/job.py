@@ -1,0 +1,43 @@
+"""A rank inside a Slurm job: the job id, the restart count, and `scontrol requeue`."""
+from __future__ import annotations
+
+from typing import Mapping
+
+from launch.backends.slurm import commands
+from launch.backends.slurm.commands import SlurmUnavailable
+from launch.job_env import JobEnvironment
+
+
+class SlurmJob(JobEnvironment):
+    scheduler = "slurm"
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str]) -> bool:
+        return bool(environ.get("SLURM_JOB_ID"))
+
+    @property
+    def job_id(self) -> str | None:
+        return self.environ.get("SLURM_JOB_ID") or None
+
+    @property
+    def restart(self) -> int:
+        value = self.environ.get("SLURM_RESTART_COUNT", "0") or "0"
+        return int(value) if value.isdigit() else 0
+
+    def variables(self) -> dict[str, str]:
+        return {k: v for k, v in self.environ.items() if k.startswith("SLURM_")}
+
+    def requeue(self, max_restarts: int) -> tuple[bool, str]:
+        """Ask Slurm to run this job again (same job id), only while it is RUNNING: a job that `scancel`
+        cancelled, or that `scontrol requeue` from outside is already requeueing, is left to Slurm."""
+        job = self.job_id
+        if self.restart >= max_restarts:
+            return False, f"restart limit reached ({self.restart} of preemption.max_restarts={max_restarts})"
+        try:
+            info = commands.scontrol_job(job)
+            if info is not None and info.state != "RUNNING":
+                return False, f"job {job} is {info.state}: Slurm decides what happens next"
+            commands.requeue(job)
+        except SlurmUnavailable as e:
+            return False, f"scontrol requeue {job} failed ({e}): submit the same command again to resume"
+        return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
