@@ -54,11 +54,12 @@ def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy
         return (f"shared host: {row.comm_s:.3g} s of each step is spent in collectives over loopback between ranks "
                 f"that share cores (the model's network term: {model.comm_time(shape):.2g} s)")
     busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
-    cause = f"compute: its busy time per sequence is {busy:.2f}x the fitted c"
-    if noisy_others:
-        return f"{cause}, which noisy point(s) {', '.join(noisy_others)} pull"
+    cause = f"compute: its busy time per sequence is {busy:.2f}x the model's"
     if point.shared_host:
-        return f"{cause}: ranks that share one machine's cores do not compute like separate nodes"
+        return (f"shared host: {cause}; ranks that share one machine's cores (and its other load) do not compute "
+                "like separate nodes")
+    if noisy_others:
+        return f"{cause}, whose fit noisy point(s) {', '.join(noisy_others)} pull"
     return f"{cause} (the per-rank batch changes kernel efficiency)"
 
 

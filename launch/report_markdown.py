@@ -32,7 +32,9 @@ def fmt(v: Any, spec: str = ".3g") -> str:
 def pct(v: float | None, signed: bool = False) -> str:
     if v is None or math.isnan(v):
         return "n/a"
-    return f"{100 * v:+.1f}%" if signed else f"{100 * v:.1f}%"
+    if signed:
+        return f"{100 * v:+.1f}%" if abs(v) >= 5e-4 else "0.0%"  # no "-0.0%" for a point fitted exactly
+    return f"{100 * v:.1f}%"
 
 
 def markdown(rep: Report) -> str:
