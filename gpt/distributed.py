@@ -8,6 +8,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
@@ -30,6 +31,8 @@ class DistEnv:
     master_addr: str = "127.0.0.1"
     master_port: int = 29500
     hostname: str = socket.gethostname()
+    # The GPU this rank drives, among those it sees: the local rank, or 0 when Slurm shows each task only its own.
+    device_index: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -44,10 +47,23 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
-        device = torch.device("cuda", env.local_rank % torch.cuda.device_count())
+        count = torch.cuda.device_count()
+        index = env.local_rank if env.device_index is None else env.device_index
+        if index >= count:
+            # Two ranks on one GPU make NCCL fail later with "Duplicate GPU detected": say it now.
+            raise UserError(f"rank {env.rank} should drive GPU {index} but sees {count} GPU(s) "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                            "run at most one rank per GPU")
+        device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         return device
     return torch.device(requested)
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU. On GPUs NCCL for device tensors plus gloo for host tensors: checkpoint agreement, flags and
+    CPU-offloaded gradients then have a path too (an NCCL-only group accepts only CUDA tensors)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
 
 
 class RendezvousError(UserError):
@@ -135,9 +151,8 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
         raise RendezvousError(f"{where} lost the rendezvous at {master} while waiting for the other ranks: "
                               f"{_first_line(e)}") from None
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
-    backend = "nccl" if device.type == "cuda" else "gloo"
     dist.init_process_group(
-        backend=backend,
+        backend=backend_for(device),
         store=store,
         rank=env.rank,
         world_size=env.world_size,
@@ -157,7 +172,7 @@ def preflight(rendezvous: Rendezvous, device: torch.device, numel: int = 1 << 16
         raise RuntimeError(f"preflight all_reduce returned {float(tensor[0])} instead of {world}")
     times = []
     for _ in range(repeats):
-        dist.barrier()
+        barrier()
         start = time.perf_counter()
         dist.all_reduce(tensor)
         if device.type == "cuda":
@@ -175,5 +190,106 @@ def _first_line(e: BaseException) -> str:
 def leave() -> None:
     """Leave the process group once every rank is done, so no rank tears down while another still talks."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        barrier()
         dist.destroy_process_group()
+
+
+# --- collectives: every one outside gpt/parallel/ goes through these -------------------------------------
+# Each places its tensor on the group's communication device, so a value the host holds (a flag, a verdict, a
+# figure) never reaches NCCL as a CPU tensor. tests/gpt/test_collectives.py fails on a collective elsewhere.
+
+def is_multi(group: Any = None) -> bool:
+    """Whether collectives on `group` (None: the default group) involve other ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def comm_device(group: Any = None) -> torch.device:
+    """The CPU when the group has a CPU backend (gloo, or gloo inside "cpu:gloo,cuda:nccl"): host values then
+    need no device copy and no CUDA synchronisation. Otherwise (an NCCL-only group) the current GPU."""
+    pg = group if group is not None else dist.group.WORLD
+    types = {d.type for d in pg._device_types}
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_values(values: Sequence[float], op: str = "sum", group: Any = None) -> list[float]:
+    """Sum (or max, min) host floats over the ranks; one small collective."""
+    if not is_multi(group):
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
+    dist.all_reduce(t, op=_OPS[op], group=group)
+    return t.tolist()
+
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+
+
+def all_true(ok: bool, group: Any = None) -> bool:
+    """True on every rank when `ok` is True on every rank."""
+    return all_reduce_values([0.0 if ok else 1.0], group=group)[0] == 0
+
+
+def any_true(flag: bool, group: Any = None) -> bool:
+    """True on every rank when `flag` is True on any rank."""
+    return all_reduce_values([1.0 if flag else 0.0], group=group)[0] > 0
+
+
+def from_rank0(flag: bool, group: Any = None) -> bool:
+    """Rank 0's `flag`, on every rank."""
+    mine = flag and (not is_multi(group) or dist.get_rank(group) == 0)
+    return any_true(mine, group)
+
+
+def barrier(group: Any = None) -> None:
+    """Every rank has reached this point (a tiny all_reduce on the group's communication device)."""
+    if is_multi(group):
+        all_reduce_values([0.0], group=group)
+
+
+def timed_flags(values: Sequence[float], group: Any = None) -> tuple[float, list[float]]:
+    """Sum a few per-rank flags, and time how long this rank waited for the others doing so.
+
+    On the CPU path (gloo) it touches no GPU: no synchronisation, so the step's kernels stay queued."""
+    if not is_multi(group):
+        return 0.0, [float(v) for v in values]
+    start = time.perf_counter()
+    sums = all_reduce_values(values, group=group)
+    return time.perf_counter() - start, sums
+
+
+def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[float]]:
+    """Every rank's vector of floats (all the same length), in rank order."""
+    if not is_multi(group):
+        return [[float(v) for v in vector]]
+    mine = torch.tensor(list(vector), dtype=torch.float64, device=comm_device(group))
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    dist.all_gather(out, mine, group=group)
+    return [t.tolist() for t in out]
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_multi(group):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """`tensor` summed over the ranks (one collective), left on its device when the group serves that device
+    (no host read: the caller reads it when it needs the values)."""
+    if not is_multi(group):
+        return tensor
+    pg = group if group is not None else dist.group.WORLD
+    device = tensor.device if tensor.device.type in {d.type for d in pg._device_types} else comm_device(group)
+    out = tensor.detach().to(device, copy=True)
+    dist.all_reduce(out, group=group)
+    return out
+
+
+def side_group() -> Any:
+    """A gloo group of its own, for work that runs beside training (async checkpoint writes): sharing the
+    default group with the training loop crashes or hangs. "local" in a single process."""
+    return dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else "local"

@@ -27,6 +27,18 @@ for _key, (_bf16, _tf32, _fp32) in {
     "l4": (121.0, 60.0, 30.3),
     "a10": (125.0, 62.5, 31.2),
     "mi300x": (1307.4, 653.7, 163.4),
+    # H200 NVL: NVIDIA H200 datasheet (1,671 bf16 / 835 tf32 with sparsity, 60 fp32), halved for dense.
+    "h200_nvl": (835.0, 418.0, 60.0),
+    # A10G (AWS G5): lower tensor rates than the A10 (baseten.co, "NVIDIA A10 vs A10G for ML model inference").
+    "a10g": (70.0, 35.0, 31.2),
+    # L40: NVIDIA L40 datasheet (362.1 bf16 / 181 tf32 with sparsity, 90.5 fp32).
+    "l40": (181.0, 90.5, 90.5),
+    # H800 and A800: the export variants of H100 and A100, with the same tensor and fp32 rates (NVIDIA datasheets).
+    "h800_sxm": (989.0, 495.0, 67.0),
+    "h800_pcie": (756.0, 378.0, 51.0),
+    "a800": (312.0, 156.0, 19.5),
+    # B200 in HGX at 1,000 W: NVIDIA HGX B200 datasheet (4.5 PF bf16 / 2.2 PF tf32 with sparsity, 80 fp32).
+    "b200": (2250.0, 1100.0, 80.0),
 }.items():
     PEAK_TFLOPS.update({(_key, "bf16"): _bf16, (_key, "fp16"): _bf16, (_key, "tf32"): _tf32, (_key, "fp32"): _fp32})
 PEAK_TFLOPS.update({
@@ -41,13 +53,20 @@ PEAK_TFLOPS.update({
 # "A10G" (a different chip) from matching "a10" and "L40S" from matching "l4".
 _DEVICE_PATTERNS: list[tuple[str, str]] = [
     (r"\bgh200\b", "gh200"),
-    (r"\bh200\b(?!.*\bnvl\b)", "h200"),
+    (r"\bh200\b.*\bnvl\b", "h200_nvl"),
+    (r"\bh200\b", "h200"),
     (r"\bh100\b.*\bpcie\b", "h100_pcie"),
     (r"\bh100\b.*\bnvl\b", "h100_nvl"),
     (r"\bh100\b", "h100_sxm"),  # "NVIDIA H100 80GB HBM3"
     (r"\ba100\b", "a100"),  # SXM and PCIe have the same peaks
+    (r"\bh800\b.*\bpcie\b", "h800_pcie"),
+    (r"\bh800\b", "h800_sxm"),
+    (r"\ba800\b", "a800"),
+    (r"\bb200\b", "b200"),
     (r"\bl40s\b", "l40s"),
+    (r"\bl40\b", "l40"),
     (r"\bl4\b", "l4"),
+    (r"\ba10g\b", "a10g"),
     (r"\ba10\b", "a10"),
     (r"\bv100s\b", "v100s"),
     (r"\bv100\b.*\bpcie\b", "v100_pcie"),

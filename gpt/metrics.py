@@ -15,26 +15,52 @@ from torch.utils.tensorboard import SummaryWriter
 
 
 def memory_stats(device: torch.device) -> dict[str, float]:
-    """GiB in use: allocator figures on CUDA, the process's resident set on CPU."""
+    """GiB in use: allocator figures on CUDA, the process's resident set on CPU. On CUDA the peak is the
+    window's: it is reset after each reading."""
     gib = 2**30
     if device.type == "cuda":
-        return {
+        stats = {
             "mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
             "mem/peak_gib": torch.cuda.max_memory_allocated(device) / gib,
             "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
         }
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
     return {"mem/rss_gib": psutil.Process(os.getpid()).memory_info().rss / gib}
 
 
-def layer_grad_norms(named_grads: Iterable[tuple[str, torch.Tensor]]) -> dict[str, float]:
-    """Gradient norm per transformer layer (and for the embeddings and head), from parameter names."""
-    squares: dict[str, torch.Tensor] = {}
-    for name, grad in named_grads:
-        parts = name.split(".")
-        key = ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
-        g = grad.full_tensor() if hasattr(grad, "full_tensor") else grad
-        squares[key] = squares.get(key, 0.0) + g.detach().float().pow(2).sum()
-    return {f"grad_norm/{k}": math.sqrt(float(v)) for k, v in squares.items()}
+# Parts of a parameter's name that wrappers add: torch.compile, DDP, FSDP1 and checkpoint wrappers.
+WRAPPER_PARTS = ("_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def layer_key(name: str) -> str:
+    """'layers.3.attn.q_proj.weight' -> 'layers.3'; '_orig_mod.wte.weight' -> 'wte'."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_PARTS]
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def layer_keys(names: Iterable[str]) -> list[str]:
+    """The layer keys of a full model's parameter names, in model order (the same list on every rank)."""
+    return list(dict.fromkeys(layer_key(n) for n in names))
+
+
+def layer_grad_norms(local_grads: Iterable[tuple[str, torch.Tensor, int]], keys: list[str],
+                     device: torch.device) -> dict[str, float]:
+    """Gradient norm per transformer layer (and for the embeddings and head) at the cost of one all_reduce.
+
+    `local_grads` yields (parameter name, the part of its gradient this rank holds, how many ranks hold that
+    same part): each rank sums its own squares per layer, weighted by 1 / copies, and the sums are added over
+    the ranks once. Reading the result synchronises with the device: call it on log steps only."""
+    from gpt.distributed import sum_over_ranks
+
+    index = {k: i for i, k in enumerate(keys)}
+    squares = torch.zeros(len(keys), device=device, dtype=torch.float32)
+    for name, grad, copies in local_grads:
+        key = layer_key(name)
+        if key in index:
+            squares[index[key]] += grad.detach().float().pow(2).sum().to(device) / copies
+    total = sum_over_ranks(squares)
+    return {f"grad_norm/{k}": math.sqrt(max(v, 0.0)) for k, v in zip(keys, total.tolist())}
 
 
 class MetricsWriter:

@@ -105,15 +105,14 @@ class CausalSelfAttention(nn.Module):
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.update(self.layer_id, k, v)  # the cache keeps the n_kv_head heads, not the repeats
-        if self.n_kv_head != self.n_head:
-            # Query head h attends with key/value head h // (n_head / n_kv_head), as in LLaMA.
-            k = k.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
-            v = v.repeat_interleave(self.n_head // self.n_kv_head, dim=1)
         S = k.size(2)  # key length: T, or more when earlier positions come from the cache
         # SDPA's is_causal aligns the mask top-left, which is wrong when S > T; give the bottom-right mask then.
         mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        # enable_gqa: query head h attends with key/value head h // (n_head / n_kv_head), as in LLaMA, without
+        # materialising the repeated keys and values.
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
 
 
@@ -168,16 +167,21 @@ class MoE(nn.Module):
         probs = F.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
         weights, chosen = probs.topk(self.top_k, dim=-1)  # (N, k)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
-        out = torch.zeros_like(x)
-        for e, expert in enumerate(self.experts):
-            # An expert with no tokens still runs (on zero rows) so every parameter gets a gradient,
-            # which DDP requires.
-            token, slot = torch.where(chosen == e)
-            out.index_add_(0, token, expert(x[token]) * weights[token, slot, None])
+        # The N*k assignments sorted by expert (stable: tokens keep their order), cut by one host read of the
+        # counts per layer rather than one per expert (scatter_add_, unlike bincount, does not read the device
+        # to size its result). An expert with no tokens still runs (on zero rows) so every parameter gets a
+        # gradient, which DDP requires.
+        flat = chosen.flatten()
+        order = flat.argsort(stable=True)
+        token, slot = order // self.top_k, order % self.top_k
+        counts = torch.zeros(len(self.experts), dtype=torch.long, device=x.device).scatter_add_(
+            0, flat, torch.ones_like(flat))
+        parts = [expert(rows) for expert, rows in zip(self.experts, x[token].split(counts.tolist()))]
+        out = torch.zeros_like(x).index_add_(0, token, torch.cat(parts) * weights[token, slot, None])
         # f_e: share of the N*k assignments that went to expert e (not differentiable); P_e: mean router
         # probability of e. n_expert * sum(f * P) is 1 when routing is uniform and grows as it concentrates.
         n_expert = probs.size(-1)
-        f = torch.bincount(chosen.flatten(), minlength=n_expert).to(probs.dtype) / chosen.numel()
+        f = counts.to(probs.dtype) / flat.numel()
         self.aux_loss = n_expert * (f * probs.mean(dim=0)).sum()
         return out.view(shape)
 

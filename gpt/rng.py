@@ -11,8 +11,8 @@ import torch
 
 def capture() -> dict[str, Any]:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if torch.cuda.is_available():  # this rank's own GPU only: a resume may see fewer GPUs
+        state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
@@ -20,8 +20,12 @@ def restore(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+    cuda = state.get("cuda")
+    if isinstance(cuda, (list, tuple)):  # written before: every visible GPU's state; ours is the current one's
+        index = torch.cuda.current_device() if torch.cuda.is_available() else len(cuda)
+        cuda = cuda[index] if index < len(cuda) else None
+    if cuda is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(cuda)
 
 
 def reseed(seed: int, step: int, rank: int) -> None:
@@ -30,3 +34,9 @@ def reseed(seed: int, step: int, rank: int) -> None:
     random.seed(mixed)
     np.random.seed(mixed)
     torch.manual_seed(mixed)
+
+
+def seed_device(seed: int, rank: int) -> None:
+    """A CUDA stream of this rank's own: dropout masks then differ between data-parallel replicas."""
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed(seed + 1_000_003 * (rank + 1))

@@ -1,7 +1,7 @@
 """Per-rank step-time figures brought together once per log window, and straggler detection.
 
 Every rank hands `StragglerMonitor.update` its figures for the window just closed (means per step: step time and
-its breakdown, tokens/s). One small `all_gather` of a float vector brings every rank's figures to every rank; the
+its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.distributed, on the host path) brings every rank's figures to every rank; the
 hosts are gathered once, at the first window. Rank 0 logs `summary.metrics()` and warns on `summary.events`.
 
 The detection itself (`StragglerDetector`) is pure: it sees a list of per-rank figure dicts per window, so it is
@@ -219,69 +219,33 @@ class StragglerMonitor:
     """What the trainer calls on every rank at each log window (a collective: every rank must call update)."""
 
     def __init__(self, world_size: int, threshold_pct: float = 20.0, windows: int = 3, top_k: int = 3, *,
-                 config: StragglerConfig | None = None, host: str | None = None, device: Any = None,
-                 group: Any = None):
+                 config: StragglerConfig | None = None, host: str | None = None, group: Any = None):
         self.config = config or StragglerConfig(threshold_pct=threshold_pct, windows=windows, top_k=top_k)
         self.world_size = world_size
         self.host = host
-        self.device = device  # must be the rank's CUDA device under NCCL; None: CPU (gloo)
         self.group = group
         self.hosts: list[str] | None = None
         self.detector = StragglerDetector(world_size, self.config)
 
-    def _gather_hosts(self) -> list[str]:
-        import socket
-
-        import torch.distributed as dist
-
-        host = self.host or socket.gethostname()
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return [host] * self.world_size
-        hosts: list[Any] = [None] * self.world_size
-        dist.all_gather_object(hosts, host, group=self.group)
-        return [str(h) for h in hosts]
-
     def gather(self, local: Mapping[str, Any]) -> list[dict[str, float | None]]:
-        """Every rank's figures, in rank order: one all_gather of len(FIGURES) float64 values per rank."""
-        import torch
-        import torch.distributed as dist
+        """Every rank's figures, in rank order: one all_gather of len(FIGURES) floats per rank."""
+        from gpt.distributed import gather_vectors
 
-        mine = torch.tensor(figures_vector(local), dtype=torch.float64, device=self.device)
-        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
-            return [figures_dict(mine.tolist())]
-        out = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(out, mine, group=self.group)
-        return [figures_dict(t.cpu().tolist()) for t in out]
+        return [figures_dict(v) for v in gather_vectors(figures_vector(local), group=self.group)]
 
     def update(self, step: int, local: Mapping[str, Any]) -> WindowSummary:
         if self.hosts is None:
-            self.hosts = self._gather_hosts()
+            import socket
+
+            from gpt.distributed import gather_objects
+
+            self.hosts = [str(h) for h in gather_objects(self.host or socket.gethostname(), group=self.group)]
         return self.detector.observe(step, self.gather(local), self.hosts)
 
     @staticmethod
     def log_events(summary: WindowSummary, logger: logging.Logger = log) -> None:
         for event in summary.events:
             (logger.warning if event.kind == "straggler" else logger.info)("%s", event.message())
-
-
-def timed_all_reduce(values: list[float], device: Any = None, group: Any = None) -> tuple[float, list[float]]:
-    """Seconds this rank waits for the others at a tiny all_reduce, which also sums a few per-rank values (flags):
-    the step's one collective carries the preemption flag and the checkpoint decisions too. Returns (seconds, sums).
-
-    Place it where a rank's own work ends and the collective work begins, so that the time a fast rank spends
-    waiting for a slow one is counted as its `comm_s`, not as its own."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
-        return 0.0, list(values)
-    t = torch.tensor(values, dtype=torch.float32, device=device)
-    if t.is_cuda:
-        torch.cuda.synchronize(t.device)
-    start = time.perf_counter()
-    dist.all_reduce(t, group=group)
-    out = t.tolist()  # waits for the result on CUDA too
-    return time.perf_counter() - start, out
 
 
 def injected_delay(rank: int, delay_rank: int | None, delay_s: float) -> float:

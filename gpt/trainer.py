@@ -17,17 +17,17 @@ from gpt.checkpoint import Checkpointer, all_ranks_ok, check_fingerprint, list_c
 from gpt.config import ModelConfig
 from gpt.data import check_vocab
 from gpt.data.loader import TokenDataset, TrainBatches, ValBatches
-from gpt.distributed import DistEnv, pick_device
+from gpt.distributed import DistEnv, any_true, pick_device, side_group, timed_flags
 from gpt.errors import ConfigError, UserError
 from gpt.flops import flops_per_token, mfu, param_count, peak_flops
-from gpt.metrics import MetricsWriter, memory_stats
+from gpt.metrics import MetricsWriter, layer_keys, memory_stats
 from gpt.model import GPT
 from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.runinfo import cpu_affinity, cpu_list
-from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay, timed_all_reduce
+from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,21 @@ def model_config(cfg: DictConfig, data_dir: Path) -> ModelConfig:
     mcfg = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     vocab = check_vocab(mcfg.vocab_size, data_dir)
     return dataclasses.replace(mcfg, vocab_size=mcfg.vocab_size or vocab)
+
+
+def use_tf32(device: torch.device, precision: str) -> None:
+    """fp32 matmuls and convolutions on a GPU's TF32 tensor cores (what the MFU peaks for fp32 assume)."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
+    """The GPT built and initialised on `device` itself: no rank builds a full fp32 copy on the CPU first to move
+    it (on the CPU these are the weights an eager build always gave). The same seed gives every rank the same
+    weights."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return GPT(cfg)
 
 
 @dataclass
@@ -60,9 +75,12 @@ class Trainer:
 
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()
-        torch.manual_seed(cfg.seed)  # the same initial weights on every rank
+        use_tf32(self.device, self.train.precision)
         self.strategy = build_strategy(cfg.strategy, env, self.device, self.train.precision)
-        self.strategy.setup(GPT(self.model_cfg), self.train.lr, self.train.weight_decay, tuple(self.train.betas))
+        model = build_model(self.model_cfg, self.device, cfg.seed)
+        self.strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
+        self.strategy.setup(model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
+        rng.seed_device(cfg.seed, env.rank)
         if self.train.compile:
             self.strategy.model = torch.compile(self.strategy.model)
         self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
@@ -80,20 +98,17 @@ class Trainer:
         device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, self.train.precision)
         self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
-                                           host=env.hostname, device=self.device if self.device.type == "cuda" else None)
+                                           host=env.hostname)
         self.debug = cfg.get("debug") or {}
         self.ckpt = CheckpointConfig.from_cfg(cfg)
         preemption = cfg.get("preemption") or {}
         self.flag = (PreemptionFlag.installed(preemption.get("signals", DEFAULT_SIGNALS))
                      if preemption.get("enabled", True) else None)
-        async_group = None
-        if self.ckpt.async_save and self.strategy.supports_async_save:
-            # async_save on the default group crashes or hangs while training uses it: a gloo group of its own
-            distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
-            async_group = torch.distributed.new_group(backend="gloo") if distributed else "local"
+        async_group = side_group() if self.ckpt.async_save and self.strategy.supports_async_save else None
         self.checkpointer = Checkpointer(run_dir / "checkpoints", self.ckpt.keep, env.is_main, env.rank,
                                          async_group=async_group, async_save=self.ckpt.async_save,
                                          before_commit=self._debug_save_sleep)
+        self.strategy.before_update = self.checkpointer.wait_staged
         self.step = 0
         self.first_step = 0
         self.saved_step: int | None = None
@@ -167,7 +182,7 @@ class Trainer:
         self.strategy.model.eval()
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val:
-            if self.flag is not None and self.flag.any_rank(self.device if self.device.type == "cuda" else None):
+            if any_true(self.flag is not None and self.flag.raised):
                 self.stop_signal = self.flag.signal_name or "SIGNAL(another rank)"
                 self.eval_pending = True
                 self.strategy.model.train()
@@ -287,7 +302,7 @@ class Trainer:
                        and time.monotonic() - self.last_save_time >= 60 * self.ckpt.interval_minutes)
         values = [1.0 if self.flag is not None and self.flag.raised else 0.0,
                   0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0]
-        seconds, (signalled, writing, due) = timed_all_reduce(values, self.device if self.device.type == "cuda" else None)
+        seconds, (signalled, writing, due) = timed_flags(values)  # host values over gloo: no GPU sync
         if self.checkpointer.pending is not None and writing == 0:
             self.checkpointer.finish_async()
         if signalled and self.stop_signal is None:
@@ -378,7 +393,7 @@ class Trainer:
             summary["preempted"] = self.stop_signal
         if self.saved_step != self.step or self.eval_pending:
             self.save(allow_async=False)
-        self.checkpointer.wait()
+        self.checkpointer.close()
         summary["first_step"], summary["last_step"] = self.first_step, self.step
         self.metrics.close()
         return summary

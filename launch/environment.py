@@ -16,12 +16,35 @@ SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
+    """This rank's place. Reading the real environment (`environ` None) under Slurm also exports what libraries
+    expect from torchrun (see export_for_libraries)."""
     env = os.environ if environ is None else environ
     if "RANK" in env and "WORLD_SIZE" in env:
         return _from_torchrun(env)
     if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
-        return _from_slurm(env)
+        found = _from_slurm(env)
+        if environ is None:
+            export_for_libraries(found, os.environ)
+        return found
     return DistEnv()
+
+
+def export_for_libraries(found: DistEnv, environ) -> None:
+    """DeepSpeed asserts LOCAL_RANK and calls set_device(LOCAL_RANK): give it the GPU index this task drives,
+    not SLURM_LOCALID, which is out of range when Slurm shows each task only its own GPU. (Not RANK and
+    WORLD_SIZE: detect() would then read this task as a torchrun one.) The async-checkpoint
+    gloo group picks its network interface like NCCL does when only NCCL's is set."""
+    environ["LOCAL_RANK"] = str(found.local_rank if found.device_index is None else found.device_index)
+    if "NCCL_SOCKET_IFNAME" in environ and "GLOO_SOCKET_IFNAME" not in environ:
+        environ["GLOO_SOCKET_IFNAME"] = environ["NCCL_SOCKET_IFNAME"]
+
+
+def visible_gpus(env) -> int | None:
+    """How many GPUs CUDA_VISIBLE_DEVICES shows this process (None: unset, every GPU of the node)."""
+    value = env.get("CUDA_VISIBLE_DEVICES")
+    if value is None:
+        return None
+    return len([d for d in value.split(",") if d.strip()])
 
 
 def _from_torchrun(env) -> DistEnv:
@@ -44,10 +67,13 @@ def _from_torchrun(env) -> DistEnv:
 def _from_slurm(env) -> DistEnv:
     world = int(env["SLURM_NTASKS"])
     nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    local_rank = int(env.get("SLURM_LOCALID", 0))
     return DistEnv(
         rank=int(env["SLURM_PROCID"]),
         world_size=world,
-        local_rank=int(env.get("SLURM_LOCALID", 0)),
+        local_rank=local_rank,
+        # --gpus-per-task or --gpu-bind=single:1 shows each task only its own GPU: it is device 0 there
+        device_index=0 if visible_gpus(env) == 1 else local_rank,
         local_world_size=world // nodes,
         node_rank=int(env.get("SLURM_NODEID", 0)),
         num_nodes=nodes,

@@ -1,8 +1,11 @@
 """Validate a composed config and turn it into a plan, before any process starts or any job is submitted."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
@@ -33,11 +36,41 @@ def _positive(cfg: DictConfig, key: str) -> int:
     return value
 
 
+def planned_device(cfg: DictConfig) -> str:
+    """The device the ranks will compute on: train.device, or for `auto` what the run asks for. A Slurm job has
+    the GPUs of cluster.gpus_per_node whatever this login node has."""
+    requested = OmegaConf.select(cfg, "train.device", default="auto") or "auto"
+    if requested != "auto":
+        return requested
+    backend = cfg.cluster.get("name")
+    if backend == "slurm":
+        return "cuda" if (cfg.cluster.get("gpus_per_node") or 0) > 0 else "cpu"
+    if backend == "srun":
+        from launch.backends.srun import gpus_on_node
+
+        return "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_local_gpus(cfg: DictConfig, device: str, world_size: int) -> None:
+    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU")."""
+    if cfg.cluster.get("name") != "local" or device != "cuda":
+        return
+    gpus = torch.cuda.device_count()
+    if world_size > gpus:
+        raise ConfigError("cluster.tasks_per_node", cfg.cluster.tasks_per_node,
+                          f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
+                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
+
+
 def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     """Check everything a user can get wrong, prepare the data, and write the resolved config to the run folder."""
     nodes, per_node = _positive(cfg, "cluster.nodes"), _positive(cfg, "cluster.tasks_per_node")
     model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
+    device = planned_device(cfg)
+    check_local_gpus(cfg, device, nodes * per_node)
+    train = dataclasses.replace(train, device=device)  # strategies check their options against it
     strategy = strategy_class(cfg.strategy.name)
     dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node, train)
     train.micro_batches(dp_size)

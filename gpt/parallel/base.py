@@ -6,7 +6,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -79,6 +79,17 @@ class PhaseClock:
         return out
 
 
+def local_part(grad: torch.Tensor, replicas: int) -> tuple[torch.Tensor, int]:
+    """A gradient's local tensor, and how many ranks hold the same values: a DTensor says so by its placements
+    (Replicate dimensions copy, Shard dimensions split); a plain tensor is held by each of `replicas`."""
+    if not hasattr(grad, "to_local"):
+        return grad, replicas
+    copies = 1
+    for size, placement in zip(grad.device_mesh.mesh.shape, grad.placements):
+        copies *= size if placement.is_replicate() else 1
+    return grad.to_local(), copies
+
+
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
@@ -89,6 +100,10 @@ class Strategy:
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
+        # Called just before the optimizer changes any weight: the checkpointer waits there for a background
+        # save's staging copy (which reads the weights) to finish.
+        self.before_update: Callable[[], None] = lambda: None
+        self.layer_keys: list[str] = []  # the full model's layers, for per-layer gradient norms (set by the trainer)
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -126,8 +141,14 @@ class Strategy:
 
     @property
     def unwrapped(self) -> nn.Module:
-        """The GPT module itself, for evaluation, generation and checkpoint naming."""
-        return getattr(self.model, "module", self.model)
+        """The GPT module itself, for evaluation, generation and checkpoint naming (inside torch.compile's and
+        DDP's wrappers)."""
+        module = self.model
+        while True:
+            inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+            if not isinstance(inner, nn.Module):
+                return module
+            module = inner
 
     # --- one optimizer step ---------------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
@@ -155,8 +176,9 @@ class Strategy:
         clock.mark("fwd_bwd")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
+        layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
+        self.before_update()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
@@ -187,22 +209,25 @@ class Strategy:
         """(module, optimizer over its parameters) pairs whose state this rank saves; names are the GPT's."""
         return [(self.model, self.optimizer)]
 
-    supports_async_save = True  # save_state(folder, async_group=...) returns a future (dcp.async_save)
+    supports_async_save = True  # save_state(folder, async_group=..., stager=...) returns an AsyncSaveResponse
 
-    def save_state(self, folder: Path, async_group: Any = None) -> Any:
+    def save_state(self, folder: Path, async_group: Any = None, stager: Any = None) -> Any:
         """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load).
 
         With `async_group` (a gloo group of its own: on the default group async_save crashes or hangs while
-        training goes on), the state is staged in memory and written in the background; returns the future."""
+        training goes on) the state is copied by `stager` in the background and written after; returns DCP's
+        AsyncSaveResponse. Until its staging completes, call before_update() before changing any weight."""
         model_sd, optim_sd = {}, {}
         for module, optimizer in self.state_parts():
             m, o = get_state_dict(module, optimizer, options=STATE_OPTIONS)
             model_sd.update(m)
             optim_sd.update(o)
         state = {"model": model_sd, "optim": optim_sd}
-        if async_group is not None or (self.env.world_size == 1 and async_group == "local"):
+        if async_group is not None:
+            if self.device.type == "cuda":  # the stager copies on its own stream: the step's updates must be done
+                torch.cuda.current_stream(self.device).synchronize()
             group = None if async_group == "local" else async_group
-            return dcp.async_save(state, checkpoint_id=folder, process_group=group)
+            return dcp.async_save(state, checkpoint_id=folder, process_group=group, async_stager=stager)
         dcp.save(state, checkpoint_id=folder)
         return None
 
@@ -228,11 +253,12 @@ class Strategy:
     def dp_group(self) -> dist.ProcessGroup | None:
         return None  # the default group: every rank is a replica
 
-    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
-        """Gradients by the unwrapped model's parameter names, for per-layer norms."""
+    def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """(name, the part of its gradient this rank holds, how many ranks hold that same part), for per-layer
+        norms: a DTensor's local shard, held once per replica of its mesh; a plain gradient, by every replica."""
         for name, p in self.unwrapped.named_parameters():
             if p.grad is not None:
-                yield name, p.grad
+                yield name, *local_part(p.grad, self.dp_size)
 
     def parameter_bytes(self) -> int:
         """Bytes of parameters this rank holds (a sharded strategy holds about total / world size)."""

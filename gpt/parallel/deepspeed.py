@@ -74,6 +74,16 @@ def ds_config(cfg: Any, precision: str, grad_clip: float = 0.0, micro_batch: int
     return config
 
 
+def _owned_grad_fragment(p: nn.Parameter) -> torch.Tensor:
+    """The fp32 gradient of the part of `p` this rank's ZeRO-1/2 optimizer partition owns (as
+    deepspeed.utils.tensor_fragment.get_full_hp_grad reads it before its all_reduce)."""
+    mapping = p._hp_mapping
+    fragment = mapping.get_lp_grad_fragment(p._index_in_param_group).to(torch.float32).flatten()
+    if fragment.numel() == p.numel():  # bf16 keeps a full accumulation buffer: only the owned part counts
+        fragment = fragment.narrow(0, mapping.lp_fragment_address.start, mapping.lp_fragment_address.numel)
+    return fragment
+
+
 class DeepSpeed(Strategy):
     name = "deepspeed"
 
@@ -163,7 +173,8 @@ class DeepSpeed(Strategy):
             _, loss = self.engine(x, y)
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             if i == n_micro - 1 and layer_norms:
-                layers = layer_grad_norms(self.named_gradients())  # after the last backward, before the step
+                # after the last backward, before the step (which frees the reduced gradients)
+                layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float() / n_micro
         clock.mark("fwd_bwd")
@@ -176,12 +187,18 @@ class DeepSpeed(Strategy):
         _, loss = self.engine(x, y)
         return loss.detach().float()
 
-    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
-        from deepspeed.utils import safe_get_full_grad
+    def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        """This rank's part of each gradient, in DeepSpeed's own order of lookup (deepspeed.utils.safe_get_full_grad
+        without its per-parameter all_reduce): a plain gradient (ZeRO-0) is held by every rank; a ZeRO-3
+        partition, or the fragment of a ZeRO-1/2 (or bf16) optimizer partition, by this rank alone."""
+        from deepspeed.utils import safe_get_local_grad
         for name, p in self.engine.module.named_parameters():
-            grad = safe_get_full_grad(p)  # gathered over the ranks: a collective at stages 2 and 3
-            if grad is not None:
-                yield name, grad
+            if getattr(p, "_hp_grad", None) is None and p.grad is not None:
+                yield name, p.grad, self.dp_size
+            elif hasattr(p, "ds_id"):
+                yield name, safe_get_local_grad(p), 1
+            elif getattr(p, "_hp_mapping", None) is not None:
+                yield name, _owned_grad_fragment(p), 1
 
     def parameter_bytes(self) -> int:
         total = 0
@@ -192,13 +209,17 @@ class DeepSpeed(Strategy):
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """The model's fp32 weights by state-dict name, gathered from the ZeRO partitions (a collective)."""
+        """The model's fp32 weights by state-dict name on rank 0 ({} elsewhere), gathered from the ZeRO partitions
+        one parameter at a time (each a collective): only rank 0 keeps a full copy in host memory."""
         from deepspeed.utils import safe_get_full_fp32_param
-        module = self.engine.module
+        module, keep = self.engine.module, self.env.rank == 0
         full: dict[int, torch.Tensor] = {}
         for p in module.parameters():  # each tensor once: gathering is a collective
             value = safe_get_full_fp32_param(p)
-            full[id(p)] = (value if value is not None else p.detach()).float().cpu().clone()
+            if keep:
+                full[id(p)] = (value if value is not None else p.detach()).float().cpu().clone()
+        if not keep:
+            return {}
         # Every name of a tied tensor, as in a plain module's state dict.
         weights = {name: full[id(p)] for name, p in module.named_parameters(remove_duplicate=False)}
         for prefix, sub in module.named_modules():
@@ -211,7 +232,9 @@ class DeepSpeed(Strategy):
 
     def save_state(self, folder: Path, async_group=None) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
-        dcp.save({"model": self.full_weights()}, checkpoint_id=folder)
+        weights = self.full_weights()
+        if self.env.rank == 0:  # the DCP `model` entry, written by the rank that holds it
+            dcp.save({"model": weights}, checkpoint_id=folder, no_dist=True)
 
     def load_state(self, folder: Path) -> None:
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_optimizer_states=True,

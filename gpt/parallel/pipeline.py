@@ -42,7 +42,7 @@ from gpt.flops import flops_per_token
 from gpt.metrics import layer_grad_norms
 from gpt.model import GPT
 from gpt.optim import build_adamw
-from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, planned_device
+from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part, planned_device
 from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
 
@@ -278,8 +278,9 @@ class Pipeline(Strategy):
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             dist.all_reduce(grad, group=self.tie_group)
         clock.mark("fwd_bwd")
-        layers = layer_grad_norms(self.named_gradients()) if layer_norms else None
+        layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
+        self.before_update()
         for optimizer in self.optimizers:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
@@ -306,10 +307,10 @@ class Pipeline(Strategy):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total
 
-    def named_gradients(self) -> Iterator[tuple[str, torch.Tensor]]:
+    def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         for name, p in self._parameters():
             if p.grad is not None:
-                yield name, p.grad
+                yield name, *local_part(p.grad, self.dp_size)
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

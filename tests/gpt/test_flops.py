@@ -145,10 +145,15 @@ def test_flops_scale_with_active_experts_not_all():
     ("NVIDIA A10", "a10"),
     ("AMD Instinct MI300X", "mi300x"),
     ("AMD Instinct MI250X/MI250", "mi250x"),
+    ("NVIDIA A10G", "a10g"),
+    ("NVIDIA L40", "l40"),
+    ("NVIDIA H200 NVL", "h200_nvl"),
+    ("NVIDIA H800", "h800_sxm"),
+    ("NVIDIA H800 PCIe", "h800_pcie"),
+    ("NVIDIA A800-SXM4-80GB", "a800"),
+    ("NVIDIA B200", "b200"),
     # Not in the table: no guessing from a similar name.
-    ("NVIDIA A10G", None),
-    ("NVIDIA L40", None),
-    ("NVIDIA H200 NVL", None),
+    ("NVIDIA GB200", None),
     ("NVIDIA GeForce RTX 4090", None),
     ("cpu", None),
     ("", None),
@@ -171,13 +176,15 @@ def test_peak_table():
     assert peak_flops("Tesla V100-SXM2-16GB", "tf32") == 15.7e12  # no TF32 either: fp32 matmuls
     assert peak_flops("cpu", "fp32") is None
     assert peak_flops(None, "bf16") is None
-    assert peak_flops("NVIDIA A10G", "bf16") is None
+    assert peak_flops("NVIDIA A10G", "bf16") == 70e12  # not the A10's 125: AWS's variant has fewer tensor FLOP/s
+    assert peak_flops("NVIDIA H800", "bf16") == peak_flops("NVIDIA H100 80GB HBM3", "bf16")
+    assert peak_flops("NVIDIA B200", "bf16") == 2250e12
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp8") is None
     for (key, dtype), tflops in PEAK_TFLOPS.items():
-        assert dtype in {"bf16", "fp16", "tf32", "fp32"} and 10 < tflops < 2000, (key, dtype)
-    for key in {k for k, _ in PEAK_TFLOPS}:  # a typo check: fp16 > tf32 (where present) > fp32
+        assert dtype in {"bf16", "fp16", "tf32", "fp32"} and 10 < tflops < 2500, (key, dtype)
+    for key in {k for k, _ in PEAK_TFLOPS}:  # a typo check: fp16 > tf32 (where present) >= fp32 (equal on an L40)
         rates = [PEAK_TFLOPS[(key, d)] for d in ("fp16", "tf32", "fp32") if (key, d) in PEAK_TFLOPS]
-        assert rates == sorted(rates, reverse=True) and len(set(rates)) == len(rates), key
+        assert rates == sorted(rates, reverse=True) and rates[0] > rates[-1], key
 
 
 def test_mfu():

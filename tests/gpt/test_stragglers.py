@@ -10,8 +10,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from gpt.distributed import timed_flags
 from gpt.stragglers import (FIGURES, StragglerConfig, StragglerDetector, StragglerMonitor, busy_time,
-                            figures_dict, figures_vector, injected_delay, timed_all_reduce)
+                            figures_dict, figures_vector, injected_delay)
 
 
 def window(times, comm=None, hosts=None):
@@ -111,7 +112,7 @@ def _scenario(rank: int, delay_rank) -> list[dict]:
                 a = torch.tanh(a @ a)  # the rank's own work
             injected_delay(rank, delay_rank, 0.05)
             t0 = time.perf_counter()
-            timed_all_reduce([0.0])  # waiting for the others counts as communication, not as this rank's own time
+            timed_flags([0.0])  # waiting for the others counts as communication, not as this rank's own time
             dist.all_reduce(grad)  # the "gradient" collective
             comm_s += time.perf_counter() - t0
             step_s += time.perf_counter() - start

@@ -1,0 +1,180 @@
+"""GPU-only behaviour checked without a GPU (torch.cuda faked where needed): per-window memory peaks, per-layer
+gradient norms under torch.compile and at the cost of one all_reduce, CUDA RNG per rank and per device, and a
+training step that never waits for the device except on log steps."""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from helpers import REPO, SHAKESPEARE
+from gpt import distributed, rng
+from gpt.config import ModelConfig
+from gpt.distributed import DistEnv
+from gpt.metrics import layer_grad_norms, layer_key, layer_keys, memory_stats
+from gpt.model import GPT
+from gpt.parallel.base import Strategy
+from gpt.trainer import Trainer
+from launch.plan import make_plan
+
+TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
+
+
+def test_memory_peak_is_the_windows(monkeypatch):
+    resets = []
+    for name, value in (("memory_allocated", 1 << 30), ("max_memory_allocated", 3 << 30), ("memory_reserved", 4 << 30)):
+        monkeypatch.setattr(torch.cuda, name, lambda device=None, v=value: v)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: resets.append(device))
+    stats = memory_stats(torch.device("cuda", 0))
+    assert stats["mem/peak_gib"] == 3.0
+    assert resets == [torch.device("cuda", 0)]  # the next window's peak starts from here
+
+
+def test_layer_names_survive_torch_compile():
+    model = GPT(TINY)
+    strategy = Strategy({}, DistEnv(), torch.device("cpu"), "fp32")
+    strategy.model = torch.compile(model)  # wraps only; nothing compiles until it is called
+    assert strategy.unwrapped is model
+    names = [n for n, _ in strategy.model.named_parameters()]
+    assert names[0].startswith("_orig_mod.")
+    assert layer_keys(names) == ["wte", "wpe", "layers.0", "layers.1", "ln_f"]
+    assert layer_key("_orig_mod.module.layers.1.mlp.fc.weight") == "layers.1"
+
+
+def test_per_layer_norms_cost_one_all_reduce(monkeypatch):
+    """Two ranks: a replicated gradient (each rank holds it: counted once) and a sharded one (halves on each rank)."""
+    calls = []
+
+    def all_reduce(t, op=None, group=None):  # the other rank holds the same values
+        calls.append(t.numel())
+        t.mul_(2)
+
+    monkeypatch.setattr(distributed, "is_multi", lambda group=None: True)
+    monkeypatch.setattr(distributed.dist, "all_reduce", all_reduce)
+    monkeypatch.setattr(distributed.dist, "group", type("G", (), {"WORLD": type("W", (), {"_device_types": [
+        torch.device("cpu")]})()}))
+    replicated, half = torch.full((4,), 3.0), torch.full((2,), 1.0)
+    norms = layer_grad_norms([("layers.0.attn.q_proj.weight", replicated, 2), ("layers.1.mlp.fc.weight", half, 1),
+                              ("_orig_mod.wte.weight", half, 1)], ["wte", "layers.0", "layers.1"], torch.device("cpu"))
+    assert calls == [3]  # one all_reduce of one value per layer
+    assert norms == {"grad_norm/wte": pytest.approx(2.0), "grad_norm/layers.0": pytest.approx(6.0),
+                     "grad_norm/layers.1": pytest.approx(2.0)}
+
+
+def test_cuda_rng_is_this_ranks_own_device(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every visible GPU's state"))
+    restored, seeds = [], []
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
+    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    state = rng.capture()
+    assert state["cuda"].tolist() == [7]
+    rng.restore(state)
+    old = {**state, "cuda": [torch.tensor([0], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]}
+    rng.restore(old)  # written by an older version: every GPU's state, ours at the current index
+    rng.restore({**state, "cuda": old["cuda"][:1]})  # written with more GPUs visible than this resume sees
+    assert restored == [7, 5]
+    rng.seed_device(1337, 0)
+    rng.seed_device(1337, 1)
+    assert len(set(seeds)) == 2  # dropout masks differ between data-parallel replicas
+
+
+class SyncCounter:
+    """Counts host reads of tensors (item, tolist) and device waits made from our code (gpt/, launch/) outside
+    gpt/distributed.py, whose reads are of host tensors by construction (see test_collectives)."""
+
+    ours = (str(REPO / "gpt"), str(REPO / "launch"))
+
+    def __init__(self, monkeypatch):
+        self.calls: list[str] = []
+        for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.cuda, "synchronize"),
+                            (torch.cuda.Event, "synchronize")):
+            monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
+
+    def wrap(self, original, name):
+        def counted(*args, **kwargs):
+            caller = sys._getframe(1).f_code.co_filename
+            if caller.startswith(self.ours) and not caller.endswith(str(Path("gpt", "distributed.py"))):
+                self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
+            return original(*args, **kwargs)
+        return counted
+
+
+def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
+    """The step's flags travel as host values (a gloo all_reduce under "cpu:gloo,cuda:nccl"), so a step that
+    does not log never reads the loss, the gradient norm or a timer back from the device."""
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = compose("config", overrides=["model=tiny", "train.max_steps=8", "train.log_interval=4",
+                                           "train.eval_interval=0", "train.progress=false",
+                                           f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}"])
+    make_plan(cfg, tmp_path / "run")
+    trainer = Trainer(OmegaConf.load(tmp_path / "run" / "config.yaml"), DistEnv(), tmp_path / "run")
+    reduced = []
+    monkeypatch.setattr(distributed, "is_multi", lambda group=None: True)  # as if other ranks took part
+    monkeypatch.setattr(distributed, "comm_device", lambda group=None: torch.device("cpu"))
+    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None, group=None: reduced.append(t.device))
+    counter = SyncCounter(monkeypatch)
+    per_step = []
+    for _ in range(3):  # steps 0-2 do not log
+        before = len(counter.calls)
+        assert trainer.train_step() is None
+        per_step.append(counter.calls[before:])
+    assert per_step == [[], [], []]
+    assert reduced == [torch.device("cpu")] * 3  # the flags went through the helper, on the host, once a step
+    monkeypatch.setattr(distributed, "is_multi", lambda group=None: False)
+    assert trainer.train_step() is not None  # step 3 logs: it reads the loss, and may
+    assert counter.calls  # (the counter does see reads)
+    trainer.metrics.close()
+
+
+def test_fp32_on_a_gpu_uses_tf32():
+    from gpt.trainer import use_tf32
+
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        use_tf32(torch.device("cpu"), "fp32")
+        use_tf32(torch.device("cuda", 0), "bf16")
+        assert not torch.backends.cuda.matmul.allow_tf32
+        use_tf32(torch.device("cuda", 0), "fp32")
+        assert torch.backends.cuda.matmul.allow_tf32 and torch.backends.cudnn.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def test_moe_reads_the_device_once_per_layer(monkeypatch):
+    """One host read of the expert counts per MoE layer, however many experts (it used to be one per expert)."""
+    from gpt.model import MoE
+    from torch.overrides import TorchFunctionMode
+
+    class Reads(TorchFunctionMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            name = getattr(func, "__name__", "")
+            if name in ("item", "tolist", "nonzero", "bincount", "unique") or (name == "where" and len(args) == 1):
+                self.names.append(name)
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    moe = MoE(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32, n_expert=6, moe_top_k=2))
+    x = torch.randn(3, 8, 16)
+    with Reads() as reads:
+        out = moe(x)
+    assert reads.names == ["tolist"]
+    # the same as routing expert by expert
+    flat = x.reshape(-1, 16)
+    probs = torch.softmax(moe.router(flat), dim=-1)
+    w, chosen = probs.topk(2, dim=-1)
+    w = w / w.sum(-1, keepdim=True)
+    expected = sum(w[:, j, None] * torch.stack([moe.experts[int(e)](flat[i]) for i, e in enumerate(chosen[:, j])])
+                   for j in range(2))
+    torch.testing.assert_close(out.reshape(-1, 16), expected)

@@ -1,0 +1,95 @@
+"""GPU runs planned and placed without a GPU: planning reads the requested resources, never this host's hardware;
+local ranks get a GPU each or are refused; a Slurm task that sees only its own GPU drives device 0, and DeepSpeed
+is told so through LOCAL_RANK."""
+from __future__ import annotations
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+
+from helpers import REPO, SHAKESPEARE
+from gpt.distributed import DistEnv, pick_device
+from gpt.errors import ConfigError, UserError
+from launch.environment import detect, export_for_libraries
+from launch.plan import make_plan, planned_device
+
+TINY = ["model=tiny", f"data.text_path={SHAKESPEARE}"]
+
+
+@pytest.fixture
+def plan(tmp_path_factory):
+    data = tmp_path_factory.getbasetemp() / "planning-data"
+
+    def make(*overrides: str):
+        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+            cfg = compose("config", overrides=[*TINY, f"data.dir={data}", *overrides])
+        return cfg, make_plan(cfg, tmp_path_factory.mktemp("run"))
+
+    return make
+
+
+def test_a_gpu_job_is_planned_from_the_requested_gpus_on_a_cpu_login_node(plan):
+    assert not torch.cuda.is_available()  # this machine: the login node of the test
+    cfg, _ = plan("cluster=slurm", "cluster.gpus_per_node=8", "strategy=fsdp", "strategy.cpu_offload=true")
+    assert planned_device(cfg) == "cuda"
+    cfg, p = plan("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "cluster.tasks_per_node=8", "strategy=fsdp",
+                  "strategy.cpu_offload=true", "train.global_batch_size=16")
+    assert p.world_size == 16
+
+
+def test_cpu_offload_is_still_refused_for_a_cpu_job(plan):
+    with pytest.raises(ConfigError, match="strategy.cpu_offload"):
+        plan("cluster=slurm", "cluster.gpus_per_node=0", "strategy=fsdp", "strategy.cpu_offload=true")
+
+
+def _fake_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+
+
+def test_more_local_ranks_than_gpus_is_refused(plan, monkeypatch):
+    _fake_gpus(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"cluster.tasks_per_node.*at most 1 rank\(s\).*is 2"):
+        plan("strategy=ddp", "nodes=2")
+    cfg, p = plan("strategy=ddp", "nodes=1")  # one rank, one GPU
+    assert planned_device(cfg) == "cuda" and p.world_size == 1
+    plan("strategy=ddp", "nodes=2", "train.device=cpu")  # on the CPU, as many as wanted
+
+
+def test_a_rank_never_shares_a_gpu(monkeypatch):
+    _fake_gpus(monkeypatch, 2)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
+    assert pick_device("cuda", DistEnv(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
+    with pytest.raises(UserError, match="should drive GPU 2 but sees 2 GPU"):
+        pick_device("cuda", DistEnv(rank=2, world_size=3, local_rank=2))
+
+
+SLURM = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "3",
+         "SLURM_NODEID": "1", "SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_ID": "42", "MASTER_ADDR": "node1"}
+
+
+@pytest.mark.parametrize("visible, device", [(None, 3), ("0,1,2,3,4,5,6,7", 3), ("5", 0)])
+def test_slurm_tasks_drive_the_gpu_they_see(visible, device, monkeypatch):
+    environ = {**SLURM, **({"CUDA_VISIBLE_DEVICES": visible} if visible else {})}
+    env = detect(environ)
+    assert (env.local_rank, env.device_index) == (3, device)
+    _fake_gpus(monkeypatch, 1 if visible == "5" else 8)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert pick_device("cuda", env) == torch.device("cuda", device)
+    exported: dict[str, str] = {"NCCL_SOCKET_IFNAME": "ib0"}
+    export_for_libraries(env, exported)
+    assert exported["LOCAL_RANK"] == str(device)  # DeepSpeed's set_device(LOCAL_RANK)
+    assert exported["GLOO_SOCKET_IFNAME"] == "ib0"
+
+
+def test_detect_exports_local_rank_under_slurm_only_for_the_real_environment(monkeypatch):
+    for key, value in {**SLURM, "CUDA_VISIBLE_DEVICES": "2"}.items():
+        monkeypatch.setenv(key, value)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    import os
+
+    detect({**SLURM})
+    assert "LOCAL_RANK" not in os.environ
+    detect()
+    assert os.environ["LOCAL_RANK"] == "0"
