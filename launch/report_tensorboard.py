@@ -3,8 +3,10 @@
 - IMAGES: the report's PNG plots, as they are in `report/`.
 - TEXT: `report/1_summary` (what was measured: shared-host note, model error, or the ranked comparison),
   `report/2_tables` (the measured and predicted tables) and `report/3_full` (all of scaling.md).
-- CUSTOM SCALARS: charts of scalars logged with the node count as the step. TensorBoard smooths them (0.6 by
-  default), which misleads on a curve of two or three points: the category titles say where the exact figures are.
+- CUSTOM SCALARS: charts of scalars logged with the node count as the step, the measured figures in this run, the
+  model's in `scaling/model` and linear scaling in `scaling/ideal`, so that each is a colour of its own.
+  TensorBoard smooths them (0.6 by default), which misleads on a curve of two or three points: the category
+  titles say where the exact figures are.
   Only charts with something to draw are laid out, and a chart missing a series says why (MFU on a CPU).
 """
 from __future__ import annotations
@@ -32,19 +34,19 @@ STRAGGLERS = {
 
 
 def scaling_charts(rep: Report) -> dict[str, list[Any]]:
-    """Multiline entries are regular expressions, anchored so that "scaling/tokens_per_s" does not also match
-    "scaling/tokens_per_s_ideal"."""
-    own = "strong" if rep.mode == "strong" else "weak"  # the predictions that keep what the sweep kept
-    kinds = ["strong", "weak"] if own == "strong" else ["weak"]
+    """Charts of one tag drawn from several runs (measured, model, ideal: one colour each). Multiline entries are
+    anchored regular expressions, so that "scaling/tokens_per_s" does not also match "scaling/tokens_per_s_per_rank"."""
+    kinds = " and ".join(k for k in ("weak", "strong") if any(p["scaling"] == k for p in rep.predictions))
     charts: dict[str, list[Any]] = {
-        f"throughput vs nodes (tokens/s; ideal = linear from the smallest point; model, {own} scaling)":
-            ["Multiline", [r"^scaling/tokens_per_s$", r"^scaling/tokens_per_s_ideal$", rf"^model_{own}/tokens_per_s$"]],
-        f"efficiency vs nodes (measured; model, {' and '.join(kinds)} scaling)":
-            ["Multiline", [r"^scaling/efficiency$", *(rf"^model_{k}/efficiency$" for k in kinds)]],
-        "step time p50 [min, p90] vs nodes (s)":
-            ["Margin", ["scaling/step_time_p50_s", "scaling/step_time_min_s", "scaling/step_time_p90_s"]],
-        "step time: measured p50 vs model (s)":
-            ["Multiline", [r"^scaling/step_time_p50_s$", r"^scaling/model_step_time_s$"]],
+        "throughput vs nodes (tokens/s; runs: measured, model, ideal = linear from the smallest point)":
+            ["Multiline", [r"^scaling/tokens_per_s$"]],
+        "efficiency vs nodes (runs: measured, model, ideal)": ["Multiline", [r"^scaling/efficiency$"]],
+        "step time p50 vs nodes (s; runs: measured, model; per-rank spread: IMAGES, step_time_per_rank)":
+            ["Multiline", [r"^scaling/step_time_p50_s$"]],
+        f"predicted efficiency at up to {max(rep.config.predict_nodes):,} nodes ({kinds} scaling)":
+            ["Multiline", [r"^predicted_(weak|strong)/efficiency$"]],
+        f"predicted step time at up to {max(rep.config.predict_nodes):,} nodes (s; {kinds} scaling)":
+            ["Multiline", [r"^predicted_(weak|strong)/step_time_s$"]],
     }
     if any(r.mfu is not None for r in rep.rows):
         charts["tokens/s per rank and MFU"] = ["Multiline", [r"^scaling/tokens_per_s_per_rank$", r"^scaling/mfu$"]]
@@ -74,23 +76,29 @@ def layout(rep: Report) -> dict[str, dict[str, list[Any]]]:
     return out
 
 
-def scalars(rep: Report) -> list[tuple[str, float, int]]:
-    """(tag, value, node count) of every finite figure of the scaling report."""
-    out = []
+def scalars(rep: Report) -> dict[str, list[tuple[str, float, int]]]:
+    """Run (under the scaling run) -> (tag, value, node count) of every finite figure: "" the measured figures,
+    "model" the model at the measured points and its predictions, "ideal" linear scaling from the reference."""
+    runs: dict[str, list[tuple[str, Any, int]]] = {"": [], "model": [], "ideal": []}
     ref = rep.reference
     for r in sorted(rep.rows, key=lambda r: (r.nodes, r.ranks)):
-        figures = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_ideal": ref.tokens_per_s * r.ranks / ref.ranks,
-                   "tokens_per_s_per_rank": r.tokens_per_s_rank, "efficiency": r.efficiency,
-                   "step_time_p50_s": r.step_time_p50_s, "step_time_p90_s": r.step_time_p90_s,
-                   "step_time_min_s": r.step_time_min_s, "step_time_max_s": r.step_time_max_s,
-                   "model_step_time_s": r.predicted_step_time_s, "stragglers": r.stragglers, "ranks": r.ranks,
-                   "mfu": r.mfu, "comm_fraction": r.comm_fraction}
-        out += [(f"scaling/{k}", v, r.nodes) for k, v in figures.items()]
+        measured = {"tokens_per_s": r.tokens_per_s, "tokens_per_s_per_rank": r.tokens_per_s_rank,
+                    "efficiency": r.efficiency, "step_time_p50_s": r.step_time_p50_s,
+                    "step_time_p90_s": r.step_time_p90_s, "step_time_min_s": r.step_time_min_s,
+                    "step_time_max_s": r.step_time_max_s, "stragglers": r.stragglers, "ranks": r.ranks,
+                    "mfu": r.mfu, "comm_fraction": r.comm_fraction}
+        model = {"tokens_per_s": r.tokens_per_step / r.predicted_step_time_s, "efficiency": r.predicted_efficiency,
+                 "step_time_p50_s": r.predicted_step_time_s}
+        runs[""] += [(f"scaling/{k}", v, r.nodes) for k, v in measured.items()]
+        runs["model"] += [(f"scaling/{k}", v, r.nodes) for k, v in model.items()]
+        runs["ideal"] += [("scaling/tokens_per_s", ref.tokens_per_s * r.ranks / ref.ranks, r.nodes),
+                          ("scaling/efficiency", 1.0, r.nodes)]
     for p in rep.predictions:
         if p["feasible"]:
-            out += [(f"model_{p['scaling']}/{k}", p[k], p["nodes"]) for k in ("step_time_s", "tokens_per_s",
-                                                                                "efficiency")]
-    return [(t, float(v), n) for t, v, n in out if v is not None and math.isfinite(v)]
+            runs["model"] += [(f"predicted_{p['scaling']}/{k}", p[k], p["nodes"]) for k in ("step_time_s",
+                                                                                             "efficiency")]
+    return {run: [(t, float(v), n) for t, v, n in figures if v is not None and math.isfinite(v)]
+            for run, figures in runs.items()}
 
 
 def _without_image_links(text: str) -> str:
@@ -127,8 +135,12 @@ def write_run(rep: Report, folder: Path, full_text: str, images: list[str]) -> N
             writer.add_image(f"report/{Path(name).stem}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
     for tag, text in texts(rep, full_text).items():
         writer.add_text(tag, text)
-    if rep.scaling:
-        for tag, value, nodes in scalars(rep):
-            writer.add_scalar(tag, value, nodes)
     writer.add_custom_scalars(layout(rep))
+    runs = scalars(rep) if rep.scaling else {}
+    for tag, value, nodes in runs.pop("", []):
+        writer.add_scalar(tag, value, nodes)
     writer.close()
+    for run, figures in runs.items():
+        with SummaryWriter(log_dir=str(folder / run)) as run_writer:
+            for tag, value, nodes in figures:
+                run_writer.add_scalar(tag, value, nodes)
