@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch.backends import Backend, Point, RunFailed, get_backend
+from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
 from launch.plan import Plan, make_plan
 
 log = logging.getLogger("launch")
@@ -42,8 +43,12 @@ class Prepared:
 
 def prepare(cfg: DictConfig) -> Prepared:
     """Everything that can be checked before a process starts or a job is submitted."""
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    backend = get_backend(cfg.cluster.get("name"))
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    if under_stock_launcher(hydra_cfg):  # this process is one task of a job hydra-submitit-launcher submitted
+        backend: Backend = InJobBackend()
+    else:
+        backend = get_backend(cfg.cluster.get("name"))
     cfg, resources = backend.check(cfg)
     return Prepared(cfg, make_plan(cfg, run_dir), backend, resources)
 

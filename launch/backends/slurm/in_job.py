@@ -1,0 +1,50 @@
+"""Inside a job that hydra-submitit-launcher submitted (`-m hydra/launcher=submitit_slurm`): every task of the
+job runs the Hydra app, and each one becomes one rank, through the same task wrapper and per-rank entry point as
+cluster=slurm. The job's shape is the allocation's (hydra.launcher.nodes, tasks_per_node), not cluster.*.
+
+Preemption works as under our launcher: the wrapper passes Slurm's signals on to the rank instead of letting
+submitit requeue without a checkpoint; the ranks save, rank 0 requeues, and submitit reruns the same call,
+which resumes from the run folder.
+"""
+from __future__ import annotations
+
+import os
+
+from omegaconf import open_dict
+
+from gpt.errors import UserError
+from launch.backends import Backend, RunFailed
+
+STOCK_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
+
+
+def under_stock_launcher(hydra_cfg) -> bool:
+    """True in a task of a job the stock plugin submitted (never on the login node: it runs no task there)."""
+    return hydra_cfg.launcher.get("_target_") == STOCK_LAUNCHER and "SLURM_JOB_ID" in os.environ
+
+
+class InJobBackend(Backend):
+    name = "submitit_slurm"
+
+    def check(self, cfg):
+        from launch.backends.srun import _int
+
+        env = os.environ
+        nodes = _int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
+        tasks = _int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or 1
+        if cfg.cluster.get("name") != "local":
+            raise UserError(f"hydra/launcher=submitit_slurm submits the jobs itself: leave cluster=local (not "
+                            f"cluster={cfg.cluster.get('name')}), and set the job's shape with hydra.launcher.nodes "
+                            "and hydra.launcher.tasks_per_node")
+        cfg = cfg.copy()
+        with open_dict(cfg):
+            cfg.cluster.nodes, cfg.cluster.tasks_per_node = nodes, tasks
+        return cfg, None
+
+    def run(self, plan) -> None:
+        from launch.backends.slurm.task import RankFailed, RankTask
+
+        try:
+            RankTask(str(plan.run_dir))()
+        except RankFailed as e:
+            raise RunFailed(str(e)) from None

@@ -1,0 +1,77 @@
+"""hydra-submitit-launcher, the stock plugin, on the local cluster: every task of its job becomes a rank, and a
+preemption signal saves, requeues and resumes the point bitwise, as under gptlaunch's own launcher."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO
+from slurm_helpers import TINY, launch_cmd, losses, output, run_launch
+
+pytestmark = pytest.mark.slurm
+STEPS = 60
+RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
+    f"train.max_steps={STEPS}", "checkpoint.interval_steps=5", "debug.delay_rank=0", "debug.delay_s=0.1"]
+# One CPU per task, as the local reference's two ranks on this machine's two CPUs: equal thread counts give
+# bitwise equal sums.
+STOCK = ["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2", "hydra.launcher.cpus_per_task=1",
+         "hydra.launcher.timeout_min=10",
+         "hydra.launcher.max_num_timeout=3", "hydra.sweep.subdir=lr${train.lr}"]
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from gpt.checkpoint import load_model
+
+    model, meta, _ = load_model(run_dir)
+    assert meta["step"] == STEPS
+    return model.state_dict()
+
+
+def job_of(run_dir: Path, deadline: float) -> str:
+    """The Slurm job a point runs in, once its rank 0 has trained a few steps."""
+    while time.monotonic() < deadline:
+        metrics, env = run_dir / "metrics" / "rank0.jsonl", run_dir / "environment" / "rank0.json"
+        if metrics.exists() and metrics.read_text().count("\n") >= 10 and env.exists():
+            return json.loads(env.read_text())["scheduler"]["SLURM_JOB_ID"]
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} never trained")
+
+
+@pytest.mark.timeout(420)
+def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, tmp_path, data_overrides):
+    reference = tmp_path / "reference"
+    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
+                      f"hydra.run.dir={reference}")
+    assert proc.returncode == 0, output(proc)  # also prepares the data, before two jobs could race to
+
+    sweep = tmp_path / "sweep"
+    cmd = launch_cmd("-m", *STOCK, "train.lr=0.003,0.001", *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
+    with (tmp_path / "out").open("w") as out:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            job = job_of(sweep / "lr0.001", time.monotonic() + 180)
+            slurm_cluster.run("scancel", "--signal=USR2", job)
+            code = launcher.wait(timeout=300)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = (tmp_path / "out").read_text()
+    assert code == 0, text[-6000:]
+
+    point = sweep / "lr0.001"
+    attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
+    assert [a["ended"] for a in attempts] == ["preempted:SIGUSR2", "finished"], attempts
+    assert attempts[0]["requeued"] and attempts[1]["restart"] == 1 and attempts[1]["job_id"] == job
+    assert losses(point) == losses(reference)  # bitwise, every step once
+    a, b = final_weights(point), final_weights(reference)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    other = sweep / "lr0.003"
+    assert len(losses(other)) == STEPS and losses(other) != losses(point)
+    ranks = [json.loads((point / "environment" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len({r["host"] for r in ranks}) == 2 and all(r["threads"] == 1 for r in ranks)
