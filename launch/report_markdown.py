@@ -140,15 +140,16 @@ def model_error(rep: Report) -> str:
     head = (f"### Model error\n\nThe model against each measured step time (p50), fitted to every point"
             f"{' and, leave-one-out, to every other point' if loo else ' (leave-one-out needs 3 points or more)'}. "
             f"{len(rep.rows) - len(flagged)} of {len(rep.rows)} point(s) within {TOLERANCE:.0%}"
-            f"{'; flagged points give the likely cause' if flagged else ''}.\n")
+            f"{'; the likely cause of each miss is below the table' if flagged else ''}.\n")
     out = [head, ("| point | measured step (s) | model step (s) | error | leave-one-out step (s) | "
-           "leave-one-out error | flag |"), "|---|---|---|---|---|---|---|"]
+                  "leave-one-out error | within 10% |"), "|---|---|---|---|---|---|---|"]
     for r in rep.rows:
         loo_step = r.step_time_p50_s * (1 + r.loo_error) if r.loo_error is not None else None
         out.append(f"| {r.point} | {r.step_time_p50_s:.4g} | {r.predicted_step_time_s:.4g} | "
                    f"{pct(r.model_error, signed=True)} | {fmt(loo_step, '.4g')} | {pct(r.loo_error, signed=True)} | "
-                   f"{'**off by more than 10%**: ' + r.model_flag if r.model_flag else 'ok'} |")
-    return "\n".join(out) + "\n"
+                   f"{'**no**' if r.model_flag else 'yes'} |")
+    causes = [f"- `{r.point}` is off by more than 10%: {r.model_flag}." for r in flagged]
+    return "\n".join(out) + "\n" + ("\n" + "\n".join(causes) + "\n" if causes else "")
 
 
 def prediction_tables(rep: Report) -> str:
