@@ -171,7 +171,7 @@ def test_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
 # --- synthetic sweeps ---------------------------------------------------------------------------------
 def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_times, comm=None, hosts=None,
                 strategy: str = "ddp", block: int = 64, cluster: str = "slurm", env=None, lr: float = 1e-3,
-                val=((99, 1.0),), losses=None) -> None:
+                val=((99, 1.0),), losses=None, mfu=None) -> None:
     """A run folder as the trainer writes it; step_times[rank][window] (or one list for every rank); env(rank) gives
     more keys of environment/rank<R>.json; val: (step, loss) records; losses: the train loss of each window."""
     ranks = nodes * tasks
@@ -191,7 +191,7 @@ def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_ti
         lines = []
         for w, t in enumerate(times):
             rec = {"kind": "train", "step": 5 * w + 4, "rank": r, "host": host, "step_time_s": t,
-                   "tokens_per_s": global_batch * block / t, "mfu": None, "loss": losses[w] if losses else 2.0}
+                   "tokens_per_s": global_batch * block / t, "mfu": mfu, "loss": losses[w] if losses else 2.0}
             if comm is not None:
                 rec["comm_s"] = comm[r][w] if isinstance(comm[r], list) else comm[r]
             lines.append(json.dumps(rec))
@@ -269,6 +269,9 @@ def test_shared_host_is_read_from_machine_ids_then_host_names_then_the_cluster(t
     a = build_report(tmp_path / "a").points[0]
     assert (a.shared_host, a.cores_per_rank) == ("2 nodes (gl-n1, gl-n2) on 1 machine(s)", 2)  # 4 cores, 2 ranks
     assert build_report(tmp_path / "b").points[0].cores_per_rank == 2  # each rank: its 2 threads of 4 cores
+    write_point(tmp_path / "f" / "nodes=2", 2, 1, 12, [0.1] * 3, hosts=hosts,
+                env=lambda r: {**machine(["m0", "m1"])(r), "gpu": "NVIDIA H100 80GB HBM3"})
+    assert build_report(tmp_path / "f").points[0].cores_per_rank is None  # ranks compute on their GPUs
     md = (write_report(tmp_path / "a") / "scaling.md").read_text()
     assert "> **Shared host.** `nodes=2`: 2 nodes (gl-n1, gl-n2) on 1 machine(s); 2 thread(s) per rank" in md
     assert "shared host" not in (write_report(tmp_path / "b") / "scaling.md").read_text().split("## Measured")[0]
@@ -297,3 +300,15 @@ def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is
     noisy = {r.point: r.model_flag for r in build_report(tmp_path / "noisy").rows}
     assert noisy["nodes=1"].startswith("noisy: step time p90 is") and "whose fit noisy point(s) nodes=1 pull" in noisy[
         "nodes=2"]
+
+
+def test_the_dashboard_charts_mfu_where_it_is_known_and_says_why_not_elsewhere(tmp_path):
+    from launch.report_tensorboard import layout
+
+    for n in (1, 2):
+        write_point(tmp_path / "gpu" / f"nodes={n}", n, 8, 64, [0.2] * 3, mfu=0.41)
+        write_point(tmp_path / "cpu" / f"nodes={n}", n, 1, 12, [0.2] * 3)
+    charts = {root: {t for c in layout(build_report(tmp_path / root)).values() for t in c} for root in ("gpu", "cpu")}
+    assert "tokens/s per rank and MFU" in charts["gpu"]
+    assert "tokens/s per rank (MFU n/a: no peak FLOP/s is known for this device, e.g. a CPU)" in charts["cpu"]
+    assert "stragglers (communication fraction n/a: comm_s not recorded)" in charts["cpu"]
