@@ -23,6 +23,46 @@ import torch
 from benchmarks.common import REPO, SHARED_TEXT, compose_config, save_results
 
 
+def disk_write_gbps(folder: Path, size: int = 1 << 30, block: int = 8 << 20) -> float:
+    """This disk's own sequential write speed: `size` bytes in `block`-sized writes, fsync'd, as a checkpoint's
+    shards are."""
+    path = folder / "disk_probe.bin"
+    data = os.urandom(block)
+    start = time.perf_counter()
+    with open(path, "wb") as f:
+        for _ in range(size // block):
+            f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - start
+    path.unlink()
+    return size / seconds / 1e9
+
+
+def timed_saves(t, repeats: int) -> dict:
+    """Save `repeats` times, a training step after each. The loop is blocked by save() itself and, for an
+    asynchronous save, by the next step's wait for the staging copy before its optimizer changes the weights.
+    An asynchronous save's staging and writing times are read off its futures."""
+    blocked, staged, written = [], [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        path = t.save()
+        returned, waited = t.checkpointer.last_blocked_s, t.checkpointer.staging_wait_s
+        pending = t.checkpointer.pending
+        if pending is not None:  # stamps from the futures' callbacks, run as each completes
+            pending.staged.add_done_callback(lambda f: staged.append(time.perf_counter() - start))
+            pending.future.add_done_callback(lambda f: written.append(time.perf_counter() - start))
+        t.train_step()
+        blocked.append(returned + t.checkpointer.staging_wait_s - waited)
+        t.checkpointer.wait()
+        if pending is None:
+            written.append(returned)
+    size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+    return {"blocked_first_s": blocked[0], "blocked_s": statistics.median(blocked[1:] or blocked),
+            "staged_s": statistics.median(staged) if staged else None, "written_s": statistics.median(written),
+            "bytes": size, "path": path}
+
+
 def save_load(model: str, repeats: int, block: int) -> dict:
     from gpt.distributed import DistEnv
     from gpt.trainer import Trainer
@@ -31,6 +71,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
+        out["disk_write_gbps"] = disk_write_gbps(Path(tmp))
         for mode in ("sync", "async"):
             run_dir = Path(tmp) / mode
             cfg = compose_config([f"model={model}", f"model.block_size={block}", "train.global_batch_size=1",
@@ -44,22 +85,16 @@ def save_load(model: str, repeats: int, block: int) -> dict:
                 start = time.perf_counter()
                 t.train_step()
                 step_s.append(time.perf_counter() - start)
-            blocked, total = [], []
-            for _ in range(repeats):
-                start = time.perf_counter()
-                path = t.save()
-                blocked.append(t.checkpointer.last_blocked_s)
-                t.checkpointer.wait()
-                total.append(time.perf_counter() - start)
-                t.train_step()
-            size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-            loads = []
+            r = timed_saves(t, repeats)
+            path, loads = r.pop("path"), []
             for _ in range(repeats):
                 start = time.perf_counter()
                 t.strategy.load_state(path)
                 loads.append(time.perf_counter() - start)
-            out[mode] = {"blocked_s": statistics.median(blocked), "save_done_s": statistics.median(total),
-                         "load_s": statistics.median(loads), "bytes": size, "step_s": min(step_s)}
+            r.update(load_s=statistics.median(loads), step_s=min(step_s))
+            r.update(write_gbps=r["bytes"] / r["written_s"] / 1e9, load_gbps=r["bytes"] / r["load_s"] / 1e9)
+            out[mode] = r
+            t.checkpointer.close()
             t.metrics.close()
     return out
 
@@ -128,11 +163,19 @@ def main() -> None:
                "save_load": save_load(args.model, args.repeats, args.block)}
     if not args.no_slurm:
         results["requeue"] = requeue_to_first_step()
-    print(f"\ncheckpoint costs, {args.model} on {results['device']} (median of {args.repeats})")
-    print(f"{'mode':6} {'size MB':>8} {'loop blocked s':>15} {'save done s':>12} {'load s':>8} {'one step s':>11}")
-    for mode, r in results["save_load"].items():
-        print(f"{mode:6} {r['bytes'] / 1e6:8.0f} {r['blocked_s']:15.3f} {r['save_done_s']:12.3f} {r['load_s']:8.3f} "
+    sl = results["save_load"]
+    print(f"\ncheckpoint costs, {args.model} on {results['device']} (median of {args.repeats}; blocked: save() "
+          "plus the next step's wait for the staging copy)")
+    print(f"{'mode':6} {'size GB':>8} {'blocked s':>10} {'1st blocked s':>14} {'staged in s':>12} {'written in s':>13} "
+          f"{'write GB/s':>11} {'load s':>7} {'load GB/s':>10} {'one step s':>11}")
+    for mode in ("sync", "async"):
+        r = sl[mode]
+        staged = f"{r['staged_s']:12.3f}" if r["staged_s"] is not None else f"{'-':>12}"
+        print(f"{mode:6} {r['bytes'] / 1e9:8.2f} {r['blocked_s']:10.3f} {r['blocked_first_s']:14.3f} {staged} "
+              f"{r['written_s']:13.3f} {r['write_gbps']:11.2f} {r['load_s']:7.3f} {r['load_gbps']:10.2f} "
               f"{r['step_s']:11.3f}")
+    print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s; loads read files just "
+          "written, from the page cache")
     if results.get("requeue"):
         for s in results["requeue"]["samples"]:
             print(f"requeue (local Slurm, tiny, 2 nodes): USR2 -> saved {s['signal_to_saved_s']:.1f} s, "
