@@ -83,13 +83,11 @@ def test_slurm_tasks_drive_the_gpu_they_see(visible, device, monkeypatch):
 
 
 def test_detect_exports_local_rank_under_slurm_only_for_the_real_environment(monkeypatch):
-    for key, value in {**SLURM, "CUDA_VISIBLE_DEVICES": "2"}.items():
-        monkeypatch.setenv(key, value)
-    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
-        monkeypatch.delenv(key, raising=False)
     import os
 
+    real = {**SLURM, "CUDA_VISIBLE_DEVICES": "2"}
+    monkeypatch.setattr(os, "environ", real)  # detect() reads and writes os.environ: a stand-in for it
     detect({**SLURM})
-    assert "LOCAL_RANK" not in os.environ
+    assert "LOCAL_RANK" not in real
     detect()
-    assert os.environ["LOCAL_RANK"] == "0"
+    assert real["LOCAL_RANK"] == "0"
