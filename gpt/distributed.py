@@ -203,26 +203,27 @@ def is_multi(group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
 
 
+def _device_types(group: Any = None) -> set[str]:
+    """The device types a group's backends take ("cpu:gloo,cuda:nccl": both)."""
+    return {d.type for d in (group if group is not None else dist.group.WORLD)._device_types}
+
+
 def comm_device(group: Any = None) -> torch.device:
     """The CPU when the group has a CPU backend (gloo, or gloo inside "cpu:gloo,cuda:nccl"): host values then
     need no device copy and no CUDA synchronisation. Otherwise (an NCCL-only group) the current GPU."""
-    pg = group if group is not None else dist.group.WORLD
-    types = {d.type for d in pg._device_types}
+    types = _device_types(group)
     if not types or "cpu" in types:
         return torch.device("cpu")
     return torch.device("cuda", torch.cuda.current_device())
 
 
-def all_reduce_values(values: Sequence[float], op: str = "sum", group: Any = None) -> list[float]:
-    """Sum (or max, min) host floats over the ranks; one small collective."""
+def all_reduce_values(values: Sequence[float], group: Any = None) -> list[float]:
+    """Host floats summed over the ranks; one small collective."""
     if not is_multi(group):
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
-    dist.all_reduce(t, op=_OPS[op], group=group)
+    dist.all_reduce(t, group=group)
     return t.tolist()
-
-
-_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
 
 
 def all_true(ok: bool, group: Any = None) -> bool:
@@ -282,8 +283,7 @@ def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     (no host read: the caller reads it when it needs the values)."""
     if not is_multi(group):
         return tensor
-    pg = group if group is not None else dist.group.WORLD
-    device = tensor.device if tensor.device.type in {d.type for d in pg._device_types} else comm_device(group)
+    device = tensor.device if tensor.device.type in _device_types(group) else comm_device(group)
     out = tensor.detach().to(device, copy=True)
     dist.all_reduce(out, group=group)
     return out
