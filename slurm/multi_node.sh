@@ -3,8 +3,9 @@
 # submit it, and every node must see that folder); its arguments are Hydra overrides:
 #
 #   sbatch slurm/multi_node.sh model=tiny strategy=ddp
-#   sbatch --nodes=4 slurm/multi_node.sh model=llama_124m strategy=zero2 train.max_steps=5000
-#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 slurm/multi_node.sh model=gpt2_124m strategy=fsdp
+#   sbatch --nodes=4 slurm/multi_node.sh model=llama_124m strategy=deepspeed strategy.stage=2 train.max_steps=5000
+#   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 slurm/multi_node.sh model=gpt2_124m strategy=fsdp \
+#       train.global_batch_size=128
 #
 # The batch host plans the run (`python -m launch cluster=srun`: every check, the resolved config written to
 # the run folder), then srun starts one rank per task: one task per GPU on GPU nodes (--ntasks-per-node must
