@@ -57,6 +57,8 @@ def check_local_gpus(cfg: DictConfig, device: str, world_size: int) -> None:
     if cfg.cluster.get("name") != "local" or device != "cuda":
         return
     gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
     if world_size > gpus:
         raise ConfigError("cluster.tasks_per_node", cfg.cluster.tasks_per_node,
                           f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
