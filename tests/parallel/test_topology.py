@@ -2,12 +2,10 @@
 what would be valid (exit code 2, no traceback)."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 from omegaconf import OmegaConf
 
-from helpers import launch
+from helpers import REPO, compose, launch
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
 from gpt.parallel import STRATEGIES, strategy_class
@@ -46,7 +44,6 @@ CASES = {
 }
 
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # Through the launcher, as a user meets them; all cases are also checked in process below.
 LAUNCHED = ["world size not divisible by pp", "gpipe with ddp inside stages", "cpu offload on a cpu",
             "deepspeed bf16 at stage 0"]
@@ -63,23 +60,13 @@ def test_bad_topology_is_one_clear_line(name, tmp_path, data_overrides):
 
 
 def plan(overrides: list[str]) -> int:
-    """What launch.plan checks, for `model=tiny` (2 layers) and these overrides: the data-parallel size."""
-    strategy, world, strategy_keys, train_keys = "single", 1, [], []
-    for override in overrides:
-        key, value = override.lstrip("+").split("=", 1)
-        if key == "strategy":
-            strategy = value
-        elif key.startswith("strategy."):
-            strategy_keys.append(f"{key.removeprefix('strategy.')}={value}")
-        elif key == "cluster.tasks_per_node":
-            world = int(value)
-        elif key.startswith("train."):
-            train_keys.append(f"{key.removeprefix('train.')}={value}")
-    cfg = OmegaConf.merge(OmegaConf.load(CONFIGS / "strategy" / f"{strategy}.yaml"),
-                          OmegaConf.from_dotlist(strategy_keys))
-    train = OmegaConf.merge(OmegaConf.load(CONFIGS / "train" / "default.yaml"), OmegaConf.from_dotlist(train_keys))
-    train = TrainConfig.from_dict(OmegaConf.to_container(train))
-    dp = strategy_class(cfg.name).data_parallel_size(cfg, tiny(2), world, train)
+    """What launch.plan checks, on the config Hydra composes for `model=tiny` and these overrides: the
+    data-parallel size (a ConfigError for a layout that cannot run)."""
+    cfg = compose("model=tiny", *overrides)
+    model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
+    train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
+    world = cfg.cluster.nodes * cfg.cluster.tasks_per_node
+    dp = strategy_class(cfg.strategy.name).data_parallel_size(cfg.strategy, model, world, train)
     train.micro_batches(dp)
     return dp
 
@@ -126,7 +113,7 @@ def test_good_topologies_pass(overrides, dp):
 
 def test_every_registered_strategy_has_a_config_and_imports():
     for name in STRATEGIES:
-        assert (CONFIGS / "strategy" / f"{name}.yaml").is_file(), name
+        assert (REPO / "configs" / "strategy" / f"{name}.yaml").is_file(), name
         assert strategy_class(name).name == name
 
 
