@@ -55,7 +55,7 @@ def test_more_local_ranks_than_gpus_is_refused(plan, monkeypatch):
     assert planned_device(cfg) == "cuda" and p.world_size == 1
     plan("strategy=ddp", "nodes=2", "train.device=cpu")  # on the CPU, as many as wanted
     _fake_gpus(monkeypatch, 0)
-    with pytest.raises(ConfigError, match="train.device=cuda is not valid: cpu or auto: this machine has no CUDA"):
+    with pytest.raises(ConfigError, match="train.device='cuda' is not valid: cpu or auto: this machine has no CUDA"):
         plan("train.device=cuda")
 
 
