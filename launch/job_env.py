@@ -30,6 +30,13 @@ class JobEnvironment:
     def restart(self) -> int:
         return 0
 
+    @property
+    def hosts(self) -> list[str]:
+        """The job's hosts, in rank order of their first rank."""
+        import socket
+
+        return [socket.gethostname()]
+
     def variables(self) -> dict[str, str]:
         """The scheduler's variables, recorded in environment/rank<R>.json."""
         return {}

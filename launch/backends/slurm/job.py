@@ -24,6 +24,11 @@ class SlurmJob(JobEnvironment):
         value = self.environ.get("SLURM_RESTART_COUNT", "0") or "0"
         return int(value) if value.isdigit() else 0
 
+    @property
+    def hosts(self) -> list[str]:
+        nodelist = self.environ.get("SLURM_JOB_NODELIST")
+        return commands.hostnames(nodelist) if nodelist else super().hosts
+
     def variables(self) -> dict[str, str]:
         return {k: v for k, v in self.environ.items() if k.startswith("SLURM_")}
 

@@ -6,10 +6,10 @@ import functools
 import os
 import re
 import shutil
-import subprocess
 from dataclasses import dataclass, field
 
 from gpt.errors import UserError
+from launch.backends.slurm import commands
 from launch.backends.slurm.resources import SlurmResources
 
 COMMANDS = ("sbatch", "sinfo", "squeue", "scontrol", "scancel")
@@ -89,13 +89,9 @@ def parse_sinfo(text: str) -> dict[str, Partition]:
 @functools.lru_cache(maxsize=4)
 def _sinfo(path: str) -> str:  # cached per PATH: one sinfo per sweep, however many points it has
     try:
-        proc = subprocess.run(["sinfo", "-h", "-o", SINFO_FORMAT], capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.SubprocessError) as e:
-        raise UserError(f"cannot ask Slurm about its partitions (sinfo): {e}") from None
-    if proc.returncode != 0:
-        raise UserError(f"cannot ask Slurm about its partitions: sinfo exited {proc.returncode}: "
-                        f"{proc.stderr.strip() or proc.stdout.strip()}")
-    return proc.stdout
+        return commands.run("sinfo", "-h", "-o", SINFO_FORMAT, timeout=60)
+    except commands.SlurmUnavailable as e:
+        raise UserError(f"cannot ask Slurm about its partitions: {e}") from None
 
 
 def read_partitions() -> dict[str, Partition]:
