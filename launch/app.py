@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch.backends import Backend, Point, RunFailed, get_backend
 from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
+from launch.budget import Budget
 from launch.plan import Plan, make_plan
 
 log = logging.getLogger("launch")
@@ -32,6 +33,7 @@ class Prepared:
     plan: Plan
     backend: Backend
     resources: object | None = None  # what a submitting backend's job asks for
+    budget: Budget | None = None  # what a submitting backend's jobs may cost
 
     @property
     def label(self) -> str:
@@ -50,7 +52,8 @@ def prepare(cfg: DictConfig) -> Prepared:
     else:
         backend = get_backend(cfg.cluster.get("name"))
     cfg, resources = backend.check(cfg)
-    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources)
+    budget = Budget.from_cfg(cfg.get("budget")) if backend.submits else None
+    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources, budget)
 
 
 def run(cfg: DictConfig) -> Path:
@@ -59,7 +62,7 @@ def run(cfg: DictConfig) -> Path:
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", cfg.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
-        submitted = backend.submit([prepared.point()], plan.run_dir / backend.name, cfg.budget.get("max_node_hours"))
+        submitted = backend.submit([prepared.point()], plan.run_dir / backend.name, prepared.budget)
         [outcome] = backend.wait(submitted)
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")

@@ -1,11 +1,15 @@
-"""The budget guard: what a sweep may cost (nodes x time limit for each point), shown before anything is
-submitted, and refused above budget.max_node_hours, so a typo in nodes= cannot burn a month of an allocation."""
+"""The budget guard: what a sweep may cost, shown before anything is submitted, and refused above
+budget.max_node_hours, so a typo in nodes= cannot burn a month of an allocation. A job that requeues itself may
+run up to preemption.max_restarts + 1 times: the limit applies to that worst case unless budget.applies_to=expected."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Protocol
 
 from gpt.errors import ConfigError, UserError
+
+
+APPLIES_TO = ("worst", "expected")
 
 
 class Billable(Protocol):
@@ -22,14 +26,36 @@ class Billable(Protocol):
 class PointCost:
     label: str  # the sweep point, e.g. "nodes=4"
     resources: Billable
+    restarts: int = 0  # times the job may run again (preemption.max_restarts when it requeues itself)
 
     @property
     def node_hours(self) -> float:
+        """Expected: one run to the time limit."""
         return self.resources.node_hours
 
     @property
+    def worst_node_hours(self) -> float:
+        """Every restart runs to the time limit too."""
+        return self.resources.node_hours * (self.restarts + 1)
+
+    @property
     def gpu_hours(self) -> float:
-        return self.resources.gpu_hours
+        return self.resources.gpu_hours * (self.restarts + 1)
+
+
+@dataclass(frozen=True)
+class Budget:
+    max_node_hours: float | None = 100.0
+    applies_to: str = "worst"
+
+    @classmethod
+    def from_cfg(cls, cfg) -> "Budget":
+        """The `budget:` block, checked (unknown keys and bad values are refused)."""
+        cfg = dict(cfg or {})
+        unknown = sorted(set(cfg) - {"max_node_hours", "applies_to"})
+        if unknown:
+            raise ConfigError(f"budget.{unknown[0]}", cfg[unknown[0]], "one of budget.max_node_hours, budget.applies_to")
+        return cls(check_limit(cfg.get("max_node_hours", 100.0)), check_applies_to(cfg.get("applies_to", "worst")))
 
 
 def check_limit(limit: object) -> float | None:
@@ -40,35 +66,48 @@ def check_limit(limit: object) -> float | None:
     return float(limit)
 
 
-def table(costs: list[PointCost], limit: float | None) -> str:
-    """The cost of every point and of the whole sweep, as the launcher prints it before submitting."""
-    label_width = max([len("sweep point"), *(len(c.label) for c in costs)])
-    head = f"{'sweep point':<{label_width}}  nodes  GPUs/node  time limit  node-hours  GPU-hours"
-    lines = [head]
+def check_applies_to(value: object) -> str:
+    if value not in APPLIES_TO:
+        raise ConfigError("budget.applies_to", value, f"one of {', '.join(APPLIES_TO)}")
+    return str(value)
+
+
+def table(costs: list[PointCost], limit: float | None, applies_to: str = "worst") -> str:
+    """The cost of every point and of the whole sweep, as the launcher prints it before submitting: expected
+    (each job runs once, to its time limit) and worst (each of its restarts does too)."""
+    width = max([len("sweep point"), *(len(c.label) for c in costs)])
+    lines = [f"{'sweep point':<{width}}  nodes  GPUs/node  time limit  restarts  node-hours  worst case  GPU-hours (worst)"]
     for c in costs:
         r = c.resources
-        lines.append(f"{c.label:<{label_width}}  {r.nodes:>5}  {r.gpus_per_node:>9}  {r.time_min:>6} min  "
-                     f"{c.node_hours:>10.2f}  {c.gpu_hours:>9.2f}")
-    node_h, gpu_h = total(costs)
-    limit_text = "no limit" if limit is None else f"limit budget.max_node_hours={limit:g}"
-    lines.append(f"{'total':<{label_width}}  {sum(c.resources.nodes for c in costs):>5}  {'':>9}  {'':>10}  "
-                 f"{node_h:>10.2f}  {gpu_h:>9.2f}  ({limit_text})")
+        lines.append(f"{c.label:<{width}}  {r.nodes:>5}  {r.gpus_per_node:>9}  {r.time_min:>6} min  {c.restarts:>8}  "
+                     f"{c.node_hours:>10.2f}  {c.worst_node_hours:>10.2f}  {c.gpu_hours:>17.2f}")
+    expected, worst, gpu_h = total(costs)
+    limit_text = "no limit" if limit is None else f"limit budget.max_node_hours={limit:g} on the {applies_to} case"
+    lines.append(f"{'total':<{width}}  {sum(c.resources.nodes for c in costs):>5}  {'':>9}  {'':>10}  {'':>8}  "
+                 f"{expected:>10.2f}  {worst:>10.2f}  {gpu_h:>17.2f}  ({limit_text})")
     return "\n".join(lines)
 
 
-def total(costs: list[PointCost]) -> tuple[float, float]:
-    return sum(c.node_hours for c in costs), sum(c.gpu_hours for c in costs)
+def total(costs: list[PointCost]) -> tuple[float, float, float]:
+    """Expected node-hours, worst-case node-hours, worst-case GPU-hours."""
+    return (sum(c.node_hours for c in costs), sum(c.worst_node_hours for c in costs),
+            sum(c.gpu_hours for c in costs))
 
 
-def check_budget(costs: list[PointCost], limit: float | None) -> None:
-    node_h, gpu_h = total(costs)
-    if limit is not None and node_h > limit + 1e-9:
-        biggest = max(costs, key=lambda c: c.node_hours)
+def check_budget(costs: list[PointCost], limit: float | None, applies_to: str = "worst") -> None:
+    expected, worst, gpu_h = total(costs)
+    spent = worst if applies_to == "worst" else expected
+    if limit is not None and spent > limit + 1e-9:
+        per_point = (lambda c: c.worst_node_hours) if applies_to == "worst" else (lambda c: c.node_hours)
+        biggest = max(costs, key=per_point)
+        how = ("nodes x cluster.time_min x (preemption.max_restarts + 1) each" if applies_to == "worst"
+               else "nodes x cluster.time_min each")
         raise UserError(
-            f"this sweep may use {node_h:.2f} node-hours ({gpu_h:.2f} GPU-hours): {len(costs)} job(s), nodes x "
-            f"cluster.time_min each (the largest, {biggest.label}, {biggest.node_hours:.2f}), above "
-            f"budget.max_node_hours={limit:g}. Lower nodes= or cluster.time_min, or raise the limit: "
-            f"budget.max_node_hours={_round_up(node_h)}")
+            f"this sweep may use {spent:.2f} node-hours in the {applies_to} case ({expected:.2f} expected, "
+            f"{worst:.2f} worst, {gpu_h:.2f} GPU-hours worst): {len(costs)} job(s), {how} (the largest, "
+            f"{biggest.label}, {per_point(biggest):.2f}), above budget.max_node_hours={limit:g}. Lower nodes=, "
+            f"cluster.time_min or preemption.max_restarts, limit the expected cost (budget.applies_to=expected), "
+            f"or raise the limit: budget.max_node_hours={_round_up(spent)}")
 
 
 def _round_up(x: float) -> int:

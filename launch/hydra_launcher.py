@@ -70,9 +70,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         if any(p.backend.name != backend.name for _, p in jobs):
             print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
             sys.exit(EXIT_USER)
-        limit = jobs[0][1].cfg.get("budget", {}).get("max_node_hours")
         try:
-            submitted = backend.submit([p.point() for _, p in jobs], sweep_dir / backend.name, limit)
+            submitted = backend.submit([p.point() for _, p in jobs], sweep_dir / backend.name, jobs[0][1].budget)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)

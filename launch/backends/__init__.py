@@ -50,7 +50,7 @@ class Backend:
         """Run one planned point here and return when it has finished (backends that do not submit)."""
         raise NotImplementedError
 
-    def submit(self, points: list, folder, max_node_hours) -> list:
+    def submit(self, points: list, folder, budget) -> list:
         """Show the cost and refuse it above budget, then submit every point; nothing is left half-submitted."""
         raise NotImplementedError
 

@@ -11,7 +11,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 
 from gpt.errors import ConfigError, UserError
-from launch.budget import PointCost, check_budget, check_limit, table
+from launch.budget import Budget, PointCost, check_budget, check_limit, table
 from launch.backends.slurm.partitions import check_against_cluster, parse_gpus, parse_sinfo, parse_time_min
 from launch.backends.slurm.resources import SlurmResources
 from helpers import REPO
@@ -130,6 +130,29 @@ def test_budget_refuses_above_the_limit_naming_figure_and_limit():
     message = str(e.value)
     assert "403.00 node-hours" in message and "budget.max_node_hours=100" in message
     assert "nodes=400" in message and "budget.max_node_hours=403" in message  # how to raise it, if meant
+
+
+def test_budget_counts_restarts_in_the_worst_case():
+    costs = [PointCost(c.label, c.resources, restarts=10) for c in sweep(1, 2, 4, time_min=60)]
+    text = table(costs, 70.0)
+    assert "7.00" in text and "77.00" in text and "on the worst case" in text  # 7 node-hours, x 11 attempts
+    with pytest.raises(UserError) as e:
+        check_budget(costs, 70.0)
+    assert "77.00 node-hours in the worst case" in str(e.value) and "budget.applies_to=expected" in str(e.value)
+    check_budget(costs, 70.0, applies_to="expected")
+
+
+def test_restarts_come_from_the_preemption_settings():
+    assert resources("nodes=2").restarts == 10  # preemption.max_restarts's default
+    assert resources("nodes=2", "preemption.max_restarts=0").restarts == 0
+    assert resources("nodes=2", "cluster.requeue=false").restarts == 0
+    with pytest.raises(ConfigError, match="preemption.max_restarts='abc' is not valid"):
+        resources("nodes=2", "preemption.max_restarts=abc")
+    assert Budget.from_cfg({"max_node_hours": 5}).applies_to == "worst"
+    with pytest.raises(ConfigError, match="budget.applies_to='best' is not valid"):
+        Budget.from_cfg({"applies_to": "best"})
+    with pytest.raises(ConfigError, match="budget.max_hours"):
+        Budget.from_cfg({"max_hours": 5})
 
 
 def test_budget_limit_must_be_positive():

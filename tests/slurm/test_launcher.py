@@ -76,11 +76,12 @@ def test_bad_points_stop_the_sweep_before_anything_is_submitted(slurm_cluster, t
 @pytest.mark.timeout(180)
 def test_budget_guard_refuses_a_costly_run(slurm_cluster, tmp_path, data_overrides):
     run_dir = tmp_path / "run"
-    proc = run_launch(slurm_cluster.env, "nodes=4", "cluster=slurm", "cluster.time_min=480",
-                      "budget.max_node_hours=10", *TINY, *data_overrides, f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 2, output(proc)
-    assert "error: this sweep may use 32.00 node-hours" in proc.stderr
-    assert "above budget.max_node_hours=10" in proc.stderr and "budget.max_node_hours=32" in proc.stderr
+    proc = run_launch(slurm_cluster.env, "nodes=4", "cluster=slurm", "cluster.time_min=480", "preemption.max_restarts=1",
+                      "budget.max_node_hours=40", *TINY, *data_overrides, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 2, output(proc)  # 32 node-hours expected, 64 if the one restart runs as long
+    assert "error: this sweep may use 64.00 node-hours in the worst case (32.00 expected" in proc.stderr
+    assert "above budget.max_node_hours=40" in proc.stderr and "budget.max_node_hours=64" in proc.stderr
+    assert "32.00       64.00" in proc.stdout  # the table: expected and worst
     assert "Traceback" not in proc.stderr
     assert not (run_dir / "slurm_job.json").exists() and not (run_dir / "slurm").exists()
 

@@ -17,8 +17,8 @@ class SlurmBackend(Backend):
         partitions.check_against_cluster(resources, partitions.read_partitions())
         return cfg, resources
 
-    def submit(self, points, folder, max_node_hours) -> list:
-        submit.budget_gate(points, max_node_hours)
+    def submit(self, points, folder, budget) -> list:
+        submit.budget_gate(points, budget)
         return submit.submit(points, folder)
 
     def wait(self, submitted, poll_s: float = 1.0, progress: bool = True) -> list:

@@ -55,6 +55,7 @@ class SlurmResources:
     requeue: bool = True
     signal_delay_s: int = 120
     max_num_timeout: int = 3
+    restarts: int = 0  # how many times the job may requeue itself (preemption.max_restarts), for the budget
 
     @property
     def world_size(self) -> int:
@@ -96,7 +97,7 @@ class SlurmResources:
             mem=text("mem"), account=text("account"), qos=text("qos"), constraint=text("constraint"),
             sbatch=_extra_flags(c.get("sbatch")), setup=_setup_lines(c.get("setup")),
             requeue=bool(c.get("requeue", True)), signal_delay_s=count("signal_delay_s", 0),
-            max_num_timeout=count("max_num_timeout", 0),
+            max_num_timeout=count("max_num_timeout", 0), restarts=_restarts(cfg),
         )
         if res.mem is not None and not MEM.match(res.mem):
             raise ConfigError("cluster.mem", res.mem, "memory per node like 64G, 512M or 64000 (MB)")
@@ -137,6 +138,18 @@ class SlurmResources:
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}
         params.update({k: v for k, v in optional.items() if v is not None})
         return params
+
+
+def _restarts(cfg: DictConfig) -> int:
+    """How many more times the job may run: preemption.max_restarts, when it can requeue at all."""
+    if not OmegaConf.select(cfg, "cluster.requeue", default=True):
+        return 0
+    if not OmegaConf.select(cfg, "preemption.enabled", default=True):
+        return 0
+    value = OmegaConf.select(cfg, "preemption.max_restarts", default=10)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ConfigError("preemption.max_restarts", value, "an integer >= 0")
+    return value
 
 
 def _extra_flags(value: Any) -> tuple[tuple[str, Any], ...]:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from gpt.errors import UserError
 from launch.backends.slurm import commands as slurm_commands
-from launch.budget import PointCost, check_budget, check_limit, table
+from launch.budget import Budget, PointCost, check_budget, table
 from launch.backends.slurm.commands import FINAL, GONE, JobInfo, SlurmUnavailable
 from launch.backends import Point
 from launch.backends.slurm.resources import make_executor
@@ -71,12 +71,11 @@ class Outcome:
         return "\n".join(lines)
 
 
-def budget_gate(points: list[Point], max_node_hours: object, out=sys.stdout) -> None:
+def budget_gate(points: list[Point], budget: Budget, out=sys.stdout) -> None:
     """Print what the sweep may cost; refuse above the limit (before anything is submitted)."""
-    limit = check_limit(max_node_hours)
-    costs = [PointCost(p.label, p.resources) for p in points]
-    print(table(costs, limit), file=out, flush=True)
-    check_budget(costs, limit)
+    costs = [PointCost(p.label, p.resources, p.resources.restarts) for p in points]
+    print(table(costs, budget.max_node_hours, budget.applies_to), file=out, flush=True)
+    check_budget(costs, budget.max_node_hours, budget.applies_to)
 
 
 def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]:
