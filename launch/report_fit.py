@@ -44,6 +44,13 @@ def fit_points(points: Sequence[Point], rows: Sequence[Row], shapes: Sequence[Sh
 
 def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
     """Why the model misses this point, from what the point (and the others) recorded."""
+    cause = _own_cause(point, row, model, shape)
+    if noisy_others:  # the fit itself rests on noisy measurements
+        cause += f"; and noisy point(s) {', '.join(noisy_others)} (p90 > {NOISY_P90_OVER_P50:g}x p50) set the fit"
+    return cause
+
+
+def _own_cause(point: Point, row: Row, model: FittedModel, shape: Shape) -> str:
     if point.oversubscribed:
         return f"oversubscribed: {point.oversubscribed}, so ranks wait for cores"
     if noisy(row):
@@ -58,8 +65,6 @@ def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy
     if point.shared_host:
         return (f"shared host: {cause}; ranks that share one machine's cores (and its other load) do not compute "
                 "like separate nodes")
-    if noisy_others:
-        return f"{cause}, whose fit noisy point(s) {', '.join(noisy_others)} pull"
     return f"{cause} (the per-rank batch changes kernel efficiency)"
 
 
