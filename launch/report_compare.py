@@ -79,7 +79,7 @@ def compare_rows(points: Sequence[Point], keys: Sequence[str], tokens_per_s: Seq
     for p, tps in zip(points, tokens_per_s):
         best = min(p.val_loss, key=lambda sv: sv[1]) if p.val_loss else None
         rows.append(CompareRow(
-            point=p.name, label=label(p, keys), steps=max(s for s, _ in p.train_loss + p.val_loss),
+            point=p.name, label=label(p, keys), steps=max((s for s, _ in p.train_loss + p.val_loss), default=0),
             final_train_loss=p.train_loss[-1][1] if p.train_loss else None,
             final_val_loss=p.val_loss[-1][1] if p.val_loss else None,
             best_val_loss=best[1] if best else None, best_val_step=best[0] if best else None, tokens_per_s=tps))
