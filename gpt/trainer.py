@@ -26,6 +26,7 @@ from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from gpt.run_config import CheckpointConfig
 from gpt.runinfo import cpu_affinity, cpu_list
 from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay
 from gpt.train_config import TrainConfig
@@ -421,28 +422,3 @@ class Trainer:
                      self.checkpointer.last_blocked_s)
         self.window.start += self.checkpointer.last_blocked_s  # saving is not training time
         return path
-
-
-@dataclass
-class CheckpointConfig:
-    """The `checkpoint` section, checked."""
-
-    interval_steps: int = 500
-    interval_minutes: float | None = None
-    keep: int = 3
-    async_save: bool = False
-
-    @classmethod
-    def from_cfg(cls, cfg: DictConfig) -> "CheckpointConfig":
-        c = cfg.get("checkpoint") or {}
-        every, minutes, keep = c.get("interval_steps", 500), c.get("interval_minutes"), c.get("keep", 3)
-        if not isinstance(every, int) or isinstance(every, bool) or every < 0:
-            raise ConfigError("checkpoint.interval_steps", every, "0 (only at the end) or a positive number of steps")
-        if minutes is not None and (not isinstance(minutes, (int, float)) or isinstance(minutes, bool) or minutes <= 0):
-            raise ConfigError("checkpoint.interval_minutes", minutes, "a positive number of minutes, or null")
-        if not isinstance(keep, int) or isinstance(keep, bool) or keep < 1:
-            raise ConfigError("checkpoint.keep", keep, "a positive number of checkpoints to keep")
-        flag = c.get("async", False)
-        if not isinstance(flag, bool):
-            raise ConfigError("checkpoint.async", flag, "true or false")
-        return cls(every, minutes, keep, flag)

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from gpt.config import ModelConfig
 from gpt.data import DataConfig, check_vocab, ensure_prepared
 from gpt.errors import ConfigError
+from gpt.run_config import check_run_sections
 from gpt.parallel import strategy_class
 from gpt.stragglers import StragglerConfig
 from gpt.train_config import TrainConfig
@@ -80,6 +81,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
         StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
     except ValueError as e:
         raise ConfigError("metrics", OmegaConf.to_container(cfg.metrics), str(e)) from None
+    check_run_sections(OmegaConf.to_container(cfg, resolve=True))
 
     cfg = cfg.copy()
     cfg.data.text_path = to_absolute_path(cfg.data.text_path)

@@ -1,0 +1,153 @@
+"""The run's own config groups (checkpoint, preemption, resume, rendezvous, debug), checked before anything
+runs: an unknown key or a bad value is one line naming the key, the value and what is valid, before any job is
+submitted or any rank started. Torch-free: the launcher checks them on a login node."""
+from __future__ import annotations
+
+import signal
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from gpt.errors import ConfigError
+
+
+def plain(cfg: Any) -> Any:
+    """OmegaConf nodes as plain dicts and lists (resolved), anything else as it is."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(cfg, resolve=True) if OmegaConf.is_config(cfg) else cfg
+
+
+def _known(section: str, d: Mapping[str, Any], names: tuple[str, ...]) -> None:
+    for key in d:
+        if key not in names:
+            raise ConfigError(f"{section}.{key}", d[key], f"known {section} keys are {', '.join(sorted(names))}")
+
+
+def _int(key: str, value: Any, minimum: int, what: str, none_ok: bool = False) -> int | None:
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(key, value, what)
+    return value
+
+
+def _number(key: str, value: Any, what: str, none_ok: bool = True, minimum: float = 0.0) -> float | None:
+    if value is None and none_ok:
+        return None
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < minimum:
+        raise ConfigError(key, value, what)
+    return float(value)
+
+
+def _flag(key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true or false")
+    return value
+
+
+def signal_names(key: str, names: Any) -> list[str]:
+    """Signal names that can be caught (never KILL or STOP): ['SIGTERM', 'SIGUSR2']."""
+    if isinstance(names, str) or not isinstance(names, (list, tuple)):
+        names = [names]
+    out = []
+    for name in names:
+        text = str(name).upper()
+        text = text if text.startswith("SIG") else "SIG" + text
+        if not isinstance(getattr(signal, text, None), signal.Signals) or text in ("SIGKILL", "SIGSTOP"):
+            raise ConfigError(key, name, "signal names that can be caught, e.g. [SIGTERM, SIGUSR2]")
+        out.append(text)
+    return out
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    interval_steps: int = 500
+    interval_minutes: float | None = None
+    keep: int = 3
+    async_save: bool = False
+
+    @classmethod
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> "CheckpointConfig":
+        """From the whole config: its `checkpoint` section."""
+        c = plain(cfg.get("checkpoint")) or {}
+        _known("checkpoint", c, ("interval_steps", "interval_minutes", "keep", "async"))
+        return cls(
+            _int("checkpoint.interval_steps", c.get("interval_steps", 500), 0,
+                 "0 (only at the end) or a positive number of steps"),
+            _number("checkpoint.interval_minutes", c.get("interval_minutes"), "a positive number of minutes, or null",
+                    minimum=1e-9),
+            _int("checkpoint.keep", c.get("keep", 3), 1, "a positive number of checkpoints to keep"),
+            _flag("checkpoint.async", c.get("async", False)))
+
+
+@dataclass(frozen=True)
+class PreemptionConfig:
+    enabled: bool = True
+    signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")
+    max_restarts: int = 10
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> "PreemptionConfig":
+        c = plain(c) or {}
+        _known("preemption", c, ("enabled", "signals", "max_restarts"))
+        return cls(_flag("preemption.enabled", c.get("enabled", True)),
+                   tuple(signal_names("preemption.signals", c.get("signals", list(cls.signals)))),
+                   _int("preemption.max_restarts", c.get("max_restarts", 10), 0, "an integer >= 0"))
+
+
+@dataclass(frozen=True)
+class RendezvousConfig:
+    timeout_s: float | None = 180.0
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> "RendezvousConfig":
+        c = plain(c) or {}
+        _known("rendezvous", c, ("timeout_s",))
+        return cls(_number("rendezvous.timeout_s", c.get("timeout_s", 180), "a positive number of seconds, or null",
+                           minimum=1e-3))
+
+
+@dataclass(frozen=True)
+class DebugConfig:
+    """Fault injection for tests and demonstrations (README: test-only); all off by default."""
+
+    delay_rank: int | None = None
+    delay_s: float = 0.0
+    save_sleep_s: float = 0.0
+    save_sleep_step: int | None = None
+    signal_at_step: int | None = None
+    signal_rank: int = 0
+    signal_name: str = "SIGUSR2"
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> "DebugConfig":
+        c = plain(c) or {}
+        _known("debug", c, tuple(cls.__dataclass_fields__))
+        return cls(
+            delay_rank=_int("debug.delay_rank", c.get("delay_rank"), 0, "a rank (>= 0), or null", none_ok=True),
+            delay_s=_number("debug.delay_s", c.get("delay_s", 0.0), "seconds >= 0", none_ok=False),
+            save_sleep_s=_number("debug.save_sleep_s", c.get("save_sleep_s", 0.0), "seconds >= 0", none_ok=False),
+            save_sleep_step=_int("debug.save_sleep_step", c.get("save_sleep_step"), 0, "a step, or null", True),
+            signal_at_step=_int("debug.signal_at_step", c.get("signal_at_step"), 0, "a step, or null", True),
+            signal_rank=_int("debug.signal_rank", c.get("signal_rank", 0), 0, "a rank (>= 0)"),
+            signal_name=signal_names("debug.signal_name", c.get("signal_name", "SIGUSR2"))[0])
+
+
+def check_resume(value: Any) -> str:
+    """auto, none, or a checkpoint or run folder that exists."""
+    if value in ("auto", "none"):
+        return value
+    if value is None or not isinstance(value, str) or not Path(value).exists():
+        raise ConfigError("resume", value, "auto, none, or an existing checkpoint or run folder")
+    return value
+
+
+def check_run_sections(cfg: Mapping[str, Any]) -> None:
+    """Every run-level group the trainer and the worker read, checked as they will read it."""
+    cfg = plain(cfg)
+    CheckpointConfig.from_cfg(cfg)
+    PreemptionConfig.from_cfg(cfg.get("preemption") or {})
+    RendezvousConfig.from_cfg(cfg.get("rendezvous") or {})
+    DebugConfig.from_cfg(cfg.get("debug") or {})
+    check_resume(cfg.get("resume", "auto"))
