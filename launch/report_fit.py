@@ -44,23 +44,19 @@ def fit_points(points: Sequence[Point], rows: Sequence[Row], shapes: Sequence[Sh
 
 def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
     """Why the model misses this point, from what the point (and the others) recorded."""
-    cause = _own_cause(point, row, model, shape)
-    if noisy_others:  # the fit itself rests on noisy measurements
-        cause += f"; and noisy point(s) {', '.join(noisy_others)} (p90 > {NOISY_P90_OVER_P50:g}x p50) set the fit"
-    return cause
-
-
-def _own_cause(point: Point, row: Row, model: FittedModel, shape: Shape) -> str:
     if point.oversubscribed:
         return f"oversubscribed: {point.oversubscribed}, so ranks wait for cores"
     if noisy(row):
         return (f"noisy: step time p90 is {row.step_time_p90_s / row.step_time_p50_s:.2f}x p50 "
                 "(other load on the machine?)")
+    busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
+    if noisy_others:  # a clean point is missed because the fit rests on noisy ones
+        return (f"the fit rests on noisy point(s) {', '.join(noisy_others)} (p90 > {NOISY_P90_OVER_P50:g}x p50): "
+                f"this point's busy time per sequence is {busy:.2f}x the model's")
     short = row.step_time_p50_s - row.predicted_step_time_s
     if point.shared_host and row.comm_s and short > 0 and row.comm_s >= short / 2:
         return (f"shared host: {row.comm_s:.3g} s of each step is spent in collectives over loopback between ranks "
                 f"that share cores (the model's network term: {model.comm_time(shape):.2g} s)")
-    busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
     cause = f"compute: its busy time per sequence is {busy:.2f}x the model's"
     if point.shared_host:
         return (f"shared host: {cause}; ranks that share one machine's cores (and its other load) do not compute "

@@ -298,7 +298,7 @@ def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is
     write_point(tmp_path / "noisy" / "nodes=1", 1, 1, 12, [0.1, 0.2, 0.2, 0.2, 0.5, 0.5])
     write_point(tmp_path / "noisy" / "nodes=2", 2, 1, 12, [0.05] * 4, comm=[0.0, 0.0], hosts=["a", "b"])
     noisy = {r.point: r.model_flag for r in build_report(tmp_path / "noisy").rows}
-    assert noisy["nodes=1"].startswith("noisy: step time p90 is") and "and noisy point(s) nodes=1 (p90 > 1.3x p50) set the fit" in noisy[
+    assert noisy["nodes=1"].startswith("noisy: step time p90 is") and "the fit rests on noisy point(s) nodes=1 (p90 > 1.3x p50)" in noisy[
         "nodes=2"]
 
 
