@@ -1,11 +1,13 @@
 """Every strategy trains exactly as one process does: the same losses (train and validation), step by step, on
-every rank, and the same weights in its final checkpoint."""
+every rank, the same per-layer gradient norms, and the same weights in its final checkpoint."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import losses
+from helpers import losses, read_metrics
 from gpt.checkpoint import load_model
 from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, max_rel_diff, ranks, run,
                            val_losses)
@@ -62,3 +64,19 @@ def test_bf16_losses_stay_within_the_bf16_bound(name, baseline, tmp_path_factory
     diff = max_rel_diff(losses(baseline), got)
     assert diff <= BF16_RTOL, got
     assert diff > 1e-5  # bf16 is really in use
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_per_layer_gradient_norms_match_one_process(name, baseline, tmp_path_factory, data_overrides):
+    """Each rank sums the squares of the gradient part it holds (a shard once, a replica once per copy) and one
+    all_reduce adds them up: every layer's norm is the one a single process sees, on every rank."""
+    def norms(run_dir: Path, rank: int = 0) -> dict[str, float]:
+        return {k: v for k, v in read_metrics(run_dir, rank)[0].items() if k.startswith("grad_norm/")}
+
+    expected, run_dir = norms(baseline), run(name, tmp_path_factory, data_overrides)
+    assert len(expected) > 2
+    for rank in range(ranks(name)):
+        got = norms(run_dir, rank)
+        assert got.keys() == expected.keys(), rank
+        for key, value in expected.items():
+            assert got[key] == pytest.approx(value, rel=1e-4), (rank, key)

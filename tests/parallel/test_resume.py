@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from helpers import launch, losses, read_metrics
 from strategy_runs import COMMON, run
@@ -19,6 +20,8 @@ from strategy_runs import COMMON, run
 CASES = {
     "ddp": ["strategy=ddp"],
     "fsdp": ["strategy=fsdp"],
+    # checkpoints written in the background, staged while the next step's forward and backward run
+    "fsdp_async": ["strategy=fsdp", "checkpoint.async=true"],
     "zero1": ["strategy=zero1"],
     "deepspeed_zero3": ["strategy=deepspeed", "strategy.stage=3"],
     "pipeline_1f1b": ["strategy=pipeline", "strategy.schedule=1f1b"],  # the tied head lives on stage 1
@@ -39,6 +42,18 @@ def resumed(tmp_path_factory, data_overrides) -> Path:
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-6000:]
     return out
+
+
+def test_a_background_checkpoint_holds_the_weights_of_its_step(resumed):
+    """Training went on while step 10's state was copied and written: the copy must be step 10's, as the
+    synchronous save of the same run wrote it."""
+    from gpt.checkpoint import load_model
+
+    sync, _, _ = load_model(resumed / "fsdp" / "full" / "checkpoints" / "step_00000010")
+    background, meta, _ = load_model(resumed / "fsdp_async" / "full" / "checkpoints" / "step_00000010")
+    assert meta["step"] == 10
+    for key, value in sync.state_dict().items():
+        assert torch.equal(background.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("name", CASES)
