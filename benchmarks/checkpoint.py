@@ -164,8 +164,8 @@ def main() -> None:
     if not args.no_slurm:
         results["requeue"] = requeue_to_first_step()
     sl = results["save_load"]
-    print(f"\ncheckpoint costs, {args.model} on {results['device']} (median of {args.repeats}; blocked: save() "
-          "plus the next step's wait for the staging copy)")
+    print(f"\ncheckpoint costs, {args.model} on {results['device']} (medians of {args.repeats}, blocked: of the saves "
+          "after the first; blocked = save() plus the next step's wait for the staging copy)")
     print(f"{'mode':6} {'size GB':>8} {'blocked s':>10} {'1st blocked s':>14} {'staged in s':>12} {'written in s':>13} "
           f"{'write GB/s':>11} {'load s':>7} {'load GB/s':>10} {'one step s':>11}")
     for mode in ("sync", "async"):
