@@ -50,7 +50,7 @@ def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy
         return (f"noisy: step time p90 is {row.step_time_p90_s / row.step_time_p50_s:.2f}x p50 "
                 "(other load on the machine?)")
     busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
-    if noisy_others:  # a clean point is missed because the fit rests on noisy ones
+    if noisy_others and busy < 1:  # a clean point runs faster than slow, noisy points made the model expect
         return (f"the fit rests on noisy point(s) {', '.join(noisy_others)} (p90 > {NOISY_P90_OVER_P50:g}x p50): "
                 f"this point's busy time per sequence is {busy:.2f}x the model's")
     short = row.step_time_p50_s - row.predicted_step_time_s
