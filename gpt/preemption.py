@@ -9,10 +9,11 @@ torch imports or the process group forms is not lost (and does not kill the rank
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from typing import Any, Iterable
 
-from gpt.errors import ConfigError
+from gpt.errors import EXIT_INTERRUPTED, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,16 +33,23 @@ def parse_signals(names: Iterable[Any]) -> list[signal.Signals]:
 
 
 class PreemptionFlag:
-    """Installs handlers for `signals` that only record which signal came (the first one wins)."""
+    """Installs handlers for `signals` that only record which signal came (the first one wins).
+
+    Ctrl-C (SIGINT) is always one of them: the first makes every rank save at the next step and stop (no
+    requeue: the user asked to stop); a second one stops this process at once."""
 
     _installed: "PreemptionFlag | None" = None
 
     def __init__(self, signals: Iterable[Any] = DEFAULT_SIGNALS):
-        self.signals = parse_signals(signals)
+        self.signals = self._with_ctrl_c(parse_signals(signals))
         self.received: int | None = None
         for signum in self.signals:
             signal.signal(signum, self._handle)
         PreemptionFlag._installed = self
+
+    @staticmethod
+    def _with_ctrl_c(signals: list[signal.Signals]) -> list[signal.Signals]:
+        return signals if signal.SIGINT in signals else [*signals, signal.SIGINT]
 
     @classmethod
     def installed(cls, signals: Iterable[Any] = DEFAULT_SIGNALS) -> "PreemptionFlag":
@@ -49,7 +57,7 @@ class PreemptionFlag:
         flag = cls._installed
         if flag is None:
             return cls(signals)
-        wanted = parse_signals(signals)
+        wanted = cls._with_ctrl_c(parse_signals(signals))
         for signum in flag.signals:
             if signum not in wanted:
                 signal.signal(signum, signal.SIG_DFL)
@@ -62,6 +70,13 @@ class PreemptionFlag:
         # Nothing else here: a handler may run in the middle of a collective or a checkpoint write.
         if self.received is None:
             self.received = signum
+        elif signum == signal.SIGINT == self.received:
+            os._exit(EXIT_INTERRUPTED)  # Ctrl-C twice: stop at once, without a traceback
+
+    @property
+    def interrupted(self) -> bool:
+        """The user pressed Ctrl-C: stop and stay stopped (a scheduler must not run the job again)."""
+        return self.received == signal.SIGINT
 
     @property
     def raised(self) -> bool:

@@ -13,12 +13,15 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch.backends import Backend, Point, RunFailed, get_backend
 from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
 from launch.budget import Budget
+from launch.job_env import job_environment
+from launch.run_identity import Existing, check_run_folder
 from launch.plan import Plan, make_plan
 
 log = logging.getLogger("launch")
@@ -34,6 +37,11 @@ class Prepared:
     backend: Backend
     resources: object | None = None  # what a submitting backend's job asks for
     budget: Budget | None = None  # what a submitting backend's jobs may cost
+    existing: Existing | None = None  # what the run folder already holds (None: a new run)
+
+    @property
+    def finished(self) -> bool:
+        return self.existing is not None and self.existing.finished
 
     @property
     def label(self) -> str:
@@ -53,12 +61,22 @@ def prepare(cfg: DictConfig) -> Prepared:
         backend = get_backend(cfg.cluster.get("name"))
     cfg, resources = backend.check(cfg)
     budget = Budget.from_cfg(cfg.get("budget")) if backend.submits else None
-    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources, budget)
+    existing = None
+    if Path(to_absolute_path(cfg.data.text_path)).is_file():  # else planning names the missing corpus
+        existing = check_run_folder(cfg, run_dir, job_environment())
+    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources, budget, existing)
 
 
 def run(cfg: DictConfig) -> Path:
     prepared = prepare(cfg)
     plan, backend = prepared.plan, prepared.backend
+    if prepared.finished:
+        log.info("%s finished at step %d; nothing to do. Train it longer with a higher train.max_steps (its schedule "
+                 "must not change: set train.decay_steps), or start a new run under another name (run=NAME).",
+                 plan.run_dir, prepared.existing.step)
+        return plan.run_dir
+    if prepared.existing is not None:
+        log.info("continuing %s from step %d", plan.run_dir, prepared.existing.step)
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", cfg.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:

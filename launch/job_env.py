@@ -44,6 +44,10 @@ class JobEnvironment:
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         return False, "no scheduler to requeue the run: run the same command to resume it"
 
+    def job_running(self, job_id: str) -> bool | None:
+        """Whether the scheduler still runs that job (None: this environment cannot tell)."""
+        return None
+
 
 def job_environment(environ: Mapping[str, str] | None = None) -> JobEnvironment:
     env = dict(os.environ if environ is None else environ)

@@ -25,6 +25,7 @@ from gpt.runinfo import write_environment  # noqa: E402
 from launch.attempts import log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
+from launch.run_lock import RunLock  # noqa: E402
 from launch.startup import StartupClock  # noqa: E402
 from launch.threads import ThreadPlan  # noqa: E402
 
@@ -59,6 +60,8 @@ def run_rank(run_dir: Path) -> dict:
                                      "ranks_on_host": threads.ranks_on_host, "scheduler": job.variables()})
     join(run_dir, env, cfg)
     clock.mark("rendezvous")
+    if env.is_main:  # one writer per run folder, from before the first step to the exit
+        ATTEMPT["lock"] = RunLock(run_dir, job.job_id, job.job_running)
     trainer = Trainer(cfg, env, run_dir)
     ATTEMPT.update(startup=lambda: clock.breakdown(trainer.startup), first_step=trainer.first_step,
                    trainer=trainer, job=job)
@@ -100,7 +103,10 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
     requeued = False
     if env.is_main:
         max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
-        requeued, how = job.requeue(max_restarts)
+        if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
+            requeued, how = False, "stopped by Ctrl-C; the same command continues the run"
+        else:
+            requeued, how = job.requeue(max_restarts)
         log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
                                    "note": how})
         (log.info if requeued else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
@@ -163,6 +169,8 @@ def main() -> None:
         log.exception("rank failed")
         code = EXIT_FAILED
         _log_failure(run_dir, f"{type(e).__name__}: {e}")
+    if "lock" in ATTEMPT:
+        ATTEMPT["lock"].release()
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()
     sys.stderr.flush()

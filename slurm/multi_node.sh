@@ -9,8 +9,8 @@
 #
 # The batch host plans the run (`python -m launch cluster=srun`: every check, the resolved config written to
 # the run folder), then srun starts one rank per task: one task per GPU on GPU nodes (--ntasks-per-node must
-# equal --gpus-per-node), or --ntasks-per-node ranks on CPU nodes. The run folder is runs/<name>/slurm-<job id>
-# (a requeued job finds its own folder again); pass hydra.run.dir=... to put it elsewhere.
+# equal --gpus-per-node), or --ntasks-per-node ranks on CPU nodes. The run folder is runs/<run> (run=NAME;
+# default model-strategy): a requeued job, and the same command submitted again after any stop, continue it.
 #
 # Edit the defaults below, or override any of them on the sbatch command line (which wins).
 #SBATCH --job-name=gptlaunch
@@ -52,7 +52,7 @@ echo "multi_node.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on 
 # --- plan here, run everywhere ----------------------------------------------------------------------------
 # In the background, so that this shell can pass Slurm's warning (USR2) and stop (TERM) signals on: bash runs
 # a trap only after its foreground child ends, but interrupts `wait` at once.
-"$PYTHON" -m launch cluster=srun "hydra.run.dir=runs/\${name}/slurm-${SLURM_JOB_ID}" "$@" &
+"$PYTHON" -m launch cluster=srun "$@" &
 LAUNCH=$!
 trap 'kill -USR2 $LAUNCH 2>/dev/null' USR2
 trap 'kill -TERM $LAUNCH 2>/dev/null' TERM

@@ -32,6 +32,13 @@ class SlurmJob(JobEnvironment):
     def variables(self) -> dict[str, str]:
         return {k: v for k, v in self.environ.items() if k.startswith("SLURM_")}
 
+    def job_running(self, job_id: str) -> bool | None:
+        try:
+            info = commands.scontrol_job(job_id)
+        except SlurmUnavailable:
+            return None
+        return info is not None and info.state in commands.RUNNING
+
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it is RUNNING: a job that `scancel`
         cancelled, or that `scontrol requeue` from outside is already requeueing, is left to Slurm."""

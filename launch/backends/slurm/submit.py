@@ -103,6 +103,10 @@ def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]
                      "submission": str(paths.submission_file), "resources": resources.describe()}, indent=1))
                 print(f"submitted job {s.job_id} for {p.label}: {resources.describe()}; log: {_show(paths.stdout)}",
                       file=out, flush=True)
+    except KeyboardInterrupt:
+        slurm_commands.cancel([s.job_id for s in submitted])
+        raise UserError(f"interrupted while submitting; cancelled the {len(submitted)} job(s) already submitted"
+                        f"{': ' + ' '.join(s.job_id for s in submitted) if submitted else ''}") from None
     except Exception as e:
         slurm_commands.cancel([s.job_id for s in submitted])
         done = f"; cancelled the {len(submitted)} job(s) already submitted" if submitted else ""
@@ -184,8 +188,10 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     except KeyboardInterrupt:
         bar.close()
         ids = " ".join(pending)
+        folder = _show(submitted[0].point.run_dir.parent if len(submitted) > 1 else submitted[0].point.run_dir)
         print(f"\ninterrupted: job(s) {ids} keep running; watch them with: squeue -j {','.join(pending)}; "
-              f"stop them with: scancel {ids}", file=sys.stderr)
+              f"stop them with: scancel {ids}; when they have ended, build the report with: "
+              f"python -m launch.report {folder}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
     return [outcomes[s.job_id] for s in submitted]

@@ -1,0 +1,38 @@
+"""Ctrl-C in a local run: every rank saves at the next step and stops, with one line naming the command that
+continues the run, and no traceback; that command continues it bitwise."""
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+
+from helpers import REPO, launch, losses
+
+RUN = ["model=tiny", "cluster.nodes=2", "strategy=ddp", "train.max_steps=60", "train.log_interval=1",
+       "train.eval_interval=0", "checkpoint.interval_steps=1000", "debug.delay_rank=0", "debug.delay_s=0.05",
+       "train.progress=false"]
+
+
+def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_overrides):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    launch(*RUN, *data_overrides, run_dir=reference)
+    cmd = [sys.executable, "-m", "launch", *RUN, *data_overrides, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    metrics = run / "metrics" / "rank0.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 10) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to its foreground process group
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
+    stopped_at = len(losses(run))
+    assert 10 <= stopped_at < 60 and (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
+    again = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
+    assert again.startswith("python -m launch ") and f"hydra.run.dir={run}" in again
+    subprocess.run([sys.executable, *shlex.split(again)[1:]], cwd=REPO, check=True, capture_output=True, timeout=300)
+    assert losses(run) == losses(reference)  # every step once, bitwise
