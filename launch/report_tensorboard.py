@@ -23,7 +23,8 @@ from launch.report_data import REPORT_DIR
 if TYPE_CHECKING:
     from launch.report import Report
 
-EXACT = "smoothed: set smoothing to 0, or read the exact figures in IMAGES and TEXT of run tensorboard/scaling"
+EXACT = ("smoothed and outlier-clipped: set smoothing to 0 and untick 'Ignore outliers', or read the exact figures "
+         "in IMAGES and TEXT of run tensorboard/scaling")
 STRAGGLERS = {
     "step time min / median / max over ranks (s)":
         ["Margin", ["stragglers/step_time_median_s", "stragglers/step_time_min_s", "stragglers/step_time_max_s"]],
@@ -49,9 +50,11 @@ def scaling_charts(rep: Report) -> dict[str, list[Any]]:
             ["Multiline", [r"^predicted_(weak|strong)/step_time_s$"]],
     }
     if any(r.mfu is not None for r in rep.rows):
-        charts["tokens/s per rank and MFU"] = ["Multiline", [r"^scaling/tokens_per_s_per_rank$", r"^scaling/mfu$"]]
+        charts["tokens/s per rank (runs: measured, model, ideal) and MFU"] = [
+            "Multiline", [r"^scaling/tokens_per_s_per_rank$", r"^scaling/mfu$"]]
     else:
-        charts["tokens/s per rank (MFU n/a: no peak FLOP/s is known for this device, e.g. a CPU)"] = [
+        charts["tokens/s per rank (runs: measured, model, ideal; MFU n/a: no peak FLOP/s is known for this device, "
+               "e.g. a CPU)"] = [
             "Multiline", [r"^scaling/tokens_per_s_per_rank$"]]
     if any(r.comm_fraction is not None for r in rep.rows):
         charts["stragglers and communication fraction"] = [
@@ -87,11 +90,13 @@ def scalars(rep: Report) -> dict[str, list[tuple[str, float, int]]]:
                     "step_time_p90_s": r.step_time_p90_s, "step_time_min_s": r.step_time_min_s,
                     "step_time_max_s": r.step_time_max_s, "stragglers": r.stragglers, "ranks": r.ranks,
                     "mfu": r.mfu, "comm_fraction": r.comm_fraction}
-        model = {"tokens_per_s": r.tokens_per_step / r.predicted_step_time_s, "efficiency": r.predicted_efficiency,
-                 "step_time_p50_s": r.predicted_step_time_s}
+        model_tokens = r.tokens_per_step / r.predicted_step_time_s
+        model = {"tokens_per_s": model_tokens, "tokens_per_s_per_rank": model_tokens / r.ranks,
+                 "efficiency": r.predicted_efficiency, "step_time_p50_s": r.predicted_step_time_s}
         runs[""] += [(f"scaling/{k}", v, r.nodes) for k, v in measured.items()]
         runs["model"] += [(f"scaling/{k}", v, r.nodes) for k, v in model.items()]
         runs["ideal"] += [("scaling/tokens_per_s", ref.tokens_per_s * r.ranks / ref.ranks, r.nodes),
+                          ("scaling/tokens_per_s_per_rank", ref.tokens_per_s_rank, r.nodes),
                           ("scaling/efficiency", 1.0, r.nodes)]
     for p in rep.predictions:
         if p["feasible"]:

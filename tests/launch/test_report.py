@@ -18,6 +18,8 @@ from launch.report import ReportConfig, build_report, main, write_report
 
 OUTPUTS = ("scaling.csv", "scaling.md", "prediction.csv", "model.json", "throughput.png", "efficiency.png",
            "step_time_per_rank.png", "prediction.png")
+CPU_CHART = ("tokens/s per rank (runs: measured, model, ideal; MFU n/a: no peak FLOP/s is known for this device, "
+             "e.g. a CPU)")
 CORES = len(os.sched_getaffinity(0))  # what each rank may use: threads = cores / ranks on the machine
 TINY = ["model=tiny", "strategy=ddp", "train.max_steps=20", "train.log_interval=5", "train.eval_interval=0",
         "train.layer_grad_norms=false", "checkpoint.interval_steps=0"]
@@ -121,7 +123,10 @@ def test_tensorboard_scaling_run_holds_the_scalars_and_the_custom_scalars_layout
             "scaling/comm_fraction"} <= scalars[""]
     assert {"scaling/tokens_per_s", "scaling/efficiency", "scaling/step_time_p50_s", "predicted_weak/efficiency",
             "predicted_strong/step_time_s"} <= scalars["model"]
-    assert scalars["ideal"] == {"scaling/tokens_per_s", "scaling/efficiency"}
+    assert scalars["ideal"] == {"scaling/tokens_per_s", "scaling/tokens_per_s_per_rank", "scaling/efficiency"}
+    # a chart of one two-point series is drawn empty by TensorBoard (outliers ignored): every chart of the
+    # scaling category draws from several runs or several tags
+    assert "scaling/tokens_per_s_per_rank" in scalars["model"]
     first = events.Scalars("scaling/efficiency")[0]
     assert (first.step, round(first.value, 3)) == (1, 1.0)
     assert [e.step for e in events.Scalars("scaling/tokens_per_s")] == [1, 2]
@@ -142,7 +147,7 @@ def test_tensorboard_scaling_run_holds_the_scalars_and_the_custom_scalars_layout
     throughput = next(ch for t, ch in charts.items() if t.startswith("throughput vs nodes"))
     assert list(throughput.multiline.tag) == [r"^scaling/tokens_per_s$"]  # drawn from 3 runs: a colour each
     # no chart is empty without a word on why: MFU is n/a on a CPU, and the chart says so
-    assert "tokens/s per rank (MFU n/a: no peak FLOP/s is known for this device, e.g. a CPU)" in charts
+    assert CPU_CHART in charts
     every_tag = set().union(*scalars.values())
     for chart in layout.category[0].chart:
         for pattern in chart.multiline.tag:
@@ -309,6 +314,6 @@ def test_the_dashboard_charts_mfu_where_it_is_known_and_says_why_not_elsewhere(t
         write_point(tmp_path / "gpu" / f"nodes={n}", n, 8, 64, [0.2] * 3, mfu=0.41)
         write_point(tmp_path / "cpu" / f"nodes={n}", n, 1, 12, [0.2] * 3)
     charts = {root: {t for c in layout(build_report(tmp_path / root)).values() for t in c} for root in ("gpu", "cpu")}
-    assert "tokens/s per rank and MFU" in charts["gpu"]
-    assert "tokens/s per rank (MFU n/a: no peak FLOP/s is known for this device, e.g. a CPU)" in charts["cpu"]
+    assert "tokens/s per rank (runs: measured, model, ideal) and MFU" in charts["gpu"]
+    assert CPU_CHART in charts["cpu"]
     assert "stragglers (communication fraction n/a: comm_s not recorded)" in charts["cpu"]
