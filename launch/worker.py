@@ -25,6 +25,7 @@ from gpt.runinfo import write_environment  # noqa: E402
 from launch.attempts import log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
+from launch.parent import end_with_launcher  # noqa: E402
 from launch.run_lock import RunLock  # noqa: E402
 from launch.startup import StartupClock  # noqa: E402
 from launch.threads import ThreadPlan  # noqa: E402
@@ -156,6 +157,7 @@ def install_flag(run_dir: Path) -> None:
 def main() -> None:
     run_dir = Path(sys.argv[1])
     install_flag(run_dir)
+    end_with_launcher()
     code = 0
     try:
         summary = run_rank(run_dir)

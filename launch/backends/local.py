@@ -16,6 +16,7 @@ from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
 from launch.backends import Backend
+from launch.parent import LAUNCHER_PID
 from launch.startup import attempt_start_env
 from launch.threads import ThreadPlan
 
@@ -26,7 +27,7 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     # env(1): the elastic agent copies this process's environment, which must stay as the user left it, so that
     # nothing carries over from one sweep point to the next).
     rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
-                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node)}
+                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid())}
     # Ctrl-C reaches the ranks too (one process group): they save at the next step and stop. The agent must
     # not kill them meanwhile, so SIGINT is left to us.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",

@@ -1,0 +1,77 @@
+"""A run is one folder: the same command continues it, and anything that would mix two runs in one folder is
+refused before a rank starts."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+
+from helpers import REPO, launch, losses
+
+RUN = ["model=tiny", "train.max_steps=20", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval_steps=5"]
+
+
+def attempts(run_dir) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+
+
+def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    launch(*RUN, *data_overrides, run_dir=run)
+    again = launch(*RUN, *data_overrides, run_dir=run)
+    assert "finished at step 20; nothing to do" in again.stdout and len(attempts(run)) == 1
+
+    changed = launch(*RUN, "train.lr=0.01", *data_overrides, run_dir=run, check=False)
+    assert changed.returncode == 2 and "train.lr: the run has 0.001, this command 0.01" in changed.stderr
+    assert "run=NAME" in changed.stderr and "Traceback" not in changed.stderr
+
+    text = tmp_path / "other.txt"  # the same vocabulary, other text
+    text.write_text(open(data_overrides[0].split("=", 1)[1]).read()[::-1])
+    other = launch(*RUN, f"data.text_path={text}", f"data.dir={tmp_path / 'other'}", run_dir=run, check=False)
+    assert other.returncode == 2 and "data.text_md5: the run has" in other.stderr
+
+    fresh = launch(*RUN, "resume=none", *data_overrides, run_dir=run, check=False)
+    assert fresh.returncode == 2 and "resume=none would start over on top of it" in fresh.stderr
+    assert len(attempts(run)) == 1  # nothing ran
+
+
+def test_raising_max_steps_with_a_fixed_schedule_trains_on(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    launch(*RUN, "train.decay_steps=40", *data_overrides, run_dir=run)
+    launch(*[o for o in RUN if "max_steps" not in o], "train.max_steps=30", "train.decay_steps=40", *data_overrides,
+           run_dir=run)
+    assert [a["first_step"] for a in attempts(run)] == [0, 20] and len(losses(run)) == 30
+
+
+def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    slow = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=400", "debug.delay_rank=0", "debug.delay_s=0.05"]
+    first = subprocess.Popen([sys.executable, "-m", "launch", *slow, *data_overrides, f"hydra.run.dir={run}",
+                              "train.progress=false"], cwd=REPO, start_new_session=True,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not ((run / "checkpoints" / "step_00000010").exists() or time.monotonic() > deadline):
+            time.sleep(0.2)
+        holder = json.loads((run / "lock.json").read_text())
+        second = launch(*slow, *data_overrides, run_dir=run, check=False)
+        assert second.returncode == 2, second.stderr[-2000:]
+        assert f"is in use by another run (pid {holder['pid']} on {holder['host']}" in second.stderr
+    finally:  # kill -9 of every process of the run: no save, no goodbye, the lock left behind
+        tree = [first.pid, *(c.pid for c in psutil.Process(first.pid).children(recursive=True))]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.wait()
+    assert (run / "lock.json").exists()
+    relaunch = launch(*slow, *data_overrides, run_dir=run)
+    said = relaunch.stdout + relaunch.stderr
+    assert "took over the run folder's lock" in said and "is gone" in said, said[-3000:]
+    assert attempts(run)[-1]["first_step"] >= 10 and attempts(run)[-1]["ended"] == "finished"
+    assert not (run / "lock.json").exists()  # released at the end
