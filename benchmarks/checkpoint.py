@@ -50,8 +50,8 @@ def timed_saves(t, repeats: int) -> dict:
         returned, waited = t.checkpointer.last_blocked_s, t.checkpointer.staging_wait_s
         pending = t.checkpointer.pending
         if pending is not None:  # stamps from the futures' callbacks, run as each completes
-            pending.staged.add_done_callback(lambda f: staged.append(time.perf_counter() - start))
-            pending.future.add_done_callback(lambda f: written.append(time.perf_counter() - start))
+            pending.staged.add_done_callback(lambda f, t0=start: staged.append(time.perf_counter() - t0))
+            pending.future.add_done_callback(lambda f, t0=start: written.append(time.perf_counter() - t0))
         t.train_step()
         blocked.append(returned + t.checkpointer.staging_wait_s - waited)
         t.checkpointer.wait()
@@ -141,8 +141,10 @@ def requeue_to_first_step() -> dict | None:
         out = []
         for gap, attempt in zip(gaps, attempts):
             first = min(r["time"] for r in records if r["time"] > attempt["time"])
-            out.append({"signal_to_saved_s": attempt["time"] - gap["signal"], "saved_to_first_step_s": first - attempt["time"]})
-        return {"samples": out, "signal_to_first_step_s": statistics.median(o["signal_to_saved_s"] + o["saved_to_first_step_s"] for o in out)}
+            out.append({"signal_to_saved_s": attempt["time"] - gap["signal"],
+                        "saved_to_first_step_s": first - attempt["time"]})
+        total = statistics.median(o["signal_to_saved_s"] + o["saved_to_first_step_s"] for o in out)
+        return {"samples": out, "signal_to_first_step_s": total}
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

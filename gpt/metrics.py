@@ -7,7 +7,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Iterable
+from collections.abc import Iterable
 
 import psutil
 import torch

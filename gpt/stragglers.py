@@ -1,8 +1,9 @@
 """Per-rank step-time figures brought together once per log window, and straggler detection.
 
 Every rank hands `StragglerMonitor.update` its figures for the window just closed (means per step: step time and
-its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.distributed, on the host path) brings every rank's figures to every rank; the
-hosts are gathered once, at the first window. Rank 0 logs `summary.metrics()` and warns on `summary.events`.
+its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.distributed, on the host path)
+brings every rank's figures to every rank; the hosts are gathered once, at the first window. Rank 0 logs
+`summary.metrics()` and warns on `summary.events`.
 
 The detection itself (`StragglerDetector`) is pure: it sees a list of per-rank figure dicts per window, so it is
 tested without processes and replayed offline by the scaling report (launch.report) on the metrics files.
@@ -24,7 +25,8 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ class StragglerConfig:
             raise ValueError(f"straggler ema_alpha must be in (0, 1], got {self.ema_alpha}")
 
     @classmethod
-    def from_metrics_cfg(cls, metrics: Mapping[str, Any] | None) -> "StragglerConfig":
+    def from_metrics_cfg(cls, metrics: Mapping[str, Any] | None) -> StragglerConfig:
         """From the proposed `metrics:` config block (missing keys keep their defaults)."""
         metrics = metrics or {}
         keys = {"threshold_pct": "straggler_threshold_pct", "windows": "straggler_windows", "top_k": "top_k",

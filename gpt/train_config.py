@@ -2,7 +2,8 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gpt.config import from_section
 from gpt.errors import ConfigError
@@ -32,7 +33,7 @@ class TrainConfig:
     progress: bool = True
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         return from_section(cls, "train", d)
 
     def validate(self) -> None:

@@ -18,7 +18,7 @@ from gpt.config import ModelConfig
 from gpt.data import check_vocab
 from gpt.data.loader import TokenDataset, TrainBatches, ValBatches
 from gpt.distributed import DistEnv, any_true, pick_device, side_group, timed_flags
-from gpt.errors import ConfigError, UserError
+from gpt.errors import UserError
 from gpt.flops import flops_per_token, mfu, param_count, peak_flops
 from gpt.metrics import MetricsWriter, layer_keys, memory_stats
 from gpt.model import GPT
@@ -213,7 +213,8 @@ class Trainer:
             "tokens_seen": self.step * self.tokens_per_step,
             "model": dataclasses.asdict(self.model_cfg),
             "data_dir": str(self.cfg.data.dir),
-            "data": {**self.batches.state_dict(), "step": self.step, "samples_seen": self.step * self.train.global_batch_size},
+            "data": {**self.batches.state_dict(), "step": self.step,
+                     "samples_seen": self.step * self.train.global_batch_size},
             "world_size": self.env.world_size,
             "dp_size": self.strategy.dp_size,
             "strategy": self.strategy.name,
@@ -236,7 +237,8 @@ class Trainer:
         if mode is None or str(mode).lower() in ("none", "false", "null"):
             return None
         explicit = str(mode).lower() != "auto"
-        candidates = [resolve(Path(str(mode)))] if explicit else list(reversed(list_checkpoints(self.checkpointer.root)))
+        newest_first = list(reversed(list_checkpoints(self.checkpointer.root)))
+        candidates = [resolve(Path(str(mode)))] if explicit else newest_first
         skipped = []
         for path in candidates:
             problem = verify(path)
@@ -249,7 +251,8 @@ class Trainer:
                 except UserError:
                     raise
                 except Exception as e:  # a corrupt shard: DCP names it in its message
-                    ok, problem = False, f"loading failed: {str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__}"
+                    why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+                    ok, problem = False, f"loading failed: {why}"
                 if all_ranks_ok(ok):
                     self.restore(path, meta)
                     if skipped:

@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from gpt.data.tokenizer import MIN_BPE_VOCAB, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.config import from_section
@@ -36,7 +37,7 @@ class DataConfig:
     shard_tokens: int = DEFAULT_SHARD_TOKENS
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "DataConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
         return from_section(cls, "data", d)
 
     def validate(self) -> None:

@@ -9,7 +9,8 @@ size) continues with exactly the samples it would have seen: none replayed, none
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch

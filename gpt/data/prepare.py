@@ -24,7 +24,8 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
@@ -44,7 +45,7 @@ class CharTokenizer:
             raise ValueError("chars must be distinct single characters")
 
     @classmethod
-    def train(cls, text: str) -> "CharTokenizer":
+    def train(cls, text: str) -> CharTokenizer:
         return cls(sorted(set(text)))
 
     @property
@@ -76,7 +77,7 @@ class BPETokenizer:
         self.hf = hf
 
     @classmethod
-    def train(cls, text: str, vocab_size: int) -> "BPETokenizer":
+    def train(cls, text: str, vocab_size: int) -> BPETokenizer:
         if vocab_size < MIN_BPE_VOCAB:
             raise ValueError(f"vocab_size must be at least {MIN_BPE_VOCAB}, got {vocab_size}")
         hf = HFTokenizer(models.BPE())

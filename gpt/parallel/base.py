@@ -6,7 +6,8 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -47,7 +48,7 @@ class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (detached, 0-dim)
     grad_norm: torch.Tensor  # global gradient norm before clipping
     layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
-    clock: "PhaseClock | None" = None  # when forward+backward and the optimizer step ended
+    clock: PhaseClock | None = None  # when forward+backward and the optimizer step ended
 
 
 class PhaseClock:

@@ -15,7 +15,8 @@ import contextlib
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -26,8 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import math
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -42,7 +41,7 @@ from gpt.flops import flops_per_token
 from gpt.metrics import layer_grad_norms
 from gpt.model import GPT
 from gpt.optim import build_adamw
-from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part, planned_device
+from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part
 from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
 
@@ -272,7 +271,7 @@ class Pipeline(Strategy):
         kwargs = {"target": y, "losses": losses} if last else {}
         with self.autocast():
             self.schedule.step(*args, **kwargs)
-        loss = torch.stack([l.detach().float() for l in losses]).mean() if last else torch.zeros((), device=self.device)
+        loss = torch.stack([x.detach().float() for x in losses]).mean() if last else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage has it
         for p in self._tied_parameters():  # gradients scaled and averaged over dp by now
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad

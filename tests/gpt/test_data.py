@@ -81,7 +81,8 @@ def test_prepare_char_writes_split_shards_and_meta(char_dir):
     assert meta["splits"]["val"]["tokens"] == len(TEXT) - SPLIT == 111_540
     assert meta["splits"]["train"]["shards"] == [{"file": "train_000000.bin", "tokens": SPLIT}]
     assert (char_dir / "train_000000.bin").stat().st_size == 2 * SPLIT
-    assert meta["source"] == {"path": str(CORPUS.resolve()), "size": 1_115_394, "md5": "6fb458f1232090904fb40fe944165e91"}
+    assert meta["source"] == {"path": str(CORPUS.resolve()), "size": 1_115_394,
+                              "md5": "6fb458f1232090904fb40fe944165e91"}
     tok = load_tokenizer(char_dir)
     assert tok.decode(split_tokens(char_dir, "train").tolist()) == TEXT[:SPLIT]
     assert tok.decode(split_tokens(char_dir, "val").tolist()) == TEXT[SPLIT:]
