@@ -178,3 +178,28 @@ def test_moe_reads_the_device_once_per_layer(monkeypatch):
     expected = sum(w[:, j, None] * torch.stack([moe.experts[int(e)](flat[i]) for i, e in enumerate(chosen[:, j])])
                    for j in range(2))
     torch.testing.assert_close(out.reshape(-1, 16), expected)
+
+
+def test_the_model_is_built_on_its_device_not_on_the_cpu_first():
+    """A rank builds its model where it trains (the meta device stands in for a GPU here): no CPU copy first."""
+    from gpt.trainer import build_model
+
+    model = build_model(TINY, torch.device("meta"), seed=0)
+    assert {p.device.type for p in model.parameters()} == {"meta"}
+    cpu_a, cpu_b = build_model(TINY, torch.device("cpu"), 0), build_model(TINY, torch.device("cpu"), 0)
+    assert all(torch.equal(a, b) for a, b in zip(cpu_a.parameters(), cpu_b.parameters()))  # the same on every rank
+
+
+def test_async_checkpoints_stage_into_pinned_memory_with_cuda(monkeypatch):
+    from gpt import checkpoint
+
+    made = []
+    monkeypatch.setattr(checkpoint, "DefaultStager", lambda options: made.append(options) or options)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    checkpoint.make_stager()
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    checkpoint.make_stager()
+    on_gpu, on_cpu = made
+    assert on_gpu.use_pinned_memory and on_gpu.use_non_blocking_copy and on_gpu.use_async_staging
+    assert not on_cpu.use_pinned_memory and not on_cpu.use_non_blocking_copy and on_cpu.use_async_staging
+    assert not on_gpu.use_shared_memory  # the writer is a thread of this process
