@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import pytest
 
-from launch.perf_model import Network, Shape, comm_volume, fit, nominal_comm_time, point_errors, scaled_shape
+from launch.report.perf_model import Network, Shape, comm_volume, fit, nominal_comm_time, point_errors, scaled_shape
 
 
 def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", **cfg) -> Shape:

@@ -14,7 +14,8 @@ from helpers import launch, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from launch.report import ReportConfig, build_report, main, write_report
+from launch.report import ReportConfig, build_report, write_report
+from launch.report.__main__ import main
 
 OUTPUTS = ("scaling.csv", "scaling.md", "prediction.csv", "model.json", "throughput.png", "efficiency.png",
            "step_time_per_rank.png", "prediction.png")
@@ -308,7 +309,7 @@ def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is
 
 
 def test_the_dashboard_charts_mfu_where_it_is_known_and_says_why_not_elsewhere(tmp_path):
-    from launch.report_tensorboard import layout
+    from launch.report.tensorboard import layout
 
     for n in (1, 2):
         write_point(tmp_path / "gpu" / f"nodes={n}", n, 8, 64, [0.2] * 3, mfu=0.41)

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from launch.report_data import Point
+from launch.report.points import Point
 
 SCALING_KEYS = {"nodes", "cluster.nodes", "cluster.tasks_per_node", "cluster.gpus_per_node"}
 # Keys that follow from others (the run's name from model and strategy) or do not change what is trained.

@@ -4,12 +4,9 @@ from __future__ import annotations
 
 import statistics
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-from launch.report_rows import steady
-
-if TYPE_CHECKING:
-    from launch.report import Report
+from launch.report.model import Report
+from launch.report.rows import steady
 
 MAX_BOXES = 64
 DPI = 100

@@ -11,9 +11,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from launch.perf_model import FittedModel, Network, Shape, fit, point_errors, scaled_shape
-from launch.report_data import Point
-from launch.report_rows import Row, median_or_none, steady
+from launch.report.perf_model import FittedModel, Network, Shape, fit, point_errors, scaled_shape
+from launch.report.points import Point
+from launch.report.rows import Row, median_or_none, steady
 
 TOLERANCE = 0.10
 NOISY_P90_OVER_P50 = 1.3

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.stragglers import StragglerConfig, StragglerDetector
-from launch.perf_model import Shape
-from launch.report_data import Point, get
+from launch.report.perf_model import Shape
+from launch.report.points import Point, get
 
 log = logging.getLogger(__name__)
 

@@ -2,11 +2,15 @@
 
     python -m launch.report RUN_OR_SWEEP_DIR
 
+The package: points.py reads run folders, rows.py summarises each point, compare.py ranks the points of a
+sweep over other keys, perf_model.py and fit.py model the step time, model.py holds a report, and markdown.py,
+outputs.py (CSV, PNG) and tensorboard.py render it; this module builds and writes it.
+
 A sweep folder holds one run folder per point (`nodes=1/`, `nodes=2/`, `train.lr=1e-3/`, ...). The report fits
 the sweep: when the node or rank count varies it is a scaling report (throughput, efficiency, stragglers, a fitted
 performance model with its error on every point, and predictions at 8 to 1,024 nodes); when other keys vary it
 compares the points on validation loss, loss curves and tokens/s; when both vary, both. Points whose "nodes" share
-one machine are marked as such (see launch.report_data).
+one machine are marked as such (see launch.report.points).
 
 The report goes to `DIR/report/` (scaling.md, CSV files, model.json, PNG plots) and `DIR/tensorboard/scaling/`
 (a TensorBoard run: the plots as images and the tables as text, then a custom-scalars dashboard), so
@@ -15,71 +19,29 @@ when a sweep finishes; the offline command runs the same function on the same fi
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 import logging
-import sys
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from gpt.stragglers import StragglerConfig
-from launch.perf_model import FittedModel, Network, Shape
-from launch.report_compare import SCALING_KEYS, CompareRow, compare_rows, varying_keys
-from launch.report_data import REPORT_DIR, TB_RUN, Point, find_run_folders, get, load_point
-from launch.report_fit import fit_points, predict
-from launch.report_rows import Row, add_efficiency, scaling_mode, shape_of, summarize
+from launch.report import outputs as report_outputs
+from launch.report import tensorboard as report_tensorboard
+from launch.report.compare import CompareRow, compare_rows, varying_keys
+from launch.report.fit import fit_points, predict
+from launch.report.markdown import markdown
+from launch.report.model import Report, ReportConfig
+from launch.report.points import REPORT_DIR, TB_RUN, Point, find_run_folders, get, load_point
+from launch.report.rows import Row, add_efficiency, scaling_mode, shape_of, summarize
 
 log = logging.getLogger(__name__)
 
 OUTPUTS = {"scaling.md", "scaling.csv", "prediction.csv", "model.json", "comparison.csv", "loss_curves.png",
            "throughput.png", "efficiency.png", "step_time_per_rank.png", "prediction.png"}
-PREDICT_NODES = (8, 16, 32, 64, 128, 256, 512, 1024)
-
-
-@dataclass(frozen=True)
-class ReportConfig:
-    """The proposed `report:` config block (read from the smallest point's config.yaml when present)."""
-
-    skip_windows: int = 1
-    predict_nodes: tuple[int, ...] = PREDICT_NODES
-    network: Network = field(default_factory=Network)
-
-    @classmethod
-    def from_cfg(cls, cfg: dict[str, Any] | None) -> ReportConfig:
-        cfg = dict(cfg or {})
-        out = cls()
-        if cfg.get("skip_windows") is not None:
-            out = cls(int(cfg["skip_windows"]), out.predict_nodes, out.network)
-        if cfg.get("predict_nodes"):
-            out = cls(out.skip_windows, tuple(int(n) for n in cfg["predict_nodes"]), out.network)
-        if cfg.get("network"):
-            out = cls(out.skip_windows, out.predict_nodes, Network.from_cfg(cfg["network"]))
-        return out
-
-
-@dataclass
-class Report:
-    root: Path
-    points: list[Point]
-    rows: list[Row]
-    config: ReportConfig
-    straggler_config: StragglerConfig
-    keys: list[str]                  # the keys that vary between points
-    scaling: bool                    # node or rank counts vary (or nothing else does): a scaling report
-    compare: list[CompareRow]        # other keys vary: the points ranked by validation loss (else empty)
-    mode: str = "single point"
-    reference: Row | None = None
-    model: FittedModel | None = None
-    shapes: list[Shape] = field(default_factory=list)
-    predictions: list[dict[str, Any]] = field(default_factory=list)  # weak rows, then strong ones when measured
-
-    @property
-    def compared_keys(self) -> list[str]:
-        return [k for k in self.keys if k not in SCALING_KEYS]
 
 
 def load_points(root: Path) -> list[Point]:
@@ -135,8 +97,6 @@ def _csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:
 
 def write_report(run_or_sweep_dir: str | Path, config: ReportConfig | None = None) -> Path:
     """Write the report of a run or sweep folder; returns the report folder. Same files offline or at sweep end."""
-    from launch import report_outputs, report_tensorboard
-    from launch.report_markdown import markdown
 
     rep = build_report(Path(run_or_sweep_dir), config)
     out = rep.root / REPORT_DIR
@@ -158,26 +118,3 @@ def write_report(run_or_sweep_dir: str | Path, config: ReportConfig | None = Non
         (out / stale).unlink(missing_ok=True)
     report_tensorboard.write_run(rep, rep.root / TB_RUN, text, images)
     return out
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m launch.report",
-                                     description="Scaling report of a run folder or a sweep folder.")
-    parser.add_argument("dir", type=Path, help="a run folder (config.yaml, metrics/) or a sweep folder of them")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not args.dir.is_dir():
-        print(f"error: {args.dir} is not a folder", file=sys.stderr)
-        return 2
-    try:
-        out = write_report(args.dir)
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print((out / "scaling.md").read_text())
-    print(f"report: {out}\ntensorboard --logdir {args.dir}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -2,14 +2,12 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch.report_data import TB_RUN
-from launch.report_fit import TOLERANCE
-from launch.report_rows import BREAKDOWN, replay_stragglers
-
-if TYPE_CHECKING:
-    from launch.report import Report
+from launch.report.fit import TOLERANCE
+from launch.report.model import Report
+from launch.report.points import TB_RUN
+from launch.report.rows import BREAKDOWN, replay_stragglers
 
 MODE_TEXT = {
     "weak": "**weak scaling**: the per-rank batch is fixed, so efficiency = t(ref) / t(n)",

@@ -15,13 +15,11 @@ import math
 import re
 import shutil
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from launch import report_markdown as md
-from launch.report_data import REPORT_DIR
-
-if TYPE_CHECKING:
-    from launch.report import Report
+from launch.report import markdown as md
+from launch.report.model import Report
+from launch.report.points import REPORT_DIR
 
 EXACT = ("smoothed and outlier-clipped: set smoothing to 0 and untick 'Ignore outliers', or read the exact figures "
          "in IMAGES and TEXT of run tensorboard/scaling")
