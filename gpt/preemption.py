@@ -85,13 +85,3 @@ class PreemptionFlag:
     @property
     def signal_name(self) -> str | None:
         return signal.Signals(self.received).name if self.received is not None else None
-
-    def any_rank(self, device=None) -> bool:
-        """True on every rank when any rank has received a signal. A collective: every rank must call it."""
-        import torch
-        import torch.distributed as dist
-
-        flag = torch.tensor([1.0 if self.raised else 0.0], device=device)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item() > 0)

@@ -2,6 +2,7 @@
 a checkpoint of another model config, a read-only folder; also retention, time-based and asynchronous saves."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
@@ -134,8 +136,10 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_
         while not (partial / ".metadata").exists():
             assert proc.poll() is None and time.monotonic() < deadline, "the run never reached its step-8 save"
             time.sleep(0.1)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # this test's own launcher and its rank
+    finally:  # kill -9 of this test's launcher and its rank (which runs in a session of its own)
+        for pid in [proc.pid, *(c.pid for c in psutil.Process(proc.pid).children(recursive=True))]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
     assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004"]
     launch(*args, run_dir=run_dir)  # the same command

@@ -22,8 +22,6 @@ COLLECTIVES = {
     "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
 }
 ALLOWED = {"gpt/distributed.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
-# A file with collectives its owner has yet to remove; the test fails once the exemption is no longer needed.
-PENDING = {"gpt/preemption.py": "PreemptionFlag.any_rank: no longer called (the trainer asks gpt.distributed.any_true)"}
 
 
 def _dist_aliases(tree: ast.Module) -> tuple[set[str], set[str]]:
@@ -77,15 +75,10 @@ def test_no_collective_outside_the_helpers():
     for f in scanned_files():
         rel = str(f.relative_to(REPO))
         calls = raw_collectives(f.read_text())
-        if calls and rel not in ALLOWED and rel not in PENDING:
+        if calls and rel not in ALLOWED:
             offenders[rel] = calls
     assert not offenders, ("collectives outside gpt/distributed.py (use its helpers, which place the tensor on the "
                            f"group's communication device): {offenders}")
-
-
-@pytest.mark.parametrize("path", sorted(PENDING))
-def test_pending_exemptions_are_still_needed(path):
-    assert raw_collectives((REPO / path).read_text()), f"{path} has no collective left: remove it from PENDING"
 
 
 def test_the_scan_catches_a_raw_cpu_all_reduce_in_the_checkpointer():
