@@ -279,6 +279,11 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     return out
 
 
+def from_rank0_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's picklable `obj` on every rank (a choice every rank must follow)."""
+    return gather_objects(obj, group)[0]
+
+
 def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
     """`tensor` summed over the ranks (one collective), left on its device when the group serves that device
     (no host read: the caller reads it when it needs the values)."""

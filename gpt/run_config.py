@@ -116,9 +116,15 @@ class DebugConfig:
     delay_s: float = 0.0
     save_sleep_s: float = 0.0
     save_sleep_step: int | None = None
-    signal_at_step: int | None = None
+    signal_at_step: int | list[int] | None = None
     signal_rank: int = 0
     signal_name: str = "SIGUSR2"
+    unreadable_rank: int | None = None
+
+    @property
+    def signal_steps(self) -> list[int]:
+        at = self.signal_at_step
+        return [] if at is None else [at] if isinstance(at, int) else list(at)
 
     @classmethod
     def from_cfg(cls, c: Mapping[str, Any]) -> "DebugConfig":
@@ -129,9 +135,16 @@ class DebugConfig:
             delay_s=_number("debug.delay_s", c.get("delay_s", 0.0), "seconds >= 0", none_ok=False),
             save_sleep_s=_number("debug.save_sleep_s", c.get("save_sleep_s", 0.0), "seconds >= 0", none_ok=False),
             save_sleep_step=_int("debug.save_sleep_step", c.get("save_sleep_step"), 0, "a step, or null", True),
-            signal_at_step=_int("debug.signal_at_step", c.get("signal_at_step"), 0, "a step, or null", True),
+            signal_at_step=_steps("debug.signal_at_step", c.get("signal_at_step")),
             signal_rank=_int("debug.signal_rank", c.get("signal_rank", 0), 0, "a rank (>= 0)"),
-            signal_name=signal_names("debug.signal_name", c.get("signal_name", "SIGUSR2"))[0])
+            signal_name=signal_names("debug.signal_name", c.get("signal_name", "SIGUSR2"))[0],
+            unreadable_rank=_int("debug.unreadable_rank", c.get("unreadable_rank"), 0, "a rank, or null", True))
+
+
+def _steps(key: str, value: Any) -> int | list[int] | None:
+    if isinstance(value, list):
+        return [_int(key, v, 0, "a step, a list of steps, or null") for v in value]
+    return _int(key, value, 0, "a step, a list of steps, or null", none_ok=True)
 
 
 def check_resume(value: Any) -> str:

@@ -23,7 +23,6 @@ from __future__ import annotations
 import logging
 import math
 import statistics
-import time
 from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -248,11 +247,3 @@ class StragglerMonitor:
     def log_events(summary: WindowSummary, logger: logging.Logger = log) -> None:
         for event in summary.events:
             (logger.warning if event.kind == "straggler" else logger.info)("%s", event.message())
-
-
-def injected_delay(rank: int, delay_rank: int | None, delay_s: float) -> float:
-    """The `debug.delay_rank` / `debug.delay_s` test option: sleep on one rank; returns the seconds slept."""
-    if delay_rank is None or delay_s <= 0 or rank != delay_rank:
-        return 0.0
-    time.sleep(delay_s)
-    return delay_s

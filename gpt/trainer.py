@@ -17,7 +17,7 @@ from gpt.checkpoint import Checkpointer, all_ranks_ok, check_fingerprint, list_c
 from gpt.config import ModelConfig
 from gpt.data import check_vocab
 from gpt.data.loader import TokenDataset, TrainBatches, ValBatches
-from gpt.distributed import DistEnv, any_true, pick_device, side_group, timed_flags
+from gpt.distributed import DistEnv, any_true, from_rank0_object, gather_objects, pick_device, side_group, timed_flags
 from gpt.errors import UserError
 from gpt.flops import flops_per_token, mfu, param_count, peak_flops
 from gpt.metrics import MetricsWriter, layer_keys, memory_stats
@@ -26,9 +26,10 @@ from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
-from gpt.run_config import CheckpointConfig
+from gpt.faults import Faults
+from gpt.run_config import CheckpointConfig, DebugConfig
 from gpt.runinfo import cpu_affinity, cpu_list
-from gpt.stragglers import StragglerConfig, StragglerMonitor, injected_delay
+from gpt.stragglers import StragglerConfig, StragglerMonitor
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -100,7 +101,7 @@ class Trainer:
         self.peak = peak_flops(device_name, self.train.precision)
         self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
                                            host=env.hostname)
-        self.debug = cfg.get("debug") or {}
+        self.faults = Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank)  # test-only injections
         self.ckpt = CheckpointConfig.from_cfg(cfg)
         preemption = cfg.get("preemption") or {}
         self.flag = (PreemptionFlag.installed(preemption.get("signals", DEFAULT_SIGNALS))
@@ -108,7 +109,7 @@ class Trainer:
         async_group = side_group() if self.ckpt.async_save and self.strategy.supports_async_save else None
         self.checkpointer = Checkpointer(run_dir / "checkpoints", self.ckpt.keep, env.is_main, env.rank,
                                          async_group=async_group, async_save=self.ckpt.async_save,
-                                         before_commit=self._debug_save_sleep)
+                                         before_commit=self.faults.before_commit)
         self.strategy.before_update = self.checkpointer.wait_staged
         self.step = 0
         self.first_step = 0
@@ -232,45 +233,66 @@ class Trainer:
     # --- resuming -------------------------------------------------------------------------------------
     def resume(self) -> Path | None:
         """resume=auto: the newest usable checkpoint of this run folder (an unusable one is skipped with a
-        warning); resume=PATH: that checkpoint (or a run folder's newest); resume=none: start over."""
-        mode = self.cfg.get("resume", "auto")
-        if mode is None or str(mode).lower() in ("none", "false", "null"):
+        warning); resume=PATH: that checkpoint (or a run folder's newest), only to initialise a run that has no
+        checkpoint of its own yet; resume=none: start over. Rank 0 chooses and every rank loads the same one."""
+        mode = str(self.cfg.get("resume", "auto"))
+        if mode.lower() in ("none", "false", "null"):
             return None
-        explicit = str(mode).lower() != "auto"
-        newest_first = list(reversed(list_checkpoints(self.checkpointer.root)))
-        candidates = [resolve(Path(str(mode)))] if explicit else newest_first
+        own = list(reversed(list_checkpoints(self.checkpointer.root)))
+        explicit = mode.lower() != "auto" and not own
+        if mode.lower() != "auto" and own:
+            log.info("resume=%s is not used: this run continues from its own checkpoints", mode)
+        candidates = [resolve(Path(mode))] if explicit else own
+        candidates = [Path(p) for p in from_rank0_object([str(p) for p in candidates])]
         skipped = []
-        for path in candidates:
-            problem = verify(path)
+        for i, path in enumerate(candidates):
+            problem = self.readable_everywhere(path, newest=i == 0) or self.load_everywhere(path)
             if problem is None:
-                meta = read_meta(path)
-                self.check_resumable(path, meta)
-                try:
-                    self.strategy.load_state(path)
-                    ok = True
-                except UserError:
-                    raise
-                except Exception as e:  # a corrupt shard: DCP names it in its message
-                    why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
-                    ok, problem = False, f"loading failed: {why}"
-                if all_ranks_ok(ok):
-                    self.restore(path, meta)
-                    if skipped:
-                        log.warning("resumed from %s, older than the unusable newest checkpoint(s): %s", path,
-                                    "; ".join(skipped))
-                    return path
-                problem = problem or "another rank could not load its part"
+                if skipped:
+                    log.warning("resumed from %s, older than the unusable newest checkpoint(s): %s", path,
+                                "; ".join(skipped))
+                return path
             if explicit:
                 raise UserError(f"cannot resume from {path}: {problem}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
             skipped.append(f"{path.name}: {problem}")
         if skipped:
             raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +
-                            "; remove the broken ones to start over, or resume=none in a new run folder")
+                            "; remove the broken ones, or start a new run under another name (run=NAME)")
+        return None
+
+    def readable_everywhere(self, path: Path, newest: bool) -> str | None:
+        """None when every rank can read `path`; else which ranks cannot, and why (every rank takes part)."""
+        mine = self.faults.unreadable(newest) or verify(path)
+        problems = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(gather_objects((self.env.hostname, mine)))
+                    if p is not None]
+        return "; ".join(problems) or None
+
+    def load_everywhere(self, path: Path) -> str | None:
+        """Load `path` on every rank; None when every rank did."""
+        meta = read_meta(path)
+        self.check_resumable(path, meta)
+        try:
+            self.strategy.load_state(path)
+            problem = None
+        except UserError:
+            raise
+        except Exception as e:  # a corrupt shard: DCP names it in its message
+            why = str(e).strip().splitlines()[-1][:300] if str(e).strip() else type(e).__name__
+            problem = f"loading failed: {why}"
+        if not all_ranks_ok(problem is None):
+            return problem or "another rank could not load its part"
+        self.restore(path, meta)
         return None
 
     def check_resumable(self, path: Path, meta: dict[str, Any]) -> None:
-        check_fingerprint(path, meta.get("fingerprint"), self.fingerprint())
+        """This run's own checkpoint must match all of its settings; another run's, used to initialise this
+        one (resume=PATH), only its model (the schedule may differ: fine-tuning, a longer run)."""
+        saved, current = meta.get("fingerprint"), self.fingerprint()
+        if self.checkpointer.root.resolve() not in path.resolve().parents and saved is not None:
+            saved = {k: v for k, v in saved.items() if k.startswith("model.")}
+            current = {k: v for k, v in current.items() if k.startswith("model.")}
+        check_fingerprint(path, saved, current)
         written_by, world = meta.get("strategy"), meta.get("world_size")
         deepspeed = "deepspeed" in (written_by, self.strategy.name)
         if deepspeed and written_by != self.strategy.name:
@@ -316,32 +338,11 @@ class Trainer:
             self.save_due = True
         return seconds
 
-    def _debug_save_sleep(self, step: int) -> None:
-        """debug.save_sleep_s: stall inside a save, before meta.json (to kill a run mid-write in tests)."""
-        delay = float(self.debug.get("save_sleep_s") or 0)
-        at = self.debug.get("save_sleep_step")
-        if delay > 0 and (at is None or int(at) == step):
-            log.info("debug: sleeping %.1f s inside the save of step %d", delay, step)
-            time.sleep(delay)
-
-    def _debug_signal(self) -> None:
-        """debug.signal_at_step / signal_rank / signal_name: a rank signals itself (tests of preemption)."""
-        at = self.debug.get("signal_at_step")
-        steps = [] if at is None else [int(x) for x in at] if not isinstance(at, (int, str)) else [int(at)]
-        # not at the step an attempt resumed from: it would stop again at once, for ever
-        if (self.step in steps and self.step > self.first_step
-                and self.env.rank == int(self.debug.get("signal_rank") or 0)):
-            import os
-            import signal as _signal
-
-            os.kill(os.getpid(), getattr(_signal, str(self.debug.get("signal_name") or "SIGUSR2")))
-
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t = self.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
-        injected_delay(self.env.rank, self.debug.get("delay_rank"), self.debug.get("delay_s", 0.0))
-        self._debug_signal()
+        self.faults.before_step(self.step, self.first_step)
         data_start = time.perf_counter()
         micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
         self.window.data_s += time.perf_counter() - data_start

@@ -11,8 +11,10 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gpt.distributed import timed_flags
+from gpt.faults import Faults
+from gpt.run_config import DebugConfig
 from gpt.stragglers import (FIGURES, StragglerConfig, StragglerDetector, StragglerMonitor, busy_time,
-                            figures_dict, figures_vector, injected_delay)
+                            figures_dict, figures_vector)
 
 
 def window(times, comm=None, hosts=None):
@@ -110,7 +112,7 @@ def _scenario(rank: int, delay_rank) -> list[dict]:
             start = time.perf_counter()
             for _ in range(5):
                 a = torch.tanh(a @ a)  # the rank's own work
-            injected_delay(rank, delay_rank, 0.05)
+            Faults(DebugConfig(delay_rank=delay_rank, delay_s=0.05), rank).before_step(1, 0)
             t0 = time.perf_counter()
             timed_flags([0.0])  # waiting for the others counts as communication, not as this rank's own time
             dist.all_reduce(grad)  # the "gradient" collective

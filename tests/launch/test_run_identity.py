@@ -75,3 +75,28 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     assert "took over the run folder's lock" in said and "is gone" in said, said[-3000:]
     assert attempts(run)[-1]["first_step"] >= 10 and attempts(run)[-1]["ended"] == "finished"
     assert not (run / "lock.json").exists()  # released at the end
+
+
+def test_resume_path_initialises_and_the_runs_own_checkpoints_win_afterwards(tmp_path, data_overrides):
+    source, run = tmp_path / "source", tmp_path / "run"
+    launch(*RUN, *data_overrides, run_dir=source)
+    init = f"resume={source / 'checkpoints' / 'step_00000010'}"
+    more = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=30", "train.decay_steps=40"]
+    stopped = launch(*more, init, "debug.signal_at_step=20", "debug.signal_name=SIGTERM", *data_overrides,
+                     run_dir=run, check=False)
+    assert stopped.returncode == 2, stopped.stderr[-2000:]  # saved at step 20 and stopped: no scheduler here
+    launch(*more, init, *data_overrides, run_dir=run)  # the same command: its own step 20, not step 10 again
+    assert [(a["first_step"], a["last_step"]) for a in attempts(run)] == [(10, 20), (20, 30)]
+    assert "this run continues from its own checkpoints" in (run / "logs" / "rank0.log").read_text()
+
+
+def test_every_rank_resumes_from_the_same_step(tmp_path, data_overrides):
+    """Rank 1 cannot read the newest checkpoint: every rank falls back to the one before, together."""
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    two = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=20", "strategy=ddp", "cluster.nodes=2"]
+    launch(*two, *data_overrides, run_dir=reference)
+    launch(*two, "debug.signal_at_step=12", *data_overrides, run_dir=run, check=False)
+    launch(*two, "debug.unreadable_rank=1", *data_overrides, run_dir=run)
+    assert [a["first_step"] for a in attempts(run)] == [0, 10]  # not 12 on rank 0 and 10 on rank 1
+    assert "rank 1 on" in (run / "logs" / "rank0.log").read_text()
+    assert losses(run) == losses(reference) and losses(run, rank=1) == losses(reference, rank=1)

@@ -1,0 +1,49 @@
+"""Fault injection (`debug.*`), for tests and demonstrations only: the README marks it so. Every injection lives
+here, behind hooks the trainer and the checkpointer call at fixed points; with the defaults each hook does
+nothing, so a normal run is never changed.
+
+    debug.delay_rank, delay_s           a rank sleeps every step (a straggler)
+    debug.save_sleep_s, save_sleep_step a save stalls before it is committed (to kill a run mid-write)
+    debug.signal_at_step, signal_rank,  a rank sends itself a signal before those steps (preemption)
+      signal_name
+    debug.unreadable_rank               that rank cannot read the newest checkpoint (resume must agree)
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import time
+
+from gpt.run_config import DebugConfig
+
+log = logging.getLogger(__name__)
+
+
+class Faults:
+    def __init__(self, cfg: DebugConfig, rank: int):
+        self.cfg, self.rank = cfg, rank
+
+    def before_step(self, step: int, first_step: int) -> float:
+        """At the top of every step; returns the seconds slept (a straggler's lag)."""
+        c = self.cfg
+        # not at the step an attempt resumed from: it would stop again at once, for ever
+        if step in c.signal_steps and step > first_step and self.rank == c.signal_rank:
+            os.kill(os.getpid(), getattr(signal, c.signal_name))
+        if c.delay_rank == self.rank and c.delay_s > 0:
+            time.sleep(c.delay_s)
+            return c.delay_s
+        return 0.0
+
+    def before_commit(self, step: int) -> None:
+        """Inside a save, after the shards and before meta.json."""
+        c = self.cfg
+        if c.save_sleep_s > 0 and c.save_sleep_step in (None, step):
+            log.info("debug: sleeping %.1f s inside the save of step %d", c.save_sleep_s, step)
+            time.sleep(c.save_sleep_s)
+
+    def unreadable(self, newest: bool) -> str | None:
+        """Why this rank cannot read a checkpoint, when a test says it cannot see the newest."""
+        if newest and self.cfg.unreadable_rank == self.rank:
+            return f"rank {self.rank} cannot read it (debug.unreadable_rank)"
+        return None
