@@ -10,7 +10,7 @@ ARGS ?=
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
 RUN_ARGS ?= -m nodes=1,2 strategy=ddp train.max_steps=1000
 
-.PHONY: setup data cluster cluster-down run test clean
+.PHONY: setup data cluster cluster-down run lint test clean
 
 setup: $(VENV)/.installed
 
@@ -39,7 +39,10 @@ cluster:
 cluster-down:
 	bash slurm/local_cluster.sh down
 
-test: setup data cluster
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup data lint cluster
 	$(BIN)/python -m pytest $(ARGS)
 
 clean:

@@ -82,7 +82,8 @@ def measure(cluster: str, nodes: int, data: list[str], env: dict[str, str]) -> d
 
 
 SLURM_SETTINGS = ("SchedulerParameters", "KillWait", "MinJobAge", "PrologEpilogTimeout", "BatchStartTimeout")
-REQUEUE_RUN = ["nodes=2", "cluster=slurm", "cluster.time_min=10", "model=tiny", "strategy=ddp", "train.max_steps=100000",
+REQUEUE_RUN = ["nodes=2", "cluster=slurm", "cluster.time_min=10", "model=tiny", "strategy=ddp",
+               "train.max_steps=100000",
                "train.log_interval=1", "train.eval_interval=0", "train.progress=false", "checkpoint.interval_steps=50",
                "hydra.launcher.progress=false", "hydra.launcher.poll_s=0.5"]
 
@@ -114,7 +115,7 @@ def measure_requeues(count: int, data: list[str], env: dict[str, str]) -> list[d
         try:
             wait_for_training(run_dir, 0, proc)
             job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
-            for restart in range(count):
+            for _ in range(count):
                 sent = time.time()
                 subprocess.run(["scancel", "--signal=USR2", str(job)], env=env, check=True)
                 wait_for_training(run_dir, sent, proc)
@@ -133,7 +134,7 @@ def print_requeues(samples: list[dict], env: dict[str, str]) -> None:
 
     config = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, text=True).stdout
     settings = [line.strip() for line in config.splitlines() if line.split("=")[0].strip() in SLURM_SETTINGS]
-    print(f"\nrequeued attempts of a 2-node tiny job (USR2 -> save -> scontrol requeue -> Slurm starts it again)")
+    print("\nrequeued attempts of a 2-node tiny job (USR2 -> save -> scontrol requeue -> Slurm starts it again)")
     keys = [k for k in (*PHASES, "to_first_step_s") if any(k in s for s in samples)]
     print("  ".join(f"{k[:-2]:>15}" for k in keys))
     for s in samples:

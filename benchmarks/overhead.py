@@ -67,7 +67,7 @@ def main() -> None:
     trainer.window = Window()
     for step in range(total):
         # Alternate who goes first, so neither always runs on a warmer cache.
-        pair = [("bare", lambda: bare_step(step)), ("ours", trainer.train_step)]
+        pair = [("bare", lambda step=step: bare_step(step)), ("ours", trainer.train_step)]
         for name, fn in pair if step % 2 else reversed(pair):
             (bare if name == "bare" else ours).append(timed(fn))
     bare, ours = bare[args.warmup:], ours[args.warmup:]
@@ -76,12 +76,14 @@ def main() -> None:
     results = {
         "model": trainer.model_cfg.name, "steps": args.steps, "tokens_per_step": tokens,
         "bare_median_ms": 1e3 * statistics.median(bare), "gptlaunch_median_ms": 1e3 * statistics.median(ours),
-        "bare_tokens_per_s": tokens / statistics.median(bare), "gptlaunch_tokens_per_s": tokens / statistics.median(ours),
+        "bare_tokens_per_s": tokens / statistics.median(bare),
+        "gptlaunch_tokens_per_s": tokens / statistics.median(ours),
         "throughput_kept": ratio,
     }
     path = save_results("overhead", results)
     print(f"model {results['model']}, {tokens} tokens/step, {args.steps} steps, {args.threads} thread(s)")
-    print(f"bare PyTorch loop : {results['bare_median_ms']:.2f} ms/step median, {results['bare_tokens_per_s']:,.0f} tokens/s")
+    print(f"bare PyTorch loop : {results['bare_median_ms']:.2f} ms/step median, "
+          f"{results['bare_tokens_per_s']:,.0f} tokens/s")
     print(f"gptlaunch trainer : {results['gptlaunch_median_ms']:.2f} ms/step median, "
           f"{results['gptlaunch_tokens_per_s']:,.0f} tokens/s")
     print(f"throughput kept   : {100 * ratio:.1f}% (target >= 97%)   [{path}]")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 import os
 import signal
-from typing import Any, Iterable
+from typing import Any
+from collections.abc import Iterable
 
 from gpt.errors import EXIT_INTERRUPTED, ConfigError
 
@@ -38,7 +39,7 @@ class PreemptionFlag:
     Ctrl-C (SIGINT) is always one of them: the first makes every rank save at the next step and stop (no
     requeue: the user asked to stop); a second one stops this process at once."""
 
-    _installed: "PreemptionFlag | None" = None
+    _installed: PreemptionFlag | None = None
 
     def __init__(self, signals: Iterable[Any] = DEFAULT_SIGNALS):
         self.signals = self._with_ctrl_c(parse_signals(signals))
@@ -52,7 +53,7 @@ class PreemptionFlag:
         return signals if signal.SIGINT in signals else [*signals, signal.SIGINT]
 
     @classmethod
-    def installed(cls, signals: Iterable[Any] = DEFAULT_SIGNALS) -> "PreemptionFlag":
+    def installed(cls, signals: Iterable[Any] = DEFAULT_SIGNALS) -> PreemptionFlag:
         """The process's flag: the one the worker installed early, re-pointed at `signals` (the config's)."""
         flag = cls._installed
         if flag is None:

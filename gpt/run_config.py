@@ -6,7 +6,8 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
+from collections.abc import Mapping
 
 from gpt.errors import ConfigError
 
@@ -68,7 +69,7 @@ class CheckpointConfig:
     async_save: bool = False
 
     @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any]) -> "CheckpointConfig":
+    def from_cfg(cls, cfg: Mapping[str, Any]) -> CheckpointConfig:
         """From the whole config: its `checkpoint` section."""
         c = plain(cfg.get("checkpoint")) or {}
         _known("checkpoint", c, ("interval_steps", "interval_minutes", "keep", "async"))
@@ -88,7 +89,7 @@ class PreemptionConfig:
     max_restarts: int = 10
 
     @classmethod
-    def from_cfg(cls, c: Mapping[str, Any]) -> "PreemptionConfig":
+    def from_cfg(cls, c: Mapping[str, Any]) -> PreemptionConfig:
         c = plain(c) or {}
         _known("preemption", c, ("enabled", "signals", "max_restarts"))
         return cls(_flag("preemption.enabled", c.get("enabled", True)),
@@ -101,7 +102,7 @@ class RendezvousConfig:
     timeout_s: float | None = 180.0
 
     @classmethod
-    def from_cfg(cls, c: Mapping[str, Any]) -> "RendezvousConfig":
+    def from_cfg(cls, c: Mapping[str, Any]) -> RendezvousConfig:
         c = plain(c) or {}
         _known("rendezvous", c, ("timeout_s",))
         return cls(_number("rendezvous.timeout_s", c.get("timeout_s", 180), "a positive number of seconds, or null",
@@ -127,7 +128,7 @@ class DebugConfig:
         return [] if at is None else [at] if isinstance(at, int) else list(at)
 
     @classmethod
-    def from_cfg(cls, c: Mapping[str, Any]) -> "DebugConfig":
+    def from_cfg(cls, c: Mapping[str, Any]) -> DebugConfig:
         c = plain(c) or {}
         _known("debug", c, tuple(cls.__dataclass_fields__))
         return cls(

@@ -49,12 +49,13 @@ class Budget:
     applies_to: str = "worst"
 
     @classmethod
-    def from_cfg(cls, cfg) -> "Budget":
+    def from_cfg(cls, cfg) -> Budget:
         """The `budget:` block, checked (unknown keys and bad values are refused)."""
         cfg = dict(cfg or {})
         unknown = sorted(set(cfg) - {"max_node_hours", "applies_to"})
         if unknown:
-            raise ConfigError(f"budget.{unknown[0]}", cfg[unknown[0]], "one of budget.max_node_hours, budget.applies_to")
+            raise ConfigError(f"budget.{unknown[0]}", cfg[unknown[0]],
+                              "one of budget.max_node_hours, budget.applies_to")
         return cls(check_limit(cfg.get("max_node_hours", 100.0)), check_applies_to(cfg.get("applies_to", "worst")))
 
 
@@ -76,7 +77,8 @@ def table(costs: list[PointCost], limit: float | None, applies_to: str = "worst"
     """The cost of every point and of the whole sweep, as the launcher prints it before submitting: expected
     (each job runs once, to its time limit) and worst (each of its restarts does too)."""
     width = max([len("sweep point"), *(len(c.label) for c in costs)])
-    lines = [f"{'sweep point':<{width}}  nodes  GPUs/node  time limit  restarts  node-hours  worst case  GPU-hours (worst)"]
+    lines = [f"{'sweep point':<{width}}  nodes  GPUs/node  time limit  restarts  node-hours  worst case  "
+             "GPU-hours (worst)"]
     for c in costs:
         r = c.resources
         lines.append(f"{c.label:<{width}}  {r.nodes:>5}  {r.gpus_per_node:>9}  {r.time_min:>6} min  {c.restarts:>8}  "

@@ -12,7 +12,8 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrides, run_job, setup_globals
 from omegaconf import OmegaConf, open_dict
@@ -77,7 +78,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             sys.exit(EXIT_USER)
 
     # 3. points that run here, one after another
-    for n, (idx, overrides, sweep_config, _) in enumerate(points):
+    for n, (idx, _, sweep_config, _) in enumerate(points):
         if not prepared[n].backend.submits:
             log.info("#%d : %s", idx, prepared[n].label)
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,

@@ -4,7 +4,7 @@ points share are left out, so names stay short."""
 from __future__ import annotations
 
 import re
-from typing import Sequence
+from collections.abc import Sequence
 
 UNSAFE = re.compile(r"[^\w.,=+\-]")
 

@@ -94,9 +94,9 @@ def check_run_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment) -> Exi
                         f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
                         f"the folder")
     if record is not None:
-        diffs = [f"{k}: the run has {record['identity'].get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
-                 for k in sorted(set(current) | set(record["identity"]))
-                 if record["identity"].get(k) != current.get(k)]
+        saved = record["identity"]
+        diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
+                 for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
         if diffs and step is not None:
             raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
                             "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from collections.abc import Mapping
 
 THREADS = "OMP_NUM_THREADS"
 SOURCE = "GPTLAUNCH_THREADS_SOURCE"
@@ -38,7 +38,7 @@ class ThreadPlan:
 
     @classmethod
     def decide(cls, ranks_on_host: int, cpus_per_task: int | None = None,
-               environ: Mapping[str, str] | None = None, cpus: int | None = None) -> "ThreadPlan":
+               environ: Mapping[str, str] | None = None, cpus: int | None = None) -> ThreadPlan:
         env = os.environ if environ is None else environ
         user = _positive(env.get(THREADS))
         if user is not None:
@@ -54,11 +54,12 @@ class ThreadPlan:
         return {THREADS: str(self.threads), SOURCE: self.source, RANKS_ON_HOST: str(self.ranks_on_host)}
 
     @classmethod
-    def from_env(cls, environ: Mapping[str, str] | None = None) -> "ThreadPlan":
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ThreadPlan:
         """Inside a rank: the plan its launcher handed over (or, started some other way, one made here)."""
         env = os.environ if environ is None else environ
         slurm_tasks = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "").split("(")[0]
-        ranks = _positive(env.get(RANKS_ON_HOST)) or _positive(slurm_tasks) or _positive(env.get("LOCAL_WORLD_SIZE")) or 1
+        ranks = (_positive(env.get(RANKS_ON_HOST)) or _positive(slurm_tasks) or _positive(env.get("LOCAL_WORLD_SIZE"))
+                 or 1)
         if SOURCE in env and _positive(env.get(THREADS)):
             return cls(int(env[THREADS]), env[SOURCE], ranks)
         return cls.decide(ranks, _positive(env.get("SLURM_CPUS_PER_TASK")), env)

@@ -9,7 +9,8 @@ Hydra imports every plugin module on every start; the work is in launch.hydra_la
 """
 
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence
+from typing import Any
+from collections.abc import Sequence
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
@@ -30,9 +31,9 @@ class GptlaunchLauncher(Launcher):
     def __init__(self, poll_s: float = 1.0, progress: bool = True) -> None:
         self.poll_s = poll_s
         self.progress = progress
-        self.config: Optional[Any] = None
-        self.hydra_context: Optional[Any] = None
-        self.task_function: Optional[Any] = None
+        self.config: Any | None = None
+        self.hydra_context: Any | None = None
+        self.task_function: Any | None = None
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         self.config = config

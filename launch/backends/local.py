@@ -45,9 +45,11 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
 def _failure(run_dir: Path, rank: int, code: int) -> str:
     again = continue_command()
     if code == EXIT_PREEMPTED:
-        return f"stopped after a signal; every rank saved a checkpoint in {run_dir / 'checkpoints'}. Continue with:\n  {again}"
+        return (f"stopped after a signal; every rank saved a checkpoint in {run_dir / 'checkpoints'}. "
+                f"Continue with:\n  {again}")
     if code == EXIT_INTERRUPTED:
-        return f"stopped at once (Ctrl-C twice); the newest checkpoint in {run_dir / 'checkpoints'} is kept. Continue with:\n  {again}"
+        return (f"stopped at once (Ctrl-C twice); the newest checkpoint in {run_dir / 'checkpoints'} is kept. "
+                f"Continue with:\n  {again}")
     hint = "a configuration error (see above)" if code == EXIT_USER else f"exit code {code}"
     return f"rank {rank} failed with {hint}; its log: {run_dir / 'logs' / f'rank{rank}.log'}"
 

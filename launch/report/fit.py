@@ -1,9 +1,9 @@
 """The performance model of a scaling report: its fit to the points, its error on each, and its predictions.
 
-A point the model (fitted to every point) misses by more than `TOLERANCE` is flagged with the likely cause, read from the point's own
-files: oversubscribed cores, a shared host (whose collectives run over loopback between ranks that share cores,
-which the model's network term does not describe), a noisy measurement, or compute that does not scale with the
-per-rank batch.
+A point the model (fitted to every point) misses by more than `TOLERANCE` is flagged with the likely cause, read
+from the point's own files: oversubscribed cores, a shared host (whose collectives run over loopback between ranks
+that share cores, which the model's network term does not describe), a noisy measurement, or compute that does not
+scale with the per-rank batch.
 """
 from __future__ import annotations
 

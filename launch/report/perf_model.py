@@ -16,9 +16,9 @@ C(n)  the nominal communication time of the strategy's collectives on the config
       `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU) otherwise.
 c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or
       minus k C(n) where none was measured), by least squares on the log of busy time per sequence, so that every
-      point counts alike. k is fitted only from points whose ranks sit on separate machines or within one real node: from
-      their measured communication time when recorded, else by least squares with c. It says how the measured
-      communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind compute (DDP
+      point counts alike. k is fitted only from points whose ranks sit on separate machines or within one real
+      node: from their measured communication time when recorded, else by least squares with c. It says how the
+      measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind compute (DDP
       overlaps its all-reduce with the backward), > 1 = slower than the configured network. Points whose "nodes"
       share one machine (cluster=local, or a test cluster of namespaces) measure loopback sockets and contention
       for the same cores, not a network: they are left out of the fit of k, and of c too where other points

@@ -58,7 +58,8 @@ def scaling_charts(rep: Report) -> dict[str, list[Any]]:
         charts["stragglers and communication fraction"] = [
             "Multiline", [r"^scaling/stragglers$", r"^scaling/comm_fraction$"]]
     else:
-        charts["stragglers (communication fraction n/a: comm_s not recorded)"] = ["Multiline", [r"^scaling/stragglers$"]]
+        title = "stragglers (communication fraction n/a: comm_s not recorded)"
+        charts[title] = ["Multiline", [r"^scaling/stragglers$"]]
     return charts
 
 

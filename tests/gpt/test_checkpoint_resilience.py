@@ -67,7 +67,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tra
     assert t.step == 8
     assert f"shard {shard} has 100 bytes" in caplog.text and "falling back" in caplog.text
     # an explicit resume=PATH does not fall back: it names the file
-    with pytest.raises(UserError, match=f"cannot resume from {newest}: shard {shard}"):
+    with pytest.raises(UserError, match=f"cannot resume from {newest}: rank 0 on [^:]+: shard {shard}"):
         trainer(tmp_path / "explicit", f"resume={newest}")
     # a missing shard too
     (run_dir / "checkpoints" / "step_00000008" / shard.name).unlink()

@@ -8,7 +8,6 @@ import ast
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 import torch
 
 from gpt import distributed

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import launch, losses, read_metrics
+from helpers import launch, read_metrics
 
 STEPS = 20
 COMMON = ["model=tiny", "model.n_layer=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",

@@ -1,7 +1,7 @@
 """A rank inside a Slurm job: the job id, the restart count, and `scontrol requeue`."""
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from launch.backends.slurm import commands
 from launch.backends.slurm.commands import SlurmUnavailable

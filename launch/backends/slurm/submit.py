@@ -13,7 +13,8 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 from gpt.errors import UserError
 from launch.backends.slurm import commands as slurm_commands
@@ -149,7 +150,7 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
                             if info and info.get(k) not in (None, "None"))
             tail = _tail(s.paths(0).stderr)
             outcome.errors.append(f"the job ended before {_tasks(missing, s.num_tasks)} reported"
-                                  f"{' (' + why + ')' if why else ''}" + (f"; its error output ends:\n    "
+                                  f"{' (' + why + ')' if why else ''}" + ("; its error output ends:\n    "
                                   + "\n    ".join(tail) if tail else ""))
         if outcome.state == "COMPLETED":
             outcome.state = "FAILED"
