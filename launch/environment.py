@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
 
 from gpt.distributed import DistEnv
 from gpt.errors import UserError
+from launch.backends.slurm import commands
 
 # Ports for a Slurm job are derived from its id, so every task computes the same one without talking.
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 20000
@@ -19,9 +19,12 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     """This rank's place. Reading the real environment (`environ` None) under Slurm also exports what libraries
     expect from torchrun (see export_for_libraries)."""
     env = os.environ if environ is None else environ
-    if "RANK" in env and "WORLD_SIZE" in env:
+    slurm_step = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
+    # In a Slurm step, torchrun-style variables count only when a torchrun-style agent set them (a local run
+    # inside an allocation); inherited from the submitting shell, Slurm's own win.
+    if "RANK" in env and "WORLD_SIZE" in env and (not slurm_step or "TORCHELASTIC_RUN_ID" in env):
         return _from_torchrun(env)
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env:
+    if slurm_step:
         found = _from_slurm(env)
         if environ is None:
             export_for_libraries(found, os.environ)
@@ -91,9 +94,8 @@ def first_host(nodelist: str) -> str:
     """The job's first host, expanded by Slurm itself. Never a localhost fallback: on a multi-node job that
     would make every node wait for a world of its own."""
     try:
-        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True,
-                             check=True, timeout=30).stdout.split()
-    except (OSError, subprocess.SubprocessError) as e:
+        out = commands.hostnames(nodelist)
+    except commands.SlurmUnavailable as e:
         raise UserError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': {e}. "
                         "Make scontrol available inside the job, or set MASTER_ADDR yourself.") from e
     if not out:

@@ -61,8 +61,12 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     _stop_on_bad_points(points)
 
     prepared: list[Prepared] = [ret.return_value for *_, ret in points]
-    jobs = [(n, p) for n, p in enumerate(prepared) if p.backend.submits]
     returns: list[JobReturn | None] = [None] * len(points)
+    for n, p in enumerate(prepared):  # a run again: the points that finished before say so, and run no more
+        if p.finished and p.backend.submits:
+            print(f"{p.label} finished at step {p.existing.step}; nothing to do", flush=True)
+            points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
+    jobs = [(n, p) for n, p in enumerate(prepared) if p.backend.submits and not p.finished]
 
     # 2. budget and submission of every point that is a job, before anything else runs
     submitted = []
@@ -93,7 +97,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     from launch.report import write_report
 
     report = write_report(sweep_dir)
-    print(f"scaling report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
+    print(f"report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
     return [r for r in returns if r is not None]
 
 

@@ -48,6 +48,12 @@ if [ -n "${SLURM_GPUS_ON_NODE:-}" ] && [ "${SLURM_GPUS_ON_NODE}" != 0 ] && [ -n 
   die "${SLURM_GPUS_ON_NODE} GPU(s) per node but --ntasks-per-node=${SLURM_NTASKS_PER_NODE}: one task per GPU needs --ntasks-per-node=${SLURM_GPUS_ON_NODE}"
 fi
 echo "multi_node.sh: job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}) on ${SLURM_JOB_NUM_NODES} node(s): ${SLURM_JOB_NODELIST}; in $(pwd)"
+# torchrun-style variables here came from the shell that ran sbatch: Slurm's own place the ranks.
+inherited=$(for v in RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT; do [ -n "${!v+x}" ] && echo -n "$v "; done)
+if [ -n "$inherited" ]; then
+  echo "multi_node.sh: warning: ignoring ${inherited}inherited from the submitting shell; Slurm's variables place the ranks" >&2
+  unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE MASTER_ADDR MASTER_PORT
+fi
 
 # --- plan here, run everywhere ----------------------------------------------------------------------------
 # In the background, so that this shell can pass Slurm's warning (USR2) and stop (TERM) signals on: bash runs

@@ -37,7 +37,7 @@ def sweep(tmp_path_factory, data_overrides):
     """A real `-m nodes=1,2` sweep on this machine; the launcher writes the report when it ends."""
     root = tmp_path_factory.mktemp("sweep")
     proc = launch("nodes=1,2", *TINY, *data_overrides, run_dir=root, multirun=True)
-    assert f"scaling report: {root / 'report'}" in proc.stdout
+    assert f"report: {root / 'report'}" in proc.stdout
     return root
 
 

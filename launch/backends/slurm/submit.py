@@ -24,6 +24,7 @@ from launch.backends import Point
 from launch.backends.slurm.resources import make_executor
 from launch.backends.slurm.task import RankTask
 
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
 
 
@@ -101,7 +102,8 @@ def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]
                 paths = s.paths(0)
                 (p.run_dir / "slurm_job.json").write_text(json.dumps(
                     {"job_id": s.job_id, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-                     "submission": str(paths.submission_file), "resources": resources.describe()}, indent=1))
+                     "submission": str(paths.submission_file), "resources": resources.describe(),
+                     "inherited": inherited_rank_variables()}, indent=1))
                 print(f"submitted job {s.job_id} for {p.label}: {resources.describe()}; log: {_show(paths.stdout)}",
                       file=out, flush=True)
     except KeyboardInterrupt:
@@ -113,6 +115,12 @@ def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]
         done = f"; cancelled the {len(submitted)} job(s) already submitted" if submitted else ""
         raise UserError(f"Slurm refused a job of this sweep: {_first_line(e)}{done}") from None
     return submitted
+
+
+def inherited_rank_variables() -> dict[str, str]:
+    """torchrun-style variables of this (submitting) shell: sbatch passes them into the job, where Slurm's own
+    must decide instead (launch.backends.slurm.task drops them)."""
+    return {k: os.environ[k] for k in RANK_VARIABLES if k in os.environ}
 
 
 def job_states(job_ids: list[str]) -> dict[str, JobInfo]:

@@ -36,7 +36,7 @@ class RankTask:
     def __call__(self) -> dict:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         host = socket.gethostname()
-        env = {**os.environ, **ThreadPlan.from_env().env()}  # decided here, per job: -c, or CPUs / tasks
+        env = {**without_inherited(dict(os.environ), Path(self.run_dir)), **ThreadPlan.from_env().env()}
         child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env)
         # Preemption is the rank's business: on USR2 (Slurm's time-limit warning, `scancel --signal=USR2`) or
         # TERM (preemption, `scontrol requeue`) every rank sets a flag, all of them save at the same step, and
@@ -62,6 +62,20 @@ class RankTask:
         if rank == 0 and summary.exists():
             result["summary"] = json.loads(summary.read_text())
         return result
+
+
+def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
+    """The task's environment less the torchrun-style variables the submitting shell passed in (recorded at
+    submission, in slurm_job.json): Slurm's own variables place the rank. Ones the job set itself stay."""
+    try:
+        inherited = json.loads((run_dir / "slurm_job.json").read_text()).get("inherited", {})
+    except (OSError, ValueError):
+        return env
+    dropped = sorted(k for k, v in inherited.items() if env.get(k) == v)
+    if dropped:
+        print(f"warning: ignoring {', '.join(dropped)} inherited from the shell that submitted the job: Slurm's own "
+              "variables place the ranks", file=sys.stderr, flush=True)
+    return {k: v for k, v in env.items() if k not in dropped}
 
 
 def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:

@@ -1,0 +1,119 @@
+"""A run is one thing from its first submission to its last step: after a stop that Slurm does not undo (the
+restart limit, scancel), the same command continues it; a sweep run again finishes only what did not finish."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO
+from slurm_helpers import SLURM, TINY, launch_cmd, losses, output, run_launch
+
+pytestmark = pytest.mark.slurm
+STEPS = 60
+RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
+    f"train.max_steps={STEPS}", "checkpoint.interval_steps=5", "debug.delay_rank=0", "debug.delay_s=0.1"]
+# what a user's shell may hold from an earlier torchrun: sbatch passes it into the job, where it must not count
+STALE = {"RANK": "5", "WORLD_SIZE": "9", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT": "1"}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_overrides) -> Path:
+    run_dir = tmp_path_factory.mktemp("reference") / "run"
+    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *RUN, *data_overrides, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, output(proc)
+    return run_dir
+
+
+def attempts(run_dir: Path) -> list[dict]:
+    return [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+
+
+def trained(run_dir: Path, steps: int, timeout: float = 150) -> None:
+    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.exists() and metrics.read_text().count("\n") >= steps:
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"{run_dir} did not train {steps} steps in {timeout} s")
+
+
+def same_run(run_dir: Path, reference: Path) -> None:
+    from gpt.checkpoint import load_model
+
+    assert losses(run_dir) == losses(reference)  # every step once, bitwise
+    a, b = load_model(run_dir)[0].state_dict(), load_model(reference)[0].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def sbatch(cluster, log: Path, overrides: list[str]) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", "--nodes=2", "--time=10", f"--output={log}",
+                           str(REPO / "slurm" / "multi_node.sh"), *overrides], cwd=REPO,
+                          env={**cluster.env, **STALE}, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+@pytest.mark.timeout(420)
+def test_sbatch_stopped_at_its_restart_limit_is_continued_by_the_same_command(slurm_cluster, tmp_path,
+                                                                              data_overrides, reference):
+    run_dir = tmp_path / "run"
+    command = [*RUN, *data_overrides, "preemption.max_restarts=0", f"hydra.run.dir={run_dir}"]
+    first = sbatch(slurm_cluster, tmp_path / "first.out", command)
+    trained(run_dir, 10)
+    slurm_cluster.run("scancel", "--signal=USR2", first)
+    slurm_cluster.wait_state(first, timeout=120)  # not requeued: the limit is 0
+    assert attempts(run_dir)[-1]["requeued"] is False
+    second = sbatch(slurm_cluster, tmp_path / "second.out", command)  # the same command, resubmitted
+    assert slurm_cluster.wait_state(second, timeout=240) == "COMPLETED", (tmp_path / "second.out").read_text()
+    log = attempts(run_dir)
+    assert [(a["job_id"], a["ended"]) for a in log] == [(first, "preempted:SIGUSR2"), (second, "finished")]
+    assert log[1]["first_step"] == log[0]["last_step"] > 0
+    same_run(run_dir, reference)
+    text = (tmp_path / "first.out").read_text()
+    assert "ignoring RANK WORLD_SIZE MASTER_ADDR MASTER_PORT inherited from the submitting shell" in text
+
+
+@pytest.mark.timeout(420)
+def test_cluster_slurm_cancelled_then_the_same_command_continues(slurm_cluster, tmp_path, data_overrides, reference):
+    run_dir = tmp_path / "run"
+    command = launch_cmd("nodes=2", *SLURM, *RUN, *data_overrides, f"hydra.run.dir={run_dir}")
+    env = {**slurm_cluster.env, **STALE}
+    with (tmp_path / "first.out").open("w") as out:
+        first = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT)
+        trained(run_dir, 10)
+        job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+        slurm_cluster.run("scancel", job)
+        assert first.wait(timeout=120) == 1  # the job was cancelled: the launcher says it failed
+    again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, output(again)
+    assert f"continuing {run_dir} from step" in again.stdout + again.stderr
+    assert attempts(run_dir)[-1]["ended"] == "finished" and attempts(run_dir)[-1]["first_step"] > 0
+    same_run(run_dir, reference)
+    job_log = Path(json.loads((run_dir / "slurm_job.json").read_text())["stderr"]).read_text()
+    assert "ignoring MASTER_ADDR, MASTER_PORT, RANK, WORLD_SIZE inherited" in job_log
+
+
+@pytest.mark.timeout(420)
+def test_a_sweep_run_again_finishes_only_what_did_not_finish(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    command = launch_cmd("-m", "nodes=1,2", *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
+    with (tmp_path / "first.out").open("w") as out:
+        first = subprocess.Popen(command, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        trained(sweep / "nodes=2", 10)
+        job = json.loads((sweep / "nodes=2" / "slurm_job.json").read_text())["job_id"]
+        slurm_cluster.run("scancel", job)
+        first.wait(timeout=240)
+    assert attempts(sweep / "nodes=1")[-1]["ended"] == "finished"
+    again = subprocess.run(command, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, output(again)
+    said = again.stdout + again.stderr
+    assert said.count("submitted job") == 1 and "for nodes=2" in said and "nodes=1 finished at step 60" in said
+    assert attempts(sweep / "nodes=2")[-1]["ended"] == "finished"
+    scaling = (sweep / "report" / "scaling.csv").read_text()
+    assert len(scaling.strip().splitlines()) == 3  # a header and both points
