@@ -61,10 +61,16 @@ def signal_names(key: str, names: Any) -> list[str]:
     return out
 
 
+def _minutes(value: Any) -> float | str | None:
+    if value == "auto":
+        return value
+    return _number("checkpoint.interval_minutes", value, "a positive number of minutes, auto, or null", minimum=1e-9)
+
+
 @dataclass(frozen=True)
 class CheckpointConfig:
     interval_steps: int = 500
-    interval_minutes: float | None = None
+    interval_minutes: float | str | None = None  # or "auto": Young/Daly (gpt.goodput)
     keep: int = 3
     async_save: bool = False
 
@@ -76,8 +82,7 @@ class CheckpointConfig:
         return cls(
             _int("checkpoint.interval_steps", c.get("interval_steps", 500), 0,
                  "0 (only at the end) or a positive number of steps"),
-            _number("checkpoint.interval_minutes", c.get("interval_minutes"), "a positive number of minutes, or null",
-                    minimum=1e-9),
+            _minutes(c.get("interval_minutes")),
             _int("checkpoint.keep", c.get("keep", 3), 1, "a positive number of checkpoints to keep"),
             _flag("checkpoint.async", c.get("async", False)))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import logging
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.faults import Faults
+from gpt.goodput import PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, young_daly_minutes
 from gpt.run_config import CheckpointConfig, DebugConfig
 from gpt.runinfo import cpu_affinity, cpu_list
 from gpt.stragglers import StragglerConfig, StragglerMonitor
@@ -118,6 +120,8 @@ class Trainer:
         self.stop_signal: str | None = None  # set on every rank once any rank got a preemption signal
         self.save_due = False  # checkpoint.interval_minutes elapsed (rank 0's clock, agreed in the step's all_reduce)
         self.last_save_time = time.monotonic()
+        self.spent = Spent()  # where this attempt's time goes (goodput)
+        self.interval_minutes = self.checkpoint_interval()
         clock = time.perf_counter()
         self.resumed_from = self.resume()
         self.startup["checkpoint_load_s"] = time.perf_counter() - clock
@@ -324,8 +328,8 @@ class Trainer:
     def sync(self) -> float:
         """The step's one small all_reduce: the straggler wait, the OR of the preemption flags, whether every
         rank's background checkpoint write is done, and rank 0's verdict on checkpoint.interval_minutes."""
-        minutes_due = (self.env.is_main and self.ckpt.interval_minutes is not None
-                       and time.monotonic() - self.last_save_time >= 60 * self.ckpt.interval_minutes)
+        minutes_due = (self.env.is_main and self.interval_minutes is not None
+                       and time.monotonic() - self.last_save_time >= 60 * self.interval_minutes)
         values = [1.0 if self.flag is not None and self.flag.raised else 0.0,
                   0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0]
         seconds, (signalled, writing, due) = timed_flags(values)  # host values over gloo: no GPU sync
@@ -369,15 +373,18 @@ class Trainer:
         if self.env.is_main:
             log.info("\n%s", self.banner())
             self.metrics.text("banner", "    " + self.banner().replace("\n", "\n    "))
-        bar = tqdm(total=t.max_steps, initial=self.step, disable=not (self.env.is_main and t.progress),
-                   dynamic_ncols=True, desc="train")
+        # a bar on a terminal; in a log file (sbatch, nohup) one line per log interval instead
+        live = self.env.is_main and t.progress and sys.stderr.isatty()
+        bar = tqdm(total=t.max_steps, initial=self.step, disable=not live, dynamic_ncols=True, desc="train")
         summary: dict[str, Any] = {}
         self.window = Window()
         if self.eval_pending and t.eval_interval:  # a signal interrupted it before the checkpoint: do it again
             self.run_eval(summary, bar)
         started = time.perf_counter()
         while self.step < t.max_steps and self.stop_signal is None:
-            values = self.train_step()
+            with self.spent.timed("train_s"):
+                values = self.train_step()
+            self.spent.steps += self.stop_signal is None
             if "first_step_s" not in self.startup:
                 self.startup.update(first_step_s=time.perf_counter() - started, first_step_at=time.time())
             if self.stop_signal is not None:
@@ -386,6 +393,9 @@ class Trainer:
             if values:
                 summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
                 bar.set_postfix(loss=f"{values['loss']:.4f}", tok_s=f"{values['tokens_per_s']:,.0f}")
+                if self.env.is_main and t.progress and not live:
+                    log.info("step %d/%d: loss %.4f, %s tokens/s", self.step, t.max_steps, values["loss"],
+                             f"{values['tokens_per_s']:,.0f}")
             if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
                 if not self.run_eval(summary, bar):
                     break
@@ -400,11 +410,13 @@ class Trainer:
             self.save(allow_async=False)
         self.checkpointer.close()
         summary["first_step"], summary["last_step"] = self.first_step, self.step
+        summary["spent"] = self.spent.as_dict()
         self.metrics.close()
         return summary
 
     def run_eval(self, summary: dict[str, Any], bar) -> bool:
-        loss = self.evaluate()
+        with self.spent.timed("eval_s"):
+            loss = self.evaluate()
         if loss is None:
             return False
         summary["val_loss"] = loss
@@ -413,9 +425,30 @@ class Trainer:
         self.window.start = time.perf_counter()  # evaluation time is not training time
         return True
 
+    def checkpoint_interval(self) -> float | None:
+        """checkpoint.interval_minutes, or for `auto` the interval that maximises expected goodput (Young/Daly),
+        from the save cost measured in this run (its earlier attempts before its first save) and the
+        interruptions its attempts log has seen (or a prior)."""
+        if self.ckpt.interval_minutes != "auto":
+            return self.ckpt.interval_minutes
+        earlier = read_attempts(self.run_dir)
+        saves = [(a["goodput"]["save_s"], a["goodput"].get("saves", 0)) for a in earlier if a.get("goodput")]
+        seconds, count = self.spent.save_s + sum(s for s, _ in saves), self.spent.saves + sum(n for _, n in saves)
+        cost, source = (seconds / count, "measured") if count else (PRIOR_SAVE_S, "a prior until the first save")
+        mtbi, why = interruption_rate(earlier)
+        minutes = young_daly_minutes(cost, mtbi)
+        if self.env.is_main:
+            log.info("checkpoint.interval_minutes=auto: every %.1f min (Young/Daly: a save costs %.2f s, %s; %s)",
+                     minutes, cost, source, why)
+        return minutes
+
     def save(self, allow_async: bool = True) -> Path:
-        path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
-                                      allow_async=allow_async)
+        with self.spent.timed("save_s"):
+            path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
+                                          allow_async=allow_async)
+        self.spent.saves += 1
+        if self.ckpt.interval_minutes == "auto" and self.spent.saves == 1:  # now the save's cost is measured here
+            self.interval_minutes = self.checkpoint_interval()
         self.saved_step = self.step
         self.save_due = False
         self.last_save_time = time.monotonic()

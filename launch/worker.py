@@ -22,7 +22,8 @@ from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
 from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
-from launch.attempts import log_attempt  # noqa: E402
+from gpt.goodput import read_attempts, run_goodput  # noqa: E402
+from launch.attempts import goodput_record, log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.parent import end_with_launcher  # noqa: E402
@@ -70,12 +71,14 @@ def run_rank(run_dir: Path) -> dict:
     startup = clock.breakdown(trainer.startup)
     if env.is_main:
         log.info("%s", StartupClock.describe(startup))
-    record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup}
+    record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup,
+              "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary)}
     if summary.get("preempted"):
         return {**summary, "requeued": stop_preempted(run_dir, env, job, cfg, summary, record)}
     leave()
     if env.is_main:  # what a launcher reports as the run's result
         log_attempt(run_dir, job, {**record, "ended": "finished"})
+        log.info("run finished: %s", run_goodput(read_attempts(run_dir)).describe())
         (run_dir / "summary.json").write_text(json.dumps(
             {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
     return summary

@@ -7,6 +7,7 @@ from typing import Any
 from launch.report.fit import TOLERANCE
 from launch.report.model import Report
 from launch.report.points import TB_RUN
+from gpt.goodput import read_attempts, run_goodput
 from launch.report.rows import BREAKDOWN, replay_stragglers
 
 MODE_TEXT = {
@@ -41,7 +42,7 @@ def markdown(rep: Report) -> str:
         parts.append(comparison(rep))
     if rep.scaling:
         parts += [scaling_table(rep), stragglers(rep), model_section(rep), prediction_tables(rep)]
-    parts.append(plots(rep))
+    parts += [goodput(rep), plots(rep)]
     return "\n".join(p for p in parts if p)
 
 
@@ -184,6 +185,29 @@ def _prediction_table(rows: list[dict[str, Any]]) -> str:
 PLOTS = (("throughput.png", "throughput vs nodes"), ("efficiency.png", "efficiency vs nodes"),
          ("step_time_per_rank.png", "per-rank step time per point"),
          ("prediction.png", "predicted step time vs nodes"))
+
+
+def goodput(rep: Report) -> str:
+    """Per point (and over the sweep): the share of the allocated time that trained steps it kept, and where
+    the rest went (from each run folder's attempts.jsonl)."""
+    runs = [(p.name, run_goodput(read_attempts(p.path))) for p in rep.points]
+    runs = [(name, g) for name, g in runs if g.attempts]
+    if not runs:
+        return ""
+    causes = list(runs[0][1].losses)
+    lines = ["## Goodput\n", "Training time of the steps each run kept, over the time its attempts were allocated "
+             "(attempts.jsonl); the rest, by cause.\n",
+             "| point | attempts | allocated | kept training | goodput | " + " | ".join(causes) + " |",
+             "|---|---|---|---|---|" + "---|" * len(causes)]
+    for name, g in runs:
+        lines.append(f"| {name} | {g.attempts} | {g.allocated_s:.1f} s | {g.kept_train_s:.1f} s | {pct(g.goodput)} | "
+                     + " | ".join(f"{g.losses[c]:.1f} s" for c in causes) + " |")
+    if len(runs) > 1:
+        allocated, kept = sum(g.allocated_s for _, g in runs), sum(g.kept_train_s for _, g in runs)
+        lines.append(f"| **sweep** | {sum(g.attempts for _, g in runs)} | {allocated:.1f} s | {kept:.1f} s | "
+                     f"{pct(kept / allocated if allocated else None)} | "
+                     + " | ".join(f"{sum(g.losses[c] for _, g in runs):.1f} s" for c in causes) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def plots(rep: Report) -> str:

@@ -111,9 +111,10 @@ class SlurmResources:
             raise ConfigError("cluster.signal_delay_s", res.signal_delay_s,
                               f"shorter than the time limit cluster.time_min={res.time_min} min")
         interval = OmegaConf.select(cfg, "checkpoint.interval_minutes", default=None)
-        if interval is not None:
+        if interval not in (None, "auto"):
             if not isinstance(interval, (int, float)) or interval <= 0:
-                raise ConfigError("checkpoint.interval_minutes", interval, "a positive number of minutes, or null")
+                raise ConfigError("checkpoint.interval_minutes", interval,
+                                  "a positive number of minutes, auto, or null")
             if res.time_min <= interval:
                 raise ConfigError("cluster.time_min", res.time_min,
                                   f"longer than checkpoint.interval_minutes={interval}: the job would reach its "

@@ -1,0 +1,117 @@
+"""Goodput: the share of a run's allocated time that trained steps it kept.
+
+Each attempt's line in RUN_DIR/attempts.jsonl carries a `goodput` record: its allocated wall time, and the
+seconds it spent starting up (to the first step), training, evaluating, saving (the loop's blocked time) and
+loading, and how many steps of the attempt before it were trained again (lost: trained after that attempt's last
+checkpoint). The run's goodput is the training time of the steps it kept over the allocated time of every
+attempt. Torch-free: the report reads it offline.
+
+checkpoint.interval_minutes=auto chooses the interval that maximises expected goodput (Young/Daly):
+sqrt(2 x the cost of one save x the mean time between interruptions).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRIOR_MTBI_H = 24.0  # the prior mean time between interruptions, until the run has seen some
+PRIOR_SAVE_S = 30.0  # the prior cost of a save, until the run has measured one
+
+
+@dataclass
+class Spent:
+    """Seconds of an attempt spent in each phase of the training loop."""
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    save_s: float = 0.0
+    saves: int = 0
+    steps: int = 0
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
+    try:
+        lines = (run_dir / "attempts.jsonl").read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
+@dataclass
+class RunGoodput:
+    attempts: int
+    allocated_s: float
+    kept_train_s: float
+    losses: dict[str, float] = field(default_factory=dict)  # seconds by cause
+
+    @property
+    def goodput(self) -> float | None:
+        return self.kept_train_s / self.allocated_s if self.allocated_s > 0 else None
+
+    def describe(self) -> str:
+        if self.goodput is None:
+            return "goodput n/a (no attempt recorded its time)"
+        lost = ", ".join(f"{k} {v:.1f} s" for k, v in self.losses.items() if v >= 0.05)
+        text = (f"goodput {100 * self.goodput:.1f}%: {self.kept_train_s:.1f} s of training kept of "
+                f"{self.allocated_s:.1f} s allocated over {self.attempts} attempt(s)")
+        return text + (f"; lost to {lost}" if lost else "")
+
+
+def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
+    """The run's goodput from its attempts' records (attempts without one are left out)."""
+    records = [a.get("goodput") for a in attempts]
+    kept = [g for g in records if g]
+    losses = {"start-up": 0.0, "evaluation": 0.0, "saving": 0.0, "steps trained again": 0.0, "other": 0.0}
+    allocated = train = 0.0
+    for i, g in enumerate(records):
+        if not g:
+            continue
+        after = records[i + 1] if i + 1 < len(records) else None
+        lost_steps = (after or {}).get("steps_replayed", 0)
+        per_step = g["train_s"] / g["steps"] if g.get("steps") else 0.0
+        lost = min(lost_steps * per_step, g["train_s"])
+        allocated += g["allocated_s"]
+        train += g["train_s"] - lost
+        losses["start-up"] += g.get("startup_s", 0.0)
+        losses["evaluation"] += g.get("eval_s", 0.0)
+        losses["saving"] += g.get("save_s", 0.0)
+        losses["steps trained again"] += lost
+    losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
+    return RunGoodput(len(kept), allocated, train, losses)
+
+
+def young_daly_minutes(save_s: float, mtbi_s: float) -> float:
+    """The checkpoint interval that maximises expected goodput, in minutes (at least a minute)."""
+    return max(math.sqrt(2 * max(save_s, 0.01) * mtbi_s) / 60, 1.0)
+
+
+def interruption_rate(attempts: list[dict[str, Any]]) -> tuple[float, str]:
+    """Mean seconds between interruptions seen in the attempts log, or the prior; and where it came from."""
+    ended = [a for a in attempts if a.get("goodput")]
+    stops = sum(1 for a in ended if a.get("ended") != "finished")
+    allocated = sum(a["goodput"]["allocated_s"] for a in ended)
+    if stops:
+        return allocated / stops, f"{stops} interruption(s) in {allocated / 3600:.2f} h of this run's attempts"
+    return PRIOR_MTBI_H * 3600, f"no interruption seen yet: a prior of one per {PRIOR_MTBI_H:g} h"

@@ -1,0 +1,53 @@
+"""Goodput: the share of a run's allocated time that trained steps it kept, from its attempts log."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt.goodput import run_goodput, young_daly_minutes, interruption_rate
+from helpers import launch
+
+RUN = ["model=tiny", "train.max_steps=40", "train.log_interval=5", "train.eval_interval=0",
+       "checkpoint.interval_steps=10"]
+
+
+def test_goodput_counts_replayed_steps_as_lost():
+    attempts = [
+        {"ended": "preempted:SIGUSR2", "last_step": 25,
+         "goodput": {"allocated_s": 100.0, "startup_s": 10.0, "train_s": 50.0, "eval_s": 5.0, "save_s": 5.0,
+                     "steps": 25, "saves": 2}},
+        {"ended": "finished", "last_step": 40,
+         "goodput": {"allocated_s": 60.0, "startup_s": 10.0, "train_s": 40.0, "eval_s": 0.0, "save_s": 2.0,
+                     "steps": 20, "saves": 2, "steps_replayed": 5}},
+    ]
+    g = run_goodput(attempts)
+    assert g.attempts == 2 and g.allocated_s == 160.0
+    assert g.kept_train_s == pytest.approx(50 - 5 * 2 + 40)  # 5 steps of 2 s each trained again
+    assert g.losses["steps trained again"] == pytest.approx(10.0) and g.losses["start-up"] == 20.0
+    assert g.goodput == pytest.approx(80 / 160) and "goodput 50.0%" in g.describe()
+
+
+def test_young_daly_interval_and_its_inputs():
+    assert young_daly_minutes(save_s=30, mtbi_s=6 * 3600) == pytest.approx((2 * 30 * 6 * 3600) ** 0.5 / 60)
+    rate, why = interruption_rate([{"ended": "preempted:SIGUSR2", "goodput": {"allocated_s": 3600}},
+                                   {"ended": "finished", "goodput": {"allocated_s": 3600}}])
+    assert rate == 7200 and "1 interruption(s)" in why
+    assert "prior" in interruption_rate([])[1]
+
+
+def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    launch(*RUN, "debug.signal_at_step=25", *data_overrides, run_dir=run, check=False)
+    done = launch(*RUN, "checkpoint.interval_minutes=auto", *data_overrides, run_dir=run)
+    said = done.stdout + done.stderr
+    assert "run finished: goodput" in said and "over 2 attempt(s)" in said
+    assert "checkpoint.interval_minutes=auto: every" in said and "1 interruption(s)" in said
+    records = [json.loads(x)["goodput"] for x in (run / "attempts.jsonl").read_text().splitlines()]
+    assert records[1]["steps_replayed"] == 0 and records[0]["steps"] == 25 and records[1]["steps"] == 15
+    total = sum(r["startup_s"] + r["train_s"] + r["eval_s"] + r["save_s"] for r in records)
+    assert total <= sum(r["allocated_s"] for r in records) + 0.5  # no second counted twice
+    from launch.report import write_report
+
+    text = (write_report(run) / "scaling.md").read_text()
+    assert "## Goodput" in text and f"| {run.name} | 2 | " in text
