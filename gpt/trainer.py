@@ -373,7 +373,7 @@ class Trainer:
         if self.env.is_main:
             log.info("\n%s", self.banner())
             self.metrics.text("banner", "    " + self.banner().replace("\n", "\n    "))
-        # a bar on a terminal; in a log file (sbatch, nohup) one line per log interval instead
+        # a bar on a terminal; in a log file (a batch job, nohup) one line per log interval instead
         live = self.env.is_main and t.progress and sys.stderr.isatty()
         bar = tqdm(total=t.max_steps, initial=self.step, disable=not live, dynamic_ncols=True, desc="train")
         summary: dict[str, Any] = {}
