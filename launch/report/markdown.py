@@ -93,20 +93,22 @@ def comparison(rep: Report) -> str:
 def scaling_table(rep: Report) -> str:
     out = ["## Measured\n",
            ("| point | nodes | ranks | strategy | global batch | batch/rank | tokens/s | tokens/s/rank | MFU | "
-           "step p50 (s) | step p90 (s) | comm | stragglers | efficiency | threads/rank | shared host |"),
-           "|" + "---|" * 16]
+           "step p50 (s) | step p90 (s) | comm | stragglers | efficiency | per core | threads/rank | shared host |"),
+           "|" + "---|" * 17]
     for r in rep.rows:
         strag = f"{r.stragglers} ({r.straggler_ranks})" if r.stragglers else "none"
         out.append(f"| {r.point} | {r.nodes} | {r.ranks} | {r.strategy} | {r.global_batch} | {r.batch_per_rank:g} | "
                    f"{r.tokens_per_s:,.0f} | {r.tokens_per_s_rank:,.0f} | {pct(r.mfu)} | {r.step_time_p50_s:.4g} | "
                    f"{r.step_time_p90_s:.4g} | {pct(r.comm_fraction)} | {strag} | {pct(r.efficiency)} | "
-                   f"{fmt(r.threads)} | {'yes' if r.shared_host else 'no'} |")
+                   f"{pct(r.efficiency_per_core)} | {fmt(r.threads)} | {'yes' if r.shared_host else 'no'} |")
     breakdown = "; ".join(f"`{r.point}` " + ", ".join(
         f"{k.removesuffix('_s').replace('_time', '')} {fmt(getattr(r, k), '.3g')}" for k in BREAKDOWN)
         for r in rep.rows)
     out.append(f"\nStep-time breakdown (medians, s): {breakdown}.\n")
     out.append(f"{MFU_NOTE} comm is the median fraction of the step spent in collectives, n/a where the run did "
-               "not record `comm_s`.\n")
+               "not record `comm_s`. Per core: tokens/s per CPU core against the reference's; where ranks share "
+               "one machine's cores (a shared host), this, not the per-rank efficiency, says how well they share "
+               "them.\n")
     return "\n".join(out)
 
 

@@ -57,6 +57,7 @@ class Row:
     threads: int | None = None     # threads per rank (None: not recorded)
     cores_per_rank: float | None = None
     efficiency: float = math.nan
+    efficiency_per_core: float | None = None  # tokens/s per CPU core against the reference's (None: not recorded)
     predicted_step_time_s: float = math.nan
     predicted_efficiency: float = math.nan
     model_error: float = math.nan  # model step / measured step - 1, the model fitted to every point
@@ -192,4 +193,8 @@ def add_efficiency(rows: list[Row]) -> Row:
     ref = min(rows, key=lambda r: (r.ranks, r.nodes))
     for r in rows:
         r.efficiency = r.tokens_per_s_rank / ref.tokens_per_s_rank if ref.tokens_per_s_rank else math.nan
+        if r.cores_per_rank and ref.cores_per_rank and ref.tokens_per_s:
+            # ranks sharing one machine's cores: what matters is the throughput those cores give
+            r.efficiency_per_core = ((r.tokens_per_s / (r.ranks * r.cores_per_rank))
+                                     / (ref.tokens_per_s / (ref.ranks * ref.cores_per_rank)))
     return ref

@@ -65,6 +65,9 @@ def test_report_rows_match_the_metrics_files(sweep):
         per_rank_tokens.append(tokens / ranks)
     assert float(rows[0]["efficiency"]) == 1.0
     assert float(rows[1]["efficiency"]) == pytest.approx(per_rank_tokens[1] / per_rank_tokens[0])
+    # on one machine the 2 ranks share the 1-rank point's cores: per core, throughput against throughput
+    assert float(rows[1]["efficiency_per_core"]) == pytest.approx(
+        float(rows[1]["tokens_per_s"]) / float(rows[0]["tokens_per_s"]))
     md = (sweep / "report" / "scaling.md").read_text()
     assert "**strong scaling**" in md and "| nodes=2 | 2 | 2 | ddp | 12 | 6 |" in md
     # two "nodes" of cluster=local share this machine: the report says so, row by row and in a note
