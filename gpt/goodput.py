@@ -102,6 +102,15 @@ def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
     return RunGoodput(len(kept), allocated, train, losses)
 
 
+REQUEUE_S = 10.0  # asking the scheduler to requeue, and the ranks leaving, before the time limit kills them
+WINDOW_MARGIN = 2.0
+
+
+def window_needed(step_s: float, save_s: float) -> float:
+    """Seconds a time-limit warning must come early: the step under way, a save and the requeue, with a margin."""
+    return WINDOW_MARGIN * (step_s + save_s + REQUEUE_S)
+
+
 def young_daly_minutes(save_s: float, mtbi_s: float) -> float:
     """The checkpoint interval that maximises expected goodput, in minutes (at least a minute)."""
     return max(math.sqrt(2 * max(save_s, 0.01) * mtbi_s) / 60, 1.0)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 import logging
+import math
 import sys
 import time
 from pathlib import Path
@@ -28,7 +29,8 @@ from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.faults import Faults
-from gpt.goodput import PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, young_daly_minutes
+from gpt.goodput import (PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, window_needed,
+                         young_daly_minutes)
 from gpt.run_config import CheckpointConfig, DebugConfig
 from gpt.runinfo import cpu_affinity, cpu_list
 from gpt.stragglers import StragglerConfig, StragglerMonitor
@@ -442,13 +444,28 @@ class Trainer:
                      minutes, cost, source, why)
         return minutes
 
+    def check_warning_window(self) -> None:
+        """A time-limit warning (cluster.signal_delay_s before the limit) must leave room for the step under
+        way, a save and the requeue, with a margin; say so, with a value that would, when it does not."""
+        have = OmegaConf.select(self.cfg, "cluster.signal_delay_s", default=None)
+        if not self.env.is_main or have is None or not self.spent.steps:
+            return
+        need = window_needed(self.spent.train_s / self.spent.steps, self.spent.save_s / self.spent.saves)
+        if need > have:
+            log.warning("cluster.signal_delay_s=%s may be too short: a step (%.1f s), a save (%.1f s) and the requeue "
+                        "need about %.0f s with a margin; set cluster.signal_delay_s=%d", have,
+                        self.spent.train_s / self.spent.steps, self.spent.save_s / self.spent.saves, need,
+                        math.ceil(need / 30) * 30)
+
     def save(self, allow_async: bool = True) -> Path:
         with self.spent.timed("save_s"):
             path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
                                           allow_async=allow_async)
         self.spent.saves += 1
-        if self.ckpt.interval_minutes == "auto" and self.spent.saves == 1:  # now the save's cost is measured here
-            self.interval_minutes = self.checkpoint_interval()
+        if self.spent.saves == 1:  # now a save's cost is measured here
+            if self.ckpt.interval_minutes == "auto":
+                self.interval_minutes = self.checkpoint_interval()
+            self.check_warning_window()
         self.saved_step = self.step
         self.save_due = False
         self.last_save_time = time.monotonic()

@@ -1,5 +1,9 @@
 """RUN_DIR/attempts.jsonl: one line per attempt of a run (rank 0 writes it when the attempt ends), with its
-start-up breakdown and its goodput record (gpt.goodput)."""
+start-up breakdown and its goodput record (gpt.goodput).
+
+RUN_DIR/attempt.json marks the attempt in flight (job id, restart, start time) and is removed when its line is
+written. An attempt killed outright (kill -9, a lost node, the time limit) writes no line: the next one finds the
+mark, asks the scheduler how that job ended, and writes the line for it."""
 from __future__ import annotations
 
 import json
@@ -26,3 +30,52 @@ def goodput_record(run_dir: Path, started: float, startup: dict[str, float], sum
     to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
     return {"allocated_s": round(time.time() - started, 3), "startup_s": round(max(to_first, 0.0), 3),
             "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.get("spent", {})}
+
+
+IN_FLIGHT = "attempt.json"
+
+
+def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int) -> None:
+    """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one."""
+    mark = run_dir / IN_FLIGHT
+    try:
+        previous = json.loads(mark.read_text())
+    except (OSError, ValueError):
+        previous = None
+    if previous is not None:
+        last_alive = _heartbeat(run_dir) or previous["started"]
+        how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
+        log_attempt(run_dir, JobRecord(previous.get("job_id"), previous.get("restart", 0)), {
+            "first_step": previous.get("first_step"), "last_step": first_step, "ended": how,
+            "recorded_by": "the next attempt",
+            "goodput": {"allocated_s": round(max(last_alive - previous["started"], 0.0), 3), "train_s": 0.0,
+                        "startup_s": 0.0, "eval_s": 0.0, "save_s": 0.0, "steps": 0, "saves": 0}})
+    mark.write_text(json.dumps({"job_id": job.job_id, "restart": job.restart, "started": started,
+                                "first_step": first_step}))
+
+
+def end_attempt(run_dir: Path) -> None:
+    (run_dir / IN_FLIGHT).unlink(missing_ok=True)
+
+
+def _heartbeat(run_dir: Path) -> float | None:
+    try:
+        return float(json.loads((run_dir / "lock.json").read_text())["heartbeat"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+class JobRecord(JobEnvironment):
+    """A past attempt's job, as its mark recorded it."""
+
+    def __init__(self, job_id: str | None, restart: int):
+        super().__init__({})
+        self._job_id, self._restart = job_id, restart
+
+    @property
+    def job_id(self) -> str | None:
+        return self._job_id
+
+    @property
+    def restart(self) -> int:
+        return self._restart

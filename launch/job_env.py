@@ -44,6 +44,10 @@ class JobEnvironment:
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         return False, "no scheduler to requeue the run: run the same command to resume it"
 
+    def end_reason(self, job_id: str) -> str:
+        """How a past attempt of this run (that job) ended, when it could not say so itself."""
+        return "killed outright (the process was gone without a word)"
+
     def job_running(self, job_id: str) -> bool | None:
         """Whether the scheduler still runs that job (None: this environment cannot tell)."""
         return None

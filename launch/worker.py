@@ -23,7 +23,7 @@ from gpt.distributed import DistEnv, init_process_group, leave, pick_device, pre
 from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
-from launch.attempts import goodput_record, log_attempt  # noqa: E402
+from launch.attempts import begin_attempt, end_attempt, goodput_record, log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.parent import end_with_launcher  # noqa: E402
@@ -65,6 +65,8 @@ def run_rank(run_dir: Path) -> dict:
     if env.is_main:  # one writer per run folder, from before the first step to the exit
         ATTEMPT["lock"] = RunLock(run_dir, job.job_id, job.job_running)
     trainer = Trainer(cfg, env, run_dir)
+    if env.is_main:
+        begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
     ATTEMPT.update(startup=lambda: clock.breakdown(trainer.startup), first_step=trainer.first_step,
                    trainer=trainer, job=job)
     summary = trainer.fit()
@@ -78,6 +80,7 @@ def run_rank(run_dir: Path) -> dict:
     leave()
     if env.is_main:  # what a launcher reports as the run's result
         log_attempt(run_dir, job, {**record, "ended": "finished"})
+        end_attempt(run_dir)
         log.info("run finished: %s", run_goodput(read_attempts(run_dir)).describe())
         (run_dir / "summary.json").write_text(json.dumps(
             {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
@@ -113,6 +116,7 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
             requeued, how = job.requeue(max_restarts)
         log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
                                    "note": how})
+        end_attempt(run_dir)
         (log.info if requeued else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
                                                 summary["last_step"], summary["preempted"], how)
     requeued = _from_rank0(requeued)
@@ -184,15 +188,17 @@ def main() -> None:
 
 
 def _log_failure(run_dir: Path, message: str) -> None:
-    trainer = ATTEMPT.get("trainer")
-    rank = trainer.env.rank if trainer is not None else detect().rank
-    if rank != 0:
+    """Rank 0 of an attempt that began (it holds the run's lock) says how it failed; one refused before that
+    writes nothing into another run's log."""
+    if "lock" not in ATTEMPT:
         return
+    trainer = ATTEMPT.get("trainer")
     try:
-        log_attempt(run_dir, ATTEMPT.get("job") or job_environment(), {"first_step": ATTEMPT.get("first_step"),
-                              "last_step": trainer.step if trainer is not None else None,
-                              "ended": f"failed: {message.splitlines()[0][:300] if message else ''}",
-                              **({"startup": ATTEMPT["startup"]()} if "startup" in ATTEMPT else {})})
+        log_attempt(run_dir, ATTEMPT.get("job") or job_environment(), {
+            "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
+            "ended": f"failed: {message.splitlines()[0][:300] if message else ''}",
+            **({"startup": ATTEMPT["startup"]()} if "startup" in ATTEMPT else {})})
+        end_attempt(run_dir)
     except OSError:
         pass
 

@@ -51,3 +51,10 @@ def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_override
 
     text = (write_report(run) / "scaling.md").read_text()
     assert "## Goodput" in text and f"| {run.name} | 2 | " in text
+
+
+def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides):
+    """cluster.signal_delay_s is read from the config: here a window of 1 s, far less than a save and a requeue."""
+    run = launch(*RUN, "+cluster.signal_delay_s=1", *data_overrides, run_dir=tmp_path / "run")
+    said = run.stdout + run.stderr
+    assert "cluster.signal_delay_s=1 may be too short" in said and "set cluster.signal_delay_s=30" in said

@@ -73,7 +73,10 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     relaunch = launch(*slow, *data_overrides, run_dir=run)
     said = relaunch.stdout + relaunch.stderr
     assert "took over the run folder's lock" in said and "is gone" in said, said[-3000:]
-    assert attempts(run)[-1]["first_step"] >= 10 and attempts(run)[-1]["ended"] == "finished"
+    killed, finished = attempts(run)
+    assert killed["ended"].startswith("killed outright") and killed["recorded_by"] == "the next attempt"
+    assert killed["last_step"] == finished["first_step"] >= 10 and finished["ended"] == "finished"
+    assert not (run / "attempt.json").exists()
     assert not (run / "lock.json").exists()  # released at the end
 
 

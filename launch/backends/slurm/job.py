@@ -32,6 +32,16 @@ class SlurmJob(JobEnvironment):
     def variables(self) -> dict[str, str]:
         return {k: v for k, v in self.environ.items() if k.startswith("SLURM_")}
 
+    def end_reason(self, job_id: str) -> str:
+        if job_id == self.job_id:  # this very job runs again: Slurm requeued it (a node failure, preemption)
+            return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
+        try:
+            info = commands.scontrol_job(job_id)
+        except SlurmUnavailable:
+            info = None
+        state = info.state if info else commands.sacct_state(job_id)
+        return f"stopped by Slurm: job {job_id} ended {state}" if state else f"killed outright (job {job_id})"
+
     def job_running(self, job_id: str) -> bool | None:
         try:
             info = commands.scontrol_job(job_id)
@@ -47,6 +57,8 @@ class SlurmJob(JobEnvironment):
             return False, f"restart limit reached ({self.restart} of preemption.max_restarts={max_restarts})"
         try:
             info = commands.scontrol_job(job)
+            if info is not None and info.state in commands.PENDING | {"COMPLETING"} and info.get("Requeue") == "1":
+                return True, f"requeued by Slurm (job {job} is {info.state}: a node failure, preemption or scontrol)"
             if info is not None and info.state != "RUNNING":
                 return False, f"job {job} is {info.state}: Slurm decides what happens next"
             commands.requeue(job)
