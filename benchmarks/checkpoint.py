@@ -1,26 +1,21 @@
 """Checkpoint costs: how long the training loop is blocked by a save (synchronous vs `checkpoint.async`), how
-long a load takes, for gpt2_124m on this machine's CPU (and a GPU when there is one); and requeue-to-first-step
-on the local Slurm cluster (a tiny 2-node job preempted with `scancel --signal=USR2`).
+long a load takes, in seconds and GB/s next to the disk's own write speed, for gpt2_124m on this machine's CPU
+(and a GPU when there is one). A requeued job's restart is measured by `benchmarks/launch_latency.py --requeues`.
 
-    python -m benchmarks.checkpoint                 # everything (the Slurm part when the cluster is up)
-    python -m benchmarks.checkpoint --no-slurm
+    python -m benchmarks.checkpoint
 """
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import shutil
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-from benchmarks.common import REPO, SHARED_TEXT, compose_config, save_results
+from benchmarks.common import compose_config, save_results
 
 
 def disk_write_gbps(folder: Path, size: int = 1 << 30, block: int = 8 << 20) -> float:
@@ -99,72 +94,15 @@ def save_load(model: str, repeats: int, block: int) -> dict:
     return out
 
 
-def requeue_to_first_step() -> dict | None:
-    env = dict(os.environ)
-    conf = REPO / "slurm" / ".cluster" / "slurm.conf"
-    if subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "status"], capture_output=True).returncode:
-        return None
-    env.update(SLURM_CONF=str(conf), PATH=f"{REPO / 'slurm' / 'bin'}:{env['PATH']}")
-    tmp = Path(tempfile.mkdtemp())
-    run_dir = tmp / "run"
-    cmd = [sys.executable, "-m", "launch", "nodes=2", "cluster=slurm", "cluster.time_min=10", "model=tiny",
-           "strategy=ddp", "train.max_steps=400", "train.log_interval=1", "train.eval_interval=0",
-           "train.progress=false", "checkpoint.interval_steps=50", "debug.delay_rank=0", "debug.delay_s=0.05",
-           "hydra.launcher.progress=false", "hydra.launcher.poll_s=0.5", f"hydra.run.dir={run_dir}",
-           f"data.text_path={SHARED_TEXT}", f"data.dir={tmp / 'data'}"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    gaps = []
-    try:
-        for restart in range(3):
-            job = None
-            while proc.poll() is None:
-                metrics = run_dir / "metrics" / "rank0.jsonl"
-                if (run_dir / "slurm_job.json").exists():
-                    job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
-                if job and metrics.exists():
-                    lines = metrics.read_text().splitlines()
-                    info = subprocess.run(["scontrol", "-o", "show", "job", job], env=env, capture_output=True,
-                                          text=True).stdout
-                    if f"Restarts={restart} " in info and lines and json.loads(lines[-1])["time"] > signalled_at(gaps):
-                        break
-                time.sleep(0.2)
-            if restart == 2:
-                break
-            sent = time.time()
-            gaps.append({"signal": sent})
-            subprocess.run(["scancel", "--signal=USR2", job], env=env, check=True)
-        proc.terminate()
-        subprocess.run(["scancel", job], env=env)
-        proc.wait()
-        attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
-        records = [json.loads(x) for x in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()]
-        out = []
-        for gap, attempt in zip(gaps, attempts):
-            first = min(r["time"] for r in records if r["time"] > attempt["time"])
-            out.append({"signal_to_saved_s": attempt["time"] - gap["signal"],
-                        "saved_to_first_step_s": first - attempt["time"]})
-        total = statistics.median(o["signal_to_saved_s"] + o["saved_to_first_step_s"] for o in out)
-        return {"samples": out, "signal_to_first_step_s": total}
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def signalled_at(gaps: list[dict]) -> float:
-    return gaps[-1]["signal"] if gaps else 0.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="gpt2_124m")
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--no-slurm", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
                "save_load": save_load(args.model, args.repeats, args.block)}
-    if not args.no_slurm:
-        results["requeue"] = requeue_to_first_step()
     sl = results["save_load"]
     print(f"\ncheckpoint costs, {args.model} on {results['device']} (medians of {args.repeats}, blocked: of the saves "
           "after the first; blocked = save() plus the next step's wait for the staging copy)")
@@ -178,10 +116,6 @@ def main() -> None:
               f"{r['step_s']:11.3f}")
     print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s; loads read files just "
           "written, from the page cache")
-    if results.get("requeue"):
-        for s in results["requeue"]["samples"]:
-            print(f"requeue (local Slurm, tiny, 2 nodes): USR2 -> saved {s['signal_to_saved_s']:.1f} s, "
-                  f"saved -> first step of the next attempt {s['saved_to_first_step_s']:.1f} s")
     print(f"results: {save_results('checkpoint', results)}")
 
 

@@ -408,7 +408,10 @@ class Trainer:
         if self.stop_signal is not None:
             log.warning("preemption signal %s: every rank saves at step %d and stops", self.stop_signal, self.step)
             summary["preempted"] = self.stop_signal
-        if self.saved_step != self.step or self.eval_pending:
+        # Nothing trained yet (a signal before the first step): no checkpoint, the next attempt starts afresh as
+        # this one did. A step-0 checkpoint would not resume exactly: DCP gives an optimizer without state a
+        # step of its own, which shifts AdamW's bias correction.
+        if self.step > 0 and (self.saved_step != self.step or self.eval_pending):
             self.save(allow_async=False)
         self.checkpointer.close()
         summary["first_step"], summary["last_step"] = self.first_step, self.step

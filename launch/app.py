@@ -63,7 +63,9 @@ def prepare(cfg: DictConfig) -> Prepared:
     budget = Budget.from_cfg(cfg.get("budget")) if backend.submits else None
     existing = None
     if Path(to_absolute_path(cfg.data.text_path)).is_file():  # else planning names the missing corpus
-        existing = check_run_folder(cfg, run_dir, job_environment())
+        job = job_environment()  # this process's own job, if any; the backend's scheduler knows the others
+        existing = check_run_folder(cfg, run_dir, job,
+                                    lambda j: job.job_running(j) if job.job_id else backend.job_running(j))
     return Prepared(cfg, make_plan(cfg, run_dir), backend, resources, budget, existing)
 
 

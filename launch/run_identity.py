@@ -80,13 +80,13 @@ def newest_step(run_dir: Path) -> int | None:
     return max(steps) if steps else None
 
 
-def check_run_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment) -> Existing | None:
+def check_run_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment, job_running=None) -> Existing | None:
     """Before anything runs: None for a new run; else what the folder holds, once it is known to be this run.
     Raises UserError when another run holds the folder, when its run differs (the keys are listed), or when
     resume=none would start over on top of it."""
     record_path = run_dir / RECORD
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
-    check_free(run_dir, job.job_id, job.job_running)
+    check_free(run_dir, job.job_id, job_running or job.job_running)
     current, corpus = identity(cfg, (record or {}).get("corpus"))
     step = newest_step(run_dir)
     if step is not None and cfg.get("resume", "auto") == "none":

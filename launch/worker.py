@@ -12,6 +12,7 @@ STARTED = time.time()  # the interpreter is up; everything after this line is im
 import json  # noqa: E402
 import logging  # noqa: E402
 import os  # noqa: E402
+import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -151,6 +152,8 @@ def install_flag(run_dir: Path) -> None:
     try:
         cfg = OmegaConf.load(run_dir / "config.yaml")
         if not OmegaConf.select(cfg, "preemption.enabled", default=True):
+            for signum in (signal.SIGUSR2, signal.SIGTERM):  # a task wrapper may have started us ignoring them
+                signal.signal(signum, signal.SIG_DFL)
             return
         signals = OmegaConf.select(cfg, "preemption.signals", default=list(DEFAULT_SIGNALS))
     except Exception:  # reported properly once run_rank reads the config

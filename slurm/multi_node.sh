@@ -34,6 +34,11 @@
 
 set -uo pipefail
 export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)  # this attempt's start, for the start-up breakdown in attempts.jsonl
+# Slurm's warning (USR2) or a stop (TERM) may come at any moment, even now: keep it, and pass it on below once
+# the launcher handles it.
+PENDING=""
+trap 'PENDING=USR2' USR2
+trap 'PENDING=TERM' TERM
 
 die() { echo "multi_node.sh: error: $*" >&2; exit 2; }
 
@@ -58,11 +63,21 @@ fi
 # --- plan here, run everywhere ----------------------------------------------------------------------------
 # In the background, so that this shell can pass Slurm's warning (USR2) and stop (TERM) signals on: bash runs
 # a trap only after its foreground child ends, but interrupts `wait` at once.
-"$PYTHON" -m launch cluster=srun "$@" &
+# The launcher starts with both signals ignored (its start-up must not die of one); it handles them once srun runs.
+(trap '' USR2 TERM; exec "$PYTHON" -m launch cluster=srun "$@") &
 LAUNCH=$!
-trap 'kill -USR2 $LAUNCH 2>/dev/null' USR2
-trap 'kill -TERM $LAUNCH 2>/dev/null' TERM
+catches() {  # does the launcher handle signal $1 yet? (SigCgt in /proc/PID/status)
+  local mask; mask=$(awk '/^SigCgt:/ {print $2}' /proc/$LAUNCH/status 2>/dev/null) || return 1
+  [ -n "$mask" ] && (( (16#$mask >> ($1 - 1)) & 1 ))
+}
+trap 'PENDING=USR2' USR2
+trap 'PENDING=TERM' TERM
 while true; do
+  if [ -n "$PENDING" ] && catches "$(kill -l "$PENDING")"; then kill -"$PENDING" $LAUNCH 2>/dev/null; PENDING=""; fi
+  if [ -n "$PENDING" ]; then  # not yet: look again in a moment
+    sleep 0.5 & wait $! 2>/dev/null
+    kill -0 $LAUNCH 2>/dev/null && continue
+  fi
   wait $LAUNCH
   code=$?
   # >128: wait was interrupted by a trapped signal while the launcher still runs

@@ -58,6 +58,11 @@ class Backend:
         """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
         raise NotImplementedError
 
+    def job_running(self, job_id: str) -> bool | None:
+        """Whether this backend's scheduler still runs that job (None: it cannot tell; a run folder's lock then
+        goes by its heartbeat)."""
+        return None
+
 
 def get_backend(name: object) -> Backend:
     if name not in REGISTRY:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from omegaconf import DictConfig, open_dict
@@ -73,17 +74,25 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
         cmd.append(f"--cpus-per-task={cpus}")
     threads = ThreadPlan.decide(ranks_on_host=tasks_per_node, cpus_per_task=int(cpus) if cpus else None)
     env = {**os.environ, **threads.env()}
-    child = subprocess.Popen([*cmd, sys.executable, "-m", "launch.worker", str(run_dir)], env=env)
-    # The batch script forwards Slurm's warning and stop signals here; srun passes them on to every rank.
+    # Every rank starts with the preemption signals ignored (its start-up must not die of one) and handles them
+    # once its flag is in place; signals that come meanwhile wait here until every rank is up.
+    shim = ["bash", "-c", 'trap "" USR2 TERM; exec "$0" "$@"']
+    started = time.time()
+    child = subprocess.Popen([*cmd, *shim, sys.executable, "-m", "launch.worker", str(run_dir)], env=env)
     received: list[int] = []
-
-    def forward(signum, _frame) -> None:
-        received.append(signum)
-        child.send_signal(signum)
-
-    previous = {s: signal.signal(s, forward) for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
+    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
+                for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
     try:
-        code = child.wait()
+        code, passed = None, 0
+        while code is None:
+            try:
+                code = child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            if code is None and passed < len(received) and ranks_up(run_dir, nodes * tasks_per_node, started):
+                for signum in received[passed:]:
+                    child.send_signal(signum)  # srun passes it on to every rank
+                passed = len(received)
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
@@ -96,6 +105,12 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     if code != 0:
         raise SrunFailed(f"srun exited with code {code}: {_first_rank_error(run_dir, nodes * tasks_per_node)}; "
                          f"rank logs: {run_dir / 'logs'}/rank*.log")
+
+
+def ranks_up(run_dir: Path, world: int, since: float) -> bool:
+    """Every rank of this attempt has its signal handlers (it writes its environment record after that)."""
+    records = [run_dir / "environment" / f"rank{r}.json" for r in range(world)]
+    return all(f.exists() and f.stat().st_mtime >= since for f in records)
 
 
 def _first_rank_error(run_dir: Path, world: int) -> str:
@@ -120,3 +135,8 @@ class SrunBackend(Backend):
 
     def run(self, plan) -> None:
         run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
+
+    def job_running(self, job_id: str) -> bool | None:
+        from launch.backends.slurm.job import SlurmJob
+
+        return SlurmJob({}).job_running(job_id)

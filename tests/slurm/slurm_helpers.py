@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import subprocess
 import sys
@@ -47,3 +48,10 @@ def normalise(script: str, logs: Path | str) -> str:
     for python in {sys.executable, shlex.quote(sys.executable)}:
         script = script.replace(python, "<PYTHON>")
     return script
+
+
+def local_reference(run_dir: Path, *overrides: str) -> Path:
+    """The uninterrupted run that an interrupted Slurm run must equal: 2 ranks on this machine, same config."""
+    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *overrides, f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, output(proc)
+    return run_dir

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from launch.backends.slurm.commands import FINAL
-from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, output, run_launch
+from slurm_helpers import local_reference, REPO, SLURM, TINY, launch_cmd, losses
 
 pytestmark = pytest.mark.slurm
 
@@ -29,11 +29,7 @@ RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.inter
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_overrides) -> Path:
-    """The uninterrupted run: 2 ranks on this machine, same config."""
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *RUN, *data_overrides, f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, output(proc)
-    return run_dir
+    return local_reference(tmp_path_factory.mktemp("reference") / "run", *RUN, *data_overrides)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:

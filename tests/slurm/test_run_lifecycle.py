@@ -3,7 +3,6 @@ restart limit, scancel), the same command continues it; a sweep run again finish
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -12,7 +11,7 @@ import pytest
 import torch
 
 from helpers import REPO
-from slurm_helpers import SLURM, TINY, launch_cmd, losses, output, run_launch
+from slurm_helpers import local_reference, SLURM, TINY, launch_cmd, losses, output
 
 pytestmark = pytest.mark.slurm
 STEPS = 60
@@ -24,10 +23,7 @@ STALE = {"RANK": "5", "WORLD_SIZE": "9", "MASTER_ADDR": "10.9.9.9", "MASTER_PORT
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory, data_overrides) -> Path:
-    run_dir = tmp_path_factory.mktemp("reference") / "run"
-    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *RUN, *data_overrides, f"hydra.run.dir={run_dir}")
-    assert proc.returncode == 0, output(proc)
-    return run_dir
+    return local_reference(tmp_path_factory.mktemp("reference") / "run", *RUN, *data_overrides)
 
 
 def attempts(run_dir: Path) -> list[dict]:
@@ -117,3 +113,73 @@ def test_a_sweep_run_again_finishes_only_what_did_not_finish(slurm_cluster, tmp_
     assert attempts(sweep / "nodes=2")[-1]["ended"] == "finished"
     scaling = (sweep / "report" / "scaling.csv").read_text()
     assert len(scaling.strip().splitlines()) == 3  # a header and both points
+
+
+@pytest.mark.timeout(420)
+def test_a_node_failure_is_requeued_by_slurm_and_says_so(slurm_cluster, tmp_path, data_overrides, reference):
+    run_dir = tmp_path / "run"
+    command = launch_cmd("nodes=2", *SLURM, *RUN, *data_overrides, f"hydra.run.dir={run_dir}")
+    with (tmp_path / "out").open("w") as out:
+        launcher = subprocess.Popen(command, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        trained(run_dir, 12)
+        job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+        lost = sorted(e["host"] for e in map(json.loads, (p.read_text() for p in
+                                                          (run_dir / "environment").glob("rank*.json"))))[-1]
+        try:
+            slurm_cluster.run("scontrol", "update", f"nodename={lost}", "state=down", "reason=test-node-failure")
+            assert launcher.wait(timeout=300) == 0, (tmp_path / "out").read_text()[-4000:]
+        finally:
+            slurm_cluster.run("scontrol", "update", f"nodename={lost}", "state=resume", check=False)
+            if launcher.poll() is None:
+                launcher.kill()
+    log = attempts(run_dir)
+    # the ranks were told (SIGTERM) and saved, or were killed and the next attempt says so: either way, Slurm
+    assert "requeued by Slurm" in log[0].get("note", log[0]["ended"]) and log[0]["job_id"] == job, log
+    assert log[-1]["ended"] == "finished" and log[-1]["restart"] >= 1
+    same_run(run_dir, reference)
+
+
+def running_again(cluster, job: str, restarts: int, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = cluster.job_info(job)
+        if info.get("JobState") == "RUNNING" and int(info.get("Restarts", 0)) == restarts:
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"job {job} never ran its restart {restarts}")
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize("path", ["cluster=slurm", "sbatch --batch"])
+def test_a_signal_during_start_up_ends_in_a_requeue_never_failed(path, slurm_cluster, tmp_path, data_overrides,
+                                                                  reference):
+    """USR2 1 s after a requeued attempt starts, long before its ranks have imported torch."""
+    run_dir = tmp_path / "run"
+    signal_args = ["--batch"] if path.startswith("sbatch") else []
+    if path.startswith("sbatch"):
+        job = sbatch(slurm_cluster, tmp_path / "job.out", [*RUN, *data_overrides, f"hydra.run.dir={run_dir}"])
+        launcher = None
+    else:
+        launcher = subprocess.Popen(launch_cmd("nodes=2", *SLURM, *RUN, *data_overrides, f"hydra.run.dir={run_dir}"),
+                                    cwd=REPO, env=slurm_cluster.env, stdout=subprocess.DEVNULL,
+                                    stderr=subprocess.DEVNULL)
+        trained(run_dir, 1)
+        job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+    try:
+        trained(run_dir, 10)
+        slurm_cluster.run("scancel", "--signal=USR2", *signal_args, job)
+        running_again(slurm_cluster, job, 1)
+        time.sleep(1)
+        slurm_cluster.run("scancel", "--signal=USR2", *signal_args, job)
+        if launcher is not None:
+            assert launcher.wait(timeout=300) == 0
+        else:
+            assert slurm_cluster.wait_state(job, timeout=300) == "COMPLETED", (tmp_path / "job.out").read_text()
+    finally:
+        if launcher is not None and launcher.poll() is None:
+            launcher.kill()
+        slurm_cluster.run("scancel", job, check=False)
+    log = attempts(run_dir)
+    assert all(a["ended"] == "preempted:SIGUSR2" and a["requeued"] for a in log[:-1]) and len(log) >= 3, log
+    assert log[-1]["ended"] == "finished"
+    same_run(run_dir, reference)

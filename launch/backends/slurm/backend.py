@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from launch.backends import Backend
 from launch.backends.slurm import partitions, submit
+from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.resources import SlurmResources
 
 
@@ -16,6 +17,9 @@ class SlurmBackend(Backend):
         resources = SlurmResources.from_config(cfg)
         partitions.check_against_cluster(resources, partitions.read_partitions())
         return cfg, resources
+
+    def job_running(self, job_id: str) -> bool | None:
+        return SlurmJob({}).job_running(job_id)
 
     def submit(self, points, folder, budget) -> list:
         submit.budget_gate(points, budget)

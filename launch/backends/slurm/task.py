@@ -25,6 +25,26 @@ from launch.threads import ThreadPlan
 
 
 
+PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
+
+
+def _ignore_preemption_signals() -> None:
+    for signum in PREEMPTION_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` yet (Linux: SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return True  # cannot tell: pass it on
+
+
 class RankFailed(RuntimeError):
     """A rank's process failed; the message is what the launcher shows the user."""
 
@@ -37,20 +57,24 @@ class RankTask:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         host = socket.gethostname()
         env = {**without_inherited(dict(os.environ), Path(self.run_dir)), **ThreadPlan.from_env().env()}
-        child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env)
         # Preemption is the rank's business: on USR2 (Slurm's time-limit warning, `scancel --signal=USR2`) or
         # TERM (preemption, `scontrol requeue`) every rank sets a flag, all of them save at the same step, and
         # rank 0 requeues the job. submitit's own USR2 handler here would requeue from rank 0 only, with no
-        # checkpoint, and exit: replaced by passing the signal on (Slurm usually signals the child itself too; a
-        # second signal only sets the flag again). A requeued job reruns this same pickle: the rank resumes from
-        # the newest checkpoint on disk, never from a stale path.
-        def forward(signum, _frame) -> None:
-            if child.poll() is None:
-                child.send_signal(signum)
-
-        for signum in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(signum, forward)
-        code = child.wait()
+        # checkpoint, and exit: replaced by passing the signal on. The rank starts with both ignored (a signal
+        # during its seconds of start-up must not kill it) and they are passed on once it handles them itself.
+        pending: list[int] = []
+        for signum in PREEMPTION_SIGNALS:
+            signal.signal(signum, lambda signum, _frame: pending.append(signum))
+        child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env,
+                                 preexec_fn=_ignore_preemption_signals)
+        code = None
+        while code is None:
+            try:
+                code = child.wait(timeout=0.2)
+            except subprocess.TimeoutExpired:
+                pass
+            while pending and code is None and catches(child.pid, pending[0]):
+                child.send_signal(pending.pop(0))
         if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
                              f"the job was not requeued (see {Path(self.run_dir) / 'attempts.jsonl'}); submit the "
