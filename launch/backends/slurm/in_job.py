@@ -9,6 +9,7 @@ which resumes from the run folder.
 from __future__ import annotations
 
 import os
+import time
 
 from omegaconf import open_dict
 
@@ -48,3 +49,20 @@ class InJobBackend(Backend):
             RankTask(str(plan.run_dir))()
         except RankFailed as e:
             raise RunFailed(str(e)) from None
+        if requeued(plan.run_dir):
+            # Returning now would let submitit record this attempt's result, and the stock launcher would take the
+            # job for done while Slurm runs it again: wait for Slurm to stop this attempt instead.
+            time.sleep(REQUEUE_WAIT_S)
+            raise RunFailed(f"the job requeued itself but was not stopped within {REQUEUE_WAIT_S} s")
+
+
+REQUEUE_WAIT_S = 600
+
+
+def requeued(run_dir) -> bool:
+    """Whether this attempt of this job ended by requeueing itself (its line in attempts.jsonl says so)."""
+    from gpt.goodput import read_attempts
+
+    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
+    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job and a.get("restart") == restart]
+    return bool(mine and mine[-1].get("requeued"))
