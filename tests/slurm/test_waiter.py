@@ -72,7 +72,10 @@ def test_a_slurm_outage_leaves_every_job_tracked(slurm_cluster, tmp_path, data_o
         try:
             deadline = time.monotonic() + 120
             jobs = [job_id(sweep / point, deadline) for point in ("nodes=1", "nodes=2")]
-            while not all(slurm_cluster.job_state(j) == "RUNNING" for j in jobs):
+            # Every rank must be up: a job step that starts during the outage fails in srun itself (it cannot
+            # confirm its allocation), which is Slurm's behaviour, not the waiter's.
+            ranks = [sweep / f"nodes={n}" / "environment" / f"rank{r}.json" for n in (1, 2) for r in range(n)]
+            while not (all(slurm_cluster.job_state(j) == "RUNNING" for j in jobs) and all(f.exists() for f in ranks)):
                 assert time.monotonic() < deadline, out.read_text()[-3000:]
                 time.sleep(0.2)
             os.kill(int(pid_file.read_text()), signal.SIGTERM)  # the controller is gone: every client command fails
