@@ -28,6 +28,7 @@ from gpt.optim import lr_at
 from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from gpt.progress import PROGRESS
 from gpt.faults import Faults
 from gpt.goodput import (PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, window_needed,
                          young_daly_minutes)
@@ -72,7 +73,7 @@ class Window:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, env: DistEnv, run_dir: Path):
+    def __init__(self, cfg: DictConfig, env: DistEnv, run_dir: Path, attempt: int = 1):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
         self.device = pick_device(self.train.device, env)
@@ -81,6 +82,7 @@ class Trainer:
 
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()
+        PROGRESS.phase("startup", "building the model")
         use_tf32(self.device, self.train.precision)
         self.strategy = build_strategy(cfg.strategy, env, self.device, self.train.precision)
         model = build_model(self.model_cfg, self.device, cfg.seed)
@@ -105,7 +107,8 @@ class Trainer:
         self.peak = peak_flops(device_name, self.train.precision)
         self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
                                            host=env.hostname)
-        self.faults = Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank)  # test-only injections
+        # test-only injections
+        self.faults = Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank, attempt)
         self.ckpt = CheckpointConfig.from_cfg(cfg)
         preemption = cfg.get("preemption") or {}
         self.flag = (PreemptionFlag.installed(preemption.get("signals", DEFAULT_SIGNALS))
@@ -125,6 +128,7 @@ class Trainer:
         self.spent = Spent()  # where this attempt's time goes (goodput)
         self.interval_minutes = self.checkpoint_interval()
         clock = time.perf_counter()
+        PROGRESS.phase("startup", "choosing and loading a checkpoint")
         self.resumed_from = self.resume()
         self.startup["checkpoint_load_s"] = time.perf_counter() - clock
         if self.resumed_from is not None:
@@ -348,6 +352,7 @@ class Trainer:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t = self.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        PROGRESS.phase("step", f"step {self.step}", self.step)
         self.faults.before_step(self.step, self.first_step)
         data_start = time.perf_counter()
         micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
@@ -405,6 +410,7 @@ class Trainer:
             if (every and self.step % every == 0) or self.save_due:
                 self.save()
         bar.close()
+        PROGRESS.phase("finish", "the final save", self.step)
         if self.stop_signal is not None:
             log.warning("preemption signal %s: every rank saves at step %d and stops", self.stop_signal, self.step)
             summary["preempted"] = self.stop_signal
@@ -420,6 +426,7 @@ class Trainer:
         return summary
 
     def run_eval(self, summary: dict[str, Any], bar) -> bool:
+        PROGRESS.phase("eval", f"evaluation at step {self.step}", self.step)
         with self.spent.timed("eval_s"):
             loss = self.evaluate()
         if loss is None:
@@ -461,6 +468,7 @@ class Trainer:
                         math.ceil(need / 30) * 30)
 
     def save(self, allow_async: bool = True) -> Path:
+        PROGRESS.phase("save", f"checkpoint save at step {self.step}", self.step)
         with self.spent.timed("save_s"):
             path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
                                           allow_async=allow_async)

@@ -21,7 +21,11 @@ from omegaconf import OmegaConf  # noqa: E402
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 
 from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
-from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
+from gpt.errors import EXIT_FAILED, EXIT_HANG, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
+from gpt.faults import Faults  # noqa: E402
+from gpt.progress import PROGRESS  # noqa: E402
+from gpt.run_config import DebugConfig, WatchdogConfig  # noqa: E402
+from gpt.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
 from launch.attempts import begin_attempt, end_attempt, goodput_record, log_attempt  # noqa: E402
@@ -61,11 +65,15 @@ def run_rank(run_dir: Path) -> dict:
     threads = apply_threads(env)
     write_environment(run_dir, env, {"threads": threads.threads, "threads_source": threads.source,
                                      "ranks_on_host": threads.ranks_on_host, "scheduler": job.variables()})
+    attempt = len(read_attempts(run_dir)) + 1  # read before rank 0 writes this attempt's first line
+    start_watchdog(run_dir, env, job, cfg, attempt)
+    Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank, attempt).before_start()
+    PROGRESS.phase("startup", "joining the process group")
     join(run_dir, env, cfg)
     clock.mark("rendezvous")
     if env.is_main:  # one writer per run folder, from before the first step to the exit
         ATTEMPT["lock"] = RunLock(run_dir, job.job_id, job.job_running)
-    trainer = Trainer(cfg, env, run_dir)
+    trainer = Trainer(cfg, env, run_dir, attempt)
     if env.is_main:
         begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
     ATTEMPT.update(startup=lambda: clock.breakdown(trainer.startup), first_step=trainer.first_step,
@@ -92,7 +100,10 @@ def join(run_dir: Path, env: DistEnv, cfg) -> None:
     """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
     device = pick_device(cfg.train.device, env)
     timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
-    rendezvous = init_process_group(env, device, join_timeout_s=timeout)
+    if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
+        os.environ.update(flight_recorder_env(run_dir))
+    rendezvous = init_process_group(env, device, WatchdogConfig.from_cfg(cfg.get("watchdog") or {}).
+                                    process_group_timeout(), join_timeout_s=timeout)
     if rendezvous is None:
         return
     rendezvous = preflight(rendezvous, device)
@@ -126,6 +137,43 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
 
 
 ATTEMPT: dict = {}  # what main() logs if the attempt fails
+
+
+def start_watchdog(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attempt: int) -> None:
+    """The rank's watchdog, from before it joins the others to its exit."""
+    wcfg = WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
+    if wcfg.enabled:
+        Watchdog(wcfg, run_dir, env.rank, env.world_size, env.hostname, attempt,
+                 lambda report: end_hung_attempt(run_dir, env, job, cfg, report)).start()
+
+
+def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, report: dict | None) -> None:
+    """Called by the watchdog thread while the main thread is stuck: the rank that wrote the hang report says
+    so in one line, records the attempt and requeues the job; every rank then ends, so the job can resume.
+    Another rank waits a little for that rank to do it (it may be cut off), then requeues itself."""
+    max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+    if report is None:
+        time.sleep(REPORTER_GRACE_S)
+        requeued, how = job.requeue(max_restarts)
+    else:
+        log.error("%s", report["summary"])
+        requeued, how = job.requeue(max_restarts)
+        trainer = ATTEMPT.get("trainer")
+        log_attempt(run_dir, job, {
+            "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
+            "ended": "hang", "hang": report["summary"], "hang_report": report["report"], "requeued": requeued,
+            "note": how})
+        end_attempt(run_dir)
+        (log.warning if requeued else log.error)("watchdog: %s", how)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if requeued:  # Slurm stops every process of this attempt; exiting first would count as a failed task
+        time.sleep(REQUEUE_WAIT_S)
+    os._exit(EXIT_HANG)
+
+
+REPORTER_GRACE_S = 15.0
+REQUEUE_WAIT_S = 60.0
 
 
 def apply_threads(env: DistEnv) -> ThreadPlan:
