@@ -54,6 +54,7 @@ class Hang:
     waiting: list[int]  # in the furthest collective any rank entered
     behind: list[int]  # alive, but never arrived at that collective (or in no collective at all)
     lost: list[int]  # no heartbeat for too long, or none at all this attempt
+    cut: list[int]  # alive, but cannot reach the master over the network
     beats: list[dict | None]
 
     @classmethod
@@ -64,7 +65,8 @@ class Hang:
         in_collective = [r for r in alive if beats[r].get("collective")]
         top = max((beats[r]["seq"] for r in in_collective), default=None)
         waiting = [r for r in in_collective if beats[r]["seq"] == top]
-        return cls(waiting, [r for r in alive if r not in waiting], lost, beats)
+        cut = [r for r in alive if beats[r].get("reaches_master") is False]
+        return cls(waiting, [r for r in alive if r not in waiting], lost, cut, beats)
 
     def summary(self) -> str:
         """One line: who waits in what, who never arrived, who is gone."""
@@ -83,15 +85,20 @@ class Hang:
             else:
                 parts.append(f"{_ranks([r], self.beats)} is gone (no heartbeat for "
                              f"{time.time() - beat['time']:.0f} s; it was in {doing(beat)})")
-        alive = self.waiting + self.behind
-        if self.lost and alive:
-            parts.append(f"surviving: {_ranks(sorted(alive), self.beats)}")
+        for r in self.cut:
+            parts.append(f"{_ranks([r], self.beats)} cannot reach the master over the network (cut off)")
+        if (self.lost or self.cut) and self.surviving:
+            parts.append(f"surviving: {_ranks(self.surviving, self.beats)}")
         return "; ".join(parts)
+
+    @property
+    def surviving(self) -> list[int]:
+        return sorted(r for r in self.waiting + self.behind if r not in self.cut)
 
     def as_dict(self) -> dict:
         return {"waiting": self.waiting, "never_arrived": self.behind + [r for r in self.lost
                                                                          if self.beats[r] is None],
-                "lost": self.lost, "surviving": sorted(self.waiting + self.behind), "ranks": self.beats}
+                "lost": self.lost, "cut": self.cut, "surviving": self.surviving, "ranks": self.beats}
 
 
 def newest_hang(run_dir: Path, since: float = 0.0) -> str | None:

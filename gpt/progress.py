@@ -29,10 +29,22 @@ class Progress:
     since: float = field(default_factory=time.monotonic)  # the last mark
     started: float = field(default_factory=time.monotonic)
     first_step_done: bool = False  # until then start-up's budget applies
+    halted: bool = False  # the watchdog has ended this attempt: the main thread must not go on
     step_times: deque = field(default_factory=lambda: deque(maxlen=1000))
     _step_began: float = 0.0
 
+    def halt(self) -> None:
+        """The watchdog has decided how this attempt ends (and may have requeued the job): a main thread that
+        comes back from its stuck call (a link that works again) stops at its next mark instead of training on,
+        saving or writing a second line for the attempt; the watchdog thread ends the process."""
+        self.halted = True
+
+    def stop_if_halted(self) -> None:
+        if self.halted and threading.current_thread() is threading.main_thread():
+            threading.Event().wait()
+
     def phase(self, kind: str, what: str, step: int | None = None) -> None:
+        self.stop_if_halted()
         now = time.monotonic()
         if self.kind == "step":  # the step marked before this one has ended
             # the first step is start-up's last part (warm-up, allocations): its time would inflate p99
@@ -48,6 +60,7 @@ class Progress:
         if threading.current_thread() is not threading.main_thread():  # a background save's own group
             yield
             return
+        self.stop_if_halted()
         self.seq += 1
         self.inside = self.last_collective = name
         self.last_collective_step, self.since = self.step, time.monotonic()
@@ -55,6 +68,7 @@ class Progress:
             yield
         finally:
             self.inside, self.since = None, time.monotonic()
+            self.stop_if_halted()
 
     def p99_step_s(self) -> float | None:
         if not self.step_times:

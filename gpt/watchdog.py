@@ -17,6 +17,7 @@ import faulthandler
 import json
 import logging
 import os
+import socket
 import tempfile
 import threading
 import time
@@ -36,9 +37,12 @@ def report_paths(run_dir: Path, attempt: int) -> tuple[Path, Path]:
 
 class Watchdog:
     def __init__(self, cfg: WatchdogConfig, run_dir: Path, rank: int, world: int, host: str, attempt: int,
-                 on_hang: Callable[[dict | None], None], progress: Progress = PROGRESS):
+                 on_hang: Callable[[dict | None], None], progress: Progress = PROGRESS,
+                 master: tuple[str, int] | None = None):
         self.cfg, self.run_dir, self.rank, self.world, self.host = cfg, run_dir, rank, world, host
-        self.attempt, self.on_hang, self.progress = attempt, on_hang, progress
+        self.attempt, self.on_hang, self.progress, self.master = attempt, on_hang, progress, master
+        self.reaches_master: bool | None = None  # probed only while this rank is stuck
+        self.probed = 0.0
         self.json_path, self.text_path = report_paths(run_dir, attempt)
         self.thread = threading.Thread(target=self._run, name="gptlaunch-watchdog", daemon=True)
 
@@ -62,9 +66,27 @@ class Watchdog:
         p99 = p.p99_step_s()
         return "watchdog.step_s (auto)", max(c.step_floor_s, c.step_factor * (p99 or 0.0)), now - p.since
 
+    def probe(self) -> None:
+        """While stuck past half its budget, whether this rank still reaches the master (the rendezvous store's
+        port) over the network: a rank that cannot is cut off, which its heartbeat file alone would not show
+        where the run folder is on another network."""
+        if self.master is None or time.monotonic() - self.probed < PROBE_EVERY_S:
+            return
+        self.probed = time.monotonic()
+        try:
+            socket.create_connection(self.master, timeout=PROBE_TIMEOUT_S).close()
+            self.reaches_master = True
+        except OSError:
+            self.reaches_master = False
+
     def beat(self) -> None:
+        _, seconds, used = self.budget()
+        if used > seconds / 2:
+            self.probe()
+        else:
+            self.reaches_master = None
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
-                  "time": time.time(), **self.progress.snapshot()}
+                  "time": time.time(), "reaches_master": self.reaches_master, **self.progress.snapshot()}
         path = heartbeat_path(self.run_dir, self.rank)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))
@@ -79,12 +101,15 @@ class Watchdog:
                 log.warning("watchdog: cannot write the heartbeat: %s", e)
             key, seconds, used = self.budget()
             if used > seconds or self.json_path.exists():
+                self.progress.halt()
                 self.on_hang(self.report(key, seconds, used))
                 return
 
     def report(self, key: str, seconds: float, used: float) -> dict | None:
         """Write this rank's part of the hang report; the full report (a dict) if this rank wrote it first."""
         mine = None
+        if self.reaches_master is False:  # cut off: leave the report (and the requeue) to a rank that is not
+            time.sleep(2 * self.cfg.interval_s + PROBE_TIMEOUT_S + 2)
         try:
             fd = os.open(self.json_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         except FileExistsError:
@@ -137,6 +162,10 @@ class Watchdog:
             path.write_bytes(_dump_fr_trace())
         except Exception as e:  # the dump is a bonus: the report stands without it
             log.warning("watchdog: no flight recorder dump: %s", e)
+
+
+PROBE_EVERY_S = 5.0
+PROBE_TIMEOUT_S = 3.0
 
 
 def stacks() -> str:

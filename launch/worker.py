@@ -144,7 +144,8 @@ def start_watchdog(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attemp
     wcfg = WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
     if wcfg.enabled:
         Watchdog(wcfg, run_dir, env.rank, env.world_size, env.hostname, attempt,
-                 lambda report: end_hung_attempt(run_dir, env, job, cfg, report)).start()
+                 lambda report: end_hung_attempt(run_dir, env, job, cfg, report),
+                 master=(env.master_addr, env.master_port) if env.distributed else None).start()
 
 
 def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, report: dict | None) -> None:
@@ -222,10 +223,12 @@ def main() -> None:
         if summary.get("preempted") and not summary.get("requeued"):
             code = EXIT_PREEMPTED
     except UserError as e:
+        PROGRESS.stop_if_halted()
         log.error("%s", e)
         code = EXIT_USER
         _log_failure(run_dir, str(e))
     except BaseException as e:
+        PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
         log.exception("rank failed")
         code = EXIT_FAILED
         _log_failure(run_dir, f"{type(e).__name__}: {e}")

@@ -3,13 +3,17 @@ naming the rank, its host and the collective; the job requeues itself and finish
 run (bitwise losses and final weights)."""
 from __future__ import annotations
 
+import contextlib
 import json
+import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from slurm_helpers import SLURM, TINY, local_reference, output, run_launch
+from slurm_helpers import REPO, SLURM, TINY, local_reference, output, run_launch
 from test_preemption import assert_same_run, attempts
+from test_run_lifecycle import trained
 
 pytestmark = pytest.mark.slurm
 
@@ -46,3 +50,69 @@ def test_hang_at_step_50_is_reported_requeued_and_finishes_exactly(slurm_cluster
     assert log[0]["restart"] == 0 and log[1]["restart"] == 1  # Slurm counted the requeue as a restart
     assert log[1]["first_step"] == 40  # the newest checkpoint before the hang
     assert_same_run(run_dir, reference)
+
+
+def read_report(run_dir: Path, timeout: float) -> dict:
+    """The hang report, once its writer has finished it."""
+    path, deadline = run_dir / "hang-1.json", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"no hang report within {timeout} s")
+
+
+def submit_exclusive(cluster, tmp_path: Path, run_dir: Path, overrides: list[str]) -> str:
+    """sbatch slurm/multi_node.sh on 2 nodes that no other job shares (a cut link must not touch other jobs)."""
+    proc = subprocess.run(["sbatch", "--parsable", "--exclusive", "--nodes=2", "--time=10",
+                           f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / "multi_node.sh"), *overrides,
+                           f"hydra.run.dir={run_dir}"], cwd=REPO, env=cluster.env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def node_of_rank(run_dir: Path, rank: int) -> str:
+    return json.loads((run_dir / "environment" / f"rank{rank}.json").read_text())["host"]
+
+
+@pytest.mark.timeout(480)
+def test_cut_link_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_cluster, tmp_path, data_overrides,
+                                                                         reference):
+    run_dir = tmp_path / "run"
+    job = submit_exclusive(slurm_cluster, tmp_path, run_dir, [*RUN, *data_overrides, f"watchdog.step_s={STEP_S}",
+                                                              "debug.delay_s=0.15"])
+    try:
+        trained(run_dir, 25)
+        node = node_of_rank(run_dir, 1)
+        veth = "gl-v" + node.removeprefix("gl-n")  # the host side of that node's link (slurm/local_cluster.sh)
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        cut = time.time()
+        try:
+            report = read_report(run_dir, STEP_S + 60)
+        finally:
+            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        state = slurm_cluster.wait_state(job, timeout=300)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+    assert state == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    assert report["time"] - cut < STEP_S + 30, report["time"] - cut
+    line = report["summary"]
+    assert (report["cut"], report["surviving"]) == ([1], [0]), line
+    assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in line
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
+    assert line in (tmp_path / "job.out").read_text()  # the one line, in the job's output
+    assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
+    assert_same_run(run_dir, reference)
+    wait_idle(slurm_cluster, node)
+
+
+def wait_idle(cluster, node: str, timeout: float = 120) -> None:
+    """The node is back in service (idle, or running someone else's job)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+        if state in ("idle", "mixed", "allocated"):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{node} is {state}, not back in service after {timeout} s")

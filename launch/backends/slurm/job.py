@@ -57,6 +57,8 @@ class SlurmJob(JobEnvironment):
             return False, f"restart limit reached ({self.restart} of preemption.max_restarts={max_restarts})"
         try:
             info = commands.scontrol_job(job)
+            if info is not None and _int(info.get("Restarts")) > self.restart:  # a late caller (a cut-off rank)
+                return True, f"job {job} was requeued already (it is on restart {info.get('Restarts')})"
             if info is not None and info.state in commands.PENDING | {"COMPLETING"} and info.get("Requeue") == "1":
                 return True, f"requeued by Slurm (job {job} is {info.state}: a node failure, preemption or scontrol)"
             if info is not None and info.state != "RUNNING":
@@ -65,3 +67,7 @@ class SlurmJob(JobEnvironment):
         except SlurmUnavailable as e:
             return False, f"scontrol requeue {job} failed ({e}): submit the same command again to resume"
         return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
+
+
+def _int(value: str | None) -> int:
+    return int(value) if value and value.isdigit() else 0
