@@ -76,6 +76,8 @@ class Hang:
             parts.append(f"{_ranks(self.waiting, self.beats)} waited {first['idle_s']:.0f} s in {doing(first)}")
         for r in self.behind:
             verb = "never arrived; it was in" if self.waiting else "made no progress in"
+            if str(self.beats[r].get("ended")).startswith("failed"):
+                verb = "saw a collective fail in"
             parts.append(f"{_ranks([r], self.beats)} {verb} {doing(self.beats[r])}")
         for r in self.lost:
             beat = self.beats[r]

@@ -29,6 +29,7 @@ class Progress:
     since: float = field(default_factory=time.monotonic)  # the last mark
     started: float = field(default_factory=time.monotonic)
     first_step_done: bool = False  # until then start-up's budget applies
+    failed_in: str | None = None  # a collective that raised (a peer closed its connection, a timeout)
     halted: bool = False  # the watchdog has ended this attempt: the main thread must not go on
     step_times: deque = field(default_factory=lambda: deque(maxlen=1000))
     _step_began: float = 0.0
@@ -66,6 +67,9 @@ class Progress:
         self.last_collective_step, self.since = self.step, time.monotonic()
         try:
             yield
+        except BaseException:
+            self.failed_in = name
+            raise
         finally:
             self.inside, self.since = None, time.monotonic()
             self.stop_if_halted()

@@ -43,6 +43,9 @@ class Watchdog:
         self.attempt, self.on_hang, self.progress, self.master = attempt, on_hang, progress, master
         self.reaches_master: bool | None = None  # probed only while this rank is stuck
         self.probed = 0.0
+        self.closest: tuple[float, str] = (0.0, "")  # the largest share of a budget used so far: the margin
+        self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says
+        self.fired = threading.Lock()  # the report is made once, by the thread or by the main thread
         self.json_path, self.text_path = report_paths(run_dir, attempt)
         self.thread = threading.Thread(target=self._run, name="gptlaunch-watchdog", daemon=True)
 
@@ -80,13 +83,16 @@ class Watchdog:
             self.reaches_master = False
 
     def beat(self) -> None:
-        _, seconds, used = self.budget()
+        key, seconds, used = self.budget()
+        self.closest = max(self.closest, (used / seconds, key))
         if used > seconds / 2:
             self.probe()
         else:
             self.reaches_master = None
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
-                  "time": time.time(), "reaches_master": self.reaches_master, **self.progress.snapshot()}
+                  "time": time.time(), "reaches_master": self.reaches_master, "ended": self.ended,
+                  "closest": {"share": round(self.closest[0], 4), "budget": self.closest[1]},
+                  **self.progress.snapshot()}
         path = heartbeat_path(self.run_dir, self.rank)
         tmp = path.with_name(f".{path.name}.tmp")
         tmp.write_text(json.dumps(record))
@@ -101,9 +107,40 @@ class Watchdog:
                 log.warning("watchdog: cannot write the heartbeat: %s", e)
             key, seconds, used = self.budget()
             if used > seconds or self.json_path.exists():
-                self.progress.halt()
-                self.on_hang(self.report(key, seconds, used))
+                self.fire(key, seconds, used)
                 return
+
+    def fire(self, key: str, seconds: float, used: float) -> None:
+        """End the attempt: the report, then `on_hang` (which does not return). Only the first caller does."""
+        if not self.fired.acquire(blocking=False):
+            return
+        self.progress.halt()
+        self.on_hang(self.report(key, seconds, used))
+
+    def end(self, how: str) -> None:
+        """This rank is about to exit (finished, failed): the other ranks must not take it for a lost one."""
+        self.ended = how
+        self.beat()
+
+    def lost_peers(self) -> list[int]:
+        """After a collective failed here: the ranks that vanished (their heartbeat stopped, and they never said
+        they were ending), waiting as long as a heartbeat takes to go stale. Empty when a rank said it failed:
+        that rank's error is the job's, and the job fails as it should."""
+        stale = self.stale_s()
+        deadline = time.time() + stale + 2 * self.cfg.interval_s
+        while time.time() < deadline:
+            beats = read_heartbeats(self.run_dir, self.world, self.attempt)
+            others = [(r, b) for r, b in enumerate(beats) if r != self.rank]
+            if any(b is not None and b.get("ended") for _, b in others):
+                return []
+            lost = [r for r, b in others if b is not None and time.time() - b["time"] > stale]
+            if lost:
+                return lost
+            time.sleep(self.cfg.interval_s)
+        return []
+
+    def stale_s(self) -> float:
+        return max(5 * self.cfg.interval_s, 10.0)
 
     def report(self, key: str, seconds: float, used: float) -> dict | None:
         """Write this rank's part of the hang report; the full report (a dict) if this rank wrote it first."""
@@ -128,15 +165,16 @@ class Watchdog:
 
     def _summarise(self, fd: int, key: str, seconds: float, used: float) -> dict:
         hang = Hang.from_heartbeats(read_heartbeats(self.run_dir, self.world, self.attempt),
-                                    stale_s=max(5 * self.cfg.interval_s, 10.0))
+                                    stale_s=self.stale_s())
         line = f"watchdog: {hang.summary()}; report: {self.text_path}"
         report = {"attempt": self.attempt, "time": time.time(), "detected_by": self.rank, "host": self.host,
                   "budget": key, "budget_s": round(seconds, 3), "idle_s": round(used, 3), "summary": line,
                   "report": str(self.text_path), **hang.as_dict()}
         rows = "\n".join(f"  rank {r}: " + (json.dumps(b) if b else "no heartbeat this attempt")
                          for r, b in enumerate(hang.beats))
+        why = f"{key}={seconds:.1f} s" if seconds else key
         self._append(f"{line}\n\nrank {self.rank} on {self.host} saw no progress for {used:.1f} s "
-                     f"({key}={seconds:.1f} s).\nEvery rank's last heartbeat:\n{rows}\n")
+                     f"({why}).\nEvery rank's last heartbeat:\n{rows}\n")
         with os.fdopen(fd, "w") as f:  # last: the other ranks wait for it to add their stacks below
             json.dump(report, f, indent=1)
         return report

@@ -143,7 +143,7 @@ def start_watchdog(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attemp
     """The rank's watchdog, from before it joins the others to its exit."""
     wcfg = WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
     if wcfg.enabled:
-        Watchdog(wcfg, run_dir, env.rank, env.world_size, env.hostname, attempt,
+        ATTEMPT["watchdog"] = Watchdog(wcfg, run_dir, env.rank, env.world_size, env.hostname, attempt,
                  lambda report: end_hung_attempt(run_dir, env, job, cfg, report),
                  master=(env.master_addr, env.master_port) if env.distributed else None).start()
 
@@ -171,6 +171,19 @@ def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, repo
     if requeued:  # Slurm stops every process of this attempt; exiting first would count as a failed task
         time.sleep(REQUEUE_WAIT_S)
     os._exit(EXIT_HANG)
+
+
+def when_a_rank_vanished(e: BaseException) -> None:
+    """A collective that failed because another rank vanished (killed, or its host lost: its heartbeat stops
+    without a word) ends the attempt as a hang does: reported, requeued. A rank's own error does not."""
+    dog = ATTEMPT.get("watchdog")
+    text = str(e)
+    if dog is None or not (PROGRESS.failed_in or "peer" in text.lower()):
+        return
+    dog.end(f"failed: {type(e).__name__}")
+    if dog.lost_peers():
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        dog.fire(f"a collective failed ({first})", 0.0, PROGRESS.snapshot()["idle_s"])
 
 
 REPORTER_GRACE_S = 15.0
@@ -229,9 +242,12 @@ def main() -> None:
         _log_failure(run_dir, str(e))
     except BaseException as e:
         PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
+        when_a_rank_vanished(e)
         log.exception("rank failed")
         code = EXIT_FAILED
         _log_failure(run_dir, f"{type(e).__name__}: {e}")
+    if "watchdog" in ATTEMPT:
+        ATTEMPT["watchdog"].end("finished" if code == 0 else f"exit code {code}")
     if "lock" in ATTEMPT:
         ATTEMPT["lock"].release()
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
 import time
 from pathlib import Path
@@ -102,6 +104,64 @@ def test_cut_link_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_
     assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in line
     assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
     assert line in (tmp_path / "job.out").read_text()  # the one line, in the job's output
+    assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
+    assert_same_run(run_dir, reference)
+    wait_idle(slurm_cluster, node)
+
+
+def kill_node(cluster, node: str, job: str) -> None:
+    """Play a lost host: SIGKILL its slurmd and every process of this job on it (slurmstepd, the ranks), by pid.
+    The job has its nodes to itself (--exclusive): nothing else runs there."""
+    run = cluster.conf.parent / "run"
+    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True,
+                                           check=True).stdout.split()]
+    mine = [p for p in pids if of_job(p, job)]
+    assert mine, f"no process of job {job} on {node}"
+    for pid in [int((run / f"slurmd-{node}.pid").read_text()), *mine]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def of_job(pid: int, job: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return cmdline.startswith(f"slurmstepd: [{job}.") or f"SLURM_JOB_ID={job}".encode() in environ
+
+
+@pytest.mark.timeout(480)
+def test_lost_node_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_cluster, tmp_path, data_overrides,
+                                                                          reference):
+    """One node's slurmd and ranks are killed: Slurm would notice only after SlurmdTimeout; the surviving rank
+    names the lost one and requeues the job."""
+    run_dir = tmp_path / "run"
+    job = submit_exclusive(slurm_cluster, tmp_path, run_dir, [*RUN, *data_overrides, f"watchdog.step_s={STEP_S}",
+                                                              "debug.delay_s=0.15"])
+    node = None
+    try:
+        trained(run_dir, 25)
+        node = node_of_rank(run_dir, 1)
+        kill_node(slurm_cluster, node, job)
+        killed = time.time()
+        try:
+            report = read_report(run_dir, STEP_S + 60)
+        finally:
+            subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start-node", node], check=True,
+                           env=slurm_cluster.env, timeout=60)
+        state = slurm_cluster.wait_state(job, timeout=300)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+        if node:
+            subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start-node", node],
+                           env=slurm_cluster.env, timeout=60)
+    assert state == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    assert report["time"] - killed < STEP_S + 30, report["time"] - killed
+    line = report["summary"]
+    assert (report["lost"], report["surviving"]) == ([1], [0]), line
+    assert f"rank 1 on {node} is gone (no heartbeat for " in line
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
     assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
     assert_same_run(run_dir, reference)
     wait_idle(slurm_cluster, node)
