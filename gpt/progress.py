@@ -32,7 +32,13 @@ class Progress:
     failed_in: str | None = None  # a collective that raised (a peer closed its connection, a timeout)
     halted: bool = False  # the watchdog has ended this attempt: the main thread must not go on
     step_times: deque = field(default_factory=lambda: deque(maxlen=1000))
+    longest: dict = field(default_factory=dict)  # per kind, the longest stretch without a mark (startup: in all)
     _step_began: float = 0.0
+
+    def _mark(self, now: float) -> None:
+        used = now - (self.started if self.kind == "startup" else self.since)
+        self.longest[self.kind] = max(self.longest.get(self.kind, 0.0), used)
+        self.since = now
 
     def halt(self) -> None:
         """The watchdog has decided how this attempt ends (and may have requeued the job): a main thread that
@@ -54,7 +60,8 @@ class Progress:
             self.first_step_done = True
         if kind == "step":
             self._step_began = now
-        self.kind, self.what, self.step, self.since = kind, what, step, now
+        self._mark(now)
+        self.kind, self.what, self.step = kind, what, step
 
     @contextlib.contextmanager
     def collective(self, name: str) -> Iterator[None]:
@@ -64,14 +71,16 @@ class Progress:
         self.stop_if_halted()
         self.seq += 1
         self.inside = self.last_collective = name
-        self.last_collective_step, self.since = self.step, time.monotonic()
+        self.last_collective_step = self.step
+        self._mark(time.monotonic())
         try:
             yield
         except BaseException:
             self.failed_in = name
             raise
         finally:
-            self.inside, self.since = None, time.monotonic()
+            self.inside = None
+            self._mark(time.monotonic())
             self.stop_if_halted()
 
     def p99_step_s(self) -> float | None:

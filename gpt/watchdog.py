@@ -43,7 +43,6 @@ class Watchdog:
         self.attempt, self.on_hang, self.progress, self.master = attempt, on_hang, progress, master
         self.reaches_master: bool | None = None  # probed only while this rank is stuck
         self.probed = 0.0
-        self.closest: tuple[float, str] = (0.0, "")  # the largest share of a budget used so far: the margin
         self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says
         self.fired = threading.Lock()  # the report is made once, by the thread or by the main thread
         self.json_path, self.text_path = report_paths(run_dir, attempt)
@@ -57,17 +56,30 @@ class Watchdog:
 
     def budget(self) -> tuple[str, float, float]:
         """The budget that applies now: its key, its seconds, and the seconds used of it."""
-        p, c, now = self.progress, self.cfg, time.monotonic()
-        if not p.first_step_done:
-            return "watchdog.startup_s", c.startup_s, now - p.started
-        if p.kind in ("save", "finish"):
-            return "watchdog.save_s", c.save_s, now - p.since
-        if p.kind == "eval":
-            return "watchdog.eval_s", c.eval_s, now - p.since
+        p, now = self.progress, time.monotonic()
+        kind = p.kind if p.first_step_done else "startup"
+        key, seconds = self.budget_for(kind)
+        return key, seconds, now - (p.started if kind == "startup" else p.since)
+
+    def budget_for(self, kind: str) -> tuple[str, float]:
+        c = self.cfg
+        if kind == "startup":
+            return "watchdog.startup_s", c.startup_s
+        if kind in ("save", "finish"):
+            return "watchdog.save_s", c.save_s
+        if kind == "eval":
+            return "watchdog.eval_s", c.eval_s
         if c.step_s != "auto":
-            return "watchdog.step_s", float(c.step_s), now - p.since
-        p99 = p.p99_step_s()
-        return "watchdog.step_s (auto)", max(c.step_floor_s, c.step_factor * (p99 or 0.0)), now - p.since
+            return "watchdog.step_s", float(c.step_s)
+        return "watchdog.step_s (auto)", max(c.step_floor_s, c.step_factor * (self.progress.p99_step_s() or 0.0))
+
+    def closest(self) -> dict[str, float]:
+        """Per budget, the largest share of it this rank has used so far: the margin against false alarms."""
+        out: dict[str, float] = {}
+        for kind, used in list(self.progress.longest.items()):
+            key, seconds = self.budget_for(kind)
+            out[key] = round(max(out.get(key, 0.0), used / seconds), 4)
+        return out
 
     def probe(self) -> None:
         """While stuck past half its budget, whether this rank still reaches the master (the rendezvous store's
@@ -83,15 +95,14 @@ class Watchdog:
             self.reaches_master = False
 
     def beat(self) -> None:
-        key, seconds, used = self.budget()
-        self.closest = max(self.closest, (used / seconds, key))
+        _, seconds, used = self.budget()
         if used > seconds / 2:
             self.probe()
         else:
             self.reaches_master = None
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
                   "time": time.time(), "reaches_master": self.reaches_master, "ended": self.ended,
-                  "closest": {"share": round(self.closest[0], 4), "budget": self.closest[1]},
+                  "closest": self.closest(),
                   **self.progress.snapshot()}
         path = heartbeat_path(self.run_dir, self.rank)
         tmp = path.with_name(f".{path.name}.tmp")

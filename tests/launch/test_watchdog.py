@@ -92,3 +92,17 @@ def test_auto_step_budget_follows_the_measured_p99(tmp_path):
     assert dog.budget()[:2] == ("watchdog.step_s (auto)", 20.0)  # 10 x p99
     progress.phase("save", "checkpoint save at step 1", 1)
     assert dog.budget()[:2] == ("watchdog.save_s", 600)
+
+
+@pytest.mark.timeout(240)
+def test_a_healthy_run_raises_no_alarm(tmp_path, data_overrides):
+    """Steps, evaluations and saves under a tight step floor: no report, and the margin is recorded."""
+    launch(*RUN, *data_overrides, "train.max_steps=60", "train.eval_interval=20", "checkpoint.interval_steps=20",
+           "watchdog.step_floor_s=5", run_dir=tmp_path)
+    assert not list(tmp_path.glob("hang-*"))
+    for rank in (0, 1):
+        beat = json.loads((tmp_path / "watchdog" / f"rank{rank}.json").read_text())
+        assert beat["ended"] == "finished"
+        closest = beat["closest"]  # per budget, the largest share of it the rank used
+        assert {"watchdog.startup_s", "watchdog.step_s (auto)", "watchdog.save_s", "watchdog.eval_s"} <= set(closest)
+        assert max(closest.values()) < 0.5, closest  # at least twice the time it needed
