@@ -21,6 +21,14 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> N
         f.write(json.dumps(record) + "\n")
 
 
+def requeued(run_dir: Path, job: JobEnvironment) -> bool:
+    """Whether this attempt of this job ended by requeueing itself (its line in attempts.jsonl says so)."""
+    if job.job_id is None:
+        return False
+    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job.job_id and a.get("restart") == job.restart]
+    return bool(mine and mine[-1].get("requeued"))
+
+
 def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
     """Where this attempt's allocated time went; `started` is when the attempt began (epoch seconds)."""
     earlier = read_attempts(run_dir)
