@@ -78,10 +78,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     strategy = strategy_class(cfg.strategy.name)
     dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node, train)
     train.micro_batches(dp_size)
-    try:
-        StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
-    except ValueError as e:
-        raise ConfigError("metrics", OmegaConf.to_container(cfg.metrics), str(e)) from None
+    StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
     check_run_sections(OmegaConf.to_container(cfg, resolve=True))
 
     cfg = cfg.copy()
