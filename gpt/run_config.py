@@ -1,6 +1,6 @@
-"""The run's own config groups (checkpoint, preemption, resume, rendezvous, watchdog, debug), checked before anything
-runs: an unknown key or a bad value is one line naming the key, the value and what is valid, before any job is
-submitted or any rank started. Torch-free: the launcher checks them on a login node."""
+"""The run's own config groups (checkpoint, preemption, resume, rendezvous, watchdog, health, debug), checked
+before anything runs: an unknown key or a bad value is one line naming the key, the value and what is valid,
+before any job is submitted or any rank started. Torch-free: the launcher checks them on a login node."""
 from __future__ import annotations
 
 import signal
@@ -162,6 +162,32 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class HealthConfig:
+    """Node health checks before training (gpt.health): compute, storage, and the preflight all-reduce."""
+
+    enabled: bool = True
+    min_fraction: float = 0.8  # a node below this share of the median node's matmul speed is flagged
+    action: str = "warn"  # or exclude: requeue the job without the flagged nodes (Slurm)
+    matmul_size: int = 256
+    rounds: int = 3  # the nodes measure one after another, this many times; each node keeps its best
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> HealthConfig:
+        c = plain(c) or {}
+        _known("health", c, tuple(cls.__dataclass_fields__))
+        fraction = _number("health.min_fraction", c.get("min_fraction", 0.8), "a fraction between 0 and 1",
+                           none_ok=False)
+        if fraction > 1:
+            raise ConfigError("health.min_fraction", c["min_fraction"], "a fraction between 0 and 1")
+        action = c.get("action", "warn")
+        if action not in ("warn", "exclude"):
+            raise ConfigError("health.action", action, "warn or exclude")
+        return cls(_flag("health.enabled", c.get("enabled", True)), fraction, action,
+                   _int("health.matmul_size", c.get("matmul_size", 256), 16, "a matrix size >= 16"),
+                   _int("health.rounds", c.get("rounds", 3), 1, "a number of rounds >= 1"))
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests and demonstrations (README: test-only); all off by default."""
 
@@ -177,6 +203,7 @@ class DebugConfig:
     hang_step: int | None = None
     kill_rank: int | None = None  # this rank kills itself (SIGKILL) at kill_step, in the run's first attempt
     kill_step: int = 0
+    slow_node: int | None = None  # this node (its index in the job) is slow in the health check, first attempt only
 
     @property
     def signal_steps(self) -> list[int]:
@@ -199,7 +226,8 @@ class DebugConfig:
             hang_rank=_int("debug.hang_rank", c.get("hang_rank"), 0, "a rank, or null", True),
             hang_step=_int("debug.hang_step", c.get("hang_step"), 0, "a step, or null (before the first step)", True),
             kill_rank=_int("debug.kill_rank", c.get("kill_rank"), 0, "a rank, or null", True),
-            kill_step=_int("debug.kill_step", c.get("kill_step", 0), 0, "a step"))
+            kill_step=_int("debug.kill_step", c.get("kill_step", 0), 0, "a step"),
+            slow_node=_int("debug.slow_node", c.get("slow_node"), 0, "a node index, or null", True))
 
 
 def _steps(key: str, value: Any) -> int | list[int] | None:
@@ -224,5 +252,6 @@ def check_run_sections(cfg: Mapping[str, Any]) -> None:
     PreemptionConfig.from_cfg(cfg.get("preemption") or {})
     RendezvousConfig.from_cfg(cfg.get("rendezvous") or {})
     WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
+    HealthConfig.from_cfg(cfg.get("health") or {})
     DebugConfig.from_cfg(cfg.get("debug") or {})
     check_resume(cfg.get("resume", "auto"))

@@ -20,7 +20,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 
-from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
+from gpt.distributed import DistEnv, Rendezvous, init_process_group, leave, pick_device, preflight  # noqa: E402
 from gpt.errors import EXIT_FAILED, EXIT_HANG, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
 from gpt.faults import Faults  # noqa: E402
 from gpt.progress import PROGRESS  # noqa: E402
@@ -30,6 +30,7 @@ from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
 from launch.attempts import begin_attempt, end_attempt, goodput_record, log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
+from launch.health_gate import check_health  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.parent import end_with_launcher  # noqa: E402
 from launch.run_lock import RunLock  # noqa: E402
@@ -69,10 +70,13 @@ def run_rank(run_dir: Path) -> dict:
     start_watchdog(run_dir, env, job, cfg, attempt)
     Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank, attempt).before_start()
     PROGRESS.phase("startup", "joining the process group")
-    join(run_dir, env, cfg)
+    rendezvous = join(run_dir, env, cfg)
     clock.mark("rendezvous")
     if env.is_main:  # one writer per run folder, from before the first step to the exit
         ATTEMPT["lock"] = RunLock(run_dir, job.job_id, job.job_running)
+    if check_health(run_dir, env, job, cfg, attempt, pick_device(cfg.train.device, env), rendezvous):
+        leave()
+        return {"preempted": "health", "requeued": True}
     trainer = Trainer(cfg, env, run_dir, attempt)
     if env.is_main:
         begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
@@ -96,7 +100,7 @@ def run_rank(run_dir: Path) -> dict:
     return summary
 
 
-def join(run_dir: Path, env: DistEnv, cfg) -> None:
+def join(run_dir: Path, env: DistEnv, cfg) -> Rendezvous | None:
     """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
     device = pick_device(cfg.train.device, env)
     timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
@@ -105,7 +109,7 @@ def join(run_dir: Path, env: DistEnv, cfg) -> None:
     rendezvous = init_process_group(env, device, WatchdogConfig.from_cfg(cfg.get("watchdog") or {}).
                                     process_group_timeout(), join_timeout_s=timeout)
     if rendezvous is None:
-        return
+        return None
     rendezvous = preflight(rendezvous, device)
     if env.is_main:
         log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
@@ -113,6 +117,7 @@ def join(run_dir: Path, env: DistEnv, cfg) -> None:
             {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
              "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
              "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+    return rendezvous
 
 
 def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summary: dict, record: dict) -> bool:

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from gpt.errors import ConfigError
-from gpt.run_config import CheckpointConfig, DebugConfig, PreemptionConfig, WatchdogConfig, check_run_sections
+from gpt.run_config import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, WatchdogConfig,
+                            check_run_sections)
 from helpers import compose, launch
 
 BAD = {
@@ -25,6 +26,9 @@ BAD = {
     "watchdog.startup_s=0": "watchdog.startup_s=0 is not valid: a positive number of seconds",
     "watchdog.step_factor=0.5": "watchdog.step_factor=0.5 is not valid: a factor >= 1",
     "+watchdog.timeout=3": "watchdog.timeout=3 is not valid: known watchdog keys are",
+    "health.action=drop": "health.action='drop' is not valid: warn or exclude",
+    "health.min_fraction=1.5": "health.min_fraction=1.5 is not valid: a fraction between 0 and 1",
+    "health.rounds=0": "health.rounds=0 is not valid: a number of rounds >= 1",
 }
 
 
@@ -42,6 +46,7 @@ def test_defaults_pass_and_read_as_the_trainer_reads_them():
     assert PreemptionConfig.from_cfg(cfg.preemption).signals == ("SIGTERM", "SIGUSR2")
     assert DebugConfig.from_cfg(cfg.debug) == DebugConfig()
     assert WatchdogConfig.from_cfg(cfg.watchdog) == WatchdogConfig()
+    assert HealthConfig.from_cfg(cfg.health) == HealthConfig()
 
 
 def test_process_group_timeout_follows_the_watchdog():

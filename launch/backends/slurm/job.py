@@ -68,6 +68,31 @@ class SlurmJob(JobEnvironment):
             return False, f"scontrol requeue {job} failed ({e}): submit the same command again to resume"
         return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
 
+    def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
+        """Requeue the job, and keep it off `hosts` (Slurm's ExcNodeList, added to what it already excludes), as
+        long as the partition keeps enough nodes for it."""
+        job = self.job_id
+        try:
+            info = commands.scontrol_job(job)
+            if info is None:
+                return False, f"job {job} is unknown to Slurm"
+            excluded = set(hosts) | set(_nodes(info.get("ExcNodeList")))
+            partition = commands.run("sinfo", "-h", "-N", "-p", info.get("Partition", ""), "-o", "%N").split()
+            need, left = _int((info.get("NumNodes") or "").split("-")[0]), len(set(partition) - excluded)
+            if left < need:
+                return False, (f"not excluding {', '.join(hosts)}: {left} node(s) of partition "
+                               f"{info.get('Partition')} would remain for a {need}-node job")
+            requeued, how = self.requeue(max_restarts)
+            if requeued:
+                commands.run("scontrol", "update", f"jobid={job}", f"ExcNodeList={','.join(sorted(excluded))}")
+        except SlurmUnavailable as e:
+            return False, f"could not requeue job {job} without {', '.join(hosts)}: {e}"
+        return requeued, f"{how}, without {', '.join(sorted(excluded))} (ExcNodeList)" if requeued else how
+
+
+def _nodes(value: str | None) -> list[str]:
+    return commands.hostnames(value) if value and value != "(null)" else []
+
 
 def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
