@@ -9,6 +9,8 @@ nothing, so a normal run is never changed.
     debug.unreadable_rank               that rank cannot read the newest checkpoint (resume must agree)
     debug.hang_rank, hang_step          a rank hangs at that step, or before it joins the others (the watchdog)
     debug.kill_rank, kill_step          a rank kills itself (SIGKILL) at that step (a dead rank)
+    debug.straggler_rank, straggler_s   a rank sleeps every step of the first attempt (a sick host: excluded,
+                                        the next attempt runs without it)
 
 A hang or a kill happens only in the run's first attempt: the resumed attempt must be able to finish.
 """
@@ -50,6 +52,9 @@ class Faults:
         if c.delay_rank == self.rank and c.delay_s > 0:
             time.sleep(c.delay_s)
             return c.delay_s
+        if self.first_attempt and c.straggler_rank == self.rank and c.straggler_s > 0:
+            time.sleep(c.straggler_s)
+            return c.straggler_s
         return 0.0
 
     def _hang(self, where: str) -> None:

@@ -203,6 +203,8 @@ class DebugConfig:
     hang_step: int | None = None
     kill_rank: int | None = None  # this rank kills itself (SIGKILL) at kill_step, in the run's first attempt
     kill_step: int = 0
+    straggler_rank: int | None = None  # this rank lags by straggler_s per step, in the run's first attempt only
+    straggler_s: float = 0.0
     slow_node: int | None = None  # this node (its index in the job) is slow in the health check, first attempt only
 
     @property
@@ -227,6 +229,8 @@ class DebugConfig:
             hang_step=_int("debug.hang_step", c.get("hang_step"), 0, "a step, or null (before the first step)", True),
             kill_rank=_int("debug.kill_rank", c.get("kill_rank"), 0, "a rank, or null", True),
             kill_step=_int("debug.kill_step", c.get("kill_step", 0), 0, "a step"),
+            straggler_rank=_int("debug.straggler_rank", c.get("straggler_rank"), 0, "a rank, or null", True),
+            straggler_s=_number("debug.straggler_s", c.get("straggler_s", 0.0), "seconds >= 0", none_ok=False),
             slow_node=_int("debug.slow_node", c.get("slow_node"), 0, "a node index, or null", True))
 
 

@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,13 @@ from gpt.parallel import build_strategy
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.progress import PROGRESS
+from gpt.exclusion import ExclusionDecision, decide
 from gpt.faults import Faults
 from gpt.goodput import (PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, window_needed,
                          young_daly_minutes)
 from gpt.run_config import CheckpointConfig, DebugConfig
 from gpt.runinfo import cpu_affinity, cpu_list
-from gpt.stragglers import StragglerConfig, StragglerMonitor
+from gpt.stragglers import StragglerConfig, StragglerMonitor, WindowSummary
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,7 @@ class Trainer:
         self.saved_step: int | None = None
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
         self.stop_signal: str | None = None  # set on every rank once any rank got a preemption signal
+        self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
         self.save_due = False  # checkpoint.interval_minutes elapsed (rank 0's clock, agreed in the step's all_reduce)
         self.last_save_time = time.monotonic()
         self.spent = Spent()  # where this attempt's time goes (goodput)
@@ -185,8 +188,25 @@ class Trainer:
         if self.env.is_main:
             values.update(stragglers.metrics())
             StragglerMonitor.log_events(stragglers, log)
+        self.consider_exclusion(stragglers)
         self.metrics.write(self.step, values)
         return values
+
+    def consider_exclusion(self, summary: WindowSummary) -> None:
+        """metrics.straggler_action=exclude: when a rank becomes a straggler, remove its host if that pays
+        (gpt.exclusion); the run then saves and stops, and the worker requeues the job without that host."""
+        events = [e for e in summary.events if e.kind == "straggler"]  # the same on every rank
+        if self.stragglers.config.action != "exclude" or not events:
+            return
+        worst = max(events, key=lambda e: e.busy_s - e.median_s)
+        others = statistics.median(r.busy_s for r in summary.ranks if r.rank != worst.rank)
+        save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
+        decision = from_rank0_object(decide(worst, others, self.train.max_steps - self.step - 1, save_s,
+                                            read_attempts(self.run_dir)))
+        if self.env.is_main:
+            log.warning("%s", decision.message())
+        if decision.pays:
+            self.exclusion = decision
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -407,12 +427,17 @@ class Trainer:
                 if not self.run_eval(summary, bar):
                     break
             every = self.ckpt.interval_steps
-            if (every and self.step % every == 0) or self.save_due:
+            if self.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
+                self.stop_signal = "straggler"
+            elif (every and self.step % every == 0) or self.save_due:
                 self.save()
         bar.close()
         PROGRESS.phase("finish", "the final save", self.step)
-        if self.stop_signal is not None:
+        if self.exclusion is not None:
+            summary["exclusion"] = self.exclusion.as_dict()
+        elif self.stop_signal is not None:
             log.warning("preemption signal %s: every rank saves at step %d and stops", self.stop_signal, self.step)
+        if self.stop_signal is not None:
             summary["preempted"] = self.stop_signal
         # Nothing trained yet (a signal before the first step): no checkpoint, the next attempt starts afresh as
         # this one did. A step-0 checkpoint would not resume exactly: DCP gives an optimizer without state a

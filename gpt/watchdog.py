@@ -102,7 +102,7 @@ class Watchdog:
             self.reaches_master = None
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
                   "time": time.time(), "reaches_master": self.reaches_master, "ended": self.ended,
-                  "closest": self.closest(),
+                  "closest": self.closest(), "longest_s": {k: round(v, 3) for k, v in self.progress.longest.items()},
                   **self.progress.snapshot()}
         path = heartbeat_path(self.run_dir, self.rank)
         tmp = path.with_name(f".{path.name}.tmp")

@@ -129,10 +129,13 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
         max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             requeued, how = False, "stopped by Ctrl-C; the same command continues the run"
+        elif summary.get("exclusion"):
+            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], max_restarts)
         else:
             requeued, how = job.requeue(max_restarts)
+        extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
-                                   "note": how})
+                                   "note": how, **extra})
         end_attempt(run_dir)
         (log.info if requeued else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
                                                 summary["last_step"], summary["preempted"], how)

@@ -1,6 +1,7 @@
 """A rank inside a Slurm job: the job id, the restart count, and `scontrol requeue`."""
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 
 from launch.backends.slurm import commands
@@ -83,11 +84,28 @@ class SlurmJob(JobEnvironment):
                 return False, (f"not excluding {', '.join(hosts)}: {left} node(s) of partition "
                                f"{info.get('Partition')} would remain for a {need}-node job")
             requeued, how = self.requeue(max_restarts)
-            if requeued:
-                commands.run("scontrol", "update", f"jobid={job}", f"ExcNodeList={','.join(sorted(excluded))}")
         except SlurmUnavailable as e:
             return False, f"could not requeue job {job} without {', '.join(hosts)}: {e}"
-        return requeued, f"{how}, without {', '.join(sorted(excluded))} (ExcNodeList)" if requeued else how
+        if not requeued:
+            return False, how
+        nodes = ",".join(sorted(excluded))
+        if not _retry(lambda: commands.exclude_nodes(job, sorted(excluded))):
+            return True, f"{how}, but Slurm refused ExcNodeList={nodes}: it may run on them again"
+        return True, f"{how}, without {nodes} (ExcNodeList)"
+
+
+def _retry(call, seconds: float = 4.0) -> bool:
+    """Slurm takes the update once the requeue has stopped the job running: try for a moment (SIGKILL comes
+    KillWait seconds after the requeue)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            call()
+            return True
+        except SlurmUnavailable:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.5)
 
 
 def _nodes(value: str | None) -> list[str]:
