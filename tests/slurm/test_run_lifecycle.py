@@ -3,6 +3,7 @@ restart limit, scancel), the same command continues it; a sweep run again finish
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -244,9 +245,12 @@ def test_a_job_killed_at_its_time_limit_is_continued_by_the_next_submission(slur
     first = subprocess.run(launch_cmd(*command, "debug.delay_s=0.5"), cwd=REPO, env=slurm_cluster.env,
                            capture_output=True, text=True, timeout=300)
     assert first.returncode == 1 and "TIMEOUT" in first.stderr, output(first)
+    assert "it reached its time limit (cluster.time_min) before a warning saved it" in first.stderr
+    step = int(re.search(r"the same command continues the run from its newest checkpoint \(step (\d+)\)",
+                         first.stderr).group(1))
     again = subprocess.run(launch_cmd(*command, "debug.delay_s=0"), cwd=REPO, env=slurm_cluster.env,
                            capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, output(again)
     log = attempts(run_dir)
     assert log[0]["ended"] == f"stopped by Slurm: job {log[0]['job_id']} ended TIMEOUT", log
-    assert log[-1]["ended"] == "finished" and log[-1]["first_step"] > 0, log
+    assert log[-1]["ended"] == "finished" and log[-1]["first_step"] == step > 0, log
