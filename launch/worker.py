@@ -159,9 +159,12 @@ def start_watchdog(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attemp
 def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, report: dict | None) -> None:
     """Called by the watchdog thread while the main thread is stuck: the rank that wrote the hang report says
     so in one line, records the attempt and requeues the job; every rank then ends, so the job can resume.
-    Another rank waits a little for that rank to do it (it may be cut off), then requeues itself."""
+    Under a scheduler another rank waits a little for that rank to do it (it may be cut off), then requeues
+    itself."""
     max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
-    if report is None:
+    if report is None and job.scheduler == "none":  # nothing to requeue: the report is written, end now
+        requeued = False
+    elif report is None:
         time.sleep(REPORTER_GRACE_S)
         requeued, how = job.requeue(max_restarts)
     else:

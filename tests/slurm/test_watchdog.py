@@ -20,7 +20,7 @@ from test_run_lifecycle import trained
 pytestmark = pytest.mark.slurm
 
 STEPS = 80
-STEP_S = 10
+STEP_S = 6
 RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
     f"train.max_steps={STEPS}", "checkpoint.interval_steps=20", "debug.delay_rank=0", "debug.delay_s=0.05"]
 
