@@ -82,7 +82,7 @@ class Trainer:
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()
         use_tf32(self.device, self.train.precision)
-        self.strategy = build_strategy(cfg.strategy, env, self.device, self.train.precision)
+        self.strategy = build_strategy(cfg, self.model_cfg, env, self.device, self.train.precision)
         model = build_model(self.model_cfg, self.device, cfg.seed)
         self.strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
         self.strategy.setup(model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
@@ -146,6 +146,7 @@ class Trainer:
             f"model        {self.model_cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
             f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), {self.flops_per_token / 1e6:.1f} MFLOPs/token",
             f"strategy     {self.strategy.describe()} on {world} rank(s), {self.env.num_nodes} node(s)",
+            f"layout       {self.strategy.dims.describe(self.env.local_world_size)}",
             f"device       {self.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
             f"rank on CPUs {cpu_list(cpu_affinity())}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
