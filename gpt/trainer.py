@@ -26,6 +26,7 @@ from gpt.metrics import MetricsWriter, layer_keys, memory_stats
 from gpt.model import GPT
 from gpt.optim import lr_at
 from gpt.parallel import build_strategy
+from gpt.parallel.traits import saved_format
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.faults import Faults
@@ -226,6 +227,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "dp_size": self.strategy.dp_size,
             "strategy": self.strategy.name,
+            "checkpoint_format": self.strategy.traits().checkpoint_format,
+            "layout": self.strategy.dims.sizes(),
             "fingerprint": self.fingerprint(),
             "eval_pending": self.eval_pending,
             "time": time.time(),
@@ -300,15 +303,17 @@ class Trainer:
             saved = {k: v for k, v in saved.items() if k.startswith("model.")}
             current = {k: v for k, v in current.items() if k.startswith("model.")}
         check_fingerprint(path, saved, current)
-        written_by, world = meta.get("strategy"), meta.get("world_size")
-        deepspeed = "deepspeed" in (written_by, self.strategy.name)
-        if deepspeed and written_by != self.strategy.name:
-            raise UserError(f"checkpoint {path} was written by strategy={written_by}; DeepSpeed's engine checkpoints "
-                            f"and DCP checkpoints do not load into each other: resume with strategy={written_by}")
-        if deepspeed and world != self.env.world_size:
-            raise UserError(f"checkpoint {path} was written by strategy=deepspeed on {world} ranks and this run has "
-                            f"{self.env.world_size}: DeepSpeed's ZeRO checkpoints cannot be resharded; resume on "
-                            f"{world} ranks (or use a DCP strategy: ddp, fsdp, zero1, pipeline)")
+        written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
+        traits = self.strategy.traits()
+        if saved != traits.checkpoint_format:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
+                            f"does not load into strategy={self.strategy.name} ({traits.checkpoint_format}): resume "
+                            f"with strategy={written_by}")
+        if not traits.reshardable and world != self.env.world_size:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
+                            f"has {self.env.world_size}: its {saved} checkpoints cannot be resharded; resume on "
+                            f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
+                            "pipeline)")
 
     def restore(self, path: Path, meta: dict[str, Any]) -> None:
         self.step = self.first_step = int(meta["step"])

@@ -36,7 +36,7 @@ def plan_layout(cfg: Any, model_cfg: Any, world_size: int, ranks_per_node: int, 
     cls = strategy_class(cfg.strategy.name)
     cls.data_parallel_size(cfg.strategy, model_cfg, world_size, train)
     parallel = cfg.get("parallel") or {}
-    dims = cls.layout(cfg.strategy, parallel, world_size)
+    dims = cls.traits().layout(cfg.strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims
 

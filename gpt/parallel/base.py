@@ -19,7 +19,8 @@ from gpt.distributed import DistEnv
 from gpt.errors import ConfigError
 from gpt.metrics import layer_grad_norms
 from gpt.optim import build_adamw
-from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
+from gpt.parallel.layout import ParallelDims
+from gpt.parallel.traits import Preset, preset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimizer state keyed by parameter name, one key per parameter and setting ("optim.state.layers.0...exp_avg",
@@ -102,8 +103,6 @@ class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
     name = "single"
-    data_axis = "dp_replicate"  # how this preset's data-parallel ranks hold the model (gpt.parallel.layout)
-    axes: tuple[str, ...] = ("dp_replicate", "dp_shard")  # the layout axes it runs
 
     def __init__(self, cfg: Any, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
@@ -141,11 +140,9 @@ class Strategy:
         return 1
 
     @classmethod
-    def layout(cls, cfg: Any, parallel: Any, world_size: int) -> ParallelDims:
-        """The layout this preset runs on `world_size` ranks (cfg: the `strategy` section, parallel: `parallel`)."""
-        dims = read_dims(parallel, world_size)
-        refuse_axes(dims, cls.name, cls.axes)
-        return ParallelDims(**{cls.data_axis: dims.dp})
+    def traits(cls) -> Preset:
+        """What this strategy is (checkpoint format, parameters held, collectives): gpt.parallel.traits."""
+        return preset(cls.name)
 
     # --- building -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:

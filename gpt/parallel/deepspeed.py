@@ -87,7 +87,6 @@ def _owned_grad_fragment(p: nn.Parameter) -> torch.Tensor:
 
 class DeepSpeed(Strategy):
     name = "deepspeed"
-    data_axis = "dp_shard"  # ZeRO splits optimizer state (and more, by stage) over the data-parallel ranks
 
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)

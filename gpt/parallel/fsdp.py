@@ -22,7 +22,6 @@ from torch.utils.checkpoint import checkpoint
 
 from gpt.errors import ConfigError
 from gpt.parallel.base import DTYPES, Strategy, check_keys, local_part, planned_device
-from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 from gpt.parallel.mesh import build_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.optim import build_adamw
@@ -71,8 +70,6 @@ class FSDP(Strategy):
     by tensor parallelism on the tp axis (gpt.parallel.tensor) and each tp rank's part is then sharded."""
 
     name = "fsdp"
-    data_axis = "dp_shard"
-    axes = ("dp_replicate", "dp_shard", "tp")
 
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
@@ -84,12 +81,6 @@ class FSDP(Strategy):
         check_keys(cfg, KEYS)
         check_fsdp_options(cfg, train)
         return world_size
-
-    @classmethod
-    def layout(cls, cfg, parallel, world_size: int) -> ParallelDims:
-        dims = read_dims(parallel, world_size)
-        refuse_axes(dims, cls.name, cls.axes)
-        return dims
 
     @property
     def dp_rank(self) -> int:
@@ -151,5 +142,5 @@ class FSDP(Strategy):
         norm = square.sqrt()
         if max_norm > 0:
             torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
-                                                 max_norm, norm)
+                                                 max_norm, norm, foreach=False)  # one mesh per call
         return norm

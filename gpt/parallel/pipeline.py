@@ -43,7 +43,6 @@ from gpt.model import GPT
 from gpt.optim import build_adamw
 from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part
 from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
-from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 from gpt.parallel.mesh import build_mesh, describe_mesh
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
@@ -162,18 +161,6 @@ class Pipeline(Strategy):
                                   f"{per_replica} (train.global_batch_size={train.global_batch_size} / "
                                   f"data-parallel size {dp}), at least pp={pp}")
         return dp
-
-    @classmethod
-    def layout(cls, cfg, parallel, world_size: int) -> ParallelDims:
-        """pp stages from strategy.pp (parallel.pp, if set, must agree), data parallel inside them."""
-        pp = int(cfg.get("pp", 2))
-        if parallel.get("pp", 1) not in (1, pp):
-            raise ConfigError("parallel.pp", parallel.get("pp"), f"1 or strategy.pp={pp}: strategy.pp sets the "
-                              "stages of strategy=pipeline")
-        dims = read_dims(parallel, world_size, pp=pp)
-        refuse_axes(dims, cls.name, ("pp", "dp_replicate", "dp_shard"))
-        inside = "dp_shard" if cfg.get("dp", "ddp") == "fsdp" else "dp_replicate"
-        return ParallelDims(pp=pp, **{inside: dims.dp})
 
     @property
     def pp_rank(self) -> int:

@@ -16,7 +16,6 @@ from gpt.parallel.ddp import DDP
 
 class Zero1(DDP):
     name = "zero1"
-    data_axis = "dp_shard"  # the optimizer state is split over the data-parallel ranks
 
     def describe(self) -> str:
         return f"ZeRO-1 (ZeroRedundancyOptimizer over DDP), optimizer state split over {self.dp_size} ranks"
