@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from strategy_runs import last_record, ranks, run
+from strategy_runs import baseline_of, last_record, ranks, run
 
 EMBEDDING, HEAD = {"wte", "wpe"}, {"ln_f", "lm_head"}  # lm_head is the last stage's copy of the tied wte
 
@@ -55,3 +55,13 @@ def test_pipeline_ranks_hold_their_layers_and_all_get_gradients(name, total_byte
         assert set(norms) == every_layer, (rank, sorted(norms))
         assert all(v > 0 for v in norms.values()), (rank, norms)
         assert record["param_bytes"] < 0.75 * total_bytes  # a stage, not the model
+
+
+@pytest.mark.parametrize("name,share", [("tp2_gqa", 0.5), ("hsdp2x2", 0.5), ("fsdp2_tp2_sequence_parallel", 0.25)])
+def test_layouts_hold_their_fraction_of_the_parameters(name, share, tmp_path_factory, data_overrides):
+    """tp splits every matrix and the embedding in two (the norms, a few hundred bytes, are whole on each tp rank);
+    HSDP shards over dp_shard=2 and replicates across dp_replicate: each rank holds 1 / (dp_shard x tp)."""
+    total = last_record(run(baseline_of(name), tmp_path_factory, data_overrides), 0)["param_bytes"]
+    run_dir = run(name, tmp_path_factory, data_overrides)
+    held = [last_record(run_dir, r)["param_bytes"] / total for r in range(ranks(name))]
+    assert all(share * 0.97 <= h <= share * 1.06 for h in held), (held, share)
