@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
@@ -198,8 +199,17 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert else make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # residual dropout, on each branch's output
+        # Activation checkpointing: keep only the block's input and recompute the rest in backward. A flag, not a
+        # wrapper, so parameter names, copies of the model (pipeline stages) and hooks on the block (FSDP,
+        # tensor parallel) stay as they are: hooks run once around the call, the recomputation inside.
+        self.recompute = False
 
     def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.layer, x, rope, cache, use_reentrant=False)
+        return self.layer(x, rope, cache)
+
+    def layer(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
         if self.pre_norm:
             x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
             return x + self.drop(self.mlp(self.mlp_norm(x)))

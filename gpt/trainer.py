@@ -85,6 +85,9 @@ class Trainer:
         use_tf32(self.device, self.train.precision)
         self.strategy = build_strategy(cfg, self.model_cfg, env, self.device, self.train.precision)
         model = build_model(self.model_cfg, self.device, cfg.seed)
+        every = self.train.recompute_every()
+        for i, block in enumerate(model.layers.values()):
+            block.recompute = every > 0 and i % every == 0
         self.strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
         self.strategy.setup(model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
         rng.seed_device(cfg.seed, env.rank)

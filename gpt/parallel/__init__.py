@@ -34,8 +34,11 @@ def plan_layout(cfg: Any, model_cfg: Any, world_size: int, ranks_per_node: int, 
     """The run's layout, checked against the strategy, the model and the nodes (a ConfigError if it cannot run).
     cfg is the whole config (its `strategy` and `parallel` sections)."""
     cls = strategy_class(cfg.strategy.name)
-    cls.data_parallel_size(cfg.strategy, model_cfg, world_size, train)
     parallel = cfg.get("parallel") or {}
+    tp = parallel.get("tp", 1)
+    # The preset's own checks (stages, micro-batches) count the ranks of one tensor-parallel slice.
+    slice_ranks = world_size // tp if isinstance(tp, int) and tp > 0 and world_size % tp == 0 else world_size
+    cls.data_parallel_size(cfg.strategy, model_cfg, slice_ranks, train)
     dims = cls.traits().layout(cfg.strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims

@@ -8,7 +8,6 @@ fp32), not autocast. Options: activation checkpointing per layer, parameters and
 from __future__ import annotations
 
 import contextlib
-import functools
 from collections.abc import Iterator
 from typing import Any
 
@@ -18,7 +17,6 @@ from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor.parallel import loss_parallel
-from torch.utils.checkpoint import checkpoint
 
 from gpt.errors import ConfigError
 from gpt.parallel.base import DTYPES, Strategy, check_keys, local_part, planned_device
@@ -36,17 +34,6 @@ def check_fsdp_options(cfg: Any, train: Any, prefix: str = "strategy") -> None:
                           "to the CPU); set train.device=cuda on a GPU machine to use it")
 
 
-def checkpoint_activations(block: nn.Module) -> None:
-    """Recompute the block's activations in backward instead of keeping them (parameter names unchanged)."""
-    forward = block.forward
-
-    @functools.wraps(forward)
-    def recomputed(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = recomputed
-
-
 def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Module:
     """fully_shard each transformer layer of `model` (a GPT or a pipeline stage of one), then the rest."""
     mp = None
@@ -57,7 +44,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Mo
     reshard = cfg.get("reshard_after_forward", True)
     for block in model.layers.values():
         if cfg.get("activation_checkpointing", False):
-            checkpoint_activations(block)
+            block.recompute = True
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # The root keeps embeddings, final norm and head; it stays gathered after forward (backward needs it at once).
     fully_shard(model, reshard_after_forward=False, **kwargs)

@@ -41,22 +41,28 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
     return plan
 
 
-def apply_tensor_parallel(model: GPT, mesh: DeviceMesh, sequence_parallel: bool) -> GPT:
-    """Split `model` (in place) over the 1-D `mesh`; forward then returns vocabulary-sharded logits (a DTensor),
-    whose loss must be computed under `torch.distributed.tensor.parallel.loss_parallel()`."""
+def apply_tensor_parallel(model: GPT, mesh: DeviceMesh, sequence_parallel: bool, sharded_loss: bool = True) -> GPT:
+    """Split `model` (in place; a whole GPT or a pipeline stage of one) over the 1-D `mesh`. With `sharded_loss`
+    forward returns vocabulary-sharded logits (a DTensor), whose loss must be computed under
+    `torch.distributed.tensor.parallel.loss_parallel()`; else the logits are gathered."""
     between = Shard(1) if sequence_parallel else Replicate()
-    # The embedding's output is complete (an all-reduce over the vocabulary shards), so learned positions add
-    # to it as they are; under sequence parallel the first block then takes its slice (no communication).
-    parallelize_module(model, mesh, {"wte": RowwiseParallel(input_layouts=Replicate(), output_layouts=Replicate())})
+    if model.wte is not None:
+        # The embedding's output is complete (an all-reduce over the vocabulary shards), so learned positions add
+        # to it as they are; under sequence parallel the first block then takes its slice (no communication).
+        parallelize_module(model, mesh, {"wte": RowwiseParallel(input_layouts=Replicate(),
+                                                                output_layouts=Replicate())})
     for block in model.layers.values():
         parallelize_module(block, mesh, block_plan(block, sequence_parallel))
     if sequence_parallel:
-        parallelize_module(model.layers["0"], mesh, PrepareModuleInput(
+        parallelize_module(next(iter(model.layers.values())), mesh, PrepareModuleInput(
             input_layouts=(Replicate(), None, None), desired_input_layouts=(Shard(1), None, None),
             use_local_output=True))
-    head = {"lm_head": ColwiseParallel(input_layouts=between, output_layouts=Shard(-1), use_local_output=False)}
-    if model.ln_f is not None and sequence_parallel:
-        head["ln_f"] = SequenceParallel()
-    parallelize_module(model, mesh, head)
+    if model.lm_head is not None:
+        logits = Shard(-1) if sharded_loss else Replicate()
+        head = {"lm_head": ColwiseParallel(input_layouts=between, output_layouts=logits,
+                                           use_local_output=not sharded_loss)}
+        if model.ln_f is not None and sequence_parallel:
+            head["ln_f"] = SequenceParallel()
+        parallelize_module(model, mesh, head)
     model.tie_weights()  # both were split over the vocabulary the same way: share the embedding's DTensor again
     return model

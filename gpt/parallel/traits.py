@@ -149,7 +149,7 @@ class FSDP(Preset):
 
 class Pipeline(Preset):
     name = "pipeline"
-    axes = ("pp", "dp_replicate", "dp_shard")
+    axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
     def layout(self, cfg, parallel, world_size):
         pp = int(cfg.get("pp", 2))
@@ -158,18 +158,28 @@ class Pipeline(Preset):
                               "stages of strategy=pipeline")
         dims = read_dims(parallel, world_size, pp=pp)
         refuse_axes(dims, self.name, self.axes)
+        if dims.sequence_parallel:
+            raise ConfigError("parallel.sequence_parallel", True, "false with strategy=pipeline (a later stage "
+                              "would take its RoPE positions from its slice of the sequence)")
         inside = "dp_shard" if cfg.get("dp", "ddp") == "fsdp" else "dp_replicate"
-        return ParallelDims(pp=pp, **{inside: dims.dp})
+        if dims.tp > 1 and dims.dp > 1 and inside == "dp_replicate":
+            raise ConfigError("strategy.dp", cfg.get("dp", "ddp"), "fsdp with parallel.tp > 1 (DDP does not take "
+                              "the tensor-parallel DTensor parameters; FSDP2 does)")
+        return ParallelDims(pp=pp, tp=dims.tp, **{inside: dims.dp})
 
     def param_fraction(self, cfg, dims):
-        return 1.0 / (dims.pp * dims.dp_shard)
+        return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
 
     def collectives(self, cfg, dims, w):
-        stage = 4.0 * w.params / dims.pp
+        stage = 4.0 * w.params / dims.pp / dims.tp
         out = []
         if dims.dp > 1:
             bucket = float(cfg.get("bucket_cap_mb", 25)) * 2**20
             out.append(Collective("all_reduce", stage, _buckets(stage, bucket), "dp", "each stage's gradients"))
+        if dims.tp > 1:
+            calls = 4 * w.n_layer // dims.pp + 1  # this stage's layers, forward and backward; embedding or head
+            out.append(Collective("all_reduce", calls * w.activation_bytes(dims), calls, "tp",
+                                  "partial activations"))
         if dims.pp > 1:
             micro = int(cfg.get("microbatches", dims.pp))
             out.append(Collective("p2p", 2 * w.activation_bytes(dims), 2 * micro, "pp",

@@ -47,6 +47,12 @@ CASES: dict[str, tuple[list[str], int]] = {
     # learned positions and a GELU MLP, sequence parallel inside each of 2 FSDP shards
     "fsdp2_tp2_sequence_parallel": ([*TP, "parallel.sequence_parallel=true", "cluster.tasks_per_node=4"], 4),
     "hsdp2x2": (["strategy=fsdp", "parallel.dp_replicate=2", "nodes=2", "cluster.tasks_per_node=2"], 4),
+    # tp inside each pipeline stage; activation checkpointing (a train option, any layout) on every layer
+    "pp2_tp2_recompute": ([*PIPELINE, "parallel.tp=2", *GQA, "train.activation_checkpointing=full",
+                           "cluster.tasks_per_node=4"], 4),
+    # 2 nodes of 4: tp inside a node, FSDP over the replicas of a stage, stages across nodes
+    "pp2_dp2_tp2": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp", "parallel.tp=2", *GQA,
+                     "train.activation_checkpointing=every_2", "nodes=2", "cluster.tasks_per_node=4"], 8),
 }
 BF16_CASES: dict[str, tuple[list[str], int]] = {
     "fsdp_bf16": (["strategy=fsdp", "train.precision=bf16", "cluster.tasks_per_node=2"], 2),

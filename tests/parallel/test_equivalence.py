@@ -28,6 +28,8 @@ BANNERS = {
     "tp2_sequence_parallel_gqa": "tensor parallel over tp=2 with sequence parallel",
     "fsdp2_tp2_sequence_parallel": "layout       dp_shard=2 x tp=2, sequence parallel (node 0: ranks 0-3)",
     "hsdp2x2": "HSDP (fully_shard), parameters sharded over mesh dp_replicate=2 x dp_shard=2",
+    "pp2_tp2_recompute": "pipeline 1f1b, mesh pp=2 x dp=1 x tp=2 (2 stages",
+    "pp2_dp2_tp2": "layout       pp=2 x dp_shard=2 x tp=2 (node 0: ranks 0-3, node 1: ranks 4-7)",
 }
 
 

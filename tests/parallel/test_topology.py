@@ -58,6 +58,13 @@ CASES = {
     "two sizes left to the rest": (["strategy=fsdp", "parallel.tp=-1", *FOUR],
                                    "parallel.tp=-1 is not valid: a size: only one of the parallel sizes may be -1"),
     "unknown layout key": (["strategy=fsdp", "+parallel.cp=2"], "parallel.cp=2 is not valid: known parallel keys"),
+    "pipeline x tp with ddp inside stages": (["strategy=pipeline", "parallel.tp=2", "cluster.tasks_per_node=8"],
+                                             "strategy.dp='ddp' is not valid: fsdp with parallel.tp > 1"),
+    "pipeline with sequence parallel": (["strategy=pipeline", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                         *FOUR], "parallel.sequence_parallel=True is not valid: false with "
+                                         "strategy=pipeline"),
+    "unknown activation checkpointing": (["train.activation_checkpointing=some"],
+                                         "train.activation_checkpointing='some' is not valid: none, full, or every_K"),
 }
 
 
@@ -142,6 +149,8 @@ def test_good_topologies_pass(overrides, dp):
     (["strategy=fsdp", "parallel.tp=2", "parallel.tp_across_nodes=true", "nodes=2"], ParallelDims(tp=2)),
     (["strategy=pipeline", "strategy.dp=fsdp", "strategy.schedule=gpipe", *FOUR], ParallelDims(pp=2, dp_shard=2)),
     (["strategy=pipeline", *FOUR], ParallelDims(pp=2, dp_replicate=2)),
+    (["strategy=pipeline", "strategy.dp=fsdp", "parallel.tp=2", "cluster.tasks_per_node=8"],
+     ParallelDims(pp=2, dp_shard=2, tp=2)),
 ])
 def test_presets_are_layouts(overrides, dims):
     assert layout(overrides) == dims
