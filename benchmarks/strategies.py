@@ -44,6 +44,9 @@ CONFIGS: dict[str, tuple[list[str], int | None]] = {
     "tp=2 sequence parallel": (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "fsdp 2 x tp 2": (["strategy=fsdp", "parallel.tp=2"], 4),
     "hsdp 2 x 2": (["strategy=fsdp", "parallel.dp_replicate=2"], 4),
+    "pipeline 1f1b x tp 2": ([*PIPELINE, "strategy.schedule=1f1b", "parallel.tp=2"], 4),
+    "pipeline x fsdp 2 x tp 2": ([*PIPELINE, "strategy.schedule=1f1b", "strategy.dp=fsdp", "parallel.tp=2"], 8),
+    "ddp + activation checkpointing": (["strategy=ddp", "train.activation_checkpointing=full"], None),
 }
 
 
@@ -104,6 +107,9 @@ def main() -> None:
     args = parser.parse_args()
 
     names = [n for n in CONFIGS if not args.only or n in args.only or n.split()[0] in args.only]
+    unknown = set(args.only or ()) - set(CONFIGS) - {n.split()[0] for n in CONFIGS}
+    if unknown:
+        parser.error(f"--only {' '.join(sorted(unknown))}: not a configuration; pick from {', '.join(CONFIGS)}")
     text = REPO / "data" / "tinyshakespeare" / "input.txt"
     data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
     common = [f"model={args.model}", f"train.global_batch_size={args.batch}",

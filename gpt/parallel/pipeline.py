@@ -301,12 +301,17 @@ class Pipeline(Strategy):
         """The norm over every stage's gradients (the tied weight counted once), from each rank's local parts
         (each counted once over the ranks that hold it), then clip with it."""
         tied_copy = self._tied_parameters()[-1:] if self.n_stages - 1 in self.stages else []
-        square = torch.zeros((), device=self.device)
-        for _, p in self._parameters():
-            if p.grad is not None and not any(p is t for t in tied_copy):
-                local, copies = self._local_part(p.grad)
+        counted = [p.grad for _, p in self._parameters() if p.grad is not None and not any(p is t for t in tied_copy)]
+        if self.tp == 1:  # one mesh: torch's norm over this stage, then the stages' squares added
+            norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+            square = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach().float() ** 2
+            dist.all_reduce(square, group=self.pp_group)
+        else:  # DTensors on the tp and on the dp x tp mesh do not mix in get_total_norm
+            square = torch.zeros((), device=self.device)
+            for grad in counted:
+                local, copies = self._local_part(grad)
                 square += local.float().pow(2).sum() / copies
-        dist.all_reduce(square)
+            dist.all_reduce(square)
         total = square.sqrt()
         if max_norm > 0:
             params = [p for _, p in self._parameters() if p.grad is not None]
