@@ -5,10 +5,15 @@ A checkpoint folder `step_<N>/` holds
   - the strategy's state (DCP shards `__*.distcp` + `.metadata`; DeepSpeed adds its engine folder),
   - `ranks/rank<R>.pt`: each rank's own small state (RNG streams of python, numpy, torch and CUDA, the data
     position, the GradScaler),
-  - `meta.json`, written last: step, tokens seen, the config fingerprint, world size, strategy, and a manifest of
-    every file with its size (a missing or truncated shard is found before anything is loaded).
+  - `meta.json`, written last: step, tokens seen, the config fingerprint, world size, strategy, its place in the
+    write order (`save_index`), and a manifest of every file with its size (a missing or truncated shard is found
+    before anything is loaded).
 It is written as `.tmp-step_<N>/` and renamed once every rank's part is on disk: a crash mid-save leaves the
 previous checkpoint loadable; the partial folder is never loaded and is removed by the next save.
+
+Checkpoints are ordered by when they were written, not by step: a run that resumed from an older checkpoint
+(its newest was unreadable) writes steps below the ones it abandoned, and those abandoned ones are older. The
+newest `keep` by write order are kept, and resume=auto takes the newest by write order.
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ log = logging.getLogger(__name__)
 # A single process (no process group) saves and loads DCP checkpoints on purpose; DCP warns on every call.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
 
-PREFIX, TMP_PREFIX, META, RANKS = "step_", ".tmp-step_", "meta.json", "ranks"
+PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
 
 
 def all_ranks_ok(ok: bool) -> bool:
@@ -43,20 +48,37 @@ def all_ranks_ok(ok: bool) -> bool:
     return all_true(ok)
 
 
+def is_whole(path: Path) -> bool:
+    """A checkpoint folder is whole once its meta.json exists: it is written last, after every shard."""
+    return (path / META).is_file() and (path / ".metadata").is_file()
+
+
 def is_complete(path: Path) -> bool:
-    """A checkpoint is complete once its meta.json exists: it is written last, after every shard."""
-    return (path / META).is_file() and (path / ".metadata").is_file() and not path.name.startswith(".")
+    return is_whole(path) and not path.name.startswith(".")
 
 
 def step_of(path: Path) -> int:
-    return int(path.name[len(PREFIX):])
+    return int(path.name.rsplit(PREFIX, 1)[1])
+
+
+def save_index(path: Path) -> int:
+    """The checkpoint's place in its run's write order (-1 for one written before the order was recorded)."""
+    try:
+        return int(json.loads((path / META).read_text()).get("save_index", -1))
+    except (OSError, ValueError, TypeError):
+        return -1
 
 
 def list_checkpoints(root: Path) -> list[Path]:
-    """Complete checkpoints, oldest first."""
+    """Complete checkpoints, oldest written first. A step being saved again is listed under its previous copy
+    (`.old-step_<N>/`) until the new one has replaced it, so a crash in between loses neither."""
     if not root.is_dir():
         return []
-    return sorted((p for p in root.glob(f"{PREFIX}*") if is_complete(p)), key=step_of)
+    found = {step_of(p): p for p in root.glob(f"{PREFIX}*") if is_complete(p)}
+    for old in root.glob(f"{OLD_PREFIX}*"):
+        if is_whole(old):
+            found.setdefault(step_of(old), old)
+    return sorted(found.values(), key=lambda p: (save_index(p), (p / META).stat().st_mtime, step_of(p)))
 
 
 def read_meta(path: Path) -> dict[str, Any]:
@@ -240,21 +262,38 @@ class Checkpointer:
             self.before_commit(step)
         try:
             files = manifest(tmp)
-            (tmp / META).write_text(json.dumps({"step": step, **meta, "files": files}, indent=1))
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
+            index = max((save_index(p) for p in list_checkpoints(self.root)), default=-1) + 1
+            (tmp / META).write_text(json.dumps({"step": step, **meta, "save_index": index, "files": files},
+                                               indent=1))
+            self._replace(tmp, final)
         except OSError as e:
             raise UserError(_write_error(tmp, e, "")) from e
         self._prune()
 
+    def _replace(self, tmp: Path, final: Path) -> None:
+        """Put the new copy in place; an existing copy of the step moves aside first and goes only once the new
+        one is in (a crash in between leaves it listed and loadable)."""
+        if not final.exists():
+            os.replace(tmp, final)
+            return
+        old = self.root / f"{OLD_PREFIX}{step_of(final):08d}"
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old, ignore_errors=True)
+
     def _prune(self) -> None:
+        """Keep the newest `keep` by write order. The checkpoint this run resumed from is among them until a
+        newer one is complete, and the one just written is always kept."""
         for old in list_checkpoints(self.root)[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
         for partial in self.root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
             if self.pending is None or partial != self.pending.tmp:
                 log.info("removing %s, left incomplete by an earlier attempt", partial)
                 shutil.rmtree(partial, ignore_errors=True)
+        for old in self.root.glob(f"{OLD_PREFIX}*"):  # a re-save that crashed after its new copy was in
+            if is_complete(self.root / old.name.replace(OLD_PREFIX, PREFIX)):
+                shutil.rmtree(old, ignore_errors=True)
 
     # --- loading ----------------------------------------------------------------------------------------
     def load(self, path: Path, strategy) -> dict[str, Any]:
@@ -304,7 +343,7 @@ def _write_error(path: Path, e: BaseException | None, fallback: str) -> str:
 def resolve(path: Path) -> Path:
     """A checkpoint folder, or the newest complete one in a run folder or its checkpoints/ folder."""
     path = Path(path)
-    if is_complete(path):
+    if is_whole(path):
         return path
     for root in (path / "checkpoints", path):
         found = list_checkpoints(root)

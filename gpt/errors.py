@@ -11,7 +11,7 @@ class UserError(Exception):
     """Something the user can fix: bad config, missing data, impossible topology, corrupt checkpoint."""
 
 
-class ConfigError(UserError):
+class ConfigError(UserError, ValueError):
     """A config key holds a value that cannot work; the message names the key, the value and what is valid."""
 
     def __init__(self, key: str, value: object, valid: str):

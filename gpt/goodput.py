@@ -59,6 +59,24 @@ def read_attempts(run_dir: Path) -> list[dict[str, Any]]:
     return out
 
 
+def kept_training_s(run_dir: Path, since: float, from_step: int, to_step: int) -> float:
+    """Training seconds of steps from_step..to_step that an attempt killed outright (it wrote no goodput record)
+    kept in its last checkpoint: the steps times its median step time in rank 0's metrics, from `since` on."""
+    try:
+        lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
+    except OSError:
+        return 0.0
+    times = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("kind") == "train" and r.get("time", 0) >= since and from_step < r.get("step", 0) <= to_step:
+            times.append(r.get("step_time_s") or 0.0)
+    return round(sorted(times)[len(times) // 2] * (to_step - from_step), 3) if times else 0.0
+
+
 @dataclass
 class RunGoodput:
     attempts: int

@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from gpt.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # The figures gathered each window, in this order; a figure a rank did not measure travels as NaN.
@@ -68,23 +70,23 @@ class StragglerConfig:
     per_rank_tags_max: int = 64   # per-rank TensorBoard tags only up to this world size (else top-k only)
 
     def __post_init__(self) -> None:
-        if self.threshold_pct <= 0:
-            raise ValueError(f"straggler threshold_pct must be > 0, got {self.threshold_pct}")
-        if self.windows < 1:
-            raise ValueError(f"straggler windows must be >= 1, got {self.windows}")
-        if self.top_k < 0:
-            raise ValueError(f"straggler top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.ema_alpha <= 1:
-            raise ValueError(f"straggler ema_alpha must be in (0, 1], got {self.ema_alpha}")
+        checks = (("threshold_pct", self.threshold_pct > 0, "> 0"), ("windows", self.windows >= 1, ">= 1"),
+                  ("top_k", self.top_k >= 0, ">= 0"), ("ema_alpha", 0 < self.ema_alpha <= 1, "in (0, 1]"))
+        for name, ok, valid in checks:
+            if not ok:
+                raise ConfigError(f"metrics.{METRICS_KEYS[name]}", getattr(self, name), f"must be {valid}")
 
     @classmethod
     def from_metrics_cfg(cls, metrics: Mapping[str, Any] | None) -> StragglerConfig:
         """From the proposed `metrics:` config block (missing keys keep their defaults)."""
         metrics = metrics or {}
-        keys = {"threshold_pct": "straggler_threshold_pct", "windows": "straggler_windows", "top_k": "top_k",
+        return cls(**{ours: metrics[k] for ours, k in METRICS_KEYS.items() if metrics.get(k) is not None})
+
+
+# each field's key under `metrics:` in the config
+METRICS_KEYS = {"threshold_pct": "straggler_threshold_pct", "windows": "straggler_windows", "top_k": "top_k",
                 "ema_alpha": "straggler_ema_alpha", "min_excess_s": "straggler_min_excess_s",
                 "per_rank_tags_max": "per_rank_tags_max"}
-        return cls(**{ours: metrics[theirs] for ours, theirs in keys.items() if metrics.get(theirs) is not None})
 
 
 @dataclass(frozen=True)

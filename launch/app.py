@@ -17,6 +17,7 @@ from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
+from launch.attempts import requeued
 from launch.backends import Backend, Point, RunFailed, get_backend
 from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
 from launch.budget import Budget
@@ -88,6 +89,9 @@ def run(cfg: DictConfig) -> Path:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
     else:
         backend.run(plan)
+        if requeued(plan.run_dir, job_environment()):
+            log.info("requeued: this job runs again and continues %s from its newest checkpoint", plan.run_dir)
+            return plan.run_dir
     log.info("done. Run folder: %s\n  tensorboard --logdir %s\n  python -m gpt.generate %s", plan.run_dir,
              plan.run_dir / "tensorboard", plan.run_dir)
     return plan.run_dir

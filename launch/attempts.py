@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gpt.goodput import read_attempts
+from gpt.goodput import kept_training_s, read_attempts
 from launch.job_env import JobEnvironment
 
 
@@ -19,6 +19,14 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> N
     record = {"job_id": job.job_id, "restart": job.restart, "time": time.time(), **record}
     with open(run_dir / "attempts.jsonl", "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+def requeued(run_dir: Path, job: JobEnvironment) -> bool:
+    """Whether this attempt of this job ended by requeueing itself (its line in attempts.jsonl says so)."""
+    if job.job_id is None:
+        return False
+    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job.job_id and a.get("restart") == job.restart]
+    return bool(mine and mine[-1].get("requeued"))
 
 
 def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
@@ -45,11 +53,13 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
     if previous is not None:
         last_alive = _heartbeat(run_dir) or previous["started"]
         how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
+        began = previous.get("first_step") or 0
+        kept = max(first_step - began, 0)  # up to its last checkpoint: what this attempt resumes from
         log_attempt(run_dir, JobRecord(previous.get("job_id"), previous.get("restart", 0)), {
-            "first_step": previous.get("first_step"), "last_step": first_step, "ended": how,
-            "recorded_by": "the next attempt",
-            "goodput": {"allocated_s": round(max(last_alive - previous["started"], 0.0), 3), "train_s": 0.0,
-                        "startup_s": 0.0, "eval_s": 0.0, "save_s": 0.0, "steps": 0, "saves": 0}})
+            "first_step": began, "last_step": first_step, "ended": how, "recorded_by": "the next attempt",
+            "goodput": {"allocated_s": round(max(last_alive - previous["started"], 0.0), 3), "startup_s": 0.0,
+                        "train_s": kept_training_s(run_dir, previous["started"], began, first_step),
+                        "eval_s": 0.0, "save_s": 0.0, "steps": kept, "saves": 0}})
     mark.write_text(json.dumps({"job_id": job.job_id, "restart": job.restart, "started": started,
                                 "first_step": first_step}))
 

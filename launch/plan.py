@@ -77,10 +77,7 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     train = dataclasses.replace(train, device=device)  # strategies check their options against it
     dims = plan_layout(cfg, model, nodes * per_node, per_node, train)
     train.micro_batches(dims.dp)
-    try:
-        StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
-    except ValueError as e:
-        raise ConfigError("metrics", OmegaConf.to_container(cfg.metrics), str(e)) from None
+    StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
     check_run_sections(OmegaConf.to_container(cfg, resolve=True))
 
     cfg = cfg.copy()

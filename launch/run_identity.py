@@ -16,6 +16,7 @@ from typing import Any
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig, OmegaConf
 
+from gpt.checkpoint import list_checkpoints, step_of
 from gpt.errors import UserError
 from launch.job_env import JobEnvironment
 from launch.run_lock import check_free
@@ -71,13 +72,9 @@ class Existing:
 
 
 def newest_step(run_dir: Path) -> int | None:
-    steps = []
-    for meta in (run_dir / "checkpoints").glob("step_*/meta.json"):
-        try:
-            steps.append(int(json.loads(meta.read_text())["step"]))
-        except (OSError, ValueError, KeyError):
-            continue
-    return max(steps) if steps else None
+    """The step of the newest checkpoint by write order: the one resume=auto continues from."""
+    found = list_checkpoints(run_dir / "checkpoints")
+    return step_of(found[-1]) if found else None
 
 
 def check_run_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment, job_running=None) -> Existing | None:

@@ -18,7 +18,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from helpers import REPO, SHAKESPEARE, launch, losses
-from gpt.checkpoint import list_checkpoints
+from gpt.checkpoint import list_checkpoints, step_of
 from gpt.distributed import DistEnv
 from gpt.errors import UserError
 from gpt.trainer import Trainer
@@ -146,3 +146,30 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_
     assert "resumed from" in (run_dir / "logs" / "rank0.log").read_text()
     assert not partial.exists()
     assert losses(run_dir) == losses(reference)
+
+
+def test_checkpoints_are_kept_and_resumed_by_write_order_not_by_step(trainer, tmp_path):
+    """A run that resumed from step 8 (step 12 was unreadable) and saved step 10 has written 10 after 12: 12 is
+    the abandoned one. The newest `keep` by write order are kept, and the next resume takes 10."""
+    run_dir = tmp_path / "run"
+    trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2").fit()  # writes 4, 8, 12; keeps 8, 12
+    resumed = trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2", "train.max_steps=10",
+                      "debug.unreadable_rank=0")
+    assert resumed.step == 8
+    resumed.fit()  # writes 10, then keeps 12 and 10: 8, the one it resumed from, goes once 10 is complete
+    assert [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")] == [12, 10]
+    again = trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2", "train.max_steps=10")
+    assert again.step == 10
+
+
+def test_saving_a_step_again_replaces_it_only_once_the_new_copy_is_whole(trainer, full):
+    """The previous copy moves aside (.old-step_N) before the new one goes in: a crash between the two renames
+    leaves it listed and loadable, and the next save clears it away."""
+    ckpts = full / "checkpoints"
+    os.replace(ckpts / "step_00000012", ckpts / ".old-step_00000012")  # as a crash between the renames leaves it
+    assert [p.name for p in list_checkpoints(ckpts)][-1] == ".old-step_00000012"
+    t = trainer(full, "train.max_steps=12")
+    assert t.step == 12
+    t.checkpointer.save(12, t.strategy, t.checkpoint_meta(), t.rank_state())
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004", "step_00000008", "step_00000012"]
+    assert not list(ckpts.glob(".old-*")) and trainer(full, "train.max_steps=12").step == 12

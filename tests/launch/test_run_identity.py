@@ -76,6 +76,9 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     killed, finished = attempts(run)
     assert killed["ended"].startswith("killed outright") and killed["recorded_by"] == "the next attempt"
     assert killed["last_step"] == finished["first_step"] >= 10 and finished["ended"] == "finished"
+    # the steps it kept (up to the checkpoint the next attempt resumed from) count as training
+    kept = killed["goodput"]
+    assert kept["steps"] == killed["last_step"] and 0 < kept["train_s"] < kept["allocated_s"], killed
     assert not (run / "attempt.json").exists()
     assert not (run / "lock.json").exists()  # released at the end
 

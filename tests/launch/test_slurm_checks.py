@@ -12,7 +12,8 @@ from hydra import compose, initialize_config_dir
 
 from gpt.errors import ConfigError, UserError
 from launch.budget import Budget, PointCost, check_budget, check_limit, table
-from launch.backends.slurm.partitions import check_against_cluster, parse_gpus, parse_sinfo, parse_time_min
+from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,
+                                              resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
 from helpers import REPO
 
@@ -109,6 +110,18 @@ def test_fitting_resources_pass_and_pick_the_default_partition():
     part = check_against_cluster(resources("nodes=6", "cluster.partition=gpu", "cluster.gpus_per_node=4",
                                            "cluster.tasks_per_node=4"), parse_sinfo(SINFO))
     assert part.name == "gpu"
+
+
+def test_cpus_per_task_auto_gives_a_gpu_rank_its_share_of_the_node():
+    parts = parse_sinfo(SINFO)
+    gpu = resources("cluster.partition=gpu", "cluster.gpus_per_node=8", "cluster.tasks_per_node=8")
+    assert gpu.cpus_per_task is None  # auto, the default
+    assert resolve_cpus(gpu, check_against_cluster(gpu, parts)).cpus_per_task == 8  # 64 CPUs / 8 ranks
+    four = resources("cluster.partition=gpu", "cluster.gpus_per_node=4", "cluster.tasks_per_node=4")
+    assert resolve_cpus(four, parts["gpu"]).cpus_per_task == 8  # the smallest node with 4 GPUs has 32 CPUs
+    cpu = resources("cluster.tasks_per_node=2")
+    assert resolve_cpus(cpu, check_against_cluster(cpu, parts)).cpus_per_task == 1
+    assert resolve_cpus(resources("cluster.cpus_per_task=2"), parts["debug"]).cpus_per_task == 2
 
 
 def sweep(*nodes: int, time_min: int = 60, gpus: int = 0) -> list[PointCost]:

@@ -191,6 +191,8 @@ def test_sbatch_path_comes_back_after_a_batch_shell_warning_and_a_step_signal(sl
     assert ends == ["preempted:SIGUSR2", "preempted:SIGTERM", "finished"], ends
     text = job.log.read_text()
     assert f"multi_node.sh: job {job.job_id} (restart 2) on 2 node(s)" in text, text[-3000:]
+    # each attempt says how it ended: two requeues, then done
+    assert text.count("requeued: this job runs again") == 2 and text.count("done. Run folder") == 1, text[-6000:]
 
 
 @pytest.mark.timeout(300)

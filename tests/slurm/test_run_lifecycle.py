@@ -3,6 +3,7 @@ restart limit, scancel), the same command continues it; a sweep run again finish
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import time
 from pathlib import Path
@@ -183,3 +184,73 @@ def test_a_signal_during_start_up_ends_in_a_requeue_never_failed(path, slurm_clu
     assert all(a["ended"] == "preempted:SIGUSR2" and a["requeued"] for a in log[:-1]) and len(log) >= 3, log
     assert log[-1]["ended"] == "finished"
     same_run(run_dir, reference)
+
+
+@pytest.mark.timeout(420)
+def test_resume_path_initialises_and_requeues_continue_from_the_runs_own_checkpoints(slurm_cluster, tmp_path,
+                                                                                    data_overrides):
+    """resume=PATH only starts the run: after two USR2 requeues each attempt continues from the run's own newest
+    checkpoint, and the whole run equals one uninterrupted local run initialised from PATH."""
+    source = local_reference(tmp_path / "source", *[o for o in RUN if not o.startswith("train.max_steps")],
+                             "train.max_steps=20", *data_overrides)
+    init = [*RUN, *data_overrides, f"resume={source}"]
+    uninterrupted = local_reference(tmp_path / "uninterrupted", *init)
+    run_dir = tmp_path / "run"
+    with (tmp_path / "out").open("w") as out:
+        launcher = subprocess.Popen(launch_cmd("nodes=2", *SLURM, *init, f"hydra.run.dir={run_dir}"), cwd=REPO,
+                                    env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            job = None
+            for restarts, steps in enumerate((5, 15)):
+                trained(run_dir, steps)
+                job = job or json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+                slurm_cluster.run("scancel", "--signal=USR2", job)
+                running_again(slurm_cluster, job, restarts + 1)
+            assert launcher.wait(timeout=300) == 0, (tmp_path / "out").read_text()[-4000:]
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    log = attempts(run_dir)
+    assert [a["ended"] for a in log] == ["preempted:SIGUSR2"] * 2 + ["finished"], log
+    assert log[0]["first_step"] == 20  # from PATH, then from the run's own
+    assert [b["first_step"] for b in log[1:]] == [a["last_step"] for a in log[:-1]], log
+    assert "is not used: this run continues from its own checkpoints" in (run_dir / "logs" / "rank0.log").read_text()
+    same_run(run_dir, uninterrupted)
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bad, key", [("checkpoint.keep=0", "checkpoint.keep"),
+                                      ("preemption.signals=[SIGFOO]", "preemption.signals"),
+                                      ("resume=/no/such/run", "resume"),
+                                      ("rendezvous.timeout_s=-1", "rendezvous.timeout_s"),
+                                      ("metrics.straggler_windows=0", "metrics.straggler_windows"),
+                                      ("+debug.hang_forever=1", "debug.hang_forever")])
+def test_bad_values_are_refused_before_sbatch(bad, key, slurm_cluster, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(launch_cmd(*SLURM, *TINY, *data_overrides, bad, f"hydra.run.dir={run_dir}"), cwd=REPO,
+                          env=slurm_cluster.env, capture_output=True, text=True, timeout=100)
+    errors = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert proc.returncode == 2 and len(errors) == 1 and key in errors[0], output(proc)
+    assert not (run_dir / "slurm").exists() and "submitted job" not in proc.stdout + proc.stderr
+
+
+@pytest.mark.timeout(420)
+def test_a_job_killed_at_its_time_limit_is_continued_by_the_next_submission(slurm_cluster, tmp_path, data_overrides):
+    """No warning before the limit (preemption off): Slurm kills the job at TIMEOUT with nothing saved since the
+    last periodic checkpoint; the same command continues from it, and the attempts log says how the first ended."""
+    run_dir = tmp_path / "run"
+    slow = [o for o in RUN if not o.startswith(("train.max_steps", "debug.delay_s"))]
+    command = ["nodes=1", *SLURM, "cluster.time_min=1", "cluster.signal_delay_s=0", "preemption.enabled=false",
+               *slow, *data_overrides, "train.max_steps=300", f"hydra.run.dir={run_dir}"]
+    first = subprocess.run(launch_cmd(*command, "debug.delay_s=0.5"), cwd=REPO, env=slurm_cluster.env,
+                           capture_output=True, text=True, timeout=300)
+    assert first.returncode == 1 and "TIMEOUT" in first.stderr, output(first)
+    assert "it reached its time limit (cluster.time_min) before a warning saved it" in first.stderr
+    step = int(re.search(r"the same command continues the run from its newest checkpoint \(step (\d+)\)",
+                         first.stderr).group(1))
+    again = subprocess.run(launch_cmd(*command, "debug.delay_s=0"), cwd=REPO, env=slurm_cluster.env,
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, output(again)
+    log = attempts(run_dir)
+    assert log[0]["ended"] == f"stopped by Slurm: job {log[0]['job_id']} ended TIMEOUT", log
+    assert log[-1]["ended"] == "finished" and log[-1]["first_step"] == step > 0, log

@@ -15,7 +15,11 @@ class SlurmBackend(Backend):
     def check(self, cfg):
         partitions.require_slurm()
         resources = SlurmResources.from_config(cfg)
-        partitions.check_against_cluster(resources, partitions.read_partitions())
+        part = partitions.check_against_cluster(resources, partitions.read_partitions())
+        resources = partitions.resolve_cpus(resources, part)
+        if cfg.cluster.cpus_per_task != resources.cpus_per_task:  # the run's config records what was asked for
+            cfg = cfg.copy()
+            cfg.cluster.cpus_per_task = resources.cpus_per_task
         return cfg, resources
 
     def job_running(self, job_id: str) -> bool | None:

@@ -14,7 +14,9 @@ import time
 from omegaconf import open_dict
 
 from gpt.errors import UserError
+from launch.attempts import requeued
 from launch.backends import Backend, RunFailed
+from launch.job_env import job_environment
 
 STOCK_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
@@ -49,7 +51,7 @@ class InJobBackend(Backend):
             RankTask(str(plan.run_dir))()
         except RankFailed as e:
             raise RunFailed(str(e)) from None
-        if requeued(plan.run_dir):
+        if requeued(plan.run_dir, job_environment()):
             # Returning now would let submitit record this attempt's result, and the stock launcher would take the
             # job for done while Slurm runs it again: wait for Slurm to stop this attempt instead.
             time.sleep(REQUEUE_WAIT_S)
@@ -58,11 +60,3 @@ class InJobBackend(Backend):
 
 REQUEUE_WAIT_S = 600
 
-
-def requeued(run_dir) -> bool:
-    """Whether this attempt of this job ended by requeueing itself (its line in attempts.jsonl says so)."""
-    from gpt.goodput import read_attempts
-
-    job, restart = os.environ.get("SLURM_JOB_ID"), int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0)
-    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job and a.get("restart") == restart]
-    return bool(mine and mine[-1].get("requeued"))

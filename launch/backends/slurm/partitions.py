@@ -2,6 +2,7 @@
 exists, is up, and has enough nodes with enough CPUs, GPUs and memory, and the time limit fits (sinfo)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import re
@@ -98,6 +99,18 @@ def read_partitions() -> dict[str, Partition]:
     return parse_sinfo(_sinfo(os.environ.get("PATH", "") + "|" + os.environ.get("SLURM_CONF", "")))
 
 
+def resolve_cpus(res: SlurmResources, part: Partition) -> SlurmResources:
+    """cluster.cpus_per_task=auto: a GPU rank gets its share of the smallest node that has its GPUs, for its data
+    loading, NCCL's proxy thread and the checkpoint writer; a CPU job keeps one CPU per task (set it to the cores
+    a CPU rank should use)."""
+    if res.cpus_per_task is not None:
+        return res
+    if not res.gpus_per_node:
+        return dataclasses.replace(res, cpus_per_task=1)
+    cpus = min((g[1] for g in part.groups if g[3] >= res.gpus_per_node), default=res.tasks_per_node)
+    return dataclasses.replace(res, cpus_per_task=max(cpus // res.tasks_per_node, 1))
+
+
 def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition]) -> Partition:
     """The partition these resources will run on, or a UserError naming what does not fit."""
     names = ", ".join(sorted(partitions)) or "none"
@@ -119,7 +132,7 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     if part.max_time_min is not None and res.time_min > part.max_time_min:
         raise UserError(f"cluster.time_min={res.time_min} is longer than partition {part.name!r} allows "
                         f"({part.max_time_min} min)")
-    cpus = res.tasks_per_node * res.cpus_per_task
+    cpus = res.tasks_per_node * (res.cpus_per_task or 1)
     needs = [
         (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={res.cpus_per_task} = "
                   f"{cpus} CPU(s)", "CPU(s)"),

@@ -43,7 +43,7 @@ class SlurmResources:
     nodes: int
     tasks_per_node: int = 1
     gpus_per_node: int = 0
-    cpus_per_task: int = 1
+    cpus_per_task: int | None = 1  # None: auto, a GPU rank's share of its node's CPUs (resolved against sinfo)
     time_min: int = 60
     partition: str | None = None
     mem: str | None = None
@@ -93,7 +93,8 @@ class SlurmResources:
 
         res = cls(
             nodes=count("nodes"), tasks_per_node=count("tasks_per_node"), gpus_per_node=count("gpus_per_node", 0),
-            cpus_per_task=count("cpus_per_task"), time_min=count("time_min"), partition=text("partition"),
+            cpus_per_task=None if c.get("cpus_per_task") == "auto" else count("cpus_per_task"),
+            time_min=count("time_min"), partition=text("partition"),
             mem=text("mem"), account=text("account"), qos=text("qos"), constraint=text("constraint"),
             sbatch=_extra_flags(c.get("sbatch")), setup=_setup_lines(c.get("setup")),
             requeue=bool(c.get("requeue", True)), signal_delay_s=count("signal_delay_s", 0),

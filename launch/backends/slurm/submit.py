@@ -23,6 +23,7 @@ from launch.backends.slurm.commands import FINAL, GONE, JobInfo, SlurmUnavailabl
 from launch.backends import Point
 from launch.backends.slurm.resources import make_executor
 from launch.backends.slurm.task import RankTask
+from launch.run_identity import newest_step
 
 RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
@@ -69,6 +70,12 @@ class Outcome:
         s = self.submitted
         lines = [f"job {s.job_id} ({s.point.label}) ended {self.state}:"]
         lines += [f"  {e}" for e in self.errors]
+        if self.state == "TIMEOUT":
+            lines.append("  it reached its time limit (cluster.time_min) before a warning saved it: keep preemption "
+                         "on, with a cluster.signal_delay_s that covers a step, a save and the requeue")
+        step = newest_step(s.point.run_dir)
+        if step is not None:
+            lines.append(f"  the same command continues the run from its newest checkpoint (step {step})")
         lines.append(f"  job log: {_show(s.paths(0).stderr)}")
         return "\n".join(lines)
 
