@@ -100,7 +100,7 @@ def check_dims(dims: ParallelDims, parallel: Any, model_cfg: Any, ranks_per_node
         raise ConfigError("parallel.tp", dims.tp, f"1 with model.n_expert={model_cfg.n_expert}: mixture-of-experts "
                           "layers have no tensor-parallel plan (use dp_shard or pp to split the model)")
     if ranks_per_node % dims.tp and not parallel.get("tp_across_nodes", False):
-        raise ConfigError("parallel.tp", dims.tp, f"a divisor of the {ranks_per_node} ranks of a node "
+        raise ConfigError("parallel.tp", dims.tp, f"a divisor of the {ranks_per_node} rank(s) per node "
                           f"(cluster.tasks_per_node): {WHY_TP_IN_NODE}")
 
 

@@ -13,12 +13,10 @@ from typing import Any
 from gpt.errors import ConfigError
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
-KINDS = ("all_reduce", "all_gather", "reduce_scatter", "p2p")
-
 
 @dataclass(frozen=True)
 class Collective:
-    kind: str        # one of KINDS
+    kind: str        # all_reduce, all_gather, reduce_scatter or p2p (what the performance model knows)
     bytes: float     # bytes of the whole tensor each call set moves per step (before the bus-bandwidth factor)
     calls: int       # calls per step (each pays latency)
     axis: str        # the mesh axis its group runs on: pp, dp (dp_replicate x dp_shard), dp_replicate, dp_shard, tp

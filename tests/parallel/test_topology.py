@@ -48,7 +48,7 @@ CASES = {
     "tp not dividing the heads": (["strategy=fsdp", "parallel.tp=4", *FOUR],
                                   "parallel.tp=4 is not valid: a divisor of model.n_head=2"),
     "tp across nodes": (["strategy=fsdp", "parallel.tp=2", "nodes=2"],
-                        "parallel.tp=2 is not valid: a divisor of the 1 ranks of a node"),
+                        "parallel.tp=2 is not valid: a divisor of the 1 rank(s) per node"),
     "tp with moe": (["strategy=fsdp", "parallel.tp=2", "model.n_expert=2", "cluster.tasks_per_node=2"],
                     "parallel.tp=2 is not valid: 1 with model.n_expert=2"),
     "sequence parallel without tp": (["strategy=fsdp", "parallel.sequence_parallel=true", "cluster.tasks_per_node=2"],
