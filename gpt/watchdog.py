@@ -151,7 +151,9 @@ class Watchdog:
         return []
 
     def stale_s(self) -> float:
-        return max(5 * self.cfg.interval_s, 10.0)
+        """A live rank rewrites its heartbeat every interval_s; three missed ones mean it is gone. Shorter than
+        any budget worth having, so that a rank lost mid-collective is named gone when the others time out."""
+        return max(3 * self.cfg.interval_s, 3.0)
 
     def report(self, key: str, seconds: float, used: float) -> dict | None:
         """Write this rank's part of the hang report; the full report (a dict) if this rank wrote it first."""
