@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ CONFIGS: dict[str, tuple[list[str], int | None]] = {
 def run_one(name: str, overrides: list[str], world: int, steps: int, common: list[str], folder: Path,
             env: dict[str, str]) -> dict:
     """Train one configuration on `world` ranks; its median step time and each rank's memory and parameter bytes."""
-    run_dir = folder / name.replace(" ", "_")
+    run_dir = folder / re.sub(r"[^\w.-]", "_", name)  # a Hydra override value: no spaces, '=' or '+'
     cmd = [sys.executable, "-m", "launch", f"hydra.run.dir={run_dir}", *common, *overrides,
            f"cluster.tasks_per_node={world}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
