@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -28,25 +29,32 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
 
 PIPELINE = ["strategy=pipeline", "strategy.microbatches=4"]
-CONFIGS: dict[str, list[str]] = {
-    "single": ["strategy=single"],
-    "ddp": ["strategy=ddp"],
-    "zero1": ["strategy=zero1"],
-    "fsdp": ["strategy=fsdp"],
-    "deepspeed ZeRO-1": ["strategy=deepspeed", "strategy.stage=1"],
-    "deepspeed ZeRO-2": ["strategy=deepspeed", "strategy.stage=2"],
-    "deepspeed ZeRO-3": ["strategy=deepspeed", "strategy.stage=3"],
-    "pipeline gpipe": [*PIPELINE, "strategy.schedule=gpipe"],
-    "pipeline 1f1b": [*PIPELINE, "strategy.schedule=1f1b"],
-    "pipeline interleaved": [*PIPELINE, "strategy.schedule=interleaved"],
+# name -> (overrides, ranks: None for --ranks)
+CONFIGS: dict[str, tuple[list[str], int | None]] = {
+    "single": (["strategy=single"], 1),
+    "ddp": (["strategy=ddp"], None),
+    "zero1": (["strategy=zero1"], None),
+    "fsdp": (["strategy=fsdp"], None),
+    "deepspeed ZeRO-1": (["strategy=deepspeed", "strategy.stage=1"], None),
+    "deepspeed ZeRO-2": (["strategy=deepspeed", "strategy.stage=2"], None),
+    "deepspeed ZeRO-3": (["strategy=deepspeed", "strategy.stage=3"], None),
+    "pipeline gpipe": ([*PIPELINE, "strategy.schedule=gpipe"], None),
+    "pipeline 1f1b": ([*PIPELINE, "strategy.schedule=1f1b"], None),
+    "pipeline interleaved": ([*PIPELINE, "strategy.schedule=interleaved"], None),
+    "tp=2": (["strategy=fsdp", "parallel.tp=2"], 2),
+    "tp=2 sequence parallel": (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
+    "fsdp 2 x tp 2": (["strategy=fsdp", "parallel.tp=2"], 4),
+    "hsdp 2 x 2": (["strategy=fsdp", "parallel.dp_replicate=2"], 4),
+    "pipeline 1f1b x tp 2": ([*PIPELINE, "strategy.schedule=1f1b", "parallel.tp=2"], 4),
+    "pipeline x fsdp 2 x tp 2": ([*PIPELINE, "strategy.schedule=1f1b", "strategy.dp=fsdp", "parallel.tp=2"], 8),
+    "ddp + activation checkpointing": (["strategy=ddp", "train.activation_checkpointing=full"], None),
 }
 
 
-def run_one(name: str, overrides: list[str], ranks: int, steps: int, common: list[str], folder: Path,
+def run_one(name: str, overrides: list[str], world: int, steps: int, common: list[str], folder: Path,
             env: dict[str, str]) -> dict:
-    """Train one configuration; its median step time and each rank's memory and parameter bytes."""
-    run_dir = folder / name.replace(" ", "_")
-    world = 1 if name == "single" else ranks
+    """Train one configuration on `world` ranks; its median step time and each rank's memory and parameter bytes."""
+    run_dir = folder / re.sub(r"[^\w.-]", "_", name)  # a Hydra override value: no spaces, '=' or '+'
     cmd = [sys.executable, "-m", "launch", f"hydra.run.dir={run_dir}", *common, *overrides,
            f"cluster.tasks_per_node={world}"]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
@@ -100,6 +108,9 @@ def main() -> None:
     args = parser.parse_args()
 
     names = [n for n in CONFIGS if not args.only or n in args.only or n.split()[0] in args.only]
+    unknown = set(args.only or ()) - set(CONFIGS) - {n.split()[0] for n in CONFIGS}
+    if unknown:
+        parser.error(f"--only {' '.join(sorted(unknown))}: not a configuration; pick from {', '.join(CONFIGS)}")
     text = REPO / "data" / "tinyshakespeare" / "input.txt"
     data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
     common = [f"model={args.model}", f"train.global_batch_size={args.batch}",
@@ -111,7 +122,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="gptlaunch-strategies-") as tmp:
         for repeat in range(args.repeats):
             for name in names:
-                r = run_one(name, CONFIGS[name], args.ranks, args.steps, common, Path(tmp) / str(repeat), env)
+                overrides, ranks = CONFIGS[name]
+                r = run_one(name, overrides, ranks or args.ranks, args.steps, common, Path(tmp) / str(repeat), env)
                 best = results.get(name)
                 if best is None or "error" in best or ("error" not in r and r["step_time_s"] < best["step_time_s"]):
                     results[name] = r

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.utils.checkpoint import checkpoint
 
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
@@ -98,9 +99,10 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        # Heads counted from the projections' width: under tensor parallelism a rank holds only its own heads.
+        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
@@ -113,7 +115,7 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.n_kv_head != self.n_head)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 class MLP(nn.Module):
@@ -197,8 +199,17 @@ class Block(nn.Module):
         self.mlp_norm = make_norm(cfg)
         self.mlp = MoE(cfg) if cfg.n_expert else make_mlp(cfg)
         self.drop = nn.Dropout(cfg.dropout)  # residual dropout, on each branch's output
+        # Activation checkpointing: keep only the block's input and recompute the rest in backward. A flag, not a
+        # wrapper, so parameter names, copies of the model (pipeline stages) and hooks on the block (FSDP,
+        # tensor parallel) stay as they are: hooks run once around the call, the recomputation inside.
+        self.recompute = False
 
     def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
+        if self.recompute and torch.is_grad_enabled():
+            return checkpoint(self.layer, x, rope, cache, use_reentrant=False)
+        return self.layer(x, rope, cache)
+
+    def layer(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
         if self.pre_norm:
             x = x + self.drop(self.attn(self.attn_norm(x), rope, cache))
             return x + self.drop(self.mlp(self.mlp_norm(x)))

@@ -31,6 +31,7 @@ class TrainConfig:
     log_interval: int = 10
     layer_grad_norms: bool = True
     progress: bool = True
+    activation_checkpointing: str = "none"  # none | full | every_K (every K-th layer, from the first)
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
@@ -48,6 +49,18 @@ class TrainConfig:
             raise ConfigError("train.min_lr", self.min_lr, f"between 0 and train.lr={self.lr} (lr must be > 0)")
         if self.warmup_steps < 0 or self.eval_interval < 0:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
+        self.recompute_every()
+
+    def recompute_every(self) -> int:
+        """Every how many layers activation checkpointing recomputes one (0: none, 1: every layer)."""
+        policy = str(self.activation_checkpointing)
+        k = policy.removeprefix("every_")
+        if policy in ("none", "full"):
+            return 0 if policy == "none" else 1
+        if policy.startswith("every_") and k.isdigit() and int(k) > 0:
+            return int(k)
+        raise ConfigError("train.activation_checkpointing", policy, "none, full, or every_K for every K-th layer "
+                          "(e.g. every_2)")
 
     @property
     def decay_end(self) -> int:

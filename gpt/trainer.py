@@ -27,6 +27,7 @@ from gpt.metrics import MetricsWriter, layer_keys, memory_stats
 from gpt.model import GPT
 from gpt.optim import lr_at
 from gpt.parallel import build_strategy
+from gpt.parallel.traits import saved_format
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
 from gpt.progress import PROGRESS
@@ -86,8 +87,11 @@ class Trainer:
         clock = time.perf_counter()
         PROGRESS.phase("startup", "building the model")
         use_tf32(self.device, self.train.precision)
-        self.strategy = build_strategy(cfg.strategy, env, self.device, self.train.precision)
+        self.strategy = build_strategy(cfg, self.model_cfg, env, self.device, self.train.precision)
         model = build_model(self.model_cfg, self.device, cfg.seed)
+        every = self.train.recompute_every()
+        for i, block in enumerate(model.layers.values()):
+            block.recompute = every > 0 and i % every == 0
         self.strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
         self.strategy.setup(model, self.train.lr, self.train.weight_decay, tuple(self.train.betas))
         rng.seed_device(cfg.seed, env.rank)
@@ -153,6 +157,7 @@ class Trainer:
             f"model        {self.model_cfg.name}: {counts['total'] / 1e6:.2f}M parameters "
             f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), {self.flops_per_token / 1e6:.1f} MFLOPs/token",
             f"strategy     {self.strategy.describe()} on {world} rank(s), {self.env.num_nodes} node(s)",
+            f"layout       {self.strategy.dims.describe(self.env.local_world_size)}",
             f"device       {self.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
             f"rank on CPUs {cpu_list(cpu_affinity())}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
@@ -249,6 +254,8 @@ class Trainer:
             "world_size": self.env.world_size,
             "dp_size": self.strategy.dp_size,
             "strategy": self.strategy.name,
+            "checkpoint_format": self.strategy.traits().checkpoint_format,
+            "layout": self.strategy.dims.sizes(),
             "fingerprint": self.fingerprint(),
             "eval_pending": self.eval_pending,
             "time": time.time(),
@@ -323,15 +330,17 @@ class Trainer:
             saved = {k: v for k, v in saved.items() if k.startswith("model.")}
             current = {k: v for k, v in current.items() if k.startswith("model.")}
         check_fingerprint(path, saved, current)
-        written_by, world = meta.get("strategy"), meta.get("world_size")
-        deepspeed = "deepspeed" in (written_by, self.strategy.name)
-        if deepspeed and written_by != self.strategy.name:
-            raise UserError(f"checkpoint {path} was written by strategy={written_by}; DeepSpeed's engine checkpoints "
-                            f"and DCP checkpoints do not load into each other: resume with strategy={written_by}")
-        if deepspeed and world != self.env.world_size:
-            raise UserError(f"checkpoint {path} was written by strategy=deepspeed on {world} ranks and this run has "
-                            f"{self.env.world_size}: DeepSpeed's ZeRO checkpoints cannot be resharded; resume on "
-                            f"{world} ranks (or use a DCP strategy: ddp, fsdp, zero1, pipeline)")
+        written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
+        traits = self.strategy.traits()
+        if saved != traits.checkpoint_format:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
+                            f"does not load into strategy={self.strategy.name} ({traits.checkpoint_format}): resume "
+                            f"with strategy={written_by}")
+        if not traits.reshardable and world != self.env.world_size:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
+                            f"has {self.env.world_size}: its {saved} checkpoints cannot be resharded; resume on "
+                            f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
+                            "pipeline)")
 
     def restore(self, path: Path, meta: dict[str, Any]) -> None:
         self.step = self.first_step = int(meta["step"])

@@ -15,7 +15,7 @@ from gpt.config import ModelConfig
 from gpt.data import DataConfig, check_vocab, ensure_prepared
 from gpt.errors import ConfigError
 from gpt.run_config import check_run_sections
-from gpt.parallel import strategy_class
+from gpt.parallel import plan_layout
 from gpt.stragglers import StragglerConfig
 from gpt.train_config import TrainConfig
 
@@ -75,9 +75,8 @@ def make_plan(cfg: DictConfig, run_dir: Path) -> Plan:
     device = planned_device(cfg)
     check_local_gpus(cfg, device, nodes * per_node)
     train = dataclasses.replace(train, device=device)  # strategies check their options against it
-    strategy = strategy_class(cfg.strategy.name)
-    dp_size = strategy.data_parallel_size(cfg.strategy, model, nodes * per_node, train)
-    train.micro_batches(dp_size)
+    dims = plan_layout(cfg, model, nodes * per_node, per_node, train)
+    train.micro_batches(dims.dp)
     StragglerConfig.from_metrics_cfg(cfg.get("metrics"))
     check_run_sections(OmegaConf.to_container(cfg, resolve=True))
 

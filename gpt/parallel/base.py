@@ -19,6 +19,8 @@ from gpt.distributed import DistEnv
 from gpt.errors import ConfigError
 from gpt.metrics import layer_grad_norms
 from gpt.optim import build_adamw
+from gpt.parallel.layout import ParallelDims
+from gpt.parallel.traits import Preset, preset
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimizer state keyed by parameter name, one key per parameter and setting ("optim.state.layers.0...exp_avg",
@@ -80,12 +82,18 @@ class PhaseClock:
         return out
 
 
-def local_part(grad: torch.Tensor, replicas: int) -> tuple[torch.Tensor, int]:
+def plain(value: torch.Tensor) -> torch.Tensor:
+    """A value every rank holds whole (a loss), as a plain tensor: a replicated DTensor's full value."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value
+
+
+def local_part(grad: torch.Tensor, replicas: int, outside: int = 1) -> tuple[torch.Tensor, int]:
     """A gradient's local tensor, and how many ranks hold the same values: a DTensor says so by its placements
-    (Replicate dimensions copy, Shard dimensions split); a plain tensor is held by each of `replicas`."""
+    (Replicate dimensions copy, Shard dimensions split), times `outside` copies of its mesh (a norm's weight
+    sharded over dp only is held alike by every tp rank); a plain tensor is held by each of `replicas`."""
     if not hasattr(grad, "to_local"):
         return grad, replicas
-    copies = 1
+    copies = outside
     for size, placement in zip(grad.device_mesh.mesh.shape, grad.placements):
         copies *= size if placement.is_replicate() else 1
     return grad.to_local(), copies
@@ -96,8 +104,8 @@ class Strategy:
 
     name = "single"
 
-    def __init__(self, cfg: Any, env: DistEnv, device: torch.device, precision: str):
-        self.cfg, self.env, self.device, self.precision = cfg, env, device, precision
+    def __init__(self, cfg: Any, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
+        self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
@@ -114,7 +122,7 @@ class Strategy:
 
     @property
     def dp_size(self) -> int:
-        return self.env.world_size
+        return self.dims.dp
 
     def describe(self) -> str:
         return "single process"
@@ -130,6 +138,11 @@ class Strategy:
             raise ConfigError("strategy", cls.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
                               "strategy=single runs exactly one process")
         return 1
+
+    @classmethod
+    def traits(cls) -> Preset:
+        """What this strategy is (checkpoint format, parameters held, collectives): gpt.parallel.traits."""
+        return preset(cls.name)
 
     # --- building -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
@@ -161,6 +174,10 @@ class Strategy:
         """Wraps each micro-step's backward; data-parallel strategies skip the all-reduce until the last."""
         return contextlib.nullcontext()
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        """Wraps the forward that computes a loss and its backward (tensor parallel: a vocabulary-sharded loss)."""
+        return contextlib.nullcontext()
+
     def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
                    lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
         for group in self.optimizer.param_groups:
@@ -168,12 +185,12 @@ class Strategy:
         clock = PhaseClock(self.device)
         total = torch.zeros((), device=self.device)
         for i, (x, y) in enumerate(micro_batches):
-            with self.sync_gradients(i == n_micro - 1):
+            with self.sync_gradients(i == n_micro - 1), self.loss_context():
                 with self.autocast():
                     _, loss = self.model(x, y)
                 loss = loss / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
-            total += loss.detach()
+            total += plain(loss.detach())
         clock.mark("fwd_bwd")
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
@@ -201,9 +218,9 @@ class Strategy:
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of one evaluation batch on this rank."""
-        with self.autocast():
+        with self.autocast(), self.loss_context():
             _, loss = self.model(x, y)
-        return loss.detach().float()
+        return plain(loss.detach()).float()
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_parts(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:

@@ -8,7 +8,7 @@ fp32), not autocast. Options: activation checkpointing per layer, parameters and
 from __future__ import annotations
 
 import contextlib
-import functools
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -16,11 +16,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
-from torch.utils.checkpoint import checkpoint
+from torch.distributed.tensor.parallel import loss_parallel
 
 from gpt.errors import ConfigError
-from gpt.parallel.base import DTYPES, Strategy, check_keys, planned_device
-from gpt.parallel.mesh import build_mesh, describe_mesh
+from gpt.parallel.base import DTYPES, Strategy, check_keys, local_part, planned_device
+from gpt.parallel.mesh import build_mesh
+from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.optim import build_adamw
 
 KEYS = ("reshard_after_forward", "activation_checkpointing", "cpu_offload")
@@ -33,17 +34,6 @@ def check_fsdp_options(cfg: Any, train: Any, prefix: str = "strategy") -> None:
                           "to the CPU); set train.device=cuda on a GPU machine to use it")
 
 
-def checkpoint_activations(block: nn.Module) -> None:
-    """Recompute the block's activations in backward instead of keeping them (parameter names unchanged)."""
-    forward = block.forward
-
-    @functools.wraps(forward)
-    def recomputed(*args, **kwargs):
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-
-    block.forward = recomputed
-
-
 def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Module:
     """fully_shard each transformer layer of `model` (a GPT or a pipeline stage of one), then the rest."""
     mp = None
@@ -54,7 +44,7 @@ def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Mo
     reshard = cfg.get("reshard_after_forward", True)
     for block in model.layers.values():
         if cfg.get("activation_checkpointing", False):
-            checkpoint_activations(block)
+            block.recompute = True
         fully_shard(block, reshard_after_forward=reshard, **kwargs)
     # The root keeps embeddings, final norm and head; it stays gathered after forward (backward needs it at once).
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -62,11 +52,16 @@ def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Mo
 
 
 class FSDP(Strategy):
+    """FSDP2 on the layout's data-parallel axes: dp_shard alone (FSDP), or dp_replicate x dp_shard (HSDP: shards
+    inside a group of dp_shard ranks, the groups replicas of each other); with tp > 1 the model is first split
+    by tensor parallelism on the tp axis (gpt.parallel.tensor) and each tp rank's part is then sharded."""
+
     name = "fsdp"
 
-    def __init__(self, cfg, env, device, precision):
-        super().__init__(cfg, env, device, precision)
+    def __init__(self, cfg, env, device, precision, dims):
+        super().__init__(cfg, env, device, precision, dims)
         self.mesh: DeviceMesh | None = None
+        self.dp_mesh: DeviceMesh | None = None  # the data-parallel ranks, flattened to one axis
 
     @classmethod
     def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
@@ -76,27 +71,63 @@ class FSDP(Strategy):
 
     @property
     def dp_rank(self) -> int:
-        return self.mesh.get_local_rank("dp") if self.mesh is not None else self.env.rank
+        return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else self.env.rank
 
     @property
     def dp_group(self) -> dist.ProcessGroup | None:
-        return self.mesh.get_group("dp") if self.mesh is not None else None
+        return self.dp_mesh.get_group() if self.dp_mesh is not None else None
 
     def describe(self) -> str:
         options = [f"{self.precision} compute" if self.precision != "fp32" else "fp32"]
         options += [key.replace("_", " ") for key in ("activation_checkpointing", "cpu_offload") if self.cfg.get(key)]
-        mesh = describe_mesh(self.mesh) if self.mesh is not None else f"dp={self.dp_size}"
-        return f"FSDP2 (fully_shard), parameters sharded over mesh {mesh}; {', '.join(options)}"
+        d = self.dims
+        kind = "HSDP" if d.dp_replicate > 1 else "FSDP2"
+        shards = f"dp_shard={d.dp_shard}"
+        if d.dp_replicate > 1:
+            shards = f"dp_replicate={d.dp_replicate} x {shards}"
+        what = f"{kind} (fully_shard), parameters sharded over mesh {shards}"
+        if d.tp > 1:
+            what += f", tensor parallel over tp={d.tp}" + (" with sequence parallel" if d.sequence_parallel else "")
+        return f"{what}; {', '.join(options)}"
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
-        self.mesh = build_mesh(self.device, dp=self.env.world_size)
-        self.model = shard(model, self.mesh, self.precision, self.cfg)
+        d = self.dims
+        self.mesh = build_mesh(self.device, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, tp=d.tp)
+        if d.tp > 1:
+            apply_tensor_parallel(model, self.mesh["tp"], d.sequence_parallel)
+        self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        shard_mesh = self.mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else self.mesh["dp_shard"]
+        self.model = shard(model, shard_mesh, self.precision, self.cfg)
         self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
 
+    def loss_context(self) -> contextlib.AbstractContextManager:
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
+
     def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         self.model.set_requires_gradient_sync(last_micro_step)
         return contextlib.nullcontext()
+
+    def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:
+        # Parameters tensor parallelism leaves whole (norms) are sharded over dp only: every tp rank holds them.
+        for name, p in self.unwrapped.named_parameters():
+            if p.grad is not None:
+                yield name, *local_part(p.grad, self.dp_size, self.env.world_size // p.grad.device_mesh.size())
+
+    def clip_gradients(self, max_norm: float) -> torch.Tensor:
+        """The norm from each rank's local parts (DTensors on the dp and on the dp x tp mesh do not mix in
+        get_total_norm), each counted once, then clip with it."""
+        if self.dims.tp == 1:
+            return super().clip_gradients(max_norm)
+        square = torch.zeros((), device=self.device)
+        for _, grad, copies in self.local_gradients():
+            square += grad.float().pow(2).sum() / copies
+        dist.all_reduce(square)
+        norm = square.sqrt()
+        if max_norm > 0:
+            torch.nn.utils.clip_grads_with_norm_([p for p in self.model.parameters() if p.grad is not None],
+                                                 max_norm, norm, foreach=False)  # one mesh per call
+        return norm

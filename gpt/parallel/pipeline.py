@@ -42,8 +42,9 @@ from gpt.metrics import layer_grad_norms
 from gpt.model import GPT
 from gpt.optim import build_adamw
 from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part
-from gpt.parallel.fsdp import check_fsdp_options, checkpoint_activations, shard
+from gpt.parallel.fsdp import check_fsdp_options, shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
+from gpt.parallel.tensor import apply_tensor_parallel
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
 DATA_PARALLEL = ("ddp", "fsdp")
@@ -92,14 +93,15 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 class Pipeline(Strategy):
     name = "pipeline"
 
-    def __init__(self, cfg, env, device, precision):
-        super().__init__(cfg, env, device, precision)
+    def __init__(self, cfg, env, device, precision, dims):
+        super().__init__(cfg, env, device, precision, dims)
         self.pp = int(cfg.get("pp", 2))
         self.schedule_name = cfg.get("schedule", "1f1b")
         self.microbatches = int(cfg.get("microbatches", self.pp))
         self.per_rank = int(cfg.get("stages_per_rank", 2)) if self.schedule_name == "interleaved" else 1
         self.n_stages = self.pp * self.per_rank
         self.dp_kind = cfg.get("dp", "ddp")
+        self.tp = dims.tp
         self.mesh: DeviceMesh | None = None
         self.stages: dict[int, nn.Module] = {}  # stage index -> the stage module as trained (maybe DDP-wrapped)
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -171,10 +173,6 @@ class Pipeline(Strategy):
         return self.mesh.get_local_rank("dp")
 
     @property
-    def dp_size(self) -> int:
-        return self.env.world_size // self.pp
-
-    @property
     def dp_group(self) -> dist.ProcessGroup | None:
         return self.mesh.get_group("dp")
 
@@ -195,13 +193,15 @@ class Pipeline(Strategy):
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         self.model_cfg = model.cfg
-        self.mesh = build_mesh(self.device, pp=self.pp, dp=self.dp_size)
+        self.mesh = build_mesh(self.device, pp=self.pp, dp=self.dp_size, **({"tp": self.tp} if self.tp > 1 else {}))
         self.runs = split_layers(model.cfg.n_layer, self.n_stages)
         ids = self.local_stage_ids()
         schedule_stages = []
         for i, sid in enumerate(ids):
             part = model if i == len(ids) - 1 else copy.deepcopy(model)
             part = make_stage(part, sid, self.n_stages, self.runs).to(self.device)
+            if self.tp > 1:  # the last stage gathers its logits: the schedule's loss takes whole ones
+                apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=False, sharded_loss=False)
             wrapped = self._data_parallel(part)
             self.stages[sid] = wrapped
             self.optimizers.append(build_adamw(self._unwrap(wrapped), lr, weight_decay, betas, self.device))
@@ -217,7 +217,7 @@ class Pipeline(Strategy):
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
         if self.cfg.get("activation_checkpointing", False):
             for block in stage.layers.values():
-                checkpoint_activations(block)
+                block.recompute = True
         if self.dp_kind == "fsdp":
             return shard(stage, self.mesh["dp"], self.precision, self.cfg)
         if self.dp_size == 1:
@@ -231,12 +231,14 @@ class Pipeline(Strategy):
         return module.module if isinstance(module, DistributedDataParallel) else module
 
     def _tie_embeddings(self) -> None:
-        """A group per replica joining its first and last stage ranks, to sum the tied weight's gradients."""
+        """A group per replica (and tp rank) joining its first and last stage ranks, to sum the tied weight's
+        gradients (under tp both copies are split over the vocabulary alike, so the shards pair up)."""
         if not self.model_cfg.tie_embeddings:
             return
         last_owner = (self.n_stages - 1) % self.pp
-        for d in range(self.dp_size):
-            ranks = sorted({int(self.mesh.mesh[0, d]), int(self.mesh.mesh[last_owner, d])})
+        coordinates = self.mesh.mesh.reshape(self.pp, -1)  # stage x (dp, tp)
+        for c in range(coordinates.size(1)):
+            ranks = sorted({int(coordinates[0, c]), int(coordinates[last_owner, c])})
             group = dist.new_group(ranks)  # every rank creates every group, in the same order
             if self.env.rank in ranks:
                 self.tie_group = group
@@ -274,6 +276,10 @@ class Pipeline(Strategy):
         loss = torch.stack([x.detach().float() for x in losses]).mean() if last else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage has it
         for p in self._tied_parameters():  # gradients scaled and averaged over dp by now
+            if hasattr(p.grad, "placements") and p.grad.placements != p.placements:
+                # a tensor-parallel embedding's gradient may come back replicated: shard it as its weight is, so
+                # the two copies' shards pair up
+                p.grad = p.grad.redistribute(p.device_mesh, p.placements)
             grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
             dist.all_reduce(grad, group=self.tie_group)
         clock.mark("fwd_bwd")
@@ -292,24 +298,36 @@ class Pipeline(Strategy):
         return super().autocast()
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
-        """The norm over every stage's gradients (the tied weight counted once), then clip with it."""
-        params = [p for _, p in self._parameters() if p.grad is not None]
+        """The norm over every stage's gradients (the tied weight counted once), from each rank's local parts
+        (each counted once over the ranks that hold it), then clip with it."""
         tied_copy = self._tied_parameters()[-1:] if self.n_stages - 1 in self.stages else []
-        counted = [p.grad for p in params if not any(p is t for t in tied_copy)]
-        norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        square = norm.detach().float() ** 2
-        dist.all_reduce(square, group=self.pp_group)
+        counted = [p.grad for _, p in self._parameters() if p.grad is not None and not any(p is t for t in tied_copy)]
+        if self.tp == 1:  # one mesh: torch's norm over this stage, then the stages' squares added
+            norm = torch.nn.utils.get_total_norm(counted) if counted else torch.zeros((), device=self.device)
+            square = (norm.full_tensor() if hasattr(norm, "full_tensor") else norm).detach().float() ** 2
+            dist.all_reduce(square, group=self.pp_group)
+        else:  # DTensors on the tp and on the dp x tp mesh do not mix in get_total_norm
+            square = torch.zeros((), device=self.device)
+            for grad in counted:
+                local, copies = self._local_part(grad)
+                square += local.float().pow(2).sum() / copies
+            dist.all_reduce(square)
         total = square.sqrt()
         if max_norm > 0:
-            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+            params = [p for _, p in self._parameters() if p.grad is not None]
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total, foreach=False)  # one mesh per call
         return total
+
+    def _local_part(self, grad: torch.Tensor) -> tuple[torch.Tensor, int]:
+        """A stage's parameter is held by its dp x tp ranks: plain ones by each, DTensors by their mesh's."""
+        held_by = self.dp_size * self.tp
+        outside = held_by // grad.device_mesh.size() if hasattr(grad, "device_mesh") else 1
+        return local_part(grad, held_by, outside)
 
     def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:
         for name, p in self._parameters():
             if p.grad is not None:
-                yield name, *local_part(p.grad, self.dp_size)
+                yield name, *self._local_part(p.grad)
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

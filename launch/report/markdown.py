@@ -6,6 +6,7 @@ from typing import Any
 
 from launch.report.fit import TOLERANCE
 from launch.report.model import Report
+from launch.report.perf_model import comm_volume
 from launch.report.points import TB_RUN
 from gpt.goodput import read_attempts, run_goodput
 from launch.report.rows import BREAKDOWN, replay_stragglers
@@ -131,8 +132,11 @@ def model_section(rep: Report) -> str:
            (f"- c = {m.compute_s_per_sequence:.4g} s per sequence {per}; k = {m.comm_scale:.3g} (1 = communication "
            f"as fast as the configured network); {m.method}; rms residual {m.residual_rms_s:.3g} s"),
            (f"- network (`report.network.*`): intra-node {net.intra_node_GBps:g} GB/s, {net.intra_node_latency_us:g} "
-           f"us; inter-node {net.inter_node_GBps:g} GB/s, {net.inter_node_latency_us:g} us\n")]
-    return "\n".join(out) + "\n" + model_error(rep)
+           f"us; inter-node {net.inter_node_GBps:g} GB/s, {net.inter_node_latency_us:g} us")]
+    # the collectives each point's strategy lists, once per distinct list (their sizes change with the point)
+    seen = dict.fromkeys(comm_volume(s).description for s in rep.shapes)
+    out += [f"- collectives per step: {what}" for what in seen]
+    return "\n".join(out) + "\n\n" + model_error(rep)
 
 
 def model_error(rep: Report) -> str:

@@ -5,15 +5,18 @@
 W(n)  sequences each rank computes per step: global_batch / ranks (with pipeline stages, a rank computes its
       share of each of global_batch / dp sequences, which is the same number). Compute per sequence is assumed
       constant: no pipeline bubble, no change in kernel efficiency with the per-rank batch.
-C(n)  the nominal communication time of the strategy's collectives on the configured network:
-      latency + bytes / bandwidth, with the bus-bandwidth convention of nccl-tests:
-        all-reduce              2 (N-1)/N x bytes          (DDP, ZeRO-1/2 reduce-scatter + all-gather)
-        all-gather / reduce-scatter  (N-1)/N x bytes each  (FSDP/ZeRO-3: 2 all-gathers + 1 reduce-scatter ~ 3x)
-        pipeline p2p            activations and their gradients between neighbouring stages
+C(n)  the nominal communication time of the collectives the strategy lists for a step (gpt.parallel.traits:
+      kind, bytes, calls, mesh axis), each on its own axis's group of N ranks: latency + bytes / bandwidth, with
+      the bus-bandwidth convention of nccl-tests:
+        all-reduce                   2 (N-1)/N x bytes  (DDP, HSDP across replicas, tensor-parallel activations)
+        all-gather / reduce-scatter  (N-1)/N x bytes    (FSDP/ZeRO-3 parameters and gradients, sequence parallel)
+        p2p                          bytes              (pipeline activations and their gradients)
       and a tree-like latency term, 2 log2(N) hops per collective call (NCCL switches from rings to trees at
-      scale; a ring's 2 (N-1) hops would predict absurd latencies at thousands of ranks).
-      Bandwidth: `intra_node_GBps` (NVLink, 900 GB/s on H100) when all ranks of a collective share a node,
-      `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU) otherwise.
+      scale; a ring's 2 (N-1) hops would predict absurd latencies at thousands of ranks). A kind it does not
+      know is an error, not a guess.
+      Bandwidth: `intra_node_GBps` (NVLink, 900 GB/s on H100) when the axis's groups stay inside a node (tp, with
+      tasks per node a multiple of it), `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU)
+      otherwise.
 c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or
       minus k C(n) where none was measured), by least squares on the log of busy time per sequence, so that every
       point counts alike. k is fitted only from points whose ranks sit on separate machines or within one real
@@ -37,6 +40,9 @@ import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
+
+from gpt.parallel.layout import ParallelDims
+from gpt.parallel.traits import Collective, Workload, preset
 
 GB = 1e9
 
@@ -72,6 +78,7 @@ class Shape:
     strategy: str = "ddp"
     precision: str = "fp32"
     strategy_cfg: Mapping[str, Any] = field(default_factory=dict)
+    parallel: Mapping[str, Any] = field(default_factory=dict)  # the run's `parallel` section
     cores_per_rank: float | None = None  # CPU cores a rank computes with; None on GPUs or when not recorded
     shared_host: bool = False            # several "nodes" on one machine: no network between them
 
@@ -80,12 +87,17 @@ class Shape:
         return self.nodes * self.tasks_per_node
 
     @property
+    def dims(self) -> ParallelDims:
+        """The layout the strategy preset runs on these ranks (as the run itself resolved it)."""
+        return preset(self.strategy).layout(self.strategy_cfg, self.parallel, self.ranks)
+
+    @property
     def pp(self) -> int:
-        return int(self.strategy_cfg.get("pp", 1)) if self.strategy == "pipeline" else 1
+        return self.dims.pp
 
     @property
     def dp(self) -> int:
-        return max(self.ranks // self.pp, 1)
+        return self.dims.dp
 
     @property
     def sequences_per_rank(self) -> float:
@@ -94,6 +106,11 @@ class Shape:
     @property
     def feasible(self) -> bool:
         return self.global_batch >= self.dp and self.global_batch % self.dp == 0
+
+
+# Bytes each rank moves through its bottleneck link per byte of the collective (nccl-tests' bus bandwidth).
+BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+              "reduce_scatter": lambda n: (n - 1) / n, "p2p": lambda n: 1.0}
 
 
 @dataclass(frozen=True)
@@ -105,62 +122,64 @@ class Comm:
     description: str = ""
 
 
-def _bytes(precision: str) -> int:
-    return 2 if precision in ("bf16", "fp16") else 4
+def collectives(s: Shape) -> list[Collective]:
+    """The strategy's own list of collectives per step on this shape (gpt.parallel.traits)."""
+    if s.ranks == 1:
+        return []
+    work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision)
+    return preset(s.strategy).collectives(s.strategy_cfg, s.dims, work)
+
+
+def axis_size(dims: ParallelDims, axis: str) -> int:
+    return dims.dp if axis == "dp" else dims.sizes()[axis]
+
+
+def crosses_nodes(s: Shape, axis: str) -> bool:
+    """Whether a group of `axis` spans machines: ranks sit row-major on the mesh (pp, dp_replicate, dp_shard,
+    tp), so a group covers size x (sizes of the axes inside it) consecutive ranks."""
+    dims = s.dims
+    inner = {"pp": dims.dp * dims.tp, "dp": dims.tp, "dp_replicate": dims.dp_shard * dims.tp,
+             "dp_shard": dims.tp, "tp": 1}[axis]
+    return s.nodes > 1 and s.tasks_per_node % (axis_size(dims, axis) * inner) != 0
+
+
+def _bus_factor(c: Collective, n: int) -> float:
+    if c.kind not in BUS_FACTOR:
+        raise ValueError(f"unknown collective {c.kind!r} on axis {c.axis} ({c.what}): the performance model knows "
+                         f"{', '.join(BUS_FACTOR)}")
+    return BUS_FACTOR[c.kind](n)
 
 
 def comm_volume(s: Shape) -> Comm:
-    """Bytes and collective calls per step for the strategy on this shape."""
-    n = s.dp
-    grad_bytes = 4.0 * s.params  # parameters and gradients stay fp32 under autocast; reductions in fp32
-    cfg = s.strategy_cfg
-    if s.strategy == "single" or s.ranks == 1:
-        return Comm(0.0, 0, description="one rank: no communication")
-    bucket = float(cfg.get("bucket_cap_mb", 25)) * 2**20
-    if s.strategy == "ddp":
-        return Comm(2 * (n - 1) / n * grad_bytes, max(1, math.ceil(grad_bytes / bucket)),
-                    description="ring all-reduce of fp32 gradients: 2(N-1)/N x param bytes")
-    if s.strategy == "zero1":
-        return Comm(3 * (n - 1) / n * grad_bytes, max(1, math.ceil(grad_bytes / bucket)) + 1,
-                    description="all-reduce of gradients + broadcast of updated shards: 3(N-1)/N x param bytes")
-    if s.strategy == "deepspeed":
-        stage = int(cfg.get("stage", 2))
-        bucket = float(cfg.get("reduce_bucket_size", 5e7)) * 4  # elements of fp32
-        factor = 3 if stage == 3 else 2
-        calls = max(1, math.ceil(grad_bytes / bucket)) * (s.n_layer if stage == 3 else 1)
-        return Comm(factor * (n - 1) / n * grad_bytes, calls,
-                    description=f"ZeRO-{stage}: {factor}(N-1)/N x param bytes")
-    if s.strategy == "fsdp":
-        gather = _bytes(s.precision) * s.params
-        reshard = bool(cfg.get("reshard_after_forward", True))
-        gathers = 2 if reshard else 1
-        return Comm((gathers * gather + grad_bytes) * (n - 1) / n, (gathers + 1) * (s.n_layer + 1),
-                    description=f"{gathers} all-gather(s) of parameters + reduce-scatter of gradients, "
-                                f"(N-1)/N x bytes each")
-    if s.strategy == "pipeline":
-        pp, micro = s.pp, int(cfg.get("microbatches", 4))
-        stage_bytes = grad_bytes / pp
-        dp_bytes = 2 * (n - 1) / n * stage_bytes if n > 1 else 0.0
-        act = (s.global_batch / n) * s.block_size * s.n_embd * _bytes(s.precision)
-        p2p = 2 * act if pp > 1 else 0.0  # activations forward, their gradients backward, per stage boundary
-        return Comm(dp_bytes, max(1, math.ceil(stage_bytes / bucket)) if n > 1 else 0, p2p, 2 * micro,
-                    description="all-reduce of each stage's gradients over dp + p2p activations between stages")
-    return Comm(2 * (n - 1) / n * grad_bytes, 1, description=f"unknown strategy {s.strategy}: assumed all-reduce")
+    """Bus bytes and calls per step, summed over the strategy's collectives (p2p apart)."""
+    bus = calls = p2p = p2p_calls = 0.0
+    for c in collectives(s):
+        n = axis_size(s.dims, c.axis)
+        if c.kind == "p2p":
+            p2p, p2p_calls = p2p + c.bytes, p2p_calls + c.calls
+        elif n > 1:
+            bus, calls = bus + _bus_factor(c, n) * c.bytes, calls + c.calls
+    what = "; ".join(f"{c.kind} over {c.axis}: {c.what}" for c in collectives(s)) or "no communication"
+    return Comm(bus, int(calls), p2p, int(p2p_calls), what)
+
+
+def collective_time(s: Shape, c: Collective, net: Network) -> float:
+    """Seconds of one step's `c` on the configured network: bytes over the link its group uses, plus latency
+    (a tree-like 2 log2(N) hops per collective call, one hop per p2p message)."""
+    n = axis_size(s.dims, c.axis)
+    factor = _bus_factor(c, n)
+    if n == 1:
+        return 0.0
+    inter = crosses_nodes(s, c.axis)
+    bw = (net.inter_node_GBps if inter else net.intra_node_GBps) * GB
+    lat = (net.inter_node_latency_us if inter else net.intra_node_latency_us) * 1e-6
+    hops = 1 if c.kind == "p2p" else 2 * math.ceil(math.log2(n))
+    return factor * c.bytes / bw + c.calls * hops * lat
 
 
 def nominal_comm_time(s: Shape, net: Network) -> float:
     """Seconds per step the collectives take on the configured network (no overlap with compute)."""
-    c = comm_volume(s)
-    inter = s.nodes > 1
-    bw = (net.inter_node_GBps if inter else net.intra_node_GBps) * GB
-    lat = (net.inter_node_latency_us if inter else net.intra_node_latency_us) * 1e-6
-    t = c.bus_bytes / bw + c.calls * 2 * math.ceil(math.log2(max(s.dp, 2))) * lat
-    if c.p2p_bytes:
-        p2p_inter = s.pp > s.tasks_per_node
-        p2p_bw = (net.inter_node_GBps if p2p_inter else net.intra_node_GBps) * GB
-        p2p_lat = (net.inter_node_latency_us if p2p_inter else net.intra_node_latency_us) * 1e-6
-        t += c.p2p_bytes / p2p_bw + c.p2p_calls * p2p_lat
-    return t
+    return sum(collective_time(s, c, net) for c in collectives(s))
 
 
 @dataclass(frozen=True)

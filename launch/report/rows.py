@@ -18,6 +18,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpt.parallel.traits import preset
 from gpt.stragglers import StragglerConfig, StragglerDetector
 from launch.report.perf_model import Shape
 from launch.report.points import Point, get
@@ -104,7 +105,7 @@ def replay_stragglers(point: Point, config: StragglerConfig, skip: int) -> tuple
     return sorted(flagged), events
 
 
-def shape_of(point: Point) -> Shape:
+def shape_of(point: Point, params: int | None = None) -> Shape:
     cfg = point.config
     return Shape(
         nodes=point.nodes,
@@ -113,10 +114,11 @@ def shape_of(point: Point) -> Shape:
         block_size=int(get(cfg, "model.block_size", 1)),
         n_embd=int(get(cfg, "model.n_embd", 1)),
         n_layer=int(get(cfg, "model.n_layer", 1)),
-        params=parameter_count(point),
+        params=parameter_count(point) if params is None else params,
         strategy=str(get(cfg, "strategy.name", "single")),
         precision=str(get(cfg, "train.precision", "fp32")),
         strategy_cfg=dict(get(cfg, "strategy", {}) or {}),
+        parallel=dict(get(cfg, "parallel", {}) or {}),
         cores_per_rank=point.cores_per_rank,
         shared_host=bool(point.shared_host),
     )
@@ -141,9 +143,8 @@ def parameter_count(point: Point) -> int:
     except Exception as e:  # noqa: BLE001 - a report must survive a moved data folder
         log.info("%s: counting parameters from the config failed (%s); estimating from param_bytes", point.name, e)
     held = first.get("param_bytes") or 0
-    sharded = get(point.config, "strategy.name") == "fsdp" or (
-        get(point.config, "strategy.name") == "deepspeed" and get(point.config, "strategy.stage") == 3)
-    return int(held / 4 * (point.ranks if sharded else 1))
+    shape = shape_of(point, params=0)  # the layout, to undo the share of the parameters a rank holds
+    return int(held / 4 / preset(shape.strategy).param_fraction(shape.strategy_cfg, shape.dims))
 
 
 def median_or_none(values: Iterable[Any]) -> float | None:

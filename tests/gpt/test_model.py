@@ -454,3 +454,31 @@ def test_bad_config_names_key_and_valid_values(overrides, key, valid):
     if overrides.get("vocab_size", 1) is not None:
         with pytest.raises(ConfigError, match=key):
             ModelConfig.from_dict(dataclasses.asdict(cfg))
+
+
+def test_activation_checkpointing_recomputes_the_chosen_layers_with_the_same_gradients():
+    """A block with `recompute` runs its layer again in backward (twice in all) and keeps its gradients; the
+    others run once. train.activation_checkpointing=every_2 picks layers 0, 2, ..."""
+    from gpt.train_config import TrainConfig
+
+    cfg = ModelConfig(name="t", n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+    torch.manual_seed(0)
+    plain, recomputed = GPT(cfg), GPT(cfg)
+    recomputed.load_state_dict(plain.state_dict())
+    every = TrainConfig(activation_checkpointing="every_2").recompute_every()
+    calls = {key: 0 for key in recomputed.layers}
+    for i, (key, block) in enumerate(recomputed.layers.items()):
+        block.recompute = i % every == 0
+        original = block.layer
+
+        def counted(*args, key=key, original=original):
+            calls[key] += 1
+            return original(*args)
+
+        block.layer = counted
+    idx = torch.randint(0, 50, (2, 16))
+    for model in (plain, recomputed):
+        model(idx, idx)[1].backward()
+    assert calls == {"0": 2, "1": 1, "2": 2, "3": 1}
+    for (name, p), q in zip(plain.named_parameters(), recomputed.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, msg=name)

@@ -6,7 +6,8 @@ from dataclasses import replace
 
 import pytest
 
-from launch.report.perf_model import Network, Shape, comm_volume, fit, nominal_comm_time, point_errors, scaled_shape
+from launch.report.perf_model import (Network, Shape, collectives, comm_volume, crosses_nodes, fit, nominal_comm_time,
+                                     point_errors, scaled_shape)
 
 
 def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", **cfg) -> Shape:
@@ -120,3 +121,42 @@ def test_weak_scaling_predictions_exist_where_strong_scaling_ends():
     assert [(s.feasible, s.global_batch, s.shared_host) for s in weak] == [(True, 96, False), (True, 12288, False)]
     assert model.step_time(weak[1]) > model.step_time(weak[0]) > model.step_time(ref)
     assert 0.9 < model.efficiency(weak[1], ref) < 1
+
+
+def test_each_layout_lists_its_collectives_on_their_axes():
+    net = Network(intra_node_latency_us=0, inter_node_latency_us=0)
+    p = 4 * 124e6
+
+    def on(nodes, tasks=8, strategy="fsdp", **parallel):
+        return replace(shape(nodes, tasks, strategy=strategy), parallel=parallel)
+
+    def kinds(s):
+        return sorted((c.kind, c.axis) for c in collectives(s))
+
+    fsdp_tp = on(2, tp=8)  # 16 ranks: tp=8 inside each node, dp_shard=2 across the two
+    assert kinds(fsdp_tp) == [("all_gather", "dp_shard"), ("all_reduce", "tp"), ("reduce_scatter", "dp_shard")]
+    assert not crosses_nodes(fsdp_tp, "tp") and crosses_nodes(fsdp_tp, "dp_shard")
+    assert comm_volume(fsdp_tp).bus_bytes > 3 * 1 / 2 * p / 8  # parameters: the 1/8 each tp rank holds
+    # the same tp forced across nodes (4 tasks per node): its activations go over the network
+    assert nominal_comm_time(on(4, tasks=4, tp=8), net) > 5 * nominal_comm_time(fsdp_tp, net)
+    sp = on(2, tp=8, sequence_parallel=True)
+    assert kinds(sp) == [("all_gather", "dp_shard"), ("all_gather", "tp"), ("reduce_scatter", "dp_shard"),
+                         ("reduce_scatter", "tp")]
+    assert comm_volume(sp).bus_bytes == pytest.approx(comm_volume(fsdp_tp).bus_bytes)  # the same bytes, split
+    hsdp = on(2, dp_replicate=2)  # shards inside a node, replicas across
+    assert kinds(hsdp) == [("all_gather", "dp_shard"), ("all_reduce", "dp_replicate"), ("reduce_scatter", "dp_shard")]
+    assert crosses_nodes(hsdp, "dp_replicate") and not crosses_nodes(hsdp, "dp_shard")
+    assert nominal_comm_time(hsdp, net) < nominal_comm_time(on(2), net)  # only 1/8 of the gradients cross
+    pipe = shape(2, strategy="pipeline", pp=2, microbatches=4)  # stages on separate nodes
+    assert kinds(pipe) == [("all_reduce", "dp"), ("p2p", "pp")] and crosses_nodes(pipe, "pp")
+
+
+def test_an_unknown_collective_or_strategy_is_an_error(monkeypatch):
+    from gpt.errors import ConfigError
+    from gpt.parallel.traits import PRESETS, Collective
+
+    with pytest.raises(ConfigError, match="strategy='tensor' is not valid"):
+        comm_volume(shape(2, strategy="tensor"))
+    monkeypatch.setattr(PRESETS["ddp"], "collectives", lambda *a: [Collective("all_to_all", 1.0, 1, "dp", "experts")])
+    with pytest.raises(ValueError, match="unknown collective 'all_to_all' on axis dp"):
+        nominal_comm_time(shape(2), Network())

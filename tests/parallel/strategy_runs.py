@@ -21,6 +21,10 @@ FP32_RTOL = 1e-5
 BF16_RTOL = 2e-2
 
 PIPELINE = ["strategy=pipeline", "strategy.microbatches=4"]
+# The tensor-parallel cases' model: grouped-query attention (4 heads, 2 query groups), RoPE, SwiGLU, RMSNorm;
+# its baseline is one process on the same model.
+GQA = ["model.n_head=4", "model.n_query_groups=2", "model.position=rope", "model.mlp=swiglu", "model.norm=rmsnorm"]
+TP = ["strategy=fsdp", "parallel.tp=2"]
 # name -> (overrides, ranks)
 CASES: dict[str, tuple[list[str], int]] = {
     "ddp": (["strategy=ddp", "nodes=2"], 2),  # 2 "nodes" x 1 task, as the acceptance line runs it
@@ -38,6 +42,17 @@ CASES: dict[str, tuple[list[str], int]] = {
                           "cluster.tasks_per_node=2"], 4),
     "pp2_dp2_gpipe_fsdp_accumulation": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp",
                                          "train.micro_batch_size=2", "cluster.tasks_per_node=4"], 4),
+    "tp2_gqa": ([*TP, *GQA, "cluster.tasks_per_node=2"], 2),
+    "tp2_sequence_parallel_gqa": ([*TP, "parallel.sequence_parallel=true", *GQA, "cluster.tasks_per_node=2"], 2),
+    # learned positions and a GELU MLP, sequence parallel inside each of 2 FSDP shards
+    "fsdp2_tp2_sequence_parallel": ([*TP, "parallel.sequence_parallel=true", "cluster.tasks_per_node=4"], 4),
+    "hsdp2x2": (["strategy=fsdp", "parallel.dp_replicate=2", "nodes=2", "cluster.tasks_per_node=2"], 4),
+    # tp inside each pipeline stage; activation checkpointing (a train option, any layout) on every layer
+    "pp2_tp2_recompute": ([*PIPELINE, "parallel.tp=2", *GQA, "train.activation_checkpointing=full",
+                           "cluster.tasks_per_node=4"], 4),
+    # 2 nodes of 4: tp inside a node, FSDP over the replicas of a stage, stages across nodes
+    "pp2_dp2_tp2": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp", "parallel.tp=2", *GQA,
+                     "train.activation_checkpointing=every_2", "nodes=2", "cluster.tasks_per_node=4"], 8),
 }
 BF16_CASES: dict[str, tuple[list[str], int]] = {
     "fsdp_bf16": (["strategy=fsdp", "train.precision=bf16", "cluster.tasks_per_node=2"], 2),
@@ -45,14 +60,20 @@ BF16_CASES: dict[str, tuple[list[str], int]] = {
                               "cluster.tasks_per_node=2"], 2),
 }
 SINGLE: tuple[list[str], int] = (["strategy=single"], 1)
+BASELINES = {"single": SINGLE, "single_gqa": (["strategy=single", *GQA], 1)}
+
+
+def baseline_of(name: str) -> str:
+    """The one-process run that configuration `name` must match (the same model)."""
+    return "single_gqa" if name in CASES and set(GQA) <= set(CASES[name][0]) else "single"
 
 _done: dict[str, Path] = {}
 
 
 def run(name: str, tmp_path_factory, data_overrides: list[str]) -> Path:
-    """The run folder of configuration `name` (or "single"), trained on first use."""
+    """The run folder of configuration `name` (or a baseline), trained on first use."""
     if name not in _done:
-        overrides, _ = SINGLE if name == "single" else {**CASES, **BF16_CASES}[name]
+        overrides, _ = {**BASELINES, **CASES, **BF16_CASES}[name]
         run_dir = tmp_path_factory.mktemp("parallel") / name
         proc = launch(*COMMON, *data_overrides, *overrides, run_dir=run_dir)
         (run_dir / "launcher.log").write_text(proc.stdout + proc.stderr)
@@ -61,7 +82,7 @@ def run(name: str, tmp_path_factory, data_overrides: list[str]) -> Path:
 
 
 def ranks(name: str) -> int:
-    return 1 if name == "single" else {**CASES, **BF16_CASES}[name][1]
+    return {**BASELINES, **CASES, **BF16_CASES}[name][1]
 
 
 def val_losses(run_dir: Path) -> list[float]:

@@ -9,12 +9,12 @@ import torch
 
 from helpers import losses, read_metrics
 from gpt.checkpoint import load_model
-from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, max_rel_diff, ranks, run,
-                           val_losses)
+from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, baseline_of, max_rel_diff, ranks,
+                           run, val_losses)
 
 BANNERS = {
     "ddp": "DDP, 2 replicas on 2 rank(s), 2 node(s)",
-    "fsdp": "FSDP2 (fully_shard), parameters sharded over mesh dp=2",
+    "fsdp": "FSDP2 (fully_shard), parameters sharded over mesh dp_shard=2",
     "fsdp_checkpointing_accumulation": "activation checkpointing",
     "zero1": "ZeRO-1 (ZeroRedundancyOptimizer over DDP), optimizer state split over 2 ranks",
     "deepspeed_zero1": "DeepSpeed ZeRO-1 over 2 data-parallel ranks",
@@ -24,12 +24,19 @@ BANNERS = {
     "pipeline_interleaved": "pipeline interleaved, mesh pp=2 x dp=1 (4 stages",
     "pp2_dp2_1f1b_ddp": "pipeline 1f1b, mesh pp=2 x dp=2 (2 stages, 4 micro-batches, DDP inside stages",
     "pp2_dp2_gpipe_fsdp_accumulation": "pipeline gpipe, mesh pp=2 x dp=2 (2 stages, 4 micro-batches, FSDP inside",
+    "tp2_gqa": "layout       tp=2 (node 0: ranks 0-1)",
+    "tp2_sequence_parallel_gqa": "tensor parallel over tp=2 with sequence parallel",
+    "fsdp2_tp2_sequence_parallel": "layout       dp_shard=2 x tp=2, sequence parallel (node 0: ranks 0-3)",
+    "hsdp2x2": "HSDP (fully_shard), parameters sharded over mesh dp_replicate=2 x dp_shard=2",
+    "pp2_tp2_recompute": "pipeline 1f1b, mesh pp=2 x dp=1 x tp=2 (2 stages",
+    "pp2_dp2_tp2": "layout       pp=2 x dp_shard=2 x tp=2 (node 0: ranks 0-3, node 1: ranks 4-7)",
 }
 
 
-@pytest.fixture(scope="module")
-def baseline(tmp_path_factory, data_overrides):
-    return run("single", tmp_path_factory, data_overrides)
+@pytest.fixture
+def baseline(request, tmp_path_factory, data_overrides):
+    """The one-process run on the same model as the case the test is parametrized with."""
+    return run(baseline_of(request.node.callspec.params["name"]), tmp_path_factory, data_overrides)
 
 
 @pytest.mark.parametrize("name", CASES)

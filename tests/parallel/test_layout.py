@@ -3,8 +3,10 @@ layers only, and every rank's parameters receive gradients."""
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
-from strategy_runs import last_record, ranks, run
+from gpt.parallel.traits import preset
+from strategy_runs import baseline_of, last_record, ranks, run
 
 EMBEDDING, HEAD = {"wte", "wpe"}, {"ln_f", "lm_head"}  # lm_head is the last stage's copy of the tied wte
 
@@ -55,3 +57,17 @@ def test_pipeline_ranks_hold_their_layers_and_all_get_gradients(name, total_byte
         assert set(norms) == every_layer, (rank, sorted(norms))
         assert all(v > 0 for v in norms.values()), (rank, norms)
         assert record["param_bytes"] < 0.75 * total_bytes  # a stage, not the model
+
+
+@pytest.mark.parametrize("name,share", [("tp2_gqa", 0.5), ("hsdp2x2", 0.5), ("fsdp2_tp2_sequence_parallel", 0.25)])
+def test_layouts_hold_their_fraction_of_the_parameters(name, share, tmp_path_factory, data_overrides):
+    """tp splits every matrix and the embedding in two (the norms, a few hundred bytes, are whole on each tp rank);
+    HSDP shards over dp_shard=2 and replicates across dp_replicate: each rank holds 1 / (dp_shard x tp), as the
+    strategy says it does (the report undoes that share to count parameters)."""
+    run_dir = run(name, tmp_path_factory, data_overrides)
+    cfg = OmegaConf.load(run_dir / "config.yaml")
+    dims = preset(cfg.strategy.name).layout(cfg.strategy, cfg.parallel, ranks(name))
+    assert preset(cfg.strategy.name).param_fraction(cfg.strategy, dims) == share
+    total = last_record(run(baseline_of(name), tmp_path_factory, data_overrides), 0)["param_bytes"]
+    held = [last_record(run_dir, r)["param_bytes"] / total for r in range(ranks(name))]
+    assert all(share * 0.97 <= h <= share * 1.06 for h in held), (held, share)

@@ -99,3 +99,18 @@ def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
                   f"resume={tmp_path / 'two'}", run_dir=tmp_path / "one", check=False)
     assert proc.returncode != 0
     assert "cannot be resharded" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_resume_under_another_layout_reshards_model_and_optimizer(tmp_path, data_overrides):
+    """FSDP on 4 ranks to step 10, resumed as tp=2 x dp_shard=2: DCP reshards every parameter and Adam moment
+    from 4 flat shards into tensor-parallel pieces that are themselves sharded. Losses continue those of one
+    process; a moment left at zero or a piece put in the wrong place moves them by far more than 1e-5."""
+    args = [*RESUME_COMMON, *data_overrides, "train.decay_steps=20", "checkpoint.interval_steps=0",
+            "cluster.tasks_per_node=4", "strategy=fsdp"]
+    launch(*args, "train.max_steps=10", run_dir=tmp_path / "fsdp")
+    proc = launch(*args, "parallel.tp=2", f"resume={tmp_path / 'fsdp'}", run_dir=tmp_path / "tp")
+    launch(*[a for a in args if not a.startswith(("cluster.", "strategy="))], run_dir=tmp_path / "baseline")
+    tp, baseline = losses(tmp_path / "tp"), losses(tmp_path / "baseline")
+    assert [r["step"] for r in read_metrics(tmp_path / "tp")] == list(range(10, 20))
+    assert "dp_shard=2 x tp=2" in (tmp_path / "tp" / "logs" / "rank0.log").read_text() + proc.stderr
+    assert tp == pytest.approx(baseline[10:], rel=1e-5)

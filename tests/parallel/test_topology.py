@@ -8,8 +8,9 @@ from omegaconf import OmegaConf
 from helpers import REPO, compose, launch
 from gpt.config import ModelConfig
 from gpt.errors import ConfigError
-from gpt.parallel import STRATEGIES, strategy_class
+from gpt.parallel import STRATEGIES, plan_layout, strategy_class
 from gpt.parallel.deepspeed import ds_config
+from gpt.parallel.layout import ParallelDims
 from gpt.parallel.pipeline import split_layers
 from gpt.train_config import TrainConfig
 
@@ -41,12 +42,36 @@ CASES = {
     "another strategy's key": (["strategy=fsdp", "+strategy.stage=3"],
                                "strategy.stage=3 is not valid: strategy=fsdp reads activation_checkpointing"),
     "unknown strategy": (["strategy.name=tensor"], "strategy='tensor' is not valid: one of single, ddp, fsdp"),
+    # the layout (parallel.*)
+    "layout product not the world size": (["strategy=fsdp", "parallel.dp_shard=3", *FOUR],
+                                          "parallel.dp_shard=3 is not valid: sizes whose product is the world size 4"),
+    "tp not dividing the heads": (["strategy=fsdp", "parallel.tp=4", *FOUR],
+                                  "parallel.tp=4 is not valid: a divisor of model.n_head=2"),
+    "tp across nodes": (["strategy=fsdp", "parallel.tp=2", "nodes=2"],
+                        "parallel.tp=2 is not valid: a divisor of the 1 rank(s) per node"),
+    "tp with moe": (["strategy=fsdp", "parallel.tp=2", "model.n_expert=2", "cluster.tasks_per_node=2"],
+                    "parallel.tp=2 is not valid: 1 with model.n_expert=2"),
+    "sequence parallel without tp": (["strategy=fsdp", "parallel.sequence_parallel=true", "cluster.tasks_per_node=2"],
+                                     "parallel.sequence_parallel=True is not valid: false with parallel.tp=1"),
+    "tp under ddp": (["strategy=ddp", "parallel.tp=2", "cluster.tasks_per_node=2"],
+                     "parallel.tp=2 is not valid: 1 with strategy=ddp"),
+    "two sizes left to the rest": (["strategy=fsdp", "parallel.tp=-1", *FOUR],
+                                   "parallel.tp=-1 is not valid: a size: only one of the parallel sizes may be -1"),
+    "unknown layout key": (["strategy=fsdp", "+parallel.cp=2"], "parallel.cp=2 is not valid: known parallel keys"),
+    "pipeline x tp with ddp inside stages": (["strategy=pipeline", "parallel.tp=2", "cluster.tasks_per_node=8"],
+                                             "strategy.dp='ddp' is not valid: fsdp with parallel.tp > 1"),
+    "pipeline with sequence parallel": (["strategy=pipeline", "parallel.tp=2", "parallel.sequence_parallel=true",
+                                         *FOUR], "parallel.sequence_parallel=True is not valid: false with "
+                                         "strategy=pipeline"),
+    "unknown activation checkpointing": (["train.activation_checkpointing=some"],
+                                         "train.activation_checkpointing='some' is not valid: none, full, or every_K"),
 }
 
 
 # Through the launcher, as a user meets them; all cases are also checked in process below.
 LAUNCHED = ["world size not divisible by pp", "gpipe with ddp inside stages", "cpu offload on a cpu",
-            "deepspeed bf16 at stage 0"]
+            "deepspeed bf16 at stage 0", "layout product not the world size", "tp not dividing the heads",
+            "tp across nodes", "tp with moe", "sequence parallel without tp"]
 
 
 @pytest.mark.parametrize("name", LAUNCHED)
@@ -62,13 +87,16 @@ def test_bad_topology_is_one_clear_line(name, tmp_path, data_overrides):
 def plan(overrides: list[str]) -> int:
     """What launch.plan checks, on the config Hydra composes for `model=tiny` and these overrides: the
     data-parallel size (a ConfigError for a layout that cannot run)."""
+    return layout(overrides).dp
+
+
+def layout(overrides: list[str]) -> ParallelDims:
     cfg = compose("model=tiny", *overrides)
     model = ModelConfig.from_dict(OmegaConf.to_container(cfg.model, resolve=True))
     train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
-    world = cfg.cluster.nodes * cfg.cluster.tasks_per_node
-    dp = strategy_class(cfg.strategy.name).data_parallel_size(cfg.strategy, model, world, train)
-    train.micro_batches(dp)
-    return dp
+    dims = plan_layout(cfg, model, cfg.cluster.nodes * cfg.cluster.tasks_per_node, cfg.cluster.tasks_per_node, train)
+    train.micro_batches(dims.dp)
+    return dims
 
 
 @pytest.mark.parametrize("overrides,message", CASES.values(), ids=CASES.keys())
@@ -109,6 +137,29 @@ def test_pipeline_data_parallel_degree_is_world_over_pp(pp, world, dp):
                                           (["strategy=fsdp"], 1)])
 def test_good_topologies_pass(overrides, dp):
     assert plan(overrides) == dp
+
+
+@pytest.mark.parametrize("overrides,dims", [
+    (["strategy=ddp", *FOUR], ParallelDims(dp_replicate=4)),
+    (["strategy=zero1", *FOUR], ParallelDims(dp_shard=4)),
+    (["strategy=fsdp", *FOUR], ParallelDims(dp_shard=4)),
+    (["strategy=fsdp", "parallel.dp_replicate=2", *FOUR], ParallelDims(dp_replicate=2, dp_shard=2)),
+    (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true", *FOUR],
+     ParallelDims(dp_shard=2, tp=2, sequence_parallel=True)),
+    (["strategy=fsdp", "parallel.tp=2", "parallel.tp_across_nodes=true", "nodes=2"], ParallelDims(tp=2)),
+    (["strategy=pipeline", "strategy.dp=fsdp", "strategy.schedule=gpipe", *FOUR], ParallelDims(pp=2, dp_shard=2)),
+    (["strategy=pipeline", *FOUR], ParallelDims(pp=2, dp_replicate=2)),
+    (["strategy=pipeline", "strategy.dp=fsdp", "parallel.tp=2", "cluster.tasks_per_node=8"],
+     ParallelDims(pp=2, dp_shard=2, tp=2)),
+])
+def test_presets_are_layouts(overrides, dims):
+    assert layout(overrides) == dims
+
+
+def test_the_banner_names_the_layout_and_its_nodes():
+    dims = ParallelDims(dp_shard=2, tp=2, sequence_parallel=True)
+    assert dims.describe(2) == "dp_shard=2 x tp=2, sequence parallel (node 0: ranks 0-1, node 1: ranks 2-3)"
+    assert ParallelDims().describe(1) == "one rank (node 0: rank 0)"
 
 
 def test_every_registered_strategy_has_a_config_and_imports():
