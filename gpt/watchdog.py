@@ -137,7 +137,7 @@ class Watchdog:
         """After a collective failed here: the ranks that vanished (their heartbeat stopped, and they never said
         they were ending), waiting as long as a heartbeat takes to go stale. Empty when a rank said it failed:
         that rank's error is the job's, and the job fails as it should."""
-        stale = self.stale_s()
+        stale = max(10 * self.cfg.interval_s, SCHEDULER_GRACE_S)  # a task Slurm saw die: Slurm ends the job first
         deadline = time.time() + stale + 2 * self.cfg.interval_s
         while time.time() < deadline:
             beats = read_heartbeats(self.run_dir, self.world, self.attempt)
@@ -215,6 +215,7 @@ class Watchdog:
             log.warning("watchdog: no flight recorder dump: %s", e)
 
 
+SCHEDULER_GRACE_S = 10.0
 PROBE_EVERY_S = 5.0
 PROBE_TIMEOUT_S = 3.0
 

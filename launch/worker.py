@@ -195,6 +195,7 @@ def when_a_rank_vanished(e: BaseException) -> None:
     if dog.lost_peers():
         first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
         dog.fire(f"a collective failed ({first})", 0.0, PROGRESS.snapshot()["idle_s"])
+    PROGRESS.stop_if_halted()  # the watchdog thread ran out of budget meanwhile: it ends the attempt
 
 
 REPORTER_GRACE_S = 15.0
