@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from gpt.errors import UserError
+from gpt.progress import PROGRESS
 
 log = logging.getLogger(__name__)
 
@@ -134,18 +135,8 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
         raise RendezvousError(f"{where} could not {'open' if env.rank == 0 else 'reach'} the rendezvous at "
                               f"{master} within {join:.0f} s: {_first_line(e)}") from None
     try:
-        store.set(f"{_KEY}/host/{env.rank}", env.hostname)
-        joined = store.add(f"{_KEY}/joined", 1)
-        while joined < env.world_size:
-            if time.monotonic() - start > join:
-                missing = [r for r in range(env.world_size) if not store.check([f"{_KEY}/host/{r}"])]
-                raise RendezvousError(
-                    f"{where}: only {joined} of {env.world_size} ranks joined the rendezvous at {master} within "
-                    f"{join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
-                    f"rendezvous.timeout_s if nodes start slowly)")
-            time.sleep(0.02)
-            joined = store.add(f"{_KEY}/joined", 0)
-        hosts = tuple(store.get(f"{_KEY}/host/{r}").decode() for r in range(env.world_size))
+        with PROGRESS.collective("rendezvous"):
+            hosts = _wait_for_everyone(store, env, join, start, where, master)
     except RendezvousError:
         raise
     except (RuntimeError, OSError) as e:
@@ -163,19 +154,38 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     return Rendezvous(hosts, time.monotonic() - start)
 
 
+def _wait_for_everyone(store: Any, env: DistEnv, join: float, start: float, where: str,
+                       master: str) -> tuple[str, ...]:
+    """Check in at the store and wait until every rank has; the hosts, in rank order."""
+    store.set(f"{_KEY}/host/{env.rank}", env.hostname)
+    joined = store.add(f"{_KEY}/joined", 1)
+    while joined < env.world_size:
+        if time.monotonic() - start > join:
+            missing = [r for r in range(env.world_size) if not store.check([f"{_KEY}/host/{r}"])]
+            raise RendezvousError(
+                f"{where}: only {joined} of {env.world_size} ranks joined the rendezvous at {master} within "
+                f"{join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
+                f"rendezvous.timeout_s if nodes start slowly)")
+        time.sleep(0.02)
+        joined = store.add(f"{_KEY}/joined", 0)
+    return tuple(store.get(f"{_KEY}/host/{r}").decode() for r in range(env.world_size))
+
+
 def preflight(rendezvous: Rendezvous, device: torch.device, numel: int = 1 << 16, repeats: int = 3) -> Rendezvous:
     """Check the process group end to end before training: an all_reduce must return the right sum on every
     rank; time it (the median of `repeats`, after one warm-up)."""
     world = len(rendezvous.hosts)
     tensor = torch.ones(numel, device=device)
-    dist.all_reduce(tensor)
+    with PROGRESS.collective("all_reduce (preflight)"):
+        dist.all_reduce(tensor)
     if float(tensor[0]) != world or float(tensor[-1]) != world:
         raise RuntimeError(f"preflight all_reduce returned {float(tensor[0])} instead of {world}")
     times = []
     for _ in range(repeats):
         barrier()
         start = time.perf_counter()
-        dist.all_reduce(tensor)
+        with PROGRESS.collective("all_reduce (preflight)"):
+            dist.all_reduce(tensor)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
@@ -223,7 +233,8 @@ def all_reduce_values(values: Sequence[float], group: Any = None) -> list[float]
     if not is_multi(group):
         return [float(v) for v in values]
     t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
-    dist.all_reduce(t, group=group)
+    with PROGRESS.collective("all_reduce"):
+        dist.all_reduce(t, group=group)
     return t.tolist()
 
 
@@ -266,7 +277,8 @@ def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[floa
         return [[float(v) for v in vector]]
     mine = torch.tensor(list(vector), dtype=torch.float64, device=comm_device(group))
     out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
-    dist.all_gather(out, mine, group=group)
+    with PROGRESS.collective("all_gather"):
+        dist.all_gather(out, mine, group=group)
     return [t.tolist() for t in out]
 
 
@@ -275,7 +287,8 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
     if not is_multi(group):
         return [obj]
     out: list[Any] = [None] * dist.get_world_size(group)
-    dist.all_gather_object(out, obj, group=group)
+    with PROGRESS.collective("all_gather_object"):
+        dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -291,7 +304,8 @@ def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
         return tensor
     device = tensor.device if tensor.device.type in _device_types(group) else comm_device(group)
     out = tensor.detach().to(device, copy=True)
-    dist.all_reduce(out, group=group)
+    with PROGRESS.collective("all_reduce"):
+        dist.all_reduce(out, group=group)
     return out
 
 

@@ -1,6 +1,6 @@
-"""The run's own config groups (checkpoint, preemption, resume, rendezvous, debug), checked before anything
-runs: an unknown key or a bad value is one line naming the key, the value and what is valid, before any job is
-submitted or any rank started. Torch-free: the launcher checks them on a login node."""
+"""The run's own config groups (checkpoint, preemption, resume, rendezvous, watchdog, health, debug), checked
+before anything runs: an unknown key or a bad value is one line naming the key, the value and what is valid,
+before any job is submitted or any rank started. Torch-free: the launcher checks them on a login node."""
 from __future__ import annotations
 
 import signal
@@ -115,6 +115,79 @@ class RendezvousConfig:
 
 
 @dataclass(frozen=True)
+class WatchdogConfig:
+    """How long a rank may make no progress before its watchdog (gpt.watchdog) reports a hang and ends the
+    attempt. Each budget counts from the rank's last progress mark (a step, a collective entered or left, a save,
+    an evaluation batch); startup_s counts from the rank's start to its first step."""
+
+    enabled: bool = True
+    startup_s: float = 600.0
+    step_s: float | str = "auto"  # auto: max(step_floor_s, step_factor x p99 of this attempt's step times)
+    step_floor_s: float = 60.0
+    step_factor: float = 10.0
+    save_s: float = 600.0
+    eval_s: float = 300.0
+    interval_s: float = 1.0  # how often the watchdog looks, and writes this rank's heartbeat
+    collective_timeout_s: float | str = "auto"  # the process group's own timeout, a backstop behind the watchdog
+
+    KEYS = ("enabled", "startup_s", "step_s", "step_floor_s", "step_factor", "save_s", "eval_s", "interval_s",
+            "collective_timeout_s")
+
+    def process_group_timeout(self) -> float:
+        """auto: a minute longer than the longest fixed watchdog budget, so the watchdog always speaks first;
+        without a watchdog, torch's usual 600 s."""
+        if self.collective_timeout_s != "auto":
+            return float(self.collective_timeout_s)
+        if not self.enabled:
+            return 600.0
+        fixed = [self.startup_s, self.save_s, self.eval_s, self.step_floor_s]
+        return max(fixed + ([float(self.step_s)] if self.step_s != "auto" else [])) + 60.0
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> WatchdogConfig:
+        c = plain(c) or {}
+        _known("watchdog", c, cls.KEYS)
+
+        def seconds(key: str, auto: bool = False) -> float | str:
+            value = c.get(key, getattr(cls, key))
+            if auto and value == "auto":
+                return value
+            what = "a positive number of seconds" + (", or auto" if auto else "")
+            return _number(f"watchdog.{key}", value, what, none_ok=False, minimum=1e-3)
+
+        return cls(_flag("watchdog.enabled", c.get("enabled", True)), seconds("startup_s"), seconds("step_s", True),
+                   seconds("step_floor_s"), _number("watchdog.step_factor", c.get("step_factor", 10.0),
+                                                    "a factor >= 1", none_ok=False, minimum=1.0),
+                   seconds("save_s"), seconds("eval_s"), seconds("interval_s"), seconds("collective_timeout_s", True))
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    """Node health checks before training (gpt.health): compute, storage, and the preflight all-reduce."""
+
+    enabled: bool = True
+    min_fraction: float = 0.8  # a node below this share of the median node's matmul speed is flagged
+    action: str = "warn"  # or exclude: requeue the job without the flagged nodes (Slurm)
+    matmul_size: int = 256
+    rounds: int = 3  # the nodes measure one after another, this many times; each node keeps its best
+
+    @classmethod
+    def from_cfg(cls, c: Mapping[str, Any]) -> HealthConfig:
+        c = plain(c) or {}
+        _known("health", c, tuple(cls.__dataclass_fields__))
+        fraction = _number("health.min_fraction", c.get("min_fraction", 0.8), "a fraction between 0 and 1",
+                           none_ok=False)
+        if fraction > 1:
+            raise ConfigError("health.min_fraction", c["min_fraction"], "a fraction between 0 and 1")
+        action = c.get("action", "warn")
+        if action not in ("warn", "exclude"):
+            raise ConfigError("health.action", action, "warn or exclude")
+        return cls(_flag("health.enabled", c.get("enabled", True)), fraction, action,
+                   _int("health.matmul_size", c.get("matmul_size", 256), 16, "a matrix size >= 16"),
+                   _int("health.rounds", c.get("rounds", 3), 1, "a number of rounds >= 1"))
+
+
+@dataclass(frozen=True)
 class DebugConfig:
     """Fault injection for tests and demonstrations (README: test-only); all off by default."""
 
@@ -126,6 +199,13 @@ class DebugConfig:
     signal_rank: int = 0
     signal_name: str = "SIGUSR2"
     unreadable_rank: int | None = None
+    hang_rank: int | None = None  # this rank hangs in the run's first attempt, at hang_step (null: before it starts)
+    hang_step: int | None = None
+    kill_rank: int | None = None  # this rank kills itself (SIGKILL) at kill_step, in the run's first attempt
+    kill_step: int = 0
+    straggler_rank: int | None = None  # this rank lags by straggler_s per step, in the run's first attempt only
+    straggler_s: float = 0.0
+    slow_node: int | None = None  # this node (its index in the job) is slow in the health check, first attempt only
 
     @property
     def signal_steps(self) -> list[int]:
@@ -144,7 +224,14 @@ class DebugConfig:
             signal_at_step=_steps("debug.signal_at_step", c.get("signal_at_step")),
             signal_rank=_int("debug.signal_rank", c.get("signal_rank", 0), 0, "a rank (>= 0)"),
             signal_name=signal_names("debug.signal_name", c.get("signal_name", "SIGUSR2"))[0],
-            unreadable_rank=_int("debug.unreadable_rank", c.get("unreadable_rank"), 0, "a rank, or null", True))
+            unreadable_rank=_int("debug.unreadable_rank", c.get("unreadable_rank"), 0, "a rank, or null", True),
+            hang_rank=_int("debug.hang_rank", c.get("hang_rank"), 0, "a rank, or null", True),
+            hang_step=_int("debug.hang_step", c.get("hang_step"), 0, "a step, or null (before the first step)", True),
+            kill_rank=_int("debug.kill_rank", c.get("kill_rank"), 0, "a rank, or null", True),
+            kill_step=_int("debug.kill_step", c.get("kill_step", 0), 0, "a step"),
+            straggler_rank=_int("debug.straggler_rank", c.get("straggler_rank"), 0, "a rank, or null", True),
+            straggler_s=_number("debug.straggler_s", c.get("straggler_s", 0.0), "seconds >= 0", none_ok=False),
+            slow_node=_int("debug.slow_node", c.get("slow_node"), 0, "a node index, or null", True))
 
 
 def _steps(key: str, value: Any) -> int | list[int] | None:
@@ -168,5 +255,7 @@ def check_run_sections(cfg: Mapping[str, Any]) -> None:
     CheckpointConfig.from_cfg(cfg)
     PreemptionConfig.from_cfg(cfg.get("preemption") or {})
     RendezvousConfig.from_cfg(cfg.get("rendezvous") or {})
+    WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
+    HealthConfig.from_cfg(cfg.get("health") or {})
     DebugConfig.from_cfg(cfg.get("debug") or {})
     check_resume(cfg.get("resume", "auto"))

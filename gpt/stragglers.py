@@ -68,10 +68,12 @@ class StragglerConfig:
     ema_alpha: float = 0.3        # weight of the newest window in the moving average of the lag
     min_excess_s: float = 0.0     # and at least this many seconds above the median (ignores micro-second noise)
     per_rank_tags_max: int = 64   # per-rank TensorBoard tags only up to this world size (else top-k only)
+    action: str = "warn"          # or exclude: requeue without a straggler's host when that pays (gpt.exclusion)
 
     def __post_init__(self) -> None:
         checks = (("threshold_pct", self.threshold_pct > 0, "> 0"), ("windows", self.windows >= 1, ">= 1"),
-                  ("top_k", self.top_k >= 0, ">= 0"), ("ema_alpha", 0 < self.ema_alpha <= 1, "in (0, 1]"))
+                  ("top_k", self.top_k >= 0, ">= 0"), ("ema_alpha", 0 < self.ema_alpha <= 1, "in (0, 1]"),
+                  ("action", self.action in ("warn", "exclude"), "warn or exclude"))
         for name, ok, valid in checks:
             if not ok:
                 raise ConfigError(f"metrics.{METRICS_KEYS[name]}", getattr(self, name), f"must be {valid}")
@@ -86,7 +88,7 @@ class StragglerConfig:
 # each field's key under `metrics:` in the config
 METRICS_KEYS = {"threshold_pct": "straggler_threshold_pct", "windows": "straggler_windows", "top_k": "top_k",
                 "ema_alpha": "straggler_ema_alpha", "min_excess_s": "straggler_min_excess_s",
-                "per_rank_tags_max": "per_rank_tags_max"}
+                "per_rank_tags_max": "per_rank_tags_max", "action": "straggler_action"}
 
 
 @dataclass(frozen=True)

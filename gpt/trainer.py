@@ -5,6 +5,7 @@ import dataclasses
 from dataclasses import dataclass, field
 import logging
 import math
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -29,12 +30,14 @@ from gpt.parallel import build_strategy
 from gpt.parallel.traits import saved_format
 from gpt.parallel.base import StepResult
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag
+from gpt.progress import PROGRESS
+from gpt.exclusion import ExclusionDecision, decide
 from gpt.faults import Faults
 from gpt.goodput import (PRIOR_SAVE_S, Spent, interruption_rate, read_attempts, window_needed,
                          young_daly_minutes)
 from gpt.run_config import CheckpointConfig, DebugConfig
 from gpt.runinfo import cpu_affinity, cpu_list
-from gpt.stragglers import StragglerConfig, StragglerMonitor
+from gpt.stragglers import StragglerConfig, StragglerMonitor, WindowSummary
 from gpt.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -73,7 +76,7 @@ class Window:
 
 
 class Trainer:
-    def __init__(self, cfg: DictConfig, env: DistEnv, run_dir: Path):
+    def __init__(self, cfg: DictConfig, env: DistEnv, run_dir: Path, attempt: int = 1):
         self.cfg, self.env, self.run_dir = cfg, env, run_dir
         self.train = TrainConfig.from_dict(OmegaConf.to_container(cfg.train, resolve=True))
         self.device = pick_device(self.train.device, env)
@@ -82,6 +85,7 @@ class Trainer:
 
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()
+        PROGRESS.phase("startup", "building the model")
         use_tf32(self.device, self.train.precision)
         self.strategy = build_strategy(cfg, self.model_cfg, env, self.device, self.train.precision)
         model = build_model(self.model_cfg, self.device, cfg.seed)
@@ -109,7 +113,8 @@ class Trainer:
         self.peak = peak_flops(device_name, self.train.precision)
         self.stragglers = StragglerMonitor(env.world_size, config=StragglerConfig.from_metrics_cfg(cfg.get("metrics")),
                                            host=env.hostname)
-        self.faults = Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank)  # test-only injections
+        # test-only injections
+        self.faults = Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank, attempt)
         self.ckpt = CheckpointConfig.from_cfg(cfg)
         preemption = cfg.get("preemption") or {}
         self.flag = (PreemptionFlag.installed(preemption.get("signals", DEFAULT_SIGNALS))
@@ -124,11 +129,13 @@ class Trainer:
         self.saved_step: int | None = None
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
         self.stop_signal: str | None = None  # set on every rank once any rank got a preemption signal
+        self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
         self.save_due = False  # checkpoint.interval_minutes elapsed (rank 0's clock, agreed in the step's all_reduce)
         self.last_save_time = time.monotonic()
         self.spent = Spent()  # where this attempt's time goes (goodput)
         self.interval_minutes = self.checkpoint_interval()
         clock = time.perf_counter()
+        PROGRESS.phase("startup", "choosing and loading a checkpoint")
         self.resumed_from = self.resume()
         self.startup["checkpoint_load_s"] = time.perf_counter() - clock
         if self.resumed_from is not None:
@@ -186,8 +193,25 @@ class Trainer:
         if self.env.is_main:
             values.update(stragglers.metrics())
             StragglerMonitor.log_events(stragglers, log)
+        self.consider_exclusion(stragglers)
         self.metrics.write(self.step, values)
         return values
+
+    def consider_exclusion(self, summary: WindowSummary) -> None:
+        """metrics.straggler_action=exclude: when a rank becomes a straggler, remove its host if that pays
+        (gpt.exclusion); the run then saves and stops, and the worker requeues the job without that host."""
+        events = [e for e in summary.events if e.kind == "straggler"]  # the same on every rank
+        if self.stragglers.config.action != "exclude" or not events:
+            return
+        worst = max(events, key=lambda e: e.busy_s - e.median_s)
+        others = statistics.median(r.busy_s for r in summary.ranks if r.rank != worst.rank)
+        save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
+        decision = from_rank0_object(decide(worst, others, self.train.max_steps - self.step - 1, save_s,
+                                            read_attempts(self.run_dir)))
+        if self.env.is_main:
+            log.warning("%s", decision.message())
+        if decision.pays:
+            self.exclusion = decision
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate(self) -> float | None:
@@ -357,6 +381,7 @@ class Trainer:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t = self.train
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        PROGRESS.phase("step", f"step {self.step}", self.step)
         self.faults.before_step(self.step, self.first_step)
         data_start = time.perf_counter()
         micro = [self.batches.get(self.step, m) for m in range(self.n_micro)]
@@ -411,11 +436,17 @@ class Trainer:
                 if not self.run_eval(summary, bar):
                     break
             every = self.ckpt.interval_steps
-            if (every and self.step % every == 0) or self.save_due:
+            if self.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
+                self.stop_signal = "straggler"
+            elif (every and self.step % every == 0) or self.save_due:
                 self.save()
         bar.close()
-        if self.stop_signal is not None:
+        PROGRESS.phase("finish", "the final save", self.step)
+        if self.exclusion is not None:
+            summary["exclusion"] = self.exclusion.as_dict()
+        elif self.stop_signal is not None:
             log.warning("preemption signal %s: every rank saves at step %d and stops", self.stop_signal, self.step)
+        if self.stop_signal is not None:
             summary["preempted"] = self.stop_signal
         # Nothing trained yet (a signal before the first step): no checkpoint, the next attempt starts afresh as
         # this one did. A step-0 checkpoint would not resume exactly: DCP gives an optimizer without state a
@@ -429,6 +460,7 @@ class Trainer:
         return summary
 
     def run_eval(self, summary: dict[str, Any], bar) -> bool:
+        PROGRESS.phase("eval", f"evaluation at step {self.step}", self.step)
         with self.spent.timed("eval_s"):
             loss = self.evaluate()
         if loss is None:
@@ -470,6 +502,7 @@ class Trainer:
                         math.ceil(need / 30) * 30)
 
     def save(self, allow_async: bool = True) -> Path:
+        PROGRESS.phase("save", f"checkpoint save at step {self.step}", self.step)
         with self.spent.timed("save_s"):
             path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
                                           allow_async=allow_async)

@@ -44,6 +44,9 @@ class JobEnvironment:
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         return False, "no scheduler to requeue the run: run the same command to resume it"
 
+    def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
+        return False, f"no scheduler to run the job without {', '.join(hosts)}: training goes on with it"
+
     def end_reason(self, job_id: str) -> str:
         """How a past attempt of this run (that job) ended, when it could not say so itself."""
         return "killed outright (the process was gone without a word)"

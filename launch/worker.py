@@ -20,12 +20,17 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from gpt.preemption import DEFAULT_SIGNALS, PreemptionFlag  # noqa: E402
 
-from gpt.distributed import DistEnv, init_process_group, leave, pick_device, preflight  # noqa: E402
-from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
+from gpt.distributed import DistEnv, Rendezvous, init_process_group, leave, pick_device, preflight  # noqa: E402
+from gpt.errors import EXIT_FAILED, EXIT_HANG, EXIT_PREEMPTED, EXIT_USER, UserError  # noqa: E402
+from gpt.faults import Faults  # noqa: E402
+from gpt.progress import PROGRESS  # noqa: E402
+from gpt.run_config import DebugConfig, WatchdogConfig  # noqa: E402
+from gpt.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
 from launch.attempts import begin_attempt, end_attempt, goodput_record, log_attempt  # noqa: E402
 from launch.environment import detect  # noqa: E402
+from launch.health_gate import check_health  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.parent import end_with_launcher  # noqa: E402
 from launch.run_lock import RunLock  # noqa: E402
@@ -61,11 +66,18 @@ def run_rank(run_dir: Path) -> dict:
     threads = apply_threads(env)
     write_environment(run_dir, env, {"threads": threads.threads, "threads_source": threads.source,
                                      "ranks_on_host": threads.ranks_on_host, "scheduler": job.variables()})
-    join(run_dir, env, cfg)
+    attempt = len(read_attempts(run_dir)) + 1  # read before rank 0 writes this attempt's first line
+    start_watchdog(run_dir, env, job, cfg, attempt)
+    Faults(DebugConfig.from_cfg(cfg.get("debug") or {}), env.rank, attempt).before_start()
+    PROGRESS.phase("startup", "joining the process group")
+    rendezvous = join(run_dir, env, cfg)
     clock.mark("rendezvous")
     if env.is_main:  # one writer per run folder, from before the first step to the exit
         ATTEMPT["lock"] = RunLock(run_dir, job.job_id, job.job_running)
-    trainer = Trainer(cfg, env, run_dir)
+    if check_health(run_dir, env, job, cfg, attempt, pick_device(cfg.train.device, env), rendezvous):
+        leave()
+        return {"preempted": "health", "requeued": True}
+    trainer = Trainer(cfg, env, run_dir, attempt)
     if env.is_main:
         begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
     ATTEMPT.update(startup=lambda: clock.breakdown(trainer.startup), first_step=trainer.first_step,
@@ -88,13 +100,16 @@ def run_rank(run_dir: Path) -> dict:
     return summary
 
 
-def join(run_dir: Path, env: DistEnv, cfg) -> None:
+def join(run_dir: Path, env: DistEnv, cfg) -> Rendezvous | None:
     """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
     device = pick_device(cfg.train.device, env)
     timeout = OmegaConf.select(cfg, "rendezvous.timeout_s", default=None)
-    rendezvous = init_process_group(env, device, join_timeout_s=timeout)
+    if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
+        os.environ.update(flight_recorder_env(run_dir))
+    rendezvous = init_process_group(env, device, WatchdogConfig.from_cfg(cfg.get("watchdog") or {}).
+                                    process_group_timeout(), join_timeout_s=timeout)
     if rendezvous is None:
-        return
+        return None
     rendezvous = preflight(rendezvous, device)
     if env.is_main:
         log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
@@ -102,6 +117,7 @@ def join(run_dir: Path, env: DistEnv, cfg) -> None:
             {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
              "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
              "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+    return rendezvous
 
 
 def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summary: dict, record: dict) -> bool:
@@ -113,10 +129,13 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
         max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             requeued, how = False, "stopped by Ctrl-C; the same command continues the run"
+        elif summary.get("exclusion"):
+            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], max_restarts)
         else:
             requeued, how = job.requeue(max_restarts)
+        extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
-                                   "note": how})
+                                   "note": how, **extra})
         end_attempt(run_dir)
         (log.info if requeued else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
                                                 summary["last_step"], summary["preempted"], how)
@@ -126,6 +145,60 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
 
 
 ATTEMPT: dict = {}  # what main() logs if the attempt fails
+
+
+def start_watchdog(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attempt: int) -> None:
+    """The rank's watchdog, from before it joins the others to its exit."""
+    wcfg = WatchdogConfig.from_cfg(cfg.get("watchdog") or {})
+    if wcfg.enabled:
+        ATTEMPT["watchdog"] = Watchdog(wcfg, run_dir, env.rank, env.world_size, env.hostname, attempt,
+                 lambda report: end_hung_attempt(run_dir, env, job, cfg, report),
+                 master=(env.master_addr, env.master_port) if env.distributed else None).start()
+
+
+def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, report: dict | None) -> None:
+    """Called by the watchdog thread while the main thread is stuck: the rank that wrote the hang report says
+    so in one line, records the attempt and requeues the job; every rank then ends, so the job can resume.
+    Under a scheduler another rank waits a little for that rank to do it (it may be cut off), then requeues
+    itself."""
+    max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+    if report is None and job.scheduler == "none":  # nothing to requeue: the report is written, end now
+        requeued = False
+    elif report is None:
+        time.sleep(REPORTER_GRACE_S)
+        requeued, how = job.requeue(max_restarts)
+    else:
+        log.error("%s", report["summary"])
+        requeued, how = job.requeue(max_restarts)
+        trainer = ATTEMPT.get("trainer")
+        log_attempt(run_dir, job, {
+            "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
+            "ended": "hang", "hang": report["summary"], "hang_report": report["report"], "requeued": requeued,
+            "note": how})
+        end_attempt(run_dir)
+        (log.warning if requeued else log.error)("watchdog: %s", how)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if requeued:  # Slurm stops every process of this attempt; exiting first would count as a failed task
+        time.sleep(REQUEUE_WAIT_S)
+    os._exit(EXIT_HANG)
+
+
+def when_a_rank_vanished(e: BaseException) -> None:
+    """A collective that failed because another rank vanished (killed, or its host lost: its heartbeat stops
+    without a word) ends the attempt as a hang does: reported, requeued. A rank's own error does not."""
+    dog = ATTEMPT.get("watchdog")
+    text = str(e)
+    if dog is None or not (PROGRESS.failed_in or "peer" in text.lower()):
+        return
+    dog.end(f"failed: {type(e).__name__}")
+    if dog.lost_peers():
+        first = text.strip().splitlines()[0][:200] if text.strip() else type(e).__name__
+        dog.fire(f"a collective failed ({first})", 0.0, PROGRESS.snapshot()["idle_s"])
+
+
+REPORTER_GRACE_S = 15.0
+REQUEUE_WAIT_S = 60.0
 
 
 def apply_threads(env: DistEnv) -> ThreadPlan:
@@ -174,13 +247,18 @@ def main() -> None:
         if summary.get("preempted") and not summary.get("requeued"):
             code = EXIT_PREEMPTED
     except UserError as e:
+        PROGRESS.stop_if_halted()
         log.error("%s", e)
         code = EXIT_USER
         _log_failure(run_dir, str(e))
     except BaseException as e:
+        PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
+        when_a_rank_vanished(e)
         log.exception("rank failed")
         code = EXIT_FAILED
         _log_failure(run_dir, f"{type(e).__name__}: {e}")
+    if "watchdog" in ATTEMPT:
+        ATTEMPT["watchdog"].end("finished" if code == 0 else f"exit code {code}")
     if "lock" in ATTEMPT:
         ATTEMPT["lock"].release()
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").

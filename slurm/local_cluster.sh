@@ -5,6 +5,8 @@
 #   slurm/local_cluster.sh down     stop everything, remove namespaces, veths and bridge; idempotent
 #   slurm/local_cluster.sh status   sinfo and daemon liveness; exit 0 if up, 1 if not
 #   slurm/local_cluster.sh env      eval "$(slurm/local_cluster.sh env)" to use sbatch/srun/... from a shell
+#   slurm/local_cluster.sh start-node gl-nI   start that node's slurmd again if it is not running (tests that
+#                                   kill one to play a lost node)
 #
 # Layout: slurmctld (and munged) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
@@ -351,5 +353,12 @@ case "$cmd" in
     ;;
   status) do_status ;;
   env) do_env ;;
-  *) echo "usage: $0 up [N] | down | status | env" >&2; exit 2 ;;
+  start-node)
+    node="${2:-}"
+    [[ "$node" =~ ^${NS_PREFIX}[0-9]+$ ]] && [ -e "/run/netns/$node" ] || die "start-node: no node '$node'"
+    alive "$(pidof_file "$CDIR/run/slurmd-$node.pid")" slurmd && { log "$node: slurmd already runs"; exit 0; }
+    start_slurmd "$node"
+    log "$node: slurmd started"
+    ;;
+  *) echo "usage: $0 up [N] | down | status | env | start-node NODE" >&2; exit 2 ;;
 esac

@@ -14,8 +14,9 @@ import psutil
 from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
-from gpt.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
-from launch.backends import Backend
+from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
+from gpt.hang_report import newest_hang
+from launch.backends import Backend, RunFailed
 from launch.parent import LAUNCHER_PID
 from launch.startup import attempt_start_env
 from launch.threads import ThreadPlan
@@ -39,6 +40,8 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
             elastic_launch(config, "env")(*args)
     except ChildFailedError as e:
         rank, failure = e.get_first_failure()
+        if failure.exitcode == EXIT_HANG:  # a failed run, not the user's error
+            raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None
         raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
 
 
@@ -50,6 +53,8 @@ def _failure(run_dir: Path, rank: int, code: int) -> str:
     if code == EXIT_INTERRUPTED:
         return (f"stopped at once (Ctrl-C twice); the newest checkpoint in {run_dir / 'checkpoints'} is kept. "
                 f"Continue with:\n  {again}")
+    if code == EXIT_HANG:
+        return newest_hang(run_dir) or f"rank {rank}'s watchdog saw a hang; its log: {run_dir / 'logs'}"
     hint = "a configuration error (see above)" if code == EXIT_USER else f"exit code {code}"
     return f"rank {rank} failed with {hint}; its log: {run_dir / 'logs' / f'rank{rank}.log'}"
 

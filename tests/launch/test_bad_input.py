@@ -17,6 +17,7 @@ CASES = {
     "batch not divisible": (["train.global_batch_size=12", "train.micro_batch_size=5"],
                             "train.micro_batch_size=5 is not valid: a divisor of the per-rank batch 12"),
     "single strategy on two ranks": (["cluster.tasks_per_node=2"], "strategy=single runs exactly one process"),
+    "bad watchdog budget": (["watchdog.step_s=-5"], "watchdog.step_s=-5 is not valid: a positive number of seconds"),
 }
 
 

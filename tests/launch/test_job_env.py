@@ -34,3 +34,15 @@ def test_gpt_knows_no_scheduler():
                            capture_output=True, text=True).stdout
     assert found == "", found
     assert not list(Path(REPO / "gpt").rglob("*slurm*"))
+
+
+def test_a_late_requeue_leaves_the_next_attempt_alone(monkeypatch):
+    """A rank of attempt 0 that asks only after its job runs again (it was cut off) must not requeue restart 1."""
+    from launch.backends.slurm import commands
+
+    asked = []
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "",
+                                                                               (("Restarts", "1"),)))
+    monkeypatch.setattr(commands, "requeue", asked.append)
+    requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
+    assert (requeued, why, asked) == (True, "job 42 was requeued already (it is on restart 1)", [])

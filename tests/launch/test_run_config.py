@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 
 from gpt.errors import ConfigError
-from gpt.run_config import CheckpointConfig, DebugConfig, PreemptionConfig, check_run_sections
+from gpt.run_config import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, WatchdogConfig,
+                            check_run_sections)
 from helpers import compose, launch
 
 BAD = {
@@ -20,6 +21,14 @@ BAD = {
     "debug.delay_rank=-1": "debug.delay_rank=-1 is not valid",
     "debug.signal_name=SIGFOO": "debug.signal_name='SIGFOO' is not valid",
     "+debug.hang=1": "debug.hang=1 is not valid: known debug keys are",
+    "debug.hang_step=-3": "debug.hang_step=-3 is not valid",
+    "watchdog.step_s=fast": "watchdog.step_s='fast' is not valid: a positive number of seconds, or auto",
+    "watchdog.startup_s=0": "watchdog.startup_s=0 is not valid: a positive number of seconds",
+    "watchdog.step_factor=0.5": "watchdog.step_factor=0.5 is not valid: a factor >= 1",
+    "+watchdog.timeout=3": "watchdog.timeout=3 is not valid: known watchdog keys are",
+    "health.action=drop": "health.action='drop' is not valid: warn or exclude",
+    "health.min_fraction=1.5": "health.min_fraction=1.5 is not valid: a fraction between 0 and 1",
+    "health.rounds=0": "health.rounds=0 is not valid: a number of rounds >= 1",
 }
 
 
@@ -36,6 +45,15 @@ def test_defaults_pass_and_read_as_the_trainer_reads_them():
     assert CheckpointConfig.from_cfg(cfg) == CheckpointConfig(500, None, 3, False)
     assert PreemptionConfig.from_cfg(cfg.preemption).signals == ("SIGTERM", "SIGUSR2")
     assert DebugConfig.from_cfg(cfg.debug) == DebugConfig()
+    assert WatchdogConfig.from_cfg(cfg.watchdog) == WatchdogConfig()
+    assert HealthConfig.from_cfg(cfg.health) == HealthConfig()
+
+
+def test_process_group_timeout_follows_the_watchdog():
+    assert WatchdogConfig().process_group_timeout() == 660  # the longest default budget (startup, save) + 60 s
+    assert WatchdogConfig(startup_s=30, save_s=40, eval_s=20, step_s=90).process_group_timeout() == 150
+    assert WatchdogConfig(enabled=False).process_group_timeout() == 600
+    assert WatchdogConfig(collective_timeout_s=77).process_group_timeout() == 77
 
 
 def test_a_bad_value_stops_the_launch_before_any_rank(tmp_path, data_overrides):

@@ -2,6 +2,8 @@
 straggler in rank 0's records; without it no rank is one."""
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from helpers import launch, read_metrics
@@ -25,3 +27,12 @@ def test_injected_delay_makes_a_straggler(delayed, tmp_path, data_overrides):
     else:
         assert max(counts) == 0, counts
         assert "straggler" not in log
+
+
+def test_excluding_a_straggler_that_does_not_pay_keeps_it_and_says_why(tmp_path, data_overrides):
+    launch(*RUN, *data_overrides, "debug.straggler_rank=1", "debug.straggler_s=0.15",
+           "metrics.straggler_action=exclude", run_dir=tmp_path)  # 30 steps: far less than a restart costs
+    log = (tmp_path / "logs" / "rank0.log").read_text()
+    assert "straggler: keeping " in log and "(rank 1): it does not pay; keeping it costs " in log, log
+    ended = [json.loads(x)["ended"] for x in (tmp_path / "attempts.jsonl").read_text().splitlines()]
+    assert ended == ["finished"]

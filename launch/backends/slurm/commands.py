@@ -7,6 +7,7 @@ tests all ask here. Torch-free: it runs in the launcher and in every task's wrap
 from __future__ import annotations
 
 import re
+import signal
 import subprocess
 from dataclasses import dataclass
 
@@ -83,9 +84,12 @@ class SlurmUnavailable(RuntimeError):
     """A client command failed to answer (not found, timed out, or the controller is down)."""
 
 
-def run(*cmd: str, timeout: float = TIMEOUT_S) -> str:
+def run(*cmd: str, timeout: float = TIMEOUT_S, keep_on_term: bool = False) -> str:
+    """`keep_on_term`: the command ignores SIGTERM, for one run from a job that is being requeued (Slurm sends
+    every process of the job SIGTERM, and SIGKILL only KillWait seconds later)."""
+    ignore = (lambda: signal.signal(signal.SIGTERM, signal.SIG_IGN)) if keep_on_term else None
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, preexec_fn=ignore)
     except FileNotFoundError as e:
         raise SlurmUnavailable(f"{cmd[0]} is not on PATH") from e
     except subprocess.SubprocessError as e:
@@ -153,6 +157,11 @@ def job_infos(job_ids: list[str]) -> dict[str, JobInfo]:
 
 def requeue(job_id: str) -> None:
     run("scontrol", "requeue", str(job_id), timeout=60)
+
+
+def exclude_nodes(job_id: str, nodes: list[str]) -> None:
+    """Keep a requeued job off `nodes` (Slurm takes it once the job is no longer running)."""
+    run("scontrol", "update", f"jobid={job_id}", f"ExcNodeList={','.join(nodes)}", keep_on_term=True)
 
 
 def cancel(job_ids: list[str]) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from gpt.hang_report import newest_hang
 from gpt.errors import UserError
 from launch.backends.slurm import commands as slurm_commands
 from launch.budget import Budget, PointCost, check_budget, table
@@ -183,10 +184,11 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     live = progress and sys.stderr.isatty()
     bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
                dynamic_ncols=True, mininterval=0.5)
-    watch = Watch()
+    watch = Watch(started=time.time())
     try:
         while pending:
             infos = watch.poll(list(pending))
+            watch.tell_hangs(pending.values())
             for jid, info in infos.items():
                 if info.state in FINAL or info.state == GONE:
                     outcomes[jid] = collect(pending.pop(jid), info.state)
@@ -222,6 +224,16 @@ class Watch:
     outage_since: float | None = None
     explained: set[str] = field(default_factory=set)
     last_status: str = ""
+    started: float = 0.0  # hang reports older than this belong to earlier submissions
+    hangs: set[str] = field(default_factory=set)  # the ones already told
+
+    def tell_hangs(self, jobs) -> None:
+        """A job whose watchdog reported a hang (its ranks then requeue it): one line, as soon as it is written."""
+        for s in jobs:
+            line = newest_hang(s.point.run_dir, since=self.started)
+            if line and line not in self.hangs:
+                self.hangs.add(line)
+                print(f"job {s.job_id} ({s.point.label}): {line}", file=sys.stderr, flush=True)
 
     def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:

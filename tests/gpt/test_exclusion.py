@@ -1,0 +1,28 @@
+"""Removing a straggler's host pays when its cost over the remaining steps exceeds a save and a restart."""
+from __future__ import annotations
+
+from gpt.exclusion import PRIOR_RESTART_S, decide, restart_cost
+from gpt.stragglers import StragglerEvent
+
+EVENT = StragglerEvent(step=20, rank=1, host="gl-n2", kind="straggler", lag_pct=300.0, busy_s=0.4, median_s=0.1,
+                       windows=3)
+
+
+def test_a_long_remaining_run_pays_for_the_restart():
+    d = decide(EVENT, 0.1, remaining_steps=1000, save_s=0.5, attempts=[])
+    assert d.pays and round(d.keep_s) == 300 and d.leave_s == 0.5 + PRIOR_RESTART_S
+    assert d.message() == ("straggler: excluding gl-n2 (rank 1) at step 20: keeping it costs 300 s (300 ms x 1000 "
+                           "steps left), removing it 60 s (a save 0.5 s + a restart 60 s, a prior until this run "
+                           "has restarted)")
+
+
+def test_a_short_remaining_run_keeps_the_node_and_says_why():
+    d = decide(EVENT, 0.1, remaining_steps=50, save_s=0.5, attempts=[])
+    assert not d.pays
+    assert d.message().startswith("straggler: keeping gl-n2 (rank 1): it does not pay; keeping it costs 15 s")
+
+
+def test_the_restart_cost_is_measured_once_the_run_has_restarted():
+    attempts = [{"restart": 0, "startup": {"to_first_step_s": 30.0}},
+                {"restart": 1, "startup": {"to_first_step_s": 9.0, "scheduler_s": 7.0}}]
+    assert restart_cost(attempts) == (16.0, "measured over 1 restart(s)")

@@ -1,0 +1,111 @@
+"""The watchdog in every rank: a rank that hangs (in a step, or before it joins the others) is reported within its
+budget plus a margin, naming who waited in which collective and who never arrived; the attempt ends and says so
+in one line. Its budgets and its reading of heartbeats, checked on their own."""
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+
+from gpt.hang_report import Hang
+from gpt.progress import Progress
+from gpt.run_config import WatchdogConfig
+from gpt.watchdog import Watchdog
+from helpers import launch
+
+RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=200", "train.log_interval=5",
+       "train.eval_interval=0", "checkpoint.interval_steps=0"]
+
+
+def hang_report(run_dir) -> dict:
+    return json.loads((run_dir / "hang-1.json").read_text())
+
+
+@pytest.mark.timeout(240)
+def test_hang_in_a_step_is_reported_within_step_s(tmp_path, data_overrides):
+    step_s = 8
+    proc = launch(*RUN, *data_overrides, "debug.hang_rank=1", "debug.hang_step=12", f"watchdog.step_s={step_s}",
+                  run_dir=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    report = hang_report(tmp_path)
+    hung = report["ranks"][1]
+    detected_after = report["time"] - (hung["time"] - hung["idle_s"])  # since rank 1 stopped
+    print(f"hang in a step reported {detected_after:.1f} s after rank 1 stopped (watchdog.step_s={step_s})")
+    assert step_s <= detected_after < step_s + 30, detected_after
+    line = report["summary"]
+    assert line.startswith("watchdog: rank 0 on ") and " in all_reduce at step 12; rank 1 on " in line, line
+    assert "never arrived; it was in debug.hang_rank: hanging at step 12" in line
+    assert (report["waiting"], report["never_arrived"], report["lost"]) == ([0], [1], [])
+    assert f"error: {line}" in proc.stderr  # the launcher's one line, naming the report
+    text = (tmp_path / "hang-1.txt").read_text()
+    assert text.startswith(line)
+    for rank in (0, 1):
+        assert f"=== rank {rank} on " in text
+    assert "in _hang" in text  # rank 1's own stack shows where it is stuck
+    ended = [json.loads(x) for x in (tmp_path / "attempts.jsonl").read_text().splitlines()][-1]
+    assert (ended["ended"], ended["last_step"], ended["hang"]) == ("hang", 12, line)
+
+
+@pytest.mark.timeout(240)
+def test_hang_before_the_first_step_names_the_missing_rank(tmp_path, data_overrides):
+    startup_s = 15
+    start = time.time()
+    proc = launch(*RUN, *data_overrides, "debug.hang_rank=1", f"watchdog.startup_s={startup_s}",
+                  run_dir=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr
+    report = hang_report(tmp_path)
+    waiting = report["ranks"][0]
+    detected_after = report["time"] - (waiting["time"] - waiting["up_s"])  # since rank 0 started
+    print(f"hang before the first step reported {detected_after:.1f} s after rank 0 started "
+          f"(watchdog.startup_s={startup_s})")
+    assert startup_s <= detected_after < startup_s + 30, detected_after
+    assert report["time"] - start < startup_s + 60  # the whole command, launcher start-up included
+    assert report["budget"] == "watchdog.startup_s"
+    assert report["never_arrived"] == [1]
+    assert " in rendezvous (joining the process group); rank 1 on " in report["summary"]
+    assert "never arrived; it was in debug.hang_rank: hanging before joining the other ranks" in report["summary"]
+
+
+def beat(rank: int, seq: int, collective: str | None, what: str, age: float = 0.5) -> dict:
+    return {"rank": rank, "host": f"n{rank}", "time": time.time() - age, "seq": seq, "collective": collective,
+            "what": what, "step": 50, "idle_s": 20.0}
+
+
+def test_a_rank_whose_heartbeat_stopped_is_gone_and_the_others_survive():
+    beats = [beat(0, 9, "all_reduce", "step 50"), beat(1, 9, "all_reduce", "step 50"),
+             beat(2, 8, None, "step 50", age=40), None]
+    hang = Hang.from_heartbeats(beats, stale_s=10)
+    assert (hang.waiting, hang.behind, hang.lost) == ([0, 1], [], [2, 3])
+    line = hang.summary()
+    assert line.startswith("ranks 0 on n0, 1 on n1 waited 20 s in all_reduce at step 50")
+    assert "rank 2 on n2 is gone (no heartbeat for 40 s; it was in step 50)" in line
+    assert "rank 3 never arrived (no heartbeat this attempt" in line
+    assert line.endswith("surviving: ranks 0 on n0, 1 on n1")
+
+
+def test_auto_step_budget_follows_the_measured_p99(tmp_path):
+    progress = Progress()
+    dog = Watchdog(WatchdogConfig(step_floor_s=5, step_factor=10), tmp_path, 0, 1, "h", 1, lambda r: None, progress)
+    assert dog.budget()[0] == "watchdog.startup_s"
+    progress.phase("step", "step 0", 0)
+    progress.phase("step", "step 1", 1)  # the first step is done: from now on the step budget
+    assert dog.budget()[:2] == ("watchdog.step_s (auto)", 5)  # no step timed yet: the floor
+    progress.step_times.extend([0.1] * 98 + [2.0, 2.0])
+    assert dog.budget()[:2] == ("watchdog.step_s (auto)", 20.0)  # 10 x p99
+    progress.phase("save", "checkpoint save at step 1", 1)
+    assert dog.budget()[:2] == ("watchdog.save_s", 600)
+
+
+@pytest.mark.timeout(240)
+def test_a_healthy_run_raises_no_alarm(tmp_path, data_overrides):
+    """Steps, evaluations and saves under a tight step floor: no report, and the margin is recorded."""
+    launch(*RUN, *data_overrides, "train.max_steps=60", "train.eval_interval=20", "checkpoint.interval_steps=20",
+           "watchdog.step_floor_s=5", run_dir=tmp_path)
+    assert not list(tmp_path.glob("hang-*"))
+    for rank in (0, 1):
+        beat = json.loads((tmp_path / "watchdog" / f"rank{rank}.json").read_text())
+        assert beat["ended"] == "finished"
+        closest = beat["closest"]  # per budget, the largest share of it the rank used
+        assert {"watchdog.startup_s", "watchdog.step_s (auto)", "watchdog.save_s", "watchdog.eval_s"} <= set(closest)
+        assert max(closest.values()) < 0.5, closest  # at least twice the time it needed

@@ -1,0 +1,181 @@
+"""Hangs on the real local Slurm cluster (2 nodes): the watchdog reports the hang within its budget plus a margin,
+naming the rank, its host and the collective; the job requeues itself and finishes exactly as an uninterrupted
+run (bitwise losses and final weights)."""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import REPO, SLURM, TINY, local_reference, output, run_launch
+from test_preemption import assert_same_run, attempts
+from test_run_lifecycle import trained
+
+pytestmark = pytest.mark.slurm
+
+STEPS = 80
+STEP_S = 6
+RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
+    f"train.max_steps={STEPS}", "checkpoint.interval_steps=20", "debug.delay_rank=0", "debug.delay_s=0.05"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, data_overrides) -> Path:
+    return local_reference(tmp_path_factory.mktemp("reference") / "run", *RUN, *data_overrides)
+
+
+@pytest.mark.timeout(420)
+def test_hang_at_step_50_is_reported_requeued_and_finishes_exactly(slurm_cluster, tmp_path, data_overrides,
+                                                                   reference):
+    run_dir = tmp_path / "run"
+    proc = run_launch(slurm_cluster.env, *SLURM, "nodes=2", *RUN, *data_overrides, "debug.hang_rank=1",
+                      "debug.hang_step=50", f"watchdog.step_s={STEP_S}", f"hydra.run.dir={run_dir}", timeout=400)
+    assert proc.returncode == 0, output(proc)
+    report = json.loads((run_dir / "hang-1.json").read_text())
+    hung = report["ranks"][1]
+    detected_after = report["time"] - (hung["time"] - hung["idle_s"])
+    print(f"hang at step 50 reported {detected_after:.1f} s after rank 1 stopped (watchdog.step_s={STEP_S})")
+    assert STEP_S <= detected_after < STEP_S + 30, detected_after
+    host0, host1 = report["ranks"][0]["host"], hung["host"]
+    assert host0 != host1
+    line = report["summary"]
+    assert line.startswith(f"watchdog: rank 0 on {host0} waited ") and " in all_reduce at step 50; " in line, line
+    assert f"rank 1 on {host1} never arrived; it was in debug.hang_rank: hanging at step 50" in line
+    assert line in proc.stderr, output(proc)  # the launcher's one line
+    log = attempts(run_dir)
+    assert [(a["ended"], a.get("requeued")) for a in log] == [("hang", True), ("finished", None)], log
+    assert log[0]["restart"] == 0 and log[1]["restart"] == 1  # Slurm counted the requeue as a restart
+    assert log[1]["first_step"] == 40  # the newest checkpoint before the hang
+    assert_same_run(run_dir, reference)
+
+
+def read_report(run_dir: Path, timeout: float) -> dict:
+    """The hang report, once its writer has finished it."""
+    path, deadline = run_dir / "hang-1.json", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            return json.loads(path.read_text())
+        time.sleep(0.2)
+    raise AssertionError(f"no hang report within {timeout} s")
+
+
+def submit_exclusive(cluster, tmp_path: Path, run_dir: Path, overrides: list[str]) -> str:
+    """sbatch slurm/multi_node.sh on 2 nodes that no other job shares (a cut link must not touch other jobs)."""
+    proc = subprocess.run(["sbatch", "--parsable", "--exclusive", "--nodes=2", "--time=10",
+                           f"--output={tmp_path / 'job.out'}", str(REPO / "slurm" / "multi_node.sh"), *overrides,
+                           f"hydra.run.dir={run_dir}"], cwd=REPO, env=cluster.env, capture_output=True, text=True,
+                          timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def node_of_rank(run_dir: Path, rank: int) -> str:
+    return json.loads((run_dir / "environment" / f"rank{rank}.json").read_text())["host"]
+
+
+@pytest.mark.timeout(480)
+def test_cut_link_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_cluster, tmp_path, data_overrides,
+                                                                         reference):
+    run_dir = tmp_path / "run"
+    job = submit_exclusive(slurm_cluster, tmp_path, run_dir, [*RUN, *data_overrides, f"watchdog.step_s={STEP_S}",
+                                                              "debug.delay_s=0.15"])
+    try:
+        trained(run_dir, 25)
+        node = node_of_rank(run_dir, 1)
+        veth = "gl-v" + node.removeprefix("gl-n")  # the host side of that node's link (slurm/local_cluster.sh)
+        subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+        cut = time.time()
+        try:
+            report = read_report(run_dir, STEP_S + 60)
+        finally:
+            subprocess.run(["ip", "link", "set", veth, "up"], check=True)
+        state = slurm_cluster.wait_state(job, timeout=300)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+    assert state == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    print(f"cut link reported {report['time'] - cut:.1f} s after the cut (watchdog.step_s={STEP_S})")
+    assert report["time"] - cut < STEP_S + 30, report["time"] - cut
+    line = report["summary"]
+    assert (report["cut"], report["surviving"]) == ([1], [0]), line
+    assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in line
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
+    assert line in (tmp_path / "job.out").read_text()  # the one line, in the job's output
+    assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
+    assert_same_run(run_dir, reference)
+    wait_idle(slurm_cluster, node)
+
+
+def kill_node(cluster, node: str, job: str) -> None:
+    """Play a lost host: SIGKILL its slurmd and every process of this job on it (slurmstepd, the ranks), by pid.
+    The job has its nodes to itself (--exclusive): nothing else runs there."""
+    run = cluster.conf.parent / "run"
+    pids = [int(p) for p in subprocess.run(["ip", "netns", "pids", node], capture_output=True, text=True,
+                                           check=True).stdout.split()]
+    mine = [p for p in pids if of_job(p, job)]
+    assert mine, f"no process of job {job} on {node}"
+    for pid in [int((run / f"slurmd-{node}.pid").read_text()), *mine]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def of_job(pid: int, job: str) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return cmdline.startswith(f"slurmstepd: [{job}.") or f"SLURM_JOB_ID={job}".encode() in environ
+
+
+@pytest.mark.timeout(480)
+def test_lost_node_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_cluster, tmp_path, data_overrides,
+                                                                          reference):
+    """One node's slurmd and ranks are killed: Slurm would notice only after SlurmdTimeout; the surviving rank
+    names the lost one and requeues the job."""
+    run_dir = tmp_path / "run"
+    job = submit_exclusive(slurm_cluster, tmp_path, run_dir, [*RUN, *data_overrides, f"watchdog.step_s={STEP_S}",
+                                                              "debug.delay_s=0.15"])
+    node = None
+    try:
+        trained(run_dir, 25)
+        node = node_of_rank(run_dir, 1)
+        kill_node(slurm_cluster, node, job)
+        killed = time.time()
+        try:
+            report = read_report(run_dir, STEP_S + 60)
+        finally:
+            subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start-node", node], check=True,
+                           env=slurm_cluster.env, timeout=60)
+        state = slurm_cluster.wait_state(job, timeout=300)
+    finally:
+        slurm_cluster.run("scancel", job, check=False)
+        if node:
+            subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "start-node", node],
+                           env=slurm_cluster.env, timeout=60)
+    assert state == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    print(f"lost node reported {report['time'] - killed:.1f} s after the kill (watchdog.step_s={STEP_S})")
+    assert report["time"] - killed < STEP_S + 30, report["time"] - killed
+    line = report["summary"]
+    assert (report["lost"], report["surviving"]) == ([1], [0]), line
+    assert f"rank 1 on {node} is gone (no heartbeat for " in line
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
+    assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
+    assert_same_run(run_dir, reference)
+    wait_idle(slurm_cluster, node)
+
+
+def wait_idle(cluster, node: str, timeout: float = 120) -> None:
+    """The node is back in service (idle, or running someone else's job)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        state = cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+        if state in ("idle", "mixed", "allocated"):
+            return
+        time.sleep(1)
+    raise AssertionError(f"{node} is {state}, not back in service after {timeout} s")
