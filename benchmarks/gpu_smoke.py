@@ -25,18 +25,20 @@ from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
 
 PREEMPTED = "nonzero"  # a preempted local run exits non-zero: "run the same command again"
 PIPELINE = ["strategy=pipeline", "strategy.microbatches=4"]
-# name -> (overrides, the fewest GPUs it needs)
-STRATEGIES: dict[str, tuple[list[str], int]] = {
-    "single": (["strategy=single"], 1),
-    "ddp": (["strategy=ddp"], 1),
-    "zero1": (["strategy=zero1"], 1),
-    "fsdp": (["strategy=fsdp"], 1),
-    "fsdp cpu_offload": (["strategy=fsdp", "strategy.cpu_offload=true"], 1),
-    "deepspeed ZeRO-1": (["strategy=deepspeed", "strategy.stage=1"], 1),
-    "deepspeed ZeRO-2": (["strategy=deepspeed", "strategy.stage=2"], 1),
-    "deepspeed ZeRO-3": (["strategy=deepspeed", "strategy.stage=3"], 1),
-    "pipeline 1f1b": ([*PIPELINE, "strategy.schedule=1f1b"], 2),
-    "pipeline interleaved": ([*PIPELINE, "strategy.schedule=interleaved"], 2),
+# name -> (overrides, the fewest GPUs it needs, the most it uses: None for all of them)
+STRATEGIES: dict[str, tuple[list[str], int, int | None]] = {
+    "single": (["strategy=single"], 1, 1),  # one process is the point of that row
+    "ddp": (["strategy=ddp"], 1, None),
+    "zero1": (["strategy=zero1"], 1, None),
+    "fsdp": (["strategy=fsdp"], 1, None),
+    "fsdp cpu_offload": (["strategy=fsdp", "strategy.cpu_offload=true"], 1, None),
+    "fsdp x tp": (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 2, None),
+    "hsdp": (["strategy=fsdp", "parallel.dp_replicate=2"], 2, None),
+    "deepspeed ZeRO-1": (["strategy=deepspeed", "strategy.stage=1"], 1, None),
+    "deepspeed ZeRO-2": (["strategy=deepspeed", "strategy.stage=2"], 1, None),
+    "deepspeed ZeRO-3": (["strategy=deepspeed", "strategy.stage=3"], 1, None),
+    "pipeline 1f1b": ([*PIPELINE, "strategy.schedule=1f1b"], 2, None),
+    "pipeline interleaved": ([*PIPELINE, "strategy.schedule=interleaved"], 2, None),
 }
 SMOKE = ["model=tiny", "train.precision=bf16", "train.device=cuda", "train.global_batch_size=16",
          "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=2", "train.progress=false",
@@ -55,8 +57,8 @@ def world_for(gpus: int) -> int:
 
 def smoke_runs(world: int) -> list[tuple[str, list[str], int]]:
     runs = []
-    for name, (overrides, need) in STRATEGIES.items():
-        ranks = 1 if "strategy=single" in overrides else world  # one process is the point of that row
+    for name, (overrides, need, most) in STRATEGIES.items():
+        ranks = min(world, most or world)
         if need <= world:
             runs.append((name, [*overrides, "cluster.nodes=1", f"cluster.tasks_per_node={ranks}"], ranks))
     return runs

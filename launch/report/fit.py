@@ -11,6 +11,7 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gpt.errors import ConfigError
 from launch.report.perf_model import FittedModel, Network, Shape, fit, point_errors, scaled_shape
 from launch.report.points import Point
 from launch.report.rows import Row, median_or_none, steady
@@ -72,7 +73,10 @@ def predict(model: FittedModel, ref: Shape, kept: str, nodes: Iterable[int], row
     ref = scaled_shape(ref, ref.nodes, kept)
     out = []
     for n in sorted(set(nodes) | set(measured)):
-        s = scaled_shape(ref, n, kept)
+        try:
+            s = scaled_shape(ref, n, kept)
+        except ConfigError:  # the layout cannot run on that many ranks (strategy=single on more than one)
+            continue
         row = measured.get(n) if kept == "strong" or n == ref.nodes else None
         entry: dict[str, Any] = {"scaling": kept, "nodes": n, "ranks": s.ranks, "global_batch": s.global_batch,
                                  "feasible": s.feasible}

@@ -18,6 +18,7 @@ from gpt.distributed import DistEnv
 from gpt.metrics import layer_grad_norms, layer_key, layer_keys, memory_stats
 from gpt.model import GPT
 from gpt.parallel.base import Strategy
+from gpt.parallel.layout import ParallelDims
 from gpt.trainer import Trainer
 from launch.plan import make_plan
 
@@ -36,7 +37,7 @@ def test_memory_peak_is_the_windows(monkeypatch):
 
 def test_layer_names_survive_torch_compile():
     model = GPT(TINY)
-    strategy = Strategy({}, DistEnv(), torch.device("cpu"), "fp32")
+    strategy = Strategy({}, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
     strategy.model = torch.compile(model)  # wraps only; nothing compiles until it is called
     assert strategy.unwrapped is model
     names = [n for n, _ in strategy.model.named_parameters()]

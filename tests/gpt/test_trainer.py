@@ -11,6 +11,7 @@ from omegaconf import OmegaConf
 from helpers import REPO, SHAKESPEARE, losses, read_metrics
 from gpt.distributed import DistEnv
 from gpt.parallel.base import Strategy
+from gpt.parallel.layout import ParallelDims
 from gpt.trainer import Trainer
 from launch.plan import make_plan
 
@@ -62,7 +63,7 @@ def test_gradient_clipping_scales_to_the_threshold_and_reports_the_norm_before()
     for p in model.parameters():
         p.grad = torch.full_like(p, 2.0)
     before = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
-    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32")
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
     strategy.model = model
     reported = strategy.clip_gradients(0.5)
     after = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
