@@ -55,6 +55,28 @@ def test_hang_at_step_50_is_reported_requeued_and_finishes_exactly(slurm_cluster
     assert_same_run(run_dir, reference)
 
 
+@pytest.mark.timeout(420)
+def test_hang_before_the_first_step_names_the_missing_rank_and_requeues(slurm_cluster, tmp_path, data_overrides,
+                                                                        reference):
+    startup_s = 30  # a job's ranks import torch and join in about 10 s here, more on a loaded machine
+    run_dir = tmp_path / "run"
+    proc = run_launch(slurm_cluster.env, *SLURM, "nodes=2", *RUN, *data_overrides, "debug.hang_rank=1",
+                      f"watchdog.startup_s={startup_s}", f"hydra.run.dir={run_dir}", timeout=400)
+    assert proc.returncode == 0, output(proc)
+    report = json.loads((run_dir / "hang-1.json").read_text())
+    waiting = report["ranks"][0]
+    detected_after = report["time"] - (waiting["time"] - waiting["up_s"])  # since rank 0 started
+    print(f"hang before the first step reported {detected_after:.1f} s after rank 0 started on Slurm "
+          f"(watchdog.startup_s={startup_s})")
+    assert startup_s <= detected_after < startup_s + 30, detected_after
+    assert report["budget"] == "watchdog.startup_s" and report["never_arrived"] == [1], report["summary"]
+    assert f"rank 1 on {report['ranks'][1]['host']} never arrived" in report["summary"]
+    assert report["summary"] in proc.stderr, output(proc)
+    log = attempts(run_dir)
+    assert [(a["ended"], a.get("requeued")) for a in log] == [("hang", True), ("finished", None)], log
+    assert_same_run(run_dir, reference)
+
+
 def read_report(run_dir: Path, timeout: float) -> dict:
     """The hang report, once its writer has finished it."""
     path, deadline = run_dir / "hang-1.json", time.monotonic() + timeout
