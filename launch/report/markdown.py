@@ -1,6 +1,7 @@
 """The report as Markdown (`report/scaling.md`, and the text of the TensorBoard run)."""
 from __future__ import annotations
 
+import json
 import math
 from typing import Any
 
@@ -43,7 +44,7 @@ def markdown(rep: Report) -> str:
         parts.append(comparison(rep))
     if rep.scaling:
         parts += [scaling_table(rep), stragglers(rep), model_section(rep), prediction_tables(rep)]
-    parts += [goodput(rep), plots(rep)]
+    parts += [goodput(rep), node_health(rep), plots(rep)]
     return "\n".join(p for p in parts if p)
 
 
@@ -214,6 +215,30 @@ def goodput(rep: Report) -> str:
                      f"{pct(kept / allocated if allocated else None)} | "
                      + " | ".join(f"{sum(g.losses[c] for _, g in runs):.1f} s" for c in causes) + " |")
     return "\n".join(lines) + "\n"
+
+
+def node_health(rep: Report) -> str:
+    """The nodes each point ran on, as the health checks of its last attempt measured them, and the nodes its
+    attempts excluded (health-<attempt>.json, attempts.jsonl)."""
+    lines = []
+    for p in rep.points:
+        found = sorted(p.path.glob("health-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+        if not found:
+            continue
+        h = json.loads(found[-1].read_text())
+        nodes = ", ".join(f"{n['host']} {n['gflops']:.1f} ({n['fraction']:.2f})" for n in h["nodes"])
+        bus = f"{h['bus_gbps']:.2f}" if h.get("bus_gbps") else "-"
+        excluded = [str(a["ended"]).removeprefix("excluded ") for a in read_attempts(p.path)
+                    if str(a.get("ended", "")).startswith("excluded ")]
+        lines.append(f"| {p.name} | {nodes} | {h['median_gflops']:.1f} | {bus} | {', '.join(h['flagged']) or '-'} | "
+                     f"{', '.join(excluded) or '-'} |")
+    if not lines:
+        return ""
+    return "\n".join(["## Nodes\n", "Each node's matmul speed before the last attempt (GFLOP/s, and its share of the "
+                      "median node), the all-reduce bus bandwidth, the nodes below `health.min_fraction`, and the "
+                      "nodes earlier attempts excluded.\n",
+                      "| point | nodes: GFLOP/s (share of median) | median | bus GB/s | flagged | excluded |",
+                      "|---|---|---|---|---|---|", *lines]) + "\n"
 
 
 def plots(rep: Report) -> str:

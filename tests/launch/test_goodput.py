@@ -51,6 +51,8 @@ def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_override
 
     text = (write_report(run) / "scaling.md").read_text()
     assert "## Goodput" in text and f"| {run.name} | 2 | " in text
+    health = json.loads((run / "health-2.json").read_text())  # the last attempt's node health, in the report
+    assert "## Nodes" in text and f"| {run.name} | {health['nodes'][0]['host']} " in text
 
 
 def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides):
