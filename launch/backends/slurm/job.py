@@ -59,7 +59,8 @@ class SlurmJob(JobEnvironment):
         try:
             info = commands.scontrol_job(job)
             if info is not None and _int(info.get("Restarts")) > self.restart:  # a late caller (a cut-off rank)
-                return True, f"job {job} was requeued already (it is on restart {info.get('Restarts')})"
+                return True, (f"requeued by Slurm or by another rank already (job {job} is on restart "
+                              f"{info.get('Restarts')})")
             if info is not None and info.state in commands.PENDING | {"COMPLETING"} and info.get("Requeue") == "1":
                 return True, f"requeued by Slurm (job {job} is {info.state}: a node failure, preemption or scontrol)"
             if info is not None and info.state != "RUNNING":
