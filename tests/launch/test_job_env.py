@@ -45,4 +45,4 @@ def test_a_late_requeue_leaves_the_next_attempt_alone(monkeypatch):
                                                                                (("Restarts", "1"),)))
     monkeypatch.setattr(commands, "requeue", asked.append)
     requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
-    assert (requeued, why, asked) == (True, "job 42 was requeued already (it is on restart 1)", [])
+    assert (requeued, why, asked) == (True, "requeued by Slurm or by another rank already (job 42 is on restart 1)", [])
