@@ -1,6 +1,6 @@
 """Runs shared by the tests of tests/parallel: each strategy configuration trains once per session.
 
-Every run trains the same 4-layer tiny GPT for 20 steps on the same global batch (8 sequences) and seed, with a
+Every run trains the same 4-layer tiny GPT for 10 steps on the same global batch (8 sequences) and seed, with a
 learning rate high enough (and gradient clipping active) that a wrong gradient shows in the loss within a step or
 two. The baseline is one process, strategy=single.
 """
@@ -10,12 +10,12 @@ from pathlib import Path
 
 from helpers import launch, read_metrics
 
-STEPS = 20
+STEPS = 10
 COMMON = ["model=tiny", "model.n_layer=4", f"train.max_steps={STEPS}", "train.warmup_steps=2", "train.lr=3e-3",
-          "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=10", "train.eval_batches=2",
+          "train.global_batch_size=8", "train.log_interval=1", "train.eval_interval=5", "train.eval_batches=2",
           "checkpoint.interval_steps=0"]
 FP32_RTOL = 1e-5
-# bf16 against the fp32 baseline: bf16 rounding alone moves the single-process losses by up to 0.7% over these 20
+# bf16 against the fp32 baseline: bf16 rounding alone moves the single-process losses by up to 0.7% over 20
 # steps (FSDP's bf16 parameters, DeepSpeed's bf16 model and autocast each differently); a wrong gradient moves
 # them by 5-15% (a stale clip setting: 9%; pipeline x DDP(static_graph): 14%).
 BF16_RTOL = 2e-2

@@ -31,6 +31,9 @@ def test_slow_node_is_excluded_and_the_run_finishes_on_the_others(slurm_cluster,
     assert json.loads((run_dir / "health-2.json").read_text())["flagged"] == []
     job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
     assert slow["host"] in slurm_cluster.job_info(job)["ExcNodeList"]
+    # the login node says why the job runs again, and without which node
+    assert (f"): attempt 0 ended (excluded {slow['host']}) before its first step: requeued job {job} (restart 1 "
+            in proc.stderr and f"without {slow['host']} (ExcNodeList)" in proc.stderr), output(proc)
 
 
 @pytest.mark.timeout(420)
@@ -51,3 +54,5 @@ def test_persistent_straggler_is_excluded_when_that_pays(slurm_cluster, tmp_path
     assert decision["host"] not in hosts and len(hosts) == 2, hosts
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert f"straggler: excluding {decision['host']} (rank 1) at step " in log
+    assert (f"): attempt 0 ended (preempted:straggler) at step {first['last_step']}: requeued job "
+            in proc.stderr and f"without {decision['host']} (ExcNodeList)" in proc.stderr), output(proc)

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
+from gpt.goodput import read_attempts
 from gpt.hang_report import newest_hang
 from gpt.errors import UserError
 from launch.backends.slurm import commands as slurm_commands
@@ -189,6 +190,7 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
         while pending:
             infos = watch.poll(list(pending))
             watch.tell_hangs(pending.values())
+            watch.tell_requeues(pending.values())
             for jid, info in infos.items():
                 if info.state in FINAL or info.state == GONE:
                     outcomes[jid] = collect(pending.pop(jid), info.state)
@@ -226,6 +228,7 @@ class Watch:
     last_status: str = ""
     started: float = 0.0  # hang reports older than this belong to earlier submissions
     hangs: set[str] = field(default_factory=set)  # the ones already told
+    requeues: set[tuple] = field(default_factory=set)  # (job id, restart) of the attempts already told
 
     def tell_hangs(self, jobs) -> None:
         """A job whose watchdog reported a hang (its ranks then requeue it): one line, as soon as it is written."""
@@ -234,6 +237,17 @@ class Watch:
             if line and line not in self.hangs:
                 self.hangs.add(line)
                 print(f"job {s.job_id} ({s.point.label}): {line}", file=sys.stderr, flush=True)
+
+    def tell_requeues(self, jobs) -> None:
+        """Each attempt that ended by requeueing its job (preempted, hung, a node excluded): one line from its
+        record in attempts.jsonl, so that the login node says why a job runs again and without which nodes."""
+        for s in jobs:
+            for a in read_attempts(s.point.run_dir):
+                key = (a.get("job_id"), a.get("restart"))
+                if a.get("job_id") != s.job_id or not a.get("requeued") or key in self.requeues:
+                    continue
+                self.requeues.add(key)
+                print(f"job {s.job_id} ({s.point.label}): {requeue_line(a)}", file=sys.stderr, flush=True)
 
     def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:
@@ -267,6 +281,14 @@ class Watch:
             key = info.state.lower() + why
             counts[key] = counts.get(key, 0) + 1
         return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+def requeue_line(attempt: dict[str, Any]) -> str:
+    """'attempt 0 ended (excluded gl-n2) before its first step: requeued job 7 (...), without gl-n2'."""
+    step = attempt.get("last_step")
+    where = f"at step {step}" if step is not None else "before its first step"
+    note = attempt.get("note") or "requeued"
+    return f"attempt {attempt.get('restart', 0)} ended ({attempt.get('ended')}) {where}: {note}"
 
 
 def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
