@@ -26,8 +26,8 @@ CASES = {
     "deepspeed_zero3": ["strategy=deepspeed", "strategy.stage=3"],
     "pipeline_1f1b": ["strategy=pipeline", "strategy.schedule=1f1b"],  # the tied head lives on stage 1
 }
-RESUME_COMMON = [o for o in COMMON if not o.startswith(("checkpoint.", "train.eval_interval"))] + [
-    "train.progress=false", "train.eval_interval=0"]
+RESUME_COMMON = [o for o in COMMON if not o.startswith(("checkpoint.", "train.eval_interval", "train.max_steps"))] + [
+    "train.progress=false", "train.eval_interval=0", "train.max_steps=20"]
 
 
 @pytest.fixture(scope="module")
