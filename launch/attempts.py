@@ -23,10 +23,8 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> N
 
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
     """Whether this attempt of this job ended by requeueing itself (its line in attempts.jsonl says so)."""
-    if job.job_id is None:
-        return False
-    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job.job_id and a.get("restart") == job.restart]
-    return bool(mine and mine[-1].get("requeued"))
+    line = this_attempts_line(run_dir, job)
+    return bool(line and line.get("requeued"))
 
 
 def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
@@ -51,17 +49,30 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
     except (OSError, ValueError):
         previous = None
     if previous is not None:
-        last_alive = _heartbeat(run_dir) or previous["started"]
         how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
-        began = previous.get("first_step") or 0
-        kept = max(first_step - began, 0)  # up to its last checkpoint: what this attempt resumes from
-        log_attempt(run_dir, JobRecord(previous.get("job_id"), previous.get("restart", 0)), {
-            "first_step": began, "last_step": first_step, "ended": how, "recorded_by": "the next attempt",
-            "goodput": {"allocated_s": round(max(last_alive - previous["started"], 0.0), 3), "startup_s": 0.0,
-                        "train_s": kept_training_s(run_dir, previous["started"], began, first_step),
-                        "eval_s": 0.0, "save_s": 0.0, "steps": kept, "saves": 0}})
+        log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
     mark.write_text(json.dumps({"job_id": job.job_id, "restart": job.restart, "started": started,
                                 "first_step": first_step}))
+
+
+def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any]) -> None:
+    """The line of an attempt that ended without writing one (its `mark`), with the training it kept: its steps
+    up to the checkpoint the run resumes from."""
+    last_alive = _heartbeat(run_dir) or mark["started"]
+    began = mark.get("first_step") or 0
+    log_attempt(run_dir, JobRecord(mark.get("job_id"), mark.get("restart", 0)), {
+        "first_step": began, "last_step": resumes_from, **record,
+        "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
+                    "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
+                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}})
+
+
+def this_attempts_line(run_dir: Path, job: JobEnvironment) -> dict[str, Any] | None:
+    """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
+    if job.job_id is None:
+        return None
+    mine = [a for a in read_attempts(run_dir) if a.get("job_id") == job.job_id and a.get("restart") == job.restart]
+    return mine[-1] if mine else None
 
 
 def end_attempt(run_dir: Path) -> None:

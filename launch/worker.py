@@ -28,7 +28,8 @@ from gpt.run_config import DebugConfig, WatchdogConfig  # noqa: E402
 from gpt.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
-from launch.attempts import begin_attempt, end_attempt, goodput_record, log_attempt  # noqa: E402
+from launch.attempts import (begin_attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
+                             this_attempts_line)
 from launch.environment import detect  # noqa: E402
 from launch.health_gate import check_health  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
@@ -171,10 +172,11 @@ def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, repo
         log.error("%s", report["summary"])
         requeued, how = job.requeue(max_restarts)
         trainer = ATTEMPT.get("trainer")
-        log_attempt(run_dir, job, {
-            "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
-            "ended": "hang", "hang": report["summary"], "hang_report": report["report"], "requeued": requeued,
-            "note": how})
+        if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
+            log_attempt(run_dir, job, {
+                "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
+                "ended": "hang", "hang": report["summary"], "hang_report": report["report"], "requeued": requeued,
+                "note": how})
         end_attempt(run_dir)
         (log.warning if requeued else log.error)("watchdog: %s", how)
     sys.stdout.flush()
@@ -272,11 +274,12 @@ def main() -> None:
 def _log_failure(run_dir: Path, message: str) -> None:
     """Rank 0 of an attempt that began (it holds the run's lock) says how it failed; one refused before that
     writes nothing into another run's log."""
-    if "lock" not in ATTEMPT:
+    job = ATTEMPT.get("job") or job_environment()
+    if "lock" not in ATTEMPT or this_attempts_line(run_dir, job) is not None:  # a vanished rank's task wrote it
         return
     trainer = ATTEMPT.get("trainer")
     try:
-        log_attempt(run_dir, ATTEMPT.get("job") or job_environment(), {
+        log_attempt(run_dir, job, {
             "first_step": ATTEMPT.get("first_step"), "last_step": trainer.step if trainer is not None else None,
             "ended": f"failed: {message.splitlines()[0][:300] if message else ''}",
             **({"startup": ATTEMPT["startup"]()} if "startup" in ATTEMPT else {})})

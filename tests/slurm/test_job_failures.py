@@ -61,10 +61,11 @@ def _worker_pid(env_file) -> int | None:
 
 @pytest.mark.timeout(240)
 def test_killed_rank_ends_the_job_and_the_wait_within_seconds(slurm_cluster, tmp_path, data_overrides):
+    """With no restarts left, a killed rank's task does not requeue: the job fails and the launcher says so."""
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(
         launch_cmd("-m", "nodes=2", *SLURM, *TINY, *data_overrides, f"hydra.sweep.dir={sweep}",
-                   "train.max_steps=100000"),  # trains until killed
+                   "train.max_steps=100000", "preemption.max_restarts=0"),  # trains until killed
         cwd=REPO, env=slurm_cluster.env, stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     run_dir = sweep / "nodes=2"
     try:
@@ -94,5 +95,6 @@ def test_killed_rank_ends_the_job_and_the_wait_within_seconds(slurm_cluster, tmp
     assert re.search(rf"rank 1 on gl-n\d was killed by SIGKILL \(its log: {re.escape(str(run_dir))}/logs/rank1.log\)",
                      stderr), stderr
     assert f"error: job {job} (nodes=2) ended FAILED" in stderr
+    assert "restart limit reached (0 of preemption.max_restarts=0); the same command continues the run" in stderr
     assert waited < 20, f"the launcher took {waited:.1f} s to report the dead rank"
     assert slurm_cluster.job_state(job) in {"FAILED", "CANCELLED"}

@@ -206,20 +206,36 @@ def test_time_limit_warning_saves_and_requeues_before_the_kill(slurm_cluster, tm
     assert log[-1]["ended"] == "finished"
 
 
-@pytest.mark.timeout(300)
-def test_kill_9_fails_clearly_and_the_same_command_resumes(slurm_cluster, tmp_path, data_overrides, reference):
-    """A lost rank (kill -9, here in the middle of writing the step-10 checkpoint): the job fails with a message
-    naming the rank; the same command again resumes from step 5 (the partial step 10 is ignored, then removed)."""
+@pytest.mark.timeout(400)
+def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_resumes(slurm_cluster, tmp_path,
+                                                                                      data_overrides, reference):
+    """A rank killed (kill -9, here in the middle of writing the step-10 checkpoint) while its host lives: its task
+    requeues the job, which resumes from step 5. Killed again at the same save, with nothing newer saved since,
+    the job fails with a message naming the rank (a crash that repeats is not retried for ever); the same command
+    again resumes from step 5 (the partial step 10 is ignored, then removed)."""
     args = ["nodes=2", *SLURM, *RUN, *data_overrides, "debug.save_sleep_s=30", "debug.save_sleep_step=10"]
     job = Job(slurm_cluster, tmp_path, args, tmp_path / "run")
     partial = job.run_dir / "checkpoints" / ".tmp-step_00000010"
-    deadline = time.monotonic() + 120
-    while not (partial / ".metadata").exists():
-        assert time.monotonic() < deadline and job.alive(), job.text()
-        time.sleep(0.1)
-    job.kill_rank(0)
-    assert job.wait(timeout=60) == 1
-    assert "rank 0 on gl-n" in job.text() and "killed by SIGKILL" in job.text(), job.text()
+
+    def kill_inside_the_save(since: float) -> None:
+        deadline = time.monotonic() + 120
+        while not ((partial / ".metadata").exists() and (partial / ".metadata").stat().st_mtime > since):
+            assert time.monotonic() < deadline and job.alive(), job.text()
+            time.sleep(0.1)
+        job.kill_rank(0)
+
+    kill_inside_the_save(0)
+    assert job.training(restarts=1) >= 5  # requeued by the killed rank's task, and resumed from step 5
+    kill_inside_the_save(time.time() - 5)
+    assert job.wait(timeout=120) == 1
+    text = job.text()
+    assert "rank 0 on gl-n" in text and "killed by SIGKILL" in text, text
+    assert "not requeued: the attempt before lost a rank too, and no checkpoint newer than step 5" in text, text
+    assert "the same command continues the run from its newest checkpoint (step 5)" in text, text
+    first, second = attempts(job.run_dir)
+    assert first["lost_rank"] == 0 and first["requeued"] is True and first["last_step"] == 5, first
+    assert "requeued job" in first["note"] and first["goodput"]["steps"] == 5, first
+    assert second["lost_rank"] == 0 and second["requeued"] is False and second["first_step"] == 5, second
     again = Job(slurm_cluster, tmp_path, [a for a in args if not a.startswith("debug.save_sleep")], job.run_dir,
                 name="again")
     assert again.wait() == 0, again.text()

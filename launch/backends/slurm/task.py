@@ -16,14 +16,12 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import EXIT_PREEMPTED
 from launch.threads import ThreadPlan
-
-
-
 
 PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
 
@@ -63,8 +61,10 @@ class RankTask:
         # checkpoint, and exit: replaced by passing the signal on. The rank starts with both ignored (a signal
         # during its seconds of start-up must not kill it) and they are passed on once it handles them itself.
         pending: list[int] = []
+        stopping: list[int] = []  # every signal Slurm sent: the rank's end is then part of a stop
         for signum in PREEMPTION_SIGNALS:
-            signal.signal(signum, lambda signum, _frame: pending.append(signum))
+            signal.signal(signum, lambda signum, _frame: (pending.append(signum), stopping.append(signum)))
+        started = time.time()
         child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env,
                                  preexec_fn=_ignore_preemption_signals)
         code = None
@@ -79,6 +79,8 @@ class RankTask:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
                              f"the job was not requeued (see {Path(self.run_dir) / 'attempts.jsonl'}); submit the "
                              "same command again to resume")
+        if code < 0 and not stopping:
+            self.lost(rank, describe_failure(rank, host, code, Path(self.run_dir), task_output()), started)
         if code != 0:
             raise RankFailed(describe_failure(rank, host, code, Path(self.run_dir), task_output()))
         summary = Path(self.run_dir) / "summary.json"
@@ -86,6 +88,21 @@ class RankTask:
         if rank == 0 and summary.exists():
             result["summary"] = json.loads(summary.read_text())
         return result
+
+
+    def lost(self, rank: int, line: str, started: float) -> None:
+        """The rank vanished without a word (a signal, not an error of its own): requeue the job unless that would
+        repeat a crash (launch.lost_rank), and wait for Slurm to stop this attempt (exiting first fails the task)."""
+        from launch.lost_rank import requeue_for_lost_rank
+
+        requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started)
+        if requeued:
+            print(f"{line}: {how}", file=sys.stderr, flush=True)
+            time.sleep(REQUEUE_WAIT_S)
+        raise RankFailed(f"{line}; {how}")
+
+
+REQUEUE_WAIT_S = 120.0
 
 
 def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:

@@ -1,0 +1,82 @@
+"""A rank process that vanished without a word while its host lives (killed by a signal: `kill -9`, the OOM
+killer, a segfault): its task, which started it, requeues the job, as a lost host's peers do, so that a failure
+a restart fixes does not end the allocation.
+
+Not twice in a row without progress: when the attempt before also lost a rank and this one has saved no newer
+checkpoint than the one it resumed from, a crash that repeats (running out of memory at the same step) would
+repeat on every restart. The job then fails with the rank named, and the same command continues the run.
+
+The task records the attempt's line itself, then marks the rank's heartbeat ended, so that its peers (whose
+collectives failed) leave the attempt to it instead of reporting a hang or a failure of their own.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from gpt.checkpoint import list_checkpoints, step_of
+from gpt.goodput import read_attempts
+from gpt.hang_report import heartbeat_path
+from launch.attempts import IN_FLIGHT, end_attempt, log_killed
+from launch.job_env import job_environment
+
+
+def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
+    """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
+    job = job_environment()
+    newest = _newest_step(run_dir)
+    # lost during start-up (rank 0 had not marked the attempt yet): nothing was saved since the newest checkpoint
+    mark = _read(run_dir / IN_FLIGHT) or {"job_id": job.job_id, "restart": job.restart, "started": started,
+                                          "first_step": newest}
+    began = mark.get("first_step")
+    earlier = read_attempts(run_dir)
+    if job.scheduler == "none":
+        requeued, how = False, "no scheduler to requeue the job"
+    elif earlier and earlier[-1].get("lost_rank") is not None and newest == began:
+        requeued, how = False, (f"not requeued: the attempt before lost a rank too, and no checkpoint newer than "
+                                f"step {newest} was saved since (a crash that repeats, such as running out of "
+                                f"memory, would repeat on every restart)")
+    else:
+        max_restarts = _max_restarts(run_dir)
+        requeued, how = job.requeue(max_restarts)
+    if not requeued:
+        how += f"; the same command continues the run from {_step(newest)}"
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued, "note": how})
+    end_attempt(run_dir)
+    _end_heartbeat(run_dir, rank, f"vanished: {line}")
+    return requeued, how
+
+
+def _newest_step(run_dir: Path) -> int | None:
+    found = list_checkpoints(run_dir / "checkpoints")
+    return step_of(found[-1]) if found else None
+
+
+def _step(step: int | None) -> str:
+    return f"its newest checkpoint (step {step})" if step is not None else "the start (no checkpoint yet)"
+
+
+def _max_restarts(run_dir: Path) -> int:
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "preemption.max_restarts", default=10))
+
+
+def _end_heartbeat(run_dir: Path, rank: int, how: str) -> None:
+    path = heartbeat_path(run_dir, rank)
+    beat = _read(path)
+    if beat is None:
+        return
+    beat.update(ended=how, time=time.time())
+    tmp = path.with_name(f".{path.name}.lost")
+    tmp.write_text(json.dumps(beat))
+    os.replace(tmp, path)
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
