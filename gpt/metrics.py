@@ -68,9 +68,9 @@ class MetricsWriter:
 
     def __init__(self, run_dir: Path, rank: int, hostname: str, resume_step: int | None = None,
                  keep_val_at_resume: bool = True):
-        """resume_step: this attempt continues from a checkpoint at that step; records an earlier attempt wrote
-        after it (steps it trained but did not checkpoint) are dropped, here and in TensorBoard (purge_step),
-        so the run reads as one continuous run."""
+        """resume_step: the step this attempt starts from (its checkpoint's, or 0); records an earlier attempt
+        wrote from it on (steps it trained but did not checkpoint) are dropped, here and in TensorBoard
+        (purge_step), so the run reads as one continuous run."""
         self.rank, self.hostname = rank, hostname
         self.start = time.time()
         (run_dir / "metrics").mkdir(parents=True, exist_ok=True)

@@ -140,8 +140,8 @@ class Trainer:
         self.startup["checkpoint_load_s"] = time.perf_counter() - clock
         if self.resumed_from is not None:
             self.saved_step = self.step
-        self.metrics = MetricsWriter(run_dir, env.rank, env.hostname,
-                                     resume_step=self.step if self.resumed_from is not None else None,
+        # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
+        self.metrics = MetricsWriter(run_dir, env.rank, env.hostname, resume_step=self.step,
                                      keep_val_at_resume=not self.eval_pending)
         self.window = Window()
 

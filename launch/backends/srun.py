@@ -1,6 +1,7 @@
 """cluster=srun: already inside an allocation (slurm/multi_node.sh, salloc). This host plans the run, then
-`srun` starts `python -m launch.worker RUN_DIR` on every node: one task per GPU on GPU nodes, or
---ntasks-per-node ranks per node on CPU nodes."""
+`srun` starts on every node the task wrapper of cluster=slurm (launch.backends.slurm.task, which runs
+`python -m launch.worker RUN_DIR`): one task per GPU on GPU nodes, or --ntasks-per-node ranks per node on CPU
+nodes."""
 from __future__ import annotations
 
 import os
@@ -78,7 +79,10 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     # once its flag is in place; signals that come meanwhile wait here until every rank is up.
     shim = ["bash", "-c", 'trap "" USR2 TERM; exec "$0" "$@"']
     started = time.time()
-    child = subprocess.Popen([*cmd, *shim, sys.executable, "-m", "launch.worker", str(run_dir)], env=env)
+    # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
+    # killed while its host lives requeues the job).
+    task = [sys.executable, "-m", "launch.backends.slurm.task", str(run_dir)]
+    child = subprocess.Popen([*cmd, *shim, *task], env=env)
     received: list[int] = []
     previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
                 for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}

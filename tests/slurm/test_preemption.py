@@ -245,6 +245,21 @@ def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_res
     assert attempts(job.run_dir)[-1]["first_step"] == 5
 
 
+@pytest.mark.timeout(300)
+def test_sbatch_path_requeues_a_job_whose_rank_was_killed(slurm_cluster, tmp_path, data_overrides, reference):
+    """multi_node.sh: srun runs the same task wrapper as cluster=slurm, which sees its rank killed (kill -9 of rank
+    1, on the node that is not the batch host) and requeues the job; it resumes and finishes exactly."""
+    job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True)
+    job.training(0)
+    job.kill_rank(1)
+    assert job.wait() == 0, job.text()
+    assert_same_run(job.run_dir, reference)
+    first, last = attempts(job.run_dir)[0], attempts(job.run_dir)[-1]
+    assert first["lost_rank"] == 1 and first["requeued"] is True and "killed by SIGKILL" in first["ended"], first
+    assert last["ended"] == "finished" and last["restart"] == 1, last
+    assert "rank 1 on gl-n" in job.log.read_text() and "requeued job" in job.log.read_text(), job.text()
+
+
 @pytest.mark.timeout(480)
 def test_soak_ten_random_interruptions_lose_nothing(slurm_cluster, tmp_path, data_overrides, reference):
     rng = random.Random(1234)

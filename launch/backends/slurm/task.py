@@ -1,7 +1,9 @@
-"""What submitit runs in every task of a cluster=slurm job (srun starts nodes x tasks_per_node of them).
+"""What every task of a Slurm job runs: submitit's call under cluster=slurm (srun starts nodes x tasks_per_node
+of them), and `python -m launch.backends.slurm.task RUN_DIR` under cluster=srun (sbatch slurm/multi_node.sh).
 
 Each task runs the rank in a child process, `python -m launch.worker RUN_DIR`, the very entry point of the
-local and srun backends. Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
+local backend too. It sees how the rank ends: a rank killed while its host lives requeues the job
+(launch.lost_rank). Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
 teardown ("terminate called without an active exception"), and that would also skip submitit writing the
 task's result. Here the child may exit hard, and this process (which never imports torch) reports its exit
 status to submitit: a result on success, or RankFailed, naming the rank, its host and its log, on failure.
@@ -105,6 +107,15 @@ class RankTask:
 REQUEUE_WAIT_S = 120.0
 
 
+def main() -> None:
+    """Under srun (sbatch slurm/multi_node.sh, cluster=srun): the same wrapper; its failure is one line, exit 1."""
+    try:
+        RankTask(sys.argv[1])()
+    except RankFailed as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(1)
+
+
 def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
     """The task's environment less the torchrun-style variables the submitting shell passed in (recorded at
     submission, in slurm_job.json): Slurm's own variables place the rank. Ones the job set itself stay."""
@@ -180,3 +191,7 @@ def task_output() -> Path | None:
         return Path(JobEnvironment().paths.stderr)
     except Exception:  # not under submitit
         return None
+
+
+if __name__ == "__main__":
+    main()
