@@ -27,24 +27,23 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
     """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
     job = job_environment()
     newest = _newest_step(run_dir)
-    # lost during start-up (rank 0 had not marked the attempt yet): nothing was saved since the newest checkpoint
-    mark = _read(run_dir / IN_FLIGHT) or {"job_id": job.job_id, "restart": job.restart, "started": started,
-                                          "first_step": newest}
+    mark = _read(run_dir / IN_FLIGHT)
+    ours = mark is not None and (mark.get("job_id"), mark.get("restart")) == (job.job_id, job.restart)
+    if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
+        mark = {"job_id": job.job_id, "restart": job.restart, "started": started, "first_step": newest}
     began = mark.get("first_step")
     earlier = read_attempts(run_dir)
-    if job.scheduler == "none":
-        requeued, how = False, "no scheduler to requeue the job"
-    elif earlier and earlier[-1].get("lost_rank") is not None and newest == began:
+    if earlier and earlier[-1].get("lost_rank") is not None and newest == began:
         requeued, how = False, (f"not requeued: the attempt before lost a rank too, and no checkpoint newer than "
                                 f"step {newest} was saved since (a crash that repeats, such as running out of "
                                 f"memory, would repeat on every restart)")
     else:
-        max_restarts = _max_restarts(run_dir)
-        requeued, how = job.requeue(max_restarts)
+        requeued, how = job.requeue(_max_restarts(run_dir))
     if not requeued:
         how += f"; the same command continues the run from {_step(newest)}"
     log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued, "note": how})
-    end_attempt(run_dir)
+    if ours:
+        end_attempt(run_dir)
     _end_heartbeat(run_dir, rank, f"vanished: {line}")
     return requeued, how
 
