@@ -16,17 +16,17 @@ import os
 import time
 from pathlib import Path
 
-from gpt.checkpoint import list_checkpoints, step_of
 from gpt.goodput import read_attempts
 from gpt.hang_report import heartbeat_path
 from launch.attempts import IN_FLIGHT, end_attempt, log_killed
 from launch.job_env import job_environment
+from launch.run_identity import newest_step
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
     """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
     job = job_environment()
-    newest = _newest_step(run_dir)
+    newest = newest_step(run_dir)
     mark = _read(run_dir / IN_FLIGHT)
     ours = mark is not None and (mark.get("job_id"), mark.get("restart")) == (job.job_id, job.restart)
     if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
@@ -46,11 +46,6 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
         end_attempt(run_dir)
     _end_heartbeat(run_dir, rank, f"vanished: {line}")
     return requeued, how
-
-
-def _newest_step(run_dir: Path) -> int | None:
-    found = list_checkpoints(run_dir / "checkpoints")
-    return step_of(found[-1]) if found else None
 
 
 def _step(step: int | None) -> str:

@@ -91,7 +91,6 @@ class RankTask:
             result["summary"] = json.loads(summary.read_text())
         return result
 
-
     def lost(self, rank: int, line: str, started: float) -> None:
         """The rank vanished without a word (a signal, not an error of its own): requeue the job unless that would
         repeat a crash (launch.lost_rank), and wait for Slurm to stop this attempt (exiting first fails the task)."""
