@@ -232,6 +232,7 @@ def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_res
     assert "rank 0 on gl-n" in text and "killed by SIGKILL" in text, text
     assert "not requeued: the attempt before lost a rank too, and no checkpoint newer than step 5" in text, text
     assert "the same command continues the run from its newest checkpoint (step 5)" in text, text
+    assert "stopped because rank 0 was lost" in text and "Connection closed by peer" not in text, text  # its peer
     first, second = attempts(job.run_dir)
     assert first["lost_rank"] == 0 and first["requeued"] is True and first["last_step"] == 5, first
     assert "requeued job" in first["note"] and first["goodput"]["steps"] == 5, first

@@ -84,7 +84,8 @@ class RankTask:
         if code < 0 and not stopping:
             self.lost(rank, describe_failure(rank, host, code, Path(self.run_dir), task_output()), started)
         if code != 0:
-            raise RankFailed(describe_failure(rank, host, code, Path(self.run_dir), task_output()))
+            raise RankFailed(peer_lost(rank, host, Path(self.run_dir))
+                             or describe_failure(rank, host, code, Path(self.run_dir), task_output()))
         summary = Path(self.run_dir) / "summary.json"
         result = {"rank": rank, "host": host}
         if rank == 0 and summary.exists():
@@ -104,6 +105,18 @@ class RankTask:
 
 
 REQUEUE_WAIT_S = 120.0
+
+
+def peer_lost(rank: int, host: str, run_dir: Path) -> str | None:
+    """When another rank's task recorded it vanishing, this rank's error (its collective failed) is only that."""
+    from launch.attempts import this_attempts_line
+    from launch.job_env import job_environment
+
+    line = this_attempts_line(run_dir, job_environment())
+    lost = line.get("lost_rank") if line else None
+    if lost is None or lost == rank:
+        return None
+    return f"rank {rank} on {host} stopped because rank {lost} was lost"
 
 
 def main() -> None:
