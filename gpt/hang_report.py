@@ -7,6 +7,7 @@ Torch-free: the launcher reads the reports too.
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,22 @@ from pathlib import Path
 
 def heartbeat_path(run_dir: Path, rank: int) -> Path:
     return run_dir / "watchdog" / f"rank{rank}.json"
+
+
+def write_heartbeat(run_dir: Path, rank: int, record: dict) -> None:
+    path = heartbeat_path(run_dir, rank)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(record))
+    os.replace(tmp, path)  # a reader never sees half a heartbeat
+
+
+def end_heartbeat(run_dir: Path, rank: int, how: str) -> None:
+    """Mark a rank that cannot say so itself (its process is gone) as ended: its peers leave the attempt alone."""
+    try:
+        beat = json.loads(heartbeat_path(run_dir, rank).read_text())
+    except (OSError, ValueError):
+        return
+    write_heartbeat(run_dir, rank, {**beat, "ended": how, "time": time.time()})
 
 
 def read_heartbeats(run_dir: Path, world: int, attempt: int) -> list[dict | None]:

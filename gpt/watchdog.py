@@ -24,7 +24,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt.hang_report import Hang, heartbeat_path, read_heartbeats
+from gpt.hang_report import Hang, heartbeat_path, read_heartbeats, write_heartbeat
 from gpt.progress import PROGRESS, Progress
 from gpt.run_config import WatchdogConfig
 
@@ -104,10 +104,7 @@ class Watchdog:
                   "time": time.time(), "reaches_master": self.reaches_master, "ended": self.ended,
                   "closest": self.closest(), "longest_s": {k: round(v, 3) for k, v in self.progress.longest.items()},
                   **self.progress.snapshot()}
-        path = heartbeat_path(self.run_dir, self.rank)
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)  # a reader never sees half a heartbeat
+        write_heartbeat(self.run_dir, self.rank, record)
 
     def _run(self) -> None:
         while True:

@@ -43,16 +43,27 @@ IN_FLIGHT = "attempt.json"
 
 def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int) -> None:
     """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one."""
-    mark = run_dir / IN_FLIGHT
-    try:
-        previous = json.loads(mark.read_text())
-    except (OSError, ValueError):
-        previous = None
+    previous = read_mark(run_dir)
     if previous is not None:
         how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
-    mark.write_text(json.dumps({"job_id": job.job_id, "restart": job.restart, "started": started,
-                                "first_step": first_step}))
+    (run_dir / IN_FLIGHT).write_text(json.dumps({"job_id": job.job_id, "restart": job.restart,
+                                                 "started": started, "first_step": first_step}))
+
+
+def read_mark(run_dir: Path) -> dict[str, Any] | None:
+    """The mark of the attempt in flight (or of one that ended without a line)."""
+    try:
+        return json.loads((run_dir / IN_FLIGHT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def max_restarts(cfg) -> int:
+    """How many times a run's job may requeue itself (preemption.max_restarts; 10 when the config has none)."""
+    from omegaconf import OmegaConf
+
+    return int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
 
 
 def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any]) -> None:

@@ -6,13 +6,11 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
 from gpt.distributed import DistEnv, Rendezvous, from_rank0
 from gpt.health import Verdict, bus_bandwidth_gbps, measure
 from gpt.progress import PROGRESS
 from gpt.run_config import DebugConfig, HealthConfig
-from launch.attempts import log_attempt
+from launch.attempts import log_attempt, max_restarts
 from launch.job_env import JobEnvironment
 
 log = logging.getLogger("launch.health")
@@ -44,8 +42,8 @@ def check_health(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, attempt:
 
 def exclude(run_dir: Path, job: JobEnvironment, cfg, verdict: Verdict) -> bool:
     hosts = sorted({n.host for n in verdict.flagged})
-    max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
-    requeued, how = job.requeue_excluding(hosts, max_restarts)
+    restarts = max_restarts(cfg)
+    requeued, how = job.requeue_excluding(hosts, restarts)
     (log.warning if requeued else log.error)("health: %s", how)
     if requeued:
         log_attempt(run_dir, job, {"first_step": None, "last_step": None, "ended": f"excluded {', '.join(hosts)}",

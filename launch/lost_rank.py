@@ -11,14 +11,13 @@ collectives failed) leave the attempt to it instead of reporting a hang or a fai
 """
 from __future__ import annotations
 
-import json
-import os
-import time
 from pathlib import Path
 
+from omegaconf import OmegaConf
+
 from gpt.goodput import read_attempts
-from gpt.hang_report import heartbeat_path
-from launch.attempts import IN_FLIGHT, end_attempt, log_killed
+from gpt.hang_report import end_heartbeat
+from launch.attempts import end_attempt, log_killed, max_restarts, read_mark
 from launch.job_env import job_environment
 from launch.run_identity import newest_step
 
@@ -27,7 +26,7 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
     """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
     job = job_environment()
     newest = newest_step(run_dir)
-    mark = _read(run_dir / IN_FLIGHT)
+    mark = read_mark(run_dir)
     ours = mark is not None and (mark.get("job_id"), mark.get("restart")) == (job.job_id, job.restart)
     if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
         mark = {"job_id": job.job_id, "restart": job.restart, "started": started, "first_step": newest}
@@ -38,39 +37,15 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
                                 f"step {newest} was saved since (a crash that repeats, such as running out of "
                                 f"memory, would repeat on every restart)")
     else:
-        requeued, how = job.requeue(_max_restarts(run_dir))
+        requeued, how = job.requeue(max_restarts(OmegaConf.load(run_dir / "config.yaml")))
     if not requeued:
         how += f"; the same command continues the run from {_step(newest)}"
     log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued, "note": how})
     if ours:
         end_attempt(run_dir)
-    _end_heartbeat(run_dir, rank, f"vanished: {line}")
+    end_heartbeat(run_dir, rank, f"vanished: {line}")
     return requeued, how
 
 
 def _step(step: int | None) -> str:
     return f"its newest checkpoint (step {step})" if step is not None else "the start (no checkpoint yet)"
-
-
-def _max_restarts(run_dir: Path) -> int:
-    from omegaconf import OmegaConf
-
-    return int(OmegaConf.select(OmegaConf.load(run_dir / "config.yaml"), "preemption.max_restarts", default=10))
-
-
-def _end_heartbeat(run_dir: Path, rank: int, how: str) -> None:
-    path = heartbeat_path(run_dir, rank)
-    beat = _read(path)
-    if beat is None:
-        return
-    beat.update(ended=how, time=time.time())
-    tmp = path.with_name(f".{path.name}.lost")
-    tmp.write_text(json.dumps(beat))
-    os.replace(tmp, path)
-
-
-def _read(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None

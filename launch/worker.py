@@ -29,7 +29,7 @@ from gpt.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.runinfo import write_environment  # noqa: E402
 from gpt.goodput import read_attempts, run_goodput  # noqa: E402
 from launch.attempts import (begin_attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
-                             this_attempts_line)
+                             max_restarts, this_attempts_line)
 from launch.environment import detect  # noqa: E402
 from launch.health_gate import check_health  # noqa: E402
 from launch.job_env import JobEnvironment, job_environment  # noqa: E402
@@ -127,13 +127,13 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, summar
     again with the same id. Returns whether it was requeued, on every rank."""
     requeued = False
     if env.is_main:
-        max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+        restarts = max_restarts(cfg)
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             requeued, how = False, "stopped by Ctrl-C; the same command continues the run"
         elif summary.get("exclusion"):
-            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], max_restarts)
+            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], restarts)
         else:
-            requeued, how = job.requeue(max_restarts)
+            requeued, how = job.requeue(restarts)
         extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         log_attempt(run_dir, job, {**record, "ended": f"preempted:{summary['preempted']}", "requeued": requeued,
                                    "note": how, **extra})
@@ -162,15 +162,15 @@ def end_hung_attempt(run_dir: Path, env: DistEnv, job: JobEnvironment, cfg, repo
     so in one line, records the attempt and requeues the job; every rank then ends, so the job can resume.
     Under a scheduler another rank waits a little for that rank to do it (it may be cut off), then requeues
     itself."""
-    max_restarts = int(OmegaConf.select(cfg, "preemption.max_restarts", default=10))
+    restarts = max_restarts(cfg)
     if report is None and job.scheduler == "none":  # nothing to requeue: the report is written, end now
         requeued = False
     elif report is None:
         time.sleep(REPORTER_GRACE_S)
-        requeued, how = job.requeue(max_restarts)
+        requeued, how = job.requeue(restarts)
     else:
         log.error("%s", report["summary"])
-        requeued, how = job.requeue(max_restarts)
+        requeued, how = job.requeue(restarts)
         trainer = ATTEMPT.get("trainer")
         if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
             log_attempt(run_dir, job, {
