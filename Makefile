@@ -6,6 +6,11 @@ BIN := $(VENV)/bin
 TEXT := data/tinyshakespeare/input.txt
 SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
 ARGS ?=
+# Test workers (pytest-xdist), each with a local Slurm cluster of its own: instances BASE..BASE+WORKERS-1 of
+# slurm/local_cluster.sh (BASE: GPTLAUNCH_CLUSTER_INSTANCE, default 0, the cluster a user starts by hand). The
+# slurm tests mostly wait on the scheduler; a second worker overlaps that waiting with CPU-bound tests.
+WORKERS ?= 2
+INSTANCES = $(shell seq $${GPTLAUNCH_CLUSTER_INSTANCE:-0} $$(( $${GPTLAUNCH_CLUSTER_INSTANCE:-0} + $(WORKERS) - 1 )))
 # The main command: a small sweep on this machine (1 and 2 ranks of the default model) that trains,
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
 RUN_ARGS ?= -m nodes=1,2 strategy=ddp train.max_steps=1000
@@ -17,7 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking]'
 	touch $@
 
 data: $(TEXT)
@@ -31,19 +36,22 @@ $(TEXT):
 run: setup data
 	$(BIN)/python -m launch $(RUN_ARGS) $(ARGS)
 
-# A real 4-node Slurm cluster on this machine (network namespaces), for the `slurm` tests. Needs root.
+# Real 4-node Slurm clusters on this machine (network namespaces), one per test worker, for the `slurm` tests.
+# Needs root.
 cluster:
-	@if [ "$$(id -u)" = 0 ]; then bash slurm/install_deps.sh && bash slurm/local_cluster.sh up 4; \
+	@if [ "$$(id -u)" = 0 ]; then bash slurm/install_deps.sh && \
+	  for i in $(or $(INSTANCES),0); do GPTLAUNCH_CLUSTER_INSTANCE=$$i bash slurm/local_cluster.sh up 4 || exit 1; done; \
 	else echo "make cluster: not root, so no local Slurm cluster; the slurm tests will skip (CI fails them)"; fi
 
+# every instance, whichever started it (make cluster, a test worker, a user)
 cluster-down:
-	bash slurm/local_cluster.sh down
+	bash slurm/local_cluster.sh down --all
 
 lint: setup
 	$(BIN)/ruff check .
 
 test: setup data lint cluster
-	$(BIN)/python -m pytest $(ARGS)
+	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe

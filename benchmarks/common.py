@@ -8,19 +8,22 @@ from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import DictConfig
+
+from gpt.config import schema
+from gpt.config.schema import RunConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def compose_config(overrides: list[str]) -> DictConfig:
+def compose_config(overrides: list[str]) -> RunConfig:
     """The config `python -m launch OVERRIDES` would run, reading the shared corpus when the repo has no copy."""
     text = REPO / "data" / "tinyshakespeare" / "input.txt"
     data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
+    schema.register()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("config", overrides=data + overrides)
+        return schema.run_config(compose("config", overrides=data + overrides))
 
 
 def save_results(name: str, results: dict) -> Path:

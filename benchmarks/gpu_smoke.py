@@ -1,67 +1,128 @@
-"""The first run on a GPU machine: every strategy for a few steps on the GPUs found (1, 2 or 8), with a checkpoint,
-a resume and a USR2 preemption each; then gpt2_124m's MFU in bf16 with and without torch.compile. One table.
+"""The first run on a GPU machine: every strategy for a few steps on the GPUs found (1, 2, 4 or 8), with a checkpoint,
+a resume and a USR2 preemption each; then the figures only a GPU can check (MFU at bf16 and fp32, eager and
+compiled). One Markdown table, to paste into the README.
 
-    python -m benchmarks.gpu_smoke              # on a machine with 1, 2 or 8 GPUs
-    python -m benchmarks.gpu_smoke --dry-run    # anywhere: print the plan, run nothing
+    python -m benchmarks.gpu_smoke              # on a machine with 1, 2, 4 or 8 GPUs
+    python -m benchmarks.gpu_smoke --dry-run    # anywhere: plan every row for 8 GPUs, run nothing
 
-Each run goes through `python -m launch` (cluster=local) as a user's would. Per strategy, in one run folder:
+Each run goes through `python -m launch` (cluster=local) as a user's would. A "smoke" row, in one run folder:
   1. train 12 steps, checkpointing every 6;
   2. the same command with train.max_steps=18 resumes from step 12 (the run folder's newest checkpoint);
   3. train.max_steps=24 with debug.signal_at_step=20: rank 0 sends itself SIGUSR2, every rank saves at step 20 and
      the run exits non-zero (preempted; outside Slurm nothing requeues it); the same command again finishes at 24.
+A "figure" row trains once and reports its last MFU and throughput; a "once" row trains once, expecting the exit
+code it names (a rank killed on purpose ends the run). A row's check reads the run folder for what it is about
+(each rank's own GPU, the straggler found on device compute, the health record, the attempts line naming the rank
+really lost). `--dry-run` plans every row (layout, batch, options) as the launcher would for 8 GPUs, and fails
+naming the rows that cannot run.
 Writes benchmarks/results/gpu_smoke.json.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
+from benchmarks.common import REPO, SHARED_TEXT, compose_config, save_results  # noqa: E402
 
 PREEMPTED = "nonzero"  # a preempted local run exits non-zero: "run the same command again"
-PIPELINE = ["strategy=pipeline", "strategy.microbatches=4"]
-# name -> (overrides, the fewest GPUs it needs, the most it uses: None for all of them)
-STRATEGIES: dict[str, tuple[list[str], int, int | None]] = {
-    "single": (["strategy=single"], 1, 1),  # one process is the point of that row
-    "ddp": (["strategy=ddp"], 1, None),
-    "zero1": (["strategy=zero1"], 1, None),
-    "fsdp": (["strategy=fsdp"], 1, None),
-    "fsdp cpu_offload": (["strategy=fsdp", "strategy.cpu_offload=true"], 1, None),
-    "fsdp x tp": (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 2, None),
-    "hsdp": (["strategy=fsdp", "parallel.dp_replicate=2"], 2, None),
-    "deepspeed ZeRO-1": (["strategy=deepspeed", "strategy.stage=1"], 1, None),
-    "deepspeed ZeRO-2": (["strategy=deepspeed", "strategy.stage=2"], 1, None),
-    "deepspeed ZeRO-3": (["strategy=deepspeed", "strategy.stage=3"], 1, None),
-    "pipeline 1f1b": ([*PIPELINE, "strategy.schedule=1f1b"], 2, None),
-    "pipeline interleaved": ([*PIPELINE, "strategy.schedule=interleaved"], 2, None),
-}
+PIPELINE = ["strategy=pipeline", "strategy.microbatches=4", "model.n_layer=8"]
 SMOKE = ["model=tiny", "train.precision=bf16", "train.device=cuda", "train.global_batch_size=16",
          "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=2", "train.progress=false",
          "checkpoint.interval_steps=6", "checkpoint.async=true"]
 PREEMPT = ["train.max_steps=24", "debug.signal_at_step=20", "debug.signal_name=SIGUSR2"]
 ATTEMPTS = [("train", ["train.max_steps=12"], 0), ("resume", ["train.max_steps=18"], 0),
             ("preempt", PREEMPT, PREEMPTED), ("same command again", PREEMPT, 0)]
-MFU = ["model=gpt2_124m", "strategy=single", "train.precision=bf16", "train.device=cuda", "train.max_steps=60",
-       "train.global_batch_size=16", "train.log_interval=20", "train.eval_interval=0", "train.progress=false",
-       "checkpoint.interval_steps=0", "data=shakespeare_bpe"]
+FIGURE = ["model=gpt2_124m", "train.device=cuda", "train.max_steps=60", "train.global_batch_size=16",
+          "train.log_interval=20", "train.eval_interval=0", "train.progress=false", "checkpoint.interval_steps=0",
+          "data=shakespeare_bpe"]
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    overrides: tuple[str, ...]
+    need: int = 1  # the fewest GPUs it needs
+    most: int | None = None  # the most it uses; None: all of them
+    kind: str = "smoke"  # smoke: train, resume, preempt, resume; figure: one run of FIGURE, its MFU; once: one run
+    check: str | None = None  # a function of CHECKS that reads the run folder
+    fails: bool = False  # a "once" row that must end non-zero
+
+    def ranks(self, world: int) -> int:
+        return min(world, self.most or world)
+
+    def command_overrides(self, world: int) -> list[str]:
+        base = FIGURE if self.kind == "figure" else SMOKE
+        return [*base, *self.overrides, "cluster.nodes=1", f"cluster.tasks_per_node={self.ranks(world)}"]
+
+
+ONCE = ["train.max_steps=40", "train.log_interval=5", "train.eval_interval=0", "checkpoint.interval_steps=10"]
+ROWS = [
+    Row("single", ("strategy=single",), most=1),  # one process is the point of that row
+    Row("ddp", ("strategy=ddp",), check="gpus"),
+    Row("zero1", ("strategy=zero1",)),
+    Row("fsdp", ("strategy=fsdp",)),
+    Row("fsdp cpu_offload", ("strategy=fsdp", "strategy.cpu_offload=true")),
+    Row("fsdp x tp", ("strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"), need=2),
+    Row("hsdp", ("strategy=fsdp", "parallel.dp_replicate=2"), need=2),
+    Row("deepspeed ZeRO-1", ("strategy=deepspeed", "strategy.stage=1")),
+    Row("deepspeed ZeRO-2", ("strategy=deepspeed", "strategy.stage=2")),
+    Row("deepspeed ZeRO-3", ("strategy=deepspeed", "strategy.stage=3")),
+    Row("pipeline 1f1b", (*PIPELINE, "strategy.schedule=1f1b"), need=2, most=2),
+    Row("pipeline interleaved", (*PIPELINE, "strategy.schedule=interleaved", "strategy.dp=fsdp"), need=2),
+    # fused AdamW over a stage of DTensor and plain parameters, with one data-parallel replica
+    Row("pipeline x tp, dp 1", (*PIPELINE, "strategy.schedule=1f1b", "parallel.tp=2"), need=4, most=4),
+    # tensor-parallel ranks must draw the same dropout masks on replicated activations
+    Row("tp with dropout", ("strategy=fsdp", "parallel.tp=2", "model.dropout=0.1"), need=2),
+    Row("ddp compiled", ("strategy=ddp", "train.compile=true")),
+    Row("fsdp compiled", ("strategy=fsdp", "train.compile=true")),
+    Row("hsdp compiled", ("strategy=fsdp", "parallel.dp_replicate=2", "train.compile=true"), need=2),
+    Row("fsdp x tp compiled", ("strategy=fsdp", "parallel.tp=2", "train.compile=true"), need=2),
+    # a rank whose device computes 50 ms longer each step: equal step times, found on device compute
+    Row("straggler on the device", ("strategy=ddp", *ONCE, "debug.delay_rank=1", "debug.delay_s=0.05",
+                                    "metrics.straggler_windows=2"), need=2, kind="once", check="straggler"),
+    Row("health", ("strategy=ddp", "train.max_steps=1"), need=2, kind="once", check="health"),
+    # NCCL aborts the survivors of a killed rank: the attempts line names the rank really lost
+    Row("a rank killed under NCCL", ("strategy=ddp", *ONCE, "debug.kill_rank=1", "debug.kill_step=12"), need=2,
+        kind="once", check="lost_rank", fails=True),
+    Row("gpt2_124m bf16 MFU", ("strategy=single", "train.precision=bf16"), most=1, kind="figure"),
+    Row("gpt2_124m fp32 (TF32) MFU", ("strategy=single", "train.precision=fp32"), most=1, kind="figure"),
+    Row("gpt2_124m bf16 compiled MFU", ("strategy=single", "train.precision=bf16", "train.compile=true"), most=1,
+        kind="figure"),
+    Row("gpt2_124m tp2 bf16 MFU", ("strategy=fsdp", "parallel.tp=2", "train.precision=bf16"), need=2, most=2,
+        kind="figure"),
+]
 
 
 def world_for(gpus: int) -> int:
-    return max(n for n in (1, 2, 8) if n <= gpus) if gpus else 0
+    return max(n for n in (1, 2, 4, 8) if n <= gpus) if gpus else 0
 
 
-def smoke_runs(world: int) -> list[tuple[str, list[str], int]]:
-    runs = []
-    for name, (overrides, need, most) in STRATEGIES.items():
-        ranks = min(world, most or world)
-        if need <= world:
-            runs.append((name, [*overrides, "cluster.nodes=1", f"cluster.tasks_per_node={ranks}"], ranks))
-    return runs
+def rows_for(world: int) -> list[Row]:
+    return [r for r in ROWS if r.need <= world]
+
+
+def plan_error(row: Row, world: int) -> str | None:
+    """Why the launcher would refuse this row on `world` GPUs of one node, or None: the config, the layout, the
+    batch, the strategy's options, as planning checks them (no GPU needed)."""
+    from gpt.errors import ConfigError
+    from gpt.parallel import plan_layout
+
+    try:
+        run = compose_config(row.command_overrides(world))
+        ranks = row.ranks(world)
+        train = dataclasses.replace(run.train, device="cuda")
+        dims = plan_layout(run.strategy, run.parallel, run.model, ranks, ranks, train)
+        train.micro_batches(dims.dp)
+    except (ConfigError, ValueError) as e:
+        return str(e).splitlines()[0]
+    return None
 
 
 def command(run_dir: Path, overrides: list[str]) -> list[str]:
@@ -69,70 +130,139 @@ def command(run_dir: Path, overrides: list[str]) -> list[str]:
             *overrides]
 
 
-def smoke(name: str, overrides: list[str], folder: Path) -> dict:
-    """The four attempts of one strategy in one run folder; stops at the first that does not end as expected."""
-    run_dir = folder / name.replace(" ", "_")
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    return (proc.stderr.strip().splitlines() or ["?"])[-1]
+
+
+def train_records(run_dir: Path) -> list[dict]:
+    lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == "train"]
+
+
+def smoke(row: Row, world: int, folder: Path) -> dict:
+    """The four attempts of one row in one run folder; stops at the first that does not end as expected."""
+    run_dir = folder / row.name.replace(" ", "_")
     out: dict = {"attempts": []}
     for label, extra, expected in ATTEMPTS:
-        proc = subprocess.run(command(run_dir, [*SMOKE, *overrides, *extra]), cwd=REPO, capture_output=True, text=True)
+        proc = subprocess.run(command(run_dir, [*row.command_overrides(world), *extra]), cwd=REPO,
+                              capture_output=True, text=True)
         out["attempts"].append(label)
         if (proc.returncode == 0) != (expected == 0):
-            out["error"] = f"{label}: exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"
+            out["error"] = f"{label}: exit {proc.returncode}: {last_line(proc)}"
             return out
-    records = [json.loads(x) for x in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()]
-    train = [r for r in records if r["kind"] == "train"]
-    out.update(steps=[r["step"] for r in train] == list(range(24)), loss=train[-1]["loss"],
-               tokens_per_s=train[-1]["tokens_per_s"], peak_gib=train[-1].get("mem/peak_gib"))
+    train = train_records(run_dir)
+    return {**out, "steps": [r["step"] for r in train] == list(range(24)), **figures(train[-1])}
+
+
+def figure(row: Row, world: int, folder: Path) -> dict:
+    run_dir = folder / row.name.replace(" ", "_")
+    proc = subprocess.run(command(run_dir, row.command_overrides(world)), cwd=REPO, capture_output=True, text=True)
+    if (proc.returncode != 0) != row.fails:
+        return {"error": f"exit {proc.returncode}: {last_line(proc)}"}
+    train = train_records(run_dir)
+    return figures(train[-1]) if train else {}
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def check_gpus(run_dir: Path) -> str:
+    """Each rank drives a GPU of its own, and records its name."""
+    envs = [read_json(p) for p in sorted((run_dir / "environment").glob("rank*.json"))]
+    gpus = {(e["host"], e["gpu_plan"]["gpu"]) for e in envs}
+    ok = len(gpus) == len(envs) and all(e.get("device") == f"cuda:{e['gpu_plan']['index']}" for e in envs)
+    return f"{len(envs)} ranks on {len(gpus)} GPUs ({envs[0].get('gpu')}): {'ok' if ok else 'SHARED OR WRONG'}"
+
+
+def check_straggler(run_dir: Path) -> str:
+    """Rank 1 is found on device compute while step times stay equal."""
+    train = [r for r in train_records(run_dir) if "stragglers/count" in r]
+    found = max((r["stragglers/count"] for r in train), default=0)
+    last = train[-1] if train else {}
+    spread = last.get("stragglers/step_time_max_s", 0) / max(last.get("stragglers/step_time_min_s", 1e-9), 1e-9)
+    busy = [last.get(f"rank_busy_s/rank{r}") for r in (0, 1)]
+    return f"flagged: {'yes' if found else 'NO'}; step time max/min {spread:.2f}; compute_s {busy}"
+
+
+def check_health(run_dir: Path) -> str:
+    record = read_json(next(run_dir.glob("health-*.json")))
+    tflops = [g["tflops"] for g in record.get("gpus", [])]
+    bus = record.get("bus") or {}
+    return (f"matmul TFLOP/s per GPU {min(tflops):.0f}-{max(tflops):.0f}; busbw intra {bus.get('intra_gbps')} / "
+            f"inter {bus.get('inter_gbps')} GB/s; {record.get('seconds')} s; flagged {record.get('flagged')}")
+
+
+def check_lost_rank(run_dir: Path) -> str:
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    named = [a.get("lost_rank") for a in attempts]
+    return f"attempts lines {len(attempts)}, lost rank {named}: {'ok' if named == [1] else 'WRONG'}"
+
+
+CHECKS = {"gpus": check_gpus, "straggler": check_straggler, "health": check_health, "lost_rank": check_lost_rank}
+
+
+def figures(record: dict) -> dict:
+    return {"loss": record["loss"], "tokens_per_s": record["tokens_per_s"], "mfu": record.get("mfu"),
+            "peak_gib": record.get("mem/peak_gib")}
+
+
+def table(results: dict) -> str:
+    lines = [f"{results['device']} x {results['world']}, torch {results['torch']}", "",
+             "| row | ranks | result | loss | tokens/s | MFU | peak GiB | check |",
+             "|---|---:|---|---:|---:|---:|---:|---|"]
+    for name, r in results["rows"].items():
+        status = r.get("error") or ("train, resume, USR2 + resume: ok" if r.get("attempts") else "ok")
+        if r.get("attempts") and not r.get("error") and not r.get("steps"):
+            status = "steps missing"
+        mfu = f"{r['mfu']:.1%}" if r.get("mfu") is not None else "-"
+        peak = f"{r['peak_gib']:.2f}" if r.get("peak_gib") is not None else "-"
+        loss = f"{r['loss']:.3f}" if "loss" in r else "-"
+        tokens, check = f"{r.get('tokens_per_s', 0):,.0f}", r.get("check", "")
+        lines.append(f"| {name} | {r['ranks']} | {status} | {loss} | {tokens} | {mfu} | {peak} | {check} |")
+    return "\n".join(lines)
+
+
+def run_row(row: Row, world: int, folder: Path) -> dict:
+    out = {"ranks": row.ranks(world), **(smoke if row.kind == "smoke" else figure)(row, world, folder)}
+    if row.check and "error" not in out:
+        try:
+            out["check"] = CHECKS[row.check](folder / row.name.replace(" ", "_"))
+        except (OSError, KeyError, ValueError, StopIteration) as e:
+            out["check"] = f"unreadable: {e!r}"
     return out
 
 
-def mfu(compile_: bool, folder: Path) -> dict:
-    run_dir = folder / f"mfu_compile_{compile_}"
-    proc = subprocess.run(command(run_dir, [*MFU, f"train.compile={str(compile_).lower()}"]), cwd=REPO,
-                          capture_output=True, text=True)
-    if proc.returncode:
-        return {"error": (proc.stderr.strip().splitlines() or ["?"])[-1]}
-    last = [json.loads(x) for x in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()][-1]
-    return {"mfu": last.get("mfu"), "tokens_per_s": last["tokens_per_s"], "peak_gib": last.get("mem/peak_gib")}
-
-
-def print_plan(world: int) -> None:
-    print(f"plan for {world} GPU rank(s) (1, 2 or 8, the most the machine has):")
-    for name, overrides, ranks in smoke_runs(world):
-        print(f"  {name:22} {ranks} rank(s): " + " -> ".join(a for a, _, _ in ATTEMPTS) + f"   [{' '.join(overrides)}]")
-    print(f"  gpt2_124m MFU, bf16, eager and compiled: {' '.join(MFU)}")
+def dry_run() -> int:
+    """Plan every row for 8 GPUs; non-zero when any cannot plan."""
+    errors = {r.name: plan_error(r, 8) for r in ROWS}
+    for row in ROWS:
+        print(f"  {row.name:30} {row.ranks(8)} rank(s), {row.kind:6}: {errors[row.name] or 'plans'}"
+              f"   [{' '.join(row.overrides)}]")
+    failed = [name for name, e in errors.items() if e]
+    print(f"\nNO GPU WORK DONE (--dry-run): {len(ROWS) - len(failed)} of {len(ROWS)} rows plan for 8 GPUs"
+          + (f"; cannot plan: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and run nothing")
+    ap.add_argument("--dry-run", action="store_true", help="plan every row for 8 GPUs and run nothing")
     args = ap.parse_args()
+    if args.dry_run:
+        sys.exit(dry_run())
     import torch
 
-    gpus = torch.cuda.device_count()
-    world = world_for(gpus)
-    if args.dry_run or not gpus:
-        print_plan(world or 8)
-        print(f"\nNO GPU WORK DONE: {'--dry-run' if args.dry_run else 'this machine has no CUDA GPU'}; "
-              "run it without --dry-run on a machine with 1, 2 or 8 GPUs")
-        sys.exit(0 if args.dry_run else 2)
-    print_plan(world)
-    results: dict = {"gpus": gpus, "world": world, "device": torch.cuda.get_device_name(0), "smoke": {}}
+    world = world_for(torch.cuda.device_count())
+    if not world:
+        sys.exit("NO GPU WORK DONE: this machine has no CUDA GPU; `--dry-run` plans the rows anywhere")
+    results: dict = {"world": world, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for name, overrides, _ in smoke_runs(world):
-            results["smoke"][name] = smoke(name, overrides, Path(tmp))
-            print(f"  {name}: {results['smoke'][name].get('error', 'ok')}", flush=True)
-        results["mfu"] = {"eager": mfu(False, Path(tmp)), "compiled": mfu(True, Path(tmp))}
-    print(f"\n{results['device']} x {world}")
-    print(f"{'strategy':22} {'result':40} {'loss':>7} {'tokens/s':>10} {'peak GiB':>9}")
-    for name, r in results["smoke"].items():
-        status = r.get("error") or ("train, resume, USR2 + resume: ok" if r.get("steps") else "steps missing")
-        print(f"{name:22} {status[:40]:40} {r.get('loss', float('nan')):7.3f} {r.get('tokens_per_s', 0):10,.0f} "
-              f"{r.get('peak_gib') or float('nan'):9.2f}")
-    for mode, r in results["mfu"].items():
-        print(f"gpt2_124m bf16 {mode:8}: " + (r["error"] if "error" in r else
-              f"MFU {r['mfu']:.1%}, {r['tokens_per_s']:,.0f} tokens/s, peak {r['peak_gib']:.1f} GiB"))
-    print(f"results: {save_results('gpu_smoke', results)}")
+        for row in rows_for(world):
+            results["rows"][row.name] = run_row(row, world, Path(tmp))
+            print(f"  {row.name}: {results['rows'][row.name].get('error', 'ok')}", flush=True)
+    print("\n" + table(results))
+    print(f"\nresults: {save_results('gpu_smoke', results)}")
 
 
 if __name__ == "__main__":

@@ -130,7 +130,7 @@ def measure_requeues(count: int, data: list[str], env: dict[str, str]) -> list[d
 
 
 def print_requeues(samples: list[dict], env: dict[str, str]) -> None:
-    from launch.startup import PHASES
+    from launch.run.startup import PHASES
 
     config = subprocess.run(["scontrol", "show", "config"], env=env, capture_output=True, text=True).stdout
     settings = [line.strip() for line in config.splitlines() if line.split("=")[0].strip() in SLURM_SETTINGS]

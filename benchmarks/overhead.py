@@ -15,15 +15,16 @@ import time
 from pathlib import Path
 
 import torch
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compose_config, save_results  # noqa: E402
-from gpt.distributed import DistEnv  # noqa: E402
-from gpt.model import GPT  # noqa: E402
-from gpt.optim import build_adamw, lr_at  # noqa: E402
-from gpt.trainer import Trainer, Window  # noqa: E402
-from launch.plan import make_plan  # noqa: E402
+from gpt.config import schema  # noqa: E402
+from gpt.dist.process_group import DistEnv  # noqa: E402
+from gpt.model.transformer import GPT  # noqa: E402
+from gpt.train.optim import build_adamw, lr_at  # noqa: E402
+from gpt.train.step_timer import StepTimer  # noqa: E402
+from gpt.train.trainer import Trainer  # noqa: E402
+from launch.planning.plan import make_plan  # noqa: E402
 
 
 def main() -> None:
@@ -38,7 +39,7 @@ def main() -> None:
     total = args.warmup + args.steps
     cfg = compose_config([f"train.max_steps={total}", "train.progress=false", *args.overrides])
     make_plan(cfg, run_dir)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = schema.load(run_dir / "config.yaml")
     trainer = Trainer(cfg, DistEnv(), run_dir)
     t = trainer.train
 
@@ -64,7 +65,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     bare, ours = [], []
-    trainer.window = Window()
+    trainer.reporter.window = StepTimer(trainer.device)
     for step in range(total):
         # Alternate who goes first, so neither always runs on a warmer cache.
         pair = [("bare", lambda step=step: bare_step(step)), ("ours", trainer.train_step)]

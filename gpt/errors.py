@@ -17,4 +17,20 @@ class ConfigError(UserError, ValueError):
 
     def __init__(self, key: str, value: object, valid: str):
         self.key, self.value, self.valid = key, value, valid
-        super().__init__(f"{key}={value!r} is not valid: {valid}")
+        shown = int(value) if isinstance(value, float) and value.is_integer() else value  # as typed: -1, not -1.0
+        super().__init__(f"{key}={shown!r} is not valid: {valid}")
+
+
+def error_line(error: BaseException | str, *, from_end: bool = False, prefer_error: bool = False,
+               limit: int | None = None) -> str:
+    """The one line of an error's message that a one-line report shows: its first non-blank line (from_end: its
+    last), or with prefer_error the first (last) one that mentions an error, when one does (Slurm and DCP put
+    what went wrong among lines of context). An exception with no message gives its type's name."""
+    text = str(error)
+    lines = [x.strip() for x in text.splitlines() if x.strip()]
+    if from_end:
+        lines.reverse()
+    if not lines:
+        return type(error).__name__ if isinstance(error, BaseException) else ""
+    errors = [x for x in lines if "error" in x.lower()] if prefer_error else []
+    return (errors or lines)[0][:limit]

@@ -4,32 +4,26 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 
 import torch
 
-from gpt.checkpoint import load_model
+from gpt.checkpoint.writer import load_model
+from gpt.cli import checkpoint_parser, user_errors
 from gpt.data.tokenizer import load_tokenizer
-from gpt.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m gpt.generate", description=__doc__.splitlines()[0])
-    parser.add_argument("path", help="a run folder (its newest checkpoint is used) or a checkpoint folder")
+    parser = checkpoint_parser("gpt.generate", __doc__)
     parser.add_argument("--prompt", default="\n")
     parser.add_argument("--tokens", type=int, default=500, help="new tokens per sample")
     parser.add_argument("--samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-k", type=int, default=200)
-    parser.add_argument("--seed", type=int, default=1337)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         model, meta, path = load_model(args.path, args.device)
         tokenizer = load_tokenizer(meta["data_dir"])
-    except UserError as e:
-        sys.exit(f"error: {e}")
     torch.manual_seed(args.seed)
     prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)
     print(f"# {path} (step {meta['step']})", file=sys.stderr)

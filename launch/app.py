@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import hydra
@@ -16,58 +15,60 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
-from launch.attempts import requeued
-from launch.backends import Backend, Point, RunFailed, get_backend
+from gpt.config import schema
+from gpt.config.schema import run_config
+from gpt.data import absolute
+from gpt.data.inputs import inputs_exist
+from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
+from gpt.run_folder import RunFolder
+from launch import hydra_errors
+from launch.run.attempts import requeued
+from launch.backends import Backend, RunFailed, get_backend
 from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
-from launch.budget import Budget
-from launch.job_env import job_environment
-from launch.run_identity import Existing, check_run_folder
-from launch.plan import Plan, make_plan
+from launch.rank.job_env import job_environment
+from launch.run.identity import check_run_folder
+from launch.planning.plan import make_plan
+from launch.detached import print_follow_up
+from launch.planning.prepared import Prepared
+from launch.submission import live_job, submit_jobs
 
 log = logging.getLogger("launch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-
-
-@dataclass
-class Prepared:
-    """A validated, planned run: its resolved config is in plan.run_dir, nothing runs yet."""
-
-    cfg: DictConfig
-    plan: Plan
-    backend: Backend
-    resources: object | None = None  # what a submitting backend's job asks for
-    budget: Budget | None = None  # what a submitting backend's jobs may cost
-    existing: Existing | None = None  # what the run folder already holds (None: a new run)
-
-    @property
-    def finished(self) -> bool:
-        return self.existing is not None and self.existing.finished
-
-    @property
-    def label(self) -> str:
-        return self.plan.run_dir.name
-
-    def point(self) -> Point:
-        return Point(self.label, self.plan.run_dir, str(self.cfg.name), self.resources)
+schema.register()  # configs/config.yaml composes onto it
 
 
 def prepare(cfg: DictConfig) -> Prepared:
-    """Everything that can be checked before a process starts or a job is submitted."""
+    """Everything that can be checked before a process starts or a job is submitted: the config is parsed here,
+    once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    run = run_config(cfg)
     if under_stock_launcher(hydra_cfg):  # this process is one task of a job hydra-submitit-launcher submitted
         backend: Backend = InJobBackend()
     else:
-        backend = get_backend(cfg.cluster.get("name"))
-    cfg, resources = backend.check(cfg)
-    budget = Budget.from_cfg(cfg.get("budget")) if backend.submits else None
-    existing = None
-    if Path(to_absolute_path(cfg.data.text_path)).is_file():  # else planning names the missing corpus
+        backend = get_backend(run.cluster.name)
+    run, resources = backend.check(run)
+    if run.launcher.detach and not backend.submits:
+        raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
+                          "without the launcher")
+    existing, live = None, live_job(run_dir) if backend.submits else None
+    if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
         job = job_environment()  # this process's own job, if any; the backend's scheduler knows the others
-        existing = check_run_folder(cfg, run_dir, job,
-                                    lambda j: job.job_running(j) if job.job_id else backend.job_running(j))
-    return Prepared(cfg, make_plan(cfg, run_dir), backend, resources, budget, existing)
+        existing = check_run_folder(run, run_dir, job,
+                                    lambda j: job.job_state(j) if job.job_id else backend.job_state(j))
+    budget = run.budget if backend.submits else None
+    plan = make_plan(run, run_dir, live)
+    if live is None:
+        record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
+    return Prepared(run, plan, backend, resources, budget, existing, live)
+
+
+def record_overrides(path: Path, overrides: list[str]) -> None:
+    """The command's overrides, as Hydra would keep them: the report names a sweep's points by the keys that vary."""
+    from omegaconf import OmegaConf
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.create(overrides)))
 
 
 def run(cfg: DictConfig) -> Path:
@@ -80,10 +81,13 @@ def run(cfg: DictConfig) -> Path:
         return plan.run_dir
     if prepared.existing is not None:
         log.info("continuing %s from step %d", plan.run_dir, prepared.existing.step)
-    log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", cfg.name, plan.world_size,
+    log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", prepared.run.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
-        submitted = backend.submit([prepared.point()], plan.run_dir / backend.name, prepared.budget)
+        submitted, _ = submit_jobs([prepared], plan.run_dir / backend.name)
+        if prepared.run.launcher.detach:
+            print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
+            return plan.run_dir
         [outcome] = backend.wait(submitted)
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
@@ -93,12 +97,14 @@ def run(cfg: DictConfig) -> Path:
             log.info("requeued: this job runs again and continues %s from its newest checkpoint", plan.run_dir)
             return plan.run_dir
     log.info("done. Run folder: %s\n  tensorboard --logdir %s\n  python -m gpt.generate %s", plan.run_dir,
-             plan.run_dir / "tensorboard", plan.run_dir)
+             RunFolder(plan.run_dir).tensorboard, plan.run_dir)
     return plan.run_dir
 
 
 @hydra.main(version_base="1.3", config_path=str(CONFIGS), config_name="config")
-def main(cfg: DictConfig) -> None:
+def hydra_main(cfg: DictConfig) -> None:
+    """The task function: Hydra has composed `cfg` (for a sweep, our launcher calls it for each point)."""
+    hydra_errors.composed()
     try:
         run(cfg)
     except RunFailed as e:
@@ -108,3 +114,9 @@ def main(cfg: DictConfig) -> None:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER)
+
+
+def main() -> None:
+    """`python -m launch`: Hydra's own errors (an unknown key, a wrong type) are one line and exit code 2 too."""
+    with hydra_errors.composing(sys.argv[1:]):
+        hydra_main()

@@ -19,8 +19,12 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import OmegaConf, open_dict
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
-from launch.app import Prepared, prepare
-from launch.point_label import point_labels
+from launch import hydra_errors
+from launch.app import prepare
+from launch.planning.prepared import Prepared
+from launch.detached import print_follow_up, submit_report_job
+from launch.planning.labels import point_labels
+from launch.submission import submit_jobs
 
 DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
 
@@ -36,6 +40,7 @@ def _prepare_task(cfg) -> Prepared | UserError:
 
 
 def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list[JobReturn]:
+    hydra_errors.composed()
     setup_globals()
     config, context = launcher.config, launcher.hydra_context
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)
@@ -68,7 +73,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
     jobs = [(n, p) for n, p in enumerate(prepared) if p.backend.submits and not p.finished]
 
-    # 2. budget and submission of every point that is a job, before anything else runs
+    # 2. budget and submission of every point that is a job, before anything else runs (a job from an earlier
+    # launch that still waits or runs is picked up instead)
     submitted = []
     if jobs:
         backend = jobs[0][1].backend
@@ -76,10 +82,12 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
             sys.exit(EXIT_USER)
         try:
-            submitted = backend.submit([p.point() for _, p in jobs], sweep_dir / backend.name, jobs[0][1].budget)
+            submitted, snapshot = submit_jobs([p for _, p in jobs], sweep_dir / backend.name)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)
+        if jobs[0][1].run.launcher.detach:
+            return _detach(sweep_dir, submitted, jobs, points, returns, snapshot)
 
     # 3. points that run here, one after another
     for n, (idx, _, sweep_config, _) in enumerate(points):
@@ -116,6 +124,18 @@ def _collect(outcomes, jobs, points, returns) -> None:
         print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
               file=sys.stderr, flush=True)
         sys.exit(EXIT_FAILED)
+
+
+def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
+    """Return once Slurm accepted every job: a dependency job builds the report after them."""
+    ids = [s.job_id for s in submitted]
+    report = submit_report_job(sweep_dir, ids, jobs[0][1].resources, snapshot)
+    print_follow_up(sweep_dir, [j for s in submitted for j in s.job_ids], report)
+    for (n, _), s in zip(jobs, submitted):
+        ret = points[n][3]
+        ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED
+        returns[n] = ret
+    return [r for r in returns if r is not None]
 
 
 def _default_subdir(config) -> bool:

@@ -2,33 +2,80 @@
 # A real multi-node Slurm cluster on this one machine, for tests and CI (root, Debian 12).
 #
 #   slurm/local_cluster.sh up [N]   start N nodes (default 4); idempotent; cleans a crashed cluster first
+#                                   (N above 8: light nodes for a large simulated cluster, see light_shape)
 #   slurm/local_cluster.sh down     stop everything, remove namespaces, veths and bridge; idempotent
+#   slurm/local_cluster.sh down --all   the same for every instance that has a folder beside this one
 #   slurm/local_cluster.sh status   sinfo and daemon liveness; exit 0 if up, 1 if not
 #   slurm/local_cluster.sh env      eval "$(slurm/local_cluster.sh env)" to use sbatch/srun/... from a shell
+#   slurm/local_cluster.sh describe this instance's names, one KEY=VALUE a line (for tests)
 #   slurm/local_cluster.sh start-node gl-nI   start that node's slurmd again if it is not running (tests that
 #                                   kill one to play a lost node)
 #
 # Layout: slurmctld (and munged) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
 # namespace) that names the controller and every node.  All client commands run on the host with
-# SLURM_CONF pointing at the generated config.  Everything generated lives in $GPTLAUNCH_CLUSTER_DIR
-# (default <repo>/slurm/.cluster).  Bridge, namespace names and the subnet are fixed: one cluster per machine.
-# Facts behind the choices: /work/shared/reference/slurm-local-cluster.md.
+# SLURM_CONF pointing at the generated config.  Each node has GL_CPUS_PER_NODE CPUs (4) and GL_GPUS_PER_NODE GPUs
+# (2) as a generic resource: character devices in the cluster's folder, which Slurm allocates, binds and shows to
+# tasks in CUDA_VISIBLE_DEVICES as real ones (nothing runs CUDA).  Everything generated lives in
+# $GPTLAUNCH_CLUSTER_DIR (default <repo>/slurm/.cluster).  Facts behind the choices:
+# /work/shared/reference/slurm-local-cluster.md and slurm-gpus-as-gres.md.
+#
+# Instances: GPTLAUNCH_CLUSTER_INSTANCE=K (1..99; default 0, the cluster above) selects another cluster that
+# runs beside the others, with nothing in common: bridge gl-brK, nodes glK-n<i>, veths glK-v<i>, subnet
+# 10.77.K.0/24, its own ports, munged and folder ($GPTLAUNCH_CLUSTER_DIR-K).  Parallel test workers each
+# use their own.  Every command acts on the selected instance only, except `down --all`.
 set -euo pipefail
+umask 077  # the cluster's state, keys and logs are root's alone (jobs and tests run as root here)
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-CDIR="${GPTLAUNCH_CLUSTER_DIR:-$REPO/slurm/.cluster}"
+INSTANCE="${GPTLAUNCH_CLUSTER_INSTANCE:-0}"
+[[ "$INSTANCE" =~ ^[0-9]+$ ]] && [ "$INSTANCE" -le 99 ] ||
+  { echo "local_cluster: error: GPTLAUNCH_CLUSTER_INSTANCE must be 0..99, got '$INSTANCE'" >&2; exit 2; }
+INSTANCE=$((10#$INSTANCE))
+BASE_DIR="${GPTLAUNCH_CLUSTER_DIR:-$REPO/slurm/.cluster}"
+SUBNET=10.77.$INSTANCE
+CTL_ADDR=$SUBNET.1
+BRIDGE=gl-br$INSTANCE
+# Linux limits interface names to 15 characters: glK-v<i> stays within it for K <= 99 and i <= 200.
+if [ "$INSTANCE" = 0 ]; then
+  CDIR="$BASE_DIR"
+  NS_PREFIX=gl-n        # namespace == node name == hostname: gl-n1, gl-n2, ...
+  VETH_PREFIX=gl-v      # host side of node i's veth: gl-v1, ...
+  CLUSTER_NAME=gptlaunch
+else
+  CDIR="$BASE_DIR-$INSTANCE"
+  NS_PREFIX=gl$INSTANCE-n
+  VETH_PREFIX=gl$INSTANCE-v
+  CLUSTER_NAME=gptlaunch$INSTANCE
+fi
 CONF="$CDIR/slurm.conf"
 STATE_FILE="$CDIR/cluster.env"
-BRIDGE=gl-br0
-SUBNET=10.77.0
-CTL_ADDR=$SUBNET.1
-NS_PREFIX=gl-n          # namespace == node name == hostname: gl-n1, gl-n2, ...
-VETH_PREFIX=gl-v        # host side of node i's veth: gl-v1, ...
-CTL_PORT=6917           # not Slurm's default 6817, so a system slurmctld on this host cannot clash
-SLURMD_PORT=6918
-CPUS_PER_NODE="${GL_CPUS_PER_NODE:-2}"
+# Not Slurm's default 6817, so a system slurmctld on this host cannot clash; two ports per instance (slurmctld
+# listens on every address of the host).
+CTL_PORT=$((6917 + 2 * INSTANCE))
+SLURMD_PORT=$((CTL_PORT + 1))
+# More CPUs than this machine has (SlurmdParameters=config_overrides): a GPU job can then ask for 2 tasks per
+# node with --cpus-per-task=2, as GPU ranks do.  Jobs that ask for nothing still get 1 CPU per task.
+CPUS_PER_NODE="${GL_CPUS_PER_NODE:-4}"
+# GPUs as a generic resource: Slurm allocates them and sets each task's CUDA_VISIBLE_DEVICES as on a GPU
+# cluster; the "GPUs" are character devices made in the cluster's folder (nothing runs CUDA on them).
+GPUS_PER_NODE="${GL_GPUS_PER_NODE:-2}"
 UP_TIMEOUT="${GL_UP_TIMEOUT:-60}"
+REAL_MEMORY=8000
+# A large simulated cluster (`up N` with N above GL_LIGHT_ABOVE, 8): light nodes, so that tens of slurmd fit on
+# one small machine: 2 CPUs and 512 MB declared, 1 fake GPU, slurmd logging errors only, and glibc limited to
+# one malloc arena (each of slurmd's short-lived message threads otherwise keeps its own). The 4-node cluster
+# of CI is unchanged.
+LIGHT_ABOVE="${GL_LIGHT_ABOVE:-8}"
+light_shape() {  # light_shape N: the light node shape for an N-node cluster
+  [ "$1" -gt "$LIGHT_ABOVE" ] || return 0
+  CPUS_PER_NODE="${GL_CPUS_PER_NODE:-2}"
+  GPUS_PER_NODE="${GL_GPUS_PER_NODE:-1}"
+  REAL_MEMORY=512
+  SLURMD_DEBUG=error
+  UP_TIMEOUT="${GL_UP_TIMEOUT:-$((60 + 2 * $1))}"
+}
+SLURMD_DEBUG=info
 # Auth: munge, with a private munged (own key, socket, pid file) rather than auth/none.  auth/none would
 # let anyone who can reach slurmctld's port (it listens on every interface of the host) run commands as
 # root; munge costs one daemon and ~0.1 s.  The socket lives in /run (short path: unix sockets are limited
@@ -37,8 +84,12 @@ MUNGE_DIR="/run/gptlaunch-munge-$(printf '%s' "$CDIR" | cksum | cut -d' ' -f1)"
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export SLURM_CONF="$CONF"
 
-log() { echo "local_cluster: $*"; }
-die() { echo "local_cluster: error: $*" >&2; exit 1; }
+LABEL=local_cluster; [ "$INSTANCE" = 0 ] || LABEL="local_cluster[$INSTANCE]"
+log() { echo "$LABEL: $*"; }
+die() { echo "$LABEL: error: $*" >&2; exit 1; }
+me() {  # how to run this script for this instance, for hints in messages
+  if [ "$INSTANCE" = 0 ]; then echo "$1"; else echo "GPTLAUNCH_CLUSTER_INSTANCE=$INSTANCE $1"; fi
+}
 now() { date +%s.%N; }
 elapsed() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
@@ -72,7 +123,37 @@ stop_pids() {  # stop_pids NAME PID...: TERM, wait up to 6 s (KillWait is 5), th
 our_namespaces() { ip netns list 2>/dev/null | awk '{print $1}' | grep -E "^${NS_PREFIX}[0-9]+$" || true; }
 our_links() { ip -o link show 2>/dev/null | awk -F': ' '{print $2}' | cut -d@ -f1 | grep -E "^(${VETH_PREFIX}[0-9]+|$BRIDGE)$" || true; }
 
-nodes_from_state() { [ -f "$STATE_FILE" ] && . "$STATE_FILE" && echo "${NODES:-0}" || echo 0; }
+# --- one folder per instance: the names (namespaces, bridge, ports) are the machine's, so a second checkout
+# that runs the same instance must not take them over (its `up` would first clean "stale" namespaces that
+# are another cluster's live nodes).  The folder that started the instance is written in /run.
+OWNER_FILE="/run/gptlaunch-cluster-$INSTANCE.owner"
+foreign_owner() {  # prints the other folder whose cluster holds this instance and still runs; 1 if none
+  local other
+  other="$(cat "$OWNER_FILE" 2>/dev/null || true)"
+  [ -n "$other" ] && [ "$other" != "$CDIR" ] && alive "$(pidof_file "$other/run/slurmctld.pid")" slurmctld &&
+    echo "$other"
+}
+not_foreign() {  # not_foreign WHAT: die if another folder's cluster holds this instance
+  local other
+  other="$(foreign_owner)" || return 0
+  die "cannot $1: instance $INSTANCE is the running cluster of $other; stop it from there, or choose another" \
+    "GPTLAUNCH_CLUSTER_INSTANCE"
+}
+
+# The folder comes from an environment variable: as root, source nothing from it unless it is ours and no one
+# else could have written it (a file planted there would run as root).
+trusted() {  # trusted PATH...: each owned by us and writable by neither group nor others
+  local p
+  for p in "$@"; do
+    [ "$(stat -c %u "$p")" = "$(id -u)" ] && [ $((0$(stat -c %a "$p") & 022)) -eq 0 ] || return 1
+  done
+}
+nodes_from_state() {
+  [ -f "$STATE_FILE" ] || { echo 0; return; }
+  trusted "$CDIR" "$STATE_FILE" ||
+    die "$STATE_FILE: not sourced: it and $CDIR must be owned by $(id -un) and writable by no one else"
+  . "$STATE_FILE" && echo "${NODES:-0}"
+}
 
 # --- iptables: with br_netfilter loaded and a FORWARD policy of DROP (Docker sets one), traffic between
 # two namespaces on the bridge is dropped.  Accept bridge-internal traffic explicitly while we are up.
@@ -114,6 +195,7 @@ do_down() {
   for link in $(our_links); do ip link delete "$link" 2>/dev/null || true; done
   fw_close
   rm -rf "$MUNGE_DIR" "$CDIR/run" "$STATE_FILE"
+  [ "$(cat "$OWNER_FILE" 2>/dev/null)" != "$CDIR" ] || rm -f "$OWNER_FILE"
 }
 
 # --- up --------------------------------------------------------------------------------------------------
@@ -136,7 +218,7 @@ write_conf() {
   ctl="$(hostname -s)"  # slurmctld refuses to start unless SlurmctldHost names this host's short name
   cat > "$CONF" <<EOF
 # Generated by slurm/local_cluster.sh up $n: do not edit (regenerated on every up).
-ClusterName=gptlaunch
+ClusterName=$CLUSTER_NAME
 SlurmctldHost=$ctl($CTL_ADDR)
 SlurmctldPort=$CTL_PORT
 SlurmdPort=$SLURMD_PORT
@@ -153,7 +235,7 @@ SlurmdPidFile=$CDIR/run/slurmd-%n.pid
 SlurmctldLogFile=$CDIR/log/slurmctld.log
 SlurmdLogFile=$CDIR/log/slurmd-%n.log
 SlurmctldDebug=info
-SlurmdDebug=info
+SlurmdDebug=$SLURMD_DEBUG
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
@@ -163,6 +245,7 @@ SwitchType=switch/none
 MpiDefault=none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
+GresTypes=gpu
 # Trust the node lines below even where this machine has fewer cores or less memory (no DRAIN).
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -176,7 +259,7 @@ MailProg=/bin/true
 # RealMemory is not a consumable (CR_Core), only a per-node cap: --mem up to this value is accepted.
 EOF
   for i in $(seq "$n"); do
-    echo "NodeName=$NS_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) NodeHostname=$NS_PREFIX$i CPUs=$CPUS_PER_NODE Sockets=1 CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=8000 State=UNKNOWN" >> "$CONF"
+    echo "NodeName=$NS_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) NodeHostname=$NS_PREFIX$i CPUs=$CPUS_PER_NODE Sockets=1 CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$REAL_MEMORY Gres=gpu:$GPUS_PER_NODE State=UNKNOWN" >> "$CONF"
   done
   echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=08:00:00 DefaultTime=01:00:00 State=UP" >> "$CONF"
 
@@ -187,8 +270,26 @@ EOF
     for i in $(seq "$n"); do echo "$SUBNET.$((10 + i)) $NS_PREFIX$i"; done
   } > "$CDIR/hosts"
   printf 'nameserver 127.0.0.1\noptions timeout:1 attempts:1\n' > "$CDIR/resolv.conf"
+  write_gres "$n"
   # See start_slurmd: nodes get an empty tmpfs on /sys/fs/cgroup, which only the v1 plugin accepts.
   echo "CgroupPlugin=cgroup/v1" > "$CDIR/cgroup.conf"
+}
+
+write_gres() {  # the fake GPUs: one character device each (distinct minors of /dev/null's driver), and gres.conf
+  local minors=(3 5 7 8 9 11) i files=()
+  [[ "$GPUS_PER_NODE" =~ ^[1-9]$ ]] && [ "$GPUS_PER_NODE" -le ${#minors[@]} ] ||
+    die "GL_GPUS_PER_NODE must be 1..${#minors[@]}, got '$GPUS_PER_NODE'"
+  rm -rf "$CDIR/dev"
+  mkdir -p "$CDIR/dev"
+  for i in $(seq 0 $((GPUS_PER_NODE - 1))); do
+    mknod "$CDIR/dev/gpu$i" c 1 "${minors[$i]}"
+    files+=("$CDIR/dev/gpu$i")
+  done
+  {
+    echo "# Generated by slurm/local_cluster.sh: fake GPUs, so that jobs get GPUs and CUDA_VISIBLE_DEVICES from Slurm."
+    echo "AutoDetect=off"
+    for f in "${files[@]}"; do echo "Name=gpu File=$f"; done
+  } > "$CDIR/gres.conf"
 }
 
 start_munged() {
@@ -241,7 +342,7 @@ start_slurmd() {  # start_slurmd NODE
     mount --bind '$CDIR/hosts' /etc/hosts &&
     { mount --bind '$CDIR/resolv.conf' /etc/resolv.conf 2>/dev/null || true; } &&
     mount -t tmpfs -o size=1m,mode=755 gl-cgroup /sys/fs/cgroup &&
-    exec slurmd -D -N $node" \
+    exec env $([ "$SLURMD_DEBUG" = info ] || echo MALLOC_ARENA_MAX=1) slurmd -D -N $node" \
     </dev/null >>"$CDIR/log/slurmd-$node.out" 2>&1 9>&- &
 }
 
@@ -266,14 +367,16 @@ do_up() {
   for c in slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found: run slurm/install_deps.sh first"
   done
+  light_shape "$n"
   t0=$(now)
   have="$(nodes_from_state)"
   if is_up "$have"; then
-    [ "$have" = "$n" ] || die "cluster is already up with $have nodes; run 'slurm/local_cluster.sh down' first"
+    [ "$have" = "$n" ] || die "cluster is already up with $have nodes; run '$(me slurm/local_cluster.sh) down' first"
     log "already up ($n nodes); SLURM_CONF=$CONF"
     sinfo
     return 0
   fi
+  not_foreign "start $CDIR's cluster"
   if anything_left; then
     log "cleaning up a stale or partial cluster"
     do_down
@@ -284,6 +387,7 @@ do_up() {
   mkdir -p "$CDIR/state" "$CDIR/spool" "$CDIR/log" "$CDIR/run"
   write_conf "$n"
   echo "NODES=$n" > "$STATE_FILE"
+  echo "$CDIR" > "$OWNER_FILE"
   start_munged
   make_network "$n"
   setsid slurmctld -D -i </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
@@ -298,15 +402,15 @@ do_up() {
     running "$ctl_pid" || why="slurmctld exited"
     [ "$(date +%s)" -ge "$deadline" ] && why="timeout (${UP_TIMEOUT} s, GL_UP_TIMEOUT)"
     if [ -n "$why" ]; then
-      echo "local_cluster: error: $why: only $idle of $n nodes idle after $(elapsed "$t0") s" >&2
+      echo "$LABEL: error: $why: only $idle of $n nodes idle after $(elapsed "$t0") s" >&2
       sinfo -N >&2 2>&1 || true
       show_logs
-      echo "local_cluster: pieces left running for inspection; 'slurm/local_cluster.sh down' removes them" >&2
+      echo "$LABEL: pieces left running for inspection; '$(me slurm/local_cluster.sh) down' removes them" >&2
       exit 1
     fi
     sleep 0.2
   done
-  log "up: $n nodes idle in $(elapsed "$t0") s; use: eval \"\$($REPO/slurm/local_cluster.sh env)\""
+  log "up: $n nodes idle in $(elapsed "$t0") s; use: eval \"\$($(me "$REPO/slurm/local_cluster.sh") env)\""
   sinfo
 }
 
@@ -314,19 +418,19 @@ do_status() {
   local n i ok=0 pid
   n="$(nodes_from_state)"
   if [ "$n" = 0 ] && ! anything_left; then
-    echo "local_cluster: down (no cluster in $CDIR)"
+    log "down (no cluster in $CDIR)"
     return 1
   fi
   report() {  # report LABEL PIDFILE NAME
     pid="$(pidof_file "$2")"
     if alive "$pid" "$3"; then echo "  $1: running (pid $pid)"; else echo "  $1: NOT running"; ok=1; fi
   }
-  echo "local_cluster: $n nodes, SLURM_CONF=$CONF"
+  log "$n nodes, SLURM_CONF=$CONF"
   report munged "$MUNGE_DIR/munged.pid" munged
   report slurmctld "$CDIR/run/slurmctld.pid" slurmctld
   for i in $(seq "$n"); do report "slurmd $NS_PREFIX$i" "$CDIR/run/slurmd-$NS_PREFIX$i.pid" slurmd; done
   if [ $ok = 0 ]; then
-    sinfo -N -o '%N %T %c %m %P' || ok=1
+    sinfo -N -o '%N %T %c %m %G %P' || ok=1
   fi
   return $ok
 }
@@ -334,12 +438,41 @@ do_status() {
 do_env() {
   printf 'export SLURM_CONF=%q\n' "$CONF"
   printf 'export PATH=%q:"$PATH"\n' "$REPO/slurm/bin"
+  # so that this script, run again from that shell, acts on the same instance
+  [ "$INSTANCE" = 0 ] || printf 'export GPTLAUNCH_CLUSTER_INSTANCE=%d\n' "$INSTANCE"
+}
+
+do_describe() {  # what tests need to know of this instance's layout (names they must not hard-code)
+  light_shape "$(nodes_from_state)"
+  echo "INSTANCE=$INSTANCE"
+  echo "DIR=$CDIR"
+  echo "SLURM_CONF=$CONF"
+  echo "BRIDGE=$BRIDGE"
+  echo "NODE_PREFIX=$NS_PREFIX"
+  echo "VETH_PREFIX=$VETH_PREFIX"
+  echo "SUBNET=$SUBNET.0/24"
+  echo "CONTROLLER_ADDR=$CTL_ADDR"
+  echo "SLURMCTLD_PORT=$CTL_PORT"
+  echo "CPUS_PER_NODE=$CPUS_PER_NODE"
+  echo "GPUS_PER_NODE=$GPUS_PER_NODE"
+}
+
+down_all() {  # every instance with a folder beside the default one's, each under its own lock
+  local dir k rc=0
+  for dir in "$BASE_DIR" "$BASE_DIR"-*; do
+    [ -d "$dir" ] || continue
+    k="${dir#"$BASE_DIR"}"; k="${k#-}"
+    [[ "${k:-0}" =~ ^[0-9]+$ ]] || continue
+    GPTLAUNCH_CLUSTER_INSTANCE="${k:-0}" bash "${BASH_SOURCE[0]}" down || rc=1
+  done
+  return $rc
 }
 
 cmd="${1:-}"
 case "$cmd" in
   up|down)
     [ "$(id -u)" -eq 0 ] || die "must run as root"
+    if [ "$cmd" = down ] && [ "${2:-}" = --all ]; then down_all; exit; fi
     mkdir -p "$CDIR"
     exec 9>"$CDIR/.lock"
     # One up/down at a time (parallel test workers, CI steps).  Every daemon is started with 9>&-:
@@ -348,17 +481,22 @@ case "$cmd" in
     if [ "$cmd" = up ]; then
       do_up "${2:-4}"
     else
+      not_foreign "stop $CDIR's cluster"
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
     fi
     ;;
   status) do_status ;;
   env) do_env ;;
+  describe) do_describe ;;
   start-node)
     node="${2:-}"
+    not_foreign "start node '$node'"
     [[ "$node" =~ ^${NS_PREFIX}[0-9]+$ ]] && [ -e "/run/netns/$node" ] || die "start-node: no node '$node'"
     alive "$(pidof_file "$CDIR/run/slurmd-$node.pid")" slurmd && { log "$node: slurmd already runs"; exit 0; }
+    light_shape "$(nodes_from_state)"
     start_slurmd "$node"
     log "$node: slurmd started"
     ;;
-  *) echo "usage: $0 up [N] | down | status | env | start-node NODE" >&2; exit 2 ;;
+  *) echo "usage: $0 up [N] | down [--all] | status | env | describe | start-node NODE" >&2
+     echo "  (GPTLAUNCH_CLUSTER_INSTANCE=K selects instance K; see the header of this script)" >&2; exit 2 ;;
 esac

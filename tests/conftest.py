@@ -1,9 +1,15 @@
-"""Session fixtures shared by every test folder (helpers live in tests/helpers.py)."""
+"""Session fixtures shared by every test folder (helpers live in tests/helpers.py), and how parallel workers
+share the tests (tests/scheduling.py)."""
 from __future__ import annotations
+
+import os
 
 import pytest
 
+from gpt.config import schema
 from helpers import SHAKESPEARE
+
+schema.register()  # configs/config.yaml composes onto it, in every test that composes
 
 
 @pytest.fixture(scope="session")
@@ -12,3 +18,20 @@ def data_overrides(tmp_path_factory) -> list[str]:
     assert SHAKESPEARE.is_file(), f"the test corpus is missing: {SHAKESPEARE}"
     prepared = tmp_path_factory.mktemp("data") / "shakespeare_char"
     return [f"data.text_path={SHAKESPEARE}", f"data.dir={prepared}"]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    """`-n N` (make test): Slurm tests beside the others, instead of xdist's plain `load`."""
+    if config.getvalue("dist") != "load":
+        return None  # the user asked for another distribution
+    from scheduling import SlurmBesideCpuScheduling
+
+    return SlurmBesideCpuScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # the order that SlurmBesideCpuScheduling takes them in
+        from scheduling import longest_slurm_tests_first
+
+        longest_slurm_tests_first(items)

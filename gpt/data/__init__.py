@@ -1,65 +1,28 @@
-"""Data: the data config and its checks, tokenizers, preparing token shards, deterministic reshardable batches.
+"""Data: tokenizers, preparing token shards (checked against the data section, gpt.config.data), deterministic
+reshardable batches.
 
 This package's top level stays free of torch so the launcher can validate and prepare data cheaply before
 spawning ranks. Preparing lives in gpt.data.prepare (also a command line), the batch loaders in gpt.data.loader.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
-from dataclasses import dataclass
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
-from gpt.data.tokenizer import MIN_BPE_VOCAB, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
-from gpt.config import from_section
+from gpt.config.data import DataConfig
+from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
 
-__all__ = ["DataConfig", "ensure_prepared", "check_vocab", "check_settings", "read_meta",
-           "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+__all__ = ["absolute", "ensure_prepared", "is_prepared", "check_tokenizer_vocab", "check_vocab", "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer",
+           "load_tokenizer"]
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
-TOKENIZERS = ("char", "bpe")
-DEFAULT_SHARD_TOKENS = 100_000_000
-
-
-@dataclass
-class DataConfig:
-    """Mirrors configs/data/*.yaml. The launcher makes text_path and dir absolute before use."""
-
-    name: str = "shakespeare_char"
-    text_path: str = "data/tinyshakespeare/input.txt"
-    dir: str = "data/shakespeare_char"
-    tokenizer: str = "char"
-    vocab_size: int | None = None  # char: from the text; bpe: how many tokens to learn
-    val_fraction: float = 0.1
-    shard_tokens: int = DEFAULT_SHARD_TOKENS
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> DataConfig:
-        return from_section(cls, "data", d)
-
-    def validate(self) -> None:
-        check_settings(self.tokenizer, self.vocab_size, self.val_fraction, self.shard_tokens)
-
-
-def check_settings(tokenizer: str, vocab_size: int | None, val_fraction: float, shard_tokens: int) -> None:
-    """Raise ConfigError (naming the data.* key) for preparation settings that cannot work."""
-    def is_int(x: object) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
-
-    if tokenizer not in TOKENIZERS:
-        raise ConfigError("data.tokenizer", tokenizer, f"one of {', '.join(TOKENIZERS)}")
-    if tokenizer == "bpe" and (not is_int(vocab_size) or vocab_size < MIN_BPE_VOCAB):
-        raise ConfigError("data.vocab_size", vocab_size,
-                          f"an integer >= {MIN_BPE_VOCAB} for tokenizer=bpe (256 bytes + <|endoftext|>)")
-    if tokenizer == "char" and vocab_size is not None:
-        raise ConfigError("data.vocab_size", vocab_size, "null for tokenizer=char (the vocabulary comes from the text)")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 0.5:
-        raise ConfigError("data.val_fraction", val_fraction, "a fraction strictly between 0 and 0.5")
-    if not is_int(shard_tokens) or shard_tokens <= 0:
-        raise ConfigError("data.shard_tokens", shard_tokens, "a positive integer")
 
 
 def read_meta(data_dir: str | Path) -> dict[str, Any]:
@@ -71,26 +34,97 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
-def ensure_prepared(cfg: DataConfig) -> Path:
-    """Prepare cfg.dir from cfg.text_path unless it is already prepared the same way; returns cfg.dir."""
+VOCAB_MULTIPLE = 64  # a vocabulary from someone else's tokenizer is padded up to this (nanoGPT: 50257 -> 50304)
+
+
+def absolute(cfg: DataConfig, resolve: Callable[[str], str]) -> DataConfig:
+    """cfg with every path made absolute by `resolve` (the launcher's: from the directory it was started in)."""
+    def opt(p: str | None) -> str | None:
+        return resolve(p) if p else p
+
+    sources = [dataclasses.replace(s, text_path=resolve(s.text_path), dir=resolve(s.dir), val_path=opt(s.val_path))
+               for s in cfg.sources]
+    return dataclasses.replace(cfg, text_path=resolve(cfg.text_path), dir=resolve(cfg.dir),
+                               val_path=opt(cfg.val_path), tokenizer_file=opt(cfg.tokenizer_file), sources=sources)
+
+
+def check_tokenizer_vocab(cfg: DataConfig, model_vocab_size: int | None) -> None:
+    """A tokenizer file's vocabulary against the model's, before anything is prepared."""
+    cfg.validate()
+    if cfg.tokenizer_file and model_vocab_size is not None:
+        vocab = BPETokenizer.from_file(cfg.tokenizer_file).vocab_size
+        if model_vocab_size < vocab:
+            raise ConfigError("model.vocab_size", model_vocab_size, f"at least {vocab}, the vocabulary of "
+                              f"data.tokenizer_file={cfg.tokenizer_file} (or null: {padded_vocab(vocab)})")
+
+
+def _each_source(cfg: DataConfig) -> list[tuple[str, str, dict[str, Any]]]:
+    """(inputs, prepared dir, prepare()'s other arguments) of the corpus, or of each source of a mixture."""
+    paths = [cfg.dir, *(p for s in cfg.sources for p in (s.dir, s.text_path))] if cfg.sources else [
+        cfg.dir, cfg.text_path]
+    if not all(Path(p).is_absolute() for p in paths):
+        raise ValueError(f"data paths {paths} must be made absolute by the caller")
+    common = dict(tokenizer=cfg.tokenizer, vocab_size=cfg.vocab_size, val_fraction=cfg.val_fraction,
+                  shard_tokens=cfg.shard_tokens, tokenizer_file=cfg.tokenizer_file, workers=cfg.workers)
+    return [(s.text_path, s.dir, dict(fmt=s.format, field=s.field, val_path=s.val_path, **common))
+            for s in (cfg.sources or [cfg])]
+
+
+def is_prepared(cfg: DataConfig) -> bool:
+    """Whether ensure_prepared would have nothing to do (the inputs are listed, not read)."""
+    from gpt.data import prepare
+
+    prepared = all(prepare.is_prepared(text, out, **kw) for text, out, kw in _each_source(cfg))
+    return prepared and (not cfg.sources or (Path(cfg.dir) / META_FILE).is_file())
+
+
+def ensure_prepared(cfg: DataConfig, model_vocab_size: int | None = None, node: int = 0, nodes: int = 1) -> Path:
+    """Prepare cfg.dir from its inputs (or each of cfg.sources, and cfg.dir as their mixture) unless it is already
+    prepared the same way; returns cfg.dir. A tokenizer file's vocabulary is checked against the model's first.
+    `node` of `nodes`: this task's share of a preparation job (gpt.data.prepare.prepare)."""
     # Imported here, not at the top: `python -m gpt.data.prepare` must find the module not yet imported.
     from gpt.data.prepare import prepare
 
-    cfg.validate()
-    for key in ("text_path", "dir"):
-        if not Path(getattr(cfg, key)).is_absolute():
-            raise ValueError(f"data.{key}={getattr(cfg, key)!r} must be made absolute by the caller")
-    return prepare(cfg.text_path, cfg.dir, cfg.tokenizer, cfg.vocab_size, cfg.val_fraction, cfg.shard_tokens)
+    check_tokenizer_vocab(cfg, model_vocab_size)
+    dirs = [prepare(text, out, node=node, nodes=nodes, **kw) for text, out, kw in _each_source(cfg)]
+    if not cfg.sources:
+        return dirs[0]
+    if node:
+        return Path(cfg.dir)
+    return write_mixture(Path(cfg.dir), dirs, [s.weight for s in cfg.sources])
+
+
+def write_mixture(out: Path, dirs: list[Path], weights: list[float]) -> Path:
+    """out/meta.json naming the prepared sources and their weights (normalised), and their common tokenizer."""
+    metas = [read_meta(d) for d in dirs]
+    if len({m["vocab_size"] for m in metas}) > 1 or len({m["dtype"] for m in metas}) > 1:
+        found = ", ".join(f"{d}: {m['vocab_size']} {m['dtype']}" for d, m in zip(dirs, metas))
+        raise UserError(f"the sources of data.sources were tokenized differently ({found})")
+    total = sum(weights)
+    meta = {"vocab_size": metas[0]["vocab_size"], "dtype": metas[0]["dtype"], "pad_vocab": True,
+            "sources": [{"dir": str(d), "weight": w / total} for d, w in zip(dirs, weights)]}
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(dirs[0] / TOKENIZER_FILE, out / TOKENIZER_FILE)
+    tmp = out / f".{META_FILE}.tmp"
+    tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    os.replace(tmp, out / META_FILE)
+    return out
+
+
+def padded_vocab(vocab_size: int) -> int:
+    return -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
 
 
 def check_vocab(model_vocab_size: int | None, data_dir: str | Path) -> int:
-    """The vocabulary size the model should use: its own, or the tokenizer's when it has none.
+    """The vocabulary size the model should use: its own, or the tokenizer's when it has none (a Hugging Face
+    tokenizer's padded up to a multiple of 64, as nanoGPT pads GPT-2's).
 
     Raises ConfigError when the model's vocabulary is smaller than the tokenizer's (padding it larger is fine).
     """
-    data_vocab = read_meta(data_dir)["vocab_size"]
+    meta = read_meta(data_dir)
+    data_vocab = meta["vocab_size"]
     if model_vocab_size is None:
-        return data_vocab
+        return padded_vocab(data_vocab) if meta.get("pad_vocab") else data_vocab
     if model_vocab_size < data_vocab:
         raise ConfigError("model.vocab_size", model_vocab_size,
                           f"at least {data_vocab}, the tokenizer's vocabulary in {data_dir} "

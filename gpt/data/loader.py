@@ -4,12 +4,18 @@ Every optimizer step has one global batch of `global_batch_size` samples whose s
 (seed, step): `global_batch_offsets`. Sample i of step s has the global index s * global_batch_size + i. Rank r of
 D data-parallel ranks takes samples [r*B/D, (r+1)*B/D) of it, and micro-step m the m-th micro_batch_size slice of
 that share. Because nothing depends on the world size, a run resumed on another number of ranks (same global batch
-size) continues with exactly the samples it would have seen: none replayed, none skipped.
+size) continues with exactly the samples it would have seen: none replayed, none skipped. A mixture (data.sources)
+draws each sample's source by weight from the same (seed, step) generator first.
 """
 from __future__ import annotations
 
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,8 +25,28 @@ from gpt.data import SPLITS, read_meta
 from gpt.errors import UserError
 
 
+# Shards mapped at once, at most. Each np.memmap is one of the process's vm.max_map_count maps (65530 by default)
+# and, on Python before 3.13, one open file (mmap keeps a duplicate descriptor; `ulimit -n` is often 1024): a
+# corpus of 627 B tokens is about 150,000 shards of 16 MB parts, so they are mapped when read, least recently
+# used unmapped first.
+MAX_OPEN_SHARDS = 256
+
+
+@dataclass(frozen=True)
+class ShardFile:
+    path: Path
+    dtype: np.dtype
+    offset: int
+    tokens: int
+
+    def map(self) -> np.memmap:
+        return np.memmap(self.path, dtype=self.dtype, mode="r", offset=self.offset, shape=(self.tokens,))
+
+
 class TokenDataset:
-    """The memory-mapped shards of one split. Offsets are global: positions in the shards laid end to end."""
+    """The shards of one split (of every source of a mixture, source after source), memory-mapped as they are read
+    (at most MAX_OPEN_SHARDS at once). Offsets are global: positions in the shards laid end to end. Shards read in place
+    (nanoGPT's, llm.c's) are mapped from where they lie, past their header."""
 
     def __init__(self, directory: str | Path, split: str):
         if split not in SPLITS:
@@ -29,12 +55,25 @@ class TokenDataset:
         self.split = split
         meta = read_meta(directory)
         self.vocab_size: int = meta["vocab_size"]
-        dtype = np.dtype(meta["dtype"]).newbyteorder("<")
-        shards = meta["splits"][split]["shards"]
-        self.shards = [np.memmap(self.directory / s["file"], dtype=dtype, mode="r", shape=(s["tokens"],))
-                       for s in shards]
-        self.shard_sizes = np.array([s["tokens"] for s in shards], dtype=np.int64)
+        sources = meta.get("sources") or [{"dir": str(self.directory), "weight": 1.0}]
+        self.weights = np.array([s["weight"] for s in sources]) if "sources" in meta else None
+        self.shards: list[ShardFile] = []
+        self.mapped: OrderedDict[int, np.memmap] = OrderedDict()
+        self.lock = threading.Lock()  # the prefetch thread and the training thread (validation) both read
+        groups = []
+        for i, source in enumerate(sources):
+            source_meta = read_meta(source["dir"]) if "sources" in meta else meta
+            dtype = np.dtype(source_meta["dtype"]).newbyteorder("<")
+            for s in source_meta["splits"][split]["shards"]:
+                self.shards.append(ShardFile(Path(source["dir"]) / s["file"], dtype, s.get("offset", 0), s["tokens"]))
+                groups.append(i)
+        self.groups = np.array(groups, dtype=np.int64)
+        self.shard_sizes = np.array([s.tokens for s in self.shards], dtype=np.int64)
         self.shard_starts = np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+
+    def sample_offsets(self, seed: int, step: int, count: int, block_size: int) -> np.ndarray:
+        """global_batch_offsets over this split's shards (and sources)."""
+        return global_batch_offsets(seed, step, count, self.shard_sizes, block_size, self.weights, self.groups)
 
     @property
     def num_tokens(self) -> int:
@@ -47,7 +86,17 @@ class TokenDataset:
         if offset < 0 or local + length > self.shard_sizes[shard]:
             raise IndexError(f"window [{offset}, {offset + length}) crosses a shard boundary or the end of "
                              f"the {self.split} split")
-        return self.shards[shard][local:local + length].astype(np.int64)
+        with self.lock:
+            return self._mapped(shard)[local:local + length].astype(np.int64)
+
+    def _mapped(self, shard: int) -> np.memmap:
+        if shard in self.mapped:
+            self.mapped.move_to_end(shard)
+        else:
+            if len(self.mapped) >= MAX_OPEN_SHARDS:
+                self.mapped.popitem(last=False)  # its map is released with the last reference
+            self.mapped[shard] = self.shards[shard].map()
+        return self.mapped[shard]
 
     def windows(self, offsets: Sequence[int], length: int) -> np.ndarray:
         """Shape (len(offsets), length), int64."""
@@ -55,12 +104,15 @@ class TokenDataset:
 
 
 def global_batch_offsets(seed: int, step: int, global_batch_size: int, num_tokens: int | Sequence[int],
-                         block_size: int) -> np.ndarray:
+                         block_size: int, weights: np.ndarray | None = None,
+                         groups: np.ndarray | None = None) -> np.ndarray:
     """Start offsets (int64, shape (global_batch_size,)) of every sample of optimizer step `step`.
 
     `num_tokens` is the split's token count, or its tokens per shard: a sample needs block_size + 1 tokens
     (inputs plus the shifted targets) inside one shard, so starts are drawn uniformly over the valid starts of
-    all shards. Depends on (seed, step) only, never on the world size.
+    all shards. With `weights` (one per source) and `groups` (each shard's source), each sample's source is drawn
+    first, then its start uniformly over that source's valid starts. Depends on (seed, step) only, never on the
+    world size.
     """
     if step < 0 or seed < 0:
         raise ValueError(f"seed and step must be non-negative, got seed={seed}, step={step}")
@@ -71,7 +123,17 @@ def global_batch_offsets(seed: int, step: int, global_batch_size: int, num_token
                         f"tokens in one shard and the largest shard has {int(sizes.max(initial=0))}; "
                         f"lower model.block_size or use more text")
     rng = np.random.default_rng([seed, step])
-    draws = rng.integers(0, valid.sum(), size=global_batch_size, dtype=np.int64)
+    if weights is None:
+        draws = rng.integers(0, valid.sum(), size=global_batch_size, dtype=np.int64)
+    else:
+        source = rng.choice(len(weights), size=global_batch_size, p=weights)
+        within = rng.random(global_batch_size)
+        per_source = np.bincount(groups, weights=valid, minlength=len(weights)).astype(np.int64)
+        if (per_source[weights > 0] == 0).any():
+            raise UserError(f"block_size={block_size} is too long for a source of data.sources: no shard of it "
+                            f"holds block_size + 1 tokens")
+        source_start = np.cumsum(per_source) - per_source  # sources' shards lie source after source
+        draws = source_start[source] + (within * per_source[source]).astype(np.int64)
     valid_end = np.cumsum(valid)
     shard = np.searchsorted(valid_end, draws, side="right")
     shard_starts = np.cumsum(sizes) - sizes
@@ -112,22 +174,28 @@ class TrainBatches:
 
     def offsets(self, step: int) -> np.ndarray:
         """This rank's share of the step's global batch: start offsets of samples [r*B/D, (r+1)*B/D)."""
-        if self._cached is None or self._cached[0] != step:
-            offs = global_batch_offsets(self.seed, step, self.global_batch_size, self.dataset.shard_sizes,
-                                        self.block_size)
+        cached = self._cached  # one read: the prefetching thread may replace it meanwhile
+        if cached is None or cached[0] != step:
+            offs = self.dataset.sample_offsets(self.seed, step, self.global_batch_size, self.block_size)
             per_rank = self.global_batch_size // self.dp_size
-            self._cached = step, offs[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
-        return self._cached[1]
+            cached = self._cached = step, offs[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        return cached[1]
 
-    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """int64 (x, y) of shape (micro_batch_size, block_size); y is x shifted left by one token."""
+    def read(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """int64 (x, y) of shape (micro_batch_size, block_size); y is x shifted left by one token. Moves no
+        position: a prefetching thread may call it."""
         if not 0 <= micro_step < self.grad_accum_steps:
             raise ValueError(f"micro_step={micro_step} is outside [0, {self.grad_accum_steps})")
         lo = micro_step * self.micro_batch_size
         rows = self.dataset.windows(self.offsets(step)[lo:lo + self.micro_batch_size], self.block_size + 1)
+        return _split_xy(rows, self.device)
+
+    def get(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """read(), and after the step's last micro-batch the position moves past `step`."""
+        batch = self.read(step, micro_step)
         if micro_step == self.grad_accum_steps - 1:
             self.step = step + 1
-        return _split_xy(rows, self.device)
+        return batch
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size,
@@ -148,6 +216,35 @@ class TrainBatches:
         self.step = int(state["step"])
 
 
+class Prefetcher:
+    """Hands out a step's micro-batches while a background thread reads the next step's. The batches are a function
+    of the step alone, so prefetching changes none of them, and a resumed run reads the same ones. `read_s` is what
+    reading the step last taken cost (on whichever thread read it): the loader's own cost per step."""
+
+    def __init__(self, batches: TrainBatches):
+        self.batches = batches
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
+        self.ahead: tuple[int, Future] | None = None
+        self.read_s = 0.0
+
+    def _read_step(self, step: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], float]:
+        start = time.perf_counter()
+        micro = [self.batches.read(step, m) for m in range(self.batches.grad_accum_steps)]
+        return micro, time.perf_counter() - start
+
+    def take(self, step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Every micro-batch of `step` (read ahead when `step` follows the last one taken), and moves the position
+        past it."""
+        ahead, self.ahead = self.ahead, None
+        micro, self.read_s = ahead[1].result() if ahead is not None and ahead[0] == step else self._read_step(step)
+        self.batches.step = step + 1
+        self.ahead = step + 1, self.pool.submit(self._read_step, step + 1)
+        return micro
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class ValBatches:
     """A fixed set of validation batches, identical on every run and world size.
 
@@ -160,7 +257,7 @@ class ValBatches:
                  dp_rank: int = 0, dp_size: int = 1, device: str | torch.device = "cpu"):
         per_rank = _rank_share(batch_size, dp_rank, dp_size, "validation batch size")
         self.dataset, self.block_size, self.device = dataset, block_size, torch.device(device)
-        self._offsets = [global_batch_offsets(seed, j, batch_size, dataset.shard_sizes, block_size)
+        self._offsets = [dataset.sample_offsets(seed, j, batch_size, block_size)
                          [dp_rank * per_rank:(dp_rank + 1) * per_rank] for j in range(num_batches)]
 
     def __len__(self) -> int:

@@ -1,46 +1,55 @@
-"""Turn a text file into token shards: train a tokenizer, split, tokenize, write shards and meta.json.
+"""Turn a corpus into token shards: learn (or load) a tokenizer, split, tokenize in parallel, write shards and
+meta.json. Pre-tokenized shards (nanoGPT's, llm.c's) are described in place instead.
 
     python -m gpt.data.prepare --text data/tinyshakespeare/input.txt --out data/shakespeare_char --tokenizer char
+    python -m gpt.data.prepare --text 'owt/**/*.txt' --out data/owt --tokenizer hf --tokenizer-file gpt2.json
 
 Layout of the output directory:
-    meta.json           tokenizer kind, vocab_size, dtype, per-split token counts and shards, source path/size/md5
-    tokenizer.json      the trained tokenizer (see gpt.data.tokenizer)
-    train_000000.bin    raw little-endian uint16 tokens (uint32 when the vocabulary does not fit 16 bits)
-    val_000000.bin      ...
+    meta.json                 tokenizer kind, vocab_size, dtype, per-split token counts and shards, the fingerprint
+    tokenizer.json            the tokenizer (see gpt.data.tokenizer)
+    train_PPPPPP_KKKK.bin     raw little-endian uint16 tokens of part P (uint32 when the vocabulary needs it)
+    part_PPPPPP.json          what part P wrote (gpt.data.parts)
 
-The split is by characters, as in nanoGPT: the first (1 - val_fraction) of the text trains, the rest validates.
-The directory is built under a temporary name and renamed into place, so a crash never leaves a directory
-with a meta.json that describes missing or partial shards.
+One text file is one document split by characters, as in nanoGPT: its first (1 - val_fraction) trains. Several
+files, JSONL or Parquet are documents, each followed by the end-of-text token; a document validates as a whole
+(data.val_path, or val_fraction of the documents by a stable hash). The files are grouped into parts of about
+PART_BYTES that worker processes tokenize, streaming: memory is bounded by the workers, never by the corpus. The
+work is done under `.{out}.tmp-{fingerprint}` and renamed into place at the end; a run killed midway leaves that
+folder, and the next run with the same inputs and settings keeps its finished parts; one with other inputs or
+settings removes it once no live preparation owns it (gpt.data.temp_folders).
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
+import itertools
 import json
 import logging
+import multiprocessing
 import os
-import re
 import shutil
 import sys
 import time
 from pathlib import Path
-from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
 from tqdm import tqdm
 
-from gpt.data import DEFAULT_SHARD_TOKENS, META_FILE, SPLITS, TOKENIZERS, check_settings
-from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer
+from gpt.config.data import DEFAULT_SHARD_TOKENS, FORMATS, TOKEN_FORMATS, TOKENIZERS, check_inputs, check_settings
+from gpt.data import META_FILE, SPLITS
+from gpt.data import pretokenized
+from gpt.data.inputs import count_chars, documents, input_files, listing_md5
+from gpt.data.parts import Part, init_worker, read_record, run_part
+from gpt.data.temp_folders import OWNER_FILE, claim, remove_stale, temp_folder
+from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
-CHUNK_CHARS = 1 << 20  # text is encoded in chunks of about this many characters (progress, memory)
-# Chunks end at a newline with non-space characters on both sides: byte-level BPE's pre-tokenizer always puts a
-# boundary around such a newline, so encoding chunk by chunk gives exactly the tokens of encoding all at once.
-_CHUNK_END = re.compile(r"(?<=\S)\n(?=\S)")
+FORMAT_VERSION = 2
+PART_BYTES = 16 << 20  # input bytes per unit of parallel, resumable work
+POLL_S = 1.0  # how often a node of a preparation job looks for the tokenizer or another node's parts
+BPE_SAMPLE_CHARS = 100 << 20  # a BPE tokenizer learns from the corpus's first this many characters
 TINY_SHAKESPEARE_HINT = (
     "Tiny Shakespeare is data/tinyshakespeare/input.txt in the karpathy/char-rnn repository "
     "(https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt); "
@@ -51,122 +60,230 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0))
+
+
 def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
-            val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS) -> Path:
-    """Prepare `out_dir` from `text_path` unless it already holds the same source prepared the same way."""
+            val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS, *, fmt: str = "text",
+            field: str = "text", val_path: str | Path | None = None, tokenizer_file: str | Path | None = None,
+            workers: int = 1, node: int = 0, nodes: int = 1) -> Path:
+    """Prepare `out_dir` from the inputs unless it already holds them prepared the same way. With several `nodes`
+    (the tasks of a preparation job, each on its own node, all calling this): node 0 learns the tokenizer, every
+    node tokenizes its share of the parts, and node 0 writes meta.json and moves the folder into place."""
     check_settings(tokenizer, vocab_size, val_fraction, shard_tokens)
-    text_path, out_dir = Path(text_path), Path(out_dir)
-    if not text_path.is_file():
+    check_inputs(fmt, tokenizer, tokenizer_file and str(tokenizer_file), "data")
+    out_dir, val_path = Path(out_dir), val_path and str(val_path)
+    if fmt == "text" and not any(c in str(text_path) for c in "*?[") and not Path(text_path).exists():
         raise UserError(f"text file {text_path} not found. {TINY_SHAKESPEARE_HINT}")
-    source = {"path": str(text_path.resolve()), "size": text_path.stat().st_size, "md5": _md5(text_path)}
-    settings = {"format": FORMAT_VERSION, "tokenizer": tokenizer, "vocab_size": vocab_size,
-                "val_fraction": val_fraction, "shard_tokens": shard_tokens}
-    if _is_prepared(out_dir, source, settings):
+    files = input_files(str(text_path), fmt)
+    val_files = input_files(val_path, fmt, "data.val_path") if val_path else []
+    settings = _settings(fmt, field, tokenizer, vocab_size, val_fraction, shard_tokens)
+    fingerprint = _fingerprint(files, val_files, tokenizer_file, settings)
+    if _is_prepared(out_dir, fingerprint):
         log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
         return out_dir
     if out_dir.exists() and not (out_dir.is_dir() and ((out_dir / META_FILE).is_file() or not any(out_dir.iterdir()))):
         raise UserError(f"{out_dir} exists and is not a prepared data directory; "
                         f"choose another output directory or empty it")
-
-    start = time.monotonic()
-    try:
-        text = text_path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(f"{text_path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
-    split_at = int(len(text) * (1 - val_fraction))
-    texts = {"train": text[:split_at], "val": text[split_at:]}
-    if not texts["train"] or not texts["val"]:
-        raise UserError(f"{text_path} has {len(text)} characters: too few to split with val_fraction={val_fraction}")
-
-    log.info("training a %s tokenizer on %s (%d characters)", tokenizer, text_path, len(text))
-    tok: Tokenizer = CharTokenizer.train(text) if tokenizer == "char" else BPETokenizer.train(text, vocab_size)
-    dtype = token_dtype(tok.vocab_size)
-
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        splits = {}
-        with tqdm(total=len(text), unit="char", unit_scale=True, desc=f"tokenizing {text_path.name}",
-                  delay=2.0) as bar:
-            for split in SPLITS:
-                splits[split] = _write_split(tok, texts[split], split, tmp, dtype, shard_tokens, bar)
-        tok.save(tmp)
-        meta = {**settings, "vocab_size": tok.vocab_size, "requested_vocab_size": vocab_size,
-                "dtype": dtype.name, "splits": splits, "source": source}
-        _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    tmp = temp_folder(out_dir, fingerprint)
+    if node == 0:
+        tmp.mkdir(exist_ok=True)  # a killed run's folder is kept: its finished parts are not done again
+        remove_stale(out_dir, keep=tmp)
+        claim(tmp)
+    elif fmt in TOKEN_FORMATS or not _await_tokenizer(tmp, out_dir, fingerprint):
+        return out_dir  # node 0 has nothing to share, or finished it all before this node started
+    start = time.monotonic()
+    source = {"path": str(Path(text_path).resolve()), "files": len(files) + len(val_files),
+              "bytes": sum(f.stat().st_size for f in [*files, *val_files])}
+    meta: dict[str, Any] = {**settings, "fingerprint": fingerprint, "source": source}
+    if fmt in TOKEN_FORMATS:
+        meta.update(_describe_in_place(str(text_path), val_path, fmt, Path(tokenizer_file), tmp))
+    else:
+        described = _tokenize(files, val_files, settings, tokenizer_file, tmp, workers or default_workers(),
+                              (node, nodes))
+        if described is None:  # another node writes meta.json
+            return out_dir
+        meta.update(described)
+    _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+    (tmp / OWNER_FILE).unlink(missing_ok=True)  # a prepared folder has no owner
+    _replace_dir(tmp, out_dir)
     log.info("prepared %s in %.1fs: vocab %d, %d train and %d val tokens", out_dir, time.monotonic() - start,
-             tok.vocab_size, splits["train"]["tokens"], splits["val"]["tokens"])
+             meta["vocab_size"], meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
     return out_dir
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5(usedforsecurity=False)
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _settings(fmt: str, field: str, tokenizer: str, vocab_size: int | None, val_fraction: float,
+              shard_tokens: int) -> dict[str, Any]:
+    return {"format": FORMAT_VERSION, "input_format": fmt, "field": field, "tokenizer": tokenizer,
+            "vocab_size": vocab_size, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
 
 
-def _is_prepared(out_dir: Path, source: dict[str, Any], settings: dict[str, Any]) -> bool:
-    """True when meta.json records this source and these settings, and every shard it lists is whole."""
+def _fingerprint(files: list[Path], val_files: list[Path], tokenizer_file: str | Path | None,
+                 settings: dict[str, Any]) -> str:
+    return listing_md5([*files, *val_files, *([Path(tokenizer_file)] if tokenizer_file else [])], settings)
+
+
+def is_prepared(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
+                val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS, *, fmt: str = "text",
+                field: str = "text", val_path: str | Path | None = None, tokenizer_file: str | Path | None = None,
+                workers: int = 1) -> bool:
+    """Whether prepare() with these arguments would have nothing to do (its inputs are listed, not read)."""
+    files = input_files(str(text_path), fmt)
+    val_files = input_files(str(val_path), fmt, "data.val_path") if val_path else []
+    settings = _settings(fmt, field, tokenizer, vocab_size, val_fraction, shard_tokens)
+    return _is_prepared(Path(out_dir), _fingerprint(files, val_files, tokenizer_file, settings))
+
+
+def _is_prepared(out_dir: Path, fingerprint: str) -> bool:
+    """True when meta.json records this fingerprint, and every shard it lists is whole."""
     try:
         meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-        if meta["source"]["md5"] != source["md5"] or meta["requested_vocab_size"] != settings["vocab_size"]:
-            return False
-        if any(meta[k] != v for k, v in settings.items() if k != "vocab_size"):
+        if meta["fingerprint"] != fingerprint:
             return False
         itemsize = np.dtype(meta["dtype"]).itemsize
         shards = [s for split in SPLITS for s in meta["splits"][split]["shards"]]
         return (out_dir / TOKENIZER_FILE).is_file() and all(
-            (out_dir / s["file"]).stat().st_size == s["tokens"] * itemsize for s in shards)
+            (out_dir / s["file"]).stat().st_size == s.get("offset", 0) + s["tokens"] * itemsize for s in shards)
     except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
-def _chunks(text: str) -> Iterator[str]:
-    start = 0
-    while start < len(text):
-        end = _CHUNK_END.search(text, start + CHUNK_CHARS) if start + CHUNK_CHARS < len(text) else None
-        stop = end.end() if end else len(text)
-        yield text[start:stop]
-        start = stop
+def _describe_in_place(text_path: str, val_path: str | None, fmt: str, tokenizer_file: Path,
+                       tmp: Path) -> dict[str, Any]:
+    tok = BPETokenizer.from_file(tokenizer_file)
+    splits = pretokenized.describe(text_path, val_path, fmt)
+    pretokenized.check_tokens(splits, tok.vocab_size)
+    tok.save(tmp)
+    return {"vocab_size": tok.vocab_size, "dtype": "uint16", "splits": splits, "pad_vocab": True}
 
 
-def _write_split(tok: Tokenizer, text: str, split: str, out: Path, dtype: np.dtype, shard_tokens: int,
-                 bar: tqdm) -> dict[str, Any]:
-    """Encode `text` chunk by chunk into shards `{split}_000000.bin`, ... of at most shard_tokens tokens each."""
-    shards: list[dict[str, Any]] = []
-    f = None
-    try:
-        for chunk in _chunks(text):
-            ids = np.asarray(tok.encode(chunk), dtype=dtype)
-            while ids.size:
-                if f is None or shards[-1]["tokens"] == shard_tokens:
-                    if f is not None:
-                        _close_synced(f)
-                    shards.append({"file": f"{split}_{len(shards):06d}.bin", "tokens": 0})
-                    f = open(out / shards[-1]["file"], "wb")
-                take = ids[:shard_tokens - shards[-1]["tokens"]]
-                f.write(take.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-                shards[-1]["tokens"] += take.size
-                ids = ids[take.size:]
-            bar.update(len(chunk))
-    finally:
-        if f is not None:
-            _close_synced(f)
-    return {"chars": len(text), "tokens": sum(s["tokens"] for s in shards), "shards": shards}
+def _learn_tokenizer(files: list[Path], settings: dict[str, Any], tokenizer_file: str | Path | None,
+                     one_document: bool) -> Tokenizer:
+    kind, fmt, field = settings["tokenizer"], settings["input_format"], settings["field"]
+    if kind == "hf":
+        return BPETokenizer.from_file(tokenizer_file)
+    log.info("learning a %s tokenizer from %d file(s)", kind, len(files))
+    texts = (chunk for f in files for doc in documents(f, fmt, field) for chunk in doc)
+    if kind == "char":
+        seen: set[str] = set()
+        for text in texts:
+            seen.update(text)
+        return CharTokenizer(sorted(seen), end_of_text=not one_document)
+    sample, total = [], 0
+    for text in texts:
+        sample.append(text)
+        total += len(text)
+        if total >= BPE_SAMPLE_CHARS:
+            break
+    return BPETokenizer.train(sample, settings["vocab_size"])
 
 
-def _close_synced(f) -> None:
-    f.flush()
-    os.fsync(f.fileno())
-    f.close()
+def _plan_parts(files: list[Path], val_files: list[Path], settings: dict[str, Any]) -> list[Part]:
+    """One text file: its train and val character ranges. Otherwise consecutive files of about PART_BYTES each."""
+    fmt, field, vf = settings["input_format"], settings["field"], settings["val_fraction"]
+    if fmt == "text" and len(files) == 1 and not val_files:
+        n, _ = count_chars(files[0])
+        split_at = int(n * (1 - vf))
+        if not split_at or split_at == n:
+            raise UserError(f"{files[0]} has {n} characters: too few to split with val_fraction={vf}")
+        size = files[0].stat().st_size
+        return [Part(0, (str(files[0]),), fmt, field, size, "train", (0, split_at)),
+                Part(1, (str(files[0]),), fmt, field, 0, "val", (split_at, n))]
+    parts: list[Part] = []
+    for split, group in (("train" if val_files else None, files), ("val", val_files)):
+        chunk: list[Path] = []
+        size = 0
+        for i, f in enumerate(group):
+            chunk.append(f)
+            size += f.stat().st_size
+            if size >= PART_BYTES or i == len(group) - 1:
+                parts.append(Part(len(parts), tuple(map(str, chunk)), fmt, field, size, split, None,
+                                  0.0 if split else vf))
+                chunk, size = [], 0
+    return parts
+
+
+def _await_tokenizer(tmp: Path, out_dir: Path, fingerprint: str) -> bool:
+    """A node other than 0: wait for node 0's tokenizer in tmp (True), or for out_dir prepared without this node
+    (False: node 0 had every part and finished first). Never creates tmp: node 0 may have renamed it already."""
+    while not (tmp / TOKENIZER_FILE).is_file():
+        if _is_prepared(out_dir, fingerprint):
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _shared_tokenizer(files: list[Path], settings: dict[str, Any], tokenizer_file: str | Path | None, tmp: Path,
+                      one_document: bool) -> Tokenizer:
+    """The tokenizer in tmp (a resumed run's: the one its finished parts used, or node 0's for the other nodes),
+    else learnt here. Written under another name and renamed: a reader never sees half of it."""
+    if not (tmp / TOKENIZER_FILE).is_file():
+        staging = tmp / ".tokenizer"
+        _learn_tokenizer(files, settings, tokenizer_file, one_document).save(staging)
+        os.replace(staging / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        staging.rmdir()
+    return load_tokenizer(tmp)
+
+
+def _tokenize(files: list[Path], val_files: list[Path], settings: dict[str, Any],
+              tokenizer_file: str | Path | None, tmp: Path, workers: int,
+              share: tuple[int, int] = (0, 1)) -> dict[str, Any] | None:
+    """Tokenize this node's share of the parts (node, nodes); node 0 then waits for every part and returns what
+    meta.json says of them, the other nodes None."""
+    node, nodes = share
+    parts = _plan_parts(files, val_files, settings)
+    tok = _shared_tokenizer(files + val_files, settings, tokenizer_file, tmp, parts[0].char_range is not None)
+    dtype = token_dtype(tok.vocab_size)
+    records = {p.index: r for p in parts if (r := read_record(tmp, p, dtype.itemsize)) is not None}
+    todo = [p for p in parts if p.index not in records and p.index % nodes == node]
+    if records:
+        log.info("resuming: %d of %d parts were already done", len(records), len(parts))
+    with tqdm(total=sum(p.bytes for p in parts), initial=sum(p.bytes for p in parts if p.index in records),
+              unit="B", unit_scale=True, desc="tokenizing", delay=2.0) as bar:
+        tokens = 0
+        for record in _run_parts(todo, tmp, dtype, settings["shard_tokens"], workers):
+            records[record["part"]["index"]] = record
+            tokens += sum(s["tokens"] for s in record["splits"].values())
+            bar.update(record["part"]["bytes"])
+            bar.set_postfix(tokens=f"{tokens:,}", refresh=False)
+    if node:
+        return None
+    for p in parts:  # the other nodes' parts
+        while p.index not in records:
+            if (record := read_record(tmp, p, dtype.itemsize)) is not None:
+                records[p.index] = record
+            else:
+                time.sleep(POLL_S)
+    splits = {}
+    for split in SPLITS:
+        shards = list(itertools.chain.from_iterable(records[p.index]["splits"][split]["shards"] for p in parts))
+        splits[split] = {"tokens": sum(s["tokens"] for s in shards), "shards": shards}
+        if not splits[split]["tokens"]:
+            raise UserError(f"the {split} split of {files[0].parent} is empty: too few documents for "
+                            f"val_fraction={settings['val_fraction']}; give data.val_path or more documents")
+    return {"vocab_size": tok.vocab_size, "requested_vocab_size": settings["vocab_size"], "dtype": dtype.name,
+            "splits": splits, "end_of_text": tok.eot, "pad_vocab": settings["tokenizer"] == "hf"}
+
+
+def _run_parts(todo: list[Part], tmp: Path, dtype: np.dtype, shard_tokens: int, workers: int):
+    """The parts' records as they finish: in this process for one worker, else in a pool of `workers`."""
+    args = (str(tmp), dtype.name, shard_tokens)
+    if workers <= 1 or len(todo) <= 1:
+        saved = os.environ.get("TOKENIZERS_PARALLELISM")
+        init_worker(*args)  # one core, as each worker of a pool: `workers` says how many cores are used
+        try:
+            yield from map(run_part, todo)
+        finally:
+            if saved is None:
+                del os.environ["TOKENIZERS_PARALLELISM"]
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved
+        return
+    ctx = multiprocessing.get_context("spawn")  # no fork of a process that may hold threads (tokenizers, torch)
+    with ctx.Pool(min(workers, len(todo)), initializer=init_worker, initargs=args) as pool:
+        yield from pool.imap_unordered(run_part, todo)
 
 
 def _write_synced(path: Path, data: bytes) -> None:
@@ -190,16 +307,23 @@ def _replace_dir(tmp: Path, out_dir: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m gpt.data.prepare", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--text", required=True, help="UTF-8 text file to tokenize")
+    parser.add_argument("--text", required=True, help="the inputs: a file, a folder or a glob")
     parser.add_argument("--out", required=True, help="output directory for shards, meta.json and tokenizer")
+    parser.add_argument("--format", choices=FORMATS, default="text")
+    parser.add_argument("--field", default="text", help="jsonl: the text field; parquet: the text column")
+    parser.add_argument("--val", default=None, help="validation inputs (default: val-fraction of the documents)")
     parser.add_argument("--tokenizer", choices=TOKENIZERS, default="char")
+    parser.add_argument("--tokenizer-file", default=None, help="hf only: a Hugging Face tokenizer.json")
     parser.add_argument("--vocab-size", type=int, default=None, help="BPE only: how many tokens to learn")
-    parser.add_argument("--val-fraction", type=float, default=0.1, help="last fraction of characters for validation")
+    parser.add_argument("--val-fraction", type=float, default=0.1, help="fraction held out for validation")
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS, help="tokens per shard file")
+    parser.add_argument("--workers", type=int, default=0, help="processes (0: one per core)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        prepare(args.text, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.shard_tokens)
+        prepare(args.text, args.out, args.tokenizer, args.vocab_size, args.val_fraction, args.shard_tokens,
+                fmt=args.format, field=args.field, val_path=args.val, tokenizer_file=args.tokenizer_file,
+                workers=args.workers)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -1,16 +1,23 @@
-"""Parallel strategies, one per module, chosen by the config's `strategy.name`; each is a preset of the layout
-(`parallel.*`, gpt.parallel.layout) that says how the data-parallel ranks work and which axes it runs."""
+"""Parallel strategies, one per module, chosen by the strategy section's `name`; each is a preset of the layout
+(`parallel.*`, gpt.parallel.layout) that says how the data-parallel ranks work and which axes it runs. Planning the
+layout is torch-free (gpt.parallel.traits); building a strategy imports it."""
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING
 
-import torch
-
-from gpt.distributed import DistEnv
+from gpt.config.model import ModelConfig
+from gpt.config.strategy import ParallelConfig, StrategyConfig
+from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError
-from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims, check_dims
+from gpt.parallel.traits import preset
+
+if TYPE_CHECKING:
+    import torch
+
+    from gpt.dist.process_group import DistEnv
+    from gpt.parallel.base import Strategy
 
 # name -> "module:Class"; imported on demand so an optional backend (DeepSpeed) costs nothing when unused.
 STRATEGIES = {
@@ -30,20 +37,21 @@ def strategy_class(name: str) -> type[Strategy]:
     return getattr(importlib.import_module(module), cls)
 
 
-def plan_layout(cfg: Any, model_cfg: Any, world_size: int, ranks_per_node: int, train: Any = None) -> ParallelDims:
-    """The run's layout, checked against the strategy, the model and the nodes (a ConfigError if it cannot run).
-    cfg is the whole config (its `strategy` and `parallel` sections)."""
-    cls = strategy_class(cfg.strategy.name)
-    parallel = cfg.get("parallel") or {}
-    tp = parallel.get("tp", 1)
+def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: ModelConfig, world_size: int,
+                ranks_per_node: int, train: TrainConfig | None = None) -> ParallelDims:
+    """The run's layout, checked against the strategy, the model and the nodes (a ConfigError if it cannot run)."""
+    traits = preset(strategy.name)
+    tp = parallel.tp
     # The preset's own checks (stages, micro-batches) count the ranks of one tensor-parallel slice.
-    slice_ranks = world_size // tp if isinstance(tp, int) and tp > 0 and world_size % tp == 0 else world_size
-    cls.data_parallel_size(cfg.strategy, model_cfg, slice_ranks, train)
-    dims = cls.traits().layout(cfg.strategy, parallel, world_size)
+    slice_ranks = world_size // tp if tp > 0 and world_size % tp == 0 else world_size
+    traits.data_parallel_size(strategy, model_cfg, slice_ranks, train)
+    dims = traits.layout(strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims
 
 
-def build_strategy(cfg: Any, model_cfg: Any, env: DistEnv, device: torch.device, precision: str) -> Strategy:
-    dims = plan_layout(cfg, model_cfg, env.world_size, env.local_world_size)
-    return strategy_class(cfg.strategy.name)(cfg.strategy, env, device, precision, dims)
+def build_strategy(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: ModelConfig, env: DistEnv,
+                   device: torch.device, precision: str) -> Strategy:
+    """This rank's strategy, on the layout of the strategy and parallel sections."""
+    dims = plan_layout(strategy, parallel, model_cfg, env.world_size, env.local_world_size)
+    return strategy_class(strategy.name)(strategy, env, device, precision, dims)

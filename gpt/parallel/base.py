@@ -3,7 +3,6 @@ strategy is running."""
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable, Iterable, Iterator
@@ -12,13 +11,16 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch import nn
 
-from gpt.distributed import DistEnv
-from gpt.errors import ConfigError
-from gpt.metrics import layer_grad_norms
-from gpt.optim import build_adamw
+from gpt.checkpoint.safe_load import SafeReader
+from gpt.config.strategy import StrategyConfig
+from gpt.dist.process_group import DistEnv
+from gpt.train.metrics import layer_grad_norms
+from gpt.train.optim import build_adamw
+from gpt.train.step_timer import PhaseClock
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.traits import Preset, preset
 
@@ -29,57 +31,12 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
-def planned_device(train: Any) -> str:
-    """The device type a run will use, as far as the planner can tell ('cuda' or 'cpu')."""
-    requested = getattr(train, "device", "auto") if train is not None else "auto"
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return requested
-
-
-def check_keys(cfg: Any, known: Iterable[str]) -> None:
-    """Reject strategy keys this strategy does not read (a typo, or a key of another strategy)."""
-    known = {"name", *known}
-    for key in cfg.keys():
-        if key not in known:
-            raise ConfigError(f"strategy.{key}", cfg[key], f"strategy={cfg.name} reads {', '.join(sorted(known))}")
-
-
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (detached, 0-dim)
     grad_norm: torch.Tensor  # global gradient norm before clipping
     layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
     clock: PhaseClock | None = None  # when forward+backward and the optimizer step ended
-
-
-class PhaseClock:
-    """Wall time of a step's phases. On CUDA the marks are events, read (and waited for) only when asked, so
-    timing every step costs no synchronisation; the trainer reads them once per log window."""
-
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
-        self.marks: list[tuple[str, Any]] = [("start", self._now())]
-
-    def _now(self) -> Any:
-        if self.cuda:
-            event = torch.cuda.Event(enable_timing=True)
-            event.record()
-            return event
-        return time.perf_counter()
-
-    def mark(self, phase: str) -> None:
-        """The phase named `phase` ends now."""
-        self.marks.append((phase, self._now()))
-
-    def seconds(self) -> dict[str, float]:
-        """{"<phase>_s": seconds} for every phase marked."""
-        if self.cuda:
-            self.marks[-1][1].synchronize()
-        out = {}
-        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:]):
-            out[f"{phase}_s"] = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
-        return out
 
 
 def plain(value: torch.Tensor) -> torch.Tensor:
@@ -99,12 +56,21 @@ def local_part(grad: torch.Tensor, replicas: int, outside: int = 1) -> tuple[tor
     return grad.to_local(), copies
 
 
+def compile_blocks(model: nn.Module) -> None:
+    """torch.compile each transformer block of `model` in place, before any data-parallel wrapper shards or wraps
+    it (torchtitan's pattern). The blocks share one graph (same code, parameters as inputs); parameter names,
+    checkpoint keys and the hooks tensor parallelism and FSDP put on a block stay the model's (no `_orig_mod`); the
+    embeddings, the head and the loss run eager."""
+    for block in model.layers.values():
+        block.compile(fullgraph=True)
+
+
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
     name = "single"
 
-    def __init__(self, cfg: Any, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
+    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
@@ -113,6 +79,7 @@ class Strategy:
         # save's staging copy (which reads the weights) to finish.
         self.before_update: Callable[[], None] = lambda: None
         self.layer_keys: list[str] = []  # the full model's layers, for per-layer gradient norms (set by the trainer)
+        self.compile = False  # torch.compile each transformer block in setup (train.compile; set by the trainer)
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -128,18 +95,6 @@ class Strategy:
         return "single process"
 
     @classmethod
-    def data_parallel_size(cls, cfg: Any, model_cfg: Any, world_size: int, train: Any = None) -> int:
-        """Check the topology before anything runs; return how many replicas read different data.
-
-        cfg is the `strategy` config, model_cfg a ModelConfig, train a TrainConfig (None: not checked against it).
-        Raises ConfigError naming the key, the value and what would be valid."""
-        check_keys(cfg, ())
-        if world_size != 1:
-            raise ConfigError("strategy", cls.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
-                              "strategy=single runs exactly one process")
-        return 1
-
-    @classmethod
     def traits(cls) -> Preset:
         """What this strategy is (checkpoint format, parameters held, collectives): gpt.parallel.traits."""
         return preset(cls.name)
@@ -147,6 +102,8 @@ class Strategy:
     # --- building -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
+        if self.compile:
+            compile_blocks(model)
         self.model = self.wrap(model)
         self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)
 
@@ -155,11 +112,10 @@ class Strategy:
 
     @property
     def unwrapped(self) -> nn.Module:
-        """The GPT module itself, for evaluation, generation and checkpoint naming (inside torch.compile's and
-        DDP's wrappers)."""
+        """The GPT module itself, for evaluation, generation and checkpoint naming (inside DDP's wrapper)."""
         module = self.model
         while True:
-            inner = getattr(module, "_orig_mod", None) or getattr(module, "module", None)
+            inner = getattr(module, "module", None)
             if not isinstance(inner, nn.Module):
                 return module
             module = inner
@@ -241,19 +197,22 @@ class Strategy:
             model_sd.update(m)
             optim_sd.update(o)
         state = {"model": model_sd, "optim": optim_sd}
+        # The writer copies device tensors ahead on a stream of the machine's accelerator: none on a CPU run
+        # (on a GPU host that stream would open a CUDA context).
+        writer = FileSystemWriter(folder, per_thread_copy_ahead=10_000_000 if self.device.type == "cuda" else 0)
         if async_group is not None:
             if self.device.type == "cuda":  # the stager copies on its own stream: the step's updates must be done
                 torch.cuda.current_stream(self.device).synchronize()
             group = None if async_group == "local" else async_group
-            return dcp.async_save(state, checkpoint_id=folder, process_group=group, async_stager=stager)
-        dcp.save(state, checkpoint_id=folder)
+            return dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
+        dcp.save(state, storage_writer=writer)
         return None
 
     def load_state(self, folder: Path) -> None:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]
         state = {"model": {k: v for m, _ in parts for k, v in m.items()},
                  "optim": {k: v for _, o in parts for k, v in o.items()}}
-        dcp.load(state, checkpoint_id=folder)
+        dcp.load(state, storage_reader=SafeReader(folder))  # its metadata read as data, not code
         for (module, optimizer), (m, o) in zip(self.state_parts(), parts):
             set_state_dict(module, optimizer, model_state_dict={k: state["model"][k] for k in m},
                            optim_state_dict={k: state["optim"][k] for k in o}, options=STATE_OPTIONS)
@@ -287,5 +246,6 @@ class Strategy:
         return total
 
     def flops_share(self) -> float:
-        """The fraction of the model's FLOPs per token that this rank computes (1.0 unless layers are split)."""
-        return 1.0
+        """The fraction of the model's FLOPs per token that this rank computes: tensor parallelism splits every
+        matmul (heads, MLP, head) over its tp ranks; 1.0 unless the model is split."""
+        return 1.0 / self.dims.tp

@@ -6,18 +6,12 @@ import contextlib
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.parallel.base import Strategy, check_keys
+from gpt.parallel.base import Strategy
 from gpt.parallel.mesh import ensure_process_group
 
 
 class DDP(Strategy):
     name = "ddp"
-    keys = ("bucket_cap_mb",)
-
-    @classmethod
-    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
-        check_keys(cfg, cls.keys)
-        return world_size
 
     def describe(self) -> str:
         return f"DDP, {self.dp_size} replicas"
@@ -25,7 +19,7 @@ class DDP(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.device)
         device_ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.get("bucket_cap_mb", 25))
+        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.bucket_cap_mb)
 
     def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

@@ -23,35 +23,26 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from gpt.checkpoint.safe_load import load_deepspeed_file
 from gpt.errors import ConfigError
-from gpt.metrics import layer_grad_norms
-from gpt.optim import build_adamw
-from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, planned_device
+from gpt.train.metrics import layer_grad_norms
+from gpt.train.optim import build_adamw
+from gpt.train.step_timer import PhaseClock
+from gpt.config.strategy import StrategyConfig
+from gpt.parallel.base import StepResult, Strategy
 from gpt.parallel.mesh import ensure_process_group
 
-KEYS = ("stage", "offload_optimizer", "reduce_bucket_size", "overlap_comm", "config")
 TAG = "engine"
 
 
-def _import_deepspeed():
-    try:
-        import deepspeed
-    except ImportError as e:
-        raise ConfigError("strategy", "deepspeed", f"DeepSpeed installed (it is not: {e}); `pip install deepspeed`, "
-                          "or pick strategy=zero1 (ZeRO-1) or strategy=fsdp (ZeRO-3-like) from PyTorch") from None
-    return deepspeed
-
-
-def ds_config(cfg: Any, precision: str, grad_clip: float = 0.0, micro_batch: int = 1, grad_accum: int = 1,
+def ds_config(cfg: StrategyConfig, precision: str, grad_clip: float = 0.0, micro_batch: int = 1, grad_accum: int = 1,
               world_size: int = 1) -> dict[str, Any]:
     """The DeepSpeed JSON config for our strategy config; strategy.config entries are merged in last."""
-    zero: dict[str, Any] = {"stage": int(cfg.get("stage", 2)),
-                            "overlap_comm": bool(cfg.get("overlap_comm", False)),
-                            "reduce_bucket_size": int(cfg.get("reduce_bucket_size", 50_000_000)),
-                            "contiguous_gradients": True}
+    zero: dict[str, Any] = {"stage": cfg.stage, "overlap_comm": cfg.overlap_comm,
+                            "reduce_bucket_size": cfg.reduce_bucket_size, "contiguous_gradients": True}
     if zero["stage"] == 3:
         zero["stage3_param_persistence_threshold"] = 0  # shard every parameter, however small
-    if cfg.get("offload_optimizer", False):
+    if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu"}
     config: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro_batch,
@@ -67,11 +58,9 @@ def ds_config(cfg: Any, precision: str, grad_clip: float = 0.0, micro_batch: int
     }
     if precision == "bf16" and zero["stage"] >= 1:
         config["data_types"] = {"grad_accum_dtype": "fp32"}
-    extra = cfg.get("config") or {}
-    if hasattr(extra, "items"):
-        for key, value in extra.items():  # an escape hatch: any ds_config key, e.g. strategy.config.zero_optimization
-            config[key] = {**config[key], **value} if isinstance(config.get(key), dict) and hasattr(value, "items") \
-                else value
+    for key, value in cfg.config.items():  # an escape hatch: any ds_config key, e.g. strategy.config.zero_optimization
+        config[key] = {**config[key], **value} if isinstance(config.get(key), dict) and isinstance(value, dict) \
+            else value
     return config
 
 
@@ -91,40 +80,20 @@ class DeepSpeed(Strategy):
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
         self.scaler = None  # DeepSpeed scales fp16 losses itself
-        self.stage = int(cfg.get("stage", 2))
+        self.stage = cfg.stage
         self.engine = None
         self._batch: tuple[int, int] | None = None  # (micro-batch, accumulation steps) the engine is set to
-
-    @classmethod
-    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
-        check_keys(cfg, KEYS)
-        stage = cfg.get("stage", 2)
-        if stage not in (0, 1, 2, 3):
-            raise ConfigError("strategy.stage", stage, "0, 1, 2 or 3 (ZeRO stage)")
-        precision = getattr(train, "precision", "fp32")
-        if precision == "bf16" and stage == 0:
-            raise ConfigError("strategy.stage", stage, "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed "
-                              "accumulates gradients in bf16 and training drifts)")
-        if train is not None and getattr(train, "compile", False):
-            raise ConfigError("train.compile", True, "false with strategy=deepspeed (the engine is not compiled)")
-        deepspeed = _import_deepspeed()
-        if precision == "fp16" and planned_device(train) == "cpu":
-            from deepspeed.accelerator import get_accelerator
-            if not get_accelerator().is_fp16_supported():
-                raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=deepspeed on this CPU "
-                                  "(DeepSpeed's CPU accelerator has no fp16 here)")
-        del deepspeed
-        return world_size
 
     def describe(self) -> str:
         shards = {0: "nothing sharded (DDP-like)", 1: "optimizer state sharded", 2: "optimizer state and gradients "
                   "sharded", 3: "parameters, gradients and optimizer state sharded"}[self.stage]
-        offload = ", optimizer offloaded to CPU" if self.cfg.get("offload_optimizer") else ""
+        offload = ", optimizer offloaded to CPU" if self.cfg.offload_optimizer else ""
         return (f"DeepSpeed ZeRO-{self.stage} over {self.dp_size} data-parallel ranks: {shards}; "
                 f"{self.precision}{offload}")
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
-        deepspeed = _import_deepspeed()
+        import deepspeed  # installed: the planner checked (gpt.parallel.traits)
+
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
         # ZeRO calls collectives torch has renamed; each call would print a FutureWarning.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
@@ -132,7 +101,7 @@ class DeepSpeed(Strategy):
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         model.to(self.device)
         optimizer = build_adamw(model, lr, weight_decay, betas, self.device)
-        if self.cfg.get("offload_optimizer", False):
+        if self.cfg.offload_optimizer:
             # ZeRO-Offload steps on the CPU with DeepSpeed's vectorised Adam (JIT-built once, like the comm op),
             # over the same parameter groups and settings as our AdamW.
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -167,21 +136,23 @@ class DeepSpeed(Strategy):
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
         layers = None
-        clock = PhaseClock(self.device)  # the engine steps inside the loop: its optimizer time counts as fwd_bwd
+        clock = PhaseClock(self.device)
         for i, (x, y) in enumerate(micro_batches):
             if i == 0:
                 self._configure(x.size(0), n_micro, grad_clip)
             _, loss = self.engine(x, y)
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
-            if i == n_micro - 1 and layer_norms:
-                # after the last backward, before the step (which frees the reduced gradients)
-                layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device)
+            if i == n_micro - 1:
+                clock.mark("fwd_bwd")  # the gradients are reduced; the engine's step below is the optimizer's
+                if layer_norms:  # before the step, which frees the reduced gradients
+                    layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device)
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float() / n_micro
-        clock.mark("fwd_bwd")
+        clock.mark("optimizer")
+        # Left on the device: the reporter reads it to the host on log steps only.
         norm = self.engine.get_global_grad_norm()
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
-        return StepResult(total, norm.detach().cpu(), layers, clock)
+        return StepResult(total, norm.detach(), layers, clock)
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -238,6 +209,8 @@ class DeepSpeed(Strategy):
             dcp.save({"model": weights}, checkpoint_id=folder, no_dist=True)
 
     def load_state(self, folder: Path) -> None:
+        # DeepSpeed's own loader unpickles with weights_only=False (code); every file it reads goes through this
+        self.engine.checkpoint_engine.load = load_deepspeed_file
         path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:

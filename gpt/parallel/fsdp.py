@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,34 +17,23 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor.parallel import loss_parallel
 
-from gpt.errors import ConfigError
-from gpt.parallel.base import DTYPES, Strategy, check_keys, local_part, planned_device
+from gpt.config.strategy import StrategyConfig
+from gpt.parallel.base import DTYPES, Strategy, compile_blocks, local_part
 from gpt.parallel.mesh import build_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
-from gpt.optim import build_adamw
+from gpt.train.optim import build_adamw
 
-KEYS = ("reshard_after_forward", "activation_checkpointing", "cpu_offload")
-
-
-def check_fsdp_options(cfg: Any, train: Any, prefix: str = "strategy") -> None:
-    """Options a device cannot run: CPU offload moves parameters off a GPU, so it needs one."""
-    if cfg.get("cpu_offload", False) and train is not None and planned_device(train) != "cuda":
-        raise ConfigError(f"{prefix}.cpu_offload", True, "false on a CPU run (offloading moves parameters from a GPU "
-                          "to the CPU); set train.device=cuda on a GPU machine to use it")
-
-
-def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: Any) -> nn.Module:
+def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: StrategyConfig) -> nn.Module:
     """fully_shard each transformer layer of `model` (a GPT or a pipeline stage of one), then the rest."""
     mp = None
     if precision != "fp32":
         mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
     kwargs = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(),
-              "offload_policy": CPUOffloadPolicy() if cfg.get("cpu_offload", False) else OffloadPolicy()}
-    reshard = cfg.get("reshard_after_forward", True)
+              "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
     for block in model.layers.values():
-        if cfg.get("activation_checkpointing", False):
+        if cfg.activation_checkpointing:
             block.recompute = True
-        fully_shard(block, reshard_after_forward=reshard, **kwargs)
+        fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     # The root keeps embeddings, final norm and head; it stays gathered after forward (backward needs it at once).
     fully_shard(model, reshard_after_forward=False, **kwargs)
     return model
@@ -63,12 +51,6 @@ class FSDP(Strategy):
         self.mesh: DeviceMesh | None = None
         self.dp_mesh: DeviceMesh | None = None  # the data-parallel ranks, flattened to one axis
 
-    @classmethod
-    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
-        check_keys(cfg, KEYS)
-        check_fsdp_options(cfg, train)
-        return world_size
-
     @property
     def dp_rank(self) -> int:
         return self.dp_mesh.get_local_rank() if self.dp_mesh is not None else self.env.rank
@@ -79,7 +61,8 @@ class FSDP(Strategy):
 
     def describe(self) -> str:
         options = [f"{self.precision} compute" if self.precision != "fp32" else "fp32"]
-        options += [key.replace("_", " ") for key in ("activation_checkpointing", "cpu_offload") if self.cfg.get(key)]
+        options += [key.replace("_", " ") for key in ("activation_checkpointing", "cpu_offload")
+                    if getattr(self.cfg, key)]
         d = self.dims
         kind = "HSDP" if d.dp_replicate > 1 else "FSDP2"
         shards = f"dp_shard={d.dp_shard}"
@@ -96,6 +79,8 @@ class FSDP(Strategy):
         self.mesh = build_mesh(self.device, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, tp=d.tp)
         if d.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], d.sequence_parallel)
+        if self.compile:  # after tensor parallelism, before sharding
+            compile_blocks(model)
         self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         shard_mesh = self.mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else self.mesh["dp_shard"]
         self.model = shard(model, shard_mesh, self.precision, self.cfg)

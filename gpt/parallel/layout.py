@@ -8,12 +8,11 @@ tp groups are neighbouring ranks and stay on one node whenever the tasks per nod
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
+from gpt.config.model import ModelConfig
+from gpt.config.strategy import AXES, ParallelConfig
 from gpt.errors import ConfigError
 
-AXES = ("pp", "dp_replicate", "dp_shard", "tp")
-KEYS = (*AXES, "sequence_parallel", "tp_across_nodes")
 WHY_TP_IN_NODE = ("tensor parallel all-reduces activations twice per layer, which across nodes runs at network "
                   "instead of NVLink speed; set parallel.tp_across_nodes=true to force it")
 
@@ -50,30 +49,17 @@ class ParallelDims:
         return f"{axes} ({where})"
 
 
-def _size(parallel: Any, key: str, default: int) -> int:
-    value = parallel.get(key, default)
-    if not isinstance(value, int) or (value < 1 and value != -1):
-        raise ConfigError(f"parallel.{key}", value, "a positive integer, or -1 for the ranks the others leave")
-    return value
-
-
-def read_dims(parallel: Any, world_size: int, **fixed: int) -> ParallelDims:
+def read_dims(parallel: ParallelConfig, world_size: int, **fixed: int) -> ParallelDims:
     """The layout `parallel` asks for on `world_size` ranks, with at most one size -1 ("the rest"); `fixed` sizes
     come from the strategy preset and replace the section's."""
-    for key in parallel.keys():
-        if key not in KEYS:
-            raise ConfigError(f"parallel.{key}", parallel[key], f"known parallel keys are {', '.join(KEYS)}")
-    sizes = {axis: fixed.get(axis, _size(parallel, axis, -1 if axis == "dp_shard" else 1)) for axis in AXES}
+    sizes = {**parallel.sizes(), **fixed}
     rest = [axis for axis, n in sizes.items() if n == -1]
-    if len(rest) > 1:
-        raise ConfigError(f"parallel.{rest[1]}", -1, f"a size: only one of the parallel sizes may be -1 "
-                          f"(parallel.{rest[0]} is -1 already)")
     known = 1
     for n in sizes.values():
         known *= n if n != -1 else 1
     if rest:
         sizes[rest[0]] = max(world_size // known, 1)
-    dims = ParallelDims(**sizes, sequence_parallel=bool(parallel.get("sequence_parallel", False)))
+    dims = ParallelDims(**sizes, sequence_parallel=parallel.sequence_parallel)
     if dims.world_size != world_size:
         product = " x ".join(f"{a}={n}" for a, n in dims.sizes().items())
         key = next((a for a in reversed(AXES) if a not in rest and sizes[a] > 1), rest[0] if rest else "dp_shard")
@@ -82,7 +68,7 @@ def read_dims(parallel: Any, world_size: int, **fixed: int) -> ParallelDims:
     return dims
 
 
-def check_dims(dims: ParallelDims, parallel: Any, model_cfg: Any, ranks_per_node: int) -> None:
+def check_dims(dims: ParallelDims, parallel: ParallelConfig, model_cfg: ModelConfig, ranks_per_node: int) -> None:
     """What a model and the nodes need of a layout: whole heads per tp rank, tp inside a node, no MoE under tp."""
     if dims.sequence_parallel and dims.tp == 1:
         raise ConfigError("parallel.sequence_parallel", True, "false with parallel.tp=1 (it splits norms and "
@@ -96,10 +82,10 @@ def check_dims(dims: ParallelDims, parallel: Any, model_cfg: Any, ranks_per_node
         valid = [d for d in range(1, min(widths.values()) + 1) if all(n % d == 0 for n in widths.values())]
         raise ConfigError("parallel.tp", dims.tp, f"a divisor of {', '.join(bad)} (each rank computes whole heads, "
                           f"query groups and MLP columns): {', '.join(map(str, valid))}")
-    if getattr(model_cfg, "n_expert", 0):
+    if model_cfg.n_expert:
         raise ConfigError("parallel.tp", dims.tp, f"1 with model.n_expert={model_cfg.n_expert}: mixture-of-experts "
                           "layers have no tensor-parallel plan (use dp_shard or pp to split the model)")
-    if ranks_per_node % dims.tp and not parallel.get("tp_across_nodes", False):
+    if ranks_per_node % dims.tp and not parallel.tp_across_nodes:
         raise ConfigError("parallel.tp", dims.tp, f"a divisor of the {ranks_per_node} rank(s) per node "
                           f"(cluster.tasks_per_node): {WHY_TP_IN_NODE}")
 

@@ -5,12 +5,12 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from gpt.distributed import backend_for
+from gpt.dist.process_group import backend_for
 
 
 def ensure_process_group(device: torch.device) -> None:
     """A distributed strategy run as one process still needs a process group (FSDP, DDP, DeepSpeed): a
-    one-rank group on an in-memory store. A multi-rank job has joined its group already (launch.worker)."""
+    one-rank group on an in-memory store. A multi-rank job has joined its group already (launch.rank.worker)."""
     if not dist.is_initialized():
         dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
 

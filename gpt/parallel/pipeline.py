@@ -36,20 +36,17 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.errors import ConfigError
-from gpt.flops import flops_per_token
-from gpt.metrics import layer_grad_norms
-from gpt.model import GPT
-from gpt.optim import build_adamw
-from gpt.parallel.base import PhaseClock, StepResult, Strategy, check_keys, local_part
-from gpt.parallel.fsdp import check_fsdp_options, shard
+from gpt.model.flops import flops_per_token
+from gpt.train.metrics import layer_grad_norms
+from gpt.model.transformer import GPT
+from gpt.train.optim import build_adamw
+from gpt.train.step_timer import PhaseClock
+from gpt.parallel.base import StepResult, Strategy, local_part
+from gpt.parallel.fsdp import shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
-DATA_PARALLEL = ("ddp", "fsdp")
-KEYS = ("pp", "schedule", "microbatches", "stages_per_rank", "dp", "bucket_cap_mb", "reshard_after_forward",
-        "activation_checkpointing", "cpu_offload")
 
 
 def split_layers(n_layer: int, n_stages: int) -> list[range]:
@@ -95,12 +92,12 @@ class Pipeline(Strategy):
 
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
-        self.pp = int(cfg.get("pp", 2))
-        self.schedule_name = cfg.get("schedule", "1f1b")
-        self.microbatches = int(cfg.get("microbatches", self.pp))
-        self.per_rank = int(cfg.get("stages_per_rank", 2)) if self.schedule_name == "interleaved" else 1
+        self.pp = cfg.pp
+        self.schedule_name = cfg.schedule
+        self.microbatches = cfg.pipeline_microbatches
+        self.per_rank = cfg.stages_per_rank if self.schedule_name == "interleaved" else 1
         self.n_stages = self.pp * self.per_rank
-        self.dp_kind = cfg.get("dp", "ddp")
+        self.dp_kind = cfg.dp
         self.tp = dims.tp
         self.mesh: DeviceMesh | None = None
         self.stages: dict[int, nn.Module] = {}  # stage index -> the stage module as trained (maybe DDP-wrapped)
@@ -110,60 +107,6 @@ class Pipeline(Strategy):
         self.runs: list[range] = []
 
     # --- topology -------------------------------------------------------------------------------------
-    @classmethod
-    def data_parallel_size(cls, cfg, model_cfg, world_size: int, train=None) -> int:
-        check_keys(cfg, KEYS)
-        pp = cfg.get("pp", 2)
-        if not isinstance(pp, int) or pp < 2:
-            raise ConfigError("strategy.pp", pp, "an integer >= 2 (pipeline stages); for one stage use "
-                              "strategy=ddp or strategy=fsdp")
-        if world_size % pp:
-            valid = [d for d in range(2, world_size + 1) if world_size % d == 0]
-            raise ConfigError("strategy.pp", pp, f"a divisor of the world size {world_size} (nodes x tasks per node)"
-                              f": {', '.join(map(str, valid)) or 'none; run at least 2 ranks'}; or change the "
-                              f"number of ranks to a multiple of {pp}")
-        dp = world_size // pp
-        schedule = cfg.get("schedule", "1f1b")
-        if schedule not in SCHEDULES:
-            raise ConfigError("strategy.schedule", schedule, f"one of {', '.join(SCHEDULES)}")
-        per_rank = cfg.get("stages_per_rank", 2) if schedule == "interleaved" else 1
-        if not isinstance(per_rank, int) or per_rank < (2 if schedule == "interleaved" else 1):
-            raise ConfigError("strategy.stages_per_rank", per_rank, "an integer >= 2 with schedule=interleaved")
-        stages = pp * per_rank
-        if stages > model_cfg.n_layer:
-            raise ConfigError("strategy.pp", pp, f"at most model.n_layer={model_cfg.n_layer} stages in all; "
-                              f"pp={pp} x stages_per_rank={per_rank} gives {stages}")
-        micro = cfg.get("microbatches", pp)
-        if not isinstance(micro, int) or micro < pp:
-            raise ConfigError("strategy.microbatches", micro, f"an integer >= strategy.pp={pp}: with fewer "
-                              "micro-batches than stages some stages never work at the same time as others")
-        if schedule == "interleaved" and micro % max(1, micro // pp):
-            raise ConfigError("strategy.microbatches", micro, f"a multiple of {max(1, micro // pp)} for the "
-                              f"interleaved schedule (e.g. {pp} or {2 * pp})")
-        kind = cfg.get("dp", "ddp")
-        if kind not in DATA_PARALLEL:
-            raise ConfigError("strategy.dp", kind, f"one of {', '.join(DATA_PARALLEL)} (data parallel inside stages)")
-        if kind == "ddp" and schedule != "1f1b" and dp > 1:
-            raise ConfigError("strategy.dp", kind, f"fsdp with schedule={schedule}, or schedule=1f1b with dp=ddp: "
-                              f"DDP's reducer fails inside {schedule} stages in torch 2.13 (and "
-                              "DDP(static_graph=True) there trains to wrong losses)")
-        check_fsdp_options(cfg, train)
-        if getattr(model_cfg, "n_expert", 0):
-            raise ConfigError("model.n_expert", model_cfg.n_expert, "0 with strategy=pipeline (the MoE "
-                              "load-balancing loss of earlier stages does not reach the last stage)")
-        if train is not None:
-            if train.precision == "fp16":
-                raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=pipeline (no loss "
-                                  "scaler across stages)")
-            if train.compile:
-                raise ConfigError("train.compile", True, "false with strategy=pipeline")
-            if train.global_batch_size % dp == 0 and (train.global_batch_size // dp) % micro:
-                per_replica = train.global_batch_size // dp
-                raise ConfigError("strategy.microbatches", micro, f"a divisor of the per-replica batch "
-                                  f"{per_replica} (train.global_batch_size={train.global_batch_size} / "
-                                  f"data-parallel size {dp}), at least pp={pp}")
-        return dp
-
     @property
     def pp_rank(self) -> int:
         return self.mesh.get_local_rank("pp")
@@ -215,7 +158,7 @@ class Pipeline(Strategy):
         self._tie_embeddings()
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
-        if self.cfg.get("activation_checkpointing", False):
+        if self.cfg.activation_checkpointing:
             for block in stage.layers.values():
                 block.recompute = True
         if self.dp_kind == "fsdp":
@@ -224,7 +167,7 @@ class Pipeline(Strategy):
             return stage
         device_ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(stage, device_ids=device_ids, process_group=self.dp_group,
-                                       bucket_cap_mb=self.cfg.get("bucket_cap_mb", 25))
+                                       bucket_cap_mb=self.cfg.bucket_cap_mb)
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:
@@ -367,10 +310,11 @@ class Pipeline(Strategy):
         return total
 
     def flops_share(self) -> float:
-        """Training FLOPs per token of this rank's layers (and head, on the last stage) over the whole model's."""
+        """Training FLOPs per token of this rank's layers (and head, on the last stage) over the whole model's, split
+        over the stage's tp ranks."""
         cfg = self.model_cfg
         n_local = sum(len(self.runs[s]) for s in self.stages)
         local = flops_per_token(dataclasses.replace(cfg, n_layer=n_local), cfg.block_size)
         if self.n_stages - 1 not in self.stages:
             local -= 6.0 * cfg.n_embd * cfg.vocab_size  # the head's matmul runs on the last stage only
-        return local / flops_per_token(cfg, cfg.block_size)
+        return local / flops_per_token(cfg, cfg.block_size) / self.tp

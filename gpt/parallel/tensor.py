@@ -12,12 +12,13 @@
 from __future__ import annotations
 
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor, wait_tensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
-from gpt.model import GPT, SwiGLU
+from gpt.model.transformer import GPT, SwiGLU
 
 
 def block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
@@ -41,6 +42,15 @@ def block_plan(block: nn.Module, sequence_parallel: bool) -> dict:
     return plan
 
 
+def wait_for_embedding(module: nn.Module, args: tuple, output):
+    """The embedding's output, its all-reduce waited for: RowwiseParallel returns an AsyncCollectiveTensor (the
+    all-reduce still in flight). Fed as it is to a compiled block (train.compile), AOT autograd (torch 2.13)
+    replaces it by its waited value cut off from autograd, so no gradient would reach the embedding through the
+    blocks. wait_tensor is differentiable (identity backward) and copies nothing; the first block needs the value
+    at once anyway."""
+    return wait_tensor(output) if isinstance(output, AsyncCollectiveTensor) else output
+
+
 def apply_tensor_parallel(model: GPT, mesh: DeviceMesh, sequence_parallel: bool, sharded_loss: bool = True) -> GPT:
     """Split `model` (in place; a whole GPT or a pipeline stage of one) over the 1-D `mesh`. With `sharded_loss`
     forward returns vocabulary-sharded logits (a DTensor), whose loss must be computed under
@@ -51,6 +61,7 @@ def apply_tensor_parallel(model: GPT, mesh: DeviceMesh, sequence_parallel: bool,
         # to it as they are; under sequence parallel the first block then takes its slice (no communication).
         parallelize_module(model, mesh, {"wte": RowwiseParallel(input_layouts=Replicate(),
                                                                 output_layouts=Replicate())})
+        model.wte.register_forward_hook(wait_for_embedding)  # after RowwiseParallel's own output hook
     for block in model.layers.values():
         parallelize_module(block, mesh, block_plan(block, sequence_parallel))
     if sequence_parallel:

@@ -1,15 +1,21 @@
-"""What each strategy preset is, for the code outside gpt/parallel: its checkpoint format and whether that
-reshards, the share of the parameters a rank holds, and the collectives of one step with their sizes and mesh axis.
-The trainer, the checkpoint code, the performance model and the report ask these, never a strategy's name.
+"""What each strategy preset is, for the code outside gpt/parallel: what it needs of the run (checked before
+anything runs), its checkpoint format and whether that reshards, the share of the parameters a rank holds, and the
+collectives of one step with their sizes and mesh axis. The planner, the trainer, the checkpoint code, the
+performance model and the report ask these, never a strategy's name.
 
-Torch-free and computed from the config alone, so a report can be rebuilt offline from a run folder.
+Torch-free and computed from the config alone, so the launcher plans on a login node and a report can be rebuilt
+offline from a run folder.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
 from dataclasses import dataclass
 from typing import Any
 
+from gpt.config.model import ModelConfig
+from gpt.config.strategy import ParallelConfig, StrategyConfig
+from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
@@ -47,6 +53,24 @@ def _buckets(nbytes: float, bucket_bytes: float) -> int:
     return max(1, math.ceil(nbytes / bucket_bytes))
 
 
+def planned_device(train: TrainConfig | None) -> str:
+    """The device type a run will use, as far as the planner can tell ('cuda' or 'cpu'). The planner hands over
+    train.device resolved; `auto` asks this machine (importing torch)."""
+    requested = train.device if train is not None else "auto"
+    if requested == "auto":
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def check_fsdp_options(strategy: StrategyConfig, train: TrainConfig | None) -> None:
+    """Options a device cannot run: CPU offload moves parameters off a GPU, so it needs one."""
+    if strategy.cpu_offload and train is not None and planned_device(train) != "cuda":
+        raise ConfigError("strategy.cpu_offload", True, "false on a CPU run (offloading moves parameters from a GPU "
+                          "to the CPU); set train.device=cuda on a GPU machine to use it")
+
+
 class Preset:
     """Replicas that all-reduce gradients (DDP); subclasses change what differs."""
 
@@ -56,20 +80,27 @@ class Preset:
     checkpoint_format = "dcp"  # DCP: every rank writes its part; loads into any layout
     reshardable = True
 
-    def layout(self, cfg: Any, parallel: Any, world_size: int) -> ParallelDims:
+    def data_parallel_size(self, strategy: StrategyConfig, model: ModelConfig, world_size: int,
+                           train: TrainConfig | None = None) -> int:
+        """Check what the preset needs of the run before anything runs; return how many replicas read different
+        data. train is None in a rank (the planner checked it). Raises ConfigError naming the key, the value and
+        what would be valid."""
+        return world_size
+
+    def layout(self, strategy: StrategyConfig, parallel: ParallelConfig, world_size: int) -> ParallelDims:
         dims = read_dims(parallel, world_size)
         refuse_axes(dims, self.name, self.axes)
         return ParallelDims(**{self.data_axis: dims.dp})
 
-    def param_fraction(self, cfg: Any, dims: ParallelDims) -> float:
+    def param_fraction(self, strategy: StrategyConfig, dims: ParallelDims) -> float:
         """The share of the model's parameters one rank holds."""
         return 1.0
 
-    def collectives(self, cfg: Any, dims: ParallelDims, w: Workload) -> list[Collective]:
+    def collectives(self, strategy: StrategyConfig, dims: ParallelDims, w: Workload) -> list[Collective]:
         if dims.dp == 1:
             return []
         grads = 4.0 * w.params  # gradients reduced in fp32
-        bucket = float(cfg.get("bucket_cap_mb", 25)) * 2**20
+        bucket = strategy.bucket_cap_mb * 2**20
         return [Collective("all_reduce", grads, _buckets(grads, bucket), "dp", "fp32 gradients, in buckets")]
 
 
@@ -77,15 +108,21 @@ class Single(Preset):
     name = "single"
     axes = ()
 
+    def data_parallel_size(self, strategy, model, world_size, train=None):
+        if world_size != 1:
+            raise ConfigError("strategy", self.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
+                              "strategy=single runs exactly one process")
+        return 1
+
 
 class Zero1(Preset):
     name = "zero1"
     data_axis = "dp_shard"
 
-    def collectives(self, cfg, dims, w):
+    def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
-        return [*super().collectives(cfg, dims, w),
+        return [*super().collectives(strategy, dims, w),
                 Collective("all_gather", 4.0 * w.params, 1, "dp", "updated parameter partitions")]
 
 
@@ -95,14 +132,32 @@ class DeepSpeed(Preset):
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
 
-    def param_fraction(self, cfg, dims):
-        return 1.0 / dims.dp if int(cfg.get("stage", 2)) == 3 else 1.0
+    def data_parallel_size(self, strategy, model, world_size, train=None):
+        precision = train.precision if train is not None else "fp32"
+        if precision == "bf16" and strategy.stage == 0:
+            raise ConfigError("strategy.stage", 0, "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed "
+                              "accumulates gradients in bf16 and training drifts)")
+        if train is not None and train.compile:
+            raise ConfigError("train.compile", True, "false with strategy=deepspeed (the engine is not compiled)")
+        if importlib.util.find_spec("deepspeed") is None:
+            raise ConfigError("strategy", "deepspeed", "DeepSpeed installed (it is not); `pip install deepspeed`, or "
+                              "pick strategy=zero1 (ZeRO-1) or strategy=fsdp (ZeRO-3-like) from PyTorch")
+        if precision == "fp16" and planned_device(train) == "cpu":
+            from deepspeed.accelerator import get_accelerator  # this machine's: a CPU run's ranks run here
 
-    def collectives(self, cfg, dims, w):
+            if not get_accelerator().is_fp16_supported():
+                raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=deepspeed on this CPU "
+                                  "(DeepSpeed's CPU accelerator has no fp16 here)")
+        return world_size
+
+    def param_fraction(self, strategy, dims):
+        return 1.0 / dims.dp if strategy.stage == 3 else 1.0
+
+    def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
-        stage, grads = int(cfg.get("stage", 2)), 4.0 * w.params
-        calls = _buckets(grads, float(cfg.get("reduce_bucket_size", 5e7)) * 4)
+        stage, grads = strategy.stage, 4.0 * w.params
+        calls = _buckets(grads, strategy.reduce_bucket_size * 4)
         if stage < 3:
             return [Collective("all_reduce", grads, calls, "dp", f"ZeRO-{stage} gradient reduction")]
         return [Collective("all_gather", 2 * grads, calls * w.n_layer, "dp", "parameters, forward and backward"),
@@ -114,19 +169,23 @@ class FSDP(Preset):
     data_axis = "dp_shard"
     axes = ("dp_replicate", "dp_shard", "tp")
 
-    def layout(self, cfg, parallel, world_size):
+    def data_parallel_size(self, strategy, model, world_size, train=None):
+        check_fsdp_options(strategy, train)
+        return world_size
+
+    def layout(self, strategy, parallel, world_size):
         dims = read_dims(parallel, world_size)
         refuse_axes(dims, self.name, self.axes)
         return dims
 
-    def param_fraction(self, cfg, dims):
+    def param_fraction(self, strategy, dims):
         return 1.0 / (dims.dp_shard * dims.tp)
 
-    def collectives(self, cfg, dims, w):
+    def collectives(self, strategy, dims, w):
         local = w.params / dims.tp  # each tp rank shards its own part over dp_shard
         out = []
         if dims.dp_shard > 1:
-            gathers = 2 if cfg.get("reshard_after_forward", True) else 1
+            gathers = 2 if strategy.reshard_after_forward else 1
             units = w.n_layer + 1
             out += [Collective("all_gather", gathers * w.value_bytes * local, gathers * units, "dp_shard",
                                "parameters of each layer"),
@@ -149,37 +208,73 @@ class Pipeline(Preset):
     name = "pipeline"
     axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
-    def layout(self, cfg, parallel, world_size):
-        pp = int(cfg.get("pp", 2))
-        if parallel.get("pp", 1) not in (1, pp):
-            raise ConfigError("parallel.pp", parallel.get("pp"), f"1 or strategy.pp={pp}: strategy.pp sets the "
+    def data_parallel_size(self, strategy, model, world_size, train=None):
+        pp, micro, schedule = strategy.pp, strategy.pipeline_microbatches, strategy.schedule
+        if world_size % pp:
+            valid = [d for d in range(2, world_size + 1) if world_size % d == 0]
+            raise ConfigError("strategy.pp", pp, f"a divisor of the world size {world_size} (nodes x tasks per node)"
+                              f": {', '.join(map(str, valid)) or 'none; run at least 2 ranks'}; or change the "
+                              f"number of ranks to a multiple of {pp}")
+        dp = world_size // pp
+        per_rank = strategy.stages_per_rank if schedule == "interleaved" else 1
+        if pp * per_rank > model.n_layer:
+            raise ConfigError("strategy.pp", pp, f"at most model.n_layer={model.n_layer} stages in all; "
+                              f"pp={pp} x stages_per_rank={per_rank} gives {pp * per_rank}")
+        if strategy.dp == "ddp" and schedule != "1f1b" and dp > 1:
+            raise ConfigError("strategy.dp", "ddp", f"fsdp with schedule={schedule}, or schedule=1f1b with dp=ddp: "
+                              f"DDP's reducer fails inside {schedule} stages in torch 2.13 (and "
+                              "DDP(static_graph=True) there trains to wrong losses)")
+        check_fsdp_options(strategy, train)
+        if model.n_expert:
+            raise ConfigError("model.n_expert", model.n_expert, "0 with strategy=pipeline (the MoE "
+                              "load-balancing loss of earlier stages does not reach the last stage)")
+        if train is not None:
+            self.check_train(train, dp, pp, micro)
+        return dp
+
+    @staticmethod
+    def check_train(train: TrainConfig, dp: int, pp: int, micro: int) -> None:
+        if train.precision == "fp16":
+            raise ConfigError("train.precision", "fp16", "fp32 or bf16 with strategy=pipeline (no loss scaler across "
+                              "stages)")
+        if train.compile:
+            raise ConfigError("train.compile", True, "false with strategy=pipeline")
+        if train.global_batch_size % dp == 0 and (train.global_batch_size // dp) % micro:
+            raise ConfigError("strategy.microbatches", micro, f"a divisor of the per-replica batch "
+                              f"{train.global_batch_size // dp} (train.global_batch_size={train.global_batch_size} / "
+                              f"data-parallel size {dp}), at least pp={pp}")
+
+    def layout(self, strategy, parallel, world_size):
+        pp = strategy.pp
+        if parallel.pp not in (1, pp):
+            raise ConfigError("parallel.pp", parallel.pp, f"1 or strategy.pp={pp}: strategy.pp sets the "
                               "stages of strategy=pipeline")
         dims = read_dims(parallel, world_size, pp=pp)
         refuse_axes(dims, self.name, self.axes)
         if dims.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", True, "false with strategy=pipeline (a later stage "
                               "would take its RoPE positions from its slice of the sequence)")
-        inside = "dp_shard" if cfg.get("dp", "ddp") == "fsdp" else "dp_replicate"
+        inside = "dp_shard" if strategy.dp == "fsdp" else "dp_replicate"
         if dims.tp > 1 and dims.dp > 1 and inside == "dp_replicate":
-            raise ConfigError("strategy.dp", cfg.get("dp", "ddp"), "fsdp with parallel.tp > 1 (DDP does not take "
+            raise ConfigError("strategy.dp", strategy.dp, "fsdp with parallel.tp > 1 (DDP does not take "
                               "the tensor-parallel DTensor parameters; FSDP2 does)")
         return ParallelDims(pp=pp, tp=dims.tp, **{inside: dims.dp})
 
-    def param_fraction(self, cfg, dims):
+    def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
 
-    def collectives(self, cfg, dims, w):
+    def collectives(self, strategy, dims, w):
         stage = 4.0 * w.params / dims.pp / dims.tp
         out = []
         if dims.dp > 1:
-            bucket = float(cfg.get("bucket_cap_mb", 25)) * 2**20
+            bucket = strategy.bucket_cap_mb * 2**20
             out.append(Collective("all_reduce", stage, _buckets(stage, bucket), "dp", "each stage's gradients"))
         if dims.tp > 1:
             calls = 4 * w.n_layer // dims.pp + 1  # this stage's layers, forward and backward; embedding or head
             out.append(Collective("all_reduce", calls * w.activation_bytes(dims), calls, "tp",
                                   "partial activations"))
         if dims.pp > 1:
-            micro = int(cfg.get("microbatches", dims.pp))
+            micro = strategy.pipeline_microbatches
             out.append(Collective("p2p", 2 * w.activation_bytes(dims), 2 * micro, "pp",
                                   "activations forward, their gradients backward"))
         return out

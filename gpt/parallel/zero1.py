@@ -10,7 +10,8 @@ import inspect
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from gpt.optim import build_adamw
+from gpt.train.optim import build_adamw
+from gpt.parallel.base import compile_blocks
 from gpt.parallel.ddp import DDP
 
 
@@ -22,6 +23,8 @@ class Zero1(DDP):
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
+        if self.compile:
+            compile_blocks(model)
         self.model = self.wrap(model)
         # The same parameter groups and settings as every other strategy's AdamW, partitioned over the ranks.
         reference = build_adamw(self.model, lr, weight_decay, betas, self.device)

@@ -19,7 +19,7 @@ from hydra.plugins.launcher import Launcher
 @dataclass
 class GptlaunchLauncherConf:
     _target_: str = "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher.GptlaunchLauncher"
-    poll_s: float = 1.0  # how often Slurm is asked about the sweep's jobs
+    poll_s: float = 1.0  # how often Slurm is asked about the jobs, until a minute without change (then up to 30 s)
     progress: bool = True  # a progress bar while waiting for the jobs
 
 

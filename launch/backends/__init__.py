@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt.config.schema import RunConfig
 from gpt.errors import ConfigError, UserError
 
 REGISTRY = {  # cluster.name -> "module:class"
@@ -40,27 +41,31 @@ class Backend:
     name = "?"
     submits = False  # True: every point is a job of a scheduler, submitted from here
 
-    def check(self, cfg) -> tuple[Any, Any]:
+    def check(self, run: RunConfig) -> tuple[RunConfig, Any]:
         """Validate what can be checked without running anything, against the real cluster if there is
-        one. Returns the config (resolved where the backend fills values in) and the resources a submitted
+        one. Returns the run's config (resolved where the backend fills values in) and the resources a submitted
         job asks for (None for backends that run here)."""
-        return cfg, None
+        return run, None
 
     def run(self, plan) -> None:
         """Run one planned point here and return when it has finished (backends that do not submit)."""
         raise NotImplementedError
 
-    def submit(self, points: list, folder, budget) -> list:
-        """Show the cost and refuse it above budget, then submit every point; nothing is left half-submitted."""
+    def budget_gate(self, points: list, budget) -> None:
+        """Show what the points may cost; refuse it above budget, before anything is written or submitted."""
+        raise NotImplementedError
+
+    def submit(self, points: list, folder) -> list:
+        """Submit every point; nothing is left half-submitted."""
         raise NotImplementedError
 
     def wait(self, submitted: list, poll_s: float, progress: bool) -> list:
         """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
         raise NotImplementedError
 
-    def job_running(self, job_id: str) -> bool | None:
-        """Whether this backend's scheduler still runs that job (None: it cannot tell; a run folder's lock then
-        goes by its heartbeat)."""
+    def job_state(self, job_id: str) -> str | None:
+        """That job's state as this backend's scheduler says it (launch.backends.slurm.commands: a state word or
+        GONE; None: it cannot tell, and a run folder's lease goes by its beat)."""
         return None
 
 

@@ -1,5 +1,5 @@
 """The embedded default backend: a sweep point's ranks run as processes on this machine, through the same
-per-rank entry point (launch.worker) that srun starts on a cluster."""
+per-rank entry point (launch.rank.worker) that srun starts on a cluster."""
 from __future__ import annotations
 
 import contextlib
@@ -11,15 +11,17 @@ import uuid
 from pathlib import Path
 
 import psutil
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
-from gpt.hang_report import newest_hang
+from gpt.resilience.hang import newest_hang
+from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
-from launch.parent import LAUNCHER_PID
-from launch.startup import attempt_start_env
-from launch.threads import ThreadPlan
+from launch.rank.parent import LAUNCHER_PID
+from launch.run.lost_rank import record_lost_rank
+from launch.run.startup import attempt_start_env
+from launch.rank.threads import ThreadPlan
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
@@ -29,34 +31,45 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     # nothing carries over from one sweep point to the next).
     rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
                 "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid())}
-    # Ctrl-C reaches the ranks too (one process group): they save at the next step and stop. The agent must
-    # not kill them meanwhile, so SIGINT is left to us.
+    # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop. The agent must not kill them
+    # meanwhile (nor end in a traceback), so SIGINT and SIGTERM are left to us.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
                           rdzv_endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, max_restarts=0,
-                          start_method="spawn", monitor_interval=0.1, signals_to_handle="SIGTERM,SIGHUP,SIGQUIT")
-    args = [f"{k}={v}" for k, v in rank_env.items()] + [sys.executable, "-m", "launch.worker", str(run_dir)]
+                          start_method="spawn", monitor_interval=0.1, signals_to_handle="SIGHUP,SIGQUIT")
+    args = [f"{k}={v}" for k, v in rank_env.items()] + [sys.executable, "-m", "launch.rank.worker", str(run_dir)]
     try:
         with _launcher_state_kept(), _ctrl_c_saves():
             elastic_launch(config, "env")(*args)
     except ChildFailedError as e:
-        rank, failure = e.get_first_failure()
+        rank, failure = root_failure(e)
+        if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:  # killed, not stopped by the agent
+            record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-failure.exitcode).name}")
         if failure.exitcode == EXIT_HANG:  # a failed run, not the user's error
             raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None
         raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
 
 
+def root_failure(e: ChildFailedError) -> tuple[int, ProcessFailure]:
+    """The rank that failed first. A rank that died of SIGABRT comes after any other: on GPUs NCCL aborts every
+    survivor of a lost or failed peer, often within the same second (the agent's timestamps are whole seconds)."""
+    rank = min(e.failures, key=lambda r: (e.failures[r].exitcode == -signal.SIGABRT, e.failures[r].timestamp, r))
+    return rank, e.failures[rank]
+
+
 def _failure(run_dir: Path, rank: int, code: int) -> str:
-    again = continue_command()
+    again, folder = continue_command(), RunFolder(run_dir)
     if code == EXIT_PREEMPTED:
-        return (f"stopped after a signal; every rank saved a checkpoint in {run_dir / 'checkpoints'}. "
+        return (f"stopped after a signal; every rank saved a checkpoint in {folder.checkpoints}. "
                 f"Continue with:\n  {again}")
     if code == EXIT_INTERRUPTED:
-        return (f"stopped at once (Ctrl-C twice); the newest checkpoint in {run_dir / 'checkpoints'} is kept. "
+        return (f"stopped at once (Ctrl-C twice); the newest checkpoint in {folder.checkpoints} is kept. "
                 f"Continue with:\n  {again}")
     if code == EXIT_HANG:
-        return newest_hang(run_dir) or f"rank {rank}'s watchdog saw a hang; its log: {run_dir / 'logs'}"
+        return newest_hang(run_dir) or f"rank {rank}'s watchdog saw a hang; its log: {folder.logs}"
+    if code < 0:
+        return f"rank {rank} was killed by {signal.Signals(-code).name}; its log: {folder.log(rank)}"
     hint = "a configuration error (see above)" if code == EXIT_USER else f"exit code {code}"
-    return f"rank {rank} failed with {hint}; its log: {run_dir / 'logs' / f'rank{rank}.log'}"
+    return f"rank {rank} failed with {hint}; its log: {folder.log(rank)}"
 
 
 def continue_command() -> str:
@@ -77,25 +90,28 @@ def _launcher_state_kept():
 
 @contextlib.contextmanager
 def _ctrl_c_saves():
-    """Ctrl-C is passed on to the ranks (the agent starts them in sessions of their own, out of the
-    terminal's reach): the first makes them save at the next step and stop; a second stops them at once."""
+    """Ctrl-C and SIGTERM (a process manager, `kill`, a terminal closing) are passed on to the ranks (the agent
+    starts them in sessions of their own, out of the terminal's reach): the first makes them save at the next
+    step and stop; a second Ctrl-C stops them at once."""
     presses = []
 
     def handle(signum, frame) -> None:
         presses.append(signum)
         if len(presses) == 1:
-            print("\nCtrl-C: every rank saves at its next step, then stops (Ctrl-C again to stop at once)",
+            again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
+            print(f"\n{signal.Signals(signum).name}: every rank saves at its next step, then stops{again}",
                   file=sys.stderr, flush=True)
         for child in psutil.Process().children(recursive=True):
             with contextlib.suppress(psutil.Error):
-                if "launch.worker" in child.cmdline():
-                    child.send_signal(signal.SIGINT)
+                if "launch.rank.worker" in child.cmdline():
+                    child.send_signal(signum)
 
-    previous = signal.signal(signal.SIGINT, handle)
+    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 class LocalBackend(Backend):

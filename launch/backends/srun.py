@@ -1,22 +1,32 @@
 """cluster=srun: already inside an allocation (slurm/multi_node.sh, salloc). This host plans the run, then
 `srun` starts on every node the task wrapper of cluster=slurm (launch.backends.slurm.task, which runs
-`python -m launch.worker RUN_DIR`): one task per GPU on GPU nodes, or --ntasks-per-node ranks per node on CPU
+`python -m launch.rank.worker RUN_DIR`): one task per GPU on GPU nodes, or --ntasks-per-node ranks per node on CPU
 nodes."""
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
+import re
 import shutil
 import signal
 import subprocess
 import sys
-import time
+import uuid
 from pathlib import Path
 
-from omegaconf import DictConfig, open_dict
-
+from gpt.config import schema
+from gpt.config.schema import RunConfig
 from gpt.errors import EXIT_PREEMPTED, ConfigError, UserError
+from gpt.resilience.preemption import configured_signals
+from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
-from launch.threads import ThreadPlan
+from launch.backends.slurm import commands
+from launch.backends.slurm.step import RankStep, workdir
+from launch.rank.job_env import job_environment
+from launch.rank.signal_relay import SignalRelay
+from launch.rank.threads import ThreadPlan
+from launch.run.startup import STEP_TOKEN
 
 
 def _int(env: dict[str, str], *keys: str) -> int | None:
@@ -37,7 +47,7 @@ def gpus_on_node(env: dict[str, str]) -> int:
     return len([d for d in visible.split(",") if d.strip()]) if visible and visible != "NoDevFiles" else 0
 
 
-def resolve_allocation(cfg: DictConfig, environ: dict[str, str] | None = None) -> DictConfig:
+def resolve_allocation(run: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
     """cluster.nodes and cluster.tasks_per_node from the allocation (for `auto`), checked against it."""
     env = dict(os.environ if environ is None else environ)
     if "SLURM_JOB_ID" not in env:
@@ -51,77 +61,136 @@ def resolve_allocation(cfg: DictConfig, environ: dict[str, str] | None = None) -
         ntasks = _int(env, "SLURM_NTASKS")
         tasks = max(1, ntasks // nodes) if ntasks else 1
     gpus = gpus_on_node(env)
-    cfg = cfg.copy()
-    with open_dict(cfg):
-        for key, have in (("nodes", nodes), ("tasks_per_node", tasks)):
-            want = cfg.cluster.get(key, "auto")
-            if want in ("auto", None):
-                cfg.cluster[key] = have
-            elif want != have:
-                raise ConfigError(f"cluster.{key}", want, f"auto or {have}, what this allocation has "
-                                  f"(sbatch --{'nodes' if key == 'nodes' else 'ntasks-per-node'}={want} to get it)")
-    if gpus and cfg.cluster.tasks_per_node != gpus:
-        raise UserError(f"this allocation has {gpus} GPU(s) per node but {cfg.cluster.tasks_per_node} task(s) per "
-                        f"node: one rank per GPU needs sbatch --ntasks-per-node={gpus}")
-    return cfg
+    for key, have in (("nodes", nodes), ("tasks_per_node", tasks)):
+        want = getattr(run.cluster, key)
+        if want not in ("auto", have):
+            raise ConfigError(f"cluster.{key}", want, f"auto or {have}, what this allocation has "
+                              f"(sbatch --{'nodes' if key == 'nodes' else 'ntasks-per-node'}={want} to get it)")
+    if gpus and tasks != gpus:
+        why = (f"this allocation has {gpus} GPU(s) per node but {tasks} task(s) per node: one rank per GPU needs "
+               f"sbatch --ntasks-per-node={gpus}")
+        if "SLURM_GPUS_PER_NODE" in env:  # asked for; --exclusive (or --gres) may hand a job its nodes' GPUs unasked
+            raise UserError(why)
+        print(f"warning: {why}", file=sys.stderr, flush=True)
+    return run.with_cluster(nodes=nodes, tasks_per_node=tasks)
+
+
+# a batch script's own warning: `#SBATCH --signal=[R:][B:]SIG@SECONDS` (Lightning's habit: --signal=USR1@90)
+SIGNAL_LINE = re.compile(r"^#SBATCH\s+--signal[=\s]+(?:[RB]:)*(?:SIG)?(\w+)(?:@(\d+))?", re.MULTILINE)
+
+
+def job_signal(job_id: str) -> tuple[str, int | None] | None:
+    """The --signal the job's own batch script asks Slurm for (scontrol keeps the script), or None."""
+    try:
+        script = commands.run("scontrol", "write", "batch_script", job_id, "-")
+    except commands.SlurmUnavailable:
+        return None
+    found = SIGNAL_LINE.findall(script)
+    if not found:
+        return None
+    name, seconds = found[-1]  # sbatch takes the last one
+    return name.upper(), int(seconds) if seconds else None
+
+
+def with_job_signal(run: RunConfig, job_id: str) -> RunConfig:
+    """The ranks save on the warning the user's own sbatch script asks for, and allow for its lead."""
+    found = job_signal(job_id)
+    if found is None:
+        return run
+    name, seconds = found
+    if f"SIG{name}" not in run.preemption.signals:
+        print(f"note: the job's sbatch script sends SIG{name} before its time limit (--signal): the ranks save on "
+              f"it too (preemption.signals+=[SIG{name}])", file=sys.stderr, flush=True)
+        signals = (*run.preemption.signals, f"SIG{name}")
+        run = dataclasses.replace(run, preemption=dataclasses.replace(run.preemption, signals=signals))
+    if seconds is not None and run.cluster.signal_delay_s is None:
+        run = run.with_cluster(signal_delay_s=seconds)
+    return run
+
+
+def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankStep, signals: list[signal.Signals],
+                 run_dir: Path, here: Path, python: str = sys.executable) -> list[str]:
+    """The srun line that starts every rank: one task wrapper each, in the site's container if it has one."""
+    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
+           "--kill-on-bad-exit=1"]
+    if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
+        cmd.append(f"--cpus-per-task={cpus}")
+    # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
+    # killed while its host lives requeues the job). It starts with the preemption signals ignored, as the rank
+    # does; signals that come meanwhile wait here until every rank is up.
+    task = [*step.command(python, here), "-m", "launch.backends.slurm.task", str(run_dir)]
+    return [*cmd, *step.srun_flags(here), *ignoring(signals), *task]
+
+
+def configured_step(config_file: Path) -> RankStep:
+    """The run's srun flags, environment and container; none when its config cannot be read (as for its signals:
+    the ranks report a bad config once they read it)."""
+    try:
+        return RankStep.from_cluster(schema.load(config_file).cluster)
+    except Exception:
+        return RankStep()
 
 
 def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     """Start every rank with srun and wait; a rank that fails ends the step (--kill-on-bad-exit)."""
-    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
-           "--kill-on-bad-exit=1"]
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
-    if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
-        cmd.append(f"--cpus-per-task={cpus}")
     threads = ThreadPlan.decide(ranks_on_host=tasks_per_node, cpus_per_task=int(cpus) if cpus else None)
-    env = {**os.environ, **threads.env()}
-    # Every rank starts with the preemption signals ignored (its start-up must not die of one) and handles them
-    # once its flag is in place; signals that come meanwhile wait here until every rank is up.
-    shim = ["bash", "-c", 'trap "" USR2 TERM; exec "$0" "$@"']
-    started = time.time()
-    # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
-    # killed while its host lives requeues the job).
-    task = [sys.executable, "-m", "launch.backends.slurm.task", str(run_dir)]
-    child = subprocess.Popen([*cmd, *shim, *task], env=env)
-    received: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, _frame: received.append(signum))
-                for s in (signal.SIGUSR2, signal.SIGTERM, signal.SIGINT)}
-    try:
-        code, passed = None, 0
-        while code is None:
-            try:
-                code = child.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-            if code is None and passed < len(received) and ranks_up(run_dir, nodes * tasks_per_node, started):
-                for signum in received[passed:]:
-                    child.send_signal(signum)  # srun passes it on to every rank
-                passed = len(received)
+    folder = RunFolder(run_dir)
+    here = workdir()
+    step = configured_step(folder.config).mounting(here, run_dir)
+    first_host = commands.hostnames(os.environ["SLURM_JOB_NODELIST"])[0] if step.master_host_suffix else ""
+    env = {**os.environ, **threads.env(), **step.environ(first_host)}
+    signals = configured_signals(folder.config)
+    env[STEP_TOKEN] = token = uuid.uuid4().hex
+    child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here), env=env)
+    relay = SignalRelay([*signals, signal.SIGINT])
+    try:  # srun passes each signal on to every task
+        code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token))
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
+        relay.restore()
+    logs = f"rank logs: {folder.logs}/rank*.log"
     if code == EXIT_PREEMPTED:
         raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "
-                         f"requeued (see {run_dir / 'attempts.jsonl'}); submit the same command to resume")
-    if code != 0 and signal.SIGTERM in received:
+                         f"requeued (see {folder.attempts.log}); submit the same command to resume")
+    if code != 0 and signal.SIGTERM in relay.received:
         raise SrunFailed(f"the job was stopped (SIGTERM: scancel, preemption or the time limit) and srun with it "
-                         f"(exit code {code}); rank logs: {run_dir / 'logs'}/rank*.log")
+                         f"(exit code {code}); {logs}")
     if code != 0:
-        raise SrunFailed(f"srun exited with code {code}: {_first_rank_error(run_dir, nodes * tasks_per_node)}; "
-                         f"rank logs: {run_dir / 'logs'}/rank*.log")
+        why = _attempt_end(folder) or _first_rank_error(folder, nodes * tasks_per_node)
+        raise SrunFailed(f"srun exited with code {code}: {why}; {logs}")
 
 
-def ranks_up(run_dir: Path, world: int, since: float) -> bool:
-    """Every rank of this attempt has its signal handlers (it writes its environment record after that)."""
-    records = [run_dir / "environment" / f"rank{r}.json" for r in range(world)]
-    return all(f.exists() and f.stat().st_mtime >= since for f in records)
+def _attempt_end(folder: RunFolder) -> str | None:
+    """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
+    the first error in the rank logs, which is often a survivor's failed collective."""
+    job = job_environment()
+    line = folder.attempts.line_of(job.job_id, job.restart)
+    return f"{line['ended']}; {line['note']}" if line and line.get("note") else None
 
 
-def _first_rank_error(run_dir: Path, world: int) -> str:
+def ignoring(signals: list[signal.Signals]) -> list[str]:
+    """The command prefix that starts a task with `signals` ignored (srun starts it on another host)."""
+    names = " ".join(s.name.removeprefix("SIG") for s in signals)
+    return ["bash", "-c", f'trap "" {names}; exec "$0" "$@"'] if signals else []
+
+
+def ranks_up(folder: RunFolder, world: int, token: str) -> bool:
+    """Every rank of this step has its signal handlers: it writes its environment record after that, with the
+    step's token (not a file time: the file server's clock is not this host's)."""
+    for rank in range(world):
+        try:
+            if json.loads(folder.environment_record(rank).read_text()).get("step") != token:
+                return False
+        except (OSError, ValueError):
+            return False
+    return True
+
+
+def _first_rank_error(folder: RunFolder, world: int) -> str:
     from launch.backends.slurm.task import last_error
 
     for rank in range(world):
-        error = last_error(run_dir / "logs" / f"rank{rank}.log")
+        error = last_error(folder.log(rank))
         if error:
             return error if error.startswith(f"rank {rank} ") else f"rank {rank}: {error}"
     return "a rank failed (srun names it above)"
@@ -134,13 +203,13 @@ class SrunFailed(RunFailed):
 class SrunBackend(Backend):
     name = "srun"
 
-    def check(self, cfg):
-        return resolve_allocation(cfg), None
+    def check(self, run):
+        return with_job_signal(resolve_allocation(run), os.environ["SLURM_JOB_ID"]), None
 
     def run(self, plan) -> None:
         run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
 
-    def job_running(self, job_id: str) -> bool | None:
+    def job_state(self, job_id: str) -> str | None:
         from launch.backends.slurm.job import SlurmJob
 
-        return SlurmJob({}).job_running(job_id)
+        return SlurmJob({}).job_state(job_id)

@@ -1,6 +1,6 @@
 """The report of a run or a sweep (launch/report/build.py), rebuilt from the run folders' files alone:
 `python -m launch.report DIR`."""
 from launch.report.build import build_report, write_report
-from launch.report.model import Report, ReportConfig
+from launch.report.contents import Report
 
-__all__ = ["Report", "ReportConfig", "build_report", "write_report"]
+__all__ = ["Report", "build_report", "write_report"]

@@ -28,14 +28,19 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from gpt.stragglers import StragglerConfig
+from gpt.config.report import ReportConfig
+from gpt.config.section import section
+from gpt.config.sections import StragglerConfig
+from gpt.config.tracking import TrackingConfig
+from gpt.run_folder import RunFolder
+from gpt.train.tracker import open_tracker
 from launch.report import outputs as report_outputs
 from launch.report import tensorboard as report_tensorboard
 from launch.report.compare import CompareRow, compare_rows, varying_keys
 from launch.report.fit import fit_points, predict
 from launch.report.markdown import markdown
-from launch.report.model import Report, ReportConfig
-from launch.report.points import REPORT_DIR, TB_RUN, Point, find_run_folders, get, load_point
+from launch.report.contents import Report
+from launch.report.points import Point, find_run_folders, get, load_point
 from launch.report.rows import Row, add_efficiency, scaling_mode, shape_of, summarize
 
 log = logging.getLogger(__name__)
@@ -58,8 +63,8 @@ def build_report(root: Path, config: ReportConfig | None = None) -> Report:
     root = Path(root)
     points = load_points(root)
     first = points[0].config
-    config = config or ReportConfig.from_cfg(get(first, "report"))
-    straggler_config = StragglerConfig.from_metrics_cfg(get(first, "metrics"))
+    config = config or section(ReportConfig, "report", get(first, "report"))
+    straggler_config = section(StragglerConfig, "metrics", get(first, "metrics"))
     rows = [summarize(p, config.skip_windows, straggler_config) for p in points]
     keys = varying_keys(points)
     rep = Report(root, points, rows, config, straggler_config, keys, True, [])
@@ -99,7 +104,7 @@ def write_report(run_or_sweep_dir: str | Path, config: ReportConfig | None = Non
     """Write the report of a run or sweep folder; returns the report folder. Same files offline or at sweep end."""
 
     rep = build_report(Path(run_or_sweep_dir), config)
-    out = rep.root / REPORT_DIR
+    out = RunFolder(rep.root).report
     out.mkdir(parents=True, exist_ok=True)
     if rep.scaling:
         (out / "scaling.csv").write_text(_csv([asdict(r) for r in rep.rows], list(Row.__dataclass_fields__)))
@@ -116,5 +121,17 @@ def write_report(run_or_sweep_dir: str | Path, config: ReportConfig | None = Non
         {"comparison.csv"} if rep.compare else set())
     for stale in OUTPUTS - written:  # a rebuilt report of another kind leaves nothing of the old one behind
         (out / stale).unlink(missing_ok=True)
-    report_tensorboard.write_run(rep, rep.root / TB_RUN, text, images)
+    report_tensorboard.write_run(rep, RunFolder(rep.root).scaling_board, text, images)
+    attach_to_trackers(rep.points, out)
     return out
+
+
+def attach_to_trackers(points: Sequence[Point], report: Path) -> None:
+    """The report folder as an artifact of each point's tracker run (tracking.kind set): a sweep's report sits
+    next to every point's curves."""
+    for p in points:
+        tracking = section(TrackingConfig, "tracking", get(p.config, "tracking"))
+        tracker = open_tracker(tracking, p.path, str(get(p.config, "run") or p.path.name), None)
+        if tracker is not None:
+            tracker.attach(report, "report")
+            tracker.close()

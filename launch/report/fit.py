@@ -11,8 +11,9 @@ import math
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from gpt.config.report import Network
 from gpt.errors import ConfigError
-from launch.report.perf_model import FittedModel, Network, Shape, fit, point_errors, scaled_shape
+from launch.report.perf_model import FittedModel, Shape, fit, point_errors, scaled_shape
 from launch.report.points import Point
 from launch.report.rows import Row, median_or_none, steady
 

@@ -6,10 +6,10 @@ import math
 from typing import Any
 
 from launch.report.fit import TOLERANCE
-from launch.report.model import Report
+from launch.report.contents import Report
 from launch.report.perf_model import comm_volume
-from launch.report.points import TB_RUN
-from gpt.goodput import read_attempts, run_goodput
+from gpt.resilience.goodput import run_goodput
+from gpt.run_folder import RunFolder
 from launch.report.rows import BREAKDOWN, replay_stragglers
 
 MODE_TEXT = {
@@ -20,6 +20,21 @@ MODE_TEXT = {
              "per rank against the smallest point",
 }
 MFU_NOTE = "MFU is n/a where no peak FLOP/s is known (CPU, unknown GPU)."
+# A table of a large sweep shows its first and last rows (the ranked best and worst); the CSV files hold every row.
+SHOWN_ROWS = 10
+
+
+def shown(rows: list, where: str) -> tuple[list, str]:
+    """The rows a table shows, and the line that stands for the rows left out (empty when none are)."""
+    if len(rows) <= 2 * SHOWN_ROWS:
+        return rows, ""
+    return rows[:SHOWN_ROWS] + rows[-SHOWN_ROWS:], (
+        f"| ... {len(rows) - 2 * SHOWN_ROWS} more point(s) between these rows: every point is in {where} |")
+
+
+def _collapse(lines: list[str], gap: str) -> list[str]:
+    """Rendered rows of shown(): the gap line between the first and the last ones."""
+    return lines[:SHOWN_ROWS] + [gap] + lines[SHOWN_ROWS:] if gap else lines
 
 
 def fmt(v: Any, spec: str = ".3g") -> str:
@@ -85,10 +100,13 @@ def comparison(rep: Report) -> str:
     out = [f"## Comparison: {', '.join(rep.compared_keys)}\n", f"Ranked by {order}; lower is better.\n",
            "| rank | point | best val loss (step) | final val loss | final train loss | tokens/s | steps |",
            "|---|---|---|---|---|---|---|"]
-    for r in rep.compare:
+    rows, gap = shown(rep.compare, "`comparison.csv`")
+    lines = []
+    for r in rows:
         best = f"{r.best_val_loss:.4f} ({r.best_val_step})" if r.best_val_loss is not None else "n/a"
-        out.append(f"| {r.rank} | {r.label} | {best} | {fmt(r.final_val_loss, '.4f')} | "
-                   f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {r.steps} |")
+        lines.append(f"| {r.rank} | {r.label} | {best} | {fmt(r.final_val_loss, '.4f')} | "
+                     f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {r.steps} |")
+    out += _collapse(lines, gap)
     return "\n".join(out) + "\n\n![training and validation loss per point](loss_curves.png)\n"
 
 
@@ -97,20 +115,24 @@ def scaling_table(rep: Report) -> str:
            ("| point | nodes | ranks | strategy | global batch | batch/rank | tokens/s | tokens/s/rank | MFU | "
            "step p50 (s) | step p90 (s) | comm | stragglers | efficiency | per core | threads/rank | shared host |"),
            "|" + "---|" * 17]
-    for r in rep.rows:
+    rows, gap = shown(rep.rows, "`scaling.csv`")
+    lines = []
+    for r in rows:
         strag = f"{r.stragglers} ({r.straggler_ranks})" if r.stragglers else "none"
-        out.append(f"| {r.point} | {r.nodes} | {r.ranks} | {r.strategy} | {r.global_batch} | {r.batch_per_rank:g} | "
+        lines.append(f"| {r.point} | {r.nodes} | {r.ranks} | {r.strategy} | {r.global_batch} | {r.batch_per_rank:g} | "
                    f"{r.tokens_per_s:,.0f} | {r.tokens_per_s_rank:,.0f} | {pct(r.mfu)} | {r.step_time_p50_s:.4g} | "
                    f"{r.step_time_p90_s:.4g} | {pct(r.comm_fraction)} | {strag} | {pct(r.efficiency)} | "
-                   f"{pct(r.efficiency_per_core)} | {fmt(r.threads)} | {'yes' if r.shared_host else 'no'} |")
+                     f"{pct(r.efficiency_per_core)} | {fmt(r.threads)} | {'yes' if r.shared_host else 'no'} |")
+    out += _collapse(lines, gap)
     breakdown = "; ".join(f"`{r.point}` " + ", ".join(
         f"{k.removesuffix('_s').replace('_time', '')} {fmt(getattr(r, k), '.3g')}" for k in BREAKDOWN)
-        for r in rep.rows)
+        for r in rows) + ("; the other points' in scaling.csv" if gap else "")
     out.append(f"\nStep-time breakdown (medians, s): {breakdown}.\n")
-    out.append(f"{MFU_NOTE} comm is the median fraction of the step spent in collectives, n/a where the run did "
-               "not record `comm_s`. Per core: tokens/s per CPU core against the reference's; where ranks share "
-               "one machine's cores (a shared host), this, not the per-rank efficiency, says how well they share "
-               "them.\n")
+    out.append(f"{MFU_NOTE} comm is the median fraction of the step spent waiting for the other ranks, measured "
+               "where the wait happens (the host's flags all-reduce and the device's gradient reduction), n/a where "
+               "the run did not record `comm_s`. Per core: tokens/s per CPU core against the reference's; where "
+               "ranks share one machine's cores (a shared host), this, not the per-rank efficiency, says how well "
+               "they share them.\n")
     return "\n".join(out)
 
 
@@ -129,7 +151,7 @@ def model_section(rep: Report) -> str:
     per = f"for a rank with {m.reference_cores:g} core(s)" if m.reference_cores else "per rank"
     out = ["## Performance model\n",
            ("step_time(n) = c x sequences_per_rank(n) x cores(ref) / cores(n) + k x comm(n), comm = latency + "
-           "bytes / bandwidth for the strategy's collectives (see `launch/perf_model.py`).\n"),
+           "bytes / bandwidth for the strategy's collectives (see `launch/report/perf_model.py`).\n"),
            (f"- c = {m.compute_s_per_sequence:.4g} s per sequence {per}; k = {m.comm_scale:.3g} (1 = communication "
            f"as fast as the configured network); {m.method}; rms residual {m.residual_rms_s:.3g} s"),
            (f"- network (`report.network.*`): intra-node {net.intra_node_GBps:g} GB/s, {net.intra_node_latency_us:g} "
@@ -149,12 +171,18 @@ def model_error(rep: Report) -> str:
             f"{'; the likely cause of each miss is below the table' if flagged else ''}.\n")
     out = [head, ("| point | measured step (s) | model step (s) | error | leave-one-out step (s) | "
                   "leave-one-out error | within 10% |"), "|---|---|---|---|---|---|---|"]
-    for r in rep.rows:
+    # the worst fits first when the table is collapsed, so that the misses stay in view
+    ordered = rep.rows if len(rep.rows) <= 2 * SHOWN_ROWS else sorted(
+        rep.rows, key=lambda r: 0 if math.isnan(r.model_error) else -abs(r.model_error))
+    rows, gap = shown(ordered, "`scaling.csv`")
+    lines = []
+    for r in rows:
         loo_step = r.step_time_p50_s * (1 + r.loo_error) if r.loo_error is not None else None
-        out.append(f"| {r.point} | {r.step_time_p50_s:.4g} | {r.predicted_step_time_s:.4g} | "
-                   f"{pct(r.model_error, signed=True)} | {fmt(loo_step, '.4g')} | {pct(r.loo_error, signed=True)} | "
-                   f"{'**no**' if r.model_flag else 'yes'} |")
-    causes = [f"- `{r.point}` is off by more than 10%: {r.model_flag}." for r in flagged]
+        lines.append(f"| {r.point} | {r.step_time_p50_s:.4g} | {r.predicted_step_time_s:.4g} | "
+                     f"{pct(r.model_error, signed=True)} | {fmt(loo_step, '.4g')} | {pct(r.loo_error, signed=True)} | "
+                     f"{'**no**' if r.model_flag else 'yes'} |")
+    out += _collapse(lines, gap)
+    causes = [f"- `{r.point}` is off by more than 10%: {r.model_flag}." for r in shown(flagged, "`scaling.csv`")[0]]
     return "\n".join(out) + "\n" + ("\n" + "\n".join(causes) + "\n" if causes else "")
 
 
@@ -197,7 +225,7 @@ PLOTS = (("throughput.png", "throughput vs nodes"), ("efficiency.png", "efficien
 def goodput(rep: Report) -> str:
     """Per point (and over the sweep): the share of the allocated time that trained steps it kept, and where
     the rest went (from each run folder's attempts.jsonl)."""
-    runs = [(p.name, run_goodput(read_attempts(p.path))) for p in rep.points]
+    runs = [(p.name, run_goodput(RunFolder(p.path).attempts.read())) for p in rep.points]
     runs = [(name, g) for name, g in runs if g.attempts]
     if not runs:
         return ""
@@ -206,9 +234,12 @@ def goodput(rep: Report) -> str:
              "(attempts.jsonl); the rest, by cause.\n",
              "| point | attempts | allocated | kept training | goodput | " + " | ".join(causes) + " |",
              "|---|---|---|---|---|" + "---|" * len(causes)]
-    for name, g in runs:
-        lines.append(f"| {name} | {g.attempts} | {g.allocated_s:.1f} s | {g.kept_train_s:.1f} s | {pct(g.goodput)} | "
-                     + " | ".join(f"{g.losses[c]:.1f} s" for c in causes) + " |")
+    shown_runs, gap = shown(runs, "each run folder's `attempts.jsonl`")
+    rendered = []
+    for name, g in shown_runs:
+        rendered.append(f"| {name} | {g.attempts} | {g.allocated_s:.1f} s | {g.kept_train_s:.1f} s | "
+                        f"{pct(g.goodput)} | " + " | ".join(f"{g.losses[c]:.1f} s" for c in causes) + " |")
+    lines += _collapse(rendered, gap)
     if len(runs) > 1:
         allocated, kept = sum(g.allocated_s for _, g in runs), sum(g.kept_train_s for _, g in runs)
         lines.append(f"| **sweep** | {sum(g.attempts for _, g in runs)} | {allocated:.1f} s | {kept:.1f} s | "
@@ -222,27 +253,40 @@ def node_health(rep: Report) -> str:
     attempts excluded (health-<attempt>.json, attempts.jsonl)."""
     lines = []
     for p in rep.points:
-        found = sorted(p.path.glob("health-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+        found = RunFolder(p.path).health_records()
         if not found:
             continue
         h = json.loads(found[-1].read_text())
-        nodes = ", ".join(f"{n['host']} {n['gflops']:.1f} ({n['fraction']:.2f})" for n in h["nodes"])
-        bus = f"{h['bus_gbps']:.2f}" if h.get("bus_gbps") else "-"
-        excluded = [str(a["ended"]).removeprefix("excluded ") for a in read_attempts(p.path)
+        speed, median = ("median_tflops", h["median_tflops"]) if "gpus" in h else ("gflops", h["median_gflops"])
+        nodes = ", ".join(f"{n['host']} {n[speed]:.1f} ({n['fraction']:.2f})" for n in h["nodes"])
+        bus = health_bus(h)
+        excluded = [str(a["ended"]).removeprefix("excluded ") for a in RunFolder(p.path).attempts.read()
                     if str(a.get("ended", "")).startswith("excluded ")]
-        lines.append(f"| {p.name} | {nodes} | {h['median_gflops']:.1f} | {bus} | {', '.join(h['flagged']) or '-'} | "
+        lines.append(f"| {p.name} | {nodes} | {median:.1f} | {bus} | {', '.join(h['flagged']) or '-'} | "
                      f"{', '.join(excluded) or '-'} |")
     if not lines:
         return ""
-    return "\n".join(["## Nodes\n", "Each node's matmul speed before the last attempt (GFLOP/s, and its share of the "
-                      "median node), the all-reduce bus bandwidth, the nodes below `health.min_fraction`, and the "
-                      "nodes earlier attempts excluded.\n",
-                      "| point | nodes: GFLOP/s (share of median) | median | bus GB/s | flagged | excluded |",
-                      "|---|---|---|---|---|---|", *lines]) + "\n"
+    return "\n".join(["## Nodes\n", "Each node's matmul speed before the last attempt (on CPU its ranks' GFLOP/s "
+                      "together, and its share of the median node; on GPUs the median GPU's TFLOP/s, and its share "
+                      "of the job's median GPU), the all-reduce bus bandwidth (on GPUs nccl-tests' busbw within "
+                      "nodes / across nodes), the nodes below `health.min_fraction`, and the nodes earlier attempts "
+                      "excluded.\n",
+                      "| point | nodes: speed (share of median) | median | bus GB/s | flagged | excluded |",
+                      "|---|---|---|---|---|---|", *_collapse(*shown(lines, "each run's `health-*.json`"))]) + "\n"
+
+
+def health_bus(record: dict) -> str:
+    """The bus column: the CPU's preflight figure, or on GPUs the lowest intra-node and the inter-node busbw."""
+    if "gpus" not in record:
+        return f"{record['bus_gbps']:.2f}" if record.get("bus_gbps") else "-"
+    bus = record["bus"] or {}
+    intra, inter = list((bus.get("intra_gbps") or {}).values()), bus.get("inter_gbps")
+    return (f"{min(intra):.1f}" if intra else "-") + " / " + (f"{inter:.1f}" if inter is not None else "-")
 
 
 def plots(rep: Report) -> str:
     out = (["## Plots\n"] + [f"![{title}]({name})\n" for name, title in PLOTS]) if rep.scaling else []
-    out.append(f"TensorBoard: `tensorboard --logdir {rep.root}`: run `{TB_RUN.as_posix()}` holds this report's plots "
+    board = RunFolder(rep.root).scaling_board.relative_to(rep.root).as_posix()
+    out.append(f"TensorBoard: `tensorboard --logdir {rep.root}`: run `{board}` holds this report's plots "
                "(IMAGES) and tables (TEXT), and a dashboard (CUSTOM SCALARS).\n")
     return "\n".join(out)

@@ -5,10 +5,14 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-from launch.report.model import Report
+from launch.report.contents import Report
 from launch.report.rows import steady
 
 MAX_BOXES = 64
+# A large sweep's plots stay legible: at most this many panels (above it, the points of equal node and rank
+# counts share one) and this many labelled loss curves (the best and the worst; the others thin and grey).
+MAX_PANELS = 8
+MAX_CURVES = 10
 DPI = 100
 
 
@@ -56,16 +60,27 @@ def loss_curves(rep: Report, path: Path) -> str:
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     labels = {r.point: r.label for r in rep.compare}
-    for i, point in enumerate(sorted(rep.points, key=lambda p: labels[p.name])):
-        color = f"C{i % 10}"
-        if point.train_loss:
-            ax.plot(*zip(*point.train_loss), "-", color=color, label=f"{labels[point.name]} (train)")
-        if point.val_loss:
-            ax.plot(*zip(*point.val_loss), "o--", color=color, label=f"{labels[point.name]} (val)")
-    ax.set(xlabel="step", ylabel="loss", title="Loss per point (train: lines; validation: markers)")
+    ranked = [r.point for r in rep.compare]  # best first
+    named = set(ranked if len(ranked) <= MAX_CURVES else ranked[:MAX_CURVES // 2] + ranked[-(MAX_CURVES // 2):])
+    points = sorted(rep.points, key=lambda p: (p.name in named, labels[p.name]))  # the named ones drawn on top
+    for i, point in enumerate(p for p in points if p.name in named):
+        _loss_lines(ax, point, dict(color=f"C{i % 10}"), labels[point.name])
+    for point in (p for p in points if p.name not in named):
+        _loss_lines(ax, point, dict(color="0.75", lw=0.6, ms=2), None)
+    title = "Loss per point (train: lines; validation: markers)"
+    if len(named) < len(ranked):
+        title = f"Loss: the {len(named) // 2} best and worst of {len(ranked)} points (others grey)"
+    ax.set(xlabel="step", ylabel="loss", title=title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper right")  # "best" searches every line's points: slow with hundreds
     return _save(fig, path)
+
+
+def _loss_lines(ax, point, style: dict, label: str | None) -> None:
+    if point.train_loss:
+        ax.plot(*zip(*point.train_loss), "-", **style, label=f"{label} (train)" if label else None)
+    if point.val_loss:
+        ax.plot(*zip(*point.val_loss), "o--", **style, label=f"{label} (val)" if label else None)
 
 
 def throughput(rep: Report, path: Path) -> str:
@@ -111,12 +126,11 @@ def efficiency(rep: Report, path: Path) -> str:
 def step_time_per_rank(rep: Report, path: Path) -> str:
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(rep.points), figsize=(max(4, 3.2 * len(rep.points)), 3.6), squeeze=False,
-                             sharey=True)
-    for ax, point in zip(axes[0], rep.points):
-        ranks = sorted(point.records)
-        data = [[r["step_time_s"] * 1e3 for r in steady(point.records[k], rep.config.skip_windows)] for k in ranks]
-        title = f"{point.name}\n{point.nodes} node(s), {point.ranks} rank(s)"
+    panels = _step_time_panels(rep)
+    fig, axes = plt.subplots(1, len(panels), figsize=(max(4, 3.2 * len(panels)), 3.6), squeeze=False, sharey=True)
+    for ax, (title, by_rank) in zip(axes[0], panels):
+        ranks = sorted(by_rank)
+        data = [by_rank[k] for k in ranks]
         if len(ranks) <= MAX_BOXES:
             ax.boxplot(data, tick_labels=[str(k) for k in ranks])
             ax.set(title=title, xlabel="rank")
@@ -126,6 +140,23 @@ def step_time_per_rank(rep: Report, path: Path) -> str:
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel("step time (ms) per window")
     return _save(fig, path)
+
+
+def _step_time_panels(rep: Report) -> list[tuple[str, dict[int, list[float]]]]:
+    """(title, rank -> steady step times in ms) per point; above MAX_PANELS points, one panel per node and rank
+    count, its ranks' windows pooled over the points that have that count."""
+    def times(point, rank: int) -> list[float]:
+        return [r["step_time_s"] * 1e3 for r in steady(point.records[rank], rep.config.skip_windows)]
+
+    if len(rep.points) <= MAX_PANELS:
+        return [(f"{p.name}\n{p.nodes} node(s), {p.ranks} rank(s)", {k: times(p, k) for k in p.records})
+                for p in rep.points]
+    groups: dict[tuple[int, int], list] = {}
+    for p in rep.points:
+        groups.setdefault((p.nodes, p.ranks), []).append(p)
+    return [(f"{len(ps)} points pooled\n{nodes} node(s), {ranks} rank(s)",
+             {k: [t for p in ps if k in p.records for t in times(p, k)] for k in range(ranks)})
+            for (nodes, ranks), ps in sorted(groups.items())][:MAX_PANELS]
 
 
 def prediction(rep: Report, path: Path) -> str:

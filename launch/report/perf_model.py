@@ -17,16 +17,16 @@ C(n)  the nominal communication time of the collectives the strategy lists for a
       Bandwidth: `intra_node_GBps` (NVLink, 900 GB/s on H100) when the axis's groups stay inside a node (tp, with
       tasks per node a multiple of it), `inter_node_GBps` (InfiniBand NDR, 50 GB/s per port, one port per GPU)
       otherwise.
-c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or
-      minus k C(n) where none was measured), by least squares on the log of busy time per sequence, so that every
-      point counts alike. k is fitted only from points whose ranks sit on separate machines or within one real
-      node: from their measured communication time when recorded, else by least squares with c. It says how the
-      measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind compute (DDP
-      overlaps its all-reduce with the backward), > 1 = slower than the configured network. Points whose "nodes"
-      share one machine (cluster=local, or a test cluster of namespaces) measure loopback sockets and contention
-      for the same cores, not a network: they are left out of the fit of k, and of c too where other points
-      exist (else c comes from them alone). With no point that measures a network, k is fixed at 1 (the
-      configured network).
+c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or minus k
+      C(n) where none was measured; measured = `comm_s`, the wait for the other ranks where it happens: the host's flags
+      all-reduce and the device's wait for the gradient reduction), by least squares on the log of busy time per
+      sequence, so that every point counts alike. k is fitted only from points whose ranks sit on separate machines or
+      within one real node: from their measured communication time when recorded, else by least squares with c. It says
+      how the measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind
+      compute (DDP overlaps its all-reduce with the backward), > 1 = slower than the configured network. Points whose
+      "nodes" share one machine (cluster=local, or a test cluster of namespaces) measure loopback sockets and contention
+      for the same cores, not a network: they are left out of the fit of k, and of c too where other points exist (else
+      c comes from them alone). With no point that measures a network, k is fixed at 1 (the configured network).
 cores On CPUs, a rank computes with its share of the machine's cores (`cores_per_rank`: its threads, or fewer
       when ranks share cores), so W(n) is scaled by reference cores / the rank's cores: 2 ranks x 1 core on a
       2-core machine compute as fast as 1 rank x 2 cores, not twice as fast. On GPUs, or where the run did not
@@ -37,31 +37,16 @@ The model is deliberately simple: it extrapolates what was measured, and is no s
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+from gpt.config.report import Network
+from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.traits import Collective, Workload, preset
 
 GB = 1e9
-
-
-@dataclass(frozen=True)
-class Network:
-    intra_node_GBps: float = 900.0      # NVLink 4 on H100 SXM, per GPU
-    inter_node_GBps: float = 50.0       # InfiniBand NDR 400 Gb/s, one port per GPU
-    intra_node_latency_us: float = 5.0
-    inter_node_latency_us: float = 10.0
-
-    @classmethod
-    def from_cfg(cls, cfg: Mapping[str, Any] | None) -> Network:
-        cfg = cfg or {}
-        names = {f for f in cls.__dataclass_fields__}
-        unknown = set(cfg) - names
-        if unknown:
-            raise ValueError(f"report.network.{min(unknown)} is not a network figure; known: {sorted(names)}")
-        return cls(**{k: float(v) for k, v in cfg.items() if v is not None})
 
 
 @dataclass(frozen=True)
@@ -75,10 +60,9 @@ class Shape:
     n_embd: int
     n_layer: int
     params: int                 # model parameters (tied counted once)
-    strategy: str = "ddp"
+    strategy: StrategyConfig = StrategyConfig("ddp")
     precision: str = "fp32"
-    strategy_cfg: Mapping[str, Any] = field(default_factory=dict)
-    parallel: Mapping[str, Any] = field(default_factory=dict)  # the run's `parallel` section
+    parallel: ParallelConfig = ParallelConfig()
     cores_per_rank: float | None = None  # CPU cores a rank computes with; None on GPUs or when not recorded
     shared_host: bool = False            # several "nodes" on one machine: no network between them
 
@@ -89,7 +73,7 @@ class Shape:
     @property
     def dims(self) -> ParallelDims:
         """The layout the strategy preset runs on these ranks (as the run itself resolved it)."""
-        return preset(self.strategy).layout(self.strategy_cfg, self.parallel, self.ranks)
+        return preset(self.strategy.name).layout(self.strategy, self.parallel, self.ranks)
 
     @property
     def pp(self) -> int:
@@ -127,7 +111,7 @@ def collectives(s: Shape) -> list[Collective]:
     if s.ranks == 1:
         return []
     work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision)
-    return preset(s.strategy).collectives(s.strategy_cfg, s.dims, work)
+    return preset(s.strategy.name).collectives(s.strategy, s.dims, work)
 
 
 def axis_size(dims: ParallelDims, axis: str) -> int:
@@ -267,10 +251,15 @@ def fit(shapes: Sequence[Shape], step_times: Sequence[float], network: Network |
     if not shapes or len(shapes) != len(step_times):
         raise ValueError("fit needs one measured step time per shape, and at least one shape")
     net = network or Network()
+    return _fit(shapes, [nominal_comm_time(s, net) for s in shapes], step_times, net, comm_times)
+
+
+def _fit(shapes: Sequence[Shape], b: list[float], step_times: Sequence[float], net: Network,
+         comm_times: Sequence[float | None] | None) -> FittedModel:
+    """fit() given each shape's nominal communication time b (leave-one-out reuses them: they are the costly part)."""
     cores = [s.cores_per_rank for s in shapes]
     probe = FittedModel(1.0, 0.0, net, "", reference_cores=cores[0] if all(cores) else None)
     a = [probe.work(s) for s in shapes]
-    b = [nominal_comm_time(s, net) for s in shapes]
     y = list(step_times)
     comm = list(comm_times) if comm_times else [None] * len(shapes)
     k, k_how = _comm_scale(shapes, a, b, y, comm)
@@ -283,7 +272,7 @@ def fit(shapes: Sequence[Shape], step_times: Sequence[float], network: Network |
     else:
         c_how = f"c from the busy time of the {len(own)} point(s) on machines of their own (shared-host points out)"
     model = replace(probe, compute_s_per_sequence=c, comm_scale=k, method=f"{c_how}; {k_how}")
-    rms = math.sqrt(sum((model.step_time(s) - t) ** 2 for s, t in zip(shapes, y)) / len(y))
+    rms = math.sqrt(sum((c * ai + k * bi - t) ** 2 for ai, bi, t in zip(a, b, y)) / len(y))
     return replace(model, residual_rms_s=rms)
 
 
@@ -307,16 +296,21 @@ class PointError:
 def point_errors(shapes: Sequence[Shape], step_times: Sequence[float], network: Network | None = None,
                  comm_times: Sequence[float | None] | None = None) -> list[PointError]:
     """The fit's error on each of its own points, and leave-one-out where there are at least 3 points."""
+    if not shapes or len(shapes) != len(step_times):
+        raise ValueError("fit needs one measured step time per shape, and at least one shape")
+    net = network or Network()
     comm = list(comm_times) if comm_times else [None] * len(shapes)
-    model = fit(shapes, step_times, network, comm)
+    b = [nominal_comm_time(s, net) for s in shapes]
+    model = _fit(shapes, b, step_times, net, comm)
     out = []
     for i, (s, t) in enumerate(zip(shapes, step_times)):
         loo = None
         if len(shapes) >= 3:
             rest = [j for j in range(len(shapes)) if j != i]
-            held_out = fit([shapes[j] for j in rest], [step_times[j] for j in rest], network, [comm[j] for j in rest])
-            loo = held_out.step_time(s)
-        out.append(PointError(t, model.step_time(s), loo))
+            held_out = _fit([shapes[j] for j in rest], [b[j] for j in rest], [step_times[j] for j in rest], net,
+                            [comm[j] for j in rest])
+            loo = held_out.compute_time(s) + held_out.comm_scale * b[i]
+        out.append(PointError(t, model.compute_time(s) + model.comm_scale * b[i], loo))
     return out
 
 

@@ -17,11 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-log = logging.getLogger(__name__)
+from gpt.run_folder import NOT_RUNS, RunFolder
 
-REPORT_DIR = "report"
-TB_RUN = Path("tensorboard") / "scaling"
-SKIP_DIRS = (REPORT_DIR, "tensorboard", ".hydra", "checkpoints", "logs")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -124,19 +122,15 @@ def load_yaml(path: Path) -> Any:
     return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # already resolved when written
 
 
-def is_run_folder(path: Path) -> bool:
-    return (path / "config.yaml").is_file() and (path / "metrics").is_dir()
-
-
 def find_run_folders(root: Path, max_depth: int = 4) -> list[Path]:
     """The run folders at or under root (a run folder's own subfolders are not searched)."""
-    if is_run_folder(root):
+    if RunFolder(root).is_run():
         return [root]
     found: list[Path] = []
     if max_depth == 0:
         return found
     for child in sorted(p for p in root.iterdir() if p.is_dir()):
-        if child.name in SKIP_DIRS or child.name.startswith("."):
+        if child.name in NOT_RUNS or child.name.startswith("."):
             continue
         found.extend(find_run_folders(child, max_depth - 1))
     return found
@@ -158,7 +152,7 @@ def _newest_per_step(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def _environments(path: Path) -> list[dict[str, Any]]:
     envs = []
-    for f in sorted((path / "environment").glob("rank*.json")):
+    for f in RunFolder(path).environment_records():
         try:
             envs.append(json.loads(f.read_text()))
         except (OSError, json.JSONDecodeError) as e:
@@ -170,7 +164,8 @@ def load_point(path: Path, root: Path) -> Point:
     records: dict[int, list[dict[str, Any]]] = {}
     train_loss: list[tuple[int, float]] = []
     val_loss: list[tuple[int, float]] = []
-    for f in sorted((path / "metrics").glob("rank*.jsonl")):
+    folder = RunFolder(path)
+    for f in folder.metrics_files():
         rank = int(f.stem.removeprefix("rank"))
         recs = list(_jsonl(f))
         train = _newest_per_step(r for r in recs if r.get("kind") == "train")
@@ -179,8 +174,8 @@ def load_point(path: Path, root: Path) -> Point:
             train_loss = [(r["step"], r["loss"]) for r in train if isinstance(r.get("loss"), (int, float))]
             val = _newest_per_step(r for r in recs if r.get("kind") == "val")
             val_loss = [(r["step"], r["loss"]) for r in val if isinstance(r.get("loss"), (int, float))]
-    overrides_file = path / ".hydra" / "overrides.yaml"
+    overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
-    return Point(path, name, load_yaml(path / "config.yaml"), _environments(path), records, train_loss, val_loss,
+    return Point(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
                  overrides)

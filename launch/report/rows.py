@@ -7,7 +7,7 @@ Conventions
 - Efficiency is per-rank throughput against the smallest point. With the per-rank batch fixed (weak scaling)
   that is t_ref / t; with the global batch fixed (strong scaling) it is (t_ref x ranks_ref) / (t x ranks):
   speed-up over ideal speed-up. Both are the same ratio of tokens/s per rank; the report says which applies.
-- Stragglers: the rule of gpt.stragglers replayed on the per-rank records (same thresholds as in training).
+- Stragglers: the rule of gpt.resilience.stragglers replayed on the per-rank records (same thresholds as in training).
 """
 from __future__ import annotations
 
@@ -18,15 +18,19 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from gpt.config.model import ModelConfig
+from gpt.config.section import section
+from gpt.config.sections import StragglerConfig
+from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.parallel.traits import preset
-from gpt.stragglers import StragglerConfig, StragglerDetector
+from gpt.resilience.stragglers import StragglerDetector
 from launch.report.perf_model import Shape
 from launch.report.points import Point, get
 
 log = logging.getLogger(__name__)
 
-# Per-step figures the trainer records each window (gpt.stragglers.FIGURES); any of them may be absent.
-BREAKDOWN = ("data_time_s", "fwd_bwd_s", "optimizer_s", "comm_s")
+# Per-step figures the trainer records each window (gpt.resilience.stragglers.FIGURES); any of them may be absent.
+BREAKDOWN = ("data_time_s", "fwd_bwd_s", "optimizer_s", "comm_s", "compute_s")
 
 
 @dataclass
@@ -53,7 +57,8 @@ class Row:
     data_time_s: float | None = None   # step-time breakdown, medians over ranks and windows (None: not recorded)
     fwd_bwd_s: float | None = None
     optimizer_s: float | None = None
-    comm_s: float | None = None
+    comm_s: float | None = None    # waiting for the other ranks, on the host and the device
+    compute_s: float | None = None  # step time - comm_s: what the stragglers are judged on
     shared_host: bool = False      # several "nodes" on one machine: no network measured
     threads: int | None = None     # threads per rank (None: not recorded)
     cores_per_rank: float | None = None
@@ -115,10 +120,9 @@ def shape_of(point: Point, params: int | None = None) -> Shape:
         n_embd=int(get(cfg, "model.n_embd", 1)),
         n_layer=int(get(cfg, "model.n_layer", 1)),
         params=parameter_count(point) if params is None else params,
-        strategy=str(get(cfg, "strategy.name", "single")),
+        strategy=section(StrategyConfig, "strategy", get(cfg, "strategy", {"name": "single"})),
         precision=str(get(cfg, "train.precision", "fp32")),
-        strategy_cfg=dict(get(cfg, "strategy", {}) or {}),
-        parallel=dict(get(cfg, "parallel", {}) or {}),
+        parallel=section(ParallelConfig, "parallel", get(cfg, "parallel")),
         cores_per_rank=point.cores_per_rank,
         shared_host=bool(point.shared_host),
     )
@@ -130,8 +134,7 @@ def parameter_count(point: Point) -> int:
     if first.get("model_params"):
         return int(first["model_params"])
     try:
-        from gpt.config import ModelConfig
-        from gpt.flops import param_count
+        from gpt.model.flops import param_count
 
         model = dict(get(point.config, "model", {}))
         if model.get("vocab_size") is None:
@@ -139,12 +142,12 @@ def parameter_count(point: Point) -> int:
 
             model["vocab_size"] = get(point.config, "data.vocab_size") or read_meta(get(point.config, "data.dir"))[
                 "vocab_size"]
-        return int(param_count(ModelConfig.from_dict(model))["total"])
+        return int(param_count(section(ModelConfig, "model", model))["total"])
     except Exception as e:  # noqa: BLE001 - a report must survive a moved data folder
         log.info("%s: counting parameters from the config failed (%s); estimating from param_bytes", point.name, e)
     held = first.get("param_bytes") or 0
     shape = shape_of(point, params=0)  # the layout, to undo the share of the parameters a rank holds
-    return int(held / 4 / preset(shape.strategy).param_fraction(shape.strategy_cfg, shape.dims))
+    return int(held / 4 / preset(shape.strategy.name).param_fraction(shape.strategy, shape.dims))
 
 
 def median_or_none(values: Iterable[Any]) -> float | None:
@@ -166,7 +169,7 @@ def summarize(point: Point, skip: int, stragglers: StragglerConfig) -> Row:
     total = math.nan if total is None else total
     return Row(
         point=point.name, nodes=point.nodes, ranks=point.ranks, tasks_per_node=shape.tasks_per_node,
-        strategy=shape.strategy, global_batch=shape.global_batch, batch_per_rank=shape.global_batch / shape.dp,
+        strategy=shape.strategy.name, global_batch=shape.global_batch, batch_per_rank=shape.global_batch / shape.dp,
         tokens_per_step=shape.global_batch * shape.block_size, tokens_per_s=total,
         tokens_per_s_rank=total / point.ranks, mfu=median_or_none(r.get("mfu") for r in pairs),
         step_time_p50_s=percentile(step_times, 50), step_time_p90_s=percentile(step_times, 90),

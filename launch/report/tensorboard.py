@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from gpt.run_folder import RunFolder
 from launch.report import markdown as md
-from launch.report.model import Report
-from launch.report.points import REPORT_DIR
+from launch.report.contents import Report
 
 EXACT = ("smoothed and outlier-clipped: set smoothing to 0 and untick 'Ignore outliers', or read the exact figures "
          "in IMAGES and TEXT of run tensorboard/scaling")
@@ -135,7 +135,7 @@ def write_run(rep: Report, folder: Path, full_text: str, images: list[str]) -> N
         shutil.rmtree(folder)  # a rebuilt report replaces the old run instead of doubling its points
     writer = SummaryWriter(log_dir=str(folder))
     for name in images:
-        with Image.open(rep.root / REPORT_DIR / name) as im:
+        with Image.open(RunFolder(rep.root).report / name) as im:
             writer.add_image(f"report/{Path(name).stem}", np.asarray(im.convert("RGB")), 0, dataformats="HWC")
     for tag, text in texts(rep, full_text).items():
         writer.add_text(tag, text)

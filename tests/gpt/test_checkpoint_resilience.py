@@ -15,14 +15,15 @@ from pathlib import Path
 import psutil
 import pytest
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from helpers import REPO, SHAKESPEARE, launch, losses
-from gpt.checkpoint import list_checkpoints, step_of
-from gpt.distributed import DistEnv
+from gpt.checkpoint.store import list_checkpoints, step_of
+from gpt.dist.process_group import DistEnv
 from gpt.errors import UserError
-from gpt.trainer import Trainer
-from launch.plan import make_plan
+from gpt.train.trainer import Trainer
+from gpt.config import schema
+from gpt.config.schema import run_config
+from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}", "checkpoint.interval_steps=4"]
@@ -35,8 +36,8 @@ def trainer(tmp_path_factory):
     def make(run_dir: Path, *overrides: str) -> Trainer:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(cfg, run_dir)
-        return Trainer(OmegaConf.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+        make_plan(run_config(cfg), run_dir)
+        return Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
 
     return make
 
@@ -173,3 +174,25 @@ def test_saving_a_step_again_replaces_it_only_once_the_new_copy_is_whole(trainer
     t.checkpointer.save(12, t.strategy, t.checkpoint_meta(), t.rank_state())
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004", "step_00000008", "step_00000012"]
     assert not list(ckpts.glob(".old-*")) and trainer(full, "train.max_steps=12").step == 12
+
+
+def test_every_file_and_folder_is_fsynced_before_the_rename_and_the_rename_before_the_prune(trainer, tmp_path,
+                                                                                          monkeypatch):
+    """What a power cut would lose cannot be made here, so the order is watched instead: os.fsync, os.replace and
+    shutil.rmtree are recorded (each still does its work), with the path an fsynced descriptor names."""
+    events = []
+    fsync, replace, rmtree = os.fsync, os.replace, shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append(("replace", str(a), str(b))), replace(a, b))[1])
+    monkeypatch.setattr(shutil, "rmtree", lambda p, **kw: (events.append(("rmtree", str(p))), rmtree(p, **kw))[1])
+    run_dir = tmp_path / "run"
+    trainer(run_dir, "train.max_steps=8", "checkpoint.keep=1").fit()
+    ckpts = run_dir / "checkpoints"
+    tmp, final = str(ckpts / ".tmp-step_00000008"), str(ckpts / "step_00000008")
+    commit = events.index(("replace", tmp, final))
+    synced = [e[1] for e in events[:commit] if e[0] == "fsync"]
+    files = [str(p).replace(final, tmp) for p in Path(final).rglob("*") if p.is_file()]
+    assert set(files) <= set(synced) and f"{tmp}/meta.json" in synced and tmp in synced
+    prune = events.index(("rmtree", str(ckpts / "step_00000004")))
+    assert ("fsync", str(ckpts)) in events[commit:prune]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -10,9 +11,12 @@ import pytest
 import torch
 import yaml
 
+import gpt.data.inputs as inputs
 import gpt.data.prepare as prepare_module
-from gpt.data import DataConfig, check_vocab, ensure_prepared, read_meta
-from gpt.data.loader import TokenDataset, TrainBatches, ValBatches, global_batch_offsets
+from gpt.config.data import DataConfig
+from gpt.config.section import section
+from gpt.data import check_vocab, ensure_prepared, read_meta
+from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches, global_batch_offsets
 from gpt.data.prepare import main as prepare_main
 from gpt.data.prepare import prepare, token_dtype
 from gpt.data.tokenizer import BPETokenizer, CharTokenizer, load_tokenizer
@@ -34,14 +38,14 @@ def char_dir(tmp_path_factory) -> Path:
 def bpe_dir(tmp_path_factory) -> Path:
     # Small chunks and shards so that chunked encoding and multi-shard loading are exercised on the real corpus.
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(prepare_module, "CHUNK_CHARS", 50_000)
+        mp.setattr(inputs, "READ_CHARS", 50_000)
         return prepare(CORPUS, tmp_path_factory.mktemp("bpe") / "shakespeare_bpe", "bpe", vocab_size=BPE_VOCAB,
                        shard_tokens=100_000)
 
 
 def split_tokens(data_dir: Path, split: str) -> np.ndarray:
     ds = TokenDataset(data_dir, split)
-    return np.concatenate([np.asarray(s) for s in ds.shards])
+    return np.concatenate([s.map() for s in ds.shards])
 
 
 # --- tokenizers ---------------------------------------------------------------------------------------
@@ -79,10 +83,10 @@ def test_prepare_char_writes_split_shards_and_meta(char_dir):
     assert meta["tokenizer"] == "char" and meta["vocab_size"] == 65 and meta["dtype"] == "uint16"
     assert meta["splits"]["train"]["tokens"] == SPLIT == 1_003_854
     assert meta["splits"]["val"]["tokens"] == len(TEXT) - SPLIT == 111_540
-    assert meta["splits"]["train"]["shards"] == [{"file": "train_000000.bin", "tokens": SPLIT}]
-    assert (char_dir / "train_000000.bin").stat().st_size == 2 * SPLIT
-    assert meta["source"] == {"path": str(CORPUS.resolve()), "size": 1_115_394,
-                              "md5": "6fb458f1232090904fb40fe944165e91"}
+    assert meta["splits"]["train"]["shards"] == [{"file": "train_000000_0000.bin", "tokens": SPLIT}]
+    assert (char_dir / "train_000000_0000.bin").stat().st_size == 2 * SPLIT
+    assert meta["source"] == {"path": str(CORPUS.resolve()), "files": 1, "bytes": 1_115_394}
+    assert meta["end_of_text"] is None  # one document: nothing to separate
     tok = load_tokenizer(char_dir)
     assert tok.decode(split_tokens(char_dir, "train").tolist()) == TEXT[:SPLIT]
     assert tok.decode(split_tokens(char_dir, "val").tolist()) == TEXT[SPLIT:]
@@ -115,23 +119,29 @@ def test_prepare_is_idempotent_and_redoes_changed_settings(tmp_path):
     prepare(text, out, val_fraction=0.2)
     assert read_meta(out)["splits"]["train"]["tokens"] == 48_000
 
-    (out / "val_000000.bin").write_bytes(b"\0\0")  # damaged shard: prepared again
+    (out / "val_000001_0000.bin").write_bytes(b"\0\0")  # damaged shard: prepared again
     prepare(text, out, val_fraction=0.2)
-    assert (out / "val_000000.bin").stat().st_size == 2 * 12_000
+    assert (out / "val_000001_0000.bin").stat().st_size == 2 * 12_000
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left
 
 
-def test_prepare_failure_leaves_no_complete_looking_dir(tmp_path, monkeypatch):
+def test_prepare_failure_leaves_no_complete_looking_dir_and_resumes(tmp_path, monkeypatch):
     text = tmp_path / "input.txt"
     text.write_text(TEXT[:20_000])
 
     def crash(*args, **kwargs):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(prepare_module, "_write_synced", crash)  # dies while writing meta.json
-    with pytest.raises(RuntimeError):
-        prepare(text, tmp_path / "out")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt"]
+    with monkeypatch.context() as mp:
+        mp.setattr(prepare_module, "_write_synced", crash)  # dies while writing meta.json
+        with pytest.raises(RuntimeError):
+            prepare(text, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (work,) = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]  # kept for the next run
+    assert sorted(p.name for p in work.glob("part_*.json")) == ["part_000000.json", "part_000001.json"]
+    monkeypatch.setattr("gpt.data.parts.tokenize_part", crash)  # finished parts are not tokenized again
+    prepare(text, tmp_path / "out")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["input.txt", "out"]
 
 
 def test_prepare_refuses_to_replace_an_unrelated_dir(tmp_path):
@@ -171,10 +181,14 @@ def test_bad_settings_are_config_errors(kwargs, key):
 def test_yaml_configs_fill_the_data_config():
     for name, tokenizer, vocab in [("shakespeare_char", "char", None), ("shakespeare_bpe", "bpe", 2048)]:
         raw = yaml.safe_load((REPO / "configs/data" / f"{name}.yaml").read_text())
-        cfg = DataConfig.from_dict(raw)
+        cfg = section(DataConfig, "data", raw)
         assert (cfg.name, cfg.tokenizer, cfg.vocab_size, cfg.dir) == (name, tokenizer, vocab, f"data/{name}")
+    for name, fmt in [("openwebtext", "text"), ("slimpajama", "jsonl")]:
+        raw = yaml.safe_load((REPO / "configs/data" / f"{name}.yaml").read_text())
+        cfg = section(DataConfig, "data", raw)
+        assert (cfg.name, cfg.format, cfg.tokenizer) == (name, fmt, "hf") and cfg.tokenizer_file
     with pytest.raises(ConfigError, match="data.vocab"):
-        DataConfig.from_dict({"vocab": 3})
+        section(DataConfig, "data", {"vocab": 3})
 
 
 def test_ensure_prepared_and_check_vocab(char_dir, tmp_path):
@@ -202,6 +216,30 @@ def test_batches_are_deterministic_per_seed_and_step(char_dir):
     assert torch.equal(x1, x2) and torch.equal(y1, y2)
     assert not torch.equal(a.get(6, 2)[0], x1)
     assert not torch.equal(TrainBatches(ds, 1338, 32, 16, 4).get(5, 2)[0], x1)
+
+
+def test_prefetching_reads_the_next_step_off_the_training_thread_and_changes_no_batch(char_dir):
+    ds = TokenDataset(char_dir, "train")
+    plain, ahead = TrainBatches(ds, 1337, 32, 16, 4, 1, 2), TrainBatches(ds, 1337, 32, 16, 4, 1, 2)
+    readers: dict[int, set[str]] = {}
+    read = ahead.read
+
+    def traced(step: int, micro_step: int):
+        readers.setdefault(step, set()).add(threading.current_thread().name)
+        return read(step, micro_step)
+
+    ahead.read = traced
+    prefetch = Prefetcher(ahead)
+    for step in [3, 4, 5, 6, 9, 10]:  # 9: not the step read ahead (a resume elsewhere), read on the spot
+        micro = prefetch.take(step)
+        expected = [plain.get(step, m) for m in range(plain.grad_accum_steps)]
+        assert all(torch.equal(a, b) for got, want in zip(micro, expected, strict=True) for a, b in zip(got, want))
+        assert ahead.step == plain.step == step + 1
+        assert prefetch.read_s > 0  # the loader's own cost of this step, for the step breakdown
+    prefetch.close()
+    main = threading.current_thread().name
+    assert readers[3] == readers[9] == {main}
+    assert all(readers[s] and main not in readers[s] for s in (4, 5, 6, 10))
 
 
 @pytest.mark.parametrize("data", ["char_dir", "bpe_dir"])

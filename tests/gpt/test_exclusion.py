@@ -1,8 +1,8 @@
 """Removing a straggler's host pays when its cost over the remaining steps exceeds a save and a restart."""
 from __future__ import annotations
 
-from gpt.exclusion import PRIOR_RESTART_S, decide, restart_cost
-from gpt.stragglers import StragglerEvent
+from gpt.resilience.exclusion import PRIOR_RESTART_S, decide, restart_cost
+from gpt.resilience.stragglers import StragglerEvent
 
 EVENT = StragglerEvent(step=20, rank=1, host="gl-n2", kind="straggler", lag_pct=300.0, busy_s=0.4, median_s=0.1,
                        windows=3)

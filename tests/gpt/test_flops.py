@@ -8,9 +8,18 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from gpt.config import ModelConfig, load_preset
-from gpt.flops import PEAK_TFLOPS, device_key, flops_per_token, mfu, param_count, peak_flops
-from gpt.model import GPT, MoE
+from gpt.config.model import ModelConfig, load_preset
+from gpt.config.strategy import StrategyConfig
+from gpt.config.train import TrainConfig
+from gpt.dist.process_group import DistEnv
+from gpt.model.flops import (PEAK_TFLOPS, device_key, flops_per_token, matmul_precision, mfu, param_count,
+                             peak_flops)
+from gpt.model.transformer import GPT, MoE
+from gpt.parallel.base import Strategy
+from gpt.parallel.fsdp import FSDP
+from gpt.parallel.layout import ParallelDims
+from gpt.parallel.pipeline import Pipeline, split_layers
+from gpt.train.reporter import RunShape, StepReporter
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "model").glob("*.yaml"))
 
@@ -196,3 +205,55 @@ def test_mfu():
     assert mfu(0.0, fpt, peak) == 0.0
     with pytest.warns(RuntimeWarning, match="exceeds 100%"):
         assert mfu(2 * peak / fpt, fpt, peak) == 1.0
+
+
+H100 = "NVIDIA H100 80GB HBM3"
+
+
+def test_matmul_precision():
+    assert matmul_precision("fp32", tf32=True) == "tf32"
+    assert matmul_precision("fp32", tf32=False) == "fp32"
+    assert matmul_precision("bf16", tf32=True) == "bf16"  # autocast's matmuls: the bf16 peak
+    assert peak_flops(H100, matmul_precision("fp32", tf32=True)) == 495e12
+
+
+@pytest.mark.parametrize("precision, tf32, peak", [("fp32", True, 495e12), ("fp32", False, 67e12),
+                                                    ("bf16", True, 989e12)])
+def test_the_reporters_peak_is_the_precision_its_matmuls_run_at(monkeypatch, precision, tf32, peak):
+    """fp32 training on a GPU runs its matmuls on TF32 tensor cores (gpt.train.build turns them on): MFU divides
+    by the TF32 peak, not by the fp32 one, which is 7x lower on an H100."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    gpu, before = torch.device("cuda", 0), torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32  # a process-wide flag (not an attribute monkeypatch can set)
+    try:
+        strategy = Strategy(StrategyConfig(name="single"), DistEnv(), gpu, precision, ParallelDims())
+        shape = RunShape(DistEnv(), strategy, small(), TrainConfig(precision=precision), gpu, Path("."), 1, 1)
+        assert StepReporter(shape, None, None, None).peak == peak
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def pipeline_rank(pp_rank: int, dims: ParallelDims, cfg: ModelConfig) -> Pipeline:
+    """The strategy object of one pipeline rank, as far as its FLOPs share needs it (no process group)."""
+    strategy = Pipeline(StrategyConfig(name="pipeline", pp=dims.pp), DistEnv(), torch.device("cpu"), "fp32", dims)
+    strategy.model_cfg, strategy.runs = cfg, split_layers(cfg.n_layer, dims.pp)
+    strategy.stages = {pp_rank: None}
+    return strategy
+
+
+@pytest.mark.parametrize("dims", [ParallelDims(dp_shard=4), ParallelDims(dp_shard=2, tp=2), ParallelDims(tp=4),
+                                  ParallelDims(pp=2, dp_shard=1, tp=2), ParallelDims(pp=2, dp_shard=2, tp=2)])
+def test_the_ranks_flops_add_up_to_the_jobs(dims):
+    """The reporter's arithmetic: a rank computes flops_share() of each token its replica trains on. Summed over
+    the ranks, that is every token's FLOPs once; tensor parallelism splits them over the tp ranks (else MFU
+    under tp reads tp times too high)."""
+    cfg, tokens_per_s = small(n_layer=4), 1000.0
+    fpt = flops_per_token(cfg)
+    if dims.pp > 1:
+        shares = [pipeline_rank(r // (dims.dp * dims.tp), dims, cfg).flops_share() for r in range(dims.world_size)]
+    else:
+        shares = [FSDP(StrategyConfig(name="fsdp"), DistEnv(), torch.device("cpu"), "fp32", dims).flops_share()] * dims.world_size
+    rank_flops = [tokens_per_s / dims.dp * fpt * share for share in shares]
+    assert sum(rank_flops) == pytest.approx(tokens_per_s * fpt)
+    peak = peak_flops(H100, "bf16")
+    assert mfu(tokens_per_s / dims.dp, fpt * shares[0], peak) == pytest.approx(rank_flops[0] / peak)

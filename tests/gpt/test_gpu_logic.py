@@ -9,18 +9,20 @@ from pathlib import Path
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from helpers import REPO, SHAKESPEARE
-from gpt import distributed, rng
-from gpt.config import ModelConfig
-from gpt.distributed import DistEnv
-from gpt.metrics import layer_grad_norms, layer_key, layer_keys, memory_stats
-from gpt.model import GPT
-from gpt.parallel.base import Strategy
+from gpt.dist import process_group as distributed
+from gpt.dist import rng
+from gpt.config.model import ModelConfig
+from gpt.dist.process_group import DistEnv
+from gpt.train.metrics import layer_grad_norms, layer_key, layer_keys, memory_stats
+from gpt.model.transformer import GPT
+from gpt.parallel.base import Strategy, compile_blocks
 from gpt.parallel.layout import ParallelDims
-from gpt.trainer import Trainer
-from launch.plan import make_plan
+from gpt.train.trainer import Trainer
+from gpt.config import schema
+from gpt.config.schema import run_config
+from launch.planning.plan import make_plan
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -37,13 +39,13 @@ def test_memory_peak_is_the_windows(monkeypatch):
 
 def test_layer_names_survive_torch_compile():
     model = GPT(TINY)
+    compile_blocks(model)  # in place; nothing compiles until it is called
     strategy = Strategy({}, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
-    strategy.model = torch.compile(model)  # wraps only; nothing compiles until it is called
+    strategy.model = model
     assert strategy.unwrapped is model
     names = [n for n, _ in strategy.model.named_parameters()]
-    assert names[0].startswith("_orig_mod.")
     assert layer_keys(names) == ["wte", "wpe", "layers.0", "layers.1", "ln_f"]
-    assert layer_key("_orig_mod.module.layers.1.mlp.fc.weight") == "layers.1"
+    assert layer_key("module.layers.1.mlp.fc.weight") == "layers.1"
 
 
 def test_per_layer_norms_cost_one_all_reduce(monkeypatch):
@@ -67,28 +69,28 @@ def test_per_layer_norms_cost_one_all_reduce(monkeypatch):
 
 
 def test_cuda_rng_is_this_ranks_own_device(monkeypatch):
+    gpu = torch.device("cuda", 1)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every visible GPU's state"))
     restored, seeds = [], []
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
     monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
-    state = rng.capture()
+    state = rng.capture(gpu)
     assert state["cuda"].tolist() == [7]
-    rng.restore(state)
+    rng.restore(state, gpu)
     old = {**state, "cuda": [torch.tensor([0], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]}
-    rng.restore(old)  # written by an older version: every GPU's state, ours at the current index
-    rng.restore({**state, "cuda": old["cuda"][:1]})  # written with more GPUs visible than this resume sees
+    rng.restore(old, gpu)  # written by an older version: every GPU's state, ours at our index
+    rng.restore({**state, "cuda": old["cuda"][:1]}, gpu)  # written with more GPUs visible than this resume sees
     assert restored == [7, 5]
-    rng.seed_device(1337, 0)
-    rng.seed_device(1337, 1)
-    assert len(set(seeds)) == 2  # dropout masks differ between data-parallel replicas
+    for rank in range(4):  # tp=2: ranks 0-1 and 2-3 are tensor-parallel groups, two data-parallel replicas
+        rng.seed_device(1337, rng.stream_index(rank, 2), gpu)
+    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]  # masks shared in a tp group, not between replicas
 
 
 class SyncCounter:
     """Counts host reads of tensors (item, tolist) and device waits made from our code (gpt/, launch/) outside
-    gpt/distributed.py, whose reads are of host tensors by construction (see test_collectives)."""
+    gpt/dist/process_group.py, whose reads are of host tensors by construction (see test_collectives)."""
 
     ours = (str(REPO / "gpt"), str(REPO / "launch"))
 
@@ -101,7 +103,7 @@ class SyncCounter:
     def wrap(self, original, name):
         def counted(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(self.ours) and not caller.endswith(str(Path("gpt", "distributed.py"))):
+            if caller.startswith(self.ours) and not caller.endswith(str(Path("gpt", "dist", "process_group.py"))):
                 self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
             return original(*args, **kwargs)
         return counted
@@ -114,8 +116,8 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
         cfg = compose("config", overrides=["model=tiny", "train.max_steps=8", "train.log_interval=4",
                                            "train.eval_interval=0", "train.progress=false",
                                            f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}"])
-    make_plan(cfg, tmp_path / "run")
-    trainer = Trainer(OmegaConf.load(tmp_path / "run" / "config.yaml"), DistEnv(), tmp_path / "run")
+    make_plan(run_config(cfg), tmp_path / "run")
+    trainer = Trainer(schema.load(tmp_path / "run" / "config.yaml"), DistEnv(), tmp_path / "run")
     reduced = []
     monkeypatch.setattr(distributed, "is_multi", lambda group=None: True)  # as if other ranks took part
     monkeypatch.setattr(distributed, "comm_device", lambda group=None: torch.device("cpu"))
@@ -135,7 +137,7 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
 
 
 def test_fp32_on_a_gpu_uses_tf32():
-    from gpt.trainer import use_tf32
+    from gpt.train.build import use_tf32
 
     saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     try:
@@ -151,7 +153,7 @@ def test_fp32_on_a_gpu_uses_tf32():
 
 def test_moe_reads_the_device_once_per_layer(monkeypatch):
     """One host read of the expert counts per MoE layer, however many experts (it used to be one per expert)."""
-    from gpt.model import MoE
+    from gpt.model.transformer import MoE
     from torch.overrides import TorchFunctionMode
 
     class Reads(TorchFunctionMode):
@@ -183,7 +185,7 @@ def test_moe_reads_the_device_once_per_layer(monkeypatch):
 
 def test_the_model_is_built_on_its_device_not_on_the_cpu_first():
     """A rank builds its model where it trains (the meta device stands in for a GPU here): no CPU copy first."""
-    from gpt.trainer import build_model
+    from gpt.train.build import build_model
 
     model = build_model(TINY, torch.device("meta"), seed=0)
     assert {p.device.type for p in model.parameters()} == {"meta"}
@@ -191,16 +193,13 @@ def test_the_model_is_built_on_its_device_not_on_the_cpu_first():
     assert all(torch.equal(a, b) for a, b in zip(cpu_a.parameters(), cpu_b.parameters()))  # the same on every rank
 
 
-def test_async_checkpoints_stage_into_pinned_memory_with_cuda(monkeypatch):
-    from gpt import checkpoint
+def test_async_checkpoints_stage_into_pinned_memory_on_cuda_and_plain_memory_on_cpu(monkeypatch):
+    from gpt.checkpoint import staging
 
     made = []
-    monkeypatch.setattr(checkpoint, "DefaultStager", lambda options: made.append(options) or options)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    checkpoint.make_stager()
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    checkpoint.make_stager()
-    on_gpu, on_cpu = made
+    monkeypatch.setattr(staging, "DefaultStager", lambda options: made.append(options) or options)
+    on_gpu = staging.make_stager(torch.device("cuda", 0), None).inner
+    on_cpu = staging.make_stager(torch.device("cpu"), None).inner
+    assert made == [on_gpu] and isinstance(on_cpu, staging.CpuStager)  # a CPU run makes no stream, pins nothing
     assert on_gpu.use_pinned_memory and on_gpu.use_non_blocking_copy and on_gpu.use_async_staging
-    assert not on_cpu.use_pinned_memory and not on_cpu.use_non_blocking_copy and on_cpu.use_async_staging
     assert not on_gpu.use_shared_memory  # the writer is a thread of this process

@@ -10,9 +10,10 @@ import torch.nn as nn
 from omegaconf import OmegaConf
 from torch.func import functional_call
 
-from gpt.config import MLPS, NORMS, POSITIONS, ModelConfig, load_preset
+from gpt.config.model import MLPS, NORMS, POSITIONS, ModelConfig, load_preset
+from gpt.config.section import section
 from gpt.errors import ConfigError
-from gpt.model import GPT, MLP, CausalSelfAttention, KVCache, MoE, RotaryEmbedding, SwiGLU, apply_rope, make_norm
+from gpt.model.transformer import GPT, MLP, CausalSelfAttention, KVCache, MoE, RotaryEmbedding, SwiGLU, apply_rope, make_norm
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[2] / "configs" / "model").glob("*.yaml"))
 TOKENIZER_VOCAB = 65  # stands in for the tokenizer's vocabulary where a preset leaves vocab_size null
@@ -85,7 +86,7 @@ def test_load_preset_matches_hydra_compose(name):
     configs = Path(__file__).resolve().parents[2] / "configs"
     with initialize_config_dir(config_dir=str(configs), version_base="1.3"):
         composed = compose(overrides=[f"+model={name}"])
-    assert ModelConfig.from_dict(OmegaConf.to_container(composed.model)) == load_preset(name)
+    assert section(ModelConfig, "model", OmegaConf.to_container(composed.model)) == load_preset(name)
 
 
 def test_unknown_preset_names_the_known_ones():
@@ -448,18 +449,18 @@ def test_meta_model_materialised_and_reinitialised_equals_a_fresh_one():
 def test_bad_config_names_key_and_valid_values(overrides, key, valid):
     cfg = ModelConfig(**(dict(n_layer=1, n_head=4, n_embd=32, block_size=8, vocab_size=11) | overrides))
     with pytest.raises(ConfigError) as err:
-        GPT(cfg)  # built directly, without from_dict: the model validates too
+        GPT(cfg)  # built directly, not from the config: the model validates too
     assert err.value.key == key
     assert key in str(err.value) and valid in str(err.value)
     if overrides.get("vocab_size", 1) is not None:
         with pytest.raises(ConfigError, match=key):
-            ModelConfig.from_dict(dataclasses.asdict(cfg))
+            section(ModelConfig, "model", dataclasses.asdict(cfg))
 
 
 def test_activation_checkpointing_recomputes_the_chosen_layers_with_the_same_gradients():
     """A block with `recompute` runs its layer again in backward (twice in all) and keeps its gradients; the
     others run once. train.activation_checkpointing=every_2 picks layers 0, 2, ..."""
-    from gpt.train_config import TrainConfig
+    from gpt.config.train import TrainConfig
 
     cfg = ModelConfig(name="t", n_layer=4, n_head=2, n_embd=32, block_size=16, vocab_size=50)
     torch.manual_seed(0)

@@ -10,11 +10,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt.distributed import timed_flags
-from gpt.faults import Faults
-from gpt.run_config import DebugConfig
-from gpt.stragglers import (FIGURES, StragglerConfig, StragglerDetector, StragglerMonitor, busy_time,
-                            figures_dict, figures_vector)
+from gpt.dist.process_group import timed_flags
+from gpt.resilience.faults import Faults
+from gpt.config.section import section
+from gpt.config.sections import DebugConfig, StragglerConfig
+from gpt.errors import ConfigError
+from gpt.resilience.stragglers import (FIGURES, StragglerDetector, StragglerMonitor, busy_time, figures_dict,
+                                       figures_vector)
 
 
 def window(times, comm=None, hosts=None):
@@ -70,10 +72,9 @@ def test_threshold_min_excess_and_missing_figures():
     assert s.lagging == [2] and s.step_time_max_s == 4.0
     with pytest.raises(ValueError):
         det.observe(4, window([1.0, 1.0]))
-    with pytest.raises(ValueError):
-        StragglerConfig(windows=0)
-    cfg = StragglerConfig.from_metrics_cfg({"straggler_threshold_pct": 35, "straggler_windows": 5, "top_k": 1,
-                                            "debug": None})
+    with pytest.raises(ConfigError, match="metrics.straggler_windows=0 is not valid"):
+        section(StragglerConfig, "metrics", {"straggler_windows": 0})
+    cfg = section(StragglerConfig, "metrics", {"straggler_threshold_pct": 35, "straggler_windows": 5, "top_k": 1})
     assert (cfg.threshold_pct, cfg.windows, cfg.top_k) == (35, 5, 1)
 
 
@@ -162,3 +163,13 @@ def test_injected_delay_makes_that_rank_and_its_host_a_straggler_over_gloo(gloo_
     # Synchronous steps: every rank's wall-clock step time includes the delay; only its busy time tells.
     assert m["rank_busy_s/rank2"] > 0.04 > m["rank_busy_s/rank0"]
     assert m["stragglers/step_time_min_s"] > 0.04
+
+
+def test_an_injected_straggler_lags_on_the_device_of_a_gpu_rank(monkeypatch):
+    # No GPU here: the two CUDA calls are stood in for, and the host must not sleep (its device does the lagging).
+    spun: list[int] = []
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"clock_rate": 1_500_000}))
+    monkeypatch.setattr(torch.cuda, "_sleep", spun.append)
+    monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("the host slept"))
+    faults = Faults(DebugConfig(delay_rank=1, delay_s=0.2), 1, device=torch.device("cuda", 0))
+    assert faults.before_step(3, 0) == 0.2 and spun == [300_000_000]  # 0.2 s at 1.5 GHz

@@ -6,14 +6,15 @@ import math
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
-from omegaconf import OmegaConf
 
 from helpers import REPO, SHAKESPEARE, losses, read_metrics
-from gpt.distributed import DistEnv
+from gpt.dist.process_group import DistEnv
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
-from gpt.trainer import Trainer
-from launch.plan import make_plan
+from gpt.train.trainer import Trainer
+from gpt.config import schema
+from gpt.config.schema import run_config
+from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}"]
@@ -27,8 +28,8 @@ def train(tmp_path_factory):
         run_dir = tmp_path_factory.mktemp("run")
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(cfg, run_dir)
-        summary = Trainer(OmegaConf.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
+        make_plan(run_config(cfg), run_dir)
+        summary = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
         return run_dir, summary
 
     return run

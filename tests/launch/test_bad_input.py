@@ -18,6 +18,27 @@ CASES = {
                             "train.micro_batch_size=5 is not valid: a divisor of the per-rank batch 12"),
     "single strategy on two ranks": (["cluster.tasks_per_node=2"], "strategy=single runs exactly one process"),
     "bad watchdog budget": (["watchdog.step_s=-5"], "watchdog.step_s=-5 is not valid: a positive number of seconds"),
+    # Hydra refuses these against the schema (gpt/config/schema.py) while it composes: the same one line
+    "unknown train key": (["train.foo=1"], "train.foo=1 is not valid: known train keys are activation_checkpointing,"),
+    "unknown top-level key": (["foo=1"], "foo=1 is not valid: known top-level keys are budget, checkpoint,"),
+    "a word for a number": (["train.lr=abc"], "train.lr='abc' is not valid: a number"),
+    "a word for a flag": (["checkpoint.async=maybe"], "checkpoint.async='maybe' is not valid: true or false"),
+    "negative learning rate": (["train.lr=-1"], "train.lr=-1 is not valid: a positive learning rate"),
+    "a key of another strategy": (["strategy.stage=9"], "strategy.stage=9 is not valid: strategy=single reads name"),
+    "a key of another backend": (["cluster.partition=gpu"], "cluster.partition='gpu' is not valid: cluster=local reads "
+                                 "name, nodes, signal_delay_s, tasks_per_node (cluster.partition is for cluster=slurm)"),
+    "a ZeRO stage that does not exist": (["strategy=deepspeed", "strategy.stage=9"],
+                                         "strategy.stage=9 is not valid: 0, 1, 2 or 3 (ZeRO stage)"),
+    "unknown preset": (["model=gpt5"], "model='gpt5' is not valid: one of gpt2_1.5b, gpt2_124m,"),
+    "an override Hydra cannot parse": (["train.lr=[1"], "an override Hydra cannot parse: no viable alternative"),
+    # a line break would end the job script's #SBATCH block and drop --signal, --requeue and --time after it
+    "a newline in cluster.partition": (["cluster=slurm", "cluster.partition='debug\n#SBATCH --x'"],
+                                       "cluster.partition='debug\\n#SBATCH --x' is not valid: one line: no newline"),
+    "a carriage return in a cluster.sbatch value": (["cluster=slurm", "+cluster.sbatch.comment='a\rb'"],
+                                                    "cluster.sbatch.comment='a\\rb' is not valid: one line"),
+    "a run name that leaves runs/": (["run=../../etc"], "run='../../etc' is not valid: a folder name under runs/: "
+                                     "not empty, no '/' and no '..'"),
+    "a run name with a slash": (["run=a/b"], "run='a/b' is not valid: a folder name under runs/"),
 }
 
 
@@ -26,6 +47,7 @@ def test_bad_config_is_one_clear_line(overrides, message, tmp_path, data_overrid
     proc = launch(*data_overrides, *overrides, run_dir=tmp_path / "run", check=False)
     assert proc.returncode == 2, proc.stderr
     assert message in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "metrics").exists()  # nothing ran
 
@@ -39,7 +61,9 @@ def test_missing_data_file_names_the_path_and_where_to_get_it(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
-def test_unknown_preset_lists_the_presets(tmp_path, data_overrides):
-    proc = launch(*data_overrides, "model=gpt5", run_dir=tmp_path / "run", check=False)
-    assert proc.returncode != 0
-    assert "Could not find 'model/gpt5'" in proc.stderr and "gpt2_124m" in proc.stderr
+def test_a_sweep_value_hydra_refuses_stops_the_sweep(tmp_path, data_overrides):
+    proc = launch(*data_overrides, "model=tiny", "train.lr=1e-3,abc", run_dir=tmp_path / "sweep", check=False,
+                  multirun=True)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr == "error: train.lr='abc' is not valid: a number\n"  # Hydra checks every point first
+    assert not list(tmp_path.glob("sweep/*/metrics"))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from helpers import REPO, launch, losses
 
@@ -16,23 +17,43 @@ RUN = ["model=tiny", "cluster.nodes=2", "strategy=ddp", "train.max_steps=60", "t
        "train.progress=false"]
 
 
-def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_overrides):
-    reference, run = tmp_path / "reference", tmp_path / "run"
-    launch(*RUN, *data_overrides, run_dir=reference)
-    cmd = [sys.executable, "-m", "launch", *RUN, *data_overrides, f"hydra.run.dir={run}"]
+def interrupted(run: Path, overrides: list[str], after: int, signum: int) -> tuple[subprocess.Popen, str]:
+    """A local run in its own process group, sent `signum` once rank 0 logged `after` steps; (it, its stderr)."""
+    cmd = [sys.executable, "-m", "launch", *overrides, f"hydra.run.dir={run}"]
     proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     metrics = run / "metrics" / "rank0.jsonl"
     deadline = time.monotonic() + 120
-    while not (metrics.exists() and metrics.read_text().count("\n") >= 10) and time.monotonic() < deadline:
+    while not (metrics.exists() and metrics.read_text().count("\n") >= after) and time.monotonic() < deadline:
         time.sleep(0.1)
-    os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends to its foreground process group
-    _, err = proc.communicate(timeout=120)
+    os.killpg(proc.pid, signum)
+    return proc, proc.communicate(timeout=120)[1]
+
+
+def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_overrides):
+    reference, run = tmp_path / "reference", tmp_path / "run"
+    launch(*RUN, *data_overrides, run_dir=reference)
+    proc, err = interrupted(run, [*RUN, *data_overrides], 10, signal.SIGINT)  # what a terminal sends
     assert proc.returncode == 2, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     stopped_at = len(losses(run))
     assert 10 <= stopped_at < 60 and (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
     again = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
     assert again.startswith("python -m launch ") and f"hydra.run.dir={run}" in again
-    subprocess.run([sys.executable, *shlex.split(again)[1:]], cwd=REPO, check=True, capture_output=True, timeout=300)
+    resumed = subprocess.run([sys.executable, *shlex.split(again)[1:]], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert losses(run) == losses(reference)  # every step once, bitwise
+
+
+def test_sigterm_to_the_process_group_saves_and_stops_like_ctrl_c(tmp_path, data_overrides):
+    """`kill -TERM -PGID` (a process manager, a closed terminal) ends as Ctrl-C does: saved, one line, no Hydra
+    'Error executing job' and no traceback."""
+    run = tmp_path / "run"
+    proc, err = interrupted(run, [*RUN, *data_overrides], 5, signal.SIGTERM)
+    assert proc.returncode == 2, err[-3000:]
+    assert "Error executing job" not in err and "Traceback" not in err, err[-3000:]
+    assert "SIGTERM: every rank saves at its next step, then stops" in err, err[-3000:]
+    stopped_at = len(losses(run))
+    assert (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file(), err[-3000:]
+    assert "Continue with:\n  python -m launch " in err

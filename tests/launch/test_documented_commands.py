@@ -1,19 +1,22 @@
-"""Every gptlaunch command shown to users (README, script headers, config comments) composes with Hydra and
+"""Every gptlaunch command shown to users (README, docs/, script headers, config comments) composes with Hydra and
 passes planning: a copied command never fails for a name that does not exist or a layout that cannot work."""
 from __future__ import annotations
 
+import itertools
 import re
 import shlex
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
-from omegaconf import open_dict
+from hydra.errors import ConfigCompositionException
 
+from gpt.config.schema import run_config
 from gpt.errors import UserError
 from helpers import REPO, compose
-from launch.plan import make_plan
+from launch.planning.plan import Plan, make_plan
 
-SOURCES = ["README.md", "slurm/multi_node.sh", *[str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")]]
+SOURCES = ["README.md", *[str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))], "slurm/multi_node.sh",
+           *[str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")]]
 COMMAND = re.compile(r"(\$ )?(python -m launch(?![.\w])|sbatch[^`\n]*?slurm/multi_node\.sh|make run)((?:[^`\n\\]|\\\n)*)")
 
 
@@ -30,8 +33,9 @@ def documented() -> list[tuple[str, str, list[str]]]:
     return found
 
 
-def overrides(program: str, words: list[str]) -> tuple[list[str], dict[str, int]]:
-    """The Hydra overrides of one command (the first value of a sweep), and sbatch's node and task counts."""
+def overrides(program: str, words: list[str]) -> tuple[list[list[str]], dict[str, int]]:
+    """The Hydra overrides of one command, each with its values (a sweep's comma-separated ones), and sbatch's node
+    and task counts."""
     out, shape = [], {}
     for w in words:
         if program == "make run" and w.startswith(("ARGS=", "RUN_ARGS=")):
@@ -40,7 +44,7 @@ def overrides(program: str, words: list[str]) -> tuple[list[str], dict[str, int]
             shape[w[2:].split("=")[0]] = int(w.split("=")[1])
         elif "=" in w and not w.startswith(("-", "hydra.", "hydra/")) and "<" not in w:
             key, value = w.split("=", 1)
-            out.append(f"{key}={value.split(',')[0] if not value.startswith('[') else value}")
+            out.append([f"{key}={v}" for v in ([value] if value.startswith("[") else value.split(","))])
     return out, shape
 
 
@@ -49,24 +53,34 @@ CASES = documented()
 
 def test_the_documents_show_commands():
     assert len(CASES) >= 20 and sum("sbatch" in cmd for _, cmd, _ in CASES) >= 4
+    shown_in = {source for source, _, _ in CASES}
+    assert "README.md" in shown_in and {"docs/configuration.md", "docs/strategies.md", "docs/slurm.md"} <= shown_in
 
 
 @pytest.mark.parametrize("source,command,words", CASES, ids=[f"{s}:{c}" for s, c, _ in CASES])
-def test_documented_command_composes_and_plans(source, command, words, tmp_path, data_overrides):
+def test_documented_command_composes_and_plans(source, command, words, tmp_path, data_overrides, monkeypatch):
+    """Every point of a sweep: `-m nodes=1,2,4` plans 1, 2 and 4 nodes. `site=NAME` finds the example profiles."""
+    monkeypatch.setenv("GPTLAUNCH_SITE_DIR", str(REPO / "examples"))
     program = "make run" if command.startswith("make run") else "sbatch" if "sbatch" in command else "launch"
-    args, shape = overrides(program, words)
+    choices, shape = overrides(program, words)
     if program == "make run" and not any(w.startswith("RUN_ARGS=") for w in words):
-        args = ["nodes=1", "strategy=ddp", "train.max_steps=1000", *args]  # the Makefile's RUN_ARGS
-    GlobalHydra.instance().clear()
-    cfg = compose(*args, *data_overrides)
-    with open_dict(cfg):  # planned as the allocation would run it: nodes x tasks from sbatch, or the config's
-        if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1
-            cfg.cluster.nodes, cfg.cluster.tasks_per_node = shape.get("nodes", 2), shape.get("ntasks-per-node", 1)
-        elif cfg.cluster.name == "srun":  # as the script runs it, in a 1-node allocation
-            cfg.cluster.nodes, cfg.cluster.tasks_per_node = 1, 1
-    if command.startswith("$ "):
-        with pytest.raises(UserError):
-            make_plan(cfg, tmp_path / "run")
-        return
-    plan = make_plan(cfg, tmp_path / "run")
-    assert plan.world_size >= 1 and (tmp_path / "run" / "config.yaml").is_file()
+        choices = [["nodes=1", "nodes=2"], ["strategy=ddp"], ["train.max_steps=1000"], *choices]  # the Makefile's RUN_ARGS
+    for i, args in enumerate(itertools.product(*choices)):
+        GlobalHydra.instance().clear()
+        run_dir = tmp_path / f"point{i}"
+        if command.startswith("$ "):
+            with pytest.raises((UserError, ConfigCompositionException)):  # the schema's errors are Hydra's
+                plan(program, shape, [*args, *data_overrides], run_dir)
+            continue
+        planned = plan(program, shape, [*args, *data_overrides], run_dir)
+        assert planned.world_size >= 1 and (run_dir / "config.yaml").is_file(), args
+
+
+def plan(program: str, shape: dict[str, int], args: list[str], run_dir) -> Plan:
+    """Planned as the allocation would run it: nodes x tasks from sbatch, or the config's."""
+    run = run_config(compose(*(["cluster=srun"] if program == "sbatch" else []), *args))  # as multi_node.sh runs it
+    if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1
+        run = run.with_cluster(nodes=shape.get("nodes", 2), tasks_per_node=shape.get("ntasks-per-node", 1))
+    elif run.cluster.name == "srun":  # as the script runs it, in a 1-node allocation
+        run = run.with_cluster(nodes=1, tasks_per_node=1)
+    return make_plan(run, run_dir)

@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gpt.goodput import run_goodput, young_daly_minutes, interruption_rate
+from gpt.resilience.goodput import run_goodput, young_daly_minutes, interruption_rate
 from helpers import launch
 
 RUN = ["model=tiny", "train.max_steps=40", "train.log_interval=5", "train.eval_interval=0",
@@ -26,6 +26,16 @@ def test_goodput_counts_replayed_steps_as_lost():
     assert g.kept_train_s == pytest.approx(50 - 5 * 2 + 40)  # 5 steps of 2 s each trained again
     assert g.losses["steps trained again"] == pytest.approx(10.0) and g.losses["start-up"] == 20.0
     assert g.goodput == pytest.approx(80 / 160) and "goodput 50.0%" in g.describe()
+
+
+def test_an_attempt_without_a_time_record_still_counts_as_an_attempt():
+    """A hang's or a killed attempt's line may carry no goodput record: the run still ended over two attempts."""
+    attempts = [{"ended": "hang", "last_step": 10},
+                {"ended": "finished", "last_step": 40,
+                 "goodput": {"allocated_s": 60.0, "startup_s": 10.0, "train_s": 40.0, "eval_s": 0.0, "save_s": 2.0,
+                             "steps": 30, "saves": 2}}]
+    said = run_goodput(attempts).describe()
+    assert "s allocated over 2 attempt(s) (1 of them recorded no time); lost to" in said, said
 
 
 def test_young_daly_interval_and_its_inputs():
@@ -57,6 +67,31 @@ def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_override
 
 def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides):
     """cluster.signal_delay_s is read from the config: here a window of 1 s, far less than a save and a requeue."""
-    run = launch(*RUN, "+cluster.signal_delay_s=1", *data_overrides, run_dir=tmp_path / "run")
+    run = launch(*RUN, "cluster.signal_delay_s=1", *data_overrides, run_dir=tmp_path / "run")
     said = run.stdout + run.stderr
     assert "cluster.signal_delay_s=1 may be too short" in said and "set cluster.signal_delay_s=30" in said
+
+
+def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_the_queue_after_it(tmp_path):
+    """The next attempt records it (begin_attempt): it holds the lock by then, and its fresh heartbeat must not
+    stretch the killed attempt over the time the job waited in the queue."""
+    import time
+
+    from gpt.run_folder import RunFolder
+    from launch.rank.job_env import JobEnvironment
+    from launch.run.attempts import begin_attempt
+    from launch.run.lock import take
+
+    folder = RunFolder(tmp_path)
+    folder.metrics.mkdir(parents=True)
+    started = time.time() - 1000  # killed 950 s ago, 50 s after it started; then the queue
+    folder.attempts.mark({"job_id": None, "restart": 0, "started": started, "first_step": 0})
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 5 * s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 11)))
+    lease = take(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
+    try:
+        begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10)
+    finally:
+        lease.release()
+    killed = folder.attempts.read()[0]
+    assert killed["goodput"]["allocated_s"] == pytest.approx(50.0, abs=0.01), killed

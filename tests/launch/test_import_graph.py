@@ -1,9 +1,13 @@
 """No import cycle in launch/ or gpt/, counting every import (a lazy import inside a function hides a cycle
-from Python, not from a reader)."""
+from Python, not from a reader); and the launcher's modules import no torch (a login node plans without it)."""
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 from helpers import REPO
 
@@ -46,3 +50,23 @@ def test_no_module_imports_itself_back():
         visit(start, [start], {start})
     assert not cycles, "\n".join(sorted(set(cycles))[:10])
     assert "launch.report.build" in edges and "launch.backends.slurm.submit" in edges
+
+
+# What runs on a login node: the app, our Hydra launcher, the report, the Slurm backend. None may import torch.
+LAUNCHER_ENTRIES = ["launch.app", "launch.hydra_launcher", "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher",
+                    "launch.planning.plan", "launch.backends.slurm.backend", "launch.backends.srun", "launch.report",
+                    "gpt.config.schema"]
+
+
+@pytest.mark.parametrize("module", LAUNCHER_ENTRIES)
+def test_the_launcher_imports_no_torch(module):
+    code = f"import sys, {module}; sys.exit('torch' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0, f"{module} imports torch"
+
+
+def test_gpt_never_imports_launch():
+    """gpt/ is what runs in a rank and knows no scheduler: it may not reach into launch/, not even lazily."""
+    offenders = sorted(f"{m} -> {t}" for m, targets in graph().items() if m.startswith("gpt")
+                       for t in targets if t == "launch" or t.startswith("launch."))
+    assert not offenders, offenders
+    assert any(t.startswith("gpt.") for t in graph()["launch.rank.worker"])  # the scan sees cross-package imports

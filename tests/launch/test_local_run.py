@@ -2,10 +2,13 @@
 from __future__ import annotations
 
 import json
+import socket
 
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
+from gpt.resilience.node_heartbeat import node_local_dir
 from helpers import launch, losses, read_metrics
 
 TINY = ["model=tiny", "train.max_steps=60", "train.warmup_steps=5", "train.log_interval=5", "train.eval_interval=30",
@@ -37,6 +40,7 @@ def test_run_folder_holds_config_environment_metrics_and_checkpoint(tiny_run):
         assert key in record, key
     assert record["mfu"] is None  # no peak FLOP/s is known for a CPU: "n/a", never a guess
     assert (tiny_run / "checkpoints" / "step_00000060" / "meta.json").is_file()
+    assert not node_local_dir(tiny_run, socket.gethostname()).parent.exists()  # the node's memory is given back
 
 
 def test_tensorboard_events_hold_the_training_curves(tiny_run):
@@ -45,6 +49,12 @@ def test_tensorboard_events_hold_the_training_curves(tiny_run):
     tags = set(events.Tags()["scalars"])
     assert {"train/loss", "val/loss", "train/tokens_per_s", "mem/rss_gib"} <= tags
     assert len(events.Scalars("train/loss")) == 12
+    # one event per metrics record, not one per scalar: each event costs an open of the file on a shared file system
+    records = len((tiny_run / "metrics" / "rank0.jsonl").read_text().splitlines())
+    written = sum(1 for f in (tiny_run / "tensorboard" / "rank0").iterdir()
+                  for e in EventFileLoader(str(f)).Load()
+                  if e.HasField("summary") and e.summary.value[0].metadata.plugin_data.plugin_name != "text")
+    assert written <= records, (written, records)
 
 
 def test_same_seed_gives_the_same_losses(tiny_run, tmp_path, data_overrides):

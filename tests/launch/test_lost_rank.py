@@ -8,26 +8,19 @@ from pathlib import Path
 
 import pytest
 
-from launch import lost_rank
-from launch.backends.slurm import commands
+from gpt.config import schema
+from helpers import compose
+from launch.run import lost_rank
 
 
 @pytest.fixture
 def run_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    (tmp_path / "config.yaml").write_text("preemption:\n  max_restarts: 5\n")
+    schema.save(schema.run_config(compose("preemption.max_restarts=5")), tmp_path / "config.yaml")
     (tmp_path / "watchdog").mkdir()
     (tmp_path / "watchdog" / "rank1.json").write_text(json.dumps({"rank": 1, "attempt": 1, "time": 0.0}))
     return tmp_path
-
-
-@pytest.fixture
-def asked(monkeypatch) -> list[str]:
-    requeues: list[str] = []
-    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "", (("Restarts", "0"),)))
-    monkeypatch.setattr(commands, "requeue", requeues.append)
-    return requeues
 
 
 def checkpoint(run_dir: Path, step: int, index: int) -> None:

@@ -6,13 +6,16 @@ from dataclasses import replace
 
 import pytest
 
-from launch.report.perf_model import (Network, Shape, collectives, comm_volume, crosses_nodes, fit, nominal_comm_time,
+from gpt.config.report import Network
+from gpt.config.section import section
+from gpt.config.strategy import ParallelConfig, StrategyConfig
+from launch.report.perf_model import (Shape, collectives, comm_volume, crosses_nodes, fit, nominal_comm_time,
                                      point_errors, scaled_shape)
 
 
 def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", **cfg) -> Shape:
     return Shape(nodes=nodes, tasks_per_node=tasks, global_batch=batch, block_size=1024, n_embd=768, n_layer=12,
-                 params=124_000_000, strategy=strategy, strategy_cfg=cfg)
+                 params=124_000_000, strategy=StrategyConfig(strategy, **cfg))
 
 
 def test_collective_volumes_per_strategy():
@@ -57,7 +60,7 @@ def test_the_fit_with_one_point_or_measured_communication():
     assert model.comm_scale == pytest.approx(2.0) and model.compute_s_per_sequence == pytest.approx(0.001)
     assert "measured communication" in model.method
     with pytest.raises(ValueError):
-        Network.from_cfg({"nvlink": 1})
+        section(Network, "report.network", {"nvlink": 1})
 
 
 def cpu_shape(nodes: int, cores: float, shared: bool) -> Shape:
@@ -128,7 +131,7 @@ def test_each_layout_lists_its_collectives_on_their_axes():
     p = 4 * 124e6
 
     def on(nodes, tasks=8, strategy="fsdp", **parallel):
-        return replace(shape(nodes, tasks, strategy=strategy), parallel=parallel)
+        return replace(shape(nodes, tasks, strategy=strategy), parallel=ParallelConfig(**parallel))
 
     def kinds(s):
         return sorted((c.kind, c.axis) for c in collectives(s))

@@ -1,7 +1,7 @@
 """Sweep points are named by what varies across the sweep, short and safe as folder names."""
 from __future__ import annotations
 
-from launch.point_label import point_labels, varying_keys
+from launch.planning.labels import point_labels, varying_keys
 
 
 def test_only_the_keys_that_vary_name_a_point():

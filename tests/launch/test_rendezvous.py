@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from gpt.distributed import DistEnv, RendezvousError, init_process_group
+from gpt.dist.process_group import DistEnv, RendezvousError, init_process_group
 
 
 def free_port() -> int:

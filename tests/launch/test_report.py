@@ -14,7 +14,8 @@ from helpers import launch, read_metrics
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.custom_scalar import layout_pb2
 
-from launch.report import ReportConfig, build_report, write_report
+from gpt.config.report import ReportConfig
+from launch.report import build_report, write_report
 from launch.report.__main__ import main
 
 OUTPUTS = ("scaling.csv", "scaling.md", "prediction.csv", "model.json", "throughput.png", "efficiency.png",
@@ -182,6 +183,7 @@ def test_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
 
 # --- synthetic sweeps ---------------------------------------------------------------------------------
 def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_times, comm=None, hosts=None,
+                compute=None,
                 strategy: str = "ddp", block: int = 64, cluster: str = "slurm", env=None, lr: float = 1e-3,
                 val=((99, 1.0),), losses=None, mfu=None) -> None:
     """A run folder as the trainer writes it; step_times[rank][window] (or one list for every rank); env(rank) gives
@@ -206,6 +208,8 @@ def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_ti
                    "tokens_per_s": global_batch * block / t, "mfu": mfu, "loss": losses[w] if losses else 2.0}
             if comm is not None:
                 rec["comm_s"] = comm[r][w] if isinstance(comm[r], list) else comm[r]
+            if compute is not None:
+                rec["compute_s"] = compute[r]
             lines.append(json.dumps(rec))
         lines += [json.dumps({"kind": "val", "step": step, "rank": r, "loss": loss}) for step, loss in val]
         (folder / "metrics" / f"rank{r}.jsonl").write_text("\n".join(lines) + "\n")
@@ -250,6 +254,15 @@ def test_report_names_a_chronic_straggler_and_its_host(tmp_path):
     assert row.comm_s == pytest.approx(0.3) and row.fwd_bwd_s is None
     md = (write_report(tmp_path) / "scaling.md").read_text()
     assert "straggler: rank 3 on b" in md and "comm 0.3" in md
+
+
+def test_report_names_a_gpu_straggler_from_its_device_compute(tmp_path):
+    # On GPUs: equal step times and no host wait; the fast ranks' devices waited in the gradient reduction.
+    write_point(tmp_path / "nodes=2", 2, 2, 16, [1.0] * 5, comm=[0.0] * 4, compute=[0.6, 0.6, 1.0, 0.61],
+                hosts=["a", "a", "b", "b"])
+    row = build_report(tmp_path).rows[0]
+    assert (row.stragglers, row.straggler_ranks) == (1, "2@b")
+    assert row.compute_s == pytest.approx(0.605)
 
 
 def test_report_of_many_ranks(tmp_path):

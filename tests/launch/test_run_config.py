@@ -1,18 +1,24 @@
-"""The run's own groups are checked before anything runs: one line naming the key, the value and what is valid."""
+"""The config is one typed tree (gpt.config.schema.RunConfig), checked before anything runs: one line naming the
+key, the value and what is valid, whether Hydra refuses it while composing (the schema) or the tree's sections do."""
 from __future__ import annotations
 
-import pytest
+import dataclasses
+import typing
 
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from gpt.config.schema import RunConfig, field_at, run_config, valid_for
+from gpt.config.section import section, to_plain
+from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, StragglerConfig,
+                                 WatchdogConfig)
 from gpt.errors import ConfigError
-from gpt.run_config import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, WatchdogConfig,
-                            check_run_sections)
 from helpers import compose, launch
 
 BAD = {
     "checkpoint.keep=0": "checkpoint.keep=0 is not valid: a positive number of checkpoints to keep",
-    "checkpoint.keep=abc": "checkpoint.keep='abc' is not valid",
     "checkpoint.interval_minutes=-1": "checkpoint.interval_minutes=-1 is not valid",
-    "+checkpoint.every=3": "checkpoint.every=3 is not valid: known checkpoint keys are",
+    "+checkpoint.every=3": "checkpoint.every=3 is not valid: known checkpoint keys are async, interval_minutes",
     "preemption.signals=[SIGKILL]": "preemption.signals='SIGKILL' is not valid",
     "preemption.max_restarts=-2": "preemption.max_restarts=-2 is not valid: an integer >= 0",
     "+preemption.retries=3": "preemption.retries=3 is not valid: known preemption keys are",
@@ -29,24 +35,82 @@ BAD = {
     "health.action=drop": "health.action='drop' is not valid: warn or exclude",
     "health.min_fraction=1.5": "health.min_fraction=1.5 is not valid: a fraction between 0 and 1",
     "health.rounds=0": "health.rounds=0 is not valid: a number of rounds >= 1",
+    "train.lr=-1": "train.lr=-1 is not valid: a positive learning rate",
+    "train.min_lr=0.1": "train.min_lr=0.1 is not valid: between 0 and train.lr=0.001",
+    "metrics.straggler_windows=0": "metrics.straggler_windows=0 is not valid: must be >= 1",
+    "metrics.straggler_action=drop": "metrics.straggler_action='drop' is not valid: must be warn or exclude",
+    "report.predict_nodes=[]": "report.predict_nodes=[] is not valid: a list of positive node counts",
+    "budget.applies_to=best": "budget.applies_to='best' is not valid: one of worst, expected",
+    "budget.max_node_hours=0": "budget.max_node_hours=0 is not valid: a positive number of node-hours",
+    "parallel.tp=0": "parallel.tp=0 is not valid: a positive integer, or -1",
+    "strategy.stage=9": "strategy.stage=9 is not valid: strategy=single reads name (strategy.stage is for "
+                        "strategy=deepspeed)",
+    "cluster.partition=gpu": "cluster.partition='gpu' is not valid: cluster=local reads name, nodes, signal_delay_s, "
+                             "tasks_per_node",
+    "cluster.chain=3": "cluster.chain=3 is not valid: cluster=local reads name, nodes, signal_delay_s, tasks_per_node "
+                       "(cluster.chain is for cluster=slurm)",
 }
+# An unknown key in every section, as a user types it: Hydra refuses it against the schema.
+SECTIONS = [name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)]
 
 
 @pytest.mark.parametrize("override", BAD)
 def test_bad_values_name_key_value_and_valid(override):
     with pytest.raises(ConfigError) as e:
-        check_run_sections(compose(override))
+        run_config(compose(override))
     assert BAD[override] in str(e.value)
 
 
-def test_defaults_pass_and_read_as_the_trainer_reads_them():
-    cfg = compose()
-    check_run_sections(cfg)
-    assert CheckpointConfig.from_cfg(cfg) == CheckpointConfig(500, None, 3, False)
-    assert PreemptionConfig.from_cfg(cfg.preemption).signals == ("SIGTERM", "SIGUSR2")
-    assert DebugConfig.from_cfg(cfg.debug) == DebugConfig()
-    assert WatchdogConfig.from_cfg(cfg.watchdog) == WatchdogConfig()
-    assert HealthConfig.from_cfg(cfg.health) == HealthConfig()
+@pytest.mark.parametrize("name", SECTIONS)
+def test_an_unknown_key_in_any_section_is_refused(name):
+    with pytest.raises(ConfigCompositionException):  # Hydra, against the schema
+        compose(f"{name}.foo=1")
+    with pytest.raises(ConfigError, match=f"^{name}.foo=1 is not valid: known {name} keys are "):  # +key: the tree
+        run_config(compose(f"+{name}.foo=1"))
+
+
+@pytest.mark.parametrize("override,valid", [("train.lr=abc", "a number"), ("checkpoint.keep=abc", "an integer"),
+                                            ("health.enabled=maybe", "true or false"), ("train.betas=[1,x]", "")])
+def test_a_wrong_type_is_refused_by_hydra(override, valid):
+    with pytest.raises(ConfigCompositionException):
+        compose(override)
+    assert valid in valid_for(override.split("=")[0])
+
+
+def test_the_tree_knows_every_key_and_its_type():
+    assert field_at("train.lr") is float and field_at("checkpoint.async") is bool
+    assert field_at("metrics.straggler_windows") is int and field_at("train.nope") is None
+    assert valid_for("train.nope").startswith("known train keys are activation_checkpointing, betas")
+    assert valid_for("train.betas[1]") == "a number"
+    assert valid_for("nope").startswith("known top-level keys are budget, checkpoint, cluster")
+
+
+def test_defaults_live_in_the_dataclasses():
+    run = run_config(compose())
+    assert run.checkpoint == CheckpointConfig(500, None, 3, False)
+    assert run.preemption == PreemptionConfig() and run.preemption.signals == ("SIGTERM", "SIGUSR2")
+    assert run.debug == DebugConfig() and run.watchdog == WatchdogConfig() and run.health == HealthConfig()
+    assert run.metrics == StragglerConfig()
+    assert run.cluster.name == "local" and run.cluster.nodes == run.nodes == 1
+    assert run.strategy.name == "single" and run.name == "shakespeare_cpu-single"
+
+
+def test_keys_with_other_names_in_the_config():
+    run = run_config(compose("checkpoint.async=true", "metrics.straggler_threshold_pct=35", "preemption.signals=[TERM]"))
+    assert run.checkpoint.async_save and run.metrics.threshold_pct == 35
+    assert run.preemption.signals == ("SIGTERM",)
+    plain = to_plain(run)
+    assert plain["checkpoint"]["async"] is True and plain["metrics"]["straggler_threshold_pct"] == 35
+    assert run_config(plain) == run  # what a run folder's config.yaml holds reads back as the same tree
+
+
+def test_a_section_from_plain_values():
+    assert section(StragglerConfig, "metrics", {"straggler_windows": 5, "top_k": 1}) == StragglerConfig(windows=5,
+                                                                                                      top_k=1)
+    with pytest.raises(ConfigError, match="metrics.straggler_windows='5' is not valid: an integer"):
+        section(StragglerConfig, "metrics", {"straggler_windows": "5"})
+    with pytest.raises(ConfigError, match=r"train.betas=\[0.9, 'x'\] is not valid: a list of numbers"):
+        run_config({**to_plain(run_config(compose())), "train": {"betas": [0.9, "x"]}})
 
 
 def test_process_group_timeout_follows_the_watchdog():
@@ -60,3 +124,18 @@ def test_a_bad_value_stops_the_launch_before_any_rank(tmp_path, data_overrides):
     proc = launch("model=tiny", "checkpoint.keep=0", *data_overrides, run_dir=tmp_path / "run", check=False)
     assert proc.returncode == 2 and "error: checkpoint.keep=0 is not valid" in proc.stderr
     assert "Traceback" not in proc.stderr and not (tmp_path / "run" / "logs").exists()
+
+
+def test_the_run_config_is_written_atomically_and_once(tmp_path):
+    """Under the stock launcher every task of a job writes config.yaml while others read it: a reader sees the old
+    file or the new one, never a truncated one (a new file replaces it), and the same config is not written again."""
+    from gpt.config import schema
+
+    path, run = tmp_path / "config.yaml", run_config(compose())
+    schema.save(run, path)
+    first = path.stat().st_ino
+    schema.save(run, path)
+    assert path.stat().st_ino == first  # the same config: left as it is
+    schema.save(dataclasses.replace(run, seed=run.seed + 1), path)
+    assert path.stat().st_ino != first and schema.load(path).seed == run.seed + 1  # replaced, not rewritten in place
+    assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left

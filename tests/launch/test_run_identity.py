@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import psutil
 
@@ -38,6 +39,10 @@ def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_over
 
     fresh = launch(*RUN, "resume=none", *data_overrides, run_dir=run, check=False)
     assert fresh.returncode == 2 and "resume=none would start over on top of it" in fresh.stderr
+    longer = launch(*[o for o in RUN if "max_steps" not in o], "train.max_steps=30", *data_overrides, run_dir=run,
+                    check=False)  # the derived decay_steps changed: the hint names the value that continues it
+    assert longer.returncode == 2 and ("train.decay_steps (or max_steps): the run has 20, this command 30 "
+                                       "(train.decay_steps=20 keeps its schedule with a new max_steps)") in longer.stderr
     assert len(attempts(run)) == 1  # nothing ran
 
 
@@ -72,7 +77,7 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     assert (run / "lock.json").exists()
     relaunch = launch(*[o for o in slow if not o.startswith("debug.")], *data_overrides, run_dir=run)
     said = relaunch.stdout + relaunch.stderr
-    assert "took over the run folder's lock" in said and "is gone" in said, said[-3000:]
+    assert "took over the run folder from pid" in said and "is gone" in said, said[-3000:]
     killed, finished = attempts(run)
     assert killed["ended"].startswith("killed outright") and killed["recorded_by"] == "the next attempt"
     assert killed["last_step"] == finished["first_step"] >= 10 and finished["ended"] == "finished"
@@ -80,7 +85,7 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     kept = killed["goodput"]
     assert kept["steps"] == killed["last_step"] and 0 < kept["train_s"] < kept["allocated_s"], killed
     assert not (run / "attempt.json").exists()
-    assert not (run / "lock.json").exists()  # released at the end
+    assert json.loads((run / "lock.json").read_text())["ended"]  # released at the end: the next run takes it at once
 
 
 def test_resume_path_initialises_and_the_runs_own_checkpoints_win_afterwards(tmp_path, data_overrides):
@@ -106,3 +111,17 @@ def test_every_rank_resumes_from_the_same_step(tmp_path, data_overrides):
     assert [a["first_step"] for a in attempts(run)] == [0, 10]  # not 12 on rank 0 and 10 on rank 1
     assert "rank 1 on" in (run / "logs" / "rank0.log").read_text()
     assert losses(run) == losses(reference) and losses(run, rank=1) == losses(reference, rank=1)
+
+
+def test_a_zombie_holds_no_lock():
+    """A rank killed after its launcher died lingers as a zombie until pid 1 reaps it: it is gone, not a holder."""
+    from launch.run.lock import _alive
+
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert not _alive(child.pid)
+    child.wait()
+    assert _alive(os.getpid())

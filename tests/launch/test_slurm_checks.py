@@ -9,9 +9,13 @@ from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
 
+from gpt.config.cluster import BudgetConfig
+from gpt.config.schema import RunConfig, run_config
+from gpt.config.section import section
 from gpt.errors import ConfigError, UserError
-from launch.budget import Budget, PointCost, check_budget, check_limit, table
+from launch.planning.budget import PointCost, check_budget, table
 from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,
                                               resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
@@ -24,19 +28,20 @@ old|3|8|16000|(null)|infinite|down
 """
 
 
-def slurm_cfg(*overrides: str):
+def slurm_cfg(*overrides: str) -> RunConfig:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("config", overrides=["cluster=slurm", *overrides])
+        return run_config(compose("config", overrides=["cluster=slurm", *overrides]))
 
 
 def resources(*overrides: str) -> SlurmResources:
-    return SlurmResources.from_config(slurm_cfg(*overrides))
+    return SlurmResources.from_run(slurm_cfg(*overrides))
 
 
 def test_defaults_follow_the_top_level_node_count():
     res = resources("nodes=4")
     assert (res.nodes, res.tasks_per_node, res.gpus_per_node, res.time_min, res.requeue) == (4, 1, 0, 60, True)
-    params = res.executor_parameters("tiny-ddp")
+    assert res.signal_delay_s == 120 and slurm_cfg().cluster.signal_delay_s is None  # the job's own warning
+    params = res.executor_parameters("tiny-ddp", Path("/work"))
     assert params["nodes"] == 4 and params["time"] == 60 and params["additional_parameters"]["requeue"] is True
     assert "--kill-on-bad-exit=1" in params["srun_args"]
 
@@ -47,13 +52,16 @@ CONFLICTS = {
     "cuda without GPUs": (["train.device=cuda"], "cluster.gpus_per_node=0 is not valid: at least 1 with train.device=cuda"),
     "sbatch flag the launcher owns": (["+cluster.sbatch.nodes=3"], "cluster.sbatch.nodes=3 is not valid: set through nodes"),
     "sbatch output flag": (["+cluster.sbatch.output=x.out"], "cluster.sbatch.output='x.out' is not valid: a flag the launcher"),
-    "zero nodes": (["nodes=0"], "cluster.nodes=0 is not valid: an integer >= 1"),
+    "zero nodes": (["nodes=0"], "cluster.nodes=0 is not valid: a positive integer"),
     "bad memory": (["cluster.mem=lots"], "cluster.mem='lots' is not valid: memory per node like 64G"),
+    "a chain of no jobs": (["cluster.chain=0"], "cluster.chain=0 is not valid: an integer >= 1"),
     "time limit shorter than the checkpoint interval": (
         ["cluster.time_min=30", "checkpoint.interval_minutes=45"],
         "cluster.time_min=30 is not valid: longer than checkpoint.interval_minutes=45"),
-    "warning signal after the time limit": (["cluster.time_min=1", "cluster.signal_delay_s=120"],
-                                            "cluster.signal_delay_s=120 is not valid: shorter than the time limit"),
+    "warning signal after the time limit": (["cluster.time_min=1", "cluster.signal_delay_s=90"],
+                                            "cluster.signal_delay_s=90 is not valid: shorter than the time limit"),
+    "the default warning after the time limit": (["cluster.time_min=1"],
+                                                 "cluster.signal_delay_s=120 is not valid: shorter than the time limit"),
 }
 
 
@@ -64,9 +72,22 @@ def test_conflicting_resources_name_the_key(overrides, message):
     assert message in str(e.value)
 
 
+def test_a_chain_is_singleton_jobs_and_costs_each_link():
+    one, chain = resources("nodes=2", "cluster.time_min=30"), resources("nodes=2", "cluster.time_min=30",
+                                                                       "cluster.chain=3")
+    assert "dependency" not in one.executor_parameters("n", Path("/work"))["additional_parameters"]
+    assert chain.executor_parameters("n", Path("/work"))["additional_parameters"]["dependency"] == "singleton"
+    gated = resources("nodes=2", "cluster.time_min=30", "cluster.chain=3", "+cluster.sbatch.dependency=afterok:7")
+    assert gated.executor_parameters("n", Path("/work"))["additional_parameters"]["dependency"] == "afterok:7,singleton"
+    assert chain.node_hours == 3 * one.node_hours == 3.0
+    assert chain.describe() == "2 node(s) x 1 task(s), 30 min x a chain of 3"
+    with pytest.raises(UserError, match=r"3.00 node-hours .* nodes x cluster.time_min x cluster.chain each"):
+        check_budget([PointCost("nodes=2", chain)], 2.0, "expected")
+
+
 def test_extra_sbatch_flags_and_setup_lines_pass_through():
     res = resources("+cluster.sbatch.exclusive=true", "+cluster.sbatch.reservation=r1", "cluster.setup=[module load x]")
-    params = res.executor_parameters("n")
+    params = res.executor_parameters("n", Path("/work"))
     assert params["additional_parameters"] == {"requeue": True, "exclusive": True, "reservation": "r1"}
     assert params["setup"][-1] == "module load x"
 
@@ -159,20 +180,22 @@ def test_restarts_come_from_the_preemption_settings():
     assert resources("nodes=2").restarts == 10  # preemption.max_restarts's default
     assert resources("nodes=2", "preemption.max_restarts=0").restarts == 0
     assert resources("nodes=2", "cluster.requeue=false").restarts == 0
-    with pytest.raises(ConfigError, match="preemption.max_restarts='abc' is not valid"):
+    assert resources("nodes=2", "preemption.enabled=false").restarts == 0
+    with pytest.raises(ConfigCompositionException):  # the schema: an integer
         resources("nodes=2", "preemption.max_restarts=abc")
-    assert Budget.from_cfg({"max_node_hours": 5}).applies_to == "worst"
+
+
+def test_the_budget_section():
+    assert section(BudgetConfig, "budget", {"max_node_hours": 5}) == BudgetConfig(5.0, "worst")
+    assert section(BudgetConfig, "budget", {"max_node_hours": None}).max_node_hours is None  # no limit
     with pytest.raises(ConfigError, match="budget.applies_to='best' is not valid"):
-        Budget.from_cfg({"applies_to": "best"})
-    with pytest.raises(ConfigError, match="budget.max_hours"):
-        Budget.from_cfg({"max_hours": 5})
-
-
-def test_budget_limit_must_be_positive():
-    assert check_limit(None) is None and check_limit(5) == 5.0
+        section(BudgetConfig, "budget", {"applies_to": "best"})
+    with pytest.raises(ConfigError, match="budget.max_hours=5 is not valid: known budget keys are applies_to, "
+                                          "max_node_hours"):
+        section(BudgetConfig, "budget", {"max_hours": 5})
     for bad in (0, -1, "lots", True):
-        with pytest.raises(ConfigError):
-            check_limit(bad)
+        with pytest.raises(ConfigError, match="budget.max_node_hours"):
+            section(BudgetConfig, "budget", {"max_node_hours": bad})
 
 
 def test_no_sbatch_suggests_cluster_local(tmp_path):
@@ -197,18 +220,18 @@ def srun_on_path(monkeypatch):
     monkeypatch.setattr(launch.backends.srun.shutil, "which", lambda name: f"/usr/bin/{name}")
 
 
-def srun_cfg(*overrides: str):
+def srun_cfg(*overrides: str) -> RunConfig:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return compose("config", overrides=["cluster=srun", *overrides])
+        return run_config(compose("config", overrides=["cluster=srun", *overrides]))
 
 
 def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):
     from launch.backends.srun import resolve_allocation
 
-    cfg = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4"})
-    assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node) == (3, 4)
-    cfg = resolve_allocation(srun_cfg(), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)"})
-    assert (cfg.cluster.nodes, cfg.cluster.tasks_per_node) == (2, 2)
+    run = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4"})
+    assert (run.cluster.nodes, run.cluster.tasks_per_node) == (3, 4)
+    run = resolve_allocation(srun_cfg(), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)"})
+    assert (run.cluster.nodes, run.cluster.tasks_per_node) == (2, 2)
 
 
 def test_srun_backend_checks_its_environment(srun_on_path):
@@ -218,6 +241,24 @@ def test_srun_backend_checks_its_environment(srun_on_path):
         resolve_allocation(srun_cfg(), {})
     with pytest.raises(UserError, match="4 GPU.s. per node but 1 task.s. per node: one rank per GPU needs "
                                         "sbatch --ntasks-per-node=4"):
-        resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_GPUS_ON_NODE": "4"})
+        resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_GPUS_ON_NODE": "4", "SLURM_GPUS_PER_NODE": "4"})
+
+
+def test_gpus_an_exclusive_job_was_handed_unasked_are_a_warning(srun_on_path, capsys):
+    from launch.backends.srun import resolve_allocation
+
+    run = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_GPUS_ON_NODE": "4"})  # sbatch --exclusive
+    assert run.cluster.tasks_per_node == 1
+    assert "warning: this allocation has 4 GPU(s) per node but 1 task(s) per node" in capsys.readouterr().err
     with pytest.raises(ConfigError, match="cluster.nodes=4 is not valid: auto or 2"):
         resolve_allocation(srun_cfg("cluster.nodes=4"), ALLOCATION)
+
+
+def test_the_budget_table_of_a_large_sweep_has_a_row_per_kind_of_job():
+    costs = [PointCost(f"nodes={n},train.lr={lr}", SlurmResources(nodes=n, time_min=60))
+             for lr in range(64) for n in (1, 2, 4, 8)]
+    text = table(costs, None)
+    assert len(text.splitlines()) == 1 + 4 + 2, text  # header, 4 kinds, total, the note
+    assert "64 x nodes=8,train.lr=0 ..." in text and "512.00" in text  # 64 jobs of 8 nodes for an hour
+    assert "960.00" in text and "256 points in 4 rows" in text  # 15 node-hours x 64
+    assert table(costs[:20], None).count("\n") == 21  # a small sweep: a row per point

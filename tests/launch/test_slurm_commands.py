@@ -64,3 +64,15 @@ def test_squeue_rows_and_sacct_states():
     assert rows["1"] == ("FAILED", "JobLaunchFailure") and rows["5"] == ("PENDING", "JobHeldUser")
     assert parse_sacct("CANCELLED by 0\n") == "CANCELLED" and parse_sacct("RUNNING+\n") == "RUNNING"
     assert parse_sacct("") is None and GONE not in STATES
+
+
+@pytest.mark.parametrize("name", ["scontrol_o_22.05_array.txt", "scontrol_22.05_array.txt"])
+def test_an_array_id_reads_the_record_of_the_task_asked_for(name):
+    # `scontrol show job 7` prints every task of array 7: task 7_1 (job 7) was requeued, task 7_0 (job 8) runs.
+    text = recorded(name)
+    for job_id in ("7", "7_1"):
+        fields = parse_scontrol_job(text, job_id)
+        assert (fields["ArrayTaskId"], fields["JobState"], fields["Restarts"]) == ("1", "PENDING", "1")
+    for job_id in ("8", "7_0"):
+        fields = parse_scontrol_job(text, job_id)
+        assert (fields["ArrayTaskId"], fields["JobState"], fields["Restarts"]) == ("0", "RUNNING", "0")

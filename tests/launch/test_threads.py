@@ -6,7 +6,7 @@ import json
 import pytest
 
 from helpers import launch
-from launch.threads import ThreadPlan, usable_cpus
+from launch.rank.threads import ThreadPlan, usable_cpus
 
 QUICK = ["model=tiny", "strategy=ddp", "train.max_steps=4", "train.log_interval=2", "train.eval_interval=0",
          "checkpoint.interval_steps=0"]
@@ -48,5 +48,15 @@ def test_plan_rules():
     assert ThreadPlan.from_env(plan.env()) == plan  # what the rank reads is what the launcher decided
     slurm = ThreadPlan.from_env({"SLURM_CPUS_PER_TASK": "3", "SLURM_TASKS_PER_NODE": "4(x2)"})
     assert (slurm.threads, slurm.ranks_on_host) == (3, 4)
-    assert ThreadPlan(4, "x", 2).oversubscribed(cpus=8) is None
-    assert "2 rank(s) x 4 thread(s) = 8 threads on 4 CPU(s)" in ThreadPlan(4, "x", 2).oversubscribed(cpus=4)
+    assert ThreadPlan(4, "x", 2).oversubscribed(cpus=8, environ={}) is None
+    assert "2 rank(s) x 4 thread(s) = 8 threads on 4 CPU(s)" in ThreadPlan(4, "x", 2).oversubscribed(cpus=4, environ={})
+
+
+def test_a_task_slurm_bound_to_its_own_cpus_is_judged_on_them_alone():
+    bound = {"SLURM_CPUS_ON_NODE": "16"}  # 8 tasks x -c 2 on this host; this task's affinity: its 2 CPUs
+    assert ThreadPlan(2, "--cpus-per-task=2", 8).oversubscribed(cpus=2, environ=bound) is None
+    assert "1 rank(s) x 4 thread(s) = 4 threads on 2 CPU(s)" in ThreadPlan(4, "x", 8).oversubscribed(cpus=2,
+                                                                                                   environ=bound)
+    # not bound (task/none): every rank of the host runs on the same 16 CPUs
+    shared = ThreadPlan(4, "x", 8).oversubscribed(cpus=16, environ=bound)
+    assert "8 rank(s) x 4 thread(s) = 32 threads on 16 CPU(s)" in shared

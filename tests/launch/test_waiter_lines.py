@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 from launch.backends import Point
-from launch.backends.slurm.submit import Submitted, Watch
+from launch.backends.slurm.submit import Submitted
+from launch.backends.slurm.wait import Watch
 
 
 def attempt(job_id: str, restart: int, **fields) -> str:
@@ -33,3 +35,92 @@ def test_each_requeue_of_this_job_is_told_once(tmp_path: Path, capsys):
         "at most 10), without gl-n2 (ExcNodeList)",
         "job 19 (nodes=3): attempt 1 ended (preempted:SIGUSR2) at step 40: requeued job 19 (restart 2 of at most 10)",
     ]
+
+
+def test_a_job_cancelled_while_pending_names_no_log_it_never_wrote(tmp_path: Path, monkeypatch):
+    from launch.backends.slurm import commands
+    from launch.backends.slurm.wait import collect
+
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(  # recorded: scancel of a held job
+        job, "CANCELLED", "JobHeldUser", (("ExitCode", "0:0"), ("Reason", "JobHeldUser"))))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    resources = SimpleNamespace(world_size=2)  # what collect reads of them
+    job = Submitted(Point(label="nodes=2", run_dir=run_dir, job_name="gptlaunch", resources=resources), "23", tmp_path)
+    assert collect(job, "CANCELLED").message().splitlines() == [
+        "job 23 (nodes=2) ended CANCELLED:",
+        "  it never started (no job log): it was cancelled or failed while pending (ExitCode=0:0, Reason=JobHeldUser)"]
+    job.paths(0).stderr.parent.mkdir(parents=True, exist_ok=True)
+    job.paths(0).stderr.write_text("started\n")
+    said = collect(job, "CANCELLED").message().splitlines()
+    assert said[1].startswith("  the job ended before any rank reported") and said[-1].startswith("  job log: ")
+
+
+def test_a_timeout_names_what_the_run_folder_shows(tmp_path: Path):
+    from gpt.config import schema
+    from helpers import compose
+    from launch.backends.slurm.wait import timeout_line
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    save = lambda *o: schema.save(schema.run_config(compose("cluster=slurm", "cluster.time_min=5", *o)),  # noqa: E731
+                                  run_dir / "config.yaml")
+    save("checkpoint.interval_steps=5000")
+    assert timeout_line(run_dir, "31", None) == (
+        "it reached its time limit (cluster.time_min=5) before its first checkpoint, and no time-limit warning "
+        "reached the ranks: raise cluster.time_min, or save more often (checkpoint.interval_steps=5000)")
+    save("preemption.enabled=false")
+    assert "with preemption.enabled=false: nothing saved it" in timeout_line(run_dir, "31", 100)
+    (run_dir / "attempts.jsonl").write_text(attempt("31", 0, ended="preempted:SIGUSR2", requeued=False))
+    assert timeout_line(run_dir, "31", 100).startswith("it was warned before its time limit, but the save and the "
+                                                       "requeue did not finish in time: raise cluster.signal_delay_s")
+
+
+def test_a_hang_report_from_before_the_wait_is_not_told_again(tmp_path):
+    """Which reports are new is decided by the files there when the waiter began, not by comparing the report's
+    time (another host's clock) with the waiter's."""
+    import json
+
+    from gpt.resilience.hang import newest_hang
+    from gpt.run_folder import RunFolder
+
+    folder = RunFolder(tmp_path)
+    (tmp_path / "hang-1.json").write_text(json.dumps({"summary": "old hang", "time": 4e9}))  # a clock far ahead
+    earlier = set(folder.hang_records())
+    assert newest_hang(tmp_path) == "old hang" and newest_hang(tmp_path, earlier) is None
+    (tmp_path / "hang-2.json").write_text(json.dumps({"summary": "new hang", "time": 1.0}))  # a clock far behind
+    assert newest_hang(tmp_path, earlier) == "new hang"
+
+
+def test_the_waiter_backs_off_while_nothing_changes_and_is_fast_again_when_something_does():
+    from launch.backends.slurm.wait import FAST_FOR_S, SLOW_POLL_S, Backoff
+
+    backoff = Backoff(0.5, since=0.0)
+    backoff.observe(("1 running", 1), now=0.0)
+    assert backoff.interval(now=FAST_FOR_S - 1) == 0.5  # a minute at its own pace after a change
+    assert backoff.interval(now=100.0) == 10.0  # then a tenth of the quiet time: a job's end is seen <= 10% late
+    assert backoff.interval(now=3600.0) == SLOW_POLL_S
+    backoff.observe(("1 running", 1), now=3600.0)  # the same: still slow
+    assert backoff.interval(now=3601.0) == SLOW_POLL_S
+    backoff.observe(("1 pending (Resources)", 1), now=3602.0)
+    assert backoff.interval(now=3603.0) == 0.5
+
+
+def test_only_running_jobs_and_jobs_that_just_changed_have_their_run_folders_read(tmp_path: Path, monkeypatch):
+    from launch.backends.slurm import wait
+    from launch.backends.slurm.commands import JobInfo
+
+    jobs = {j: Submitted(Point(label=j, run_dir=tmp_path / j, job_name="g", resources=None), j, tmp_path)
+            for j in ("1", "2", "3")}
+    states = {"1": "RUNNING", "2": "PENDING", "3": "PENDING"}
+    monkeypatch.setattr(wait, "job_states", lambda ids: {j: JobInfo(j, states[j]) for j in ids})
+    watch = Watch()
+    watch.poll(list(jobs))
+    assert [s.job_id for s in watch.active(jobs)] == ["1", "2", "3"]  # the first poll: every state is news
+    watch.poll(list(jobs))
+    assert [s.job_id for s in watch.active(jobs)] == ["1"]  # a queued point costs the file system nothing
+    states["1"] = "PENDING"  # requeued: its attempt's line is read once, at the change
+    watch.poll(list(jobs))
+    assert [s.job_id for s in watch.active(jobs)] == ["1"]
+    watch.poll(list(jobs))
+    assert watch.active(jobs) == []

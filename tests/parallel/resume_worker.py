@@ -17,12 +17,30 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from gpt.distributed import init_process_group, leave, pick_device  # noqa: E402
-from gpt.preemption import PreemptionFlag  # noqa: E402
-from gpt.trainer import Trainer  # noqa: E402
-from launch.environment import detect  # noqa: E402
+from gpt.config import schema  # noqa: E402
+from gpt.dist.process_group import init_process_group, leave, pick_device  # noqa: E402
+from gpt.resilience.preemption import PreemptionFlag  # noqa: E402
+from gpt.train.trainer import Trainer  # noqa: E402
+from launch.rank.environment import detect  # noqa: E402
 
 STOP_AT = 7
+STAGED: list[int] = []  # bytes of tensors each asynchronous save copied on this rank
+
+
+def count_staged() -> None:
+    """Record what every staging copy is given (DCP's copier, under any stager)."""
+    from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+    from torch.distributed.tensor import DTensor
+
+    copy = StateDictStager.stage
+
+    def stage(self, state_dict, non_blocking=False):
+        values = [v for section in state_dict.values() for v in section.values()]
+        STAGED.append(sum((v.to_local() if isinstance(v, DTensor) else v).nbytes for v in values
+                          if hasattr(v, "nbytes")))
+        return copy(self, state_dict, non_blocking)
+
+    StateDictStager.stage = stage
 
 
 def main() -> None:
@@ -32,16 +50,21 @@ def main() -> None:
     device = pick_device("cpu", env)
     init_process_group(env, device)
     flag = PreemptionFlag()
+    count_staged()
+    schema.register()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for name, overrides in cases.items():
             base = [*common, *overrides, f"data.dir={data_dir}", "train.device=cpu", "checkpoint.interval_steps=5"]
-            Trainer(compose("config", overrides=base), env, out / name / "full").fit()
-            stopped = compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}", "debug.signal_rank=1"])
+            STAGED.clear()
+            Trainer(schema.run_config(compose("config", overrides=base)), env, out / name / "full").fit()
+            (out / name / f"staged_rank{env.rank}.json").write_text(json.dumps(STAGED))
+            stopped = schema.run_config(compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}",
+                                                                     "debug.signal_rank=1"]))
             summary = Trainer(stopped, env, out / name / "stopped").fit()
             assert summary.get("preempted") == ("SIGUSR2" if env.rank == 1 else "SIGNAL(another rank)"), summary
             assert summary["last_step"] == STOP_AT, summary
             flag.received = None
-            resumed = Trainer(compose("config", overrides=base), env, out / name / "stopped")
+            resumed = Trainer(schema.run_config(compose("config", overrides=base)), env, out / name / "stopped")
             assert resumed.step == STOP_AT, resumed.step
             resumed.fit()
     leave()

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from helpers import losses, read_metrics
-from gpt.checkpoint import load_model
+from gpt.checkpoint.writer import load_model
 from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, baseline_of, max_rel_diff, ranks,
                            run, val_losses)
 

@@ -7,11 +7,13 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from gpt.config.schema import run_config
 from helpers import REPO, SHAKESPEARE
-from gpt.distributed import DistEnv, pick_device
+from gpt.dist.process_group import DistEnv, pick_device
 from gpt.errors import ConfigError, UserError
-from launch.environment import detect, export_for_libraries
-from launch.plan import make_plan, planned_device
+from launch.rank.environment import detect, export_for_libraries
+from launch.rank.gpu_plan import GpuPlan, shared_gpus
+from launch.planning.plan import make_plan, planned_device
 
 TINY = ["model=tiny", f"data.text_path={SHAKESPEARE}"]
 
@@ -22,15 +24,15 @@ def plan(tmp_path_factory):
 
     def make(*overrides: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("config", overrides=[*TINY, f"data.dir={data}", *overrides])
-        return cfg, make_plan(cfg, tmp_path_factory.mktemp("run"))
+            run = run_config(compose("config", overrides=[*TINY, f"data.dir={data}", *overrides]))
+        return run, make_plan(run, tmp_path_factory.mktemp("run"))
 
     return make
 
 
 def test_a_gpu_job_is_planned_from_the_requested_gpus_on_a_cpu_login_node(plan):
     assert not torch.cuda.is_available()  # this machine: the login node of the test
-    cfg, _ = plan("cluster=slurm", "cluster.gpus_per_node=8", "strategy=fsdp", "strategy.cpu_offload=true")
+    cfg, _ = plan("cluster=slurm", "cluster.gpus_per_node=1", "strategy=fsdp", "strategy.cpu_offload=true")
     assert planned_device(cfg) == "cuda"
     cfg, p = plan("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "cluster.tasks_per_node=8", "strategy=fsdp",
                   "strategy.cpu_offload=true", "train.global_batch_size=16")
@@ -94,3 +96,66 @@ def test_detect_exports_local_rank_under_slurm_only_for_the_real_environment(mon
     assert "LOCAL_RANK" not in real
     detect()
     assert real["LOCAL_RANK"] == "0"
+
+
+def test_gpu_bind_closest_shows_a_task_its_sockets_gpus_and_it_drives_its_own(monkeypatch):
+    # 8 GPUs, 8 tasks, --gpu-bind=closest: local ranks 4-7 see the second socket's GPUs "4,5,6,7"
+    env = detect({**SLURM, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest"})
+    assert (env.local_rank, env.device_index) == (5, 1)
+    _fake_gpus(monkeypatch, 4)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
+    assert pick_device("cuda", env) == torch.device("cuda", 1)  # today: "should drive GPU 5 but sees 4 GPU(s)"
+    plan = GpuPlan.of(env, {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest"})
+    assert (plan.index, plan.gpu, plan.gpu_bind) == (1, "5", "closest")
+    exported: dict[str, str] = {}
+    export_for_libraries(env, exported)
+    assert exported["LOCAL_RANK"] == "1"
+
+
+def _plans(visible: str, locals_: list[int]) -> list[GpuPlan]:
+    return [GpuPlan.of(detect({**SLURM, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "CUDA_VISIBLE_DEVICES": visible}),
+                       {"CUDA_VISIBLE_DEVICES": visible}) for r in locals_]
+
+
+def test_the_ranks_of_a_node_each_drive_a_gpu_of_their_own():
+    node = _plans("0,1,2,3", [0, 1, 2, 3]) + _plans("4,5,6,7", [4, 5, 6, 7])  # --gpu-bind=closest, 2 sockets
+    assert [p.gpu for p in node] == [str(g) for g in range(8)] and shared_gpus(node) is None
+    crowded = _plans("0,1", [0, 1, 2])  # three tasks on a node with two GPUs
+    assert shared_gpus(crowded) == ("more than one rank per GPU: GPU 0 on node1 by ranks 0, 2 (rank 0 sees "
+                                    "CUDA_VISIBLE_DEVICES=0,1); run one task per GPU: sbatch --ntasks-per-node equal "
+                                    "to --gpus-per-node, or --gpus-per-task=1").replace("node1", crowded[0].host)
+
+
+def test_runinfo_names_the_gpu_this_rank_drives(monkeypatch):
+    from gpt.train.runinfo import environment
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{torch.device(device or 'cuda:0').index}")
+    record = environment(DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
+    assert (record["gpu"], record["device"]) == ("GPU1", "cuda:1")
+
+    def no_cuda(device=None):
+        raise AssertionError("a CPU run asked CUDA for a device name")
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", no_cuda)
+    assert environment(DistEnv(), torch.device("cpu"))["gpu"] is None
+
+
+def test_two_ranks_on_one_gpu_stop_a_gpu_run_and_a_cpu_run_warns(monkeypatch, caplog):
+    from launch.rank import gpu_plan
+
+    crowded = _plans("0,1", [0, 1, 2])
+    monkeypatch.setattr(gpu_plan, "gather_objects", lambda plan: crowded)  # what the three ranks would gather
+    with pytest.raises(UserError, match="more than one rank per GPU: GPU 0 on .* by ranks 0, 2"):
+        gpu_plan.check_gpus(DistEnv(), torch.device("cuda", 0), crowded[0])
+    with caplog.at_level("INFO"):
+        gpu_plan.check_gpus(DistEnv(), torch.device("cpu"), crowded[0])
+    assert "rank 0 -> GPU 0, rank 1 -> GPU 1, rank 2 -> GPU 0" in caplog.text
+    assert "more than one rank per GPU" in caplog.text and "(this run trains on cpu)" in caplog.text
+
+
+def test_a_task_slurm_gave_no_gpu_sees_none():
+    from launch.rank.environment import visible_gpus
+
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "NoDevFiles"}) == []  # Slurm's word for none, not a GPU's name
+    assert visible_gpus({"CUDA_VISIBLE_DEVICES": "4,5"}) == ["4", "5"] and visible_gpus({}) is None

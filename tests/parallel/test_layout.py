@@ -3,8 +3,8 @@ layers only, and every rank's parameters receive gradients."""
 from __future__ import annotations
 
 import pytest
-from omegaconf import OmegaConf
 
+from gpt.config import schema
 from gpt.parallel.traits import preset
 from strategy_runs import baseline_of, last_record, ranks, run
 
@@ -65,9 +65,9 @@ def test_layouts_hold_their_fraction_of_the_parameters(name, share, tmp_path_fac
     HSDP shards over dp_shard=2 and replicates across dp_replicate: each rank holds 1 / (dp_shard x tp), as the
     strategy says it does (the report undoes that share to count parameters)."""
     run_dir = run(name, tmp_path_factory, data_overrides)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    dims = preset(cfg.strategy.name).layout(cfg.strategy, cfg.parallel, ranks(name))
-    assert preset(cfg.strategy.name).param_fraction(cfg.strategy, dims) == share
+    planned = schema.load(run_dir / "config.yaml")
+    dims = preset(planned.strategy.name).layout(planned.strategy, planned.parallel, ranks(name))
+    assert preset(planned.strategy.name).param_fraction(planned.strategy, dims) == share
     total = last_record(run(baseline_of(name), tmp_path_factory, data_overrides), 0)["param_bytes"]
     held = [last_record(run_dir, r)["param_bytes"] / total for r in range(ranks(name))]
     assert all(share * 0.97 <= h <= share * 1.06 for h in held), (held, share)

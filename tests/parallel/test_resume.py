@@ -23,6 +23,9 @@ CASES = {
     # checkpoints written in the background, staged while the next step's forward and backward run
     "fsdp_async": ["strategy=fsdp", "checkpoint.async=true"],
     "zero1": ["strategy=zero1"],
+    # replicated state staged once over the ranks, not whole on each
+    "ddp_async": ["strategy=ddp", "checkpoint.async=true"],
+    "zero1_async": ["strategy=zero1", "checkpoint.async=true"],
     "deepspeed_zero3": ["strategy=deepspeed", "strategy.stage=3"],
     "pipeline_1f1b": ["strategy=pipeline", "strategy.schedule=1f1b"],  # the tied head lives on stage 1
 }
@@ -47,13 +50,27 @@ def resumed(tmp_path_factory, data_overrides) -> Path:
 def test_a_background_checkpoint_holds_the_weights_of_its_step(resumed):
     """Training went on while step 10's state was copied and written: the copy must be step 10's, as the
     synchronous save of the same run wrote it."""
-    from gpt.checkpoint import load_model
+    from gpt.checkpoint.writer import load_model
 
     sync, _, _ = load_model(resumed / "fsdp" / "full" / "checkpoints" / "step_00000010")
     background, meta, _ = load_model(resumed / "fsdp_async" / "full" / "checkpoints" / "step_00000010")
     assert meta["step"] == 10
     for key, value in sync.state_dict().items():
         assert torch.equal(background.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("name", ["ddp_async", "zero1_async"])
+def test_each_rank_stages_only_what_it_writes(name, resumed):
+    """A replicated model (and DDP's replicated moments) is written once, by one rank or the other: the staging
+    copies of the two ranks add up to one checkpoint, not two."""
+    import torch.distributed.checkpoint as dcp
+
+    folder = resumed / name / "full" / "checkpoints" / "step_00000010"  # every save stages the same state
+    meta = dcp.FileSystemReader(folder).read_metadata().state_dict_metadata
+    written = sum(m.size.numel() * m.properties.dtype.itemsize for m in meta.values() if hasattr(m, "size"))
+    staged = [json.loads((resumed / name / f"staged_rank{r}.json").read_text())[0] for r in (0, 1)]
+    assert sum(staged) == pytest.approx(written, rel=0.01), (staged, written)
+    assert max(staged) < 0.6 * written, (staged, written)  # spread over the holders, as DCP spreads the writes
 
 
 @pytest.mark.parametrize("name", CASES)

@@ -1,17 +1,23 @@
 """Fixtures for tests that need the real local Slurm cluster (slurm/local_cluster.sh).
 
-CI starts the cluster before pytest (`slurm/install_deps.sh && slurm/local_cluster.sh up 4`). For a
-developer the `slurm_cluster` fixture starts it when it is not up, and leaves it running.
-Missing Slurm in CI is a failure, never a skip (a skipped `slurm` test in CI is not a pass).
+CI starts the clusters before pytest (`make cluster`). For a developer the `slurm_cluster` fixture starts its
+cluster when it is not up, and leaves it running. Each pytest-xdist worker has a cluster instance of its own
+(worker gwK: instance GPTLAUNCH_CLUSTER_INSTANCE + K; without xdist: GPTLAUNCH_CLUSTER_INSTANCE, default 0),
+so tests that stop a controller or a node never touch another worker's jobs; tests read the instance's names
+(nodes, veths, subnet) from the fixture. Missing Slurm in CI is a failure, never a skip (a skipped `slurm` test
+in CI is not a pass).
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
+import re
 import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,18 +25,52 @@ import pytest
 
 from helpers import REPO
 from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
+from slurm_helpers import local_reference
 
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
 SLURM_BIN = REPO / "slurm" / "bin"
 NODES = 4
 SETUP_CMD = "slurm/install_deps.sh && slurm/local_cluster.sh up 4"
+
+
+def cluster_instance() -> int:
+    """This test process's cluster instance: one per xdist worker (gw0, gw1, ...), after a base the caller may set."""
+    base = int(os.environ.get("GPTLAUNCH_CLUSTER_INSTANCE") or 0)
+    return base + int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw"))
+
+
 @dataclass
 class SlurmCluster:
-    """The running local cluster, and the environment that talks to it."""
+    """The running local cluster instance, its names (from `local_cluster.sh describe`), and the environment that
+    talks to it."""
 
     conf: Path
-    env: dict[str, str] = field(repr=False)  # os.environ + SLURM_CONF + slurm/bin first on PATH
+    env: dict[str, str] = field(repr=False)  # os.environ + SLURM_CONF + slurm/bin first on PATH + the instance
+    instance: int
+    node_prefix: str  # node i is namespace and host <node_prefix><i>
+    veth_prefix: str  # the host side of node i's link is <veth_prefix><i>
+    subnet: ipaddress.IPv4Network
     nodes: int = NODES
+
+    @property
+    def node_re(self) -> str:
+        """A regular expression that matches one node name of this cluster."""
+        return re.escape(self.node_prefix) + r"\d+"
+
+    def node_names(self) -> set[str]:
+        return {f"{self.node_prefix}{i}" for i in range(1, self.nodes + 1)}
+
+    def veth(self, node: str) -> str:
+        return self.veth_prefix + node.removeprefix(self.node_prefix)
+
+    def address(self, host: int) -> str:
+        """Address .HOST of the cluster's subnet (nodes are .11, .12, ...; the controller .1)."""
+        return str(self.subnet.network_address + host)
+
+    def script(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess:
+        """slurm/local_cluster.sh ARGS on this instance (start-node, up, ...)."""
+        return subprocess.run(["bash", str(CLUSTER_SH), *args], env=self.env, capture_output=True, text=True,
+                              check=check, timeout=timeout)
 
     def run(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(list(args), env=self.env, capture_output=True, text=True, check=check, timeout=timeout)
@@ -46,11 +86,11 @@ class SlurmCluster:
         return proc.stdout.strip().split(";")[0]
 
     def job_info(self, job_id: str) -> dict[str, str]:
-        """`scontrol -o show job ID` as a dict (first record; {} if unknown)."""
+        """`scontrol -o show job ID` as a dict (that job's record; {} if unknown)."""
         proc = self.run("scontrol", "-o", "show", "job", job_id, check=False)
         if proc.returncode != 0 or not proc.stdout.strip():
             return {}
-        return parse_scontrol_job(proc.stdout)
+        return parse_scontrol_job(proc.stdout, job_id)
 
     def job_state(self, job_id: str) -> str:
         return self.job_info(job_id).get("JobState", "UNKNOWN")
@@ -78,6 +118,11 @@ def _missing_or_fail(reason: str) -> None:
     pytest.skip(msg)
 
 
+def _describe(env: dict[str, str]) -> dict[str, str]:
+    out = subprocess.run(["bash", str(CLUSTER_SH), "describe"], env=env, capture_output=True, text=True, check=True)
+    return dict(line.split("=", 1) for line in out.stdout.splitlines() if "=" in line)
+
+
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:
     sbin_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
@@ -86,23 +131,41 @@ def slurm_cluster() -> SlurmCluster:
     if missing:
         _missing_or_fail(f"Slurm is not installed (missing: {', '.join(missing)})")
 
-    status = subprocess.run(["bash", str(CLUSTER_SH), "status"], capture_output=True, text=True)
+    instance = cluster_instance()
+    script_env = {**os.environ, "GPTLAUNCH_CLUSTER_INSTANCE": str(instance)}
+    status = subprocess.run(["bash", str(CLUSTER_SH), "status"], env=script_env, capture_output=True, text=True)
     if status.returncode != 0:
         if os.geteuid() != 0:
-            _missing_or_fail("the local Slurm cluster is not up and starting it needs root")
-        up = subprocess.run(["bash", str(CLUSTER_SH), "up", str(NODES)], capture_output=True, text=True,
-                            timeout=300)
+            _missing_or_fail(f"local Slurm cluster instance {instance} is not up and starting it needs root")
+        up = subprocess.run(["bash", str(CLUSTER_SH), "up", str(NODES)], env=script_env, capture_output=True,
+                            text=True, timeout=300)
         if up.returncode != 0:
-            pytest.fail(f"slurm/local_cluster.sh up {NODES} failed:\n{up.stdout}\n{up.stderr}", pytrace=False)
+            pytest.fail(f"GPTLAUNCH_CLUSTER_INSTANCE={instance} slurm/local_cluster.sh up {NODES} failed:\n"
+                        f"{up.stdout}\n{up.stderr}", pytrace=False)
 
-    # Same place as `slurm/local_cluster.sh env` prints.
-    conf = Path(os.environ.get("GPTLAUNCH_CLUSTER_DIR") or REPO / "slurm" / ".cluster") / "slurm.conf"
-    env = dict(os.environ)
-    env["SLURM_CONF"] = str(conf)
+    names = _describe(script_env)
+    env = dict(script_env)
+    env["SLURM_CONF"] = names["SLURM_CONF"]
     # As for a user who activated the venv before sbatch: jobs inherit PATH, and slurm/multi_node.sh runs `python`.
     venv_bin = Path(sys.executable).parent
     env["PATH"] = f"{SLURM_BIN}:{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}"
     # A test run inside a Slurm job must not leak that job's variables into the jobs it submits.
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         del env[key]
-    return SlurmCluster(conf=conf, env=env)
+    return SlurmCluster(conf=Path(names["SLURM_CONF"]), env=env, instance=instance,
+                        node_prefix=names["NODE_PREFIX"], veth_prefix=names["VETH_PREFIX"],
+                        subnet=ipaddress.ip_network(names["SUBNET"]))
+
+
+@pytest.fixture(scope="session")
+def reference_run(tmp_path_factory) -> Callable[..., Path]:
+    """`reference_run(*overrides)`: the uninterrupted local run of that config (slurm_helpers.local_reference),
+    trained once per test session for each set of overrides, whichever test module asks for it first."""
+    runs: dict[tuple[str, ...], Path] = {}
+
+    def run(*overrides: str) -> Path:
+        if overrides not in runs:
+            runs[overrides] = local_reference(tmp_path_factory.mktemp("reference") / "run", *overrides)
+        return runs[overrides]
+
+    return run

@@ -1,11 +1,15 @@
 """Helpers for the tests that run gptlaunch on the local Slurm cluster."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import shlex
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from helpers import REPO
@@ -45,6 +49,8 @@ def output(proc: subprocess.CompletedProcess) -> str:
 def normalise(script: str, logs: Path | str) -> str:
     """An sbatch script with its paths replaced: the log folder by <LOGS>, the interpreter by <PYTHON>."""
     script = script.replace(str(logs), "<LOGS>")
+    # the code snapshot's lines (launch.snapshot) name a folder per submission; tests/slurm/test_detached.py runs them
+    script = re.sub(r"export PYTHONPATH=<LOGS>/code/\S+\nexport PYTHONSAFEPATH=1\n", "", script)
     for python in {sys.executable, shlex.quote(sys.executable)}:
         script = script.replace(python, "<PYTHON>")
     return script
@@ -55,3 +61,15 @@ def local_reference(run_dir: Path, *overrides: str) -> Path:
     proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *overrides, f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, output(proc)
     return run_dir
+
+
+@contextlib.contextmanager
+def cut_link(cluster, node: str) -> Iterator[float]:
+    """`node` cut off the network for the block (the host side of its link down; slurm/local_cluster.sh names it);
+    yields when the link went down (time.time()). The link comes back up however the block ends."""
+    veth = cluster.veth(node)
+    subprocess.run(["ip", "link", "set", veth, "down"], check=True)
+    try:
+        yield time.time()
+    finally:
+        subprocess.run(["ip", "link", "set", veth, "up"], check=True)

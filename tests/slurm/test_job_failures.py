@@ -21,11 +21,12 @@ def test_failing_jobs_report_their_error_and_log(slurm_cluster, tmp_path, data_o
     """Three broken jobs in one sweep: the batch script fails before any rank starts; every rank crashes
     (a Python error in its start-up); the ranks cannot reach their rendezvous."""
     sweep = tmp_path / "sweep"
+    nowhere = slurm_cluster.address(99)  # in the cluster's subnet, but no node has it
     start = time.monotonic()
     proc = run_launch(
         slurm_cluster.env, "-m", "nodes=2", *SLURM, *TINY, *data_overrides, f"hydra.sweep.dir={sweep}",
         "hydra.sweep.subdir=${hydra.job.num}", "rendezvous.timeout_s=3",
-        'cluster.setup=["exit 3"],["export MASTER_PORT=notaport"],["export MASTER_ADDR=10.77.0.99"]')
+        f'cluster.setup=["exit 3"],["export MASTER_PORT=notaport"],["export MASTER_ADDR={nowhere}"]')
     elapsed = time.monotonic() - start
     assert proc.returncode == 1, output(proc)
     jobs = re.findall(r"submitted job (\d+) for (\d)", proc.stdout)
@@ -39,11 +40,12 @@ def test_failing_jobs_report_their_error_and_log(slurm_cluster, tmp_path, data_o
     assert "the job ended before any rank reported (ExitCode=3:0" in err
     assert f"job log: {sweep / 'slurm' / (ids['0'] + '_0_log.err')}" in err
     # a crash in every rank: rank, host, the exception, where its traceback is
-    crash = re.search(rf"rank \d on gl-n\d exited with code 1: ValueError: invalid literal for int\(\).*'notaport' "
+    crash = re.search(rf"rank \d on {slurm_cluster.node_re} exited with code 1: ValueError: invalid literal for int\(\).*'notaport' "
                       rf"\(its log: {re.escape(str(sweep / 'slurm'))}/{ids['1']}_\d_log.err\)", err)
     assert crash, err
     # the rendezvous could not be reached: the rank says so, with its host, within the timeout
-    assert re.search(r"rank \d on gl-n\d could not (open|reach) the rendezvous at 10\.77\.0\.99:\d+ within 3 s", err), err
+    assert re.search(rf"rank \d on {slurm_cluster.node_re} could not (open|reach) the rendezvous at {re.escape(nowhere)}:\d+ "
+                     r"within 3 s", err), err
     assert elapsed < 150, f"took {elapsed:.0f} s\n{output(proc)}"
 
 
@@ -56,7 +58,7 @@ def _worker_pid(env_file) -> int | None:
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
     except OSError:
         return None
-    return pid if b"launch.worker" in cmdline else None
+    return pid if b"launch.rank.worker" in cmdline else None
 
 
 @pytest.mark.timeout(240)
@@ -92,7 +94,7 @@ def test_killed_rank_ends_the_job_and_the_wait_within_seconds(slurm_cluster, tmp
             slurm_cluster.run("scancel", job, check=False)
     stdout, stderr = (tmp_path / "out").read_text(), (tmp_path / "err").read_text()
     assert proc.returncode == 1, f"{stdout}\n{stderr}"
-    assert re.search(rf"rank 1 on gl-n\d was killed by SIGKILL \(its log: {re.escape(str(run_dir))}/logs/rank1.log\)",
+    assert re.search(rf"rank 1 on {slurm_cluster.node_re} was killed by SIGKILL \(its log: {re.escape(str(run_dir))}/logs/rank1.log\)",
                      stderr), stderr
     assert f"error: job {job} (nodes=2) ended FAILED" in stderr
     assert "restart limit reached (0 of preemption.max_restarts=0); the same command continues the run" in stderr

@@ -10,6 +10,10 @@ import pytest
 
 from slurm_helpers import GOLDEN, SLURM, TINY, environments, losses, normalise, output, run_launch, train_records
 
+
+def attempts(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "attempts.jsonl").read_text().splitlines()]
+
 pytestmark = pytest.mark.slurm
 
 
@@ -33,7 +37,7 @@ def test_sweep_over_node_counts_gives_one_job_per_point(slurm_cluster, tmp_path,
             assert e["scheduler"]["SLURM_JOB_ID"] == jid and e["scheduler"]["SLURM_JOB_NUM_NODES"] == n
             assert e["scheduler"]["SLURM_NTASKS"] == n
         assert len({e["host"] for e in envs}) == nodes
-        assert {e["host"] for e in envs} <= {f"gl-n{i}" for i in range(1, 5)}
+        assert {e["host"] for e in envs} <= slurm_cluster.node_names()
         assert len({e["master"] for e in envs}) == 1 and not envs[0]["master"].startswith(("localhost", "127."))
         info = slurm_cluster.job_info(jid)
         assert info["NumNodes"] == n and info["JobState"] == "COMPLETED"
@@ -88,14 +92,22 @@ def test_budget_guard_refuses_a_costly_run(slurm_cluster, tmp_path, data_overrid
 
 @pytest.mark.timeout(180)
 def test_points_with_equal_resources_share_one_job_array(slurm_cluster, tmp_path, data_overrides):
+    """Three points, one array; the point whose rank 0 is preempted (SIGUSR2 at step 3) requeues its own task
+    alone, which resumes from its checkpoint while the other tasks finish."""
     sweep = tmp_path / "sweep"
-    proc = run_launch(slurm_cluster.env, "-m", "nodes=1", "train.lr=1e-3,2e-3", *SLURM, *TINY, "train.max_steps=2",
-                      *data_overrides, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=lr${train.lr}")
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1", "debug.signal_rank=0,1,2", "debug.signal_at_step=3", *SLURM,
+                      *TINY, "checkpoint.interval_steps=2", "preemption.max_restarts=2", *data_overrides,
+                      f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=r${debug.signal_rank}")
     assert proc.returncode == 0, output(proc)
-    jobs = re.findall(r"submitted job (\d+)_(\d) for (lr\S+):", proc.stdout)
-    assert len(jobs) == 2 and len({array for array, _, _ in jobs}) == 1, output(proc)  # one array, two tasks
+    jobs = re.findall(r"submitted job (\d+)_(\d) for (r\d):", proc.stdout)
+    assert len(jobs) == 3 and len({array for array, _, _ in jobs}) == 1, output(proc)  # one array, three tasks
     for array, task, label in jobs:
         assert f"job {array}_{task} ({label}) COMPLETED" in proc.stdout
-        [env] = environments(sweep / label)
-        assert env["scheduler"]["SLURM_ARRAY_JOB_ID"] == array and env["scheduler"]["SLURM_ARRAY_TASK_ID"] == task
-    assert "#SBATCH --array=0-1%2" in (sweep / "slurm" / f"{jobs[0][0]}_submission.sh").read_text()
+        envs = environments(sweep / label)
+        assert {(e["scheduler"]["SLURM_ARRAY_JOB_ID"], e["scheduler"]["SLURM_ARRAY_TASK_ID"]) for e in envs} == {
+            (array, task)}
+        ends = [a["ended"] for a in attempts(sweep / label)]
+        assert ends == (["preempted:SIGUSR2", "finished"] if label == "r0" else ["finished"]), (label, ends)
+        assert {a["job_id"] for a in attempts(sweep / label)} == {f"{array}_{task}"}
+    assert "requeued job" in proc.stderr and f"job {jobs[0][0]}_{jobs[0][1]} (r0): attempt 0 ended" in proc.stderr
+    assert "#SBATCH --array=0-2%3" in (sweep / "slurm" / f"{jobs[0][0]}_submission.sh").read_text()

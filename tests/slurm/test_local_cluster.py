@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ipaddress
+import os
 import re
 import shutil
 import subprocess
@@ -31,7 +32,7 @@ def test_sinfo_shows_idle_nodes_with_distinct_names_and_addresses(slurm_cluster)
     hostnames = {r[1] for r in idle.values()}
     addresses = {r[2] for r in idle.values()}
     assert len(hostnames) == len(idle) and len(addresses) == len(idle), out
-    assert all(ipaddress.ip_address(a) in ipaddress.ip_network("10.77.0.0/24") for a in addresses), out
+    assert all(ipaddress.ip_address(a) in slurm_cluster.subnet for a in addresses), out
 
 
 def test_two_node_job_lands_on_two_hosts(slurm_cluster, tmp_path):
@@ -42,10 +43,10 @@ def test_two_node_job_lands_on_two_hosts(slurm_cluster, tmp_path):
     )
     assert slurm_cluster.wait_state(job, timeout=60) == "COMPLETED", out_file.read_text()
     words = out_file.read_text().split()
-    names = {w for w in words if re.fullmatch(r"gl-n\d+", w)}
+    names = {w for w in words if re.fullmatch(slurm_cluster.node_re, w)}
     addrs = {w for w in words if re.fullmatch(r"\d+\.\d+\.\d+\.\d+", w)}
     assert len(names) == 2, words
-    assert len(addrs) == 2 and all(a.startswith("10.77.0.") for a in addrs), words
+    assert len(addrs) == 2 and all(ipaddress.ip_address(a) in slurm_cluster.subnet for a in addrs), words
     assert names == set(slurm_cluster.hostnames(slurm_cluster.job_info(job)["NodeList"]))
 
 
@@ -114,7 +115,7 @@ def test_sacct_stand_in_speaks_submitit(slurm_cluster, tmp_path, monkeypatch):
         assert out.splitlines()[0] == "JobID|State|NodeList"
         info = SlurmInfoWatcher().read_info(out)
         assert info[done]["State"] == "COMPLETED"
-        assert set(slurm_cluster.hostnames(info[done]["NodeList"])) <= {f"gl-n{i}" for i in range(1, 100)}
+        assert set(slurm_cluster.hostnames(info[done]["NodeList"])) <= slurm_cluster.node_names()
         assert len(slurm_cluster.hostnames(info[done]["NodeList"])) == 2
         assert info[cancelled]["State"] == "CANCELLED"
         for task in range(3):
@@ -141,3 +142,40 @@ def test_sacct_stand_in_ignores_unknown_jobs(slurm_cluster):
     out = slurm_cluster.run("sacct", "-o", "JobID,State,NodeList", "--parsable2", "-j", "999999").stdout
     assert out == "JobID|State|NodeList\n"
     assert SlurmInfoWatcher().read_info(out) == {}
+
+
+def test_instances_share_no_name_address_port_or_folder():
+    """Parallel test workers each run their own instance: nothing of one may be another's."""
+    def describe(instance: int) -> dict[str, str]:
+        out = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "describe"], capture_output=True,
+                             text=True, check=True, env={**os.environ, "GPTLAUNCH_CLUSTER_INSTANCE": str(instance)})
+        return dict(line.split("=", 1) for line in out.stdout.splitlines())
+
+    layouts = [describe(k) for k in (0, 1, 2, 99)]
+    assert layouts[0]["NODE_PREFIX"] == "gl-n" and layouts[0]["SUBNET"] == "10.77.0.0/24"  # the default, as documented
+    for key in ("DIR", "SLURM_CONF", "BRIDGE", "NODE_PREFIX", "VETH_PREFIX", "SUBNET", "CONTROLLER_ADDR",
+                "SLURMCTLD_PORT"):
+        assert len({layout[key] for layout in layouts}) == len(layouts), key
+    # Linux interface names: at most 15 characters, node 200 of the last instance included
+    assert all(len(layout["BRIDGE"]) <= 15 and len(layout["VETH_PREFIX"] + "200") <= 15 for layout in layouts)
+
+
+def test_state_from_a_folder_others_can_write_is_not_sourced(tmp_path):
+    """GPTLAUNCH_CLUSTER_DIR names the folder the script (as root) reads its state from: a cluster.env planted in
+    a folder others may write is refused, never run."""
+    folder = tmp_path / "cluster-77"
+    folder.mkdir()
+    planted = tmp_path / "planted"
+    (folder / "cluster.env").write_text(f"touch {planted}; NODES=1\n")
+    folder.chmod(0o777)
+    env = {**os.environ, "GPTLAUNCH_CLUSTER_INSTANCE": "77", "GPTLAUNCH_CLUSTER_DIR": str(tmp_path / "cluster")}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "status"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and "not sourced" in proc.stderr, proc.stderr
+    assert not planted.exists()
+
+
+def test_the_clusters_state_and_logs_are_roots_alone(slurm_cluster):
+    folder = slurm_cluster.conf.parent
+    for path in [folder / "state", folder / "log", *(folder / "log").iterdir()]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"

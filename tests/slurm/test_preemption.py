@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from launch.backends.slurm.commands import FINAL
-from slurm_helpers import local_reference, REPO, SLURM, TINY, launch_cmd, losses
+from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses
+from tracker_points import assert_tracked_once
 
 pytestmark = pytest.mark.slurm
 
@@ -27,13 +28,13 @@ RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.inter
     "preemption.max_restarts=40"]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, data_overrides) -> Path:
-    return local_reference(tmp_path_factory.mktemp("reference") / "run", *RUN, *data_overrides)
+@pytest.fixture
+def reference(reference_run, data_overrides) -> Path:
+    return reference_run(*RUN, *data_overrides)
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from gpt.checkpoint import load_model
+    from gpt.checkpoint.writer import load_model
 
     model, meta, _ = load_model(run_dir)
     assert meta["step"] == STEPS
@@ -118,6 +119,8 @@ class Job:
         job = self.id()
         if kind == "requeue":
             self.cluster.run("scontrol", "requeue", job)
+        elif kind.startswith("kill:"):  # kill -9 of that rank's process
+            self.kill_rank(int(kind.split(":")[1]))
         elif kind.startswith("batch:"):  # the batch shell only, as Slurm's --signal=B:USR2@T warning comes
             self.cluster.run("scancel", "--batch", f"--signal={kind.split(':')[1]}", job)
         else:
@@ -126,7 +129,7 @@ class Job:
     def kill_rank(self, rank: int) -> None:
         pid = json.loads((self.run_dir / "environment" / f"rank{rank}.json").read_text())["pid"]
         cmdline = open(f"/proc/{pid}/cmdline", "rb").read().split(b"\0")
-        assert b"launch.worker" in cmdline  # only ever kill the process this test's job started
+        assert b"launch.rank.worker" in cmdline  # only ever kill the process this test's job started
         os.kill(pid, signal.SIGKILL)
 
     def wait(self, timeout: float = 300) -> int:
@@ -163,43 +166,36 @@ def interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds: list[st
     return job
 
 
-@pytest.mark.timeout(300)
-def test_usr2_term_and_outside_requeue_each_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
-                                                                          reference):
-    kinds = ["USR2", "TERM", "requeue"]
-    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds)
-    assert_same_run(job.run_dir, reference)
-    log = attempts(job.run_dir)
-    ends = [a["ended"] for a in log]
-    assert ends[:2] == ["preempted:SIGUSR2", "preempted:SIGTERM"] and ends[-1] == "finished", log
-    assert {a["job_id"] for a in log} == {job.job_id}
-    assert [a["restart"] for a in log][-1] == 3
-    assert log[-1]["last_step"] == STEPS
-    # every attempt resumed where the one before stopped (or from a periodic checkpoint for a hard stop)
-    assert all(b["first_step"] <= a["last_step"] for a, b in zip(log, log[1:]))
-    assert slurm_cluster.job_info(job.job_id).get("Restarts") == "3"
-
-
-@pytest.mark.timeout(300)
-def test_sbatch_path_comes_back_after_a_batch_shell_warning_and_a_step_signal(slurm_cluster, tmp_path, data_overrides,
-                                                                               reference):
+@pytest.mark.timeout(400)
+def test_sbatch_path_comes_back_after_a_batch_shell_warning_a_step_signal_and_a_killed_rank(slurm_cluster, tmp_path,
+                                                                                          data_overrides, reference):
     """multi_node.sh: USR2 to the batch shell (how --signal=B:USR2@T arrives) is passed on to every rank; TERM to
-    the step reaches the ranks directly. Both times the job requeues itself and the same job id finds its folder."""
-    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, ["batch:USR2", "TERM"], sbatch=True)
+    the step reaches the ranks directly; a rank killed (kill -9 of rank 1, on the node that is not the batch host)
+    is seen by the task wrapper srun runs (the same as cluster=slurm's), which requeues the job. Each time the job
+    requeues itself, the same job id finds its folder, and the run ends exactly as the uninterrupted one."""
+    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, ["batch:USR2", "TERM", "kill:1"],
+                               sbatch=True, extra=["tracking=mlflow"])
     assert_same_run(job.run_dir, reference)
-    ends = [a["ended"] for a in attempts(job.run_dir)]
-    assert ends == ["preempted:SIGUSR2", "preempted:SIGTERM", "finished"], ends
+    assert_tracked_once("mlflow", job.run_dir)  # one MLflow run over the four attempts, each point once
+    log = attempts(job.run_dir)
+    assert [a["ended"] for a in log[:2]] == ["preempted:SIGUSR2", "preempted:SIGTERM"], log
+    killed, last = log[2:]
+    assert killed["lost_rank"] == 1 and killed["requeued"] is True and "killed by SIGKILL" in killed["ended"], log
+    assert last["ended"] == "finished" and last["restart"] == 3, last
     text = job.log.read_text()
-    assert f"multi_node.sh: job {job.job_id} (restart 2) on 2 node(s)" in text, text[-3000:]
-    # each attempt says how it ended: two requeues, then done
+    assert f"multi_node.sh: job {job.job_id} (restart 3) on 2 node(s)" in text, text[-3000:]
+    # each attempt says how it ended: two requeues, a lost rank that requeued, then done
     assert text.count("requeued: this job runs again") == 2 and text.count("done. Run folder") == 1, text[-6000:]
+    assert f"rank 1 on {slurm_cluster.node_prefix}" in text and "requeued job" in text, text[-6000:]
 
 
 @pytest.mark.timeout(300)
 def test_time_limit_warning_saves_and_requeues_before_the_kill(slurm_cluster, tmp_path, data_overrides, reference):
-    """--time=1 with the warning 30 s ahead (Slurm checks every 30 s): Slurm never requeues a TIMEOUT itself."""
+    """--time=1 with the warning 30 s ahead (Slurm checks every 30 s): Slurm never requeues a TIMEOUT itself.
+    The warning comes at most 30 s into an attempt, which spends 10 s or more starting: 80 steps of 0.35 s (28 s)
+    never fit in one attempt, and longer training only adds attempts (about 25 s each, most of it start-up)."""
     job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, [],
-                               extra=["cluster.time_min=1", "cluster.signal_delay_s=30", "debug.delay_s=0.6"])
+                               extra=["cluster.time_min=1", "cluster.signal_delay_s=30", "debug.delay_s=0.35"])
     assert_same_run(job.run_dir, reference)
     log = attempts(job.run_dir)
     assert len(log) >= 2 and all(a["ended"] == "preempted:SIGUSR2" for a in log[:-1]), log
@@ -229,7 +225,7 @@ def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_res
     kill_inside_the_save(time.time() - 5)
     assert job.wait(timeout=120) == 1
     text = job.text()
-    assert "rank 0 on gl-n" in text and "killed by SIGKILL" in text, text
+    assert f"rank 0 on {slurm_cluster.node_prefix}" in text and "killed by SIGKILL" in text, text
     assert "not requeued: the attempt before lost a rank too, and no checkpoint newer than step 5" in text, text
     assert "the same command continues the run from its newest checkpoint (step 5)" in text, text
     assert "stopped because rank 0 was lost" in text and "Connection closed by peer" not in text, text  # its peer
@@ -247,26 +243,81 @@ def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_res
 
 
 @pytest.mark.timeout(300)
-def test_sbatch_path_requeues_a_job_whose_rank_was_killed(slurm_cluster, tmp_path, data_overrides, reference):
-    """multi_node.sh: srun runs the same task wrapper as cluster=slurm, which sees its rank killed (kill -9 of rank
-    1, on the node that is not the batch host) and requeues the job; it resumes and finishes exactly."""
-    job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True)
+def test_a_plain_scancel_is_never_said_to_be_requeued(slurm_cluster, tmp_path, data_overrides):
+    """scancel sends the ranks SIGTERM, as a preemption does: they save, and rank 0 finds the job COMPLETING with
+    no new restart, which is an end, not a requeue."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+    job.training(0)
+    slurm_cluster.run("scancel", job.id())
+    assert job.wait() != 0
+    text = job.text() + (job.run_dir / "logs" / "rank0.log").read_text()
+    assert "requeued by Slurm" not in text and f"job {job.id()} (run) ended CANCELLED" in text, text
+    first = attempts(job.run_dir)[0]
+    assert first["requeued"] is False and first["note"].startswith(f"job {job.id()} is ending (COMPLETING"), first
+
+
+@pytest.mark.timeout(120)
+def test_a_job_cancelled_while_pending_names_no_log_it_never_wrote(slurm_cluster, tmp_path, data_overrides):
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "+cluster.sbatch.hold=true"],
+              tmp_path / "run")
+    slurm_cluster.wait_state(job.id(), {"PENDING"}, timeout=60)
+    slurm_cluster.run("scancel", job.id())
+    assert job.wait(timeout=60) != 0
+    text = job.text()
+    assert f"job {job.id()} (run) ended CANCELLED:\n  it never started (no job log): it was cancelled or failed " \
+           "while pending (ExitCode=0:0, Reason=JobHeldUser)\nerror: job" in text, text
+
+
+@pytest.mark.timeout(300)
+def test_sbatch_path_at_its_restart_limit_names_the_limit(slurm_cluster, tmp_path, data_overrides):
+    """A rank killed when the job has no restart left: the job's last line names the limit and how to continue,
+    not "a rank failed"."""
+    args = [o for o in RUN if not o.startswith("preemption.max_restarts")] + ["preemption.max_restarts=0"]
+    job = Job(slurm_cluster, tmp_path, [*args, *data_overrides], tmp_path / "run", sbatch=True)
     job.training(0)
     job.kill_rank(1)
+    assert job.wait() != 0
+    last = [x for x in job.log.read_text().splitlines() if x.startswith("error: ")][-1]
+    assert last.startswith("error: srun exited with code 1: rank 1 on ") and "was killed by SIGKILL" in last, last
+    assert "restart limit reached (0 of preemption.max_restarts=0); the same command continues the run from" in last
+    text = job.log.read_text()  # the survivor says its peer is gone in one line, no gloo traceback
+    assert "Traceback" not in text and "rank failed: a collective failed, a peer is gone (" in text, text[-3000:]
+
+
+@pytest.mark.timeout(400)
+def test_survivors_that_abort_after_a_killed_peer_requeue_once_naming_it(slurm_cluster, tmp_path, data_overrides):
+    """NCCL's abort, mirrored on CPU (debug.abort_on_collective_error): rank 1 of 4 kills itself at step 12, and its
+    three peers die of SIGABRT once their collective fails. Their tasks take them for survivors: one attempts line,
+    naming rank 1, one requeue; the job resumes from step 10 and finishes."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.tasks_per_node=2", *SLURM, *RUN, *data_overrides,
+                                        "debug.kill_rank=1", "debug.kill_step=12",
+                                        "debug.abort_on_collective_error=true"], tmp_path / "run")
     assert job.wait() == 0, job.text()
-    assert_same_run(job.run_dir, reference)
-    first, last = attempts(job.run_dir)[0], attempts(job.run_dir)[-1]
+    first, *rest = attempts(job.run_dir)
     assert first["lost_rank"] == 1 and first["requeued"] is True and "killed by SIGKILL" in first["ended"], first
-    assert last["ended"] == "finished" and last["restart"] == 1, last
-    assert "rank 1 on gl-n" in job.log.read_text() and "requeued job" in job.log.read_text(), job.text()
+    assert [a["ended"] for a in rest] == ["finished"] and rest[0]["first_step"] == 10, rest
+    assert "killed by SIGABRT" not in job.text(), job.text()
+    logs = "".join((job.run_dir / "logs" / f"rank{r}.log").read_text() for r in (0, 2, 3))
+    assert logs.count("debug.abort_on_collective_error: a collective failed; aborting") == 3, logs[-3000:]
 
 
 @pytest.mark.timeout(480)
-def test_soak_ten_random_interruptions_lose_nothing(slurm_cluster, tmp_path, data_overrides, reference):
+def test_soak_ten_interruptions_of_every_kind_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
+                                                                          reference):
+    """USR2 (Slurm's warning), TERM (a preemption) and an outside `scontrol requeue`, then seven more at random:
+    each time the job comes back by itself and resumes; the run equals the uninterrupted one, and one W&B run holds
+    its eleven attempts."""
     rng = random.Random(1234)
-    kinds = [rng.choice(["USR2", "TERM", "requeue"]) for _ in range(10)]
-    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds, extra=["debug.delay_s=0.15"])
+    kinds = ["USR2", "TERM", "requeue", *(rng.choice(["USR2", "TERM", "requeue"]) for _ in range(7))]
+    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds,
+                               extra=["debug.delay_s=0.15", "tracking=wandb"])
     assert_same_run(job.run_dir, reference)
+    assert_tracked_once("wandb", job.run_dir)  # one W&B run over every attempt
     log = attempts(job.run_dir)
-    assert log[-1]["ended"] == "finished" and log[-1]["restart"] == 10, log
+    ends = [a["ended"] for a in log]
+    assert ends[:2] == ["preempted:SIGUSR2", "preempted:SIGTERM"] and ends[-1] == "finished", log
+    assert {a["job_id"] for a in log} == {job.job_id}
+    assert log[-1]["restart"] == 10 and log[-1]["last_step"] == STEPS, log
+    # every attempt resumed where the one before stopped (or from a periodic checkpoint for a hard stop)
+    assert all(b["first_step"] <= a["last_step"] for a, b in zip(log, log[1:])), log
     assert int(slurm_cluster.job_info(job.job_id)["Restarts"]) == 10

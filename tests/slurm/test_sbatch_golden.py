@@ -7,14 +7,21 @@ really submitted in a sweep match one_node.sh and four_nodes.sh.
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
 
+import shlex
+import signal
+
 from launch.backends.slurm.resources import SlurmResources, sbatch_script
+from launch.backends.slurm.step import RankStep
+from launch.backends.srun import srun_command
 from slurm_helpers import GOLDEN, normalise
 
 LOGS = Path("/golden/sweep/slurm")
+WORK = Path("/golden")  # the submit folder
 # What test_launcher.py's sweep asks for: model=tiny strategy=ddp cluster.time_min=10
 CASES = {
     "one_node": (SlurmResources(nodes=1, time_min=10), "tiny-ddp", None),
@@ -25,7 +32,28 @@ CASES = {
                                  setup=("module load cuda/12.4", "source ~/venv/bin/activate")),
                   "gpt2_124m-fsdp", None),
     "array_of_two": (SlurmResources(nodes=2, time_min=30, requeue=False), "tiny-ddp", 2),
+    # a site profile: --gres, an account and a reservation, its srun flag, environment, InfiniBand hostnames, the
+    # warning it sends (USR1, Lightning's habit) and a setup line
+    "site_gres": (SlurmResources(nodes=2, tasks_per_node=2, gres="gpu:2", account="proj42", reservation="maint",
+                                 signal="USR1", signal_delay_s=90, setup=("module load cuda/12.4",),
+                                 step=RankStep(srun_args=("--mpi=pmix",), env=(("NCCL_DEBUG", "WARN"),),
+                                               master_host_suffix="-ib")),
+                  "gpt2_124m-fsdp", None),
 }
+IMAGES = {"pyxis": "nvcr.io#nvidia/pytorch:24.05-py3", "apptainer": "/images/pytorch.sif"}
+RUN_DIR = WORK / "runs" / "gpt2_124m-fsdp"
+
+
+def container(runtime: str) -> RankStep:
+    """A container with one mount of the user's; the submit folder (which holds the run folders and the logs here)
+    is mounted by default."""
+    step = RankStep(image=IMAGES[runtime], runtime=runtime, mounts=("/scratch/data:/data",))
+    return step.mounting(WORK, LOGS, RUN_DIR)
+
+
+for _runtime in IMAGES:
+    CASES[f"{_runtime}_sbatch"] = (SlurmResources(nodes=2, tasks_per_node=8, gpus_per_node=8, cpus_per_task=12,
+                                                  time_min=60, step=container(_runtime)), "gpt2_124m-fsdp", None)
 
 
 def check_golden(name: str, script: str) -> None:
@@ -40,7 +68,14 @@ def check_golden(name: str, script: str) -> None:
 @pytest.mark.parametrize("name", CASES)
 def test_generated_sbatch_script_matches_golden(name):
     resources, job_name, array = CASES[name]
-    check_golden(name, normalise(sbatch_script(resources, LOGS, job_name, array_size=array), LOGS))
+    check_golden(name, normalise(sbatch_script(resources, LOGS, job_name, WORK, array_size=array), LOGS))
+
+
+@pytest.mark.parametrize("runtime", IMAGES)
+def test_generated_srun_line_inside_an_allocation_matches_golden(runtime):
+    """sbatch slurm/multi_node.sh (cluster=srun): the srun line that starts the ranks in the container."""
+    cmd = srun_command(2, 8, "12", container(runtime), [signal.SIGTERM, signal.SIGUSR2], RUN_DIR, WORK, "<PYTHON>")
+    check_golden(f"{runtime}_srun", shlex.join(cmd).replace("'<PYTHON>'", "<PYTHON>") + "\n")
 
 
 def test_golden_scripts_say_what_matters():
@@ -51,4 +86,26 @@ def test_golden_scripts_say_what_matters():
         assert "srun --unbuffered" in script and "--kill-on-bad-exit=1" in script
     gpu = (GOLDEN / "gpu_nodes.sh").read_text()
     assert "#SBATCH --gpus-per-node=8\n#SBATCH --job-name" in gpu and "#SBATCH --ntasks-per-node=8" in gpu
+    # srun itself asks for the ranks' CPUs: Slurm 22.05+ srun does not take them from sbatch's --cpus-per-task
+    srun = next(line for line in gpu.splitlines() if line.startswith("srun "))
+    assert "#SBATCH --cpus-per-task=12\n" in gpu and " --cpus-per-task=12 " in srun
     assert "#SBATCH --array=0-1%2" in (GOLDEN / "array_of_two.sh").read_text()
+    site = (GOLDEN / "site_gres.sh").read_text()
+    assert "#SBATCH --gres=gpu:2\n" in site and "#SBATCH --account=proj42\n" in site and "--gpus-per-node" not in site
+    assert "#SBATCH --signal=USR1@90\n" in site and "#SBATCH --reservation=maint\n" in site
+    assert "export NCCL_DEBUG=WARN\n" in site and " --mpi=pmix " in site and "| head -n 1)\"-ib\n" in site
+
+
+def test_golden_container_lines_say_what_matters():
+    """pyxis: srun's --container-* flags and the image's python; apptainer: the rank's command behind
+    `apptainer exec --nv`. The submit folder (code, run folders, checkpoints, logs) is mounted beside the user's."""
+    for entry in ("sbatch", "srun"):
+        pyxis, apptainer = ((GOLDEN / f"{r}_{entry}.sh").read_text() for r in IMAGES)
+        srun = next(line for line in pyxis.splitlines() if line.startswith("srun "))
+        assert "--container-image=nvcr.io#nvidia/pytorch:24.05-py3" in srun
+        assert "--container-mounts=/scratch/data:/data,/golden:/golden" in srun
+        assert "--container-workdir=/golden" in srun and re.search(r" python (-u )?-m ", srun) and "<PYTHON>" not in srun
+        srun = next(line for line in apptainer.splitlines() if line.startswith("srun "))
+        binds = "--bind /scratch/data:/data,/golden:/golden --pwd /golden"
+        assert f"apptainer exec --nv {binds} /images/pytorch.sif python" in srun
+        assert "--container" not in srun and "<PYTHON>" not in srun

@@ -26,19 +26,21 @@ STOCK = ["hydra/launcher=submitit_slurm", "hydra.launcher.nodes=2", "hydra.launc
 
 
 def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    from gpt.checkpoint import load_model
+    from gpt.checkpoint.writer import load_model
 
     model, meta, _ = load_model(run_dir)
     assert meta["step"] == STEPS
     return model.state_dict()
 
 
-def job_of(run_dir: Path, deadline: float) -> str:
-    """The Slurm job a point runs in, once its rank 0 has trained a few steps."""
+def job_of(run_dir: Path, deadline: float) -> tuple[str, str]:
+    """The Slurm job a point runs in, once its rank 0 has trained a few steps: its own id, and the id squeue and the
+    attempts log know it by (ARRAY_TASK: the stock launcher submits a sweep as one array)."""
     while time.monotonic() < deadline:
         metrics, env = run_dir / "metrics" / "rank0.jsonl", run_dir / "environment" / "rank0.json"
         if metrics.exists() and metrics.read_text().count("\n") >= 10 and env.exists():
-            return json.loads(env.read_text())["scheduler"]["SLURM_JOB_ID"]
+            slurm = json.loads(env.read_text())["scheduler"]
+            return slurm["SLURM_JOB_ID"], f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
         time.sleep(0.2)
     raise AssertionError(f"{run_dir} never trained")
 
@@ -55,7 +57,7 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
     with (tmp_path / "out").open("w") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            job = job_of(sweep / "lr0.001", time.monotonic() + 180)
+            job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
             slurm_cluster.run("scancel", "--signal=USR2", job)
             code = launcher.wait(timeout=300)
         finally:
@@ -67,7 +69,7 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
     point = sweep / "lr0.001"
     attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
     assert [a["ended"] for a in attempts] == ["preempted:SIGUSR2", "finished"], attempts
-    assert attempts[0]["requeued"] and attempts[1]["restart"] == 1 and attempts[1]["job_id"] == job
+    assert attempts[0]["requeued"] and attempts[1]["restart"] == 1 and attempts[1]["job_id"] == task
     assert losses(point) == losses(reference)  # bitwise, every step once
     a, b = final_weights(point), final_weights(reference)
     assert all(torch.equal(a[k], b[k]) for k in a)

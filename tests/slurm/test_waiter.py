@@ -16,9 +16,9 @@ from slurm_helpers import REPO, SLURM, TINY, launch_cmd
 pytestmark = pytest.mark.slurm
 SLOW = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=300", "debug.delay_rank=0",
                                                                     "debug.delay_s=0.1"]
-# A client command retries a controller it cannot reach for about 9 s before it fails: the outage must outlast
-# that for the waiter to see failing commands (a shorter one only slows the commands down).
-OUTAGE_S = 15
+# A client command retries a controller it cannot reach for about 9 s before it fails (longer on a loaded machine):
+# the outage lasts until the waiter has seen a command fail, at most this long.
+OUTAGE_MAX_S = 90
 
 
 def job_id(run_dir: Path, deadline: float) -> str:
@@ -59,10 +59,10 @@ def controller_back(cluster, timeout: float = 60) -> None:
         if cluster.run("sinfo", check=False).returncode == 0:
             return
         time.sleep(1)
-    subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "up", "4"], check=True, timeout=300)
+    cluster.script("up", str(cluster.nodes))  # this worker's own instance
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(480)
 def test_a_slurm_outage_leaves_every_job_tracked(slurm_cluster, tmp_path, data_overrides):
     sweep, out = tmp_path / "sweep", tmp_path / "out"
     cmd = launch_cmd("-m", "nodes=1,2", *SLURM, *SLOW, *data_overrides, f"hydra.sweep.dir={sweep}")
@@ -79,10 +79,12 @@ def test_a_slurm_outage_leaves_every_job_tracked(slurm_cluster, tmp_path, data_o
                 assert time.monotonic() < deadline, out.read_text()[-3000:]
                 time.sleep(0.2)
             os.kill(int(pid_file.read_text()), signal.SIGTERM)  # the controller is gone: every client command fails
-            time.sleep(OUTAGE_S)
+            outage_end = time.monotonic() + OUTAGE_MAX_S
+            while "Slurm does not answer" not in out.read_text() and time.monotonic() < outage_end:
+                time.sleep(0.5)
             subprocess.Popen(["setsid", "slurmctld", "-D", "-i"], env=slurm_cluster.env, stdin=subprocess.DEVNULL,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-            assert proc.wait(timeout=240) == 0, out.read_text()[-4000:]
+            assert proc.wait(timeout=300) == 0, out.read_text()[-4000:]
         finally:
             if proc.poll() is None:
                 proc.kill()

@@ -1,7 +1,7 @@
 """The one place that runs Slurm's client commands (scontrol, squeue, sacct, scancel) and reads their output.
 
 Parsing is kept in pure functions, tested on recorded outputs (tests/launch/slurm_outputs/), so that a change of
-Slurm's format breaks one test rather than a sweep. The launcher, the ranks (through launch.job_env) and the
+Slurm's format breaks one test rather than a sweep. The launcher, the ranks (through launch.rank.job_env) and the
 tests all ask here. Torch-free: it runs in the launcher and in every task's wrapper.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
                      "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT", "POWER_UP_NODE"})
 RUNNING = frozenset({"RUNNING", "COMPLETING"})
+REQUEUED = frozenset({"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})  # what only a requeue shows (COMPLETING is not)
 # After these Slurm runs the job no more by itself (a PREEMPTED or NODE_FAIL job with --requeue is shown as
 # PENDING or REQUEUED instead, so these are final when seen).
 FINAL = frozenset({"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "PREEMPTED", "BOOT_FAIL",
@@ -29,6 +30,9 @@ STUCK = {
     "BadConstraints": "scancel {job}; no node has what it asks for",
     "PartitionNodeLimit": "scancel {job}; the partition has fewer nodes than it asks for",
 }
+# Errors of a controller that is busy, restarting or failing over: the same call may work a moment later.
+TRANSIENT = ("Unable to contact slurm controller", "Socket timed out", "timed out", "Resource temporarily unavailable",
+             "Connection refused", "Zero Bytes were transmitted", "standby mode")
 TIMEOUT_S = 30
 KEY = re.compile(r"^[A-Za-z][\w:/]*=")  # JobState=, CPUs/Task=, AllocNode:Sid=
 
@@ -40,13 +44,23 @@ def state_of(raw: str) -> str:
 
 
 # --- parsing ---------------------------------------------------------------------------------------------
-def parse_scontrol_job(text: str) -> dict[str, str]:
+def parse_scontrol_job(text: str, job_id: str | None = None) -> dict[str, str]:
     """`scontrol [-o] show job ID` as a dict: the one-line (-o) and the multi-line format alike. Values may
-    hold spaces only in the few fields Slurm ends a line with (Reason=..., Comment=...)."""
+    hold spaces only in the few fields Slurm ends a line with (Reason=..., Comment=...). An array's id prints
+    a record per task: the one `job_id` names (12, or 11_1 for task 1 of array 11) is taken, else the first."""
+    records = _scontrol_records(text)
+    named = [r for r in records if job_id in (r.get("JobId"), _array_task(r))]
+    return (named or records or [{}])[0]
+
+
+def _scontrol_records(text: str) -> list[dict[str, str]]:
+    records: list[dict[str, str]] = []
     fields: dict[str, str] = {}
     for line in text.splitlines():
-        if line.strip() == "" and fields:
-            break  # the first record only (an array prints one per task)
+        starts = line.lstrip().startswith("JobId=")
+        if (starts or not line.strip()) and fields:  # -o: a line per record; else a blank line between them
+            records.append(fields)
+            fields = {}
         key = None
         for word in line.split():
             if KEY.match(word):
@@ -54,7 +68,12 @@ def parse_scontrol_job(text: str) -> dict[str, str]:
                 fields[key] = value
             elif key is not None:  # a value with a space in it
                 fields[key] += " " + word
-    return fields
+    return records + [fields] if fields else records
+
+
+def _array_task(fields: dict[str, str]) -> str | None:
+    task = fields.get("ArrayTaskId")
+    return f"{fields['ArrayJobId']}_{task}" if task and fields.get("ArrayJobId") else None
 
 
 def parse_squeue(text: str) -> dict[str, tuple[str, str]]:
@@ -73,6 +92,16 @@ def parse_sacct(text: str) -> str | None:
         if line.strip():
             return state_of(line)
     return None
+
+
+def parse_sacct_jobs(text: str) -> dict[str, str]:
+    """`sacct -n -X -P -o JobID,State -j A,B` -> {job id: state} (an array task as 11_1)."""
+    out: dict[str, str] = {}
+    for line in text.splitlines():
+        job, _, state = line.strip().partition("|")
+        if job and state:
+            out.setdefault(job, state_of(state))
+    return out
 
 
 def parse_hostnames(text: str) -> list[str]:
@@ -119,7 +148,7 @@ class JobInfo:
 def scontrol_job(job_id: str) -> JobInfo | None:
     """None when Slurm does not know the job (any more); SlurmUnavailable when it cannot be asked."""
     try:
-        fields = parse_scontrol_job(run("scontrol", "-o", "show", "job", str(job_id)))
+        fields = parse_scontrol_job(run("scontrol", "-o", "show", "job", str(job_id)), str(job_id))
     except SlurmUnavailable as e:
         if "Invalid job id" in str(e):
             return None
@@ -142,21 +171,59 @@ def sacct_state(job_id: str) -> str | None:
         return None
 
 
+def sacct_states(job_ids: list[str]) -> dict[str, str]:
+    """One sacct call for all the jobs: {job id: state} of those accounting knows ({} without accounting)."""
+    if not job_ids:
+        return {}
+    try:
+        return parse_sacct_jobs(run("sacct", "-n", "-X", "-P", "-o", "JobID,State", "-j", ",".join(job_ids)))
+    except SlurmUnavailable:
+        return {}
+
+
 def job_infos(job_ids: list[str]) -> dict[str, JobInfo]:
-    """Every job's state and pending reason: squeue first, then scontrol, then sacct, else GONE. Raises
-    SlurmUnavailable when the controller cannot be asked at all, so that a caller never takes an outage
-    for jobs that are gone."""
+    """Every job's state and pending reason: one squeue for all of them; for those it no longer lists, one sacct
+    for all, then scontrol for each it does not know either (a job of another user: rare, and once per job, since
+    a job ends when it is GONE), else GONE. Raises SlurmUnavailable when the controller cannot be asked at all, so
+    that a caller never takes an outage for jobs that are gone."""
     infos = squeue(job_ids)
-    for job in job_ids:
-        if job not in infos:
-            info = scontrol_job(job)
-            state = info.state if info else sacct_state(job)
-            infos[job] = info or JobInfo(job, state or GONE)
+    missing = [job for job in job_ids if job not in infos]
+    ended = sacct_states(missing)
+    for job in missing:
+        infos[job] = JobInfo(job, ended[job]) if job in ended else scontrol_job(job) or JobInfo(job, GONE)
     return infos
 
 
 def requeue(job_id: str) -> None:
-    run("scontrol", "requeue", str(job_id), timeout=60)
+    """Run from inside the job: the requeue sends SIGTERM to every process of the job, scontrol included."""
+    run("scontrol", "requeue", str(job_id), timeout=60, keep_on_term=True)
+
+
+def transient(error: SlurmUnavailable) -> bool:
+    return any(text in str(error) for text in TRANSIENT)
+
+
+def lost_nodes(nodelist: str | None) -> str:
+    """'gl-n2 down (Not responding)': the nodes of `nodelist` Slurm holds down, failed or not responding, with
+    Slurm's own reason; '' when none (or when Slurm cannot say)."""
+    if not nodelist or nodelist == "(null)":
+        return ""
+    try:
+        rows = run("sinfo", "-h", "-N", "-n", nodelist, "-o", "%N|%T|%E").splitlines()
+    except SlurmUnavailable:
+        return ""
+    return ", ".join(parse_lost_nodes(rows))
+
+
+def parse_lost_nodes(rows: list[str]) -> list[str]:
+    """sinfo's '%N|%T|%E' rows -> 'NODE STATE (REASON)' for the nodes that are down, failed or not responding."""
+    lost = []
+    for row in dict.fromkeys(rows):  # a node in two partitions is listed twice
+        node, state, reason = (row.split("|", 2) + ["", ""])[:3]
+        if state.startswith(("down", "fail")) or state.endswith("*"):
+            state = state.rstrip("*") + (", not responding" if state.endswith("*") else "")  # sinfo's '*'
+            lost.append(f"{node} {state}" + (f" ({reason})" if reason not in ("", "none") else ""))
+    return lost
 
 
 def exclude_nodes(job_id: str, nodes: list[str]) -> None:

@@ -11,38 +11,34 @@ from __future__ import annotations
 import os
 import time
 
-from omegaconf import open_dict
-
 from gpt.errors import UserError
-from launch.attempts import requeued
+from gpt.resilience.timing import REQUEUE_WAIT_S
+from launch.run.attempts import requeued
 from launch.backends import Backend, RunFailed
-from launch.job_env import job_environment
+from launch.rank.job_env import job_environment
 
 STOCK_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
 
 def under_stock_launcher(hydra_cfg) -> bool:
     """True in a task of a job the stock plugin submitted (never on the login node: it runs no task there)."""
-    return hydra_cfg.launcher.get("_target_") == STOCK_LAUNCHER and "SLURM_JOB_ID" in os.environ
+    return hydra_cfg.launcher["_target_"] == STOCK_LAUNCHER and "SLURM_JOB_ID" in os.environ
 
 
 class InJobBackend(Backend):
     name = "submitit_slurm"
 
-    def check(self, cfg):
+    def check(self, run):
         from launch.backends.srun import _int
 
         env = os.environ
         nodes = _int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
         tasks = _int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE") or 1
-        if cfg.cluster.get("name") != "local":
+        if run.cluster.name != "local":
             raise UserError(f"hydra/launcher=submitit_slurm submits the jobs itself: leave cluster=local (not "
-                            f"cluster={cfg.cluster.get('name')}), and set the job's shape with hydra.launcher.nodes "
+                            f"cluster={run.cluster.name}), and set the job's shape with hydra.launcher.nodes "
                             "and hydra.launcher.tasks_per_node")
-        cfg = cfg.copy()
-        with open_dict(cfg):
-            cfg.cluster.nodes, cfg.cluster.tasks_per_node = nodes, tasks
-        return cfg, None
+        return run.with_cluster(nodes=nodes, tasks_per_node=tasks), None
 
     def run(self, plan) -> None:
         from launch.backends.slurm.task import RankFailed, RankTask
@@ -55,8 +51,5 @@ class InJobBackend(Backend):
             # Returning now would let submitit record this attempt's result, and the stock launcher would take the
             # job for done while Slurm runs it again: wait for Slurm to stop this attempt instead.
             time.sleep(REQUEUE_WAIT_S)
-            raise RunFailed(f"the job requeued itself but was not stopped within {REQUEUE_WAIT_S} s")
-
-
-REQUEUE_WAIT_S = 600
+            raise RunFailed(f"the job requeued itself but was not stopped within {REQUEUE_WAIT_S:.0f} s")
 

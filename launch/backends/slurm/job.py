@@ -1,12 +1,16 @@
 """A rank inside a Slurm job: the job id, the restart count, and `scontrol requeue`."""
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Mapping
 
-from launch.backends.slurm import commands
+from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
-from launch.job_env import JobEnvironment
+from launch.rank.job_env import JobEnvironment
+
+REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
+REQUEUE_BACKOFF_S = 1.0
 
 
 class SlurmJob(JobEnvironment):
@@ -18,7 +22,11 @@ class SlurmJob(JobEnvironment):
 
     @property
     def job_id(self) -> str | None:
-        return self.environ.get("SLURM_JOB_ID") or None
+        """The id the launcher, squeue -r and scontrol know the job by: 11_1 for task 1 of array 11, whose own job
+        id (SLURM_JOB_ID) is another number, and `scontrol requeue 11` would requeue every task of the array, every
+        other point of a sweep."""
+        array, task = self.environ.get("SLURM_ARRAY_JOB_ID"), self.environ.get("SLURM_ARRAY_TASK_ID")
+        return f"{array}_{task}" if array and task else self.environ.get("SLURM_JOB_ID") or None
 
     @property
     def restart(self) -> int:
@@ -33,6 +41,9 @@ class SlurmJob(JobEnvironment):
     def variables(self) -> dict[str, str]:
         return {k: v for k, v in self.environ.items() if k.startswith("SLURM_")}
 
+    def next_link(self, run_dir) -> str | None:
+        return chain.next_link(run_dir, self.job_id)
+
     def end_reason(self, job_id: str) -> str:
         if job_id == self.job_id:  # this very job runs again: Slurm requeued it (a node failure, preemption)
             return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
@@ -43,32 +54,67 @@ class SlurmJob(JobEnvironment):
         state = info.state if info else commands.sacct_state(job_id)
         return f"stopped by Slurm: job {job_id} ended {state}" if state else f"killed outright (job {job_id})"
 
-    def job_running(self, job_id: str) -> bool | None:
+    def job_state(self, job_id: str) -> str | None:
         try:
             info = commands.scontrol_job(job_id)
         except SlurmUnavailable:
             return None
-        return info is not None and info.state in commands.RUNNING
+        return info.state if info is not None else (commands.sacct_state(job_id) or commands.GONE)
+
+    def lost_nodes(self) -> str:
+        return commands.lost_nodes(self.environ.get("SLURM_JOB_NODELIST"))  # scontrol's NodeList drops them
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
-        """Ask Slurm to run this job again (same job id), only while it is RUNNING: a job that `scancel`
-        cancelled, or that `scontrol requeue` from outside is already requeueing, is left to Slurm."""
+        """Ask Slurm to run this job again (same job id), only while it is RUNNING. Only a grown restart count
+        or a REQUEUED state means requeued: a COMPLETING job is as likely cancelled, timed out or failed."""
         job = self.job_id
         if self.restart >= max_restarts:
             return False, f"restart limit reached ({self.restart} of preemption.max_restarts={max_restarts})"
         try:
             info = commands.scontrol_job(job)
-            if info is not None and _int(info.get("Restarts")) > self.restart:  # a late caller (a cut-off rank)
-                return True, (f"requeued by Slurm or by another rank already (job {job} is on restart "
-                              f"{info.get('Restarts')})")
-            if info is not None and info.state in commands.PENDING | {"COMPLETING"} and info.get("Requeue") == "1":
-                return True, f"requeued by Slurm (job {job} is {info.state}: a node failure, preemption or scontrol)"
-            if info is not None and info.state != "RUNNING":
-                return False, f"job {job} is {info.state}: Slurm decides what happens next"
-            commands.requeue(job)
-        except SlurmUnavailable as e:
-            return False, f"scontrol requeue {job} failed ({e}): submit the same command again to resume"
-        return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
+        except SlurmUnavailable:  # a controller that does not answer now may answer the requeue, retried
+            pass
+        else:
+            already = self._requeued(job, info)
+            if already:
+                return True, already
+            if info is None or info.state != "RUNNING":
+                return False, _not_requeued(job, info)
+        error = self._ask_requeue(job)
+        if error is None:
+            return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
+        return False, f"scontrol requeue {job} failed ({error}): submit the same command again to resume"
+
+    def _requeued(self, job: str, info: commands.JobInfo | None) -> str | None:
+        """Why the job already runs again, or None: Slurm counts a restart as soon as it requeues a job."""
+        if info is None:
+            return None
+        restarts = _int(info.get("Restarts"))
+        if restarts <= self.restart and info.state not in commands.REQUEUED:
+            return None
+        lost = self.lost_nodes()
+        if lost:
+            return f"requeued by Slurm after a node failure ({lost}; job {job} is on restart {restarts})"
+        return f"requeued by Slurm or by another rank already (job {job} is on restart {restarts})"
+
+    def _ask_requeue(self, job: str) -> str | None:
+        """`scontrol requeue`, retried with backoff while the controller's errors are transient; None once Slurm
+        took it. Before a retry the restart count is read again: a call whose answer was lost may have worked."""
+        delay = REQUEUE_BACKOFF_S
+        for _ in range(REQUEUE_TRIES):
+            try:
+                commands.requeue(job)
+                return None
+            except SlurmUnavailable as e:
+                error = e
+            with contextlib.suppress(SlurmUnavailable):
+                if self._requeued(job, commands.scontrol_job(job)):
+                    return None
+            if not commands.transient(error):
+                break
+            time.sleep(delay)
+            delay *= 2
+        return str(error)
 
     def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
         """Requeue the job, and keep it off `hosts` (Slurm's ExcNodeList, added to what it already excludes), as
@@ -107,6 +153,15 @@ def _retry(call, seconds: float = 4.0) -> bool:
             if time.monotonic() > deadline:
                 return False
             time.sleep(0.5)
+
+
+def _not_requeued(job: str, info: commands.JobInfo | None) -> str:
+    if info is None:
+        return f"job {job} is unknown to Slurm: not requeued"
+    reason = f", {info.reason}" if info.reason not in ("", "None") else ""
+    if info.state == "COMPLETING":  # this attempt ends, and nothing asked Slurm to run it again
+        return f"job {job} is ending (COMPLETING{reason}: cancelled, timed out or failed): not requeued"
+    return f"job {job} is {info.state}{reason}: not requeued; Slurm decides what happens next"
 
 
 def _nodes(value: str | None) -> list[str]:

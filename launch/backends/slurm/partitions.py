@@ -105,9 +105,9 @@ def resolve_cpus(res: SlurmResources, part: Partition) -> SlurmResources:
     a CPU rank should use)."""
     if res.cpus_per_task is not None:
         return res
-    if not res.gpus_per_node:
+    if not res.node_gpus:
         return dataclasses.replace(res, cpus_per_task=1)
-    cpus = min((g[1] for g in part.groups if g[3] >= res.gpus_per_node), default=res.tasks_per_node)
+    cpus = min((g[1] for g in part.groups if g[3] >= res.node_gpus), default=res.tasks_per_node)
     return dataclasses.replace(res, cpus_per_task=max(cpus // res.tasks_per_node, 1))
 
 
@@ -136,7 +136,7 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     needs = [
         (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={res.cpus_per_task} = "
                   f"{cpus} CPU(s)", "CPU(s)"),
-        (res.gpus_per_node, 3, f"cluster.gpus_per_node={res.gpus_per_node}", "GPU(s)"),
+        (res.node_gpus, 3, f"cluster.gpus_per_node={res.node_gpus}", "GPU(s)"),
         (_mem_mb(res.mem), 2, f"cluster.mem={res.mem}", "MB of memory"),
     ]
     for need, index, what, unit in needs:
@@ -144,9 +144,9 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
         if need and need > most:
             raise UserError(f"{what} per node, but the nodes of partition {part.name!r} have at most {most} {unit}")
     fit = sum(g[0] for g in part.groups
-              if g[1] >= cpus and g[3] >= res.gpus_per_node and g[2] >= _mem_mb(res.mem))
+              if g[1] >= cpus and g[3] >= res.node_gpus and g[2] >= _mem_mb(res.mem))
     if res.nodes > fit:
-        raise UserError(f"nodes={res.nodes} with {cpus} CPU(s), {res.gpus_per_node} GPU(s) per node: only {fit} of the "
+        raise UserError(f"nodes={res.nodes} with {cpus} CPU(s), {res.node_gpus} GPU(s) per node: only {fit} of the "
                         f"{part.nodes} nodes of partition {part.name!r} have that much")
     return part
 

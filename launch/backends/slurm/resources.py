@@ -2,35 +2,38 @@
 so the sbatch script) that asks for it.
 
 Every task of a job (nodes x tasks_per_node, started by srun) runs launch.backends.slurm.task.RankTask, which runs the
-same per-rank entry point as every other backend: `python -m launch.worker RUN_DIR`.
+same per-rank entry point as every other backend: `python -m launch.rank.worker RUN_DIR`.
 """
 from __future__ import annotations
 
-import re
+import dataclasses
 import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
-
+from gpt.config.cluster import ClusterConfig, node_gpus
+from gpt.config.schema import RunConfig
 from gpt.errors import ConfigError
-from launch.startup import ATTEMPT_START
+from launch.backends.slurm.step import RankStep
+from launch.run.startup import ATTEMPT_START
 
-# sbatch flags the launcher sets itself: cluster.sbatch must not set them behind its back.
+# sbatch flags the launcher sets itself: cluster.sbatch must not set them behind its back (the budget, the checks
+# against sinfo and the ranks' layout read the keys; None: submitit's own, which the job's logs and state need).
 MANAGED = {
     "nodes": "nodes", "N": "nodes", "ntasks-per-node": "cluster.tasks_per_node", "ntasks": "cluster.tasks_per_node",
     "n": "cluster.tasks_per_node", "gpus-per-node": "cluster.gpus_per_node", "gpus": "cluster.gpus_per_node",
-    "gres": "cluster.gpus_per_node", "G": "cluster.gpus_per_node", "cpus-per-task": "cluster.cpus_per_task",
+    "G": "cluster.gpus_per_node", "gpus-per-task": "cluster.gpus_per_task",
+    "cpus-per-task": "cluster.cpus_per_task",
     "c": "cluster.cpus_per_task", "mem": "cluster.mem", "time": "cluster.time_min", "t": "cluster.time_min",
     "partition": "cluster.partition", "p": "cluster.partition", "account": "cluster.account",
     "A": "cluster.account", "qos": "cluster.qos", "q": "cluster.qos", "constraint": "cluster.constraint",
     "C": "cluster.constraint", "requeue": "cluster.requeue", "no-requeue": "cluster.requeue",
-    "signal": "cluster.signal_delay_s", "output": None, "o": None, "error": None, "e": None, "array": None,
+    "signal": "cluster.signal and cluster.signal_delay_s", "output": None,
+    "o": None, "error": None, "e": None, "array": None,
     "open-mode": None, "job-name": "name", "J": "name", "wrap": None,
 }
-MEM = re.compile(r"^\d+[KMGT]?$")
 # srun kills every task of the step when one exits non-zero: a dead rank ends the job at once instead of
 # leaving the others waiting in a collective.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
@@ -42,20 +45,32 @@ class SlurmResources:
 
     nodes: int
     tasks_per_node: int = 1
-    gpus_per_node: int = 0
+    gpus_per_node: int = ClusterConfig.gpus_per_node
+    gpus_per_task: int = ClusterConfig.gpus_per_task
+    gres: str | None = None
     cpus_per_task: int | None = 1  # None: auto, a GPU rank's share of its node's CPUs (resolved against sinfo)
-    time_min: int = 60
+    time_min: int = ClusterConfig.time_min
     partition: str | None = None
     mem: str | None = None
     account: str | None = None
     qos: str | None = None
     constraint: str | None = None
+    reservation: str | None = None
     sbatch: tuple[tuple[str, Any], ...] = ()
     setup: tuple[str, ...] = ()
-    requeue: bool = True
-    signal_delay_s: int = 120
-    max_num_timeout: int = 3
+    requeue: bool = ClusterConfig.requeue
+    signal: str = ClusterConfig.signal
+    signal_delay_s: int = 120  # --signal=USR2@N: the time-limit warning's lead, unless cluster.signal_delay_s says
+    max_num_timeout: int = ClusterConfig.max_num_timeout
     restarts: int = 0  # how many times the job may requeue itself (preemption.max_restarts), for the budget
+    step: RankStep = RankStep()  # the site's srun flags, environment and container
+    chain: int = ClusterConfig.chain  # jobs one after another, each to its time limit (launch.backends.slurm.chain)
+
+    @property
+    def node_gpus(self) -> int:
+        """GPUs each node gets, whichever of --gpus-per-node, --gpus-per-task or --gres asks for them."""
+        gres = self.gres or dict(self.sbatch).get("gres")
+        return node_gpus(self.gpus_per_node, self.gpus_per_task, self.tasks_per_node, gres)
 
     @property
     def world_size(self) -> int:
@@ -63,108 +78,98 @@ class SlurmResources:
 
     @property
     def node_hours(self) -> float:
-        return self.nodes * self.time_min / 60
+        return self.nodes * self.time_min * self.chain / 60
 
     @property
     def gpu_hours(self) -> float:
-        return self.nodes * self.gpus_per_node * self.time_min / 60
+        return self.nodes * self.node_gpus * self.time_min * self.chain / 60
 
     def describe(self) -> str:
-        gpus = f", {self.gpus_per_node} GPU(s)" if self.gpus_per_node else ""
+        gpus = f", {self.node_gpus} GPU(s)" if self.node_gpus else ""
         where = f" on {self.partition}" if self.partition else ""
-        return f"{self.nodes} node(s) x {self.tasks_per_node} task(s){gpus}, {self.time_min} min{where}"
+        links = f" x a chain of {self.chain}" if self.chain > 1 else ""
+        return f"{self.nodes} node(s) x {self.tasks_per_node} task(s){gpus}, {self.time_min} min{links}{where}"
 
     @classmethod
-    def from_config(cls, cfg: DictConfig) -> SlurmResources:
-        """cfg.cluster as resources, with every check that needs no cluster: types, conflicts, time limits."""
-        c = cfg.cluster
-
-        def count(key: str, minimum: int = 1) -> int:
-            value = OmegaConf.select(c, key)
-            if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
-                raise ConfigError(f"cluster.{key}", value, f"an integer >= {minimum}")
-            return value
-
-        def text(key: str) -> str | None:
-            value = OmegaConf.select(c, key)
-            if value is not None and (not isinstance(value, (str, int)) or str(value).strip() == ""):
-                raise ConfigError(f"cluster.{key}", value, "a non-empty string, or null")
-            return None if value is None else str(value)
-
+    def from_run(cls, run: RunConfig) -> SlurmResources:
+        """What run.cluster asks Slurm for (its values checked with the section), with the checks that need the
+        other sections too: the device, the checkpoint interval."""
+        c = run.cluster
         res = cls(
-            nodes=count("nodes"), tasks_per_node=count("tasks_per_node"), gpus_per_node=count("gpus_per_node", 0),
-            cpus_per_task=None if c.get("cpus_per_task") == "auto" else count("cpus_per_task"),
-            time_min=count("time_min"), partition=text("partition"),
-            mem=text("mem"), account=text("account"), qos=text("qos"), constraint=text("constraint"),
-            sbatch=_extra_flags(c.get("sbatch")), setup=_setup_lines(c.get("setup")),
-            requeue=bool(c.get("requeue", True)), signal_delay_s=count("signal_delay_s", 0),
-            max_num_timeout=count("max_num_timeout", 0), restarts=_restarts(cfg),
+            nodes=c.nodes, tasks_per_node=c.tasks_per_node, gpus_per_node=c.gpus_per_node,
+            gpus_per_task=c.gpus_per_task, gres=c.gres,
+            cpus_per_task=None if c.cpus_per_task == "auto" else c.cpus_per_task, time_min=c.time_min,
+            partition=c.partition, mem=c.mem, account=c.account, qos=c.qos, constraint=c.constraint,
+            reservation=c.reservation, sbatch=_extra_flags(c.sbatch), setup=c.setup_lines, requeue=c.requeue,
+            signal=c.signal.upper().removeprefix("SIG"), step=RankStep.from_cluster(c),
+            signal_delay_s=cls.signal_delay_s if c.signal_delay_s is None else c.signal_delay_s,
+            max_num_timeout=c.max_num_timeout, chain=c.chain,
+            restarts=run.preemption.max_restarts if c.requeue and run.preemption.enabled else 0,
         )
-        if res.mem is not None and not MEM.match(res.mem):
-            raise ConfigError("cluster.mem", res.mem, "memory per node like 64G, 512M or 64000 (MB)")
-        if res.gpus_per_node and res.tasks_per_node != res.gpus_per_node:
-            raise ConfigError("cluster.tasks_per_node", res.tasks_per_node,
-                              f"equal to cluster.gpus_per_node={res.gpus_per_node} (one rank per GPU)")
-        device = OmegaConf.select(cfg, "train.device", default="auto")
-        if device == "cuda" and not res.gpus_per_node:
-            raise ConfigError("cluster.gpus_per_node", 0, "at least 1 with train.device=cuda")
+        if run.train.device == "cuda" and not res.node_gpus:
+            raise ConfigError("cluster.gpus_per_node", 0, "at least 1 with train.device=cuda (or "
+                              "cluster.gpus_per_task, or cluster.gres=gpu:N)")
+        if f"SIG{res.signal}" not in run.preemption.signals:
+            raise ConfigError("cluster.signal", c.signal, f"one of preemption.signals={list(run.preemption.signals)}, "
+                              f"or add it there (the ranks save on it): preemption.signals=[SIG{res.signal},SIGTERM]")
         if res.signal_delay_s >= res.time_min * 60:
             raise ConfigError("cluster.signal_delay_s", res.signal_delay_s,
                               f"shorter than the time limit cluster.time_min={res.time_min} min")
-        interval = OmegaConf.select(cfg, "checkpoint.interval_minutes", default=None)
-        if interval not in (None, "auto"):
-            if not isinstance(interval, (int, float)) or interval <= 0:
-                raise ConfigError("checkpoint.interval_minutes", interval,
-                                  "a positive number of minutes, auto, or null")
-            if res.time_min <= interval:
-                raise ConfigError("cluster.time_min", res.time_min,
-                                  f"longer than checkpoint.interval_minutes={interval}: the job would reach its "
-                                  "time limit before its first checkpoint")
+        interval = run.checkpoint.interval_minutes
+        if interval not in (None, "auto") and res.time_min <= interval:
+            raise ConfigError("cluster.time_min", res.time_min, f"longer than checkpoint.interval_minutes={interval}: "
+                              "the job would reach its time limit before its first checkpoint")
         return res
 
-    def executor_parameters(self, job_name: str) -> dict[str, Any]:
+    def srun_cpus(self) -> list[str]:
+        """-c on the srun line itself: Slurm 22.05+ srun no longer takes --cpus-per-task from sbatch, and a GPU rank
+        left with 1 CPU shares it with NCCL's proxy, data loading, the checkpoint writer and the watchdog."""
+        return [f"--cpus-per-task={self.cpus_per_task}"] if self.cpus_per_task else []
+
+    def mounting(self, *folders: Path) -> SlurmResources:
+        """With these folders mounted in the container, if there is one."""
+        return dataclasses.replace(self, step=self.step.mounting(*folders))
+
+    def executor_parameters(self, job_name: str, workdir: Path) -> dict[str, Any]:
         """submitit.SlurmExecutor parameters; submitit turns them into the sbatch script."""
         extra: dict[str, Any] = {"requeue" if self.requeue else "no-requeue": True}
         if self.mem is not None:  # as written (submitit's own mem_gb would turn "64G" into a float)
             extra["mem"] = self.mem
+        if self.reservation is not None:
+            extra["reservation"] = self.reservation
+        if self.signal != ClusterConfig.signal:  # submitit writes USR2 itself
+            extra["signal"] = f"{self.signal}@{self.signal_delay_s}"
         extra.update(self.sbatch)
+        if self.chain > 1:  # each link starts once the one before (same user, same job name) has ended, and after
+            # any dependency of its own (the data preparation job's afterok): a comma means both
+            extra["dependency"] = ",".join(d for d in (extra.get("dependency"), "singleton") if d)
         params: dict[str, Any] = {
             "job_name": job_name, "time": self.time_min, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node,
             "cpus_per_task": self.cpus_per_task, "signal_delay_s": self.signal_delay_s, "wckey": None,
-            "srun_args": list(SRUN_ARGS), "additional_parameters": extra,
+            "srun_args": [*SRUN_ARGS, *self.srun_cpus(), *self.step.srun_flags(workdir)],
+            "additional_parameters": extra,
             # when this attempt started (the start-up breakdown in attempts.jsonl); each task then sets its rank's
-            # threads from its -c (launch.threads)
-            "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.setup],
+            # threads from its -c (launch.rank.threads)
+            "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.step.exports(), *self.setup],
         }
-        optional = {"gpus_per_node": self.gpus_per_node or None, "partition": self.partition,
+        optional = {"gpus_per_node": self.gpus_per_node or None, "gpus_per_task": self.gpus_per_task or None,
+                    "gres": self.gres, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}
         params.update({k: v for k, v in optional.items() if v is not None})
         return params
 
 
-def _restarts(cfg: DictConfig) -> int:
-    """How many more times the job may run: preemption.max_restarts, when it can requeue at all."""
-    if not OmegaConf.select(cfg, "cluster.requeue", default=True):
-        return 0
-    if not OmegaConf.select(cfg, "preemption.enabled", default=True):
-        return 0
-    value = OmegaConf.select(cfg, "preemption.max_restarts", default=10)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
-        raise ConfigError("preemption.max_restarts", value, "an integer >= 0")
-    return value
-
-
-def _extra_flags(value: Any) -> tuple[tuple[str, Any], ...]:
-    if value is None:
-        return ()
-    if not isinstance(value, DictConfig):
-        raise ConfigError("cluster.sbatch", value, "a mapping of sbatch flags, e.g. {exclusive: true}")
+def _extra_flags(value: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """cluster.sbatch as flags, none of them one the launcher sets itself."""
     flags = []
-    for key, flag_value in OmegaConf.to_container(value, resolve=True).items():
+    for key, flag_value in value.items():
         flag = str(key).lstrip("-").replace("_", "-")
         if flag in MANAGED:
             owner = MANAGED[flag]
-            valid = f"set through {owner} instead" if owner else "a flag the launcher does not set itself"
+            valid = (f"set through {owner} instead (the launcher writes --{flag} itself: its checks, the budget "
+                     "and the ranks' layout read that key)" if owner else
+                     f"a flag the launcher does not set itself (it writes --{flag}: submitit's logs and the job's "
+                     "state depend on it)")
             raise ConfigError(f"cluster.sbatch.{key}", flag_value, valid)
         if flag_value is None or flag_value is False:
             continue
@@ -172,37 +177,32 @@ def _extra_flags(value: Any) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(flags))
 
 
-def _setup_lines(value: Any) -> tuple[str, ...]:
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        return (value,)
-    lines = OmegaConf.to_container(value, resolve=True) if OmegaConf.is_config(value) else value
-    if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
-        raise ConfigError("cluster.setup", value, "a list of shell lines")
-    return tuple(lines)
+def rank_python(resources: SlurmResources, workdir: Path, python: str | None = None) -> str:
+    """The interpreter every task starts (submitit's `python`): this one, or the container's through its runtime."""
+    return shlex.join(resources.step.command(python or sys.executable, workdir))
 
 
-def submitit_command(folder: Path, python: str | None = None) -> str:
+def submitit_command(folder: Path, python: str) -> str:
     """What submitit's SlurmExecutor runs in every task (kept in step with submitit 1.5)."""
-    python = python or shlex.quote(sys.executable)
     return " ".join([python, "-u -m submitit.core._submit", shlex.quote(str(folder))])
 
 
-def sbatch_script(resources: SlurmResources, folder: Path, job_name: str, array_size: int | None = None,
+def sbatch_script(resources: SlurmResources, folder: Path, job_name: str, workdir: Path, array_size: int | None = None,
                   python: str | None = None) -> str:
     """The sbatch script submitit writes for these resources, without submitting anything (golden tests)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = resources.executor_parameters(job_name)
+    params = resources.executor_parameters(job_name, workdir)
     if array_size is not None and array_size > 1:
         params["map_count"] = array_size
-    return _make_sbatch_string(command=submitit_command(folder, python), folder=folder, **params)
+    command = submitit_command(folder, rank_python(resources, workdir, python))
+    return _make_sbatch_string(command=command, folder=folder, **params)
 
 
-def make_executor(resources: SlurmResources, folder: Path, job_name: str):
+def make_executor(resources: SlurmResources, folder: Path, job_name: str, workdir: Path):
     import submitit
 
-    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_num_timeout)
-    executor.update_parameters(**resources.executor_parameters(job_name))
+    executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_num_timeout,
+                                      python=rank_python(resources, workdir))
+    executor.update_parameters(**resources.executor_parameters(job_name, workdir))
     return executor

@@ -1,9 +1,9 @@
 """What every task of a Slurm job runs: submitit's call under cluster=slurm (srun starts nodes x tasks_per_node
 of them), and `python -m launch.backends.slurm.task RUN_DIR` under cluster=srun (sbatch slurm/multi_node.sh).
 
-Each task runs the rank in a child process, `python -m launch.worker RUN_DIR`, the very entry point of the
+Each task runs the rank in a child process, `python -m launch.rank.worker RUN_DIR`, the very entry point of the
 local backend too. It sees how the rank ends: a rank killed while its host lives requeues the job
-(launch.lost_rank). Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
+(launch.run.lost_rank). Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
 teardown ("terminate called without an active exception"), and that would also skip submitit writing the
 task's result. Here the child may exit hard, and this process (which never imports torch) reports its exit
 status to submitit: a result on success, or RankFailed, naming the rank, its host and its log, on failure.
@@ -12,6 +12,7 @@ Kept free of heavy imports: it is unpickled in every task before anything else r
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import signal
@@ -23,26 +24,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import EXIT_PREEMPTED
-from launch.threads import ThreadPlan
-
-PREEMPTION_SIGNALS = (signal.SIGUSR2, signal.SIGTERM)
-
-
-def _ignore_preemption_signals() -> None:
-    for signum in PREEMPTION_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-def catches(pid: int, signum: int) -> bool:
-    """Whether process `pid` has a handler for `signum` yet (Linux: SigCgt in /proc/PID/status)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("SigCgt:"):
-                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
-    except OSError:
-        pass
-    return True  # cannot tell: pass it on
+from gpt.resilience.preemption import configured_signals
+from gpt.resilience.timing import REQUEUE_WAIT_S
+from gpt.run_folder import RunFolder
+from launch.rank.signal_relay import SignalRelay, catches, ignore
+from launch.rank.threads import ThreadPlan
 
 
 class RankFailed(RuntimeError):
@@ -56,46 +42,40 @@ class RankTask:
     def __call__(self) -> dict:
         rank = int(os.environ.get("SLURM_PROCID", "0"))
         host = socket.gethostname()
-        env = {**without_inherited(dict(os.environ), Path(self.run_dir)), **ThreadPlan.from_env().env()}
-        # Preemption is the rank's business: on USR2 (Slurm's time-limit warning, `scancel --signal=USR2`) or
-        # TERM (preemption, `scontrol requeue`) every rank sets a flag, all of them save at the same step, and
-        # rank 0 requeues the job. submitit's own USR2 handler here would requeue from rank 0 only, with no
-        # checkpoint, and exit: replaced by passing the signal on. The rank starts with both ignored (a signal
-        # during its seconds of start-up must not kill it) and they are passed on once it handles them itself.
-        pending: list[int] = []
-        stopping: list[int] = []  # every signal Slurm sent: the rank's end is then part of a stop
-        for signum in PREEMPTION_SIGNALS:
-            signal.signal(signum, lambda signum, _frame: (pending.append(signum), stopping.append(signum)))
+        run_dir = Path(self.run_dir)
+        folder = RunFolder(run_dir)
+        env = {**without_inherited(dict(os.environ), run_dir), **ThreadPlan.from_env().env()}
+        # Preemption is the rank's business: on one of preemption.signals (by default USR2, Slurm's time-limit
+        # warning or `scancel --signal=USR2`, and TERM, preemption or `scontrol requeue`) every rank sets a flag,
+        # all of them save at the same step, and rank 0 requeues the job. submitit's own USR2 handler here would
+        # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
+        signals = configured_signals(folder.config)
+        relay = SignalRelay(signals)
         started = time.time()
-        child = subprocess.Popen([sys.executable, "-m", "launch.worker", self.run_dir], env=env,
-                                 preexec_fn=_ignore_preemption_signals)
-        code = None
-        while code is None:
-            try:
-                code = child.wait(timeout=0.2)
-            except subprocess.TimeoutExpired:
-                pass
-            while pending and code is None and catches(child.pid, pending[0]):
-                child.send_signal(pending.pop(0))
+        child = subprocess.Popen([sys.executable, "-m", "launch.rank.worker", self.run_dir], env=env,
+                                 preexec_fn=functools.partial(ignore, signals))
+        code = relay.wait(child, functools.partial(catches, child.pid))
         if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
-                             f"the job was not requeued (see {Path(self.run_dir) / 'attempts.jsonl'}); submit the "
-                             "same command again to resume")
-        if code < 0 and not stopping:
-            self.lost(rank, describe_failure(rank, host, code, Path(self.run_dir), task_output()), started)
+                             f"the job was not requeued (see {folder.attempts.log}); submit the same command again "
+                             "to resume")
+        if code < 0 and not relay.received:  # killed, and not as part of a stop Slurm signalled
+            if code == -signal.SIGABRT:
+                self.aborted(rank, host, started)
+            self.lost(rank, describe_failure(rank, host, code, run_dir, task_output()), started)
         if code != 0:
-            raise RankFailed(peer_lost(rank, host, Path(self.run_dir))
-                             or describe_failure(rank, host, code, Path(self.run_dir), task_output()))
-        summary = Path(self.run_dir) / "summary.json"
+            raise RankFailed(peer_lost(rank, host, run_dir)
+                             or describe_failure(rank, host, code, run_dir, task_output()))
         result = {"rank": rank, "host": host}
-        if rank == 0 and summary.exists():
-            result["summary"] = json.loads(summary.read_text())
+        if rank == 0 and folder.summary.exists():
+            result["summary"] = json.loads(folder.summary.read_text())
         return result
 
     def lost(self, rank: int, line: str, started: float) -> None:
-        """The rank vanished without a word (a signal, not an error of its own): requeue the job unless that would
-        repeat a crash (launch.lost_rank), and wait for Slurm to stop this attempt (exiting first fails the task)."""
-        from launch.lost_rank import requeue_for_lost_rank
+        """The rank vanished without a word (a signal, not an error of its own): requeue the job unless that
+        would repeat a crash (launch.run.lost_rank), and wait for Slurm to stop this attempt (exiting first fails the
+        task)."""
+        from launch.run.lost_rank import requeue_for_lost_rank
 
         requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started)
         if requeued:
@@ -103,14 +83,33 @@ class RankTask:
             time.sleep(REQUEUE_WAIT_S)
         raise RankFailed(f"{line}; {how}")
 
+    def aborted(self, rank: int, host: str, started: float) -> None:
+        """The rank died of SIGABRT: when NCCL aborted it because a peer was lost or failed, fail this task naming
+        that peer (one task records the attempt, and requeues for a lost one); return when the abort was its own."""
+        from launch.run.lost_rank import claim_attempt, culprit_of_abort, record_failed_peer
 
-REQUEUE_WAIT_S = 120.0
+        run_dir = Path(self.run_dir)
+        culprit = culprit_of_abort(run_dir, rank, time.time())
+        if culprit is None:
+            return
+        survivor = f"rank {rank} on {host} was aborted (SIGABRT, NCCL's error handling) because"
+        if culprit.how == "failed":
+            line = describe_failure(culprit.rank, culprit.host, culprit.code, run_dir)
+            if claim_attempt(run_dir):
+                record_failed_peer(run_dir, line)
+            raise RankFailed(f"{survivor} {line}")
+        if culprit.how == "lost" and claim_attempt(run_dir):
+            self.lost(culprit.rank, f"rank {culprit.rank} on {culprit.host} was lost (its heartbeat stopped)",
+                      started)
+        if culprit.how == "aborted first":
+            raise RankFailed(f"{survivor} rank {culprit.rank} on {culprit.host} aborted first")
+        raise RankFailed(f"rank {rank} on {host} stopped because rank {culprit.rank} was lost")
 
 
 def peer_lost(rank: int, host: str, run_dir: Path) -> str | None:
     """When another rank's task recorded it vanishing, this rank's error (its collective failed) is only that."""
-    from launch.attempts import this_attempts_line
-    from launch.job_env import job_environment
+    from launch.run.attempts import this_attempts_line
+    from launch.rank.job_env import job_environment
 
     line = this_attempts_line(run_dir, job_environment())
     lost = line.get("lost_rank") if line else None
@@ -132,7 +131,7 @@ def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
     """The task's environment less the torchrun-style variables the submitting shell passed in (recorded at
     submission, in slurm_job.json): Slurm's own variables place the rank. Ones the job set itself stay."""
     try:
-        inherited = json.loads((run_dir / "slurm_job.json").read_text()).get("inherited", {})
+        inherited = json.loads(RunFolder(run_dir).slurm_job.read_text()).get("inherited", {})
     except (OSError, ValueError):
         return env
     dropped = sorted(k for k, v in inherited.items() if env.get(k) == v)
@@ -144,7 +143,7 @@ def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
 
 def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:
     """One line: which rank, where, how it ended, its last error, and where to read more."""
-    log_file = run_dir / "logs" / f"rank{rank}.log"
+    log_file = RunFolder(run_dir).log(rank)
     if code < 0:
         how = f"was killed by {signal.Signals(-code).name}"
     else:

@@ -1,0 +1,148 @@
+"""Checkpoints on disk: the format, listed and read without torch (the launcher on a login node reads them too).
+
+A checkpoint folder `step_<N>/` holds
+  - the strategy's state (DCP shards `__*.distcp` + `.metadata`; DeepSpeed adds its engine folder),
+  - `ranks/rank<R>.pt`: each rank's own small state (RNG streams of python, numpy, torch and CUDA, the data
+    position, the GradScaler),
+  - `meta.json`, written last: step, tokens seen, the config fingerprint, world size, strategy, its place in the
+    write order (`save_index`), and a manifest of every file with its size (a missing or truncated shard is found
+    before anything is loaded).
+It is written as `.tmp-step_<N>/` and renamed once every rank's part is on disk (gpt.checkpoint.writer): a crash
+mid-save leaves the previous checkpoint loadable; the partial folder is never loaded and is removed by the next save.
+
+Checkpoints are ordered by when they were written, not by step: a run that resumed from an older checkpoint
+(its newest was unreadable) writes steps below the ones it abandoned, and those abandoned ones are older. The
+newest `keep` by write order are kept, and resume=auto takes the newest by write order.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from gpt.errors import UserError
+from gpt.run_folder import RunFolder
+
+PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
+
+
+def is_whole(path: Path) -> bool:
+    """A checkpoint folder is whole once its meta.json exists: it is written last, after every shard."""
+    return (path / META).is_file() and (path / ".metadata").is_file()
+
+
+def is_complete(path: Path) -> bool:
+    return is_whole(path) and not path.name.startswith(".")
+
+
+def step_of(path: Path) -> int:
+    return int(path.name.rsplit(PREFIX, 1)[1])
+
+
+def save_index(path: Path) -> int:
+    """The checkpoint's place in its run's write order (-1 for one written before the order was recorded)."""
+    try:
+        return int(json.loads((path / META).read_text()).get("save_index", -1))
+    except (OSError, ValueError, TypeError):
+        return -1
+
+
+def list_checkpoints(root: Path) -> list[Path]:
+    """Complete checkpoints, oldest written first. A step being saved again is listed under its previous copy
+    (`.old-step_<N>/`) until the new one has replaced it, so a crash in between loses neither. A checkpoint that
+    another process prunes while this one lists is left out, not an error."""
+    if not root.is_dir():
+        return []
+    found = {step_of(p): p for p in root.glob(f"{PREFIX}*") if is_complete(p)}
+    for old in root.glob(f"{OLD_PREFIX}*"):
+        if is_whole(old):
+            found.setdefault(step_of(old), old)
+    order = {p: write_order(p) for p in found.values()}
+    return sorted((p for p, key in order.items() if key is not None), key=order.__getitem__)
+
+
+def write_order(path: Path) -> tuple[int, float, int] | None:
+    """A checkpoint's place in the write order, from one read of its meta.json; None when it vanished (pruned)
+    meanwhile."""
+    try:
+        with open(path / META) as f:
+            mtime, text = os.fstat(f.fileno()).st_mtime, f.read()
+    except FileNotFoundError:
+        return None
+    try:
+        index = int(json.loads(text).get("save_index", -1))
+    except (ValueError, TypeError, AttributeError):
+        index = -1
+    return index, mtime, step_of(path)
+
+
+def newest_sound(root: Path) -> tuple[Path | None, list[str]]:
+    """The newest checkpoint whose manifest holds (every file there, at its size), and what is wrong with each
+    newer one: what resume=auto continues from, and what decides whether a run has finished."""
+    broken = []
+    for path in reversed(list_checkpoints(root)):
+        problem = verify(path)
+        if problem is None:
+            return path, broken
+        broken.append(f"{path.name}: {problem}")
+    return None, broken
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UserError(f"checkpoint {path} is unreadable ({path / META}: {e})") from e
+
+
+def manifest(folder: Path) -> dict[str, int]:
+    return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def verify(path: Path) -> str | None:
+    """What is wrong with a checkpoint folder (naming the file), or None when every file is there, whole."""
+    if not (path / META).is_file():
+        return f"{path / META} is missing (the save did not finish)"
+    try:
+        meta = json.loads((path / META).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        return f"{path / META} is unreadable: {e}"
+    for name, size in meta.get("files", {}).items():
+        f = path / name
+        if not f.is_file():
+            return f"shard {f} is missing"
+        if f.stat().st_size != size:
+            return f"shard {f} has {f.stat().st_size} bytes, {size} were written (truncated or corrupt)"
+    if not (path / ".metadata").is_file():
+        return f"{path / '.metadata'} is missing"
+    return None
+
+
+def check_fingerprint(path: Path, saved: dict[str, Any] | None, current: dict[str, Any]) -> None:
+    """Refuse a checkpoint written under a config that trains differently; list every mismatching key."""
+    if saved is None:
+        return
+    keys = sorted(set(saved) | set(current))
+    diffs = [f"{k}: checkpoint {saved.get(k, '<unset>')!r}, this run {current.get(k, '<unset>')!r}"
+             for k in keys if _norm(saved.get(k)) != _norm(current.get(k))]
+    if diffs:
+        raise UserError(f"checkpoint {path} was written by a run with a different config; mismatching keys:\n  "
+                        + "\n  ".join(diffs) + "\nresume with the same settings, resume=none to start over in a "
+                        "new run folder, or point hydra.run.dir at a new folder")
+
+
+def _norm(value: Any) -> Any:
+    return json.loads(json.dumps(value)) if value is not None else None
+
+
+def resolve(path: Path) -> Path:
+    """A checkpoint folder, or the newest complete one in a run folder or its checkpoints/ folder."""
+    path = Path(path)
+    if is_whole(path):
+        return path
+    for root in (RunFolder(path).checkpoints, path):
+        found = list_checkpoints(root)
+        if found:
+            return found[-1]
+    raise UserError(f"no complete checkpoint in {path} (looked for {PREFIX}*/ with {META})")

@@ -1,0 +1,13 @@
+"""The launcher section: how `python -m launch` behaves once a cluster=slurm job is accepted. Torch-free."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class LauncherConfig:
+    # true: return as soon as Slurm accepted every job, printing their ids and the commands that follow them
+    # (launch.status, launch.logs, launch.cancel); a sweep's report is then built by a dependency job
+    detach: bool = False
+    # true: every job runs a snapshot of the code taken at submission (launch.snapshot), not the checkout
+    snapshot: bool = True

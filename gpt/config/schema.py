@@ -1,0 +1,192 @@
+"""The run's whole configuration as one typed tree, `RunConfig`, and the one place that builds it from what Hydra
+composed. Parsed once on the login node (planning) and once in each rank (from RUN_DIR/config.yaml); every
+component then receives its own typed section.
+
+The tree is also the schema of configs/: `register()` stores it in Hydra's ConfigStore as `schema`, the first
+entry of configs/config.yaml's defaults list, so Hydra refuses an unknown key or a value of the wrong type while it
+composes. Defaults live in the dataclasses; the YAML files hold what a preset changes. Torch-free."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import socket
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt.config.cluster import BudgetConfig, ClusterConfig
+from gpt.config.data import DataConfig
+from gpt.config.launcher import LauncherConfig
+from gpt.config.model import ModelConfig
+from gpt.config.names import check_run_name, one_line
+from gpt.config.report import ReportConfig
+from gpt.config.section import REQUIRED, default_of, describe, key_of, known_keys, section, to_plain
+from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
+                                 StragglerConfig, WatchdogConfig, check_resume)
+from gpt.config.strategy import ParallelConfig, StrategyConfig
+from gpt.config.tracking import TrackingConfig
+from gpt.config.train import TrainConfig
+from gpt.errors import ConfigError
+
+SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's defaults list
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    name: str  # the job name, and the run's unless it has one (configs/config.yaml: <model>-<strategy>)
+    run: str  # the run: one folder (runs/<run>) from its first submission to its last step
+    model: ModelConfig
+    data: DataConfig
+    train: TrainConfig
+    strategy: StrategyConfig
+    cluster: ClusterConfig
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
+    rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    health: HealthConfig = field(default_factory=HealthConfig)
+    metrics: StragglerConfig = field(default_factory=StragglerConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
+    nodes: int = 1  # sweep it with -m nodes=1,2,4; the cluster section takes its node count from here
+    # auto: continue from the newest usable checkpoint in the run folder (none there: start fresh); none: start
+    # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
+    # folder: its newest), only while this run has none
+    resume: str = "auto"
+
+    def validate(self) -> None:
+        check_resume(self.resume)
+        check_run_name(self.run)
+        one_line("name", self.name)  # the job's name
+
+    def with_cluster(self, **changes: Any) -> RunConfig:
+        """This run with cluster keys a backend resolved (srun's auto shape, Slurm's cpus_per_task), checked."""
+        cluster = dataclasses.replace(self.cluster, **changes)
+        cluster.validate()
+        return dataclasses.replace(self, cluster=cluster)
+
+
+def run_config(cfg: Any) -> RunConfig:
+    """The typed tree of a composed config (a DictConfig, or the plain dicts of a config.yaml), checked."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if OmegaConf.is_config(cfg):
+        try:
+            cfg = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+        except OmegaConfBaseException as e:  # an interpolation that does not resolve, a value never given
+            raw = OmegaConf.to_container(cfg, resolve=False)
+            for part in e.full_key.split("."):
+                raw = raw.get(part) if isinstance(raw, dict) else None
+            raise ConfigError(e.full_key, raw, str(e).splitlines()[0]) from None
+    return section(RunConfig, "", cfg)
+
+
+def load(path: Path) -> RunConfig:
+    """A run folder's config.yaml (written by `save`)."""
+    from omegaconf import OmegaConf
+
+    return run_config(OmegaConf.load(path))
+
+
+def config_plain(run: RunConfig) -> dict[str, Any]:
+    """The resolved, checked config as configs/ names its keys. The strategy and cluster sections hold only the
+    keys their preset reads."""
+    plain = to_plain(run)
+    for key in ("strategy", "cluster"):
+        plain[key] = {k: v for k, v in plain[key].items() if k in getattr(run, key).keys_read}
+    return plain
+
+
+def config_text(run: RunConfig) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(config_plain(run))
+
+
+def save(run: RunConfig, path: Path) -> None:
+    """The config every rank of the run reads (config_text)."""
+    text = config_text(run)
+    if path.is_file() and path.read_text() == text:  # under the stock launcher every task of a job writes it
+        return
+    # atomic, under a name no other writer has (other tasks read it meanwhile, on hosts whose pids may collide)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def field_at(path: str) -> Any:
+    """The type of a dotted key of the tree ("train.lr": float; "train.betas[1]": the list's), None when the tree
+    has no such key."""
+    tp = RunConfig
+    for part in path.split("[")[0].split("."):
+        if not dataclasses.is_dataclass(tp):
+            return tp if typing.get_origin(tp) is dict or tp is Any else None
+        fields = {key_of(f): f for f in dataclasses.fields(tp)}
+        if part not in fields:
+            return None
+        tp = typing.get_type_hints(tp)[fields[part].name]
+    return tp
+
+
+def valid_for(path: str) -> str:
+    """What a key accepts, or which keys its section has when it has no such key: for messages about values that
+    never reach the tree (Hydra refuses them while composing)."""
+    tp = field_at(path)
+    if tp is not None and "[" in path:  # an element: train.betas[1]
+        return describe(typing.get_args(tp)[0])
+    if tp is not None:
+        return describe(tp)
+    holder = path.rpartition(".")[0]
+    tp = field_at(holder) if holder else RunConfig
+    if dataclasses.is_dataclass(tp):
+        return known_keys(tp, holder)
+    return "a key of the config (python -m launch --cfg job lists them)"
+
+
+def hydra_schema() -> Any:
+    """The tree as a typed OmegaConf node: typed values (an int key refuses 'abc'), closed sections (an unknown key is
+    refused), open mappings where any key goes (strategy.config, a job's extra flags), defaults from the dataclasses."""
+    return _node(RunConfig, REQUIRED)
+
+
+def _node(tp: Any, default: Any) -> Any:
+    from omegaconf import AnyNode, BooleanNode, DictConfig, FloatNode, IntegerNode, ListConfig, OmegaConf, StringNode
+
+    if dataclasses.is_dataclass(tp):
+        hints = typing.get_type_hints(tp)
+        content = {key_of(f): _node(hints[f.name], getattr(default, f.name) if dataclasses.is_dataclass(default)
+                                    else default_of(f)) for f in dataclasses.fields(tp)}
+        node = OmegaConf.create(content)
+        OmegaConf.set_struct(node, True)
+        return node
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    optional = False
+    if origin in (typing.Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) > 1:  # e.g. float | str: validate() judges; a list default (cluster.setup) stays a list
+            return ListConfig(default) if isinstance(default, list) else AnyNode(default)
+        tp, optional = options[0], len(options) < len(args)
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (list, tuple):
+        return ListConfig(list(default), element_type=args[0], is_optional=optional)
+    if origin is dict:
+        node = DictConfig(dict(default), is_optional=optional)
+        OmegaConf.set_struct(node, False)
+        return node
+    nodes = {int: IntegerNode, float: FloatNode, bool: BooleanNode, str: StringNode}
+    return nodes[tp](default, is_optional=optional) if tp in nodes else AnyNode(default)
+
+
+def register() -> None:
+    """The schema in Hydra's ConfigStore, before Hydra composes configs/ (the app, and tests that compose)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA, node=hydra_schema(), provider="gptlaunch")

@@ -1,0 +1,77 @@
+"""The train section (configs/train/): the training loop's settings and their validation."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpt.errors import ConfigError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    global_batch_size: int = 12
+    micro_batch_size: int | None = None
+    lr: float = 1e-3
+    min_lr: float = 1e-4
+    warmup_steps: int = 100
+    decay_steps: int | None = None
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
+    grad_clip: float = 1.0
+    precision: str = "fp32"
+    compile: bool = False
+    device: str = "auto"
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    layer_grad_norms: bool = True
+    progress: bool = True
+    activation_checkpointing: str = "none"  # none | full | every_K (every K-th layer, from the first)
+
+    def validate(self) -> None:
+        for key in ("max_steps", "global_batch_size", "log_interval", "eval_batches"):
+            if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key}", getattr(self, key), "a positive integer")
+        if self.precision not in PRECISIONS:
+            raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError("train.device", self.device, "auto, cpu or cuda")
+        if self.lr <= 0:
+            raise ConfigError("train.lr", self.lr, "a positive learning rate")
+        if not 0 <= self.min_lr <= self.lr:
+            raise ConfigError("train.min_lr", self.min_lr, f"between 0 and train.lr={self.lr}")
+        if len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise ConfigError("train.betas", list(self.betas), "two numbers in [0, 1), e.g. [0.9, 0.95]")
+        if self.warmup_steps < 0 or self.eval_interval < 0:
+            raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
+        self.recompute_every()
+
+    def recompute_every(self) -> int:
+        """Every how many layers activation checkpointing recomputes one (0: none, 1: every layer)."""
+        policy = str(self.activation_checkpointing)
+        k = policy.removeprefix("every_")
+        if policy in ("none", "full"):
+            return 0 if policy == "none" else 1
+        if policy.startswith("every_") and k.isdigit() and int(k) > 0:
+            return int(k)
+        raise ConfigError("train.activation_checkpointing", policy, "none, full, or every_K for every K-th layer "
+                          "(e.g. every_2)")
+
+    @property
+    def decay_end(self) -> int:
+        return self.decay_steps or self.max_steps
+
+    def micro_batches(self, dp_size: int) -> tuple[int, int]:
+        """(sequences per rank per forward, micro-steps per optimizer step) for this data-parallel size."""
+        if self.global_batch_size % dp_size:
+            raise ConfigError("train.global_batch_size", self.global_batch_size,
+                              f"a multiple of the data-parallel size {dp_size}")
+        per_rank = self.global_batch_size // dp_size
+        micro = self.micro_batch_size or per_rank
+        if micro <= 0 or per_rank % micro:
+            raise ConfigError("train.micro_batch_size", self.micro_batch_size,
+                              f"a divisor of the per-rank batch {per_rank} (= global {self.global_batch_size} / "
+                              f"data-parallel size {dp_size})")
+        return micro, per_rank // micro

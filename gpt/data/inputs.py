@@ -1,0 +1,164 @@
+"""The files a corpus is made of, and its documents streamed from them: text files (one document each), JSONL (a
+named text field per line), Parquet (a named text column). Nothing here holds more than one read block or one
+record batch of a file. Torch-free."""
+from __future__ import annotations
+
+import glob
+import gzip
+import hashlib
+import json
+import re
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from gpt.config.data import DataConfig
+from gpt.errors import UserError
+
+SUFFIXES = {"text": (".txt", ".text", ".md"), "jsonl": (".jsonl", ".json", ".jsonl.gz"), "parquet": (".parquet",),
+            "nanogpt": (".bin",), "llmc": (".bin",)}
+READ_CHARS = 1 << 20  # a text file is read (and encoded) in chunks of about this many characters
+MAX_CHUNK = 16  # ... and a chunk with no safe boundary is cut at this many READ_CHARS (memory stays bounded)
+# Chunks end at a newline with non-space characters on both sides: byte-level BPE's pre-tokenizer always puts a
+# boundary around such a newline, so encoding chunk by chunk gives exactly the tokens of encoding all at once.
+_CHUNK_END = re.compile(r"(?<=\S)\n(?=\S)")
+
+
+def input_files(spec: str, fmt: str, key: str = "data.text_path") -> list[Path]:
+    """The files of `spec` (a file, a folder searched recursively for the format's suffixes, or a glob), sorted."""
+    path = Path(spec)
+    if path.is_file():
+        return [path]
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith(SUFFIXES[fmt]))
+    else:
+        files = sorted(Path(p) for p in glob.glob(spec, recursive=True) if Path(p).is_file())
+    if not files:
+        raise UserError(f"{key}={spec!r} names no {fmt} files (a file, a folder holding "
+                        f"{'/'.join(SUFFIXES[fmt])} files, or a glob)")
+    return files
+
+
+def listing_md5(files: list[Path], extra: Any = None) -> str:
+    """What identifies the inputs without reading them: each file's path, size and modification time."""
+    h = hashlib.md5(usedforsecurity=False)
+    for f in files:
+        st = f.stat()
+        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    h.update(json.dumps(extra, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def chunked(pieces: Iterator[str], size: int | None = None) -> Iterator[str]:
+    """The text of `pieces` re-cut into chunks of at least `size` characters that end at a safe boundary."""
+    size = size or READ_CHARS
+    buf = ""
+    for piece in pieces:
+        buf += piece
+        while len(buf) > size:
+            end = _CHUNK_END.search(buf, size)
+            cut = end.end() if end else (len(buf) if len(buf) >= MAX_CHUNK * size else 0)
+            if not cut:
+                break
+            yield buf[:cut]
+            buf = buf[cut:]
+    if buf:
+        yield buf
+
+
+def text_pieces(path: Path, start: int = 0, stop: int | None = None) -> Iterator[str]:
+    """Characters [start, stop) of a UTF-8 text file, read READ_CHARS at a time."""
+    try:
+        with open(path, encoding="utf-8", newline="") as f:
+            pos = 0
+            while stop is None or pos < stop:
+                want = READ_CHARS if stop is None else min(READ_CHARS, stop - pos)
+                piece = f.read(want)
+                if not piece:
+                    return
+                lo = max(start - pos, 0)
+                pos += len(piece)
+                if lo < len(piece):
+                    yield piece[lo:]
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def count_chars(path: Path) -> tuple[int, set[str]]:
+    """The characters of a text file: how many, and which."""
+    n, seen = 0, set()
+    for piece in text_pieces(path):
+        n += len(piece)
+        seen.update(piece)
+    return n, seen
+
+
+def documents(path: Path, fmt: str, field: str) -> Iterator[Iterator[str]]:
+    """The documents of one file, each as an iterator of its text's chunks."""
+    if fmt == "text":
+        yield chunked(text_pieces(path))
+    elif fmt == "jsonl":
+        yield from (iter((doc,)) for doc in _jsonl(path, field))
+    elif fmt == "parquet":
+        yield from (iter((doc,)) for doc in _parquet(path, field))
+    else:
+        raise ValueError(f"format {fmt} holds tokens, not documents")
+
+
+def _jsonl(path: Path, field: str) -> Iterator[str]:
+    with (gzip.open if path.name.endswith(".gz") else open)(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line)[field]
+            except (ValueError, KeyError, TypeError):
+                raise UserError(f"{path}:{n} is not a JSON object with a data.field={field!r} string") from None
+            if not isinstance(doc, str):
+                raise UserError(f"{path}:{n}: data.field={field!r} is {type(doc).__name__}, not a string")
+            yield doc
+
+
+def _parquet(path: Path, field: str) -> Iterator[str]:
+    import pyarrow.parquet as pq  # only for format=parquet: pyarrow is large
+
+    pf = pq.ParquetFile(path)
+    if field not in pf.schema_arrow.names:
+        raise UserError(f"{path} has no column data.field={field!r}; its columns are "
+                        f"{', '.join(pf.schema_arrow.names)}")
+    for batch in pf.iter_batches(batch_size=1024, columns=[field]):
+        yield from (doc for doc in batch.column(0).to_pylist() if doc is not None)
+
+
+def corpus_files(cfg: DataConfig) -> list[Path]:
+    """Every input file of an (absolute) data config, its sources' included; UserError when one names none."""
+    specs = [(s.text_path, s.val_path, s.format) for s in cfg.sources] or [(cfg.text_path, cfg.val_path, cfg.format)]
+    files = []
+    for text_path, val_path, fmt in specs:
+        files += input_files(text_path, fmt) + (input_files(val_path, fmt, "data.val_path") if val_path else [])
+    return files
+
+
+def corpus_record(files: list[Path], known: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What identifies a run's corpus: size, modification time and md5. Many files' md5 is listing_md5's, always
+    (every file's name, size and mtime_ns: totals alone miss a file replaced by one of the same size with an older
+    mtime, as `cp -p` or `rsync -a` leave it). One file's md5 is of its content, read again only when its size or
+    modification time changed since `known`."""
+    stats = [f.stat() for f in files]
+    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime for s in stats)
+    if len(files) > 1:
+        return {"size": size, "mtime": mtime, "md5": listing_md5(files)}
+    if known and known.get("size") == size and known.get("mtime") == mtime:
+        return {"size": size, "mtime": mtime, "md5": known["md5"]}
+    digest = hashlib.md5(usedforsecurity=False)
+    with open(files[0], "rb") as f:
+        for block in iter(lambda: f.read(1 << 24), b""):
+            digest.update(block)
+    return {"size": size, "mtime": mtime, "md5": digest.hexdigest()}
+
+
+def inputs_exist(cfg: DataConfig) -> bool:
+    try:
+        return bool(corpus_files(cfg))
+    except UserError:
+        return False

@@ -1,0 +1,319 @@
+"""The process group: what a rank knows about its place in the job, and how it joins and leaves."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import logging
+import os
+import socket
+import time
+from dataclasses import dataclass
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from gpt.errors import UserError, error_line
+from gpt.resilience.progress import PROGRESS
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """A rank's coordinates, handed over by whichever launcher started it (see launch.rank.environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+    node_rank: int = 0
+    num_nodes: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    hostname: str = socket.gethostname()
+    # The GPU this rank drives, as an index among those it sees (None: its local rank); see
+    # launch.rank.environment.device_index.
+    device_index: int | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def pick_device(requested: str, env: DistEnv) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        count = torch.cuda.device_count()
+        index = env.local_rank if env.device_index is None else env.device_index
+        if index >= count:
+            # Two ranks on one GPU make NCCL fail later with "Duplicate GPU detected": say it now.
+            raise UserError(f"rank {env.rank} should drive GPU {index} but sees {count} GPU(s) "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
+                            "run at most one rank per GPU")
+        device = torch.device("cuda", index)
+        torch.cuda.set_device(device)
+        return device
+    return torch.device(requested)
+
+
+def backend_for(device: torch.device) -> str:
+    """gloo on CPU. On GPUs NCCL for device tensors plus gloo for host tensors: checkpoint agreement, flags and
+    CPU-offloaded gradients then have a path too (an NCCL-only group accepts only CUDA tensors)."""
+    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+
+
+class RendezvousError(UserError):
+    """A rank could not join the job's process group in time: it names the rank, its host and what is missing."""
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How a job's ranks met: who runs where, how long joining took, and a timed all_reduce (the preflight)."""
+
+    hosts: tuple[str, ...]  # hosts[rank]
+    join_s: float
+    all_reduce_bytes: int = 0
+    all_reduce_ms: float = 0.0
+
+    def by_host(self) -> dict[str, list[int]]:
+        out: dict[str, list[int]] = {}
+        for rank, host in enumerate(self.hosts):
+            out.setdefault(host, []).append(rank)
+        return out
+
+    def describe(self) -> str:
+        hosts = "; ".join(f"{h}: {_ranges(r)}" for h, r in self.by_host().items())
+        text = f"{len(self.hosts)} rank(s) on {len(self.by_host())} host(s) joined in {self.join_s:.2f} s ({hosts})"
+        if self.all_reduce_bytes:
+            text += f"; all_reduce of {self.all_reduce_bytes / 2**10:.0f} KiB: {self.all_reduce_ms:.2f} ms"
+        return text
+
+
+def _span(ranks: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'"""
+    parts: list[str] = []
+    for i, rank in enumerate(ranks):
+        if i and rank == ranks[i - 1] + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{rank}"
+        else:
+            parts.append(str(rank))
+    return ",".join(parts) or "none"
+
+
+def _ranges(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + _span(ranks)
+
+
+_KEY = "gptlaunch/rendezvous"
+
+
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0,
+                       join_timeout_s: float | None = None) -> Rendezvous | None:
+    """Join the job's process group: NCCL on GPUs, gloo on CPU. A single process joins nothing.
+
+    Every rank first checks in at a TCP store on the master (rank 0): a rank that cannot reach it, or a
+    rank 0 that does not see every rank within `join_timeout_s`, raises RendezvousError naming the rank,
+    its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards."""
+    if not env.distributed:
+        return None
+    join = float(join_timeout_s or timeout_s)
+    where = f"rank {env.rank} on {env.hostname}"
+    master = f"{env.master_addr}:{env.master_port}"
+    start = time.monotonic()
+    # Under torch elastic (the local backend) the agent already serves a store on the master port.
+    host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
+                              timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"{where} could not {'open' if env.rank == 0 else 'reach'} the rendezvous at "
+                              f"{master} within {join:.0f} s: {error_line(e)}") from None
+    try:
+        with PROGRESS.collective("rendezvous"):
+            hosts = _wait_for_everyone(store, env, join, start, where, master)
+    except RendezvousError:
+        raise
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"{where} lost the rendezvous at {master} while waiting for the other ranks: "
+                              f"{error_line(e)}") from None
+    store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend=backend_for(device),
+        store=store,
+        rank=env.rank,
+        world_size=env.world_size,
+        timeout=datetime.timedelta(seconds=timeout_s),
+        device_id=device if device.type == "cuda" else None,
+    )
+    return Rendezvous(hosts, time.monotonic() - start)
+
+
+def _wait_for_everyone(store: Any, env: DistEnv, join: float, start: float, where: str,
+                       master: str) -> tuple[str, ...]:
+    """Check in at the store and wait until every rank has; the hosts, in rank order."""
+    store.set(f"{_KEY}/host/{env.rank}", env.hostname)
+    joined = store.add(f"{_KEY}/joined", 1)
+    while joined < env.world_size:
+        if time.monotonic() - start > join:
+            missing = [r for r in range(env.world_size) if not store.check([f"{_KEY}/host/{r}"])]
+            raise RendezvousError(
+                f"{where}: only {joined} of {env.world_size} ranks joined the rendezvous at {master} within "
+                f"{join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
+                f"rendezvous.timeout_s if nodes start slowly)")
+        time.sleep(0.02)
+        joined = store.add(f"{_KEY}/joined", 0)
+    return tuple(store.get(f"{_KEY}/host/{r}").decode() for r in range(env.world_size))
+
+
+def preflight(rendezvous: Rendezvous, device: torch.device, numel: int = 1 << 16, repeats: int = 3) -> Rendezvous:
+    """Check the process group end to end before training: an all_reduce must return the right sum on every
+    rank; time it (the median of `repeats`, after one warm-up)."""
+    world = len(rendezvous.hosts)
+    tensor = torch.ones(numel, device=device)
+    with PROGRESS.collective("all_reduce (preflight)"):
+        dist.all_reduce(tensor)
+    if float(tensor[0]) != world or float(tensor[-1]) != world:
+        raise RuntimeError(f"preflight all_reduce returned {float(tensor[0])} instead of {world}")
+    times = []
+    for _ in range(repeats):
+        barrier()
+        start = time.perf_counter()
+        with PROGRESS.collective("all_reduce (preflight)"):
+            dist.all_reduce(tensor)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    return dataclasses.replace(rendezvous, all_reduce_bytes=tensor.numel() * tensor.element_size(),
+                               all_reduce_ms=sorted(times)[len(times) // 2] * 1e3)
+
+
+def leave() -> None:
+    """Leave the process group once every rank is done, so no rank tears down while another still talks."""
+    if dist.is_available() and dist.is_initialized():
+        barrier()
+        dist.destroy_process_group()
+
+
+# --- collectives: every one outside gpt/parallel/ goes through these -------------------------------------
+# Each places its tensor on the group's communication device, so a value the host holds (a flag, a verdict, a
+# figure) never reaches NCCL as a CPU tensor. tests/gpt/test_collectives.py fails on a collective elsewhere.
+
+def is_multi(group: Any = None) -> bool:
+    """Whether collectives on `group` (None: the default group) involve other ranks."""
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1
+
+
+def _device_types(group: Any = None) -> set[str]:
+    """The device types a group's backends take ("cpu:gloo,cuda:nccl": both)."""
+    return {d.type for d in (group if group is not None else dist.group.WORLD)._device_types}
+
+
+def comm_device(group: Any = None) -> torch.device:
+    """The CPU when the group has a CPU backend (gloo, or gloo inside "cpu:gloo,cuda:nccl"): host values then
+    need no device copy and no CUDA synchronisation. Otherwise (an NCCL-only group) the current GPU."""
+    types = _device_types(group)
+    if not types or "cpu" in types:
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
+
+
+def all_reduce_values(values: Sequence[float], group: Any = None) -> list[float]:
+    """Host floats summed over the ranks; one small collective."""
+    if not is_multi(group):
+        return [float(v) for v in values]
+    t = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
+    with PROGRESS.collective("all_reduce"):
+        dist.all_reduce(t, group=group)
+    return t.tolist()
+
+
+def all_true(ok: bool, group: Any = None) -> bool:
+    """True on every rank when `ok` is True on every rank."""
+    return all_reduce_values([0.0 if ok else 1.0], group=group)[0] == 0
+
+
+def any_true(flag: bool, group: Any = None) -> bool:
+    """True on every rank when `flag` is True on any rank."""
+    return all_reduce_values([1.0 if flag else 0.0], group=group)[0] > 0
+
+
+def from_rank0(flag: bool, group: Any = None) -> bool:
+    """Rank 0's `flag`, on every rank."""
+    mine = flag and (not is_multi(group) or dist.get_rank(group) == 0)
+    return any_true(mine, group)
+
+
+def barrier(group: Any = None) -> None:
+    """Every rank has reached this point (a tiny all_reduce on the group's communication device)."""
+    if is_multi(group):
+        all_reduce_values([0.0], group=group)
+
+
+def timed_flags(values: Sequence[float], group: Any = None) -> tuple[float, list[float]]:
+    """Sum a few per-rank flags, and time how long this rank waited for the others doing so.
+
+    On the CPU path (gloo) it touches no GPU: no synchronisation, so the step's kernels stay queued."""
+    if not is_multi(group):
+        return 0.0, [float(v) for v in values]
+    start = time.perf_counter()
+    sums = all_reduce_values(values, group=group)
+    return time.perf_counter() - start, sums
+
+
+def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[float]]:
+    """Every rank's vector of floats (all the same length), in rank order."""
+    if not is_multi(group):
+        return [[float(v) for v in vector]]
+    mine = torch.tensor(list(vector), dtype=torch.float64, device=comm_device(group))
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    with PROGRESS.collective("all_gather"):
+        dist.all_gather(out, mine, group=group)
+    return [t.tolist() for t in out]
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's picklable `obj`, in rank order."""
+    if not is_multi(group):
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size(group)
+    with PROGRESS.collective("all_gather_object"):
+        dist.all_gather_object(out, obj, group=group)
+    return out
+
+
+def from_rank0_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's picklable `obj` on every rank (a choice every rank must follow)."""
+    return gather_objects(obj, group)[0]
+
+
+def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """`tensor` summed over the ranks (one collective), left on its device when the group serves that device
+    (no host read: the caller reads it when it needs the values)."""
+    if not is_multi(group):
+        return tensor
+    device = tensor.device if tensor.device.type in _device_types(group) else comm_device(group)
+    out = tensor.detach().to(device, copy=True)
+    with PROGRESS.collective("all_reduce"):
+        dist.all_reduce(out, group=group)
+    return out
+
+
+def all_reduce_in_place(tensor: torch.Tensor, group: Any = None) -> None:
+    """Sum `tensor` over the ranks where it lies, with no copy: for timing the collective itself (health's bus
+    bandwidth). The caller puts it on a device the group serves."""
+    if is_multi(group):
+        with PROGRESS.collective("all_reduce"):
+            dist.all_reduce(tensor, group=group)
+
+
+def side_group() -> Any:
+    """A gloo group of its own, for work that runs beside training (async checkpoint writes): sharing the
+    default group with the training loop crashes or hangs. "local" in a single process."""
+    return dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else "local"

@@ -1,0 +1,87 @@
+"""Writers beside the checkpoint (the metrics JSONL, TensorBoard events, a rank's log file, the lease's beat) on a
+disk that fills, a quota, a read-only folder: the first failed write says one line naming the folder and the
+cause, the writer goes on without what it cannot write, and says once more when it writes again. Training goes on:
+only a checkpoint holds the run's state, and the next save meets the same disk and decides by
+checkpoint.on_save_error. Torch-free (the lease uses it on the launcher's side too)."""
+from __future__ import annotations
+
+import errno
+import logging
+import sys
+import threading
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+WHY = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded",
+       errno.EROFS: "the file system is read-only", errno.EACCES: "permission denied (a read-only folder?)",
+       errno.EPERM: "operation not permitted (a read-only or immutable folder?)"}
+
+
+def cause(e: OSError) -> str:
+    """An OSError's cause in words: 'the disk is full', or the system's own message."""
+    return WHY.get(e.errno, e.strerror or str(e))
+
+
+def os_error(e: BaseException | None) -> OSError | None:
+    """The OSError behind `e` (itself, or what it was raised from or during): a library may wrap it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+class Outage:
+    """One writer's storage outage, said once: `failed` at its first failed write, `recovered` at the next write
+    that goes in. `then` says what the run does meanwhile."""
+
+    def __init__(self, what: str, folder: Path, then: str):
+        self.what, self.folder, self.then = what, folder, then
+        self.down = False
+
+    def failed(self, e: OSError) -> None:
+        if self.down:
+            return
+        self.down = True  # first: the line below may go through a writer that fails again (a rank's log file)
+        log.warning("cannot write %s in %s: %s; %s", self.what, self.folder, cause(e), self.then)
+
+    def recovered(self) -> None:
+        if self.down:
+            self.down = False
+            log.info("%s in %s is written again", self.what, self.folder)
+
+
+class LogFile(logging.FileHandler):
+    """A rank's log file in the run folder: a line it cannot write is dropped, said once on the console, never
+    logging's "--- Logging error ---" traceback for each line."""
+
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.outage = Outage("the log file", path.parent, "its lines go to the console only")
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        e = sys.exc_info()[1]
+        if isinstance(e, OSError):
+            self.outage.failed(e)
+        else:
+            super().handleError(record)
+
+
+def quiet_tensorboard_threads() -> None:
+    """TensorBoard's event writer thread re-raises a failed write (threading's hook prints its traceback); the
+    same error reaches the main thread at the next write or flush, which says it in one line."""
+    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+
+    previous = threading.excepthook
+    if getattr(previous, "quiets_tensorboard", False):
+        return
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
+            previous(args)
+
+    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
+    threading.excepthook = hook

@@ -1,0 +1,65 @@
+"""Whether removing a straggler's host pays (metrics.straggler_action=exclude).
+
+In synchronous training every step waits for the slowest rank, so a straggler costs the run its excess busy time
+(its own time per step minus the other ranks' median, as measured by resilience.stragglers) on every remaining step.
+Removing its host costs a checkpoint save and a restart (the requeue, the scheduler, the next attempt's start-up), both
+measured in this run where it has seen them, else priors. The host goes when keeping it costs more.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from gpt.resilience.stragglers import StragglerEvent
+
+PRIOR_RESTART_S = 60.0  # a requeue, the scheduler and a start-up, until this run has measured one
+
+
+def restart_cost(attempts: list[dict[str, Any]]) -> tuple[float, str]:
+    """Seconds from an attempt's stop to the next one's first step, from this run's attempts log, or the prior."""
+    seen = [a["startup"].get("to_first_step_s", 0.0) + a["startup"].get("scheduler_s", 0.0)
+            for a in attempts if a.get("restart", 0) > 0 and a.get("startup")]
+    if seen:
+        return sum(seen) / len(seen), f"measured over {len(seen)} restart(s)"
+    return PRIOR_RESTART_S, "a prior until this run has restarted"
+
+
+@dataclass(frozen=True)
+class ExclusionDecision:
+    rank: int
+    host: str
+    step: int
+    excess_s: float  # per step
+    remaining_steps: int
+    keep_s: float  # the straggler's cost over the remaining steps
+    save_s: float
+    restart_s: float
+    restart_source: str
+
+    @property
+    def leave_s(self) -> float:
+        return self.save_s + self.restart_s
+
+    @property
+    def pays(self) -> bool:
+        return self.keep_s > self.leave_s
+
+    def message(self) -> str:
+        figures = (f"keeping it costs {self.keep_s:.0f} s ({self.excess_s * 1e3:.0f} ms x {self.remaining_steps} "
+                   f"steps left), removing it {self.leave_s:.0f} s (a save {self.save_s:.1f} s + a restart "
+                   f"{self.restart_s:.0f} s, {self.restart_source})")
+        if self.pays:
+            return f"straggler: excluding {self.host} (rank {self.rank}) at step {self.step}: {figures}"
+        return f"straggler: keeping {self.host} (rank {self.rank}): it does not pay; {figures}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "leave_s": self.leave_s, "pays": self.pays}
+
+
+def decide(event: StragglerEvent, others_s: float, remaining_steps: int, save_s: float,
+           attempts: list[dict[str, Any]]) -> ExclusionDecision:
+    """`others_s`: the median busy time of the other ranks, what a step takes without the straggler."""
+    restart_s, source = restart_cost(attempts)
+    excess = max(event.busy_s - others_s, 0.0)
+    return ExclusionDecision(event.rank, event.host, event.step, excess, remaining_steps, excess * remaining_steps,
+                             save_s, restart_s, source)

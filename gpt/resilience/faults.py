@@ -1,0 +1,121 @@
+"""Fault injection (`debug.*`), for tests and demonstrations only: the README marks it so. Every injection lives
+here, behind hooks the trainer and the checkpointer call at fixed points; with the defaults each hook does
+nothing, so a normal run is never changed.
+
+    debug.delay_rank, delay_s           a rank lags every step (a straggler): on a GPU its device computes
+                                        delay_s longer (the host runs on), on a CPU its training thread sleeps
+    debug.save_sleep_s, save_sleep_step a save stalls before it is committed (to kill a run mid-write)
+    debug.signal_at_step, signal_rank,  a rank sends itself a signal before those steps (preemption)
+      signal_name
+    debug.unreadable_rank               that rank cannot read the newest checkpoint (resume must agree)
+    debug.hang_rank, hang_step          a rank hangs at that step, or before it joins the others (the watchdog)
+    debug.hang_every_attempt            ...in every attempt, not only the first (a deterministic hang)
+    debug.kill_rank, kill_step          a rank kills itself (SIGKILL) at that step (a dead rank)
+    debug.abort_on_collective_error     a rank whose collective fails aborts (SIGABRT), as NCCL's async error
+                                        handling ends the survivors of a lost or failed peer (a CPU mirror)
+    debug.straggler_rank, straggler_s   a rank lags every step of the first attempt (a sick host: excluded,
+                                        the next attempt runs without it)
+    debug.fill_disk_step                rank 0 fills the file system of the run folder before that step (with
+                                        RUN_DIR/../.debug-fill-disk, outside the run folder): a full disk between
+                                        saves, or during an asynchronous save still in flight
+
+A hang or a kill happens only in the run's first attempt (the resumed attempt must be able to finish), unless
+debug.hang_every_attempt says otherwise.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from gpt.resilience.progress import PROGRESS
+from gpt.config.sections import DebugConfig
+
+log = logging.getLogger(__name__)
+
+
+class Faults:
+    def __init__(self, cfg: DebugConfig, rank: int, attempt: int = 1, device: torch.device = torch.device("cpu"),
+                 run_dir: Path | None = None):
+        self.cfg, self.rank, self.first_attempt, self.device, self.run_dir = cfg, rank, attempt == 1, device, run_dir
+        self.hangs = cfg.hang_rank == rank and (self.first_attempt or cfg.hang_every_attempt)
+
+    def before_start(self) -> None:
+        """Before the rank joins the others: debug.hang_rank with no hang_step hangs here."""
+        c = self.cfg
+        if self.hangs and c.hang_step is None:
+            self._hang("before joining the other ranks")
+
+    def before_step(self, step: int, first_step: int) -> float:
+        """At the top of every step; returns a straggler's lag in seconds."""
+        c = self.cfg
+        # not at the step an attempt resumed from: it would stop again at once, for ever
+        if step in c.signal_steps and step > first_step and self.rank == c.signal_rank:
+            os.kill(os.getpid(), getattr(signal, c.signal_name))
+        if self.first_attempt and c.kill_rank == self.rank and step == c.kill_step:
+            log.warning("debug.kill_rank: rank %d kills itself at step %d", self.rank, step)
+            os.kill(os.getpid(), signal.SIGKILL)
+        if self.hangs and step == c.hang_step:
+            self._hang(f"at step {step}")
+        if self.first_attempt and self.rank == 0 and step == c.fill_disk_step and self.run_dir is not None:
+            fill_disk(self.run_dir.parent / ".debug-fill-disk")
+        if c.delay_rank == self.rank and c.delay_s > 0:
+            return self._lag(c.delay_s)
+        if self.first_attempt and c.straggler_rank == self.rank and c.straggler_s > 0:
+            return self._lag(c.straggler_s)
+        return 0.0
+
+    def _lag(self, seconds: float) -> float:
+        """A slow device: on a GPU a kernel that spins for `seconds` on the compute stream, so the rank's device
+        computes longer while its host runs on, and its peers' devices wait for it inside the collectives; on a
+        CPU, where the training thread is the device, it sleeps."""
+        if self.device.type == "cuda":
+            khz = torch.cuda.get_device_properties(self.device).clock_rate
+            torch.cuda._sleep(int(seconds * khz * 1e3))
+        else:
+            time.sleep(seconds)
+        return seconds
+
+    def _hang(self, where: str) -> None:
+        log.warning("debug.hang_rank: rank %d hangs %s", self.rank, where)
+        PROGRESS.what = f"debug.hang_rank: hanging {where}"
+        threading.Event().wait()  # for ever; the GIL is free, so the watchdog thread runs
+
+    def before_commit(self, step: int) -> None:
+        """Inside a save, after the shards and before meta.json."""
+        c = self.cfg
+        if c.save_sleep_s > 0 and c.save_sleep_step in (None, step):
+            log.info("debug: sleeping %.1f s inside the save of step %d", c.save_sleep_s, step)
+            time.sleep(c.save_sleep_s)
+
+    def unreadable(self, newest: bool) -> str | None:
+        """Why this rank cannot read a checkpoint, when a test says it cannot see the newest."""
+        if newest and self.cfg.unreadable_rank == self.rank:
+            return f"rank {self.rank} cannot read it (debug.unreadable_rank)"
+        return None
+
+
+def fill_disk(ballast: Path) -> None:
+    """Write `ballast` until its file system refuses another byte."""
+    log.warning("debug.fill_disk_step: filling the disk with %s", ballast)
+    with open(ballast, "ab", buffering=0) as f:
+        for chunk in (2**20, 4096, 1):
+            try:
+                while True:
+                    f.write(b"\0" * chunk)
+            except OSError:
+                pass
+
+
+def abort_like_nccl(cfg: DebugConfig) -> None:
+    """debug.abort_on_collective_error, after a collective failed here: end as NCCL's watchdog ends a survivor
+    (TORCH_NCCL_ASYNC_ERROR_HANDLING at its default), by SIGABRT, before Python reports anything."""
+    if cfg.abort_on_collective_error:
+        log.warning("debug.abort_on_collective_error: a collective failed; aborting")
+        logging.shutdown()
+        os.abort()

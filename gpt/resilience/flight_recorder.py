@@ -1,0 +1,127 @@
+"""torch's flight recorder, read after a hang: which ranks never entered the collective the others wait in.
+
+Each rank's process groups record their last collectives in a ring buffer (torch.distributed's flight recorder:
+TORCH_FR_BUFFER_SIZE entries, on by default for NCCL and gloo in torch 2.13). The watchdog dumps it from every rank
+(`_dump_fr_trace`, a pickle) when a hang ends the attempt. The dump's schema (torch/csrc/distributed/c10d/
+FlightRecorderDetail.hpp, version 2.10): `pg_status`, per process group id, the sequence numbers of its last
+collective enqueued, started and completed; `entries`, each with `pg_id`, `process_group` (name, description),
+`collective_seq_id` and `profiling_name` ("nccl:all_reduce"); `pg_config`, per group name, its global `ranks`.
+
+On GPUs this is the evidence, not the heartbeats: a rank's host thread enqueues a collective and runs on, so a
+host-side view can blame a healthy rank that is blocked in a later host sync while its GPU waits for a peer.
+The group's stuck collective is the newest one any member enqueued and some member has not completed; the
+members that enqueued less never entered it. Torch-free: pickles of plain containers.
+"""
+from __future__ import annotations
+
+import ast
+import pickle
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+
+def _numbers(ranks: list[int]) -> str:
+    return ("rank " if len(ranks) == 1 else "ranks ") + ",".join(map(str, ranks))
+
+
+@dataclass(frozen=True)
+class Stuck:
+    """A process group's collective that some of its members wait in and others never entered."""
+
+    group: str  # the group's name ("0" is the default group)
+    desc: str  # its description ("default_pg", or what the code that made it called it)
+    seq: int  # the collective's sequence number in that group
+    op: str  # what it is, as torch names it: "nccl:all_reduce"
+    waiting: tuple[int, ...]  # entered it and have not completed it
+    missing: tuple[int, ...]  # never entered it (the ranks to look at)
+    no_dump: tuple[int, ...]  # members whose dump is missing (their process is gone, or never dumped)
+
+    def describe(self, ranks: Callable[[list[int]], str] = _numbers) -> str:
+        """`ranks` names a list of ranks ("rank 1 on gl-n2")."""
+        text = f"{self.op} #{self.seq} of group {self.group} ({self.desc})"
+        parts = [f"{ranks(list(self.missing))} never entered {text}" if self.missing else f"{text} is stuck"]
+        if self.waiting:
+            parts.append(f"{ranks(list(self.waiting))} {'waits' if len(self.waiting) == 1 else 'wait'} in it")
+        if self.no_dump:
+            parts.append(f"no dump from {ranks(list(self.no_dump))}")
+        return ", ".join(parts)
+
+
+def read_dumps(paths: dict[int, Path]) -> dict[int, dict]:
+    """Each rank's dump that can be read, by rank (a dump cut short by a dying process is left out)."""
+    out = {}
+    for rank, path in paths.items():
+        try:
+            dump = pickle.loads(path.read_bytes())
+        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            continue
+        if isinstance(dump, dict) and "pg_status" in dump:
+            out[rank] = dump
+    return out
+
+
+@dataclass(frozen=True)
+class _Group:
+    name: str
+    desc: str
+    enqueued: int
+    completed: int
+
+
+def _groups(dump: dict) -> dict[str, _Group]:
+    """A rank's process groups, by name: pg_status is keyed by the id this process gave the group, the entries
+    tell which name (the same on every rank) that id has."""
+    names: dict[str, tuple[str, str]] = {}
+    for e in dump.get("entries", []):
+        if not e.get("is_p2p"):
+            names[str(e["pg_id"])] = tuple(e["process_group"])
+    out = {}
+    for pg_id, status in dump["pg_status"].items():
+        if pg_id in names:
+            name, desc = names[pg_id]
+            out[name] = _Group(name, desc, int(status["last_enqueued_collective"]),
+                               int(status["last_completed_collective"]))
+    return out
+
+
+def _members(name: str, desc: str, dumps: dict[int, dict], seen: set[int], world: int) -> set[int]:
+    for dump in dumps.values():
+        config = dump.get("pg_config", {}).get(name)
+        if config:
+            ranks = config["ranks"]
+            return set(ast.literal_eval(ranks) if isinstance(ranks, str) else ranks)
+    return set(range(world)) if desc == "default_pg" else seen
+
+
+def _op(dumps: dict[int, dict], ranks: tuple[int, ...], name: str, seq: int) -> str:
+    for rank in ranks:
+        for e in dumps[rank].get("entries", []):
+            if tuple(e["process_group"])[0] == name and e.get("collective_seq_id") == seq and not e.get("is_p2p"):
+                return str(e.get("profiling_name") or "a collective")
+    return "a collective"
+
+
+def stuck_collectives(dumps: dict[int, dict], world: int) -> list[Stuck]:
+    """Every process group whose newest collective some member has not completed, with who never entered it."""
+    per_rank = {rank: _groups(dump) for rank, dump in dumps.items()}
+    names = sorted({name for groups in per_rank.values() for name in groups})
+    out = []
+    for name in names:
+        have = {r: g[name] for r, g in per_rank.items() if name in g}
+        desc = next(iter(have.values())).desc
+        top = max(g.enqueued for g in have.values())
+        if top <= 0 or all(g.completed >= top for g in have.values()):
+            continue
+        waiting = tuple(sorted(r for r, g in have.items() if g.enqueued == top and g.completed < top))
+        missing = tuple(sorted(r for r, g in have.items() if g.enqueued < top))
+        members = _members(name, desc, dumps, set(have), world)
+        out.append(Stuck(name, desc, top, _op(dumps, waiting, name, top), waiting, missing,
+                         tuple(sorted(members - set(have)))))
+    return out
+
+
+def as_records(stuck: list[Stuck]) -> list[dict[str, Any]]:
+    return [{"group": s.group, "desc": s.desc, "seq": s.seq, "op": s.op, "waiting": list(s.waiting),
+             "missing": list(s.missing), "no_dump": list(s.no_dump)} for s in stuck]

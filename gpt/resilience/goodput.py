@@ -1,0 +1,156 @@
+"""Goodput: the share of a run's allocated time that trained steps it kept.
+
+Each attempt's line in RUN_DIR/attempts.jsonl carries a `goodput` record: its allocated wall time, and the
+seconds it spent starting up (to the first step), training, evaluating, saving (the loop's blocked time) and
+loading, and how many steps of the attempt before it were trained again (lost: trained after that attempt's last
+checkpoint). The run's goodput is the training time of the steps it kept over the allocated time of every
+attempt. Torch-free: the report reads it offline.
+
+checkpoint.interval_minutes=auto chooses the interval that maximises expected goodput (Young/Daly):
+sqrt(2 x the cost of one save x the mean time between interruptions).
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt.run_folder import RunFolder
+
+PRIOR_MTBI_H = 24.0  # the prior mean time between interruptions, until the run has seen some
+PRIOR_SAVE_S = 30.0  # the prior cost of a save, until the run has measured one
+
+
+@dataclass
+class Spent:
+    """Seconds of an attempt spent in each phase of the training loop."""
+
+    train_s: float = 0.0
+    eval_s: float = 0.0
+    save_s: float = 0.0
+    saves: int = 0
+    steps: int = 0
+
+    @contextmanager
+    def timed(self, phase: str):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            setattr(self, phase, getattr(self, phase) + time.perf_counter() - start)
+
+    def as_dict(self) -> dict[str, float]:
+        return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
+
+
+def kept_training_s(run_dir: Path, since: float, from_step: int, to_step: int) -> float:
+    """Training seconds of steps from_step..to_step that an attempt killed outright (it wrote no goodput record)
+    kept in its last checkpoint: the steps times its median step time in rank 0's metrics, from `since` on."""
+    try:
+        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
+    except OSError:
+        return 0.0
+    times = []
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue
+        if r.get("kind") == "train" and r.get("time", 0) >= since and from_step < r.get("step", 0) <= to_step:
+            times.append(r.get("step_time_s") or 0.0)
+    return round(sorted(times)[len(times) // 2] * (to_step - from_step), 3) if times else 0.0
+
+
+def last_record_time(run_dir: Path, since: float) -> float | None:
+    """When rank 0 last wrote a metrics record, from `since` on: the last sign of life of an attempt killed
+    outright (its lock's heartbeat is gone with it, or already the next attempt's)."""
+    try:
+        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
+    except OSError:
+        return None
+    times = []
+    for line in lines:
+        try:
+            times.append(float(json.loads(line).get("time", 0.0)))
+        except (ValueError, TypeError, AttributeError):  # cut short by the kill
+            continue
+    after = [t for t in times if t >= since]
+    return max(after) if after else None
+
+
+@dataclass
+class RunGoodput:
+    attempts: int  # every attempt the log records
+    allocated_s: float
+    kept_train_s: float
+    losses: dict[str, float] = field(default_factory=dict)  # seconds by cause
+    untimed: int = 0  # attempts whose line has no time record (left out of the sums)
+    interruptions: list[str] = field(default_factory=list)  # how each attempt that did not finish ended
+
+    @property
+    def goodput(self) -> float | None:
+        return self.kept_train_s / self.allocated_s if self.allocated_s > 0 else None
+
+    def describe(self) -> str:
+        if self.goodput is None:
+            return "goodput n/a (no attempt recorded its time)"
+        lost = ", ".join(f"{k} {v:.1f} s" for k, v in self.losses.items() if v >= 0.05)
+        text = (f"goodput {100 * self.goodput:.1f}%: {self.kept_train_s:.1f} s of training kept of "
+                f"{self.allocated_s:.1f} s allocated over {self.attempts} attempt(s)")
+        if self.untimed:
+            text += f" ({self.untimed} of them recorded no time)"
+        text += f"; lost to {lost}" if lost else ""
+        return text + (f"; interrupted by {'; '.join(self.interruptions)}" if self.interruptions else "")
+
+
+def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
+    """The run's goodput from its attempts' records (attempts without one are left out)."""
+    records = [a.get("goodput") for a in attempts]
+    kept = [g for g in records if g]
+    losses = {"start-up": 0.0, "evaluation": 0.0, "saving": 0.0, "steps trained again": 0.0, "other": 0.0}
+    allocated = train = 0.0
+    for i, g in enumerate(records):
+        if not g:
+            continue
+        after = records[i + 1] if i + 1 < len(records) else None
+        lost_steps = (after or {}).get("steps_replayed", 0)
+        per_step = g["train_s"] / g["steps"] if g.get("steps") else 0.0
+        lost = min(lost_steps * per_step, g["train_s"])
+        allocated += g["allocated_s"]
+        train += g["train_s"] - lost
+        losses["start-up"] += g.get("startup_s", 0.0)
+        losses["evaluation"] += g.get("eval_s", 0.0)
+        losses["saving"] += g.get("save_s", 0.0)
+        losses["steps trained again"] += lost
+    losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
+    interruptions = [str(a["ended"]) for a in attempts if a.get("ended") not in (None, "finished")]
+    return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
+                      interruptions=interruptions)
+
+
+REQUEUE_S = 10.0  # asking the scheduler to requeue, and the ranks leaving, before the time limit kills them
+WINDOW_MARGIN = 2.0
+
+
+def window_needed(step_s: float, save_s: float) -> float:
+    """Seconds a time-limit warning must come early: the step under way, a save and the requeue, with a margin."""
+    return WINDOW_MARGIN * (step_s + save_s + REQUEUE_S)
+
+
+def young_daly_minutes(save_s: float, mtbi_s: float) -> float:
+    """The checkpoint interval that maximises expected goodput, in minutes (at least a minute)."""
+    return max(math.sqrt(2 * max(save_s, 0.01) * mtbi_s) / 60, 1.0)
+
+
+def interruption_rate(attempts: list[dict[str, Any]]) -> tuple[float, str]:
+    """Mean seconds between interruptions seen in the attempts log, or the prior; and where it came from."""
+    ended = [a for a in attempts if a.get("goodput")]
+    stops = sum(1 for a in ended if a.get("ended") != "finished")
+    allocated = sum(a["goodput"]["allocated_s"] for a in ended)
+    if stops:
+        return allocated / stops, f"{stops} interruption(s) in {allocated / 3600:.2f} h of this run's attempts"
+    return PRIOR_MTBI_H * 3600, f"no interruption seen yet: a prior of one per {PRIOR_MTBI_H:g} h"

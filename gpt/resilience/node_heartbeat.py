@@ -1,0 +1,121 @@
+"""One heartbeat record per node in the run folder, RUN_DIR/watchdog/node-<host>.json, instead of a file per rank:
+the shared file system's metadata server sees at most one operation per node per second, whatever the number of
+ranks per node.
+
+Every rank writes its beat into node-local memory (/dev/shm/gptlaunch-<run>/<host>/rank<R>.json; creates and
+renames there never reach the shared file system). One of them, the node's writer, copies every local rank's beat
+of this attempt into the node's record at each of its own beats. The record is rewritten in place through a file
+descriptor kept open: a write and a flush to the file server (data, not metadata), no create, open or rename. The
+only metadata operation left per beat is the writer's fence (a lookup of the next generation's claim). The writer
+is the lowest local rank whose beat moved within WRITER_SILENT_BEATS intervals on this rank's own clock: a writer
+killed or frozen is replaced within those intervals, well inside the silence that calls a rank gone. Torch-free.
+"""
+from __future__ import annotations
+
+import atexit
+import hashlib
+import json
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from gpt.resilience.heartbeat import Liveness
+from gpt.resilience.lease import fence
+from gpt.run_folder import RunFolder
+
+WRITER_SILENT_BEATS = 3  # a local writer whose beat has not moved for this many intervals is replaced
+ATTEMPT = ("attempt", "restart", "generation")  # what tells this attempt's beats from an earlier one's
+
+
+def node_local_dir(run_dir: Path, host: str) -> Path:
+    """This node's folder of local beats: memory (/dev/shm) where there is one, named after the run folder."""
+    base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
+    run = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
+    return base / f"gptlaunch-{run}" / host
+
+
+class NodeHeartbeat:
+    """A rank's beats through its node: `beat(record)` every interval; the node's writer publishes them all."""
+
+    def __init__(self, run_dir: Path, host: str, rank: int, interval_s: float):
+        self.run_dir, self.host, self.rank, self.interval_s = run_dir, host, rank, interval_s
+        self.local = node_local_dir(run_dir, host)
+        self.local_ranks = Liveness()  # this node's ranks, judged on this rank's clock
+        self.fd: int | None = None  # the node's record, kept open while this rank is the writer
+        self.written = 0  # the record's length: a shorter one is padded, so that no truncate is needed
+        self.lock = threading.Lock()  # the watchdog thread beats while the main thread ends the heartbeat
+        self.closed = False
+        atexit.register(self.close)  # a killed rank's file stays: the next attempt's writer removes it
+
+    @property
+    def path(self) -> Path:
+        return self.local / f"rank{self.rank}.json"
+
+    def beat(self, record: dict) -> None:
+        with self.lock:
+            if self.closed:
+                return
+            self.local.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+            tmp.write_text(json.dumps(record))
+            os.replace(tmp, self.path)
+            ours = self._local_beats(record)
+            if self._is_writer(ours):
+                fence()  # an orphan writer of an attempt that lost the run folder stops here
+                self._publish(ours)
+            else:
+                self._close()
+
+    def _local_beats(self, mine: dict) -> dict[int, dict]:
+        """This attempt's beats of the ranks on this node. An earlier attempt's files go: the node's memory keeps
+        one file per rank of a run's last attempt, not one per attempt."""
+        beats = {}
+        for path in self.local.glob("rank*.json"):
+            try:
+                beat = json.loads(path.read_text())
+            except (OSError, ValueError):  # a rank's file being replaced: its next beat counts
+                continue
+            if [beat.get(k) for k in ATTEMPT] == [mine.get(k) for k in ATTEMPT]:
+                beats[int(path.stem[4:])] = beat
+            else:
+                path.unlink(missing_ok=True)
+        return beats
+
+    def _is_writer(self, beats: dict[int, dict]) -> bool:
+        top = max(beats, default=self.rank)
+        self.local_ranks.observe([beats.get(r) for r in range(top + 1)])
+        silent = WRITER_SILENT_BEATS * self.interval_s
+        live = [r for r in beats if r == self.rank or (self.local_ranks.silent_s(r) or 0.0) <= silent]
+        return min(live) == self.rank
+
+    def _publish(self, beats: dict[int, dict]) -> None:
+        if self.fd is None:
+            path = RunFolder(self.run_dir).node_heartbeat(self.host)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            self.written = os.fstat(self.fd).st_size  # an earlier attempt's (or writer's) longer record is padded over
+        text = json.dumps({"host": self.host, "writer": self.rank, "time": time.time(),
+                           "ranks": {str(r): b for r, b in sorted(beats.items())}})
+        data = text.encode().ljust(self.written)  # trailing spaces: still the same JSON
+        os.pwrite(self.fd, data, 0)
+        os.fdatasync(self.fd)  # other hosts see it now: an NFS client would hold a file it keeps open in its cache
+        self.written = len(data)
+
+    def close(self) -> None:
+        """The rank exits: its local beat goes, and with the node's last one the run's folder (memory, not disk:
+        one left behind per run would fill /dev/shm). The rank's last beat is in its own file in the run folder."""
+        with self.lock:
+            self.closed = True
+            self._close()
+            self.path.unlink(missing_ok=True)
+            for folder in (self.local, self.local.parent):
+                try:
+                    folder.rmdir()
+                except OSError:  # another rank of this node (or run) still beats there
+                    break
+
+    def _close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None

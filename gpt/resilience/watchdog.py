@@ -1,0 +1,386 @@
+"""A watchdog thread in every rank. It writes the rank's heartbeat (what gpt.resilience.progress says it is doing) into
+the run folder every `interval_s`, and when the rank has made no progress for longer than its budget, or another
+rank has reported a hang, it ends the attempt (Watchdog.fire): one rank decides and requeues through `on_hang` first,
+then every rank adds to the report as far as the storage lets it, and the process exits within HANG_EXIT_S whatever
+happens (a report on a full or lost file system must not park the allocation).
+
+The reports, in the run folder:
+    hang-<attempt>.json   the first rank to time out writes it: the summary line, every rank's heartbeat, who
+                          waited in which collective, who never arrived, who is gone
+    hang-<attempt>.txt    the same, readable, then every rank's Python stacks (all threads)
+    hang-<attempt>-flight-recorder-rank<R>.pkl   torch's flight recorder (its last collectives), which the summary
+                          prefers to the heartbeats: who never entered the collective the others wait in
+
+The thread only reads the main thread's marks and writes files: a rank stuck in a collective, in C code, or in
+a sleep still has a watchdog that speaks (gloo and NCCL release the GIL while they wait).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+
+from gpt.resilience.disk_faults import Outage
+from gpt.resilience.flight_recorder import read_dumps, stuck_collectives
+from gpt.resilience.hang import Hang
+from gpt.resilience.heartbeat import Liveness, read_heartbeats, write_heartbeat
+from gpt.resilience.lease import fence, fenced_generation
+from gpt.resilience.node_heartbeat import NodeHeartbeat
+from gpt.resilience.progress import PROGRESS, Progress
+from gpt.resilience.timing import (HANG_EXIT_S, PROBE_EVERY_S, PROBE_TIMEOUT_S, REPORTER_GRACE_S, REQUEUE_WAIT_S,
+                                   SCHEDULER_GRACE_S, SILENT_S)
+from gpt.config.sections import WatchdogConfig
+from gpt.errors import EXIT_HANG
+from gpt.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+
+class Watchdog:
+    """`on_hang(report)` ends the attempt on the scheduler's side: given the report (this rank acts), it records the
+    attempt and requeues the job; given None, it learns what the acting rank did. It returns whether the job was
+    requeued (the rank then waits for the scheduler to stop it)."""
+
+    def __init__(self, cfg: WatchdogConfig, run_dir: Path, rank: int, world: int, host: str, attempt: int,
+                 on_hang: Callable[[dict | None], bool], progress: Progress = PROGRESS,
+                 master: tuple[str, int] | None = None, restart: int = 0):
+        self.cfg, self.run_dir, self.rank, self.world, self.host = cfg, run_dir, rank, world, host
+        self.attempt, self.on_hang, self.progress, self.master = attempt, on_hang, progress, master
+        self.restart, self.beats_sent = restart, 0  # the heartbeat's (restart, sequence number)
+        self.node = NodeHeartbeat(run_dir, host, rank, cfg.interval_s)  # steady beats: one record per node
+        self.liveness = Liveness()  # the peers' heartbeats, watched while this rank is stuck
+        self.reaches_master: bool | None = None  # probed only while this rank is stuck
+        self.probed = 0.0
+        self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says
+        self.fired = threading.Lock()  # the attempt is ended once, by the thread or by the main thread
+        self.exit_by: float | None = None  # after fire(), the monotonic time by which the process is gone
+        self.outage = Outage("the heartbeat", RunFolder(run_dir).heartbeat(rank).parent,
+                             "its peers may take this rank for a lost one")
+        self.json_path, self.text_path = RunFolder(run_dir).hang_report(attempt)
+        self.thread = threading.Thread(target=self._run, name="gptlaunch-watchdog", daemon=True)
+
+    def start(self) -> Watchdog:
+        RunFolder(self.run_dir).watchdog.mkdir(parents=True, exist_ok=True)
+        self.beat()
+        self.thread.start()
+        return self
+
+    def budget(self) -> tuple[str, float, float]:
+        """The budget that applies now: its key, its seconds, and the seconds used of it."""
+        p, now = self.progress, time.monotonic()
+        kind = p.kind if p.first_step_done else "startup"
+        key, seconds = self.budget_for(kind)
+        return key, seconds, now - (p.started if kind == "startup" else p.since)
+
+    def budget_for(self, kind: str) -> tuple[str, float]:
+        c = self.cfg
+        if kind == "startup":
+            return "watchdog.startup_s", c.startup_s
+        if kind in ("save", "finish"):  # the final save is synchronous even where the others are not: unlike them
+            return self._save_budget(measured=kind == "save")
+        if kind == "eval":
+            return "watchdog.eval_s", c.eval_s
+        if c.step_s != "auto":
+            return "watchdog.step_s", float(c.step_s)
+        return "watchdog.step_s (auto)", max(c.step_floor_s, c.step_factor * (self.progress.p99_step_s() or 0.0))
+
+    def _save_budget(self, measured: bool) -> tuple[str, float]:
+        """From the saves measured so far, as the step budget is from the steps: a peer lost in a save is seen as
+        soon as one lost in a step."""
+        c = self.cfg
+        if c.save_s != "auto":
+            return "watchdog.save_s", float(c.save_s)
+        longest = self.progress.longest_save_s() if measured else None
+        if longest is None:
+            return "watchdog.save_first_s", c.save_first_s
+        return "watchdog.save_s (auto)", max(c.save_floor_s, c.step_factor * longest)
+
+    def closest(self) -> dict[str, float]:
+        """Per budget, the largest share of it this rank has used so far: the margin against false alarms."""
+        out: dict[str, float] = {}
+        for kind, used in list(self.progress.longest.items()):
+            key, seconds = self.budget_for(kind)
+            out[key] = round(max(out.get(key, 0.0), used / seconds), 4)
+        return out
+
+    def probe(self) -> None:
+        """While stuck past half its budget, whether this rank still reaches the master (the rendezvous store's
+        port) over the network: a rank that cannot is cut off, which its heartbeat file alone would not show
+        where the run folder is on another network."""
+        if self.master is None or time.monotonic() - self.probed < PROBE_EVERY_S:
+            return
+        self.probed = time.monotonic()
+        try:
+            socket.create_connection(self.master, timeout=PROBE_TIMEOUT_S).close()
+            self.reaches_master = True
+        except OSError:
+            self.reaches_master = False
+
+    def beat(self, last: bool = False) -> None:
+        """Every beat goes through the node's record; the `last` one (the rank ends) also into this rank's own file,
+        which outlives the node's writer. An ended rank beats on until it exits: a survivor that reports its
+        peers' loss must not look gone itself."""
+        _, seconds, used = self.budget()
+        if used > seconds / 2:
+            self.probe()
+        else:
+            self.reaches_master = None
+        self.beats_sent += 1
+        record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
+                  "restart": self.restart, "beat": self.beats_sent, "time": time.time(),
+                  "reaches_master": self.reaches_master, "ended": self.ended, "closest": self.closest(),
+                  "longest_s": {k: round(v, 3) for k, v in self.progress.longest.items()}, **self.progress.snapshot(),
+                  "generation": fenced_generation()}
+        if last:
+            write_heartbeat(self.run_dir, self.rank, record)
+        self.node.beat(record)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.cfg.interval_s)
+            try:
+                self.beat()
+            except OSError as e:  # a full or lost filesystem must not kill the rank; the others will notice
+                self.outage.failed(e)
+            else:
+                self.outage.recovered()
+            key, seconds, used = self.budget()
+            if used > seconds / 2:  # stuck for a while: watch the peers, to tell the gone from the slow
+                self.peers()
+            if used > seconds or self._reported_elsewhere():
+                self.fire(key, seconds, used)
+                return
+
+    def _reported_elsewhere(self) -> bool:
+        try:
+            return self.json_path.is_file()
+        except OSError as e:  # ESTALE, EIO: this rank's own budget still ends the attempt
+            log.warning("watchdog: cannot look for a hang report: %s", e)
+            return False
+
+    def peers(self) -> list[dict | None]:
+        """Every rank's heartbeat, read now and fed to the liveness record (None where unreadable)."""
+        beats = read_heartbeats(self.run_dir, self.world, self.attempt, self.restart)
+        self.liveness.observe(beats)
+        return beats
+
+    def fire(self, key: str, seconds: float, used: float) -> None:
+        """End the attempt; does not return. Only the first caller acts: the rank that decides requeues first,
+        then every rank reports as far as the storage lets it, and the process exits whatever happens."""
+        if not self.fired.acquire(blocking=False):
+            return
+        self.progress.halt()
+        # a rank of an attempt that lost the run folder neither requeues the job nor writes a report into it
+        fence()
+        self.exit_by = time.monotonic() + HANG_EXIT_S
+        threading.Thread(target=self._exit_when_due, name="gptlaunch-watchdog-exit", daemon=True).start()
+        report: dict | None = None
+        try:
+            report = self.decide(key, seconds, used)
+        except Exception as e:  # the analysis reads the run folder: a storage fault leaves this rank without one
+            log.error("watchdog: no hang report (%s: %s)", type(e).__name__, e)
+        requeued = False
+        try:
+            requeued = self.on_hang(report)
+        except Exception as e:
+            log.error("watchdog: ending the attempt failed (%s: %s)", type(e).__name__, e)
+        self._best_effort(self._write_report, report)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # Slurm stops every process of this attempt; exiting first would count as a failed task. A cut-off rank
+        # does not wait: Slurm cannot reach it, and it must not outlive its attempt next to the next one.
+        if requeued and self.reaches_master is not False:
+            self.exit_by += REQUEUE_WAIT_S
+            time.sleep(REQUEUE_WAIT_S)
+        os._exit(EXIT_HANG)
+
+    def _exit_when_due(self) -> None:
+        while self.exit_by is None or time.monotonic() < self.exit_by:
+            time.sleep(1.0)
+        log.error("watchdog: the hang's report or requeue did not finish in time; exiting")
+        os._exit(EXIT_HANG)
+
+    def _best_effort(self, write: Callable[..., None], *args: object) -> None:
+        try:
+            write(*args)
+        except OSError as e:  # ENOSPC, EDQUOT, EROFS, EIO: the requeue is done; the report is a bonus
+            log.warning("watchdog: cannot write the hang report %s: %s", self.text_path, e)
+
+    def decide(self, key: str, seconds: float, used: float) -> dict | None:
+        """The hang report if this rank is the one that acts (records the attempt, requeues): the one that claims
+        the report first, or where nobody can claim it (the folder is unwritable), the lowest surviving rank."""
+        self._best_effort(self._flight_recorder)  # first: the rank that reports reads every rank's dump
+        if self.reaches_master is False and self._claimed_by_another():
+            return None
+        claimed = self._claim()
+        if claimed is False:
+            return None
+        time.sleep(self.cfg.interval_s + 0.5)  # every live rank's heartbeat is fresh by now
+        deadline = time.monotonic() + self.stale_s()
+        others = [r for r, b in enumerate(self.peers()) if b is not None and r != self.rank]  # None: never arrived
+        while not self.liveness.settled(others, self.stale_s()) and time.monotonic() < deadline:
+            time.sleep(self.cfg.interval_s)  # long enough to tell a gone rank (its heartbeat stopped) from a slow one
+            self.peers()
+        hang = self.hang()
+        if claimed is None and self.rank != self.acting_rank(hang):
+            return None
+        line = f"watchdog: {hang.summary()}; report: {self.text_path}"
+        return {"attempt": self.attempt, "restart": self.restart, "time": time.time(), "detected_by": self.rank,
+                "host": self.host, "budget": key, "budget_s": round(seconds, 3), "idle_s": round(used, 3),
+                "summary": line, "report": str(self.text_path), "exclude": hang.hosts_to_exclude(), **hang.as_dict()}
+
+    def _claimed_by_another(self) -> bool:
+        """A cut-off rank leaves the report and the requeue (the scheduler may be out of its reach too) to a rank that
+        is not, waiting a while for one to claim the report; it claims it itself only when none does (the master's
+        host is the one lost: every rank is cut off from it)."""
+        deadline = time.monotonic() + REPORTER_GRACE_S
+        while time.monotonic() < deadline:
+            if self._reported_elsewhere():
+                return True
+            time.sleep(self.cfg.interval_s)
+        return False
+
+    def _claim(self) -> bool | None:
+        """Create the (empty) report: True for the first rank, False for the others, None when it cannot be."""
+        try:
+            os.close(os.open(self.json_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            return True
+        except FileExistsError:
+            if not self.json_path.is_dir():
+                return False
+            log.warning("watchdog: cannot write the hang report %s: it is a directory", self.json_path)
+            return None
+        except OSError as e:
+            log.warning("watchdog: cannot write the hang report %s: %s", self.json_path, e)
+            return None
+
+    def hang(self) -> Hang:
+        beats = self.peers()
+        hang = Hang.from_heartbeats(beats, [self.liveness.silent_s(r) for r in range(self.world)], self.stale_s())
+        try:
+            return hang.with_flight_recorder(stuck_collectives(self._dumps(hang.waiting + hang.behind), self.world))
+        except OSError as e:
+            log.warning("watchdog: cannot read the flight recorder dumps: %s", e)
+            return hang
+
+    def acting_rank(self, hang: Hang) -> int:
+        """The lowest rank not known to be gone or cut off (a rank whose heartbeat cannot be read counts: where
+        the storage fails for all, every rank agrees on rank 0)."""
+        unknown = [r for r, b in enumerate(hang.beats) if b is None]
+        mine = [] if self.reaches_master is False else [self.rank]
+        return min(hang.surviving + unknown + mine, default=self.rank)
+
+    def end(self, how: str) -> None:
+        """This rank is about to exit (finished, failed): the other ranks must not take it for a lost one."""
+        self.ended = how
+        try:
+            self.beat(last=True)
+        except OSError as e:  # a full disk at the end: the rank still exits with its own line and code
+            self.outage.failed(e)
+
+    def close(self) -> None:
+        """The process exits now: no more beats, and this rank's beat leaves the node's memory."""
+        self.node.close()
+
+    def lost_peers(self) -> list[int]:
+        """After a collective failed here: the ranks that vanished (their heartbeat stopped, and they never said
+        they were ending), waiting as long as a heartbeat takes to go silent. Empty when a rank said it failed:
+        that rank's error is the job's, and the job fails as it should."""
+        stale = max(10 * self.cfg.interval_s, SCHEDULER_GRACE_S)  # a task Slurm saw die: Slurm ends the job first
+        deadline = time.monotonic() + stale + 2 * self.cfg.interval_s
+        while time.monotonic() < deadline:
+            others = [(r, b) for r, b in enumerate(self.peers()) if r != self.rank]
+            if any(b is not None and b.get("ended") for _, b in others):
+                return []
+            lost = [r for r, b in others if b is not None and (self.liveness.silent_s(r) or 0.0) > stale]
+            if lost:
+                return lost
+            time.sleep(self.cfg.interval_s)
+        return []
+
+    def stale_s(self) -> float:
+        """A live rank's heartbeat moves every interval_s; one that has not moved for this long is gone."""
+        return max(10 * self.cfg.interval_s, SILENT_S)
+
+    def _write_report(self, report: dict | None) -> None:
+        """This rank's part of the report: the summary and the JSON record if it acts, then its stacks."""
+        if report is not None:
+            self._best_effort(self._summarise, report)
+        else:  # the summary goes first in the readable report
+            deadline = time.monotonic() + 2 * self.cfg.interval_s + 5
+            while self._claimed_but_empty() and time.monotonic() < deadline:
+                time.sleep(0.2)
+        self._append(f"\n=== rank {self.rank} on {self.host} (pid {os.getpid()}): every thread's stack ===\n"
+                     + stacks())
+
+    def _claimed_but_empty(self) -> bool:
+        try:
+            return self.json_path.stat().st_size == 0
+        except OSError:
+            return False
+
+    def _summarise(self, report: dict) -> None:
+        rows = "\n".join(f"  rank {r}: " + (json.dumps(b) if b else "no heartbeat this attempt")
+                         for r, b in enumerate(report["ranks"]))
+        key, seconds, used = report["budget"], report["budget_s"], report["idle_s"]
+        why = f"{key}={seconds:.1f} s" if seconds else key
+        self._best_effort(self._append, f"{report['summary']}\n\nrank {self.rank} on {self.host} saw no progress "
+                          f"for {used:.1f} s ({why}).\nEvery rank's last heartbeat:\n{rows}\n")
+        tmp = self.json_path.with_name(f".{self.json_path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(report, indent=1))
+        os.replace(tmp, self.json_path)  # last: the other ranks wait for it to add their stacks below
+
+    def _append(self, text: str) -> None:
+        """One write per part: ranks on several hosts append to the same report."""
+        fd = os.open(self.text_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        try:
+            os.write(fd, text.encode())
+        finally:
+            os.close(fd)
+
+    def _dumps(self, alive: list[int]) -> dict[int, dict]:
+        """Every rank's flight recorder dump, waiting a little for the live ranks' (each dumps as it sees the
+        hang: within an interval of this rank)."""
+        folder = RunFolder(self.run_dir)
+        paths = {r: folder.flight_recorder(self.attempt, r) for r in range(self.world)}
+        deadline = time.monotonic() + 2 * self.cfg.interval_s + 2
+        while not all(paths[r].exists() for r in alive) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        return read_dumps({r: p for r, p in paths.items() if p.exists()})
+
+    def _flight_recorder(self) -> None:
+        """torch's flight recorder: the last collectives this rank's process groups saw (NCCL, and gloo too)."""
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            return
+        try:
+            from torch._C._distributed_c10d import _dump_fr_trace
+
+            path = RunFolder(self.run_dir).flight_recorder(self.attempt, self.rank)
+            tmp = path.with_name(f".{path.name}.tmp")
+            tmp.write_bytes(_dump_fr_trace())
+            os.replace(tmp, path)  # the reporting rank never reads half a dump
+        except Exception as e:  # the dump is a bonus: the report stands without it
+            log.warning("watchdog: no flight recorder dump: %s", e)
+
+
+def stacks() -> str:
+    """Every thread's Python stack, read from the interpreter (no file: /tmp may be the full file system)."""
+    names = {t.ident: t.name for t in threading.enumerate()}
+    parts = [f"Thread {ident} ({names.get(ident, '?')}):\n" + "".join(traceback.format_stack(frame))
+             for ident, frame in sys._current_frames().items()]
+    return "\n".join(parts)
+
+
+def flight_recorder_env(run_dir: Path) -> dict[str, str]:
+    """torch's NCCL flight recorder on, dumping into the run folder if NCCL itself times out."""
+    return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
+            "TORCH_FR_DUMP_TEMP_FILE": str(RunFolder(run_dir).nccl_dump_prefix)}

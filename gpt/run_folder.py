@@ -1,0 +1,257 @@
+"""A run folder's layout: the name of every file a run keeps (runs/<run>, or a sweep's point under
+runs/sweeps/<sweep>/), and the attempts log. Torch-free and scheduler-free: the launcher on a login node, every
+rank, a task wrapper and the report all find the files here.
+
+    config.yaml           the resolved config, written by the launcher and read by every rank
+    run.json              what must not change for the run to continue (launch.run.identity)
+    lock.json             the one writer's lease beat (gpt.resilience.lease, launch.run.lock)
+    lease/<G>             the claim of the lease's generation G, created once each
+    attempts.jsonl        one line per attempt, written when it ends (AttemptsLog)
+    attempt-claims/<key>  created once by the one writer of that attempt's line (AttemptsLog)
+    attempt.json          the mark of the attempt in flight (AttemptsLog)
+    summary.json          rank 0's summary of a finished run
+    slurm_job.json        the Slurm job that runs it, written at submission
+    code.json             the code snapshot its newest submission runs: path, commit, dirty (launch.snapshot)
+    logs/rank<R>.log      each rank's log
+    environment/rank<R>.json, environment/rendezvous.json    where and how each rank ran
+    metrics/rank<R>.jsonl, tensorboard/rank<R>/              per-rank metrics
+    watchdog/node-<H>.json   the heartbeats of host H's ranks (gpt.resilience.node_heartbeat)
+    watchdog/rank<R>.json each rank's last heartbeat once it ended (gpt.resilience.heartbeat)
+    hang-<N>.json, hang-<N>.txt, hang-<N>-flight-recorder-rank<R>.pkl   the hang report of attempt N
+    nccl-flight-recorder-rank<R>    NCCL's own dump when it times out
+    health-<N>.json, health/    the health checks of attempt N, and their storage probe's files
+    checkpoints/          gpt.checkpoint
+    report/, tensorboard/scaling/   the scaling report (of a run folder, or of a sweep folder)
+    .hydra/overrides.yaml Hydra's record of a sweep point's overrides
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """The paths of one run folder's files (nothing is written here: AttemptsLog writes the attempts log)."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def identity(self) -> Path:
+        return self.path / "run.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.path / "lock.json"
+
+    @property
+    def lease_claims(self) -> Path:
+        return self.path / "lease"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def slurm_job(self) -> Path:
+        return self.path / "slurm_job.json"
+
+    @property
+    def code(self) -> Path:
+        return self.path / "code.json"
+
+    @property
+    def attempts(self) -> AttemptsLog:
+        return AttemptsLog(self.path / "attempts.jsonl", self.path / "attempt.json", self.path / "attempt-claims")
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    def log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+    @property
+    def environment(self) -> Path:
+        return self.path / "environment"
+
+    def environment_record(self, rank: int) -> Path:
+        return self.environment / f"rank{rank}.json"
+
+    def environment_records(self) -> list[Path]:
+        return sorted(self.environment.glob("rank*.json"))
+
+    @property
+    def rendezvous(self) -> Path:
+        return self.environment / "rendezvous.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics"
+
+    def metrics_file(self, rank: int) -> Path:
+        return self.metrics / f"rank{rank}.jsonl"
+
+    def metrics_files(self) -> list[Path]:
+        return sorted(self.metrics.glob("rank*.jsonl"))
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.path / "tensorboard"
+
+    def tensorboard_run(self, rank: int) -> Path:
+        return self.tensorboard / f"rank{rank}"
+
+    @property
+    def scaling_board(self) -> Path:
+        return self.tensorboard / "scaling"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report"
+
+    @property
+    def watchdog(self) -> Path:
+        return self.path / "watchdog"
+
+    def heartbeat(self, rank: int) -> Path:
+        return self.watchdog / f"rank{rank}.json"
+
+    def node_heartbeat(self, host: str) -> Path:
+        return self.watchdog / f"node-{host}.json"
+
+    def attempt_claim(self, job_id: str | None, restart: int) -> Path:
+        """Taken (created exclusively) by the one task that records how an attempt ended for its aborted peers."""
+        return self.watchdog / f"claim-{job_id}-{restart}"
+
+    def hang_report(self, attempt: int) -> tuple[Path, Path]:
+        """Attempt `attempt`'s hang report: (the record, the text a person reads)."""
+        return self.path / f"hang-{attempt}.json", self.path / f"hang-{attempt}.txt"
+
+    def hang_records(self) -> list[Path]:
+        return list(self.path.glob("hang-*.json"))
+
+    def flight_recorder(self, attempt: int, rank: int) -> Path:
+        return self.path / f"hang-{attempt}-flight-recorder-rank{rank}.pkl"
+
+    @property
+    def nccl_dump_prefix(self) -> Path:
+        """NCCL's flight recorder appends the rank to this name when it dumps on its own."""
+        return self.path / "nccl-flight-recorder-rank"
+
+    def health_record(self, attempt: int) -> Path:
+        return self.path / f"health-{attempt}.json"
+
+    def health_records(self) -> list[Path]:
+        """The health checks' records, oldest attempt first."""
+        return sorted(self.path.glob("health-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+
+    @property
+    def health_probes(self) -> Path:
+        """Where the storage check writes and reads back its files."""
+        return self.path / "health"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.path / "checkpoints"
+
+    @property
+    def hydra_overrides(self) -> Path:
+        return self.path / ".hydra" / "overrides.yaml"
+
+    def is_run(self) -> bool:
+        """A folder that holds a run the report can read: its config next to its metrics."""
+        return self.config.is_file() and self.metrics.is_dir()
+
+
+_NAMES = RunFolder(Path())  # the layout's names, relative
+# Folders that hold no run of their own: a search for run folders below a sweep folder skips them.
+NOT_RUNS = tuple(str(p) for p in (_NAMES.report, _NAMES.tensorboard, _NAMES.hydra_overrides.parent,
+                                  _NAMES.checkpoints, _NAMES.logs))
+
+
+@dataclass(frozen=True)
+class AttemptsLog:
+    """RUN_DIR/attempts.jsonl, one JSON line per attempt of the run, appended when the attempt ends (or by the
+    next attempt, for one killed outright); and RUN_DIR/attempt.json, the mark of the attempt in flight, removed
+    once its line is written. An attempt's line has one writer, whoever else tries: the one that claimed it."""
+
+    log: Path
+    in_flight: Path
+    claims: Path
+
+    @staticmethod
+    def key(job_id: str | None, restart: int, generation: int | None) -> str:
+        """An attempt's name: its job and restart, or without a scheduler the run folder's lease generation."""
+        return f"job{job_id}-restart{restart}" if job_id else f"generation{generation}"
+
+    def claim(self, key: str) -> bool:
+        """Whether this process is the one that writes attempt `key`'s line (the first to ask, of any host)."""
+        self.claims.mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(self.claims / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return False
+        return True
+
+    def append_once(self, key: str, job_id: str | None, restart: int, record: dict[str, Any]) -> bool:
+        """Attempt `key`'s line, unless another process claimed it; returns whether this one wrote it."""
+        if not self.claim(key):
+            return False
+        try:
+            self.append(job_id, restart, record)
+        except OSError:
+            (self.claims / key).unlink(missing_ok=True)  # unwritten (a full disk): the next attempt records it
+            raise
+        return True
+
+    def read(self) -> list[dict[str, Any]]:
+        """Every attempt's line, oldest first; a line cut short (its writer was killed) is skipped."""
+        try:
+            lines = self.log.read_text().splitlines()
+        except OSError:
+            return []
+        out = []
+        for line in lines:
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue
+        return out
+
+    def append(self, job_id: str | None, restart: int, record: dict[str, Any]) -> None:
+        """The line of attempt `restart` of job `job_id` (None: no scheduler), stamped with the time now."""
+        line = {"job_id": job_id, "restart": restart, "time": time.time(), **record}
+        with open(self.log, "a") as f:
+            f.write(json.dumps(line) + "\n")
+
+    def line_of(self, job_id: str | None, restart: int) -> dict[str, Any] | None:
+        """The newest line written for that attempt of that job, if any (never for a run without a job id)."""
+        if job_id is None:
+            return None
+        mine = [a for a in self.read() if a.get("job_id") == job_id and a.get("restart") == restart]
+        return mine[-1] if mine else None
+
+    def mark(self, record: dict[str, Any]) -> None:
+        self.in_flight.write_text(json.dumps(record))
+
+    def read_mark(self) -> dict[str, Any] | None:
+        """The mark of the attempt in flight (or of one that ended without writing its line)."""
+        try:
+            return json.loads(self.in_flight.read_text())
+        except (OSError, ValueError):
+            return None
+
+    def unmark(self, key: str) -> None:
+        """Remove the mark of attempt `key`; a later attempt's mark stays."""
+        mark = self.read_mark()
+        if mark is not None and self.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation")) == key:
+            self.in_flight.unlink(missing_ok=True)

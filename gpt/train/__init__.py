@@ -1,0 +1,1 @@
+"""The training loop of one rank and what it writes: the trainer, optimizer, metrics, run records."""

@@ -1,0 +1,55 @@
+"""A rank's model and strategy: the model config (the vocabulary from the prepared data), the model built on this
+rank's device, wrapped by the strategy with its optimizer."""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import torch
+from gpt.config.model import ModelConfig
+from gpt.config.schema import RunConfig
+from gpt.data import check_vocab
+from gpt.dist import rng
+from gpt.dist.process_group import DistEnv
+from gpt.model.transformer import GPT
+from gpt.parallel import build_strategy
+from gpt.parallel.base import Strategy
+from gpt.train.metrics import layer_keys
+
+
+def model_config(model: ModelConfig, data_dir: Path) -> ModelConfig:
+    """The model's config with the vocabulary filled in from the prepared data's tokenizer when unset."""
+    vocab = check_vocab(model.vocab_size, data_dir)
+    return dataclasses.replace(model, vocab_size=model.vocab_size or vocab)
+
+
+def use_tf32(device: torch.device, precision: str) -> None:
+    """fp32 matmuls and convolutions on a GPU's TF32 tensor cores (what the MFU peaks for fp32 assume)."""
+    if device.type == "cuda" and precision == "fp32":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+
+
+def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
+    """The GPT built and initialised on `device` itself: no rank builds a full fp32 copy on the CPU first to move
+    it (on the CPU these are the weights an eager build always gave). The same seed gives every rank the same
+    weights."""
+    torch.manual_seed(seed)
+    with torch.device(device):
+        return GPT(cfg)
+
+
+def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device) -> Strategy:
+    """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device, and its
+    optimizer (the train section)."""
+    train = run.train
+    use_tf32(device, train.precision)
+    strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision)
+    model = build_model(model_cfg, device, run.seed)
+    every = train.recompute_every()
+    for i, block in enumerate(model.layers.values()):
+        block.recompute = every > 0 and i % every == 0
+    strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
+    strategy.compile = train.compile
+    strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
+    rng.seed_device(run.seed, rng.stream_index(env.rank, strategy.dims.tp), device)
+    return strategy

@@ -1,0 +1,193 @@
+"""Per-rank metrics: one JSONL file and one TensorBoard run per rank in the run folder. A report can be
+rebuilt from these files alone, long after the job is gone."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from collections.abc import Callable, Iterable
+
+import psutil
+import torch
+from tensorboard.compat.proto.summary_pb2 import Summary
+from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import scalar
+
+from gpt.resilience.disk_faults import Outage, quiet_tensorboard_threads
+from gpt.run_folder import RunFolder
+from gpt.train.tracker import TrackerRun
+
+
+def memory_stats(device: torch.device) -> dict[str, float]:
+    """GiB in use: allocator figures on CUDA, the process's resident set on CPU. On CUDA the peak is the
+    window's: it is reset after each reading."""
+    gib = 2**30
+    if device.type == "cuda":
+        stats = {
+            "mem/allocated_gib": torch.cuda.memory_allocated(device) / gib,
+            "mem/peak_gib": torch.cuda.max_memory_allocated(device) / gib,
+            "mem/reserved_gib": torch.cuda.memory_reserved(device) / gib,
+        }
+        torch.cuda.reset_peak_memory_stats(device)
+        return stats
+    return {"mem/rss_gib": psutil.Process(os.getpid()).memory_info().rss / gib}
+
+
+# Parts of a parameter's name that wrappers add: torch.compile, DDP, FSDP1 and checkpoint wrappers.
+WRAPPER_PARTS = ("_orig_mod", "module", "_fsdp_wrapped_module", "_checkpoint_wrapped_module")
+
+
+def layer_key(name: str) -> str:
+    """'layers.3.attn.q_proj.weight' -> 'layers.3'; '_orig_mod.wte.weight' -> 'wte'."""
+    parts = [p for p in name.split(".") if p not in WRAPPER_PARTS]
+    return ".".join(parts[:2]) if parts[0] == "layers" else parts[0]
+
+
+def layer_keys(names: Iterable[str]) -> list[str]:
+    """The layer keys of a full model's parameter names, in model order (the same list on every rank)."""
+    return list(dict.fromkeys(layer_key(n) for n in names))
+
+
+def layer_grad_norms(local_grads: Iterable[tuple[str, torch.Tensor, int]], keys: list[str],
+                     device: torch.device) -> dict[str, float]:
+    """Gradient norm per transformer layer (and for the embeddings and head) at the cost of one all_reduce.
+
+    `local_grads` yields (parameter name, the part of its gradient this rank holds, how many ranks hold that
+    same part): each rank sums its own squares per layer, weighted by 1 / copies, and the sums are added over
+    the ranks once. Reading the result synchronises with the device: call it on log steps only."""
+    from gpt.dist.process_group import sum_over_ranks
+
+    index = {k: i for i, k in enumerate(keys)}
+    squares = torch.zeros(len(keys), device=device, dtype=torch.float32)
+    for name, grad, copies in local_grads:
+        key = layer_key(name)
+        if key in index:
+            squares[index[key]] += grad.detach().float().pow(2).sum().to(device) / copies
+    total = sum_over_ranks(squares)
+    return {f"grad_norm/{k}": math.sqrt(max(v, 0.0)) for k, v in zip(keys, total.tolist())}
+
+
+RECORD_FIELDS = ("kind", "step", "rank", "host", "time", "elapsed_s")  # a record's own fields, not measured values
+
+
+def scalars(kind: str, values: dict) -> dict[str, float]:
+    """A record's finite numbers under their TensorBoard tags: "loss" of a train record is "train/loss"."""
+    return {key if "/" in key else f"{kind}/{key}": value for key, value in values.items()
+            if key not in RECORD_FIELDS and isinstance(value, (int, float)) and math.isfinite(value)}
+
+
+def _ranks_beyond(folder: RunFolder, world_size: int) -> list[int]:
+    ranks = [f.stem.removeprefix("rank") for f in folder.metrics_files()]
+    return [int(r) for r in ranks if r.isdigit() and int(r) >= world_size]
+
+
+def _drop_from(path: Path, resume_step: int, keep_val_at_resume: bool, tracker: TrackerRun | None = None) -> None:
+    """Keep the records of steps before `resume_step` (and its evaluation, if it is not run again); give the
+    tracker those it lacks."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            r = json.loads(line)
+        except json.JSONDecodeError:  # cut short by a killed attempt
+            continue
+        step = r.get("step", -1)
+        if step < resume_step or (step == resume_step and r.get("kind") == "val" and keep_val_at_resume):
+            keep.append(line)
+            if tracker is not None:
+                tracker.log(step, scalars(r.get("kind", "train"), r))
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(x + "\n" for x in keep))
+    tmp.replace(path)
+
+
+class MetricsWriter:
+    """Writes `metrics/rank{R}.jsonl` and TensorBoard events under `tensorboard/rank{R}`. A disk that fills (a
+    quota, a read-only folder) costs the records written meanwhile, never the run (gpt.resilience.disk_faults): a
+    record that does not fit is dropped whole, and the TensorBoard writer, which cannot take a failed write back,
+    is opened anew once a record fits again."""
+
+    def __init__(self, run_dir: Path, rank: int, hostname: str, resume_step: int | None = None,
+                 keep_val_at_resume: bool = True, world_size: int | None = None, tracker: TrackerRun | None = None):
+        """resume_step: the step this attempt starts from (its checkpoint's, or 0); records an earlier attempt
+        wrote from it on (steps it trained but did not checkpoint) are dropped, here and in TensorBoard
+        (purge_step), so the run reads as one continuous run. Rank 0 drops them too from the files of ranks
+        beyond `world_size` (an earlier attempt's, before a resume on fewer ranks), which no rank writes now. An
+        experiment tracker cannot drop points: it is given the records kept here that it lacks (an earlier attempt
+        could not log them), then this attempt's."""
+        self.rank, self.hostname, self.tracker = rank, hostname, tracker
+        self.start = time.time()
+        folder = RunFolder(run_dir)
+        folder.metrics.mkdir(parents=True, exist_ok=True)
+        path = folder.metrics_file(rank)
+        if resume_step is not None:
+            gone = _ranks_beyond(folder, world_size) if rank == 0 and world_size else []
+            for r in [rank, *gone]:
+                _drop_from(folder.metrics_file(r), resume_step, keep_val_at_resume, tracker if r == rank else None)
+            for r in gone:
+                SummaryWriter(log_dir=str(folder.tensorboard_run(r)), purge_step=resume_step).close()
+        self.jsonl = open(path, "ab", buffering=0)
+        self.size = os.fstat(self.jsonl.fileno()).st_size
+        self.records = Outage(f"metrics file {path.name}", path.parent,
+                              "its records are dropped until there is room; training goes on")
+        quiet_tensorboard_threads()
+        self.tb_dir = folder.tensorboard_run(rank)
+        self.events = Outage("TensorBoard events", self.tb_dir,
+                             "they are dropped until there is room; training goes on")
+        self.tb: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir), purge_step=resume_step)
+
+    def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
+        record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, "time": time.time(),
+                  "elapsed_s": time.time() - self.start, **values}
+        room = self._append(json.dumps(record) + "\n")
+        points = scalars(kind, values)
+
+        def add(tb: SummaryWriter) -> None:
+            # one event for the whole record: without TensorFlow, TensorBoard opens its file again for every event,
+            # and one per scalar would cost the shared file system a dozen metadata operations per record and rank
+            values = [v for key, value in points.items() for v in scalar(key, value).value]
+            tb.file_writer.add_summary(Summary(value=values), step)
+            tb.flush()  # a failed write shows here, in this thread, not at the writer's next timed flush
+
+        self._events(room, add)
+        if self.tracker is not None:
+            self.tracker.log(step, points)
+
+    def _append(self, line: str) -> bool:
+        """Append one whole record (a partial one is cut off again); whether it went in."""
+        data = memoryview(line.encode())
+        try:
+            written = 0
+            while written < len(data):  # a nearly full disk takes part of it, then refuses the rest
+                written += os.write(self.jsonl.fileno(), data[written:])
+        except OSError as e:
+            os.ftruncate(self.jsonl.fileno(), self.size)  # frees, so it cannot fail for want of room
+            self.records.failed(e)
+            return False
+        self.size += written
+        self.records.recovered()
+        return True
+
+    def _events(self, room: bool, write: Callable[[SummaryWriter], object]) -> None:
+        """`write(tb)` into the TensorBoard run; after a failure, a new writer once `room` says a record fit."""
+        try:
+            if self.tb is None and room:
+                self.tb = SummaryWriter(log_dir=str(self.tb_dir))
+                self.events.recovered()
+            if self.tb is not None:
+                write(self.tb)
+        except OSError as e:
+            self.events.failed(e)
+            self.tb = None  # its thread is gone and its file may end in a partial event: a new file goes next
+
+    def text(self, tag: str, text: str) -> None:
+        self._events(True, lambda tb: tb.add_text(tag, text))
+
+    def close(self) -> None:
+        self.jsonl.close()
+        self._events(False, lambda tb: tb.close())
+        if self.tracker is not None:
+            self.tracker.close()

@@ -1,0 +1,109 @@
+"""Resuming: rank 0 chooses the checkpoint (resume=auto, PATH or none), every rank checks it can read it and that it
+fits this run (the fingerprint, the strategy's format, the world size), and every rank loads the same one. An
+unusable newest checkpoint is skipped for the one before it, with a warning."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt.checkpoint.safe_load import warn_if_foreign
+from gpt.checkpoint.store import check_fingerprint, list_checkpoints, read_meta, resolve, verify
+from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
+from gpt.dist.process_group import DistEnv, from_rank0_object, gather_objects
+from gpt.errors import UserError
+from gpt.parallel.traits import saved_format
+from gpt.resilience.faults import Faults
+from gpt.train.state import RunState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Resumed:
+    path: Path
+    step: int
+    eval_pending: bool  # a signal interrupted the evaluation before this checkpoint: the resumed run does it first
+
+
+class Resume:
+    def __init__(self, mode: str, checkpointer: Checkpointer, state: RunState, faults: Faults, env: DistEnv):
+        self.mode, self.checkpointer, self.state, self.faults, self.env = mode, checkpointer, state, faults, env
+        self.strategy = state.strategy
+
+    def load(self) -> Resumed | None:
+        """resume=auto: the newest usable checkpoint of this run folder (an unusable one is skipped with a
+        warning); resume=PATH: that checkpoint (or a run folder's newest), only to initialise a run that has no
+        checkpoint of its own yet; resume=none: start over. Rank 0 chooses and every rank loads the same one."""
+        mode = self.mode
+        if mode.lower() in ("none", "false", "null"):
+            return None
+        own = list(reversed(list_checkpoints(self.checkpointer.root)))
+        explicit = mode.lower() != "auto" and not own
+        if mode.lower() != "auto" and own:
+            log.info("resume=%s is not used: this run continues from its own checkpoints", mode)
+        candidates = [resolve(Path(mode))] if explicit else own
+        if explicit and self.env.is_main:
+            warn_if_foreign(candidates[0])
+        candidates = [Path(p) for p in from_rank0_object([str(p) for p in candidates])]
+        skipped = []
+        for i, path in enumerate(candidates):
+            problem = self.readable_everywhere(path, newest=i == 0) or self.load_everywhere(path)
+            if problem is None:
+                resumed = self.restore(path)
+                if skipped:
+                    log.warning("resumed from %s, older than the unusable newest checkpoint(s): %s", path,
+                                "; ".join(skipped))
+                return resumed
+            if explicit:
+                raise UserError(f"cannot resume from {path}: {problem}")
+            log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+            skipped.append(f"{path.name}: {problem}")
+        if skipped:
+            raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +
+                            "; remove the broken ones, or start a new run under another name (run=NAME)")
+        return None
+
+    def readable_everywhere(self, path: Path, newest: bool) -> str | None:
+        """None when every rank can read `path`; else which ranks cannot, and why (every rank takes part)."""
+        mine = self.faults.unreadable(newest) or verify(path)
+        problems = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(gather_objects((self.env.hostname, mine)))
+                    if p is not None]
+        return "; ".join(problems) or None
+
+    def load_everywhere(self, path: Path) -> str | None:
+        """Load `path` on every rank; None when every rank did."""
+        try:
+            self.checkpointer.load(path, self.strategy, accept=lambda meta: self.check_resumable(path, meta))
+            problem = None
+        except Unloadable as e:
+            problem = f"loading failed: {e.why}"
+        if not all_ranks_ok(problem is None):
+            return problem or "another rank could not load its part"
+        return None
+
+    def check_resumable(self, path: Path, meta: dict[str, Any]) -> None:
+        """This run's own checkpoint must match all of its settings; another run's, used to initialise this
+        one (resume=PATH), only its model (the schedule may differ: fine-tuning, a longer run)."""
+        saved, current = meta.get("fingerprint"), self.state.fingerprint()
+        if self.checkpointer.root.resolve() not in path.resolve().parents and saved is not None:
+            saved = {k: v for k, v in saved.items() if k.startswith("model.")}
+            current = {k: v for k, v in current.items() if k.startswith("model.")}
+        check_fingerprint(path, saved, current)
+        written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
+        traits = self.strategy.traits()
+        if saved != traits.checkpoint_format:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
+                            f"does not load into strategy={self.strategy.name} ({traits.checkpoint_format}): resume "
+                            f"with strategy={written_by}")
+        if not traits.reshardable and world != self.env.world_size:
+            raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
+                            f"has {self.env.world_size}: its {saved} checkpoints cannot be resharded; resume on "
+                            f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
+                            "pipeline)")
+
+    def restore(self, path: Path) -> Resumed:
+        meta = read_meta(path)
+        step = self.state.restore(path, meta, self.checkpointer.rank_state(path))
+        return Resumed(path, step, bool(meta.get("eval_pending", False)))

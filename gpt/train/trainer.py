@@ -1,0 +1,245 @@
+"""The training loop that runs in every rank: it builds the model, strategy and data, resumes, and steps, evaluates
+and saves until the last step or an agreed stop. Resuming (gpt.train.resume), what a checkpoint holds
+(gpt.train.state), when to save (gpt.checkpoint.policy), why to stop early (gpt.train.stop) and what a step reports
+(gpt.train.reporter) live in modules of their own."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.checkpoint.policy import SavePolicy
+from gpt.checkpoint.save_errors import SaveFailed
+from gpt.checkpoint.writer import Checkpointer
+from gpt.config.schema import RunConfig
+from gpt.config.section import to_plain
+from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
+from gpt.dist.process_group import DistEnv, pick_device, side_group, timed_flags
+from gpt.resilience.faults import Faults
+from gpt.resilience.goodput import Spent
+from gpt.resilience.progress import PROGRESS
+from gpt.resilience.stragglers import StragglerMonitor
+from gpt.run_folder import RunFolder
+from gpt.train.build import build_strategy_and_model, model_config
+from gpt.train.metrics import MetricsWriter
+from gpt.train.optim import lr_at
+from gpt.train.reporter import ProgressBar, RunShape, StepReporter
+from gpt.train.resume import Resume
+from gpt.train.state import RunState
+from gpt.train.step_timer import StepTimer, watch_compute_end
+from gpt.train.stop import StopControl
+from gpt.train.tracker import open_tracker
+
+log = logging.getLogger(__name__)
+
+
+class Trainer:
+    def __init__(self, run: RunConfig, env: DistEnv, run_dir: Path, attempt: int = 1):
+        self.env, self.run_dir = env, run_dir
+        self.train = run.train
+        self.device = pick_device(self.train.device, env)
+        data_dir = Path(run.data.dir)
+        self.model_cfg = model_config(run.model, data_dir)
+
+        self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
+        clock = time.perf_counter()
+        PROGRESS.phase("startup", "building the model")
+        self.strategy = build_strategy_and_model(run, self.model_cfg, env, self.device)
+        self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
+
+        self.micro_batch, self.n_micro = self.train.micro_batches(self.strategy.dp_size)
+        block = self.model_cfg.block_size
+        self.batches = TrainBatches(TokenDataset(data_dir, "train"), run.seed, block, self.train.global_batch_size,
+                                    self.micro_batch, self.strategy.dp_rank, self.strategy.dp_size, self.device)
+        self.val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, self.micro_batch * self.strategy.dp_size,
+                              self.train.eval_batches, self.strategy.dp_rank, self.strategy.dp_size, self.device)
+        self.prefetch = Prefetcher(self.batches)
+        self.startup["data_s"] = time.perf_counter() - clock
+
+        stragglers = StragglerMonitor(env.world_size, config=run.metrics, host=env.hostname)
+        # test-only injections
+        self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)
+        self.ckpt = run.checkpoint
+        self.stop = StopControl(run.preemption)
+        async_group = side_group() if self.ckpt.async_save and self.strategy.supports_async_save else None
+        self.checkpointer = Checkpointer(RunFolder(run_dir).checkpoints, self.ckpt.keep, env.is_main, env.rank,
+                                         async_group=async_group, async_save=self.ckpt.async_save,
+                                         before_commit=self.faults.before_commit)
+        self.strategy.before_update = self.checkpointer.wait_staged
+        self.state = RunState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
+        self.step = self.first_step = 0
+        self.saved_step: int | None = None
+        self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
+        self.spent = Spent()  # where this attempt's time goes (goodput)
+        self.policy = SavePolicy(self.ckpt, run_dir, self.spent, env.is_main, run.cluster.signal_delay_s)
+        clock = time.perf_counter()
+        PROGRESS.phase("startup", "choosing and loading a checkpoint")
+        resumed = Resume(run.resume, self.checkpointer, self.state, self.faults, env).load()
+        self.startup["checkpoint_load_s"] = time.perf_counter() - clock
+        self.resumed_from = resumed.path if resumed is not None else None
+        if resumed is not None:
+            self.step = self.first_step = self.saved_step = resumed.step
+            self.eval_pending = resumed.eval_pending
+        # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
+        tracker = open_tracker(run.tracking, run_dir, run.run, to_plain(run)) if env.is_main else None
+        self.metrics = MetricsWriter(run_dir, env.rank, env.hostname, resume_step=self.step,
+                                     keep_val_at_resume=not self.eval_pending, world_size=env.world_size,
+                                     tracker=tracker)
+        shape = RunShape(env, self.strategy, self.model_cfg, self.train, self.device, run_dir, self.micro_batch,
+                         self.n_micro)
+        self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent)
+        if self.strategy.dp_size > 1:  # gradients are reduced over replicas: a fast one's device waits there
+            watch_compute_end(self.strategy.unwrapped, lambda: self.reporter.window)
+
+    # --- evaluation -----------------------------------------------------------------------------------
+    def evaluate(self) -> float | None:
+        """The validation loss; None when a preemption signal interrupted it (the resumed run evaluates again)."""
+        self.strategy.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for x, y in self.val:
+            if self.stop.signalled_anywhere():
+                self.eval_pending = True
+                self.strategy.model.train()
+                return None
+            total += self.strategy.forward_loss(x, y)
+            count += 1
+        self.strategy.model.train()
+        self.eval_pending = False
+        loss = self.strategy.mean_over_dp(total / max(count, 1)).item()
+        self.metrics.write(self.step, {"loss": loss}, kind="val")
+        return loss
+
+    def run_eval(self, summary: dict[str, Any], bar: ProgressBar) -> bool:
+        PROGRESS.phase("eval", f"evaluation at step {self.step}", self.step)
+        with self.spent.timed("eval_s"):
+            loss = self.evaluate()
+        if loss is None:
+            return False
+        summary["val_loss"] = loss
+        bar.write(f"step {self.step}: val loss {loss:.4f}")
+        self.reporter.window.start = time.perf_counter()  # evaluation time is not training time
+        return True
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def sync(self) -> float:
+        """The step's one small all_reduce: the straggler wait, the OR of the preemption flags, whether every
+        rank's background checkpoint write is done, and rank 0's verdict on checkpoint.interval_minutes."""
+        minutes_due = self.env.is_main and self.policy.minutes_elapsed()
+        values = [1.0 if self.stop.raised else 0.0,
+                  0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0]
+        seconds, (signalled, writing, due) = timed_flags(values)  # host values over gloo: no GPU sync
+        if self.checkpointer.pending is not None and writing == 0:
+            try:
+                self.checkpointer.finish_async()
+            except SaveFailed as e:
+                self.save_failed(e)
+        if signalled:
+            self.stop.agree()
+        if due:
+            self.policy.due = True
+        return seconds
+
+    def train_step(self) -> dict[str, Any] | None:
+        """One optimizer step; at log intervals also the metrics record of the window it closes."""
+        t, window = self.train, self.reporter.window
+        lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        PROGRESS.phase("step", f"step {self.step}", self.step)
+        self.faults.before_step(self.step, self.first_step)
+        data_start = time.perf_counter()
+        micro = self.prefetch.take(self.step)
+        window.data_done(data_start, self.prefetch.read_s)
+        # A fast rank's host waits here for a slow one (on a CPU): communication time, not its own work.
+        window.sync_wait(self.sync())
+        if self.stop.reason is not None:  # every rank stops before this step, and saves
+            self.batches.step = self.step
+            return None
+        log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
+        result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
+                                          layer_norms=log_now and t.layer_grad_norms)
+        window.step_done(result.clock)
+        values = self.reporter.record(self.step, result, lr) if log_now else None
+        self.step += 1
+        return values
+
+    def fit(self) -> dict[str, float]:
+        t = self.train
+        self.reporter.show_banner()
+        bar = ProgressBar(t, self.step, self.env.is_main)
+        summary: dict[str, Any] = {}
+        self.reporter.window = StepTimer(self.device)
+        if self.eval_pending and t.eval_interval:  # a signal interrupted it before the checkpoint: do it again
+            self.run_eval(summary, bar)
+        started = time.perf_counter()
+        while self.step < t.max_steps and self.stop.reason is None:
+            with self.spent.timed("train_s"):
+                values = self.train_step()
+            self.spent.steps += self.stop.reason is None
+            if "first_step_s" not in self.startup:
+                self.startup.update(first_step_s=time.perf_counter() - started, first_step_at=time.time())
+            if self.stop.reason is not None:
+                break
+            bar.advance(self.step, values)
+            if values:
+                summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
+            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+                if not self.run_eval(summary, bar):
+                    break
+            if self.reporter.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
+                self.stop.exclude(self.reporter.exclusion)
+            elif self.policy.save_now(self.step):
+                try:
+                    self.save()
+                except SaveFailed as e:
+                    self.save_failed(e)
+        bar.close()
+        self.prefetch.close()
+        PROGRESS.phase("finish", "the final save", self.step)
+        self.stop.summarise(summary, self.step)
+        # Nothing trained yet (a signal before the first step): no checkpoint, the next attempt starts afresh as
+        # this one did. A step-0 checkpoint would not resume exactly: DCP gives an optimizer without state a
+        # step of its own, which shifts AdamW's bias correction.
+        if self.step > 0 and (self.saved_step != self.step or self.eval_pending):
+            self.save(allow_async=False)
+        self.checkpointer.close()
+        summary["first_step"], summary["last_step"] = self.first_step, self.step
+        summary["spent"] = self.spent.as_dict()
+        self.metrics.close()
+        return summary
+
+    def save(self, allow_async: bool = True) -> Path:
+        PROGRESS.phase("save", f"checkpoint save at step {self.step}", self.step)
+        with self.spent.timed("save_s"):
+            path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
+                                          allow_async=allow_async)
+        self.spent.saves += 1
+        self.policy.saved()
+        self.saved_step = self.step
+        if self.checkpointer.pending is None:
+            log.info("saved checkpoint %s (training blocked %.2f s)", path, self.checkpointer.last_blocked_s)
+        else:
+            log.info("saving checkpoint %s in the background (training blocked %.2f s)", path,
+                     self.checkpointer.last_blocked_s)
+        self.reporter.window.start += self.checkpointer.last_blocked_s  # saving is not training time
+        return path
+
+    def save_failed(self, e: SaveFailed) -> None:
+        """An interval save that storage refused: stop (the rank exits with the line), or with
+        checkpoint.on_save_error=continue train on and try again at the next interval."""
+        if self.ckpt.on_save_error != "continue":
+            raise e
+        self.saved_step = None  # the final save is still due
+        self.policy.failed()
+        if self.env.is_main:
+            log.warning("%s; checkpoint.on_save_error=continue: training goes on and the next save is tried at its "
+                        "interval", e)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        """meta.json's fields for a checkpoint of the current step."""
+        return self.state.meta(self.step, self.eval_pending)
+
+    def rank_state(self) -> dict[str, Any]:
+        """This rank's own part of a checkpoint of the current step."""
+        return self.state.rank_state(self.step)

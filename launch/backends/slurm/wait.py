@@ -1,0 +1,329 @@
+"""Waiting for submitted cluster=slurm jobs: a progress bar, one line per hang or requeue as it happens, and each
+point's result, or its error and log path, as soon as its job ends.
+
+Job states come from `squeue` (then `scontrol`, then `sacct`): submitit alone would ask `sacct`, which a cluster
+without accounting lacks, and then never see a job that died without writing its result.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from collections.abc import Callable
+
+from gpt.config import schema
+from gpt.errors import UserError
+from gpt.resilience.hang import newest_hang
+from gpt.run_folder import RunFolder
+from launch.backends.slurm import commands as slurm_commands
+from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
+from launch.backends.slurm.submit import Submitted, show_path
+from launch.run.identity import newest_step
+
+OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
+FAST_FOR_S = 60.0  # the waiter polls at its own pace for this long after anything changed...
+SLOW_POLL_S = 30.0  # ...then at a tenth of how long nothing has, up to this
+
+
+@dataclass
+class Outcome:
+    submitted: Submitted
+    state: str
+    results: list[Any] = field(default_factory=list)  # per task, when every task succeeded
+    errors: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.state == "COMPLETED" and not self.errors
+
+    @property
+    def result(self) -> dict:
+        """What a sweep point returns: where and how it ran, and rank 0's training summary."""
+        s = self.submitted
+        hosts = sorted({r["host"] for r in self.results if isinstance(r, dict) and "host" in r})
+        summary = next((r.get("summary") for r in self.results if isinstance(r, dict) and r.get("rank") == 0), None)
+        return {"job_id": s.job_id, "run_dir": str(s.point.run_dir), "state": self.state,
+                "nodes": s.point.resources.nodes, "world_size": s.point.resources.world_size, "hosts": hosts,
+                "summary": summary}
+
+    def message(self) -> str:
+        s = self.submitted
+        lines = [f"job {s.job_id} ({s.point.label}) ended {self.state}:"]
+        lines += [f"  {e}" for e in self.errors]
+        step = newest_step(s.point.run_dir)
+        if self.state == "TIMEOUT":
+            lines.append(f"  {timeout_line(s.point.run_dir, s.job_id, step)}")
+        if step is not None:
+            lines.append(f"  the same command continues the run from its newest checkpoint (step {step})")
+        if s.paths(0).stderr.exists():  # a job cancelled while pending has none
+            lines.append(f"  job log: {show_path(s.paths(0).stderr)}")
+        return "\n".join(lines)
+
+
+def timeout_line(run_dir: Path, job_id: str, step: int | None) -> str:
+    """Why a job that reached its time limit was not saved and requeued by the time-limit warning, from what its
+    run folder holds."""
+    folder = RunFolder(run_dir)
+    warned = [a for a in folder.attempts.read() if a.get("job_id") == job_id and a.get("ended", "").startswith(
+        "preempted:")]
+    if warned:
+        return ("it was warned before its time limit, but the save and the requeue did not finish in time: raise "
+                "cluster.signal_delay_s (the warning's lead)")
+    try:
+        run = schema.load(folder.config)
+    except (OSError, UserError):
+        return "it reached its time limit (cluster.time_min)"
+    limit = f"it reached its time limit (cluster.time_min={run.cluster.time_min})"
+    if not run.preemption.enabled:
+        return f"{limit} with preemption.enabled=false: nothing saved it; turn preemption on or raise cluster.time_min"
+    if step is None:
+        return (f"{limit} before its first checkpoint, and no time-limit warning reached the ranks: raise "
+                f"cluster.time_min, or save more often (checkpoint.interval_steps={run.checkpoint.interval_steps})")
+    return (f"{limit}, and no attempt recorded a time-limit warning (asked for cluster.signal_delay_s="
+            f"{run.cluster.signal_delay_s} s before the limit): it came too late for a step and a save, or never")
+
+
+
+def job_states(job_ids: list[str]) -> dict[str, JobInfo]:
+    """Job id -> state and pending reason; GONE for the jobs Slurm forgot. SlurmUnavailable in an outage."""
+    return slurm_commands.job_infos(job_ids)
+
+
+def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
+    """Read every task's result (a pickle submitit wrote) once the job has ended."""
+    from submitit.core.utils import pickle_load
+
+    outcome = Outcome(s, state)
+    pickles = [s.paths(t).result_pickle for t in range(s.num_tasks)]
+    if state in ("COMPLETED", GONE):  # a shared filesystem may show the files a little late
+        deadline = time.monotonic() + grace_s
+        while not all(p.exists() for p in pickles) and time.monotonic() < deadline:
+            time.sleep(0.2)
+    missing = []
+    for task, path in enumerate(pickles):
+        try:
+            kind, value = pickle_load(path)
+        except Exception:  # missing, or cut short by a killed task
+            missing.append(task)
+            continue
+        if kind == "success":
+            outcome.results.append(value)
+        else:
+            outcome.errors.append(_exception_line(str(value), s, task))
+    if state == GONE and not missing and not outcome.errors:
+        outcome.state = "COMPLETED"
+    if outcome.state != "COMPLETED" or missing or outcome.errors:
+        if missing and not outcome.errors:
+            outcome.errors.append(_unreported(s, missing))
+        if outcome.state == "COMPLETED":
+            outcome.state = "FAILED"
+    return outcome
+
+
+def _unreported(s: Submitted, missing: list[int]) -> str:
+    """Why tasks wrote no result: the job never started (no log: cancelled or failed while pending), or it
+    ended before they reported, with Slurm's exit code and reason and the end of its error output."""
+    info = _job_info(s.job_id)
+    why = ", ".join(f"{k}={info.get(k)}" for k in ("ExitCode", "Reason") if info and info.get(k) not in (None, "None"))
+    why = f" ({why})" if why else ""
+    if not s.paths(0).stderr.exists():
+        return f"it never started (no job log): it was cancelled or failed while pending{why}"
+    tail = _tail(s.paths(0).stderr)
+    return (f"the job ended before {_tasks(missing, s.num_tasks)} reported{why}"
+            + ("; its error output ends:\n    " + "\n    ".join(tail) if tail else ""))
+
+
+def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
+         on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+    """Poll Slurm until every job has ended; report each as it ends (errors at once, not after the sweep)."""
+    from tqdm import tqdm
+
+    pending = {s.job_id: s for s in submitted}
+    outcomes: dict[str, Outcome] = {}
+    # A bar on a terminal; in a log file (nohup, CI) one line whenever the status changes.
+    live = progress and sys.stderr.isatty()
+    bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
+               dynamic_ncols=True, mininterval=0.5)
+    watch = Watch(earlier={p for s in submitted for p in RunFolder(s.point.run_dir).hang_records()})
+    backoff = Backoff(poll_s)
+    try:
+        while pending:
+            infos = watch.poll(list(pending))
+            active = watch.active(pending)
+            watch.tell_hangs(active)
+            watch.tell_requeues(active)
+            for jid, info in infos.items():
+                if info.state in FINAL or info.state == GONE:
+                    outcomes[jid] = collect(pending.pop(jid), info.state)
+                    bar.update(1)
+                    if on_done:
+                        bar.clear()
+                        on_done(outcomes[jid])
+            status = watch.status(infos, pending)
+            bar.set_postfix_str(status, refresh=True)
+            if progress and not live and status and status != watch.last_status:
+                print(f"jobs: {len(outcomes)} of {len(submitted)} done, {status}", file=sys.stderr, flush=True)
+            watch.last_status = status
+            backoff.observe((status, len(pending), len(watch.hangs), len(watch.requeues), watch.outage_since))
+            if pending:
+                time.sleep(backoff.interval())
+    except KeyboardInterrupt:
+        bar.close()
+        ids = " ".join(j for s in pending.values() for j in s.job_ids)  # a chain's earlier links too
+        folder = show_path(submitted[0].point.run_dir.parent if len(submitted) > 1 else submitted[0].point.run_dir)
+        print(f"\ninterrupted: job(s) {ids} keep running; watch them with: squeue -j {ids.replace(' ', ',')}; "
+              f"stop them with: scancel {ids}; when they have ended, build the report with: "
+              f"python -m launch.report {folder}", file=sys.stderr)
+        raise SystemExit(130) from None
+    bar.close()
+    return [outcomes[s.job_id] for s in submitted]
+
+
+@dataclass
+class Watch:
+    """The waiter's memory between polls: the last states it saw (kept through a Slurm outage, never taken
+    for jobs that are gone), and the stuck jobs it has already explained."""
+
+    infos: dict[str, JobInfo] = field(default_factory=dict)
+    outage_since: float | None = None
+    explained: set[str] = field(default_factory=set)
+    last_status: str = ""
+    earlier: set[Path] = field(default_factory=set)  # hang reports there before: earlier submissions
+    hangs: set[str] = field(default_factory=set)  # the ones already told
+    requeues: set[tuple] = field(default_factory=set)  # (job id, restart) of the attempts already told
+    changed: set[str] = field(default_factory=set)  # the jobs whose state or reason the last poll changed
+
+    def active(self, pending: dict[str, Submitted]) -> list[Submitted]:
+        """The jobs whose run folders may hold news (a hang, a requeue): those running, and those whose state just
+        changed (a requeued job is pending again). A sweep's queued points cost the file system nothing."""
+        return [s for j, s in pending.items() if j in self.changed or self.infos.get(j, JobInfo(j, "")).state in
+                RUNNING]
+
+    def tell_hangs(self, jobs) -> None:
+        """A job whose watchdog reported a hang (its ranks then requeue it): one line, as soon as it is written."""
+        for s in jobs:
+            line = newest_hang(s.point.run_dir, self.earlier)
+            if line and line not in self.hangs:
+                self.hangs.add(line)
+                print(f"job {s.job_id} ({s.point.label}): {line}", file=sys.stderr, flush=True)
+
+    def tell_requeues(self, jobs) -> None:
+        """Each attempt that ended by requeueing its job (preempted, hung, a node excluded): one line from its
+        record in attempts.jsonl, so that the login node says why a job runs again and without which nodes."""
+        for s in jobs:
+            for a in RunFolder(s.point.run_dir).attempts.read():
+                key = (a.get("job_id"), a.get("restart"))
+                if a.get("job_id") != s.job_id or not a.get("requeued") or key in self.requeues:
+                    continue
+                self.requeues.add(key)
+                print(f"job {s.job_id} ({s.point.label}): {requeue_line(a)}", file=sys.stderr, flush=True)
+
+    def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
+        try:
+            fresh = job_states(job_ids)
+        except SlurmUnavailable as e:
+            now = time.monotonic()
+            if self.outage_since is None:
+                self.outage_since = now
+                print(f"Slurm does not answer ({e}); still waiting", file=sys.stderr, flush=True)
+            elif now - self.outage_since > OUTAGE_GRACE_S:
+                raise UserError(f"Slurm has not answered for {OUTAGE_GRACE_S} s ({e}); the jobs "
+                                f"{' '.join(job_ids)} may still run: check with squeue") from None
+            return {j: self.infos.get(j, JobInfo(j, "UNKNOWN")) for j in job_ids}
+        if self.outage_since is not None:
+            print("Slurm answers again", file=sys.stderr, flush=True)
+            self.outage_since = None
+        self.changed = {j for j, info in fresh.items() if self.infos.get(j) != info}
+        self.infos.update(fresh)
+        for info in fresh.values():
+            if info.stuck_hint and info.job_id not in self.explained:
+                self.explained.add(info.job_id)
+                print(f"job {info.job_id} is pending ({info.reason}) and will not start by itself: "
+                      f"{info.stuck_hint}", file=sys.stderr, flush=True)
+        return fresh
+
+    @staticmethod
+    def status(infos: dict[str, JobInfo], pending: dict[str, Submitted]) -> str:
+        """'1 running, 2 pending (Resources)': pending jobs with their reasons."""
+        counts: dict[str, int] = {}
+        for info in (infos[j] for j in pending if j in infos):
+            why = f" ({info.reason})" if info.state != "RUNNING" and info.reason not in ("", "None") else ""
+            key = info.state.lower() + why
+            counts[key] = counts.get(key, 0) + 1
+        return ", ".join(f"{n} {k}" for k, n in sorted(counts.items()))
+
+
+@dataclass
+class Backoff:
+    """The waiter's pause between polls: `poll_s` until nothing has changed for FAST_FOR_S, then a tenth of how
+    long nothing has (a job's end is then seen at most 10% late), up to SLOW_POLL_S; `poll_s` again as soon as
+    anything changes. A sweep of hours costs Slurm a call every 30 s, not every second."""
+
+    poll_s: float
+    seen: object = None
+    since: float = field(default_factory=time.monotonic)
+
+    def observe(self, seen: object, now: float | None = None) -> None:
+        """`seen`: what the waiter shows (states, reasons, lines told, an outage); a change makes it fast again."""
+        now = time.monotonic() if now is None else now
+        if seen != self.seen:
+            self.seen, self.since = seen, now
+
+    def interval(self, now: float | None = None) -> float:
+        quiet = (time.monotonic() if now is None else now) - self.since
+        if quiet < FAST_FOR_S:
+            return self.poll_s
+        return max(self.poll_s, min(SLOW_POLL_S, quiet / 10))
+
+
+def requeue_line(attempt: dict[str, Any]) -> str:
+    """'attempt 0 ended (excluded gl-n2) before its first step: requeued job 7 (...), without gl-n2'."""
+    step = attempt.get("last_step")
+    where = f"at step {step}" if step is not None else "before its first step"
+    note = attempt.get("note") or "requeued"
+    return f"attempt {attempt.get('restart', 0)} ended ({attempt.get('ended')}) {where}: {note}"
+
+
+def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
+    s = outcome.submitted
+    if outcome.ok:
+        summary = outcome.result.get("summary") or {}
+        loss = f", train loss {summary['train_loss']:.4f}" if summary.get("train_loss") is not None else ""
+        hosts = ", ".join(outcome.result["hosts"])
+        print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}",
+              file=out, flush=True)
+    else:
+        print(f"error: {outcome.message()}", file=sys.stderr, flush=True)
+
+
+def _job_info(job_id: str) -> JobInfo | None:
+    try:
+        return slurm_commands.scontrol_job(job_id)
+    except SlurmUnavailable:
+        return None
+
+
+def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:
+    lines = [x for x in traceback_text.strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else "unknown error"
+    prefix = "launch.backends.slurm.task.RankFailed: "
+    if last.startswith(prefix):
+        return last[len(prefix):]
+    return f"task {task}: {last} (traceback in {show_path(s.paths(task).stderr)})"
+
+
+def _tasks(missing: list[int], total: int) -> str:
+    if len(missing) == total:
+        return "any rank"
+    return "rank(s) " + ",".join(map(str, missing))
+
+
+def _tail(path: Path, n: int = 6) -> list[str]:
+    try:
+        lines = [x for x in path.read_text(errors="replace").splitlines() if x.strip()]
+    except OSError:
+        return []
+    # submitit's own chatter says nothing about the failure
+    return [x[:300] for x in lines if "submitit INFO" not in x][-n:]

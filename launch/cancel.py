@@ -1,0 +1,81 @@
+"""`python -m launch.cancel RUN_OR_SWEEP [--now]`: stop a run's or a sweep's jobs, saving first.
+
+Without --now each running job gets the run's preemption signal (preemption.signals, USR2 by default), as a time
+limit's warning would: every rank saves at the same step and the job requeues itself; once it has left the
+running state (or after --wait-s) it is cancelled, pending jobs at once. The same launch command continues the
+run from that checkpoint. --now cancels at once (the run continues from its newest earlier checkpoint). A sweep's
+report job is left to run: it builds the report of what was done. Torch-free: it runs on a login node.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from launch.backends.slurm import commands
+from launch.backends.slurm.commands import RUNNING, SlurmUnavailable
+from launch.run_state import ask_slurm, job_ids, run_folders
+
+WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
+POLL_S = 1.0
+
+
+def preemption_signal(run_dir: Path) -> str:
+    from gpt.resilience.preemption import configured_signals
+
+    names = [s.name.removeprefix("SIG") for s in configured_signals(run_dir / "config.yaml")]
+    return "USR2" if "USR2" in names or not names else names[0]  # USR2: what a time limit's warning sends
+
+
+def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdout) -> int:
+    runs = run_folders(target)
+    by_job = {j: r for r in runs for j in job_ids(r)}
+    infos = ask_slurm(sorted(by_job))
+    live = {j: i for j, i in infos.items() if i.state in RUNNING or i.state in commands.PENDING}
+    if not live:
+        print(f"no job of {target} is pending or running", file=out)
+        return 0
+    running = [j for j, i in live.items() if i.state in RUNNING]
+    first = sorted(set(live) - set(running)) if not now and running else []
+    commands.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
+    if not now and running:
+        for j in running:  # the steps only (not the batch shell): the ranks' handlers save and requeue
+            commands.run("scancel", f"--signal={preemption_signal(by_job[j])}", j)
+        print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint", file=out,
+              flush=True)
+        _wait_off_running(running, wait_s)
+    try:
+        commands.run("scancel", *sorted(set(live) - set(first)), timeout=60)
+    except SlurmUnavailable as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
+          "checkpoint", file=out)
+    return 0
+
+
+def _wait_off_running(job_ids: list[str], wait_s: float) -> None:
+    """Until no job runs (each requeued itself after its save, or ended), at most wait_s."""
+    deadline = time.monotonic() + wait_s
+    while time.monotonic() < deadline:
+        infos = ask_slurm(job_ids)
+        if not any(i.state in RUNNING for i in infos.values()):
+            return
+        time.sleep(POLL_S)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m launch.cancel", description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path, help="a run folder (runs/NAME) or a sweep folder (runs/sweeps/NAME)")
+    parser.add_argument("--now", action="store_true", help="cancel at once, without saving first")
+    parser.add_argument("--wait-s", type=float, default=WAIT_S, help="the longest wait for the save (seconds)")
+    args = parser.parse_args(argv)
+    if not run_folders(args.run):
+        print(f"error: no run folder at or under {args.run} (a folder with a config.yaml)", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(cancel(args.run, args.now, args.wait_s))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Planning a sweep point before anything runs: validation, layout, budget, labels (torch-free)."""

@@ -1,0 +1,120 @@
+"""Turn a checked config into a plan, before any process starts or any job is submitted: the device and layout
+the ranks will run, the prepared data, and the resolved config in the run folder. Torch-free: a local run's GPUs
+are counted with torch imported only then."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from hydra.utils import to_absolute_path
+
+from gpt.config import schema
+from gpt.config.schema import RunConfig
+from gpt.config.data import DataConfig
+from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
+from gpt.errors import ConfigError, UserError
+from gpt.parallel import plan_layout
+from gpt.run_folder import RunFolder
+from launch.run.identity import flat
+
+
+@dataclass(frozen=True)
+class Plan:
+    run_dir: Path
+    nodes: int
+    tasks_per_node: int
+    prepare_job: DataConfig | None = None  # data.prepare_on=job: the data a Slurm job prepares before this run's
+
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.tasks_per_node
+
+
+def planned_device(run: RunConfig) -> str:
+    """The device the ranks will compute on: train.device, or for `auto` what the run asks for. A Slurm job has
+    the GPUs of cluster.gpus_per_node whatever this login node has."""
+    if run.train.device != "auto":
+        return run.train.device
+    if run.cluster.name == "slurm":
+        return "cuda" if run.cluster.node_gpus > 0 else "cpu"
+    if run.cluster.name == "srun":
+        from launch.backends.srun import gpus_on_node
+
+        return "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
+    import torch  # the ranks run here: this machine's GPUs
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_local_gpus(run: RunConfig, device: str, world_size: int) -> None:
+    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU")."""
+    if run.cluster.name != "local" or device != "cuda":
+        return
+    import torch
+
+    gpus = torch.cuda.device_count()
+    if gpus == 0:
+        raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
+    if world_size > gpus:
+        raise ConfigError("cluster.tasks_per_node", run.cluster.tasks_per_node,
+                          f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
+                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
+
+
+def make_plan(run: RunConfig, run_dir: Path, live_job: str | None = None) -> Plan:
+    """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
+    resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
+    config, which this command must then equal."""
+    nodes, per_node = run.cluster.nodes, run.cluster.tasks_per_node
+    if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
+        raise ConfigError("cluster.nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
+                          nodes if not isinstance(nodes, int) else per_node, "a positive integer")
+    device = planned_device(run)
+    check_local_gpus(run, device, nodes * per_node)
+    train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
+    dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
+    train.micro_batches(dims.dp)
+
+    data = absolute(run.data, to_absolute_path)
+    prepare_job = data if in_preparation_job(run, data) else None
+    if prepare_job:
+        check_tokenizer_vocab(data, run.model.vocab_size)
+    else:
+        check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
+
+    resolved = dataclasses.replace(run, data=data)
+    if live_job is not None:
+        check_same_config(resolved, run_dir, live_job)
+    else:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        schema.save(resolved, RunFolder(run_dir).config)
+    return Plan(run_dir, nodes, per_node, prepare_job)
+
+
+def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
+    """data.prepare_on=job with cluster=slurm, and the data not yet prepared the same way. Under srun (sbatch
+    slurm/multi_node.sh) the launcher already runs inside the job: it prepares there, on the job's first node."""
+    if data.prepare_on == "job" and run.cluster.name == "local":
+        raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
+                          "cluster=slurm")
+    return data.prepare_on == "job" and run.cluster.name == "slurm" and not is_prepared(data)
+
+
+def check_same_config(run: RunConfig, run_dir: Path, job_id: str) -> None:
+    """The job trains with the folder's config.yaml: this command may wait for it only if it asks for the same
+    (the launcher section aside: waiting or detached is this command's own business)."""
+    from omegaconf import OmegaConf
+
+    path = RunFolder(run_dir).config
+    saved = flat(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {}
+    current = flat(schema.config_plain(run))
+    keys = [k for k in sorted(set(saved) | set(current)) if not k.startswith("launcher.")]
+    changed = [f"{k}: {saved.get(k, '<unset>')!r} in the folder, {current.get(k, '<unset>')!r} here"
+               for k in keys if saved.get(k) != current.get(k)]
+    if changed:
+        raise UserError(f"the run folder {run_dir} belongs to job {job_id}, which trains with its config.yaml, not "
+                        f"this command's ({'; '.join(changed[:6])}). Wait for it (squeue -j {job_id}), or cancel it "
+                        f"(scancel {job_id}) and run this command again")

@@ -1,0 +1,34 @@
+"""A run checked and planned on the login node, before any process starts or job is submitted."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from gpt.config.cluster import BudgetConfig
+from gpt.config.schema import RunConfig
+from launch.backends import Backend, Point
+from launch.planning.plan import Plan
+from launch.run.identity import Existing
+
+
+@dataclass
+class Prepared:
+    """A validated, planned run: its resolved config is in plan.run_dir, nothing runs yet."""
+
+    run: RunConfig
+    plan: Plan
+    backend: Backend
+    resources: object | None = None  # what a submitting backend's job asks for
+    budget: BudgetConfig | None = None  # what a submitting backend's jobs may cost
+    existing: Existing | None = None  # what the run folder already holds (None: a new run)
+    live_job: str | None = None  # its job from an earlier launch, still pending or running: waited for, not resubmitted
+
+    @property
+    def finished(self) -> bool:
+        return self.existing is not None and self.existing.finished
+
+    @property
+    def label(self) -> str:
+        return self.plan.run_dir.name
+
+    def point(self) -> Point:
+        return Point(self.label, self.plan.run_dir, self.run.name, self.resources)

@@ -1,0 +1,60 @@
+"""The health checks of gpt.resilience.health at the start of every attempt (per node on CPU, per GPU on GPUs),
+and what follows: the figures in RUN_DIR/health-<attempt>.json, a warning naming each node or GPU below
+health.min_fraction (or failing storage), and with health.action=exclude a requeue without those nodes (Slurm's
+ExcNodeList), recorded in attempts.jsonl."""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gpt.dist.process_group import DistEnv, Rendezvous, from_rank0
+from gpt.resilience.health import measure_gpus, measure_nodes
+from gpt.resilience.health_verdict import NodeVerdict, Verdict, bus_bandwidth_gbps
+from gpt.resilience.progress import PROGRESS
+from gpt.config.sections import DebugConfig, HealthConfig
+from gpt.run_folder import RunFolder
+from launch.run.attempts import log_attempt
+from launch.rank.job_env import JobEnvironment
+
+log = logging.getLogger("launch.health")
+
+
+def check_health(run_dir: Path, env: DistEnv, job: JobEnvironment, attempt: int, device,
+                 rendezvous: Rendezvous | None, *, health: HealthConfig, debug: DebugConfig, precision: str,
+                 restarts: int) -> bool:
+    """Every rank takes part. True (on every rank) when the job was requeued (at most `restarts` times in all)
+    without a flagged node."""
+    if not health.enabled:
+        return False
+    slow = attempt == 1 and debug.slow_node == env.node_rank
+    PROGRESS.phase("startup", "health checks")
+    verdict = measure_gpus(health, env, device, run_dir, slow) if device.type == "cuda" \
+        else cpu_verdict(run_dir, env, device, rendezvous, health, precision, slow)
+    excluded = False
+    if env.is_main:
+        verdict.write(RunFolder(run_dir).health_record(attempt))
+        log.info("%s", verdict.summary())
+        for problem in verdict.problems():
+            log.warning("health: %s (health.min_fraction=%g)", problem, health.min_fraction)
+        if verdict.flagged_hosts and health.action == "exclude":
+            excluded = exclude(run_dir, job, restarts, verdict)
+    return from_rank0(excluded)
+
+
+def cpu_verdict(run_dir: Path, env: DistEnv, device, rendezvous: Rendezvous | None, health: HealthConfig,
+                precision: str, slow: bool) -> NodeVerdict:
+    nodes = measure_nodes(health, env.node_rank, env.num_nodes, env.hostname, env.rank, device, precision, run_dir,
+                          slow)
+    bus = bus_bandwidth_gbps(env.world_size, rendezvous.all_reduce_bytes, rendezvous.all_reduce_ms) \
+        if rendezvous else None
+    return NodeVerdict(nodes, health.min_fraction, bus)
+
+
+def exclude(run_dir: Path, job: JobEnvironment, restarts: int, verdict: Verdict) -> bool:
+    hosts = sorted(set(verdict.flagged_hosts))
+    requeued, how = job.requeue_excluding(hosts, restarts)
+    (log.warning if requeued else log.error)("health: %s", how)
+    if requeued:
+        log_attempt(run_dir, job, {"first_step": None, "last_step": None, "ended": f"excluded {', '.join(hosts)}",
+                                   "health": verdict.as_dict(), "requeued": True, "note": how})
+    return requeued

@@ -1,0 +1,74 @@
+"""Inside a rank, the scheduler's side of the job: its id, which attempt this is, and how to run it again.
+gpt/ knows no scheduler: on a preemption signal the trainer saves and stops, and the worker asks this object to
+requeue. Each backend that submits jobs adds its class to SCHEDULERS (launch/backends/<name>/job.py)."""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+
+SCHEDULERS = ("launch.backends.slurm.job:SlurmJob",)  # classes with detect(environ) -> bool
+
+
+class JobEnvironment:
+    """No scheduler (cluster=local): nothing requeues the run; the same command resumes it."""
+
+    scheduler = "none"
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        self.environ = dict(os.environ if environ is None else environ)
+
+    @classmethod
+    def detect(cls, environ: Mapping[str, str]) -> bool:
+        return True
+
+    @property
+    def job_id(self) -> str | None:
+        return None
+
+    @property
+    def restart(self) -> int:
+        return 0
+
+    @property
+    def hosts(self) -> list[str]:
+        """The job's hosts, in rank order of their first rank."""
+        import socket
+
+        return [socket.gethostname()]
+
+    def variables(self) -> dict[str, str]:
+        """The scheduler's variables, recorded in environment/rank<R>.json."""
+        return {}
+
+    def requeue(self, max_restarts: int) -> tuple[bool, str]:
+        return False, "no scheduler to requeue the run: run the same command to resume it"
+
+    def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
+        return False, f"no scheduler to run the job without {', '.join(hosts)}: training goes on with it"
+
+    def next_link(self, run_dir) -> str | None:
+        """The job that continues this run once this one ends (cluster.chain), if one is queued."""
+        return None
+
+    def end_reason(self, job_id: str) -> str:
+        """How a past attempt of this run (that job) ended, when it could not say so itself."""
+        return "killed outright (the process was gone without a word)"
+
+    def job_state(self, job_id: str) -> str | None:
+        """That job's state as the scheduler says it (None: this environment cannot tell)."""
+        return None
+
+    def lost_nodes(self) -> str:
+        """This job's nodes that the scheduler holds down or failed, with its reason ('' when none)."""
+        return ""
+
+
+def job_environment(environ: Mapping[str, str] | None = None) -> JobEnvironment:
+    env = dict(os.environ if environ is None else environ)
+    for path in SCHEDULERS:
+        module, name = path.split(":")
+        cls = getattr(importlib.import_module(module), name)
+        if cls.detect(env):
+            return cls(env)
+    return JobEnvironment(env)

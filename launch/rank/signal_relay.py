@@ -1,0 +1,54 @@
+"""How a rank's parent (its task wrapper under Slurm, srun's launcher under cluster=srun) passes the preemption
+signals on: it catches them from before the child starts, and passes each on once the child can take it. A rank
+starts with them ignored (a signal during its seconds of start-up must not kill it) and handles them once its
+flag is in place (launch.rank.worker.install_flag)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+from collections.abc import Callable, Iterable
+
+from gpt.resilience.timing import RELAY_POLL_S
+
+
+class SignalRelay:
+    """Catches `signals` from now on; `wait` passes them on, in order, to a child."""
+
+    def __init__(self, signals: Iterable[int]):
+        self.received: list[int] = []  # every signal caught, passed on or not
+        self.previous = {s: signal.signal(s, lambda signum, _frame: self.received.append(signum)) for s in signals}
+
+    def wait(self, child: subprocess.Popen, ready: Callable[[int], bool]) -> int:
+        """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so."""
+        passed = 0
+        while True:
+            try:
+                return child.wait(timeout=RELAY_POLL_S)
+            except subprocess.TimeoutExpired:
+                pass
+            while passed < len(self.received) and ready(self.received[passed]):
+                child.send_signal(self.received[passed])
+                passed += 1
+
+    def restore(self) -> None:
+        """The handlers from before (a launcher that goes on after its child ended)."""
+        for s, handler in self.previous.items():
+            signal.signal(s, handler)
+
+
+def ignore(signals: Iterable[int]) -> None:
+    """In a child before it runs the rank (preexec_fn): those signals wait until the rank handles them."""
+    for signum in signals:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+def catches(pid: int, signum: int) -> bool:
+    """Whether process `pid` has a handler for `signum` yet (Linux: SigCgt in /proc/PID/status)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("SigCgt:"):
+                    return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    except OSError:
+        pass
+    return True  # cannot tell: pass it on

@@ -1,0 +1,79 @@
+"""How many CPU threads each rank computes with, decided per sweep point and handed to the rank in its own
+environment. The launcher's environment is never changed, so nothing leaks from one sweep point to the next.
+
+    an OMP_NUM_THREADS the user set        that, as given
+    cluster.cpus_per_task (Slurm's -c)     that many: Slurm gave each task its own CPUs
+    otherwise                              the CPUs this process may use, divided by the ranks sharing them
+
+Kept free of torch: the launcher and the Slurm task wrapper plan with it before any rank starts.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from collections.abc import Mapping
+
+THREADS = "OMP_NUM_THREADS"
+SOURCE = "GPTLAUNCH_THREADS_SOURCE"
+RANKS_ON_HOST = "GPTLAUNCH_RANKS_ON_HOST"
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which Slurm and taskset narrow), not the machine's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _positive(value: str | None) -> int | None:
+    return int(value) if value is not None and value.strip().isdigit() and int(value) > 0 else None
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    threads: int        # per rank
+    source: str         # where the figure came from, for the banner and environment/rank<R>.json
+    ranks_on_host: int  # ranks that share this host's CPUs
+
+    @classmethod
+    def decide(cls, ranks_on_host: int, cpus_per_task: int | None = None,
+               environ: Mapping[str, str] | None = None, cpus: int | None = None) -> ThreadPlan:
+        env = os.environ if environ is None else environ
+        user = _positive(env.get(THREADS))
+        if user is not None:
+            return cls(user, f"{THREADS}={user} (yours)", ranks_on_host)
+        if cpus_per_task:
+            return cls(cpus_per_task, f"--cpus-per-task={cpus_per_task}", ranks_on_host)
+        cpus = cpus or usable_cpus()
+        threads = max(1, cpus // max(1, ranks_on_host))
+        return cls(threads, f"{cpus} CPU(s) / {ranks_on_host} rank(s)", ranks_on_host)
+
+    def env(self) -> dict[str, str]:
+        """The variables a rank's process is started with."""
+        return {THREADS: str(self.threads), SOURCE: self.source, RANKS_ON_HOST: str(self.ranks_on_host)}
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> ThreadPlan:
+        """Inside a rank: the plan its launcher handed over (or, started some other way, one made here)."""
+        env = os.environ if environ is None else environ
+        slurm_tasks = env.get("SLURM_NTASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE", "").split("(")[0]
+        ranks = (_positive(env.get(RANKS_ON_HOST)) or _positive(slurm_tasks) or _positive(env.get("LOCAL_WORLD_SIZE"))
+                 or 1)
+        if SOURCE in env and _positive(env.get(THREADS)):
+            return cls(int(env[THREADS]), env[SOURCE], ranks)
+        return cls.decide(ranks, _positive(env.get("SLURM_CPUS_PER_TASK")), env)
+
+    def oversubscribed(self, cpus: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:
+        """A warning when the ranks that share this rank's CPUs ask for more threads than there are. A task that
+        Slurm bound to CPUs of its own (its affinity is narrower than the step's CPUs on this host,
+        SLURM_CPUS_ON_NODE) shares them with no other rank; otherwise every rank of the host shares them."""
+        env = os.environ if environ is None else environ
+        cpus = cpus or usable_cpus()
+        step_cpus = _positive(env.get("SLURM_CPUS_ON_NODE"))
+        sharing = 1 if step_cpus is not None and cpus < step_cpus else self.ranks_on_host
+        wanted = self.threads * sharing
+        if wanted <= cpus:
+            return None
+        return (f"{sharing} rank(s) x {self.threads} thread(s) = {wanted} threads on {cpus} CPU(s): "
+                f"they slow each other down; unset {THREADS} or set it to {max(1, cpus // sharing)}")

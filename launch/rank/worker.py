@@ -1,0 +1,352 @@
+"""Each rank's entry point, whoever started it (the local backend, srun, submitit): find this rank's place,
+join the process group, train, leave.
+
+    python -m launch.rank.worker RUN_DIR     # reads RUN_DIR/config.yaml, written by the launcher
+"""
+from __future__ import annotations
+
+import time
+
+STARTED = time.time()  # the interpreter is up; everything after this line is imports (start-up breakdown)
+
+import json  # noqa: E402
+import logging  # noqa: E402
+import os  # noqa: E402
+import signal  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from gpt.config import schema  # noqa: E402
+from gpt.config.schema import RunConfig  # noqa: E402
+from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
+
+from gpt.dist.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
+                                    pick_device, preflight)
+from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line  # noqa: E402
+from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
+from gpt.resilience.disk_faults import LogFile, cause  # noqa: E402
+from gpt.resilience.lease import install_fence  # noqa: E402
+from gpt.resilience.progress import PROGRESS  # noqa: E402
+from gpt.resilience.recovery_rule import repeated_recovery  # noqa: E402
+from gpt.resilience.timing import ACTOR_WAIT_S, SCHEDULER_GRACE_S  # noqa: E402
+from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
+from gpt.resilience.watchdog import Watchdog, flight_recorder_env  # noqa: E402
+from gpt.train.runinfo import write_environment  # noqa: E402
+from gpt.resilience.goodput import run_goodput  # noqa: E402
+from gpt.run_folder import RunFolder  # noqa: E402
+from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
+                                 this_attempt, this_attempts_line)
+from launch.rank.environment import detect  # noqa: E402
+from launch.rank.gpu_plan import GpuPlan, check_gpus  # noqa: E402
+from launch.rank.health_gate import check_health  # noqa: E402
+from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
+from launch.rank.parent import end_with_launcher  # noqa: E402
+from launch.run.identity import newest_step  # noqa: E402
+from launch.run.lock import take  # noqa: E402
+from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
+from launch.rank.threads import ThreadPlan  # noqa: E402
+
+log = logging.getLogger("launch.rank.worker")
+
+
+def setup_logging(run_dir: Path, env: DistEnv) -> None:
+    """Every line says which rank wrote it; each rank also keeps its own log file in the run folder."""
+    folder = RunFolder(run_dir)
+    folder.logs.mkdir(parents=True, exist_ok=True)
+    fmt = logging.Formatter(f"[rank{env.rank} %(asctime)s %(levelname)s] %(message)s", "%H:%M:%S")
+    file = LogFile(folder.log(env.rank))  # a full disk drops its lines, said once
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    root = logging.getLogger()
+    root.handlers.clear()
+    root.setLevel(logging.INFO)
+    for handler in (file, console):
+        handler.setFormatter(fmt)
+        root.addHandler(handler)
+
+
+def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
+    """`run` is the run folder's config as install_flag read it (None: it could not, and reading it again here
+    reports why)."""
+    from gpt.train.trainer import Trainer  # after logging is set up, so import-time warnings carry the rank
+
+    run_dir, folder = attempt.run_dir, RunFolder(attempt.run_dir)
+    clock = attempt.clock = StartupClock(run_dir, process_start=STARTED)
+    clock.mark("imported")
+    env, job = detect(), job_environment()
+    attempt.job = job
+    setup_logging(run_dir, env)
+    run = run or schema.load(folder.config)
+    threads = apply_threads(env)
+    device = pick_device(run.train.device, env)
+    gpus = GpuPlan.of(env, os.environ)
+    write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
+                                             "ranks_on_host": threads.ranks_on_host, "gpu_plan": gpus.record(),
+                                             "scheduler": job.variables(), "step": os.environ.get(STEP_TOKEN)})
+    attempt.number = len(folder.attempts.read()) + 1  # read before rank 0 writes this attempt's first line
+    restarts = run.preemption.max_restarts
+    start_watchdog(attempt, env, run.watchdog, restarts)
+    Faults(run.debug, env.rank, attempt.number).before_start()
+    PROGRESS.phase("startup", "joining the process group")
+    rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog)
+    check_gpus(env, device, gpus)
+    clock.mark("rendezvous")
+    hold_the_folder(attempt, env, job)
+    if check_health(run_dir, env, job, attempt.number, device, rendezvous, health=run.health, debug=run.debug,
+                    precision=run.train.precision, restarts=restarts):
+        leave()
+        return {"preempted": "health", "requeued": True}
+    trainer = Trainer(run, env, run_dir, attempt.number)
+    if env.is_main:
+        begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
+    attempt.trainer = trainer
+    summary = trainer.fit()
+    startup = clock.breakdown(trainer.startup)
+    if env.is_main:
+        log.info("%s", StartupClock.describe(startup))
+    record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup,
+              "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary)}
+    if summary.get("preempted"):
+        return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record)}
+    leave()
+    if env.is_main:  # what a launcher reports as the run's result
+        log_attempt(run_dir, job, {**record, "ended": "finished"})
+        end_attempt(run_dir, this_attempt(job))
+        log.info("run finished: %s", run_goodput(folder.attempts.read()).describe())
+        folder.summary.write_text(json.dumps(
+            {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
+    return summary
+
+
+def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None:
+    """One writer per run folder, from before the first step to the exit: rank 0 takes the folder's lease, and every
+    rank fences its writes with that generation (a rank of an attempt that lost the folder stops writing)."""
+    generation = 0
+    if env.is_main:
+        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state)
+        generation = attempt.lock.generation
+    install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
+
+
+def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig,
+         watchdog: WatchdogConfig) -> Rendezvous | None:
+    """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
+    if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
+        os.environ.update(flight_recorder_env(run_dir))
+    rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
+                                    join_timeout_s=rendezvous_cfg.timeout_s)
+    if rendezvous is None:
+        return None
+    rendezvous = preflight(rendezvous, device)
+    if env.is_main:
+        log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
+        RunFolder(run_dir).rendezvous.write_text(json.dumps(
+            {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
+             "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
+             "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+    return rendezvous
+
+
+def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: int, summary: dict,
+                   record: dict) -> bool:
+    """Every rank has saved (the save ends with a barrier). Rank 0 asks the scheduler to run the job again;
+    Slurm then stops every process of this attempt (SIGTERM, which only sets the flag now) and starts the job
+    again with the same id. A link of a chain (cluster.chain) with a later link queued ends instead: requeued, it
+    would run again ahead of that link, which continues the run once this job ends. Returns whether the run goes
+    on by itself (requeued, or the next link), on every rank."""
+    goes_on = False
+    if env.is_main:
+        requeued = False
+        extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
+        link = job.next_link(run_dir) if summary["preempted"] != "SIGINT" else None
+        if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
+            how = "stopped by Ctrl-C; the same command continues the run"
+        elif link is not None:
+            how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
+        elif summary.get("exclusion"):
+            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], restarts)
+        else:
+            requeued, how = job.requeue(restarts)
+        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
+        ended = f"node failure: {lost}" if lost else f"preempted:{summary['preempted']}"
+        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued, "note": how, **extra})
+        end_attempt(run_dir, this_attempt(job))
+        goes_on = requeued or link is not None
+        (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
+                                               summary["last_step"], summary["preempted"], how)
+    goes_on = _from_rank0(goes_on)
+    leave()
+    return goes_on
+
+
+def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, restarts: int) -> None:
+    """The rank's watchdog, from before it joins the others to its exit."""
+    if watchdog.enabled:
+        attempt.watchdog = Watchdog(watchdog, attempt.run_dir, env.rank, env.world_size, env.hostname, attempt.number,
+                                    lambda report: end_hung_attempt(attempt, restarts, report),
+                                    master=(env.master_addr, env.master_port) if env.distributed else None,
+                                    restart=attempt.job.restart).start()
+
+
+def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
+    """Called by the watchdog while the main thread is stuck. The one rank that acts (it has the report) says so
+    in one line, requeues the job (first: its records may be on a failing file system) and records the attempt;
+    another rank learns from the attempts log whether the job was requeued. Returns whether it was."""
+    run_dir, job = attempt.run_dir, attempt.job
+    if report is None:
+        return job.scheduler != "none" and requeued_by_peer(run_dir, job)
+    log.error("%s", report["summary"])
+    requeued, how = requeue_after_hang(attempt, restarts, report)
+    try:
+        if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
+            log_attempt(run_dir, job, attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
+                                                        requeued=requeued, note=how))
+        end_attempt(run_dir, this_attempt(job))
+    except OSError as e:
+        log.warning("watchdog: cannot record the attempt in %s: %s", RunFolder(run_dir).attempts.log, e)
+    (log.warning if requeued else log.error)("watchdog: %s", how)
+    return requeued
+
+
+def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str]:
+    """Requeue without the hosts the report names gone or cut off, unless the attempt before hung (or lost a
+    rank) too and no newer checkpoint was saved since: that hang would repeat on every restart."""
+    run_dir, job = attempt.run_dir, attempt.job
+    if job.scheduler == "none":  # nothing requeues (nor leaves hosts out): the same command resumes
+        return job.requeue(restarts)
+    try:
+        newest, earlier = newest_step(run_dir), RunFolder(run_dir).attempts.read()
+    except OSError:  # the storage fails: the rule cannot be read, and a restart may find it mended
+        newest, earlier = None, []
+    began = attempt.trainer.first_step if attempt.trainer else newest  # hung in start-up: nothing saved since
+    if repeated := repeated_recovery(earlier, began, newest):
+        where = f"step {newest}" if newest is not None else "the start"
+        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} was "
+                       f"saved since (a hang that repeats would repeat on every restart); the same command "
+                       f"continues the run")
+    if report.get("exclude"):
+        return job.requeue_excluding(report["exclude"], restarts)
+    return job.requeue(restarts)
+
+
+def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
+    """Whether the acting rank requeued the job, from its line in the attempts log (a while for it to write it;
+    no line: the job ends as it is, this rank's exit included)."""
+    deadline = time.monotonic() + ACTOR_WAIT_S
+    while time.monotonic() < deadline:
+        try:
+            line = this_attempts_line(run_dir, job)
+        except OSError:
+            line = None
+        if line is not None:
+            return bool(line.get("requeued"))
+        time.sleep(0.5)
+    return False
+
+
+def when_a_rank_vanished(attempt: Attempt, e: BaseException) -> None:
+    """A collective that failed because another rank vanished (killed, or its host lost: its heartbeat stops
+    without a word) ends the attempt as a hang does: reported, requeued. A rank's own error does not."""
+    dog = attempt.watchdog
+    if dog is None or not collective_failed(e):
+        return
+    dog.end(f"failed: {type(e).__name__}")
+    if dog.lost_peers():
+        dog.fire(f"a collective failed ({error_line(e, limit=200)})", 0.0, PROGRESS.snapshot()["idle_s"])
+    PROGRESS.stop_if_halted()  # the watchdog thread ran out of budget meanwhile: it ends the attempt
+
+
+def collective_failed(e: BaseException) -> bool:
+    return bool(PROGRESS.failed_in) or "peer" in str(e).lower()
+
+
+def apply_threads(env: DistEnv) -> ThreadPlan:
+    """The thread count the launcher chose for this rank, applied here (OMP_NUM_THREADS alone does not reach
+    every pool), and said once per host when the ranks there ask for more threads than it has CPUs."""
+    import torch
+
+    plan = ThreadPlan.from_env()
+    torch.set_num_threads(plan.threads)
+    warning = plan.oversubscribed()
+    if warning and env.local_rank == 0:
+        log.warning("%s", warning)
+    return plan
+
+
+def _from_rank0(value: bool) -> bool:
+    from gpt.dist.process_group import from_rank0
+
+    return from_rank0(value)
+
+
+def install_flag(run_dir: Path) -> RunConfig | None:
+    """The preemption handlers, before torch is imported: a signal during start-up sets the flag too. Returns the
+    run's config, read here once for the whole rank (None when it cannot be: run_rank reports why)."""
+    try:
+        run = schema.load(RunFolder(run_dir).config)
+    except Exception:
+        PreemptionFlag()
+        return None
+    if run.preemption.enabled:
+        PreemptionFlag(run.preemption.signals)
+        return run
+    for signum in parse_signals(run.preemption.signals):  # a task wrapper started us ignoring them
+        signal.signal(signum, signal.SIG_DFL)
+    return run
+
+
+def main() -> None:
+    attempt = Attempt(Path(sys.argv[1]))
+    run = install_flag(attempt.run_dir)
+    handled = parse_signals(run.preemption.signals) if run and run.preemption.enabled else ()
+    end_with_launcher(*handled[:1])  # a preemption signal when there is one: the rank saves, then stops
+    code = 0
+    try:
+        summary = run_rank(attempt, run)
+        if summary.get("preempted") and not summary.get("requeued"):
+            code = EXIT_PREEMPTED
+    except UserError as e:
+        PROGRESS.stop_if_halted()
+        log.error("%s", e)
+        code = EXIT_USER
+        _log_failure(attempt, str(e))
+    except BaseException as e:
+        PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
+        if run is not None and collective_failed(e):
+            abort_like_nccl(run.debug)
+        when_a_rank_vanished(attempt, e)
+        if run is not None and collective_failed(e):  # a peer is gone: its own log and task say why, not this trace
+            log.error("rank failed: a collective failed, a peer is gone (%s)", error_line(str(e), limit=200))
+        else:
+            log.exception("rank failed")
+        code = EXIT_FAILED
+        _log_failure(attempt, f"{type(e).__name__}: {e}", peer_gone=collective_failed(e))
+    attempt.release(code)
+    # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
+
+
+def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False) -> None:
+    """Rank 0 of an attempt that began (it holds the run's lease) says how it failed; one refused before that
+    writes nothing into another run's log. A collective that failed under it (`peer_gone`) may mean a rank was
+    killed: its task records the attempt (and requeues), so rank 0 gives it SCHEDULER_GRACE_S to do so first."""
+    run_dir, job = attempt.run_dir, attempt.job
+    if attempt.lock is None:
+        return
+    deadline = time.monotonic() + (SCHEDULER_GRACE_S if peer_gone and job.scheduler != "none" else 0)
+    while this_attempts_line(run_dir, job) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if this_attempts_line(run_dir, job) is not None:  # a vanished rank's task wrote it
+        return
+    try:
+        log_attempt(run_dir, job, attempt.early_end(f"failed: {error_line(message, limit=300)}", with_startup=True))
+        end_attempt(run_dir, this_attempt(job))
+    except OSError as e:
+        log.warning("cannot write this attempt's line in %s: %s; the next attempt records it", run_dir, cause(e))
+
+
+if __name__ == "__main__":
+    main()

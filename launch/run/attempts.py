@@ -1,0 +1,139 @@
+"""The lifecycle of an attempt of a run, over its attempts log (gpt.run_folder.AttemptsLog): rank 0 writes an
+attempt's line when it ends, with its start-up breakdown and its goodput record (gpt.resilience.goodput).
+
+The mark of the attempt in flight (job id, restart, lease generation, start time) is removed when its line is
+written. An attempt killed outright (kill -9, a lost node, the time limit) writes no line: the next one finds the
+mark, asks the scheduler how that job ended, and writes the line for it. Each line has one writer, the first to
+claim it (AttemptsLog.claim), however many processes try; a process whose attempt lost the run folder's lease writes
+none (gpt.resilience.lease.fence)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from gpt.errors import UserError
+from gpt.resilience.goodput import kept_training_s, last_record_time
+from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
+from gpt.run_folder import AttemptsLog, RunFolder
+from launch.rank.job_env import JobEnvironment
+
+if TYPE_CHECKING:
+    from gpt.resilience.watchdog import Watchdog
+    from gpt.train.trainer import Trainer
+    from launch.run.startup import StartupClock
+
+
+def this_attempt(job: JobEnvironment) -> str:
+    """This process's attempt's name in the attempts log."""
+    return AttemptsLog.key(job.job_id, job.restart, fenced_generation())
+
+
+def marked_attempt(mark: dict[str, Any]) -> str:
+    return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"))
+
+
+def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> bool:
+    """This attempt's line, unless another process wrote it; returns whether this one did."""
+    fence()
+    return RunFolder(run_dir).attempts.append_once(this_attempt(job), job.job_id, job.restart, record)
+
+
+def requeued(run_dir: Path, job: JobEnvironment) -> bool:
+    """Whether this attempt of this job ended by requeueing itself (its line in the attempts log says so)."""
+    line = this_attempts_line(run_dir, job)
+    return bool(line and line.get("requeued"))
+
+
+def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
+    """Where this attempt's allocated time went; `started` is when the attempt began (epoch seconds)."""
+    earlier = RunFolder(run_dir).attempts.read()
+    last = earlier[-1].get("last_step") if earlier else None
+    replayed = max(last - summary["first_step"], 0) if isinstance(last, int) else 0
+    # start-up ends where the first step begins: that step is training time
+    to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
+    return {"allocated_s": round(time.time() - started, 3), "startup_s": round(max(to_first, 0.0), 3),
+            "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.get("spent", {})}
+
+
+def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int) -> None:
+    """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one."""
+    attempts = RunFolder(run_dir).attempts
+    previous = attempts.read_mark()
+    if previous is not None:
+        how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
+        log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
+    fence()
+    attempts.mark({"job_id": job.job_id, "restart": job.restart, "generation": fenced_generation(), "started": started,
+                   "first_step": first_step})
+
+
+def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any],
+               claimed: bool = False) -> None:
+    """The line of an attempt that ended without writing one (its `mark`), with the training it kept: its steps
+    up to the checkpoint the run resumes from; unless another process claimed it (`claimed`: this one did)."""
+    fence()
+    attempts = RunFolder(run_dir).attempts
+    if not (claimed or attempts.claim(marked_attempt(mark))):
+        return
+    # once the next attempt records this one, the lease beats for the next: this one's last metrics record then
+    beat = None if record.get("recorded_by") else _last_beat(run_dir)
+    last_alive = beat or last_record_time(run_dir, mark["started"]) or mark["started"]
+    began = mark.get("first_step") or 0
+    attempts.append(mark.get("job_id"), mark.get("restart", 0), {
+        "first_step": began, "last_step": resumes_from, **record,
+        "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
+                    "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
+                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}})
+
+
+def this_attempts_line(run_dir: Path, job: JobEnvironment) -> dict[str, Any] | None:
+    """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
+    return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart)
+
+
+def _last_beat(run_dir: Path) -> float | None:
+    """When the run folder's lease last beat, by the holder's clock (a goodput figure, not a liveness test)."""
+    try:
+        beat = read_beat(run_dir)
+    except UserError:
+        return None
+    return beat.time if beat else None
+
+
+def end_attempt(run_dir: Path, key: str) -> None:
+    """Remove attempt `key`'s mark once its line is written (a later attempt's mark stays)."""
+    RunFolder(run_dir).attempts.unmark(key)
+
+
+@dataclass
+class Attempt:
+    """This rank's attempt as far as it got: what ends it (its watchdog, rank 0's lock of the run folder) and what
+    its line in the attempts log says when it ends early (a hang, a failure)."""
+
+    run_dir: Path
+    number: int = 0  # 1 for a run's first attempt
+    job: JobEnvironment | None = None
+    clock: StartupClock | None = None
+    watchdog: Watchdog | None = None
+    lock: Lease | None = None
+    trainer: Trainer | None = None  # set once rank 0 has marked the attempt begun
+
+    def early_end(self, ended: str, with_startup: bool = False, **extra: Any) -> dict[str, Any]:
+        """Its line when it ends before the trainer returns: the steps it ran, as far as it knows them, and with
+        its start-up breakdown when asked (not from the watchdog's thread: the trainer may still write it)."""
+        trainer = self.trainer
+        record = {"first_step": trainer.first_step if trainer else None,
+                  "last_step": trainer.step if trainer else None, "ended": ended, **extra}
+        if with_startup and trainer is not None and self.clock is not None:
+            record["startup"] = self.clock.breakdown(trainer.startup)
+        return record
+
+    def release(self, code: int) -> None:
+        """At the rank's exit: its watchdog says how it ended, and rank 0 gives the run folder's lock back."""
+        if self.watchdog is not None:
+            self.watchdog.end("finished" if code == 0 else f"exit code {code}")
+            self.watchdog.close()  # the rank ends with os._exit: no atexit handler runs
+        if self.lock is not None:
+            self.lock.release()

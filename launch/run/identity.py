@@ -1,0 +1,126 @@
+"""A run is one folder from its first submission to its last step (runs/<run>; a sweep's points under
+runs/sweeps/<run>/). Submitting the same command again continues it. Before anything runs, the launcher checks
+that no job of the run waits in the queue or runs (RUN_DIR/slurm_job.json), that no other live run holds it
+(launch.run.lock), that the folder's run is this run (RUN_DIR/run.json records what must not change: model, data,
+optimiser schedule, seed), and whether it has already finished. Nothing is written into the folder before that.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hydra.utils import to_absolute_path
+
+from gpt.checkpoint.store import newest_sound, step_of
+from gpt.config.schema import RunConfig
+from gpt.config.section import to_plain
+from gpt.data import absolute
+from gpt.data.inputs import corpus_files, corpus_record
+from gpt.errors import UserError
+from gpt.run_folder import RunFolder
+from gpt.resilience.timing import LOCK_BEAT_S
+from launch.backends.slurm.commands import PENDING
+from launch.rank.job_env import JobEnvironment
+from launch.run.lock import JobState, check_free
+
+# The launcher watches a lease only long enough to see a live holder beat; rank 0 waits out a stale one.
+LAUNCHER_WATCH_S = 2 * LOCK_BEAT_S + 1
+
+# What must be equal for a run to continue exactly (train.max_steps may grow when train.decay_steps is set).
+KEYS = ("seed", "model", "data.text_md5", "data.tokenizer", "data.vocab_size", "data.val_fraction",
+        "train.global_batch_size", "train.lr", "train.min_lr", "train.warmup_steps", "train.decay_steps (or max_steps)",
+        "train.weight_decay", "train.betas", "train.grad_clip", "train.precision")
+DECAY = "train.decay_steps (or max_steps)"
+
+
+def flat(d: Any, prefix: str = "") -> dict[str, Any]:
+    """A nested dict as {'train.lr': 3e-4, ...}."""
+    if not isinstance(d, dict):
+        return {prefix: d}
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        out.update(flat(v, f"{prefix}.{k}" if prefix else str(k)))
+    return out
+
+
+def identity(run: RunConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what must not change, flattened; the corpus's size, mtime and md5)."""
+    c = to_plain(run)
+    corpus = corpus_record(corpus_files(absolute(run.data, to_absolute_path)), known_text)
+    values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"],
+              "train.decay_steps (or max_steps)": run.train.decay_end}
+    for key in KEYS:
+        section, _, name = key.partition(".")
+        if key not in values:
+            values[key] = c[section][name]
+    return flat(values), corpus
+
+
+@dataclass(frozen=True)
+class Existing:
+    step: int | None  # the newest complete checkpoint's step
+    finished: bool
+
+
+def newest_step(run_dir: Path) -> int | None:
+    """The step of the newest sound checkpoint by write order (its manifest holds): the one resume=auto continues
+    from. A truncated newest one does not make a run finished."""
+    found, _ = newest_sound(RunFolder(run_dir).checkpoints)
+    return step_of(found) if found else None
+
+
+def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: JobState) -> None:
+    """Refuse while the job submitted for this folder waits in the queue (pending, held, requeued, suspended) or
+    runs: it trains with the folder's config when it starts, and a second job would rewrite that config under it."""
+    try:
+        queued = json.loads(RunFolder(run_dir).slurm_job.read_text())["job_id"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return
+    if queued == job.job_id:
+        return
+    state = job_state(str(queued))
+    if state in PENDING or state == "RUNNING":  # COMPLETING: its processes are ending, and its lease says so
+        raise UserError(f"the run folder {run_dir} belongs to job {queued}, which is {state}: it continues this run "
+                        f"when it runs. Wait for it (squeue -j {queued}), or cancel it (scancel {queued}) and run this "
+                        "command again")
+
+
+def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: JobState | None = None
+                     ) -> Existing | None:
+    """Before anything runs: None for a new run; else what the folder holds, once it is known to be this run.
+    Raises UserError when a job of the run is queued or running, when another run holds the folder, when its run
+    differs (the keys are listed), or when resume=none would start over on top of it."""
+    record_path = RunFolder(run_dir).identity
+    record = json.loads(record_path.read_text()) if record_path.is_file() else None
+    job_state = job_state or job.job_state
+    check_queued_job(run_dir, job, job_state)
+    check_free(run_dir, job.job_id, job.restart, job_state, LAUNCHER_WATCH_S)
+    current, corpus = identity(run, (record or {}).get("corpus"))
+    step = newest_step(run_dir)
+    if step is not None and run.resume == "none":
+        raise UserError(f"{run_dir} already holds this run at step {step}: resume=none would start over on top of "
+                        f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
+                        f"the folder")
+    if record is not None:
+        saved = record["identity"]
+        diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
+                 + (f" (train.decay_steps={saved[k]} keeps its schedule with a new max_steps)" if k == DECAY else "")
+                 for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
+        if diffs and step is not None:
+            raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
+                            "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
+                            "new run under another name (run=NAME).")
+    record_path.parent.mkdir(parents=True, exist_ok=True)
+    # every task of a job may write it at once, on several hosts whose pids may collide (pid namespaces)
+    tmp = record_path.with_name(f".{record_path.name}.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(json.dumps({"identity": current, "corpus": corpus,
+                               "created": (record or {}).get("created", time.time())}, indent=1))
+    os.replace(tmp, record_path)
+    if step is None:
+        return None
+    return Existing(step, step >= run.train.max_steps)

@@ -1,0 +1,94 @@
+"""One writer per run folder: rank 0 of an attempt takes the folder's lease (gpt.resilience.lease) before it trains
+and beats it from a thread; a second run in the same folder is refused, naming the holder.
+
+A lease is taken over only when its holder has ended: its last beat says so, the scheduler says its job ended, a
+process of this host and pid namespace is gone, or its sequence number did not change for LOCK_STALE_S of this
+process's clock. A fresh beat always vetoes a take-over, whoever holds it (a second launch in one allocation has the
+holder's job id); a holder whose job is suspended or waits in the queue keeps the folder. A displaced holder that
+wakes up finds the later generation and stops (the fence).
+"""
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+from gpt.errors import UserError
+from gpt.resilience.lease import Beat, Lease, LeaseLost, generation, observe, read_beat
+from gpt.resilience.timing import LOCK_STALE_S
+from launch.backends.slurm.commands import FINAL, GONE, PENDING
+
+log = logging.getLogger(__name__)
+
+JobState = Callable[[str], "str | None"]  # a job's Slurm state word, GONE, or None: the scheduler cannot tell
+
+
+def _alive(pid: int) -> bool:
+    """A process that runs. A zombie does not: a rank killed after its launcher died waits as one until pid 1 reaps
+    it, and its lease must not outlive it (the same command must continue the run at once)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True  # no /proc (not Linux): a signal that arrived means a process
+    return state not in ("Z", "X")
+
+
+def _refuse(run_dir: Path, beat: Beat, why: str) -> UserError:
+    stop = f"wait for it to end or stop it (scancel {beat.job_id})" if beat.job_id else "wait for it to end or stop it"
+    return UserError(f"the run folder {run_dir} is in use by another run ({beat.describe()}: {why}); {stop}, or give "
+                     "this run another name (run=NAME)")
+
+
+def ended_because(beat: Beat, job_state: JobState | None) -> str | None:
+    """Why the holder of `beat` has certainly ended, without watching it; None when that is not known."""
+    if beat.ended:
+        return "it ended"
+    if beat.job_id and job_state is not None:
+        state = job_state(beat.job_id)
+        if state in FINAL or state == GONE:
+            return f"job {beat.job_id} ended {state}"
+    if not beat.job_id and beat.same_process_namespace() and not _alive(beat.pid):
+        return f"process {beat.pid} is gone"
+    return None
+
+
+def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: JobState | None = None,
+               stale_s: float = LOCK_STALE_S) -> tuple[Beat, str] | None:
+    """Refuse, naming the holder, while another run holds the folder; else the ended holder and why (None: the
+    folder was never held). Watches a holder that may be alive for up to `stale_s`."""
+    beat = read_beat(run_dir)
+    if beat is None:
+        return None
+    why = ended_because(beat, job_state)
+    if why is not None:
+        return beat, why
+    state = job_state(beat.job_id) if beat.job_id and job_state is not None else None
+    if state in PENDING:
+        raise _refuse(run_dir, beat, f"job {beat.job_id} is {state}")
+    if beat.job_id == job_id and job_id is not None and beat.restart > restart:
+        raise _refuse(run_dir, beat, f"restart {beat.restart} of this job runs it; this is restart {restart}")
+    if observe(run_dir, beat, stale_s):
+        raise _refuse(run_dir, beat, "its lease is beating")
+    return beat, f"its lease did not beat for {stale_s:.0f} s"
+
+
+def take(run_dir: Path, job_id: str | None, restart: int, job_state: JobState | None = None,
+         stale_s: float = LOCK_STALE_S) -> Lease:
+    """Rank 0, before its first step: the next generation of the folder's lease, beating from a thread."""
+    over = generation(run_dir)
+    previous = check_free(run_dir, job_id, restart, job_state, stale_s)
+    try:
+        lease = Lease.take(run_dir, over, job_id, restart)
+    except LeaseLost as e:
+        raise UserError(f"the run folder {run_dir} is in use by another run: {e}") from None
+    if previous is not None and not previous[0].ended:
+        log.warning("took over the run folder from %s: %s", previous[0].describe(), previous[1])
+    lease.start()
+    return lease

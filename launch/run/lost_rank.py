@@ -1,0 +1,168 @@
+"""A rank process that vanished without a word while its host lives (killed by a signal: `kill -9`, the OOM
+killer, a segfault): its task, which started it, requeues the job, as a lost host's peers do, so that a failure
+a restart fixes does not end the allocation.
+
+Not twice in a row without progress: when the attempt before also lost a rank and this one has saved no newer
+checkpoint than the one it resumed from, a crash that repeats (running out of memory at the same step) would
+repeat on every restart. The job then fails with the rank named, and the same command continues the run.
+
+The task records the attempt's line itself, then marks the rank's heartbeat ended, so that its peers (whose
+collectives failed) leave the attempt to it instead of reporting a hang or a failure of their own. When several
+ranks vanish at once (every rank of a node killed), one task claims the attempt (AttemptsLog.claim) and records it
+and asks Slurm to requeue; the others read its line.
+
+A rank that died of SIGABRT may be a survivor instead: on GPUs NCCL's error handling aborts every rank left once a
+peer is lost or fails. Its task then names that peer (culprit_of_abort), and only one task records the attempt.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.config import schema
+from gpt.resilience.heartbeat import Liveness, all_heartbeats, end_heartbeat
+from gpt.resilience.recovery_rule import repeated_recovery
+from gpt.resilience.timing import ABORT_GRACE_S, SCHEDULER_GRACE_S
+from gpt.run_folder import RunFolder
+from launch.run.attempts import end_attempt, log_killed, marked_attempt, this_attempts_line
+from launch.rank.job_env import job_environment
+from launch.run.identity import newest_step
+
+
+def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
+    """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
+    job = job_environment()
+    folder = RunFolder(run_dir)
+    newest = newest_step(run_dir)
+    mark = folder.attempts.read_mark()
+    ours = mark is not None and (mark.get("job_id"), mark.get("restart")) == (job.job_id, job.restart)
+    if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
+        mark = {"job_id": job.job_id, "restart": job.restart, "started": started, "first_step": newest}
+    if not folder.attempts.claim(marked_attempt(mark)):  # another rank's task records this attempt
+        end_heartbeat(run_dir, rank, f"vanished: {line}")
+        return recorded_by_another(run_dir, job)
+    began = mark.get("first_step")
+    earlier = folder.attempts.read()
+    if repeated := repeated_recovery(earlier, began, newest):
+        requeued, how = False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than "
+                                f"step {newest} was saved since (a crash that repeats, such as running out of "
+                                f"memory, would repeat on every restart)")
+    else:
+        requeued, how = job.requeue(schema.load(folder.config).preemption.max_restarts)
+    if not requeued:
+        how += f"; the same command continues the run from {_step(newest)}"
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued, "note": how},
+               claimed=True)
+    if ours:
+        end_attempt(run_dir, marked_attempt(mark))
+    end_heartbeat(run_dir, rank, f"vanished: {line}")
+    return requeued, how
+
+
+def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:
+    """What the task that claimed this attempt decided, from its line (it asks Slurm first, then writes it)."""
+    deadline = time.monotonic() + wait_s
+    while (written := this_attempts_line(run_dir, job)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if written is None:
+        return False, "another task claimed this attempt's record and wrote none"
+    return bool(written.get("requeued")), f"recorded by another task: {written.get('note', written.get('ended'))}"
+
+
+def record_lost_rank(run_dir: Path, rank: int, line: str) -> None:
+    """Without a scheduler (cluster=local), nothing requeues: the attempt's line names the rank killed, unless the
+    attempt had not begun (no mark) or a rank wrote its line already (which removes the mark)."""
+    attempts = RunFolder(run_dir).attempts
+    mark = attempts.read_mark()
+    if mark is None:
+        return
+    newest = newest_step(run_dir)
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False,
+                                            "note": f"the same command continues the run from {_step(newest)}"})
+    end_attempt(run_dir, marked_attempt(mark))
+
+
+def _step(step: int | None) -> str:
+    return f"its newest checkpoint (step {step})" if step is not None else "the start (no checkpoint yet)"
+
+
+ABORTED = "aborted: SIGABRT"
+
+
+@dataclass(frozen=True)
+class Culprit:
+    """The peer a rank aborted by SIGABRT answers for: NCCL's error handling (TORCH_NCCL_ASYNC_ERROR_HANDLING at its
+    default) aborts every survivor once a peer is lost or fails, so a survivor's death by signal is not its own."""
+
+    rank: int
+    host: str
+    how: str  # "recorded": its task recorded it lost; "failed": an error of its own; "lost": gone without a word,
+    #           and no task of its recorded it (its host is gone); "aborted first": it died of SIGABRT before the rest
+    code: int = 1  # a failed peer's exit code
+
+
+def culprit_of_abort(run_dir: Path, rank: int, died_at: float, poll_s: float = 0.5) -> Culprit | None:
+    """This rank's process died of SIGABRT at `died_at`: the peer really lost or failed, read from the attempts
+    log and every rank's heartbeat within ABORT_GRACE_S, or None when this rank was the first to go (its own
+    abort)."""
+    end_heartbeat(run_dir, rank, ABORTED, aborted_at=died_at)
+    liveness, deadline = Liveness(), time.monotonic() + ABORT_GRACE_S
+    while (found := _evidence(run_dir, rank, liveness)) is None and time.monotonic() < deadline:
+        time.sleep(poll_s)
+    return found or _first_aborted(run_dir, rank)
+
+
+def _evidence(run_dir: Path, rank: int, liveness: Liveness) -> Culprit | None:
+    """A peer recorded lost, one that failed by itself, or one whose heartbeat has not moved for SCHEDULER_GRACE_S
+    of this observer's own clock (never its wall-clock time against another host's)."""
+    line = this_attempts_line(run_dir, job_environment())
+    if line and line.get("lost_rank") not in (None, rank):
+        return Culprit(line["lost_rank"], "", "recorded")
+    beats = _peers(run_dir, rank)
+    liveness.observe([beats.get(r) for r in range(max(beats, default=-1) + 1)])
+    for r, beat in beats.items():
+        ended = str(beat.get("ended") or "")
+        if ended.startswith("exit code "):
+            return Culprit(r, beat.get("host", "?"), "failed", int(ended.split()[-1]))
+    for r, beat in beats.items():
+        if not beat.get("ended") and (liveness.silent_s(r) or 0.0) > SCHEDULER_GRACE_S:
+            return Culprit(r, beat.get("host", "?"), "lost")
+    return None
+
+
+def _first_aborted(run_dir: Path, rank: int) -> Culprit | None:
+    """No peer was lost or failed: of the ranks that aborted, the first (NCCL aborts the rest after it)."""
+    aborted = {r: b for r, b in _peers(run_dir, rank, with_self=True).items() if b.get("ended") == ABORTED}
+    first = min(aborted, key=lambda r: (aborted[r].get("aborted_at", float("inf")), r), default=rank)
+    return None if first == rank else Culprit(first, aborted[first].get("host", "?"), "aborted first")
+
+
+def _peers(run_dir: Path, rank: int, with_self: bool = False) -> dict[int, dict]:
+    """The heartbeats of this rank's attempt (the one its own heartbeat names), by rank, less its own."""
+    beats = all_heartbeats(run_dir)
+    attempt = beats.get(rank, {}).get("attempt")
+    return {r: b for r, b in sorted(beats.items())
+            if b.get("attempt") == attempt and (with_self or r != rank) and "time" in b}
+
+
+def claim_attempt(run_dir: Path) -> bool:
+    """Whether this task is the one that records this attempt's end for the aborted survivors (the first to ask)."""
+    job = job_environment()
+    try:
+        os.close(os.open(RunFolder(run_dir).attempt_claim(job.job_id, job.restart), os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        return False
+    return True
+
+
+def record_failed_peer(run_dir: Path, line: str) -> None:
+    """A peer failed with an error of its own and NCCL aborted the rest: the attempt's line carries that error,
+    unless a rank wrote it already (rank 0 records its own failure)."""
+    job = job_environment()
+    mark = RunFolder(run_dir).attempts.read_mark()
+    if this_attempts_line(run_dir, job) is not None or mark is None:
+        return
+    log_killed(run_dir, mark, newest_step(run_dir) or 0, {"ended": f"failed: {line}", "requeued": False})
+    end_attempt(run_dir, marked_attempt(mark))

@@ -1,0 +1,76 @@
+"""Where an attempt's start-up time goes, from the moment its batch script (or the local launcher) started to
+its first training step. Each phase is the gap between two marks; rank 0 writes them to attempts.jsonl.
+
+    scheduler_s        the previous attempt's last record -> this attempt's start (a requeue: Slurm's
+                       completing and pending time; absent on a first attempt)
+    launcher_s         attempt start -> this rank's interpreter runs the worker (planning, srun, submitit)
+    imports_s          the worker's imports (torch, gptlaunch)
+    rendezvous_s       process group joined and the preflight all-reduce done
+    model_s, data_s, checkpoint_load_s, first_step_s    measured by the trainer
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from gpt.run_folder import RunFolder
+from launch.backends.slurm.job import SlurmJob
+
+ATTEMPT_START = "GPTLAUNCH_ATTEMPT_START"  # epoch seconds; set by whoever starts an attempt
+# a token srun passes to the ranks of one step: their environment records say which step wrote them
+STEP_TOKEN = "GPTLAUNCH_STEP"
+PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "model_s", "data_s", "checkpoint_load_s",
+          "first_step_s")
+
+
+def attempt_start_env() -> dict[str, str]:
+    return {ATTEMPT_START: f"{time.time():.3f}"}
+
+
+def previous_attempt_end(run_dir: Path) -> float | None:
+    """When the attempt before this one wrote its last line, if this attempt is a requeue of the same job."""
+    attempts = RunFolder(run_dir).attempts.read()
+    if not attempts:
+        return None
+    last = attempts[-1]
+    job = SlurmJob(os.environ)  # an array task's id as its attempts record it
+    if job.job_id is None or job.restart == 0 or last.get("job_id") != job.job_id:
+        return None
+    return float(last["time"])
+
+
+class StartupClock:
+    """Marks taken in a rank as it starts; `breakdown()` turns them and the trainer's phases into seconds."""
+
+    def __init__(self, run_dir: Path, process_start: float):
+        start = os.environ.get(ATTEMPT_START)
+        self.attempt_start = float(start) if start and start.replace(".", "", 1).isdigit() else None  # else not ours
+        self.previous_end = previous_attempt_end(run_dir)
+        self.process_start = process_start
+        self.marks: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.time()
+
+    def breakdown(self, trainer_phases: dict[str, float]) -> dict[str, float]:
+        out: dict[str, float] = {}
+        if self.attempt_start is not None:
+            if self.previous_end is not None:
+                out["scheduler_s"] = self.attempt_start - self.previous_end
+            out["launcher_s"] = self.process_start - self.attempt_start
+        out["imports_s"] = self.marks["imported"] - self.process_start
+        if "rendezvous" in self.marks:
+            out["rendezvous_s"] = self.marks["rendezvous"] - self.marks["imported"]
+        out.update({k: v for k, v in trainer_phases.items() if k in PHASES})
+        first = trainer_phases.get("first_step_at")
+        if first is not None:
+            out["to_first_step_s"] = first - (self.attempt_start or self.process_start)
+        return {k: round(v, 3) for k, v in out.items()}
+
+    @staticmethod
+    def describe(breakdown: dict[str, float]) -> str:
+        parts = [f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in PHASES if k in breakdown]
+        total = breakdown.get("to_first_step_s")
+        head = f"start-up {total:.1f} s to the first step" if total is not None else "start-up"
+        return f"{head} ({', '.join(parts)})"

@@ -1,0 +1,130 @@
+"""Where a submitted run stands, from its run folder and one question to Slurm: for launch.status and launch.list,
+which run on a login node without the launcher that submitted the jobs. Torch-free.
+
+A run's jobs are those its slurm_job.json names (a chain's links too); a sweep folder's runs are the run folders
+below it, and its report job is named in report_job.json.
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gpt.resilience.goodput import run_goodput
+from gpt.run_folder import NOT_RUNS, RunFolder
+from launch.backends.slurm import commands
+from launch.backends.slurm.commands import FINAL, GONE, PENDING, RUNNING, JobInfo, SlurmUnavailable
+
+REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
+FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
+
+
+@dataclass(frozen=True)
+class RunState:
+    run_dir: Path
+    job_ids: tuple[str, ...]
+    state: str  # the state of its job in flight (else its last one): Slurm's word, or GONE
+    reason: str  # why it waits (Slurm's Reason: JobHeldUser, Priority, Dependency, ...)
+    step: int | None  # steps done: the newest step rank 0 logged, plus one
+    max_steps: int | None
+    tokens_per_s: float | None
+    eta_s: float | None
+    attempts: int  # attempts recorded in the attempts log (the one in flight not counted)
+    restarts: int  # attempts that ended by requeueing their job (preempted, hung, a node lost)
+    goodput: float | None
+    links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
+
+    @property
+    def finished(self) -> bool:
+        return self.step is not None and self.max_steps is not None and self.step >= self.max_steps
+
+    @property
+    def verdict(self) -> str:
+        if self.state in PENDING or self.state in RUNNING:
+            return WAITING
+        return FINISHED if self.finished or RunFolder(self.run_dir).summary.is_file() else FAILED
+
+
+def run_folders(target: Path, depth: int = 4) -> list[Path]:
+    """The run folders at or under target: folders with a config.yaml (a job still pending has no metrics yet)."""
+    if RunFolder(target).config.is_file():
+        return [target]
+    if depth == 0 or not target.is_dir():
+        return []
+    found: list[Path] = []
+    for child in sorted(p for p in target.iterdir() if p.is_dir()):
+        if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in ("slurm", "code"):
+            found.extend(run_folders(child, depth - 1))
+    return found
+
+
+def job_ids(run_dir: Path) -> tuple[str, ...]:
+    """The jobs of the run's newest submission, oldest first (a chain has several)."""
+    try:
+        record = json.loads(RunFolder(run_dir).slurm_job.read_text())
+    except (OSError, ValueError):
+        return ()
+    return tuple(record.get("chain") or [record["job_id"]])
+
+
+def ask_slurm(ids: list[str]) -> dict[str, JobInfo]:
+    """Each job's state; an empty answer when there is no Slurm to ask (the run folders still tell the steps)."""
+    try:
+        return commands.job_infos(ids) if ids else {}
+    except SlurmUnavailable:
+        return {}
+
+
+def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
+    ids = job_ids(run_dir)
+    live = [infos[j] for j in ids if j in infos and infos[j].state not in FINAL and infos[j].state != GONE]
+    current = live[0] if live else (infos.get(ids[-1]) if ids else None)
+    state = current.state if current else GONE
+    reason = current.reason if current and current.reason not in ("None", "") else ""
+    config = _config(run_dir)
+    max_steps = config.get("train", {}).get("max_steps")
+    train = _train_records(run_dir)
+    step = train[-1]["step"] + 1 if train else None
+    tokens = train[-1].get("tokens_per_s") if train else None
+    times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
+    eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
+    attempts = RunFolder(run_dir).attempts.read()
+    restarts = sum(1 for a in attempts if a.get("requeued"))
+    links = tuple(f"{j} {infos[j].state if j in infos else GONE}" for j in ids) if len(ids) > 1 else ()
+    return RunState(run_dir, ids, state, reason, step, max_steps, tokens, eta, len(attempts), restarts,
+                    run_goodput(attempts).goodput, links)
+
+
+def _config(run_dir: Path) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    try:
+        return OmegaConf.to_container(OmegaConf.load(RunFolder(run_dir).config), resolve=False)
+    except (OSError, ValueError):
+        return {}
+
+
+def _train_records(run_dir: Path) -> list[dict[str, Any]]:
+    """Rank 0's train records in step order (a requeued attempt appends to the same file)."""
+    try:
+        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
+    except OSError:
+        return []
+    by_step: dict[int, dict[str, Any]] = {}
+    for line in lines:
+        try:
+            r = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a killed job
+        if r.get("kind") == "train" and isinstance(r.get("step"), int):
+            by_step[r["step"]] = r
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def report_job(sweep_dir: Path) -> str | None:
+    try:
+        return json.loads((sweep_dir / REPORT_JOB).read_text())["job_id"]
+    except (OSError, ValueError, KeyError):
+        return None

@@ -1,0 +1,102 @@
+"""Submitting a planned run's or sweep's jobs, shared by `python -m launch` and the sweep launcher: points whose
+job from an earlier launch still waits or runs are picked up, not submitted again (a launcher that was killed
+loses nothing: the same command waits for them); the others get a code snapshot (launch.snapshot) and are
+submitted. Torch-free."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from gpt.errors import UserError
+from gpt.run_folder import RunFolder
+from launch.backends import Point
+from launch.backends.slurm.commands import PENDING, RUNNING
+from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
+from launch.run_state import ask_slurm, job_ids
+from launch.planning.prepared import Prepared
+from launch.snapshot import Snapshot, record_in, take, with_snapshot
+
+if TYPE_CHECKING:
+    from launch.backends.slurm.submit import Submitted
+
+
+def live_job(run_dir: Path) -> str | None:
+    """The newest of the run folder's jobs that Slurm still runs or keeps pending, if any: the same command waits
+    for it instead of submitting again. Refused when it is held or suspended: it would not go on by itself."""
+    ids = list(job_ids(run_dir))
+    infos = ask_slurm(ids)
+    live = [infos[j] for j in ids if j in infos and (infos[j].state in PENDING or infos[j].state in RUNNING)]
+    if not live:
+        return None
+    job = live[-1]
+    if job.state == "SUSPENDED":
+        unstick = f"resume it (scontrol resume {job.job_id})"
+    elif job.reason.startswith("JobHeld"):
+        unstick = f"release it (scontrol release {job.job_id})"
+    else:
+        return job.job_id
+    held = f" and held ({job.reason})" if job.reason.startswith("JobHeld") else ""
+    raise UserError(f"the run folder {run_dir} belongs to job {job.job_id}, which is {job.state}{held}: {unstick} "
+                    f"and it continues this run, or cancel it (scancel {job.job_id}) and run this command again")
+
+
+def submit_jobs(prepared: list[Prepared], folder: Path, out=sys.stdout) -> tuple[list[Submitted], Snapshot | None]:
+    """Every point's job, in the points' order: picked up when it is live, else submitted (one snapshot for all)."""
+    fresh = [p for p in prepared if p.live_job is None]
+    snapshot = None
+    submitted: dict[int, Submitted] = {}
+    if fresh:
+        points = [p.point() for p in fresh]
+        # a refused sweep leaves no snapshot behind; its data preparation jobs are part of its cost
+        fresh[0].backend.budget_gate([*preparation_points(fresh), *points], fresh[0].budget)
+        if fresh[0].run.launcher.snapshot:
+            snapshot = take(folder)
+            points = [with_snapshot(point, snapshot) for point in points]
+            for p in fresh:
+                record_in(p.plan.run_dir, snapshot)
+            dirty = ", with uncommitted changes" if snapshot.dirty else ""
+            print(f"code snapshot: {snapshot.path} (commit {snapshot.commit or 'none: not a git checkout'}{dirty})",
+                  file=out, flush=True)
+        preparations = prepare_first(fresh, folder, out)
+        points = [preparations[p.label].gate(point) if p.label in preparations else point
+                  for p, point in zip(fresh, points)]
+        for p, s in zip(fresh, fresh[0].backend.submit(points, folder)):
+            submitted[id(p)] = s
+        if not fresh[0].run.launcher.detach:  # detached, Slurm cancels the training jobs if a preparation fails
+            for job in {j.job_id: j for j in preparations.values()}.values():
+                job.wait([submitted[id(p)].job_id for p in fresh if preparations.get(p.label) == job])
+    for p in prepared:
+        if p.live_job is not None:
+            submitted[id(p)] = adopt(p)
+            print(f"{p.label}: job {p.live_job}, submitted earlier, still runs or waits; waiting for it", file=out,
+                  flush=True)
+    return [submitted[id(p)] for p in prepared], snapshot
+
+
+def preparation_points(fresh: list[Prepared]) -> list[Point]:
+    """The data preparation jobs that prepare_first would submit, as points of the budget (one per data.dir)."""
+    by_dir = {p.plan.prepare_job.dir: p for p in fresh if p.plan.prepare_job is not None}
+    return [Point(f"data preparation of {Path(d).name}", p.plan.run_dir, p.run.name,
+                  preparation_resources(p.plan.prepare_job, p.resources)) for d, p in by_dir.items()]
+
+
+def prepare_first(fresh: list[Prepared], folder: Path, out=sys.stdout) -> dict[str, PreparationJob]:
+    """Each point's data preparation job (data.prepare_on=job), by the point's label: one per data.dir."""
+    jobs: dict[str, PreparationJob] = {}
+    by_dir: dict[str, PreparationJob] = {}
+    for p in fresh:
+        data = p.plan.prepare_job
+        if data is not None:
+            if data.dir not in by_dir:
+                by_dir[data.dir] = submit_preparation(data, p.resources, p.run.name, folder, out)
+            jobs[p.label] = by_dir[data.dir]
+    return jobs
+
+
+def adopt(p: Prepared) -> Submitted:
+    from launch.backends.slurm.submit import Submitted
+
+    record = json.loads(RunFolder(p.plan.run_dir).slurm_job.read_text())
+    return Submitted(p.point(), p.live_job, Path(record["stdout"]).parent)

@@ -1,0 +1,106 @@
+"""A checkpoint is data, not code: a crafted one whose unpickling would run a command is refused with one line (by
+resume=PATH and by gpt.generate), and the command never runs; a checkpoint someone else owns is warned about."""
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import REPO, launch
+
+RUN = ["model=tiny", "train.max_steps=4", "train.warmup_steps=2", "train.eval_interval=0", "checkpoint.interval_steps=4"]
+
+
+class RunsACommand:
+    """What an attacker pickles: unpickling it calls os.system."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory, data_overrides) -> Path:
+    run_dir = tmp_path_factory.mktemp("safety") / "run"
+    launch(*RUN, *data_overrides, run_dir=run_dir)
+    return run_dir / "checkpoints" / "step_00000004"
+
+
+def crafted(checkpoint: Path, tmp_path: Path, part: str) -> tuple[Path, Path]:
+    folder, marker = tmp_path / "crafted", tmp_path / "the-command-ran"
+    shutil.copytree(checkpoint, folder)
+    if part == ".metadata":
+        (folder / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    else:
+        torch.save({"rng": RunsACommand(marker)}, folder / part)
+    meta = json.loads((folder / "meta.json").read_text())  # the attacker writes a manifest that holds
+    meta["files"][part] = (folder / part).stat().st_size
+    (folder / "meta.json").write_text(json.dumps(meta))
+    return folder, marker
+
+
+def generate(path: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt.generate", str(path), "--tokens", "4"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_generate_refuses_crafted_dcp_metadata(checkpoint, tmp_path):
+    folder, marker = crafted(checkpoint, tmp_path, ".metadata")
+    proc = generate(folder)
+    assert proc.returncode == 2 and not marker.exists(), proc.stderr[-3000:]
+    assert proc.stderr.strip() == (f"error: checkpoint {folder}: {folder / '.metadata'} names posix.system is not "
+                                   "part of a checkpoint's metadata: refused, unpickling it could run code")
+
+
+@pytest.mark.parametrize("part", [".metadata", "ranks/rank0.pt"])
+def test_resume_from_a_crafted_checkpoint_is_refused(part, checkpoint, tmp_path, data_overrides):
+    folder, marker = crafted(checkpoint, tmp_path, part)
+    proc = launch(*RUN, *data_overrides, f"resume={folder}", "train.max_steps=6", run_dir=tmp_path / "new",
+                  check=False)
+    out = proc.stdout + proc.stderr + (tmp_path / "new" / "logs" / "rank0.log").read_text()
+    assert proc.returncode == 2 and not marker.exists(), out[-3000:]
+    assert "Traceback" not in out
+    assert f"{folder / part} names posix.system" in out and "refused, unpickling it could run code" in out, out[-3000:]
+
+
+def test_a_checkpoint_someone_else_owns_is_warned_about(checkpoint, tmp_path):
+    folder = tmp_path / "theirs"
+    shutil.copytree(checkpoint, folder)
+    for path in [folder, *folder.rglob("*")]:
+        os.chown(path, 65534, 65534)  # nobody's (the tests run as root, who may give files away)
+    proc = generate(folder)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"checkpoint {folder} belongs to " in proc.stderr and "not to you" in proc.stderr
+    assert "not to you" not in generate(checkpoint).stderr
+
+
+def test_deepspeed_engine_files_load_as_data_and_a_crafted_one_is_refused(tmp_path):
+    """DeepSpeed's engine reads its files through load_deepspeed_file (weights_only=True): what its ZeRO optimizer
+    state pickles loads, a pickle that would run a command is refused in one line and the command never runs."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    from gpt.checkpoint.safe_load import Refused, load_deepspeed_file
+
+    state = {"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "zero_stage": ZeroStageEnum.gradients,
+                                      "dynamic": DynamicLossScaler(2.0**16, 1000, 1.0, 2, False),
+                                      "mapping": {"w": fragment_address(numel=4, start=0)}, "w": torch.ones(4)}}
+    torch.save(state, tmp_path / "optim_states.pt")
+    loaded = load_deepspeed_file(tmp_path / "optim_states.pt", map_location=lambda storage, loc: storage)
+    assert loaded["optimizer_state_dict"]["zero_stage"] == ZeroStageEnum.gradients
+    assert loaded["optimizer_state_dict"]["dynamic"].cur_scale == 2.0**16
+    marker = tmp_path / "the-command-ran"
+    torch.save({"optimizer_state_dict": RunsACommand(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(Refused, match=r"crafted.pt names posix.system, which a DeepSpeed checkpoint does not hold"):
+        load_deepspeed_file(tmp_path / "crafted.pt")
+    assert not marker.exists()

@@ -1,0 +1,64 @@
+"""Asynchronous checkpoint staging: each rank copies only the tensors it writes, and a run on the CPU makes no CUDA
+call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.cuda._pin_memory_utils as pin_memory_utils
+
+from gpt.checkpoint.staging import assign_writers
+from gpt.checkpoint.writer import Checkpointer
+from gpt.dist.process_group import DistEnv
+from gpt.parallel.base import Strategy
+from gpt.parallel.layout import ParallelDims
+
+CONTEXT_OPENERS = {torch: ["Stream"], torch.accelerator: ["synchronize"], pin_memory_utils: ["pin_memory"],
+                   torch.cuda: ["Stream", "Event", "current_stream", "stream", "synchronize", "set_device",
+                                "current_device", "init", "_lazy_init"]}
+
+
+@pytest.fixture
+def gpu_host(monkeypatch):
+    """CUDA looks available, and any call that would open a CUDA context raises."""
+    def opener(name: str):
+        def opened(*args, **kwargs):
+            raise AssertionError(f"{name}: a CUDA call on a CPU run")
+        return opened
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.accelerator, "is_available", lambda: True)
+    for module, names in CONTEXT_OPENERS.items():
+        for name in names:
+            monkeypatch.setattr(module, name, opener(name))
+
+
+def cpu_strategy() -> Strategy:
+    torch.manual_seed(0)
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
+    strategy.setup(torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2)), 1e-3, 0.1, (0.9, 0.95))
+    strategy.model(torch.randn(4, 8)).sum().backward()
+    strategy.optimizer.step()
+    return strategy
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_cpu_run_saves_without_cuda_on_a_gpu_host(gpu_host, tmp_path, background):
+    strategy = cpu_strategy()
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=background)
+    path = checkpointer.save(1, strategy, {})
+    checkpointer.close()
+    saved = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    for p in strategy.model.parameters():
+        p.data.zero_()
+    checkpointer.load(path, strategy)
+    for key, value in strategy.model.state_dict().items():
+        assert torch.equal(value, saved[key]), key
+
+
+def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with_theirs():
+    replicated = {("model", f"w{i}"): 100 for i in range(4)}
+    rank0 = {**replicated, ("optim", "m0"): 50}
+    rank1 = {**replicated, ("optim", "m1"): 50}  # zero1: each rank's own partition of the moments
+    writer = assign_writers([rank0, rank1])
+    assert writer[("optim", "m0")] == 0 and writer[("optim", "m1")] == 1
+    assert sorted(writer[k] for k in replicated) == [0, 0, 1, 1]

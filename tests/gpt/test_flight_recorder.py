@@ -1,0 +1,104 @@
+"""The hang report reads torch's flight recorder dumps: the ranks missing from the collective the others wait in.
+On GPUs these dumps come from NCCL; torch 2.13's gloo records into the same flight recorder, so the dumps here are
+real ones, written by torch's own code (`_dump_fr_trace`) from two gloo ranks, one of which never enters the
+fourth all_reduce."""
+from __future__ import annotations
+
+import pickle
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from gpt.resilience.flight_recorder import Stuck, read_dumps, stuck_collectives
+from gpt.resilience.hang import Hang
+
+RANK = r"""
+import os, sys, time
+import torch, torch.distributed as dist
+from torch._C._distributed_c10d import _dump_fr_trace
+rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
+dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+t = torch.ones(8)
+for _ in range(3):
+    dist.all_reduce(t)
+if rank == 0:
+    work = dist.all_reduce(t, async_op=True)  # rank 0 enters the fourth and waits in it
+    time.sleep(0.5)
+    open(f"{out}/rank0.pkl", "wb").write(_dump_fr_trace())
+    store.set("dumped", "1")
+    work.wait()
+else:  # rank 1 is elsewhere (a host-side sync, a slow GPU) until rank 0 has dumped
+    open(f"{out}/rank1.pkl", "wb").write(_dump_fr_trace())
+    store.wait(["dumped"])
+    dist.all_reduce(t)
+os._exit(0)  # as the ranks do: gloo's teardown may abort ("terminate called without an active exception")
+"""
+
+
+@pytest.fixture(scope="module")
+def gloo_dumps(tmp_path_factory) -> dict[int, dict]:
+    out = tmp_path_factory.mktemp("fr")
+    script = out / "rank.py"
+    script.write_text(RANK)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(out)]) for r in (0, 1)]
+    assert [p.wait(timeout=120) for p in procs] == [0, 0]
+    return read_dumps({r: out / f"rank{r}.pkl" for r in (0, 1)})
+
+
+def test_a_real_gloo_dump_names_the_rank_that_never_entered_the_collective(gloo_dumps):
+    assert gloo_dumps[0]["version"] and set(gloo_dumps) == {0, 1}  # the schema torch writes
+    (stuck,) = stuck_collectives(gloo_dumps, world=2)
+    assert (stuck.group, stuck.desc, stuck.seq, stuck.op) == ("0", "default_pg", 4, "gloo:all_reduce"), stuck
+    assert (stuck.waiting, stuck.missing, stuck.no_dump) == ((0,), (1,), ())
+    assert stuck.describe() == "rank 1 never entered gloo:all_reduce #4 of group 0 (default_pg), rank 0 waits in it"
+
+
+def test_the_hang_report_prefers_the_dumps_to_heartbeats_that_blame_a_healthy_rank(gloo_dumps):
+    """The host-side view on a GPU: rank 1's host thread enqueued its collectives and waits in a host sync, looking
+    like the rank in the newest collective, while rank 0 looks like it never arrived. The dumps say otherwise."""
+    now = time.time()
+    beats = [{"rank": 0, "host": "n1", "time": now, "what": "step 12", "step": 12, "idle_s": 30.0},
+             {"rank": 1, "host": "n2", "time": now, "what": "step 12", "step": 12, "idle_s": 30.0,
+              "collective": "all_reduce", "seq": 40}]
+    hang = Hang.from_heartbeats(beats, [0.0, 0.0], stale_s=10)
+    assert hang.behind == [0]  # what the heartbeats alone say: the wrong rank
+    hang = hang.with_flight_recorder(stuck_collectives(gloo_dumps, world=2))
+    line = hang.summary()
+    assert line.startswith("flight recorder: rank 1 on n2 never entered gloo:all_reduce #4 of group 0 "
+                           "(default_pg), rank 0 on n1 waits in it; rank 1 on n2 was in all_reduce at step 12"), line
+    assert "rank 0 on n1 never arrived" not in line
+    record = hang.as_dict()
+    assert record["waiting"] == [0] and record["flight_recorder"][0]["missing"] == [1], record
+
+
+def dump(groups: dict[str, tuple[int, int, list[int]]], ids: dict[str, int]) -> dict:
+    """A dump in torch's schema: per group name, (last enqueued, last completed, its ranks)."""
+    entries = [{"pg_id": ids[name], "process_group": (name, "default_pg" if name == "0" else f"tp{name}"),
+                "collective_seq_id": enq, "profiling_name": "nccl:all_gather", "is_p2p": False}
+               for name, (enq, _, _) in groups.items()]
+    return {"version": "2.10", "entries": entries,
+            "pg_config": {name: {"name": name, "desc": "", "ranks": str(ranks)} for name, (_, _, ranks) in groups.items()},
+            "pg_status": {str(ids[name]): {"last_enqueued_collective": enq, "last_started_collective": -1,
+                                           "last_completed_collective": done}
+                          for name, (enq, done, _) in groups.items()}}
+
+
+def test_a_stuck_subgroup_is_found_by_name_whatever_id_each_rank_gave_it(tmp_path):
+    """Tensor-parallel group "1" of ranks 0-1 is stuck (rank 1 never entered #7); the default group is not; rank 3
+    left no dump. Each process numbers its groups itself: the name ties them together."""
+    dumps = {0: dump({"0": (50, 50, [0, 1, 2, 3]), "1": (7, 6, [0, 1])}, {"0": 0, "1": 1}),
+             1: dump({"0": (50, 50, [0, 1, 2, 3]), "1": (6, 6, [0, 1])}, {"0": 0, "1": 5}),
+             2: dump({"0": (50, 50, [0, 1, 2, 3])}, {"0": 0})}
+    for rank, d in dumps.items():
+        (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(d))
+    (tmp_path / "rank3.pkl").write_bytes(b"cut short")
+    read = read_dumps({r: tmp_path / f"rank{r}.pkl" for r in range(4)})
+    assert set(read) == {0, 1, 2}
+    assert stuck_collectives(read, world=4) == [Stuck("1", "tp1", 7, "nccl:all_gather", (0,), (1,), ())]

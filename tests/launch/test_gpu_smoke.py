@@ -1,0 +1,41 @@
+"""benchmarks/gpu_smoke.py without a GPU: every row plans for 8 GPUs under --dry-run, and the harness itself (a row's
+run, its check of the run folder, the table) works, shown on CPU rows that mirror its GPU rows."""
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks.gpu_smoke import ROWS, Row, plan_error, run_row, table
+from helpers import REPO
+
+ON_CPU = ("train.device=cpu", "train.precision=fp32", "checkpoint.async=false")
+
+
+def test_every_row_plans_for_eight_gpus_and_a_row_that_cannot_is_named():
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--dry-run"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0 and f"{len(ROWS)} of {len(ROWS)} rows plan" in proc.stdout, proc.stdout + proc.stderr
+    # model=tiny has 2 layers: an interleaved pipeline of 2 stages x 2 per rank cannot split it
+    interleaved = Row("x", ("strategy=pipeline", "strategy.microbatches=4", "strategy.schedule=interleaved"))
+    assert "at most model.n_layer=2 stages" in plan_error(interleaved, 8)
+
+
+def on_cpu(name: str, extra: tuple[str, ...], data_overrides: list[str]) -> Row:
+    row = next(r for r in ROWS if r.name == name)
+    return dataclasses.replace(row, overrides=(*row.overrides, *ON_CPU, *extra, *data_overrides))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name, extra, expected", [
+    # NCCL aborts the survivors of a lost rank; on gloo debug.abort_on_collective_error does as NCCL does
+    ("a rank killed under NCCL", ("debug.abort_on_collective_error=true",), "attempts lines 1, lost rank [1]: ok"),
+    ("straggler on the device", (), "flagged: yes"),
+])
+def test_a_gpu_row_run_on_cpu_is_checked_from_its_run_folder(name, extra, expected, data_overrides, tmp_path):
+    result = run_row(on_cpu(name, extra, data_overrides), 2, tmp_path)
+    assert "error" not in result and expected in result["check"], result
+    results = {"device": "cpu", "world": 2, "torch": "x", "rows": {name: result}}
+    assert f"| {name} | 2 | ok |" in table(results)

@@ -1,0 +1,57 @@
+"""The health gate: a GPU run is judged per GPU (its record holds every GPU and the bus figures), and a node named
+for one sick GPU is excluded as a slow CPU node is; a CPU run keeps the per-node check."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from gpt.config.sections import DebugConfig, HealthConfig
+from gpt.dist.process_group import DistEnv
+from gpt.resilience.health_verdict import BusBandwidth, GpuHealth, GpuVerdict
+from gpt.run_folder import RunFolder
+from launch.rank import health_gate
+from launch.rank.job_env import JobEnvironment
+
+
+class Requeues(JobEnvironment):
+    excluded: list[str] | None = None
+
+    def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
+        self.excluded = hosts
+        return True, f"requeued without {', '.join(hosts)}"
+
+
+def gate(run_dir, device: torch.device, job: JobEnvironment, action: str = "exclude") -> bool:
+    return health_gate.check_health(run_dir, DistEnv(), job, 1, device, None, health=HealthConfig(action=action, rounds=1),
+                                    debug=DebugConfig(), precision="fp32", restarts=3)
+
+
+def test_a_gpu_run_is_judged_per_gpu_and_a_node_with_a_sick_gpu_is_excluded(tmp_path, monkeypatch):
+    figures = [GpuHealth(r, r // 4, f"n{r // 4}", r % 4, 700.0, None) for r in range(8)]
+    figures[6] = GpuHealth(6, 1, "n1", 2, 300.0, None)
+    seen = []
+
+    def measure_gpus(cfg, env, device, run_dir, slow):
+        seen.append(device)
+        return GpuVerdict(figures, cfg.min_fraction, BusBandwidth(128 << 20, {0: 360.0, 1: 361.0}, 45.0),
+                          "bfloat16 8192x8192", 2.0)
+
+    monkeypatch.setattr(health_gate, "measure_gpus", measure_gpus)
+    job = Requeues()
+    assert gate(tmp_path, torch.device("cuda", 0), job) is True
+    assert seen == [torch.device("cuda", 0)] and job.excluded == ["n1"]
+    record = json.loads(RunFolder(tmp_path).health_record(1).read_text())
+    assert len(record["gpus"]) == 8 and record["flagged"] == ["n1"] and record["bus"]["inter_gbps"] == 45.0
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert line["ended"] == "excluded n1" and line["health"]["gpus"][6]["of_node"] == 0.429
+
+
+def test_a_cpu_run_keeps_the_per_node_check(tmp_path, monkeypatch):
+    def measure_gpus(*args):
+        raise AssertionError("a CPU run took the GPU path")
+
+    monkeypatch.setattr(health_gate, "measure_gpus", measure_gpus)
+    assert gate(tmp_path, torch.device("cpu"), JobEnvironment(), action="warn") is False
+    record = json.loads(RunFolder(tmp_path).health_record(1).read_text())
+    assert "gpus" not in record and record["nodes"][0]["gflops"] > 0 and record["flagged"] == []

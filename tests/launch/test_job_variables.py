@@ -1,0 +1,29 @@
+"""Variables a rank reads from its environment that someone else may have set: a value that is not ours is
+ignored, never a crash; and the port a Slurm job derives from its id is one no other connection may hold."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from helpers import REPO
+from launch.rank.environment import slurm_port
+from launch.run.startup import ATTEMPT_START, StartupClock
+
+
+def test_a_slurm_jobs_port_stays_below_the_ephemeral_range():
+    ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    assert all(1024 <= slurm_port(str(job)) < min(ephemeral, 32768) for job in range(0, 100000, 7))
+
+
+def test_a_mangled_attempt_start_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv(ATTEMPT_START, "yesterday")
+    assert StartupClock(tmp_path, process_start=0.0).attempt_start is None
+    monkeypatch.setenv(ATTEMPT_START, "1700000000.5")
+    assert StartupClock(tmp_path, process_start=0.0).attempt_start == 1700000000.5
+
+
+def test_a_mangled_launcher_pid_is_ignored():
+    code = "from launch.rank.parent import end_with_launcher; end_with_launcher(); print('alive')"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
+                          env={"GPTLAUNCH_LAUNCHER_PID": "12ab", "PATH": "/usr/bin:/bin"})
+    assert proc.stdout == "alive\n", proc.stderr

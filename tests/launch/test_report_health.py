@@ -1,0 +1,26 @@
+"""The report's Nodes table reads GPU health records (per-GPU TFLOP/s, nccl-tests busbw within and across nodes)
+as well as CPU ones."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from gpt.resilience.health_verdict import BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict
+from gpt.run_folder import RunFolder
+from launch.report.markdown import node_health
+
+
+def table_row(run_dir, verdict) -> str:
+    verdict.write(RunFolder(run_dir).health_record(1))
+    text = node_health(SimpleNamespace(points=[SimpleNamespace(name="pt", path=run_dir)]))
+    return text.splitlines()[-1]
+
+
+def test_a_gpu_record_shows_the_median_gpu_and_both_bus_figures(tmp_path):
+    gpus = [GpuHealth(r, r // 2, f"n{r // 2}", r % 2, t, None) for r, t in enumerate([700.0, 710.0, 350.0, 352.0])]
+    verdict = GpuVerdict(gpus, 0.8, BusBandwidth(128 << 20, {0: 360.0, 1: 355.5}, 45.25), "bfloat16 8192x8192", 2.0)
+    assert table_row(tmp_path, verdict) == "| pt | n0 705.0 (1.34), n1 351.0 (0.67) | 526.0 | 355.5 / 45.2 | n1 | - |"
+
+
+def test_a_cpu_record_reads_as_before(tmp_path):
+    verdict = NodeVerdict([NodeHealth(0, "a", [0], 50.0, None), NodeHealth(1, "b", [1], 20.0, None)], 0.8, 0.79)
+    assert table_row(tmp_path, verdict) == "| pt | a 50.0 (1.43), b 20.0 (0.57) | 35.0 | 0.79 | b | - |"

@@ -1,0 +1,102 @@
+"""Code snapshots (launch.snapshot) and the verbs' reading of run folders, without Slurm."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from helpers import REPO
+from launch import snapshot
+from launch.run_state import read_state, run_folders
+
+
+def _git(root, *args):
+    subprocess.run(["git", "-C", str(root), *args], check=True, capture_output=True)
+
+
+def test_snapshot_holds_head_plus_uncommitted_and_new_files_and_records_dirty(tmp_path):
+    root = tmp_path / "checkout"
+    (root / "gpt").mkdir(parents=True)
+    (root / "gpt" / "a.py").write_text("A = 1\n")
+    (root / ".gitignore").write_text("*.log\n")
+    _git(root, "init", "-q")
+    _git(root, "add", ".")
+    _git(root, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+    clean = snapshot.take(tmp_path / "sub", root)
+    assert clean.commit and clean.dirty is False
+    (root / "gpt" / "a.py").write_text("A = 2\n")
+    (root / "gpt" / "new.py").write_text("B = 1\n")  # not added yet: still what the job must run
+    (root / "gpt" / "noise.log").write_text("ignored")
+    taken = snapshot.take(tmp_path / "sub", root)
+    assert taken.dirty is True and taken.path != clean.path
+    assert (taken.path / "gpt" / "a.py").read_text() == "A = 2\n" and (taken.path / "gpt" / "new.py").is_file()
+    assert not (taken.path / "gpt" / "noise.log").exists()
+    assert "+A = 2" in (taken.path / "uncommitted.diff").read_text()
+    assert json.loads((taken.path / "code.json").read_text())["dirty"] is True
+    (root / "gpt" / "a.py").write_text("A = 3\n")  # the checkout moves on; the snapshot does not
+    assert (taken.path / "gpt" / "a.py").read_text() == "A = 2\n"
+    assert taken.setup_lines() == (f"export PYTHONPATH={taken.path}${{PYTHONPATH:+:$PYTHONPATH}}",
+                                   "export PYTHONSAFEPATH=1")
+
+
+def test_snapshot_without_git_copies_the_package(tmp_path):
+    root = tmp_path / "plain"
+    (root / "launch" / "__pycache__").mkdir(parents=True)
+    (root / "launch" / "x.py").write_text("X = 1\n")
+    (root / "launch" / "__pycache__" / "x.pyc").write_text("")
+    taken = snapshot.take(tmp_path / "sub", root)
+    assert taken.commit is None and (taken.path / "launch" / "x.py").is_file()
+    assert not (taken.path / "launch" / "__pycache__").exists()
+
+
+def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
+    import time
+
+    started = time.perf_counter()
+    taken = snapshot.take(tmp_path, REPO)
+    assert time.perf_counter() - started < 1.0
+    assert (taken.path / "launch" / "snapshot.py").is_file() and (taken.path / "configs" / "config.yaml").is_file()
+
+
+def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path):
+    run = tmp_path / "sweep" / "nodes=1"
+    (run / "metrics").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    (run / "metrics" / "rank0.jsonl").write_text("".join(
+        json.dumps({"kind": "train", "step": s, "tokens_per_s": 100.0, "step_time_s": 0.5}) + "\n" for s in range(3)))
+    (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
+        "allocated_s": 4.0, "train_s": 2.0, "steps": 3}}) + "\n")
+    (run / "summary.json").write_text("{}")
+    assert run_folders(tmp_path) == [run]
+    state = read_state(run, {})
+    assert (state.step, state.max_steps, state.attempts, state.goodput, state.verdict) == (3, 3, 1, 0.5, "finished")
+    proc = subprocess.run([sys.executable, "-m", "launch.status", str(tmp_path / "sweep")], capture_output=True,
+                          text=True, cwd=REPO, env={"PATH": "/nonexistent"})  # no Slurm here: the files tell
+    assert proc.returncode == 0, proc.stderr
+    assert "nodes=1: job - GONE, step 3/3, 100 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
+        in proc.stdout
+
+
+def test_detach_is_refused_where_no_job_is_submitted(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "launch", "launcher.detach=true", f"hydra.run.dir={tmp_path}"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "launcher.detach" in proc.stderr and "only cluster=slurm jobs" in proc.stderr
+
+
+def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
+    """The same command picks a live job up (it waits for it); another setting would be silently ignored by the
+    job, which reads the folder's config.yaml, so it is refused naming the job and the keys. The launcher section
+    is the command's own (waiting or detached)."""
+    import pytest
+
+    from gpt.config.schema import run_config, save
+    from gpt.errors import UserError
+    from helpers import compose
+    from launch.planning.plan import check_same_config
+
+    run = run_config(compose("model=tiny", "train.lr=1e-3"))
+    save(run, tmp_path / "config.yaml")
+    check_same_config(run_config(compose("model=tiny", "train.lr=1e-3", "launcher.detach=true")), tmp_path, "42")
+    with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*scancel 42"):
+        check_same_config(run_config(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")

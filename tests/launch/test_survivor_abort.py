@@ -1,0 +1,188 @@
+"""Survivors that NCCL aborts: with TORCH_NCCL_ASYNC_ERROR_HANDLING at its default, every rank left after a peer is
+lost or fails dies of SIGABRT. The task wrapper must not take them for lost ranks: one requeue per attempt, one
+attempts line naming the rank really lost (or carrying the peer's own error). The task's child is replaced by one
+that died of SIGABRT, and Slurm's commands are replaced; tests/slurm/test_preemption.py runs it for real."""
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import time
+from pathlib import Path
+
+import pytest
+from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
+
+from gpt.config import schema
+from helpers import compose, launch
+from launch.backends import local
+from launch.backends.slurm import task
+from launch.run import lost_rank
+
+
+@pytest.fixture
+def run_dir(tmp_path: Path, monkeypatch) -> Path:
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
+    monkeypatch.setattr(task, "REQUEUE_WAIT_S", 0.0)
+    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 1.0)
+    schema.save(schema.run_config(compose("preemption.max_restarts=5")), tmp_path / "config.yaml")
+    (tmp_path / "watchdog").mkdir()
+    (tmp_path / "attempt.json").write_text(json.dumps({"job_id": "42", "restart": 0, "started": 1.0,
+                                                      "first_step": 0}))
+    for rank in range(3):
+        beat(tmp_path, rank)
+    return tmp_path
+
+
+def beat(run_dir: Path, rank: int, **extra) -> None:
+    record = {"rank": rank, "host": f"n{rank + 1}", "attempt": 1, "time": time.time(), "ended": None, **extra}
+    (run_dir / "watchdog" / f"rank{rank}.json").write_text(json.dumps(record))
+
+
+def lines(run_dir: Path) -> list[dict]:
+    f = run_dir / "attempts.jsonl"
+    return [json.loads(x) for x in f.read_text().splitlines()] if f.exists() else []
+
+
+class Relay:
+    """No signal handlers in the test process: the child's exit code, at once."""
+
+    def __init__(self, signals):
+        self.received: list[int] = []
+
+    def wait(self, child, ready) -> int:
+        return child.wait()
+
+
+def task_of(rank: int, code: int, monkeypatch) -> task.RankTask:
+    """Rank `rank`'s task, whose child ends with `code` (-6: SIGABRT)."""
+    class Child:
+        pid = 0
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def wait(self, timeout=None) -> int:
+            return code
+
+    monkeypatch.setenv("SLURM_PROCID", str(rank))
+    monkeypatch.setattr(task.subprocess, "Popen", Child)
+    monkeypatch.setattr(task, "SignalRelay", Relay)
+    return task.RankTask
+
+
+def run_task(run_dir: Path, rank: int, code: int, monkeypatch) -> str:
+    with pytest.raises(task.RankFailed) as failed:
+        task_of(rank, code, monkeypatch)(str(run_dir))()
+    return str(failed.value)
+
+
+def test_survivors_aborted_after_a_killed_peer_name_it_and_requeue_once(run_dir, asked, monkeypatch):
+    """Rank 1 is killed (kill -9); NCCL then aborts ranks 0 and 2. One requeue, one line, naming rank 1."""
+    killed = run_task(run_dir, 1, -signal.SIGKILL, monkeypatch)
+    assert "rank 1 on " in killed and "killed by SIGKILL" in killed, killed
+    for survivor in (0, 2):
+        said = run_task(run_dir, survivor, -signal.SIGABRT, monkeypatch)
+        assert said.endswith("stopped because rank 1 was lost"), said
+    assert asked == ["42"]
+    (line,) = lines(run_dir)
+    assert line["lost_rank"] == 1 and line["requeued"] is True and "killed by SIGKILL" in line["ended"], line
+
+
+def test_survivors_aborted_after_a_peer_raised_show_its_error_and_do_not_requeue(run_dir, asked, monkeypatch):
+    """Rank 1 fails with a Python error of its own (its heartbeat says how it exited); the survivors NCCL aborted
+    carry that error to the user, and the job fails as it should: no requeue, one line with the error."""
+    (run_dir / "logs").mkdir()
+    (run_dir / "logs" / "rank1.log").write_text("[rank1 00:00:01 ERROR] rank failed\nTraceback (most recent call "
+                                                "last):\n  File \"x.py\", line 1\nValueError: a bad batch\n")
+    beat(run_dir, 1, ended="exit code 1")
+    said = [run_task(run_dir, r, -signal.SIGABRT, monkeypatch) for r in (0, 2)]
+    for survivor, line in zip((0, 2), said):
+        assert line.startswith(f"rank {survivor} on {socket.gethostname()} was aborted (SIGABRT"), line
+        assert "rank 1 on n2 exited with code 1: ValueError: a bad batch" in line, line
+    assert asked == []
+    (line,) = lines(run_dir)
+    assert line["ended"].startswith("failed: rank 1 on n2 exited with code 1: ValueError: a bad batch"), line
+    assert "lost_rank" not in line
+
+
+def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues(run_dir, asked, monkeypatch):
+    """Rank 1 went with its host: no task of its records anything, and its heartbeat stopped. The survivors name
+    it; the first to claim the attempt requeues, once."""
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)  # silent that long while the survivor watches
+    beat(run_dir, 1, time=time.time() - 60)
+    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time())
+    first = run_task(run_dir, 0, -signal.SIGABRT, monkeypatch)
+    second = run_task(run_dir, 2, -signal.SIGABRT, monkeypatch)
+    assert first.startswith("rank 1 on n2 was lost (its heartbeat stopped)"), first
+    assert second.endswith("stopped because rank 1 was lost"), second
+    assert asked == ["42"]
+    (line,) = lines(run_dir)
+    assert line["lost_rank"] == 1 and line["requeued"] is True, line
+
+
+def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, asked, monkeypatch):
+    """Every rank died of SIGABRT and no peer was lost or failed: the first to abort (its own error, such as a GPU
+    fault) is the lost rank; the others were aborted after it."""
+    died = time.time() - 2
+    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=died)
+    survivor = run_task(run_dir, 0, -signal.SIGABRT, monkeypatch)
+    assert survivor == (f"rank 0 on {socket.gethostname()} was aborted (SIGABRT, NCCL's error handling) because rank 2 "
+                        "on n3 aborted first")
+    assert asked == [] and lines(run_dir) == []
+    assert lost_rank.culprit_of_abort(run_dir, 2, died) is None  # rank 2's own task: its abort was its own
+    assert lost_rank.culprit_of_abort(run_dir, 1, time.time()) == lost_rank.Culprit(2, "n3", "aborted first")
+
+
+def test_the_local_backend_names_the_killed_rank_not_an_aborted_survivor(tmp_path):
+    """The elastic agent stamps failures in whole seconds: a survivor that NCCL aborted in the same second as its
+    killed peer must not be reported first."""
+    def failure(local_rank: int, code: int) -> ProcessFailure:
+        return ProcessFailure(local_rank, 100 + local_rank, code, str(tmp_path / "none"))
+
+    failures = {0: failure(0, -signal.SIGABRT), 1: failure(1, -signal.SIGKILL), 2: failure(2, -signal.SIGABRT)}
+    for f in failures.values():
+        f.timestamp = 1000
+    rank, root = local.root_failure(ChildFailedError("worker", failures))
+    assert (rank, root.exitcode) == (1, -signal.SIGKILL)
+
+
+@pytest.mark.timeout(240)
+def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, data_overrides):
+    """The CPU mirror of NCCL's abort: rank 1 kills itself at step 5, and ranks 0 and 2, whose collective then fails,
+    abort (debug.abort_on_collective_error). The run fails naming rank 1, with one attempts line naming it."""
+    proc = launch("model=tiny", "strategy=ddp", "cluster.tasks_per_node=3", "train.max_steps=50",
+                  "train.eval_interval=0", "checkpoint.interval_steps=0", *data_overrides, "debug.kill_rank=1",
+                  "debug.kill_step=5", "debug.abort_on_collective_error=true", run_dir=tmp_path, check=False)
+    assert proc.returncode != 0
+    assert "error: rank 1 was killed by SIGKILL" in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.count("debug.abort_on_collective_error: a collective failed; aborting") >= 1, proc.stderr[-3000:]
+    (line,) = lines(tmp_path)
+    assert (line["lost_rank"], line["ended"], line["requeued"]) == (1, "rank 1 was killed by SIGKILL", False), line
+
+
+def test_a_live_peer_whose_clock_is_behind_is_not_taken_for_lost(run_dir, monkeypatch):
+    """Rank 1's host clock is a minute behind, but its heartbeat keeps moving: alive. Rank 2 aborted first."""
+    import threading
+
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 1.0)
+    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 3.0)
+    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time() - 2)
+    stop = threading.Event()
+
+    def alive() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            beat(run_dir, 1, time=time.time() - 60, beat=n)
+            time.sleep(0.2)
+
+    writer = threading.Thread(target=alive)
+    writer.start()
+    try:
+        found = lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
+    finally:
+        stop.set()
+        writer.join()
+    assert found == lost_rank.Culprit(2, "n3", "aborted first")

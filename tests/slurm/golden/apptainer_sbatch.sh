@@ -1,0 +1,21 @@
+#!/bin/bash
+
+# Parameters
+#SBATCH --cpus-per-task=12
+#SBATCH --error=<LOGS>/%j_0_log.err
+#SBATCH --gpus-per-node=8
+#SBATCH --job-name=gpt2_124m-fsdp
+#SBATCH --nodes=2
+#SBATCH --ntasks-per-node=8
+#SBATCH --open-mode=append
+#SBATCH --output=<LOGS>/%j_0_log.out
+#SBATCH --requeue
+#SBATCH --signal=USR2@120
+#SBATCH --time=60
+
+# setup
+export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)
+
+# command
+export SUBMITIT_EXECUTOR=slurm
+srun --unbuffered --output <LOGS>/%j_%t_log.out --error <LOGS>/%j_%t_log.err --kill-on-bad-exit=1 --cpus-per-task=12 apptainer exec --nv --bind /scratch/data:/data,/golden:/golden --pwd /golden /images/pytorch.sif python -u -m submitit.core._submit <LOGS>

@@ -1,0 +1,1 @@
+srun --nodes=2 --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=12 bash -c 'trap "" TERM USR2; exec "$0" "$@"' apptainer exec --nv --bind /scratch/data:/data,/golden:/golden --pwd /golden /images/pytorch.sif python -m launch.backends.slurm.task /golden/runs/gpt2_124m-fsdp

@@ -1,0 +1,1 @@
+srun --nodes=2 --ntasks=16 --ntasks-per-node=8 --kill-on-bad-exit=1 --cpus-per-task=12 '--container-image=nvcr.io#nvidia/pytorch:24.05-py3' --container-mounts=/scratch/data:/data,/golden:/golden --container-workdir=/golden bash -c 'trap "" TERM USR2; exec "$0" "$@"' python -m launch.backends.slurm.task /golden/runs/gpt2_124m-fsdp

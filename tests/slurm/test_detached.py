@@ -1,0 +1,157 @@
+"""Runs that need no launcher on the login node: launcher.detach=true, then launch.status, launch.logs,
+launch.cancel and launch.list; the sweep's report from an afterany job; code snapshots; a killed waiting launcher."""
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import REPO
+from slurm_helpers import SLURM, TINY, launch_cmd, output, run_launch, train_records
+
+pytestmark = pytest.mark.slurm
+SLOW = [o for o in TINY if not o.startswith("train.max_steps")] + [
+    "train.max_steps=150", "debug.delay_rank=0", "debug.delay_s=0.1"]  # about a minute: time to act on it
+
+
+def verb(env, name: str, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", f"launch.{name}", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def wait_until(check, timeout: float = 120, what: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.5)
+
+
+def steps_done(run_dir: Path) -> int:
+    try:
+        return len(train_records(run_dir))
+    except (OSError, ValueError):
+        return 0
+
+
+@pytest.mark.timeout(180)
+def test_detached_sweep_needs_no_launcher_for_its_status_and_report(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    started = time.monotonic()
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data_overrides, "launcher.detach=true",
+                      f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, output(proc)
+    assert time.monotonic() - started < 10, output(proc)  # the launcher is gone within seconds of submitting
+    jobs = re.findall(r"submitted job (\d+) for", proc.stdout)
+    report_job = re.search(r"report job (\d+) builds", proc.stdout).group(1)
+    assert len(jobs) == 2 and f"python -m launch.status {sweep}" in proc.stdout, output(proc)
+    assert slurm_cluster.job_info(report_job)["Dependency"].startswith(f"afterany:{jobs[0]}")
+
+    first = verb(slurm_cluster.env, "status", str(sweep))
+    assert first.returncode == 3, output(first)  # still running (or waiting)
+    assert re.search(rf"nodes=1: job {jobs[0]} (RUNNING|PENDING)", first.stdout), output(first)
+    assert f"report: job {report_job} PENDING (Dependency)" in first.stdout, output(first)
+
+    slurm_cluster.wait_state(report_job)
+    final = verb(slurm_cluster.env, "status", str(sweep))
+    assert final.returncode == 0, output(final)
+    assert re.search(rf"nodes=2: job {jobs[1]} COMPLETED, step 6/6, [\d,]+ tokens/s, 1 attempt\(s\), 0 restart\(s\), "
+                     r"goodput \d+%, finished", final.stdout), output(final)
+    assert f"report: job {report_job} COMPLETED" in final.stdout
+    assert (sweep / "report" / "scaling.csv").read_text().count("nodes=") == 2  # built on the cluster
+    listing = verb(slurm_cluster.env, "list", str(tmp_path))
+    assert "sweep/nodes=1: finished, step 6/6" in listing.stdout, output(listing)
+
+
+@pytest.mark.timeout(240)
+def test_logs_follow_a_requeue_and_cancel_saves_then_the_same_command_continues(slurm_cluster, tmp_path,
+                                                                                   data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*SLURM, *SLOW, *data_overrides, f"hydra.run.dir={run_dir}"]
+    proc = run_launch(slurm_cluster.env, *args, "launcher.detach=true")
+    assert proc.returncode == 0, output(proc)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    follow = subprocess.Popen([sys.executable, "-m", "launch.logs", str(run_dir), "-f"], cwd=REPO,
+                              env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        wait_until(lambda: steps_done(run_dir) >= 15, what="15 steps")
+        slurm_cluster.run("scancel", "--signal=USR2", job)  # preempted: it saves and requeues itself
+        wait_until(lambda: len(json.loads("[" + ",".join((run_dir / "attempts.jsonl").read_text().splitlines())
+                                          + "]")) >= 1 if (run_dir / "attempts.jsonl").exists() else False,
+                   what="the first attempt's record")
+        before = steps_done(run_dir)
+        wait_until(lambda: steps_done(run_dir) >= before + 15, what="15 steps of the second attempt")
+        status = verb(slurm_cluster.env, "status", str(run_dir))
+        assert status.returncode == 3 and "2 attempt(s)" not in status.stdout and "1 restart(s)" in status.stdout, \
+            output(status)
+
+        cancel = verb(slurm_cluster.env, "cancel", str(run_dir))
+        assert cancel.returncode == 0 and "sent the preemption signal" in cancel.stdout, output(cancel)
+        assert slurm_cluster.wait_state(job) == "CANCELLED"
+        logged, _ = follow.communicate(timeout=60)  # it stops by itself once the job has ended
+    finally:
+        follow.kill()
+    attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert [a["ended"] for a in attempts][:2] == ["preempted:SIGUSR2", "preempted:SIGUSR2"], attempts
+    saved = attempts[1]["last_step"]
+    assert saved > before  # the cancel saved where the second attempt was
+    first = attempts[0]["last_step"]  # followed across the requeue: both attempts' lines
+    assert f"stopped at step {first} after SIGUSR2" in logged and f"at step {first} (" in logged, logged[-2000:]
+    assert f"stopped at step {saved} after SIGUSR2" in logged, logged[-2000:]
+
+    again = run_launch(slurm_cluster.env, *args, timeout=200)
+    assert again.returncode == 0, output(again)
+    assert f"continuing {run_dir} from step {saved}" in again.stdout + again.stderr, output(again)
+    assert verb(slurm_cluster.env, "status", str(run_dir)).returncode == 0
+
+
+@pytest.mark.timeout(180)
+def test_a_held_job_runs_the_code_submitted_not_the_edited_checkout(slurm_cluster, tmp_path, data_overrides):
+    checkout = tmp_path / "checkout"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{REPO}", str(checkout)], check=True)
+    worker = checkout / "launch" / "rank" / "worker.py"
+    worker.write_text(worker.read_text() + "\n# an uncommitted comment: the checkout is dirty\n")
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(launch_cmd(*SLURM, *TINY, *data_overrides, "launcher.detach=true", "+cluster.sbatch.hold=true",
+                                     f"hydra.run.dir={run_dir}"), cwd=checkout, env=slurm_cluster.env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, output(proc)
+    job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
+    assert "JobHeldUser" in verb(slurm_cluster.env, "status", str(run_dir), cwd=checkout).stdout
+    # a deliberate change in the training code while the job waits: a rank that imported it would fail
+    trainer = checkout / "gpt" / "train" / "trainer.py"
+    trainer.write_text(trainer.read_text().replace("from __future__ import annotations\n", "from __future__ import "
+                                                   "annotations\nraise RuntimeError('the edited checkout ran')\n", 1))
+    slurm_cluster.run("scontrol", "release", job)
+    assert slurm_cluster.wait_state(job) == "COMPLETED", (run_dir / "logs" / "rank0.log").read_text()[-2000:]
+    head = subprocess.run(["git", "-C", str(checkout), "rev-parse", "HEAD"], capture_output=True, text=True).stdout
+    code = json.loads((run_dir / "code.json").read_text())
+    assert code["commit"] == head.strip() and code["dirty"] is True
+    assert "an uncommitted comment" in (Path(code["path"]) / "launch" / "rank" / "worker.py").read_text()
+    assert "uncommitted comment" in (Path(code["path"]) / "uncommitted.diff").read_text()
+
+
+@pytest.mark.timeout(180)
+def test_a_killed_waiting_launcher_loses_nothing(slurm_cluster, tmp_path, data_overrides):
+    sweep = tmp_path / "sweep"
+    args = ["-m", "nodes=1", *SLURM, *TINY[:-1], "train.max_steps=40", "debug.delay_rank=0", "debug.delay_s=0.1",
+            *data_overrides, f"hydra.sweep.dir={sweep}"]
+    waiter = subprocess.Popen(launch_cmd(*args), cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    first = ""
+    while "submitted job" not in first:
+        first += waiter.stdout.readline()
+    os.killpg(waiter.pid, signal.SIGKILL)
+    waiter.wait()
+    job = re.search(r"submitted job (\d+)", first).group(1)
+    again = run_launch(slurm_cluster.env, *args, timeout=150)
+    assert again.returncode == 0, output(again)
+    assert f"nodes=1: job {job}, submitted earlier, still runs or waits; waiting for it" in again.stdout, output(again)
+    assert f"job {job} (nodes=1) COMPLETED" in again.stdout and "submitted job" not in again.stdout
+    assert (sweep / "report" / "scaling.csv").is_file()

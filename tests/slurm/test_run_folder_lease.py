@@ -1,0 +1,109 @@
+"""One writer per run folder on the real local Slurm cluster: a job waiting in the queue or suspended keeps its
+folder, two launches in one allocation never share one, and every rank of a node killed at once is recorded
+once."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import REPO, SLURM, TINY, output, run_launch
+from test_preemption import RUN, Job, attempts
+
+pytestmark = pytest.mark.slurm
+
+SLOW = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=150", "debug.delay_rank=0",
+                                                                    "debug.delay_s=0.1"]
+
+
+def digest(run_dir: Path) -> dict[str, str]:
+    """What a second submission must not touch: the files a queued job reads or the run keeps."""
+    files = [f for f in sorted(run_dir.iterdir()) if f.is_file() and not f.name.startswith(".")]
+    files += [f for f in [run_dir / ".hydra" / "overrides.yaml"] if f.is_file()]  # the report's point labels
+    return {str(f.relative_to(run_dir)): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
+
+
+def lease_generations(run_dir: Path) -> list[str]:
+    return sorted(p.name for p in (run_dir / "lease").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.timeout(120)
+def test_a_held_job_refuses_the_same_command_naming_it(slurm_cluster, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*SLURM, *TINY, *data_overrides, "+cluster.sbatch.hold=true"]
+    job = Job(slurm_cluster, tmp_path, args, run_dir)
+    try:
+        held = job.id()
+        assert slurm_cluster.wait_state(held, {"PENDING"}, timeout=30) == "PENDING"
+        before = digest(run_dir)
+        again = run_launch(slurm_cluster.env, *args, f"hydra.run.dir={run_dir}")
+        assert again.returncode == 2, output(again)
+        assert f"belongs to job {held}, which is PENDING" in again.stderr and f"scancel {held}" in again.stderr
+        assert "Traceback" not in again.stderr
+        assert digest(run_dir) == before  # config.yaml, run.json, slurm_job.json untouched
+        assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split() == [held]  # no second job
+    finally:
+        slurm_cluster.run("scancel", job.id(), check=False)
+        job.wait(timeout=60)
+
+
+@pytest.mark.timeout(180)
+def test_a_suspended_holder_keeps_the_folder_and_finishes_alone(slurm_cluster, tmp_path, data_overrides):
+    run_dir = tmp_path / "run"
+    args = [*SLURM, *SLOW, *data_overrides]
+    job = Job(slurm_cluster, tmp_path, args, run_dir)
+    job.training(0)
+    slurm_cluster.run("scontrol", "suspend", job.id())
+    try:
+        time.sleep(3)  # longer than a beat: its lease no longer moves
+        again = run_launch(slurm_cluster.env, *args, f"hydra.run.dir={run_dir}")
+        assert again.returncode == 2, output(again)
+        assert f"job {job.id()}, which is SUSPENDED" in again.stderr, output(again)
+    finally:
+        slurm_cluster.run("scontrol", "resume", job.id(), check=False)
+    assert job.wait(timeout=150) == 0, job.text()
+    assert lease_generations(run_dir) == ["1"]  # one writer from start to end
+    assert [a["ended"] for a in attempts(run_dir)] == ["finished"]
+
+
+ALLOC_LAUNCH = "{python} -m launch cluster=srun hydra.run.dir={run} {args} > {out} 2>&1"
+
+
+@pytest.mark.timeout(180)
+def test_two_launches_in_one_allocation_never_share_the_folder(slurm_cluster, tmp_path, data_overrides):
+    """The default run name is the same for both, and so is SLURM_JOB_ID: the second is refused while the first
+    beats its lease, and the first finishes alone."""
+    run_dir, first_out, second_out = tmp_path / "run", tmp_path / "first.out", tmp_path / "second.out"
+    args = " ".join([o for o in SLOW if not o.startswith("train.progress")] + list(data_overrides))
+    launch = ALLOC_LAUNCH.format(python=sys.executable, run=run_dir, args=args, out="{out}")
+    script = (f"cd {REPO}\n{launch.format(out=first_out)} &\n"
+              f"while [ ! -e {run_dir}/metrics/rank0.jsonl ]; do sleep 0.2; done\n"
+              f"{launch.format(out=second_out)}; echo second=$?\nwait $!; echo first=$?\n")
+    alloc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", script], cwd=REPO, env=slurm_cluster.env,
+                           capture_output=True, text=True, timeout=170)
+    said = alloc.stdout + second_out.read_text()
+    assert "second=2" in alloc.stdout and "first=0" in alloc.stdout, said + first_out.read_text()[-3000:]
+    assert "is in use by another run (job " in said and "its lease is beating" in said, said
+    assert lease_generations(run_dir) == ["1"]
+    assert [a["ended"] for a in attempts(run_dir)] == ["finished"]
+
+
+@pytest.mark.timeout(300)
+def test_every_rank_of_a_node_killed_at_once_is_one_attempts_line(slurm_cluster, tmp_path, data_overrides):
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.tasks_per_node=2", *SLURM, *RUN, *data_overrides],
+              tmp_path / "run")
+    job.training(0)
+    hosts = {r: json.loads((job.run_dir / "environment" / f"rank{r}.json").read_text())["host"] for r in range(4)}
+    node = [r for r in hosts if hosts[r] == hosts[3]]
+    assert len(node) == 2  # every rank of the node that does not hold rank 0
+    for r in node:
+        job.kill_rank(r)
+    assert job.wait() == 0, job.text()
+    first = [a for a in attempts(job.run_dir) if a["restart"] == 0]
+    assert len(first) == 1 and first[0]["lost_rank"] in node and first[0]["requeued"] is True, attempts(job.run_dir)
+    assert attempts(job.run_dir)[-1]["ended"] == "finished"
