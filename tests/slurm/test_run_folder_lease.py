@@ -46,7 +46,9 @@ def test_a_held_job_refuses_the_same_command_naming_it(slurm_cluster, tmp_path, 
         assert f"belongs to job {held}, which is PENDING" in again.stderr and f"scancel {held}" in again.stderr
         assert "Traceback" not in again.stderr
         assert digest(run_dir) == before  # config.yaml, run.json, slurm_job.json untouched
-        assert slurm_cluster.run("squeue", "-h", "-o", "%i").stdout.split() == [held]  # no second job
+        name = slurm_cluster.run("squeue", "-h", "-j", held, "-o", "%j").stdout.strip()
+        # no second job of this run (the other worker's tests share the cluster)
+        assert slurm_cluster.run("squeue", "-h", "-n", name, "-o", "%i").stdout.split() == [held]
     finally:
         slurm_cluster.run("scancel", job.id(), check=False)
         job.wait(timeout=60)
