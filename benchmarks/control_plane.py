@@ -107,15 +107,18 @@ def rendezvous_s(run_dir: Path) -> float | None:
     return None
 
 
-def run_once(where: str, nodes: int, tasks: int, steps: int, env: dict[str, str], tmp: Path) -> Measured:
-    """One tiny run with a checkpoint half way, its run folder and its Slurm calls counted."""
+def run_once(where: str, nodes: int, tasks: int, steps: int, step_s: float, env: dict[str, str],
+             tmp: Path) -> Measured:
+    """One tiny run with a checkpoint half way, its run folder and its Slurm calls counted. Rank 0 sleeps `step_s`
+    a step (every rank waits for it): a logging rate like a real model's, not the tiny model's hundreds of steps/s."""
     run_dir = tmp / f"{where}-{nodes}"
     calls = SlurmCalls(tmp / f"shims-{where}-{nodes}") if where == "slurm" else None
     env = calls.env(env) if calls else env
     extra = ["cluster=slurm", "cluster.time_min=15", "hydra.launcher.poll_s=1"] if where == "slurm" else []
     cmd = [sys.executable, "-m", "launch", f"nodes={nodes}", f"cluster.tasks_per_node={tasks}", *TINY, *extra,
-           f"train.global_batch_size={2 * nodes * tasks}", f"train.max_steps={steps}",
-           f"checkpoint.interval_steps={steps // 2}", *data_overrides(tmp), f"hydra.run.dir={run_dir}"]
+           f"train.global_batch_size={2 * nodes * tasks}", f"train.max_steps={steps}", "debug.delay_rank=0",
+           f"debug.delay_s={step_s}", f"checkpoint.interval_steps={steps // 2}", *data_overrides(tmp),
+           f"hydra.run.dir={run_dir}"]
     run_dir.mkdir(parents=True)
     with FsOps(run_dir) as ops:
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
@@ -272,16 +275,17 @@ def main() -> None:
     ap.add_argument("--sweep-points", type=int, nargs="*", default=[], help="sweep sizes on the local Slurm cluster")
     ap.add_argument("--faults", action="store_true", help="a requeue and a hang on the largest Slurm size")
     ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--step-s", type=float, default=0.1, help="rank 0 sleeps this long a step (train.log_interval=10)")
     args = ap.parse_args()
     rows: list[Measured] = []
     with tempfile.TemporaryDirectory(prefix="control-plane-") as tmp_name:
         tmp = Path(tmp_name)
         for n in args.local_nodes:
-            rows.append(run_once("local", n, args.tasks_per_node, args.steps, dict(os.environ), tmp))
+            rows.append(run_once("local", n, args.tasks_per_node, args.steps, args.step_s, dict(os.environ), tmp))
             print(f"local nodes={n}: {rows[-1].fs_ops_per_s:.2f} metadata ops/s", flush=True)
         env = slurm_env() if args.slurm_nodes or args.sweep_points else {}
         for n in args.slurm_nodes:
-            rows.append(run_once("slurm", n, 1, args.steps, env, tmp))
+            rows.append(run_once("slurm", n, 1, args.steps, args.step_s, env, tmp))
             print(f"slurm nodes={n}: {rows[-1].fs_ops_per_s:.2f} metadata ops/s, calls {rows[-1].calls}", flush=True)
         sweeps = [sweep_polls(p, env, tmp) for p in args.sweep_points]
         fault = faults(max(args.slurm_nodes), env, tmp) if args.faults and args.slurm_nodes else {}

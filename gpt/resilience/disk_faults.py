@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import errno
 import logging
+import os
 import sys
-import threading
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -70,18 +70,29 @@ class LogFile(logging.FileHandler):
             super().handleError(record)
 
 
-def quiet_tensorboard_threads() -> None:
-    """TensorBoard's event writer thread re-raises a failed write (threading's hook prints its traceback); the
-    same error reaches the main thread at the next write or flush, which says it in one line."""
-    from tensorboard.summary.writer.event_file_writer import _AsyncWriterThread
+class RecordFile:
+    """An append-only file that holds whole records only: a record the disk takes in part is cut off again (which
+    frees, so it cannot fail for want of room), and the file goes on from its last whole record once there is room.
+    One write per record to a file kept open: no metadata operation after the open."""
 
-    previous = threading.excepthook
-    if getattr(previous, "quiets_tensorboard", False):
-        return
+    def __init__(self, path: Path, outage: Outage):
+        self.outage = outage
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        self.size = os.fstat(self.fd).st_size
 
-    def hook(args: threading.ExceptHookArgs) -> None:
-        if not (isinstance(args.thread, _AsyncWriterThread) and isinstance(args.exc_value, OSError)):
-            previous(args)
+    def append(self, data: bytes) -> bool:
+        """Whether the record went in."""
+        view, written = memoryview(data), 0
+        try:
+            while written < len(view):  # a nearly full disk takes part of it, then refuses the rest
+                written += os.write(self.fd, view[written:])
+        except OSError as e:
+            os.ftruncate(self.fd, self.size)
+            self.outage.failed(e)
+            return False
+        self.size += written
+        self.outage.recovered()
+        return True
 
-    hook.quiets_tensorboard = True  # type: ignore[attr-defined]
-    threading.excepthook = hook
+    def close(self) -> None:
+        os.close(self.fd)

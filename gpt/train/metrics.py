@@ -7,16 +7,16 @@ import math
 import os
 import time
 from pathlib import Path
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 
 import psutil
 import torch
 from tensorboard.compat.proto.summary_pb2 import Summary
-from torch.utils.tensorboard import SummaryWriter
-from torch.utils.tensorboard.summary import scalar
+from torch.utils.tensorboard.summary import scalar, text
 
-from gpt.resilience.disk_faults import Outage, quiet_tensorboard_threads
+from gpt.resilience.disk_faults import Outage, RecordFile
 from gpt.run_folder import RunFolder
+from gpt.train.event_file import EventFile
 from gpt.train.tracker import TrackerRun
 
 
@@ -107,8 +107,8 @@ def _drop_from(path: Path, resume_step: int, keep_val_at_resume: bool, tracker: 
 class MetricsWriter:
     """Writes `metrics/rank{R}.jsonl` and TensorBoard events under `tensorboard/rank{R}`. A disk that fills (a
     quota, a read-only folder) costs the records written meanwhile, never the run (gpt.resilience.disk_faults): a
-    record that does not fit is dropped whole, and the TensorBoard writer, which cannot take a failed write back,
-    is opened anew once a record fits again."""
+    record that does not fit is dropped whole. Both files stay open: a record costs the file system one write to
+    each (one TensorBoard event for the whole record), no metadata operation."""
 
     def __init__(self, run_dir: Path, rank: int, hostname: str, resume_step: int | None = None,
                  keep_val_at_resume: bool = True, world_size: int | None = None, tracker: TrackerRun | None = None):
@@ -123,71 +123,33 @@ class MetricsWriter:
         folder = RunFolder(run_dir)
         folder.metrics.mkdir(parents=True, exist_ok=True)
         path = folder.metrics_file(rank)
+        gone: list[int] = []
         if resume_step is not None:
             gone = _ranks_beyond(folder, world_size) if rank == 0 and world_size else []
             for r in [rank, *gone]:
                 _drop_from(folder.metrics_file(r), resume_step, keep_val_at_resume, tracker if r == rank else None)
-            for r in gone:
-                SummaryWriter(log_dir=str(folder.tensorboard_run(r)), purge_step=resume_step).close()
-        self.jsonl = open(path, "ab", buffering=0)
-        self.size = os.fstat(self.jsonl.fileno()).st_size
-        self.records = Outage(f"metrics file {path.name}", path.parent,
-                              "its records are dropped until there is room; training goes on")
-        quiet_tensorboard_threads()
-        self.tb_dir = folder.tensorboard_run(rank)
-        self.events = Outage("TensorBoard events", self.tb_dir,
-                             "they are dropped until there is room; training goes on")
-        self.tb: SummaryWriter | None = SummaryWriter(log_dir=str(self.tb_dir), purge_step=resume_step)
+        self.jsonl = RecordFile(path, Outage(f"metrics file {path.name}", path.parent,
+                                             "its records are dropped until there is room; training goes on"))
+        tb_dir = folder.tensorboard_run(rank)
+        self.events = EventFile(tb_dir, Outage("TensorBoard events", tb_dir,
+                                               "they are dropped until there is room; training goes on"), resume_step)
+        for r in gone:
+            EventFile(folder.tensorboard_run(r), self.events.file.outage, resume_step).close()
 
     def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
         record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, "time": time.time(),
                   "elapsed_s": time.time() - self.start, **values}
-        room = self._append(json.dumps(record) + "\n")
         points = scalars(kind, values)
-
-        def add(tb: SummaryWriter) -> None:
-            # one event for the whole record: without TensorFlow, TensorBoard opens its file again for every event,
-            # and one per scalar would cost the shared file system a dozen metadata operations per record and rank
-            values = [v for key, value in points.items() for v in scalar(key, value).value]
-            tb.file_writer.add_summary(Summary(value=values), step)
-            tb.flush()  # a failed write shows here, in this thread, not at the writer's next timed flush
-
-        self._events(room, add)
+        self.jsonl.append((json.dumps(record) + "\n").encode())
+        self.events.add(step, Summary(value=[v for key, value in points.items() for v in scalar(key, value).value]))
         if self.tracker is not None:
             self.tracker.log(step, points)
 
-    def _append(self, line: str) -> bool:
-        """Append one whole record (a partial one is cut off again); whether it went in."""
-        data = memoryview(line.encode())
-        try:
-            written = 0
-            while written < len(data):  # a nearly full disk takes part of it, then refuses the rest
-                written += os.write(self.jsonl.fileno(), data[written:])
-        except OSError as e:
-            os.ftruncate(self.jsonl.fileno(), self.size)  # frees, so it cannot fail for want of room
-            self.records.failed(e)
-            return False
-        self.size += written
-        self.records.recovered()
-        return True
-
-    def _events(self, room: bool, write: Callable[[SummaryWriter], object]) -> None:
-        """`write(tb)` into the TensorBoard run; after a failure, a new writer once `room` says a record fit."""
-        try:
-            if self.tb is None and room:
-                self.tb = SummaryWriter(log_dir=str(self.tb_dir))
-                self.events.recovered()
-            if self.tb is not None:
-                write(self.tb)
-        except OSError as e:
-            self.events.failed(e)
-            self.tb = None  # its thread is gone and its file may end in a partial event: a new file goes next
-
-    def text(self, tag: str, text: str) -> None:
-        self._events(True, lambda tb: tb.add_text(tag, text))
+    def text(self, tag: str, text_string: str) -> None:
+        self.events.add(0, text(tag, text_string))
 
     def close(self) -> None:
         self.jsonl.close()
-        self._events(False, lambda tb: tb.close())
+        self.events.close()
         if self.tracker is not None:
             self.tracker.close()
