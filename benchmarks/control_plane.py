@@ -168,7 +168,8 @@ def sweep_polls(points: int, env: dict[str, str], tmp: Path) -> dict[str, float]
 
 
 def faults(nodes: int, env: dict[str, str], tmp: Path) -> dict[str, dict[str, int]]:
-    """A requeue and a hang on Slurm: the processes and nodes that called scontrol (the budget: one per job)."""
+    """A requeue and a hang on Slurm: the processes and nodes of the attempt that ended that called scontrol (the
+    budget: one per job), and the calls of the attempts after it."""
     out = {}
     for name, extra in (("requeue", ["debug.signal_at_step=20", "preemption.max_restarts=2"]),
                         ("hang", [f"debug.hang_rank={nodes - 1}", "debug.hang_step=20", "watchdog.step_s=5",
@@ -185,8 +186,11 @@ def faults(nodes: int, env: dict[str, str], tmp: Path) -> dict[str, dict[str, in
         # `scontrol show hostnames` (each rank's start-up) expands a host list locally: no call reaches slurmctld
         local = [c for c in from_ranks if c.argv.startswith("scontrol show hostnames")]
         scontrol = [c for c in from_ranks if c.command == "scontrol" and c not in local]
-        out[name] = {"exit": proc.returncode, "hosts_calling": len({c.host for c in scontrol}),
-                     "processes_calling": len({(c.host, c.pid) for c in scontrol}),
+        ended = json.loads((run_dir / "attempts.jsonl").read_text().splitlines()[0])["time"]
+        first = [c for c in scontrol if c.time <= ended + 1]  # the attempt that hung or was preempted
+        out[name] = {"exit": proc.returncode, "hosts_calling": len({c.host for c in first}),
+                     "processes_calling": len({(c.host, c.pid) for c in first}),
+                     "later_attempts_calls": len(scontrol) - len(first),
                      "hostlist_expansions": len(local),
                      **{f"ranks_{k}": v for k, v in Counter(c.command for c in from_ranks).items()}}
     return out
@@ -257,8 +261,9 @@ def print_tables(rows: list[Measured], projections: list[dict], sweeps: list[dic
         print(f"sweep of {s['points']} points: submitted in {s['submitted_s']} s with {s['sbatch_calls']} sbatch; "
               f"{s['squeue_calls']} squeue calls, {s['squeue_per_poll']} per poll (budget 1); all calls {s['calls']}")
     for name, f in fault.items():
-        print(f"{name}: {f['processes_calling']} process(es) on {f['hosts_calling']} node(s) called scontrol "
-              f"(budget: one process per job); calls from ranks: "
+        print(f"{name}: {f['processes_calling']} process(es) on {f['hosts_calling']} node(s) of the attempt that "
+              f"ended called scontrol (budget: one process per job); later attempts' scontrol calls: "
+              f"{f['later_attempts_calls']}; calls from ranks: "
               f"{ {k: v for k, v in f.items() if k.startswith('ranks_')} }")
     print(f"\nprojection to {', '.join(map(str, PROJECT_NODES))} nodes x {RANKS_PER_NODE} ranks")
     for p in projections:

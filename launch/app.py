@@ -51,16 +51,18 @@ def prepare(cfg: DictConfig) -> Prepared:
     if run.launcher.detach and not backend.submits:
         raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
                           "without the launcher")
-    existing, live = None, live_job(run_dir) if backend.submits else None
+    checked, live = None, live_job(run_dir) if backend.submits else None
     if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
         job = job_environment()  # this process's own job, if any; the backend's scheduler knows the others
-        existing = check_run_folder(run, run_dir, job,
-                                    lambda j: job.job_state(j) if job.job_id else backend.job_state(j))
+        checked = check_run_folder(run, run_dir, job,
+                                   lambda j: job.job_state(j) if job.job_id else backend.job_state(j))
     budget = run.budget if backend.submits else None
     plan = make_plan(run, run_dir, live)
-    if live is None:
+    if live is None:  # every check passed: the folder gets its records
+        if checked is not None:
+            checked.record(run_dir)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
-    return Prepared(run, plan, backend, resources, budget, existing, live)
+    return Prepared(run, plan, backend, resources, budget, checked and checked.existing, live)
 
 
 def record_overrides(path: Path, overrides: list[str]) -> None:

@@ -2,7 +2,8 @@
 runs/sweeps/<run>/). Submitting the same command again continues it. Before anything runs, the launcher checks
 that no job of the run waits in the queue or runs (RUN_DIR/slurm_job.json), that no other live run holds it
 (launch.run.lock), that the folder's run is this run (RUN_DIR/run.json records what must not change: model, data,
-optimiser schedule, seed), and whether it has already finished. Nothing is written into the folder before that.
+optimiser schedule, seed), and whether it has already finished. Nothing is written into the folder before that,
+and the record is written only once the whole plan has passed (FolderCheck.record).
 """
 from __future__ import annotations
 
@@ -90,9 +91,19 @@ def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: JobState) ->
                         "command again")
 
 
+@dataclass(frozen=True)
+class FolderCheck:
+    """What check_run_folder found (None for a new run), and the identity record to write once planning passed."""
+    existing: Existing | None
+    identity: dict[str, Any]
+
+    def record(self, run_dir: Path) -> None:
+        write_record(run_dir, self.identity)
+
+
 def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: JobState | None = None
-                     ) -> Existing | None:
-    """Before anything runs: None for a new run; else what the folder holds, once it is known to be this run.
+                     ) -> FolderCheck:
+    """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
     Raises UserError when a job of the run is queued or running, when another run holds the folder, when its run
     differs (the keys are listed), or when resume=none would start over on top of it."""
     record_path = RunFolder(run_dir).identity
@@ -115,12 +126,15 @@ def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_sta
             raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
                             "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
                             "new run under another name (run=NAME).")
-    record_path.parent.mkdir(parents=True, exist_ok=True)
+    existing = None if step is None else Existing(step, step >= run.train.max_steps)
+    return FolderCheck(existing, {"identity": current, "corpus": corpus,
+                                  "created": (record or {}).get("created", time.time())})
+
+
+def write_record(run_dir: Path, record: dict[str, Any]) -> None:
+    path = RunFolder(run_dir).identity
+    path.parent.mkdir(parents=True, exist_ok=True)
     # every task of a job may write it at once, on several hosts whose pids may collide (pid namespaces)
-    tmp = record_path.with_name(f".{record_path.name}.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(json.dumps({"identity": current, "corpus": corpus,
-                               "created": (record or {}).get("created", time.time())}, indent=1))
-    os.replace(tmp, record_path)
-    if step is None:
-        return None
-    return Existing(step, step >= run.train.max_steps)
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, path)

@@ -9,6 +9,7 @@ wakes up finds the later generation and stops (the fence).
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -59,6 +60,16 @@ def ended_because(beat: Beat, job_state: JobState | None) -> str | None:
     return None
 
 
+def _asking_once(job_state: JobState, own_job: str | None) -> JobState:
+    """One question to Slurm per job at most, and none about the job this process runs in (a requeued attempt
+    finds its own job's beat: that job is running)."""
+    asked = functools.cache(job_state)
+
+    def state(job_id: str) -> str | None:
+        return "RUNNING" if job_id == own_job else asked(job_id)
+    return state
+
+
 def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: JobState | None = None,
                stale_s: float = LOCK_STALE_S) -> tuple[Beat, str] | None:
     """Refuse, naming the holder, while another run holds the folder; else the ended holder and why (None: the
@@ -66,6 +77,7 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: JobSt
     beat = read_beat(run_dir)
     if beat is None:
         return None
+    job_state = _asking_once(job_state, job_id) if job_state is not None else None
     why = ended_because(beat, job_state)
     if why is not None:
         return beat, why

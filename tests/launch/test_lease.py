@@ -141,6 +141,22 @@ def test_an_ended_job_is_taken_over_at_once_and_an_earlier_attempt_yields_once_s
 
 
 @pytest.mark.slow
+def test_taking_the_folder_asks_slurm_once_about_another_job_and_never_about_its_own(tmp_path):
+    """A requeued attempt finds its own job's beat: that job runs (it is this one). One question per other job:
+    at a thousand nodes every attempt's start-up is an RPC the controller answers."""
+    asked = []
+
+    def state(job):
+        asked.append(job)
+        return "CANCELLED"
+    Lease.take(tmp_path, 0, "41", 0)
+    take(tmp_path, "42", 0, state, stale_s=30).release()
+    assert asked == ["41"]
+    Lease.take(tmp_path, 2, "43", 0)  # restart 0 of job 43, stale; restart 1 of the same job takes over
+    take(tmp_path, "43", 1, state, stale_s=0.5).release()
+    assert asked == ["41"]
+
+
 def test_a_run_frozen_past_its_lease_is_taken_over_and_stops_when_it_wakes(tmp_path, data_overrides):
     """A local run's rank frozen by SIGSTOP for longer than the lease: the same command takes the folder over and
     finishes; woken by SIGCONT, the frozen rank prints that it lost the folder and exits without writing."""
@@ -215,5 +231,5 @@ def test_run_json_is_written_under_a_name_no_other_host_uses(tmp_path, data_over
     run = run_config(compose("model=tiny", *data_overrides))
     other = tmp_path / f".run.json.{os.getpid()}"  # another host's task with the same pid, mid-write
     other.write_text("another host's")
-    check_run_folder(run, tmp_path, JobEnvironment({}))
+    check_run_folder(run, tmp_path, JobEnvironment({})).record(tmp_path)
     assert other.read_text() == "another host's" and "identity" in json.loads((tmp_path / "run.json").read_text())
