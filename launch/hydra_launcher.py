@@ -48,21 +48,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
     # 1. plan every point
-    points = []
-    # Left at its default, each point's folder is named by the keys that vary across the sweep.
-    labels = point_labels(job_overrides) if _default_subdir(config) else None
-    for i, overrides in enumerate(job_overrides):
-        idx = initial_job_idx + i
-        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
-        with open_dict(sweep_config):
-            sweep_config.hydra.job.id = idx
-            sweep_config.hydra.job.num = idx
-            if labels:  # a one-point sweep keeps the name a node sweep would give it
-                sweep_config.hydra.sweep.subdir = labels[i] or f"nodes={sweep_config.nodes}"
-        ret = run_job(hydra_context=context, task_function=_prepare_task, config=sweep_config,
-                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-        points.append((idx, overrides, sweep_config, ret))
-    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    points = _plan_points(config, context, job_overrides, initial_job_idx)
     _stop_on_bad_points(points)
 
     prepared: list[Prepared] = [ret.return_value for *_, ret in points]
@@ -107,6 +93,26 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     report = write_report(sweep_dir)
     print(f"report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
     return [r for r in returns if r is not None]
+
+
+def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
+    """(index, overrides, config, Hydra's return holding the point's Prepared) for each point, planned in order."""
+    points = []
+    # Left at its default, each point's folder is named by the keys that vary across the sweep.
+    labels = point_labels(job_overrides) if _default_subdir(config) else None
+    for i, overrides in enumerate(job_overrides):
+        idx = initial_job_idx + i
+        sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
+        with open_dict(sweep_config):
+            sweep_config.hydra.job.id = idx
+            sweep_config.hydra.job.num = idx
+            if labels:  # a one-point sweep keeps the name a node sweep would give it
+                sweep_config.hydra.sweep.subdir = labels[i] or f"nodes={sweep_config.nodes}"
+        ret = run_job(hydra_context=context, task_function=_prepare_task, config=sweep_config,
+                      job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+        points.append((idx, overrides, sweep_config, ret))
+    configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return points
 
 
 def _collect(outcomes, jobs, points, returns) -> None:
