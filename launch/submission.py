@@ -15,6 +15,7 @@ from launch.backends import Point
 from launch.backends.slurm.commands import PENDING, RUNNING
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
 from launch.run_state import ask_slurm, job_ids
+from launch.script_jobs import script_job
 from launch.planning.prepared import Prepared
 from launch.snapshot import Snapshot, record_in, take, with_snapshot
 
@@ -29,6 +30,7 @@ def live_job(run_dir: Path) -> str | None:
     infos = ask_slurm(ids)
     live = [infos[j] for j in ids if j in infos and (infos[j].state in PENDING or infos[j].state in RUNNING)]
     if not live:
+        refuse_script_job(run_dir, tuple(ids))
         return None
     job = live[-1]
     if job.state == "SUSPENDED":
@@ -40,6 +42,16 @@ def live_job(run_dir: Path) -> str | None:
     held = f" and held ({job.reason})" if job.reason.startswith("JobHeld") else ""
     raise UserError(f"the run folder {run_dir} belongs to job {job.job_id}, which is {job.state}{held}: {unstick} "
                     f"and it continues this run, or cancel it (scancel {job.job_id}) and run this command again")
+
+
+def refuse_script_job(run_dir: Path, known: tuple[str, ...]) -> None:
+    """A job submitted with sbatch slurm/multi_node.sh for this run folder waits, is held or runs: it continues the
+    run when it runs, and a second job would train it twice."""
+    job = script_job(run_dir, known)
+    if job is not None:
+        raise UserError(f"the run folder {run_dir} belongs to job {job.job_id} (sbatch {job.command[0]}), which is "
+                        f"{job.state}: it continues this run when it runs. Wait for it (squeue -j {job.job_id}), or "
+                        f"cancel it (scancel {job.job_id}) and run this command again")
 
 
 def submit_jobs(prepared: list[Prepared], folder: Path, out=sys.stdout) -> tuple[list[Submitted], Snapshot | None]:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from launch.backends.slurm.commands import (FINAL, GONE, PENDING, RUNNING, STATES, JobInfo, parse_sacct, parse_scontrol_job,
-                                   parse_squeue, state_of)
+                                   parse_squeue, parse_squeue_scripts, state_of)
 
 OUTPUTS = Path(__file__).parent / "slurm_outputs"
 # What a state means to the waiter: still to come (pending), under way, or over for good.
@@ -64,6 +64,15 @@ def test_squeue_rows_and_sacct_states():
     assert rows["1"] == ("FAILED", "JobLaunchFailure") and rows["5"] == ("PENDING", "JobHeldUser")
     assert parse_sacct("CANCELLED by 0\n") == "CANCELLED" and parse_sacct("RUNNING+\n") == "RUNNING"
     assert parse_sacct("") is None and GONE not in STATES
+
+
+def test_squeue_scripts_keep_each_jobs_folder_and_arguments():
+    # as Slurm 22.05 prints `squeue -h -o '%i|%T|%Z|%o'` (the second job's script came on stdin: no path)
+    text = "1|PENDING|/home/a/gpt|/home/a/gpt/slurm/multi_node.sh model=tiny run=x|y\n2|RUNNING|/home/a|(null)\n"
+    first, second = parse_squeue_scripts(text)
+    assert (first.job_id, first.state, first.workdir) == ("1", "PENDING", "/home/a/gpt")
+    assert first.command == ("/home/a/gpt/slurm/multi_node.sh", "model=tiny", "run=x|y")
+    assert second.command == ("(null)",)
 
 
 @pytest.mark.parametrize("name", ["scontrol_o_22.05_array.txt", "scontrol_22.05_array.txt"])

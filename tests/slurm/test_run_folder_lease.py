@@ -54,6 +54,31 @@ def test_a_held_job_refuses_the_same_command_naming_it(slurm_cluster, tmp_path, 
         job.wait(timeout=60)
 
 
+@pytest.mark.timeout(120)
+def test_a_waiting_multi_node_script_job_refuses_the_launcher_for_its_run(slurm_cluster, tmp_path, data_overrides):
+    """`sbatch slurm/multi_node.sh` writes nothing until its job starts: the launcher finds the job by the arguments
+    Slurm keeps for it, and refuses to submit its run a second time; another run is not refused."""
+    run_dir = tmp_path / "run"
+    args = [*TINY, *data_overrides, f"hydra.run.dir={run_dir}"]
+    held = subprocess.run(["sbatch", "--parsable", "--hold", f"--output={tmp_path}/%j.out",
+                           str(REPO / "slurm" / "multi_node.sh"), *args], env=slurm_cluster.env, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60, check=True).stdout.strip()
+    try:
+        again = run_launch(slurm_cluster.env, *SLURM, *args)
+        assert again.returncode == 2, output(again)
+        assert (f"the run folder {run_dir} belongs to job {held} (sbatch {REPO}/slurm/multi_node.sh), which is PENDING"
+                in again.stderr and f"scancel {held}" in again.stderr), output(again)
+        assert "Traceback" not in again.stderr
+        assert {p.name for p in run_dir.iterdir()} <= {"app.log"}  # nothing of the run's (Hydra's own log aside)
+        other = run_launch(slurm_cluster.env, *SLURM, *TINY, *data_overrides, f"hydra.run.dir={tmp_path / 'other'}",
+                           "launcher.detach=true")
+        assert other.returncode == 0, output(other)
+    finally:
+        slurm_cluster.run("scancel", held, check=False)
+        for record in (tmp_path / "other").glob("slurm_job.json"):
+            slurm_cluster.run("scancel", json.loads(record.read_text())["job_id"], check=False)
+
+
 @pytest.mark.timeout(180)
 def test_a_suspended_holder_keeps_the_folder_and_finishes_alone(slurm_cluster, tmp_path, data_overrides):
     run_dir = tmp_path / "run"

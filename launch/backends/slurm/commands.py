@@ -86,6 +86,17 @@ def parse_squeue(text: str) -> dict[str, tuple[str, str]]:
     return out
 
 
+def parse_squeue_scripts(text: str) -> list[QueuedScript]:
+    """`squeue -h -o '%i|%T|%Z|%o'` -> each job's id, state, working folder and command (the batch script and the
+    arguments it was submitted with, as Slurm keeps them: split at spaces)."""
+    out = []
+    for line in text.splitlines():
+        parts = line.strip().split("|", 3)
+        if len(parts) == 4 and parts[0]:
+            out.append(QueuedScript(parts[0], state_of(parts[1]), parts[2], tuple(parts[3].split())))
+    return out
+
+
 def parse_sacct(text: str) -> str | None:
     """`sacct -n -X -P -o State -j ID` -> the job's state (its first row)."""
     for line in text.splitlines():
@@ -129,6 +140,14 @@ def run(*cmd: str, timeout: float = TIMEOUT_S, keep_on_term: bool = False) -> st
 
 
 @dataclass(frozen=True)
+class QueuedScript:
+    job_id: str
+    state: str
+    workdir: str
+    command: tuple[str, ...]  # the batch script, then its arguments
+
+
+@dataclass(frozen=True)
 class JobInfo:
     job_id: str
     state: str
@@ -162,6 +181,12 @@ def squeue(job_ids: list[str]) -> dict[str, JobInfo]:
     """The given jobs squeue still lists (array tasks one by one)."""
     rows = parse_squeue(run("squeue", "--me", "--states=all", "-h", "-r", "-o", "%i|%T|%r"))
     return {j: JobInfo(j, *rows[j]) for j in job_ids if j in rows}
+
+
+def queued_scripts() -> list[QueuedScript]:
+    """This user's batch jobs that wait, are held, suspended or run, with the script each was submitted with."""
+    return parse_squeue_scripts(run("squeue", "--me", "-h", "-t", "PENDING,REQUEUED,REQUEUE_HOLD,REQUEUE_FED,"
+                                    "CONFIGURING,SUSPENDED,RUNNING", "-o", "%i|%T|%Z|%o"))
 
 
 def sacct_state(job_id: str) -> str | None:
