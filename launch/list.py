@@ -3,6 +3,7 @@ from the run folders and one question to Slurm. Torch-free: it runs on a login n
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -24,6 +25,7 @@ def listing(root: Path, out=sys.stdout) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as any listing
     parser = argparse.ArgumentParser(prog="python -m launch.list", description=__doc__.splitlines()[0])
     parser.add_argument("dir", type=Path, nargs="?", default=Path("runs"))
     args = parser.parse_args(argv)

@@ -4,6 +4,7 @@ Torch-free: it runs on a login node."""
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 import time
 from pathlib import Path
@@ -58,6 +59,7 @@ def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> 
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as any listing
     parser = argparse.ArgumentParser(prog="python -m launch.logs", description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder (runs/NAME, or a sweep's point)")
     parser.add_argument("--rank", type=int, default=0)

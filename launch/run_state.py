@@ -48,13 +48,15 @@ class RunState:
 
 
 def run_folders(target: Path, depth: int = 4) -> list[Path]:
-    """The run folders at or under target: folders with a config.yaml (a job still pending has no metrics yet)."""
-    if RunFolder(target).config.is_file():
+    """The run folders at or under target: folders with the launcher's config.yaml and run.json (a job still pending
+    has no metrics yet; Hydra's configs/ has a config.yaml of its own). Links are not followed: a run is listed once."""
+    folder = RunFolder(target)
+    if folder.config.is_file() and folder.identity.is_file():
         return [target]
     if depth == 0 or not target.is_dir():
         return []
     found: list[Path] = []
-    for child in sorted(p for p in target.iterdir() if p.is_dir()):
+    for child in sorted(p for p in target.iterdir() if p.is_dir() and not p.is_symlink()):
         if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in ("slurm", "code"):
             found.extend(run_folders(child, depth - 1))
     return found

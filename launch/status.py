@@ -7,6 +7,7 @@ tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit c
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -18,11 +19,11 @@ EXIT_RUNNING = 3
 
 def line(s: RunState, root: Path) -> str:
     name = str(s.run_dir.relative_to(root)) if s.run_dir != root else s.run_dir.name
-    jobs = ",".join(s.job_ids) or "-"
+    jobs = ",".join(s.job_ids)
     state = s.state + (f" ({s.reason})" if s.reason else "")
     step = f"step {s.step if s.step is not None else '-'}/{s.max_steps if s.max_steps is not None else '?'}"
     links = f" (chain: {', '.join(s.links)})" if s.links else ""
-    parts = [f"{name}: job {jobs} {state}{links}", step]
+    parts = [f"{name}: job {jobs} {state}{links}" if s.job_ids else f"{name}: no job", step]
     if s.tokens_per_s:
         parts.append(f"{s.tokens_per_s:,.0f} tokens/s")
     if s.eta_s is not None and s.verdict == WAITING:
@@ -61,6 +62,7 @@ def status(target: Path, out=sys.stdout) -> int:
 
 
 def main(argv: list[str] | None = None) -> None:
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as any listing
     parser = argparse.ArgumentParser(prog="python -m launch.status", description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder (runs/NAME) or a sweep folder (runs/sweeps/NAME)")
     args = parser.parse_args(argv)

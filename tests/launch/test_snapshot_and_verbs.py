@@ -67,13 +67,17 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
     (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
         "allocated_s": 4.0, "train_s": 2.0, "steps": 3}}) + "\n")
     (run / "summary.json").write_text("{}")
+    (run / "run.json").write_text("{}")
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "config.yaml").write_text("defaults: []\n")  # Hydra's, not a run
+    (tmp_path / "again").symlink_to(tmp_path / "sweep")
     assert run_folders(tmp_path) == [run]
     state = read_state(run, {})
     assert (state.step, state.max_steps, state.attempts, state.goodput, state.verdict) == (3, 3, 1, 0.5, "finished")
     proc = subprocess.run([sys.executable, "-m", "launch.status", str(tmp_path / "sweep")], capture_output=True,
                           text=True, cwd=REPO, env={"PATH": "/nonexistent"})  # no Slurm here: the files tell
     assert proc.returncode == 0, proc.stderr
-    assert "nodes=1: job - GONE, step 3/3, 100 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
+    assert "nodes=1: no job, step 3/3, 100 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
         in proc.stdout
 
 
