@@ -164,7 +164,7 @@ def _attempt_end(folder: RunFolder) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
     the first error in the rank logs, which is often a survivor's failed collective."""
     job = job_environment()
-    line = folder.attempts.line_of(job.job_id, job.restart)
+    line = folder.attempts.line_of(job.job_id, job.restart, job.round)
     return f"{line['ended']}; {line['note']}" if line and line.get("note") else None
 
 

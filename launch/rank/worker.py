@@ -39,10 +39,11 @@ from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_re
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, check_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
-from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
+from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # noqa: E402
 from launch.rank.parent import end_with_launcher  # noqa: E402
 from launch.run.identity import newest_step  # noqa: E402
 from launch.run.lock import take  # noqa: E402
+from launch.run.rounds import InJobRestart, restart_or_requeue  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -123,7 +124,7 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
     rank fences its writes with that generation (a rank of an attempt that lost the folder stops writing)."""
     generation = 0
     if env.is_main:
-        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state)
+        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round)
         generation = attempt.lock.generation
     install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
 
@@ -196,24 +197,28 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
     if report is None:
         return job.scheduler != "none" and requeued_by_peer(run_dir, job)
     log.error("%s", report["summary"])
-    requeued, how = requeue_after_hang(attempt, restarts, report)
+    requeued, how, restart = requeue_after_hang(attempt, restarts, report)
+    in_job = restart.record() if restart else {}
     try:
         if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
             log_attempt(run_dir, job, attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
-                                                        requeued=requeued, note=how))
+                                                        requeued=requeued and not in_job, note=how, **in_job))
         end_attempt(run_dir, this_attempt(job))
     except OSError as e:
         log.warning("watchdog: cannot record the attempt in %s: %s", RunFolder(run_dir).attempts.log, e)
+    if restart:
+        restart.begin(run_dir, job)
     (log.warning if requeued else log.error)("watchdog: %s", how)
     return requeued
 
 
-def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str]:
-    """Requeue without the hosts the report names gone or cut off, unless the attempt before hung (or lost a
-    rank) too and no newer checkpoint was saved since: that hang would repeat on every restart."""
+def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str, InJobRestart | None]:
+    """Restart inside the allocation (a spare for the hosts the report names gone or cut off), else requeue
+    without them, unless the attempt before hung (or lost a rank) too and no newer checkpoint was saved since: that
+    hang would repeat on every restart. Returns (the run goes on, how, the in-job restart to begin)."""
     run_dir, job = attempt.run_dir, attempt.job
-    if job.scheduler == "none":  # nothing requeues (nor leaves hosts out): the same command resumes
-        return job.requeue(restarts)
+    if job.scheduler == "none" and ROUND_VAR not in job.environ:  # the same command resumes
+        return (*job.requeue(restarts), None)
     try:
         newest, earlier = newest_step(run_dir), RunFolder(run_dir).attempts.read()
     except OSError:  # the storage fails: the rule cannot be read, and a restart may find it mended
@@ -221,12 +226,12 @@ def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[b
     began = attempt.trainer.first_step if attempt.trainer else newest  # hung in start-up: nothing saved since
     if repeated := repeated_recovery(earlier, began, newest):
         where = f"step {newest}" if newest is not None else "the start"
-        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} was "
-                       f"saved since (a hang that repeats would repeat on every restart); the same command "
-                       f"continues the run")
-    if report.get("exclude"):
-        return job.requeue_excluding(report["exclude"], restarts)
-    return job.requeue(restarts)
+        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} "
+                       f"was saved since (a hang that repeats would repeat on every restart); the same command "
+                       f"continues the run"), None
+    exclude = report.get("exclude") or []
+    return restart_or_requeue(run_dir, job, "hang", lambda: job.requeue_excluding(exclude, restarts) if exclude
+                              else job.requeue(restarts), exclude)
 
 
 def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
@@ -239,7 +244,7 @@ def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
         except OSError:
             line = None
         if line is not None:
-            return bool(line.get("requeued"))
+            return bool(line.get("requeued") or line.get("in_job_restart"))
         time.sleep(0.5)
     return False
 

@@ -1,0 +1,71 @@
+"""In-job restarts on the real local Slurm cluster (launch.run.rounds): a killed rank restarts the ranks inside the
+allocation instead of requeueing. The job never leaves RUNNING (Slurm counts no restart), the attempts log names the
+round, and the run finishes exactly as an uninterrupted one (bitwise losses and final weights)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import SLURM
+from test_preemption import RUN as REQUEUE_RUN
+from test_preemption import Job, assert_same_run, attempts
+
+pytestmark = pytest.mark.slurm
+
+RUN = [o for o in REQUEUE_RUN if not o.startswith("preemption.in_job_restarts")]  # the default: in-job restarts
+
+
+@pytest.fixture
+def reference(reference_run, data_overrides) -> Path:
+    return reference_run(*RUN, *data_overrides)
+
+
+def first_step_after(run_dir: Path, since: float, timeout: float = 120) -> float:
+    """When rank 0 recorded its first training step after `since` (epoch seconds)."""
+    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["kind"] == "train" and record["time"] > since:
+                return record["time"]
+        time.sleep(0.1)
+    raise AssertionError(f"no training step after {since} within {timeout} s")
+
+
+def states_until_done(job: Job, timeout: float = 240) -> set[tuple[str, str]]:
+    """Every (state, restart count) Slurm showed for the job until it ended."""
+    seen, deadline = set(), time.monotonic() + timeout
+    while job.alive() and time.monotonic() < deadline:
+        info = job.cluster.job_info(job.id())
+        if info:
+            seen.add((info.get("JobState", "?"), info.get("Restarts", "0")))
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.timeout(300)
+def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm_cluster, tmp_path, data_overrides,
+                                                                          reference):
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+    job.training(0)
+    job.kill_rank(1)
+    killed = time.time()
+    back = first_step_after(job.run_dir, killed)
+    seen = states_until_done(job)
+    assert job.wait() == 0, job.text()
+    print(f"in-job restart: {back - killed:.1f} s from the kill of rank 1 to the next round's first step")
+    assert {state for state, _ in seen} <= {"RUNNING", "COMPLETING", "COMPLETED"}, seen
+    assert {restarts for _, restarts in seen} == {"0"}, seen  # Slurm never requeued it
+    log = attempts(job.run_dir)
+    assert [(a.get("round", 0), a.get("in_job_restart"), a.get("requeued")) for a in log] == [
+        (0, 1, False), (1, None, None)], log
+    assert log[0]["lost_rank"] == 1 and "killed by SIGKILL" in log[0]["ended"], log[0]
+    assert log[0]["note"].startswith("restarting inside the allocation (in-job restart 1 of at most 3"), log[0]
+    assert log[1]["ended"] == "finished" and log[1]["restart"] == 0, log[1]
+    assert_same_run(job.run_dir, reference)
