@@ -11,6 +11,7 @@ from gpt.run_folder import RunFolder
 from gpt.resilience.timing import ABORT_GRACE_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.run.rounds import Rounds, round_record
+from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2
 
@@ -37,6 +38,8 @@ class RoundAgent:
             return None
         env = self.job.environ
         place = {ROUND_VAR: str(k)}
+        if k:  # the round's start-up counts from its request (launch.run.startup, "restart in job" in goodput)
+            place[ATTEMPT_START] = f"{record['requested']:.3f}"
         if hosts == self.job.hosts:  # every node of the job runs ranks, in Slurm's order
             return place
         nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))

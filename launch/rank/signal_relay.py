@@ -22,7 +22,9 @@ class SignalRelay:
     def wait(self, child: subprocess.Popen, ready: Callable[[int], bool],
              stop: Callable[[], bool] = lambda: False) -> int:
         """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so. Once
-        `stop()` says so (its round is over, launch.run.rounds), the child is killed."""
+        `stop()` says so (its round is over, launch.run.rounds), the child is killed, and the signals it got go to
+        the next round's child too: a preemption during an in-job restart still saves and requeues."""
+        first = self.passed
         while True:
             try:
                 return child.wait(timeout=RELAY_POLL_S)
@@ -30,6 +32,7 @@ class SignalRelay:
                 pass
             if stop():
                 child.kill()
+                self.passed = first
                 return child.wait()
             while self.passed < len(self.received) and ready(self.received[self.passed]):
                 child.send_signal(self.received[self.passed])

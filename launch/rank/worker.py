@@ -157,21 +157,28 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: i
     on by itself (requeued, or the next link), on every rank."""
     goes_on = False
     if env.is_main:
-        requeued = False
+        requeued, restart = False, None
         extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         link = job.next_link(run_dir) if summary["preempted"] != "SIGINT" else None
+        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             how = "stopped by Ctrl-C; the same command continues the run"
         elif link is not None:
             how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
-        elif summary.get("exclusion"):
-            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], restarts)
+        elif lost or summary.get("exclusion"):  # a spare takes the node's place, else a requeue without it
+            hosts = [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else [summary["exclusion"]["host"]]
+            requeue = (lambda: job.requeue(restarts)) if lost else (lambda: job.requeue_excluding(hosts, restarts))
+            requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {lost}" if lost else "straggler",
+                                                        requeue, hosts)
         else:
             requeued, how = job.requeue(restarts)
-        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
         ended = f"node failure: {lost}" if lost else f"preempted:{summary['preempted']}"
-        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued, "note": how, **extra})
+        in_job = restart.record() if restart else {}
+        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued and not in_job, "note": how, **extra,
+                                   **in_job})
         end_attempt(run_dir, this_attempt(job))
+        if restart:
+            restart.begin(run_dir, job)
         goes_on = requeued or link is not None
         (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
                                                summary["last_step"], summary["preempted"], how)

@@ -68,7 +68,8 @@ def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | Non
                        f"{newest} was saved since (a crash that repeats, such as running out of memory, would "
                        f"repeat on every restart)"), None
     max_restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
-    return restart_or_requeue(run_dir, job, f"lost rank {rank}", lambda: job.requeue(max_restarts))
+    requeue = (lambda: job.requeue(max_restarts)) if job.scheduler != "none" else (lambda: (False, ""))
+    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue)
 
 
 def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:
@@ -84,17 +85,24 @@ def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -
     return bool(written.get("requeued")), f"recorded by another task: {note}"
 
 
-def record_lost_rank(run_dir: Path, rank: int, line: str) -> None:
-    """Without a scheduler (cluster=local), nothing requeues: the attempt's line names the rank killed, unless the
-    attempt had not begun (no mark) or a rank wrote its line already (which removes the mark)."""
+def record_lost_rank(run_dir: Path, rank: int, line: str, job) -> None:
+    """Without a scheduler (cluster=local), nothing requeues: the launcher restarts the ranks (launch.run.rounds) or
+    the same command continues the run. The attempt's line names the rank killed, unless the attempt had not begun
+    (no mark) or a rank wrote its line already (which removes the mark)."""
     attempts = RunFolder(run_dir).attempts
     mark = attempts.read_mark()
     if mark is None:
         return
     newest = newest_step(run_dir)
-    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False,
-                                            "note": f"the same command continues the run from {_step(newest)}"})
+    goes_on, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest)
+    if not goes_on:
+        how = "; ".join(filter(None, [how, f"the same command continues the run from {_step(newest)}"]))
+    in_job = restart.record() if restart else {}
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False, "note": how,
+                                            **in_job})
     end_attempt(run_dir, marked_attempt(mark))
+    if restart:
+        restart.begin(run_dir, job)
 
 
 def _step(step: int | None) -> str:

@@ -115,8 +115,9 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
     hosts, replaced = [], {}
     for host in now["hosts"]:
         if host in exclude:
-            if not spares:
-                return None, f"too few healthy nodes to restart inside the allocation ({host} is lost, no spare left)"
+            if not spares:  # said only where spares were asked for
+                return None, (f"too few healthy nodes to restart inside the allocation ({host} is lost, no spare "
+                              "left)" if run.cluster.spare_nodes else "")
             replaced[host] = spares.pop(0)
         hosts.append(replaced.get(host, host))
     return InJobRestart(job.round + 1, hosts, spares, cause, limit, replaced), ""
@@ -130,4 +131,11 @@ def restart_or_requeue(run_dir: Path, job: JobEnvironment, cause: str, requeue: 
     if restart is not None:
         return True, restart.note, restart
     requeued, how = requeue()
-    return requeued, f"{why_not}; {how}" if why_not else how, None
+    return requeued, "; ".join(filter(None, [why_not, how])), None
+
+
+def finished_on_spares(run_dir: Path, job_id: str | None) -> bool:
+    """Whether job `job_id` finished the run after a spare replaced a lost node: the tasks of that node were killed
+    with it (srun then exits non-zero, and they report nothing), which does not make the run fail."""
+    lines = [a for a in RunFolder(run_dir).attempts.read() if a.get("job_id") == job_id]
+    return bool(lines) and lines[-1].get("ended") == "finished" and any(a.get("replaced") for a in lines)

@@ -50,9 +50,13 @@ def states_until_done(job: Job, timeout: float = 240) -> set[tuple[str, str]]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("path", ["launcher", "sbatch"])
 def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm_cluster, tmp_path, data_overrides,
-                                                                          reference):
-    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+                                                                          reference, path):
+    """cluster=slurm through the launcher (submitit), and sbatch slurm/multi_node.sh (cluster=srun)."""
+    sbatch = path == "sbatch"
+    overrides = [*RUN, *data_overrides] if sbatch else ["nodes=2", *SLURM, *RUN, *data_overrides]
+    job = Job(slurm_cluster, tmp_path, overrides, tmp_path / "run", sbatch=sbatch)
     job.training(0)
     job.kill_rank(1)
     killed = time.time()
@@ -68,4 +72,40 @@ def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm
     assert log[0]["lost_rank"] == 1 and "killed by SIGKILL" in log[0]["ended"], log[0]
     assert log[0]["note"].startswith("restarting inside the allocation (in-job restart 1 of at most 3"), log[0]
     assert log[1]["ended"] == "finished" and log[1]["restart"] == 0, log[1]
+    if not sbatch:  # the login-node launcher says so in one line
+        assert "attempt 0 ended (" in job.text() and ": restarting inside the allocation (in-job restart 1" in \
+            job.text(), job.text()
+    assert_same_run(job.run_dir, reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_set_down_is_replaced_by_the_spare_and_the_run_finishes_exactly(slurm_cluster, tmp_path,
+                                                                              data_overrides, reference):
+    """2 nodes and 1 spare (3 allocated): rank 1's node is set down; the spare takes its place in the next round."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides],
+              tmp_path / "run")
+    node = None
+    try:
+        job.training(0)
+        hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+        assert len(hosts) == 3, hosts
+        node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
+        slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=set down by a test")
+        down = time.time()
+        back = first_step_after(job.run_dir, down)
+        seen = states_until_done(job)
+        code = job.wait()
+    finally:
+        if node:
+            slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+    assert code == 0, job.text()
+    print(f"spare: {back - down:.1f} s from the node set down to the next round's first step")
+    assert {restarts for _, restarts in seen} == {"0"}, seen  # never requeued
+    assert "PENDING" not in {state for state, _ in seen}, seen
+    log = attempts(job.run_dir)
+    spare = hosts[2]
+    assert [(a.get("in_job_restart"), a.get("replaced")) for a in log] == [(1, {node: spare}), (None, None)], log
+    # Slurm's word (the ranks' SIGTERM on a node it holds down) or the watchdog's (rank 1's heartbeat stopped)
+    assert log[0]["ended"].startswith(f"node failure: {node} down") or f"rank 1 on {node} is gone" in log[0]["hang"]
+    assert json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"] == spare
     assert_same_run(job.run_dir, reference)
