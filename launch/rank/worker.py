@@ -43,7 +43,7 @@ from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # no
 from launch.rank.parent import end_with_launcher  # noqa: E402
 from launch.run.identity import newest_step  # noqa: E402
 from launch.run.lock import take  # noqa: E402
-from launch.run.rounds import InJobRestart, restart_or_requeue  # noqa: E402
+from launch.run.rounds import InJobRestart, lost_hosts, restart_or_requeue  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -166,7 +166,7 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: i
         elif link is not None:
             how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
         elif lost or summary.get("exclusion"):  # a spare takes the node's place, else a requeue without it
-            hosts = [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else [summary["exclusion"]["host"]]
+            hosts = lost_hosts(job) if lost else [summary["exclusion"]["host"]]
             requeue = (lambda: job.requeue(restarts)) if lost else (lambda: job.requeue_excluding(hosts, restarts))
             requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {lost}" if lost else "straggler",
                                                         requeue, hosts)

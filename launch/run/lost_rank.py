@@ -29,7 +29,7 @@ from gpt.run_folder import RunFolder
 from launch.run.attempts import end_attempt, log_killed, marked_attempt, this_attempts_line
 from launch.rank.job_env import job_environment
 from launch.run.identity import newest_step
-from launch.run.rounds import restart_or_requeue
+from launch.run.rounds import lost_hosts, restart_or_requeue
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
@@ -69,7 +69,7 @@ def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | Non
                        f"repeat on every restart)"), None
     max_restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
     requeue = (lambda: job.requeue(max_restarts)) if job.scheduler != "none" else (lambda: (False, ""))
-    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue)
+    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue, lost_hosts(job))
 
 
 def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:

@@ -123,6 +123,12 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
     return InJobRestart(job.round + 1, hosts, spares, cause, limit, replaced), ""
 
 
+def lost_hosts(job: JobEnvironment) -> list[str]:
+    """The job's nodes the scheduler holds down or failed (a spare takes their place)."""
+    lost = job.lost_nodes()
+    return [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else []
+
+
 def restart_or_requeue(run_dir: Path, job: JobEnvironment, cause: str, requeue: Callable[[], tuple[bool, str]],
                        exclude: list[str] | tuple[str, ...] = ()) -> tuple[bool, str, InJobRestart | None]:
     """Recovery in order of cost: the next round inside the allocation when one may run, else `requeue()`.

@@ -109,3 +109,42 @@ def test_a_node_set_down_is_replaced_by_the_spare_and_the_run_finishes_exactly(s
     assert log[0]["ended"].startswith(f"node failure: {node} down") or f"rank 1 on {node} is gone" in log[0]["hang"]
     assert json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"] == spare
     assert_same_run(job.run_dir, reference)
+
+
+def round_asked(run_dir: Path, k: int, timeout: float = 60) -> None:
+    """The next round (an in-job restart) has been asked for: its request is in the run folder."""
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "rounds").glob(f"*/round-{k}.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((run_dir / "rounds").glob(f"*/round-{k}.json")), f"round {k} was never asked for"
+
+
+@pytest.mark.timeout(300)
+def test_a_preemption_signal_during_an_in_job_restart_still_saves_and_requeues(slurm_cluster, tmp_path,
+                                                                               data_overrides, reference):
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+    job.training(0)
+    job.kill_rank(1)
+    round_asked(job.run_dir, 1)
+    job.interrupt("USR2")  # while the wrappers stop round 0 and start round 1
+    assert job.wait() == 0, job.text()
+    log = attempts(job.run_dir)
+    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued"), a["ended"]) for a in log][1:] \
+        == [(0, 1, None, True, "preempted:SIGUSR2"), (1, 0, None, None, "finished")], log
+    assert log[0]["in_job_restart"] == 1, log[0]
+    assert_same_run(job.run_dir, reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_hang_on_every_attempt_restarts_once_in_the_job_then_fails_clearly(slurm_cluster, tmp_path,
+                                                                             data_overrides):
+    """No second recovery without a newer checkpoint: one in-job restart, then the job fails naming the hang."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "debug.hang_rank=1",
+                                        "debug.hang_step=12", "debug.hang_every_attempt=true", "watchdog.step_s=5"],
+              tmp_path / "run")
+    assert job.wait() == 1, job.text()
+    log = attempts(job.run_dir)
+    assert [(a.get("round", 0), a["ended"], a.get("in_job_restart"), a.get("requeued")) for a in log] == [
+        (0, "hang", 1, False), (1, "hang", None, False)], log
+    assert log[1]["note"].startswith("not requeued: the attempt before hung too, and no checkpoint newer than step 10")
+    assert "ended FAILED" in job.text() and "hanging at step 12" in job.text(), job.text()
