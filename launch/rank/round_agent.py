@@ -27,6 +27,7 @@ class RoundAgent:
     def __post_init__(self) -> None:
         run = schema.load(RunFolder(self.run_dir).config)
         self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0
+        self.in_job_restarts = run.preemption.in_job_restarts
         self.suffix = getattr(run.cluster, "master_host_suffix", None) or ""
         self.rounds = Rounds.of(self.run_dir, self.job)
 

@@ -307,7 +307,21 @@ def install_flag(run_dir: Path) -> RunConfig | None:
     return run
 
 
+def wait_for_round() -> None:
+    """A standby rank (launch.rank.standby), its imports done: its round's variables come on stdin; none (the task
+    wrapper ended) ends it quietly. Its start-up counts from here."""
+    global STARTED
+    import gpt.train.trainer  # noqa: F401  the rest of the rank's imports, ahead too
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)
+    os.environ.update(json.loads(line))
+    STARTED = time.time()
+
+
 def main() -> None:
+    if "--standby" in sys.argv[2:]:
+        wait_for_round()
     attempt = Attempt(Path(sys.argv[1]))
     run = install_flag(attempt.run_dir)
     handled = parse_signals(run.preemption.signals) if run and run.preemption.enabled else ()

@@ -17,6 +17,7 @@ from gpt.config import schema
 from helpers import compose, launch
 from launch.backends import local
 from launch.backends.slurm import task
+from launch.rank import standby
 from launch.run import lost_rank
 
 
@@ -71,7 +72,7 @@ def task_of(rank: int, code: int, monkeypatch) -> task.RankTask:
             return code
 
     monkeypatch.setenv("SLURM_PROCID", str(rank))
-    monkeypatch.setattr(task.subprocess, "Popen", Child)
+    monkeypatch.setattr(standby.subprocess, "Popen", Child)
     monkeypatch.setattr(task, "SignalRelay", Relay)
     return task.RankTask
 

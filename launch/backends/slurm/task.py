@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -29,7 +28,8 @@ from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR, job_environment
 from launch.rank.round_agent import RoundAgent
-from launch.rank.signal_relay import SignalRelay, catches, ignore
+from launch.rank.signal_relay import SignalRelay, catches
+from launch.rank.standby import Standby
 from launch.run.rounds import IN_JOB
 from launch.rank.threads import ThreadPlan
 
@@ -53,25 +53,37 @@ class RankTask:
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
         relay = SignalRelay(configured_signals(folder.config))
         agent = RoundAgent(run_dir, job_environment(env), host)
+        standby = Standby(self.run_dir, env, list(relay.previous))
+        try:
+            return self.rounds(relay, agent, standby)
+        finally:
+            standby.stop()
+
+    def rounds(self, relay: SignalRelay, agent: RoundAgent, standby: Standby) -> dict:
+        """One round of ranks after another, as long as each ends in an in-job restart."""
         k = 0
-        while True:  # one round of ranks after another, as long as each ends in an in-job restart
+        while True:
             place = agent.placement(k)
             if place is None:  # a spare node this round
+                standby.start()
                 if (k := agent.idle(k)) is None:
-                    return {"rank": None, "host": host, "spare": True}
+                    return {"rank": None, "host": agent.host, "spare": True}
                 continue
-            result = self.run_round(relay, agent, {**env, **place}, k)
+            result = self.run_round(relay, agent, standby, place, k)
             if result is not None:
                 return result
             k += 1
 
-    def run_round(self, relay: SignalRelay, agent: RoundAgent, env: dict[str, str], k: int) -> dict | None:
+    def run_round(self, relay: SignalRelay, agent: RoundAgent, standby: Standby, place: dict[str, str],
+                  k: int) -> dict | None:
         """Round `k` of this task's rank: its result, or None when the next round is asked for (an in-job restart)."""
-        rank, host, run_dir = int(env.get("SLURM_PROCID", "0")), agent.host, Path(self.run_dir)
+        rank = int(place.get("SLURM_PROCID", os.environ.get("SLURM_PROCID", "0")))
+        host, run_dir = agent.host, Path(self.run_dir)
         os.environ[ROUND_VAR] = str(k)  # this wrapper's job environment is the round's (the attempts log's key)
         started = time.time()
-        child = subprocess.Popen([sys.executable, "-m", "launch.rank.worker", self.run_dir], env=env,
-                                 preexec_fn=functools.partial(ignore, list(relay.previous)))
+        child = standby.take(place)
+        if agent.in_job_restarts:
+            standby.start()  # the next round's rank, its imports done while this one trains
         code = relay.wait(child, functools.partial(catches, child.pid), stop=lambda: agent.next_asked(k))
         if agent.next_asked(k):
             return None
