@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from slurm_helpers import SLURM
+from slurm_helpers import SLURM, cut_link
 from test_preemption import RUN as REQUEUE_RUN
 from test_preemption import Job, assert_same_run, attempts
 
@@ -148,3 +148,29 @@ def test_a_hang_on_every_attempt_restarts_once_in_the_job_then_fails_clearly(slu
         (0, "hang", 1, False), (1, "hang", None, False)], log
     assert log[1]["note"].startswith("not requeued: the attempt before hung too, and no checkpoint newer than step 10")
     assert "ended FAILED" in job.text() and "hanging at step 12" in job.text(), job.text()
+
+
+@pytest.mark.timeout(300)
+def test_a_cut_off_node_is_replaced_by_the_spare_within_the_watchdog_budget(slurm_cluster, tmp_path,
+                                                                            data_overrides, reference):
+    """Rank 1's node loses its network link: the watchdog names it cut off within watchdog.step_s, and the spare
+    takes its place in the next round, without a requeue (the link comes back once the run goes on)."""
+    step_s = 6
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides,
+                                        f"watchdog.step_s={step_s}"], tmp_path / "run")
+    job.training(0)
+    hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+    node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
+    with cut_link(slurm_cluster, node) as cut:
+        back = first_step_after(job.run_dir, cut)
+    seen = states_until_done(job)
+    assert job.wait() == 0, job.text()
+    print(f"cut link: {back - cut:.1f} s from the cut to the next round's first step on the spare "
+          f"(watchdog.step_s={step_s})")
+    assert back - cut < step_s + 30 + 30, back - cut  # the watchdog's budget and margin, then the restart
+    assert {restarts for _, restarts in seen} == {"0"}, seen
+    log = attempts(job.run_dir)
+    assert [(a["ended"], a.get("in_job_restart"), a.get("replaced")) for a in log] == [
+        ("hang", 1, {node: hosts[2]}), ("finished", None, None)], log
+    assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in log[0]["hang"], log[0]
+    assert_same_run(job.run_dir, reference)
