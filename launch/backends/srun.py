@@ -183,9 +183,11 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
 
 def _attempt_end(folder: RunFolder) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
-    the first error in the rank logs, which is often a survivor's failed collective."""
+    the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
+    (launch.run.rounds) that is the newest round's line."""
     job = job_environment()
-    line = folder.attempts.line_of(job.job_id, job.restart, job.round)
+    lines = [a for a in folder.attempts.read() if (a.get("job_id"), a.get("restart")) == (job.job_id, job.restart)]
+    line = lines[-1] if lines else None
     return f"{line['ended']}; {line['note']}" if line and line.get("note") else None
 
 
