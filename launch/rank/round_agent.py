@@ -25,10 +25,14 @@ class RoundAgent:
     host: str
 
     def __post_init__(self) -> None:
-        run = schema.load(RunFolder(self.run_dir).config)
-        self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0
-        self.in_job_restarts = run.preemption.in_job_restarts
-        self.suffix = getattr(run.cluster, "master_host_suffix", None) or ""
+        try:
+            run = schema.load(RunFolder(self.run_dir).config)
+        except Exception:  # the rank reports a config it cannot read, in one line; no rounds, no spares
+            self.spare_nodes, self.suffix, self.in_job_restarts = 0, "", 0
+        else:
+            self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0
+            self.suffix = run.cluster.master_host_suffix or ""
+            self.in_job_restarts = run.preemption.in_job_restarts
         self.rounds = Rounds.of(self.run_dir, self.job)
 
     def placement(self, k: int) -> dict[str, str] | None:
