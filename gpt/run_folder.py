@@ -9,6 +9,7 @@ rank, a task wrapper and the report all find the files here.
     attempts.jsonl        one line per attempt, written when it ends (AttemptsLog)
     attempt-claims/<key>  created once by the one writer of that attempt's line (AttemptsLog)
     attempt.json          the mark of the attempt in flight (AttemptsLog)
+    rounds/<attempt>/round-<K>.json   the request for in-job round K of a job's attempt (launch.run.rounds)
     summary.json          rank 0's summary of a finished run
     slurm_job.json        the Slurm job that runs it, written at submission
     code.json             the code snapshot its newest submission runs: path, commit, dirty (launch.snapshot)
@@ -128,9 +129,14 @@ class RunFolder:
     def node_heartbeat(self, host: str) -> Path:
         return self.watchdog / f"node-{host}.json"
 
-    def attempt_claim(self, job_id: str | None, restart: int) -> Path:
+    def attempt_claim(self, job_id: str | None, restart: int, round_: int = 0) -> Path:
         """Taken (created exclusively) by the one task that records how an attempt ended for its aborted peers."""
-        return self.watchdog / f"claim-{job_id}-{restart}"
+        return self.watchdog / f"claim-{job_id}-{restart}{AttemptsLog.round_suffix(round_)}"
+
+    @property
+    def rounds(self) -> Path:
+        """The in-job restarts' requests, one file per round of a job's attempt (launch.run.rounds)."""
+        return self.path / "rounds"
 
     def hang_report(self, attempt: int) -> tuple[Path, Path]:
         """Attempt `attempt`'s hang report: (the record, the text a person reads)."""
@@ -189,9 +195,17 @@ class AttemptsLog:
     claims: Path
 
     @staticmethod
-    def key(job_id: str | None, restart: int, generation: int | None) -> str:
-        """An attempt's name: its job and restart, or without a scheduler the run folder's lease generation."""
-        return f"job{job_id}-restart{restart}" if job_id else f"generation{generation}"
+    def key(job_id: str | None, restart: int, generation: int | None, round_: int = 0) -> str:
+        """An attempt's name: its job, restart and in-job round, or without a scheduler the run folder's lease
+        generation."""
+        if not job_id:
+            return f"generation{generation}"
+        return f"job{job_id}-restart{restart}{AttemptsLog.round_suffix(round_)}"
+
+    @staticmethod
+    def round_suffix(round_: int) -> str:
+        """Round 0 of a job's attempt is named as before in-job restarts existed."""
+        return f"-round{round_}" if round_ else ""
 
     def claim(self, key: str) -> bool:
         """Whether this process is the one that writes attempt `key`'s line (the first to ask, of any host)."""
@@ -202,12 +216,13 @@ class AttemptsLog:
             return False
         return True
 
-    def append_once(self, key: str, job_id: str | None, restart: int, record: dict[str, Any]) -> bool:
+    def append_once(self, key: str, job_id: str | None, restart: int, record: dict[str, Any],
+                    round_: int = 0) -> bool:
         """Attempt `key`'s line, unless another process claimed it; returns whether this one wrote it."""
         if not self.claim(key):
             return False
         try:
-            self.append(job_id, restart, record)
+            self.append(job_id, restart, record, round_)
         except OSError:
             (self.claims / key).unlink(missing_ok=True)  # unwritten (a full disk): the next attempt records it
             raise
@@ -227,17 +242,21 @@ class AttemptsLog:
                 continue
         return out
 
-    def append(self, job_id: str | None, restart: int, record: dict[str, Any]) -> None:
-        """The line of attempt `restart` of job `job_id` (None: no scheduler), stamped with the time now."""
-        line = {"job_id": job_id, "restart": restart, "time": time.time(), **record}
+    def append(self, job_id: str | None, restart: int, record: dict[str, Any], round_: int = 0) -> None:
+        """The line of attempt `restart` (in-job round `round_`) of job `job_id` (None: no scheduler), stamped with
+        the time now."""
+        line = {"job_id": job_id, "restart": restart, **({"round": round_} if round_ else {}), "time": time.time(),
+                **record}
         with open(self.log, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def line_of(self, job_id: str | None, restart: int) -> dict[str, Any] | None:
-        """The newest line written for that attempt of that job, if any (never for a run without a job id)."""
+    def line_of(self, job_id: str | None, restart: int, round_: int = 0) -> dict[str, Any] | None:
+        """The newest line written for that attempt (and round) of that job, if any (never for a run without a job
+        id)."""
         if job_id is None:
             return None
-        mine = [a for a in self.read() if a.get("job_id") == job_id and a.get("restart") == restart]
+        mine = [a for a in self.read()
+                if (a.get("job_id"), a.get("restart"), a.get("round", 0)) == (job_id, restart, round_)]
         return mine[-1] if mine else None
 
     def mark(self, record: dict[str, Any]) -> None:
@@ -253,5 +272,6 @@ class AttemptsLog:
     def unmark(self, key: str) -> None:
         """Remove the mark of attempt `key`; a later attempt's mark stays."""
         mark = self.read_mark()
-        if mark is not None and self.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation")) == key:
+        if mark is not None and self.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"),
+                                         mark.get("round", 0)) == key:
             self.in_flight.unlink(missing_ok=True)

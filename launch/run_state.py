@@ -35,6 +35,7 @@ class RunState:
     restarts: int  # attempts that ended by requeueing their job (preempted, hung, a node lost)
     goodput: float | None
     links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
+    in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.run.rounds): cause, step, spare
 
     @property
     def finished(self) -> bool:
@@ -95,8 +96,10 @@ def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
     attempts = RunFolder(run_dir).attempts.read()
     restarts = sum(1 for a in attempts if a.get("requeued"))
     links = tuple(f"{j} {infos[j].state if j in infos else GONE}" for j in ids) if len(ids) > 1 else ()
+    in_job = tuple(f"in-job restart {a['in_job_restart']} of job {a.get('job_id')}: {a.get('ended')} at step "
+                   f"{a.get('last_step')}; {a.get('note')}" for a in attempts if a.get("in_job_restart"))
     return RunState(run_dir, ids, state, reason, step, max_steps, tokens, eta, len(attempts), restarts,
-                    run_goodput(attempts).goodput, links)
+                    run_goodput(attempts).goodput, links, in_job)
 
 
 def _config(run_dir: Path) -> dict[str, Any]:

@@ -52,6 +52,8 @@ def status(target: Path, out=sys.stdout) -> int:
     states = [read_state(r, infos) for r in runs]
     for s in states:
         print(line(s, target), file=out)
+        for restart in s.in_job:
+            print(f"  {restart}", file=out)
     if report:
         info = infos.get(report)
         print(f"report: job {report} {info.state if info else 'GONE'}"

@@ -15,7 +15,7 @@ from gpt.errors import ConfigError
 
 SHAPE = ("nodes", "tasks_per_node", "signal_delay_s")  # the shape, and the time-limit warning the trainer allows for
 # what every rank of a Slurm job gets, whoever made the allocation (a site profile sets them)
-STEP = ("srun_args", "env", "master_host_suffix", "container")
+STEP = ("srun_args", "env", "master_host_suffix", "container", "spare_nodes")
 # cluster.name -> the keys that backend reads
 BACKENDS: dict[str, tuple[str, ...]] = {
     "local": SHAPE,  # ranks are processes on this machine; a "node" is a group of tasks_per_node of them
@@ -90,6 +90,9 @@ class ClusterConfig:
     # N jobs of one run, one after another (--dependency=singleton, one job name): each continues where the one
     # before saved at its time limit, for runs longer than a partition allows (launch.backends.slurm.chain)
     chain: int = 1
+    # hot spares: the job allocates nodes + spare_nodes and runs ranks on `nodes`; a lost, cut-off or sick node is
+    # replaced by a spare in the next in-job restart (launch.run.rounds), same world size and layout
+    spare_nodes: int = 0
 
     def __post_init__(self) -> None:
         if self.timeout_min is not None:  # a profile written for submitit: its time limit, never the default
@@ -116,7 +119,7 @@ class ClusterConfig:
     def validate_job(self) -> None:
         """What a Slurm job asks for, as far as it can be checked without a cluster."""
         for key, minimum in (("gpus_per_node", 0), ("gpus_per_task", 0), ("time_min", 1), ("max_num_timeout", 0),
-                             ("chain", 1)):
+                             ("chain", 1), ("spare_nodes", 0)):
             if not _count(getattr(self, key), minimum):
                 raise ConfigError(f"cluster.{key}", getattr(self, key), f"an integer >= {minimum}")
         if self.cpus_per_task != "auto" and not _count(self.cpus_per_task, 1):

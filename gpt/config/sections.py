@@ -70,12 +70,16 @@ class PreemptionConfig:
     enabled: bool = True
     signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")  # each only sets a flag; never SIGUSR1 (NCCL may use it)
     max_restarts: int = 10  # a job requeues itself at most this many times (the scheduler's restart count)
+    # a lost rank, a hang or a failed health check restarts the ranks inside the allocation (no requeue) at most this
+    # many times per attempt of the job (launch.run.rounds); 0: always requeue
+    in_job_restarts: int = 3
 
     def __post_init__(self) -> None:  # as Python names them: TERM -> SIGTERM
         object.__setattr__(self, "signals", signal_names("preemption.signals", list(self.signals)))
 
     def validate(self) -> None:
         at_least("preemption.max_restarts", self.max_restarts, 0, "an integer >= 0")
+        at_least("preemption.in_job_restarts", self.in_job_restarts, 0, "an integer >= 0")
 
 
 @dataclass(frozen=True)

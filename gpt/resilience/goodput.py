@@ -111,7 +111,8 @@ def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
     """The run's goodput from its attempts' records (attempts without one are left out)."""
     records = [a.get("goodput") for a in attempts]
     kept = [g for g in records if g]
-    losses = {"start-up": 0.0, "evaluation": 0.0, "saving": 0.0, "steps trained again": 0.0, "other": 0.0}
+    losses = {"start-up": 0.0, "restart in job": 0.0, "requeue": 0.0, "evaluation": 0.0, "saving": 0.0,
+              "steps trained again": 0.0, "other": 0.0}
     allocated = train = 0.0
     for i, g in enumerate(records):
         if not g:
@@ -122,7 +123,7 @@ def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
         lost = min(lost_steps * per_step, g["train_s"])
         allocated += g["allocated_s"]
         train += g["train_s"] - lost
-        losses["start-up"] += g.get("startup_s", 0.0)
+        losses[recovery(attempts[i - 1]) if i else "start-up"] += g.get("startup_s", 0.0)
         losses["evaluation"] += g.get("eval_s", 0.0)
         losses["saving"] += g.get("save_s", 0.0)
         losses["steps trained again"] += lost
@@ -130,6 +131,15 @@ def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
     interruptions = [str(a["ended"]) for a in attempts if a.get("ended") not in (None, "finished")]
     return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
                       interruptions=interruptions)
+
+
+def recovery(before: dict[str, Any]) -> str:
+    """Where the start-up of the attempt after `before` goes: after an in-job restart (launch.run.rounds) it is
+    "restart in job", from the restart's request to the first step; after a requeue, "requeue" (the wait in the
+    queue is not allocated time); else plain start-up (a new submission)."""
+    if before.get("in_job_restart"):
+        return "restart in job"
+    return "requeue" if before.get("requeued") else "start-up"
 
 
 REQUEUE_S = 10.0  # asking the scheduler to requeue, and the ranks leaving, before the time limit kills them

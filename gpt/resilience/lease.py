@@ -52,6 +52,7 @@ class Beat:
     pidns: str = ""
     time: float = 0.0
     ended: bool = False
+    round: int = 0  # the in-job restart of the job's attempt that holds it (launch.run.rounds)
 
     def describe(self) -> str:
         job = f"job {self.job_id}, restart {self.restart}, " if self.job_id else ""
@@ -117,10 +118,10 @@ class Lease:
         self.outage = Outage("the lease's beat", self.path.parent, "training goes on while it cannot beat")
 
     @classmethod
-    def take(cls, run_dir: Path, over: int, job_id: str | None, restart: int) -> Lease:
+    def take(cls, run_dir: Path, over: int, job_id: str | None, restart: int, round_: int = 0) -> Lease:
         """Claim generation `over` + 1. Raises LeaseLost when another process claimed it first."""
         g = over + 1
-        me = Beat(g, 0, job_id, restart, socket.gethostname(), os.getpid(), pid_namespace())
+        me = Beat(g, 0, job_id, restart, socket.gethostname(), os.getpid(), pid_namespace(), round=round_)
         claims = RunFolder(run_dir).lease_claims
         claims.mkdir(parents=True, exist_ok=True)
         tmp = claims / f".{g}.{me.host}.{me.pid}.tmp"

@@ -7,6 +7,7 @@ import os
 import shlex
 import signal
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -18,19 +19,31 @@ from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, U
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
+from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.rank.parent import LAUNCHER_PID
+from launch.run.rounds import IN_JOB, LOCAL_ID, Rounds
 from launch.run.lost_rank import record_lost_rank
 from launch.run.startup import attempt_start_env
 from launch.rank.threads import ThreadPlan
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
+    """The ranks, and again in a new round each time one ends in an in-job restart (launch.run.rounds)."""
+    launch_id = f"{os.getpid()}-{time.time_ns()}"
+    k = 0
+    while not run_round(run_dir, nodes, tasks_per_node, {ROUND_VAR: str(k), LOCAL_ID: launch_id}):
+        k += 1
+
+
+def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[str, str]) -> bool:
+    """One round of the ranks: True when they finished, False when the next round is asked for."""
     world = nodes * tasks_per_node
     # Every rank shares this machine's CPUs. The ranks get their settings in their own environment (through
     # env(1): the elastic agent copies this process's environment, which must stay as the user left it, so that
     # nothing carries over from one sweep point to the next).
     rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
-                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid())}
+                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid()), **round_env}
+    job = JobEnvironment({**os.environ, **round_env})
     # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop. The agent must not kill them
     # meanwhile (nor end in a traceback), so SIGINT and SIGTERM are left to us.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
@@ -43,10 +56,16 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     except ChildFailedError as e:
         rank, failure = root_failure(e)
         if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:  # killed, not stopped by the agent
-            record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-failure.exitcode).name}")
+            record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-failure.exitcode).name}",
+                             job)
+        if Rounds.of(run_dir, job).path(job.round + 1).exists():
+            print(f"{_failure(run_dir, rank, failure.exitcode)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr,
+                  flush=True)
+            return False
         if failure.exitcode == EXIT_HANG:  # a failed run, not the user's error
             raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None
         raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
+    return True
 
 
 def root_failure(e: ChildFailedError) -> tuple[int, ProcessFailure]:

@@ -22,7 +22,9 @@ from gpt.resilience.preemption import configured_signals
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
 from launch.backends.slurm import commands
+from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
 from launch.backends.slurm.step import RankStep, workdir
+from launch.run.rounds import finished_on_spares
 from launch.rank.job_env import job_environment
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
@@ -55,16 +57,20 @@ def resolve_allocation(run: RunConfig, environ: dict[str, str] | None = None) ->
                         "SLURM_JOB_ID is not set: submit from a login node with cluster=slurm, or use cluster=local")
     if shutil.which("srun") is None:
         raise UserError("cluster=srun needs srun on PATH inside the job, and it is not there")
-    nodes = _int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1
+    spares = run.cluster.spare_nodes
+    nodes = (_int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1) - spares  # the ranks' nodes, less the spares
+    if nodes < 1:
+        raise ConfigError("cluster.spare_nodes", spares, f"fewer than this allocation's {nodes + spares} node(s)")
     tasks = _int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
     if tasks is None:
         ntasks = _int(env, "SLURM_NTASKS")
-        tasks = max(1, ntasks // nodes) if ntasks else 1
+        tasks = max(1, ntasks // (nodes + spares)) if ntasks else 1
     gpus = gpus_on_node(env)
     for key, have in (("nodes", nodes), ("tasks_per_node", tasks)):
         want = getattr(run.cluster, key)
         if want not in ("auto", have):
-            raise ConfigError(f"cluster.{key}", want, f"auto or {have}, what this allocation has "
+            less = f" less cluster.spare_nodes={spares}" if spares and key == "nodes" else ""
+            raise ConfigError(f"cluster.{key}", want, f"auto or {have}, what this allocation has{less} "
                               f"(sbatch --{'nodes' if key == 'nodes' else 'ntasks-per-node'}={want} to get it)")
     if gpus and tasks != gpus:
         why = (f"this allocation has {gpus} GPU(s) per node but {tasks} task(s) per node: one rank per GPU needs "
@@ -109,10 +115,12 @@ def with_job_signal(run: RunConfig, job_id: str) -> RunConfig:
 
 
 def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankStep, signals: list[signal.Signals],
-                 run_dir: Path, here: Path, python: str = sys.executable) -> list[str]:
-    """The srun line that starts every rank: one task wrapper each, in the site's container if it has one."""
+                 run_dir: Path, here: Path, python: str = sys.executable, spares: int = 0) -> list[str]:
+    """The srun line that starts every rank: one task wrapper each, in the site's container if it has one; and one
+    on each spare node (it waits until it replaces a lost node, launch.run.rounds)."""
+    nodes += spares
     cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
-           "--kill-on-bad-exit=1"]
+           *(SPARE_SRUN_ARGS if spares else SRUN_ARGS)]
     if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
         cmd.append(f"--cpus-per-task={cpus}")
     # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
@@ -131,6 +139,13 @@ def configured_step(config_file: Path) -> RankStep:
         return RankStep()
 
 
+def step_spares(config_file: Path) -> int:
+    try:
+        return schema.load(config_file).cluster.spare_nodes
+    except Exception:  # as configured_step: the ranks report a bad config once they read it
+        return 0
+
+
 def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     """Start every rank with srun and wait; a rank that fails ends the step (--kill-on-bad-exit)."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
@@ -142,7 +157,9 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     env = {**os.environ, **threads.env(), **step.environ(first_host)}
     signals = configured_signals(folder.config)
     env[STEP_TOKEN] = token = uuid.uuid4().hex
-    child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here), env=env)
+    spares = step_spares(folder.config)
+    child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here, spares=spares),
+                             env=env)
     relay = SignalRelay([*signals, signal.SIGINT])
     try:  # srun passes each signal on to every task
         code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token))
@@ -155,6 +172,10 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     if code != 0 and signal.SIGTERM in relay.received:
         raise SrunFailed(f"the job was stopped (SIGTERM: scancel, preemption or the time limit) and srun with it "
                          f"(exit code {code}); {logs}")
+    if code != 0 and finished_on_spares(run_dir, job_environment().job_id):
+        print(f"srun exited with code {code}: the tasks of the node a spare replaced were killed with it; the run "
+              "finished", file=sys.stderr, flush=True)
+        return
     if code != 0:
         why = _attempt_end(folder) or _first_rank_error(folder, nodes * tasks_per_node)
         raise SrunFailed(f"srun exited with code {code}: {why}; {logs}")
@@ -162,9 +183,11 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
 
 def _attempt_end(folder: RunFolder) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
-    the first error in the rank logs, which is often a survivor's failed collective."""
+    the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
+    (launch.run.rounds) that is the newest round's line."""
     job = job_environment()
-    line = folder.attempts.line_of(job.job_id, job.restart)
+    lines = [a for a in folder.attempts.read() if (a.get("job_id"), a.get("restart")) == (job.job_id, job.restart)]
+    line = lines[-1] if lines else None
     return f"{line['ended']}; {line['note']}" if line and line.get("note") else None
 
 

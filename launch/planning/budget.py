@@ -61,6 +61,10 @@ def table(costs: list[PointCost], limit: float | None, applies_to: str = "worst"
     limit_text = "no limit" if limit is None else f"limit budget.max_node_hours={limit:g} on the {applies_to} case"
     lines.append(f"{'total':<{width}}  {sum(c.resources.nodes for c in costs):>5}  {'':>9}  {'':>10}  {'':>8}  "
                  f"{expected:>10.2f}  {worst:>10.2f}  {gpu_h:>17.2f}  ({limit_text})")
+    spares = sum(getattr(c.resources, "spare_node_hours", 0.0) * (c.restarts + 1) for c in costs)
+    if spares:
+        lines.append(f"(of the worst case, {spares:.2f} node-hours are spare nodes, cluster.spare_nodes: allocated "
+                     "idle to replace a failed node without a requeue)")
     if len(rows) < len(costs):
         lines.append(f"({len(costs)} points in {len(rows)} rows: the points of a row ask for the same resources, "
                      "and its hours are theirs together)")

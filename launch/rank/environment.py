@@ -10,6 +10,7 @@ import socket
 from gpt.dist.process_group import DistEnv
 from gpt.errors import UserError
 from launch.backends.slurm import commands
+from launch.rank.job_env import ROUND_VAR
 
 # Ports for a Slurm job are derived from its id, so every task computes the same one without talking. They stay
 # below Linux's ephemeral range (32768-60999 by default), where any connection's local port may already sit.
@@ -93,13 +94,22 @@ def _from_slurm(env) -> DistEnv:
         node_rank=int(env.get("SLURM_NODEID", 0)),
         num_nodes=nodes,
         master_addr=env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
-        master_port=int(env.get("MASTER_PORT") or slurm_port(env["SLURM_JOB_ID"])),
+        master_port=master_port(env),
         hostname=socket.gethostname(),
     )
 
 
-def slurm_port(job_id: str) -> int:
-    return SLURM_PORT_BASE + int(job_id) % SLURM_PORT_SPAN
+def master_port(env) -> int:
+    """The job's port, another for each in-job round (launch.run.rounds): a rank of an earlier round that still
+    runs cannot join a later one."""
+    round_ = int(env.get(ROUND_VAR, "0") or 0)
+    if env.get("MASTER_PORT"):
+        return int(env["MASTER_PORT"]) + round_
+    return slurm_port(env["SLURM_JOB_ID"], round_)
+
+
+def slurm_port(job_id: str, round_: int = 0) -> int:
+    return SLURM_PORT_BASE + (int(job_id) + 997 * round_) % SLURM_PORT_SPAN
 
 
 def first_host(nodelist: str) -> str:

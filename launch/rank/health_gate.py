@@ -15,6 +15,7 @@ from gpt.config.sections import DebugConfig, HealthConfig
 from gpt.run_folder import RunFolder
 from launch.run.attempts import log_attempt
 from launch.rank.job_env import JobEnvironment
+from launch.run.rounds import restart_or_requeue
 
 log = logging.getLogger("launch.health")
 
@@ -51,10 +52,16 @@ def cpu_verdict(run_dir: Path, env: DistEnv, device, rendezvous: Rendezvous | No
 
 
 def exclude(run_dir: Path, job: JobEnvironment, restarts: int, verdict: Verdict) -> bool:
+    """A spare replaces the flagged nodes in an in-job restart (launch.run.rounds), else the job requeues without
+    them."""
     hosts = sorted(set(verdict.flagged_hosts))
-    requeued, how = job.requeue_excluding(hosts, restarts)
+    requeued, how, restart = restart_or_requeue(run_dir, job, f"health: {', '.join(hosts)}",
+                                                lambda: job.requeue_excluding(hosts, restarts), hosts)
     (log.warning if requeued else log.error)("health: %s", how)
     if requeued:
         log_attempt(run_dir, job, {"first_step": None, "last_step": None, "ended": f"excluded {', '.join(hosts)}",
-                                   "health": verdict.as_dict(), "requeued": True, "note": how})
+                                   "health": verdict.as_dict(), "requeued": restart is None, "note": how,
+                                   **(restart.record() if restart else {})})
+    if restart:
+        restart.begin(run_dir, job)
     return requeued

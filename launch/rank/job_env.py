@@ -7,6 +7,7 @@ import importlib
 import os
 from collections.abc import Mapping
 
+ROUND_VAR = "GPTLAUNCH_ROUND"  # set by the task wrapper that restarts ranks inside the allocation (launch.run.rounds)
 SCHEDULERS = ("launch.backends.slurm.job:SlurmJob",)  # classes with detect(environ) -> bool
 
 
@@ -29,6 +30,12 @@ class JobEnvironment:
     @property
     def restart(self) -> int:
         return 0
+
+    @property
+    def round(self) -> int:
+        """Which in-job restart of this attempt this is (0: the first set of ranks; launch.run.rounds)."""
+        value = self.environ.get(ROUND_VAR, "0")
+        return int(value) if value.isdigit() else 0
 
     @property
     def hosts(self) -> list[str]:

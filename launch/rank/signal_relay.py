@@ -16,19 +16,27 @@ class SignalRelay:
 
     def __init__(self, signals: Iterable[int]):
         self.received: list[int] = []  # every signal caught, passed on or not
+        self.passed = 0  # how many of them went on: a child of a later round gets only those caught since
         self.previous = {s: signal.signal(s, lambda signum, _frame: self.received.append(signum)) for s in signals}
 
-    def wait(self, child: subprocess.Popen, ready: Callable[[int], bool]) -> int:
-        """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so."""
-        passed = 0
+    def wait(self, child: subprocess.Popen, ready: Callable[[int], bool],
+             stop: Callable[[], bool] = lambda: False) -> int:
+        """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so. Once
+        `stop()` says so (its round is over, launch.run.rounds), the child is killed, and the signals it got go to
+        the next round's child too: a preemption during an in-job restart still saves and requeues."""
+        first = self.passed
         while True:
             try:
                 return child.wait(timeout=RELAY_POLL_S)
             except subprocess.TimeoutExpired:
                 pass
-            while passed < len(self.received) and ready(self.received[passed]):
-                child.send_signal(self.received[passed])
-                passed += 1
+            if stop():
+                child.kill()
+                self.passed = first
+                return child.wait()
+            while self.passed < len(self.received) and ready(self.received[self.passed]):
+                child.send_signal(self.received[self.passed])
+                self.passed += 1
 
     def restore(self) -> None:
         """The handlers from before (a launcher that goes on after its child ended)."""

@@ -39,10 +39,11 @@ from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_re
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, check_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
-from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
+from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # noqa: E402
 from launch.rank.parent import end_with_launcher  # noqa: E402
 from launch.run.identity import newest_step  # noqa: E402
 from launch.run.lock import take  # noqa: E402
+from launch.run.rounds import InJobRestart, lost_hosts, restart_or_requeue  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -123,7 +124,7 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
     rank fences its writes with that generation (a rank of an attempt that lost the folder stops writing)."""
     generation = 0
     if env.is_main:
-        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state)
+        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round)
         generation = attempt.lock.generation
     install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
 
@@ -156,21 +157,28 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: i
     on by itself (requeued, or the next link), on every rank."""
     goes_on = False
     if env.is_main:
-        requeued = False
+        requeued, restart = False, None
         extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         link = job.next_link(run_dir) if summary["preempted"] != "SIGINT" else None
+        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             how = "stopped by Ctrl-C; the same command continues the run"
         elif link is not None:
             how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
-        elif summary.get("exclusion"):
-            requeued, how = job.requeue_excluding([summary["exclusion"]["host"]], restarts)
+        elif lost or summary.get("exclusion"):  # a spare takes the node's place, else a requeue without it
+            hosts = lost_hosts(job) if lost else [summary["exclusion"]["host"]]
+            requeue = (lambda: job.requeue(restarts)) if lost else (lambda: job.requeue_excluding(hosts, restarts))
+            requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {lost}" if lost else "straggler",
+                                                        requeue, hosts)
         else:
             requeued, how = job.requeue(restarts)
-        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
         ended = f"node failure: {lost}" if lost else f"preempted:{summary['preempted']}"
-        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued, "note": how, **extra})
+        in_job = restart.record() if restart else {}
+        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued and not in_job, "note": how, **extra,
+                                   **in_job})
         end_attempt(run_dir, this_attempt(job))
+        if restart:
+            restart.begin(run_dir, job)
         goes_on = requeued or link is not None
         (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
                                                summary["last_step"], summary["preempted"], how)
@@ -196,24 +204,28 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
     if report is None:
         return job.scheduler != "none" and requeued_by_peer(run_dir, job)
     log.error("%s", report["summary"])
-    requeued, how = requeue_after_hang(attempt, restarts, report)
+    requeued, how, restart = requeue_after_hang(attempt, restarts, report)
+    in_job = restart.record() if restart else {}
     try:
         if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
             log_attempt(run_dir, job, attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
-                                                        requeued=requeued, note=how))
+                                                        requeued=requeued and not in_job, note=how, **in_job))
         end_attempt(run_dir, this_attempt(job))
     except OSError as e:
         log.warning("watchdog: cannot record the attempt in %s: %s", RunFolder(run_dir).attempts.log, e)
+    if restart:
+        restart.begin(run_dir, job)
     (log.warning if requeued else log.error)("watchdog: %s", how)
     return requeued
 
 
-def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str]:
-    """Requeue without the hosts the report names gone or cut off, unless the attempt before hung (or lost a
-    rank) too and no newer checkpoint was saved since: that hang would repeat on every restart."""
+def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str, InJobRestart | None]:
+    """Restart inside the allocation (a spare for the hosts the report names gone or cut off), else requeue
+    without them, unless the attempt before hung (or lost a rank) too and no newer checkpoint was saved since: that
+    hang would repeat on every restart. Returns (the run goes on, how, the in-job restart to begin)."""
     run_dir, job = attempt.run_dir, attempt.job
-    if job.scheduler == "none":  # nothing requeues (nor leaves hosts out): the same command resumes
-        return job.requeue(restarts)
+    if job.scheduler == "none" and ROUND_VAR not in job.environ:  # the same command resumes
+        return (*job.requeue(restarts), None)
     try:
         newest, earlier = newest_step(run_dir), RunFolder(run_dir).attempts.read()
     except OSError:  # the storage fails: the rule cannot be read, and a restart may find it mended
@@ -221,12 +233,12 @@ def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[b
     began = attempt.trainer.first_step if attempt.trainer else newest  # hung in start-up: nothing saved since
     if repeated := repeated_recovery(earlier, began, newest):
         where = f"step {newest}" if newest is not None else "the start"
-        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} was "
-                       f"saved since (a hang that repeats would repeat on every restart); the same command "
-                       f"continues the run")
-    if report.get("exclude"):
-        return job.requeue_excluding(report["exclude"], restarts)
-    return job.requeue(restarts)
+        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} "
+                       f"was saved since (a hang that repeats would repeat on every restart); the same command "
+                       f"continues the run"), None
+    exclude = report.get("exclude") or []
+    return restart_or_requeue(run_dir, job, "hang", lambda: job.requeue_excluding(exclude, restarts) if exclude
+                              else job.requeue(restarts), exclude)
 
 
 def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
@@ -239,7 +251,7 @@ def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
         except OSError:
             line = None
         if line is not None:
-            return bool(line.get("requeued"))
+            return bool(line.get("requeued") or line.get("in_job_restart"))
         time.sleep(0.5)
     return False
 
@@ -295,7 +307,21 @@ def install_flag(run_dir: Path) -> RunConfig | None:
     return run
 
 
+def wait_for_round() -> None:
+    """A standby rank (launch.rank.standby), its imports done: its round's variables come on stdin; none (the task
+    wrapper ended) ends it quietly. Its start-up counts from here."""
+    global STARTED
+    import gpt.train.trainer  # noqa: F401  the rest of the rank's imports, ahead too
+    line = sys.stdin.readline()
+    if not line:
+        os._exit(0)
+    os.environ.update(json.loads(line))
+    STARTED = time.time()
+
+
 def main() -> None:
+    if "--standby" in sys.argv[2:]:
+        wait_for_round()
     attempt = Attempt(Path(sys.argv[1]))
     run = install_flag(attempt.run_dir)
     handled = parse_signals(run.preemption.signals) if run and run.preemption.enabled else ()

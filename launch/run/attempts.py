@@ -27,17 +27,17 @@ if TYPE_CHECKING:
 
 def this_attempt(job: JobEnvironment) -> str:
     """This process's attempt's name in the attempts log."""
-    return AttemptsLog.key(job.job_id, job.restart, fenced_generation())
+    return AttemptsLog.key(job.job_id, job.restart, fenced_generation(), job.round)
 
 
 def marked_attempt(mark: dict[str, Any]) -> str:
-    return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"))
+    return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"), mark.get("round", 0))
 
 
 def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> bool:
     """This attempt's line, unless another process wrote it; returns whether this one did."""
     fence()
-    return RunFolder(run_dir).attempts.append_once(this_attempt(job), job.job_id, job.restart, record)
+    return RunFolder(run_dir).attempts.append_once(this_attempt(job), job.job_id, job.restart, record, job.round)
 
 
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
@@ -65,8 +65,8 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
         how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
     fence()
-    attempts.mark({"job_id": job.job_id, "restart": job.restart, "generation": fenced_generation(), "started": started,
-                   "first_step": first_step})
+    attempts.mark({"job_id": job.job_id, "restart": job.restart, "round": job.round, "generation": fenced_generation(),
+                   "started": started, "first_step": first_step})
 
 
 def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any],
@@ -85,12 +85,13 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
         "first_step": began, "last_step": resumes_from, **record,
         "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
                     "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
-                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}})
+                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}},
+                    mark.get("round", 0))
 
 
 def this_attempts_line(run_dir: Path, job: JobEnvironment) -> dict[str, Any] | None:
     """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
-    return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart)
+    return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round)
 
 
 def _last_beat(run_dir: Path) -> float | None:

@@ -71,14 +71,17 @@ def _asking_once(job_state: JobState, own_job: str | None) -> JobState:
 
 
 def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: JobState | None = None,
-               stale_s: float = LOCK_STALE_S) -> tuple[Beat, str] | None:
+               stale_s: float = LOCK_STALE_S, round_: int = 0) -> tuple[Beat, str] | None:
     """Refuse, naming the holder, while another run holds the folder; else the ended holder and why (None: the
-    folder was never held). Watches a holder that may be alive for up to `stale_s`."""
+    folder was never held). Watches a holder that may be alive for up to `stale_s`. An earlier in-job round of this
+    job's attempt has ended: the task wrappers stop a round's ranks before they start the next."""
     beat = read_beat(run_dir)
     if beat is None:
         return None
     job_state = _asking_once(job_state, job_id) if job_state is not None else None
-    why = ended_because(beat, job_state)
+    earlier_round = job_id is not None and (beat.job_id, beat.restart) == (job_id, restart) and beat.round < round_
+    why = f"round {beat.round} of this job was restarted inside the allocation" if earlier_round else None
+    why = why or ended_because(beat, job_state)
     if why is not None:
         return beat, why
     state = job_state(beat.job_id) if beat.job_id and job_state is not None else None
@@ -92,12 +95,12 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: JobSt
 
 
 def take(run_dir: Path, job_id: str | None, restart: int, job_state: JobState | None = None,
-         stale_s: float = LOCK_STALE_S) -> Lease:
+         stale_s: float = LOCK_STALE_S, round_: int = 0) -> Lease:
     """Rank 0, before its first step: the next generation of the folder's lease, beating from a thread."""
     over = generation(run_dir)
-    previous = check_free(run_dir, job_id, restart, job_state, stale_s)
+    previous = check_free(run_dir, job_id, restart, job_state, stale_s, round_)
     try:
-        lease = Lease.take(run_dir, over, job_id, restart)
+        lease = Lease.take(run_dir, over, job_id, restart, round_)
     except LeaseLost as e:
         raise UserError(f"the run folder {run_dir} is in use by another run: {e}") from None
     if previous is not None and not previous[0].ended:

@@ -29,6 +29,7 @@ from gpt.run_folder import RunFolder
 from launch.run.attempts import end_attempt, log_killed, marked_attempt, this_attempts_line
 from launch.rank.job_env import job_environment
 from launch.run.identity import newest_step
+from launch.run.rounds import lost_hosts, restart_or_requeue
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
@@ -37,28 +38,38 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
     folder = RunFolder(run_dir)
     newest = newest_step(run_dir)
     mark = folder.attempts.read_mark()
-    ours = mark is not None and (mark.get("job_id"), mark.get("restart")) == (job.job_id, job.restart)
+    ours = mark is not None and (mark.get("job_id"), mark.get("restart"), mark.get("round", 0)) == (
+        job.job_id, job.restart, job.round)
     if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
-        mark = {"job_id": job.job_id, "restart": job.restart, "started": started, "first_step": newest}
+        mark = {"job_id": job.job_id, "restart": job.restart, "round": job.round, "started": started,
+                "first_step": newest}
     if not folder.attempts.claim(marked_attempt(mark)):  # another rank's task records this attempt
         end_heartbeat(run_dir, rank, f"vanished: {line}")
         return recorded_by_another(run_dir, job)
-    began = mark.get("first_step")
-    earlier = folder.attempts.read()
-    if repeated := repeated_recovery(earlier, began, newest):
-        requeued, how = False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than "
-                                f"step {newest} was saved since (a crash that repeats, such as running out of "
-                                f"memory, would repeat on every restart)")
-    else:
-        requeued, how = job.requeue(schema.load(folder.config).preemption.max_restarts)
+    requeued, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest)
     if not requeued:
         how += f"; the same command continues the run from {_step(newest)}"
-    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued, "note": how},
-               claimed=True)
+    in_job = restart.record() if restart else {}
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued and not in_job,
+                                            "note": how, **in_job}, claimed=True)
     if ours:
         end_attempt(run_dir, marked_attempt(mark))
     end_heartbeat(run_dir, rank, f"vanished: {line}")
+    if restart:
+        restart.begin(run_dir, job)
     return requeued, how
+
+
+def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | None):
+    """A restart inside the allocation, else a requeue, unless the attempt before also needed one and nothing
+    newer was saved since. Returns (goes on, how, the in-job restart to begin)."""
+    if repeated := repeated_recovery(RunFolder(run_dir).attempts.read(), began, newest):
+        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than step "
+                       f"{newest} was saved since (a crash that repeats, such as running out of memory, would "
+                       f"repeat on every restart)"), None
+    max_restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
+    requeue = (lambda: job.requeue(max_restarts)) if job.scheduler != "none" else (lambda: (False, ""))
+    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue, lost_hosts(job))
 
 
 def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:
@@ -68,20 +79,30 @@ def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -
         time.sleep(0.2)
     if written is None:
         return False, "another task claimed this attempt's record and wrote none"
-    return bool(written.get("requeued")), f"recorded by another task: {written.get('note', written.get('ended'))}"
+    note = str(written.get("note", written.get("ended")))
+    if written.get("in_job_restart"):
+        return True, note  # launch.run.rounds.IN_JOB: this task's wrapper starts the next round
+    return bool(written.get("requeued")), f"recorded by another task: {note}"
 
 
-def record_lost_rank(run_dir: Path, rank: int, line: str) -> None:
-    """Without a scheduler (cluster=local), nothing requeues: the attempt's line names the rank killed, unless the
-    attempt had not begun (no mark) or a rank wrote its line already (which removes the mark)."""
+def record_lost_rank(run_dir: Path, rank: int, line: str, job) -> None:
+    """Without a scheduler (cluster=local), nothing requeues: the launcher restarts the ranks (launch.run.rounds) or
+    the same command continues the run. The attempt's line names the rank killed, unless the attempt had not begun
+    (no mark) or a rank wrote its line already (which removes the mark)."""
     attempts = RunFolder(run_dir).attempts
     mark = attempts.read_mark()
     if mark is None:
         return
     newest = newest_step(run_dir)
-    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False,
-                                            "note": f"the same command continues the run from {_step(newest)}"})
+    goes_on, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest)
+    if not goes_on:
+        how = "; ".join(filter(None, [how, f"the same command continues the run from {_step(newest)}"]))
+    in_job = restart.record() if restart else {}
+    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False, "note": how,
+                                            **in_job})
     end_attempt(run_dir, marked_attempt(mark))
+    if restart:
+        restart.begin(run_dir, job)
 
 
 def _step(step: int | None) -> str:
@@ -151,7 +172,7 @@ def claim_attempt(run_dir: Path) -> bool:
     """Whether this task is the one that records this attempt's end for the aborted survivors (the first to ask)."""
     job = job_environment()
     try:
-        os.close(os.open(RunFolder(run_dir).attempt_claim(job.job_id, job.restart), os.O_CREAT | os.O_EXCL))
+        os.close(os.open(RunFolder(run_dir).attempt_claim(job.job_id, job.restart, job.round), os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return False
     return True

@@ -28,6 +28,17 @@ def test_goodput_counts_replayed_steps_as_lost():
     assert g.goodput == pytest.approx(80 / 160) and "goodput 50.0%" in g.describe()
 
 
+def test_goodput_splits_restarts_in_the_job_from_requeues():
+    def line(startup_s: float, **how) -> dict:
+        return {"ended": "hang", "last_step": 10, **how,
+                "goodput": {"allocated_s": 50.0, "startup_s": startup_s, "train_s": 20.0, "eval_s": 0.0,
+                            "save_s": 0.0, "steps": 10, "saves": 1}}
+
+    g = run_goodput([line(9.0, in_job_restart=1), line(3.0, requeued=True), line(12.0), line(4.0)])
+    assert (g.losses["start-up"], g.losses["restart in job"], g.losses["requeue"]) == (13.0, 3.0, 12.0)
+    assert "restart in job 3.0 s, requeue 12.0 s" in g.describe(), g.describe()
+
+
 def test_an_attempt_without_a_time_record_still_counts_as_an_attempt():
     """A hang's or a killed attempt's line may carry no goodput record: the run still ended over two attempts."""
     attempts = [{"ended": "hang", "last_step": 10},

@@ -81,6 +81,20 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
         in proc.stdout
 
 
+def test_status_prints_one_line_per_in_job_restart(tmp_path):
+    run = tmp_path / "run"
+    (run / "metrics").mkdir(parents=True)
+    (run / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    restart = {"job_id": "7", "restart": 0, "ended": "hang", "last_step": 20, "in_job_restart": 1,
+               "note": "restarting inside the allocation (in-job restart 1 of at most 3, n3 replaces n2)"}
+    (run / "attempts.jsonl").write_text(json.dumps(restart) + "\n" + json.dumps({"ended": "finished", "round": 1})
+                                        + "\n")
+    proc = subprocess.run([sys.executable, "-m", "launch.status", str(run)], capture_output=True, text=True, cwd=REPO,
+                          env={"PATH": "/nonexistent"})
+    assert "\n  in-job restart 1 of job 7: hang at step 20; restarting inside the allocation (in-job restart 1 of " \
+           "at most 3, n3 replaces n2)\n" in proc.stdout, proc.stdout
+
+
 def test_detach_is_refused_where_no_job_is_submitted(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch", "launcher.detach=true", f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)

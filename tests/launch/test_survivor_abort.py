@@ -17,6 +17,7 @@ from gpt.config import schema
 from helpers import compose, launch
 from launch.backends import local
 from launch.backends.slurm import task
+from launch.rank import standby
 from launch.run import lost_rank
 
 
@@ -26,7 +27,10 @@ def run_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     monkeypatch.setattr(task, "REQUEUE_WAIT_S", 0.0)
     monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 1.0)
-    schema.save(schema.run_config(compose("preemption.max_restarts=5")), tmp_path / "config.yaml")
+    monkeypatch.setenv("GPTLAUNCH_ROUND", "0")  # the task sets it for its rank: restored after the test
+    # the requeue (tests/launch/test_in_job_restart_local.py and tests/slurm/test_in_job_restart.py restart in the job)
+    schema.save(schema.run_config(compose("preemption.max_restarts=5", "preemption.in_job_restarts=0")),
+                tmp_path / "config.yaml")
     (tmp_path / "watchdog").mkdir()
     (tmp_path / "attempt.json").write_text(json.dumps({"job_id": "42", "restart": 0, "started": 1.0,
                                                       "first_step": 0}))
@@ -50,8 +54,9 @@ class Relay:
 
     def __init__(self, signals):
         self.received: list[int] = []
+        self.previous: dict = {}
 
-    def wait(self, child, ready) -> int:
+    def wait(self, child, ready, stop=None) -> int:
         return child.wait()
 
 
@@ -67,7 +72,7 @@ def task_of(rank: int, code: int, monkeypatch) -> task.RankTask:
             return code
 
     monkeypatch.setenv("SLURM_PROCID", str(rank))
-    monkeypatch.setattr(task.subprocess, "Popen", Child)
+    monkeypatch.setattr(standby.subprocess, "Popen", Child)
     monkeypatch.setattr(task, "SignalRelay", Relay)
     return task.RankTask
 
@@ -154,7 +159,8 @@ def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, 
     abort (debug.abort_on_collective_error). The run fails naming rank 1, with one attempts line naming it."""
     proc = launch("model=tiny", "strategy=ddp", "cluster.tasks_per_node=3", "train.max_steps=50",
                   "train.eval_interval=0", "checkpoint.interval_steps=0", *data_overrides, "debug.kill_rank=1",
-                  "debug.kill_step=5", "debug.abort_on_collective_error=true", run_dir=tmp_path, check=False)
+                  "debug.kill_step=5", "debug.abort_on_collective_error=true", "preemption.in_job_restarts=0",
+                  run_dir=tmp_path, check=False)
     assert proc.returncode != 0
     assert "error: rank 1 was killed by SIGKILL" in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.count("debug.abort_on_collective_error: a collective failed; aborting") >= 1, proc.stderr[-3000:]

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slurm
 STEPS = 80
 STEP_S = 6
 RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
-    f"train.max_steps={STEPS}", "checkpoint.interval_steps=20", "debug.delay_rank=0", "debug.delay_s=0.05"]
+    f"train.max_steps={STEPS}", "checkpoint.interval_steps=20", "debug.delay_rank=0", "debug.delay_s=0.05",
+    "preemption.in_job_restarts=0"]  # the requeue; tests/slurm/test_in_job_restart.py restarts inside the job
 
 
 @pytest.fixture

@@ -67,7 +67,8 @@ def test_killed_rank_ends_the_job_and_the_wait_within_seconds(slurm_cluster, tmp
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(
         launch_cmd("-m", "nodes=2", *SLURM, *TINY, *data_overrides, f"hydra.sweep.dir={sweep}",
-                   "train.max_steps=100000", "preemption.max_restarts=0"),  # trains until killed
+                   "train.max_steps=100000", "preemption.max_restarts=0",
+                   "preemption.in_job_restarts=0"),  # trains until killed
         cwd=REPO, env=slurm_cluster.env, stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     run_dir = sweep / "nodes=2"
     try:

@@ -25,7 +25,7 @@ STEPS = 80
 # Slow enough to be interrupted mid-run (about 0.1 s a step), a checkpoint every 5 steps.
 RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
     f"train.max_steps={STEPS}", "checkpoint.interval_steps=5", "debug.delay_rank=0", "debug.delay_s=0.1",
-    "preemption.max_restarts=40"]
+    "preemption.max_restarts=40", "preemption.in_job_restarts=0"]  # these tests exercise the requeue
 
 
 @pytest.fixture

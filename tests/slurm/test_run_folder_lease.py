@@ -18,7 +18,7 @@ from test_preemption import RUN, Job, attempts
 pytestmark = pytest.mark.slurm
 
 SLOW = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=150", "debug.delay_rank=0",
-                                                                    "debug.delay_s=0.1"]
+                                                                    "debug.delay_s=0.1", "preemption.in_job_restarts=0"]
 
 
 def digest(run_dir: Path) -> dict[str, str]:

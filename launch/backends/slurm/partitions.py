@@ -127,8 +127,9 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     if not part.up:
         raise UserError(f"partition {part.name!r} is not up (sinfo): jobs would wait forever; pick another with "
                         f"cluster.partition (one of {names})")
-    if res.nodes > part.nodes:
-        raise UserError(f"nodes={res.nodes} is more than partition {part.name!r} has ({part.nodes} node(s))")
+    if res.allocated_nodes > part.nodes:
+        spares = f" + cluster.spare_nodes={res.spare_nodes}" if res.spare_nodes else ""
+        raise UserError(f"nodes={res.nodes}{spares} is more than partition {part.name!r} has ({part.nodes} node(s))")
     if part.max_time_min is not None and res.time_min > part.max_time_min:
         raise UserError(f"cluster.time_min={res.time_min} is longer than partition {part.name!r} allows "
                         f"({part.max_time_min} min)")
@@ -145,7 +146,7 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
             raise UserError(f"{what} per node, but the nodes of partition {part.name!r} have at most {most} {unit}")
     fit = sum(g[0] for g in part.groups
               if g[1] >= cpus and g[3] >= res.node_gpus and g[2] >= _mem_mb(res.mem))
-    if res.nodes > fit:
+    if res.allocated_nodes > fit:
         raise UserError(f"nodes={res.nodes} with {cpus} CPU(s), {res.node_gpus} GPU(s) per node: only {fit} of the "
                         f"{part.nodes} nodes of partition {part.name!r} have that much")
     return part

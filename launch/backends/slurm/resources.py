@@ -37,6 +37,9 @@ MANAGED = {
 # srun kills every task of the step when one exits non-zero: a dead rank ends the job at once instead of
 # leaving the others waiting in a collective.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
+# With spare nodes a failed node must end neither the allocation nor the step (srun counts its tasks as killed,
+# a bad exit): the task wrappers restart the ranks on a spare (launch.run.rounds), and end by themselves.
+SPARE_SRUN_ARGS = ("--kill-on-bad-exit=0", "--no-kill")
 
 
 @dataclass(frozen=True)
@@ -65,6 +68,11 @@ class SlurmResources:
     restarts: int = 0  # how many times the job may requeue itself (preemption.max_restarts), for the budget
     step: RankStep = RankStep()  # the site's srun flags, environment and container
     chain: int = ClusterConfig.chain  # jobs one after another, each to its time limit (launch.backends.slurm.chain)
+    spare_nodes: int = ClusterConfig.spare_nodes  # allocated on top of `nodes`, idle until one replaces a lost node
+
+    @property
+    def allocated_nodes(self) -> int:
+        return self.nodes + self.spare_nodes
 
     @property
     def node_gpus(self) -> int:
@@ -78,17 +86,23 @@ class SlurmResources:
 
     @property
     def node_hours(self) -> float:
-        return self.nodes * self.time_min * self.chain / 60
+        return self.allocated_nodes * self.time_min * self.chain / 60
+
+    @property
+    def spare_node_hours(self) -> float:
+        return self.spare_nodes * self.time_min * self.chain / 60
 
     @property
     def gpu_hours(self) -> float:
-        return self.nodes * self.node_gpus * self.time_min * self.chain / 60
+        return self.allocated_nodes * self.node_gpus * self.time_min * self.chain / 60
 
     def describe(self) -> str:
         gpus = f", {self.node_gpus} GPU(s)" if self.node_gpus else ""
         where = f" on {self.partition}" if self.partition else ""
         links = f" x a chain of {self.chain}" if self.chain > 1 else ""
-        return f"{self.nodes} node(s) x {self.tasks_per_node} task(s){gpus}, {self.time_min} min{links}{where}"
+        spares = f" + {self.spare_nodes} spare node(s)" if self.spare_nodes else ""
+        return (f"{self.nodes} node(s){spares} x {self.tasks_per_node} task(s){gpus}, {self.time_min} min{links}"
+                f"{where}")
 
     @classmethod
     def from_run(cls, run: RunConfig) -> SlurmResources:
@@ -103,7 +117,7 @@ class SlurmResources:
             reservation=c.reservation, sbatch=_extra_flags(c.sbatch), setup=c.setup_lines, requeue=c.requeue,
             signal=c.signal.upper().removeprefix("SIG"), step=RankStep.from_cluster(c),
             signal_delay_s=cls.signal_delay_s if c.signal_delay_s is None else c.signal_delay_s,
-            max_num_timeout=c.max_num_timeout, chain=c.chain,
+            max_num_timeout=c.max_num_timeout, chain=c.chain, spare_nodes=c.spare_nodes,
             restarts=run.preemption.max_restarts if c.requeue and run.preemption.enabled else 0,
         )
         if run.train.device == "cuda" and not res.node_gpus:
@@ -139,14 +153,18 @@ class SlurmResources:
             extra["reservation"] = self.reservation
         if self.signal != ClusterConfig.signal:  # submitit writes USR2 itself
             extra["signal"] = f"{self.signal}@{self.signal_delay_s}"
+        if self.spare_nodes:  # a failed node must not end the allocation: a spare takes its place (launch.run.rounds)
+            extra["no-kill"] = True
         extra.update(self.sbatch)
         if self.chain > 1:  # each link starts once the one before (same user, same job name) has ended, and after
             # any dependency of its own (the data preparation job's afterok): a comma means both
             extra["dependency"] = ",".join(d for d in (extra.get("dependency"), "singleton") if d)
         params: dict[str, Any] = {
-            "job_name": job_name, "time": self.time_min, "nodes": self.nodes, "ntasks_per_node": self.tasks_per_node,
-            "cpus_per_task": self.cpus_per_task, "signal_delay_s": self.signal_delay_s, "wckey": None,
-            "srun_args": [*SRUN_ARGS, *self.srun_cpus(), *self.step.srun_flags(workdir)],
+            "job_name": job_name, "time": self.time_min, "nodes": self.allocated_nodes,
+            "ntasks_per_node": self.tasks_per_node, "cpus_per_task": self.cpus_per_task,
+            "signal_delay_s": self.signal_delay_s, "wckey": None,
+            "srun_args": [*(SPARE_SRUN_ARGS if self.spare_nodes else SRUN_ARGS), *self.srun_cpus(),
+                          *self.step.srun_flags(workdir)],
             "additional_parameters": extra,
             # when this attempt started (the start-up breakdown in attempts.jsonl); each task then sets its rank's
             # threads from its -c (launch.rank.threads)

@@ -17,7 +17,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -27,7 +26,11 @@ from gpt.errors import EXIT_PREEMPTED
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import RunFolder
-from launch.rank.signal_relay import SignalRelay, catches, ignore
+from launch.rank.job_env import ROUND_VAR, job_environment
+from launch.rank.round_agent import RoundAgent
+from launch.rank.signal_relay import SignalRelay, catches
+from launch.rank.standby import Standby
+from launch.run.rounds import IN_JOB
 from launch.rank.threads import ThreadPlan
 
 
@@ -40,7 +43,6 @@ class RankTask:
     run_dir: str
 
     def __call__(self) -> dict:
-        rank = int(os.environ.get("SLURM_PROCID", "0"))
         host = socket.gethostname()
         run_dir = Path(self.run_dir)
         folder = RunFolder(run_dir)
@@ -49,37 +51,72 @@ class RankTask:
         # warning or `scancel --signal=USR2`, and TERM, preemption or `scontrol requeue`) every rank sets a flag,
         # all of them save at the same step, and rank 0 requeues the job. submitit's own USR2 handler here would
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
-        signals = configured_signals(folder.config)
-        relay = SignalRelay(signals)
+        relay = SignalRelay(configured_signals(folder.config))
+        agent = RoundAgent(run_dir, job_environment(env), host)
+        standby = Standby(self.run_dir, env, list(relay.previous))
+        try:
+            return self.rounds(relay, agent, standby)
+        finally:
+            standby.stop()
+
+    def rounds(self, relay: SignalRelay, agent: RoundAgent, standby: Standby) -> dict:
+        """One round of ranks after another, as long as each ends in an in-job restart."""
+        k = 0
+        while True:
+            place = agent.placement(k)
+            if place is None:  # a spare node this round
+                standby.start()
+                if (k := agent.idle(k)) is None:
+                    return {"rank": None, "host": agent.host, "spare": True}
+                continue
+            result = self.run_round(relay, agent, standby, place, k)
+            if result is not None:
+                return result
+            k += 1
+
+    def run_round(self, relay: SignalRelay, agent: RoundAgent, standby: Standby, place: dict[str, str],
+                  k: int) -> dict | None:
+        """Round `k` of this task's rank: its result, or None when the next round is asked for (an in-job restart)."""
+        rank = int(place.get("SLURM_PROCID", os.environ.get("SLURM_PROCID", "0")))
+        host, run_dir = agent.host, Path(self.run_dir)
+        os.environ[ROUND_VAR] = str(k)  # this wrapper's job environment is the round's (the attempts log's key)
         started = time.time()
-        child = subprocess.Popen([sys.executable, "-m", "launch.rank.worker", self.run_dir], env=env,
-                                 preexec_fn=functools.partial(ignore, signals))
-        code = relay.wait(child, functools.partial(catches, child.pid))
+        child = standby.take(place)
+        if agent.in_job_restarts:
+            standby.start()  # the next round's rank, its imports done while this one trains
+        code = relay.wait(child, functools.partial(catches, child.pid), stop=lambda: agent.next_asked(k))
+        if agent.next_asked(k):
+            return None
         if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
-                             f"the job was not requeued (see {folder.attempts.log}); submit the same command again "
-                             "to resume")
+                             f"the job was not requeued (see {RunFolder(run_dir).attempts.log}); submit the same "
+                             "command again to resume")
         if code < 0 and not relay.received:  # killed, and not as part of a stop Slurm signalled
             if code == -signal.SIGABRT:
                 self.aborted(rank, host, started)
-            self.lost(rank, describe_failure(rank, host, code, run_dir, task_output()), started)
+            if self.lost(rank, describe_failure(rank, host, code, run_dir, task_output()), started):
+                return None
         if code != 0:
+            if agent.wait_next(k):
+                return None
             raise RankFailed(peer_lost(rank, host, run_dir)
                              or describe_failure(rank, host, code, run_dir, task_output()))
         result = {"rank": rank, "host": host}
-        if rank == 0 and folder.summary.exists():
-            result["summary"] = json.loads(folder.summary.read_text())
+        if rank == 0 and RunFolder(run_dir).summary.exists():
+            result["summary"] = json.loads(RunFolder(run_dir).summary.read_text())
         return result
 
-    def lost(self, rank: int, line: str, started: float) -> None:
-        """The rank vanished without a word (a signal, not an error of its own): requeue the job unless that
-        would repeat a crash (launch.run.lost_rank), and wait for Slurm to stop this attempt (exiting first fails the
-        task)."""
+    def lost(self, rank: int, line: str, started: float) -> bool:
+        """The rank vanished without a word (a signal, not an error of its own): restart the ranks inside the
+        allocation or requeue the job, unless that would repeat a crash (launch.run.lost_rank). True: restarted
+        inside the allocation; else this waits for Slurm to stop this attempt (exiting first fails the task)."""
         from launch.run.lost_rank import requeue_for_lost_rank
 
         requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started)
         if requeued:
             print(f"{line}: {how}", file=sys.stderr, flush=True)
+            if how.startswith(IN_JOB):
+                return True
             time.sleep(REQUEUE_WAIT_S)
         raise RankFailed(f"{line}; {how}")
 
@@ -109,7 +146,6 @@ class RankTask:
 def peer_lost(rank: int, host: str, run_dir: Path) -> str | None:
     """When another rank's task recorded it vanishing, this rank's error (its collective failed) is only that."""
     from launch.run.attempts import this_attempts_line
-    from launch.rank.job_env import job_environment
 
     line = this_attempts_line(run_dir, job_environment())
     lost = line.get("lost_rank") if line else None

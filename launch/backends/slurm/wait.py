@@ -21,6 +21,7 @@ from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submit import Submitted, show_path
 from launch.run.identity import newest_step
+from launch.run.rounds import finished_on_spares
 
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
 FAST_FOR_S = 60.0  # the waiter polls at its own pace for this long after anything changed...
@@ -112,6 +113,9 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
             outcome.results.append(value)
         else:
             outcome.errors.append(_exception_line(str(value), s, task))
+    if missing and not outcome.errors and finished_on_spares(s.point.run_dir, s.job_id):
+        missing = []  # the tasks of a node a spare replaced, killed with it (Slurm may say the job FAILED)
+        outcome.state = "COMPLETED"
     if state == GONE and not missing and not outcome.errors:
         outcome.state = "COMPLETED"
     if outcome.state != "COMPLETED" or missing or outcome.errors:
@@ -214,8 +218,9 @@ class Watch:
         record in attempts.jsonl, so that the login node says why a job runs again and without which nodes."""
         for s in jobs:
             for a in RunFolder(s.point.run_dir).attempts.read():
-                key = (a.get("job_id"), a.get("restart"))
-                if a.get("job_id") != s.job_id or not a.get("requeued") or key in self.requeues:
+                key = (a.get("job_id"), a.get("restart"), a.get("round", 0))
+                recovered = a.get("requeued") or a.get("in_job_restart")  # one line per in-job restart too
+                if a.get("job_id") != s.job_id or not recovered or key in self.requeues:
                     continue
                 self.requeues.add(key)
                 print(f"job {s.job_id} ({s.point.label}): {requeue_line(a)}", file=sys.stderr, flush=True)
@@ -283,7 +288,8 @@ def requeue_line(attempt: dict[str, Any]) -> str:
     step = attempt.get("last_step")
     where = f"at step {step}" if step is not None else "before its first step"
     note = attempt.get("note") or "requeued"
-    return f"attempt {attempt.get('restart', 0)} ended ({attempt.get('ended')}) {where}: {note}"
+    name = f"attempt {attempt.get('restart', 0)}" + (f" round {attempt['round']}" if attempt.get("round") else "")
+    return f"{name} ended ({attempt.get('ended')}) {where}: {note}"
 
 
 def print_outcome(outcome: Outcome, out=sys.stdout) -> None:

@@ -1,0 +1,85 @@
+"""A task wrapper's side of in-job restarts (launch.run.rounds): where this task's rank runs in each round (or that
+it waits as a spare), and when a round is over. Torch-free: it runs in every task wrapper."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.config import schema
+from gpt.run_folder import RunFolder
+from gpt.resilience.timing import ABORT_GRACE_S
+from launch.rank.job_env import ROUND_VAR, JobEnvironment
+from launch.run.rounds import Rounds, round_record
+from launch.run.startup import ATTEMPT_START
+
+POLL_S = 0.2
+
+
+@dataclass
+class RoundAgent:
+    """One task wrapper of a Slurm job: its host, its place among its node's tasks, and the job's rounds."""
+
+    run_dir: Path
+    job: JobEnvironment
+    host: str
+
+    def __post_init__(self) -> None:
+        try:
+            run = schema.load(RunFolder(self.run_dir).config)
+        except Exception:  # the rank reports a config it cannot read, in one line; no rounds, no spares
+            self.spare_nodes, self.suffix, self.in_job_restarts = 0, "", 0
+        else:
+            self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0
+            self.suffix = run.cluster.master_host_suffix or ""
+            self.in_job_restarts = run.preemption.in_job_restarts
+        self.rounds = Rounds.of(self.run_dir, self.job)
+
+    def placement(self, k: int) -> dict[str, str] | None:
+        """The variables that place this task's rank in round `k`; None: this task waits as a spare."""
+        record = round_record(self.run_dir, self.job, self.spare_nodes, k)
+        hosts = record["hosts"]
+        if self.host not in hosts:
+            return None
+        env = self.job.environ
+        place = {ROUND_VAR: str(k)}
+        if k:  # the round's start-up counts from its request (launch.run.startup, "restart in job" in goodput)
+            place[ATTEMPT_START] = f"{record['requested']:.3f}"
+        if hosts == self.job.hosts:  # every node of the job runs ranks, in Slurm's order
+            return place
+        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+        per_node = int(env.get("SLURM_NTASKS", "1")) // max(nodes, 1)
+        node = hosts.index(self.host)
+        place.update({"SLURM_PROCID": str(node * per_node + int(env.get("SLURM_LOCALID", "0"))),
+                      "SLURM_NTASKS": str(len(hosts) * per_node), "SLURM_NNODES": str(len(hosts)),
+                      "SLURM_JOB_NUM_NODES": str(len(hosts)), "SLURM_NODEID": str(node)})
+        if hosts[0] != self.job.hosts[0]:
+            place["MASTER_ADDR"] = hosts[0] + self.suffix
+        return place
+
+    def next_asked(self, k: int) -> bool:
+        """Whether round `k` + 1 has been asked for: round `k` is over."""
+        return self.rounds.path(k + 1).exists()
+
+    def wait_next(self, k: int, seconds: float = ABORT_GRACE_S) -> bool:
+        """A rank of round `k` ended with an error: whether the next round is asked for within `seconds` (the rank
+        that records the attempt decides; once its line says otherwise, there is none)."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self.next_asked(k):
+                return True
+            line = RunFolder(self.run_dir).attempts.line_of(self.job.job_id, self.job.restart, k)
+            if line is not None and not line.get("in_job_restart"):
+                return self.next_asked(k)
+            time.sleep(POLL_S)
+        return self.next_asked(k)
+
+    def idle(self, k: int) -> int | None:
+        """A spare in round `k`: the next round once asked for, or None once the run ended without one."""
+        folder = RunFolder(self.run_dir)
+        while not self.next_asked(k):
+            line = folder.attempts.line_of(self.job.job_id, self.job.restart, k)
+            if line is not None and not line.get("in_job_restart"):
+                return None
+            time.sleep(POLL_S)
+        return k + 1

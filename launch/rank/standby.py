@@ -1,0 +1,45 @@
+"""The next round's rank, started ahead (launch.run.rounds): `python -m launch.rank.worker RUN_DIR --standby`
+imports torch and gptlaunch, then waits for its round's variables on its stdin. An in-job restart then costs no
+interpreter start and no imports (most of a rank's start-up on a loaded node). Torch-free: the task wrapper runs it."""
+from __future__ import annotations
+
+import functools
+import json
+import subprocess
+import sys
+
+from launch.rank.signal_relay import ignore
+
+
+class Standby:
+    """At most one waiting rank process of a task wrapper, started with `env` and the preemption `signals` ignored
+    (as a rank starts; it handles them once its flag is in place)."""
+
+    def __init__(self, run_dir: str, env: dict[str, str], signals: list[int]):
+        self.command = [sys.executable, "-m", "launch.rank.worker", run_dir]
+        self.env, self.signals = env, signals
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.proc = subprocess.Popen([*self.command, "--standby"], env=self.env, stdin=subprocess.PIPE, text=True,
+                                         preexec_fn=functools.partial(ignore, self.signals))
+
+    def take(self, place: dict[str, str]) -> subprocess.Popen:
+        """The rank of a round placed by `place`: the waiting process if it is still there, else a new one."""
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            try:
+                proc.stdin.write(json.dumps(place) + "\n")
+                proc.stdin.close()
+                return proc
+            except OSError:  # it died meanwhile
+                proc.kill()
+        return subprocess.Popen(self.command, env={**self.env, **place},
+                                preexec_fn=functools.partial(ignore, self.signals))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.kill()
+            self.proc.wait()
+            self.proc = None

@@ -1,0 +1,147 @@
+"""In-job restarts: the rounds of ranks inside one allocation. Torch-free.
+
+A job's attempt (its Slurm restart) runs round 0 of its ranks. When a round ends because a rank was lost, a hang was
+seen or a node failed its health check, the rank that records the attempt asks for the next round here instead of
+requeueing the job, as long as preemption.in_job_restarts allows and enough healthy nodes remain (a spare node,
+cluster.spare_nodes, replaces a lost one). Every task wrapper (launch.backends.slurm.task) watches for that request,
+stops its rank if it still runs, and starts the rank of the next round on the nodes the request names: same world
+size, same layout, a new rendezvous port (launch.rank.environment.master_port), resumed from the newest checkpoint.
+
+    RUN_DIR/rounds/<job>-restart<R>/round-<K>.json   created once (link(2) of a complete file) by the one that asks
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from gpt.config import schema
+from gpt.run_folder import RunFolder
+from launch.rank.job_env import ROUND_VAR, JobEnvironment
+
+
+@dataclass(frozen=True)
+class Rounds:
+    """The round requests of one attempt of a job (`name`: its job and restart, or a local launch)."""
+
+    run_dir: Path
+    name: str
+
+    @classmethod
+    def of(cls, run_dir: Path, job: JobEnvironment) -> Rounds:
+        name = f"job{job.job_id}-restart{job.restart}" if job.job_id else f"local-{job.environ.get(LOCAL_ID, '0')}"
+        return cls(Path(run_dir), name)
+
+    def path(self, k: int) -> Path:
+        return RunFolder(self.run_dir).rounds / self.name / f"round-{k}.json"
+
+    def read(self, k: int) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.path(k).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def request(self, k: int, record: dict[str, Any]) -> bool:
+        """Ask for round `k`; False when another process asked first (its request stands)."""
+        path = self.path(k)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+        return True
+
+
+IN_JOB = "restarting inside the allocation"
+LOCAL_ID = "GPTLAUNCH_LAUNCH_ID"  # cluster=local: one launch's rounds (the launcher's pid and start time)
+
+
+@dataclass(frozen=True)
+class InJobRestart:
+    """The next round: its number, the hosts its ranks run on (node order), the spares left, and why."""
+
+    round: int
+    hosts: list[str]
+    spares: list[str]
+    cause: str
+    limit: int
+    replaced: dict[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
+
+    @property
+    def note(self) -> str:
+        spare = "".join(f", {new} replaces {old}" for old, new in self.replaced.items())
+        return f"{IN_JOB} (in-job restart {self.round} of at most {self.limit}{spare})"
+
+    def record(self) -> dict[str, Any]:
+        """What the attempt's line says of it."""
+        return {"in_job_restart": self.round, **({"replaced": self.replaced} if self.replaced else {})}
+
+    def begin(self, run_dir: Path, job: JobEnvironment) -> None:
+        """Ask the task wrappers for this round (once the attempt's line is written: the round reads it)."""
+        Rounds.of(run_dir, job).request(self.round, {**asdict(self), "requested": time.time()})
+
+
+def first_round(job: JobEnvironment, spare_nodes: int) -> dict[str, Any]:
+    """Round 0: the job's first nodes run the ranks, its last `spare_nodes` wait as spares."""
+    hosts = job.hosts
+    keep = max(len(hosts) - spare_nodes, 1)
+    return {"round": 0, "hosts": hosts[:keep], "spares": hosts[keep:]}
+
+
+def round_record(run_dir: Path, job: JobEnvironment, spare_nodes: int, k: int) -> dict[str, Any]:
+    """Round `k` of the job's attempt: its hosts and spares."""
+    return (Rounds.of(run_dir, job).read(k) if k else None) or first_round(job, spare_nodes)
+
+
+def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
+                   exclude: list[str] | tuple[str, ...] = ()) -> tuple[InJobRestart | None, str]:
+    """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks)."""
+    if ROUND_VAR not in job.environ:
+        return None, ""
+    run = schema.load(RunFolder(run_dir).config)
+    limit = run.preemption.in_job_restarts
+    if job.round >= limit:
+        return None, f"in-job restart limit reached ({job.round} of preemption.in_job_restarts={limit})"
+    now = round_record(run_dir, job, run.cluster.spare_nodes, job.round)
+    spares = [h for h in now["spares"] if h not in exclude]
+    hosts, replaced = [], {}
+    for host in now["hosts"]:
+        if host in exclude:
+            if not spares:  # said only where spares were asked for
+                return None, (f"too few healthy nodes to restart inside the allocation ({host} is lost, no spare "
+                              "left)" if run.cluster.spare_nodes else "")
+            replaced[host] = spares.pop(0)
+        hosts.append(replaced.get(host, host))
+    return InJobRestart(job.round + 1, hosts, spares, cause, limit, replaced), ""
+
+
+def lost_hosts(job: JobEnvironment) -> list[str]:
+    """The job's nodes the scheduler holds down or failed (a spare takes their place)."""
+    lost = job.lost_nodes()
+    return [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else []
+
+
+def restart_or_requeue(run_dir: Path, job: JobEnvironment, cause: str, requeue: Callable[[], tuple[bool, str]],
+                       exclude: list[str] | tuple[str, ...] = ()) -> tuple[bool, str, InJobRestart | None]:
+    """Recovery in order of cost: the next round inside the allocation when one may run, else `requeue()`.
+    Returns (the run goes on, how, the in-job restart to begin once the attempt's line is written)."""
+    restart, why_not = in_job_restart(run_dir, job, cause, exclude)
+    if restart is not None:
+        return True, restart.note, restart
+    requeued, how = requeue()
+    return requeued, "; ".join(filter(None, [why_not, how])), None
+
+
+def finished_on_spares(run_dir: Path, job_id: str | None) -> bool:
+    """Whether job `job_id` finished the run after a spare replaced a lost node: the tasks of that node were killed
+    with it (srun then exits non-zero, and they report nothing), which does not make the run fail."""
+    lines = [a for a in RunFolder(run_dir).attempts.read() if a.get("job_id") == job_id]
+    return bool(lines) and lines[-1].get("ended") == "finished" and any(a.get("replaced") for a in lines)

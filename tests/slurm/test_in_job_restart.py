@@ -1,0 +1,176 @@
+"""In-job restarts on the real local Slurm cluster (launch.run.rounds): a killed rank restarts the ranks inside the
+allocation instead of requeueing. The job never leaves RUNNING (Slurm counts no restart), the attempts log names the
+round, and the run finishes exactly as an uninterrupted one (bitwise losses and final weights)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from slurm_helpers import SLURM, cut_link
+from test_preemption import RUN as REQUEUE_RUN
+from test_preemption import Job, assert_same_run, attempts
+
+pytestmark = pytest.mark.slurm
+
+RUN = [o for o in REQUEUE_RUN if not o.startswith("preemption.in_job_restarts")]  # the default: in-job restarts
+
+
+@pytest.fixture
+def reference(reference_run, data_overrides) -> Path:
+    return reference_run(*RUN, *data_overrides)
+
+
+def first_step_after(run_dir: Path, since: float, timeout: float = 120) -> float:
+    """When rank 0 recorded its first training step after `since` (epoch seconds)."""
+    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for line in metrics.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if record["kind"] == "train" and record["time"] > since:
+                return record["time"]
+        time.sleep(0.1)
+    raise AssertionError(f"no training step after {since} within {timeout} s")
+
+
+def states_until_done(job: Job, timeout: float = 240) -> set[tuple[str, str]]:
+    """Every (state, restart count) Slurm showed for the job until it ended."""
+    seen, deadline = set(), time.monotonic() + timeout
+    while job.alive() and time.monotonic() < deadline:
+        info = job.cluster.job_info(job.id())
+        if info:
+            seen.add((info.get("JobState", "?"), info.get("Restarts", "0")))
+        time.sleep(0.2)
+    return seen
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("path", ["launcher", "sbatch"])
+def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm_cluster, tmp_path, data_overrides,
+                                                                          reference, path):
+    """cluster=slurm through the launcher (submitit), and sbatch slurm/multi_node.sh (cluster=srun)."""
+    sbatch = path == "sbatch"
+    overrides = [*RUN, *data_overrides] if sbatch else ["nodes=2", *SLURM, *RUN, *data_overrides]
+    job = Job(slurm_cluster, tmp_path, overrides, tmp_path / "run", sbatch=sbatch)
+    job.training(0)
+    job.kill_rank(1)
+    killed = time.time()
+    back = first_step_after(job.run_dir, killed)
+    seen = states_until_done(job)
+    assert job.wait() == 0, job.text()
+    print(f"in-job restart: {back - killed:.1f} s from the kill of rank 1 to the next round's first step")
+    assert {state for state, _ in seen} <= {"RUNNING", "COMPLETING", "COMPLETED"}, seen
+    assert {restarts for _, restarts in seen} == {"0"}, seen  # Slurm never requeued it
+    log = attempts(job.run_dir)
+    assert [(a.get("round", 0), a.get("in_job_restart"), a.get("requeued")) for a in log] == [
+        (0, 1, False), (1, None, None)], log
+    assert log[0]["lost_rank"] == 1 and "killed by SIGKILL" in log[0]["ended"], log[0]
+    assert log[0]["note"].startswith("restarting inside the allocation (in-job restart 1 of at most 3"), log[0]
+    assert log[1]["ended"] == "finished" and log[1]["restart"] == 0, log[1]
+    if not sbatch:  # the login-node launcher says so in one line
+        assert "attempt 0 ended (" in job.text() and ": restarting inside the allocation (in-job restart 1" in \
+            job.text(), job.text()
+    assert_same_run(job.run_dir, reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_set_down_is_replaced_by_the_spare_and_the_run_finishes_exactly(slurm_cluster, tmp_path,
+                                                                              data_overrides, reference):
+    """2 nodes and 1 spare (3 allocated): rank 1's node is set down; the spare takes its place in the next round."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides],
+              tmp_path / "run")
+    node = None
+    try:
+        job.training(0)
+        hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+        assert len(hosts) == 3, hosts
+        node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
+        slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=set down by a test")
+        down = time.time()
+        back = first_step_after(job.run_dir, down)
+        seen = states_until_done(job)
+        code = job.wait()
+    finally:
+        if node:
+            slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+    assert code == 0, job.text()
+    print(f"spare: {back - down:.1f} s from the node set down to the next round's first step")
+    assert {restarts for _, restarts in seen} == {"0"}, seen  # never requeued
+    assert "PENDING" not in {state for state, _ in seen}, seen
+    log = attempts(job.run_dir)
+    spare = hosts[2]
+    assert [(a.get("in_job_restart"), a.get("replaced")) for a in log] == [(1, {node: spare}), (None, None)], log
+    # Slurm's word (the ranks' SIGTERM on a node it holds down) or the watchdog's (rank 1's heartbeat stopped)
+    assert log[0]["ended"].startswith(f"node failure: {node} down") or f"rank 1 on {node} is gone" in log[0]["hang"]
+    assert json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"] == spare
+    assert_same_run(job.run_dir, reference)
+
+
+def round_asked(run_dir: Path, k: int, timeout: float = 60) -> None:
+    """The next round (an in-job restart) has been asked for: its request is in the run folder."""
+    deadline = time.monotonic() + timeout
+    while not list((run_dir / "rounds").glob(f"*/round-{k}.json")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list((run_dir / "rounds").glob(f"*/round-{k}.json")), f"round {k} was never asked for"
+
+
+@pytest.mark.timeout(300)
+def test_a_preemption_signal_during_an_in_job_restart_still_saves_and_requeues(slurm_cluster, tmp_path,
+                                                                               data_overrides, reference):
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+    job.training(0)
+    job.kill_rank(1)
+    round_asked(job.run_dir, 1)
+    job.interrupt("USR2")  # while the wrappers stop round 0 and start round 1
+    assert job.wait() == 0, job.text()
+    log = attempts(job.run_dir)
+    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued"), a["ended"]) for a in log][1:] \
+        == [(0, 1, None, True, "preempted:SIGUSR2"), (1, 0, None, None, "finished")], log
+    assert log[0]["in_job_restart"] == 1, log[0]
+    assert_same_run(job.run_dir, reference)
+
+
+@pytest.mark.timeout(300)
+def test_a_hang_on_every_attempt_restarts_once_in_the_job_then_fails_clearly(slurm_cluster, tmp_path,
+                                                                             data_overrides):
+    """No second recovery without a newer checkpoint: one in-job restart, then the job fails naming the hang."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "debug.hang_rank=1",
+                                        "debug.hang_step=12", "debug.hang_every_attempt=true", "watchdog.step_s=5"],
+              tmp_path / "run")
+    assert job.wait() == 1, job.text()
+    log = attempts(job.run_dir)
+    assert [(a.get("round", 0), a["ended"], a.get("in_job_restart"), a.get("requeued")) for a in log] == [
+        (0, "hang", 1, False), (1, "hang", None, False)], log
+    assert log[1]["note"].startswith("not requeued: the attempt before hung too, and no checkpoint newer than step 10")
+    assert "ended FAILED" in job.text() and "hanging at step 12" in job.text(), job.text()
+
+
+@pytest.mark.timeout(300)
+def test_a_cut_off_node_is_replaced_by_the_spare_within_the_watchdog_budget(slurm_cluster, tmp_path,
+                                                                            data_overrides, reference):
+    """Rank 1's node loses its network link: the watchdog names it cut off within watchdog.step_s, and the spare
+    takes its place in the next round, without a requeue (the link comes back once the run goes on)."""
+    step_s = 6
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides,
+                                        f"watchdog.step_s={step_s}"], tmp_path / "run")
+    job.training(0)
+    hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+    node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
+    with cut_link(slurm_cluster, node) as cut:
+        back = first_step_after(job.run_dir, cut)
+    seen = states_until_done(job)
+    assert job.wait() == 0, job.text()
+    print(f"cut link: {back - cut:.1f} s from the cut to the next round's first step on the spare "
+          f"(watchdog.step_s={step_s})")
+    assert back - cut < step_s + 30 + 30, back - cut  # the watchdog's budget and margin, then the restart
+    assert {restarts for _, restarts in seen} == {"0"}, seen
+    log = attempts(job.run_dir)
+    assert [(a["ended"], a.get("in_job_restart"), a.get("replaced")) for a in log] == [
+        ("hang", 1, {node: hosts[2]}), ("finished", None, None)], log
+    assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in log[0]["hang"], log[0]
+    assert_same_run(job.run_dir, reference)
