@@ -14,6 +14,7 @@ from launch.run.rounds import Rounds, round_record
 from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2
+LOOK_S = 1.0  # a look for the next round is a lookup on the shared file system, per task: one a second at most
 
 
 @dataclass
@@ -34,6 +35,7 @@ class RoundAgent:
             self.suffix = run.cluster.master_host_suffix or ""
             self.in_job_restarts = run.preemption.in_job_restarts
         self.rounds = Rounds.of(self.run_dir, self.job)
+        self.looked: dict[int, float] = {}  # round -> when its next round was last looked for, not found
 
     def placement(self, k: int) -> dict[str, str] | None:
         """The variables that place this task's rank in round `k`; None: this task waits as a spare."""
@@ -59,7 +61,13 @@ class RoundAgent:
 
     def next_asked(self, k: int) -> bool:
         """Whether round `k` + 1 has been asked for: round `k` is over."""
-        return self.rounds.path(k + 1).exists()
+        if time.monotonic() - self.looked.get(k, -LOOK_S) < LOOK_S:
+            return False
+        if self.rounds.path(k + 1).exists():
+            self.looked.pop(k, None)
+            return True
+        self.looked[k] = time.monotonic()
+        return False
 
     def wait_next(self, k: int, seconds: float = ABORT_GRACE_S) -> bool:
         """A rank of round `k` ended with an error: whether the next round is asked for within `seconds` (the rank

@@ -7,8 +7,13 @@ import functools
 import json
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 
 from launch.rank.signal_relay import ignore
+
+
+ASK_S = 1.0  # whether the round's rank is up is a file read on the shared file system: once a second at most
 
 
 class Standby:
@@ -19,11 +24,19 @@ class Standby:
         self.command = [sys.executable, "-m", "launch.rank.worker", run_dir]
         self.env, self.signals = env, signals
         self.proc: subprocess.Popen | None = None
+        self.asked = -ASK_S
 
     def start(self) -> None:
         if self.proc is None:
             self.proc = subprocess.Popen([*self.command, "--standby"], env=self.env, stdin=subprocess.PIPE, text=True,
                                          preexec_fn=functools.partial(ignore, self.signals))
+
+    def start_when_up(self, up: Callable[[], bool]) -> None:
+        """Start once `up()` says this round's rank has done its imports: the two would share the node's CPUs."""
+        if self.proc is None and time.monotonic() - self.asked >= ASK_S:
+            self.asked = time.monotonic()
+            if up():
+                self.start()
 
     def take(self, place: dict[str, str]) -> subprocess.Popen:
         """The rank of a round placed by `place`: the waiting process if it is still there, else a new one."""

@@ -82,9 +82,14 @@ class RankTask:
         os.environ[ROUND_VAR] = str(k)  # this wrapper's job environment is the round's (the attempts log's key)
         started = time.time()
         child = standby.take(place)
-        if agent.in_job_restarts:
-            standby.start()  # the next round's rank, its imports done while this one trains
-        code = relay.wait(child, functools.partial(catches, child.pid), stop=lambda: agent.next_asked(k))
+
+        up = functools.partial(started_up, run_dir, rank, child.pid)
+
+        def over() -> bool:
+            if agent.in_job_restarts:
+                standby.start_when_up(up)  # the next round's rank imports while this one trains
+            return agent.next_asked(k)
+        code = relay.wait(child, functools.partial(catches, child.pid), stop=over)
         if agent.next_asked(k):
             return None
         if code == EXIT_PREEMPTED:
@@ -176,6 +181,14 @@ def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
               "variables place the ranks", file=sys.stderr, flush=True)
     return {k: v for k, v in env.items() if k not in dropped}
 
+
+
+def started_up(run_dir: Path, rank: int, pid: int) -> bool:
+    """The rank process `pid` has done its imports: its environment record is written."""
+    try:
+        return json.loads(RunFolder(run_dir).environment_record(rank).read_text()).get("pid") == pid
+    except (OSError, ValueError):
+        return False
 
 def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:
     """One line: which rank, where, how it ended, its last error, and where to read more."""
