@@ -4,10 +4,12 @@ stops at the same step. (The watchdog's halt stops the main thread itself, in gp
 from __future__ import annotations
 
 import logging
+import signal
+from collections.abc import Sequence
 from typing import Any
 
 from gpt.config.sections import PreemptionConfig
-from gpt.dist.process_group import any_true
+from gpt.dist.process_group import all_reduce_values
 from gpt.resilience.exclusion import ExclusionDecision
 from gpt.resilience.preemption import PreemptionFlag
 
@@ -28,16 +30,24 @@ class StopControl:
         """Whether this rank received a preemption signal."""
         return self.flag is not None and self.flag.raised
 
-    def agree(self) -> None:
-        """Some rank was signalled (the step's all_reduce said so): stop, naming our own signal if we got one."""
+    def votes(self) -> list[float]:
+        """1.0 for the signal this rank received, one value per signal it handles (the config's, in its order: the
+        same on every rank), summed over the ranks in the step's all_reduce."""
+        flag = self.flag
+        return [] if flag is None else [1.0 if flag.received == s else 0.0 for s in flag.signals]
+
+    def agree(self, votes: Sequence[float] = ()) -> None:
+        """Some rank was signalled (the step's all_reduce said so): stop, naming our own signal if we got one, else
+        the one the most ranks got (Slurm signals every task, but a rank may see it a step after another)."""
         if self.reason is None:
-            self.reason = self._own_signal()
+            self.reason = self._named(votes)
 
     def signalled_anywhere(self) -> bool:
         """Whether any rank was signalled (a collective: every rank calls it, between evaluation batches)."""
-        if not any_true(self.raised):
+        signalled, *votes = all_reduce_values([1.0 if self.raised else 0.0, *self.votes()])
+        if not signalled:
             return False
-        self.reason = self._own_signal()
+        self.reason = self._named(votes)
         return True
 
     def exclude(self, decision: ExclusionDecision) -> None:
@@ -52,5 +62,11 @@ class StopControl:
         if self.reason is not None:
             summary["preempted"] = self.reason
 
-    def _own_signal(self) -> str:
-        return (self.flag.signal_name if self.flag is not None else None) or ANOTHER_RANK
+    def _named(self, votes: Sequence[float]) -> str:
+        if self.flag is None:
+            return ANOTHER_RANK
+        if self.flag.signal_name:
+            return self.flag.signal_name
+        if votes and max(votes) > 0:
+            return signal.Signals(self.flag.signals[list(votes).index(max(votes))]).name
+        return ANOTHER_RANK

@@ -20,6 +20,7 @@ from launch.run.startup import STEP_TOKEN
 from helpers import REPO, compose
 from launch.backends import srun
 from launch.backends.slurm import task
+from launch.rank import standby
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 
@@ -75,7 +76,7 @@ def test_the_task_wrapper_catches_ignores_and_passes_on_the_configured_signals(r
         os.kill(os.getpid(), signal.SIGUSR1)  # the rank handles it (this process stands in for it)
 
     children: list[Child] = []
-    monkeypatch.setattr(task.subprocess, "Popen", starting(children, signalled))
+    monkeypatch.setattr(standby.subprocess, "Popen", starting(children, signalled))  # the wrapper starts its rank there
     monkeypatch.setenv("SLURM_PROCID", "0")
     assert task.RankTask(str(run_dir))()["rank"] == 0
     [child] = children

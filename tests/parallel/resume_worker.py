@@ -61,7 +61,7 @@ def main() -> None:
             stopped = schema.run_config(compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}",
                                                                      "debug.signal_rank=1"]))
             summary = Trainer(stopped, env, out / name / "stopped").fit()
-            assert summary.get("preempted") == ("SIGUSR2" if env.rank == 1 else "SIGNAL(another rank)"), summary
+            assert summary.get("preempted") == "SIGUSR2", summary  # rank 1's signal, named on every rank
             assert summary["last_step"] == STOP_AT, summary
             flag.received = None
             resumed = Trainer(schema.run_config(compose("config", overrides=base)), env, out / name / "stopped")
