@@ -14,8 +14,10 @@ from gpt.config.sections import WatchdogConfig
 from gpt.resilience.watchdog import Watchdog
 from helpers import launch
 
+# A hang ends the run here (the watchdog's report and line are the subject), not an in-job restart (tested in
+# test_in_job_restart_local.py).
 RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=200", "train.log_interval=5",
-       "train.eval_interval=0", "checkpoint.interval_steps=0"]
+       "train.eval_interval=0", "checkpoint.interval_steps=0", "preemption.in_job_restarts=0"]
 
 
 def hang_report(run_dir) -> dict:
