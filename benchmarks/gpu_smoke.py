@@ -89,7 +89,8 @@ ROWS = [
                                     "metrics.straggler_windows=2"), need=2, kind="once", check="straggler"),
     Row("health", ("strategy=ddp", "train.max_steps=1"), need=2, kind="once", check="health"),
     # NCCL aborts the survivors of a killed rank: the attempts line names the rank really lost
-    Row("a rank killed under NCCL", ("strategy=ddp", *ONCE, "debug.kill_rank=1", "debug.kill_step=12"), need=2,
+    Row("a rank killed under NCCL", ("strategy=ddp", *ONCE, "debug.kill_rank=1", "debug.kill_step=12",
+                                     "preemption.in_job_restarts=0"), need=2,
         kind="once", check="lost_rank", fails=True),
     Row("gpt2_124m bf16 MFU", ("strategy=single", "train.precision=bf16"), most=1, kind="figure"),
     Row("gpt2_124m fp32 (TF32) MFU", ("strategy=single", "train.precision=fp32"), most=1, kind="figure"),

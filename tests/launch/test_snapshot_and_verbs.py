@@ -85,6 +85,7 @@ def test_status_prints_one_line_per_in_job_restart(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)
     (run / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    (run / "run.json").write_text("{}")
     restart = {"job_id": "7", "restart": 0, "ended": "hang", "last_step": 20, "in_job_restart": 1,
                "note": "restarting inside the allocation (in-job restart 1 of at most 3, n3 replaces n2)"}
     (run / "attempts.jsonl").write_text(json.dumps(restart) + "\n" + json.dumps({"ended": "finished", "round": 1})

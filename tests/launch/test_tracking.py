@@ -22,7 +22,7 @@ RUN = ["model=tiny", "train.max_steps=16", "train.warmup_steps=2", "train.log_in
 def test_a_killed_attempt_and_its_continuation_log_each_point_once(tmp_path, kind):
     run_dir = tmp_path / "run"
     # rank 0 dies at step 13 after logging steps up to 12; the next attempt resumes from step 10
-    killed = launch(f"tracking={kind}", *RUN, "debug.kill_rank=0", "debug.kill_step=13", run_dir=run_dir,
+    killed = launch(f"tracking={kind}", *RUN, "debug.kill_rank=0", "debug.kill_step=13", "preemption.in_job_restarts=0", run_dir=run_dir,
                     check=False)
     assert killed.returncode != 0
     ids, before = tracker_points(kind, run_dir)
