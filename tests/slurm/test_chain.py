@@ -125,7 +125,8 @@ def test_a_detached_chain_shows_its_links_and_cancel_saves_and_stops_every_link(
 def test_an_interrupted_waiting_launcher_names_every_link(slurm_cluster, tmp_path, data_overrides):
     run_dir, errors = tmp_path / "run", tmp_path / "err"
     with errors.open("w") as err_file:  # progress=true: the waiter's status lines say it is waiting
-        proc = subprocess.Popen(launch_cmd("nodes=1", *SLURM, *TINY, *data_overrides, "cluster.chain=2",
+        long = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=2000"]  # still running
+        proc = subprocess.Popen(launch_cmd("nodes=1", *SLURM, *long, *data_overrides, "cluster.chain=2",
                                            "hydra.launcher.progress=true", f"hydra.run.dir={run_dir}"), cwd=REPO,
                                 env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=err_file, text=True)
     try:
