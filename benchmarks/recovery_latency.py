@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -31,10 +32,12 @@ CASES = {"requeue": ["preemption.in_job_restarts=0"], "in-job, same nodes": [],
          "in-job, onto a spare": ["cluster.spare_nodes=1"]}
 
 
-def first_step_after(run_dir: Path, since: float, proc: subprocess.Popen, timeout: float = 300) -> float:
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None:
-        for line in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines():
+def first_step_after(run_dir: Path, since: float, timeout: float = 300,
+                     alive: Callable[[], bool] = lambda: True) -> float:
+    """When rank 0 recorded its first training step after `since` (epoch seconds), while `alive()` holds."""
+    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        for line in metrics.read_text().splitlines():
             try:
                 record = json.loads(line)
             except ValueError:
@@ -42,7 +45,7 @@ def first_step_after(run_dir: Path, since: float, proc: subprocess.Popen, timeou
             if record["kind"] == "train" and record["time"] > since:
                 return record["time"]
         time.sleep(0.1)
-    raise SystemExit(f"no training step after the kill within {timeout} s (run folder {run_dir})")
+    raise TimeoutError(f"no training step after {since} within {timeout} s (run folder {run_dir})")
 
 
 def kill_rank1(run_dir: Path, env: dict[str, str], node_down: bool) -> float:
@@ -68,7 +71,7 @@ def measure(case: str, data: list[str], env: dict[str, str]) -> dict[str, float]
             job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
             node = json.loads((run_dir / "environment" / "rank1.json").read_text())["host"]
             died = kill_rank1(run_dir, env, spare)
-            back = first_step_after(run_dir, died, proc)
+            back = first_step_after(run_dir, died, alive=lambda: proc.poll() is None)
             started = start_time(job, env)
         finally:
             if job:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.recovery_latency import first_step_after
 from slurm_helpers import SLURM, cut_link
 from test_preemption import RUN as REQUEUE_RUN
 from test_preemption import Job, assert_same_run, attempts
@@ -21,21 +22,6 @@ RUN = [o for o in REQUEUE_RUN if not o.startswith("preemption.in_job_restarts")]
 @pytest.fixture
 def reference(reference_run, data_overrides) -> Path:
     return reference_run(*RUN, *data_overrides)
-
-
-def first_step_after(run_dir: Path, since: float, timeout: float = 120) -> float:
-    """When rank 0 recorded its first training step after `since` (epoch seconds)."""
-    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record["kind"] == "train" and record["time"] > since:
-                return record["time"]
-        time.sleep(0.1)
-    raise AssertionError(f"no training step after {since} within {timeout} s")
 
 
 def states_until_done(job: Job, timeout: float = 240) -> set[tuple[str, str]]:
