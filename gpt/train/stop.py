@@ -44,8 +44,10 @@ class StopControl:
 
     def signalled_anywhere(self) -> bool:
         """Whether any rank was signalled (a collective: every rank calls it, between evaluation batches)."""
-        signalled, *votes = all_reduce_values([1.0 if self.raised else 0.0, *self.votes()])
-        if not signalled:
+        if self.flag is None:  # preemption.enabled=false: on every rank alike
+            return False
+        votes = all_reduce_values(self.votes())
+        if not any(votes):
             return False
         self.reason = self._named(votes)
         return True

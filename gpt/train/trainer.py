@@ -125,18 +125,18 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------
     def sync(self) -> float:
-        """The step's one small all_reduce: the straggler wait, the OR of the preemption flags, whether every
-        rank's background checkpoint write is done, and rank 0's verdict on checkpoint.interval_minutes."""
+        """The step's one small all_reduce: the straggler wait, the ranks' votes for the preemption signal they got,
+        whether every rank's background checkpoint write is done, and rank 0's verdict on
+        checkpoint.interval_minutes."""
         minutes_due = self.env.is_main and self.policy.minutes_elapsed()
-        values = [1.0 if self.stop.raised else 0.0,
-                  0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0, *self.stop.votes()]
-        seconds, (signalled, writing, due, *votes) = timed_flags(values)  # host values over gloo: no GPU sync
+        values = [0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0, *self.stop.votes()]
+        seconds, (writing, due, *votes) = timed_flags(values)  # host values over gloo: no GPU sync
         if self.checkpointer.pending is not None and writing == 0:
             try:
                 self.checkpointer.finish_async()
             except SaveFailed as e:
                 self.save_failed(e)
-        if signalled:
+        if any(votes):
             self.stop.agree(votes)
         if due:
             self.policy.due = True
