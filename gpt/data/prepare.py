@@ -60,6 +60,9 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
+_SAID_PREPARED: set[tuple[Path, str]] = set()
+
+
 def default_workers() -> int:
     return len(os.sched_getaffinity(0))
 
@@ -81,7 +84,9 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
     settings = _settings(fmt, field, tokenizer, vocab_size, val_fraction, shard_tokens)
     fingerprint = _fingerprint(files, val_files, tokenizer_file, settings)
     if _is_prepared(out_dir, fingerprint):
-        log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
+        if (out_dir, fingerprint) not in _SAID_PREPARED:  # a sweep plans every point against the same data: once
+            _SAID_PREPARED.add((out_dir, fingerprint))
+            log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
         return out_dir
     if out_dir.exists() and not (out_dir.is_dir() and ((out_dir / META_FILE).is_file() or not any(out_dir.iterdir()))):
         raise UserError(f"{out_dir} exists and is not a prepared data directory; "
