@@ -34,18 +34,28 @@ CASES = {"requeue": ["preemption.in_job_restarts=0"], "in-job, same nodes": [],
 
 def first_step_after(run_dir: Path, since: float, timeout: float = 300,
                      alive: Callable[[], bool] = lambda: True) -> float:
-    """When rank 0 recorded its first training step after `since` (epoch seconds), while `alive()` holds."""
-    metrics, deadline = run_dir / "metrics" / "rank0.jsonl", time.monotonic() + timeout
+    """When rank 0 of the next attempt recorded its first training step, the attempt that was running at `since`
+    (epoch seconds) having ended then, while `alive()` holds. The next attempt's steps are those recorded after the
+    ended attempt's line: rank 0 of that attempt may still record a step it finished as its peer died."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and alive():
-        for line in metrics.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if record["kind"] == "train" and record["time"] > since:
-                return record["time"]
+        ended = [a["time"] for a in attempts(run_dir) if a["time"] > since]
+        if ended:
+            for record in _records(run_dir / "metrics" / "rank0.jsonl"):
+                if record["kind"] == "train" and record["time"] > ended[0]:
+                    return record["time"]
         time.sleep(0.1)
     raise TimeoutError(f"no training step after {since} within {timeout} s (run folder {run_dir})")
+
+
+def _records(path: Path) -> list[dict]:
+    records = []
+    for line in path.read_text().splitlines():
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            continue
+    return records
 
 
 def kill_rank1(run_dir: Path, env: dict[str, str], node_down: bool) -> float:
@@ -101,11 +111,13 @@ def queue_wait(run_dir: Path, started: float) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--cases", nargs="+", choices=list(CASES), default=list(CASES), metavar="CASE",
+                        help=f"some of {', '.join(repr(c) for c in CASES)}")
     args = parser.parse_args()
     env = cluster_env()
     data = [f"data.text_path={SHARED_TEXT}"] if SHARED_TEXT.exists() else []
     rows = {}
-    for case in CASES:
+    for case in args.cases:
         samples = [measure(case, data, env) for _ in range(args.repeats)]
         rows[case] = {k: statistics.median(s[k] for s in samples) for k in samples[0]}
         print(f"  {case}: {rows[case]}", file=sys.stderr, flush=True)

@@ -16,6 +16,7 @@ from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import NOT_RUNS, RunFolder
 from launch.backends.slurm import commands
 from launch.backends.slurm.commands import FINAL, GONE, PENDING, RUNNING, JobInfo, SlurmUnavailable
+from launch.run.attempts import ran_on
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
@@ -97,7 +98,7 @@ def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
     restarts = sum(1 for a in attempts if a.get("requeued"))
     links = tuple(f"{j} {infos[j].state if j in infos else GONE}" for j in ids) if len(ids) > 1 else ()
     in_job = tuple(f"in-job restart {a['in_job_restart']} of job {a.get('job_id')}: {a.get('ended')} at step "
-                   f"{a.get('last_step')}; {a.get('note')}" for a in attempts if a.get("in_job_restart"))
+                   f"{a.get('last_step')}; {a.get('note')}{ran_on(a)}" for a in attempts if a.get("in_job_restart"))
     return RunState(run_dir, ids, state, reason, step, max_steps, tokens, eta, len(attempts), restarts,
                     run_goodput(attempts).goodput, links, in_job)
 

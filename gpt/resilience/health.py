@@ -68,11 +68,17 @@ def storage_problem(run_dir: Path, name: str, size: int = 1 << 18) -> str | None
 
 
 def measure_nodes(cfg: HealthConfig, node: int, num_nodes: int, host: str, rank: int, device: torch.device,
-                  precision: str, run_dir: Path, slow: bool = False) -> list[NodeHealth]:
-    """CPU: every rank takes part; every rank gets every node's figures."""
+                  precision: str, run_dir: Path, slow: bool = False,
+                  known: dict[str, float] | None = None) -> list[NodeHealth]:
+    """CPU: every rank takes part; every rank gets every node's figures. The nodes one after another (a node's
+    ranks share its cores); a host in `known` (the same on every rank) keeps that figure and takes no turn."""
+    known = known or {}
+    skip = {n for n, h in gather_objects((node, host)) if h in known} if known else set()
     best = 0.0
     for _ in range(cfg.rounds):
         for turn in range(num_nodes):
+            if turn in skip:
+                continue
             barrier()
             if turn == node:
                 gflops = matmul_gflops(cfg.matmul_size, device, DTYPES[precision], drag=3.0 if slow else 1.0)
@@ -82,7 +88,7 @@ def measure_nodes(cfg: HealthConfig, node: int, num_nodes: int, host: str, rank:
     nodes: dict[int, NodeHealth] = {}
     for r, (n, h, g, s) in enumerate(gather_objects((node, host, best, storage))):
         was = nodes.get(n, NodeHealth(n, h, [], 0.0, None))
-        nodes[n] = NodeHealth(n, h, was.ranks + [r], was.gflops + g, was.storage or s)
+        nodes[n] = NodeHealth(n, h, was.ranks + [r], known.get(h, was.gflops + g), was.storage or s)
     return [nodes[n] for n in sorted(nodes)]
 
 

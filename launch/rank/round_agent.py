@@ -59,9 +59,10 @@ class RoundAgent:
             place["MASTER_ADDR"] = hosts[0] + self.suffix
         return place
 
-    def next_asked(self, k: int) -> bool:
-        """Whether round `k` + 1 has been asked for: round `k` is over."""
-        if time.monotonic() - self.looked.get(k, -LOOK_S) < LOOK_S:
+    def next_asked(self, k: int, now: bool = False) -> bool:
+        """Whether round `k` + 1 has been asked for: round `k` is over. Looked up once a second at most, unless
+        `now` (once per rank that ended: its end may be that request's)."""
+        if not now and time.monotonic() - self.looked.get(k, -LOOK_S) < LOOK_S:
             return False
         if self.rounds.path(k + 1).exists():
             self.looked.pop(k, None)
@@ -85,7 +86,7 @@ class RoundAgent:
     def idle(self, k: int) -> int | None:
         """A spare in round `k`: the next round once asked for, or None once the run ended without one."""
         folder = RunFolder(self.run_dir)
-        while not self.next_asked(k):
+        while not self.next_asked(k, now=True):  # a spare looks as often as it polls: it is one of few
             line = folder.attempts.line_of(self.job.job_id, self.job.restart, k)
             if line is not None and not line.get("in_job_restart"):
                 return None

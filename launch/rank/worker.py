@@ -40,10 +40,11 @@ from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, check_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # noqa: E402
+from launch.rank.lost_node import end_for_lost_node  # noqa: E402
 from launch.rank.parent import end_with_launcher  # noqa: E402
 from launch.run.identity import newest_step  # noqa: E402
 from launch.run.lock import take  # noqa: E402
-from launch.run.rounds import InJobRestart, lost_hosts, restart_or_requeue  # noqa: E402
+from launch.run.rounds import InJobRestart, hosts_of, restart_or_requeue  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -90,6 +91,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     Faults(run.debug, env.rank, attempt.number).before_start()
     PROGRESS.phase("startup", "joining the process group")
     rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog)
+    attempt.nodes = list(rendezvous.by_host()) if rendezvous else [env.hostname]
     check_gpus(env, device, gpus)
     clock.mark("rendezvous")
     hold_the_folder(attempt, env, job)
@@ -97,9 +99,10 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
                     precision=run.train.precision, restarts=restarts):
         leave()
         return {"preempted": "health", "requeued": True}
+    clock.mark("health")
     trainer = Trainer(run, env, run_dir, attempt.number)
     if env.is_main:
-        begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step)
+        begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step, attempt.nodes)
     attempt.trainer = trainer
     summary = trainer.fit()
     startup = clock.breakdown(trainer.startup)
@@ -108,7 +111,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup,
               "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary)}
     if summary.get("preempted"):
-        return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record)}
+        return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record, attempt.nodes)}
     leave()
     if env.is_main:  # what a launcher reports as the run's result
         log_attempt(run_dir, job, {**record, "ended": "finished"})
@@ -149,7 +152,7 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig,
 
 
 def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: int, summary: dict,
-                   record: dict) -> bool:
+                   record: dict, nodes: list[str]) -> bool:
     """Every rank has saved (the save ends with a barrier). Rank 0 asks the scheduler to run the job again;
     Slurm then stops every process of this attempt (SIGTERM, which only sets the flag now) and starts the job
     again with the same id. A link of a chain (cluster.chain) with a later link queued ends instead: requeued, it
@@ -160,13 +163,16 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: i
         requeued, restart = False, None
         extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
         link = job.next_link(run_dir) if summary["preempted"] != "SIGINT" else None
-        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""  # how Slurm ends a lost node's job
+        # how Slurm ends a lost node's job; a node lost in an earlier round (a spare took its place) is not
+        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""
+        lost_here = [h for h in hosts_of(lost) if h in nodes]
+        lost = lost if lost_here else ""
         if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
             how = "stopped by Ctrl-C; the same command continues the run"
         elif link is not None:
             how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
         elif lost or summary.get("exclusion"):  # a spare takes the node's place, else a requeue without it
-            hosts = lost_hosts(job) if lost else [summary["exclusion"]["host"]]
+            hosts = lost_here if lost else [summary["exclusion"]["host"]]
             requeue = (lambda: job.requeue(restarts)) if lost else (lambda: job.requeue_excluding(hosts, restarts))
             requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {lost}" if lost else "straggler",
                                                         requeue, hosts)
@@ -256,11 +262,13 @@ def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
     return False
 
 
-def when_a_rank_vanished(attempt: Attempt, e: BaseException) -> None:
+def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) -> None:
     """A collective that failed because another rank vanished (killed, or its host lost: its heartbeat stops
     without a word) ends the attempt as a hang does: reported, requeued. A rank's own error does not."""
     dog = attempt.watchdog
     if dog is None or not collective_failed(e):
+        return
+    if end_for_lost_node(attempt, max_restarts):  # rank 0, on the scheduler's word: no wait for silent heartbeats
         return
     dog.end(f"failed: {type(e).__name__}")
     if dog.lost_peers():
@@ -312,6 +320,7 @@ def wait_for_round() -> None:
     wrapper ended) ends it quietly. Its start-up counts from here."""
     global STARTED
     import gpt.train.trainer  # noqa: F401  the rest of the rank's imports, ahead too
+    import torch._dynamo  # noqa: F401  DDP's and FSDP's constructors import it: 1-4 s of a round's model build
     line = sys.stdin.readline()
     if not line:
         os._exit(0)
@@ -340,7 +349,7 @@ def main() -> None:
         PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
         if run is not None and collective_failed(e):
             abort_like_nccl(run.debug)
-        when_a_rank_vanished(attempt, e)
+        when_a_rank_vanished(attempt, e, run.preemption.max_restarts if run else 0)
         if run is not None and collective_failed(e):  # a peer is gone: its own log and task say why, not this trace
             log.error("rank failed: a collective failed, a peer is gone (%s)", error_line(str(e), limit=200))
         else:

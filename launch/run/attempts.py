@@ -9,7 +9,7 @@ none (gpt.resilience.lease.fence)."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -34,10 +34,17 @@ def marked_attempt(mark: dict[str, Any]) -> str:
     return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"), mark.get("round", 0))
 
 
-def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any]) -> bool:
-    """This attempt's line, unless another process wrote it; returns whether this one did."""
+def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any], claimed: bool = False) -> bool:
+    """This attempt's line, unless another process claimed it (`claimed`: this one did); returns whether this one
+    wrote it. It names the nodes the attempt ran on, from its mark."""
     fence()
-    return RunFolder(run_dir).attempts.append_once(this_attempt(job), job.job_id, job.restart, record, job.round)
+    attempts, key = RunFolder(run_dir).attempts, this_attempt(job)
+    mark = attempts.read_mark()
+    nodes = {"nodes": mark["nodes"]} if mark and "nodes" in mark and marked_attempt(mark) == key else {}
+    if claimed:
+        attempts.append(job.job_id, job.restart, {**record, **nodes}, job.round)
+        return True
+    return attempts.append_once(key, job.job_id, job.restart, {**record, **nodes}, job.round)
 
 
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
@@ -57,8 +64,10 @@ def goodput_record(run_dir: Path, started: float, startup: dict[str, float], sum
             "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.get("spent", {})}
 
 
-def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int) -> None:
-    """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one."""
+def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int,
+                  nodes: list[str]) -> None:
+    """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one, with
+    the `nodes` its ranks run on (in rank order)."""
     attempts = RunFolder(run_dir).attempts
     previous = attempts.read_mark()
     if previous is not None:
@@ -66,7 +75,7 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
     fence()
     attempts.mark({"job_id": job.job_id, "restart": job.restart, "round": job.round, "generation": fenced_generation(),
-                   "started": started, "first_step": first_step})
+                   "started": started, "first_step": first_step, "nodes": nodes})
 
 
 def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any],
@@ -82,11 +91,20 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
     last_alive = beat or last_record_time(run_dir, mark["started"]) or mark["started"]
     began = mark.get("first_step") or 0
     attempts.append(mark.get("job_id"), mark.get("restart", 0), {
-        "first_step": began, "last_step": resumes_from, **record,
+        "first_step": began, "last_step": resumes_from, **({"nodes": mark["nodes"]} if "nodes" in mark else {}),
+        **record,
         "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
                     "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
                     "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}},
                     mark.get("round", 0))
+
+
+def ran_on(attempt: dict[str, Any], most: int = 8) -> str:
+    """' (ran on gl-n1, gl-n2)': the attempt's nodes, counted where there are more than `most`."""
+    nodes = attempt.get("nodes") or []
+    if not nodes:
+        return ""
+    return f" (ran on {', '.join(nodes)})" if len(nodes) <= most else f" (ran on {len(nodes)} nodes)"
 
 
 def this_attempts_line(run_dir: Path, job: JobEnvironment) -> dict[str, Any] | None:
@@ -120,6 +138,7 @@ class Attempt:
     watchdog: Watchdog | None = None
     lock: Lease | None = None
     trainer: Trainer | None = None  # set once rank 0 has marked the attempt begun
+    nodes: list[str] = field(default_factory=list)  # the attempt's hosts in rank order, once its ranks have joined
 
     def early_end(self, ended: str, with_startup: bool = False, **extra: Any) -> dict[str, Any]:
         """Its line when it ends before the trainer returns: the steps it ran, as far as it knows them, and with

@@ -39,6 +39,11 @@ class Rounds:
     def path(self, k: int) -> Path:
         return RunFolder(self.run_dir).rounds / self.name / f"round-{k}.json"
 
+    def health(self) -> Path:
+        """The nodes' health figures measured in this attempt's rounds so far: a later round measures only the
+        nodes new to it (a spare), against these (launch.rank.health_gate)."""
+        return RunFolder(self.run_dir).rounds / self.name / "health.json"
+
     def read(self, k: int) -> dict[str, Any] | None:
         try:
             return json.loads(self.path(k).read_text())
@@ -125,7 +130,11 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
 
 def lost_hosts(job: JobEnvironment) -> list[str]:
     """The job's nodes the scheduler holds down or failed (a spare takes their place)."""
-    lost = job.lost_nodes()
+    return hosts_of(job.lost_nodes())
+
+
+def hosts_of(lost: str) -> list[str]:
+    """The hosts of JobEnvironment.lost_nodes()'s 'gl-n2 down (reason), gl-n3 fail'."""
     return [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else []
 
 

@@ -6,6 +6,7 @@ its first training step. Each phase is the gap between two marks; rank 0 writes 
     launcher_s         attempt start -> this rank's interpreter runs the worker (planning, srun, submitit)
     imports_s          the worker's imports (torch, gptlaunch)
     rendezvous_s       process group joined and the preflight all-reduce done
+    health_s           the run folder's lease taken and the node health checks done (launch.rank.health_gate)
     model_s, data_s, checkpoint_load_s, first_step_s    measured by the trainer
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from launch.backends.slurm.job import SlurmJob
 ATTEMPT_START = "GPTLAUNCH_ATTEMPT_START"  # epoch seconds; set by whoever starts an attempt
 # a token srun passes to the ranks of one step: their environment records say which step wrote them
 STEP_TOKEN = "GPTLAUNCH_STEP"
-PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "model_s", "data_s", "checkpoint_load_s",
+PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "health_s", "model_s", "data_s", "checkpoint_load_s",
           "first_step_s")
 
 
@@ -62,6 +63,8 @@ class StartupClock:
         out["imports_s"] = self.marks["imported"] - self.process_start
         if "rendezvous" in self.marks:
             out["rendezvous_s"] = self.marks["rendezvous"] - self.marks["imported"]
+        if "health" in self.marks and "rendezvous" in self.marks:
+            out["health_s"] = self.marks["health"] - self.marks["rendezvous"]
         out.update({k: v for k, v in trainer_phases.items() if k in PHASES})
         first = trainer_phases.get("first_step_at")
         if first is not None:

@@ -79,8 +79,9 @@ def test_documented_command_composes_and_plans(source, command, words, tmp_path,
 def plan(program: str, shape: dict[str, int], args: list[str], run_dir) -> Plan:
     """Planned as the allocation would run it: nodes x tasks from sbatch, or the config's."""
     run = run_config(compose(*(["cluster=srun"] if program == "sbatch" else []), *args))  # as multi_node.sh runs it
-    if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1
-        run = run.with_cluster(nodes=shape.get("nodes", 2), tasks_per_node=shape.get("ntasks-per-node", 1))
+    if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1; ranks on all but the spares
+        run = run.with_cluster(nodes=shape.get("nodes", 2) - run.cluster.spare_nodes,
+                               tasks_per_node=shape.get("ntasks-per-node", 1))
     elif run.cluster.name == "srun":  # as the script runs it, in a 1-node allocation
         run = run.with_cluster(nodes=1, tasks_per_node=1)
     return make_plan(run, run_dir)

@@ -101,7 +101,7 @@ def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_th
                                                           "step_time_s": 1.0}) + "\n" for s in range(1, 11)))
     lease = take(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
     try:
-        begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10)
+        begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10, nodes=["here"])
     finally:
         lease.release()
     killed = folder.attempts.read()[0]

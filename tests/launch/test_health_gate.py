@@ -55,3 +55,21 @@ def test_a_cpu_run_keeps_the_per_node_check(tmp_path, monkeypatch):
     assert gate(tmp_path, torch.device("cpu"), JobEnvironment(), action="warn") is False
     record = json.loads(RunFolder(tmp_path).health_record(1).read_text())
     assert "gpus" not in record and record["nodes"][0]["gflops"] > 0 and record["flagged"] == []
+
+
+def test_an_in_job_restart_measures_only_the_nodes_new_to_the_attempt(tmp_path, monkeypatch):
+    """Round 0 measures every node and keeps the figures; a later round (an in-job restart) reuses them for the
+    nodes that ran before and measures only a new one (a spare), judged against them."""
+    timed = []
+    monkeypatch.setattr("gpt.resilience.health.matmul_gflops", lambda *a, **k: timed.append(1) or 40.0)
+    round0 = JobEnvironment({"GPTLAUNCH_ROUND": "0"})
+    assert gate(tmp_path, torch.device("cpu"), round0, action="warn") is False
+    assert len(timed) == 1  # one node, one round
+    figures = json.loads(next((tmp_path / "rounds").glob("*/health.json")).read_text())
+    assert list(figures.values()) == [40.0]
+
+    timed.clear()
+    assert gate(tmp_path, torch.device("cpu"), JobEnvironment({"GPTLAUNCH_ROUND": "1"}), action="warn") is False
+    assert timed == []  # the same node: its figure from round 0, no turn taken
+    record = json.loads(RunFolder(tmp_path).health_record(1).read_text())
+    assert record["nodes"][0]["gflops"] == 40.0 and record["flagged"] == []

@@ -64,7 +64,7 @@ def test_a_profile_from_the_site_folder_sets_the_job(site_dir):
     assert res.step == RankStep(srun_args=("--mpi=pmix",), env=(("MASTER_PORT", "29517"), ("NCCL_DEBUG", "WARN")),
                                 master_host_suffix="-ib", image="/images/pt.sif", runtime="apptainer",
                                 mounts=("/scratch:/scratch",))
-    params = res.executor_parameters("j", Path("/work"))
+    params = res.executor_parameters("j", Path("/work"), Path("/logs"))
     assert params["gres"] == "gpu:a100:4" and params["additional_parameters"]["reservation"] == "maint"
     assert params["setup"][1:] == ["export MASTER_PORT=29517", "export NCCL_DEBUG=WARN",
                                    'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"-ib',
@@ -134,7 +134,7 @@ def test_sbatch_passes_gres_and_other_flags_slurm_takes():
     run = run_config(compose("cluster=slurm", "+cluster.sbatch.gres=gpu:2", "+cluster.sbatch.gpu-bind=closest",
                              "cluster.tasks_per_node=2",
                              "cluster.signal=USR1", "preemption.signals=[SIGUSR1,SIGTERM]", "cluster.signal_delay_s=90"))
-    extra = SlurmResources.from_run(run).executor_parameters("j", Path("/w"))["additional_parameters"]
+    extra = SlurmResources.from_run(run).executor_parameters("j", Path("/w"), Path("/logs"))["additional_parameters"]
     assert (extra["gres"], extra["gpu-bind"], extra["signal"]) == ("gpu:2", "closest", "USR1@90")
 
 
@@ -187,4 +187,4 @@ def test_gpus_per_task_and_gres_keep_one_rank_per_gpu():
         run_config(compose("cluster=slurm", "cluster.gpus_per_task=2", "cluster.tasks_per_node=2"))
     run = run_config(compose("cluster=slurm", "cluster.gpus_per_task=1", "cluster.tasks_per_node=4",
                              "train.device=cuda"))
-    assert SlurmResources.from_run(run).executor_parameters("j", Path("/w"))["gpus_per_task"] == 1
+    assert SlurmResources.from_run(run).executor_parameters("j", Path("/w"), Path("/logs"))["gpus_per_task"] == 1

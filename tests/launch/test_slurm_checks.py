@@ -41,7 +41,7 @@ def test_defaults_follow_the_top_level_node_count():
     res = resources("nodes=4")
     assert (res.nodes, res.tasks_per_node, res.gpus_per_node, res.time_min, res.requeue) == (4, 1, 0, 60, True)
     assert res.signal_delay_s == 120 and slurm_cfg().cluster.signal_delay_s is None  # the job's own warning
-    params = res.executor_parameters("tiny-ddp", Path("/work"))
+    params = res.executor_parameters("tiny-ddp", Path("/work"), Path("/logs"))
     assert params["nodes"] == 4 and params["time"] == 60 and params["additional_parameters"]["requeue"] is True
     assert "--kill-on-bad-exit=1" in params["srun_args"]
 
@@ -75,10 +75,10 @@ def test_conflicting_resources_name_the_key(overrides, message):
 def test_a_chain_is_singleton_jobs_and_costs_each_link():
     one, chain = resources("nodes=2", "cluster.time_min=30"), resources("nodes=2", "cluster.time_min=30",
                                                                        "cluster.chain=3")
-    assert "dependency" not in one.executor_parameters("n", Path("/work"))["additional_parameters"]
-    assert chain.executor_parameters("n", Path("/work"))["additional_parameters"]["dependency"] == "singleton"
+    assert "dependency" not in one.executor_parameters("n", Path("/work"), Path("/logs"))["additional_parameters"]
+    assert chain.executor_parameters("n", Path("/work"), Path("/logs"))["additional_parameters"]["dependency"] == "singleton"
     gated = resources("nodes=2", "cluster.time_min=30", "cluster.chain=3", "+cluster.sbatch.dependency=afterok:7")
-    assert gated.executor_parameters("n", Path("/work"))["additional_parameters"]["dependency"] == "afterok:7,singleton"
+    assert gated.executor_parameters("n", Path("/work"), Path("/logs"))["additional_parameters"]["dependency"] == "afterok:7,singleton"
     assert chain.node_hours == 3 * one.node_hours == 3.0
     assert chain.describe() == "2 node(s) x 1 task(s), 30 min x a chain of 3"
     with pytest.raises(UserError, match=r"3.00 node-hours .* nodes x cluster.time_min x cluster.chain each"):
@@ -87,7 +87,7 @@ def test_a_chain_is_singleton_jobs_and_costs_each_link():
 
 def test_extra_sbatch_flags_and_setup_lines_pass_through():
     res = resources("+cluster.sbatch.exclusive=true", "+cluster.sbatch.reservation=r1", "cluster.setup=[module load x]")
-    params = res.executor_parameters("n", Path("/work"))
+    params = res.executor_parameters("n", Path("/work"), Path("/logs"))
     assert params["additional_parameters"] == {"requeue": True, "exclusive": True, "reservation": "r1"}
     assert params["setup"][-1] == "module load x"
 

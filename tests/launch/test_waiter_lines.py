@@ -124,3 +124,21 @@ def test_only_running_jobs_and_jobs_that_just_changed_have_their_run_folders_rea
     assert [s.job_id for s in watch.active(jobs)] == ["1"]
     watch.poll(list(jobs))
     assert watch.active(jobs) == []
+
+
+def test_an_in_job_restart_is_told_with_the_nodes_it_ran_on_counted_past_eight(tmp_path: Path, capsys):
+    from launch.run.attempts import ran_on
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    point = Point(label="run", run_dir=run_dir, job_name="gptlaunch", resources=None)
+    (run_dir / "attempts.jsonl").write_text(attempt(
+        "9", 0, ended="node failure: gl-n2 down", last_step=5, in_job_restart=1, replaced={"gl-n2": "gl-n3"},
+        nodes=["gl-n1", "gl-n2"], note="restarting inside the allocation (in-job restart 1 of at most 3, gl-n3 "
+                                        "replaces gl-n2)"))
+    Watch().tell_requeues([Submitted(point, "9", tmp_path)])
+    assert capsys.readouterr().err.splitlines() == [
+        "job 9 (run): attempt 0 ended (node failure: gl-n2 down) at step 5: restarting inside the allocation "
+        "(in-job restart 1 of at most 3, gl-n3 replaces gl-n2) (ran on gl-n1, gl-n2)"]
+    assert ran_on({"nodes": [f"n{i}" for i in range(1024)]}) == " (ran on 1024 nodes)"
+    assert ran_on({}) == ""

@@ -57,7 +57,7 @@ class Job:
     (sbatch=True: nothing waits for it), and ways to interrupt it."""
 
     def __init__(self, cluster, tmp_path: Path, overrides: list[str], run_dir: Path, sbatch: bool = False,
-                 name: str = "launcher"):
+                 name: str = "launcher", sbatch_flags: tuple[str, ...] = ("--nodes=2",)):
         self.cluster, self.run_dir = cluster, run_dir
         self.out, self.err = (tmp_path / f"{name}.out").open("w"), (tmp_path / f"{name}.err").open("w")
         self.job_id: str | None = None
@@ -65,7 +65,7 @@ class Job:
             self.proc = None
             self.log = tmp_path / "job.out"
             submit = subprocess.run(
-                ["sbatch", "--parsable", "--nodes=2", "--time=10", f"--output={self.log}",
+                ["sbatch", "--parsable", *sbatch_flags, "--time=10", f"--output={self.log}",
                  str(REPO / "slurm" / "multi_node.sh"), *overrides, f"hydra.run.dir={run_dir}"],
                 cwd=REPO, env=cluster.env, capture_output=True, text=True, timeout=60)
             assert submit.returncode == 0, submit.stderr

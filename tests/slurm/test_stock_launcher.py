@@ -1,5 +1,6 @@
-"""hydra-submitit-launcher, the stock plugin, on the local cluster: every task of its job becomes a rank, and a
-preemption signal saves, requeues and resumes the point bitwise, as under gptlaunch's own launcher."""
+"""hydra-submitit-launcher, the stock plugin, on the local cluster: every task of its job becomes a rank, a
+preemption signal saves, requeues and resumes the point bitwise, and a killed rank restarts inside the allocation,
+as under gptlaunch's own launcher."""
 from __future__ import annotations
 
 import json
@@ -59,6 +60,8 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
         try:
             job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
             slurm_cluster.run("scancel", "--signal=USR2", job)
+            job_of(sweep / "lr0.003", time.monotonic() + 180)  # the other point loses a rank: an in-job restart
+            os.kill(json.loads((sweep / "lr0.003" / "environment" / "rank1.json").read_text())["pid"], 9)
             code = launcher.wait(timeout=300)
         finally:
             if launcher.poll() is None:
@@ -75,5 +78,9 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
     assert all(torch.equal(a[k], b[k]) for k in a)
     other = sweep / "lr0.003"
     assert len(losses(other)) == STEPS and losses(other) != losses(point)
+    restarted = [json.loads(x) for x in (other / "attempts.jsonl").read_text().splitlines()]
+    assert [(a.get("in_job_restart"), a["restart"], a["ended"][:10]) for a in restarted] == [
+        (1, 0, "rank 1 on "), (None, 0, "finished")], restarted  # never requeued
+    assert "killed by SIGKILL" in restarted[0]["ended"], restarted[0]
     ranks = [json.loads((point / "environment" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len({r["host"] for r in ranks}) == 2 and all(r["threads"] == 1 for r in ranks)

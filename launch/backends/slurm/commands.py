@@ -251,6 +251,23 @@ def parse_lost_nodes(rows: list[str]) -> list[str]:
     return lost
 
 
+def dropped_nodes(job_id: str | None, nodelist: str | None) -> list[str]:
+    """The nodes of `nodelist` (the job's at its start) that running job `job_id` holds no more: Slurm takes a node set
+    down or failed out of a --no-kill job (cluster.spare_nodes) and may return it to service at once, where sinfo
+    no longer says it is down. [] when none, or when Slurm cannot say."""
+    if not job_id or not nodelist or nodelist == "(null)":
+        return []
+    try:
+        info = scontrol_job(job_id)
+        now = info.get("NodeList") if info is not None and info.state in RUNNING else None
+        if not now or now == "(null)":
+            return []
+        held = set(hostnames(now))
+        return [h for h in hostnames(nodelist) if h not in held]
+    except SlurmUnavailable:
+        return []
+
+
 def exclude_nodes(job_id: str, nodes: list[str]) -> None:
     """Keep a requeued job off `nodes` (Slurm takes it once the job is no longer running)."""
     run("scontrol", "update", f"jobid={job_id}", f"ExcNodeList={','.join(nodes)}", keep_on_term=True)

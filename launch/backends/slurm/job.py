@@ -62,7 +62,13 @@ class SlurmJob(JobEnvironment):
         return info.state if info is not None else (commands.sacct_state(job_id) or commands.GONE)
 
     def lost_nodes(self) -> str:
-        return commands.lost_nodes(self.environ.get("SLURM_JOB_NODELIST"))  # scontrol's NodeList drops them
+        """Down, failed or not responding by sinfo, or taken out of this job by Slurm (its NodeList drops them)."""
+        nodelist = self.environ.get("SLURM_JOB_NODELIST")
+        said = commands.lost_nodes(nodelist)
+        named = {entry.split(" ", 1)[0] for entry in said.split(", ")} if said else set()
+        dropped = [f"{h} down (taken out of job {self.job_id} by Slurm)"
+                   for h in commands.dropped_nodes(self.job_id, nodelist) if h not in named]
+        return ", ".join(filter(None, [said, *dropped]))
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it is RUNNING. Only a grown restart count

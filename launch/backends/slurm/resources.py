@@ -144,8 +144,8 @@ class SlurmResources:
         """With these folders mounted in the container, if there is one."""
         return dataclasses.replace(self, step=self.step.mounting(*folders))
 
-    def executor_parameters(self, job_name: str, workdir: Path) -> dict[str, Any]:
-        """submitit.SlurmExecutor parameters; submitit turns them into the sbatch script."""
+    def executor_parameters(self, job_name: str, workdir: Path, folder: Path) -> dict[str, Any]:
+        """submitit.SlurmExecutor parameters (`folder`: submitit's); submitit turns them into the sbatch script."""
         extra: dict[str, Any] = {"requeue" if self.requeue else "no-requeue": True}
         if self.mem is not None:  # as written (submitit's own mem_gb would turn "64G" into a float)
             extra["mem"] = self.mem
@@ -170,6 +170,10 @@ class SlurmResources:
             # threads from its -c (launch.rank.threads)
             "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.step.exports(), *self.setup],
         }
+        if self.spare_nodes:  # srun's code counts the lost node's killed tasks; a run finished on spares is a success
+            params["teardown"] = ["code=$?", f"if [ $code -ne 0 ] && {shlex.quote(sys.executable)} -m "
+                                  f"launch.backends.slurm.spare_exit {shlex.quote(str(folder))}; then code=0; fi",
+                                  "exit $code"]
         optional = {"gpus_per_node": self.gpus_per_node or None, "gpus_per_task": self.gpus_per_task or None,
                     "gres": self.gres, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}
@@ -210,7 +214,7 @@ def sbatch_script(resources: SlurmResources, folder: Path, job_name: str, workdi
     """The sbatch script submitit writes for these resources, without submitting anything (golden tests)."""
     from submitit.slurm.slurm import _make_sbatch_string
 
-    params = resources.executor_parameters(job_name, workdir)
+    params = resources.executor_parameters(job_name, workdir, folder)
     if array_size is not None and array_size > 1:
         params["map_count"] = array_size
     command = submitit_command(folder, rank_python(resources, workdir, python))
@@ -222,5 +226,5 @@ def make_executor(resources: SlurmResources, folder: Path, job_name: str, workdi
 
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=resources.max_num_timeout,
                                       python=rank_python(resources, workdir))
-    executor.update_parameters(**resources.executor_parameters(job_name, workdir))
+    executor.update_parameters(**resources.executor_parameters(job_name, workdir, folder))
     return executor

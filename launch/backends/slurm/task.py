@@ -90,7 +90,7 @@ class RankTask:
                 standby.start_when_up(up)  # the next round's rank imports while this one trains
             return agent.next_asked(k)
         code = relay.wait(child, functools.partial(catches, child.pid), stop=over)
-        if agent.next_asked(k):
+        if agent.next_asked(k, now=True):
             return None
         if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "

@@ -20,6 +20,7 @@ from gpt.run_folder import RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submit import Submitted, show_path
+from launch.run.attempts import ran_on
 from launch.run.identity import newest_step
 from launch.run.rounds import finished_on_spares
 
@@ -289,7 +290,7 @@ def requeue_line(attempt: dict[str, Any]) -> str:
     where = f"at step {step}" if step is not None else "before its first step"
     note = attempt.get("note") or "requeued"
     name = f"attempt {attempt.get('restart', 0)}" + (f" round {attempt['round']}" if attempt.get("round") else "")
-    return f"{name} ended ({attempt.get('ended')}) {where}: {note}"
+    return f"{name} ended ({attempt.get('ended')}) {where}: {note}{ran_on(attempt)}"
 
 
 def print_outcome(outcome: Outcome, out=sys.stdout) -> None:

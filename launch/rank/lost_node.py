@@ -1,0 +1,44 @@
+"""A collective failed on rank 0, and the scheduler already holds one of the attempt's nodes down or failed (an
+admin's `scontrol update state=down`, a health checker that downs it, a node Slurm stopped hearing from): rank 0
+ends the attempt on the scheduler's word at once, instead of waiting for the lost ranks' heartbeats to go silent
+(SCHEDULER_GRACE_S and more). A spare takes the node's place in an in-job restart (launch.run.rounds), else the job
+requeues itself (Slurm starts it on no node it holds down). One question to the scheduler per failure, from rank 0
+alone: from every rank, a lost node at a thousand nodes would be thousands of calls at once."""
+from __future__ import annotations
+
+import logging
+import time
+
+from gpt.resilience.timing import REQUEUE_WAIT_S
+from gpt.run_folder import RunFolder
+from launch.run.attempts import Attempt, end_attempt, log_attempt, this_attempt
+from launch.run.rounds import hosts_of, restart_or_requeue
+
+log = logging.getLogger("launch.rank.lost_node")
+
+
+def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
+    """Rank 0 (it holds the run folder's lease): True when the scheduler names a lost node among the attempt's and
+    this attempt's end is recorded, here or by another process (a lost rank's task, which then decides)."""
+    job = attempt.job
+    if attempt.lock is None or job is None or not attempt.nodes:
+        return False
+    said = job.lost_nodes()
+    lost = [h for h in hosts_of(said) if h in attempt.nodes]
+    if not lost:
+        return False
+    run_dir, key = attempt.run_dir, this_attempt(job)
+    if not RunFolder(run_dir).attempts.claim(key):
+        return True
+    requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {said}",
+                                                lambda: job.requeue(max_restarts), lost)
+    in_job = restart.record() if restart else {}
+    log_attempt(run_dir, job, attempt.early_end(f"node failure: {said}", with_startup=True,
+                                                requeued=requeued and not in_job, note=how, **in_job), claimed=True)
+    end_attempt(run_dir, key)
+    if restart:
+        restart.begin(run_dir, job)
+    (log.warning if requeued else log.error)("node failure: %s; %s", said, how)
+    if requeued and not in_job:  # Slurm stops this attempt; exiting first would count as a failed task
+        time.sleep(REQUEUE_WAIT_S)
+    return True
