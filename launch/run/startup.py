@@ -21,8 +21,8 @@ from launch.backends.slurm.job import SlurmJob
 ATTEMPT_START = "GPTLAUNCH_ATTEMPT_START"  # epoch seconds; set by whoever starts an attempt
 # a token srun passes to the ranks of one step: their environment records say which step wrote them
 STEP_TOKEN = "GPTLAUNCH_STEP"
-PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "health_s", "model_s", "data_s", "checkpoint_load_s",
-          "first_step_s")
+PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "health_s", "model_s", "data_s",
+          "checkpoint_load_s", "first_step_s")
 
 
 def attempt_start_env() -> dict[str, str]:
