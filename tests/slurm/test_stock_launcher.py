@@ -59,7 +59,7 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
         launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
         try:
             job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
-            slurm_cluster.run("scancel", "--signal=USR2", job)
+            slurm_cluster.run("scancel", "--signal=USR2", task)  # the array task: its SLURM_JOB_ID may be the array's
             job_of(sweep / "lr0.003", time.monotonic() + 180)  # the other point loses a rank: an in-job restart
             os.kill(json.loads((sweep / "lr0.003" / "environment" / "rank1.json").read_text())["pid"], 9)
             code = launcher.wait(timeout=300)
