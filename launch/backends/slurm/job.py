@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
 from launch.rank.job_env import JobEnvironment
+from launch.run.rounds import hosts_of
 
 REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
 REQUEUE_BACKOFF_S = 1.0
@@ -65,9 +66,8 @@ class SlurmJob(JobEnvironment):
         """Down, failed or not responding by sinfo, or taken out of this job by Slurm (its NodeList drops them)."""
         nodelist = self.environ.get("SLURM_JOB_NODELIST")
         said = commands.lost_nodes(nodelist)
-        named = {entry.split(" ", 1)[0] for entry in said.split(", ")} if said else set()
         dropped = [f"{h} down (taken out of job {self.job_id} by Slurm)"
-                   for h in commands.dropped_nodes(self.job_id, nodelist) if h not in named]
+                   for h in commands.dropped_nodes(self.job_id, nodelist) if h not in hosts_of(said)]
         return ", ".join(filter(None, [said, *dropped]))
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
