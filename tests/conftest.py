@@ -20,6 +20,17 @@ def data_overrides(tmp_path_factory) -> list[str]:
     return [f"data.text_path={SHAKESPEARE}", f"data.dir={prepared}"]
 
 
+@pytest.fixture
+def strict_cuda(monkeypatch):
+    """The GPU path on this machine: torch.cuda is tests/cuda_standin.py's StrictCuda (one GPU), and the step's
+    clock times tensors that live on the CPU with its events."""
+    from cuda_standin import StrictCuda
+    from gpt.train import step_timer
+
+    monkeypatch.setattr(step_timer, "stamp_for", lambda device: step_timer.EventStamp)
+    return StrictCuda().install(monkeypatch)
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_make_scheduler(config, log):
     """`-n N` (make test): Slurm tests beside the others, instead of xdist's plain `load`."""

@@ -197,9 +197,11 @@ class Strategy:
             model_sd.update(m)
             optim_sd.update(o)
         state = {"model": model_sd, "optim": optim_sd}
-        # The writer copies device tensors ahead on a stream of the machine's accelerator: none on a CPU run
-        # (on a GPU host that stream would open a CUDA context).
-        writer = FileSystemWriter(folder, per_thread_copy_ahead=10_000_000 if self.device.type == "cuda" else 0)
+        # A synchronous save on a GPU copies device tensors ahead on the current stream of the training thread. An
+        # asynchronous one writes the stager's copy, in host memory, from a thread of its own: a CUDA call there
+        # would open a context on GPU 0 (a new thread's device) in every rank. A CPU run touches no accelerator.
+        copy_ahead = 10_000_000 if self.device.type == "cuda" and async_group is None else 0
+        writer = FileSystemWriter(folder, per_thread_copy_ahead=copy_ahead)
         if async_group is not None:
             if self.device.type == "cuda":  # the stager copies on its own stream: the step's updates must be done
                 torch.cuda.current_stream(self.device).synchronize()

@@ -1,8 +1,9 @@
 """The one timing source for a step's parts: data, forward/backward, optimizer, communication wait and compute.
 
 Marks are stamps: on a GPU CUDA events recorded on the current stream (`EventStamp`), on a CPU the wall clock
-(`WallStamp`). Events are only read when a log window closes (`StepTimer.read`, one wait on the newest event), so
-timing every step costs no host synchronisation.
+(`WallStamp`). Events are only read when a log window closes (`StepTimer.read`), so timing every step costs no host
+synchronisation. CUDA refuses the time between two events until both completed: `PhaseClock.seconds` waits for its
+newest mark itself (the earlier ones are on the same stream, so complete with it).
 
 Where a rank waits for the others:
 - on the host, in the step's flags all-reduce (`StepTimer.sync_wait`): the whole wait on a CPU, about 0 on a GPU,
@@ -47,10 +48,8 @@ class WallStamp:
 class EventStamp:
     """A CUDA event recorded on the current stream: when the device gets there, not when the host does."""
 
-    event_type: Any = torch.cuda.Event
-
     def __init__(self) -> None:
-        self.event = self.event_type(enable_timing=True)
+        self.event = torch.cuda.Event(enable_timing=True)
         self.event.record()
 
     def seconds_to(self, later: EventStamp) -> float:
@@ -79,7 +78,8 @@ class PhaseClock:
         return next((s for p, s in self.marks if p == phase), None)
 
     def seconds(self) -> dict[str, float]:
-        """{"<phase>_s": seconds} for every phase marked; the caller waited for the newest mark."""
+        """{"<phase>_s": seconds} for every phase marked, once the device got to the newest mark."""
+        self.marks[-1][1].wait()
         return {f"{phase}_s": begin.seconds_to(end) for (_, begin), (phase, end) in zip(self.marks, self.marks[1:])}
 
 
@@ -119,16 +119,13 @@ class StepTimer:
 
     def read(self, window_s: float) -> dict[str, float]:
         """Means per step over the window of `window_s` seconds (wall, after the device finished its work)."""
-        clocks = [m.clock for m in self.marks if m.clock is not None]
-        if clocks:
-            clocks[-1].marks[-1][1].wait()
         phases: dict[str, float] = {}
         grad_wait = 0.0
         for m in self.marks:
             for key, seconds in (m.clock.seconds() if m.clock else {}).items():
                 phases[key] = phases.get(key, 0.0) + seconds
             end = m.clock.end_of("fwd_bwd") if m.clock else None
-            if m.compute_end is not None and end is not None:
+            if m.compute_end is not None and end is not None:  # end completed with its clock's newest mark
                 grad_wait += max(m.compute_end.seconds_to(end), 0.0)
         n = self.steps
         step_s, comm_s = window_s / n, (self.sync_s + grad_wait) / n

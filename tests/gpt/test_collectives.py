@@ -10,6 +10,8 @@ from types import SimpleNamespace
 
 import torch
 
+from cuda_standin import StrictCuda
+
 from gpt.dist import process_group as distributed
 from helpers import REPO
 
@@ -100,7 +102,7 @@ def test_host_values_travel_on_the_cpu_when_the_group_has_a_cpu_backend(monkeypa
     the GPU, or NCCL refuses it."""
     assert distributed.comm_device(_group("cpu")) == torch.device("cpu")
     assert distributed.comm_device(_group("cpu", "cuda")) == torch.device("cpu")
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 3)
+    StrictCuda(devices=4).install(monkeypatch).set_device(3)
     assert distributed.comm_device(_group("cuda")) == torch.device("cuda", 3)
 
 

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from cuda_standin import StrictCuda
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -222,7 +224,7 @@ def test_matmul_precision():
 def test_the_reporters_peak_is_the_precision_its_matmuls_run_at(monkeypatch, precision, tf32, peak):
     """fp32 training on a GPU runs its matmuls on TF32 tensor cores (gpt.train.build turns them on): MFU divides
     by the TF32 peak, not by the fp32 one, which is 7x lower on an H100."""
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: H100)
+    StrictCuda(name=H100).install(monkeypatch)
     gpu, before = torch.device("cuda", 0), torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = tf32  # a process-wide flag (not an attribute monkeypatch can set)
     try:

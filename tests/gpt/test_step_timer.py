@@ -1,8 +1,9 @@
 """The step timer: the parts of a step from one timing source, and the GPU path's figures judged as stragglers.
 
-A real CUDA event cannot exist on this machine, so the GPU path runs with `FakeEvent` in its place: it is recorded
-and read like torch.cuda.Event (record, elapsed_time in ms, synchronize) on a device clock the test drives. All the
-rest (the strategy's phase marks, the backward hook, the window's reading, the detector) is the code a GPU runs."""
+A real CUDA event cannot exist on this machine, so the GPU path runs on tests/cuda_standin.py (the `strict_cuda`
+fixture): its events refuse to be read before they completed, as CUDA's do, and its device works only when the test
+enqueues work. All the rest (the strategy's phase marks, the backward hook, the window's reading, the detector) is
+the code a GPU runs."""
 from __future__ import annotations
 
 import time
@@ -17,39 +18,7 @@ from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
 from gpt.resilience.stragglers import StragglerDetector, busy_time, figures_dict, figures_vector
-from gpt.train import step_timer
-from gpt.train.step_timer import EventStamp, StepTimer, watch_compute_end
-
-
-class DeviceClock:
-    now = 0.0  # seconds on the simulated device
-
-
-class FakeEvent:
-    """torch.cuda.Event's timing interface on DeviceClock; counts the host waits."""
-
-    synchronized = 0
-
-    def __init__(self, enable_timing: bool = False):
-        assert enable_timing
-        self.t: float | None = None
-
-    def record(self) -> None:
-        self.t = DeviceClock.now
-
-    def elapsed_time(self, later: FakeEvent) -> float:
-        return (later.t - self.t) * 1e3
-
-    def synchronize(self) -> None:
-        FakeEvent.synchronized += 1
-
-
-@pytest.fixture
-def gpu_path(monkeypatch):
-    monkeypatch.setattr(EventStamp, "event_type", FakeEvent)
-    monkeypatch.setattr(step_timer, "stamp_for", lambda device: EventStamp)
-    monkeypatch.setattr(FakeEvent, "synchronized", 0)
-    DeviceClock.now = 0.0
+from gpt.train.step_timer import StepTimer, watch_compute_end
 
 
 def gpu_shaped(compute: list[float], step_s: float) -> list[dict]:
@@ -71,17 +40,17 @@ def test_records_without_compute_keep_judging_step_minus_comm():
     assert busy_time({"step_time_s": 1.0, "comm_s": None}) == 1.0
 
 
-def tiny_strategy(compute_s: float, wait_s: float) -> Strategy:
+def tiny_strategy(cuda, compute_s: float, wait_s: float) -> Strategy:
     """A one-process strategy whose simulated device computes for `compute_s` per step and then waits `wait_s` for
     the gradient reduction (what a fast rank's device does when a peer is slow)."""
     torch.manual_seed(0)
     model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
 
     def compute(*_):
-        DeviceClock.now += compute_s
+        cuda.run(compute_s)
 
     def reduce_gradients(_):
-        DeviceClock.now += wait_s
+        cuda.run(wait_s)
 
     model.register_forward_pre_hook(compute)
     model.wte.weight.register_post_accumulate_grad_hook(reduce_gradients)  # after the embedding's backward
@@ -90,26 +59,36 @@ def tiny_strategy(compute_s: float, wait_s: float) -> Strategy:
     return strategy
 
 
-def run_window(strategy: Strategy, steps: int, step_s: float) -> dict[str, float]:
+def run_window(cuda, strategy: Strategy, steps: int, step_s: float) -> dict[str, float]:
     timer = StepTimer(torch.device("cpu"))
     watch_compute_end(strategy.unwrapped, lambda: timer)
     x = torch.randint(0, 32, (2, 8))
+    waits = cuda.host_waits
     for _ in range(steps):
         timer.step_done(strategy.train_step([(x, x)], 1, 1e-3, 1.0).clock)
-    assert FakeEvent.synchronized == 0  # nothing read before the log step
-    figures = timer.read(window_s=steps * step_s)
-    assert FakeEvent.synchronized == 1  # the log step waits once, for the newest event
-    return figures
+    assert cuda.host_waits == waits  # nothing read before the log step
+    return timer.read(window_s=steps * step_s)
 
 
-def test_the_gpu_path_records_device_compute_that_finds_the_straggler(gpu_path):
+def test_reading_a_clock_waits_for_the_device_as_cuda_requires(strict_cuda):
+    from gpt.train.step_timer import PhaseClock
+
+    clock = PhaseClock(torch.device("cpu"))
+    strict_cuda.run(0.25)
+    clock.mark("matmul")
+    start, end = clock.marks[0][1].event, clock.marks[1][1].event
+    with pytest.raises(RuntimeError, match="must be completed"):
+        start.elapsed_time(end)  # what CUDA says when the host reads before the device got there
+    assert clock.seconds() == {"matmul_s": pytest.approx(0.25)}
+
+
+def test_the_gpu_path_records_device_compute_that_finds_the_straggler(strict_cuda):
     # Rank 2's device computes 0.3 s longer; the others' devices wait for it in the gradient reduction, so every
     # rank's step takes 0.8 s and no host waits.
     shapes = [(0.5, 0.3), (0.5, 0.3), (0.8, 0.0), (0.5, 0.3)]
     figures = []
     for r, (compute_s, wait_s) in enumerate(shapes):
-        FakeEvent.synchronized = 0
-        f = run_window(tiny_strategy(compute_s, wait_s), steps=3, step_s=0.8)
+        f = run_window(strict_cuda, tiny_strategy(strict_cuda, compute_s, wait_s), steps=3, step_s=0.8)
         assert f["step_time_s"] == pytest.approx(0.8) and f["comm_s"] == pytest.approx(wait_s)
         assert f["compute_s"] == pytest.approx(compute_s) and f["fwd_bwd_s"] == pytest.approx(compute_s + wait_s)
         figures.append({**f, "host": f"n{r}"})
@@ -135,7 +114,7 @@ def test_the_loaders_own_cost_is_in_the_breakdown_beside_the_wait_for_it():
     assert f["data_read_s"] == pytest.approx(0.3) and f["data_time_s"] < 0.01
 
 
-def test_the_trainer_reads_the_gpu_path_once_per_log_window(gpu_path, tmp_path_factory):
+def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_factory, monkeypatch):
     from hydra import compose, initialize_config_dir
 
     from helpers import REPO, SHAKESPEARE, read_metrics
@@ -145,13 +124,24 @@ def test_the_trainer_reads_the_gpu_path_once_per_log_window(gpu_path, tmp_path_f
     from launch.planning.plan import make_plan
 
     run_dir = tmp_path_factory.mktemp("run")
-    overrides = ["model=tiny", "train.max_steps=6", "train.log_interval=3", "train.eval_interval=0",
+    overrides = ["model=tiny", "train.device=cpu", "train.max_steps=6", "train.log_interval=3", "train.eval_interval=0",
                  "train.progress=false", f"data.text_path={SHAKESPEARE}",
                  f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         make_plan(run_config(compose("config", overrides=overrides)), run_dir)
-    Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
-    assert FakeEvent.synchronized == 2  # one wait per log window, none on the other steps
+    trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+    record, spans = trainer.reporter.record, []
+
+    def recording(*args):  # the host waits for the device in a log step (before, after)
+        before = strict_cuda.host_waits
+        values = record(*args)
+        spans.append((before, strict_cuda.host_waits))
+        return values
+
+    monkeypatch.setattr(trainer.reporter, "record", recording)
+    trainer.fit()
+    (before_1, after_1), (before_2, after_2) = spans
+    assert before_1 == 0 and after_1 > 0 and before_2 == after_1  # only log steps wait for the device
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 5]
     for r in records:  # the figures the straggler check gathered: compute_s among them, from the events

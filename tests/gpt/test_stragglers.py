@@ -7,6 +7,8 @@ import time
 
 import pytest
 import torch
+
+from cuda_standin import StrictCuda
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
@@ -166,10 +168,9 @@ def test_injected_delay_makes_that_rank_and_its_host_a_straggler_over_gloo(gloo_
 
 
 def test_an_injected_straggler_lags_on_the_device_of_a_gpu_rank(monkeypatch):
-    # No GPU here: the two CUDA calls are stood in for, and the host must not sleep (its device does the lagging).
-    spun: list[int] = []
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: type("P", (), {"clock_rate": 1_500_000}))
-    monkeypatch.setattr(torch.cuda, "_sleep", spun.append)
+    # No GPU here: the strict stand-in's device spins, and the host must not sleep (its device does the lagging).
+    cuda = StrictCuda(clock_khz=1_500_000).install(monkeypatch)
     monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("the host slept"))
     faults = Faults(DebugConfig(delay_rank=1, delay_s=0.2), 1, device=torch.device("cuda", 0))
-    assert faults.before_step(3, 0) == 0.2 and spun == [300_000_000]  # 0.2 s at 1.5 GHz
+    assert faults.before_step(3, 0) == 0.2
+    assert cuda.current_stream().tail == pytest.approx(0.2) and cuda.host_waits == 0

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import pytest
 import torch
+
+from cuda_standin import StrictCuda
 from hydra import compose, initialize_config_dir
 
 from gpt.config.schema import run_config
@@ -45,8 +47,7 @@ def test_cpu_offload_is_still_refused_for_a_cpu_job(plan):
 
 
 def _fake_gpus(monkeypatch, count: int) -> None:
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    StrictCuda(devices=count).install(monkeypatch)  # tests/cuda_standin.py
 
 
 def test_more_local_ranks_than_gpus_is_refused(plan, monkeypatch):
@@ -63,7 +64,6 @@ def test_more_local_ranks_than_gpus_is_refused(plan, monkeypatch):
 
 def test_a_rank_never_shares_a_gpu(monkeypatch):
     _fake_gpus(monkeypatch, 2)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda device: None)
     assert pick_device("cuda", DistEnv(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
     with pytest.raises(UserError, match="should drive GPU 2 but sees 2 GPU"):
         pick_device("cuda", DistEnv(rank=2, world_size=3, local_rank=2))
@@ -79,7 +79,6 @@ def test_slurm_tasks_drive_the_gpu_they_see(visible, device, monkeypatch):
     env = detect(environ)
     assert (env.local_rank, env.device_index) == (3, device)
     _fake_gpus(monkeypatch, 1 if visible == "5" else 8)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     assert pick_device("cuda", env) == torch.device("cuda", device)
     exported: dict[str, str] = {"NCCL_SOCKET_IFNAME": "ib0"}
     export_for_libraries(env, exported)
@@ -103,7 +102,6 @@ def test_gpu_bind_closest_shows_a_task_its_sockets_gpus_and_it_drives_its_own(mo
     env = detect({**SLURM, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest"})
     assert (env.local_rank, env.device_index) == (5, 1)
     _fake_gpus(monkeypatch, 4)
-    monkeypatch.setattr(torch.cuda, "set_device", lambda d: None)
     assert pick_device("cuda", env) == torch.device("cuda", 1)  # today: "should drive GPU 5 but sees 4 GPU(s)"
     plan = GpuPlan.of(env, {"CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest"})
     assert (plan.index, plan.gpu, plan.gpu_bind) == (1, "5", "closest")
@@ -129,10 +127,9 @@ def test_the_ranks_of_a_node_each_drive_a_gpu_of_their_own():
 def test_runinfo_names_the_gpu_this_rank_drives(monkeypatch):
     from gpt.train.runinfo import environment
 
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: f"GPU{torch.device(device or 'cuda:0').index}")
+    cuda = StrictCuda(devices=2, name="NVIDIA H100 80GB HBM3").install(monkeypatch)
     record = environment(DistEnv(rank=1, world_size=2, local_rank=1), torch.device("cuda", 1))
-    assert (record["gpu"], record["device"]) == ("GPU1", "cuda:1")
+    assert (record["gpu"], record["device"]) == ("NVIDIA H100 80GB HBM3", "cuda:1") and cuda.contexts == {1}
 
     def no_cuda(device=None):
         raise AssertionError("a CPU run asked CUDA for a device name")

@@ -1,0 +1,230 @@
+"""torch.cuda as CUDA documents it, for a machine without a GPU: the one stand-in every CPU test of a GPU path uses.
+
+It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
+- Work is enqueued on streams and finishes on a simulated device clock that only the test advances (`run`). The
+  host never learns that work finished by itself: an event completes only when the host synchronises it, its
+  stream or its device, or reads a True `query()`, and `query()` is True only once one of those made it so
+  (CUDA may say True sooner, never later, so code that needs it sooner is wrong on a GPU too).
+- `Event.elapsed_time` refuses, with CUDA's words, unless both events were made with `enable_timing=True`, were
+  recorded, are on one device, and have completed.
+- A stream's work reaches another stream only through `wait_stream`/`wait_event` (`visible`).
+- Device selection is per thread, and a new thread starts on device 0, as CUDA's current device does.
+- Memory statistics, bf16 support, device names and properties answer for a device index that exists, and refuse
+  another.
+
+Tensors stay on the CPU: a GPU path under test takes its tensors' device from the test, and the timing, device
+and memory calls from here. What only a GPU shows (kernels, NCCL, real overlap) is listed in docs/benchmarks.md.
+"""
+from __future__ import annotations
+
+import contextlib
+import threading
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+
+def index_of(device: Any, current: int) -> int:
+    """The device index CUDA's calls take: an int, "cuda:1", torch.device("cuda", 1), or None (the current)."""
+    if device is None:
+        return current
+    if isinstance(device, int):
+        return device
+    device = torch.device(device)
+    if device.type != "cuda":
+        raise ValueError(f"Expected a cuda device, but got: {device}")
+    return current if device.index is None else device.index
+
+
+@dataclass(eq=False)
+class Stream:
+    """A queue of device work: `tail` is when its last enqueued work ends on the device clock, `done` how far the
+    host knows it finished (only a synchronisation moves it)."""
+
+    cuda: StrictCuda
+    device: int
+    tail: float = 0.0
+    done: float = 0.0
+    seen: dict[int, float] = field(default_factory=dict)  # id(other stream): how far this one waited for it
+
+    def synchronize(self) -> None:
+        self.cuda.host_waits += 1
+        self.done = self.tail
+
+    def query(self) -> bool:
+        return self.done >= self.tail
+
+    def wait_stream(self, other: Stream) -> None:
+        self.wait_until(other, other.tail)
+
+    def wait_event(self, event: Any) -> None:
+        event.wait(self)
+
+    def wait_until(self, other: Stream, at: float) -> None:
+        self.tail = max(self.tail, at)
+        self.seen[id(other)] = max(self.seen.get(id(other), 0.0), at)
+
+    def record_event(self, event: Any = None) -> Any:
+        event = event or self.cuda.Event()
+        event.record(self)
+        return event
+
+
+class StrictCuda:
+    """The parts of torch.cuda the project calls, installed over torch.cuda by `install` for one test."""
+
+    def __init__(self, devices: int = 1, name: str = "NVIDIA H100 80GB HBM3", bf16: bool = True,
+                 clock_khz: int = 1_980_000):
+        self.count, self.name, self.bf16, self.clock_khz = devices, name, bf16, clock_khz
+        self.default_streams = [Stream(self, i) for i in range(devices)]
+        self.streams: list[Stream] = list(self.default_streams)
+        self.thread = threading.local()
+        self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
+        self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
+        self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
+        self.Event = self._event_class()
+
+    # --- devices ------------------------------------------------------------------------------------------
+    def is_available(self) -> bool:
+        return self.count > 0
+
+    def device_count(self) -> int:
+        return self.count
+
+    def current_device(self) -> int:
+        return getattr(self.thread, "device", 0)
+
+    def _checked(self, device: Any) -> int:
+        index = index_of(device, self.current_device())
+        if not 0 <= index < self.count:
+            raise RuntimeError("CUDA error: invalid device ordinal")
+        self.contexts.add(index)
+        return index
+
+    def set_device(self, device: Any) -> None:
+        index = index_of(device, self.current_device())
+        self.thread.device = self._checked(index)
+
+    def get_device_name(self, device: Any = None) -> str:
+        self._checked(device)
+        return self.name
+
+    def get_device_properties(self, device: Any = None) -> SimpleNamespace:
+        self._checked(device)
+        return SimpleNamespace(name=self.name, clock_rate=self.clock_khz, total_memory=80 << 30)
+
+    def is_bf16_supported(self, including_emulation: bool = True) -> bool:
+        return self.bf16 or including_emulation
+
+    # --- streams and device work ------------------------------------------------------------------------------
+    def current_stream(self, device: Any = None) -> Stream:
+        index = self._checked(device)
+        return self.thread.__dict__.get("streams", {}).get(index) or self.default_streams[index]
+
+    def Stream(self, device: Any = None) -> Stream:  # noqa: N802 (torch.cuda.Stream)
+        stream = Stream(self, self._checked(device))
+        self.streams.append(stream)
+        return stream
+
+    @contextlib.contextmanager
+    def stream(self, stream: Stream | None):
+        """torch.cuda.stream: work enqueued inside goes to `stream` (this thread's current stream meanwhile)."""
+        streams = self.thread.__dict__.setdefault("streams", {})
+        before = streams.get(stream.device) if stream is not None else None
+        if stream is not None:
+            streams[stream.device] = stream
+        try:
+            yield stream
+        finally:
+            if stream is not None:
+                streams[stream.device] = before
+
+    def run(self, seconds: float, stream: Stream | None = None) -> None:
+        """Enqueue `seconds` of device work on `stream` (the current one)."""
+        (stream or self.current_stream()).tail += seconds
+
+    def _sleep(self, cycles: int) -> None:
+        self.run(cycles / (self.clock_khz * 1e3))
+
+    def synchronize(self, device: Any = None) -> None:
+        index = self._checked(device)
+        self.host_waits += 1
+        for stream in self.streams:
+            if stream.device == index:
+                stream.done = stream.tail
+
+    def visible(self, writer: Stream, at: float, reader: Stream) -> bool:
+        """Whether work `writer` enqueued up to `at` is visible to work enqueued now on `reader`."""
+        return reader is writer or writer.done >= at or reader.seen.get(id(writer), -1.0) >= at
+
+    # --- memory -----------------------------------------------------------------------------------------------
+    def memory_allocated(self, device: Any = None) -> int:
+        self._checked(device)
+        return self.memory["allocated"]
+
+    def max_memory_allocated(self, device: Any = None) -> int:
+        self._checked(device)
+        return self.memory["peak"]
+
+    def memory_reserved(self, device: Any = None) -> int:
+        self._checked(device)
+        return self.memory["reserved"]
+
+    def reset_peak_memory_stats(self, device: Any = None) -> None:
+        self._checked(device)
+        self.memory["peak"] = self.memory["allocated"]
+
+    def _event_class(self) -> type:
+        cuda = self
+
+        class Event:
+            """torch.cuda.Event: recorded on a stream, complete once the host knows its stream got there."""
+
+            def __init__(self, enable_timing: bool = False, blocking: bool = False, interprocess: bool = False):
+                self.enable_timing = enable_timing
+                self.stream: Stream | None = None
+                self.at = 0.0
+
+            def record(self, stream: Stream | None = None) -> None:
+                stream = stream or cuda.current_stream()
+                if self.stream is not None and self.stream.device != stream.device:
+                    raise RuntimeError(f"Event device {self.stream.device} does not match recording stream's "
+                                       f"device {stream.device}.")
+                self.stream, self.at = stream, stream.tail
+
+            def query(self) -> bool:
+                return self.stream is None or self.stream.done >= self.at
+
+            def synchronize(self) -> None:
+                cuda.host_waits += 1
+                if self.stream is not None:
+                    self.stream.done = max(self.stream.done, self.at)
+
+            def wait(self, stream: Stream | None = None) -> None:
+                if self.stream is not None:
+                    (stream or cuda.current_stream()).wait_until(self.stream, self.at)
+
+            def elapsed_time(self, end: Event) -> float:
+                if not (self.enable_timing and end.enable_timing):
+                    raise RuntimeError("Both events must be created with argument 'enable_timing=True'.")
+                if self.stream is None or end.stream is None:
+                    raise RuntimeError("Both events must be recorded before calculating elapsed time.")
+                if self.stream.device != end.stream.device:
+                    raise RuntimeError("Both events must be recorded on the same device.")
+                if not (self.query() and end.query()):
+                    raise RuntimeError("Both events must be completed before calculating elapsed time.")
+                return (end.at - self.at) * 1e3
+
+        return Event
+
+    # --- installing -------------------------------------------------------------------------------------------
+    NAMES = ("is_available", "device_count", "current_device", "set_device", "get_device_name",
+             "get_device_properties", "is_bf16_supported", "current_stream", "Stream", "stream", "Event", "synchronize",
+             "_sleep", "memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats")
+
+    def install(self, monkeypatch: Any) -> StrictCuda:
+        for name in self.NAMES:
+            monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        return self

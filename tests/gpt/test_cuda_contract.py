@@ -1,0 +1,158 @@
+"""The CUDA contract, enforced on the CPU: tests/cuda_standin.py behaves as CUDA documents (first tests), and every
+code path that runs only on a GPU is walked through it (the rest): the health check, the step timer, a slow
+device, memory figures, device selection and the asynchronous checkpoint's writer thread.
+
+What the stand-in cannot show (kernels, NCCL, how much really overlaps) is measured by benchmarks/gpu_smoke.py on
+a GPU (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from cuda_standin import StrictCuda
+from gpt.config.sections import HealthConfig
+from gpt.dist.process_group import DistEnv, pick_device
+from gpt.resilience import health
+from gpt.train.metrics import memory_stats
+
+
+# --- the stand-in is as strict as CUDA -------------------------------------------------------------------------
+def test_an_event_is_read_only_after_it_completed(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    start, end, untimed = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True), cuda.Event()
+    with pytest.raises(RuntimeError, match="must be recorded"):
+        start.elapsed_time(end)
+    start.record()
+    cuda.run(0.5)
+    end.record()
+    untimed.record()
+    assert not end.query()  # the device may still be working: nothing completes by itself
+    with pytest.raises(RuntimeError, match="must be completed"):
+        start.elapsed_time(end)
+    with pytest.raises(RuntimeError, match="enable_timing=True"):
+        start.elapsed_time(untimed)
+    end.synchronize()
+    assert start.query() and end.query() and start.elapsed_time(end) == pytest.approx(500.0)
+
+
+@pytest.mark.parametrize("how", ["event", "stream", "device"])
+def test_each_synchronisation_completes_what_it_waits_for(monkeypatch, how):
+    cuda = StrictCuda().install(monkeypatch)
+    start, end = cuda.Event(enable_timing=True), cuda.Event(enable_timing=True)
+    start.record()
+    cuda.run(0.1)
+    end.record()
+    cuda.run(0.1)  # later work on the stream: waiting for the event does not complete it
+    {"event": end.synchronize, "stream": cuda.current_stream().synchronize, "device": cuda.synchronize}[how]()
+    assert start.elapsed_time(end) == pytest.approx(100.0)
+    assert cuda.current_stream().query() == (how != "event")
+
+
+def test_another_streams_work_is_visible_only_after_a_wait(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    main, side = cuda.current_stream(), cuda.Stream()
+    cuda.run(0.2)  # the optimizer writes the weights on the main stream
+    written = main.tail
+    assert not cuda.visible(main, written, side)
+    side.wait_stream(main)
+    assert cuda.visible(main, written, side)
+    other = cuda.Stream()
+    main.synchronize()  # the host waited: whatever is enqueued next, anywhere, sees it
+    assert cuda.visible(main, written, other)
+
+
+def test_a_thread_starts_on_device_0_and_only_existing_devices_answer(monkeypatch):
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    cuda.set_device(1)
+    seen = []
+    thread = threading.Thread(target=lambda: seen.append(cuda.current_device()))
+    thread.start()
+    thread.join()
+    assert cuda.current_device() == 1 and seen == [0]
+    for call in (lambda: cuda.set_device(2), lambda: cuda.memory_allocated("cuda:2"), lambda: cuda.synchronize(5)):
+        with pytest.raises(RuntimeError, match="invalid device ordinal"):
+            call()
+
+
+# --- the GPU paths through it ----------------------------------------------------------------------------------
+@pytest.fixture
+def matmuls_take_a_millisecond(strict_cuda, monkeypatch):
+    matmul = torch.matmul
+
+    def on_device(*args, **kwargs):
+        strict_cuda.run(1e-3)
+        return matmul(*args, **kwargs)
+
+    monkeypatch.setattr(torch, "matmul", on_device)
+    return strict_cuda
+
+
+def test_the_gpu_health_check_reads_its_events_once_they_completed(matmuls_take_a_millisecond, tmp_path):
+    """Every GPU run measured its GPU with events read before they completed: CUDA refused, the run died."""
+    cfg = HealthConfig(gpu_matmul_size=16, gpu_seconds=0.05, rounds=2)
+    verdict = health.measure_gpus(cfg, DistEnv(), torch.device("cpu"), tmp_path)
+    (gpu,) = verdict.gpus
+    assert gpu.tflops == pytest.approx(2 * 16**3 / 1e-3 / 1e12)  # the device's time, not the host's
+    assert gpu.storage is None and verdict.bus is None
+
+
+def test_the_bus_bandwidth_is_timed_on_the_device(strict_cuda, monkeypatch):
+    monkeypatch.setattr(health, "all_reduce_in_place", lambda tensor, group=None: strict_cuda.run(4e-3))
+    assert health.timed_all_reduce(None, torch.device("cpu"), 1 << 10) == pytest.approx(4.0)  # ms per all-reduce
+
+
+def test_a_slow_device_computes_longer_while_its_host_runs_on(strict_cuda, tmp_path):
+    from gpt.config.sections import DebugConfig
+    from gpt.resilience.faults import Faults
+
+    faults = Faults(DebugConfig(straggler_rank=0, straggler_s=0.25), 0, 0, torch.device("cuda", 0), tmp_path)
+    assert faults._lag(0.25) == 0.25
+    assert strict_cuda.current_stream().tail == pytest.approx(0.25) and strict_cuda.host_waits == 0
+
+
+def test_memory_figures_are_the_ranks_own_device_and_the_windows_peak(monkeypatch):
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    cuda.memory.update(allocated=1 << 30, peak=3 << 30, reserved=4 << 30)
+    stats = memory_stats(torch.device("cuda", 1))
+    assert (stats["mem/allocated_gib"], stats["mem/peak_gib"], stats["mem/reserved_gib"]) == (1.0, 3.0, 4.0)
+    assert cuda.memory["peak"] == 1 << 30  # the next window's peak starts from here
+    assert cuda.contexts == {1}
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        memory_stats(torch.device("cuda", 2))
+
+
+def test_a_rank_drives_the_gpu_of_its_local_rank_and_no_other(monkeypatch):
+    from gpt.errors import UserError
+
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    assert pick_device("auto", DistEnv(rank=3, local_rank=1, world_size=4)) == torch.device("cuda", 1)
+    assert cuda.current_device() == 1
+    with pytest.raises(UserError, match="should drive GPU 2 but sees 2 GPU"):
+        pick_device("cuda", DistEnv(rank=2, local_rank=2, world_size=4))
+
+
+def test_an_async_save_touches_no_gpu_but_the_ranks_own(monkeypatch, tmp_path):
+    """The save's writer thread starts on device 0: a CUDA call there opens a context on GPU 0 in every rank (about
+    0.5 GB each; a failure where GPUs are exclusive). The staged copy is in host memory: it needs none."""
+    from gpt.checkpoint.staging import CpuStager
+    from gpt.config.model import ModelConfig
+    from gpt.model.transformer import GPT
+    from gpt.parallel.base import Strategy
+    from gpt.parallel.layout import ParallelDims
+
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    cuda.set_device(1)
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
+    strategy.setup(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32)), 1e-3, 0.0,
+                   (0.9, 0.95))
+    strategy.device = torch.device("cuda", 1)  # the tensors stay on the CPU; every CUDA call goes to the stand-in
+    cuda.run(0.1)  # the step's optimizer update, still on the device
+    stager = CpuStager()
+    response = strategy.save_state(tmp_path / "step_1", async_group="local", stager=stager)
+    assert cuda.current_stream().query()  # the update completed before the stager copied the weights
+    response.upload_completion.result()
+    stager.close()
+    assert (tmp_path / "step_1" / ".metadata").is_file()
+    assert cuda.contexts == {1}
