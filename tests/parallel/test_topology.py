@@ -36,8 +36,6 @@ CASES = {
     "pipeline on one rank": (["strategy=pipeline"], "strategy.pp=2 is not valid: a divisor of the world size 1"),
     "cpu offload on a cpu": (["strategy=fsdp", "strategy.cpu_offload=true", "cluster.tasks_per_node=2"],
                              "strategy.cpu_offload=True is not valid: false on a CPU run"),
-    "deepspeed fp16 on a cpu": (["strategy=deepspeed", "train.precision=fp16", "cluster.tasks_per_node=2"],
-                                "train.precision='fp16' is not valid: fp32 or bf16 with strategy=deepspeed"),
     "deepspeed bf16 at stage 0": (["strategy=deepspeed", "strategy.stage=0", "train.precision=bf16"],
                                   "strategy.stage=0 is not valid: 1, 2 or 3 with train.precision=bf16"),
     "unknown zero stage": (["strategy=deepspeed", "strategy.stage=4"], "strategy.stage=4 is not valid: 0, 1, 2 or 3"),
@@ -105,6 +103,21 @@ def test_bad_topology_is_refused_with_its_message(overrides, message):
     with pytest.raises(ConfigError) as error:
         plan(overrides)
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("fp16", [False, True])
+def test_deepspeed_fp16_on_a_cpu_runs_where_the_cpu_has_it(monkeypatch, fp16):
+    """DeepSpeed's CPU accelerator says whether this CPU computes fp16: both answers, whatever this machine's CPU."""
+    from deepspeed.accelerator import get_accelerator
+
+    monkeypatch.setattr(type(get_accelerator()), "is_fp16_supported", lambda self: fp16)
+    overrides = ["strategy=deepspeed", "train.precision=fp16", "cluster.tasks_per_node=2"]
+    if fp16:
+        plan(overrides)
+    else:
+        with pytest.raises(ConfigError, match="train.precision='fp16' is not valid: fp32 or bf16 with "
+                                              "strategy=deepspeed on this CPU"):
+            plan(overrides)
 
 
 def test_missing_deepspeed_is_one_clear_line(monkeypatch):
