@@ -5,10 +5,10 @@ over gloo, host-blocking, every step), at 2 to 32 ranks on this machine, fitted 
     python benchmarks/control_allreduce.py [--ranks 2 4 8 16 32] [--calls 200] [--step-ms 5]
 
 Per size, N gloo processes on this machine:
-- blocking: the trainer's call (gpt.dist.process_group.timed_flags) back to back, the median seconds per call;
-- overlapped: the same values all-reduced with async_op=True on a gloo group of their own, waited for one
-  simulated step (--step-ms of sleep) later: the median seconds still waited, i.e. what would stay on the step's
-  critical path if the votes were agreed one step after they are cast.
+- blocking: the flags summed and waited for at once (as the trainer did until its flags were agreed a step after
+  they are cast), back to back: the median seconds per call;
+- overlapped: the trainer's way (gpt.dist.process_group.sum_in_background on a gloo group of its own), waited for
+  one simulated step (--step-ms of sleep) later: the median seconds still waited, what stays on the step's path.
 The ranks share this machine's cores (more processes than cores past 2 or 4): what grows with the ranks is then
 mostly scheduling, an upper bound on a real cluster's per-hop latency, not a measure of it. gloo's all-reduce is a
 ring, so its latency grows with the ranks on any machine. Writes benchmarks/results/control_allreduce.json.
@@ -30,7 +30,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import save_results  # noqa: E402
 from benchmarks.control_plane import fit_growth  # noqa: E402
-from gpt.dist.process_group import timed_flags  # noqa: E402
+from gpt.dist.process_group import sum_in_background  # noqa: E402
 
 VALUES = [0.0, 0.0, 0.0, 0.0]  # checkpoint writing, interval due, one vote per handled signal (two by default)
 PROJECT = (64, 512, 8192)
@@ -48,18 +48,15 @@ def rank_main(rank: int, world: int, port: int, calls: int, step_s: float, out: 
     dist.init_process_group("gloo", rank=rank, world_size=world)
     side = dist.new_group(backend="gloo")
     for _ in range(20):  # warm-up: connections made, buffers allocated
-        timed_flags(VALUES)
+        sum_in_background(VALUES, side).wait()
     dist.barrier()
-    blocking = [timed_flags(VALUES)[0] for _ in range(calls)]
+    blocking = [sum_in_background(VALUES, side).wait()[0] for _ in range(calls)]
     dist.barrier()
     waited = []
     for _ in range(calls // 4):
-        t = torch.tensor(VALUES, dtype=torch.float64)
-        work = dist.all_reduce(t, group=side, async_op=True)
+        cast = sum_in_background(VALUES, side)
         time.sleep(step_s)  # the step's compute, during which the votes travel
-        start = time.perf_counter()
-        work.wait()
-        waited.append(time.perf_counter() - start)
+        waited.append(cast.wait()[0])
     medians = [statistics.median(blocking), statistics.median(waited)]
     t = torch.tensor(medians, dtype=torch.float64)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)  # the slowest rank's: every rank waits for it

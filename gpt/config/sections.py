@@ -197,7 +197,7 @@ class DebugConfig:
     delay_s: float = 0.0
     save_sleep_s: float = 0.0  # a sleep inside a checkpoint save, before it is committed (tests kill a run mid-write)
     save_sleep_step: int | None = None  # ...only in the save of this step (null: every save)
-    signal_at_step: int | list[int] | None = None  # a rank sends itself signal_name before this step (or these)
+    signal_at_step: int | list[int] | None = None  # the run stops before this step (or these): a signal a step ahead
     signal_rank: int = 0
     signal_name: str = "SIGUSR2"
     unreadable_rank: int | None = None  # this rank cannot read the newest checkpoint

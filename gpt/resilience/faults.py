@@ -5,7 +5,7 @@ nothing, so a normal run is never changed.
     debug.delay_rank, delay_s           a rank lags every step (a straggler): on a GPU its device computes
                                         delay_s longer (the host runs on), on a CPU its training thread sleeps
     debug.save_sleep_s, save_sleep_step a save stalls before it is committed (to kill a run mid-write)
-    debug.signal_at_step, signal_rank,  a rank sends itself a signal before those steps (preemption)
+    debug.signal_at_step, signal_rank,  a rank sends itself a signal so that the run stops before those steps
       signal_name
     debug.unreadable_rank               that rank cannot read the newest checkpoint (resume must agree)
     debug.hang_rank, hang_step          a rank hangs at that step, or before it joins the others (the watchdog)
@@ -51,11 +51,12 @@ class Faults:
         if self.hangs and c.hang_step is None:
             self._hang("before joining the other ranks")
 
-    def before_step(self, step: int, first_step: int) -> float:
+    def before_step(self, step: int) -> float:
         """At the top of every step; returns a straggler's lag in seconds."""
         c = self.cfg
-        # not at the step an attempt resumed from: it would stop again at once, for ever
-        if step in c.signal_steps and step > first_step and self.rank == c.signal_rank:
+        # A step ahead: the ranks agree on a signal at the step after it comes, so the run stops before step S
+        # (never at the step an attempt resumed from, S - 1 < first_step: it would stop again at once, for ever).
+        if step + 1 in c.signal_steps and self.rank == c.signal_rank:
             os.kill(os.getpid(), getattr(signal, c.signal_name))
         if self.first_attempt and c.kill_rank == self.rank and step == c.kill_step:
             log.warning("debug.kill_rank: rank %d kills itself at step %d", self.rank, step)

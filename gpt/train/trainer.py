@@ -17,7 +17,7 @@ from gpt.checkpoint.writer import Checkpointer
 from gpt.config.schema import RunConfig
 from gpt.config.section import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
-from gpt.dist.process_group import DistEnv, pick_device, side_group, timed_flags
+from gpt.dist.process_group import BackgroundSum, DistEnv, pick_device, side_group, sum_in_background
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
@@ -64,6 +64,8 @@ class Trainer:
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)
         self.ckpt = run.checkpoint
         self.stop = StopControl(run.preemption)
+        self.flags_group = side_group()  # the step's flags travel beside training: a group of their own
+        self.flags: tuple[BackgroundSum, Any] | None = None  # cast at the last step, with the save they polled
         async_group = side_group() if self.ckpt.async_save and self.strategy.supports_async_save else None
         self.checkpointer = Checkpointer(RunFolder(run_dir).checkpoints, self.ckpt.keep, env.is_main, env.rank,
                                          async_group=async_group, async_save=self.ckpt.async_save,
@@ -125,13 +127,26 @@ class Trainer:
 
     # --- the loop -------------------------------------------------------------------------------------
     def sync(self) -> float:
-        """The step's one small all_reduce: the straggler wait, the ranks' votes for the preemption signal they got,
-        whether every rank's background checkpoint write is done, and rank 0's verdict on
-        checkpoint.interval_minutes."""
-        minutes_due = self.env.is_main and self.policy.minutes_elapsed()
-        values = [0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0, *self.stop.votes()]
-        seconds, (writing, due, *votes) = timed_flags(values)  # host values over gloo: no GPU sync
-        if self.checkpointer.pending is not None and writing == 0:
+        """The step's one small all-reduce: whether every rank's background checkpoint write is done, rank 0's
+        verdict on checkpoint.interval_minutes, and the ranks' votes for the preemption signal they got. Cast at one
+        step and acted on at the next, by every rank alike: it travels while the step computes, where a blocking one
+        would put a ring over every rank on each step's path (benchmarks/control_allreduce.py). Returns the
+        seconds this rank still waited for it."""
+        seconds = 0.0
+        if self.flags is not None:
+            (cast, polled), self.flags = self.flags, None
+            seconds, (writing, due, *votes) = cast.wait()
+            self.act_on_flags(writing == 0 and polled is not None and polled is self.checkpointer.pending,
+                              bool(due), votes)
+        if self.stop.reason is None:
+            minutes_due = self.env.is_main and self.policy.minutes_elapsed()
+            values = [0.0 if self.checkpointer.poll_done() else 1.0, 1.0 if minutes_due else 0.0, *self.stop.votes()]
+            self.flags = sum_in_background(values, self.flags_group), self.checkpointer.pending
+        return seconds
+
+    def act_on_flags(self, written: bool, due: bool, votes: list[float]) -> None:
+        """`written`: every rank's background write of the pending save is done."""
+        if written:
             try:
                 self.checkpointer.finish_async()
             except SaveFailed as e:
@@ -140,14 +155,13 @@ class Trainer:
             self.stop.agree(votes)
         if due:
             self.policy.due = True
-        return seconds
 
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t, window = self.train, self.reporter.window
         lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
         PROGRESS.phase("step", f"step {self.step}", self.step)
-        self.faults.before_step(self.step, self.first_step)
+        self.faults.before_step(self.step)
         data_start = time.perf_counter()
         micro = self.prefetch.take(self.step)
         window.data_done(data_start, self.prefetch.read_s)
@@ -194,6 +208,9 @@ class Trainer:
                     self.save()
                 except SaveFailed as e:
                     self.save_failed(e)
+        if self.flags is not None:  # the last step's: every rank cast it, so every rank waits for it
+            self.flags[0].wait()
+            self.flags = None
         bar.close()
         self.prefetch.close()
         PROGRESS.phase("finish", "the final save", self.step)

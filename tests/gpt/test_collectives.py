@@ -116,9 +116,10 @@ def test_the_helpers_place_and_reduce(monkeypatch):
     whose other rank holds the same values)."""
     seen = []
 
-    def all_reduce(t, op=None, group=None):
+    def all_reduce(t, op=None, group=None, async_op=False):
         seen.append(t.device)
         t.mul_(2)
+        return SimpleNamespace(wait=lambda: True) if async_op else None
 
     monkeypatch.setattr(distributed, "is_multi", lambda group=None: True)
     monkeypatch.setattr(distributed, "comm_device", lambda group=None: torch.device("cpu"))
@@ -128,6 +129,6 @@ def test_the_helpers_place_and_reduce(monkeypatch):
     assert distributed.all_true(True) and not distributed.all_true(False)
     assert distributed.any_true(True) and not distributed.any_true(False)
     assert distributed.from_rank0(True) and not distributed.from_rank0(False)
-    seconds, sums = distributed.timed_flags([1.0, 0.0])
+    seconds, sums = distributed.sum_in_background([1.0, 0.0]).wait()
     assert sums == [2.0, 0.0] and seconds >= 0
     assert set(seen) == {torch.device("cpu")}

@@ -100,6 +100,11 @@ class SyncCounter:
         return counted
 
 
+class FinishedWork:
+    def wait(self) -> bool:
+        return True
+
+
 def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
     """The step's flags travel as host values (a gloo all_reduce under "cpu:gloo,cuda:nccl"), so a step that
     does not log never reads the loss, the gradient norm or a timer back from the device."""
@@ -112,7 +117,8 @@ def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
     reduced = []
     monkeypatch.setattr(distributed, "is_multi", lambda group=None: True)  # as if other ranks took part
     monkeypatch.setattr(distributed, "comm_device", lambda group=None: torch.device("cpu"))
-    monkeypatch.setattr(distributed.dist, "all_reduce", lambda t, op=None, group=None: reduced.append(t.device))
+    monkeypatch.setattr(distributed.dist, "all_reduce",
+                        lambda t, op=None, group=None, async_op=False: reduced.append(t.device) or FinishedWork())
     counter = SyncCounter(monkeypatch)
     per_step = []
     for _ in range(3):  # steps 0-2 do not log

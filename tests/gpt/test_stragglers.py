@@ -12,7 +12,7 @@ from cuda_standin import StrictCuda
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt.dist.process_group import timed_flags
+from gpt.dist.process_group import sum_in_background
 from gpt.resilience.faults import Faults
 from gpt.config.section import section
 from gpt.config.sections import DebugConfig, StragglerConfig
@@ -115,9 +115,9 @@ def _scenario(rank: int, delay_rank) -> list[dict]:
             start = time.perf_counter()
             for _ in range(5):
                 a = torch.tanh(a @ a)  # the rank's own work
-            Faults(DebugConfig(delay_rank=delay_rank, delay_s=0.05), rank).before_step(1, 0)
+            Faults(DebugConfig(delay_rank=delay_rank, delay_s=0.05), rank).before_step(1)
             t0 = time.perf_counter()
-            timed_flags([0.0])  # waiting for the others counts as communication, not as this rank's own time
+            sum_in_background([0.0]).wait()  # waiting for the others counts as communication, not as this rank's own time
             dist.all_reduce(grad)  # the "gradient" collective
             comm_s += time.perf_counter() - t0
             step_s += time.perf_counter() - start
@@ -172,5 +172,5 @@ def test_an_injected_straggler_lags_on_the_device_of_a_gpu_rank(monkeypatch):
     cuda = StrictCuda(clock_khz=1_500_000).install(monkeypatch)
     monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("the host slept"))
     faults = Faults(DebugConfig(delay_rank=1, delay_s=0.2), 1, device=torch.device("cuda", 0))
-    assert faults.before_step(3, 0) == 0.2
+    assert faults.before_step(3) == 0.2
     assert cuda.current_stream().tail == pytest.approx(0.2) and cuda.host_waits == 0
