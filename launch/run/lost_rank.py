@@ -160,8 +160,9 @@ def _evidence(run_dir: Path, rank: int, liveness: Liveness) -> Culprit | None:
             return Culprit(r, beat.get("host", "?"), "failed", int(ended.split()[-1]))
     silent = {r for r, b in every.items() if not b.get("ended") and (liveness.silent_s(r) or 0.0) > SCHEDULER_GRACE_S}
     for r in sorted(silent - {rank}):
-        host = beats[r].get("host", "?")
-        alive = [q for q, b in every.items() if b.get("host") == host and q not in silent]
+        host = beats[r].get("host", "?")  # a dead host's ranks went silent within a beat of each other
+        alive = [q for q, b in every.items() if b.get("host") == host
+                 and (b.get("ended") or (liveness.silent_s(q) or 0.0) < SCHEDULER_GRACE_S / 2)]
         return Culprit(r, host, "lost", host_gone=host not in ("", "?") and not alive)
     return None
 

@@ -174,6 +174,32 @@ def test_a_silent_rank_whose_host_still_shows_life_keeps_its_host(run_dir, monke
         1, "n2", "lost", host_gone=True)
 
 
+def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monkeypatch):
+    """Rank 2 on rank 1's host still beats (it moved within half the silence that calls a rank gone): the host lives."""
+    import threading
+
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 2.0)
+    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 5.0)
+    beat(run_dir, 1, time=time.time() - 60)
+    stop = threading.Event()
+
+    def alive() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            beat(run_dir, 2, host="n2", beat=n)
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=alive)
+    writer.start()
+    try:
+        found = lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
+    finally:
+        stop.set()
+        writer.join()
+    assert found == lost_rank.Culprit(1, "n2", "lost")
+
+
 def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, asked, monkeypatch):
     """Every rank died of SIGABRT and no peer was lost or failed: the first to abort (its own error, such as a GPU
     fault) is the lost rank; the others were aborted after it."""
