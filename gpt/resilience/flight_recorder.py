@@ -5,11 +5,17 @@ TORCH_FR_BUFFER_SIZE entries, on by default for NCCL and gloo in torch 2.13). Th
 (`_dump_fr_trace`, a pickle) when a hang ends the attempt. The dump's schema (torch/csrc/distributed/c10d/
 FlightRecorderDetail.hpp, version 2.10): `pg_status`, per process group id, the sequence numbers of its last
 collective enqueued, started and completed; `entries`, each with `pg_id`, `process_group` (name, description),
-`collective_seq_id` and `profiling_name` ("nccl:all_reduce"); `pg_config`, per group name, its global `ranks`.
+`collective_seq_id`, `profiling_name` ("nccl:all_reduce"), `state` ("scheduled", "started", "completed") and
+`time_discovered_started_ns`; `pg_config`, per group name, its global `ranks`.
 
 On GPUs this is the evidence, not the heartbeats: a rank's host thread enqueues a collective and runs on, so a
 host-side view can blame a healthy rank that is blocked in a later host sync while its GPU waits for a peer.
-The group's stuck collective is the newest one any member enqueued and some member has not completed; the
+Every host enqueues ahead of its GPU, so on NCCL the count that tells is the collectives each GPU *started*, which
+NCCL knows only with TORCH_NCCL_ENABLE_TIMING=1 (set for GPU ranks: gpt.resilience.watchdog.flight_recorder_env;
+without it `last_started_collective` stays -1 and no entry is "started"). The group's stuck collective is then the
+newest one any member's GPU started and some member has not completed; the members whose GPU started less never
+entered it, and of those, the ones whose host enqueued it have a device that stalled. Where a dump carries no start
+(gloo records none: its work runs on the host), the stuck collective is the newest one any member enqueued, and the
 members that enqueued less never entered it. Torch-free: pickles of plain containers.
 """
 from __future__ import annotations
@@ -37,11 +43,17 @@ class Stuck:
     waiting: tuple[int, ...]  # entered it and have not completed it
     missing: tuple[int, ...]  # never entered it (the ranks to look at)
     no_dump: tuple[int, ...]  # members whose dump is missing (their process is gone, or never dumped)
+    stalled: tuple[int, ...] = ()  # of `missing`, those whose host enqueued it and whose GPU never started it
 
     def describe(self, ranks: Callable[[list[int]], str] = _numbers) -> str:
         """`ranks` names a list of ranks ("rank 1 on gl-n2")."""
         text = f"{self.op} #{self.seq} of group {self.group} ({self.desc})"
-        parts = [f"{ranks(list(self.missing))} never entered {text}" if self.missing else f"{text} is stuck"]
+        never = [r for r in self.missing if r not in self.stalled]
+        parts = [f"{ranks(never)} never entered {text}"] if never else []
+        if self.stalled:
+            parts.append(f"{ranks(list(self.stalled))} never started {'it' if never else text} on its GPU (its host "
+                         "enqueued it)")
+        parts = parts or [f"{text} is stuck"]
         if self.waiting:
             parts.append(f"{ranks(list(self.waiting))} {'waits' if len(self.waiting) == 1 else 'wait'} in it")
         if self.no_dump:
@@ -68,21 +80,27 @@ class _Group:
     desc: str
     enqueued: int
     completed: int
+    started: int | None  # the newest collective its GPU started; None: the dump records no start (gloo, no timing)
 
 
 def _groups(dump: dict) -> dict[str, _Group]:
     """A rank's process groups, by name: pg_status is keyed by the id this process gave the group, the entries
     tell which name (the same on every rank) that id has."""
     names: dict[str, tuple[str, str]] = {}
+    started: dict[str, int] = {}  # per pg id, the newest entry whose start was seen (the dump updates entries last)
     for e in dump.get("entries", []):
         if not e.get("is_p2p"):
-            names[str(e["pg_id"])] = tuple(e["process_group"])
+            pg_id = str(e["pg_id"])
+            names[pg_id] = tuple(e["process_group"])
+            if e.get("time_discovered_started_ns") or e.get("state") == "started":
+                started[pg_id] = max(started.get(pg_id, -1), int(e["collective_seq_id"]))
     out = {}
     for pg_id, status in dump["pg_status"].items():
         if pg_id in names:
             name, desc = names[pg_id]
+            start = max(int(status.get("last_started_collective", -1)), started.get(pg_id, -1))
             out[name] = _Group(name, desc, int(status["last_enqueued_collective"]),
-                               int(status["last_completed_collective"]))
+                               int(status["last_completed_collective"]), start if start >= 0 else None)
     return out
 
 
@@ -103,25 +121,40 @@ def _op(dumps: dict[int, dict], ranks: tuple[int, ...], name: str, seq: int) -> 
     return "a collective"
 
 
+def _stuck(have: dict[int, _Group], by: Callable[[_Group], int]) -> tuple[int, tuple[int, ...], tuple[int, ...]]:
+    """The newest collective any member reached by `by` (enqueued, or started on its GPU) that some member has not
+    completed: (its number, who reached it and waits, who did not reach it); number 0 when there is none."""
+    top = max(by(g) for g in have.values())
+    if top <= 0 or all(g.completed >= top for g in have.values()):
+        return 0, (), ()
+    waiting = tuple(sorted(r for r, g in have.items() if by(g) == top and g.completed < top))
+    return top, waiting, tuple(sorted(r for r, g in have.items() if by(g) < top))
+
+
 def stuck_collectives(dumps: dict[int, dict], world: int) -> list[Stuck]:
-    """Every process group whose newest collective some member has not completed, with who never entered it."""
+    """Every process group whose newest collective some member has not completed, with who never entered it: by
+    the collectives each member's GPU started where every dump of the group records starts (NCCL with timing), else
+    by the collectives each member enqueued."""
     per_rank = {rank: _groups(dump) for rank, dump in dumps.items()}
     names = sorted({name for groups in per_rank.values() for name in groups})
     out = []
     for name in names:
         have = {r: g[name] for r, g in per_rank.items() if name in g}
         desc = next(iter(have.values())).desc
-        top = max(g.enqueued for g in have.values())
-        if top <= 0 or all(g.completed >= top for g in have.values()):
+        top, waiting, missing = 0, (), ()
+        if all(g.started is not None for g in have.values()):
+            top, waiting, missing = _stuck(have, lambda g: max(g.started, g.completed))
+        if not top:  # no start recorded, or no GPU started the collective its host waits on
+            top, waiting, missing = _stuck(have, lambda g: g.enqueued)
+        if not top:
             continue
-        waiting = tuple(sorted(r for r, g in have.items() if g.enqueued == top and g.completed < top))
-        missing = tuple(sorted(r for r, g in have.items() if g.enqueued < top))
+        stalled = tuple(r for r in missing if have[r].enqueued >= top)
         members = _members(name, desc, dumps, set(have), world)
         out.append(Stuck(name, desc, top, _op(dumps, waiting, name, top), waiting, missing,
-                         tuple(sorted(members - set(have)))))
+                         tuple(sorted(members - set(have))), stalled))
     return out
 
 
 def as_records(stuck: list[Stuck]) -> list[dict[str, Any]]:
     return [{"group": s.group, "desc": s.desc, "seq": s.seq, "op": s.op, "waiting": list(s.waiting),
-             "missing": list(s.missing), "no_dump": list(s.no_dump)} for s in stuck]
+             "missing": list(s.missing), "no_dump": list(s.no_dump), "stalled": list(s.stalled)} for s in stuck]

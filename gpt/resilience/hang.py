@@ -110,11 +110,20 @@ class Hang:
     def surviving(self) -> list[int]:
         return sorted(r for r in self.waiting + self.behind if r not in self.cut)
 
+    @property
+    def stalled(self) -> list[int]:
+        """Ranks whose GPU never started a collective its host enqueued while its peers' GPUs did, and that wait in
+        no stuck collective themselves (a GPU waiting on another rank is that rank's doing)."""
+        waiting = {r for s in self.stuck for r in s.waiting}
+        return sorted({r for s in self.stuck for r in s.stalled} - waiting)
+
     def hosts_to_exclude(self) -> list[str]:
-        """The hosts of the ranks named gone or cut off, which a requeue leaves out (never a surviving rank's)."""
+        """The hosts of the ranks named gone or cut off, which a requeue leaves out (never a surviving rank's), and
+        those of stalled GPUs (their host's other ranks go with it: the GPU that hangs is there)."""
         keep = {(self.beats[r] or {}).get("host") for r in self.surviving}
         named = [(self.beats[r] or {}).get("host") for r in self.lost + self.cut]
-        return sorted({h for h in named if h and h not in keep})
+        stalled = [(self.beats[r] or {}).get("host") for r in self.stalled]
+        return sorted({h for h in named if h and h not in keep} | {h for h in stalled if h})
 
     def as_dict(self) -> dict:
         return {"waiting": self.waiting, "never_arrived": self.behind + [r for r in self.lost

@@ -24,7 +24,7 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gpt.resilience.disk_faults import Outage
@@ -380,7 +380,11 @@ def stacks() -> str:
     return "\n".join(parts)
 
 
-def flight_recorder_env(run_dir: Path) -> dict[str, str]:
-    """torch's NCCL flight recorder on, dumping into the run folder if NCCL itself times out."""
+def flight_recorder_env(run_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:
+    """torch's NCCL flight recorder on, dumping into the run folder if NCCL itself times out, and recording when
+    each collective started on the GPU (TORCH_NCCL_ENABLE_TIMING: the hang report ranks the ranks by it), unless
+    the user's `environ` says otherwise."""
+    timing = {} if {"TORCH_NCCL_ENABLE_TIMING", "NCCL_ENABLE_TIMING"} & set(environ) else {
+        "TORCH_NCCL_ENABLE_TIMING": "1"}
     return {"TORCH_FR_BUFFER_SIZE": "2000", "TORCH_NCCL_DUMP_ON_TIMEOUT": "1",
-            "TORCH_FR_DUMP_TEMP_FILE": str(RunFolder(run_dir).nccl_dump_prefix)}
+            "TORCH_FR_DUMP_TEMP_FILE": str(RunFolder(run_dir).nccl_dump_prefix), **timing}

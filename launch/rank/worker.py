@@ -136,7 +136,7 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig,
          watchdog: WatchdogConfig) -> Rendezvous | None:
     """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
     if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
-        os.environ.update(flight_recorder_env(run_dir))
+        os.environ.update(flight_recorder_env(run_dir, os.environ))
     rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
                                     join_timeout_s=rendezvous_cfg.timeout_s)
     if rendezvous is None:

@@ -12,7 +12,9 @@ ranks vanish at once (every rank of a node killed), one task claims the attempt 
 and asks Slurm to requeue; the others read its line.
 
 A rank that died of SIGABRT may be a survivor instead: on GPUs NCCL's error handling aborts every rank left once a
-peer is lost or fails. Its task then names that peer (culprit_of_abort), and only one task records the attempt.
+peer is lost or fails. Its task then names that peer (culprit_of_abort), and only one task records the attempt. A peer
+whose heartbeat stopped while no rank on its host shows life took its host with it: that host is left out of the next
+round and of the requeue at once, without waiting minutes for Slurm to mark it down.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ from launch.run.identity import newest_step
 from launch.run.rounds import lost_hosts, restart_or_requeue
 
 
-def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -> tuple[bool, str]:
-    """`line` says which rank died how; `started` is when this attempt's task began. Returns (requeued, how)."""
+def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
+                          gone: tuple[str, ...] = ()) -> tuple[bool, str]:
+    """`line` says which rank died how; `started` is when this attempt's task began; `gone`: hosts the heartbeats
+    say are lost, whatever the scheduler says yet. Returns (requeued, how)."""
     job = job_environment()
     folder = RunFolder(run_dir)
     newest = newest_step(run_dir)
@@ -46,7 +50,7 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
     if not folder.attempts.claim(marked_attempt(mark)):  # another rank's task records this attempt
         end_heartbeat(run_dir, rank, f"vanished: {line}")
         return recorded_by_another(run_dir, job)
-    requeued, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest)
+    requeued, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest, gone)
     if not requeued:
         how += f"; the same command continues the run from {_step(newest)}"
     in_job = restart.record() if restart else {}
@@ -60,16 +64,21 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float) -
     return requeued, how
 
 
-def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | None):
+def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | None, gone: tuple[str, ...] = ()):
     """A restart inside the allocation, else a requeue, unless the attempt before also needed one and nothing
-    newer was saved since. Returns (goes on, how, the in-job restart to begin)."""
+    newer was saved since; either leaves out the hosts the scheduler holds down and the `gone` ones (which the
+    requeue keeps the job off: Slurm may not know yet). Returns (goes on, how, the in-job restart to begin)."""
     if repeated := repeated_recovery(RunFolder(run_dir).attempts.read(), began, newest):
         return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than step "
                        f"{newest} was saved since (a crash that repeats, such as running out of memory, would "
                        f"repeat on every restart)"), None
     max_restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
-    requeue = (lambda: job.requeue(max_restarts)) if job.scheduler != "none" else (lambda: (False, ""))
-    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue, lost_hosts(job))
+
+    def requeue() -> tuple[bool, str]:
+        if job.scheduler == "none":
+            return False, ""
+        return job.requeue_excluding(list(gone), max_restarts) if gone else job.requeue(max_restarts)
+    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue, sorted({*lost_hosts(job), *gone}))
 
 
 def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:
@@ -122,6 +131,7 @@ class Culprit:
     how: str  # "recorded": its task recorded it lost; "failed": an error of its own; "lost": gone without a word,
     #           and no task of its recorded it (its host is gone); "aborted first": it died of SIGABRT before the rest
     code: int = 1  # a failed peer's exit code
+    host_gone: bool = False  # "lost", and no rank on its host shows life (ended by its task, or beating)
 
 
 def culprit_of_abort(run_dir: Path, rank: int, died_at: float, poll_s: float = 0.5) -> Culprit | None:
@@ -141,15 +151,19 @@ def _evidence(run_dir: Path, rank: int, liveness: Liveness) -> Culprit | None:
     line = this_attempts_line(run_dir, job_environment())
     if line and line.get("lost_rank") not in (None, rank):
         return Culprit(line["lost_rank"], "", "recorded")
-    beats = _peers(run_dir, rank)
-    liveness.observe([beats.get(r) for r in range(max(beats, default=-1) + 1)])
+    every = _peers(run_dir, rank, with_self=True)  # its own heartbeat ended ABORTED: its host lives
+    liveness.observe([every.get(r) for r in range(max(every, default=-1) + 1)])
+    beats = {r: b for r, b in every.items() if r != rank}
     for r, beat in beats.items():
         ended = str(beat.get("ended") or "")
         if ended.startswith("exit code "):
             return Culprit(r, beat.get("host", "?"), "failed", int(ended.split()[-1]))
-    for r, beat in beats.items():
-        if not beat.get("ended") and (liveness.silent_s(r) or 0.0) > SCHEDULER_GRACE_S:
-            return Culprit(r, beat.get("host", "?"), "lost")
+    silent = {r for r, b in every.items() if not b.get("ended") and (liveness.silent_s(r) or 0.0) > SCHEDULER_GRACE_S}
+    for r in sorted(silent - {rank}):
+        host = beats[r].get("host", "?")  # a dead host's ranks went silent within a beat of each other
+        alive = [q for q, b in every.items() if b.get("host") == host
+                 and (b.get("ended") or (liveness.silent_s(q) or 0.0) < SCHEDULER_GRACE_S / 2)]
+        return Culprit(r, host, "lost", host_gone=host not in ("", "?") and not alive)
     return None
 
 

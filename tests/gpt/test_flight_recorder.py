@@ -14,6 +14,7 @@ import pytest
 
 from gpt.resilience.flight_recorder import Stuck, read_dumps, stuck_collectives
 from gpt.resilience.hang import Hang
+from gpt.resilience.watchdog import flight_recorder_env
 
 RANK = r"""
 import os, sys, time
@@ -102,3 +103,93 @@ def test_a_stuck_subgroup_is_found_by_name_whatever_id_each_rank_gave_it(tmp_pat
     read = read_dumps({r: tmp_path / f"rank{r}.pkl" for r in range(4)})
     assert set(read) == {0, 1, 2}
     assert stuck_collectives(read, world=4) == [Stuck("1", "tp1", 7, "nccl:all_gather", (0,), (1,), ())]
+
+
+def nccl_dump(enqueued: int, started: int, completed: int, world: int, timing: bool = True) -> dict:
+    """One rank's dump as torch writes it for NCCL (FlightRecorderDetail.hpp, version 2.10), default group only: its
+    host enqueued collectives 1..`enqueued`, its GPU started 1..`started` and completed 1..`completed`. Without
+    TORCH_NCCL_ENABLE_TIMING NCCL records no start event: no entry is "started", none has a start time, and
+    last_started_collective stays -1."""
+    t0 = 1_700_000_000_000_000_000
+
+    def entry(seq: int) -> dict:
+        began = timing and seq <= started
+        state = "completed" if seq <= completed else "started" if began else "scheduled"
+        return {"frames": [], "record_id": seq - 1, "pg_id": 0, "process_group": ("0", "default_pg"),
+                "thread_name": "pt_main_thread", "thread_id": "140000000000000", "collective_seq_id": seq,
+                "p2p_seq_id": 0, "op_id": seq, "profiling_name": "nccl:all_reduce", "time_created_ns": t0 + seq * 1000,
+                "input_sizes": [[1024]], "input_dtypes": ["Float"], "output_sizes": [[1024]],
+                "output_dtypes": ["Float"], "state": state,
+                "time_discovered_started_ns": t0 + seq * 1000 + 10 if began else None,
+                "time_discovered_completed_ns": t0 + seq * 1000 + 20 if seq <= completed else None,
+                "retired": seq <= completed, "timeout_ms": 660000, "is_p2p": False}
+
+    return {"version": "2.10", "comm_lib_version": "2.27.3",
+            "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": str(list(range(world)))}},
+            "pg_status": {"0": {"last_enqueued_collective": enqueued,
+                                "last_started_collective": started if timing else -1,
+                                "last_completed_collective": completed}},
+            "entries": [entry(seq) for seq in range(1, enqueued + 1)]}
+
+
+def gpu_hang(timing: bool = True) -> dict[int, dict]:
+    """Four GPU ranks, two per host: every host enqueued all_reduce #10 and went on to a host sync; the GPUs of
+    ranks 0, 2 and 3 started it and wait in it, rank 1's GPU never started it (stuck in the kernel before)."""
+    return {r: nccl_dump(10, 9 if r == 1 else 10, 9, world=4, timing=timing) for r in range(4)}
+
+
+def test_on_gpus_the_rank_whose_device_never_started_the_collective_is_named(tmp_path):
+    for rank, d in gpu_hang().items():
+        (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(d))
+    dumps = read_dumps({r: tmp_path / f"rank{r}.pkl" for r in range(4)})
+    (stuck,) = stuck_collectives(dumps, world=4)
+    assert (stuck.seq, stuck.op, stuck.waiting, stuck.missing) == (10, "nccl:all_reduce", (0, 2, 3), (1,)), stuck
+    assert stuck.stalled == (1,)  # its host enqueued it: the GPU is where it hangs
+    assert stuck.describe() == ("rank 1 never started nccl:all_reduce #10 of group 0 (default_pg) on its GPU (its "
+                                "host enqueued it), ranks 0,2,3 wait in it")
+
+
+def test_the_stalled_gpus_host_is_left_out_of_the_restart_though_its_other_rank_waits():
+    """Every heartbeat is alive (the hosts ran on): only the flight recorder says where the GPU hangs."""
+    now = time.time()
+    beats = [{"rank": r, "host": f"n{r // 2 + 1}", "time": now, "what": "step 12", "step": 12, "idle_s": 70.0,
+              "collective": "all_reduce", "seq": 40} for r in range(4)]
+    hang = Hang.from_heartbeats(beats, [0.0] * 4, stale_s=10).with_flight_recorder(
+        stuck_collectives(gpu_hang(), world=4))
+    assert hang.stalled == [1] and hang.hosts_to_exclude() == ["n1"]
+    assert hang.summary().startswith("flight recorder: rank 1 on n1 never started nccl:all_reduce #10"), hang.summary()
+    assert hang.as_dict()["flight_recorder"][0]["stalled"] == [1]
+
+
+def test_a_gpu_that_waits_on_another_groups_collective_is_not_the_one_to_leave_out():
+    """Rank 1's GPU never started the default group's #10 because it waits in tensor-parallel group "1"'s #7,
+    which rank 3's GPU, stuck before it, never started either: rank 3's host goes, not rank 1's."""
+    dumps = gpu_hang()
+    dumps[3] = nccl_dump(10, 9, 9, world=4)
+    for rank, (enq, started, done) in {1: (7, 7, 6), 3: (7, 6, 6)}.items():
+        sub = nccl_dump(enq, started, done, world=4)
+        for e in sub["entries"]:
+            e.update(pg_id=1, process_group=("1", "tp1"))
+        dumps[rank]["entries"] += sub["entries"]
+        dumps[rank]["pg_status"]["1"] = sub["pg_status"]["0"]
+        dumps[rank]["pg_config"]["1"] = {"name": "1", "desc": "tp1", "ranks": "[1, 3]"}
+    beats = [{"rank": r, "host": f"n{r + 1}", "time": time.time(), "what": "step 12", "idle_s": 70.0}
+             for r in range(4)]
+    hang = Hang.from_heartbeats(beats, [0.0] * 4, stale_s=10).with_flight_recorder(
+        stuck_collectives(dumps, world=4))
+    assert [(s.group, s.waiting, s.stalled) for s in hang.stuck] == [("0", (0, 2), (1, 3)), ("1", (1,), (3,))]
+    assert hang.stalled == [3] and hang.hosts_to_exclude() == ["n4"]
+
+
+def test_without_nccl_timing_no_start_is_recorded_and_every_host_looks_the_same():
+    """Why the GPU ranks run with TORCH_NCCL_ENABLE_TIMING=1: without it the dumps tell the ranks apart only by
+    what their hosts enqueued, which is all the same."""
+    (stuck,) = stuck_collectives(gpu_hang(timing=False), world=4)
+    assert (stuck.waiting, stuck.missing) == ((0, 1, 2, 3), ())
+    assert stuck.stalled == ()
+
+
+def test_gpu_ranks_record_when_each_collective_started_unless_the_user_said_otherwise(tmp_path):
+    assert flight_recorder_env(tmp_path, {})["TORCH_NCCL_ENABLE_TIMING"] == "1"
+    for user in ({"TORCH_NCCL_ENABLE_TIMING": "0"}, {"NCCL_ENABLE_TIMING": "0"}):
+        assert "TORCH_NCCL_ENABLE_TIMING" not in flight_recorder_env(tmp_path, user)

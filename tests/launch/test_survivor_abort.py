@@ -16,7 +16,7 @@ from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, P
 from gpt.config import schema
 from helpers import compose, launch
 from launch.backends import local
-from launch.backends.slurm import task
+from launch.backends.slurm import commands, task
 from launch.rank import standby
 from launch.run import lost_rank
 
@@ -37,6 +37,17 @@ def run_dir(tmp_path: Path, monkeypatch) -> Path:
     for rank in range(3):
         beat(tmp_path, rank)
     return tmp_path
+
+
+@pytest.fixture
+def excluded(monkeypatch) -> list[tuple[str, list[str]]]:
+    """The ExcNodeList updates asked of Slurm; the partition (sinfo) has n1-n4, and Slurm holds none down yet."""
+    updates: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(commands, "exclude_nodes", lambda job, nodes: updates.append((job, nodes)))
+    monkeypatch.setattr(commands, "run", lambda *cmd, **kw: "n1\nn2\nn3\nn4\n" if cmd[0] == "sinfo" else
+                        pytest.fail(f"ran {cmd}"))
+    monkeypatch.setattr(commands, "lost_nodes", lambda nodelist: "")
+    return updates
 
 
 def beat(run_dir: Path, rank: int, **extra) -> None:
@@ -83,14 +94,15 @@ def run_task(run_dir: Path, rank: int, code: int, monkeypatch) -> str:
     return str(failed.value)
 
 
-def test_survivors_aborted_after_a_killed_peer_name_it_and_requeue_once(run_dir, asked, monkeypatch):
-    """Rank 1 is killed (kill -9); NCCL then aborts ranks 0 and 2. One requeue, one line, naming rank 1."""
+def test_survivors_aborted_after_a_killed_peer_name_it_and_requeue_once(run_dir, asked, excluded, monkeypatch):
+    """Rank 1 is killed (kill -9); NCCL then aborts ranks 0 and 2. One requeue, one line, naming rank 1; its host
+    lives (its task recorded it), so the job may run there again."""
     killed = run_task(run_dir, 1, -signal.SIGKILL, monkeypatch)
     assert "rank 1 on " in killed and "killed by SIGKILL" in killed, killed
     for survivor in (0, 2):
         said = run_task(run_dir, survivor, -signal.SIGABRT, monkeypatch)
         assert said.endswith("stopped because rank 1 was lost"), said
-    assert asked == ["42"]
+    assert asked == ["42"] and excluded == []
     (line,) = lines(run_dir)
     assert line["lost_rank"] == 1 and line["requeued"] is True and "killed by SIGKILL" in line["ended"], line
 
@@ -112,9 +124,10 @@ def test_survivors_aborted_after_a_peer_raised_show_its_error_and_do_not_requeue
     assert "lost_rank" not in line
 
 
-def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues(run_dir, asked, monkeypatch):
+def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues_without_it(run_dir, asked, excluded, monkeypatch):
     """Rank 1 went with its host: no task of its records anything, and its heartbeat stopped. The survivors name
-    it; the first to claim the attempt requeues, once."""
+    it; the first to claim the attempt requeues, once, and keeps the job off that host though Slurm does not hold
+    it down yet (it takes minutes to)."""
     monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)  # silent that long while the survivor watches
     beat(run_dir, 1, time=time.time() - 60)
     beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time())
@@ -122,9 +135,69 @@ def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues(run_dir, aske
     second = run_task(run_dir, 2, -signal.SIGABRT, monkeypatch)
     assert first.startswith("rank 1 on n2 was lost (its heartbeat stopped)"), first
     assert second.endswith("stopped because rank 1 was lost"), second
-    assert asked == ["42"]
+    assert asked == ["42"] and excluded == [("42", ["n2"])]
     (line,) = lines(run_dir)
     assert line["lost_rank"] == 1 and line["requeued"] is True, line
+    assert line["note"].endswith("requeued job 42 (restart 1 of at most 5), without n2 (ExcNodeList)"), line
+
+
+def test_the_next_round_runs_on_a_spare_in_place_of_the_lost_host(run_dir, asked, excluded, monkeypatch):
+    """In-job restarts: the round after the lost host's runs on the spare (n4), not on n2 again (whose rendezvous it
+    would wait out), though Slurm does not hold n2 down yet; the survivor's task goes on to that round."""
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-4]")
+    monkeypatch.setattr(commands, "hostnames", {"n[1-4]": ["n1", "n2", "n3", "n4"]}.get)
+    monkeypatch.setattr(commands, "dropped_nodes", lambda job, nodelist: [])
+    schema.save(schema.run_config(compose("cluster=srun", "cluster.spare_nodes=1", "preemption.max_restarts=5")),
+                run_dir / "config.yaml")
+    beat(run_dir, 1, time=time.time() - 60)
+    went_on = task.RankTask(str(run_dir)).aborted(0, "n1", time.time(), next_round=lambda: False)
+    assert went_on is True
+    request = json.loads((run_dir / "rounds" / "job42-restart0" / "round-1.json").read_text())
+    assert (request["hosts"], request["replaced"]) == (["n1", "n4", "n3"], {"n2": "n4"}), request
+    assert asked == [] and excluded == []
+    (line,) = lines(run_dir)
+    assert (line["lost_rank"], line["in_job_restart"], line["replaced"]) == (1, 1, {"n2": "n4"}), line
+    # another survivor reads the loss recorded, and its task goes on to that round too
+    assert task.RankTask(str(run_dir)).aborted(2, "n3", time.time(), next_round=lambda: True) is True
+
+
+def test_a_silent_rank_whose_host_still_shows_life_keeps_its_host(run_dir, monkeypatch):
+    """Rank 1's heartbeat stopped, but rank 2 on the same host was aborted by its task (which lives there): the
+    host is not gone, and only Slurm's word would leave it out."""
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)
+    beat(run_dir, 1, time=time.time() - 60)
+    beat(run_dir, 2, host="n2", ended=lost_rank.ABORTED, aborted_at=time.time())
+    assert lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost_rank.Culprit(1, "n2", "lost")
+    beat(run_dir, 2, host="n3", ended=lost_rank.ABORTED, aborted_at=time.time())
+    assert lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost_rank.Culprit(
+        1, "n2", "lost", host_gone=True)
+
+
+def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monkeypatch):
+    """Rank 2 on rank 1's host still beats (it moved within half the silence that calls a rank gone): the host lives."""
+    import threading
+
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 2.0)
+    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 5.0)
+    beat(run_dir, 1, time=time.time() - 60)
+    stop = threading.Event()
+
+    def alive() -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            beat(run_dir, 2, host="n2", beat=n)
+            time.sleep(0.05)
+
+    writer = threading.Thread(target=alive)
+    writer.start()
+    try:
+        found = lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
+    finally:
+        stop.set()
+        writer.join()
+    assert found == lost_rank.Culprit(1, "n2", "lost")
 
 
 def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, asked, monkeypatch):

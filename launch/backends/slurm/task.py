@@ -19,6 +19,7 @@ import signal
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,8 +98,9 @@ class RankTask:
                              f"the job was not requeued (see {RunFolder(run_dir).attempts.log}); submit the same "
                              "command again to resume")
         if code < 0 and not relay.received:  # killed, and not as part of a stop Slurm signalled
-            if code == -signal.SIGABRT:
-                self.aborted(rank, host, started)
+            next_round = functools.partial(agent.wait_next, k) if agent.in_job_restarts else lambda: False
+            if code == -signal.SIGABRT and self.aborted(rank, host, started, next_round):
+                return None
             if self.lost(rank, describe_failure(rank, host, code, run_dir, task_output()), started):
                 return None
         if code != 0:
@@ -111,13 +113,14 @@ class RankTask:
             result["summary"] = json.loads(RunFolder(run_dir).summary.read_text())
         return result
 
-    def lost(self, rank: int, line: str, started: float) -> bool:
+    def lost(self, rank: int, line: str, started: float, gone: tuple[str, ...] = ()) -> bool:
         """The rank vanished without a word (a signal, not an error of its own): restart the ranks inside the
-        allocation or requeue the job, unless that would repeat a crash (launch.run.lost_rank). True: restarted
-        inside the allocation; else this waits for Slurm to stop this attempt (exiting first fails the task)."""
+        allocation or requeue the job, unless that would repeat a crash (launch.run.lost_rank); `gone`: hosts to
+        leave out. True: restarted inside the allocation; else this waits for Slurm to stop this attempt (exiting
+        first fails the task)."""
         from launch.run.lost_rank import requeue_for_lost_rank
 
-        requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started)
+        requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone)
         if requeued:
             print(f"{line}: {how}", file=sys.stderr, flush=True)
             if how.startswith(IN_JOB):
@@ -125,15 +128,16 @@ class RankTask:
             time.sleep(REQUEUE_WAIT_S)
         raise RankFailed(f"{line}; {how}")
 
-    def aborted(self, rank: int, host: str, started: float) -> None:
+    def aborted(self, rank: int, host: str, started: float, next_round: Callable[[], bool]) -> bool:
         """The rank died of SIGABRT: when NCCL aborted it because a peer was lost or failed, fail this task naming
-        that peer (one task records the attempt, and requeues for a lost one); return when the abort was its own."""
+        that peer (one task records the attempt, and restarts or requeues for a lost one, without the peer's host
+        when that went too); True when the next round is asked for instead; False when the abort was its own."""
         from launch.run.lost_rank import claim_attempt, culprit_of_abort, record_failed_peer
 
         run_dir = Path(self.run_dir)
         culprit = culprit_of_abort(run_dir, rank, time.time())
         if culprit is None:
-            return
+            return False
         survivor = f"rank {rank} on {host} was aborted (SIGABRT, NCCL's error handling) because"
         if culprit.how == "failed":
             line = describe_failure(culprit.rank, culprit.host, culprit.code, run_dir)
@@ -141,8 +145,10 @@ class RankTask:
                 record_failed_peer(run_dir, line)
             raise RankFailed(f"{survivor} {line}")
         if culprit.how == "lost" and claim_attempt(run_dir):
-            self.lost(culprit.rank, f"rank {culprit.rank} on {culprit.host} was lost (its heartbeat stopped)",
-                      started)
+            return self.lost(culprit.rank, f"rank {culprit.rank} on {culprit.host} was lost (its heartbeat stopped)",
+                             started, (culprit.host,) if culprit.host_gone else ())
+        if next_round():  # the task that recorded the loss restarts the ranks inside the allocation
+            return True
         if culprit.how == "aborted first":
             raise RankFailed(f"{survivor} rank {culprit.rank} on {culprit.host} aborted first")
         raise RankFailed(f"rank {rank} on {host} stopped because rank {culprit.rank} was lost")
