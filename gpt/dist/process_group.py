@@ -5,10 +5,11 @@ import dataclasses
 import datetime
 import logging
 import os
+import pickle
 import socket
 import time
 from dataclasses import dataclass
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -114,14 +115,23 @@ def _ranges(ranks: list[int]) -> str:
 _KEY = "gptlaunch/rendezvous"
 
 
+Vet = Callable[[list[Any]], str | None]
+
+
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0,
-                       join_timeout_s: float | None = None) -> Rendezvous | None:
+                       join_timeout_s: float | None = None, card: Any = None,
+                       vet: Vet | None = None) -> Rendezvous | None:
     """Join the job's process group: NCCL on GPUs, gloo on CPU. A single process joins nothing.
 
     Every rank first checks in at a TCP store on the master (rank 0): a rank that cannot reach it, or a
     rank 0 that does not see every rank within `join_timeout_s`, raises RendezvousError naming the rank,
-    its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards."""
+    its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards.
+
+    Each rank leaves its picklable `card` there too, and rank 0 hands every card, in rank order, to `vet` before any
+    backend starts: a line it returns stops every rank with that UserError, where NCCL would fail or hang (two
+    ranks on one GPU: "Duplicate GPU detected")."""
     if not env.distributed:
+        _refuse(vet([card]) if vet else None)
         return None
     join = float(join_timeout_s or timeout_s)
     where = f"rank {env.rank} on {env.hostname}"
@@ -137,12 +147,14 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
                               f"{master} within {join:.0f} s: {error_line(e)}") from None
     try:
         with PROGRESS.collective("rendezvous"):
-            hosts = _wait_for_everyone(store, env, join, start, where, master)
+            hosts = _wait_for_everyone(store, env, join, start, where, master, pickle.dumps(card) if vet else None)
+            verdict = _verdict(store, env, vet, join) if vet else ""
     except RendezvousError:
         raise
     except (RuntimeError, OSError) as e:
         raise RendezvousError(f"{where} lost the rendezvous at {master} while waiting for the other ranks: "
                               f"{error_line(e)}") from None
+    _refuse(verdict)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     dist.init_process_group(
         backend=backend_for(device),
@@ -156,8 +168,10 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
 
 
 def _wait_for_everyone(store: Any, env: DistEnv, join: float, start: float, where: str,
-                       master: str) -> tuple[str, ...]:
-    """Check in at the store and wait until every rank has; the hosts, in rank order."""
+                       master: str, card: bytes | None) -> tuple[str, ...]:
+    """Check in at the store (with this rank's card) and wait until every rank has; the hosts, in rank order."""
+    if card is not None:
+        store.set(f"{_KEY}/card/{env.rank}", card)
     store.set(f"{_KEY}/host/{env.rank}", env.hostname)
     joined = store.add(f"{_KEY}/joined", 1)
     while joined < env.world_size:
@@ -170,6 +184,25 @@ def _wait_for_everyone(store: Any, env: DistEnv, join: float, start: float, wher
         time.sleep(0.02)
         joined = store.add(f"{_KEY}/joined", 0)
     return tuple(store.get(f"{_KEY}/host/{r}").decode() for r in range(env.world_size))
+
+
+def _verdict(store: Any, env: DistEnv, vet: Vet, join: float) -> str:
+    """Rank 0 vets every rank's card; every rank reads its verdict ("": go on). A refusing rank 0 keeps the store
+    (it serves it) until every rank has read the verdict, else they would see a lost rendezvous instead."""
+    if env.is_main:
+        cards = store.multi_get([f"{_KEY}/card/{r}" for r in range(env.world_size)])
+        store.set(f"{_KEY}/verdict", vet([pickle.loads(c) for c in cards]) or "")
+    verdict = store.get(f"{_KEY}/verdict").decode()
+    read, deadline = store.add(f"{_KEY}/vetted", 1), time.monotonic() + join
+    while verdict and env.is_main and read < env.world_size and time.monotonic() < deadline:
+        time.sleep(0.02)
+        read = store.add(f"{_KEY}/vetted", 0)
+    return verdict
+
+
+def _refuse(line: str | None) -> None:
+    if line:
+        raise UserError(line)
 
 
 def preflight(rendezvous: Rendezvous, device: torch.device, numel: int = 1 << 16, repeats: int = 3) -> Rendezvous:

@@ -11,7 +11,7 @@ from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError
 from gpt.parallel.layout import ParallelDims, check_dims
-from gpt.parallel.traits import preset
+from gpt.parallel.traits import check_compile, preset
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +45,7 @@ def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: M
     # The preset's own checks (stages, micro-batches) count the ranks of one tensor-parallel slice.
     slice_ranks = world_size // tp if tp > 0 and world_size % tp == 0 else world_size
     traits.data_parallel_size(strategy, model_cfg, slice_ranks, train)
+    check_compile(model_cfg, train)
     dims = traits.layout(strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims

@@ -71,6 +71,16 @@ def check_fsdp_options(strategy: StrategyConfig, train: TrainConfig | None) -> N
                           "to the CPU); set train.device=cuda on a GPU machine to use it")
 
 
+def check_compile(model: ModelConfig, train: TrainConfig | None) -> None:
+    """train.compile compiles each block with fullgraph, one graph shared by every block; a mixture-of-experts block
+    reads its experts' token counts to the host (tolist) to split the tokens, sizes the shared graph cannot carry
+    from block to block (pytorch/pytorch#161276; torchtitan compiles MoE blocks without fullgraph)."""
+    if train is not None and train.compile and model.n_expert:
+        raise ConfigError("train.compile", True, f"false with model.n_expert={model.n_expert} (a mixture-of-experts "
+                          "block reads its expert counts to the host, which the compiled blocks' shared graph does not "
+                          "carry), or model.n_expert=0 to compile")
+
+
 class Preset:
     """Replicas that all-reduce gradients (DDP); subclasses change what differs."""
 

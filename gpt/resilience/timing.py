@@ -40,3 +40,14 @@ PROBE_TIMEOUT_S = 3.0
 # A rank aborted by SIGABRT (NCCL's error handling ends every survivor of a lost or failed peer) waits this long for
 # its task to learn which peer that was (its record, its error, its stale heartbeat) before taking itself for lost.
 ABORT_GRACE_S = SCHEDULER_GRACE_S + 5.0
+
+# A task wrapper's deadlines for its rank, which may be stuck inside a CUDA call (it then ignores SIGTERM, and its
+# watchdog may never run): once its attempt has ended (the attempt's line in the attempts log: a requeue, a hang
+# another rank reported, a failure), it ends within a requeued rank's wait for Slurm and a watchdog's exit; once a
+# stop signal was passed on to it, within the run's longest watchdog budget (the step and the save the signal waits
+# for) and that. Past its deadline the wrapper kills it (SIGKILL), so the allocation is never parked. The wrapper
+# looks for the attempt's line this often; a process SIGKILL has not ended within KILL_WAIT_S is stuck in the kernel,
+# and the wrapper goes on without it.
+ENDED_EXIT_S = REQUEUE_WAIT_S + HANG_EXIT_S + 30.0
+ENDED_LOOK_S = 5.0
+KILL_WAIT_S = 30.0

@@ -1,6 +1,6 @@
 """Which GPU each rank drives (or would drive, on a CPU run of a GPU job), from what its scheduler showed it, and
-the check the ranks of a job make together before training: two ranks of one host on one GPU would fail later in
-NCCL ("Duplicate GPU detected") or share it silently."""
+the check of every rank's plan at the rendezvous, before NCCL starts: two ranks of one host on one GPU would fail
+there ("Duplicate GPU detected"), hang, or share it silently."""
 from __future__ import annotations
 
 import logging
@@ -9,8 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt.dist.process_group import DistEnv, gather_objects
-from gpt.errors import UserError
+from gpt.dist.process_group import DistEnv
 from launch.rank.environment import visible_gpus
 
 log = logging.getLogger(__name__)
@@ -76,14 +75,15 @@ def describe(plans: list[GpuPlan]) -> str:
     return "; ".join(lines)
 
 
-def check_gpus(env: DistEnv, device: torch.device, plan: GpuPlan) -> None:
-    """Every rank's plan, gathered: rank 0 logs which GPU each rank drives. Two ranks of a host on one GPU stop a
-    GPU run here; a CPU run of a GPU job (train.device=cpu) drives none, and only warns."""
-    plans = gather_objects(plan)
+def vet_gpus(device: torch.device, plans: list[GpuPlan]) -> str | None:
+    """Rank 0, with every rank's plan, before the process group starts NCCL (which would fail on, or hang at, two
+    ranks on one GPU): logs which GPU each rank drives, and returns the line that stops a GPU run whose ranks share
+    one. A CPU run of a GPU job (train.device=cpu) drives none, and only warns."""
     shared = shared_gpus(plans)
-    if shared and device.type == "cuda":
-        raise UserError(shared)
-    if env.is_main and (device.type == "cuda" or any(p.visible is not None for p in plans)):
+    if device.type == "cuda" or any(p.visible is not None for p in plans):
         log.info("GPUs: %s", describe(plans))
-        if shared:
-            log.warning("%s (this run trains on %s)", shared, device.type)
+    if shared and device.type == "cuda":
+        return shared
+    if shared:
+        log.warning("%s (this run trains on %s)", shared, device.type)
+    return None

@@ -9,6 +9,7 @@ import subprocess
 from collections.abc import Callable, Iterable
 
 from gpt.resilience.timing import RELAY_POLL_S
+from launch.rank.rank_watch import RankWatch, reap
 
 
 class SignalRelay:
@@ -20,10 +21,11 @@ class SignalRelay:
         self.previous = {s: signal.signal(s, lambda signum, _frame: self.received.append(signum)) for s in signals}
 
     def wait(self, child: subprocess.Popen, ready: Callable[[int], bool],
-             stop: Callable[[], bool] = lambda: False) -> int:
+             stop: Callable[[], bool] = lambda: False, watch: RankWatch | None = None) -> int:
         """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so. Once
         `stop()` says so (its round is over, launch.run.rounds), the child is killed, and the signals it got go to
-        the next round's child too: a preemption during an in-job restart still saves and requeues."""
+        the next round's child too: a preemption during an in-job restart still saves and requeues. A `watch`
+        kills the child past its deadline (a rank stuck inside a CUDA call)."""
         first = self.passed
         while True:
             try:
@@ -33,9 +35,13 @@ class SignalRelay:
             if stop():
                 child.kill()
                 self.passed = first
-                return child.wait()
+                return reap(child)
+            if watch is not None and watch.overdue():
+                return watch.kill(child)
             while self.passed < len(self.received) and ready(self.received[self.passed]):
                 child.send_signal(self.received[self.passed])
+                if watch is not None:
+                    watch.signalled(self.received[self.passed])
                 self.passed += 1
 
     def restore(self) -> None:

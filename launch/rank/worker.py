@@ -37,7 +37,7 @@ from gpt.run_folder import RunFolder  # noqa: E402
 from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
                                  this_attempt, this_attempts_line)
 from launch.rank.environment import detect  # noqa: E402
-from launch.rank.gpu_plan import GpuPlan, check_gpus  # noqa: E402
+from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # noqa: E402
 from launch.rank.lost_node import end_for_lost_node  # noqa: E402
@@ -90,9 +90,8 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     start_watchdog(attempt, env, run.watchdog, restarts)
     Faults(run.debug, env.rank, attempt.number).before_start()
     PROGRESS.phase("startup", "joining the process group")
-    rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog)
+    rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog, gpus)
     attempt.nodes = list(rendezvous.by_host()) if rendezvous else [env.hostname]
-    check_gpus(env, device, gpus)
     clock.mark("rendezvous")
     hold_the_folder(attempt, env, job)
     if check_health(run_dir, env, job, attempt.number, device, rendezvous, health=run.health, debug=run.debug,
@@ -132,13 +131,15 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
     install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
 
 
-def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig,
-         watchdog: WatchdogConfig) -> Rendezvous | None:
-    """The process group, and a preflight all-reduce that proves every rank can talk to every other."""
+def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, watchdog: WatchdogConfig,
+         gpus: GpuPlan) -> Rendezvous | None:
+    """The process group, once rank 0 has seen that no two ranks share a GPU, and a preflight all-reduce that proves
+    every rank can talk to every other."""
     if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
         os.environ.update(flight_recorder_env(run_dir, os.environ))
     rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
-                                    join_timeout_s=rendezvous_cfg.timeout_s)
+                                    join_timeout_s=rendezvous_cfg.timeout_s, card=gpus,
+                                    vet=lambda plans: vet_gpus(device, plans))
     if rendezvous is None:
         return None
     rendezvous = preflight(rendezvous, device)

@@ -2,19 +2,13 @@
 and its host within the timeout, never a hang."""
 from __future__ import annotations
 
-import socket
 import time
 
 import pytest
 import torch
 
 from gpt.dist.process_group import DistEnv, RendezvousError, init_process_group
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from helpers import free_port
 
 
 @pytest.mark.timeout(60)

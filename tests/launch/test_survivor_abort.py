@@ -67,7 +67,7 @@ class Relay:
         self.received: list[int] = []
         self.previous: dict = {}
 
-    def wait(self, child, ready, stop=None) -> int:
+    def wait(self, child, ready, stop=None, watch=None) -> int:
         return child.wait()
 
 

@@ -138,17 +138,71 @@ def test_runinfo_names_the_gpu_this_rank_drives(monkeypatch):
     assert environment(DistEnv(), torch.device("cpu"))["gpu"] is None
 
 
-def test_two_ranks_on_one_gpu_stop_a_gpu_run_and_a_cpu_run_warns(monkeypatch, caplog):
-    from launch.rank import gpu_plan
+def test_a_cpu_run_of_a_gpu_job_only_warns_of_two_ranks_on_one_gpu(caplog):
+    from launch.rank.gpu_plan import vet_gpus
 
     crowded = _plans("0,1", [0, 1, 2])
-    monkeypatch.setattr(gpu_plan, "gather_objects", lambda plan: crowded)  # what the three ranks would gather
-    with pytest.raises(UserError, match="more than one rank per GPU: GPU 0 on .* by ranks 0, 2"):
-        gpu_plan.check_gpus(DistEnv(), torch.device("cuda", 0), crowded[0])
     with caplog.at_level("INFO"):
-        gpu_plan.check_gpus(DistEnv(), torch.device("cpu"), crowded[0])
+        assert vet_gpus(torch.device("cpu"), crowded) is None
     assert "rank 0 -> GPU 0, rank 1 -> GPU 1, rank 2 -> GPU 0" in caplog.text
     assert "more than one rank per GPU" in caplog.text and "(this run trains on cpu)" in caplog.text
+
+
+def _join_as_ranks(monkeypatch, tmp_path, visible: str, ranks: int) -> tuple[list, list]:
+    """`ranks` ranks of one Slurm node seeing CUDA_VISIBLE_DEVICES=`visible` (two GPUs), each a thread that joins as
+    the worker does, over a real TCP store. NCCL's start (dist.init_process_group) is where a shared GPU fails or
+    hangs: it records the GPU each rank would hand it, and ends that rank. Returns (those GPUs, each rank's end)."""
+    import threading
+
+    import torch.distributed as dist
+
+    from gpt.config.sections import RendezvousConfig, WatchdogConfig
+    from gpt.resilience.watchdog import flight_recorder_env
+    from launch.rank import worker
+    from helpers import free_port
+
+    for key in flight_recorder_env(tmp_path):  # join() sets them for NCCL: undone after the test
+        monkeypatch.setenv(key, "")
+    started: list = []
+
+    def nccl(**kwargs):
+        started.append(kwargs["device_id"])
+        raise ConnectionAbortedError("NCCL started")
+
+    monkeypatch.setattr(dist, "init_process_group", nccl)
+    _fake_gpus(monkeypatch, 2)
+    port, ended = free_port(), [None] * ranks
+
+    def rank(r: int) -> None:
+        environ = {**SLURM, "SLURM_PROCID": str(r), "SLURM_LOCALID": str(r), "SLURM_NTASKS": str(ranks),
+                   "SLURM_JOB_NUM_NODES": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+                   "CUDA_VISIBLE_DEVICES": visible}
+        env = detect(environ)
+        try:
+            device = pick_device("cuda", env)
+            worker.join(tmp_path, env, device, RendezvousConfig(timeout_s=20), WatchdogConfig(),
+                        GpuPlan.of(env, environ))
+        except BaseException as e:  # noqa: BLE001  the test reads each rank's end
+            ended[r] = e
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(ranks)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    return started, ended
+
+
+@pytest.mark.timeout(120)
+def test_two_ranks_on_one_gpu_are_refused_before_nccl_starts(monkeypatch, tmp_path):
+    started, ended = _join_as_ranks(monkeypatch, tmp_path, "0,1", 3)  # ranks 0 and 2 on GPU 0
+    assert started == []  # no rank reached NCCL
+    for e in ended:
+        assert isinstance(e, UserError) and str(e).startswith("more than one rank per GPU: GPU 0 on ")
+        assert " by ranks 0, 2 " in str(e) and "\n" not in str(e)
+    started, ended = _join_as_ranks(monkeypatch, tmp_path, "0,1", 2)  # a GPU each: NCCL starts on both
+    assert sorted(map(str, started)) == ["cuda:0", "cuda:1"]
+    assert all(isinstance(e, ConnectionAbortedError) for e in ended)
 
 
 def test_a_task_slurm_gave_no_gpu_sees_none():

@@ -51,6 +51,8 @@ CASES = {
                         "parallel.tp=2 is not valid: a divisor of the 1 rank(s) per node"),
     "tp with moe": (["strategy=fsdp", "parallel.tp=2", "model.n_expert=2", "cluster.tasks_per_node=2"],
                     "parallel.tp=2 is not valid: 1 with model.n_expert=2"),
+    "compile with moe": (["model.n_expert=2", "train.compile=true"],
+                         "train.compile=True is not valid: false with model.n_expert=2"),
     "sequence parallel without tp": (["strategy=fsdp", "parallel.sequence_parallel=true", "cluster.tasks_per_node=2"],
                                      "parallel.sequence_parallel=True is not valid: false with parallel.tp=1"),
     "tp under ddp": (["strategy=ddp", "parallel.tp=2", "cluster.tasks_per_node=2"],

@@ -28,6 +28,7 @@ from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR, job_environment
+from launch.rank.rank_watch import RankWatch, signalled_exit_s
 from launch.rank.round_agent import RoundAgent
 from launch.rank.signal_relay import SignalRelay, catches
 from launch.rank.standby import Standby
@@ -90,9 +91,14 @@ class RankTask:
             if agent.in_job_restarts:
                 standby.start_when_up(up)  # the next round's rank imports while this one trains
             return agent.next_asked(k)
-        code = relay.wait(child, functools.partial(catches, child.pid), stop=over)
+        folder = RunFolder(run_dir)
+        watch = RankWatch(f"rank {rank} on {host}", lambda: folder.attempts.line_of(agent.job.job_id,
+                          agent.job.restart, k) is not None, signalled_exit_s(folder.config))
+        code = relay.wait(child, functools.partial(catches, child.pid), stop=over, watch=watch)
         if agent.next_asked(k, now=True):
             return None
+        if watch.killed:
+            raise RankFailed(watch.killed)
         if code == EXIT_PREEMPTED:
             raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
                              f"the job was not requeued (see {RunFolder(run_dir).attempts.log}); submit the same "
