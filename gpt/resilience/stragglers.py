@@ -43,6 +43,7 @@ FIGURES = (
     "comm_s",            # waiting for the other ranks: the host's flags all-reduce + the device's gradient sync
     "compute_s",         # device compute: step_time_s - comm_s, what a rank spends on its own work
     "tokens_per_s_rank",  # tokens this rank's replica trained on per second / ranks
+    "probe_s",           # this rank's time for the compute probe (gpt.train.compute_probe), once per window
 )
 
 
@@ -215,13 +216,17 @@ class StragglerMonitor:
         return [figures_dict(v) for v in gather_vectors(figures_vector(local), group=self.group)]
 
     def update(self, step: int, local: Mapping[str, Any]) -> WindowSummary:
+        return self.observe(step, self.gather(local))
+
+    def observe(self, step: int, figures: Sequence[Mapping[str, Any]]) -> WindowSummary:
+        """Judge every rank's gathered figures (a collective on the first window: the hosts are gathered)."""
         if self.hosts is None:
             import socket
 
             from gpt.dist.process_group import gather_objects
 
             self.hosts = [str(h) for h in gather_objects(self.host or socket.gethostname(), group=self.group)]
-        return self.detector.observe(step, self.gather(local), self.hosts)
+        return self.detector.observe(step, figures, self.hosts)
 
     @staticmethod
     def log_events(summary: WindowSummary, logger: logging.Logger = log) -> None:

@@ -90,8 +90,10 @@ class Trainer:
                                      tracker=tracker)
         shape = RunShape(env, self.strategy, self.model_cfg, self.train, self.device, run_dir, self.micro_batch,
                          self.n_micro)
-        self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent)
-        if self.strategy.dp_size > 1:  # gradients are reduced over replicas: a fast one's device waits there
+        self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent, self.faults.slow_device)
+        # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
+        # waits are inside forward/backward, the reporter's compute probe judges them instead.
+        if self.strategy.dp_size > 1 and not self.reporter.waits_in_compute:
             watch_compute_end(self.strategy.unwrapped, lambda: self.reporter.window)
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -157,6 +159,7 @@ class Trainer:
             self.batches.step = self.step
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
+        self.faults.slow_device()  # test-only: a slow device lags inside the step, as a GPU's would
         result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
                                           layer_norms=log_now and t.layer_grad_norms)
         window.step_done(result.clock)
