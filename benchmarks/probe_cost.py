@@ -1,6 +1,7 @@
 """What the compute probe (gpt.train.compute_probe) costs: its time once per log window, as a share of the window.
 
-A run of more than one rank times the probe after each log window's figures; here one process trains the model
+A run whose ranks wait for each other inside forward/backward (FSDP, tensor parallel, pipeline, ZeRO-3) times the
+probe after each log window's figures; here one process trains the model
 for log windows of `train.log_interval` steps and times the probe the reporter would build for it (sized to its
 micro-batch), alternately, and reports the median share.
 

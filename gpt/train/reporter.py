@@ -59,8 +59,8 @@ class StepReporter:
         self.window = StepTimer(device)
         strategy = self.strategy
         self.waits_in_compute = strategy.traits().waits_in_compute(strategy.cfg, strategy.dims)
-        self.probe = None  # the peers' devices are compared once per window (gpt.train.compute_probe)
-        if self.env.world_size > 1:
+        self.probe = None  # where the step timer cannot tell the wait, devices are compared (gpt.train.compute_probe)
+        if self.env.world_size > 1 and self.waits_in_compute:
             self.probe = ComputeProbe(self.model_cfg, shape.micro_batch * self.model_cfg.block_size, device,
                                       self.train.precision, self.rank_step_flops(), slow)
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
