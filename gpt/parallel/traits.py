@@ -106,6 +106,12 @@ class Preset:
         """The share of the model's parameters one rank holds."""
         return 1.0
 
+    def waits_in_compute(self, strategy: StrategyConfig, dims: ParallelDims) -> bool:
+        """Whether a rank waits for its peers inside forward and backward, where the step timer cannot tell the
+        wait from compute (gpt.train.compute_probe judges it then). Replicas that reduce gradients wait after the
+        backward's compute, which the step timer measures."""
+        return False
+
     def collectives(self, strategy: StrategyConfig, dims: ParallelDims, w: Workload) -> list[Collective]:
         if dims.dp == 1:
             return []
@@ -163,6 +169,9 @@ class DeepSpeed(Preset):
     def param_fraction(self, strategy, dims):
         return 1.0 / dims.dp if strategy.stage == 3 else 1.0
 
+    def waits_in_compute(self, strategy, dims):
+        return strategy.stage == 3 and dims.dp > 1  # parameters gathered layer by layer
+
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
@@ -190,6 +199,9 @@ class FSDP(Preset):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.dp_shard * dims.tp)
+
+    def waits_in_compute(self, strategy, dims):
+        return dims.dp > 1 or dims.tp > 1  # per-layer all-gathers and reductions, tensor-parallel all-reduces
 
     def collectives(self, strategy, dims, w):
         local = w.params / dims.tp  # each tp rank shards its own part over dp_shard
@@ -272,6 +284,9 @@ class Pipeline(Preset):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
+
+    def waits_in_compute(self, strategy, dims):
+        return True  # a stage receives its inputs and its gradients from its neighbours
 
     def collectives(self, strategy, dims, w):
         stage = 4.0 * w.params / dims.pp / dims.tp

@@ -2,8 +2,9 @@
 here, behind hooks the trainer and the checkpointer call at fixed points; with the defaults each hook does
 nothing, so a normal run is never changed.
 
-    debug.delay_rank, delay_s           a rank lags every step (a straggler): on a GPU its device computes
-                                        delay_s longer (the host runs on), on a CPU its training thread sleeps
+    debug.delay_rank, delay_s           a rank lags every step (a straggler), inside the step's work: on a GPU
+                                        its device computes delay_s longer (the host runs on), on a CPU its
+                                        training thread sleeps; the compute probe lags in proportion
     debug.save_sleep_s, save_sleep_step a save stalls before it is committed (to kill a run mid-write)
     debug.signal_at_step, signal_rank,  a rank sends itself a signal so that the run stops before those steps
       signal_name
@@ -51,8 +52,8 @@ class Faults:
         if self.hangs and c.hang_step is None:
             self._hang("before joining the other ranks")
 
-    def before_step(self, step: int) -> float:
-        """At the top of every step; returns a straggler's lag in seconds."""
+    def before_step(self, step: int) -> None:
+        """At the top of every step."""
         c = self.cfg
         # A step ahead: the ranks agree on a signal at the step after it comes, so the run stops before step S
         # (never at the step an attempt resumed from, S - 1 < first_step: it would stop again at once, for ever).
@@ -65,10 +66,18 @@ class Faults:
             self._hang(f"at step {step}")
         if self.first_attempt and self.rank == 0 and step == c.fill_disk_step and self.run_dir is not None:
             fill_disk(self.run_dir.parent / ".debug-fill-disk")
+
+    def slow_device(self, share: float = 1.0) -> float:
+        """debug.delay_rank / straggler_rank: this rank's device is slow, by delay_s per step of work. The trainer
+        calls it inside the step, after the host's flags all-reduce (share 1): a GPU's device lags there too, so
+        its peers wait for it inside the step's collectives (the gradient reduction, FSDP's all-gathers, tensor
+        parallel's all-reduces, the pipeline's receives), not in that all-reduce. The compute probe calls it with
+        its work's share of a step's, so a slow device is as slow on it. Returns the lag in seconds."""
+        c = self.cfg
         if c.delay_rank == self.rank and c.delay_s > 0:
-            return self._lag(c.delay_s)
+            return self._lag(c.delay_s * share)
         if self.first_attempt and c.straggler_rank == self.rank and c.straggler_s > 0:
-            return self._lag(c.straggler_s)
+            return self._lag(c.straggler_s * share)
         return 0.0
 
     def _lag(self, seconds: float) -> float:

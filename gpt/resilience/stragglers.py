@@ -11,8 +11,9 @@ tested without processes and replayed offline by the scaling report (launch.repo
 What is compared. In synchronous training every rank's wall-clock step time is the same: a fast rank waits for the
 slow one inside a collective (on a GPU, on the device: its host never waits). So a rank is judged on its *busy* time,
 its device compute (`compute_s`, from gpt.train.step_timer: the step time minus the communication wait measured
-where it happens, on the host or the device); in records without it, the step time minus `comm_s` when that was
-measured, else the step time.
+where it happens, on the host or the device; under layouts whose peers wait inside forward/backward, minus the wait
+the compute probe finds there, gpt.train.compute_probe); in records without it, the step time minus `comm_s` when
+that was measured, else the step time.
 
 The rule. Each window, a rank's lag is `busy / median(busy over ranks) - 1`. A rank that lags by more than
 `threshold_pct` (and by at least `min_excess_s`) is *lagging* this window; one that lags in `windows` consecutive
@@ -40,9 +41,10 @@ FIGURES = (
     "data_time_s",       # waiting for the next batch
     "fwd_bwd_s",         # forward + backward (on GPU: CUDA events; includes the wait for the gradient reduction)
     "optimizer_s",       # clipping + optimizer step + zero_grad
-    "comm_s",            # waiting for the other ranks: the host's flags all-reduce + the device's gradient sync
+    "comm_s",            # waiting for the other ranks: flags all-reduce, gradient sync, the probe's wait in fwd/bwd
     "compute_s",         # device compute: step_time_s - comm_s, what a rank spends on its own work
     "tokens_per_s_rank",  # tokens this rank's replica trained on per second / ranks
+    "probe_s",           # this rank's time for the compute probe (gpt.train.compute_probe), once per window
 )
 
 
@@ -215,13 +217,17 @@ class StragglerMonitor:
         return [figures_dict(v) for v in gather_vectors(figures_vector(local), group=self.group)]
 
     def update(self, step: int, local: Mapping[str, Any]) -> WindowSummary:
+        return self.observe(step, self.gather(local))
+
+    def observe(self, step: int, figures: Sequence[Mapping[str, Any]]) -> WindowSummary:
+        """Judge every rank's gathered figures (a collective on the first window: the hosts are gathered)."""
         if self.hosts is None:
             import socket
 
             from gpt.dist.process_group import gather_objects
 
             self.hosts = [str(h) for h in gather_objects(self.host or socket.gethostname(), group=self.group)]
-        return self.detector.observe(step, self.gather(local), self.hosts)
+        return self.detector.observe(step, figures, self.hosts)
 
     @staticmethod
     def log_events(summary: WindowSummary, logger: logging.Logger = log) -> None:

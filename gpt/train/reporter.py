@@ -6,6 +6,7 @@ import logging
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from gpt.resilience.stragglers import StragglerMonitor, WindowSummary
 from gpt.train.metrics import MetricsWriter, memory_stats
 from gpt.run_folder import RunFolder
 from gpt.train.runinfo import cpu_affinity, cpu_list
+from gpt.train.compute_probe import ComputeProbe, probe_waits
 from gpt.train.step_timer import StepTimer
 
 log = logging.getLogger(__name__)
@@ -44,7 +46,8 @@ class RunShape:
 
 
 class StepReporter:
-    def __init__(self, shape: RunShape, metrics: MetricsWriter, stragglers: StragglerMonitor, spent: Spent):
+    def __init__(self, shape: RunShape, metrics: MetricsWriter, stragglers: StragglerMonitor, spent: Spent,
+                 slow: Callable[[float], float] = lambda share: 0.0):
         self.shape, self.metrics, self.stragglers, self.spent = shape, metrics, stragglers, spent
         self.env, self.strategy, self.model_cfg, self.train = shape.env, shape.strategy, shape.model_cfg, shape.train
         self.tokens_per_step = self.train.global_batch_size * self.model_cfg.block_size
@@ -54,7 +57,17 @@ class StepReporter:
         tf32 = device.type == "cuda" and torch.backends.cuda.matmul.allow_tf32
         self.peak = peak_flops(device_name, matmul_precision(self.train.precision, tf32))
         self.window = StepTimer(device)
+        strategy = self.strategy
+        self.waits_in_compute = strategy.traits().waits_in_compute(strategy.cfg, strategy.dims)
+        self.probe = None  # where the step timer cannot tell the wait, devices are compared (gpt.train.compute_probe)
+        if self.env.world_size > 1 and self.waits_in_compute:
+            self.probe = ComputeProbe(self.model_cfg, shape.micro_batch * self.model_cfg.block_size, device,
+                                      self.train.precision, self.rank_step_flops(), slow)
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
+
+    def rank_step_flops(self) -> float:
+        """This rank's training FLOPs per step: its share of each token its replica trains on."""
+        return self.flops_per_token * self.tokens_per_step / self.strategy.dp_size * self.strategy.flops_share()
 
     def banner(self) -> str:
         s = self.shape
@@ -104,7 +117,14 @@ class StepReporter:
         values["param_bytes"] = self.strategy.parameter_bytes()  # held by this rank: about total / shards when sharded
         values.update(memory_stats(self.shape.device))
         values.update(result.layer_grad_norms or {})
-        stragglers = self.stragglers.update(step, values)  # a collective: every rank, every window
+        if self.probe is not None:  # after the window's time: the probe is not training time
+            values["probe_s"] = self.probe.seconds()
+        figures = self.stragglers.gather(values)  # a collective: every rank, every window
+        if self.waits_in_compute:  # the waits inside forward/backward, from every rank's probe
+            figures = probe_waits(figures)
+            values.update({k: figures[self.env.rank][k] for k in ("comm_s", "compute_s", "hidden_wait_s")
+                           if figures[self.env.rank].get(k) is not None})
+        stragglers = self.stragglers.observe(step, figures)
         if self.env.is_main:
             values.update(stragglers.metrics())
             StragglerMonitor.log_events(stragglers, log)

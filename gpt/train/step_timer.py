@@ -6,8 +6,8 @@ synchronisation. CUDA refuses the time between two events until both completed: 
 newest mark itself (the earlier ones are on the same stream, so complete with it).
 
 Where a rank waits for the others:
-- on the host, in the step's flags all-reduce (`StepTimer.sync_wait`): the whole wait on a CPU, about 0 on a GPU,
-  whose host runs ahead of the device;
+- on the host, for the step's flags (`StepTimer.sync_wait`): about 0, as they are agreed a step after they are
+  cast and travel meanwhile, unless a peer lags by more than a step;
 - on the device, for the gradient reduction over data-parallel replicas: from the end of the backward's compute
   (the gradient reaching the embedding's output, `mark_compute_end`) to the end of forward/backward. DDP and ZeRO
   reduce in the background while backward computes, so a fast rank's device waits there for a slow rank's last
@@ -15,6 +15,17 @@ Where a rank waits for the others:
 
 comm_s is the sum of both, and compute_s = step time - comm_s: the time a rank spends on its own work. On a GPU
 collectives equalise the step times of all ranks, so stragglers, exclusion and the report judge ranks on compute_s.
+
+Under FSDP, HSDP, tensor parallel, pipeline and ZeRO-3 (the strategy's trait `waits_in_compute`) a rank also waits
+inside forward and backward: parameter all-gathers, activation all-reduces, a stage's receives. There the wait is
+interleaved with compute, layer by layer, on streams of the collectives' own, and no mark of this timer separates
+it; the backward's end mark is not used. Timing every collective instead (NCCL's TORCH_NCCL_ENABLE_TIMING) would
+give each collective's span, transfer and overlap with compute included, and only for NCCL, with FSDP's and
+tensor parallel's collectives issued inside torch. So each rank times the same small, local, collective-free work
+once per log window with this clock (gpt.train.compute_probe; 0.7% of a window for model=tiny on a CPU:
+`python -m benchmarks.probe_cost`): the ratio of its probe to the slowest rank's says which share of its
+forward/backward was a wait, which moves from compute_s to comm_s. It finds a slow device; the bubble of a balanced
+pipeline and collectives' transfer time stay in compute_s.
 """
 from __future__ import annotations
 
@@ -137,7 +148,8 @@ class StepTimer:
 def watch_compute_end(model: nn.Module, timer_of: Any) -> None:
     """Mark the end of the backward's compute on `timer_of()`'s timer: when the gradient reaches the output of the
     token embedding, every layer's backward is done, and what follows is the wait for the gradient reduction. A
-    model without the embedding (a later pipeline stage) marks nothing: its wait is not told apart."""
+    model without the embedding (a later pipeline stage) marks nothing; layouts that wait inside forward/backward
+    are judged by the compute probe instead."""
     embedding = getattr(model, "wte", None)
     if embedding is None:
         return

@@ -92,8 +92,10 @@ class Trainer:
                                      tracker=tracker)
         shape = RunShape(env, self.strategy, self.model_cfg, self.train, self.device, run_dir, self.micro_batch,
                          self.n_micro)
-        self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent)
-        if self.strategy.dp_size > 1:  # gradients are reduced over replicas: a fast one's device waits there
+        self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent, self.faults.slow_device)
+        # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
+        # waits are inside forward/backward, the reporter's compute probe judges them instead.
+        if self.strategy.dp_size > 1 and not self.reporter.waits_in_compute:
             watch_compute_end(self.strategy.unwrapped, lambda: self.reporter.window)
 
     # --- evaluation -----------------------------------------------------------------------------------
@@ -165,12 +167,12 @@ class Trainer:
         data_start = time.perf_counter()
         micro = self.prefetch.take(self.step)
         window.data_done(data_start, self.prefetch.read_s)
-        # A fast rank's host waits here for a slow one (on a CPU): communication time, not its own work.
-        window.sync_wait(self.sync())
+        window.sync_wait(self.sync())  # waiting for the others: communication time, not this rank's own work
         if self.stop.reason is not None:  # every rank stops before this step, and saves
             self.batches.step = self.step
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
+        self.faults.slow_device()  # test-only: a slow device lags inside the step, as a GPU's would
         result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
                                           layer_norms=log_now and t.layer_grad_norms)
         window.step_done(result.clock)

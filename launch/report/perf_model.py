@@ -19,7 +19,8 @@ C(n)  the nominal communication time of the collectives the strategy lists for a
       otherwise.
 c, k  c is fitted to every point's busy time (its p50 step time minus the communication time it measured, or minus k
       C(n) where none was measured; measured = `comm_s`, the wait for the other ranks where it happens: the host's flags
-      all-reduce and the device's wait for the gradient reduction), by least squares on the log of busy time per
+      all-reduce, the device's wait for the gradient reduction, and the wait inside forward/backward that the compute
+      probe finds under FSDP, tensor parallel, pipeline and ZeRO-3), by least squares on the log of busy time per
       sequence, so that every point counts alike. k is fitted only from points whose ranks sit on separate machines or
       within one real node: from their measured communication time when recorded, else by least squares with c. It says
       how the measured communication compares with the nominal one: 1 = as configured, < 1 = partly hidden behind

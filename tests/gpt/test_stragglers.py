@@ -115,7 +115,7 @@ def _scenario(rank: int, delay_rank) -> list[dict]:
             start = time.perf_counter()
             for _ in range(5):
                 a = torch.tanh(a @ a)  # the rank's own work
-            Faults(DebugConfig(delay_rank=delay_rank, delay_s=0.05), rank).before_step(1)
+            Faults(DebugConfig(delay_rank=delay_rank, delay_s=0.05), rank).slow_device()
             t0 = time.perf_counter()
             sum_in_background([0.0]).wait()  # waiting for the others counts as communication, not as this rank's own time
             dist.all_reduce(grad)  # the "gradient" collective
@@ -172,5 +172,5 @@ def test_an_injected_straggler_lags_on_the_device_of_a_gpu_rank(monkeypatch):
     cuda = StrictCuda(clock_khz=1_500_000).install(monkeypatch)
     monkeypatch.setattr(time, "sleep", lambda s: pytest.fail("the host slept"))
     faults = Faults(DebugConfig(delay_rank=1, delay_s=0.2), 1, device=torch.device("cuda", 0))
-    assert faults.before_step(3) == 0.2
-    assert cuda.current_stream().tail == pytest.approx(0.2) and cuda.host_waits == 0
+    assert faults.slow_device() == 0.2 and faults.slow_device(0.5) == 0.1
+    assert cuda.current_stream().tail == pytest.approx(0.3) and cuda.host_waits == 0

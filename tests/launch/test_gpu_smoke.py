@@ -33,6 +33,9 @@ def on_cpu(name: str, extra: tuple[str, ...], data_overrides: list[str]) -> Row:
     # NCCL aborts the survivors of a lost rank; on gloo debug.abort_on_collective_error does as NCCL does
     ("a rank killed under NCCL", ("debug.abort_on_collective_error=true",), "attempts lines 1, lost rank [1]: ok"),
     ("straggler on the device", (), "flagged: yes"),
+    # the probe finds the slow rank where its peers wait inside forward/backward (shorter than on a GPU)
+    ("straggler under fsdp", ("train.max_steps=20",), "flagged: yes"),
+    ("straggler under pipeline", ("train.max_steps=20",), "flagged: yes"),
 ])
 def test_a_gpu_row_run_on_cpu_is_checked_from_its_run_folder(name, extra, expected, data_overrides, tmp_path):
     result = run_row(on_cpu(name, extra, data_overrides), 2, tmp_path)

@@ -1,5 +1,6 @@
 """Straggler detection inside real training: a delay injected on one rank makes that rank, and its host, a
-straggler in rank 0's records; without it no rank is one."""
+straggler in rank 0's records; without it no rank is one. Under layouts whose collectives run inside forward and
+backward (FSDP, tensor parallel, pipeline) the peers wait for the slow rank there, and the compute probe finds it."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,26 @@ def test_injected_delay_makes_a_straggler(delayed, tmp_path, data_overrides):
     else:
         assert max(counts) == 0, counts
         assert "straggler" not in log
+
+
+# Collectives inside forward/backward: the fast rank waits in FSDP's all-gathers, the tensor-parallel all-reduces,
+# the pipeline's receives. The slow rank is the pipeline's last stage, without the token embedding.
+HIDDEN = {"fsdp": ["strategy=fsdp"], "tp": ["strategy=fsdp", "parallel.tp=2"],
+          "pipeline": ["strategy=pipeline", "strategy.microbatches=2"]}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("layout", HIDDEN)
+def test_a_slow_rank_is_found_where_its_peers_wait_inside_forward_and_backward(layout, tmp_path, data_overrides):
+    run = [o for o in RUN if not o.startswith(("strategy=", "train.max_steps"))]
+    launch(*run, *HIDDEN[layout], "train.max_steps=20", *data_overrides, "debug.delay_rank=1", "debug.delay_s=0.1",
+           run_dir=tmp_path)
+    records = read_metrics(tmp_path, rank=0)
+    assert records[-1]["stragglers/count"] == 1, [r["stragglers/count"] for r in records]
+    last = records[-1]
+    assert last["rank_busy_s/rank1"] > last["rank_busy_s/rank0"] + 0.05, last
+    assert "rank 1" in (tmp_path / "logs" / "rank0.log").read_text()
+    assert last["hidden_wait_s"] > 0.05 and last["comm_s"] >= last["hidden_wait_s"], last  # rank 0's wait: comm
 
 
 def test_excluding_a_straggler_that_does_not_pay_keeps_it_and_says_why(tmp_path, data_overrides):
