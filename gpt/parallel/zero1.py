@@ -11,7 +11,6 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from gpt.train.optim import build_adamw
-from gpt.parallel.base import compile_blocks
 from gpt.parallel.ddp import DDP
 
 
@@ -24,7 +23,7 @@ class Zero1(DDP):
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
         if self.compile:
-            compile_blocks(model)
+            self.compile.apply(model)
         self.model = self.wrap(model)
         # The same parameter groups and settings as every other strategy's AdamW, partitioned over the ranks.
         reference = build_adamw(self.model, lr, weight_decay, betas, self.device)

@@ -72,8 +72,10 @@ def test_gradient_clipping_scales_to_the_threshold_and_reports_the_norm_before()
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_eager(train):
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_model_matches_eager(train, scope):
+    """Each block compiled, or the whole model with its loss (Inductor fuses the head's cast and cross-entropy)."""
     eager, _ = train("train.max_steps=4")
-    compiled, _ = train("train.max_steps=4", "train.compile=true")
+    compiled, _ = train("train.max_steps=4", "train.compile=true", f"train.compile_scope={scope}")
     for a, b in zip(losses(eager), losses(compiled), strict=True):
         assert a == pytest.approx(b, rel=1e-4)
