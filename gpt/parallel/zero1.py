@@ -1,8 +1,8 @@
 """ZeRO stage 1 in plain PyTorch: DDP for the gradients, ZeroRedundancyOptimizer for the optimizer state.
 
 Each rank keeps AdamW state (two fp32 moments) only for its partition of the parameters, steps only those, and
-broadcasts them to the others. Checkpoints hold each rank's moments under the parameters' names, so they load
-into any strategy."""
+broadcasts them to the others: one bucket per rank (the parameters are views into it), not one call per parameter.
+Checkpoints hold each rank's moments under the parameters' names, so they load into any strategy."""
 from __future__ import annotations
 
 import inspect
@@ -31,7 +31,8 @@ class Zero1(DDP):
         accepted = inspect.signature(type(reference)).parameters
         defaults = {k: v for k, v in reference.defaults.items()
                     if k in accepted and k not in ("params", "weight_decay")}
-        self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=type(reference), **defaults)
+        self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=type(reference),
+                                                 parameters_as_bucket_view=True, **defaults)
 
     def state_parts(self):
         # The local optimizer steps this rank's partition: its state is what this rank saves and restores.
