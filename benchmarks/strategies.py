@@ -9,8 +9,11 @@ from its per-rank metrics files.
 Step time is the median over the timed steps (after --warmup steps); with --repeats the configurations run
 round-robin and the best median is kept (the host slows one vCPU at times). tokens/s is the whole job's.
 Memory is per rank: CUDA's peak allocation on GPUs; on CPUs the largest resident set size seen at the metric
-records (every step), which includes the Python process itself. param MiB is what each rank holds of the
-parameters (sharding shows here). On CPU each rank gets one thread (OMP_NUM_THREADS=1), `single` too.
+records (every step), which includes the Python process itself. Every step is a log step, since the table wants
+each step's time: on a GPU that costs one synchronize a step (the host cannot run ahead), so these step times are
+a little above a training run's (train=gpu logs every 50 steps); per-layer gradient norms are off. param MiB is
+what each rank holds of the parameters (sharding shows here). On CPU each rank gets one thread (OMP_NUM_THREADS=1),
+`single` too.
 Writes benchmarks/results/strategies.json.
 """
 from __future__ import annotations
@@ -115,8 +118,8 @@ def main() -> None:
     data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
     common = [f"model={args.model}", f"train.global_batch_size={args.batch}",
               f"train.max_steps={args.warmup + args.steps}", "train.warmup_steps=1", "train.log_interval=1",
-              "train.eval_interval=0", "train.progress=false", "checkpoint.interval_steps=0", *data,
-              *args.overrides]
+              "train.layer_grad_norms=false", "train.eval_interval=0", "train.progress=false",
+              "checkpoint.interval_steps=0", *data, *args.overrides]
     env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     results: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="gptlaunch-strategies-") as tmp:

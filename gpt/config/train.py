@@ -6,6 +6,12 @@ from dataclasses import dataclass, field
 from gpt.errors import ConfigError
 
 PRECISIONS = ("fp32", "bf16", "fp16")
+# SDPA's kernels (gpt.model.attention); `auto` lets SDPA choose, a named one is the only one allowed (strict).
+ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# What torch.compile covers: each block, the whole model with its loss, or the whole model where the strategy
+# allows (single, ddp, zero1 without tensor parallelism) and each block elsewhere.
+COMPILE_SCOPES = ("blocks", "model", "auto")
 
 
 @dataclass
@@ -22,6 +28,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     compile: bool = False
+    compile_mode: str = "default"
+    compile_scope: str = "blocks"
+    attention: str = "auto"
     device: str = "auto"
     eval_interval: int = 250
     eval_batches: int = 20
@@ -36,6 +45,10 @@ class TrainConfig:
                 raise ConfigError(f"train.{key}", getattr(self, key), "a positive integer")
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
+        for key, valid in (("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES),
+                           ("attention", ATTENTION)):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"train.{key}", getattr(self, key), f"one of {', '.join(valid)}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise ConfigError("train.device", self.device, "auto, cpu or cuda")
         if self.lr <= 0:
@@ -47,6 +60,17 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.eval_interval < 0:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
+
+    def check_attention(self, device: str) -> None:
+        """Refuse, at planning, a kernel the planned device cannot run: SDPA has no cuDNN or memory-efficient
+        kernel on a CPU, and on a GPU its Flash and cuDNN kernels take bf16 or fp16 only."""
+        kernel = self.attention
+        if device == "cpu" and kernel in ("cudnn", "efficient"):
+            raise ConfigError("train.attention", kernel, "auto, flash or math on a CPU run (SDPA has no "
+                              f"{kernel} kernel on a CPU)")
+        if device == "cuda" and kernel in ("flash", "cudnn") and self.precision == "fp32":
+            raise ConfigError("train.attention", kernel, f"auto, efficient or math with train.precision=fp32 (the "
+                              f"{kernel} kernel takes bf16 or fp16 on a GPU); or set train.precision=bf16")
 
     def recompute_every(self) -> int:
         """Every how many layers activation checkpointing recomputes one (0: none, 1: every layer)."""

@@ -12,9 +12,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn.attention import SDPBackend
 from torch.utils.checkpoint import checkpoint
 
 from gpt.config.model import ModelConfig
+from gpt.model.attention import allowed
 from gpt.errors import ConfigError
 
 Rope = tuple[Tensor, Tensor]  # (cos, sin), each (T, head_dim // 2), for the positions being processed
@@ -96,6 +98,8 @@ class CausalSelfAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
+        # The SDPA kernels this layer may use (train.attention, set by the trainer); None: SDPA chooses.
+        self.kernels: list[SDPBackend] | None = None
 
     def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
@@ -112,9 +116,10 @@ class CausalSelfAttention(nn.Module):
         mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
         # enable_gqa: query head h attends with key/value head h // (n_head / n_kv_head), as in LLaMA, without
         # materialising the repeated keys and values.
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0,
-                                           enable_gqa=self.n_kv_head != self.n_head)
+        with allowed(self.kernels):
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0,
+                                               enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 

@@ -46,6 +46,8 @@ def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: M
     slice_ranks = world_size // tp if tp > 0 and world_size % tp == 0 else world_size
     traits.data_parallel_size(strategy, model_cfg, slice_ranks, train)
     check_compile(model_cfg, train)
+    if train is not None:
+        traits.compile_scope(train)
     dims = traits.layout(strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims

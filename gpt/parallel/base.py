@@ -56,13 +56,24 @@ def local_part(grad: torch.Tensor, replicas: int, outside: int = 1) -> tuple[tor
     return grad.to_local(), copies
 
 
-def compile_blocks(model: nn.Module) -> None:
-    """torch.compile each transformer block of `model` in place, before any data-parallel wrapper shards or wraps
-    it (torchtitan's pattern). The blocks share one graph (same code, parameters as inputs); parameter names,
-    checkpoint keys and the hooks tensor parallelism and FSDP put on a block stay the model's (no `_orig_mod`); the
-    embeddings, the head and the loss run eager."""
-    for block in model.layers.values():
-        block.compile(fullgraph=True)
+@dataclass(frozen=True)
+class Compile:
+    """What torch.compile covers (train.compile_scope, resolved by the strategy's traits) and its mode."""
+
+    scope: str = "blocks"  # "blocks" or "model"
+    mode: str = "default"
+
+    def apply(self, model: nn.Module) -> None:
+        """Compile `model` in place, before any data-parallel wrapper shards or wraps it (torchtitan's pattern):
+        parameter names, checkpoint keys and the hooks tensor parallelism and FSDP put on a block stay the model's
+        (no `_orig_mod`). `blocks`: each transformer block, one shared graph (same code, parameters as inputs),
+        the embeddings, head and loss eager. `model`: the whole GPT with its loss, so that Inductor fuses the head's
+        cast and the cross-entropy (no fp32 copy of the logits); DDP's optimizer splits that graph at its buckets."""
+        if self.scope == "model":
+            model.compile(mode=self.mode)
+            return
+        for block in model.layers.values():
+            block.compile(fullgraph=True, mode=self.mode)
 
 
 class Strategy:
@@ -79,7 +90,8 @@ class Strategy:
         # save's staging copy (which reads the weights) to finish.
         self.before_update: Callable[[], None] = lambda: None
         self.layer_keys: list[str] = []  # the full model's layers, for per-layer gradient norms (set by the trainer)
-        self.compile = False  # torch.compile each transformer block in setup (train.compile; set by the trainer)
+        self.compile: Compile | None = None  # torch.compile in setup (train.compile; set by the trainer)
+        self.attention_kernel = "math"  # the SDPA kernel the model's attention runs (set by the trainer)
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -103,7 +115,7 @@ class Strategy:
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
         if self.compile:
-            compile_blocks(model)
+            self.compile.apply(model)
         self.model = self.wrap(model)
         self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)
 
@@ -143,7 +155,7 @@ class Strategy:
         for i, (x, y) in enumerate(micro_batches):
             with self.sync_gradients(i == n_micro - 1), self.loss_context():
                 with self.autocast():
-                    _, loss = self.model(x, y)
+                    loss = self.model(x, y)[1]  # the logits not held through backward
                 loss = loss / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += plain(loss.detach())

@@ -140,7 +140,7 @@ class DeepSpeed(Strategy):
         for i, (x, y) in enumerate(micro_batches):
             if i == 0:
                 self._configure(x.size(0), n_micro, grad_clip)
-            _, loss = self.engine(x, y)
+            loss = self.engine(x, y)[1]  # the logits not held through backward
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             if i == n_micro - 1:
                 clock.mark("fwd_bwd")  # the gradients are reduced; the engine's step below is the optimizer's

@@ -18,7 +18,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor.parallel import loss_parallel
 
 from gpt.config.strategy import StrategyConfig
-from gpt.parallel.base import DTYPES, Strategy, compile_blocks, local_part
+from gpt.parallel.base import DTYPES, Strategy, local_part
 from gpt.parallel.mesh import build_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.train.optim import build_adamw
@@ -79,8 +79,8 @@ class FSDP(Strategy):
         self.mesh = build_mesh(self.device, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, tp=d.tp)
         if d.tp > 1:
             apply_tensor_parallel(model, self.mesh["tp"], d.sequence_parallel)
-        if self.compile:  # after tensor parallelism, before sharding
-            compile_blocks(model)
+        if self.compile:  # after tensor parallelism, before sharding (per block: the traits say so)
+            self.compile.apply(model)
         self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
         shard_mesh = self.mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else self.mesh["dp_shard"]
         self.model = shard(model, shard_mesh, self.precision, self.cfg)

@@ -89,6 +89,17 @@ class Preset:
     axes: tuple[str, ...] = ("dp_replicate", "dp_shard")
     checkpoint_format = "dcp"  # DCP: every rank writes its part; loads into any layout
     reshardable = True
+    # train.compile may cover the whole model with its loss: no per-block hooks (FSDP's, tensor parallelism's) and
+    # a rank runs the whole model (not a pipeline stage)
+    whole_model_compile = True
+
+    def compile_scope(self, train: TrainConfig) -> str:
+        """What train.compile covers in this run: 'model' (the GPT with its loss, one graph) or 'blocks'."""
+        scope = train.compile_scope
+        if scope == "model" and not self.whole_model_compile:
+            raise ConfigError("train.compile_scope", scope, f"blocks or auto with strategy={self.name} (it compiles "
+                              "each block: its hooks are per block); model with single, ddp or zero1")
+        return "model" if scope == "model" or (scope == "auto" and self.whole_model_compile) else "blocks"
 
     def data_parallel_size(self, strategy: StrategyConfig, model: ModelConfig, world_size: int,
                            train: TrainConfig | None = None) -> int:
@@ -144,6 +155,7 @@ class Zero1(Preset):
 
 class DeepSpeed(Preset):
     name = "deepspeed"
+    whole_model_compile = False
     data_axis = "dp_shard"
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
@@ -185,6 +197,7 @@ class DeepSpeed(Preset):
 
 class FSDP(Preset):
     name = "fsdp"
+    whole_model_compile = False
     data_axis = "dp_shard"
     axes = ("dp_replicate", "dp_shard", "tp")
 
@@ -228,6 +241,7 @@ class FSDP(Preset):
 
 class Pipeline(Preset):
     name = "pipeline"
+    whole_model_compile = False
     axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
     def data_parallel_size(self, strategy, model, world_size, train=None):

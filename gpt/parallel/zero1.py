@@ -1,8 +1,8 @@
 """ZeRO stage 1 in plain PyTorch: DDP for the gradients, ZeroRedundancyOptimizer for the optimizer state.
 
 Each rank keeps AdamW state (two fp32 moments) only for its partition of the parameters, steps only those, and
-broadcasts them to the others. Checkpoints hold each rank's moments under the parameters' names, so they load
-into any strategy."""
+broadcasts them to the others: one bucket per rank (the parameters are views into it), not one call per parameter.
+Checkpoints hold each rank's moments under the parameters' names, so they load into any strategy."""
 from __future__ import annotations
 
 import inspect
@@ -11,7 +11,6 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from gpt.train.optim import build_adamw
-from gpt.parallel.base import compile_blocks
 from gpt.parallel.ddp import DDP
 
 
@@ -24,7 +23,7 @@ class Zero1(DDP):
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
         model.to(self.device)
         if self.compile:
-            compile_blocks(model)
+            self.compile.apply(model)
         self.model = self.wrap(model)
         # The same parameter groups and settings as every other strategy's AdamW, partitioned over the ranks.
         reference = build_adamw(self.model, lr, weight_decay, betas, self.device)
@@ -32,7 +31,8 @@ class Zero1(DDP):
         accepted = inspect.signature(type(reference)).parameters
         defaults = {k: v for k, v in reference.defaults.items()
                     if k in accepted and k not in ("params", "weight_decay")}
-        self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=type(reference), **defaults)
+        self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=type(reference),
+                                                 parameters_as_bucket_view=True, **defaults)
 
     def state_parts(self):
         # The local optimizer steps this rank's partition: its state is what this rank saves and restores.

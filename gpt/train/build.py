@@ -11,9 +11,10 @@ from gpt.config.schema import RunConfig
 from gpt.data import check_vocab
 from gpt.dist import rng
 from gpt.dist.process_group import DistEnv
+from gpt.model import attention
 from gpt.model.transformer import GPT
 from gpt.parallel import build_strategy
-from gpt.parallel.base import Strategy
+from gpt.parallel.base import DTYPES, Compile, Strategy
 from gpt.train.metrics import layer_keys
 
 
@@ -44,12 +45,17 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     train = run.train
     use_tf32(device, train.precision)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision)
+    # before the model: a kernel that cannot run refuses in one line, not at the first step
+    strategy.attention_kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
     model = build_model(model_cfg, device, run.seed)
     every = train.recompute_every()
+    kernels = attention.backends(train.attention)
     for i, block in enumerate(model.layers.values()):
         block.recompute = every > 0 and i % every == 0
+        block.attn.kernels = kernels
     strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
-    strategy.compile = train.compile
+    if train.compile:
+        strategy.compile = Compile(strategy.traits().compile_scope(train), train.compile_mode)
     strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
     rng.seed_device(run.seed, rng.stream_index(env.rank, strategy.dims.tp), device)
     return strategy

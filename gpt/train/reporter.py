@@ -84,12 +84,19 @@ class StepReporter:
             f"layout       {self.strategy.dims.describe(self.env.local_world_size)}",
             f"device       {s.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
             f"rank on CPUs {cpu_list(cpu_affinity())}",
+            f"compute      attention {self.strategy.attention_kernel} (train.attention={self.train.attention}); "
+            f"{self.compiled()}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
             f"tokens/step; {s.micro_batch} per rank x {s.n_micro} micro-steps",
             f"at 50% MFU   {at_half}",
             f"run folder   {s.run_dir}",
         ]
         return "\n".join(lines)
+
+    def compiled(self) -> str:
+        c = self.strategy.compile
+        return f"torch.compile of the {'whole model' if c.scope == 'model' else 'blocks'}, mode {c.mode}" if c \
+            else "eager"
 
     def show_banner(self) -> None:
         if self.env.is_main:

@@ -75,6 +75,7 @@ def make_plan(run: RunConfig, run_dir: Path, live_job: str | None = None) -> Pla
     device = planned_device(run)
     check_local_gpus(run, device, nodes * per_node)
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
+    train.check_attention(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.micro_batches(dims.dp)
 

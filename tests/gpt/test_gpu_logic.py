@@ -18,7 +18,7 @@ from gpt.config.model import ModelConfig
 from gpt.dist.process_group import DistEnv
 from gpt.train.metrics import layer_grad_norms, layer_key, layer_keys
 from gpt.model.transformer import GPT
-from gpt.parallel.base import Strategy, compile_blocks
+from gpt.parallel.base import Compile, Strategy
 from gpt.parallel.layout import ParallelDims
 from gpt.train.trainer import Trainer
 from gpt.config import schema
@@ -30,7 +30,7 @@ TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
 def test_layer_names_survive_torch_compile():
     model = GPT(TINY)
-    compile_blocks(model)  # in place; nothing compiles until it is called
+    Compile().apply(model)  # each block, in place; nothing compiles until it is called
     strategy = Strategy({}, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
     strategy.model = model
     assert strategy.unwrapped is model
@@ -105,11 +105,13 @@ class FinishedWork:
         return True
 
 
-def test_no_host_sync_on_steps_that_do_not_log(tmp_path, monkeypatch):
+# train=gpu's step as well: bf16 autocast, an attention kernel named around SDPA (compile off: slow here)
+@pytest.mark.parametrize("preset", [[], ["train=gpu", "train.compile=false", "train.attention=math"]])
+def test_no_host_sync_on_steps_that_do_not_log(preset, tmp_path, monkeypatch):
     """The step's flags travel as host values (a gloo all_reduce under "cpu:gloo,cuda:nccl"), so a step that
     does not log never reads the loss, the gradient norm or a timer back from the device."""
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        cfg = compose("config", overrides=["model=tiny", "train.max_steps=8", "train.log_interval=4",
+        cfg = compose("config", overrides=[*preset, "model=tiny", "train.max_steps=8", "train.log_interval=4",
                                            "train.eval_interval=0", "train.progress=false",
                                            f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}"])
     make_plan(run_config(cfg), tmp_path / "run")

@@ -2,13 +2,16 @@
 from __future__ import annotations
 
 import math
+import weakref
 
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
 from helpers import REPO, SHAKESPEARE, losses, read_metrics
+from gpt.config.model import ModelConfig
 from gpt.dist.process_group import DistEnv
+from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
 from gpt.train.trainer import Trainer
@@ -72,8 +75,25 @@ def test_gradient_clipping_scales_to_the_threshold_and_reports_the_norm_before()
 
 
 @pytest.mark.slow
-def test_compiled_model_matches_eager(train):
+@pytest.mark.parametrize("scope", ["blocks", "model"])
+def test_compiled_model_matches_eager(train, scope):
+    """Each block compiled, or the whole model with its loss (Inductor fuses the head's cast and cross-entropy)."""
     eager, _ = train("train.max_steps=4")
-    compiled, _ = train("train.max_steps=4", "train.compile=true")
+    compiled, _ = train("train.max_steps=4", "train.compile=true", f"train.compile_scope={scope}")
     for a, b in zip(losses(eager), losses(compiled), strict=True):
         assert a == pytest.approx(b, rel=1e-4)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_logits_are_freed_before_backward(precision):
+    """The step keeps only the loss: the (batch, block, vocabulary) logits, the largest activation of a small
+    model, are not held while backward runs."""
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), precision, ParallelDims())
+    strategy.setup(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=64)), 1e-3, 0.1,
+                   (0.9, 0.99))
+    logits, alive = [], []
+    strategy.model.lm_head.register_forward_hook(lambda m, i, out: logits.append(weakref.ref(out)))
+    strategy.model.ln_f.weight.register_hook(lambda g: alive.append(logits[-1]() is not None))  # in backward
+    x = torch.randint(0, 64, (2, 8))
+    strategy.train_step([(x, x)], 1, 1e-3, 1.0)
+    assert alive == [False]

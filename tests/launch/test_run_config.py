@@ -37,6 +37,9 @@ BAD = {
     "health.rounds=0": "health.rounds=0 is not valid: a number of rounds >= 1",
     "train.lr=-1": "train.lr=-1 is not valid: a positive learning rate",
     "train.min_lr=0.1": "train.min_lr=0.1 is not valid: between 0 and train.lr=0.001",
+    "train.attention=xformers": "train.attention='xformers' is not valid: one of auto, flash, cudnn, efficient, math",
+    "train.compile_mode=fast": "train.compile_mode='fast' is not valid: one of default, reduce-overhead, max-autotune",
+    "train.compile_scope=head": "train.compile_scope='head' is not valid: one of blocks, model, auto",
     "metrics.straggler_windows=0": "metrics.straggler_windows=0 is not valid: must be >= 1",
     "metrics.straggler_action=drop": "metrics.straggler_action='drop' is not valid: must be warn or exclude",
     "report.predict_nodes=[]": "report.predict_nodes=[] is not valid: a list of positive node counts",
@@ -80,7 +83,7 @@ def test_a_wrong_type_is_refused_by_hydra(override, valid):
 def test_the_tree_knows_every_key_and_its_type():
     assert field_at("train.lr") is float and field_at("checkpoint.async") is bool
     assert field_at("metrics.straggler_windows") is int and field_at("train.nope") is None
-    assert valid_for("train.nope").startswith("known train keys are activation_checkpointing, betas")
+    assert valid_for("train.nope").startswith("known train keys are activation_checkpointing, attention, betas")
     assert valid_for("train.betas[1]") == "a number"
     assert valid_for("nope").startswith("known top-level keys are budget, checkpoint, cluster")
 
