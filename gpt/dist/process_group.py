@@ -298,10 +298,11 @@ class BackgroundSum:
 
     def wait(self) -> tuple[float, list[float]]:
         """(seconds this rank waited for the others, the sums)."""
+        if self.work is None:
+            return 0.0, self.tensor.tolist()
         start = time.perf_counter()
-        if self.work is not None:
-            with PROGRESS.collective("all_reduce (step flags)"):
-                self.work.wait()
+        with PROGRESS.collective("all_reduce (step flags)"):
+            self.work.wait()
         return time.perf_counter() - start, self.tensor.tolist()
 
 
@@ -360,7 +361,9 @@ def all_reduce_in_place(tensor: torch.Tensor, group: Any = None) -> None:
             dist.all_reduce(tensor, group=group)
 
 
-def side_group() -> Any:
-    """A gloo group of its own, for work that runs beside training (async checkpoint writes): sharing the
-    default group with the training loop crashes or hangs. "local" in a single process."""
-    return dist.new_group(backend="gloo") if dist.is_available() and dist.is_initialized() else "local"
+def side_group(desc: str) -> Any:
+    """A gloo group of its own, for work that runs beside training (the step's flags, async checkpoint writes):
+    sharing the default group with the training loop crashes or hangs. "local" in a single process."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.new_group(backend="gloo", group_desc=desc)  # what hang reports call it
+    return "local"

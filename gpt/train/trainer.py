@@ -64,9 +64,10 @@ class Trainer:
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)
         self.ckpt = run.checkpoint
         self.stop = StopControl(run.preemption)
-        self.flags_group = side_group()  # the step's flags travel beside training: a group of their own
+        self.flags_group = side_group("step_flags")  # the step's flags travel beside training
         self.flags: tuple[BackgroundSum, Any] | None = None  # cast at the last step, with the save they polled
-        async_group = side_group() if self.ckpt.async_save and self.strategy.supports_async_save else None
+        async_save = self.ckpt.async_save and self.strategy.supports_async_save
+        async_group = side_group("async_checkpoint") if async_save else None
         self.checkpointer = Checkpointer(RunFolder(run_dir).checkpoints, self.ckpt.keep, env.is_main, env.rank,
                                          async_group=async_group, async_save=self.ckpt.async_save,
                                          before_commit=self.faults.before_commit)

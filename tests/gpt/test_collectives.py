@@ -132,3 +132,34 @@ def test_the_helpers_place_and_reduce(monkeypatch):
     seconds, sums = distributed.sum_in_background([1.0, 0.0]).wait()
     assert sums == [2.0, 0.0] and seconds >= 0
     assert set(seen) == {torch.device("cpu")}
+
+
+def _cast_then_tell(rank: int, port: int, out) -> None:
+    """Rank 0 casts its flags and only then lets rank 1 cast its own: a cast that waited for the others would
+    never let rank 1 start (the store's wait then times out)."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    group = distributed.side_group("step_flags")
+    if rank == 0:
+        cast = distributed.sum_in_background([1.0, 2.0], group)
+        store.set("cast", "1")
+    else:
+        store.wait(["cast"])
+        cast = distributed.sum_in_background([10.0, 20.0], group)
+    out.put((rank, cast.wait()[1]))
+    dist.destroy_process_group()
+
+
+def test_the_steps_flags_are_cast_without_waiting_for_the_others():
+    import torch.multiprocessing as mp
+
+    from helpers import free_port
+
+    ctx = mp.get_context("spawn")
+    out = ctx.Queue()
+    mp.start_processes(_cast_then_tell, args=(free_port(), out), nprocs=2, start_method="spawn")
+    assert sorted(out.get(timeout=30) for _ in range(2)) == [(0, [11.0, 22.0]), (1, [11.0, 22.0])]

@@ -161,7 +161,7 @@ def _join_as_ranks(monkeypatch, tmp_path, visible: str, ranks: int) -> tuple[lis
     from launch.rank import worker
     from helpers import free_port
 
-    for key in flight_recorder_env(tmp_path):  # join() sets them for NCCL: undone after the test
+    for key in flight_recorder_env(tmp_path, {}):  # join() sets them for NCCL: undone after the test
         monkeypatch.setenv(key, "")
     started: list = []
 
