@@ -9,8 +9,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   recorded, are on one device, and have completed.
 - A stream's work reaches another stream only through `wait_stream`/`wait_event` (`visible`).
 - Device selection is per thread, and a new thread starts on device 0, as CUDA's current device does.
-- Memory statistics, bf16 support, device names and properties answer for a device index that exists, and refuse
-  another.
+- Memory statistics, random generator states, bf16 support, device names and properties answer for a device
+  index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
 
 Tensors stay on the CPU: a GPU path under test takes its tensors' device from the test, and the timing, device
 and memory calls from here. What only a GPU shows (kernels, NCCL, real overlap) is listed in docs/benchmarks.md.
@@ -84,6 +84,7 @@ class StrictCuda:
         self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
         self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
         self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
+        self.rng_states = [torch.zeros(16, dtype=torch.uint8) for _ in range(devices)]  # CUDA's: seed and offset
         self.Event = self._event_class()
 
     # --- devices ------------------------------------------------------------------------------------------
@@ -159,6 +160,20 @@ class StrictCuda:
         """Whether work `writer` enqueued up to `at` is visible to work enqueued now on `reader`."""
         return reader is writer or writer.done >= at or reader.seen.get(id(writer), -1.0) >= at
 
+    # --- random generators ------------------------------------------------------------------------------------
+    def manual_seed(self, seed: int) -> None:
+        state = torch.zeros(16, dtype=torch.uint8)
+        state[:8] = torch.tensor(list(int(seed).to_bytes(8, "little")), dtype=torch.uint8)
+        self.rng_states[self._checked(None)] = state
+
+    def get_rng_state(self, device: Any = "cuda") -> torch.Tensor:
+        return self.rng_states[self._checked(device)].clone()
+
+    def set_rng_state(self, new_state: torch.Tensor, device: Any = "cuda") -> None:
+        if new_state.dtype != torch.uint8:
+            raise TypeError("RNG state must be a torch.ByteTensor")
+        self.rng_states[self._checked(device)] = new_state.clone()
+
     # --- memory -----------------------------------------------------------------------------------------------
     def memory_allocated(self, device: Any = None) -> int:
         self._checked(device)
@@ -222,7 +237,8 @@ class StrictCuda:
     # --- installing -------------------------------------------------------------------------------------------
     NAMES = ("is_available", "device_count", "current_device", "set_device", "get_device_name",
              "get_device_properties", "is_bf16_supported", "current_stream", "Stream", "stream", "Event", "synchronize",
-             "_sleep", "memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats")
+             "_sleep", "memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats",
+             "manual_seed", "get_rng_state", "set_rng_state")
 
     def install(self, monkeypatch: Any) -> StrictCuda:
         for name in self.NAMES:

@@ -71,9 +71,12 @@ def test_a_thread_starts_on_device_0_and_only_existing_devices_answer(monkeypatc
     thread.start()
     thread.join()
     assert cuda.current_device() == 1 and seen == [0]
-    for call in (lambda: cuda.set_device(2), lambda: cuda.memory_allocated("cuda:2"), lambda: cuda.synchronize(5)):
+    for call in (lambda: cuda.set_device(2), lambda: cuda.memory_allocated("cuda:2"), lambda: cuda.synchronize(5),
+                 lambda: cuda.get_rng_state("cuda:2")):
         with pytest.raises(RuntimeError, match="invalid device ordinal"):
             call()
+    cuda.manual_seed(1337)  # the current device's generator, no other
+    assert cuda.get_rng_state(1).any() and not cuda.get_rng_state(0).any()
 
 
 # --- the GPU paths through it ----------------------------------------------------------------------------------

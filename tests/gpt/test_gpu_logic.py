@@ -11,6 +11,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
+from cuda_standin import StrictCuda
 from helpers import REPO, SHAKESPEARE
 from gpt.dist import process_group as distributed
 from gpt.dist import rng
@@ -61,22 +62,28 @@ def test_per_layer_norms_cost_one_all_reduce(monkeypatch):
 
 def test_cuda_rng_is_this_ranks_own_device(monkeypatch):
     gpu = torch.device("cuda", 1)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device="cuda": torch.tensor([7], dtype=torch.uint8))
+    cuda = StrictCuda(devices=2).install(monkeypatch)
     monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("saves every visible GPU's state"))
-    restored, seeds = [], []
-    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, device="cuda": restored.append(int(state[0])))
-    monkeypatch.setattr(torch.cuda, "manual_seed", seeds.append)
+    cuda.set_device(gpu)
+    cuda.rng_states[1][0] = 7
     state = rng.capture(gpu)
-    assert state["cuda"].tolist() == [7]
+    assert state["cuda"][0] == 7 and cuda.contexts == {1}
+    cuda.rng_states[1][0] = 0
     rng.restore(state, gpu)
-    old = {**state, "cuda": [torch.tensor([0], dtype=torch.uint8), torch.tensor([5], dtype=torch.uint8)]}
+    assert cuda.rng_states[1][0] == 7
+    five = torch.zeros(16, dtype=torch.uint8)
+    five[0] = 5
+    old = {**state, "cuda": [torch.zeros(16, dtype=torch.uint8), five]}
     rng.restore(old, gpu)  # written by an older version: every GPU's state, ours at our index
+    assert cuda.rng_states[1][0] == 5
     rng.restore({**state, "cuda": old["cuda"][:1]}, gpu)  # written with more GPUs visible than this resume sees
-    assert restored == [7, 5]
+    assert cuda.rng_states[1][0] == 5 and cuda.rng_states[0].sum() == 0 and cuda.contexts == {1}
+    seeded = []
     for rank in range(4):  # tp=2: ranks 0-1 and 2-3 are tensor-parallel groups, two data-parallel replicas
         rng.seed_device(1337, rng.stream_index(rank, 2), gpu)
-    assert seeds[0] == seeds[1] != seeds[2] == seeds[3]  # masks shared in a tp group, not between replicas
+        seeded.append(cuda.get_rng_state(gpu))
+    assert torch.equal(seeded[0], seeded[1]) and torch.equal(seeded[2], seeded[3])  # masks shared in a tp group
+    assert not torch.equal(seeded[0], seeded[2])  # not between replicas
 
 
 class SyncCounter:
