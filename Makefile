@@ -15,7 +15,7 @@ INSTANCES = $(shell seq $${GPTLAUNCH_CLUSTER_INSTANCE:-0} $$(( $${GPTLAUNCH_CLUS
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
 RUN_ARGS ?= -m nodes=1,2 strategy=ddp train.max_steps=1000
 
-.PHONY: setup data cluster cluster-down run lint test clean
+.PHONY: setup data cluster cluster-down run lint test clean constraints
 
 setup: $(VENV)/.installed
 
@@ -24,6 +24,12 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking]'
 	touch $@
+
+# Every dependency pinned to what the venv holds (after an upgrade the tests passed): what CI and a fresh machine
+# install. Keeps the comment at the top of constraints.txt, and torch's pin without its local build tag.
+constraints: setup
+	{ grep '^#' constraints.txt; echo torch==2.13.0; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } \
+	  > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 data: $(TEXT)
 
