@@ -101,6 +101,7 @@ ROWS = [
     Row("gpt2_124m fp32 (TF32) MFU", ("strategy=single", "train.precision=fp32"), most=1, kind="figure"),
     Row("gpt2_124m bf16 compiled MFU", ("strategy=single", "train.precision=bf16", "train.compile=true"), most=1,
         kind="figure"),
+    Row("gpt2_124m train=gpu MFU", ("strategy=single", "train=gpu"), most=1, kind="figure"),  # the GPU preset
     Row("gpt2_124m tp2 bf16 MFU", ("strategy=fsdp", "parallel.tp=2", "train.precision=bf16"), need=2, most=2,
         kind="figure"),
 ]
