@@ -30,6 +30,9 @@ from gpt.run_folder import RunFolder
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 SIZING, CHUNK_S = 3, 0.02  # matmuls timed to size the chunks; a chunk's seconds (about 13 8192^3 on an H100)
 BUS_WARMUP, BUS_REPEATS = 2, 10  # nccl-tests' defaults are 5 and 20, over a range of sizes; one size needs fewer
+# debug.slow_node on CPU: a node's turn stretched 6x, so it stays under min_fraction even when the other nodes' turns
+# are slowed by load from elsewhere on a shared machine (at 3x a loaded healthy node left it at 0.82 of the median)
+CPU_SLOW_DRAG = 6.0
 
 
 def matmul_gflops(size: int, device: torch.device, dtype: torch.dtype, drag: float = 1.0,
@@ -81,7 +84,7 @@ def measure_nodes(cfg: HealthConfig, node: int, num_nodes: int, host: str, rank:
                 continue
             barrier()
             if turn == node:
-                gflops = matmul_gflops(cfg.matmul_size, device, DTYPES[precision], drag=3.0 if slow else 1.0)
+                gflops = matmul_gflops(cfg.matmul_size, device, DTYPES[precision], drag=CPU_SLOW_DRAG if slow else 1.0)
                 best = max(best, gflops)
     barrier()
     storage = storage_problem(run_dir, f"{host}-rank{rank}")
