@@ -174,29 +174,35 @@ def test_a_silent_rank_whose_host_still_shows_life_keeps_its_host(run_dir, monke
         1, "n2", "lost", host_gone=True)
 
 
-def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monkeypatch):
-    """Rank 2 on rank 1's host still beats (it moved within half the silence that calls a rank gone): the host lives."""
+def culprit_while_beating(run_dir: Path, rank: int, every_s: float, clock_behind_s: float = 0.0, **fields):
+    """Rank 0's culprit_of_abort while `rank` keeps beating every `every_s` (its host's clock `clock_behind_s`
+    behind)."""
     import threading
 
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 2.0)
-    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 5.0)
-    beat(run_dir, 1, time=time.time() - 60)
     stop = threading.Event()
 
     def alive() -> None:
         n = 0
         while not stop.is_set():
             n += 1
-            beat(run_dir, 2, host="n2", beat=n)
-            time.sleep(0.05)
+            beat(run_dir, rank, time=time.time() - clock_behind_s, beat=n, **fields)
+            time.sleep(every_s)
 
     writer = threading.Thread(target=alive)
     writer.start()
     try:
-        found = lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
+        return lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
     finally:
         stop.set()
         writer.join()
+
+
+def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monkeypatch):
+    """Rank 2 on rank 1's host still beats (it moved within half the silence that calls a rank gone): the host lives."""
+    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 2.0)
+    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 5.0)
+    beat(run_dir, 1, time=time.time() - 60)
+    found = culprit_while_beating(run_dir, 2, 0.05, host="n2")
     assert found == lost_rank.Culprit(1, "n2", "lost")
 
 
@@ -243,25 +249,8 @@ def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, 
 
 def test_a_live_peer_whose_clock_is_behind_is_not_taken_for_lost(run_dir, monkeypatch):
     """Rank 1's host clock is a minute behind, but its heartbeat keeps moving: alive. Rank 2 aborted first."""
-    import threading
-
     monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 1.0)
     monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 3.0)
     beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time() - 2)
-    stop = threading.Event()
-
-    def alive() -> None:
-        n = 0
-        while not stop.is_set():
-            n += 1
-            beat(run_dir, 1, time=time.time() - 60, beat=n)
-            time.sleep(0.2)
-
-    writer = threading.Thread(target=alive)
-    writer.start()
-    try:
-        found = lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
-    finally:
-        stop.set()
-        writer.join()
+    found = culprit_while_beating(run_dir, 1, 0.2, clock_behind_s=60)
     assert found == lost_rank.Culprit(2, "n3", "aborted first")
