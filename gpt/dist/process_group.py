@@ -289,32 +289,6 @@ def barrier(group: Any = None) -> None:
         all_reduce_values([0.0], group=group)
 
 
-@dataclass
-class BackgroundSum:
-    """A few host floats being summed over the ranks while this rank goes on (an all-reduce with async_op)."""
-
-    tensor: torch.Tensor
-    work: Any = None  # None: nothing to wait for (one process)
-
-    def wait(self) -> tuple[float, list[float]]:
-        """(seconds this rank waited for the others, the sums)."""
-        if self.work is None:
-            return 0.0, self.tensor.tolist()
-        start = time.perf_counter()
-        with PROGRESS.collective("all_reduce (step flags)"):
-            self.work.wait()
-        return time.perf_counter() - start, self.tensor.tolist()
-
-
-def sum_in_background(values: Sequence[float], group: Any = None) -> BackgroundSum:
-    """Start summing host floats over `group` (a gloo group: no GPU synchronisation, the step's kernels stay
-    queued); every rank of the group calls it, in the same order as its other collectives on that group."""
-    if not is_multi(group):
-        return BackgroundSum(torch.tensor(list(values), dtype=torch.float64))
-    tensor = torch.tensor(list(values), dtype=torch.float64, device=comm_device(group))
-    return BackgroundSum(tensor, dist.all_reduce(tensor, group=group, async_op=True))
-
-
 def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[float]]:
     """Every rank's vector of floats (all the same length), in rank order."""
     if not is_multi(group):

@@ -17,7 +17,8 @@ from gpt.checkpoint.writer import Checkpointer
 from gpt.config.schema import RunConfig
 from gpt.config.section import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
-from gpt.dist.process_group import BackgroundSum, DistEnv, pick_device, side_group, sum_in_background
+from gpt.dist.flag_sum import BackgroundSum, sum_in_background
+from gpt.dist.process_group import DistEnv, pick_device, side_group
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
@@ -132,8 +133,8 @@ class Trainer:
     def sync(self) -> float:
         """The step's one small all-reduce: whether every rank's background checkpoint write is done, rank 0's
         verdict on checkpoint.interval_minutes, and the ranks' votes for the preemption signal they got. Cast at one
-        step and acted on at the next, by every rank alike: it travels while the step computes, where a blocking one
-        would put a ring over every rank on each step's path (benchmarks/control_allreduce.py). Returns the
+        step and acted on at the next, by every rank alike: it travels while the step computes, summed in log2(ranks)
+        rounds (gpt.dist.flag_sum; benchmarks/control_allreduce.py). Returns the
         seconds this rank still waited for it."""
         seconds = 0.0
         if self.flags is not None:

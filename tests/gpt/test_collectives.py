@@ -8,11 +8,13 @@ import ast
 from pathlib import Path
 from types import SimpleNamespace
 
+import pytest
 import torch
 
 from cuda_standin import StrictCuda
 
 from gpt.dist import process_group as distributed
+from gpt.dist.flag_sum import doubling_rounds
 from helpers import REPO
 
 COLLECTIVES = {
@@ -22,7 +24,7 @@ COLLECTIVES = {
     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list",
     "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
 }
-ALLOWED = {"gpt/dist/process_group.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
+ALLOWED = {"gpt/dist/process_group.py", "gpt/dist/flag_sum.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
 
 
 def _dist_aliases(tree: ast.Module) -> tuple[set[str], set[str]]:
@@ -78,7 +80,7 @@ def test_no_collective_outside_the_helpers():
         calls = raw_collectives(f.read_text())
         if calls and rel not in ALLOWED:
             offenders[rel] = calls
-    assert not offenders, ("collectives outside gpt/dist/process_group.py (use its helpers, which place the tensor on the "
+    assert not offenders, ("collectives outside gpt/dist/ (use process_group's helpers, which place the tensor on the "
                            f"group's communication device): {offenders}")
 
 
@@ -129,28 +131,27 @@ def test_the_helpers_place_and_reduce(monkeypatch):
     assert distributed.all_true(True) and not distributed.all_true(False)
     assert distributed.any_true(True) and not distributed.any_true(False)
     assert distributed.from_rank0(True) and not distributed.from_rank0(False)
-    seconds, sums = distributed.sum_in_background([1.0, 0.0]).wait()
-    assert sums == [2.0, 0.0] and seconds >= 0
     assert set(seen) == {torch.device("cpu")}
 
 
 def _cast_then_tell(rank: int, port: int, out) -> None:
-    """Rank 0 casts its flags and only then lets rank 1 cast its own: a cast that waited for the others would
-    never let rank 1 start (the store's wait then times out)."""
+    """Rank 0 casts its flags and only then lets the others cast theirs: a cast that waited for the others would
+    never let them start (the store's wait then times out). Three ranks: one folds into rank 0 and back."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
-    store = dist.TCPStore("127.0.0.1", port, 2, rank == 0, timeout=timedelta(seconds=30))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
+    from gpt.dist.flag_sum import sum_in_background
+
+    store = dist.TCPStore("127.0.0.1", port, 3, rank == 0, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=3)
     group = distributed.side_group("step_flags")
-    if rank == 0:
-        cast = distributed.sum_in_background([1.0, 2.0], group)
-        store.set("cast", "1")
-    else:
+    if rank != 0:
         store.wait(["cast"])
-        cast = distributed.sum_in_background([10.0, 20.0], group)
-    out.put((rank, cast.wait()[1]))
+    first = sum_in_background([1.0, 10.0 ** rank], group)
+    store.set("cast", "1")
+    second = sum_in_background([float(rank), 2.0], group)  # cast before the first is read: summed in order
+    out.put((rank, first.wait()[1], second.wait()[1]))
     dist.destroy_process_group()
 
 
@@ -161,5 +162,29 @@ def test_the_steps_flags_are_cast_without_waiting_for_the_others():
 
     ctx = mp.get_context("spawn")
     out = ctx.Queue()
-    mp.start_processes(_cast_then_tell, args=(free_port(), out), nprocs=2, start_method="spawn")
-    assert sorted(out.get(timeout=30) for _ in range(2)) == [(0, [11.0, 22.0]), (1, [11.0, 22.0])]
+    mp.start_processes(_cast_then_tell, args=(free_port(), out), nprocs=3, start_method="spawn")
+    assert sorted(out.get(timeout=30) for _ in range(3)) == [(r, [3.0, 111.0], [3.0, 6.0]) for r in range(3)]
+
+
+@pytest.mark.parametrize("world", range(1, 41))
+def test_recursive_doubling_sums_every_ranks_values_in_log_rounds(world):
+    """Played out by hand: each rank blocks on its next exchange until its peer reaches the matching one; nothing
+    deadlocks, every rank ends with every rank's values once, and no rank takes more than log2(world) + 2 rounds
+    (a ring takes 2(world - 1) hops)."""
+    plans = {r: doubling_rounds(r, world) for r in range(world)}
+    assert max(len(p) for p in plans.values()) <= (world - 1).bit_length() + 2
+    values = {r: [r] for r in range(world)}  # whose values each rank has added up
+    while any(plans.values()):
+        pairs = [(r, p[0][1]) for r, p in plans.items() if p and r < p[0][1] and plans[p[0][1]]
+                 and plans[p[0][1]][0][1] == r]
+        assert pairs, f"world {world}: deadlock, next steps {({r: p[0] for r, p in plans.items() if p})}"
+        for a, b in pairs:
+            (op_a, _), (op_b, _) = plans[a].pop(0), plans[b].pop(0)
+            assert {op_a, op_b} in ({"send", "recv"}, {"swap"})
+            if op_a == "swap":
+                values[a], values[b] = values[a] + values[b], values[b] + values[a]
+            elif op_b == "recv":  # b folded its values into a: gets the total back
+                values[b] = list(values[a])
+            else:
+                values[a] = values[a] + values[b]
+    assert all(sorted(v) == list(range(world)) for v in values.values())

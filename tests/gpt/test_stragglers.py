@@ -12,7 +12,7 @@ from cuda_standin import StrictCuda
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt.dist.process_group import sum_in_background
+from gpt.dist.flag_sum import sum_in_background
 from gpt.resilience.faults import Faults
 from gpt.config.section import section
 from gpt.config.sections import DebugConfig, StragglerConfig
