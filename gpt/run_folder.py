@@ -30,7 +30,9 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -184,6 +186,67 @@ NOT_RUNS = tuple(str(p) for p in (_NAMES.report, _NAMES.tensorboard, _NAMES.hydr
                                   _NAMES.checkpoints, _NAMES.logs))
 
 
+class Next(Enum):
+    """What follows an attempt that ended early, in order of cost (launch.run.recovery decides it)."""
+
+    CONTINUE = "continue"  # nothing ends: training goes on (a flagged node kept where no requeue could leave it out)
+    RESTART = "restart inside the allocation"  # the next in-job round (launch.run.rounds)
+    REQUEUE = "requeue"  # the scheduler runs the job again, without the named hosts where there are some
+    NEXT_LINK = "next chain link"  # a later job of the chain (cluster.chain) continues the run
+    STOP = "stop"  # nothing runs the job again: the same command continues the run
+
+
+@dataclass(frozen=True)
+class AttemptLine:
+    """One line of the attempts log, as every reader sees it. A key an older line lacks reads as its default; the
+    nested records stay their owners' (`goodput`: gpt.resilience.goodput, `startup`: launch.run.startup), and keys
+    this record does not name (the hang report, the health figures, a straggler) are kept in `extra`."""
+
+    job_id: str | None = None
+    restart: int = 0
+    round: int = 0  # the in-job round of the job's attempt (launch.run.rounds)
+    time: float = 0.0  # when the line was written
+    first_step: int | None = None
+    last_step: int | None = None
+    ended: str = ""  # "finished", "hang", "preempted:SIGTERM", "node failure: ...", "excluded n1", "failed: ..."
+    requeued: bool = False  # the job asked the scheduler to run it again
+    in_job_restart: int = 0  # the round it asked for inside the allocation (0: none)
+    next_link: str | None = None  # the chain's job that continues the run
+    note: str = ""  # how the run goes on, or why it does not, in words
+    lost_rank: int | None = None  # the rank that vanished
+    replaced: Mapping[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
+    nodes: tuple[str, ...] = ()  # the hosts the attempt ran on, in rank order
+    goodput: Mapping[str, Any] | None = None
+    startup: Mapping[str, float] | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> AttemptLine:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        values = {k: v for k, v in raw.items() if k in known and v is not None}
+        values["nodes"] = tuple(values.get("nodes", ()))
+        values["ended"] = str(values.get("ended", ""))
+        values["note"] = str(values.get("note", ""))
+        return cls(**values, extra={k: v for k, v in raw.items() if k not in known})
+
+    @property
+    def next(self) -> Next:
+        """What followed this attempt, from its line (older lines say it the same way)."""
+        if self.in_job_restart:
+            return Next.RESTART
+        if self.requeued:
+            return Next.REQUEUE
+        return Next.NEXT_LINK if self.next_link else Next.STOP
+
+    @property
+    def finished(self) -> bool:
+        return self.ended == "finished"
+
+    def of(self, job_id: str | None, restart: int, round_: int = 0) -> bool:
+        """Whether this is the line of that attempt (and round) of that job."""
+        return (self.job_id, self.restart, self.round) == (job_id, restart, round_)
+
+
 @dataclass(frozen=True)
 class AttemptsLog:
     """RUN_DIR/attempts.jsonl, one JSON line per attempt of the run, appended when the attempt ends (or by the
@@ -216,6 +279,10 @@ class AttemptsLog:
             return False
         return True
 
+    def unclaim(self, key: str) -> None:
+        """Give attempt `key`'s line back (its attempt went on after all: it writes its own)."""
+        (self.claims / key).unlink(missing_ok=True)
+
     def append_once(self, key: str, job_id: str | None, restart: int, record: dict[str, Any],
                     round_: int = 0) -> bool:
         """Attempt `key`'s line, unless another process claimed it; returns whether this one wrote it."""
@@ -224,11 +291,11 @@ class AttemptsLog:
         try:
             self.append(job_id, restart, record, round_)
         except OSError:
-            (self.claims / key).unlink(missing_ok=True)  # unwritten (a full disk): the next attempt records it
+            self.unclaim(key)  # unwritten (a full disk): the next attempt records it
             raise
         return True
 
-    def read(self) -> list[dict[str, Any]]:
+    def read(self) -> list[AttemptLine]:
         """Every attempt's line, oldest first; a line cut short (its writer was killed) is skipped."""
         try:
             lines = self.log.read_text().splitlines()
@@ -237,8 +304,8 @@ class AttemptsLog:
         out = []
         for line in lines:
             try:
-                out.append(json.loads(line))
-            except ValueError:
+                out.append(AttemptLine.from_json(json.loads(line)))
+            except (ValueError, TypeError, AttributeError):
                 continue
         return out
 
@@ -250,13 +317,12 @@ class AttemptsLog:
         with open(self.log, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def line_of(self, job_id: str | None, restart: int, round_: int = 0) -> dict[str, Any] | None:
+    def line_of(self, job_id: str | None, restart: int, round_: int = 0) -> AttemptLine | None:
         """The newest line written for that attempt (and round) of that job, if any (never for a run without a job
         id)."""
         if job_id is None:
             return None
-        mine = [a for a in self.read()
-                if (a.get("job_id"), a.get("restart"), a.get("round", 0)) == (job_id, restart, round_)]
+        mine = [a for a in self.read() if a.of(job_id, restart, round_)]
         return mine[-1] if mine else None
 
     def mark(self, record: dict[str, Any]) -> None:

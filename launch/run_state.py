@@ -95,10 +95,10 @@ def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
     times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
     attempts = RunFolder(run_dir).attempts.read()
-    restarts = sum(1 for a in attempts if a.get("requeued"))
+    restarts = sum(1 for a in attempts if a.requeued)
     links = tuple(f"{j} {infos[j].state if j in infos else GONE}" for j in ids) if len(ids) > 1 else ()
-    in_job = tuple(f"in-job restart {a['in_job_restart']} of job {a.get('job_id')}: {a.get('ended')} at step "
-                   f"{a.get('last_step')}; {a.get('note')}{ran_on(a)}" for a in attempts if a.get("in_job_restart"))
+    in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
+                   f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
     return RunState(run_dir, ids, state, reason, step, max_steps, tokens, eta, len(attempts), restarts,
                     run_goodput(attempts).goodput, links, in_job)
 

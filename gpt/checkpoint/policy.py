@@ -56,7 +56,7 @@ class SavePolicy:
         if self.ckpt.interval_minutes != "auto":
             return self.ckpt.interval_minutes
         earlier = RunFolder(self.run_dir).attempts.read()
-        saves = [(a["goodput"]["save_s"], a["goodput"].get("saves", 0)) for a in earlier if a.get("goodput")]
+        saves = [(a.goodput["save_s"], a.goodput.get("saves", 0)) for a in earlier if a.goodput]
         seconds, count = self.spent.save_s + sum(s for s, _ in saves), self.spent.saves + sum(n for _, n in saves)
         cost, source = (seconds / count, "measured") if count else (PRIOR_SAVE_S, "a prior until the first save")
         mtbi, why = interruption_rate(earlier)

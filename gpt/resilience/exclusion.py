@@ -10,15 +10,17 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from gpt.run_folder import AttemptLine
+
 from gpt.resilience.stragglers import StragglerEvent
 
 PRIOR_RESTART_S = 60.0  # a requeue, the scheduler and a start-up, until this run has measured one
 
 
-def restart_cost(attempts: list[dict[str, Any]]) -> tuple[float, str]:
+def restart_cost(attempts: list[AttemptLine]) -> tuple[float, str]:
     """Seconds from an attempt's stop to the next one's first step, from this run's attempts log, or the prior."""
-    seen = [a["startup"].get("to_first_step_s", 0.0) + a["startup"].get("scheduler_s", 0.0)
-            for a in attempts if a.get("restart", 0) > 0 and a.get("startup")]
+    seen = [a.startup.get("to_first_step_s", 0.0) + a.startup.get("scheduler_s", 0.0)
+            for a in attempts if a.restart > 0 and a.startup]
     if seen:
         return sum(seen) / len(seen), f"measured over {len(seen)} restart(s)"
     return PRIOR_RESTART_S, "a prior until this run has restarted"
@@ -57,7 +59,7 @@ class ExclusionDecision:
 
 
 def decide(event: StragglerEvent, others_s: float, remaining_steps: int, save_s: float,
-           attempts: list[dict[str, Any]]) -> ExclusionDecision:
+           attempts: list[AttemptLine]) -> ExclusionDecision:
     """`others_s`: the median busy time of the other ranks, what a step takes without the straggler."""
     restart_s, source = restart_cost(attempts)
     excess = max(event.busy_s - others_s, 0.0)

@@ -17,9 +17,8 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
 
-from gpt.run_folder import RunFolder
+from gpt.run_folder import AttemptLine, RunFolder
 
 PRIOR_MTBI_H = 24.0  # the prior mean time between interruptions, until the run has seen some
 PRIOR_SAVE_S = 30.0  # the prior cost of a save, until the run has measured one
@@ -107,9 +106,9 @@ class RunGoodput:
         return text + (f"; interrupted by {'; '.join(self.interruptions)}" if self.interruptions else "")
 
 
-def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
+def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
     """The run's goodput from its attempts' records (attempts without one are left out)."""
-    records = [a.get("goodput") for a in attempts]
+    records = [a.goodput for a in attempts]
     kept = [g for g in records if g]
     losses = {"start-up": 0.0, "restart in job": 0.0, "requeue": 0.0, "evaluation": 0.0, "saving": 0.0,
               "steps trained again": 0.0, "other": 0.0}
@@ -128,18 +127,18 @@ def run_goodput(attempts: list[dict[str, Any]]) -> RunGoodput:
         losses["saving"] += g.get("save_s", 0.0)
         losses["steps trained again"] += lost
     losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
-    interruptions = [str(a["ended"]) for a in attempts if a.get("ended") not in (None, "finished")]
+    interruptions = [a.ended for a in attempts if a.ended and not a.finished]
     return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
                       interruptions=interruptions)
 
 
-def recovery(before: dict[str, Any]) -> str:
+def recovery(before: AttemptLine) -> str:
     """Where the start-up of the attempt after `before` goes: after an in-job restart (launch.run.rounds) it is
     "restart in job", from the restart's request to the first step; after a requeue, "requeue" (the wait in the
     queue is not allocated time); else plain start-up (a new submission)."""
-    if before.get("in_job_restart"):
+    if before.in_job_restart:
         return "restart in job"
-    return "requeue" if before.get("requeued") else "start-up"
+    return "requeue" if before.requeued else "start-up"
 
 
 REQUEUE_S = 10.0  # asking the scheduler to requeue, and the ranks leaving, before the time limit kills them
@@ -156,11 +155,11 @@ def young_daly_minutes(save_s: float, mtbi_s: float) -> float:
     return max(math.sqrt(2 * max(save_s, 0.01) * mtbi_s) / 60, 1.0)
 
 
-def interruption_rate(attempts: list[dict[str, Any]]) -> tuple[float, str]:
+def interruption_rate(attempts: list[AttemptLine]) -> tuple[float, str]:
     """Mean seconds between interruptions seen in the attempts log, or the prior; and where it came from."""
-    ended = [a for a in attempts if a.get("goodput")]
-    stops = sum(1 for a in ended if a.get("ended") != "finished")
-    allocated = sum(a["goodput"]["allocated_s"] for a in ended)
+    ended = [a for a in attempts if a.goodput]
+    stops = sum(1 for a in ended if not a.finished)
+    allocated = sum(a.goodput["allocated_s"] for a in ended)
     if stops:
         return allocated / stops, f"{stops} interruption(s) in {allocated / 3600:.2f} h of this run's attempts"
     return PRIOR_MTBI_H * 3600, f"no interruption seen yet: a prior of one per {PRIOR_MTBI_H:g} h"

@@ -186,9 +186,9 @@ def _attempt_end(folder: RunFolder) -> str | None:
     the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
     (launch.run.rounds) that is the newest round's line."""
     job = job_environment()
-    lines = [a for a in folder.attempts.read() if (a.get("job_id"), a.get("restart")) == (job.job_id, job.restart)]
+    lines = [a for a in folder.attempts.read() if (a.job_id, a.restart) == (job.job_id, job.restart)]
     line = lines[-1] if lines else None
-    return f"{line['ended']}; {line['note']}" if line and line.get("note") else None
+    return f"{line.ended}; {line.note}" if line and line.note else None
 
 
 def ignoring(signals: list[signal.Signals]) -> list[str]:

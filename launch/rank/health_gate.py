@@ -13,10 +13,10 @@ from gpt.resilience.health import measure_gpus, measure_nodes
 from gpt.resilience.health_verdict import NodeVerdict, Verdict, bus_bandwidth_gbps
 from gpt.resilience.progress import PROGRESS
 from gpt.config.sections import DebugConfig, HealthConfig
-from gpt.run_folder import RunFolder
-from launch.run.attempts import log_attempt
+from gpt.run_folder import Next, RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.run.rounds import Rounds, restart_or_requeue
+from launch.run.recovery import Cause, Ending, recover
+from launch.run.rounds import Rounds
 
 log = logging.getLogger("launch.health")
 
@@ -78,16 +78,9 @@ def remember_figures(run_dir: Path, job: JobEnvironment, figures: dict[str, floa
 
 
 def exclude(run_dir: Path, job: JobEnvironment, restarts: int, verdict: Verdict) -> bool:
-    """A spare replaces the flagged nodes in an in-job restart (launch.run.rounds), else the job requeues without
-    them."""
-    hosts = sorted(set(verdict.flagged_hosts))
-    requeued, how, restart = restart_or_requeue(run_dir, job, f"health: {', '.join(hosts)}",
-                                                lambda: job.requeue_excluding(hosts, restarts), hosts)
-    (log.warning if requeued else log.error)("health: %s", how)
-    if requeued:
-        log_attempt(run_dir, job, {"first_step": None, "last_step": None, "ended": f"excluded {', '.join(hosts)}",
-                                   "health": verdict.as_dict(), "requeued": restart is None, "note": how,
-                                   **(restart.record() if restart else {})})
-    if restart:
-        restart.begin(run_dir, job)
-    return requeued
+    """A spare replaces the flagged nodes in an in-job restart, else the job requeues without them, else training goes
+    on with them (launch.run.recovery). Returns whether this attempt ended."""
+    hosts = tuple(sorted(set(verdict.flagged_hosts)))
+    outcome = recover(Ending(run_dir, job, Cause.HEALTH, f"excluded {', '.join(hosts)}", restarts, hosts,
+                             {"first_step": None, "last_step": None, "health": verdict.as_dict()}))
+    return outcome.next is not Next.CONTINUE

@@ -6,15 +6,13 @@ requeues itself (Slurm starts it on no node it holds down). One question to the 
 alone: from every rank, a lost node at a thousand nodes would be thousands of calls at once."""
 from __future__ import annotations
 
-import logging
 import time
 
 from gpt.resilience.timing import REQUEUE_WAIT_S
-from gpt.run_folder import RunFolder
-from launch.run.attempts import Attempt, end_attempt, log_attempt, this_attempt
-from launch.run.rounds import hosts_of, restart_or_requeue
-
-log = logging.getLogger("launch.rank.lost_node")
+from gpt.run_folder import Next
+from launch.run.attempts import Attempt
+from launch.run.recovery import Cause, Ending, recover
+from launch.run.rounds import hosts_of
 
 
 def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
@@ -27,18 +25,9 @@ def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
     lost = [h for h in hosts_of(said) if h in attempt.nodes]
     if not lost:
         return False
-    run_dir, key = attempt.run_dir, this_attempt(job)
-    if not RunFolder(run_dir).attempts.claim(key):
-        return True
-    requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {said}",
-                                                lambda: job.requeue(max_restarts), lost)
-    in_job = restart.record() if restart else {}
-    log_attempt(run_dir, job, attempt.early_end(f"node failure: {said}", with_startup=True,
-                                                requeued=requeued and not in_job, note=how, **in_job), claimed=True)
-    end_attempt(run_dir, key)
-    if restart:
-        restart.begin(run_dir, job)
-    (log.warning if requeued else log.error)("node failure: %s; %s", said, how)
-    if requeued and not in_job:  # Slurm stops this attempt; exiting first would count as a failed task
+    ended = f"node failure: {said}"
+    outcome = recover(Ending(attempt.run_dir, job, Cause.NODE_FAILURE, ended, max_restarts, tuple(lost),
+                             attempt.early_end(ended, with_startup=True)))
+    if outcome.next is Next.REQUEUE:  # Slurm stops this attempt; exiting first would count as a failed task
         time.sleep(REQUEUE_WAIT_S)
     return True

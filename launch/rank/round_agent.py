@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.config import schema
-from gpt.run_folder import RunFolder
+from gpt.run_folder import Next, RunFolder
 from gpt.resilience.timing import ABORT_GRACE_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.run.rounds import Rounds, round_record
@@ -78,7 +78,7 @@ class RoundAgent:
             if self.next_asked(k):
                 return True
             line = RunFolder(self.run_dir).attempts.line_of(self.job.job_id, self.job.restart, k)
-            if line is not None and not line.get("in_job_restart"):
+            if line is not None and line.next is not Next.RESTART:
                 return self.next_asked(k)
             time.sleep(POLL_S)
         return self.next_asked(k)
@@ -88,7 +88,7 @@ class RoundAgent:
         folder = RunFolder(self.run_dir)
         while not self.next_asked(k, now=True):  # a spare looks as often as it polls: it is one of few
             line = folder.attempts.line_of(self.job.job_id, self.job.restart, k)
-            if line is not None and not line.get("in_job_restart"):
+            if line is not None and line.next is not Next.RESTART:
                 return None
             time.sleep(POLL_S)
         return k + 1

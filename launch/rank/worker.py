@@ -27,7 +27,6 @@ from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
 from gpt.resilience.disk_faults import LogFile, cause  # noqa: E402
 from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
-from gpt.resilience.recovery_rule import repeated_recovery  # noqa: E402
 from gpt.resilience.timing import ACTOR_WAIT_S, SCHEDULER_GRACE_S  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from gpt.resilience.watchdog import Watchdog, flight_recorder_env  # noqa: E402
@@ -39,12 +38,12 @@ from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_re
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
-from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment  # noqa: E402
+from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.rank.lost_node import end_for_lost_node  # noqa: E402
 from launch.rank.parent import end_with_launcher  # noqa: E402
-from launch.run.identity import newest_step  # noqa: E402
 from launch.run.lock import take  # noqa: E402
-from launch.run.rounds import InJobRestart, hosts_of, restart_or_requeue  # noqa: E402
+from launch.run.recovery import Cause, Ending, decided_elsewhere, recover  # noqa: E402
+from launch.run.rounds import hosts_of  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -154,44 +153,38 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
 
 def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: int, summary: dict,
                    record: dict, nodes: list[str]) -> bool:
-    """Every rank has saved (the save ends with a barrier). Rank 0 asks the scheduler to run the job again;
-    Slurm then stops every process of this attempt (SIGTERM, which only sets the flag now) and starts the job
-    again with the same id. A link of a chain (cluster.chain) with a later link queued ends instead: requeued, it
-    would run again ahead of that link, which continues the run once this job ends. Returns whether the run goes
-    on by itself (requeued, or the next link), on every rank."""
+    """Every rank has saved (the save ends with a barrier). Rank 0 ends the attempt (launch.run.recovery): a
+    requeue (Slurm then stops every process of this attempt with SIGTERM, which only sets the flag now, and starts
+    the job again with the same id), the chain's next link, or a spare's round for a lost node or a straggler.
+    Returns whether the run goes on by itself, on every rank."""
     goes_on = False
     if env.is_main:
-        requeued, restart = False, None
-        extra = {"straggler": summary["exclusion"]} if summary.get("exclusion") else {}
-        link = job.next_link(run_dir) if summary["preempted"] != "SIGINT" else None
-        # how Slurm ends a lost node's job; a node lost in an earlier round (a spare took its place) is not
-        lost = job.lost_nodes() if summary["preempted"] == "SIGTERM" else ""
-        lost_here = [h for h in hosts_of(lost) if h in nodes]
-        lost = lost if lost_here else ""
-        if summary["preempted"] == "SIGINT":  # Ctrl-C: the user stops the run; nothing runs it again
-            how = "stopped by Ctrl-C; the same command continues the run"
-        elif link is not None:
-            how, extra["next_link"] = f"ends here: job {link}, the chain's next link, continues the run", link
-        elif lost or summary.get("exclusion"):  # a spare takes the node's place, else a requeue without it
-            hosts = lost_here if lost else [summary["exclusion"]["host"]]
-            requeue = (lambda: job.requeue(restarts)) if lost else (lambda: job.requeue_excluding(hosts, restarts))
-            requeued, how, restart = restart_or_requeue(run_dir, job, f"node failure: {lost}" if lost else "straggler",
-                                                        requeue, hosts)
-        else:
-            requeued, how = job.requeue(restarts)
-        ended = f"node failure: {lost}" if lost else f"preempted:{summary['preempted']}"
-        in_job = restart.record() if restart else {}
-        log_attempt(run_dir, job, {**record, "ended": ended, "requeued": requeued and not in_job, "note": how, **extra,
-                                   **in_job})
-        end_attempt(run_dir, this_attempt(job))
-        if restart:
-            restart.begin(run_dir, job)
-        goes_on = requeued or link is not None
+        outcome = recover(preempted(run_dir, job, restarts, summary, record, nodes))
+        goes_on = outcome.goes_on
         (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
-                                               summary["last_step"], summary["preempted"], how)
+                                               summary["last_step"], summary["preempted"], outcome.note)
     goes_on = _from_rank0(goes_on)
     leave()
     return goes_on
+
+
+def preempted(run_dir: Path, job: JobEnvironment, restarts: int, summary: dict, record: dict,
+              nodes: list[str]) -> Ending:
+    """Why the ranks stopped: Ctrl-C (nothing runs the job again), a node lost (how Slurm ends a lost node's job;
+    one lost in an earlier round, which a spare replaced, is not), a straggler to leave out, else a preemption."""
+    signalled = summary["preempted"]
+    lost = job.lost_nodes() if signalled == "SIGTERM" else ""
+    lost_here = tuple(h for h in hosts_of(lost) if h in nodes)
+    straggler = summary.get("exclusion")
+    record = {**record, **({"straggler": straggler} if straggler else {})}
+    ended = f"node failure: {lost}" if lost_here else f"preempted:{signalled}"
+    if signalled == "SIGINT":
+        return Ending(run_dir, job, Cause.STOPPED, ended, restarts, record=record)
+    if lost_here:
+        return Ending(run_dir, job, Cause.NODE_FAILURE, ended, restarts, lost_here, record)
+    if straggler:
+        return Ending(run_dir, job, Cause.STRAGGLER, ended, restarts, (straggler["host"],), record)
+    return Ending(run_dir, job, Cause.PREEMPTED, ended, restarts, record=record)
 
 
 def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, restarts: int) -> None:
@@ -205,62 +198,16 @@ def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, res
 
 def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
     """Called by the watchdog while the main thread is stuck. The one rank that acts (it has the report) says so
-    in one line, requeues the job (first: its records may be on a failing file system) and records the attempt;
-    another rank learns from the attempts log whether the job was requeued. Returns whether it was."""
+    in one line and ends the attempt (launch.run.recovery), leaving out the hosts the report names gone or cut off;
+    another rank learns from the attempts log what it decided. Returns whether the job runs again."""
     run_dir, job = attempt.run_dir, attempt.job
     if report is None:
-        return job.scheduler != "none" and requeued_by_peer(run_dir, job)
+        return job.scheduler != "none" and decided_elsewhere(run_dir, job, ACTOR_WAIT_S).runs_again
     log.error("%s", report["summary"])
-    requeued, how, restart = requeue_after_hang(attempt, restarts, report)
-    in_job = restart.record() if restart else {}
-    try:
-        if this_attempts_line(run_dir, job) is None:  # else a vanished rank's task recorded the attempt
-            log_attempt(run_dir, job, attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
-                                                        requeued=requeued and not in_job, note=how, **in_job))
-        end_attempt(run_dir, this_attempt(job))
-    except OSError as e:
-        log.warning("watchdog: cannot record the attempt in %s: %s", RunFolder(run_dir).attempts.log, e)
-    if restart:
-        restart.begin(run_dir, job)
-    (log.warning if requeued else log.error)("watchdog: %s", how)
-    return requeued
-
-
-def requeue_after_hang(attempt: Attempt, restarts: int, report: dict) -> tuple[bool, str, InJobRestart | None]:
-    """Restart inside the allocation (a spare for the hosts the report names gone or cut off), else requeue
-    without them, unless the attempt before hung (or lost a rank) too and no newer checkpoint was saved since: that
-    hang would repeat on every restart. Returns (the run goes on, how, the in-job restart to begin)."""
-    run_dir, job = attempt.run_dir, attempt.job
-    if job.scheduler == "none" and ROUND_VAR not in job.environ:  # the same command resumes
-        return (*job.requeue(restarts), None)
-    try:
-        newest, earlier = newest_step(run_dir), RunFolder(run_dir).attempts.read()
-    except OSError:  # the storage fails: the rule cannot be read, and a restart may find it mended
-        newest, earlier = None, []
-    began = attempt.trainer.first_step if attempt.trainer else newest  # hung in start-up: nothing saved since
-    if repeated := repeated_recovery(earlier, began, newest):
-        where = f"step {newest}" if newest is not None else "the start"
-        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than {where} "
-                       f"was saved since (a hang that repeats would repeat on every restart); the same command "
-                       f"continues the run"), None
-    exclude = report.get("exclude") or []
-    return restart_or_requeue(run_dir, job, "hang", lambda: job.requeue_excluding(exclude, restarts) if exclude
-                              else job.requeue(restarts), exclude)
-
-
-def requeued_by_peer(run_dir: Path, job: JobEnvironment) -> bool:
-    """Whether the acting rank requeued the job, from its line in the attempts log (a while for it to write it;
-    no line: the job ends as it is, this rank's exit included)."""
-    deadline = time.monotonic() + ACTOR_WAIT_S
-    while time.monotonic() < deadline:
-        try:
-            line = this_attempts_line(run_dir, job)
-        except OSError:
-            line = None
-        if line is not None:
-            return bool(line.get("requeued") or line.get("in_job_restart"))
-        time.sleep(0.5)
-    return False
+    began = attempt.trainer.first_step if attempt.trainer else None  # hung in start-up: nothing saved since
+    return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
+                          attempt.early_end("hang", hang=report["summary"], hang_report=report["report"]),
+                          began=began, wait_s=ACTOR_WAIT_S)).runs_again
 
 
 def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) -> None:

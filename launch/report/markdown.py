@@ -260,8 +260,8 @@ def node_health(rep: Report) -> str:
         speed, median = ("median_tflops", h["median_tflops"]) if "gpus" in h else ("gflops", h["median_gflops"])
         nodes = ", ".join(f"{n['host']} {n[speed]:.1f} ({n['fraction']:.2f})" for n in h["nodes"])
         bus = health_bus(h)
-        excluded = [str(a["ended"]).removeprefix("excluded ") for a in RunFolder(p.path).attempts.read()
-                    if str(a.get("ended", "")).startswith("excluded ")]
+        excluded = [a.ended.removeprefix("excluded ") for a in RunFolder(p.path).attempts.read()
+                    if a.ended.startswith("excluded ")]
         lines.append(f"| {p.name} | {nodes} | {median:.1f} | {bus} | {', '.join(h['flagged']) or '-'} | "
                      f"{', '.join(excluded) or '-'} |")
     if not lines:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from gpt.errors import UserError
 from gpt.resilience.goodput import kept_training_s, last_record_time
 from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
-from gpt.run_folder import AttemptsLog, RunFolder
+from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
 
 if TYPE_CHECKING:
@@ -50,13 +50,13 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any], clai
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
     """Whether this attempt of this job ended by requeueing itself (its line in the attempts log says so)."""
     line = this_attempts_line(run_dir, job)
-    return bool(line and line.get("requeued"))
+    return line is not None and line.next is Next.REQUEUE
 
 
 def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
     """Where this attempt's allocated time went; `started` is when the attempt began (epoch seconds)."""
     earlier = RunFolder(run_dir).attempts.read()
-    last = earlier[-1].get("last_step") if earlier else None
+    last = earlier[-1].last_step if earlier else None
     replayed = max(last - summary["first_step"], 0) if isinstance(last, int) else 0
     # start-up ends where the first step begins: that step is training time
     to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
@@ -99,15 +99,15 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
                     mark.get("round", 0))
 
 
-def ran_on(attempt: dict[str, Any], most: int = 8) -> str:
+def ran_on(attempt: AttemptLine, most: int = 8) -> str:
     """' (ran on gl-n1, gl-n2)': the attempt's nodes, counted where there are more than `most`."""
-    nodes = attempt.get("nodes") or []
+    nodes = attempt.nodes
     if not nodes:
         return ""
     return f" (ran on {', '.join(nodes)})" if len(nodes) <= most else f" (ran on {len(nodes)} nodes)"
 
 
-def this_attempts_line(run_dir: Path, job: JobEnvironment) -> dict[str, Any] | None:
+def this_attempts_line(run_dir: Path, job: JobEnvironment) -> AttemptLine | None:
     """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
     return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round)
 

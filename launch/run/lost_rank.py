@@ -25,97 +25,48 @@ from pathlib import Path
 
 from gpt.config import schema
 from gpt.resilience.heartbeat import Liveness, all_heartbeats, end_heartbeat
-from gpt.resilience.recovery_rule import repeated_recovery
 from gpt.resilience.timing import ABORT_GRACE_S, SCHEDULER_GRACE_S
 from gpt.run_folder import RunFolder
 from launch.run.attempts import end_attempt, log_killed, marked_attempt, this_attempts_line
-from launch.rank.job_env import job_environment
+from launch.rank.job_env import JobEnvironment, job_environment
 from launch.run.identity import newest_step
-from launch.run.rounds import lost_hosts, restart_or_requeue
+from launch.run.recovery import Cause, Ending, Outcome, recover
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
-                          gone: tuple[str, ...] = ()) -> tuple[bool, str]:
+                          gone: tuple[str, ...] = ()) -> Outcome:
     """`line` says which rank died how; `started` is when this attempt's task began; `gone`: hosts the heartbeats
-    say are lost, whatever the scheduler says yet. Returns (requeued, how)."""
+    say are lost, whatever the scheduler says yet (left out of the next round and the requeue)."""
     job = job_environment()
-    folder = RunFolder(run_dir)
-    newest = newest_step(run_dir)
-    mark = folder.attempts.read_mark()
-    ours = mark is not None and (mark.get("job_id"), mark.get("restart"), mark.get("round", 0)) == (
-        job.job_id, job.restart, job.round)
-    if not ours:  # lost during start-up: nothing was saved since the newest checkpoint (a mark there is older)
-        mark = {"job_id": job.job_id, "restart": job.restart, "round": job.round, "started": started,
-                "first_step": newest}
-    if not folder.attempts.claim(marked_attempt(mark)):  # another rank's task records this attempt
-        end_heartbeat(run_dir, rank, f"vanished: {line}")
-        return recorded_by_another(run_dir, job)
-    requeued, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest, gone)
-    if not requeued:
-        how += f"; the same command continues the run from {_step(newest)}"
-    in_job = restart.record() if restart else {}
-    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": requeued and not in_job,
-                                            "note": how, **in_job}, claimed=True)
-    if ours:
-        end_attempt(run_dir, marked_attempt(mark))
+    outcome = recover(Ending(run_dir, job, Cause.LOST_RANK, line, _max_restarts(run_dir), tuple(gone),
+                             {"lost_rank": rank}, mark=_mark(run_dir, job, started), wait_s=SCHEDULER_GRACE_S))
     end_heartbeat(run_dir, rank, f"vanished: {line}")
-    if restart:
-        restart.begin(run_dir, job)
-    return requeued, how
+    return outcome
 
 
-def _recover(run_dir: Path, job, rank: int, began: int | None, newest: int | None, gone: tuple[str, ...] = ()):
-    """A restart inside the allocation, else a requeue, unless the attempt before also needed one and nothing
-    newer was saved since; either leaves out the hosts the scheduler holds down and the `gone` ones (which the
-    requeue keeps the job off: Slurm may not know yet). Returns (goes on, how, the in-job restart to begin)."""
-    if repeated := repeated_recovery(RunFolder(run_dir).attempts.read(), began, newest):
-        return False, (f"not requeued: the attempt before {repeated} too, and no checkpoint newer than step "
-                       f"{newest} was saved since (a crash that repeats, such as running out of memory, would "
-                       f"repeat on every restart)"), None
-    max_restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
-
-    def requeue() -> tuple[bool, str]:
-        if job.scheduler == "none":
-            return False, ""
-        return job.requeue_excluding(list(gone), max_restarts) if gone else job.requeue(max_restarts)
-    return restart_or_requeue(run_dir, job, f"lost rank {rank}", requeue, sorted({*lost_hosts(job), *gone}))
-
-
-def recorded_by_another(run_dir: Path, job, wait_s: float = SCHEDULER_GRACE_S) -> tuple[bool, str]:
-    """What the task that claimed this attempt decided, from its line (it asks Slurm first, then writes it)."""
-    deadline = time.monotonic() + wait_s
-    while (written := this_attempts_line(run_dir, job)) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if written is None:
-        return False, "another task claimed this attempt's record and wrote none"
-    note = str(written.get("note", written.get("ended")))
-    if written.get("in_job_restart"):
-        return True, note  # launch.run.rounds.IN_JOB: this task's wrapper starts the next round
-    return bool(written.get("requeued")), f"recorded by another task: {note}"
-
-
-def record_lost_rank(run_dir: Path, rank: int, line: str, job) -> None:
+def record_lost_rank(run_dir: Path, rank: int, line: str, job: JobEnvironment) -> None:
     """Without a scheduler (cluster=local), nothing requeues: the launcher restarts the ranks (launch.run.rounds) or
     the same command continues the run. The attempt's line names the rank killed, unless the attempt had not begun
     (no mark) or a rank wrote its line already (which removes the mark)."""
-    attempts = RunFolder(run_dir).attempts
-    mark = attempts.read_mark()
-    if mark is None:
-        return
-    newest = newest_step(run_dir)
-    goes_on, how, restart = _recover(run_dir, job, rank, mark.get("first_step"), newest)
-    if not goes_on:
-        how = "; ".join(filter(None, [how, f"the same command continues the run from {_step(newest)}"]))
-    in_job = restart.record() if restart else {}
-    log_killed(run_dir, mark, newest or 0, {"ended": line, "lost_rank": rank, "requeued": False, "note": how,
-                                            **in_job})
-    end_attempt(run_dir, marked_attempt(mark))
-    if restart:
-        restart.begin(run_dir, job)
+    mark = RunFolder(run_dir).attempts.read_mark()
+    if mark is not None:
+        recover(Ending(run_dir, job, Cause.LOST_RANK, line, _max_restarts(run_dir), record={"lost_rank": rank},
+                       mark=mark))
 
 
-def _step(step: int | None) -> str:
-    return f"its newest checkpoint (step {step})" if step is not None else "the start (no checkpoint yet)"
+def _mark(run_dir: Path, job: JobEnvironment, started: float) -> dict:
+    """This attempt's mark; lost during start-up, one made here: nothing was saved since the newest checkpoint (a mark
+    there is older, and stays for the next attempt to record)."""
+    mark = RunFolder(run_dir).attempts.read_mark()
+    if mark is not None and (mark.get("job_id"), mark.get("restart"), mark.get("round", 0)) == (
+            job.job_id, job.restart, job.round):
+        return mark
+    return {"job_id": job.job_id, "restart": job.restart, "round": job.round, "started": started,
+            "first_step": newest_step(run_dir)}
+
+
+def _max_restarts(run_dir: Path) -> int:
+    return schema.load(RunFolder(run_dir).config).preemption.max_restarts
 
 
 ABORTED = "aborted: SIGABRT"
@@ -149,8 +100,8 @@ def _evidence(run_dir: Path, rank: int, liveness: Liveness) -> Culprit | None:
     """A peer recorded lost, one that failed by itself, or one whose heartbeat has not moved for SCHEDULER_GRACE_S
     of this observer's own clock (never its wall-clock time against another host's)."""
     line = this_attempts_line(run_dir, job_environment())
-    if line and line.get("lost_rank") not in (None, rank):
-        return Culprit(line["lost_rank"], "", "recorded")
+    if line and line.lost_rank not in (None, rank):
+        return Culprit(line.lost_rank, "", "recorded")
     every = _peers(run_dir, rank, with_self=True)  # its own heartbeat ended ABORTED: its host lives
     liveness.observe([every.get(r) for r in range(max(every, default=-1) + 1)])
     beats = {r: b for r, b in every.items() if r != rank}

@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -138,19 +137,8 @@ def hosts_of(lost: str) -> list[str]:
     return [entry.split(" ", 1)[0] for entry in lost.split(", ")] if lost else []
 
 
-def restart_or_requeue(run_dir: Path, job: JobEnvironment, cause: str, requeue: Callable[[], tuple[bool, str]],
-                       exclude: list[str] | tuple[str, ...] = ()) -> tuple[bool, str, InJobRestart | None]:
-    """Recovery in order of cost: the next round inside the allocation when one may run, else `requeue()`.
-    Returns (the run goes on, how, the in-job restart to begin once the attempt's line is written)."""
-    restart, why_not = in_job_restart(run_dir, job, cause, exclude)
-    if restart is not None:
-        return True, restart.note, restart
-    requeued, how = requeue()
-    return requeued, "; ".join(filter(None, [why_not, how])), None
-
-
 def finished_on_spares(run_dir: Path, job_id: str | None) -> bool:
     """Whether job `job_id` finished the run after a spare replaced a lost node: the tasks of that node were killed
     with it (srun then exits non-zero, and they report nothing), which does not make the run fail."""
-    lines = [a for a in RunFolder(run_dir).attempts.read() if a.get("job_id") == job_id]
-    return bool(lines) and lines[-1].get("ended") == "finished" and any(a.get("replaced") for a in lines)
+    lines = [a for a in RunFolder(run_dir).attempts.read() if a.job_id == job_id]
+    return bool(lines) and lines[-1].finished and any(a.replaced for a in lines)

@@ -36,9 +36,9 @@ def previous_attempt_end(run_dir: Path) -> float | None:
         return None
     last = attempts[-1]
     job = SlurmJob(os.environ)  # an array task's id as its attempts record it
-    if job.job_id is None or job.restart == 0 or last.get("job_id") != job.job_id:
+    if job.job_id is None or job.restart == 0 or last.job_id != job.job_id:
         return None
-    return float(last["time"])
+    return last.time
 
 
 class StartupClock:

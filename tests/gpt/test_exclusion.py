@@ -3,6 +3,7 @@ from __future__ import annotations
 
 from gpt.resilience.exclusion import PRIOR_RESTART_S, decide, restart_cost
 from gpt.resilience.stragglers import StragglerEvent
+from gpt.run_folder import AttemptLine
 
 EVENT = StragglerEvent(step=20, rank=1, host="gl-n2", kind="straggler", lag_pct=300.0, busy_s=0.4, median_s=0.1,
                        windows=3)
@@ -25,4 +26,4 @@ def test_a_short_remaining_run_keeps_the_node_and_says_why():
 def test_the_restart_cost_is_measured_once_the_run_has_restarted():
     attempts = [{"restart": 0, "startup": {"to_first_step_s": 30.0}},
                 {"restart": 1, "startup": {"to_first_step_s": 9.0, "scheduler_s": 7.0}}]
-    assert restart_cost(attempts) == (16.0, "measured over 1 restart(s)")
+    assert restart_cost([AttemptLine.from_json(a) for a in attempts]) == (16.0, "measured over 1 restart(s)")

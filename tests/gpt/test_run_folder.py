@@ -46,7 +46,7 @@ def test_the_attempts_log_round_trips_and_stamps_each_line(tmp_path: Path):
     log.append("7", 0, {"ended": "preempted:SIGTERM", "requeued": True})
     log.append("7", 1, {"ended": "finished"})
     first, second = log.read()
-    assert first["job_id"] == "7" and first["restart"] == 0 and first["requeued"] and first["time"] > 0
+    assert first.job_id == "7" and first.restart == 0 and first.requeued and first.time > 0
     assert log.line_of("7", 1) == second and log.line_of("8", 0) is None
     assert log.line_of(None, 0) is None  # no scheduler: no job id to find its line by
 
@@ -56,7 +56,25 @@ def test_a_line_cut_short_is_skipped(tmp_path: Path):
     log.append(None, 0, {"ended": "finished"})
     with open(log.log, "a") as f:
         f.write('{"job_id": null, "restart": 0, "ended": "fin')  # a writer killed mid-line
-    assert [a["ended"] for a in log.read()] == ["finished"]
+    assert [a.ended for a in log.read()] == ["finished"]
+
+
+def test_an_old_line_reads_through_the_typed_record(tmp_path: Path):
+    """A line written before in-job restarts and the typed record (no round, no nodes, a key the record does not
+    name) reads with the defaults, and the outcome it records."""
+    from gpt.run_folder import AttemptLine, Next
+
+    old = {"job_id": "7", "restart": 1, "time": 5.0, "first_step": 10, "last_step": 20, "ended": "hang",
+           "requeued": True, "note": "requeued job 7", "hang": "rank 1 is gone", "goodput": {"allocated_s": 3.0}}
+    (tmp_path / "attempts.jsonl").write_text(json.dumps(old) + "\n")
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert (line.round, line.nodes, line.in_job_restart, line.lost_rank, line.next) == (0, (), 0, None, Next.REQUEUE)
+    assert line.extra == {"hang": "rank 1 is gone"} and line.goodput == {"allocated_s": 3.0}
+    assert line == AttemptLine.from_json(old) and line.of("7", 1) and not line.of("7", 1, 1)
+    nodes = AttemptLine.from_json({"nodes": ["n1"], "in_job_restart": 2, "requeued": False, "lost_rank": 0})
+    assert (nodes.nodes, nodes.next, nodes.lost_rank) == (("n1",), Next.RESTART, 0)
+    assert AttemptLine.from_json({"next_link": "9"}).next is Next.NEXT_LINK
+    assert AttemptLine.from_json({"ended": "finished"}).next is Next.STOP
 
 
 def test_the_mark_of_the_attempt_in_flight(tmp_path: Path):

@@ -5,11 +5,20 @@ import json
 
 import pytest
 
-from gpt.resilience.goodput import run_goodput, young_daly_minutes, interruption_rate
+from gpt.resilience.goodput import interruption_rate as rate_of, run_goodput as goodput_of, young_daly_minutes
+from gpt.run_folder import AttemptLine
 from helpers import launch
 
 RUN = ["model=tiny", "train.max_steps=40", "train.log_interval=5", "train.eval_interval=0",
        "checkpoint.interval_steps=10"]
+
+
+def run_goodput(attempts: list[dict]):
+    return goodput_of([AttemptLine.from_json(a) for a in attempts])
+
+
+def interruption_rate(attempts: list[dict]):
+    return rate_of([AttemptLine.from_json(a) for a in attempts])
 
 
 def test_goodput_counts_replayed_steps_as_lost():
@@ -105,4 +114,4 @@ def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_th
     finally:
         lease.release()
     killed = folder.attempts.read()[0]
-    assert killed["goodput"]["allocated_s"] == pytest.approx(50.0, abs=0.01), killed
+    assert killed.goodput["allocated_s"] == pytest.approx(50.0, abs=0.01), killed

@@ -3,7 +3,6 @@ rank that acts (the report's claim, or the lowest surviving rank where nobody ca
 with the named hosts left out."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
@@ -113,7 +112,7 @@ def test_a_hang_requeues_without_the_host_it_names(tmp_path):
     assert end_hung_attempt(Attempt(tmp_path, 1, job), 3, REPORT)
     assert job.asked == [("requeue_excluding", ["n2"])]
     (line,) = RunFolder(tmp_path).attempts.read()
-    assert (line["ended"], line["requeued"], line["note"]) == ("hang", True, "requeued job 77, without n2")
+    assert (line.ended, line.requeued, line.note) == ("hang", True, "requeued job 77, without n2")
 
 
 def test_a_second_hang_without_a_newer_checkpoint_is_not_requeued(tmp_path):
@@ -123,9 +122,9 @@ def test_a_second_hang_without_a_newer_checkpoint_is_not_requeued(tmp_path):
     assert not end_hung_attempt(Attempt(tmp_path, 2, job), 3, REPORT)
     assert job.asked == []
     line = RunFolder(tmp_path).attempts.read()[-1]
-    assert line["requeued"] is False and line["hang"] == REPORT["summary"]  # the host named, in the one line
-    assert line["note"].startswith("not requeued: the attempt before hung too, and no checkpoint newer than the "
-                                   "start was saved since"), json.dumps(line)
+    assert line.requeued is False and line.extra["hang"] == REPORT["summary"]  # the host named, in the one line
+    assert line.note.startswith("not requeued: the attempt before hung too, and no checkpoint newer than the "
+                                   "start was saved since"), line
 
 
 def test_an_orphan_of_an_earlier_restart_is_not_taken_for_a_peer(tmp_path):

@@ -44,7 +44,7 @@ def test_a_gpu_run_is_judged_per_gpu_and_a_node_with_a_sick_gpu_is_excluded(tmp_
     record = json.loads(RunFolder(tmp_path).health_record(1).read_text())
     assert len(record["gpus"]) == 8 and record["flagged"] == ["n1"] and record["bus"]["inter_gbps"] == 45.0
     (line,) = RunFolder(tmp_path).attempts.read()
-    assert line["ended"] == "excluded n1" and line["health"]["gpus"][6]["of_node"] == 0.429
+    assert line.ended == "excluded n1" and line.extra["health"]["gpus"][6]["of_node"] == 0.429
 
 
 def test_a_cpu_run_keeps_the_per_node_check(tmp_path, monkeypatch):

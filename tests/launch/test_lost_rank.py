@@ -35,6 +35,11 @@ def begin(run_dir: Path, restart: int, first_step: int) -> None:
                                                       "first_step": first_step}))
 
 
+def lost(*args) -> tuple[bool, str]:
+    outcome = lost_rank.requeue_for_lost_rank(*args)
+    return outcome.goes_on, outcome.note
+
+
 def lines(run_dir: Path) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
 
@@ -42,7 +47,7 @@ def lines(run_dir: Path) -> list[dict]:
 def test_the_first_loss_requeues_and_records_the_attempt(run_dir, asked):
     checkpoint(run_dir, 5, 0)
     begin(run_dir, 0, 0)
-    requeued, how = lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
+    requeued, how = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     assert (requeued, how, asked) == (True, "requeued job 42 (restart 1 of at most 5)", ["42"])
     (line,) = lines(run_dir)
     assert (line["ended"], line["lost_rank"], line["first_step"], line["last_step"]) == (
@@ -59,7 +64,7 @@ def test_a_second_loss_without_a_newer_checkpoint_fails_and_says_where_to_contin
     lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     begin(run_dir, 1, 5)
-    requeued, how = lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
+    requeued, how = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     assert not requeued and asked == ["42"], how
     assert how.startswith("not requeued: the attempt before lost a rank too, and no checkpoint newer than step 5")
     assert how.endswith("the same command continues the run from its newest checkpoint (step 5)")
@@ -68,7 +73,7 @@ def test_a_second_loss_without_a_newer_checkpoint_fails_and_says_where_to_contin
     checkpoint(run_dir, 10, 1)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     begin(run_dir, 2, 5)
-    requeued, _ = lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGSEGV", 0.0)
+    requeued, _ = lost(run_dir, 1, "rank 1 on n2 was killed by SIGSEGV", 0.0)
     assert requeued and asked == ["42", "42"]
 
 
@@ -77,7 +82,7 @@ def test_a_loss_during_start_up_leaves_the_older_attempts_mark(run_dir, asked, m
     next attempt still records."""
     begin(run_dir, 0, 0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    requeued, _ = lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 10.0)
+    requeued, _ = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 10.0)
     (line,) = lines(run_dir)
     assert requeued and (line["restart"], line["first_step"], line["last_step"]) == (1, 0, 0)
     assert json.loads((run_dir / "attempt.json").read_text())["restart"] == 0

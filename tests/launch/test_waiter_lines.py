@@ -5,6 +5,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from gpt.run_folder import AttemptLine
 from launch.backends import Point
 from launch.backends.slurm.submit import Submitted
 from launch.backends.slurm.wait import Watch
@@ -140,5 +141,5 @@ def test_an_in_job_restart_is_told_with_the_nodes_it_ran_on_counted_past_eight(t
     assert capsys.readouterr().err.splitlines() == [
         "job 9 (run): attempt 0 ended (node failure: gl-n2 down) at step 5: restarting inside the allocation "
         "(in-job restart 1 of at most 3, gl-n3 replaces gl-n2) (ran on gl-n1, gl-n2)"]
-    assert ran_on({"nodes": [f"n{i}" for i in range(1024)]}) == " (ran on 1024 nodes)"
-    assert ran_on({}) == ""
+    assert ran_on(AttemptLine(nodes=tuple(f"n{i}" for i in range(1024)))) == " (ran on 1024 nodes)"
+    assert ran_on(AttemptLine()) == ""

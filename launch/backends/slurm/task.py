@@ -26,13 +26,12 @@ from pathlib import Path
 from gpt.errors import EXIT_PREEMPTED
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
-from gpt.run_folder import RunFolder
+from gpt.run_folder import Next, RunFolder
 from launch.rank.job_env import ROUND_VAR, job_environment
 from launch.rank.rank_watch import RankWatch, signalled_exit_s
 from launch.rank.round_agent import RoundAgent
 from launch.rank.signal_relay import SignalRelay, catches
 from launch.rank.standby import Standby
-from launch.run.rounds import IN_JOB
 from launch.rank.threads import ThreadPlan
 
 
@@ -126,13 +125,13 @@ class RankTask:
         first fails the task)."""
         from launch.run.lost_rank import requeue_for_lost_rank
 
-        requeued, how = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone)
-        if requeued:
-            print(f"{line}: {how}", file=sys.stderr, flush=True)
-            if how.startswith(IN_JOB):
+        outcome = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone)
+        if outcome.runs_again:
+            print(f"{line}: {outcome.note}", file=sys.stderr, flush=True)
+            if outcome.next is Next.RESTART:
                 return True
             time.sleep(REQUEUE_WAIT_S)
-        raise RankFailed(f"{line}; {how}")
+        raise RankFailed(f"{line}; {outcome.note}")
 
     def aborted(self, rank: int, host: str, started: float, next_round: Callable[[], bool]) -> bool:
         """The rank died of SIGABRT: when NCCL aborted it because a peer was lost or failed, fail this task naming
@@ -165,7 +164,7 @@ def peer_lost(rank: int, host: str, run_dir: Path) -> str | None:
     from launch.run.attempts import this_attempts_line
 
     line = this_attempts_line(run_dir, job_environment())
-    lost = line.get("lost_rank") if line else None
+    lost = line.lost_rank if line else None
     if lost is None or lost == rank:
         return None
     return f"rank {rank} on {host} stopped because rank {lost} was lost"

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from gpt.config import schema
 from gpt.errors import UserError
 from gpt.resilience.hang import newest_hang
-from gpt.run_folder import RunFolder
+from gpt.run_folder import AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submit import Submitted, show_path
@@ -68,8 +68,7 @@ def timeout_line(run_dir: Path, job_id: str, step: int | None) -> str:
     """Why a job that reached its time limit was not saved and requeued by the time-limit warning, from what its
     run folder holds."""
     folder = RunFolder(run_dir)
-    warned = [a for a in folder.attempts.read() if a.get("job_id") == job_id and a.get("ended", "").startswith(
-        "preempted:")]
+    warned = [a for a in folder.attempts.read() if a.job_id == job_id and a.ended.startswith("preempted:")]
     if warned:
         return ("it was warned before its time limit, but the save and the requeue did not finish in time: raise "
                 "cluster.signal_delay_s (the warning's lead)")
@@ -219,9 +218,9 @@ class Watch:
         record in attempts.jsonl, so that the login node says why a job runs again and without which nodes."""
         for s in jobs:
             for a in RunFolder(s.point.run_dir).attempts.read():
-                key = (a.get("job_id"), a.get("restart"), a.get("round", 0))
-                recovered = a.get("requeued") or a.get("in_job_restart")  # one line per in-job restart too
-                if a.get("job_id") != s.job_id or not recovered or key in self.requeues:
+                key = (a.job_id, a.restart, a.round)
+                recovered = a.next in (Next.REQUEUE, Next.RESTART)  # one line per in-job restart too
+                if a.job_id != s.job_id or not recovered or key in self.requeues:
                     continue
                 self.requeues.add(key)
                 print(f"job {s.job_id} ({s.point.label}): {requeue_line(a)}", file=sys.stderr, flush=True)
@@ -284,13 +283,12 @@ class Backoff:
         return max(self.poll_s, min(SLOW_POLL_S, quiet / 10))
 
 
-def requeue_line(attempt: dict[str, Any]) -> str:
+def requeue_line(attempt: AttemptLine) -> str:
     """'attempt 0 ended (excluded gl-n2) before its first step: requeued job 7 (...), without gl-n2'."""
-    step = attempt.get("last_step")
+    step = attempt.last_step
     where = f"at step {step}" if step is not None else "before its first step"
-    note = attempt.get("note") or "requeued"
-    name = f"attempt {attempt.get('restart', 0)}" + (f" round {attempt['round']}" if attempt.get("round") else "")
-    return f"{name} ended ({attempt.get('ended')}) {where}: {note}{ran_on(attempt)}"
+    name = f"attempt {attempt.restart}" + (f" round {attempt.round}" if attempt.round else "")
+    return f"{name} ended ({attempt.ended}) {where}: {attempt.note or 'requeued'}{ran_on(attempt)}"
 
 
 def print_outcome(outcome: Outcome, out=sys.stdout) -> None:

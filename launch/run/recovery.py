@@ -1,0 +1,200 @@
+"""What follows an attempt that ends early, decided in one place for every site that sees one end (a preemption
+signal, a hang, a node failing its health check, a node the scheduler holds down, a rank killed).
+
+In order of cost: continue (a flagged node kept where no requeue could leave it out), the next round inside the
+allocation (launch.run.rounds: a spare for the hosts named), the chain's next link (cluster.chain: a requeue would
+run ahead of it), a requeue (without the named hosts), else stop with one line that says how to continue. A fault of
+the run itself (a lost rank, a hang) is bounded by progress: no second recovery in a row without a newer checkpoint,
+since a fault that repeats (running out of memory, or hanging, at the same step) would repeat on every restart.
+
+One process decides each attempt's end, the first to claim its line in the attempts log; it writes the line, with
+the outcome in it (gpt.run_folder.AttemptLine.next), and starts the next round. Any other process reads that outcome
+from the line."""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from gpt.run_folder import AttemptLine, Next, RunFolder
+from launch.rank.job_env import JobEnvironment
+from launch.run.attempts import end_attempt, log_attempt, log_killed, marked_attempt, this_attempt
+from launch.run.identity import newest_step
+from launch.run.rounds import InJobRestart, hosts_of, in_job_restart
+
+log = logging.getLogger("launch.run.recovery")
+
+
+class Cause(Enum):
+    STOPPED = "stopped"  # Ctrl-C: the user stops the run
+    PREEMPTED = "preempted"  # a preemption signal, the time limit's warning: the job is leaving its allocation
+    NODE_FAILURE = "node failure"  # the scheduler holds the hosts down, and keeps the job off them itself
+    STRAGGLER = "straggler"
+    HEALTH = "health"  # flagged at start-up: kept when nothing can leave it out
+    HANG = "hang"
+    LOST_RANK = "lost rank"
+
+    @property
+    def bounded(self) -> bool:
+        """A fault of the run that may repeat at the same step: the progress rule applies."""
+        return self in (Cause.HANG, Cause.LOST_RANK)
+
+
+@dataclass(frozen=True)
+class Ending:
+    """An attempt that ends early, as the site that saw it knows it: `ended` and `record` go into its line;
+    `hosts` are left out of the next round and the requeue; `began` is the step it resumed from (None: it had not
+    begun training, nothing saved since); `mark` is the mark of an attempt that wrote no line (its line is made from
+    it, with the training its checkpoint kept)."""
+
+    run_dir: Path
+    job: JobEnvironment
+    cause: Cause
+    ended: str
+    max_restarts: int
+    hosts: tuple[str, ...] = ()
+    record: dict[str, Any] = field(default_factory=dict)
+    began: int | None = None
+    mark: dict[str, Any] | None = None
+    wait_s: float = 0.0  # how long to wait for the line of the process that decided instead
+
+
+@dataclass(frozen=True)
+class Outcome:
+    next: Next
+    note: str  # how the run goes on, or why it does not and how to continue it
+    restart: InJobRestart | None = None
+    link: str | None = None
+
+    @property
+    def goes_on(self) -> bool:
+        return self.next is not Next.STOP
+
+    @property
+    def runs_again(self) -> bool:
+        """The job runs again by itself (a round inside the allocation, or a requeue): Slurm stops this attempt."""
+        return self.next in (Next.RESTART, Next.REQUEUE)
+
+    def record(self) -> dict[str, Any]:
+        """What the attempt's line says of it."""
+        return {"requeued": self.next is Next.REQUEUE, "note": self.note,
+                **(self.restart.record() if self.restart else {}), **({"next_link": self.link} if self.link else {})}
+
+    @classmethod
+    def of(cls, line: AttemptLine) -> Outcome:
+        return cls(line.next, line.note or line.ended, link=line.next_link)
+
+
+def recover(end: Ending) -> Outcome:
+    """Decide, write the attempt's line once, end the attempt and start the next round; or, where another process
+    claimed the attempt first, its outcome."""
+    attempts = RunFolder(end.run_dir).attempts
+    key = marked_attempt(end.mark) if end.mark is not None else this_attempt(end.job)
+    try:
+        mine = attempts.claim(key)
+    except OSError:  # the storage fails: decide anyway (the requeue comes first), the line may not be written
+        mine = True
+    if not mine:
+        return decided_elsewhere(end.run_dir, end.job, end.wait_s)
+    newest, earlier = _progress(end.run_dir)
+    outcome = decide(end, newest, earlier)
+    if outcome.next is Next.CONTINUE:
+        attempts.unclaim(key)  # the attempt goes on and writes its own line when it ends
+        return outcome
+    record = {**end.record, "ended": end.ended, **outcome.record()}
+    try:
+        if end.mark is not None:
+            log_killed(end.run_dir, end.mark, newest or 0, record, claimed=True)
+        else:
+            log_attempt(end.run_dir, end.job, record, claimed=True)
+        end_attempt(end.run_dir, key)
+    except OSError as e:
+        log.warning("cannot record the attempt in %s: %s; the next attempt records it", attempts.log, e)
+    if outcome.restart:
+        outcome.restart.begin(end.run_dir, end.job)
+    if end.cause not in (Cause.STOPPED, Cause.PREEMPTED):  # those say where they stopped (launch.rank.worker)
+        (log.warning if outcome.goes_on else log.error)("%s: %s", end.ended, outcome.note)
+    return outcome
+
+
+def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outcome:
+    """The outcome, in order of cost, bounded by progress for the run's own faults."""
+    cause, job = end.cause, end.job
+    if cause is Cause.STOPPED:
+        return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
+    began = end.began if end.began is not None else end.mark.get("first_step") if end.mark else newest
+    if cause.bounded and (repeated := repeated_recovery(earlier, began, newest)):
+        where = f"step {newest}" if newest is not None else "the start"
+        return Outcome(Next.STOP, f"not requeued: the attempt before {repeated} too, and no checkpoint newer than "
+                                  f"{where} was saved since (a fault that repeats would repeat on every restart); "
+                                  f"{continues(newest)}")
+    why_not = ""
+    if cause is not Cause.PREEMPTED:  # a preempted job leaves its allocation
+        restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end))
+        if restart is not None:
+            return Outcome(Next.RESTART, restart.note, restart)
+    if (link := job.next_link(end.run_dir)) is not None:
+        return Outcome(Next.NEXT_LINK, f"ends here: job {link}, the chain's next link, continues the run", link=link)
+    requeued, how = _requeue(end)
+    note = "; ".join(filter(None, [why_not, how]))
+    if requeued:
+        return Outcome(Next.REQUEUE, note)
+    if cause is Cause.HEALTH:
+        return Outcome(Next.CONTINUE, note)
+    hint = "" if cause is Cause.PREEMPTED else continues(newest)
+    return Outcome(Next.STOP, "; ".join(filter(None, [note, hint])))
+
+
+def repeated_recovery(earlier: list[AttemptLine], began: int | None, newest: int | None) -> str | None:
+    """The progress rule. `earlier`: the attempts log; `began`: the step this attempt resumed from; `newest`: the
+    newest checkpoint's step now. When the attempt before ended in a recovery too and nothing newer was saved since,
+    how it ended ("lost a rank", "hung"); else None."""
+    last = earlier[-1] if earlier else AttemptLine()
+    how = "lost a rank" if last.lost_rank is not None else "hung" if last.ended == "hang" else None
+    return how if how and (newest or 0) <= (began or 0) else None
+
+
+def decided_elsewhere(run_dir: Path, job: JobEnvironment, wait_s: float) -> Outcome:
+    """The outcome the process that claimed this attempt decided, from its line (it decides, then writes it)."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            line = RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round)
+        except OSError:
+            line = None
+        if line is not None:
+            return Outcome.of(line)
+        if time.monotonic() >= deadline:
+            return Outcome(Next.STOP, "another process claimed this attempt's record and wrote none")
+        time.sleep(0.2)
+
+
+def continues(newest: int | None) -> str:
+    where = f"its newest checkpoint (step {newest})" if newest is not None else "the start (no checkpoint yet)"
+    return f"the same command continues the run from {where}"
+
+
+def _progress(run_dir: Path) -> tuple[int | None, list[AttemptLine]]:
+    try:
+        return newest_step(run_dir), RunFolder(run_dir).attempts.read()
+    except OSError:  # the storage fails: the rule cannot be read, and a restart may find it mended
+        return None, []
+
+
+def _in_job_excluded(end: Ending) -> list[str]:
+    """A lost rank's hosts, and those the scheduler holds down (a rank's task asks it: one task per attempt)."""
+    lost = hosts_of(end.job.lost_nodes()) if end.cause is Cause.LOST_RANK else []
+    return sorted({*end.hosts, *lost})
+
+
+def _requeue(end: Ending) -> tuple[bool, str]:
+    """Without the named hosts, but where the scheduler holds them down already (it keeps the job off them)."""
+    job = end.job
+    if job.scheduler == "none" and end.cause.bounded:  # nothing requeues: the continue hint says what does
+        return False, ""
+    if end.hosts and end.cause is not Cause.NODE_FAILURE:
+        return job.requeue_excluding(list(end.hosts), end.max_restarts)
+    return job.requeue(end.max_restarts)
