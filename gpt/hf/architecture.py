@@ -88,7 +88,8 @@ def implied_model(config: dict[str, Any], where: str) -> dict[str, Any]:
         if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx", False):
             raise ConfigError("init", where, "a GPT-2 whose attention is scaled by 1/sqrt(head_dim) only")
         return {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
-                "vocab_size": config["vocab_size"], "n_query_groups": None, "position": "learned",
+                "vocab_size": config["vocab_size"], "n_query_groups": None, "position": "learned", "n_expert": 0,
+                "norm": ("layernorm", "layernorm_nobias"),  # a zero bias is no bias: checked with the weights
                 "mlp": GPT2_ACTIVATIONS_IN[act], "mlp_hidden": config.get("n_inner") or 4 * config["n_embd"],
                 "norm_eps": config.get("layer_norm_epsilon", 1e-5), "norm_position": "pre",
                 "max_block_size": config["n_positions"], "tie_embeddings": config.get("tie_word_embeddings", True)}
