@@ -11,7 +11,7 @@ from gpt.errors import ConfigError
 NORMS = ("layernorm", "layernorm_nobias", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "rope", "none")
-MLPS = ("gelu", "relu", "silu", "swiglu")
+MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # gelu_tanh: GELU's tanh approximation (OpenAI GPT-2)
 
 
 @dataclass

@@ -29,6 +29,7 @@ from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.tracking import TrackingConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError
+from gpt.hf.folder import check_init
 
 SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's defaults list
 
@@ -60,9 +61,13 @@ class RunConfig:
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
     # folder: its newest), only while this run has none
     resume: str = "auto"
+    # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2 or LLaMA), like resume=PATH
+    # only while this run has no checkpoint of its own (docs/export.md)
+    init: str = "none"
 
     def validate(self) -> None:
         check_resume(self.resume)
+        check_init(self.init, self.model, self.data, self.resume)
         check_run_name(self.run)
         one_line("name", self.name)  # the job's name
 

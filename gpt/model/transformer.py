@@ -124,9 +124,10 @@ class CausalSelfAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    """Two-matrix feed-forward with a GELU, ReLU or SiLU in between."""
+    """Two-matrix feed-forward with a GELU (exact, or its tanh approximation as OpenAI's GPT-2), ReLU or SiLU in
+    between."""
 
-    ACTIVATIONS = {"gelu": nn.GELU, "relu": nn.ReLU, "silu": nn.SiLU}
+    ACTIVATIONS = {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "relu": nn.ReLU, "silu": nn.SiLU}
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()

@@ -11,6 +11,7 @@ from gpt.config.schema import RunConfig
 from gpt.data import check_vocab
 from gpt.dist import rng
 from gpt.dist.process_group import DistEnv
+from gpt.hf.folder import load_into
 from gpt.model import attention
 from gpt.model.transformer import GPT
 from gpt.parallel import build_strategy
@@ -48,6 +49,8 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     # before the model: a kernel that cannot run refuses in one line, not at the first step
     strategy.attention_kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
     model = build_model(model_cfg, device, run.seed)
+    if run.init != "none":  # before the layout wraps it; a run's own checkpoint, if any, replaces these weights
+        load_into(model, run.init)
     every = train.recompute_every()
     kernels = attention.backends(train.attention)
     for i, block in enumerate(model.layers.values()):

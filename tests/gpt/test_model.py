@@ -443,7 +443,7 @@ def test_meta_model_materialised_and_reinitialised_equals_a_fresh_one():
     (dict(n_head=4, n_query_groups=3), "model.n_query_groups", "divisor of model.n_head=4"),
     (dict(norm="batchnorm"), "model.norm", "layernorm, layernorm_nobias, rmsnorm"),
     (dict(position="alibi"), "model.position", "learned, rope, none"),
-    (dict(mlp="geglu"), "model.mlp", "gelu, relu, silu, swiglu"),
+    (dict(mlp="geglu"), "model.mlp", "gelu, gelu_tanh, relu, silu, swiglu"),
     (dict(vocab_size=None), "model.vocab_size", "tokenizer"),
 ])
 def test_bad_config_names_key_and_valid_values(overrides, key, valid):

@@ -1,0 +1,70 @@
+"""Write a trained model as a Hugging Face folder that transformers loads with from_pretrained, no custom code.
+
+    python -m gpt.export RUN_OR_CHECKPOINT_DIR OUT_DIR
+
+OUT_DIR gets model.safetensors, config.json, generation_config.json and the tokenizer. The checkpoint may come from
+any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weights are read in this one process.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gpt.cli import user_errors
+from gpt.errors import UserError
+
+
+def hf_model(model: Any, eot: int | None) -> Any:
+    """The transformers model computing what gptlaunch's `model` (a GPT) computes, with its weights; `eot` the
+    tokenizer's end of text (bos and eos), or None."""
+    import transformers
+    from transformers.modeling_utils import no_init_weights
+
+    from gpt.hf.architecture import hf_config
+    from gpt.hf.weights import to_hf
+
+    config = hf_config(model.cfg, eot)
+    with no_init_weights():  # every weight is replaced below
+        hf = getattr(transformers, config.architectures[0])(config)
+    shapes = {k: v.shape for k, v in hf.state_dict().items()}
+    hf.load_state_dict(to_hf(model.state_dict(), model.cfg, shapes), strict=True)
+    hf.generation_config = transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot)
+    return hf.eval()
+
+
+def export(path: Path, out: Path) -> Path:
+    """Export the checkpoint at `path` (a run folder: its newest) to `out`; returns the checkpoint used."""
+    from gpt.checkpoint.writer import load_model
+    from gpt.data.tokenizer import load_tokenizer
+    from gpt.hf.architecture import architecture
+    from gpt.hf.tokenizer import save_tokenizer
+
+    if out.exists() and any(out.iterdir()):
+        raise UserError(f"{out} is not empty: export into a new folder")
+    model, meta, checkpoint = load_model(path)
+    architecture(model.cfg)  # refused before anything is written
+    tokenizer = load_tokenizer(meta["data_dir"])
+    hf = hf_model(model, tokenizer.eot)
+    out.mkdir(parents=True, exist_ok=True)
+    hf.save_pretrained(str(out), safe_serialization=True)
+    save_tokenizer(tokenizer, model.cfg.block_size, out)
+    return checkpoint
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0])
+    parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint is used) or a checkpoint folder")
+    parser.add_argument("out", type=Path, help="the Hugging Face folder to write (new or empty)")
+    args = parser.parse_args(argv)
+    torch.set_grad_enabled(False)
+    with user_errors():
+        checkpoint = export(args.path, args.out)
+    print(f"exported {checkpoint} to {args.out}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()

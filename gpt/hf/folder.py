@@ -1,0 +1,95 @@
+"""A local Hugging Face folder a run starts from (`init=hf:PATH`): checked against the run's model and tokenizer
+before anything is submitted (torch-free, config.json only), and its weights read as data (safetensors, or the
+older pytorch_model*.bin through torch.load(weights_only=True))."""
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+from typing import Any
+
+from gpt.config.data import DataConfig
+from gpt.config.model import ModelConfig
+from gpt.errors import ConfigError, UserError
+
+PREFIX = "hf:"
+TOKENIZER = "tokenizer.json"
+# the ModelConfig keys a folder's config.json fixes (mlp_hidden is said as model.mlp_ratio)
+CHECKED = ("n_layer", "n_head", "n_embd", "n_query_groups", "position", "norm", "mlp", "mlp_hidden", "norm_eps",
+           "rope_base", "bias", "n_expert", "norm_position", "tie_embeddings")
+
+
+def folder_of(init: str) -> Path | None:
+    """The folder `init` names, None for init=none; ConfigError for anything else."""
+    if init == "none":
+        return None
+    if not init.startswith(PREFIX) or not (Path(init[len(PREFIX):]) / "config.json").is_file():
+        raise ConfigError("init", init, "none, or hf:PATH with PATH a local Hugging Face folder (config.json, "
+                          "weights, tokenizer.json)")
+    return Path(init[len(PREFIX):])
+
+
+def check_init(init: str, model: ModelConfig, data: DataConfig, resume: str) -> None:
+    """The folder's architecture, shapes and vocabulary against model.*, and its tokenizer against data.*: the
+    first key that differs, in one line."""
+    from gpt.hf.architecture import implied_model
+
+    folder = folder_of(init)
+    if folder is None:
+        return
+    if resume not in ("auto", "none"):
+        raise ConfigError("resume", resume, f"auto or none with init={init}: a run is initialised from one place")
+    implied = implied_model(json.loads((folder / "config.json").read_text()), str(folder))
+    where = f"as {folder / 'config.json'} has it"
+    if model.vocab_size != implied["vocab_size"]:
+        raise ConfigError("model.vocab_size", model.vocab_size, f"{implied['vocab_size']}, {where}")
+    for key in CHECKED:
+        wanted = implied.get(key, getattr(model, key))
+        if getattr(model, key) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
+            shown = "model.mlp_ratio" if key == "mlp_hidden" else f"model.{key}"
+            value = model.mlp_ratio if key == "mlp_hidden" else getattr(model, key)
+            if key == "mlp_hidden":
+                wanted = f"{wanted / model.n_embd:g} (hidden {wanted})"
+            elif isinstance(wanted, tuple):
+                wanted = " or ".join(wanted)
+            raise ConfigError(shown, value, f"{wanted}, {where}")
+    if model.position == "learned" and model.block_size > implied["max_block_size"]:
+        raise ConfigError("model.block_size", model.block_size, f"at most n_positions={implied['max_block_size']}, "
+                          f"{where}")
+    check_tokenizer(folder, data)
+
+
+def check_tokenizer(folder: Path, data: DataConfig) -> None:
+    theirs = folder / TOKENIZER
+    if not theirs.is_file():
+        why = ("holds a SentencePiece tokenizer.model, which gptlaunch does not convert yet: write its tokenizer.json "
+               "with transformers (AutoTokenizer.from_pretrained(PATH).save_pretrained(PATH))"
+               if (folder / "tokenizer.model").is_file() else "has no tokenizer.json")
+        raise UserError(f"init=hf:{folder} {why}")
+    if data.tokenizer != "hf" or not data.tokenizer_file or not filecmp.cmp(data.tokenizer_file, theirs, shallow=False):
+        raise ConfigError("data.tokenizer_file", data.tokenizer_file, f"{theirs} with data.tokenizer=hf: the "
+                          "tokenizer of the folder the run starts from")
+
+
+def read_weights(folder: Path) -> dict[str, Any]:
+    """Every tensor of the folder's weight files, by name, read as data."""
+    import torch
+    from safetensors.torch import load_file
+
+    files = sorted(folder.glob("*.safetensors"))
+    if files:
+        return {k: v for f in files for k, v in load_file(str(f)).items()}
+    files = sorted(folder.glob("pytorch_model*.bin"))
+    if not files:
+        raise UserError(f"init=hf:{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
+    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+
+
+def load_into(model: Any, init: str) -> None:
+    """Initialise `model` (a GPT, before any layout wraps it) from the folder `init` names."""
+    from gpt.hf.weights import from_hf
+
+    folder = folder_of(init)
+    assert folder is not None
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(from_hf(read_weights(folder), model.cfg, shapes, str(folder)))
