@@ -57,6 +57,7 @@ def test_tensorboard_events_hold_the_training_curves(tiny_run):
     assert written <= records, (written, records)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_losses(tiny_run, tmp_path, data_overrides):
     again = tmp_path / "again"
     launch(*TINY, *data_overrides, run_dir=again)
