@@ -49,6 +49,7 @@ def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_ove
     assert losses(run) == losses(reference)  # every step once, bitwise
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_and_stops_like_ctrl_c(tmp_path, data_overrides):
     """`kill -TERM -PGID` (a process manager, a closed terminal) ends as Ctrl-C does: saved, one line, no Hydra
     'Error executing job' and no traceback."""
