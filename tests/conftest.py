@@ -10,6 +10,7 @@ from gpt.config import schema
 from helpers import SHAKESPEARE
 
 schema.register()  # configs/config.yaml composes onto it, in every test that composes
+TRAINING_WATCH = pytest.StashKey()
 
 
 @pytest.fixture(scope="session")
@@ -46,3 +47,25 @@ def pytest_collection_modifyitems(config, items):
         from scheduling import longest_slurm_tests_first
 
         longest_slurm_tests_first(items)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
+    """Watch the `python -m launch` runs of a test not marked slow (tests/slow_marks.py), fixtures included."""
+    from slow_marks import EXEMPT_MARKS, TrainingWatch
+
+    if not any(item.get_closest_marker(m) for m in EXEMPT_MARKS):
+        item.stash[TRAINING_WATCH] = watch = TrainingWatch()
+        watch.install()
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    result = yield
+    watch = item.stash.get(TRAINING_WATCH, None)
+    if watch is not None:
+        watch.uninstall()
+        if problem := watch.problem(item.nodeid):
+            pytest.fail(problem, pytrace=False)
+    return result

@@ -121,6 +121,7 @@ def test_async_and_time_based_saves_match_sync_bitwise(trainer, full, tmp_path):
     assert resumed.step == 12
 
 
+@pytest.mark.slow
 def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_command_resumes(
         tmp_path, data_overrides):
     args = [*BASE[:-1], *data_overrides, "checkpoint.interval_steps=4"]

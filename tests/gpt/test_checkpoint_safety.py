@@ -53,6 +53,7 @@ def generate(path: Path) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_generate_refuses_crafted_dcp_metadata(checkpoint, tmp_path):
     folder, marker = crafted(checkpoint, tmp_path, ".metadata")
     proc = generate(folder)
@@ -62,6 +63,7 @@ def test_generate_refuses_crafted_dcp_metadata(checkpoint, tmp_path):
 
 
 @pytest.mark.parametrize("part", [".metadata", "ranks/rank0.pt"])
+@pytest.mark.slow
 def test_resume_from_a_crafted_checkpoint_is_refused(part, checkpoint, tmp_path, data_overrides):
     folder, marker = crafted(checkpoint, tmp_path, part)
     proc = launch(*RUN, *data_overrides, f"resume={folder}", "train.max_steps=6", run_dir=tmp_path / "new",
@@ -72,6 +74,7 @@ def test_resume_from_a_crafted_checkpoint_is_refused(part, checkpoint, tmp_path,
     assert f"{folder / part} names posix.system" in out and "refused, unpickling it could run code" in out, out[-3000:]
 
 
+@pytest.mark.slow
 def test_a_checkpoint_someone_else_owns_is_warned_about(checkpoint, tmp_path):
     folder = tmp_path / "theirs"
     shutil.copytree(checkpoint, folder)

@@ -45,6 +45,7 @@ def reference(tmp_path_factory, data_overrides) -> tuple[Path, int]:
     return run_dir, sum(json.loads((newest / "meta.json").read_text())["files"].values())
 
 
+@pytest.mark.slow
 def test_disk_full_at_a_save_keeps_the_previous_checkpoint_and_stops_with_one_line(reference, data_overrides,
                                                                                   tmp_path):
     _, size = reference
@@ -67,6 +68,7 @@ def test_disk_full_at_a_save_keeps_the_previous_checkpoint_and_stops_with_one_li
         assert took < 60
 
 
+@pytest.mark.slow
 def test_disk_full_with_on_save_error_continue_trains_on_and_saves_once_there_is_room(reference, data_overrides,
                                                                                      tmp_path):
     full, size = reference
@@ -95,6 +97,7 @@ def test_disk_full_with_on_save_error_continue_trains_on_and_saves_once_there_is
         assert losses(run_dir) == losses(full)
 
 
+@pytest.mark.slow
 def test_a_truncated_shard_in_the_newest_checkpoint_falls_back_and_finishes_bitwise(reference, data_overrides,
                                                                                       tmp_path):
     """The run had finished at step 12, but a shard of step 12 lost its tail: the same command does not say
@@ -181,6 +184,7 @@ def _one_line_each(out: str, ranks: int, *causes: str) -> None:
             assert len(said) == 1, (rank, cause, out[-4000:])
 
 
+@pytest.mark.slow
 def test_disk_full_between_saves_stops_at_the_next_save_and_the_same_command_continues(reference, data_overrides,
                                                                                         tmp_path):
     """Filled at step 6: the metrics, TensorBoard and heartbeat writers each say one line and training goes on
@@ -207,6 +211,7 @@ def test_disk_full_between_saves_stops_at_the_next_save_and_the_same_command_con
         assert (attempts[0]["first_step"], attempts[0]["last_step"], attempts[1]["first_step"]) == (0, 4, 4)
 
 
+@pytest.mark.slow
 def test_disk_full_during_an_async_save_keeps_the_previous_checkpoint_and_stops_with_one_line(
         reference, data_overrides, tmp_path):
     """Step 8's save is written in the background when the disk fills: its commit fails, every rank says one line,

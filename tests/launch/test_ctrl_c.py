@@ -10,6 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import REPO, launch, losses
 
 RUN = ["model=tiny", "cluster.nodes=2", "strategy=ddp", "train.max_steps=60", "train.log_interval=1",
@@ -30,6 +32,7 @@ def interrupted(run: Path, overrides: list[str], after: int, signum: int) -> tup
     return proc, proc.communicate(timeout=120)[1]
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_overrides):
     reference, run = tmp_path / "reference", tmp_path / "run"
     launch(*RUN, *data_overrides, run_dir=reference)
@@ -46,6 +49,7 @@ def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_ove
     assert losses(run) == losses(reference)  # every step once, bitwise
 
 
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_and_stops_like_ctrl_c(tmp_path, data_overrides):
     """`kill -TERM -PGID` (a process manager, a closed terminal) ends as Ctrl-C does: saved, one line, no Hydra
     'Error executing job' and no traceback."""

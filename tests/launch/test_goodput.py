@@ -66,6 +66,7 @@ def test_young_daly_interval_and_its_inputs():
     assert "prior" in interruption_rate([])[1]
 
 
+@pytest.mark.slow
 def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_overrides):
     run = tmp_path / "run"
     launch(*RUN, "debug.signal_at_step=25", *data_overrides, run_dir=run, check=False)
@@ -85,6 +86,7 @@ def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_override
     assert "## Nodes" in text and f"| {run.name} | {health['nodes'][0]['host']} " in text
 
 
+@pytest.mark.slow
 def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides):
     """cluster.signal_delay_s is read from the config: here a window of 1 s, far less than a save and a requeue."""
     run = launch(*RUN, "cluster.signal_delay_s=1", *data_overrides, run_dir=tmp_path / "run")

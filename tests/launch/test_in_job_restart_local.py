@@ -18,6 +18,7 @@ def lines(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_killed_local_rank_restarts_the_ranks_and_finishes_exactly(tmp_path, data_overrides):
     reference = launch(*RUN, *data_overrides, run_dir=tmp_path / "reference")
     assert reference.returncode == 0
@@ -35,6 +36,7 @@ def test_a_killed_local_rank_restarts_the_ranks_and_finishes_exactly(tmp_path, d
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.slow
 def test_a_hang_on_every_attempt_restarts_once_then_fails_clearly(tmp_path, data_overrides):
     """No second recovery without a newer checkpoint: one in-job restart, then the run stops naming the hang."""
     proc = launch(*RUN, *data_overrides, "debug.hang_rank=1", "debug.hang_step=7", "debug.hang_every_attempt=true",

@@ -157,6 +157,7 @@ def test_taking_the_folder_asks_slurm_once_about_another_job_and_never_about_its
     assert asked == ["41"]
 
 
+@pytest.mark.slow
 def test_a_run_frozen_past_its_lease_is_taken_over_and_stops_when_it_wakes(tmp_path, data_overrides):
     """A local run's rank frozen by SIGSTOP for longer than the lease: the same command takes the folder over and
     finishes; woken by SIGCONT, the frozen rank prints that it lost the folder and exits without writing."""

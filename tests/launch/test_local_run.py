@@ -22,6 +22,7 @@ def tiny_run(tmp_path_factory, data_overrides):
     return run_dir
 
 
+@pytest.mark.slow
 def test_training_lowers_the_loss(tiny_run):
     train = losses(tiny_run)
     val = [r["loss"] for r in read_metrics(tiny_run, kind="val")]
@@ -30,6 +31,7 @@ def test_training_lowers_the_loss(tiny_run):
     assert val[-1] < val[0], val
 
 
+@pytest.mark.slow
 def test_run_folder_holds_config_environment_metrics_and_checkpoint(tiny_run):
     assert "name: tiny-single" in (tiny_run / "config.yaml").read_text()
     env = json.loads((tiny_run / "environment" / "rank0.json").read_text())
@@ -43,6 +45,7 @@ def test_run_folder_holds_config_environment_metrics_and_checkpoint(tiny_run):
     assert not node_local_dir(tiny_run, socket.gethostname()).parent.exists()  # the node's memory is given back
 
 
+@pytest.mark.slow
 def test_tensorboard_events_hold_the_training_curves(tiny_run):
     events = EventAccumulator(str(tiny_run / "tensorboard" / "rank0"))
     events.Reload()
@@ -57,6 +60,7 @@ def test_tensorboard_events_hold_the_training_curves(tiny_run):
     assert written <= records, (written, records)
 
 
+@pytest.mark.slow
 def test_same_seed_gives_the_same_losses(tiny_run, tmp_path, data_overrides):
     again = tmp_path / "again"
     launch(*TINY, *data_overrides, run_dir=again)

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
 from helpers import REPO, launch, losses
 
@@ -22,6 +23,7 @@ def attempts(run_dir) -> list[dict]:
     return [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_overrides):
     run = tmp_path / "run"
     launch(*RUN, *data_overrides, run_dir=run)
@@ -46,6 +48,7 @@ def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_over
     assert len(attempts(run)) == 1  # nothing ran
 
 
+@pytest.mark.slow
 def test_raising_max_steps_with_a_fixed_schedule_trains_on(tmp_path, data_overrides):
     run = tmp_path / "run"
     launch(*RUN, "train.decay_steps=40", *data_overrides, run_dir=run)
@@ -54,6 +57,7 @@ def test_raising_max_steps_with_a_fixed_schedule_trains_on(tmp_path, data_overri
     assert [a["first_step"] for a in attempts(run)] == [0, 20] and len(losses(run)) == 30
 
 
+@pytest.mark.slow
 def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, data_overrides):
     run = tmp_path / "run"
     slow = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=400", "debug.delay_rank=0", "debug.delay_s=0.05"]
@@ -88,6 +92,7 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     assert json.loads((run / "lock.json").read_text())["ended"]  # released at the end: the next run takes it at once
 
 
+@pytest.mark.slow
 def test_resume_path_initialises_and_the_runs_own_checkpoints_win_afterwards(tmp_path, data_overrides):
     source, run = tmp_path / "source", tmp_path / "run"
     launch(*RUN, *data_overrides, run_dir=source)
@@ -101,6 +106,7 @@ def test_resume_path_initialises_and_the_runs_own_checkpoints_win_afterwards(tmp
     assert "this run continues from its own checkpoints" in (run / "logs" / "rank0.log").read_text()
 
 
+@pytest.mark.slow
 def test_every_rank_resumes_from_the_same_step(tmp_path, data_overrides):
     """Rank 1 cannot read the newest checkpoint: every rank falls back to the one before, together."""
     reference, run = tmp_path / "reference", tmp_path / "run"

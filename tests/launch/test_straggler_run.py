@@ -50,6 +50,7 @@ def test_a_slow_rank_is_found_where_its_peers_wait_inside_forward_and_backward(l
     assert last["hidden_wait_s"] > 0.05 and last["comm_s"] >= last["hidden_wait_s"], last  # rank 0's wait: comm
 
 
+@pytest.mark.slow
 def test_excluding_a_straggler_that_does_not_pay_keeps_it_and_says_why(tmp_path, data_overrides):
     launch(*RUN, *data_overrides, "debug.straggler_rank=1", "debug.straggler_s=0.15",
            "metrics.straggler_action=exclude", run_dir=tmp_path)  # 30 steps: far less than a restart costs

@@ -233,6 +233,7 @@ def test_the_local_backend_names_the_killed_rank_not_an_aborted_survivor(tmp_pat
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, data_overrides):
     """The CPU mirror of NCCL's abort: rank 1 kills itself at step 5, and ranks 0 and 2, whose collective then fails,
     abort (debug.abort_on_collective_error). The run fails naming rank 1, with one attempts line naming it."""

@@ -17,6 +17,7 @@ def recorded(point) -> list[dict]:
 
 
 @pytest.mark.parametrize("order", ["1,2", "2,1"])
+@pytest.mark.slow
 def test_each_sweep_point_gets_its_own_thread_count(order, tmp_path, data_overrides, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     launch(f"nodes={order}", *QUICK, *data_overrides, run_dir=tmp_path, multirun=True)
@@ -29,6 +30,7 @@ def test_each_sweep_point_gets_its_own_thread_count(order, tmp_path, data_overri
     assert "CPU thread(s) per rank" in (tmp_path / "nodes=2" / "logs" / "rank0.log").read_text()
 
 
+@pytest.mark.slow
 def test_the_users_omp_num_threads_is_respected_and_oversubscription_warned(tmp_path, data_overrides):
     cpus = usable_cpus()
     proc = launch("cluster.nodes=2", *QUICK, *data_overrides, run_dir=tmp_path, env={"OMP_NUM_THREADS": str(cpus)})

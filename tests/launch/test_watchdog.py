@@ -25,6 +25,7 @@ def hang_report(run_dir) -> dict:
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_hang_in_a_step_is_reported_within_step_s(tmp_path, data_overrides):
     step_s = 8
     proc = launch(*RUN, *data_overrides, "debug.hang_rank=1", "debug.hang_step=12", f"watchdog.step_s={step_s}",
@@ -55,6 +56,7 @@ def test_hang_in_a_step_is_reported_within_step_s(tmp_path, data_overrides):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_hang_before_the_first_step_names_the_missing_rank(tmp_path, data_overrides):
     startup_s = 15
     start = time.time()
@@ -105,6 +107,7 @@ def test_auto_step_budget_follows_the_measured_p99(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_a_healthy_run_raises_no_alarm(tmp_path, data_overrides):
     """Steps, evaluations and saves under a tight step floor: no report, and the margin is recorded."""
     launch(*RUN, *data_overrides, "train.max_steps=60", "train.eval_interval=20", "checkpoint.interval_steps=20",

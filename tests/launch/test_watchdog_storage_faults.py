@@ -152,6 +152,7 @@ def test_the_save_budget_follows_the_measured_saves(tmp_path):
 
 
 @pytest.mark.timeout(240)
+@pytest.mark.slow
 def test_a_run_whose_hang_report_cannot_be_written_still_ends_within_its_budget(tmp_path, data_overrides):
     """Two real ranks, rank 1 hangs; the readable report's path is a directory (EISDIR at every write of it)."""
     step_s = 8

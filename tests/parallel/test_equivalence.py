@@ -12,6 +12,8 @@ from gpt.checkpoint.writer import load_model
 from strategy_runs import (BF16_CASES, BF16_RTOL, CASES, FP32_RTOL, STEPS, baseline_of, max_rel_diff, ranks,
                            run, val_losses)
 
+pytestmark = pytest.mark.slow  # each case trains its strategy through `python -m launch`
+
 BANNERS = {
     "ddp": "DDP, 2 replicas on 2 rank(s), 2 node(s)",
     "fsdp": "FSDP2 (fully_shard), parameters sharded over mesh dp_shard=2",

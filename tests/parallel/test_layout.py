@@ -8,6 +8,8 @@ from gpt.config import schema
 from gpt.parallel.traits import preset
 from strategy_runs import baseline_of, last_record, ranks, run
 
+pytestmark = pytest.mark.slow  # each case trains its strategy through `python -m launch`
+
 EMBEDDING, HEAD = {"wte", "wpe"}, {"ln_f", "lm_head"}  # lm_head is the last stage's copy of the tied wte
 
 

@@ -47,6 +47,7 @@ def resumed(tmp_path_factory, data_overrides) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_a_background_checkpoint_holds_the_weights_of_its_step(resumed):
     """Training went on while step 10's state was copied and written: the copy must be step 10's, as the
     synchronous save of the same run wrote it."""
@@ -60,6 +61,7 @@ def test_a_background_checkpoint_holds_the_weights_of_its_step(resumed):
 
 
 @pytest.mark.parametrize("name", ["ddp_async", "zero1_async"])
+@pytest.mark.slow
 def test_each_rank_stages_only_what_it_writes(name, resumed):
     """A replicated model (and DDP's replicated moments) is written once, by one rank or the other: the staging
     copies of the two ranks add up to one checkpoint, not two."""
@@ -74,6 +76,7 @@ def test_each_rank_stages_only_what_it_writes(name, resumed):
 
 
 @pytest.mark.parametrize("name", CASES)
+@pytest.mark.slow
 def test_resumed_run_repeats_the_uninterrupted_losses_bitwise(name, resumed):
     full, again = losses(resumed / name / "full"), losses(resumed / name / "stopped")
     assert len(full) == 20
@@ -82,6 +85,7 @@ def test_resumed_run_repeats_the_uninterrupted_losses_bitwise(name, resumed):
     assert steps == list(range(20))
 
 
+@pytest.mark.slow
 def test_single_process_stopped_by_a_signal_resumes_bitwise_with_the_same_command(tmp_path, data_overrides):
     args = [*RESUME_COMMON, *data_overrides, "checkpoint.interval_steps=5"]
     full = tmp_path / "full"
@@ -96,6 +100,7 @@ def test_single_process_stopped_by_a_signal_resumes_bitwise_with_the_same_comman
         (0, 7, "preempted:SIGTERM"), (7, 20, "finished")]
 
 
+@pytest.mark.slow
 def test_resume_on_another_world_size_reshards_and_continues_by_sample(tmp_path, data_overrides):
     """DDP on 2 ranks to step 10, then ONE process resumes it: DCP reshards model and optimizer, and the same
     global batch means the same samples from step 10 on, so the losses follow a one-process run's."""
@@ -108,6 +113,7 @@ def test_resume_on_another_world_size_reshards_and_continues_by_sample(tmp_path,
     assert one == pytest.approx(baseline[10:], rel=1e-5)  # 2-rank vs 1-rank reduction order: not bitwise
 
 
+@pytest.mark.slow
 def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
     args = [*COMMON, *data_overrides, "strategy=deepspeed", "strategy.stage=2", "train.max_steps=3",
             "train.decay_steps=20", "checkpoint.interval_steps=0"]
@@ -118,6 +124,7 @@ def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
     assert "cannot be resharded" in proc.stderr, proc.stderr[-3000:]
 
 
+@pytest.mark.slow
 def test_resume_under_another_layout_reshards_model_and_optimizer(tmp_path, data_overrides):
     """FSDP on 4 ranks to step 10, resumed as tp=2 x dp_shard=2: DCP reshards every parameter and Adam moment
     from 4 flat shards into tensor-parallel pieces that are themselves sharded. Losses continue those of one

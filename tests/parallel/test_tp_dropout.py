@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from strategy_runs import GQA, run
 
 TP = 2
@@ -18,6 +20,7 @@ OVERRIDES = ["model=tiny", *GQA, "model.dropout=0.2", "strategy=fsdp", f"paralle
              "train.progress=false", "checkpoint.interval_steps=0"]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_ranks_keep_replicated_weights_equal_under_dropout(tmp_path_factory, data_overrides):
     run("single", tmp_path_factory, data_overrides)  # prepares the data
     data_dir = next(o.split("=", 1)[1] for o in data_overrides if o.startswith("data.dir="))

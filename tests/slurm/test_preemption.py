@@ -301,14 +301,15 @@ def test_survivors_that_abort_after_a_killed_peer_requeue_once_naming_it(slurm_c
     assert logs.count("debug.abort_on_collective_error: a collective failed; aborting") == 3, logs[-3000:]
 
 
-@pytest.mark.timeout(480)
-def test_soak_ten_interruptions_of_every_kind_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
-                                                                          reference):
-    """USR2 (Slurm's warning), TERM (a preemption) and an outside `scontrol requeue`, then seven more at random:
-    each time the job comes back by itself and resumes; the run equals the uninterrupted one, and one W&B run holds
-    its eleven attempts."""
-    rng = random.Random(1234)
-    kinds = ["USR2", "TERM", "requeue", *(rng.choice(["USR2", "TERM", "requeue"]) for _ in range(7))]
+@pytest.mark.timeout(360)
+def test_soak_five_interruptions_of_every_kind_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
+                                                                           reference):
+    """USR2 (Slurm's warning), TERM (a preemption) and an outside `scontrol requeue`, then TERM and USR2 again: the
+    job comes back by itself each time, and an attempt that resumed after each kind (from its own save, or from a
+    periodic checkpoint after the requeue's hard stop) is interrupted again and resumes too; the run equals the
+    uninterrupted one, and one W&B run holds its six attempts. (It ran ten interruptions, seven drawn at random:
+    more of the same pairs, at 17 s an attempt.)"""
+    kinds = ["USR2", "TERM", "requeue", "TERM", "USR2"]
     job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds,
                                extra=["debug.delay_s=0.15", "tracking=wandb"])
     assert_same_run(job.run_dir, reference)
@@ -317,7 +318,7 @@ def test_soak_ten_interruptions_of_every_kind_come_back_and_resume_exactly(slurm
     ends = [a["ended"] for a in log]
     assert ends[:2] == ["preempted:SIGUSR2", "preempted:SIGTERM"] and ends[-1] == "finished", log
     assert {a["job_id"] for a in log} == {job.job_id}
-    assert log[-1]["restart"] == 10 and log[-1]["last_step"] == STEPS, log
+    assert log[-1]["restart"] == len(kinds) and log[-1]["last_step"] == STEPS, log
     # every attempt resumed where the one before stopped (or from a periodic checkpoint for a hard stop)
     assert all(b["first_step"] <= a["last_step"] for a, b in zip(log, log[1:])), log
-    assert int(slurm_cluster.job_info(job.job_id)["Restarts"]) == 10
+    assert int(slurm_cluster.job_info(job.job_id)["Restarts"]) == len(kinds)
