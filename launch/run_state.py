@@ -16,7 +16,7 @@ from gpt.config import schema
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import NOT_RUNS, RunFolder
-from launch.backends import scheduler
+from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import ran_on
 
@@ -63,7 +63,7 @@ def run_folders(target: Path, depth: int = 4) -> list[Path]:
         return []
     found: list[Path] = []
     for child in sorted(p for p in target.iterdir() if p.is_dir() and not p.is_symlink()):
-        if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in ("slurm", "code"):
+        if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in (*REGISTRY, "code"):
             found.extend(run_folders(child, depth - 1))
     return found
 

@@ -91,7 +91,7 @@ def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
                           "cluster=slurm")
-    return data.prepare_on == "job" and run.cluster.name == "slurm" and not is_prepared(data)
+    return data.prepare_on == "job" and get_backend(run.cluster.name).submits and not is_prepared(data)
 
 
 def check_same_config(run: RunConfig, run_dir: Path, job_id: str) -> None:
