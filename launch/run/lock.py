@@ -41,7 +41,8 @@ def _alive(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def _refuse(run_dir: Path, beat: Beat, why: str, job: JobStanding | None = None) -> UserError:
+def _refuse(run_dir: Path, beat: Beat, why: str, ask: AskJob | None) -> UserError:
+    job = ask(beat.job_id) if ask is not None and beat.job_id else None  # the scheduler's command to stop it
     stop = f"wait for it to end or stop it ({job.cancel})" if job and job.cancel else "wait for it to end or stop it"
     return UserError(f"the run folder {run_dir} is in use by another run ({beat.describe()}: {why}); {stop}, or give "
                      "this run another name (run=NAME)")
@@ -63,10 +64,8 @@ def ended_because(beat: Beat, job_state: AskJob | None) -> str | None:
 def _asking_once(job_state: AskJob, own_job: str | None) -> AskJob:
     """One question to the scheduler per job at most, and none about the job this process runs in (a requeued
     attempt finds its own job's beat: that job is running)."""
-    asked = functools.cache(job_state)
-
     def state(job_id: str) -> JobStanding | None:
-        return JobStanding(job_id, JobState.RUNNING, "running") if job_id == own_job else asked(job_id)
+        return JobStanding(job_id, JobState.RUNNING, "running") if job_id == own_job else job_state(job_id)
     return state
 
 
@@ -78,7 +77,8 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: AskJo
     beat = read_beat(run_dir)
     if beat is None:
         return None
-    job_state = _asking_once(job_state, job_id) if job_state is not None else None
+    ask = functools.cache(job_state) if job_state is not None else None
+    job_state = _asking_once(ask, job_id) if ask is not None else None
     earlier_round = job_id is not None and (beat.job_id, beat.restart) == (job_id, restart) and beat.round < round_
     why = f"round {beat.round} of this job was restarted inside the allocation" if earlier_round else None
     why = why or ended_because(beat, job_state)
@@ -86,11 +86,11 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: AskJo
         return beat, why
     job = job_state(beat.job_id) if beat.job_id and job_state is not None else None
     if job is not None and job.state == JobState.PENDING:
-        raise _refuse(run_dir, beat, f"job {beat.job_id} is {job.shown}", job)
+        raise _refuse(run_dir, beat, f"job {beat.job_id} is {job.shown}", ask)
     if beat.job_id == job_id and job_id is not None and beat.restart > restart:
-        raise _refuse(run_dir, beat, f"restart {beat.restart} of this job runs it; this is restart {restart}", job)
+        raise _refuse(run_dir, beat, f"restart {beat.restart} of this job runs it; this is restart {restart}", ask)
     if observe(run_dir, beat, stale_s):
-        raise _refuse(run_dir, beat, "its lease is beating", job)
+        raise _refuse(run_dir, beat, "its lease is beating", ask)
     return beat, f"its lease did not beat for {stale_s:.0f} s"
 
 
