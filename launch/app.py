@@ -23,14 +23,11 @@ from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import RunFolder
 from launch import hydra_errors
 from launch.run.attempts import requeued
-from launch.backends import Backend, RunFailed, get_backend
-from launch.backends.slurm.in_job import InJobBackend, under_stock_launcher
+from launch.backends import RunFailed, backend_for
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.planning.plan import make_plan
-from launch.detached import print_follow_up
 from launch.planning.prepared import Prepared
-from launch.submission import live_job, submit_jobs
 
 log = logging.getLogger("launch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -43,15 +40,12 @@ def prepare(cfg: DictConfig) -> Prepared:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run = run_config(cfg)
-    if under_stock_launcher(hydra_cfg):  # this process is one task of a job hydra-submitit-launcher submitted
-        backend: Backend = InJobBackend()
-    else:
-        backend = get_backend(run.cluster.name)
+    backend = backend_for(run.cluster.name, hydra_cfg)
     run, resources = backend.check(run)
     if run.launcher.detach and not backend.submits:
         raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
                           "without the launcher")
-    checked, live = None, live_job(run_dir) if backend.submits else None
+    checked, live = None, backend.live_job(run_dir)
     if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
         job = job_environment()  # this process's own job, if any; the backend's scheduler knows the others
         checked = check_run_folder(run, run_dir, job,
@@ -86,9 +80,9 @@ def run(cfg: DictConfig) -> Path:
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", prepared.run.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
-        submitted, _ = submit_jobs([prepared], plan.run_dir / backend.name)
+        submitted, _ = backend.submit_all([prepared], plan.run_dir / backend.name)
         if prepared.run.launcher.detach:
-            print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
+            backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
         [outcome] = backend.wait(submitted)
         if not outcome.ok:

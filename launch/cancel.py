@@ -13,9 +13,10 @@ import sys
 import time
 from pathlib import Path
 
-from launch.backends.slurm import commands
-from launch.backends.slurm.commands import RUNNING, SlurmUnavailable
-from launch.run_state import ask_slurm, job_ids, run_folders
+from gpt.run_folder import RunFolder
+from launch.backends import scheduler
+from launch.backends.job_state import JobState, SchedulerUnavailable
+from launch.run_state import ask_scheduler, job_ids, run_folders
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
 POLL_S = 1.0
@@ -24,30 +25,31 @@ POLL_S = 1.0
 def preemption_signal(run_dir: Path) -> str:
     from gpt.resilience.preemption import configured_signals
 
-    names = [s.name.removeprefix("SIG") for s in configured_signals(run_dir / "config.yaml")]
+    names = [s.name.removeprefix("SIG") for s in configured_signals(RunFolder(run_dir).config)]
     return "USR2" if "USR2" in names or not names else names[0]  # USR2: what a time limit's warning sends
 
 
 def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdout) -> int:
     runs = run_folders(target)
     by_job = {j: r for r in runs for j in job_ids(r)}
-    infos = ask_slurm(sorted(by_job))
-    live = {j: i for j, i in infos.items() if i.state in RUNNING or i.state in commands.PENDING}
+    infos = ask_scheduler(sorted(by_job))
+    live = {j: i for j, i in infos.items() if i.state.live}
     if not live:
         print(f"no job of {target} is pending or running", file=out)
         return 0
-    running = [j for j, i in live.items() if i.state in RUNNING]
+    running = [j for j, i in live.items() if i.state != JobState.PENDING]
     first = sorted(set(live) - set(running)) if not now and running else []
-    commands.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
-    if not now and running:
-        for j in running:  # the steps only (not the batch shell): the ranks' handlers save and requeue
-            commands.run("scancel", f"--signal={preemption_signal(by_job[j])}", j)
-        print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint", file=out,
-              flush=True)
-        _wait_off_running(running, wait_s)
+    jobs = scheduler()
     try:
-        commands.run("scancel", *sorted(set(live) - set(first)), timeout=60)
-    except SlurmUnavailable as e:
+        jobs.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
+        if not now and running:
+            for j in running:  # the steps only (not the batch shell): the ranks' handlers save and requeue
+                jobs.cancel([j], signal=preemption_signal(by_job[j]))
+            print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint",
+                  file=out, flush=True)
+            _wait_off_running(running, wait_s)
+        jobs.cancel(sorted(set(live) - set(first)))
+    except SchedulerUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
@@ -59,8 +61,8 @@ def _wait_off_running(job_ids: list[str], wait_s: float) -> None:
     """Until no job runs (each requeued itself after its save, or ended), at most wait_s."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
-        infos = ask_slurm(job_ids)
-        if not any(i.state in RUNNING for i in infos.values()):
+        infos = ask_scheduler(job_ids)
+        if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in infos.values()):
             return
         time.sleep(POLL_S)
 

@@ -22,9 +22,7 @@ from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch import hydra_errors
 from launch.app import prepare
 from launch.planning.prepared import Prepared
-from launch.detached import print_follow_up, submit_report_job
 from launch.planning.labels import point_labels
-from launch.submission import submit_jobs
 
 DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
 
@@ -68,7 +66,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
             sys.exit(EXIT_USER)
         try:
-            submitted, snapshot = submit_jobs([p for _, p in jobs], sweep_dir / backend.name)
+            submitted, snapshot = backend.submit_all([p for _, p in jobs], sweep_dir / backend.name)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)
@@ -133,10 +131,10 @@ def _collect(outcomes, jobs, points, returns) -> None:
 
 
 def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
-    """Return once Slurm accepted every job: a dependency job builds the report after them."""
-    ids = [s.job_id for s in submitted]
-    report = submit_report_job(sweep_dir, ids, jobs[0][1].resources, snapshot)
-    print_follow_up(sweep_dir, [j for s in submitted for j in s.job_ids], report)
+    """Return once the scheduler accepted every job: a dependency job builds the report after them."""
+    ids, backend = [s.job_id for s in submitted], jobs[0][1].backend
+    report = backend.submit_report(sweep_dir, ids, jobs[0][1].resources, snapshot)
+    backend.print_follow_up(sweep_dir, [j for s in submitted for j in s.job_ids], report)
     for (n, _), s in zip(jobs, submitted):
         ret = points[n][3]
         ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED

@@ -1,5 +1,5 @@
 """`python -m launch.list [DIR]`: the runs and sweeps under DIR (default runs/), each with its state and last step,
-from the run folders and one question to Slurm. Torch-free: it runs on a login node."""
+from the run folders and one question to the scheduler. Torch-free: it runs on a login node."""
 from __future__ import annotations
 
 import argparse
@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_state import ask_slurm, job_ids, read_state, run_folders
+from launch.run_state import ask_scheduler, job_ids, read_state, run_folders
 
 
 def listing(root: Path, out=sys.stdout) -> int:
@@ -15,11 +15,11 @@ def listing(root: Path, out=sys.stdout) -> int:
     if not runs:
         print(f"no runs under {root}", file=out)
         return 0
-    infos = ask_slurm(sorted({j for r in runs for j in job_ids(r)}))
+    infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)}))
     for r in runs:
         s = read_state(r, infos)
         step = f"step {s.step if s.step is not None else '-'}/{s.max_steps if s.max_steps is not None else '?'}"
-        jobs = f"job {','.join(s.job_ids)} {s.state}" if s.job_ids else "no job"
+        jobs = f"job {','.join(s.job_ids)} {s.shown}" if s.job_ids else "no job"
         print(f"{r.relative_to(root)}: {s.verdict}, {step}, {jobs}", file=out)
     return 0
 

@@ -10,10 +10,10 @@ import time
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.run_state import WAITING, ask_slurm, job_ids, read_state
+from launch.run_state import WAITING, ask_scheduler, job_ids, read_state
 
 POLL_S = 0.5
-SLURM_EVERY_S = 5.0  # how often -f asks Slurm whether the run's jobs still run
+ASK_EVERY_S = 5.0  # how often -f asks the scheduler whether the run's jobs still run
 
 
 class Follower:
@@ -40,7 +40,7 @@ class Follower:
 
 def still_running(run_dir: Path) -> bool:
     ids = list(job_ids(run_dir))
-    return bool(ids) and read_state(run_dir, ask_slurm(ids)).verdict == WAITING
+    return bool(ids) and read_state(run_dir, ask_scheduler(ids)).verdict == WAITING
 
 
 def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> None:
@@ -53,7 +53,7 @@ def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> 
             out.flush()
         elif not running:
             return
-        if time.monotonic() - asked > SLURM_EVERY_S:
+        if time.monotonic() - asked > ASK_EVERY_S:
             asked, running = time.monotonic(), still_running(run_dir)
         time.sleep(poll_s if running else 0)
 

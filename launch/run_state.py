@@ -1,5 +1,5 @@
-"""Where a submitted run stands, from its run folder and one question to Slurm: for launch.status and launch.list,
-which run on a login node without the launcher that submitted the jobs. Torch-free.
+"""Where a submitted run stands, from its run folder and one question to the scheduler: for launch.status and
+launch.list, which run on a login node without the launcher that submitted the jobs. Torch-free.
 
 A run's jobs are those its slurm_job.json names (a chain's links too); a sweep folder's runs are the run folders
 below it, and its report job is named in report_job.json.
@@ -12,10 +12,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt.config import schema
+from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import NOT_RUNS, RunFolder
-from launch.backends.slurm import commands
-from launch.backends.slurm.commands import FINAL, GONE, PENDING, RUNNING, JobInfo, SlurmUnavailable
+from launch.backends import REGISTRY, scheduler
+from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import ran_on
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
@@ -26,8 +28,9 @@ FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; 
 class RunState:
     run_dir: Path
     job_ids: tuple[str, ...]
-    state: str  # the state of its job in flight (else its last one): Slurm's word, or GONE
-    reason: str  # why it waits (Slurm's Reason: JobHeldUser, Priority, Dependency, ...)
+    state: JobState  # the state of its job in flight (else its last one)
+    shown: str  # that state in the scheduler's words
+    reason: str  # why it waits, in the scheduler's words (Slurm: JobHeldUser, Priority, Dependency, ...)
     step: int | None  # steps done: the newest step rank 0 logged, plus one
     max_steps: int | None
     tokens_per_s: float | None
@@ -37,6 +40,7 @@ class RunState:
     goodput: float | None
     links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
     in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.run.rounds): cause, step, spare
+    stuck: str | None = None  # it waits and will not start by itself: what the user can do
 
     @property
     def finished(self) -> bool:
@@ -44,7 +48,7 @@ class RunState:
 
     @property
     def verdict(self) -> str:
-        if self.state in PENDING or self.state in RUNNING:
+        if self.state.live:
             return WAITING
         return FINISHED if self.finished or RunFolder(self.run_dir).summary.is_file() else FAILED
 
@@ -59,7 +63,7 @@ def run_folders(target: Path, depth: int = 4) -> list[Path]:
         return []
     found: list[Path] = []
     for child in sorted(p for p in target.iterdir() if p.is_dir() and not p.is_symlink()):
-        if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in ("slurm", "code"):
+        if child.name not in NOT_RUNS and not child.name.startswith(".") and child.name not in (*REGISTRY, "code"):
             found.extend(run_folders(child, depth - 1))
     return found
 
@@ -73,22 +77,26 @@ def job_ids(run_dir: Path) -> tuple[str, ...]:
     return tuple(record.get("chain") or [record["job_id"]])
 
 
-def ask_slurm(ids: list[str]) -> dict[str, JobInfo]:
-    """Each job's state; an empty answer when there is no Slurm to ask (the run folders still tell the steps)."""
+def ask_scheduler(ids: list[str]) -> dict[str, JobStanding]:
+    """Each job's standing; an empty answer when there is no scheduler to ask (the run folders still tell the
+    steps)."""
     try:
-        return commands.job_infos(ids) if ids else {}
-    except SlurmUnavailable:
+        return scheduler().standings(ids) if ids else {}
+    except SchedulerUnavailable:
         return {}
 
 
-def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
+def shown(infos: dict[str, JobStanding], job_id: str) -> str:
+    return infos[job_id].shown if job_id in infos else JobState.GONE.name
+
+
+def read_state(run_dir: Path, infos: dict[str, JobStanding]) -> RunState:
     ids = job_ids(run_dir)
-    live = [infos[j] for j in ids if j in infos and infos[j].state not in FINAL and infos[j].state != GONE]
+    live = [infos[j] for j in ids if j in infos and not infos[j].state.over]
     current = live[0] if live else (infos.get(ids[-1]) if ids else None)
-    state = current.state if current else GONE
-    reason = current.reason if current and current.reason not in ("None", "") else ""
-    config = _config(run_dir)
-    max_steps = config.get("train", {}).get("max_steps")
+    state = current.state if current else JobState.GONE
+    reason = current.reason if current else ""
+    max_steps = _max_steps(run_dir)
     train = _train_records(run_dir)
     step = train[-1]["step"] + 1 if train else None
     tokens = train[-1].get("tokens_per_s") if train else None
@@ -96,20 +104,19 @@ def read_state(run_dir: Path, infos: dict[str, JobInfo]) -> RunState:
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
     attempts = RunFolder(run_dir).attempts.read()
     restarts = sum(1 for a in attempts if a.requeued)
-    links = tuple(f"{j} {infos[j].state if j in infos else GONE}" for j in ids) if len(ids) > 1 else ()
+    links = tuple(f"{j} {shown(infos, j)}" for j in ids) if len(ids) > 1 else ()
     in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
-    return RunState(run_dir, ids, state, reason, step, max_steps, tokens, eta, len(attempts), restarts,
-                    run_goodput(attempts).goodput, links, in_job)
+    return RunState(run_dir, ids, state, current.shown if current else state.name, reason, step, max_steps, tokens,
+                    eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
+                    current.stuck if current else None)
 
 
-def _config(run_dir: Path) -> dict[str, Any]:
-    from omegaconf import OmegaConf
-
+def _max_steps(run_dir: Path) -> int | None:
     try:
-        return OmegaConf.to_container(OmegaConf.load(RunFolder(run_dir).config), resolve=False)
-    except (OSError, ValueError):
-        return {}
+        return schema.load(RunFolder(run_dir).config).train.max_steps
+    except UserError:  # the listing goes on; the run's own commands say what is wrong with it
+        return None
 
 
 def _train_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -1,7 +1,7 @@
 """`python -m launch.status RUN_OR_SWEEP`: where each job of a run or a sweep stands, without the launcher.
 
-One line per run: its job(s) and Slurm state (and why it waits: held, priority, dependency), step of max steps,
-tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit code 0 when every run finished,
+One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
+steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit code 0 when every run finished,
 1 when any failed, 3 while any still runs or waits. Torch-free: it runs on a login node.
 """
 from __future__ import annotations
@@ -11,8 +11,8 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.backends.slurm.commands import STUCK
-from launch.run_state import FAILED, WAITING, RunState, ask_slurm, job_ids, read_state, report_job, run_folders
+from launch.run_state import (FAILED, WAITING, RunState, ask_scheduler, job_ids, read_state, report_job, run_folders,
+                              shown)
 
 EXIT_RUNNING = 3
 
@@ -20,7 +20,7 @@ EXIT_RUNNING = 3
 def line(s: RunState, root: Path) -> str:
     name = str(s.run_dir.relative_to(root)) if s.run_dir != root else s.run_dir.name
     jobs = ",".join(s.job_ids)
-    state = s.state + (f" ({s.reason})" if s.reason else "")
+    state = s.shown + (f" ({s.reason})" if s.reason else "")
     step = f"step {s.step if s.step is not None else '-'}/{s.max_steps if s.max_steps is not None else '?'}"
     links = f" (chain: {', '.join(s.links)})" if s.links else ""
     parts = [f"{name}: job {jobs} {state}{links}" if s.job_ids else f"{name}: no job", step]
@@ -32,8 +32,7 @@ def line(s: RunState, root: Path) -> str:
     if s.goodput is not None:
         parts.append(f"goodput {100 * s.goodput:.0f}%")
     parts.append(s.verdict)
-    hint = STUCK.get(s.reason)
-    return ", ".join(parts) + (f"; it will not start by itself: {hint.format(job=s.job_ids[-1])}" if hint else "")
+    return ", ".join(parts) + (f"; it will not start by itself: {s.stuck}" if s.stuck else "")
 
 
 def _duration(seconds: float) -> str:
@@ -48,17 +47,16 @@ def status(target: Path, out=sys.stdout) -> int:
         print(f"error: no run folder at or under {target} (a folder with a config.yaml)", file=sys.stderr)
         return 2
     report = report_job(target)
-    infos = ask_slurm(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
+    infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
     states = [read_state(r, infos) for r in runs]
     for s in states:
         print(line(s, target), file=out)
         for restart in s.in_job:
             print(f"  {restart}", file=out)
     if report:
-        info = infos.get(report)
-        print(f"report: job {report} {info.state if info else 'GONE'}"
-              f"{' (' + info.reason + ')' if info and info.reason not in ('', 'None') else ''}; "
-              f"{target / 'report'}", file=out)
+        reason = infos[report].reason if report in infos else ""
+        print(f"report: job {report} {shown(infos, report)}{f' ({reason})' if reason else ''}; {target / 'report'}",
+              file=out)
     verdicts = {s.verdict for s in states}
     return EXIT_RUNNING if WAITING in verdicts else 1 if FAILED in verdicts else 0
 

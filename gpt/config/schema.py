@@ -8,6 +8,7 @@ composes. Defaults live in the dataclasses; the YAML files hold what a preset ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 import types
@@ -28,7 +29,7 @@ from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, Pr
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.tracking import TrackingConfig
 from gpt.config.train import TrainConfig
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import check_init
 
 SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's defaults list
@@ -95,10 +96,37 @@ def run_config(cfg: Any) -> RunConfig:
 
 
 def load(path: Path) -> RunConfig:
-    """A run folder's config.yaml (written by `save`)."""
-    from omegaconf import OmegaConf
+    """A run folder's config.yaml (written by `save`): the one reader of it outside planning, for the ranks, their
+    task wrappers, srun's launcher and the login-node commands. Read once per process while the file stays the same
+    (an atomic rewrite by a later launch is read again); a file that cannot be read or parsed is one UserError."""
+    try:
+        stat = Path(path).stat()
+    except OSError as e:
+        raise _unreadable(path, e.strerror or str(e)) from None
+    return _load(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
 
-    return run_config(OmegaConf.load(path))
+
+@functools.lru_cache(maxsize=64)
+def _load(path: str, inode: int, mtime_ns: int, size: int) -> RunConfig:
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+    from yaml import YAMLError
+
+    try:
+        cfg = OmegaConf.load(path)
+    except OSError as e:
+        raise _unreadable(path, e.strerror or str(e)) from None
+    except (YAMLError, OmegaConfBaseException) as e:
+        raise _unreadable(path, f"not YAML: {str(e).splitlines()[0]}") from None
+    try:
+        return run_config(cfg)
+    except UserError as e:
+        raise _unreadable(path, str(e)) from None
+
+
+def _unreadable(path: Path | str, what: str) -> UserError:
+    return UserError(f"the run's config {path} cannot be read ({what}); the launcher writes it: run the launch "
+                     "command again to rewrite it")
 
 
 def config_plain(run: RunConfig) -> dict[str, Any]:

@@ -26,19 +26,11 @@ def parse_signals(names: Iterable[Any]) -> list[signal.Signals]:
     return [signal.Signals[name] for name in signal_names("preemption.signals", list(names))]
 
 
-def configured_preemption(config_file: Path) -> PreemptionConfig:
-    """The preemption section of a run's config file, read before anything heavy. Its defaults when the file cannot
-    be read or the section is bad: the rank reports that once it reads its config properly."""
-    try:
-        return schema.load(config_file).preemption
-    except Exception:
-        return PreemptionConfig()
-
-
 def configured_signals(config_file: Path) -> list[signal.Signals]:
     """The run's preemption.signals: what its ranks handle, and what a rank's task wrapper and srun catch and pass
-    on to it (the rank ignores them until its flag is in place)."""
-    return parse_signals(configured_preemption(config_file).signals)
+    on to it (the rank ignores them until its flag is in place). Read before anything heavy, through the one reader
+    of the run's config (its one UserError when the file cannot be read)."""
+    return parse_signals(schema.load(config_file).preemption.signals)
 
 
 class PreemptionFlag:

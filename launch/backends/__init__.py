@@ -2,23 +2,32 @@
 by `cluster.name` (configs/cluster/<name>.yaml). Kept light: a Slurm task imports this package first thing.
 
 A backend either runs a point here and waits for it (local, srun), or submits it as a job to a scheduler
-(slurm). What a new one (PBS, LSF, ...) implements is written in docs/backends.md.
+(slurm). What a new one (PBS, LSF, ...) implements is written in docs/backends.md. Code outside launch/backends/
+reaches a scheduler only through this interface, the job environment (JOB_ENVIRONMENTS) and `job_state`.
 """
 from __future__ import annotations
 
 import importlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt.config.schema import RunConfig
 from gpt.errors import ConfigError, UserError
+from launch.backends.job_state import JobStanding
 
 REGISTRY = {  # cluster.name -> "module:class"
     "local": "launch.backends.local:LocalBackend",
     "srun": "launch.backends.srun:SrunBackend",
     "slurm": "launch.backends.slurm.backend:SlurmBackend",
 }
+# A task of a job another Hydra launcher submitted (hydra-submitit-launcher): classes with detect(hydra_cfg) -> bool.
+IN_JOB_BACKENDS = ("launch.backends.slurm.in_job:InJobBackend",)
+# Inside a rank: each scheduler's launch.rank.job_env.JobEnvironment, tried in order (detect(environ) -> bool).
+JOB_ENVIRONMENTS = ("launch.backends.slurm.job:SlurmJob",)
+# The backend whose jobs a run folder records (RUN_DIR/slurm_job.json): status, list, logs and cancel ask it.
+SCHEDULER = "slurm"
 
 
 class RunFailed(UserError):
@@ -47,6 +56,12 @@ class Backend:
         job asks for (None for backends that run here)."""
         return run, None
 
+    def device(self, run: RunConfig) -> str:
+        """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs."""
+        import torch  # the ranks run here: a launcher that submits jobs never imports it
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
     def run(self, plan) -> None:
         """Run one planned point here and return when it has finished (backends that do not submit)."""
         raise NotImplementedError
@@ -63,15 +78,61 @@ class Backend:
         """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
         raise NotImplementedError
 
-    def job_state(self, job_id: str) -> str | None:
-        """That job's state as this backend's scheduler says it (launch.backends.slurm.commands: a state word or
-        GONE; None: it cannot tell, and a run folder's lease goes by its beat)."""
+    def live_job(self, run_dir: Path) -> str | None:
+        """The job an earlier launch submitted for this run folder, if it still waits or runs: the same command
+        waits for it instead of submitting again (refused when it would not go on by itself)."""
         return None
+
+    def submit_all(self, prepared: list, folder: Path, out=sys.stdout) -> tuple[list, Any]:
+        """Every planned point's job, in order: picked up when live, else submitted (with the budget, the code
+        snapshot and data preparation jobs). Returns the submitted jobs and the snapshot (or None)."""
+        raise NotImplementedError
+
+    def submit_report(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any) -> str:
+        """A detached sweep's report job, run once every job has ended; returns its id."""
+        raise NotImplementedError
+
+    def print_follow_up(self, target: Path, job_ids: list[str], report_job: str | None = None,
+                        out=sys.stdout) -> None:
+        """What a detached launch prints: the commands that follow its jobs."""
+        raise NotImplementedError
+
+    def job_state(self, job_id: str) -> JobStanding | None:
+        """Where that job stands, as this backend's scheduler says (None: it cannot tell, and a run folder's lease
+        goes by its beat)."""
+        return None
+
+    def standings(self, job_ids: list[str]) -> dict[str, JobStanding]:
+        """Every job's standing in one question to the scheduler (launch.status, list, logs, cancel); raises
+        launch.backends.job_state.SchedulerUnavailable when the scheduler cannot be asked."""
+        return {}
+
+    def cancel(self, job_ids: list[str], signal: str | None = None) -> None:
+        """Cancel the jobs, or send their steps `signal` (e.g. USR2) instead; raises SchedulerUnavailable."""
+        raise NotImplementedError
+
+
+def scheduler() -> Backend:
+    """The backend that answers for the jobs recorded in run folders."""
+    return get_backend(SCHEDULER)
+
+
+def backend_for(name: object, hydra_cfg) -> Backend:
+    """`cluster.name`'s backend, or in a task of a job another Hydra launcher submitted, the one that makes this task
+    a rank of it."""
+    for cls in map(_load, IN_JOB_BACKENDS):
+        if cls.detect(hydra_cfg):
+            return cls()
+    return get_backend(name)
+
+
+def _load(path: str) -> Any:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def get_backend(name: object) -> Backend:
     if name not in REGISTRY:
         raise ConfigError("cluster.name", name, f"one of {', '.join(REGISTRY)} (cluster=local|slurm|srun)")
-    module, cls = REGISTRY[str(name)].split(":")
-    return getattr(importlib.import_module(module), cls)()
+    return _load(REGISTRY[str(name)])()
 

@@ -131,19 +131,12 @@ def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankSt
 
 
 def configured_step(config_file: Path) -> RankStep:
-    """The run's srun flags, environment and container; none when its config cannot be read (as for its signals:
-    the ranks report a bad config once they read it)."""
-    try:
-        return RankStep.from_cluster(schema.load(config_file).cluster)
-    except Exception:
-        return RankStep()
+    """The run's srun flags, environment and container."""
+    return RankStep.from_cluster(schema.load(config_file).cluster)
 
 
 def step_spares(config_file: Path) -> int:
-    try:
-        return schema.load(config_file).cluster.spare_nodes
-    except Exception:  # as configured_step: the ranks report a bad config once they read it
-        return 0
+    return schema.load(config_file).cluster.spare_nodes
 
 
 def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
@@ -229,10 +222,13 @@ class SrunBackend(Backend):
     def check(self, run):
         return with_job_signal(resolve_allocation(run), os.environ["SLURM_JOB_ID"]), None
 
+    def device(self, run):
+        return "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
+
     def run(self, plan) -> None:
         run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
 
-    def job_state(self, job_id: str) -> str | None:
+    def job_state(self, job_id: str):
         from launch.backends.slurm.job import SlurmJob
 
         return SlurmJob({}).job_state(job_id)

@@ -4,7 +4,6 @@ are counted with torch imported only then."""
 from __future__ import annotations
 
 import dataclasses
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepar
 from gpt.errors import ConfigError, UserError
 from gpt.parallel import plan_layout
 from gpt.run_folder import RunFolder
+from launch.backends import get_backend
 from launch.run.identity import flat
 
 
@@ -34,19 +34,9 @@ class Plan:
 
 
 def planned_device(run: RunConfig) -> str:
-    """The device the ranks will compute on: train.device, or for `auto` what the run asks for. A Slurm job has
-    the GPUs of cluster.gpus_per_node whatever this login node has."""
-    if run.train.device != "auto":
-        return run.train.device
-    if run.cluster.name == "slurm":
-        return "cuda" if run.cluster.node_gpus > 0 else "cpu"
-    if run.cluster.name == "srun":
-        from launch.backends.srun import gpus_on_node
-
-        return "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
-    import torch  # the ranks run here: this machine's GPUs
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The device the ranks will compute on: train.device, or for `auto` what the backend says its ranks get (a
+    submitted job has the GPUs it asks for, whatever this login node has)."""
+    return run.train.device if run.train.device != "auto" else get_backend(run.cluster.name).device(run)
 
 
 def check_local_gpus(run: RunConfig, device: str, world_size: int) -> None:
@@ -101,7 +91,7 @@ def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
                           "cluster=slurm")
-    return data.prepare_on == "job" and run.cluster.name == "slurm" and not is_prepared(data)
+    return data.prepare_on == "job" and get_backend(run.cluster.name).submits and not is_prepared(data)
 
 
 def check_same_config(run: RunConfig, run_dir: Path, job_id: str) -> None:

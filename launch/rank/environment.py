@@ -1,4 +1,5 @@
-"""The one place that knows how a rank was started: Slurm (srun), torchrun-style variables, or a plain process.
+"""The one place that knows how a rank was started: as a task of a scheduler's step (the job environment places it:
+launch.backends.<name>.job), by torchrun-style variables, or as a plain process.
 
 Everything else receives a gpt.dist.process_group.DistEnv: rank, world size, local rank, node, master address and port.
 """
@@ -8,26 +9,20 @@ import os
 import socket
 
 from gpt.dist.process_group import DistEnv
-from gpt.errors import UserError
-from launch.backends.slurm import commands
-from launch.rank.job_env import ROUND_VAR
-
-# Ports for a Slurm job are derived from its id, so every task computes the same one without talking. They stay
-# below Linux's ephemeral range (32768-60999 by default), where any connection's local port may already sit.
-SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
+from launch.rank.job_env import scheduler_classes
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
-    """This rank's place. Reading the real environment (`environ` None) under Slurm also exports what libraries
-    expect from torchrun (see export_for_libraries)."""
+    """This rank's place. Reading the real environment (`environ` None) in a scheduler's step also exports what
+    libraries expect from torchrun (see export_for_libraries)."""
     env = os.environ if environ is None else environ
-    slurm_step = "SLURM_PROCID" in env and "SLURM_NTASKS" in env and "SLURM_STEP_ID" in env
-    # In a Slurm step, torchrun-style variables count only when a torchrun-style agent set them (a local run
-    # inside an allocation); inherited from the submitting shell, Slurm's own win.
-    if "RANK" in env and "WORLD_SIZE" in env and (not slurm_step or "TORCHELASTIC_RUN_ID" in env):
+    step = next((cls for cls in scheduler_classes() if cls.in_step(env)), None)
+    # In a scheduler's step, torchrun-style variables count only when a torchrun-style agent set them (a local run
+    # inside an allocation); inherited from the submitting shell, the scheduler's own win.
+    if "RANK" in env and "WORLD_SIZE" in env and (step is None or "TORCHELASTIC_RUN_ID" in env):
         return _from_torchrun(env)
-    if slurm_step:
-        found = _from_slurm(env)
+    if step is not None:
+        found = step.place(env)
         if environ is None:
             export_for_libraries(found, os.environ)
         return found
@@ -36,7 +31,7 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
 
 def export_for_libraries(found: DistEnv, environ) -> None:
     """DeepSpeed asserts LOCAL_RANK and calls set_device(LOCAL_RANK): give it the GPU index this task drives,
-    not SLURM_LOCALID, which is out of range when Slurm shows each task only its own GPU. (Not RANK and
+    not the scheduler's local id (SLURM_LOCALID), out of range when each task is shown only its own GPU. (Not RANK and
     WORLD_SIZE: detect() would then read this task as a torchrun one.) The async-checkpoint
     gloo group picks its network interface like NCCL does when only NCCL's is set."""
     environ["LOCAL_RANK"] = str(found.local_rank if found.device_index is None else found.device_index)
@@ -79,47 +74,3 @@ def _from_torchrun(env) -> DistEnv:
         master_port=int(env["MASTER_PORT"]),
         hostname=socket.gethostname(),
     )
-
-
-def _from_slurm(env) -> DistEnv:
-    world = int(env["SLURM_NTASKS"])
-    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
-    local_rank = int(env.get("SLURM_LOCALID", 0))
-    return DistEnv(
-        rank=int(env["SLURM_PROCID"]),
-        world_size=world,
-        local_rank=local_rank,
-        device_index=device_index(visible_gpus(env), local_rank),
-        local_world_size=world // nodes,
-        node_rank=int(env.get("SLURM_NODEID", 0)),
-        num_nodes=nodes,
-        master_addr=env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
-        master_port=master_port(env),
-        hostname=socket.gethostname(),
-    )
-
-
-def master_port(env) -> int:
-    """The job's port, another for each in-job round (launch.run.rounds): a rank of an earlier round that still
-    runs cannot join a later one."""
-    round_ = int(env.get(ROUND_VAR, "0") or 0)
-    if env.get("MASTER_PORT"):
-        return int(env["MASTER_PORT"]) + round_
-    return slurm_port(env["SLURM_JOB_ID"], round_)
-
-
-def slurm_port(job_id: str, round_: int = 0) -> int:
-    return SLURM_PORT_BASE + (int(job_id) + 997 * round_) % SLURM_PORT_SPAN
-
-
-def first_host(nodelist: str) -> str:
-    """The job's first host, expanded by Slurm itself. Never a localhost fallback: on a multi-node job that
-    would make every node wait for a world of its own."""
-    try:
-        out = commands.hostnames(nodelist)
-    except commands.SlurmUnavailable as e:
-        raise UserError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': {e}. "
-                        "Make scontrol available inside the job, or set MASTER_ADDR yourself.") from e
-    if not out:
-        raise UserError(f"'scontrol show hostnames {nodelist}' returned no host")
-    return out[0]

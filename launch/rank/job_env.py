@@ -1,14 +1,21 @@
 """Inside a rank, the scheduler's side of the job: its id, which attempt this is, and how to run it again.
 gpt/ knows no scheduler: on a preemption signal the trainer saves and stops, and the worker asks this object to
-requeue. Each backend that submits jobs adds its class to SCHEDULERS (launch/backends/<name>/job.py)."""
+requeue. Each backend that submits jobs adds its class to launch.backends.JOB_ENVIRONMENTS
+(launch/backends/<name>/job.py)."""
 from __future__ import annotations
 
 import importlib
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from launch.backends import JOB_ENVIRONMENTS
+from launch.backends.job_state import JobStanding
+
+if TYPE_CHECKING:  # torch: a rank's; this module is also the launcher's
+    from gpt.dist.process_group import DistEnv
 
 ROUND_VAR = "GPTLAUNCH_ROUND"  # set by the task wrapper that restarts ranks inside the allocation (launch.run.rounds)
-SCHEDULERS = ("launch.backends.slurm.job:SlurmJob",)  # classes with detect(environ) -> bool
 
 
 class JobEnvironment:
@@ -22,6 +29,16 @@ class JobEnvironment:
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> bool:
         return True
+
+    @classmethod
+    def in_step(cls, environ: Mapping[str, str]) -> bool:
+        """This process is one task of the scheduler's parallel step (srun), which places it (`place`)."""
+        return False
+
+    @classmethod
+    def place(cls, environ: Mapping[str, str]) -> DistEnv:
+        """The task's rank, world size, node, master address and port, from the scheduler's variables."""
+        raise NotImplementedError
 
     @property
     def job_id(self) -> str | None:
@@ -62,8 +79,8 @@ class JobEnvironment:
         """How a past attempt of this run (that job) ended, when it could not say so itself."""
         return "killed outright (the process was gone without a word)"
 
-    def job_state(self, job_id: str) -> str | None:
-        """That job's state as the scheduler says it (None: this environment cannot tell)."""
+    def job_state(self, job_id: str) -> JobStanding | None:
+        """Where that job stands, as the scheduler says (None: this environment cannot tell)."""
         return None
 
     def lost_nodes(self) -> str:
@@ -71,11 +88,10 @@ class JobEnvironment:
         return ""
 
 
+def scheduler_classes() -> list[type[JobEnvironment]]:
+    return [getattr(importlib.import_module(path.split(":")[0]), path.split(":")[1]) for path in JOB_ENVIRONMENTS]
+
+
 def job_environment(environ: Mapping[str, str] | None = None) -> JobEnvironment:
     env = dict(os.environ if environ is None else environ)
-    for path in SCHEDULERS:
-        module, name = path.split(":")
-        cls = getattr(importlib.import_module(module), name)
-        if cls.detect(env):
-            return cls(env)
-    return JobEnvironment(env)
+    return next((cls(env) for cls in scheduler_classes() if cls.detect(env)), JobEnvironment(env))

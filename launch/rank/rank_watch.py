@@ -10,7 +10,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt.config import schema
-from gpt.config.sections import WatchdogConfig
 from gpt.resilience.timing import ENDED_EXIT_S, ENDED_LOOK_S, KILL_WAIT_S
 
 
@@ -62,12 +61,8 @@ class RankWatch:
 
 def signalled_exit_s(config_file: Path) -> float:
     """A signalled rank's deadline: the run's longest watchdog budget (the step and the save the signal waits for),
-    then an ended attempt's. Its defaults' when the config cannot be read (the rank says why)."""
-    try:
-        watchdog = schema.load(config_file).watchdog
-    except Exception:
-        watchdog = WatchdogConfig()
-    return watchdog.process_group_timeout() + ENDED_EXIT_S
+    then an ended attempt's."""
+    return schema.load(config_file).watchdog.process_group_timeout() + ENDED_EXIT_S
 
 
 def reap(child: subprocess.Popen) -> int:

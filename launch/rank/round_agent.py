@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.config import schema
+from gpt.errors import UserError
 from gpt.run_folder import Next, RunFolder
 from gpt.resilience.timing import ABORT_GRACE_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
@@ -28,7 +29,7 @@ class RoundAgent:
     def __post_init__(self) -> None:
         try:
             run = schema.load(RunFolder(self.run_dir).config)
-        except Exception:  # the rank reports a config it cannot read, in one line; no rounds, no spares
+        except UserError:  # the task wrapper already said so (configured_signals): no rounds, no spares
             self.spare_nodes, self.suffix, self.in_job_restarts = 0, "", 0
         else:
             self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0

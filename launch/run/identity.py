@@ -25,9 +25,9 @@ from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 from gpt.resilience.timing import LOCK_BEAT_S
-from launch.backends.slurm.commands import PENDING
+from launch.backends.job_state import JobState
 from launch.rank.job_env import JobEnvironment
-from launch.run.lock import JobState, check_free
+from launch.run.lock import AskJob, check_free
 
 # The launcher watches a lease only long enough to see a live holder beat; rank 0 waits out a stale one.
 LAUNCHER_WATCH_S = 2 * LOCK_BEAT_S + 1
@@ -75,7 +75,7 @@ def newest_step(run_dir: Path) -> int | None:
     return step_of(found) if found else None
 
 
-def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: JobState) -> None:
+def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: AskJob) -> None:
     """Refuse while the job submitted for this folder waits in the queue (pending, held, requeued, suspended) or
     runs: it trains with the folder's config when it starts, and a second job would rewrite that config under it."""
     try:
@@ -84,10 +84,11 @@ def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: JobState) ->
         return
     if queued == job.job_id:
         return
-    state = job_state(str(queued))
-    if state in PENDING or state == "RUNNING":  # COMPLETING: its processes are ending, and its lease says so
-        raise UserError(f"the run folder {run_dir} belongs to job {queued}, which is {state}: it continues this run "
-                        f"when it runs. Wait for it (squeue -j {queued}), or cancel it (scancel {queued}) and run this "
+    found = job_state(str(queued))
+    # ending: its processes are ending, and its lease says so
+    if found is not None and found.state in (JobState.PENDING, JobState.RUNNING):
+        raise UserError(f"the run folder {run_dir} belongs to job {queued}, which is {found.shown}: it continues this "
+                        f"run when it runs. Wait for it ({found.watch}), or cancel it ({found.cancel}) and run this "
                         "command again")
 
 
@@ -101,7 +102,7 @@ class FolderCheck:
         write_record(run_dir, self.identity)
 
 
-def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: JobState | None = None
+def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
                      ) -> FolderCheck:
     """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
     Raises UserError when a job of the run is queued or running, when another run holds the folder, when its run

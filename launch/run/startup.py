@@ -1,7 +1,7 @@
 """Where an attempt's start-up time goes, from the moment its batch script (or the local launcher) started to
 its first training step. Each phase is the gap between two marks; rank 0 writes them to attempts.jsonl.
 
-    scheduler_s        the previous attempt's last record -> this attempt's start (a requeue: Slurm's
+    scheduler_s        the previous attempt's last record -> this attempt's start (a requeue: the scheduler's
                        completing and pending time; absent on a first attempt)
     launcher_s         attempt start -> this rank's interpreter runs the worker (planning, srun, submitit)
     imports_s          the worker's imports (torch, gptlaunch)
@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.backends.slurm.job import SlurmJob
+from launch.rank.job_env import job_environment
 
 ATTEMPT_START = "GPTLAUNCH_ATTEMPT_START"  # epoch seconds; set by whoever starts an attempt
 # a token srun passes to the ranks of one step: their environment records say which step wrote them
@@ -35,7 +35,7 @@ def previous_attempt_end(run_dir: Path) -> float | None:
     if not attempts:
         return None
     last = attempts[-1]
-    job = SlurmJob(os.environ)  # an array task's id as its attempts record it
+    job = job_environment()  # an array task's id as its attempts record it
     if job.job_id is None or job.restart == 0 or last.job_id != job.job_id:
         return None
     return last.time

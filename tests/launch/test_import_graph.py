@@ -3,6 +3,7 @@ from Python, not from a reader); and the launcher's modules import no torch (a l
 from __future__ import annotations
 
 import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -70,3 +71,32 @@ def test_gpt_never_imports_launch():
                        for t in targets if t == "launch" or t.startswith("launch."))
     assert not offenders, offenders
     assert any(t.startswith("gpt.") for t in graph()["launch.rank.worker"])  # the scan sees cross-package imports
+
+
+# What code outside launch/backends/ may name there: the interface, and the neutral job states.
+BACKEND_INTERFACE = {"launch.backends", "launch.backends.job_state"}
+
+
+def test_nothing_outside_the_backends_imports_scheduler_code():
+    """The scheduler boundary: outside launch/backends/, no module reaches a backend's own code (Slurm's, or any
+    other's), not by an import, a lazy one, or a "module:class" string handed to importlib."""
+    named = re.compile(r"launch\.backends\.[\w.]+:\w+")
+    own = {module_name(p) for p in (REPO / "launch" / "backends").rglob("*.py")} - BACKEND_INTERFACE
+    offenders = []
+    for pkg in ("launch", "gpt", "hydra_plugins", "benchmarks"):
+        for path in (REPO / pkg).rglob("*.py"):
+            if path.is_relative_to(REPO / "launch" / "backends"):
+                continue
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+                    names = [node.module] + [f"{node.module}.{a.name}" for a in node.names]
+                elif isinstance(node, ast.Import):
+                    names = [a.name for a in node.names]
+                elif isinstance(node, ast.Constant) and isinstance(node.value, str) and named.fullmatch(node.value):
+                    names = [node.value.split(":")[0]]  # importlib's "module:class"
+                else:
+                    continue
+                offenders += [f"{path.relative_to(REPO)}: {n}" for n in names
+                              if any(n == m or n.startswith(m + ".") for m in own)]
+    assert not offenders, offenders
+    assert "launch.backends.slurm.commands" in own and "launch.backends.slurm" in own

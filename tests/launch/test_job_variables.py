@@ -6,7 +6,7 @@ import subprocess
 import sys
 
 from helpers import REPO
-from launch.rank.environment import slurm_port
+from launch.backends.slurm.placement import slurm_port
 from launch.run.startup import ATTEMPT_START, StartupClock
 
 

@@ -16,6 +16,7 @@ import pytest
 from gpt.errors import UserError
 from gpt.resilience.lease import Lease, generation, read_beat
 from helpers import REPO
+from launch.backends.slurm.commands import JobInfo, standing
 from launch.run.lock import check_free, take
 
 # A holder in its own process: takes the lease (beating every 0.2 s), then writes a line into the folder every
@@ -52,6 +53,11 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def said(word: str):
+    """The scheduler's answer about any job, in Slurm's word (the lease decides on its neutral state)."""
+    return lambda job: standing(JobInfo(job, word))
+
+
 def test_two_processes_racing_for_one_generation_one_wins(tmp_path):
     """Eight processes claim generation 1 at the same instant: exactly one holds it."""
     go = time.time() + 1.5
@@ -70,7 +76,7 @@ def test_a_fresh_beat_vetoes_a_take_over_even_from_the_same_job(tmp_path):
     try:
         started = time.monotonic()
         with pytest.raises(UserError, match=r"in use by another run \(job 7, restart 0, pid \d+ .*lease is beating"):
-            take(tmp_path, "7", 0, lambda job: "RUNNING", stale_s=5)
+            take(tmp_path, "7", 0, said("RUNNING"), stale_s=5)
         assert time.monotonic() - started < 2  # refused as soon as it beat, not after the stale time
         assert generation(tmp_path) == 1
     finally:
@@ -120,22 +126,22 @@ def test_a_holder_whose_job_waits_or_is_suspended_keeps_the_folder(tmp_path, sta
     held = Lease.take(tmp_path, 0, "41", 0)  # beats no more: its job was suspended or sent back to the queue
     with pytest.raises(UserError, match=f"job 41, restart 0, .*: job 41 is {state}\\); wait for it to end or stop "
                                         r"it \(scancel 41\)"):
-        take(tmp_path, "42", 0, lambda job: state, stale_s=0.5)
+        take(tmp_path, "42", 0, said(state), stale_s=0.5)
     assert generation(tmp_path) == held.generation
 
 
 def test_an_ended_job_is_taken_over_at_once_and_an_earlier_attempt_yields_once_stale(tmp_path):
     Lease.take(tmp_path, 0, "41", 0)
     started = time.monotonic()
-    second = take(tmp_path, "42", 0, lambda job: "CANCELLED", stale_s=30)
+    second = take(tmp_path, "42", 0, said("CANCELLED"), stale_s=30)
     assert second.generation == 2 and time.monotonic() - started < 1
     second.release()
     Lease.take(tmp_path, 2, "43", 0)  # restart 0 of job 43, stale; restart 1 of the same job takes over
-    later = take(tmp_path, "43", 1, lambda job: "RUNNING", stale_s=0.5)
+    later = take(tmp_path, "43", 1, said("RUNNING"), stale_s=0.5)
     assert later.generation == 4
     try:
         with pytest.raises(UserError, match="restart 1 of this job runs it; this is restart 0"):
-            take(tmp_path, "43", 0, lambda job: "RUNNING", stale_s=0.5)  # an orphan of the earlier attempt
+            take(tmp_path, "43", 0, said("RUNNING"), stale_s=0.5)  # an orphan of the earlier attempt
     finally:
         later.release()
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 from launch.run.startup import STEP_TOKEN
 from helpers import REPO, compose
@@ -113,11 +114,13 @@ def test_srun_holds_a_signal_until_every_rank_is_up(run_dir, monkeypatch):
     assert children[0].sent == []  # no rank wrote its environment record: none handles signals yet
 
 
-def test_without_a_readable_config_the_default_signals_are_used(tmp_path, monkeypatch):
+def test_without_a_readable_config_srun_starts_nothing_and_says_why_in_one_line(tmp_path, monkeypatch):
+    """The run's config has one reader (gpt.config.schema.load) and one failure: no step with guessed signals."""
     children: list[Child] = []
     monkeypatch.setattr(srun.subprocess, "Popen", starting(children, lambda child: None))
-    srun.run_srun(tmp_path, 1, 1)
-    assert 'trap "" TERM USR2; exec "$0" "$@"' in children[0].cmd
+    with pytest.raises(UserError, match=f"the run's config {tmp_path / 'config.yaml'} cannot be read"):
+        srun.run_srun(tmp_path, 1, 1)
+    assert children == []
 
 
 RANK = """

@@ -3,6 +3,7 @@ key, the value and what is valid, whether Hydra refuses it while composing (the 
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 
 import pytest
@@ -142,3 +143,28 @@ def test_the_run_config_is_written_atomically_and_once(tmp_path):
     schema.save(dataclasses.replace(run, seed=run.seed + 1), path)
     assert path.stat().st_ino != first and schema.load(path).seed == run.seed + 1  # replaced, not rewritten in place
     assert [p.name for p in tmp_path.iterdir()] == ["config.yaml"]  # no temporary file left
+
+
+def test_a_run_folder_config_is_parsed_once_per_process_and_fails_in_one_line(tmp_path, monkeypatch):
+    """Every process outside planning (the task wrapper, srun's launcher, the login-node commands) reads config.yaml
+    through schema.load: parsed once while the file stays the same, again once a launch replaced it, and a file that
+    cannot be read is one UserError naming it and what is wrong, whoever asked."""
+    from gpt.config import schema
+    from gpt.errors import UserError
+
+    path, run = tmp_path / "config.yaml", run_config(compose())
+    schema.save(run, path)
+    parsed = []
+    monkeypatch.setattr(schema, "run_config", lambda cfg: parsed.append(cfg) or run_config(cfg))
+    assert schema.load(path) is schema.load(path) and len(parsed) == 1
+    schema.save(dataclasses.replace(run, seed=run.seed + 1), path)
+    assert schema.load(path).seed == run.seed + 1 and len(parsed) == 2
+    bad_value = re.sub(r"max_steps: \d+", "max_steps: many", path.read_text())
+    for text, what in (("train: [unclosed", "not YAML"), (bad_value, "train.max_steps"), (None, "No such file")):
+        if text is None:
+            path.unlink()
+        else:
+            path.write_text(text)
+        with pytest.raises(UserError) as e:
+            schema.load(path)
+        assert str(path) in str(e.value) and what in str(e.value) and "\n" not in str(e.value), str(e.value)

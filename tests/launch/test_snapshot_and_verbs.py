@@ -5,7 +5,9 @@ import json
 import subprocess
 import sys
 
-from helpers import REPO
+from gpt.config import schema
+from gpt.config.schema import run_config
+from helpers import REPO, compose
 from launch import snapshot
 from launch.run_state import read_state, run_folders
 
@@ -61,7 +63,7 @@ def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
 def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path):
     run = tmp_path / "sweep" / "nodes=1"
     (run / "metrics").mkdir(parents=True)
-    (run / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    schema.save(run_config(compose("train.max_steps=3")), run / "config.yaml")
     (run / "metrics" / "rank0.jsonl").write_text("".join(
         json.dumps({"kind": "train", "step": s, "tokens_per_s": 100.0, "step_time_s": 0.5}) + "\n" for s in range(3)))
     (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
@@ -84,7 +86,7 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
 def test_status_prints_one_line_per_in_job_restart(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)
-    (run / "config.yaml").write_text("train:\n  max_steps: 3\n")
+    schema.save(run_config(compose("train.max_steps=3")), run / "config.yaml")
     (run / "run.json").write_text("{}")
     restart = {"job_id": "7", "restart": 0, "ended": "hang", "last_step": 20, "in_job_restart": 1,
                "note": "restarting inside the allocation (in-job restart 1 of at most 3, n3 replaces n2)"}

@@ -2,8 +2,10 @@
 node) through submitit, after every check that can be made against the cluster (sinfo) and the budget."""
 from __future__ import annotations
 
+import sys
+
 from launch.backends import Backend
-from launch.backends.slurm import partitions, submit, wait
+from launch.backends.slurm import commands, detached, partitions, submit, wait
 from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.resources import SlurmResources
 
@@ -21,8 +23,34 @@ class SlurmBackend(Backend):
         return run.with_cluster(cpus_per_task=resources.cpus_per_task,
                                 signal_delay_s=resources.signal_delay_s), resources
 
-    def job_state(self, job_id: str) -> str | None:
+    def device(self, run):
+        return "cuda" if run.cluster.node_gpus > 0 else "cpu"  # the GPUs it asks for, whatever this node has
+
+    def job_state(self, job_id: str):
         return SlurmJob({}).job_state(job_id)
+
+    def standings(self, job_ids):
+        return {j: commands.standing(i) for j, i in commands.job_infos(job_ids).items()} if job_ids else {}
+
+    def cancel(self, job_ids, signal=None):
+        if job_ids:
+            commands.run("scancel", *([f"--signal={signal}"] if signal else []), *job_ids, timeout=60)
+
+    def live_job(self, run_dir):
+        from launch.backends.slurm.submission import live_job
+
+        return live_job(run_dir)
+
+    def submit_all(self, prepared, folder, out=sys.stdout):
+        from launch.backends.slurm.submission import submit_jobs
+
+        return submit_jobs(prepared, folder, out)
+
+    def submit_report(self, sweep_dir, job_ids, resources, snapshot):
+        return detached.submit_report_job(sweep_dir, job_ids, resources, snapshot)
+
+    def print_follow_up(self, target, job_ids, report_job=None, out=sys.stdout):
+        detached.print_follow_up(target, job_ids, report_job, out)
 
     def budget_gate(self, points, budget) -> None:
         submit.budget_gate(points, budget)

@@ -11,6 +11,8 @@ import signal
 import subprocess
 from dataclasses import dataclass
 
+from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
+
 # Every job state Slurm reports (squeue's %T, scontrol's JobState, sacct's State), by what it means to us.
 PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
                      "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT", "POWER_UP_NODE"})
@@ -120,7 +122,7 @@ def parse_hostnames(text: str) -> list[str]:
 
 
 # --- running -------------------------------------------------------------------------------------------
-class SlurmUnavailable(RuntimeError):
+class SlurmUnavailable(SchedulerUnavailable):
     """A client command failed to answer (not found, timed out, or the controller is down)."""
 
 
@@ -162,6 +164,16 @@ class JobInfo:
         """How to unstick a pending job that will not start by itself, or None."""
         hint = STUCK.get(self.reason)
         return hint.format(job=self.job_id) if hint and self.state in PENDING else None
+
+
+def standing(info: JobInfo) -> JobStanding:
+    """Slurm's answer as the scheduler-neutral state the code outside the backend decides on. A word this list does
+    not know counts as running: a run folder's lease then goes by its beat."""
+    word = info.state
+    state = (JobState.GONE if word == GONE else JobState.PENDING if word in PENDING else JobState.ENDING
+             if word == "COMPLETING" else JobState.ENDED if word in FINAL else JobState.RUNNING)
+    return JobStanding(info.job_id, state, word, info.reason if info.reason != "None" else "",
+                       f"scancel {info.job_id}", f"squeue -j {info.job_id}", info.stuck_hint)
 
 
 def scontrol_job(job_id: str) -> JobInfo | None:

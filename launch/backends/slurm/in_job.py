@@ -28,6 +28,10 @@ def under_stock_launcher(hydra_cfg) -> bool:
 class InJobBackend(Backend):
     name = "submitit_slurm"
 
+    @classmethod
+    def detect(cls, hydra_cfg) -> bool:
+        return under_stock_launcher(hydra_cfg)
+
     def check(self, run):
         from launch.backends.srun import _int
 

@@ -5,6 +5,7 @@ import contextlib
 import time
 from collections.abc import Mapping
 
+from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
 from launch.rank.job_env import JobEnvironment
@@ -20,6 +21,16 @@ class SlurmJob(JobEnvironment):
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> bool:
         return bool(environ.get("SLURM_JOB_ID"))
+
+    @classmethod
+    def in_step(cls, environ: Mapping[str, str]) -> bool:
+        return "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ and "SLURM_STEP_ID" in environ
+
+    @classmethod
+    def place(cls, environ: Mapping[str, str]):
+        from launch.backends.slurm.placement import from_slurm  # torch's DistEnv: only a rank places itself
+
+        return from_slurm(environ)
 
     @property
     def job_id(self) -> str | None:
@@ -55,12 +66,13 @@ class SlurmJob(JobEnvironment):
         state = info.state if info else commands.sacct_state(job_id)
         return f"stopped by Slurm: job {job_id} ended {state}" if state else f"killed outright (job {job_id})"
 
-    def job_state(self, job_id: str) -> str | None:
+    def job_state(self, job_id: str) -> JobStanding | None:
         try:
             info = commands.scontrol_job(job_id)
         except SlurmUnavailable:
             return None
-        return info.state if info is not None else (commands.sacct_state(job_id) or commands.GONE)
+        info = info or commands.JobInfo(job_id, commands.sacct_state(job_id) or commands.GONE)
+        return commands.standing(info)
 
     def lost_nodes(self) -> str:
         """Down, failed or not responding by sinfo, or taken out of this job by Slurm (its NodeList drops them)."""

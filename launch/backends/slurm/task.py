@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.errors import EXIT_PREEMPTED
+from gpt.errors import EXIT_PREEMPTED, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
@@ -174,7 +174,7 @@ def main() -> None:
     """Under srun (sbatch slurm/multi_node.sh, cluster=srun): the same wrapper; its failure is one line, exit 1."""
     try:
         RankTask(sys.argv[1])()
-    except RankFailed as e:
+    except (RankFailed, UserError) as e:  # a run config that cannot be read (gpt.config.schema.load) too
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)
 

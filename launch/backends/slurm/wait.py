@@ -74,7 +74,7 @@ def timeout_line(run_dir: Path, job_id: str, step: int | None) -> str:
                 "cluster.signal_delay_s (the warning's lead)")
     try:
         run = schema.load(folder.config)
-    except (OSError, UserError):
+    except UserError:
         return "it reached its time limit (cluster.time_min)"
     limit = f"it reached its time limit (cluster.time_min={run.cluster.time_min})"
     if not run.preemption.enabled:

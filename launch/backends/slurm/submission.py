@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 from launch.backends import Point
-from launch.backends.slurm.commands import PENDING, RUNNING
+from launch.backends.slurm import commands
+from launch.backends.slurm.commands import PENDING, RUNNING, SlurmUnavailable
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
-from launch.run_state import ask_slurm, job_ids
-from launch.script_jobs import script_job
+from launch.backends.slurm.script_jobs import script_job
+from launch.run_state import job_ids
 from launch.planning.prepared import Prepared
 from launch.snapshot import Snapshot, record_in, take, with_snapshot
 
@@ -27,7 +28,10 @@ def live_job(run_dir: Path) -> str | None:
     """The newest of the run folder's jobs that Slurm still runs or keeps pending, if any: the same command waits
     for it instead of submitting again. Refused when it is held or suspended: it would not go on by itself."""
     ids = list(job_ids(run_dir))
-    infos = ask_slurm(ids)
+    try:
+        infos = commands.job_infos(ids) if ids else {}
+    except SlurmUnavailable:
+        infos = {}
     live = [infos[j] for j in ids if j in infos and (infos[j].state in PENDING or infos[j].state in RUNNING)]
     if not live:
         refuse_script_job(run_dir, tuple(ids))

@@ -1,0 +1,59 @@
+"""A rank's place in a Slurm step (srun started it as one task): rank, world size, node, master address and port,
+from Slurm's variables. launch.rank.environment asks for it through the job environment (SlurmJob.place)."""
+from __future__ import annotations
+
+import socket
+
+from gpt.dist.process_group import DistEnv
+from gpt.errors import UserError
+from launch.backends.slurm import commands
+from launch.rank.environment import device_index, visible_gpus
+from launch.rank.job_env import ROUND_VAR
+
+# Ports for a Slurm job are derived from its id, so every task computes the same one without talking. They stay
+# below Linux's ephemeral range (32768-60999 by default), where any connection's local port may already sit.
+SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
+
+
+def from_slurm(env) -> DistEnv:
+    world = int(env["SLURM_NTASKS"])
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    local_rank = int(env.get("SLURM_LOCALID", 0))
+    return DistEnv(
+        rank=int(env["SLURM_PROCID"]),
+        world_size=world,
+        local_rank=local_rank,
+        device_index=device_index(visible_gpus(env), local_rank),
+        local_world_size=world // nodes,
+        node_rank=int(env.get("SLURM_NODEID", 0)),
+        num_nodes=nodes,
+        master_addr=env.get("MASTER_ADDR") or first_host(env["SLURM_JOB_NODELIST"]),
+        master_port=master_port(env),
+        hostname=socket.gethostname(),
+    )
+
+
+def master_port(env) -> int:
+    """The job's port, another for each in-job round (launch.run.rounds): a rank of an earlier round that still
+    runs cannot join a later one."""
+    round_ = int(env.get(ROUND_VAR, "0") or 0)
+    if env.get("MASTER_PORT"):
+        return int(env["MASTER_PORT"]) + round_
+    return slurm_port(env["SLURM_JOB_ID"], round_)
+
+
+def slurm_port(job_id: str, round_: int = 0) -> int:
+    return SLURM_PORT_BASE + (int(job_id) + 997 * round_) % SLURM_PORT_SPAN
+
+
+def first_host(nodelist: str) -> str:
+    """The job's first host, expanded by Slurm itself. Never a localhost fallback: on a multi-node job that
+    would make every node wait for a world of its own."""
+    try:
+        out = commands.hostnames(nodelist)
+    except commands.SlurmUnavailable as e:
+        raise UserError(f"cannot expand SLURM_JOB_NODELIST={nodelist!r} with 'scontrol show hostnames': {e}. "
+                        "Make scontrol available inside the job, or set MASTER_ADDR yourself.") from e
+    if not out:
+        raise UserError(f"'scontrol show hostnames {nodelist}' returned no host")
+    return out[0]
