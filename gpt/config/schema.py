@@ -64,7 +64,7 @@ class RunConfig:
 
     def validate(self) -> None:
         check_resume(self.resume)
-        traits_of(self.strategy.name).check_keys(self.strategy)
+        traits_of(self.strategy.name).check(self.strategy)
         check_run_name(self.run)
         one_line("name", self.name)  # the job's name
 

@@ -36,7 +36,10 @@ class StrategyConfig:
     def pipeline_microbatches(self, pp: int) -> int:
         return self.microbatches or pp
 
-    def validate(self) -> None:
+    def check_values(self) -> None:
+        """The values of the keys, once the strategy's traits (gpt.parallel.traits: the registry knows which
+        strategy reads which key) have refused another strategy's key: a key the strategy does not read is named
+        as such, not judged by its value."""
         if self.stage not in (0, 1, 2, 3):
             raise ConfigError("strategy.stage", self.stage, "0, 1, 2 or 3 (ZeRO stage)")
         self.validate_pipeline()

@@ -155,9 +155,11 @@ class StrategyTraits:
     def keys_read(self) -> tuple[str, ...]:
         return ("name", *self.keys)
 
-    def check_keys(self, strategy: StrategyConfig) -> None:
-        """A non-default value of a strategy.* key only other strategies read is refused, naming them."""
+    def check(self, strategy: StrategyConfig) -> None:
+        """The strategy section: a non-default value of a key only other strategies read is refused, naming them;
+        then the values."""
         only_own_keys(strategy, "strategy", {name: t.keys for name, t in REGISTRY.items()})
+        strategy.check_values()
 
 
 @register
