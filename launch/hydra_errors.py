@@ -13,12 +13,14 @@ import os
 import re
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from gpt.config.schema import valid_for
 from gpt.errors import EXIT_USER, ConfigError, UserError
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # strategy=NAME has no folder: its registry stores them
 SITE_PROFILES = "a profile site/NAME.yaml in the folder named by GPTLAUNCH_SITE_DIR or hydra.searchpath=[file:///DIR]"
 _users: list[str | None] = []  # HYDRA_FULL_ERROR as the user had it, while Hydra composes
 
@@ -58,8 +60,8 @@ def user_error(e: Exception, overrides: Sequence[str]) -> UserError | None:
     cause = e.__cause__
     if isinstance(e, MissingConfigException) and e.options:
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
-        where = SITE_PROFILES if group == "site" else f"configs/{group}/"
-        return ConfigError(group, name, f"one of {', '.join(e.options)} ({where})")
+        where = SITE_PROFILES if group == "site" else f"configs/{group}/" if (CONFIGS / group).is_dir() else ""
+        return ConfigError(group, name, f"one of {', '.join(e.options)}" + (f" ({where})" if where else ""))
     if isinstance(e, ConfigCompositionException) and isinstance(cause, MissingMandatoryValue):
         return ConfigError(cause.full_key, "???", "a value: this key has no default")
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException) and cause.full_key:

@@ -23,7 +23,7 @@ from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
 from gpt.config.names import check_run_name, one_line
 from gpt.config.report import ReportConfig
-from gpt.config.section import REQUIRED, default_of, describe, key_of, known_keys, section, to_plain
+from gpt.config.section import REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
                                  StragglerConfig, WatchdogConfig, check_resume)
 from gpt.config.strategy import ParallelConfig, StrategyConfig
@@ -31,6 +31,7 @@ from gpt.config.tracking import TrackingConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import check_init
+from gpt.parallel.traits import REGISTRY, traits_of
 
 SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's defaults list
 
@@ -69,6 +70,7 @@ class RunConfig:
     def validate(self) -> None:
         check_resume(self.resume)
         check_init(self.init, self.model, self.data, self.resume)
+        traits_of(self.strategy.name).check(self.strategy)
         check_run_name(self.run)
         one_line("name", self.name)  # the job's name
 
@@ -133,8 +135,8 @@ def config_plain(run: RunConfig) -> dict[str, Any]:
     """The resolved, checked config as configs/ names its keys. The strategy and cluster sections hold only the
     keys their preset reads."""
     plain = to_plain(run)
-    for key in ("strategy", "cluster"):
-        plain[key] = {k: v for k, v in plain[key].items() if k in getattr(run, key).keys_read}
+    for key, read in (("strategy", traits_of(run.strategy.name).keys_read), ("cluster", run.cluster.keys_read)):
+        plain[key] = {k: v for k, v in plain[key].items() if k in read}
     return plain
 
 
@@ -180,7 +182,7 @@ def valid_for(path: str) -> str:
     holder = path.rpartition(".")[0]
     tp = field_at(holder) if holder else RunConfig
     if dataclasses.is_dataclass(tp):
-        return known_keys(tp, holder)
+        return moved_to(tp, path.rpartition(".")[2]) or known_keys(tp, holder)
     return "a key of the config (python -m launch --cfg job lists them)"
 
 
@@ -219,7 +221,12 @@ def _node(tp: Any, default: Any) -> Any:
 
 
 def register() -> None:
-    """The schema in Hydra's ConfigStore, before Hydra composes configs/ (the app, and tests that compose)."""
+    """The schema in Hydra's ConfigStore, before Hydra composes configs/ (the app, and tests that compose), and one
+    strategy=NAME option per registered strategy (gpt.parallel.traits): its name and what its preset sets."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name=SCHEMA, node=hydra_schema(), provider="gptlaunch")
+    store = ConfigStore.instance()
+    store.store(name=SCHEMA, node=hydra_schema(), provider="gptlaunch")
+    for name, traits in REGISTRY.items():
+        store.store(group="strategy", name=name, node={"strategy": {"name": name}, **traits.preset},
+                    package="_global_", provider="gptlaunch")

@@ -50,7 +50,7 @@ def section(cls: type[T], key: str, values: Mapping[str, Any] | None) -> T:
     fields = {key_of(f): f for f in dataclasses.fields(cls)}
     for name, value in values.items():
         if name not in fields:
-            raise ConfigError(join(key, name), value, known_keys(cls, key))
+            raise ConfigError(join(key, name), value, moved_to(cls, name) or known_keys(cls, key))
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, f in fields.items():
@@ -74,6 +74,13 @@ def only_own_keys(obj: Any, key: str, presets: Mapping[str, tuple[str, ...]]) ->
             owners = "|".join(p for p, keys in presets.items() if f.name in keys)
             raise ConfigError(f"{key}.{f.name}", value, f"{key}={obj.name} reads "
                               f"{', '.join(sorted(('name', *reads)))} ({key}.{f.name} is for {key}={owners})")
+
+
+def moved_to(cls: type, name: str) -> str | None:
+    """Where a key the section no longer has went (one key per knob: a section lists them in its MOVED), so that an
+    old command gets the key to use."""
+    new = getattr(cls, "MOVED", {}).get(name)
+    return f"use {new} instead" if new else None
 
 
 def known_keys(cls: type, key: str) -> str:

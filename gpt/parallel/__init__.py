@@ -1,6 +1,6 @@
-"""Parallel strategies, one per module, chosen by the strategy section's `name`; each is a preset of the layout
-(`parallel.*`, gpt.parallel.layout) that says how the data-parallel ranks work and which axes it runs. Planning the
-layout is torch-free (gpt.parallel.traits); building a strategy imports it."""
+"""Parallel strategies, one per module, chosen by the strategy section's `name` from the registry
+(gpt.parallel.traits.REGISTRY); each is a preset of the layout (`parallel.*`, gpt.parallel.layout) that says how the
+data-parallel ranks work and which axes it runs. Planning the layout is torch-free; building a strategy imports it."""
 from __future__ import annotations
 
 import importlib
@@ -9,9 +9,8 @@ from typing import TYPE_CHECKING
 from gpt.config.model import ModelConfig
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import TrainConfig
-from gpt.errors import ConfigError
 from gpt.parallel.layout import ParallelDims, check_dims
-from gpt.parallel.traits import check_compile, preset
+from gpt.parallel.traits import check_compile, traits_of
 
 if TYPE_CHECKING:
     import torch
@@ -19,32 +18,20 @@ if TYPE_CHECKING:
     from gpt.dist.process_group import DistEnv
     from gpt.parallel.base import Strategy
 
-# name -> "module:Class"; imported on demand so an optional backend (DeepSpeed) costs nothing when unused.
-STRATEGIES = {
-    "single": "gpt.parallel.base:Strategy",
-    "ddp": "gpt.parallel.ddp:DDP",
-    "fsdp": "gpt.parallel.fsdp:FSDP",
-    "zero1": "gpt.parallel.zero1:Zero1",
-    "deepspeed": "gpt.parallel.deepspeed:DeepSpeed",
-    "pipeline": "gpt.parallel.pipeline:Pipeline",
-}
-
-
 def strategy_class(name: str) -> type[Strategy]:
-    if name not in STRATEGIES:
-        raise ConfigError("strategy", name, f"one of {', '.join(STRATEGIES)}")
-    module, cls = STRATEGIES[name].split(":")
+    """The registered implementation, imported on demand so an optional backend (DeepSpeed) costs nothing unused."""
+    module, cls = traits_of(name).implementation.split(":")
     return getattr(importlib.import_module(module), cls)
 
 
 def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: ModelConfig, world_size: int,
                 ranks_per_node: int, train: TrainConfig | None = None) -> ParallelDims:
     """The run's layout, checked against the strategy, the model and the nodes (a ConfigError if it cannot run)."""
-    traits = preset(strategy.name)
+    traits = traits_of(strategy.name)
     tp = parallel.tp
     # The preset's own checks (stages, micro-batches) count the ranks of one tensor-parallel slice.
     slice_ranks = world_size // tp if tp > 0 and world_size % tp == 0 else world_size
-    traits.data_parallel_size(strategy, model_cfg, slice_ranks, train)
+    traits.data_parallel_size(strategy, parallel, model_cfg, slice_ranks, train)
     check_compile(model_cfg, train)
     if train is not None:
         traits.compile_scope(train)

@@ -22,7 +22,7 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.train.optim import build_adamw
 from gpt.train.step_timer import PhaseClock
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.traits import Preset, preset
+from gpt.parallel.traits import StrategyTraits, traits_of
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Optimizer state keyed by parameter name, one key per parameter and setting ("optim.state.layers.0...exp_avg",
@@ -79,8 +79,6 @@ class Compile:
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
-    name = "single"
-
     def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
         self.model: nn.Module | None = None
@@ -106,10 +104,13 @@ class Strategy:
     def describe(self) -> str:
         return "single process"
 
-    @classmethod
-    def traits(cls) -> Preset:
+    @property
+    def name(self) -> str:
+        return self.cfg.name
+
+    def traits(self) -> StrategyTraits:
         """What this strategy is (checkpoint format, parameters held, collectives): gpt.parallel.traits."""
-        return preset(cls.name)
+        return traits_of(self.name)
 
     # --- building -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:

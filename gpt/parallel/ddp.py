@@ -11,8 +11,6 @@ from gpt.parallel.mesh import ensure_process_group
 
 
 class DDP(Strategy):
-    name = "ddp"
-
     def describe(self) -> str:
         return f"DDP, {self.dp_size} replicas"
 

@@ -75,8 +75,6 @@ def _owned_grad_fragment(p: nn.Parameter) -> torch.Tensor:
 
 
 class DeepSpeed(Strategy):
-    name = "deepspeed"
-
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
         self.scaler = None  # DeepSpeed scales fp16 losses itself

@@ -3,7 +3,8 @@
 Each transformer layer is its own unit: its parameters are all-gathered just before its forward and backward and
 freed after, its gradients reduce-scattered so each rank keeps the shard it owns. Mixed precision follows
 train.precision through a MixedPrecisionPolicy (parameters cast to bf16/fp16 for compute, gradients reduced in
-fp32), not autocast. Options: activation checkpointing per layer, parameters and optimizer on the CPU.
+fp32), not autocast. Option: parameters and optimizer on the CPU (activation checkpointing is
+train.activation_checkpointing, set on the blocks before any strategy wraps them).
 """
 from __future__ import annotations
 
@@ -31,8 +32,6 @@ def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: StrategyConfi
     kwargs = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(),
               "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
     for block in model.layers.values():
-        if cfg.activation_checkpointing:
-            block.recompute = True
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
     # The root keeps embeddings, final norm and head; it stays gathered after forward (backward needs it at once).
     fully_shard(model, reshard_after_forward=False, **kwargs)
@@ -43,8 +42,6 @@ class FSDP(Strategy):
     """FSDP2 on the layout's data-parallel axes: dp_shard alone (FSDP), or dp_replicate x dp_shard (HSDP: shards
     inside a group of dp_shard ranks, the groups replicas of each other); with tp > 1 the model is first split
     by tensor parallelism on the tp axis (gpt.parallel.tensor) and each tp rank's part is then sharded."""
-
-    name = "fsdp"
 
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
@@ -61,8 +58,7 @@ class FSDP(Strategy):
 
     def describe(self) -> str:
         options = [f"{self.precision} compute" if self.precision != "fp32" else "fp32"]
-        options += [key.replace("_", " ") for key in ("activation_checkpointing", "cpu_offload")
-                    if getattr(self.cfg, key)]
+        options += ["cpu offload"] if self.cfg.cpu_offload else []
         d = self.dims
         kind = "HSDP" if d.dp_replicate > 1 else "FSDP2"
         shards = f"dp_shard={d.dp_shard}"

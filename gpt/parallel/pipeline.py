@@ -88,13 +88,11 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class Pipeline(Strategy):
-    name = "pipeline"
-
     def __init__(self, cfg, env, device, precision, dims):
         super().__init__(cfg, env, device, precision, dims)
-        self.pp = cfg.pp
+        self.pp = dims.pp
         self.schedule_name = cfg.schedule
-        self.microbatches = cfg.pipeline_microbatches
+        self.microbatches = cfg.pipeline_microbatches(dims.pp)
         self.per_rank = cfg.stages_per_rank if self.schedule_name == "interleaved" else 1
         self.n_stages = self.pp * self.per_rank
         self.dp_kind = cfg.dp
@@ -158,9 +156,6 @@ class Pipeline(Strategy):
         self._tie_embeddings()
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
-        if self.cfg.activation_checkpointing:
-            for block in stage.layers.values():
-                block.recompute = True
         if self.dp_kind == "fsdp":
             return shard(stage, self.mesh["dp"], self.precision, self.cfg)
         if self.dp_size == 1:

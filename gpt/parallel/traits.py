@@ -1,7 +1,10 @@
-"""What each strategy preset is, for the code outside gpt/parallel: what it needs of the run (checked before
-anything runs), its checkpoint format and whether that reshards, the share of the parameters a rank holds, and the
-collectives of one step with their sizes and mesh axis. The planner, the trainer, the checkpoint code, the
-performance model and the report ask these, never a strategy's name.
+"""The strategy registry, and what each strategy is, for the code outside gpt/parallel. Each strategy registers
+one traits class here (`@register`): its name (strategy=NAME), its implementation (a module of gpt/parallel), the
+strategy.* keys it reads, what its preset sets, and its traits: what it needs of the run (checked before anything
+runs), its checkpoint format and whether that reshards, the share of the parameters a rank holds, and the
+collectives of one step with their sizes and mesh axis. The planner, the config, the trainer, the checkpoint code,
+the performance model and the report ask these, never a strategy's name. A new strategy is its module and its
+traits class here (docs/strategies.md).
 
 Torch-free and computed from the config alone, so the launcher plans on a login node and a report can be rebuilt
 offline from a run folder.
@@ -14,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.config.model import ModelConfig
+from gpt.config.section import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError
@@ -81,10 +85,31 @@ def check_compile(model: ModelConfig, train: TrainConfig | None) -> None:
                           "carry), or model.n_expert=0 to compile")
 
 
-class Preset:
-    """Replicas that all-reduce gradients (DDP); subclasses change what differs."""
+REGISTRY: dict[str, StrategyTraits] = {}  # strategy.name -> its traits: the one list of strategies
 
-    name = "ddp"
+
+def register(cls: type[StrategyTraits]) -> type[StrategyTraits]:
+    """Make a strategy selectable (strategy=NAME: the Hydra option gpt.config.schema stores from this registry),
+    planned (its traits) and buildable (its implementation, imported when a rank builds it)."""
+    REGISTRY[cls.name] = cls()
+    return cls
+
+
+def traits_of(name: str) -> StrategyTraits:
+    if name not in REGISTRY:
+        raise ConfigError("strategy", name, f"one of {', '.join(REGISTRY)}")
+    return REGISTRY[name]
+
+
+class StrategyTraits:
+    """What a strategy is, described for the code outside gpt/parallel. A strategy registers a subclass (register)
+    that names it, its implementation and the strategy.* keys it reads; the defaults here describe plain replicas
+    that hold the whole model, and each subclass changes what differs."""
+
+    name: str
+    implementation: str  # "module:Class", a gpt.parallel.base.Strategy: imported only when a rank builds one
+    keys: tuple[str, ...] = ()  # the strategy.* keys it reads (their defaults: gpt.config.strategy.StrategyConfig)
+    preset: dict[str, Any] = {}  # what strategy=NAME sets besides strategy.name, e.g. {"parallel": {"pp": 2}}
     data_axis = "dp_replicate"
     axes: tuple[str, ...] = ("dp_replicate", "dp_shard")
     checkpoint_format = "dcp"  # DCP: every rank writes its part; loads into any layout
@@ -101,8 +126,8 @@ class Preset:
                               "each block: its hooks are per block); model with single, ddp or zero1")
         return "model" if scope == "model" or (scope == "auto" and self.whole_model_compile) else "blocks"
 
-    def data_parallel_size(self, strategy: StrategyConfig, model: ModelConfig, world_size: int,
-                           train: TrainConfig | None = None) -> int:
+    def data_parallel_size(self, strategy: StrategyConfig, parallel: ParallelConfig, model: ModelConfig,
+                           world_size: int, train: TrainConfig | None = None) -> int:
         """Check what the preset needs of the run before anything runs; return how many replicas read different
         data. train is None in a rank (the planner checked it). Raises ConfigError naming the key, the value and
         what would be valid."""
@@ -124,6 +149,43 @@ class Preset:
         return False
 
     def collectives(self, strategy: StrategyConfig, dims: ParallelDims, w: Workload) -> list[Collective]:
+        return []
+
+    @property
+    def keys_read(self) -> tuple[str, ...]:
+        return ("name", *self.keys)
+
+    def check(self, strategy: StrategyConfig) -> None:
+        """The strategy section: a non-default value of a key only other strategies read is refused, naming them;
+        then the values."""
+        only_own_keys(strategy, "strategy", {name: t.keys for name, t in REGISTRY.items()})
+        strategy.check_values()
+
+
+@register
+class SingleTraits(StrategyTraits):
+    """One process: no wrapping. Any world size > 1 needs a distributed strategy."""
+
+    name = "single"
+    implementation = "gpt.parallel.base:Strategy"
+    axes = ()
+
+    def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
+        if world_size != 1:
+            raise ConfigError("strategy", self.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
+                              "strategy=single runs exactly one process")
+        return 1
+
+
+@register
+class DDPTraits(StrategyTraits):
+    """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced in buckets."""
+
+    name = "ddp"
+    implementation = "gpt.parallel.ddp:DDP"
+    keys = ("bucket_cap_mb",)
+
+    def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
         grads = 4.0 * w.params  # gradients reduced in fp32
@@ -131,19 +193,12 @@ class Preset:
         return [Collective("all_reduce", grads, _buckets(grads, bucket), "dp", "fp32 gradients, in buckets")]
 
 
-class Single(Preset):
-    name = "single"
-    axes = ()
+@register
+class Zero1Traits(DDPTraits):
+    """ZeRO stage 1 in plain PyTorch: DDP's gradients, torch's ZeroRedundancyOptimizer splits the AdamW state."""
 
-    def data_parallel_size(self, strategy, model, world_size, train=None):
-        if world_size != 1:
-            raise ConfigError("strategy", self.name, f"a distributed strategy (ddp, ...) for {world_size} ranks; "
-                              "strategy=single runs exactly one process")
-        return 1
-
-
-class Zero1(Preset):
     name = "zero1"
+    implementation = "gpt.parallel.zero1:Zero1"
     data_axis = "dp_shard"
 
     def collectives(self, strategy, dims, w):
@@ -153,14 +208,19 @@ class Zero1(Preset):
                 Collective("all_gather", 4.0 * w.params, 1, "dp", "updated parameter partitions")]
 
 
-class DeepSpeed(Preset):
+@register
+class DeepSpeedTraits(StrategyTraits):
+    """The DeepSpeed engine with ZeRO stage 0-3 (needs `pip install deepspeed`)."""
+
     name = "deepspeed"
+    implementation = "gpt.parallel.deepspeed:DeepSpeed"
+    keys = ("stage", "offload_optimizer", "overlap_comm", "reduce_bucket_size", "config")
     whole_model_compile = False
     data_axis = "dp_shard"
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
 
-    def data_parallel_size(self, strategy, model, world_size, train=None):
+    def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"
         if precision == "bf16" and strategy.stage == 0:
             raise ConfigError("strategy.stage", 0, "1, 2 or 3 with train.precision=bf16 (at stage 0 DeepSpeed "
@@ -195,13 +255,18 @@ class DeepSpeed(Preset):
                 Collective("reduce_scatter", grads, calls * w.n_layer, "dp", "gradients")]
 
 
-class FSDP(Preset):
+@register
+class FSDPTraits(StrategyTraits):
+    """FSDP2 (`fully_shard` on a DeviceMesh), with HSDP and tensor parallel on the layout's axes."""
+
     name = "fsdp"
+    implementation = "gpt.parallel.fsdp:FSDP"
+    keys = ("reshard_after_forward", "cpu_offload")
     whole_model_compile = False
     data_axis = "dp_shard"
     axes = ("dp_replicate", "dp_shard", "tp")
 
-    def data_parallel_size(self, strategy, model, world_size, train=None):
+    def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         check_fsdp_options(strategy, train)
         return world_size
 
@@ -239,23 +304,32 @@ class FSDP(Preset):
         return out
 
 
-class Pipeline(Preset):
+@register
+class PipelineTraits(StrategyTraits):
+    """torch.distributed.pipelining stages (parallel.pp) with DDP or FSDP inside each stage."""
+
     name = "pipeline"
+    implementation = "gpt.parallel.pipeline:Pipeline"
+    keys = ("schedule", "microbatches", "stages_per_rank", "dp", "bucket_cap_mb", "reshard_after_forward",
+            "cpu_offload")
+    preset = {"parallel": {"pp": 2}}
     whole_model_compile = False
     axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
-    def data_parallel_size(self, strategy, model, world_size, train=None):
-        pp, micro, schedule = strategy.pp, strategy.pipeline_microbatches, strategy.schedule
-        if world_size % pp:
-            valid = [d for d in range(2, world_size + 1) if world_size % d == 0]
-            raise ConfigError("strategy.pp", pp, f"a divisor of the world size {world_size} (nodes x tasks per node)"
-                              f": {', '.join(map(str, valid)) or 'none; run at least 2 ranks'}; or change the "
-                              f"number of ranks to a multiple of {pp}")
+    def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
+        pp, schedule = parallel.pp, strategy.schedule
+        micro = strategy.pipeline_microbatches(pp)
+        if pp < 2 or world_size % pp:
+            valid = ", ".join(str(d) for d in range(2, world_size + 1) if world_size % d == 0)
+            raise ConfigError("parallel.pp", pp, f"a divisor >= 2 of the world size {world_size} (nodes x tasks per "
+                              f"node) with strategy=pipeline: {valid or 'none; run at least 2 ranks'}; or change the "
+                              f"number of ranks to a multiple of {max(pp, 2)}")
         dp = world_size // pp
         per_rank = strategy.stages_per_rank if schedule == "interleaved" else 1
         if pp * per_rank > model.n_layer:
-            raise ConfigError("strategy.pp", pp, f"at most model.n_layer={model.n_layer} stages in all; "
+            raise ConfigError("parallel.pp", pp, f"at most model.n_layer={model.n_layer} stages in all; "
                               f"pp={pp} x stages_per_rank={per_rank} gives {pp * per_rank}")
+        self.check_microbatches(micro, pp, schedule)
         if strategy.dp == "ddp" and schedule != "1f1b" and dp > 1:
             raise ConfigError("strategy.dp", "ddp", f"fsdp with schedule={schedule}, or schedule=1f1b with dp=ddp: "
                               f"DDP's reducer fails inside {schedule} stages in torch 2.13 (and "
@@ -267,6 +341,15 @@ class Pipeline(Preset):
         if train is not None:
             self.check_train(train, dp, pp, micro)
         return dp
+
+    @staticmethod
+    def check_microbatches(micro: int, pp: int, schedule: str) -> None:
+        if micro < pp:
+            raise ConfigError("strategy.microbatches", micro, f"an integer >= parallel.pp={pp}: with fewer "
+                              "micro-batches than stages some stages never work at the same time as others")
+        if schedule == "interleaved" and micro % max(1, micro // pp):
+            raise ConfigError("strategy.microbatches", micro, f"a multiple of {max(1, micro // pp)} for the "
+                              f"interleaved schedule (e.g. {pp} or {2 * pp})")
 
     @staticmethod
     def check_train(train: TrainConfig, dp: int, pp: int, micro: int) -> None:
@@ -281,11 +364,7 @@ class Pipeline(Preset):
                               f"data-parallel size {dp}), at least pp={pp}")
 
     def layout(self, strategy, parallel, world_size):
-        pp = strategy.pp
-        if parallel.pp not in (1, pp):
-            raise ConfigError("parallel.pp", parallel.pp, f"1 or strategy.pp={pp}: strategy.pp sets the "
-                              "stages of strategy=pipeline")
-        dims = read_dims(parallel, world_size, pp=pp)
+        dims = read_dims(parallel, world_size)
         refuse_axes(dims, self.name, self.axes)
         if dims.sequence_parallel:
             raise ConfigError("parallel.sequence_parallel", True, "false with strategy=pipeline (a later stage "
@@ -294,7 +373,7 @@ class Pipeline(Preset):
         if dims.tp > 1 and dims.dp > 1 and inside == "dp_replicate":
             raise ConfigError("strategy.dp", strategy.dp, "fsdp with parallel.tp > 1 (DDP does not take "
                               "the tensor-parallel DTensor parameters; FSDP2 does)")
-        return ParallelDims(pp=pp, tp=dims.tp, **{inside: dims.dp})
+        return ParallelDims(pp=dims.pp, tp=dims.tp, **{inside: dims.dp})
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
@@ -313,21 +392,12 @@ class Pipeline(Preset):
             out.append(Collective("all_reduce", calls * w.activation_bytes(dims), calls, "tp",
                                   "partial activations"))
         if dims.pp > 1:
-            micro = strategy.pipeline_microbatches
+            micro = strategy.pipeline_microbatches(dims.pp)
             out.append(Collective("p2p", 2 * w.activation_bytes(dims), 2 * micro, "pp",
                                   "activations forward, their gradients backward"))
         return out
 
 
-PRESETS: dict[str, Preset] = {p.name: p for p in (Single(), Preset(), Zero1(), DeepSpeed(), FSDP(), Pipeline())}
-
-
-def preset(name: str) -> Preset:
-    if name not in PRESETS:
-        raise ConfigError("strategy", name, f"one of {', '.join(PRESETS)}")
-    return PRESETS[name]
-
-
 def saved_format(meta: dict[str, Any]) -> str:
     """The checkpoint format a checkpoint's metadata names (older checkpoints: that of the strategy that wrote it)."""
-    return meta.get("checkpoint_format") or preset(meta.get("strategy") or "single").checkpoint_format
+    return meta.get("checkpoint_format") or traits_of(meta.get("strategy") or "single").checkpoint_format

@@ -15,8 +15,6 @@ from gpt.parallel.ddp import DDP
 
 
 class Zero1(DDP):
-    name = "zero1"
-
     def describe(self) -> str:
         return f"ZeRO-1 (ZeroRedundancyOptimizer over DDP), optimizer state split over {self.dp_size} ranks"
 

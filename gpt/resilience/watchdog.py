@@ -4,32 +4,28 @@ rank has reported a hang, it ends the attempt (Watchdog.fire): one rank decides 
 then every rank adds to the report as far as the storage lets it, and the process exits within HANG_EXIT_S whatever
 happens (a report on a full or lost file system must not park the allocation).
 
-The reports, in the run folder:
-    hang-<attempt>.json   the first rank to time out writes it: the summary line, every rank's heartbeat, who
-                          waited in which collective, who never arrived, who is gone
-    hang-<attempt>.txt    the same, readable, then every rank's Python stacks (all threads)
-    hang-<attempt>-flight-recorder-rank<R>.pkl   torch's flight recorder (its last collectives), which the summary
-                          prefers to the heartbeats: who never entered the collective the others wait in
+The report (gpt.resilience.hang_report writes its files): the first rank to time out writes the summary line, every
+rank's heartbeat, who waited in which collective (from torch's flight recorder where it has dumps, preferred to the
+heartbeats), who never arrived and who is gone; then every rank adds its Python stacks.
 
 The thread only reads the main thread's marks and writes files: a rank stuck in a collective, in C code, or in
 a sleep still has a watchdog that speaks (gloo and NCCL release the GIL while they wait).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
 import sys
 import threading
 import time
-import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gpt.resilience.disk_faults import Outage
-from gpt.resilience.flight_recorder import read_dumps, stuck_collectives
+from gpt.resilience.flight_recorder import stuck_collectives
 from gpt.resilience.hang import Hang
+from gpt.resilience.hang_report import HangReport
 from gpt.resilience.heartbeat import Liveness, read_heartbeats, write_heartbeat
 from gpt.resilience.lease import fence, fenced_generation
 from gpt.resilience.node_heartbeat import NodeHeartbeat
@@ -63,7 +59,7 @@ class Watchdog:
         self.exit_by: float | None = None  # after fire(), the monotonic time by which the process is gone
         self.outage = Outage("the heartbeat", RunFolder(run_dir).heartbeat(rank).parent,
                              "its peers may take this rank for a lost one")
-        self.json_path, self.text_path = RunFolder(run_dir).hang_report(attempt)
+        self.report = HangReport(run_dir, attempt, rank, host, world, cfg.interval_s)
         self.thread = threading.Thread(target=self._run, name="gptlaunch-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
@@ -154,16 +150,9 @@ class Watchdog:
             key, seconds, used = self.budget()
             if used > seconds / 2:  # stuck for a while: watch the peers, to tell the gone from the slow
                 self.peers()
-            if used > seconds or self._reported_elsewhere():
+            if used > seconds or self.report.reported_elsewhere():
                 self.fire(key, seconds, used)
                 return
-
-    def _reported_elsewhere(self) -> bool:
-        try:
-            return self.json_path.is_file()
-        except OSError as e:  # ESTALE, EIO: this rank's own budget still ends the attempt
-            log.warning("watchdog: cannot look for a hang report: %s", e)
-            return False
 
     def peers(self) -> list[dict | None]:
         """Every rank's heartbeat, read now and fed to the liveness record (None where unreadable)."""
@@ -191,7 +180,7 @@ class Watchdog:
             requeued = self.on_hang(report)
         except Exception as e:
             log.error("watchdog: ending the attempt failed (%s: %s)", type(e).__name__, e)
-        self._best_effort(self._write_report, report)
+        self.report.best_effort(self.report.write, report)
         sys.stdout.flush()
         sys.stderr.flush()
         # Slurm stops every process of this attempt; exiting first would count as a failed task. A cut-off rank
@@ -207,19 +196,13 @@ class Watchdog:
         log.error("watchdog: the hang's report or requeue did not finish in time; exiting")
         os._exit(EXIT_HANG)
 
-    def _best_effort(self, write: Callable[..., None], *args: object) -> None:
-        try:
-            write(*args)
-        except OSError as e:  # ENOSPC, EDQUOT, EROFS, EIO: the requeue is done; the report is a bonus
-            log.warning("watchdog: cannot write the hang report %s: %s", self.text_path, e)
-
     def decide(self, key: str, seconds: float, used: float) -> dict | None:
         """The hang report if this rank is the one that acts (records the attempt, requeues): the one that claims
         the report first, or where nobody can claim it (the folder is unwritable), the lowest surviving rank."""
-        self._best_effort(self._flight_recorder)  # first: the rank that reports reads every rank's dump
+        self.report.best_effort(self.report.dump_flight_recorder)  # first: the acting rank reads every rank's dump
         if self.reaches_master is False and self._claimed_by_another():
             return None
-        claimed = self._claim()
+        claimed = self.report.claim()
         if claimed is False:
             return None
         time.sleep(self.cfg.interval_s + 0.5)  # every live rank's heartbeat is fresh by now
@@ -231,10 +214,11 @@ class Watchdog:
         hang = self.hang()
         if claimed is None and self.rank != self.acting_rank(hang):
             return None
-        line = f"watchdog: {hang.summary()}; report: {self.text_path}"
+        line = f"watchdog: {hang.summary()}; report: {self.report.text_path}"
         return {"attempt": self.attempt, "restart": self.restart, "time": time.time(), "detected_by": self.rank,
                 "host": self.host, "budget": key, "budget_s": round(seconds, 3), "idle_s": round(used, 3),
-                "summary": line, "report": str(self.text_path), "exclude": hang.hosts_to_exclude(), **hang.as_dict()}
+                "summary": line, "report": str(self.report.text_path), "exclude": hang.hosts_to_exclude(),
+                **hang.as_dict()}
 
     def _claimed_by_another(self) -> bool:
         """A cut-off rank leaves the report and the requeue (the scheduler may be out of its reach too) to a rank that
@@ -242,30 +226,17 @@ class Watchdog:
         host is the one lost: every rank is cut off from it)."""
         deadline = time.monotonic() + REPORTER_GRACE_S
         while time.monotonic() < deadline:
-            if self._reported_elsewhere():
+            if self.report.reported_elsewhere():
                 return True
             time.sleep(self.cfg.interval_s)
         return False
-
-    def _claim(self) -> bool | None:
-        """Create the (empty) report: True for the first rank, False for the others, None when it cannot be."""
-        try:
-            os.close(os.open(self.json_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            return True
-        except FileExistsError:
-            if not self.json_path.is_dir():
-                return False
-            log.warning("watchdog: cannot write the hang report %s: it is a directory", self.json_path)
-            return None
-        except OSError as e:
-            log.warning("watchdog: cannot write the hang report %s: %s", self.json_path, e)
-            return None
 
     def hang(self) -> Hang:
         beats = self.peers()
         hang = Hang.from_heartbeats(beats, [self.liveness.silent_s(r) for r in range(self.world)], self.stale_s())
         try:
-            return hang.with_flight_recorder(stuck_collectives(self._dumps(hang.waiting + hang.behind), self.world))
+            stuck = stuck_collectives(self.report.dumps(hang.waiting + hang.behind), self.world)
+            return hang.with_flight_recorder(stuck)
         except OSError as e:
             log.warning("watchdog: cannot read the flight recorder dumps: %s", e)
             return hang
@@ -308,76 +279,6 @@ class Watchdog:
     def stale_s(self) -> float:
         """A live rank's heartbeat moves every interval_s; one that has not moved for this long is gone."""
         return max(10 * self.cfg.interval_s, SILENT_S)
-
-    def _write_report(self, report: dict | None) -> None:
-        """This rank's part of the report: the summary and the JSON record if it acts, then its stacks."""
-        if report is not None:
-            self._best_effort(self._summarise, report)
-        else:  # the summary goes first in the readable report
-            deadline = time.monotonic() + 2 * self.cfg.interval_s + 5
-            while self._claimed_but_empty() and time.monotonic() < deadline:
-                time.sleep(0.2)
-        self._append(f"\n=== rank {self.rank} on {self.host} (pid {os.getpid()}): every thread's stack ===\n"
-                     + stacks())
-
-    def _claimed_but_empty(self) -> bool:
-        try:
-            return self.json_path.stat().st_size == 0
-        except OSError:
-            return False
-
-    def _summarise(self, report: dict) -> None:
-        rows = "\n".join(f"  rank {r}: " + (json.dumps(b) if b else "no heartbeat this attempt")
-                         for r, b in enumerate(report["ranks"]))
-        key, seconds, used = report["budget"], report["budget_s"], report["idle_s"]
-        why = f"{key}={seconds:.1f} s" if seconds else key
-        self._best_effort(self._append, f"{report['summary']}\n\nrank {self.rank} on {self.host} saw no progress "
-                          f"for {used:.1f} s ({why}).\nEvery rank's last heartbeat:\n{rows}\n")
-        tmp = self.json_path.with_name(f".{self.json_path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(report, indent=1))
-        os.replace(tmp, self.json_path)  # last: the other ranks wait for it to add their stacks below
-
-    def _append(self, text: str) -> None:
-        """One write per part: ranks on several hosts append to the same report."""
-        fd = os.open(self.text_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        try:
-            os.write(fd, text.encode())
-        finally:
-            os.close(fd)
-
-    def _dumps(self, alive: list[int]) -> dict[int, dict]:
-        """Every rank's flight recorder dump, waiting a little for the live ranks' (each dumps as it sees the
-        hang: within an interval of this rank)."""
-        folder = RunFolder(self.run_dir)
-        paths = {r: folder.flight_recorder(self.attempt, r) for r in range(self.world)}
-        deadline = time.monotonic() + 2 * self.cfg.interval_s + 2
-        while not all(paths[r].exists() for r in alive) and time.monotonic() < deadline:
-            time.sleep(0.2)
-        return read_dumps({r: p for r, p in paths.items() if p.exists()})
-
-    def _flight_recorder(self) -> None:
-        """torch's flight recorder: the last collectives this rank's process groups saw (NCCL, and gloo too)."""
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            return
-        try:
-            from torch._C._distributed_c10d import _dump_fr_trace
-
-            path = RunFolder(self.run_dir).flight_recorder(self.attempt, self.rank)
-            tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(_dump_fr_trace())
-            os.replace(tmp, path)  # the reporting rank never reads half a dump
-        except Exception as e:  # the dump is a bonus: the report stands without it
-            log.warning("watchdog: no flight recorder dump: %s", e)
-
-
-def stacks() -> str:
-    """Every thread's Python stack, read from the interpreter (no file: /tmp may be the full file system)."""
-    names = {t.ident: t.name for t in threading.enumerate()}
-    parts = [f"Thread {ident} ({names.get(ident, '?')}):\n" + "".join(traceback.format_stack(frame))
-             for ident, frame in sys._current_frames().items()]
-    return "\n".join(parts)
 
 
 def flight_recorder_env(run_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

@@ -85,13 +85,17 @@ class StepReporter:
             f"device       {s.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
             f"rank on CPUs {cpu_list(cpu_affinity())}",
             f"compute      attention {self.strategy.attention_kernel} (train.attention={self.train.attention}); "
-            f"{self.compiled()}",
+            f"{self.compiled()}{self.recomputed()}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
             f"tokens/step; {s.micro_batch} per rank x {s.n_micro} micro-steps",
             f"at 50% MFU   {at_half}",
             f"run folder   {s.run_dir}",
         ]
         return "\n".join(lines)
+
+    def recomputed(self) -> str:
+        policy = self.train.activation_checkpointing
+        return "" if policy == "none" else f"; activation checkpointing {policy}"
 
     def compiled(self) -> str:
         c = self.strategy.compile

@@ -45,7 +45,7 @@ from typing import Any
 from gpt.config.report import Network
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.traits import Collective, Workload, preset
+from gpt.parallel.traits import Collective, Workload, traits_of
 
 GB = 1e9
 
@@ -74,7 +74,7 @@ class Shape:
     @property
     def dims(self) -> ParallelDims:
         """The layout the strategy preset runs on these ranks (as the run itself resolved it)."""
-        return preset(self.strategy.name).layout(self.strategy, self.parallel, self.ranks)
+        return traits_of(self.strategy.name).layout(self.strategy, self.parallel, self.ranks)
 
     @property
     def pp(self) -> int:
@@ -112,7 +112,7 @@ def collectives(s: Shape) -> list[Collective]:
     if s.ranks == 1:
         return []
     work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision)
-    return preset(s.strategy.name).collectives(s.strategy, s.dims, work)
+    return traits_of(s.strategy.name).collectives(s.strategy, s.dims, work)
 
 
 def axis_size(dims: ParallelDims, axis: str) -> int:

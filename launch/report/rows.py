@@ -22,7 +22,7 @@ from gpt.config.model import ModelConfig
 from gpt.config.section import section
 from gpt.config.sections import StragglerConfig
 from gpt.config.strategy import ParallelConfig, StrategyConfig
-from gpt.parallel.traits import preset
+from gpt.parallel.traits import traits_of
 from gpt.resilience.stragglers import StragglerDetector
 from launch.report.perf_model import Shape
 from launch.report.points import Point, get
@@ -147,7 +147,7 @@ def parameter_count(point: Point) -> int:
         log.info("%s: counting parameters from the config failed (%s); estimating from param_bytes", point.name, e)
     held = first.get("param_bytes") or 0
     shape = shape_of(point, params=0)  # the layout, to undo the share of the parameters a rank holds
-    return int(held / 4 / preset(shape.strategy.name).param_fraction(shape.strategy, shape.dims))
+    return int(held / 4 / traits_of(shape.strategy.name).param_fraction(shape.strategy, shape.dims))
 
 
 def median_or_none(values: Iterable[Any]) -> float | None:

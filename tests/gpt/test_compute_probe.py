@@ -14,7 +14,7 @@ from gpt.config.model import ModelConfig
 from gpt.config.sections import DebugConfig, StragglerConfig
 from gpt.config.strategy import StrategyConfig
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.traits import preset
+from gpt.parallel.traits import traits_of
 from gpt.resilience.faults import Faults
 from gpt.resilience.stragglers import StragglerDetector
 from gpt.train.compute_probe import REPEATS, ComputeProbe, probe_waits
@@ -81,4 +81,4 @@ def test_the_probe_works_on_the_cpu_and_is_capped_on_large_models():
     ("pipeline", {}, ParallelDims(pp=2), True),
 ])
 def test_the_layouts_whose_peers_wait_inside_forward_and_backward(name, options, dims, expected):
-    assert preset(name).waits_in_compute(StrategyConfig(name=name, **options), dims) is expected
+    assert traits_of(name).waits_in_compute(StrategyConfig(name=name, **options), dims) is expected

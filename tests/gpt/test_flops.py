@@ -237,7 +237,7 @@ def test_the_reporters_peak_is_the_precision_its_matmuls_run_at(monkeypatch, pre
 
 def pipeline_rank(pp_rank: int, dims: ParallelDims, cfg: ModelConfig) -> Pipeline:
     """The strategy object of one pipeline rank, as far as its FLOPs share needs it (no process group)."""
-    strategy = Pipeline(StrategyConfig(name="pipeline", pp=dims.pp), DistEnv(), torch.device("cpu"), "fp32", dims)
+    strategy = Pipeline(StrategyConfig(name="pipeline"), DistEnv(), torch.device("cpu"), "fp32", dims)
     strategy.model_cfg, strategy.runs = cfg, split_layers(cfg.n_layer, dims.pp)
     strategy.stages = {pp_rank: None}
     return strategy

@@ -70,7 +70,7 @@ def test_one_rank_acts_the_one_that_claims_the_report(dogs):
 
 def test_where_nobody_can_claim_the_report_the_lowest_surviving_rank_acts(dogs):
     first, second = dogs
-    first.json_path.mkdir()  # nobody can create the report
+    first.report.json_path.mkdir()  # nobody can create the report
     assert second.decide("watchdog.step_s", 5.0, 6.0) is None
     report = first.decide("watchdog.step_s", 5.0, 6.0)
     assert report is not None and report["surviving"] == [0, 1]

@@ -13,9 +13,9 @@ from launch.report.perf_model import (Shape, collectives, comm_volume, crosses_n
                                      point_errors, scaled_shape)
 
 
-def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", **cfg) -> Shape:
+def shape(nodes: int, tasks: int = 8, batch: int = 512, strategy: str = "ddp", pp: int = 1, **cfg) -> Shape:
     return Shape(nodes=nodes, tasks_per_node=tasks, global_batch=batch, block_size=1024, n_embd=768, n_layer=12,
-                 params=124_000_000, strategy=StrategyConfig(strategy, **cfg))
+                 params=124_000_000, strategy=StrategyConfig(strategy, **cfg), parallel=ParallelConfig(pp=pp))
 
 
 def test_collective_volumes_per_strategy():
@@ -156,10 +156,10 @@ def test_each_layout_lists_its_collectives_on_their_axes():
 
 def test_an_unknown_collective_or_strategy_is_an_error(monkeypatch):
     from gpt.errors import ConfigError
-    from gpt.parallel.traits import PRESETS, Collective
+    from gpt.parallel.traits import REGISTRY, Collective
 
     with pytest.raises(ConfigError, match="strategy='tensor' is not valid"):
         comm_volume(shape(2, strategy="tensor"))
-    monkeypatch.setattr(PRESETS["ddp"], "collectives", lambda *a: [Collective("all_to_all", 1.0, 1, "dp", "experts")])
+    monkeypatch.setattr(REGISTRY["ddp"], "collectives", lambda *a: [Collective("all_to_all", 1.0, 1, "dp", "experts")])
     with pytest.raises(ValueError, match="unknown collective 'all_to_all' on axis dp"):
         nominal_comm_time(shape(2), Network())

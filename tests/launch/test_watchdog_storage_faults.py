@@ -123,7 +123,7 @@ def test_the_watchdog_thread_survives_a_stale_file_handle(tmp_path):
     progress = Progress()
     dog = Watchdog(WatchdogConfig(startup_s=3600, interval_s=0.05), tmp_path, 0, 1, "h", 1, lambda r: False,
                    progress)
-    dog.json_path = BrokenPath(dog.json_path)
+    dog.report.json_path = BrokenPath(dog.report.json_path)
     dog.start()
     time.sleep(0.5)
     assert dog.thread.is_alive(), "the watchdog thread died: a hang after this would park the rank for ever"

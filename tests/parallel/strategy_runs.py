@@ -29,7 +29,7 @@ TP = ["strategy=fsdp", "parallel.tp=2"]
 CASES: dict[str, tuple[list[str], int]] = {
     "ddp": (["strategy=ddp", "nodes=2"], 2),  # 2 "nodes" x 1 task, as the acceptance line runs it
     "fsdp": (["strategy=fsdp", "cluster.tasks_per_node=2"], 2),
-    "fsdp_checkpointing_accumulation": (["strategy=fsdp", "strategy.activation_checkpointing=true",
+    "fsdp_checkpointing_accumulation": (["strategy=fsdp", "train.activation_checkpointing=full",
                                          "train.micro_batch_size=2", "cluster.tasks_per_node=2"], 2),
     "zero1": (["strategy=zero1", "nodes=2"], 2),
     "deepspeed_zero1": (["strategy=deepspeed", "strategy.stage=1", "nodes=2"], 2),

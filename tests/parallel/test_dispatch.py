@@ -5,9 +5,9 @@ from __future__ import annotations
 import re
 
 from helpers import REPO
-from gpt.parallel import STRATEGIES
+from gpt.parallel.traits import REGISTRY
 
-NAMES = "|".join(STRATEGIES)
+NAMES = "|".join(REGISTRY)
 COMPARED = re.compile(rf"""(==|!=|\bin)\s*[(\[{{]?\s*["']({NAMES})["']|["']({NAMES})["']\s*(==|!=|\bin\b)""")
 
 

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow  # each case trains its strategy through `python -
 BANNERS = {
     "ddp": "DDP, 2 replicas on 2 rank(s), 2 node(s)",
     "fsdp": "FSDP2 (fully_shard), parameters sharded over mesh dp_shard=2",
-    "fsdp_checkpointing_accumulation": "activation checkpointing",
+    "fsdp_checkpointing_accumulation": "activation checkpointing full",
     "zero1": "ZeRO-1 (ZeroRedundancyOptimizer over DDP), optimizer state split over 2 ranks",
     "deepspeed_zero1": "DeepSpeed ZeRO-1 over 2 data-parallel ranks",
     "deepspeed_zero2_accumulation": "DeepSpeed ZeRO-2 over 2 data-parallel ranks",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gpt.config import schema
-from gpt.parallel.traits import preset
+from gpt.parallel.traits import traits_of
 from strategy_runs import baseline_of, last_record, ranks, run
 
 pytestmark = pytest.mark.slow  # each case trains its strategy through `python -m launch`
@@ -68,8 +68,8 @@ def test_layouts_hold_their_fraction_of_the_parameters(name, share, tmp_path_fac
     strategy says it does (the report undoes that share to count parameters)."""
     run_dir = run(name, tmp_path_factory, data_overrides)
     planned = schema.load(run_dir / "config.yaml")
-    dims = preset(planned.strategy.name).layout(planned.strategy, planned.parallel, ranks(name))
-    assert preset(planned.strategy.name).param_fraction(planned.strategy, dims) == share
+    dims = traits_of(planned.strategy.name).layout(planned.strategy, planned.parallel, ranks(name))
+    assert traits_of(planned.strategy.name).param_fraction(planned.strategy, dims) == share
     total = last_record(run(baseline_of(name), tmp_path_factory, data_overrides), 0)["param_bytes"]
     held = [last_record(run_dir, r)["param_bytes"] / total for r in range(ranks(name))]
     assert all(share * 0.97 <= h <= share * 1.06 for h in held), (held, share)

@@ -2,30 +2,40 @@
 what would be valid (exit code 2, no traceback)."""
 from __future__ import annotations
 
-import pytest
+import re
 
-from helpers import REPO, compose, launch
+import pytest
+import yaml
+from hydra.errors import ConfigCompositionException
+
+from helpers import compose, launch
 from gpt.config.model import ModelConfig
 from gpt.config.schema import run_config
-from gpt.config.strategy import PRESETS, StrategyConfig
+from gpt.config.section import to_plain
+from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.errors import ConfigError
-from gpt.parallel import STRATEGIES, plan_layout, strategy_class, traits
+from gpt.parallel import plan_layout, traits
 from gpt.parallel.deepspeed import ds_config
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.pipeline import split_layers
-from gpt.parallel.traits import preset
+from gpt.parallel.traits import traits_of
 from gpt.config.train import TrainConfig
+from launch.hydra_errors import user_error
 
 FOUR = ["cluster.tasks_per_node=4"]
 CASES = {
-    "world size not divisible by pp": (["strategy=pipeline", "strategy.pp=3", *FOUR],
-                                       "strategy.pp=3 is not valid: a divisor of the world size 4"),
-    "more stages than layers": (["strategy=pipeline", "strategy.pp=4", *FOUR],
-                                "strategy.pp=4 is not valid: at most model.n_layer=2 stages"),
+    "world size not divisible by pp": (["strategy=pipeline", "parallel.pp=3", *FOUR],
+                                       "parallel.pp=3 is not valid: a divisor >= 2 of the world size 4"),
+    "more stages than layers": (["strategy=pipeline", "parallel.pp=4", *FOUR],
+                                "parallel.pp=4 is not valid: at most model.n_layer=2 stages"),
+    "pipeline of one stage": (["strategy=pipeline", "parallel.pp=1", *FOUR],
+                              "parallel.pp=1 is not valid: a divisor >= 2 of the world size 4"),
+    "stages under another strategy": (["strategy=ddp", "parallel.pp=2", *FOUR],
+                                      "parallel.pp=2 is not valid: 1 with strategy=ddp"),
     "more interleaved stages than layers": (["strategy=pipeline", "strategy.schedule=interleaved",
                                              "cluster.tasks_per_node=2"], "pp=2 x stages_per_rank=2 gives 4"),
     "fewer microbatches than stages": (["strategy=pipeline", "strategy.microbatches=1", "cluster.tasks_per_node=2"],
-                                       "strategy.microbatches=1 is not valid: an integer >= strategy.pp=2"),
+                                       "strategy.microbatches=1 is not valid: an integer >= parallel.pp=2"),
     "microbatches not dividing the replica batch": (
         ["strategy=pipeline", "strategy.microbatches=3", "train.global_batch_size=8", *FOUR],
         "strategy.microbatches=3 is not valid: a divisor of the per-replica batch 4"),
@@ -33,15 +43,15 @@ CASES = {
                                      "strategy.dp='ddp' is not valid: fsdp with schedule=gpipe, or schedule=1f1b"),
     "unknown schedule": (["strategy=pipeline", "strategy.schedule=zigzag", "cluster.tasks_per_node=2"],
                          "one of gpipe, 1f1b, interleaved"),
-    "pipeline on one rank": (["strategy=pipeline"], "strategy.pp=2 is not valid: a divisor of the world size 1"),
+    "pipeline on one rank": (["strategy=pipeline"], "parallel.pp=2 is not valid: a divisor >= 2 of the world size 1"),
     "cpu offload on a cpu": (["strategy=fsdp", "strategy.cpu_offload=true", "cluster.tasks_per_node=2"],
                              "strategy.cpu_offload=True is not valid: false on a CPU run"),
     "deepspeed bf16 at stage 0": (["strategy=deepspeed", "strategy.stage=0", "train.precision=bf16"],
                                   "strategy.stage=0 is not valid: 1, 2 or 3 with train.precision=bf16"),
     "unknown zero stage": (["strategy=deepspeed", "strategy.stage=4"], "strategy.stage=4 is not valid: 0, 1, 2 or 3"),
     "another strategy's key": (["strategy=fsdp", "strategy.stage=3"],
-                               "strategy.stage=3 is not valid: strategy=fsdp reads activation_checkpointing"),
-    "unknown strategy": (["strategy.name=tensor"], "strategy='tensor' is not valid: one of single, ddp, fsdp"),
+                               "strategy.stage=3 is not valid: strategy=fsdp reads cpu_offload, name"),
+    "unknown strategy": (["strategy.name=tensor"], "strategy='tensor' is not valid: one of single, ddp, zero1"),
     # the layout (parallel.*)
     "layout product not the world size": (["strategy=fsdp", "parallel.dp_shard=3", *FOUR],
                                           "parallel.dp_shard=3 is not valid: sizes whose product is the world size 4"),
@@ -84,6 +94,25 @@ def test_bad_topology_is_one_clear_line(name, tmp_path, data_overrides):
     assert message in proc.stderr, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "run" / "logs").exists()  # no rank started
+
+
+MOVED = {"strategy.pp=4": "strategy.pp=4 is not valid: use parallel.pp (the layout's pipeline stages) instead",
+         "strategy.activation_checkpointing=true": "strategy.activation_checkpointing=True is not valid: use "
+                                                   "train.activation_checkpointing=full (any strategy) instead"}
+
+
+@pytest.mark.parametrize("override", MOVED)
+def test_a_moved_key_names_the_key_to_use(override):
+    """One key per knob: an old command gets one line naming the key that took over, from the command line (Hydra's
+    schema refuses it) and from a config.yaml alike."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigCompositionException) as composing:
+        compose("model=tiny", "strategy=pipeline", override)
+    assert str(user_error(composing.value, [override])) == MOVED[override]
+    written = {**to_plain(run_config(compose("model=tiny", "strategy=pipeline"))), "strategy": {
+        "name": "pipeline", key.split(".")[1]: yaml.safe_load(value)}}
+    with pytest.raises(ConfigError, match=re.escape(MOVED[override])):
+        run_config(written)
 
 
 def plan(overrides: list[str]) -> int:
@@ -136,8 +165,8 @@ def tiny(n_layer: int = 4) -> ModelConfig:
 
 @pytest.mark.parametrize("pp,world,dp", [(2, 2, 1), (2, 4, 2), (4, 8, 2)])
 def test_pipeline_data_parallel_degree_is_world_over_pp(pp, world, dp):
-    cfg = StrategyConfig("pipeline", pp=pp, microbatches=pp)
-    assert preset("pipeline").data_parallel_size(cfg, tiny(), world, TrainConfig(global_batch_size=8)) == dp
+    cfg, parallel = StrategyConfig("pipeline", microbatches=pp), ParallelConfig(pp=pp)
+    assert traits_of("pipeline").data_parallel_size(cfg, parallel, tiny(), world, TrainConfig(global_batch_size=8)) == dp
 
 
 @pytest.mark.parametrize("overrides,dp", [(["strategy=ddp", "cluster.tasks_per_node=4"], 4),
@@ -174,13 +203,6 @@ def test_the_banner_names_the_layout_and_its_nodes():
     assert ParallelDims().describe(1) == "one rank (node 0: rank 0)"
 
 
-def test_every_registered_strategy_has_a_config_and_imports():
-    assert list(STRATEGIES) == list(PRESETS)  # the config section knows each one's keys
-    for name in STRATEGIES:
-        assert (REPO / "configs" / "strategy" / f"{name}.yaml").is_file(), name
-        assert strategy_class(name).name == name
-
-
 def test_layers_split_into_contiguous_runs_earlier_stages_take_the_extra():
     assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
     assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
@@ -202,4 +224,5 @@ def test_deepspeed_config_follows_ours():
 def test_config_error_names_key_value_and_valid():
     cfg = StrategyConfig("pipeline", microbatches=2)
     with pytest.raises(ConfigError, match="model.n_expert=4 is not valid: 0 with strategy=pipeline"):
-        preset("pipeline").data_parallel_size(cfg, ModelConfig(**{**tiny().__dict__, "n_expert": 4}), 2)
+        traits_of("pipeline").data_parallel_size(cfg, ParallelConfig(pp=2), ModelConfig(**{**tiny().__dict__,
+                                                                                            "n_expert": 4}), 2)
