@@ -121,9 +121,28 @@ def _load(path: str, inode: int, mtime_ns: int, size: int) -> RunConfig:
     except (YAMLError, OmegaConfBaseException) as e:
         raise _unreadable(path, f"not YAML: {str(e).splitlines()[0]}") from None
     try:
-        return run_config(cfg)
+        return run_config(OmegaConf.create(_moved_keys_in_place(OmegaConf.to_container(cfg))))
     except UserError as e:
         raise _unreadable(path, str(e)) from None
+
+
+def _moved_keys_in_place(saved: Any) -> Any:
+    """A config.yaml saved before a key moved (one key per knob: strategy.pp is parallel.pp, and
+    strategy.activation_checkpointing is train.activation_checkpointing) reads as it was meant: a run folder stays
+    readable, resumable and reportable. A command that names an old key is still refused with the key to use."""
+    if not isinstance(saved, dict) or not isinstance(saved.get("strategy"), dict):
+        return saved
+    strategy = saved["strategy"]
+    if "pp" in strategy:
+        stages = strategy.pop("pp")
+        parallel = saved.setdefault("parallel", {})
+        if parallel.get("pp", 1) == 1:
+            parallel["pp"] = stages
+    if strategy.pop("activation_checkpointing", False) is True:
+        train = saved.setdefault("train", {})
+        if train.get("activation_checkpointing", "none") == "none":
+            train["activation_checkpointing"] = "full"
+    return saved
 
 
 def _unreadable(path: Path | str, what: str) -> UserError:

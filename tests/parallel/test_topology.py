@@ -115,6 +115,18 @@ def test_a_moved_key_names_the_key_to_use(override):
         run_config(written)
 
 
+def test_a_run_folder_saved_before_the_keys_moved_still_reads(tmp_path):
+    """A run's own config.yaml, written before one key per knob, holds strategy.pp and
+    strategy.activation_checkpointing: it still loads (resume, report, status), with their values in their new keys."""
+    from gpt.config import schema
+
+    old = to_plain(run_config(compose("model=tiny", "strategy=pipeline", "parallel.pp=1")))
+    old["strategy"] = {"name": "pipeline", "pp": 4, "activation_checkpointing": True, "schedule": "1f1b"}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    run = schema.load(tmp_path / "config.yaml")
+    assert (run.parallel.pp, run.train.activation_checkpointing) == (4, "full")
+
+
 def plan(overrides: list[str]) -> int:
     """What launch.planning.plan checks, on the config Hydra composes for `model=tiny` and these overrides: the
     data-parallel size (a ConfigError for a layout that cannot run)."""
