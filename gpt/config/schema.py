@@ -19,6 +19,7 @@ from typing import Any
 
 from gpt.config.cluster import BudgetConfig, ClusterConfig
 from gpt.config.data import DataConfig
+from gpt.config.evaluation import EvalConfig
 from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
 from gpt.config.names import check_run_name, one_line
@@ -54,6 +55,7 @@ class RunConfig:
     metrics: StragglerConfig = field(default_factory=StragglerConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks beside the validation loss
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
@@ -71,6 +73,7 @@ class RunConfig:
         check_resume(self.resume)
         check_init(self.init, self.model, self.data, self.resume)
         traits_of(self.strategy.name).check(self.strategy)
+        self.eval.check_interval(self.train.eval_interval)
         check_run_name(self.run)
         one_line("name", self.name)  # the job's name
 

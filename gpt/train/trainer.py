@@ -17,8 +17,10 @@ from gpt.checkpoint.writer import Checkpointer
 from gpt.config.schema import RunConfig
 from gpt.config.section import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
+from gpt.data.tokenizer import load_tokenizer
 from gpt.dist.flag_sum import BackgroundSum, sum_in_background
 from gpt.dist.process_group import DistEnv, pick_device, side_group
+from gpt.eval.multiple_choice import TaskScorer
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
@@ -58,6 +60,8 @@ class Trainer:
         self.val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, self.micro_batch * self.strategy.dp_size,
                               self.train.eval_batches, self.strategy.dp_rank, self.strategy.dp_size, self.device)
         self.prefetch = Prefetcher(self.batches)
+        self.tasks = TaskScorer(run.eval.tasks, run.eval.limit, load_tokenizer(data_dir), block) if run.eval.tasks \
+            else None
         self.startup["data_s"] = time.perf_counter() - clock
 
         stragglers = StragglerMonitor(env.world_size, config=run.metrics, host=env.hostname)
@@ -101,31 +105,40 @@ class Trainer:
             watch_compute_end(self.strategy.unwrapped, lambda: self.reporter.window)
 
     # --- evaluation -----------------------------------------------------------------------------------
-    def evaluate(self) -> float | None:
-        """The validation loss; None when a preemption signal interrupted it (the resumed run evaluates again)."""
+    def evaluate(self) -> dict[str, float] | None:
+        """The validation loss and the eval.tasks scores; None when a preemption signal interrupted them (the
+        resumed run evaluates again)."""
         self.strategy.model.eval()
+        values = self.validation_loss()
+        if values is not None and self.tasks is not None:
+            s = self.strategy
+            scores = self.tasks.score(s.forward_loss, s.dp_rank, s.dp_size, s.dp_group, self.stop.signalled_anywhere,
+                                      self.device)
+            values = None if scores is None else {**values, **scores}
+        self.strategy.model.train()
+        self.eval_pending = values is None
+        if values is not None:
+            self.metrics.write(self.step, values, kind="val")
+        return values
+
+    def validation_loss(self) -> dict[str, float] | None:
         total, count = torch.zeros((), device=self.device), 0
         for x, y in self.val:
             if self.stop.signalled_anywhere():
-                self.eval_pending = True
-                self.strategy.model.train()
                 return None
             total += self.strategy.forward_loss(x, y)
             count += 1
-        self.strategy.model.train()
-        self.eval_pending = False
-        loss = self.strategy.mean_over_dp(total / max(count, 1)).item()
-        self.metrics.write(self.step, {"loss": loss}, kind="val")
-        return loss
+        return {"loss": self.strategy.mean_over_dp(total / max(count, 1)).item()}
 
     def run_eval(self, summary: dict[str, Any], bar: ProgressBar) -> bool:
         PROGRESS.phase("eval", f"evaluation at step {self.step}", self.step)
         with self.spent.timed("eval_s"):
-            loss = self.evaluate()
-        if loss is None:
+            values = self.evaluate()
+        if values is None:
             return False
-        summary["val_loss"] = loss
-        bar.write(f"step {self.step}: val loss {loss:.4f}")
+        summary.update(val_loss=values["loss"], **{k: v for k, v in values.items() if k.startswith("tasks/")})
+        accuracies = "".join(f", {k.removeprefix('tasks/')} {v:.3f}" for k, v in values.items() if k.endswith("/acc"))
+        bar.write(f"step {self.step}: val loss {values['loss']:.4f}{accuracies}")
         self.reporter.window.start = time.perf_counter()  # evaluation time is not training time
         return True
 

@@ -57,6 +57,7 @@ def markdown(rep: Report) -> str:
     parts = [intro(rep), shared_host_note(rep)]
     if rep.compare:
         parts.append(comparison(rep))
+    parts.append(downstream(rep))
     if rep.scaling:
         parts += [scaling_table(rep), stragglers(rep), model_section(rep), prediction_tables(rep)]
     parts += [goodput(rep), node_health(rep), plots(rep)]
@@ -108,6 +109,18 @@ def comparison(rep: Report) -> str:
                      f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {r.steps} |")
     out += _collapse(lines, gap)
     return "\n".join(out) + "\n\n![training and validation loss per point](loss_curves.png)\n"
+
+
+def downstream(rep: Report) -> str:
+    """Each point's newest eval.tasks scores (accuracy by summed log-likelihood, and per character)."""
+    rows = [(p.name, name.removesuffix("/acc"), step, acc, p.tasks.get(name.replace("/acc", "/acc_norm"), (0, None))[1])
+            for p in rep.points for name, (step, acc) in sorted(p.tasks.items()) if name.endswith("/acc")]
+    if not rows:
+        return ""
+    out = ["## Downstream tasks\n", "Multiple-choice accuracy at the newest evaluation (`eval.tasks`).\n",
+           "| point | task | step | acc | acc_norm |", "|---|---|---|---|---|"]
+    out += [f"| {point} | {task} | {step} | {pct(acc)} | {pct(norm)} |" for point, task, step, acc, norm in rows]
+    return "\n".join(out) + "\n"
 
 
 def scaling_table(rep: Report) -> str:

@@ -13,7 +13,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,8 @@ class Point:
     train_loss: list[tuple[int, float]]       # rank 0's training loss curve, every logged step
     val_loss: list[tuple[int, float]]         # rank 0's validation losses
     overrides: list[str] | None               # Hydra's saved overrides of this point, when present
+    # rank 0's newest downstream-task scores (eval.tasks): "<task>/acc" -> (step, value)
+    tasks: dict[str, tuple[int, float]] = field(default_factory=dict)
 
     @property
     def ranks(self) -> int:
@@ -164,6 +166,7 @@ def load_point(path: Path, root: Path) -> Point:
     records: dict[int, list[dict[str, Any]]] = {}
     train_loss: list[tuple[int, float]] = []
     val_loss: list[tuple[int, float]] = []
+    tasks: dict[str, tuple[int, float]] = {}
     folder = RunFolder(path)
     for f in folder.metrics_files():
         rank = int(f.stem.removeprefix("rank"))
@@ -174,8 +177,10 @@ def load_point(path: Path, root: Path) -> Point:
             train_loss = [(r["step"], r["loss"]) for r in train if isinstance(r.get("loss"), (int, float))]
             val = _newest_per_step(r for r in recs if r.get("kind") == "val")
             val_loss = [(r["step"], r["loss"]) for r in val if isinstance(r.get("loss"), (int, float))]
+            tasks = {k.removeprefix("tasks/"): (r["step"], v) for r in val for k, v in r.items()
+                     if k.startswith("tasks/") and isinstance(v, (int, float))}
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
     return Point(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
-                 overrides)
+                 overrides, tasks)

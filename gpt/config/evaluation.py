@@ -1,0 +1,33 @@
+"""The eval section: downstream multiple-choice tasks scored during training, beside the validation loss
+(train.eval_interval), from local files only (gpt.eval.task_file). Torch-free."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gpt.errors import ConfigError
+from gpt.eval.task_file import KEY, read_task, task_name
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    # local HellaSwag-format JSONL files, each a task named by its file (tasks/<name>/acc in the metrics)
+    tasks: list[str] = field(default_factory=list)
+    limit: int = 0  # score only each file's first `limit` examples; 0: all of them
+
+    def validate(self) -> None:
+        if self.limit < 0:
+            raise ConfigError("eval.limit", self.limit, "0 (every example) or a positive number of examples")
+        names: dict[str, str] = {}
+        for path in self.tasks:
+            name = task_name(path)
+            if name in names:
+                raise ConfigError(KEY, list(self.tasks), f"files with different names (tasks/<name>/acc): {path} "
+                                  f"and {names[name]} are both '{name}'")
+            names[name] = path
+            read_task(path, self.limit)
+
+    def check_interval(self, eval_interval: int) -> None:
+        """The tasks are scored with the validation loss: they need train.eval_interval."""
+        if self.tasks and eval_interval == 0:
+            raise ConfigError("train.eval_interval", 0, "a positive number of steps with eval.tasks set (the tasks "
+                              "are scored beside the validation loss)")

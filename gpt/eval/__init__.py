@@ -1,0 +1,1 @@
+"""Downstream evaluation during training: multiple-choice tasks from local files (`eval.tasks`)."""
