@@ -29,7 +29,7 @@ from gpt.train.metrics import MetricsWriter
 from gpt.train.optim import lr_at
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
 from gpt.train.resume import Resume
-from gpt.train.state import RunState
+from gpt.train.state import TrainState
 from gpt.train.step_timer import StepTimer, watch_compute_end
 from gpt.train.stop import StopControl
 from gpt.train.tracker import open_tracker
@@ -73,7 +73,7 @@ class Trainer:
                                          async_group=async_group, async_save=self.ckpt.async_save,
                                          before_commit=self.faults.before_commit)
         self.strategy.before_update = self.checkpointer.wait_staged
-        self.state = RunState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
+        self.state = TrainState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
         self.step = self.first_step = 0
         self.saved_step: int | None = None
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first

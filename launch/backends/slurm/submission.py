@@ -16,7 +16,7 @@ from launch.backends.slurm import commands
 from launch.backends.slurm.commands import PENDING, RUNNING, SlurmUnavailable
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
 from launch.backends.slurm.script_jobs import script_job
-from launch.run_state import job_ids
+from launch.run_status import job_ids
 from launch.planning.prepared import Prepared
 from launch.snapshot import Snapshot, record_in, take, with_snapshot
 
