@@ -23,7 +23,7 @@ from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
 from gpt.config.names import check_run_name, one_line
 from gpt.config.report import ReportConfig
-from gpt.config.section import REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
+from gpt.config.parse import REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
                                  StragglerConfig, WatchdogConfig, check_resume)
 from gpt.config.strategy import ParallelConfig, StrategyConfig

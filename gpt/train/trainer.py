@@ -15,7 +15,7 @@ from gpt.checkpoint.policy import SavePolicy
 from gpt.checkpoint.save_errors import SaveFailed
 from gpt.checkpoint.writer import Checkpointer
 from gpt.config.schema import RunConfig
-from gpt.config.section import to_plain
+from gpt.config.parse import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
 from gpt.dist.flag_sum import BackgroundSum, sum_in_background
 from gpt.dist.process_group import DistEnv, pick_device, side_group

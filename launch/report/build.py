@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.config.report import ReportConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.sections import StragglerConfig
 from gpt.config.tracking import TrackingConfig
 from gpt.run_folder import RunFolder

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.config.model import ModelConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.sections import StragglerConfig
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.parallel.traits import traits_of

@@ -19,7 +19,7 @@ from hydra.utils import to_absolute_path
 
 from gpt.checkpoint.store import newest_sound, step_of
 from gpt.config.schema import RunConfig
-from gpt.config.section import to_plain
+from gpt.config.parse import to_plain
 from gpt.data import absolute
 from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
