@@ -88,7 +88,7 @@ class Trainer:
             self.step = self.first_step = self.saved_step = resumed.step
             self.eval_pending = resumed.eval_pending
         # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
-        tracker = open_tracker(run.tracking, run_dir, run.run, to_plain(run)) if env.is_main else None
+        tracker = open_tracker(run.tracking, run_dir, run.run_name, to_plain(run)) if env.is_main else None
         self.metrics = MetricsWriter(run_dir, env.rank, env.hostname, resume_step=self.step,
                                      keep_val_at_resume=not self.eval_pending, world_size=env.world_size,
                                      tracker=tracker)
