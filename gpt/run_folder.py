@@ -4,7 +4,8 @@ rank, a task wrapper and the report all find the files here.
 
     config.yaml           the resolved config, written by the launcher and read by every rank
     run.json              what must not change for the run to continue (launch.run.identity)
-    lock.json             the one writer's lease beat (gpt.resilience.lease, launch.run.lock)
+    lease.json            the one writer's lease beat (gpt.resilience.lease, launch.run.take_lease); lock.json in
+                          folders written before it was renamed, still read there
     lease/<G>             the claim of the lease's generation G, created once each
     attempts.jsonl        one line per attempt, written when it ends (AttemptsLog)
     attempt-claims/<key>  created once by the one writer of that attempt's line (AttemptsLog)
@@ -52,7 +53,12 @@ class RunFolder:
         return self.path / "run.json"
 
     @property
-    def lock(self) -> Path:
+    def lease_beat(self) -> Path:
+        return self.path / "lease.json"
+
+    @property
+    def lease_beat_before_rename(self) -> Path:
+        """The beat's name until the lease had one name: a folder whose holder still beats it stays held."""
         return self.path / "lock.json"
 
     @property

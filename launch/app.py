@@ -27,14 +27,14 @@ from launch.backends import RunFailed, backend_for
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.planning.plan import make_plan
-from launch.planning.prepared import Prepared
+from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 schema.register()  # configs/config.yaml composes onto it
 
 
-def prepare(cfg: DictConfig) -> Prepared:
+def plan_run(cfg: DictConfig) -> PlannedRun:
     """Everything that can be checked before a process starts or a job is submitted: the config is parsed here,
     once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
@@ -56,7 +56,7 @@ def prepare(cfg: DictConfig) -> Prepared:
         if checked is not None:
             checked.record(run_dir)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
-    return Prepared(run, plan, backend, resources, budget, checked and checked.existing, live)
+    return PlannedRun(run, plan, backend, resources, budget, checked and checked.existing, live)
 
 
 def record_overrides(path: Path, overrides: list[str]) -> None:
@@ -68,20 +68,20 @@ def record_overrides(path: Path, overrides: list[str]) -> None:
 
 
 def run(cfg: DictConfig) -> Path:
-    prepared = prepare(cfg)
-    plan, backend = prepared.plan, prepared.backend
-    if prepared.finished:
+    planned = plan_run(cfg)
+    plan, backend = planned.plan, planned.backend
+    if planned.finished:
         log.info("%s finished at step %d; nothing to do. Train it longer with a higher train.max_steps (its schedule "
                  "must not change: set train.decay_steps), or start a new run under another name (run=NAME).",
-                 plan.run_dir, prepared.existing.step)
+                 plan.run_dir, planned.existing.step)
         return plan.run_dir
-    if prepared.existing is not None:
-        log.info("continuing %s from step %d", plan.run_dir, prepared.existing.step)
-    log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", prepared.run.name, plan.world_size,
+    if planned.existing is not None:
+        log.info("continuing %s from step %d", plan.run_dir, planned.existing.step)
+    log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", planned.run.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
-        submitted, _ = backend.submit_all([prepared], plan.run_dir / backend.name)
-        if prepared.run.launcher.detach:
+        submitted, _ = backend.submit_all([planned], plan.run_dir / backend.name)
+        if planned.run.launcher.detach:
             backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
         [outcome] = backend.wait(submitted)

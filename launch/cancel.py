@@ -16,7 +16,7 @@ from pathlib import Path
 from gpt.run_folder import RunFolder
 from launch.backends import scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
-from launch.run_state import ask_scheduler, job_ids, run_folders
+from launch.run_status import ask_scheduler, job_ids, run_folders
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
 POLL_S = 1.0

@@ -1,6 +1,6 @@
 """The work of hydra_plugins.gptlaunch_launcher: plan every sweep point, then run them.
 
-1. Every point is composed and planned (launch.app.prepare: config checks, Slurm checks against sinfo, data,
+1. Every point is composed and planned (launch.app.plan_run: config checks, Slurm checks against sinfo, data,
    the resolved config written to the point's run folder). Any bad point stops the sweep before anything runs.
 2. Points that are jobs (cluster=slurm): the budget guard, then submission (launch.backends.<name>).
 3. Points that run here (cluster=local, srun) run one after another, through the app's own task function.
@@ -20,8 +20,8 @@ from omegaconf import OmegaConf, open_dict
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from launch import hydra_errors
-from launch.app import prepare
-from launch.planning.prepared import Prepared
+from launch.app import plan_run
+from launch.planning.planned_run import PlannedRun
 from launch.planning.labels import point_labels
 
 DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
@@ -29,10 +29,10 @@ DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any oth
 log = logging.getLogger(__name__)
 
 
-def _prepare_task(cfg) -> Prepared | UserError:
+def _plan_task(cfg) -> PlannedRun | UserError:
     """A user's error comes back as the point's value (to be listed with the others); a bug raises."""
     try:
-        return prepare(cfg)
+        return plan_run(cfg)
     except UserError as e:
         return e
 
@@ -49,13 +49,13 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     points = _plan_points(config, context, job_overrides, initial_job_idx)
     _stop_on_bad_points(points)
 
-    prepared: list[Prepared] = [ret.return_value for *_, ret in points]
+    planned: list[PlannedRun] = [ret.return_value for *_, ret in points]
     returns: list[JobReturn | None] = [None] * len(points)
-    for n, p in enumerate(prepared):  # a run again: the points that finished before say so, and run no more
+    for n, p in enumerate(planned):  # a run again: the points that finished before say so, and run no more
         if p.finished and p.backend.submits:
             print(f"{p.label} finished at step {p.existing.step}; nothing to do", flush=True)
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
-    jobs = [(n, p) for n, p in enumerate(prepared) if p.backend.submits and not p.finished]
+    jobs = [(n, p) for n, p in enumerate(planned) if p.backend.submits and not p.finished]
 
     # 2. budget and submission of every point that is a job, before anything else runs (a job from an earlier
     # launch that still waits or runs is picked up instead)
@@ -75,8 +75,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     # 3. points that run here, one after another
     for n, (idx, _, sweep_config, _) in enumerate(points):
-        if not prepared[n].backend.submits:
-            log.info("#%d : %s", idx, prepared[n].label)
+        if not planned[n].backend.submits:
+            log.info("#%d : %s", idx, planned[n].label)
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
@@ -94,7 +94,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
 
 def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
-    """(index, overrides, config, Hydra's return holding the point's Prepared) for each point, planned in order."""
+    """(index, overrides, config, Hydra's return holding the point's PlannedRun) for each point, planned in order."""
     points = []
     # Left at its default, each point's folder is named by the keys that vary across the sweep.
     labels = point_labels(job_overrides) if _default_subdir(config) else None
@@ -106,7 +106,7 @@ def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str
             sweep_config.hydra.job.num = idx
             if labels:  # a one-point sweep keeps the name a node sweep would give it
                 sweep_config.hydra.sweep.subdir = labels[i] or f"nodes={sweep_config.nodes}"
-        ret = run_job(hydra_context=context, task_function=_prepare_task, config=sweep_config,
+        ret = run_job(hydra_context=context, task_function=_plan_task, config=sweep_config,
                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
         points.append((idx, overrides, sweep_config, ret))
     configure_log(config.hydra.hydra_logging, config.hydra.verbose)

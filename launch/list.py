@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_state import ask_scheduler, job_ids, read_state, run_folders
+from launch.run_status import ask_scheduler, job_ids, read_status, run_folders
 
 
 def listing(root: Path, out=sys.stdout) -> int:
@@ -17,7 +17,7 @@ def listing(root: Path, out=sys.stdout) -> int:
         return 0
     infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)}))
     for r in runs:
-        s = read_state(r, infos)
+        s = read_status(r, infos)
         step = f"step {s.step if s.step is not None else '-'}/{s.max_steps if s.max_steps is not None else '?'}"
         jobs = f"job {','.join(s.job_ids)} {s.shown}" if s.job_ids else "no job"
         print(f"{r.relative_to(root)}: {s.verdict}, {step}, {jobs}", file=out)

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.run_state import WAITING, ask_scheduler, job_ids, read_state
+from launch.run_status import WAITING, ask_scheduler, job_ids, read_status
 
 POLL_S = 0.5
 ASK_EVERY_S = 5.0  # how often -f asks the scheduler whether the run's jobs still run
@@ -40,7 +40,7 @@ class Follower:
 
 def still_running(run_dir: Path) -> bool:
     ids = list(job_ids(run_dir))
-    return bool(ids) and read_state(run_dir, ask_scheduler(ids)).verdict == WAITING
+    return bool(ids) and read_status(run_dir, ask_scheduler(ids)).verdict == WAITING
 
 
 def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> None:

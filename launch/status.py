@@ -11,13 +11,13 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_state import (FAILED, WAITING, RunState, ask_scheduler, job_ids, read_state, report_job, run_folders,
-                              shown)
+from launch.run_status import (FAILED, WAITING, RunStatus, ask_scheduler, job_ids, read_status, report_job,
+                               run_folders, shown)
 
 EXIT_RUNNING = 3
 
 
-def line(s: RunState, root: Path) -> str:
+def line(s: RunStatus, root: Path) -> str:
     name = str(s.run_dir.relative_to(root)) if s.run_dir != root else s.run_dir.name
     jobs = ",".join(s.job_ids)
     state = s.shown + (f" ({s.reason})" if s.reason else "")
@@ -48,8 +48,8 @@ def status(target: Path, out=sys.stdout) -> int:
         return 2
     report = report_job(target)
     infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
-    states = [read_state(r, infos) for r in runs]
-    for s in states:
+    statuses = [read_status(r, infos) for r in runs]
+    for s in statuses:
         print(line(s, target), file=out)
         for restart in s.in_job:
             print(f"  {restart}", file=out)
@@ -57,7 +57,7 @@ def status(target: Path, out=sys.stdout) -> int:
         reason = infos[report].reason if report in infos else ""
         print(f"report: job {report} {shown(infos, report)}{f' ({reason})' if reason else ''}; {target / 'report'}",
               file=out)
-    verdicts = {s.verdict for s in states}
+    verdicts = {s.verdict for s in statuses}
     return EXIT_RUNNING if WAITING in verdicts else 1 if FAILED in verdicts else 0
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from gpt.config.names import one_line
-from gpt.config.section import only_own_keys
+from gpt.config.parse import only_own_keys
 from gpt.config.sections import signal_names
 from gpt.errors import ConfigError
 

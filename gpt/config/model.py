@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.errors import ConfigError
 
 NORMS = ("layernorm", "layernorm_nobias", "rmsnorm")

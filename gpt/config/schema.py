@@ -23,8 +23,8 @@ from gpt.config.evaluation import EvalConfig
 from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
 from gpt.config.names import check_run_name, one_line
+from gpt.config.parse import KEY, REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.report import ReportConfig
-from gpt.config.section import REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
                                  StragglerConfig, WatchdogConfig, check_resume)
 from gpt.config.strategy import ParallelConfig, StrategyConfig
@@ -40,7 +40,8 @@ SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's d
 @dataclass(frozen=True)
 class RunConfig:
     name: str  # the job name, and the run's unless it has one (configs/config.yaml: <model>-<strategy>)
-    run: str  # the run: one folder (runs/<run>) from its first submission to its last step
+    # the run (key `run`): one folder (runs/<run>) from its first submission to its last step
+    run_name: str = field(metadata={KEY: "run"})
     model: ModelConfig
     data: DataConfig
     train: TrainConfig
@@ -74,7 +75,7 @@ class RunConfig:
         check_init(self.init, self.model, self.data, self.resume)
         traits_of(self.strategy.name).check(self.strategy)
         self.eval.check_interval(self.train.eval_interval)
-        check_run_name(self.run)
+        check_run_name(self.run_name)
         one_line("name", self.name)  # the job's name
 
     def with_cluster(self, **changes: Any) -> RunConfig:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.config.section import renamed
+from gpt.config.parse import renamed
 from gpt.errors import ConfigError
 
 

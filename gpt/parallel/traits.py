@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.config.model import ModelConfig
-from gpt.config.section import only_own_keys
+from gpt.config.parse import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError

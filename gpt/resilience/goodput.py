@@ -66,7 +66,7 @@ def kept_training_s(run_dir: Path, since: float, from_step: int, to_step: int) -
 
 def last_record_time(run_dir: Path, since: float) -> float | None:
     """When rank 0 last wrote a metrics record, from `since` on: the last sign of life of an attempt killed
-    outright (its lock's heartbeat is gone with it, or already the next attempt's)."""
+    outright (its lease's beat is gone with it, or already the next attempt's)."""
     try:
         lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
     except OSError:

@@ -2,13 +2,14 @@
 
     RUN_DIR/lease/<G>    generation G's claim, created once and never rewritten (link(2) of a complete file: of
                          two processes that take generation G at once, exactly one succeeds)
-    RUN_DIR/lock.json    the holder's beat: its generation, a sequence number it bumps on every beat, who it is
+    RUN_DIR/lease.json   the holder's beat: its generation, a sequence number it bumps on every beat, who it is
+                         (lock.json in a folder from before that name: read while lease.json is absent)
 
 The current generation is the highest claim. A writer of generation G stops writing once claim G+1 exists (the
 fence): a frozen, suspended or cut-off holder that wakes up finds it and exits without writing. Liveness is judged
 by whether the beat's sequence number changed within `stale_s` of the observer's own monotonic clock, never by
-comparing wall clocks or file times across hosts. Scheduler-free and torch-free: launch.run.lock decides, with the
-scheduler's word, when a lease may be taken over; every rank fences its writes with `fence()`.
+comparing wall clocks or file times across hosts. Scheduler-free and torch-free: launch.run.take_lease decides, with
+the scheduler's word, when a lease may be taken over; every rank fences its writes with `fence()`.
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ from pathlib import Path
 
 from gpt.errors import EXIT_FAILED, UserError
 from gpt.resilience.disk_faults import Outage
-from gpt.resilience.timing import LOCK_BEAT_S, LOCK_STALE_S
+from gpt.resilience.timing import LEASE_BEAT_S, LEASE_STALE_S
 from gpt.run_folder import RunFolder
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ def pid_namespace() -> str:
 
 @dataclass(frozen=True)
 class Beat:
-    """What lock.json says: the holder of `generation`, and its `seq`-th beat (`time` is for people only)."""
+    """What lease.json says: the holder of `generation`, and its `seq`-th beat (`time` is for people only)."""
 
     generation: int
     seq: int
@@ -64,7 +65,8 @@ class Beat:
 
 def read_beat(run_dir: Path) -> Beat | None:
     """The holder's last beat; None when there is none. An unreadable one fails closed: a UserError naming it."""
-    path = RunFolder(run_dir).lock
+    folder = RunFolder(run_dir)
+    path = folder.lease_beat if folder.lease_beat.exists() else folder.lease_beat_before_rename
     try:
         text = path.read_text()
     except FileNotFoundError:
@@ -87,7 +89,7 @@ def generation(run_dir: Path) -> int:
         return 0
 
 
-def observe(run_dir: Path, beat: Beat, stale_s: float = LOCK_STALE_S, poll_s: float = 0.2) -> bool:
+def observe(run_dir: Path, beat: Beat, stale_s: float = LEASE_STALE_S, poll_s: float = 0.2) -> bool:
     """Whether the holder of `beat` is alive: its sequence number (or generation) changes within `stale_s` on this
     process's monotonic clock. An ended lease is not alive, and is not watched."""
     if beat.ended:
@@ -110,7 +112,7 @@ class Lease:
 
     def __init__(self, run_dir: Path, generation: int, me: Beat):
         self.run_dir, self.generation, self.me = run_dir, generation, me
-        self.path = RunFolder(run_dir).lock
+        self.path = RunFolder(run_dir).lease_beat
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()  # the beat thread and the main thread's release write one file
@@ -134,6 +136,7 @@ class Lease:
             tmp.unlink(missing_ok=True)
         lease = cls(run_dir, g, me)
         lease.beat()
+        RunFolder(run_dir).lease_beat_before_rename.unlink(missing_ok=True)  # lease.json is read from now on
         return lease
 
     def successor(self) -> Beat | None:
@@ -166,7 +169,7 @@ class Lease:
                 tmp.unlink(missing_ok=True)  # no partial beat left in the run folder
                 raise
 
-    def start(self, beat_s: float = LOCK_BEAT_S) -> None:
+    def start(self, beat_s: float = LEASE_BEAT_S) -> None:
         self._thread = threading.Thread(target=self._run, args=(beat_s,), name="run-lease", daemon=True)
         self._thread.start()
 
@@ -185,7 +188,7 @@ class Lease:
         """The last beat says it ended: the next run takes the folder at once."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(timeout=LOCK_BEAT_S)
+            self._thread.join(timeout=LEASE_BEAT_S)
         try:
             self.beat(ended=True)
         except (LeaseLost, OSError):

@@ -14,10 +14,10 @@ REPORTER_GRACE_S = 15.0
 # takes up to the silence threshold and a few intervals, then the requeue) to learn whether the job was requeued.
 ACTOR_WAIT_S = 45.0
 
-# Rank 0 beats the run folder's lease this often; a lease whose sequence number did not change for LOCK_STALE_S of
+# Rank 0 beats the run folder's lease this often; a lease whose sequence number did not change for LEASE_STALE_S of
 # the observer's own clock has lost its holder (a lost node, a frozen process) and may be taken over.
-LOCK_BEAT_S = 2.0
-LOCK_STALE_S = 20.0
+LEASE_BEAT_S = 2.0
+LEASE_STALE_S = 20.0
 
 # How often a rank's parent (its task wrapper, srun's launcher) looks whether the rank ended or a signal waits.
 RELAY_POLL_S = 0.2

@@ -15,7 +15,7 @@ from gpt.dist.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.errors import UserError
 from gpt.parallel.traits import saved_format
 from gpt.resilience.faults import Faults
-from gpt.train.state import RunState
+from gpt.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ class Resumed:
 
 
 class Resume:
-    def __init__(self, mode: str, checkpointer: Checkpointer, state: RunState, faults: Faults, env: DistEnv):
+    def __init__(self, mode: str, checkpointer: Checkpointer, state: TrainState, faults: Faults, env: DistEnv):
         self.mode, self.checkpointer, self.state, self.faults, self.env = mode, checkpointer, state, faults, env
         self.strategy = state.strategy
 

@@ -19,7 +19,7 @@ from gpt.parallel.base import Strategy
 log = logging.getLogger(__name__)
 
 
-class RunState:
+class TrainState:
     def __init__(self, seed: int, data_dir: str, env: DistEnv, model_cfg: ModelConfig, train: TrainConfig,
                  strategy: Strategy, batches: TrainBatches):
         self.seed, self.data_dir, self.env, self.model_cfg, self.train = seed, data_dir, env, model_cfg, train

@@ -15,7 +15,7 @@ from gpt.checkpoint.policy import SavePolicy
 from gpt.checkpoint.save_errors import SaveFailed
 from gpt.checkpoint.writer import Checkpointer
 from gpt.config.schema import RunConfig
-from gpt.config.section import to_plain
+from gpt.config.parse import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
 from gpt.data.tokenizer import load_tokenizer
 from gpt.dist.flag_sum import BackgroundSum, sum_in_background
@@ -31,7 +31,7 @@ from gpt.train.metrics import MetricsWriter
 from gpt.train.optim import lr_at
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
 from gpt.train.resume import Resume
-from gpt.train.state import RunState
+from gpt.train.state import TrainState
 from gpt.train.step_timer import StepTimer, watch_compute_end
 from gpt.train.stop import StopControl
 from gpt.train.tracker import open_tracker
@@ -77,7 +77,7 @@ class Trainer:
                                          async_group=async_group, async_save=self.ckpt.async_save,
                                          before_commit=self.faults.before_commit)
         self.strategy.before_update = self.checkpointer.wait_staged
-        self.state = RunState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
+        self.state = TrainState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
         self.step = self.first_step = 0
         self.saved_step: int | None = None
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
@@ -92,7 +92,7 @@ class Trainer:
             self.step = self.first_step = self.saved_step = resumed.step
             self.eval_pending = resumed.eval_pending
         # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
-        tracker = open_tracker(run.tracking, run_dir, run.run, to_plain(run)) if env.is_main else None
+        tracker = open_tracker(run.tracking, run_dir, run.run_name, to_plain(run)) if env.is_main else None
         self.metrics = MetricsWriter(run_dir, env.rank, env.hostname, resume_step=self.step,
                                      keep_val_at_resume=not self.eval_pending, world_size=env.world_size,
                                      tracker=tracker)

@@ -83,7 +83,7 @@ class Backend:
         waits for it instead of submitting again (refused when it would not go on by itself)."""
         return None
 
-    def submit_all(self, prepared: list, folder: Path, out=sys.stdout) -> tuple[list, Any]:
+    def submit_all(self, planned: list, folder: Path, out=sys.stdout) -> tuple[list, Any]:
         """Every planned point's job, in order: picked up when live, else submitted (with the budget, the code
         snapshot and data preparation jobs). Returns the submitted jobs and the snapshot (or None)."""
         raise NotImplementedError

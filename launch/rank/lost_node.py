@@ -19,7 +19,7 @@ def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
     """Rank 0 (it holds the run folder's lease): True when the scheduler names a lost node among the attempt's and
     this attempt's end is recorded, here or by another process (a lost rank's task, which then decides)."""
     job = attempt.job
-    if attempt.lock is None or job is None or not attempt.nodes:
+    if attempt.lease is None or job is None or not attempt.nodes:
         return False
     said = job.lost_nodes()
     lost = [h for h in hosts_of(said) if h in attempt.nodes]

@@ -41,7 +41,7 @@ from launch.rank.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.rank.lost_node import end_for_lost_node  # noqa: E402
 from launch.rank.parent import end_with_launcher  # noqa: E402
-from launch.run.lock import take  # noqa: E402
+from launch.run.take_lease import take_lease  # noqa: E402
 from launch.run.recovery import Cause, Ending, decided_elsewhere, recover  # noqa: E402
 from launch.run.rounds import hosts_of  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
@@ -125,8 +125,8 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
     rank fences its writes with that generation (a rank of an attempt that lost the folder stops writing)."""
     generation = 0
     if env.is_main:
-        attempt.lock = take(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round)
-        generation = attempt.lock.generation
+        attempt.lease = take_lease(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round)
+        generation = attempt.lease.generation
     install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
 
 
@@ -317,7 +317,7 @@ def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False) -> Non
     writes nothing into another run's log. A collective that failed under it (`peer_gone`) may mean a rank was
     killed: its task records the attempt (and requeues), so rank 0 gives it SCHEDULER_GRACE_S to do so first."""
     run_dir, job = attempt.run_dir, attempt.job
-    if attempt.lock is None:
+    if attempt.lease is None:
         return
     deadline = time.monotonic() + (SCHEDULER_GRACE_S if peer_gone and job.scheduler != "none" else 0)
     while this_attempts_line(run_dir, job) is None and time.monotonic() < deadline:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.config.report import ReportConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.sections import StragglerConfig
 from gpt.config.tracking import TrackingConfig
 from gpt.run_folder import RunFolder
@@ -40,7 +40,7 @@ from launch.report.compare import CompareRow, compare_rows, varying_keys
 from launch.report.fit import fit_points, predict
 from launch.report.markdown import markdown
 from launch.report.contents import Report
-from launch.report.points import Point, find_run_folders, get, load_point
+from launch.report.points import PointResult, find_run_folders, get, load_point
 from launch.report.rows import Row, add_efficiency, scaling_mode, shape_of, summarize
 
 log = logging.getLogger(__name__)
@@ -49,7 +49,7 @@ OUTPUTS = {"scaling.md", "scaling.csv", "prediction.csv", "model.json", "compari
            "throughput.png", "efficiency.png", "step_time_per_rank.png", "prediction.png"}
 
 
-def load_points(root: Path) -> list[Point]:
+def load_points(root: Path) -> list[PointResult]:
     folders = find_run_folders(root)
     if not folders:
         raise FileNotFoundError(f"{root}: no run folder (config.yaml next to metrics/) at or under it")
@@ -126,7 +126,7 @@ def write_report(run_or_sweep_dir: str | Path, config: ReportConfig | None = Non
     return out
 
 
-def attach_to_trackers(points: Sequence[Point], report: Path) -> None:
+def attach_to_trackers(points: Sequence[PointResult], report: Path) -> None:
     """The report folder as an artifact of each point's tracker run (tracking.kind set): a sweep's report sits
     next to every point's curves."""
     for p in points:

@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from launch.report.points import Point
+from launch.report.points import PointResult
 
 SCALING_KEYS = {"nodes", "cluster.nodes", "cluster.tasks_per_node", "cluster.gpus_per_node"}
 # Keys that follow from others (the run's name from model and strategy) or do not change what is trained.
@@ -27,7 +27,7 @@ def _flatten(d: Any, prefix: str = "") -> dict[str, Any]:
     return {k.removesuffix("."): v for k, v in out.items()}
 
 
-def _overrides(point: Point) -> dict[str, str]:
+def _overrides(point: PointResult) -> dict[str, str]:
     pairs = (o.lstrip("+~").split("=", 1) for o in point.overrides or [])
     return {p[0]: p[1] for p in pairs if len(p) == 2}
 
@@ -37,7 +37,7 @@ def _differing(flat: Sequence[dict[str, Any]]) -> list[str]:
     return [k for k in keys if len({f.get(k) for f in flat}) > 1 and k not in DERIVED_KEYS]
 
 
-def varying_keys(points: Sequence[Point]) -> list[str]:
+def varying_keys(points: Sequence[PointResult]) -> list[str]:
     """The keys whose value differs between points, as the user named them where Hydra saved that."""
     if len(points) < 2:
         return []
@@ -46,7 +46,7 @@ def varying_keys(points: Sequence[Point]) -> list[str]:
     return _differing([_flatten(p.config) for p in points])
 
 
-def value_of(point: Point, key: str) -> str:
+def value_of(point: PointResult, key: str) -> str:
     given = _overrides(point)
     if key in given:
         return given[key]
@@ -56,7 +56,7 @@ def value_of(point: Point, key: str) -> str:
     return str(node)
 
 
-def label(point: Point, keys: Sequence[str]) -> str:
+def label(point: PointResult, keys: Sequence[str]) -> str:
     return ", ".join(f"{k}={value_of(point, k)}" for k in keys) or point.name
 
 
@@ -73,7 +73,7 @@ class CompareRow:
     rank: int = 0               # 1 = best
 
 
-def compare_rows(points: Sequence[Point], keys: Sequence[str], tokens_per_s: Sequence[float]) -> list[CompareRow]:
+def compare_rows(points: Sequence[PointResult], keys: Sequence[str], tokens_per_s: Sequence[float]) -> list[CompareRow]:
     """One row per point, ranked by best validation loss (by final training loss where no point validated)."""
     rows = []
     for p, tps in zip(points, tokens_per_s):

@@ -9,13 +9,13 @@ from gpt.config.report import ReportConfig
 from gpt.config.sections import StragglerConfig
 from launch.report.compare import SCALING_KEYS, CompareRow
 from launch.report.perf_model import FittedModel, Shape
-from launch.report.points import Point
+from launch.report.points import PointResult
 from launch.report.rows import Row
 
 @dataclass
 class Report:
     root: Path
-    points: list[Point]
+    points: list[PointResult]
     rows: list[Row]
     config: ReportConfig
     straggler_config: StragglerConfig

@@ -14,14 +14,14 @@ from typing import Any
 from gpt.config.report import Network
 from gpt.errors import ConfigError
 from launch.report.perf_model import FittedModel, Shape, fit, point_errors, scaled_shape
-from launch.report.points import Point
+from launch.report.points import PointResult
 from launch.report.rows import Row, median_or_none, steady
 
 TOLERANCE = 0.10
 NOISY_P90_OVER_P50 = 1.3
 
 
-def measured_comm(point: Point, skip: int) -> float | None:
+def measured_comm(point: PointResult, skip: int) -> float | None:
     return median_or_none(r.get("comm_s") for rank in sorted(point.records) for r in steady(point.records[rank], skip))
 
 
@@ -29,7 +29,7 @@ def noisy(row: Row) -> bool:
     return row.step_time_p90_s > NOISY_P90_OVER_P50 * row.step_time_p50_s
 
 
-def fit_points(points: Sequence[Point], rows: Sequence[Row], shapes: Sequence[Shape], network: Network,
+def fit_points(points: Sequence[PointResult], rows: Sequence[Row], shapes: Sequence[Shape], network: Network,
                skip: int) -> FittedModel:
     """Fit the model, and fill each row's model step time, its error, and the flag where it misses."""
     step_times = [r.step_time_p50_s for r in rows]
@@ -44,7 +44,7 @@ def fit_points(points: Sequence[Point], rows: Sequence[Row], shapes: Sequence[Sh
     return model
 
 
-def likely_cause(point: Point, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
+def likely_cause(point: PointResult, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
     """Why the model misses this point, from what the point (and the others) recorded."""
     if point.oversubscribed:
         return f"oversubscribed: {point.oversubscribed}, so ranks wait for cores"

@@ -23,7 +23,8 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class Point:
+class PointResult:
+    """A sweep point as the report reads it back from its run folder (launch.backends.Point is one to submit)."""
     path: Path
     name: str
     config: dict[str, Any]
@@ -162,7 +163,7 @@ def _environments(path: Path) -> list[dict[str, Any]]:
     return sorted(envs, key=lambda e: int(e.get("rank", 0)))
 
 
-def load_point(path: Path, root: Path) -> Point:
+def load_point(path: Path, root: Path) -> PointResult:
     records: dict[int, list[dict[str, Any]]] = {}
     train_loss: list[tuple[int, float]] = []
     val_loss: list[tuple[int, float]] = []
@@ -182,5 +183,5 @@ def load_point(path: Path, root: Path) -> Point:
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
-    return Point(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
-                 overrides, tasks)
+    return PointResult(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
+                       overrides, tasks)

@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpt.config.model import ModelConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.sections import StragglerConfig
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.parallel.traits import traits_of
 from gpt.resilience.stragglers import StragglerDetector
 from launch.report.perf_model import Shape
-from launch.report.points import Point, get
+from launch.report.points import PointResult, get
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +93,7 @@ def finite(values: Iterable[Any]) -> list[float]:
     return out
 
 
-def replay_stragglers(point: Point, config: StragglerConfig, skip: int) -> tuple[list[int], list[Any]]:
+def replay_stragglers(point: PointResult, config: StragglerConfig, skip: int) -> tuple[list[int], list[Any]]:
     """The training-time rule over the windows every rank logged: (chronic stragglers at the end, events)."""
     ranks = sorted(point.records)
     if len(ranks) < 2 or ranks != list(range(point.ranks)):
@@ -110,7 +110,7 @@ def replay_stragglers(point: Point, config: StragglerConfig, skip: int) -> tuple
     return sorted(flagged), events
 
 
-def shape_of(point: Point, params: int | None = None) -> Shape:
+def shape_of(point: PointResult, params: int | None = None) -> Shape:
     cfg = point.config
     return Shape(
         nodes=point.nodes,
@@ -128,7 +128,7 @@ def shape_of(point: Point, params: int | None = None) -> Shape:
     )
 
 
-def parameter_count(point: Point) -> int:
+def parameter_count(point: PointResult) -> int:
     """Model parameters: logged, else counted from the model config, else estimated from the bytes rank 0 holds."""
     first = next((recs[0] for recs in point.records.values() if recs), {})
     if first.get("model_params"):
@@ -155,7 +155,7 @@ def median_or_none(values: Iterable[Any]) -> float | None:
     return statistics.median(xs) if xs else None
 
 
-def summarize(point: Point, skip: int, stragglers: StragglerConfig) -> Row:
+def summarize(point: PointResult, skip: int, stragglers: StragglerConfig) -> Row:
     pairs = [r for rank in sorted(point.records) for r in steady(point.records[rank], skip)]
     if not pairs:
         raise ValueError(f"{point.path}: no train records in metrics/rank*.jsonl")

@@ -1,1 +1,1 @@
-"""A run's lifecycle across attempts: identity and folder, the lock, the attempts log, start-up, lost ranks."""
+"""A run's lifecycle across attempts: identity and folder, the lease, the attempts log, start-up, lost ranks."""

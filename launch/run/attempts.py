@@ -128,7 +128,7 @@ def end_attempt(run_dir: Path, key: str) -> None:
 
 @dataclass
 class Attempt:
-    """This rank's attempt as far as it got: what ends it (its watchdog, rank 0's lock of the run folder) and what
+    """This rank's attempt as far as it got: what ends it (its watchdog, rank 0's lease of the run folder) and what
     its line in the attempts log says when it ends early (a hang, a failure)."""
 
     run_dir: Path
@@ -136,7 +136,7 @@ class Attempt:
     job: JobEnvironment | None = None
     clock: StartupClock | None = None
     watchdog: Watchdog | None = None
-    lock: Lease | None = None
+    lease: Lease | None = None
     trainer: Trainer | None = None  # set once rank 0 has marked the attempt begun
     nodes: list[str] = field(default_factory=list)  # the attempt's hosts in rank order, once its ranks have joined
 
@@ -151,9 +151,9 @@ class Attempt:
         return record
 
     def release(self, code: int) -> None:
-        """At the rank's exit: its watchdog says how it ended, and rank 0 gives the run folder's lock back."""
+        """At the rank's exit: its watchdog says how it ended, and rank 0 gives the run folder's lease back."""
         if self.watchdog is not None:
             self.watchdog.end("finished" if code == 0 else f"exit code {code}")
             self.watchdog.close()  # the rank ends with os._exit: no atexit handler runs
-        if self.lock is not None:
-            self.lock.release()
+        if self.lease is not None:
+            self.lease.release()

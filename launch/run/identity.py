@@ -1,7 +1,7 @@
 """A run is one folder from its first submission to its last step (runs/<run>; a sweep's points under
 runs/sweeps/<run>/). Submitting the same command again continues it. Before anything runs, the launcher checks
 that no job of the run waits in the queue or runs (RUN_DIR/slurm_job.json), that no other live run holds it
-(launch.run.lock), that the folder's run is this run (RUN_DIR/run.json records what must not change: model, data,
+(launch.run.take_lease), that the folder's run is this run (RUN_DIR/run.json records what must not change: model, data,
 optimiser schedule, seed), and whether it has already finished. Nothing is written into the folder before that,
 and the record is written only once the whole plan has passed (FolderCheck.record).
 """
@@ -19,18 +19,18 @@ from hydra.utils import to_absolute_path
 
 from gpt.checkpoint.store import newest_sound, step_of
 from gpt.config.schema import RunConfig
-from gpt.config.section import to_plain
+from gpt.config.parse import to_plain
 from gpt.data import absolute
 from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
-from gpt.resilience.timing import LOCK_BEAT_S
+from gpt.resilience.timing import LEASE_BEAT_S
 from launch.backends.job_state import JobState
 from launch.rank.job_env import JobEnvironment
-from launch.run.lock import AskJob, check_free
+from launch.run.take_lease import AskJob, check_free
 
 # The launcher watches a lease only long enough to see a live holder beat; rank 0 waits out a stale one.
-LAUNCHER_WATCH_S = 2 * LOCK_BEAT_S + 1
+LAUNCHER_WATCH_S = 2 * LEASE_BEAT_S + 1
 
 # What must be equal for a run to continue exactly (train.max_steps may grow when train.decay_steps is set).
 KEYS = ("seed", "model", "data.text_md5", "data.tokenizer", "data.vocab_size", "data.val_fraction",

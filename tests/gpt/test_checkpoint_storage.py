@@ -201,7 +201,7 @@ def test_disk_full_between_saves_stops_at_the_next_save_and_the_same_command_con
         _one_line_each(out, 1, "cannot write this attempt's line")
         assert "step_00000004 is kept" in out
         assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000004"]
-        assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not list(run_dir.glob(".lock.json.*"))
+        assert not list((run_dir / "checkpoints").glob(".tmp-*")) and not list(run_dir.glob(".lease.json.*"))
         assert all(json.loads(x) for x in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines())
         (small / ".debug-fill-disk").unlink()
         launch(*RUN, *data_overrides, "train.max_steps=12", run_dir=run_dir, timeout=120)
@@ -276,7 +276,7 @@ def test_metrics_tensorboard_and_lease_writers_on_a_full_disk_say_one_line_each_
         steps = [json.loads(x)["step"] for x in (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()]
         assert steps[0] == 0 and steps[-1] == 200 and len(steps) < 200
         assert beat is not None and read_beat(run_dir).seq > beat.seq and read_beat(run_dir).ended
-        assert not list(run_dir.glob(".lock.json.*"))
+        assert not list(run_dir.glob(".lease.json.*"))
         files = list((run_dir / "tensorboard" / "rank0").glob("events.*"))
         events = [e for f in files for e in EventFileLoader(str(f)).Load() if e.HasField("summary")]  # whole only
         assert len(files) == 1 and events[0].step == 0 and events[-1].step == 200 and len(events) < 200, files

@@ -14,7 +14,7 @@ import yaml
 import gpt.data.inputs as inputs
 import gpt.data.prepare as prepare_module
 from gpt.config.data import DataConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.data import check_vocab, ensure_prepared, read_meta
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches, global_batch_offsets
 from gpt.data.prepare import main as prepare_main

@@ -17,7 +17,7 @@ from helpers import SHAKESPEARE, launch, read_metrics
 from gpt.checkpoint.writer import load_model
 from gpt.config.evaluation import EvalConfig
 from gpt.config.model import ModelConfig
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.data.tokenizer import CharTokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
 from gpt.eval.multiple_choice import TaskScorer

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from torch.func import functional_call
 
 from gpt.config.model import MLPS, NORMS, POSITIONS, ModelConfig, load_preset
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.errors import ConfigError
 from gpt.model.transformer import GPT, MLP, CausalSelfAttention, KVCache, MoE, RotaryEmbedding, SwiGLU, apply_rope, make_norm
 

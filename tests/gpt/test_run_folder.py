@@ -9,7 +9,7 @@ from gpt.run_folder import NOT_RUNS, RunFolder
 
 def test_every_file_has_its_place(tmp_path: Path):
     f = RunFolder(tmp_path)
-    assert f.config == tmp_path / "config.yaml" and f.lock == tmp_path / "lock.json"
+    assert f.config == tmp_path / "config.yaml" and f.lease_beat == tmp_path / "lease.json"
     assert f.log(3) == tmp_path / "logs" / "rank3.log"
     assert f.environment_record(1) == tmp_path / "environment" / "rank1.json"
     assert f.metrics_file(0) == tmp_path / "metrics" / "rank0.jsonl"

@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 
 from gpt.dist.flag_sum import sum_in_background
 from gpt.resilience.faults import Faults
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.sections import DebugConfig, StragglerConfig
 from gpt.errors import ConfigError
 from gpt.resilience.stragglers import (FIGURES, StragglerDetector, StragglerMonitor, busy_time, figures_dict,

@@ -95,14 +95,14 @@ def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides
 
 
 def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_the_queue_after_it(tmp_path):
-    """The next attempt records it (begin_attempt): it holds the lock by then, and its fresh heartbeat must not
+    """The next attempt records it (begin_attempt): it holds the lease by then, and its fresh heartbeat must not
     stretch the killed attempt over the time the job waited in the queue."""
     import time
 
     from gpt.run_folder import RunFolder
     from launch.rank.job_env import JobEnvironment
     from launch.run.attempts import begin_attempt
-    from launch.run.lock import take
+    from launch.run.take_lease import take_lease
 
     folder = RunFolder(tmp_path)
     folder.metrics.mkdir(parents=True)
@@ -110,7 +110,7 @@ def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_th
     folder.attempts.mark({"job_id": None, "restart": 0, "started": started, "first_step": 0})
     folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 5 * s,
                                                           "step_time_s": 1.0}) + "\n" for s in range(1, 11)))
-    lease = take(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
+    lease = take_lease(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
     try:
         begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10, nodes=["here"])
     finally:

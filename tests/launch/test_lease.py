@@ -1,5 +1,5 @@
-"""The run folder's lease (gpt.resilience.lease, launch.run.lock) on real files and real processes: one writer at a
-time, a fresh beat always vetoes a take-over, and a displaced holder that wakes up stops without writing. The
+"""The run folder's lease (gpt.resilience.lease, launch.run.take_lease) on real files and real processes: one writer
+at a time, a fresh beat always vetoes a take-over, and a displaced holder that wakes up stops without writing. The
 scheduler's answer is a plain function here (the Slurm tests ask the real one)."""
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from gpt.errors import UserError
 from gpt.resilience.lease import Lease, generation, read_beat
 from helpers import REPO
 from launch.backends.slurm.commands import JobInfo, standing
-from launch.run.lock import check_free, take
+from launch.run.take_lease import check_free, take_lease
 
 # A holder in its own process: takes the lease (beating every 0.2 s), then writes a line into the folder every
 # 0.1 s, each behind the fence, until it is stopped.
@@ -25,9 +25,9 @@ HOLDER = """
 import sys, time
 from pathlib import Path
 from gpt.resilience.lease import fence, install_fence
-from launch.run.lock import take
+from launch.run.take_lease import take_lease
 run = Path(sys.argv[1])
-lease = take(run, sys.argv[2] or None, int(sys.argv[3]), stale_s=1)
+lease = take_lease(run, sys.argv[2] or None, int(sys.argv[3]), stale_s=1)
 lease.start(beat_s=0.2)
 install_fence(run, lease.generation)
 print(lease.generation, flush=True)
@@ -76,7 +76,7 @@ def test_a_fresh_beat_vetoes_a_take_over_even_from_the_same_job(tmp_path):
     try:
         started = time.monotonic()
         with pytest.raises(UserError, match=r"in use by another run \(job 7, restart 0, pid \d+ .*lease is beating"):
-            take(tmp_path, "7", 0, said("RUNNING"), stale_s=5)
+            take_lease(tmp_path, "7", 0, said("RUNNING"), stale_s=5)
         assert time.monotonic() - started < 2  # refused as soon as it beat, not after the stale time
         assert generation(tmp_path) == 1
     finally:
@@ -87,7 +87,7 @@ def test_a_frozen_holder_is_taken_over_and_stops_without_writing_when_it_wakes(t
     first = holder(tmp_path)
     os.kill(first.pid, signal.SIGSTOP)  # frozen for longer than the lease's stale time
     try:
-        lease = take(tmp_path, None, 0, stale_s=1)
+        lease = take_lease(tmp_path, None, 0, stale_s=1)
         taken = time.time()
         assert lease.generation == 2
     finally:
@@ -108,17 +108,30 @@ def test_a_killed_holder_on_this_host_is_taken_over_at_once(tmp_path):
     first = holder(tmp_path)
     stop(first)
     started = time.monotonic()
-    lease = take(tmp_path, None, 0, stale_s=30)
+    lease = take_lease(tmp_path, None, 0, stale_s=30)
     assert lease.generation == 2 and time.monotonic() - started < 2
     lease.release()
     assert read_beat(tmp_path).ended and check_free(tmp_path, None, 0, stale_s=30)[1] == "it ended"
 
 
 def test_an_unreadable_lease_fails_closed(tmp_path):
-    (tmp_path / "lock.json").write_text('{"job_id": "7", "heartbeat": 5}')  # not a lease
-    with pytest.raises(UserError, match=f"the run folder's lease {tmp_path / 'lock.json'} is not one"):
-        take(tmp_path, None, 0, stale_s=0.5)
+    (tmp_path / "lease.json").write_text('{"job_id": "7", "heartbeat": 5}')  # not a lease
+    with pytest.raises(UserError, match=f"the run folder's lease {tmp_path / 'lease.json'} is not one"):
+        take_lease(tmp_path, None, 0, stale_s=0.5)
     assert not (tmp_path / "lease").exists()
+
+
+def test_a_folder_from_before_the_beat_was_named_lease_json_keeps_its_holder(tmp_path):
+    """Earlier versions beat lock.json: its holder still refuses a second run, and the next taker beats lease.json
+    alone (the old file goes, so it cannot speak for the folder again)."""
+    Lease.take(tmp_path, 0, "41", 0)
+    (tmp_path / "lease.json").rename(tmp_path / "lock.json")
+    with pytest.raises(UserError, match="in use by another run .job 41, restart 0, .*job 41 is PENDING"):
+        take_lease(tmp_path, "42", 0, said("PENDING"), stale_s=0.5)
+    lease = take_lease(tmp_path, "42", 0, said("CANCELLED"), stale_s=30)
+    assert lease.generation == 2 and not (tmp_path / "lock.json").exists()
+    assert read_beat(tmp_path).job_id == "42"
+    lease.release()
 
 
 @pytest.mark.parametrize("state", ["PENDING", "SUSPENDED", "REQUEUED"])
@@ -126,22 +139,22 @@ def test_a_holder_whose_job_waits_or_is_suspended_keeps_the_folder(tmp_path, sta
     held = Lease.take(tmp_path, 0, "41", 0)  # beats no more: its job was suspended or sent back to the queue
     with pytest.raises(UserError, match=f"job 41, restart 0, .*: job 41 is {state}\\); wait for it to end or stop "
                                         r"it \(scancel 41\)"):
-        take(tmp_path, "42", 0, said(state), stale_s=0.5)
+        take_lease(tmp_path, "42", 0, said(state), stale_s=0.5)
     assert generation(tmp_path) == held.generation
 
 
 def test_an_ended_job_is_taken_over_at_once_and_an_earlier_attempt_yields_once_stale(tmp_path):
     Lease.take(tmp_path, 0, "41", 0)
     started = time.monotonic()
-    second = take(tmp_path, "42", 0, said("CANCELLED"), stale_s=30)
+    second = take_lease(tmp_path, "42", 0, said("CANCELLED"), stale_s=30)
     assert second.generation == 2 and time.monotonic() - started < 1
     second.release()
     Lease.take(tmp_path, 2, "43", 0)  # restart 0 of job 43, stale; restart 1 of the same job takes over
-    later = take(tmp_path, "43", 1, said("RUNNING"), stale_s=0.5)
+    later = take_lease(tmp_path, "43", 1, said("RUNNING"), stale_s=0.5)
     assert later.generation == 4
     try:
         with pytest.raises(UserError, match="restart 1 of this job runs it; this is restart 0"):
-            take(tmp_path, "43", 0, said("RUNNING"), stale_s=0.5)  # an orphan of the earlier attempt
+            take_lease(tmp_path, "43", 0, said("RUNNING"), stale_s=0.5)  # an orphan of the earlier attempt
     finally:
         later.release()
 
@@ -156,10 +169,10 @@ def test_taking_the_folder_asks_slurm_once_about_another_job_and_never_about_its
         asked.append(job)
         return "CANCELLED"
     Lease.take(tmp_path, 0, "41", 0)
-    take(tmp_path, "42", 0, state, stale_s=30).release()
+    take_lease(tmp_path, "42", 0, state, stale_s=30).release()
     assert asked == ["41"]
     Lease.take(tmp_path, 2, "43", 0)  # restart 0 of job 43, stale; restart 1 of the same job takes over
-    take(tmp_path, "43", 1, state, stale_s=0.5).release()
+    take_lease(tmp_path, "43", 1, state, stale_s=0.5).release()
     assert asked == ["41"]
 
 

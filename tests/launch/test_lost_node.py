@@ -20,7 +20,7 @@ DOWN = "n2 down (set down by a test)"
 
 def attempt_on(run_dir: Path, nodes: list[str], *overrides: str) -> Attempt:
     schema.save(schema.run_config(compose("cluster=srun", *overrides)), run_dir / "config.yaml")
-    return Attempt(run_dir, job=job_environment(), lock=object(), nodes=nodes)
+    return Attempt(run_dir, job=job_environment(), lease=object(), nodes=nodes)
 
 
 @pytest.fixture(autouse=True)
@@ -74,7 +74,7 @@ def test_only_rank_0_asks_the_scheduler(tmp_path, monkeypatch):
     """Rank 0 alone holds the run folder's lease; the other ranks never ask (thousands of calls at once)."""
     monkeypatch.setattr(commands, "lost_nodes", lambda nodelist: pytest.fail("asked the scheduler"))
     attempt = attempt_on(tmp_path, ["n1", "n2"], "cluster.spare_nodes=1")
-    attempt.lock = None
+    attempt.lease = None
     assert not lost_node.end_for_lost_node(attempt, max_restarts=5)
 
 

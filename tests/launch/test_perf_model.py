@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 
 from gpt.config.report import Network
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from launch.report.perf_model import (Shape, collectives, comm_volume, crosses_nodes, fit, nominal_comm_time,
                                      point_errors, scaled_shape)

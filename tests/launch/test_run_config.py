@@ -10,7 +10,7 @@ import pytest
 from hydra.errors import ConfigCompositionException
 
 from gpt.config.schema import RunConfig, field_at, run_config, valid_for
-from gpt.config.section import section, to_plain
+from gpt.config.parse import section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, StragglerConfig,
                                  WatchdogConfig)
 from gpt.errors import ConfigError

@@ -68,17 +68,17 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
         deadline = time.monotonic() + 120
         while not ((run / "checkpoints" / "step_00000010").exists() or time.monotonic() > deadline):
             time.sleep(0.2)
-        holder = json.loads((run / "lock.json").read_text())
+        holder = json.loads((run / "lease.json").read_text())
         second = launch(*slow, *data_overrides, run_dir=run, check=False)
         assert second.returncode == 2, second.stderr[-2000:]
         assert f"is in use by another run (pid {holder['pid']} on {holder['host']}" in second.stderr
-    finally:  # kill -9 of every process of the run: no save, no goodbye, the lock left behind
+    finally:  # kill -9 of every process of the run: no save, no goodbye, the lease left behind
         tree = [first.pid, *(c.pid for c in psutil.Process(first.pid).children(recursive=True))]
         for pid in tree:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         first.wait()
-    assert (run / "lock.json").exists()
+    assert (run / "lease.json").exists()
     relaunch = launch(*[o for o in slow if not o.startswith("debug.")], *data_overrides, run_dir=run)
     said = relaunch.stdout + relaunch.stderr
     assert "took over the run folder from pid" in said and "is gone" in said, said[-3000:]
@@ -89,7 +89,7 @@ def test_a_second_launch_is_refused_and_a_killed_holder_is_taken_over(tmp_path, 
     kept = killed["goodput"]
     assert kept["steps"] == killed["last_step"] and 0 < kept["train_s"] < kept["allocated_s"], killed
     assert not (run / "attempt.json").exists()
-    assert json.loads((run / "lock.json").read_text())["ended"]  # released at the end: the next run takes it at once
+    assert json.loads((run / "lease.json").read_text())["ended"]  # released at the end: the next run takes it at once
 
 
 @pytest.mark.slow
@@ -121,7 +121,7 @@ def test_every_rank_resumes_from_the_same_step(tmp_path, data_overrides):
 
 def test_a_zombie_holds_no_lock():
     """A rank killed after its launcher died lingers as a zombie until pid 1 reaps it: it is gone, not a holder."""
-    from launch.run.lock import _alive
+    from launch.run.take_lease import _alive
 
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     deadline = time.monotonic() + 30

@@ -13,7 +13,7 @@ from hydra.errors import ConfigCompositionException
 
 from gpt.config.cluster import BudgetConfig
 from gpt.config.schema import RunConfig, run_config
-from gpt.config.section import section
+from gpt.config.parse import section
 from gpt.errors import ConfigError, UserError
 from launch.planning.budget import PointCost, check_budget, table
 from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,

@@ -9,7 +9,7 @@ from gpt.config import schema
 from gpt.config.schema import run_config
 from helpers import REPO, compose
 from launch import snapshot
-from launch.run_state import read_state, run_folders
+from launch.run_status import read_status, run_folders
 
 
 def _git(root, *args):
@@ -74,8 +74,8 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
     (tmp_path / "configs" / "config.yaml").write_text("defaults: []\n")  # Hydra's, not a run
     (tmp_path / "again").symlink_to(tmp_path / "sweep")
     assert run_folders(tmp_path) == [run]
-    state = read_state(run, {})
-    assert (state.step, state.max_steps, state.attempts, state.goodput, state.verdict) == (3, 3, 1, 0.5, "finished")
+    status = read_status(run, {})
+    assert (status.step, status.max_steps, status.attempts, status.goodput, status.verdict) == (3, 3, 1, 0.5, "finished")
     proc = subprocess.run([sys.executable, "-m", "launch.status", str(tmp_path / "sweep")], capture_output=True,
                           text=True, cwd=REPO, env={"PATH": "/nonexistent"})  # no Slurm here: the files tell
     assert proc.returncode == 0, proc.stderr

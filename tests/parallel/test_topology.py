@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from helpers import compose, launch
 from gpt.config.model import ModelConfig
 from gpt.config.schema import run_config
-from gpt.config.section import to_plain
+from gpt.config.parse import to_plain
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.errors import ConfigError
 from gpt.parallel import plan_layout, traits

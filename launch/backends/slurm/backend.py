@@ -41,10 +41,10 @@ class SlurmBackend(Backend):
 
         return live_job(run_dir)
 
-    def submit_all(self, prepared, folder, out=sys.stdout):
+    def submit_all(self, planned, folder, out=sys.stdout):
         from launch.backends.slurm.submission import submit_jobs
 
-        return submit_jobs(prepared, folder, out)
+        return submit_jobs(planned, folder, out)
 
     def submit_report(self, sweep_dir, job_ids, resources, snapshot):
         return detached.submit_report_job(sweep_dir, job_ids, resources, snapshot)

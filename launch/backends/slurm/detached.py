@@ -11,7 +11,7 @@ from pathlib import Path
 
 from launch.backends.slurm import commands
 from launch.backends.slurm.submit import show_path
-from launch.run_state import REPORT_JOB
+from launch.run_status import REPORT_JOB
 from launch.snapshot import Snapshot
 
 REPORT_TIME_MIN = 10

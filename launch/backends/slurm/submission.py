@@ -16,8 +16,8 @@ from launch.backends.slurm import commands
 from launch.backends.slurm.commands import PENDING, RUNNING, SlurmUnavailable
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
 from launch.backends.slurm.script_jobs import script_job
-from launch.run_state import job_ids
-from launch.planning.prepared import Prepared
+from launch.run_status import job_ids
+from launch.planning.planned_run import PlannedRun
 from launch.snapshot import Snapshot, record_in, take, with_snapshot
 
 if TYPE_CHECKING:
@@ -58,9 +58,9 @@ def refuse_script_job(run_dir: Path, known: tuple[str, ...]) -> None:
                         f"cancel it (scancel {job.job_id}) and run this command again")
 
 
-def submit_jobs(prepared: list[Prepared], folder: Path, out=sys.stdout) -> tuple[list[Submitted], Snapshot | None]:
+def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tuple[list[Submitted], Snapshot | None]:
     """Every point's job, in the points' order: picked up when it is live, else submitted (one snapshot for all)."""
-    fresh = [p for p in prepared if p.live_job is None]
+    fresh = [p for p in planned if p.live_job is None]
     snapshot = None
     submitted: dict[int, Submitted] = {}
     if fresh:
@@ -83,22 +83,22 @@ def submit_jobs(prepared: list[Prepared], folder: Path, out=sys.stdout) -> tuple
         if not fresh[0].run.launcher.detach:  # detached, Slurm cancels the training jobs if a preparation fails
             for job in {j.job_id: j for j in preparations.values()}.values():
                 job.wait([submitted[id(p)].job_id for p in fresh if preparations.get(p.label) == job])
-    for p in prepared:
+    for p in planned:
         if p.live_job is not None:
             submitted[id(p)] = adopt(p)
             print(f"{p.label}: job {p.live_job}, submitted earlier, still runs or waits; waiting for it", file=out,
                   flush=True)
-    return [submitted[id(p)] for p in prepared], snapshot
+    return [submitted[id(p)] for p in planned], snapshot
 
 
-def preparation_points(fresh: list[Prepared]) -> list[Point]:
+def preparation_points(fresh: list[PlannedRun]) -> list[Point]:
     """The data preparation jobs that prepare_first would submit, as points of the budget (one per data.dir)."""
     by_dir = {p.plan.prepare_job.dir: p for p in fresh if p.plan.prepare_job is not None}
     return [Point(f"data preparation of {Path(d).name}", p.plan.run_dir, p.run.name,
                   preparation_resources(p.plan.prepare_job, p.resources)) for d, p in by_dir.items()]
 
 
-def prepare_first(fresh: list[Prepared], folder: Path, out=sys.stdout) -> dict[str, PreparationJob]:
+def prepare_first(fresh: list[PlannedRun], folder: Path, out=sys.stdout) -> dict[str, PreparationJob]:
     """Each point's data preparation job (data.prepare_on=job), by the point's label: one per data.dir."""
     jobs: dict[str, PreparationJob] = {}
     by_dir: dict[str, PreparationJob] = {}
@@ -111,7 +111,7 @@ def prepare_first(fresh: list[Prepared], folder: Path, out=sys.stdout) -> dict[s
     return jobs
 
 
-def adopt(p: Prepared) -> Submitted:
+def adopt(p: PlannedRun) -> Submitted:
     from launch.backends.slurm.submit import Submitted
 
     record = json.loads(RunFolder(p.plan.run_dir).slurm_job.read_text())

@@ -11,7 +11,7 @@ from launch.run.identity import Existing
 
 
 @dataclass
-class Prepared:
+class PlannedRun:
     """A validated, planned run: its resolved config is in plan.run_dir, nothing runs yet."""
 
     run: RunConfig

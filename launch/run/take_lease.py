@@ -2,7 +2,7 @@
 and beats it from a thread; a second run in the same folder is refused, naming the holder.
 
 A lease is taken over only when its holder has ended: its last beat says so, the scheduler says its job ended, a
-process of this host and pid namespace is gone, or its sequence number did not change for LOCK_STALE_S of this
+process of this host and pid namespace is gone, or its sequence number did not change for LEASE_STALE_S of this
 process's clock. A fresh beat always vetoes a take-over, whoever holds it (a second launch in one allocation has the
 holder's job id); a holder whose job is suspended or waits in the queue keeps the folder. A displaced holder that
 wakes up finds the later generation and stops (the fence).
@@ -17,7 +17,7 @@ from pathlib import Path
 
 from gpt.errors import UserError
 from gpt.resilience.lease import Beat, Lease, LeaseLost, generation, observe, read_beat
-from gpt.resilience.timing import LOCK_STALE_S
+from gpt.resilience.timing import LEASE_STALE_S
 from launch.backends.job_state import JobStanding, JobState
 
 log = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def _asking_once(job_state: AskJob, own_job: str | None) -> AskJob:
 
 
 def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: AskJob | None = None,
-               stale_s: float = LOCK_STALE_S, round_: int = 0) -> tuple[Beat, str] | None:
+               stale_s: float = LEASE_STALE_S, round_: int = 0) -> tuple[Beat, str] | None:
     """Refuse, naming the holder, while another run holds the folder; else the ended holder and why (None: the
     folder was never held). Watches a holder that may be alive for up to `stale_s`. An earlier in-job round of this
     job's attempt has ended: the task wrappers stop a round's ranks before they start the next."""
@@ -94,8 +94,8 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: AskJo
     return beat, f"its lease did not beat for {stale_s:.0f} s"
 
 
-def take(run_dir: Path, job_id: str | None, restart: int, job_state: AskJob | None = None,
-         stale_s: float = LOCK_STALE_S, round_: int = 0) -> Lease:
+def take_lease(run_dir: Path, job_id: str | None, restart: int, job_state: AskJob | None = None,
+         stale_s: float = LEASE_STALE_S, round_: int = 0) -> Lease:
     """Rank 0, before its first step: the next generation of the folder's lease, beating from a thread."""
     over = generation(run_dir)
     previous = check_free(run_dir, job_id, restart, job_state, stale_s, round_)

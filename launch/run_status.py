@@ -25,7 +25,7 @@ FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; 
 
 
 @dataclass(frozen=True)
-class RunState:
+class RunStatus:
     run_dir: Path
     job_ids: tuple[str, ...]
     state: JobState  # the state of its job in flight (else its last one)
@@ -90,7 +90,7 @@ def shown(infos: dict[str, JobStanding], job_id: str) -> str:
     return infos[job_id].shown if job_id in infos else JobState.GONE.name
 
 
-def read_state(run_dir: Path, infos: dict[str, JobStanding]) -> RunState:
+def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     ids = job_ids(run_dir)
     live = [infos[j] for j in ids if j in infos and not infos[j].state.over]
     current = live[0] if live else (infos.get(ids[-1]) if ids else None)
@@ -107,9 +107,9 @@ def read_state(run_dir: Path, infos: dict[str, JobStanding]) -> RunState:
     links = tuple(f"{j} {shown(infos, j)}" for j in ids) if len(ids) > 1 else ()
     in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
-    return RunState(run_dir, ids, state, current.shown if current else state.name, reason, step, max_steps, tokens,
-                    eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
-                    current.stuck if current else None)
+    return RunStatus(run_dir, ids, state, current.shown if current else state.name, reason, step, max_steps, tokens,
+                     eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
+                     current.stuck if current else None)
 
 
 def _max_steps(run_dir: Path) -> int | None:
