@@ -12,7 +12,9 @@ mid-save leaves the previous checkpoint loadable; the partial folder is never lo
 
 Checkpoints are ordered by when they were written, not by step: a run that resumed from an older checkpoint
 (its newest was unreadable) writes steps below the ones it abandoned, and those abandoned ones are older. The
-newest `keep` by write order are kept, and resume=auto takes the newest by write order.
+newest `keep` by write order are kept, and resume=auto takes the newest by write order. A checkpoint saved after the
+run diverged (divergence.policy=skip) says at which step in meta.json (`after_divergence`); the newest one from before
+that is kept whatever `keep` says.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 
 PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
+AFTER_DIVERGENCE = "after_divergence"  # meta.json: the step of the run's first divergence, in checkpoints saved after
 
 
 def is_whole(path: Path) -> bool:
@@ -87,6 +90,23 @@ def newest_sound(root: Path) -> tuple[Path | None, list[str]]:
             return path, broken
         broken.append(f"{path.name}: {problem}")
     return None, broken
+
+
+def before_divergence(checkpoints: list[Path]) -> Path | None:
+    """The newest of `checkpoints` (in write order) saved before the run's first divergence, when a later one says
+    it was saved after one: retention keeps it."""
+    marked = [_diverged_at(p) is not None for p in checkpoints]
+    if not any(marked):
+        return None
+    good = [p for p, m in zip(checkpoints, marked) if not m]
+    return good[-1] if good else None
+
+
+def _diverged_at(path: Path) -> int | None:
+    try:
+        return json.loads((path / META).read_text()).get(AFTER_DIVERGENCE)
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def read_meta(path: Path) -> dict[str, Any]:

@@ -23,8 +23,9 @@ from gpt.checkpoint.durable import fsync_path, fsync_tree, write_durably
 from gpt.checkpoint.safe_load import Refused, SafeReader, check_metadata, load_rank_state, warn_if_foreign
 from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, storage_error
 from gpt.checkpoint.staging import ShareStager, make_stager
-from gpt.checkpoint.store import (META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, is_complete, is_whole, list_checkpoints,
-                                  manifest, read_meta, resolve, save_index, step_of, verify)
+from gpt.checkpoint.store import (AFTER_DIVERGENCE, META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, before_divergence,
+                                  is_complete, is_whole, list_checkpoints, manifest, read_meta, resolve, save_index,
+                                  step_of, verify)
 from gpt.dist.process_group import all_true, from_rank0_object, gather_objects
 from gpt.errors import UserError, error_line
 from gpt.resilience.lease import fence
@@ -72,6 +73,13 @@ class Checkpointer:
         self.last_blocked_s = 0.0  # how long the last save() held up training
         self.stager: ShareStager | None = None  # created at the first asynchronous save, reused by the next
         self.staging_wait_s = 0.0  # in all: training waiting for staging copies, after save() returned
+        self.diverged_at: int | None = None  # the run's first divergence: later saves are marked with it
+
+    def diverged(self, step: int) -> None:
+        """The run diverged at `step` (gpt.train.divergence): saves from now on say so, and retention keeps the newest
+        checkpoint from before."""
+        if self.diverged_at is None:
+            self.diverged_at = step
 
     # --- saving -----------------------------------------------------------------------------------------
     def save(self, step: int, strategy, meta: dict[str, Any], rank_state: dict[str, Any] | None = None,
@@ -80,6 +88,8 @@ class Checkpointer:
         write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone."""
         start = time.perf_counter()
         self.wait()  # the previous asynchronous save first
+        if self.diverged_at is not None:
+            meta = {**meta, AFTER_DIVERGENCE: self.diverged_at}
         final = self.root / f"{PREFIX}{step:08d}"
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
         self._agreed(tmp, lambda: self._make_folder(tmp) if self.is_main else None)
@@ -220,11 +230,14 @@ class Checkpointer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
-        """Keep the newest `keep` by write order. The checkpoint this run resumed from is among them until a
-        newer one is complete, and the one just written is always kept."""
+        """Keep the newest `keep` by write order, and the newest from before a divergence. The checkpoint this run
+        resumed from is among them until a newer one is complete, and the one just written is always kept."""
         fence()
-        for old in list_checkpoints(self.root)[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        found = list_checkpoints(self.root)
+        pinned = before_divergence(found)
+        for old in found[: -self.keep]:
+            if old != pinned:
+                shutil.rmtree(old, ignore_errors=True)
         for partial in self.root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
             if self.pending is None or partial != self.pending.tmp:
                 log.info("removing %s, left incomplete by an earlier attempt", partial)
@@ -246,6 +259,7 @@ class Checkpointer:
         meta = read_meta(path)
         if accept is not None:
             accept(meta)
+        self.diverged_at = meta.get(AFTER_DIVERGENCE)  # a run resumed after a divergence goes on marking
         check_metadata(path)
         try:
             strategy.load_state(path)

@@ -19,6 +19,7 @@ from typing import Any
 
 from gpt.config.cluster import BudgetConfig, ClusterConfig
 from gpt.config.data import DataConfig
+from gpt.config.divergence import DivergenceConfig
 from gpt.config.evaluation import EvalConfig
 from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
@@ -59,6 +60,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks beside the validation loss
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
+    divergence: DivergenceConfig = field(default_factory=DivergenceConfig)  # a non-finite or spiking loss
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
     nodes: int = 1  # sweep it with -m nodes=1,2,4; the cluster section takes its node count from here

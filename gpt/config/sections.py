@@ -211,15 +211,20 @@ class DebugConfig:
     straggler_s: float = 0.0
     slow_node: int | None = None  # this node (its index in the job) is 3x slower in the health check, first attempt
     fill_disk_step: int | None = None  # rank 0 fills the run folder's file system before this step, first attempt
+    nan_at_step: int | None = None  # nan_rank's loss is NaN at this step (on a pipeline: a rank of the last stage)
+    nan_rank: int = 0
+    spike_at_step: int | None = None  # every rank's loss is multiplied by spike_factor at this step
+    spike_factor: float = 100.0
 
     def validate(self) -> None:
-        ranks = ("delay_rank", "unreadable_rank", "hang_rank", "kill_rank", "straggler_rank", "signal_rank")
+        ranks = ("delay_rank", "unreadable_rank", "hang_rank", "kill_rank", "straggler_rank", "signal_rank", "nan_rank")
         for key in ranks:
             at_least(f"debug.{key}", getattr(self, key), 0, "a rank (>= 0), or null", none_ok=True)
-        for key in ("save_sleep_step", "hang_step", "kill_step", "fill_disk_step"):
+        for key in ("save_sleep_step", "hang_step", "kill_step", "fill_disk_step", "nan_at_step", "spike_at_step"):
             at_least(f"debug.{key}", getattr(self, key), 0, "a step (>= 0), or null", none_ok=True)
         for key in ("delay_s", "save_sleep_s", "straggler_s"):
             at_least(f"debug.{key}", getattr(self, key), 0, "seconds >= 0")
+        at_least("debug.spike_factor", self.spike_factor, 0, "a factor >= 0")
         at_least("debug.slow_node", self.slow_node, 0, "a node index, or null", none_ok=True)
         for step in self.signal_steps:
             if isinstance(step, bool) or not isinstance(step, int) or step < 0:

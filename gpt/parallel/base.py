@@ -18,6 +18,7 @@ from torch import nn
 from gpt.checkpoint.safe_load import SafeReader
 from gpt.config.strategy import StrategyConfig
 from gpt.dist.process_group import DistEnv
+from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
 from gpt.train.optim import build_adamw
 from gpt.train.step_timer import PhaseClock
@@ -37,6 +38,7 @@ class StepResult:
     grad_norm: torch.Tensor  # global gradient norm before clipping
     layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
     clock: PhaseClock | None = None  # when forward+backward and the optimizer step ended
+    skipped: bool = False  # the update was left out: the global gradient norm was not finite (gpt.train.divergence)
 
 
 def plain(value: torch.Tensor) -> torch.Tensor:
@@ -90,6 +92,7 @@ class Strategy:
         self.layer_keys: list[str] = []  # the full model's layers, for per-layer gradient norms (set by the trainer)
         self.compile: Compile | None = None  # torch.compile in setup (train.compile; set by the trainer)
         self.attention_kernel = "math"  # the SDPA kernel the model's attention runs (set by the trainer)
+        self.loss_factor = 1.0  # test-only, this step's (debug.nan_at_step, spike_at_step; set by the trainer)
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -157,7 +160,7 @@ class Strategy:
             with self.sync_gradients(i == n_micro - 1), self.loss_context():
                 with self.autocast():
                     loss = self.model(x, y)[1]  # the logits not held through backward
-                loss = loss / n_micro
+                loss = spread_nonfinite(loss, self.loss_factor) / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += plain(loss.detach())
         clock.mark("fwd_bwd")
@@ -165,15 +168,23 @@ class Strategy:
             self.scaler.unscale_(self.optimizer)
         layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
-        self.before_update()
+        skip = self.skips_update(grad_norm)
+        if not skip:
+            self.before_update()
         if self.scaler:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:
+        elif not skip:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         clock.mark("optimizer")
-        return StepResult(total, grad_norm, layers, clock)
+        return StepResult(total, grad_norm, layers, clock, skip)
+
+    def skips_update(self, grad_norm: torch.Tensor) -> bool:
+        """Whether to leave this step's update out: its global gradient norm, the same on every rank, is not finite
+        (a non-finite loss on any rank makes it so: gpt.train.divergence). One host read per step. Under fp16 the
+        GradScaler decides instead: it skips the step and lowers its scale, as AMP does."""
+        return self.scaler is None and not bool(torch.isfinite(grad_norm))
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]

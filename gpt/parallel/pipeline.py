@@ -37,6 +37,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.model.flops import flops_per_token
+from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw
@@ -150,10 +151,14 @@ class Pipeline(Strategy):
         self.model = nn.ModuleList(self.stages[s] for s in ids)
         self.optimizer = self.optimizers[0]
         if self.schedule_name == "interleaved":
-            self.schedule = ScheduleInterleaved1F1B(schedule_stages, self.microbatches, loss_fn=loss_fn)
+            self.schedule = ScheduleInterleaved1F1B(schedule_stages, self.microbatches, loss_fn=self._loss)
         else:
-            self.schedule = SCHEDULES[self.schedule_name](schedule_stages[0], self.microbatches, loss_fn=loss_fn)
+            self.schedule = SCHEDULES[self.schedule_name](schedule_stages[0], self.microbatches, loss_fn=self._loss)
         self._tie_embeddings()
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The schedule's loss; a non-finite one spreads to the gradients (gpt.train.divergence)."""
+        return spread_nonfinite(loss_fn(logits, targets), self.loss_factor)
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
         if self.dp_kind == "fsdp":
@@ -223,12 +228,15 @@ class Pipeline(Strategy):
         clock.mark("fwd_bwd")
         layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
-        self.before_update()
+        skip = not bool(torch.isfinite(grad_norm))  # a non-finite loss made it so (no GradScaler here)
+        if not skip:
+            self.before_update()
         for optimizer in self.optimizers:
-            optimizer.step()
+            if not skip:
+                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         clock.mark("optimizer")
-        return StepResult(loss, grad_norm, layers, clock)
+        return StepResult(loss, grad_norm, layers, clock, skip)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dp_kind == "fsdp":

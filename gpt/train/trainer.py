@@ -27,6 +27,7 @@ from gpt.resilience.progress import PROGRESS
 from gpt.resilience.stragglers import StragglerMonitor
 from gpt.run_folder import RunFolder
 from gpt.train.build import build_strategy_and_model, model_config
+from gpt.train.divergence import DivergenceGuard
 from gpt.train.metrics import MetricsWriter
 from gpt.train.optim import lr_at
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
@@ -77,6 +78,7 @@ class Trainer:
                                          async_group=async_group, async_save=self.ckpt.async_save,
                                          before_commit=self.faults.before_commit)
         self.strategy.before_update = self.checkpointer.wait_staged
+        self.guard = DivergenceGuard(run.divergence, self.checkpointer, env.is_main)
         self.state = TrainState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
         self.step = self.first_step = 0
         self.saved_step: int | None = None
@@ -188,10 +190,14 @@ class Trainer:
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         self.faults.slow_device()  # test-only: a slow device lags inside the step, as a GPU's would
+        self.strategy.loss_factor = self.faults.loss_factor(self.step)  # test-only: 1 unless debug.* says
         result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
                                           layer_norms=log_now and t.layer_grad_norms)
         window.step_done(result.clock)
         values = self.reporter.record(self.step, result, lr) if log_now else None
+        self.guard.after_step(self.step, result.skipped)  # a skipped update: the step and its batches are spent
+        if values is not None:
+            self.guard.after_record(self.step, values["loss"])
         self.step += 1
         return values
 

@@ -30,6 +30,7 @@ from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.resilience.timing import ACTOR_WAIT_S, SCHEDULER_GRACE_S  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from gpt.resilience.watchdog import Watchdog, flight_recorder_env  # noqa: E402
+from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
 from gpt.run_folder import RunFolder  # noqa: E402
@@ -293,6 +294,10 @@ def main() -> None:
         log.error("%s", e)
         code = EXIT_USER
         _log_failure(attempt, str(e))
+    except Diverged as e:  # every rank at the same step; a failed run, not requeued
+        log.error("%s", e)
+        code = EXIT_FAILED
+        _log_failure(attempt, str(e), how="diverged")
     except BaseException as e:
         PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
         if run is not None and collective_failed(e):
@@ -312,7 +317,7 @@ def main() -> None:
     os._exit(code)
 
 
-def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False) -> None:
+def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False, how: str = "failed") -> None:
     """Rank 0 of an attempt that began (it holds the run's lease) says how it failed; one refused before that
     writes nothing into another run's log. A collective that failed under it (`peer_gone`) may mean a rank was
     killed: its task records the attempt (and requeues), so rank 0 gives it SCHEDULER_GRACE_S to do so first."""
@@ -325,7 +330,7 @@ def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False) -> Non
     if this_attempts_line(run_dir, job) is not None:  # a vanished rank's task wrote it
         return
     try:
-        log_attempt(run_dir, job, attempt.early_end(f"failed: {error_line(message, limit=300)}", with_startup=True))
+        log_attempt(run_dir, job, attempt.early_end(f"{how}: {error_line(message, limit=300)}", with_startup=True))
         end_attempt(run_dir, this_attempt(job))
     except OSError as e:
         log.warning("cannot write this attempt's line in %s: %s; the next attempt records it", run_dir, cause(e))
