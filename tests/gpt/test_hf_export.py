@@ -8,7 +8,7 @@ import dataclasses
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
 
 from helpers import SHAKESPEARE  # noqa: E402
 from gpt.config.model import load_preset  # noqa: E402

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-transformers = pytest.importorskip("transformers")
+import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
 
 from helpers import REPO, launch  # noqa: E402
 from gpt.checkpoint.writer import load_model  # noqa: E402
@@ -23,11 +23,9 @@ TRAIN = ["model=tiny", "train.max_steps=4", "train.warmup_steps=1", "train.lr=3e
          "train.eval_interval=0", "checkpoint.interval_steps=0"]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [f for f in FAMILIES if not FAMILIES[f][1].get("n_expert")])  # Mixtral: export only
 def test_an_exported_folder_imports_with_the_same_logits(family, tmp_path):
     model = trained_like(*FAMILIES[family][:1], **FAMILIES[family][1])
-    if model.cfg.n_expert:
-        pytest.skip("import covers GPT-2 and LLaMA folders; Mixtral is export only")
     hf_model(model, eot=None).save_pretrained(tmp_path)
     torch.manual_seed(1)
     fresh = GPT(model.cfg)  # model.bias=false takes GPT-2's zero biases

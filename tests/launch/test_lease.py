@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from gpt.errors import UserError
+from launch.backends.job_state import JobStanding, JobState
 from gpt.resilience.lease import Lease, generation, read_beat
 from helpers import REPO
 from launch.backends.slurm.commands import JobInfo, standing
@@ -167,7 +168,7 @@ def test_taking_the_folder_asks_slurm_once_about_another_job_and_never_about_its
 
     def state(job):
         asked.append(job)
-        return "CANCELLED"
+        return JobStanding(job, JobState.ENDED, "CANCELLED")
     Lease.take(tmp_path, 0, "41", 0)
     take_lease(tmp_path, "42", 0, state, stale_s=30).release()
     assert asked == ["41"]
