@@ -46,3 +46,12 @@ def compose(*overrides: str):
 
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         return hydra_compose("config", overrides=list(overrides))
+
+
+def plan(run_dir: Path, *overrides: str) -> Path:
+    """What `python -m launch OVERRIDES` plans into `run_dir` (its config.yaml, for a Trainer run in this process)."""
+    from gpt.config.schema import run_config
+    from launch.planning.plan import make_plan
+
+    make_plan(run_config(compose(*overrides)), run_dir)
+    return run_dir

@@ -10,7 +10,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from helpers import REPO, SHAKESPEARE, launch, read_metrics
+from helpers import REPO, SHAKESPEARE, launch, plan, read_metrics
 from gpt.checkpoint.store import AFTER_DIVERGENCE, list_checkpoints, read_meta, step_of
 from gpt.config import schema
 from gpt.config.schema import run_config
@@ -18,7 +18,6 @@ from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.train.divergence import Diverged, spread_nonfinite
 from gpt.train.trainer import Trainer
-from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=10", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", f"data.text_path={SHAKESPEARE}", "checkpoint.interval_steps=2"]
@@ -29,10 +28,7 @@ def train(tmp_path_factory):
     prepared = tmp_path_factory.getbasetemp() / "divergence-data"
 
     def run(*overrides: str):
-        run_dir = tmp_path_factory.mktemp("run")
-        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(run_config(cfg), run_dir)
+        run_dir = plan(tmp_path_factory.mktemp("run"), *BASE, f"data.dir={prepared}", *overrides)
         return run_dir, lambda: Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
 
     return run

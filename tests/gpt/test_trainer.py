@@ -6,9 +6,8 @@ import weakref
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 
-from helpers import REPO, SHAKESPEARE, losses, read_metrics
+from helpers import SHAKESPEARE, losses, plan, read_metrics
 from gpt.config.model import ModelConfig
 from gpt.dist.process_group import DistEnv
 from gpt.model.transformer import GPT
@@ -16,8 +15,6 @@ from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
 from gpt.train.trainer import Trainer
 from gpt.config import schema
-from gpt.config.schema import run_config
-from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}"]
@@ -28,10 +25,7 @@ def train(tmp_path_factory):
     prepared = tmp_path_factory.getbasetemp() / "trainer-data"
 
     def run(*overrides: str):
-        run_dir = tmp_path_factory.mktemp("run")
-        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(run_config(cfg), run_dir)
+        run_dir = plan(tmp_path_factory.mktemp("run"), *BASE, f"data.dir={prepared}", *overrides)
         summary = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
         return run_dir, summary
 
