@@ -8,9 +8,9 @@ SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
 ARGS ?=
 # Test workers (pytest-xdist), each with a local Slurm cluster of its own: instances BASE..BASE+WORKERS-1 of
 # slurm/local_cluster.sh (BASE: GPTLAUNCH_CLUSTER_INSTANCE, default 0, the cluster a user starts by hand). The
-# slurm tests mostly wait on the scheduler: two workers keep to them and a third overlaps their waiting with the
+# slurm tests mostly wait on the scheduler: three workers keep to them and a fourth overlaps their waiting with the
 # CPU-bound tests (tests/scheduling.py).
-WORKERS ?= 3
+WORKERS ?= 4
 INSTANCES = $(shell seq $${GPTLAUNCH_CLUSTER_INSTANCE:-0} $$(( $${GPTLAUNCH_CLUSTER_INSTANCE:-0} + $(WORKERS) - 1 )))
 # The main command: a small sweep on this machine (1 and 2 ranks of the default model) that trains,
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
@@ -61,9 +61,9 @@ test: setup data lint cluster
 	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
 # The quick slice a contributor runs before a commit: no Slurm, no training through `python -m launch` (such a test
-# is marked slow: tests/slow_marks.py); one worker per core of this 2-core machine.
+# is marked slow: tests/slow_marks.py). Four workers on 2 cores: many of these tests wait on a subprocess or a timer.
 test-fast: setup data
-	$(BIN)/python -m pytest -n 2 -m "not slow and not slurm" $(ARGS)
+	$(BIN)/python -m pytest -n 4 -m "not slow and not slurm" $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe

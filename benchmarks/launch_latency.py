@@ -36,10 +36,9 @@ TINY = ["model=tiny", "strategy=ddp", "train.max_steps=3", "train.warmup_steps=1
 def cluster_env() -> dict[str, str]:
     env = dict(os.environ)
     out = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "env"], capture_output=True, text=True)
-    for line in out.stdout.splitlines():  # export SLURM_CONF=...; export PATH=.../slurm/bin:"$PATH"
+    for line in out.stdout.splitlines():  # export SLURM_CONF=...
         if line.startswith("export SLURM_CONF="):
             env["SLURM_CONF"] = line.split("=", 1)[1].strip('"')
-    env["PATH"] = f"{REPO / 'slurm' / 'bin'}:{env['PATH']}"
     return env
 
 

@@ -21,7 +21,8 @@ from benchmarks.common import compose_config, save_results  # noqa: E402
 from gpt.config import schema  # noqa: E402
 from gpt.dist.process_group import DistEnv  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
-from gpt.train.optim import build_adamw, lr_at  # noqa: E402
+from gpt.train.optim import build_adamw  # noqa: E402
+from gpt.train.schedule import lr_at  # noqa: E402
 from gpt.train.step_timer import StepTimer  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
 from launch.planning.plan import make_plan  # noqa: E402
@@ -49,7 +50,7 @@ def main() -> None:
 
     def bare_step(step: int) -> None:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+            group["lr"] = lr_at(step, t)
         x, y = trainer.batches.get(step, 0)
         _, loss = model(x, y)
         loss.backward()

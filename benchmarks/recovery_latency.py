@@ -1,6 +1,7 @@
 """Recovery latency on the local Slurm cluster: from a rank's death to the first training step after it, for
 (a) a requeue (preemption.in_job_restarts=0), (b) an in-job restart on the same nodes, (c) an in-job restart onto a
-spare node (cluster.spare_nodes=1; the dead rank's node is set down as it dies). A 2-node tiny job each time.
+spare node (cluster.spare_nodes=1; the dead rank's node is set down as it dies). A 2-node tiny job each time, with
+the standby rank that GPU ranks have (preemption.standby_rank=true: this cluster's ranks are on CPUs).
 
     slurm/local_cluster.sh up 4                       # as root, once
     python benchmarks/recovery_latency.py             # prints a table, writes benchmarks/results/recovery_latency.json
@@ -30,6 +31,7 @@ from benchmarks.launch_latency import REQUEUE_RUN, attempts, cluster_env, wait_f
 
 CASES = {"requeue": ["preemption.in_job_restarts=0"], "in-job, same nodes": [],
          "in-job, onto a spare": ["cluster.spare_nodes=1"]}
+STANDBY = ["preemption.standby_rank=true"]
 
 
 def first_step_after(run_dir: Path, since: float, timeout: float = 300,
@@ -73,7 +75,7 @@ def measure(case: str, data: list[str], env: dict[str, str]) -> dict[str, float]
     # the ranks of a cancelled job may still write into the run folder as it is removed
     with tempfile.TemporaryDirectory(prefix="recovery-", ignore_cleanup_errors=True) as tmp:
         run_dir = Path(tmp) / "run"
-        cmd = [sys.executable, "-m", "launch", *REQUEUE_RUN, *CASES[case], *data, f"hydra.run.dir={run_dir}"]
+        cmd = [sys.executable, "-m", "launch", *REQUEUE_RUN, *STANDBY, *CASES[case], *data, f"hydra.run.dir={run_dir}"]
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         job, node = None, None
         try:

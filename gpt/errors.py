@@ -4,7 +4,7 @@
 EXIT_FAILED = 1     # a run that was started failed
 EXIT_USER = 2       # a user error, caught before anything ran
 EXIT_PREEMPTED = 3  # a rank saved a checkpoint after a signal and the job was not requeued: run again to resume
-EXIT_HANG = 4       # a rank's watchdog saw no progress (RUN_DIR/hang-N.txt says where) and the job was not requeued
+EXIT_HANG = 4       # a rank's watchdog saw no progress (RUN_DIR/hang-*.txt says where) and the job was not requeued
 EXIT_INTERRUPTED = 130  # Ctrl-C twice: stopped at once (128 + SIGINT, as a shell reports it)
 
 

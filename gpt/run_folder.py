@@ -13,12 +13,15 @@ rank, a task wrapper and the report all find the files here.
     rounds/<attempt>/round-<K>.json   the request for in-job round K of a job's attempt (launch.run.rounds)
     summary.json          rank 0's summary of a finished run
     slurm_job.json        the Slurm job that runs it, written at submission
+    job.json              the scheduler's job its ranks run in, as they see it, on every path (launch.run.job_record)
+    cancel.json           the jobs launch.cancel stops: their ranks save and stop, not requeue (launch.run.job_record)
     code.json             the code snapshot its newest submission runs: path, commit, dirty (launch.snapshot)
     logs/rank<R>.log      each rank's log
     environment/rank<R>.json, environment/rendezvous.json    where and how each rank ran
     metrics/rank<R>.jsonl, tensorboard/rank<R>/              per-rank metrics
     watchdog/node-<H>.json   the heartbeats of host H's ranks (gpt.resilience.node_heartbeat)
     watchdog/rank<R>.json each rank's last heartbeat once it ended (gpt.resilience.heartbeat)
+    watchdog/node-secret  the run's secret (mode 0600): part of its nodes' folder names in memory
     hang-<N>.json, hang-<N>.txt, hang-<N>-flight-recorder-rank<R>.pkl   the hang report of attempt N
     nccl-flight-recorder-rank<R>    NCCL's own dump when it times out
     health-<N>.json, health/    the health checks of attempt N, and their storage probe's files
@@ -72,6 +75,14 @@ class RunFolder:
     @property
     def slurm_job(self) -> Path:
         return self.path / "slurm_job.json"
+
+    @property
+    def job(self) -> Path:
+        return self.path / "job.json"
+
+    @property
+    def cancel_request(self) -> Path:
+        return self.path / "cancel.json"
 
     @property
     def code(self) -> Path:
@@ -137,23 +148,28 @@ class RunFolder:
     def node_heartbeat(self, host: str) -> Path:
         return self.watchdog / f"node-{host}.json"
 
-    def attempt_claim(self, job_id: str | None, restart: int, round_: int = 0) -> Path:
+    @property
+    def node_secret(self) -> Path:
+        return self.watchdog / "node-secret"
+
+    def attempt_claim(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> Path:
         """Taken (created exclusively) by the one task that records how an attempt ended for its aborted peers."""
-        return self.watchdog / f"claim-{job_id}-{restart}{AttemptsLog.round_suffix(round_)}"
+        return self.watchdog / f"claim-{job_id}-{restart}{AttemptsLog.round_suffix(round_, launch)}"
 
     @property
     def rounds(self) -> Path:
         """The in-job restarts' requests, one file per round of a job's attempt (launch.run.rounds)."""
         return self.path / "rounds"
 
-    def hang_report(self, attempt: int) -> tuple[Path, Path]:
-        """Attempt `attempt`'s hang report: (the record, the text a person reads)."""
+    def hang_report(self, attempt: str | int) -> tuple[Path, Path]:
+        """The hang report of the attempt named `attempt` (launch.run.attempts.hang_report_name): (the record, the
+        text a person reads)."""
         return self.path / f"hang-{attempt}.json", self.path / f"hang-{attempt}.txt"
 
     def hang_records(self) -> list[Path]:
         return list(self.path.glob("hang-*.json"))
 
-    def flight_recorder(self, attempt: int, rank: int) -> Path:
+    def flight_recorder(self, attempt: str | int, rank: int) -> Path:
         return self.path / f"hang-{attempt}-flight-recorder-rank{rank}.pkl"
 
     @property
@@ -172,6 +188,22 @@ class RunFolder:
     def health_probes(self) -> Path:
         """Where the storage check writes and reads back its files."""
         return self.path / "health"
+
+    @property
+    def profiles(self) -> Path:
+        """profile.*: the traces and memory snapshots, one folder per attempt (a requeue never overwrites them)."""
+        return self.path / "profiles"
+
+    def profile_trace(self, attempt: int, rank: int) -> Path:
+        """A rank's torch.profiler trace (Chrome trace JSON: Perfetto, TensorBoard's trace viewer)."""
+        return self.profiles / f"attempt-{attempt}" / f"rank{rank}.pt.trace.json"
+
+    def profile_traces(self) -> list[Path]:
+        return sorted(self.profiles.glob("attempt-*/rank*.pt.trace.json"))
+
+    def memory_snapshot(self, attempt: int, rank: int, why: str) -> Path:
+        """A rank's CUDA memory snapshot (pytorch.org/memory_viz), `why`: oom or steps."""
+        return self.profiles / f"attempt-{attempt}" / f"rank{rank}-memory-{why}.pickle"
 
     @property
     def checkpoints(self) -> Path:
@@ -211,10 +243,12 @@ class AttemptLine:
     job_id: str | None = None
     restart: int = 0
     round: int = 0  # the in-job round of the job's attempt (launch.run.rounds)
+    launch: str = ""  # which launch inside the job (several may share one allocation)
     time: float = 0.0  # when the line was written
     first_step: int | None = None
     last_step: int | None = None
-    ended: str = ""  # "finished", "hang", "preempted:SIGTERM", "node failure: ...", "excluded n1", "failed: ..."
+    ended: str = ""  # "finished", "hang", "preempted:SIGTERM", "preempted by another job (...)", "node failure: ...",
+    # "excluded n1", "failed: ..."
     requeued: bool = False  # the job asked the scheduler to run it again
     in_job_restart: int = 0  # the round it asked for inside the allocation (0: none)
     next_link: str | None = None  # the chain's job that continues the run
@@ -248,9 +282,9 @@ class AttemptLine:
     def finished(self) -> bool:
         return self.ended == "finished"
 
-    def of(self, job_id: str | None, restart: int, round_: int = 0) -> bool:
-        """Whether this is the line of that attempt (and round) of that job."""
-        return (self.job_id, self.restart, self.round) == (job_id, restart, round_)
+    def of(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> bool:
+        """Whether this is the line of that attempt (and round) of that job, by that launch inside it."""
+        return (self.job_id, self.restart, self.round, self.launch) == (job_id, restart, round_, launch)
 
 
 @dataclass(frozen=True)
@@ -264,17 +298,18 @@ class AttemptsLog:
     claims: Path
 
     @staticmethod
-    def key(job_id: str | None, restart: int, generation: int | None, round_: int = 0) -> str:
-        """An attempt's name: its job, restart and in-job round, or without a scheduler the run folder's lease
-        generation."""
+    def key(job_id: str | None, restart: int, generation: int | None, round_: int = 0, launch: str = "") -> str:
+        """An attempt's name: its job, restart, in-job round and launch inside the job, or without a scheduler the
+        run folder's lease generation."""
         if not job_id:
             return f"generation{generation}"
-        return f"job{job_id}-restart{restart}{AttemptsLog.round_suffix(round_)}"
+        return f"job{job_id}-restart{restart}{AttemptsLog.round_suffix(round_, launch)}"
 
     @staticmethod
-    def round_suffix(round_: int) -> str:
-        """Round 0 of a job's attempt is named as before in-job restarts existed."""
-        return f"-round{round_}" if round_ else ""
+    def round_suffix(round_: int, launch: str = "") -> str:
+        """Round 0 of a job's attempt is named as before in-job restarts existed, and the job's own launch (as
+        submitted) as before launches could share an allocation."""
+        return (f"-round{round_}" if round_ else "") + (f"-launch{launch}" if launch else "")
 
     def claim(self, key: str) -> bool:
         """Whether this process is the one that writes attempt `key`'s line (the first to ask, of any host)."""
@@ -290,12 +325,12 @@ class AttemptsLog:
         (self.claims / key).unlink(missing_ok=True)
 
     def append_once(self, key: str, job_id: str | None, restart: int, record: dict[str, Any],
-                    round_: int = 0) -> bool:
+                    round_: int = 0, launch: str = "") -> bool:
         """Attempt `key`'s line, unless another process claimed it; returns whether this one wrote it."""
         if not self.claim(key):
             return False
         try:
-            self.append(job_id, restart, record, round_)
+            self.append(job_id, restart, record, round_, launch)
         except OSError:
             self.unclaim(key)  # unwritten (a full disk): the next attempt records it
             raise
@@ -315,20 +350,21 @@ class AttemptsLog:
                 continue
         return out
 
-    def append(self, job_id: str | None, restart: int, record: dict[str, Any], round_: int = 0) -> None:
-        """The line of attempt `restart` (in-job round `round_`) of job `job_id` (None: no scheduler), stamped with
-        the time now."""
-        line = {"job_id": job_id, "restart": restart, **({"round": round_} if round_ else {}), "time": time.time(),
-                **record}
+    def append(self, job_id: str | None, restart: int, record: dict[str, Any], round_: int = 0,
+               launch: str = "") -> None:
+        """The line of attempt `restart` (in-job round `round_`, by `launch` inside the job) of job `job_id` (None:
+        no scheduler), stamped with the time now."""
+        line = {"job_id": job_id, "restart": restart, **({"round": round_} if round_ else {}),
+                **({"launch": launch} if launch else {}), "time": time.time(), **record}
         with open(self.log, "a") as f:
             f.write(json.dumps(line) + "\n")
 
-    def line_of(self, job_id: str | None, restart: int, round_: int = 0) -> AttemptLine | None:
-        """The newest line written for that attempt (and round) of that job, if any (never for a run without a job
-        id)."""
+    def line_of(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> AttemptLine | None:
+        """The newest line written for that attempt (and round, and launch) of that job, if any (never for a run
+        without a job id)."""
         if job_id is None:
             return None
-        mine = [a for a in self.read() if a.of(job_id, restart, round_)]
+        mine = [a for a in self.read() if a.of(job_id, restart, round_, launch)]
         return mine[-1] if mine else None
 
     def mark(self, record: dict[str, Any]) -> None:
@@ -345,5 +381,5 @@ class AttemptsLog:
         """Remove the mark of attempt `key`; a later attempt's mark stays."""
         mark = self.read_mark()
         if mark is not None and self.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"),
-                                         mark.get("round", 0)) == key:
+                                         mark.get("round", 0), mark.get("launch", "")) == key:
             self.in_flight.unlink(missing_ok=True)

@@ -23,9 +23,10 @@ from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import RunFolder
 from launch import hydra_errors
 from launch.run.attempts import requeued
-from launch.backends import RunFailed, backend_for
+from launch.backends import RunFailed, backend_for, scheduler
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
+from launch.run.job_record import CANCELLED, cancelled_by_user, record_job
 from launch.planning.plan import make_plan
 from launch.planning.planned_run import PlannedRun
 
@@ -46,15 +47,19 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
         raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
                           "without the launcher")
     checked, live = None, backend.live_job(run_dir)
+    # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
+    # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
+    job = job_environment()
     if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
-        job = job_environment()  # this process's own job, if any; the backend's scheduler knows the others
         checked = check_run_folder(run, run_dir, job,
-                                   lambda j: job.job_state(j) if job.job_id else backend.job_state(j))
+                                   lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
     budget = run.budget if backend.submits else None
     plan = make_plan(run, run_dir, live)
     if live is None:  # every check passed: the folder gets its records
         if checked is not None:
             checked.record(run_dir)
+            if not backend.submits:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)
+                record_job(run_dir, job)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
     return PlannedRun(run, plan, backend, resources, budget, checked and checked.existing, live)
 
@@ -85,12 +90,18 @@ def run(cfg: DictConfig) -> Path:
             backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
         [outcome] = backend.wait(submitted)
+        if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
+            return plan.run_dir
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
     else:
-        backend.run(plan)
-        if requeued(plan.run_dir, job_environment()):
+        job = backend.run(plan)  # the ranks' job environment: their launch's attempts lines
+        if requeued(plan.run_dir, job):
             log.info("requeued: this job runs again and continues %s from its newest checkpoint", plan.run_dir)
+            return plan.run_dir
+        if job.job_id and cancelled_by_user(plan.run_dir, job.job_id):
+            log.info("job %s %s; the same command continues %s from its newest checkpoint", job.job_id, CANCELLED,
+                     plan.run_dir)
             return plan.run_dir
     log.info("done. Run folder: %s\n  tensorboard --logdir %s\n  python -m gpt.generate %s", plan.run_dir,
              RunFolder(plan.run_dir).tensorboard, plan.run_dir)

@@ -1,8 +1,9 @@
 """`python -m launch.cancel RUN_OR_SWEEP [--now]`: stop a run's or a sweep's jobs, saving first.
 
 Without --now each running job gets the run's preemption signal (preemption.signals, USR2 by default), as a time
-limit's warning would: every rank saves at the same step and the job requeues itself; once it has left the
-running state (or after --wait-s) it is cancelled, pending jobs at once. The same launch command continues the
+limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
+cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
+cancelled, pending jobs at once. The same launch command continues the
 run from that checkpoint. --now cancels at once (the run continues from its newest earlier checkpoint). A sweep's
 report job is left to run: it builds the report of what was done. Torch-free: it runs on a login node.
 """
@@ -11,15 +12,17 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
 from launch.backends import scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
+from launch.run.job_record import cancelled_by_user, request_cancel
 from launch.run_status import ask_scheduler, job_ids, run_folders
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
-POLL_S = 1.0
+POLL_S = 0.5
 
 
 def preemption_signal(run_dir: Path) -> str:
@@ -37,17 +40,22 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     if not live:
         print(f"no job of {target} is pending or running", file=out)
         return 0
+    if theirs := sorted(j for j, i in live.items() if i.theirs):  # nothing is written, nothing signalled
+        print(f"error: job(s) {' '.join(theirs)} of {target} belong to another user: only they (or the scheduler's "
+              "administrator) can cancel them", file=sys.stderr)
+        return 2
     running = [j for j, i in live.items() if i.state != JobState.PENDING]
     first = sorted(set(live) - set(running)) if not now and running else []
     jobs = scheduler()
     try:
         jobs.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
         if not now and running:
-            for j in running:  # the steps only (not the batch shell): the ranks' handlers save and requeue
+            for j in running:  # the steps only (not the batch shell): the ranks' handlers save, and stop as asked
+                request_cancel(by_job[j], [j])
                 jobs.cancel([j], signal=preemption_signal(by_job[j]))
             print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint",
                   file=out, flush=True)
-            _wait_off_running(running, wait_s)
+            _wait_off_running(running, wait_s, lambda: all(cancelled_by_user(by_job[j], j) for j in running))
         jobs.cancel(sorted(set(live) - set(first)))
     except SchedulerUnavailable as e:
         print(f"error: {e}", file=sys.stderr)
@@ -57,10 +65,13 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     return 0
 
 
-def _wait_off_running(job_ids: list[str], wait_s: float) -> None:
-    """Until no job runs (each requeued itself after its save, or ended), at most wait_s."""
+def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], bool]) -> None:
+    """Until every job's ranks saved and stopped as cancelled (the cancel then ends the job as the scheduler's own
+    cancel would), or no job runs, at most wait_s."""
     deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
+        if saved():
+            return
         infos = ask_scheduler(job_ids)
         if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in infos.values()):
             return

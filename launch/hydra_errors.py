@@ -58,6 +58,8 @@ def user_error(e: Exception, overrides: Sequence[str]) -> UserError | None:
     from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
     cause = e.__cause__
+    if isinstance(e, UserError):  # ours, from a callback before the stock launcher submits (already one line)
+        return e
     if isinstance(e, MissingConfigException) and e.options:
         group, _, name = (e.missing_cfg_file or "").rpartition("/")
         where = SITE_PROFILES if group == "site" else f"configs/{group}/" if (CONFIGS / group).is_dir() else ""

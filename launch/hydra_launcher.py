@@ -119,9 +119,9 @@ def _collect(outcomes, jobs, points, returns) -> None:
     for (n, _), outcome in zip(jobs, outcomes):
         ret = points[n][3]
         ret.return_value = outcome.result
-        ret.status = JobStatus.COMPLETED if outcome.ok else JobStatus.FAILED
+        ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled else JobStatus.FAILED
         returns[n] = ret
-        if not outcome.ok:
+        if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure
             failed.append(outcome)
     if failed:
         ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
@@ -132,9 +132,10 @@ def _collect(outcomes, jobs, points, returns) -> None:
 
 def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
     """Return once the scheduler accepted every job: a dependency job builds the report after them."""
-    ids, backend = [s.job_id for s in submitted], jobs[0][1].backend
+    # packed points (launcher.pack) share their job: each id once
+    ids, backend = list(dict.fromkeys(s.job_id for s in submitted)), jobs[0][1].backend
     report = backend.submit_report(sweep_dir, ids, jobs[0][1].resources, snapshot)
-    backend.print_follow_up(sweep_dir, [j for s in submitted for j in s.job_ids], report)
+    backend.print_follow_up(sweep_dir, list(dict.fromkeys(j for s in submitted for j in s.job_ids)), report)
     for (n, _), s in zip(jobs, submitted):
         ret = points[n][3]
         ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED

@@ -1,7 +1,8 @@
 """Where a submitted run stands, from its run folder and one question to the scheduler: for launch.status and
 launch.list, which run on a login node without the launcher that submitted the jobs. Torch-free.
 
-A run's jobs are those its slurm_job.json names (a chain's links too); a sweep folder's runs are the run folders
+A run's jobs are those its slurm_job.json names (a chain's links too) and the one its ranks recorded from inside
+(job.json: launch.run.job_record); a sweep folder's runs are the run folders
 below it, and its report job is named in report_job.json.
 """
 from __future__ import annotations
@@ -15,13 +16,15 @@ from typing import Any
 from gpt.config import schema
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
-from gpt.run_folder import NOT_RUNS, RunFolder
+from gpt.run_folder import NOT_RUNS, AttemptLine, Next, RunFolder
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import ran_on
+from launch.run.job_record import cancelled_by_user, recorded_job
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
+CANCELLED = "cancelled by the user"  # a verdict too: launch.status exits 0 for it
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,10 @@ class RunStatus:
     links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
     in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.run.rounds): cause, step, spare
     stuck: str | None = None  # it waits and will not start by itself: what the user can do
+    cancelled: bool = False  # its job was cancelled (scancel, launch.cancel), or its last attempt says so
+    # its job lives on (an allocation: salloc), but the run's newest attempt in it ended for good, and no launch
+    # started in it since (ended_in)
+    ended_in_job: bool = False
 
     @property
     def finished(self) -> bool:
@@ -48,9 +55,10 @@ class RunStatus:
 
     @property
     def verdict(self) -> str:
-        if self.state.live:
+        summary = RunFolder(self.run_dir).summary.is_file()
+        if self.state.live and not self.ended_in_job and not (self.finished and summary):
             return WAITING
-        return FINISHED if self.finished or RunFolder(self.run_dir).summary.is_file() else FAILED
+        return FINISHED if self.finished or summary else CANCELLED if self.cancelled else FAILED
 
 
 def run_folders(target: Path, depth: int = 4) -> list[Path]:
@@ -69,12 +77,19 @@ def run_folders(target: Path, depth: int = 4) -> list[Path]:
 
 
 def job_ids(run_dir: Path) -> tuple[str, ...]:
-    """The jobs of the run's newest submission, oldest first (a chain has several)."""
+    """The run's jobs, oldest first: its newest submission's (a chain has several), and the job its ranks recorded
+    from inside (`sbatch slurm/multi_node.sh`, a stock launcher, `salloc`), placed by when each was written."""
+    submitted: tuple[str, ...] = ()
+    path = RunFolder(run_dir).slurm_job
     try:
-        record = json.loads(RunFolder(run_dir).slurm_job.read_text())
-    except (OSError, ValueError):
-        return ()
-    return tuple(record.get("chain") or [record["job_id"]])
+        record = json.loads(path.read_text())
+        submitted, when = tuple(record.get("chain") or [record["job_id"]]), path.stat().st_mtime
+    except (OSError, ValueError, KeyError, TypeError):
+        when = 0.0
+    inside, recorded = recorded_job(run_dir)
+    if inside is None or inside in submitted:
+        return submitted
+    return (*submitted, inside) if recorded >= when else (inside, *submitted)
 
 
 def ask_scheduler(ids: list[str]) -> dict[str, JobStanding]:
@@ -87,7 +102,7 @@ def ask_scheduler(ids: list[str]) -> dict[str, JobStanding]:
 
 
 def shown(infos: dict[str, JobStanding], job_id: str) -> str:
-    return infos[job_id].shown if job_id in infos else JobState.GONE.name
+    return infos[job_id].label if job_id in infos else JobState.GONE.name
 
 
 def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
@@ -107,9 +122,21 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     links = tuple(f"{j} {shown(infos, j)}" for j in ids) if len(ids) > 1 else ()
     in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
-    return RunStatus(run_dir, ids, state, current.shown if current else state.name, reason, step, max_steps, tokens,
+    cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
+    return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
-                     current.stuck if current else None)
+                     current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts))
+
+
+def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:
+    """Whether the run's newest attempt ran in `job`, still live, and ended with nothing to follow (failed, stopped,
+    cancelled), after the newest launch in that job recorded itself (job.json: every launch in an allocation does,
+    at its start and at each attempt's)."""
+    if job is None or not job.state.live or not attempts:
+        return False
+    last = attempts[-1]
+    recorded, when = recorded_job(run_dir)
+    return last.job_id == job.job_id == recorded and last.next is Next.STOP and last.time >= when
 
 
 def _max_steps(run_dir: Path) -> int | None:

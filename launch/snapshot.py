@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import subprocess
 import time
@@ -33,8 +34,10 @@ class Snapshot:
     dirty: bool  # uncommitted changes (or files git does not know yet) went into it
 
     def setup_lines(self) -> tuple[str, ...]:
-        """Batch-script lines that make every process of the job import the snapshot."""
-        return (f"export PYTHONPATH={self.path}${{PYTHONPATH:+:$PYTHONPATH}}", "export PYTHONSAFEPATH=1")
+        """Batch-script lines that make every process of the job import the snapshot (its path quoted: a space would
+        split it, and the job would import whatever else is on the path; a `$(...)` in a run name would run)."""
+        return (f'export PYTHONPATH={shlex.quote(str(self.path))}"${{PYTHONPATH:+:$PYTHONPATH}}"',
+                "export PYTHONSAFEPATH=1")
 
     def record(self) -> dict:
         return {**asdict(self), "path": str(self.path)}

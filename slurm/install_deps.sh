@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Install what slurm/local_cluster.sh needs on Debian 12 (run as root, no stdin needed).
+# Install what slurm/local_cluster.sh needs on Debian 12 (run as root, no stdin needed): Slurm, munge, and
+# slurmdbd with MariaDB for accounting (no service is started: local_cluster.sh starts its own daemons).
 # Idempotent: exits 0 at once when everything is already there; runs `apt-get update` only when the
 # package lists are missing or too stale to install from.
 set -euo pipefail
@@ -10,6 +11,8 @@ declare -A NEED=(
   [sinfo]=slurm-client [scontrol]=slurm-client [munged]=munge [ip]=iproute2
   [nsenter]=util-linux [unshare]=util-linux [setsid]=util-linux [runuser]=util-linux [flock]=util-linux
   [hostname]=hostname [awk]=mawk
+  [slurmdbd]=slurmdbd [sacct]=slurm-client [sacctmgr]=slurm-client
+  [mariadbd]=mariadb-server [mariadb]=mariadb-client [mariadb-install-db]=mariadb-server
 )
 # Everything is looked up in sbin too: a root shell on a fresh machine may not have it on PATH.
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
@@ -19,7 +22,7 @@ for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install_deps: slurm, munge and iproute2 already installed"
+  echo "install_deps: slurm, slurmdbd, mariadb, munge and iproute2 already installed"
   exit 0
 fi
 echo "install_deps: missing: ${missing[*]}"
@@ -35,7 +38,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 APT_OPTS=(-y -q -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-PKGS=(slurm-wlm munge iproute2 util-linux hostname mawk)
+PKGS=(slurm-wlm slurmdbd mariadb-server munge iproute2 util-linux hostname mawk)
 
 have_lists() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 install() { apt-get install "${APT_OPTS[@]}" --no-install-recommends "${PKGS[@]}" </dev/null >/tmp/gl-install-deps.log 2>&1; }

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # A real multi-node Slurm cluster on this one machine, for tests and CI (root, Debian 12).
 #
-#   slurm/local_cluster.sh up [N]   start N nodes (default 4); idempotent; cleans a crashed cluster first
-#                                   (N above 8: light nodes for a large simulated cluster, see light_shape)
+#   slurm/local_cluster.sh up [N] [--no-accounting]
+#                                   start N nodes (default 4); idempotent; cleans a crashed cluster first
+#                                   (N above 8: light nodes for a large simulated cluster, see light_shape);
+#                                   with accounting (slurmdbd on a private MariaDB, so `sacct` answers) unless
+#                                   --no-accounting or GL_ACCOUNTING=0 (a cluster without slurmdbd, as some sites)
 #   slurm/local_cluster.sh down     stop everything, remove namespaces, veths and bridge; idempotent
 #   slurm/local_cluster.sh down --all   the same for every instance that has a folder beside this one
 #   slurm/local_cluster.sh status   sinfo and daemon liveness; exit 0 if up, 1 if not
@@ -11,7 +14,7 @@
 #   slurm/local_cluster.sh start-node gl-nI   start that node's slurmd again if it is not running (tests that
 #                                   kill one to play a lost node)
 #
-# Layout: slurmctld (and munged) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
+# Layout: slurmctld (and munged, slurmdbd, mariadbd) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
 # namespace) that names the controller and every node.  All client commands run on the host with
 # SLURM_CONF pointing at the generated config.  Each node has GL_CPUS_PER_NODE CPUs (4) and GL_GPUS_PER_NODE GPUs
@@ -22,7 +25,7 @@
 #
 # Instances: GPTLAUNCH_CLUSTER_INSTANCE=K (1..99; default 0, the cluster above) selects another cluster that
 # runs beside the others, with nothing in common: bridge gl-brK, nodes glK-n<i>, veths glK-v<i>, subnet
-# 10.77.K.0/24, its own ports, munged and folder ($GPTLAUNCH_CLUSTER_DIR-K).  Parallel test workers each
+# 10.77.K.0/24, its own ports, munged, database and folder ($GPTLAUNCH_CLUSTER_DIR-K).  Parallel test workers each
 # use their own.  Every command acts on the selected instance only, except `down --all`.
 set -euo pipefail
 umask 077  # the cluster's state, keys and logs are root's alone (jobs and tests run as root here)
@@ -54,6 +57,11 @@ STATE_FILE="$CDIR/cluster.env"
 # listens on every address of the host).
 CTL_PORT=$((6917 + 2 * INSTANCE))
 SLURMD_PORT=$((CTL_PORT + 1))
+# Accounting: slurmdbd and its MariaDB, two more ports per instance above every instance's slurmctld ports (7115).
+DBD_PORT=$((7119 + 2 * INSTANCE))
+DB_PORT=$((DBD_PORT + 1))
+# MariaDB's empty data folder, made once per machine by mariadb-install-db (4-7 s) and copied by every start.
+DB_TEMPLATE="$BASE_DIR-mariadb/db"
 # More CPUs than this machine has (SlurmdParameters=config_overrides): a GPU job can then ask for 2 tasks per
 # node with --cpus-per-task=2, as GPU ranks do.  Jobs that ask for nothing still get 1 CPU per task.
 CPUS_PER_NODE="${GL_CPUS_PER_NODE:-4}"
@@ -61,6 +69,9 @@ CPUS_PER_NODE="${GL_CPUS_PER_NODE:-4}"
 # cluster; the "GPUs" are character devices made in the cluster's folder (nothing runs CUDA on them).
 GPUS_PER_NODE="${GL_GPUS_PER_NODE:-2}"
 UP_TIMEOUT="${GL_UP_TIMEOUT:-60}"
+# Seconds a preempted job of the low tiers has between Slurm's SIGTERM and its kill (docs/slurm.md: above the
+# measured save time).
+GRACE_S="${GL_GRACE_S:-20}"
 REAL_MEMORY=8000
 # A large simulated cluster (`up N` with N above GL_LIGHT_ABOVE, 8): light nodes, so that tens of slurmd fit on
 # one small machine: 2 CPUs and 512 MB declared, 1 fake GPU, slurmd logging errors only, and glibc limited to
@@ -81,6 +92,7 @@ SLURMD_DEBUG=info
 # root; munge costs one daemon and ~0.1 s.  The socket lives in /run (short path: unix sockets are limited
 # to 108 bytes, and munged insists on root- or munge-owned, non-world-writable directories).
 MUNGE_DIR="/run/gptlaunch-munge-$(printf '%s' "$CDIR" | cksum | cut -d' ' -f1)"
+DB_SOCKET="$MUNGE_DIR/mysqld.sock"  # MariaDB's socket: a short path too (a path under $CDIR may exceed 108 bytes)
 export PATH="$PATH:/usr/local/sbin:/usr/sbin:/sbin"
 export SLURM_CONF="$CONF"
 
@@ -148,11 +160,18 @@ trusted() {  # trusted PATH...: each owned by us and writable by neither group n
     [ "$(stat -c %u "$p")" = "$(id -u)" ] && [ $((0$(stat -c %a "$p") & 022)) -eq 0 ] || return 1
   done
 }
-nodes_from_state() {
+nodes_from_state() {  # the node count of the running cluster (0 if none)
   [ -f "$STATE_FILE" ] || { echo 0; return; }
   trusted "$CDIR" "$STATE_FILE" ||
     die "$STATE_FILE: not sourced: it and $CDIR must be owned by $(id -un) and writable by no one else"
   . "$STATE_FILE" && echo "${NODES:-0}"
+}
+ACCOUNTING="${GL_ACCOUNTING:-1}"
+[[ "$ACCOUNTING" =~ ^[01]$ ]] || die "GL_ACCOUNTING must be 0 or 1, got '$ACCOUNTING'"
+accounting_from_state() {  # ACCOUNTING of the running cluster (1 when unknown)
+  ACCOUNTING=1
+  [ -f "$STATE_FILE" ] && trusted "$CDIR" "$STATE_FILE" && ACCOUNTING="$(. "$STATE_FILE" && echo "${ACCOUNTING:-1}")"
+  return 0
 }
 
 # --- iptables: with br_netfilter loaded and a FORWARD policy of DROP (Docker sets one), traffic between
@@ -173,6 +192,8 @@ fw_close() {
 do_down() {
   local ns pid nodepids=() nspids=() link
   stop_pids slurmctld "$(pidof_file "$CDIR/run/slurmctld.pid")"
+  stop_pids slurmdbd "$(pidof_file "$CDIR/run/slurmdbd.pid")" &  # in parallel with the nodes' stop
+  stop_pids mariadbd "$(pidof_file "$CDIR/run/mariadbd.pid")" &
   for f in "$CDIR"/run/slurmd-*.pid; do [ -e "$f" ] && nodepids+=("$(pidof_file "$f")"); done
   [ ${#nodepids[@]} -gt 0 ] && stop_pids slurmd "${nodepids[@]}"
   # Whatever still runs in a node (slurmstepd and job tasks outlive slurmd; their controller is gone):
@@ -190,6 +211,7 @@ do_down() {
     done
     for pid in "${nspids[@]}"; do running "$pid" && kill -KILL "$pid" 2>/dev/null || true; done
   fi
+  wait  # slurmdbd and mariadbd (munged stops last: slurmdbd needs it to the end)
   stop_pids munged "$(pidof_file "$MUNGE_DIR/munged.pid")"
   for ns in $(our_namespaces); do ip netns delete "$ns" 2>/dev/null || true; done
   for link in $(our_links); do ip link delete "$link" 2>/dev/null || true; done
@@ -204,6 +226,10 @@ is_up() {  # is_up N: every piece of an N-node cluster is alive
   [ "$n" -gt 0 ] || return 1
   alive "$(pidof_file "$MUNGE_DIR/munged.pid")" munged || return 1
   alive "$(pidof_file "$CDIR/run/slurmctld.pid")" slurmctld || return 1
+  if [ "$ACCOUNTING" = 1 ]; then
+    alive "$(pidof_file "$CDIR/run/mariadbd.pid")" mariadbd && alive "$(pidof_file "$CDIR/run/slurmdbd.pid")" slurmdbd ||
+      return 1
+  fi
   for i in $(seq "$n"); do
     alive "$(pidof_file "$CDIR/run/slurmd-$NS_PREFIX$i.pid")" slurmd || return 1
   done
@@ -211,6 +237,17 @@ is_up() {  # is_up N: every piece of an N-node cluster is alive
 anything_left() {
   [ -f "$STATE_FILE" ] || [ -n "$(our_namespaces)" ] || [ -n "$(our_links)" ] ||
     compgen -G "$CDIR/run/*.pid" >/dev/null || [ -e "$MUNGE_DIR" ]
+}
+
+accounting_conf() {  # slurm.conf's accounting lines
+  if [ "$ACCOUNTING" = 1 ]; then
+    printf '%s\n' "AccountingStorageType=accounting_storage/slurmdbd" "AccountingStorageHost=$CTL_ADDR" \
+      "AccountingStoragePort=$DBD_PORT" "AccountingStoragePass=$MUNGE_DIR/munge.socket"  # (munge's socket, for slurmdbd)
+  else  # no slurmdbd: sacct exits 1 ("Slurm accounting storage is disabled"); scontrol keeps jobs MinJobAge
+    echo "AccountingStorageType=accounting_storage/none"
+  fi
+  # No per-task usage sampling (jobacct_gather/linux reads /proc every 30 s): states, times and exit codes only.
+  echo "JobAcctGatherType=jobacct_gather/none"
 }
 
 write_conf() {
@@ -238,8 +275,7 @@ SlurmctldDebug=info
 SlurmdDebug=$SLURMD_DEBUG
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
+$(accounting_conf)
 JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
@@ -252,7 +288,7 @@ ReturnToService=2
 KillWait=5
 InactiveLimit=0
 Waittime=0
-# Finished jobs stay visible to scontrol (and so to slurm/bin/sacct) for an hour.
+# Finished jobs stay visible to scontrol for an hour (a cluster without accounting has nothing else).
 MinJobAge=3600
 SchedulerParameters=sched_interval=1,bf_interval=1
 MailProg=/bin/true
@@ -261,7 +297,17 @@ EOF
   for i in $(seq "$n"); do
     echo "NodeName=$NS_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) NodeHostname=$NS_PREFIX$i CPUs=$CPUS_PER_NODE Sockets=1 CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$REAL_MEMORY Gres=gpu:$GPUS_PER_NODE State=UNKNOWN" >> "$CONF"
   done
-  echo "PartitionName=debug Nodes=ALL Default=YES MaxTime=08:00:00 DefaultTime=01:00:00 State=UP" >> "$CONF"
+  cat >> "$CONF" <<EOF
+# Preemption as sites configure it: partitions on the same nodes in priority tiers. A job of \`urgent\` that needs
+# the nodes preempts the jobs of \`low\` (SIGTERM, GraceTime seconds, then killed and requeued by Slurm) and of
+# \`lowcancel\` (the same, then cancelled). Jobs of \`debug\`, the default, are never preempted.
+PreemptType=preempt/partition_prio
+PreemptMode=REQUEUE
+PartitionName=debug Nodes=ALL Default=YES MaxTime=08:00:00 DefaultTime=01:00:00 State=UP PriorityTier=1 PreemptMode=OFF
+PartitionName=low Nodes=ALL MaxTime=08:00:00 DefaultTime=01:00:00 State=UP PriorityTier=1 PreemptMode=REQUEUE GraceTime=$GRACE_S
+PartitionName=lowcancel Nodes=ALL MaxTime=08:00:00 DefaultTime=01:00:00 State=UP PriorityTier=1 PreemptMode=CANCEL GraceTime=$GRACE_S
+PartitionName=urgent Nodes=ALL MaxTime=08:00:00 DefaultTime=01:00:00 State=UP PriorityTier=10 PreemptMode=OFF
+EOF
 
   {
     echo "127.0.0.1 localhost"
@@ -303,6 +349,79 @@ start_munged() {
     --pid-file="$MUNGE_DIR/munged.pid" --seed-file="$MUNGE_DIR/munged.seed" \
     --log-file="$MUNGE_DIR/munged.log" </dev/null >>"$CDIR/log/munged.out" 2>&1 9>&- ||
     { cat "$MUNGE_DIR/munged.log" >&2 2>/dev/null; die "munged did not start"; }
+}
+
+# --- accounting: slurmdbd on a private MariaDB (facts: /work/shared/reference/slurm-preemption-and-accounting.md)
+db_template() {  # the empty data folder every start copies; made once, under a lock, moved into place whole
+  [ -d "$DB_TEMPLATE" ] && return 0
+  mkdir -p "${DB_TEMPLATE%/*}"
+  ( flock -w 120 8 || die "another start holds ${DB_TEMPLATE%/*}/.lock for over 120 s"
+    [ -d "$DB_TEMPLATE" ] && exit 0
+    rm -rf "$DB_TEMPLATE.tmp"
+    mariadb-install-db --user=root --datadir="$DB_TEMPLATE.tmp" --auth-root-authentication-method=normal \
+      --skip-test-db --skip-name-resolve >"$CDIR/log/mariadb-install.out" 2>&1 ||
+      { tail -n 20 "$CDIR/log/mariadb-install.out" >&2; die "mariadb-install-db failed"; }
+    mv "$DB_TEMPLATE.tmp" "$DB_TEMPLATE" ) 8>"${DB_TEMPLATE%/*}/.lock"
+}
+
+start_db() {  # mariadbd on 127.0.0.1:DB_PORT, as root (the cluster's folder is root's alone), data in $CDIR/db
+  db_template
+  rm -rf "$CDIR/db"
+  cp -a "$DB_TEMPLATE" "$CDIR/db"
+  # A test database: no durability (flushes), a small buffer pool; performance_schema off saves ~100 MB.
+  # mariadbd creates its files by UMASK and UMASK_DIR (0660, 0700), not the shell's umask: the folder is root's alone.
+  UMASK=0600 UMASK_DIR=0700 setsid mariadbd --no-defaults --user=root --datadir="$CDIR/db" --socket="$DB_SOCKET" \
+    --pid-file="$CDIR/run/mariadbd.pid" --bind-address=127.0.0.1 --port="$DB_PORT" --skip-name-resolve \
+    --log-error="$CDIR/log/mariadbd.log" --performance-schema=off --innodb-buffer-pool-size=32M \
+    --innodb-flush-log-at-trx-commit=0 --innodb-doublewrite=0 --innodb-flush-method=nosync \
+    </dev/null >>"$CDIR/log/mariadbd.out" 2>&1 9>&- &
+}
+
+write_dbd_conf() {  # slurmdbd.conf beside slurm.conf (slurmdbd looks there), 600: it holds the password
+  local pass
+  pass="$(head -c 18 /dev/urandom | base64 | tr -dc 'A-Za-z0-9')"
+  ( umask 077; cat > "$CDIR/slurmdbd.conf" <<EOF
+# Generated by slurm/local_cluster.sh up: do not edit (regenerated on every up).
+AuthType=auth/munge
+AuthInfo=socket=$MUNGE_DIR/munge.socket
+DbdHost=$(hostname -s)
+DbdAddr=$CTL_ADDR
+DbdPort=$DBD_PORT
+SlurmUser=root
+PidFile=$CDIR/run/slurmdbd.pid
+LogFile=$CDIR/log/slurmdbd.log
+DebugLevel=info
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=$DB_PORT
+StorageUser=slurm
+StoragePass=$pass
+StorageLoc=slurm_acct_db
+EOF
+  )
+  echo "$pass"
+}
+
+poll() {  # poll WHAT SECONDS CMD...: run CMD every 0.05 s until it succeeds; die after SECONDS
+  local what="$1" limit="$2" t0; shift 2
+  t0=$(now)
+  until "$@" >/dev/null 2>&1; do
+    [ "$(elapsed "$t0" | cut -d. -f1)" -lt "$limit" ] || { show_logs; die "$what did not answer within $limit s"; }
+    sleep 0.05
+  done
+}
+
+start_accounting() {  # after start_db: the user slurmdbd logs in as, then slurmdbd
+  local pass
+  pass="$(write_dbd_conf)"
+  poll "mariadbd" 60 mariadb --no-defaults --socket="$DB_SOCKET" -e "select 1"
+  mariadb --no-defaults --socket="$DB_SOCKET" -e "
+    create user 'slurm'@'127.0.0.1' identified by '$pass'; create user 'slurm'@'localhost' identified by '$pass';
+    grant all on slurm_acct_db.* to 'slurm'@'127.0.0.1'; grant all on slurm_acct_db.* to 'slurm'@'localhost';" ||
+    die "could not create the database user of slurmdbd"
+  setsid slurmdbd -D </dev/null >>"$CDIR/log/slurmdbd.out" 2>&1 9>&- &
+  # slurmctld registers the cluster with slurmdbd itself when it starts (no `sacctmgr add cluster`)
+  poll "slurmdbd" 60 sacctmgr -i list cluster
 }
 
 make_network() {
@@ -364,18 +483,24 @@ do_up() {
   local n="$1" t0 i have
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, got '$n'"
   [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, bridge, mounts)"
-  for c in slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname; do
+  local need=(slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname)
+  [ "$ACCOUNTING" = 0 ] || need+=(slurmdbd sacctmgr mariadbd mariadb mariadb-install-db)
+  for c in "${need[@]}"; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found: run slurm/install_deps.sh first"
   done
   light_shape "$n"
   t0=$(now)
   have="$(nodes_from_state)"
+  local want="$ACCOUNTING"
+  accounting_from_state
   if is_up "$have"; then
-    [ "$have" = "$n" ] || die "cluster is already up with $have nodes; run '$(me slurm/local_cluster.sh) down' first"
+    [ "$have" = "$n" ] && [ "$ACCOUNTING" = "$want" ] ||
+      die "cluster is already up with $have nodes (accounting $ACCOUNTING); run '$(me slurm/local_cluster.sh) down' first"
     log "already up ($n nodes); SLURM_CONF=$CONF"
     sinfo
     return 0
   fi
+  ACCOUNTING="$want"
   not_foreign "start $CDIR's cluster"
   if anything_left; then
     log "cleaning up a stale or partial cluster"
@@ -386,10 +511,13 @@ do_up() {
   [ -d "$CDIR/log" ] && mv "$CDIR/log" "$CDIR/log.prev"
   mkdir -p "$CDIR/state" "$CDIR/spool" "$CDIR/log" "$CDIR/run"
   write_conf "$n"
-  echo "NODES=$n" > "$STATE_FILE"
+  printf 'NODES=%d\nACCOUNTING=%d\n' "$n" "$ACCOUNTING" > "$STATE_FILE"
   echo "$CDIR" > "$OWNER_FILE"
   start_munged
+  # The database starts while the network is made; slurmdbd must answer before slurmctld starts.
+  [ "$ACCOUNTING" = 0 ] || start_db
   make_network "$n"
+  [ "$ACCOUNTING" = 0 ] || start_accounting
   setsid slurmctld -D -i </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
   local ctl_pid=$!
   for i in $(seq "$n"); do start_slurmd "$NS_PREFIX$i"; done
@@ -410,7 +538,7 @@ do_up() {
     fi
     sleep 0.2
   done
-  log "up: $n nodes idle in $(elapsed "$t0") s; use: eval \"\$($(me "$REPO/slurm/local_cluster.sh") env)\""
+  log "up: $n nodes idle in $(elapsed "$t0") s$([ "$ACCOUNTING" = 1 ] || echo ", no accounting"); use: eval \"\$($(me "$REPO/slurm/local_cluster.sh") env)\""
   sinfo
 }
 
@@ -425,8 +553,15 @@ do_status() {
     pid="$(pidof_file "$2")"
     if alive "$pid" "$3"; then echo "  $1: running (pid $pid)"; else echo "  $1: NOT running"; ok=1; fi
   }
+  accounting_from_state
   log "$n nodes, SLURM_CONF=$CONF"
   report munged "$MUNGE_DIR/munged.pid" munged
+  if [ "$ACCOUNTING" = 1 ]; then
+    report mariadbd "$CDIR/run/mariadbd.pid" mariadbd
+    report slurmdbd "$CDIR/run/slurmdbd.pid" slurmdbd
+  else
+    echo "  accounting: off (--no-accounting)"
+  fi
   report slurmctld "$CDIR/run/slurmctld.pid" slurmctld
   for i in $(seq "$n"); do report "slurmd $NS_PREFIX$i" "$CDIR/run/slurmd-$NS_PREFIX$i.pid" slurmd; done
   if [ $ok = 0 ]; then
@@ -437,7 +572,6 @@ do_status() {
 
 do_env() {
   printf 'export SLURM_CONF=%q\n' "$CONF"
-  printf 'export PATH=%q:"$PATH"\n' "$REPO/slurm/bin"
   # so that this script, run again from that shell, acts on the same instance
   [ "$INSTANCE" = 0 ] || printf 'export GPTLAUNCH_CLUSTER_INSTANCE=%d\n' "$INSTANCE"
 }
@@ -455,6 +589,9 @@ do_describe() {  # what tests need to know of this instance's layout (names they
   echo "SLURMCTLD_PORT=$CTL_PORT"
   echo "CPUS_PER_NODE=$CPUS_PER_NODE"
   echo "GPUS_PER_NODE=$GPUS_PER_NODE"
+  accounting_from_state
+  echo "ACCOUNTING=$ACCOUNTING"
+  echo "GRACE_S=$(sed -n "s/^PartitionName=low .*GraceTime=\([0-9]*\).*/\1/p" "$CONF" 2>/dev/null)"
 }
 
 down_all() {  # every instance with a folder beside the default one's, each under its own lock
@@ -479,7 +616,14 @@ case "$cmd" in
     # one that inherited the locked descriptor would hold the lock for as long as it runs.
     flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
     if [ "$cmd" = up ]; then
-      do_up "${2:-4}"
+      n=4
+      for arg in "${@:2}"; do
+        case "$arg" in
+          --no-accounting) ACCOUNTING=0 ;;
+          *) n="$arg" ;;
+        esac
+      done
+      do_up "$n"
     else
       not_foreign "stop $CDIR's cluster"
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
@@ -497,6 +641,6 @@ case "$cmd" in
     start_slurmd "$node"
     log "$node: slurmd started"
     ;;
-  *) echo "usage: $0 up [N] | down [--all] | status | env | describe | start-node NODE" >&2
+  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE" >&2
      echo "  (GPTLAUNCH_CLUSTER_INSTANCE=K selects instance K; see the header of this script)" >&2; exit 2 ;;
 esac

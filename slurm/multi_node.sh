@@ -3,7 +3,11 @@
 # submit it, and every node must see that folder); its arguments are Hydra overrides:
 #
 #   sbatch slurm/multi_node.sh model=tiny strategy=ddp
-#   sbatch --nodes=4 slurm/multi_node.sh model=llama_124m strategy=deepspeed strategy.stage=2 train.max_steps=5000
+#   sbatch --nodes=2 slurm/multi_node.sh model=llama_124m strategy=deepspeed strategy.stage=2 train.max_steps=5000
+#
+# Ask for no more nodes than the partition has: `sinfo -s` shows each partition's nodes (NODES(A/I/O/T), T the
+# total). Slurm accepts a larger request on many sites, and the job then waits for ever (squeue's reason:
+# PartitionNodeLimit or Resources).
 #   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=12 slurm/multi_node.sh model=gpt2_124m \
 #       strategy=fsdp train.global_batch_size=128
 #

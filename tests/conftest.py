@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 
-import pytest
+# Before torch loads: the in-process trainers' idle OpenMP threads sleep, as every rank's do (launch.rank.threads).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from gpt.config import schema
-from helpers import SHAKESPEARE
+import pytest  # noqa: E402
+
+from gpt.config import schema  # noqa: E402
+from helpers import SHAKESPEARE  # noqa: E402
 
 schema.register()  # configs/config.yaml composes onto it, in every test that composes
 TRAINING_WATCH = pytest.StashKey()
@@ -19,6 +22,18 @@ def data_overrides(tmp_path_factory) -> list[str]:
     assert SHAKESPEARE.is_file(), f"the test corpus is missing: {SHAKESPEARE}"
     prepared = tmp_path_factory.mktemp("data") / "shakespeare_char"
     return [f"data.text_path={SHAKESPEARE}", f"data.dir={prepared}"]
+
+
+@pytest.fixture
+def prepared_data(data_overrides) -> list[str]:
+    """data_overrides, with the corpus already prepared there (whichever test asks first): for a test whose run
+    must not print the preparation's progress."""
+    from gpt.config.schema import run_config
+    from gpt.data import ensure_prepared
+    from helpers import compose
+
+    ensure_prepared(run_config(compose(*data_overrides)).data)
+    return data_overrides
 
 
 @pytest.fixture

@@ -3,8 +3,7 @@
 SlurmCalls: a folder of shims named like Slurm's client commands, put first on PATH. The launcher's environment
 reaches the job (sbatch exports it) and every rank's task, so each client call anyone makes (the waiter on the
 login node, a rank's requeue) appends one line, "time<TAB>caller pid<TAB>host<TAB>command args", to calls.log,
-then execs the real command. srun is left out: it starts the job's steps, it does not poll the controller. On the
-local cluster, the sacct stand-in (slurm/bin/sacct) asks scontrol once per job: those calls are counted too.
+then execs the real command. srun is left out: it starts the job's steps, it does not poll the controller.
 
 FsOps: the metadata operations in a folder tree, seen through inotify (Linux's own file-event API, used through
 ctypes: no dependency). The local cluster's nodes share this machine's file system, so one watcher sees every node's

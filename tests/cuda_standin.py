@@ -9,6 +9,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   recorded, are on one device, and have completed.
 - A stream's work reaches another stream only through `wait_stream`/`wait_event` (`visible`).
 - Device selection is per thread, and a new thread starts on device 0, as CUDA's current device does.
+- The allocator's history (`torch.cuda.memory._record_memory_history`) takes only CUDA's settings, and a snapshot
+  (`_dump_snapshot`) holds a trace only while it is recorded.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
   index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
 
@@ -18,6 +20,7 @@ and memory calls from here. What only a GPU shows (kernels, NCCL, real overlap) 
 from __future__ import annotations
 
 import contextlib
+import pickle
 import threading
 from dataclasses import dataclass, field
 from types import SimpleNamespace
@@ -84,6 +87,7 @@ class StrictCuda:
         self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
         self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
         self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
+        self.history: list[dict[str, Any]] | None = None  # the allocator's history, while it is recorded
         self.rng_states = [torch.zeros(16, dtype=torch.uint8) for _ in range(devices)]  # CUDA's: seed and offset
         self.Event = self._event_class()
 
@@ -191,6 +195,25 @@ class StrictCuda:
         self._checked(device)
         self.memory["peak"] = self.memory["allocated"]
 
+    def _record_memory_history(self, enabled: str | None = "all", context: str | None = "all", stacks: str = "all",
+                               max_entries: int = 2**63 - 1, **kwargs: Any) -> None:
+        """torch.cuda.memory._record_memory_history: CUDA's allocator keeps a history of allocations and frees from
+        now on (refused without a device, or with a setting CUDA does not take)."""
+        if enabled not in (None, "state", "all") or context not in (None, "state", "alloc", "all") or \
+                stacks not in ("python", "all") or max_entries <= 0:
+            raise ValueError(f"invalid memory history setting: enabled={enabled!r}, context={context!r}, "
+                             f"stacks={stacks!r}, max_entries={max_entries}")
+        self._checked(None)
+        self.history = [] if enabled == "all" else None
+
+    def _dump_snapshot(self, filename: str = "dump_snapshot.pickle", augment_with_fx_traces: bool = False) -> None:
+        """torch.cuda.memory._dump_snapshot: the allocator's state pickled; its trace holds the history only while
+        recording, as CUDA's does (an empty trace otherwise)."""
+        self._checked(None)
+        snapshot = {"segments": [], "device_traces": [list(self.history or []) for _ in range(self.count)]}
+        with open(filename, "wb") as f:
+            pickle.dump(snapshot, f)
+
     def _event_class(self) -> type:
         cuda = self
 
@@ -240,7 +263,11 @@ class StrictCuda:
              "_sleep", "memory_allocated", "max_memory_allocated", "memory_reserved", "reset_peak_memory_stats",
              "manual_seed", "get_rng_state", "set_rng_state")
 
+    MEMORY_NAMES = ("_record_memory_history", "_dump_snapshot")  # torch.cuda.memory's
+
     def install(self, monkeypatch: Any) -> StrictCuda:
         for name in self.NAMES:
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
+        for name in self.MEMORY_NAMES:
+            monkeypatch.setattr(torch.cuda.memory, name, getattr(self, name))
         return self

@@ -8,21 +8,27 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpt.config.credentials import check_env, check_lines
 from gpt.config.names import one_line
 from gpt.config.parse import only_own_keys
 from gpt.config.sections import signal_names
 from gpt.errors import ConfigError
 
-SHAPE = ("nodes", "tasks_per_node", "signal_delay_s")  # the shape, and the time-limit warning the trainer allows for
+# the shape, the time-limit warning the trainer allows for, and each device's memory (the planner's fit check)
+SHAPE = ("nodes", "tasks_per_node", "signal_delay_s", "gpu_memory_gb")
 # what every rank of a Slurm job gets, whoever made the allocation (a site profile sets them)
 STEP = ("srun_args", "env", "master_host_suffix", "container", "spare_nodes")
+# what a job asks sbatch for: cluster=slurm asks; inside an allocation (cluster=srun) sbatch or salloc already did,
+# and the ones Slurm shows the job are compared with it (launch.backends.slurm.allocation), so that one site
+# profile serves every path
+ALLOCATION = ("gpus_per_node", "gpus_per_task", "gres", "cpus_per_task", "mem", "partition", "time_min", "account",
+              "qos", "reservation", "constraint", "sbatch", "requeue", "signal", "max_num_timeout")
 # cluster.name -> the keys that backend reads
 BACKENDS: dict[str, tuple[str, ...]] = {
     "local": SHAPE,  # ranks are processes on this machine; a "node" is a group of tasks_per_node of them
-    "srun": (*SHAPE, *STEP),  # inside an allocation: srun starts the ranks; auto: the allocation's shape
-    "slurm": (*SHAPE, *STEP, "gpus_per_node", "gpus_per_task", "gres", "cpus_per_task", "mem", "partition",
-              "time_min", "account", "qos", "reservation", "constraint", "sbatch", "setup", "requeue", "signal",
-              "max_num_timeout", "chain"),
+    # inside an allocation: srun starts the ranks, after the setup lines; auto: the allocation's shape
+    "srun": (*SHAPE, *STEP, *ALLOCATION, "setup"),
+    "slurm": (*SHAPE, *STEP, *ALLOCATION, "setup", "chain"),
 }
 MEM = re.compile(r"^\d+[KMGT]?$")
 GRES = re.compile(r"^[A-Za-z][\w.-]*(:[\w.-]+)*(,[A-Za-z][\w.-]*(:[\w.-]+)*)*$")  # gpu:4, gpu:a100:4, gpu:2,nvme:1
@@ -93,6 +99,9 @@ class ClusterConfig:
     # hot spares: the job allocates nodes + spare_nodes and runs ranks on `nodes`; a lost, cut-off or sick node is
     # replaced by a spare in the next in-job restart (launch.run.rounds), same world size and layout
     spare_nodes: int = 0
+    # GiB of memory per GPU, for the planner's check that each rank fits (launch.planning.fit); 0: known from the
+    # GPU's name (a local GPU, or the type in cluster.gres / cluster.constraint), else no check
+    gpu_memory_gb: float = 0.0
 
     def __post_init__(self) -> None:
         if self.timeout_min is not None:  # a profile written for submitit: its time limit, never the default
@@ -106,12 +115,19 @@ class ClusterConfig:
     def validate(self) -> None:
         if self.name not in BACKENDS:
             raise ConfigError("cluster.name", self.name, f"one of {', '.join(BACKENDS)} (cluster=local|slurm|srun)")
+        # first: every other refusal shows the value it refuses, and none may show a credential
+        check_env("cluster.env", self.env)
+        if isinstance(self.setup, str) or all(isinstance(line, str) for line in self.setup):
+            check_lines("cluster.setup", self.setup_lines)
         only_own_keys(self, "cluster", BACKENDS)
         for key in ("nodes", "tasks_per_node"):
             value = getattr(self, key)
             if not (self.name == "srun" and value == "auto") and not _count(value, 1):
                 auto = ", or auto (the allocation's)" if self.name == "srun" else ""
                 raise ConfigError(f"cluster.{key}", value, f"a positive integer{auto}")
+        if isinstance(self.gpu_memory_gb, bool) or self.gpu_memory_gb < 0:
+            raise ConfigError("cluster.gpu_memory_gb", self.gpu_memory_gb, "GiB per GPU (e.g. 80), or 0 to know it "
+                              "from the GPU's name")
         if self.signal_delay_s is not None and self.signal_delay_s < 0:
             raise ConfigError("cluster.signal_delay_s", self.signal_delay_s, "seconds >= 0, or null")
         self.validate_job()

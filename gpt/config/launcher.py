@@ -11,3 +11,6 @@ class LauncherConfig:
     detach: bool = False
     # true: every job runs a snapshot of the code taken at submission (launch.snapshot), not the checkout
     snapshot: bool = True
+    # true: a cluster=slurm sweep's one-node points run as job steps inside one allocation per group of equal
+    # resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack)
+    pack: bool = False

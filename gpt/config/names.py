@@ -24,7 +24,15 @@ def one_line(key: str, value: Any) -> None:
                                       "script, where a line break would drop the directives after it)")
 
 
+NAME_MAX = 255  # bytes in one folder name (Linux, and the file systems clusters use)
+
+
 def check_run_name(run: str) -> None:
+    """A run's name is a folder's, and part of every path of the run that reaches the job's shell lines (quoted
+    there): a name a path cannot hold, or that a shell or a scheduler's script reader would split, is refused; so is
+    a '%', which schedulers read as a pattern in a job's log file names (%j, %x, ...)."""
     one_line("run", run)
-    if not run.strip() or "/" in run or ".." in run:
-        raise ConfigError("run", run, "a folder name under runs/: not empty, no '/' and no '..'")
+    if not run.strip() or "/" in run or ".." in run or "%" in run or any(c.isspace() for c in run) \
+            or len(run.encode()) > NAME_MAX:
+        raise ConfigError("run", run, f"a folder name under runs/: not empty, at most {NAME_MAX} bytes, no '/', "
+                                      "no '..', no '%' (a scheduler's log name patterns) and no spaces or tabs")

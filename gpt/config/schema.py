@@ -24,6 +24,7 @@ from gpt.config.evaluation import EvalConfig
 from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
 from gpt.config.names import check_run_name, one_line
+from gpt.config.profile import ProfileConfig
 from gpt.config.parse import KEY, REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.report import ReportConfig
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
@@ -61,6 +62,7 @@ class RunConfig:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)  # a non-finite or spiking loss
+    profile: ProfileConfig = field(default_factory=ProfileConfig)  # traces of chosen steps, memory snapshots
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
     nodes: int = 1  # sweep it with -m nodes=1,2,4; the cluster section takes its node count from here
@@ -68,8 +70,8 @@ class RunConfig:
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
     # folder: its newest), only while this run has none
     resume: str = "auto"
-    # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2 or LLaMA), like resume=PATH
-    # only while this run has no checkpoint of its own (docs/export.md)
+    # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2, LLaMA or Mixtral), like
+    # resume=PATH only while this run has no checkpoint of its own (docs/export.md)
     init: str = "none"
 
     def validate(self) -> None:

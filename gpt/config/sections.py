@@ -69,10 +69,15 @@ class CheckpointConfig:
 class PreemptionConfig:
     enabled: bool = True
     signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")  # each only sets a flag; never SIGUSR1 (NCCL may use it)
-    max_restarts: int = 10  # a job requeues itself at most this many times (the scheduler's restart count)
+    max_restarts: int = 10  # the job's own requeues (the scheduler's restart count); its REQUEUE preemptions: past it
     # a lost rank, a hang or a failed health check restarts the ranks inside the allocation (no requeue) at most this
     # many times per attempt of the job (launch.run.rounds); 0: always requeue
     in_job_restarts: int = 3
+    # the next round's rank started ahead, its imports done (launch.rank.standby), so that an in-job restart or a spare
+    # pays no interpreter start: auto on GPU ranks, whose node's CPUs have room for it; not on CPU ranks, which
+    # compute on every CPU the task has (there its imports took CPU from training on every round, for a restart's
+    # few seconds saved); true or false to choose
+    standby_rank: bool | str = "auto"
 
     def __post_init__(self) -> None:  # as Python names them: TERM -> SIGTERM
         object.__setattr__(self, "signals", signal_names("preemption.signals", list(self.signals)))
@@ -80,6 +85,12 @@ class PreemptionConfig:
     def validate(self) -> None:
         at_least("preemption.max_restarts", self.max_restarts, 0, "an integer >= 0")
         at_least("preemption.in_job_restarts", self.in_job_restarts, 0, "an integer >= 0")
+        if self.standby_rank not in (True, False, "auto"):
+            raise ConfigError("preemption.standby_rank", self.standby_rank, "auto, true or false")
+
+    def standby(self, device: str) -> bool:
+        """Whether each task keeps the next round's rank started ahead, for ranks on `device` (cpu or cuda)."""
+        return device == "cuda" if self.standby_rank == "auto" else bool(self.standby_rank)
 
 
 @dataclass(frozen=True)
@@ -93,7 +104,7 @@ class RendezvousConfig:
 @dataclass(frozen=True)
 class WatchdogConfig:
     """How long a rank may make no progress before its watchdog (gpt.resilience.watchdog) reports a hang and ends the
-    attempt (RUN_DIR/hang-N.txt). Each budget counts from the rank's last progress mark (a step, a collective entered
+    attempt (RUN_DIR/hang-*.txt). Each budget counts from the rank's last progress mark (a step, a collective entered
     or left, a save, an evaluation batch); startup_s counts from the rank's start to its first step."""
 
     enabled: bool = True
@@ -141,7 +152,7 @@ class HealthConfig:
     min_fraction: float = 0.8  # a node below this share of the median node's speed, or failing storage, is named
     action: str = "warn"  # or exclude: the job requeues itself without the flagged nodes (Slurm)
     matmul_size: int = 256  # on CPU
-    rounds: int = 3  # each node keeps its best of this many turns (load from elsewhere is not a slow node)
+    rounds: int = 3  # CPU: a node below min_fraction takes another turn, up to this many, keeping its best
     gpu_matmul_size: int = 8192  # on GPUs, in bf16: large enough to keep every SM busy
     gpu_seconds: float = 1.0  # how long each GPU's matmuls take, all rounds together
     bus_mib: int = 128  # the all-reduce timed for bus bandwidth on GPUs (smaller ones measure latency)
@@ -211,9 +222,11 @@ class DebugConfig:
     straggler_s: float = 0.0
     slow_node: int | None = None  # this node (its index in the job) is 3x slower in the health check, first attempt
     fill_disk_step: int | None = None  # rank 0 fills the run folder's file system before this step, first attempt
-    nan_at_step: int | None = None  # nan_rank's loss is NaN at this step (on a pipeline: a rank of the last stage)
+    # nan_rank's loss is NaN on the batch of this step (on a pipeline: a rank of the last stage); a rollback passes
+    # over it (divergence.policy=rollback)
+    nan_at_step: int | None = None
     nan_rank: int = 0
-    spike_at_step: int | None = None  # every rank's loss is multiplied by spike_factor at this step
+    spike_at_step: int | None = None  # every rank's loss is multiplied by spike_factor on the batch of this step
     spike_factor: float = 100.0
 
     def validate(self) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 
+from gpt.config.credentials import check_uri
 from gpt.errors import ConfigError
 
 KINDS = ("none", "wandb", "mlflow")
@@ -30,3 +31,4 @@ class TrackingConfig:
             raise ConfigError("tracking.mode", self.mode, " | ".join(WANDB_MODES))
         if not self.project:
             raise ConfigError("tracking.project", self.project, "a non-empty project or experiment name")
+        check_uri("tracking.uri", self.uri)

@@ -12,17 +12,24 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 # What torch.compile covers: each block, the whole model with its loss, or the whole model where the strategy
 # allows (single, ddp, zero1 without tensor parallelism) and each block elsewhere.
 COMPILE_SCOPES = ("blocks", "model", "auto")
+# The learning-rate schedules (gpt.train.schedule) and the shapes of a wsd decay, as TorchTitan's decay_type.
+SCHEDULES = ("cosine", "wsd")
+DECAY_SHAPES = ("linear", "sqrt", "cosine")
 
 
 @dataclass
 class TrainConfig:
     max_steps: int = 2000
     global_batch_size: int = 12
-    micro_batch_size: int | None = None
+    # null: the per-rank batch; auto: the largest that fits the device's memory, chosen at planning (planning.fit)
+    micro_batch_size: int | str | None = None
     lr: float = 1e-3
     min_lr: float = 1e-4
     warmup_steps: int = 100
     decay_steps: int | None = None
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, then decay over the last decay_fraction)
+    decay_fraction: float = 0.2
+    decay_shape: str = "linear"
     weight_decay: float = 0.1
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
@@ -43,6 +50,10 @@ class TrainConfig:
         for key in ("max_steps", "global_batch_size", "log_interval", "eval_batches"):
             if not isinstance(getattr(self, key), int) or getattr(self, key) <= 0:
                 raise ConfigError(f"train.{key}", getattr(self, key), "a positive integer")
+        micro = self.micro_batch_size
+        if micro not in (None, "auto") and (not isinstance(micro, int) or isinstance(micro, bool) or micro <= 0):
+            raise ConfigError("train.micro_batch_size", micro, "a positive integer, null (the per-rank batch) or auto "
+                              "(the largest that fits the device's memory)")
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         for key, valid in (("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES),
@@ -60,6 +71,23 @@ class TrainConfig:
         if self.warmup_steps < 0 or self.eval_interval < 0:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
+        self.check_schedule()
+
+    def check_schedule(self) -> None:
+        for key, valid in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES)):
+            if getattr(self, key) not in valid:
+                raise ConfigError(f"train.{key}", getattr(self, key), f"one of {', '.join(valid)}")
+        if self.schedule != "wsd":
+            return
+        if self.decay_steps is not None:
+            raise ConfigError("train.decay_steps", self.decay_steps, "null with train.schedule=wsd (it decays over "
+                              "the last train.decay_fraction of max_steps; that fraction sets the decay's length)")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ConfigError("train.decay_fraction", self.decay_fraction, "a fraction of max_steps in [0, 1]")
+        if self.decay_start < self.warmup_steps:
+            raise ConfigError("train.decay_fraction", self.decay_fraction, f"a smaller fraction: with max_steps="
+                              f"{self.max_steps} the decay would start at step {self.decay_start}, inside the "
+                              f"{self.warmup_steps} warm-up steps")
 
     def check_attention(self, device: str) -> None:
         """Refuse, at planning, a kernel the planned device cannot run: SDPA has no cuDNN or memory-efficient
@@ -85,14 +113,28 @@ class TrainConfig:
 
     @property
     def decay_end(self) -> int:
-        return self.decay_steps or self.max_steps
+        """The step the decay reaches min_lr: cosine's decay_steps, else max_steps."""
+        return (self.decay_steps or self.max_steps) if self.schedule == "cosine" else self.max_steps
 
-    def micro_batches(self, dp_size: int) -> tuple[int, int]:
-        """(sequences per rank per forward, micro-steps per optimizer step) for this data-parallel size."""
+    @property
+    def decay_start(self) -> int:
+        """wsd: the first step of the decay (the last round(decay_fraction * max_steps) steps decay, as TorchTitan's
+        decay_ratio); before it the learning rate does not depend on max_steps."""
+        return self.max_steps - round(self.decay_fraction * self.max_steps)
+
+    def per_rank_batch(self, dp_size: int) -> int:
+        """Sequences per rank per optimizer step for this data-parallel size."""
         if self.global_batch_size % dp_size:
             raise ConfigError("train.global_batch_size", self.global_batch_size,
                               f"a multiple of the data-parallel size {dp_size}")
-        per_rank = self.global_batch_size // dp_size
+        return self.global_batch_size // dp_size
+
+    def micro_batches(self, dp_size: int) -> tuple[int, int]:
+        """(sequences per rank per forward, micro-steps per optimizer step) for this data-parallel size."""
+        per_rank = self.per_rank_batch(dp_size)
+        if self.micro_batch_size == "auto":  # the plan writes the chosen one to config.yaml, which every rank reads
+            raise ConfigError("train.micro_batch_size", "auto", "a positive integer or null here: auto is chosen when "
+                              "python -m launch plans the run")
         micro = self.micro_batch_size or per_rank
         if micro <= 0 or per_rank % micro:
             raise ConfigError("train.micro_batch_size", self.micro_batch_size,

@@ -7,6 +7,7 @@ spawning ranks. Preparing lives in gpt.data.prepare (also a command line), the b
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -18,8 +19,8 @@ from gpt.config.data import DataConfig
 from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
 
-__all__ = ["absolute", "ensure_prepared", "is_prepared", "check_tokenizer_vocab", "check_vocab", "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer",
-           "load_tokenizer"]
+__all__ = ["absolute", "data_identity", "ensure_prepared", "is_prepared", "check_tokenizer_vocab", "check_vocab",
+           "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -101,14 +102,30 @@ def write_mixture(out: Path, dirs: list[Path], weights: list[float]) -> Path:
         found = ", ".join(f"{d}: {m['vocab_size']} {m['dtype']}" for d, m in zip(dirs, metas))
         raise UserError(f"the sources of data.sources were tokenized differently ({found})")
     total = sum(weights)
-    meta = {"vocab_size": metas[0]["vocab_size"], "dtype": metas[0]["dtype"], "pad_vocab": True,
-            "sources": [{"dir": str(d), "weight": w / total} for d, w in zip(dirs, weights)]}
+    sources = [{"dir": str(d), "weight": w / total} for d, w in zip(dirs, weights)]
+    mixed = json.dumps([[m.get("fingerprint"), s["weight"]] for m, s in zip(metas, sources)]).encode()
+    meta = {"vocab_size": metas[0]["vocab_size"], "dtype": metas[0]["dtype"], "pad_vocab": True, "sources": sources,
+            "fingerprint": hashlib.md5(mixed, usedforsecurity=False).hexdigest()}
+    if (out / META_FILE).is_file():  # as gpt.data.prepare.refuse_other: runs may read it
+        before = read_meta(out)
+        if before.get("sources") != sources:
+            raise UserError(f"{out} holds another mixture of data.sources ({before.get('sources')}); runs may read "
+                            f"it, so it is never written again in place: choose another data.dir, or delete {out} "
+                            "once no run reads it")
+        if before == meta:
+            return out
     out.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(dirs[0] / TOKENIZER_FILE, out / TOKENIZER_FILE)
     tmp = out / f".{META_FILE}.tmp"
     tmp.write_text(json.dumps(meta, indent=2), encoding="utf-8")
     os.replace(tmp, out / META_FILE)
     return out
+
+
+def data_identity(data_dir: str | Path) -> str | None:
+    """The fingerprint of a prepared folder (of a mixture: of its sources' and weights); None for a folder
+    prepared before folders recorded one."""
+    return read_meta(data_dir).get("fingerprint")
 
 
 def padded_vocab(vocab_size: int) -> int:

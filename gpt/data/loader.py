@@ -55,6 +55,7 @@ class TokenDataset:
         self.split = split
         meta = read_meta(directory)
         self.vocab_size: int = meta["vocab_size"]
+        self.fingerprint: str | None = meta.get("fingerprint")  # the data's identity, which checkpoints record
         sources = meta.get("sources") or [{"dir": str(self.directory), "weight": 1.0}]
         self.weights = np.array([s["weight"] for s in sources]) if "sources" in meta else None
         self.shards: list[ShardFile] = []
@@ -170,15 +171,27 @@ class TrainBatches:
         self.dp_rank, self.dp_size, self.device = dp_rank, dp_size, torch.device(device)
         self.grad_accum_steps = per_rank // micro_batch_size
         self.step = 0  # the first step whose batch has not been handed out in full
+        # batches passed over so far (divergence.policy=rollback): step s trains on the batch of index s + skipped
+        self.skipped = 0
         self._cached: tuple[int, np.ndarray] | None = None
+
+    def index(self, step: int) -> int:
+        """Which batch step `step` trains on: its own, past the batches a rollback passed over."""
+        return step + self.skipped
+
+    def skip_to(self, step: int, index: int) -> None:
+        """Step `step` (the one a rollback restored) trains on batch `index`: the batches before it are passed
+        over, here and in every checkpoint saved from now on."""
+        self.skipped = index - step
 
     def offsets(self, step: int) -> np.ndarray:
         """This rank's share of the step's global batch: start offsets of samples [r*B/D, (r+1)*B/D)."""
+        index = self.index(step)
         cached = self._cached  # one read: the prefetching thread may replace it meanwhile
-        if cached is None or cached[0] != step:
-            offs = self.dataset.sample_offsets(self.seed, step, self.global_batch_size, self.block_size)
+        if cached is None or cached[0] != index:
+            offs = self.dataset.sample_offsets(self.seed, index, self.global_batch_size, self.block_size)
             per_rank = self.global_batch_size // self.dp_size
-            cached = self._cached = step, offs[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            cached = self._cached = index, offs[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return cached[1]
 
     def read(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +212,7 @@ class TrainBatches:
 
     def state_dict(self) -> dict[str, int]:
         return {"seed": self.seed, "step": self.step, "global_batch_size": self.global_batch_size,
-                "samples_seen": self.step * self.global_batch_size}
+                "samples_seen": self.step * self.global_batch_size, "skipped_batches": self.skipped}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue where a checkpoint stopped, on any data-parallel size, if the global batch is unchanged."""
@@ -214,6 +227,7 @@ class TrainBatches:
             raise UserError(f"the checkpoint's data order uses seed {state['seed']} but this run uses seed "
                             f"{self.seed}; resume with seed={state['seed']} or start a new run in a new directory")
         self.step = int(state["step"])
+        self.skipped = int(state.get("skipped_batches", 0))  # older checkpoints: none
 
 
 class Prefetcher:
@@ -236,9 +250,10 @@ class Prefetcher:
         """Every micro-batch of `step` (read ahead when `step` follows the last one taken), and moves the position
         past it."""
         ahead, self.ahead = self.ahead, None
-        micro, self.read_s = ahead[1].result() if ahead is not None and ahead[0] == step else self._read_step(step)
+        index = self.batches.index(step)  # a rollback may have moved the batches past the one read ahead
+        micro, self.read_s = ahead[1].result() if ahead is not None and ahead[0] == index else self._read_step(step)
         self.batches.step = step + 1
-        self.ahead = step + 1, self.pool.submit(self._read_step, step + 1)
+        self.ahead = index + 1, self.pool.submit(self._read_step, step + 1)
         return micro
 
     def close(self) -> None:

@@ -17,10 +17,13 @@ PART_BYTES that worker processes tokenize, streaming: memory is bounded by the w
 work is done under `.{out}.tmp-{fingerprint}` and renamed into place at the end; a run killed midway leaves that
 folder, and the next run with the same inputs and settings keeps its finished parts; one with other inputs or
 settings removes it once no live preparation owns it (gpt.data.temp_folders).
+
+A prepared folder is never written again (`refuse_other`): runs read it, and a checkpoint records its fingerprint.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import itertools
 import json
 import logging
@@ -88,9 +91,7 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
             _SAID_PREPARED.add((out_dir, fingerprint))
             log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
         return out_dir
-    if out_dir.exists() and not (out_dir.is_dir() and ((out_dir / META_FILE).is_file() or not any(out_dir.iterdir()))):
-        raise UserError(f"{out_dir} exists and is not a prepared data directory; "
-                        f"choose another output directory or empty it")
+    refuse_other(out_dir, fingerprint)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_folder(out_dir, fingerprint)
     if node == 0:
@@ -103,17 +104,25 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
     source = {"path": str(Path(text_path).resolve()), "files": len(files) + len(val_files),
               "bytes": sum(f.stat().st_size for f in [*files, *val_files])}
     meta: dict[str, Any] = {**settings, "fingerprint": fingerprint, "source": source}
-    if fmt in TOKEN_FORMATS:
-        meta.update(_describe_in_place(str(text_path), val_path, fmt, Path(tokenizer_file), tmp))
-    else:
-        described = _tokenize(files, val_files, settings, tokenizer_file, tmp, workers or default_workers(),
-                              (node, nodes))
-        if described is None:  # another node writes meta.json
+    try:
+        if fmt in TOKEN_FORMATS:
+            meta.update(_describe_in_place(str(text_path), val_path, fmt, Path(tokenizer_file), tmp))
+        else:
+            described = _tokenize(files, val_files, settings, tokenizer_file, tmp, workers or default_workers(),
+                                  (node, nodes))
+            if described is None:  # another node writes meta.json
+                return out_dir
+            meta.update(described)
+        _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+    except FileNotFoundError:
+        # Two preparations of the same inputs share one temp folder: the one that finished first moved it into
+        # place under this one, and its data is this one's.
+        if _is_prepared(out_dir, fingerprint):
+            log.info("%s was prepared from the same inputs by another process meanwhile", out_dir)
             return out_dir
-        meta.update(described)
-    _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+        raise
     (tmp / OWNER_FILE).unlink(missing_ok=True)  # a prepared folder has no owner
-    _replace_dir(tmp, out_dir)
+    _move_into_place(tmp, out_dir, fingerprint)
     log.info("prepared %s in %.1fs: vocab %d, %d train and %d val tokens", out_dir, time.monotonic() - start,
              meta["vocab_size"], meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
     return out_dir
@@ -298,16 +307,40 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def _replace_dir(tmp: Path, out_dir: Path) -> None:
-    """Move tmp to out_dir; an older prepared out_dir is moved aside first and deleted afterwards."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(out_dir, old)
-    os.rename(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def refuse_other(out_dir: Path, fingerprint: str) -> None:
+    """Refuse to prepare into a folder that holds anything but this preparation's data.
+
+    Preparing again in place would change the tokens under the runs that read the folder: a running rank maps its
+    shards as it reads them, and a requeued or queued job opens them again later, on any node. Switching to a new
+    version atomically would leave the old version in use for as long as any run or checkpoint refers to it,
+    which no preparation can know: it could never be removed safely. So a prepared folder is one data, for good;
+    other data goes into another folder."""
+    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
+        return
+    try:
+        found = json.loads((out_dir / META_FILE).read_text(encoding="utf-8")).get("fingerprint")
+    except (OSError, ValueError, AttributeError):
+        raise UserError(f"{out_dir} exists and is not a prepared data directory; "
+                        f"choose another output directory or empty it") from None
+    if found == fingerprint and _is_prepared(out_dir, fingerprint):
+        return  # another node or process moved this very preparation into place since the caller looked
+    what = "is incomplete (a shard is missing or truncated)" if found == fingerprint else (
+        f"holds data prepared from other inputs or settings (fingerprint {found}; these give {fingerprint})")
+    raise UserError(f"{out_dir} {what}; runs may read it, so it is never prepared again in place: prepare into "
+                    f"another directory (data.dir), or delete {out_dir} once no run reads it")
+
+
+def _move_into_place(tmp: Path, out_dir: Path, fingerprint: str) -> None:
+    """Rename tmp to out_dir, which must not exist or be empty: the rename itself refuses a folder another
+    preparation filled meanwhile (ENOTEMPTY, EEXIST), so of two at once exactly one lands."""
+    try:
+        os.rename(tmp, out_dir)
+    except OSError as e:
+        if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_prepared(out_dir, fingerprint):  # the same inputs prepared by another process: nothing lost
+            refuse_other(out_dir, fingerprint)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,8 +7,11 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import time
 from pathlib import Path
+
+from gpt.errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -23,8 +26,16 @@ def temp_folder(out_dir: Path, fingerprint: str) -> Path:
 
 
 def claim(tmp: Path) -> None:
-    """Record this process as the folder's owner (a resumed folder changes hands)."""
+    """Record this process as the folder's owner (a resumed folder changes hands). Only a folder of this user's is
+    resumed: in a data folder others can write in, another user's (or a link they put there) would let them choose
+    the parts this preparation publishes, and it would write where they point."""
     tmp.mkdir(exist_ok=True)
+    st = os.lstat(tmp)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        what = "a link" if stat.S_ISLNK(st.st_mode) else f"uid {st.st_uid}'s"
+        raise UserError(f"{tmp} is {what}, not a folder of uid {os.getuid()}'s: another user prepares the same data "
+                        f"there; use their {tmp.name.split('.tmp-')[0].lstrip('.')} once it is ready, or set data.dir "
+                        "to a folder of your own")
     part = tmp / f".{OWNER_FILE}.{socket.gethostname()}.{os.getpid()}"
     part.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid()}))
     os.replace(part, tmp / OWNER_FILE)

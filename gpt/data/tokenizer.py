@@ -1,5 +1,5 @@
-"""Tokenizers trained locally on the corpus, or the user's own Hugging Face `tokenizer.json` (never fetched from a
-hub), and how they are saved and loaded.
+"""Tokenizers trained locally on the corpus, or the user's own Hugging Face `tokenizer.json` or SentencePiece
+`tokenizer.model` (never fetched from a hub), and how they are saved and loaded.
 
 `save(dir)` writes `dir/tokenizer.json`: `{"kind": "char", "chars": [...]}` for the character tokenizer, the
 Hugging Face `tokenizers` JSON otherwise. `load_tokenizer(dir)` reads either. Documents are separated by the
@@ -18,6 +18,7 @@ from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from gpt.config.data import MIN_BPE_VOCAB
 from gpt.errors import UserError
+from gpt.hf import sentencepiece
 
 TOKENIZER_FILE = "tokenizer.json"
 END_OF_TEXT = "<|endoftext|>"
@@ -100,7 +101,10 @@ class BPETokenizer:
 
     @classmethod
     def from_file(cls, path: str | Path) -> BPETokenizer:
-        """The user's tokenizer.json (UserError when it cannot be read)."""
+        """The user's tokenizer.json, or a SentencePiece tokenizer.model converted (UserError when it cannot be
+        read)."""
+        if str(path).endswith(sentencepiece.SUFFIX):
+            return cls(sentencepiece.from_sentencepiece(path), kind="hf")
         try:
             return cls(HFTokenizer.from_file(str(path)), kind="hf")
         except Exception as e:  # tokenizers raises a bare Exception for a missing or malformed file

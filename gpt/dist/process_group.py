@@ -236,7 +236,7 @@ def leave() -> None:
 
 # --- collectives: every one outside gpt/parallel/ goes through these -------------------------------------
 # Each places its tensor on the group's communication device, so a value the host holds (a flag, a verdict, a
-# figure) never reaches NCCL as a CPU tensor. tests/gpt/test_collectives.py fails on a collective elsewhere.
+# figure) never reaches NCCL as a CPU tensor. tests/gpt/dist/test_collectives.py fails on a collective elsewhere.
 
 def is_multi(group: Any = None) -> bool:
     """Whether collectives on `group` (None: the default group) involve other ranks."""

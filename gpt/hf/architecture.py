@@ -76,36 +76,71 @@ def hf_config(cfg: ModelConfig, eot: int | None) -> Any:
     return transformers.LlamaConfig(attention_bias=cfg.bias, mlp_bias=cfg.bias, **common)
 
 
+# config.json's defaults where a key is left out, as each transformers config class has them
+LLAMA_DEFAULTS = {"rms_norm_eps": 1e-6, "rope_theta": 10000.0, "num_key_value_heads": None}
+MIXTRAL_DEFAULTS = {"rms_norm_eps": 1e-5, "rope_theta": 1e6, "num_key_value_heads": 8, "num_local_experts": 8,
+                    "num_experts_per_tok": 2}
+
+
 def implied_model(config: dict[str, Any], where: str) -> dict[str, Any]:
-    """The ModelConfig keys a Hugging Face config.json (GPT-2 or LLaMA) fixes; ConfigError for another
+    """The ModelConfig keys a Hugging Face config.json (GPT-2, LLaMA or Mixtral) fixes; ConfigError for another
     architecture or a setting gptlaunch's model does not compute."""
     kind = config.get("model_type")
     if kind == "gpt2":
-        act = config.get("activation_function", "gelu_new")
-        if act not in GPT2_ACTIVATIONS_IN:
-            raise ConfigError("init", where, f"a GPT-2 whose activation_function is one of "
-                              f"{', '.join(GPT2_ACTIVATIONS_IN)}, not {act}")
-        if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx", False):
-            raise ConfigError("init", where, "a GPT-2 whose attention is scaled by 1/sqrt(head_dim) only")
-        return {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
-                "vocab_size": config["vocab_size"], "n_query_groups": None, "position": "learned", "n_expert": 0,
-                "norm": ("layernorm", "layernorm_nobias"),  # a zero bias is no bias: checked with the weights
-                "mlp": GPT2_ACTIVATIONS_IN[act], "mlp_hidden": config.get("n_inner") or 4 * config["n_embd"],
-                "norm_eps": config.get("layer_norm_epsilon", 1e-5), "norm_position": "pre",
-                "max_block_size": config["n_positions"], "tie_embeddings": config.get("tie_word_embeddings", True)}
+        return implied_gpt2(config, where)
     if kind == "llama":
-        if config.get("rope_scaling"):
-            raise ConfigError("init", where, f"a LLaMA without rope_scaling (it has {config['rope_scaling']})")
         if config.get("attention_bias", False) != config.get("mlp_bias", False):
             raise ConfigError("init", where, "a LLaMA whose attention_bias and mlp_bias agree (one model.bias)")
-        heads, width = config["num_attention_heads"], config["hidden_size"]
-        if config.get("head_dim", width // heads) != width // heads:
-            raise ConfigError("init", where, f"a LLaMA whose head_dim is hidden_size / heads = {width // heads}")
-        kv = config.get("num_key_value_heads") or heads
-        return {"n_layer": config["num_hidden_layers"], "n_head": heads, "n_embd": width,
-                "vocab_size": config["vocab_size"], "n_query_groups": None if kv == heads else kv,
-                "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "mlp_hidden": config["intermediate_size"],
-                "norm_eps": config.get("rms_norm_eps", 1e-6), "rope_base": config.get("rope_theta", 10000.0),
-                "bias": config.get("attention_bias", False), "norm_position": "pre", "n_expert": 0,
-                "tie_embeddings": config.get("tie_word_embeddings", False)}
-    raise ConfigError("init", where, f"a GPT-2 or LLaMA folder (its config.json has model_type={kind})")
+        return {**implied_llama(config, where, "LLaMA", LLAMA_DEFAULTS), "n_expert": 0,
+                "bias": config.get("attention_bias", False)}
+    if kind == "mixtral":
+        return {**implied_llama(config, where, "Mixtral", MIXTRAL_DEFAULTS), **implied_router(config, where)}
+    raise ConfigError("init", where, f"a GPT-2, LLaMA or Mixtral folder (its config.json has model_type={kind})")
+
+
+def implied_gpt2(config: dict[str, Any], where: str) -> dict[str, Any]:
+    act = config.get("activation_function", "gelu_new")
+    if act not in GPT2_ACTIVATIONS_IN:
+        raise ConfigError("init", where, f"a GPT-2 whose activation_function is one of "
+                          f"{', '.join(GPT2_ACTIVATIONS_IN)}, not {act}")
+    if not config.get("scale_attn_weights", True) or config.get("scale_attn_by_inverse_layer_idx", False):
+        raise ConfigError("init", where, "a GPT-2 whose attention is scaled by 1/sqrt(head_dim) only")
+    return {"n_layer": config["n_layer"], "n_head": config["n_head"], "n_embd": config["n_embd"],
+            "vocab_size": config["vocab_size"], "n_query_groups": None, "position": "learned", "n_expert": 0,
+            "norm": ("layernorm", "layernorm_nobias"),  # a zero bias is no bias: checked with the weights
+            "mlp": GPT2_ACTIVATIONS_IN[act], "mlp_hidden": config.get("n_inner") or 4 * config["n_embd"],
+            "norm_eps": config.get("layer_norm_epsilon", 1e-5), "norm_position": "pre",
+            "max_block_size": (config["n_positions"], "n_positions"),
+            "tie_embeddings": config.get("tie_word_embeddings", True)}
+
+
+def implied_llama(config: dict[str, Any], where: str, name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """What LLaMA and Mixtral share: RoPE, RMSNorm, a SiLU-gated MLP, grouped-query attention."""
+    if config.get("rope_scaling"):
+        raise ConfigError("init", where, f"a {name} without rope_scaling (it has {config['rope_scaling']})")
+    if config.get("hidden_act", "silu") != "silu":
+        raise ConfigError("init", where, f"a {name} whose hidden_act is silu (SwiGLU), not {config['hidden_act']}")
+    heads, width = config["num_attention_heads"], config["hidden_size"]
+    if (config.get("head_dim") or width // heads) != width // heads:
+        raise ConfigError("init", where, f"a {name} whose head_dim is hidden_size / heads = {width // heads}")
+    kv = config.get("num_key_value_heads", defaults["num_key_value_heads"]) or heads
+    return {"n_layer": config["num_hidden_layers"], "n_head": heads, "n_embd": width,
+            "vocab_size": config["vocab_size"], "n_query_groups": None if kv == heads else kv,
+            "position": "rope", "norm": "rmsnorm", "mlp": "swiglu", "mlp_hidden": config["intermediate_size"],
+            "norm_eps": config.get("rms_norm_eps", defaults["rms_norm_eps"]),
+            "rope_base": config.get("rope_theta", defaults["rope_theta"]), "norm_position": "pre",
+            "tie_embeddings": config.get("tie_word_embeddings", False)}
+
+
+def implied_router(config: dict[str, Any], where: str) -> dict[str, Any]:
+    """Mixtral's experts and router. Its routing is gptlaunch's (softmax over all experts, top-k, renormalised)
+    only without jitter, and its attention is causal over the whole block only where the window covers it."""
+    if config.get("router_jitter_noise", 0.0):
+        raise ConfigError("init", where, f"a Mixtral whose router_jitter_noise is 0 (it has "
+                          f"{config['router_jitter_noise']}; gptlaunch's router adds no noise in training)")
+    implied = {"n_expert": config.get("num_local_experts", MIXTRAL_DEFAULTS["num_local_experts"]),
+               "moe_top_k": config.get("num_experts_per_tok", MIXTRAL_DEFAULTS["num_experts_per_tok"]),
+               "bias": False}  # Mixtral's layers have no biases
+    if config.get("sliding_window"):
+        implied["max_block_size"] = (config["sliding_window"], "sliding_window")
+    return implied

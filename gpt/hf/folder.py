@@ -14,9 +14,10 @@ from gpt.errors import ConfigError, UserError
 
 PREFIX = "hf:"
 TOKENIZER = "tokenizer.json"
+SENTENCEPIECE = "tokenizer.model"  # LLaMA-2-style folders: converted by gpt/hf/sentencepiece.py
 # the ModelConfig keys a folder's config.json fixes (mlp_hidden is said as model.mlp_ratio)
 CHECKED = ("n_layer", "n_head", "n_embd", "n_query_groups", "position", "norm", "mlp", "mlp_hidden", "norm_eps",
-           "rope_base", "bias", "n_expert", "norm_position", "tie_embeddings")
+           "rope_base", "bias", "n_expert", "moe_top_k", "norm_position", "tie_embeddings")
 
 
 def folder_of(init: str) -> Path | None:
@@ -53,19 +54,17 @@ def check_init(init: str, model: ModelConfig, data: DataConfig, resume: str) -> 
             elif isinstance(wanted, tuple):
                 wanted = " or ".join(wanted)
             raise ConfigError(shown, value, f"{wanted}, {where}")
-    if model.position == "learned" and model.block_size > implied["max_block_size"]:
-        raise ConfigError("model.block_size", model.block_size, f"at most n_positions={implied['max_block_size']}, "
-                          f"{where}")
+    limit, key = implied.get("max_block_size", (model.block_size, ""))
+    if model.block_size > limit:  # GPT-2's positions, Mixtral's attention window
+        raise ConfigError("model.block_size", model.block_size, f"at most {key}={limit}, {where}")
     check_tokenizer(folder, data)
 
 
 def check_tokenizer(folder: Path, data: DataConfig) -> None:
-    theirs = folder / TOKENIZER
+    """data.tokenizer_file must be the folder's tokenizer.json, or without one its SentencePiece tokenizer.model."""
+    theirs = folder / TOKENIZER if (folder / TOKENIZER).is_file() else folder / SENTENCEPIECE
     if not theirs.is_file():
-        why = ("holds a SentencePiece tokenizer.model, which gptlaunch does not convert yet: write its tokenizer.json "
-               "with transformers (AutoTokenizer.from_pretrained(PATH).save_pretrained(PATH))"
-               if (folder / "tokenizer.model").is_file() else "has no tokenizer.json")
-        raise UserError(f"init=hf:{folder} {why}")
+        raise UserError(f"init=hf:{folder} has no {TOKENIZER} or {SENTENCEPIECE}")
     if data.tokenizer != "hf" or not data.tokenizer_file or not filecmp.cmp(data.tokenizer_file, theirs, shallow=False):
         raise ConfigError("data.tokenizer_file", data.tokenizer_file, f"{theirs} with data.tokenizer=hf: the "
                           "tokenizer of the folder the run starts from")

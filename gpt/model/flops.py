@@ -1,16 +1,18 @@
 """Analytic parameter counts, training FLOPs per token, peak device FLOP/s and model FLOPs utilisation (MFU).
 
-Everything here is computed from the ModelConfig alone, so a sweep can be planned without building a model.
+Everything here is computed from the ModelConfig alone, so a sweep can be planned without building a model (torch-free).
 MFU is only reported against a known peak: an unknown device or the CPU gives None ("n/a"), never a guess.
 """
 from __future__ import annotations
 
 import re
 import warnings
-
-import torch
+from typing import TYPE_CHECKING
 
 from gpt.config.model import ModelConfig
+
+if TYPE_CHECKING:
+    import torch
 
 # Dense (no sparsity) peak TFLOP/s per torch device, from the vendors' datasheets. "fp32" is the non-tensor-core
 # rate; "tf32" applies when fp32 matmuls run on tensor cores (torch.backends.cuda.matmul.allow_tf32).
@@ -48,6 +50,16 @@ PEAK_TFLOPS.update({
     ("v100s", "fp16"): 130.0, ("v100s", "fp32"): 16.4,
     ("mi250x", "bf16"): 191.5, ("mi250x", "fp16"): 191.5, ("mi250x", "fp32"): 47.9,
 })
+
+# GiB of memory per device, for the planner's fit check (launch.planning.fit); a name that says its size ("NVIDIA
+# A100-SXM4-80GB") is read instead. An A100, A800 or H100 PCIe comes in two sizes: the smaller one, so the check
+# errs on the side of refusing, and cluster.gpu_memory_gb says otherwise.
+MEMORY_GIB: dict[str, float] = {
+    "h100_sxm": 80, "h100_pcie": 80, "h100_nvl": 94, "h200": 141, "h200_nvl": 141, "gh200": 96, "a100": 40,
+    "a800": 40, "h800_sxm": 80, "h800_pcie": 80, "b200": 180, "l40s": 48, "l40": 48, "l4": 24, "a10": 24, "a10g": 24,
+    "v100_sxm": 16, "v100_pcie": 16, "v100s": 32, "mi300x": 192, "mi250x": 64,
+}
+SIZE_IN_NAME = re.compile(r"(\d+)\s*gb\b")
 
 # Patterns on the lower-cased torch.cuda.get_device_name(), most specific first. Word boundaries keep
 # "A10G" (a different chip) from matching "a10" and "L40S" from matching "l4".
@@ -88,6 +100,15 @@ def device_key(torch_device_name: str | None) -> str | None:
         if re.search(pattern, name):
             return key
     return None
+
+
+def memory_gib(device_name: str | None) -> float | None:
+    """GiB of memory of a device by its name (torch's, or a Slurm GPU type such as a100), or None if not known."""
+    size = SIZE_IN_NAME.search((device_name or "").lower())
+    if size:
+        return float(size[1])
+    key = device_key(device_name)
+    return MEMORY_GIB.get(key) if key else None
 
 
 def peak_flops(device_name: str | None, dtype: str | torch.dtype) -> float | None:

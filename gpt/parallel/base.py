@@ -20,7 +20,7 @@ from gpt.config.strategy import StrategyConfig
 from gpt.dist.process_group import DistEnv
 from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
-from gpt.train.optim import build_adamw
+from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.traits import StrategyTraits, traits_of
@@ -38,7 +38,15 @@ class StepResult:
     grad_norm: torch.Tensor  # global gradient norm before clipping
     layer_grad_norms: dict[str, float] | None = None  # per layer, when asked for
     clock: PhaseClock | None = None  # when forward+backward and the optimizer step ended
-    skipped: bool = False  # the update was left out: the global gradient norm was not finite (gpt.train.divergence)
+    # On the device, 0-dim bool: the update was left out, the global gradient norm not finite (gpt.train.divergence);
+    # None where the strategy does not say (fp16: the GradScaler skips steps of its own)
+    skipped: torch.Tensor | None = None
+
+
+def nonfinite(grad_norm: torch.Tensor) -> torch.Tensor:
+    """Whether to leave the update out, on the device (no host read): the global gradient norm, the same on every
+    rank, is not finite (a non-finite loss on any rank makes it so: gpt.train.divergence)."""
+    return ~torch.isfinite(grad_norm)
 
 
 def plain(value: torch.Tensor) -> torch.Tensor:
@@ -168,23 +176,21 @@ class Strategy:
             self.scaler.unscale_(self.optimizer)
         layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
-        skip = self.skips_update(grad_norm)
-        if not skip:
-            self.before_update()
-        if self.scaler:
+        self.before_update()
+        skipped = None
+        if self.scaler:  # under fp16 the GradScaler decides: it skips the step and lowers its scale, as AMP does
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        elif not skip:
-            self.optimizer.step()
+        else:
+            skipped = nonfinite(grad_norm)
+            self.optimizer_step(skipped)
         self.optimizer.zero_grad(set_to_none=True)
         clock.mark("optimizer")
-        return StepResult(total, grad_norm, layers, clock, skip)
+        return StepResult(total, grad_norm, layers, clock, skipped)
 
-    def skips_update(self, grad_norm: torch.Tensor) -> bool:
-        """Whether to leave this step's update out: its global gradient norm, the same on every rank, is not finite
-        (a non-finite loss on any rank makes it so: gpt.train.divergence). One host read per step. Under fp16 the
-        GradScaler decides instead: it skips the step and lowers its scale, as AMP does."""
-        return self.scaler is None and not bool(torch.isfinite(grad_norm))
+    def optimizer_step(self, skipped: torch.Tensor) -> None:
+        """The update, left out on the device where `skipped` is true (gpt.train.optim.step_unless)."""
+        step_unless(self.optimizer, skipped)
 
     def clip_gradients(self, max_norm: float) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -262,6 +268,19 @@ class Strategy:
         for name, p in self.unwrapped.named_parameters():
             if p.grad is not None:
                 yield name, *local_part(p.grad, self.dp_size)
+
+    # What this rank holds, tensor by tensor (gpt.parallel.memory_held counts each once): a strategy that keeps a
+    # part outside the module's parameters, their .grad and the optimizer's state says where.
+    def held_parameters(self) -> Iterator[torch.Tensor]:
+        return (p for module, _ in self.state_parts() for p in module.parameters())
+
+    def held_gradients(self) -> Iterator[torch.Tensor]:
+        """The gradients the update reads, as they are just before it (after clipping)."""
+        return (p.grad for p in self.held_parameters() if p.grad is not None)
+
+    def held_optimizer_state(self) -> Iterator[torch.Tensor]:
+        return (v for _, opt in self.state_parts() for state in opt.state.values() for v in state.values()
+                if isinstance(v, torch.Tensor))
 
     def parameter_bytes(self) -> int:
         """Bytes of parameters this rank holds (a sharded strategy holds about total / world size)."""

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import warnings
 from pathlib import Path
@@ -25,11 +26,12 @@ from torch import nn
 
 from gpt.checkpoint.safe_load import load_deepspeed_file
 from gpt.errors import ConfigError
+from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
 from gpt.train.optim import build_adamw
 from gpt.train.step_timer import PhaseClock
 from gpt.config.strategy import StrategyConfig
-from gpt.parallel.base import StepResult, Strategy
+from gpt.parallel.base import StepResult, Strategy, nonfinite
 from gpt.parallel.mesh import ensure_process_group
 
 TAG = "engine"
@@ -96,6 +98,10 @@ class DeepSpeed(Strategy):
         # ZeRO calls collectives torch has renamed; each call would print a FutureWarning.
         warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
         ensure_process_group(self.device)
+        if self.device.type == "cpu":
+            # On CPU, DeepSpeed's first init_distributed JIT-compiles a shared-memory all-reduce (about 80 CPU-s,
+            # again for every install path) that only its inference kernels call, never ZeRO's training.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False)
         model.to(self.device)
         optimizer = build_adamw(model, lr, weight_decay, betas, self.device)
@@ -133,24 +139,52 @@ class DeepSpeed(Strategy):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
-        layers = None
+        layers = ours = None
         clock = PhaseClock(self.device)
         for i, (x, y) in enumerate(micro_batches):
             if i == 0:
                 self._configure(x.size(0), n_micro, grad_clip)
-            loss = self.engine(x, y)[1]  # the logits not held through backward
+            loss = spread_nonfinite(self.engine(x, y)[1], self.loss_factor)  # the logits not held through backward
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             if i == n_micro - 1:
                 clock.mark("fwd_bwd")  # the gradients are reduced; the engine's step below is the optimizer's
                 if layer_norms:  # before the step, which frees the reduced gradients
                     layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device)
+                ours = self.leave_out_nonfinite()
+                self.before_update()
             self.engine.step()  # steps the optimizer only at the accumulation boundary
             total += loss.detach().float() / n_micro
+        if ours is not None:
+            del self.engine.optimizer.found_inf
         clock.mark("optimizer")
         # Left on the device: the reporter reads it to the host on log steps only.
-        norm = self.engine.get_global_grad_norm()
+        norm = self.engine.get_global_grad_norm() if ours is None else ours[1]
         norm = torch.as_tensor(norm if norm is not None else float("nan"), dtype=torch.float32)
-        return StepResult(total, norm.detach(), layers, clock)
+        return StepResult(total, norm.detach(), layers, clock, self.skipped(ours))
+
+    def leave_out_nonfinite(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Where the engine's optimizer checks no overflow (ZeRO-0 outside fp16: our AdamW steps bare), the update is
+        left out on the device, as other strategies leave it out (gpt.train.optim.step_unless): the reduced
+        gradients' global norm, the same on every rank, is handed to the fused AdamW as found_inf. Returns
+        (not finite, the norm), or None where the engine checks itself (ZeRO-1..3 on their norm, fp16's scaler)."""
+        optimizer = self.engine.optimizer
+        if hasattr(optimizer, "overflow"):
+            return None
+        if not optimizer.defaults.get("fused"):
+            raise TypeError(f"{type(optimizer).__name__} without fused=True cannot leave an update out on the device")
+        norm = torch.nn.utils.get_total_norm([p.grad for p in self.engine.module.parameters() if p.grad is not None])
+        skipped = nonfinite(norm)
+        optimizer.found_inf = skipped.to(torch.float32)
+        return skipped, norm
+
+    def skipped(self, ours: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor | None:
+        """Whether the update was left out: ours on the device, or the engine's verdict (it read its norm to the
+        host, and skips a non-finite one); None under fp16, whose loss scaler skips steps of its own."""
+        if self.precision == "fp16":
+            return None
+        if ours is not None:
+            return ours[0]
+        return torch.tensor(not self.engine.was_step_applied())
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -169,6 +203,29 @@ class DeepSpeed(Strategy):
                 yield name, safe_get_local_grad(p), 1
             elif getattr(p, "_hp_mapping", None) is not None:
                 yield name, _owned_grad_fragment(p), 1
+
+    def held_parameters(self) -> Iterator[torch.Tensor]:
+        # ZeRO-3: the partition this rank holds (the parameter itself is empty outside a forward)
+        return (getattr(p, "ds_tensor", p) for p in self.engine.module.parameters())
+
+    def held_gradients(self) -> Iterator[torch.Tensor]:
+        """ZeRO-1..3 reduce the gradients into this rank's partition, which the ZeRO optimizer keeps (its
+        averaged_gradients: per parameter group, a flat buffer or per-parameter fragments), emptying .grad; a whole
+        gradient still held (ZeRO-0's .grad, an fp32 accumulation buffer, grad_accum) counts too."""
+        partitions = getattr(self.engine.optimizer, "averaged_gradients", {})
+        own = (t for group in partitions.values() if group is not None
+               for t in ([group] if isinstance(group, torch.Tensor) else group))
+        whole = (g for p in self.engine.module.parameters() for g in (p.grad, getattr(p, "grad_accum", None))
+                 if g is not None)
+        return itertools.chain(own, whole)
+
+    def held_optimizer_state(self) -> Iterator[torch.Tensor]:
+        """AdamW's moments over this rank's partition, and the fp32 partition they update (the ZeRO optimizer's
+        master weights: a copy, even when the model is fp32)."""
+        optimizer = self.engine.optimizer
+        masters = (getattr(optimizer, "single_partition_of_fp32_groups", None)
+                   or getattr(optimizer, "fp32_partitioned_groups_flat", None) or [])
+        return itertools.chain(super().held_optimizer_state(), masters)
 
     def parameter_bytes(self) -> int:
         total = 0

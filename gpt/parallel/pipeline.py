@@ -40,9 +40,9 @@ from gpt.model.flops import flops_per_token
 from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
-from gpt.train.optim import build_adamw
+from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, local_part
+from gpt.parallel.base import StepResult, Strategy, local_part, nonfinite
 from gpt.parallel.fsdp import shard
 from gpt.parallel.mesh import build_mesh, describe_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
@@ -228,15 +228,13 @@ class Pipeline(Strategy):
         clock.mark("fwd_bwd")
         layers = layer_grad_norms(self.local_gradients(), self.layer_keys, self.device) if layer_norms else None
         grad_norm = self.clip_gradients(grad_clip)
-        skip = not bool(torch.isfinite(grad_norm))  # a non-finite loss made it so (no GradScaler here)
-        if not skip:
-            self.before_update()
+        skipped = nonfinite(grad_norm)  # a non-finite loss made it so (no GradScaler here)
+        self.before_update()
         for optimizer in self.optimizers:
-            if not skip:
-                optimizer.step()
+            step_unless(optimizer, skipped)
             optimizer.zero_grad(set_to_none=True)
         clock.mark("optimizer")
-        return StepResult(loss, grad_norm, layers, clock, skip)
+        return StepResult(loss, grad_norm, layers, clock, skipped)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dp_kind == "fsdp":

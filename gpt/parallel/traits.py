@@ -142,6 +142,21 @@ class StrategyTraits:
         """The share of the model's parameters one rank holds."""
         return 1.0
 
+    def state_bytes(self, strategy: StrategyConfig, precision: str) -> tuple[int, int, int]:
+        """Bytes per parameter of the parameters, gradients and optimizer state (before the shares): fp32 weights
+        and gradients (autocast keeps fp32 weights), AdamW's two fp32 moments."""
+        return 4, 4, 8
+
+    def state_shares(self, strategy: StrategyConfig, dims: ParallelDims) -> tuple[float, float, float]:
+        """The shares of the model's parameters, gradients and optimizer state one rank holds (the planner's memory
+        estimate, gpt.parallel.memory_estimate)."""
+        share = self.param_fraction(strategy, dims)
+        return share, share, share
+
+    def activation_layers(self, strategy: StrategyConfig, dims: ParallelDims, n_layer: int) -> float:
+        """How many layers' activations of one micro-batch a rank holds at once at its peak."""
+        return float(n_layer)
+
     def waits_in_compute(self, strategy: StrategyConfig, dims: ParallelDims) -> bool:
         """Whether a rank waits for its peers inside forward and backward, where the step timer cannot tell the
         wait from compute (gpt.train.compute_probe judges it then). Replicas that reduce gradients wait after the
@@ -201,6 +216,9 @@ class Zero1Traits(DDPTraits):
     implementation = "gpt.parallel.zero1:Zero1"
     data_axis = "dp_shard"
 
+    def state_shares(self, strategy, dims):
+        return 1.0, 1.0, 1.0 / dims.dp  # the AdamW state split over the replicas
+
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
@@ -240,6 +258,15 @@ class DeepSpeedTraits(StrategyTraits):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / dims.dp if strategy.stage == 3 else 1.0
+
+    def state_bytes(self, strategy, precision):
+        # the engine casts the model to bf16/fp16; ZeRO's optimizer steps an fp32 copy of its partition
+        return 4 if precision == "fp32" else 2, 4, 12 if strategy.stage >= 1 else 8
+
+    def state_shares(self, strategy, dims):
+        split = 1.0 / dims.dp  # ZeRO: stage 1 splits the optimizer state, 2 the gradients too, 3 the parameters too
+        stage = strategy.stage
+        return split if stage >= 3 else 1.0, split if stage >= 2 else 1.0, split if stage >= 1 else 1.0
 
     def waits_in_compute(self, strategy, dims):
         return strategy.stage == 3 and dims.dp > 1  # parameters gathered layer by layer
@@ -377,6 +404,13 @@ class PipelineTraits(StrategyTraits):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
+
+    def activation_layers(self, strategy, dims, n_layer):
+        """A stage's layers, for the micro-batches in flight at once (all of them under gpipe; under 1f1b and the
+        interleaved schedule about pp), each a 1/microbatches part of the rank's batch."""
+        micro = strategy.pipeline_microbatches(dims.pp)
+        in_flight = micro if strategy.schedule == "gpipe" else min(micro, dims.pp)
+        return n_layer / dims.pp * in_flight / micro
 
     def waits_in_compute(self, strategy, dims):
         return True  # a stage receives its inputs and its gradients from its neighbours

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import inspect
 
+import torch
+
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from gpt.train.optim import build_adamw
+from gpt.train.optim import build_adamw, step_unless
 from gpt.parallel.ddp import DDP
 
 
@@ -31,6 +33,10 @@ class Zero1(DDP):
                     if k in accepted and k not in ("params", "weight_decay")}
         self.optimizer = ZeroRedundancyOptimizer(groups, optimizer_class=type(reference),
                                                  parameters_as_bucket_view=True, **defaults)
+
+    def optimizer_step(self, skipped: torch.Tensor) -> None:
+        # the local AdamW runs the kernel; ZeRO's step then broadcasts the partitions (unchanged where left out)
+        step_unless(self.optimizer, skipped, kernel_owner=self.optimizer.optim)
 
     def state_parts(self):
         # The local optimizer steps this rank's partition: its state is what this rank saves and restores.

@@ -16,8 +16,9 @@ nothing, so a normal run is never changed.
                                         handling ends the survivors of a lost or failed peer (a CPU mirror)
     debug.straggler_rank, straggler_s   a rank lags every step of the first attempt (a sick host: excluded,
                                         the next attempt runs without it)
-    debug.nan_at_step, nan_rank         that rank's loss is NaN at that step (a divergence: gpt.train.divergence)
-    debug.spike_at_step, spike_factor   every rank's loss is multiplied by spike_factor at that step (a loss spike)
+    debug.nan_at_step, nan_rank         that rank's loss is NaN on that step's batch (a divergence:
+                                        gpt.train.divergence; a rollback passes over the batch)
+    debug.spike_at_step, spike_factor   every rank's loss is multiplied by spike_factor on that step's batch
     debug.fill_disk_step                rank 0 fills the file system of the run folder before that step (with
                                         RUN_DIR/../.debug-fill-disk, outside the run folder): a full disk between
                                         saves, or during an asynchronous save still in flight
@@ -98,13 +99,14 @@ class Faults:
         PROGRESS.what = f"debug.hang_rank: hanging {where}"
         threading.Event().wait()  # for ever; the GIL is free, so the watchdog thread runs
 
-    def loss_factor(self, step: int) -> float:
-        """What this rank's loss is multiplied by at `step`: NaN (debug.nan_at_step on nan_rank), spike_factor
-        (debug.spike_at_step, every rank), else 1."""
+    def loss_factor(self, batch: int) -> float:
+        """What this rank's loss is multiplied by on the batch of index `batch` (a step's own, unless a rollback
+        passed over batches: then the batch it names is never trained again): NaN on the batch of debug.nan_at_step
+        (on nan_rank), spike_factor on that of debug.spike_at_step (every rank), else 1."""
         c = self.cfg
-        if step == c.nan_at_step and self.rank == c.nan_rank:
+        if batch == c.nan_at_step and self.rank == c.nan_rank:
             return float("nan")
-        return c.spike_factor if step == c.spike_at_step else 1.0
+        return c.spike_factor if batch == c.spike_at_step else 1.0
 
     def before_commit(self, step: int) -> None:
         """Inside a save, after the shards and before meta.json."""

@@ -2,9 +2,9 @@
 
 Each attempt's line in RUN_DIR/attempts.jsonl carries a `goodput` record: its allocated wall time, and the
 seconds it spent starting up (to the first step), training, evaluating, saving (the loop's blocked time) and
-loading, and how many steps of the attempt before it were trained again (lost: trained after that attempt's last
-checkpoint). The run's goodput is the training time of the steps it kept over the allocated time of every
-attempt. Torch-free: the report reads it offline.
+loading, how many steps of the attempt before it were trained again (lost: trained after that attempt's last
+checkpoint), and how many of its own steps a rollback undid (lost too: trained again). The run's goodput is the
+training time of the steps it kept over the allocated time of every attempt. Torch-free: the report reads it offline.
 
 checkpoint.interval_minutes=auto chooses the interval that maximises expected goodput (Young/Daly):
 sqrt(2 x the cost of one save x the mean time between interruptions).
@@ -33,6 +33,7 @@ class Spent:
     save_s: float = 0.0
     saves: int = 0
     steps: int = 0
+    steps_undone: int = 0  # of `steps`, those a rollback undid (divergence.policy=rollback): trained again, lost
 
     @contextmanager
     def timed(self, phase: str):
@@ -46,39 +47,45 @@ class Spent:
         return {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(self).items()}
 
 
-def kept_training_s(run_dir: Path, since: float, from_step: int, to_step: int) -> float:
-    """Training seconds of steps from_step..to_step that an attempt killed outright (it wrote no goodput record)
-    kept in its last checkpoint: the steps times its median step time in rank 0's metrics, from `since` on."""
+def _records(run_dir: Path, since: float) -> list[dict]:
+    """Rank 0's metrics records from `since` on (a line cut short by a kill is skipped)."""
     try:
         lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
     except OSError:
-        return 0.0
-    times = []
+        return []
+    records = []
     for line in lines:
         try:
             r = json.loads(line)
-        except ValueError:
+            if float(r.get("time", 0.0)) >= since:
+                records.append(r)
+        except (ValueError, TypeError, AttributeError):
             continue
-        if r.get("kind") == "train" and r.get("time", 0) >= since and from_step < r.get("step", 0) <= to_step:
-            times.append(r.get("step_time_s") or 0.0)
+    return records
+
+
+def kept_training_s(run_dir: Path, since: float, from_step: int, to_step: int) -> float:
+    """Training seconds of steps from_step..to_step of an attempt that wrote no goodput record (killed outright, a
+    hang, a failure): the steps times its median step time in rank 0's metrics, from `since` on."""
+    times = [r.get("step_time_s") or 0.0 for r in _records(run_dir, since)
+             if r.get("kind") == "train" and from_step < r.get("step", 0) <= to_step]
     return round(sorted(times)[len(times) // 2] * (to_step - from_step), 3) if times else 0.0
 
 
 def last_record_time(run_dir: Path, since: float) -> float | None:
     """When rank 0 last wrote a metrics record, from `since` on: the last sign of life of an attempt killed
     outright (its lease's beat is gone with it, or already the next attempt's)."""
-    try:
-        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
-    except OSError:
-        return None
-    times = []
-    for line in lines:
-        try:
-            times.append(float(json.loads(line).get("time", 0.0)))
-        except (ValueError, TypeError, AttributeError):  # cut short by the kill
-            continue
-    after = [t for t in times if t >= since]
-    return max(after) if after else None
+    times = [float(r["time"]) for r in _records(run_dir, since)]
+    return max(times) if times else None
+
+
+def last_trained_step(run_dir: Path, since: float) -> int | None:
+    """The last step rank 0 recorded from `since` on (an attempt whose trainer cannot say)."""
+    steps = [r["step"] for r in _records(run_dir, since) if r.get("kind") == "train" and isinstance(r.get("step"), int)]
+    return max(steps) if steps else None
+
+
+ESTIMATED = "estimated"  # a goodput record's key: how an attempt that recorded no time was timed afterwards
 
 
 @dataclass
@@ -88,6 +95,7 @@ class RunGoodput:
     kept_train_s: float
     losses: dict[str, float] = field(default_factory=dict)  # seconds by cause
     untimed: int = 0  # attempts whose line has no time record (left out of the sums)
+    estimated: int = 0  # attempts timed afterwards from what they left (metrics records, the lease's beat)
     interruptions: list[str] = field(default_factory=list)  # how each attempt that did not finish ended
 
     @property
@@ -100,6 +108,8 @@ class RunGoodput:
         lost = ", ".join(f"{k} {v:.1f} s" for k, v in self.losses.items() if v >= 0.05)
         text = (f"goodput {100 * self.goodput:.1f}%: {self.kept_train_s:.1f} s of training kept of "
                 f"{self.allocated_s:.1f} s allocated over {self.attempts} attempt(s)")
+        if self.estimated:
+            text += f" ({self.estimated} of them timed from what it left: its last metrics record or beat)"
         if self.untimed:
             text += f" ({self.untimed} of them recorded no time)"
         text += f"; lost to {lost}" if lost else ""
@@ -117,7 +127,7 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
         if not g:
             continue
         after = records[i + 1] if i + 1 < len(records) else None
-        lost_steps = (after or {}).get("steps_replayed", 0)
+        lost_steps = (after or {}).get("steps_replayed", 0) + g.get("steps_undone", 0)
         per_step = g["train_s"] / g["steps"] if g.get("steps") else 0.0
         lost = min(lost_steps * per_step, g["train_s"])
         allocated += g["allocated_s"]
@@ -129,7 +139,7 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
     losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
     interruptions = [a.ended for a in attempts if a.ended and not a.finished]
     return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
-                      interruptions=interruptions)
+                      estimated=sum(1 for g in kept if g.get(ESTIMATED)), interruptions=interruptions)
 
 
 def recovery(before: AttemptLine) -> str:

@@ -3,6 +3,7 @@ when and who acts):
     hang-<attempt>.json   claimed (created empty) by the rank that acts, then its summary record
     hang-<attempt>.txt    the summary, readable, then every rank's Python stacks, one append per rank
     hang-<attempt>-flight-recorder-rank<R>.pkl   torch's flight recorder of each rank
+<attempt> is the attempt's own id, asked when it is needed (launch.run.attempts.hang_report_name).
 
 Every write is best effort where the storage may be what failed: the requeue is done by then, and the report is a
 bonus."""
@@ -25,10 +26,18 @@ log = logging.getLogger(__name__)
 
 
 class HangReport:
-    def __init__(self, run_dir: Path, attempt: int, rank: int, host: str, world: int, interval_s: float):
+    def __init__(self, run_dir: Path, attempt: Callable[[], str], rank: int, host: str, world: int,
+                 interval_s: float):
         self.run_dir, self.attempt, self.rank, self.host, self.world = run_dir, attempt, rank, host, world
         self.interval_s = interval_s  # the watchdog's: how fast the other ranks add their parts
-        self.json_path, self.text_path = RunFolder(run_dir).hang_report(attempt)
+
+    @property
+    def json_path(self) -> Path:
+        return RunFolder(self.run_dir).hang_report(self.attempt())[0]
+
+    @property
+    def text_path(self) -> Path:
+        return RunFolder(self.run_dir).hang_report(self.attempt())[1]
 
     def reported_elsewhere(self) -> bool:
         try:
@@ -97,7 +106,7 @@ class HangReport:
         """Every rank's flight recorder dump, waiting a little for the live ranks' (each dumps as it sees the
         hang: within an interval of this rank)."""
         folder = RunFolder(self.run_dir)
-        paths = {r: folder.flight_recorder(self.attempt, r) for r in range(self.world)}
+        paths = {r: folder.flight_recorder(self.attempt(), r) for r in range(self.world)}
         deadline = time.monotonic() + 2 * self.interval_s + 2
         while not all(paths[r].exists() for r in alive) and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -112,7 +121,7 @@ class HangReport:
         try:
             from torch._C._distributed_c10d import _dump_fr_trace
 
-            path = RunFolder(self.run_dir).flight_recorder(self.attempt, self.rank)
+            path = RunFolder(self.run_dir).flight_recorder(self.attempt(), self.rank)
             tmp = path.with_name(f".{path.name}.tmp")
             tmp.write_bytes(_dump_fr_trace())
             os.replace(tmp, path)  # the reporting rank never reads half a dump

@@ -2,9 +2,10 @@
 in the run folder), and bus bandwidth. What the figures mean is gpt.resilience.health_verdict.
 
 On CPU each node's matmul speed is its ranks' together, and the nodes take turns (every rank of one node at once,
-the others waiting), in `health.rounds` rounds, each node keeping its best turn: nodes of a local test cluster share
-one machine's cores, and measured at the same time they would slow each other down. The bus figure is the
-preflight all-reduce's.
+the others waiting): nodes of a local test cluster share one machine's cores, and measured at the same time they
+would slow each other down. A node below `health.min_fraction` of the median after a round takes another turn, up
+to `health.rounds` in all, keeping its best: load from elsewhere is not a slow node, and a healthy job pays one
+turn per node. The bus figure is the preflight all-reduce's.
 
 On GPUs every GPU is measured at once, on its own: a bf16 matmul of `health.gpu_matmul_size` (8192) timed with
 CUDA events, as many as fill `health.gpu_seconds`; then nccl-tests' bus bandwidth of a `health.bus_mib` (128 MiB)
@@ -23,8 +24,8 @@ import torch.distributed as dist
 from gpt.config.sections import HealthConfig
 from gpt.dist.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects
 from gpt.train.step_timer import PhaseClock
-from gpt.resilience.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, bus_figures, bus_groups,
-                                           matmul_iterations)
+from gpt.resilience.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, below_fraction,
+                                           bus_figures, bus_groups, matmul_iterations, node_sums)
 from gpt.run_folder import RunFolder
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,15 +78,18 @@ def measure_nodes(cfg: HealthConfig, node: int, num_nodes: int, host: str, rank:
     ranks share its cores); a host in `known` (the same on every rank) keeps that figure and takes no turn."""
     known = known or {}
     skip = {n for n, h in gather_objects((node, host)) if h in known} if known else set()
-    best = 0.0
-    for _ in range(cfg.rounds):
-        for turn in range(num_nodes):
-            if turn in skip:
-                continue
+    turns, best = [n for n in range(num_nodes) if n not in skip], 0.0
+    for round_ in range(cfg.rounds):
+        for turn in turns:
             barrier()
             if turn == node:
                 gflops = matmul_gflops(cfg.matmul_size, device, DTYPES[precision], drag=CPU_SLOW_DRAG if slow else 1.0)
                 best = max(best, gflops)
+        if round_ + 1 < cfg.rounds:
+            turns = sorted(set(turns) & below_fraction(node_sums(gather_objects((node, host, best)), known),
+                                                        cfg.min_fraction))
+            if not turns:
+                break
     barrier()
     storage = storage_problem(run_dir, f"{host}-rank{rank}")
     nodes: dict[int, NodeHealth] = {}

@@ -36,6 +36,20 @@ def bus_groups(nodes: list[int]) -> tuple[list[list[int]], list[int] | None]:
     return intra, list(range(len(nodes))) if len(intra) > 1 else None
 
 
+
+def node_sums(figures: list[tuple[int, str, float]], known: dict[str, float]) -> dict[int, float]:
+    """Each node's GFLOP/s, its ranks' (node, host, GFLOP/s) summed; a host in `known` keeps its known figure."""
+    sums: dict[int, float] = {}
+    for n, host, gflops in figures:
+        sums[n] = known[host] if host in known else sums.get(n, 0.0) + gflops
+    return sums
+
+
+def below_fraction(figures: dict[int, float], min_fraction: float) -> set[int]:
+    """The nodes whose figure is below `min_fraction` of the median node's."""
+    bar = min_fraction * median(figures.values())
+    return {n for n, gflops in figures.items() if gflops < bar}
+
 @dataclass(frozen=True)
 class BusBandwidth:
     """nccl-tests' busbw (GB/s) of a `nbytes` all-reduce: within each node that has several ranks, and over the
@@ -117,7 +131,8 @@ class NodeVerdict(Verdict):
 
     @property
     def flagged(self) -> list[NodeHealth]:
-        return [n for n in self.nodes if n.storage or n.gflops < self.min_fraction * self.median]
+        slow = below_fraction({n.node: n.gflops for n in self.nodes}, self.min_fraction)
+        return [n for n in self.nodes if n.storage or n.node in slow]
 
     @property
     def flagged_hosts(self) -> list[str]:

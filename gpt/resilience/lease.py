@@ -54,6 +54,7 @@ class Beat:
     time: float = 0.0
     ended: bool = False
     round: int = 0  # the in-job restart of the job's attempt that holds it (launch.run.rounds)
+    launch: str = ""  # which launch inside the job holds it (several may share one allocation)
 
     def describe(self) -> str:
         job = f"job {self.job_id}, restart {self.restart}, " if self.job_id else ""
@@ -120,10 +121,12 @@ class Lease:
         self.outage = Outage("the lease's beat", self.path.parent, "training goes on while it cannot beat")
 
     @classmethod
-    def take(cls, run_dir: Path, over: int, job_id: str | None, restart: int, round_: int = 0) -> Lease:
+    def take(cls, run_dir: Path, over: int, job_id: str | None, restart: int, round_: int = 0,
+             launch: str = "") -> Lease:
         """Claim generation `over` + 1. Raises LeaseLost when another process claimed it first."""
         g = over + 1
-        me = Beat(g, 0, job_id, restart, socket.gethostname(), os.getpid(), pid_namespace(), round=round_)
+        me = Beat(g, 0, job_id, restart, socket.gethostname(), os.getpid(), pid_namespace(), round=round_,
+                  launch=launch)
         claims = RunFolder(run_dir).lease_claims
         claims.mkdir(parents=True, exist_ok=True)
         tmp = claims / f".{g}.{me.host}.{me.pid}.tmp"

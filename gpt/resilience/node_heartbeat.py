@@ -2,9 +2,12 @@
 the shared file system's metadata server sees at most one operation per node per second, whatever the number of
 ranks per node.
 
-Every rank writes its beat into node-local memory (/dev/shm/gptlaunch-<run>/<host>/rank<R>.json; creates and
-renames there never reach the shared file system). One of them, the node's writer, copies every local rank's beat
-of this attempt into the node's record at each of its own beats. The record is rewritten in place through a file
+Every rank writes its beat into node-local memory (/dev/shm/gptlaunch-<key>/<host>/rank<R>.json; creates and
+renames there never reach the shared file system). The key hashes the run folder with the run's secret
+(watchdog/node-secret, readable by this user alone), and the folder is this user's alone (mode 0700, checked at
+every beat): another user of a shared node can neither guess it, nor make it first, nor write in it. One of the
+ranks, the node's writer, copies every local rank's beat of this attempt into the node's record at each of its own
+beats. The record is rewritten in place through a file
 descriptor kept open: a write and a flush to the file server (data, not metadata), no create, open or rename. The
 only metadata operation left per beat is the writer's fence (a lookup of the next generation's claim). The writer
 is the lowest local rank whose beat moved within WRITER_SILENT_BEATS intervals on this rank's own clock: a writer
@@ -16,11 +19,14 @@ import atexit
 import hashlib
 import json
 import os
+import secrets
+import stat
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from gpt.errors import UserError
 from gpt.resilience.heartbeat import Liveness
 from gpt.resilience.lease import fence
 from gpt.run_folder import RunFolder
@@ -30,10 +36,49 @@ ATTEMPT = ("attempt", "restart", "generation")  # what tells this attempt's beat
 
 
 def node_local_dir(run_dir: Path, host: str) -> Path:
-    """This node's folder of local beats: memory (/dev/shm) where there is one, named after the run folder."""
+    """This node's folder of local beats: memory (/dev/shm) where there is one. Its name holds the run's secret, so
+    that another user of the node can neither find it nor make it first; `private_folder` checks it is this user's."""
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
-    run = hashlib.sha1(str(Path(run_dir).resolve()).encode()).hexdigest()[:12]
-    return base / f"gptlaunch-{run}" / host
+    key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{run_secret(run_dir)}".encode()).hexdigest()[:32]
+    return base / f"gptlaunch-{key}" / host
+
+
+def run_secret(run_dir: Path) -> str:
+    """The run's secret, made by the first rank that asks: a file only this user can read, linked into place whole
+    (every rank of every attempt reads the same one)."""
+    path = RunFolder(run_dir).node_secret
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(8)}")
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as f:
+            f.write(secrets.token_hex(16))
+        try:
+            os.link(tmp, path)
+        except FileExistsError:  # another rank's came first: every rank reads that one
+            pass
+        finally:
+            tmp.unlink()
+    with open(path, opener=lambda name, flags: os.open(name, flags | os.O_NOFOLLOW)) as f:
+        _check_private(path, os.fstat(f.fileno()), 0o600)
+        return f.read().strip()
+
+
+def private_folder(folder: Path) -> None:
+    """Make `folder` for this user alone (mode 0700), or check that the one there is: a folder another user made or
+    opened to others is refused, since whoever can write in it can stop or fool this run's watchdog."""
+    try:
+        folder.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    _check_private(folder, os.lstat(folder), 0o700)  # a link's own mode is open to all: refused too
+
+
+def _check_private(path: Path, st: os.stat_result, mode: int) -> None:
+    if st.st_uid != os.getuid() or st.st_mode & 0o077:
+        wanted = stat.filemode(stat.S_IFMT(st.st_mode) | mode)
+        raise UserError(f"{path} belongs to uid {st.st_uid} with mode {stat.filemode(st.st_mode)}: another user could "
+                        f"stop or fool this run's watchdog through it; it must be uid {os.getuid()}'s with mode "
+                        f"{wanted} (remove it, and run again)")
 
 
 class NodeHeartbeat:
@@ -57,7 +102,8 @@ class NodeHeartbeat:
         with self.lock:
             if self.closed:
                 return
-            self.local.mkdir(parents=True, exist_ok=True)
+            private_folder(self.local.parent)
+            self.local.mkdir(exist_ok=True)
             tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(record))
             os.replace(tmp, self.path)

@@ -71,6 +71,13 @@ class Progress:
         self._mark(now)
         self.kind, self.what, self.step = kind, what, step
 
+    def resumed(self, frozen_s: float) -> None:
+        """The process was stopped for about `frozen_s` (Ctrl-Z, SIGSTOP): no phase spent that time. Never past
+        now: the main thread may have marked since it woke."""
+        now = time.monotonic()
+        for name in ("since", "started", "_step_began", "_save_began"):
+            setattr(self, name, min(getattr(self, name) + frozen_s, now))
+
     @contextlib.contextmanager
     def collective(self, name: str) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():  # a background save's own group

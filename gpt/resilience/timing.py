@@ -30,6 +30,10 @@ HANG_EXIT_S = 90.0
 # missed beats at the default interval, well past one slow write on a busy metadata server.
 SILENT_S = 10.0
 
+# A watchdog's sleep that overran by more than this: the process was stopped (Ctrl-Z, SIGSTOP) meanwhile, and that
+# time counts against no phase's budget (a wake-up would otherwise look like a hang of that long).
+FROZEN_S = 10.0
+
 # A rank's watchdog: after a collective failed, a peer's heartbeat must be at least this old for the peer to count
 # as lost (a task Slurm saw die: Slurm ends the job first); while stuck, it probes the master's port at most this
 # often, each probe waiting this long for a connection.

@@ -1,8 +1,9 @@
 """A watchdog thread in every rank. It writes the rank's heartbeat (what gpt.resilience.progress says it is doing) into
 the run folder every `interval_s`, and when the rank has made no progress for longer than its budget, or another
-rank has reported a hang, it ends the attempt (Watchdog.fire): one rank decides and requeues through `on_hang` first,
-then every rank adds to the report as far as the storage lets it, and the process exits within HANG_EXIT_S whatever
-happens (a report on a full or lost file system must not park the allocation).
+rank has reported a hang (looked for only while this rank is stuck itself), it ends the attempt (Watchdog.fire): one
+rank decides and requeues through `on_hang` first, then every rank adds to the report as far as the storage lets it,
+and the process exits within HANG_EXIT_S whatever happens (a report on a full or lost file system must not park the
+allocation).
 
 The report (gpt.resilience.hang_report writes its files): the first rank to time out writes the summary line, every
 rank's heartbeat, who waited in which collective (from torch's flight recorder where it has dumps, preferred to the
@@ -31,7 +32,7 @@ from gpt.resilience.lease import fence, fenced_generation
 from gpt.resilience.node_heartbeat import NodeHeartbeat
 from gpt.resilience.progress import PROGRESS, Progress
 from gpt.resilience.timing import (HANG_EXIT_S, PROBE_EVERY_S, PROBE_TIMEOUT_S, REPORTER_GRACE_S, REQUEUE_WAIT_S,
-                                   SCHEDULER_GRACE_S, SILENT_S)
+                                   SCHEDULER_GRACE_S, FROZEN_S, SILENT_S)
 from gpt.config.sections import WatchdogConfig
 from gpt.errors import EXIT_HANG
 from gpt.run_folder import RunFolder
@@ -46,7 +47,7 @@ class Watchdog:
 
     def __init__(self, cfg: WatchdogConfig, run_dir: Path, rank: int, world: int, host: str, attempt: int,
                  on_hang: Callable[[dict | None], bool], progress: Progress = PROGRESS,
-                 master: tuple[str, int] | None = None, restart: int = 0):
+                 master: tuple[str, int] | None = None, restart: int = 0, report_name: Callable[[], str] | None = None):
         self.cfg, self.run_dir, self.rank, self.world, self.host = cfg, run_dir, rank, world, host
         self.attempt, self.on_hang, self.progress, self.master = attempt, on_hang, progress, master
         self.restart, self.beats_sent = restart, 0  # the heartbeat's (restart, sequence number)
@@ -59,7 +60,8 @@ class Watchdog:
         self.exit_by: float | None = None  # after fire(), the monotonic time by which the process is gone
         self.outage = Outage("the heartbeat", RunFolder(run_dir).heartbeat(rank).parent,
                              "its peers may take this rank for a lost one")
-        self.report = HangReport(run_dir, attempt, rank, host, world, cfg.interval_s)
+        # `report_name`: the attempt's own id; a count of attempts can repeat (launch.run.attempts.hang_report_name)
+        self.report = HangReport(run_dir, report_name or (lambda: str(attempt)), rank, host, world, cfg.interval_s)
         self.thread = threading.Thread(target=self._run, name="gptlaunch-watchdog", daemon=True)
 
     def start(self) -> Watchdog:
@@ -140,7 +142,10 @@ class Watchdog:
 
     def _run(self) -> None:
         while True:
+            before = time.monotonic()
             time.sleep(self.cfg.interval_s)
+            if (overran := time.monotonic() - before - self.cfg.interval_s) > FROZEN_S:
+                self.progress.resumed(overran)
             try:
                 self.beat()
             except OSError as e:  # a full or lost filesystem must not kill the rank; the others will notice
@@ -148,9 +153,12 @@ class Watchdog:
             else:
                 self.outage.recovered()
             key, seconds, used = self.budget()
-            if used > seconds / 2:  # stuck for a while: watch the peers, to tell the gone from the slow
+            stuck = used > seconds / 2
+            if stuck:  # stuck for a while: watch the peers, to tell the gone from the slow
                 self.peers()
-            if used > seconds or self.report.reported_elsewhere():
+            # another rank's report is looked for only while stuck: a rank that still progresses makes no lookup
+            # per second on the shared file system, and one that waits for a hung peer is stuck itself by then
+            if used > seconds or (stuck and self.report.reported_elsewhere()):
                 self.fire(key, seconds, used)
                 return
 

@@ -1,9 +1,11 @@
 """A run that diverges keeps its good state. A non-finite loss on any rank is spread into its gradients
 (`spread_nonfinite`), so the step's existing gradient reduction makes the global gradient norm non-finite on every
-rank alike: the strategy then leaves the update out (one host read of the norm per step, no extra collective). A loss
-spike is judged from the logged loss, which every rank holds alike after the log step's reduction. The guard then
-acts on divergence.policy: stop with one line, or skip and train on, at most max_skips steps in a row. The
-checkpointer keeps the newest checkpoint from before the first divergence and marks the ones saved after it."""
+rank alike: the strategy then leaves the update out on the device (fused AdamW's found_inf: no host read, no extra
+collective). The guard counts those steps on the device too, and reads the count where the loss is read anyway (log
+steps) and before a save. A loss spike is judged from the logged loss, which every rank holds alike after the log
+step's reduction. The guard then acts on divergence.policy: stop with one line, or skip and train on, at most
+max_skips steps in a row. The checkpointer keeps the newest checkpoint from before the first divergence and marks
+the ones saved after it."""
 from __future__ import annotations
 
 import logging
@@ -18,9 +20,21 @@ from gpt.config.divergence import DivergenceConfig
 
 log = logging.getLogger(__name__)
 
+# meta.json: {"count": rollbacks without progress so far, "diverged_at": the step that diverged at the last one}
+ROLLBACKS = "rollbacks"
+
 
 class Diverged(Exception):
     """The run stopped on a divergence: one line naming the step and the newest checkpoint from before it."""
+
+
+class Rollback(Exception):
+    """divergence.policy=rollback, on every rank alike: restore the newest checkpoint from before `step` and pass over
+    the batches trained since (gpt.train.rollback)."""
+
+    def __init__(self, step: int, what: str, count: int):
+        super().__init__(f"step {step}: {what}")
+        self.step, self.what, self.count = step, what, count  # count: rollbacks in a row without progress, this one
 
 
 def spread_nonfinite(loss: torch.Tensor, factor: float = 1.0) -> torch.Tensor:
@@ -36,16 +50,75 @@ class DivergenceGuard:
     def __init__(self, cfg: DivergenceConfig, checkpointer: Checkpointer, is_main: bool):
         self.cfg, self.checkpointer, self.is_main = cfg, checkpointer, is_main
         self.losses: deque[float] = deque(maxlen=cfg.spike_window or None)
-        self.in_a_row = 0  # steps in a row whose update was left out
+        self.in_a_row = 0  # steps in a row whose update was left out, as of the last settle()
         self.skipped = 0  # in this attempt
+        # On the device, read by settle() only: [updates left out, in a row now, the first step left out, the step
+        # whose update was the max_skips-th in a row]; -1: none
+        self.tally: torch.Tensor | None = None
+        # Rollbacks in a row without progress (divergence.rollback_progress_steps), and the step that diverged at the
+        # last one: saved in every checkpoint (state()), so that a requeued attempt goes on counting
+        self.rollbacks = 0
+        self.rolled_back_at: int | None = None
 
-    def after_step(self, step: int, skipped: bool) -> None:
-        """`skipped`: the strategy left this step's update out, its global gradient norm not finite."""
-        if not skipped:
-            self.in_a_row = 0
+    def state(self) -> dict[str, int | None]:
+        """meta.json's record of the rollbacks so far (ROLLBACKS)."""
+        return {"count": self.rollbacks, "diverged_at": self.rolled_back_at}
+
+    def resume(self, meta: dict) -> None:
+        """An attempt that resumed from a checkpoint goes on from its count (none in one written before it was
+        saved). A rollback restores weights, not this count: the guard keeps its own."""
+        saved = meta.get(ROLLBACKS) or {}
+        self.rollbacks, self.rolled_back_at = int(saved.get("count", 0)), saved.get("diverged_at")
+
+    def after_step(self, step: int, skipped: torch.Tensor | None) -> None:
+        """`skipped` (0-dim bool, on the device): the strategy left this step's update out, its global gradient norm
+        not finite. Counted on the device: no host read on the step's path."""
+        if skipped is None:
             return
-        self.in_a_row += 1
-        self.act(step, "the loss or the gradient norm is not finite (the update was left out)")
+        t = self.tally
+        if t is None:
+            t = torch.full((4,), -1, dtype=torch.int64, device=skipped.device)
+            t[0], t[1] = 0, self.in_a_row
+        bad = skipped.to(torch.int64)
+        row = (t[1] + 1) * bad
+        self.tally = torch.stack([t[0] + bad, row, torch.where((t[2] < 0) & skipped, step, t[2]),
+                                  torch.where((t[3] < 0) & (row >= self.cfg.max_skips), step, t[3])])
+
+    def settle(self) -> None:
+        """Read the tally and act on it: at log steps, where the loss is read anyway, and before a save (which
+        must know whether it comes after a divergence). Every rank holds the same tally."""
+        if self.tally is None:
+            return
+        left_out, self.in_a_row, first, limit = self.tally.tolist()
+        self.tally = None
+        if not left_out:
+            return
+        self.checkpointer.diverged(first)
+        what = "the loss or the gradient norm is not finite (the update was left out)"
+        if self.cfg.policy == "skip" and limit < 0:
+            self.skipped += left_out
+            if self.is_main:
+                log.warning("step %d: %s; divergence.policy=skip: training goes on (%d left out since the last log, "
+                            "%d in a row now, at most %d)", first, what, left_out, self.in_a_row, self.cfg.max_skips)
+            return
+        if self.cfg.policy == "rollback":
+            self.roll_back_or_stop(first, what)
+        self.stop(first if self.cfg.policy != "skip" else limit, what)
+
+    def roll_back_or_stop(self, step: int, what: str) -> None:
+        """Rollback, unless max_rollbacks in a row made no progress (none trained rollback_progress_steps past the
+        step that diverged)."""
+        c, last = self.cfg, self.rolled_back_at
+        if last is not None and step > last + c.rollback_progress_steps:
+            self.rollbacks = 0
+        if self.rollbacks >= c.max_rollbacks:
+            self.stop(step, f"{what}, again after {self.rollbacks} rollbacks without progress (none trained "
+                            f"{c.rollback_progress_steps} steps past the step that diverged; "
+                            f"divergence.max_rollbacks={c.max_rollbacks})")
+        self.rollbacks += 1
+        self.rolled_back_at, self.in_a_row = step, 0
+        self.losses.clear()  # the window starts again from the restored weights
+        raise Rollback(step, what, self.rollbacks)
 
     def after_record(self, step: int, loss: float) -> None:
         """The logged loss of `step`, the same on every rank: a spike against the last spike_window ones?"""
@@ -61,17 +134,21 @@ class DivergenceGuard:
         self.losses.append(loss)
 
     def act(self, step: int, what: str) -> None:
-        """The policy, on every rank alike (each saw the same)."""
+        """A loss spike, on every rank alike (each saw the same logged loss): its update is already in."""
         self.checkpointer.diverged(step)
-        c = self.cfg
-        if c.policy == "skip" and self.in_a_row < c.max_skips:
+        if self.cfg.policy == "rollback":
+            self.roll_back_or_stop(step, what)
+        if self.cfg.policy == "skip":
             self.skipped += 1
             if self.is_main:
-                log.warning("step %d: %s; divergence.policy=skip: training goes on (%d in a row, at most %d)", step,
-                            what, self.in_a_row, c.max_skips)
+                log.warning("step %d: %s; divergence.policy=skip: training goes on", step, what)
             return
+        self.stop(step, what)
+
+    def stop(self, step: int, what: str) -> None:
         self.checkpointer.close()  # a save in flight is from before: it completes
         good = [p for p in list_checkpoints(self.checkpointer.root) if step_of(p) <= step]
-        after = f" after {self.in_a_row} in a row (divergence.max_skips={c.max_skips})" if c.policy == "skip" else ""
+        c = self.cfg
+        after = f" after {c.max_skips} in a row (divergence.max_skips={c.max_skips})" if c.policy == "skip" else ""
         raise Diverged(f"the run diverged at step {step}: {what}{after}; the newest checkpoint from before it: "
                        f"{good[-1] if good else 'none'} (divergence.policy={c.policy})")

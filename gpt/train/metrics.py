@@ -128,9 +128,10 @@ class MetricsWriter:
             gone = _ranks_beyond(folder, world_size) if rank == 0 and world_size else []
             for r in [rank, *gone]:
                 _drop_from(folder.metrics_file(r), resume_step, keep_val_at_resume, tracker if r == rank else None)
+        self.path, self.tb_dir = path, folder.tensorboard_run(rank)
         self.jsonl = RecordFile(path, Outage(f"metrics file {path.name}", path.parent,
                                              "its records are dropped until there is room; training goes on"))
-        tb_dir = folder.tensorboard_run(rank)
+        tb_dir = self.tb_dir
         self.events = EventFile(tb_dir, Outage("TensorBoard events", tb_dir,
                                                "they are dropped until there is room; training goes on"), resume_step)
         for r in gone:
@@ -144,6 +145,15 @@ class MetricsWriter:
         self.events.add(step, Summary(value=[v for key, value in points.items() for v in scalar(key, value).value]))
         if self.tracker is not None:
             self.tracker.log(step, points)
+
+    def rewind(self, step: int) -> None:
+        """Training goes back to `step` (divergence.policy=rollback): the records of the steps it undid are dropped,
+        here and in TensorBoard (purge_step), as at a resume; an experiment tracker keeps its points."""
+        self.jsonl.close()
+        self.events.close()
+        _drop_from(self.path, step, keep_val_at_resume=True)
+        self.jsonl = RecordFile(self.path, self.jsonl.outage)
+        self.events = EventFile(self.tb_dir, self.events.file.outage, step)
 
     def text(self, tag: str, text_string: str) -> None:
         self.events.add(0, text(tag, text_string))

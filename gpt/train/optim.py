@@ -1,7 +1,6 @@
-"""AdamW and the learning-rate schedule (linear warm-up, then cosine decay to min_lr)."""
+"""AdamW: its parameter groups, the fused build, and a step left out on the device (the learning-rate schedule
+is gpt.train.schedule)."""
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import nn
@@ -33,12 +32,17 @@ def build_adamw(model: nn.Module, lr: float, weight_decay: float, betas: tuple[f
     return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=tuple(betas), fused=fused or None)
 
 
-def lr_at(step: int, lr: float, min_lr: float, warmup_steps: int, decay_steps: int) -> float:
-    """The learning rate for optimizer step `step` (0-based). A pure function of the step, so a resumed run
-    follows the same schedule without storing scheduler state."""
-    if step < warmup_steps:
-        return lr * (step + 1) / warmup_steps
-    if step >= decay_steps:
-        return min_lr
-    progress = (step - warmup_steps) / max(1, decay_steps - warmup_steps)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (lr - min_lr)
+def step_unless(optimizer: torch.optim.Optimizer, nonfinite: torch.Tensor,
+                kernel_owner: torch.optim.Optimizer | None = None) -> None:
+    """optimizer.step(), left out on the device where `nonfinite` (a 0-dim bool there) is true, with no host read:
+    fused AdamW takes it as `found_inf`, the tensor GradScaler hands it, and then changes no weight, moment or step
+    count. `kernel_owner`: the optimizer whose step runs the kernel, when `optimizer` delegates to it (ZeRO-1)."""
+    owner = kernel_owner or optimizer
+    if not owner.defaults.get("fused"):
+        raise TypeError(f"{type(owner).__name__} without fused=True cannot leave an update out on the device")
+    owner.found_inf = nonfinite.to(torch.float32)
+    try:
+        optimizer.step()
+    finally:
+        del owner.found_inf
+

@@ -19,6 +19,7 @@ from gpt.config.train import TrainConfig
 from gpt.dist.process_group import DistEnv, from_rank0_object
 from gpt.model.flops import flops_per_token, matmul_precision, mfu, param_count, peak_flops
 from gpt.parallel.base import StepResult, Strategy
+from gpt.parallel.memory_estimate import MemoryParts
 from gpt.resilience.exclusion import ExclusionDecision, decide
 from gpt.resilience.goodput import PRIOR_SAVE_S, Spent
 from gpt.resilience.stragglers import StragglerMonitor, WindowSummary
@@ -143,6 +144,12 @@ class StepReporter:
         self.metrics.write(step, values)
         self.window = StepTimer(self.shape.device)
         return values
+
+    def memory_held(self, step: int, parts: MemoryParts) -> None:
+        """What the rank holds after its first step, by part: a metrics record of its own (kind "memory")."""
+        self.metrics.write(step, parts.metrics(), kind="memory")
+        if self.env.is_main:
+            log.info("memory held by rank 0 in its first step: %s", parts.describe())
 
     def consider_exclusion(self, step: int, summary: WindowSummary) -> None:
         """metrics.straggler_action=exclude: when a rank becomes a straggler, remove its host if that pays

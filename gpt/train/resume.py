@@ -1,6 +1,6 @@
 """Resuming: rank 0 chooses the checkpoint (resume=auto, PATH or none), every rank checks it can read it and that it
-fits this run (the fingerprint, the strategy's format, the world size), and every rank loads the same one. An
-unusable newest checkpoint is skipped for the one before it, with a warning."""
+fits this run (the fingerprint, the data's, the strategy's format, the world size), and every rank loads the same
+one. An unusable newest checkpoint is skipped for the one before it, with a warning."""
 from __future__ import annotations
 
 import logging
@@ -15,6 +15,7 @@ from gpt.dist.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.errors import UserError
 from gpt.parallel.traits import saved_format
 from gpt.resilience.faults import Faults
+from gpt.train.schedule import settle
 from gpt.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,7 @@ class Resumed:
     path: Path
     step: int
     eval_pending: bool  # a signal interrupted the evaluation before this checkpoint: the resumed run does it first
+    meta: dict[str, Any]  # its meta.json
 
 
 class Resume:
@@ -87,9 +89,14 @@ class Resume:
         """This run's own checkpoint must match all of its settings; another run's, used to initialise this
         one (resume=PATH), only its model (the schedule may differ: fine-tuning, a longer run)."""
         saved, current = meta.get("fingerprint"), self.state.fingerprint()
-        if self.checkpointer.root.resolve() not in path.resolve().parents and saved is not None:
+        own = self.checkpointer.root.resolve() in path.resolve().parents
+        if own:  # another run's checkpoint may start this one on other data (fine-tuning)
+            self.state.check_same_data(path, meta)
+        if not own and saved is not None:
             saved = {k: v for k, v in saved.items() if k.startswith("model.")}
             current = {k: v for k, v in current.items() if k.startswith("model.")}
+        if own and saved is not None:  # a wsd run extends from its stable phase
+            saved = settle(saved, current, int(meta["step"]))
         check_fingerprint(path, saved, current)
         written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
         traits = self.strategy.traits()
@@ -106,4 +113,4 @@ class Resume:
     def restore(self, path: Path) -> Resumed:
         meta = read_meta(path)
         step = self.state.restore(path, meta, self.checkpointer.rank_state(path))
-        return Resumed(path, step, bool(meta.get("eval_pending", False)))
+        return Resumed(path, step, bool(meta.get("eval_pending", False)), meta)

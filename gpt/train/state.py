@@ -1,6 +1,6 @@
 """What a checkpoint of this run holds besides the model and optimizer: meta.json's fields (with the fingerprint of
-the settings that must match to continue exactly) and each rank's own state (RNG streams, data position, grad
-scaler); and putting them back."""
+the settings that must match to continue exactly, and the data's own fingerprint) and each rank's own state (RNG
+streams, data position, grad scaler); and putting them back."""
 from __future__ import annotations
 
 import dataclasses
@@ -14,7 +14,9 @@ from gpt.config.train import TrainConfig
 from gpt.data.loader import TrainBatches
 from gpt.dist import rng
 from gpt.dist.process_group import DistEnv
+from gpt.errors import UserError
 from gpt.parallel.base import Strategy
+from gpt.train import schedule
 
 log = logging.getLogger(__name__)
 
@@ -26,21 +28,35 @@ class TrainState:
         self.strategy, self.batches = strategy, batches
 
     def fingerprint(self) -> dict[str, Any]:
-        """What must be equal for a checkpoint to continue this run exactly (max_steps may grow if the schedule
-        does not depend on it: set train.decay_steps)."""
+        """What must be equal for a checkpoint to continue this run exactly (max_steps may grow where the steps
+        taken do not depend on it: gpt.train.schedule)."""
         t = self.train
         fp: dict[str, Any] = {f"model.{k}": v for k, v in dataclasses.asdict(self.model_cfg).items()}
         fp.update({"seed": self.seed, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
                    "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps,
-                   "train.decay_steps (or max_steps)": t.decay_end, "train.weight_decay": t.weight_decay,
+                   **schedule.identity(t), "train.weight_decay": t.weight_decay,
                    "train.betas": list(t.betas), "train.grad_clip": t.grad_clip, "train.precision": t.precision})
         return fp
+
+    @property
+    def data_fingerprint(self) -> str | None:
+        return self.batches.dataset.fingerprint
+
+    def check_same_data(self, path: Path, meta: dict[str, Any]) -> None:
+        """Refuse a checkpoint of this run trained on other data than the folder holds now (one written before
+        checkpoints recorded their data is taken as it is)."""
+        saved, current = meta.get("data_fingerprint"), self.data_fingerprint
+        if saved is not None and current is not None and saved != current:
+            raise UserError(f"checkpoint {path} was trained on data with fingerprint {saved} (in "
+                            f"{meta.get('data_dir')}), but {self.data_dir} now holds data with fingerprint {current}: "
+                            f"continue on the data it was trained on, or start a new run under another name (run=NAME)")
 
     def meta(self, step: int, eval_pending: bool) -> dict[str, Any]:
         return {
             "tokens_seen": step * self.train.global_batch_size * self.model_cfg.block_size,
             "model": dataclasses.asdict(self.model_cfg),
             "data_dir": str(self.data_dir),
+            "data_fingerprint": self.data_fingerprint,
             "data": {**self.batches.state_dict(), "step": step,
                      "samples_seen": step * self.train.global_batch_size},
             "world_size": self.env.world_size,

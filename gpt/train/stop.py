@@ -60,7 +60,7 @@ class StopControl:
         if self.exclusion is not None:
             summary["exclusion"] = self.exclusion.as_dict()
         elif self.reason is not None:
-            log.warning("preemption signal %s: every rank saves at step %d and stops", self.reason, step)
+            log.warning("signal %s: every rank saves at step %d and stops", self.reason, step)  # why: once it stopped
         if self.reason is not None:
             summary["preempted"] = self.reason
 

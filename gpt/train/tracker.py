@@ -3,9 +3,9 @@ TensorBoard run, under one tracker run per gptlaunch run. The tracker run's id c
 (RUN_DIR/run.json's folder name and creation time), so every requeue, resubmission and chained job continues the
 same tracker run. A tracker cannot drop points, so each attempt first asks what the tracker run holds and logs
 only points it lacks: those the previous attempt could not log (its rank died, or the preemption signal stopped
-W&B's service) come from the metrics file. A tracker that fails never stops training: one warning, and the next
-attempt fills the gap. Torch-free: the launcher uses it to attach a sweep's report. wandb and mlflow are
-optional extras, imported only when tracking.kind names them.
+W&B's service) come from the metrics file. A tracker that fails, or cannot start (an outage, a bad token), never
+stops training: one warning line, and the next attempt fills the gap. Torch-free: the launcher uses it to attach a
+sweep's report. wandb and mlflow are optional extras, imported only when tracking.kind names them.
 """
 from __future__ import annotations
 
@@ -66,7 +66,7 @@ class TrackerRun:
             self.broken = True
             storage = os_error(e)
             why = (f"cannot write its files in {self.folder}: {cause(storage)}" if storage and self.folder
-                   else f"{type(e).__name__}: {e}")
+                   else one_line(e))
             log.warning("tracking=%s failed while %s (%s); training is not affected: the metrics file holds every "
                         "point, and the next attempt gives the tracker those it lacks", self.kind, what, why)
 
@@ -82,9 +82,18 @@ def open_tracker(cfg: TrackingConfig, run_dir: Path, name: str, config: dict[str
         return None
     if run_dir.name != name:  # a sweep's point: runs/sweeps/<run>/<point>
         name = f"{name}/{run_dir.name}"
-    if cfg.kind == "wandb":
-        return WandbRun(cfg, run_dir, name, config)
-    return MlflowRun(cfg, run_dir, name, config)
+    opener = WandbRun if cfg.kind == "wandb" else MlflowRun
+    try:
+        return opener(cfg, run_dir, name, config)
+    except Exception as e:  # noqa: BLE001 - an outage, a race, a bug of the tracker's: the run goes on without it
+        log.warning("tracking=%s could not start (%s); training is not affected: the run's metrics files hold every "
+                    "point, and the next attempt gives the tracker those it lacks", cfg.kind, one_line(e))
+        return None
+
+
+def one_line(e: BaseException) -> str:
+    """A tracker's error in one line (W&B's and MLflow's messages often span several)."""
+    return f"{type(e).__name__}: {' '.join(str(e).split())}"
 
 
 class WandbRun(TrackerRun):
@@ -127,9 +136,7 @@ class MlflowRun(TrackerRun):
             from mlflow.tracking import MlflowClient
 
             self.client = MlflowClient(tracking_uri=uri)
-            experiment = self.client.get_experiment_by_name(cfg.project)
-            experiment_id = (experiment.experiment_id if experiment is not None
-                             else self.client.create_experiment(cfg.project))
+            experiment_id = self._experiment(cfg.project)
             key = run_id(run_dir)
             found = self.client.search_runs([experiment_id], f"tags.`{TAG}` = '{key}'", max_results=1)
             if found:
@@ -141,6 +148,22 @@ class MlflowRun(TrackerRun):
                 self.id = self.client.create_run(experiment_id, tags={TAG: key}, run_name=name).info.run_id
                 if config is not None:
                     self.client.log_dict(self.id, config, "config.json")
+
+    def _experiment(self, name: str) -> str:
+        """The experiment's id, created if it does not exist. The points of a sweep start at once, and all but one
+        find that another created it between their look-up and their creation: they take that one."""
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(name)
+        if experiment is not None:
+            return experiment.experiment_id
+        try:
+            return self.client.create_experiment(name)
+        except MlflowException:
+            experiment = self.client.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+            return experiment.experiment_id
 
     def _log(self, step: int, values: Mapping[str, float]) -> None:
         from mlflow.entities import Metric

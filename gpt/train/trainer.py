@@ -4,8 +4,10 @@ and saves until the last step or an agreed stop. Resuming (gpt.train.resume), wh
 (gpt.train.reporter) live in modules of their own."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,17 +23,22 @@ from gpt.data.tokenizer import load_tokenizer
 from gpt.dist.flag_sum import BackgroundSum, sum_in_background
 from gpt.dist.process_group import DistEnv, pick_device, side_group
 from gpt.eval.multiple_choice import TaskScorer
+from gpt.parallel.base import StepResult
+from gpt.parallel.memory_estimate import MemoryParts
+from gpt.parallel.memory_held import measure_step
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
 from gpt.resilience.stragglers import StragglerMonitor
 from gpt.run_folder import RunFolder
 from gpt.train.build import build_strategy_and_model, model_config
-from gpt.train.divergence import DivergenceGuard
+from gpt.train.divergence import ROLLBACKS, DivergenceGuard, Rollback
 from gpt.train.metrics import MetricsWriter
-from gpt.train.optim import lr_at
+from gpt.train.profiler import step_profiler
+from gpt.train.schedule import lr_at
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
 from gpt.train.resume import Resume
+from gpt.train.rollback import roll_back
 from gpt.train.state import TrainState
 from gpt.train.step_timer import StepTimer, watch_compute_end
 from gpt.train.stop import StopControl
@@ -54,15 +61,7 @@ class Trainer:
         self.strategy = build_strategy_and_model(run, self.model_cfg, env, self.device)
         self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
-        self.micro_batch, self.n_micro = self.train.micro_batches(self.strategy.dp_size)
-        block = self.model_cfg.block_size
-        self.batches = TrainBatches(TokenDataset(data_dir, "train"), run.seed, block, self.train.global_batch_size,
-                                    self.micro_batch, self.strategy.dp_rank, self.strategy.dp_size, self.device)
-        self.val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, self.micro_batch * self.strategy.dp_size,
-                              self.train.eval_batches, self.strategy.dp_rank, self.strategy.dp_size, self.device)
-        self.prefetch = Prefetcher(self.batches)
-        self.tasks = TaskScorer(run.eval.tasks, run.eval.limit, load_tokenizer(data_dir), block) if run.eval.tasks \
-            else None
+        self.open_data(run, data_dir)
         self.startup["data_s"] = time.perf_counter() - clock
 
         stragglers = StragglerMonitor(env.world_size, config=run.metrics, host=env.hostname)
@@ -85,14 +84,7 @@ class Trainer:
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
         self.spent = Spent()  # where this attempt's time goes (goodput)
         self.policy = SavePolicy(self.ckpt, run_dir, self.spent, env.is_main, run.cluster.signal_delay_s)
-        clock = time.perf_counter()
-        PROGRESS.phase("startup", "choosing and loading a checkpoint")
-        resumed = Resume(run.resume, self.checkpointer, self.state, self.faults, env).load()
-        self.startup["checkpoint_load_s"] = time.perf_counter() - clock
-        self.resumed_from = resumed.path if resumed is not None else None
-        if resumed is not None:
-            self.step = self.first_step = self.saved_step = resumed.step
-            self.eval_pending = resumed.eval_pending
+        self.load_checkpoint(run)
         # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
         tracker = open_tracker(run.tracking, run_dir, run.run_name, to_plain(run)) if env.is_main else None
         self.metrics = MetricsWriter(run_dir, env.rank, env.hostname, resume_step=self.step,
@@ -101,10 +93,37 @@ class Trainer:
         shape = RunShape(env, self.strategy, self.model_cfg, self.train, self.device, run_dir, self.micro_batch,
                          self.n_micro)
         self.reporter = StepReporter(shape, self.metrics, stragglers, self.spent, self.faults.slow_device)
+        self.profiler = step_profiler(run.profile, env, attempt, run_dir, self.device)
+        self.held: MemoryParts | None = None  # what the rank holds, measured in its first step
         # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
         # waits are inside forward/backward, the reporter's compute probe judges them instead.
         if self.strategy.dp_size > 1 and not self.reporter.waits_in_compute:
             watch_compute_end(self.strategy.unwrapped, lambda: self.reporter.window)
+
+    def open_data(self, run: RunConfig, data_dir: Path) -> None:
+        """This rank's share of every batch (training, validation, downstream tasks), read ahead of the step."""
+        self.micro_batch, self.n_micro = self.train.micro_batches(self.strategy.dp_size)
+        block, dp_rank, dp_size = self.model_cfg.block_size, self.strategy.dp_rank, self.strategy.dp_size
+        self.batches = TrainBatches(TokenDataset(data_dir, "train"), run.seed, block, self.train.global_batch_size,
+                                    self.micro_batch, dp_rank, dp_size, self.device)
+        self.val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, self.micro_batch * dp_size,
+                              self.train.eval_batches, dp_rank, dp_size, self.device)
+        self.prefetch = Prefetcher(self.batches)
+        self.tasks = TaskScorer(run.eval.tasks, run.eval.limit, load_tokenizer(data_dir), block) if run.eval.tasks \
+            else None
+
+    def load_checkpoint(self, run: RunConfig) -> None:
+        """The checkpoint this attempt starts from (resume=auto: the run's newest), if any."""
+        clock = time.perf_counter()
+        PROGRESS.phase("startup", "choosing and loading a checkpoint")
+        self.resume = Resume(run.resume, self.checkpointer, self.state, self.faults, self.env)
+        resumed = self.resume.load()
+        self.startup["checkpoint_load_s"] = time.perf_counter() - clock
+        self.resumed_from = resumed.path if resumed is not None else None
+        if resumed is not None:
+            self.step = self.first_step = self.saved_step = resumed.step
+            self.eval_pending = resumed.eval_pending
+            self.guard.resume(resumed.meta)
 
     # --- evaluation -----------------------------------------------------------------------------------
     def evaluate(self) -> dict[str, float] | None:
@@ -178,7 +197,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any] | None:
         """One optimizer step; at log intervals also the metrics record of the window it closes."""
         t, window = self.train, self.reporter.window
-        lr = lr_at(self.step, t.lr, t.min_lr, t.warmup_steps, t.decay_end)
+        lr = lr_at(self.step, t)
         PROGRESS.phase("step", f"step {self.step}", self.step)
         self.faults.before_step(self.step)
         data_start = time.perf_counter()
@@ -190,16 +209,27 @@ class Trainer:
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         self.faults.slow_device()  # test-only: a slow device lags inside the step, as a GPU's would
-        self.strategy.loss_factor = self.faults.loss_factor(self.step)  # test-only: 1 unless debug.* says
-        result = self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
-                                          layer_norms=log_now and t.layer_grad_norms)
+        # test-only: 1 unless debug.* says
+        self.strategy.loss_factor = self.faults.loss_factor(self.batches.index(self.step))
+        result = self.run_step(lambda: self.strategy.train_step(micro, self.n_micro, lr, t.grad_clip,
+                                                                layer_norms=log_now and t.layer_grad_norms))
         window.step_done(result.clock)
         values = self.reporter.record(self.step, result, lr) if log_now else None
         self.guard.after_step(self.step, result.skipped)  # a skipped update: the step and its batches are spent
-        if values is not None:
-            self.guard.after_record(self.step, values["loss"])
-        self.step += 1
+        self.step += 1  # trained: a rollback the guard raises below undoes it too
+        if values is not None:  # the loss was read: the guard's tally is read with it
+            self.guard.settle()
+            self.guard.after_record(self.step - 1, values["loss"])
         return values
+
+    def run_step(self, step: Callable[[], StepResult]) -> StepResult:
+        """The strategy's step: what the rank holds measured at the attempt's first, traced where profile.* asks."""
+        with self.profiler.around(self.step) if self.profiler else contextlib.nullcontext():
+            if self.held is not None:
+                return step()
+            result, self.held = measure_step(self.strategy, self.n_micro, step)
+        self.reporter.memory_held(self.step, self.held)
+        return result
 
     def fit(self) -> dict[str, float]:
         t = self.train
@@ -211,26 +241,15 @@ class Trainer:
             self.run_eval(summary, bar)
         started = time.perf_counter()
         while self.step < t.max_steps and self.stop.reason is None:
-            with self.spent.timed("train_s"):
-                values = self.train_step()
-            self.spent.steps += self.stop.reason is None
-            if "first_step_s" not in self.startup:
-                self.startup.update(first_step_s=time.perf_counter() - started, first_step_at=time.time())
-            if self.stop.reason is not None:
-                break
-            bar.advance(self.step, values)
-            if values:
-                summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
-            if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
-                if not self.run_eval(summary, bar):
+            try:
+                if not self.step_and_after(summary, bar, started):
                     break
-            if self.reporter.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
-                self.stop.exclude(self.reporter.exclusion)
-            elif self.policy.save_now(self.step):
-                try:
-                    self.save()
-                except SaveFailed as e:
-                    self.save_failed(e)
+            except Rollback as r:
+                self.roll_back(r)
+        try:  # what the steps since the last log step hold (a stop between them), before the final save
+            self.guard.settle()
+        except Rollback as r:
+            self.roll_back(r)
         if self.flags is not None:  # the last step's: every rank cast it, so every rank waits for it
             self.flags[0].wait()
             self.flags = None
@@ -249,7 +268,49 @@ class Trainer:
         self.metrics.close()
         return summary
 
+    def step_and_after(self, summary: dict[str, Any], bar: ProgressBar, started: float) -> bool:
+        """One step, then what follows it (evaluation, a save); False: the loop ends."""
+        t = self.train
+        with self.spent.timed("train_s"):
+            try:
+                values = self.train_step()
+            finally:  # a step a rollback undoes was trained all the same
+                self.spent.steps += self.stop.reason is None
+        if "first_step_s" not in self.startup:
+            self.startup.update(first_step_s=time.perf_counter() - started, first_step_at=time.time())
+        if self.stop.reason is not None:
+            return False
+        bar.advance(self.step, values)
+        if values:
+            summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
+        if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
+            if not self.run_eval(summary, bar):
+                return False
+        if self.reporter.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
+            self.stop.exclude(self.reporter.exclusion)
+        elif self.policy.save_now(self.step):
+            try:
+                self.save()
+            except SaveFailed as e:
+                self.save_failed(e)
+        return True
+
+    def roll_back(self, r: Rollback) -> None:
+        """divergence.policy=rollback: training goes on from the restored checkpoint's step, past the batches that
+        were trained since (gpt.train.rollback)."""
+        # a load costs about what a save does: the watchdog gives it the synchronous save's budget
+        PROGRESS.phase("finish", f"divergence.policy=rollback: loading the checkpoint from before step {r.step}",
+                       self.step)
+        done = roll_back(r, self.resume, self.guard.cfg.max_rollbacks)
+        self.spent.steps_undone += self.step - done.step  # trained, then undone: goodput counts them lost
+        self.step = self.saved_step = done.step
+        self.policy.due = True  # the next step is saved: the batches passed over are on disk from then on
+        self.metrics.rewind(done.step)  # the records of the steps undone go, as at a resume
+        self.metrics.write(done.step, done.record(r.step, r.count), kind="rollback")
+        self.reporter.window = StepTimer(self.device)  # the window's steps were undone
+
     def save(self, allow_async: bool = True) -> Path:
+        self.guard.settle()  # a save after a divergence says so, or does not happen (divergence.policy=stop)
         PROGRESS.phase("save", f"checkpoint save at step {self.step}", self.step)
         with self.spent.timed("save_s"):
             path = self.checkpointer.save(self.step, self.strategy, self.checkpoint_meta(), self.rank_state(),
@@ -278,7 +339,7 @@ class Trainer:
 
     def checkpoint_meta(self) -> dict[str, Any]:
         """meta.json's fields for a checkpoint of the current step."""
-        return self.state.meta(self.step, self.eval_pending)
+        return {**self.state.meta(self.step, self.eval_pending), ROLLBACKS: self.guard.state()}
 
     def rank_state(self) -> dict[str, Any]:
         """This rank's own part of a checkpoint of the current step."""

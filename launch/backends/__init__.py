@@ -62,8 +62,23 @@ class Backend:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def run(self, plan) -> None:
-        """Run one planned point here and return when it has finished (backends that do not submit)."""
+    def device_memory_gib(self, run: RunConfig, device: str) -> float | None:
+        """GiB of memory one rank's device has, for the planner's fit check: a GPU's, or on a CPU its share of the
+        node's memory; None when not known. Here: this machine's (the first GPU's). A job whose GPUs this process
+        cannot open (sbatch's batch step on a node of a GPU job sees the allocation's GPUs, not always CUDA) knows
+        none: the ranks check their own devices."""
+        if device == "cuda":
+            import torch
+
+            return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+        import psutil
+
+        return psutil.virtual_memory().total / 2**30 / run.cluster.tasks_per_node
+
+    def run(self, plan) -> Any:
+        """Run one planned point here and return when it has finished (backends that do not submit): the job
+        environment its ranks ran in (a launch.rank.job_env.JobEnvironment, their launch's id included), which the
+        launcher asks how the attempt ended."""
         raise NotImplementedError
 
     def budget_gate(self, points: list, budget) -> None:

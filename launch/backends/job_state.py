@@ -32,6 +32,13 @@ class JobStanding:
     cancel: str = ""  # the scheduler's command that cancels it
     watch: str = ""  # the scheduler's command that shows it in the queue
     stuck: str | None = None  # it waits and will not start by itself: what the user can do
+    cancelled: bool = False  # it ended because someone cancelled it (not a failure)
+    theirs: bool = False  # it may still run, and is another user's: this user can neither cancel nor signal it
+
+    @property
+    def label(self) -> str:
+        """The state as the verbs show it: the scheduler's word, and whose job it is when it is not this user's."""
+        return f"{self.shown} (another user's job)" if self.theirs else self.shown
 
 
 class SchedulerUnavailable(RuntimeError):

@@ -7,7 +7,7 @@ import os
 import shlex
 import signal
 import sys
-import time
+import threading
 import uuid
 from pathlib import Path
 
@@ -19,20 +19,22 @@ from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, U
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
-from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.rank.parent import LAUNCHER_PID
-from launch.run.rounds import IN_JOB, LOCAL_ID, Rounds
+from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
+from launch.rank.parent import LAUNCHER_PID, PAUSE_POLL_S
+from launch.run.rounds import IN_JOB, Rounds
 from launch.run.lost_rank import record_lost_rank
 from launch.run.startup import attempt_start_env
 from launch.rank.threads import ThreadPlan
 
 
-def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
-    """The ranks, and again in a new round each time one ends in an in-job restart (launch.run.rounds)."""
-    launch_id = f"{os.getpid()}-{time.time_ns()}"
+def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
+    """The ranks, and again in a new round each time one ends in an in-job restart (launch.run.rounds); the job
+    environment of the last round."""
+    launch_id = new_launch()
     k = 0
-    while not run_round(run_dir, nodes, tasks_per_node, {ROUND_VAR: str(k), LOCAL_ID: launch_id}):
+    while not run_round(run_dir, nodes, tasks_per_node, {ROUND_VAR: str(k), LAUNCH_VAR: launch_id}):
         k += 1
+    return job_environment({**os.environ, ROUND_VAR: str(k), LAUNCH_VAR: launch_id})
 
 
 def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[str, str]) -> bool:
@@ -43,7 +45,7 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
     # nothing carries over from one sweep point to the next).
     rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
                 "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid()), **round_env}
-    job = JobEnvironment({**os.environ, **round_env})
+    job = job_environment({**os.environ, **round_env})  # the ranks' (inside an allocation, its job's)
     # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop. The agent must not kill them
     # meanwhile (nor end in a traceback), so SIGINT and SIGTERM are left to us.
     config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
@@ -51,7 +53,7 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
                           start_method="spawn", monitor_interval=0.1, signals_to_handle="SIGHUP,SIGQUIT")
     args = [f"{k}={v}" for k, v in rank_env.items()] + [sys.executable, "-m", "launch.rank.worker", str(run_dir)]
     try:
-        with _launcher_state_kept(), _ctrl_c_saves():
+        with _launcher_state_kept(), _signals_relayed():
             elastic_launch(config, "env")(*args)
     except ChildFailedError as e:
         rank, failure = root_failure(e)
@@ -62,9 +64,9 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
             print(f"{_failure(run_dir, rank, failure.exitcode)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr,
                   flush=True)
             return False
-        if failure.exitcode == EXIT_HANG:  # a failed run, not the user's error
-            raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None
-        raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
+        if failure.exitcode in (EXIT_USER, EXIT_PREEMPTED, EXIT_INTERRUPTED):  # the user's error, or signal: 2
+            raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
+        raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None  # a failed run: 1
     return True
 
 
@@ -107,11 +109,30 @@ def _launcher_state_kept():
         os.environ.update(saved)
 
 
+def _ranks() -> list[psutil.Process]:
+    """This launcher's ranks (the agent starts them in sessions of their own, out of the terminal's reach)."""
+    ranks = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "launch.rank.worker" in child.cmdline():
+                ranks.append(child)
+    return ranks
+
+
+def _send(signum: int) -> None:
+    for rank in _ranks():
+        with contextlib.suppress(psutil.Error):
+            rank.send_signal(signum)
+
+
 @contextlib.contextmanager
-def _ctrl_c_saves():
-    """Ctrl-C and SIGTERM (a process manager, `kill`, a terminal closing) are passed on to the ranks (the agent
-    starts them in sessions of their own, out of the terminal's reach): the first makes them save at the next
-    step and stop; a second Ctrl-C stops them at once."""
+def _signals_relayed():
+    """Ctrl-C and SIGTERM (a process manager, `kill`, a terminal closing) are passed on to the ranks: the first
+    makes them save at the next step and stop; a second Ctrl-C stops them at once. Ctrl-Z pauses the ranks and
+    then this launcher, and SIGCONT (`fg`, `bg`, `kill -CONT`) resumes them: each rank's session is an orphaned
+    process group, where the kernel drops SIGTSTP, so the ranks get SIGSTOP, and so does this process (its own group
+    may be orphaned too, as under `setsid`). A plain SIGSTOP reaches this process alone: the ranks stop themselves
+    (launch.rank.parent)."""
     presses = []
 
     def handle(signum, frame) -> None:
@@ -120,12 +141,21 @@ def _ctrl_c_saves():
             again = " (Ctrl-C again to stop at once)" if signum == signal.SIGINT else ""
             print(f"\n{signal.Signals(signum).name}: every rank saves at its next step, then stops{again}",
                   file=sys.stderr, flush=True)
-        for child in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if "launch.rank.worker" in child.cmdline():
-                    child.send_signal(signum)
+        _send(signum)
 
-    previous = {s: signal.signal(s, handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    def pause(signum, frame) -> None:
+        _send(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # here until SIGCONT, whose handler resumes the ranks
+
+    def resume(signum, frame) -> None:
+        _send(signal.SIGCONT)
+        # a rank that saw this launcher stopped just before (launch.rank.parent) may stop itself after that
+        again = threading.Timer(2 * PAUSE_POLL_S, _send, (signal.SIGCONT,))
+        again.daemon = True
+        again.start()
+
+    previous = {s: signal.signal(s, handler) for s, handler in ((signal.SIGINT, handle), (signal.SIGTERM, handle),
+                                                              (signal.SIGTSTP, pause), (signal.SIGCONT, resume))}
     try:
         yield
     finally:
@@ -136,5 +166,5 @@ def _ctrl_c_saves():
 class LocalBackend(Backend):
     name = "local"
 
-    def run(self, plan) -> None:
-        run_local(plan.run_dir, plan.nodes, plan.tasks_per_node)
+    def run(self, plan) -> JobEnvironment:
+        return run_local(plan.run_dir, plan.nodes, plan.tasks_per_node)

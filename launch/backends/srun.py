@@ -21,32 +21,16 @@ from gpt.errors import EXIT_PREEMPTED, ConfigError, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
-from launch.backends.slurm import commands
+from launch.backends.slurm import allocation, commands
+from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
 from launch.backends.slurm.step import RankStep, workdir
+from launch.run.job_record import cancelled_by_user
 from launch.run.rounds import finished_on_spares
-from launch.rank.job_env import job_environment
+from launch.rank.job_env import LAUNCH_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
 from launch.run.startup import STEP_TOKEN
-
-
-def _int(env: dict[str, str], *keys: str) -> int | None:
-    for key in keys:
-        value = env.get(key, "")
-        head = value.split("(")[0].split(",")[0]  # SLURM_TASKS_PER_NODE looks like "2(x3),1"
-        if head.isdigit():
-            return int(head)
-    return None
-
-
-def gpus_on_node(env: dict[str, str]) -> int:
-    """GPUs Slurm gave this node of the job (0 on CPU nodes)."""
-    gpus = _int(env, "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
-    if gpus is not None:
-        return gpus
-    visible = env.get("CUDA_VISIBLE_DEVICES", "")
-    return len([d for d in visible.split(",") if d.strip()]) if visible and visible != "NoDevFiles" else 0
 
 
 def resolve_allocation(run: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
@@ -58,12 +42,12 @@ def resolve_allocation(run: RunConfig, environ: dict[str, str] | None = None) ->
     if shutil.which("srun") is None:
         raise UserError("cluster=srun needs srun on PATH inside the job, and it is not there")
     spares = run.cluster.spare_nodes
-    nodes = (_int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1) - spares  # the ranks' nodes, less the spares
+    nodes = (first_int(env, "SLURM_JOB_NUM_NODES", "SLURM_NNODES") or 1) - spares  # the ranks' nodes, less the spares
     if nodes < 1:
         raise ConfigError("cluster.spare_nodes", spares, f"fewer than this allocation's {nodes + spares} node(s)")
-    tasks = _int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
+    tasks = first_int(env, "SLURM_NTASKS_PER_NODE", "SLURM_TASKS_PER_NODE")
     if tasks is None:
-        ntasks = _int(env, "SLURM_NTASKS")
+        ntasks = first_int(env, "SLURM_NTASKS")
         tasks = max(1, ntasks // (nodes + spares)) if ntasks else 1
     gpus = gpus_on_node(env)
     for key, have in (("nodes", nodes), ("tasks_per_node", tasks)):
@@ -115,12 +99,17 @@ def with_job_signal(run: RunConfig, job_id: str) -> RunConfig:
 
 
 def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankStep, signals: list[signal.Signals],
-                 run_dir: Path, here: Path, python: str = sys.executable, spares: int = 0) -> list[str]:
+                 run_dir: Path, here: Path, python: str = sys.executable, spares: int = 0,
+                 setup: tuple[str, ...] = (), exact: bool = False) -> list[str]:
     """The srun line that starts every rank: one task wrapper each, in the site's container if it has one; and one
-    on each spare node (it waits until it replaces a lost node, launch.run.rounds)."""
+    on each spare node (it waits until it replaces a lost node, launch.run.rounds). The site's setup lines run
+    first, in the shell that then becomes srun, as cluster=slurm's batch script runs them before its srun. `exact`:
+    a step of a packed allocation (launcher.pack), on its own CPUs beside the other points' steps."""
     nodes += spares
-    cmd = ["srun", f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}", f"--ntasks-per-node={tasks_per_node}",
-           *(SPARE_SRUN_ARGS if spares else SRUN_ARGS)]
+    # srun takes the environment the setup lines leave (module load, a venv); exec keeps srun the signalled child
+    shell = ["bash", "-c", "\n".join([*setup, 'exec "$@"']), "setup"] if setup else []
+    cmd = [*shell, "srun", *(["--exact"] if exact else []), f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}",
+           f"--ntasks-per-node={tasks_per_node}", *(SPARE_SRUN_ARGS if spares else SRUN_ARGS)]
     if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
         cmd.append(f"--cpus-per-task={cpus}")
     # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
@@ -139,8 +128,13 @@ def step_spares(config_file: Path) -> int:
     return schema.load(config_file).cluster.spare_nodes
 
 
-def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
-    """Start every rank with srun and wait; a rank that fails ends the step (--kill-on-bad-exit)."""
+def step_setup(config_file: Path) -> tuple[str, ...]:
+    return schema.load(config_file).cluster.setup_lines
+
+
+def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
+    """Start every rank with srun and wait; a rank that fails ends the step (--kill-on-bad-exit). The job
+    environment the ranks ran in (this launch's id)."""
     cpus = os.environ.get("SLURM_CPUS_PER_TASK")
     threads = ThreadPlan.decide(ranks_on_host=tasks_per_node, cpus_per_task=int(cpus) if cpus else None)
     folder = RunFolder(run_dir)
@@ -150,15 +144,19 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     env = {**os.environ, **threads.env(), **step.environ(first_host)}
     signals = configured_signals(folder.config)
     env[STEP_TOKEN] = token = uuid.uuid4().hex
+    env[LAUNCH_VAR] = launch = new_launch()  # launches sharing the allocation (salloc) share no attempt or round
     spares = step_spares(folder.config)
-    child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here, spares=spares),
-                             env=env)
+    child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here, spares=spares,
+                                          setup=step_setup(folder.config)), env=env)
     relay = SignalRelay([*signals, signal.SIGINT])
     try:  # srun passes each signal on to every task
         code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token))
     finally:
         relay.restore()
     logs = f"rank logs: {folder.logs}/rank*.log"
+    ranks_job = job_environment({**os.environ, LAUNCH_VAR: launch})
+    if cancelled_by_user(run_dir, ranks_job.job_id):  # the ranks saved and stopped; the launcher says so
+        return ranks_job
     if code == EXIT_PREEMPTED:
         raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "
                          f"requeued (see {folder.attempts.log}); submit the same command to resume")
@@ -168,18 +166,19 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> None:
     if code != 0 and finished_on_spares(run_dir, job_environment().job_id):
         print(f"srun exited with code {code}: the tasks of the node a spare replaced were killed with it; the run "
               "finished", file=sys.stderr, flush=True)
-        return
+        return ranks_job
     if code != 0:
-        why = _attempt_end(folder) or _first_rank_error(folder, nodes * tasks_per_node)
+        why = _attempt_end(folder, launch) or _first_rank_error(folder, nodes * tasks_per_node)
         raise SrunFailed(f"srun exited with code {code}: {why}; {logs}")
+    return ranks_job
 
 
-def _attempt_end(folder: RunFolder) -> str | None:
+def _attempt_end(folder: RunFolder, launch: str) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
     the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
     (launch.run.rounds) that is the newest round's line."""
     job = job_environment()
-    lines = [a for a in folder.attempts.read() if (a.job_id, a.restart) == (job.job_id, job.restart)]
+    lines = [a for a in folder.attempts.read() if (a.job_id, a.restart, a.launch) == (job.job_id, job.restart, launch)]
     line = lines[-1] if lines else None
     return f"{line.ended}; {line.note}" if line and line.note else None
 
@@ -220,13 +219,16 @@ class SrunBackend(Backend):
     name = "srun"
 
     def check(self, run):
-        return with_job_signal(resolve_allocation(run), os.environ["SLURM_JOB_ID"]), None
+        run = resolve_allocation(run)
+        if (differs := allocation.warning(run.cluster, dict(os.environ))) is not None:
+            print(differs, file=sys.stderr, flush=True)
+        return with_job_signal(run, os.environ["SLURM_JOB_ID"]), None
 
     def device(self, run):
         return "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
 
-    def run(self, plan) -> None:
-        run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
+    def run(self, plan) -> JobEnvironment:
+        return run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
 
     def job_state(self, job_id: str):
         from launch.backends.slurm.job import SlurmJob

@@ -17,6 +17,7 @@ from gpt.errors import ConfigError, UserError
 from gpt.parallel import plan_layout
 from gpt.run_folder import RunFolder
 from launch.backends import get_backend
+from launch.planning.fit import fit
 from launch.run.identity import flat
 
 
@@ -67,16 +68,22 @@ def make_plan(run: RunConfig, run_dir: Path, live_job: str | None = None) -> Pla
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
     train.check_attention(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
-    train.micro_batches(dims.dp)
+    train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
 
+    if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
+        train = fit(run, run.model, train, dims, device)
     data = absolute(run.data, to_absolute_path)
     prepare_job = data if in_preparation_job(run, data) else None
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:
-        check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
+        vocab = check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
+        if not run.model.vocab_size:  # the model takes the tokenizer's
+            train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
 
-    resolved = dataclasses.replace(run, data=data)
+    # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
+    resolved = dataclasses.replace(run, data=data, train=dataclasses.replace(
+        run.train, micro_batch_size=train.micro_batch_size))
     if live_job is not None:
         check_same_config(resolved, run_dir, live_job)
     else:
@@ -97,15 +104,13 @@ def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
 def check_same_config(run: RunConfig, run_dir: Path, job_id: str) -> None:
     """The job trains with the folder's config.yaml: this command may wait for it only if it asks for the same
     (the launcher section aside: waiting or detached is this command's own business)."""
-    from omegaconf import OmegaConf
-
     path = RunFolder(run_dir).config
-    saved = flat(OmegaConf.to_container(OmegaConf.load(path))) if path.is_file() else {}
+    saved = flat(schema.config_plain(schema.load(path))) if path.is_file() else {}
     current = flat(schema.config_plain(run))
     keys = [k for k in sorted(set(saved) | set(current)) if not k.startswith("launcher.")]
     changed = [f"{k}: {saved.get(k, '<unset>')!r} in the folder, {current.get(k, '<unset>')!r} here"
                for k in keys if saved.get(k) != current.get(k)]
     if changed:
         raise UserError(f"the run folder {run_dir} belongs to job {job_id}, which trains with its config.yaml, not "
-                        f"this command's ({'; '.join(changed[:6])}). Wait for it (squeue -j {job_id}), or cancel it "
-                        f"(scancel {job_id}) and run this command again")
+                        f"this command's ({'; '.join(changed[:6])}). Wait for it (python -m launch.status "
+                        f"{run_dir}), or cancel it (python -m launch.cancel {run_dir}) and run this command again")

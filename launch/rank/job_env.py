@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import importlib
 import os
+import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from launch.backends import JOB_ENVIRONMENTS
@@ -16,6 +18,22 @@ if TYPE_CHECKING:  # torch: a rank's; this module is also the launcher's
     from gpt.dist.process_group import DistEnv
 
 ROUND_VAR = "GPTLAUNCH_ROUND"  # set by the task wrapper that restarts ranks inside the allocation (launch.run.rounds)
+# Set by a launcher that starts ranks inside an allocation it did not submit (cluster=local, cluster=srun): several
+# launches may share one (salloc), and each has its own attempts and rounds.
+LAUNCH_VAR = "GPTLAUNCH_LAUNCH_ID"
+
+
+@dataclass(frozen=True)
+class Preemption:
+    """The scheduler preempts this job for another (a higher-priority partition or QOS needs its nodes)."""
+
+    said: str  # "preempted by another job (...)": what the scheduler says of it
+    requeues: bool  # its policy runs the job again (Slurm's PreemptMode=REQUEUE); else the job ends (CANCEL)
+
+
+def new_launch() -> str:
+    """A launch's id: its launcher's pid and start time."""
+    return f"{os.getpid()}-{time.time_ns()}"
 
 
 class JobEnvironment:
@@ -47,6 +65,11 @@ class JobEnvironment:
     @property
     def restart(self) -> int:
         return 0
+
+    @property
+    def launch(self) -> str:
+        """Which launch inside the job this is ('': the job's own, as submitted)."""
+        return self.environ.get(LAUNCH_VAR, "")
 
     @property
     def round(self) -> int:
@@ -86,6 +109,16 @@ class JobEnvironment:
     def lost_nodes(self) -> str:
         """This job's nodes that the scheduler holds down or failed, with its reason ('' when none)."""
         return ""
+
+    def cancelled(self) -> bool:
+        """Whether the scheduler is ending this job because someone cancelled it (not a preemption, a time limit or a
+        failure): its stop signal came from a cancel."""
+        return False
+
+    def preemption(self) -> Preemption | None:
+        """The scheduler's own preemption of this job, while its grace time runs (None: its stop signal came from
+        elsewhere, or this environment cannot tell)."""
+        return None
 
 
 def scheduler_classes() -> list[type[JobEnvironment]]:

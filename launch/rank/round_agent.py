@@ -3,19 +3,51 @@ it waits as a spare), and when a round is over. Torch-free: it runs in every tas
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt.config import schema
 from gpt.errors import UserError
 from gpt.run_folder import Next, RunFolder
-from gpt.resilience.timing import ABORT_GRACE_S
+from gpt.resilience.lease import read_beat
+from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.run.rounds import Rounds, round_record
 from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2
 LOOK_S = 1.0  # a look for the next round is a lookup on the shared file system, per task: one a second at most
+
+
+class RoundSilent(RuntimeError):
+    """A spare's round ended without a word: no line in the attempts log, no next round, no sign of life."""
+
+
+@dataclass
+class RoundLife:
+    """When round `k` of the job's attempt last showed a sign of life: its rank 0's beat of the run folder's lease
+    moved (read once a beat at most). A waiting task counts from its own start until the round's first beat."""
+
+    run_dir: Path
+    job: JobEnvironment
+    k: int
+    since: float = field(default_factory=time.monotonic)
+    seen: tuple[int, int] | None = None
+    looked: float = float("-inf")
+
+    def silent_s(self) -> float:
+        now = time.monotonic()
+        if now - self.looked >= LEASE_BEAT_S:
+            self.looked = now
+            try:
+                beat = read_beat(self.run_dir)
+            except UserError:  # unreadable: no sign of life this time
+                beat = None
+            ours = beat is not None and not beat.ended and (beat.job_id, beat.restart, beat.round, beat.launch) == (
+                self.job.job_id, self.job.restart, self.k, self.job.launch)
+            if ours and (beat.generation, beat.seq) != self.seen:
+                self.seen, self.since = (beat.generation, beat.seq), now
+        return now - self.since
 
 
 @dataclass
@@ -31,10 +63,15 @@ class RoundAgent:
             run = schema.load(RunFolder(self.run_dir).config)
         except UserError:  # the task wrapper already said so (configured_signals): no rounds, no spares
             self.spare_nodes, self.suffix, self.in_job_restarts = 0, "", 0
+            self.silent_s = ENDED_EXIT_S
         else:
             self.spare_nodes = run.cluster.spare_nodes if run.cluster.name != "local" else 0
             self.suffix = run.cluster.master_host_suffix or ""
             self.in_job_restarts = run.preemption.in_job_restarts
+            # A round silent this long has ended: a live rank's watchdog ends it within the run's longest budget
+            # (a step, a save, the start-up), and its attempt's line or next round follows within an ended rank's
+            # deadline (its wait for Slurm, its watchdog's exit).
+            self.silent_s = run.watchdog.process_group_timeout() + ENDED_EXIT_S
         self.rounds = Rounds.of(self.run_dir, self.job)
         self.looked: dict[int, float] = {}  # round -> when its next round was last looked for, not found
 
@@ -78,18 +115,26 @@ class RoundAgent:
         while time.monotonic() < deadline:
             if self.next_asked(k):
                 return True
-            line = RunFolder(self.run_dir).attempts.line_of(self.job.job_id, self.job.restart, k)
+            line = RunFolder(self.run_dir).attempts.line_of(self.job.job_id, self.job.restart, k, self.job.launch)
             if line is not None and line.next is not Next.RESTART:
                 return self.next_asked(k)
             time.sleep(POLL_S)
         return self.next_asked(k)
 
     def idle(self, k: int) -> int | None:
-        """A spare in round `k`: the next round once asked for, or None once the run ended without one."""
-        folder = RunFolder(self.run_dir)
+        """A spare in round `k`: the next round once asked for, or None once the run ended without one. Under
+        --no-kill nothing else ends this task: RoundSilent once the round wrote no line and asked for no next
+        round within `silent_s` of its last sign of life (the allocation is not held to its time limit)."""
+        folder, life = RunFolder(self.run_dir), RoundLife(self.run_dir, self.job, k)
         while not self.next_asked(k, now=True):  # a spare looks as often as it polls: it is one of few
-            line = folder.attempts.line_of(self.job.job_id, self.job.restart, k)
+            line = folder.attempts.line_of(self.job.job_id, self.job.restart, k, self.job.launch)
             if line is not None and line.next is not Next.RESTART:
                 return None
+            if (silent := life.silent_s()) > self.silent_s:
+                raise RoundSilent(
+                    f"{self.host} waited as a spare in round {k} of job {self.job.job_id} (restart "
+                    f"{self.job.restart}), which showed no sign of life for {silent:.0f} s (its lease did not beat) "
+                    f"and wrote no line in {folder.attempts.log}: its ranks ended without a word; this task ends "
+                    f"rather than hold its node to the time limit")
             time.sleep(POLL_S)
         return k + 1

@@ -20,20 +20,20 @@ class Standby:
     """At most one waiting rank process of a task wrapper, started with `env` and the preemption `signals` ignored
     (as a rank starts; it handles them once its flag is in place)."""
 
-    def __init__(self, run_dir: str, env: dict[str, str], signals: list[int]):
+    def __init__(self, run_dir: str, env: dict[str, str], signals: list[int], enabled: bool = True):
         self.command = [sys.executable, "-m", "launch.rank.worker", run_dir]
-        self.env, self.signals = env, signals
+        self.env, self.signals, self.enabled = env, signals, enabled
         self.proc: subprocess.Popen | None = None
         self.asked = -ASK_S
 
     def start(self) -> None:
-        if self.proc is None:
+        if self.proc is None and self.enabled:
             self.proc = subprocess.Popen([*self.command, "--standby"], env=self.env, stdin=subprocess.PIPE, text=True,
                                          preexec_fn=functools.partial(ignore, self.signals))
 
     def start_when_up(self, up: Callable[[], bool]) -> None:
         """Start once `up()` says this round's rank has done its imports: the two would share the node's CPUs."""
-        if self.proc is None and time.monotonic() - self.asked >= ASK_S:
+        if self.proc is None and self.enabled and time.monotonic() - self.asked >= ASK_S:
             self.asked = time.monotonic()
             if up():
                 self.start()

@@ -14,6 +14,11 @@ from dataclasses import dataclass
 from collections.abc import Mapping
 
 THREADS = "OMP_NUM_THREADS"
+# Idle OpenMP threads sleep instead of spinning (libgomp spins up to ~300k iterations after each parallel region).
+# A rank's CPUs are rarely its own alone: the standby rank, the data and checkpoint threads, other ranks of the
+# node. Spinning there burnt 3x the CPU and took 3-5x the wall time of sleeping (a tiny run on the loaded 2-core
+# test machine: docs/benchmarks.md). A value the user set is kept.
+WAIT_POLICY = "OMP_WAIT_POLICY"
 SOURCE = "GPTLAUNCH_THREADS_SOURCE"
 RANKS_ON_HOST = "GPTLAUNCH_RANKS_ON_HOST"
 
@@ -35,23 +40,26 @@ class ThreadPlan:
     threads: int        # per rank
     source: str         # where the figure came from, for the banner and environment/rank<R>.json
     ranks_on_host: int  # ranks that share this host's CPUs
+    wait_policy: str = "PASSIVE"  # OMP_WAIT_POLICY: the user's, or PASSIVE
 
     @classmethod
     def decide(cls, ranks_on_host: int, cpus_per_task: int | None = None,
                environ: Mapping[str, str] | None = None, cpus: int | None = None) -> ThreadPlan:
         env = os.environ if environ is None else environ
+        wait = env.get(WAIT_POLICY) or "PASSIVE"
         user = _positive(env.get(THREADS))
         if user is not None:
-            return cls(user, f"{THREADS}={user} (yours)", ranks_on_host)
+            return cls(user, f"{THREADS}={user} (yours)", ranks_on_host, wait)
         if cpus_per_task:
-            return cls(cpus_per_task, f"--cpus-per-task={cpus_per_task}", ranks_on_host)
+            return cls(cpus_per_task, f"--cpus-per-task={cpus_per_task}", ranks_on_host, wait)
         cpus = cpus or usable_cpus()
         threads = max(1, cpus // max(1, ranks_on_host))
-        return cls(threads, f"{cpus} CPU(s) / {ranks_on_host} rank(s)", ranks_on_host)
+        return cls(threads, f"{cpus} CPU(s) / {ranks_on_host} rank(s)", ranks_on_host, wait)
 
     def env(self) -> dict[str, str]:
         """The variables a rank's process is started with."""
-        return {THREADS: str(self.threads), SOURCE: self.source, RANKS_ON_HOST: str(self.ranks_on_host)}
+        return {THREADS: str(self.threads), SOURCE: self.source, RANKS_ON_HOST: str(self.ranks_on_host),
+                WAIT_POLICY: self.wait_policy}
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> ThreadPlan:
@@ -61,7 +69,7 @@ class ThreadPlan:
         ranks = (_positive(env.get(RANKS_ON_HOST)) or _positive(slurm_tasks) or _positive(env.get("LOCAL_WORLD_SIZE"))
                  or 1)
         if SOURCE in env and _positive(env.get(THREADS)):
-            return cls(int(env[THREADS]), env[SOURCE], ranks)
+            return cls(int(env[THREADS]), env[SOURCE], ranks, env.get(WAIT_POLICY) or "PASSIVE")
         return cls.decide(ranks, _positive(env.get("SLURM_CPUS_PER_TASK")), env)
 
     def oversubscribed(self, cpus: int | None = None, environ: Mapping[str, str] | None = None) -> str | None:

@@ -34,14 +34,16 @@ from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
 from gpt.run_folder import RunFolder  # noqa: E402
-from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
-                                 this_attempt, this_attempts_line)
+from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, hang_report_name,  # noqa: E402
+                                 log_attempt, this_attempt, this_attempts_line)
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
 from launch.rank.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.rank.lost_node import end_for_lost_node  # noqa: E402
-from launch.rank.parent import end_with_launcher  # noqa: E402
+from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
+from launch.run.identity import record_data  # noqa: E402
+from launch.run.job_record import CANCELLED, cancel_requested, record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
 from launch.run.recovery import Cause, Ending, decided_elsewhere, recover  # noqa: E402
 from launch.run.rounds import hosts_of  # noqa: E402
@@ -102,6 +104,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     trainer = Trainer(run, env, run_dir, attempt.number)
     if env.is_main:
         begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step, attempt.nodes)
+        record_data(run_dir, run.data.dir, trainer.state.data_fingerprint)
     attempt.trainer = trainer
     summary = trainer.fit()
     startup = clock.breakdown(trainer.startup)
@@ -126,9 +129,12 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
     rank fences its writes with that generation (a rank of an attempt that lost the folder stops writing)."""
     generation = 0
     if env.is_main:
-        attempt.lease = take_lease(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round)
+        attempt.lease = take_lease(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round,
+                                   launch=job.launch)
         generation = attempt.lease.generation
     install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
+    if env.is_main:  # the job launch.status, list and cancel ask about, whichever path started it
+        record_job(attempt.run_dir, job)
 
 
 def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, watchdog: WatchdogConfig,
@@ -157,13 +163,18 @@ def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: i
     """Every rank has saved (the save ends with a barrier). Rank 0 ends the attempt (launch.run.recovery): a
     requeue (Slurm then stops every process of this attempt with SIGTERM, which only sets the flag now, and starts
     the job again with the same id), the chain's next link, or a spare's round for a lost node or a straggler.
-    Returns whether the run goes on by itself, on every rank."""
+    Returns, on every rank, whether the stop is as it should be: the run goes on by itself, or the user cancelled
+    the job (the rank then exits 0, not as a preemption that was not requeued)."""
     goes_on = False
     if env.is_main:
-        outcome = recover(preempted(run_dir, job, restarts, summary, record, nodes))
-        goes_on = outcome.goes_on
-        (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
-                                               summary["last_step"], summary["preempted"], outcome.note)
+        ending = preempted(run_dir, job, restarts, summary, record, nodes)
+        outcome = recover(ending)
+        goes_on = outcome.goes_on or ending.cause is Cause.CANCELLED
+        if ending.cause is Cause.CANCELLED:
+            log.info("%s at step %d, checkpoint saved; %s", CANCELLED, summary["last_step"], outcome.note)
+        else:
+            (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
+                                                   summary["last_step"], summary["preempted"], outcome.note)
     goes_on = _from_rank0(goes_on)
     leave()
     return goes_on
@@ -183,8 +194,12 @@ def preempted(run_dir: Path, job: JobEnvironment, restarts: int, summary: dict, 
         return Ending(run_dir, job, Cause.STOPPED, ended, restarts, record=record)
     if lost_here:
         return Ending(run_dir, job, Cause.NODE_FAILURE, ended, restarts, lost_here, record)
+    if cancel_requested(run_dir, job.job_id) or (signalled == "SIGTERM" and job.cancelled()):
+        return Ending(run_dir, job, Cause.CANCELLED, CANCELLED, restarts, record=record)
     if straggler:
         return Ending(run_dir, job, Cause.STRAGGLER, ended, restarts, (straggler["host"],), record)
+    if signalled == "SIGTERM" and (by := job.preemption()) is not None:  # not a self-requeue or a node failure
+        return Ending(run_dir, job, Cause.PREEMPTED, by.said, restarts, record={**record, "preempted_by": by.said})
     return Ending(run_dir, job, Cause.PREEMPTED, ended, restarts, record=record)
 
 
@@ -194,7 +209,8 @@ def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, res
         attempt.watchdog = Watchdog(watchdog, attempt.run_dir, env.rank, env.world_size, env.hostname, attempt.number,
                                     lambda report: end_hung_attempt(attempt, restarts, report),
                                     master=(env.master_addr, env.master_port) if env.distributed else None,
-                                    restart=attempt.job.restart).start()
+                                    restart=attempt.job.restart,
+                                    report_name=hang_report_name(attempt.job, attempt.number)).start()
 
 
 def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
@@ -284,6 +300,7 @@ def main() -> None:
     run = install_flag(attempt.run_dir)
     handled = parse_signals(run.preemption.signals) if run and run.preemption.enabled else ()
     end_with_launcher(*handled[:1])  # a preemption signal when there is one: the rank saves, then stops
+    pause_with_launcher()
     code = 0
     try:
         summary = run_rank(attempt, run)

@@ -37,7 +37,7 @@ from gpt.train.tracker import open_tracker
 from launch.report import outputs as report_outputs
 from launch.report import tensorboard as report_tensorboard
 from launch.report.compare import CompareRow, compare_rows, varying_keys
-from launch.report.fit import fit_points, predict
+from launch.report.fit import figures, fit_points, predict
 from launch.report.markdown import markdown
 from launch.report.contents import Report
 from launch.report.points import PointResult, find_run_folders, get, load_point
@@ -85,10 +85,10 @@ def add_scaling(rep: Report) -> None:
     rep.model = fit_points(rep.points, rep.rows, rep.shapes, rep.config.network, rep.config.skip_windows)
     ref_shape = rep.shapes[rep.rows.index(rep.reference)]
     for row, shape in zip(rep.rows, rep.shapes):
-        row.predicted_efficiency = rep.model.efficiency(shape, ref_shape)
-    rep.predictions = predict(rep.model, ref_shape, "weak", rep.config.predict_nodes, rep.rows)
+        row.predicted_efficiency = figures(rep.model, shape, ref_shape)["efficiency"]
+    rep.predictions = predict(rep.model, ref_shape, "weak", rep.config.predict_nodes, rep.rows, rep.shapes)
     if rep.mode == "strong":
-        rep.predictions += predict(rep.model, ref_shape, "strong", rep.config.predict_nodes, rep.rows)
+        rep.predictions += predict(rep.model, ref_shape, "strong", rep.config.predict_nodes, rep.rows, rep.shapes)
 
 
 def _csv(rows: Sequence[dict[str, Any]], fields: Sequence[str]) -> str:

@@ -18,6 +18,7 @@ from launch.report.points import PointResult
 from launch.report.rows import Row, median_or_none, steady
 
 TOLERANCE = 0.10
+FIGURES = ("step_time_s", "compute_s", "comm_s", "tokens_per_s", "efficiency")
 NOISY_P90_OVER_P50 = 1.3
 
 
@@ -36,8 +37,8 @@ def fit_points(points: Sequence[PointResult], rows: Sequence[Row], shapes: Seque
     comm = [measured_comm(p, skip) for p in points]
     model = fit(shapes, step_times, network, comm)
     for point, row, shape, err in zip(points, rows, shapes, point_errors(shapes, step_times, network, comm)):
-        row.predicted_step_time_s = err.model_s
-        row.model_error, row.loo_error = err.error, err.loo_error
+        row.predicted_step_time_s = figures(model, shape, shape)["step_time_s"]  # what predict() says of it too
+        row.model_error, row.loo_error = row.predicted_step_time_s / row.step_time_p50_s - 1, err.loo_error
         if abs(err.error) > TOLERANCE:  # leave-one-out errors are stated, not flagged: they test the data too
             others = [r.point for r in rows if r is not row and noisy(r)]
             row.model_flag = likely_cause(point, row, model, shape, others)
@@ -66,26 +67,36 @@ def likely_cause(point: PointResult, row: Row, model: FittedModel, shape: Shape,
     return f"{cause} (the per-rank batch changes kernel efficiency)"
 
 
-def predict(model: FittedModel, ref: Shape, kept: str, nodes: Iterable[int], rows: Sequence[Row]
-            ) -> list[dict[str, Any]]:
+def figures(model: FittedModel, s: Shape, ref: Shape) -> dict[str, float]:
+    """The model's figures for one shape: the one computation behind every model figure of the report (the
+    model-error table, the prediction tables, the plots, TensorBoard)."""
+    if not s.feasible:
+        return dict.fromkeys(FIGURES, math.nan)
+    return dict(zip(FIGURES, (model.step_time(s), model.compute_time(s), model.comm_time(s), model.tokens_per_s(s),
+                              model.efficiency(s, ref))))
+
+
+def predict(model: FittedModel, ref: Shape, kept: str, nodes: Iterable[int], rows: Sequence[Row],
+            shapes: Sequence[Shape]) -> list[dict[str, Any]]:
     """Predicted rows at `nodes` (and the measured node counts) with the reference's global batch kept (strong)
-    or its per-rank batch kept (weak), on machines of their own."""
-    measured = {r.nodes: r for r in rows if r.tasks_per_node == ref.tasks_per_node}
+    or its per-rank batch kept (weak), on machines of their own; at a node count measured with the reference's
+    ranks per node, the model of that point as it ran (its host and cores: `as_run`), as the model-error table
+    states it. `ref`, `rows` and `shapes`: as measured."""
+    as_run = ref
+    alike = {r.nodes: (r, s) for r, s in zip(rows, shapes) if r.tasks_per_node == ref.tasks_per_node}
+    measured = {n: p for n, p in alike.items() if kept == "strong" or n == ref.nodes}  # weak: only the reference
     ref = scaled_shape(ref, ref.nodes, kept)
     out = []
-    for n in sorted(set(nodes) | set(measured)):
+    for n in sorted(set(nodes) | set(alike)):  # every measured node count has its row, as run where it applies
+        row, shape = measured.get(n, (None, None))
         try:
-            s = scaled_shape(ref, n, kept)
+            s = shape or scaled_shape(ref, n, kept)
         except ConfigError:  # the layout cannot run on that many ranks (strategy=single on more than one)
             continue
-        row = measured.get(n) if kept == "strong" or n == ref.nodes else None
         entry: dict[str, Any] = {"scaling": kept, "nodes": n, "ranks": s.ranks, "global_batch": s.global_batch,
-                                 "feasible": s.feasible}
-        figures = (model.step_time(s), model.compute_time(s), model.comm_time(s), model.tokens_per_s(s),
-                   model.efficiency(s, ref)) if s.feasible else (math.nan,) * 5
-        entry.update(zip(("step_time_s", "compute_s", "comm_s", "tokens_per_s", "efficiency"), figures))
+                                 "feasible": s.feasible, "as_run": row is not None}
+        entry.update(figures(model, s, as_run if row else ref))
         entry["measured_step_time_s"] = row.step_time_p50_s if row else None
         entry["measured_efficiency"] = row.efficiency if row else None
         out.append(entry)
     return out
-

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import math
 from typing import Any
 
@@ -60,8 +61,25 @@ def markdown(rep: Report) -> str:
     parts.append(downstream(rep))
     if rep.scaling:
         parts += [scaling_table(rep), stragglers(rep), model_section(rep), prediction_tables(rep)]
-    parts += [goodput(rep), node_health(rep), plots(rep)]
+    parts += [goodput(rep), node_health(rep), traces(rep), plots(rep)]
     return "\n".join(p for p in parts if p)
+
+
+def traces(rep: Report) -> str:
+    """Each point's profiler traces (profile.steps), linked from the report folder: one per rank and attempt."""
+    report_dir = RunFolder(rep.root).report
+    lines = []
+    for p in rep.points:
+        found = RunFolder(p.path).profile_traces()
+        links = ", ".join(f"[{t.parent.name}/{t.name.removesuffix('.pt.trace.json')}]"
+                          f"({os.path.relpath(t, report_dir)})" for t in found)
+        if links:
+            lines.append(f"| {p.name} | {links} |")
+    if not lines:
+        return ""
+    return "\n".join(["## Profiler traces\n", "torch.profiler traces of the steps `profile.steps` named, per attempt "
+                      "and rank: open one in https://ui.perfetto.dev or TensorBoard's trace viewer "
+                      "(docs/profiling.md).\n", "| point | traces |", "|---|---|", *lines]) + "\n"
 
 
 def intro(rep: Report) -> str:
@@ -209,7 +227,8 @@ def prediction_tables(rep: Report) -> str:
         if rows:
             out.append(f"### Predicted: {title}\n\n" + _prediction_table(rows))
     note = ("Predictions put each node on a machine of its own, with the reference's cores per rank, on the "
-            "configured network.")
+            "configured network; a measured node count (*as run*) has the model of that point as it ran, its host "
+            "and cores, as the model-error table states it.")
     if any(not p["feasible"] for p in rep.predictions):
         note += (f" Strong scaling ends where the data-parallel ranks outnumber the global batch "
                  f"({ref.global_batch} sequences); the weak-scaling rows go on.")
@@ -224,7 +243,8 @@ def _prediction_table(rows: list[dict[str, Any]]) -> str:
             out.append(f"| {p['nodes']} | {p['ranks']} | {p['global_batch']} | global batch < data-parallel ranks "
                        "| | | | | | |")
             continue
-        out.append(f"| {p['nodes']} | {p['ranks']} | {p['global_batch']} | {p['step_time_s']:.4g} | "
+        nodes = f"{p['nodes']} (*as run*)" if p.get("as_run") else p["nodes"]
+        out.append(f"| {nodes} | {p['ranks']} | {p['global_batch']} | {p['step_time_s']:.4g} | "
                    f"{p['compute_s']:.4g} | {p['comm_s']:.4g} | {p['tokens_per_s']:,.0f} | {pct(p['efficiency'])} | "
                    f"{fmt(p['measured_step_time_s'], '.4g')} | {pct(p['measured_efficiency'])} |")
     return "\n".join(out) + "\n\n"

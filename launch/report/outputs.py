@@ -171,6 +171,7 @@ def prediction(rep: Report, path: Path) -> str:
         xs = [p["nodes"] for p in preds]
         ax.stackplot(xs, [p["compute_s"] for p in preds], [p["comm_s"] for p in preds],
                      labels=["model: compute", "model: communication"], alpha=0.5)
+        ax.plot(xs, [p["step_time_s"] for p in preds], "x:", color="C3", label="model: step (as run where measured)")
         measured = [(p["nodes"], p["measured_step_time_s"]) for p in preds if p["measured_step_time_s"] is not None]
         if measured:
             ax.plot(*zip(*measured), "ko", label="measured p50")

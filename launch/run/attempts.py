@@ -9,15 +9,17 @@ none (gpt.resilience.lease.fence)."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from gpt.errors import UserError
-from gpt.resilience.goodput import kept_training_s, last_record_time
+from gpt.resilience.goodput import ESTIMATED, kept_training_s, last_record_time, last_trained_step
 from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
 from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
+from launch.run.startup import ATTEMPT_START
 
 if TYPE_CHECKING:
     from gpt.resilience.watchdog import Watchdog
@@ -27,11 +29,26 @@ if TYPE_CHECKING:
 
 def this_attempt(job: JobEnvironment) -> str:
     """This process's attempt's name in the attempts log."""
-    return AttemptsLog.key(job.job_id, job.restart, fenced_generation(), job.round)
+    return AttemptsLog.key(job.job_id, job.restart, fenced_generation(), job.round, job.launch)
+
+
+def hang_report_name(job: JobEnvironment, number: int) -> Callable[[], str]:
+    """What names this attempt's hang report when a hang is seen: its own id, never the count of the attempts log's
+    lines (`number`, a fallback for ranks started by hand before the lease): an attempt killed before its line
+    leaves the next one the same count, which would find the old report and take itself for hung within a second,
+    attempt after attempt. The id is its name in the attempts log (job, restart and round; without a scheduler the
+    lease's generation), or before the lease of a run without a scheduler, the time its launcher started it."""
+    def name() -> str:
+        if job.job_id or fenced_generation() is not None:
+            return this_attempt(job)
+        started = job.environ.get(ATTEMPT_START)
+        return f"started{started}" if started else str(number)
+    return name
 
 
 def marked_attempt(mark: dict[str, Any]) -> str:
-    return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"), mark.get("round", 0))
+    return AttemptsLog.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"), mark.get("round", 0),
+                           mark.get("launch", ""))
 
 
 def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any], claimed: bool = False) -> bool:
@@ -40,11 +57,14 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any], clai
     fence()
     attempts, key = RunFolder(run_dir).attempts, this_attempt(job)
     mark = attempts.read_mark()
-    nodes = {"nodes": mark["nodes"]} if mark and "nodes" in mark and marked_attempt(mark) == key else {}
+    mine = mark is not None and marked_attempt(mark) == key
+    nodes = {"nodes": mark["nodes"]} if mine and "nodes" in mark else {}
+    if mine and not record.get("goodput"):  # ended before its trainer returned: a hang, a failure, a lost node
+        record = {**record, "goodput": estimated_goodput(run_dir, mark, record)}
     if claimed:
-        attempts.append(job.job_id, job.restart, {**record, **nodes}, job.round)
+        attempts.append(job.job_id, job.restart, {**record, **nodes}, job.round, job.launch)
         return True
-    return attempts.append_once(key, job.job_id, job.restart, {**record, **nodes}, job.round)
+    return attempts.append_once(key, job.job_id, job.restart, {**record, **nodes}, job.round, job.launch)
 
 
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
@@ -64,6 +84,20 @@ def goodput_record(run_dir: Path, started: float, startup: dict[str, float], sum
             "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.get("spent", {})}
 
 
+def estimated_goodput(run_dir: Path, mark: dict[str, Any], record: dict[str, Any]) -> dict:
+    """The goodput record of this attempt, ending before its trainer returned: allocated until now (it holds the
+    allocation still), its steps timed by their median in rank 0's metrics, its start-up from its breakdown. Its
+    steps after the last checkpoint count as lost once the next attempt trains them again (steps_replayed)."""
+    began = record.get("first_step") if isinstance(record.get("first_step"), int) else mark.get("first_step") or 0
+    last = record.get("last_step")
+    last = last if isinstance(last, int) else last_trained_step(run_dir, mark["started"]) or began
+    startup = record.get("startup") or {}
+    to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
+    return {"allocated_s": round(max(time.time() - mark["started"], 0.0), 3), "startup_s": round(max(to_first, 0.0), 3),
+            "train_s": kept_training_s(run_dir, mark["started"], began, last), "eval_s": 0.0, "save_s": 0.0,
+            "steps": max(last - began, 0), "saves": 0, ESTIMATED: "rank 0's metrics"}
+
+
 def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int,
                   nodes: list[str]) -> None:
     """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one, with
@@ -75,7 +109,8 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
     fence()
     attempts.mark({"job_id": job.job_id, "restart": job.restart, "round": job.round, "generation": fenced_generation(),
-                   "started": started, "first_step": first_step, "nodes": nodes})
+                   "started": started, "first_step": first_step, "nodes": nodes,
+                   **({"launch": job.launch} if job.launch else {})})
 
 
 def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any],
@@ -95,8 +130,9 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
         **record,
         "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
                     "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
-                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0}},
-                    mark.get("round", 0))
+                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0,
+                    ESTIMATED: "the lease's beat" if beat else "rank 0's last metrics record"}},
+                    mark.get("round", 0), mark.get("launch", ""))
 
 
 def ran_on(attempt: AttemptLine, most: int = 8) -> str:
@@ -109,7 +145,7 @@ def ran_on(attempt: AttemptLine, most: int = 8) -> str:
 
 def this_attempts_line(run_dir: Path, job: JobEnvironment) -> AttemptLine | None:
     """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
-    return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round)
+    return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round, job.launch)
 
 
 def _last_beat(run_dir: Path) -> float | None:

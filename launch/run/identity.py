@@ -1,9 +1,10 @@
 """A run is one folder from its first submission to its last step (runs/<run>; a sweep's points under
 runs/sweeps/<run>/). Submitting the same command again continues it. Before anything runs, the launcher checks
 that no job of the run waits in the queue or runs (RUN_DIR/slurm_job.json), that no other live run holds it
-(launch.run.take_lease), that the folder's run is this run (RUN_DIR/run.json records what must not change: model, data,
-optimiser schedule, seed), and whether it has already finished. Nothing is written into the folder before that,
-and the record is written only once the whole plan has passed (FolderCheck.record).
+(launch.run.take_lease), that the folder's run is this run (RUN_DIR/run.json records what must not change: model,
+data, optimiser schedule, seed, and the prepared data's fingerprint), and whether it has already finished. Nothing
+is written into the folder before that, and the record is written only once the whole plan has passed
+(FolderCheck.record).
 """
 from __future__ import annotations
 
@@ -17,26 +18,23 @@ from typing import Any
 
 from hydra.utils import to_absolute_path
 
-from gpt.checkpoint.store import newest_sound, step_of
+from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from gpt.config.schema import RunConfig
 from gpt.config.parse import to_plain
-from gpt.data import absolute
+from gpt.data import absolute, data_identity
 from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
-from gpt.resilience.timing import LEASE_BEAT_S
+from gpt.train import schedule
 from launch.backends.job_state import JobState
 from launch.rank.job_env import JobEnvironment
 from launch.run.take_lease import AskJob, check_free
 
-# The launcher watches a lease only long enough to see a live holder beat; rank 0 waits out a stale one.
-LAUNCHER_WATCH_S = 2 * LEASE_BEAT_S + 1
-
-# What must be equal for a run to continue exactly (train.max_steps may grow when train.decay_steps is set).
+# What must be equal for a run to continue exactly, besides its schedule's own part (gpt.train.schedule: train.max_steps
+# may grow where the steps taken do not depend on it).
 KEYS = ("seed", "model", "data.text_md5", "data.tokenizer", "data.vocab_size", "data.val_fraction",
-        "train.global_batch_size", "train.lr", "train.min_lr", "train.warmup_steps", "train.decay_steps (or max_steps)",
-        "train.weight_decay", "train.betas", "train.grad_clip", "train.precision")
-DECAY = "train.decay_steps (or max_steps)"
+        "train.global_batch_size", "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
+        "train.betas", "train.grad_clip", "train.precision")
 
 
 def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -53,8 +51,7 @@ def identity(run: RunConfig, known_text: dict[str, Any] | None = None) -> tuple[
     """(what must not change, flattened; the corpus's size, mtime and md5)."""
     c = to_plain(run)
     corpus = corpus_record(corpus_files(absolute(run.data, to_absolute_path)), known_text)
-    values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"],
-              "train.decay_steps (or max_steps)": run.train.decay_end}
+    values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
     for key in KEYS:
         section, _, name = key.partition(".")
         if key not in values:
@@ -75,6 +72,14 @@ def newest_step(run_dir: Path) -> int | None:
     return step_of(found) if found else None
 
 
+def stable_checkpoint(run_dir: Path, decay: list | None) -> str | None:
+    """The newest checkpoint of a wsd run from before its decay (`decay`: its [start, end, shape]), to branch from."""
+    if not decay:
+        return None
+    before = [p for p in list_checkpoints(RunFolder(run_dir).checkpoints) if step_of(p) <= decay[0]]
+    return str(before[-1]) if before else None
+
+
 def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: AskJob) -> None:
     """Refuse while the job submitted for this folder waits in the queue (pending, held, requeued, suspended) or
     runs: it trains with the folder's config when it starts, and a second job would rewrite that config under it."""
@@ -92,14 +97,52 @@ def check_queued_job(run_dir: Path, job: JobEnvironment, job_state: AskJob) -> N
                         "command again")
 
 
+def prepared_data(data_dir: str) -> dict[str, Any] | None:
+    """The data's identity as run.json records it (its folder and fingerprint), once it is prepared."""
+    try:
+        return {"dir": data_dir, "fingerprint": data_identity(data_dir)}
+    except (UserError, OSError, ValueError):  # not prepared yet (data.prepare_on=job): its rank 0 records it
+        return None
+
+
+def check_same_data(run_dir: Path, saved: dict[str, Any] | None, current: dict[str, Any] | None,
+                    step: int | None) -> None:
+    """A run with checkpoints continues only on the data it was trained on."""
+    if step is None or not saved or not current or None in (saved.get("fingerprint"), current["fingerprint"]):
+        return
+    if saved["fingerprint"] != current["fingerprint"]:
+        raise UserError(f"{run_dir} was trained (to step {step}) on data with fingerprint {saved['fingerprint']} "
+                        f"(in {saved.get('dir')}), but {current['dir']} now holds data with fingerprint "
+                        f"{current['fingerprint']}: continue it on its own data, or start a new run under another "
+                        "name (run=NAME)")
+
+
+def record_data(run_dir: Path, data_dir: str, fingerprint: str | None) -> None:
+    """Rank 0, as it starts: the data this attempt trains on, into run.json (a preparation job's data was not
+    prepared when the launcher wrote it)."""
+    path = RunFolder(run_dir).identity
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return
+    if record.get("data") != (data := {"dir": data_dir, "fingerprint": fingerprint}):
+        write_record(run_dir, {**record, "data": data})
+
+
 @dataclass(frozen=True)
 class FolderCheck:
     """What check_run_folder found (None for a new run), and the identity record to write once planning passed."""
     existing: Existing | None
     identity: dict[str, Any]
+    data_dir: str
 
     def record(self, run_dir: Path) -> None:
-        write_record(run_dir, self.identity)
+        """Written after planning prepared the data: its identity as it is now (checked again: planning may have
+        prepared it just now), else as recorded before."""
+        now = prepared_data(self.data_dir)
+        check_same_data(run_dir, self.identity.get("data"), now, self.existing and self.existing.step)
+        data = now or self.identity.get("data")
+        write_record(run_dir, {**self.identity, **({"data": data} if data else {})})
 
 
 def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
@@ -111,25 +154,28 @@ def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_sta
     record = json.loads(record_path.read_text()) if record_path.is_file() else None
     job_state = job_state or job.job_state
     check_queued_job(run_dir, job, job_state)
-    check_free(run_dir, job.job_id, job.restart, job_state, LAUNCHER_WATCH_S)
+    check_free(run_dir, job.job_id, job.restart, job_state)  # a late beat is no proof: as long as rank 0 waits
     current, corpus = identity(run, (record or {}).get("corpus"))
     step = newest_step(run_dir)
     if step is not None and run.resume == "none":
         raise UserError(f"{run_dir} already holds this run at step {step}: resume=none would start over on top of "
                         f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
                         f"the folder")
-    if record is not None:
-        saved = record["identity"]
+    if record is not None and step is not None:
+        saved = schedule.settle(record["identity"], current, step)
+        stable = stable_checkpoint(run_dir, saved.get(schedule.WSD_KEY))
         diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
-                 + (f" (train.decay_steps={saved[k]} keeps its schedule with a new max_steps)" if k == DECAY else "")
+                 + schedule.hint(k, saved, run.train, step, stable)
                  for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
-        if diffs and step is not None:
+        if diffs:
             raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
                             "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
                             "new run under another name (run=NAME).")
+    data_dir = absolute(run.data, to_absolute_path).dir
+    check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
     existing = None if step is None else Existing(step, step >= run.train.max_steps)
-    return FolderCheck(existing, {"identity": current, "corpus": corpus,
-                                  "created": (record or {}).get("created", time.time())})
+    return FolderCheck(existing, {"identity": current, "corpus": corpus, "data": (record or {}).get("data"),
+                                  "created": (record or {}).get("created", time.time())}, data_dir)
 
 
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:

@@ -58,11 +58,12 @@ def _mark(run_dir: Path, job: JobEnvironment, started: float) -> dict:
     """This attempt's mark; lost during start-up, one made here: nothing was saved since the newest checkpoint (a mark
     there is older, and stays for the next attempt to record)."""
     mark = RunFolder(run_dir).attempts.read_mark()
-    if mark is not None and (mark.get("job_id"), mark.get("restart"), mark.get("round", 0)) == (
-            job.job_id, job.restart, job.round):
+    mine = (job.job_id, job.restart, job.round, job.launch)
+    if mark is not None and (mark.get("job_id"), mark.get("restart"), mark.get("round", 0),
+                             mark.get("launch", "")) == mine:
         return mark
     return {"job_id": job.job_id, "restart": job.restart, "round": job.round, "started": started,
-            "first_step": newest_step(run_dir)}
+            "first_step": newest_step(run_dir), **({"launch": job.launch} if job.launch else {})}
 
 
 def _max_restarts(run_dir: Path) -> int:
@@ -137,7 +138,8 @@ def claim_attempt(run_dir: Path) -> bool:
     """Whether this task is the one that records this attempt's end for the aborted survivors (the first to ask)."""
     job = job_environment()
     try:
-        os.close(os.open(RunFolder(run_dir).attempt_claim(job.job_id, job.restart, job.round), os.O_CREAT | os.O_EXCL))
+        claim = RunFolder(run_dir).attempt_claim(job.job_id, job.restart, job.round, job.launch)
+        os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
     except FileExistsError:
         return False
     return True

@@ -30,6 +30,7 @@ log = logging.getLogger("launch.run.recovery")
 
 class Cause(Enum):
     STOPPED = "stopped"  # Ctrl-C: the user stops the run
+    CANCELLED = "cancelled"  # the user cancelled the job (scancel, launch.cancel): neither a preemption nor a failure
     PREEMPTED = "preempted"  # a preemption signal, the time limit's warning: the job is leaving its allocation
     NODE_FAILURE = "node failure"  # the scheduler holds the hosts down, and keeps the job off them itself
     STRAGGLER = "straggler"
@@ -115,7 +116,7 @@ def recover(end: Ending) -> Outcome:
         log.warning("cannot record the attempt in %s: %s; the next attempt records it", attempts.log, e)
     if outcome.restart:
         outcome.restart.begin(end.run_dir, end.job)
-    if end.cause not in (Cause.STOPPED, Cause.PREEMPTED):  # those say where they stopped (launch.rank.worker)
+    if end.cause not in (Cause.STOPPED, Cause.CANCELLED, Cause.PREEMPTED):  # they say where they stopped (worker)
         (log.warning if outcome.goes_on else log.error)("%s: %s", end.ended, outcome.note)
     return outcome
 
@@ -125,6 +126,8 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
     cause, job = end.cause, end.job
     if cause is Cause.STOPPED:
         return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
+    if cause is Cause.CANCELLED:
+        return Outcome(Next.STOP, f"{end.ended}; {continues(newest)}")
     began = end.began if end.began is not None else end.mark.get("first_step") if end.mark else newest
     if cause.bounded and (repeated := repeated_recovery(earlier, began, newest)):
         where = f"step {newest}" if newest is not None else "the start"
@@ -144,7 +147,7 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
         return Outcome(Next.REQUEUE, note)
     if cause is Cause.HEALTH:
         return Outcome(Next.CONTINUE, note)
-    hint = "" if cause is Cause.PREEMPTED else continues(newest)
+    hint = "" if cause is Cause.PREEMPTED and "preempted_by" not in end.record else continues(newest)
     return Outcome(Next.STOP, "; ".join(filter(None, [note, hint])))
 
 
@@ -162,7 +165,7 @@ def decided_elsewhere(run_dir: Path, job: JobEnvironment, wait_s: float) -> Outc
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            line = RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round)
+            line = RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round, job.launch)
         except OSError:
             line = None
         if line is not None:

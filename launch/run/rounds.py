@@ -7,7 +7,8 @@ cluster.spare_nodes, replaces a lost one). Every task wrapper (launch.backends.s
 stops its rank if it still runs, and starts the rank of the next round on the nodes the request names: same world
 size, same layout, a new rendezvous port (launch.rank.environment.master_port), resumed from the newest checkpoint.
 
-    RUN_DIR/rounds/<job>-restart<R>/round-<K>.json   created once (link(2) of a complete file) by the one that asks
+    RUN_DIR/rounds/job<J>-restart<R>/round-<K>.json   created once (link(2) of a complete file) by the one that asks
+    RUN_DIR/rounds/launch-<L>/round-<K>.json           the same, for launch L inside an allocation (local, srun)
 """
 from __future__ import annotations
 
@@ -25,14 +26,15 @@ from launch.rank.job_env import ROUND_VAR, JobEnvironment
 
 @dataclass(frozen=True)
 class Rounds:
-    """The round requests of one attempt of a job (`name`: its job and restart, or a local launch)."""
+    """The round requests of one attempt of a job (`name`: its job and restart, or the launch that started its ranks
+    inside an allocation: launches that share one never share rounds)."""
 
     run_dir: Path
     name: str
 
     @classmethod
     def of(cls, run_dir: Path, job: JobEnvironment) -> Rounds:
-        name = f"job{job.job_id}-restart{job.restart}" if job.job_id else f"local-{job.environ.get(LOCAL_ID, '0')}"
+        name = f"launch-{job.launch}" if job.launch else f"job{job.job_id}-restart{job.restart}"
         return cls(Path(run_dir), name)
 
     def path(self, k: int) -> Path:
@@ -65,7 +67,6 @@ class Rounds:
 
 
 IN_JOB = "restarting inside the allocation"
-LOCAL_ID = "GPTLAUNCH_LAUNCH_ID"  # cluster=local: one launch's rounds (the launcher's pid and start time)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ What the stand-in cannot show (kernels, NCCL, how much really overlaps) is measu
 a GPU (docs/benchmarks.md)."""
 from __future__ import annotations
 
+import pickle
 import threading
 
 import pytest
@@ -124,6 +125,39 @@ def test_memory_figures_are_the_ranks_own_device_and_the_windows_peak(monkeypatc
     assert cuda.contexts == {1}
     with pytest.raises(RuntimeError, match="invalid device ordinal"):
         memory_stats(torch.device("cuda", 2))
+
+
+def test_the_allocator_history_takes_only_cudas_settings_and_a_snapshot_holds_it_only_while_recorded(monkeypatch,
+                                                                                                       tmp_path):
+    cuda = StrictCuda().install(monkeypatch)
+    with pytest.raises(ValueError, match="invalid memory history setting"):
+        torch.cuda.memory._record_memory_history(enabled="everything")
+    torch.cuda.memory._dump_snapshot(str(tmp_path / "before.pickle"))
+    torch.cuda.memory._record_memory_history(max_entries=10)
+    cuda.history.append({"action": "alloc", "size": 512})
+    torch.cuda.memory._dump_snapshot(str(tmp_path / "while.pickle"))
+    traces = [pickle.loads((tmp_path / f"{n}.pickle").read_bytes())["device_traces"][0] for n in ("before", "while")]
+    assert traces == [[], [{"action": "alloc", "size": 512}]]
+    cuda.count = 0  # no device: CUDA refuses
+    with pytest.raises(RuntimeError, match="invalid device ordinal"):
+        torch.cuda.memory._record_memory_history()
+
+
+def test_out_of_memory_writes_the_snapshot_the_one_line_error_names(strict_cuda, tmp_path):
+    """profile.memory_snapshot=true on a GPU: the allocator's history kept from the start, its snapshot written when
+    the step runs out of memory, and its path in the rank's one-line error (a UserError: exit 2)."""
+    from gpt.config.profile import ProfileConfig
+    from gpt.train.profiler import OutOfMemory, step_profiler
+
+    assert step_profiler(ProfileConfig(), DistEnv(), 1, tmp_path, torch.device("cuda", 0)) is None  # off: nothing
+    profiler = step_profiler(ProfileConfig(memory_snapshot=True), DistEnv(), 2, tmp_path, torch.device("cuda", 0))
+    assert strict_cuda.history == []  # recording
+    strict_cuda.history.append({"action": "alloc", "size": 1 << 30})
+    with pytest.raises(OutOfMemory) as refused, profiler.around(7):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    path = tmp_path / "profiles" / "attempt-2" / "rank0-memory-oom.pickle"
+    assert str(path) in str(refused.value) and "at step 7" in str(refused.value) and "\n" not in str(refused.value)
+    assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 1 << 30}]
 
 
 def test_a_rank_drives_the_gpu_of_its_local_rank_and_no_other(monkeypatch):

@@ -89,15 +89,15 @@ def test_cuda_rng_is_this_ranks_own_device(monkeypatch):
 
 
 class SyncCounter:
-    """Counts host reads of tensors (item, tolist) and device waits made from our code (gpt/, launch/) outside
-    gpt/dist/, whose reads are of host tensors by construction (see test_collectives)."""
+    """Counts host reads of tensors (item, tolist, bool, float, int) and device waits made from our code (gpt/,
+    launch/) outside gpt/dist/, whose reads are of host tensors by construction (see test_collectives)."""
 
     ours = (str(REPO / "gpt"), str(REPO / "launch"))
 
     def __init__(self, monkeypatch):
         self.calls: list[str] = []
-        for owner, name in ((torch.Tensor, "item"), (torch.Tensor, "tolist"), (torch.cuda, "synchronize"),
-                            (torch.cuda.Event, "synchronize")):
+        reads = [(torch.Tensor, name) for name in ("item", "tolist", "__bool__", "__float__", "__int__")]
+        for owner, name in (*reads, (torch.cuda, "synchronize"), (torch.cuda.Event, "synchronize")):
             monkeypatch.setattr(owner, name, self.wrap(getattr(owner, name), name))
 
     def wrap(self, original, name):

@@ -51,6 +51,20 @@ def test_the_attempts_log_round_trips_and_stamps_each_line(tmp_path: Path):
     assert log.line_of(None, 0) is None  # no scheduler: no job id to find its line by
 
 
+def test_launches_that_share_one_job_keep_their_own_attempts(tmp_path: Path):
+    """Two launches inside one salloc share the job id and restart 0: each has its own line, claim and key, and a
+    line written before launches had ids is still the job's own."""
+    log = RunFolder(tmp_path).attempts
+    log.append("7", 0, {"ended": "finished"})  # the job's own launch (sbatch), as before
+    key = log.key("7", 0, None, 0, "L1")
+    assert key != log.key("7", 0, None, 0, "L2") and key != log.key("7", 0, None) == "job7-restart0"
+    assert log.append_once(key, "7", 0, {"ended": "hang", "in_job_restart": 1}, 0, "L1")
+    assert log.append_once(log.key("7", 0, None, 0, "L2"), "7", 0, {"ended": "finished"}, 0, "L2")
+    assert log.line_of("7", 0).launch == "" and log.line_of("7", 0, 0, "L1").in_job_restart == 1
+    assert log.line_of("7", 0, 0, "L2").finished and log.line_of("7", 0, 0, "L3") is None
+    assert RunFolder(tmp_path).attempt_claim("7", 0, 0, "L1") != RunFolder(tmp_path).attempt_claim("7", 0)
+
+
 def test_a_line_cut_short_is_skipped(tmp_path: Path):
     log = RunFolder(tmp_path).attempts
     log.append(None, 0, {"ended": "finished"})

@@ -2,6 +2,7 @@
 continues the run, and no traceback; that command continues it bitwise."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import signal
@@ -61,3 +62,45 @@ def test_sigterm_to_the_process_group_saves_and_stops_like_ctrl_c(tmp_path, data
     stopped_at = len(losses(run))
     assert (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file(), err[-3000:]
     assert "Continue with:\n  python -m launch " in err
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_ctrl_z_pauses_the_ranks_and_the_launcher_and_sigcont_resumes_them(tmp_path, data_overrides):
+    """SIGTSTP to the launcher's process group (Ctrl-Z) stops every rank (they run in sessions of their own) and
+    the launcher; SIGCONT resumes them, and the pause, longer than the step budget, is no hang. A plain SIGSTOP to
+    the group, which the launcher cannot catch, stops the ranks too (each sees its launcher stopped)."""
+    import psutil
+
+    run = tmp_path / "run"
+    overrides = [*RUN, "train.max_steps=150", "watchdog.step_s=8", *data_overrides, f"hydra.run.dir={run}"]
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *overrides], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics" / "rank0.jsonl"
+    deadline = time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 10) and time.monotonic() < deadline:
+        assert proc.poll() is None
+        time.sleep(0.1)
+    ranks = [psutil.Process(json.loads((run / "environment" / f"rank{r}.json").read_text())["pid"]) for r in (0, 1)]
+    processes = [psutil.Process(proc.pid), *ranks]
+
+    def paused(signum: int, seconds: float) -> int:
+        """`signum` to the group: every process stops, and no step is logged for `seconds`; the steps logged."""
+        os.killpg(proc.pid, signum)
+        deadline = time.monotonic() + 10
+        while any(p.status() != psutil.STATUS_STOPPED for p in processes) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert [p.status() for p in processes] == [psutil.STATUS_STOPPED] * 3, signal.Signals(signum).name
+        paused_at = metrics.read_text().count("\n")
+        time.sleep(seconds)
+        assert metrics.read_text().count("\n") == paused_at and paused_at < 150
+        os.killpg(proc.pid, signal.SIGCONT)
+        return paused_at
+
+    at = paused(signal.SIGTSTP, 20)  # past watchdog.step_s, and past its own sleep by more than FROZEN_S
+    while metrics.read_text().count("\n") < at + 5:  # resumed
+        time.sleep(0.1)
+    paused(signal.SIGSTOP, 2)
+    err = proc.communicate(timeout=180)[1]
+    assert proc.returncode == 0, err[-3000:]
+    assert len(losses(run)) == 150 and not list(run.glob("hang-*")), err[-3000:]

@@ -2,16 +2,21 @@
 passes planning: a copied command never fails for a name that does not exist or a layout that cannot work."""
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import itertools
 import re
 import shlex
+from pathlib import Path
 
 import pytest
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
+from gpt.config.data import DataConfig
 from gpt.config.schema import run_config
 from gpt.errors import UserError
+from cuda_standin import StrictCuda
 from helpers import REPO, compose
 from launch.planning.plan import Plan, make_plan
 
@@ -40,7 +45,7 @@ def overrides(program: str, words: list[str]) -> tuple[list[list[str]], dict[str
     for w in words:
         if program == "make run" and w.startswith(("ARGS=", "RUN_ARGS=")):
             out += overrides("python -m launch", shlex.split(w.split("=", 1)[1]))[0]
-        elif w.startswith(("--nodes=", "--ntasks-per-node=")):
+        elif w.startswith(("--nodes=", "--ntasks-per-node=", "--gpus-per-node=")):
             shape[w[2:].split("=")[0]] = int(w.split("=")[1])
         elif "=" in w and not w.startswith(("-", "hydra.", "hydra/")) and "<" not in w:
             key, value = w.split("=", 1)
@@ -63,6 +68,9 @@ def test_documented_command_composes_and_plans(source, command, words, tmp_path,
     monkeypatch.setenv("GPTLAUNCH_SITE_DIR", str(REPO / "examples"))
     program = "make run" if command.startswith("make run") else "sbatch" if "sbatch" in command else "launch"
     choices, shape = overrides(program, words)
+    if shape.get("gpus-per-node") or "train=gpu" in words:  # planned where it runs: on GPUs (the fit check's memory)
+        monkeypatch.setenv("SLURM_GPUS_ON_NODE", str(shape.get("gpus-per-node", 8)))
+        StrictCuda(devices=shape.get("gpus-per-node", 8)).install(monkeypatch)
     if program == "make run" and not any(w.startswith("RUN_ARGS=") for w in words):
         choices = [["nodes=1", "nodes=2"], ["strategy=ddp"], ["train.max_steps=1000"], *choices]  # the Makefile's RUN_ARGS
     for i, args in enumerate(itertools.product(*choices)):
@@ -76,12 +84,31 @@ def test_documented_command_composes_and_plans(source, command, words, tmp_path,
         assert planned.world_size >= 1 and (run_dir / "config.yaml").is_file(), args
 
 
+def own_folder(data: DataConfig) -> DataConfig:
+    """The session's prepared corpus, in one folder per way of preparing it: a prepared folder is never prepared
+    again with other settings (gpt.data.prepare.refuse_other), and the commands use several (data=shakespeare_bpe)."""
+    settings = dataclasses.replace(data, dir="", prepare_on="login", prepare_nodes=1, workers=0)
+    key = hashlib.md5(repr(settings).encode(), usedforsecurity=False).hexdigest()[:12]
+    return dataclasses.replace(data, dir=str(Path(data.dir).with_name(f"{Path(data.dir).name}-{key}")))
+
+
 def plan(program: str, shape: dict[str, int], args: list[str], run_dir) -> Plan:
     """Planned as the allocation would run it: nodes x tasks from sbatch, or the config's."""
     run = run_config(compose(*(["cluster=srun"] if program == "sbatch" else []), *args))  # as multi_node.sh runs it
+    run = dataclasses.replace(run, data=own_folder(run.data))
     if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1; ranks on all but the spares
         run = run.with_cluster(nodes=shape.get("nodes", 2) - run.cluster.spare_nodes,
                                tasks_per_node=shape.get("ntasks-per-node", 1))
     elif run.cluster.name == "srun":  # as the script runs it, in a 1-node allocation
         run = run.with_cluster(nodes=1, tasks_per_node=1)
     return make_plan(run, run_dir)
+
+
+def test_the_script_header_offers_no_more_nodes_than_its_default_and_says_to_check_sinfo():
+    """A larger node count copied from the header is accepted by sbatch and pends for ever on a smaller partition:
+    the header's examples fit wherever its default does, and it names `sinfo` for more."""
+    header = (REPO / "slurm/multi_node.sh").read_text().split("\n#SBATCH", 1)[0]
+    default = int(re.search(r"^#SBATCH --nodes=(\d+)", (REPO / "slurm/multi_node.sh").read_text(), re.M).group(1))
+    asked = [int(n) for n in re.findall(r"sbatch [^\n]*--nodes=(\d+)", header)]
+    assert asked and max(asked) <= default, asked
+    assert "sinfo" in header

@@ -47,3 +47,13 @@ def test_a_hang_on_every_attempt_restarts_once_then_fails_clearly(tmp_path, data
     assert log[1]["note"].startswith("not requeued: the attempt before hung too, and no checkpoint newer than step 5"), \
         log[1]["note"]
     assert "watchdog:" in proc.stderr.splitlines()[-1] or "hang" in proc.stderr.splitlines()[-1], proc.stderr[-2000:]
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.slow
+def test_a_killed_rank_without_restarts_is_a_failed_run_exit_1(tmp_path, data_overrides):
+    """A failed run is exit code 1 (2 is for the user's errors): a rank killed with no in-job restart left."""
+    proc = launch(*RUN, *data_overrides, "debug.kill_rank=1", "debug.kill_step=3", "preemption.in_job_restarts=0",
+                  run_dir=tmp_path, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "rank 1 was killed by SIGKILL" in proc.stderr.splitlines()[-1] or "hang" in proc.stderr, proc.stderr[-2000:]

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
+
+import pytest
 
 from gpt.config import schema
 from gpt.config.schema import run_config
@@ -37,8 +41,24 @@ def test_snapshot_holds_head_plus_uncommitted_and_new_files_and_records_dirty(tm
     assert json.loads((taken.path / "code.json").read_text())["dirty"] is True
     (root / "gpt" / "a.py").write_text("A = 3\n")  # the checkout moves on; the snapshot does not
     assert (taken.path / "gpt" / "a.py").read_text() == "A = 2\n"
-    assert taken.setup_lines() == (f"export PYTHONPATH={taken.path}${{PYTHONPATH:+:$PYTHONPATH}}",
+    assert taken.setup_lines() == (f'export PYTHONPATH={taken.path}"${{PYTHONPATH:+:$PYTHONPATH}}"',
                                    "export PYTHONSAFEPATH=1")
+
+
+@pytest.mark.parametrize("folder", ["a b", "x$(touch pwned)", "it's `touch pwned`; *"])
+def test_the_snapshot_lines_put_the_snapshot_on_the_path_in_a_real_shell_whatever_its_folder(tmp_path, folder):
+    """The batch script's lines, run by bash: the snapshot's path whole (a space split it, and the job ran the live
+    checkout), and nothing in it run (a run name is part of the path)."""
+    root = tmp_path / "plain"
+    (root / "launch").mkdir(parents=True)
+    (root / "launch" / "x.py").write_text("X = 1\n")
+    taken = snapshot.take(tmp_path / folder, root)
+    script = "\n".join(taken.setup_lines()) + '\nprintf "%s|%s" "$PYTHONPATH" "$PYTHONSAFEPATH"\n'
+    for before, after in (({}, ""), ({"PYTHONPATH": "/earlier"}, ":/earlier")):
+        out = subprocess.run(["bash", "-c", script], cwd=tmp_path, env={"PATH": os.environ["PATH"], **before},
+                             capture_output=True, text=True, check=True)
+        assert (out.stdout, out.stderr) == (f"{taken.path}{after}|1", "")
+    assert not list(tmp_path.rglob("pwned"))
 
 
 def test_snapshot_without_git_copies_the_package(tmp_path):
@@ -119,5 +139,54 @@ def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
     run = run_config(compose("model=tiny", "train.lr=1e-3"))
     save(run, tmp_path / "config.yaml")
     check_same_config(run_config(compose("model=tiny", "train.lr=1e-3", "launcher.detach=true")), tmp_path, "42")
-    with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*scancel 42"):
+    with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*"
+                       r"python -m launch\.cancel "):
         check_same_config(run_config(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")
+
+
+def test_the_verbs_see_the_job_a_run_recorded_from_inside_beside_its_submissions(tmp_path):
+    """A run started inside a job it did not submit (`sbatch slurm/multi_node.sh`, a stock launcher, `salloc`) has no
+    slurm_job.json: its ranks record the job they run in, and status, list and cancel ask about it, in the order the
+    records were written."""
+    import os
+
+    from launch.rank.job_env import JobEnvironment
+    from launch.run.job_record import record_job
+    from launch.run_status import job_ids
+
+    class InJob(JobEnvironment):
+        scheduler = "some"
+
+        @property
+        def job_id(self) -> str | None:
+            return self.environ["JOB"]
+
+    record_job(tmp_path, JobEnvironment({}))  # no job: nothing to record
+    assert job_ids(tmp_path) == ()
+    record_job(tmp_path, InJob({"JOB": "42"}))
+    assert job_ids(tmp_path) == ("42",)
+    (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "43"}))  # submitted after it
+    assert job_ids(tmp_path) == ("42", "43")
+    os.utime(tmp_path / "slurm_job.json", (1, 1))
+    assert job_ids(tmp_path) == ("43", "42")
+    record_job(tmp_path, InJob({"JOB": "43"}))  # the submitted job itself: listed once
+    assert job_ids(tmp_path) == ("43",)
+
+
+def test_a_run_that_failed_inside_a_live_allocation_is_not_shown_running(tmp_path):
+    """`salloc`, then a launch that fails (cluster=local or srun): the allocation still runs, but the run does not;
+    a new launch in the allocation (it records the job again) runs it once more."""
+    from launch.backends.job_state import JobStanding, JobState
+    from launch.run_status import FAILED, WAITING
+    from gpt.run_folder import RunFolder
+
+    def job_json(at: float) -> None:
+        (tmp_path / "job.json").write_text(json.dumps({"job_id": "42", "scheduler": "slurm", "time": at}))
+
+    allocation = {"42": JobStanding("42", JobState.RUNNING, "RUNNING")}
+    job_json(1.0)
+    assert read_status(tmp_path, allocation).verdict == WAITING  # the launch's first attempt trains
+    RunFolder(tmp_path).attempts.append("42", 0, {"first_step": 0, "last_step": 3, "ended": "failed: RuntimeError"})
+    assert read_status(tmp_path, allocation).verdict == FAILED
+    job_json(time.time() + 1)  # launched again inside the allocation
+    assert read_status(tmp_path, allocation).verdict == WAITING

@@ -28,7 +28,6 @@ from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontro
 from slurm_helpers import local_reference
 
 CLUSTER_SH = REPO / "slurm" / "local_cluster.sh"
-SLURM_BIN = REPO / "slurm" / "bin"
 NODES = 4
 SETUP_CMD = "slurm/install_deps.sh && slurm/local_cluster.sh up 4"
 
@@ -45,7 +44,7 @@ class SlurmCluster:
     talks to it."""
 
     conf: Path
-    env: dict[str, str] = field(repr=False)  # os.environ + SLURM_CONF + slurm/bin first on PATH + the instance
+    env: dict[str, str] = field(repr=False)  # os.environ + SLURM_CONF + the venv first on PATH + the instance
     instance: int
     node_prefix: str  # node i is namespace and host <node_prefix><i>
     veth_prefix: str  # the host side of node i's link is <veth_prefix><i>
@@ -126,7 +125,8 @@ def _describe(env: dict[str, str]) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def slurm_cluster() -> SlurmCluster:
     sbin_path = os.environ.get("PATH", "") + ":/usr/sbin:/sbin"
-    missing = [c for c in ("sbatch", "srun", "scontrol", "sinfo", "slurmctld", "slurmd", "munged")
+    missing = [c for c in ("sbatch", "srun", "scontrol", "sinfo", "sacct", "slurmctld", "slurmd", "slurmdbd", "munged",
+                           "mariadbd")
                if shutil.which(c, path=sbin_path) is None]
     if missing:
         _missing_or_fail(f"Slurm is not installed (missing: {', '.join(missing)})")
@@ -148,7 +148,7 @@ def slurm_cluster() -> SlurmCluster:
     env["SLURM_CONF"] = names["SLURM_CONF"]
     # As for a user who activated the venv before sbatch: jobs inherit PATH, and slurm/multi_node.sh runs `python`.
     venv_bin = Path(sys.executable).parent
-    env["PATH"] = f"{SLURM_BIN}:{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}"
+    env["PATH"] = f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}"
     # A test run inside a Slurm job must not leak that job's variables into the jobs it submits.
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")) and k != "SLURM_CONF"]:
         del env[key]

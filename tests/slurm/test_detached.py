@@ -42,7 +42,11 @@ def steps_done(run_dir: Path) -> int:
 
 @pytest.mark.timeout(180)
 def test_detached_sweep_needs_no_launcher_for_its_status_and_report(slurm_cluster, tmp_path, data_overrides):
+    from gpt.data.prepare import prepare
+
     sweep = tmp_path / "sweep"
+    data = dict(o.split("=", 1) for o in data_overrides)
+    prepare(data["data.text_path"], data["data.dir"])  # what is timed below is the submission, not a first preparation
     started = time.monotonic()
     proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data_overrides, "launcher.detach=true",
                       f"hydra.sweep.dir={sweep}")
@@ -93,17 +97,21 @@ def test_logs_follow_a_requeue_and_cancel_saves_then_the_same_command_continues(
 
         cancel = verb(slurm_cluster.env, "cancel", str(run_dir))
         assert cancel.returncode == 0 and "sent the preemption signal" in cancel.stdout, output(cancel)
-        assert slurm_cluster.wait_state(job) == "CANCELLED"
+        assert slurm_cluster.wait_state(job) in ("CANCELLED", "COMPLETED")  # saved and stopped, not requeued
         logged, _ = follow.communicate(timeout=60)  # it stops by itself once the job has ended
     finally:
         follow.kill()
     attempts = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
-    assert [a["ended"] for a in attempts][:2] == ["preempted:SIGUSR2", "preempted:SIGUSR2"], attempts
+    assert [a["ended"] for a in attempts][:2] == ["preempted:SIGUSR2", "cancelled by the user"], attempts
+    assert not attempts[1].get("requeued"), attempts
     saved = attempts[1]["last_step"]
     assert saved > before  # the cancel saved where the second attempt was
     first = attempts[0]["last_step"]  # followed across the requeue: both attempts' lines
     assert f"stopped at step {first} after SIGUSR2" in logged and f"at step {first} (" in logged, logged[-2000:]
-    assert f"stopped at step {saved} after SIGUSR2" in logged, logged[-2000:]
+    assert f"cancelled by the user at step {saved}, checkpoint saved" in logged, logged[-2000:]
+    cancelled = verb(slurm_cluster.env, "status", str(run_dir))  # one restart: the preemption's, not the cancel's
+    assert cancelled.returncode == 0 and "1 restart(s)" in cancelled.stdout, output(cancelled)
+    assert cancelled.stdout.rstrip().endswith("cancelled by the user"), output(cancelled)
 
     again = run_launch(slurm_cluster.env, *args, timeout=200)
     assert again.returncode == 0, output(again)
@@ -137,6 +145,31 @@ def test_a_held_job_runs_the_code_submitted_not_the_edited_checkout(slurm_cluste
     assert "uncommitted comment" in (Path(code["path"]) / "uncommitted.diff").read_text()
 
 
+@pytest.mark.timeout(240)
+def test_a_submit_folder_with_a_space_and_a_run_name_with_a_command_run_the_snapshot_and_nothing_else(
+        slurm_cluster, tmp_path, data_overrides):
+    """The batch script quotes the snapshot's path: the job imports the snapshot (a space once split the path, and the
+    job imported the live checkout while code.json named the snapshot), and `$(...)` in a run name runs nowhere."""
+    checkout = tmp_path / "a checkout"
+    subprocess.run(["git", "clone", "-q", "--depth", "1", f"file://{REPO}", str(checkout)], check=True)
+    imported = tmp_path / "imported"  # every rank's worker says where it was imported from
+    worker = checkout / "launch" / "rank" / "worker.py"
+    said = f"from __future__ import annotations\nopen({str(imported)!r}, 'a').write(__file__ + '\\n')\n"
+    worker.write_text(worker.read_text().replace("from __future__ import annotations\n", said, 1))
+    name = "x$(>pwned)"  # a command a shell runs: it creates the file pwned
+    proc = subprocess.run(launch_cmd(*SLURM, *TINY, *data_overrides, "nodes=2", f"run='{name}'"), cwd=checkout,
+                          env=slurm_cluster.env, capture_output=True, text=True, timeout=200)
+    assert proc.returncode == 0, output(proc)
+    run_dir = checkout / "runs" / name
+    assert len(train_records(run_dir)) == 6
+    code = Path(json.loads((run_dir / "code.json").read_text())["path"])
+    assert code.parent == run_dir / "slurm" / "code"
+    assert set(imported.read_text().splitlines()) == {str(code / "launch" / "rank" / "worker.py")}  # every import
+    script = next((run_dir / "slurm").glob("*_submission.sh")).read_text()
+    assert f"export PYTHONPATH='{code}'" in script, script
+    assert not list(tmp_path.rglob("pwned")) and not (REPO / "pwned").exists()
+
+
 @pytest.mark.timeout(180)
 def test_a_killed_waiting_launcher_loses_nothing(slurm_cluster, tmp_path, data_overrides):
     sweep = tmp_path / "sweep"
@@ -155,3 +188,30 @@ def test_a_killed_waiting_launcher_loses_nothing(slurm_cluster, tmp_path, data_o
     assert f"nodes=1: job {job}, submitted earlier, still runs or waits; waiting for it" in again.stdout, output(again)
     assert f"job {job} (nodes=1) COMPLETED" in again.stdout and "submitted job" not in again.stdout
     assert (sweep / "report" / "scaling.csv").is_file()
+
+
+@pytest.mark.timeout(240)
+def test_a_plain_scancel_is_a_cancel_not_a_preemption_nor_a_failure(slurm_cluster, tmp_path, data_overrides):
+    """scancel sends SIGTERM, as a preemption does: the ranks save, see that the job was cancelled (COMPLETING, not
+    requeued, before its time limit), and stop without requeueing; the waiting launcher says so and exits 0, and so
+    does launch.status."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd(*SLURM, *SLOW, *data_overrides, f"hydra.run.dir={run_dir}"), cwd=REPO,
+                            env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: steps_done(run_dir) >= 15, what="15 steps")
+        job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
+        slurm_cluster.run("scancel", job)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    said = out + err
+    assert proc.returncode == 0, said[-3000:]
+    assert f"job {job} (" in said and ") cancelled by the user; the same command continues the run" in said, said[-3000:]
+    assert "preemption signal" not in said and "failed" not in said, said[-3000:]
+    [attempt] = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert attempt["ended"] == "cancelled by the user" and not attempt["requeued"], attempt
+    assert (run_dir / "checkpoints" / f"step_{attempt['last_step']:08d}").is_dir(), attempt
+    status = verb(slurm_cluster.env, "status", str(run_dir))
+    assert status.returncode == 0 and f"job {job} CANCELLED" in status.stdout, output(status)
+    assert "0 restart(s)" in status.stdout and status.stdout.rstrip().endswith("cancelled by the user"), output(status)

@@ -64,7 +64,7 @@ def test_cut_link_during_a_save_is_seen_within_the_measured_save_budget(slurm_cl
         saving(run_dir, 40)
         node = node_of_rank(run_dir, 1)
         with cut_link(slurm_cluster, node) as cut:
-            report = read_report(run_dir, SAVE_FLOOR_S + 60)
+            report = read_report(run_dir, job, SAVE_FLOOR_S + 60)
             gone = exited(node, job, timeout=60)  # while still cut off: Slurm cannot stop it, it must end itself
         state = slurm_cluster.wait_state(job, timeout=300)
     finally:

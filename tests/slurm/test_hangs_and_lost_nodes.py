@@ -42,7 +42,7 @@ def test_hang_at_step_50_is_reported_requeued_and_finishes_exactly(slurm_cluster
     assert proc.returncode == 0, output(proc)
     acting = {(c.host, c.pid) for c in calls.calls() if c.argv.startswith(("scontrol requeue", "scontrol update"))}
     assert len(acting) == 1, calls.calls()  # one process of the job talks to the scheduler, not every rank
-    report = json.loads((run_dir / "hang-1.json").read_text())
+    report = json.loads(first_report(run_dir, attempts(run_dir)[0]["job_id"]).read_text())
     hung = report["ranks"][1]
     detected_after = report["time"] - (hung["time"] - hung["idle_s"])
     print(f"hang at step 50 reported {detected_after:.1f} s after rank 1 stopped (watchdog.step_s={STEP_S})")
@@ -69,7 +69,7 @@ def test_hang_before_the_first_step_names_the_missing_rank_and_requeues(slurm_cl
     proc = run_launch(slurm_cluster.env, *SLURM, "nodes=2", *RUN, *data_overrides, "debug.hang_rank=1",
                       f"watchdog.startup_s={startup_s}", f"hydra.run.dir={run_dir}", timeout=400)
     assert proc.returncode == 0, output(proc)
-    report = json.loads((run_dir / "hang-1.json").read_text())
+    report = json.loads(first_report(run_dir, attempts(run_dir)[0]["job_id"]).read_text())
     waiting = report["ranks"][0]
     detected_after = report["time"] - (waiting["time"] - waiting["up_s"])  # since rank 0 started
     print(f"hang before the first step reported {detected_after:.1f} s after rank 0 started on Slurm "
@@ -83,12 +83,20 @@ def test_hang_before_the_first_step_names_the_missing_rank_and_requeues(slurm_cl
     assert_same_run(run_dir, reference)
 
 
-def read_report(run_dir: Path, timeout: float) -> dict:
-    """The hang report, once its writer has finished it."""
-    path, deadline = run_dir / "hang-1.json", time.monotonic() + timeout
+def first_report(run_dir: Path, job: str) -> Path:
+    """The hang report of the job's first attempt: named by the attempt's own id (its job and restart, then the
+    launch that ran it: sbatch's script starts one)."""
+    found = sorted(run_dir.glob(f"hang-job{job}-restart0-launch*.json"))
+    assert len(found) <= 1, found
+    return found[0] if found else run_dir / f"hang-job{job}-restart0.json"
+
+
+def read_report(run_dir: Path, job: str, timeout: float) -> dict:
+    """The hang report of the job's first attempt, once its writer has finished it."""
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         with contextlib.suppress(OSError, ValueError):
-            return json.loads(path.read_text())
+            return json.loads(first_report(run_dir, job).read_text())
         time.sleep(0.2)
     raise AssertionError(f"no hang report within {timeout} s")
 
@@ -117,7 +125,7 @@ def test_cut_link_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_
         trained(run_dir, 25)
         node = node_of_rank(run_dir, 1)
         with cut_link(slurm_cluster, node) as cut:
-            report = read_report(run_dir, STEP_S + 60)
+            report = read_report(run_dir, job, STEP_S + 60)
         state = slurm_cluster.wait_state(job, timeout=300)
     finally:
         slurm_cluster.run("scancel", job, check=False)
@@ -127,7 +135,8 @@ def test_cut_link_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm_
     line = report["summary"]
     assert (report["cut"], report["surviving"]) == ([1], [0]), line
     assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in line
-    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
+    text = first_report(run_dir, job).with_suffix(".txt")
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {text}")
     assert line in (tmp_path / "job.out").read_text()  # the one line, in the job's output
     assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
     assert_same_run(run_dir, reference)
@@ -171,7 +180,7 @@ def test_lost_node_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm
         kill_node(slurm_cluster, node, job)
         killed = time.time()
         try:
-            report = read_report(run_dir, STEP_S + 60)
+            report = read_report(run_dir, job, STEP_S + 60)
         finally:
             slurm_cluster.script("start-node", node, timeout=60)
         state = slurm_cluster.wait_state(job, timeout=300)
@@ -185,7 +194,8 @@ def test_lost_node_stops_the_run_within_the_watchdog_budget_and_it_resumes(slurm
     line = report["summary"]
     assert (report["lost"], report["surviving"]) == ([1], [0]), line
     assert f"rank 1 on {node} is gone (no heartbeat for " in line
-    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {run_dir / 'hang-1.txt'}")
+    text = first_report(run_dir, job).with_suffix(".txt")
+    assert line.endswith(f"surviving: rank 0 on {report['ranks'][0]['host']}; report: {text}")
     assert [(a["ended"], a.get("requeued")) for a in attempts(run_dir)] == [("hang", True), ("finished", None)]
     assert_same_run(run_dir, reference)
     wait_idle(slurm_cluster, node)
@@ -195,7 +205,7 @@ def wait_idle(cluster, node: str, timeout: float = 120) -> None:
     """The node is back in service (idle, or running someone else's job)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        state = cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.strip()
+        state = " ".join(set(cluster.run("sinfo", "-h", "-n", node, "-o", "%T").stdout.split()))  # a row per partition
         if state in ("idle", "mixed", "allocated"):
             return
         time.sleep(1)

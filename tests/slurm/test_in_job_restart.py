@@ -41,7 +41,9 @@ def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm
                                                                           reference, path):
     """cluster=slurm through the launcher (submitit), and sbatch slurm/multi_node.sh (cluster=srun)."""
     sbatch = path == "sbatch"
-    overrides = [*RUN, *data_overrides] if sbatch else ["nodes=2", *SLURM, *RUN, *data_overrides]
+    # the standby rank, as GPU ranks have it (CPU ranks do not: preemption.standby_rank=auto)
+    overrides = [*RUN, *data_overrides, "preemption.standby_rank=true"]
+    overrides = overrides if sbatch else ["nodes=2", *SLURM, *overrides]
     job = Job(slurm_cluster, tmp_path, overrides, tmp_path / "run", sbatch=sbatch)
     job.training(0)
     job.kill_rank(1)
@@ -58,6 +60,7 @@ def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm
     assert log[0]["lost_rank"] == 1 and "killed by SIGKILL" in log[0]["ended"], log[0]
     assert log[0]["note"].startswith("restarting inside the allocation (in-job restart 1 of at most 3"), log[0]
     assert log[1]["ended"] == "finished" and log[1]["restart"] == 0, log[1]
+    assert log[1]["startup"]["imports_s"] < 0.5, log[1]  # the next round's rank was the standby, imports done
     if not sbatch:  # the login-node launcher says so in one line
         assert "attempt 0 ended (" in job.text() and ": restarting inside the allocation (in-job restart 1" in \
             job.text(), job.text()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import CLUSTER_SH, SLURM_BIN, _describe
+from conftest import CLUSTER_SH, _describe
 from control_counters import SlurmCalls
 from slurm_helpers import SLURM, TINY, output, run_launch
 
@@ -31,7 +31,7 @@ def large_cluster() -> dict[str, str]:
         up = subprocess.run(["bash", str(CLUSTER_SH), "up", str(NODES)], env=env, capture_output=True, text=True)
         assert up.returncode == 0, up.stdout + up.stderr
     env["SLURM_CONF"] = _describe(env)["SLURM_CONF"]
-    env["PATH"] = f"{SLURM_BIN}:{Path(sys.executable).parent}:{env['PATH']}"
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
     return {k: v for k, v in env.items() if not k.startswith(("SLURM_JOB", "SLURM_ARRAY", "SBATCH_"))}
 
 

@@ -51,9 +51,11 @@ def test_a_sweep_prepares_once_in_a_job_and_a_failed_preparation_leaves_no_job(s
     assert sum(f"--dependency=afterok:{prep}" in s for s in scripts) == 2, scripts
     assert len(re.findall(r"COMPLETED on", proc.stdout)) == 2, output(proc)
 
-    # a corrupt input: the preparation job fails, and so does the launch, in one line; nothing is left queued
+    # a corrupt input: the preparation job fails, and so does the launch, in one line; nothing is left queued (into
+    # a folder of its own: the prepared one is never prepared again from other inputs)
     (corpus / "part2.jsonl").write_text('{"text": "fine"}\nnot json at all\n')
-    failed = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data, "name=prepjob-bad",
+    bad = [*data[:2], f"data.dir={tmp_path / 'prepared-bad'}", *data[3:]]
+    failed = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *bad, "name=prepjob-bad",
                         f"hydra.sweep.dir={tmp_path / 'bad'}")
     assert failed.returncode != 0, output(failed)
     [line] = [x for x in failed.stderr.splitlines() if "data preparation job" in x]
@@ -62,3 +64,20 @@ def test_a_sweep_prepares_once_in_a_job_and_a_failed_preparation_leaves_no_job(s
     assert "Traceback" not in failed.stderr
     assert queued(slurm_cluster.env, "prepjob-bad") == []
     print(f"prepared once and trained 2 points in {took:.0f} s")
+
+
+@pytest.mark.timeout(200)
+def test_a_preparation_job_takes_no_spares_and_a_failed_task_ends_it(slurm_cluster, tmp_path):
+    """The training jobs' cluster.spare_nodes are not the preparation job's: with them it would run under --no-kill
+    and --kill-on-bad-exit=0, and its other tasks would wait for the failed task's part to the time limit."""
+    corpus = write_jsonl_corpus(tmp_path / "corpus")
+    (corpus / "part2.jsonl").write_text('{"text": "fine"}\nnot json at all\n')
+    data = [f"data.text_path={corpus}", "data.format=jsonl", f"data.dir={tmp_path / 'prepared'}",
+            "data.prepare_on=job", "data.prepare_nodes=2", "data.workers=1"]
+    failed = run_launch(slurm_cluster.env, *SLURM, *TINY, *data, "cluster.spare_nodes=1", "name=prepjob-spares",
+                        f"hydra.run.dir={tmp_path / 'run'}", timeout=150)
+    assert failed.returncode != 0, output(failed)
+    assert re.search(r"submitted data preparation job \d+: 2 node\(s\) x", failed.stdout), output(failed)
+    assert re.search(r"the data preparation job \d+ ended FAILED: .*part2.jsonl:2 is not a JSON object",
+                     failed.stderr), output(failed)
+    assert queued(slurm_cluster.env, "prepjob-spares") == []

@@ -55,6 +55,26 @@ def test_a_held_job_refuses_the_same_command_naming_it(slurm_cluster, tmp_path, 
 
 
 @pytest.mark.timeout(120)
+def test_a_held_job_refuses_a_local_launch_into_its_folder(slurm_cluster, tmp_path, data_overrides):
+    """cluster=local starts its ranks without a scheduler, but the folder's job is the scheduler's: a local launch
+    would rewrite the config the held job trains with, and that job would later find the run done."""
+    run_dir = tmp_path / "run"
+    job = Job(slurm_cluster, tmp_path, [*SLURM, *TINY, *data_overrides, "+cluster.sbatch.hold=true"], run_dir)
+    try:
+        held = job.id()
+        assert slurm_cluster.wait_state(held, {"PENDING"}, timeout=30) == "PENDING"
+        before = digest(run_dir)
+        local = run_launch(slurm_cluster.env, "cluster=local", *TINY, *data_overrides, f"hydra.run.dir={run_dir}")
+        assert local.returncode == 2, output(local)
+        [line] = [x for x in local.stderr.splitlines() if f"belongs to job {held}" in x]
+        assert "which is PENDING" in line and f"scancel {held}" in line, output(local)
+        assert "Traceback" not in local.stderr and digest(run_dir) == before
+    finally:
+        slurm_cluster.run("scancel", job.id(), check=False)
+        job.wait(timeout=60)
+
+
+@pytest.mark.timeout(120)
 def test_a_waiting_multi_node_script_job_refuses_the_launcher_for_its_run(slurm_cluster, tmp_path, data_overrides):
     """`sbatch slurm/multi_node.sh` writes nothing until its job starts: the launcher finds the job by the arguments
     Slurm keeps for it, and refuses to submit its run a second time; another run is not refused."""
@@ -118,6 +138,31 @@ def test_two_launches_in_one_allocation_never_share_the_folder(slurm_cluster, tm
     assert "is in use by another run (job " in said and "its lease is beating" in said, said
     assert lease_generations(run_dir) == ["1"]
     assert [a["ended"] for a in attempts(run_dir)] == ["finished"]
+
+
+LOCAL = [o for o in TINY if not o.startswith("train.max_steps")] + [
+    "cluster=local", "cluster.tasks_per_node=2", "train.decay_steps=16", "checkpoint.interval_steps=5"]
+
+
+@pytest.mark.timeout(300)
+def test_launches_in_one_allocation_keep_their_own_attempts_and_rounds(slurm_cluster, tmp_path, data_overrides):
+    """Inside one salloc, SLURM_JOB_ID and restart 0 are every launch's: a killed rank under cluster=local restarts
+    the ranks in a round its launcher finds, and a second launch of the run writes its own line instead of taking
+    the first's for its own."""
+    run_dir, first_out, second_out = tmp_path / "run", tmp_path / "first.out", tmp_path / "second.out"
+    launch = f"{sys.executable} -m launch hydra.run.dir={run_dir} " + " ".join([*LOCAL, *data_overrides])
+    script = (f"cd {REPO}\n{launch} train.max_steps=16 debug.kill_rank=1 debug.kill_step=8 > {first_out} 2>&1; "
+              f"echo first=$?\n{launch} train.max_steps=20 > {second_out} 2>&1; echo second=$?\n")
+    alloc = subprocess.run(["salloc", "--nodes=1", "--time=5", "bash", "-c", script], cwd=REPO, env=slurm_cluster.env,
+                           capture_output=True, text=True, timeout=280)
+    said = alloc.stdout + alloc.stderr + first_out.read_text()[-3000:] + second_out.read_text()[-3000:]
+    assert "first=0" in alloc.stdout and "second=0" in alloc.stdout, said
+    assert "restarting inside the allocation (round 1)" in first_out.read_text(), said
+    lines = attempts(run_dir)
+    assert [(a.get("round", 0), a.get("in_job_restart"), a["ended"]) for a in lines] == [
+        (0, 1, lines[0]["ended"]), (1, None, "finished"), (0, None, "finished")], lines
+    assert len({a["job_id"] for a in lines}) == 1 and lines[0]["launch"] == lines[1]["launch"] != lines[2]["launch"]
+    assert lines[2]["first_step"] == 16 and lines[2]["last_step"] == 20, lines[2]
 
 
 @pytest.mark.timeout(300)

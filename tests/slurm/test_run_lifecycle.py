@@ -89,7 +89,8 @@ def test_cluster_slurm_cancelled_then_the_same_command_continues(slurm_cluster, 
         trained(run_dir, 10)
         job = json.loads((run_dir / "slurm_job.json").read_text())["job_id"]
         slurm_cluster.run("scancel", job)
-        assert first.wait(timeout=120) == 1  # the job was cancelled: the launcher says it failed
+        assert first.wait(timeout=120) == 0  # the user's cancel: neither a preemption nor a failure
+    assert "cancelled by the user" in (tmp_path / "first.out").read_text(), (tmp_path / "first.out").read_text()[-3000:]
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, output(again)
     assert f"continuing {run_dir} from step" in again.stdout + again.stderr

@@ -15,9 +15,19 @@ from pathlib import Path
 
 import pytest
 
+from helpers import plan
 from slurm_helpers import REPO, SLURM, TINY, environments, launch_cmd, output, run_launch, train_records
 
 pytestmark = pytest.mark.slurm
+
+
+@pytest.fixture(scope="module", autouse=True)
+def accounts(slurm_cluster) -> None:
+    """The profiles' accounts in the cluster's books, as a site's administrator makes them: with accounting, Slurm
+    keeps a job's --account only when the user belongs to it (else the job runs under the user's default)."""
+    for account in ("my_project", "site_probe_account"):
+        slurm_cluster.run("sacctmgr", "-i", "add", "account", account, check=False)
+        slurm_cluster.run("sacctmgr", "-i", "add", "user", "root", f"account={account}", check=False)
 
 SHORT = [*TINY, "train.max_steps=2", "train.warmup_steps=1", "train.device=cpu", "nodes=2"]
 PROBE = '''import json, os
@@ -133,3 +143,72 @@ def test_a_users_own_batch_script_sets_the_signal_the_ranks_save_on(slurm_cluste
     for rank_env in rank_envs(out, 2):
         assert (rank_env["SITE_SRUN_ARG"], rank_env["SITE_ENV"]) == ("from_srun", "from_env")
     assert len(train_records(run_dir)) == 2
+
+
+# What each example profile asks sbatch for, as a user of sbatch or salloc gives it (inside an allocation only
+# sbatch's own flags count); the local cluster has one partition, `debug`, so the partition is its default.
+ASKED = {"cpu_cluster": ["--ntasks-per-node=2", "--cpus-per-task=1", "--account=my_project"],
+         "gpu_cluster": ["--ntasks-per-node=2", "--gres=gpu:2", "--account=my_project"]}
+EXAMPLE = [*TINY, "train.max_steps=2", "train.warmup_steps=1", "train.device=cpu"]
+
+
+def check_example_ranks(site: str, out: Path, run_dir: Path, text: str) -> None:
+    """The example's srun flag, environment and setup line reached both ranks, and the allocation agreed with it."""
+    for rank_env in rank_envs(out, 2):
+        assert rank_env["SLURM_JOB_ACCOUNT"] == "my_project" and rank_env["GPTLAUNCH_SITE"] == site, text
+        assert rank_env.get("SLURM_GPUS_ON_NODE") == ("2" if site == "gpu_cluster" else None)
+        if site == "cpu_cluster":  # the profile's srun flag, --cpu-bind=none (srun sets nothing for --gpu-bind=none)
+            assert rank_env.get("SLURM_CPU_BIND_TYPE", "").startswith("none"), rank_env.get("SLURM_CPU_BIND_TYPE")
+        assert rank_env.get("OMP_PROC_BIND" if site == "cpu_cluster" else "NCCL_DEBUG") == (
+            "false" if site == "cpu_cluster" else "WARN")  # cluster.env
+    assert "warning: this allocation is not what" not in text, text
+    assert len(train_records(run_dir)) == 2
+
+
+@pytest.mark.timeout(360)
+def test_the_example_profiles_inside_an_allocation(slurm_cluster, tmp_path, data_overrides):
+    """sbatch slurm/multi_node.sh site=NAME and salloc ... python -m launch cluster=srun site=NAME, each example on
+    each, the four one-node jobs at once: every key of the profile that can still apply does (the setup lines run
+    before srun), and those of the allocation agree with it, where the launcher used to refuse the profile once the
+    job had started."""
+    env = {**slurm_cluster.env, "GPTLAUNCH_SITE_DIR": str(REPO / "examples")}
+    script = str(REPO / "slurm" / "multi_node.sh")
+    plan(tmp_path / "prepare", *EXAMPLE, *data_overrides)  # the corpus, before four jobs could race to prepare it
+    jobs = {}
+    for site in ASKED:
+        for path in ("sbatch", "salloc"):
+            probe_dir, out = probe(tmp_path / path / site)
+            run_dir, log = tmp_path / path / site / "run", tmp_path / path / site / "job.out"
+            overrides = [f"site={site}", *EXAMPLE, *data_overrides, "cluster.partition=null",
+                         f"+cluster.env.PYTHONPATH={probe_dir}", f"hydra.run.dir={run_dir}"]
+            head = ["sbatch", "--wait", f"--output={log}", "--nodes=1", *ASKED[site], script] if path == "sbatch" else \
+                ["salloc", "--nodes=1", "--time=5", *ASKED[site], *launch_cmd("cluster=srun")]
+            with log.open("a") as f:
+                jobs[path, site] = (subprocess.Popen([*head, *overrides], cwd=REPO, env=env, stdout=f,
+                                                     stderr=subprocess.STDOUT), out, run_dir, log)
+    for (path, site), (proc, out, run_dir, log) in jobs.items():
+        code = proc.wait(timeout=300)
+        text = log.read_text()
+        assert code == 0, f"{path} {site}: {text[-6000:]}"
+        check_example_ranks(site, out, run_dir, text)
+
+
+@pytest.mark.timeout(360)
+def test_the_example_profiles_under_the_stock_launcher(slurm_cluster, tmp_path, data_overrides):
+    """python -m launch -m hydra/launcher=submitit_slurm site=NAME: the profile's keys became the stock launcher's
+    before it submitted (launch.backends.slurm.stock_profile), and the job's ranks see them."""
+    env = {**slurm_cluster.env, "GPTLAUNCH_SITE_DIR": str(REPO / "examples")}
+    plan(tmp_path / "prepare", *EXAMPLE, *data_overrides)  # the corpus, before two jobs could race to prepare it
+    runs = {}
+    for site in ASKED:
+        probe_dir, out = probe(tmp_path / site)
+        sweep = tmp_path / site / "sweep"
+        cmd = launch_cmd("-m", "hydra/launcher=submitit_slurm", f"site={site}", *EXAMPLE, *data_overrides,
+                         "cluster.partition=null", "nodes=1", "hydra.launcher.timeout_min=10",
+                         f"+cluster.env.PYTHONPATH={probe_dir}", f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=run")
+        runs[site] = (subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True), out, sweep / "run")
+    for site, (proc, out, run_dir) in runs.items():
+        text = proc.communicate(timeout=300)[0]
+        assert proc.returncode == 0, text[-6000:]
+        check_example_ranks(site, out, run_dir, text)

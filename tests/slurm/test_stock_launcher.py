@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -59,6 +60,10 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
         launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
         try:
             job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
+            listed = subprocess.run([sys.executable, "-m", "launch.list", str(sweep)], cwd=REPO, env=slurm_cluster.env,
+                                    capture_output=True, text=True, timeout=60)  # no slurm_job.json: the ranks say
+            assert "lr0.001: running, step " in listed.stdout and f"job {task} RUNNING" in listed.stdout, \
+                output(listed)
             slurm_cluster.run("scancel", "--signal=USR2", task)  # the array task: its SLURM_JOB_ID may be the array's
             job_of(sweep / "lr0.003", time.monotonic() + 180)  # the other point loses a rank: an in-job restart
             os.kill(json.loads((sweep / "lr0.003" / "environment" / "rank1.json").read_text())["pid"], 9)

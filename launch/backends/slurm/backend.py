@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 
 from launch.backends import Backend
+from gpt.model.flops import memory_gib
 from launch.backends.slurm import commands, detached, partitions, submit, wait
 from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.resources import SlurmResources
@@ -28,6 +29,16 @@ class SlurmBackend(Backend):
 
     def job_state(self, job_id: str):
         return SlurmJob({}).job_state(job_id)
+
+    def device_memory_gib(self, run, device):
+        """A GPU's by the type the job asks for (--gres=gpu:a100:4, --constraint=a100); on CPU nodes each rank's
+        share of --mem. None when the job names neither."""
+        cluster = run.cluster
+        if device == "cuda":
+            gres = str(cluster.gres or cluster.sbatch.get("gres") or "").split(":")
+            names = [gres[1]] if len(gres) > 2 else []
+            return next((m for m in map(memory_gib, [*names, cluster.constraint]) if m), None)
+        return partitions.mem_mb(cluster.mem) / 1024 / cluster.tasks_per_node if cluster.mem else None
 
     def standings(self, job_ids):
         return {j: commands.standing(i) for j, i in commands.job_infos(job_ids).items()} if job_ids else {}

@@ -1,15 +1,15 @@
 """The one place that runs Slurm's client commands (scontrol, squeue, sacct, scancel) and reads their output.
 
-Parsing is kept in pure functions, tested on recorded outputs (tests/launch/slurm_outputs/), so that a change of
-Slurm's format breaks one test rather than a sweep. The launcher, the ranks (through launch.rank.job_env) and the
-tests all ask here. Torch-free: it runs in the launcher and in every task's wrapper.
+Parsing is kept in pure functions, tested on recorded outputs (tests/launch/backends/slurm_outputs/), so that a
+change of Slurm's format breaks one test rather than a sweep. The launcher, the ranks (through launch.rank.job_env)
+and the tests all ask here. Torch-free: it runs in the launcher and in every task's wrapper.
 """
 from __future__ import annotations
 
 import re
 import signal
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 
@@ -155,6 +155,7 @@ class JobInfo:
     state: str
     reason: str = ""
     fields: tuple[tuple[str, str], ...] = ()
+    mine: bool = True  # `squeue --me` lists it (False: only sacct or scontrol know it, as of another user's job)
 
     def get(self, key: str, default: str | None = None) -> str | None:
         return dict(self.fields).get(key, default)
@@ -166,6 +167,24 @@ class JobInfo:
         return hint.format(job=self.job_id) if hint and self.state in PENDING else None
 
 
+def timed_out(info: JobInfo) -> bool:
+    """The job has run its time limit (scontrol's RunTime and TimeLimit, [D-]HH:MM:SS)."""
+    run, limit = (duration_s(info.get(k) or "") for k in ("RunTime", "TimeLimit"))
+    return run is not None and limit is not None and run >= limit
+
+
+def duration_s(text: str) -> int | None:
+    """'1-02:03:04', '02:03:04', '03:04' -> seconds; None for UNLIMITED or anything else."""
+    days, _, clock = text.rpartition("-")
+    parts = clock.split(":")
+    if not (days.isdigit() or not days) or not 1 <= len(parts) <= 3 or not all(p.isdigit() for p in parts):
+        return None
+    seconds = 0
+    for p in parts:
+        seconds = seconds * 60 + int(p)
+    return seconds + 86400 * int(days or 0)
+
+
 def standing(info: JobInfo) -> JobStanding:
     """Slurm's answer as the scheduler-neutral state the code outside the backend decides on. A word this list does
     not know counts as running: a run folder's lease then goes by its beat."""
@@ -173,7 +192,8 @@ def standing(info: JobInfo) -> JobStanding:
     state = (JobState.GONE if word == GONE else JobState.PENDING if word in PENDING else JobState.ENDING
              if word == "COMPLETING" else JobState.ENDED if word in FINAL else JobState.RUNNING)
     return JobStanding(info.job_id, state, word, info.reason if info.reason != "None" else "",
-                       f"scancel {info.job_id}", f"squeue -j {info.job_id}", info.stuck_hint)
+                       f"scancel {info.job_id}", f"squeue -j {info.job_id}", info.stuck_hint, word == "CANCELLED",
+                       theirs=state.live and not info.mine)
 
 
 def scontrol_job(job_id: str) -> JobInfo | None:
@@ -226,9 +246,19 @@ def job_infos(job_ids: list[str]) -> dict[str, JobInfo]:
     infos = squeue(job_ids)
     missing = [job for job in job_ids if job not in infos]
     ended = sacct_states(missing)
-    for job in missing:
-        infos[job] = JobInfo(job, ended[job]) if job in ended else scontrol_job(job) or JobInfo(job, GONE)
+    for job in missing:  # squeue --states=all lists every job of this user's that may still run
+        found = JobInfo(job, ended[job]) if job in ended else scontrol_job(job) or JobInfo(job, GONE)
+        infos[job] = replace(found, mine=False)
     return infos
+
+
+def partition_field(partition: str, key: str) -> str | None:
+    """One field of `scontrol -o show partition P` (PreemptMode, GraceTime, ...); None when Slurm cannot say."""
+    try:
+        text = run("scontrol", "-o", "show", "partition", partition)
+    except SlurmUnavailable:
+        return None
+    return next((w.split("=", 1)[1] for w in text.split() if w.startswith(f"{key}=")), None)
 
 
 def requeue(job_id: str) -> None:

@@ -8,11 +8,34 @@ from collections.abc import Mapping
 from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
-from launch.rank.job_env import JobEnvironment
+from launch.rank.job_env import JobEnvironment, Preemption
 from launch.run.rounds import hosts_of
 
 REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
 REQUEUE_BACKOFF_S = 1.0
+# Set in the steps of a packed allocation (launcher.pack): a point's rank leaves the requeue to the packer, which
+# asks for it once every running point has saved (a requeue ends every step of the allocation).
+PACKED_VAR = "GPTLAUNCH_PACKED"
+
+
+
+def first_int(env: dict[str, str], *keys: str) -> int | None:
+    """The first of `keys` that is set, as Slurm's per-node counts give it (the first node's)."""
+    for key in keys:
+        value = env.get(key, "")
+        head = value.split("(")[0].split(",")[0]  # SLURM_TASKS_PER_NODE looks like "2(x3),1"
+        if head.isdigit():
+            return int(head)
+    return None
+
+
+def gpus_on_node(env: dict[str, str]) -> int:
+    """GPUs Slurm gave this node of the job (0 on CPU nodes)."""
+    gpus = first_int(env, "SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE")
+    if gpus is not None:
+        return gpus
+    visible = env.get("CUDA_VISIBLE_DEVICES", "")
+    return len([d for d in visible.split(",") if d.strip()]) if visible and visible != "NoDevFiles" else 0
 
 
 class SlurmJob(JobEnvironment):
@@ -82,12 +105,51 @@ class SlurmJob(JobEnvironment):
                    for h in commands.dropped_nodes(self.job_id, nodelist) if h not in hosts_of(said)]
         return ", ".join(filter(None, [said, *dropped]))
 
+    def cancelled(self) -> bool:
+        """scancel: accounting says CANCELLED at once; the controller shows the job COMPLETING (KillWait runs)
+        without a requeue, before its time limit (a preemption's grace time leaves it RUNNING, and requeues it)."""
+        if (said := commands.sacct_state(self.job_id)) in commands.FINAL:
+            return said == "CANCELLED"
+        try:
+            info = commands.scontrol_job(self.job_id)
+        except SlurmUnavailable:
+            return False
+        ending = info is not None and info.state in ("CANCELLED", "COMPLETING")
+        return ending and not self._requeued(self.job_id, info) and not commands.timed_out(info)
+
+    def preemption(self) -> Preemption | None:
+        """Slurm preempts this job for another: scontrol shows its PreemptTime while the partition's grace time runs
+        (and does not say for which job). PreemptMode=CANCEL ends the job; REQUEUE requeues it, but only once the
+        grace time is out (a job that ends inside it is not requeued by Slurm: it requeues itself)."""
+        try:
+            info = commands.scontrol_job(self.job_id)
+        except SlurmUnavailable:
+            return None
+        when = info.get("PreemptTime") if info else None
+        if info is None or not when or when in ("None", "Unknown"):
+            return None
+        partition = info.get("Partition") or "?"
+        mode = commands.partition_field(partition, "PreemptMode") or "?"
+        grace = commands.partition_field(partition, "GraceTime")
+        grace = f", GraceTime={grace} s" if grace else ""
+        return Preemption(f"preempted by another job (Slurm, at {when}; partition {partition}, PreemptMode={mode}"
+                          f"{grace})", "CANCEL" not in mode)
+
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it is RUNNING. Only a grown restart count
-        or a REQUEUED state means requeued: a COMPLETING job is as likely cancelled, timed out or failed."""
+        or a REQUEUED state means requeued: a COMPLETING job is as likely cancelled, timed out or failed. A job
+        Slurm preempts with PreemptMode=CANCEL is not: the site's policy ends it. One it preempts with REQUEUE is,
+        past max_restarts too: the limit bounds the job's own requeues, and Slurm would requeue it at the end of the
+        grace time had it not ended inside it."""
         job = self.job_id
-        if self.restart >= max_restarts:
+        preempted = self.preemption()
+        if preempted is not None and not preempted.requeues:
+            return False, f"not requeued: Slurm's preemption cancels job {job}"
+        past = self.restart >= max_restarts
+        if past and preempted is None:
             return False, f"restart limit reached ({self.restart} of preemption.max_restarts={max_restarts})"
+        if self.environ.get(PACKED_VAR):
+            return True, f"job {job} (packed) requeues once every running point of it has saved"
         try:
             info = commands.scontrol_job(job)
         except SlurmUnavailable:  # a controller that does not answer now may answer the requeue, retried
@@ -100,6 +162,9 @@ class SlurmJob(JobEnvironment):
                 return False, _not_requeued(job, info)
         error = self._ask_requeue(job)
         if error is None:
+            if past:
+                return True, (f"requeued job {job} (restart {self.restart + 1}, past preemption.max_restarts="
+                              f"{max_restarts}: Slurm's PreemptMode=REQUEUE requeues a preempted job)")
             return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
         return False, f"scontrol requeue {job} failed ({error}): submit the same command again to resume"
 

@@ -138,21 +138,21 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
         (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={res.cpus_per_task} = "
                   f"{cpus} CPU(s)", "CPU(s)"),
         (res.node_gpus, 3, f"cluster.gpus_per_node={res.node_gpus}", "GPU(s)"),
-        (_mem_mb(res.mem), 2, f"cluster.mem={res.mem}", "MB of memory"),
+        (mem_mb(res.mem), 2, f"cluster.mem={res.mem}", "MB of memory"),
     ]
     for need, index, what, unit in needs:
         most = max((g[index] for g in part.groups), default=0)
         if need and need > most:
             raise UserError(f"{what} per node, but the nodes of partition {part.name!r} have at most {most} {unit}")
     fit = sum(g[0] for g in part.groups
-              if g[1] >= cpus and g[3] >= res.node_gpus and g[2] >= _mem_mb(res.mem))
+              if g[1] >= cpus and g[3] >= res.node_gpus and g[2] >= mem_mb(res.mem))
     if res.allocated_nodes > fit:
         raise UserError(f"nodes={res.nodes} with {cpus} CPU(s), {res.node_gpus} GPU(s) per node: only {fit} of the "
                         f"{part.nodes} nodes of partition {part.name!r} have that much")
     return part
 
 
-def _mem_mb(mem: str | None) -> int:
+def mem_mb(mem: str | None) -> int:
     if not mem:
         return 0
     scale = {"K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}

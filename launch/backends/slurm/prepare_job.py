@@ -102,11 +102,13 @@ def live_preparation(data: DataConfig) -> PreparationJob | None:
 
 def preparation_resources(data: DataConfig, like: SlurmResources) -> SlurmResources:
     """data.prepare_nodes nodes, one task each with the CPUs of a training job's node, on the training jobs'
-    partition, account and container, without GPUs, for the training jobs' time limit, never requeued."""
+    partition, account and container, without GPUs, for the training jobs' time limit, never requeued. No spare
+    nodes: its tasks wait for each other's parts, so a failed task or node must end the job (--kill-on-bad-exit=1,
+    no --no-kill), not leave the others waiting to the time limit."""
     return dataclasses.replace(
         like, nodes=data.prepare_nodes, tasks_per_node=1, gpus_per_node=0, gpus_per_task=0, gres=None,
         cpus_per_task=(like.cpus_per_task or 1) * like.tasks_per_node, requeue=False, restarts=0, chain=1,
-        sbatch=tuple((k, v) for k, v in like.sbatch if k != "gres"))
+        spare_nodes=0, sbatch=tuple((k, v) for k, v in like.sbatch if k != "gres"))
 
 
 def submit_preparation(data: DataConfig, like: SlurmResources, job_name: str, folder: Path,

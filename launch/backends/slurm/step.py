@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.config.cluster import ClusterConfig
+from gpt.errors import UserError
 
 CONTAINER_PYTHON = "python"  # the image's: the submitting host's interpreter path means nothing inside it
 
@@ -35,7 +36,7 @@ class RankStep:
         if self.image is None:
             return self
         paths: list[str] = []
-        for folder in sorted({str(Path(f).resolve()) for f in folders}, key=len):
+        for folder in sorted({mountable(Path(f).resolve(), self.runtime) for f in folders}, key=len):
             if not any(folder == p or folder.startswith(p.rstrip("/") + "/") for p in paths):
                 paths.append(folder)
         own = {m.split(":")[0] for m in self.mounts}
@@ -74,6 +75,20 @@ class RankStep:
         if self.master_host_suffix and "MASTER_ADDR" not in env:
             env["MASTER_ADDR"] = first_host + self.master_host_suffix
         return env
+
+
+def mountable(folder: Path, runtime: str) -> str:
+    """The folder, or the nearest folder above it that a mount list can name: pyxis's --container-mounts and
+    apptainer's --bind split at ',' between mounts and at ':' inside one, and pyxis has no escape for either (enroot
+    also splits its mount lines at spaces). Mounted at the same path, the folder above holds it: a sweep's points
+    are named `nodes=2,train.lr=0.001`."""
+    for candidate in (folder, *folder.parents):
+        if candidate != candidate.parent and not any(c in str(candidate) for c in ",:") \
+                and not any(c.isspace() for c in str(candidate)):
+            return str(candidate)
+    raise UserError(f"{folder} cannot be mounted in the container (cluster.container.runtime={runtime}): pyxis and "
+                    "apptainer split their list of mounts at ',' and ':' (pyxis at spaces too), and every folder above "
+                    "it has one; submit from, and keep the runs in, a folder whose path has none")
 
 
 def workdir() -> Path:

@@ -12,10 +12,11 @@ from typing import TYPE_CHECKING
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 from launch.backends import Point
-from launch.backends.slurm import commands
+from launch.backends.slurm import commands, pack
 from launch.backends.slurm.commands import PENDING, RUNNING, SlurmUnavailable
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
 from launch.backends.slurm.script_jobs import script_job
+from launch.backends.slurm.step import workdir
 from launch.run_status import job_ids
 from launch.planning.planned_run import PlannedRun
 from launch.snapshot import Snapshot, record_in, take, with_snapshot
@@ -65,8 +66,15 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
     submitted: dict[int, Submitted] = {}
     if fresh:
         points = [p.point() for p in fresh]
+        for point in points:  # a folder no container can mount, or Slurm would misname, is refused before anything
+            point.resources.mounting(workdir(), folder, point.run_dir)  # is queued
+            no_filename_pattern(folder, point.run_dir)
+        cpus = pack.node_cpus(points[0].resources) if fresh[0].run.launcher.pack else None
+        if cpus is not None:  # the plan, and the budget of its allocations
+            pack.print_plan(pack.plan(points, cpus), out)
+        billed = points if cpus is None else [k.budget_point() for k in pack.plan(points, cpus)]
         # a refused sweep leaves no snapshot behind; its data preparation jobs are part of its cost
-        fresh[0].backend.budget_gate([*preparation_points(fresh), *points], fresh[0].budget)
+        fresh[0].backend.budget_gate([*preparation_points(fresh), *billed], fresh[0].budget)
         if fresh[0].run.launcher.snapshot:
             snapshot = take(folder)
             points = [with_snapshot(point, snapshot) for point in points]
@@ -78,8 +86,11 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
         preparations = prepare_first(fresh, folder, out)
         points = [preparations[p.label].gate(point) if p.label in preparations else point
                   for p, point in zip(fresh, points)]
-        for p, s in zip(fresh, fresh[0].backend.submit(points, folder)):
-            submitted[id(p)] = s
+        jobs = fresh[0].backend.submit(points, folder) if cpus is None else pack.submit(pack.plan(points, cpus),
+                                                                                         folder, out)
+        by_dir = {s.point.run_dir: s for s in jobs}  # submitted group by group: in another order than the points
+        for p in fresh:
+            submitted[id(p)] = by_dir[p.plan.run_dir]
         if not fresh[0].run.launcher.detach:  # detached, Slurm cancels the training jobs if a preparation fails
             for job in {j.job_id: j for j in preparations.values()}.values():
                 job.wait([submitted[id(p)].job_id for p in fresh if preparations.get(p.label) == job])
@@ -89,6 +100,15 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
             print(f"{p.label}: job {p.live_job}, submitted earlier, still runs or waits; waiting for it", file=out,
                   flush=True)
     return [submitted[id(p)] for p in planned], snapshot
+
+
+def no_filename_pattern(*folders: Path) -> None:
+    """sbatch reads a '%' in --output and --error as a filename pattern (%j, %x, ...), and submitit puts the job's id
+    in place of %j in its folder: the job's logs would go elsewhere than the launcher and launch.logs look."""
+    for f in folders:
+        if "%" in str(f):
+            raise UserError(f"{f} has a '%', which Slurm reads in the job's log paths as a filename pattern (%j, %x, "
+                            "...): choose a folder without one (run=NAME, hydra.run.dir or hydra.sweep.dir)")
 
 
 def preparation_points(fresh: list[PlannedRun]) -> list[Point]:
@@ -115,4 +135,4 @@ def adopt(p: PlannedRun) -> Submitted:
     from launch.backends.slurm.submit import Submitted
 
     record = json.loads(RunFolder(p.plan.run_dir).slurm_job.read_text())
-    return Submitted(p.point(), p.live_job, Path(record["stdout"]).parent)
+    return Submitted(p.point(), p.live_job, Path(record["stdout"]).parent, packed=record.get("packed", False))

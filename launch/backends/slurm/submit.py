@@ -29,6 +29,7 @@ class Submitted:
     job_id: str
     folder: Path
     links: tuple[str, ...] = ()  # a chain's jobs, oldest first (cluster.chain); job_id is the last one
+    packed: bool = False  # a step of a packed allocation (launcher.pack), whose one task reports every point
 
     @property
     def job_ids(self) -> tuple[str, ...]:
@@ -41,7 +42,7 @@ class Submitted:
 
     @property
     def num_tasks(self) -> int:
-        return self.point.resources.world_size
+        return 1 if self.packed else self.point.resources.world_size
 
 
 def budget_gate(points: list[Point], budget: BudgetConfig, out=sys.stdout) -> None:

@@ -23,20 +23,32 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from gpt.config import schema
 from gpt.errors import EXIT_PREEMPTED, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
-from launch.rank.job_env import ROUND_VAR, job_environment
+from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.rank.rank_watch import RankWatch, signalled_exit_s
-from launch.rank.round_agent import RoundAgent
+from launch.rank.round_agent import RoundAgent, RoundSilent
 from launch.rank.signal_relay import SignalRelay, catches
 from launch.rank.standby import Standby
 from launch.rank.threads import ThreadPlan
+from launch.backends.slurm.job import gpus_on_node
 
 
 class RankFailed(RuntimeError):
     """A rank's process failed; the message is what the launcher shows the user."""
+
+
+def standby_wanted(folder: RunFolder) -> bool:
+    """preemption.standby_rank for this task's ranks: on GPUs when train.device is auto and Slurm gave this node
+    GPUs."""
+    run = schema.load(folder.config)
+    device = run.train.device
+    if device == "auto":
+        device = "cuda" if gpus_on_node(dict(os.environ)) else "cpu"
+    return run.preemption.standby(device)
 
 
 @dataclass(frozen=True)
@@ -54,7 +66,7 @@ class RankTask:
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
         relay = SignalRelay(configured_signals(folder.config))
         agent = RoundAgent(run_dir, job_environment(env), host)
-        standby = Standby(self.run_dir, env, list(relay.previous))
+        standby = Standby(self.run_dir, env, list(relay.previous), standby_wanted(folder))
         try:
             return self.rounds(relay, agent, standby)
         finally:
@@ -67,8 +79,11 @@ class RankTask:
             place = agent.placement(k)
             if place is None:  # a spare node this round
                 standby.start()
-                if (k := agent.idle(k)) is None:
-                    return {"rank": None, "host": agent.host, "spare": True}
+                try:
+                    if (k := agent.idle(k)) is None:
+                        return {"rank": None, "host": agent.host, "spare": True}
+                except RoundSilent as e:
+                    raise RankFailed(str(e)) from None
                 continue
             result = self.run_round(relay, agent, standby, place, k)
             if result is not None:
@@ -92,16 +107,14 @@ class RankTask:
             return agent.next_asked(k)
         folder = RunFolder(run_dir)
         watch = RankWatch(f"rank {rank} on {host}", lambda: folder.attempts.line_of(agent.job.job_id,
-                          agent.job.restart, k) is not None, signalled_exit_s(folder.config))
+                          agent.job.restart, k, agent.job.launch) is not None, signalled_exit_s(folder.config))
         code = relay.wait(child, functools.partial(catches, child.pid), stop=over, watch=watch)
         if agent.next_asked(k, now=True):
             return None
         if watch.killed:
             raise RankFailed(watch.killed)
         if code == EXIT_PREEMPTED:
-            raise RankFailed(f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but "
-                             f"the job was not requeued (see {RunFolder(run_dir).attempts.log}); submit the same "
-                             "command again to resume")
+            raise RankFailed(not_requeued(rank, host, folder, agent.job, k))
         if code < 0 and not relay.received:  # killed, and not as part of a stop Slurm signalled
             next_round = functools.partial(agent.wait_next, k) if agent.in_job_restarts else lambda: False
             if code == -signal.SIGABRT and self.aborted(rank, host, started, next_round):
@@ -266,3 +279,15 @@ def task_output() -> Path | None:
 
 if __name__ == "__main__":
     main()
+
+
+def not_requeued(rank: int, host: str, folder: RunFolder, job: JobEnvironment, k: int) -> str:
+    """A rank that saved on a signal and was not requeued: why, as its attempt's line says (a preemption Slurm's
+    policy cancels, the restart limit), else where to look."""
+    try:
+        line = folder.attempts.line_of(job.job_id, job.restart, k, job.launch)
+    except OSError:
+        line = None
+    why = f"{line.ended}; {line.note}" if line is not None and line.note else f"see {folder.attempts.log}"
+    return (f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but the job was not "
+            f"requeued ({why}); submit the same command again to resume")

@@ -22,6 +22,7 @@ from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmU
 from launch.backends.slurm.submit import Submitted, show_path
 from launch.run.attempts import ran_on
 from launch.run.identity import newest_step
+from launch.run.job_record import CANCELLED, cancelled_by_user
 from launch.run.rounds import finished_on_spares
 
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
@@ -38,7 +39,12 @@ class Outcome:
 
     @property
     def ok(self) -> bool:
-        return self.state == "COMPLETED" and not self.errors
+        return self.state == "COMPLETED" and not self.errors and not self.cancelled
+
+    @property
+    def cancelled(self) -> bool:
+        """The user cancelled the job (scancel, launch.cancel): neither a failure nor a preemption."""
+        return self.state == "CANCELLED" or cancelled_by_user(self.submitted.point.run_dir, self.submitted.job_id)
 
     @property
     def result(self) -> dict:
@@ -97,6 +103,8 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
     from submitit.core.utils import pickle_load
 
     outcome = Outcome(s, state)
+    if s.packed:
+        return collect_packed(outcome, grace_s)
     pickles = [s.paths(t).result_pickle for t in range(s.num_tasks)]
     if state in ("COMPLETED", GONE):  # a shared filesystem may show the files a little late
         deadline = time.monotonic() + grace_s
@@ -126,6 +134,32 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
     return outcome
 
 
+def collect_packed(outcome: Outcome, grace_s: float) -> Outcome:
+    """A point of a packed allocation: its entry in the result of the allocation's one task (launch.backends.slurm.
+    pack_task), which holds every point that finished in any attempt."""
+    from submitit.core.utils import pickle_load
+
+    s, path = outcome.submitted, outcome.submitted.paths(0).result_pickle
+    deadline = time.monotonic() + grace_s
+    while not path.exists() and outcome.state in ("COMPLETED", GONE) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    try:
+        kind, value = pickle_load(path)
+    except Exception:  # missing, or cut short by a killed task
+        outcome.errors.append(_unreported(s, [0]))
+    else:
+        failed = {"error": _exception_line(str(value), s, 0)}
+        entry = value.get(str(s.point.run_dir), {}) if kind == "success" else failed
+        outcome.results = entry.get("results", [])
+        if "error" in entry or not outcome.results:
+            outcome.errors.append(entry.get("error", "its step did not finish (the packed job's log says why)"))
+    if outcome.state == GONE and not outcome.errors:
+        outcome.state = "COMPLETED"
+    if outcome.errors and outcome.state == "COMPLETED":
+        outcome.state = "FAILED"
+    return outcome
+
+
 def _unreported(s: Submitted, missing: list[int]) -> str:
     """Why tasks wrote no result: the job never started (no log: cancelled or failed while pending), or it
     ended before they reported, with Slurm's exit code and reason and the end of its error output."""
@@ -145,7 +179,10 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     from tqdm import tqdm
 
     pending = {s.job_id: s for s in submitted}
-    outcomes: dict[str, Outcome] = {}
+    members: dict[str, list[Submitted]] = {}  # the points of each job: several when it is packed
+    for s in submitted:
+        members.setdefault(s.job_id, []).append(s)
+    outcomes: dict[int, Outcome] = {}
     # A bar on a terminal; in a log file (nohup, CI) one line whenever the status changes.
     live = progress and sys.stderr.isatty()
     bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
@@ -155,16 +192,18 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     try:
         while pending:
             infos = watch.poll(list(pending))
-            active = watch.active(pending)
+            active = [m for s in watch.active(pending) for m in members[s.job_id]]
             watch.tell_hangs(active)
             watch.tell_requeues(active)
             for jid, info in infos.items():
                 if info.state in FINAL or info.state == GONE:
-                    outcomes[jid] = collect(pending.pop(jid), info.state)
-                    bar.update(1)
-                    if on_done:
-                        bar.clear()
-                        on_done(outcomes[jid])
+                    pending.pop(jid)
+                    for s in members[jid]:
+                        outcomes[id(s)] = collect(s, info.state)
+                        bar.update(1)
+                        if on_done:
+                            bar.clear()
+                            on_done(outcomes[id(s)])
             status = watch.status(infos, pending)
             bar.set_postfix_str(status, refresh=True)
             if progress and not live and status and status != watch.last_status:
@@ -182,7 +221,7 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
               f"python -m launch.report {folder}", file=sys.stderr)
         raise SystemExit(130) from None
     bar.close()
-    return [outcomes[s.job_id] for s in submitted]
+    return [outcomes[id(s)] for s in submitted]
 
 
 @dataclass
@@ -298,6 +337,11 @@ def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
         loss = f", train loss {summary['train_loss']:.4f}" if summary.get("train_loss") is not None else ""
         hosts = ", ".join(outcome.result["hosts"])
         print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}",
+              file=out, flush=True)
+    elif outcome.cancelled:
+        step = newest_step(s.point.run_dir)
+        where = f"its newest checkpoint (step {step})" if step is not None else "the start"
+        print(f"job {s.job_id} ({s.point.label}) {CANCELLED}; the same command continues the run from {where}",
               file=out, flush=True)
     else:
         print(f"error: {outcome.message()}", file=sys.stderr, flush=True)

@@ -1,0 +1,93 @@
+"""profile.*: torch.profiler traces of chosen steps on chosen ranks, and on GPUs CUDA's allocator history with a
+memory snapshot when the rank runs out of memory and after the traced steps. Written into the run folder per attempt
+and rank (gpt.run_folder: profiles/attempt-N/), so a requeued attempt never overwrites an earlier one's. With the
+section's defaults the trainer builds none of this, and a step runs exactly as without it."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile, record_function
+
+from gpt.config.profile import ProfileConfig
+from gpt.dist.process_group import DistEnv
+from gpt.errors import UserError, error_line
+from gpt.run_folder import RunFolder
+
+log = logging.getLogger(__name__)
+
+HISTORY_ENTRIES = 100_000  # allocations and frees kept (several KB each): the last steps of a large model
+
+
+class OutOfMemory(UserError):
+    """A rank ran out of device memory; the message names its memory snapshot when one was written."""
+
+
+class StepProfiler:
+    """One rank's traces and memory snapshots; `around(step)` wraps each training step."""
+
+    def __init__(self, cfg: ProfileConfig, env: DistEnv, attempt: int, run_dir: Path, device: torch.device):
+        self.cfg, self.rank, self.attempt, self.device = cfg, env.rank, attempt, device
+        self.folder = RunFolder(run_dir)
+        self.steps = cfg.step_range() if cfg.traces(env.rank, env.local_rank, env.world_size) else None
+        self.prof: profile | None = None
+        self.history = cfg.memory_snapshot and device.type == "cuda"
+        if self.history:
+            torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
+
+    @contextlib.contextmanager
+    def around(self, step: int) -> Iterator[None]:
+        if self.steps is not None and self.prof is None and self.steps[0] <= step <= self.steps[1]:
+            self.start()
+        try:
+            with record_function(f"train step {step}") if self.prof else contextlib.nullcontext():
+                yield
+        except torch.OutOfMemoryError as e:
+            raise self.out_of_memory(step, e) from None
+        if self.prof is not None and step >= self.steps[1]:
+            self.finish()
+
+    def start(self) -> None:
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])
+        self.prof = profile(activities=activities, record_shapes=self.cfg.record_shapes,
+                            profile_memory=self.cfg.profile_memory)
+        self.prof.start()
+
+    def finish(self) -> None:
+        """The trace written, then (profile.memory_snapshot) the allocator's history up to here: on demand."""
+        self.prof.stop()
+        path = self.folder.profile_trace(self.attempt, self.rank)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.prof.export_chrome_trace(str(path))
+        self.prof, self.steps = None, None  # once per attempt: a rollback that steps through again adds nothing
+        log.info("profiler trace of steps %s written: %s", self.cfg.steps, path)
+        if self.history:
+            log.info("memory snapshot written: %s", self.snapshot("steps"))
+
+    def snapshot(self, why: str) -> Path:
+        path = self.folder.memory_snapshot(self.attempt, self.rank, why)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.cuda.memory._dump_snapshot(str(path))
+        return path
+
+    def out_of_memory(self, step: int, error: torch.OutOfMemoryError) -> OutOfMemory:
+        where = f"rank {self.rank} ran out of device memory at step {step} ({error_line(error, limit=160)})"
+        if not self.history:
+            return OutOfMemory(f"{where}; run again with profile.memory_snapshot=true to see what held it, or with a "
+                               "smaller train.micro_batch_size, train.activation_checkpointing=full or strategy=fsdp")
+        path = self.snapshot("oom")
+        return OutOfMemory(f"{where}; its memory snapshot is {path} (drag it into https://pytorch.org/memory_viz); a "
+                           "smaller train.micro_batch_size, train.activation_checkpointing=full or strategy=fsdp "
+                           "needs less")
+
+
+def step_profiler(cfg: ProfileConfig, env: DistEnv, attempt: int, run_dir: Path,
+                  device: torch.device) -> StepProfiler | None:
+    """The rank's profiler, or None when profile.* asks nothing of this rank (the default)."""
+    if not cfg.traces(env.rank, env.local_rank, env.world_size) and not (cfg.memory_snapshot and
+                                                                          device.type == "cuda"):
+        return None
+    return StepProfiler(cfg, env, attempt, run_dir, device)

@@ -1,0 +1,102 @@
+"""The one task of a packed allocation (launcher.pack): each point runs as its own `srun --exact` step, with its own
+CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
+starting as one ends.
+
+A preemption signal reaches every step from Slurm itself; here it stops new points from starting. A point's rank
+leaves the requeue to this task (job.PACKED_VAR), which asks for it once every running point has saved: a requeue
+ends every step of the allocation. The requeued allocation skips the finished points, resumes the saved ones and
+runs the ones not started. Kept free of heavy imports: it is unpickled before anything else runs.
+"""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gpt.config import schema
+from gpt.resilience.preemption import configured_signals
+from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
+from gpt.run_folder import RunFolder
+from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+from launch.backends.srun import srun_command
+from launch.backends.slurm.step import RankStep, workdir
+from launch.rank.signal_relay import SignalRelay
+from launch.rank.threads import ThreadPlan
+from launch.run.identity import newest_step
+
+
+def finished(run_dir: Path) -> bool:
+    step = newest_step(run_dir)
+    return step is not None and step >= schema.load(RunFolder(run_dir).config).train.max_steps
+
+
+def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
+    """The point's srun line and environment: its own tasks and CPUs, its site flags, its threads."""
+    run = schema.load(RunFolder(run_dir).config)
+    here, c = workdir(), run.cluster
+    step = RankStep.from_cluster(c).mounting(here, run_dir)
+    cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
+    host = socket.gethostname()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}  # the points are no submitit tasks
+    env.update({**ThreadPlan.decide(ranks_on_host=c.tasks_per_node, cpus_per_task=cpus).env(),
+                **step.environ(host), PACKED_VAR: "1"})
+    cmd = srun_command(1, c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
+                       run_dir, here, setup=c.setup_lines, exact=True)
+    return cmd, env
+
+
+def outcome(run_dir: Path, code: int) -> dict:
+    """What the launcher's waiter reads for the point: rank 0's result (with the summary) or one error line."""
+    folder = RunFolder(run_dir)
+    if code == 0 and folder.summary.exists():
+        return {"results": [{"rank": 0, "host": socket.gethostname(),
+                             "summary": json.loads(folder.summary.read_text())}]}
+    from launch.backends.slurm.task import last_error
+
+    error = last_error(folder.log(0)) or f"its step exited with code {code}"
+    return {"error": f"{error} (its log: {folder.log(0)})"}
+
+
+@dataclass(frozen=True)
+class PackTask:
+    run_dirs: tuple[str, ...]
+    slots: int
+
+    def __call__(self) -> dict[str, dict]:
+        dirs = [Path(d) for d in self.run_dirs]
+        results = {str(d): outcome(d, 0) for d in dirs if finished(d)}  # in an earlier attempt of this job
+        waiting = [d for d in dirs if str(d) not in results]
+        relay = SignalRelay(configured_signals(RunFolder(dirs[0]).config))  # instead of submitit's own handlers
+        running: dict[Path, subprocess.Popen] = {}
+        unfinished = False
+        while waiting or running:
+            while waiting and len(running) < self.slots and not relay.received:
+                d = waiting.pop(0)
+                cmd, env = step_command(d)
+                print(f"point {d.name}: {' '.join(cmd[-2:])}", flush=True)
+                running[d] = subprocess.Popen(cmd, env=env)
+            if relay.received and not running:
+                break
+            time.sleep(RELAY_POLL_S)
+            for d, child in list(running.items()):
+                if (code := child.poll()) is not None:
+                    del running[d]
+                    unfinished |= code == 0 and not finished(d)  # saved and asked for the requeue
+                    if code != 0 or finished(d):
+                        results[str(d)] = outcome(d, code)
+        if relay.received or unfinished:
+            self.requeue(dirs[0])
+        return results
+
+    def requeue(self, run_dir: Path) -> None:
+        """Every running point has saved: the allocation runs again, for the points not finished."""
+        job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+        requeued, how = job.requeue(schema.load(RunFolder(run_dir).config).preemption.max_restarts)
+        print(f"packed job: {how}", file=sys.stderr, flush=True)
+        if requeued:
+            time.sleep(REQUEUE_WAIT_S)  # Slurm ends this attempt

@@ -1,0 +1,154 @@
+"""Heartbeats cost the shared file system at most one metadata operation per node per beat, whatever the number of
+ranks per node (counted with inotify on a real folder), and a node's writer that falls silent is replaced. The
+node's folder in memory is the user's alone, under a name another user cannot guess."""
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import time
+
+import pytest
+
+from control_counters import FsOps
+from gpt.errors import UserError
+from gpt.config.sections import WatchdogConfig
+from gpt.resilience.heartbeat import read_heartbeats
+from gpt.resilience.node_heartbeat import NodeHeartbeat, node_local_dir
+from gpt.resilience.watchdog import Watchdog
+
+
+def test_four_ranks_of_a_node_cost_the_run_folder_at_most_one_metadata_operation_per_beat(tmp_path):
+    (tmp_path / "watchdog").mkdir()
+    dogs = [Watchdog(WatchdogConfig(), tmp_path, r, 4, "n1", 1, lambda report: False) for r in range(4)]
+    earlier = node_local_dir(tmp_path, "n1") / "rank5.json"  # a rank of an earlier attempt, killed
+    earlier.parent.parent.mkdir(mode=0o700)  # as the earlier attempt made it: this user's alone
+    earlier.parent.mkdir()
+    earlier.write_text('{"attempt": 0, "restart": 0, "generation": null}')
+    with FsOps(tmp_path) as ops:
+        for dog in dogs:  # the first beats create the node's record
+            dog.beat()
+        since = time.time()
+        for _ in range(10):
+            for dog in dogs:
+                dog.beat()
+        until = time.time()
+        time.sleep(0.3)  # inotify's events are read by a thread
+    window = ops.by_path(since, until)
+    assert sum(window.values()) <= 10, window  # one per node per beat at most (it was 2 per rank: 80)
+    beats = read_heartbeats(tmp_path, 4, 1)
+    assert [b["beat"] for b in beats] == [11, 10, 10, 10], beats  # the writer's peers: as of its last beat
+    for dog in dogs:
+        dog.end("finished")
+    assert [b["ended"] for b in read_heartbeats(tmp_path, 4, 1)] == ["finished"] * 4
+    last = read_heartbeats(tmp_path, 4, 1)[0]["beat"]
+    dogs[0].beat()  # an ended rank beats on until it exits: a survivor reporting its peers' loss must not look gone
+    beat = read_heartbeats(tmp_path, 4, 1)[0]
+    assert (beat["beat"], beat["ended"]) == (last + 1, "finished"), beat
+    assert not earlier.exists()  # the node's memory holds this attempt's beats only
+
+
+def test_a_silent_writer_is_replaced_and_reads_as_silent_while_its_node_beats_on(tmp_path):
+    (tmp_path / "watchdog").mkdir()
+    interval = 0.05
+    writer, other = (NodeHeartbeat(tmp_path, "n1", r, interval) for r in (0, 1))
+    record = {"attempt": 1, "restart": 0, "generation": None}
+    writer.beat({**record, "rank": 0, "beat": 1})  # then it is killed, or frozen
+    for n in range(1, 30):
+        other.beat({**record, "rank": 1, "beat": n})
+        time.sleep(interval)
+    beats = read_heartbeats(tmp_path, 2, 1)
+    assert beats[0]["beat"] == 1 and beats[1]["beat"] == 29, beats  # rank 1 took over the node's record
+
+
+def test_a_survivor_reads_its_peers_from_their_node_records(tmp_path):
+    """A rank SIGABRT ended looks for the peer to blame among the heartbeats of its attempt: a lost peer's is in
+    its node's record only (it never wrote its own file)."""
+    from launch.run.lost_rank import _peers
+
+    (tmp_path / "watchdog").mkdir()
+    record = {"attempt": 1, "restart": 0, "generation": None, "time": time.time()}
+    for rank, host in ((0, "n1"), (1, "n2")):
+        NodeHeartbeat(tmp_path, host, rank, 1.0).beat({**record, "rank": rank, "host": host, "beat": 3})
+    assert list(_peers(tmp_path, 0)) == [1]
+
+
+def test_a_new_attempts_shorter_record_replaces_a_longer_one_whole(tmp_path):
+    (tmp_path / "watchdog").mkdir()
+    record = tmp_path / "watchdog" / "node-n1.json"
+    record.write_text('{"host": "n1", "ranks": {}}' + " " * 4000 + '{"earlier": "a longer record"}')
+    NodeHeartbeat(tmp_path, "n1", 0, 1.0).beat({"rank": 0, "attempt": 2, "restart": 1, "generation": None,
+                                                "beat": 1})
+    assert [b["beat"] for b in read_heartbeats(tmp_path, 1, 2)] == [1]  # the record parses: no tail of the old one
+
+
+def test_ranks_that_exit_leave_nothing_in_the_nodes_memory(tmp_path):
+    (tmp_path / "watchdog").mkdir()
+    dogs = [Watchdog(WatchdogConfig(), tmp_path, r, 2, "n1", 1, lambda report: False) for r in range(2)]
+    for dog in dogs:
+        dog.beat()
+    local = node_local_dir(tmp_path, "n1")
+    assert sorted(p.name for p in local.iterdir()) == ["rank0.json", "rank1.json"]
+    dogs[0].end("finished")
+    dogs[0].close()
+    dogs[0].beat()  # its watchdog thread may beat once more: nothing comes back
+    assert [p.name for p in local.iterdir()] == ["rank1.json"]
+    dogs[1].beat()  # rank 1 takes over as the node's writer
+    assert read_heartbeats(tmp_path, 2, 1)[1]["beat"] == 2
+    dogs[1].end("finished")
+    dogs[1].close()
+    assert not local.parent.exists(), list(local.parent.rglob("*"))
+    assert [b["ended"] for b in read_heartbeats(tmp_path, 2, 1)] == ["finished"] * 2
+
+
+def test_the_nodes_folder_is_private_and_named_after_the_runs_secret(tmp_path):
+    (tmp_path / "watchdog").mkdir()
+    NodeHeartbeat(tmp_path, "n1", 0, 1.0).beat({"rank": 0, "attempt": 1, "restart": 0, "generation": None})
+    local = node_local_dir(tmp_path, "n1")
+    secret = tmp_path / "watchdog" / "node-secret"
+    try:
+        assert stat.S_IMODE(local.parent.stat().st_mode) == 0o700 and local.parent.stat().st_uid == os.getuid()
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600
+        assert len(secret.read_text()) >= 32 and secret.read_text() not in str(local)
+        assert node_local_dir(tmp_path, "n1") == local  # every rank of the run finds the same folder
+        secret.write_text("another secret")
+        assert node_local_dir(tmp_path, "n1") != local  # the run folder's path alone does not name it
+    finally:
+        shutil.rmtree(local.parent)
+
+
+def _made_by_another_user(folder, monkeypatch) -> None:
+    if os.geteuid() == 0:
+        os.chown(folder, 4242, 4242)
+    else:  # not root: this process takes another uid than the folder's owner
+        monkeypatch.setattr(os, "getuid", lambda: os.stat(folder).st_uid + 1)
+
+
+@pytest.mark.parametrize("how", ["another owner", "open to all"])
+def test_a_nodes_folder_another_user_could_write_in_is_refused(tmp_path, monkeypatch, how):
+    (tmp_path / "watchdog").mkdir()
+    beats = NodeHeartbeat(tmp_path, "n1", 0, 1.0)
+    folder = beats.local.parent
+    folder.mkdir(mode=0o700)  # there before the run: on a shared node, made by another user
+    try:
+        if how == "another owner":
+            _made_by_another_user(folder, monkeypatch)
+        else:
+            folder.chmod(0o777)
+        with pytest.raises(UserError, match=f"{folder} belongs to uid .* another user could stop or fool"):
+            beats.beat({"rank": 0, "attempt": 1, "restart": 0, "generation": None})
+        assert list(folder.iterdir()) == []  # no beat went into it
+        assert not (tmp_path / "watchdog" / "node-n1.json").exists()
+    finally:
+        monkeypatch.undo()
+        shutil.rmtree(folder)
+
+
+def test_a_secret_another_user_owns_is_refused(tmp_path, monkeypatch):
+    secret = tmp_path / "watchdog" / "node-secret"
+    secret.parent.mkdir()
+    secret.write_text("0" * 32)
+    secret.chmod(0o600)
+    _made_by_another_user(secret, monkeypatch)
+    with pytest.raises(UserError, match="node-secret belongs to uid"):
+        NodeHeartbeat(tmp_path, "n1", 0, 1.0)

@@ -1,0 +1,87 @@
+"""The fit check at planning: a layout whose ranks would not fit their devices' memory is refused in one line with
+the estimate and what would fit, before the data is prepared or anything is written or submitted; and
+train.micro_batch_size=auto, chosen from the same estimate."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from gpt.errors import UserError
+from gpt.parallel.layout import ParallelDims
+from gpt.parallel.memory_estimate import GIB, estimate
+from gpt.run_folder import RunFolder
+from helpers import SHAKESPEARE, compose
+from gpt.config.schema import load, run_config
+from launch.planning.fit import USABLE, fit
+from launch.planning.plan import make_plan
+
+GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "strategy=ddp",
+           "train.global_batch_size=8", f"data.text_path={SHAKESPEARE}"]
+
+
+@pytest.mark.parametrize("memory,fits", [(4, False), (80, True)])
+def test_a_layout_that_does_not_fit_the_stated_memory_is_refused_before_anything(memory, fits, tmp_path):
+    run = run_config(compose(*GPU_JOB, f"cluster.gpu_memory_gb={memory}", f"data.dir={tmp_path / 'data'}"))
+    if fits:
+        make_plan(run, tmp_path / "run")
+        return
+    with pytest.raises(UserError) as refused:
+        make_plan(run, tmp_path / "run")
+    line = str(refused.value)
+    assert "\n" not in line and "does not fit" in line and "4.0 GiB of its GPU" in line
+    assert line.endswith("what would fit: train.micro_batch_size=1")  # the largest micro-batch that fits
+    assert not (tmp_path / "run").exists() and not (tmp_path / "data").exists()  # nothing prepared, nothing written
+
+
+def auto_job(tmp_path, memory: int, batch: int = 12):
+    """A GPU job of `batch` sequences on one rank with train.micro_batch_size=auto; the data is prepared in its job
+    (not here: planning stays quick)."""
+    return run_config(compose(*GPU_JOB, f"train.global_batch_size={batch}", "train.micro_batch_size=auto",
+                              f"cluster.gpu_memory_gb={memory}", "data.prepare_on=job", f"data.dir={tmp_path / 'data'}"))
+
+
+def peak_gib(run, micro: int) -> float:
+    dims = ParallelDims()
+    return estimate(run.model, dataclasses.replace(run.train, micro_batch_size=micro), run.strategy, dims, micro).peak / GIB
+
+
+@pytest.mark.parametrize("memory,chosen", [(4, 1), (8, 4), (12, 6)])
+def test_auto_picks_the_largest_divisor_of_the_per_rank_batch_that_fits_the_stated_memory(memory, chosen, tmp_path):
+    run = auto_job(tmp_path, memory)
+    train = fit(run, run.model, run.train, ParallelDims(), "cuda")
+    assert train.micro_batch_size == chosen  # a bigger memory picks a bigger one
+    assert peak_gib(run, chosen) <= USABLE * memory
+    assert all(peak_gib(run, m) > USABLE * memory for m in (3, 4, 6, 12) if m > chosen)  # larger divisors do not fit
+    if chosen == 4:  # 5 would fit too, but does not divide 12
+        assert peak_gib(run, 5) <= USABLE * memory
+
+
+def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="launch.planning.fit"):
+        make_plan(auto_job(tmp_path, 8), tmp_path / "run")
+    lines = [r.getMessage() for r in caplog.records if "micro_batch_size=auto" in r.getMessage()]
+    assert len(lines) == 1 and lines[0].startswith("train.micro_batch_size=auto: 4 of a per-rank batch of 12; each "
+                                                   "rank about ")
+    assert "within 90% of the 8.0 GiB of its GPU (10% headroom)" in lines[0]
+    assert load(RunFolder(tmp_path / "run").config).train.micro_batch_size == 4  # what ranks and requeues read
+
+
+def test_auto_refuses_as_the_fit_check_when_one_sequence_does_not_fit(tmp_path):
+    with pytest.raises(UserError, match=r"needs about 2.77 GiB .*activations 0.91.* of the 2.0 GiB of its GPU; what would fit"):
+        make_plan(auto_job(tmp_path, 2), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_job_whose_gpus_this_process_cannot_open_is_planned_without_a_fit_check(monkeypatch):
+    """sbatch slurm/multi_node.sh on a node of a GPU job (the local cluster's GPUs are Slurm's, not CUDA's): the
+    batch step plans as cluster=srun with the allocation's GPUs; their memory is unknown there, not a crash."""
+    import torch
+    from launch.backends import get_backend
+
+    monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    run = run_config(compose("cluster=srun"))
+    backend = get_backend("srun")
+    assert backend.device(run) == "cuda"
+    assert backend.device_memory_gib(run, "cuda") is None

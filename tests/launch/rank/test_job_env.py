@@ -1,0 +1,106 @@
+"""Inside a rank, the job environment is the only thing that knows the scheduler."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+from pathlib import Path
+
+from helpers import REPO
+from launch.backends.slurm.job import SlurmJob
+from launch.rank.job_env import JobEnvironment, job_environment
+
+
+def test_the_scheduler_is_detected_from_its_variables():
+    assert type(job_environment({})) is JobEnvironment
+    job = job_environment({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3", "SLURM_NNODES": "2", "HOME": "/h"})
+    assert isinstance(job, SlurmJob) and (job.job_id, job.restart) == ("42", 3)
+    assert job.variables() == {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "3", "SLURM_NNODES": "2"}
+
+
+def test_requeue_stops_at_the_restart_limit_without_asking_slurm():
+    job = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"})
+    assert job.requeue(max_restarts=2) == (False, "restart limit reached (2 of preemption.max_restarts=2)")
+    requeued, why = JobEnvironment({}).requeue(max_restarts=5)
+    assert not requeued and "run the same command" in why
+
+
+def test_requeue_without_slurm_commands_says_how_to_resume(monkeypatch):
+    monkeypatch.setenv("PATH", "/nonexistent")
+    requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
+    assert not requeued and "submit the same command again" in why
+
+
+def test_gpt_knows_no_scheduler():
+    # the cluster section of the config's schema (the launcher's keys: cluster.sbatch) is the one exception
+    found = subprocess.run(["grep", "-rnE", "--exclude=cluster.py", "scontrol|SLURM_|squeue|sbatch",
+                            str(REPO / "gpt")], capture_output=True, text=True).stdout
+    assert found == "", found
+    assert not list(Path(REPO / "gpt").rglob("*slurm*"))
+
+
+def test_a_late_requeue_leaves_the_next_attempt_alone(monkeypatch):
+    """A rank of attempt 0 that asks only after its job runs again (it was cut off) must not requeue restart 1."""
+    from launch.backends.slurm import commands
+
+    asked = []
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "",
+                                                                               (("Restarts", "1"),)))
+    monkeypatch.setattr(commands, "requeue", asked.append)
+    requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
+    assert (requeued, why, asked) == (True, "requeued by Slurm or by another rank already (job 42 is on restart 1)", [])
+
+
+@pytest.mark.parametrize("state, reason", [("COMPLETING", "None"), ("TIMEOUT", "TimeLimit"), ("FAILED", "NonZeroExitCode"),
+                                           ("CANCELLED", "None")])
+def test_a_job_that_ends_without_a_requeue_is_never_said_to_be_requeued(monkeypatch, state, reason):
+    """scancel, the time limit and a failure all show COMPLETING first (Requeue=1 is only the job's policy)."""
+    from launch.backends.slurm import commands
+
+    asked = []
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(
+        job, state, reason, (("Restarts", "0"), ("Requeue", "1"))))
+    monkeypatch.setattr(commands, "requeue", asked.append)
+    requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
+    assert (requeued, asked) == (False, []) and "not requeued" in why and "requeued by" not in why, why
+
+
+def test_lost_nodes_are_the_down_failed_and_unresponsive_ones_with_slurms_reason():
+    from launch.backends.slurm.commands import parse_lost_nodes
+
+    rows = ["n1|allocated|none", "n2|down*|Not responding", "n3|idle*|none", "n2|down*|Not responding"]
+    assert parse_lost_nodes(rows) == ["n2 down, not responding (Not responding)", "n3 idle, not responding"]
+
+
+def test_ranks_are_up_when_every_record_carries_this_steps_token(tmp_path):
+    """srun's wrapper passes signals on once every rank wrote its environment record: records of an earlier step
+    (an earlier attempt's, whatever their file times say) do not count."""
+    import json
+
+    from gpt.run_folder import RunFolder
+    from launch.backends.srun import ranks_up
+
+    folder = RunFolder(tmp_path)
+    folder.environment.mkdir(parents=True)
+    for rank, token in ((0, "this"), (1, "earlier")):
+        folder.environment_record(rank).write_text(json.dumps({"rank": rank, "step": token}))
+    assert not ranks_up(folder, 2, "this")
+    folder.environment_record(1).write_text(json.dumps({"rank": 1, "step": "this"}))
+    assert ranks_up(folder, 2, "this") and not ranks_up(folder, 3, "this")
+
+
+@pytest.mark.parametrize("mode, requeued", [("REQUEUE", True), ("CANCEL", False)])
+def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_never(monkeypatch, mode, requeued):
+    """preemption.max_restarts bounds the job's own requeues: a job Slurm preempts with REQUEUE would be requeued by
+    Slurm at the end of its grace time, so the rank that saved inside it requeues it at once, at the limit too."""
+    from launch.backends.slurm import commands
+
+    asked = []
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(
+        job, "RUNNING", "", (("Restarts", "2"), ("Partition", "low"), ("PreemptTime", "2026-11-24T14:00:00"))))
+    monkeypatch.setattr(commands, "partition_field", lambda p, key: {"PreemptMode": mode, "GraceTime": "20"}[key])
+    monkeypatch.setattr(commands, "requeue", asked.append)
+    done, why = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}).requeue(max_restarts=2)
+    assert (done, asked) == (requeued, ["42"] if requeued else []), why
+    assert why == ("requeued job 42 (restart 3, past preemption.max_restarts=2: Slurm's PreemptMode=REQUEUE "
+                   "requeues a preempted job)" if requeued else "not requeued: Slurm's preemption cancels job 42")

@@ -1,0 +1,154 @@
+"""Goodput: the share of a run's allocated time that trained steps it kept, from its attempts log."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt.resilience.goodput import interruption_rate as rate_of, run_goodput as goodput_of, young_daly_minutes
+from gpt.run_folder import AttemptLine
+from helpers import launch
+
+RUN = ["model=tiny", "train.max_steps=40", "train.log_interval=5", "train.eval_interval=0",
+       "checkpoint.interval_steps=10"]
+
+
+def run_goodput(attempts: list[dict]):
+    return goodput_of([AttemptLine.from_json(a) for a in attempts])
+
+
+def interruption_rate(attempts: list[dict]):
+    return rate_of([AttemptLine.from_json(a) for a in attempts])
+
+
+def test_goodput_counts_replayed_steps_as_lost():
+    attempts = [
+        {"ended": "preempted:SIGUSR2", "last_step": 25,
+         "goodput": {"allocated_s": 100.0, "startup_s": 10.0, "train_s": 50.0, "eval_s": 5.0, "save_s": 5.0,
+                     "steps": 25, "saves": 2}},
+        {"ended": "finished", "last_step": 40,
+         "goodput": {"allocated_s": 60.0, "startup_s": 10.0, "train_s": 40.0, "eval_s": 0.0, "save_s": 2.0,
+                     "steps": 20, "saves": 2, "steps_replayed": 5}},
+    ]
+    g = run_goodput(attempts)
+    assert g.attempts == 2 and g.allocated_s == 160.0
+    assert g.kept_train_s == pytest.approx(50 - 5 * 2 + 40)  # 5 steps of 2 s each trained again
+    assert g.losses["steps trained again"] == pytest.approx(10.0) and g.losses["start-up"] == 20.0
+    assert g.goodput == pytest.approx(80 / 160) and "goodput 50.0%" in g.describe()
+
+
+def test_goodput_counts_the_steps_a_rollback_undid_as_lost():
+    """divergence.policy=rollback restored step 10 at step 15: steps 10..14 were trained, then trained again."""
+    g = run_goodput([{"ended": "finished", "last_step": 30,
+                      "goodput": {"allocated_s": 100.0, "startup_s": 10.0, "train_s": 70.0, "eval_s": 0.0,
+                                  "save_s": 0.0, "steps": 35, "steps_undone": 5, "saves": 3}}])
+    assert g.kept_train_s == pytest.approx(70 - 5 * 2) and g.losses["steps trained again"] == pytest.approx(10.0)
+
+
+def test_goodput_splits_restarts_in_the_job_from_requeues():
+    def line(startup_s: float, **how) -> dict:
+        return {"ended": "hang", "last_step": 10, **how,
+                "goodput": {"allocated_s": 50.0, "startup_s": startup_s, "train_s": 20.0, "eval_s": 0.0,
+                            "save_s": 0.0, "steps": 10, "saves": 1}}
+
+    g = run_goodput([line(9.0, in_job_restart=1), line(3.0, requeued=True), line(12.0), line(4.0)])
+    assert (g.losses["start-up"], g.losses["restart in job"], g.losses["requeue"]) == (13.0, 3.0, 12.0)
+    assert "restart in job 3.0 s, requeue 12.0 s" in g.describe(), g.describe()
+
+
+def test_an_attempt_without_a_time_record_still_counts_as_an_attempt():
+    """A hang's or a killed attempt's line may carry no goodput record: the run still ended over two attempts."""
+    attempts = [{"ended": "hang", "last_step": 10},
+                {"ended": "finished", "last_step": 40,
+                 "goodput": {"allocated_s": 60.0, "startup_s": 10.0, "train_s": 40.0, "eval_s": 0.0, "save_s": 2.0,
+                             "steps": 30, "saves": 2}}]
+    said = run_goodput(attempts).describe()
+    assert "s allocated over 2 attempt(s) (1 of them recorded no time); lost to" in said, said
+
+
+def test_young_daly_interval_and_its_inputs():
+    assert young_daly_minutes(save_s=30, mtbi_s=6 * 3600) == pytest.approx((2 * 30 * 6 * 3600) ** 0.5 / 60)
+    rate, why = interruption_rate([{"ended": "preempted:SIGUSR2", "goodput": {"allocated_s": 3600}},
+                                   {"ended": "finished", "goodput": {"allocated_s": 3600}}])
+    assert rate == 7200 and "1 interruption(s)" in why
+    assert "prior" in interruption_rate([])[1]
+
+
+@pytest.mark.slow
+def test_a_stopped_and_continued_run_reports_its_goodput(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    launch(*RUN, "debug.signal_at_step=25", *data_overrides, run_dir=run, check=False)
+    done = launch(*RUN, "checkpoint.interval_minutes=auto", *data_overrides, run_dir=run)
+    said = done.stdout + done.stderr
+    assert "run finished: goodput" in said and "over 2 attempt(s)" in said
+    assert "checkpoint.interval_minutes=auto: every" in said and "1 interruption(s)" in said
+    records = [json.loads(x)["goodput"] for x in (run / "attempts.jsonl").read_text().splitlines()]
+    assert records[1]["steps_replayed"] == 0 and records[0]["steps"] == 25 and records[1]["steps"] == 15
+    total = sum(r["startup_s"] + r["train_s"] + r["eval_s"] + r["save_s"] for r in records)
+    assert total <= sum(r["allocated_s"] for r in records) + 0.5  # no second counted twice
+    from launch.report import write_report
+
+    text = (write_report(run) / "scaling.md").read_text()
+    assert "## Goodput" in text and f"| {run.name} | 2 | " in text
+    health = json.loads((run / "health-2.json").read_text())  # the last attempt's node health, in the report
+    assert "## Nodes" in text and f"| {run.name} | {health['nodes'][0]['host']} " in text
+
+
+@pytest.mark.slow
+def test_a_warning_window_too_short_for_a_save_is_named(tmp_path, data_overrides):
+    """cluster.signal_delay_s is read from the config: here a window of 1 s, far less than a save and a requeue."""
+    run = launch(*RUN, "cluster.signal_delay_s=1", *data_overrides, run_dir=tmp_path / "run")
+    said = run.stdout + run.stderr
+    assert "cluster.signal_delay_s=1 may be too short" in said and "set cluster.signal_delay_s=30" in said
+
+
+def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_the_queue_after_it(tmp_path):
+    """The next attempt records it (begin_attempt): it holds the lease by then, and its fresh heartbeat must not
+    stretch the killed attempt over the time the job waited in the queue."""
+    import time
+
+    from gpt.run_folder import RunFolder
+    from launch.rank.job_env import JobEnvironment
+    from launch.run.attempts import begin_attempt
+    from launch.run.take_lease import take_lease
+
+    folder = RunFolder(tmp_path)
+    folder.metrics.mkdir(parents=True)
+    started = time.time() - 1000  # killed 950 s ago, 50 s after it started; then the queue
+    folder.attempts.mark({"job_id": None, "restart": 0, "started": started, "first_step": 0})
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 5 * s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 11)))
+    lease = take_lease(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
+    try:
+        begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10, nodes=["here"])
+    finally:
+        lease.release()
+    killed = folder.attempts.read()[0]
+    assert killed.goodput["allocated_s"] == pytest.approx(50.0, abs=0.01), killed
+    assert killed.goodput["estimated"] == "rank 0's last metrics record", killed
+
+
+def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(tmp_path):
+    """A hang's (or a failure's) line is written before the trainer returns, with no time of its own: its steps
+    are timed from rank 0's metrics and its allocated time runs to the line, and the goodput line says so, rather
+    than leaving out an attempt that trained hundreds of steps."""
+    import time
+
+    from gpt.resilience.goodput import run_goodput as goodput
+    from gpt.run_folder import RunFolder
+    from launch.rank.job_env import JobEnvironment
+    from launch.run.attempts import log_attempt
+
+    folder = RunFolder(tmp_path)
+    folder.metrics.mkdir(parents=True)
+    started = time.time() - 400
+    folder.attempts.mark({"job_id": None, "restart": 0, "round": 0, "started": started, "first_step": 0})
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 10 + s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 301)))
+    log_attempt(tmp_path, JobEnvironment({}), {"first_step": 0, "last_step": None, "ended": "hang"})
+    [hung] = folder.attempts.read()
+    assert hung.goodput["steps"] == 300 and hung.goodput["train_s"] == pytest.approx(300.0), hung.goodput
+    assert hung.goodput["allocated_s"] == pytest.approx(400.0, abs=5.0), hung.goodput
+    said = goodput(folder.attempts.read()).describe()
+    assert "300.0 s of training kept" in said and "recorded no time" not in said, said
+    assert "(1 of them timed from what it left: its last metrics record or beat)" in said, said

@@ -1,0 +1,62 @@
+"""launcher.pack on the real local Slurm cluster: a sweep's single-rank points as steps of one allocation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+
+import pytest
+
+from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses
+
+pytestmark = pytest.mark.slurm
+
+# 30 steps of 0.1 s each, a checkpoint every 5: long enough to be preempted mid-run
+RUN = [o for o in TINY if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))] + [
+    "strategy=single", "train.max_steps=30", "checkpoint.interval_steps=5", "debug.delay_rank=0", "debug.delay_s=0.1",
+    "preemption.in_job_restarts=0"]
+SEEDS = (1, 2, 3)
+
+
+def training(run_dir) -> bool:
+    metrics = run_dir / "metrics" / "rank0.jsonl"
+    return metrics.exists() and '"kind": "train"' in metrics.read_text()
+
+
+@pytest.mark.timeout(400)
+def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_path, data_overrides):
+    """3 single-rank points of 2 CPUs in one 1-node allocation of 4 CPUs, as `srun --exact` steps 2 at once: the
+    plan is printed before the one job is submitted. USR2 to the allocation while the first wave trains saves both
+    its points, and the packer requeues the allocation once; the requeued allocation resumes them and runs the point
+    not started. Each finishes; seed=1 with the losses of its unpacked run."""
+    sweep, alone = tmp_path / "sweep", tmp_path / "alone"
+    seeds = ",".join(map(str, SEEDS))
+    proc = subprocess.Popen(launch_cmd("-m", f"seed={seeds}", "launcher.pack=true", "cluster.cpus_per_task=2", *SLURM, *RUN, *data_overrides,
+                                       f"hydra.sweep.dir={sweep}"), cwd=REPO, env=slurm_cluster.env,
+                            stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
+    runs = [sweep / f"seed={s}" for s in SEEDS]
+    deadline = time.monotonic() + 200
+    while not all(training(r) for r in runs[:2]):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
+        time.sleep(0.2)
+    job_ids = {json.loads((r / "slurm_job.json").read_text())["job_id"] for r in runs}
+    assert len(job_ids) == 1, job_ids
+    job = job_ids.pop()
+    slurm_cluster.run("scancel", "--signal=USR2", job)
+    # seed=1 unpacked, on this machine meanwhile (its data is prepared by now), with the packed point's 2 threads
+    # (another count sums in another order)
+    reference = subprocess.Popen(launch_cmd("cluster=local", "seed=1", *RUN, *data_overrides, f"hydra.run.dir={alone}"),
+                                 cwd=REPO, env={**slurm_cluster.env, "OMP_NUM_THREADS": "2"},
+                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "alone.err").open("w"))
+    assert proc.wait(timeout=300) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
+    out = (tmp_path / "out").read_text()
+    assert "launcher.pack: 3 point(s) in 1 allocation(s)" in out and "2 at once, 2 wave(s)" in out, out
+    assert out.count("submitted job") == 1 and "for 3 packed point(s)" in out, out
+
+    for run, first in zip(runs, ("preempted:SIGUSR2", "preempted:SIGUSR2", None)):
+        ends = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+        assert [a["ended"] for a in ends] == [first, "finished"][not first:], ends  # the third started after
+        assert {a["job_id"] for a in ends} == {job} and ends[-1]["restart"] == 1, ends
+        assert len(losses(run)) == 30
+    assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
+    assert losses(runs[0]) == losses(alone)

@@ -1,0 +1,85 @@
+"""Preemption by Slurm itself: a job of the `urgent` partition (a higher PriorityTier) takes every node of a training
+job in `low` (PreemptMode=REQUEUE, GraceTime) on the local cluster (slurm/local_cluster.sh). Slurm signals the ranks,
+they save inside the grace time, and the run resumes from that checkpoint, said to be preempted by another job."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import pytest
+
+from slurm_helpers import REPO, SLURM
+from test_preemption import RUN, Job, assert_same_run, attempts
+
+pytestmark = pytest.mark.slurm
+
+
+@pytest.mark.timeout(300)
+def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_resumes_once(
+        slurm_cluster, tmp_path, data_overrides, reference_run):
+    reference = reference_run(*RUN, *data_overrides)
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=low"],
+              tmp_path / "run")
+    job.training(0)
+    urgent = slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive",
+                                  "--time=5", "--output=/dev/null", f"--chdir={tmp_path}")
+    signalled = time.time()
+    assert job.wait() == 0, job.text()
+    assert_same_run(job.run_dir, reference)
+
+    first, last = attempts(job.run_dir)  # one requeue: Slurm's preemption and the job's own are one
+    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
+    assert "partition low, PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
+    assert last["ended"] == "finished" and last["restart"] == 1, last
+    saved = first["goodput"]
+    info = slurm_cluster.job_info(job.id())
+    assert info["Restarts"] == "1", info
+    grace = int(slurm_cluster.run("scontrol", "-o", "show", "partition", "low").stdout.split("GraceTime=")[1].split()[0])
+    stopped = first["time"] - signalled  # from the urgent job's submission to the attempt's line (saved, requeued)
+    assert stopped < grace, (stopped, grace, saved)
+    print(f"preempted: saved and requeued {stopped:.1f} s after the urgent job's submission (GraceTime={grace} s)")
+
+    # sacct agrees: the urgent job ran, the run's job ended COMPLETED after one requeue
+    def ended(rows: str) -> bool:
+        return f"{urgent}|COMPLETED|0:0" in rows and f"{job.id()}|COMPLETED|0:0" in rows
+
+    deadline = time.monotonic() + 60  # slurmdbd hears of a job's end a moment after the job has ended
+    while not ended(rows := slurm_cluster.run("sacct", "-n", "-X", "-P", "-o", "JobID,State,ExitCode", "-j",
+                                              f"{urgent},{job.id()}").stdout) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ended(rows), rows
+    print(slurm_cluster.run("sacct", "-D", "-P", "-o", "JobID,JobName,Partition,State,ExitCode,Start,End", "-j",
+                            f"{urgent},{job.id()}").stdout)
+    said = job.text()
+    assert "preempted by another job" in said and "node failure" not in said, said
+    status = subprocess.run([sys.executable, "-m", "launch.status", str(job.run_dir)], cwd=REPO,
+                            env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
+    assert "1 restart" in status.stdout or "restarts 1" in status.stdout, status.stdout + status.stderr
+
+
+@pytest.mark.timeout(300)
+def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_run(
+        slurm_cluster, tmp_path, data_overrides, reference_run):
+    """PreemptMode=CANCEL (partition lowcancel): the ranks save inside the grace time, the job is not requeued (the
+    site's policy), every line says so, and submitting the same command again finishes the run as if uninterrupted."""
+    reference = reference_run(*RUN, *data_overrides)
+    args = ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=lowcancel"]
+    job = Job(slurm_cluster, tmp_path, args, tmp_path / "run", name="first")
+    job.training(0)
+    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+                         "--output=/dev/null", f"--chdir={tmp_path}")
+    code = job.wait()
+    said = job.text()
+    (first,) = attempts(job.run_dir)
+    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
+    assert "partition lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
+    assert f"not requeued: Slurm's preemption cancels job {job.id()}" in first["note"], first
+    assert "the same command continues the run from its newest checkpoint" in first["note"], first
+    assert code != 0 and "preempted by another job" in said and "cancels job" in said, (code, said)
+    assert slurm_cluster.job_info(job.id()).get("Restarts", "0") == "0"
+
+    again = Job(slurm_cluster, tmp_path, args, tmp_path / "run", name="again")
+    assert again.wait() == 0, again.text()
+    assert_same_run(job.run_dir, reference)
+    assert [a["ended"] for a in attempts(job.run_dir)][1:] == ["finished"]
