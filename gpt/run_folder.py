@@ -33,12 +33,27 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from enum import Enum
 from pathlib import Path
 from typing import Any
+
+
+def write_json(path: Path, record: Any, indent: int | None = None) -> None:
+    """Write `record` as JSON so that a reader (another rank, the launcher, a test) sees the old file or the new one,
+    never half of one. The temporary name is the writer's own (host, pid, thread): the tasks of a job, on hosts whose
+    pids may collide, may write one file at once."""
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    try:
+        tmp.write_text(json.dumps(record, indent=indent))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)  # a full disk leaves no temporary file behind
+        raise
 
 
 @dataclass(frozen=True)
@@ -368,7 +383,7 @@ class AttemptsLog:
         return mine[-1] if mine else None
 
     def mark(self, record: dict[str, Any]) -> None:
-        self.in_flight.write_text(json.dumps(record))
+        write_json(self.in_flight, record)
 
     def read_mark(self) -> dict[str, Any] | None:
         """The mark of the attempt in flight (or of one that ended without writing its line)."""

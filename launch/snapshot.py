@@ -19,7 +19,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point
 
 ROOT = Path(__file__).resolve().parents[1]  # the checkout (or the installed tree) this launcher runs from
@@ -87,7 +87,7 @@ def _git(root: Path, *args: str) -> str | None:
 
 def record_in(run_dir: Path, snapshot: Snapshot) -> None:
     """The run folder names the code its newest submission runs (code.json)."""
-    RunFolder(run_dir).code.write_text(json.dumps(snapshot.record(), indent=1))
+    write_json(RunFolder(run_dir).code, snapshot.record(), indent=1)
 
 
 def with_snapshot(point: Point, snapshot: Snapshot) -> Point:

@@ -3,12 +3,13 @@ node) and on GPUs (each GPU against its node's median and the job's median), the
 as nccl-tests computes it, and how many matmuls fill a chunk of the GPU check's time."""
 from __future__ import annotations
 
-import json
 import math
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from statistics import median
+
+from gpt.run_folder import write_json
 
 
 def bus_bandwidth_gbps(world: int, nbytes: int, ms: float) -> float | None:
@@ -114,7 +115,7 @@ class Verdict(ABC):
     def as_dict(self) -> dict: ...
 
     def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.as_dict(), indent=1))
+        write_json(path, self.as_dict(), indent=1)
 
 
 @dataclass(frozen=True)

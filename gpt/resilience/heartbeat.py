@@ -11,30 +11,20 @@ from another host's clock or the file server's.
 from __future__ import annotations
 
 import json
-import os
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from gpt.resilience.lease import fence, fenced_generation
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 
 
 def write_heartbeat(run_dir: Path, rank: int, record: dict) -> None:
     fence()  # a rank of an attempt that lost the run folder (an orphan, a frozen process woken) stops here
     path = RunFolder(run_dir).heartbeat(rank)
     record = {**record, "generation": fenced_generation()}  # which attempt's rank: an orphan's differs
-    # one temporary file per thread: the watchdog thread beats while the main thread ends the heartbeat, and a
-    # shared name lets one thread's replace take the other's file away (FileNotFoundError at the run's end)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-    try:
-        tmp.write_text(json.dumps(record))
-        os.replace(tmp, path)  # a reader never sees half a heartbeat
-    except OSError:
-        tmp.unlink(missing_ok=True)  # a full disk leaves no empty temporary file behind
-        raise
+    write_json(path, record)  # the watchdog thread beats while the main thread ends it: one temporary file each
 
 
 def end_heartbeat(run_dir: Path, rank: int, how: str, **extra: object) -> None:

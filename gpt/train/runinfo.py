@@ -1,7 +1,6 @@
 """What a run folder records about where and how it ran: the resolved config and each rank's environment."""
 from __future__ import annotations
 
-import json
 import os
 import platform
 import subprocess
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from gpt.dist.process_group import DistEnv
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 
 PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "submitit", "tensorboard", "tokenizers", "deepspeed",
             "gptlaunch")
@@ -76,8 +75,7 @@ def environment(env: DistEnv, device: torch.device) -> dict:
 def write_environment(run_dir: Path, env: DistEnv, device: torch.device, extra: dict | None = None) -> None:
     folder = RunFolder(run_dir)
     folder.environment.mkdir(parents=True, exist_ok=True)
-    folder.environment_record(env.rank).write_text(json.dumps({**environment(env, device), **(extra or {})},
-                                                              indent=1))
+    write_json(folder.environment_record(env.rank), {**environment(env, device), **(extra or {})}, indent=1)
 
 
 def cpu_list(cpus: list[int]) -> str:

@@ -33,7 +33,7 @@ from gpt.resilience.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
-from gpt.run_folder import RunFolder  # noqa: E402
+from gpt.run_folder import RunFolder, write_json  # noqa: E402
 from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, hang_report_name,  # noqa: E402
                                  log_attempt, this_attempt, this_attempts_line)
 from launch.rank.environment import detect  # noqa: E402
@@ -119,8 +119,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
         log_attempt(run_dir, job, {**record, "ended": "finished"})
         end_attempt(run_dir, this_attempt(job))
         log.info("run finished: %s", run_goodput(folder.attempts.read()).describe())
-        folder.summary.write_text(json.dumps(
-            {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1))
+        write_json(folder.summary, {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1)
     return summary
 
 
@@ -151,10 +150,10 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
     rendezvous = preflight(rendezvous, device)
     if env.is_main:
         log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
-        RunFolder(run_dir).rendezvous.write_text(json.dumps(
+        write_json(RunFolder(run_dir).rendezvous, (
             {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
              "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
-             "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1))
+             "all_reduce_ms": rendezvous.all_reduce_ms}), indent=1)
     return rendezvous
 
 

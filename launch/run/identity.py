@@ -9,8 +9,6 @@ is written into the folder before that, and the record is written only once the 
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +22,7 @@ from gpt.config.parse import to_plain
 from gpt.data import absolute, data_identity
 from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 from gpt.train import schedule
 from launch.backends.job_state import JobState
 from launch.rank.job_env import JobEnvironment
@@ -181,7 +179,4 @@ def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_sta
 def write_record(run_dir: Path, record: dict[str, Any]) -> None:
     path = RunFolder(run_dir).identity
     path.parent.mkdir(parents=True, exist_ok=True)
-    # every task of a job may write it at once, on several hosts whose pids may collide (pid namespaces)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, path)
+    write_json(path, record, indent=1)  # every task of a job may write it at once

@@ -7,13 +7,11 @@ signal, stop as cancelled by the user instead of requeueing the job as a preempt
 from __future__ import annotations
 
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 from gpt.resilience.lease import fence
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 from launch.rank.job_env import JobEnvironment
 
 
@@ -24,9 +22,7 @@ def record_job(run_dir: Path, job: JobEnvironment) -> None:
     fence()
     path = RunFolder(run_dir).job
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}")
-    tmp.write_text(json.dumps({"job_id": job.job_id, "scheduler": job.scheduler, "time": time.time()}))
-    os.replace(tmp, path)
+    write_json(path, {"job_id": job.job_id, "scheduler": job.scheduler, "time": time.time()})
 
 
 def recorded_job(run_dir: Path) -> tuple[str | None, float]:
@@ -43,7 +39,7 @@ CANCELLED = "cancelled by the user"  # how an attempt the user cancelled ended, 
 
 def request_cancel(run_dir: Path, job_ids: list[str]) -> None:
     """Before launch.cancel signals those jobs."""
-    RunFolder(run_dir).cancel_request.write_text(json.dumps({"job_ids": job_ids, "time": time.time()}))
+    write_json(RunFolder(run_dir).cancel_request, {"job_ids": job_ids, "time": time.time()})
 
 
 def cancel_requested(run_dir: Path, job_id: str | None) -> bool:

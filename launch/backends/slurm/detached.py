@@ -3,12 +3,12 @@ follow them, and for a sweep the dependency job that builds its report when ever
 that nothing has to stay up on the login node. Torch-free."""
 from __future__ import annotations
 
-import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
+from gpt.run_folder import write_json
 from launch.backends.slurm import commands
 from launch.backends.slurm.submit import show_path
 from launch.run_status import REPORT_JOB
@@ -30,7 +30,7 @@ def submit_report_job(sweep_dir: Path, job_ids: list[str], resources, snapshot: 
         if value:
             flags.append(f"--{flag}={value}")
     job_id = commands.run("sbatch", "--parsable", *flags, "--wrap", command).strip().split(";")[0]
-    (sweep_dir / REPORT_JOB).write_text(json.dumps({"job_id": job_id, "after": job_ids}))
+    write_json(sweep_dir / REPORT_JOB, {"job_id": job_id, "after": job_ids})
     return job_id
 
 

@@ -5,14 +5,13 @@ counts the allocations, not the points. Torch-free."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import ConfigError, UserError, error_line
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point
 from launch.backends.slurm import commands as slurm_commands, partitions
 from launch.backends.slurm.resources import SlurmResources, make_executor
@@ -122,10 +121,10 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
     for p in pack.points:
         s = Submitted(p, job.job_id, folder, packed=True)
         paths = s.paths(0)
-        RunFolder(p.run_dir).slurm_job.write_text(json.dumps(
+        write_json(RunFolder(p.run_dir).slurm_job, (
             {"job_id": s.job_id, "packed": True, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
              "submission": str(paths.submission_file), "resources": res.describe(),
-             "inherited": inherited_rank_variables(dict(res.step.env))}, indent=1))
+             "inherited": inherited_rank_variables(dict(res.step.env))}), indent=1)
         submitted.append(s)
     print(f"submitted job {job.job_id} for {len(pack.points)} packed point(s): {res.describe()}; log: "
           f"{show_path(submitted[-1].paths(0).stdout)}", file=out, flush=True)

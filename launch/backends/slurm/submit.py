@@ -3,7 +3,6 @@ resources (a job array when the group has several), and job ids and log paths as
 them is launch.backends.slurm.wait."""
 from __future__ import annotations
 
-import json
 import os
 import sys
 from dataclasses import dataclass
@@ -11,7 +10,7 @@ from pathlib import Path
 
 from gpt.config.cluster import BudgetConfig
 from gpt.errors import UserError, error_line
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point
 from launch.backends.slurm import chain
 from launch.backends.slurm import commands as slurm_commands
@@ -70,10 +69,10 @@ def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]
                 submitted.append(s)
                 paths = s.paths(0)
                 chained = {"chain": links} if len(links) > 1 else {}
-                RunFolder(p.run_dir).slurm_job.write_text(json.dumps(
+                write_json(RunFolder(p.run_dir).slurm_job, (
                     {"job_id": s.job_id, **chained, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
                      "submission": str(paths.submission_file), "resources": resources.describe(),
-                     "inherited": inherited_rank_variables(dict(resources.step.env))}, indent=1))
+                     "inherited": inherited_rank_variables(dict(resources.step.env))}), indent=1)
                 jobs = f"jobs {' '.join(links)} (one after another)" if len(links) > 1 else f"job {s.job_id}"
                 print(f"submitted {jobs} for {p.label}: {resources.describe()}; log: {show_path(paths.stdout)}",
                       file=out, flush=True)
