@@ -1,6 +1,6 @@
 """Two users of one cluster: neither's jobs are taken for the other's, and the verbs never act on another user's job.
-Slurm's client commands answer as they do for a second user (squeue --me lists only that user's jobs); the real
-second user is in tests/slurm/test_other_users.py."""
+Slurm's client commands answer here as they do for a second user (squeue --me lists only that user's jobs); no test
+yet submits as a second Unix user on the local cluster."""
 from __future__ import annotations
 
 import io
