@@ -10,8 +10,9 @@ train.attention=math the softmax of every head too) and the head (its input, the
 log-probabilities and their gradient); where the parameters are sharded over data-parallel ranks, the root and one
 layer gathered at a time. Activation checkpointing keeps a checkpointed layer's input only, and
 recomputes one layer at a time. train.compile is counted as eager (its fused element-wise ops save fewer
-intermediates: the estimate errs high). The peak counts all parts at once, which errs high: gradients grow while
-activations are freed (benchmarks/memory_fit.py measures the error)."""
+intermediates). The peak counts all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/benchmarks.md) it
+is a few percent low under DDP, ZeRO and FSDP, about 15% low under tensor parallelism and the GPipe pipeline (the
+norms they replicate and a tied embedding on two stages are left out), and high under activation checkpointing."""
 from __future__ import annotations
 
 import math
