@@ -14,8 +14,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hydra.utils import to_absolute_path
-
 from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from gpt.config.schema import RunConfig
 from gpt.config.parse import to_plain
@@ -47,6 +45,8 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
 
 def identity(run: RunConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what must not change, flattened; the corpus's size, mtime and md5)."""
+    from hydra.utils import to_absolute_path  # the launcher's; a rank imports this module and needs no Hydra
+
     c = to_plain(run)
     corpus = corpus_record(corpus_files(absolute(run.data, to_absolute_path)), known_text)
     values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
@@ -169,6 +169,8 @@ def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_sta
             raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
                             "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
                             "new run under another name (run=NAME).")
+    from hydra.utils import to_absolute_path
+
     data_dir = absolute(run.data, to_absolute_path).dir
     check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
     existing = None if step is None else Existing(step, step >= run.train.max_steps)
