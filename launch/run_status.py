@@ -48,6 +48,7 @@ class RunStatus:
     # its job lives on (an allocation: salloc), but the run's newest attempt in it ended for good, and no launch
     # started in it since (ended_in)
     ended_in_job: bool = False
+    interrupted: str = ""  # how its newest attempt that did not finish ended (preempted by another job, TIMEOUT, ...)
 
     @property
     def finished(self) -> bool:
@@ -123,9 +124,10 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
+    interrupted = next((a.ended for a in reversed(attempts) if a.ended and not a.finished), "")
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
-                     current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts))
+                     current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted)
 
 
 def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:

@@ -28,7 +28,8 @@ def line(s: RunStatus, root: Path) -> str:
         parts.append(f"{s.tokens_per_s:,.0f} tokens/s")
     if s.eta_s is not None and s.verdict == WAITING:
         parts.append(f"ETA {_duration(s.eta_s)}")
-    parts.append(f"{s.attempts} attempt(s), {s.restarts} restart(s)")
+    parts.append(f"{s.attempts} attempt(s), {s.restarts} restart(s)"
+                 + (f" (last interrupted: {s.interrupted})" if s.interrupted else ""))
     if s.goodput is not None:
         parts.append(f"goodput {100 * s.goodput:.0f}%")
     parts.append(s.verdict)

@@ -55,7 +55,11 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     assert "preempted by another job" in said and "node failure" not in said, said
     status = subprocess.run([sys.executable, "-m", "launch.status", str(job.run_dir)], cwd=REPO,
                             env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
-    assert "1 restart" in status.stdout or "restarts 1" in status.stdout, status.stdout + status.stderr
+    assert "1 restart(s) (last interrupted: preempted by another job (Slurm, at " in status.stdout, (
+        status.stdout + status.stderr)
+    log = (job.run_dir / "logs" / "rank0.log").read_text()  # the run's goodput line, as rank 0 ends it
+    goodput = [line for line in log.splitlines() if "run finished: goodput" in line]
+    assert goodput and "interrupted by preempted by another job (Slurm" in goodput[-1], log[-3000:]
 
 
 @pytest.mark.timeout(300)
