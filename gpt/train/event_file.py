@@ -33,7 +33,9 @@ class EventFile:
 
     def __init__(self, log_dir: Path, outage: Outage, purge_step: int | None = None):
         log_dir.mkdir(parents=True, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_serial)}"
+        # TensorBoard reads a folder's files in name order, and a purge acts on the files before it: the serial is
+        # zero-padded, or a process's 10th file of a second would sort before its 9th
+        name = f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}.{next(_serial):06d}"
         self.file = RecordFile(log_dir / name, outage)
         head = [Event(wall_time=time.time(), file_version="brain.Event:2")]
         if purge_step is not None:

@@ -51,7 +51,9 @@ def test_detached_sweep_needs_no_launcher_for_its_status_and_report(slurm_cluste
     proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data_overrides, "launcher.detach=true",
                       f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, output(proc)
-    assert time.monotonic() - started < 10, output(proc)  # the launcher is gone within seconds of submitting
+    # the launcher is gone once it submitted (the status below finds the jobs not yet done): its own start-up is a few
+    # CPU-seconds, which a machine loaded by other tests may stretch, and a launcher that waited would take minutes
+    assert time.monotonic() - started < 60, output(proc)
     jobs = re.findall(r"submitted job (\d+) for", proc.stdout)
     report_job = re.search(r"report job (\d+) builds", proc.stdout).group(1)
     assert len(jobs) == 2 and f"python -m launch.status {sweep}" in proc.stdout, output(proc)

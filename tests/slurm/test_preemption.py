@@ -155,7 +155,7 @@ class Job:
 
 
 def interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds: list[str], extra: list[str] = (),
-                         sbatch: bool = False, seed: int = 5) -> Job:
+                         sbatch: bool = False, seed: int = 5, wait_s: float = 300) -> Job:
     overrides = [*RUN, *data_overrides, *extra] if sbatch else ["nodes=2", *SLURM, *RUN, *data_overrides, *extra]
     job = Job(slurm_cluster, tmp_path, overrides, tmp_path / "run", sbatch=sbatch)
     rng = random.Random(seed)
@@ -163,7 +163,7 @@ def interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds: list[st
         job.training(restarts)
         time.sleep(rng.uniform(0, 0.3))
         job.interrupt(kind)
-    code = job.wait()
+    code = job.wait(timeout=wait_s)
     assert code == 0, job.text()
     return job
 
@@ -191,13 +191,14 @@ def test_sbatch_path_comes_back_after_a_batch_shell_warning_a_step_signal_and_a_
     assert f"rank 1 on {slurm_cluster.node_prefix}" in text and "requeued job" in text, text[-6000:]
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(600)
 def test_time_limit_warning_saves_and_requeues_before_the_kill(slurm_cluster, tmp_path, data_overrides, reference):
-    """--time=1 with the warning 30 s ahead (Slurm checks every 30 s): Slurm never requeues a TIMEOUT itself.
-    The warning comes at most 30 s into an attempt, which spends 10 s or more starting: 80 steps of 0.35 s (28 s)
-    never fit in one attempt, and longer training only adds attempts (about 25 s each, most of it start-up)."""
-    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, [],
-                               extra=["cluster.time_min=1", "cluster.signal_delay_s=30", "debug.delay_s=0.35"])
+    """--time=2 with the warning 30 s ahead (Slurm checks every 30 s, so it comes 60 to 90 s into an attempt):
+    Slurm never requeues a TIMEOUT itself. An attempt spends 8 s or more starting, so 80 steps of 1.1 s (88 s) never
+    fit in one; one that starts slowly on a loaded machine (25 s) still trains 30-odd steps, so three attempts or so
+    finish. (With --time=1 the warning came 30 s in, and slow start-ups left attempts of one step each.)"""
+    job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, [], wait_s=540,
+                               extra=["cluster.time_min=2", "cluster.signal_delay_s=30", "debug.delay_s=1.1"])
     assert_same_run(job.run_dir, reference)
     log = attempts(job.run_dir)
     assert len(log) >= 2 and all(a["ended"] == "preempted:SIGUSR2" for a in log[:-1]), log

@@ -191,11 +191,11 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     backoff = Backoff(poll_s)
     try:
         while pending:
-            infos = watch.poll(list(pending))
+            infos = watch.poll([j for s in pending.values() for j in s.job_ids])  # a chain's every link
             active = [m for s in watch.active(pending) for m in members[s.job_id]]
             watch.tell_hangs(active)
             watch.tell_requeues(active)
-            for jid, info in infos.items():
+            for jid, info in [(j, infos[j]) for j in list(pending) if j in infos]:  # a chain ends with its last
                 if info.state in FINAL or info.state == GONE:
                     pending.pop(jid)
                     for s in members[jid]:
@@ -204,7 +204,7 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
                         if on_done:
                             bar.clear()
                             on_done(outcomes[id(s)])
-            status = watch.status(infos, pending)
+            status = watch.status(pending)
             bar.set_postfix_str(status, refresh=True)
             if progress and not live and status and status != watch.last_status:
                 print(f"jobs: {len(outcomes)} of {len(submitted)} done, {status}", file=sys.stderr, flush=True)
@@ -241,8 +241,17 @@ class Watch:
     def active(self, pending: dict[str, Submitted]) -> list[Submitted]:
         """The jobs whose run folders may hold news (a hang, a requeue): those running, and those whose state just
         changed (a requeued job is pending again). A sweep's queued points cost the file system nothing."""
-        return [s for j, s in pending.items() if j in self.changed or self.infos.get(j, JobInfo(j, "")).state in
-                RUNNING]
+        return [s for s in pending.values() if self.in_flight(s).job_id in self.changed or self.in_flight(s).state
+                in RUNNING]
+
+    def in_flight(self, s: Submitted) -> JobInfo:
+        """Where a job stands; for a chain, its link in flight (the first not ended), whose successors wait on it
+        (Dependency)."""
+        for j in s.job_ids:
+            info = self.infos.get(j, JobInfo(j, ""))
+            if info.state not in FINAL:
+                return info
+        return self.infos.get(s.job_id, JobInfo(s.job_id, ""))
 
     def tell_hangs(self, jobs) -> None:
         """A job whose watchdog reported a hang (its ranks then requeue it): one line, as soon as it is written."""
@@ -288,11 +297,10 @@ class Watch:
                       f"{info.stuck_hint}", file=sys.stderr, flush=True)
         return fresh
 
-    @staticmethod
-    def status(infos: dict[str, JobInfo], pending: dict[str, Submitted]) -> str:
-        """'1 running, 2 pending (Resources)': pending jobs with their reasons."""
+    def status(self, pending: dict[str, Submitted]) -> str:
+        """'1 running, 2 pending (Resources)': pending jobs (a chain: its link in flight) with their reasons."""
         counts: dict[str, int] = {}
-        for info in (infos[j] for j in pending if j in infos):
+        for info in (self.in_flight(s) for j, s in pending.items() if j in self.infos):
             why = f" ({info.reason})" if info.state != "RUNNING" and info.reason not in ("", "None") else ""
             key = info.state.lower() + why
             counts[key] = counts.get(key, 0) + 1

@@ -15,7 +15,7 @@ from gpt.config.sections import HealthConfig
 from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.resilience import health
-from gpt.resilience.health import gpu_dtype, gpu_matmul_tflops, matmul_gflops, measure_gpus, storage_problem
+from gpt.resilience.health import CPU_SLOW_DRAG, gpu_dtype, gpu_matmul_tflops, matmul_gflops, measure_gpus, storage_problem
 from gpt.resilience.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict,
                                            bus_bandwidth_gbps, bus_figures, bus_groups, matmul_iterations)
 
@@ -39,9 +39,14 @@ def test_storage_check_reads_back_what_it_wrote(tmp_path):
 
 
 def test_the_injected_slow_node_measures_slower():
-    fast = max(matmul_gflops(64, torch.device("cpu"), torch.float32, seconds=0.05) for _ in range(3))
-    slow = matmul_gflops(64, torch.device("cpu"), torch.float32, drag=3.0, seconds=0.05)
-    assert slow < 0.6 * fast, (slow, fast)  # a third of its own speed: below any turn of the same machine
+    """The best of three turns, as the health check keeps it: the injection's drag (CPU_SLOW_DRAG, a sixth of its
+    turn's speed) stays far below the fast node's. The turns alternate, so that a machine loaded by other tests
+    slows both alike (three fast turns first, then one slow one at a quiet moment, measured the slow one faster)."""
+    fast, slow = 0.0, 0.0
+    for _ in range(3):
+        fast = max(fast, matmul_gflops(64, torch.device("cpu"), torch.float32, seconds=0.05))
+        slow = max(slow, matmul_gflops(64, torch.device("cpu"), torch.float32, drag=CPU_SLOW_DRAG, seconds=0.05))
+    assert slow < 0.6 * fast, (slow, fast)
 
 
 # --- GPUs: the judgement, on figures ---------------------------------------------------------------------------

@@ -2,8 +2,12 @@
 and this one does not (a resume on fewer ranks)."""
 from __future__ import annotations
 
+import itertools
 import json
 
+import pytest
+
+from gpt.train import event_file
 from gpt.train.metrics import MetricsWriter
 
 
@@ -20,10 +24,15 @@ def test_a_resume_on_fewer_ranks_drops_the_gone_ranks_records_past_the_resume_st
     assert steps == {rank: [1, 2, 3, 4] for rank in range(4)}
 
 
-def test_tensorboard_reads_a_resumed_run_as_one_run_on_every_rank(tmp_path):
+@pytest.mark.parametrize("serial", [0, 8], ids=["first-files", "past-the-9th-file"])
+def test_tensorboard_reads_a_resumed_run_as_one_run_on_every_rank(tmp_path, monkeypatch, serial):
     """TensorBoard drops an earlier attempt's events from the resume step on (its purge marker), on the ranks that
-    write again and on those a resume on fewer ranks leaves behind."""
+    write again and on those a resume on fewer ranks leaves behind; also when every file is of one second and the
+    process had written files before (the purge's file must still sort after those it purges)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.setattr(event_file, "_serial", itertools.count(serial))
+    monkeypatch.setattr(event_file.time, "time", lambda: 1_800_000_000.0)
 
     for rank in range(2):  # the earlier attempt: steps 1-10 on 2 ranks, its checkpoint at step 5
         first = MetricsWriter(tmp_path, rank, "h", resume_step=0, world_size=2)

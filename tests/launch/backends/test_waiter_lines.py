@@ -143,3 +143,22 @@ def test_an_in_job_restart_is_told_with_the_nodes_it_ran_on_counted_past_eight(t
         "(in-job restart 1 of at most 3, gl-n3 replaces gl-n2) (ran on gl-n1, gl-n2)"]
     assert ran_on(AttemptLine(nodes=tuple(f"n{i}" for i in range(1024)))) == " (ran on 1024 nodes)"
     assert ran_on(AttemptLine()) == ""
+
+
+def test_a_chain_stands_where_its_link_in_flight_stands(tmp_path: Path, monkeypatch):
+    """A chain's later links wait on its first (Dependency): while the first runs, the chain is running, and its run
+    folder is read for news (a hang, a requeue); once the first has ended, the next link is the one in flight."""
+    from launch.backends.slurm import wait
+    from launch.backends.slurm.commands import JobInfo
+
+    chain = Submitted(Point(label="run", run_dir=tmp_path / "run", job_name="g", resources=None), "11", tmp_path,
+                      links=("10", "11"))
+    states = {"10": JobInfo("10", "RUNNING"), "11": JobInfo("11", "PENDING", reason="Dependency")}
+    monkeypatch.setattr(wait, "job_states", lambda ids: {j: states[j] for j in ids})
+    watch, pending = Watch(), {"11": chain}
+    watch.poll(list(chain.job_ids))
+    watch.poll(list(chain.job_ids))
+    assert watch.status(pending) == "1 running" and watch.active(pending) == [chain]
+    states.update({"10": JobInfo("10", "TIMEOUT"), "11": JobInfo("11", "PENDING", reason="BeginTime")})
+    watch.poll(list(chain.job_ids))
+    assert watch.status(pending) == "1 pending (BeginTime)" and watch.active(pending) == [chain]  # it just changed
