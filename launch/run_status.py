@@ -24,6 +24,7 @@ from launch.run.job_record import cancelled_by_user, recorded_job
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
+STOPPED = "stopped (the same command continues it)"  # saved after a signal or a preemption, not requeued: exits 1
 CANCELLED = "cancelled by the user"  # a verdict too: launch.status exits 0 for it
 
 
@@ -49,6 +50,7 @@ class RunStatus:
     # started in it since (ended_in)
     ended_in_job: bool = False
     interrupted: str = ""  # how its newest attempt that did not finish ended (preempted by another job, TIMEOUT, ...)
+    stopped: bool = False  # its newest attempt saved after a signal or a preemption and was not requeued
 
     @property
     def finished(self) -> bool:
@@ -59,7 +61,9 @@ class RunStatus:
         summary = RunFolder(self.run_dir).summary.is_file()
         if self.state.live and not self.ended_in_job and not (self.finished and summary):
             return WAITING
-        return FINISHED if self.finished or summary else CANCELLED if self.cancelled else FAILED
+        if self.finished or summary:
+            return FINISHED
+        return CANCELLED if self.cancelled else STOPPED if self.stopped else FAILED
 
 
 def run_folders(target: Path, depth: int = 4) -> list[Path]:
@@ -125,9 +129,11 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
     interrupted = next((a.ended for a in reversed(attempts) if a.ended and not a.finished), "")
+    stopped = bool(attempts) and attempts[-1].ended.startswith("preempted") and not attempts[-1].requeued
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
-                     current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted)
+                     current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
+                     stopped)
 
 
 def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:

@@ -2,7 +2,7 @@
 
 One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
 steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit code 0 when every run finished,
-1 when any failed, 3 while any still runs or waits. Torch-free: it runs on a login node.
+1 when any failed or stopped, 3 while any still runs or waits. Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_status import (FAILED, WAITING, RunStatus, ask_scheduler, job_ids, read_status, report_job,
+from launch.run_status import (FAILED, STOPPED, WAITING, RunStatus, ask_scheduler, job_ids, read_status, report_job,
                                run_folders, shown)
 
 EXIT_RUNNING = 3
@@ -59,7 +59,7 @@ def status(target: Path, out=sys.stdout) -> int:
         print(f"report: job {report} {shown(infos, report)}{f' ({reason})' if reason else ''}; {target / 'report'}",
               file=out)
     verdicts = {s.verdict for s in statuses}
-    return EXIT_RUNNING if WAITING in verdicts else 1 if FAILED in verdicts else 0
+    return EXIT_RUNNING if WAITING in verdicts else 1 if verdicts & {FAILED, STOPPED} else 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,3 +190,22 @@ def test_a_run_that_failed_inside_a_live_allocation_is_not_shown_running(tmp_pat
     assert read_status(tmp_path, allocation).verdict == FAILED
     job_json(time.time() + 1)  # launched again inside the allocation
     assert read_status(tmp_path, allocation).verdict == WAITING
+
+
+def test_a_run_stopped_by_a_signal_or_a_preemption_is_stopped_not_failed(tmp_path):
+    """A run whose newest attempt saved after Ctrl-C, a signal, or a preemption that cancels (not requeued) is
+    stopped, and says how: the same command continues it. One that requeued and whose job is gone, or that failed,
+    is failed; status says how the newest interrupted attempt ended either way."""
+    from launch.run_status import FAILED, STOPPED
+    from launch.status import line
+    from gpt.run_folder import RunFolder
+
+    attempts = RunFolder(tmp_path).attempts
+    attempts.append("7", 0, {"first_step": 0, "last_step": 9, "ended": "preempted by another job (Slurm, at 12:00; "
+                             "partition lowcancel, PreemptMode=CANCEL, GraceTime=20 s)", "requeued": False})
+    stopped = read_status(tmp_path, {})
+    assert stopped.verdict == STOPPED and stopped.interrupted.startswith("preempted by another job"), stopped
+    status_line = line(stopped, tmp_path)
+    assert "(last interrupted: preempted by another job (Slurm" in status_line and status_line.endswith(STOPPED)
+    attempts.append("8", 0, {"first_step": 9, "last_step": 12, "ended": "failed: RuntimeError"})
+    assert read_status(tmp_path, {}).verdict == FAILED
