@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gpt.checkpoint.store import newest_sound, step_of
 from gpt.config import schema
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
@@ -35,7 +36,7 @@ class RunStatus:
     state: JobState  # the state of its job in flight (else its last one)
     shown: str  # that state in the scheduler's words
     reason: str  # why it waits, in the scheduler's words (Slurm: JobHeldUser, Priority, Dependency, ...)
-    step: int | None  # steps done: the newest step rank 0 logged, plus one
+    step: int | None  # steps done: the newest step rank 0 logged, plus one, or its newest checkpoint's if later
     max_steps: int | None
     tokens_per_s: float | None
     eta_s: float | None
@@ -118,7 +119,9 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     reason = current.reason if current else ""
     max_steps = _max_steps(run_dir)
     train = _train_records(run_dir)
-    step = train[-1]["step"] + 1 if train else None
+    saved, _ = newest_sound(RunFolder(run_dir).checkpoints)  # where a stop between log steps left it
+    done = [s for s in (train[-1]["step"] + 1 if train else None, step_of(saved) if saved else None) if s is not None]
+    step = max(done, default=None)
     tokens = train[-1].get("tokens_per_s") if train else None
     times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None

@@ -3,6 +3,7 @@ per-rank entry point (launch.rank.worker) that srun starts on a cluster."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shlex
 import signal
@@ -25,6 +26,11 @@ from launch.run.rounds import IN_JOB, Rounds
 from launch.run.lost_rank import record_lost_rank
 from launch.run.startup import attempt_start_env
 from launch.rank.threads import ThreadPlan
+
+
+# torch's agent logs any rank that exits non-zero ("failed (exitcode: 3) local_rank: 0 ... of binary: env"), a stop
+# after Ctrl-C or a signal too; the launcher says itself what happened and what to do next, in one line (_failure)
+logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:

@@ -203,8 +203,15 @@ def test_a_run_stopped_by_a_signal_or_a_preemption_is_stopped_not_failed(tmp_pat
     attempts = RunFolder(tmp_path).attempts
     attempts.append("7", 0, {"first_step": 0, "last_step": 9, "ended": "preempted by another job (Slurm, at 12:00; "
                              "partition lowcancel, PreemptMode=CANCEL, GraceTime=20 s)", "requeued": False})
+    saved = tmp_path / "checkpoints" / "step_00000009"  # the save at the stop, after the last logged step (4)
+    saved.mkdir(parents=True)
+    (saved / ".metadata").write_bytes(b"")
+    (saved / "meta.json").write_text(json.dumps({"files": {}, "save_index": 0}))
+    (tmp_path / "metrics").mkdir()
+    (tmp_path / "metrics" / "rank0.jsonl").write_text(json.dumps({"kind": "train", "step": 4}) + "\n")
     stopped = read_status(tmp_path, {})
     assert stopped.verdict == STOPPED and stopped.interrupted.startswith("preempted by another job"), stopped
+    assert stopped.step == 9, stopped
     status_line = line(stopped, tmp_path)
     assert "(last interrupted: preempted by another job (Slurm" in status_line and status_line.endswith(STOPPED)
     attempts.append("8", 0, {"first_step": 9, "last_step": 12, "ended": "failed: RuntimeError"})
