@@ -50,7 +50,8 @@ class Outcome:
     def result(self) -> dict:
         """What a sweep point returns: where and how it ran, and rank 0's training summary."""
         s = self.submitted
-        hosts = sorted({r["host"] for r in self.results if isinstance(r, dict) and "host" in r})
+        # the hosts that ran ranks: a spare that was never needed reports its host too (launch.backends.slurm.task)
+        hosts = sorted({r["host"] for r in self.results if isinstance(r, dict) and "host" in r and not r.get("spare")})
         summary = next((r.get("summary") for r in self.results if isinstance(r, dict) and r.get("rank") == 0), None)
         return {"job_id": s.job_id, "run_dir": str(s.point.run_dir), "state": self.state,
                 "nodes": s.point.resources.nodes, "world_size": s.point.resources.world_size, "hosts": hosts,

@@ -162,3 +162,14 @@ def test_a_chain_stands_where_its_link_in_flight_stands(tmp_path: Path, monkeypa
     states.update({"10": JobInfo("10", "TIMEOUT"), "11": JobInfo("11", "PENDING", reason="BeginTime")})
     watch.poll(list(chain.job_ids))
     assert watch.status(pending) == "1 pending (BeginTime)" and watch.active(pending) == [chain]  # it just changed
+
+
+def test_a_job_completed_on_the_hosts_that_ran_ranks_not_on_its_idle_spare(tmp_path: Path):
+    from launch.backends.slurm.wait import Outcome
+
+    point = Point(label="run", run_dir=tmp_path / "run", job_name="g",
+                  resources=SimpleNamespace(nodes=3, world_size=2))
+    outcome = Outcome(Submitted(point, "5", tmp_path), "COMPLETED",
+                      results=[{"rank": 0, "host": "n1", "summary": {}}, {"rank": 1, "host": "n2"},
+                               {"rank": None, "host": "n3", "spare": True}])
+    assert outcome.result["hosts"] == ["n1", "n2"]  # "COMPLETED on n1, n2"
