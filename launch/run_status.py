@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.checkpoint.store import newest_sound, step_of
 from gpt.config import schema
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
@@ -21,6 +20,7 @@ from gpt.run_folder import NOT_RUNS, AttemptLine, Next, RunFolder
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import ran_on
+from launch.run.identity import newest_step
 from launch.run.job_record import cancelled_by_user, recorded_job
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
@@ -119,9 +119,8 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     reason = current.reason if current else ""
     max_steps = _max_steps(run_dir)
     train = _train_records(run_dir)
-    saved, _ = newest_sound(RunFolder(run_dir).checkpoints)  # where a stop between log steps left it
-    done = [s for s in (train[-1]["step"] + 1 if train else None, step_of(saved) if saved else None) if s is not None]
-    step = max(done, default=None)
+    saved = newest_step(run_dir)  # where a stop between log steps left it
+    step = max((s for s in (train[-1]["step"] + 1 if train else None, saved) if s is not None), default=None)
     tokens = train[-1].get("tokens_per_s") if train else None
     times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
