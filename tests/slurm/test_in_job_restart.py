@@ -4,13 +4,15 @@ round, and the run finishes exactly as an uninterrupted one (bitwise losses and 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from benchmarks.recovery_latency import first_step_after
-from slurm_helpers import SLURM, cut_link
+from slurm_helpers import REPO, SLURM, cut_link
 from test_preemption import RUN as REQUEUE_RUN
 from test_preemption import Job, assert_same_run, attempts
 
@@ -60,7 +62,12 @@ def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm
     assert log[0]["lost_rank"] == 1 and "killed by SIGKILL" in log[0]["ended"], log[0]
     assert log[0]["note"].startswith("restarting inside the allocation (in-job restart 1 of at most 3"), log[0]
     assert log[1]["ended"] == "finished" and log[1]["restart"] == 0, log[1]
-    assert log[1]["startup"]["imports_s"] < 0.5, log[1]  # the next round's rank was the standby, imports done
+    # the next round's rank was the standby, its imports done: against a fresh interpreter's on this machine now
+    # (a fixed bound failed on a loaded machine: 0.61 s)
+    fresh = time.monotonic()
+    subprocess.run([sys.executable, "-c", "import launch.rank.worker, gpt.train.trainer"], check=True, cwd=REPO)
+    fresh = time.monotonic() - fresh
+    assert log[1]["startup"]["imports_s"] < fresh / 3, (log[1], fresh)
     if not sbatch:  # the login-node launcher says so in one line
         assert "attempt 0 ended (" in job.text() and ": restarting inside the allocation (in-job restart 1" in \
             job.text(), job.text()

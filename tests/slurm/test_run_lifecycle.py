@@ -169,9 +169,12 @@ def running_again(cluster, job: str, restarts: int, timeout: float = 120) -> Non
     raise AssertionError(f"job {job} never ran its restart {restarts}")
 
 
-def ranks_started(run_dir: Path, restart: int) -> bool:
-    """Whether restart `restart` of the job has started its ranks (their imports have just begun): the task wrapper
-    that starts them has its signal relay set, and so has the batch shell of multi_node.sh its traps."""
+def ranks_started(run_dir: Path, restart: int, ranks: int = 2) -> bool:
+    """Whether restart `restart` of the job has started all its `ranks` ranks (their imports have just begun): each
+    task wrapper that starts one has its signal relay set, and so has the batch shell of multi_node.sh its traps.
+    (One rank up is not enough: on a loaded machine the other node's wrapper was still starting, and USR2 killed
+    it.)"""
+    started = 0
     for proc in Path("/proc").iterdir():
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
@@ -180,8 +183,8 @@ def ranks_started(run_dir: Path, restart: int) -> bool:
             continue
         if b"launch.rank.worker" in cmdline and str(run_dir).encode() in cmdline and \
                 f"SLURM_RESTART_COUNT={restart}".encode() in environ:
-            return True
-    return False
+            started += 1
+    return started >= ranks
 
 
 @pytest.mark.timeout(420)
