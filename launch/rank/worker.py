@@ -150,10 +150,10 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
     rendezvous = preflight(rendezvous, device)
     if env.is_main:
         log.info("rendezvous at %s:%d: %s", env.master_addr, env.master_port, rendezvous.describe())
-        write_json(RunFolder(run_dir).rendezvous, (
-            {"master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
-             "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
-             "all_reduce_ms": rendezvous.all_reduce_ms}), indent=1)
+        write_json(RunFolder(run_dir).rendezvous, {
+            "master": f"{env.master_addr}:{env.master_port}", "hosts": rendezvous.hosts,
+            "join_s": rendezvous.join_s, "all_reduce_bytes": rendezvous.all_reduce_bytes,
+            "all_reduce_ms": rendezvous.all_reduce_ms}, indent=1)
     return rendezvous
 
 

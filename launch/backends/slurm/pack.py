@@ -121,10 +121,10 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
     for p in pack.points:
         s = Submitted(p, job.job_id, folder, packed=True)
         paths = s.paths(0)
-        write_json(RunFolder(p.run_dir).slurm_job, (
-            {"job_id": s.job_id, "packed": True, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-             "submission": str(paths.submission_file), "resources": res.describe(),
-             "inherited": inherited_rank_variables(dict(res.step.env))}), indent=1)
+        write_json(RunFolder(p.run_dir).slurm_job, {
+            "job_id": s.job_id, "packed": True, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
+            "submission": str(paths.submission_file), "resources": res.describe(),
+            "inherited": inherited_rank_variables(dict(res.step.env))}, indent=1)
         submitted.append(s)
     print(f"submitted job {job.job_id} for {len(pack.points)} packed point(s): {res.describe()}; log: "
           f"{show_path(submitted[-1].paths(0).stdout)}", file=out, flush=True)

@@ -69,10 +69,10 @@ def submit(points: list[Point], folder: Path, out=sys.stdout) -> list[Submitted]
                 submitted.append(s)
                 paths = s.paths(0)
                 chained = {"chain": links} if len(links) > 1 else {}
-                write_json(RunFolder(p.run_dir).slurm_job, (
-                    {"job_id": s.job_id, **chained, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-                     "submission": str(paths.submission_file), "resources": resources.describe(),
-                     "inherited": inherited_rank_variables(dict(resources.step.env))}), indent=1)
+                write_json(RunFolder(p.run_dir).slurm_job, {
+                    "job_id": s.job_id, **chained, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
+                    "submission": str(paths.submission_file), "resources": resources.describe(),
+                    "inherited": inherited_rank_variables(dict(resources.step.env))}, indent=1)
                 jobs = f"jobs {' '.join(links)} (one after another)" if len(links) > 1 else f"job {s.job_id}"
                 print(f"submitted {jobs} for {p.label}: {resources.describe()}; log: {show_path(paths.stdout)}",
                       file=out, flush=True)

@@ -242,8 +242,8 @@ class Watch:
     def active(self, pending: dict[str, Submitted]) -> list[Submitted]:
         """The jobs whose run folders may hold news (a hang, a requeue): those running, and those whose state just
         changed (a requeued job is pending again). A sweep's queued points cost the file system nothing."""
-        return [s for s in pending.values() if self.in_flight(s).job_id in self.changed or self.in_flight(s).state
-                in RUNNING]
+        return [s for s in pending.values()
+                if (now := self.in_flight(s)).job_id in self.changed or now.state in RUNNING]
 
     def in_flight(self, s: Submitted) -> JobInfo:
         """Where a job stands; for a chain, its link in flight (the first not ended), whose successors wait on it
