@@ -2,6 +2,7 @@
 launch.cancel and launch.list; the sweep's report from an afterany job; code snapshots; a killed waiting launcher."""
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -70,7 +71,8 @@ def test_detached_sweep_needs_no_launcher_for_its_status_and_report(slurm_cluste
     assert re.search(rf"nodes=2: job {jobs[1]} COMPLETED, step 6/6, [\d,]+ tokens/s, 1 attempt\(s\), 0 restart\(s\), "
                      r"goodput \d+%, finished", final.stdout), output(final)
     assert f"report: job {report_job} COMPLETED" in final.stdout
-    assert (sweep / "report" / "scaling.csv").read_text().count("nodes=") == 2  # built on the cluster
+    rows = csv.DictReader((sweep / "report" / "scaling.csv").open())
+    assert sorted(r["point"] for r in rows if r["point"].startswith("nodes=")) == ["nodes=1", "nodes=2"]  # on the cluster
     listing = verb(slurm_cluster.env, "list", str(tmp_path))
     assert "sweep/nodes=1: finished, step 6/6" in listing.stdout, output(listing)
 
