@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import filecmp
 import json
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -81,7 +83,16 @@ def read_weights(folder: Path) -> dict[str, Any]:
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise UserError(f"init=hf:{folder} holds no weights (*.safetensors or pytorch_model*.bin)")
-    return {k: v for f in files for k, v in torch.load(f, map_location="cpu", weights_only=True).items()}
+    weights = {}
+    for f in files:
+        try:
+            weights.update(torch.load(f, map_location="cpu", weights_only=True))
+        except pickle.UnpicklingError as e:  # what weights_only refuses: code or objects other than tensors
+            found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global.*)?$", str(e), re.M)
+            raise UserError(f"init=hf:{folder}: {f.name} holds more than tensors ({found[1] if found else e}) and is "
+                            "not loaded: .bin files are read as tensors only; convert it to safetensors where its "
+                            "source is trusted") from None
+    return weights
 
 
 def load_into(model: Any, init: str) -> None:

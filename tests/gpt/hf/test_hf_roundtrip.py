@@ -18,7 +18,7 @@ from helpers import REPO, launch  # noqa: E402
 from gpt.checkpoint.writer import load_model  # noqa: E402
 from gpt.config.data import DataConfig  # noqa: E402
 from gpt.config.model import load_preset  # noqa: E402
-from gpt.errors import ConfigError  # noqa: E402
+from gpt.errors import ConfigError, UserError  # noqa: E402
 from gpt.data.tokenizer import load_tokenizer  # noqa: E402
 from gpt.export import hf_model  # noqa: E402
 from gpt.hf.architecture import hf_config  # noqa: E402
@@ -126,3 +126,34 @@ def test_a_folder_whose_shapes_differ_is_refused_before_anything_runs(exported, 
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert f"model.n_layer=3 is not valid: 2, as {out / 'config.json'} has it" in proc.stderr
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class Payload:
+    """What a .bin from an untrusted source may hold: unpickling it would run a command."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (subprocess.call, (["touch", str(self.marker)],))
+
+
+def test_an_older_sharded_bin_folder_imports_and_one_holding_code_is_refused_unrun(tmp_path):
+    model = trained_like(*FAMILIES["llama"][:1], **FAMILIES["llama"][1])
+    folder = tmp_path / "bin"
+    hf_model(model, eot=None).save_pretrained(folder, safe_serialization=False, max_shard_size="100KB")
+    shards = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    assert len(shards) > 1 and not list(folder.glob("*.safetensors")), shards  # as LLaMA-2's older folders are
+    planned(folder, model.cfg)
+    fresh = GPT(model.cfg)
+    load_into(fresh, f"hf:{folder}")
+    tokens = torch.randint(0, model.cfg.vocab_size, (2, 32))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.eval()(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
+
+    marker = tmp_path / "ran"
+    torch.save({**torch.load(folder / shards[0], weights_only=True), "extra": Payload(marker)}, folder / shards[0])
+    refusal = rf"^init=hf:{folder}: {shards[0]} holds more than tensors \(Unsupported global: .+\) and is not loaded"
+    with pytest.raises(UserError, match=refusal):
+        load_into(GPT(model.cfg), f"hf:{folder}")
+    assert not marker.exists()

@@ -1,13 +1,17 @@
 """A SentencePiece tokenizer.model in an init=hf folder (LLaMA-2 style), without the sentencepiece package: it is
 prepared as data.tokenizer_file and encodes as SentencePiece's BPE does (merges by score, byte fallback for a
 character the vocabulary lacks); a model whose normalisation the conversion does not reproduce is refused naming the
-setting. The model is written in the test with SentencePiece's own protobuf schema."""
+setting. The model is written in the test with SentencePiece's own protobuf schema, or trained on the corpus by
+SentencePiece itself (the `sentencepiece` package, a test dependency only), whose encoding the conversion must give."""
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import sentencepiece
 from transformers.convert_slow_tokenizer import import_protobuf
+
+from helpers import SHAKESPEARE
 
 from gpt.config.data import DataConfig
 from gpt.data.prepare import prepare
@@ -48,6 +52,26 @@ def test_a_sentencepiece_model_encodes_as_sentencepiece_bpe_does(tmp_path):
     assert ours.encode(text) == [IDS[p] for p in expected]
     assert ours.decode(ours.encode(text)) == text
     assert ours.vocab_size == len(IDS) and ours.eot == IDS["</s>"]
+
+
+@pytest.mark.parametrize("model_type", ["unigram", "bpe"])
+def test_a_model_trained_by_sentencepiece_on_the_corpus_encodes_as_sentencepiece_does(model_type, tmp_path):
+    """LLaMA's settings (identity normalisation, whitespace kept, byte fallback), trained on the corpus's start and
+    compared on its end: lines, and chunks across lines (a newline is not in the vocabulary: its byte)."""
+    text = SHAKESPEARE.read_text()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter(text[:200_000].splitlines()), model_prefix=str(tmp_path / "sp"), vocab_size=500,
+        model_type=model_type, byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+        split_digits=True, minloglevel=2)
+    theirs = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "sp.model"))
+    ours = BPETokenizer.from_file(tmp_path / "sp.model")
+    held_out = text[-30_000:]
+    samples = [line for line in held_out.splitlines() if line] + [held_out[i:i + 300] for i in range(0, 30_000, 300)]
+    samples += ["Zoë’s café  at  2024\n\n\tend", " leading space", "trailing space "]
+    differ = [s for s in samples if ours.encode(s) != theirs.encode(s)]
+    assert not differ, (len(differ), differ[:3])
+    assert ours.vocab_size == theirs.get_piece_size() and ours.eot == theirs.eos_id()
+    assert all(ours.decode(ours.encode(s)) == s for s in samples[-5:])
 
 
 def test_an_init_folder_with_only_a_tokenizer_model_prepares_with_it(tmp_path):
