@@ -32,9 +32,12 @@ CONFIGS: dict[str, tuple[list[str], int]] = {
     "fsdp": (["strategy=fsdp"], 2),
     "fsdp + checkpointing": (["strategy=fsdp", "train.activation_checkpointing=full"], 2),
     "tp=2": (["strategy=fsdp", "parallel.tp=2"], 2),
+    "tp=2 + sequence parallel": (["strategy=fsdp", "parallel.tp=2", "parallel.sequence_parallel=true"], 2),
     "pipeline 1f1b": ([*PIPELINE, "strategy.schedule=1f1b"], 2),
     "pipeline gpipe": ([*PIPELINE, "strategy.schedule=gpipe"], 2),
+    "deepspeed ZeRO-1": (["strategy=deepspeed", "strategy.stage=1"], 2),
     "deepspeed ZeRO-2": (["strategy=deepspeed", "strategy.stage=2"], 2),
+    "deepspeed ZeRO-3": (["strategy=deepspeed", "strategy.stage=3"], 2),
 }
 SIZES = {"tiny": ["model=tiny", "model.n_layer=4"], "shakespeare_cpu": ["model=shakespeare_cpu"]}
 

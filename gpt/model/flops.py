@@ -135,7 +135,7 @@ def matmul_precision(precision: str, tf32: bool) -> str:
     return "tf32" if precision == "fp32" and tf32 else precision
 
 
-def _norm_params(cfg: ModelConfig) -> int:
+def norm_params(cfg: ModelConfig) -> int:
     return 2 * cfg.n_embd if cfg.norm == "layernorm" else cfg.n_embd
 
 
@@ -159,10 +159,10 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     C, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
     attn = 2 * C * C + 2 * C * kv + (2 * C + 2 * kv if cfg.bias else 0)
     mlp = cfg.n_expert * _mlp_params(cfg) + C * cfg.n_expert if cfg.n_expert else _mlp_params(cfg)
-    layer = attn + mlp + 2 * _norm_params(cfg)
+    layer = attn + mlp + 2 * norm_params(cfg)
     embedding = cfg.vocab_size * C + (cfg.block_size * C if cfg.position == "learned" else 0)
     total = (embedding + cfg.n_layer * layer
-             + (_norm_params(cfg) if cfg.norm_position == "pre" else 0)
+             + (norm_params(cfg) if cfg.norm_position == "pre" else 0)
              + (0 if cfg.tie_embeddings else cfg.vocab_size * C))
     idle_experts = cfg.n_layer * (cfg.n_expert - cfg.moe_top_k) * _mlp_params(cfg) if cfg.n_expert else 0
     return {"total": total, "embedding": embedding, "non_embedding": total - embedding,

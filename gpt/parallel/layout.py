@@ -97,3 +97,14 @@ def refuse_axes(dims: ParallelDims, strategy: str, allowed: tuple[str, ...]) -> 
             raise ConfigError(f"parallel.{axis}", n, f"1 with strategy={strategy}, which runs "
                               f"{' and '.join(allowed) or 'one process'}: tensor parallel and HSDP (dp_replicate x "
                               "dp_shard) run under strategy=fsdp, pipelines under strategy=pipeline")
+
+
+def split_layers(n_layer: int, n_stages: int) -> list[range]:
+    """Contiguous runs of layer indices, one per stage; the first n_layer % n_stages stages take one more."""
+    base, extra = divmod(n_layer, n_stages)
+    runs, start = [], 0
+    for s in range(n_stages):
+        size = base + (s < extra)
+        runs.append(range(start, start + size))
+        start += size
+    return runs

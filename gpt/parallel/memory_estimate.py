@@ -3,16 +3,16 @@ check, launch.planning.fit). The strategies' traits say which share of the param
 rank holds and how many layers' activations it keeps at once; the model says how large those are. Torch-free.
 
 The estimate: the bytes per parameter the strategy's traits state (fp32 parameters and gradients, AdamW's two fp32
-moments; DeepSpeed's fp32 partition beside them); activations
-are the tensors autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs;
-the attention's, projection's and MLP's inputs, q, k and v, the MLP's hidden twice, in the compute precision; under
-train.attention=math the softmax of every head too) and the head (its input, the cross-entropy's fp32
-log-probabilities and their gradient); where the parameters are sharded over data-parallel ranks, the root and one
-layer gathered at a time. Activation checkpointing keeps a checkpointed layer's input only, and
-recomputes one layer at a time. train.compile is counted as eager (its fused element-wise ops save fewer
-intermediates). The peak counts all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/benchmarks.md) it
-is a few percent low under DDP, ZeRO and FSDP, about 15% low under tensor parallelism and the GPipe pipeline (the
-norms they replicate and a tied embedding on two stages are left out), and high under activation checkpointing."""
+moments; DeepSpeed's fp32 partition beside them), of the parameters of the rank holding the most (the norms tensor
+parallelism replicates, a pipeline's tied embedding on its first and last stage); activations are the tensors
+autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs; the attention's,
+projection's and MLP's inputs, q, k and v, the MLP's hidden twice, in the compute precision; under
+train.attention=math the softmax of every head too), the head (its input, the cross-entropy's fp32 log-probabilities
+and their gradient), and a pipeline stage's input and output per micro-batch in flight; where the parameters are
+sharded over data-parallel ranks, the root and one layer gathered at a time. Activation checkpointing keeps a
+checkpointed layer's input only, and recomputes one layer at a time. train.compile is counted as eager (its fused
+element-wise ops save fewer intermediates). The peak counts all parts at once. Measured on CPU
+(benchmarks/memory_fit.py, docs/benchmarks.md) against what each rank held."""
 from __future__ import annotations
 
 import math
@@ -21,8 +21,8 @@ from dataclasses import dataclass
 from gpt.config.model import ModelConfig
 from gpt.config.strategy import StrategyConfig
 from gpt.config.train import TrainConfig
-from gpt.model.flops import param_count
-from gpt.parallel.layout import ParallelDims
+from gpt.model.flops import norm_params, param_count
+from gpt.parallel.layout import ParallelDims, split_layers
 from gpt.parallel.traits import traits_of
 
 GIB = 2**30
@@ -58,14 +58,36 @@ def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int =
     hidden = model.mlp_hidden * (3 if model.mlp == "swiglu" else 2)
     if model.n_expert:
         hidden *= model.moe_top_k
-    split = h * v + (h + 2 * kv) * v + h * v + hidden * v  # attention in, q k v, projection in, MLP in and hidden
+    # the column-parallel projections' inputs (attention's, the MLP's) are whole on every rank (gathered from the
+    # sequence shards under sequence parallel); q, k and v, the projection's input and the MLP's hidden are split
+    whole = 2 * h * v
+    split = (h + 2 * kv) * v + h * v + hidden * v
     if train.attention == "math":
         split += model.n_head * model.block_size * v  # the softmax of every head over the sequence
     kept = 2 * h * 4  # the norms' fp32 inputs (the residual stream)
     head = h * v + model.vocab_size * 8 / tp  # the head's input; the loss's fp32 log-probabilities and their gradient
-    if sequence_parallel:
-        return (kept + split) / tp, head / tp
-    return kept + split / tp, head
+    return (kept / tp if sequence_parallel else kept) + whole + split / tp, head
+
+
+def rank_params(model: ModelConfig, strategy: StrategyConfig, dims: ParallelDims) -> float:
+    """Parameters of the rank that holds the most, before any data-parallel sharding. Tensor parallelism splits the
+    projections, the embedding and the head, and replicates the norms, the row-parallel biases and learned
+    positions; a pipeline's first stage holds the embeddings and its last the final norm and the head (a tied
+    embedding's second copy), the first stages one layer more where the layers do not divide evenly."""
+    counts, tp = param_count(model), dims.tp
+    norm, head = norm_params(model), model.vocab_size * model.n_embd
+    final_norm = norm if model.norm_position == "pre" else 0
+    positions = counts["embedding"] - head
+    layer = (counts["non_embedding"] - final_norm - (0 if model.tie_embeddings else head)) / model.n_layer
+    whole = 2 * norm + (2 * model.n_embd if model.bias else 0)  # the norms and the row-parallel biases
+    layer = whole + (layer - whole) / tp
+    if dims.pp == 1:
+        return model.n_layer * layer + positions + final_norm + head / tp * (1 if model.tie_embeddings else 2)
+    stages = dims.pp * (strategy.stages_per_rank if strategy.schedule == "interleaved" else 1)
+    runs = split_layers(model.n_layer, stages)
+    first, last = head / tp + positions, head / tp + final_norm
+    return max(sum(len(runs[s]) * layer + (first if s == 0 else 0) + (last if s == stages - 1 else 0)
+                   for s in range(p, stages, dims.pp)) for p in range(dims.pp))
 
 
 def gathered_bytes(model: ModelConfig, train: TrainConfig, dims: ParallelDims, param_fraction: float) -> float:
@@ -86,10 +108,10 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     """One rank's memory at its peak for this model, layout, micro-batch (sequences per forward), precision and
     activation checkpointing. model.vocab_size must be known."""
     traits = traits_of(strategy.name)
-    total = param_count(model)["total"]
+    held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     p_share, g_share, o_share = traits.state_shares(strategy, dims)
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
-    params, grads, optimizer = p_bytes * total * p_share, g_bytes * total * g_share, o_bytes * total * o_share
+    params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel)
     tokens = micro_batch * model.block_size
     layers = traits.activation_layers(strategy, dims, model.n_layer)
@@ -100,5 +122,7 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
         activations = tokens * (layers * ((1 - checkpointed) * layer + checkpointed * kept) + layer + head)
     else:
         activations = tokens * (layers * layer + head)
+    if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output (the fp32 residual stream)
+        activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * 4
     activations += gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
     return MemoryParts(params, grads, optimizer, activations, params + grads + optimizer + activations)

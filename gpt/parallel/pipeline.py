@@ -44,21 +44,11 @@ from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
 from gpt.parallel.base import StepResult, Strategy, local_part, nonfinite
 from gpt.parallel.fsdp import shard
+from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": ScheduleInterleaved1F1B}
-
-
-def split_layers(n_layer: int, n_stages: int) -> list[range]:
-    """Contiguous runs of layer indices, one per stage; the first n_layer % n_stages stages take one more."""
-    base, extra = divmod(n_layer, n_stages)
-    runs, start = [], 0
-    for s in range(n_stages):
-        size = base + (s < extra)
-        runs.append(range(start, start + size))
-        start += size
-    return runs
 
 
 class StageGPT(GPT):

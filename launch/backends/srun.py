@@ -25,6 +25,7 @@ from launch.backends.slurm import allocation, commands
 from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
 from launch.backends.slurm.step import RankStep, workdir
+from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
 from launch.run.rounds import finished_on_spares
 from launch.rank.job_env import LAUNCH_VAR, JobEnvironment, job_environment, new_launch
@@ -156,6 +157,8 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
     logs = f"rank logs: {folder.logs}/rank*.log"
     ranks_job = job_environment({**os.environ, LAUNCH_VAR: launch})
     if cancelled_by_user(run_dir, ranks_job.job_id):  # the ranks saved and stopped; the launcher says so
+        return ranks_job
+    if requeued(run_dir, ranks_job):  # Slurm's requeue stops the batch step as well (SIGTERM): the launcher says so
         return ranks_job
     if code == EXIT_PREEMPTED:
         raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "

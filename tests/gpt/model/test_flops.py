@@ -20,7 +20,8 @@ from gpt.model.transformer import GPT, MoE
 from gpt.parallel.base import Strategy
 from gpt.parallel.fsdp import FSDP
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.pipeline import Pipeline, split_layers
+from gpt.parallel.layout import split_layers
+from gpt.parallel.pipeline import Pipeline
 from gpt.train.reporter import RunShape, StepReporter
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "configs" / "model").glob("*.yaml"))

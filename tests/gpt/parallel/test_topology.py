@@ -17,7 +17,7 @@ from gpt.errors import ConfigError
 from gpt.parallel import plan_layout, traits
 from gpt.parallel.deepspeed import ds_config
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.pipeline import split_layers
+from gpt.parallel.layout import split_layers
 from gpt.parallel.traits import traits_of
 from gpt.config.train import TrainConfig
 from launch.hydra_errors import user_error

@@ -4,6 +4,7 @@ train.micro_batch_size=auto, chosen from the same estimate."""
 from __future__ import annotations
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 
@@ -68,7 +69,7 @@ def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplo
 
 
 def test_auto_refuses_as_the_fit_check_when_one_sequence_does_not_fit(tmp_path):
-    with pytest.raises(UserError, match=r"needs about 2.77 GiB .*activations 0.91.* of the 2.0 GiB of its GPU; what would fit"):
+    with pytest.raises(UserError, match=r"needs about 2.80 GiB .*activations 0.95.* of the 2.0 GiB of its GPU; what would fit"):
         make_plan(auto_job(tmp_path, 2), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
@@ -85,3 +86,41 @@ def test_a_job_whose_gpus_this_process_cannot_open_is_planned_without_a_fit_chec
     backend = get_backend("srun")
     assert backend.device(run) == "cuda"
     assert backend.device_memory_gib(run, "cuda") is None
+
+
+@pytest.mark.parametrize("asks, memory, fits", [
+    (["cluster.gpus_per_node=0", "cluster.gres=gpu:v100:1"], 16, False),  # the type in --gres
+    (["cluster.constraint=a100"], 40, True),  # or in --constraint; an A100 of unstated size: the smaller, 40 GB
+    (["cluster.constraint=l4"], 24, False),
+    (["cluster.gpus_per_node=0", "cluster.gres=gpu:a100_80gb:1"], 80, True),  # a size in the name is read
+])
+def test_a_gpu_named_by_the_job_is_checked_against_that_gpus_memory(asks, memory, fits, tmp_path):
+    run = run_config(compose(*GPU_JOB, "train.global_batch_size=24", *asks, "data.prepare_on=job",
+                             f"data.dir={tmp_path / 'data'}"))
+    assert not run.cluster.gpu_memory_gb  # known from the name alone
+    if fits:
+        make_plan(run, tmp_path / "run")
+        return
+    with pytest.raises(UserError, match=rf"does not fit: .* more than 90% of the {memory}.0 GiB of its GPU; what "):
+        make_plan(run, tmp_path / "run")
+
+
+CPU_JOB = ["model=gpt2_124m", "cluster.tasks_per_node=2", "strategy=ddp", "train.global_batch_size=8",
+           f"data.text_path={SHAKESPEARE}"]
+
+
+@pytest.mark.parametrize("cluster, node_gib, fits", [("slurm", 8, False), ("slurm", 64, True), ("local", 8, False),
+                                                     ("local", 64, True)])
+def test_a_cpu_rank_is_checked_against_its_share_of_the_nodes_memory(cluster, node_gib, fits, tmp_path, monkeypatch):
+    """cluster=slurm: --mem over the node's tasks; cluster=local: this machine's memory (stated here) over its ranks."""
+    import psutil
+
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=node_gib * GIB))
+    asks = [f"cluster.mem={node_gib}G", "data.prepare_on=job"] if cluster == "slurm" else []
+    run = run_config(compose(*CPU_JOB, f"cluster={cluster}", *asks, f"data.dir={tmp_path / 'data'}"))
+    if fits:
+        make_plan(run, tmp_path / "run")
+        return
+    with pytest.raises(UserError, match=rf"more than 90% of the {node_gib / 2:.1f} GiB of its CPU rank's share of its "
+                                        "node; what would fit"):
+        make_plan(run, tmp_path / "run")
