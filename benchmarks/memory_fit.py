@@ -73,7 +73,7 @@ def main() -> None:
     args = parser.parse_args()
     folder = Path(tempfile.mkdtemp(prefix="gptlaunch-memory-fit-"))
     results: dict[str, dict] = {}
-    print(f"{'model':<16} {'configuration':<22} " + " ".join(f"{p:>12}" for p in (*PARTS, "peak")))
+    print(f"{'model':<16} {'configuration':<24} " + " ".join(f"{p:>12}" for p in (*PARTS, "peak")))
     for size in args.sizes:
         for name in args.only:
             overrides, ranks = CONFIGS[name]
@@ -82,7 +82,7 @@ def main() -> None:
             results[key] = got = run_one([*SIZES[size], *overrides], ranks, run_dir, folder / "data")
             cells = [got["error"]] if "error" in got else [
                 "n/a" if got[p]["error"] is None else f"{got[p]['error']:+.1%}" for p in (*PARTS, "peak")]
-            print(f"{size:<16} {name:<22} " + " ".join(f"{c:>12}" for c in cells), flush=True)
+            print(f"{size:<16} {name:<24} " + " ".join(f"{c:>12}" for c in cells), flush=True)
     print("each cell: the estimate's error against the largest rank's measured figure (+: the estimate is higher)")
     save_results("memory_fit", results)
 
