@@ -217,8 +217,15 @@ class RunFolder:
         return sorted(self.profiles.glob("attempt-*/rank*.pt.trace.json"))
 
     def memory_snapshot(self, attempt: int, rank: int, why: str) -> Path:
-        """A rank's CUDA memory snapshot (pytorch.org/memory_viz), `why`: oom or steps."""
+        """A rank's CUDA memory snapshot (pytorch.org/memory_viz), `why`: oom, steps (after the traced ones), or
+        step<N> (asked for while it ran)."""
         return self.profiles / f"attempt-{attempt}" / f"rank{rank}-memory-{why}.pickle"
+
+    @property
+    def snapshot_request(self) -> Path:
+        """Written anew by `python -m launch.memory_snapshot`: each rank keeping the allocator's history writes a
+        memory snapshot after its step."""
+        return self.profiles / "snapshot-request"
 
     @property
     def checkpoints(self) -> Path:

@@ -1,7 +1,8 @@
 """profile.*: torch.profiler traces of chosen steps on chosen ranks, and on GPUs CUDA's allocator history with a
-memory snapshot when the rank runs out of memory and after the traced steps. Written into the run folder per attempt
-and rank (gpt.run_folder: profiles/attempt-N/), so a requeued attempt never overwrites an earlier one's. With the
-section's defaults the trainer builds none of this, and a step runs exactly as without it."""
+memory snapshot when the rank runs out of memory, after the traced steps, and when asked (python -m
+launch.memory_snapshot). Written into the run folder per attempt and rank (gpt.run_folder: profiles/attempt-N/), so a
+requeued attempt never overwrites an earlier one's. With the section's defaults the trainer builds none of this, and
+a step runs exactly as without it."""
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ class StepProfiler:
         self.history = cfg.memory_snapshot and device.type == "cuda"
         if self.history:
             torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
+        self.answered = self.asked()  # a request made before this attempt started is not this attempt's
 
     @contextlib.contextmanager
     def around(self, step: int) -> Iterator[None]:
@@ -49,6 +51,16 @@ class StepProfiler:
             raise self.out_of_memory(step, e) from None
         if self.prof is not None and step >= self.steps[1]:
             self.finish()
+        if self.history and (asked := self.asked()) != self.answered:
+            self.answered = asked
+            log.info("memory snapshot written on request: %s", self.snapshot(f"step{step}"))
+
+    def asked(self) -> str | None:
+        """The last request `python -m launch.memory_snapshot` made (a read of a few bytes, once a step)."""
+        try:
+            return self.folder.snapshot_request.read_text() if self.history else None
+        except FileNotFoundError:
+            return None
 
     def start(self) -> None:
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.device.type == "cuda" else [])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pickle
 import threading
+import time
 
 import pytest
 import torch
@@ -158,6 +159,34 @@ def test_out_of_memory_writes_the_snapshot_the_one_line_error_names(strict_cuda,
     path = tmp_path / "profiles" / "attempt-2" / "rank0-memory-oom.pickle"
     assert str(path) in str(refused.value) and "at step 7" in str(refused.value) and "\n" not in str(refused.value)
     assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 1 << 30}]
+
+
+def test_a_snapshot_asked_for_while_the_run_trains_is_written_after_the_step_once_per_request(strict_cuda, tmp_path):
+    """python -m launch.memory_snapshot: each rank keeping the history writes a snapshot after the step it is in, named
+    by it; a request older than the attempt, or already answered, writes none; a request waits for the ranks."""
+    from gpt.config.profile import ProfileConfig
+    from gpt.train.profiler import step_profiler
+    from launch.memory_snapshot import ask, wait_for, written_since
+
+    ask(tmp_path)  # made before this attempt started: not this attempt's
+    profiler = step_profiler(ProfileConfig(memory_snapshot=True), DistEnv(), 2, tmp_path, torch.device("cuda", 0))
+    with profiler.around(5):
+        strict_cuda.history.append({"action": "alloc", "size": 4096})
+    assert written_since(tmp_path, 0) == []
+    asked = [ask(tmp_path), ask(tmp_path)]  # two in one clock tick: the second is a new request too
+
+    def next_step() -> None:  # the rank, while the command waits
+        time.sleep(0.5)
+        with profiler.around(6):
+            pass
+
+    threading.Thread(target=next_step).start()
+    path = tmp_path / "profiles" / "attempt-2" / "rank0-memory-step6.pickle"
+    assert wait_for(tmp_path, asked[0], 10) == [path]
+    assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 4096}]
+    with profiler.around(7):
+        pass
+    assert written_since(tmp_path, 0) == [path]  # answered once
 
 
 def test_a_rank_drives_the_gpu_of_its_local_rank_and_no_other(monkeypatch):
