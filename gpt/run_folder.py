@@ -278,6 +278,7 @@ class AttemptLine:
     lost_rank: int | None = None  # the rank that vanished
     replaced: Mapping[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
     nodes: tuple[str, ...] = ()  # the hosts the attempt ran on, in rank order
+    failed_saves: tuple[int, ...] = ()  # steps whose interval save storage refused (checkpoint.on_save_error)
     goodput: Mapping[str, Any] | None = None
     startup: Mapping[str, float] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
@@ -287,6 +288,7 @@ class AttemptLine:
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in raw.items() if k in known and v is not None}
         values["nodes"] = tuple(values.get("nodes", ()))
+        values["failed_saves"] = tuple(values.get("failed_saves", ()))
         values["ended"] = str(values.get("ended", ""))
         values["note"] = str(values.get("note", ""))
         return cls(**values, extra={k: v for k, v in raw.items() if k not in known})

@@ -22,7 +22,7 @@ from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import RunFolder
 from launch import hydra_errors
-from launch.run.attempts import requeued
+from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, backend_for, scheduler
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
@@ -103,6 +103,8 @@ def run(cfg: DictConfig) -> Path:
             log.info("job %s %s; the same command continues %s from its newest checkpoint", job.job_id, CANCELLED,
                      plan.run_dir)
             return plan.run_dir
+    if failed := failed_saves_line(RunFolder(plan.run_dir).attempts.read()):
+        log.warning("%s", failed)
     log.info("done. Run folder: %s\n  tensorboard --logdir %s\n  python -m gpt.generate %s", plan.run_dir,
              RunFolder(plan.run_dir).tensorboard, plan.run_dir)
     return plan.run_dir

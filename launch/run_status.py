@@ -19,7 +19,7 @@ from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import NOT_RUNS, AttemptLine, Next, RunFolder
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
-from launch.run.attempts import ran_on
+from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
 from launch.run.job_record import cancelled_by_user, recorded_job
 
@@ -52,6 +52,7 @@ class RunStatus:
     ended_in_job: bool = False
     interrupted: str = ""  # how its newest attempt that did not finish ended (preempted by another job, TIMEOUT, ...)
     stopped: bool = False  # its newest attempt saved after a signal or a preemption and was not requeued
+    failed_saves: str = ""  # the interval saves storage refused, in words (launch.run.attempts.failed_saves_line)
 
     @property
     def finished(self) -> bool:
@@ -135,7 +136,7 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
-                     stopped)
+                     stopped, failed_saves_line(attempts))
 
 
 def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:

@@ -33,7 +33,8 @@ def line(s: RunStatus, root: Path) -> str:
     if s.goodput is not None:
         parts.append(f"goodput {100 * s.goodput:.0f}%")
     parts.append(s.verdict)
-    return ", ".join(parts) + (f"; it will not start by itself: {s.stuck}" if s.stuck else "")
+    notes = [n for n in (s.failed_saves, f"it will not start by itself: {s.stuck}" if s.stuck else "") if n]
+    return ", ".join(parts) + "".join(f"; {n}" for n in notes)
 
 
 def _duration(seconds: float) -> str:

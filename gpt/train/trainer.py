@@ -81,6 +81,7 @@ class Trainer:
         self.state = TrainState(run.seed, run.data.dir, env, self.model_cfg, self.train, self.strategy, self.batches)
         self.step = self.first_step = 0
         self.saved_step: int | None = None
+        self.failed_saves: list[int] = []  # steps whose interval save storage refused (checkpoint.on_save_error)
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
         self.spent = Spent()  # where this attempt's time goes (goodput)
         self.policy = SavePolicy(self.ckpt, run_dir, self.spent, env.is_main, run.cluster.signal_delay_s)
@@ -265,6 +266,8 @@ class Trainer:
         self.checkpointer.close()
         summary["first_step"], summary["last_step"] = self.first_step, self.step
         summary["spent"] = self.spent.as_dict()
+        if self.failed_saves:
+            summary["failed_saves"] = self.failed_saves
         self.metrics.close()
         return summary
 
@@ -332,6 +335,7 @@ class Trainer:
         if self.ckpt.on_save_error != "continue":
             raise e
         self.saved_step = None  # the final save is still due
+        self.failed_saves.append(self.step)
         self.policy.failed()
         if self.env.is_main:
             log.warning("%s; checkpoint.on_save_error=continue: training goes on and the next save is tried at its "

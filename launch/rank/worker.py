@@ -111,7 +111,8 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     if env.is_main:
         log.info("%s", StartupClock.describe(startup))
     record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup,
-              "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary)}
+              "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary),
+              **({"failed_saves": summary["failed_saves"]} if "failed_saves" in summary else {})}
     if summary.get("preempted"):
         return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record, attempt.nodes)}
     leave()

@@ -143,6 +143,16 @@ def ran_on(attempt: AttemptLine, most: int = 8) -> str:
     return f" (ran on {', '.join(nodes)})" if len(nodes) <= most else f" (ran on {len(nodes)} nodes)"
 
 
+def failed_saves_line(attempts: list[AttemptLine]) -> str:
+    """'checkpoint saves failed at step(s) 4, 8 (checkpoint.on_save_error=continue: the run trained on)', or ''
+    when storage refused none."""
+    steps = [s for a in attempts for s in a.failed_saves]
+    if not steps:
+        return ""
+    return (f"checkpoint saves failed at step(s) {', '.join(map(str, steps))} (checkpoint.on_save_error=continue: the "
+            "run trained on; see logs/rank0.log)")
+
+
 def this_attempts_line(run_dir: Path, job: JobEnvironment) -> AttemptLine | None:
     """The line this attempt of this job has written already (a rank's task recorded it vanishing), if any."""
     return RunFolder(run_dir).attempts.line_of(job.job_id, job.restart, job.round, job.launch)

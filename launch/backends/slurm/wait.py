@@ -20,7 +20,7 @@ from gpt.run_folder import AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submit import Submitted, show_path
-from launch.run.attempts import ran_on
+from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
 from launch.run.job_record import CANCELLED, cancelled_by_user
 from launch.run.rounds import finished_on_spares
@@ -345,8 +345,9 @@ def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
         summary = outcome.result.get("summary") or {}
         loss = f", train loss {summary['train_loss']:.4f}" if summary.get("train_loss") is not None else ""
         hosts = ", ".join(outcome.result["hosts"])
-        print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}",
-              file=out, flush=True)
+        failed = failed_saves_line(RunFolder(s.point.run_dir).attempts.read())
+        print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}"
+              + (f"; {failed}" if failed else ""), file=out, flush=True)
     elif outcome.cancelled:
         step = newest_step(s.point.run_dir)
         where = f"its newest checkpoint (step {step})" if step is not None else "the start"

@@ -8,6 +8,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -95,6 +96,15 @@ def test_disk_full_with_on_save_error_continue_trains_on_and_saves_once_there_is
         assert ".tmp-step_00000004" in warned[0]
         assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000012"]
         assert losses(run_dir) == losses(full)
+        # the launcher's console and launch.status say so too, not a plain "done"
+        failed = [int(re.search(r"\.tmp-step_(\d+)", x)[1]) for x in warned]
+        said = f"checkpoint saves failed at step(s) {', '.join(map(str, failed))} (checkpoint.on_save_error=continue"
+        lines = out.splitlines()
+        done = next(i for i, x in enumerate(lines) if "done. Run folder" in x)
+        assert said in lines[done - 1] and "WARNING" in lines[done - 1], out[-3000:]
+        status = subprocess.run([sys.executable, "-m", "launch.status", str(run_dir)], cwd=REPO, capture_output=True,
+                                text=True)
+        assert status.returncode == 0 and "finished; " + said in status.stdout, status.stdout + status.stderr
 
 
 @pytest.mark.slow

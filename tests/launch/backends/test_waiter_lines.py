@@ -1,6 +1,7 @@
 """What the login-node waiter says while a job runs: one line per attempt that requeued the job, once."""
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from types import SimpleNamespace
@@ -173,3 +174,22 @@ def test_a_job_completed_on_the_hosts_that_ran_ranks_not_on_its_idle_spare(tmp_p
                       results=[{"rank": 0, "host": "n1", "summary": {}}, {"rank": 1, "host": "n2"},
                                {"rank": None, "host": "n3", "spare": True}])
     assert outcome.result["hosts"] == ["n1", "n2"]  # "COMPLETED on n1, n2"
+
+
+def test_a_job_that_trained_on_past_refused_saves_says_so_beside_completed(tmp_path: Path):
+    """checkpoint.on_save_error=continue: storage refused interval saves in two attempts, each attempt's line keeps
+    their steps, and the job's last line names them all, not a plain COMPLETED."""
+    from launch.backends.slurm.wait import Outcome, print_outcome
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "attempts.jsonl").write_text(attempt("5", 0, ended="preempted:SIGUSR2", requeued=True,
+                                                    failed_saves=[40])
+                                            + attempt("5", 1, ended="finished", failed_saves=[80, 120]))
+    point = Point(label="run", run_dir=run_dir, job_name="g", resources=SimpleNamespace(nodes=1, world_size=1))
+    out = io.StringIO()
+    print_outcome(Outcome(Submitted(point, "5", tmp_path), "COMPLETED", results=[{"rank": 0, "host": "n1",
+                                                                                   "summary": {}}]), out)
+    assert out.getvalue().strip().endswith(
+        "COMPLETED on n1; run folder: " + str(run_dir) + "; checkpoint saves failed at step(s) 40, 80, 120 "
+        "(checkpoint.on_save_error=continue: the run trained on; see logs/rank0.log)")
