@@ -3,7 +3,8 @@
 Every rank that keeps CUDA's allocator history (a run on GPUs started, or continued, with
 profile.memory_snapshot=true) writes one after the step it is in, RUN/profiles/attempt-N/rankR-memory-step<S>.pickle,
 to drag into https://pytorch.org/memory_viz. This command writes RUN/profiles/snapshot-request anew (the ranks look at
-it once a step), then waits for the snapshots and names them. Torch-free: it runs on a login node.
+it every few seconds: gpt.train.profiler.LOOK_S), then waits for the snapshots and names them. Torch-free: it runs
+on a login node.
 """
 from __future__ import annotations
 
@@ -54,7 +55,7 @@ def request_snapshot(run_dir: Path, wait_s: float = WAIT_S, out=sys.stdout) -> i
         return 2
     if not schema.load(folder.config).profile.memory_snapshot:
         print(f"error: {run_dir} runs without profile.memory_snapshot=true, so its ranks keep no allocator history to "
-              "snapshot; continue it with profile.memory_snapshot=true (the same command with that setting)",
+              "snapshot; start or continue it with profile.memory_snapshot=true (its command with that setting)",
               file=sys.stderr)
         return 2
     since = ask(run_dir)

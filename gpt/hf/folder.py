@@ -89,7 +89,8 @@ def read_weights(folder: Path) -> dict[str, Any]:
             weights.update(torch.load(f, map_location="cpu", weights_only=True))
         except pickle.UnpicklingError as e:  # what weights_only refuses: code or objects other than tensors
             found = re.search(r"WeightsUnpickler error: ([^\n]*?)(?: was not an allowed global.*)?$", str(e), re.M)
-            raise UserError(f"init=hf:{folder}: {f.name} holds more than tensors ({found[1] if found else e}) and is "
+            what = found[1] if found else str(e).splitlines()[0]  # one line of torch's several
+            raise UserError(f"init=hf:{folder}: {f.name} holds more than tensors ({what}) and is "
                             "not loaded: .bin files are read as tensors only; convert it to safetensors where its "
                             "source is trusted") from None
     return weights

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,9 @@ from gpt.run_folder import RunFolder
 log = logging.getLogger(__name__)
 
 HISTORY_ENTRIES = 100_000  # allocations and frees kept (several KB each): the last steps of a large model
+# how often a rank keeping the history looks for a `python -m launch.memory_snapshot` request: a file read on shared
+# storage, so not every step (thousands of ranks, steps of 100 ms)
+LOOK_S = 5.0
 
 
 class OutOfMemory(UserError):
@@ -39,6 +43,7 @@ class StepProfiler:
         if self.history:
             torch.cuda.memory._record_memory_history(max_entries=HISTORY_ENTRIES)
         self.answered = self.asked()  # a request made before this attempt started is not this attempt's
+        self.looked = time.monotonic()
 
     @contextlib.contextmanager
     def around(self, step: int) -> Iterator[None]:
@@ -51,12 +56,14 @@ class StepProfiler:
             raise self.out_of_memory(step, e) from None
         if self.prof is not None and step >= self.steps[1]:
             self.finish()
-        if self.history and (asked := self.asked()) != self.answered:
-            self.answered = asked
-            log.info("memory snapshot written on request: %s", self.snapshot(f"step{step}"))
+        if self.history and time.monotonic() >= self.looked + LOOK_S:
+            self.looked = time.monotonic()
+            if (asked := self.asked()) != self.answered:
+                self.answered = asked
+                log.info("memory snapshot written on request: %s", self.snapshot(f"step{step}"))
 
     def asked(self) -> str | None:
-        """The last request `python -m launch.memory_snapshot` made (a read of a few bytes, once a step)."""
+        """The last request `python -m launch.memory_snapshot` made (a read of a few bytes)."""
         try:
             return self.folder.snapshot_request.read_text() if self.history else None
         except FileNotFoundError:

@@ -144,8 +144,8 @@ def ran_on(attempt: AttemptLine, most: int = 8) -> str:
 
 
 def failed_saves_line(attempts: list[AttemptLine]) -> str:
-    """'checkpoint saves failed at step(s) 4, 8 (checkpoint.on_save_error=continue: the run trained on)', or ''
-    when storage refused none."""
+    """'checkpoint saves failed at step(s) 4, 8 (checkpoint.on_save_error=continue: the run trained on; ...)', or
+    '' when storage refused none."""
     steps = [s for a in attempts for s in a.failed_saves]
     if not steps:
         return ""

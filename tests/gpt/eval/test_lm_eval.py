@@ -3,6 +3,7 @@ docs/export.md gives it) on a local task made here, and scores what gptlaunch's 
 file: the same `acc` and `acc_norm`. lm-eval is installed by `make setup` (the `eval` extra); nothing is downloaded."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -41,8 +42,7 @@ metric_list:
 def trained_char_model(tokenizer: CharTokenizer, steps: int = 150) -> GPT:
     """The tiny model trained in this process on the corpus, long enough to tell the text's order from shuffles."""
     data = torch.tensor(tokenizer.encode(SHAKESPEARE.read_text()))
-    cfg = load_preset("tiny")
-    cfg = type(cfg)(**{**cfg.__dict__, "vocab_size": tokenizer.vocab_size})
+    cfg = dataclasses.replace(load_preset("tiny"), vocab_size=tokenizer.vocab_size)
     torch.manual_seed(0)
     model = GPT(cfg)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
