@@ -26,11 +26,13 @@ rank, a task wrapper and the report all find the files here.
     nccl-flight-recorder-rank<R>    NCCL's own dump when it times out
     health-<N>.json, health/    the health checks of attempt N, and their storage probe's files
     checkpoints/          gpt.checkpoint
+    save-failures.jsonl   the interval saves storage refused under checkpoint.on_save_error=continue, as they happen
     report/, tensorboard/scaling/   the scaling report (of a run folder, or of a sweep folder)
     .hydra/overrides.yaml Hydra's record of a sweep point's overrides
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -230,6 +232,28 @@ class RunFolder:
     @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
+
+    @property
+    def save_failures(self) -> Path:
+        return self.path / "save-failures.jsonl"
+
+    def note_save_failure(self, step: int, error: str) -> None:
+        """Rank 0's record of a save storage refused while the run trains on (the waiter tells it at once). Best
+        effort: the run folder may be on the storage that refused the save, and the rank's log has it anyway."""
+        with contextlib.suppress(OSError), self.save_failures.open("a") as f:
+            f.write(json.dumps({"step": step, "error": error}) + "\n")
+
+    def read_save_failures(self) -> list[dict[str, Any]]:
+        """The records of note_save_failure, oldest first; a line still being written is left for the next read."""
+        try:
+            lines = self.save_failures.read_text().splitlines()
+        except OSError:
+            return []
+        records = []
+        for line in lines:
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+        return records
 
     @property
     def hydra_overrides(self) -> Path:

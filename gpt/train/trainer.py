@@ -338,6 +338,7 @@ class Trainer:
         self.failed_saves.append(self.step)
         self.policy.failed()
         if self.env.is_main:
+            RunFolder(self.run_dir).note_save_failure(self.step, str(e))
             log.warning("%s; checkpoint.on_save_error=continue: training goes on and the next save is tried at its "
                         "interval", e)
 

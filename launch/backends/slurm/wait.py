@@ -188,7 +188,8 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     live = progress and sys.stderr.isatty()
     bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
                dynamic_ncols=True, mininterval=0.5)
-    watch = Watch(earlier={p for s in submitted for p in RunFolder(s.point.run_dir).hang_records()})
+    watch = Watch(earlier={p for s in submitted for p in RunFolder(s.point.run_dir).hang_records()},
+                  saves_told={s.point.run_dir: len(RunFolder(s.point.run_dir).read_save_failures()) for s in submitted})
     backoff = Backoff(poll_s)
     try:
         while pending:
@@ -196,6 +197,7 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
             active = [m for s in watch.active(pending) for m in members[s.job_id]]
             watch.tell_hangs(active)
             watch.tell_requeues(active)
+            watch.tell_failed_saves(active)
             for jid, info in [(j, infos[j]) for j in list(pending) if j in infos]:  # a chain ends with its last
                 if info.state in FINAL or info.state == GONE:
                     pending.pop(jid)
@@ -210,7 +212,8 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
             if progress and not live and status and status != watch.last_status:
                 print(f"jobs: {len(outcomes)} of {len(submitted)} done, {status}", file=sys.stderr, flush=True)
             watch.last_status = status
-            backoff.observe((status, len(pending), len(watch.hangs), len(watch.requeues), watch.outage_since))
+            backoff.observe((status, len(pending), len(watch.hangs), len(watch.requeues),
+                             sum(watch.saves_told.values()), watch.outage_since))
             if pending:
                 time.sleep(backoff.interval())
     except KeyboardInterrupt:
@@ -238,6 +241,7 @@ class Watch:
     hangs: set[str] = field(default_factory=set)  # the ones already told
     requeues: set[tuple] = field(default_factory=set)  # (job id, restart) of the attempts already told
     changed: set[str] = field(default_factory=set)  # the jobs whose state or reason the last poll changed
+    saves_told: dict[Path, int] = field(default_factory=dict)  # run folder -> its refused saves told (or earlier)
 
     def active(self, pending: dict[str, Submitted]) -> list[Submitted]:
         """The jobs whose run folders may hold news (a hang, a requeue): those running, and those whose state just
@@ -273,6 +277,17 @@ class Watch:
                     continue
                 self.requeues.add(key)
                 print(f"job {s.job_id} ({s.point.label}): {requeue_line(a)}", file=sys.stderr, flush=True)
+
+    def tell_failed_saves(self, jobs) -> None:
+        """An interval save that storage refused while the run trains on (checkpoint.on_save_error=continue): one
+        line as soon as rank 0 records it, not only at the job's end."""
+        for s in jobs:
+            records = RunFolder(s.point.run_dir).read_save_failures()
+            for record in records[self.saves_told.get(s.point.run_dir, 0):]:
+                print(f"job {s.job_id} ({s.point.label}): checkpoint save at step {record.get('step')} failed: "
+                      f"{record.get('error')} (checkpoint.on_save_error=continue: training goes on)",
+                      file=sys.stderr, flush=True)
+            self.saves_told[s.point.run_dir] = max(len(records), self.saves_told.get(s.point.run_dir, 0))
 
     def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:

@@ -20,6 +20,7 @@ import pytest
 
 from helpers import REPO, launch, losses
 from gpt.checkpoint.store import list_checkpoints, verify
+from gpt.run_folder import RunFolder
 
 RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.warmup_steps=2", "train.eval_interval=0",
        "train.log_interval=1", "checkpoint.interval_steps=4"]
@@ -94,6 +95,10 @@ def test_disk_full_with_on_save_error_continue_trains_on_and_saves_once_there_is
         # step 4's save failed; a busy machine may see step 8's fail too before the ballast is gone
         assert 1 <= len(warned) <= 2 and all("cannot write checkpoint" in x for x in warned), warned
         assert ".tmp-step_00000004" in warned[0]
+        # rank 0 recorded each refused save as it happened, for the login node's waiter (launch.backends.slurm.wait)
+        records = RunFolder(run_dir).read_save_failures()
+        assert [r["step"] for r in records] == [int(re.search(r"\.tmp-step_(\d+)", x)[1]) for x in warned]
+        assert all("cannot write checkpoint" in r["error"] for r in records), records
         assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == ["step_00000012"]
         assert losses(run_dir) == losses(full)
         # the launcher's console and launch.status say so too, not a plain "done"

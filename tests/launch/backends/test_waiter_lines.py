@@ -193,3 +193,26 @@ def test_a_job_that_trained_on_past_refused_saves_says_so_beside_completed(tmp_p
     assert out.getvalue().strip().endswith(
         "COMPLETED on n1; run folder: " + str(run_dir) + "; checkpoint saves failed at step(s) 40, 80, 120 "
         "(checkpoint.on_save_error=continue: the run trained on; see logs/rank0.log)")
+
+
+def test_a_refused_save_is_told_while_the_job_runs_once_and_not_from_before_the_wait(tmp_path: Path, capsys):
+    """A disk that fills during the run: rank 0's record of each refused save (RunFolder.note_save_failure) is one
+    waiter line as it happens; a record from an earlier submission is not told again, nor is one told twice."""
+    from gpt.run_folder import RunFolder
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    folder = RunFolder(run_dir)
+    folder.note_save_failure(40, "cannot write checkpoint .tmp-step_00000040: the disk is full")  # before the wait
+    job = Submitted(Point(label="lr=0.1", run_dir=run_dir, job_name="g", resources=None), "8", tmp_path)
+    watch = Watch(saves_told={run_dir: len(folder.read_save_failures())})
+    watch.tell_failed_saves([job])
+    assert capsys.readouterr().err == ""
+    folder.note_save_failure(80, "cannot write checkpoint .tmp-step_00000080: the disk is full")
+    with open(folder.save_failures, "a") as f:
+        f.write('{"step": 120, "err')  # being written
+    watch.tell_failed_saves([job])
+    watch.tell_failed_saves([job])
+    assert capsys.readouterr().err.splitlines() == [
+        "job 8 (lr=0.1): checkpoint save at step 80 failed: cannot write checkpoint .tmp-step_00000080: the disk is "
+        "full (checkpoint.on_save_error=continue: training goes on)"]
