@@ -70,9 +70,9 @@ class Watchdog:
         self.thread.start()
         return self
 
-    def budget(self) -> tuple[str, float, float]:
-        """The budget that applies now: its key, its seconds, and the seconds used of it."""
-        p, now = self.progress, time.monotonic()
+    def budget(self, now: float | None = None) -> tuple[str, float, float]:
+        """The budget that applies at `now` (default: now): its key, its seconds, and the seconds used of it."""
+        p, now = self.progress, time.monotonic() if now is None else now
         kind = p.kind if p.first_step_done else "startup"
         key, seconds = self.budget_for(kind)
         return key, seconds, now - (p.started if kind == "startup" else p.since)
@@ -141,18 +141,23 @@ class Watchdog:
         self.node.beat(record)
 
     def _run(self) -> None:
+        last = time.monotonic()
         while True:
-            before = time.monotonic()
             time.sleep(self.cfg.interval_s)
-            if (overran := time.monotonic() - before - self.cfg.interval_s) > FROZEN_S:
-                self.progress.resumed(overran)
             try:
                 self.beat()
             except OSError as e:  # a full or lost filesystem must not kill the rank; the others will notice
                 self.outage.failed(e)
             else:
                 self.outage.recovered()
-            key, seconds, used = self.budget()
+            # A stop (Ctrl-Z, SIGSTOP) anywhere in this turn, its beat's file writes included, is a gap since the
+            # last turn's reading; the budget is judged at this same reading, so a stop after it only delays the
+            # judgement and is credited at the next turn.
+            now = time.monotonic()
+            if (overran := now - last - self.cfg.interval_s) > FROZEN_S:
+                self.progress.resumed(overran)
+            last = now
+            key, seconds, used = self.budget(now)
             stuck = used > seconds / 2
             if stuck:  # stuck for a while: watch the peers, to tell the gone from the slow
                 self.peers()

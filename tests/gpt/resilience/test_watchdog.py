@@ -229,3 +229,34 @@ def test_a_rank_stopped_past_its_budget_and_continued_is_no_hang(tmp_path):
     os.kill(proc.pid, signal.SIGCONT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 0 and out.split() == ["step", "2", "step", "3", "done"], out + err[-2000:]
+
+
+def test_a_stop_that_lands_during_a_heartbeat_is_credited_not_taken_for_a_hang(tmp_path, monkeypatch):
+    """Ctrl-Z can land while the watchdog thread writes its heartbeat (file writes are slow on a busy node): the
+    time stopped there is a gap in the watchdog's turns like any other, and the step's budget is not spent by it.
+    Here the beat itself takes the stopped time; the process's main thread makes no progress meanwhile."""
+    from gpt.resilience import watchdog
+
+    monkeypatch.setattr(watchdog, "FROZEN_S", 0.3)
+    (tmp_path / "watchdog").mkdir()
+    progress = Progress()
+    progress.phase("step", "step 0", 0)
+    progress.first_step_done = True
+    dog = Watchdog(WatchdogConfig(interval_s=0.05, step_s=1), tmp_path, 0, 1, "h", 1, lambda r: None, progress)
+    beat, turns, fired = dog.beat, [], []
+
+    def stopped_in_the_third_beat(last: bool = False) -> None:
+        turns.append(time.monotonic())
+        beat(last)
+        if len(turns) == 3:
+            time.sleep(2.0)  # stopped here, past the 1 s step budget
+
+    monkeypatch.setattr(dog, "beat", stopped_in_the_third_beat)
+    monkeypatch.setattr(dog, "fire", lambda *budget: fired.append((time.monotonic(), budget)))
+    dog.thread.start()
+    deadline = time.monotonic() + 30
+    while not fired and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert fired and len(turns) >= 3, (turns, fired)
+    # no progress after the stop either: the hang is still seen, a budget after the thread woke, not at once
+    assert fired[0][0] - (turns[2] + 2.0) > 0.5 and fired[0][1][0] == "watchdog.step_s", (fired, turns)
