@@ -62,9 +62,11 @@ test: setup data lint cluster
 	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
 # The quick slice a contributor runs before a commit: no Slurm, no training through `python -m launch` (such a test
-# is marked slow: tests/slow_marks.py). Four workers on 2 cores: many of these tests wait on a subprocess or a timer.
+# is marked slow: tests/slow_marks.py), no test that takes more than a few seconds (a subprocess that imports torch
+# is one). Three workers on 2 cores: a fourth costs another collection of every test module (about 12 CPU-seconds)
+# and gains nothing now that few of these tests wait.
 test-fast: setup data
-	$(BIN)/python -m pytest -n 4 -m "not slow and not slurm" $(ARGS)
+	$(BIN)/python -m pytest -n 3 -m "not slow and not slurm" $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe

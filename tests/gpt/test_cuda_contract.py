@@ -161,6 +161,7 @@ def test_out_of_memory_writes_the_snapshot_the_one_line_error_names(strict_cuda,
     assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 1 << 30}]
 
 
+@pytest.mark.slow
 def test_a_snapshot_asked_for_while_the_run_trains_is_written_after_the_step_once_per_request(strict_cuda, tmp_path,
                                                                                               monkeypatch):
     """python -m launch.memory_snapshot: each rank keeping the history writes a snapshot after the step it is in, named

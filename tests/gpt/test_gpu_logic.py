@@ -111,6 +111,7 @@ class SyncCounter:
 
 # train=gpu's step as well: bf16 autocast, an attention kernel named around SDPA (compile off: slow here)
 @pytest.mark.parametrize("preset", [[], ["train=gpu", "train.compile=false", "train.attention=math"]])
+@pytest.mark.slow
 def test_no_host_sync_on_steps_that_do_not_log(preset, tmp_path, monkeypatch):
     """The step's flags travel as host values (a gloo all_reduce under "cpu:gloo,cuda:nccl"), so a step that
     does not log never reads the loss, the gradient norm or a timer back from the device."""

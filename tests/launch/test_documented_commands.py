@@ -63,6 +63,7 @@ def test_the_documents_show_commands():
 
 
 @pytest.mark.parametrize("source,command,words", CASES, ids=[f"{s}:{c}" for s, c, _ in CASES])
+@pytest.mark.slow
 def test_documented_command_composes_and_plans(source, command, words, tmp_path, data_overrides, monkeypatch):
     """Every point of a sweep: `-m nodes=1,2,4` plans 1, 2 and 4 nodes. `site=NAME` finds the example profiles."""
     monkeypatch.setenv("GPTLAUNCH_SITE_DIR", str(REPO / "examples"))

@@ -14,6 +14,7 @@ from helpers import REPO
 ON_CPU = ("train.device=cpu", "train.precision=fp32", "checkpoint.async=false")
 
 
+@pytest.mark.slow
 def test_every_row_plans_for_eight_gpus_and_a_row_that_cannot_is_named():
     proc = subprocess.run([sys.executable, "-m", "benchmarks.gpu_smoke", "--dry-run"], cwd=REPO, capture_output=True,
                           text=True, timeout=120)

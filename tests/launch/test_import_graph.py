@@ -65,6 +65,7 @@ def test_the_launcher_imports_no_torch(module):
     assert subprocess.run([sys.executable, "-c", code], cwd=REPO).returncode == 0, f"{module} imports torch"
 
 
+@pytest.mark.slow
 def test_gpt_never_imports_launch():
     """gpt/ is what runs in a rank and knows no scheduler: it may not reach into launch/, not even lazily."""
     offenders = sorted(f"{m} -> {t}" for m, targets in graph().items() if m.startswith("gpt")
@@ -102,6 +103,7 @@ def test_nothing_outside_the_backends_imports_scheduler_code():
     assert "launch.backends.slurm.commands" in own and "launch.backends.slurm" in own
 
 
+@pytest.mark.slow
 def test_every_name_imported_from_the_project_exists():
     """An import inside a function runs only on its path (a stock launcher's task, a rare failure): a name moved or
     renamed elsewhere must not wait for that path to fail."""

@@ -118,6 +118,7 @@ def test_status_prints_one_line_per_in_job_restart(tmp_path):
            "at most 3, n3 replaces n2)\n" in proc.stdout, proc.stdout
 
 
+@pytest.mark.slow
 def test_detach_is_refused_where_no_job_is_submitted(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "launch", "launcher.detach=true", f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)

@@ -51,6 +51,7 @@ def full(trainer, tmp_path) -> Path:
     return run_dir
 
 
+@pytest.mark.slow
 def test_retention_keeps_the_newest_k_and_each_holds_every_part(full):
     found = list_checkpoints(full / "checkpoints")
     assert [p.name for p in found] == ["step_00000004", "step_00000008", "step_00000012"]
@@ -60,6 +61,7 @@ def test_retention_keeps_the_newest_k_and_each_holds_every_part(full):
     assert all(size > 0 for size in meta["files"].values())
 
 
+@pytest.mark.slow
 def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(trainer, full, tmp_path, caplog):
     run_dir = tmp_path / "copy"
     shutil.copytree(full, run_dir)
@@ -86,6 +88,7 @@ def test_a_checkpoint_of_another_model_config_lists_the_mismatching_keys(trainer
     assert "train.lr: checkpoint 0.003, this run 0.001" in text and "model.n_embd" not in text
 
 
+@pytest.mark.slow
 def test_a_checkpoint_records_its_data_and_resumes_only_on_the_same(trainer, tmp_path):
     """The data folder deleted and prepared again from other text under the run: the resume (a requeue, an in-job
     round) is refused in one line naming both fingerprints; a checkpoint from before the record resumes."""
@@ -132,6 +135,7 @@ def test_resume_none_starts_over_and_a_config_typo_is_named(trainer, full):
         trainer(full, "checkpoint.keep=0")
 
 
+@pytest.mark.slow
 def test_async_and_time_based_saves_match_sync_bitwise(trainer, full, tmp_path):
     run_dir = tmp_path / "async"
     t = trainer(run_dir, "checkpoint.async=true", "checkpoint.interval_minutes=0.0001")
@@ -173,6 +177,7 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_
     assert losses(run_dir) == losses(reference)
 
 
+@pytest.mark.slow
 def test_checkpoints_are_kept_and_resumed_by_write_order_not_by_step(trainer, tmp_path):
     """A run that resumed from step 8 (step 12 was unreadable) and saved step 10 has written 10 after 12: 12 is
     the abandoned one. The newest `keep` by write order are kept, and the next resume takes 10."""
@@ -187,6 +192,7 @@ def test_checkpoints_are_kept_and_resumed_by_write_order_not_by_step(trainer, tm
     assert again.step == 10
 
 
+@pytest.mark.slow
 def test_saving_a_step_again_replaces_it_only_once_the_new_copy_is_whole(trainer, full):
     """The previous copy moves aside (.old-step_N) before the new one goes in: a crash between the two renames
     leaves it listed and loadable, and the next save clears it away."""

@@ -86,6 +86,7 @@ def test_a_checkpoint_someone_else_owns_is_warned_about(checkpoint, tmp_path):
     assert "not to you" not in generate(checkpoint).stderr
 
 
+@pytest.mark.slow
 def test_deepspeed_engine_files_load_as_data_and_a_crafted_one_is_refused(tmp_path):
     """DeepSpeed's engine reads its files through load_deepspeed_file (weights_only=True): what its ZeRO optimizer
     state pickles loads, a pickle that would run a command is refused in one line and the command never runs."""

@@ -134,6 +134,7 @@ def test_a_truncated_shard_in_the_newest_checkpoint_falls_back_and_finishes_bitw
     assert losses(run_dir) == losses(full)
 
 
+@pytest.mark.slow
 def test_listing_checkpoints_while_another_process_prunes_them(tmp_path):
     """Folders vanish between the listing's glob and its reading of their meta.json (a prune elsewhere): they are
     left out, never an error."""
@@ -297,6 +298,7 @@ def test_metrics_tensorboard_and_lease_writers_on_a_full_disk_say_one_line_each_
         assert len(files) == 1 and events[0].step == 0 and events[-1].step == 200 and len(events) < 200, files
 
 
+@pytest.mark.slow
 def test_an_mlflow_file_store_on_a_full_disk_says_one_line_naming_its_folder(tmp_path, caplog):
     from gpt.config.tracking import TrackingConfig
     from gpt.resilience.faults import fill_disk

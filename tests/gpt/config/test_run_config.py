@@ -68,6 +68,7 @@ def test_bad_values_name_key_value_and_valid(override):
 
 
 @pytest.mark.parametrize("name", SECTIONS)
+@pytest.mark.slow
 def test_an_unknown_key_in_any_section_is_refused(name):
     with pytest.raises(ConfigCompositionException):  # Hydra, against the schema
         compose(f"{name}.foo=1")
@@ -126,6 +127,7 @@ def test_process_group_timeout_follows_the_watchdog():
     assert WatchdogConfig(collective_timeout_s=77).process_group_timeout() == 77
 
 
+@pytest.mark.slow
 def test_a_bad_value_stops_the_launch_before_any_rank(tmp_path, data_overrides):
     proc = launch("model=tiny", "checkpoint.keep=0", *data_overrides, run_dir=tmp_path / "run", check=False)
     assert proc.returncode == 2 and "error: checkpoint.keep=0 is not valid" in proc.stderr

@@ -192,6 +192,7 @@ p.prepare(sys.argv[1], sys.argv[2], "bpe", vocab_size=300, workers=1)
 """
 
 
+@pytest.mark.slow
 def test_a_killed_preparation_resumes_to_byte_identical_shards(corpus, tmp_path):
     def run(out: Path, delay: float) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", PREPARE, str(corpus["text"]), str(out), str(delay)],
@@ -214,6 +215,7 @@ def test_a_killed_preparation_resumes_to_byte_identical_shards(corpus, tmp_path)
     assert {p.name: p.read_bytes() for p in (tmp_path / "killed").iterdir()} == whole
 
 
+@pytest.mark.slow
 def test_parallel_workers_write_what_one_writes(corpus, tmp_path, monkeypatch):
     monkeypatch.setattr("gpt.data.prepare.PART_BYTES", 50_000)
     one = prepare(corpus["text"], tmp_path / "one", "hf", tokenizer_file=corpus["tokenizer"], workers=1)

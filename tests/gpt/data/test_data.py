@@ -64,6 +64,7 @@ def test_char_tokenizer_round_trips_the_whole_corpus(tmp_path):
         tok.encode("~")
 
 
+@pytest.mark.slow
 def test_bpe_trains_locally_and_round_trips(bpe_dir):
     tok = load_tokenizer(bpe_dir)
     assert isinstance(tok, BPETokenizer)
@@ -94,6 +95,7 @@ def test_prepare_char_writes_split_shards_and_meta(char_dir):
     assert tok.decode(split_tokens(char_dir, "val").tolist()) == TEXT[SPLIT:]
 
 
+@pytest.mark.slow
 def test_prepare_bpe_chunked_and_sharded_equals_one_encode(bpe_dir):
     meta = read_meta(bpe_dir)
     tok = load_tokenizer(bpe_dir)

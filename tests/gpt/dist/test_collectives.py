@@ -155,6 +155,7 @@ def _cast_then_tell(rank: int, port: int, out) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_the_steps_flags_are_cast_without_waiting_for_the_others():
     import torch.multiprocessing as mp
 

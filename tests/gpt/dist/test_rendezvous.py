@@ -24,6 +24,7 @@ def test_missing_rank_is_named_after_the_timeout():
 
 
 @pytest.mark.timeout(60)
+@pytest.mark.slow
 def test_rank_that_cannot_reach_the_master_names_itself():
     env = DistEnv(rank=2, world_size=3, master_addr="127.0.0.1", master_port=free_port(), hostname="node-c")
     with pytest.raises(RendezvousError) as e:

@@ -42,6 +42,7 @@ def trained_like(preset: str, **changes) -> GPT:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_exported_model_loads_stock_and_gives_the_same_logits_and_greedy_tokens(family, tmp_path):
     preset, changes = FAMILIES[family]
     model = trained_like(preset, **changes)
@@ -85,6 +86,7 @@ def test_a_llama_style_model_with_no_stock_equivalent_is_refused_naming_the_key(
 
 
 @pytest.mark.parametrize("end_of_text", [False, True])
+@pytest.mark.slow
 def test_the_exported_char_tokenizer_encodes_and_decodes_as_training_did(end_of_text, tmp_path):
     text = SHAKESPEARE.read_text()
     ours = CharTokenizer(sorted(set(text)), end_of_text=end_of_text)

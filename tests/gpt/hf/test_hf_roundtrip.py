@@ -39,6 +39,7 @@ def planned(folder, cfg) -> None:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.slow
 def test_an_exported_folder_imports_with_the_same_logits(family, tmp_path):
     model = trained_like(*FAMILIES[family][:1], **FAMILIES[family][1])
     hf_model(model, eot=None).save_pretrained(tmp_path)
@@ -138,6 +139,7 @@ class Payload:
         return (subprocess.call, (["touch", str(self.marker)],))
 
 
+@pytest.mark.slow
 def test_an_older_sharded_bin_folder_imports_and_one_holding_code_is_refused_unrun(tmp_path):
     model = trained_like(*FAMILIES["llama"][:1], **FAMILIES["llama"][1])
     folder = tmp_path / "bin"

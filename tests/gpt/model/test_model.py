@@ -62,6 +62,7 @@ def test_all_presets_are_covered():
 
 
 @pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.slow
 def test_preset_output_shapes(name):
     cfg = preset(name)
     with torch.device("meta"):  # full-size presets, without allocating or initialising their weights

@@ -52,6 +52,7 @@ def test_a_registered_strategy_is_selectable_planned_built_and_listed(toy):
         traits_of("nope")
 
 
+@pytest.mark.slow
 def test_the_registry_is_the_one_list_of_strategies():
     for name, traits in REGISTRY.items():
         assert issubclass(strategy_class(name), Strategy), name

@@ -87,6 +87,7 @@ LAUNCHED = ["world size not divisible by pp", "gpipe with ddp inside stages", "c
 
 
 @pytest.mark.parametrize("name", LAUNCHED)
+@pytest.mark.slow
 def test_bad_topology_is_one_clear_line(name, tmp_path, data_overrides):
     overrides, message = CASES[name]
     proc = launch("model=tiny", *data_overrides, *overrides, run_dir=tmp_path / "run", check=False)
@@ -142,6 +143,7 @@ def layout(overrides: list[str]) -> ParallelDims:
 
 
 @pytest.mark.parametrize("overrides,message", CASES.values(), ids=CASES.keys())
+@pytest.mark.slow
 def test_bad_topology_is_refused_with_its_message(overrides, message):
     with pytest.raises(ConfigError) as error:
         plan(overrides)
@@ -149,6 +151,7 @@ def test_bad_topology_is_refused_with_its_message(overrides, message):
 
 
 @pytest.mark.parametrize("fp16", [False, True])
+@pytest.mark.slow
 def test_deepspeed_fp16_on_a_cpu_runs_where_the_cpu_has_it(monkeypatch, fp16):
     """DeepSpeed's CPU accelerator says whether this CPU computes fp16: both answers, whatever this machine's CPU."""
     from deepspeed.accelerator import get_accelerator

@@ -53,6 +53,7 @@ def gloo_dumps(tmp_path_factory) -> dict[int, dict]:
     return read_dumps({r: out / f"rank{r}.pkl" for r in (0, 1)})
 
 
+@pytest.mark.slow
 def test_a_real_gloo_dump_names_the_rank_that_never_entered_the_collective(gloo_dumps):
     assert gloo_dumps[0]["version"] and set(gloo_dumps) == {0, 1}  # the schema torch writes
     (stuck,) = stuck_collectives(gloo_dumps, world=2)

@@ -212,6 +212,7 @@ def _turns_worker(rank: int, store: str, run_dir: str, out: str) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_only_a_node_below_the_bar_takes_another_turn(tmp_path):
     """A healthy job pays one turn per node; a node below min_fraction of the median is measured again, up to
     health.rounds, keeping its best: a load spike passes, a slow node stays slow."""

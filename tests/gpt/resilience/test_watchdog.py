@@ -155,6 +155,7 @@ def test_heartbeats_written_from_two_threads_at_once_never_lose_their_file(tmp_p
     assert not errors, errors[:1]
 
 
+@pytest.mark.slow
 def test_a_progressing_rank_never_looks_for_a_hang_report_and_a_stuck_one_finds_it(tmp_path, monkeypatch):
     """Steady state makes no lookup of the hang report (it was one per rank per beat on the shared file system); a
     rank stuck past half its budget still finds the report another rank claimed, and ends its attempt with it."""
@@ -231,6 +232,7 @@ def test_a_rank_stopped_past_its_budget_and_continued_is_no_hang(tmp_path):
     assert proc.returncode == 0 and out.split() == ["step", "2", "step", "3", "done"], out + err[-2000:]
 
 
+@pytest.mark.slow
 def test_a_stop_that_lands_during_a_heartbeat_is_credited_not_taken_for_a_hang(tmp_path, monkeypatch):
     """Ctrl-Z can land while the watchdog thread writes its heartbeat (file writes are slow on a busy node): the
     time stopped there is a gap in the watchdog's turns like any other, and the step's budget is not spent by it.

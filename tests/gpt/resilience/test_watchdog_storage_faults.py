@@ -92,6 +92,7 @@ def fill(mount: Path) -> None:
 
 
 @pytest.mark.parametrize("fault", ["report path is a directory", "disk full", "read-only"])
+@pytest.mark.slow
 def test_a_watchdog_whose_report_fails_still_requeues_and_exits(tmp_path, tmpfs, fault):
     run_dir = tmpfs / "run"
     if fault == "report path is a directory":

@@ -51,6 +51,7 @@ def test_an_infinite_loss_with_finite_gradients_poisons_them():
     assert torch.equal(w.grad, torch.ones(3))  # a finite loss: exactly as before
 
 
+@pytest.mark.slow
 def test_stop_names_the_step_and_the_newest_good_checkpoint(train):
     run_dir, fit = train("debug.nan_at_step=5")
     with pytest.raises(Diverged, match=r"diverged at step 5: the loss or the gradient norm is not finite.*"
@@ -59,6 +60,7 @@ def test_stop_names_the_step_and_the_newest_good_checkpoint(train):
     assert [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")] == [2, 4]  # nothing saved after
 
 
+@pytest.mark.slow
 def test_a_divergence_between_log_steps_is_read_at_the_next_save(train):
     """The guard reads its device-side tally at log steps and before a save: the stop still names the first step
     left out, and no checkpoint is saved after it."""
@@ -84,6 +86,7 @@ def test_the_update_is_left_out_on_the_device():
         step_unless(plain, torch.tensor(True))
 
 
+@pytest.mark.slow
 def test_skip_leaves_the_update_out_and_keeps_the_good_checkpoint(train):
     run_dir, fit = train("debug.nan_at_step=5", "divergence.policy=skip", "checkpoint.keep=1")
     summary = fit()
@@ -143,6 +146,7 @@ def test_a_nan_on_one_rank_is_skipped_on_both(tmp_path, data_overrides, layout):
 
 @pytest.mark.parametrize("layout", [[], pytest.param(["strategy=deepspeed", "strategy.stage=2"],
                                                      marks=pytest.mark.slow)], ids=["ddp", "deepspeed2"])
+@pytest.mark.slow
 def test_rollback_restores_the_checkpoint_before_and_passes_over_its_batches(train, caplog, monkeypatch, layout):
     """One process: the NaN batch of step 5 makes the run restore step 4's checkpoint (its very weights, under
     DeepSpeed's engine too) and pass over batches 4..5; the run then trains steps 4..9 on batches 6..11, all finite,
@@ -177,6 +181,7 @@ def test_rollback_restores_the_checkpoint_before_and_passes_over_its_batches(tra
     assert read_meta(kept[2])["data"]["skipped_batches"] == 2 and read_meta(kept[2])[AFTER_DIVERGENCE] == 5
 
 
+@pytest.mark.slow
 def test_rollback_stops_after_max_rollbacks_without_progress(train):
     """debug.spike_at_step names a batch: after the rollback the next batches spike as well (a factor on every step
     from 6 on would be a bad run, not a bad batch); here two NaN batches in a row and max_rollbacks=1."""
@@ -186,6 +191,7 @@ def test_rollback_stops_after_max_rollbacks_without_progress(train):
         fit()
 
 
+@pytest.mark.slow
 def test_a_run_resumed_after_a_rollback_does_not_replay_the_batches_it_passed_over(train, tmp_path):
     """Stopped at step 8 after the rollback and resumed to 10, a run trains steps 8 and 9 on the batches an
     uninterrupted run trains them on (10 and 11), not on batches 8 and 9 again."""
@@ -225,6 +231,7 @@ def test_rollback_on_two_ranks(tmp_path, data_overrides, layout):
     assert json.loads((run_dir / "summary.json").read_text())["last_step"] == 8
 
 
+@pytest.mark.slow
 def test_a_loss_spike_rolls_back_past_its_batch(train):
     """The spike's update is already in: the checkpoint of its own step is from before it, and its batch alone is
     passed over."""

@@ -24,6 +24,7 @@ from gpt.train.trainer import Trainer
 MIB = 2**20
 
 
+@pytest.mark.slow
 def test_a_trace_of_two_steps_and_the_memory_held_by_part(tmp_path_factory):
     """profile.steps=1-2: one Chrome trace (JSON) with both steps and their ops, under the attempt's folder; the
     memory record: parameters, gradients and AdamW state exactly those of the model's fp32 tensors."""

@@ -58,6 +58,7 @@ def by_step(run_dir) -> dict[int, tuple[float, float]]:
     return {r["step"]: (r["loss"], r["lr"]) for r in read_metrics(run_dir)}
 
 
+@pytest.mark.slow
 def test_wsd_extends_and_anneals_from_its_stable_phase_exactly(tmp_path_factory):
     prepared = tmp_path_factory.getbasetemp() / "schedule-data"
 

@@ -114,6 +114,7 @@ def test_the_loaders_own_cost_is_in_the_breakdown_beside_the_wait_for_it():
     assert f["data_read_s"] == pytest.approx(0.3) and f["data_time_s"] < 0.01
 
 
+@pytest.mark.slow
 def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_factory, monkeypatch):
     from hydra import compose, initialize_config_dir
 

@@ -20,6 +20,7 @@ def warnings_of_the_tracker(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "gpt.train.tracker" and r.levelno >= logging.WARNING]
 
 
+@pytest.mark.slow
 def test_a_wandb_outage_at_start_is_one_warning_and_the_run_trains_on(tmp_path, data_overrides, monkeypatch, caplog):
     import wandb
 
@@ -41,6 +42,7 @@ def test_a_wandb_outage_at_start_is_one_warning_and_the_run_trains_on(tmp_path, 
     assert sorted(set(steps)) == [0, 1, 2]  # the run's own files hold every point
 
 
+@pytest.mark.slow
 def test_an_mlflow_experiment_another_point_created_meanwhile_is_taken(tmp_path, monkeypatch, caplog):
     """Two points of a sweep start at once on one store: both look the experiment up and find none, one creates it,
     and the other's creation meets the error MLflow raises for an existing name. That one takes the experiment."""

@@ -32,6 +32,7 @@ def train(tmp_path_factory):
     return run
 
 
+@pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(train):
     whole, _ = train("train.global_batch_size=12")
     accumulated, _ = train("train.global_batch_size=12", "train.micro_batch_size=3")
@@ -40,6 +41,7 @@ def test_gradient_accumulation_matches_one_big_batch(train):
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.slow
 def test_mixed_precision_trains_close_to_fp32(train, precision):
     fp32, _ = train()
     mixed, _ = train(f"train.precision={precision}")
@@ -48,6 +50,7 @@ def test_mixed_precision_trains_close_to_fp32(train, precision):
     assert max(abs(x - y) for x, y in zip(a, b)) < 0.05  # low-precision matmuls drift a little, not a lot
 
 
+@pytest.mark.slow
 def test_learning_rate_warms_up_then_decays(train):
     run_dir, _ = train("train.max_steps=20", "train.warmup_steps=5", "train.min_lr=3e-4")
     lrs = [r["lr"] for r in read_metrics(run_dir)]

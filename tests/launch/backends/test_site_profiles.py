@@ -80,6 +80,7 @@ def test_hydra_searchpath_finds_a_profile_too(site_dir):
     assert "gres: gpu:a100:4" in proc.stdout and "account: proj42" in proc.stdout
 
 
+@pytest.mark.slow
 def test_a_missing_profile_is_one_line_naming_where_profiles_are(site_dir):
     proc = launch_cfg("site=nosuch")
     assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [

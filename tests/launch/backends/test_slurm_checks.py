@@ -178,6 +178,7 @@ def test_budget_counts_restarts_in_the_worst_case():
     check_budget(costs, 70.0, applies_to="expected")
 
 
+@pytest.mark.slow
 def test_restarts_come_from_the_preemption_settings():
     assert resources("nodes=2").restarts == 10  # preemption.max_restarts's default
     assert resources("nodes=2", "preemption.max_restarts=0").restarts == 0
@@ -200,6 +201,7 @@ def test_the_budget_section():
             section(BudgetConfig, "budget", {"max_node_hours": bad})
 
 
+@pytest.mark.slow
 def test_no_sbatch_suggests_cluster_local(tmp_path):
     """On a machine without Slurm: one line, no traceback, nothing run."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}

@@ -48,6 +48,7 @@ CASES = {
 
 
 @pytest.mark.parametrize("overrides,message", CASES.values(), ids=CASES.keys())
+@pytest.mark.slow
 def test_bad_config_is_one_clear_line(overrides, message, tmp_path, prepared_data):
     proc = launch(*prepared_data, *overrides, run_dir=tmp_path / "run", check=False)
     assert proc.returncode == 2, proc.stderr
@@ -58,6 +59,7 @@ def test_bad_config_is_one_clear_line(overrides, message, tmp_path, prepared_dat
     assert left <= {"app.log"}, left  # nothing ran, and the run has no record yet (Hydra's own log aside)
 
 
+@pytest.mark.slow
 def test_missing_data_file_names_the_path_and_where_to_get_it(tmp_path):
     missing = tmp_path / "nowhere" / "input.txt"
     proc = launch(f"data.text_path={missing}", f"data.dir={tmp_path / 'prepared'}", run_dir=tmp_path / "run",
@@ -67,6 +69,7 @@ def test_missing_data_file_names_the_path_and_where_to_get_it(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_a_sweep_value_hydra_refuses_stops_the_sweep(tmp_path, data_overrides):
     proc = launch(*data_overrides, "model=tiny", "train.lr=1e-3,abc", run_dir=tmp_path / "sweep", check=False,
                   multirun=True)

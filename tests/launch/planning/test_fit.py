@@ -22,6 +22,7 @@ GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "clust
 
 
 @pytest.mark.parametrize("memory,fits", [(4, False), (80, True)])
+@pytest.mark.slow
 def test_a_layout_that_does_not_fit_the_stated_memory_is_refused_before_anything(memory, fits, tmp_path):
     run = run_config(compose(*GPU_JOB, f"cluster.gpu_memory_gb={memory}", f"data.dir={tmp_path / 'data'}"))
     if fits:

@@ -63,6 +63,7 @@ def dogs(tmp_path) -> Iterator[list[Watchdog]]:
     thread.join()
 
 
+@pytest.mark.slow
 def test_one_rank_acts_the_one_that_claims_the_report(dogs):
     first, second = dogs
     report = first.decide("watchdog.step_s", 5.0, 6.0)
@@ -70,6 +71,7 @@ def test_one_rank_acts_the_one_that_claims_the_report(dogs):
     assert second.decide("watchdog.step_s", 5.0, 6.0) is None  # the claim is taken: rank 1 leaves it to rank 0
 
 
+@pytest.mark.slow
 def test_where_nobody_can_claim_the_report_the_lowest_surviving_rank_acts(dogs):
     first, second = dogs
     first.report.json_path.mkdir()  # nobody can create the report

@@ -51,6 +51,7 @@ def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(t
     assert agent.next_asked(0) and agent.next_asked(0)
 
 
+@pytest.mark.slow
 def test_a_standby_rank_by_default_on_gpu_ranks_only(tmp_path, monkeypatch):
     """preemption.standby_rank=auto: a GPU node's CPUs have room for the standby's imports; a CPU rank computes on
     every CPU its task has, so there the next round's rank starts when it is needed."""

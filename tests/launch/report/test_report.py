@@ -228,6 +228,7 @@ def test_weak_scaling_efficiency(tmp_path):
     assert [r.step_time_p50_s for r in rep.rows] == pytest.approx([1.0, 1.25, 1.6])  # the 9 s window is skipped
 
 
+@pytest.mark.slow
 def test_strong_scaling_efficiency_and_mixed(tmp_path):
     for nodes, t in ((1, 1.0), (2, 0.625), (4, 0.5)):
         write_point(tmp_path / "strong" / f"nodes={nodes}", nodes, 1, 16, [t, t, t])
@@ -283,6 +284,7 @@ def machine(boot_ids, cpus: int = 4, threads: int = 2):
                       "threads": threads}
 
 
+@pytest.mark.slow
 def test_shared_host_is_read_from_machine_ids_then_host_names_then_the_cluster(tmp_path):
     hosts = ["gl-n1", "gl-n2"]
     # the local test cluster: two namespaces with their own host names on one machine (one boot id)
@@ -306,6 +308,7 @@ def test_shared_host_is_read_from_machine_ids_then_host_names_then_the_cluster(t
     assert "shared host" not in (write_report(tmp_path / "b") / "scaling.md").read_text().split("## Measured")[0]
 
 
+@pytest.mark.slow
 def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is_flagged_with_its_cause(tmp_path):
     # the local test cluster, 2 cores: 1, 2 and 4 "nodes" of one rank each share one machine
     for n, step, comm in ((1, 0.1, None), (2, 0.125, 0.025), (4, 0.3, 0.02)):
@@ -349,6 +352,7 @@ def table(md: str, heading: str) -> dict[str, list[str]]:
     return {cells[0]: cells for cells in ([c.strip() for c in r.strip("|").split("|")] for r in lines)}
 
 
+@pytest.mark.slow
 def test_every_model_figure_drawn_is_the_figure_in_the_tables(tmp_path, monkeypatch):
     """`make run`'s sweep: 1 rank of 2 cores, then 2 "nodes" of one 1-core rank each on that machine (strong
     scaling). The model of nodes=2 as it ran (compute on 1 core) is one figure: in the model-error table, in the

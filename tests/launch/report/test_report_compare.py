@@ -64,6 +64,7 @@ def test_without_validation_the_points_are_ranked_by_training_loss(tmp_path):
     assert not any(ch.title.startswith("validation loss") for c in layout.category for ch in c.chart)
 
 
+@pytest.mark.slow
 def test_when_nodes_and_another_key_vary_the_report_gives_both(tmp_path):
     write_lr_sweep(tmp_path, nodes=1, lrs=(1e-3, 1e-4), finals=(2.0, 2.2))
     write_lr_sweep(tmp_path, nodes=2, lrs=(1e-3, 1e-4), finals=(2.01, 2.21))

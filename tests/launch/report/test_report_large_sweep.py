@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 
+import pytest
 from matplotlib.image import imread
 from test_report import csv_rows, write_point
 
@@ -23,6 +24,7 @@ def write_sweep(root) -> None:
                     losses=[3.0, 2.6, 2.3, final], val=((10, 2.5), (30, final)))
 
 
+@pytest.mark.slow
 def test_the_report_of_256_points_builds_in_seconds_and_stays_bounded(tmp_path):
     write_sweep(tmp_path)
     start = time.process_time()  # CPU time: what the report costs, whatever else the machine runs

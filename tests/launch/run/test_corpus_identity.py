@@ -60,6 +60,7 @@ def test_run_json_records_the_prepared_data_and_a_run_continues_only_on_it(tmp_p
     assert json.loads((run_dir / "run.json").read_text())["data"] == {"dir": str(data), "fingerprint": "another"}
 
 
+@pytest.mark.slow
 def test_data_prepared_again_by_the_planning_itself_is_refused_before_the_record(tmp_path, monkeypatch):
     """The data folder deleted under a run with a checkpoint: the check finds nothing prepared, planning prepares it
     from other settings, and the record refuses it rather than write the new fingerprint over the run's."""

@@ -85,6 +85,7 @@ def test_a_fresh_beat_vetoes_a_take_over_even_from_the_same_job(tmp_path):
         stop(first)
 
 
+@pytest.mark.slow
 def test_a_late_beat_is_no_take_over_while_the_holder_still_runs_here(tmp_path):
     """A frozen holder (SIGSTOP, a stalled file system) on this host is alive however late its beat: refused after
     a look at its beat (not the stale time), naming its process, and its generation stays."""

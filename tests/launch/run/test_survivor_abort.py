@@ -206,6 +206,7 @@ def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monk
     assert found == lost_rank.Culprit(1, "n2", "lost")
 
 
+@pytest.mark.slow
 def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, asked, monkeypatch):
     """Every rank died of SIGABRT and no peer was lost or failed: the first to abort (its own error, such as a GPU
     fault) is the lost rank; the others were aborted after it."""
@@ -248,6 +249,7 @@ def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, 
     assert (line["lost_rank"], line["ended"], line["requeued"]) == (1, "rank 1 was killed by SIGKILL", False), line
 
 
+@pytest.mark.slow
 def test_a_live_peer_whose_clock_is_behind_is_not_taken_for_lost(run_dir, monkeypatch):
     """Rank 1's host clock is a minute behind, but its heartbeat keeps moving: alive. Rank 2 aborted first."""
     monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 1.0)
