@@ -58,9 +58,24 @@ def write_json(path: Path, record: Any, indent: int | None = None) -> None:
         raise
 
 
+def read_json_lines(path: Path) -> list[Any]:
+    """Each line of a JSON-lines file, oldest first; none if it cannot be read. A line cut short (its writer was
+    killed, or is still writing) is skipped."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            out.append(json.loads(line))
+    return out
+
+
 @dataclass(frozen=True)
 class RunFolder:
-    """The paths of one run folder's files (nothing is written here: AttemptsLog writes the attempts log)."""
+    """The paths of one run folder's files (AttemptsLog writes the attempts log; the one record written here is
+    rank 0's line per refused save, note_save_failure)."""
 
     path: Path
 
@@ -245,15 +260,7 @@ class RunFolder:
 
     def read_save_failures(self) -> list[dict[str, Any]]:
         """The records of note_save_failure, oldest first; a line still being written is left for the next read."""
-        try:
-            lines = self.save_failures.read_text().splitlines()
-        except OSError:
-            return []
-        records = []
-        for line in lines:
-            with contextlib.suppress(ValueError):
-                records.append(json.loads(line))
-        return records
+        return [r for r in read_json_lines(self.save_failures) if isinstance(r, dict)]
 
     @property
     def hydra_overrides(self) -> Path:
@@ -386,16 +393,10 @@ class AttemptsLog:
 
     def read(self) -> list[AttemptLine]:
         """Every attempt's line, oldest first; a line cut short (its writer was killed) is skipped."""
-        try:
-            lines = self.log.read_text().splitlines()
-        except OSError:
-            return []
         out = []
-        for line in lines:
-            try:
-                out.append(AttemptLine.from_json(json.loads(line)))
-            except (ValueError, TypeError, AttributeError):
-                continue
+        for raw in read_json_lines(self.log):
+            with contextlib.suppress(ValueError, TypeError, AttributeError):
+                out.append(AttemptLine.from_json(raw))
         return out
 
     def append(self, job_id: str | None, restart: int, record: dict[str, Any], round_: int = 0,
