@@ -226,11 +226,13 @@ class DebugConfig:
     # over it (divergence.policy=rollback)
     nan_at_step: int | None = None
     nan_rank: int = 0
-    spike_at_step: int | None = None  # every rank's loss is multiplied by spike_factor on the batch of this step
+    spike_at_step: int | None = None  # spike_rank's loss is multiplied by spike_factor on the batch of this step
     spike_factor: float = 100.0
+    spike_rank: int | None = None  # null: every rank
 
     def validate(self) -> None:
-        ranks = ("delay_rank", "unreadable_rank", "hang_rank", "kill_rank", "straggler_rank", "signal_rank", "nan_rank")
+        ranks = ("delay_rank", "unreadable_rank", "hang_rank", "kill_rank", "straggler_rank", "signal_rank", "nan_rank",
+                 "spike_rank")
         for key in ranks:
             at_least(f"debug.{key}", getattr(self, key), 0, "a rank (>= 0), or null", none_ok=True)
         for key in ("save_sleep_step", "hang_step", "kill_step", "fill_disk_step", "nan_at_step", "spike_at_step"):

@@ -18,7 +18,8 @@ nothing, so a normal run is never changed.
                                         the next attempt runs without it)
     debug.nan_at_step, nan_rank         that rank's loss is NaN on that step's batch (a divergence:
                                         gpt.train.divergence; a rollback passes over the batch)
-    debug.spike_at_step, spike_factor   every rank's loss is multiplied by spike_factor on that step's batch
+    debug.spike_at_step, spike_factor   spike_rank's loss (every rank's, by default) is multiplied by spike_factor
+      spike_rank                        on that step's batch
     debug.fill_disk_step                rank 0 fills the file system of the run folder before that step (with
                                         RUN_DIR/../.debug-fill-disk, outside the run folder): a full disk between
                                         saves, or during an asynchronous save still in flight
@@ -102,11 +103,11 @@ class Faults:
     def loss_factor(self, batch: int) -> float:
         """What this rank's loss is multiplied by on the batch of index `batch` (a step's own, unless a rollback
         passed over batches: then the batch it names is never trained again): NaN on the batch of debug.nan_at_step
-        (on nan_rank), spike_factor on that of debug.spike_at_step (every rank), else 1."""
+        (on nan_rank), spike_factor on that of debug.spike_at_step (on spike_rank, or every rank), else 1."""
         c = self.cfg
         if batch == c.nan_at_step and self.rank == c.nan_rank:
             return float("nan")
-        return c.spike_factor if batch == c.spike_at_step else 1.0
+        return c.spike_factor if batch == c.spike_at_step and c.spike_rank in (None, self.rank) else 1.0
 
     def before_commit(self, step: int) -> None:
         """Inside a save, after the shards and before meta.json."""

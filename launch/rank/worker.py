@@ -51,6 +51,7 @@ from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
 log = logging.getLogger("launch.rank.worker")
+EVERY_RANK = "every_rank"  # a log record's flag: every rank logs it alike (its own log file), rank 0's console says it
 
 
 def setup_logging(run_dir: Path, env: DistEnv) -> None:
@@ -61,6 +62,8 @@ def setup_logging(run_dir: Path, env: DistEnv) -> None:
     file = LogFile(folder.log(env.rank))  # a full disk drops its lines, said once
     console = logging.StreamHandler(sys.stderr)
     console.setLevel(logging.INFO if env.is_main else logging.WARNING)
+    if not env.is_main:  # what every rank says alike reaches the console once, from rank 0
+        console.addFilter(lambda record: not getattr(record, EVERY_RANK, False))
     root = logging.getLogger()
     root.handlers.clear()
     root.setLevel(logging.INFO)
@@ -312,7 +315,7 @@ def main() -> None:
         code = EXIT_USER
         _log_failure(attempt, str(e))
     except Diverged as e:  # every rank at the same step; a failed run, not requeued
-        log.error("%s", e)
+        log.error("%s", e, extra={EVERY_RANK: True})
         code = EXIT_FAILED
         _log_failure(attempt, str(e), how="diverged")
     except BaseException as e:

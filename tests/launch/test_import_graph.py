@@ -120,3 +120,16 @@ def test_every_name_imported_from_the_project_exists():
                 if not hasattr(module, alias.name) and importlib.util.find_spec(f"{node.module}.{alias.name}") is None:
                     missing.append(f"{path.relative_to(REPO)}:{node.lineno} {node.module}.{alias.name}")
     assert not missing, missing
+
+
+def test_a_module_run_as_a_command_defines_everything_before_it_runs():
+    """`python -m MODULE` runs its `if __name__ == "__main__":` block where it stands: a function defined below it
+    does not exist yet when main() needs it (a NameError on a path the tests may never take)."""
+    late = []
+    for path in [p for pkg in ("launch", "gpt", "benchmarks") for p in (REPO / pkg).rglob("*.py")]:
+        body = ast.parse(path.read_text()).body
+        for i, node in enumerate(body):
+            if isinstance(node, ast.If) and getattr(getattr(node.test, "left", None), "id", None) == "__name__":
+                if i != len(body) - 1:
+                    late.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert not late, f"code after the main block: {late}"

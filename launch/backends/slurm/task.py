@@ -206,13 +206,13 @@ def without_inherited(env: dict[str, str], run_dir: Path) -> dict[str, str]:
     return {k: v for k, v in env.items() if k not in dropped}
 
 
-
 def started_up(run_dir: Path, rank: int, pid: int) -> bool:
     """The rank process `pid` has done its imports: its environment record is written."""
     try:
         return json.loads(RunFolder(run_dir).environment_record(rank).read_text()).get("pid") == pid
     except (OSError, ValueError):
         return False
+
 
 def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:
     """One line: which rank, where, how it ended, its last error, and where to read more."""
@@ -277,10 +277,6 @@ def task_output() -> Path | None:
         return None
 
 
-if __name__ == "__main__":
-    main()
-
-
 def not_requeued(rank: int, host: str, folder: RunFolder, job: JobEnvironment, k: int) -> str:
     """A rank that saved on a signal and was not requeued: why, as its attempt's line says (a preemption Slurm's
     policy cancels, the restart limit), else where to look."""
@@ -291,3 +287,7 @@ def not_requeued(rank: int, host: str, folder: RunFolder, job: JobEnvironment, k
     why = f"{line.ended}; {line.note}" if line is not None and line.note else f"see {folder.attempts.log}"
     return (f"rank {rank} on {host} stopped after a preemption signal and saved a checkpoint, but the job was not "
             f"requeued ({why}); submit the same command again to resume")
+
+
+if __name__ == "__main__":
+    main()

@@ -241,3 +241,29 @@ def test_a_loss_spike_rolls_back_past_its_batch(train):
     rollback = read_metrics(run_dir, kind="rollback")
     assert [(r["step"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == [(8, 8, 8)]
     assert max(r["loss"] for r in read_metrics(run_dir) if r["step"] >= 8) < 10  # batches 9 and 10, no spike
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fault", [["debug.nan_at_step=5", "debug.nan_rank=1"],
+                                   ["debug.spike_at_step=5", "debug.spike_rank=1", "debug.spike_factor=50",
+                                    "divergence.spike_window=3", "divergence.spike_threshold=4"]],
+                         ids=["nan", "spike"])
+def test_stop_on_two_ranks_is_one_decision_and_one_line(tmp_path, data_overrides, fault):
+    """Rank 1 alone sees the NaN or the spike (its own loss is 50 times the other's; a rule on its own loss would
+    stop rank 1 and leave rank 0 waiting in the next step's collective): both ranks stop at step 5, the user reads
+    one line naming the step and the newest checkpoint from before it, and nothing is saved after it."""
+    run_dir = tmp_path / "run"
+    proc = launch("model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=8",
+                  "train.warmup_steps=2", "train.eval_interval=0", "train.log_interval=1",
+                  "checkpoint.interval_steps=2", *fault,
+                  "divergence.policy=stop", *data_overrides, run_dir=run_dir, check=False)
+    text = proc.stdout + proc.stderr
+    assert proc.returncode == 1, text
+    lines = [x for x in text.splitlines() if "the run diverged at step 5" in x]
+    assert len(lines) == 1 and "step_00000004 (divergence.policy=stop)" in lines[0], text
+    for rank in (0, 1):
+        assert "the run diverged at step 5" in (run_dir / "logs" / f"rank{rank}.log").read_text()
+    kept = [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")]
+    assert kept == [2, 4], kept
+    [attempt] = [json.loads(x) for x in (run_dir / "attempts.jsonl").read_text().splitlines()]
+    assert attempt["ended"].startswith("diverged: the run diverged at step 5"), attempt
