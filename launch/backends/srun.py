@@ -24,6 +24,7 @@ from launch.backends import Backend, RunFailed
 from launch.backends.slurm import allocation, commands
 from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
+from launch.backends.slurm.spare_exit import LINGER_S, Linger
 from launch.backends.slurm.step import RankStep, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
@@ -150,8 +151,9 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
     child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here, spares=spares,
                                           setup=step_setup(folder.config)), env=env)
     relay = SignalRelay([*signals, signal.SIGINT])
+    outlived = Linger(run_dir, job_environment().job_id).over if spares else lambda: False
     try:  # srun passes each signal on to every task
-        code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token))
+        code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token), stop=outlived)
     finally:
         relay.restore()
     logs = f"rank logs: {folder.logs}/rank*.log"
@@ -167,8 +169,8 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
         raise SrunFailed(f"the job was stopped (SIGTERM: scancel, preemption or the time limit) and srun with it "
                          f"(exit code {code}); {logs}")
     if code != 0 and finished_on_spares(run_dir, job_environment().job_id):
-        print(f"srun exited with code {code}: the tasks of the node a spare replaced were killed with it; the run "
-              "finished", file=sys.stderr, flush=True)
+        print(f"srun exited with code {code}: the tasks of the node a spare replaced were killed with it, or were "
+              f"not heard from {LINGER_S:.0f} s after the run finished; the run finished", file=sys.stderr, flush=True)
         return ranks_job
     if code != 0:
         why = _attempt_end(folder, launch) or _first_rank_error(folder, nodes * tasks_per_node)

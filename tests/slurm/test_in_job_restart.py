@@ -3,15 +3,20 @@ allocation instead of requeueing. The job never leaves RUNNING (Slurm counts no 
 round, and the run finishes exactly as an uninterrupted one (bitwise losses and final weights)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from benchmarks.recovery_latency import first_step_after
+from gpt.resilience.timing import ENDED_EXIT_S
+from launch.backends.slurm.commands import FINAL
+from launch.backends.slurm.spare_exit import LINGER_S
 from slurm_helpers import REPO, SLURM, cut_link
 from test_preemption import RUN as REQUEUE_RUN
 from test_preemption import Job, assert_same_run, attempts
@@ -156,8 +161,10 @@ def test_a_hang_on_every_attempt_restarts_once_in_the_job_then_fails_clearly(slu
 @pytest.mark.timeout(300)
 def test_a_cut_off_node_is_replaced_by_the_spare_within_the_watchdog_budget(slurm_cluster, tmp_path,
                                                                             data_overrides, reference):
-    """Rank 1's node loses its network link: the watchdog names it cut off within watchdog.step_s, and the spare
-    takes its place in the next round, without a requeue (the link comes back once the run goes on)."""
+    """Rank 1's node loses its network link, and it stays cut until the job has ended: the watchdog names it cut off
+    within watchdog.step_s, and the spare takes its place in the next round, without a requeue. srun would wait for
+    the cut node's task until Slurm declares the node down (SlurmdTimeout, 300 s): the batch script's watcher ends
+    it once the run has finished (launch.backends.slurm.spare_exit), and the launcher says where the run finished."""
     step_s = 6
     job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides,
                                         f"watchdog.step_s={step_s}"], tmp_path / "run")
@@ -166,15 +173,60 @@ def test_a_cut_off_node_is_replaced_by_the_spare_within_the_watchdog_budget(slur
     node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
     with cut_link(slurm_cluster, node) as cut:
         back = first_step_after(job.run_dir, cut)
-    seen = states_until_done(job)
-    assert job.wait() == 0, job.text()
+        seen = states_until_done(job)
+        code, ended = job.wait(), time.time()
+    assert code == 0, job.text()
+    finished = attempts(job.run_dir)[-1]["time"]
     print(f"cut link: {back - cut:.1f} s from the cut to the next round's first step on the spare "
-          f"(watchdog.step_s={step_s})")
+          f"(watchdog.step_s={step_s}); the launcher ended {ended - finished:.1f} s after the run finished")
+    assert ended - finished < LINGER_S + 30, (ended - finished, job.text())
+    assert f"COMPLETED on {hosts[0]}, {hosts[2]}, train loss" in job.text(), job.text()
     assert back - cut < step_s + 30 + 30, back - cut  # the watchdog's budget and margin, then the restart
-    assert slurm_cluster.job_info(job.id())["JobState"] == "COMPLETED", slurm_cluster.job_info(job.id())
+    assert slurm_cluster.wait_state(job.id(), {"COMPLETED"}) == "COMPLETED", slurm_cluster.job_info(job.id())
     assert {restarts for _, restarts in seen} == {"0"}, seen
     log = attempts(job.run_dir)
     assert [(a["ended"], a.get("in_job_restart"), a.get("replaced")) for a in log] == [
         ("hang", 1, {node: hosts[2]}), ("finished", None, None)], log
     assert f"rank 1 on {node} cannot reach the master over the network (cut off)" in log[0]["hang"], log[0]
     assert_same_run(job.run_dir, reference)
+
+
+@pytest.mark.timeout(600)
+def test_a_spare_whose_round_ends_without_a_word_ends_its_task_not_the_allocations_time(slurm_cluster, tmp_path,
+                                                                                       data_overrides):
+    """2 nodes and 1 spare: every process of the job on the two nodes that train (task wrappers and ranks) is killed
+    at once, so nobody writes the attempt's line or asks for a next round. Under srun's --no-kill and
+    --kill-on-bad-exit=0 only the spare's own deadline ends its task: the job ends within the round's silence
+    threshold (round_agent.RoundLife, from the last beat of rank 0's lease), far inside its time limit, and the
+    spare's task says why."""
+    pg_timeout = 30.0
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", "cluster.spare_nodes=1", *SLURM, *RUN, *data_overrides,
+                                        f"watchdog.collective_timeout_s={pg_timeout}"], tmp_path / "run")
+    job.training(0)
+    hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+    training = [json.loads((job.run_dir / "environment" / f"rank{r}.json").read_text())["host"] for r in (0, 1)]
+    spare = next(h for h in hosts if h not in training)
+    killed = kill_every_python_of(job.id(), training)
+    assert killed >= 4, killed  # a task wrapper and a rank on each node
+    gone = time.time()
+    code = job.wait(timeout=pg_timeout + ENDED_EXIT_S + 120)
+    ended = time.time() - gone
+    print(f"spare deadline: the job ended {ended:.0f} s after its training nodes went silent "
+          f"(threshold {pg_timeout + ENDED_EXIT_S:.0f} s)")
+    assert code != 0 and ended < pg_timeout + ENDED_EXIT_S + 60, (ended, job.text())
+    assert slurm_cluster.job_state(job.id()) in FINAL, slurm_cluster.job_info(job.id())
+    assert f"{spare} waited as a spare in round 0 of job {job.id()}" in job.text(), job.text()
+    assert "this task ends rather than hold its node to the time limit" in job.text(), job.text()
+
+
+def kill_every_python_of(job_id: str, hosts: list[str]) -> int:
+    """SIGKILL, at once, every Python process of Slurm job `job_id` on `hosts` (this machine runs every node's)."""
+    procs = []
+    for proc in psutil.process_iter(["cmdline", "environ"]):
+        env, cmd = proc.info["environ"] or {}, proc.info["cmdline"] or []
+        if env.get("SLURM_JOB_ID") == job_id and env.get("SLURMD_NODENAME") in hosts and "python" in " ".join(cmd[:1]):
+            procs.append(proc)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.kill()
+    return len(procs)

@@ -170,10 +170,11 @@ class SlurmResources:
             # threads from its -c (launch.rank.threads)
             "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.step.exports(), *self.setup],
         }
-        if self.spare_nodes:  # srun's code counts the lost node's killed tasks; a run finished on spares is a success
-            params["teardown"] = ["code=$?", f"if [ $code -ne 0 ] && {shlex.quote(sys.executable)} -m "
-                                  f"launch.backends.slurm.spare_exit {shlex.quote(str(folder))}; then code=0; fi",
-                                  "exit $code"]
+        if self.spare_nodes:  # srun may outlive a run finished on spares, and its code counts a lost node's tasks
+            spare_exit = f"{shlex.quote(sys.executable)} -m launch.backends.slurm.spare_exit {shlex.quote(str(folder))}"
+            params["setup"].append(f"{spare_exit} --watch $$ & spare_watch=$!")
+            params["teardown"] = ["code=$?", "kill $spare_watch 2>/dev/null",
+                                  f"if [ $code -ne 0 ] && {spare_exit}; then code=0; fi", "exit $code"]
         optional = {"gpus_per_node": self.gpus_per_node or None, "gpus_per_task": self.gpus_per_task or None,
                     "gres": self.gres, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}

@@ -41,7 +41,10 @@ class Submitted:
 
     @property
     def num_tasks(self) -> int:
-        return 1 if self.packed else self.point.resources.world_size
+        """The tasks srun starts, each with its result file: a spare node's too (it may be the one that says why
+        the job ended)."""
+        r = self.point.resources
+        return 1 if self.packed else r.allocated_nodes * r.tasks_per_node
 
 
 def budget_gate(points: list[Point], budget: BudgetConfig, out=sys.stdout) -> None:

@@ -99,6 +99,17 @@ def job_states(job_ids: list[str]) -> dict[str, JobInfo]:
     return slurm_commands.job_infos(job_ids)
 
 
+def ended(info: JobInfo, members: list[Submitted]) -> str | None:
+    """The state a job ended in; None while it runs. A job COMPLETING whose run finished on spares has ended
+    COMPLETED (its batch script says so, launch.backends.slurm.spare_exit): Slurm only waits to hear from a node it
+    cannot reach, up to SlurmdTimeout, and has released the others."""
+    if info.state in FINAL or info.state == GONE:
+        return info.state
+    if info.state == "COMPLETING" and all(finished_on_spares(s.point.run_dir, s.job_id) for s in members):
+        return "COMPLETED"
+    return None
+
+
 def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
     """Read every task's result (a pickle submitit wrote) once the job has ended."""
     from submitit.core.utils import pickle_load
@@ -199,10 +210,10 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
             watch.tell_requeues(active)
             watch.tell_failed_saves(active)
             for jid, info in [(j, infos[j]) for j in list(pending) if j in infos]:  # a chain ends with its last
-                if info.state in FINAL or info.state == GONE:
+                if (state := ended(info, members[jid])) is not None:
                     pending.pop(jid)
                     for s in members[jid]:
-                        outcomes[id(s)] = collect(s, info.state)
+                        outcomes[id(s)] = collect(s, state)
                         bar.update(1)
                         if on_done:
                             bar.clear()

@@ -47,7 +47,7 @@ def test_a_job_cancelled_while_pending_names_no_log_it_never_wrote(tmp_path: Pat
         job, "CANCELLED", "JobHeldUser", (("ExitCode", "0:0"), ("Reason", "JobHeldUser"))))
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    resources = SimpleNamespace(world_size=2)  # what collect reads of them
+    resources = SimpleNamespace(allocated_nodes=2, tasks_per_node=1)  # what collect reads of them
     job = Submitted(Point(label="nodes=2", run_dir=run_dir, job_name="gptlaunch", resources=resources), "23", tmp_path)
     assert collect(job, "CANCELLED").message().splitlines() == [
         "job 23 (nodes=2) ended CANCELLED:",
@@ -176,6 +176,27 @@ def test_a_job_completed_on_the_hosts_that_ran_ranks_not_on_its_idle_spare(tmp_p
     assert outcome.result["hosts"] == ["n1", "n2"]  # "COMPLETED on n1, n2"
 
 
+def test_a_spare_task_that_ended_the_job_is_heard(tmp_path: Path, monkeypatch):
+    """2 nodes and a spare: the training nodes' tasks were killed without a result, and the spare's task ended the job
+    on its own deadline (launch.rank.round_agent.RoundSilent). Its result file (task 2, past the world size) is
+    read, and the user is told why, not only that no rank reported."""
+    from submitit.core.utils import cloudpickle_dump
+
+    from launch.backends.slurm import commands
+    from launch.backends.slurm.wait import collect
+
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: None)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    point = Point(label="run", run_dir=run_dir, job_name="g",
+                  resources=SimpleNamespace(allocated_nodes=3, tasks_per_node=1, world_size=2))
+    job = Submitted(point, "7", tmp_path)
+    why = "n3 waited as a spare in round 0 of job 7 (restart 0), which showed no sign of life for 270 s"
+    cloudpickle_dump(("error", f"Traceback ...\nlaunch.backends.slurm.task.RankFailed: {why}\n"),
+                     job.paths(2).result_pickle)
+    assert collect(job, "FAILED").message().splitlines()[:2] == ["job 7 (run) ended FAILED:", f"  {why}"]
+
+
 def test_a_job_that_trained_on_past_refused_saves_says_so_beside_completed(tmp_path: Path):
     """checkpoint.on_save_error=continue: storage refused interval saves in two attempts, each attempt's line keeps
     their steps, and the job's last line names them all, not a plain COMPLETED."""
@@ -216,3 +237,48 @@ def test_a_refused_save_is_told_while_the_job_runs_once_and_not_from_before_the_
     assert capsys.readouterr().err.splitlines() == [
         "job 8 (lr=0.1): checkpoint save at step 80 failed: cannot write checkpoint .tmp-step_00000080: the disk is "
         "full (checkpoint.on_save_error=continue: training goes on)"]
+
+
+def finished_on_a_spare(run_dir: Path, job_id: str) -> None:
+    run_dir.mkdir(exist_ok=True)
+    (run_dir / "attempts.jsonl").write_text(
+        attempt(job_id, 0, ended="hang", in_job_restart=1, replaced={"n2": "n3"})
+        + attempt(job_id, 0, round=1, ended="finished"))
+
+
+def test_srun_outlives_a_run_finished_on_spares_after_linger_s_not_before(tmp_path: Path, monkeypatch):
+    """A cut node's task cannot tell srun it ended: srun would wait for Slurm to declare the node down. It is ended
+    LINGER_S after the run finished on spares; never for another job's run, nor for a run that lost no node."""
+    from launch.backends.slurm import spare_exit
+    from launch.backends.slurm.spare_exit import LINGER_S, Linger
+
+    clock = [100.0]
+    monkeypatch.setattr(spare_exit.time, "monotonic", lambda: clock[0])
+    finished_on_a_spare(tmp_path / "run", "5")
+    linger, other = Linger(tmp_path / "run", "5"), Linger(tmp_path / "run", "6")
+    assert not linger.over() and not other.over()  # seen finished at 100
+    clock[0] += LINGER_S - 1
+    assert not linger.over()
+    clock[0] += 1
+    assert linger.over() and not other.over()
+    (tmp_path / "plain").mkdir()
+    (tmp_path / "plain" / "attempts.jsonl").write_text(attempt("5", 0, ended="finished"))
+    plain = Linger(tmp_path / "plain", "5")
+    clock[0] += 1000
+    assert not plain.over()
+
+
+def test_a_completing_job_whose_run_finished_on_spares_has_ended(tmp_path: Path):
+    """Slurm keeps a job COMPLETING while a node it cannot reach has not answered (SlurmdTimeout): once its run
+    finished on spares (the batch script then exits 0), the waiter reports it COMPLETED, not after five minutes."""
+    from launch.backends.slurm.commands import JobInfo
+    from launch.backends.slurm.wait import ended
+
+    finished_on_a_spare(tmp_path / "run", "5")
+    point = Point(label="run", run_dir=tmp_path / "run", job_name="g", resources=None)
+    job = [Submitted(point, "5", tmp_path)]
+    assert ended(JobInfo("5", "COMPLETING", "None"), job) == "COMPLETED"
+    assert ended(JobInfo("5", "RUNNING", "None"), job) is None
+    assert ended(JobInfo("5", "FAILED", "None"), job) == "FAILED"
+    (tmp_path / "run" / "attempts.jsonl").write_text(attempt("5", 0, ended="finished"))  # no node was replaced
+    assert ended(JobInfo("5", "COMPLETING", "None"), job) is None
