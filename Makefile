@@ -24,7 +24,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'
 	touch $@
 
 # Every dependency pinned to what the venv holds (after an upgrade the tests passed): what CI and a fresh machine

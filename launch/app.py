@@ -127,5 +127,6 @@ def hydra_main(cfg: DictConfig) -> None:
 
 def main() -> None:
     """`python -m launch`: Hydra's own errors (an unknown key, a wrong type) are one line and exit code 2 too."""
+    logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's sweeper imports it: a line per plugin at INFO
     with hydra_errors.composing(sys.argv[1:]):
         hydra_main()

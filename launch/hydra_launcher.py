@@ -4,11 +4,13 @@
    the resolved config written to the point's run folder). Any bad point stops the sweep before anything runs.
 2. Points that are jobs (cluster=slurm): the budget guard, then submission (launch.backends.<name>).
 3. Points that run here (cluster=local, srun) run one after another, through the app's own task function.
-4. The jobs are waited for; each point's JobReturn holds its result (job id, hosts, world size, summary).
+4. The jobs are waited for; each point's JobReturn holds its result (job id, hosts, world size, summary), which is
+   also its objective for a sweeper that chooses the next points from results (PointResult).
 5. The scaling report of the whole sweep is written into the sweep folder.
 """
 from __future__ import annotations
 
+import json
 import logging
 import sys
 from pathlib import Path
@@ -19,6 +21,7 @@ from hydra.core.utils import JobReturn, JobStatus, configure_log, filter_overrid
 from omegaconf import OmegaConf, open_dict
 
 from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
+from gpt.run_folder import RunFolder
 from launch import hydra_errors
 from launch.app import plan_run
 from launch.planning.planned_run import PlannedRun
@@ -27,6 +30,33 @@ from launch.planning.labels import point_labels
 DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
 
 log = logging.getLogger(__name__)
+
+
+class PointResult(dict):
+    """A sweep point's return value: its result (job id, hosts, summary...) and, as a float, its objective:
+    launcher.objective, a value of its training summary. Hydra's Optuna sweeper reads `float(return_value)`."""
+
+    def __init__(self, values: dict, objective: str):
+        super().__init__(values)
+        self.objective = objective
+
+    def __float__(self) -> float:
+        summary = self.get("summary") or {}
+        if not isinstance(summary.get(self.objective), (int, float)):
+            raise ValueError(f"launcher.objective={self.objective}: the run {self.get('run_dir')} has no such value "
+                             f"in its summary (it has {', '.join(sorted(summary)) or 'none'})")
+        return float(summary[self.objective])
+
+
+def point_result(planned: PlannedRun, values: dict | None = None) -> PointResult:
+    """The point's result, with its summary from the run folder when the values carry none (a local run's)."""
+    values = dict(values or {"run_dir": str(planned.plan.run_dir)})
+    if values.get("summary") is None:
+        try:
+            values["summary"] = json.loads(RunFolder(planned.plan.run_dir).summary.read_text())
+        except (OSError, ValueError):
+            values["summary"] = None
+    return PointResult(values, planned.run.launcher.objective)
 
 
 def _plan_task(cfg) -> PlannedRun | UserError:
@@ -50,11 +80,13 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     _stop_on_bad_points(points)
 
     planned: list[PlannedRun] = [ret.return_value for *_, ret in points]
+    _check_objective(config, planned)
     returns: list[JobReturn | None] = [None] * len(points)
     for n, p in enumerate(planned):  # a run again: the points that finished before say so, and run no more
         if p.finished and p.backend.submits:
             print(f"{p.label} finished at step {p.existing.step}; nothing to do", flush=True)
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
+            returns[n].return_value = point_result(p)
     jobs = [(n, p) for n, p in enumerate(planned) if p.backend.submits and not p.finished]
 
     # 2. budget and submission of every point that is a job, before anything else runs (a job from an earlier
@@ -79,6 +111,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             log.info("#%d : %s", idx, planned[n].label)
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            if returns[n].status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
+                returns[n].return_value = point_result(planned[n])
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
 
     # 4. wait for the jobs
@@ -97,9 +131,11 @@ def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str
     """(index, overrides, config, Hydra's return holding the point's PlannedRun) for each point, planned in order."""
     points = []
     # Left at its default, each point's folder is named by the keys that vary across the sweep.
-    labels = point_labels(job_overrides) if _default_subdir(config) else None
+    labels = point_labels(job_overrides, swept_keys(config)) if _default_subdir(config) else None
     for i, overrides in enumerate(job_overrides):
         idx = initial_job_idx + i
+        if labels and chooses_from_results(config):  # its trials may repeat a point: each is a run of its own
+            labels[i] = ",".join(x for x in (f"trial={idx}", labels[i]) if x)
         sweep_config = context.config_loader.load_sweep_config(config, list(overrides))
         with open_dict(sweep_config):
             sweep_config.hydra.job.id = idx
@@ -113,12 +149,22 @@ def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str
     return points
 
 
+def swept_keys(config: Any) -> list[str]:
+    """The keys the command line or the sweeper's params sweep: they name every point, also where a sweeper that
+    chooses points from results (hydra/sweeper=optuna) launches them one batch, or one point, at a time."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    task = OverridesParser.create().parse_overrides(list(config.hydra.overrides.task))
+    params = config.hydra.sweeper.get("params") or {}
+    return list(dict.fromkeys([o.key_or_group for o in task if o.is_sweep_override()] + list(params)))
+
+
 def _collect(outcomes, jobs, points, returns) -> None:
     """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs."""
     failed = []
-    for (n, _), outcome in zip(jobs, outcomes):
+    for (n, planned), outcome in zip(jobs, outcomes):
         ret = points[n][3]
-        ret.return_value = outcome.result
+        ret.return_value = point_result(planned, outcome.result)
         ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled else JobStatus.FAILED
         returns[n] = ret
         if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure
@@ -141,6 +187,25 @@ def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list
         ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED
         returns[n] = ret
     return [r for r in returns if r is not None]
+
+
+def chooses_from_results(config: Any) -> bool:
+    """A sweeper other than Hydra's grid (Optuna, Nevergrad, Ax): it chooses the next points from the results."""
+    return not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
+
+
+def _check_objective(config: Any, planned: list[PlannedRun]) -> None:
+    """Such a sweeper needs every point's objective when the point returns. One line, before anything runs."""
+    if not chooses_from_results(config):
+        return
+    for run in (p.run for p in planned):
+        why = ("launcher.detach=true returns before any point has a result" if run.launcher.detach else
+               "the runs never evaluate (train.eval_interval=0)"
+               if run.launcher.objective == "val_loss" and not run.train.eval_interval else None)
+        if why:
+            print(f"error: {config.hydra.sweeper._target_} chooses points from their launcher.objective="
+                  f"{run.launcher.objective}, and {why}", file=sys.stderr, flush=True)
+            sys.exit(EXIT_USER)
 
 
 def _default_subdir(config) -> bool:

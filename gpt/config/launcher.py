@@ -14,3 +14,6 @@ class LauncherConfig:
     # true: a cluster=slurm sweep's one-node points run as job steps inside one allocation per group of equal
     # resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack)
     pack: bool = False
+    # the value of each point's training summary (summary.json) a sweeper that chooses points from results
+    # minimises or maximises (hydra/sweeper=optuna): val_loss (the last evaluation), train_loss, tokens_per_s, ...
+    objective: str = "val_loss"

@@ -20,9 +20,10 @@ def varying_keys(job_overrides: Sequence[Sequence[str]]) -> list[str]:
     return [k for k in keys if len({p.get(k) for p in points}) > 1]
 
 
-def point_labels(job_overrides: Sequence[Sequence[str]]) -> list[str]:
-    """One label per point; empty where nothing varies (a one-point sweep), for the caller to fill in."""
-    keys = varying_keys(job_overrides)
+def point_labels(job_overrides: Sequence[Sequence[str]], swept: Sequence[str] = ()) -> list[str]:
+    """One label per point; empty where nothing varies (a one-point sweep), for the caller to fill in. `swept`:
+    keys that name every point, whether or not their values differ within these points."""
+    keys = list(dict.fromkeys([*varying_keys(job_overrides), *swept]))
     labels = []
     for overrides in job_overrides:
         values = dict(_pairs(overrides))

@@ -23,3 +23,12 @@ def test_labels_are_unique_for_distinct_points():
     sweep = [[f"train.lr={lr}", f"nodes={n}"] for lr in (1e-3, 3e-4) for n in (1, 2)]
     labels = point_labels(sweep)
     assert len(set(labels)) == 4 and "train.lr=0.001,nodes=2" in labels
+
+
+def test_a_swept_key_names_a_point_even_alone_in_its_batch():
+    """A sweeper that chooses points from results launches them a batch (or one) at a time: the keys it sweeps name
+    every point, whether or not they differ within the batch."""
+    assert point_labels([["model=tiny", "train.lr=0.01"]]) == [""]
+    assert point_labels([["model=tiny", "train.lr=0.01"]], swept=["train.lr"]) == ["train.lr=0.01"]
+    assert point_labels([["nodes=1", "train.lr=0.1"], ["nodes=2", "train.lr=0.1"]], swept=["train.lr"]) == [
+        "nodes=1,train.lr=0.1", "nodes=2,train.lr=0.1"]
