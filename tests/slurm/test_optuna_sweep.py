@@ -1,0 +1,33 @@
+"""Hydra's Optuna sweeper on the real local Slurm cluster: each batch of trials is one packed allocation, and the
+sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointResult)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from slurm_helpers import SLURM, TINY, run_launch
+
+pytestmark = pytest.mark.slurm
+
+RUN = [o for o in TINY if not o.startswith(("train.max_steps", "train.eval_interval"))] + [
+    "strategy=single", "train.max_steps=20", "train.eval_interval=20"]
+
+
+@pytest.mark.timeout(300)
+def test_optuna_batches_on_slurm_find_the_learning_rate_a_grid_knows_is_best(slurm_cluster, tmp_path, data_overrides):
+    """Seed 0 samples both learning rates in its one batch of two (0.01 trains the tiny model further than 0.0003 in
+    20 steps, as the local grid in tests/launch/test_optuna_sweep.py shows): one packed job of two points, and the
+    best Optuna reports is the lower of the two runs' validation losses, with its learning rate."""
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
+                      "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=0", "train.lr=choice(0.0003,0.01)",
+                      "launcher.pack=true", *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.stdout.count("submitted job ") == 1 and "2 packed point(s)" in proc.stdout, proc.stdout
+    losses = {float(t.name.split("train.lr=")[1]): json.loads((t / "summary.json").read_text())["val_loss"]
+              for t in sweep.glob("trial=*")}
+    assert set(losses) == {0.0003, 0.01} and losses[0.01] < losses[0.0003], losses
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"] == {"train.lr": 0.01} and best["best_value"] == pytest.approx(losses[0.01]), best
