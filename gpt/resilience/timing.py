@@ -55,3 +55,9 @@ ABORT_GRACE_S = SCHEDULER_GRACE_S + 5.0
 ENDED_EXIT_S = REQUEUE_WAIT_S + HANG_EXIT_S + 30.0
 ENDED_LOOK_S = 5.0
 KILL_WAIT_S = 30.0
+
+# A round whose rank 0 stopped beating the lease (dead, frozen, its node lost) has written its attempt's line, or
+# asked for the next round, within the run's longest watchdog budget (another rank's watchdog fires) and a fired
+# rank's exit; past that and this margin, a spare waiting on it takes the round for over (no line will come). The
+# requeued rank's wait for Slurm comes after its line, so it does not count here.
+ROUND_SILENT_S = HANG_EXIT_S + 30.0

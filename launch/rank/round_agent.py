@@ -10,7 +10,7 @@ from gpt.config import schema
 from gpt.errors import UserError
 from gpt.run_folder import Next, RunFolder
 from gpt.resilience.lease import read_beat
-from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S
+from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.run.rounds import Rounds, round_record
 from launch.run.startup import ATTEMPT_START
@@ -69,9 +69,9 @@ class RoundAgent:
             self.suffix = run.cluster.master_host_suffix or ""
             self.in_job_restarts = run.preemption.in_job_restarts
             # A round silent this long has ended: a live rank's watchdog ends it within the run's longest budget
-            # (a step, a save, the start-up), and its attempt's line or next round follows within an ended rank's
-            # deadline (its wait for Slurm, its watchdog's exit).
-            self.silent_s = run.watchdog.process_group_timeout() + ENDED_EXIT_S
+            # (a step, a save, the start-up), and its attempt's line or next round follows within a fired rank's
+            # exit (ROUND_SILENT_S).
+            self.silent_s = run.watchdog.process_group_timeout() + ROUND_SILENT_S
         self.rounds = Rounds.of(self.run_dir, self.job)
         self.looked: dict[int, float] = {}  # round -> when its next round was last looked for, not found
 

@@ -14,7 +14,7 @@ import psutil
 import pytest
 
 from benchmarks.recovery_latency import first_step_after
-from gpt.resilience.timing import ENDED_EXIT_S
+from gpt.resilience.timing import ROUND_SILENT_S
 from launch.backends.slurm.commands import FINAL
 from launch.backends.slurm.spare_exit import LINGER_S
 from slurm_helpers import REPO, SLURM, cut_link
@@ -209,11 +209,11 @@ def test_a_spare_whose_round_ends_without_a_word_ends_its_task_not_the_allocatio
     killed = kill_every_python_of(job.id(), training)
     assert killed >= 4, killed  # a task wrapper and a rank on each node
     gone = time.time()
-    code = job.wait(timeout=pg_timeout + ENDED_EXIT_S + 120)
+    code = job.wait(timeout=pg_timeout + ROUND_SILENT_S + 120)
     ended = time.time() - gone
     print(f"spare deadline: the job ended {ended:.0f} s after its training nodes went silent "
-          f"(threshold {pg_timeout + ENDED_EXIT_S:.0f} s)")
-    assert code != 0 and ended < pg_timeout + ENDED_EXIT_S + 60, (ended, job.text())
+          f"(threshold {pg_timeout + ROUND_SILENT_S:.0f} s)")
+    assert code != 0 and ended < pg_timeout + ROUND_SILENT_S + 60, (ended, job.text())
     assert slurm_cluster.job_state(job.id()) in FINAL, slurm_cluster.job_info(job.id())
     assert f"{spare} waited as a spare in round 0 of job {job.id()}" in job.text(), job.text()
     assert "this task ends rather than hold its node to the time limit" in job.text(), job.text()

@@ -12,7 +12,7 @@ import pytest
 
 from gpt.config import schema
 from gpt.resilience.lease import Lease
-from gpt.resilience.timing import ENDED_EXIT_S, LEASE_BEAT_S
+from gpt.resilience.timing import ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from gpt.run_folder import RunFolder
 from helpers import compose
 from launch.rank.round_agent import LOOK_S, RoundAgent, RoundSilent
@@ -94,10 +94,11 @@ def spare(run_dir, *overrides: str) -> RoundAgent:
     return RoundAgent(run_dir, job_environment(env), "b")
 
 
-def test_a_spares_deadline_is_the_runs_longest_watchdog_budget_then_an_ended_attempts(tmp_path):
+def test_a_spares_deadline_is_the_runs_longest_watchdog_budget_then_a_fired_ranks_exit(tmp_path):
     agent = spare(tmp_path, "watchdog.save_first_s=1800")
-    assert agent.silent_s == 1800 + 60 + ENDED_EXIT_S
-    assert spare(tmp_path).silent_s == schema.run_config(compose()).watchdog.process_group_timeout() + ENDED_EXIT_S
+    assert agent.silent_s == 1800 + 60 + ROUND_SILENT_S
+    assert spare(tmp_path).silent_s == schema.run_config(compose()).watchdog.process_group_timeout() + ROUND_SILENT_S
+    assert ROUND_SILENT_S < ENDED_EXIT_S  # the requeued rank's wait for Slurm comes after its line
 
 
 @pytest.mark.slow
