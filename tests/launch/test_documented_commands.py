@@ -23,6 +23,8 @@ from launch.planning.plan import Plan, make_plan
 SOURCES = ["README.md", *[str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))], "slurm/multi_node.sh",
            *[str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")]]
 COMMAND = re.compile(r"(\$ )?(python -m launch(?![.\w])|sbatch[^`\n]*?slurm/multi_node\.sh|make run)((?:[^`\n\\]|\\\n)*)")
+# hydra/sweeper=optuna's search spaces: tag(log, interval(1e-4, 3e-2)), range(50, 500, step=50), choice(a,b)
+SAMPLED = re.compile(r"^(?:tag\(\w+,\s*)?(?:interval|range|choice)\(([^,)]+)")
 
 
 def documented() -> list[tuple[str, str, list[str]]]:
@@ -49,6 +51,8 @@ def overrides(program: str, words: list[str]) -> tuple[list[list[str]], dict[str
             shape[w[2:].split("=")[0]] = int(w.split("=")[1])
         elif "=" in w and not w.startswith(("-", "hydra.", "hydra/")) and "<" not in w:
             key, value = w.split("=", 1)
+            if sampled := SAMPLED.match(value):  # a distribution a sweeper samples from: one value of it
+                value = sampled.group(1).strip()
             out.append([f"{key}={v}" for v in ([value] if value.startswith("[") else value.split(","))])
     return out, shape
 

@@ -172,7 +172,8 @@ class SlurmResources:
         }
         if self.spare_nodes:  # srun may outlive a run finished on spares, and its code counts a lost node's tasks
             spare_exit = f"{shlex.quote(sys.executable)} -m launch.backends.slurm.spare_exit {shlex.quote(str(folder))}"
-            params["setup"].append(f"{spare_exit} --watch $$ & spare_watch=$!")
+            # disowned: its end is no line in the job's log ("Killed ...")
+            params["setup"].append(f"{spare_exit} --watch $$ & spare_watch=$!; disown $spare_watch")
             params["teardown"] = ["code=$?", "kill $spare_watch 2>/dev/null",
                                   f"if [ $code -ne 0 ] && {spare_exit}; then code=0; fi", "exit $code"]
         optional = {"gpus_per_node": self.gpus_per_node or None, "gpus_per_task": self.gpus_per_task or None,
