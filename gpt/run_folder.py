@@ -262,6 +262,14 @@ class RunFolder:
         """The records of note_save_failure, oldest first; a line still being written is left for the next read."""
         return [r for r in read_json_lines(self.save_failures) if isinstance(r, dict)]
 
+    def read_summary(self) -> dict[str, Any] | None:
+        """Rank 0's summary of the finished run; None before it is written (or if it cannot be read)."""
+        try:
+            summary = json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+        return summary if isinstance(summary, dict) else None
+
     @property
     def hydra_overrides(self) -> Path:
         return self.path / ".hydra" / "overrides.yaml"

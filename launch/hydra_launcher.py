@@ -10,7 +10,6 @@
 """
 from __future__ import annotations
 
-import json
 import logging
 import sys
 from pathlib import Path
@@ -52,10 +51,7 @@ def point_result(planned: PlannedRun, values: dict | None = None) -> PointResult
     """The point's result, with its summary from the run folder when the values carry none (a local run's)."""
     values = dict(values or {"run_dir": str(planned.plan.run_dir)})
     if values.get("summary") is None:
-        try:
-            values["summary"] = json.loads(RunFolder(planned.plan.run_dir).summary.read_text())
-        except (OSError, ValueError):
-            values["summary"] = None
+        values["summary"] = RunFolder(planned.plan.run_dir).read_summary()
     return PointResult(values, planned.run.launcher.objective)
 
 

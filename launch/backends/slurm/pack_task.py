@@ -9,7 +9,6 @@ runs the ones not started. Kept free of heavy imports: it is unpickled before an
 """
 from __future__ import annotations
 
-import json
 import os
 import socket
 import subprocess
@@ -53,9 +52,8 @@ def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
 def outcome(run_dir: Path, code: int) -> dict:
     """What the launcher's waiter reads for the point: rank 0's result (with the summary) or one error line."""
     folder = RunFolder(run_dir)
-    if code == 0 and folder.summary.exists():
-        return {"results": [{"rank": 0, "host": socket.gethostname(),
-                             "summary": json.loads(folder.summary.read_text())}]}
+    if code == 0 and (summary := folder.read_summary()) is not None:
+        return {"results": [{"rank": 0, "host": socket.gethostname(), "summary": summary}]}
     from launch.backends.slurm.task import last_error
 
     error = last_error(folder.log(0)) or f"its step exited with code {code}"

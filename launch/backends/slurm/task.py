@@ -127,8 +127,8 @@ class RankTask:
             raise RankFailed(peer_lost(rank, host, run_dir)
                              or describe_failure(rank, host, code, run_dir, task_output()))
         result = {"rank": rank, "host": host}
-        if rank == 0 and RunFolder(run_dir).summary.exists():
-            result["summary"] = json.loads(RunFolder(run_dir).summary.read_text())
+        if rank == 0 and (summary := RunFolder(run_dir).read_summary()) is not None:
+            result["summary"] = summary
         return result
 
     def lost(self, rank: int, line: str, started: float, gone: tuple[str, ...] = ()) -> bool:
