@@ -10,6 +10,7 @@ in CI is not a pass).
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 import os
 import re
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+from filelock import FileLock
 
 from helpers import REPO
 from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
@@ -160,12 +162,20 @@ def slurm_cluster() -> SlurmCluster:
 @pytest.fixture(scope="session")
 def reference_run(tmp_path_factory) -> Callable[..., Path]:
     """`reference_run(*overrides)`: the uninterrupted local run of that config (slurm_helpers.local_reference),
-    trained once per test session for each set of overrides, whichever test module asks for it first."""
-    runs: dict[tuple[str, ...], Path] = {}
+    trained once per test session for each config, by whichever worker asks first; the others wait for it and read
+    it (pytest-xdist's workers share the parent of their base temporary folders). The data options name each
+    worker's own copy of the one corpus, so they do not name the run."""
+    shared = tmp_path_factory.getbasetemp()
+    shared = shared.parent if "PYTEST_XDIST_WORKER" in os.environ else shared
 
     def run(*overrides: str) -> Path:
-        if overrides not in runs:
-            runs[overrides] = local_reference(tmp_path_factory.mktemp("reference") / "run", *overrides)
-        return runs[overrides]
+        config = [o for o in overrides if not o.startswith(("data.dir=", "data.text_path="))]
+        folder = shared / f"reference-{hashlib.sha1(chr(0).join(config).encode()).hexdigest()[:12]}"
+        with FileLock(f"{folder}.lock"):
+            if not (folder / "done").exists():  # none yet, or a worker's attempt failed
+                shutil.rmtree(folder, ignore_errors=True)
+                local_reference(folder / "run", *overrides)
+                (folder / "done").touch()
+        return folder / "run"
 
     return run
