@@ -44,6 +44,8 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+STOPPED_EARLY = "stopped early"  # how the attempts line of a sweep point stopped at a rung begins
+
 
 def write_json(path: Path, record: Any, indent: int | None = None) -> None:
     """Write `record` as JSON so that a reader (another rank, the launcher, a test) sees the old file or the new one,
@@ -309,7 +311,7 @@ class AttemptLine:
     first_step: int | None = None
     last_step: int | None = None
     ended: str = ""  # "finished", "hang", "preempted:SIGTERM", "preempted by another job (...)", "node failure: ...",
-    # "excluded n1", "failed: ..."
+    # "excluded n1", "failed: ...", "stopped early at step S ..." (STOPPED_EARLY)
     requeued: bool = False  # the job asked the scheduler to run it again
     in_job_restart: int = 0  # the round it asked for inside the allocation (0: none)
     next_link: str | None = None  # the chain's job that continues the run
@@ -344,6 +346,11 @@ class AttemptLine:
     @property
     def finished(self) -> bool:
         return self.ended == "finished"
+
+    @property
+    def stopped_early(self) -> bool:
+        """A sweep's early stopping ended the run at a rung (gpt.train.early_stop): an end, not an interruption."""
+        return self.ended.startswith(STOPPED_EARLY)
 
     def of(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> bool:
         """Whether this is the line of that attempt (and round) of that job, by that launch inside it."""

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
@@ -46,6 +47,9 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     if run.launcher.detach and not backend.submits:
         raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
                           "without the launcher")
+    if run.launcher.early_stop != "none" and hydra_cfg.mode != RunMode.MULTIRUN:
+        raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
+                          "compares the points of a sweep (python -m launch -m ...)")
     checked, live = None, backend.live_job(run_dir)
     # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
     # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
@@ -76,9 +80,10 @@ def run(cfg: DictConfig) -> Path:
     planned = plan_run(cfg)
     plan, backend = planned.plan, planned.backend
     if planned.finished:
-        log.info("%s finished at step %d; nothing to do. Train it longer with a higher train.max_steps (its schedule "
-                 "must not change: set train.decay_steps), or start a new run under another name (run=NAME).",
-                 plan.run_dir, planned.existing.step)
+        longer = "" if planned.existing.stopped_early else (
+            " Train it longer with a higher train.max_steps (its schedule must not change: set train.decay_steps), or "
+            "start a new run under another name (run=NAME).")
+        log.info("%s %s; nothing to do.%s", plan.run_dir, planned.existing.done(), longer)
         return plan.run_dir
     if planned.existing is not None:
         log.info("continuing %s from step %d", plan.run_dir, planned.existing.step)

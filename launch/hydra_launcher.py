@@ -80,7 +80,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     returns: list[JobReturn | None] = [None] * len(points)
     for n, p in enumerate(planned):  # a run again: the points that finished before say so, and run no more
         if p.finished and p.backend.submits:
-            print(f"{p.label} finished at step {p.existing.step}; nothing to do", flush=True)
+            print(f"{p.label} {p.existing.done()}; nothing to do", flush=True)
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
             returns[n].return_value = point_result(p)
     jobs = [(n, p) for n, p in enumerate(planned) if p.backend.submits and not p.finished]

@@ -53,6 +53,7 @@ class RunStatus:
     interrupted: str = ""  # how its newest attempt that did not finish ended (preempted by another job, TIMEOUT, ...)
     stopped: bool = False  # its newest attempt saved after a signal or a preemption and was not requeued
     failed_saves: str = ""  # the interval saves storage refused, in words (launch.run.attempts.failed_saves_line)
+    stopped_early: str = ""  # its newest attempt ended at a rung of its sweep's early stopping: done (exit 0)
 
     @property
     def finished(self) -> bool:
@@ -63,6 +64,8 @@ class RunStatus:
         summary = RunFolder(self.run_dir).summary.is_file()
         if self.state.live and not self.ended_in_job and not (self.finished and summary):
             return WAITING
+        if self.stopped_early and not self.finished:
+            return self.stopped_early.split(":")[0]  # "stopped early at step S (rung K)"
         if self.finished or summary:
             return FINISHED
         return CANCELLED if self.cancelled else STOPPED if self.stopped else FAILED
@@ -131,12 +134,13 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
-    interrupted = next((a.ended for a in reversed(attempts) if a.ended and not a.finished), "")
+    interrupted = next((a.ended for a in reversed(attempts) if a.ended and not (a.finished or a.stopped_early)), "")
+    early = attempts[-1].ended if attempts and attempts[-1].stopped_early else ""
     stopped = bool(attempts) and attempts[-1].ended.startswith("preempted") and not attempts[-1].requeued
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
-                     stopped, failed_saves_line(attempts))
+                     stopped, failed_saves_line(attempts), early)
 
 
 def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:

@@ -79,6 +79,7 @@ class RunConfig:
         check_init(self.init, self.model, self.data, self.resume)
         traits_of(self.strategy.name).check(self.strategy)
         self.eval.check_interval(self.train.eval_interval)
+        self.launcher.check_rungs(self.train.eval_interval)
         check_run_name(self.run_name)
         one_line("name", self.name)  # the job's name
 

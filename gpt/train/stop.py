@@ -1,5 +1,6 @@
 """Why a run stops before its last step, agreed by every rank: a preemption signal on any rank (OR-reduced in the
-step's all_reduce, or during an evaluation), or the exclusion of a straggler's host. Every rank then saves and
+step's all_reduce, or during an evaluation), the exclusion of a straggler's host, or a sweep's early stopping at a
+rung (rank 0's verdict, gpt.train.early_stop). Every rank then saves and
 stops at the same step. (The watchdog's halt stops the main thread itself, in gpt.resilience.progress.)"""
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any
 
 from gpt.config.sections import PreemptionConfig
 from gpt.dist.process_group import all_reduce_values
+from gpt.train.early_stop import Rungs
 from gpt.resilience.exclusion import ExclusionDecision
 from gpt.resilience.preemption import PreemptionFlag
 
@@ -20,8 +22,10 @@ ANOTHER_RANK = "SIGNAL(another rank)"
 class StopControl:
     """This rank's preemption flag, and the stop every rank agreed on (`reason`: a signal's name, or "straggler")."""
 
-    def __init__(self, preemption: PreemptionConfig):
+    def __init__(self, preemption: PreemptionConfig, rungs: Rungs | None = None, is_main: bool = True):
         self.flag = PreemptionFlag.installed(preemption.signals) if preemption.enabled else None
+        self.rungs, self.is_main = rungs, is_main
+        self.stopped_early: str | None = None  # why this sweep point stopped at a rung (rank 0's words)
         self.reason: str | None = None  # set on every rank once any rank got a preemption signal
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
 
@@ -52,6 +56,15 @@ class StopControl:
         self.reason = self._named(votes)
         return True
 
+    def after_eval(self, step: int, loss: float) -> bool:
+        """At a rung (every rank alike): whether the point stops early, rank 0's verdict sent to every rank."""
+        if self.rungs is None or not self.rungs.at(step):
+            return False
+        cut = self.rungs.judge(step, loss) if self.is_main else None
+        if all_reduce_values([1.0 if cut else 0.0])[0]:
+            self.reason, self.stopped_early = "early stop", cut.describe() if cut else "stopped early"
+        return self.stopped_early is not None
+
     def exclude(self, decision: ExclusionDecision) -> None:
         """Save and stop like a preemption; the worker requeues the job without the straggler's host."""
         self.exclusion, self.reason = decision, "straggler"
@@ -59,6 +72,9 @@ class StopControl:
     def summarise(self, summary: dict[str, Any], step: int) -> None:
         if self.exclusion is not None:
             summary["exclusion"] = self.exclusion.as_dict()
+        elif self.stopped_early is not None:
+            summary["stopped_early"] = self.stopped_early
+            return
         elif self.reason is not None:
             log.warning("signal %s: every rank saves at step %d and stops", self.reason, step)  # why: once it stopped
         if self.reason is not None:

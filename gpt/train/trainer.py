@@ -33,6 +33,7 @@ from gpt.resilience.stragglers import StragglerMonitor
 from gpt.run_folder import RunFolder
 from gpt.train.build import build_strategy_and_model, model_config
 from gpt.train.divergence import ROLLBACKS, DivergenceGuard, Rollback
+from gpt.train.early_stop import Rungs
 from gpt.train.metrics import MetricsWriter
 from gpt.train.profiler import step_profiler
 from gpt.train.schedule import lr_at
@@ -68,7 +69,8 @@ class Trainer:
         # test-only injections
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)
         self.ckpt = run.checkpoint
-        self.stop = StopControl(run.preemption)
+        rungs = Rungs.of(run.launcher, self.train.eval_interval, run_dir)  # a sweep's early stopping
+        self.stop = StopControl(run.preemption, rungs, env.is_main)
         self.flags_group = side_group("step_flags")  # the step's flags travel beside training
         self.flags: tuple[BackgroundSum, Any] | None = None  # cast at the last step, with the save they polled
         async_save = self.ckpt.async_save and self.strategy.supports_async_save
@@ -287,7 +289,7 @@ class Trainer:
         if values:
             summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
         if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
-            if not self.run_eval(summary, bar):
+            if not self.run_eval(summary, bar) or self.stop.after_eval(self.step, summary["val_loss"]):
                 return False
         if self.reporter.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
             self.stop.exclude(self.reporter.exclusion)

@@ -120,9 +120,10 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
         return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record, attempt.nodes)}
     leave()
     if env.is_main:  # what a launcher reports as the run's result
-        log_attempt(run_dir, job, {**record, "ended": "finished"})
+        early = summary.get("stopped_early")  # a sweep's point stopped at a rung: done, not failed
+        log_attempt(run_dir, job, {**record, "ended": early or "finished"})
         end_attempt(run_dir, this_attempt(job))
-        log.info("run finished: %s", run_goodput(folder.attempts.read()).describe())
+        log.info("run %s: %s", early or "finished", run_goodput(folder.attempts.read()).describe())
         write_json(folder.summary, {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1)
     return summary
 

@@ -71,6 +71,7 @@ class CompareRow:
     best_val_step: int | None
     tokens_per_s: float
     rank: int = 0               # 1 = best
+    stopped_early: str = ""     # why the sweep's early stopping ended it (launcher.early_stop)
 
 
 def compare_rows(points: Sequence[PointResult], keys: Sequence[str], tokens_per_s: Sequence[float]) -> list[CompareRow]:
@@ -82,7 +83,8 @@ def compare_rows(points: Sequence[PointResult], keys: Sequence[str], tokens_per_
             point=p.name, label=label(p, keys), steps=max((s for s, _ in p.train_loss + p.val_loss), default=0),
             final_train_loss=p.train_loss[-1][1] if p.train_loss else None,
             final_val_loss=p.val_loss[-1][1] if p.val_loss else None,
-            best_val_loss=best[1] if best else None, best_val_step=best[0] if best else None, tokens_per_s=tps))
+            best_val_loss=best[1] if best else None, best_val_step=best[0] if best else None, tokens_per_s=tps,
+            stopped_early=p.stopped_early))
     by = ranked_by(rows)
     for i, r in enumerate(sorted(rows, key=lambda r: _key(getattr(r, by)))):
         r.rank = i + 1

@@ -123,9 +123,14 @@ def comparison(rep: Report) -> str:
     lines = []
     for r in rows:
         best = f"{r.best_val_loss:.4f} ({r.best_val_step})" if r.best_val_loss is not None else "n/a"
+        steps = f"{r.steps} (stopped early)" if r.stopped_early else r.steps
         lines.append(f"| {r.rank} | {r.label} | {best} | {fmt(r.final_val_loss, '.4f')} | "
-                     f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {r.steps} |")
+                     f"{fmt(r.final_train_loss, '.4f')} | {r.tokens_per_s:,.0f} | {steps} |")
     out += _collapse(lines, gap)
+    stopped = [f"- {r.label}: {r.stopped_early}" for r in rep.compare if r.stopped_early]
+    if stopped:  # launcher.early_stop: which points it stopped, where and why; the same command with =none goes on
+        out += ["", "Stopped early by the sweep's early stopping (the same command with `launcher.early_stop=none` "
+                "trains them on):", "", *stopped]
     return "\n".join(out) + "\n\n![training and validation loss per point](loss_curves.png)\n"
 
 

@@ -35,6 +35,7 @@ class PointResult:
     overrides: list[str] | None               # Hydra's saved overrides of this point, when present
     # rank 0's newest downstream-task scores (eval.tasks): "<task>/acc" -> (step, value)
     tasks: dict[str, tuple[int, float]] = field(default_factory=dict)
+    stopped_early: str = ""  # why its sweep's early stopping ended it at a rung (its newest attempt's words)
 
     @property
     def ranks(self) -> int:
@@ -183,5 +184,7 @@ def load_point(path: Path, root: Path) -> PointResult:
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
+    attempts = folder.attempts.read()
+    early = attempts[-1].ended if attempts and attempts[-1].stopped_early else ""
     return PointResult(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
-                       overrides, tasks)
+                       overrides, tasks, early)

@@ -60,7 +60,20 @@ def identity(run: RunConfig, known_text: dict[str, Any] | None = None) -> tuple[
 @dataclass(frozen=True)
 class Existing:
     step: int | None  # the newest complete checkpoint's step
-    finished: bool
+    finished: bool  # nothing to train: at train.max_steps, or stopped early by a sweep that still stops early
+    stopped_early: str | None = None  # why its last attempt stopped at a rung (gpt.train.early_stop)
+
+    def done(self) -> str:
+        """What a launcher says of a run it has nothing to do for."""
+        if self.stopped_early and self.step is not None:
+            return f"{self.stopped_early}; train it on with launcher.early_stop=none"
+        return f"finished at step {self.step}"
+
+
+def stopped_early(run_dir: Path, run: RunConfig) -> str | None:
+    """Why the run's last attempt stopped at a rung, while `run` still stops early (launcher.early_stop)."""
+    lines = RunFolder(run_dir).attempts.read()
+    return lines[-1].ended if lines and lines[-1].stopped_early and run.launcher.early_stop != "none" else None
 
 
 def newest_step(run_dir: Path) -> int | None:
@@ -173,7 +186,8 @@ def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_sta
 
     data_dir = absolute(run.data, to_absolute_path).dir
     check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
-    existing = None if step is None else Existing(step, step >= run.train.max_steps)
+    early = stopped_early(run_dir, run) if step is not None else None
+    existing = None if step is None else Existing(step, step >= run.train.max_steps or early is not None, early)
     return FolderCheck(existing, {"identity": current, "corpus": corpus, "data": (record or {}).get("data"),
                                   "created": (record or {}).get("created", time.time())}, data_dir)
 

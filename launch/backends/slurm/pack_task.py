@@ -26,12 +26,13 @@ from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
-from launch.run.identity import newest_step
+from launch.run.identity import newest_step, stopped_early
 
 
 def finished(run_dir: Path) -> bool:
-    step = newest_step(run_dir)
-    return step is not None and step >= schema.load(RunFolder(run_dir).config).train.max_steps
+    """At train.max_steps, or stopped at a rung of the sweep's early stopping."""
+    step, run = newest_step(run_dir), schema.load(RunFolder(run_dir).config)
+    return step is not None and (step >= run.train.max_steps or stopped_early(run_dir, run) is not None)
 
 
 def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
