@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import launch
+from helpers import launch, losses
 
 RUN = ["model=tiny", "strategy=single", "train.max_steps=6", "train.eval_interval=2", "train.log_interval=1",
        "train.warmup_steps=2", "train.min_lr=0", "checkpoint.interval_steps=0"]
@@ -45,6 +45,9 @@ def test_the_worse_points_stop_at_the_first_rung_stay_stopped_and_go_on_when_ask
     assert ended(best) == [(6, "finished")]
     assert [step for step, _ in ended(worst)] == [2, 6] and ended(worst)[-1][1] == "finished"
     assert ended(middle)[-1] == (6, "finished")
+    alone = tmp_path / "alone"  # a stopped point went on exactly: as the same run never stopped
+    launch(*RUN, "train.lr=0.003", *data_overrides, run_dir=alone)
+    assert losses(middle) == losses(alone) and len(losses(alone)) == 6
 
 
 @pytest.mark.slow

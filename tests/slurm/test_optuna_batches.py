@@ -1,5 +1,6 @@
 """Hydra's Optuna sweeper on the real local Slurm cluster: each batch of trials is one packed allocation, and the
-sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointResult)."""
+sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointResult), with the
+sweep's early stopping (launcher.early_stop=asha) at a rung half way."""
 from __future__ import annotations
 
 import json
@@ -12,22 +13,28 @@ from slurm_helpers import SLURM, TINY, run_launch
 pytestmark = pytest.mark.slurm
 
 RUN = [o for o in TINY if not o.startswith(("train.max_steps", "train.eval_interval"))] + [
-    "strategy=single", "train.max_steps=20", "train.eval_interval=20"]
+    "strategy=single", "train.max_steps=20", "train.eval_interval=10", "launcher.early_stop=asha", "launcher.eta=2"]
 
 
 @pytest.mark.timeout(300)
 def test_optuna_batches_on_slurm_find_the_learning_rate_a_grid_knows_is_best(slurm_cluster, tmp_path, data_overrides):
     """Seed 0 samples both learning rates in its one batch of two (0.01 trains the tiny model further than 0.0003 in
-    20 steps, as the local grid in tests/launch/test_optuna_sweep.py shows): one packed job of two points, and the
-    best Optuna reports is the lower of the two runs' validation losses, with its learning rate."""
+    10 and 20 steps, as the local grid in tests/launch/test_optuna_sweep.py shows): one packed job of two points, and
+    the best Optuna reports is the lower of the two runs' validation losses, with its learning rate."""
     sweep = tmp_path / "sweep"
     proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                       "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=0", "train.lr=choice(0.0003,0.01)",
                       "launcher.pack=true", *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("submitted job ") == 1 and "2 packed point(s)" in proc.stdout, proc.stdout
-    losses = {float(t.name.split("train.lr=")[1]): json.loads((t / "summary.json").read_text())["val_loss"]
-              for t in sweep.glob("trial=*")}
+    summaries = {float(t.name.split("train.lr=")[1]): json.loads((t / "summary.json").read_text())
+                 for t in sweep.glob("trial=*")}
+    losses = {lr: s["val_loss"] for lr, s in summaries.items()}
     assert set(losses) == {0.0003, 0.01} and losses[0.01] < losses[0.0003], losses
+    # The two run at once: the better goes on at the rung whatever it sees there; the worse stops there if it comes
+    # second, and then returns its loss at the rung
+    assert summaries[0.01]["last_step"] == 20 and "stopped_early" not in summaries[0.01], summaries
+    worse = summaries[0.0003]
+    assert worse["last_step"] == 20 or worse["stopped_early"].startswith("stopped early at step 10 (rung 0)"), worse
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"train.lr": 0.01} and best["best_value"] == pytest.approx(losses[0.01]), best

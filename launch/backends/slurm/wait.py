@@ -370,6 +370,7 @@ def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
     if outcome.ok:
         summary = outcome.result.get("summary") or {}
         loss = f", train loss {summary['train_loss']:.4f}" if summary.get("train_loss") is not None else ""
+        loss += f"; {summary['stopped_early']}" if summary.get("stopped_early") else ""  # launcher.early_stop
         hosts = ", ".join(outcome.result["hosts"])
         failed = failed_saves_line(RunFolder(s.point.run_dir).attempts.read())
         print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}"
