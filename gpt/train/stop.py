@@ -56,12 +56,13 @@ class StopControl:
         self.reason = self._named(votes)
         return True
 
-    def after_eval(self, step: int, loss: float) -> bool:
-        """At a rung (every rank alike): whether the point stops early, rank 0's verdict sent to every rank."""
+    def after_eval(self, step: int, loss: float, last: bool) -> bool:
+        """At a rung (every rank alike): whether the point stops early, rank 0's verdict sent to every rank. At the
+        `last` step its loss is still recorded for the points that come later."""
         if self.rungs is None or not self.rungs.at(step):
             return False
         cut = self.rungs.judge(step, loss) if self.is_main else None
-        if all_reduce_values([1.0 if cut else 0.0])[0]:
+        if all_reduce_values([1.0 if cut else 0.0])[0] and not last:
             self.reason, self.stopped_early = "early stop", cut.describe() if cut else "stopped early"
         return self.stopped_early is not None
 

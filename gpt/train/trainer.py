@@ -289,7 +289,8 @@ class Trainer:
         if values:
             summary.update(train_loss=values["loss"], tokens_per_s=values["tokens_per_s"])
         if t.eval_interval and (self.step % t.eval_interval == 0 or self.step == t.max_steps):
-            if not self.run_eval(summary, bar) or self.stop.after_eval(self.step, summary["val_loss"]):
+            if not self.run_eval(summary, bar) or self.stop.after_eval(self.step, summary["val_loss"],
+                                                                       last=self.step >= t.max_steps):
                 return False
         if self.reporter.exclusion is not None:  # saved below, like a preemption; the worker requeues without it
             self.stop.exclude(self.reporter.exclusion)

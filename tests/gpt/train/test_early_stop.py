@@ -58,3 +58,20 @@ def test_rungs_are_evaluations():
         LauncherConfig(early_stop="asha", rung_steps=5).check_rungs(2)
     LauncherConfig(early_stop="asha", rung_steps=4).check_rungs(2)
     LauncherConfig(rung_steps=5).check_rungs(0)  # no early stopping: nothing to check
+
+
+def test_the_rank_stops_at_a_rung_it_loses_but_not_at_its_last_step(tmp_path: Path):
+    """StopControl.after_eval in one process: rank 0's verdict is the run's."""
+    from gpt.config.sections import PreemptionConfig
+    from gpt.train.stop import StopControl
+
+    launcher = LauncherConfig(early_stop="asha", eta=2)
+    Rungs.of(launcher, 2, tmp_path / "sweep" / "best").judge(4, 1.0)
+    last = StopControl(PreemptionConfig(enabled=False), Rungs.of(launcher, 2, tmp_path / "sweep" / "last"))
+    assert not last.after_eval(4, 2.0, last=True) and last.reason is None  # at max_steps: finished, recorded
+    worse = StopControl(PreemptionConfig(enabled=False), Rungs.of(launcher, 2, tmp_path / "sweep" / "worse"))
+    assert not worse.after_eval(3, 9.0, last=False)  # no rung
+    assert worse.after_eval(4, 2.0, last=False) and worse.reason == "early stop"
+    summary: dict = {}
+    worse.summarise(summary, 4)
+    assert summary == {"stopped_early": worse.stopped_early} and "of the 2 other point(s)" in worse.stopped_early
