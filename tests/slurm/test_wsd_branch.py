@@ -4,6 +4,7 @@ the branch, a new run from that checkpoint with the longer schedule, trains exac
 that length takes (its decay starts later; the steps before it are the stable phase's)."""
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -38,8 +39,9 @@ def test_a_decayed_wsd_run_names_its_stable_checkpoint_and_the_branch_from_it_is
     proc = run_launch(slurm_cluster.env, *SLURM, *WSD, "train.max_steps=16", f"resume={stable}", *data_overrides,
                       f"hydra.run.dir={branch}")
     assert proc.returncode == 0, output(proc)
-    whole = run_launch(os.environ.copy(), "cluster=local", *WSD, "train.max_steps=16", *data_overrides,
-                       f"hydra.run.dir={tmp_path / 'whole'}")  # uninterrupted, on this machine
+    threads = json.loads((branch / "environment" / "rank0.json").read_text())["threads"]  # the same sums' order
+    whole = run_launch({**os.environ, "OMP_NUM_THREADS": str(threads)}, "cluster=local", *WSD, "train.max_steps=16",
+                       *data_overrides, f"hydra.run.dir={tmp_path / 'whole'}")  # uninterrupted, on this machine
     assert whole.returncode == 0, output(whole)
     whole = by_step(tmp_path / "whole")
     branched = by_step(branch)
