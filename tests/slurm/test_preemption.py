@@ -186,8 +186,10 @@ def test_sbatch_path_comes_back_after_a_batch_shell_warning_a_step_signal_and_a_
     assert last["ended"] == "finished" and last["restart"] == 3, last
     text = job.log.read_text()
     assert f"multi_node.sh: job {job.job_id} (restart 3) on 2 node(s)" in text, text[-3000:]
-    # each attempt says how it ended: two requeues, a lost rank that requeued, then done
-    assert text.count("requeued: this job runs again") == 2 and text.count("done. Run folder") == 1, text[-6000:]
+    # each attempt says how it ended: two requeues, a lost rank that requeued, then done. The lost rank's attempt
+    # says it on its task's line; its batch shell's own "requeued" line comes only when srun ends within KillWait of
+    # the requeue, before Slurm kills the batch step (on a loaded machine it does, 5 s after)
+    assert 2 <= text.count("requeued: this job runs again") <= 3 and text.count("done. Run folder") == 1, text[-6000:]
     assert f"rank 1 on {slurm_cluster.node_prefix}" in text and "requeued job" in text, text[-6000:]
 
 
