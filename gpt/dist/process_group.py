@@ -113,7 +113,6 @@ def _ranges(ranks: list[int]) -> str:
 
 
 _KEY = "gptlaunch/rendezvous"
-LAUNCHER_STORE = "GPTLAUNCH_LAUNCHER_STORE"  # set: the launcher serves the store on the master port (the local backend)
 
 
 Vet = Callable[[list[Any]], str | None]
@@ -138,9 +137,8 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     where = f"rank {env.rank} on {env.hostname}"
     master = f"{env.master_addr}:{env.master_port}"
     start = time.monotonic()
-    # The local backend's launcher (or torch elastic's agent) already serves a store on the master port.
-    host_store = env.rank == 0 and LAUNCHER_STORE not in os.environ and \
-        os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    # Under torch elastic (the local backend) the agent already serves a store on the master port.
+    host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
         store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
                               timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
