@@ -12,7 +12,6 @@ trunk's steps exactly (its losses against the uninterrupted trunk's).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import tempfile
@@ -21,6 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
+from gpt.run_folder import RunFolder, read_json_lines  # noqa: E402
 
 DECAY = 0.2
 COMMON = ["model=tiny", "strategy=single", "train.warmup_steps=20", "train.lr=3e-3", "train.min_lr=3e-4",
@@ -37,8 +37,7 @@ def run(folder: Path, *overrides: str, check: bool = True) -> float:
 
 
 def records(folder: Path, kind: str) -> dict[int, float]:
-    lines = (folder / "metrics" / "rank0.jsonl").read_text().splitlines()
-    return {r["step"]: r["loss"] for r in map(json.loads, lines) if r.get("kind") == kind}
+    return {r["step"]: r["loss"] for r in read_json_lines(RunFolder(folder).metrics_file(0)) if r.get("kind") == kind}
 
 
 def main() -> None:
@@ -60,9 +59,8 @@ def main() -> None:
         wall = run(root / f"branch_{n}", data, "train.schedule=wsd", f"train.max_steps={n}", f"train.eval_interval={n}",
                    f"resume={trunk / 'checkpoints' / f'step_{start:08d}'}")
         wsd[n] = (wall, n - start)
-    val: dict[str, dict[int, float]] = {}
-    val["cosine"] = {n: records(root / f"cosine_{n}", "val")[n] for n in lengths}
-    val["wsd"] = {n: records(trunk if n == top else root / f"branch_{n}", "val")[n] for n in lengths}
+    val = {"cosine": {n: records(root / f"cosine_{n}", "val")[n] for n in lengths},
+           "wsd": {n: records(trunk if n == top else root / f"branch_{n}", "val")[n] for n in lengths}}
     print(f"{'length':>7s} {'cosine val':>11s} {'wsd val':>9s}")
     for n in lengths:
         print(f"{n:7d} {val['cosine'][n]:11.4f} {val['wsd'][n]:9.4f}")
