@@ -352,6 +352,11 @@ class AttemptLine:
         """A sweep's early stopping ended the run at a rung (gpt.train.early_stop): an end, not an interruption."""
         return self.ended.startswith(STOPPED_EARLY)
 
+    @staticmethod
+    def stopped_early_why(attempts: list[AttemptLine]) -> str:
+        """Why the newest of `attempts` stopped at a rung of its sweep's early stopping ("": it did not)."""
+        return attempts[-1].ended if attempts and attempts[-1].stopped_early else ""
+
     def of(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> bool:
         """Whether this is the line of that attempt (and round) of that job, by that launch inside it."""
         return (self.job_id, self.restart, self.round, self.launch) == (job_id, restart, round_, launch)

@@ -135,7 +135,7 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
                    f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
     interrupted = next((a.ended for a in reversed(attempts) if a.ended and not (a.finished or a.stopped_early)), "")
-    early = attempts[-1].ended if attempts and attempts[-1].stopped_early else ""
+    early = AttemptLine.stopped_early_why(attempts)
     stopped = bool(attempts) and attempts[-1].ended.startswith("preempted") and not attempts[-1].requeued
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,

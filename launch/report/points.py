@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.run_folder import NOT_RUNS, RunFolder
+from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder
 
 log = logging.getLogger(__name__)
 
@@ -184,7 +184,6 @@ def load_point(path: Path, root: Path) -> PointResult:
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
-    attempts = folder.attempts.read()
-    early = attempts[-1].ended if attempts and attempts[-1].stopped_early else ""
+    early = AttemptLine.stopped_early_why(folder.attempts.read())
     return PointResult(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
                        overrides, tasks, early)

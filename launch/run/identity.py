@@ -20,7 +20,7 @@ from gpt.config.parse import to_plain
 from gpt.data import absolute, data_identity
 from gpt.data.inputs import corpus_files, corpus_record
 from gpt.errors import UserError
-from gpt.run_folder import RunFolder, write_json
+from gpt.run_folder import AttemptLine, RunFolder, write_json
 from gpt.train import schedule
 from launch.backends.job_state import JobState
 from launch.rank.job_env import JobEnvironment
@@ -72,8 +72,8 @@ class Existing:
 
 def stopped_early(run_dir: Path, run: RunConfig) -> str | None:
     """Why the run's last attempt stopped at a rung, while `run` still stops early (launcher.early_stop)."""
-    lines = RunFolder(run_dir).attempts.read()
-    return lines[-1].ended if lines and lines[-1].stopped_early and run.launcher.early_stop != "none" else None
+    why = AttemptLine.stopped_early_why(RunFolder(run_dir).attempts.read())
+    return why if why and run.launcher.early_stop != "none" else None
 
 
 def newest_step(run_dir: Path) -> int | None:
