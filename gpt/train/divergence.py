@@ -9,6 +9,7 @@ the ones saved after it."""
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 from collections import deque
 
@@ -55,6 +56,7 @@ class DivergenceGuard:
         # On the device, read by settle() only: [updates left out, in a row now, the first step left out, the step
         # whose update was the max_skips-th in a row]; -1: none
         self.tally: torch.Tensor | None = None
+        self.tallies = False  # the strategy says which updates it left out (not under fp16: its loss scaler decides)
         # Rollbacks in a row without progress (divergence.rollback_progress_steps), and the step that diverged at the
         # last one: saved in every checkpoint (state()), so that a requeued attempt goes on counting
         self.rollbacks = 0
@@ -75,6 +77,7 @@ class DivergenceGuard:
         not finite. Counted on the device: no host read on the step's path."""
         if skipped is None:
             return
+        self.tallies = True
         t = self.tally
         if t is None:
             t = torch.full((4,), -1, dtype=torch.int64, device=skipped.device)
@@ -121,7 +124,13 @@ class DivergenceGuard:
         raise Rollback(step, what, self.rollbacks)
 
     def after_record(self, step: int, loss: float) -> None:
-        """The logged loss of `step`, the same on every rank: a spike against the last spike_window ones?"""
+        """The logged loss of `step`, the same on every rank: a spike against the last spike_window ones? A loss
+        that is not finite never joins the window: the tally has counted its step already, or (fp16, whose loss
+        scaler only lowers its scale) it is a divergence here."""
+        if not math.isfinite(loss):
+            if not self.tallies:
+                self.act(step, f"the logged loss is {loss} (train.precision=fp16: the loss scaler left the update out)")
+            return
         window = self.cfg.spike_window
         if not window:
             return

@@ -18,7 +18,8 @@ from gpt.config.schema import run_config
 from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.train import rollback as rollback_module
-from gpt.train.divergence import Diverged, spread_nonfinite
+from gpt.config.divergence import DivergenceConfig
+from gpt.train.divergence import Diverged, DivergenceGuard, spread_nonfinite
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.trainer import Trainer
 
@@ -111,6 +112,45 @@ def test_a_loss_spike_stops_the_run(train):
     with pytest.raises(Diverged, match=r"diverged at step 8: the loss spiked .* of the last 4 logged.*step_00000008"):
         fit()
     assert max(r["step"] for r in read_metrics(run_dir)) == 8
+
+
+class Checkpoints:
+    """What the guard asks of the checkpointer: a folder to list, and where the run diverged."""
+
+    def __init__(self, root):
+        self.root, self.diverged_at = root, []
+
+    def diverged(self, step: int) -> None:
+        self.diverged_at.append(step)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_non_finite_logged_loss_never_joins_the_spike_window(tmp_path):
+    """Under skip, a NaN logged loss is the step the tally counted: it stays out of the window, whose mean and
+    deviation it would poison (statistics raised on it, and every later spike would be judged against NaN)."""
+    guard = DivergenceGuard(DivergenceConfig(policy="skip", spike_window=3, spike_threshold=4.0),
+                            Checkpoints(tmp_path), is_main=True)
+    guard.after_step(2, torch.tensor(True))  # the strategy left step 2's update out: counted on the device
+    for step, loss in enumerate([2.0, 2.1, math.nan, 2.0, 2.05]):
+        guard.after_record(step, loss)
+    assert list(guard.losses) == [2.1, 2.0, 2.05]
+    guard.after_record(5, 9.0)  # a spike is still seen against the finite ones
+    assert guard.skipped == 1 and guard.checkpointer.diverged_at == [5]
+
+
+@pytest.mark.parametrize("loss", [math.nan, math.inf])
+def test_under_fp16_a_non_finite_logged_loss_is_a_divergence(tmp_path, loss):
+    """fp16's loss scaler skips steps of its own and says nothing of them (no tally): a loss that is not finite
+    is then the guard's only sign, and divergence.policy acts on it, spike rule or not."""
+    checkpoints = Checkpoints(tmp_path)
+    guard = DivergenceGuard(DivergenceConfig(policy="stop"), checkpoints, is_main=True)
+    guard.after_step(3, None)
+    guard.after_record(3, 2.5)
+    with pytest.raises(Diverged, match=rf"diverged at step 4: the logged loss is {loss} \(train.precision=fp16"):
+        guard.after_record(4, loss)
+    assert checkpoints.diverged_at == [4]
 
 
 @pytest.mark.parametrize("key, value", [("policy", "restart"), ("max_skips", 0), ("max_rollbacks", 0),
