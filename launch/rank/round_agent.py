@@ -99,7 +99,10 @@ class RoundAgent:
 
     def next_asked(self, k: int, now: bool = False) -> bool:
         """Whether round `k` + 1 has been asked for: round `k` is over. Looked up once a second at most, unless
-        `now` (once per rank that ended: its end may be that request's)."""
+        `now` (once per rank that ended: its end may be that request's); never without in-job restarts, where no
+        round follows (a file-system lookup per task per second that nothing would ever find)."""
+        if not self.in_job_restarts:
+            return False
         if not now and time.monotonic() - self.looked.get(k, -LOOK_S) < LOOK_S:
             return False
         if self.rounds.path(k + 1).exists():

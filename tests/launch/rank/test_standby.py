@@ -18,6 +18,7 @@ from helpers import compose
 from launch.rank.round_agent import LOOK_S, RoundAgent, RoundSilent
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.rank.standby import ASK_S, Standby
+from launch.run.rounds import Rounds
 
 
 def test_a_standby_starts_once_the_rounds_rank_is_up_asking_once_a_second(tmp_path):
@@ -42,6 +43,7 @@ def test_a_standby_starts_once_the_rounds_rank_is_up_asking_once_a_second(tmp_pa
 
 
 def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(tmp_path):
+    schema.save(schema.run_config(compose("preemption.in_job_restarts=1")), RunFolder(tmp_path).config)
     agent = RoundAgent(tmp_path, JobEnvironment({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}), "h")
     assert not agent.next_asked(0)
     agent.rounds.path(1).parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +51,17 @@ def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(t
     assert not agent.next_asked(0)  # looked less than a second ago
     time.sleep(LOOK_S + 0.05)
     assert agent.next_asked(0) and agent.next_asked(0)
+
+
+def test_without_in_job_restarts_a_task_never_looks_for_a_next_round(tmp_path, monkeypatch):
+    """No round follows (launch.run.rounds.in_job_restart): the wrapper's once-a-second look would be a metadata
+    operation per task per second on the shared file system, for nothing."""
+    schema.save(schema.run_config(compose("preemption.in_job_restarts=0")), RunFolder(tmp_path).config)
+    agent = RoundAgent(tmp_path, JobEnvironment({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}), "h")
+    looked = []
+    monkeypatch.setattr(Rounds, "path", lambda self, k: looked.append(k))  # any lookup would fail here
+    assert not agent.next_asked(0) and not agent.next_asked(0, now=True)
+    assert looked == []
 
 
 @pytest.mark.slow
