@@ -23,6 +23,9 @@ from gpt.train.divergence import Diverged, DivergenceGuard, spread_nonfinite
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.trainer import Trainer
 
+NAN_ON_RANK_1 = ["debug.nan_at_step=5", "debug.nan_rank=1"]
+SPIKE_ON_RANK_1 = ["debug.spike_at_step=5", "debug.spike_rank=1", "debug.spike_factor=50", "divergence.spike_window=3",
+                   "divergence.spike_threshold=4"]
 BASE = ["model=tiny", "train.max_steps=10", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", f"data.text_path={SHAKESPEARE}", "checkpoint.interval_steps=2"]
 
@@ -284,16 +287,17 @@ def test_a_loss_spike_rolls_back_past_its_batch(train):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("fault", [["debug.nan_at_step=5", "debug.nan_rank=1"],
-                                   ["debug.spike_at_step=5", "debug.spike_rank=1", "debug.spike_factor=50",
-                                    "divergence.spike_window=3", "divergence.spike_threshold=4"]],
-                         ids=["nan", "spike"])
-def test_stop_on_two_ranks_is_one_decision_and_one_line(tmp_path, data_overrides, fault):
+@pytest.mark.parametrize("layout, fault", [
+    (["strategy=ddp"], NAN_ON_RANK_1), (["strategy=ddp"], SPIKE_ON_RANK_1),
+    (["strategy=fsdp"], NAN_ON_RANK_1), (["strategy=pipeline", "strategy.microbatches=2"], SPIKE_ON_RANK_1)],
+    ids=["ddp-nan", "ddp-spike", "fsdp-nan", "pipeline-spike"])
+def test_stop_on_two_ranks_is_one_decision_and_one_line(tmp_path, data_overrides, layout, fault):
     """Rank 1 alone sees the NaN or the spike (its own loss is 50 times the other's; a rule on its own loss would
-    stop rank 1 and leave rank 0 waiting in the next step's collective): both ranks stop at step 5, the user reads
-    one line naming the step and the newest checkpoint from before it, and nothing is saved after it."""
+    stop rank 1 and leave rank 0 waiting in the next step's collective; on the pipeline rank 1 is the last stage,
+    the one that computes the loss): both ranks stop at step 5, the user reads one line naming the step and the
+    newest checkpoint from before it (replicated, sharded or in stages), and nothing is saved after it."""
     run_dir = tmp_path / "run"
-    proc = launch("model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=8",
+    proc = launch("model=tiny", *layout, "cluster.tasks_per_node=2", "train.max_steps=8",
                   "train.warmup_steps=2", "train.eval_interval=0", "train.log_interval=1",
                   "checkpoint.interval_steps=2", *fault,
                   "divergence.policy=stop", *data_overrides, run_dir=run_dir, check=False)
