@@ -359,6 +359,27 @@ def test_a_rollback_survives_a_requeue(slurm_cluster, tmp_path, data_overrides):
     assert newest[AFTER_DIVERGENCE] == 12 and newest["rollbacks"] == {"count": 1, "diverged_at": 12}, newest
 
 
+@pytest.mark.timeout(300)
+def test_a_skipped_divergence_keeps_its_good_checkpoint_across_a_requeue(slurm_cluster, tmp_path, data_overrides):
+    """divergence.policy=skip with checkpoint.keep=1: the NaN batch of step 12 is left out, and USR2 requeues the
+    job once it saved step 15. The resumed attempt still keeps step 10's checkpoint (the newest from before the
+    divergence, which keep=1 would have pruned) and marks every save of its own as after it, to the last step."""
+    args = ["nodes=1", *SLURM, *RUN, *data_overrides, "checkpoint.keep=1", "divergence.policy=skip",
+            "debug.nan_at_step=12"]
+    job = Job(slurm_cluster, tmp_path, args, tmp_path / "run")
+    deadline = time.monotonic() + 120
+    while not any(step_of(p) >= 15 for p in list_checkpoints(job.run_dir / "checkpoints")):
+        assert time.monotonic() < deadline and job.alive(), job.text()
+        time.sleep(0.1)
+    job.interrupt("USR2")
+    code, text, log = job.wait(), job.text(), attempts(job.run_dir)
+    assert code == 0 and [a["ended"] for a in log] == ["preempted:SIGUSR2", "finished"], (log, text)
+    assert log[0]["last_step"] < STEPS, log  # the requeue came before the end
+    checkpoints = list_checkpoints(job.run_dir / "checkpoints")
+    assert [step_of(p) for p in checkpoints] == [10, STEPS], checkpoints
+    assert AFTER_DIVERGENCE not in read_meta(checkpoints[0]) and read_meta(checkpoints[-1])[AFTER_DIVERGENCE] == 12
+
+
 def rolled_back_and_trained_to(run_dir: Path, step: int) -> bool:
     """Rank 0's metrics hold a rollback, and a step at least `step` (the rollback dropped the records after it)."""
     try:
