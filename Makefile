@@ -23,14 +23,14 @@ setup: $(VENV)/.installed
 
 $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -c constraints.txt --upgrade pip  # pip itself as tested, too
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'
 	touch $@
 
 # Every dependency pinned to what the venv holds (after an upgrade the tests passed): what CI and a fresh machine
 # install. Keeps the comment at the top of constraints.txt, and torch's pin without its local build tag.
 constraints: setup
-	{ grep '^#' constraints.txt; echo torch==2.13.0; $(BIN)/pip freeze --exclude-editable | grep -v '^torch=='; } \
+	{ grep '^#' constraints.txt; echo torch==2.13.0; $(BIN)/pip freeze --all --exclude-editable | grep -v '^torch=='; } \
 	  > constraints.txt.new && mv constraints.txt.new constraints.txt
 
 data: $(TEXT)
