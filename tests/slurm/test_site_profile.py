@@ -4,8 +4,9 @@ two example profiles (examples/site/), each running a short job.
 
 The ranks' environment is read by a `sitecustomize` module put on the ranks' PYTHONPATH through the profile's own
 cluster.env: it runs inside each rank process (python -m launch.rank.worker) and writes that process's environment.
-The local cluster has no accounting (AccountingStorageType=accounting_storage/none): Slurm takes any --account
-name unchecked and shows it to the job as SLURM_JOB_ACCOUNT."""
+The local cluster keeps accounting (slurmdbd): Slurm keeps a job's --account only for an account the user belongs
+to, so the profiles' accounts are made first (`accounts`), as a site's administrator makes them; the job shows it
+as SLURM_JOB_ACCOUNT."""
 from __future__ import annotations
 
 import json

@@ -51,6 +51,13 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     assert ended(rows), rows
     print(slurm_cluster.run("sacct", "-D", "-P", "-o", "JobID,JobName,Partition,State,ExitCode,Start,End", "-j",
                             f"{urgent},{job.id()}").stdout)
+    # ... and in order: the run's first attempt ended before the urgent job started, its second began after it ended
+    books = [r.split("|") for r in slurm_cluster.run("sacct", "-D", "-X", "-n", "-P", "-o", "JobID,State,Start,End",
+                                                      "-j", f"{urgent},{job.id()}").stdout.split()]
+    [(_, _, urgent_start, urgent_end)] = [r for r in books if r[0] == urgent]
+    runs = [r for r in books if r[0] == job.id()]
+    assert len(runs) == 2 and runs[0][1] in ("PREEMPTED", "REQUEUED") and runs[1][1] == "COMPLETED", books
+    assert runs[0][3] <= urgent_start and runs[1][2] >= urgent_end, books  # ISO times: ordered as strings
     said = job.text()
     assert "preempted by another job" in said and "node failure" not in said, said
     status = subprocess.run([sys.executable, "-m", "launch.status", str(job.run_dir)], cwd=REPO,
