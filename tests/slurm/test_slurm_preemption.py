@@ -94,3 +94,36 @@ def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_r
     assert again.wait() == 0, again.text()
     assert_same_run(job.run_dir, reference)
     assert [a["ended"] for a in attempts(job.run_dir)][1:] == ["finished"]
+
+
+@pytest.mark.timeout(300)
+def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_says_so(
+        slurm_cluster, tmp_path, data_overrides):
+    """GraceTime=2 s against a save of step 10 that takes 25 s (debug.save_sleep_s, before its commit): the urgent
+    job comes while that save runs, and Slurm kills the ranks in the middle of it. The cut save is never taken for a
+    checkpoint: the requeued attempt resumes from step 5's and finishes, and the attempts log says so."""
+    original = slurm_cluster.run("scontrol", "-o", "show", "partition", "low").stdout.split("GraceTime=")[1].split()[0]
+    slurm_cluster.run("scontrol", "update", "PartitionName=low", "GraceTime=2")
+    try:
+        run = [o for o in RUN if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))]
+        job = Job(slurm_cluster, tmp_path, ["nodes=1", *SLURM, *run, *data_overrides, "cluster.partition=low",
+                                            "train.max_steps=12", "checkpoint.interval_steps=5",
+                                            "debug.save_sleep_s=25", "debug.save_sleep_step=10"], tmp_path / "run")
+        log = job.run_dir / "logs" / "rank0.log"
+        deadline = time.monotonic() + 120
+        while not (log.exists() and "inside the save of step 10" in log.read_text()):
+            assert time.monotonic() < deadline and job.alive(), job.text()
+            time.sleep(0.1)
+        slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+                             "--output=/dev/null", f"--chdir={tmp_path}")
+        code = job.wait()
+    finally:
+        slurm_cluster.run("scontrol", "update", "PartitionName=low", f"GraceTime={original}")
+    assert code == 0, job.text()
+    first, last = attempts(job.run_dir)
+    assert first["recorded_by"] == "the next attempt" and first["last_step"] == 5, first  # the cut save left nothing
+    assert first["ended"].startswith("requeued by Slurm: preempted by another job (accounting: PREEMPTED at "), first
+    assert "partition low, PreemptMode=REQUEUE, GraceTime=2 s) and killed when its grace time ran out" in first["ended"]
+    assert last["first_step"] == 5 and last["ended"] == "finished", last  # resumed from step 5's checkpoint
+    said = log.read_text()
+    assert said.count("inside the save of step 10") == 2 and "resumed from " in said, said  # the save cut, then redone

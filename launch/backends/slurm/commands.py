@@ -228,6 +228,17 @@ def sacct_state(job_id: str) -> str | None:
         return None
 
 
+def sacct_attempts(job_id: str) -> list[tuple[str, str]]:
+    """Every attempt of the job that accounting recorded, oldest first: (state, end time); [] without accounting.
+    A requeued job keeps one record per attempt (`sacct -D`): PREEMPTED, NODE_FAIL, REQUEUED, then its current."""
+    try:
+        text = run("sacct", "-n", "-D", "-X", "-P", "-o", "State,End", "-j", str(job_id))
+    except SlurmUnavailable:
+        return []
+    rows = [line.strip().split("|") for line in text.splitlines() if line.strip()]
+    return [(state_of(row[0]), row[1]) for row in rows if len(row) == 2]
+
+
 def sacct_states(job_ids: list[str]) -> dict[str, str]:
     """One sacct call for all the jobs: {job id: state} of those accounting knows ({} without accounting)."""
     if not job_ids:

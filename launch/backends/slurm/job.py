@@ -81,13 +81,28 @@ class SlurmJob(JobEnvironment):
 
     def end_reason(self, job_id: str) -> str:
         if job_id == self.job_id:  # this very job runs again: Slurm requeued it (a node failure, preemption)
-            return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
+            return self.requeued_why()
         try:
             info = commands.scontrol_job(job_id)
         except SlurmUnavailable:
             info = None
         state = info.state if info else commands.sacct_state(job_id)
         return f"stopped by Slurm: job {job_id} ended {state}" if state else f"killed outright (job {job_id})"
+
+    def requeued_why(self) -> str:
+        """This very job runs again and its attempt before left no word: Slurm requeued it. Accounting's record of
+        that attempt says why (PREEMPTED: killed when the grace time ran out, before its ranks' save finished and
+        they could say so); without accounting Slurm cannot tell."""
+        before = commands.sacct_attempts(self.job_id)[:-1]  # the last record is this attempt's
+        state, ended = before[-1] if before else ("", "")
+        if state == "PREEMPTED":
+            return (f"requeued by Slurm: preempted by another job (accounting: PREEMPTED at {ended}; "
+                    f"{preemption_policy(self.environ.get('SLURM_JOB_PARTITION') or '?')}) and killed when its grace "
+                    "time ran out, before its ranks' save finished (the grace time is shorter than a save: "
+                    "docs/slurm.md)")
+        if state == "NODE_FAIL":
+            return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
+        return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
 
     def job_state(self, job_id: str) -> JobStanding | None:
         try:
@@ -128,12 +143,8 @@ class SlurmJob(JobEnvironment):
         when = info.get("PreemptTime") if info else None
         if info is None or not when or when in ("None", "Unknown"):
             return None
-        partition = info.get("Partition") or "?"
-        mode = commands.partition_field(partition, "PreemptMode") or "?"
-        grace = commands.partition_field(partition, "GraceTime")
-        grace = f", GraceTime={grace} s" if grace else ""
-        return Preemption(f"preempted by another job (Slurm, at {when}; partition {partition}, PreemptMode={mode}"
-                          f"{grace})", "CANCEL" not in mode)
+        policy = preemption_policy(info.get("Partition") or "?")
+        return Preemption(f"preempted by another job (Slurm, at {when}; {policy})", "PreemptMode=CANCEL" not in policy)
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it is RUNNING. Only a grown restart count
@@ -253,3 +264,10 @@ def _nodes(value: str | None) -> list[str]:
 
 def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
+
+
+def preemption_policy(partition: str) -> str:
+    """'partition low, PreemptMode=REQUEUE, GraceTime=20 s': what the partition's preemption does to its jobs."""
+    mode = commands.partition_field(partition, "PreemptMode") or "?"
+    grace = commands.partition_field(partition, "GraceTime")
+    return f"partition {partition}, PreemptMode={mode}" + (f", GraceTime={grace} s" if grace else "")
