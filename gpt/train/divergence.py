@@ -128,9 +128,16 @@ class DivergenceGuard:
         that is not finite never joins the window: the tally has counted its step already, or (fp16, whose loss
         scaler only lowers its scale) it is a divergence here."""
         if not math.isfinite(loss):
-            if not self.tallies:
-                self.act(step, f"the logged loss is {loss} (train.precision=fp16: the loss scaler left the update out)")
+            if not self.tallies:  # fp16: logged losses in a row stand for skipped steps in a row
+                self.in_a_row += 1
+                what = f"the logged loss is {loss} (train.precision=fp16: the loss scaler left the update out)"
+                if self.cfg.policy == "skip" and self.in_a_row >= self.cfg.max_skips:
+                    self.checkpointer.diverged(step)
+                    self.stop(step, what)
+                self.act(step, what)
             return
+        if not self.tallies:
+            self.in_a_row = 0
         window = self.cfg.spike_window
         if not window:
             return

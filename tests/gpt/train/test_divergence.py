@@ -156,6 +156,15 @@ def test_under_fp16_a_non_finite_logged_loss_is_a_divergence(tmp_path, loss):
     assert checkpoints.diverged_at == [4]
 
 
+def test_under_fp16_skip_stops_after_max_skips_non_finite_logged_losses_in_a_row(tmp_path):
+    guard = DivergenceGuard(DivergenceConfig(policy="skip", max_skips=2), Checkpoints(tmp_path), is_main=True)
+    for step, loss in enumerate([2.5, math.nan, 2.4, math.nan]):  # one at a time: skipped, training goes on
+        guard.after_record(step, loss)
+    assert guard.skipped == 2
+    with pytest.raises(Diverged, match=r"diverged at step 4: the logged loss is nan .* after 2 in a row"):
+        guard.after_record(4, math.nan)
+
+
 @pytest.mark.parametrize("key, value", [("policy", "restart"), ("max_skips", 0), ("max_rollbacks", 0),
                                         ("rollback_progress_steps", 0), ("spike_window", 1), ("spike_threshold", 0)])
 def test_bad_divergence_values_are_one_line(key, value):
