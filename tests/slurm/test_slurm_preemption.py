@@ -70,6 +70,29 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
 
 
 @pytest.mark.timeout(300)
+def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_once(
+        slurm_cluster, tmp_path, data_overrides, reference_run):
+    """The same preemption of a job submitted as `sbatch --partition=low slurm/multi_node.sh ...` (nothing waits for
+    it): Slurm's SIGTERM reaches the ranks through the batch script's srun, they save inside the grace time, the job
+    requeues once, says it was preempted by another job, and ends with the uninterrupted run's losses."""
+    reference = reference_run(*RUN, *data_overrides)
+    job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True,
+              sbatch_flags=("--nodes=2", "--partition=low"))
+    job.training(0)
+    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+                         "--output=/dev/null", f"--chdir={tmp_path}")
+    assert job.wait() == 0, job.log.read_text()[-5000:]
+    assert_same_run(job.run_dir, reference)
+    first, last = attempts(job.run_dir)
+    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
+    assert "partition low, PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
+    assert last["ended"] == "finished" and last["restart"] == 1, last
+    assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
+    text = job.log.read_text()
+    assert "preempted by another job" in text and "node failure" not in text, text[-5000:]
+
+
+@pytest.mark.timeout(300)
 def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_run(
         slurm_cluster, tmp_path, data_overrides, reference_run):
     """PreemptMode=CANCEL (partition lowcancel): the ranks save inside the grace time, the job is not requeued (the
