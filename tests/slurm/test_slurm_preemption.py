@@ -15,6 +15,17 @@ from test_preemption import RUN, Job, assert_same_run, attempts
 pytestmark = pytest.mark.slurm
 
 
+def urgent_job(slurm_cluster, tmp_path) -> str:
+    """A 2 s job of the `urgent` partition that needs every node: Slurm preempts whatever runs in `low`."""
+    return slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+                                "--output=/dev/null", f"--chdir={tmp_path}")
+
+
+def grace_time(slurm_cluster) -> str:
+    """The `low` partition's GraceTime, in seconds, as scontrol shows it."""
+    return slurm_cluster.run("scontrol", "-o", "show", "partition", "low").stdout.split("GraceTime=")[1].split()[0]
+
+
 @pytest.mark.timeout(300)
 def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_resumes_once(
         slurm_cluster, tmp_path, data_overrides, reference_run):
@@ -22,8 +33,7 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=low"],
               tmp_path / "run")
     job.training(0)
-    urgent = slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive",
-                                  "--time=5", "--output=/dev/null", f"--chdir={tmp_path}")
+    urgent = urgent_job(slurm_cluster, tmp_path)
     signalled = time.time()
     assert job.wait() == 0, job.text()
     assert_same_run(job.run_dir, reference)
@@ -35,7 +45,7 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     saved = first["goodput"]
     info = slurm_cluster.job_info(job.id())
     assert info["Restarts"] == "1", info
-    grace = int(slurm_cluster.run("scontrol", "-o", "show", "partition", "low").stdout.split("GraceTime=")[1].split()[0])
+    grace = int(grace_time(slurm_cluster))
     stopped = first["time"] - signalled  # from the urgent job's submission to the attempt's line (saved, requeued)
     assert stopped < grace, (stopped, grace, saved)
     print(f"preempted: saved and requeued {stopped:.1f} s after the urgent job's submission (GraceTime={grace} s)")
@@ -79,8 +89,7 @@ def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_
     job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True,
               sbatch_flags=("--nodes=2", "--partition=low"))
     job.training(0)
-    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
-                         "--output=/dev/null", f"--chdir={tmp_path}")
+    urgent_job(slurm_cluster, tmp_path)
     assert job.wait() == 0, job.log.read_text()[-5000:]
     assert_same_run(job.run_dir, reference)
     first, last = attempts(job.run_dir)
@@ -101,8 +110,7 @@ def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_r
     args = ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=lowcancel"]
     job = Job(slurm_cluster, tmp_path, args, tmp_path / "run", name="first")
     job.training(0)
-    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
-                         "--output=/dev/null", f"--chdir={tmp_path}")
+    urgent_job(slurm_cluster, tmp_path)
     code = job.wait()
     said = job.text()
     (first,) = attempts(job.run_dir)
@@ -125,7 +133,7 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
     """GraceTime=2 s against a save of step 10 that takes 25 s (debug.save_sleep_s, before its commit): the urgent
     job comes while that save runs, and Slurm kills the ranks in the middle of it. The cut save is never taken for a
     checkpoint: the requeued attempt resumes from step 5's and finishes, and the attempts log says so."""
-    original = slurm_cluster.run("scontrol", "-o", "show", "partition", "low").stdout.split("GraceTime=")[1].split()[0]
+    original = grace_time(slurm_cluster)
     slurm_cluster.run("scontrol", "update", "PartitionName=low", "GraceTime=2")
     try:
         run = [o for o in RUN if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))]
@@ -137,8 +145,7 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
         while not (log.exists() and "inside the save of step 10" in log.read_text()):
             assert time.monotonic() < deadline and job.alive(), job.text()
             time.sleep(0.1)
-        slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
-                             "--output=/dev/null", f"--chdir={tmp_path}")
+        urgent_job(slurm_cluster, tmp_path)
         code = job.wait()
     finally:
         slurm_cluster.run("scontrol", "update", "PartitionName=low", f"GraceTime={original}")
