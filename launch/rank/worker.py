@@ -136,9 +136,17 @@ def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None
         attempt.lease = take_lease(attempt.run_dir, job.job_id, job.restart, job.job_state, round_=job.round,
                                    launch=job.launch)
         generation = attempt.lease.generation
-    install_fence(attempt.run_dir, int(all_reduce_values([generation])[0]))
+    write_for(attempt, int(all_reduce_values([generation])[0]))
     if env.is_main:  # the job launch.status, list and cancel ask about, whichever path started it
         record_job(attempt.run_dir, job)
+
+
+def write_for(attempt: Attempt, generation: int) -> None:
+    """Fence this rank's writes with the run folder's `generation`, and beat at once: the node's writer drops a beat
+    without it as an earlier attempt's, so a rank that died before its next beat would never be seen by its peers."""
+    install_fence(attempt.run_dir, generation)
+    if attempt.watchdog is not None:
+        attempt.watchdog.beat()
 
 
 def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, watchdog: WatchdogConfig,

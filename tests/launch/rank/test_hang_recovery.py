@@ -12,7 +12,7 @@ import pytest
 from gpt.config.sections import WatchdogConfig
 from gpt.dist.process_group import DistEnv
 from gpt.resilience.hang import Hang
-from gpt.resilience.heartbeat import Liveness
+from gpt.resilience.heartbeat import Liveness, read_heartbeats
 from gpt.resilience.watchdog import Watchdog
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import JobEnvironment, job_environment
@@ -165,3 +165,25 @@ def test_a_hang_report_left_without_its_attempts_line_is_not_the_next_attempts(t
     report = watchdog_of(later).report
     assert not report.reported_elsewhere() and report.json_path.name == named
     assert report.claim() is True
+
+
+def test_a_rank_that_dies_just_after_its_fence_is_in_its_nodes_record(tmp_path, monkeypatch):
+    """A beat written before the fence carries no generation, and the node's writer drops it as an earlier
+    attempt's: each rank beats again as its fence is installed, so that one that dies before its next beat (a fast
+    start, a crash at the first steps) is still in its node's record, where its peers look for the lost."""
+    from gpt.resilience import watchdog as watchdog_module
+    from launch.rank import worker
+
+    generation = {"now": None}
+    monkeypatch.setattr(watchdog_module, "fenced_generation", lambda: generation["now"])
+    monkeypatch.setattr(worker, "install_fence", lambda run_dir, g: generation.update(now=g))
+    (tmp_path / "watchdog").mkdir()
+    ranks = [Attempt(tmp_path, 1, watchdog=Watchdog(WatchdogConfig(), tmp_path, r, 2, "n1", 1, lambda report: False))
+             for r in (0, 1)]
+    for attempt in ranks:
+        attempt.watchdog.beat()  # as it starts, before the rendezvous
+    for attempt in ranks:
+        worker.write_for(attempt, 1)
+    ranks[0].watchdog.beat()  # rank 1 is dead by now; rank 0, the node's writer, beats on
+    beats = read_heartbeats(tmp_path, 2, 1)
+    assert beats[1] is not None and beats[1]["generation"] == 1, beats
