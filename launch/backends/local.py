@@ -1,36 +1,40 @@
 """The embedded default backend: a sweep point's ranks run as processes on this machine, through the same
-per-rank entry point (launch.rank.worker) that srun starts on a cluster."""
+per-rank entry point (launch.rank.worker) that srun starts on a cluster. They fork from one preloaded server per
+launcher (launch.rank.forked), each in a session of its own; rank 0 serves their store, as on a cluster. This
+launcher watches them and stops the others once one fails, as torch's elastic agent does, and imports no torch:
+the server imports it once for every rank of every round and sweep point."""
 from __future__ import annotations
 
 import contextlib
-import logging
+import glob
+import multiprocessing
+import multiprocessing.connection
+import multiprocessing.forkserver
 import os
 import shlex
 import signal
+import socket
 import sys
 import threading
-import uuid
+import time
+from dataclasses import dataclass
 from pathlib import Path
-
-import psutil
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
-from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
+from launch.rank import forked
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
-from launch.rank.parent import LAUNCHER_PID, PAUSE_POLL_S
+from launch.rank.parent import LAUNCHER_PID, PARENT_PID, PAUSE_POLL_S
 from launch.run.rounds import IN_JOB, Rounds
 from launch.run.lost_rank import record_lost_rank
 from launch.run.startup import attempt_start_env
-from launch.rank.threads import ThreadPlan
+from launch.rank.threads import WAIT_POLICY, ThreadPlan
 
-
-# torch's agent logs any rank that exits non-zero ("failed (exitcode: 3) local_rank: 0 ... of binary: env"), a stop
-# after Ctrl-C or a signal too; the launcher says itself what happened and what to do next, in one line (_failure)
-logging.getLogger("torch.distributed.elastic.multiprocessing.api").setLevel(logging.CRITICAL)
+RANK_START = "GPTLAUNCH_RANK_START"  # forkserver or spawn; unset: forkserver, or spawn where GPUs are visible
+STOP_GRACE_S = 30  # once a rank failed, the others' time to end after SIGTERM before SIGKILL (torch's agent's)
+_running: list[multiprocessing.Process] = []  # this round's ranks, for the signal relay
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
@@ -46,41 +50,138 @@ def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
 def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[str, str]) -> bool:
     """One round of the ranks: True when they finished, False when the next round is asked for."""
     world = nodes * tasks_per_node
-    # Every rank shares this machine's CPUs. The ranks get their settings in their own environment (through
-    # env(1): the elastic agent copies this process's environment, which must stay as the user left it, so that
-    # nothing carries over from one sweep point to the next).
-    rank_env = {**ThreadPlan.decide(ranks_on_host=world).env(), **attempt_start_env(),
-                "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node), LAUNCHER_PID: str(os.getpid()), **round_env}
+    # Every rank shares this machine's CPUs. The ranks get their settings in their own environment: this process's
+    # stays as the user left it, so that nothing carries over from one sweep point to the next.
+    plan, start = ThreadPlan.decide(ranks_on_host=world), attempt_start_env()
+    starter = RankStarter.get(plan.wait_policy)
+    common = {**os.environ, **plan.env(), **start, "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node),
+              LAUNCHER_PID: str(os.getpid()), PARENT_PID: str(starter.parent_pid),
+              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
+              "LOCAL_WORLD_SIZE": str(world), **round_env}
     job = job_environment({**os.environ, **round_env})  # the ranks' (inside an allocation, its job's)
-    # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop. The agent must not kill them
-    # meanwhile (nor end in a traceback), so SIGINT and SIGTERM are left to us.
-    config = LaunchConfig(min_nodes=1, max_nodes=1, nproc_per_node=world, rdzv_backend="c10d",
-                          rdzv_endpoint="127.0.0.1:0", run_id=uuid.uuid4().hex, max_restarts=0,
-                          start_method="spawn", monitor_interval=0.1, signals_to_handle="SIGHUP,SIGQUIT")
-    args = [f"{k}={v}" for k, v in rank_env.items()] + [sys.executable, "-m", "launch.rank.worker", str(run_dir)]
-    try:
-        with _launcher_state_kept(), _signals_relayed():
-            elastic_launch(config, "env")(*args)
-    except ChildFailedError as e:
-        rank, failure = root_failure(e)
-        if failure.exitcode < 0 and failure.exitcode != -signal.SIGTERM:  # killed, not stopped by the agent
-            record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-failure.exitcode).name}",
-                             job)
-        if Rounds.of(run_dir, job).path(job.round + 1).exists():
-            print(f"{_failure(run_dir, rank, failure.exitcode)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr,
-                  flush=True)
-            return False
-        if failure.exitcode in (EXIT_USER, EXIT_PREEMPTED, EXIT_INTERRUPTED):  # the user's error, or signal: 2
-            raise UserError(_failure(run_dir, rank, failure.exitcode)) from None
-        raise RunFailed(_failure(run_dir, rank, failure.exitcode)) from None  # a failed run: 1
-    return True
+    # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop.
+    with _signals_relayed():
+        failures = starter.run(str(run_dir), [{**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(world)])
+    if not failures:
+        return True
+    rank, code = root_failure(failures)
+    if code < 0 and code != -signal.SIGTERM:  # killed, not stopped by this launcher
+        record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-code).name}", job)
+    if Rounds.of(run_dir, job).path(job.round + 1).exists():
+        print(f"{_failure(run_dir, rank, code)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr, flush=True)
+        return False
+    if code in (EXIT_USER, EXIT_PREEMPTED, EXIT_INTERRUPTED):  # the user's error, or signal: 2
+        raise UserError(_failure(run_dir, rank, code)) from None
+    raise RunFailed(_failure(run_dir, rank, code)) from None  # a failed run: 1
 
 
-def root_failure(e: ChildFailedError) -> tuple[int, ProcessFailure]:
-    """The rank that failed first. A rank that died of SIGABRT comes after any other: on GPUs NCCL aborts every
-    survivor of a lost or failed peer, often within the same second (the agent's timestamps are whole seconds)."""
-    rank = min(e.failures, key=lambda r: (e.failures[r].exitcode == -signal.SIGABRT, e.failures[r].timestamp, r))
-    return rank, e.failures[rank]
+@dataclass(frozen=True)
+class Failure:
+    code: int     # the exit code; negative: killed by that signal
+    seen: float   # when this launcher saw the rank end
+
+
+def root_failure(failures: dict[int, Failure]) -> tuple[int, int]:
+    """The rank that failed first, and its exit code. A rank that died of SIGABRT comes after any other: on GPUs
+    NCCL aborts every survivor of a lost or failed peer, often before its launcher looks again."""
+    rank = min(failures, key=lambda r: (failures[r].code == -signal.SIGABRT, failures[r].seen, r))
+    return rank, failures[rank].code
+
+
+class RankStarter:
+    """Starts a round's ranks and waits for them: forked from this launcher's preloaded server (launch.rank.forked),
+    or, where GPUs are visible (or GPTLAUNCH_RANK_START=spawn), as fresh interpreters."""
+    _one: RankStarter | None = None
+
+    def __init__(self, method: str):
+        self.method = method
+        self.context = multiprocessing.get_context(method)
+        self.server_started: float | None = None
+
+    @classmethod
+    def get(cls, wait_policy: str) -> RankStarter:
+        if cls._one is None:
+            cls._one = cls(os.environ.get(RANK_START) or _default_method())
+        cls._one.ensure_server(wait_policy)
+        return cls._one
+
+    def ensure_server(self, wait_policy: str) -> None:
+        """The server imports torch, and OpenMP reads its settings once, as it loads: the server starts with the
+        ranks' wait policy. A server that died (killed) is started again."""
+        if self.method != "forkserver":
+            return
+        server = multiprocessing.forkserver._forkserver
+        if server._forkserver_pid is not None and os.waitpid(server._forkserver_pid, os.WNOHANG) == (0, 0):
+            return
+        multiprocessing.forkserver.set_forkserver_preload(forked.PRELOAD)
+        saved = os.environ.get(WAIT_POLICY)
+        os.environ[WAIT_POLICY] = wait_policy
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            os.environ.pop(WAIT_POLICY) if saved is None else os.environ.update({WAIT_POLICY: saved})
+        self.server_started = time.time()
+
+    @property
+    def parent_pid(self) -> int:
+        """The ranks' parent: the server they fork from, or this launcher."""
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        return server if self.method == "forkserver" and server is not None else os.getpid()
+
+    def run(self, run_dir: str, envs: list[dict[str, str]]) -> dict[int, Failure]:
+        """Start a rank per environment and wait: {} when every rank ended 0, else the ranks that had failed when
+        this launcher first saw one fail (the others are then stopped)."""
+        imports_from = self.server_started
+        self.server_started = None  # its imports count for this round's ranks alone
+        _running[:] = [self.context.Process(target=forked.start, args=(run_dir, env, imports_from), daemon=False)
+                       for env in envs]
+        try:
+            for process in _running:
+                process.start()
+            return _wait(_running)
+        finally:
+            _stop(_running)
+            _running.clear()
+
+
+def _default_method() -> str:
+    """Spawn where a GPU is visible (a fork after CUDA is touched cannot use it; the forked start is unmeasured on
+    GPUs): a device file, unless CUDA_VISIBLE_DEVICES hides them all. Read without torch."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
+    return "spawn" if glob.glob("/dev/nvidia[0-9]*") and not hidden else "forkserver"
+
+
+def free_port() -> int:
+    """A port free on this machine now, for rank 0's store (torch's elastic agent picks its master port so too)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait(ranks: list[multiprocessing.Process]) -> dict[int, Failure]:
+    seen: dict[int, float] = {}
+    while True:
+        for r, process in enumerate(ranks):
+            if r not in seen and process.exitcode is not None:
+                seen[r] = time.time()
+        failures = {r: Failure(ranks[r].exitcode, t) for r, t in seen.items() if ranks[r].exitcode != 0}
+        if failures or len(seen) == len(ranks):
+            return failures
+        multiprocessing.connection.wait([p.sentinel for r, p in enumerate(ranks) if r not in seen], timeout=0.5)
+
+
+def _stop(ranks: list[multiprocessing.Process]) -> None:
+    """Ranks still running after one failed: SIGTERM (they save if they can), then SIGKILL after STOP_GRACE_S."""
+    for process in ranks:
+        if process.exitcode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signal.SIGTERM)
+    deadline = time.monotonic() + STOP_GRACE_S
+    for process in ranks:
+        process.join(max(0.0, deadline - time.monotonic()))
+        if process.exitcode is None:
+            process.kill()
+            process.join()
 
 
 def _failure(run_dir: Path, rank: int, code: int) -> str:
@@ -104,36 +205,16 @@ def continue_command() -> str:
     return " ".join(["python -m launch", *map(shlex.quote, sys.argv[1:])])
 
 
-@contextlib.contextmanager
-def _launcher_state_kept():
-    """torch's elastic agent sets variables in this process (TORCHELASTIC_*); put them back after each point."""
-    saved = dict(os.environ)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def _ranks() -> list[psutil.Process]:
-    """This launcher's ranks (the agent starts them in sessions of their own, out of the terminal's reach)."""
-    ranks = []
-    for child in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if "launch.rank.worker" in child.cmdline():
-                ranks.append(child)
-    return ranks
-
-
 def _send(signum: int) -> None:
-    for rank in _ranks():
-        with contextlib.suppress(psutil.Error):
-            rank.send_signal(signum)
+    for process in list(_running):  # pids alone: a signal handler must not poll the ranks the main flow waits on
+        if process.pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(process.pid, signum)
 
 
 @contextlib.contextmanager
 def _signals_relayed():
-    """Ctrl-C and SIGTERM (a process manager, `kill`, a terminal closing) are passed on to the ranks: the first
+    """Ctrl-C, SIGTERM and SIGHUP (a process manager, `kill`, a terminal closing) are passed on to the ranks: the first
     makes them save at the next step and stop; a second Ctrl-C stops them at once. Ctrl-Z pauses the ranks and
     then this launcher, and SIGCONT (`fg`, `bg`, `kill -CONT`) resumes them: each rank's session is an orphaned
     process group, where the kernel drops SIGTSTP, so the ranks get SIGSTOP, and so does this process (its own group
@@ -161,7 +242,8 @@ def _signals_relayed():
         again.start()
 
     previous = {s: signal.signal(s, handler) for s, handler in ((signal.SIGINT, handle), (signal.SIGTERM, handle),
-                                                              (signal.SIGTSTP, pause), (signal.SIGCONT, resume))}
+                                                              (signal.SIGHUP, handle), (signal.SIGTSTP, pause),
+                                                              (signal.SIGCONT, resume))}
     try:
         yield
     finally:

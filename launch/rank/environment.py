@@ -10,6 +10,7 @@ import socket
 
 from gpt.dist.process_group import DistEnv
 from launch.rank.job_env import scheduler_classes
+from launch.rank.parent import LAUNCHER_PID
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:
@@ -17,9 +18,10 @@ def detect(environ: dict[str, str] | None = None) -> DistEnv:
     libraries expect from torchrun (see export_for_libraries)."""
     env = os.environ if environ is None else environ
     step = next((cls for cls in scheduler_classes() if cls.in_step(env)), None)
-    # In a scheduler's step, torchrun-style variables count only when a torchrun-style agent set them (a local run
-    # inside an allocation); inherited from the submitting shell, the scheduler's own win.
-    if "RANK" in env and "WORLD_SIZE" in env and (step is None or "TORCHELASTIC_RUN_ID" in env):
+    # In a scheduler's step, torchrun-style variables count only when our local launcher or torchrun set them (a
+    # local run inside an allocation); inherited from the submitting shell, the scheduler's own win.
+    agent = LAUNCHER_PID in env or "TORCHELASTIC_RUN_ID" in env
+    if "RANK" in env and "WORLD_SIZE" in env and (step is None or agent):
         return _from_torchrun(env)
     if step is not None:
         found = step.place(env)

@@ -16,17 +16,19 @@ import time
 from pathlib import Path
 
 LAUNCHER_PID = "GPTLAUNCH_LAUNCHER_PID"
+PARENT_PID = "GPTLAUNCH_PARENT_PID"  # the rank's parent when it is not the launcher: the server it forked from, whose
+# end follows the launcher's (launch.rank.forked)
 PR_SET_PDEATHSIG = 1
 PAUSE_POLL_S = 0.5  # how often a rank looks at its launcher's state: a procfs read, no file system, no scheduler
 
 
 def end_with_launcher(signum: int = signal.SIGTERM) -> None:
     """`signum`: a signal this rank handles as a preemption (preemption.signals), else one that ends it."""
-    launcher = os.environ.get(LAUNCHER_PID, "")
-    if not launcher.isdigit() or not sys.platform.startswith("linux"):  # not set (or mangled) by our launcher
+    parent = os.environ.get(PARENT_PID) or os.environ.get(LAUNCHER_PID, "")
+    if not parent.isdigit() or not sys.platform.startswith("linux"):  # not set (or mangled) by our launcher
         return
     ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(signum))
-    if os.getppid() != int(launcher):  # it died before the request was in place
+    if os.getppid() != int(parent):  # it died before the request was in place
         os.kill(os.getpid(), signum)
 
 

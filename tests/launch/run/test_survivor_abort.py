@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-from torch.distributed.elastic.multiprocessing.errors import ChildFailedError, ProcessFailure
 
 from gpt.config import schema
 from helpers import compose, launch
@@ -220,17 +219,13 @@ def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, 
     assert lost_rank.culprit_of_abort(run_dir, 1, time.time()) == lost_rank.Culprit(2, "n3", "aborted first")
 
 
-def test_the_local_backend_names_the_killed_rank_not_an_aborted_survivor(tmp_path):
-    """The elastic agent stamps failures in whole seconds: a survivor that NCCL aborted in the same second as its
-    killed peer must not be reported first."""
-    def failure(local_rank: int, code: int) -> ProcessFailure:
-        return ProcessFailure(local_rank, 100 + local_rank, code, str(tmp_path / "none"))
-
-    failures = {0: failure(0, -signal.SIGABRT), 1: failure(1, -signal.SIGKILL), 2: failure(2, -signal.SIGABRT)}
-    for f in failures.values():
-        f.timestamp = 1000
-    rank, root = local.root_failure(ChildFailedError("worker", failures))
-    assert (rank, root.exitcode) == (1, -signal.SIGKILL)
+def test_the_local_backend_names_the_killed_rank_not_an_aborted_survivor():
+    """A survivor that NCCL aborted before the launcher looked again, seen ending at the same moment as its killed
+    peer, must not be reported first."""
+    failures = {0: local.Failure(-signal.SIGABRT, 1000.0), 1: local.Failure(-signal.SIGKILL, 1000.0),
+                2: local.Failure(-signal.SIGABRT, 999.0)}
+    assert local.root_failure(failures) == (1, -signal.SIGKILL)
+    assert local.root_failure({0: local.Failure(3, 1000.5), 1: local.Failure(-signal.SIGKILL, 1000.0)}) == (1, -9)
 
 
 @pytest.mark.timeout(240)

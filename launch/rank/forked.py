@@ -1,0 +1,44 @@
+"""Ranks forked from a preloaded server instead of started as fresh interpreters (the local backend's rank start).
+
+A rank's imports (torch, DCP, the trainer, torch._dynamo that DDP's and FSDP's constructors import) take 3-5 CPU-s
+before it does anything: most of a small run, and of every in-job restart. The local backend starts one
+multiprocessing forkserver per launcher that imports them once (launch.rank.rank_server), and forks each rank of
+every round and sweep point from it. The server never runs anything else: no CUDA, no OpenMP team, so each fork
+starts as clean as a fresh interpreter. With GPUs visible the ranks are fresh interpreters all the same
+(multiprocessing's spawn): a fork after anything touched CUDA cannot use it, and the forked start has not been
+measured on a GPU yet.
+
+`start` is each rank's entry, in a forked (or spawned) child.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import multiprocessing.forkserver
+import os
+import sys
+import time
+
+PRELOAD = ["launch.rank.rank_server"]
+
+
+def start(run_dir: str, environ: dict[str, str], imports_from: float | None) -> None:
+    """Become rank RANK of `environ`: the environment a fresh rank would have been started with, whole.
+    `imports_from`: when the server this rank forked from began its imports, if it began them for this attempt (its
+    start-up breakdown counts them); otherwise the imports were done before, and count nothing."""
+    entered = time.time()
+    os.setsid()  # a session of its own, as the spawned ranks had: the terminal's Ctrl-C reaches the launcher alone
+    # The server's end should follow the launcher's alone (launch.rank.parent): a rank keeps no hold on it.
+    alive = multiprocessing.forkserver._forkserver._forkserver_alive_fd
+    if alive is not None:
+        os.close(alive)
+        multiprocessing.forkserver._forkserver._forkserver_alive_fd = None
+    # multiprocessing made this child's default start method the server's: a fresh interpreter's default again (with
+    # it, a lock that tqdm or a library makes would be a named semaphore, left for the launcher's tracker to report)
+    multiprocessing.set_start_method(None, force=True)
+    os.environ.clear()
+    os.environ.update(environ)
+    sys.argv = ["launch.rank.worker", run_dir]
+    from launch.rank import worker
+
+    worker.STARTED = imports_from or entered
+    worker.main()  # ends the process: os._exit with the rank's exit code
