@@ -35,6 +35,14 @@ WRITER_SILENT_BEATS = 3  # a local writer whose beat has not moved for this many
 ATTEMPT = ("attempt", "restart", "generation")  # what tells this attempt's beats from an earlier one's
 
 
+def same_attempt(beat: dict, mine: dict) -> bool:
+    """Whether `beat` is of `mine`'s attempt. A beat from before its rank's fence carries no generation yet: it is
+    of every generation of its attempt, or a rank whose peer beat once more before its own fence would drop the
+    peer's one beat with it, and lose a peer that died right after (its survivors could not name it)."""
+    return all(beat.get(k) == mine.get(k) or (k == "generation" and None in (beat.get(k), mine.get(k)))
+               for k in ATTEMPT)
+
+
 def node_local_dir(run_dir: Path, host: str) -> Path:
     """This node's folder of local beats: memory (/dev/shm) where there is one. Its name holds the run's secret, so
     that another user of the node can neither find it nor make it first; `private_folder` checks it is this user's."""
@@ -123,7 +131,7 @@ class NodeHeartbeat:
                 beat = json.loads(path.read_text())
             except (OSError, ValueError):  # a rank's file being replaced: its next beat counts
                 continue
-            if [beat.get(k) for k in ATTEMPT] == [mine.get(k) for k in ATTEMPT]:
+            if same_attempt(beat, mine):
                 beats[int(path.stem[4:])] = beat
             else:
                 path.unlink(missing_ok=True)

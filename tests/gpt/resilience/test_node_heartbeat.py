@@ -152,3 +152,18 @@ def test_a_secret_another_user_owns_is_refused(tmp_path, monkeypatch):
     _made_by_another_user(secret, monkeypatch)
     with pytest.raises(UserError, match="node-secret belongs to uid"):
         NodeHeartbeat(tmp_path, "n1", 0, 1.0)
+
+
+def test_a_peers_beat_after_its_fence_stays_through_a_beat_from_before_the_writers(tmp_path):
+    """Rank 1 fences its writes (generation 1), beats and dies before its next beat; rank 0, the node's writer, beats
+    once more before its own fence, then after it. Rank 1's beat stays in the node's record, where its survivors
+    look for the lost. An earlier generation's beat still goes."""
+    (tmp_path / "watchdog").mkdir()
+    record = {"attempt": 1, "restart": 0, "time": time.time(), "host": "n1"}
+    writer, dying = NodeHeartbeat(tmp_path, "n1", 0, 1.0), NodeHeartbeat(tmp_path, "n1", 1, 1.0)
+    dying.beat({**record, "rank": 1, "beat": 2, "generation": 1})
+    writer.beat({**record, "rank": 0, "beat": 2, "generation": None})
+    writer.beat({**record, "rank": 0, "beat": 3, "generation": 1})
+    assert read_heartbeats(tmp_path, 2, 1)[1]["beat"] == 2
+    writer.beat({**record, "rank": 0, "beat": 4, "generation": 2})  # a later launch took the folder over
+    assert read_heartbeats(tmp_path, 2, 1)[1] is None
