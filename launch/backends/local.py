@@ -1,8 +1,8 @@
 """The embedded default backend: a sweep point's ranks run as processes on this machine, through the same
 per-rank entry point (launch.rank.worker) that srun starts on a cluster. They fork from one preloaded server per
 launcher (launch.rank.forked), each in a session of its own; rank 0 serves their store, as on a cluster. This
-launcher watches them and stops the others once one fails, as torch's elastic agent does, and imports no torch:
-the server imports it once for every rank of every round and sweep point."""
+launcher watches them and stops the others once one fails, as torch's elastic agent does. This module imports no
+torch: the server imports it once for every rank of every round and sweep point."""
 from __future__ import annotations
 
 import contextlib
