@@ -40,14 +40,17 @@ def read_heartbeats(run_dir: Path, world: int, attempt: int, restart: int | None
     """Every rank's last heartbeat of this attempt (None: it wrote none, or it cannot be read now). With `restart`,
     only that restart's: an orphan of an earlier restart (a rank on a cut-off node) writes the same attempt number."""
     mine = fenced_generation()
-
-    def ours(beat: dict) -> bool:
-        theirs = beat.get("generation")
-        return (beat.get("attempt") == attempt and restart in (None, beat.get("restart"))
-                and (None in (theirs, mine) or theirs == mine))
-
-    found = all_heartbeats(run_dir, ours)
+    found = all_heartbeats(run_dir, lambda beat: of_attempt(beat, attempt, restart, mine))
     return [found.get(rank) for rank in range(world)]
+
+
+def of_attempt(beat: dict, attempt: int, restart: int | None, generation: int | None) -> bool:
+    """Whether `beat` is of that attempt (and restart, unless None) and generation. A beat from before its rank's
+    fence carries no generation yet: it is of every generation of its attempt (the node's writer, still unfenced,
+    must not drop a fenced peer's only beat: a rank that died right after its fence could not be named lost)."""
+    theirs = beat.get("generation")
+    return (beat.get("attempt") == attempt and restart in (None, beat.get("restart"))
+            and (None in (theirs, generation) or theirs == generation))
 
 
 def all_heartbeats(run_dir: Path, keep: Callable[[dict], bool] = lambda beat: True) -> dict[int, dict]:

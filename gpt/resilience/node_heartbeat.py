@@ -27,20 +27,11 @@ import time
 from pathlib import Path
 
 from gpt.errors import UserError
-from gpt.resilience.heartbeat import Liveness
+from gpt.resilience.heartbeat import Liveness, of_attempt
 from gpt.resilience.lease import fence
 from gpt.run_folder import RunFolder
 
 WRITER_SILENT_BEATS = 3  # a local writer whose beat has not moved for this many intervals is replaced
-ATTEMPT = ("attempt", "restart", "generation")  # what tells this attempt's beats from an earlier one's
-
-
-def same_attempt(beat: dict, mine: dict) -> bool:
-    """Whether `beat` is of `mine`'s attempt. A beat from before its rank's fence carries no generation yet: it is
-    of every generation of its attempt, or a rank whose peer beat once more before its own fence would drop the
-    peer's one beat with it, and lose a peer that died right after (its survivors could not name it)."""
-    return all(beat.get(k) == mine.get(k) or (k == "generation" and None in (beat.get(k), mine.get(k)))
-               for k in ATTEMPT)
 
 
 def node_local_dir(run_dir: Path, host: str) -> Path:
@@ -131,7 +122,7 @@ class NodeHeartbeat:
                 beat = json.loads(path.read_text())
             except (OSError, ValueError):  # a rank's file being replaced: its next beat counts
                 continue
-            if same_attempt(beat, mine):
+            if of_attempt(beat, mine.get("attempt"), mine.get("restart"), mine.get("generation")):
                 beats[int(path.stem[4:])] = beat
             else:
                 path.unlink(missing_ok=True)
