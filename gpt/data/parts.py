@@ -16,6 +16,7 @@ import numpy as np
 
 from gpt.data.inputs import chunked, documents, text_pieces
 from gpt.data.tokenizer import Tokenizer, load_tokenizer
+from gpt.errors import UserError
 
 BATCH_CHARS = 1 << 20  # documents are encoded in batches of about this many characters
 
@@ -143,11 +144,20 @@ _worker: dict[str, Any] = {}
 
 
 def init_worker(out: str, dtype: str, shard_tokens: int) -> None:
-    """Pool initializer: one tokenizer per process; its own threads off, the processes are the parallelism."""
+    """Pool initializer: the settings only, and the tokenizer's own threads off (the processes are the parallelism).
+    It must not fail: a pool replaces a worker whose initializer raised, forever, so the launcher would hang."""
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _worker.update(out=Path(out), tok=load_tokenizer(out), dtype=np.dtype(dtype), shard_tokens=shard_tokens)
+    _worker.clear()
+    _worker.update(out=Path(out), dtype=np.dtype(dtype), shard_tokens=shard_tokens)
 
 
 def run_part(part: Part) -> dict[str, Any]:
     w = _worker
+    if "tok" not in w:  # one tokenizer per process, loaded by its first part
+        try:
+            w["tok"] = load_tokenizer(w["out"])
+        except UserError:
+            if not w["out"].is_dir():  # another preparation of the same inputs finished and moved it into place
+                raise FileNotFoundError(w["out"]) from None
+            raise
     return tokenize_part(part, w["out"], w["tok"], w["dtype"], w["shard_tokens"])

@@ -177,6 +177,27 @@ def test_a_preparation_of_the_same_inputs_finished_meanwhile_is_taken_as_this_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
 
+@pytest.mark.timeout(120)
+def test_a_pool_whose_temp_folder_another_preparation_moved_into_place_takes_its_data(tmp_path, monkeypatch):
+    """Two launches prepare the same inputs at once (seen with five GPU smoke rows started together): B moves the
+    shared temp folder into place just as A's pool of workers starts. A's workers find no tokenizer there; A takes
+    B's data, which is its own, instead of hanging (a pool replaces a worker whose initializer failed, forever)."""
+    text, out = tmp_path / "a.txt", tmp_path / "out"
+    text.write_text(TEXT[:20_000])
+    run_parts = prepare_module._run_parts
+
+    def b_lands_first(todo, tmp, *args):
+        monkeypatch.setattr(prepare_module, "_run_parts", run_parts)
+        prepare(text, out, workers=1)  # B, start to end, in the temp folder A made
+        assert len(todo) > 1 and not tmp.exists()  # A's parts go to a pool, for a folder that is gone
+        yield from run_parts(todo, tmp, *args)
+
+    monkeypatch.setattr(prepare_module, "_run_parts", b_lands_first)
+    assert prepare(text, out, workers=2) == out
+    assert prepare_module.is_prepared(text, out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
+
+
 def test_two_processes_preparing_other_data_into_one_folder_at_once(tmp_path):
     """Whichever way they interleave, one lands and the other is refused in one line (exit 2), and the folder holds
     the winner's data, whole."""
