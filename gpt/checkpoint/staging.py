@@ -87,6 +87,12 @@ class ShareStager(AsyncStager):
         return self.inner.stage(state_dict)
 
     def close(self) -> None:
+        """DCP's call, ignored: torch 2.11's async_save closes the stager it is given once its save is written
+        (later versions leave a caller's stager to the caller), and a closed one fails the next save (seen on a GPU:
+        `KeyError: <class 'type'>` from the closed copier's emptied table, at the second save of every DCP
+        strategy). This one lives from the first asynchronous save to shutdown()."""
+
+    def shutdown(self) -> None:
         self.inner.close()
 
 

@@ -1,10 +1,11 @@
-"""Asynchronous checkpoint staging: each rank copies only the tensors it writes, and a run on the CPU makes no CUDA
-call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
+"""Asynchronous checkpoint staging: each rank copies only the tensors it writes, one stager serves every save of a run,
+and a run on the CPU makes no CUDA call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
+import torch.distributed.checkpoint as dcp
 
 from gpt.checkpoint.staging import assign_writers
 from gpt.checkpoint.writer import Checkpointer
@@ -53,6 +54,31 @@ def test_a_cpu_run_saves_without_cuda_on_a_gpu_host(gpu_host, tmp_path, backgrou
     checkpointer.load(path, strategy)
     for key, value in strategy.model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+def test_a_stager_that_dcp_closes_after_each_save_still_stages_the_next(tmp_path, monkeypatch):
+    """torch 2.11's async_save closes the stager it is given once the save is written (seen on a GPU: the second
+    asynchronous save failed on the closed copier); the run's stager lives across its saves all the same."""
+    async_save = dcp.async_save
+
+    def closing_async_save(*args, async_stager, **kwargs):
+        response = async_save(*args, async_stager=async_stager, **kwargs)
+        response.upload_completion.add_done_callback(lambda _: async_stager.close())
+        return response
+
+    monkeypatch.setattr(dcp, "async_save", closing_async_save)
+    strategy = cpu_strategy()
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=True)
+    checkpointer.save(1, strategy, {})
+    strategy.model(torch.randn(4, 8)).sum().backward()
+    strategy.optimizer.step()
+    path = checkpointer.save(2, strategy, {})
+    checkpointer.close()
+    saved = {k: v.clone() for k, v in strategy.model.state_dict().items()}
+    for p in strategy.model.parameters():
+        p.data.zero_()
+    checkpointer.load(path, strategy)
+    assert all(torch.equal(value, saved[key]) for key, value in strategy.model.state_dict().items())
 
 
 def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with_theirs():
