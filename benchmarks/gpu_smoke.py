@@ -4,6 +4,7 @@ compiled). One Markdown table, to paste into the README.
 
     python -m benchmarks.gpu_smoke              # on a machine with 1, 2, 4 or 8 GPUs
     python -m benchmarks.gpu_smoke --dry-run    # anywhere: plan every row for 8 GPUs, run nothing
+    python -m benchmarks.gpu_smoke --kind smoke --jobs 4   # the smoke rows only, four at a time
 
 Each run goes through `python -m launch` (cluster=local) as a user's would. A "smoke" row, in one run folder:
   1. train 12 steps, checkpointing every 6;
@@ -20,6 +21,7 @@ Writes benchmarks/results/gpu_smoke.json.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import dataclasses
 import json
 import subprocess
@@ -35,7 +37,8 @@ PREEMPTED = "nonzero"  # a preempted local run exits non-zero: "run the same com
 PIPELINE = ["strategy=pipeline", "strategy.microbatches=4", "model.n_layer=8"]
 SMOKE = ["model=tiny", "train.precision=bf16", "train.device=cuda", "train.global_batch_size=16",
          "train.log_interval=1", "train.eval_interval=6", "train.eval_batches=2", "train.progress=false",
-         "checkpoint.interval_steps=6", "checkpoint.async=true"]
+         "checkpoint.interval_steps=6", "checkpoint.async=true",
+         "train.decay_steps=24"]  # one schedule for all four attempts: a run refuses a resume that would change it
 PREEMPT = ["train.max_steps=24", "debug.signal_at_step=20", "debug.signal_name=SIGUSR2"]
 ATTEMPTS = [("train", ["train.max_steps=12"], 0), ("resume", ["train.max_steps=18"], 0),
             ("preempt", PREEMPT, PREEMPTED), ("same command again", PREEMPT, 0)]
@@ -111,8 +114,8 @@ def world_for(gpus: int) -> int:
     return max(n for n in (1, 2, 4, 8) if n <= gpus) if gpus else 0
 
 
-def rows_for(world: int) -> list[Row]:
-    return [r for r in ROWS if r.need <= world]
+def rows_for(world: int, kinds: list[str] | None = None) -> list[Row]:
+    return [r for r in ROWS if r.need <= world and (not kinds or r.kind in kinds)]
 
 
 def plan_error(row: Row, world: int) -> str | None:
@@ -141,6 +144,14 @@ def last_line(proc: subprocess.CompletedProcess) -> str:
     return (proc.stderr.strip().splitlines() or ["?"])[-1]
 
 
+def failure(label: str, proc: subprocess.CompletedProcess, run_dir: Path) -> dict:
+    """A failed attempt: its last line for the table, and what says why (the launcher's error lines and the tail
+    of each rank's log) for the JSON and the console, since the run folder may be a temporary one."""
+    logs = {p.name: p.read_text(errors="replace").splitlines()[-25:] for p in sorted(run_dir.glob("logs/rank*.log"))}
+    return {"error": f"{label}: exit {proc.returncode}: {last_line(proc)}",
+            "stderr": proc.stderr.strip().splitlines()[-25:], "rank_logs": logs}
+
+
 def train_records(run_dir: Path) -> list[dict]:
     lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
@@ -155,8 +166,7 @@ def smoke(row: Row, world: int, folder: Path) -> dict:
                               capture_output=True, text=True)
         out["attempts"].append(label)
         if (proc.returncode == 0) != (expected == 0):
-            out["error"] = f"{label}: exit {proc.returncode}: {last_line(proc)}"
-            return out
+            return {**out, **failure(label, proc, run_dir)}
     train = train_records(run_dir)
     return {**out, "steps": [r["step"] for r in train] == list(range(24)), **figures(train[-1])}
 
@@ -165,7 +175,7 @@ def figure(row: Row, world: int, folder: Path) -> dict:
     run_dir = folder / row.name.replace(" ", "_")
     proc = subprocess.run(command(run_dir, row.command_overrides(world)), cwd=REPO, capture_output=True, text=True)
     if (proc.returncode != 0) != row.fails:
-        return {"error": f"exit {proc.returncode}: {last_line(proc)}"}
+        return failure("run", proc, run_dir)
     train = train_records(run_dir)
     return figures(train[-1]) if train else {}
 
@@ -242,6 +252,17 @@ def run_row(row: Row, world: int, folder: Path) -> dict:
     return out
 
 
+def run_rows(rows: list[Row], world: int, folder: Path, jobs: int, into: dict) -> None:
+    """Rows `jobs` at a time (each row is its own `python -m launch` processes and run folder), in table order."""
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        done = pool.map(lambda row: run_row(row, world, folder), rows)
+        for row, out in zip(rows, done):
+            into[row.name] = out
+            print(f"  {row.name}: {out.get('error', 'ok')}", flush=True)
+            for line in [*out.get("stderr", []), *(x for log in out.get("rank_logs", {}).values() for x in log)]:
+                print(f"    | {line}", flush=True)
+
+
 def dry_run() -> int:
     """Plan every row for 8 GPUs; non-zero when any cannot plan."""
     errors = {r.name: plan_error(r, 8) for r in ROWS}
@@ -257,6 +278,11 @@ def dry_run() -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--dry-run", action="store_true", help="plan every row for 8 GPUs and run nothing")
+    ap.add_argument("--kind", action="append", choices=["smoke", "once", "figure"], help="only rows of this kind")
+    ap.add_argument("--runs", type=Path, help="keep the run folders here (default: a temporary folder)")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="smoke and once rows run this many at a time (figure rows always run alone: an MFU "
+                         "measured beside other runs is theirs too)")
     args = ap.parse_args()
     if args.dry_run:
         sys.exit(dry_run())
@@ -266,10 +292,11 @@ def main() -> None:
     if not world:
         sys.exit("NO GPU WORK DONE: this machine has no CUDA GPU; `--dry-run` plans the rows anywhere")
     results: dict = {"world": world, "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "rows": {}}
+    rows = rows_for(world, args.kind)
     with tempfile.TemporaryDirectory() as tmp:
-        for row in rows_for(world):
-            results["rows"][row.name] = run_row(row, world, Path(tmp))
-            print(f"  {row.name}: {results['rows'][row.name].get('error', 'ok')}", flush=True)
+        folder = args.runs or Path(tmp)
+        run_rows([r for r in rows if r.kind != "figure"], world, folder, args.jobs, results["rows"])
+        run_rows([r for r in rows if r.kind == "figure"], world, folder, 1, results["rows"])
     print("\n" + table(results))
     print(f"\nresults: {save_results('gpu_smoke', results)}")
 

@@ -43,3 +43,12 @@ def test_a_gpu_row_run_on_cpu_is_checked_from_its_run_folder(name, extra, expect
     assert "error" not in result and expected in result["check"], result
     results = {"device": "cpu", "world": 2, "torch": "x", "rows": {name: result}}
     assert f"| {name} | 2 | ok |" in table(results)
+
+
+@pytest.mark.slow
+def test_a_smoke_row_run_on_cpu_trains_resumes_is_preempted_and_finishes(data_overrides, tmp_path):
+    """The four attempts of a smoke row, asynchronous saves included: each must be a run the launcher continues
+    (the first GPU session found the resume refused, the schedule changing with train.max_steps)."""
+    result = run_row(on_cpu("ddp", ("checkpoint.async=true",), data_overrides), 2, tmp_path)
+    assert "error" not in result and result["steps"], result
+    assert result["attempts"] == ["train", "resume", "preempt", "same command again"]
