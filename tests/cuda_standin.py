@@ -266,6 +266,13 @@ class StrictCuda:
     MEMORY_NAMES = ("_record_memory_history", "_dump_snapshot")  # torch.cuda.memory's
 
     def install(self, monkeypatch: Any) -> StrictCuda:
+        import launch.backends
+
+        # the machine's device files, which the launcher reads before it asks torch (launch.backends.gpus_visible)
+        files = [f"/dev/nvidia{i}" for i in range(self.count)]
+        real_glob = launch.backends.glob.glob
+        monkeypatch.setattr(launch.backends.glob, "glob",
+                            lambda pattern, **kw: files if pattern == "/dev/nvidia[0-9]*" else real_glob(pattern, **kw))
         for name in self.NAMES:
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         for name in self.MEMORY_NAMES:

@@ -7,7 +7,9 @@ reaches a scheduler only through this interface, the job environment (JOB_ENVIRO
 """
 from __future__ import annotations
 
+import glob
 import importlib
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +30,13 @@ IN_JOB_BACKENDS = ("launch.backends.slurm.in_job:InJobBackend",)
 JOB_ENVIRONMENTS = ("launch.backends.slurm.job:SlurmJob",)
 # The backend whose jobs a run folder records (RUN_DIR/slurm_job.json): status, list, logs and cancel ask it.
 SCHEDULER = "slurm"
+
+
+def gpus_visible() -> bool:
+    """Whether this process may see a GPU, read without torch: an NVIDIA device file (or ROCm's /dev/kfd), unless
+    CUDA_VISIBLE_DEVICES hides them all. False is certain (CUDA and ROCm open these files); True, torch decides."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")) and not hidden
 
 
 class RunFailed(UserError):
@@ -57,8 +66,11 @@ class Backend:
         return run, None
 
     def device(self, run: RunConfig) -> str:
-        """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs."""
-        import torch  # the ranks run here: a launcher that submits jobs never imports it
+        """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs, as torch sees
+        them; a machine without any is told from its device files, and its launcher never imports torch."""
+        if not gpus_visible():
+            return "cpu"
+        import torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 

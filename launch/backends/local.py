@@ -6,7 +6,6 @@ torch: the server imports it once for every rank of every round and sweep point.
 from __future__ import annotations
 
 import contextlib
-import glob
 import multiprocessing
 import multiprocessing.connection
 import multiprocessing.forkserver
@@ -23,7 +22,7 @@ from pathlib import Path
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import RunFolder
-from launch.backends import Backend, RunFailed
+from launch.backends import Backend, RunFailed, gpus_visible
 from launch.rank import forked
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.parent import LAUNCHER_PID, PARENT_PID, PAUSE_POLL_S
@@ -146,9 +145,8 @@ class RankStarter:
 
 def _default_method() -> str:
     """Spawn where a GPU is visible (a fork after CUDA is touched cannot use it; the forked start is unmeasured on
-    GPUs): a device file, unless CUDA_VISIBLE_DEVICES hides them all. Read without torch."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
-    return "spawn" if glob.glob("/dev/nvidia[0-9]*") and not hidden else "forkserver"
+    GPUs)."""
+    return "spawn" if gpus_visible() else "forkserver"
 
 
 def free_port() -> int:

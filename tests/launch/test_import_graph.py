@@ -3,6 +3,7 @@ from Python, not from a reader); and the launcher's modules import no torch (a l
 from __future__ import annotations
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -134,3 +135,30 @@ def test_a_module_run_as_a_command_defines_everything_before_it_runs():
                 if i != len(body) - 1:
                     late.append(f"{path.relative_to(REPO)}:{node.lineno}")
     assert not late, f"code after the main block: {late}"
+
+
+PLAN_WITHOUT_GPUS = """
+import dataclasses, sys
+from hydra import compose, initialize_config_dir
+from gpt.config import schema
+from gpt.errors import ConfigError
+from launch.planning.plan import check_local_gpus, planned_device
+schema.register()
+with initialize_config_dir(sys.argv[1], version_base="1.3"):
+    run = schema.run_config(compose("config", overrides=["model=tiny"]))
+device = planned_device(run)
+try:
+    check_local_gpus(dataclasses.replace(run, train=dataclasses.replace(run.train, device="cuda")), "cuda", 1)
+except ConfigError as e:
+    device += " | " + str(e)
+print(device, "| torch imported:", "torch" in sys.modules)
+"""
+
+
+def test_planning_on_a_machine_without_gpus_imports_no_torch():
+    """train.device=auto (and =cuda's refusal) on a machine with no GPU to see is told without torch: the local
+    launcher's ranks' server imports it once, and a launcher that did too would pay it again on every launch."""
+    proc = subprocess.run([sys.executable, "-c", PLAN_WITHOUT_GPUS, str(REPO / "configs")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert proc.stdout.split(" | ") == ["cpu", "train.device='cuda' is not valid: cpu or auto: this machine has no "
+                                        "CUDA GPU for the local ranks", "torch imported: False\n"], proc.stderr
