@@ -13,6 +13,9 @@
 #   slurm/local_cluster.sh describe this instance's names, one KEY=VALUE a line (for tests)
 #   slurm/local_cluster.sh start-node gl-nI   start that node's slurmd again if it is not running (tests that
 #                                   kill one to play a lost node)
+#   slurm/local_cluster.sh preempt partition_prio|qos   restart slurmctld with that PreemptType (jobs and the
+#                                   queue survive it): partitions in priority tiers (the default), or QOS (needs
+#                                   accounting; the QOS low, lowcancel and urgent mirror the partitions)
 #
 # Layout: slurmctld (and munged, slurmdbd, mariadbd) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
@@ -300,7 +303,8 @@ EOF
   cat >> "$CONF" <<EOF
 # Preemption as sites configure it: partitions on the same nodes in priority tiers. A job of \`urgent\` that needs
 # the nodes preempts the jobs of \`low\` (SIGTERM, GraceTime seconds, then killed and requeued by Slurm) and of
-# \`lowcancel\` (the same, then cancelled). Jobs of \`debug\`, the default, are never preempted.
+# \`lowcancel\` (the same, then cancelled). Jobs of \`debug\`, the default, are never preempted. The other way
+# (\`preempt qos\`): the QOS of the same names do the same, whatever the partition.
 PreemptType=preempt/partition_prio
 PreemptMode=REQUEUE
 PartitionName=debug Nodes=ALL Default=YES MaxTime=08:00:00 DefaultTime=01:00:00 State=UP PriorityTier=1 PreemptMode=OFF
@@ -422,6 +426,27 @@ start_accounting() {  # after start_db: the user slurmdbd logs in as, then slurm
   setsid slurmdbd -D </dev/null >>"$CDIR/log/slurmdbd.out" 2>&1 9>&- &
   # slurmctld registers the cluster with slurmdbd itself when it starts (no `sacctmgr add cluster`)
   poll "slurmdbd" 60 sacctmgr -i list cluster
+  # The QOS of preempt/qos, before slurmctld reads them: urgent preempts low (requeued) and lowcancel (cancelled)
+  sacctmgr -i add qos low,lowcancel GraceTime="$GRACE_S" >/dev/null &&
+    sacctmgr -i modify qos where name=low set PreemptMode=requeue >/dev/null &&
+    sacctmgr -i modify qos where name=lowcancel set PreemptMode=cancel >/dev/null &&
+    sacctmgr -i add qos urgent Priority=10 Preempt=low,lowcancel >/dev/null || die "could not add the QOS"
+}
+
+do_preempt() {  # do_preempt TYPE: slurmctld again with PreemptType=preempt/TYPE (its saved state keeps the jobs)
+  local type="$1" pid
+  [[ "$type" =~ ^(partition_prio|qos)$ ]] || die "preempt: partition_prio or qos, got '$type'"
+  is_up "$(nodes_from_state)" || die "preempt: the cluster is not up"
+  accounting_from_state
+  [ "$type" = partition_prio ] || [ "$ACCOUNTING" = 1 ] || die "preempt qos: needs accounting (the QOS live in slurmdbd)"
+  sed -i "s|^PreemptType=.*|PreemptType=preempt/$type|" "$CONF"
+  pid="$(pidof_file "$CDIR/run/slurmctld.pid")"
+  stop_pids slurmctld "$pid"
+  setsid slurmctld -D </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
+  poll "slurmctld" 60 scontrol ping
+  # the nodes register again within a few seconds; until then the controller knows no state of theirs
+  poll "the nodes' registration" 60 bash -c "! sinfo -h -N -o '%T' | grep -q unknown"
+  log "PreemptType=preempt/$type"
 }
 
 make_network() {
@@ -628,6 +653,13 @@ case "$cmd" in
       not_foreign "stop $CDIR's cluster"
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
     fi
+    ;;
+  preempt)
+    [ "$(id -u)" -eq 0 ] || die "must run as root"
+    exec 9>"$CDIR/.lock"
+    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+    not_foreign "restart $CDIR's slurmctld"
+    do_preempt "${2:-}"
     ;;
   status) do_status ;;
   env) do_env ;;

@@ -1,6 +1,7 @@
 """Preemption by Slurm itself: a job of the `urgent` partition (a higher PriorityTier) takes every node of a training
-job in `low` (PreemptMode=REQUEUE, GraceTime) on the local cluster (slurm/local_cluster.sh). Slurm signals the ranks,
-they save inside the grace time, and the run resumes from that checkpoint, said to be preempted by another job."""
+job in `low` (PreemptMode=REQUEUE, GraceTime) on the local cluster (slurm/local_cluster.sh); or, with the cluster
+preempting by QOS, a job of QOS `urgent` takes those of a job of QOS `low`. Slurm signals the ranks, they save inside
+the grace time, and the run resumes from that checkpoint, said to be preempted by another job."""
 from __future__ import annotations
 
 import subprocess
@@ -77,6 +78,41 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     log = (job.run_dir / "logs" / "rank0.log").read_text()  # the run's goodput line, as rank 0 ends it
     goodput = [line for line in log.splitlines() if "run finished: goodput" in line]
     assert goodput and "interrupted by preempted by another job (Slurm" in goodput[-1], log[-3000:]
+
+
+@pytest.fixture
+def qos_preemption(slurm_cluster):
+    """The cluster preempts by QOS for one test (slurmctld restarted with PreemptType=preempt/qos), then by partition
+    again."""
+    slurm_cluster.script("preempt", "qos")
+    try:
+        yield
+    finally:
+        slurm_cluster.script("preempt", "partition_prio")
+
+
+@pytest.mark.timeout(300)
+def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_saves_and_resumes_once(
+        slurm_cluster, qos_preemption, tmp_path, data_overrides, reference_run):
+    """PreemptType=preempt/qos, the other way sites preempt: the run's job has QOS `low` (PreemptMode=requeue,
+    GraceTime) in the default partition, whose own PreemptMode is OFF; a job of QOS `urgent` (Preempt=low) takes its
+    nodes. The ranks save inside the QOS's grace time, Slurm requeues the job, and every line names the QOS."""
+    reference = reference_run(*RUN, *data_overrides)
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.qos=low"],
+              tmp_path / "run")
+    job.training(0)
+    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "--qos=urgent", "--nodes=4", "--exclusive", "--time=5",
+                         "--output=/dev/null", f"--chdir={tmp_path}")
+    assert job.wait() == 0, job.text()
+    assert_same_run(job.run_dir, reference)
+    first, last = attempts(job.run_dir)
+    grace = slurm_cluster.run("sacctmgr", "-n", "-P", "show", "qos", "low", "format=GraceTime").stdout.strip()
+    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
+    assert f"QOS low, PreemptMode=REQUEUE, GraceTime={int(grace.split(':')[-1])} s" in first["ended"], (first, grace)
+    assert first["requeued"] is True and last["ended"] == "finished" and last["restart"] == 1, (first, last)
+    assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
+    said = job.text()
+    assert "preempted by another job" in said and "node failure" not in said, said
 
 
 @pytest.mark.timeout(300)

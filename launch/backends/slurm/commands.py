@@ -272,6 +272,26 @@ def partition_field(partition: str, key: str) -> str | None:
     return next((w.split("=", 1)[1] for w in text.split() if w.startswith(f"{key}=")), None)
 
 
+def config_field(key: str) -> str | None:
+    """One setting of the controller's running configuration (`scontrol show config`: PreemptType, PreemptMode,
+    ...); None when Slurm cannot say."""
+    try:
+        text = run("scontrol", "show", "config")
+    except SlurmUnavailable:
+        return None
+    return next((line.split("=", 1)[1].strip() for line in text.splitlines()
+                 if line.split("=", 1)[0].strip() == key and "=" in line), None)
+
+
+def qos_fields(qos: str) -> tuple[str, str] | None:
+    """(PreemptMode, GraceTime as [DD-]HH:MM:SS) of QOS `qos`, from accounting; None when it cannot say."""
+    try:
+        rows = run("sacctmgr", "-n", "-P", "show", "qos", qos, "format=PreemptMode,GraceTime").split()
+    except SlurmUnavailable:
+        return None
+    return tuple(rows[0].split("|")) if rows and rows[0].count("|") == 1 else None
+
+
 def requeue(job_id: str) -> None:
     """Run from inside the job: the requeue sends SIGTERM to every process of the job, scontrol included."""
     run("scontrol", "requeue", str(job_id), timeout=60, keep_on_term=True)

@@ -96,10 +96,11 @@ class SlurmJob(JobEnvironment):
         before = commands.sacct_attempts(self.job_id)[:-1]  # the last record is this attempt's
         state, ended = before[-1] if before else ("", "")
         if state == "PREEMPTED":
-            return (f"requeued by Slurm: preempted by another job (accounting: PREEMPTED at {ended}; "
-                    f"{preemption_policy(self.environ.get('SLURM_JOB_PARTITION') or '?')}) and killed when its grace "
-                    "time ran out, before its ranks' save finished (the grace time is shorter than a save: "
-                    "docs/slurm.md)")
+            policy = preemption_policy(self.environ.get("SLURM_JOB_PARTITION") or "?",
+                                       self.environ.get("SLURM_JOB_QOS") or "?")
+            return (f"requeued by Slurm: preempted by another job (accounting: PREEMPTED at {ended}; {policy}) and "
+                    "killed when its grace time ran out, before its ranks' save finished (the grace time is shorter "
+                    "than a save: docs/slurm.md)")
         if state == "NODE_FAIL":
             return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
         return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
@@ -143,7 +144,7 @@ class SlurmJob(JobEnvironment):
         when = info.get("PreemptTime") if info else None
         if info is None or not when or when in ("None", "Unknown"):
             return None
-        policy = preemption_policy(info.get("Partition") or "?")
+        policy = preemption_policy(info.get("Partition") or "?", info.get("QOS") or "?")
         return Preemption(f"preempted by another job (Slurm, at {when}; {policy})", "PreemptMode=CANCEL" not in policy)
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
@@ -266,8 +267,15 @@ def _int(value: str | None) -> int:
     return int(value) if value and value.isdigit() else 0
 
 
-def preemption_policy(partition: str) -> str:
-    """'partition low, PreemptMode=REQUEUE, GraceTime=20 s': what the partition's preemption does to its jobs."""
+def preemption_policy(partition: str, qos: str) -> str:
+    """'partition low, PreemptMode=REQUEUE, GraceTime=20 s': what preemption does to the job, by its partition's
+    settings, or by its QOS's where the cluster preempts by QOS (PreemptType=preempt/qos: 'QOS low, ...')."""
+    if commands.config_field("PreemptType") == "preempt/qos":
+        mode, grace = commands.qos_fields(qos) or ("?", "")
+        if mode.lower() in ("cluster", ""):  # the cluster's own PreemptMode
+            mode = commands.config_field("PreemptMode") or "?"
+        seconds = commands.duration_s(grace) if grace else None
+        return f"QOS {qos}, PreemptMode={mode.upper()}" + (f", GraceTime={seconds} s" if seconds else "")
     mode = commands.partition_field(partition, "PreemptMode") or "?"
     grace = commands.partition_field(partition, "GraceTime")
     return f"partition {partition}, PreemptMode={mode}" + (f", GraceTime={grace} s" if grace else "")

@@ -89,16 +89,23 @@ def test_ranks_are_up_when_every_record_carries_this_steps_token(tmp_path):
     assert ranks_up(folder, 2, "this") and not ranks_up(folder, 3, "this")
 
 
+@pytest.mark.parametrize("by", ["partition_prio", "qos"])
 @pytest.mark.parametrize("mode, requeued", [("REQUEUE", True), ("CANCEL", False)])
-def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_never(monkeypatch, mode, requeued):
+def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_never(monkeypatch, mode, requeued, by):
     """preemption.max_restarts bounds the job's own requeues: a job Slurm preempts with REQUEUE would be requeued by
-    Slurm at the end of its grace time, so the rank that saved inside it requeues it at once, at the limit too."""
+    Slurm at the end of its grace time, so the rank that saved inside it requeues it at once, at the limit too. The
+    mode is the partition's, or the job's QOS's where the cluster preempts by QOS (a QOS may defer to the cluster's)."""
     from launch.backends.slurm import commands
 
     asked = []
-    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(
-        job, "RUNNING", "", (("Restarts", "2"), ("Partition", "low"), ("PreemptTime", "2026-11-24T14:00:00"))))
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "", (
+        ("Restarts", "2"), ("Partition", "low"), ("QOS", "low"), ("PreemptTime", "2026-11-24T14:00:00"))))
+    config = {"PreemptType": f"preempt/{by}", "PreemptMode": mode}
+    monkeypatch.setattr(commands, "config_field", config.get)
     monkeypatch.setattr(commands, "partition_field", lambda p, key: {"PreemptMode": mode, "GraceTime": "20"}[key])
+    monkeypatch.setattr(commands, "qos_fields", lambda q: ("cluster" if mode == "REQUEUE" else mode.lower(), "00:00:20"))
+    assert SlurmJob({"SLURM_JOB_ID": "42"}).preemption().said.endswith(
+        f"{'partition' if by == 'partition_prio' else 'QOS'} low, PreemptMode={mode}, GraceTime=20 s)")
     monkeypatch.setattr(commands, "requeue", asked.append)
     done, why = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}).requeue(max_restarts=2)
     assert (done, asked) == (requeued, ["42"] if requeued else []), why
