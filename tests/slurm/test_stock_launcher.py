@@ -37,12 +37,14 @@ def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def job_of(run_dir: Path, deadline: float) -> tuple[str, str]:
     """The Slurm job a point runs in, once its rank 0 has trained a few steps: its own id, and the id squeue and the
-    attempts log know it by (ARRAY_TASK: the stock launcher submits a sweep as one array)."""
+    attempts log know it by (ARRAY_TASK: the stock launcher submits a sweep of several points as one array)."""
     while time.monotonic() < deadline:
         metrics, env = run_dir / "metrics" / "rank0.jsonl", run_dir / "environment" / "rank0.json"
         if metrics.exists() and metrics.read_text().count("\n") >= 10 and env.exists():
             slurm = json.loads(env.read_text())["scheduler"]
-            return slurm["SLURM_JOB_ID"], f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}"
+            array = "SLURM_ARRAY_JOB_ID" in slurm
+            return slurm["SLURM_JOB_ID"], (f"{slurm['SLURM_ARRAY_JOB_ID']}_{slurm['SLURM_ARRAY_TASK_ID']}" if array
+                                           else slurm["SLURM_JOB_ID"])
         time.sleep(0.2)
     raise AssertionError(f"{run_dir} never trained")
 
@@ -90,3 +92,40 @@ def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, 
     assert "killed by SIGKILL" in restarted[0]["ended"], restarted[0]
     ranks = [json.loads((point / "environment" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len({r["host"] for r in ranks}) == 2 and all(r["threads"] == 1 for r in ranks)
+
+
+@pytest.mark.timeout(420)
+def test_a_point_of_the_stock_launcher_preempted_by_a_higher_tier_job_saves_requeues_once_and_resumes(
+        slurm_cluster, tmp_path, data_overrides):
+    """The stock plugin's job in partition `low`: a job of `urgent` takes its nodes. Slurm's SIGTERM reaches the ranks
+    through submitit's job, they save inside the grace time, the job is requeued once (Slurm's policy, not submitit's
+    checkpointing), submitit's watcher follows it through accounting, and the point ends with the uninterrupted run's
+    losses, its attempts log naming the preemption."""
+    reference = tmp_path / "reference"
+    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
+                      f"hydra.run.dir={reference}")
+    assert proc.returncode == 0, output(proc)
+
+    sweep = tmp_path / "sweep"
+    cmd = launch_cmd("-m", *STOCK, "hydra.launcher.partition=low", "train.lr=0.001", *RUN, *data_overrides,
+                     f"hydra.sweep.dir={sweep}")
+    with (tmp_path / "out").open("w") as out:
+        launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
+            slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+                                 "--output=/dev/null", f"--chdir={tmp_path}")
+            code = launcher.wait(timeout=300)
+        finally:
+            if launcher.poll() is None:
+                launcher.kill()
+    text = (tmp_path / "out").read_text()
+    assert code == 0, text[-6000:]
+    assert "Bypassing sacct error" not in text, text[-6000:]
+    point = sweep / "lr0.001"
+    attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
+    assert len(attempts) == 2 and attempts[1]["ended"] == "finished" and attempts[1]["restart"] == 1, attempts
+    assert attempts[0]["ended"].startswith("preempted by another job (Slurm, at "), attempts[0]
+    assert "partition low, PreemptMode=REQUEUE" in attempts[0]["ended"] and attempts[0]["requeued"], attempts[0]
+    assert slurm_cluster.job_info(job)["Restarts"] == "1"
+    assert losses(point) == losses(reference)  # bitwise, every step once
