@@ -116,6 +116,31 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
 
 
 @pytest.mark.timeout(300)
+def test_a_higher_tier_job_that_comes_while_the_run_starts_up_requeues_it_once_and_it_finishes(
+        slurm_cluster, tmp_path, data_overrides, reference_run):
+    """The urgent job is submitted as soon as the run's job runs: Slurm's SIGTERM reaches the job while its ranks
+    start (the batch step, the task wrappers, the ranks' imports), before any step. Nothing is lost and nothing fails:
+    the job is requeued once and the run ends with the uninterrupted run's losses."""
+    reference = reference_run(*RUN, *data_overrides)
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=low"],
+              tmp_path / "run")
+    job_id = job.id()
+    deadline = time.monotonic() + 120
+    while slurm_cluster.job_info(job_id).get("JobState") != "RUNNING":
+        assert time.monotonic() < deadline and job.alive(), job.text()
+        time.sleep(0.05)
+    urgent_job(slurm_cluster, tmp_path)
+    assert job.wait() == 0, job.text()
+    assert_same_run(job.run_dir, reference)
+    assert slurm_cluster.job_info(job_id)["Restarts"] == "1"
+    log = attempts(job.run_dir)
+    assert log[-1]["ended"] == "finished" and log[-1]["restart"] == 1, log
+    assert all("preempted by another job" in a["ended"] for a in log[:-1]), log  # if the first attempt has a line
+    said = job.text()
+    assert "failed" not in said.lower() and "node failure" not in said, said
+
+
+@pytest.mark.timeout(300)
 def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_once(
         slurm_cluster, tmp_path, data_overrides, reference_run):
     """The same preemption of a job submitted as `sbatch --partition=low slurm/multi_node.sh ...` (nothing waits for

@@ -201,9 +201,15 @@ def _extra_flags(value: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(flags))
 
 
+# A task starts with Slurm's stop signals ignored (an ignored signal stays so across exec) until submitit's handlers
+# and then the task wrapper's are in place: a preemption's SIGTERM in its first second killed it, its job ended FAILED
+# inside the grace time, and Slurm does not requeue a job that has ended. The wrapper asks Slurm whether it missed one.
+IGNORE_AT_START = 'trap "" TERM USR2; exec "$@"'
+
+
 def rank_python(resources: SlurmResources, workdir: Path, python: str | None = None) -> str:
     """The interpreter every task starts (submitit's `python`): this one, or the container's through its runtime."""
-    return shlex.join(resources.step.command(python or sys.executable, workdir))
+    return shlex.join(["sh", "-c", IGNORE_AT_START, "sh", *resources.step.command(python or sys.executable, workdir)])
 
 
 def submitit_command(folder: Path, python: str) -> str:

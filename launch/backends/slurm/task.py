@@ -51,6 +51,13 @@ def standby_wanted(folder: RunFolder) -> bool:
     return run.preemption.standby(device)
 
 
+def missed_preemption(relay: SignalRelay, job: JobEnvironment) -> None:
+    """A preemption Slurm signalled before this task's handlers were in place (its SIGTERM ignored: IGNORE_AT_START)
+    is taken as caught now, so that the rank saves and the job requeues (or ends) as the site's policy says."""
+    if signal.SIGTERM in relay.previous and job.preemption() is not None:
+        relay.received.append(signal.SIGTERM)
+
+
 @dataclass(frozen=True)
 class RankTask:
     run_dir: str
@@ -66,6 +73,7 @@ class RankTask:
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
         relay = SignalRelay(configured_signals(folder.config))
         agent = RoundAgent(run_dir, job_environment(env), host)
+        missed_preemption(relay, agent.job)
         standby = Standby(self.run_dir, env, list(relay.previous), standby_wanted(folder))
         try:
             return self.rounds(relay, agent, standby)
