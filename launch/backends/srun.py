@@ -25,7 +25,7 @@ from launch.backends.slurm import allocation, commands
 from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
 from launch.backends.slurm.spare_exit import LINGER_S, Linger
-from launch.backends.slurm.step import RankStep, workdir
+from launch.backends.slurm.step import RankStep, ignoring, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
 from launch.run.rounds import finished_on_spares
@@ -186,12 +186,6 @@ def _attempt_end(folder: RunFolder, launch: str) -> str | None:
     lines = [a for a in folder.attempts.read() if (a.job_id, a.restart, a.launch) == (job.job_id, job.restart, launch)]
     line = lines[-1] if lines else None
     return f"{line.ended}; {line.note}" if line and line.note else None
-
-
-def ignoring(signals: list[signal.Signals]) -> list[str]:
-    """The command prefix that starts a task with `signals` ignored (srun starts it on another host)."""
-    names = " ".join(s.name.removeprefix("SIG") for s in signals)
-    return ["bash", "-c", f'trap "" {names}; exec "$0" "$@"'] if signals else []
 
 
 def ranks_up(folder: RunFolder, world: int, token: str) -> bool:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import shlex
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 from gpt.config.cluster import ClusterConfig, node_gpus
 from gpt.config.schema import RunConfig
 from gpt.errors import ConfigError
-from launch.backends.slurm.step import RankStep
+from launch.backends.slurm.step import RankStep, ignoring
 from launch.run.startup import ATTEMPT_START
 
 # sbatch flags the launcher sets itself: cluster.sbatch must not set them behind its back (the budget, the checks
@@ -201,15 +202,11 @@ def _extra_flags(value: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
     return tuple(sorted(flags))
 
 
-# A task starts with Slurm's stop signals ignored (an ignored signal stays so across exec) until submitit's handlers
-# and then the task wrapper's are in place: a preemption's SIGTERM in its first second killed it, its job ended FAILED
-# inside the grace time, and Slurm does not requeue a job that has ended. The wrapper asks Slurm whether it missed one.
-IGNORE_AT_START = 'trap "" TERM USR2; exec "$@"'
-
-
 def rank_python(resources: SlurmResources, workdir: Path, python: str | None = None) -> str:
-    """The interpreter every task starts (submitit's `python`): this one, or the container's through its runtime."""
-    return shlex.join(["sh", "-c", IGNORE_AT_START, "sh", *resources.step.command(python or sys.executable, workdir)])
+    """The interpreter every task starts (submitit's `python`): this one, or the container's through its runtime,
+    with Slurm's stop signals ignored until submitit's handlers and then the task wrapper's are in place."""
+    command = resources.step.command(python or sys.executable, workdir)
+    return shlex.join([*ignoring([signal.SIGTERM, signal.SIGUSR2]), *command])
 
 
 def submitit_command(folder: Path, python: str) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -94,3 +95,11 @@ def mountable(folder: Path, runtime: str) -> str:
 def workdir() -> Path:
     """Where the ranks start: the submit folder, which holds the code, configs/, data/ and runs/."""
     return Path(os.getcwd()).resolve()
+
+
+def ignoring(signals: list[signal.Signals]) -> list[str]:
+    """The command prefix that starts a task with `signals` ignored until its handlers are in place (an ignored signal
+    stays so across exec): one that came in its first second would kill it, and a job that ended inside a
+    preemption's grace time is not requeued by Slurm. The task wrapper asks Slurm whether it missed a preemption."""
+    names = " ".join(s.name.removeprefix("SIG") for s in signals)
+    return ["bash", "-c", f'trap "" {names}; exec "$0" "$@"'] if signals else []
