@@ -286,6 +286,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.dry_run:
         sys.exit(dry_run())
+    if args.runs and args.runs.exists() and any(args.runs.iterdir()):  # its rows would resume the last session's runs
+        sys.exit(f"--runs {args.runs} is not empty: give an empty or new folder")
     import torch
 
     world = world_for(torch.cuda.device_count())

@@ -16,9 +16,10 @@ from test_preemption import RUN, Job, assert_same_run, attempts
 pytestmark = pytest.mark.slurm
 
 
-def urgent_job(slurm_cluster, tmp_path) -> str:
-    """A 2 s job of the `urgent` partition that needs every node: Slurm preempts whatever runs in `low`."""
-    return slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
+def urgent_job(slurm_cluster, tmp_path, urgency: str = "--partition=urgent") -> str:
+    """A 2 s job of the `urgent` partition (or QOS: --qos=urgent) that needs every node: Slurm preempts whatever runs
+    in `low`."""
+    return slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", urgency, "--nodes=4", "--exclusive", "--time=5",
                                 "--output=/dev/null", f"--chdir={tmp_path}")
 
 
@@ -101,8 +102,7 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
     job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.qos=low"],
               tmp_path / "run")
     job.training(0)
-    slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "--qos=urgent", "--nodes=4", "--exclusive", "--time=5",
-                         "--output=/dev/null", f"--chdir={tmp_path}")
+    urgent_job(slurm_cluster, tmp_path, "--qos=urgent")
     assert job.wait() == 0, job.text()
     assert_same_run(job.run_dir, reference)
     first, last = attempts(job.run_dir)

@@ -15,6 +15,7 @@ import torch
 
 from helpers import REPO
 from slurm_helpers import TINY, launch_cmd, losses, output, run_launch
+from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
 STEPS = 60
@@ -49,33 +50,50 @@ def job_of(run_dir: Path, deadline: float) -> tuple[str, str]:
     raise AssertionError(f"{run_dir} never trained")
 
 
-@pytest.mark.timeout(420)
-def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, tmp_path, data_overrides):
+def local_reference(tmp_path: Path, data_overrides: list[str]) -> Path:
+    """The uninterrupted run of the point lr0.001, local; it also prepares the data, before two jobs could race to."""
     reference = tmp_path / "reference"
     proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
                       f"hydra.run.dir={reference}")
-    assert proc.returncode == 0, output(proc)  # also prepares the data, before two jobs could race to
+    assert proc.returncode == 0, output(proc)
+    return reference
 
+
+def stock_sweep(slurm_cluster, tmp_path: Path, overrides: list[str], meanwhile) -> tuple[Path, tuple[str, str]]:
+    """`python -m launch -m` under the stock launcher; `meanwhile(sweep)` acts on it while it runs and returns the
+    job it acted on (job_of's). The sweep must end 0, and submitit's watcher read Slurm's own accounting (no sacct
+    warning). Returns the sweep folder and that job."""
     sweep = tmp_path / "sweep"
-    cmd = launch_cmd("-m", *STOCK, "train.lr=0.003,0.001", *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
+    cmd = launch_cmd("-m", *STOCK, *overrides, *RUN, f"hydra.sweep.dir={sweep}")
     with (tmp_path / "out").open("w") as out:
         launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
-            listed = subprocess.run([sys.executable, "-m", "launch.list", str(sweep)], cwd=REPO, env=slurm_cluster.env,
-                                    capture_output=True, text=True, timeout=60)  # no slurm_job.json: the ranks say
-            assert "lr0.001: running, step " in listed.stdout and f"job {task} RUNNING" in listed.stdout, \
-                output(listed)
-            slurm_cluster.run("scancel", "--signal=USR2", task)  # the array task: its SLURM_JOB_ID may be the array's
-            job_of(sweep / "lr0.003", time.monotonic() + 180)  # the other point loses a rank: an in-job restart
-            os.kill(json.loads((sweep / "lr0.003" / "environment" / "rank1.json").read_text())["pid"], 9)
+            job = meanwhile(sweep)
             code = launcher.wait(timeout=300)
         finally:
             if launcher.poll() is None:
                 launcher.kill()
     text = (tmp_path / "out").read_text()
     assert code == 0, text[-6000:]
-    assert "Bypassing sacct error" not in text, text[-6000:]  # submitit's watcher reads Slurm's own accounting
+    assert "Bypassing sacct error" not in text, text[-6000:]
+    return sweep, job
+
+
+@pytest.mark.timeout(420)
+def test_lr_sweep_under_the_stock_launcher_survives_a_preemption(slurm_cluster, tmp_path, data_overrides):
+    reference = local_reference(tmp_path, data_overrides)
+
+    def meanwhile(sweep: Path) -> tuple[str, str]:
+        job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
+        listed = subprocess.run([sys.executable, "-m", "launch.list", str(sweep)], cwd=REPO, env=slurm_cluster.env,
+                                capture_output=True, text=True, timeout=60)  # no slurm_job.json: the ranks say
+        assert "lr0.001: running, step " in listed.stdout and f"job {task} RUNNING" in listed.stdout, output(listed)
+        slurm_cluster.run("scancel", "--signal=USR2", task)  # the array task: its SLURM_JOB_ID may be the array's
+        job_of(sweep / "lr0.003", time.monotonic() + 180)  # the other point loses a rank: an in-job restart
+        os.kill(json.loads((sweep / "lr0.003" / "environment" / "rank1.json").read_text())["pid"], 9)
+        return job, task
+
+    sweep, (_, task) = stock_sweep(slurm_cluster, tmp_path, ["train.lr=0.003,0.001", *data_overrides], meanwhile)
 
     point = sweep / "lr0.001"
     attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
@@ -101,27 +119,15 @@ def test_a_point_of_the_stock_launcher_preempted_by_a_higher_tier_job_saves_requ
     through submitit's job, they save inside the grace time, the job is requeued once (Slurm's policy, not submitit's
     checkpointing), submitit's watcher follows it through accounting, and the point ends with the uninterrupted run's
     losses, its attempts log naming the preemption."""
-    reference = tmp_path / "reference"
-    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
-                      f"hydra.run.dir={reference}")
-    assert proc.returncode == 0, output(proc)
+    reference = local_reference(tmp_path, data_overrides)
 
-    sweep = tmp_path / "sweep"
-    cmd = launch_cmd("-m", *STOCK, "hydra.launcher.partition=low", "train.lr=0.001", *RUN, *data_overrides,
-                     f"hydra.sweep.dir={sweep}")
-    with (tmp_path / "out").open("w") as out:
-        launcher = subprocess.Popen(cmd, cwd=REPO, env=slurm_cluster.env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            job, task = job_of(sweep / "lr0.001", time.monotonic() + 180)
-            slurm_cluster.sbatch("#!/bin/bash\nsleep 2\n", "-p", "urgent", "--nodes=4", "--exclusive", "--time=5",
-                                 "--output=/dev/null", f"--chdir={tmp_path}")
-            code = launcher.wait(timeout=300)
-        finally:
-            if launcher.poll() is None:
-                launcher.kill()
-    text = (tmp_path / "out").read_text()
-    assert code == 0, text[-6000:]
-    assert "Bypassing sacct error" not in text, text[-6000:]
+    def meanwhile(sweep: Path) -> tuple[str, str]:
+        job = job_of(sweep / "lr0.001", time.monotonic() + 180)
+        urgent_job(slurm_cluster, tmp_path)
+        return job
+
+    sweep, (job, _) = stock_sweep(slurm_cluster, tmp_path,
+                                  ["hydra.launcher.partition=low", "train.lr=0.001", *data_overrides], meanwhile)
     point = sweep / "lr0.001"
     attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == 2 and attempts[1]["ended"] == "finished" and attempts[1]["restart"] == 1, attempts

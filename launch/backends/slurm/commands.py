@@ -272,15 +272,14 @@ def partition_field(partition: str, key: str) -> str | None:
     return next((w.split("=", 1)[1] for w in text.split() if w.startswith(f"{key}=")), None)
 
 
-def config_field(key: str) -> str | None:
-    """One setting of the controller's running configuration (`scontrol show config`: PreemptType, PreemptMode,
-    ...); None when Slurm cannot say."""
+def controller_config() -> dict[str, str]:
+    """The controller's running configuration (`scontrol show config`: PreemptType, PreemptMode, ...); empty when
+    Slurm cannot say."""
     try:
         text = run("scontrol", "show", "config")
     except SlurmUnavailable:
-        return None
-    return next((line.split("=", 1)[1].strip() for line in text.splitlines()
-                 if line.split("=", 1)[0].strip() == key and "=" in line), None)
+        return {}
+    return {k.strip(): v.strip() for k, _, v in (line.partition("=") for line in text.splitlines()) if _}
 
 
 def qos_fields(qos: str) -> tuple[str, str] | None:

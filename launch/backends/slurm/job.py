@@ -270,10 +270,11 @@ def _int(value: str | None) -> int:
 def preemption_policy(partition: str, qos: str) -> str:
     """'partition low, PreemptMode=REQUEUE, GraceTime=20 s': what preemption does to the job, by its partition's
     settings, or by its QOS's where the cluster preempts by QOS (PreemptType=preempt/qos: 'QOS low, ...')."""
-    if commands.config_field("PreemptType") == "preempt/qos":
+    config = commands.controller_config()
+    if config.get("PreemptType") == "preempt/qos":
         mode, grace = commands.qos_fields(qos) or ("?", "")
         if mode.lower() in ("cluster", ""):  # the cluster's own PreemptMode
-            mode = commands.config_field("PreemptMode") or "?"
+            mode = config.get("PreemptMode") or "?"
         seconds = commands.duration_s(grace) if grace else None
         return f"QOS {qos}, PreemptMode={mode.upper()}" + (f", GraceTime={seconds} s" if seconds else "")
     mode = commands.partition_field(partition, "PreemptMode") or "?"

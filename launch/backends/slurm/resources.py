@@ -204,9 +204,11 @@ def _extra_flags(value: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
 
 def rank_python(resources: SlurmResources, workdir: Path, python: str | None = None) -> str:
     """The interpreter every task starts (submitit's `python`): this one, or the container's through its runtime,
-    with Slurm's stop signals ignored until submitit's handlers and then the task wrapper's are in place."""
+    with Slurm's stop signals (a preemption's SIGTERM, the time-limit warning) ignored until submitit's handlers and
+    then the task wrapper's are in place."""
     command = resources.step.command(python or sys.executable, workdir)
-    return shlex.join([*ignoring([signal.SIGTERM, signal.SIGUSR2]), *command])
+    stops = dict.fromkeys([signal.SIGTERM, signal.Signals[f"SIG{resources.signal}"]])
+    return shlex.join([*ignoring(list(stops)), *command])
 
 
 def submitit_command(folder: Path, python: str) -> str:

@@ -52,8 +52,9 @@ def standby_wanted(folder: RunFolder) -> bool:
 
 
 def missed_preemption(relay: SignalRelay, job: JobEnvironment) -> None:
-    """A preemption Slurm signalled before this task's handlers were in place (its SIGTERM ignored: IGNORE_AT_START)
-    is taken as caught now, so that the rank saves and the job requeues (or ends) as the site's policy says."""
+    """A preemption Slurm signalled before this task's handlers were in place (its SIGTERM was ignored:
+    launch.backends.slurm.step.ignoring) is taken as caught now, so that the rank saves and the job requeues (or
+    ends) as the site's policy says."""
     if signal.SIGTERM in relay.previous and job.preemption() is not None:
         relay.received.append(signal.SIGTERM)
 

@@ -42,18 +42,23 @@ def cpu_strategy() -> Strategy:
     return strategy
 
 
-@pytest.mark.parametrize("background", [True, False])
-def test_a_cpu_run_saves_without_cuda_on_a_gpu_host(gpu_host, tmp_path, background):
-    strategy = cpu_strategy()
-    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=background)
-    path = checkpointer.save(1, strategy, {})
-    checkpointer.close()
+def assert_restores(checkpointer: Checkpointer, path, strategy: Strategy) -> None:
+    """Loading `path` brings back the model's weights as they are now."""
     saved = {k: v.clone() for k, v in strategy.model.state_dict().items()}
     for p in strategy.model.parameters():
         p.data.zero_()
     checkpointer.load(path, strategy)
     for key, value in strategy.model.state_dict().items():
         assert torch.equal(value, saved[key]), key
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_cpu_run_saves_without_cuda_on_a_gpu_host(gpu_host, tmp_path, background):
+    strategy = cpu_strategy()
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=background)
+    path = checkpointer.save(1, strategy, {})
+    checkpointer.close()
+    assert_restores(checkpointer, path, strategy)
 
 
 def test_a_stager_that_dcp_closes_after_each_save_still_stages_the_next(tmp_path, monkeypatch):
@@ -74,11 +79,7 @@ def test_a_stager_that_dcp_closes_after_each_save_still_stages_the_next(tmp_path
     strategy.optimizer.step()
     path = checkpointer.save(2, strategy, {})
     checkpointer.close()
-    saved = {k: v.clone() for k, v in strategy.model.state_dict().items()}
-    for p in strategy.model.parameters():
-        p.data.zero_()
-    checkpointer.load(path, strategy)
-    assert all(torch.equal(value, saved[key]) for key, value in strategy.model.state_dict().items())
+    assert_restores(checkpointer, path, strategy)
 
 
 def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with_theirs():

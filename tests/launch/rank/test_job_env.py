@@ -101,7 +101,7 @@ def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_ne
     monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "", (
         ("Restarts", "2"), ("Partition", "low"), ("QOS", "low"), ("PreemptTime", "2026-11-24T14:00:00"))))
     config = {"PreemptType": f"preempt/{by}", "PreemptMode": mode}
-    monkeypatch.setattr(commands, "config_field", config.get)
+    monkeypatch.setattr(commands, "controller_config", lambda: config)
     monkeypatch.setattr(commands, "partition_field", lambda p, key: {"PreemptMode": mode, "GraceTime": "20"}[key])
     monkeypatch.setattr(commands, "qos_fields", lambda q: ("cluster" if mode == "REQUEUE" else mode.lower(), "00:00:20"))
     assert SlurmJob({"SLURM_JOB_ID": "42"}).preemption().said.endswith(
