@@ -78,8 +78,11 @@ def _copy_git_files(root: Path, dest: Path) -> bool:
 
 
 def _git(root: Path, *args: str) -> str | None:
+    """git's answer in the checkout, or None. The checkout may be another user's (a group's shared install), which
+    git refuses as of dubious ownership: it is trusted for these reads, since this launcher already runs its code."""
     try:
-        proc = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run(["git", "-c", f"safe.directory={root}", "-C", str(root), *args], capture_output=True,
+                              text=True, timeout=60)
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout if proc.returncode == 0 else None

@@ -10,7 +10,8 @@ declare -A NEED=(
   [slurmctld]=slurmctld [slurmd]=slurmd [sbatch]=slurm-client [srun]=slurm-client
   [sinfo]=slurm-client [scontrol]=slurm-client [munged]=munge [ip]=iproute2
   [nsenter]=util-linux [unshare]=util-linux [setsid]=util-linux [runuser]=util-linux [flock]=util-linux
-  [hostname]=hostname [awk]=mawk
+  [hostname]=hostname [awk]=mawk [useradd]=passwd
+  [setfacl]=acl
   [slurmdbd]=slurmdbd [sacct]=slurm-client [sacctmgr]=slurm-client
   [mariadbd]=mariadb-server [mariadb]=mariadb-client [mariadb-install-db]=mariadb-server
 )
@@ -21,8 +22,10 @@ missing=()
 for cmd in "${!NEED[@]}"; do
   command -v "$cmd" >/dev/null 2>&1 || missing+=("$cmd")
 done
+# The cluster's second user runs the project with Debian's own python3 (root's may live where others cannot read).
+[ -x /usr/bin/python3 ] || missing+=(/usr/bin/python3)
 if [ ${#missing[@]} -eq 0 ]; then
-  echo "install_deps: slurm, slurmdbd, mariadb, munge and iproute2 already installed"
+  echo "install_deps: slurm, slurmdbd, mariadb, munge, iproute2, python3 and acl already installed"
   exit 0
 fi
 echo "install_deps: missing: ${missing[*]}"
@@ -38,7 +41,7 @@ fi
 
 export DEBIAN_FRONTEND=noninteractive
 APT_OPTS=(-y -q -o Dpkg::Use-Pty=0 -o Dpkg::Options::=--force-confdef -o Dpkg::Options::=--force-confold)
-PKGS=(slurm-wlm slurmdbd mariadb-server munge iproute2 util-linux hostname mawk)
+PKGS=(slurm-wlm slurmdbd mariadb-server munge iproute2 util-linux hostname mawk passwd python3 acl)
 
 have_lists() { compgen -G '/var/lib/apt/lists/*_Packages*' >/dev/null; }
 install() { apt-get install "${APT_OPTS[@]}" --no-install-recommends "${PKGS[@]}" </dev/null >/tmp/gl-install-deps.log 2>&1; }

@@ -23,7 +23,8 @@
 # SLURM_CONF pointing at the generated config.  Each node has GL_CPUS_PER_NODE CPUs (4) and GL_GPUS_PER_NODE GPUs
 # (2) as a generic resource: character devices in the cluster's folder, which Slurm allocates, binds and shows to
 # tasks in CUDA_VISIBLE_DEVICES as real ones (nothing runs CUDA).  Everything generated lives in
-# $GPTLAUNCH_CLUSTER_DIR (default <repo>/slurm/.cluster).  Facts behind the choices:
+# $GPTLAUNCH_CLUSTER_DIR (default <repo>/slurm/.cluster).  Besides root, the cluster has a second user, gl-other
+# (made once per machine), whose jobs run beside root's as another user's do at a site.  Facts behind the choices:
 # /work/shared/reference/slurm-local-cluster.md and slurm-gpus-as-gres.md.
 #
 # Instances: GPTLAUNCH_CLUSTER_INSTANCE=K (1..99; default 0, the cluster above) selects another cluster that
@@ -31,7 +32,7 @@
 # 10.77.K.0/24, its own ports, munged, database and folder ($GPTLAUNCH_CLUSTER_DIR-K).  Parallel test workers each
 # use their own.  Every command acts on the selected instance only, except `down --all`.
 set -euo pipefail
-umask 077  # the cluster's state, keys and logs are root's alone (jobs and tests run as root here)
+umask 077  # the cluster's state, keys and logs are root's alone; open_to_users opens what a site's users read
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 INSTANCE="${GPTLAUNCH_CLUSTER_INSTANCE:-0}"
@@ -323,6 +324,29 @@ EOF
   write_gres "$n"
   # See start_slurmd: nodes get an empty tmpfs on /sys/fs/cgroup, which only the v1 plugin accepts.
   echo "CgroupPlugin=cgroup/v1" > "$CDIR/cgroup.conf"
+  open_to_users
+}
+
+# What every user of a site can read, as there: the configuration the client commands and the nodes read, the
+# (fake) GPU device files, whose use Slurm grants, and the spool where a job's script runs as its user. The state,
+# logs, database and slurmdbd.conf (its password) stay root's.
+open_to_users() {
+  chmod 711 "$CDIR"
+  chmod 644 "$CONF" "$CDIR/gres.conf" "$CDIR/cgroup.conf" "$CDIR/hosts" "$CDIR/resolv.conf"
+  chmod 755 "$CDIR/dev"
+  chmod 666 "$CDIR"/dev/gpu*
+}
+
+# A second user of the cluster (a system account without a home or login shell), for tests of two users' jobs
+# side by side. Made once per machine; the lock keeps instances starting together from racing on /etc/passwd.
+OTHER_USER=gl-other
+ensure_other_user() {
+  id -u "$OTHER_USER" >/dev/null 2>&1 && return 0
+  ( flock -w 60 7 || die "another start holds /run/gptlaunch-users.lock for over 60 s"
+    id -u "$OTHER_USER" >/dev/null 2>&1 ||
+      useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+        "$OTHER_USER" || die "could not add the user $OTHER_USER"
+  ) 7>/run/gptlaunch-users.lock
 }
 
 write_gres() {  # the fake GPUs: one character device each (distinct minors of /dev/null's driver), and gres.conf
@@ -469,7 +493,7 @@ make_network() {
 
 start_slurmd() {  # start_slurmd NODE
   local node="$1"
-  mkdir -p "$CDIR/spool/$node"
+  mkdir -p -m 755 "$CDIR/spool/$node"
   # nsenter, not `ip netns exec`: the latter remounts /sys.  unshare gives the node its own hostname and
   # a private mount namespace (propagation private: nothing leaks to the host) where we bind
   #  - the cluster's hosts file on /etc/hosts (node names resolve everywhere in the cluster);
@@ -508,7 +532,7 @@ do_up() {
   local n="$1" t0 i have
   [[ "$n" =~ ^[0-9]+$ ]] && [ "$n" -ge 1 ] && [ "$n" -le 200 ] || die "up N: N must be 1..200, got '$n'"
   [ "$(id -u)" -eq 0 ] || die "must run as root (network namespaces, bridge, mounts)"
-  local need=(slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname)
+  local need=(slurmctld slurmd sinfo scontrol munged ip nsenter unshare setsid runuser flock hostname useradd)
   [ "$ACCOUNTING" = 0 ] || need+=(slurmdbd sacctmgr mariadbd mariadb mariadb-install-db)
   for c in "${need[@]}"; do
     command -v "$c" >/dev/null 2>&1 || die "'$c' not found: run slurm/install_deps.sh first"
@@ -534,7 +558,9 @@ do_up() {
   # Fresh state on every start: a crashed cluster's jobs must not come back and fail on the new nodes.
   rm -rf "$CDIR/state" "$CDIR/spool" "$CDIR/log.prev"
   [ -d "$CDIR/log" ] && mv "$CDIR/log" "$CDIR/log.prev"
-  mkdir -p "$CDIR/state" "$CDIR/spool" "$CDIR/log" "$CDIR/run"
+  mkdir -p "$CDIR/state" "$CDIR/log" "$CDIR/run"
+  mkdir -p -m 755 "$CDIR/spool"
+  ensure_other_user
   write_conf "$n"
   printf 'NODES=%d\nACCOUNTING=%d\n' "$n" "$ACCOUNTING" > "$STATE_FILE"
   echo "$CDIR" > "$OWNER_FILE"
@@ -616,6 +642,7 @@ do_describe() {  # what tests need to know of this instance's layout (names they
   echo "GPUS_PER_NODE=$GPUS_PER_NODE"
   accounting_from_state
   echo "ACCOUNTING=$ACCOUNTING"
+  echo "OTHER_USER=$OTHER_USER"
   echo "GRACE_S=$(sed -n "s/^PartitionName=low .*GraceTime=\([0-9]*\).*/\1/p" "$CONF" 2>/dev/null)"
 }
 

@@ -1,6 +1,6 @@
 """Two users of one cluster: neither's jobs are taken for the other's, and the verbs never act on another user's job.
-Slurm's client commands answer here as they do for a second user (squeue --me lists only that user's jobs); no test
-yet submits as a second Unix user on the local cluster."""
+Slurm's client commands answer here as they do for a second user (squeue --me lists only that user's jobs);
+tests/slurm/test_second_user.py runs a second Unix user's jobs beside the first's on the local cluster."""
 from __future__ import annotations
 
 import io

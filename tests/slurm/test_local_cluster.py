@@ -190,10 +190,16 @@ def test_state_from_a_folder_others_can_write_is_not_sourced(tmp_path):
     assert not planted.exists()
 
 
-def test_the_clusters_state_and_logs_are_roots_alone(slurm_cluster):
+def test_the_clusters_state_logs_and_database_are_roots_alone_and_its_configuration_every_users_to_read(slurm_cluster):
     folder = slurm_cluster.conf.parent
-    for path in [folder / "state", folder / "log", *(folder / "log").iterdir()]:
+    private = [folder / "state", folder / "log", *(folder / "log").iterdir(), folder / "cluster.env"]
+    if (folder / "slurmdbd.conf").exists():  # the database's password
+        private += [folder / "db", folder / "slurmdbd.conf"]
+    for path in private:
         assert path.stat().st_mode & 0o077 == 0, f"{path} is {oct(path.stat().st_mode)}"
+    for path in [folder, slurm_cluster.conf, folder / "gres.conf", folder / "spool"]:  # as at a site
+        others = 0o001 if path.is_dir() else 0o004  # enter a folder, read a file
+        assert path.stat().st_mode & others and not path.stat().st_mode & 0o022, f"{path} is {oct(path.stat().st_mode)}"
 
 
 def test_without_accounting_the_launcher_reads_scontrol_until_slurm_forgets(slurm_cluster, tmp_path, monkeypatch):
