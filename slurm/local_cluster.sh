@@ -16,6 +16,8 @@
 #   slurm/local_cluster.sh preempt partition_prio|qos   restart slurmctld with that PreemptType (jobs and the
 #                                   queue survive it): partitions in priority tiers (the default), or QOS (needs
 #                                   accounting; the QOS low, lowcancel and urgent mirror the partitions)
+#   slurm/local_cluster.sh min-job-age SECONDS   how long slurmctld keeps a finished job (3600 at `up`; Slurm's
+#                                   default is 300): past it only accounting knows the job
 #
 # Layout: slurmctld (and munged, slurmdbd, mariadbd) on the host at 10.77.0.1 on bridge gl-br0; node i is network namespace
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
@@ -473,6 +475,15 @@ do_preempt() {  # do_preempt TYPE: slurmctld again with PreemptType=preempt/TYPE
   log "PreemptType=preempt/$type"
 }
 
+do_min_job_age() {  # do_min_job_age SECONDS: how long slurmctld keeps a finished job's record (Slurm's default: 300)
+  local seconds="$1"
+  [[ "$seconds" =~ ^[0-9]+$ ]] || die "min-job-age: a number of seconds, got '$seconds'"
+  is_up "$(nodes_from_state)" || die "min-job-age: the cluster is not up"
+  sed -i "s|^MinJobAge=.*|MinJobAge=$seconds|" "$CONF"
+  scontrol reconfigure >/dev/null || die "min-job-age: scontrol reconfigure failed"
+  log "MinJobAge=$seconds"
+}
+
 make_network() {
   local n="$1" i ns veth
   ip link add "$BRIDGE" type bridge
@@ -688,6 +699,12 @@ case "$cmd" in
     not_foreign "restart $CDIR's slurmctld"
     do_preempt "${2:-}"
     ;;
+  min-job-age)
+    exec 9>"$CDIR/.lock"
+    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+    not_foreign "reconfigure $CDIR's slurmctld"
+    do_min_job_age "${2:-}"
+    ;;
   status) do_status ;;
   env) do_env ;;
   describe) do_describe ;;
@@ -700,6 +717,6 @@ case "$cmd" in
     start_slurmd "$node"
     log "$node: slurmd started"
     ;;
-  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE" >&2
+  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE | preempt partition_prio|qos | min-job-age SECONDS" >&2
      echo "  (GPTLAUNCH_CLUSTER_INSTANCE=K selects instance K; see the header of this script)" >&2; exit 2 ;;
 esac

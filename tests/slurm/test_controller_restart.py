@@ -1,12 +1,19 @@
-"""slurmctld restarts (an upgrade, a crash, a configuration change) while a run trains and after it ended: the run
-does not notice, and the launcher's waiting, `launch.list` and `launch.status` say what accounting says."""
+"""What the controller forgets and accounting keeps. slurmctld restarts (an upgrade, a crash, a configuration
+change) while a run trains and after it ended: the run does not notice, and the launcher's waiting, `launch.list`
+and `launch.status` say what accounting says. Jobs older than MinJobAge, which slurmctld no longer knows: the verbs
+and the same command again say what accounting says."""
 from __future__ import annotations
+
+import subprocess
 
 import pytest
 
+import json
+import time
+
 from test_detached import verb
 from test_preemption import RUN, Job, assert_same_run, attempts
-from slurm_helpers import SLURM
+from slurm_helpers import SLURM, TINY, launch_cmd
 
 pytestmark = pytest.mark.slurm
 
@@ -42,3 +49,35 @@ def test_a_controller_restart_during_a_run_and_after_it_leaves_the_run_and_every
         assert f"job {job_id} COMPLETED" in listed.stdout and "finished" in listed.stdout, listed
         restart_controller(slurm_cluster)
     assert answers[0] == answers[1], answers
+
+
+@pytest.mark.timeout(300)
+def test_jobs_older_than_min_job_age_are_told_from_accounting_by_the_verbs_and_the_same_command(
+        slurm_cluster, tmp_path, data_overrides):
+    """MinJobAge=2 (Slurm's default is 300 s, this cluster's 3600): a finished run's job and a failed one's leave
+    squeue and scontrol within seconds of ending."""
+    runs = {"finished": [], "failed": ["debug.kill_rank=1", "debug.kill_step=3", "preemption.max_restarts=0",
+                                       "preemption.in_job_restarts=0"]}
+    commands = {name: launch_cmd("nodes=2", *SLURM, *TINY, *data_overrides, *extra, "launcher.detach=true",
+                                 f"hydra.run.dir={tmp_path / name}") for name, extra in runs.items()}
+    slurm_cluster.script("min-job-age", "2")
+    try:
+        for command in commands.values():
+            assert subprocess.run(command, env=slurm_cluster.env, capture_output=True, timeout=120).returncode == 0
+        jobs = {name: json.loads((tmp_path / name / "slurm_job.json").read_text())["job_id"] for name in runs}
+        deadline = time.monotonic() + 150
+        while any(slurm_cluster.job_info(job) for job in jobs.values()):  # ended, then forgotten by slurmctld
+            assert time.monotonic() < deadline, {job: slurm_cluster.job_state(job) for job in jobs.values()}
+            time.sleep(1)
+    finally:
+        slurm_cluster.script("min-job-age", "3600")
+    assert accounted(slurm_cluster, jobs["finished"]) == "COMPLETED|0:0"
+    assert accounted(slurm_cluster, jobs["failed"]).startswith("FAILED|"), accounted(slurm_cluster, jobs["failed"])
+    listed = verb(slurm_cluster.env, "list", str(tmp_path)).stdout
+    for name, job in jobs.items():
+        state = accounted(slurm_cluster, job).split("|")[0]
+        status = verb(slurm_cluster.env, "status", str(tmp_path / name))
+        assert f"job {job} {state}" in status.stdout and f"job {job} {state}" in listed, (status.stdout, listed)
+    again = subprocess.run(commands["finished"], env=slurm_cluster.env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0 and "finished at step 6; nothing to do" in again.stdout + again.stderr, again
+    assert json.loads((tmp_path / "finished" / "slurm_job.json").read_text())["job_id"] == jobs["finished"]
