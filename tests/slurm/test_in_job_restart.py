@@ -20,6 +20,7 @@ from launch.backends.slurm.spare_exit import LINGER_S
 from slurm_helpers import REPO, SLURM, cut_link
 from test_preemption import RUN as REQUEUE_RUN
 from test_preemption import Job, assert_same_run, attempts
+from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
 
@@ -128,18 +129,29 @@ def round_asked(run_dir: Path, k: int, timeout: float = 60) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_a_preemption_signal_during_an_in_job_restart_still_saves_and_requeues(slurm_cluster, tmp_path,
-                                                                               data_overrides, reference):
-    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides], tmp_path / "run")
+@pytest.mark.parametrize("preemption", ["signal", "urgent job"])
+def test_a_preemption_during_an_in_job_restart_still_saves_and_requeues(slurm_cluster, tmp_path, data_overrides,
+                                                                       reference, preemption):
+    """A rank is killed, and while the wrappers stop round 0 and start round 1 the job is preempted: by the signal
+    alone (scancel --signal USR2, as a time-limit warning comes), or by Slurm itself, a job of the urgent partition
+    taking the nodes of the run's job in `low`. The new round saves, the job is requeued once, and it finishes."""
+    partition = ["cluster.partition=low"] if preemption == "urgent job" else []
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, *partition], tmp_path / "run")
     job.training(0)
     job.kill_rank(1)
     round_asked(job.run_dir, 1)
-    job.interrupt("USR2")  # while the wrappers stop round 0 and start round 1
+    if preemption == "urgent job":
+        urgent_job(slurm_cluster, tmp_path)
+    else:
+        job.interrupt("USR2")
     assert job.wait() == 0, job.text()
     log = attempts(job.run_dir)
-    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued"), a["ended"]) for a in log][1:] \
-        == [(0, 1, None, True, "preempted:SIGUSR2"), (1, 0, None, None, "finished")], log
+    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued")) for a in log][1:] \
+        == [(0, 1, None, True), (1, 0, None, None)], log
+    ended = {"signal": "preempted:SIGUSR2", "urgent job": "preempted by another job (Slurm, at "}[preemption]
+    assert log[1]["ended"].startswith(ended) and log[2]["ended"] == "finished", log
     assert log[0]["in_job_restart"] == 1, log[0]
+    assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     assert_same_run(job.run_dir, reference)
 
 

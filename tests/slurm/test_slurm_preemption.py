@@ -7,6 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -163,20 +164,24 @@ def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("by", ["partition", "QOS"])
 def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_run(
-        slurm_cluster, tmp_path, data_overrides, reference_run):
-    """PreemptMode=CANCEL (partition lowcancel): the ranks save inside the grace time, the job is not requeued (the
-    site's policy), every line says so, and submitting the same command again finishes the run as if uninterrupted."""
+        slurm_cluster, tmp_path, data_overrides, reference_run, request, by):
+    """PreemptMode=CANCEL (partition lowcancel, or QOS lowcancel under preempt/qos): the ranks save inside the grace
+    time, the job is not requeued (the site's policy), every line says so, and submitting the same command again
+    finishes the run as if uninterrupted."""
     reference = reference_run(*RUN, *data_overrides)
-    args = ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=lowcancel"]
+    if by == "QOS":
+        request.getfixturevalue("qos_preemption")
+    args = ["nodes=2", *SLURM, *RUN, *data_overrides, f"cluster.{by.lower()}=lowcancel"]
     job = Job(slurm_cluster, tmp_path, args, tmp_path / "run", name="first")
     job.training(0)
-    urgent_job(slurm_cluster, tmp_path)
+    urgent_job(slurm_cluster, tmp_path, f"--{by.lower()}=urgent")
     code = job.wait()
     said = job.text()
     (first,) = attempts(job.run_dir)
     assert first["ended"].startswith("preempted by another job (Slurm, at "), first
-    assert "partition lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
+    assert f"{by} lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
     assert f"not requeued: Slurm's preemption cancels job {job.id()}" in first["note"], first
     assert "the same command continues the run from its newest checkpoint" in first["note"], first
     assert code != 0 and "preempted by another job" in said and "cancels job" in said, (code, said)
@@ -186,6 +191,36 @@ def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_r
     assert again.wait() == 0, again.text()
     assert_same_run(job.run_dir, reference)
     assert [a["ended"] for a in attempts(job.run_dir)][1:] == ["finished"]
+
+
+def saving(job: Job, step: int) -> Path:
+    """Wait until rank 0 is inside the save of `step` (debug.save_sleep_s holds it there); its log."""
+    log = job.run_dir / "logs" / "rank0.log"
+    deadline = time.monotonic() + 120
+    while not (log.exists() and f"inside the save of step {step}" in log.read_text()):
+        assert time.monotonic() < deadline and job.alive(), job.text()
+        time.sleep(0.1)
+    return log
+
+
+@pytest.mark.timeout(300)
+def test_a_preemption_during_a_save_the_grace_time_covers_ends_after_it_and_resumes_from_it(
+        slurm_cluster, tmp_path, data_overrides):
+    """The urgent job comes while the save of step 10 runs (4 s, debug.save_sleep_s) and the grace time (20 s)
+    covers it: the rank finishes that save, stops at its next step boundary with a save there (step 11 here), and
+    the requeued attempt resumes from that one."""
+    run = [o for o in RUN if not o.startswith(("train.max_steps", "checkpoint.interval_steps"))]
+    job = Job(slurm_cluster, tmp_path, ["nodes=1", *SLURM, *run, *data_overrides, "cluster.partition=low",
+                                        "train.max_steps=14", "checkpoint.interval_steps=5", "debug.save_sleep_s=4",
+                                        "debug.save_sleep_step=10"], tmp_path / "run")
+    log = saving(job, 10)
+    urgent_job(slurm_cluster, tmp_path)
+    assert job.wait() == 0, job.text()
+    first, last = attempts(job.run_dir)
+    assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"] is True, first
+    assert first["last_step"] > 10, first  # the stop's own save came after the one in progress
+    assert last["first_step"] == first["last_step"] and last["ended"] == "finished", (first, last)
+    assert log.read_text().count("inside the save of step 10") == 1, log.read_text()  # finished once, not redone
 
 
 @pytest.mark.timeout(300)
@@ -201,11 +236,7 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
         job = Job(slurm_cluster, tmp_path, ["nodes=1", *SLURM, *run, *data_overrides, "cluster.partition=low",
                                             "train.max_steps=12", "checkpoint.interval_steps=5",
                                             "debug.save_sleep_s=25", "debug.save_sleep_step=10"], tmp_path / "run")
-        log = job.run_dir / "logs" / "rank0.log"
-        deadline = time.monotonic() + 120
-        while not (log.exists() and "inside the save of step 10" in log.read_text()):
-            assert time.monotonic() < deadline and job.alive(), job.text()
-            time.sleep(0.1)
+        log = saving(job, 10)
         urgent_job(slurm_cluster, tmp_path)
         code = job.wait()
     finally:
