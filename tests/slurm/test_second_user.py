@@ -74,7 +74,7 @@ def other_user(slurm_cluster):
     home = Path(tempfile.mkdtemp(prefix="gl-other-"))
     shutil.chown(home, names["OTHER_USER"], names["OTHER_USER"])
     try:
-        with readable_by(names["OTHER_USER"], REPO, Path(sysconfig.get_paths()["purelib"]), SHAKESPEARE):
+        with readable_by(names["OTHER_USER"], REPO, Path(sysconfig.get_paths()["purelib"])):
             yield OtherUser(names["OTHER_USER"], str(slurm_cluster.conf), home)
     finally:  # a failed test's jobs must not hold the nodes of the next
         slurm_cluster.run("scancel", "-u", names["OTHER_USER"], check=False)
@@ -90,7 +90,8 @@ def test_two_users_run_the_same_run_name_beside_each_other_and_neither_can_take_
         slurm_cluster, tmp_path, other_user):
     shared = other_user.home / "shared-data"  # root's, prepared by its run and readable by all
     shared.mkdir(mode=0o755)
-    data = [f"data.text_path={SHAKESPEARE}", f"data.dir={shared / 'shakespeare_char'}"]
+    text = shutil.copy(SHAKESPEARE, shared / "input.txt")
+    data = [f"data.text_path={text}", f"data.dir={shared / 'shakespeare_char'}"]
     mine = Job(slurm_cluster, tmp_path, ["nodes=2", "run=twin", *SLURM, *RUN, *data], tmp_path / "run")
     mine.id()  # submitted: the data is prepared
     theirs_dir = other_user.home / "run"
