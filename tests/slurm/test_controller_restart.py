@@ -56,9 +56,9 @@ def test_jobs_older_than_min_job_age_are_told_from_accounting_by_the_verbs_and_t
         slurm_cluster, tmp_path, data_overrides):
     """MinJobAge=2 (Slurm's default is 300 s, this cluster's 3600): a finished run's job and a failed one's leave
     squeue and scontrol within seconds of ending."""
-    runs = {"finished": [], "failed": ["debug.kill_rank=1", "debug.kill_step=3", "preemption.max_restarts=0",
-                                       "preemption.in_job_restarts=0"]}
-    commands = {name: launch_cmd("nodes=2", *SLURM, *TINY, *data_overrides, *extra, "launcher.detach=true",
+    runs = {"finished": ["nodes=1"], "failed": ["nodes=2", "debug.kill_rank=1", "debug.kill_step=3",
+                                                "preemption.max_restarts=0", "preemption.in_job_restarts=0"]}
+    commands = {name: launch_cmd(*SLURM, *TINY, *data_overrides, *extra, "launcher.detach=true",
                                  f"hydra.run.dir={tmp_path / name}") for name, extra in runs.items()}
     slurm_cluster.script("min-job-age", "2")
     try:
