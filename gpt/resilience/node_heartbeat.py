@@ -19,7 +19,9 @@ import atexit
 import hashlib
 import json
 import os
+import re
 import secrets
+import shutil
 import stat
 import tempfile
 import threading
@@ -32,6 +34,10 @@ from gpt.resilience.lease import fence
 from gpt.run_folder import RunFolder
 
 WRITER_SILENT_BEATS = 3  # a local writer whose beat has not moved for this many intervals is replaced
+# A node-local folder in which no rank has beaten for this long belongs to a run gone from this node (a killed rank's,
+# on a node its run never came back to): a rank starting on the node removes it, or node memory would keep it for good.
+STALE_LOCAL_S = 24 * 3600.0
+LOCAL_NAME = re.compile(r"^gptlaunch-[0-9a-f]{32}$")  # node_local_dir's folders, and nothing else of gptlaunch's
 
 
 def node_local_dir(run_dir: Path, host: str) -> Path:
@@ -40,6 +46,24 @@ def node_local_dir(run_dir: Path, host: str) -> Path:
     base = Path("/dev/shm") if os.access("/dev/shm", os.W_OK) else Path(tempfile.gettempdir())
     key = hashlib.sha256(f"{Path(run_dir).resolve()}\0{run_secret(run_dir)}".encode()).hexdigest()[:32]
     return base / f"gptlaunch-{key}" / host
+
+
+def sweep_stale(base: Path, now: float) -> list[Path]:
+    """Remove this user's node-local folders under `base` whose newest beat is older than STALE_LOCAL_S; those
+    removed. A live run beats every few seconds, and a run frozen for longer makes its folder again at its next beat."""
+    removed = []
+    for folder in base.glob("gptlaunch-*"):
+        try:
+            st = os.lstat(folder)
+            if not LOCAL_NAME.match(folder.name) or st.st_uid != os.getuid() or not stat.S_ISDIR(st.st_mode):
+                continue
+            newest = max([st.st_mtime, *(os.lstat(p).st_mtime for p in folder.rglob("*"))])
+        except OSError:  # another rank's sweep or close came first
+            continue
+        if now - newest > STALE_LOCAL_S:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+    return removed
 
 
 def run_secret(run_dir: Path) -> str:
@@ -86,6 +110,7 @@ class NodeHeartbeat:
     def __init__(self, run_dir: Path, host: str, rank: int, interval_s: float):
         self.run_dir, self.host, self.rank, self.interval_s = run_dir, host, rank, interval_s
         self.local = node_local_dir(run_dir, host)
+        sweep_stale(self.local.parent.parent, time.time())
         self.local_ranks = Liveness()  # this node's ranks, judged on this rank's clock
         self.fd: int | None = None  # the node's record, kept open while this rank is the writer
         self.written = 0  # the record's length: a shorter one is padded, so that no truncate is needed

@@ -7,6 +7,7 @@ import os
 import shutil
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -14,6 +15,7 @@ from control_counters import FsOps
 from gpt.errors import UserError
 from gpt.config.sections import WatchdogConfig
 from gpt.resilience.heartbeat import read_heartbeats
+from gpt.resilience import node_heartbeat
 from gpt.resilience.node_heartbeat import NodeHeartbeat, node_local_dir
 from gpt.resilience.watchdog import Watchdog
 
@@ -167,3 +169,35 @@ def test_a_peers_beat_after_its_fence_stays_through_a_beat_from_before_the_write
     assert read_heartbeats(tmp_path, 2, 1)[1]["beat"] == 2
     writer.beat({**record, "rank": 0, "beat": 4, "generation": 2})  # a later launch took the folder over
     assert read_heartbeats(tmp_path, 2, 1)[1] is None
+
+
+def test_a_rank_starting_on_a_node_removes_this_users_folders_silent_for_a_day_and_nothing_else(tmp_path,
+                                                                                                monkeypatch):
+    """A killed rank's folder on a node its run never came back to stays in node memory unless a later rank clears
+    it: one silent for STALE_LOCAL_S goes; a fresh one, a link, a folder another gptlaunch part names alike (the
+    local rank servers' /tmp/gptlaunch-rank-start-*) and other names stay."""
+    base = tmp_path / "shm"
+    base.mkdir()
+    now = 1_800_000_000.0
+    def folder(name: str, age_s: float) -> Path:
+        path = base / name / "n1"
+        path.mkdir(parents=True)
+        (path / "rank1.json").write_text("{}")
+        for p in (path / "rank1.json", path, path.parent):
+            os.utime(p, (now - age_s, now - age_s))
+        return path.parent
+    stale = folder("gptlaunch-" + "a" * 32, node_heartbeat.STALE_LOCAL_S + 60)
+    fresh = folder("gptlaunch-" + "b" * 32, node_heartbeat.STALE_LOCAL_S - 60)
+    server = folder("gptlaunch-rank-start-forkserver-x1", node_heartbeat.STALE_LOCAL_S * 3)
+    other = folder("something-else", node_heartbeat.STALE_LOCAL_S * 3)
+    link = base / ("gptlaunch-" + "c" * 32)
+    link.symlink_to(other)
+    assert node_heartbeat.sweep_stale(base, now) == [stale]
+    assert not stale.exists() and all(p.exists() for p in (fresh, server, other, link))
+
+    # a rank's heartbeat sweeps its node's folder when it starts
+    swept = []
+    monkeypatch.setattr(node_heartbeat, "sweep_stale", lambda where, when: swept.append(where))
+    (tmp_path / "run" / "watchdog").mkdir(parents=True)
+    NodeHeartbeat(tmp_path / "run", "n1", 0, 1.0)
+    assert swept == [node_local_dir(tmp_path / "run", "n1").parent.parent]
