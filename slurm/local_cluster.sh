@@ -669,15 +669,19 @@ down_all() {  # every instance with a folder beside the default one's, each unde
 }
 
 cmd="${1:-}"
+# One up, down or reconfiguration of an instance at a time (parallel test workers, CI steps).  Every daemon is started
+# with 9>&-: one that inherited the locked descriptor would hold the lock for as long as it runs.
+hold_instance_lock() {
+  exec 9>"$CDIR/.lock"
+  flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+}
+
 case "$cmd" in
   up|down)
     [ "$(id -u)" -eq 0 ] || die "must run as root"
     if [ "$cmd" = down ] && [ "${2:-}" = --all ]; then down_all; exit; fi
     mkdir -p "$CDIR"
-    exec 9>"$CDIR/.lock"
-    # One up/down at a time (parallel test workers, CI steps).  Every daemon is started with 9>&-:
-    # one that inherited the locked descriptor would hold the lock for as long as it runs.
-    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+    hold_instance_lock
     if [ "$cmd" = up ]; then
       n=4
       for arg in "${@:2}"; do
@@ -692,18 +696,11 @@ case "$cmd" in
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
     fi
     ;;
-  preempt)
+  preempt|min-job-age)  # slurmctld's configuration changed while jobs run
     [ "$(id -u)" -eq 0 ] || die "must run as root"
-    exec 9>"$CDIR/.lock"
-    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
-    not_foreign "restart $CDIR's slurmctld"
-    do_preempt "${2:-}"
-    ;;
-  min-job-age)
-    exec 9>"$CDIR/.lock"
-    flock -w 120 9 || die "another up/down holds $CDIR/.lock for over 120 s"
+    hold_instance_lock
     not_foreign "reconfigure $CDIR's slurmctld"
-    do_min_job_age "${2:-}"
+    if [ "$cmd" = preempt ]; then do_preempt "${2:-}"; else do_min_job_age "${2:-}"; fi
     ;;
   status) do_status ;;
   env) do_env ;;
