@@ -4,12 +4,11 @@ and `launch.status` say what accounting says. Jobs older than MinJobAge, which s
 and the same command again say what accounting says."""
 from __future__ import annotations
 
+import json
 import subprocess
+import time
 
 import pytest
-
-import json
-import time
 
 from test_detached import verb
 from test_preemption import RUN, Job, assert_same_run, attempts

@@ -148,8 +148,10 @@ def test_a_preemption_during_an_in_job_restart_still_saves_and_requeues(slurm_cl
     log = attempts(job.run_dir)
     assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued")) for a in log][1:] \
         == [(0, 1, None, True), (1, 0, None, None)], log
-    ended = {"signal": "preempted:SIGUSR2", "urgent job": "preempted by another job (Slurm, at "}[preemption]
-    assert log[1]["ended"].startswith(ended) and log[2]["ended"] == "finished", log
+    preempted = log[1]["ended"]
+    assert (preempted == "preempted:SIGUSR2" if preemption == "signal"
+            else preempted.startswith("preempted by another job (Slurm, at ")), log
+    assert log[2]["ended"] == "finished", log
     assert log[0]["in_job_restart"] == 1, log[0]
     assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     assert_same_run(job.run_dir, reference)
