@@ -161,7 +161,7 @@ class Checkpointer:
         """Wait for the pending save and free the staging buffers."""
         self.wait()
         if self.stager is not None:
-            self.stager.shutdown()
+            self.stager.close()
             self.stager = None
 
     def poll_done(self) -> bool:

@@ -213,7 +213,7 @@ def test_a_rank_drives_the_gpu_of_its_local_rank_and_no_other(monkeypatch):
 def test_an_async_save_touches_no_gpu_but_the_ranks_own(monkeypatch, tmp_path):
     """The save's writer thread starts on device 0: a CUDA call there opens a context on GPU 0 in every rank (about
     0.5 GB each; a failure where GPUs are exclusive). The staged copy is in host memory: it needs none."""
-    from gpt.checkpoint.staging import CpuStager
+    from gpt.checkpoint.staging import BackgroundStager
     from gpt.config.model import ModelConfig
     from gpt.model.transformer import GPT
     from gpt.parallel.base import Strategy
@@ -226,7 +226,7 @@ def test_an_async_save_touches_no_gpu_but_the_ranks_own(monkeypatch, tmp_path):
                    (0.9, 0.95))
     strategy.device = torch.device("cuda", 1)  # the tensors stay on the CPU; every CUDA call goes to the stand-in
     cuda.run(0.1)  # the step's optimizer update, still on the device
-    stager = CpuStager()
+    stager = BackgroundStager(torch.device("cpu"))  # a stager of the CPU's: its copy is in host memory
     response = strategy.save_state(tmp_path / "step_1", async_group="local", stager=stager)
     assert cuda.current_stream().query()  # the update completed before the stager copied the weights
     response.upload_completion.result()

@@ -197,10 +197,10 @@ def test_the_model_is_built_on_its_device_not_on_the_cpu_first():
 def test_async_checkpoints_stage_into_pinned_memory_on_cuda_and_plain_memory_on_cpu(monkeypatch):
     from gpt.checkpoint import staging
 
-    made = []
-    monkeypatch.setattr(staging, "DefaultStager", lambda options: made.append(options) or options)
-    on_gpu = staging.make_stager(torch.device("cuda", 0), None).inner
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    on_gpu = staging.make_stager(torch.device("cuda", 1), None).inner
     on_cpu = staging.make_stager(torch.device("cpu"), None).inner
-    assert made == [on_gpu] and isinstance(on_cpu, staging.CpuStager)  # a CPU run makes no stream, pins nothing
-    assert on_gpu.use_pinned_memory and on_gpu.use_non_blocking_copy and on_gpu.use_async_staging
-    assert not on_gpu.use_shared_memory  # the writer is a thread of this process
+    assert on_gpu.copier.pin_memory and on_gpu.stream.device == 1 and on_gpu.stream in cuda.streams
+    assert not on_cpu.copier.pin_memory and on_cpu.stream is None  # a CPU run makes no stream, pins nothing
+    assert not on_gpu.copier.share_memory  # the writer is a thread of this process
+    on_gpu.close(), on_cpu.close()

@@ -1,11 +1,12 @@
-"""Asynchronous checkpoint staging: each rank copies only the tensors it writes, one stager serves every save of a run,
+"""Asynchronous checkpoint staging: each rank copies only the tensors it writes, one stager serves every save of a run (on CUDA, each after its step),
 and a run on the CPU makes no CUDA call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
-import torch.distributed.checkpoint as dcp
+from cuda_standin import StrictCuda
+from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 from gpt.checkpoint.staging import assign_writers
 from gpt.checkpoint.writer import Checkpointer
@@ -61,25 +62,34 @@ def test_a_cpu_run_saves_without_cuda_on_a_gpu_host(gpu_host, tmp_path, backgrou
     assert_restores(checkpointer, path, strategy)
 
 
-def test_a_stager_that_dcp_closes_after_each_save_still_stages_the_next(tmp_path, monkeypatch):
-    """torch 2.11's async_save closes the stager it is given once the save is written (seen on a GPU: the second
-    asynchronous save failed on the closed copier); the run's stager lives across its saves all the same."""
-    async_save = dcp.async_save
-
-    def closing_async_save(*args, async_stager, **kwargs):
-        response = async_save(*args, async_stager=async_stager, **kwargs)
-        response.upload_completion.add_done_callback(lambda _: async_stager.close())
-        return response
-
-    monkeypatch.setattr(dcp, "async_save", closing_async_save)
+def test_a_gpu_runs_stager_copies_each_save_after_its_step_into_buffers_it_keeps(tmp_path, monkeypatch):
+    """On CUDA (the stand-in; the tensors stay on the CPU) every save is staged on the stager's own stream once the
+    step that made the state is done, into pinned buffers pinned once and reused; its copier is closed at the run's
+    end alone (torch 2.11's DefaultStager closed it after each save: the second save failed on a GPU)."""
+    cuda = StrictCuda().install(monkeypatch)
+    pinned, closed = [], []
+    monkeypatch.setattr(pin_memory_utils, "pin_memory", lambda ptr, size: pinned.append(ptr))
+    monkeypatch.setattr(pin_memory_utils, "unpin_memory", lambda ptr: None)
+    monkeypatch.setattr(StateDictStager, "close", lambda self: closed.append(self))
     strategy = cpu_strategy()
+    strategy.device = torch.device("cuda", 0)
     checkpointer = Checkpointer(tmp_path, async_group="local", async_save=True)
-    checkpointer.save(1, strategy, {})
-    strategy.model(torch.randn(4, 8)).sum().backward()
-    strategy.optimizer.step()
-    path = checkpointer.save(2, strategy, {})
+    pins = None  # after the first save
+    for step in (1, 2):
+        cuda.run(0.1)  # the step's optimizer update, still on the device
+        update_ends = cuda.current_stream().tail
+        path = checkpointer.save(step, strategy, {})
+        checkpointer.wait_staged()
+        stream = checkpointer.stager.inner.stream
+        assert stream is not cuda.current_stream() and stream.seen[id(cuda.current_stream())] >= update_ends
+        pins = pins or len(pinned)
+        assert pinned and len(pinned) == pins and not closed
+        checkpointer.wait()
+        assert_restores(checkpointer, path, strategy)
+        strategy.model(torch.randn(4, 8)).sum().backward()
+        strategy.optimizer.step()
     checkpointer.close()
-    assert_restores(checkpointer, path, strategy)
+    assert len(closed) == 1
 
 
 def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with_theirs():
