@@ -1,8 +1,9 @@
 """GPU jobs on the local cluster, whose nodes have 2 GPUs each as a Slurm generic resource (device files, nothing
 runs CUDA): Slurm allocates them, applies --gpu-bind and sets every task's CUDA_VISIBLE_DEVICES and CPUs as on a
 GPU cluster. Each rank records the GPU it would drive and the CPUs Slurm gave it, the ranks check together that
-no two of a node share a GPU, and the job then trains on CPU (train.device=cpu). Under cluster=slurm and under
-`sbatch slurm/multi_node.sh`, with and without --gpu-bind=closest: two jobs at a time fill the 4 nodes."""
+no two of a node share a GPU, and the job then trains on CPU (train.device=cpu). Under cluster=slurm with
+--gpu-bind=closest and under `sbatch slurm/multi_node.sh` without it (each path and each binding once; the two
+jobs at a time fill the 4 nodes)."""
 from __future__ import annotations
 
 import subprocess
@@ -40,32 +41,24 @@ def check_gpu_ranks(run_dir: Path, bind: str | None) -> None:
 
 @pytest.mark.timeout(420)
 def test_gpu_jobs_under_cluster_slurm_and_multi_node_sh(slurm_cluster, tmp_path, data_overrides):
-    # cluster=slurm: one sweep, one job per point, both running at once
-    sweep = tmp_path / "sweep"
-    proc = run_launch(slurm_cluster.env, "-m", "+cluster.sbatch.gpu-bind=null,closest", *SLURM, *SHAPE, *SHORT,
-                      *data_overrides, f"hydra.sweep.dir={sweep}", "hydra.sweep.subdir=bind${cluster.sbatch.gpu-bind}",
-                      timeout=300)
-    assert proc.returncode == 0, output(proc)
-    check_gpu_ranks(sweep / "bindNone", None)
-    check_gpu_ranks(sweep / "bindclosest", "closest")
-
-    # sbatch slurm/multi_node.sh (cluster=srun), both jobs at once
-    jobs = {}
-    for bind in (None, "closest"):
-        run_dir, log = tmp_path / f"sbatch-{bind}", tmp_path / f"sbatch-{bind}.out"
-        flags = [*SBATCH, *([f"--gpu-bind={bind}"] if bind else [])]
-        submit = subprocess.run(["sbatch", "--parsable", *flags, f"--output={log}", str(REPO / "slurm" / "multi_node.sh"),
-                                 *SHORT, *data_overrides, f"hydra.run.dir={run_dir}"],
-                                cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
-        assert submit.returncode == 0, submit.stderr
-        jobs[bind] = (submit.stdout.strip().split(";")[0], run_dir, log)
+    # sbatch slurm/multi_node.sh (cluster=srun) without --gpu-bind, submitted first: it runs beside the other
+    run_dir, log = tmp_path / "sbatch", tmp_path / "sbatch.out"
+    submit = subprocess.run(["sbatch", "--parsable", *SBATCH, f"--output={log}", str(REPO / "slurm" / "multi_node.sh"),
+                             *SHORT, *data_overrides, f"hydra.run.dir={run_dir}"],
+                            cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
+    assert submit.returncode == 0, submit.stderr
+    job = submit.stdout.strip().split(";")[0]
     try:
-        for bind, (job, run_dir, log) in jobs.items():
-            state = slurm_cluster.wait_state(job, timeout=240)
-            text = log.read_text() if log.exists() else "(no job log)"
-            assert state == "COMPLETED", text
-            assert "gets 1 CPU" not in text, text
-            check_gpu_ranks(run_dir, bind)
+        # cluster=slurm, --gpu-bind=closest through the profile's sbatch flags
+        proc = run_launch(slurm_cluster.env, "+cluster.sbatch.gpu-bind=closest", *SLURM, *SHAPE, *SHORT,
+                          *data_overrides, f"hydra.run.dir={tmp_path / 'closest'}", timeout=300)
+        assert proc.returncode == 0, output(proc)
+        check_gpu_ranks(tmp_path / "closest", "closest")
+
+        state = slurm_cluster.wait_state(job, timeout=240)
+        text = log.read_text() if log.exists() else "(no job log)"
+        assert state == "COMPLETED", text
+        assert "gets 1 CPU" not in text, text
+        check_gpu_ranks(run_dir, None)
     finally:
-        for job, _, _ in jobs.values():
-            slurm_cluster.run("scancel", job, check=False)
+        slurm_cluster.run("scancel", job, check=False)

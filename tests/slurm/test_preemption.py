@@ -311,14 +311,14 @@ def test_survivors_that_abort_after_a_killed_peer_requeue_once_naming_it(slurm_c
 
 
 @pytest.mark.timeout(360)
-def test_soak_five_interruptions_of_every_kind_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
+def test_soak_four_interruptions_of_every_kind_come_back_and_resume_exactly(slurm_cluster, tmp_path, data_overrides,
                                                                            reference):
-    """USR2 (Slurm's warning), TERM (a preemption) and an outside `scontrol requeue`, then TERM and USR2 again: the
-    job comes back by itself each time, and an attempt that resumed after each kind (from its own save, or from a
-    periodic checkpoint after the requeue's hard stop) is interrupted again and resumes too; the run equals the
-    uninterrupted one, and one W&B run holds its six attempts. (It ran ten interruptions, seven drawn at random:
-    more of the same pairs, at 17 s an attempt.)"""
-    kinds = ["USR2", "TERM", "requeue", "TERM", "USR2"]
+    """USR2 (Slurm's warning), TERM (a preemption) and an outside `scontrol requeue`, then USR2 again: the job comes
+    back by itself each time, and an attempt that resumed after each kind (from its own save, or from a periodic
+    checkpoint after the requeue's hard stop) is interrupted again and resumes too; the run equals the
+    uninterrupted one, and one W&B run holds its five attempts. (It ran ten interruptions, seven drawn at random,
+    then five: more of the same pairs, at 17 s an attempt.)"""
+    kinds = ["USR2", "TERM", "requeue", "USR2"]
     job = interrupt_and_finish(slurm_cluster, tmp_path, data_overrides, kinds,
                                extra=["debug.delay_s=0.15", "tracking=wandb"])
     assert_same_run(job.run_dir, reference)
