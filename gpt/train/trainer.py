@@ -7,7 +7,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +23,7 @@ from gpt.data.tokenizer import load_tokenizer
 from gpt.dist.flag_sum import BackgroundSum, sum_in_background
 from gpt.dist.process_group import DistEnv, pick_device, side_group
 from gpt.eval.multiple_choice import TaskScorer
-from gpt.parallel.base import StepResult
+from gpt.parallel.base import StepResult, Strategy
 from gpt.parallel.memory_estimate import MemoryParts
 from gpt.parallel.memory_held import measure_step
 from gpt.resilience.faults import Faults
@@ -133,7 +133,8 @@ class Trainer:
         """The validation loss and the eval.tasks scores; None when a preemption signal interrupted them (the
         resumed run evaluates again)."""
         self.strategy.model.eval()
-        values = self.validation_loss()
+        loss = validation_loss(self.strategy, self.val, self.stop.signalled_anywhere)
+        values = None if loss is None else {"loss": loss}
         if values is not None and self.tasks is not None:
             s = self.strategy
             scores = self.tasks.score(s.forward_loss, s.dp_rank, s.dp_size, s.dp_group, self.stop.signalled_anywhere,
@@ -144,15 +145,6 @@ class Trainer:
         if values is not None:
             self.metrics.write(self.step, values, kind="val")
         return values
-
-    def validation_loss(self) -> dict[str, float] | None:
-        total, count = torch.zeros((), device=self.device), 0
-        for x, y in self.val:
-            if self.stop.signalled_anywhere():
-                return None
-            total += self.strategy.forward_loss(x, y)
-            count += 1
-        return {"loss": self.strategy.mean_over_dp(total / max(count, 1)).item()}
 
     def run_eval(self, summary: dict[str, Any], bar: ProgressBar) -> bool:
         PROGRESS.phase("eval", f"evaluation at step {self.step}", self.step)
@@ -352,3 +344,14 @@ class Trainer:
     def rank_state(self) -> dict[str, Any]:
         """This rank's own part of a checkpoint of the current step."""
         return self.state.rank_state(self.step)
+
+
+def validation_loss(strategy: Strategy, batches: Iterable, interrupted: Callable[[], bool]) -> float | None:
+    """The mean validation loss over the data-parallel replicas; None once a preemption signal interrupts it."""
+    total, count = torch.zeros((), device=strategy.device), 0
+    for x, y in batches:
+        if interrupted():
+            return None
+        total += strategy.forward_loss(x, y)
+        count += 1
+    return strategy.mean_over_dp(total / max(count, 1)).item()

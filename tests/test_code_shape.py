@@ -1,0 +1,32 @@
+"""The style's bounds, kept: no class of the project over 300 lines, no function over 60."""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("gpt", "launch")
+
+
+def sizes(kind: type | tuple[type, ...]) -> list[tuple[int, str]]:
+    """(lines, file:name) of every node of `kind` in the packages."""
+    found = []
+    for package in PACKAGES:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, kind):
+                    found.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.name}"))
+    return found
+
+
+def test_no_class_is_over_300_lines():
+    assert [s for s in sizes(ast.ClassDef) if s[0] > 300] == []
+
+
+def test_no_function_is_over_60_lines():
+    assert [s for s in sizes((ast.FunctionDef, ast.AsyncFunctionDef)) if s[0] > 60] == []
+
+
+def test_the_bounds_see_the_largest():
+    """The walk finds classes and functions at all (a bound over nothing would pass)."""
+    assert max(sizes(ast.ClassDef))[0] > 200 and max(sizes((ast.FunctionDef, ast.AsyncFunctionDef)))[0] > 40
