@@ -5,7 +5,7 @@
 2. Points that are jobs (cluster=slurm): the budget guard, then submission (launch.backends.<name>).
 3. Points that run here (cluster=local, srun) run one after another, through the app's own task function.
 4. The jobs are waited for; each point's JobReturn holds its result (job id, hosts, world size, summary), which is
-   also its objective for a sweeper that chooses the next points from results (PointResult).
+   also its objective for a sweeper that chooses the next points from results (PointReturn).
 5. The scaling report of the whole sweep is written into the sweep folder.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any oth
 log = logging.getLogger(__name__)
 
 
-class PointResult(dict):
+class PointReturn(dict):
     """A sweep point's return value: its result (job id, hosts, summary...) and, as a float, its objective:
     launcher.objective, a value of its training summary. Hydra's Optuna sweeper reads `float(return_value)`."""
 
@@ -47,12 +47,12 @@ class PointResult(dict):
         return float(summary[self.objective])
 
 
-def point_result(planned: PlannedRun, values: dict | None = None) -> PointResult:
+def point_return(planned: PlannedRun, values: dict | None = None) -> PointReturn:
     """The point's result, with its summary from the run folder when the values carry none (a local run's)."""
     values = dict(values or {"run_dir": str(planned.plan.run_dir)})
     if values.get("summary") is None:
         values["summary"] = RunFolder(planned.plan.run_dir).read_summary()
-    return PointResult(values, planned.run.launcher.objective)
+    return PointReturn(values, planned.run.launcher.objective)
 
 
 def _plan_task(cfg) -> PlannedRun | UserError:
@@ -82,7 +82,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         if p.finished and p.backend.submits:
             print(f"{p.label} {p.existing.done()}; nothing to do", flush=True)
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
-            returns[n].return_value = point_result(p)
+            returns[n].return_value = point_return(p)
     jobs = [(n, p) for n, p in enumerate(planned) if p.backend.submits and not p.finished]
 
     # 2. budget and submission of every point that is a job, before anything else runs (a job from an earlier
@@ -108,7 +108,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
             if returns[n].status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
-                returns[n].return_value = point_result(planned[n])
+                returns[n].return_value = point_return(planned[n])
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
 
     # 4. wait for the jobs
@@ -160,7 +160,7 @@ def _collect(outcomes, jobs, points, returns) -> None:
     failed = []
     for (n, planned), outcome in zip(jobs, outcomes):
         ret = points[n][3]
-        ret.return_value = point_result(planned, outcome.result)
+        ret.return_value = point_return(planned, outcome.result)
         ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled else JobStatus.FAILED
         returns[n] = ret
         if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure

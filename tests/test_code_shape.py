@@ -1,4 +1,4 @@
-"""The style's bounds, kept: no class of the project over 300 lines, no function over 60."""
+"""The style's bounds, kept: no class of the project over 300 lines, no function over 60, no class name twice."""
 from __future__ import annotations
 
 import ast
@@ -30,3 +30,11 @@ def test_no_function_is_over_60_lines():
 def test_the_bounds_see_the_largest():
     """The walk finds classes and functions at all (a bound over nothing would pass)."""
     assert max(sizes(ast.ClassDef))[0] > 200 and max(sizes((ast.FunctionDef, ast.AsyncFunctionDef)))[0] > 40
+
+
+def test_no_two_classes_share_a_name():
+    """One name per concept (docs/architecture.md's glossary): a class name names one class of the project."""
+    owners: dict[str, list[str]] = {}
+    for _, where in sizes(ast.ClassDef):
+        owners.setdefault(where.rpartition(":")[2], []).append(where)
+    assert {name: places for name, places in owners.items() if len(places) > 1} == {}

@@ -9,19 +9,19 @@ import pytest
 import yaml
 
 from helpers import launch
-from launch.hydra_launcher import PointResult
+from launch.hydra_launcher import PointReturn
 
 RUN = ["model=tiny", "train.max_steps=20", "train.eval_interval=20", "train.warmup_steps=2",
        "checkpoint.interval_steps=0"]
 
 
 def test_a_points_float_is_its_objective_and_a_missing_one_names_what_there_is():
-    result = PointResult({"run_dir": "/r", "summary": {"val_loss": 2.5, "train_loss": 2.4}}, "val_loss")
+    result = PointReturn({"run_dir": "/r", "summary": {"val_loss": 2.5, "train_loss": 2.4}}, "val_loss")
     assert float(result) == 2.5 and result["run_dir"] == "/r"  # still the dict every launcher returned
-    assert float(PointResult(dict(result), "train_loss")) == 2.4
+    assert float(PointReturn(dict(result), "train_loss")) == 2.4
     with pytest.raises(ValueError, match=r"^launcher.objective=mfu: the run /r has no such value in its summary "
                                          r"\(it has train_loss, val_loss\)"):
-        float(PointResult(dict(result), "mfu"))
+        float(PointReturn(dict(result), "mfu"))
 
 
 @pytest.mark.slow

@@ -1,5 +1,5 @@
 """Hydra's Optuna sweeper on the real local Slurm cluster: each batch of trials is one packed allocation, and the
-sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointResult), with the
+sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointReturn), with the
 sweep's early stopping (launcher.early_stop=asha) at a rung half way."""
 from __future__ import annotations
 

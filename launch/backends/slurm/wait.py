@@ -31,7 +31,8 @@ SLOW_POLL_S = 30.0  # ...then at a tenth of how long nothing has, up to this
 
 
 @dataclass
-class Outcome:
+class JobOutcome:
+    """A finished job as the waiter collected it: its Slurm state, each task's result, the errors."""
     submitted: Submitted
     state: str
     results: list[Any] = field(default_factory=list)  # per task, when every task succeeded
@@ -110,11 +111,11 @@ def ended(info: JobInfo, members: list[Submitted]) -> str | None:
     return None
 
 
-def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
+def collect(s: Submitted, state: str, grace_s: float = 5.0) -> JobOutcome:
     """Read every task's result (a pickle submitit wrote) once the job has ended."""
     from submitit.core.utils import pickle_load
 
-    outcome = Outcome(s, state)
+    outcome = JobOutcome(s, state)
     if s.packed:
         return collect_packed(outcome, grace_s)
     pickles = [s.paths(t).result_pickle for t in range(s.num_tasks)]
@@ -146,7 +147,7 @@ def collect(s: Submitted, state: str, grace_s: float = 5.0) -> Outcome:
     return outcome
 
 
-def collect_packed(outcome: Outcome, grace_s: float) -> Outcome:
+def collect_packed(outcome: JobOutcome, grace_s: float) -> JobOutcome:
     """A point of a packed allocation: its entry in the result of the allocation's one task (launch.backends.slurm.
     pack_task), which holds every point that finished in any attempt."""
     from submitit.core.utils import pickle_load
@@ -186,7 +187,7 @@ def _unreported(s: Submitted, missing: list[int]) -> str:
 
 
 def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
-         on_done: Callable[[Outcome], None] | None = None) -> list[Outcome]:
+         on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
     """Poll Slurm until every job has ended; report each as it ends (errors at once, not after the sweep)."""
     from tqdm import tqdm
 
@@ -194,7 +195,7 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
     members: dict[str, list[Submitted]] = {}  # the points of each job: several when it is packed
     for s in submitted:
         members.setdefault(s.job_id, []).append(s)
-    outcomes: dict[int, Outcome] = {}
+    outcomes: dict[int, JobOutcome] = {}
     # A bar on a terminal; in a log file (nohup, CI) one line whenever the status changes.
     live = progress and sys.stderr.isatty()
     bar = tqdm(total=len(submitted), desc="jobs done", unit="job", file=sys.stderr, disable=not live,
@@ -365,7 +366,7 @@ def requeue_line(attempt: AttemptLine) -> str:
     return f"{name} ended ({attempt.ended}) {where}: {attempt.note or 'requeued'}{ran_on(attempt)}"
 
 
-def print_outcome(outcome: Outcome, out=sys.stdout) -> None:
+def print_outcome(outcome: JobOutcome, out=sys.stdout) -> None:
     s = outcome.submitted
     if outcome.ok:
         summary = outcome.result.get("summary") or {}

@@ -166,11 +166,11 @@ def test_a_chain_stands_where_its_link_in_flight_stands(tmp_path: Path, monkeypa
 
 
 def test_a_job_completed_on_the_hosts_that_ran_ranks_not_on_its_idle_spare(tmp_path: Path):
-    from launch.backends.slurm.wait import Outcome
+    from launch.backends.slurm.wait import JobOutcome
 
     point = Point(label="run", run_dir=tmp_path / "run", job_name="g",
                   resources=SimpleNamespace(nodes=3, world_size=2))
-    outcome = Outcome(Submitted(point, "5", tmp_path), "COMPLETED",
+    outcome = JobOutcome(Submitted(point, "5", tmp_path), "COMPLETED",
                       results=[{"rank": 0, "host": "n1", "summary": {}}, {"rank": 1, "host": "n2"},
                                {"rank": None, "host": "n3", "spare": True}])
     assert outcome.result["hosts"] == ["n1", "n2"]  # "COMPLETED on n1, n2"
@@ -200,7 +200,7 @@ def test_a_spare_task_that_ended_the_job_is_heard(tmp_path: Path, monkeypatch):
 def test_a_job_that_trained_on_past_refused_saves_says_so_beside_completed(tmp_path: Path):
     """checkpoint.on_save_error=continue: storage refused interval saves in two attempts, each attempt's line keeps
     their steps, and the job's last line names them all, not a plain COMPLETED."""
-    from launch.backends.slurm.wait import Outcome, print_outcome
+    from launch.backends.slurm.wait import JobOutcome, print_outcome
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
@@ -209,7 +209,7 @@ def test_a_job_that_trained_on_past_refused_saves_says_so_beside_completed(tmp_p
                                             + attempt("5", 1, ended="finished", failed_saves=[80, 120]))
     point = Point(label="run", run_dir=run_dir, job_name="g", resources=SimpleNamespace(nodes=1, world_size=1))
     out = io.StringIO()
-    print_outcome(Outcome(Submitted(point, "5", tmp_path), "COMPLETED", results=[{"rank": 0, "host": "n1",
+    print_outcome(JobOutcome(Submitted(point, "5", tmp_path), "COMPLETED", results=[{"rank": 0, "host": "n1",
                                                                                    "summary": {}}]), out)
     assert out.getvalue().strip().endswith(
         "COMPLETED on n1; run folder: " + str(run_dir) + "; checkpoint saves failed at step(s) 40, 80, 120 "
