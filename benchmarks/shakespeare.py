@@ -1,7 +1,7 @@
 """Learning quality: validation loss against wall time on Tiny Shakespeare, character level.
 
     python benchmarks/shakespeare.py            # CPU recipe: 4 layers, width 128, block 64, batch 12, 2,000 steps
-    python benchmarks/shakespeare.py --gpu      # GPU recipe: the shakespeare_char preset (bar: val loss <= 1.55)
+    python benchmarks/shakespeare.py --gpu      # GPU recipe: the shakespeare_char preset (target: val loss <= 1.47)
 
 Runs `python -m launch` exactly as a user would and reads the run folder's metrics.
 """

@@ -698,6 +698,7 @@ case "$cmd" in
     ;;
   preempt|min-job-age)  # slurmctld's configuration changed while jobs run
     [ "$(id -u)" -eq 0 ] || die "must run as root"
+    [ -d "$CDIR" ] || die "no cluster here ($CDIR): start one with slurm/local_cluster.sh up"
     hold_instance_lock
     not_foreign "reconfigure $CDIR's slurmctld"
     if [ "$cmd" = preempt ]; then do_preempt "${2:-}"; else do_min_job_age "${2:-}"; fi

@@ -190,6 +190,17 @@ def test_state_from_a_folder_others_can_write_is_not_sourced(tmp_path):
     assert not planted.exists()
 
 
+
+@pytest.mark.parametrize("command", [["preempt", "qos"], ["min-job-age", "2"]])
+def test_reconfiguring_a_cluster_that_was_never_started_is_one_line(tmp_path, command):
+    """preempt and min-job-age change a running cluster's slurmctld: without one, one line says to start it."""
+    env = {**os.environ, "GPTLAUNCH_CLUSTER_INSTANCE": "78", "GPTLAUNCH_CLUSTER_DIR": str(tmp_path / "cluster")}
+    proc = subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), *command], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode != 0 and proc.stderr.count("\n") == 1, proc.stderr
+    assert "no cluster here" in proc.stderr and "local_cluster.sh up" in proc.stderr, proc.stderr
+    assert not list(tmp_path.iterdir())  # nothing made
+
 def test_the_clusters_state_logs_and_database_are_roots_alone_and_its_configuration_every_users_to_read(slurm_cluster):
     folder = slurm_cluster.conf.parent
     private = [folder / "state", folder / "log", *(folder / "log").iterdir(), folder / "cluster.env"]
