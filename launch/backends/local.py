@@ -80,6 +80,9 @@ class Failure:
     seen: float   # when this launcher saw the rank end
 
 
+ABORT_GRACE_S = 2.0  # how long aborted survivors wait for their peer's own end to be seen
+
+
 def root_failure(failures: dict[int, Failure]) -> tuple[int, int]:
     """The rank that failed first, and its exit code. A rank that died of SIGABRT comes after any other: on GPUs
     NCCL aborts every survivor of a lost or failed peer, often before its launcher looks again."""
@@ -157,13 +160,17 @@ def free_port() -> int:
 
 
 def _wait(ranks: list[multiprocessing.Process]) -> dict[int, Failure]:
+    """The ranks that failed, once one has (or none, once all ended). Aborts alone wait up to ABORT_GRACE_S for
+    the failure that caused them: a forked rank's end reaches this launcher through its server, in no set order."""
     seen: dict[int, float] = {}
     while True:
         for r, process in enumerate(ranks):
             if r not in seen and process.exitcode is not None:
                 seen[r] = time.time()
         failures = {r: Failure(ranks[r].exitcode, t) for r, t in seen.items() if ranks[r].exitcode != 0}
-        if failures or len(seen) == len(ranks):
+        only_aborts = failures and all(f.code == -signal.SIGABRT for f in failures.values())
+        if len(seen) == len(ranks) or (failures and not only_aborts) or \
+                (only_aborts and time.time() - min(f.seen for f in failures.values()) > ABORT_GRACE_S):
             return failures
         multiprocessing.connection.wait([p.sentinel for r, p in enumerate(ranks) if r not in seen], timeout=0.5)
 
