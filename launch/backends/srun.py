@@ -25,6 +25,7 @@ from launch.backends.slurm import allocation, commands
 from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
 from launch.backends.slurm.spare_exit import LINGER_S, Linger
+from launch.backends.slurm.start_preempted import after_failed_step
 from launch.backends.slurm.step import RankStep, ignoring, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
@@ -168,6 +169,10 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
     if code != 0 and signal.SIGTERM in relay.received:
         raise SrunFailed(f"the job was stopped (SIGTERM: scancel, preemption or the time limit) and srun with it "
                          f"(exit code {code}); {logs}")
+    if code != 0 and (preempted := after_failed_step(run_dir, ranks_job)) is not None:  # while the tasks started
+        if preempted.runs_again:
+            return ranks_job
+        raise SrunFailed(f"srun exited with code {code}: {preempted.note}")
     if code != 0 and finished_on_spares(run_dir, job_environment().job_id):
         print(f"srun exited with code {code}: the tasks of the node a spare replaced were killed with it, or were "
               f"not heard from {LINGER_S:.0f} s after the run finished; the run finished", file=sys.stderr, flush=True)

@@ -117,28 +117,40 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
 
 
 @pytest.mark.timeout(300)
-def test_a_higher_tier_job_that_comes_while_the_run_starts_up_requeues_it_once_and_it_finishes(
-        slurm_cluster, tmp_path, data_overrides, reference_run):
-    """The urgent job is submitted as soon as the run's job runs: Slurm's SIGTERM reaches the job while its ranks
-    start (the batch step, the task wrappers, the ranks' imports), before any step. Nothing is lost and nothing fails:
-    the job is requeued once and the run ends with the uninterrupted run's losses."""
+@pytest.mark.parametrize("path", ["cluster=slurm", "sbatch multi_node.sh"])
+def test_a_higher_tier_job_that_comes_while_the_tasks_start_requeues_the_job_once_and_it_finishes(
+        slurm_cluster, tmp_path, data_overrides, reference_run, path):
+    """Slurm's SIGTERM reaches the tasks before they can ignore it, here in a site's task prolog (`srun
+    --task-prolog`) that sleeps, so that the urgent job comes there every time (without one, the first milliseconds
+    of every task: CI once saw it). The tasks die, srun fails, and no rank saw the preemption: the batch step (the
+    script's teardown, or srun's launcher) records it and requeues the job (launch.backends.slurm.start_preempted).
+    Nothing fails: the job is requeued once and the run ends with the uninterrupted run's losses."""
     reference = reference_run(*RUN, *data_overrides)
-    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.partition=low"],
-              tmp_path / "run")
-    job_id = job.id()
+    prolog = tmp_path / "task_prolog.sh"
+    prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.$SLURM_PROCID\nsleep 3\n")
+    prolog.chmod(0o755)
+    run = [*RUN, *data_overrides, f"cluster.srun_args=['--task-prolog={prolog}']"]
+    if path == "cluster=slurm":
+        job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *run, "cluster.partition=low"], tmp_path / "run")
+    else:
+        job = Job(slurm_cluster, tmp_path, run, tmp_path / "run", sbatch=True,
+                  sbatch_flags=("--nodes=2", "--partition=low"))
     deadline = time.monotonic() + 120
-    while slurm_cluster.job_info(job_id).get("JobState") != "RUNNING":
+    while not all((tmp_path / f"prolog.0.{task}").exists() for task in (0, 1)):
         assert time.monotonic() < deadline and job.alive(), job.text()
         time.sleep(0.05)
     urgent_job(slurm_cluster, tmp_path)
     assert job.wait() == 0, job.text()
     assert_same_run(job.run_dir, reference)
-    assert slurm_cluster.job_info(job_id)["Restarts"] == "1"
-    log = attempts(job.run_dir)
-    assert log[-1]["ended"] == "finished" and log[-1]["restart"] == 1, log
-    assert all("preempted by another job" in a["ended"] for a in log[:-1]), log  # if the first attempt has a line
-    said = job.text()
-    assert "failed" not in said.lower() and "node failure" not in said, said
+    assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
+    first, last = attempts(job.run_dir)
+    assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"] is True, first
+    assert last["ended"] == "finished" and last["restart"] == 1, last
+    said = job.text() if job.proc else job.log.read_text()
+    assert "preempted by another job" in said and "node failure" not in said, said
+    assert " failed" not in said.replace("--task-prolog failed", ""), said
+    err = job.log.read_text() if job.proc is None else (job.run_dir / "slurm" / f"{job.id()}_0_log.err").read_text()
+    assert "while the tasks started, before any rank could save; requeued job" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)

@@ -171,17 +171,33 @@ class SlurmResources:
             # threads from its -c (launch.rank.threads)
             "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.step.exports(), *self.setup],
         }
-        if self.spare_nodes:  # srun may outlive a run finished on spares, and its code counts a lost node's tasks
-            spare_exit = f"{shlex.quote(sys.executable)} -m launch.backends.slurm.spare_exit {shlex.quote(str(folder))}"
-            # disowned: its end is no line in the job's log ("Killed ...")
-            params["setup"].append(f"{spare_exit} --watch $$ & spare_watch=$!; disown $spare_watch")
-            params["teardown"] = ["code=$?", "kill $spare_watch 2>/dev/null",
-                                  f"if [ $code -ne 0 ] && {spare_exit}; then code=0; fi", "exit $code"]
+        if self.spare_nodes:  # srun may outlive a run finished on spares: a watcher ends it (disowned: its end is no
+            # line in the job's log, "Killed ...")
+            params["setup"].append(f"{batch_module('spare_exit', folder)} --watch $$ & spare_watch=$!; "
+                                   "disown $spare_watch")
+        params["teardown"] = self.teardown(folder)
         optional = {"gpus_per_node": self.gpus_per_node or None, "gpus_per_task": self.gpus_per_task or None,
                     "gres": self.gres, "partition": self.partition,
                     "account": self.account, "qos": self.qos, "constraint": self.constraint}
         params.update({k: v for k, v in optional.items() if v is not None})
         return params
+
+    def teardown(self, folder: Path) -> list[str]:
+        """The batch script's lines after srun: a failed step may be a preemption that came while the tasks started
+        (launch.backends.slurm.start_preempted); with spare nodes, one whose run finished on spares while srun
+        counts a lost node's tasks (launch.backends.slurm.spare_exit)."""
+        lines = ["code=$?"]
+        if self.spare_nodes:
+            lines += ["kill $spare_watch 2>/dev/null",
+                      f"if [ $code -ne 0 ] && {batch_module('spare_exit', folder)}; then code=0; fi"]
+        # the shell ignores a requeue's SIGTERM until the attempt's line is written
+        return [*lines, f"if [ $code -ne 0 ]; then trap '' TERM; {batch_module('start_preempted', folder)}; fi",
+                "exit $code"]
+
+
+def batch_module(name: str, folder: Path) -> str:
+    """The batch script's call of launch.backends.slurm.NAME with submitit's folder."""
+    return f"{shlex.quote(sys.executable)} -m launch.backends.slurm.{name} {shlex.quote(str(folder))}"
 
 
 def _extra_flags(value: dict[str, Any]) -> tuple[tuple[str, Any], ...]:

@@ -18,3 +18,9 @@ export GPTLAUNCH_ATTEMPT_START=$(date +%s.%N)
 # command
 export SUBMITIT_EXECUTOR=slurm
 srun --unbuffered --output <LOGS>/%j_%t_log.out --error <LOGS>/%j_%t_log.err --kill-on-bad-exit=1 --cpus-per-task=1 bash -c 'trap "" TERM USR2; exec "$0" "$@"' <PYTHON> -u -m submitit.core._submit <LOGS>
+
+
+# teardown
+code=$?
+if [ $code -ne 0 ]; then trap '' TERM; <PYTHON> -m launch.backends.slurm.start_preempted <LOGS>; fi
+exit $code
