@@ -62,7 +62,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
     from gpt.dist.process_group import DistEnv
     from gpt.train.trainer import Trainer
     from launch.planning.plan import make_plan
-    from gpt.config import schema
+    from launch import launch_config
 
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -74,7 +74,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
                                   "resume=none", f"checkpoint.async={'true' if mode == 'async' else 'false'}",
                                   f"data.dir={Path(tmp) / 'data'}"])
             make_plan(cfg, run_dir)
-            t = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+            t = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
             step_s = []
             for _ in range(2):
                 start = time.perf_counter()

@@ -9,21 +9,21 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from gpt.config import schema
-from gpt.config.schema import RunConfig
+from launch import launch_config
+from launch.launch_config import LaunchConfig
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"
 SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 
 
-def compose_config(overrides: list[str]) -> RunConfig:
+def compose_config(overrides: list[str]) -> LaunchConfig:
     """The config `python -m launch OVERRIDES` would run, reading the shared corpus when the repo has no copy."""
     text = REPO / "data" / "tinyshakespeare" / "input.txt"
     data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
-    schema.register()
+    launch_config.register()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return schema.run_config(compose("config", overrides=data + overrides))
+        return launch_config.parse(compose("config", overrides=data + overrides))
 
 
 def save_results(name: str, results: dict) -> Path:

@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
-from gpt.config import schema  # noqa: E402
+from launch import launch_config  # noqa: E402
 from gpt.parallel import plan_layout  # noqa: E402
 from gpt.parallel.memory_estimate import PARTS, estimate  # noqa: E402
 from gpt.train.build import model_config  # noqa: E402
@@ -51,7 +51,7 @@ def run_one(overrides: list[str], ranks: int, run_dir: Path, data_dir: Path) -> 
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if proc.returncode:
         return {"error": (proc.stderr or proc.stdout).strip().splitlines()[-1]}
-    run = schema.load(run_dir / "config.yaml")
+    run = launch_config.load(run_dir / "config.yaml")
     model = model_config(run.model, Path(run.data.dir))
     dims = plan_layout(run.strategy, run.parallel, model, ranks, ranks)
     micro, _ = run.train.micro_batches(dims.dp)

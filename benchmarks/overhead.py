@@ -18,7 +18,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compose_config, save_results  # noqa: E402
-from gpt.config import schema  # noqa: E402
+from launch import launch_config  # noqa: E402
 from gpt.dist.process_group import DistEnv  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.train.optim import build_adamw  # noqa: E402
@@ -40,7 +40,7 @@ def main() -> None:
     total = args.warmup + args.steps
     cfg = compose_config([f"train.max_steps={total}", "train.progress=false", *args.overrides])
     make_plan(cfg, run_dir)
-    cfg = schema.load(run_dir / "config.yaml")
+    cfg = launch_config.load(run_dir / "config.yaml")
     trainer = Trainer(cfg, DistEnv(), run_dir)
     t = trainer.train
 

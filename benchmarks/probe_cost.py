@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compose_config, save_results  # noqa: E402
-from gpt.config import schema  # noqa: E402
+from launch import launch_config  # noqa: E402
 from gpt.dist.process_group import DistEnv  # noqa: E402
 from gpt.train.compute_probe import ComputeProbe  # noqa: E402
 from gpt.train.step_timer import StepTimer  # noqa: E402
@@ -45,7 +45,7 @@ def main() -> None:
     cfg = compose_config(["model=tiny", "train.max_steps=100000", "train.progress=false", "train.eval_interval=0",
                           "train.device=cpu", *args.overrides])
     make_plan(cfg, run_dir)
-    trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+    trainer = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     t, reporter = trainer.train, trainer.reporter
     probe = ComputeProbe(trainer.model_cfg, trainer.micro_batch * trainer.model_cfg.block_size, trainer.device,
                          t.precision, reporter.rank_step_flops())

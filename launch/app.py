@@ -16,8 +16,7 @@ from hydra.types import RunMode
 from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
-from gpt.config import schema
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.data import absolute
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
@@ -33,7 +32,7 @@ from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-schema.register()  # configs/config.yaml composes onto it
+launch_config.register()  # configs/config.yaml composes onto it
 
 
 def plan_run(cfg: DictConfig) -> PlannedRun:
@@ -41,7 +40,7 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    run = run_config(cfg)
+    run = launch_config.parse(cfg)
     backend = backend_for(run.cluster.name, hydra_cfg)
     run, resources = backend.check(run)
     if run.launcher.detach and not backend.submits:

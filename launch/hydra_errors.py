@@ -16,7 +16,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from gpt.config.schema import valid_for
+from launch.launch_config import valid_for
 from gpt.errors import EXIT_USER, ConfigError, UserError
 
 FULL_ERROR = "HYDRA_FULL_ERROR"

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.run_folder import RunFolder
 
 WAIT_S = 120.0  # a step of a large model, and a snapshot of 100,000 allocator events
@@ -53,7 +53,7 @@ def request_snapshot(run_dir: Path, wait_s: float = WAIT_S, out=sys.stdout) -> i
     if not folder.config.is_file():
         print(f"error: {run_dir} is not a run folder (no config.yaml)", file=sys.stderr)
         return 2
-    if not schema.load(folder.config).profile.memory_snapshot:
+    if not launch_config.load(folder.config).profile.memory_snapshot:
         print(f"error: {run_dir} runs without profile.memory_snapshot=true, so its ranks keep no allocator history to "
               "snapshot; start or continue it with profile.memory_snapshot=true (its command with that setting)",
               file=sys.stderr)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import NOT_RUNS, AttemptLine, Next, RunFolder
@@ -156,7 +156,7 @@ def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]
 
 def _max_steps(run_dir: Path) -> int | None:
     try:
-        return schema.load(RunFolder(run_dir).config).train.max_steps
+        return launch_config.load(RunFolder(run_dir).config).train.max_steps
     except UserError:  # the listing goes on; the run's own commands say what is wrong with it
         return None
 

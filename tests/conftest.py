@@ -9,10 +9,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import pytest  # noqa: E402
 
-from gpt.config import schema  # noqa: E402
+from launch import launch_config
 from helpers import SHAKESPEARE  # noqa: E402
 
-schema.register()  # configs/config.yaml composes onto it, in every test that composes
+launch_config.register()  # configs/config.yaml composes onto it, in every test that composes
 TRAINING_WATCH = pytest.StashKey()
 
 
@@ -28,11 +28,11 @@ def data_overrides(tmp_path_factory) -> list[str]:
 def prepared_data(data_overrides) -> list[str]:
     """data_overrides, with the corpus already prepared there (whichever test asks first): for a test whose run
     must not print the preparation's progress."""
-    from gpt.config.schema import run_config
+    from launch import launch_config
     from gpt.data import ensure_prepared
     from helpers import compose
 
-    ensure_prepared(run_config(compose(*data_overrides)).data)
+    ensure_prepared(launch_config.parse(compose(*data_overrides)).data)
     return data_overrides
 
 

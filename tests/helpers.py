@@ -50,8 +50,8 @@ def compose(*overrides: str):
 
 def plan(run_dir: Path, *overrides: str) -> Path:
     """What `python -m launch OVERRIDES` plans into `run_dir` (its config.yaml, for a Trainer run in this process)."""
-    from gpt.config.schema import run_config
+    from launch import launch_config
     from launch.planning.plan import make_plan
 
-    make_plan(run_config(compose(*overrides)), run_dir)
+    make_plan(launch_config.parse(compose(*overrides)), run_dir)
     return run_dir

@@ -1,10 +1,13 @@
-"""The run's whole configuration as one typed tree, `RunConfig`, and the one place that builds it from what Hydra
+"""The run's configuration as one typed tree, `RunConfig`, and the one place that builds it from what Hydra
 composed. Parsed once on the login node (planning) and once in each rank (from RUN_DIR/config.yaml); every
 component then receives its own typed section.
 
-The tree is also the schema of configs/: `register()` stores it in Hydra's ConfigStore as `schema`, the first
-entry of configs/config.yaml's defaults list, so Hydra refuses an unknown key or a value of the wrong type while it
-composes. Defaults live in the dataclasses; the YAML files hold what a preset changes. Torch-free."""
+The launcher's tree (launch.launch_config.LaunchConfig) is this one with the sections only the launcher and its
+backends read (which scheduler runs the ranks, what a sweep may cost): gpt/ knows no scheduler. Every function here
+takes the tree's class (`root`); a RunConfig read from a launch's config leaves those sections out. The launcher's
+tree is the schema of configs/: `register(root)` stores it in Hydra's ConfigStore as `schema`, the first entry of
+configs/config.yaml's defaults list, so Hydra refuses an unknown key or a value of the wrong type while it composes.
+Defaults live in the dataclasses; the YAML files hold what a preset changes. Torch-free."""
 from __future__ import annotations
 
 import dataclasses
@@ -15,9 +18,8 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from gpt.config.cluster import BudgetConfig, ClusterConfig
 from gpt.config.data import DataConfig
 from gpt.config.divergence import DivergenceConfig
 from gpt.config.evaluation import EvalConfig
@@ -48,7 +50,6 @@ class RunConfig:
     data: DataConfig
     train: TrainConfig
     strategy: StrategyConfig
-    cluster: ClusterConfig
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     preemption: PreemptionConfig = field(default_factory=PreemptionConfig)
@@ -59,13 +60,12 @@ class RunConfig:
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks beside the validation loss
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)  # a non-finite or spiking loss
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # traces of chosen steps, memory snapshots
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
-    nodes: int = 1  # sweep it with -m nodes=1,2,4; the cluster section takes its node count from here
+    nodes: int = 1  # sweep it with -m nodes=1,2,4; the launcher's cluster section takes its node count from here
     # auto: continue from the newest usable checkpoint in the run folder (none there: start fresh); none: start
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
     # folder: its newest), only while this run has none
@@ -83,15 +83,17 @@ class RunConfig:
         check_run_name(self.run_name)
         one_line("name", self.name)  # the job's name
 
-    def with_cluster(self, **changes: Any) -> RunConfig:
-        """This run with cluster keys a backend resolved (srun's auto shape, Slurm's cpus_per_task), checked."""
-        cluster = dataclasses.replace(self.cluster, **changes)
-        cluster.validate()
-        return dataclasses.replace(self, cluster=cluster)
+    def keys_read(self) -> dict[str, tuple[str, ...]]:
+        """The sections that are the union of their presets' keys, and the keys the chosen preset reads."""
+        return {"strategy": traits_of(self.strategy.name).keys_read}
 
 
-def run_config(cfg: Any) -> RunConfig:
-    """The typed tree of a composed config (a DictConfig, or the plain dicts of a config.yaml), checked."""
+Root = TypeVar("Root", bound=RunConfig)
+
+
+def run_config(cfg: Any, root: type[Root] = RunConfig) -> Root:
+    """The typed tree of a composed config (a DictConfig, or the plain dicts of a config.yaml), checked. A
+    RunConfig leaves out the sections of a larger tree (the launcher's) that are not its own."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -103,10 +105,13 @@ def run_config(cfg: Any) -> RunConfig:
             for part in e.full_key.split("."):
                 raw = raw.get(part) if isinstance(raw, dict) else None
             raise ConfigError(e.full_key, raw, str(e).splitlines()[0]) from None
-    return section(RunConfig, "", cfg)
+    if root is RunConfig and isinstance(cfg, dict):
+        own = {key_of(f) for f in dataclasses.fields(RunConfig)}
+        cfg = {k: v for k, v in cfg.items() if k in own}
+    return section(root, "", cfg)
 
 
-def load(path: Path) -> RunConfig:
+def load(path: Path, root: type[Root] = RunConfig) -> Root:
     """A run folder's config.yaml (written by `save`): the one reader of it outside planning, for the ranks, their
     task wrappers, srun's launcher and the login-node commands. Read once per process while the file stays the same
     (an atomic rewrite by a later launch is read again); a file that cannot be read or parsed is one UserError."""
@@ -114,11 +119,11 @@ def load(path: Path) -> RunConfig:
         stat = Path(path).stat()
     except OSError as e:
         raise _unreadable(path, e.strerror or str(e)) from None
-    return _load(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size)
+    return _load(str(path), stat.st_ino, stat.st_mtime_ns, stat.st_size, root)
 
 
 @functools.lru_cache(maxsize=64)
-def _load(path: str, inode: int, mtime_ns: int, size: int) -> RunConfig:
+def _load(path: str, inode: int, mtime_ns: int, size: int, root: type[Root]) -> Root:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
     from yaml import YAMLError
@@ -130,7 +135,7 @@ def _load(path: str, inode: int, mtime_ns: int, size: int) -> RunConfig:
     except (YAMLError, OmegaConfBaseException) as e:
         raise _unreadable(path, f"not YAML: {str(e).splitlines()[0]}") from None
     try:
-        return run_config(OmegaConf.create(_moved_keys_in_place(OmegaConf.to_container(cfg))))
+        return run_config(OmegaConf.create(_moved_keys_in_place(OmegaConf.to_container(cfg))), root)
     except UserError as e:
         raise _unreadable(path, str(e)) from None
 
@@ -160,10 +165,10 @@ def _unreadable(path: Path | str, what: str) -> UserError:
 
 
 def config_plain(run: RunConfig) -> dict[str, Any]:
-    """The resolved, checked config as configs/ names its keys. The strategy and cluster sections hold only the
-    keys their preset reads."""
+    """The resolved, checked config as configs/ names its keys. The sections that are the union of their presets'
+    keys (strategy, the launcher's cluster) hold only the keys their preset reads."""
     plain = to_plain(run)
-    for key, read in (("strategy", traits_of(run.strategy.name).keys_read), ("cluster", run.cluster.keys_read)):
+    for key, read in run.keys_read().items():
         plain[key] = {k: v for k, v in plain[key].items() if k in read}
     return plain
 
@@ -185,10 +190,10 @@ def save(run: RunConfig, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def field_at(path: str) -> Any:
+def field_at(path: str, root: type[RunConfig] = RunConfig) -> Any:
     """The type of a dotted key of the tree ("train.lr": float; "train.betas[1]": the list's), None when the tree
     has no such key."""
-    tp = RunConfig
+    tp: Any = root
     for part in path.split("[")[0].split("."):
         if not dataclasses.is_dataclass(tp):
             return tp if typing.get_origin(tp) is dict or tp is Any else None
@@ -199,25 +204,25 @@ def field_at(path: str) -> Any:
     return tp
 
 
-def valid_for(path: str) -> str:
+def valid_for(path: str, root: type[RunConfig] = RunConfig) -> str:
     """What a key accepts, or which keys its section has when it has no such key: for messages about values that
     never reach the tree (Hydra refuses them while composing)."""
-    tp = field_at(path)
+    tp = field_at(path, root)
     if tp is not None and "[" in path:  # an element: train.betas[1]
         return describe(typing.get_args(tp)[0])
     if tp is not None:
         return describe(tp)
     holder = path.rpartition(".")[0]
-    tp = field_at(holder) if holder else RunConfig
+    tp = field_at(holder, root) if holder else root
     if dataclasses.is_dataclass(tp):
         return moved_to(tp, path.rpartition(".")[2]) or known_keys(tp, holder)
     return "a key of the config (python -m launch --cfg job lists them)"
 
 
-def hydra_schema() -> Any:
+def hydra_schema(root: type[RunConfig]) -> Any:
     """The tree as a typed OmegaConf node: typed values (an int key refuses 'abc'), closed sections (an unknown key is
     refused), open mappings where any key goes (strategy.config, a job's extra flags), defaults from the dataclasses."""
-    return _node(RunConfig, REQUIRED)
+    return _node(root, REQUIRED)
 
 
 def _node(tp: Any, default: Any) -> Any:
@@ -248,13 +253,13 @@ def _node(tp: Any, default: Any) -> Any:
     return nodes[tp](default, is_optional=optional) if tp in nodes else AnyNode(default)
 
 
-def register() -> None:
+def register(root: type[RunConfig]) -> None:
     """The schema in Hydra's ConfigStore, before Hydra composes configs/ (the app, and tests that compose), and one
     strategy=NAME option per registered strategy (gpt.parallel.traits): its name and what its preset sets."""
     from hydra.core.config_store import ConfigStore
 
     store = ConfigStore.instance()
-    store.store(name=SCHEMA, node=hydra_schema(), provider="gptlaunch")
+    store.store(name=SCHEMA, node=hydra_schema(root), provider="gptlaunch")
     for name, traits in REGISTRY.items():
         store.store(group="strategy", name=name, node={"strategy": {"name": name}, **traits.preset},
                     package="_global_", provider="gptlaunch")

@@ -49,7 +49,10 @@ log = logging.getLogger(__name__)
 
 
 class Trainer:
-    def __init__(self, run: RunConfig, env: DistEnv, run_dir: Path, attempt: int = 1):
+    def __init__(self, run: RunConfig, env: DistEnv, run_dir: Path, attempt: int = 1,
+                 warning_s: float | None = None):
+        """`warning_s`: how long before the time limit the scheduler signals the job (the launcher's
+        cluster.signal_delay_s), which the save policy checks a step and a save fit in."""
         self.env, self.run_dir = env, run_dir
         self.train = run.train
         self.device = pick_device(self.train.device, env)
@@ -86,7 +89,7 @@ class Trainer:
         self.failed_saves: list[int] = []  # steps whose interval save storage refused (checkpoint.on_save_error)
         self.eval_pending = False  # an evaluation a signal interrupted: the resumed run does it first
         self.spent = Spent()  # where this attempt's time goes (goodput)
-        self.policy = SavePolicy(self.ckpt, run_dir, self.spent, env.is_main, run.cluster.signal_delay_s)
+        self.policy = SavePolicy(self.ckpt, run_dir, self.spent, env.is_main, warning_s)
         self.load_checkpoint(run)
         # from step 0 too: an attempt killed before its first checkpoint left records this one trains again
         tracker = open_tracker(run.tracking, run_dir, run.run_name, to_plain(run)) if env.is_main else None

@@ -13,11 +13,13 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from gpt.config.schema import RunConfig
 from gpt.errors import ConfigError, UserError
 from launch.backends.job_state import JobStanding
+
+if TYPE_CHECKING:  # launch.launch_config imports this package's cluster_config
+    from launch.launch_config import LaunchConfig
 
 REGISTRY = {  # cluster.name -> "module:class"
     "local": "launch.backends.local:LocalBackend",
@@ -59,13 +61,13 @@ class Backend:
     name = "?"
     submits = False  # True: every point is a job of a scheduler, submitted from here
 
-    def check(self, run: RunConfig) -> tuple[RunConfig, Any]:
+    def check(self, run: LaunchConfig) -> tuple[LaunchConfig, Any]:
         """Validate what can be checked without running anything, against the real cluster if there is
         one. Returns the run's config (resolved where the backend fills values in) and the resources a submitted
         job asks for (None for backends that run here)."""
         return run, None
 
-    def device(self, run: RunConfig) -> str:
+    def device(self, run: LaunchConfig) -> str:
         """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs, as torch sees
         them; a machine without any is told from its device files, and its launcher never imports torch."""
         if not gpus_visible():
@@ -74,7 +76,7 @@ class Backend:
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def device_memory_gib(self, run: RunConfig, device: str) -> float | None:
+    def device_memory_gib(self, run: LaunchConfig, device: str) -> float | None:
         """GiB of memory one rank's device has, for the planner's fit check: a GPU's, or on a CPU its share of the
         node's memory; None when not known. Here: this machine's (the first GPU's). A job whose GPUs this process
         cannot open (sbatch's batch step on a node of a GPU job sees the allocation's GPUs, not always CUDA) knows

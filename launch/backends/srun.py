@@ -15,8 +15,8 @@ import sys
 import uuid
 from pathlib import Path
 
-from gpt.config import schema
-from gpt.config.schema import RunConfig
+from launch import launch_config
+from launch.launch_config import LaunchConfig
 from gpt.errors import EXIT_PREEMPTED, ConfigError, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.run_folder import RunFolder
@@ -36,7 +36,7 @@ from launch.rank.threads import ThreadPlan
 from launch.run.startup import STEP_TOKEN
 
 
-def resolve_allocation(run: RunConfig, environ: dict[str, str] | None = None) -> RunConfig:
+def resolve_allocation(run: LaunchConfig, environ: dict[str, str] | None = None) -> LaunchConfig:
     """cluster.nodes and cluster.tasks_per_node from the allocation (for `auto`), checked against it."""
     env = dict(os.environ if environ is None else environ)
     if "SLURM_JOB_ID" not in env:
@@ -85,7 +85,7 @@ def job_signal(job_id: str) -> tuple[str, int | None] | None:
     return name.upper(), int(seconds) if seconds else None
 
 
-def with_job_signal(run: RunConfig, job_id: str) -> RunConfig:
+def with_job_signal(run: LaunchConfig, job_id: str) -> LaunchConfig:
     """The ranks save on the warning the user's own sbatch script asks for, and allow for its lead."""
     found = job_signal(job_id)
     if found is None:
@@ -124,15 +124,15 @@ def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankSt
 
 def configured_step(config_file: Path) -> RankStep:
     """The run's srun flags, environment and container."""
-    return RankStep.from_cluster(schema.load(config_file).cluster)
+    return RankStep.from_cluster(launch_config.load(config_file).cluster)
 
 
 def step_spares(config_file: Path) -> int:
-    return schema.load(config_file).cluster.spare_nodes
+    return launch_config.load(config_file).cluster.spare_nodes
 
 
 def step_setup(config_file: Path) -> tuple[str, ...]:
-    return schema.load(config_file).cluster.setup_lines
+    return launch_config.load(config_file).cluster.setup_lines
 
 
 def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:

@@ -1,7 +1,7 @@
 """The budget guard: what a sweep may cost, shown before anything is submitted, and refused above
 budget.max_node_hours, so a typo in nodes= cannot burn a month of an allocation. A job that requeues itself may
 run up to preemption.max_restarts + 1 times: the limit applies to that worst case unless budget.applies_to=expected.
-The `budget` section itself is gpt.config.cluster.BudgetConfig."""
+The `budget` section itself is launch.backends.cluster_config.BudgetConfig."""
 from __future__ import annotations
 
 from dataclasses import dataclass

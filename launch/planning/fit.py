@@ -10,7 +10,7 @@ import logging
 import math
 
 from gpt.config.model import ModelConfig
-from gpt.config.schema import RunConfig
+from launch.launch_config import LaunchConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
 from gpt.parallel.layout import ParallelDims
@@ -25,21 +25,21 @@ log = logging.getLogger(__name__)
 USABLE = 0.9
 
 
-def device_memory_gib(run: RunConfig, device: str) -> float | None:
+def device_memory_gib(run: LaunchConfig, device: str) -> float | None:
     """cluster.gpu_memory_gb on GPUs when set, else what the backend knows (a GPU by its name, a node's memory)."""
     if device == "cuda" and run.cluster.gpu_memory_gb:
         return float(run.cluster.gpu_memory_gb)
     return get_backend(run.cluster.name).device_memory_gib(run, device)
 
 
-def fit(run: RunConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str) -> TrainConfig:
+def fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str) -> TrainConfig:
     """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit)."""
     train = fit_micro_batch(run, model, train, dims, device)
     check_fit(run, model, train, dims, device)
     return train
 
 
-def fit_micro_batch(run: RunConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str
+def fit_micro_batch(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str
                     ) -> TrainConfig:
     """train.micro_batch_size=auto: the largest divisor of the per-rank batch whose estimate fits USABLE of the
     device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are."""
@@ -66,7 +66,8 @@ def what_device(device: str) -> str:
     return "GPU" if device == "cuda" else "CPU rank's share of its node"
 
 
-def check_fit(run: RunConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str) -> MemoryParts:
+def check_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+              device: str) -> MemoryParts:
     """The estimate of one rank's memory; a ConfigError when it exceeds USABLE of the device's memory."""
     micro, _ = train.micro_batches(dims.dp)
     parts = estimate(model, train, run.strategy, dims, micro)
@@ -84,7 +85,8 @@ def check_fit(run: RunConfig, model: ModelConfig, train: TrainConfig, dims: Para
     return parts
 
 
-def would_fit(run: RunConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, usable: float) -> list[str]:
+def would_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+              usable: float) -> list[str]:
     """The changes that bring the estimate under `usable` bytes, each on its own."""
     out = []
     micro, _ = train.micro_batches(dims.dp)

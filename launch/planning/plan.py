@@ -10,7 +10,8 @@ from pathlib import Path
 from hydra.utils import to_absolute_path
 
 from gpt.config import schema
-from gpt.config.schema import RunConfig
+from launch import launch_config
+from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
 from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
 from gpt.errors import ConfigError, UserError
@@ -34,13 +35,13 @@ class Plan:
         return self.nodes * self.tasks_per_node
 
 
-def planned_device(run: RunConfig) -> str:
+def planned_device(run: LaunchConfig) -> str:
     """The device the ranks will compute on: train.device, or for `auto` what the backend says its ranks get (a
     submitted job has the GPUs it asks for, whatever this login node has)."""
     return run.train.device if run.train.device != "auto" else get_backend(run.cluster.name).device(run)
 
 
-def check_local_gpus(run: RunConfig, device: str, world_size: int) -> None:
+def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
     """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU")."""
     if run.cluster.name != "local" or device != "cuda":
         return
@@ -57,7 +58,7 @@ def check_local_gpus(run: RunConfig, device: str, world_size: int) -> None:
                           f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
 
 
-def make_plan(run: RunConfig, run_dir: Path, live_job: str | None = None) -> Plan:
+def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
     config, which this command must then equal."""
@@ -94,7 +95,7 @@ def make_plan(run: RunConfig, run_dir: Path, live_job: str | None = None) -> Pla
     return Plan(run_dir, nodes, per_node, prepare_job)
 
 
-def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
+def in_preparation_job(run: LaunchConfig, data: DataConfig) -> bool:
     """data.prepare_on=job with cluster=slurm, and the data not yet prepared the same way. Under srun (sbatch
     slurm/multi_node.sh) the launcher already runs inside the job: it prepares there, on the job's first node."""
     if data.prepare_on == "job" and run.cluster.name == "local":
@@ -103,11 +104,11 @@ def in_preparation_job(run: RunConfig, data: DataConfig) -> bool:
     return data.prepare_on == "job" and get_backend(run.cluster.name).submits and not is_prepared(data)
 
 
-def check_same_config(run: RunConfig, run_dir: Path, job_id: str) -> None:
+def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:
     """The job trains with the folder's config.yaml: this command may wait for it only if it asks for the same
     (the launcher section aside: waiting or detached is this command's own business)."""
     path = RunFolder(run_dir).config
-    saved = flat(schema.config_plain(schema.load(path))) if path.is_file() else {}
+    saved = flat(schema.config_plain(launch_config.load(path))) if path.is_file() else {}
     current = flat(schema.config_plain(run))
     keys = [k for k in sorted(set(saved) | set(current)) if not k.startswith("launcher.")]
     changed = [f"{k}: {saved.get(k, '<unset>')!r} in the folder, {current.get(k, '<unset>')!r} here"

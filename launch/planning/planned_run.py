@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from gpt.config.cluster import BudgetConfig
-from gpt.config.schema import RunConfig
+from launch.backends.cluster_config import BudgetConfig
+from launch.launch_config import LaunchConfig
 from launch.backends import Backend, Point
 from launch.planning.plan import Plan
 from launch.run.identity import Existing
@@ -14,7 +14,7 @@ from launch.run.identity import Existing
 class PlannedRun:
     """A validated, planned run: its resolved config is in plan.run_dir, nothing runs yet."""
 
-    run: RunConfig
+    run: LaunchConfig
     plan: Plan
     backend: Backend
     resources: object | None = None  # what a submitting backend's job asks for

@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.resilience.timing import ENDED_EXIT_S, ENDED_LOOK_S, KILL_WAIT_S
 
 
@@ -62,7 +62,7 @@ class RankWatch:
 def signalled_exit_s(config_file: Path) -> float:
     """A signalled rank's deadline: the run's longest watchdog budget (the step and the save the signal waits for),
     then an ended attempt's."""
-    return schema.load(config_file).watchdog.process_group_timeout() + ENDED_EXIT_S
+    return launch_config.load(config_file).watchdog.process_group_timeout() + ENDED_EXIT_S
 
 
 def reap(child: subprocess.Popen) -> int:

@@ -6,7 +6,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.errors import UserError
 from gpt.run_folder import Next, RunFolder
 from gpt.resilience.lease import read_beat
@@ -60,7 +60,7 @@ class RoundAgent:
 
     def __post_init__(self) -> None:
         try:
-            run = schema.load(RunFolder(self.run_dir).config)
+            run = launch_config.load(RunFolder(self.run_dir).config)
         except UserError:  # the task wrapper already said so (configured_signals): no rounds, no spares
             self.spare_nodes, self.suffix, self.in_job_restarts = 0, "", 0
             self.silent_s = ENDED_EXIT_S

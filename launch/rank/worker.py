@@ -16,8 +16,8 @@ import signal  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from gpt.config import schema  # noqa: E402
-from gpt.config.schema import RunConfig  # noqa: E402
+from launch import launch_config  # noqa: E402
+from launch.launch_config import LaunchConfig  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
 
 from gpt.dist.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
@@ -72,7 +72,7 @@ def setup_logging(run_dir: Path, env: DistEnv) -> None:
         root.addHandler(handler)
 
 
-def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
+def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
     """`run` is the run folder's config as install_flag read it (None: it could not, and reading it again here
     reports why)."""
     from gpt.train.trainer import Trainer  # after logging is set up, so import-time warnings carry the rank
@@ -83,7 +83,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
     env, job = detect(), job_environment()
     attempt.job = job
     setup_logging(run_dir, env)
-    run = run or schema.load(folder.config)
+    run = run or launch_config.load(folder.config)
     threads = apply_threads(env)
     device = pick_device(run.train.device, env)
     gpus = GpuPlan.of(env, os.environ)
@@ -104,7 +104,7 @@ def run_rank(attempt: Attempt, run: RunConfig | None) -> dict:
         leave()
         return {"preempted": "health", "requeued": True}
     clock.mark("health")
-    trainer = Trainer(run, env, run_dir, attempt.number)
+    trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s)
     if env.is_main:
         begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step, attempt.nodes)
         record_data(run_dir, run.data.dir, trainer.state.data_fingerprint)
@@ -276,11 +276,11 @@ def _from_rank0(value: bool) -> bool:
     return from_rank0(value)
 
 
-def install_flag(run_dir: Path) -> RunConfig | None:
+def install_flag(run_dir: Path) -> LaunchConfig | None:
     """The preemption handlers, before torch is imported: a signal during start-up sets the flag too. Returns the
     run's config, read here once for the whole rank (None when it cannot be: run_rank reports why)."""
     try:
-        run = schema.load(RunFolder(run_dir).config)
+        run = launch_config.load(RunFolder(run_dir).config)
     except Exception:
         PreemptionFlag()
         return None

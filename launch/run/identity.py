@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
-from gpt.config.schema import RunConfig
+from launch.launch_config import LaunchConfig
 from gpt.config.parse import to_plain
 from gpt.data import absolute, data_identity
 from gpt.data.inputs import corpus_files, corpus_record
@@ -43,7 +43,7 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity(run: RunConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what must not change, flattened; the corpus's size, mtime and md5)."""
     from hydra.utils import to_absolute_path  # the launcher's; a rank imports this module and needs no Hydra
 
@@ -70,7 +70,7 @@ class Existing:
         return f"finished at step {self.step}"
 
 
-def stopped_early(run_dir: Path, run: RunConfig) -> str | None:
+def stopped_early(run_dir: Path, run: LaunchConfig) -> str | None:
     """Why the run's last attempt stopped at a rung, while `run` still stops early (launcher.early_stop)."""
     why = AttemptLine.stopped_early_why(RunFolder(run_dir).attempts.read())
     return why if why and run.launcher.early_stop != "none" else None
@@ -156,7 +156,7 @@ class FolderCheck:
         write_record(run_dir, {**self.identity, **({"data": data} if data else {})})
 
 
-def check_run_folder(run: RunConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
+def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
                      ) -> FolderCheck:
     """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
     Raises UserError when a job of the run is queued or running, when another run holds the folder, when its run

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.resilience.heartbeat import Liveness, all_heartbeats, end_heartbeat
 from gpt.resilience.timing import ABORT_GRACE_S, SCHEDULER_GRACE_S
 from gpt.run_folder import RunFolder
@@ -67,7 +67,7 @@ def _mark(run_dir: Path, job: JobEnvironment, started: float) -> dict:
 
 
 def _max_restarts(run_dir: Path) -> int:
-    return schema.load(RunFolder(run_dir).config).preemption.max_restarts
+    return launch_config.load(RunFolder(run_dir).config).preemption.max_restarts
 
 
 ABORTED = "aborted: SIGABRT"

@@ -19,7 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 
@@ -111,7 +111,7 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
     """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks)."""
     if ROUND_VAR not in job.environ:
         return None, ""
-    run = schema.load(RunFolder(run_dir).config)
+    run = launch_config.load(RunFolder(run_dir).config)
     limit = run.preemption.in_job_restarts
     if job.round >= limit:
         return None, f"in-job restart limit reached ({job.round} of preemption.in_job_restarts={limit})"

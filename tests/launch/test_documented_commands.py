@@ -14,7 +14,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import ConfigCompositionException
 
 from gpt.config.data import DataConfig
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.errors import UserError
 from cuda_standin import StrictCuda
 from helpers import REPO, compose
@@ -99,7 +99,7 @@ def own_folder(data: DataConfig) -> DataConfig:
 
 def plan(program: str, shape: dict[str, int], args: list[str], run_dir) -> Plan:
     """Planned as the allocation would run it: nodes x tasks from sbatch, or the config's."""
-    run = run_config(compose(*(["cluster=srun"] if program == "sbatch" else []), *args))  # as multi_node.sh runs it
+    run = launch_config.parse(compose(*(["cluster=srun"] if program == "sbatch" else []), *args))  # as multi_node.sh runs it
     run = dataclasses.replace(run, data=own_folder(run.data))
     if program == "sbatch":  # multi_node.sh's defaults: --nodes=2 --ntasks-per-node=1; ranks on all but the spares
         run = run.with_cluster(nodes=shape.get("nodes", 2) - run.cluster.spare_nodes,

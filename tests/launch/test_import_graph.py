@@ -6,6 +6,7 @@ import ast
 import os
 import re
 import subprocess
+import typing
 import sys
 from pathlib import Path
 
@@ -76,8 +77,28 @@ def test_gpt_never_imports_launch():
     assert any(t.startswith("gpt.") for t in graph()["launch.rank.worker"])  # the scan sees cross-package imports
 
 
-# What code outside launch/backends/ may name there: the interface, and the neutral job states.
-BACKEND_INTERFACE = {"launch.backends", "launch.backends.job_state"}
+# What code outside launch/backends/ may name there: the interface, the neutral job states, and the cluster section
+# (the union of the backends' keys, each backend reading its own).
+BACKEND_INTERFACE = {"launch.backends", "launch.backends.job_state", "launch.backends.cluster_config"}
+
+
+def test_the_runs_own_config_holds_no_schedulers_section():
+    """gpt/ knows no scheduler, its config neither: what a job asks the scheduler for (`cluster`) and what a sweep
+    may cost (`budget`) are the launcher's tree (launch.launch_config), which is the run's with those sections."""
+    import dataclasses
+
+    from gpt.config.schema import RunConfig
+    from launch.backends.cluster_config import ClusterConfig
+    from launch.launch_config import LaunchConfig
+
+    own = {f.name for f in dataclasses.fields(RunConfig)}
+    assert not own & {"cluster", "budget"}, own
+    assert {f.name for f in dataclasses.fields(LaunchConfig)} == own | {"cluster", "budget"}
+    scheduler_keys = {"partition", "sbatch", "srun_args", "gres", "qos", "account"}
+    assert scheduler_keys <= {f.name for f in dataclasses.fields(ClusterConfig)}
+    nested = [tp for tp in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(tp)]
+    leaks = [(tp.__name__, f.name) for tp in nested for f in dataclasses.fields(tp) if f.name in scheduler_keys]
+    assert not leaks, leaks
 
 
 def test_nothing_outside_the_backends_imports_scheduler_code():
@@ -141,11 +162,12 @@ PLAN_WITHOUT_GPUS = """
 import dataclasses, sys
 from hydra import compose, initialize_config_dir
 from gpt.config import schema
+from launch import launch_config
 from gpt.errors import ConfigError
 from launch.planning.plan import check_local_gpus, planned_device
-schema.register()
+launch_config.register()
 with initialize_config_dir(sys.argv[1], version_base="1.3"):
-    run = schema.run_config(compose("config", overrides=["model=tiny"]))
+    run = launch_config.parse(compose("config", overrides=["model=tiny"]))
 device = planned_device(run)
 try:
     check_local_gpus(dataclasses.replace(run, train=dataclasses.replace(run.train, device="cuda")), "cuda", 1)

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from gpt.config import schema
-from gpt.config.schema import run_config
+from launch import launch_config
 from helpers import REPO, compose
 from launch import snapshot
 from launch.run_status import read_status, run_folders
@@ -83,7 +83,7 @@ def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
 def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path):
     run = tmp_path / "sweep" / "nodes=1"
     (run / "metrics").mkdir(parents=True)
-    schema.save(run_config(compose("train.max_steps=3")), run / "config.yaml")
+    schema.save(launch_config.parse(compose("train.max_steps=3")), run / "config.yaml")
     (run / "metrics" / "rank0.jsonl").write_text("".join(
         json.dumps({"kind": "train", "step": s, "tokens_per_s": 100.0, "step_time_s": 0.5}) + "\n" for s in range(3)))
     (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
@@ -106,7 +106,7 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
 def test_status_prints_one_line_per_in_job_restart(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)
-    schema.save(run_config(compose("train.max_steps=3")), run / "config.yaml")
+    schema.save(launch_config.parse(compose("train.max_steps=3")), run / "config.yaml")
     (run / "run.json").write_text("{}")
     restart = {"job_id": "7", "restart": 0, "ended": "hang", "last_step": 20, "in_job_restart": 1,
                "note": "restarting inside the allocation (in-job restart 1 of at most 3, n3 replaces n2)"}
@@ -132,17 +132,18 @@ def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
     is the command's own (waiting or detached)."""
     import pytest
 
-    from gpt.config.schema import run_config, save
+    from gpt.config.schema import save
+    from launch import launch_config
     from gpt.errors import UserError
     from helpers import compose
     from launch.planning.plan import check_same_config
 
-    run = run_config(compose("model=tiny", "train.lr=1e-3"))
+    run = launch_config.parse(compose("model=tiny", "train.lr=1e-3"))
     save(run, tmp_path / "config.yaml")
-    check_same_config(run_config(compose("model=tiny", "train.lr=1e-3", "launcher.detach=true")), tmp_path, "42")
+    check_same_config(launch_config.parse(compose("model=tiny", "train.lr=1e-3", "launcher.detach=true")), tmp_path, "42")
     with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*"
                        r"python -m launch\.cancel "):
-        check_same_config(run_config(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")
+        check_same_config(launch_config.parse(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")
 
 
 def test_the_verbs_see_the_job_a_run_recorded_from_inside_beside_its_submissions(tmp_path):

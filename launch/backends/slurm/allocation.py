@@ -1,11 +1,11 @@
 """A site profile inside an allocation (cluster=srun: slurm/multi_node.sh, salloc): sbatch or salloc has already
-asked Slurm for the job, so the profile's allocation keys (gpt.config.cluster.ALLOCATION) cannot change it. Those
-Slurm shows the job are compared with it, and a difference is one warning naming the flag that would have asked
-for it; the rest (time_min, mem, constraint, sbatch, requeue, signal, max_num_timeout) are the script's. Refusing
+asked Slurm for the job, so the profile's allocation keys (launch.backends.cluster_config.ALLOCATION) cannot change
+it. Those Slurm shows the job are compared with it, and a difference is one warning naming the flag that would have
+asked for it; the rest (time_min, mem, constraint, sbatch, requeue, signal, max_num_timeout) are the script's. Refusing
 them here would come too late: the job has already queued and started. Torch-free."""
 from __future__ import annotations
 
-from gpt.config.cluster import ClusterConfig
+from launch.backends.cluster_config import ClusterConfig
 from launch.backends.slurm.job import gpus_on_node
 
 # cluster key -> (the variable Slurm sets in the job, the sbatch flag that asks for it)

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
 from gpt.run_folder import RunFolder
@@ -31,13 +31,13 @@ from launch.run.identity import newest_step, stopped_early
 
 def finished(run_dir: Path) -> bool:
     """At train.max_steps, or stopped at a rung of the sweep's early stopping."""
-    step, run = newest_step(run_dir), schema.load(RunFolder(run_dir).config)
+    step, run = newest_step(run_dir), launch_config.load(RunFolder(run_dir).config)
     return step is not None and (step >= run.train.max_steps or stopped_early(run_dir, run) is not None)
 
 
 def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
     """The point's srun line and environment: its own tasks and CPUs, its site flags, its threads."""
-    run = schema.load(RunFolder(run_dir).config)
+    run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
     cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
@@ -95,7 +95,7 @@ class PackTask:
     def requeue(self, run_dir: Path) -> None:
         """Every running point has saved: the allocation runs again, for the points not finished."""
         job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
-        requeued, how = job.requeue(schema.load(RunFolder(run_dir).config).preemption.max_restarts)
+        requeued, how = job.requeue(launch_config.load(RunFolder(run_dir).config).preemption.max_restarts)
         print(f"packed job: {how}", file=sys.stderr, flush=True)
         if requeued:
             time.sleep(REQUEUE_WAIT_S)  # Slurm ends this attempt

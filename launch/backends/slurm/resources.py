@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gpt.config.cluster import ClusterConfig, node_gpus
-from gpt.config.schema import RunConfig
+from launch.backends.cluster_config import ClusterConfig, node_gpus
+from launch.launch_config import LaunchConfig
 from gpt.errors import ConfigError
 from launch.backends.slurm.step import RankStep, ignoring
 from launch.run.startup import ATTEMPT_START
@@ -106,7 +106,7 @@ class SlurmResources:
                 f"{where}")
 
     @classmethod
-    def from_run(cls, run: RunConfig) -> SlurmResources:
+    def from_run(cls, run: LaunchConfig) -> SlurmResources:
         """What run.cluster asks Slurm for (its values checked with the section), with the checks that need the
         other sections too: the device, the checkpoint interval."""
         c = run.cluster

@@ -13,7 +13,7 @@ import signal
 import sys
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import JobEnvironment, job_environment
 from launch.run.attempts import this_attempts_line
@@ -26,7 +26,7 @@ def after_failed_step(run_dir: Path, job: JobEnvironment) -> Outcome | None:
     preempted = job.preemption()
     if preempted is None or this_attempts_line(run_dir, job) is not None:
         return None
-    restarts = schema.load(RunFolder(run_dir).config).preemption.max_restarts
+    restarts = launch_config.load(RunFolder(run_dir).config).preemption.max_restarts
     outcome = recover(Ending(run_dir, job, Cause.PREEMPTED, preempted.said, restarts,
                              record={"preempted_by": preempted.said}))
     print(f"{preempted.said} while the tasks started, before any rank could save; {outcome.note}", file=sys.stderr,

@@ -9,7 +9,7 @@ import signal
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.config.cluster import ClusterConfig
+from launch.backends.cluster_config import ClusterConfig
 from gpt.errors import UserError
 
 CONTAINER_PYTHON = "python"  # the image's: the submitting host's interpreter path means nothing inside it

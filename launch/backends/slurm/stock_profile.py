@@ -34,14 +34,14 @@ def apply_profile(config: Any) -> None:
     """`config` (the sweep's, hydra node included) with its cluster keys written into hydra.launcher."""
     from omegaconf import OmegaConf, flag_override
 
-    from gpt.config.schema import run_config
+    from launch import launch_config
     from launch.backends.slurm.resources import SlurmResources
     from launch.backends.slurm.step import workdir
 
     if config.cluster.name != "slurm":
         raise ConfigError("cluster.name", config.cluster.name, "local, or slurm (a site profile's): "
                           "hydra/launcher=submitit_slurm submits the jobs itself")
-    run = run_config(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
+    run = launch_config.parse(OmegaConf.masked_copy(config, [k for k in config if k != "hydra"]))
     defaults = {"chain": 1, "spare_nodes": 0, "container.image": None}
     for key, what in OWN_LAUNCHER_ONLY.items():
         value = OmegaConf.select(config.cluster, key)

@@ -8,7 +8,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.config.cluster import BudgetConfig
+from launch.backends.cluster_config import BudgetConfig
 from gpt.errors import UserError, error_line
 from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point

@@ -23,7 +23,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.errors import EXIT_PREEMPTED, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
@@ -44,7 +44,7 @@ class RankFailed(RuntimeError):
 def standby_wanted(folder: RunFolder) -> bool:
     """preemption.standby_rank for this task's ranks: on GPUs when train.device is auto and Slurm gave this node
     GPUs."""
-    run = schema.load(folder.config)
+    run = launch_config.load(folder.config)
     device = run.train.device
     if device == "auto":
         device = "cuda" if gpus_on_node(dict(os.environ)) else "cpu"

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 from collections.abc import Callable
 
-from gpt.config import schema
+from launch import launch_config
 from gpt.errors import UserError
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import AttemptLine, Next, RunFolder
@@ -81,7 +81,7 @@ def timeout_line(run_dir: Path, job_id: str, step: int | None) -> str:
         return ("it was warned before its time limit, but the save and the requeue did not finish in time: raise "
                 "cluster.signal_delay_s (the warning's lead)")
     try:
-        run = schema.load(folder.config)
+        run = launch_config.load(folder.config)
     except UserError:
         return "it reached its time limit (cluster.time_min)"
     limit = f"it reached its time limit (cluster.time_min={run.cluster.time_min})"

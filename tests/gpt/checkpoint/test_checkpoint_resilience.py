@@ -24,7 +24,7 @@ from gpt.dist.process_group import DistEnv
 from gpt.errors import UserError
 from gpt.train.trainer import Trainer
 from gpt.config import schema
-from gpt.config.schema import run_config
+from launch import launch_config
 from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
@@ -38,7 +38,7 @@ def trainer(tmp_path_factory):
     def make(run_dir: Path, *overrides: str) -> Trainer:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(run_config(cfg), run_dir)
+        make_plan(launch_config.parse(cfg), run_dir)
         return Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
 
     return make

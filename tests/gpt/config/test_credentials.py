@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.errors import ConfigError
 from helpers import compose
 
@@ -20,11 +20,11 @@ from helpers import compose
 ])
 def test_a_credential_in_the_config_is_refused_without_showing_it(overrides, key):
     with pytest.raises(ConfigError) as e:
-        run_config(compose(*overrides))
+        launch_config.parse(compose(*overrides))
     assert e.value.key == key and "k3y" not in str(e.value) and "\n" not in str(e.value)
 
 
 def test_what_keeps_the_credential_out_of_the_files_is_taken():
-    run_config(compose("cluster=slurm", "+cluster.env.TOKENIZERS_PARALLELISM='false'", "+cluster.env.NCCL_IB_HCA=mlx5",
+    launch_config.parse(compose("cluster=slurm", "+cluster.env.TOKENIZERS_PARALLELISM='false'", "+cluster.env.NCCL_IB_HCA=mlx5",
                        "cluster.setup=['export WANDB_API_KEY=$(cat ~/.wandb-key)', 'export HF_TOKEN=\"$MY_TOKEN\"']",
                        "tracking.uri=https://mlflow.example.org:5000"))

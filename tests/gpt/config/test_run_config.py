@@ -1,5 +1,6 @@
-"""The config is one typed tree (gpt.config.schema.RunConfig), checked before anything runs: one line naming the
-key, the value and what is valid, whether Hydra refuses it while composing (the schema) or the tree's sections do."""
+"""The config is one typed tree (launch.launch_config.LaunchConfig: gpt.config.schema.RunConfig with the
+launcher's sections), checked before anything runs: one line naming the key, the value and what is valid, whether
+Hydra refuses it while composing (the schema) or the tree's sections do."""
 from __future__ import annotations
 
 import dataclasses
@@ -9,7 +10,9 @@ import typing
 import pytest
 from hydra.errors import ConfigCompositionException
 
-from gpt.config.schema import RunConfig, field_at, run_config, valid_for
+from gpt.config.schema import field_at
+from launch import launch_config
+from launch.launch_config import LaunchConfig, valid_for
 from gpt.config.parse import section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, StragglerConfig,
                                  WatchdogConfig)
@@ -57,13 +60,13 @@ BAD = {
                        "(cluster.chain is for cluster=slurm)",
 }
 # An unknown key in every section, as a user types it: Hydra refuses it against the schema.
-SECTIONS = [name for name, tp in typing.get_type_hints(RunConfig).items() if dataclasses.is_dataclass(tp)]
+SECTIONS = [name for name, tp in typing.get_type_hints(LaunchConfig).items() if dataclasses.is_dataclass(tp)]
 
 
 @pytest.mark.parametrize("override", BAD)
 def test_bad_values_name_key_value_and_valid(override):
     with pytest.raises(ConfigError) as e:
-        run_config(compose(override))
+        launch_config.parse(compose(override))
     assert BAD[override] in str(e.value)
 
 
@@ -73,7 +76,7 @@ def test_an_unknown_key_in_any_section_is_refused(name):
     with pytest.raises(ConfigCompositionException):  # Hydra, against the schema
         compose(f"{name}.foo=1")
     with pytest.raises(ConfigError, match=f"^{name}.foo=1 is not valid: known {name} keys are "):  # +key: the tree
-        run_config(compose(f"+{name}.foo=1"))
+        launch_config.parse(compose(f"+{name}.foo=1"))
 
 
 @pytest.mark.parametrize("override,valid", [("train.lr=abc", "a number"), ("checkpoint.keep=abc", "an integer"),
@@ -93,7 +96,7 @@ def test_the_tree_knows_every_key_and_its_type():
 
 
 def test_defaults_live_in_the_dataclasses():
-    run = run_config(compose())
+    run = launch_config.parse(compose())
     assert run.checkpoint == CheckpointConfig(500, None, 3, False)
     assert run.preemption == PreemptionConfig() and run.preemption.signals == ("SIGTERM", "SIGUSR2")
     assert run.debug == DebugConfig() and run.watchdog == WatchdogConfig() and run.health == HealthConfig()
@@ -103,12 +106,12 @@ def test_defaults_live_in_the_dataclasses():
 
 
 def test_keys_with_other_names_in_the_config():
-    run = run_config(compose("checkpoint.async=true", "metrics.straggler_threshold_pct=35", "preemption.signals=[TERM]"))
+    run = launch_config.parse(compose("checkpoint.async=true", "metrics.straggler_threshold_pct=35", "preemption.signals=[TERM]"))
     assert run.checkpoint.async_save and run.metrics.threshold_pct == 35
     assert run.preemption.signals == ("SIGTERM",)
     plain = to_plain(run)
     assert plain["checkpoint"]["async"] is True and plain["metrics"]["straggler_threshold_pct"] == 35
-    assert run_config(plain) == run  # what a run folder's config.yaml holds reads back as the same tree
+    assert launch_config.parse(plain) == run  # what a run folder's config.yaml holds reads back as the same tree
 
 
 def test_a_section_from_plain_values():
@@ -117,7 +120,7 @@ def test_a_section_from_plain_values():
     with pytest.raises(ConfigError, match="metrics.straggler_windows='5' is not valid: an integer"):
         section(StragglerConfig, "metrics", {"straggler_windows": "5"})
     with pytest.raises(ConfigError, match=r"train.betas=\[0.9, 'x'\] is not valid: a list of numbers"):
-        run_config({**to_plain(run_config(compose())), "train": {"betas": [0.9, "x"]}})
+        launch_config.parse({**to_plain(launch_config.parse(compose())), "train": {"betas": [0.9, "x"]}})
 
 
 def test_process_group_timeout_follows_the_watchdog():
@@ -139,7 +142,7 @@ def test_the_run_config_is_written_atomically_and_once(tmp_path):
     file or the new one, never a truncated one (a new file replaces it), and the same config is not written again."""
     from gpt.config import schema
 
-    path, run = tmp_path / "config.yaml", run_config(compose())
+    path, run = tmp_path / "config.yaml", launch_config.parse(compose())
     schema.save(run, path)
     first = path.stat().st_ino
     schema.save(run, path)
@@ -156,13 +159,15 @@ def test_a_run_folder_config_is_parsed_once_per_process_and_fails_in_one_line(tm
     from gpt.config import schema
     from gpt.errors import UserError
 
-    path, run = tmp_path / "config.yaml", run_config(compose())
+    path, run = tmp_path / "config.yaml", launch_config.parse(compose())
     schema.save(run, path)
     parsed = []
-    monkeypatch.setattr(schema, "run_config", lambda cfg: parsed.append(cfg) or run_config(cfg))
-    assert schema.load(path) is schema.load(path) and len(parsed) == 1
+    real = schema.run_config
+    monkeypatch.setattr(schema, "run_config", lambda cfg, root: parsed.append(cfg) or real(cfg, root))
+    assert launch_config.load(path) is launch_config.load(path) and len(parsed) == 1
     schema.save(dataclasses.replace(run, seed=run.seed + 1), path)
-    assert schema.load(path).seed == run.seed + 1 and len(parsed) == 2
+    assert launch_config.load(path).seed == run.seed + 1 and len(parsed) == 2
+    assert type(schema.load(path)) is schema.RunConfig and len(parsed) == 3  # gpt's own tree: no cluster section
     bad_value = re.sub(r"max_steps: \d+", "max_steps: many", path.read_text())
     for text, what in (("train: [unclosed", "not YAML"), (bad_value, "train.max_steps"), (None, "No such file")):
         if text is None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 
 from helpers import compose
 from gpt.config.model import ModelConfig
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.config.train import TrainConfig
 from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError, UserError
@@ -60,7 +60,7 @@ def test_auto_reports_what_sdpa_chose_here():
 
 
 def test_planning_refuses_what_the_device_says_cannot_run(tmp_path, data_overrides):
-    cfg = run_config(compose("model=tiny", "train.attention=cudnn", "train.device=cpu", *data_overrides))
+    cfg = launch_config.parse(compose("model=tiny", "train.attention=cudnn", "train.device=cpu", *data_overrides))
     with pytest.raises(ConfigError, match=r"^train.attention='cudnn' is not valid: auto, flash or math on a CPU run"):
         make_plan(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
@@ -80,7 +80,7 @@ def built(monkeypatch, *overrides: str):
         return model
 
     monkeypatch.setattr(torch, "compile", record)
-    cfg = run_config(compose("model=tiny", "train.device=cpu", "model.vocab_size=64", *overrides))
+    cfg = launch_config.parse(compose("model=tiny", "train.device=cpu", "model.vocab_size=64", *overrides))
     try:
         return build_strategy_and_model(cfg, cfg.model, DistEnv(), CPU), calls
     finally:
@@ -101,7 +101,7 @@ def test_fsdp_compiles_each_block_under_the_preset_and_refuses_the_whole_model(m
                                                                                data_overrides):
     strategy_built, calls = built(monkeypatch, "train=gpu", "strategy=fsdp", "train.compile_mode=reduce-overhead")
     assert calls == [{"fullgraph": True, "mode": "reduce-overhead"}] * 2  # tiny has two blocks
-    cfg = run_config(compose("model=tiny", "strategy=fsdp", "train.compile=true", "train.compile_scope=model",
+    cfg = launch_config.parse(compose("model=tiny", "strategy=fsdp", "train.compile=true", "train.compile_scope=model",
                              "train.device=cpu", *data_overrides))
     with pytest.raises(ConfigError, match=r"^train.compile_scope='model' is not valid: blocks or auto with "
                                           r"strategy=fsdp"):
@@ -117,7 +117,7 @@ def test_a_named_kernel_reaches_every_layer(monkeypatch):
 
 @pytest.mark.parametrize("strategy", ["single", "fsdp"])
 def test_the_gpu_preset_plans_on_any_strategy_that_compiles(strategy, tmp_path, data_overrides):
-    cfg = run_config(compose("train=gpu", "model=tiny", f"strategy={strategy}", "train.device=cpu", *data_overrides))
+    cfg = launch_config.parse(compose("train=gpu", "model=tiny", f"strategy={strategy}", "train.device=cpu", *data_overrides))
     train = cfg.train
     assert (train.precision, train.compile, train.compile_scope, train.attention) == ("bf16", True, "auto", "auto")
     assert train.log_interval == 50 and not train.layer_grad_norms

@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from gpt.config import schema  # noqa: E402
+from launch import launch_config  # noqa: E402
 from gpt.dist.process_group import init_process_group, leave, pick_device  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
 from launch.rank.environment import detect  # noqa: E402
@@ -29,9 +29,9 @@ from launch.rank.environment import detect  # noqa: E402
 def main() -> None:
     out, data_dir, overrides = Path(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])
     env = detect()
-    schema.register()
+    launch_config.register()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
-        cfg = schema.run_config(compose("config", overrides=[*overrides, f"data.dir={data_dir}"]))
+        cfg = launch_config.parse(compose("config", overrides=[*overrides, f"data.dir={data_dir}"]))
     device = pick_device(cfg.train.device, env)
     init_process_group(env, device)
     trainer = Trainer(cfg, env, out.parent / "run")

@@ -17,7 +17,7 @@ sys.path.insert(0, str(REPO))
 
 from hydra import compose, initialize_config_dir  # noqa: E402
 
-from gpt.config import schema  # noqa: E402
+from launch import launch_config  # noqa: E402
 from gpt.dist.process_group import init_process_group, leave, pick_device  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
@@ -51,20 +51,20 @@ def main() -> None:
     init_process_group(env, device)
     flag = PreemptionFlag()
     count_staged()
-    schema.register()
+    launch_config.register()
     with initialize_config_dir(config_dir=str(REPO / "configs"), version_base="1.3"):
         for name, overrides in cases.items():
             base = [*common, *overrides, f"data.dir={data_dir}", "train.device=cpu", "checkpoint.interval_steps=5"]
             STAGED.clear()
-            Trainer(schema.run_config(compose("config", overrides=base)), env, out / name / "full").fit()
+            Trainer(launch_config.parse(compose("config", overrides=base)), env, out / name / "full").fit()
             (out / name / f"staged_rank{env.rank}.json").write_text(json.dumps(STAGED))
-            stopped = schema.run_config(compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}",
+            stopped = launch_config.parse(compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}",
                                                                      "debug.signal_rank=1"]))
             summary = Trainer(stopped, env, out / name / "stopped").fit()
             assert summary.get("preempted") == "SIGUSR2", summary  # rank 1's signal, named on every rank
             assert summary["last_step"] == STOP_AT, summary
             flag.received = None
-            resumed = Trainer(schema.run_config(compose("config", overrides=base)), env, out / name / "stopped")
+            resumed = Trainer(launch_config.parse(compose("config", overrides=base)), env, out / name / "stopped")
             assert resumed.step == STOP_AT, resumed.step
             resumed.fit()
     leave()

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from helpers import compose, launch, losses
 from gpt.checkpoint.writer import load_model
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.dist.process_group import DistEnv
 from gpt.train.build import build_strategy_and_model
 from strategy_runs import COMMON, GQA, STEPS, TP, baseline_of, max_rel_diff, run, val_losses
@@ -47,7 +47,7 @@ def test_compiled_layout_trains_as_one_eager_process(name, tmp_path, tmp_path_fa
 def test_compile_wraps_each_block_in_place_and_leaves_the_loss_eager(strategy, tmp_path):
     """The wiring, in one process: each block's call is compiled (nothing compiles until it runs), the GPT
     itself and its head are not, and parameter names are the model's."""
-    cfg = run_config(compose("model=tiny", f"strategy={strategy}", "train.compile=true", "train.device=cpu",
+    cfg = launch_config.parse(compose("model=tiny", f"strategy={strategy}", "train.compile=true", "train.device=cpu",
                              "model.vocab_size=64"))
     built = build_strategy_and_model(cfg, cfg.model, DistEnv(), torch.device("cpu"))
     model = built.unwrapped

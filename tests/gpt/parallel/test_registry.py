@@ -9,8 +9,8 @@ import re
 import pytest
 from hydra.core.config_store import ConfigStore
 
-from gpt.config import schema
-from gpt.config.schema import config_plain, run_config
+from launch import launch_config
+from gpt.config.schema import config_plain
 from gpt.errors import ConfigError
 from gpt.parallel import plan_layout, strategy_class
 from gpt.parallel.base import Strategy
@@ -34,20 +34,20 @@ class ToyTraits(DDPTraits):
 def toy():
     """ToyTraits registered as a strategy would register itself, and gone again after the test."""
     register(ToyTraits)
-    schema.register()  # what the app does at start-up: the registry's options in Hydra's ConfigStore
+    launch_config.register()  # what the app does at start-up: the registry's options in Hydra's ConfigStore
     yield
     del REGISTRY["toy"]
     ConfigStore.instance().repo["strategy"].pop("toy.yaml")
 
 
 def test_a_registered_strategy_is_selectable_planned_built_and_listed(toy):
-    run = run_config(compose("model=tiny", "strategy=toy", "strategy.bucket_cap_mb=5", "cluster.tasks_per_node=2"))
+    run = launch_config.parse(compose("model=tiny", "strategy=toy", "strategy.bucket_cap_mb=5", "cluster.tasks_per_node=2"))
     assert run.strategy.name == "toy" and run.name == "tiny-toy"
     assert plan_layout(run.strategy, run.parallel, run.model, 2, 2, run.train) == ParallelDims(dp_replicate=2)
     assert strategy_class("toy") is Toy
     assert config_plain(run)["strategy"] == {"name": "toy", "bucket_cap_mb": 5.0}  # the keys it reads, written
     with pytest.raises(ConfigError, match=r"strategy.stage=3 is not valid: strategy=toy reads bucket_cap_mb, name"):
-        run_config(compose("model=tiny", "strategy=toy", "strategy.stage=3"))
+        launch_config.parse(compose("model=tiny", "strategy=toy", "strategy.stage=3"))
     with pytest.raises(ConfigError, match=r"one of .*pipeline, toy"):
         traits_of("nope")
 
@@ -56,7 +56,7 @@ def test_a_registered_strategy_is_selectable_planned_built_and_listed(toy):
 def test_the_registry_is_the_one_list_of_strategies():
     for name, traits in REGISTRY.items():
         assert issubclass(strategy_class(name), Strategy), name
-        assert run_config(compose("model=tiny", f"strategy={name}", "cluster.tasks_per_node=2")).strategy.name == name
+        assert launch_config.parse(compose("model=tiny", f"strategy={name}", "cluster.tasks_per_node=2")).strategy.name == name
         assert type(traits).__name__.endswith("Traits"), "a traits class is never named like its strategy class"
     assert not (REPO / "configs" / "strategy").exists()  # the registry stores the strategy=NAME options
     table = (REPO / "docs" / "strategies.md").read_text().split("## ")[0]

@@ -10,7 +10,7 @@ from hydra.errors import ConfigCompositionException
 
 from helpers import compose, launch
 from gpt.config.model import ModelConfig
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.config.parse import to_plain
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.errors import ConfigError
@@ -110,10 +110,10 @@ def test_a_moved_key_names_the_key_to_use(override):
     with pytest.raises(ConfigCompositionException) as composing:
         compose("model=tiny", "strategy=pipeline", override)
     assert str(user_error(composing.value, [override])) == MOVED[override]
-    written = {**to_plain(run_config(compose("model=tiny", "strategy=pipeline"))), "strategy": {
+    written = {**to_plain(launch_config.parse(compose("model=tiny", "strategy=pipeline"))), "strategy": {
         "name": "pipeline", key.split(".")[1]: yaml.safe_load(value)}}
     with pytest.raises(ConfigError, match=re.escape(MOVED[override])):
-        run_config(written)
+        launch_config.parse(written)
 
 
 def test_a_run_folder_saved_before_the_keys_moved_still_reads(tmp_path):
@@ -121,7 +121,7 @@ def test_a_run_folder_saved_before_the_keys_moved_still_reads(tmp_path):
     strategy.activation_checkpointing: it still loads (resume, report, status), with their values in their new keys."""
     from gpt.config import schema
 
-    old = to_plain(run_config(compose("model=tiny", "strategy=pipeline", "parallel.pp=1")))
+    old = to_plain(launch_config.parse(compose("model=tiny", "strategy=pipeline", "parallel.pp=1")))
     old["strategy"] = {"name": "pipeline", "pp": 4, "activation_checkpointing": True, "schedule": "1f1b"}
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     run = schema.load(tmp_path / "config.yaml")
@@ -135,7 +135,7 @@ def plan(overrides: list[str]) -> int:
 
 
 def layout(overrides: list[str]) -> ParallelDims:
-    run = run_config(compose("model=tiny", *overrides))
+    run = launch_config.parse(compose("model=tiny", *overrides))
     per_node = run.cluster.tasks_per_node
     dims = plan_layout(run.strategy, run.parallel, run.model, run.cluster.nodes * per_node, per_node, run.train)
     run.train.micro_batches(dims.dp)

@@ -6,13 +6,13 @@ import torch
 import torch.distributed as dist
 
 from helpers import compose
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.dist.process_group import DistEnv
 from gpt.train.build import build_strategy_and_model
 
 
 def test_one_broadcast_per_rank_after_a_step(monkeypatch):
-    cfg = run_config(compose("model=tiny", "strategy=zero1", "train.device=cpu", "model.vocab_size=64"))
+    cfg = launch_config.parse(compose("model=tiny", "strategy=zero1", "train.device=cpu", "model.vocab_size=64"))
     strategy = build_strategy_and_model(cfg, cfg.model, DistEnv(), torch.device("cpu"))
     try:
         sent = []

@@ -14,7 +14,7 @@ from helpers import REPO, SHAKESPEARE, launch, plan, read_metrics
 from gpt.checkpoint.store import AFTER_DIVERGENCE, list_checkpoints, read_meta, step_of
 from gpt.checkpoint.writer import load_model
 from gpt.config import schema
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.train import rollback as rollback_module
@@ -171,7 +171,7 @@ def test_bad_divergence_values_are_one_line(key, value):
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         cfg = compose("config", overrides=[f"divergence.{key}={value}"])
     with pytest.raises(ConfigError, match=rf"^divergence.{key}={value!r} is not valid: "):
-        run_config(cfg)
+        launch_config.parse(cfg)
 
 
 @pytest.mark.slow

@@ -120,7 +120,7 @@ def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_
 
     from helpers import REPO, SHAKESPEARE, read_metrics
     from gpt.config import schema
-    from gpt.config.schema import run_config
+    from launch import launch_config
     from gpt.train.trainer import Trainer
     from launch.planning.plan import make_plan
 
@@ -129,7 +129,7 @@ def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_
                  "train.progress=false", f"data.text_path={SHAKESPEARE}",
                  f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        make_plan(run_config(compose("config", overrides=overrides)), run_dir)
+        make_plan(launch_config.parse(compose("config", overrides=overrides)), run_dir)
     trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     record, spans = trainer.reporter.record, []
 

@@ -10,9 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from gpt.config import schema
-from gpt.config.cluster import ClusterConfig, ContainerConfig
-from gpt.config.schema import run_config
+from launch import launch_config
+from launch.backends.cluster_config import ClusterConfig, ContainerConfig
 from gpt.errors import ConfigError
 from helpers import REPO, compose
 from launch.backends.slurm.resources import SlurmResources
@@ -40,7 +39,7 @@ cluster:
 
 @pytest.fixture(autouse=True)
 def registered():
-    schema.register()
+    launch_config.register()
 
 
 @pytest.fixture
@@ -57,7 +56,7 @@ def launch_cfg(*args: str, env: dict | None = None) -> subprocess.CompletedProce
 
 
 def test_a_profile_from_the_site_folder_sets_the_job(site_dir):
-    run = run_config(compose("site=mysite", "model=tiny", "strategy=ddp"))
+    run = launch_config.parse(compose("site=mysite", "model=tiny", "strategy=ddp"))
     res = SlurmResources.from_run(run)
     assert (run.cluster.name, res.partition, res.account, res.reservation, res.gres) == (
         "slurm", "gpu", "proj42", "maint", "gpu:a100:4")
@@ -70,7 +69,7 @@ def test_a_profile_from_the_site_folder_sets_the_job(site_dir):
                                    'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"-ib',
                                    "module load cuda/12.4"]
     # a command-line override still wins over the profile
-    assert run_config(compose("site=mysite", "cluster.account=other")).cluster.account == "other"
+    assert launch_config.parse(compose("site=mysite", "cluster.account=other")).cluster.account == "other"
 
 
 def test_hydra_searchpath_finds_a_profile_too(site_dir):
@@ -109,7 +108,7 @@ REFUSED = {
 @pytest.mark.parametrize("overrides,message", REFUSED.values(), ids=REFUSED.keys())
 def test_bad_site_keys_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
-        SlurmResources.from_run(run_config(compose("cluster=slurm", *overrides)))
+        SlurmResources.from_run(launch_config.parse(compose("cluster=slurm", *overrides)))
     assert message in str(e.value)
 
 
@@ -126,13 +125,13 @@ def test_bad_step_keys_are_refused(key, value, message):
 
 
 def test_submitits_timeout_min_is_the_time_limit():
-    cluster = run_config(compose("cluster=slurm", "cluster.timeout_min=30")).cluster
+    cluster = launch_config.parse(compose("cluster=slurm", "cluster.timeout_min=30")).cluster
     assert (cluster.time_min, cluster.timeout_min) == (30, None)
-    assert SlurmResources.from_run(run_config(compose("cluster=slurm", "cluster.timeout_min=30"))).time_min == 30
+    assert SlurmResources.from_run(launch_config.parse(compose("cluster=slurm", "cluster.timeout_min=30"))).time_min == 30
 
 
 def test_sbatch_passes_gres_and_other_flags_slurm_takes():
-    run = run_config(compose("cluster=slurm", "+cluster.sbatch.gres=gpu:2", "+cluster.sbatch.gpu-bind=closest",
+    run = launch_config.parse(compose("cluster=slurm", "+cluster.sbatch.gres=gpu:2", "+cluster.sbatch.gpu-bind=closest",
                              "cluster.tasks_per_node=2",
                              "cluster.signal=USR1", "preemption.signals=[SIGUSR1,SIGTERM]", "cluster.signal_delay_s=90"))
     extra = SlurmResources.from_run(run).executor_parameters("j", Path("/w"), Path("/logs"))["additional_parameters"]
@@ -166,7 +165,7 @@ def test_the_ranks_save_on_the_signal_of_a_users_own_batch_script(monkeypatch):
     import launch.backends.srun as srun
 
     monkeypatch.setattr(srun, "job_signal", lambda job_id: ("USR1", 90))
-    run = with_job_signal(run_config(compose("cluster=srun")), "7")
+    run = with_job_signal(launch_config.parse(compose("cluster=srun")), "7")
     assert run.preemption.signals == ("SIGTERM", "SIGUSR2", "SIGUSR1") and run.cluster.signal_delay_s == 90
 
 
@@ -174,7 +173,7 @@ def test_the_ranks_save_on_the_signal_of_a_users_own_batch_script(monkeypatch):
 def test_gpus_asked_for_as_gres_count_as_the_nodes_gpus(gres, gpus):
     """A GPU site that takes only --gres: its ranks compute on GPUs (train.device=auto), each node's GPUs are checked
     against its tasks and the partition, and the budget counts them."""
-    run = run_config(compose("cluster=slurm", f"cluster.gres='{gres}'", f"cluster.tasks_per_node={max(gpus, 1)}"))
+    run = launch_config.parse(compose("cluster=slurm", f"cluster.gres='{gres}'", f"cluster.tasks_per_node={max(gpus, 1)}"))
     res = SlurmResources.from_run(run)
     assert (run.cluster.node_gpus, res.node_gpus, planned_device(run)) == (gpus, gpus, "cuda" if gpus else "cpu")
     assert res.gpu_hours == gpus
@@ -183,10 +182,10 @@ def test_gpus_asked_for_as_gres_count_as_the_nodes_gpus(gres, gpus):
 def test_gpus_per_task_and_gres_keep_one_rank_per_gpu():
     with pytest.raises(ConfigError, match=r"cluster.tasks_per_node=2 is not valid: equal to cluster.gres=gpu:4, "
                                           r"4 GPU\(s\) per node \(one rank per GPU\)"):
-        run_config(compose("cluster=slurm", "cluster.gres=gpu:4", "cluster.tasks_per_node=2"))
+        launch_config.parse(compose("cluster=slurm", "cluster.gres=gpu:4", "cluster.tasks_per_node=2"))
     with pytest.raises(ConfigError, match="cluster.tasks_per_node=2 is not valid: equal to cluster.gpus_per_task=2"):
-        run_config(compose("cluster=slurm", "cluster.gpus_per_task=2", "cluster.tasks_per_node=2"))
-    run = run_config(compose("cluster=slurm", "cluster.gpus_per_task=1", "cluster.tasks_per_node=4",
+        launch_config.parse(compose("cluster=slurm", "cluster.gpus_per_task=2", "cluster.tasks_per_node=2"))
+    run = launch_config.parse(compose("cluster=slurm", "cluster.gpus_per_task=1", "cluster.tasks_per_node=4",
                              "train.device=cuda"))
     assert SlurmResources.from_run(run).executor_parameters("j", Path("/w"), Path("/logs"))["gpus_per_task"] == 1
 
@@ -202,7 +201,7 @@ def test_an_example_profile_plans_inside_an_allocation(site, monkeypatch):
     from launch.backends.slurm.allocation import warning
 
     monkeypatch.setenv("GPTLAUNCH_SITE_DIR", str(REPO / "examples"))
-    run = run_config(compose("cluster=srun", f"site={site}", "model=tiny", "strategy=ddp"))
+    run = launch_config.parse(compose("cluster=srun", f"site={site}", "model=tiny", "strategy=ddp"))
     cluster = run.with_cluster(nodes=2, tasks_per_node=2).cluster
     gpus = {"SLURM_GPUS_ON_NODE": "2"} if site == "gpu_cluster" else {}
     said = warning(cluster, {**IN_JOB, **gpus})
@@ -215,7 +214,7 @@ def test_an_example_profile_plans_inside_an_allocation(site, monkeypatch):
         if site == "gpu_cluster" else warning(cluster, {**IN_JOB, "SLURM_JOB_ACCOUNT": "x"}).endswith(
             "cluster.account=my_project (this job's: x; sbatch --account=my_project)")
     with pytest.raises(ConfigError, match=r"cluster.chain=2 is not valid: cluster=srun reads"):
-        run_config(compose("cluster=srun", f"site={site}", "cluster.chain=2"))
+        launch_config.parse(compose("cluster=srun", f"site={site}", "cluster.chain=2"))
 
 
 def test_the_setup_lines_run_in_the_shell_that_becomes_srun():

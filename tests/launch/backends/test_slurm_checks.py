@@ -11,9 +11,10 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
-from gpt.config.cluster import BudgetConfig
+from launch.backends.cluster_config import BudgetConfig
 from gpt.config.names import check_run_name
-from gpt.config.schema import RunConfig, run_config
+from gpt.config.schema import RunConfig
+from launch import launch_config
 from gpt.config.parse import section
 from gpt.errors import ConfigError, UserError
 from launch.planning.budget import PointCost, check_budget, table
@@ -32,7 +33,7 @@ old|3|8|16000|(null)|infinite|down
 
 def slurm_cfg(*overrides: str) -> RunConfig:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return run_config(compose("config", overrides=["cluster=slurm", *overrides]))
+        return launch_config.parse(compose("config", overrides=["cluster=slurm", *overrides]))
 
 
 def resources(*overrides: str) -> SlurmResources:
@@ -226,7 +227,7 @@ def srun_on_path(monkeypatch):
 
 def srun_cfg(*overrides: str) -> RunConfig:
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        return run_config(compose("config", overrides=["cluster=srun", *overrides]))
+        return launch_config.parse(compose("config", overrides=["cluster=srun", *overrides]))
 
 
 def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):

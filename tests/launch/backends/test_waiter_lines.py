@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from launch import launch_config
 from gpt.run_folder import AttemptLine
 from launch.backends import Point
 from launch.backends.slurm.submit import Submitted
@@ -65,7 +66,7 @@ def test_a_timeout_names_what_the_run_folder_shows(tmp_path: Path):
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    save = lambda *o: schema.save(schema.run_config(compose("cluster=slurm", "cluster.time_min=5", *o)),  # noqa: E731
+    save = lambda *o: schema.save(launch_config.parse(compose("cluster=slurm", "cluster.time_min=5", *o)),  # noqa: E731
                                   run_dir / "config.yaml")
     save("checkpoint.interval_steps=5000")
     assert timeout_line(run_dir, "31", None) == (

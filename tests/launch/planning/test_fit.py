@@ -13,7 +13,8 @@ from gpt.parallel.layout import ParallelDims
 from gpt.parallel.memory_estimate import GIB, estimate
 from gpt.run_folder import RunFolder
 from helpers import SHAKESPEARE, compose
-from gpt.config.schema import load, run_config
+from gpt.config.schema import load
+from launch import launch_config
 from launch.planning.fit import USABLE, fit
 from launch.planning.plan import make_plan
 
@@ -24,7 +25,7 @@ GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "clust
 @pytest.mark.parametrize("memory,fits", [(4, False), (80, True)])
 @pytest.mark.slow
 def test_a_layout_that_does_not_fit_the_stated_memory_is_refused_before_anything(memory, fits, tmp_path):
-    run = run_config(compose(*GPU_JOB, f"cluster.gpu_memory_gb={memory}", f"data.dir={tmp_path / 'data'}"))
+    run = launch_config.parse(compose(*GPU_JOB, f"cluster.gpu_memory_gb={memory}", f"data.dir={tmp_path / 'data'}"))
     if fits:
         make_plan(run, tmp_path / "run")
         return
@@ -39,7 +40,7 @@ def test_a_layout_that_does_not_fit_the_stated_memory_is_refused_before_anything
 def auto_job(tmp_path, memory: int, batch: int = 12):
     """A GPU job of `batch` sequences on one rank with train.micro_batch_size=auto; the data is prepared in its job
     (not here: planning stays quick)."""
-    return run_config(compose(*GPU_JOB, f"train.global_batch_size={batch}", "train.micro_batch_size=auto",
+    return launch_config.parse(compose(*GPU_JOB, f"train.global_batch_size={batch}", "train.micro_batch_size=auto",
                               f"cluster.gpu_memory_gb={memory}", "data.prepare_on=job", f"data.dir={tmp_path / 'data'}"))
 
 
@@ -83,7 +84,7 @@ def test_a_job_whose_gpus_this_process_cannot_open_is_planned_without_a_fit_chec
 
     monkeypatch.setenv("SLURM_GPUS_ON_NODE", "2")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    run = run_config(compose("cluster=srun"))
+    run = launch_config.parse(compose("cluster=srun"))
     backend = get_backend("srun")
     assert backend.device(run) == "cuda"
     assert backend.device_memory_gib(run, "cuda") is None
@@ -96,7 +97,7 @@ def test_a_job_whose_gpus_this_process_cannot_open_is_planned_without_a_fit_chec
     (["cluster.gpus_per_node=0", "cluster.gres=gpu:a100_80gb:1"], 80, True),  # a size in the name is read
 ])
 def test_a_gpu_named_by_the_job_is_checked_against_that_gpus_memory(asks, memory, fits, tmp_path):
-    run = run_config(compose(*GPU_JOB, "train.global_batch_size=24", *asks, "data.prepare_on=job",
+    run = launch_config.parse(compose(*GPU_JOB, "train.global_batch_size=24", *asks, "data.prepare_on=job",
                              f"data.dir={tmp_path / 'data'}"))
     assert not run.cluster.gpu_memory_gb  # known from the name alone
     if fits:
@@ -118,7 +119,7 @@ def test_a_cpu_rank_is_checked_against_its_share_of_the_nodes_memory(cluster, no
 
     monkeypatch.setattr(psutil, "virtual_memory", lambda: SimpleNamespace(total=node_gib * GIB))
     asks = [f"cluster.mem={node_gib}G", "data.prepare_on=job"] if cluster == "slurm" else []
-    run = run_config(compose(*CPU_JOB, f"cluster={cluster}", *asks, f"data.dir={tmp_path / 'data'}"))
+    run = launch_config.parse(compose(*CPU_JOB, f"cluster={cluster}", *asks, f"data.dir={tmp_path / 'data'}"))
     if fits:
         make_plan(run, tmp_path / "run")
         return

@@ -9,7 +9,7 @@ import torch
 from cuda_standin import StrictCuda
 from hydra import compose, initialize_config_dir
 
-from gpt.config.schema import run_config
+from launch import launch_config
 from helpers import REPO, SHAKESPEARE
 from gpt.dist.process_group import DistEnv, pick_device
 from gpt.errors import ConfigError, UserError
@@ -26,7 +26,7 @@ def plan(tmp_path_factory):
 
     def make(*overrides: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            run = run_config(compose("config", overrides=[*TINY, f"data.dir={data}", *overrides]))
+            run = launch_config.parse(compose("config", overrides=[*TINY, f"data.dir={data}", *overrides]))
         return run, make_plan(run, tmp_path_factory.mktemp("run"))
 
     return make

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from helpers import compose
 from launch.backends.slurm import commands
 from launch.rank import lost_node
@@ -19,7 +20,7 @@ DOWN = "n2 down (set down by a test)"
 
 
 def attempt_on(run_dir: Path, nodes: list[str], *overrides: str) -> Attempt:
-    schema.save(schema.run_config(compose("cluster=srun", *overrides)), run_dir / "config.yaml")
+    schema.save(launch_config.parse(compose("cluster=srun", *overrides)), run_dir / "config.yaml")
     return Attempt(run_dir, job=job_environment(), lease=object(), nodes=nodes)
 
 

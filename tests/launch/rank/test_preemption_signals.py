@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR
@@ -38,7 +39,7 @@ def own_handlers():
 
 @pytest.fixture
 def run_dir(tmp_path: Path) -> Path:
-    schema.save(schema.run_config(compose("preemption.signals=[SIGTERM,SIGUSR1]")), tmp_path / "config.yaml")
+    schema.save(launch_config.parse(compose("preemption.signals=[SIGTERM,SIGUSR1]")), tmp_path / "config.yaml")
     return tmp_path
 
 

@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from launch import launch_config
 from launch.rank.rank_watch import RankWatch
 from launch.rank.signal_relay import SignalRelay
 
@@ -93,7 +94,7 @@ def test_the_task_wrapper_kills_its_rank_once_another_rank_ended_the_attempt(tmp
         monkeypatch.setenv(name, value)
     monkeypatch.setattr(rank_watch, "ENDED_EXIT_S", 1.0)
     monkeypatch.setattr(rank_watch, "ENDED_LOOK_S", 0.1)
-    schema.save(schema.run_config(compose("preemption.in_job_restarts=0")), tmp_path / "config.yaml")
+    schema.save(launch_config.parse(compose("preemption.in_job_restarts=0")), tmp_path / "config.yaml")
     (tmp_path / "attempts.jsonl").write_text('{"job_id": "42", "restart": 0, "ended": "hang", "requeued": false}\n')
     monkeypatch.setattr(standby.Standby, "take", lambda self, place: rank(STUCK))
     try:

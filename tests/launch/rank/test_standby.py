@@ -11,6 +11,7 @@ import time
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from gpt.resilience.lease import Lease
 from gpt.resilience.timing import ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from gpt.run_folder import RunFolder
@@ -43,7 +44,7 @@ def test_a_standby_starts_once_the_rounds_rank_is_up_asking_once_a_second(tmp_pa
 
 
 def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(tmp_path):
-    schema.save(schema.run_config(compose("preemption.in_job_restarts=1")), RunFolder(tmp_path).config)
+    schema.save(launch_config.parse(compose("preemption.in_job_restarts=1")), RunFolder(tmp_path).config)
     agent = RoundAgent(tmp_path, JobEnvironment({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}), "h")
     assert not agent.next_asked(0)
     agent.rounds.path(1).parent.mkdir(parents=True, exist_ok=True)
@@ -56,7 +57,7 @@ def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(t
 def test_without_in_job_restarts_a_task_never_looks_for_a_next_round(tmp_path, monkeypatch):
     """No round follows (launch.run.rounds.in_job_restart): the wrapper's once-a-second look would be a metadata
     operation per task per second on the shared file system, for nothing."""
-    schema.save(schema.run_config(compose("preemption.in_job_restarts=0")), RunFolder(tmp_path).config)
+    schema.save(launch_config.parse(compose("preemption.in_job_restarts=0")), RunFolder(tmp_path).config)
     agent = RoundAgent(tmp_path, JobEnvironment({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}), "h")
     looked = []
     monkeypatch.setattr(Rounds, "path", lambda self, k: looked.append(k))  # any lookup would fail here
@@ -101,7 +102,7 @@ def test_a_disabled_standby_starts_nothing_and_a_round_still_gets_its_rank(tmp_p
 
 def spare(run_dir, *overrides: str) -> RoundAgent:
     """Task 1 of job 7 on host b, a spare node (cluster.spare_nodes=1) while round 0 runs on host a."""
-    schema.save(schema.run_config(compose("cluster=srun", "cluster.spare_nodes=1", *overrides)),
+    schema.save(launch_config.parse(compose("cluster=srun", "cluster.spare_nodes=1", *overrides)),
                 RunFolder(run_dir).config)
     env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0", "SLURM_JOB_NODELIST": "a,b", ROUND_VAR: "0"}
     return RoundAgent(run_dir, job_environment(env), "b")
@@ -110,7 +111,7 @@ def spare(run_dir, *overrides: str) -> RoundAgent:
 def test_a_spares_deadline_is_the_runs_longest_watchdog_budget_then_a_fired_ranks_exit(tmp_path):
     agent = spare(tmp_path, "watchdog.save_first_s=1800")
     assert agent.silent_s == 1800 + 60 + ROUND_SILENT_S
-    assert spare(tmp_path).silent_s == schema.run_config(compose()).watchdog.process_group_timeout() + ROUND_SILENT_S
+    assert spare(tmp_path).silent_s == launch_config.parse(compose()).watchdog.process_group_timeout() + ROUND_SILENT_S
     assert ROUND_SILENT_S < ENDED_EXIT_S  # the requeued rank's wait for Slurm comes after its line
 
 

@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 import launch.run.identity as identity_module
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.data import read_meta
 from gpt.data.prepare import prepare
 from gpt.errors import UserError
@@ -22,7 +22,7 @@ def test_a_folder_of_inputs_identifies_the_run(tmp_path):
     folder.mkdir()
     for i in range(3):
         (folder / f"doc_{i}.txt").write_text(f"document {i}\n")
-    run = run_config(compose("model=tiny", f"data.text_path={folder}", f"data.dir={tmp_path / 'prepared'}"))
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={folder}", f"data.dir={tmp_path / 'prepared'}"))
     values, corpus = identity(run)
     assert corpus["size"] == sum(f.stat().st_size for f in folder.iterdir())
     assert identity(run, corpus) == (values, corpus)  # unchanged: the same record
@@ -37,7 +37,7 @@ def test_run_json_records_the_prepared_data_and_a_run_continues_only_on_it(tmp_p
     checkpoint: the command is refused before anything runs, in one line naming both fingerprints. A run.json
     from before the record continues, and gets it."""
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    run = run_config(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
     prepare(SHAKESPEARE, data)
     fingerprint = read_meta(data)["fingerprint"]
     check_run_folder(run, run_dir, JobEnvironment({})).record(run_dir)
@@ -65,7 +65,7 @@ def test_data_prepared_again_by_the_planning_itself_is_refused_before_the_record
     """The data folder deleted under a run with a checkpoint: the check finds nothing prepared, planning prepares it
     from other settings, and the record refuses it rather than write the new fingerprint over the run's."""
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    run = run_config(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
     prepare(SHAKESPEARE, data)
     check_run_folder(run, run_dir, JobEnvironment({})).record(run_dir)
     before = (run_dir / "run.json").read_text()

@@ -288,12 +288,12 @@ def test_a_rank_of_a_displaced_attempt_stops_at_its_next_heartbeat(tmp_path):
 def test_run_json_is_written_under_a_name_no_other_host_uses(tmp_path, data_overrides):
     """Tasks on several hosts write run.json at once, and in pid-namespaced containers their pids collide: another
     host's temporary file with this process's pid is left alone."""
-    from gpt.config.schema import run_config
+    from launch import launch_config
     from helpers import compose
     from launch.rank.job_env import JobEnvironment
     from launch.run.identity import check_run_folder
 
-    run = run_config(compose("model=tiny", *data_overrides))
+    run = launch_config.parse(compose("model=tiny", *data_overrides))
     other = tmp_path / f".run.json.{os.getpid()}"  # another host's task with the same pid, mid-write
     other.write_text("another host's")
     check_run_folder(run, tmp_path, JobEnvironment({})).record(tmp_path)

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from helpers import compose
 from launch.run import lost_rank
 
@@ -17,7 +18,7 @@ from launch.run import lost_rank
 def run_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
-    schema.save(schema.run_config(compose("preemption.max_restarts=5")), tmp_path / "config.yaml")
+    schema.save(launch_config.parse(compose("preemption.max_restarts=5")), tmp_path / "config.yaml")
     (tmp_path / "watchdog").mkdir()
     (tmp_path / "watchdog" / "rank1.json").write_text(json.dumps({"rank": 1, "attempt": 1, "time": 0.0}))
     return tmp_path

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from gpt.run_folder import Next, RunFolder
 from helpers import compose
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
@@ -134,7 +135,7 @@ def test_one_process_decides_an_attempt_another_reads_its_outcome(tmp_path):
 
 
 def test_a_spare_takes_the_named_hosts_place_inside_the_allocation(tmp_path):
-    schema.save(schema.run_config(compose("cluster=srun", "cluster.spare_nodes=1")), tmp_path / "config.yaml")
+    schema.save(launch_config.parse(compose("cluster=srun", "cluster.spare_nodes=1")), tmp_path / "config.yaml")
     job = Scheduler(environ={ROUND_VAR: "0"})
     got = recover(end(tmp_path, job, Cause.HANG, ("n2",)))
     assert got.next is Next.RESTART and job.asked == [] and got.restart.replaced == {"n2": "n3"}

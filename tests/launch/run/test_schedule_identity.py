@@ -7,7 +7,7 @@ import json
 import pytest
 
 import launch.run.identity as identity_module
-from gpt.config.schema import run_config
+from launch import launch_config
 from gpt.errors import UserError
 from helpers import SHAKESPEARE, compose
 from launch.rank.job_env import JobEnvironment
@@ -15,7 +15,7 @@ from launch.run.identity import check_run_folder
 
 
 def planned(tmp_path, *overrides: str):
-    return run_config(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}",
+    return launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}",
                               "train.warmup_steps=2", *overrides))
 
 

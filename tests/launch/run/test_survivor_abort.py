@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gpt.config import schema
+from launch import launch_config
 from helpers import compose, launch
 from launch.backends import local
 from launch.backends.slurm import commands, task
@@ -28,7 +29,7 @@ def run_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 1.0)
     monkeypatch.setenv("GPTLAUNCH_ROUND", "0")  # the task sets it for its rank: restored after the test
     # the requeue (tests/launch/test_in_job_restart_local.py and tests/slurm/test_in_job_restart.py restart in the job)
-    schema.save(schema.run_config(compose("preemption.max_restarts=5", "preemption.in_job_restarts=0")),
+    schema.save(launch_config.parse(compose("preemption.max_restarts=5", "preemption.in_job_restarts=0")),
                 tmp_path / "config.yaml")
     (tmp_path / "watchdog").mkdir()
     (tmp_path / "attempt.json").write_text(json.dumps({"job_id": "42", "restart": 0, "started": 1.0,
@@ -147,7 +148,7 @@ def test_the_next_round_runs_on_a_spare_in_place_of_the_lost_host(run_dir, asked
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-4]")
     monkeypatch.setattr(commands, "hostnames", {"n[1-4]": ["n1", "n2", "n3", "n4"]}.get)
     monkeypatch.setattr(commands, "dropped_nodes", lambda job, nodelist: [])
-    schema.save(schema.run_config(compose("cluster=srun", "cluster.spare_nodes=1", "preemption.max_restarts=5")),
+    schema.save(launch_config.parse(compose("cluster=srun", "cluster.spare_nodes=1", "preemption.max_restarts=5")),
                 run_dir / "config.yaml")
     beat(run_dir, 1, time=time.time() - 60)
     went_on = task.RankTask(str(run_dir)).aborted(0, "n1", time.time(), next_round=lambda: False)
