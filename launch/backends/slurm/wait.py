@@ -182,8 +182,21 @@ def _unreported(s: Submitted, missing: list[int]) -> str:
     if not s.paths(0).stderr.exists():
         return f"it never started (no job log): it was cancelled or failed while pending{why}"
     tail = _tail(s.paths(0).stderr)
-    return (f"the job ended before {_tasks(missing, s.num_tasks)} reported{why}"
-            + ("; its error output ends:\n    " + "\n    ".join(tail) if tail else ""))
+    said = f"the job ended before {_tasks(missing, s.num_tasks)} reported{why}"
+    if (line := _preempted_at_start(s, info)) is not None:  # the batch step recorded it (start_preempted)
+        said = f"{line.ended}, while its tasks started: {said}; {line.note}"
+    return said + ("; its error output ends:\n    " + "\n    ".join(tail) if tail else "")
+
+
+def _preempted_at_start(s: Submitted, info: JobInfo | None) -> AttemptLine | None:
+    """The line of a preemption that came before any rank reported, which the batch step wrote
+    (launch.backends.slurm.start_preempted), if any."""
+    restart = (info.get("Restarts") if info else None) or "0"
+    try:
+        line = RunFolder(s.point.run_dir).attempts.line_of(s.job_id, int(restart) if restart.isdigit() else 0)
+    except OSError:
+        return None
+    return line if line is not None and "preempted_by" in line.extra else None
 
 
 def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,

@@ -59,6 +59,34 @@ def test_a_job_cancelled_while_pending_names_no_log_it_never_wrote(tmp_path: Pat
     assert said[1].startswith("  the job ended before any rank reported") and said[-1].startswith("  job log: ")
 
 
+def test_a_preemption_that_came_while_the_tasks_started_leads_the_jobs_line(tmp_path: Path, monkeypatch):
+    """PreemptMode=CANCEL before any rank reported: the batch step recorded the attempt
+    (launch.backends.slurm.start_preempted), and the waiter's line leads with it and says how to go on."""
+    from gpt.run_folder import RunFolder
+    from launch.backends.slurm import commands
+    from launch.backends.slurm.wait import collect
+
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(
+        job, "FAILED", "NonZeroExitCode", (("ExitCode", "1:0"), ("Reason", "NonZeroExitCode"), ("Restarts", "0"))))
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    by = "preempted by another job (Slurm, at 2026-11-26T16:50:36; partition lowcancel, PreemptMode=CANCEL)"
+    note = "not requeued: Slurm's preemption cancels job 23; the same command continues the run from the start"
+    resources = SimpleNamespace(allocated_nodes=2, tasks_per_node=1)
+    job = Submitted(Point(label="nodes=2", run_dir=run_dir, job_name="gptlaunch", resources=resources), "23", tmp_path)
+    job.paths(0).stderr.parent.mkdir(parents=True, exist_ok=True)
+    job.paths(0).stderr.write_text("srun: error: gl-n2: task 1: Terminated\n")
+    plain = collect(job, "FAILED").message().splitlines()[1]
+    assert plain.startswith("  the job ended before any rank reported (ExitCode=1:0"), plain  # no line: as before
+    RunFolder(run_dir).attempts.append("22", 0, {"ended": by, "preempted_by": by, "requeued": False, "note": note})
+    RunFolder(run_dir).attempts.append("23", 0, {"ended": "hang", "requeued": False, "note": "a rank hung"})
+    assert collect(job, "FAILED").message().splitlines()[1] == plain  # another job's line, or no preemption's
+    RunFolder(run_dir).attempts.append("23", 0, {"ended": by, "preempted_by": by, "requeued": False, "note": note})
+    assert collect(job, "FAILED").message().splitlines()[1:3] == [
+        f"  {by}, while its tasks started: the job ended before any rank reported (ExitCode=1:0, "
+        f"Reason=NonZeroExitCode); {note}; its error output ends:", "    srun: error: gl-n2: task 1: Terminated"]
+
+
 def test_a_timeout_names_what_the_run_folder_shows(tmp_path: Path):
     from gpt.config import schema
     from helpers import compose
