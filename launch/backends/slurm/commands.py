@@ -161,6 +161,12 @@ class JobInfo:
         return dict(self.fields).get(key, default)
 
     @property
+    def restarts(self) -> int:
+        """How often Slurm has requeued the job (scontrol's Restarts; 0 when it does not say)."""
+        value = self.get("Restarts") or ""
+        return int(value) if value.isdigit() else 0
+
+    @property
     def stuck_hint(self) -> str | None:
         """How to unstick a pending job that will not start by itself, or None."""
         hint = STUCK.get(self.reason)

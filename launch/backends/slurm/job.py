@@ -184,7 +184,7 @@ class SlurmJob(JobEnvironment):
         """Why the job already runs again, or None: Slurm counts a restart as soon as it requeues a job."""
         if info is None:
             return None
-        restarts = _int(info.get("Restarts"))
+        restarts = info.restarts
         if restarts <= self.restart and info.state not in commands.REQUEUED:
             return None
         lost = self.lost_nodes()

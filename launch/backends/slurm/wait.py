@@ -191,9 +191,8 @@ def _unreported(s: Submitted, missing: list[int]) -> str:
 def _preempted_at_start(s: Submitted, info: JobInfo | None) -> AttemptLine | None:
     """The line of a preemption that came before any rank reported, which the batch step wrote
     (launch.backends.slurm.start_preempted), if any."""
-    restart = (info.get("Restarts") if info else None) or "0"
     try:
-        line = RunFolder(s.point.run_dir).attempts.line_of(s.job_id, int(restart) if restart.isdigit() else 0)
+        line = RunFolder(s.point.run_dir).attempts.line_of(s.job_id, info.restarts if info else 0)
     except OSError:
         return None
     return line if line is not None and "preempted_by" in line.extra else None
