@@ -77,6 +77,7 @@ class Stream:
 
 class StrictCuda:
     """The parts of torch.cuda the project calls, installed over torch.cuda by `install` for one test."""
+    MEMORY = 80 << 30  # each device's
 
     def __init__(self, devices: int = 1, name: str = "NVIDIA H100 80GB HBM3", bf16: bool = True,
                  clock_khz: int = 1_980_000):
@@ -118,7 +119,7 @@ class StrictCuda:
 
     def get_device_properties(self, device: Any = None) -> SimpleNamespace:
         self._checked(device)
-        return SimpleNamespace(name=self.name, clock_rate=self.clock_khz, total_memory=80 << 30)
+        return SimpleNamespace(name=self.name, clock_rate=self.clock_khz, total_memory=self.MEMORY)
 
     def is_bf16_supported(self, including_emulation: bool = True) -> bool:
         return self.bf16 or including_emulation
@@ -266,15 +267,63 @@ class StrictCuda:
     MEMORY_NAMES = ("_record_memory_history", "_dump_snapshot")  # torch.cuda.memory's
 
     def install(self, monkeypatch: Any) -> StrictCuda:
-        import launch.backends
+        import launch.local_gpus
 
-        # the machine's device files, which the launcher reads before it asks torch (launch.backends.gpus_visible)
+        # the machine's device files and the driver's NVML, which the launcher reads instead of torch
         files = [f"/dev/nvidia{i}" for i in range(self.count)]
-        real_glob = launch.backends.glob.glob
-        monkeypatch.setattr(launch.backends.glob, "glob",
+        real_glob = launch.local_gpus.glob.glob
+        monkeypatch.setattr(launch.local_gpus.glob, "glob",
                             lambda pattern, **kw: files if pattern == "/dev/nvidia[0-9]*" else real_glob(pattern, **kw))
+        StrictNvml([self.MEMORY] * self.count).install(monkeypatch)
         for name in self.NAMES:
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         for name in self.MEMORY_NAMES:
             monkeypatch.setattr(torch.cuda.memory, name, getattr(self, name))
+        return self
+
+
+class StrictNvml:
+    """The NVML calls the launcher makes (nvidia-ml-py's pynvml), as the driver's library answers them: nothing
+    before nvmlInit or after nvmlShutdown, no handle for an index it does not have, UUIDs as str."""
+
+    def __init__(self, memory: list[int]):
+        import pynvml
+
+        self.errors, self.memory, self.inits = pynvml, memory, 0
+
+    def _ready(self) -> None:
+        if self.inits == 0:
+            raise self.errors.NVMLError(self.errors.NVML_ERROR_UNINITIALIZED)
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+
+    def nvmlShutdown(self) -> None:
+        self._ready()
+        self.inits -= 1
+
+    def nvmlDeviceGetCount(self) -> int:
+        self._ready()
+        return len(self.memory)
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
+        self._ready()
+        if not 0 <= index < len(self.memory):
+            raise self.errors.NVMLError(self.errors.NVML_ERROR_INVALID_ARGUMENT)
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> str:
+        self._ready()
+        return f"GPU-{handle:08x}-0000-0000-0000-000000000000"
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int) -> SimpleNamespace:
+        self._ready()
+        return SimpleNamespace(total=self.memory[handle], free=self.memory[handle], used=0)
+
+    def install(self, monkeypatch: Any) -> StrictNvml:
+        import pynvml
+
+        for name in ("nvmlInit", "nvmlShutdown", "nvmlDeviceGetCount", "nvmlDeviceGetHandleByIndex",
+                     "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo"):
+            monkeypatch.setattr(pynvml, name, getattr(self, name))
         return self

@@ -7,9 +7,7 @@ reaches a scheduler only through this interface, the job environment (JOB_ENVIRO
 """
 from __future__ import annotations
 
-import glob
 import importlib
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpt.errors import ConfigError, UserError
 from launch.backends.job_state import JobStanding
+from launch.local_gpus import local_gpus
 
 if TYPE_CHECKING:  # launch.launch_config imports this package's cluster_config
     from launch.launch_config import LaunchConfig
@@ -32,13 +31,6 @@ IN_JOB_BACKENDS = ("launch.backends.slurm.in_job:InJobBackend",)
 JOB_ENVIRONMENTS = ("launch.backends.slurm.job:SlurmJob",)
 # The backend whose jobs a run folder records (RUN_DIR/slurm_job.json): status, list, logs and cancel ask it.
 SCHEDULER = "slurm"
-
-
-def gpus_visible() -> bool:
-    """Whether this process may see a GPU, read without torch: an NVIDIA device file (or ROCm's /dev/kfd), unless
-    CUDA_VISIBLE_DEVICES hides them all. False is certain (CUDA and ROCm open these files); True, torch decides."""
-    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
-    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")) and not hidden
 
 
 class RunFailed(UserError):
@@ -68,13 +60,9 @@ class Backend:
         return run, None
 
     def device(self, run: LaunchConfig) -> str:
-        """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs, as torch sees
-        them; a machine without any is told from its device files, and its launcher never imports torch."""
-        if not gpus_visible():
-            return "cpu"
-        import torch
-
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        """What the ranks compute on for train.device=auto: "cuda" or "cpu". Here: this machine's GPUs
+        (launch.local_gpus)."""
+        return "cuda" if local_gpus() else "cpu"
 
     def device_memory_gib(self, run: LaunchConfig, device: str) -> float | None:
         """GiB of memory one rank's device has, for the planner's fit check: a GPU's, or on a CPU its share of the
@@ -82,9 +70,8 @@ class Backend:
         cannot open (sbatch's batch step on a node of a GPU job sees the allocation's GPUs, not always CUDA) knows
         none: the ranks check their own devices."""
         if device == "cuda":
-            import torch
-
-            return torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else None
+            gpus = local_gpus()
+            return gpus[0].memory_gib if gpus else None
         import psutil
 
         return psutil.virtual_memory().total / 2**30 / run.cluster.tasks_per_node

@@ -22,7 +22,8 @@ from pathlib import Path
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
 from gpt.resilience.hang import newest_hang
 from gpt.run_folder import RunFolder
-from launch.backends import Backend, RunFailed, gpus_visible
+from launch.backends import Backend, RunFailed
+from launch.local_gpus import gpus_visible
 from launch.rank import forked
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.parent import LAUNCHER_PID, PARENT_PID, PAUSE_POLL_S

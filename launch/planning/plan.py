@@ -17,7 +17,8 @@ from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepar
 from gpt.errors import ConfigError, UserError
 from gpt.parallel import plan_layout
 from gpt.run_folder import RunFolder
-from launch.backends import get_backend, gpus_visible
+from launch.backends import get_backend
+from launch.local_gpus import local_gpus
 from launch.planning.fit import fit
 from launch.run.identity import flat
 
@@ -45,11 +46,7 @@ def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
     """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU")."""
     if run.cluster.name != "local" or device != "cuda":
         return
-    gpus = 0
-    if gpus_visible():  # else none, told without torch
-        import torch
-
-        gpus = torch.cuda.device_count()
+    gpus = len(local_gpus())
     if gpus == 0:
         raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
     if world_size > gpus:

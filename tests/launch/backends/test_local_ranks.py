@@ -65,11 +65,11 @@ def test_ranks_fork_from_one_server_in_sessions_of_their_own_and_save_when_the_l
 def test_with_gpus_visible_the_ranks_start_as_fresh_interpreters(monkeypatch, devices, visible, method):
     """A fork of a process that touched CUDA cannot use it: with GPUs the ranks are spawned; without (none on the
     node, or CUDA_VISIBLE_DEVICES hides them all), forked. Told without torch, which the launcher never imports."""
-    import launch.backends
+    import launch.local_gpus
     from launch.backends import local
 
-    monkeypatch.setattr(launch.backends.glob, "glob", lambda pattern: devices if pattern.startswith("/dev/nvidia") else [])
-    monkeypatch.setattr(launch.backends.os.path, "exists", lambda path: False)  # no ROCm /dev/kfd either
+    monkeypatch.setattr(launch.local_gpus.glob, "glob", lambda pattern: devices if pattern.startswith("/dev/nvidia") else [])
+    monkeypatch.setattr(launch.local_gpus.os.path, "exists", lambda path: False)  # no ROCm /dev/kfd either
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:

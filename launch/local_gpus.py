@@ -1,0 +1,89 @@
+"""This machine's GPUs as the launcher plans for them (how many, how much memory), read without importing torch.
+
+A CUDA build of torch takes seconds to import and CUDA as long again to start: on an H100 the launcher spent 9 s
+there before its rank started (docs/benchmarks.md), and the rank imports torch anyway. NVML (nvidia-ml-py, over the
+library the NVIDIA driver installs) answers in milliseconds. Where it cannot (no driver library, a MIG instance or
+ROCm's GPUs), torch answers, as it always did.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Gpu:
+    uuid: str  # "GPU-..." as NVML and CUDA_VISIBLE_DEVICES write it
+    memory_gib: float
+
+
+def gpus_visible() -> bool:
+    """Whether this process may see a GPU, read without a library: an NVIDIA device file (or ROCm's /dev/kfd),
+    unless CUDA_VISIBLE_DEVICES hides them all. False is certain (CUDA and ROCm open these files)."""
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES", "x").strip() in ("", "-1", "NoDevFiles")
+    return bool(glob.glob("/dev/nvidia[0-9]*") or os.path.exists("/dev/kfd")) and not hidden
+
+
+def local_gpus() -> tuple[Gpu, ...]:
+    """The GPUs this process's CUDA would see, in CUDA's order: NVML's, else torch's."""
+    if not gpus_visible():
+        return ()
+    found = nvml_gpus()
+    return found if found is not None else torch_gpus()
+
+
+def nvml_gpus() -> tuple[Gpu, ...] | None:
+    """The driver's GPUs through NVML, chosen as CUDA_VISIBLE_DEVICES chooses; None where NVML cannot tell."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+    except Exception:  # no nvidia-ml-py, or no driver library (a ROCm machine): torch tells
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        every = [Gpu(_text(pynvml.nvmlDeviceGetUUID(h)), pynvml.nvmlDeviceGetMemoryInfo(h).total / 2**30)
+                 for h in handles]
+        return visible(every, os.environ.get("CUDA_VISIBLE_DEVICES"))
+    except pynvml.NVMLError:
+        return None
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def visible(every: list[Gpu], spec: str | None) -> tuple[Gpu, ...] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES names, as CUDA reads it (and torch's NVML count, torch.cuda._device_count_nvml):
+    indices or UUID prefixes, in order, up to the first entry that names none; a GPU named twice: none at all.
+    None for MIG instances, which NVML lists elsewhere."""
+    if spec is None:
+        return tuple(every)
+    chosen: list[Gpu] = []
+    for entry in (e.strip() for e in spec.split(",")):
+        if entry.startswith("MIG-"):
+            return None
+        if entry.startswith("GPU-"):
+            named = [g for g in every if g.uuid.startswith(entry)]
+            gpu = named[0] if len(named) == 1 else None
+        else:
+            digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]
+            gpu = every[int(digits)] if digits and int(digits) < len(every) else None
+        if gpu is None:
+            break
+        if gpu in chosen:
+            return ()
+        chosen.append(gpu)
+    return tuple(chosen)
+
+
+def torch_gpus() -> tuple[Gpu, ...]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return ()
+    return tuple(Gpu(f"cuda:{i}", torch.cuda.get_device_properties(i).total_memory / 2**30)
+                 for i in range(torch.cuda.device_count()))
+
+
+def _text(value: str | bytes) -> str:
+    return value.decode() if isinstance(value, bytes) else value
