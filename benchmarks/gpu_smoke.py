@@ -24,6 +24,7 @@ import argparse
 import concurrent.futures
 import dataclasses
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,10 @@ class Row:
     kind: str = "smoke"  # smoke: train, resume, preempt, resume; figure: one run of FIGURE, its MFU; once: one run
     check: str | None = None  # a function of CHECKS that reads the run folder
     fails: bool = False  # a "once" row that must end non-zero
+
+    def folder(self, parent: Path) -> Path:
+        """The row's run folder: its name in characters a Hydra override takes as they are (not "(" or "=")."""
+        return parent / re.sub(r"[^\w.-]+", "_", self.name).strip("_")
 
     def ranks(self, world: int) -> int:
         return min(world, self.most or world)
@@ -159,7 +164,7 @@ def train_records(run_dir: Path) -> list[dict]:
 
 def smoke(row: Row, world: int, folder: Path) -> dict:
     """The four attempts of one row in one run folder; stops at the first that does not end as expected."""
-    run_dir = folder / row.name.replace(" ", "_")
+    run_dir = row.folder(folder)
     out: dict = {"attempts": []}
     for label, extra, expected in ATTEMPTS:
         proc = subprocess.run(command(run_dir, [*row.command_overrides(world), *extra]), cwd=REPO,
@@ -172,7 +177,7 @@ def smoke(row: Row, world: int, folder: Path) -> dict:
 
 
 def figure(row: Row, world: int, folder: Path) -> dict:
-    run_dir = folder / row.name.replace(" ", "_")
+    run_dir = row.folder(folder)
     proc = subprocess.run(command(run_dir, row.command_overrides(world)), cwd=REPO, capture_output=True, text=True)
     if (proc.returncode != 0) != row.fails:
         return failure("run", proc, run_dir)
@@ -246,7 +251,7 @@ def run_row(row: Row, world: int, folder: Path) -> dict:
     out = {"ranks": row.ranks(world), **(smoke if row.kind == "smoke" else figure)(row, world, folder)}
     if row.check and "error" not in out:
         try:
-            out["check"] = CHECKS[row.check](folder / row.name.replace(" ", "_"))
+            out["check"] = CHECKS[row.check](row.folder(folder))
         except (OSError, KeyError, ValueError, StopIteration) as e:
             out["check"] = f"unreadable: {e!r}"
     return out

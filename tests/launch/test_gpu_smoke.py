@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from benchmarks.gpu_smoke import ROWS, Row, plan_error, run_row, table
+from benchmarks.gpu_smoke import ROWS, Row, command, plan_error, run_row, table
 from helpers import REPO
 
 ON_CPU = ("train.device=cpu", "train.precision=fp32", "checkpoint.async=false")
@@ -22,6 +22,18 @@ def test_every_row_plans_for_eight_gpus_and_a_row_that_cannot_is_named():
     # model=tiny has 2 layers: an interleaved pipeline of 2 stages x 2 per rank cannot split it
     interleaved = Row("x", ("strategy=pipeline", "strategy.microbatches=4", "strategy.schedule=interleaved"))
     assert "at most model.n_layer=2 stages" in plan_error(interleaved, 8)
+
+
+def test_every_rows_command_is_one_hydra_parses():
+    """Each row's command, its run folder included, is a list of overrides Hydra takes (an H100 session found
+    "gpt2_124m train=gpu MFU" and "fp32 (TF32)" rows refused: their folder names held "=" and "(")."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    parser = OverridesParser.create()
+    for row in ROWS:
+        overrides = command(row.folder(REPO / "runs"), row.command_overrides(8))[3:]
+        assert len(parser.parse_overrides(overrides)) == len(overrides), row.name
+    assert len({row.folder(REPO) for row in ROWS}) == len(ROWS)
 
 
 def on_cpu(name: str, extra: tuple[str, ...], data_overrides: list[str]) -> Row:
