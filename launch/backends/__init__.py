@@ -66,12 +66,12 @@ class Backend:
 
     def device_memory_gib(self, run: LaunchConfig, device: str) -> float | None:
         """GiB of memory one rank's device has, for the planner's fit check: a GPU's, or on a CPU its share of the
-        node's memory; None when not known. Here: this machine's (the first GPU's). A job whose GPUs this process
+        node's memory; None when not known. Here: this machine's (its smallest GPU's). A job whose GPUs this process
         cannot open (sbatch's batch step on a node of a GPU job sees the allocation's GPUs, not always CUDA) knows
         none: the ranks check their own devices."""
         if device == "cuda":
             gpus = local_gpus()
-            return gpus[0].memory_gib if gpus else None
+            return min(g.memory_gib for g in gpus) if gpus else None
         import psutil
 
         return psutil.virtual_memory().total / 2**30 / run.cluster.tasks_per_node

@@ -59,3 +59,13 @@ def test_where_nvml_cannot_tell_torch_answers(monkeypatch):
         pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)))
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     assert [g.uuid for g in local_gpus()] == ["cuda:0", "cuda:1"]
+
+
+def test_the_fit_check_reads_the_smallest_of_mixed_gpus(monkeypatch):
+    """NVML's order (PCI bus) is not CUDA's (fastest first): no GPU is read as "the first"."""
+    from launch.backends import Backend
+
+    StrictCuda(devices=2).install(monkeypatch)
+    StrictNvml([80 << 30, 40 << 30]).install(monkeypatch)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert Backend().device_memory_gib(None, "cuda") == 40.0
