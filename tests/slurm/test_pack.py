@@ -8,6 +8,7 @@ import time
 import pytest
 
 from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses
+from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
 
@@ -60,3 +61,37 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
         assert len(losses(run)) == 30
     assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
     assert losses(runs[0]) == losses(alone)
+
+
+@pytest.mark.timeout(300)
+def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the_allocation_once(
+        slurm_cluster, tmp_path, data_overrides):
+    """The packed job's one task is killed by Slurm's SIGTERM in a site's task prolog (`srun --task-prolog`, here
+    sleeping so that the urgent job comes there every time), before its signal relay: it started no point, and none
+    recorded the attempt. The batch script's teardown requeues the allocation once, as the task would have
+    (launch.backends.slurm.start_preempted), and the requeued allocation runs each point to its end."""
+    prolog = tmp_path / "task_prolog.sh"
+    prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.${{SLURM_STEP_ID:-$SLURM_STEPID}}"
+                      "\nsleep 3\n")
+    prolog.chmod(0o755)
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2", "launcher.pack=true", "cluster.cpus_per_task=2",
+                                       "cluster.partition=low", f"cluster.srun_args=['--task-prolog={prolog}']",
+                                       *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}"),
+                            cwd=REPO, env=slurm_cluster.env,
+                            stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "prolog.0.0").exists():  # the packer's own step, the job's first
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
+        time.sleep(0.05)
+    urgent_job(slurm_cluster, tmp_path)
+    assert proc.wait(timeout=240) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
+    runs = [sweep / f"seed={s}" for s in (1, 2)]
+    record = json.loads((runs[0] / "slurm_job.json").read_text())
+    assert slurm_cluster.job_info(record["job_id"])["Restarts"] == "1"
+    for run in runs:
+        ends = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+        assert [(a["ended"], a["restart"]) for a in ends] == [("finished", 1)], ends  # the first attempt ran no point
+        assert len(losses(run)) == 30
+    err = open(record["stderr"]).read()
+    assert "while the packed job's task started; requeued job" in err, err[-3000:]

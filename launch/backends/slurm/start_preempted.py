@@ -34,14 +34,29 @@ def after_failed_step(run_dir: Path, job: JobEnvironment) -> Outcome | None:
     return outcome
 
 
+def after_failed_pack(run_dirs: list[Path], job: JobEnvironment) -> None:
+    """A packed allocation's one task (launch.backends.slurm.pack_task) killed as it started, before its signal
+    relay: it started no point, so none recorded this attempt, and the allocation is requeued as the task would have
+    requeued it (where Slurm's policy requeues). SlurmJob.requeue reads Slurm's restart count: an allocation the task
+    requeued itself is not requeued twice."""
+    preempted = job.preemption()
+    if preempted is None:
+        return
+    restarts = launch_config.load(RunFolder(run_dirs[0]).config).preemption.max_restarts
+    _, how = job.requeue(restarts)
+    print(f"{preempted.said} while the packed job's task started; {how}", file=sys.stderr, flush=True)
+
+
 def main() -> None:
     from submitit.core.utils import DelayedSubmission, JobPaths
 
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the requeue signals the batch step too: the line comes first
     job = job_environment()
     task = DelayedSubmission.load(JobPaths(Path(sys.argv[1]), job.job_id).submitted_pickle).function
-    if getattr(task, "run_dir", None):  # a packed job's points (launch.backends.slurm.pack_task) have their own
+    if getattr(task, "run_dir", None):
         after_failed_step(Path(task.run_dir), job)
+    elif getattr(task, "run_dirs", None):  # a packed job: its points have run folders of their own
+        after_failed_pack([Path(d) for d in task.run_dirs], job)
 
 
 if __name__ == "__main__":
