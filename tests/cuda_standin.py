@@ -289,11 +289,11 @@ class StrictNvml:
     def __init__(self, memory: list[int]):
         import pynvml
 
-        self.errors, self.memory, self.inits = pynvml, memory, 0
+        self.nvml, self.memory, self.inits = pynvml, memory, 0
 
     def _ready(self) -> None:
         if self.inits == 0:
-            raise self.errors.NVMLError(self.errors.NVML_ERROR_UNINITIALIZED)
+            raise self.nvml.NVMLError(self.nvml.NVML_ERROR_UNINITIALIZED)
 
     def nvmlInit(self) -> None:
         self.inits += 1
@@ -309,7 +309,7 @@ class StrictNvml:
     def nvmlDeviceGetHandleByIndex(self, index: int) -> int:
         self._ready()
         if not 0 <= index < len(self.memory):
-            raise self.errors.NVMLError(self.errors.NVML_ERROR_INVALID_ARGUMENT)
+            raise self.nvml.NVMLError(self.nvml.NVML_ERROR_INVALID_ARGUMENT)
         return index
 
     def nvmlDeviceGetUUID(self, handle: int) -> str:
