@@ -7,6 +7,8 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
+import traceback
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,14 +23,70 @@ def free_port() -> int:
 
 def launch(*overrides: str, run_dir: Path, check: bool = True, timeout: float = 600,
            env: dict[str, str] | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
-    """Run `python -m launch [-m]` with Hydra overrides into `run_dir` (a sweep: into hydra.sweep.dir)."""
+    """Run `python -m launch [-m]` with Hydra overrides into `run_dir` (a sweep: into hydra.sweep.dir): in this test
+    process (`launch_here`), or, with `env` (read as the ranks' modules load), as a process of its own."""
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
-    cmd = [sys.executable, "-m", "launch", *(["-m"] if multirun else []), where, "train.progress=false", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                          env={**os.environ, **(env or {})})
+    args = [*(["-m"] if multirun else []), where, "train.progress=false", *overrides]
+    cmd = [sys.executable, "-m", "launch", *args]
+    if env is None:
+        proc = launch_here(args)
+    else:
+        proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              env={**os.environ, **env})
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def launch_here(args: list[str]) -> subprocess.CompletedProcess:
+    """`python -m launch ARGS` as launch.__main__ runs it, in this process: its exit code, and what it and its ranks
+    wrote to stdout and stderr. The ranks fork from this process's rank server (launch.rank.forked), started by its
+    first launch: each later launch saves starting an interpreter and the server's imports (3-4 CPU-seconds, most
+    of a test's small run). What this process had (argv, environment, streams, logging, Hydra's state) is put back."""
+    import logging
+
+    from hydra.core.global_hydra import GlobalHydra
+
+    from launch import app
+
+    root, environ, argv, streams = logging.getLogger(), dict(os.environ), sys.argv, (sys.stdout, sys.stderr)
+    handlers, level, fds, cwd = root.handlers[:], root.level, (os.dup(1), os.dup(2)), os.getcwd()
+    code: int | str | None = 0
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        for stream in streams:
+            stream.flush()
+        os.dup2(out.fileno(), 1)
+        os.dup2(err.fileno(), 2)
+        sys.stdout, sys.stderr = open(1, "w", buffering=1, closefd=False), open(2, "w", buffering=1, closefd=False)
+        sys.argv = ["launch", *args]
+        os.chdir(REPO)
+        GlobalHydra.instance().clear()
+        try:
+            app.main()
+        except SystemExit as e:
+            code = e.code
+        except BaseException:  # as the interpreter would end: the traceback on stderr, exit code 1
+            traceback.print_exc()
+            code = 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            GlobalHydra.instance().clear()
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:], root.level = handlers, level
+            sys.argv, (sys.stdout, sys.stderr) = argv, streams
+            os.chdir(cwd)
+            os.environ.clear()
+            os.environ.update(environ)
+            for fd, saved in zip((1, 2), fds):
+                os.dup2(saved, fd)
+                os.close(saved)
+        texts = [(f.seek(0), f.read().decode(errors="replace"))[1] for f in (out, err)]
+    if isinstance(code, str):  # sys.exit("message"): printed, exit code 1
+        texts[1] += code + "\n"
+    returncode = code if isinstance(code, int) else 0 if code is None else 1
+    return subprocess.CompletedProcess([sys.executable, "-m", "launch", *args], returncode, *texts)
 
 
 def read_metrics(run_dir: Path, rank: int = 0, kind: str = "train") -> list[dict]:

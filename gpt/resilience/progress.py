@@ -43,6 +43,11 @@ class Progress:
         self.longest[self.kind] = max(self.longest.get(self.kind, 0.0), used)
         self.since = now
 
+    def restart(self) -> None:
+        """As this process's own start: a rank forked from a preloaded server imported this module when the server
+        started, maybe a sweep point or a round earlier, and start-up's budget counts from the rank's start."""
+        self.__init__()
+
     def halt(self) -> None:
         """The watchdog has decided how this attempt ends (and may have requeued the job): a main thread that
         comes back from its stuck call (a link that works again) stops at its next mark instead of training on,

@@ -136,8 +136,8 @@ class RankStarter:
         this launcher first saw one fail (the others are then stopped)."""
         imports_from = self.server_started
         self.server_started = None  # its imports count for this round's ranks alone
-        _running[:] = [self.context.Process(target=forked.start, args=(run_dir, env, imports_from), daemon=False)
-                       for env in envs]
+        _running[:] = [self.context.Process(target=forked.start, daemon=False,
+                                            args=(run_dir, env, imports_from, forked.Stdio())) for env in envs]
         try:
             for process in _running:
                 process.start()

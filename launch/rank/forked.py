@@ -8,7 +8,9 @@ starts as clean as a fresh interpreter. With GPUs visible the ranks are fresh in
 (multiprocessing's spawn): a fork after anything touched CUDA cannot use it, and the forked start has not been
 measured on a GPU yet.
 
-`start` is each rank's entry, in a forked (or spawned) child.
+`start` is each rank's entry, in a forked (or spawned) child. Its stdout and stderr are the launcher's as they are
+when the rank starts (`Stdio`, sent with the request): the server keeps those it was started with, and a process
+that launches more than once (a test worker, a notebook) may have redirected its own since.
 """
 from __future__ import annotations
 
@@ -21,10 +23,28 @@ import time
 PRELOAD = ["launch.rank.rank_server"]
 
 
-def start(run_dir: str, environ: dict[str, str], imports_from: float | None) -> None:
+class Stdio:
+    """The starting process's file descriptors 1 and 2, duplicated into the rank as multiprocessing sends file
+    descriptors to a child (the server receives them with the request; spawn inherits them)."""
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _attach_stdio, (DupFd(1), DupFd(2))
+
+
+def _attach_stdio(out, err) -> None:
+    for fd, sent in ((1, out.detach()), (2, err.detach())):
+        if sent != fd:
+            os.dup2(sent, fd)
+            os.close(sent)
+
+
+def start(run_dir: str, environ: dict[str, str], imports_from: float | None, stdio: None = None) -> None:
     """Become rank RANK of `environ`: the environment a fresh rank would have been started with, whole.
     `imports_from`: when the server this rank forked from began its imports, if it began them for this attempt (its
-    start-up breakdown counts them); otherwise the imports were done before, and count nothing."""
+    start-up breakdown counts them); otherwise the imports were done before, and count nothing. `stdio`: a `Stdio`,
+    attached as it arrived (unpickled to None)."""
     entered = time.time()
     os.setsid()  # a session of its own, as the spawned ranks had: the terminal's Ctrl-C reaches the launcher alone
     # The server's end should follow the launcher's alone (launch.rank.parent): a rank keeps no hold on it.
@@ -38,7 +58,10 @@ def start(run_dir: str, environ: dict[str, str], imports_from: float | None) -> 
     os.environ.clear()
     os.environ.update(environ)
     sys.argv = ["launch.rank.worker", run_dir]
+    from gpt.resilience.progress import PROGRESS
     from launch.rank import worker
+
+    PROGRESS.restart()
 
     worker.STARTED = imports_from or entered
     worker.main()  # ends the process: os._exit with the rank's exit code

@@ -89,3 +89,24 @@ def test_spawned_ranks_train_as_forked_ones_do(tmp_path, data_overrides):
     for run in (forked, spawned):
         (attempt,) = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
         assert attempt["ended"] == "finished"
+
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_later_sweep_points_start_up_counts_from_its_own_ranks_start(tmp_path, data_overrides):
+    """Every point's ranks fork from the server its launcher started for the first point: the second point's start-up
+    budget (watchdog.startup_s) counts from its own ranks' start, not from the server's imports a point earlier. The
+    first point takes longer than the budget; in the second, rank 1 hangs before its first step, which ends it."""
+    startup_s = 10
+    proc = launch("model=tiny", "strategy=ddp", "nodes=2", "train.max_steps=8", "train.eval_interval=0",
+                  "debug.delay_rank=0", "debug.delay_s=1.5", "debug.hang_rank=null,1", f"watchdog.startup_s={startup_s}",
+                  "preemption.in_job_restarts=0", *data_overrides, run_dir=tmp_path, multirun=True, check=False)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    first_ended = json.loads((tmp_path / "debug.hang_rank=null" / "attempts.jsonl").read_text().splitlines()[-1])
+    assert first_ended["ended"] == "finished", first_ended
+    (report,) = (tmp_path / "debug.hang_rank=1").glob("hang-*.json")
+    report = json.loads(report.read_text())
+    assert report["budget"] == "watchdog.startup_s", report
+    assert report["time"] - first_ended["time"] >= startup_s, (report["time"] - first_ended["time"], report)
+    assert report["ranks"][0]["up_s"] <= report["time"] - first_ended["time"], report["ranks"][0]
