@@ -8,10 +8,10 @@ SHARED_TEXT ?= ../shared/data/tinyshakespeare/input.txt
 ARGS ?=
 # Test workers (pytest-xdist), each with a local Slurm cluster of its own: instances BASE..BASE+WORKERS-1 of
 # slurm/local_cluster.sh (BASE: GPTLAUNCH_CLUSTER_INSTANCE, default 0, the cluster a user starts by hand). The
-# slurm tests mostly wait on the scheduler: two workers keep to them and a third overlaps their waiting with the
-# CPU-bound tests (tests/scheduling.py). The suite keeps two cores busy: a fourth worker adds no throughput, only
-# contention that the timed Slurm tests (time limits, grace times) feel.
-WORKERS ?= 3
+# slurm tests mostly wait on the scheduler: three workers keep to them and a fourth overlaps their waiting with the
+# CPU-bound tests (tests/scheduling.py). Since the tests' local launches run in their worker's process (no interpreter
+# and rank server each), the Slurm tests' 3,600 s of waiting were the longest part on two Slurm workers.
+WORKERS ?= 4
 INSTANCES = $(shell seq $${GPTLAUNCH_CLUSTER_INSTANCE:-0} $$(( $${GPTLAUNCH_CLUSTER_INSTANCE:-0} + $(WORKERS) - 1 )))
 # The main command: a small sweep on this machine (1 and 2 ranks of the default model) that trains,
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
