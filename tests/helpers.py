@@ -24,7 +24,8 @@ def free_port() -> int:
 def launch(*overrides: str, run_dir: Path, check: bool = True, timeout: float = 600,
            env: dict[str, str] | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m launch [-m]` with Hydra overrides into `run_dir` (a sweep: into hydra.sweep.dir): in this test
-    process (`launch_here`), or, with `env` (read as the ranks' modules load), as a process of its own."""
+    process (`launch_here`), or, with `env` (read as the ranks' modules load), as a process of its own (within
+    `timeout`; in this process, the test's own timeout mark bounds it)."""
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
     args = [*(["-m"] if multirun else []), where, "train.progress=false", *overrides]
     cmd = [sys.executable, "-m", "launch", *args]
@@ -65,7 +66,7 @@ def launch_here(args: list[str]) -> subprocess.CompletedProcess:
             app.main()
         except SystemExit as e:
             code = e.code
-        except BaseException:  # as the interpreter would end: the traceback on stderr, exit code 1
+        except Exception:  # as the interpreter would end: the traceback on stderr, exit code 1 (pytest's own end passes)
             traceback.print_exc()
             code = 1
         finally:
