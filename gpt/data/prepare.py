@@ -282,9 +282,10 @@ def _tokenize(files: list[Path], val_files: list[Path], settings: dict[str, Any]
 
 
 def _run_parts(todo: list[Part], tmp: Path, dtype: np.dtype, shard_tokens: int, workers: int):
-    """The parts' records as they finish: in this process for one worker, else in a pool of `workers`."""
+    """The parts' records as they finish: in this process for one worker, or for less than one part's worth of
+    input (a pool's interpreters would cost more than they save), else in a pool of `workers`."""
     args = (str(tmp), dtype.name, shard_tokens)
-    if workers <= 1 or len(todo) <= 1:
+    if workers <= 1 or len(todo) <= 1 or sum(p.bytes for p in todo) <= PART_BYTES:
         saved = os.environ.get("TOKENIZERS_PARALLELISM")
         init_worker(*args)  # one core, as each worker of a pool: `workers` says how many cores are used
         try:

@@ -177,6 +177,18 @@ def test_a_preparation_of_the_same_inputs_finished_meanwhile_is_taken_as_this_on
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
 
+def test_less_than_a_parts_worth_of_input_is_tokenized_in_this_process(tmp_path, monkeypatch):
+    """Tiny Shakespeare (1 MB, under PART_BYTES) on a machine with several CPUs: a pool's interpreters would cost
+    more than they save, so none is started."""
+    def no_pool(method):
+        raise AssertionError(f"a {method} pool for {text.stat().st_size} bytes")
+
+    text, out = tmp_path / "a.txt", tmp_path / "out"
+    text.write_text(TEXT[:20_000])
+    monkeypatch.setattr(prepare_module.multiprocessing, "get_context", no_pool)
+    assert prepare(text, out, workers=2) == out and prepare_module.is_prepared(text, out)
+
+
 @pytest.mark.timeout(120)
 def test_a_pool_whose_temp_folder_another_preparation_moved_into_place_takes_its_data(tmp_path, monkeypatch):
     """Two launches prepare the same inputs at once (seen with five GPU smoke rows started together): B moves the
@@ -184,6 +196,7 @@ def test_a_pool_whose_temp_folder_another_preparation_moved_into_place_takes_its
     B's data, which is its own, instead of hanging (a pool replaces a worker whose initializer failed, forever)."""
     text, out = tmp_path / "a.txt", tmp_path / "out"
     text.write_text(TEXT[:20_000])
+    monkeypatch.setattr(prepare_module, "PART_BYTES", 5_000)  # more than a part's worth of input: a pool
     run_parts = prepare_module._run_parts
 
     def b_lands_first(todo, tmp, *args):
