@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import re
 import shlex
 import subprocess
@@ -12,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers import REPO
+from helpers import REPO, launch_here
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # A few seconds of training per job; every step is recorded.
@@ -57,8 +56,9 @@ def normalise(script: str, logs: Path | str) -> str:
 
 
 def local_reference(run_dir: Path, *overrides: str) -> Path:
-    """The uninterrupted run that an interrupted Slurm run must equal: 2 ranks on this machine, same config."""
-    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", *overrides, f"hydra.run.dir={run_dir}")
+    """The uninterrupted run that an interrupted Slurm run must equal: 2 ranks on this machine, same config (in this
+    process: helpers.launch_here)."""
+    proc = launch_here(["cluster=local", "nodes=2", *overrides, f"hydra.run.dir={run_dir}"])
     assert proc.returncode == 0, output(proc)
     return run_dir
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO
-from slurm_helpers import TINY, launch_cmd, losses, output, run_launch
+from helpers import REPO, launch_here
+from slurm_helpers import TINY, launch_cmd, losses, output
 from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -53,8 +53,8 @@ def job_of(run_dir: Path, deadline: float) -> tuple[str, str]:
 def local_reference(tmp_path: Path, data_overrides: list[str]) -> Path:
     """The uninterrupted run of the point lr0.001, local; it also prepares the data, before two jobs could race to."""
     reference = tmp_path / "reference"
-    proc = run_launch(os.environ.copy(), "cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
-                      f"hydra.run.dir={reference}")
+    proc = launch_here(["cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
+                        f"hydra.run.dir={reference}"])
     assert proc.returncode == 0, output(proc)
     return reference
 
