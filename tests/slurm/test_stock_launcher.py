@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO, launch_here
+import slurm_helpers
+from helpers import REPO
 from slurm_helpers import TINY, launch_cmd, losses, output
 from test_slurm_preemption import urgent_job
 
@@ -52,11 +53,7 @@ def job_of(run_dir: Path, deadline: float) -> tuple[str, str]:
 
 def local_reference(tmp_path: Path, data_overrides: list[str]) -> Path:
     """The uninterrupted run of the point lr0.001, local; it also prepares the data, before two jobs could race to."""
-    reference = tmp_path / "reference"
-    proc = launch_here(["cluster=local", "nodes=2", "train.lr=0.001", *RUN, *data_overrides,
-                        f"hydra.run.dir={reference}"])
-    assert proc.returncode == 0, output(proc)
-    return reference
+    return slurm_helpers.local_reference(tmp_path / "reference", "train.lr=0.001", *RUN, *data_overrides)
 
 
 def stock_sweep(slurm_cluster, tmp_path: Path, overrides: list[str], meanwhile) -> tuple[Path, tuple[str, str]]:
