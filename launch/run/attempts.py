@@ -19,6 +19,7 @@ from gpt.resilience.goodput import ESTIMATED, kept_training_s, last_record_time,
 from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
 from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
+from launch.run.rounds import Rounds
 from launch.run.startup import ATTEMPT_START
 
 if TYPE_CHECKING:
@@ -103,7 +104,7 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
     """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one, with
     the `nodes` its ranks run on (in rank order)."""
     attempts = RunFolder(run_dir).attempts
-    previous = attempts.read_mark()
+    previous = attempts.read_mark() or unbegun_round(run_dir, job, first_step)
     if previous is not None:
         how = job.end_reason(previous.get("job_id")) if previous.get("job_id") else "killed outright"
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
@@ -111,6 +112,25 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
     attempts.mark({"job_id": job.job_id, "restart": job.restart, "round": job.round, "generation": fenced_generation(),
                    "started": started, "first_step": first_step, "nodes": nodes,
                    **({"launch": job.launch} if job.launch else {})})
+
+
+def unbegun_round(run_dir: Path, job: JobEnvironment, resumes_from: int) -> dict[str, Any] | None:
+    """The mark of the in-job round that the newest line asked for, as that round would have written it, when it
+    never reached its first step (its ranks were stopped while they started, by a preemption whose grace time ran
+    out, a time limit or a lost node): it wrote no line and no mark, and is recorded as one killed outright. None
+    when the newest line asked for no round, or this attempt is that round. Rounds without a scheduler are left
+    out: their launcher sees them end."""
+    lines = RunFolder(run_dir).attempts.read()
+    last = lines[-1] if lines else None
+    if last is None or not last.in_job_restart or not last.job_id:
+        return None
+    k = last.in_job_restart
+    if (last.job_id, last.restart, k, last.launch) == (job.job_id, job.restart, job.round, job.launch):
+        return None
+    asked = Rounds.named(run_dir, last.job_id, last.restart, last.launch).read(k) or {}
+    launch = {"launch": last.launch} if last.launch else {}
+    return {"job_id": last.job_id, "restart": last.restart, "round": k, **launch, "first_step": resumes_from,
+            "started": asked.get("requested", last.time), "nodes": asked.get("hosts", [])}
 
 
 def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: dict[str, Any],

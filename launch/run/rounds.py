@@ -34,8 +34,11 @@ class Rounds:
 
     @classmethod
     def of(cls, run_dir: Path, job: JobEnvironment) -> Rounds:
-        name = f"launch-{job.launch}" if job.launch else f"job{job.job_id}-restart{job.restart}"
-        return cls(Path(run_dir), name)
+        return cls.named(run_dir, job.job_id, job.restart, job.launch)
+
+    @classmethod
+    def named(cls, run_dir: Path, job_id: str | None, restart: int, launch: str = "") -> Rounds:
+        return cls(Path(run_dir), f"launch-{launch}" if launch else f"job{job_id}-restart{restart}")
 
     def path(self, k: int) -> Path:
         return RunFolder(self.run_dir).rounds / self.name / f"round-{k}.json"
@@ -44,6 +47,12 @@ class Rounds:
         """The nodes' health figures measured in this attempt's rounds so far: a later round measures only the
         nodes new to it (a spare), against these (launch.rank.health_gate)."""
         return RunFolder(self.run_dir).rounds / self.name / "health.json"
+
+    def newest(self) -> int:
+        """The newest round asked for (0: none was)."""
+        asked = (RunFolder(self.run_dir).rounds / self.name).glob("round-*.json")
+        numbers = (p.stem.removeprefix("round-") for p in asked)
+        return max((int(k) for k in numbers if k.isdigit()), default=0)
 
     def read(self, k: int) -> dict[str, Any] | None:
         try:

@@ -134,7 +134,9 @@ def test_a_preemption_during_an_in_job_restart_still_saves_and_requeues(slurm_cl
                                                                        reference, preemption):
     """A rank is killed, and while the wrappers stop round 0 and start round 1 the job is preempted: by the signal
     alone (scancel --signal USR2, as a time-limit warning comes), or by Slurm itself, a job of the urgent partition
-    taking the nodes of the run's job in `low`. The new round saves, the job is requeued once, and it finishes."""
+    taking the nodes of the run's job in `low`. The new round saves, the job is requeued once, and it finishes. How
+    far the new round gets inside the urgent job's grace time depends on the machine's load: it saves and says it
+    was preempted, or Slurm kills it first (still starting) and requeues the job, and the next attempt records it."""
     partition = ["cluster.partition=low"] if preemption == "urgent job" else []
     job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, *partition], tmp_path / "run")
     job.training(0)
@@ -146,13 +148,17 @@ def test_a_preemption_during_an_in_job_restart_still_saves_and_requeues(slurm_cl
         job.interrupt("USR2")
     assert job.wait() == 0, job.text()
     log = attempts(job.run_dir)
-    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart"), a.get("requeued")) for a in log][1:] \
-        == [(0, 1, None, True), (1, 0, None, None)], log
-    preempted = log[1]["ended"]
-    assert (preempted == "preempted:SIGUSR2" if preemption == "signal"
-            else preempted.startswith("preempted by another job (Slurm, at ")), log
+    assert [(a["restart"], a.get("round", 0), a.get("in_job_restart")) for a in log] == [
+        (0, 0, 1), (0, 1, None), (1, 0, None)], log
+    preempted = log[1]
+    if preemption == "signal":
+        assert preempted["ended"] == "preempted:SIGUSR2" and preempted["requeued"], log
+    elif preempted.get("recorded_by") == "the next attempt":  # killed while it started, before it could save
+        assert preempted["ended"].startswith("requeued by Slurm: preempted by another job (accounting: PREEMPTED"), log
+    else:  # once the grace time is over Slurm requeues the job itself, and the rank can no longer tell by whom
+        assert preempted["requeued"] and preempted["ended"].startswith(("preempted by another job (Slurm, at ",
+                                                                        "preempted:SIGTERM")), log
     assert log[2]["ended"] == "finished", log
-    assert log[0]["in_job_restart"] == 1, log[0]
     assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     assert_same_run(job.run_dir, reference)
 

@@ -15,14 +15,18 @@ from pathlib import Path
 
 from launch import launch_config
 from gpt.run_folder import RunFolder
-from launch.rank.job_env import JobEnvironment, job_environment
+from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.run.attempts import this_attempts_line
 from launch.run.recovery import Cause, Ending, Outcome, recover
+from launch.run.rounds import Rounds
 
 
 def after_failed_step(run_dir: Path, job: JobEnvironment) -> Outcome | None:
     """The outcome of a preemption no rank recorded (the line says it, and the job is requeued where Slurm's
-    policy requeues); None when Slurm preempts nothing, or a rank recorded the attempt itself."""
+    policy requeues); None when Slurm preempts nothing, or a rank recorded the attempt itself. The attempt is its
+    newest round: one asked for inside the allocation (launch.run.rounds) may have been starting."""
+    if k := Rounds.of(run_dir, job).newest():
+        job = type(job)({**job.environ, ROUND_VAR: str(k)})
     preempted = job.preemption()
     if preempted is None or this_attempts_line(run_dir, job) is not None:
         return None
