@@ -62,7 +62,11 @@ lint: setup
 # writes it, and each of the suite's ~1,500 interpreters (launchers, rank servers, Slurm ranks and task wrappers)
 # would compile the modules it imports again, 0.05-0.25 CPU-s each.
 PYC = $(BIN)/python -m compileall -q -j 0 launch gpt benchmarks hydra_plugins
-test: setup data lint cluster
+# The venv and the clusters are set up at once: pip keeps one core busy for minutes, apt-get and the clusters' daemons
+# the other.
+test:
+	$(MAKE) -j2 --no-print-directory setup data cluster
+	$(MAKE) --no-print-directory lint
 	$(PYC)
 	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
 
