@@ -118,8 +118,9 @@ def unbegun_round(run_dir: Path, job: JobEnvironment, resumes_from: int) -> dict
     """The mark of the in-job round that the newest line asked for, as that round would have written it, when it
     never reached its first step (its ranks were stopped while they started, by a preemption whose grace time ran
     out, a time limit or a lost node): it wrote no line and no mark, and is recorded as one killed outright. None
-    when the newest line asked for no round, or this attempt is that round. Rounds without a scheduler are left
-    out: their launcher sees them end."""
+    when the newest line asked for no round, or this attempt is that round. Without a scheduler an attempt is named
+    by the lease generation it took, which such a round never did: it is left out, as any local attempt stopped
+    before its first step is."""
     lines = RunFolder(run_dir).attempts.read()
     last = lines[-1] if lines else None
     if last is None or not last.in_job_restart or not last.job_id:
