@@ -152,7 +152,7 @@ class HealthConfig:
     min_fraction: float = 0.8  # a node below this share of the median node's speed, or failing storage, is named
     action: str = "warn"  # or exclude: the job requeues itself without the flagged nodes (Slurm)
     matmul_size: int = 256  # on CPU
-    rounds: int = 3  # CPU: a node below min_fraction takes another turn, up to this many, keeping its best
+    rounds: int = 3  # CPU: a node below min_fraction of the fastest takes another turn, up to this many; best kept
     gpu_matmul_size: int = 8192  # on GPUs, in bf16: large enough to keep every SM busy
     gpu_seconds: float = 1.0  # how long each GPU's matmuls take, all rounds together
     bus_mib: int = 128  # the all-reduce timed for bus bandwidth on GPUs (smaller ones measure latency)

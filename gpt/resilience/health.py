@@ -3,9 +3,11 @@ in the run folder), and bus bandwidth. What the figures mean is gpt.resilience.h
 
 On CPU each node's matmul speed is its ranks' together, and the nodes take turns (every rank of one node at once,
 the others waiting): nodes of a local test cluster share one machine's cores, and measured at the same time they
-would slow each other down. A node below `health.min_fraction` of the median after a round takes another turn, up
+would slow each other down. A node below `health.min_fraction` of the fastest after a round takes another turn, up
 to `health.rounds` in all, keeping its best: load from elsewhere is not a slow node, and a healthy job pays one
-turn per node. The bus figure is the preflight all-reduce's.
+turn per node. The verdict is against the median node; the turns are against the fastest, so that a healthy node
+whose one turn met a load spike is measured again rather than pull the median down to a slow node's figure. The
+bus figure is the preflight all-reduce's.
 
 On GPUs every GPU is measured at once, on its own: a bf16 matmul of `health.gpu_matmul_size` (8192) timed with
 CUDA events, as many as fill `health.gpu_seconds`; then nccl-tests' bus bandwidth of a `health.bus_mib` (128 MiB)
@@ -87,7 +89,7 @@ def measure_nodes(cfg: HealthConfig, node: int, num_nodes: int, host: str, rank:
                 best = max(best, gflops)
         if round_ + 1 < cfg.rounds:
             turns = sorted(set(turns) & below_fraction(node_sums(gather_objects((node, host, best)), known),
-                                                        cfg.min_fraction))
+                                                        cfg.min_fraction, reference=max))
             if not turns:
                 break
     barrier()

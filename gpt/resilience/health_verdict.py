@@ -46,9 +46,9 @@ def node_sums(figures: list[tuple[int, str, float]], known: dict[str, float]) ->
     return sums
 
 
-def below_fraction(figures: dict[int, float], min_fraction: float) -> set[int]:
-    """The nodes whose figure is below `min_fraction` of the median node's."""
-    bar = min_fraction * median(figures.values())
+def below_fraction(figures: dict[int, float], min_fraction: float, reference=median) -> set[int]:
+    """The nodes whose figure is below `min_fraction` of the reference node's (the median's; max: the fastest's)."""
+    bar = min_fraction * reference(figures.values())
     return {n for n, gflops in figures.items() if gflops < bar}
 
 @dataclass(frozen=True)

@@ -19,7 +19,9 @@ def test_slow_node_is_excluded_and_the_run_finishes_on_the_others(slurm_cluster,
     proc = run_launch(slurm_cluster.env, *SLURM, "nodes=3", *TINY, *data_overrides, "debug.slow_node=1",
                       "health.action=exclude", f"hydra.run.dir={run_dir}", timeout=400)
     assert proc.returncode == 0, output(proc)
-    first, second = attempts(run_dir)
+    lines = attempts(run_dir)
+    assert len(lines) == 2, (lines, (run_dir / "health-1.json").read_text())
+    first, second = lines
     health = first["health"]
     slow = [n for n in health["nodes"] if n["node"] == 1][0]
     assert first["ended"] == f"excluded {slow['host']}" and first["requeued"] is True, first
