@@ -298,6 +298,10 @@ def wait_for_round() -> None:
     global STARTED
     import gpt.train.trainer  # noqa: F401  the rest of the rank's imports, ahead too
     import torch._dynamo  # noqa: F401  DDP's and FSDP's constructors import it: 1-4 s of a round's model build
+    try:  # the run's config read ahead too (its schema's first build, 0.3 s); the round reads it again, cached
+        launch_config.load(RunFolder(Path(sys.argv[1])).config)  # while the file stays the same
+    except UserError:  # the round's own read reports it
+        pass
     line = sys.stdin.readline()
     if not line:
         os._exit(0)

@@ -249,6 +249,14 @@ def test_disk_full_during_an_async_save_keeps_the_previous_checkpoint_and_stops_
         assert meta["step"] == 4 and model is not None
 
 
+def said_once(caplog, start: str, timeout: float = 20.0) -> None:
+    """Waits until a line starting with `start` is logged (a beat thread's line: when it comes is its scheduling)."""
+    deadline = time.monotonic() + timeout
+    while not any(r.getMessage().startswith(start) for r in caplog.records):
+        assert time.monotonic() < deadline, f"never said: {start}"
+        time.sleep(0.01)
+
+
 def test_metrics_tensorboard_and_lease_writers_on_a_full_disk_say_one_line_each_and_go_on(tmp_path, caplog,
                                                                                            capfd):
     """Each writer beside the checkpoint, on a disk that fills and then has room again: one line when it first
@@ -272,11 +280,11 @@ def test_metrics_tensorboard_and_lease_writers_on_a_full_disk_say_one_line_each_
         for step in range(1, 200):
             metrics.write(step, {"loss": 1.0, "note": "x" * 200})
             rank_log.warning("step %d %s", step, "x" * 200)
-        time.sleep(0.3)  # beats fail meanwhile
+        said_once(caplog, "cannot write the lease's beat")  # the beat thread met the full disk too
         beat = read_beat(run_dir)
         (small / ".debug-fill-disk").unlink()
         metrics.write(200, {"loss": 2.0})
-        time.sleep(0.2)
+        said_once(caplog, "the lease's beat in")  # ... is written again: a beat of the thread after the room came back
         lease.release()
         metrics.close()
         said = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]

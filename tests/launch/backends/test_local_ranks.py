@@ -98,8 +98,8 @@ def test_a_later_sweep_points_start_up_counts_from_its_own_ranks_start(tmp_path,
     """Every point's ranks fork from the server its launcher started for the first point: the second point's start-up
     budget (watchdog.startup_s) counts from its own ranks' start, not from the server's imports a point earlier. The
     first point takes longer than the budget; in the second, rank 1 hangs before its first step, which ends it."""
-    startup_s = 10
-    proc = launch("model=tiny", "strategy=ddp", "nodes=2", "train.max_steps=8", "train.eval_interval=0",
+    startup_s = 15  # the first point's first step (its 1.5 s delay included) in well under it on a loaded machine
+    proc = launch("model=tiny", "strategy=ddp", "nodes=2", "train.max_steps=12", "train.eval_interval=0",
                   "debug.delay_rank=0", "debug.delay_s=1.5", "debug.hang_rank=null,1", f"watchdog.startup_s={startup_s}",
                   "preemption.in_job_restarts=0", *data_overrides, run_dir=tmp_path, multirun=True, check=False)
     assert proc.returncode == 1, proc.stderr[-3000:]
