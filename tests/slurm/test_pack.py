@@ -8,7 +8,7 @@ import time
 import pytest
 
 from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses
-from test_slurm_preemption import urgent_job
+from test_slurm_preemption import FIRST_WAITS, urgent_job
 
 pytestmark = pytest.mark.slurm
 
@@ -72,7 +72,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
     (launch.backends.slurm.start_preempted), and the requeued allocation runs each point to its end."""
     prolog = tmp_path / "task_prolog.sh"
     prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.${{SLURM_STEP_ID:-$SLURM_STEPID}}"
-                      "\nsleep 3\n")
+                      f"\n{FIRST_WAITS}")
     prolog.chmod(0o755)
     sweep = tmp_path / "sweep"
     proc = subprocess.Popen(launch_cmd("-m", "seed=1,2", "launcher.pack=true", "cluster.cpus_per_task=2",

@@ -116,6 +116,11 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
     assert "preempted by another job" in said and "node failure" not in said, said
 
 
+# A task prolog's wait on the first attempt only: the urgent job's SIGTERM ends it (a loaded machine may take
+# seconds to submit and schedule it); the requeued attempt's tasks go on at once.
+FIRST_WAITS = '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && sleep 60\nexit 0\n'
+
+
 @pytest.mark.timeout(300)
 @pytest.mark.parametrize("path", ["cluster=slurm", "sbatch multi_node.sh"])
 def test_a_higher_tier_job_that_comes_while_the_tasks_start_requeues_the_job_once_and_it_finishes(
@@ -127,7 +132,7 @@ def test_a_higher_tier_job_that_comes_while_the_tasks_start_requeues_the_job_onc
     Nothing fails: the job is requeued once and the run ends with the uninterrupted run's losses."""
     reference = reference_run(*RUN, *data_overrides)
     prolog = tmp_path / "task_prolog.sh"
-    prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.$SLURM_PROCID\nsleep 3\n")
+    prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.$SLURM_PROCID\n{FIRST_WAITS}")
     prolog.chmod(0o755)
     run = [*RUN, *data_overrides, f"cluster.srun_args=['--task-prolog={prolog}']"]
     if path == "cluster=slurm":
