@@ -12,9 +12,10 @@ from pathlib import Path
 
 import pytest
 
+from helpers import wait_until
 from launch.backends.slurm.chain import next_link
 from slurm_helpers import REPO, SLURM, TINY, launch_cmd, output, run_launch
-from test_detached import steps_done, verb, wait_until
+from test_detached import steps_done, verb
 from test_preemption import RUN, STEPS, assert_same_run, attempts
 
 pytestmark = pytest.mark.slurm

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO
+from helpers import REPO, wait_until
 from slurm_helpers import SLURM, TINY, launch_cmd, output, run_launch, train_records
 
 pytestmark = pytest.mark.slurm
@@ -25,13 +25,6 @@ SLOW = [o for o in TINY if not o.startswith("train.max_steps")] + [
 def verb(env, name: str, *args: str, cwd: Path = REPO, timeout: float = 120) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", f"launch.{name}", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
-
-
-def wait_until(check, timeout: float = 120, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while not check():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.5)
 
 
 def steps_done(run_dir: Path) -> int:

@@ -17,6 +17,7 @@ from test_preemption import assert_same_run, attempts
 pytestmark = pytest.mark.slurm
 
 SAVE_FLOOR_S = 15  # the tiny model saves in well under a second: its derived save budget is the floor
+SAVE_BUDGET_MAX_S = 60  # a measured budget stays under this even if a save met load (the flat default is 600)
 
 
 def saving(run_dir: Path, step: int, timeout: float = 150) -> None:
@@ -64,7 +65,7 @@ def test_cut_link_during_a_save_is_seen_within_the_measured_save_budget(slurm_cl
         saving(run_dir, 40)
         node = node_of_rank(run_dir, 1)
         with cut_link(slurm_cluster, node) as cut:
-            report = read_report(run_dir, job, 60 + 60)
+            report = read_report(run_dir, job, SAVE_BUDGET_MAX_S + 60)
             gone = exited(node, job, timeout=60)  # while still cut off: Slurm cannot stop it, it must end itself
         state = slurm_cluster.wait_state(job, timeout=300)
     finally:
@@ -73,7 +74,8 @@ def test_cut_link_during_a_save_is_seen_within_the_measured_save_budget(slurm_cl
     print(f"cut link during a save reported {report['time'] - cut:.1f} s after the cut "
           f"({report['budget']}={report['budget_s']} s)")
     # the budget is the measured saves' (10x the longest, at least the floor): the floor, unless a save met load
-    assert report["budget"] == "watchdog.save_s (auto)" and SAVE_FLOOR_S <= report["budget_s"] < 60, report["summary"]
+    assert report["budget"] == "watchdog.save_s (auto)" and SAVE_FLOOR_S <= report["budget_s"] < SAVE_BUDGET_MAX_S, \
+        report["summary"]
     assert report["time"] - cut < report["budget_s"] + 30, report["time"] - cut
     assert (report["cut"], report["exclude"]) == ([1], [node]), report["summary"]
     assert gone is not None, "the old attempt's rank on the cut-off node outlived its attempt"

@@ -13,9 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import REPO
+from helpers import REPO, wait_until
 from slurm_helpers import local_reference, SLURM, TINY, launch_cmd, losses, output
-from test_detached import wait_until
 
 pytestmark = pytest.mark.slurm
 STEPS = 60

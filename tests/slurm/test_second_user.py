@@ -18,8 +18,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, SHAKESPEARE
-from test_detached import steps_done, verb, wait_until
+from helpers import REPO, SHAKESPEARE, wait_until
+from test_detached import steps_done, verb
 from test_preemption import RUN, Job, attempts
 from slurm_helpers import SLURM
 

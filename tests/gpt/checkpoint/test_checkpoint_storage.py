@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, launch, losses
+from helpers import REPO, launch, losses, wait_until
 from gpt.checkpoint.store import list_checkpoints, verify
 from gpt.run_folder import RunFolder
 
@@ -249,12 +249,9 @@ def test_disk_full_during_an_async_save_keeps_the_previous_checkpoint_and_stops_
         assert meta["step"] == 4 and model is not None
 
 
-def said_once(caplog, start: str, timeout: float = 20.0) -> None:
+def said_once(caplog, start: str) -> None:
     """Waits until a line starting with `start` is logged (a beat thread's line: when it comes is its scheduling)."""
-    deadline = time.monotonic() + timeout
-    while not any(r.getMessage().startswith(start) for r in caplog.records):
-        assert time.monotonic() < deadline, f"never said: {start}"
-        time.sleep(0.01)
+    wait_until(lambda: any(r.getMessage().startswith(start) for r in caplog.records), 20, start, poll_s=0.01)
 
 
 def test_metrics_tensorboard_and_lease_writers_on_a_full_disk_say_one_line_each_and_go_on(tmp_path, caplog,
