@@ -10,7 +10,7 @@ rank, a task wrapper and the report all find the files here.
     attempts.jsonl        one line per attempt, written when it ends (AttemptsLog)
     attempt-claims/<key>  created once by the one writer of that attempt's line (AttemptsLog)
     attempt.json          the mark of the attempt in flight (AttemptsLog)
-    rounds/<attempt>/round-<K>.json   the request for in-job round K of a job's attempt (launch.run.rounds)
+    rounds/<attempt>/round-<K>.json   the request for in-job round K of a job's attempt (launch.recovery.rounds)
     summary.json          rank 0's summary of a finished run
     slurm_job.json        the Slurm job that runs it, written at submission
     job.json              the scheduler's job its ranks run in, as they see it, on every path (launch.run.job_record)
@@ -19,8 +19,8 @@ rank, a task wrapper and the report all find the files here.
     logs/rank<R>.log      each rank's log
     environment/rank<R>.json, environment/rendezvous.json    where and how each rank ran
     metrics/rank<R>.jsonl, tensorboard/rank<R>/              per-rank metrics
-    watchdog/node-<H>.json   the heartbeats of host H's ranks (gpt.resilience.node_heartbeat)
-    watchdog/rank<R>.json each rank's last heartbeat once it ended (gpt.resilience.heartbeat)
+    watchdog/node-<H>.json   the heartbeats of host H's ranks (launch.recovery.node_heartbeat)
+    watchdog/rank<R>.json each rank's last heartbeat once it ended (launch.recovery.heartbeat)
     watchdog/node-secret  the run's secret (mode 0600): part of its nodes' folder names in memory
     hang-<N>.json, hang-<N>.txt, hang-<N>-flight-recorder-rank<R>.pkl   the hang report of attempt N
     nccl-flight-recorder-rank<R>    NCCL's own dump when it times out
@@ -192,7 +192,7 @@ class RunFolder:
 
     @property
     def rounds(self) -> Path:
-        """The in-job restarts' requests, one file per round of a job's attempt (launch.run.rounds)."""
+        """The in-job restarts' requests, one file per round of a job's attempt (launch.recovery.rounds)."""
         return self.path / "rounds"
 
     def hang_report(self, attempt: str | int) -> tuple[Path, Path]:
@@ -288,10 +288,10 @@ NOT_RUNS = tuple(str(p) for p in (_NAMES.report, _NAMES.tensorboard, _NAMES.hydr
 
 
 class Next(Enum):
-    """What follows an attempt that ended early, in order of cost (launch.run.recovery decides it)."""
+    """What follows an attempt that ended early, in order of cost (launch.recovery.decision decides it)."""
 
     CONTINUE = "continue"  # nothing ends: training goes on (a flagged node kept where no requeue could leave it out)
-    RESTART = "restart inside the allocation"  # the next in-job round (launch.run.rounds)
+    RESTART = "restart inside the allocation"  # the next in-job round (launch.recovery.rounds)
     REQUEUE = "requeue"  # the scheduler runs the job again, without the named hosts where there are some
     NEXT_LINK = "next chain link"  # a later job of the chain (cluster.chain) continues the run
     STOP = "stop"  # nothing runs the job again: the same command continues the run
@@ -305,7 +305,7 @@ class AttemptLine:
 
     job_id: str | None = None
     restart: int = 0
-    round: int = 0  # the in-job round of the job's attempt (launch.run.rounds)
+    round: int = 0  # the in-job round of the job's attempt (launch.recovery.rounds)
     launch: str = ""  # which launch inside the job (several may share one allocation)
     time: float = 0.0  # when the line was written
     first_step: int | None = None

@@ -44,7 +44,7 @@ class RunStatus:
     restarts: int  # attempts that ended by requeueing their job (preempted, hung, a node lost)
     goodput: float | None
     links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
-    in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.run.rounds): cause, step, spare
+    in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.recovery.rounds): cause, step, spare
     stuck: str | None = None  # it waits and will not start by itself: what the user can do
     cancelled: bool = False  # its job was cancelled (scancel, launch.cancel), or its last attempt says so
     # its job lives on (an allocation: salloc), but the run's newest attempt in it ended for good, and no launch

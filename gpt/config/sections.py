@@ -71,10 +71,10 @@ class PreemptionConfig:
     signals: tuple[str, ...] = ("SIGTERM", "SIGUSR2")  # each only sets a flag; never SIGUSR1 (NCCL may use it)
     max_restarts: int = 10  # the job's own requeues (the scheduler's restart count); its REQUEUE preemptions: past it
     # a lost rank, a hang or a failed health check restarts the ranks inside the allocation (no requeue) at most this
-    # many times per attempt of the job (launch.run.rounds); 0: always requeue
+    # many times per attempt of the job (launch.recovery.rounds); 0: always requeue
     in_job_restarts: int = 3
-    # the next round's rank started ahead, its imports done (launch.rank.standby), so that an in-job restart or a spare
-    # pays no interpreter start: auto on GPU ranks, whose node's CPUs have room for it; not on CPU ranks, which
+    # the next round's rank started ahead, its imports done (launch.recovery.standby), so that an in-job restart or a
+    # spare pays no interpreter start: auto on GPU ranks, whose node's CPUs have room for it; not on CPU ranks, which
     # compute on every CPU the task has (there its imports took CPU from training on every round, for a restart's
     # few seconds saved); true or false to choose
     standby_rank: bool | str = "auto"
@@ -103,7 +103,7 @@ class RendezvousConfig:
 
 @dataclass(frozen=True)
 class WatchdogConfig:
-    """How long a rank may make no progress before its watchdog (gpt.resilience.watchdog) reports a hang and ends the
+    """How long a rank may make no progress before its watchdog (launch.recovery.watchdog) reports a hang and ends the
     attempt (RUN_DIR/hang-*.txt). Each budget counts from the rank's last progress mark (a step, a collective entered
     or left, a save, an evaluation batch); startup_s counts from the rank's start to its first step."""
 
@@ -144,7 +144,7 @@ class WatchdogConfig:
 
 @dataclass(frozen=True)
 class HealthConfig:
-    """Node health checks before every attempt trains (gpt.resilience.health): on CPU each node's matmul speed
+    """Node health checks before every attempt trains (launch.recovery.health): on CPU each node's matmul speed
     (nodes one after another) and the preflight all-reduce; on GPUs each GPU's matmul speed and the intra- and
     inter-node bus bandwidth; a storage check on both."""
 

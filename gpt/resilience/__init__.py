@@ -1,2 +1,3 @@
-"""What keeps a run going and tells what went wrong: preemption, the watchdog and hang reports, node health,
-stragglers and exclusion, goodput, and test-only fault injection."""
+"""The hooks the training loop calls when something may go wrong: preemption, progress (what the rank is doing, for
+its watchdog in launch.recovery), stragglers and exclusion, goodput, disk faults, the lease, timing constants, and
+test-only fault injection."""

@@ -143,7 +143,7 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
 
 
 def recovery(before: AttemptLine) -> str:
-    """Where the start-up of the attempt after `before` goes: after an in-job restart (launch.run.rounds) it is
+    """Where the start-up of the attempt after `before` goes: after an in-job restart (launch.recovery.rounds) it is
     "restart in job", from the restart's request to the first step; after a requeue, "requeue" (the wait in the
     queue is not allocated time); else plain start-up (a new submission)."""
     if before.in_job_restart:

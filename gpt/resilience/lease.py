@@ -53,7 +53,7 @@ class Beat:
     pidns: str = ""
     time: float = 0.0
     ended: bool = False
-    round: int = 0  # the in-job restart of the job's attempt that holds it (launch.run.rounds)
+    round: int = 0  # the in-job restart of the job's attempt that holds it (launch.recovery.rounds)
     launch: str = ""  # which launch inside the job holds it (several may share one allocation)
 
     def describe(self) -> str:

@@ -1,4 +1,4 @@
-"""What this rank is doing right now, for its watchdog (gpt.resilience.watchdog): the main thread marks each phase
+"""What this rank is doing right now, for its watchdog (launch.recovery.watchdog): the main thread marks each phase
 (start-up, a step, a save, an evaluation) and every collective it enters and leaves; the watchdog thread reads the
 marks.
 

@@ -20,15 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
-from gpt.resilience.hang import newest_hang
+from launch.recovery.hang import newest_hang
 from gpt.run_folder import RunFolder
 from launch.backends import Backend, RunFailed
 from launch.local_gpus import gpus_visible
 from launch.rank import forked
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.parent import LAUNCHER_PID, PARENT_PID, PAUSE_POLL_S
-from launch.run.rounds import IN_JOB, Rounds
-from launch.run.lost_rank import record_lost_rank
+from launch.recovery.rounds import IN_JOB, Rounds
+from launch.recovery.lost import record_lost_rank
 from launch.run.startup import attempt_start_env
 from launch.rank.threads import WAIT_POLICY, ThreadPlan
 
@@ -38,7 +38,7 @@ _running: list[multiprocessing.Process] = []  # this round's ranks, for the sign
 
 
 def run_local(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
-    """The ranks, and again in a new round each time one ends in an in-job restart (launch.run.rounds); the job
+    """The ranks, and again in a new round each time one ends in an in-job restart (launch.recovery.rounds); the job
     environment of the last round."""
     launch_id = new_launch()
     k = 0

@@ -29,7 +29,7 @@ from launch.backends.slurm.start_preempted import after_failed_step
 from launch.backends.slurm.step import RankStep, ignoring, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
-from launch.run.rounds import finished_on_spares
+from launch.recovery.rounds import finished_on_spares
 from launch.rank.job_env import LAUNCH_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
@@ -105,7 +105,7 @@ def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankSt
                  run_dir: Path, here: Path, python: str = sys.executable, spares: int = 0,
                  setup: tuple[str, ...] = (), exact: bool = False) -> list[str]:
     """The srun line that starts every rank: one task wrapper each, in the site's container if it has one; and one
-    on each spare node (it waits until it replaces a lost node, launch.run.rounds). The site's setup lines run
+    on each spare node (it waits until it replaces a lost node, launch.recovery.rounds). The site's setup lines run
     first, in the shell that then becomes srun, as cluster=slurm's batch script runs them before its srun. `exact`:
     a step of a packed allocation (launcher.pack), on its own CPUs beside the other points' steps."""
     nodes += spares
@@ -186,7 +186,7 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
 def _attempt_end(folder: RunFolder, launch: str) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
     the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
-    (launch.run.rounds) that is the newest round's line."""
+    (launch.recovery.rounds) that is the newest round's line."""
     job = job_environment()
     lines = [a for a in folder.attempts.read() if (a.job_id, a.restart, a.launch) == (job.job_id, job.restart, launch)]
     line = lines[-1] if lines else None

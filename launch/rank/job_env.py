@@ -17,7 +17,8 @@ from launch.backends.job_state import JobStanding
 if TYPE_CHECKING:  # torch: a rank's; this module is also the launcher's
     from gpt.dist.process_group import DistEnv
 
-ROUND_VAR = "GPTLAUNCH_ROUND"  # set by the task wrapper that restarts ranks inside the allocation (launch.run.rounds)
+# set by the task wrapper that restarts ranks inside the allocation (launch.recovery.rounds)
+ROUND_VAR = "GPTLAUNCH_ROUND"
 # Set by a launcher that starts ranks inside an allocation it did not submit (cluster=local, cluster=srun): several
 # launches may share one (salloc), and each has its own attempts and rounds.
 LAUNCH_VAR = "GPTLAUNCH_LAUNCH_ID"
@@ -73,7 +74,7 @@ class JobEnvironment:
 
     @property
     def round(self) -> int:
-        """Which in-job restart of this attempt this is (0: the first set of ranks; launch.run.rounds)."""
+        """Which in-job restart of this attempt this is (0: the first set of ranks; launch.recovery.rounds)."""
         value = self.environ.get(ROUND_VAR, "0")
         return int(value) if value.isdigit() else 0
 

@@ -23,7 +23,7 @@ class SignalRelay:
     def wait(self, child: subprocess.Popen, ready: Callable[[int], bool],
              stop: Callable[[], bool] = lambda: False, watch: RankWatch | None = None) -> int:
         """The child's exit code; meanwhile each signal caught goes on to it once `ready(signum)` says so. Once
-        `stop()` says so (its round is over, launch.run.rounds), the child is killed, and the signals it got go to
+        `stop()` says so (its round is over, launch.recovery.rounds), the child is killed, and the signals it got go to
         the next round's child too: a preemption during an in-job restart still saves and requeues. A `watch`
         kills the child past its deadline (a rank stuck inside a CUDA call)."""
         first = self.passed

@@ -30,7 +30,7 @@ from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.resilience.timing import ACTOR_WAIT_S, SCHEDULER_GRACE_S  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
-from gpt.resilience.watchdog import Watchdog, flight_recorder_env  # noqa: E402
+from launch.recovery.watchdog import Watchdog, flight_recorder_env  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
@@ -39,15 +39,15 @@ from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_re
                                  log_attempt, this_attempt, this_attempts_line)
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
-from launch.rank.health_gate import check_health  # noqa: E402
+from launch.recovery.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
-from launch.rank.lost_node import end_for_lost_node  # noqa: E402
+from launch.recovery.lost import end_for_lost_node  # noqa: E402
 from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
 from launch.run.identity import record_data  # noqa: E402
 from launch.run.job_record import CANCELLED, cancel_requested, record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
-from launch.run.recovery import Cause, Ending, decided_elsewhere, recover  # noqa: E402
-from launch.run.rounds import hosts_of  # noqa: E402
+from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover  # noqa: E402
+from launch.recovery.rounds import hosts_of  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
 
@@ -173,7 +173,7 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
 
 def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: int, summary: dict,
                    record: dict, nodes: list[str]) -> bool:
-    """Every rank has saved (the save ends with a barrier). Rank 0 ends the attempt (launch.run.recovery): a
+    """Every rank has saved (the save ends with a barrier). Rank 0 ends the attempt (launch.recovery.decision): a
     requeue (Slurm then stops every process of this attempt with SIGTERM, which only sets the flag now, and starts
     the job again with the same id), the chain's next link, or a spare's round for a lost node or a straggler.
     Returns, on every rank, whether the stop is as it should be: the run goes on by itself, or the user cancelled
@@ -228,7 +228,7 @@ def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, res
 
 def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
     """Called by the watchdog while the main thread is stuck. The one rank that acts (it has the report) says so
-    in one line and ends the attempt (launch.run.recovery), leaving out the hosts the report names gone or cut off;
+    in one line and ends the attempt (launch.recovery.decision), leaving out the hosts the report names gone or cut off;
     another rank learns from the attempts log what it decided. Returns whether the job runs again."""
     run_dir, job = attempt.run_dir, attempt.job
     if report is None:
@@ -294,7 +294,7 @@ def install_flag(run_dir: Path) -> LaunchConfig | None:
 
 
 def wait_for_round() -> None:
-    """A standby rank (launch.rank.standby), its imports done: its round's variables come on stdin; none (the task
+    """A standby rank (launch.recovery.standby), its imports done: its round's variables come on stdin; none (the task
     wrapper ended) ends it quietly. Its start-up counts from here."""
     global STARTED
     import gpt.train.trainer  # noqa: F401  the rest of the rank's imports, ahead too

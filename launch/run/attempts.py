@@ -19,11 +19,11 @@ from gpt.resilience.goodput import ESTIMATED, kept_training_s, last_record_time,
 from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
 from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
-from launch.run.rounds import Rounds
+from launch.recovery.rounds import Rounds
 from launch.run.startup import ATTEMPT_START
 
 if TYPE_CHECKING:
-    from gpt.resilience.watchdog import Watchdog
+    from launch.recovery.watchdog import Watchdog
     from gpt.train.trainer import Trainer
     from launch.run.startup import StartupClock
 

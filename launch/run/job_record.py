@@ -34,7 +34,7 @@ def recorded_job(run_dir: Path) -> tuple[str | None, float]:
         return None, 0.0
 
 
-CANCELLED = "cancelled by the user"  # how an attempt the user cancelled ended, in its line (launch.run.recovery)
+CANCELLED = "cancelled by the user"  # how an attempt the user cancelled ended, in its line (launch.recovery.decision)
 
 
 def request_cancel(run_dir: Path, job_ids: list[str]) -> None:

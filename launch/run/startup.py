@@ -6,7 +6,7 @@ its first training step. Each phase is the gap between two marks; rank 0 writes 
     launcher_s         attempt start -> this rank's interpreter runs the worker (planning, srun, submitit)
     imports_s          the worker's imports (torch, gptlaunch)
     rendezvous_s       process group joined and the preflight all-reduce done
-    health_s           the run folder's lease taken and the node health checks done (launch.rank.health_gate)
+    health_s           the run folder's lease taken and the node health checks done (launch.recovery.health_gate)
     model_s, data_s, checkpoint_load_s, first_step_s    measured by the trainer
 """
 from __future__ import annotations

@@ -16,7 +16,7 @@ import torch
 from cuda_standin import StrictCuda
 from gpt.config.sections import HealthConfig
 from gpt.dist.process_group import DistEnv, pick_device
-from gpt.resilience import health
+from launch.recovery import health
 from gpt.train.metrics import memory_stats
 
 

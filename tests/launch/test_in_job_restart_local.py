@@ -1,4 +1,4 @@
-"""In-job restarts under cluster=local (launch.run.rounds): the launcher starts a new round of ranks instead of
+"""In-job restarts under cluster=local (launch.recovery.rounds): the launcher starts a new round of ranks instead of
 failing, resumes from the newest checkpoint exactly, and never loops on a fault that repeats without progress."""
 from __future__ import annotations
 

@@ -8,7 +8,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
 
-from gpt.resilience.node_heartbeat import node_local_dir
+from launch.recovery.node_heartbeat import node_local_dir
 from helpers import launch, losses, read_metrics
 
 TINY = ["model=tiny", "train.max_steps=60", "train.warmup_steps=5", "train.log_interval=5", "train.eval_interval=30",

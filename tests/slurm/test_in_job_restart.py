@@ -1,4 +1,4 @@
-"""In-job restarts on the real local Slurm cluster (launch.run.rounds): a killed rank restarts the ranks inside the
+"""In-job restarts on the real local Slurm cluster (launch.recovery.rounds): a killed rank restarts the ranks inside the
 allocation instead of requeueing. The job never leaves RUNNING (Slurm counts no restart), the attempts log names the
 round, and the run finishes exactly as an uninterrupted one (bitwise losses and final weights)."""
 from __future__ import annotations

@@ -9,7 +9,7 @@ from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
 from launch.rank.job_env import JobEnvironment, Preemption
-from launch.run.rounds import hosts_of
+from launch.recovery.rounds import hosts_of
 
 REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
 REQUEUE_BACKOFF_S = 1.0

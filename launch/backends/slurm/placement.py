@@ -34,7 +34,7 @@ def from_slurm(env) -> DistEnv:
 
 
 def master_port(env) -> int:
-    """The job's port, another for each in-job round (launch.run.rounds): a rank of an earlier round that still
+    """The job's port, another for each in-job round (launch.recovery.rounds): a rank of an earlier round that still
     runs cannot join a later one."""
     round_ = int(env.get(ROUND_VAR, "0") or 0)
     if env.get("MASTER_PORT"):

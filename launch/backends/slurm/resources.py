@@ -39,7 +39,7 @@ MANAGED = {
 # leaving the others waiting in a collective.
 SRUN_ARGS = ("--kill-on-bad-exit=1",)
 # With spare nodes a failed node must end neither the allocation nor the step (srun counts its tasks as killed,
-# a bad exit): the task wrappers restart the ranks on a spare (launch.run.rounds), and end by themselves.
+# a bad exit): the task wrappers restart the ranks on a spare (launch.recovery.rounds), and end by themselves.
 SPARE_SRUN_ARGS = ("--kill-on-bad-exit=0", "--no-kill")
 
 
@@ -154,7 +154,8 @@ class SlurmResources:
             extra["reservation"] = self.reservation
         if self.signal != ClusterConfig.signal:  # submitit writes USR2 itself
             extra["signal"] = f"{self.signal}@{self.signal_delay_s}"
-        if self.spare_nodes:  # a failed node must not end the allocation: a spare takes its place (launch.run.rounds)
+        # a failed node must not end the allocation: a spare takes its place (launch.recovery.rounds)
+        if self.spare_nodes:
             extra["no-kill"] = True
         extra.update(self.sbatch)
         if self.chain > 1:  # each link starts once the one before (same user, same job name) has ended, and after

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from launch.rank.job_env import job_environment
-from launch.run.rounds import finished_on_spares
+from launch.recovery.rounds import finished_on_spares
 
 LINGER_S = 30.0  # the run's last tasks end within seconds of its last line; past this srun waits for a lost node
 LOOK_S = 5.0  # a look at the attempts log, on the shared file system

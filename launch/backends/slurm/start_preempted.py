@@ -3,7 +3,7 @@ does not ignore SIGTERM yet dies of it: slurmstepd's child before its exec, a si
 trap (launch.backends.slurm.step.ignoring). srun then ends with no rank having seen the preemption, and Slurm does not
 requeue a job that ends inside its grace time. So after srun fails, the batch step asks this module (cluster=slurm:
 the batch script's teardown; cluster=srun: srun's launcher): when Slurm preempts the job and no process recorded this
-attempt, it is recorded as preempted and the site's policy applied (launch.run.recovery: REQUEUE requeues the job).
+attempt, it is recorded as preempted and the site's policy applied (launch.recovery.decision: REQUEUE requeues the job).
 
     python -m launch.backends.slurm.start_preempted SUBMITIT_FOLDER   # in the batch script, after srun failed
 """
@@ -17,14 +17,14 @@ from launch import launch_config
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.run.attempts import this_attempts_line
-from launch.run.recovery import Cause, Ending, Outcome, recover
-from launch.run.rounds import Rounds
+from launch.recovery.decision import Cause, Ending, Outcome, recover
+from launch.recovery.rounds import Rounds
 
 
 def after_failed_step(run_dir: Path, job: JobEnvironment) -> Outcome | None:
     """The outcome of a preemption no rank recorded (the line says it, and the job is requeued where Slurm's
     policy requeues); None when Slurm preempts nothing, or a rank recorded the attempt itself. The attempt is its
-    newest round: one asked for inside the allocation (launch.run.rounds) may have been starting."""
+    newest round: one asked for inside the allocation (launch.recovery.rounds) may have been starting."""
     if k := Rounds.of(run_dir, job).newest():
         job = type(job)({**job.environ, ROUND_VAR: str(k)})
     preempted = job.preemption()

@@ -3,7 +3,7 @@ of them), and `python -m launch.backends.slurm.task RUN_DIR` under cluster=srun 
 
 Each task runs the rank in a child process, `python -m launch.rank.worker RUN_DIR`, the very entry point of the
 local backend too. It sees how the rank ends: a rank killed while its host lives requeues the job
-(launch.run.lost_rank). Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
+(launch.recovery.lost). Why a child and not a call: the worker ends with os._exit to dodge gloo's racy
 teardown ("terminate called without an active exception"), and that would also skip submitit writing the
 task's result. Here the child may exit hard, and this process (which never imports torch) reports its exit
 status to submitit: a result on success, or RankFailed, naming the rank, its host and its log, on failure.
@@ -30,9 +30,9 @@ from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.rank.rank_watch import RankWatch, signalled_exit_s
-from launch.rank.round_agent import RoundAgent, RoundSilent
+from launch.recovery.round_agent import RoundAgent, RoundSilent
 from launch.rank.signal_relay import SignalRelay, catches
-from launch.rank.standby import Standby
+from launch.recovery.standby import Standby
 from launch.rank.threads import ThreadPlan
 from launch.backends.slurm.job import gpus_on_node
 
@@ -142,10 +142,10 @@ class RankTask:
 
     def lost(self, rank: int, line: str, started: float, gone: tuple[str, ...] = ()) -> bool:
         """The rank vanished without a word (a signal, not an error of its own): restart the ranks inside the
-        allocation or requeue the job, unless that would repeat a crash (launch.run.lost_rank); `gone`: hosts to
+        allocation or requeue the job, unless that would repeat a crash (launch.recovery.lost); `gone`: hosts to
         leave out. True: restarted inside the allocation; else this waits for Slurm to stop this attempt (exiting
         first fails the task)."""
-        from launch.run.lost_rank import requeue_for_lost_rank
+        from launch.recovery.lost import requeue_for_lost_rank
 
         outcome = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone)
         if outcome.runs_again:
@@ -159,7 +159,7 @@ class RankTask:
         """The rank died of SIGABRT: when NCCL aborted it because a peer was lost or failed, fail this task naming
         that peer (one task records the attempt, and restarts or requeues for a lost one, without the peer's host
         when that went too); True when the next round is asked for instead; False when the abort was its own."""
-        from launch.run.lost_rank import claim_attempt, culprit_of_abort, record_failed_peer
+        from launch.recovery.lost import claim_attempt, culprit_of_abort, record_failed_peer
 
         run_dir = Path(self.run_dir)
         culprit = culprit_of_abort(run_dir, rank, time.time())

@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from launch import launch_config
 from gpt.errors import UserError
-from gpt.resilience.hang import newest_hang
+from launch.recovery.hang import newest_hang
 from gpt.run_folder import AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
@@ -23,7 +23,7 @@ from launch.backends.slurm.submit import Submitted, show_path
 from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
 from launch.run.job_record import CANCELLED, cancelled_by_user
-from launch.run.rounds import finished_on_spares
+from launch.recovery.rounds import finished_on_spares
 
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
 FAST_FOR_S = 60.0  # the waiter polls at its own pace for this long after anything changed...

@@ -112,7 +112,7 @@ def test_a_hang_report_from_before_the_wait_is_not_told_again(tmp_path):
     time (another host's clock) with the waiter's."""
     import json
 
-    from gpt.resilience.hang import newest_hang
+    from launch.recovery.hang import newest_hang
     from gpt.run_folder import RunFolder
 
     folder = RunFolder(tmp_path)
@@ -207,7 +207,7 @@ def test_a_job_completed_on_the_hosts_that_ran_ranks_not_on_its_idle_spare(tmp_p
 
 def test_a_spare_task_that_ended_the_job_is_heard(tmp_path: Path, monkeypatch):
     """2 nodes and a spare: the training nodes' tasks were killed without a result, and the spare's task ended the job
-    on its own deadline (launch.rank.round_agent.RoundSilent). Its result file (task 2, past the world size) is
+    on its own deadline (launch.recovery.round_agent.RoundSilent). Its result file (task 2, past the world size) is
     read, and the user is told why, not only that no rank reported."""
     from submitit.core.utils import cloudpickle_dump
 

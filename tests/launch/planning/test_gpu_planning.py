@@ -157,7 +157,7 @@ def _join_as_ranks(monkeypatch, tmp_path, visible: str, ranks: int) -> tuple[lis
     import torch.distributed as dist
 
     from gpt.config.sections import RendezvousConfig, WatchdogConfig
-    from gpt.resilience.watchdog import flight_recorder_env
+    from launch.recovery.watchdog import flight_recorder_env
     from launch.rank import worker
     from helpers import free_port
 

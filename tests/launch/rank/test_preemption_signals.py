@@ -23,7 +23,7 @@ from launch.run.startup import STEP_TOKEN
 from helpers import REPO, compose
 from launch.backends import srun
 from launch.backends.slurm import task
-from launch.rank import standby
+from launch.recovery import standby
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2, signal.SIGINT)
 

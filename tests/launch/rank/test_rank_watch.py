@@ -86,7 +86,8 @@ def test_the_task_wrapper_kills_its_rank_once_another_rank_ended_the_attempt(tmp
     from gpt.config import schema
     from helpers import compose
     from launch.backends.slurm import task
-    from launch.rank import rank_watch, standby
+    from launch.rank import rank_watch
+    from launch.recovery import standby
 
     saved = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}  # the wrapper catches them
     for name, value in {"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "0", "SLURM_PROCID": "0",

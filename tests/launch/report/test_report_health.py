@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from gpt.resilience.health_verdict import BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict
+from launch.recovery.health_verdict import BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict
 from gpt.run_folder import RunFolder
 from launch.report.markdown import node_health
 

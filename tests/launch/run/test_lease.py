@@ -260,7 +260,7 @@ def test_an_orphan_of_an_earlier_generation_is_no_peer(tmp_path, monkeypatch):
     """Both attempts' heartbeats carry the same attempt number when the old one wrote no line: the generation tells
     the new attempt's ranks from an orphan of the old one."""
     from gpt.resilience import lease
-    from gpt.resilience.heartbeat import read_heartbeats, write_heartbeat
+    from launch.recovery.heartbeat import read_heartbeats, write_heartbeat
 
     monkeypatch.setattr(lease, "_FENCE", None)
     lease.install_fence(tmp_path, 2)
@@ -276,7 +276,7 @@ def test_a_rank_of_a_displaced_attempt_stops_at_its_next_heartbeat(tmp_path):
     """Any rank, not only the lease's holder: once a later generation is claimed, its next heartbeat is not written
     and the process exits with the line."""
     rank = ("import sys\nfrom pathlib import Path\nfrom gpt.resilience.lease import install_fence\n"
-            "from gpt.resilience.heartbeat import write_heartbeat\nrun = Path(sys.argv[1])\n"
+            "from launch.recovery.heartbeat import write_heartbeat\nrun = Path(sys.argv[1])\n"
             "install_fence(run, 1)\nwrite_heartbeat(run, 1, {'attempt': 1})\n"
             "(run / 'lease' / '2').write_text('{}')\nwrite_heartbeat(run, 1, {'attempt': 2})\n")
     (tmp_path / "watchdog").mkdir()

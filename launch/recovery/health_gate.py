@@ -1,4 +1,4 @@
-"""The health checks of gpt.resilience.health at the start of every attempt (per node on CPU, per GPU on GPUs),
+"""The health checks of launch.recovery.health at the start of every attempt (per node on CPU, per GPU on GPUs),
 and what follows: the figures in RUN_DIR/health-<attempt>.json, a warning naming each node or GPU below
 health.min_fraction (or failing storage), and with health.action=exclude a requeue without those nodes (Slurm's
 ExcNodeList), recorded in attempts.jsonl."""
@@ -9,14 +9,14 @@ import logging
 from pathlib import Path
 
 from gpt.dist.process_group import DistEnv, Rendezvous, from_rank0, from_rank0_object
-from gpt.resilience.health import measure_gpus, measure_nodes
-from gpt.resilience.health_verdict import NodeVerdict, Verdict, bus_bandwidth_gbps
+from launch.recovery.health import measure_gpus, measure_nodes
+from launch.recovery.health_verdict import NodeVerdict, Verdict, bus_bandwidth_gbps
 from gpt.resilience.progress import PROGRESS
 from gpt.config.sections import DebugConfig, HealthConfig
 from gpt.run_folder import Next, RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.run.recovery import Cause, Ending, recover
-from launch.run.rounds import Rounds
+from launch.recovery.decision import Cause, Ending, recover
+from launch.recovery.rounds import Rounds
 
 log = logging.getLogger("launch.health")
 
@@ -79,7 +79,7 @@ def remember_figures(run_dir: Path, job: JobEnvironment, figures: dict[str, floa
 
 def exclude(run_dir: Path, job: JobEnvironment, restarts: int, verdict: Verdict) -> bool:
     """A spare replaces the flagged nodes in an in-job restart, else the job requeues without them, else training goes
-    on with them (launch.run.recovery). Returns whether this attempt ended."""
+    on with them (launch.recovery.decision). Returns whether this attempt ended."""
     hosts = tuple(sorted(set(verdict.flagged_hosts)))
     outcome = recover(Ending(run_dir, job, Cause.HEALTH, f"excluded {', '.join(hosts)}", restarts, hosts,
                              {"first_step": None, "last_step": None, "health": verdict.as_dict()}))

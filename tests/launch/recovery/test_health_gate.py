@@ -8,9 +8,9 @@ import torch
 
 from gpt.config.sections import DebugConfig, HealthConfig
 from gpt.dist.process_group import DistEnv
-from gpt.resilience.health_verdict import BusBandwidth, GpuHealth, GpuVerdict
+from launch.recovery.health_verdict import BusBandwidth, GpuHealth, GpuVerdict
 from gpt.run_folder import RunFolder
-from launch.rank import health_gate
+from launch.recovery import health_gate
 from launch.rank.job_env import JobEnvironment
 
 
@@ -61,7 +61,7 @@ def test_an_in_job_restart_measures_only_the_nodes_new_to_the_attempt(tmp_path, 
     """Round 0 measures every node and keeps the figures; a later round (an in-job restart) reuses them for the
     nodes that ran before and measures only a new one (a spare), judged against them."""
     timed = []
-    monkeypatch.setattr("gpt.resilience.health.matmul_gflops", lambda *a, **k: timed.append(1) or 40.0)
+    monkeypatch.setattr("launch.recovery.health.matmul_gflops", lambda *a, **k: timed.append(1) or 40.0)
     round0 = JobEnvironment({"GPTLAUNCH_ROUND": "0"})
     assert gate(tmp_path, torch.device("cpu"), round0, action="warn") is False
     assert len(timed) == 1  # one node, one round

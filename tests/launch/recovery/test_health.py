@@ -14,9 +14,9 @@ import torch.multiprocessing as mp
 from gpt.config.sections import HealthConfig
 from gpt.dist.process_group import DistEnv
 from gpt.errors import ConfigError
-from gpt.resilience import health
-from gpt.resilience.health import CPU_SLOW_DRAG, gpu_dtype, gpu_matmul_tflops, matmul_gflops, measure_gpus, storage_problem
-from gpt.resilience.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict,
+from launch.recovery import health
+from launch.recovery.health import CPU_SLOW_DRAG, gpu_dtype, gpu_matmul_tflops, matmul_gflops, measure_gpus, storage_problem
+from launch.recovery.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, NodeVerdict,
                                            bus_bandwidth_gbps, bus_figures, bus_groups, matmul_iterations)
 
 
@@ -194,7 +194,7 @@ def test_measure_gpus_over_gloo_gathers_every_gpu_and_measures_both_buses(tmp_pa
 def _turns_worker(rank: int, store: str, run_dir: str, out: str, figures: list[list[float]]) -> None:
     """One rank per node; `figures[node]` are the figures its turns give, in order: fixed, so that the rounds' logic
     is what is tested."""
-    from gpt.resilience import health
+    from launch.recovery import health
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=len(figures))

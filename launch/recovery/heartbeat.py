@@ -1,5 +1,5 @@
 """Every rank's heartbeat: in steady state through its node's record, RUN_DIR/watchdog/node-<host>.json (written in
-place by one rank per node, gpt.resilience.node_heartbeat); when a rank ends or vanishes, in a file of its own,
+place by one rank per node, launch.recovery.node_heartbeat); when a rank ends or vanishes, in a file of its own,
 RUN_DIR/watchdog/rank<R>.json. Read by the peers' watchdogs and by the launcher. Files in the run folder are a
 channel that does not depend on the process group that may hang. Torch-free.
 

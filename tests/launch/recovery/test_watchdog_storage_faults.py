@@ -17,8 +17,8 @@ import pytest
 from gpt.config.sections import WatchdogConfig
 from gpt.errors import EXIT_HANG
 from gpt.resilience.progress import Progress
-from gpt.resilience.hang_report import HangReport
-from gpt.resilience.watchdog import Watchdog
+from launch.recovery.hang import HangReport
+from launch.recovery.watchdog import Watchdog
 from helpers import launch
 from test_watchdog import RUN
 
@@ -29,7 +29,8 @@ RANK = textwrap.dedent("""
     import json, sys, threading, time
     from pathlib import Path
     from gpt.config.sections import WatchdogConfig
-    from gpt.resilience import timing, watchdog
+    from gpt.resilience import timing
+    from launch.recovery import watchdog
     from gpt.resilience.progress import PROGRESS
     run_dir, asked = Path(sys.argv[1]), Path(sys.argv[2])
     watchdog.REQUEUE_WAIT_S = 1.0  # a requeued rank waits for Slurm's kill: no Slurm here

@@ -1,5 +1,5 @@
 """Node health before training, on every attempt: compute speed, a storage check (write, fsync, read back a file
-in the run folder), and bus bandwidth. What the figures mean is gpt.resilience.health_verdict.
+in the run folder), and bus bandwidth. What the figures mean is launch.recovery.health_verdict.
 
 On CPU each node's matmul speed is its ranks' together, and the nodes take turns (every rank of one node at once,
 the others waiting): nodes of a local test cluster share one machine's cores, and measured at the same time they
@@ -26,7 +26,7 @@ import torch.distributed as dist
 from gpt.config.sections import HealthConfig
 from gpt.dist.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects
 from gpt.train.step_timer import PhaseClock
-from gpt.resilience.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, below_fraction,
+from launch.recovery.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, below_fraction,
                                            bus_figures, bus_groups, matmul_iterations, node_sums)
 from gpt.run_folder import RunFolder
 

@@ -2,7 +2,7 @@
 signal, a hang, a node failing its health check, a node the scheduler holds down, a rank killed).
 
 In order of cost: continue (a flagged node kept where no requeue could leave it out), the next round inside the
-allocation (launch.run.rounds: a spare for the hosts named), the chain's next link (cluster.chain: a requeue would
+allocation (launch.recovery.rounds: a spare for the hosts named), the chain's next link (cluster.chain: a requeue would
 run ahead of it), a requeue (without the named hosts), else stop with one line that says how to continue. A fault of
 the run itself (a lost rank, a hang) is bounded by progress: no second recovery in a row without a newer checkpoint,
 since a fault that repeats (running out of memory, or hanging, at the same step) would repeat on every restart.
@@ -23,9 +23,9 @@ from gpt.run_folder import AttemptLine, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
 from launch.run.attempts import end_attempt, log_attempt, log_killed, marked_attempt, this_attempt
 from launch.run.identity import newest_step
-from launch.run.rounds import InJobRestart, hosts_of, in_job_restart
+from launch.recovery.rounds import InJobRestart, hosts_of, in_job_restart
 
-log = logging.getLogger("launch.run.recovery")
+log = logging.getLogger("launch.recovery.decision")
 
 
 class Cause(Enum):

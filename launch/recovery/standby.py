@@ -1,4 +1,4 @@
-"""The next round's rank, started ahead (launch.run.rounds): `python -m launch.rank.worker RUN_DIR --standby`
+"""The next round's rank, started ahead (launch.recovery.rounds): `python -m launch.rank.worker RUN_DIR --standby`
 imports torch and gptlaunch, then waits for its round's variables on its stdin. An in-job restart then costs no
 interpreter start and no imports (most of a rank's start-up on a loaded node). Torch-free: the task wrapper runs it."""
 from __future__ import annotations

@@ -45,7 +45,7 @@ class Rounds:
 
     def health(self) -> Path:
         """The nodes' health figures measured in this attempt's rounds so far: a later round measures only the
-        nodes new to it (a spare), against these (launch.rank.health_gate)."""
+        nodes new to it (a spare), against these (launch.recovery.health_gate)."""
         return RunFolder(self.run_dir).rounds / self.name / "health.json"
 
     def newest(self) -> int:

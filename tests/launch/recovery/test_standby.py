@@ -16,10 +16,10 @@ from gpt.resilience.lease import Lease
 from gpt.resilience.timing import ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from gpt.run_folder import RunFolder
 from helpers import compose
-from launch.rank.round_agent import LOOK_S, RoundAgent, RoundSilent
+from launch.recovery.round_agent import LOOK_S, RoundAgent, RoundSilent
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
-from launch.rank.standby import ASK_S, Standby
-from launch.run.rounds import Rounds
+from launch.recovery.standby import ASK_S, Standby
+from launch.recovery.rounds import Rounds
 
 
 def test_a_standby_starts_once_the_rounds_rank_is_up_asking_once_a_second(tmp_path):
@@ -55,7 +55,7 @@ def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(t
 
 
 def test_without_in_job_restarts_a_task_never_looks_for_a_next_round(tmp_path, monkeypatch):
-    """No round follows (launch.run.rounds.in_job_restart): the wrapper's once-a-second look would be a metadata
+    """No round follows (launch.recovery.rounds.in_job_restart): the wrapper's once-a-second look would be a metadata
     operation per task per second on the shared file system, for nothing."""
     schema.save(launch_config.parse(compose("preemption.in_job_restarts=0")), RunFolder(tmp_path).config)
     agent = RoundAgent(tmp_path, JobEnvironment({"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}), "h")

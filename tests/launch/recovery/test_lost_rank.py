@@ -11,7 +11,7 @@ import pytest
 from gpt.config import schema
 from launch import launch_config
 from helpers import compose
-from launch.run import lost_rank
+from launch.recovery import lost
 
 
 @pytest.fixture
@@ -36,8 +36,8 @@ def begin(run_dir: Path, restart: int, first_step: int) -> None:
                                                       "first_step": first_step}))
 
 
-def lost(*args) -> tuple[bool, str]:
-    outcome = lost_rank.requeue_for_lost_rank(*args)
+def requeue(*args) -> tuple[bool, str]:
+    outcome = lost.requeue_for_lost_rank(*args)
     return outcome.goes_on, outcome.note
 
 
@@ -48,7 +48,7 @@ def lines(run_dir: Path) -> list[dict]:
 def test_the_first_loss_requeues_and_records_the_attempt(run_dir, asked):
     checkpoint(run_dir, 5, 0)
     begin(run_dir, 0, 0)
-    requeued, how = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
+    requeued, how = requeue(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     assert (requeued, how, asked) == (True, "requeued job 42 (restart 1 of at most 5)", ["42"])
     (line,) = lines(run_dir)
     assert (line["ended"], line["lost_rank"], line["first_step"], line["last_step"]) == (
@@ -62,10 +62,10 @@ def test_the_first_loss_requeues_and_records_the_attempt(run_dir, asked):
 def test_a_second_loss_without_a_newer_checkpoint_fails_and_says_where_to_continue(run_dir, asked, monkeypatch):
     checkpoint(run_dir, 5, 0)
     begin(run_dir, 0, 0)
-    lost_rank.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
+    lost.requeue_for_lost_rank(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     begin(run_dir, 1, 5)
-    requeued, how = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
+    requeued, how = requeue(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 0.0)
     assert not requeued and asked == ["42"], how
     assert how.startswith("not requeued: the attempt before lost a rank too, and no checkpoint newer than step 5")
     assert how.endswith("the same command continues the run from its newest checkpoint (step 5)")
@@ -74,7 +74,7 @@ def test_a_second_loss_without_a_newer_checkpoint_fails_and_says_where_to_contin
     checkpoint(run_dir, 10, 1)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
     begin(run_dir, 2, 5)
-    requeued, _ = lost(run_dir, 1, "rank 1 on n2 was killed by SIGSEGV", 0.0)
+    requeued, _ = requeue(run_dir, 1, "rank 1 on n2 was killed by SIGSEGV", 0.0)
     assert requeued and asked == ["42", "42"]
 
 
@@ -83,7 +83,7 @@ def test_a_loss_during_start_up_leaves_the_older_attempts_mark(run_dir, asked, m
     next attempt still records."""
     begin(run_dir, 0, 0)
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
-    requeued, _ = lost(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 10.0)
+    requeued, _ = requeue(run_dir, 1, "rank 1 on n2 was killed by SIGKILL", 10.0)
     (line,) = lines(run_dir)
     assert requeued and (line["restart"], line["first_step"], line["last_step"]) == (1, 0, 0)
     assert json.loads((run_dir / "attempt.json").read_text())["restart"] == 0

@@ -14,10 +14,10 @@ import pytest
 from control_counters import FsOps
 from gpt.errors import UserError
 from gpt.config.sections import WatchdogConfig
-from gpt.resilience.heartbeat import read_heartbeats
-from gpt.resilience import node_heartbeat
-from gpt.resilience.node_heartbeat import NodeHeartbeat, node_local_dir
-from gpt.resilience.watchdog import Watchdog
+from launch.recovery.heartbeat import read_heartbeats
+from launch.recovery import node_heartbeat
+from launch.recovery.node_heartbeat import NodeHeartbeat, node_local_dir
+from launch.recovery.watchdog import Watchdog
 
 
 def test_four_ranks_of_a_node_cost_the_run_folder_at_most_one_metadata_operation_per_beat(tmp_path):
@@ -66,7 +66,7 @@ def test_a_silent_writer_is_replaced_and_reads_as_silent_while_its_node_beats_on
 def test_a_survivor_reads_its_peers_from_their_node_records(tmp_path):
     """A rank SIGABRT ended looks for the peer to blame among the heartbeats of its attempt: a lost peer's is in
     its node's record only (it never wrote its own file)."""
-    from launch.run.lost_rank import _peers
+    from launch.recovery.lost import _peers
 
     (tmp_path / "watchdog").mkdir()
     record = {"attempt": 1, "restart": 0, "generation": None, "time": time.time()}

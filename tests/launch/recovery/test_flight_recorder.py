@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from gpt.resilience.flight_recorder import Stuck, read_dumps, stuck_collectives
-from gpt.resilience.hang import Hang
-from gpt.resilience.watchdog import flight_recorder_env
+from launch.recovery.flight_recorder import Stuck, read_dumps, stuck_collectives
+from launch.recovery.hang import Hang
+from launch.recovery.watchdog import flight_recorder_env
 
 RANK = r"""
 import os, sys, time

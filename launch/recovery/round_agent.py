@@ -1,4 +1,4 @@
-"""A task wrapper's side of in-job restarts (launch.run.rounds): where this task's rank runs in each round (or that
+"""A task wrapper's side of in-job restarts (launch.recovery.rounds): where this task's rank runs in each round (or that
 it waits as a spare), and when a round is over. Torch-free: it runs in every task wrapper."""
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from gpt.run_folder import Next, RunFolder
 from gpt.resilience.lease import read_beat
 from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.run.rounds import Rounds, round_record
+from launch.recovery.rounds import Rounds, round_record
 from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2

@@ -29,7 +29,7 @@ import time
 from pathlib import Path
 
 from gpt.errors import UserError
-from gpt.resilience.heartbeat import Liveness, of_attempt
+from launch.recovery.heartbeat import Liveness, of_attempt
 from gpt.resilience.lease import fence
 from gpt.run_folder import RunFolder
 

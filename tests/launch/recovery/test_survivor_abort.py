@@ -17,8 +17,8 @@ from launch import launch_config
 from helpers import compose, launch
 from launch.backends import local
 from launch.backends.slurm import commands, task
-from launch.rank import standby
-from launch.run import lost_rank
+from launch.recovery import standby
+from launch.recovery import lost
 
 
 @pytest.fixture
@@ -26,7 +26,7 @@ def run_dir(tmp_path: Path, monkeypatch) -> Path:
     monkeypatch.setenv("SLURM_JOB_ID", "42")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "0")
     monkeypatch.setattr(task, "REQUEUE_WAIT_S", 0.0)
-    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 1.0)
+    monkeypatch.setattr(lost, "ABORT_GRACE_S", 1.0)
     monkeypatch.setenv("GPTLAUNCH_ROUND", "0")  # the task sets it for its rank: restored after the test
     # the requeue (tests/launch/test_in_job_restart_local.py and tests/slurm/test_in_job_restart.py restart in the job)
     schema.save(launch_config.parse(compose("preemption.max_restarts=5", "preemption.in_job_restarts=0")),
@@ -128,9 +128,9 @@ def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues_without_it(ru
     """Rank 1 went with its host: no task of its records anything, and its heartbeat stopped. The survivors name
     it; the first to claim the attempt requeues, once, and keeps the job off that host though Slurm does not hold
     it down yet (it takes minutes to)."""
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)  # silent that long while the survivor watches
+    monkeypatch.setattr(lost, "SCHEDULER_GRACE_S", 0.5)  # silent that long while the survivor watches
     beat(run_dir, 1, time=time.time() - 60)
-    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time())
+    beat(run_dir, 2, ended=lost.ABORTED, aborted_at=time.time())
     first = run_task(run_dir, 0, -signal.SIGABRT, monkeypatch)
     second = run_task(run_dir, 2, -signal.SIGABRT, monkeypatch)
     assert first.startswith("rank 1 on n2 was lost (its heartbeat stopped)"), first
@@ -144,7 +144,7 @@ def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues_without_it(ru
 def test_the_next_round_runs_on_a_spare_in_place_of_the_lost_host(run_dir, asked, excluded, monkeypatch):
     """In-job restarts: the round after the lost host's runs on the spare (n4), not on n2 again (whose rendezvous it
     would wait out), though Slurm does not hold n2 down yet; the survivor's task goes on to that round."""
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)
+    monkeypatch.setattr(lost, "SCHEDULER_GRACE_S", 0.5)
     monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-4]")
     monkeypatch.setattr(commands, "hostnames", {"n[1-4]": ["n1", "n2", "n3", "n4"]}.get)
     monkeypatch.setattr(commands, "dropped_nodes", lambda job, nodelist: [])
@@ -165,12 +165,12 @@ def test_the_next_round_runs_on_a_spare_in_place_of_the_lost_host(run_dir, asked
 def test_a_silent_rank_whose_host_still_shows_life_keeps_its_host(run_dir, monkeypatch):
     """Rank 1's heartbeat stopped, but rank 2 on the same host was aborted by its task (which lives there): the
     host is not gone, and only Slurm's word would leave it out."""
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 0.5)
+    monkeypatch.setattr(lost, "SCHEDULER_GRACE_S", 0.5)
     beat(run_dir, 1, time=time.time() - 60)
-    beat(run_dir, 2, host="n2", ended=lost_rank.ABORTED, aborted_at=time.time())
-    assert lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost_rank.Culprit(1, "n2", "lost")
-    beat(run_dir, 2, host="n3", ended=lost_rank.ABORTED, aborted_at=time.time())
-    assert lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost_rank.Culprit(
+    beat(run_dir, 2, host="n2", ended=lost.ABORTED, aborted_at=time.time())
+    assert lost.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost.Culprit(1, "n2", "lost")
+    beat(run_dir, 2, host="n3", ended=lost.ABORTED, aborted_at=time.time())
+    assert lost.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost.Culprit(
         1, "n2", "lost", host_gone=True)
 
 
@@ -191,7 +191,7 @@ def culprit_while_beating(run_dir: Path, rank: int, every_s: float, clock_behind
     writer = threading.Thread(target=alive)
     writer.start()
     try:
-        return lost_rank.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
+        return lost.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1)
     finally:
         stop.set()
         writer.join()
@@ -199,11 +199,11 @@ def culprit_while_beating(run_dir: Path, rank: int, every_s: float, clock_behind
 
 def test_a_silent_rank_next_to_one_that_still_beats_keeps_its_host(run_dir, monkeypatch):
     """Rank 2 on rank 1's host still beats (it moved within half the silence that calls a rank gone): the host lives."""
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 2.0)
-    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 5.0)
+    monkeypatch.setattr(lost, "SCHEDULER_GRACE_S", 2.0)
+    monkeypatch.setattr(lost, "ABORT_GRACE_S", 5.0)
     beat(run_dir, 1, time=time.time() - 60)
     found = culprit_while_beating(run_dir, 2, 0.05, host="n2")
-    assert found == lost_rank.Culprit(1, "n2", "lost")
+    assert found == lost.Culprit(1, "n2", "lost")
 
 
 @pytest.mark.slow
@@ -211,13 +211,13 @@ def test_with_no_peer_to_blame_the_first_rank_to_abort_is_the_lost_one(run_dir, 
     """Every rank died of SIGABRT and no peer was lost or failed: the first to abort (its own error, such as a GPU
     fault) is the lost rank; the others were aborted after it."""
     died = time.time() - 2
-    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=died)
+    beat(run_dir, 2, ended=lost.ABORTED, aborted_at=died)
     survivor = run_task(run_dir, 0, -signal.SIGABRT, monkeypatch)
     assert survivor == (f"rank 0 on {socket.gethostname()} was aborted (SIGABRT, NCCL's error handling) because rank 2 "
                         "on n3 aborted first")
     assert asked == [] and lines(run_dir) == []
-    assert lost_rank.culprit_of_abort(run_dir, 2, died) is None  # rank 2's own task: its abort was its own
-    assert lost_rank.culprit_of_abort(run_dir, 1, time.time()) == lost_rank.Culprit(2, "n3", "aborted first")
+    assert lost.culprit_of_abort(run_dir, 2, died) is None  # rank 2's own task: its abort was its own
+    assert lost.culprit_of_abort(run_dir, 1, time.time()) == lost.Culprit(2, "n3", "aborted first")
 
 
 def test_the_local_backend_names_the_killed_rank_not_an_aborted_survivor():
@@ -248,8 +248,8 @@ def test_local_run_whose_survivors_abort_records_the_killed_rank_once(tmp_path, 
 @pytest.mark.slow
 def test_a_live_peer_whose_clock_is_behind_is_not_taken_for_lost(run_dir, monkeypatch):
     """Rank 1's host clock is a minute behind, but its heartbeat keeps moving: alive. Rank 2 aborted first."""
-    monkeypatch.setattr(lost_rank, "SCHEDULER_GRACE_S", 1.0)
-    monkeypatch.setattr(lost_rank, "ABORT_GRACE_S", 3.0)
-    beat(run_dir, 2, ended=lost_rank.ABORTED, aborted_at=time.time() - 2)
+    monkeypatch.setattr(lost, "SCHEDULER_GRACE_S", 1.0)
+    monkeypatch.setattr(lost, "ABORT_GRACE_S", 3.0)
+    beat(run_dir, 2, ended=lost.ABORTED, aborted_at=time.time() - 2)
     found = culprit_while_beating(run_dir, 1, 0.2, clock_behind_s=60)
-    assert found == lost_rank.Culprit(2, "n3", "aborted first")
+    assert found == lost.Culprit(2, "n3", "aborted first")

@@ -5,7 +5,7 @@ rank decides and requeues through `on_hang` first, then every rank adds to the r
 and the process exits within HANG_EXIT_S whatever happens (a report on a full or lost file system must not park the
 allocation).
 
-The report (gpt.resilience.hang_report writes its files): the first rank to time out writes the summary line, every
+The report (launch.recovery.hang writes its files): the first rank to time out writes the summary line, every
 rank's heartbeat, who waited in which collective (from torch's flight recorder where it has dumps, preferred to the
 heartbeats), who never arrived and who is gone; then every rank adds its Python stacks.
 
@@ -24,12 +24,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gpt.resilience.disk_faults import Outage
-from gpt.resilience.flight_recorder import stuck_collectives
-from gpt.resilience.hang import Hang
-from gpt.resilience.hang_report import HangReport
-from gpt.resilience.heartbeat import Liveness, read_heartbeats, write_heartbeat
+from launch.recovery.flight_recorder import stuck_collectives
+from launch.recovery.hang import Hang
+from launch.recovery.hang import HangReport
+from launch.recovery.heartbeat import Liveness, read_heartbeats, write_heartbeat
 from gpt.resilience.lease import fence, fenced_generation
-from gpt.resilience.node_heartbeat import NodeHeartbeat
+from launch.recovery.node_heartbeat import NodeHeartbeat
 from gpt.resilience.progress import PROGRESS, Progress
 from gpt.resilience.timing import (HANG_EXIT_S, PROBE_EVERY_S, PROBE_TIMEOUT_S, REPORTER_GRACE_S, REQUEUE_WAIT_S,
                                    SCHEDULER_GRACE_S, FROZEN_S, SILENT_S)

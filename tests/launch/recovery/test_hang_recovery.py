@@ -11,9 +11,9 @@ import pytest
 
 from gpt.config.sections import WatchdogConfig
 from gpt.dist.process_group import DistEnv
-from gpt.resilience.hang import Hang
-from gpt.resilience.heartbeat import Liveness, read_heartbeats
-from gpt.resilience.watchdog import Watchdog
+from launch.recovery.hang import Hang
+from launch.recovery.heartbeat import Liveness, read_heartbeats
+from launch.recovery.watchdog import Watchdog
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import JobEnvironment, job_environment
 from launch.rank.worker import end_hung_attempt, start_watchdog
@@ -134,7 +134,7 @@ def test_a_second_hang_without_a_newer_checkpoint_is_not_requeued(tmp_path):
 def test_an_orphan_of_an_earlier_restart_is_not_taken_for_a_peer(tmp_path):
     """Both restarts of a job write the same attempt number: an orphan's heartbeat (restart 0, its node cut off
     while the job was requeued) must not stand in for rank 1 of restart 1."""
-    from gpt.resilience.heartbeat import read_heartbeats, write_heartbeat
+    from launch.recovery.heartbeat import read_heartbeats, write_heartbeat
 
     RunFolder(tmp_path).watchdog.mkdir()
     write_heartbeat(tmp_path, 0, {**beat(0, 3, 0, restart=1), "attempt": 2})
@@ -171,7 +171,7 @@ def test_a_rank_that_dies_just_after_its_fence_is_in_its_nodes_record(tmp_path, 
     """A beat written before the fence carries no generation, and the node's writer drops it as an earlier
     attempt's: each rank beats again as its fence is installed, so that one that dies before its next beat (a fast
     start, a crash at the first steps) is still in its node's record, where its peers look for the lost."""
-    from gpt.resilience import watchdog as watchdog_module
+    from launch.recovery import watchdog as watchdog_module
     from launch.rank import worker
 
     generation = {"now": None}

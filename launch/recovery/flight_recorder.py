@@ -11,7 +11,7 @@ collective enqueued, started and completed; `entries`, each with `pg_id`, `proce
 On GPUs this is the evidence, not the heartbeats: a rank's host thread enqueues a collective and runs on, so a
 host-side view can blame a healthy rank that is blocked in a later host sync while its GPU waits for a peer.
 Every host enqueues ahead of its GPU, so on NCCL the count that tells is the collectives each GPU *started*, which
-NCCL knows only with TORCH_NCCL_ENABLE_TIMING=1 (set for GPU ranks: gpt.resilience.watchdog.flight_recorder_env;
+NCCL knows only with TORCH_NCCL_ENABLE_TIMING=1 (set for GPU ranks: launch.recovery.watchdog.flight_recorder_env;
 without it `last_started_collective` stays -1 and no entry is "started"). The group's stuck collective is then the
 newest one any member's GPU started and some member has not completed; the members whose GPU started less never
 entered it, and of those, the ones whose host enqueued it have a device that stalled. Where a dump carries no start

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from gpt.resilience.hang import Hang
+from launch.recovery.hang import Hang
 from gpt.resilience.progress import Progress
 from gpt.config.sections import WatchdogConfig
-from gpt.resilience.watchdog import Watchdog
+from launch.recovery.watchdog import Watchdog
 from gpt.run_folder import RunFolder
 from helpers import launch
 
@@ -135,7 +135,7 @@ def test_heartbeats_written_from_two_threads_at_once_never_lose_their_file(tmp_p
     """The watchdog thread beats while the main thread ends the heartbeat: neither may take the other's file."""
     import threading
 
-    from gpt.resilience.heartbeat import write_heartbeat
+    from launch.recovery.heartbeat import write_heartbeat
 
     errors = []
 
@@ -193,7 +193,7 @@ import sys, time
 from pathlib import Path
 from gpt.config.sections import WatchdogConfig
 from gpt.resilience.progress import Progress
-from gpt.resilience.watchdog import Watchdog
+from launch.recovery.watchdog import Watchdog
 
 progress = Progress()
 def hang(report):
@@ -237,7 +237,7 @@ def test_a_stop_that_lands_during_a_heartbeat_is_credited_not_taken_for_a_hang(t
     """Ctrl-Z can land while the watchdog thread writes its heartbeat (file writes are slow on a busy node): the
     time stopped there is a gap in the watchdog's turns like any other, and the step's budget is not spent by it.
     Here the beat itself takes the stopped time; the process's main thread makes no progress meanwhile."""
-    from gpt.resilience import watchdog
+    from launch.recovery import watchdog
 
     monkeypatch.setattr(watchdog, "FROZEN_S", 0.3)
     (tmp_path / "watchdog").mkdir()

@@ -1,4 +1,4 @@
-"""In-job restarts' round requests (launch.run.rounds) are a launch's own: the launcher and the ranks it started find
+"""In-job restarts' round requests (launch.recovery.rounds) are a launch's own: the launcher and the ranks it started find
 the same rounds, and launches that share one allocation (salloc, then cluster=local or cluster=srun) share none."""
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 from gpt.run_folder import RunFolder
 from helpers import plan
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, Preemption, job_environment
-from launch.run.rounds import InJobRestart, Rounds
+from launch.recovery.rounds import InJobRestart, Rounds
 
 
 def test_a_local_launch_inside_an_allocation_finds_the_round_its_ranks_ask_for(tmp_path):

@@ -1,4 +1,4 @@
-"""One module ends an attempt and decides what comes next (launch.run.recovery): each cause to its outcome, the
+"""One module ends an attempt and decides what comes next (launch.recovery.decision): each cause to its outcome, the
 progress rule, one decider per attempt. A scheduler stand-in records what was asked of it; tests/slurm asks the
 real one."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from launch import launch_config
 from gpt.run_folder import Next, RunFolder
 from helpers import compose
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.run.recovery import Cause, Ending, recover
+from launch.recovery.decision import Cause, Ending, recover
 
 
 class Scheduler(JobEnvironment):

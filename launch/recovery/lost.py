@@ -15,6 +15,13 @@ A rank that died of SIGABRT may be a survivor instead: on GPUs NCCL's error hand
 peer is lost or fails. Its task then names that peer (culprit_of_abort), and only one task records the attempt. A peer
 whose heartbeat stopped while no rank on its host shows life took its host with it: that host is left out of the next
 round and of the requeue at once, without waiting minutes for Slurm to mark it down.
+
+A collective failed on rank 0, and the scheduler already holds one of the attempt's nodes down or failed (an
+admin's `scontrol update state=down`, a health checker that downs it, a node Slurm stopped hearing from): rank 0
+ends the attempt on the scheduler's word at once, instead of waiting for the lost ranks' heartbeats to go silent
+(SCHEDULER_GRACE_S and more). A spare takes the node's place in an in-job restart (launch.recovery.rounds), else the job
+requeues itself (Slurm starts it on no node it holds down). One question to the scheduler per failure, from rank 0
+alone: from every rank, a lost node at a thousand nodes would be thousands of calls at once.
 """
 from __future__ import annotations
 
@@ -24,13 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import launch_config
-from gpt.resilience.heartbeat import Liveness, all_heartbeats, end_heartbeat
-from gpt.resilience.timing import ABORT_GRACE_S, SCHEDULER_GRACE_S
-from gpt.run_folder import RunFolder
-from launch.run.attempts import end_attempt, log_killed, marked_attempt, this_attempts_line
+from launch.recovery.heartbeat import Liveness, all_heartbeats, end_heartbeat
+from gpt.resilience.timing import ABORT_GRACE_S, REQUEUE_WAIT_S, SCHEDULER_GRACE_S
+from gpt.run_folder import Next, RunFolder
+from launch.run.attempts import Attempt, end_attempt, log_killed, marked_attempt, this_attempts_line
 from launch.rank.job_env import JobEnvironment, job_environment
 from launch.run.identity import newest_step
-from launch.run.recovery import Cause, Ending, Outcome, recover
+from launch.recovery.decision import Cause, Ending, Outcome, recover
+from launch.recovery.rounds import hosts_of
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
@@ -45,8 +53,8 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
 
 
 def record_lost_rank(run_dir: Path, rank: int, line: str, job: JobEnvironment) -> None:
-    """Without a scheduler (cluster=local), nothing requeues: the launcher restarts the ranks (launch.run.rounds) or
-    the same command continues the run. The attempt's line names the rank killed, unless the attempt had not begun
+    """Without a scheduler (cluster=local), nothing requeues: the launcher restarts the ranks (launch.recovery.rounds)
+    or the same command continues the run. The attempt's line names the rank killed, unless the attempt had not begun
     (no mark) or a rank wrote its line already (which removes the mark)."""
     mark = RunFolder(run_dir).attempts.read_mark()
     if mark is not None:
@@ -154,3 +162,21 @@ def record_failed_peer(run_dir: Path, line: str) -> None:
         return
     log_killed(run_dir, mark, newest_step(run_dir) or 0, {"ended": f"failed: {line}", "requeued": False})
     end_attempt(run_dir, marked_attempt(mark))
+
+
+def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
+    """Rank 0 (it holds the run folder's lease): True when the scheduler names a lost node among the attempt's and
+    this attempt's end is recorded, here or by another process (a lost rank's task, which then decides)."""
+    job = attempt.job
+    if attempt.lease is None or job is None or not attempt.nodes:
+        return False
+    said = job.lost_nodes()
+    lost = [h for h in hosts_of(said) if h in attempt.nodes]
+    if not lost:
+        return False
+    ended = f"node failure: {said}"
+    outcome = recover(Ending(attempt.run_dir, job, Cause.NODE_FAILURE, ended, max_restarts, tuple(lost),
+                             attempt.early_end(ended, with_startup=True)))
+    if outcome.next is Next.REQUEUE:  # Slurm stops this attempt; exiting first would count as a failed task
+        time.sleep(REQUEUE_WAIT_S)
+    return True
