@@ -59,7 +59,7 @@ def timed_saves(t, repeats: int) -> dict:
 
 
 def save_load(model: str, repeats: int, block: int) -> dict:
-    from gpt.dist.process_group import DistEnv
+    from gpt.collectives.process_group import DistEnv
     from gpt.train.trainer import Trainer
     from launch.planning.plan import make_plan
     from launch import launch_config

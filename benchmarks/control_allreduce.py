@@ -1,12 +1,12 @@
 """What the step's flags cost to sum over the ranks (the stop votes and flags of gpt.train.trainer's `sync`: a few
-floats every step), gloo's ring all-reduce beside gptlaunch's recursive doubling (gpt.dist.flag_sum), at 2 to 32
+floats every step), gloo's ring all-reduce beside gptlaunch's recursive doubling (gpt.collectives.flag_sum), at 2 to 32
 ranks on this machine, fitted against the ranks and projected to 64, 512 and 8,192.
 
     python benchmarks/control_allreduce.py [--ranks 2 4 8 16 32] [--calls 200] [--step-ms 5]
 
 Per size, N gloo processes on this machine, the two ways interleaved call by call:
 - ring: gloo's all_reduce, blocking, back to back: the median seconds per call;
-- doubling: gpt.dist.flag_sum.sum_in_background, waited for at once: the median seconds per call;
+- doubling: gpt.collectives.flag_sum.sum_in_background, waited for at once: the median seconds per call;
 - overlapped: the trainer's way, cast and waited for one simulated step (--step-ms of sleep) later: the median
   seconds still waited, what stays on the step's path.
 Past 2 ranks the processes outnumber this machine's cores, so every wall time here grows at least linearly (each
@@ -31,7 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import save_results  # noqa: E402
 from benchmarks.control_plane import fit_growth  # noqa: E402
-from gpt.dist.flag_sum import doubling_rounds, sum_in_background  # noqa: E402
+from gpt.collectives.flag_sum import doubling_rounds, sum_in_background  # noqa: E402
 
 VALUES = [0.0, 0.0, 0.0, 0.0]  # checkpoint writing, interval due, one vote per handled signal (two by default)
 PROJECT = (64, 512, 8192)

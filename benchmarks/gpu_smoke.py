@@ -71,7 +71,7 @@ class Row:
 
 
 ONCE = ["train.max_steps=40", "train.log_interval=5", "train.eval_interval=0", "checkpoint.interval_steps=10"]
-STRAGGLER = ["debug.delay_rank=1", "debug.delay_s=0.05", "metrics.straggler_windows=2"]
+STRAGGLER = ["debug.delay_rank=1", "debug.delay_s=0.05", "stragglers.windows=2"]
 ROWS = [
     Row("single", ("strategy=single",), most=1),  # one process is the point of that row
     Row("ddp", ("strategy=ddp",), check="gpus"),

@@ -19,7 +19,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compose_config, save_results  # noqa: E402
 from launch import launch_config  # noqa: E402
-from gpt.dist.process_group import DistEnv  # noqa: E402
+from gpt.collectives.process_group import DistEnv  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.train.optim import build_adamw  # noqa: E402
 from gpt.train.schedule import lr_at  # noqa: E402

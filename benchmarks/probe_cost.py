@@ -21,7 +21,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import compose_config, save_results  # noqa: E402
 from launch import launch_config  # noqa: E402
-from gpt.dist.process_group import DistEnv  # noqa: E402
+from gpt.collectives.process_group import DistEnv  # noqa: E402
 from gpt.train.compute_probe import ComputeProbe  # noqa: E402
 from gpt.train.step_timer import StepTimer  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402

@@ -22,7 +22,7 @@ rank, a task wrapper and the report all find the files here.
     watchdog/node-<H>.json   the heartbeats of host H's ranks (launch.recovery.node_heartbeat)
     watchdog/rank<R>.json each rank's last heartbeat once it ended (launch.recovery.heartbeat)
     watchdog/node-secret  the run's secret (mode 0600): part of its nodes' folder names in memory
-    hang-<N>.json, hang-<N>.txt, hang-<N>-flight-recorder-rank<R>.pkl   the hang report of attempt N
+    hang-<N>.json, hang-<N>.txt, flight-recorder-<N>-rank<R>.json  the hang report of attempt N
     nccl-flight-recorder-rank<R>    NCCL's own dump when it times out
     health-<N>.json, health/    the health checks of attempt N, and their storage probe's files
     checkpoints/          gpt.checkpoint
@@ -204,7 +204,7 @@ class RunFolder:
         return list(self.path.glob("hang-*.json"))
 
     def flight_recorder(self, attempt: str | int, rank: int) -> Path:
-        return self.path / f"hang-{attempt}-flight-recorder-rank{rank}.pkl"
+        return self.path / f"flight-recorder-{attempt}-rank{rank}.json"
 
     @property
     def nccl_dump_prefix(self) -> Path:

@@ -68,10 +68,11 @@ def user_error(e: Exception, overrides: Sequence[str]) -> UserError | None:
         return ConfigError(cause.full_key, "???", "a value: this key has no default")
     if isinstance(e, ConfigCompositionException) and isinstance(cause, OmegaConfBaseException) and cause.full_key:
         key = cause.full_key
-        value = cause.value if cause.value is not None else override_value(key, overrides)
+        named, value = override_of(key, overrides)
+        value = cause.value if cause.value is not None else value
         if key == "site":  # no site/ folder on the search path, so Hydra took site=NAME for a value
             return ConfigError(key, value, f"{SITE_PROFILES}; no site/ folder is on the search path")
-        return ConfigError(key, value, valid_for(key))
+        return ConfigError(named, value, valid_for(key))
     if isinstance(e, ConfigCompositionException) and (found := re.search(r"full_key: (\S+)", str(e))):
         where = str(e).split(":")[0]  # In 'strategy/mine'
         return UserError(f"{where}: {found[1]} is not valid: {valid_for(found[1])}")
@@ -82,16 +83,19 @@ def user_error(e: Exception, overrides: Sequence[str]) -> UserError | None:
     return None
 
 
-def override_value(key: str, overrides: Sequence[str]) -> Any:
-    """The value the command line gave `key` (as Hydra parses it: 1 is an int), or '' when it gave none."""
+def override_of(key: str, overrides: Sequence[str]) -> tuple[str, Any]:
+    """The key the command line named at or under `key` (Hydra names the first unknown part: `metrics` for
+    metrics.straggler_windows=5) and the value it gave it (as Hydra parses it: 1 is an int); `key` and '' when
+    none."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     parser = OverridesParser.create()
     for text in overrides:
-        if "=" in text and text.lstrip("+~").split("=")[0] == key:
+        named = text.lstrip("+~").split("=")[0]
+        if "=" in text and (named == key or named.startswith(key + ".")):
             override = parser.parse_override(text)
-            return override.value() if not override.is_sweep_override() else text.split("=", 1)[1]
-    return ""
+            return named, override.value() if not override.is_sweep_override() else text.split("=", 1)[1]
+    return key, ""
 
 
 def one_line(e: BaseException) -> str:

@@ -53,22 +53,42 @@ def nvml_gpus() -> tuple[Gpu, ...] | None:
         pynvml.nvmlShutdown()
 
 
+def cuda_visible(spec: str) -> list[str]:
+    """The entries of CUDA_VISIBLE_DEVICES that CUDA enumerates, in its order and as it reads them (torch's
+    _parse_visible_devices): indices by their leading digits ("1gpu" is 1), else GPU UUIDs ("GPU-...") or MIG slices
+    ("MIG-..."), the first entry's kind; up to the first entry of another kind or without digits (-1 ends the list);
+    an entry named twice: none at all. Of MIG slices the first alone: CUDA enumerates one MIG device per process.
+    Whatever their names, the process then numbers them 0..n-1."""
+    entries = [e.strip() for e in spec.split(",")]
+    prefix = next((p for p in ("GPU-", "MIG-") if entries[0].startswith(p)), None)
+    chosen: list[str] = []
+    for entry in entries:
+        digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]
+        name = (entry if entry.startswith(prefix) else "") if prefix else digits and str(int(digits))
+        if not name:
+            break
+        if name in chosen:
+            return []
+        chosen.append(name)
+    return chosen[:1] if prefix == "MIG-" else chosen
+
+
 def visible(every: list[Gpu], spec: str | None) -> tuple[Gpu, ...] | None:
-    """The GPUs CUDA_VISIBLE_DEVICES names, as CUDA reads it (and torch's NVML count, torch.cuda._device_count_nvml):
-    indices or UUID prefixes, in order, up to the first entry that names none; a GPU named twice: none at all.
-    None for MIG instances, which NVML lists elsewhere."""
+    """The GPUs CUDA_VISIBLE_DEVICES names, as CUDA reads it (cuda_visible; and torch's NVML count,
+    torch.cuda._device_count_nvml): indices or UUID prefixes, in order, up to the first entry that names none; a GPU
+    named twice: none at all. None for MIG instances, which NVML lists elsewhere."""
     if spec is None:
         return tuple(every)
+    entries = cuda_visible(spec)
+    if entries and entries[0].startswith("MIG-"):
+        return None
     chosen: list[Gpu] = []
-    for entry in (e.strip() for e in spec.split(",")):
-        if entry.startswith("MIG-"):
-            return None
+    for entry in entries:
         if entry.startswith("GPU-"):
             named = [g for g in every if g.uuid.startswith(entry)]
             gpu = named[0] if len(named) == 1 else None
         else:
-            digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]
-            gpu = every[int(digits)] if digits and int(digits) < len(every) else None
+            gpu = every[int(entry)] if int(entry) < len(every) else None
         if gpu is None:
             break
         if gpu in chosen:

@@ -9,7 +9,7 @@
 # total). Slurm accepts a larger request on many sites, and the job then waits for ever (squeue's reason:
 # PartitionNodeLimit or Resources).
 #   sbatch --nodes=2 --gpus-per-node=8 --ntasks-per-node=8 --cpus-per-task=12 slurm/multi_node.sh model=gpt2_124m \
-#       strategy=fsdp train.global_batch_size=128
+#       strategy=fsdp train=gpu train.global_batch_size=128
 #
 # The batch host plans the run (`python -m launch cluster=srun`: every check, the resolved config written to
 # the run folder), then srun starts one rank per task: one task per GPU on GPU nodes (--ntasks-per-node must

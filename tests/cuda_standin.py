@@ -8,7 +8,15 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
 - `Event.elapsed_time` refuses, with CUDA's words, unless both events were made with `enable_timing=True`, were
   recorded, are on one device, and have completed.
 - A stream's work reaches another stream only through `wait_stream`/`wait_event` (`visible`).
-- Device selection is per thread, and a new thread starts on device 0, as CUDA's current device does.
+- Device selection is per thread, and a new thread starts on device 0, as CUDA's current device does. A stream's
+  context (`torch.cuda.stream`) makes the stream's device current and, on leaving, sets the thread's device back, as
+  torch's does (under CUDA 12 setting a device opens its context): every device a process touches is in `contexts`,
+  and a rank given its GPU (`rank_gpu`, GPUs in exclusive-process mode, one per rank) fails on any other. Pinning
+  host memory opens a context on the current device too.
+- `CUDA_VISIBLE_DEVICES` (`visible`) is read as CUDA reads it: indices, GPU UUIDs or MIG slices (one MIG slice per
+  process), renumbered 0..n-1 in the process; `physical` names the machine's GPU behind an index. `GpuNode` refuses
+  two ranks on one GPU, as NCCL does, and `slurm_closest_tasks` shows each task of a node its GPUs as Slurm does under
+  --gpu-bind=closest.
 - The allocator's history (`torch.cuda.memory._record_memory_history`) takes only CUDA's settings, and a snapshot
   (`_dump_snapshot`) holds a trace only while it is recorded.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
@@ -27,6 +35,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import torch
+import torch.cuda._pin_memory_utils as pin_memory_utils
 
 
 def index_of(device: Any, current: int) -> int:
@@ -80,13 +89,21 @@ class StrictCuda:
     MEMORY = 80 << 30  # each device's
 
     def __init__(self, devices: int = 1, name: str = "NVIDIA H100 80GB HBM3", bf16: bool = True,
-                 clock_khz: int = 1_980_000):
+                 clock_khz: int = 1_980_000, visible: str | None = None, mig: bool = False,
+                 rank_gpu: int | None = None):
+        """`devices` GPUs in the machine (MIG slices with `mig`), of which the process enumerates those
+        CUDA_VISIBLE_DEVICES=`visible` names; `rank_gpu`: the one index this rank may open a context on."""
+        self.uuids = [f"{'MIG' if mig else 'GPU'}-{i:08x}-0000-0000-0000-000000000000" for i in range(devices)]
+        self.shown = enumerated(self.uuids, visible)
+        devices = len(self.shown)
+        self.rank_gpu = rank_gpu
         self.count, self.name, self.bf16, self.clock_khz = devices, name, bf16, clock_khz
         self.default_streams = [Stream(self, i) for i in range(devices)]
         self.streams: list[Stream] = list(self.default_streams)
         self.thread = threading.local()
         self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
         self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
+        self.pinned: dict[int, int] = {}  # host memory pinned: address -> bytes
         self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
         self.history: list[dict[str, Any]] | None = None  # the allocator's history, while it is recorded
         self.rng_states = [torch.zeros(16, dtype=torch.uint8) for _ in range(devices)]  # CUDA's: seed and offset
@@ -106,8 +123,14 @@ class StrictCuda:
         index = index_of(device, self.current_device())
         if not 0 <= index < self.count:
             raise RuntimeError("CUDA error: invalid device ordinal")
+        if self.rank_gpu is not None and index != self.rank_gpu:  # another rank's, in exclusive-process mode
+            raise RuntimeError("CUDA error: CUDA-capable device(s) is/are busy or unavailable")
         self.contexts.add(index)
         return index
+
+    def physical(self, index: int) -> int:
+        """The machine's GPU (its place in `uuids`) that this process's device `index` is."""
+        return self.shown[index]
 
     def set_device(self, device: Any) -> None:
         index = index_of(device, self.current_device())
@@ -136,16 +159,23 @@ class StrictCuda:
 
     @contextlib.contextmanager
     def stream(self, stream: Stream | None):
-        """torch.cuda.stream: work enqueued inside goes to `stream` (this thread's current stream meanwhile)."""
+        """torch.cuda.stream: work enqueued inside goes to `stream` (this thread's current stream meanwhile). As
+        torch's StreamContext: entering makes the stream's device the thread's current one (torch.cuda.set_stream
+        does), and leaving sets the device it found back, opening a context there: a thread that never chose its
+        device leaves on device 0."""
+        if stream is None:
+            yield None
+            return
+        found = self.current_device()
         streams = self.thread.__dict__.setdefault("streams", {})
-        before = streams.get(stream.device) if stream is not None else None
-        if stream is not None:
-            streams[stream.device] = stream
+        before = streams.get(stream.device)
+        self.set_device(stream.device)
+        streams[stream.device] = stream
         try:
             yield stream
         finally:
-            if stream is not None:
-                streams[stream.device] = before
+            streams[stream.device] = before
+            self.set_device(found)
 
     def run(self, seconds: float, stream: Stream | None = None) -> None:
         """Enqueue `seconds` of device work on `stream` (the current one)."""
@@ -195,6 +225,15 @@ class StrictCuda:
     def reset_peak_memory_stats(self, device: Any = None) -> None:
         self._checked(device)
         self.memory["peak"] = self.memory["allocated"]
+
+    def pin_memory(self, ptr: int, size: int) -> None:
+        """torch.cuda._pin_memory_utils.pin_memory (cudaHostRegister): in the current device's context."""
+        self._checked(None)
+        self.pinned[ptr] = size
+
+    def unpin_memory(self, ptr: int) -> None:
+        if self.pinned.pop(ptr, None) is None:
+            raise RuntimeError("CUDA error: host memory not registered")
 
     def _record_memory_history(self, enabled: str | None = "all", context: str | None = "all", stacks: str = "all",
                                max_entries: int = 2**63 - 1, **kwargs: Any) -> None:
@@ -265,21 +304,76 @@ class StrictCuda:
              "manual_seed", "get_rng_state", "set_rng_state")
 
     MEMORY_NAMES = ("_record_memory_history", "_dump_snapshot")  # torch.cuda.memory's
+    PIN_NAMES = ("pin_memory", "unpin_memory")  # torch.cuda._pin_memory_utils' (DCP's staging pins with them)
 
     def install(self, monkeypatch: Any) -> StrictCuda:
         import launch.local_gpus
 
         # the machine's device files and the driver's NVML, which the launcher reads instead of torch
-        files = [f"/dev/nvidia{i}" for i in range(self.count)]
+        files = [f"/dev/nvidia{i}" for i in range(len(self.uuids))]
         real_glob = launch.local_gpus.glob.glob
         monkeypatch.setattr(launch.local_gpus.glob, "glob",
                             lambda pattern, **kw: files if pattern == "/dev/nvidia[0-9]*" else real_glob(pattern, **kw))
-        StrictNvml([self.MEMORY] * self.count).install(monkeypatch)
+        StrictNvml([self.MEMORY] * len(self.uuids)).install(monkeypatch)  # NVML lists every GPU of the machine
         for name in self.NAMES:
             monkeypatch.setattr(torch.cuda, name, getattr(self, name))
         for name in self.MEMORY_NAMES:
             monkeypatch.setattr(torch.cuda.memory, name, getattr(self, name))
+        for name in self.PIN_NAMES:
+            monkeypatch.setattr(pin_memory_utils, name, getattr(self, name))
         return self
+
+
+def enumerated(uuids: list[str], spec: str | None) -> list[int]:
+    """The machine's devices (places in `uuids`) a process enumerates under CUDA_VISIBLE_DEVICES=`spec`, in order,
+    as CUDA reads it: indices by their leading digits, or UUIDs (a unique prefix each), the first entry's kind, up to
+    the first entry that names no device (-1 ends it); a device named twice: none at all; of MIG slices one alone."""
+    if spec is None:
+        return list(range(len(uuids)))
+    chosen: list[int] = []
+    uuid = spec.strip().startswith(("GPU-", "MIG-"))
+    for entry in (e.strip() for e in spec.split(",")):
+        digits = entry[:len(entry) - len(entry.lstrip("0123456789"))]
+        named = [i for i, u in enumerate(uuids) if u.startswith(entry)] if uuid else \
+            [int(digits)] if digits and int(digits) < len(uuids) else []
+        if len(named) != 1:
+            break
+        if named[0] in chosen:
+            return []
+        chosen.append(named[0])
+    return chosen[:1] if chosen and uuids[chosen[0]].startswith("MIG-") else chosen
+
+
+class GpuNode:
+    """The GPUs of one node, as NCCL checks them when a communicator starts: one rank per GPU."""
+
+    def __init__(self):
+        self.owners: dict[int, int] = {}  # the machine's GPU -> the rank on it
+
+    def claim(self, rank: int, gpu: int) -> None:
+        if gpu in self.owners:
+            raise RuntimeError(f"NCCL error: invalid usage: Duplicate GPU detected : rank {rank} and rank "
+                               f"{self.owners[gpu]} both on CUDA device {gpu}")
+        self.owners[gpu] = rank
+
+
+def slurm_closest_tasks(gpus: int = 8, sockets: int = 2, distribution: str | None = None,
+                        uuids: list[str] | None = None) -> list[dict[str, str]]:
+    """Each task's variables on one node of a Slurm step of one task per GPU under --gpu-bind=closest, as Slurm
+    sets them: the tasks placed on the sockets in turn (srun's default distribution, block:cyclic: local ids 0, 2, 4,
+    ... on the first of two sockets), or socket after socket with `distribution` "*:block" (then SLURM_DISTRIBUTION
+    is set); each shown its socket's GPUs, by index or by `uuids` (SLURM_STEP_GPUS by index)."""
+    per_socket = gpus // sockets
+    block = distribution is not None and distribution.split(":")[1:2] == ["block"]
+    tasks = []
+    for local in range(gpus):
+        socket = local // per_socket if block else local % sockets
+        shown = range(socket * per_socket, (socket + 1) * per_socket)
+        names = ",".join(uuids[g] if uuids else str(g) for g in shown)
+        tasks.append({"SLURM_LOCALID": str(local), "CUDA_VISIBLE_DEVICES": names,
+                      "SLURM_STEP_GPUS": ",".join(map(str, shown)),
+                      "SLURM_GPUS_ON_NODE": str(gpus), **({"SLURM_DISTRIBUTION": distribution} if distribution else {})})
+    return tasks
 
 
 class StrictNvml:

@@ -1,8 +1,10 @@
 """Reading a checkpoint without running code from it. A pickle names functions that unpickling calls, so a crafted
 checkpoint is a program: each rank's own file and each file of DeepSpeed's engine checkpoint load with
 torch.load(weights_only=True) (allowing only the numpy types of the RNG state, and the few DeepSpeed classes its
-optimizer state holds), and DCP's `.metadata`, which DCP reads with a plain pickle.load, through an unpickler that
-allows only the classes DCP's metadata is made of. A folder someone else owns is warned about before it is read."""
+optimizer state holds), DCP's `.metadata`, which DCP reads with a plain pickle.load, through an unpickler that
+allows only the classes DCP's metadata is made of, and the non-tensor items of DCP's shards (the optimizer's param
+groups), which DCP's default planner loads with weights_only=False, through a planner that loads them as data. A
+folder someone else owns is warned about before it is read."""
 from __future__ import annotations
 
 import io
@@ -16,8 +18,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.distributed.checkpoint import FileSystemReader
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+from torch.distributed.checkpoint.planner import ReadItem
 
 from gpt.errors import UserError
 
@@ -62,9 +68,14 @@ def _load_data(path: Path, allowed: list[Any], holder: str, map_location: Any = 
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        named = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(e))
-        raise Refused(f"{path} names {named.group(1) if named else 'a global'}, which {holder} does not hold: "
-                      "refused, unpickling it could run code") from None
+        raise refusal(path, holder, e) from None
+
+
+def refusal(path: Path, holder: str, error: pickle.UnpicklingError) -> Refused:
+    """torch.load(weights_only=True)'s refusal in one line that names the file and the global."""
+    named = re.search(r"GLOBAL (\S+) (?:was not an allowed global|whose module)", str(error))
+    return Refused(f"{path} names {named.group(1) if named else 'a global'}, which {holder} does not hold: refused, "
+                   "unpickling it could run code")
 
 
 class MetadataUnpickler(pickle.Unpickler):
@@ -100,6 +111,38 @@ class SafeReader(FileSystemReader):
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
         return metadata
+
+
+class SafePlanner(DefaultLoadPlanner):
+    """DCP's load planner, whose non-tensor items (floats, tuples, bools of the optimizer's param groups) load with
+    weights_only=True: DefaultLoadPlanner.load_bytes unpickles them with weights_only=False."""
+
+    def __init__(self, folder: Path):
+        super().__init__()
+        self.folder = folder
+
+    def load_bytes(self, read_item: ReadItem, value: io.BytesIO) -> None:
+        try:
+            item = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            shard = self.metadata.storage_data[read_item.storage_index].relative_path  # set up before any read
+            raise refusal(self.folder / shard, f"DCP's item {read_item.dest_index.fqn}", e) from None
+        if self.flatten_state_dict:  # as DefaultLoadPlanner places it
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], item)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = item
+
+
+def load_dcp(state: dict[str, Any], folder: Path) -> None:
+    """dcp.load, with the metadata and every non-tensor item read as data. A crafted item raises Refused: DCP
+    gathers what each rank raised into one CheckpointException, whose refusal is taken out of it."""
+    try:
+        dcp.load(state, storage_reader=SafeReader(folder), planner=SafePlanner(folder))
+    except CheckpointException as e:
+        refused = next((error for error, _ in e.failures.values() if isinstance(error, Refused)), None)
+        if refused is None:
+            raise
+        raise Refused(f"checkpoint {folder}: {refused}") from None
 
 
 def check_metadata(folder: Path) -> None:

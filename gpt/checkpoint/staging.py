@@ -12,7 +12,7 @@ from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 from torch.distributed.checkpoint.staging import AsyncStager
 from torch.distributed.tensor import DTensor
 
-from gpt.dist.process_group import gather_objects
+from gpt.collectives.process_group import gather_objects
 
 State = dict[str, dict[str, Any]]  # {"model": {name: value}, "optim": {name: value}}
 
@@ -65,8 +65,13 @@ class BackgroundStager(AsyncStager):
     def __init__(self, device: torch.device):
         cuda = device.type == "cuda"
         self.copier = StateDictStager(pin_memory=cuda, share_memory=False)
-        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-staging")
         self.stream = torch.cuda.Stream(device) if cuda else None  # made here: the writer thread starts on GPU 0
+        # The thread takes the rank's GPU before any CUDA call: else its first call (at the latest the exit of
+        # torch.cuda.stream, which sets the device it found back) opens a context on GPU 0 in every rank, about
+        # 0.5 GB each, and fails where GPUs are in exclusive-process mode.
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-staging",
+                                           initializer=torch.cuda.set_device if cuda else None,
+                                           initargs=(self.stream.device,) if cuda else ())
 
     def stage(self, state_dict: State) -> Future:
         step_done = torch.cuda.current_stream(self.stream.device).record_event() if self.stream else None

@@ -14,11 +14,13 @@ Checkpoints are ordered by when they were written, not by step: a run that resum
 (its newest was unreadable) writes steps below the ones it abandoned, and those abandoned ones are older. The
 newest `keep` by write order are kept, and resume=auto takes the newest by write order. A checkpoint saved after the
 run diverged (divergence.policy=skip) says at which step in meta.json (`after_divergence`); the newest one from before
-that is kept whatever `keep` says.
+that is kept whatever `keep` says. A folder there whose name is not one of these (a copy a user set aside:
+`step_N.bak`, `step_N-copy`) is not the run's: it is never listed, loaded or pruned.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,9 @@ from gpt.run_folder import RunFolder
 
 PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
 AFTER_DIVERGENCE = "after_divergence"  # meta.json: the step of the run's first divergence, in checkpoints saved after
+
+log = logging.getLogger(__name__)
+_told: set[Path] = set()  # folders not named as ours, each told once per process (checkpoints are listed often)
 
 
 def is_whole(path: Path) -> bool:
@@ -41,6 +46,21 @@ def is_complete(path: Path) -> bool:
 
 def step_of(path: Path) -> int:
     return int(path.name.rsplit(PREFIX, 1)[1])
+
+
+def named(root: Path, prefix: str) -> list[Path]:
+    """The folders of `root` named `prefix<N>`. Another name that starts with `prefix` is a user's (`step_N.bak`, a
+    copy set aside): skipped, with one line, never an error."""
+    found = []
+    for path in root.glob(f"{prefix}*"):
+        digits = path.name.removeprefix(prefix)
+        if digits.isascii() and digits.isdigit():
+            found.append(path)
+        elif path not in _told:
+            _told.add(path)
+            log.warning("%s is not a checkpoint of the run (its name is not %s<step>): left alone, neither loaded "
+                        "nor pruned", path, prefix)
+    return found
 
 
 def save_index(path: Path) -> int:
@@ -57,8 +77,8 @@ def list_checkpoints(root: Path) -> list[Path]:
     another process prunes while this one lists is left out, not an error."""
     if not root.is_dir():
         return []
-    found = {step_of(p): p for p in root.glob(f"{PREFIX}*") if is_complete(p)}
-    for old in root.glob(f"{OLD_PREFIX}*"):
+    found = {step_of(p): p for p in named(root, PREFIX) if is_complete(p)}
+    for old in named(root, OLD_PREFIX):
         if is_whole(old):
             found.setdefault(step_of(old), old)
     order = {p: write_order(p) for p in found.values()}

@@ -16,17 +16,16 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt.checkpoint.durable import fsync_path, fsync_tree, write_durably
-from gpt.checkpoint.safe_load import Refused, SafeReader, check_metadata, load_rank_state, warn_if_foreign
+from gpt.checkpoint.safe_load import Refused, check_metadata, load_dcp, load_rank_state, warn_if_foreign
 from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, storage_error
 from gpt.checkpoint.staging import ShareStager, make_stager
 from gpt.checkpoint.store import (AFTER_DIVERGENCE, META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, before_divergence,
-                                  is_complete, is_whole, list_checkpoints, manifest, read_meta, resolve, save_index,
-                                  step_of, verify)
-from gpt.dist.process_group import all_true, from_rank0_object, gather_objects
+                                  is_complete, is_whole, list_checkpoints, manifest, named, read_meta, resolve,
+                                  save_index, step_of, verify)
+from gpt.collectives.process_group import all_true, from_rank0_object, gather_objects
 from gpt.errors import UserError, error_line
 from gpt.resilience.lease import fence
 
@@ -238,11 +237,11 @@ class Checkpointer:
         for old in found[: -self.keep]:
             if old != pinned:
                 shutil.rmtree(old, ignore_errors=True)
-        for partial in self.root.glob(f"{TMP_PREFIX}*"):  # left by a crash during an earlier save
+        for partial in named(self.root, TMP_PREFIX):  # left by a crash during an earlier save
             if self.pending is None or partial != self.pending.tmp:
                 log.info("removing %s, left incomplete by an earlier attempt", partial)
                 shutil.rmtree(partial, ignore_errors=True)
-        for old in self.root.glob(f"{OLD_PREFIX}*"):  # a re-save that crashed after its new copy was in
+        for old in named(self.root, OLD_PREFIX):  # a re-save that crashed after its new copy was in
             if is_complete(self.root / old.name.replace(OLD_PREFIX, PREFIX)):
                 shutil.rmtree(old, ignore_errors=True)
 
@@ -293,7 +292,7 @@ def load_model(path: Path, device: str = "cpu"):
     check_metadata(path)
     model = GPT(ModelConfig(**meta["model"]))
     state = {"model": model.state_dict()}
-    dcp.load(state, storage_reader=SafeReader(path))  # a DCP checkpoint loads into one plain process too
+    load_dcp(state, path)  # a DCP checkpoint loads into one plain process too
     model.load_state_dict(state["model"])
     return model.to(device).eval(), meta, path
 

@@ -19,8 +19,7 @@ NAMES = {int: ("an integer", "integers"), float: ("a number", "numbers"), bool: 
 
 
 def renamed(key: str, default: Any) -> Any:
-    """A field whose config key is not its name: a Python keyword (checkpoint.async), or a prefix its readers do
-    not need (metrics.straggler_windows is StragglerConfig.windows)."""
+    """A field whose config key is not its name: a Python keyword (checkpoint.async is CheckpointConfig.async_save)."""
     return dataclasses.field(default=default, metadata={KEY: key})
 
 

@@ -18,7 +18,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from gpt.config.data import DataConfig
 from gpt.config.divergence import DivergenceConfig
@@ -56,7 +56,7 @@ class RunConfig:
     rendezvous: RendezvousConfig = field(default_factory=RendezvousConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     health: HealthConfig = field(default_factory=HealthConfig)
-    metrics: StragglerConfig = field(default_factory=StragglerConfig)
+    stragglers: StragglerConfig = field(default_factory=StragglerConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks beside the validation loss
@@ -73,6 +73,8 @@ class RunConfig:
     # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2, LLaMA or Mixtral), like
     # resume=PATH only while this run has no checkpoint of its own (docs/export.md)
     init: str = "none"
+    # one key per knob: keys this section no longer has, refused with the key to use
+    MOVED: ClassVar[dict[str, str]] = {"metrics": "stragglers.KEY (metrics.straggler_windows is stragglers.windows)"}
 
     def validate(self) -> None:
         check_resume(self.resume)
@@ -135,16 +137,22 @@ def _load(path: str, inode: int, mtime_ns: int, size: int, root: type[Root]) -> 
     except (YAMLError, OmegaConfBaseException) as e:
         raise _unreadable(path, f"not YAML: {str(e).splitlines()[0]}") from None
     try:
-        return run_config(OmegaConf.create(_moved_keys_in_place(OmegaConf.to_container(cfg))), root)
+        return run_config(OmegaConf.create(moved_keys_in_place(OmegaConf.to_container(cfg))), root)
     except UserError as e:
         raise _unreadable(path, str(e)) from None
 
 
-def _moved_keys_in_place(saved: Any) -> Any:
-    """A config.yaml saved before a key moved (one key per knob: strategy.pp is parallel.pp, and
-    strategy.activation_checkpointing is train.activation_checkpointing) reads as it was meant: a run folder stays
-    readable, resumable and reportable. A command that names an old key is still refused with the key to use."""
-    if not isinstance(saved, dict) or not isinstance(saved.get("strategy"), dict):
+def moved_keys_in_place(saved: Any) -> Any:
+    """A config.yaml saved before a key moved (one key per knob: strategy.pp is parallel.pp,
+    strategy.activation_checkpointing is train.activation_checkpointing, metrics.straggler_X is stragglers.X) reads
+    as it was meant: a run folder stays readable, resumable and reportable. A command that names an old key is still
+    refused with the key to use."""
+    if not isinstance(saved, dict):
+        return saved
+    if isinstance(saved.get("metrics"), dict):
+        old = saved.pop("metrics")
+        saved.setdefault("stragglers", {k.removeprefix("straggler_"): v for k, v in old.items()})
+    if not isinstance(saved.get("strategy"), dict):
         return saved
     strategy = saved["strategy"]
     if "pp" in strategy:

@@ -174,28 +174,28 @@ class HealthConfig:
 
 @dataclass(frozen=True)
 class StragglerConfig:
-    """The `metrics` section: straggler detection (gpt.resilience.stragglers) on each log window's per-rank step
+    """The `stragglers` section: straggler detection (gpt.resilience.stragglers) on each log window's per-rank step
     times, and how much of it the metrics records hold."""
 
-    threshold_pct: float = renamed("straggler_threshold_pct", 20.0)  # a rank's busy time this far above the median
-    windows: int = renamed("straggler_windows", 3)  # ...for this many log windows in a row: a straggler
+    threshold_pct: float = 20.0  # a rank's busy time this far above the median
+    windows: int = 3  # ...for this many log windows in a row: a straggler
     top_k: int = 3  # the slowest ranks listed in each window's record
-    ema_alpha: float = renamed("straggler_ema_alpha", 0.3)  # the newest window's weight in the lag's moving average
-    min_excess_s: float = renamed("straggler_min_excess_s", 0.0)  # and this many seconds above it (noise)
+    ema_alpha: float = 0.3  # the newest window's weight in the lag's moving average
+    min_excess_s: float = 0.0  # and this many seconds above it (noise)
     per_rank_tags_max: int = 64  # per-rank TensorBoard tags only up to this world size (else top-k only)
     # or exclude: save and requeue without a straggler's host, when the time it would cost over the remaining steps
     # exceeds a save and a restart (measured in this run; gpt.resilience.exclusion)
-    action: str = renamed("straggler_action", "warn")
+    action: str = "warn"
 
     def validate(self) -> None:
-        checks = (("straggler_threshold_pct", self.threshold_pct, self.threshold_pct > 0, "> 0"),
-                  ("straggler_windows", self.windows, self.windows >= 1, ">= 1"),
+        checks = (("threshold_pct", self.threshold_pct, self.threshold_pct > 0, "> 0"),
+                  ("windows", self.windows, self.windows >= 1, ">= 1"),
                   ("top_k", self.top_k, self.top_k >= 0, ">= 0"),
-                  ("straggler_ema_alpha", self.ema_alpha, 0 < self.ema_alpha <= 1, "in (0, 1]"),
-                  ("straggler_action", self.action, self.action in ("warn", "exclude"), "warn or exclude"))
+                  ("ema_alpha", self.ema_alpha, 0 < self.ema_alpha <= 1, "in (0, 1]"),
+                  ("action", self.action, self.action in ("warn", "exclude"), "warn or exclude"))
         for key, value, ok, valid in checks:
             if not ok:
-                raise ConfigError(f"metrics.{key}", value, f"must be {valid}")
+                raise ConfigError(f"stragglers.{key}", value, f"must be {valid}")
 
 
 

@@ -9,6 +9,8 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 # SDPA's kernels (gpt.model.attention); `auto` lets SDPA choose, a named one is the only one allowed (strict).
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
+# The modes whose compiled graphs run as CUDA graphs on a GPU (torch._inductor.list_mode_options: triton.cudagraphs).
+CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
 # What torch.compile covers: each block, the whole model with its loss, or the whole model where the strategy
 # allows (single, ddp, zero1 without tensor parallelism) and each block elsewhere.
 COMPILE_SCOPES = ("blocks", "model", "auto")
@@ -21,7 +23,8 @@ DECAY_SHAPES = ("linear", "sqrt", "cosine")
 class TrainConfig:
     max_steps: int = 2000
     global_batch_size: int = 12
-    # null: the per-rank batch; auto: the largest that fits the device's memory, chosen at planning (planning.fit)
+    # null: the per-rank batch; auto: the largest that fits the device's memory, chosen at planning
+    # (launch.planning.memory_fit)
     micro_batch_size: int | str | None = None
     lr: float = 1e-3
     min_lr: float = 1e-4
@@ -99,6 +102,20 @@ class TrainConfig:
         if device == "cuda" and kernel in ("flash", "cudnn") and self.precision == "fp32":
             raise ConfigError("train.attention", kernel, f"auto, efficient or math with train.precision=fp32 (the "
                               f"{kernel} kernel takes bf16 or fp16 on a GPU); or set train.precision=bf16")
+
+    def check_cuda_graphs(self, dp_size: int) -> None:
+        """Refuse, at planning, CUDA graphs with gradient accumulation: a graph's replay writes its outputs into the
+        buffers of the replay before, so the gradients one micro-step leaves are overwritten by the next (torch
+        refuses it at run time). Needs train.device resolved and the micro-batch chosen (not auto)."""
+        graphs = self.compile and self.device == "cuda" and self.compile_mode in CUDA_GRAPH_MODES
+        if not graphs or self.micro_batch_size == "auto":
+            return
+        micro, steps = self.micro_batches(dp_size)
+        if steps > 1:
+            raise ConfigError("train.compile_mode", self.compile_mode, f"default with {steps} micro-steps per "
+                              f"optimizer step (train.micro_batch_size={micro} of a per-rank batch of {micro * steps}: "
+                              "CUDA graphs replay into the same buffers, so a micro-step would overwrite the gradients "
+                              f"of the one before); or train.micro_batch_size={micro * steps}, one micro-step")
 
     def recompute_every(self) -> int:
         """Every how many layers activation checkpointing recomputes one (0: none, 1: every layer)."""

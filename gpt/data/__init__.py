@@ -75,7 +75,7 @@ def is_prepared(cfg: DataConfig) -> bool:
     """Whether ensure_prepared would have nothing to do (the inputs are listed, not read)."""
     from gpt.data import prepare
 
-    prepared = all(prepare.is_prepared(text, out, **kw) for text, out, kw in _each_source(cfg))
+    prepared = all(prepare.is_source_prepared(text, out, **kw) for text, out, kw in _each_source(cfg))
     return prepared and (not cfg.sources or (Path(cfg.dir) / META_FILE).is_file())
 
 

@@ -139,10 +139,11 @@ def _fingerprint(files: list[Path], val_files: list[Path], tokenizer_file: str |
     return listing_md5([*files, *val_files, *([Path(tokenizer_file)] if tokenizer_file else [])], settings)
 
 
-def is_prepared(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char", vocab_size: int | None = None,
-                val_fraction: float = 0.1, shard_tokens: int = DEFAULT_SHARD_TOKENS, *, fmt: str = "text",
-                field: str = "text", val_path: str | Path | None = None, tokenizer_file: str | Path | None = None,
-                workers: int = 1) -> bool:
+def is_source_prepared(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
+                       vocab_size: int | None = None, val_fraction: float = 0.1,
+                       shard_tokens: int = DEFAULT_SHARD_TOKENS, *, fmt: str = "text", field: str = "text",
+                       val_path: str | Path | None = None, tokenizer_file: str | Path | None = None,
+                       workers: int = 1) -> bool:
     """Whether prepare() with these arguments would have nothing to do (its inputs are listed, not read)."""
     files = input_files(str(text_path), fmt)
     val_files = input_files(str(val_path), fmt, "data.val_path") if val_path else []

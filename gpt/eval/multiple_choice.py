@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from gpt.data.tokenizer import Tokenizer
-from gpt.dist.process_group import sum_over_ranks
+from gpt.collectives.process_group import sum_over_ranks
 from gpt.errors import UserError
 from gpt.eval.task_file import Example, read_task, task_name
 

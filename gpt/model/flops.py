@@ -51,7 +51,7 @@ PEAK_TFLOPS.update({
     ("mi250x", "bf16"): 191.5, ("mi250x", "fp16"): 191.5, ("mi250x", "fp32"): 47.9,
 })
 
-# GiB of memory per device, for the planner's fit check (launch.planning.fit); a name that says its size ("NVIDIA
+# GiB of memory per device, for the planner's fit check (launch.planning.memory_fit); a name that says its size ("NVIDIA
 # A100-SXM4-80GB") is read instead. An A100, A800 or H100 PCIe comes in two sizes: the smaller one, so the check
 # errs on the side of refusing, and cluster.gpu_memory_gb says otherwise.
 MEMORY_GIB: dict[str, float] = {

@@ -15,7 +15,7 @@ from gpt.parallel.traits import check_compile, traits_of
 if TYPE_CHECKING:
     import torch
 
-    from gpt.dist.process_group import DistEnv
+    from gpt.collectives.process_group import DistEnv
     from gpt.parallel.base import Strategy
 
 def strategy_class(name: str) -> type[Strategy]:
@@ -35,6 +35,7 @@ def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: M
     check_compile(model_cfg, train)
     if train is not None:
         traits.compile_scope(train)
+        traits.check_compile_mode(train)
     dims = traits.layout(strategy, parallel, world_size)
     check_dims(dims, parallel, model_cfg, ranks_per_node)
     return dims

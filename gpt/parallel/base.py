@@ -15,9 +15,9 @@ from torch.distributed.checkpoint import FileSystemWriter
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 from torch import nn
 
-from gpt.checkpoint.safe_load import SafeReader
+from gpt.checkpoint.safe_load import load_dcp
 from gpt.config.strategy import StrategyConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
 from gpt.train.optim import build_adamw, step_unless
@@ -244,7 +244,7 @@ class Strategy:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]
         state = {"model": {k: v for m, _ in parts for k, v in m.items()},
                  "optim": {k: v for _, o in parts for k, v in o.items()}}
-        dcp.load(state, storage_reader=SafeReader(folder))  # its metadata read as data, not code
+        load_dcp(state, folder)  # its metadata and items read as data, not code
         for (module, optimizer), (m, o) in zip(self.state_parts(), parts):
             set_state_dict(module, optimizer, model_state_dict={k: state["model"][k] for k in m},
                            optim_state_dict={k: state["optim"][k] for k in o}, options=STATE_OPTIONS)

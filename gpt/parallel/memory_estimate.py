@@ -1,6 +1,6 @@
 """What one rank holds in memory, by part: `MemoryParts`, and its estimate from the config alone (the planner's fit
-check, launch.planning.fit). The strategies' traits say which share of the parameters, gradients and optimizer state a
-rank holds and how many layers' activations it keeps at once; the model says how large those are. Torch-free.
+check, launch.planning.memory_fit). The strategies' traits say which share of the parameters, gradients and optimizer
+state a rank holds and how many layers' activations it keeps at once; the model says how large those are. Torch-free.
 
 The estimate: the bytes per parameter the strategy's traits state (fp32 parameters and gradients, AdamW's two fp32
 moments; DeepSpeed's fp32 partition beside them), of the parameters of the rank holding the most (the norms tensor
@@ -9,10 +9,11 @@ autograd saves for backward, per token and layer (a pre-norm block: the two norm
 projection's and MLP's inputs, q, k and v, the MLP's hidden twice, in the compute precision; under
 train.attention=math the softmax of every head too), the head (its input, the cross-entropy's fp32 log-probabilities
 and their gradient), and a pipeline stage's input and output per micro-batch in flight; where the parameters are
-sharded over data-parallel ranks, the root and one layer gathered at a time. Activation checkpointing keeps a
-checkpointed layer's input only, and recomputes one layer at a time. train.compile is counted as eager (its fused
-element-wise ops save fewer intermediates). The peak counts all parts at once. Measured on CPU
-(benchmarks/memory_fit.py, docs/benchmarks.md) against what each rank held."""
+sharded over data-parallel ranks, the root and one layer gathered at a time; with gradient accumulation, the
+gradients as a rank holds them between micro-steps (FSDP: unsharded, in fp32; traits.accumulating_grad_share).
+Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. train.compile
+is counted as eager (its fused element-wise ops save fewer intermediates). The peak counts all parts at once.
+Measured on CPU (benchmarks/memory_fit.py, docs/benchmarks.md) against what each rank held."""
 from __future__ import annotations
 
 import math
@@ -110,6 +111,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     traits = traits_of(strategy.name)
     held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     p_share, g_share, o_share = traits.state_shares(strategy, dims)
+    if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
+        g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
     params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel)

@@ -5,14 +5,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from gpt.dist.process_group import backend_for
+from gpt.collectives.process_group import process_group_backend
 
 
 def ensure_process_group(device: torch.device) -> None:
     """A distributed strategy run as one process still needs a process group (FSDP, DDP, DeepSpeed): a
     one-rank group on an in-memory store. A multi-rank job has joined its group already (launch.rank.worker)."""
     if not dist.is_initialized():
-        dist.init_process_group(backend_for(device), store=dist.HashStore(), rank=0, world_size=1)
+        dist.init_process_group(process_group_backend(device), store=dist.HashStore(), rank=0, world_size=1)
 
 
 def build_mesh(device: torch.device, **dims: int) -> DeviceMesh:

@@ -19,7 +19,7 @@ from typing import Any
 from gpt.config.model import ModelConfig
 from gpt.config.parse import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
-from gpt.config.train import TrainConfig
+from gpt.config.train import CUDA_GRAPH_MODES, TrainConfig
 from gpt.errors import ConfigError
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
@@ -57,7 +57,7 @@ def _buckets(nbytes: float, bucket_bytes: float) -> int:
     return max(1, math.ceil(nbytes / bucket_bytes))
 
 
-def planned_device(train: TrainConfig | None) -> str:
+def device_type(train: TrainConfig | None) -> str:
     """The device type a run will use, as far as the planner can tell ('cuda' or 'cpu'). The planner hands over
     train.device resolved; `auto` asks this machine (importing torch)."""
     requested = train.device if train is not None else "auto"
@@ -70,7 +70,7 @@ def planned_device(train: TrainConfig | None) -> str:
 
 def check_fsdp_options(strategy: StrategyConfig, train: TrainConfig | None) -> None:
     """Options a device cannot run: CPU offload moves parameters off a GPU, so it needs one."""
-    if strategy.cpu_offload and train is not None and planned_device(train) != "cuda":
+    if strategy.cpu_offload and train is not None and device_type(train) != "cuda":
         raise ConfigError("strategy.cpu_offload", True, "false on a CPU run (offloading moves parameters from a GPU "
                           "to the CPU); set train.device=cuda on a GPU machine to use it")
 
@@ -117,6 +117,15 @@ class StrategyTraits:
     # train.compile may cover the whole model with its loss: no per-block hooks (FSDP's, tensor parallelism's) and
     # a rank runs the whole model (not a pipeline stage)
     whole_model_compile = True
+    # Why train.compile_mode's CUDA graphs cannot replay this strategy's compiled code (None: they can)
+    no_cuda_graphs: str | None = None
+
+    def check_compile_mode(self, train: TrainConfig) -> None:
+        """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
+        graphs = train.compile and train.device == "cuda" and train.compile_mode in CUDA_GRAPH_MODES
+        if graphs and self.no_cuda_graphs:
+            raise ConfigError("train.compile_mode", train.compile_mode, f"default with strategy={self.name} "
+                              f"({self.no_cuda_graphs}); {train.compile_mode} with single, ddp or zero1")
 
     def compile_scope(self, train: TrainConfig) -> str:
         """What train.compile covers in this run: 'model' (the GPT with its loss, one graph) or 'blocks'."""
@@ -152,6 +161,11 @@ class StrategyTraits:
         estimate, gpt.parallel.memory_estimate)."""
         share = self.param_fraction(strategy, dims)
         return share, share, share
+
+    def accumulating_grad_share(self, strategy: StrategyConfig, dims: ParallelDims) -> float:
+        """The share of the model's gradients a rank holds between the micro-steps of gradient accumulation: the
+        step's (state_shares), where they accumulate in place."""
+        return self.state_shares(strategy, dims)[1]
 
     def activation_layers(self, strategy: StrategyConfig, dims: ParallelDims, n_layer: int) -> float:
         """How many layers' activations of one micro-batch a rank holds at once at its peak."""
@@ -248,7 +262,7 @@ class DeepSpeedTraits(StrategyTraits):
         if importlib.util.find_spec("deepspeed") is None:
             raise ConfigError("strategy", "deepspeed", "DeepSpeed installed (it is not); `pip install deepspeed`, or "
                               "pick strategy=zero1 (ZeRO-1) or strategy=fsdp (ZeRO-3-like) from PyTorch")
-        if precision == "fp16" and planned_device(train) == "cpu":
+        if precision == "fp16" and device_type(train) == "cpu":
             from deepspeed.accelerator import get_accelerator  # this machine's: a CPU run's ranks run here
 
             if not get_accelerator().is_fp16_supported():
@@ -290,6 +304,8 @@ class FSDPTraits(StrategyTraits):
     implementation = "gpt.parallel.fsdp:FSDP"
     keys = ("reshard_after_forward", "cpu_offload")
     whole_model_compile = False
+    no_cuda_graphs = ("FSDP frees each block's gathered parameters after use and gathers them again into new memory, "
+                      "which a CUDA graph, recorded at fixed addresses, cannot replay")
     data_axis = "dp_shard"
     axes = ("dp_replicate", "dp_shard", "tp")
 
@@ -304,6 +320,14 @@ class FSDPTraits(StrategyTraits):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.dp_shard * dims.tp)
+
+    def accumulating_grad_share(self, strategy, dims):
+        """Before the last micro-step gpt.parallel.fsdp turns the gradients' reduction off
+        (set_requires_gradient_sync(False)), and torch 2.13's FSDP2 then keeps every block's gradients unsharded
+        until it (FSDPParamGroup.post_backward: unsharded_accumulated_grad, in the fp32 reduce dtype under bf16 and
+        fp16; the fp32 parameter's own .grad under fp32): the rank's tensor-parallel part of the whole model's,
+        whatever dp_shard."""
+        return 1.0 / dims.tp
 
     def waits_in_compute(self, strategy, dims):
         return dims.dp > 1 or dims.tp > 1  # per-layer all-gathers and reductions, tensor-parallel all-reduces

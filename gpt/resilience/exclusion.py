@@ -1,4 +1,4 @@
-"""Whether removing a straggler's host pays (metrics.straggler_action=exclude).
+"""Whether removing a straggler's host pays (stragglers.action=exclude).
 
 In synchronous training every step waits for the slowest rank, so a straggler costs the run its excess busy time
 (its own time per step minus the other ranks' median, as measured by resilience.stragglers) on every remaining step.

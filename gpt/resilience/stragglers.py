@@ -1,8 +1,8 @@
 """Per-rank step-time figures brought together once per log window, and straggler detection.
 
 Every rank hands `StragglerMonitor.update` its figures for the window just closed (means per step: step time and
-its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.dist.process_group, on the host path)
-brings every rank's figures to every rank; the hosts are gathered once, at the first window. Rank 0 logs
+its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.collectives.process_group, on the host
+path) brings every rank's figures to every rank; the hosts are gathered once, at the first window. Rank 0 logs
 `summary.metrics()` and warns on `summary.events`.
 
 The detection itself (`StragglerDetector`) is pure: it sees a list of per-rank figure dicts per window, so it is
@@ -212,7 +212,7 @@ class StragglerMonitor:
 
     def gather(self, local: Mapping[str, Any]) -> list[dict[str, float | None]]:
         """Every rank's figures, in rank order: one all_gather of len(FIGURES) floats per rank."""
-        from gpt.dist.process_group import gather_vectors
+        from gpt.collectives.process_group import gather_vectors
 
         return [figures_dict(v) for v in gather_vectors(figures_vector(local), group=self.group)]
 
@@ -224,7 +224,7 @@ class StragglerMonitor:
         if self.hosts is None:
             import socket
 
-            from gpt.dist.process_group import gather_objects
+            from gpt.collectives.process_group import gather_objects
 
             self.hosts = [str(h) for h in gather_objects(self.host or socket.gethostname(), group=self.group)]
         return self.detector.observe(step, figures, self.hosts)

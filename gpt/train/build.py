@@ -9,8 +9,8 @@ import torch
 from gpt.config.model import ModelConfig
 from gpt.config.schema import RunConfig
 from gpt.data import check_vocab
-from gpt.dist import rng
-from gpt.dist.process_group import DistEnv
+from gpt.train import rng
+from gpt.collectives.process_group import DistEnv
 from gpt.hf.folder import load_into
 from gpt.model import attention
 from gpt.model.transformer import GPT

@@ -26,12 +26,18 @@ def rung_of(step: int, first: int, eta: int) -> int | None:
     return k if at == step else None
 
 
+def ranked(loss: float) -> float:
+    """A loss as it ranks: a non-finite one (a diverged point's NaN) last. A NaN sorts anywhere and compares false,
+    so as a cutoff it would stop every later point at the rung, the best included."""
+    return loss if math.isfinite(loss) else math.inf
+
+
 def cutoff(others: list[float], eta: int) -> float | None:
     """The loss a point must not exceed to go on: the worst of the best 1/eta (rounded up) of the other points'
-    results at the rung. None: no other result yet."""
+    results at the rung (infinite when those are not finite: nothing to beat). None: no other result yet."""
     if not others:
         return None
-    return sorted(others)[math.ceil(len(others) / eta) - 1]
+    return sorted(map(ranked, others))[math.ceil(len(others) / eta) - 1]
 
 
 @dataclass(frozen=True)
@@ -77,6 +83,6 @@ class Rungs:
         write_json(here / f"{self.point}.json", {"point": self.point, "step": step, "val_loss": loss})
         others = [json.loads(p.read_text())["val_loss"] for p in sorted(here.glob("*.json")) if p.stem != self.point]
         bar = cutoff(others, self.eta)
-        if bar is None or loss <= bar:
+        if bar is None or ranked(loss) <= bar:
             return None
         return Cut(step, rung_of(step, self.first, self.eta) or 0, loss, bar, len(others), self.eta)

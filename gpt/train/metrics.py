@@ -57,7 +57,7 @@ def layer_grad_norms(local_grads: Iterable[tuple[str, torch.Tensor, int]], keys:
     `local_grads` yields (parameter name, the part of its gradient this rank holds, how many ranks hold that
     same part): each rank sums its own squares per layer, weighted by 1 / copies, and the sums are added over
     the ranks once. Reading the result synchronises with the device: call it on log steps only."""
-    from gpt.dist.process_group import sum_over_ranks
+    from gpt.collectives.process_group import sum_over_ranks
 
     index = {k: i for i, k in enumerate(keys)}
     squares = torch.zeros(len(keys), device=device, dtype=torch.float32)

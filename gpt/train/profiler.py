@@ -15,7 +15,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
 from gpt.config.profile import ProfileConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError, error_line
 from gpt.run_folder import RunFolder
 

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 
 from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
-from gpt.dist.process_group import DistEnv, from_rank0_object
+from gpt.collectives.process_group import DistEnv, from_rank0_object
 from gpt.model.flops import flops_per_token, matmul_precision, mfu, param_count, peak_flops
 from gpt.parallel.base import StepResult, Strategy
 from gpt.parallel.memory_estimate import MemoryParts
@@ -152,7 +152,7 @@ class StepReporter:
             log.info("memory held by rank 0 in its first step: %s", parts.describe())
 
     def consider_exclusion(self, step: int, summary: WindowSummary) -> None:
-        """metrics.straggler_action=exclude: when a rank becomes a straggler, remove its host if that pays
+        """stragglers.action=exclude: when a rank becomes a straggler, remove its host if that pays
         (gpt.resilience.exclusion); the run then saves and stops, and the worker requeues the job without that host."""
         events = [e for e in summary.events if e.kind == "straggler"]  # the same on every rank
         if self.stragglers.config.action != "exclude" or not events:

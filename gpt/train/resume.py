@@ -11,7 +11,7 @@ from typing import Any
 from gpt.checkpoint.safe_load import warn_if_foreign
 from gpt.checkpoint.store import check_fingerprint, list_checkpoints, read_meta, resolve, verify
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
-from gpt.dist.process_group import DistEnv, from_rank0_object, gather_objects
+from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.errors import UserError
 from gpt.parallel.traits import saved_format
 from gpt.resilience.faults import Faults

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.checkpoint.store import list_checkpoints, step_of
-from gpt.dist.process_group import from_rank0_object
+from gpt.collectives.process_group import from_rank0_object
 from gpt.train.divergence import Diverged, Rollback
 from gpt.train.resume import Resume
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.run_folder import RunFolder, write_json
 
 PACKAGES = ("torch", "numpy", "hydra-core", "omegaconf", "submitit", "tensorboard", "tokenizers", "deepspeed",

@@ -12,8 +12,8 @@ from typing import Any
 from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
 from gpt.data.loader import TrainBatches
-from gpt.dist import rng
-from gpt.dist.process_group import DistEnv
+from gpt.train import rng
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError
 from gpt.parallel.base import Strategy
 from gpt.train import schedule

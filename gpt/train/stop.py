@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from gpt.config.sections import PreemptionConfig
-from gpt.dist.process_group import all_reduce_values
+from gpt.collectives.process_group import all_reduce_values
 from gpt.train.early_stop import Rungs
 from gpt.resilience.exclusion import ExclusionDecision
 from gpt.resilience.preemption import PreemptionFlag

@@ -20,8 +20,8 @@ from gpt.config.schema import RunConfig
 from gpt.config.parse import to_plain
 from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
 from gpt.data.tokenizer import load_tokenizer
-from gpt.dist.flag_sum import BackgroundSum, sum_in_background
-from gpt.dist.process_group import DistEnv, pick_device, side_group
+from gpt.collectives.flag_sum import BackgroundSum, sum_in_background
+from gpt.collectives.process_group import DistEnv, pick_device, side_group
 from gpt.eval.multiple_choice import TaskScorer
 from gpt.parallel.base import StepResult, Strategy
 from gpt.parallel.memory_estimate import MemoryParts
@@ -68,7 +68,7 @@ class Trainer:
         self.open_data(run, data_dir)
         self.startup["data_s"] = time.perf_counter() - clock
 
-        stragglers = StragglerMonitor(env.world_size, config=run.metrics, host=env.hostname)
+        stragglers = StragglerMonitor(env.world_size, config=run.stragglers, host=env.hostname)
         # test-only injections
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)
         self.ckpt = run.checkpoint
@@ -166,7 +166,7 @@ class Trainer:
         """The step's one small all-reduce: whether every rank's background checkpoint write is done, rank 0's
         verdict on checkpoint.interval_minutes, and the ranks' votes for the preemption signal they got. Cast at one
         step and acted on at the next, by every rank alike: it travels while the step computes, summed in log2(ranks)
-        rounds (gpt.dist.flag_sum; benchmarks/control_allreduce.py). Returns the
+        rounds (gpt.collectives.flag_sum; benchmarks/control_allreduce.py). Returns the
         seconds this rank still waited for it."""
         seconds = 0.0
         if self.flags is not None:

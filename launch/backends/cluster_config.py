@@ -99,7 +99,7 @@ class ClusterConfig:
     # hot spares: the job allocates nodes + spare_nodes and runs ranks on `nodes`; a lost, cut-off or sick node is
     # replaced by a spare in the next in-job restart (launch.recovery.rounds), same world size and layout
     spare_nodes: int = 0
-    # GiB of memory per GPU, for the planner's check that each rank fits (launch.planning.fit); 0: known from the
+    # GiB of memory per GPU, for the planner's check that each rank fits (launch.planning.memory_fit); 0: known from the
     # GPU's name (a local GPU, or the type in cluster.gres / cluster.constraint), else no check
     gpu_memory_gb: float = 0.0
 

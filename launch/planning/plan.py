@@ -19,7 +19,7 @@ from gpt.parallel import plan_layout
 from gpt.run_folder import RunFolder
 from launch.backends import get_backend
 from launch.local_gpus import local_gpus
-from launch.planning.fit import fit
+from launch.planning.memory_fit import fit
 from launch.run.identity import flat
 
 
@@ -69,6 +69,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
     train.check_attention(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
+    train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, below
 
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run, run.model, train, dims, device)
@@ -81,6 +82,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
         if not run.model.vocab_size:  # the model takes the tokenizer's
             train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
 
+    train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
     resolved = dataclasses.replace(run, data=data, train=dataclasses.replace(
         run.train, micro_batch_size=train.micro_batch_size))

@@ -1,14 +1,16 @@
 """The one place that knows how a rank was started: as a task of a scheduler's step (the job environment places it:
 launch.backends.<name>.job), by torchrun-style variables, or as a plain process.
 
-Everything else receives a gpt.dist.process_group.DistEnv: rank, world size, local rank, node, master address and port.
+Everything else receives a gpt.collectives.process_group.DistEnv: rank, world size, local rank, node, master address
+and port.
 """
 from __future__ import annotations
 
 import os
 import socket
 
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
+from launch.local_gpus import cuda_visible
 from launch.rank.job_env import scheduler_classes
 from launch.rank.parent import LAUNCHER_PID
 
@@ -42,20 +44,22 @@ def export_for_libraries(found: DistEnv, environ) -> None:
 
 
 def visible_gpus(env) -> list[str] | None:
-    """The GPUs CUDA_VISIBLE_DEVICES shows this process, as it names them (None: unset, every GPU of the node)."""
+    """The GPUs CUDA_VISIBLE_DEVICES shows this process, named as it names them and as many as CUDA enumerates
+    (launch.local_gpus.cuda_visible: a UUID or a MIG slice is device 0..n-1 here too). None: unset, every GPU of
+    the node."""
     value = env.get("CUDA_VISIBLE_DEVICES")
     if value is None:
         return None
     if value == "NoDevFiles":  # Slurm's word for a task of a GPU job that got none
         return []
-    return [d.strip() for d in value.split(",") if d.strip()]
+    return cuda_visible(value)
 
 
 def device_index(visible: list[str] | None, local_rank: int) -> int:
     """The GPU a task drives, as an index among those it sees. Every GPU of the node (unset): its local rank.
-    One (--gpus-per-task=1, --gpu-bind=single:1): that one. Its socket's share (--gpu-bind=closest shows local
-    ranks 4-7 of an 8-GPU node "4,5,6,7"): the local rank modulo the GPUs shown, so local rank 5 drives index 1,
-    GPU 5; the ranks of a node then check that none shares a GPU (launch.rank.gpu_plan)."""
+    One (--gpus-per-task=1, --gpu-bind=single:1): that one. Several: the local rank modulo the GPUs shown (a
+    scheduler that shows each task a share of the node's GPUs chooses within it: Slurm's placement.task_gpu); the
+    ranks of a node then check that none shares a GPU (launch.rank.gpu_plan)."""
     if not visible:
         return local_rank
     return local_rank % len(visible)

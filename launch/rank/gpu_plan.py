@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from launch.rank.environment import visible_gpus
 
 log = logging.getLogger(__name__)

@@ -15,7 +15,7 @@ from launch.backends import JOB_ENVIRONMENTS
 from launch.backends.job_state import JobStanding
 
 if TYPE_CHECKING:  # torch: a rank's; this module is also the launcher's
-    from gpt.dist.process_group import DistEnv
+    from gpt.collectives.process_group import DistEnv
 
 # set by the task wrapper that restarts ranks inside the allocation (launch.recovery.rounds)
 ROUND_VAR = "GPTLAUNCH_ROUND"

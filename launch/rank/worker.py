@@ -21,7 +21,7 @@ from launch import launch_config  # noqa: E402
 from launch.launch_config import LaunchConfig  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
 
-from gpt.dist.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
+from gpt.collectives.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
                                     pick_device, preflight)
 from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line  # noqa: E402
 from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
@@ -272,7 +272,7 @@ def apply_threads(env: DistEnv) -> ThreadPlan:
 
 
 def _from_rank0(value: bool) -> bool:
-    from gpt.dist.process_group import from_rank0
+    from gpt.collectives.process_group import from_rank0
 
     return from_rank0(value)
 

@@ -1,27 +1,28 @@
 """torch's flight recorder, read after a hang: which ranks never entered the collective the others wait in.
 
 Each rank's process groups record their last collectives in a ring buffer (torch.distributed's flight recorder:
-TORCH_FR_BUFFER_SIZE entries, on by default for NCCL and gloo in torch 2.13). The watchdog dumps it from every rank
-(`_dump_fr_trace`, a pickle) when a hang ends the attempt. The dump's schema (torch/csrc/distributed/c10d/
-FlightRecorderDetail.hpp, version 2.10): `pg_status`, per process group id, the sequence numbers of its last
-collective enqueued, started and completed; `entries`, each with `pg_id`, `process_group` (name, description),
-`collective_seq_id`, `profiling_name` ("nccl:all_reduce"), `state` ("scheduled", "started", "completed") and
-`time_discovered_started_ns`; `pg_config`, per group name, its global `ranks`.
+TORCH_FR_BUFFER_SIZE entries, on by default for NCCL and gloo in torch 2.13). torch keeps one recorder per kind of
+work event: gloo's (`_dump_fr_trace_json`) and NCCL's (`_dump_nccl_trace_json`, CUDA builds only); the watchdog
+dumps both from every rank, as JSON, when a hang ends the attempt, and each is read on its own. The dump's schema
+(torch/csrc/distributed/c10d/FlightRecorderDetail.hpp, version 2.10): `pg_status`, per process group id, the
+sequence numbers of its last collective enqueued, started and completed; `entries`, each with `pg_id`,
+`process_group` (name, description), `collective_seq_id`, `profiling_name` ("nccl:all_reduce"), `state`
+("scheduled", "started", "completed") and `time_discovered_started_ns`; `pg_config`, per group name, its global
+`ranks`.
 
 On GPUs this is the evidence, not the heartbeats: a rank's host thread enqueues a collective and runs on, so a
-host-side view can blame a healthy rank that is blocked in a later host sync while its GPU waits for a peer.
-Every host enqueues ahead of its GPU, so on NCCL the count that tells is the collectives each GPU *started*, which
-NCCL knows only with TORCH_NCCL_ENABLE_TIMING=1 (set for GPU ranks: launch.recovery.watchdog.flight_recorder_env;
-without it `last_started_collective` stays -1 and no entry is "started"). The group's stuck collective is then the
-newest one any member's GPU started and some member has not completed; the members whose GPU started less never
-entered it, and of those, the ones whose host enqueued it have a device that stalled. Where a dump carries no start
-(gloo records none: its work runs on the host), the stuck collective is the newest one any member enqueued, and the
-members that enqueued less never entered it. Torch-free: pickles of plain containers.
-"""
+host-side view can blame a healthy rank that is blocked in a later host sync while its GPU waits for a peer. Every host
+enqueues ahead of its GPU, so on NCCL the count that tells is the collectives each GPU *started*, which NCCL knows
+only with TORCH_NCCL_ENABLE_TIMING=1 (set for GPU ranks: launch.recovery.watchdog.flight_recorder_env; without it
+`last_started_collective` stays -1 and no entry is "started"). The group's stuck collective is then the newest one
+any member's GPU started and some member has not completed; the members whose GPU started less never entered it, and
+of those, the ones whose host enqueued it have a device that stalled. Where a dump carries no start (gloo records
+none: its work runs on the host), the stuck collective is the newest one any member enqueued, and the members that
+enqueued less never entered it. Torch-free, and JSON only: a file in the run folder is never unpickled."""
 from __future__ import annotations
 
 import ast
-import pickle
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,16 +62,18 @@ class Stuck:
         return ", ".join(parts)
 
 
-def read_dumps(paths: dict[int, Path]) -> dict[int, dict]:
-    """Each rank's dump that can be read, by rank (a dump cut short by a dying process is left out)."""
-    out = {}
+def read_dumps(paths: dict[int, Path]) -> dict[str, dict[int, dict]]:
+    """Each recorder's dumps that can be read, by recorder ("gloo", "nccl") and rank (a dump cut short by a dying
+    process, or a file that is not a dump, is left out)."""
+    out: dict[str, dict[int, dict]] = {}
     for rank, path in paths.items():
         try:
-            dump = pickle.loads(path.read_bytes())
-        except (OSError, pickle.UnpicklingError, EOFError, ValueError):
+            recorders = json.loads(path.read_bytes())
+        except (OSError, ValueError):
             continue
-        if isinstance(dump, dict) and "pg_status" in dump:
-            out[rank] = dump
+        for name, dump in recorders.items() if isinstance(recorders, dict) else ():
+            if isinstance(dump, dict) and isinstance(dump.get("pg_status"), dict):
+                out.setdefault(name, {})[rank] = dump
     return out
 
 
@@ -153,6 +156,12 @@ def stuck_collectives(dumps: dict[int, dict], world: int) -> list[Stuck]:
         out.append(Stuck(name, desc, top, _op(dumps, waiting, name, top), waiting, missing,
                          tuple(sorted(members - set(have))), stalled))
     return out
+
+
+def stuck_in(recorders: dict[str, dict[int, dict]], world: int) -> list[Stuck]:
+    """stuck_collectives of each recorder: NCCL's device work first (where a GPU run hangs), then gloo's host work."""
+    return [s for name in sorted(recorders, key=lambda n: n != "nccl")
+            for s in stuck_collectives(recorders[name], world)]
 
 
 def as_records(stuck: list[Stuck]) -> list[dict[str, Any]]:

@@ -7,7 +7,7 @@ Torch-free: the launcher reads the reports too.
 The report's files, as the watchdogs of every rank write them (launch.recovery.watchdog decides when and who acts):
     hang-<attempt>.json   claimed (created empty) by the rank that acts, then its summary record
     hang-<attempt>.txt    the summary, readable, then every rank's Python stacks, one append per rank
-    hang-<attempt>-flight-recorder-rank<R>.pkl   torch's flight recorder of each rank
+    flight-recorder-<attempt>-rank<R>.json  torch's flight recorders of each rank (gloo's, and NCCL's on GPUs)
 <attempt> is the attempt's own id, asked when it is needed (launch.run.attempts.hang_report_name).
 
 Every write is best effort where the storage may be what failed: the requeue is done by then, and the report is a
@@ -240,7 +240,7 @@ class HangReport:
         finally:
             os.close(fd)
 
-    def dumps(self, alive: list[int]) -> dict[int, dict]:
+    def dumps(self, alive: list[int]) -> dict[str, dict[int, dict]]:
         """Every rank's flight recorder dump, waiting a little for the live ranks' (each dumps as it sees the
         hang: within an interval of this rank)."""
         folder = RunFolder(self.run_dir)
@@ -251,20 +251,30 @@ class HangReport:
         return read_dumps({r: p for r, p in paths.items() if p.exists()})
 
     def dump_flight_recorder(self) -> None:
-        """torch's flight recorder: the last collectives this rank's process groups saw (NCCL, and gloo too)."""
+        """torch's flight recorders: the last collectives this rank's process groups saw. torch keeps two, one per
+        kind of work event: gloo's (host work) and, in a CUDA build, NCCL's (device work, where a GPU run hangs);
+        both are written, as JSON: the reporting rank parses data, never unpickles what a file holds."""
         import torch.distributed as dist
 
         if not dist.is_initialized():
             return
         try:
-            from torch._C._distributed_c10d import _dump_fr_trace
-
             path = RunFolder(self.run_dir).flight_recorder(self.attempt(), self.rank)
             tmp = path.with_name(f".{path.name}.tmp")
-            tmp.write_bytes(_dump_fr_trace())
+            tmp.write_text(json.dumps(recorder_dumps()))
             os.replace(tmp, path)  # the reporting rank never reads half a dump
         except Exception as e:  # the dump is a bonus: the report stands without it
             log.warning("watchdog: no flight recorder dump: %s", e)
+
+
+def recorder_dumps() -> dict[str, dict]:
+    """Each flight recorder's dump, by the backend whose work it records."""
+    from torch._C import _distributed_c10d as c10d
+
+    out = {"gloo": json.loads(c10d._dump_fr_trace_json(includeCollectives=True, onlyActive=False))}
+    if hasattr(c10d, "_dump_nccl_trace_json"):  # a build with NCCL
+        out["nccl"] = json.loads(c10d._dump_nccl_trace_json(includeCollectives=True, onlyActive=False))
+    return out
 
 
 def stacks() -> str:

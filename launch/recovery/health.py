@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gpt.config.sections import HealthConfig
-from gpt.dist.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects
+from gpt.collectives.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects
 from gpt.train.step_timer import PhaseClock
 from launch.recovery.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, below_fraction,
                                            bus_figures, bus_groups, matmul_iterations, node_sums)

@@ -8,7 +8,7 @@ import json
 import logging
 from pathlib import Path
 
-from gpt.dist.process_group import DistEnv, Rendezvous, from_rank0, from_rank0_object
+from gpt.collectives.process_group import DistEnv, Rendezvous, from_rank0, from_rank0_object
 from launch.recovery.health import measure_gpus, measure_nodes
 from launch.recovery.health_verdict import NodeVerdict, Verdict, bus_bandwidth_gbps
 from gpt.resilience.progress import PROGRESS

@@ -217,11 +217,11 @@ class GpuVerdict(Verdict):
         hosts = self._hosts()
         lines = [self.describe(g) for g in self.slow_gpus()]
         lines += [f"node {g.node} ({g.host}, rank {g.rank}): storage: {g.storage}" for g in self.gpus if g.storage]
-        if self.bus:
+        slow_bus = self.slow_bus_nodes()  # none where no node has two ranks (one GPU per node): no intra figure
+        if slow_bus:
             middle = median(list(self.bus.intra_gbps.values()))
             lines += [f"node {n} ({hosts[n]}): intra-node busbw {self.bus.intra_gbps[n]:.1f} GB/s, "
-                      f"{self.bus.intra_gbps[n] / middle:.2f} of the median node's {middle:.1f}"
-                      for n in self.slow_bus_nodes()]
+                      f"{self.bus.intra_gbps[n] / middle:.2f} of the median node's {middle:.1f}" for n in slow_bus]
         return lines
 
     def summary(self) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from gpt.resilience.disk_faults import Outage
-from launch.recovery.flight_recorder import stuck_collectives
+from launch.recovery.flight_recorder import stuck_in
 from launch.recovery.hang import Hang
 from launch.recovery.hang import HangReport
 from launch.recovery.heartbeat import Liveness, read_heartbeats, write_heartbeat
@@ -248,7 +248,7 @@ class Watchdog:
         beats = self.peers()
         hang = Hang.from_heartbeats(beats, [self.liveness.silent_s(r) for r in range(self.world)], self.stale_s())
         try:
-            stuck = stuck_collectives(self.report.dumps(hang.waiting + hang.behind), self.world)
+            stuck = stuck_in(self.report.dumps(hang.waiting + hang.behind), self.world)
             return hang.with_flight_recorder(stuck)
         except OSError as e:
             log.warning("watchdog: cannot read the flight recorder dumps: %s", e)

@@ -37,7 +37,7 @@ from gpt.train.tracker import open_tracker
 from launch.report import outputs as report_outputs
 from launch.report import tensorboard as report_tensorboard
 from launch.report.compare import CompareRow, compare_rows, varying_keys
-from launch.report.fit import figures, fit_points, predict
+from launch.report.model_fit import figures, fit_points, predict
 from launch.report.markdown import markdown
 from launch.report.contents import Report
 from launch.report.points import PointResult, find_run_folders, get, load_point
@@ -64,7 +64,7 @@ def build_report(root: Path, config: ReportConfig | None = None) -> Report:
     points = load_points(root)
     first = points[0].config
     config = config or section(ReportConfig, "report", get(first, "report"))
-    straggler_config = section(StragglerConfig, "metrics", get(first, "metrics"))
+    straggler_config = section(StragglerConfig, "stragglers", get(first, "stragglers"))
     rows = [summarize(p, config.skip_windows, straggler_config) for p in points]
     keys = varying_keys(points)
     rep = Report(root, points, rows, config, straggler_config, keys, True, [])

@@ -6,7 +6,7 @@ import os
 import math
 from typing import Any
 
-from launch.report.fit import TOLERANCE
+from launch.report.model_fit import TOLERANCE
 from launch.report.contents import Report
 from launch.report.perf_model import comm_volume
 from gpt.resilience.goodput import run_goodput

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.config.schema import moved_keys_in_place
 from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder
 
 log = logging.getLogger(__name__)
@@ -123,7 +124,8 @@ def get(d: dict[str, Any], dotted: str, default: Any = None) -> Any:
 def load_yaml(path: Path) -> Any:
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.load(path), resolve=False)  # already resolved when written
+    # already resolved when written; keys moved since read where they now are
+    return moved_keys_in_place(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
 
 
 def find_run_folders(root: Path, max_depth: int = 4) -> list[Path]:

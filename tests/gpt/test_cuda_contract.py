@@ -15,7 +15,7 @@ import torch
 
 from cuda_standin import StrictCuda
 from gpt.config.sections import HealthConfig
-from gpt.dist.process_group import DistEnv, pick_device
+from gpt.collectives.process_group import DistEnv, pick_device
 from launch.recovery import health
 from gpt.train.metrics import memory_stats
 
@@ -79,6 +79,40 @@ def test_a_thread_starts_on_device_0_and_only_existing_devices_answer(monkeypatc
             call()
     cuda.manual_seed(1337)  # the current device's generator, no other
     assert cuda.get_rng_state(1).any() and not cuda.get_rng_state(0).any()
+
+
+def test_a_stream_context_moves_the_thread_to_its_device_and_back_opening_a_context_there(monkeypatch):
+    """torch.cuda.stream sets the stream's device on entering and the device it found on leaving (CUDA 12 opens a
+    context on a device set): a thread that never chose its device ends on GPU 0, which exclusive-process GPUs of
+    other ranks refuse."""
+    cuda = StrictCuda(devices=2).install(monkeypatch)
+    cuda.set_device(1)
+    side, seen = cuda.Stream(), []
+
+    def thread() -> None:
+        with cuda.stream(side):
+            seen.append(cuda.current_device())
+        seen.append(cuda.current_device())
+
+    worker = threading.Thread(target=thread)
+    worker.start()
+    worker.join()
+    assert seen == [1, 0] and cuda.contexts == {0, 1}
+    exclusive = StrictCuda(devices=2, rank_gpu=1).install(monkeypatch)
+    with pytest.raises(RuntimeError, match="busy or unavailable"):
+        exclusive.set_device(0)
+
+
+@pytest.mark.parametrize("visible, shown", [("4,5,6,7", [4, 5, 6, 7]), ("1abc,3", [1, 3]), ("2,-1,3", [2]),
+                                            ("1,1", []), ("GPU-00000006,GPU-00000002", [6, 2]), ("GPU-0,1", [])])
+def test_cuda_visible_devices_renumbers_what_it_names_from_0(visible, shown):
+    cuda = StrictCuda(devices=8, visible=visible)
+    assert cuda.device_count() == len(shown) and [cuda.physical(i) for i in range(len(shown))] == shown
+
+
+def test_a_process_enumerates_one_mig_slice():
+    uuids = StrictCuda(devices=2, mig=True).uuids
+    assert StrictCuda(devices=2, mig=True, visible=",".join(uuids)).device_count() == 1
 
 
 # --- the GPU paths through it ----------------------------------------------------------------------------------

@@ -13,15 +13,15 @@ from hydra import compose, initialize_config_dir
 
 from cuda_standin import StrictCuda
 from helpers import REPO, SHAKESPEARE
-from gpt.dist import process_group as distributed
-from gpt.dist import rng
+from gpt.collectives import process_group as distributed
+from gpt.train import rng
 from gpt.config.model import ModelConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.train.metrics import layer_grad_norms, layer_key, layer_keys
 from gpt.model.transformer import GPT
 from gpt.parallel.base import Compile, Strategy
 from gpt.parallel.layout import ParallelDims
-from gpt.dist.flag_sum import BackgroundSum
+from gpt.collectives.flag_sum import BackgroundSum
 from gpt.train import trainer as trainer_module
 from gpt.train.trainer import Trainer
 from gpt.config import schema
@@ -90,7 +90,7 @@ def test_cuda_rng_is_this_ranks_own_device(monkeypatch):
 
 class SyncCounter:
     """Counts host reads of tensors (item, tolist, bool, float, int) and device waits made from our code (gpt/,
-    launch/) outside gpt/dist/, whose reads are of host tensors by construction (see test_collectives)."""
+    launch/) outside gpt/collectives/, whose reads are of host tensors by construction (see test_collectives)."""
 
     ours = (str(REPO / "gpt"), str(REPO / "launch"))
 
@@ -103,7 +103,7 @@ class SyncCounter:
     def wrap(self, original, name):
         def counted(*args, **kwargs):
             caller = sys._getframe(1).f_code.co_filename
-            if caller.startswith(self.ours) and str(Path("gpt", "dist")) not in caller:
+            if caller.startswith(self.ours) and str(Path("gpt", "collectives")) not in caller:
                 self.calls.append(f"{name} from {caller}:{sys._getframe(1).f_lineno}")
             return original(*args, **kwargs)
         return counted

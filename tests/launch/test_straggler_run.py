@@ -10,16 +10,16 @@ import pytest
 from helpers import launch, read_metrics
 
 RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.max_steps=30", "train.log_interval=5",
-       "train.eval_interval=0", "train.layer_grad_norms=false", "metrics.straggler_windows=2"]
+       "train.eval_interval=0", "train.layer_grad_norms=false", "stragglers.windows=2"]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("delayed", [True, False], ids=["delay-on-rank-1", "no-delay"])
 def test_injected_delay_makes_a_straggler(delayed, tmp_path, data_overrides):
-    """With a noise floor (metrics.straggler_min_excess_s, as on a shared machine): the other tests' load slowed a
+    """With a noise floor (stragglers.min_excess_s, as on a shared machine): the other tests' load slowed a
     rank of the control past the 20% threshold for two windows, by milliseconds a step."""
     delay = ["debug.delay_rank=1", "debug.delay_s=0.3"] if delayed else []  # 2x the bound below: a burst of load
-    launch(*RUN, *data_overrides, *delay, "metrics.straggler_min_excess_s=0.05", run_dir=tmp_path)
+    launch(*RUN, *data_overrides, *delay, "stragglers.min_excess_s=0.05", run_dir=tmp_path)
     records = read_metrics(tmp_path, rank=0)
     counts = [r["stragglers/count"] for r in records]
     log = (tmp_path / "logs" / "rank0.log").read_text()
@@ -55,7 +55,7 @@ def test_a_slow_rank_is_found_where_its_peers_wait_inside_forward_and_backward(l
 @pytest.mark.slow
 def test_excluding_a_straggler_that_does_not_pay_keeps_it_and_says_why(tmp_path, data_overrides):
     launch(*RUN, *data_overrides, "debug.straggler_rank=1", "debug.straggler_s=0.15",
-           "metrics.straggler_action=exclude", run_dir=tmp_path)  # 30 steps: far less than a restart costs
+           "stragglers.action=exclude", run_dir=tmp_path)  # 30 steps: far less than a restart costs
     log = (tmp_path / "logs" / "rank0.log").read_text()
     assert "straggler: keeping " in log and "(rank 1): it does not pay; keeping it costs " in log, log
     ended = [json.loads(x)["ended"] for x in (tmp_path / "attempts.jsonl").read_text().splitlines()]

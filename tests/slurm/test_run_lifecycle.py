@@ -261,7 +261,7 @@ def test_resume_path_initialises_and_requeues_continue_from_the_runs_own_checkpo
                                       ("preemption.signals=[SIGFOO]", "preemption.signals"),
                                       ("resume=/no/such/run", "resume"),
                                       ("rendezvous.timeout_s=-1", "rendezvous.timeout_s"),
-                                      ("metrics.straggler_windows=0", "metrics.straggler_windows"),
+                                      ("stragglers.windows=0", "stragglers.windows"),
                                       ("+debug.hang_forever=1", "debug.hang_forever")])
 def test_bad_values_are_refused_before_sbatch(bad, key, slurm_cluster, tmp_path, data_overrides):
     run_dir = tmp_path / "run"

@@ -47,7 +47,7 @@ def test_persistent_straggler_is_excluded_when_that_pays(slurm_cluster, tmp_path
     run_dir = tmp_path / "run"
     run = [o for o in TINY if not o.startswith("train.max_steps")] + ["train.max_steps=300"]
     proc = run_launch(slurm_cluster.env, *SLURM, "nodes=2", *run, *data_overrides, "debug.straggler_rank=1",
-                      "debug.straggler_s=0.6", "metrics.straggler_action=exclude", f"hydra.run.dir={run_dir}",
+                      "debug.straggler_s=0.6", "stragglers.action=exclude", f"hydra.run.dir={run_dir}",
                       timeout=400)
     assert proc.returncode == 0, output(proc)
     first, second = attempts(run_dir)

@@ -32,13 +32,16 @@ class SlurmBackend(Backend):
 
     def device_memory_gib(self, run, device):
         """A GPU's by the type the job asks for (--gres=gpu:a100:4, --constraint=a100); on CPU nodes each rank's
-        share of --mem. None when the job names neither."""
+        share of --mem (--mem=0: of the node's whole memory, as sinfo tells it). None when the job names neither."""
         cluster = run.cluster
         if device == "cuda":
             gres = str(cluster.gres or cluster.sbatch.get("gres") or "").split(":")
             names = [gres[1]] if len(gres) > 2 else []
             return next((m for m in map(memory_gib, [*names, cluster.constraint]) if m), None)
-        return partitions.mem_mb(cluster.mem) / 1024 / cluster.tasks_per_node if cluster.mem else None
+        mem = partitions.mem_mb(cluster.mem) if cluster.mem else None
+        if mem == 0:  # Slurm's --mem=0: all of each node's memory, not none
+            mem = partitions.node_mem_mb(SlurmResources.from_run(run), partitions.read_partitions())
+        return mem / 1024 / cluster.tasks_per_node if mem else None
 
     def standings(self, job_ids):
         return {j: commands.standing(i) for j, i in commands.job_infos(job_ids).items()} if job_ids else {}

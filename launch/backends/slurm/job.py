@@ -53,7 +53,7 @@ class SlurmJob(JobEnvironment):
     def place(cls, environ: Mapping[str, str]):
         from launch.backends.slurm.placement import from_slurm  # torch's DistEnv: only a rank places itself
 
-        return from_slurm(environ)
+        return from_slurm(environ, gpus_on_node(environ))
 
     @property
     def job_id(self) -> str | None:

@@ -152,6 +152,17 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     return part
 
 
+def node_mem_mb(res: SlurmResources, partitions: dict[str, Partition]) -> int | None:
+    """The memory of the smallest node of the job's partition that has its CPUs and GPUs (sinfo's MB): what
+    --mem=0 gives the job. None when unknown: no such partition, or nodes without RealMemory (Slurm's default is
+    1 MB)."""
+    part = (partitions.get(res.partition) if res.partition
+            else next((p for p in partitions.values() if p.default), None))
+    cpus = res.tasks_per_node * (res.cpus_per_task or 1)
+    smallest = min((g[2] for g in part.groups if g[1] >= cpus and g[3] >= res.node_gpus), default=0) if part else 0
+    return smallest if smallest > 1 else None
+
+
 def mem_mb(mem: str | None) -> int:
     if not mem:
         return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import socket
 
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError
 from launch.backends.slurm import commands
 from launch.rank.environment import device_index, visible_gpus
@@ -15,7 +15,8 @@ from launch.rank.job_env import ROUND_VAR
 SLURM_PORT_BASE, SLURM_PORT_SPAN = 20000, 12000
 
 
-def from_slurm(env) -> DistEnv:
+def from_slurm(env, node_gpus: int) -> DistEnv:
+    """`node_gpus`: the GPUs Slurm gave this node of the step (launch.backends.slurm.job.gpus_on_node)."""
     world = int(env["SLURM_NTASKS"])
     nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
     local_rank = int(env.get("SLURM_LOCALID", 0))
@@ -23,7 +24,7 @@ def from_slurm(env) -> DistEnv:
         rank=int(env["SLURM_PROCID"]),
         world_size=world,
         local_rank=local_rank,
-        device_index=device_index(visible_gpus(env), local_rank),
+        device_index=task_gpu(env, local_rank, node_gpus),
         local_world_size=world // nodes,
         node_rank=int(env.get("SLURM_NODEID", 0)),
         num_nodes=nodes,
@@ -31,6 +32,28 @@ def from_slurm(env) -> DistEnv:
         master_port=master_port(env),
         hostname=socket.gethostname(),
     )
+
+
+def task_gpu(env, local_rank: int, node_gpus: int) -> int:
+    """The GPU this task drives, as an index among those CUDA_VISIBLE_DEVICES shows it (CUDA numbers them 0..n-1 in
+    the process, whatever their names: indices, UUIDs, MIG slices). None, one, or every GPU of the node: as
+    device_index. A share of the node's GPUs (--gpu-bind=closest shows each task its socket's): the tasks that share
+    it are those Slurm placed on that socket, and each drives the next GPU of the share. Slurm places tasks on the
+    sockets in turn unless told otherwise (srun's default distribution, block:cyclic): on two sockets of 4 GPUs
+    each, local ranks 0, 2, 4, 6 see "0,1,2,3" and drive GPUs 0-3; local_rank % 4 would put 0 and 4 on GPU 0."""
+    visible = visible_gpus(env)
+    if not visible or len(visible) == 1 or len(visible) >= node_gpus:
+        return device_index(visible, local_rank)
+    sockets = node_gpus // len(visible)  # the node's GPUs in shares of this size, one per socket
+    turn = local_rank % len(visible) if sockets_in_blocks(env) else local_rank // sockets
+    return turn % len(visible)
+
+
+def sockets_in_blocks(env) -> bool:
+    """Whether Slurm fills one socket with tasks before the next (--distribution=*:block, or block:block): the
+    second field of SLURM_DISTRIBUTION, which srun sets only when asked. Its default is cyclic."""
+    methods = env.get("SLURM_DISTRIBUTION", "").split(",")[0].split(":")
+    return len(methods) > 1 and methods[1] == "block"
 
 
 def master_port(env) -> int:

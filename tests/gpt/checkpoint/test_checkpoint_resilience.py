@@ -20,7 +20,7 @@ from helpers import REPO, SHAKESPEARE, launch, losses
 from gpt.checkpoint.store import list_checkpoints, step_of
 from gpt.data import read_meta
 from gpt.data.prepare import prepare
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError
 from gpt.train.trainer import Trainer
 from gpt.config import schema
@@ -226,3 +226,25 @@ def test_every_file_and_folder_is_fsynced_before_the_rename_and_the_rename_befor
     assert set(files) <= set(synced) and f"{tmp}/meta.json" in synced and tmp in synced
     prune = events.index(("rmtree", str(ckpts / "step_00000004")))
     assert ("fsync", str(ckpts)) in events[commit:prune]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_a_user_copied_aside_is_left_alone(tmp_path, data_overrides):
+    """A copy of a checkpoint that a user sets aside in checkpoints/ (step_N.bak, step_N-copy, step_x) is not one of
+    the run's: launch.status, planning, resume and the next saves and prunes skip it, with one line at most, and
+    retention never deletes it."""
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    args = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.eval_interval=0",
+            "checkpoint.interval_steps=4", "checkpoint.keep=1", *data_overrides]
+    launch(*args, "debug.signal_at_step=6", "debug.signal_name=SIGTERM", run_dir=run_dir, check=False)
+    saved = list_checkpoints(ckpts)[-1]
+    copies = [ckpts / f"{saved.name}.bak", ckpts / f"{saved.name}-copy", ckpts / "step_x"]
+    for copy in copies:
+        shutil.copytree(saved, copy)
+    status = subprocess.run([sys.executable, "-m", "launch.status", str(run_dir)], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)
+    assert "Traceback" not in status.stdout + status.stderr and "step 6" in status.stdout, status.stderr[-3000:]
+    launch(*args, run_dir=run_dir)  # the same command: planning, resume, the saves of steps 8 and 12, their prunes
+    assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000012"] and all(c.is_dir() for c in copies)
+    log = (run_dir / "logs" / "rank0.log").read_text()
+    assert all(log.count(f"{copy} is not a checkpoint of the run") <= 1 for copy in copies), log[-3000:]

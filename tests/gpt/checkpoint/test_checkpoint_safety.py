@@ -1,5 +1,6 @@
-"""A checkpoint is data, not code: a crafted one whose unpickling would run a command is refused with one line (by
-resume=PATH and by gpt.generate), and the command never runs; a checkpoint someone else owns is warned about."""
+"""A checkpoint is data, not code: a crafted one whose unpickling would run a command (in its DCP metadata, a DCP
+shard's item or a rank's file) is refused with one line (by resume=PATH and by gpt.generate), and the command never
+runs; a checkpoint someone else owns is warned about."""
 from __future__ import annotations
 
 import json
@@ -12,7 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 
+from gpt.checkpoint.store import META, manifest
 from helpers import REPO, launch
 
 RUN = ["model=tiny", "train.max_steps=4", "train.warmup_steps=2", "train.eval_interval=0", "checkpoint.interval_steps=4"]
@@ -40,12 +43,25 @@ def crafted(checkpoint: Path, tmp_path: Path, part: str) -> tuple[Path, Path]:
     shutil.copytree(checkpoint, folder)
     if part == ".metadata":
         (folder / ".metadata").write_bytes(pickle.dumps(RunsACommand(marker)))
+    elif part == "__0_0.distcp":
+        write_item(checkpoint, folder, RunsACommand(marker))
     else:
         torch.save({"rng": RunsACommand(marker)}, folder / part)
-    meta = json.loads((folder / "meta.json").read_text())  # the attacker writes a manifest that holds
-    meta["files"][part] = (folder / part).stat().st_size
-    (folder / "meta.json").write_text(json.dumps(meta))
+    meta = json.loads((folder / META).read_text())  # the attacker writes a manifest that holds
+    meta["files"] = {name: size for name, size in manifest(folder).items() if name != META}
+    (folder / META).write_text(json.dumps(meta))
     return folder, marker
+
+
+def write_item(checkpoint: Path, folder: Path, item: object) -> None:
+    """Write `folder` as DCP writes a checkpoint, with `item` as a param group's lr: DCP torch.saves each non-tensor
+    item into its shard, at the offset .metadata names."""
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    state = _load_state_dict_from_keys(checkpoint_id=checkpoint)  # everything the genuine checkpoint holds
+    lr = next(key for key in state["optim"] if key.startswith("param_groups.") and key.endswith(".lr"))
+    state["optim"][lr] = item
+    dcp.save(state, checkpoint_id=folder, no_dist=True)
 
 
 def generate(path: Path) -> subprocess.CompletedProcess:
@@ -62,7 +78,7 @@ def test_generate_refuses_crafted_dcp_metadata(checkpoint, tmp_path):
                                    "part of a checkpoint's metadata: refused, unpickling it could run code")
 
 
-@pytest.mark.parametrize("part", [".metadata", "ranks/rank0.pt"])
+@pytest.mark.parametrize("part", [".metadata", "__0_0.distcp", "ranks/rank0.pt"])
 @pytest.mark.slow
 def test_resume_from_a_crafted_checkpoint_is_refused(part, checkpoint, tmp_path, data_overrides):
     folder, marker = crafted(checkpoint, tmp_path, part)

@@ -10,7 +10,7 @@ from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 from gpt.checkpoint.staging import assign_writers
 from gpt.checkpoint.writer import Checkpointer
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
 
@@ -90,6 +90,25 @@ def test_a_gpu_runs_stager_copies_each_save_after_its_step_into_buffers_it_keeps
         strategy.optimizer.step()
     checkpointer.close()
     assert len(closed) == 1
+
+
+def test_a_gpu_runs_stager_touches_no_gpu_but_the_ranks_own(tmp_path, monkeypatch):
+    """The staging thread starts on device 0, as every new thread does. Unless it chooses the rank's GPU before any
+    CUDA call, each rank opens a context on GPU 0 (about 0.5 GB each; refused where GPUs are in exclusive-process
+    mode, as the stand-in's rank_gpu is): torch.cuda.stream's exit alone sets the thread's device back to 0."""
+    cuda = StrictCuda(devices=2, rank_gpu=1).install(monkeypatch)
+    cuda.set_device(1)
+    strategy = cpu_strategy()
+    strategy.device = torch.device("cuda", 1)  # the tensors stay on the CPU; every CUDA call goes to the stand-in
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=True)
+    for step in (1, 2):
+        cuda.run(0.1)  # the step's optimizer update, still on the device
+        path = checkpointer.save(step, strategy, {})
+        checkpointer.wait()
+        assert cuda.pinned  # the staging buffers, pinned from the thread on the rank's GPU
+        assert_restores(checkpointer, path, strategy)
+    checkpointer.close()
+    assert cuda.contexts == {1}
 
 
 def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with_theirs():

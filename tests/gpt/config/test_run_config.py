@@ -46,8 +46,8 @@ BAD = {
     "train.compile_scope=head": "train.compile_scope='head' is not valid: one of blocks, model, auto",
     "train.micro_batch_size=most": "train.micro_batch_size='most' is not valid: a positive integer, null (the "
                                    "per-rank batch) or auto",
-    "metrics.straggler_windows=0": "metrics.straggler_windows=0 is not valid: must be >= 1",
-    "metrics.straggler_action=drop": "metrics.straggler_action='drop' is not valid: must be warn or exclude",
+    "stragglers.windows=0": "stragglers.windows=0 is not valid: must be >= 1",
+    "stragglers.action=drop": "stragglers.action='drop' is not valid: must be warn or exclude",
     "report.predict_nodes=[]": "report.predict_nodes=[] is not valid: a list of positive node counts",
     "budget.applies_to=best": "budget.applies_to='best' is not valid: one of worst, expected",
     "budget.max_node_hours=0": "budget.max_node_hours=0 is not valid: a positive number of node-hours",
@@ -89,7 +89,7 @@ def test_a_wrong_type_is_refused_by_hydra(override, valid):
 
 def test_the_tree_knows_every_key_and_its_type():
     assert field_at("train.lr") is float and field_at("checkpoint.async") is bool
-    assert field_at("metrics.straggler_windows") is int and field_at("train.nope") is None
+    assert field_at("stragglers.windows") is int and field_at("train.nope") is None
     assert valid_for("train.nope").startswith("known train keys are activation_checkpointing, attention, betas")
     assert valid_for("train.betas[1]") == "a number"
     assert valid_for("nope").startswith("known top-level keys are budget, checkpoint, cluster")
@@ -100,25 +100,24 @@ def test_defaults_live_in_the_dataclasses():
     assert run.checkpoint == CheckpointConfig(500, None, 3, False)
     assert run.preemption == PreemptionConfig() and run.preemption.signals == ("SIGTERM", "SIGUSR2")
     assert run.debug == DebugConfig() and run.watchdog == WatchdogConfig() and run.health == HealthConfig()
-    assert run.metrics == StragglerConfig()
+    assert run.stragglers == StragglerConfig()
     assert run.cluster.name == "local" and run.cluster.nodes == run.nodes == 1
     assert run.strategy.name == "single" and run.name == "shakespeare_cpu-single"
 
 
 def test_keys_with_other_names_in_the_config():
-    run = launch_config.parse(compose("checkpoint.async=true", "metrics.straggler_threshold_pct=35", "preemption.signals=[TERM]"))
-    assert run.checkpoint.async_save and run.metrics.threshold_pct == 35
+    run = launch_config.parse(compose("checkpoint.async=true", "stragglers.threshold_pct=35", "preemption.signals=[TERM]"))
+    assert run.checkpoint.async_save and run.stragglers.threshold_pct == 35
     assert run.preemption.signals == ("SIGTERM",)
     plain = to_plain(run)
-    assert plain["checkpoint"]["async"] is True and plain["metrics"]["straggler_threshold_pct"] == 35
+    assert plain["checkpoint"]["async"] is True and plain["stragglers"]["threshold_pct"] == 35
     assert launch_config.parse(plain) == run  # what a run folder's config.yaml holds reads back as the same tree
 
 
 def test_a_section_from_plain_values():
-    assert section(StragglerConfig, "metrics", {"straggler_windows": 5, "top_k": 1}) == StragglerConfig(windows=5,
-                                                                                                      top_k=1)
-    with pytest.raises(ConfigError, match="metrics.straggler_windows='5' is not valid: an integer"):
-        section(StragglerConfig, "metrics", {"straggler_windows": "5"})
+    assert section(StragglerConfig, "stragglers", {"windows": 5, "top_k": 1}) == StragglerConfig(windows=5, top_k=1)
+    with pytest.raises(ConfigError, match="stragglers.windows='5' is not valid: an integer"):
+        section(StragglerConfig, "stragglers", {"windows": "5"})
     with pytest.raises(ConfigError, match=r"train.betas=\[0.9, 'x'\] is not valid: a list of numbers"):
         launch_config.parse({**to_plain(launch_config.parse(compose())), "train": {"betas": [0.9, "x"]}})
 
@@ -177,3 +176,25 @@ def test_a_run_folder_config_is_parsed_once_per_process_and_fails_in_one_line(tm
         with pytest.raises(UserError) as e:
             schema.load(path)
         assert str(path) in str(e.value) and what in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_the_straggler_settings_are_a_section_of_their_own_and_the_old_keys_say_so(tmp_path):
+    """One key per knob: metrics.straggler_windows is stragglers.windows. An old command gets one line naming the new
+    key; a run folder's config.yaml written before the move still reads, with its values in the new keys."""
+    import yaml
+
+    from gpt.config import schema
+    from launch.hydra_errors import user_error
+
+    with pytest.raises(ConfigCompositionException) as composing:
+        compose("metrics.straggler_windows=5")
+    assert str(user_error(composing.value, ["metrics.straggler_windows=5"])) == (
+        "metrics.straggler_windows=5 is not valid: use stragglers.KEY (metrics.straggler_windows is "
+        "stragglers.windows) instead")
+    old = to_plain(launch_config.parse(compose()))
+    del old["stragglers"]
+    old["metrics"] = {"straggler_windows": 7, "straggler_action": "exclude", "top_k": 2}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert launch_config.load(tmp_path / "config.yaml").stragglers == StragglerConfig(windows=7, action="exclude",
+                                                                                       top_k=2)
+    assert schema.moved_keys_in_place({"metrics": {"straggler_ema_alpha": 0.5}}) == {"stragglers": {"ema_alpha": 0.5}}

@@ -155,7 +155,7 @@ def test_of_two_preparations_at_once_into_one_folder_exactly_one_lands(tmp_path,
     with pytest.raises(UserError, match="holds data prepared from other inputs"):
         prepare(a, out)
     assert read_meta(out)["source"]["path"] == str(b.resolve())
-    assert prepare_module.is_prepared(b, out)
+    assert prepare_module.is_source_prepared(b, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]
 
 
@@ -173,7 +173,7 @@ def test_a_preparation_of_the_same_inputs_finished_meanwhile_is_taken_as_this_on
 
     monkeypatch.setattr(prepare_module, "_write_synced", b_lands_first)
     assert prepare(text, out) == out
-    assert prepare_module.is_prepared(text, out)
+    assert prepare_module.is_source_prepared(text, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
 
@@ -186,7 +186,7 @@ def test_less_than_a_parts_worth_of_input_is_tokenized_in_this_process(tmp_path,
     text, out = tmp_path / "a.txt", tmp_path / "out"
     text.write_text(TEXT[:20_000])
     monkeypatch.setattr(prepare_module.multiprocessing, "get_context", no_pool)
-    assert prepare(text, out, workers=2) == out and prepare_module.is_prepared(text, out)
+    assert prepare(text, out, workers=2) == out and prepare_module.is_source_prepared(text, out)
 
 
 @pytest.mark.timeout(120)
@@ -207,7 +207,7 @@ def test_a_pool_whose_temp_folder_another_preparation_moved_into_place_takes_its
 
     monkeypatch.setattr(prepare_module, "_run_parts", b_lands_first)
     assert prepare(text, out, workers=2) == out
-    assert prepare_module.is_prepared(text, out)
+    assert prepare_module.is_source_prepared(text, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "out"]
 
 
@@ -225,7 +225,7 @@ def test_two_processes_preparing_other_data_into_one_folder_at_once(tmp_path):
     [(winner, _)] = [(f, e) for f, (code, e) in zip(inputs, results) if code == 0]
     [said] = [line for code, e in results if code == 2 for line in e.splitlines() if line.startswith("error:")]
     assert said.startswith(f"error: {out} holds data prepared from other inputs"), said  # the log aside, one line
-    assert read_meta(out)["source"]["path"] == str(winner.resolve()) and prepare_module.is_prepared(winner, out)
+    assert read_meta(out)["source"]["path"] == str(winner.resolve()) and prepare_module.is_source_prepared(winner, out)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "b.txt", "out"]
 
 

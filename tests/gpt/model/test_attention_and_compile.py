@@ -14,7 +14,7 @@ from helpers import compose
 from gpt.config.model import ModelConfig
 from launch import launch_config
 from gpt.config.train import TrainConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError, UserError
 from gpt.model import attention
 from gpt.model.transformer import GPT
@@ -122,3 +122,34 @@ def test_the_gpu_preset_plans_on_any_strategy_that_compiles(strategy, tmp_path, 
     assert (train.precision, train.compile, train.compile_scope, train.attention) == ("bf16", True, "auto", "auto")
     assert train.log_interval == 50 and not train.layer_grad_norms
     assert make_plan(cfg, tmp_path / "run").world_size == 1
+
+
+GPU_JOB = ("train=gpu", "model=tiny", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1")
+
+
+@pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+def test_cuda_graphs_with_gradient_accumulation_are_refused_at_planning(mode, tmp_path, data_overrides):
+    """Both modes replay CUDA graphs on a GPU, and a replay writes its outputs where the one before wrote them: with
+    4 micro-steps per optimizer step each would overwrite the gradients of the one before (torch refuses it at run
+    time). Refused at planning in one line, before anything is prepared or written; one micro-step, the default
+    mode, a CPU run (no CUDA graphs) or an eager run plan."""
+    accumulating = [*GPU_JOB, f"train.compile_mode={mode}", "train.global_batch_size=8", "train.micro_batch_size=2",
+                    *data_overrides]
+    with pytest.raises(ConfigError) as refused:
+        make_plan(launch_config.parse(compose(*accumulating)), tmp_path / "run")
+    assert str(refused.value) == (
+        f"train.compile_mode='{mode}' is not valid: default with 4 micro-steps per optimizer step "
+        "(train.micro_batch_size=2 of a per-rank batch of 8: CUDA graphs replay into the same buffers, so a micro-step "
+        "would overwrite the gradients of the one before); or train.micro_batch_size=8, one micro-step")
+    assert not (tmp_path / "run").exists()
+    for valid in ("train.micro_batch_size=8", "train.compile_mode=default", "train.device=cpu", "train.compile=false"):
+        make_plan(launch_config.parse(compose(*accumulating, valid)), tmp_path / valid)
+
+
+def test_fsdp_with_cuda_graphs_is_refused_at_planning(tmp_path, data_overrides):
+    cfg = launch_config.parse(compose(*GPU_JOB, "strategy=fsdp", "train.compile_mode=reduce-overhead", *data_overrides))
+    with pytest.raises(ConfigError, match=r"^train.compile_mode='reduce-overhead' is not valid: default with "
+                                          r"strategy=fsdp \(FSDP frees each block's gathered parameters .*\); "
+                                          r"reduce-overhead with single, ddp or zero1$"):
+        make_plan(cfg, tmp_path / "run")
+    make_plan(dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="single")), tmp_path / "run")

@@ -13,7 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from gpt.config.model import ModelConfig, load_preset
 from gpt.config.strategy import StrategyConfig
 from gpt.config.train import TrainConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.model.flops import (PEAK_TFLOPS, device_key, flops_per_token, matmul_precision, mfu, param_count,
                              peak_flops)
 from gpt.model.transformer import GPT, MoE

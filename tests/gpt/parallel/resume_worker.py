@@ -18,7 +18,7 @@ sys.path.insert(0, str(REPO))
 from hydra import compose, initialize_config_dir  # noqa: E402
 
 from launch import launch_config  # noqa: E402
-from gpt.dist.process_group import init_process_group, leave, pick_device  # noqa: E402
+from gpt.collectives.process_group import init_process_group, leave, pick_device  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
 from launch.rank.environment import detect  # noqa: E402

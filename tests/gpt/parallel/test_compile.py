@@ -11,7 +11,7 @@ import torch.distributed as dist
 from helpers import compose, launch, losses
 from gpt.checkpoint.writer import load_model
 from launch import launch_config
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.train.build import build_strategy_and_model
 from strategy_runs import COMMON, GQA, STEPS, TP, baseline_of, max_rel_diff, run, val_losses
 

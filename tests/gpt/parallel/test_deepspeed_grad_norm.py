@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import torch
 
 from gpt.config.strategy import StrategyConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.parallel.deepspeed import DeepSpeed
 from gpt.parallel.layout import ParallelDims
 

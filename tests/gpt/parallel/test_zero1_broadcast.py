@@ -7,7 +7,7 @@ import torch.distributed as dist
 
 from helpers import compose
 from launch import launch_config
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.train.build import build_strategy_and_model
 
 

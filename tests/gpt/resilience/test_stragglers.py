@@ -12,7 +12,7 @@ from cuda_standin import StrictCuda
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from gpt.dist.flag_sum import sum_in_background
+from gpt.collectives.flag_sum import sum_in_background
 from gpt.resilience.faults import Faults
 from gpt.config.parse import section
 from gpt.config.sections import DebugConfig, StragglerConfig
@@ -74,9 +74,9 @@ def test_threshold_min_excess_and_missing_figures():
     assert s.lagging == [2] and s.step_time_max_s == 4.0
     with pytest.raises(ValueError):
         det.observe(4, window([1.0, 1.0]))
-    with pytest.raises(ConfigError, match="metrics.straggler_windows=0 is not valid"):
-        section(StragglerConfig, "metrics", {"straggler_windows": 0})
-    cfg = section(StragglerConfig, "metrics", {"straggler_threshold_pct": 35, "straggler_windows": 5, "top_k": 1})
+    with pytest.raises(ConfigError, match="stragglers.windows=0 is not valid"):
+        section(StragglerConfig, "stragglers", {"windows": 0})
+    cfg = section(StragglerConfig, "stragglers", {"threshold_pct": 35, "windows": 5, "top_k": 1})
     assert (cfg.threshold_pct, cfg.windows, cfg.top_k) == (35, 5, 1)
 
 

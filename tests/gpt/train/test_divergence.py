@@ -15,7 +15,7 @@ from gpt.checkpoint.store import AFTER_DIVERGENCE, list_checkpoints, read_meta, 
 from gpt.checkpoint.writer import load_model
 from gpt.config import schema
 from launch import launch_config
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.train import rollback as rollback_module
 from gpt.config.divergence import DivergenceConfig

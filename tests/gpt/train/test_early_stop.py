@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,19 @@ def test_each_point_records_its_loss_at_a_rung_and_the_worse_one_stops(tmp_path:
     assert AttemptLine(ended=cut.describe()).stopped_early
     recorded = sorted((tmp_path / "sweep" / "rungs" / "step_00000008").iterdir())
     assert [json.loads(p.read_text())["val_loss"] for p in recorded] == [2.0, 3.5]  # one file per point
+
+
+def test_a_non_finite_result_ranks_last(tmp_path: Path):
+    """A NaN validation loss at a rung (a point that diverged) must not make the cutoff NaN, which stopped every
+    later point at that rung, the best included; a NaN point itself stops behind a finite cutoff."""
+    assert cutoff([math.nan, 1.0, 2.0], 3) == 1.0
+    assert cutoff([2.0, math.inf, math.nan, 1.0], 2) == 2.0
+    assert cutoff([math.nan, math.nan], 2) == math.inf  # no finite result to beat: a point goes on
+    launcher = LauncherConfig(early_stop="asha", eta=2, rung_steps=4)
+    assert Rungs.of(launcher, 2, tmp_path / "sweep" / "diverged").judge(4, math.nan) is None  # the first
+    assert Rungs.of(launcher, 2, tmp_path / "sweep" / "best").judge(4, 1.0) is None  # goes on, though after a NaN
+    cut = Rungs.of(launcher, 2, tmp_path / "sweep" / "nan").judge(4, math.nan)
+    assert cut is not None and cut.cutoff == 1.0
 
 
 @pytest.mark.parametrize("changes, key", [({"early_stop": "hyperband"}, "launcher.early_stop"),

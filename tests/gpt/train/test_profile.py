@@ -12,7 +12,7 @@ from torch.distributed._tools.mem_tracker import MemTracker
 from helpers import SHAKESPEARE, plan, read_metrics
 from gpt.config import schema
 from gpt.config.model import ModelConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.model.flops import param_count
 from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy

@@ -9,7 +9,7 @@ import pytest
 from helpers import SHAKESPEARE, plan, read_metrics
 from gpt.config import schema
 from gpt.config.train import TrainConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.train.schedule import first_max_steps, lr_at
 from gpt.train.trainer import Trainer

@@ -13,7 +13,7 @@ import torch
 
 from gpt.config.model import ModelConfig
 from gpt.config.sections import StragglerConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims

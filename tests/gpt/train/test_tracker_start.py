@@ -10,7 +10,7 @@ import pytest
 
 from gpt.config import schema
 from gpt.config.tracking import TrackingConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.train.tracker import file_store_allowed, open_tracker
 from gpt.train.trainer import Trainer
 from helpers import plan

@@ -9,7 +9,7 @@ import torch
 
 from helpers import SHAKESPEARE, losses, plan, read_metrics
 from gpt.config.model import ModelConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims

@@ -18,11 +18,12 @@ from launch import launch_config
 from gpt.config.parse import section
 from gpt.errors import ConfigError, UserError
 from launch.planning.budget import PointCost, check_budget, table
+from launch.backends.slurm import partitions
 from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,
                                               resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.submission import no_filename_pattern
-from helpers import REPO
+from helpers import REPO, SHAKESPEARE
 
 SINFO = """debug*|4|2|8000|(null)|8:00:00|up
 gpu|2|64|512000|gpu:a100:8(S:0-1)|2-00:00:00|up
@@ -146,6 +147,24 @@ def test_cpus_per_task_auto_gives_a_gpu_rank_its_share_of_the_node():
     cpu = resources("cluster.tasks_per_node=2")
     assert resolve_cpus(cpu, check_against_cluster(cpu, parts)).cpus_per_task == 1
     assert resolve_cpus(resources("cluster.cpus_per_task=2"), parts["debug"]).cpus_per_task == 2
+
+
+@pytest.mark.parametrize("node_mb, share_gib", [(64000, 31.25), (1, None)])
+def test_mem_0_is_the_whole_node_in_the_fit_check(node_mb, share_gib, tmp_path, monkeypatch, caplog):
+    """cluster.mem=0 is Slurm's "all of the node's memory": a CPU rank's share is of the node's memory as sinfo
+    tells it, not of 0 GiB ("more than 90% of 0.0 GiB" refused every CPU run). Nodes without RealMemory (Slurm's
+    default, 1 MB) have an unknown memory: not checked, and the line says which key would state it."""
+    from launch.backends import get_backend
+    from launch.planning.plan import make_plan
+
+    monkeypatch.setattr(partitions, "_sinfo", lambda path: f"debug*|4|8|{node_mb}|(null)|8:00:00|up\n")
+    run = slurm_cfg("model=gpt2_124m", "cluster.mem=0", "cluster.tasks_per_node=2", "strategy=ddp",
+                    "train.global_batch_size=8", "data.prepare_on=job", f"data.text_path={SHAKESPEARE}",
+                    f"data.dir={tmp_path / 'data'}")
+    caplog.set_level("INFO")
+    make_plan(run, tmp_path / "run")  # each rank needs about 5.7 GiB
+    assert get_backend("slurm").device_memory_gib(run, "cpu") == share_gib
+    assert ("is not known, so it is not checked (state it: cluster.mem)" in caplog.text) == (share_gib is None)
 
 
 def sweep(*nodes: int, time_min: int = 60, gpus: int = 0) -> list[PointCost]:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cuda_standin import StrictCuda
+from cuda_standin import GpuNode, StrictCuda, slurm_closest_tasks
 from hydra import compose, initialize_config_dir
 
 from launch import launch_config
 from helpers import REPO, SHAKESPEARE
-from gpt.dist.process_group import DistEnv, pick_device
+from gpt.collectives.process_group import DistEnv, pick_device
 from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
 from launch.rank.gpu_plan import GpuPlan, shared_gpus
@@ -98,8 +98,9 @@ def test_detect_exports_local_rank_under_slurm_only_for_the_real_environment(mon
 
 
 def test_gpu_bind_closest_shows_a_task_its_sockets_gpus_and_it_drives_its_own(monkeypatch):
-    # 8 GPUs, 8 tasks, --gpu-bind=closest: local ranks 4-7 see the second socket's GPUs "4,5,6,7"
-    env = detect({**SLURM, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest"})
+    # 8 GPUs, 8 tasks, --gpu-bind=closest --distribution=block:block: local ranks 4-7 see the second socket's GPUs
+    env = detect({**SLURM, "SLURM_LOCALID": "5", "CUDA_VISIBLE_DEVICES": "4,5,6,7", "SLURM_GPU_BIND": "closest",
+                  "SLURM_GPUS_ON_NODE": "8", "SLURM_DISTRIBUTION": "block:block"})
     assert (env.local_rank, env.device_index) == (5, 1)
     _fake_gpus(monkeypatch, 4)
     assert pick_device("cuda", env) == torch.device("cuda", 1)  # today: "should drive GPU 5 but sees 4 GPU(s)"
@@ -122,6 +123,41 @@ def test_the_ranks_of_a_node_each_drive_a_gpu_of_their_own():
     assert shared_gpus(crowded) == ("more than one rank per GPU: GPU 0 on node1 by ranks 0, 2 (rank 0 sees "
                                     "CUDA_VISIBLE_DEVICES=0,1); run one task per GPU: sbatch --ntasks-per-node equal "
                                     "to --gpus-per-node, or --gpus-per-task=1").replace("node1", crowded[0].host)
+
+
+@pytest.mark.parametrize("distribution", [None, "block:block", "cyclic:cyclic"])
+@pytest.mark.parametrize("named", ["by index", "by uuid"])
+def test_gpu_bind_closest_gives_each_rank_of_a_node_a_gpu_of_its_own(distribution, named, monkeypatch):
+    """8 tasks on a node of 2 sockets x 4 GPUs under --gpu-bind=closest, each shown its socket's GPUs as Slurm shows
+    them: by default the tasks go to the sockets in turn (local ranks 0, 2, 4, 6 see "0,1,2,3"), where
+    local_rank % 4 put ranks 0 and 4 on GPU 0 (NCCL: "Duplicate GPU detected"); every rank drives a GPU of its own
+    through CUDA's renumbering, its entries indices or UUIDs."""
+    uuids = StrictCuda(devices=8).uuids if named == "by uuid" else None
+    node = GpuNode()
+    for task in slurm_closest_tasks(gpus=8, sockets=2, distribution=distribution, uuids=uuids):
+        env = detect({**SLURM, "SLURM_PROCID": task["SLURM_LOCALID"], **task})
+        cuda = StrictCuda(devices=8, visible=task["CUDA_VISIBLE_DEVICES"]).install(monkeypatch)
+        device = pick_device("cuda", env)
+        node.claim(env.rank, cuda.physical(device.index))
+        assert str(cuda.physical(device.index)) in task["SLURM_STEP_GPUS"].split(",")  # a GPU of its socket
+    assert sorted(node.owners) == list(range(8))
+
+
+def test_a_mig_slice_is_the_one_device_of_its_process(monkeypatch):
+    """CUDA enumerates one MIG slice per process, whatever CUDA_VISIBLE_DEVICES lists: a task shown two drives the
+    first, device 0 (not index 1, which CUDA does not have), and two such tasks share it, which the rendezvous
+    check then names."""
+    cuda = StrictCuda(devices=2, mig=True)
+    shown = ",".join(cuda.uuids)
+    plans = []
+    for local in (0, 1):
+        environ = {**SLURM, "SLURM_PROCID": str(local), "SLURM_LOCALID": str(local), "CUDA_VISIBLE_DEVICES": shown,
+                   "SLURM_GPUS_ON_NODE": "2"}
+        env = detect(environ)
+        StrictCuda(devices=2, mig=True, visible=shown).install(monkeypatch)
+        assert pick_device("cuda", env) == torch.device("cuda", 0)
+        plans.append(GpuPlan.of(env, environ))
+    assert [p.gpu for p in plans] == [cuda.uuids[0]] * 2 and "more than one rank per GPU" in shared_gpus(plans)
 
 
 def test_runinfo_names_the_gpu_this_rank_drives(monkeypatch):

@@ -1,10 +1,11 @@
 """The hang report reads torch's flight recorder dumps: the ranks missing from the collective the others wait in.
-On GPUs these dumps come from NCCL; torch 2.13's gloo records into the same flight recorder, so the dumps here are
-real ones, written by torch's own code (`_dump_fr_trace`) from two gloo ranks, one of which never enters the
-fourth all_reduce."""
+torch keeps one recorder per kind of work event: gloo's, and in a CUDA build NCCL's; a rank's file holds both, as JSON.
+The gloo dumps here are real ones, written by the project's own dump (launch.recovery.hang.recorder_dumps) from two
+gloo ranks, one of which never enters the fourth all_reduce."""
 from __future__ import annotations
 
-import pickle
+import json
+import os
 import socket
 import subprocess
 import sys
@@ -12,14 +13,16 @@ import time
 
 import pytest
 
-from launch.recovery.flight_recorder import Stuck, read_dumps, stuck_collectives
-from launch.recovery.hang import Hang
+from helpers import REPO
+
+from launch.recovery.flight_recorder import Stuck, read_dumps, stuck_collectives, stuck_in
+from launch.recovery.hang import Hang, recorder_dumps
 from launch.recovery.watchdog import flight_recorder_env
 
 RANK = r"""
-import os, sys, time
+import json, os, sys, time
 import torch, torch.distributed as dist
-from torch._C._distributed_c10d import _dump_fr_trace
+from launch.recovery.hang import recorder_dumps
 rank, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
 store = dist.TCPStore("127.0.0.1", port, 2, is_master=rank == 0)
 dist.init_process_group("gloo", store=store, rank=rank, world_size=2)
@@ -29,11 +32,11 @@ for _ in range(3):
 if rank == 0:
     work = dist.all_reduce(t, async_op=True)  # rank 0 enters the fourth and waits in it
     time.sleep(0.5)
-    open(f"{out}/rank0.pkl", "wb").write(_dump_fr_trace())
+    open(f"{out}/rank0.json", "w").write(json.dumps(recorder_dumps()))
     store.set("dumped", "1")
     work.wait()
 else:  # rank 1 is elsewhere (a host-side sync, a slow GPU) until rank 0 has dumped
-    open(f"{out}/rank1.pkl", "wb").write(_dump_fr_trace())
+    open(f"{out}/rank1.json", "w").write(json.dumps(recorder_dumps()))
     store.wait(["dumped"])
     dist.all_reduce(t)
 os._exit(0)  # as the ranks do: gloo's teardown may abort ("terminate called without an active exception")
@@ -48,9 +51,12 @@ def gloo_dumps(tmp_path_factory) -> dict[int, dict]:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(out)]) for r in (0, 1)]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, str(script), str(r), str(port), str(out)], env=env) for r in (0, 1)]
     assert [p.wait(timeout=120) for p in procs] == [0, 0]
-    return read_dumps({r: out / f"rank{r}.pkl" for r in (0, 1)})
+    recorders = read_dumps({r: out / f"rank{r}.json" for r in (0, 1)})
+    assert set(recorders) == {"gloo"}  # a CPU build of torch has no NCCL recorder
+    return recorders["gloo"]
 
 
 @pytest.mark.slow
@@ -99,9 +105,9 @@ def test_a_stuck_subgroup_is_found_by_name_whatever_id_each_rank_gave_it(tmp_pat
              1: dump({"0": (50, 50, [0, 1, 2, 3]), "1": (6, 6, [0, 1])}, {"0": 0, "1": 5}),
              2: dump({"0": (50, 50, [0, 1, 2, 3])}, {"0": 0})}
     for rank, d in dumps.items():
-        (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(d))
-    (tmp_path / "rank3.pkl").write_bytes(b"cut short")
-    read = read_dumps({r: tmp_path / f"rank{r}.pkl" for r in range(4)})
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"nccl": d}))
+    (tmp_path / "rank3.json").write_bytes(b'{"nccl": {"pg_st')  # cut short
+    read = read_dumps({r: tmp_path / f"rank{r}.json" for r in range(4)})["nccl"]
     assert set(read) == {0, 1, 2}
     assert stuck_collectives(read, world=4) == [Stuck("1", "tp1", 7, "nccl:all_gather", (0,), (1,), ())]
 
@@ -141,9 +147,8 @@ def gpu_hang(timing: bool = True) -> dict[int, dict]:
 
 def test_on_gpus_the_rank_whose_device_never_started_the_collective_is_named(tmp_path):
     for rank, d in gpu_hang().items():
-        (tmp_path / f"rank{rank}.pkl").write_bytes(pickle.dumps(d))
-    dumps = read_dumps({r: tmp_path / f"rank{r}.pkl" for r in range(4)})
-    (stuck,) = stuck_collectives(dumps, world=4)
+        (tmp_path / f"rank{rank}.json").write_text(json.dumps({"nccl": d, "gloo": idle_gloo(world=4)}))
+    (stuck,) = stuck_in(read_dumps({r: tmp_path / f"rank{r}.json" for r in range(4)}), world=4)
     assert (stuck.seq, stuck.op, stuck.waiting, stuck.missing) == (10, "nccl:all_reduce", (0, 2, 3), (1,)), stuck
     assert stuck.stalled == (1,)  # its host enqueued it: the GPU is where it hangs
     assert stuck.describe() == ("rank 1 never started nccl:all_reduce #10 of group 0 (default_pg) on its GPU (its "
@@ -194,3 +199,41 @@ def test_gpu_ranks_record_when_each_collective_started_unless_the_user_said_othe
     assert flight_recorder_env(tmp_path, {})["TORCH_NCCL_ENABLE_TIMING"] == "1"
     for user in ({"TORCH_NCCL_ENABLE_TIMING": "0"}, {"NCCL_ENABLE_TIMING": "0"}):
         assert "TORCH_NCCL_ENABLE_TIMING" not in flight_recorder_env(tmp_path, user)
+
+
+def idle_gloo(world: int) -> dict:
+    """The gloo recorder of a GPU rank whose host collectives (flags, checkpoint agreement) all completed."""
+    return {"version": "2.10", "pg_config": {"0": {"name": "0", "desc": "default_pg", "ranks": str(list(range(world)))}},
+            "pg_status": {"0": {"last_enqueued_collective": "3", "last_started_collective": "-1",
+                                "last_completed_collective": "3"}},
+            "entries": [{"pg_id": 0, "process_group": ["0", "default_pg"], "collective_seq_id": 3,
+                         "profiling_name": "gloo:all_reduce", "state": "completed", "is_p2p": False}]}
+
+
+def test_a_gpu_ranks_dump_holds_nccls_recorder_beside_gloos(monkeypatch):
+    """torch writes NCCL's entries only into NCCL's own recorder (`_dump_nccl_trace_json`): a dump of gloo's alone
+    (`_dump_fr_trace`) names nobody when a GPU collective stalls."""
+    from torch._C import _distributed_c10d as c10d
+
+    dumped = json.dumps(gpu_hang()[1])
+    calls = []
+    monkeypatch.setattr(c10d, "_dump_nccl_trace_json", lambda **kw: calls.append(kw) or dumped, raising=False)
+    recorders = recorder_dumps()
+    assert set(recorders) == {"gloo", "nccl"} and recorders["nccl"]["pg_status"]["0"]["last_started_collective"] == 9
+    assert calls == [{"includeCollectives": True, "onlyActive": False}]
+
+
+def test_a_crafted_pickle_where_a_dump_belongs_is_never_unpickled(tmp_path):
+    """The run folder may be shared: a file there must not run code in the rank that reads the dumps."""
+    import pickle
+
+    made = tmp_path / "ran"
+
+    class Crafted:
+        def __reduce__(self):
+            return os.system, (f"touch {made}",)
+
+    (tmp_path / "rank0.json").write_bytes(pickle.dumps(Crafted()))
+    (tmp_path / "rank1.json").write_text(json.dumps({"nccl": ["not a dump"], "gloo": idle_gloo(2)}))
+    assert read_dumps({0: tmp_path / "rank0.json", 1: tmp_path / "rank1.json"}) == {"gloo": {1: idle_gloo(2)}}
+    assert not made.exists()

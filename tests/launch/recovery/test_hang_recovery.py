@@ -10,7 +10,7 @@ from collections.abc import Iterator
 import pytest
 
 from gpt.config.sections import WatchdogConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from launch.recovery.hang import Hang
 from launch.recovery.heartbeat import Liveness, read_heartbeats
 from launch.recovery.watchdog import Watchdog

@@ -12,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from gpt.config.sections import HealthConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError
 from launch.recovery import health
 from launch.recovery.health import CPU_SLOW_DRAG, gpu_dtype, gpu_matmul_tflops, matmul_gflops, measure_gpus, storage_problem
@@ -82,6 +82,14 @@ def test_a_node_whose_gpus_are_all_slow_is_judged_on_the_jobs_median():
     assert slow.as_dict()["nodes"][2] == {"node": 2, "host": "n2", "ranks": list(range(16, 24)),
                                           "median_tflops": 420.0, "fraction": 0.6, "intra_busbw_gbps": None,
                                           "storage": None}
+
+
+def test_one_gpu_per_node_has_no_intra_node_bus_and_is_judged_all_the_same():
+    """2 nodes x 1 GPU: no node has two ranks to measure its bus with, so there is no intra-node figure at all."""
+    v = verdict(gpus([700.0], [350.0]), bus=BusBandwidth(128 << 20, {}, 45.0))
+    assert v.flagged_hosts == ["n1"] and v.problems() == [
+        "GPU 0 of node 1 (n1, rank 1): 350.0 TFLOP/s, 1.00 of its node's median 350.0, 0.67 of the job's median 525.0"]
+    assert verdict(gpus([700.0], [700.0]), bus=BusBandwidth(128 << 20, {}, 45.0)).problems() == []
 
 
 def test_gpu_storage_and_a_slow_intra_node_bus_flag_their_node():

@@ -7,7 +7,7 @@ import json
 import torch
 
 from gpt.config.sections import DebugConfig, HealthConfig
-from gpt.dist.process_group import DistEnv
+from gpt.collectives.process_group import DistEnv
 from launch.recovery.health_verdict import BusBandwidth, GpuHealth, GpuVerdict
 from gpt.run_folder import RunFolder
 from launch.recovery import health_gate

@@ -53,7 +53,7 @@ def test_hang_in_a_step_is_reported_within_step_s(tmp_path, data_overrides):
     assert (report["waiting"], report["never_arrived"], report["lost"]) == ([0], [1], [])
     # the default group's all_reduce
     assert [(s["desc"], s["missing"], s["waiting"]) for s in report["flight_recorder"]] == [
-        ("default_pg", [1], [0])]  # the step's flags travel point to point (gpt.dist.flag_sum): no collective to miss
+        ("default_pg", [1], [0])]  # the step's flags travel point to point (gpt.collectives.flag_sum): no collective to miss
     assert f"error: {line}" in proc.stderr  # the launcher's one line, naming the report
     text = hang_path(tmp_path).with_suffix(".txt").read_text()
     assert text.startswith(line)

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from gpt.dist.process_group import is_multi
+from gpt.collectives.process_group import is_multi
 from gpt.resilience.progress import PROGRESS
 
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from gpt.dist.process_group import DistEnv, RendezvousError, init_process_group
+from gpt.collectives.process_group import DistEnv, RendezvousError, init_process_group
 from helpers import free_port
 
 

@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from gpt.dist import rng
+from gpt.train import rng
 
 CPU = torch.device("cpu")
 

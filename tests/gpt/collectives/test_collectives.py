@@ -1,4 +1,4 @@
-"""One place for collectives: outside gpt/parallel/, every collective goes through gpt/dist/process_group.py, whose helpers
+"""One place for collectives: outside gpt/parallel/, every collective goes through gpt/collectives/process_group.py, whose helpers
 put the tensor on the group's communication device. A raw `dist.all_reduce` of a CPU tensor elsewhere is the bug
 that kills the first multi-GPU run under NCCL (a checkpoint's agreement, the preemption path), so the source is
 scanned for one."""
@@ -13,8 +13,8 @@ import torch
 
 from cuda_standin import StrictCuda
 
-from gpt.dist import process_group as distributed
-from gpt.dist.flag_sum import doubling_rounds
+from gpt.collectives import process_group as distributed
+from gpt.collectives.flag_sum import doubling_rounds
 from helpers import REPO
 
 COLLECTIVES = {
@@ -24,7 +24,7 @@ COLLECTIVES = {
     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list",
     "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
 }
-ALLOWED = {"gpt/dist/process_group.py", "gpt/dist/flag_sum.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
+ALLOWED = {"gpt/collectives/process_group.py", "gpt/collectives/flag_sum.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
 
 
 def _dist_aliases(tree: ast.Module) -> tuple[set[str], set[str]]:
@@ -80,7 +80,7 @@ def test_no_collective_outside_the_helpers():
         calls = raw_collectives(f.read_text())
         if calls and rel not in ALLOWED:
             offenders[rel] = calls
-    assert not offenders, ("collectives outside gpt/dist/ (use process_group's helpers, which place the tensor on the "
+    assert not offenders, ("collectives outside gpt/collectives/ (use process_group's helpers, which place the tensor on the "
                            f"group's communication device): {offenders}")
 
 
@@ -109,8 +109,8 @@ def test_host_values_travel_on_the_cpu_when_the_group_has_a_cpu_backend(monkeypa
 
 
 def test_gpu_runs_join_a_group_with_a_cpu_path():
-    assert distributed.backend_for(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
-    assert distributed.backend_for(torch.device("cpu")) == "gloo"
+    assert distributed.process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
+    assert distributed.process_group_backend(torch.device("cpu")) == "gloo"
 
 
 def test_the_helpers_place_and_reduce(monkeypatch):
@@ -141,7 +141,7 @@ def _cast_then_tell(rank: int, port: int, out) -> None:
 
     import torch.distributed as dist
 
-    from gpt.dist.flag_sum import sum_in_background
+    from gpt.collectives.flag_sum import sum_in_background
 
     store = dist.TCPStore("127.0.0.1", port, 3, rank == 0, timeout=timedelta(seconds=30))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=3)

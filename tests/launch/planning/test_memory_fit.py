@@ -15,7 +15,7 @@ from gpt.run_folder import RunFolder
 from helpers import SHAKESPEARE, compose
 from gpt.config.schema import load
 from launch import launch_config
-from launch.planning.fit import USABLE, fit
+from launch.planning.memory_fit import USABLE, fit
 from launch.planning.plan import make_plan
 
 GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "strategy=ddp",
@@ -61,7 +61,7 @@ def test_auto_picks_the_largest_divisor_of_the_per_rank_batch_that_fits_the_stat
 
 
 def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplog):
-    with caplog.at_level("INFO", logger="launch.planning.fit"):
+    with caplog.at_level("INFO", logger="launch.planning.memory_fit"):
         make_plan(auto_job(tmp_path, 8), tmp_path / "run")
     lines = [r.getMessage() for r in caplog.records if "micro_batch_size=auto" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("train.micro_batch_size=auto: 4 of a per-rank batch of 12; each "

@@ -74,7 +74,8 @@ def check_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: P
     memory = device_memory_gib(run, device)
     if memory is None:
         log.info("memory per rank: about %.2f GiB (%s); the device's memory is not known, so it is not checked "
-                 "(cluster.gpu_memory_gb)", parts.peak / GIB, parts.describe())
+                 "(state it: %s)", parts.peak / GIB, parts.describe(),
+                 "cluster.gpu_memory_gb" if device == "cuda" else "cluster.mem")
         return parts
     usable = USABLE * memory * GIB
     if parts.peak > usable:

@@ -64,7 +64,7 @@ def pick_device(requested: str, env: DistEnv) -> torch.device:
     return torch.device(requested)
 
 
-def backend_for(device: torch.device) -> str:
+def process_group_backend(device: torch.device) -> str:
     """gloo on CPU. On GPUs NCCL for device tensors plus gloo for host tensors: checkpoint agreement, flags and
     CPU-offloaded gradients then have a path too (an NCCL-only group accepts only CUDA tensors)."""
     return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
@@ -157,7 +157,7 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     _refuse(verdict)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
     dist.init_process_group(
-        backend=backend_for(device),
+        backend=process_group_backend(device),
         store=store,
         rank=env.rank,
         world_size=env.world_size,
@@ -236,7 +236,7 @@ def leave() -> None:
 
 # --- collectives: every one outside gpt/parallel/ goes through these -------------------------------------
 # Each places its tensor on the group's communication device, so a value the host holds (a flag, a verdict, a
-# figure) never reaches NCCL as a CPU tensor. tests/gpt/dist/test_collectives.py fails on a collective elsewhere.
+# figure) never reaches NCCL as a CPU tensor. tests/gpt/collectives/test_collectives.py fails on a collective elsewhere.
 
 def is_multi(group: Any = None) -> bool:
     """Whether collectives on `group` (None: the default group) involve other ranks."""

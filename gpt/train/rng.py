@@ -32,7 +32,7 @@ def _device_seed(seed: int, stream: int) -> int:
 
 def seed_device(seed: int, stream: int, device: torch.device) -> None:
     """Seed the generator dropout draws from on `device` (a GPU's own, or the CPU's) for dropout stream `stream`."""
-    if device.type == "cuda":  # the current device: the rank's own (gpt.dist.process_group.pick_device)
+    if device.type == "cuda":  # the current device: the rank's own (gpt.collectives.process_group.pick_device)
         torch.cuda.manual_seed(_device_seed(seed, stream))
     else:
         torch.default_generator.manual_seed(_device_seed(seed, stream))
