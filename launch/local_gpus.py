@@ -1,7 +1,7 @@
 """This machine's GPUs as the launcher plans for them (how many, how much memory), read without importing torch.
 
 A CUDA build of torch takes seconds to import (5.0-5.8 s cold on an H100; with CUDA's start it delayed the rank by
-3.5 s, docs/benchmarks.md), and the rank imports torch anyway. NVML (nvidia-ml-py, over the library the NVIDIA
+3.5 s, docs/results.md), and the rank imports torch anyway. NVML (nvidia-ml-py, over the library the NVIDIA
 driver installs) answers in milliseconds. Where it cannot (no driver library, a MIG instance or ROCm's GPUs), torch
 answers, as it always did. NVML lists GPUs in PCI bus order, CUDA by default fastest first: on a machine of mixed
 GPUs the two orders differ, so the planner reads the count and the smallest memory, never "GPU 0".

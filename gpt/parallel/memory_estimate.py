@@ -13,7 +13,7 @@ sharded over data-parallel ranks, the root and one layer gathered at a time; wit
 gradients as a rank holds them between micro-steps (FSDP: unsharded, in fp32; traits.accumulating_grad_share).
 Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. train.compile
 is counted as eager (its fused element-wise ops save fewer intermediates). The peak counts all parts at once.
-Measured on CPU (benchmarks/memory_fit.py, docs/benchmarks.md) against what each rank held."""
+Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held."""
 from __future__ import annotations
 
 import math

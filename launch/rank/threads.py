@@ -16,8 +16,8 @@ from collections.abc import Mapping
 THREADS = "OMP_NUM_THREADS"
 # Idle OpenMP threads sleep instead of spinning (libgomp spins up to ~300k iterations after each parallel region).
 # A rank's CPUs are rarely its own alone: the standby rank, the data and checkpoint threads, other ranks of the
-# node. Spinning there burnt 3x the CPU and took 3-5x the wall time of sleeping (a tiny run on the loaded 2-core
-# test machine: docs/benchmarks.md). A value the user set is kept.
+# node. Spinning there burnt 2.4x the CPU and took 2.7x the wall time of sleeping (a tiny run on the loaded 2-core
+# test machine: docs/results.md). A value the user set is kept.
 WAIT_POLICY = "OMP_WAIT_POLICY"
 SOURCE = "GPTLAUNCH_THREADS_SOURCE"
 RANKS_ON_HOST = "GPTLAUNCH_RANKS_ON_HOST"

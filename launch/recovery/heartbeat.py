@@ -11,6 +11,8 @@ from another host's clock or the file server's.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -18,6 +20,11 @@ from pathlib import Path
 
 from gpt.resilience.lease import fence, fenced_generation
 from gpt.run_folder import RunFolder, write_json
+
+log = logging.getLogger(__name__)
+RANK_FILE = re.compile(r"rank(\d+)\.json")  # a rank's own file; what else a user leaves there is not one
+NODE_FILE = re.compile(r"node-.+\.json")
+_said: set[str] = set()  # the stray files this process named already
 
 
 def write_heartbeat(run_dir: Path, rank: int, record: dict) -> None:
@@ -61,16 +68,32 @@ def all_heartbeats(run_dir: Path, keep: Callable[[dict], bool] = lambda beat: Tr
     except OSError:
         return {}
     for path in paths:
-        if path.suffix != ".json" or not path.name.startswith(("node-", "rank")):
-            continue
-        record = _read(path)
-        if record is None:
-            continue
-        beats = record["ranks"] if path.name.startswith("node-") else {path.stem[4:]: record}
-        for rank, beat in beats.items():
-            if isinstance(beat, dict) and keep(beat) and _newer(beat, out.get(int(rank))):
-                out[int(rank)] = beat
+        for rank, beat in _beats_in(path).items():
+            if keep(beat) and _newer(beat, out.get(rank)):
+                out[rank] = beat
     return out
+
+
+def _beats_in(path: Path) -> dict[int, dict]:
+    """The heartbeats a file of the watchdog folder holds, by rank: a node's record, or a rank's own file. A file a
+    user copied there (`rank0-copy.json`) or one that is not a record (`node-x.json` holding a list) is skipped, named
+    once: the peers read this folder when a rank is stuck, exactly when a crash would hold the allocation."""
+    own = RANK_FILE.fullmatch(path.name)
+    if not (own or NODE_FILE.fullmatch(path.name)):
+        return {}
+    record = _read(path)
+    if record is None:  # unreadable now (being rewritten, or the storage fails): the next look reads it
+        return {}
+    try:
+        beats = {int(own[1]): record} if own else {int(r): b for r, b in record["ranks"].items()}
+        if all(isinstance(b, dict) and _order(b) for b in beats.values()):
+            return beats
+    except (AttributeError, KeyError, TypeError, ValueError):
+        pass
+    if path.name not in _said:
+        _said.add(path.name)
+        log.warning("%s is not a heartbeat record: left alone, not read", path)
+    return {}
 
 
 def _newer(beat: dict, than: dict | None) -> bool:

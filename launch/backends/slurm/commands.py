@@ -17,6 +17,9 @@ from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailabl
 PENDING = frozenset({"PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "RESV_DEL_HOLD",
                      "SUSPENDED", "STOPPED", "RESIZING", "SIGNALING", "STAGE_OUT", "POWER_UP_NODE"})
 RUNNING = frozenset({"RUNNING", "COMPLETING"})
+# What a job may be requeued from: running, or running while Slurm signals it (a preemption's grace time shows a
+# running job as SIGNALING, which is a flag on RUNNING; COMPLETING is an attempt that ends for good)
+REQUEUABLE = frozenset({"RUNNING", "SIGNALING"})
 REQUEUED = frozenset({"REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED"})  # what only a requeue shows (COMPLETING is not)
 # After these Slurm runs the job no more by itself (a PREEMPTED or NODE_FAIL job with --requeue is shown as
 # PENDING or REQUEUED instead, so these are final when seen).

@@ -148,11 +148,11 @@ class SlurmJob(JobEnvironment):
         return Preemption(f"preempted by another job (Slurm, at {when}; {policy})", "PreemptMode=CANCEL" not in policy)
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
-        """Ask Slurm to run this job again (same job id), only while it is RUNNING. Only a grown restart count
-        or a REQUEUED state means requeued: a COMPLETING job is as likely cancelled, timed out or failed. A job
-        Slurm preempts with PreemptMode=CANCEL is not: the site's policy ends it. One it preempts with REQUEUE is,
-        past max_restarts too: the limit bounds the job's own requeues, and Slurm would requeue it at the end of the
-        grace time had it not ended inside it."""
+        """Ask Slurm to run this job again (same job id), only while it runs (RUNNING, or SIGNALING in a preemption's
+        grace time). Only a grown restart count or a REQUEUED state means requeued: a COMPLETING job is as likely
+        cancelled, timed out or failed. A job Slurm preempts with PreemptMode=CANCEL is not: the site's policy ends it.
+        One it preempts with REQUEUE is, past max_restarts too: the limit bounds the job's own requeues, and Slurm would
+        requeue it at the end of the grace time had it not ended inside it."""
         job = self.job_id
         preempted = self.preemption()
         if preempted is not None and not preempted.requeues:
@@ -170,7 +170,7 @@ class SlurmJob(JobEnvironment):
             already = self._requeued(job, info)
             if already:
                 return True, already
-            if info is None or info.state != "RUNNING":
+            if info is None or info.state not in commands.REQUEUABLE:
                 return False, _not_requeued(job, info)
         error = self._ask_requeue(job)
         if error is None:

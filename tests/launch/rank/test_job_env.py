@@ -65,6 +65,19 @@ def test_a_job_that_ends_without_a_requeue_is_never_said_to_be_requeued(monkeypa
     assert (requeued, asked) == (False, []) and "not requeued" in why and "requeued by" not in why, why
 
 
+def test_a_job_slurm_signals_in_a_preemptions_grace_time_is_requeued(monkeypatch):
+    """A job Slurm preempts shows JobState=SIGNALING (a flag on RUNNING) while it signals it: still running, and the
+    requeue is asked (else the batch step's own requeue after a killed task start is refused, and the job fails)."""
+    from launch.backends.slurm import commands
+
+    asked = []
+    monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "SIGNALING", "None",
+                                                                               (("Restarts", "0"),)))
+    monkeypatch.setattr(commands, "requeue", asked.append)
+    requeued, why = SlurmJob({"SLURM_JOB_ID": "42"}).requeue(max_restarts=5)
+    assert (requeued, asked) == (True, ["42"]) and why.startswith("requeued job 42"), why
+
+
 def test_lost_nodes_are_the_down_failed_and_unresponsive_ones_with_slurms_reason():
     from launch.backends.slurm.commands import parse_lost_nodes
 

@@ -3,6 +3,7 @@ ranks per node (counted with inotify on a real folder), and a node's writer that
 node's folder in memory is the user's alone, under a name another user cannot guess."""
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import stat
@@ -14,6 +15,7 @@ import pytest
 from control_counters import FsOps
 from gpt.errors import UserError
 from gpt.config.sections import WatchdogConfig
+from gpt.run_folder import RunFolder
 from launch.recovery.heartbeat import read_heartbeats
 from launch.recovery import node_heartbeat
 from launch.recovery.node_heartbeat import NodeHeartbeat, node_local_dir
@@ -201,3 +203,23 @@ def test_a_rank_starting_on_a_node_removes_this_users_folders_silent_for_a_day_a
     (tmp_path / "run" / "watchdog").mkdir(parents=True)
     NodeHeartbeat(tmp_path / "run", "n1", 0, 1.0)
     assert swept == [node_local_dir(tmp_path / "run", "n1").parent.parent]
+
+
+def test_stray_files_in_the_watchdog_folder_are_skipped_not_fatal(tmp_path, caplog):
+    """A copy a user made (rank0-copy.json), a node record that is a list, a rank file with a garbled count: the
+    peers' watchdogs read this folder while a rank is stuck, and must still name it."""
+    from launch.recovery.heartbeat import all_heartbeats
+
+    folder = RunFolder(tmp_path).watchdog
+    folder.mkdir(parents=True)
+    good = {"rank": 1, "attempt": 0, "restart": 0, "beat": 3, "time": 1.0}
+    (folder / "rank1.json").write_text(json.dumps(good))
+    (folder / "rank0-copy.json").write_text(json.dumps({**good, "rank": 0}))
+    (folder / "node-x.json").write_text("[1, 2]")
+    (folder / "node-y.json").write_text(json.dumps({"ranks": {"two": good}}))
+    (folder / "rank2.json").write_text(json.dumps({**good, "beat": "many"}))
+    with caplog.at_level("WARNING", logger="launch.recovery.heartbeat"):
+        assert all_heartbeats(tmp_path) == {1: good}
+        assert all_heartbeats(tmp_path) == {1: good}
+    named = [r.getMessage() for r in caplog.records]
+    assert len(named) == 3 and all("is not a heartbeat record" in m for m in named), named
