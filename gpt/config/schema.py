@@ -22,6 +22,7 @@ from typing import Any, ClassVar, TypeVar
 
 from gpt.config.data import DataConfig
 from gpt.config.divergence import DivergenceConfig
+from gpt.config.notify import NotifyConfig
 from gpt.config.evaluation import EvalConfig
 from gpt.config.launcher import LauncherConfig
 from gpt.config.model import ModelConfig
@@ -62,6 +63,7 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)  # downstream tasks beside the validation loss
     launcher: LauncherConfig = field(default_factory=LauncherConfig)
     divergence: DivergenceConfig = field(default_factory=DivergenceConfig)  # a non-finite or spiking loss
+    notify: NotifyConfig = field(default_factory=NotifyConfig)  # word when an attempt ends
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # traces of chosen steps, memory snapshots
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators

@@ -20,6 +20,7 @@ from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
 from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
 from launch.recovery.rounds import Rounds
+from launch.run.notify import notify
 from launch.run.startup import ATTEMPT_START
 
 if TYPE_CHECKING:
@@ -64,8 +65,10 @@ def log_attempt(run_dir: Path, job: JobEnvironment, record: dict[str, Any], clai
         record = {**record, "goodput": estimated_goodput(run_dir, mark, record)}
     if claimed:
         attempts.append(job.job_id, job.restart, {**record, **nodes}, job.round, job.launch)
-        return True
-    return attempts.append_once(key, job.job_id, job.restart, {**record, **nodes}, job.round, job.launch)
+    elif not attempts.append_once(key, job.job_id, job.restart, {**record, **nodes}, job.round, job.launch):
+        return False
+    notify(run_dir)
+    return True
 
 
 def requeued(run_dir: Path, job: JobEnvironment) -> bool:
@@ -154,6 +157,7 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
                     "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0,
                     ESTIMATED: "the lease's beat" if beat else "rank 0's last metrics record"}},
                     mark.get("round", 0), mark.get("launch", ""))
+    notify(run_dir)
 
 
 def ran_on(attempt: AttemptLine, most: int = 8) -> str:
