@@ -16,9 +16,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.backends import scheduler
+from gpt.errors import UserError
+from launch.backends import Backend, scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
-from launch.run.job_record import cancelled_by_user, request_cancel
+from launch.run.job_record import cancelled_by_user, request_cancel, withdraw_cancel
 from launch.run_status import ask_scheduler, job_ids, run_folders
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
@@ -47,12 +48,16 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     running = [j for j, i in live.items() if i.state != JobState.PENDING]
     first = sorted(set(live) - set(running)) if not now and running else []
     jobs = scheduler()
+    try:  # each run's signal, read before anything is sent or written: a config that cannot be read stops nothing
+        signals = {j: preemption_signal(by_job[j]) for j in running} if not now else {}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         jobs.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
-        if not now and running:
-            for j in running:  # the steps only (not the batch shell): the ranks' handlers save, and stop as asked
-                request_cancel(by_job[j], [j])
-                jobs.cancel([j], signal=preemption_signal(by_job[j]))
+        if signals:
+            for j, name in signals.items():  # the steps only (not the batch shell): the ranks save, and stop as asked
+                signal_saving(jobs, by_job[j], j, name)
             print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint",
                   file=out, flush=True)
             _wait_off_running(running, wait_s, lambda: all(cancelled_by_user(by_job[j], j) for j in running))
@@ -63,6 +68,18 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
           "checkpoint", file=out)
     return 0
+
+
+def signal_saving(jobs: Backend, run_dir: Path, job_id: str, name: str) -> None:
+    """The request first (a rank reads it once it has saved at the signal, to stop as cancelled rather than
+    requeue), then the signal; a signal that fails takes its request back: a request no signal follows would make
+    the job's next preemption read as the user's cancel."""
+    request_cancel(run_dir, [job_id])
+    try:
+        jobs.cancel([job_id], signal=name)
+    except BaseException:
+        withdraw_cancel(run_dir, job_id)
+        raise
 
 
 def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], bool]) -> None:
