@@ -62,7 +62,7 @@ def test_the_place_a_run_started_from_is_not_checked_once_it_has_its_own_checkpo
                                                                                       prepared_data):
     """A requeue plans again (sbatch slurm/multi_node.sh): a purged init folder or resume checkpoint, which its ranks
     no longer read, must not stop it."""
-    monkeypatch.setattr(plan_module, "newest_step", lambda run_dir: 10)
+    monkeypatch.setattr(plan_module, "newest_step", lambda run_dir: 10, raising=False)
     run_dir = plan(tmp_path / "run", "model=tiny", f"init=hf:{tmp_path / 'purged'}", *prepared_data)
     assert launch_config.load(run_dir / "config.yaml").init == f"hf:{tmp_path / 'purged'}"
     plan(tmp_path / "run2", "model=tiny", f"resume={tmp_path / 'gone'}", *prepared_data)
@@ -82,8 +82,8 @@ def slurm_answers(calls: list[tuple[str, ...]], scancel_fails: bool = False):
     return run
 
 
-def running_run(path):
-    config_yaml(path, **{"eval.tasks": ["tasks/hellaswag.jsonl"]})  # relative: from the folder it was launched in
+def running_run(path, **config):
+    config_yaml(path, **config)
     (path / "slurm_job.json").write_text(json.dumps({"job_id": "5"}))
     return path
 
@@ -92,7 +92,8 @@ def test_cancel_from_another_folder_requests_and_signals(tmp_path, monkeypatch):
     calls: list[tuple[str, ...]] = []
     monkeypatch.setattr(commands, "run", slurm_answers(calls))
     monkeypatch.chdir(tmp_path)
-    run_dir = running_run(tmp_path / "run")
+    # relative, as an earlier version wrote it: from the folder the run was launched in
+    run_dir = running_run(tmp_path / "run", **{"eval.tasks": ["tasks/hellaswag.jsonl"]})
     assert cancel(run_dir, wait_s=0) == 0
     assert json.loads((run_dir / "cancel.json").read_text())["job_ids"] == ["5"]
     assert ("scancel", "--signal=USR2", "5") in calls
