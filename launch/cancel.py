@@ -3,9 +3,10 @@
 Without --now each running job gets the run's preemption signal (preemption.signals, USR2 by default), as a time
 limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
 cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
-cancelled, pending jobs at once. The same launch command continues the
-run from that checkpoint. --now cancels at once (the run continues from its newest earlier checkpoint). A sweep's
-report job is left to run: it builds the report of what was done. Torch-free: it runs on a login node.
+cancelled, pending jobs at once. The same launch command continues the run from that checkpoint. --now cancels at
+once (the run continues from its newest earlier checkpoint). A sweep's report job is left to run: it builds the
+report of what was done. When the scheduler does not answer it says so and exits 1: an outage is not "no job".
+Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -36,7 +37,10 @@ def preemption_signal(run_dir: Path) -> str:
 def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdout) -> int:
     runs = run_folders(target)
     by_job = {j: r for r in runs for j in job_ids(r)}
-    infos = ask_scheduler(sorted(by_job))
+    try:
+        infos = ask_scheduler(sorted(by_job))
+    except SchedulerUnavailable as e:  # not "no job": its jobs may wait or run
+        return _unanswered(e, "nothing was cancelled or signalled")
     live = {j: i for j, i in infos.items() if i.state.live}
     if not live:
         print(f"no job of {target} is pending or running", file=out)
@@ -63,11 +67,16 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
             _wait_off_running(running, wait_s, lambda: all(cancelled_by_user(by_job[j], j) for j in running))
         jobs.cancel(sorted(set(live) - set(first)))
     except SchedulerUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _unanswered(e, f"job(s) {' '.join(sorted(live))} may not all be cancelled")
     print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
           "checkpoint", file=out)
     return 0
+
+
+def _unanswered(error: SchedulerUnavailable, done: str) -> int:
+    print(f"error: {error.scheduler} does not answer ({error}): {done}; run this command again once it answers",
+          file=sys.stderr)
+    return 1
 
 
 def signal_saving(jobs: Backend, run_dir: Path, job_id: str, name: str) -> None:
@@ -89,9 +98,11 @@ def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], boo
     while time.monotonic() < deadline:
         if saved():
             return
-        infos = ask_scheduler(job_ids)
-        if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in infos.values()):
-            return
+        try:
+            if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in ask_scheduler(job_ids).values()):
+                return
+        except SchedulerUnavailable:
+            pass  # the run folders still say when the ranks have saved
         time.sleep(POLL_S)
 
 

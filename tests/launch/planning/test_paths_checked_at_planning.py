@@ -99,7 +99,7 @@ def test_cancel_from_another_folder_requests_and_signals(tmp_path, monkeypatch):
     assert ("scancel", "--signal=USR2", "5") in calls
 
 
-def test_cancel_takes_its_request_back_when_the_signal_fails(tmp_path, monkeypatch):
+def test_cancel_takes_its_request_back_when_the_signal_fails(tmp_path, monkeypatch, capsys):
     """A request no signal follows would make the job's next preemption read as the user's cancel."""
     calls: list[tuple[str, ...]] = []
     monkeypatch.setattr(commands, "run", slurm_answers(calls, scancel_fails=True))
@@ -107,3 +107,4 @@ def test_cancel_takes_its_request_back_when_the_signal_fails(tmp_path, monkeypat
     assert cancel(run_dir, wait_s=0) == 1
     assert not (run_dir / "cancel.json").exists()
     assert ("scancel", "--signal=USR2", "5") in calls
+    assert "error: Slurm does not answer (scancel --signal=USR2 5: " in capsys.readouterr().err
