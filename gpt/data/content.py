@@ -52,22 +52,24 @@ def file_rows(files: list[Path]) -> list[dict[str, Any]]:
     return [{"path": p, "size": s, "mtime_ns": t, "md5": _DIGESTS[(p, s, t)]} for p, s, t in keys]
 
 
-def remember(rows: list[Any]) -> None:
-    """Take recorded rows (file_rows') as known: their files are not read again while their keys hold. A row that
-    is not one (a record edited by hand) is passed over."""
+def remember(rows: list[dict[str, Any]]) -> None:
+    """Take recorded rows (file_rows') as known: their files are not read again while their keys hold."""
     for r in rows:
-        try:
-            _DIGESTS[(str(r["path"]), int(r["size"]), int(r["mtime_ns"]))] = str(r["md5"])
-        except (KeyError, TypeError, ValueError):
-            continue
+        _DIGESTS[(r["path"], r["size"], r["mtime_ns"])] = r["md5"]
+
+
+def _is_row(r: Any) -> bool:
+    types = {"path": str, "size": int, "mtime_ns": int, "md5": str}
+    return isinstance(r, dict) and all(isinstance(r.get(k), t) for k, t in types.items())
 
 
 def recorded_rows(out_dir: Path, splits: tuple[str, ...] = ("train", "val", "tokenizer")) -> list[dict[str, Any]]:
     """The rows of the input files a folder was prepared from (its inputs.json: the corpus's train and val files,
-    and the tokenizer file); [] when it has none to read."""
+    and the tokenizer file); [] when it has none to read. A file a user may edit is read defensively: a row that is
+    not one is left out (its file is then read again, and named as added)."""
     try:
         rows = json.loads((out_dir / INPUTS_FILE).read_text(encoding="utf-8"))
-        return [r for split in splits for r in rows.get(split, [])]
+        return [r for split in splits for r in rows.get(split, []) if _is_row(r)]
     except (OSError, ValueError, AttributeError, TypeError):
         return []
 

@@ -64,6 +64,19 @@ def test_a_changed_file_whose_name_stays_is_seen_and_never_prepared_over_the_old
     assert json.loads((tmp_path / "again" / "meta.json").read_text())["fingerprint"] != first
 
 
+def test_a_touched_corpus_is_prepared_though_an_inputs_json_edited_by_hand_holds_no_rows(tmp_path):
+    """Touched, its content the same: the folder is prepared (nothing written), though its inputs.json holds rows
+    that are not rows (a file a user may edit is read defensively)."""
+    files = write_corpus(tmp_path / "c", {f"{i}.txt": f"document {i}\n" * 20 for i in range(6)})
+    out = tmp_path / "prepared"
+    prepare(tmp_path / "c", out, workers=1, val_fraction=0.4)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    (out / "inputs.json").write_text(json.dumps({"train": [{"path": 1}, "x"], "val": 3}))
+    os.utime(files[2], ns=(files[2].stat().st_mtime_ns + 10**9,) * 2)
+    assert prepare(tmp_path / "c", out, workers=1, val_fraction=0.4) == out
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
+
+
 def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
