@@ -3,9 +3,10 @@
 Without --now each running job gets the run's preemption signal (preemption.signals, USR2 by default), as a time
 limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
 cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
-cancelled, pending jobs at once. The same launch command continues the
-run from that checkpoint. --now cancels at once (the run continues from its newest earlier checkpoint). A sweep's
-report job is left to run: it builds the report of what was done. Torch-free: it runs on a login node.
+cancelled, pending jobs at once. The same launch command continues the run from that checkpoint. --now cancels at
+once (the run continues from its newest earlier checkpoint). A sweep's report job is left to run: it builds the
+report of what was done. When the scheduler does not answer it says so and exits 1: an outage is not "no job".
+Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.backends import scheduler
+from gpt.errors import UserError
+from launch.backends import Backend, scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
-from launch.run.job_record import cancelled_by_user, request_cancel
+from launch.run.job_record import cancelled_by_user, request_cancel, withdraw_cancel
 from launch.run_status import ask_scheduler, job_ids, run_folders
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
@@ -35,7 +37,10 @@ def preemption_signal(run_dir: Path) -> str:
 def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdout) -> int:
     runs = run_folders(target)
     by_job = {j: r for r in runs for j in job_ids(r)}
-    infos = ask_scheduler(sorted(by_job))
+    try:
+        infos = ask_scheduler(sorted(by_job))
+    except SchedulerUnavailable as e:  # not "no job": its jobs may wait or run
+        return _unanswered(e, "nothing was cancelled or signalled")
     live = {j: i for j, i in infos.items() if i.state.live}
     if not live:
         print(f"no job of {target} is pending or running", file=out)
@@ -47,22 +52,43 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     running = [j for j, i in live.items() if i.state != JobState.PENDING]
     first = sorted(set(live) - set(running)) if not now and running else []
     jobs = scheduler()
+    try:  # each run's signal, read before anything is sent or written: a config that cannot be read stops nothing
+        signals = {j: preemption_signal(by_job[j]) for j in running} if not now else {}
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         jobs.cancel(first)  # the pending ones first: no later link of a chain may start once a link has saved
-        if not now and running:
-            for j in running:  # the steps only (not the batch shell): the ranks' handlers save, and stop as asked
-                request_cancel(by_job[j], [j])
-                jobs.cancel([j], signal=preemption_signal(by_job[j]))
+        if signals:
+            for j, name in signals.items():  # the steps only (not the batch shell): the ranks save, and stop as asked
+                signal_saving(jobs, by_job[j], j, name)
             print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint",
                   file=out, flush=True)
             _wait_off_running(running, wait_s, lambda: all(cancelled_by_user(by_job[j], j) for j in running))
         jobs.cancel(sorted(set(live) - set(first)))
     except SchedulerUnavailable as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return _unanswered(e, f"job(s) {' '.join(sorted(live))} may not all be cancelled")
     print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
           "checkpoint", file=out)
     return 0
+
+
+def _unanswered(error: SchedulerUnavailable, done: str) -> int:
+    print(f"error: {error.scheduler} does not answer ({error}): {done}; run this command again once it answers",
+          file=sys.stderr)
+    return 1
+
+
+def signal_saving(jobs: Backend, run_dir: Path, job_id: str, name: str) -> None:
+    """The request first (a rank reads it once it has saved at the signal, to stop as cancelled rather than
+    requeue), then the signal; a signal that fails takes its request back: a request no signal follows would make
+    the job's next preemption read as the user's cancel."""
+    request_cancel(run_dir, [job_id])
+    try:
+        jobs.cancel([job_id], signal=name)
+    except BaseException:
+        withdraw_cancel(run_dir, job_id)
+        raise
 
 
 def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], bool]) -> None:
@@ -72,9 +98,11 @@ def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], boo
     while time.monotonic() < deadline:
         if saved():
             return
-        infos = ask_scheduler(job_ids)
-        if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in infos.values()):
-            return
+        try:
+            if not any(i.state in (JobState.RUNNING, JobState.ENDING) for i in ask_scheduler(job_ids).values()):
+                return
+        except SchedulerUnavailable:
+            pass  # the run folders still say when the ranks have saved
         time.sleep(POLL_S)
 
 

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_status import ask_scheduler, job_ids, read_status, run_folders
+from launch.run_status import job_ids, read_status, run_folders, standings
 
 
 def listing(root: Path, out=sys.stdout) -> int:
@@ -15,7 +15,7 @@ def listing(root: Path, out=sys.stdout) -> int:
     if not runs:
         print(f"no runs under {root}", file=out)
         return 0
-    infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)}))
+    infos = standings(sorted({j for r in runs for j in job_ids(r)}))
     for r in runs:
         s = read_status(r, infos)
         step = f"step {s.step if s.step is not None else '-'}/{s.max_steps if s.max_steps is not None else '?'}"

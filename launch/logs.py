@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from gpt.run_folder import RunFolder
-from launch.run_status import WAITING, ask_scheduler, job_ids, read_status
+from launch.run_status import UNKNOWN, WAITING, job_ids, read_status, standings
 
 POLL_S = 0.5
 ASK_EVERY_S = 5.0  # how often -f asks the scheduler whether the run's jobs still run
@@ -40,7 +40,8 @@ class Follower:
 
 def still_running(run_dir: Path) -> bool:
     ids = list(job_ids(run_dir))
-    return bool(ids) and read_status(run_dir, ask_scheduler(ids)).verdict == WAITING
+    # the scheduler not answering: its job may still run, and write to the log
+    return bool(ids) and read_status(run_dir, standings(ids)).verdict in (WAITING, UNKNOWN)
 
 
 def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> None:

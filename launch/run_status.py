@@ -25,6 +25,7 @@ from launch.run.job_record import cancelled_by_user, recorded_job
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
+UNKNOWN = "unknown"  # its job's state: the scheduler does not answer (launch.status exits 4)
 STOPPED = "stopped (the same command continues it)"  # saved after a signal or a preemption, not requeued: exits 1
 CANCELLED = "cancelled by the user"  # a verdict too: launch.status exits 0 for it
 
@@ -68,6 +69,8 @@ class RunStatus:
             return self.stopped_early.split(":")[0]  # "stopped early at step S (rung K)"
         if self.finished or summary:
             return FINISHED
+        if self.state is JobState.UNKNOWN:  # its last attempt's line may be older than what the job did since
+            return UNKNOWN
         return CANCELLED if self.cancelled else STOPPED if self.stopped else FAILED
 
 
@@ -103,12 +106,19 @@ def job_ids(run_dir: Path) -> tuple[str, ...]:
 
 
 def ask_scheduler(ids: list[str]) -> dict[str, JobStanding]:
-    """Each job's standing; an empty answer when there is no scheduler to ask (the run folders still tell the
-    steps)."""
+    """Each job's standing, in one question; SchedulerUnavailable when the scheduler does not answer (an outage is
+    never taken for jobs that are gone: launch.cancel then acts on nothing)."""
+    return scheduler().standings(ids) if ids else {}
+
+
+def standings(ids: list[str]) -> dict[str, JobStanding]:
+    """What the listings show (status, list, logs): each job's standing, or when the scheduler does not answer,
+    each job UNKNOWN with why (the run folders still tell the steps)."""
     try:
-        return scheduler().standings(ids) if ids else {}
-    except SchedulerUnavailable:
-        return {}
+        return ask_scheduler(ids)
+    except SchedulerUnavailable as e:
+        why = f"{e.scheduler} does not answer: {e}"
+        return {j: JobStanding(j, JobState.UNKNOWN, JobState.UNKNOWN.name, why) for j in ids}
 
 
 def shown(infos: dict[str, JobStanding], job_id: str) -> str:

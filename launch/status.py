@@ -2,7 +2,8 @@
 
 One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
 steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit code 0 when every run finished,
-1 when any failed or stopped, 3 while any still runs or waits. Torch-free: it runs on a login node.
+1 when any failed or stopped, 3 while any still runs or waits, 4 when the scheduler does not answer for a run that has
+not finished (its state is unknown, never taken for failed). Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -11,10 +12,10 @@ import signal
 import sys
 from pathlib import Path
 
-from launch.run_status import (FAILED, STOPPED, WAITING, RunStatus, ask_scheduler, job_ids, read_status, report_job,
-                               run_folders, shown)
+from launch.run_status import (FAILED, STOPPED, UNKNOWN, WAITING, RunStatus, job_ids, read_status, report_job,
+                               run_folders, shown, standings)
 
-EXIT_RUNNING = 3
+EXIT_RUNNING, EXIT_UNKNOWN = 3, 4
 
 
 def line(s: RunStatus, root: Path) -> str:
@@ -49,7 +50,7 @@ def status(target: Path, out=sys.stdout) -> int:
         print(f"error: no run folder at or under {target} (a folder with a config.yaml)", file=sys.stderr)
         return 2
     report = report_job(target)
-    infos = ask_scheduler(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
+    infos = standings(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
     statuses = [read_status(r, infos) for r in runs]
     for s in statuses:
         print(line(s, target), file=out)
@@ -60,7 +61,9 @@ def status(target: Path, out=sys.stdout) -> int:
         print(f"report: job {report} {shown(infos, report)}{f' ({reason})' if reason else ''}; {target / 'report'}",
               file=out)
     verdicts = {s.verdict for s in statuses}
-    return EXIT_RUNNING if WAITING in verdicts else 1 if verdicts & {FAILED, STOPPED} else 0
+    if WAITING in verdicts:
+        return EXIT_RUNNING
+    return 1 if verdicts & {FAILED, STOPPED} else EXIT_UNKNOWN if UNKNOWN in verdicts else 0
 
 
 def main(argv: list[str] | None = None) -> None:

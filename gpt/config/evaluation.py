@@ -24,6 +24,11 @@ class EvalConfig:
                 raise ConfigError(KEY, list(self.tasks), f"files with different names (tasks/<name>/acc): {path} "
                                   f"and {names[name]} are both '{name}'")
             names[name] = path
+
+    def check_files(self) -> None:
+        """Every task file read and checked: by planning, once (validate runs at every read of a run's config.yaml,
+        by any process in any folder, and reads no file)."""
+        for path in self.tasks:
             read_task(path, self.limit)
 
     def check_interval(self, eval_interval: int) -> None:

@@ -31,12 +31,12 @@ from gpt.config.profile import ProfileConfig
 from gpt.config.parse import KEY, REQUIRED, default_of, describe, key_of, known_keys, moved_to, section, to_plain
 from gpt.config.report import ReportConfig
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, RendezvousConfig,
-                                 StragglerConfig, WatchdogConfig, check_resume)
+                                 StragglerConfig, WatchdogConfig)
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.tracking import TrackingConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
-from gpt.hf.folder import check_init
+from gpt.hf.folder import check_init_choice
 from gpt.parallel.traits import REGISTRY, traits_of
 
 SCHEMA = "schema"  # its name in the ConfigStore, and in configs/config.yaml's defaults list
@@ -79,8 +79,9 @@ class RunConfig:
     MOVED: ClassVar[dict[str, str]] = {"metrics": "stragglers.KEY (metrics.straggler_windows is stragglers.windows)"}
 
     def validate(self) -> None:
-        check_resume(self.resume)
-        check_init(self.init, self.model, self.data, self.resume)
+        # paths (resume=PATH, init=hf:PATH, eval.tasks) are checked by planning, once: not at every read of
+        # config.yaml, by a process in another folder or after the folder a run started from was purged
+        check_init_choice(self.init, self.resume)
         traits_of(self.strategy.name).check(self.strategy)
         self.eval.check_interval(self.train.eval_interval)
         self.launcher.check_rungs(self.train.eval_interval)

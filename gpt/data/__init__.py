@@ -19,8 +19,8 @@ from gpt.config.data import DataConfig
 from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
 
-__all__ = ["absolute", "data_identity", "ensure_prepared", "is_prepared", "check_tokenizer_vocab", "check_vocab",
-           "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
+__all__ = ["absolute", "data_identity", "identities", "ensure_prepared", "is_prepared", "check_tokenizer_vocab",
+           "check_vocab", "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -103,9 +103,9 @@ def write_mixture(out: Path, dirs: list[Path], weights: list[float]) -> Path:
         raise UserError(f"the sources of data.sources were tokenized differently ({found})")
     total = sum(weights)
     sources = [{"dir": str(d), "weight": w / total} for d, w in zip(dirs, weights)]
-    mixed = json.dumps([[m.get("fingerprint"), s["weight"]] for m, s in zip(metas, sources)]).encode()
     meta = {"vocab_size": metas[0]["vocab_size"], "dtype": metas[0]["dtype"], "pad_vocab": True, "sources": sources,
-            "fingerprint": hashlib.md5(mixed, usedforsecurity=False).hexdigest()}
+            "fingerprint": _mixed(metas, sources, "fingerprint"),
+            "listing": _mixed(metas, sources, "listing")}
     if (out / META_FILE).is_file():  # as gpt.data.prepare.refuse_other: runs may read it
         before = read_meta(out)
         if before.get("sources") != sources:
@@ -122,10 +122,24 @@ def write_mixture(out: Path, dirs: list[Path], weights: list[float]) -> Path:
     return out
 
 
+def _mixed(metas: list[dict[str, Any]], sources: list[dict[str, Any]], key: str) -> str:
+    """A mixture's fingerprint (or listing) from its sources' and their weights (a source prepared before folders
+    recorded a listing: its fingerprint was its listing)."""
+    mixed = json.dumps([[m.get(key, m.get("fingerprint")), s["weight"]] for m, s in zip(metas, sources)]).encode()
+    return hashlib.md5(mixed, usedforsecurity=False).hexdigest()
+
+
 def data_identity(data_dir: str | Path) -> str | None:
-    """The fingerprint of a prepared folder (of a mixture: of its sources' and weights); None for a folder
-    prepared before folders recorded one."""
+    """The fingerprint of a prepared folder, of its inputs' content and settings (of a mixture: of its sources' and
+    weights); None for a folder prepared before folders recorded one."""
     return read_meta(data_dir).get("fingerprint")
+
+
+def identities(meta: dict[str, Any]) -> set[str]:
+    """What a record of the data a folder holds (run.json's, a checkpoint's) may say: its fingerprint, or what a
+    record made before fingerprints were of the content says, its listing (its inputs' paths, sizes and times, and
+    the settings, all unchanged since)."""
+    return {v for v in (meta.get("fingerprint"), meta.get("listing")) if v is not None}
 
 
 def padded_vocab(vocab_size: int) -> int:

@@ -5,12 +5,10 @@ from __future__ import annotations
 
 import glob
 import gzip
-import hashlib
 import json
 import re
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 from gpt.config.data import DataConfig
 from gpt.errors import UserError
@@ -37,16 +35,6 @@ def input_files(spec: str, fmt: str, key: str = "data.text_path") -> list[Path]:
         raise UserError(f"{key}={spec!r} names no {fmt} files (a file, a folder holding "
                         f"{'/'.join(SUFFIXES[fmt])} files, or a glob)")
     return files
-
-
-def listing_md5(files: list[Path], extra: Any = None) -> str:
-    """What identifies the inputs without reading them: each file's path, size and modification time."""
-    h = hashlib.md5(usedforsecurity=False)
-    for f in files:
-        st = f.stat()
-        h.update(f"{f.resolve()}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
-    h.update(json.dumps(extra, sort_keys=True).encode())
-    return h.hexdigest()
 
 
 def chunked(pieces: Iterator[str], size: int | None = None) -> Iterator[str]:
@@ -137,24 +125,6 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
     for text_path, val_path, fmt in specs:
         files += input_files(text_path, fmt) + (input_files(val_path, fmt, "data.val_path") if val_path else [])
     return files
-
-
-def corpus_record(files: list[Path], known: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What identifies a run's corpus: size, modification time and md5. Many files' md5 is listing_md5's, always
-    (every file's name, size and mtime_ns: totals alone miss a file replaced by one of the same size with an older
-    mtime, as `cp -p` or `rsync -a` leave it). One file's md5 is of its content, read again only when its size or
-    modification time changed since `known`."""
-    stats = [f.stat() for f in files]
-    size, mtime = sum(s.st_size for s in stats), max(s.st_mtime for s in stats)
-    if len(files) > 1:
-        return {"size": size, "mtime": mtime, "md5": listing_md5(files)}
-    if known and known.get("size") == size and known.get("mtime") == mtime:
-        return {"size": size, "mtime": mtime, "md5": known["md5"]}
-    digest = hashlib.md5(usedforsecurity=False)
-    with open(files[0], "rb") as f:
-        for block in iter(lambda: f.read(1 << 24), b""):
-            digest.update(block)
-    return {"size": size, "mtime": mtime, "md5": digest.hexdigest()}
 
 
 def inputs_exist(cfg: DataConfig) -> bool:

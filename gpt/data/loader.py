@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from gpt.data import SPLITS, read_meta
+from gpt.data import SPLITS, identities, read_meta
 from gpt.errors import UserError
 
 
@@ -56,6 +56,7 @@ class TokenDataset:
         meta = read_meta(directory)
         self.vocab_size: int = meta["vocab_size"]
         self.fingerprint: str | None = meta.get("fingerprint")  # the data's identity, which checkpoints record
+        self.identities = identities(meta)  # what a checkpoint of this data may record (gpt.data.identities)
         sources = meta.get("sources") or [{"dir": str(self.directory), "weight": 1.0}]
         self.weights = np.array([s["weight"] for s in sources]) if "sources" in meta else None
         self.shards: list[ShardFile] = []

@@ -6,6 +6,7 @@ meta.json. Pre-tokenized shards (nanoGPT's, llm.c's) are described in place inst
 
 Layout of the output directory:
     meta.json                 tokenizer kind, vocab_size, dtype, per-split token counts and shards, the fingerprint
+    inputs.json               each input file's path, size, mtime_ns and md5 as it was prepared (gpt.data.content)
     tokenizer.json            the tokenizer (see gpt.data.tokenizer)
     train_PPPPPP_KKKK.bin     raw little-endian uint16 tokens of part P (uint32 when the vocabulary needs it)
     part_PPPPPP.json          what part P wrote (gpt.data.parts)
@@ -19,11 +20,14 @@ folder, and the next run with the same inputs and settings keeps its finished pa
 settings removes it once no live preparation owns it (gpt.data.temp_folders).
 
 A prepared folder is never written again (`refuse_other`): runs read it, and a checkpoint records its fingerprint.
+The fingerprint is of the inputs' content (Inputs): the inputs copied, moved or touched are still the same data.
 """
 from __future__ import annotations
 
 import argparse
 import errno
+import functools
+import hashlib
 import itertools
 import json
 import logging
@@ -41,7 +45,8 @@ from tqdm import tqdm
 from gpt.config.data import DEFAULT_SHARD_TOKENS, FORMATS, TOKEN_FORMATS, TOKENIZERS, check_inputs, check_settings
 from gpt.data import META_FILE, SPLITS
 from gpt.data import pretokenized
-from gpt.data.inputs import count_chars, documents, input_files, listing_md5
+from gpt.data.content import INPUTS_FILE, describe_change, file_rows, listing_md5, recorded_rows, remember
+from gpt.data.inputs import count_chars, documents, input_files
 from gpt.data.parts import Part, init_worker, read_record, run_part
 from gpt.data.temp_folders import OWNER_FILE, claim, remove_stale, temp_folder
 from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
@@ -84,26 +89,29 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
         raise UserError(f"text file {text_path} not found. {TINY_SHAKESPEARE_HINT}")
     files = input_files(str(text_path), fmt)
     val_files = input_files(val_path, fmt, "data.val_path") if val_path else []
-    settings = _settings(fmt, field, tokenizer, vocab_size, val_fraction, shard_tokens)
-    fingerprint = _fingerprint(files, val_files, tokenizer_file, settings)
-    if _is_prepared(out_dir, fingerprint):
-        if (out_dir, fingerprint) not in _SAID_PREPARED:  # a sweep plans every point against the same data: once
-            _SAID_PREPARED.add((out_dir, fingerprint))
+    inputs = Inputs(files, val_files, tokenizer_file, _settings(fmt, field, tokenizer, vocab_size, val_fraction,
+                                                                shard_tokens))
+    if _is_prepared(out_dir, inputs):
+        if (out_dir, inputs.listing) not in _SAID_PREPARED:  # a sweep plans every point against the same data: once
+            _SAID_PREPARED.add((out_dir, inputs.listing))
             log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
         return out_dir
-    refuse_other(out_dir, fingerprint)
+    refuse_other(out_dir, inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_folder(out_dir, fingerprint)
+    tmp = temp_folder(out_dir, inputs.listing)  # its parts name their files by path: a moved corpus starts anew
     if node == 0:
         tmp.mkdir(exist_ok=True)  # a killed run's folder is kept: its finished parts are not done again
         remove_stale(out_dir, keep=tmp)
         claim(tmp)
-    elif fmt in TOKEN_FORMATS or not _await_tokenizer(tmp, out_dir, fingerprint):
+    elif fmt in TOKEN_FORMATS or not _await_tokenizer(tmp, out_dir, inputs):
         return out_dir  # node 0 has nothing to share, or finished it all before this node started
     start = time.monotonic()
     source = {"path": str(Path(text_path).resolve()), "files": len(files) + len(val_files),
               "bytes": sum(f.stat().st_size for f in [*files, *val_files])}
-    meta: dict[str, Any] = {**settings, "fingerprint": fingerprint, "source": source}
+    settings = inputs.settings
+    # node 0 reads the content before it is tokenized (a file changed meanwhile is seen by the next planning)
+    identity = {"fingerprint": inputs.fingerprint, "listing": inputs.listing, "settings": settings} if node == 0 else {}
+    meta: dict[str, Any] = {**settings, **identity, "source": source}
     try:
         if fmt in TOKEN_FORMATS:
             meta.update(_describe_in_place(str(text_path), val_path, fmt, Path(tokenizer_file), tmp))
@@ -113,16 +121,17 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
             if described is None:  # another node writes meta.json
                 return out_dir
             meta.update(described)
+        _write_synced(tmp / INPUTS_FILE, json.dumps(inputs.rows).encode())
         _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
     except FileNotFoundError:
         # Two preparations of the same inputs share one temp folder: the one that finished first moved it into
         # place under this one, and its data is this one's.
-        if _is_prepared(out_dir, fingerprint):
+        if _is_prepared(out_dir, inputs):
             log.info("%s was prepared from the same inputs by another process meanwhile", out_dir)
             return out_dir
         raise
     (tmp / OWNER_FILE).unlink(missing_ok=True)  # a prepared folder has no owner
-    _move_into_place(tmp, out_dir, fingerprint)
+    _move_into_place(tmp, out_dir, inputs)
     log.info("prepared %s in %.1fs: vocab %d, %d train and %d val tokens", out_dir, time.monotonic() - start,
              meta["vocab_size"], meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
     return out_dir
@@ -134,9 +143,53 @@ def _settings(fmt: str, field: str, tokenizer: str, vocab_size: int | None, val_
             "vocab_size": vocab_size, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
 
 
-def _fingerprint(files: list[Path], val_files: list[Path], tokenizer_file: str | Path | None,
-                 settings: dict[str, Any]) -> str:
-    return listing_md5([*files, *val_files, *([Path(tokenizer_file)] if tokenizer_file else [])], settings)
+class Inputs:
+    """A preparation's inputs and settings, and what identifies the data they give: the fingerprint, of each input
+    file's name and content (and the tokenizer file's) and the settings. The listing (each file's path, size and
+    mtime_ns, and the settings: what a folder prepared before content was recorded has as its fingerprint) saves
+    reading the inputs while it is unchanged."""
+
+    def __init__(self, files: list[Path], val_files: list[Path], tokenizer_file: str | Path | None,
+                 settings: dict[str, Any]):
+        self.splits = {"train": files, "val": val_files, "tokenizer": [Path(tokenizer_file)] if tokenizer_file else []}
+        self.settings = settings
+
+    @functools.cached_property
+    def listing(self) -> str:
+        return listing_md5([f for files in self.splits.values() for f in files], self.settings)
+
+    @functools.cached_property
+    def rows(self) -> dict[str, list[dict[str, Any]]]:
+        return {split: file_rows(files) for split, files in self.splits.items()}
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        named = {split: [[Path(r["path"]).name, r["md5"]] for r in rows] for split, rows in self.rows.items()}
+        text = json.dumps({**named, "settings": self.settings}, sort_keys=True).encode()
+        return hashlib.md5(text, usedforsecurity=False).hexdigest()
+
+    def prepared(self, out_dir: Path, meta: dict[str, Any]) -> bool:
+        """Whether `meta` (out_dir's meta.json) is of these inputs: by the listing without reading them, else by their
+        content. A folder prepared before content was recorded goes by its listing only."""
+        if meta.get("listing", meta.get("fingerprint")) == self.listing:
+            return True
+        if "listing" not in meta:
+            return False
+        remember(recorded_rows(out_dir))
+        return meta.get("fingerprint") == self.fingerprint
+
+    def differences(self, out_dir: Path, meta: dict[str, Any]) -> str:
+        """In words, how out_dir's inputs and settings differ from these."""
+        # meta.json's own vocab_size is the tokenizer's; folders prepared before "settings" was recorded: the rest
+        was = meta.get("settings") or {k: meta.get(k) for k in self.settings if k != "vocab_size"}
+        said = [f"{k} was {was[k]!r}, now {v!r}" for k, v in self.settings.items() if k in was and was[k] != v]
+        if "listing" not in meta:  # prepared by an earlier version
+            said.append("it recorded its inputs' paths, sizes and modification times only (prepared by an earlier "
+                        "version), and these differ now")
+        else:
+            changed = describe_change(recorded_rows(out_dir), [r for rows in self.rows.values() for r in rows])
+            said += [changed] if changed else []
+        return "; ".join(said) or f"fingerprint {meta.get('fingerprint')}, these give {self.fingerprint}"
 
 
 def is_source_prepared(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
@@ -144,19 +197,31 @@ def is_source_prepared(text_path: str | Path, out_dir: str | Path, tokenizer: st
                        shard_tokens: int = DEFAULT_SHARD_TOKENS, *, fmt: str = "text", field: str = "text",
                        val_path: str | Path | None = None, tokenizer_file: str | Path | None = None,
                        workers: int = 1) -> bool:
-    """Whether prepare() with these arguments would have nothing to do (its inputs are listed, not read)."""
+    """Whether prepare() with these arguments would have nothing to do (the inputs are read only if their listing
+    changed since the folder was prepared)."""
     files = input_files(str(text_path), fmt)
     val_files = input_files(str(val_path), fmt, "data.val_path") if val_path else []
     settings = _settings(fmt, field, tokenizer, vocab_size, val_fraction, shard_tokens)
-    return _is_prepared(Path(out_dir), _fingerprint(files, val_files, tokenizer_file, settings))
+    return _is_prepared(Path(out_dir), Inputs(files, val_files, tokenizer_file, settings))
 
 
-def _is_prepared(out_dir: Path, fingerprint: str) -> bool:
-    """True when meta.json records this fingerprint, and every shard it lists is whole."""
+def _read_meta(out_dir: Path) -> dict[str, Any] | None:
     try:
         meta = json.loads((out_dir / META_FILE).read_text(encoding="utf-8"))
-        if meta["fingerprint"] != fingerprint:
-            return False
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _is_prepared(out_dir: Path, inputs: Inputs) -> bool:
+    """True when meta.json is of these inputs, and every shard it lists is whole."""
+    meta = _read_meta(out_dir)
+    return meta is not None and _is_whole(out_dir, meta) and inputs.prepared(out_dir, meta)
+
+
+def _is_whole(out_dir: Path, meta: dict[str, Any]) -> bool:
+    """Every shard meta.json lists is whole, and the tokenizer is there."""
+    try:
         itemsize = np.dtype(meta["dtype"]).itemsize
         shards = [s for split in SPLITS for s in meta["splits"][split]["shards"]]
         return (out_dir / TOKENIZER_FILE).is_file() and all(
@@ -220,11 +285,11 @@ def _plan_parts(files: list[Path], val_files: list[Path], settings: dict[str, An
     return parts
 
 
-def _await_tokenizer(tmp: Path, out_dir: Path, fingerprint: str) -> bool:
+def _await_tokenizer(tmp: Path, out_dir: Path, inputs: Inputs) -> bool:
     """A node other than 0: wait for node 0's tokenizer in tmp (True), or for out_dir prepared without this node
     (False: node 0 had every part and finished first). Never creates tmp: node 0 may have renamed it already."""
     while not (tmp / TOKENIZER_FILE).is_file():
-        if _is_prepared(out_dir, fingerprint):
+        if _is_prepared(out_dir, inputs):
             return False
         time.sleep(POLL_S)
     return True
@@ -309,8 +374,8 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(f.fileno())
 
 
-def refuse_other(out_dir: Path, fingerprint: str) -> None:
-    """Refuse to prepare into a folder that holds anything but this preparation's data.
+def refuse_other(out_dir: Path, inputs: Inputs) -> None:
+    """Refuse to prepare into a folder that holds anything but this preparation's data, saying how it differs.
 
     Preparing again in place would change the tokens under the runs that read the folder: a running rank maps its
     shards as it reads them, and a requeued or queued job opens them again later, on any node. Switching to a new
@@ -319,20 +384,21 @@ def refuse_other(out_dir: Path, fingerprint: str) -> None:
     other data goes into another folder."""
     if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
         return
-    try:
-        found = json.loads((out_dir / META_FILE).read_text(encoding="utf-8")).get("fingerprint")
-    except (OSError, ValueError, AttributeError):
+    meta = _read_meta(out_dir)
+    if meta is None or "fingerprint" not in meta:
         raise UserError(f"{out_dir} exists and is not a prepared data directory; "
-                        f"choose another output directory or empty it") from None
-    if found == fingerprint and _is_prepared(out_dir, fingerprint):
+                        f"choose another output directory or empty it")
+    if not inputs.prepared(out_dir, meta):
+        what = f"holds data prepared from other inputs or settings ({inputs.differences(out_dir, meta)})"
+    elif not _is_whole(out_dir, meta):
+        what = "is incomplete (a shard is missing or truncated)"
+    else:
         return  # another node or process moved this very preparation into place since the caller looked
-    what = "is incomplete (a shard is missing or truncated)" if found == fingerprint else (
-        f"holds data prepared from other inputs or settings (fingerprint {found}; these give {fingerprint})")
     raise UserError(f"{out_dir} {what}; runs may read it, so it is never prepared again in place: prepare into "
                     f"another directory (data.dir), or delete {out_dir} once no run reads it")
 
 
-def _move_into_place(tmp: Path, out_dir: Path, fingerprint: str) -> None:
+def _move_into_place(tmp: Path, out_dir: Path, inputs: Inputs) -> None:
     """Rename tmp to out_dir, which must not exist or be empty: the rename itself refuses a folder another
     preparation filled meanwhile (ENOTEMPTY, EEXIST), so of two at once exactly one lands."""
     try:
@@ -341,8 +407,8 @@ def _move_into_place(tmp: Path, out_dir: Path, fingerprint: str) -> None:
         if e.errno not in (errno.ENOTEMPTY, errno.EEXIST):
             raise
         shutil.rmtree(tmp, ignore_errors=True)
-        if not _is_prepared(out_dir, fingerprint):  # the same inputs prepared by another process: nothing lost
-            refuse_other(out_dir, fingerprint)
+        if not _is_prepared(out_dir, inputs):  # the same inputs prepared by another process: nothing lost
+            refuse_other(out_dir, inputs)
 
 
 def main(argv: list[str] | None = None) -> int:

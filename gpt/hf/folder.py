@@ -22,26 +22,35 @@ CHECKED = ("n_layer", "n_head", "n_embd", "n_query_groups", "position", "norm", 
            "rope_base", "bias", "n_expert", "moe_top_k", "norm_position", "tie_embeddings")
 
 
+VALID = "none, or hf:PATH with PATH a local Hugging Face folder (config.json, weights, tokenizer.json)"
+
+
 def folder_of(init: str) -> Path | None:
-    """The folder `init` names, None for init=none; ConfigError for anything else."""
+    """The folder `init` names, None for init=none; ConfigError for anything else (no file is read)."""
     if init == "none":
         return None
-    if not init.startswith(PREFIX) or not (Path(init[len(PREFIX):]) / "config.json").is_file():
-        raise ConfigError("init", init, "none, or hf:PATH with PATH a local Hugging Face folder (config.json, "
-                          "weights, tokenizer.json)")
+    if not init.startswith(PREFIX) or not init[len(PREFIX):]:
+        raise ConfigError("init", init, VALID)
     return Path(init[len(PREFIX):])
 
 
+def check_init_choice(init: str, resume: str) -> None:
+    """init's form, and one place to start from: what every read of a run's config checks (no file is read)."""
+    if folder_of(init) is not None and resume not in ("auto", "none"):
+        raise ConfigError("resume", resume, f"auto or none with init={init}: a run is initialised from one place")
+
+
 def check_init(init: str, model: ModelConfig, data: DataConfig, resume: str) -> None:
-    """The folder's architecture, shapes and vocabulary against model.*, and its tokenizer against data.*: the
-    first key that differs, in one line."""
+    """At planning, while the run has no checkpoint of its own: the folder's architecture, shapes and vocabulary
+    against model.*, and its tokenizer against data.*: the first key that differs, in one line."""
     from gpt.hf.architecture import implied_model
 
+    check_init_choice(init, resume)
     folder = folder_of(init)
     if folder is None:
         return
-    if resume not in ("auto", "none"):
-        raise ConfigError("resume", resume, f"auto or none with init={init}: a run is initialised from one place")
+    if not (folder / "config.json").is_file():
+        raise ConfigError("init", init, VALID)
     implied = implied_model(json.loads((folder / "config.json").read_text()), str(folder))
     where = f"as {folder / 'config.json'} has it"
     if model.vocab_size != implied["vocab_size"]:

@@ -3,6 +3,7 @@ rank's device, wrapped by the strategy with its optimizer."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import torch
@@ -17,6 +18,8 @@ from gpt.model.transformer import GPT
 from gpt.parallel import build_strategy
 from gpt.parallel.base import DTYPES, Compile, Strategy
 from gpt.train.metrics import layer_keys
+
+log = logging.getLogger(__name__)
 
 
 def model_config(model: ModelConfig, data_dir: Path) -> ModelConfig:
@@ -40,17 +43,21 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
         return GPT(cfg)
 
 
-def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device) -> Strategy:
+def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device,
+                             initialise: bool = True) -> Strategy:
     """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device, and its
-    optimizer (the train section)."""
+    optimizer (the train section). `initialise`: load init=hf:PATH's weights (not when the run continues from a
+    checkpoint of its own, whose weights replace them: the folder is not read again, and may be gone)."""
     train = run.train
     use_tf32(device, train.precision)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
     strategy.attention_kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
     model = build_model(model_cfg, device, run.seed)
-    if run.init != "none":  # before the layout wraps it; a run's own checkpoint, if any, replaces these weights
+    if run.init != "none" and initialise:  # before the layout wraps it
         load_into(model, run.init)
+    elif run.init != "none":
+        log.info("init=%s is not read: this run continues from its own checkpoints", run.init)
     every = train.recompute_every()
     kernels = attention.backends(train.attention)
     for i, block in enumerate(model.layers.values()):

@@ -29,6 +29,12 @@ class Resumed:
     meta: dict[str, Any]  # its meta.json
 
 
+def continues_own(mode: str, root: Path) -> bool:
+    """Whether resume=`mode` continues from the run's own checkpoints under `root` (nothing else then gives the
+    weights: a newest one that is unusable falls back to an older one, never to where the run started)."""
+    return mode.lower() not in ("none", "false", "null") and bool(list_checkpoints(root))
+
+
 class Resume:
     def __init__(self, mode: str, checkpointer: Checkpointer, state: TrainState, faults: Faults, env: DistEnv):
         self.mode, self.checkpointer, self.state, self.faults, self.env = mode, checkpointer, state, faults, env

@@ -46,7 +46,7 @@ class TrainState:
         """Refuse a checkpoint of this run trained on other data than the folder holds now (one written before
         checkpoints recorded their data is taken as it is)."""
         saved, current = meta.get("data_fingerprint"), self.data_fingerprint
-        if saved is not None and current is not None and saved != current:
+        if saved is not None and current is not None and saved not in self.batches.dataset.identities:
             raise UserError(f"checkpoint {path} was trained on data with fingerprint {saved} (in "
                             f"{meta.get('data_dir')}), but {self.data_dir} now holds data with fingerprint {current}: "
                             f"continue on the data it was trained on, or start a new run under another name (run=NAME)")

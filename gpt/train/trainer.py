@@ -38,7 +38,7 @@ from gpt.train.metrics import MetricsWriter
 from gpt.train.profiler import step_profiler
 from gpt.train.schedule import lr_at
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
-from gpt.train.resume import Resume
+from gpt.train.resume import Resume, continues_own
 from gpt.train.rollback import roll_back
 from gpt.train.state import TrainState
 from gpt.train.step_timer import StepTimer, watch_compute_end
@@ -62,7 +62,8 @@ class Trainer:
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()
         PROGRESS.phase("startup", "building the model")
-        self.strategy = build_strategy_and_model(run, self.model_cfg, env, self.device)
+        own = continues_own(run.resume, RunFolder(run_dir).checkpoints)  # then init=hf: is not read again
+        self.strategy = build_strategy_and_model(run, self.model_cfg, env, self.device, initialise=not own)
         self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
 
         self.open_data(run, data_dir)

@@ -12,6 +12,7 @@ class JobState(enum.Enum):
     ENDING = "ending"  # its processes are ending; the scheduler still lists it
     ENDED = "ended"  # the scheduler will not run it again by itself
     GONE = "gone"  # the scheduler no longer knows the job
+    UNKNOWN = "unknown"  # the scheduler does not answer: the job may wait, run, or be gone
 
     @property
     def live(self) -> bool:
@@ -43,3 +44,5 @@ class JobStanding:
 
 class SchedulerUnavailable(RuntimeError):
     """The scheduler could not be asked (its commands are missing, time out, or its controller is down)."""
+
+    scheduler = "the scheduler"  # its name in the lines that say it does not answer

@@ -14,13 +14,15 @@ from launch import launch_config
 from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
 from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
+from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
+from gpt.hf.folder import PREFIX, check_init
 from gpt.parallel import plan_layout
 from gpt.run_folder import RunFolder
 from launch.backends import get_backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import fit
-from launch.run.identity import flat
+from launch.run.identity import flat, newest_step
 
 
 @dataclass(frozen=True)
@@ -59,6 +61,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
     config, which this command must then equal."""
+    run = checked_paths(run, run_dir)
     nodes, per_node = run.cluster.nodes, run.cluster.tasks_per_node
     if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
         raise ConfigError("cluster.nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
@@ -92,6 +95,27 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
     return Plan(run_dir, nodes, per_node, prepare_job)
+
+
+KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
+
+
+def checked_paths(run: LaunchConfig, run_dir: Path) -> LaunchConfig:
+    """The paths the ranks read besides the data (eval.tasks, init=hf:PATH, resume=PATH), made absolute from where
+    the launcher was started, so that config.yaml means them in any process and folder; and checked here, once,
+    not at each read of config.yaml: the task files always (every attempt scores them), the folder or checkpoint
+    the run starts from only while the run has no checkpoint of its own (nothing reads them after its first save:
+    a purged folder does not stop a requeue)."""
+    tasks = [to_absolute_path(t) for t in run.eval.tasks]
+    init = run.init if run.init == "none" else f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
+    resume = run.resume if run.resume.lower() in KEYWORDS else to_absolute_path(run.resume)
+    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, tasks=tasks), init=init, resume=resume)
+    run.eval.check_files()
+    if newest_step(run_dir) is None:
+        if resume.lower() not in KEYWORDS:
+            check_resume(resume)
+        check_init(init, run.model, absolute(run.data, to_absolute_path), resume)
+    return run
 
 
 def in_preparation_job(run: LaunchConfig, data: DataConfig) -> bool:

@@ -17,8 +17,10 @@ from typing import Any
 from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from launch.launch_config import LaunchConfig
 from gpt.config.parse import to_plain
-from gpt.data import absolute, data_identity
-from gpt.data.inputs import corpus_files, corpus_record
+from gpt.config.data import DataConfig
+from gpt.data import absolute, data_identity, identities, read_meta
+from gpt.data.content import content_md5, corpus_record, describe_change, file_rows, recorded_rows
+from gpt.data.inputs import corpus_files
 from gpt.errors import UserError
 from gpt.run_folder import AttemptLine, RunFolder, write_json
 from gpt.train import schedule
@@ -43,12 +45,21 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what must not change, flattened; the corpus's size, mtime and md5)."""
+def absolute_data(run: LaunchConfig) -> DataConfig:
     from hydra.utils import to_absolute_path  # the launcher's; a rank imports this module and needs no Hydra
 
-    c = to_plain(run)
-    corpus = corpus_record(corpus_files(absolute(run.data, to_absolute_path)), known_text)
+    return absolute(run.data, to_absolute_path)
+
+
+def prepared_rows(data: DataConfig) -> list[dict[str, Any]]:
+    """The rows of the input files the run's prepared folders were made from (each source's, in order)."""
+    return [r for d in ([s.dir for s in data.sources] or [data.dir]) for r in recorded_rows(Path(d), ("train", "val"))]
+
+
+def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what must not change, flattened; the corpus's size, mtime, listing and md5: run.json's corpus record)."""
+    c, data = to_plain(run), absolute_data(run)
+    corpus = corpus_record(corpus_files(data), known_text, lambda: prepared_rows(data))
     values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
     for key in KEYS:
         section, _, name = key.partition(".")
@@ -121,7 +132,8 @@ def check_same_data(run_dir: Path, saved: dict[str, Any] | None, current: dict[s
     """A run with checkpoints continues only on the data it was trained on."""
     if step is None or not saved or not current or None in (saved.get("fingerprint"), current["fingerprint"]):
         return
-    if saved["fingerprint"] != current["fingerprint"]:
+    if saved["fingerprint"] != current["fingerprint"] and saved["fingerprint"] not in identities(
+            read_meta(current["dir"])):
         raise UserError(f"{run_dir} was trained (to step {step}) on data with fingerprint {saved['fingerprint']} "
                         f"(in {saved.get('dir')}), but {current['dir']} now holds data with fingerprint "
                         f"{current['fingerprint']}: continue it on its own data, or start a new run under another "
@@ -156,6 +168,63 @@ class FolderCheck:
         write_record(run_dir, {**self.identity, **({"data": data} if data else {})})
 
 
+def check_same_run(run: LaunchConfig, run_dir: Path, record: dict[str, Any],
+                   now: tuple[dict[str, Any], dict[str, Any]], step: int) -> None:
+    """The run run_dir holds (its run.json `record`) is this command's (`now`: identity()'s), or UserError listing
+    the keys that differ."""
+    current, corpus = now
+    saved = same_corpus_before(schedule.settle(record["identity"], current, step), record.get("corpus"), corpus)
+    stable = stable_checkpoint(run_dir, saved.get(schedule.WSD_KEY))
+    diffs = [corpus_change(run, record.get("corpus"), corpus) if k == "data.text_md5" else
+             f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
+             + schedule.hint(k, saved, run.train, step, stable)
+             for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
+    if diffs:
+        raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
+                        "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
+                        "new run under another name (run=NAME).")
+
+
+def same_corpus_before(saved: dict[str, Any], known: dict[str, Any] | None, corpus: dict[str, Any]) -> dict[str, Any]:
+    """A run.json written before corpora were identified by content recorded a corpus of several files by its
+    listing: when that is the listing of the files as they are now, they are unchanged since, and the run's corpus
+    is their content."""
+    if known and "listing" not in known and saved.get("data.text_md5") == corpus["listing"]:
+        return {**saved, "data.text_md5": corpus["md5"]}
+    return saved
+
+
+def corpus_change(run: LaunchConfig, known: dict[str, Any] | None, corpus: dict[str, Any]) -> str:
+    """data.text_md5's line of a refusal: which files of the corpus changed and how, in words, and the remedies
+    that hold (a prepared folder is never prepared again: a run on the changed corpus needs a folder of its own)."""
+    data = absolute_data(run)
+    files = corpus_files(data)
+    now = file_rows(files)  # read already, by identity()
+    before = rows_before(data, now, known)
+    what = describe_change(before, now) if before else ""
+    if not what and known:
+        what = (f"the corpus changed ({known.get('size', 0):,} -> {corpus['size']:,} bytes in {len(files)} file(s), "
+                f"newest modified {_when(known.get('mtime'))} -> {_when(corpus['mtime'])})")
+    return (f"data.text_md5: {what or 'the corpus changed'} since the run trained on it. Restore its content to "
+            "continue this run, or train on this corpus as a new run (run=NAME) with a data.dir of its own")
+
+
+def rows_before(data: DataConfig, now: list[dict[str, Any]], known: dict[str, Any] | None) -> list[dict[str, Any]]:
+    """The corpus's files as the run trained on them: as its prepared folders recorded them when they hold the run's
+    corpus, else for one file as run.json recorded it; [] when neither tells."""
+    before = prepared_rows(data)
+    if known and before and content_md5(before) == known.get("md5"):
+        return before
+    if known and len(now) == 1 and "mtime" in known and "size" in known:
+        return [{"path": known.get("path", now[0]["path"]), "size": known["size"], "md5": known.get("md5"),
+                 "mtime_ns": int(known["mtime"] * 1e9)}]
+    return []
+
+
+def _when(mtime: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)) if mtime else "?"
+
+
 def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
                      ) -> FolderCheck:
     """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
@@ -173,18 +242,8 @@ def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_
                         f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
                         f"the folder")
     if record is not None and step is not None:
-        saved = schedule.settle(record["identity"], current, step)
-        stable = stable_checkpoint(run_dir, saved.get(schedule.WSD_KEY))
-        diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
-                 + schedule.hint(k, saved, run.train, step, stable)
-                 for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
-        if diffs:
-            raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
-                            "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
-                            "new run under another name (run=NAME).")
-    from hydra.utils import to_absolute_path
-
-    data_dir = absolute(run.data, to_absolute_path).dir
+        check_same_run(run, run_dir, record, (current, corpus), step)
+    data_dir = absolute_data(run).dir
     check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
     early = stopped_early(run_dir, run) if step is not None else None
     existing = None if step is None else Existing(step, step >= run.train.max_steps or early is not None, early)

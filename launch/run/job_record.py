@@ -42,6 +42,12 @@ def request_cancel(run_dir: Path, job_ids: list[str]) -> None:
     write_json(RunFolder(run_dir).cancel_request, {"job_ids": job_ids, "time": time.time()})
 
 
+def withdraw_cancel(run_dir: Path, job_id: str) -> None:
+    """Take back the request for that job (launch.cancel could not signal it)."""
+    if cancel_requested(run_dir, job_id):
+        RunFolder(run_dir).cancel_request.unlink(missing_ok=True)
+
+
 def cancel_requested(run_dir: Path, job_id: str | None) -> bool:
     """Whether launch.cancel is stopping that job (a job id names one job for good: a cancelled job is not run
     again, so an old request never stops a later job)."""

@@ -128,6 +128,8 @@ def parse_hostnames(text: str) -> list[str]:
 class SlurmUnavailable(SchedulerUnavailable):
     """A client command failed to answer (not found, timed out, or the controller is down)."""
 
+    scheduler = "Slurm"
+
 
 def run(*cmd: str, timeout: float = TIMEOUT_S, keep_on_term: bool = False) -> str:
     """`keep_on_term`: the command ignores SIGTERM, for one run from a job that is being requeued (Slurm sends

@@ -26,7 +26,6 @@ BAD = {
     "preemption.signals=[SIGKILL]": "preemption.signals='SIGKILL' is not valid",
     "preemption.max_restarts=-2": "preemption.max_restarts=-2 is not valid: an integer >= 0",
     "+preemption.retries=3": "preemption.retries=3 is not valid: known preemption keys are",
-    "resume=/nonexistent": "resume='/nonexistent' is not valid: auto, none, or an existing checkpoint or run folder",
     "rendezvous.timeout_s=0": "rendezvous.timeout_s=0 is not valid",
     "debug.delay_rank=-1": "debug.delay_rank=-1 is not valid",
     "debug.signal_name=SIGFOO": "debug.signal_name='SIGFOO' is not valid",

@@ -107,7 +107,7 @@ def test_a_separate_validation_path_and_the_character_tokenizer(corpus, tmp_path
 @pytest.mark.parametrize("fmt", ["nanogpt", "llmc"])
 def test_pretokenized_shards_are_read_in_place(fmt, corpus, tmp_path):
     out = prepare(corpus[fmt], tmp_path / fmt, "hf", tokenizer_file=corpus["tokenizer"], fmt=fmt)
-    assert sorted(p.name for p in out.iterdir()) == ["meta.json", "tokenizer.json"]  # nothing copied
+    assert sorted(p.name for p in out.iterdir()) == ["inputs.json", "meta.json", "tokenizer.json"]  # nothing copied
     assert tokens(out, "train") == corpus["ids"][:corpus["cut"]]
     assert tokens(out, "val") == corpus["ids"][corpus["cut"]:]
     ds = TokenDataset(out, "train")

@@ -16,7 +16,7 @@ import pytest
 
 import gpt.data.loader as loader
 from gpt.data import read_meta
-from gpt.data.inputs import corpus_record
+from gpt.data.content import corpus_record
 from gpt.data.loader import TokenDataset
 import gpt.data.prepare as prepare_module
 from gpt.data.prepare import prepare
@@ -48,19 +48,33 @@ def test_a_file_replaced_with_the_same_total_size_and_older_mtime_changes_the_co
 
 
 def test_a_changed_file_whose_name_stays_is_seen_and_never_prepared_over_the_old_data(tmp_path):
-    """Runs may read the prepared folder: the changed corpus is refused there in one line naming both fingerprints,
-    and prepared into another folder it gets its own."""
+    """Runs may read the prepared folder: the changed corpus is refused there in one line naming the changed file,
+    and prepared into another folder it gets its own fingerprint."""
     files = write_corpus(tmp_path / "c", {"a.txt": "hello world\n" * 20, "b.txt": "other text\n" * 20})
     out = tmp_path / "prepared"
     prepare(tmp_path / "c", out, workers=1, val_fraction=0.4)
     first = json.loads((out / "meta.json").read_text())["fingerprint"]
     files[1].write_text("changed!!!\n" * 20)  # same size
     os.utime(files[1], ns=(files[1].stat().st_mtime_ns + 1, files[1].stat().st_mtime_ns + 1))
-    with pytest.raises(UserError, match=f"other inputs or settings \\(fingerprint {first}; these give "):
+    with pytest.raises(UserError, match=f"other inputs or settings \\({files[1]} changed \\(the same size \\(220 "
+                       "bytes\\), modified "):
         prepare(tmp_path / "c", out, workers=1, val_fraction=0.4)
     assert json.loads((out / "meta.json").read_text())["fingerprint"] == first
     prepare(tmp_path / "c", tmp_path / "again", workers=1, val_fraction=0.4)
     assert json.loads((tmp_path / "again" / "meta.json").read_text())["fingerprint"] != first
+
+
+def test_a_touched_corpus_is_prepared_though_an_inputs_json_edited_by_hand_holds_no_rows(tmp_path):
+    """Touched, its content the same: the folder is prepared (nothing written), though its inputs.json holds rows
+    that are not rows (a file a user may edit is read defensively)."""
+    files = write_corpus(tmp_path / "c", {f"{i}.txt": f"document {i}\n" * 20 for i in range(6)})
+    out = tmp_path / "prepared"
+    prepare(tmp_path / "c", out, workers=1, val_fraction=0.4)
+    stamp = (out / "meta.json").stat().st_mtime_ns
+    (out / "inputs.json").write_text(json.dumps({"train": [{"path": 1}, "x"], "val": 3}))
+    os.utime(files[2], ns=(files[2].stat().st_mtime_ns + 10**9,) * 2)
+    assert prepare(tmp_path / "c", out, workers=1, val_fraction=0.4) == out
+    assert (out / "meta.json").stat().st_mtime_ns == stamp
 
 
 def dead_pid() -> int:

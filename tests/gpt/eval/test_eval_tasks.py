@@ -66,12 +66,12 @@ GOOD = {"ctx": "To be or", "endings": ["not", "yes"], "label": 0}
 def test_a_bad_line_is_refused_naming_the_file_and_line(tmp_path, line, says):
     path = write_task(tmp_path / "t.jsonl", [GOOD, line])
     with pytest.raises(ConfigError, match=rf"eval\.tasks='{tmp_path}/t\.jsonl:2' is not valid: .*{re.escape(says)}"):
-        section(EvalConfig, "eval", {"tasks": [path]})
+        section(EvalConfig, "eval", {"tasks": [path]}).check_files()
 
 
 def test_missing_files_same_names_a_negative_limit_and_no_interval_are_refused(tmp_path):
     with pytest.raises(ConfigError, match="gptlaunch downloads nothing"):
-        section(EvalConfig, "eval", {"tasks": [str(tmp_path / "absent.jsonl")]})
+        section(EvalConfig, "eval", {"tasks": [str(tmp_path / "absent.jsonl")]}).check_files()
     (tmp_path / "a").mkdir()
     same = [write_task(tmp_path / "t.jsonl", [GOOD]), write_task(tmp_path / "a" / "t.jsonl", [GOOD])]
     with pytest.raises(ConfigError, match="both 't'"):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import subprocess
 import sys
 
@@ -116,6 +117,26 @@ def test_a_run_initialised_from_the_exported_folder_starts_from_its_weights(expo
     started, _, _ = load_model(tmp_path / "run")
     for key, value in original.state_dict().items():
         torch.testing.assert_close(started.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
+
+
+@pytest.mark.slow
+def test_a_run_whose_init_folder_was_purged_continues_from_its_own_checkpoint(exported, data_overrides, tmp_path):
+    """Once the run has a checkpoint of its own, the folder it was initialised from is read no more, at planning nor
+    by a rank: purged meanwhile, it does not stop the same command (nor a requeue, which plans again)."""
+    _, out = exported
+    folder, tokenizer, run = tmp_path / "hf", tmp_path / "tokenizer.json", tmp_path / "run"
+    shutil.copytree(out, folder)
+    shutil.copyfile(out / "tokenizer.json", tokenizer)
+    vocab = json.loads((out / "config.json").read_text())["vocab_size"]
+    common = ["model=tiny", "train.warmup_steps=0", "train.global_batch_size=8", "train.eval_interval=0",
+              "train.decay_steps=4", data_overrides[0], "data.tokenizer=hf", f"data.tokenizer_file={tokenizer}",
+              f"data.dir={tmp_path / 'data'}", f"model.vocab_size={vocab}", f"init=hf:{folder}"]
+    launch(*common, "train.max_steps=2", run_dir=run)
+    shutil.rmtree(folder)
+    launch(*common, "train.max_steps=4", run_dir=run)
+    attempts = [json.loads(line) for line in (run / "attempts.jsonl").read_text().splitlines()]
+    assert [a["first_step"] for a in attempts] == [0, 2]
+    assert "is not read: this run continues from its own checkpoints" in (run / "logs" / "rank0.log").read_text()
 
 
 @pytest.mark.slow

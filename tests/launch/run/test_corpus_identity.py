@@ -1,4 +1,4 @@
-"""A run's identity (run.json) covers a corpus of many files: a folder's listing, not one file's content."""
+"""A run's identity (run.json) is its corpus's content, of one file or many: its listing only saves reading it."""
 from __future__ import annotations
 
 import json
@@ -9,7 +9,9 @@ import pytest
 
 import launch.run.identity as identity_module
 from launch import launch_config
-from gpt.data import read_meta
+from gpt.data import ensure_prepared, read_meta
+from gpt.data.content import listing_md5
+from gpt.data.loader import TokenDataset
 from gpt.data.prepare import prepare
 from gpt.errors import UserError
 from helpers import SHAKESPEARE, compose
@@ -76,3 +78,107 @@ def test_data_prepared_again_by_the_planning_itself_is_refused_before_the_record
     with pytest.raises(UserError, match="now holds data with fingerprint"):
         checked.record(run_dir)
     assert (run_dir / "run.json").read_text() == before
+
+
+def write_corpus(folder):
+    folder.mkdir(parents=True)
+    for i in range(10):
+        (folder / f"doc_{i}.txt").write_text(f"the text of document {i}\n" * 100)
+
+
+def planned(run, run_dir):
+    """What planning does with the data of a run with a checkpoint: check the folder, prepare, record."""
+    checked = check_run_folder(run, run_dir, JobEnvironment({}))
+    ensure_prepared(run.data)
+    checked.record(run_dir)
+
+
+def test_a_corpus_touched_or_copied_without_p_is_the_same_corpus(tmp_path, monkeypatch):
+    """The corpus's identity is its content: touched (os.utime), or copied elsewhere without -p (a new path and a
+    new modification time), the same command continues, its prepared folder is not prepared again, and the rank's
+    check of a checkpoint's data passes."""
+    corpus, data, run_dir = tmp_path / "corpus", tmp_path / "data", tmp_path / "run"
+    write_corpus(corpus)
+    overrides = ("model=tiny", f"data.dir={data}", "data.val_fraction=0.4")
+    run = launch_config.parse(compose(*overrides, f"data.text_path={corpus}"))
+    planned(run, run_dir)
+    fingerprint, stamp = read_meta(data)["fingerprint"], (data / "meta.json").stat().st_mtime_ns
+    monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: 4)  # the run has a checkpoint
+
+    for f in corpus.iterdir():
+        os.utime(f, ns=(f.stat().st_mtime_ns + 10**9, f.stat().st_mtime_ns + 10**9))
+    planned(run, run_dir)
+    copy = tmp_path / "moved" / "corpus"
+    copy.parent.mkdir()
+    shutil.copytree(corpus, copy, copy_function=shutil.copyfile)  # cp -r without -p
+    planned(launch_config.parse(compose(*overrides, f"data.text_path={copy}")), run_dir)
+    assert read_meta(data)["fingerprint"] == fingerprint and (data / "meta.json").stat().st_mtime_ns == stamp
+    assert TokenDataset(data, "train").fingerprint == fingerprint
+
+
+def test_an_edited_corpus_is_refused_naming_the_file_and_how_it_changed(tmp_path, monkeypatch):
+    text, data, run_dir = tmp_path / "input.txt", tmp_path / "data", tmp_path / "run"
+    shutil.copyfile(SHAKESPEARE, text)
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={text}", f"data.dir={data}"))
+    planned(run, run_dir)
+    monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: 4)
+    with open(text, "a") as f:
+        f.write("MORE.\n")
+    with pytest.raises(UserError, match=f"data.text_md5: {text} changed \\(1,115,394 -> 1,115,400 bytes, modified "
+                       ".* since the run trained on it. Restore its content to continue this run, or train on this "
+                       "corpus as a new run \\(run=NAME\\) with a data.dir of its own"):
+        check_run_folder(run, run_dir, JobEnvironment({}))
+    with pytest.raises(UserError, match=f"other inputs or settings \\({text} changed \\(1,115,394 -> 1,115,400 "):
+        ensure_prepared(run.data)  # the prepared folder refuses it too, as what it is: another corpus
+
+
+def test_a_corpus_of_many_files_names_the_file_that_changed(tmp_path, monkeypatch):
+    corpus, data, run_dir = tmp_path / "corpus", tmp_path / "data", tmp_path / "run"
+    write_corpus(corpus)
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={corpus}", f"data.dir={data}",
+                                      "data.val_fraction=0.4"))
+    planned(run, run_dir)
+    monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: 4)
+    (corpus / "doc_3.txt").write_text("edited\n")
+    (corpus / "doc_x.txt").write_text("new\n")
+    with pytest.raises(UserError, match=f"data.text_md5: {corpus / 'doc_3.txt'} changed \\(2,300 -> 7 bytes, "
+                       f"modified .*; added: {corpus / 'doc_x.txt'} since the run trained on it"):
+        check_run_folder(run, run_dir, JobEnvironment({}))
+
+
+def as_written_before(data, run_dir, files):
+    """The records of a run folder and its prepared folder as an earlier version wrote them: a fingerprint of the
+    inputs' listing, no inputs.json; a corpus of several files recorded by its listing."""
+    meta = read_meta(data)
+    meta["fingerprint"] = meta.pop("listing")
+    del meta["settings"]
+    (data / "meta.json").write_text(json.dumps(meta))
+    (data / "inputs.json").unlink()
+    record = json.loads((run_dir / "run.json").read_text())
+    record["corpus"] = {k: v for k, v in record["corpus"].items() if k != "listing"}
+    record["corpus"]["md5"] = record["identity"]["data.text_md5"] = listing_md5(files)
+    record["data"]["fingerprint"] = meta["fingerprint"]
+    (run_dir / "run.json").write_text(json.dumps(record))
+    return meta["fingerprint"]
+
+
+def test_a_run_and_its_data_recorded_before_content_identity_continue(tmp_path, monkeypatch):
+    """Written by an earlier version (identities of listings): the run continues, its record migrated to the
+    content's md5; its data folder deleted and prepared again from the same untouched files is the run's data, to
+    the launcher and to a rank checking a checkpoint's data fingerprint."""
+    corpus, data, run_dir = tmp_path / "corpus", tmp_path / "data", tmp_path / "run"
+    write_corpus(corpus)
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={corpus}", f"data.dir={data}",
+                                      "data.val_fraction=0.4"))
+    planned(run, run_dir)
+    content_md5 = json.loads((run_dir / "run.json").read_text())["identity"]["data.text_md5"]
+    old = as_written_before(data, run_dir, sorted(corpus.iterdir()))
+    monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: 4)
+    planned(run, run_dir)
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["identity"]["data.text_md5"] == record["corpus"]["md5"] == content_md5
+    assert record["data"]["fingerprint"] == old and read_meta(data)["fingerprint"] == old  # not prepared again
+
+    shutil.rmtree(data)
+    planned(run, run_dir)
+    assert read_meta(data)["fingerprint"] != old and old in TokenDataset(data, "train").identities

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -37,7 +38,9 @@ def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_over
     text = tmp_path / "other.txt"  # the same vocabulary, other text
     text.write_text(open(data_overrides[0].split("=", 1)[1]).read()[::-1])
     other = launch(*RUN, f"data.text_path={text}", f"data.dir={tmp_path / 'other'}", run_dir=run, check=False)
-    assert other.returncode == 2 and "data.text_md5: the run has" in other.stderr
+    corpus = Path(data_overrides[0].split("=", 1)[1]).resolve()
+    assert other.returncode == 2 and f"data.text_md5: {text.resolve()} (before: {corpus}) " \
+        "changed (the same size (1,115,394 bytes), modified " in other.stderr
 
     fresh = launch(*RUN, "resume=none", *data_overrides, run_dir=run, check=False)
     assert fresh.returncode == 2 and "resume=none would start over on top of it" in fresh.stderr
@@ -131,3 +134,21 @@ def test_a_zombie_holds_no_lock():
     assert not _alive(child.pid)
     child.wait()
     assert _alive(os.getpid())
+
+
+@pytest.mark.slow
+def test_the_same_command_continues_on_a_corpus_touched_or_copied_without_p(tmp_path, data_overrides):
+    """The corpus's identity is its content: touched, or replaced by a copy of itself made without -p, the same
+    command is not refused (by its prepared folder nor by its run folder) and trains on."""
+    run, text = tmp_path / "run", tmp_path / "input.txt"
+    shutil.copyfile(data_overrides[0].split("=", 1)[1], text)
+    data = [f"data.text_path={text}", f"data.dir={tmp_path / 'data'}"]
+    first = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=10", "train.decay_steps=20"]
+    launch(*first, *data, run_dir=run)
+    os.utime(text, (time.time() + 60, time.time() + 60))
+    again = launch(*first, *data, run_dir=run, check=False)
+    assert again.returncode == 0 and "finished at step 10; nothing to do" in again.stdout, again.stderr[-2000:]
+    shutil.copyfile(text, tmp_path / "copy.txt")  # a copy without -p: a new file, a new modification time
+    os.replace(tmp_path / "copy.txt", text)
+    launch(*[o for o in first if "max_steps" not in o], "train.max_steps=20", *data, run_dir=run)
+    assert [a["first_step"] for a in attempts(run)] == [0, 10]
