@@ -40,11 +40,15 @@ import torch
 
 from gpt.resilience.progress import PROGRESS
 from gpt.config.sections import DebugConfig
+from gpt.train.hooks import LoopHook
 
 log = logging.getLogger(__name__)
 
 
-class Faults:
+class Faults(LoopHook):
+    """The loop's hook at the top of every step (before_step), and the hooks the step, the checkpointer, resuming
+    and the compute probe call."""
+
     def __init__(self, cfg: DebugConfig, rank: int, attempt: int = 1, device: torch.device = torch.device("cpu"),
                  run_dir: Path | None = None):
         self.cfg, self.rank, self.first_attempt, self.device, self.run_dir = cfg, rank, attempt == 1, device, run_dir
