@@ -31,8 +31,8 @@ def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path,
     copies before each update; those saves write on a gloo group of their own (side_group), where the strategy
     can save in the background at all."""
     ckpt = run.checkpoint
-    async_group = side_group("async_checkpoint") if ckpt.async_save and strategy_class(
-        run.strategy.name).supports_async_save else None
+    background = ckpt.async_save and strategy_class(run.strategy.name).supports_async_save
+    async_group = side_group("async_checkpoint") if background else None
     return Checkpointer(RunFolder(run_dir).checkpoints, ckpt.keep, env.is_main, env.rank, async_group=async_group,
                         async_save=ckpt.async_save, before_commit=before_commit)
 
@@ -75,8 +75,8 @@ class Saver:
             return False
         return True
 
-    def written(self, step: int) -> None:
-        """Every rank has written its part of the background save: commit it."""
+    def commit_written(self, step: int) -> None:
+        """Every rank has written its part of the background save (the step's flags say so): commit it."""
         try:
             self.checkpointer.finish_async()
         except SaveFailed as e:

@@ -27,7 +27,7 @@ class StepFlags:
             (cast, polled), self.cast = self.cast, None
             seconds, (writing, due, *votes) = cast.wait()
             if writing == 0 and polled is not None and polled is checkpointer.pending:
-                self.saver.written(step)
+                self.saver.commit_written(step)
             if any(votes):
                 self.stop.agree(votes)
             if due:

@@ -66,7 +66,8 @@ class Trainer:
         self.reporter = StepReporter(shape, self.metrics, run.stragglers, self.spent, self.faults.slow_device)
         self.evaluator = Evaluator(self.train, self.strategy, self.data.val, self.data.tasks, self.stop, self.metrics,
                                    self.spent, eval_pending)
-        # the profiler outside the first step's measurement: what it measures is the step's alone
+        # In this order around the step: a slow device's lag (test-only) before the profiler starts, and the
+        # profiler outside the first step's measurement, which measures the step's memory alone.
         self.hooks = Hooks([self.faults, step_profiler(run.profile, env, attempt, run_dir, self.device),
                             self.reporter.first_step_memory(), *hooks])
 
@@ -160,9 +161,8 @@ class Trainer:
             batches.step = self.step
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
-        self.faults.slow_device()  # test-only: a slow device lags inside the step, as a GPU's would
         loss_factor = self.faults.loss_factor(batches.index(self.step))  # test-only: 1 unless debug.* says
-        with self.hooks.around_step(self.step):
+        with self.hooks.around_step(self.step):  # a slow device (test-only) lags first, as a GPU's would
             result = self.strategy.train_step(micro, self.data.n_micro, lr, t.grad_clip,
                                               layer_norms=log_now and t.layer_grad_norms, loss_factor=loss_factor)
         self.hooks.after_step(self.step)

@@ -12,7 +12,6 @@ from gpt.errors import error_line
 from gpt.resilience.progress import PROGRESS
 from gpt.resilience.timing import ACTOR_WAIT_S
 from gpt.train.summary import FitSummary
-from launch.rank.job_env import JobEnvironment
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
 from launch.recovery.lost import end_for_lost_node
 from launch.recovery.rounds import hosts_of

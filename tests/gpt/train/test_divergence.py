@@ -289,7 +289,7 @@ def test_a_loss_spike_rolls_back_past_its_batch(train):
     passed over."""
     run_dir, fit = train("debug.spike_at_step=8", "debug.spike_factor=50", "divergence.spike_window=4",
                          "divergence.spike_threshold=4", "divergence.policy=rollback")
-    assert fit()["last_step"] == 10
+    assert fit().last_step == 10
     rollback = read_metrics(run_dir, kind="rollback")
     assert [(r["step"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == [(8, 8, 8)]
     assert max(r["loss"] for r in read_metrics(run_dir) if r["step"] >= 8) < 10  # batches 9 and 10, no spike
