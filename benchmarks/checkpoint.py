@@ -41,15 +41,16 @@ def timed_saves(t, repeats: int) -> dict:
     blocked, staged, written = [], [], []
     for _ in range(repeats):
         start = time.perf_counter()
-        path = t.save()
-        returned, waited = t.checkpointer.last_blocked_s, t.checkpointer.staging_wait_s
-        pending = t.checkpointer.pending
+        path = t.saver.save(t.step, eval_pending=False)
+        checkpointer = t.saver.checkpointer
+        returned, waited = checkpointer.last_blocked_s, checkpointer.staging_wait_s
+        pending = checkpointer.pending
         if pending is not None:  # stamps from the futures' callbacks, run as each completes
             pending.staged.add_done_callback(lambda f, t0=start: staged.append(time.perf_counter() - t0))
             pending.future.add_done_callback(lambda f, t0=start: written.append(time.perf_counter() - t0))
         t.train_step()
-        blocked.append(returned + t.checkpointer.staging_wait_s - waited)
-        t.checkpointer.wait()
+        blocked.append(returned + checkpointer.staging_wait_s - waited)
+        checkpointer.wait()
         if pending is None:
             written.append(returned)
     size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
@@ -89,7 +90,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
             r.update(load_s=statistics.median(loads), step_s=min(step_s))
             r.update(write_gbps=r["bytes"] / r["written_s"] / 1e9, load_gbps=r["bytes"] / r["load_s"] / 1e9)
             out[mode] = r
-            t.checkpointer.close()
+            t.saver.checkpointer.close()
             t.metrics.close()
     return out
 

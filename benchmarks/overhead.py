@@ -23,7 +23,6 @@ from gpt.collectives.process_group import DistEnv  # noqa: E402
 from gpt.model.transformer import GPT  # noqa: E402
 from gpt.train.optim import build_adamw  # noqa: E402
 from gpt.train.schedule import lr_at  # noqa: E402
-from gpt.train.step_timer import StepTimer  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
 from launch.planning.plan import make_plan  # noqa: E402
 
@@ -51,7 +50,7 @@ def main() -> None:
     def bare_step(step: int) -> None:
         for group in optimizer.param_groups:
             group["lr"] = lr_at(step, t)
-        x, y = trainer.batches.get(step, 0)
+        x, y = trainer.data.batches.get(step, 0)
         _, loss = model(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -66,7 +65,7 @@ def main() -> None:
         return time.perf_counter() - start
 
     bare, ours = [], []
-    trainer.reporter.window = StepTimer(trainer.device)
+    trainer.reporter.new_window()
     for step in range(total):
         # Alternate who goes first, so neither always runs on a warmer cache.
         pair = [("bare", lambda step=step: bare_step(step)), ("ours", trainer.train_step)]

@@ -23,7 +23,6 @@ from benchmarks.common import compose_config, save_results  # noqa: E402
 from launch import launch_config  # noqa: E402
 from gpt.collectives.process_group import DistEnv  # noqa: E402
 from gpt.train.compute_probe import ComputeProbe  # noqa: E402
-from gpt.train.step_timer import StepTimer  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
 from launch.planning.plan import make_plan  # noqa: E402
 
@@ -47,9 +46,9 @@ def main() -> None:
     make_plan(cfg, run_dir)
     trainer = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     t, reporter = trainer.train, trainer.reporter
-    probe = ComputeProbe(trainer.model_cfg, trainer.micro_batch * trainer.model_cfg.block_size, trainer.device,
+    probe = ComputeProbe(trainer.model_cfg, trainer.data.micro_batch * trainer.model_cfg.block_size, trainer.device,
                          t.precision, reporter.rank_step_flops())
-    reporter.window = StepTimer(trainer.device)
+    reporter.new_window()
     trainer.reporter.record = lambda *a: None  # the window's own record is not what is measured
 
     def window() -> None:

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import torch
 
     from gpt.collectives.process_group import DistEnv
-    from gpt.parallel.base import Strategy
+    from gpt.parallel.base import Strategy, StrategySettings
 
 def strategy_class(name: str) -> type[Strategy]:
     """The registered implementation, imported on demand so an optional backend (DeepSpeed) costs nothing unused."""
@@ -42,7 +42,7 @@ def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: M
 
 
 def build_strategy(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: ModelConfig, env: DistEnv,
-                   device: torch.device, precision: str) -> Strategy:
-    """This rank's strategy, on the layout of the strategy and parallel sections."""
+                   device: torch.device, precision: str, settings: StrategySettings) -> Strategy:
+    """This rank's strategy, on the layout of the strategy and parallel sections, with its `settings`."""
     dims = plan_layout(strategy, parallel, model_cfg, env.world_size, env.local_world_size)
-    return strategy_class(strategy.name)(strategy, env, device, precision, dims)
+    return strategy_class(strategy.name)(strategy, env, device, precision, dims, settings)

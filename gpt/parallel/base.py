@@ -86,21 +86,35 @@ class Compile:
             block.compile(fullgraph=True, mode=self.mode)
 
 
+def no_wait() -> None:
+    """A strategy's update waits for nothing unless its builder says (StrategySettings.before_update)."""
+
+
+@dataclass(frozen=True)
+class StrategySettings:
+    """What the run asks of a strategy beyond its layout, handed to it when it is built (gpt.train.build)."""
+
+    attention_kernel: str = "math"  # the SDPA kernel the model's attention runs
+    compile: Compile | None = None  # torch.compile in setup (train.compile)
+    layer_keys: tuple[str, ...] = ()  # the full model's layers, for per-layer gradient norms
+    # Called just before the optimizer changes any weight: the checkpointer waits there for a background save's
+    # staging copy (which reads the weights) to finish.
+    before_update: Callable[[], None] = no_wait
+
+
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
-    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims):
+    def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims,
+                 settings: StrategySettings = StrategySettings()):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
-        # Called just before the optimizer changes any weight: the checkpointer waits there for a background
-        # save's staging copy (which reads the weights) to finish.
-        self.before_update: Callable[[], None] = lambda: None
-        self.layer_keys: list[str] = []  # the full model's layers, for per-layer gradient norms (set by the trainer)
-        self.compile: Compile | None = None  # torch.compile in setup (train.compile; set by the trainer)
-        self.attention_kernel = "math"  # the SDPA kernel the model's attention runs (set by the trainer)
-        self.loss_factor = 1.0  # test-only, this step's (debug.nan_at_step, spike_at_step; set by the trainer)
+        self.attention_kernel, self.compile = settings.attention_kernel, settings.compile
+        self.layer_keys = list(settings.layer_keys)
+        # memory_held swaps it for the first step's measurement, and puts it back
+        self.before_update: Callable[[], None] = settings.before_update
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -159,7 +173,9 @@ class Strategy:
         return contextlib.nullcontext()
 
     def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+                   lr: float, grad_clip: float, layer_norms: bool = False, loss_factor: float = 1.0) -> StepResult:
+        """One optimizer step over `micro_batches`; `loss_factor` is test-only, this step's (debug.nan_at_step,
+        spike_at_step: gpt.train.divergence.spread_nonfinite)."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         clock = PhaseClock(self.device)
@@ -168,7 +184,7 @@ class Strategy:
             with self.sync_gradients(i == n_micro - 1), self.loss_context():
                 with self.autocast():
                     loss = self.model(x, y)[1]  # the logits not held through backward
-                loss = spread_nonfinite(loss, self.loss_factor) / n_micro
+                loss = spread_nonfinite(loss, loss_factor) / n_micro
                 (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += plain(loss.detach())
         clock.mark("fwd_bwd")

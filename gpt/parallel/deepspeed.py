@@ -31,7 +31,7 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.train.optim import build_adamw
 from gpt.train.step_timer import PhaseClock
 from gpt.config.strategy import StrategyConfig
-from gpt.parallel.base import StepResult, Strategy, nonfinite
+from gpt.parallel.base import StepResult, Strategy, StrategySettings, nonfinite
 from gpt.parallel.mesh import ensure_process_group
 
 TAG = "engine"
@@ -77,8 +77,8 @@ def _owned_grad_fragment(p: nn.Parameter) -> torch.Tensor:
 
 
 class DeepSpeed(Strategy):
-    def __init__(self, cfg, env, device, precision, dims):
-        super().__init__(cfg, env, device, precision, dims)
+    def __init__(self, cfg, env, device, precision, dims, settings=StrategySettings()):
+        super().__init__(cfg, env, device, precision, dims, settings)
         self.scaler = None  # DeepSpeed scales fp16 losses itself
         self.stage = cfg.stage
         self.engine = None
@@ -135,7 +135,7 @@ class DeepSpeed(Strategy):
             self.optimizer.clip_grad = float(grad_clip)
 
     def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+                   lr: float, grad_clip: float, layer_norms: bool = False, loss_factor: float = 1.0) -> StepResult:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         total = torch.zeros((), device=self.device)
@@ -144,7 +144,7 @@ class DeepSpeed(Strategy):
         for i, (x, y) in enumerate(micro_batches):
             if i == 0:
                 self._configure(x.size(0), n_micro, grad_clip)
-            loss = spread_nonfinite(self.engine(x, y)[1], self.loss_factor)  # the logits not held through backward
+            loss = spread_nonfinite(self.engine(x, y)[1], loss_factor)  # the logits not held through backward
             self.engine.backward(loss)  # scaled by 1 / accumulation steps inside
             if i == n_micro - 1:
                 clock.mark("fwd_bwd")  # the gradients are reduced; the engine's step below is the optimizer's

@@ -19,7 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor.parallel import loss_parallel
 
 from gpt.config.strategy import StrategyConfig
-from gpt.parallel.base import DTYPES, Strategy, local_part
+from gpt.parallel.base import DTYPES, Strategy, StrategySettings, local_part
 from gpt.parallel.mesh import build_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.train.optim import build_adamw
@@ -43,8 +43,8 @@ class FSDP(Strategy):
     inside a group of dp_shard ranks, the groups replicas of each other); with tp > 1 the model is first split
     by tensor parallelism on the tp axis (gpt.parallel.tensor) and each tp rank's part is then sharded."""
 
-    def __init__(self, cfg, env, device, precision, dims):
-        super().__init__(cfg, env, device, precision, dims)
+    def __init__(self, cfg, env, device, precision, dims, settings=StrategySettings()):
+        super().__init__(cfg, env, device, precision, dims, settings)
         self.mesh: DeviceMesh | None = None
         self.dp_mesh: DeviceMesh | None = None  # the data-parallel ranks, flattened to one axis
 

@@ -6,12 +6,14 @@ CPU, which has no allocator peak, the sum of the parts. Compared with the planne
 (gpt.parallel.memory_estimate) by benchmarks/memory_fit.py."""
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
 
-from gpt.parallel.base import StepResult, Strategy
+from gpt.parallel.base import Strategy
 from gpt.parallel.memory_estimate import MemoryParts
+from gpt.train.hooks import LoopHook
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -62,30 +64,63 @@ class SavedForBackward:
         self.hooks.__exit__(*exc)
 
 
-def measure_step(strategy: Strategy, n_micro: int, step: Callable[[], StepResult]) -> tuple[StepResult, MemoryParts]:
-    """Run one step (`step`) and measure what the rank holds: gradients just before the update (after clipping,
-    when all exist), optimizer state after it, activations as saved by one micro-step (each frees its own in its
-    backward)."""
-    device = strategy.device
-    params = list(strategy.held_parameters())
-    grads: list[int] = []
-    before_update = strategy.before_update
+class MeasuredStep:
+    """Measures what the rank holds during the step run inside it (`parts`, once the step is done): gradients just
+    before the update (after clipping, when all exist), optimizer state after it, activations as saved by one
+    micro-step (each frees its own in its backward)."""
 
-    def read_grads() -> None:
-        grads.append(tensor_bytes(strategy.held_gradients()))
-        before_update()
+    def __init__(self, strategy: Strategy, n_micro: int):
+        self.strategy, self.n_micro = strategy, n_micro
+        self.parts: MemoryParts | None = None
 
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    strategy.before_update = read_grads
-    try:
-        with SavedForBackward(params, [module for module, _ in strategy.state_parts()]) as saved:
-            result = step()
-    finally:
-        strategy.before_update = before_update
-    if not grads:  # a strategy calls it before every update (the checkpointer's background save waits there too)
-        raise RuntimeError(f"{type(strategy).__name__} updated its weights without calling before_update()")
-    activations = saved.bytes / n_micro + saved.gathered
-    parts = (tensor_bytes(params), grads[0], tensor_bytes(strategy.held_optimizer_state()), activations)
-    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sum(parts)
-    return result, MemoryParts(*parts, peak=peak)
+    def __enter__(self) -> MeasuredStep:
+        strategy = self.strategy
+        self.params = list(strategy.held_parameters())
+        self.grads: list[int] = []
+        self.before_update = before_update = strategy.before_update
+
+        def read_grads() -> None:
+            self.grads.append(tensor_bytes(strategy.held_gradients()))
+            before_update()
+
+        if strategy.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(strategy.device)
+        self.saved = SavedForBackward(self.params, [module for module, _ in strategy.state_parts()])
+        strategy.before_update = read_grads
+        self.saved.__enter__()
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *exc: object) -> None:
+        strategy, device = self.strategy, self.strategy.device
+        try:
+            self.saved.__exit__(kind, *exc)
+        finally:
+            strategy.before_update = self.before_update
+        if kind is not None:
+            return
+        if not self.grads:  # a strategy calls it before every update (a background save's staging waits there too)
+            raise RuntimeError(f"{type(strategy).__name__} updated its weights without calling before_update()")
+        activations = self.saved.bytes / self.n_micro + self.saved.gathered
+        parts = (tensor_bytes(self.params), self.grads[0], tensor_bytes(strategy.held_optimizer_state()), activations)
+        peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else sum(parts)
+        self.parts = MemoryParts(*parts, peak=peak)
+
+
+class FirstStepMemory(LoopHook):
+    """The loop's hook that measures the attempt's first step, and hands what the rank holds to `report` after it."""
+
+    def __init__(self, strategy: Strategy, n_micro: int, report: Callable[[int, MemoryParts], None]):
+        self.strategy, self.n_micro, self.report = strategy, n_micro, report
+        self.first: MeasuredStep | None = None
+        self.reported = False
+
+    def around_step(self, step: int) -> contextlib.AbstractContextManager:
+        if self.first is not None:
+            return contextlib.nullcontext()
+        self.first = MeasuredStep(self.strategy, self.n_micro)
+        return self.first
+
+    def after_step(self, step: int) -> None:
+        if self.first is not None and not self.reported:
+            self.reported = True
+            self.report(step, self.first.parts)

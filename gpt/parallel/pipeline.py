@@ -42,7 +42,7 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, local_part, nonfinite
+from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
@@ -79,8 +79,8 @@ def loss_fn(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 
 class Pipeline(Strategy):
-    def __init__(self, cfg, env, device, precision, dims):
-        super().__init__(cfg, env, device, precision, dims)
+    def __init__(self, cfg, env, device, precision, dims, settings=StrategySettings()):
+        super().__init__(cfg, env, device, precision, dims, settings)
         self.pp = dims.pp
         self.schedule_name = cfg.schedule
         self.microbatches = cfg.pipeline_microbatches(dims.pp)
@@ -94,6 +94,7 @@ class Pipeline(Strategy):
         self.tie_group: dist.ProcessGroup | None = None
         self.model_cfg = None
         self.runs: list[range] = []
+        self.loss_factor = 1.0  # this step's (train_step's argument), for the schedule's loss
 
     # --- topology -------------------------------------------------------------------------------------
     @property
@@ -193,10 +194,11 @@ class Pipeline(Strategy):
             yield from self._unwrap(self.stages[sid]).named_parameters()
 
     def train_step(self, micro_batches: Iterable[tuple[torch.Tensor, torch.Tensor]], n_micro: int,
-                   lr: float, grad_clip: float, layer_norms: bool = False) -> StepResult:
+                   lr: float, grad_clip: float, layer_norms: bool = False, loss_factor: float = 1.0) -> StepResult:
         for optimizer in self.optimizers:
             for group in optimizer.param_groups:
                 group["lr"] = lr
+        self.loss_factor = loss_factor  # the schedule calls _loss itself, inside its step
         clock = PhaseClock(self.device)
         xs, ys = zip(*micro_batches)
         x, y = torch.cat(xs), torch.cat(ys)

@@ -29,22 +29,28 @@ debug.hang_every_attempt says otherwise.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 from gpt.resilience.progress import PROGRESS
 from gpt.config.sections import DebugConfig
+from gpt.train.hooks import LoopHook
 
 log = logging.getLogger(__name__)
 
 
-class Faults:
+class Faults(LoopHook):
+    """The loop's hook at the top of every step and inside it (before_step, around_step), and the hooks the
+    checkpointer, resuming and the compute probe call."""
+
     def __init__(self, cfg: DebugConfig, rank: int, attempt: int = 1, device: torch.device = torch.device("cpu"),
                  run_dir: Path | None = None):
         self.cfg, self.rank, self.first_attempt, self.device, self.run_dir = cfg, rank, attempt == 1, device, run_dir
@@ -71,12 +77,19 @@ class Faults:
         if self.first_attempt and self.rank == 0 and step == c.fill_disk_step and self.run_dir is not None:
             fill_disk(self.run_dir.parent / ".debug-fill-disk")
 
+    @contextlib.contextmanager
+    def around_step(self, step: int) -> Iterator[None]:
+        """The strategy's step, on a slow device (slow_device) as the first thing inside it."""
+        self.slow_device()
+        yield
+
     def slow_device(self, share: float = 1.0) -> float:
-        """debug.delay_rank / straggler_rank: this rank's device is slow, by delay_s per step of work. The trainer
-        calls it inside the step, after the host's flags all-reduce (share 1): a GPU's device lags there too, so
-        its peers wait for it inside the step's collectives (the gradient reduction, FSDP's all-gathers, tensor
-        parallel's all-reduces, the pipeline's receives), not in that all-reduce. The compute probe calls it with
-        its work's share of a step's, so a slow device is as slow on it. Returns the lag in seconds."""
+        """debug.delay_rank / straggler_rank: this rank's device is slow, by delay_s per step of work. The loop
+        calls it inside the step (around_step), after the host's flags all-reduce (share 1): a GPU's device lags
+        there too, so its peers wait for it inside the step's collectives (the gradient reduction, FSDP's
+        all-gathers, tensor parallel's all-reduces, the pipeline's receives), not in that all-reduce. The compute
+        probe calls it with its work's share of a step's, so a slow device is as slow on it. Returns the lag in
+        seconds."""
         c = self.cfg
         if c.delay_rank == self.rank and c.delay_s > 0:
             return self._lag(c.delay_s * share)

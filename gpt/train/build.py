@@ -1,22 +1,28 @@
-"""A rank's model and strategy: the model config (the vocabulary from the prepared data), the model built on this
-rank's device, wrapped by the strategy with its optimizer."""
+"""A rank's model, strategy and data: the model config (the vocabulary from the prepared data), the model built on
+this rank's device, wrapped by the strategy with its optimizer, and the rank's share of every batch."""
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from gpt.config.model import ModelConfig
 from gpt.config.schema import RunConfig
 from gpt.data import check_vocab
+from gpt.data.loader import Prefetcher, TokenDataset, TrainBatches, ValBatches
+from gpt.data.tokenizer import load_tokenizer
+from gpt.eval.multiple_choice import TaskScorer
 from gpt.train import rng
 from gpt.collectives.process_group import DistEnv
 from gpt.hf.folder import load_into
 from gpt.model import attention
 from gpt.model.transformer import GPT
 from gpt.parallel import build_strategy
-from gpt.parallel.base import DTYPES, Compile, Strategy
+from gpt.parallel.base import DTYPES, Compile, Strategy, StrategySettings, no_wait
+from gpt.parallel.traits import traits_of
 from gpt.train.metrics import layer_keys
 
 log = logging.getLogger(__name__)
@@ -44,15 +50,15 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
 
 
 def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device,
-                             initialise: bool = True) -> Strategy:
+                             initialise: bool = True, before_update: Callable[[], None] = no_wait) -> Strategy:
     """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device, and its
     optimizer (the train section). `initialise`: load init=hf:PATH's weights (not when the run continues from a
-    checkpoint of its own, whose weights replace them: the folder is not read again, and may be gone)."""
+    checkpoint of its own, whose weights replace them: the folder is not read again, and may be gone).
+    `before_update`: what the strategy calls before each update changes a weight."""
     train = run.train
     use_tf32(device, train.precision)
-    strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
-    strategy.attention_kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
+    kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
     model = build_model(model_cfg, device, run.seed)
     if run.init != "none" and initialise:  # before the layout wraps it
         load_into(model, run.init)
@@ -63,9 +69,37 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     for i, block in enumerate(model.layers.values()):
         block.recompute = every > 0 and i % every == 0
         block.attn.kernels = kernels
-    strategy.layer_keys = layer_keys(name for name, _ in model.named_parameters())
-    if train.compile:
-        strategy.compile = Compile(strategy.traits().compile_scope(train), train.compile_mode)
+    compiled = Compile(traits_of(run.strategy.name).compile_scope(train), train.compile_mode) if train.compile \
+        else None
+    settings = StrategySettings(kernel, compiled, tuple(layer_keys(name for name, _ in model.named_parameters())),
+                                before_update)
+    strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision, settings)
     strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
     rng.seed_device(run.seed, rng.stream_index(env.rank, strategy.dims.tp), device)
     return strategy
+
+
+@dataclass(frozen=True)
+class RankData:
+    """This rank's share of every batch: training (read ahead of the step), validation, downstream tasks."""
+
+    batches: TrainBatches
+    prefetch: Prefetcher
+    val: ValBatches
+    tasks: TaskScorer | None  # eval.tasks, if any
+    micro_batch: int  # samples per micro-step on this rank
+    n_micro: int  # micro-steps per step
+
+
+def open_data(run: RunConfig, model_cfg: ModelConfig, strategy: Strategy, device: torch.device) -> RankData:
+    """The rank's data, split over the strategy's data-parallel replicas."""
+    train, data_dir = run.train, Path(run.data.dir)
+    micro_batch, n_micro = train.micro_batches(strategy.dp_size)
+    block, dp_rank, dp_size = model_cfg.block_size, strategy.dp_rank, strategy.dp_size
+    batches = TrainBatches(TokenDataset(data_dir, "train"), run.seed, block, train.global_batch_size, micro_batch,
+                           dp_rank, dp_size, device)
+    val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, micro_batch * dp_size, train.eval_batches,
+                     dp_rank, dp_size, device)
+    prefetch = Prefetcher(batches)
+    tasks = TaskScorer(run.eval.tasks, run.eval.limit, load_tokenizer(data_dir), block) if run.eval.tasks else None
+    return RankData(batches, prefetch, val, tasks, micro_batch, n_micro)

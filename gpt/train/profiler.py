@@ -18,6 +18,7 @@ from gpt.config.profile import ProfileConfig
 from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError, error_line
 from gpt.run_folder import RunFolder
+from gpt.train.hooks import LoopHook
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,8 @@ class OutOfMemory(UserError):
     """A rank ran out of device memory; the message names its memory snapshot when one was written."""
 
 
-class StepProfiler:
-    """One rank's traces and memory snapshots; `around(step)` wraps each training step."""
+class StepProfiler(LoopHook):
+    """One rank's traces and memory snapshots: the loop's hook around each training step."""
 
     def __init__(self, cfg: ProfileConfig, env: DistEnv, attempt: int, run_dir: Path, device: torch.device):
         self.cfg, self.rank, self.attempt, self.device = cfg, env.rank, attempt, device
@@ -46,7 +47,7 @@ class StepProfiler:
         self.looked = time.monotonic()
 
     @contextlib.contextmanager
-    def around(self, step: int) -> Iterator[None]:
+    def around_step(self, step: int) -> Iterator[None]:
         if self.steps is not None and self.prof is None and self.steps[0] <= step <= self.steps[1]:
             self.start()
         try:

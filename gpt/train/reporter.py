@@ -16,10 +16,12 @@ from tqdm.auto import tqdm
 
 from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
+from gpt.config.sections import StragglerConfig
 from gpt.collectives.process_group import DistEnv, from_rank0_object
 from gpt.model.flops import flops_per_token, matmul_precision, mfu, param_count, peak_flops
 from gpt.parallel.base import StepResult, Strategy
 from gpt.parallel.memory_estimate import MemoryParts
+from gpt.parallel.memory_held import FirstStepMemory
 from gpt.resilience.exclusion import ExclusionDecision, decide
 from gpt.resilience.goodput import PRIOR_SAVE_S, Spent
 from gpt.resilience.stragglers import StragglerMonitor, WindowSummary
@@ -27,7 +29,7 @@ from gpt.train.metrics import MetricsWriter, memory_stats
 from gpt.run_folder import RunFolder
 from gpt.train.runinfo import cpu_affinity, cpu_list
 from gpt.train.compute_probe import ComputeProbe, probe_waits
-from gpt.train.step_timer import StepTimer
+from gpt.train.step_timer import StepTimer, watch_compute_end
 
 log = logging.getLogger(__name__)
 
@@ -47,9 +49,10 @@ class RunShape:
 
 
 class StepReporter:
-    def __init__(self, shape: RunShape, metrics: MetricsWriter, stragglers: StragglerMonitor, spent: Spent,
+    def __init__(self, shape: RunShape, metrics: MetricsWriter, stragglers: StragglerConfig | None, spent: Spent,
                  slow: Callable[[float], float] = lambda share: 0.0):
-        self.shape, self.metrics, self.stragglers, self.spent = shape, metrics, stragglers, spent
+        self.shape, self.metrics, self.spent = shape, metrics, spent
+        self.stragglers = StragglerMonitor(shape.env.world_size, config=stragglers, host=shape.env.hostname)
         self.env, self.strategy, self.model_cfg, self.train = shape.env, shape.strategy, shape.model_cfg, shape.train
         self.tokens_per_step = self.train.global_batch_size * self.model_cfg.block_size
         self.flops_per_token = flops_per_token(self.model_cfg, self.model_cfg.block_size)
@@ -65,6 +68,18 @@ class StepReporter:
             self.probe = ComputeProbe(self.model_cfg, shape.micro_batch * self.model_cfg.block_size, device,
                                       self.train.precision, self.rank_step_flops(), slow)
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
+        # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
+        # waits are inside forward/backward, the compute probe judges them instead.
+        if strategy.dp_size > 1 and not self.waits_in_compute:
+            watch_compute_end(strategy.unwrapped, lambda: self.window)
+
+    def new_window(self) -> None:
+        """The log window starts again here (its steps were undone, or none ran yet)."""
+        self.window = StepTimer(self.shape.device)
+
+    def first_step_memory(self) -> FirstStepMemory:
+        """The loop's hook that measures what the rank holds in its first step, recorded here (memory_held)."""
+        return FirstStepMemory(self.strategy, self.shape.n_micro, self.memory_held)
 
     def rank_step_flops(self) -> float:
         """This rank's training FLOPs per step: its share of each token its replica trains on."""

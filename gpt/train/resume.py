@@ -12,7 +12,11 @@ from gpt.checkpoint.safe_load import warn_if_foreign
 from gpt.checkpoint.store import check_fingerprint, list_checkpoints, read_meta, resolve, verify
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
+from gpt.config.model import ModelConfig
+from gpt.config.schema import RunConfig
+from gpt.data.loader import TrainBatches
 from gpt.errors import UserError
+from gpt.parallel.base import Strategy
 from gpt.parallel.traits import saved_format
 from gpt.resilience.faults import Faults
 from gpt.train.schedule import settle
@@ -36,9 +40,13 @@ def continues_own(mode: str, root: Path) -> bool:
 
 
 class Resume:
-    def __init__(self, mode: str, checkpointer: Checkpointer, state: TrainState, faults: Faults, env: DistEnv):
-        self.mode, self.checkpointer, self.state, self.faults, self.env = mode, checkpointer, state, faults, env
-        self.strategy = state.strategy
+    def __init__(self, run: RunConfig, env: DistEnv, checkpointer: Checkpointer, faults: Faults, model_cfg: ModelConfig,
+                 strategy: Strategy, batches: TrainBatches):
+        """Resuming as the run's resume key says, into `strategy` and this rank's training state (`state`: what a
+        checkpoint holds besides the weights, which a save writes too)."""
+        self.mode, self.checkpointer, self.faults, self.env = run.resume, checkpointer, faults, env
+        self.strategy = strategy
+        self.state = TrainState(run.seed, run.data.dir, env, model_cfg, run.train, strategy, batches)
 
     def load(self) -> Resumed | None:
         """resume=auto: the newest usable checkpoint of this run folder (an unusable one is skipped with a

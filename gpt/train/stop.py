@@ -7,13 +7,15 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Sequence
-from typing import Any
+from pathlib import Path
 
+from gpt.config.schema import RunConfig
 from gpt.config.sections import PreemptionConfig
 from gpt.collectives.process_group import all_reduce_values
 from gpt.train.early_stop import Rungs
 from gpt.resilience.exclusion import ExclusionDecision
 from gpt.resilience.preemption import PreemptionFlag
+from gpt.train.summary import FitSummary
 
 log = logging.getLogger(__name__)
 ANOTHER_RANK = "SIGNAL(another rank)"
@@ -28,6 +30,11 @@ class StopControl:
         self.stopped_early: str | None = None  # why this sweep point stopped at a rung (rank 0's words)
         self.reason: str | None = None  # set on every rank once any rank got a preemption signal
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
+
+    @classmethod
+    def of(cls, run: RunConfig, run_dir: Path, is_main: bool) -> StopControl:
+        """The run's: its preemption section, and its sweep's early stopping (launcher.early_stop) at its rungs."""
+        return cls(run.preemption, Rungs.of(run.launcher, run.train.eval_interval, run_dir), is_main)
 
     @property
     def raised(self) -> bool:
@@ -70,16 +77,15 @@ class StopControl:
         """Save and stop like a preemption; the worker requeues the job without the straggler's host."""
         self.exclusion, self.reason = decision, "straggler"
 
-    def summarise(self, summary: dict[str, Any], step: int) -> None:
+    def summarise(self, summary: FitSummary, step: int) -> None:
         if self.exclusion is not None:
-            summary["exclusion"] = self.exclusion.as_dict()
+            summary.exclusion = self.exclusion.as_dict()
         elif self.stopped_early is not None:
-            summary["stopped_early"] = self.stopped_early
+            summary.stopped_early = self.stopped_early
             return
         elif self.reason is not None:
             log.warning("signal %s: every rank saves at step %d and stops", self.reason, step)  # why: once it stopped
-        if self.reason is not None:
-            summary["preempted"] = self.reason
+        summary.preempted = self.reason
 
     def _named(self, votes: Sequence[float]) -> str:
         if self.flag is None:

@@ -9,6 +9,7 @@ Kept free of torch: the launcher and the Slurm task wrapper plan with it before 
 """
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from collections.abc import Mapping
@@ -21,6 +22,7 @@ THREADS = "OMP_NUM_THREADS"
 WAIT_POLICY = "OMP_WAIT_POLICY"
 SOURCE = "GPTLAUNCH_THREADS_SOURCE"
 RANKS_ON_HOST = "GPTLAUNCH_RANKS_ON_HOST"
+log = logging.getLogger(__name__)
 
 
 def usable_cpus() -> int:
@@ -85,3 +87,16 @@ class ThreadPlan:
             return None
         return (f"{sharing} rank(s) x {self.threads} thread(s) = {wanted} threads on {cpus} CPU(s): "
                 f"they slow each other down; unset {THREADS} or set it to {max(1, cpus // sharing)}")
+
+
+def apply_threads(local_rank: int) -> ThreadPlan:
+    """The thread count the launcher chose for this rank, applied here (OMP_NUM_THREADS alone does not reach every
+    pool), and said once per host (`local_rank` 0) when the ranks there ask for more threads than it has CPUs."""
+    import torch  # in the rank alone: the launcher and the task wrapper plan with this module torch-free
+
+    plan = ThreadPlan.from_env()
+    torch.set_num_threads(plan.threads)
+    warning = plan.oversubscribed()
+    if warning and local_rank == 0:
+        log.warning("%s", warning)
+    return plan

@@ -25,31 +25,28 @@ from gpt.collectives.process_group import (DistEnv, Rendezvous, all_reduce_value
                                     pick_device, preflight)
 from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line  # noqa: E402
 from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
-from gpt.resilience.disk_faults import LogFile, cause  # noqa: E402
+from gpt.resilience.disk_faults import LogFile  # noqa: E402
 from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
-from gpt.resilience.timing import ACTOR_WAIT_S, SCHEDULER_GRACE_S  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
-from launch.recovery.watchdog import Watchdog, flight_recorder_env  # noqa: E402
+from launch.recovery.watchdog import flight_recorder_env  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
+from gpt.train.summary import FitSummary  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
 from gpt.run_folder import RunFolder, write_json  # noqa: E402
-from launch.run.attempts import (Attempt, begin_attempt, end_attempt, goodput_record, hang_report_name,  # noqa: E402
-                                 log_attempt, this_attempt, this_attempts_line)
+from launch.run.attempts import (Attempt, BeginAttempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
+                                 log_failure, this_attempt)
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
 from launch.recovery.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
-from launch.recovery.lost import end_for_lost_node  # noqa: E402
+from launch.recovery.endings import collective_failed, end_stopped, start_watchdog, when_a_rank_vanished  # noqa: E402
 from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
-from launch.run.identity import record_data  # noqa: E402
-from launch.run.job_record import CANCELLED, cancel_requested, record_job  # noqa: E402
+from launch.run.job_record import record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
-from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover  # noqa: E402
-from launch.recovery.rounds import hosts_of  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
-from launch.rank.threads import ThreadPlan  # noqa: E402
+from launch.rank.threads import apply_threads  # noqa: E402
 
 log = logging.getLogger("launch.rank.worker")
 EVERY_RANK = "every_rank"  # a log record's flag: every rank logs it alike (its own log file), rank 0's console says it
@@ -73,9 +70,9 @@ def setup_logging(run_dir: Path, env: DistEnv) -> None:
         root.addHandler(handler)
 
 
-def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
+def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     """`run` is the run folder's config as install_flag read it (None: it could not, and reading it again here
-    reports why)."""
+    reports why). Returns the rank's exit code: 0, or EXIT_PREEMPTED for a stop that nothing runs again."""
     from gpt.train.trainer import Trainer  # after logging is set up, so import-time warnings carry the rank
 
     run_dir, folder = attempt.run_dir, RunFolder(attempt.run_dir)
@@ -85,7 +82,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
     attempt.job = job
     setup_logging(run_dir, env)
     run = run or launch_config.load(folder.config)
-    threads = apply_threads(env)
+    threads = apply_threads(env.local_rank)
     device = pick_device(run.train.device, env)
     gpus = GpuPlan.of(env, os.environ)
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
@@ -103,30 +100,34 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
     if check_health(run_dir, env, job, attempt.number, device, rendezvous, health=run.health, debug=run.debug,
                     precision=run.train.precision, restarts=restarts):
         leave()
-        return {"preempted": "health", "requeued": True}
+        return 0  # requeued without the sick node
     clock.mark("health")
-    trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s)
-    if env.is_main:
-        begin_attempt(run_dir, job, clock.attempt_start or clock.process_start, trainer.first_step, attempt.nodes)
-        record_data(run_dir, run.data.dir, trainer.state.data_fingerprint)
-    attempt.trainer = trainer
+    trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
+                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir)])
     summary = trainer.fit()
-    startup = clock.breakdown(trainer.startup)
+    return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
+
+
+def end_trained(attempt: Attempt, env: DistEnv, restarts: int, summary: FitSummary, startup: dict) -> int:
+    """The attempt's end once its trainer returned, at the last step or an agreed stop (launch.recovery.endings);
+    rank 0 records it, and at the run's end writes its summary (what a launcher reports as the run's result)."""
+    run_dir, job, clock, folder = attempt.run_dir, attempt.job, attempt.clock, RunFolder(attempt.run_dir)
     if env.is_main:
         log.info("%s", StartupClock.describe(startup))
-    record = {"first_step": summary["first_step"], "last_step": summary["last_step"], "startup": startup,
+    record = {"first_step": summary.first_step, "last_step": summary.last_step, "startup": startup,
               "goodput": goodput_record(run_dir, clock.attempt_start or clock.process_start, startup, summary),
-              **({"failed_saves": summary["failed_saves"]} if "failed_saves" in summary else {})}
-    if summary.get("preempted"):
-        return {**summary, "requeued": stop_preempted(run_dir, env, job, restarts, summary, record, attempt.nodes)}
+              **({"failed_saves": summary.failed_saves} if summary.failed_saves else {})}
+    if summary.preempted:
+        return 0 if end_stopped(attempt, env, restarts, summary, record) else EXIT_PREEMPTED
     leave()
-    if env.is_main:  # what a launcher reports as the run's result
-        early = summary.get("stopped_early")  # a sweep's point stopped at a rung: done, not failed
+    if env.is_main:
+        early = summary.stopped_early  # a sweep's point stopped at a rung: done, not failed
         log_attempt(run_dir, job, {**record, "ended": early or "finished"})
         end_attempt(run_dir, this_attempt(job))
         log.info("run %s: %s", early or "finished", run_goodput(folder.attempts.read()).describe())
-        write_json(folder.summary, {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary}, indent=1)
-    return summary
+        write_json(folder.summary, {"world_size": env.world_size, "num_nodes": env.num_nodes, **summary.as_dict()},
+                   indent=1)
+    return 0
 
 
 def hold_the_folder(attempt: Attempt, env: DistEnv, job: JobEnvironment) -> None:
@@ -171,112 +172,6 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
     return rendezvous
 
 
-def stop_preempted(run_dir: Path, env: DistEnv, job: JobEnvironment, restarts: int, summary: dict,
-                   record: dict, nodes: list[str]) -> bool:
-    """Every rank has saved (the save ends with a barrier). Rank 0 ends the attempt (launch.recovery.decision): a
-    requeue (Slurm then stops every process of this attempt with SIGTERM, which only sets the flag now, and starts
-    the job again with the same id), the chain's next link, or a spare's round for a lost node or a straggler.
-    Returns, on every rank, whether the stop is as it should be: the run goes on by itself, or the user cancelled
-    the job (the rank then exits 0, not as a preemption that was not requeued)."""
-    goes_on = False
-    if env.is_main:
-        ending = preempted(run_dir, job, restarts, summary, record, nodes)
-        outcome = recover(ending)
-        goes_on = outcome.goes_on or ending.cause is Cause.CANCELLED
-        if ending.cause is Cause.CANCELLED:
-            log.info("%s at step %d, checkpoint saved; %s", CANCELLED, summary["last_step"], outcome.note)
-        else:
-            (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
-                                                   summary["last_step"], summary["preempted"], outcome.note)
-    goes_on = _from_rank0(goes_on)
-    leave()
-    return goes_on
-
-
-def preempted(run_dir: Path, job: JobEnvironment, restarts: int, summary: dict, record: dict,
-              nodes: list[str]) -> Ending:
-    """Why the ranks stopped: Ctrl-C (nothing runs the job again), a node lost (how Slurm ends a lost node's job;
-    one lost in an earlier round, which a spare replaced, is not), a straggler to leave out, else a preemption."""
-    signalled = summary["preempted"]
-    lost = job.lost_nodes() if signalled == "SIGTERM" else ""
-    lost_here = tuple(h for h in hosts_of(lost) if h in nodes)
-    straggler = summary.get("exclusion")
-    record = {**record, **({"straggler": straggler} if straggler else {})}
-    ended = f"node failure: {lost}" if lost_here else f"preempted:{signalled}"
-    if signalled == "SIGINT":
-        return Ending(run_dir, job, Cause.STOPPED, ended, restarts, record=record)
-    if lost_here:
-        return Ending(run_dir, job, Cause.NODE_FAILURE, ended, restarts, lost_here, record)
-    if cancel_requested(run_dir, job.job_id) or (signalled == "SIGTERM" and job.cancelled()):
-        return Ending(run_dir, job, Cause.CANCELLED, CANCELLED, restarts, record=record)
-    if straggler:
-        return Ending(run_dir, job, Cause.STRAGGLER, ended, restarts, (straggler["host"],), record)
-    if signalled == "SIGTERM" and (by := job.preemption()) is not None:  # not a self-requeue or a node failure
-        return Ending(run_dir, job, Cause.PREEMPTED, by.said, restarts, record={**record, "preempted_by": by.said})
-    return Ending(run_dir, job, Cause.PREEMPTED, ended, restarts, record=record)
-
-
-def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, restarts: int) -> None:
-    """The rank's watchdog, from before it joins the others to its exit."""
-    if watchdog.enabled:
-        attempt.watchdog = Watchdog(watchdog, attempt.run_dir, env.rank, env.world_size, env.hostname, attempt.number,
-                                    lambda report: end_hung_attempt(attempt, restarts, report),
-                                    master=(env.master_addr, env.master_port) if env.distributed else None,
-                                    restart=attempt.job.restart,
-                                    report_name=hang_report_name(attempt.job, attempt.number)).start()
-
-
-def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
-    """Called by the watchdog while the main thread is stuck. The one rank that acts (it has the report) says so
-    in one line and ends the attempt (launch.recovery.decision), leaving out the hosts the report names gone or cut off;
-    another rank learns from the attempts log what it decided. Returns whether the job runs again."""
-    run_dir, job = attempt.run_dir, attempt.job
-    if report is None:
-        return job.scheduler != "none" and decided_elsewhere(run_dir, job, ACTOR_WAIT_S).runs_again
-    log.error("%s", report["summary"])
-    began = attempt.trainer.first_step if attempt.trainer else None  # hung in start-up: nothing saved since
-    return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
-                          attempt.early_end("hang", hang=report["summary"], hang_report=report["report"]),
-                          began=began, wait_s=ACTOR_WAIT_S)).runs_again
-
-
-def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) -> None:
-    """A collective that failed because another rank vanished (killed, or its host lost: its heartbeat stops
-    without a word) ends the attempt as a hang does: reported, requeued. A rank's own error does not."""
-    dog = attempt.watchdog
-    if dog is None or not collective_failed(e):
-        return
-    if end_for_lost_node(attempt, max_restarts):  # rank 0, on the scheduler's word: no wait for silent heartbeats
-        return
-    dog.end(f"failed: {type(e).__name__}")
-    if dog.lost_peers():
-        dog.fire(f"a collective failed ({error_line(e, limit=200)})", 0.0, PROGRESS.snapshot()["idle_s"])
-    PROGRESS.stop_if_halted()  # the watchdog thread ran out of budget meanwhile: it ends the attempt
-
-
-def collective_failed(e: BaseException) -> bool:
-    return bool(PROGRESS.failed_in) or "peer" in str(e).lower()
-
-
-def apply_threads(env: DistEnv) -> ThreadPlan:
-    """The thread count the launcher chose for this rank, applied here (OMP_NUM_THREADS alone does not reach
-    every pool), and said once per host when the ranks there ask for more threads than it has CPUs."""
-    import torch
-
-    plan = ThreadPlan.from_env()
-    torch.set_num_threads(plan.threads)
-    warning = plan.oversubscribed()
-    if warning and env.local_rank == 0:
-        log.warning("%s", warning)
-    return plan
-
-
-def _from_rank0(value: bool) -> bool:
-    from gpt.collectives.process_group import from_rank0
-
-    return from_rank0(value)
-
-
 def install_flag(run_dir: Path) -> LaunchConfig | None:
     """The preemption handlers, before torch is imported: a signal during start-up sets the flag too. Returns the
     run's config, read here once for the whole rank (None when it cannot be: run_rank reports why)."""
@@ -317,20 +212,17 @@ def main() -> None:
     handled = parse_signals(run.preemption.signals) if run and run.preemption.enabled else ()
     end_with_launcher(*handled[:1])  # a preemption signal when there is one: the rank saves, then stops
     pause_with_launcher()
-    code = 0
     try:
-        summary = run_rank(attempt, run)
-        if summary.get("preempted") and not summary.get("requeued"):
-            code = EXIT_PREEMPTED
+        code = run_rank(attempt, run)
     except UserError as e:
         PROGRESS.stop_if_halted()
         log.error("%s", e)
         code = EXIT_USER
-        _log_failure(attempt, str(e))
+        log_failure(attempt, str(e))
     except Diverged as e:  # every rank at the same step; a failed run, not requeued
         log.error("%s", e, extra={EVERY_RANK: True})
         code = EXIT_FAILED
-        _log_failure(attempt, str(e), how="diverged")
+        log_failure(attempt, str(e), how="diverged")
     except BaseException as e:
         PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
         if run is not None and collective_failed(e):
@@ -341,32 +233,13 @@ def main() -> None:
         else:
             log.exception("rank failed")
         code = EXIT_FAILED
-        _log_failure(attempt, f"{type(e).__name__}: {e}", peer_gone=collective_failed(e))
+        log_failure(attempt, f"{type(e).__name__}: {e}", peer_gone=collective_failed(e))
     attempt.release(code)
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()
     sys.stderr.flush()
     logging.shutdown()
     os._exit(code)
-
-
-def _log_failure(attempt: Attempt, message: str, peer_gone: bool = False, how: str = "failed") -> None:
-    """Rank 0 of an attempt that began (it holds the run's lease) says how it failed; one refused before that
-    writes nothing into another run's log. A collective that failed under it (`peer_gone`) may mean a rank was
-    killed: its task records the attempt (and requeues), so rank 0 gives it SCHEDULER_GRACE_S to do so first."""
-    run_dir, job = attempt.run_dir, attempt.job
-    if attempt.lease is None:
-        return
-    deadline = time.monotonic() + (SCHEDULER_GRACE_S if peer_gone and job.scheduler != "none" else 0)
-    while this_attempts_line(run_dir, job) is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if this_attempts_line(run_dir, job) is not None:  # a vanished rank's task wrote it
-        return
-    try:
-        log_attempt(run_dir, job, attempt.early_end(f"{how}: {error_line(message, limit=300)}", with_startup=True))
-        end_attempt(run_dir, this_attempt(job))
-    except OSError as e:
-        log.warning("cannot write this attempt's line in %s: %s; the next attempt records it", run_dir, cause(e))
 
 
 if __name__ == "__main__":

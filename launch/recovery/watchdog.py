@@ -225,7 +225,7 @@ class Watchdog:
             time.sleep(self.cfg.interval_s)  # long enough to tell a gone rank (its heartbeat stopped) from a slow one
             self.peers()
         hang = self.hang()
-        if claimed is None and self.rank != self.acting_rank(hang):
+        if claimed is None and self.rank != acting_rank(hang, self.rank, cut_off=self.reaches_master is False):
             return None
         line = f"watchdog: {hang.summary()}; report: {self.report.text_path}"
         return {"attempt": self.attempt, "restart": self.restart, "time": time.time(), "detected_by": self.rank,
@@ -253,13 +253,6 @@ class Watchdog:
         except OSError as e:
             log.warning("watchdog: cannot read the flight recorder dumps: %s", e)
             return hang
-
-    def acting_rank(self, hang: Hang) -> int:
-        """The lowest rank not known to be gone or cut off (a rank whose heartbeat cannot be read counts: where
-        the storage fails for all, every rank agrees on rank 0)."""
-        unknown = [r for r, b in enumerate(hang.beats) if b is None]
-        mine = [] if self.reaches_master is False else [self.rank]
-        return min(hang.surviving + unknown + mine, default=self.rank)
 
     def end(self, how: str) -> None:
         """This rank is about to exit (finished, failed): the other ranks must not take it for a lost one."""
@@ -292,6 +285,13 @@ class Watchdog:
     def stale_s(self) -> float:
         """A live rank's heartbeat moves every interval_s; one that has not moved for this long is gone."""
         return max(10 * self.cfg.interval_s, SILENT_S)
+
+
+def acting_rank(hang: Hang, rank: int, cut_off: bool) -> int:
+    """The lowest rank not known to be gone or cut off (a rank whose heartbeat cannot be read counts: where the
+    storage fails for all, every rank agrees on rank 0); `rank` is this one, `cut_off` from the master."""
+    unknown = [r for r, b in enumerate(hang.beats) if b is None]
+    return min(hang.surviving + unknown + ([] if cut_off else [rank]), default=rank)
 
 
 def flight_recorder_env(run_dir: Path, environ: Mapping[str, str]) -> dict[str, str]:

@@ -8,25 +8,32 @@ claim it (AttemptsLog.claim), however many processes try; a process whose attemp
 none (gpt.resilience.lease.fence)."""
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from gpt.errors import UserError
+from gpt.errors import UserError, error_line
+from gpt.resilience.disk_faults import cause
 from gpt.resilience.goodput import ESTIMATED, kept_training_s, last_record_time, last_trained_step
 from gpt.resilience.lease import Lease, fence, fenced_generation, read_beat
+from gpt.resilience.timing import SCHEDULER_GRACE_S
 from gpt.run_folder import AttemptLine, AttemptsLog, Next, RunFolder
+from gpt.train.hooks import LoopHook, RunningLoop
+from gpt.train.summary import FitSummary
 from launch.rank.job_env import JobEnvironment
 from launch.recovery.rounds import Rounds
+from launch.run.identity import record_data
 from launch.run.notify import notify
 from launch.run.startup import ATTEMPT_START
 
 if TYPE_CHECKING:
     from launch.recovery.watchdog import Watchdog
-    from gpt.train.trainer import Trainer
     from launch.run.startup import StartupClock
+
+log = logging.getLogger(__name__)
 
 
 def this_attempt(job: JobEnvironment) -> str:
@@ -77,15 +84,15 @@ def requeued(run_dir: Path, job: JobEnvironment) -> bool:
     return line is not None and line.next is Next.REQUEUE
 
 
-def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: dict[str, Any]) -> dict:
+def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: FitSummary) -> dict:
     """Where this attempt's allocated time went; `started` is when the attempt began (epoch seconds)."""
     earlier = RunFolder(run_dir).attempts.read()
     last = earlier[-1].last_step if earlier else None
-    replayed = max(last - summary["first_step"], 0) if isinstance(last, int) else 0
+    replayed = max(last - summary.first_step, 0) if isinstance(last, int) else 0
     # start-up ends where the first step begins: that step is training time
     to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
     return {"allocated_s": round(time.time() - started, 3), "startup_s": round(max(to_first, 0.0), 3),
-            "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.get("spent", {})}
+            "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.spent}
 
 
 def estimated_goodput(run_dir: Path, mark: dict[str, Any], record: dict[str, Any]) -> dict:
@@ -208,17 +215,17 @@ class Attempt:
     clock: StartupClock | None = None
     watchdog: Watchdog | None = None
     lease: Lease | None = None
-    trainer: Trainer | None = None  # set once rank 0 has marked the attempt begun
+    loop: RunningLoop | None = None  # the training loop, once rank 0 has marked the attempt begun (BeginAttempt)
     nodes: list[str] = field(default_factory=list)  # the attempt's hosts in rank order, once its ranks have joined
 
     def early_end(self, ended: str, with_startup: bool = False, **extra: Any) -> dict[str, Any]:
         """Its line when it ends before the trainer returns: the steps it ran, as far as it knows them, and with
         its start-up breakdown when asked (not from the watchdog's thread: the trainer may still write it)."""
-        trainer = self.trainer
-        record = {"first_step": trainer.first_step if trainer else None,
-                  "last_step": trainer.step if trainer else None, "ended": ended, **extra}
-        if with_startup and trainer is not None and self.clock is not None:
-            record["startup"] = self.clock.breakdown(trainer.startup)
+        loop = self.loop
+        record = {"first_step": loop.first_step if loop else None,
+                  "last_step": loop.step if loop else None, "ended": ended, **extra}
+        if with_startup and loop is not None and self.clock is not None:
+            record["startup"] = self.clock.breakdown(loop.startup)
         return record
 
     def release(self, code: int) -> None:
@@ -228,3 +235,40 @@ class Attempt:
             self.watchdog.close()  # the rank ends with os._exit: no atexit handler runs
         if self.lease is not None:
             self.lease.release()
+
+
+@dataclass
+class BeginAttempt(LoopHook):
+    """The training loop's hook that begins the attempt before its first step: rank 0 records the attempt before it
+    (if it left no line) and marks this one, with the data it trains on; from then on an early end names the loop's
+    steps."""
+
+    attempt: Attempt
+    is_main: bool
+    data_dir: str
+
+    def started(self, loop: RunningLoop) -> None:
+        a = self.attempt
+        if self.is_main:
+            begin_attempt(a.run_dir, a.job, a.clock.attempt_start or a.clock.process_start, loop.first_step, a.nodes)
+            record_data(a.run_dir, self.data_dir, loop.data_fingerprint)
+        a.loop = loop
+
+
+def log_failure(attempt: Attempt, message: str, peer_gone: bool = False, how: str = "failed") -> None:
+    """Rank 0 of an attempt that began (it holds the run's lease) says how it failed; one refused before that
+    writes nothing into another run's log. A collective that failed under it (`peer_gone`) may mean a rank was
+    killed: its task records the attempt (and requeues), so rank 0 gives it SCHEDULER_GRACE_S to do so first."""
+    run_dir, job = attempt.run_dir, attempt.job
+    if attempt.lease is None:
+        return
+    deadline = time.monotonic() + (SCHEDULER_GRACE_S if peer_gone and job.scheduler != "none" else 0)
+    while this_attempts_line(run_dir, job) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if this_attempts_line(run_dir, job) is not None:  # a vanished rank's task wrote it
+        return
+    try:
+        log_attempt(run_dir, job, attempt.early_end(f"{how}: {error_line(message, limit=300)}", with_startup=True))
+        end_attempt(run_dir, this_attempt(job))
+    except OSError as e:
+        log.warning("cannot write this attempt's line in %s: %s; the next attempt records it", run_dir, cause(e))

@@ -188,7 +188,7 @@ def test_out_of_memory_writes_the_snapshot_the_one_line_error_names(strict_cuda,
     profiler = step_profiler(ProfileConfig(memory_snapshot=True), DistEnv(), 2, tmp_path, torch.device("cuda", 0))
     assert strict_cuda.history == []  # recording
     strict_cuda.history.append({"action": "alloc", "size": 1 << 30})
-    with pytest.raises(OutOfMemory) as refused, profiler.around(7):
+    with pytest.raises(OutOfMemory) as refused, profiler.around_step(7):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
     path = tmp_path / "profiles" / "attempt-2" / "rank0-memory-oom.pickle"
     assert str(path) in str(refused.value) and "at step 7" in str(refused.value) and "\n" not in str(refused.value)
@@ -212,17 +212,17 @@ def test_a_snapshot_asked_for_while_the_run_trains_is_written_after_the_step_onc
     ask(tmp_path)  # made before this attempt started: not this attempt's
     profiler = step_profiler(ProfileConfig(memory_snapshot=True), DistEnv(), 2, tmp_path, torch.device("cuda", 0))
     time.sleep(1.1)
-    with profiler.around(5):
+    with profiler.around_step(5):
         strict_cuda.history.append({"action": "alloc", "size": 4096})
     assert written_since(tmp_path, 0) == []
     asked = [ask(tmp_path), ask(tmp_path)]  # two in one clock tick: the second is a new request too
-    with profiler.around(6):  # within LOOK_S of its last look: not looked for
+    with profiler.around_step(6):  # within LOOK_S of its last look: not looked for
         pass
     assert written_since(tmp_path, 0) == []
 
     def next_step() -> None:  # the rank, while the command waits
         time.sleep(1.1)
-        with profiler.around(7):
+        with profiler.around_step(7):
             pass
 
     threading.Thread(target=next_step).start()
@@ -230,7 +230,7 @@ def test_a_snapshot_asked_for_while_the_run_trains_is_written_after_the_step_onc
     assert wait_for(tmp_path, asked[0], 10) == [path]
     assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 4096}]
     time.sleep(1.1)
-    with profiler.around(8):
+    with profiler.around_step(8):
         pass
     assert written_since(tmp_path, 0) == [path]  # answered once
 

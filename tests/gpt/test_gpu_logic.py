@@ -22,7 +22,7 @@ from gpt.model.transformer import GPT
 from gpt.parallel.base import Compile, Strategy
 from gpt.parallel.layout import ParallelDims
 from gpt.collectives.flag_sum import BackgroundSum
-from gpt.train import trainer as trainer_module
+from gpt.train import step_flags
 from gpt.train.trainer import Trainer
 from gpt.config import schema
 from launch import launch_config
@@ -122,7 +122,7 @@ def test_no_host_sync_on_steps_that_do_not_log(preset, tmp_path, monkeypatch):
     make_plan(launch_config.parse(cfg), tmp_path / "run")
     trainer = Trainer(schema.load(tmp_path / "run" / "config.yaml"), DistEnv(), tmp_path / "run")
     cast = []  # as if other ranks took part: the flags handed to the summing thread, as host floats
-    monkeypatch.setattr(trainer_module, "sum_in_background",
+    monkeypatch.setattr(step_flags, "sum_in_background",
                         lambda values, group=None: cast.append(list(values)) or BackgroundSum(torch.tensor(values)))
     counter = SyncCounter(monkeypatch)
     per_step = []

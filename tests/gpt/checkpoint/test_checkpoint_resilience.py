@@ -201,7 +201,7 @@ def test_saving_a_step_again_replaces_it_only_once_the_new_copy_is_whole(trainer
     assert [p.name for p in list_checkpoints(ckpts)][-1] == ".old-step_00000012"
     t = trainer(full, "train.max_steps=12")
     assert t.step == 12
-    t.checkpointer.save(12, t.strategy, t.checkpoint_meta(), t.rank_state())
+    t.saver.checkpointer.save(12, t.strategy, t.saver.meta(12, eval_pending=False), t.resume.state.rank_state(12))
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000004", "step_00000008", "step_00000012"]
     assert not list(ckpts.glob(".old-*")) and trainer(full, "train.max_steps=12").step == 12
 

@@ -61,8 +61,8 @@ def main() -> None:
             stopped = launch_config.parse(compose("config", overrides=[*base, f"debug.signal_at_step={STOP_AT}",
                                                                      "debug.signal_rank=1"]))
             summary = Trainer(stopped, env, out / name / "stopped").fit()
-            assert summary.get("preempted") == "SIGUSR2", summary  # rank 1's signal, named on every rank
-            assert summary["last_step"] == STOP_AT, summary
+            assert summary.preempted == "SIGUSR2", summary  # rank 1's signal, named on every rank
+            assert summary.last_step == STOP_AT, summary
             flag.received = None
             resumed = Trainer(launch_config.parse(compose("config", overrides=base)), env, out / name / "stopped")
             assert resumed.step == STOP_AT, resumed.step

@@ -95,7 +95,7 @@ def test_skip_leaves_the_update_out_and_keeps_the_good_checkpoint(train):
     run_dir, fit = train("debug.nan_at_step=5", "divergence.policy=skip", "checkpoint.keep=1")
     summary = fit()
     records = read_metrics(run_dir)
-    assert summary["last_step"] == 10 and [r["step"] for r in records] == list(range(10))
+    assert summary.last_step == 10 and [r["step"] for r in records] == list(range(10))
     bad = [r["step"] for r in records if not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"])]
     assert bad == [5]  # the weights stayed finite: the NaN step's update was left out
     kept = list_checkpoints(run_dir / "checkpoints")
@@ -215,11 +215,11 @@ def test_rollback_restores_the_checkpoint_before_and_passes_over_its_batches(tra
     run_dir, fit = train("debug.nan_at_step=5", "divergence.policy=rollback", "checkpoint.keep=10", *layout)
     with caplog.at_level("WARNING"):
         summary = fit()
-    assert summary["last_step"] == 10
+    assert summary.last_step == 10
     [(path, weights)] = restored
     saved = load_model(path)[0].state_dict()
     assert saved.keys() == weights.keys() and all(torch.equal(saved[k], weights[k]) for k in saved)
-    assert summary["spent"]["steps"] == 12 and summary["spent"]["steps_undone"] == 2  # steps 4 and 5 trained again
+    assert summary.spent["steps"] == 12 and summary.spent["steps_undone"] == 2  # steps 4 and 5 trained again
     line = [r.getMessage() for r in caplog.records if "divergence.policy=rollback" in r.getMessage()]
     assert len(line) == 1 and "step_00000004 (step 4)" in line[0] and "(4..5)" in line[0], line
     rollback = read_metrics(run_dir, kind="rollback")
@@ -289,7 +289,7 @@ def test_a_loss_spike_rolls_back_past_its_batch(train):
     passed over."""
     run_dir, fit = train("debug.spike_at_step=8", "debug.spike_factor=50", "divergence.spike_window=4",
                          "divergence.spike_threshold=4", "divergence.policy=rollback")
-    assert fit()["last_step"] == 10
+    assert fit().last_step == 10
     rollback = read_metrics(run_dir, kind="rollback")
     assert [(r["step"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == [(8, 8, 8)]
     assert max(r["loss"] for r in read_metrics(run_dir) if r["step"] >= 8) < 10  # batches 9 and 10, no spike

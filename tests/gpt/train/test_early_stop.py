@@ -78,6 +78,7 @@ def test_the_rank_stops_at_a_rung_it_loses_but_not_at_its_last_step(tmp_path: Pa
     """StopControl.after_eval in one process: rank 0's verdict is the run's."""
     from gpt.config.sections import PreemptionConfig
     from gpt.train.stop import StopControl
+    from gpt.train.summary import FitSummary
 
     launcher = LauncherConfig(early_stop="asha", eta=2)
     Rungs.of(launcher, 2, tmp_path / "sweep" / "best").judge(4, 1.0)
@@ -86,6 +87,6 @@ def test_the_rank_stops_at_a_rung_it_loses_but_not_at_its_last_step(tmp_path: Pa
     worse = StopControl(PreemptionConfig(enabled=False), Rungs.of(launcher, 2, tmp_path / "sweep" / "worse"))
     assert not worse.after_eval(3, 9.0, last=False)  # no rung
     assert worse.after_eval(4, 2.0, last=False) and worse.reason == "early stop"
-    summary: dict = {}
+    summary = FitSummary()
     worse.summarise(summary, 4)
-    assert summary == {"stopped_early": worse.stopped_early} and "of the 2 other point(s)" in worse.stopped_early
+    assert summary == FitSummary(stopped_early=worse.stopped_early) and "of the 2 other point(s)" in worse.stopped_early

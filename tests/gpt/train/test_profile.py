@@ -17,7 +17,7 @@ from gpt.model.flops import param_count
 from gpt.model.transformer import GPT
 from gpt.parallel.base import Strategy
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.memory_held import measure_step
+from gpt.parallel.memory_held import MeasuredStep
 from gpt.train.build import model_config
 from gpt.train.trainer import Trainer
 
@@ -62,7 +62,9 @@ def test_activations_are_what_torchs_memory_tracker_sees_within_15_percent(atten
         block.attn.kernels = kernels.backends(attention)
     strategy.setup(model, 1e-3, 0.1, (0.9, 0.99))
     x = torch.randint(0, 65, (4, 64))
-    _, held = measure_step(strategy, 1, lambda: strategy.train_step([(x, x)], 1, 1e-3, 1.0))
+    with MeasuredStep(strategy, 1) as measured:
+        strategy.train_step([(x, x)], 1, 1e-3, 1.0)
+    held = measured.parts
     tracker = MemTracker()
     tracker.track_external(strategy.model, strategy.optimizer)
     with tracker:

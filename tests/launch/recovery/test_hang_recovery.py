@@ -16,7 +16,7 @@ from launch.recovery.heartbeat import Liveness, read_heartbeats
 from launch.recovery.watchdog import Watchdog
 from gpt.run_folder import RunFolder
 from launch.rank.job_env import JobEnvironment, job_environment
-from launch.rank.worker import end_hung_attempt, start_watchdog
+from launch.recovery.endings import end_hung_attempt, start_watchdog
 from launch.run.attempts import Attempt
 from launch.run.startup import ATTEMPT_START
 
