@@ -97,7 +97,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
     Faults(run.debug, env.rank, attempt.number).before_start()
     PROGRESS.phase("startup", "joining the process group")
     rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog, gpus)
-    attempt.nodes = list(rendezvous.by_host()) if rendezvous else [env.hostname]
+    attempt.nodes = list(rendezvous.by_host()) if rendezvous and env.is_main else [env.hostname]  # rank 0 alone reads every host, and alone uses them
     clock.mark("rendezvous")
     hold_the_folder(attempt, env, job)
     if check_health(run_dir, env, job, attempt.number, device, rendezvous, health=run.health, debug=run.debug,

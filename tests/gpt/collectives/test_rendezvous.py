@@ -2,10 +2,13 @@
 and its host within the timeout, never a hang."""
 from __future__ import annotations
 
+import os
 import time
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from gpt.collectives.process_group import DistEnv, RendezvousError, init_process_group
 from helpers import free_port
@@ -31,3 +34,16 @@ def test_rank_that_cannot_reach_the_master_names_itself():
         init_process_group(env, torch.device("cpu"), join_timeout_s=1.5)
     message = str(e.value)
     assert message.startswith(f"rank 2 on node-c could not reach the rendezvous at 127.0.0.1:{env.master_port}")
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_who_waits_for_a_missing_rank_0_says_so():
+    """Only rank 0 reads every rank's entry, so another rank does not name every missing one: it says how many
+    came, and whether rank 0 (which names the rest in its log) did."""
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # served by another (the agent)
+    env = DistEnv(rank=1, world_size=2, master_addr="127.0.0.1", master_port=store.port, hostname="node-b")
+    with mock.patch.dict(os.environ, {"TORCHELASTIC_USE_AGENT_STORE": "True"}), pytest.raises(RendezvousError) as e:
+        init_process_group(env, torch.device("cpu"), join_timeout_s=1.5)
+    assert str(e.value) == (f"rank 1 on node-b: only 1 of 2 ranks joined the rendezvous at 127.0.0.1:{store.port} "
+                            "within 2 s; rank 0 is missing (raise rendezvous.timeout_s if nodes start slowly)")
+
