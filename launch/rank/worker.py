@@ -50,6 +50,7 @@ from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover  
 from launch.recovery.rounds import hosts_of  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
 from launch.rank.threads import ThreadPlan  # noqa: E402
+from launch.rank.open_files import raise_open_files  # noqa: E402
 
 log = logging.getLogger("launch.rank.worker")
 EVERY_RANK = "every_rank"  # a log record's flag: every rank logs it alike (its own log file), rank 0's console says it
@@ -86,6 +87,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> dict:
     setup_logging(run_dir, env)
     run = run or launch_config.load(folder.config)
     threads = apply_threads(env)
+    files_limit(env)
     device = pick_device(run.train.device, env)
     gpus = GpuPlan.of(env, os.environ)
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
@@ -269,6 +271,16 @@ def apply_threads(env: DistEnv) -> ThreadPlan:
     if warning and env.local_rank == 0:
         log.warning("%s", warning)
     return plan
+
+
+def files_limit(env: DistEnv) -> None:
+    """The open-file limit raised before the rank opens its sockets; said once (rank 0's console), and on rank 0 a
+    warning where the job's size may still exhaust it."""
+    files = raise_open_files()
+    log.info("%s", files.describe(), extra={EVERY_RANK: True})
+    warning = files.short_for(env.world_size) if env.is_main else None
+    if warning:
+        log.warning("%s", warning)
 
 
 def _from_rank0(value: bool) -> bool:
