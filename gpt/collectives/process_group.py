@@ -116,8 +116,8 @@ def _ranges(ranks: list[int]) -> str:
 
 _KEY = "gptlaunch/rendezvous"
 # gloo connects a pair of ranks when they first exchange data, not every pair when a group is made: each rank of a
-# group then opens sockets only to the peers its collectives talk to (2 for a ring, log2(W) for recursive doubling),
-# and makes one store write at creation instead of W reads (W-1 sockets and W^2 store reads over the job).
+# group then opens sockets only to the peers its collectives talk to (2 for a ring, log2(W) for recursive doubling)
+# and makes one store write at creation, where the full mesh costs W-1 sockets a rank and W^2 store reads a job.
 GLOO_LAZY_INIT = "TORCH_GLOO_LAZY_INIT"
 _GROUP_TIMEOUT: datetime.timedelta | None = None  # the default group's, once this rank joined one
 
