@@ -1,6 +1,7 @@
 """The process group: what a rank knows about its place in the job, and how it joins and leaves."""
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import logging
@@ -78,7 +79,8 @@ class RendezvousError(UserError):
 class Rendezvous:
     """How a job's ranks met: who runs where, how long joining took, and a timed all_reduce (the preflight)."""
 
-    hosts: tuple[str, ...]  # hosts[rank]
+    world: int
+    hosts: tuple[str, ...]  # hosts[rank] on rank 0, which alone reads every rank's entry; () on the others
     join_s: float
     all_reduce_bytes: int = 0
     all_reduce_ms: float = 0.0
@@ -91,7 +93,7 @@ class Rendezvous:
 
     def describe(self) -> str:
         hosts = "; ".join(f"{h}: {_ranges(r)}" for h, r in self.by_host().items())
-        text = f"{len(self.hosts)} rank(s) on {len(self.by_host())} host(s) joined in {self.join_s:.2f} s ({hosts})"
+        text = f"{self.world} rank(s) on {len(self.by_host())} host(s) joined in {self.join_s:.2f} s ({hosts})"
         if self.all_reduce_bytes:
             text += f"; all_reduce of {self.all_reduce_bytes / 2**10:.0f} KiB: {self.all_reduce_ms:.2f} ms"
         return text
@@ -113,6 +115,11 @@ def _ranges(ranks: list[int]) -> str:
 
 
 _KEY = "gptlaunch/rendezvous"
+# gloo connects a pair of ranks when they first exchange data, not every pair when a group is made: each rank of a
+# group then opens sockets only to the peers its collectives talk to (2 for a ring, log2(W) for recursive doubling)
+# and makes one store write at creation, where the full mesh costs W-1 sockets a rank and W^2 store reads a job.
+GLOO_LAZY_INIT = "TORCH_GLOO_LAZY_INIT"
+_GROUP_TIMEOUT: datetime.timedelta | None = None  # the default group's, once this rank joined one
 
 
 Vet = Callable[[list[Any]], str | None]
@@ -125,79 +132,121 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
 
     Every rank first checks in at a TCP store on the master (rank 0): a rank that cannot reach it, or a
     rank 0 that does not see every rank within `join_timeout_s`, raises RendezvousError naming the rank,
-    its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards.
+    its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards, on every group.
 
     Each rank leaves its picklable `card` there too, and rank 0 hands every card, in rank order, to `vet` before any
     backend starts: a line it returns stops every rank with that UserError, where NCCL would fail or hang (two
     ranks on one GPU: "Duplicate GPU detected")."""
+    global _GROUP_TIMEOUT
     if not env.distributed:
         _refuse(vet([card]) if vet else None)
         return None
-    join = float(join_timeout_s or timeout_s)
-    where = f"rank {env.rank} on {env.hostname}"
-    master = f"{env.master_addr}:{env.master_port}"
-    start = time.monotonic()
-    # Under torch elastic (the local backend) the agent already serves a store on the master port.
-    host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
-    try:
-        store = dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
-                              timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
-    except (RuntimeError, OSError) as e:
-        raise RendezvousError(f"{where} could not {'open' if env.rank == 0 else 'reach'} the rendezvous at "
-                              f"{master} within {join:.0f} s: {error_line(e)}") from None
-    try:
-        with PROGRESS.collective("rendezvous"):
-            hosts = _wait_for_everyone(store, env, join, start, where, master, pickle.dumps(card) if vet else None)
-            verdict = _verdict(store, env, vet, join) if vet else ""
-    except RendezvousError:
-        raise
-    except (RuntimeError, OSError) as e:
-        raise RendezvousError(f"{where} lost the rendezvous at {master} while waiting for the other ranks: "
-                              f"{error_line(e)}") from None
+    start, join = time.monotonic(), float(join_timeout_s or timeout_s)
+    store = _open_store(env, join)
+    hosts, verdict = _meet(store, env, join, start, card, vet)
     _refuse(verdict)
     store.set_timeout(datetime.timedelta(seconds=timeout_s))
+    os.environ.setdefault(GLOO_LAZY_INIT, "1")  # before any gloo group exists: read when its device is made
+    _GROUP_TIMEOUT = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
         backend=process_group_backend(device),
         store=store,
         rank=env.rank,
         world_size=env.world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
+        timeout=_GROUP_TIMEOUT,
         device_id=device if device.type == "cuda" else None,
     )
-    return Rendezvous(hosts, time.monotonic() - start)
+    return Rendezvous(env.world_size, hosts, time.monotonic() - start)
 
 
-def _wait_for_everyone(store: Any, env: DistEnv, join: float, start: float, where: str,
-                       master: str, card: bytes | None) -> tuple[str, ...]:
-    """Check in at the store (with this rank's card) and wait until every rank has; the hosts, in rank order."""
-    if card is not None:
-        store.set(f"{_KEY}/card/{env.rank}", card)
-    store.set(f"{_KEY}/host/{env.rank}", env.hostname)
-    joined = store.add(f"{_KEY}/joined", 1)
-    while joined < env.world_size:
-        if time.monotonic() - start > join:
-            missing = [r for r in range(env.world_size) if not store.check([f"{_KEY}/host/{r}"])]
-            raise RendezvousError(
-                f"{where}: only {joined} of {env.world_size} ranks joined the rendezvous at {master} within "
-                f"{join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
-                f"rendezvous.timeout_s if nodes start slowly)")
-        time.sleep(0.02)
-        joined = store.add(f"{_KEY}/joined", 0)
-    return tuple(store.get(f"{_KEY}/host/{r}").decode() for r in range(env.world_size))
+def _open_store(env: DistEnv, join: float) -> Any:
+    """This rank's client of the job's TCP store (rank 0 serves it, unless torch elastic's agent already does on
+    the master port, as under the local backend)."""
+    host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
+    try:
+        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
+                             timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"rank {env.rank} on {env.hostname} could not {'open' if env.rank == 0 else 'reach'} "
+                              f"the rendezvous at {env.master_addr}:{env.master_port} within {join:.0f} s: "
+                              f"{error_line(e)}") from None
 
 
-def _verdict(store: Any, env: DistEnv, vet: Vet, join: float) -> str:
-    """Rank 0 vets every rank's card; every rank reads its verdict ("": go on). A refusing rank 0 keeps the store
-    (it serves it) until every rank has read the verdict, else they would see a lost rendezvous instead."""
-    if env.is_main:
-        cards = store.multi_get([f"{_KEY}/card/{r}" for r in range(env.world_size)])
-        store.set(f"{_KEY}/verdict", vet([pickle.loads(c) for c in cards]) or "")
+def _meet(store: Any, env: DistEnv, join: float, start: float, card: Any,
+          vet: Vet | None) -> tuple[tuple[str, ...], str]:
+    """Every rank checks in; rank 0 reads every entry at once, vets the cards and posts one verdict that every rank
+    waits for. A rank makes a handful of store requests whatever the world size, and no rank polls: rank 0 reads
+    W keys in one request, the others none of each other's. Returns (the hosts on rank 0, else (); the verdict)."""
+    where, master = f"rank {env.rank} on {env.hostname}", f"{env.master_addr}:{env.master_port}"
+    deadline = start + join
+    try:
+        with PROGRESS.collective("rendezvous"):
+            _check_in(store, env, card)
+            if env.is_main:
+                return _judge(store, env, vet, join, deadline, where, master)
+            return (), _await_verdict(store, env, join, deadline, where, master)
+    except RendezvousError:
+        raise
+    except (RuntimeError, OSError) as e:
+        raise RendezvousError(f"{where} lost the rendezvous at {master} while waiting for the other ranks: "
+                              f"{error_line(e)}") from None
+
+
+def _check_in(store: Any, env: DistEnv, card: Any) -> None:
+    """This rank's entry (its host and card); the last rank in says that everyone is, so nobody polls the count."""
+    store.set(f"{_KEY}/rank/{env.rank}", pickle.dumps((env.hostname, card)))
+    if store.add(f"{_KEY}/joined", 1) == env.world_size:
+        store.set(f"{_KEY}/full", b"")
+
+
+def _left(deadline: float) -> datetime.timedelta:
+    return datetime.timedelta(seconds=max(deadline - time.monotonic(), 0.01))
+
+
+def _judge(store: Any, env: DistEnv, vet: Vet | None, join: float, deadline: float, where: str,
+           master: str) -> tuple[tuple[str, ...], str]:
+    """Rank 0: every rank's entry in one read once all are in, the cards vetted, the verdict posted ("": go on). A
+    refusing rank 0 keeps the store (it serves it) until every rank has read the verdict, else they would see a
+    lost rendezvous instead."""
+    try:
+        store.wait([f"{_KEY}/full"], _left(deadline))
+    except dist.DistStoreError:
+        # Only here, on rank 0 and when the job cannot start, a request per rank: which ones never came.
+        missing = [r for r in range(env.world_size) if not store.check([f"{_KEY}/rank/{r}"])]
+        raise RendezvousError(
+            f"{where}: only {env.world_size - len(missing)} of {env.world_size} ranks joined the rendezvous at "
+            f"{master} within {join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
+            f"rendezvous.timeout_s if nodes start slowly)") from None
+    entries = [pickle.loads(e) for e in store.multi_get([f"{_KEY}/rank/{r}" for r in range(env.world_size)])]
+    verdict = (vet([c for _, c in entries]) if vet else None) or ""
+    store.set(f"{_KEY}/verdict", verdict)
+    if verdict:
+        with contextlib.suppress(dist.DistStoreError):
+            store.wait([f"{_KEY}/all_read"], _left(deadline))
+    return tuple(h for h, _ in entries), verdict
+
+
+def _await_verdict(store: Any, env: DistEnv, join: float, deadline: float, where: str, master: str) -> str:
+    """Any rank but 0: rank 0's verdict, once it has seen every rank; a refusal is acknowledged (the last reader
+    lets rank 0 go)."""
+    try:
+        store.wait([f"{_KEY}/verdict"], _left(deadline))
+    except dist.DistStoreError:
+        raise RendezvousError(f"{where}: {_why_no_verdict(store, env, master, join)} (raise rendezvous.timeout_s if "
+                              "nodes start slowly)") from None
     verdict = store.get(f"{_KEY}/verdict").decode()
-    read, deadline = store.add(f"{_KEY}/vetted", 1), time.monotonic() + join
-    while verdict and env.is_main and read < env.world_size and time.monotonic() < deadline:
-        time.sleep(0.02)
-        read = store.add(f"{_KEY}/vetted", 0)
+    if verdict and store.add(f"{_KEY}/read", 1) == env.world_size - 1:
+        store.set(f"{_KEY}/all_read", b"")
     return verdict
+
+
+def _why_no_verdict(store: Any, env: DistEnv, master: str, join: float) -> str:
+    """What a rank but 0 can tell in two requests: how many came, and whether rank 0 did (it names the rest)."""
+    joined = store.add(f"{_KEY}/joined", 0)
+    if joined >= env.world_size:
+        return f"every rank joined the rendezvous at {master}, but rank 0 did not answer within {join:.0f} s"
+    missing = "rank 0's log names the missing ones" if store.check([f"{_KEY}/rank/0"]) else "rank 0 is missing"
+    return f"only {joined} of {env.world_size} ranks joined the rendezvous at {master} within {join:.0f} s; {missing}"
 
 
 def _refuse(line: str | None) -> None:
@@ -208,7 +257,7 @@ def _refuse(line: str | None) -> None:
 def preflight(rendezvous: Rendezvous, device: torch.device, numel: int = 1 << 16, repeats: int = 3) -> Rendezvous:
     """Check the process group end to end before training: an all_reduce must return the right sum on every
     rank; time it (the median of `repeats`, after one warm-up)."""
-    world = len(rendezvous.hosts)
+    world = rendezvous.world
     tensor = torch.ones(numel, device=device)
     with PROGRESS.collective("all_reduce (preflight)"):
         dist.all_reduce(tensor)
@@ -311,8 +360,14 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
 
 
 def from_rank0_object(obj: Any, group: Any = None) -> Any:
-    """Rank 0's picklable `obj` on every rank (a choice every rank must follow)."""
-    return gather_objects(obj, group)[0]
+    """Rank 0's picklable `obj` on every rank (a choice every rank must follow): one broadcast, so a rank receives
+    one object, not every rank's."""
+    if not is_multi(group):
+        return obj
+    box = [obj]
+    with PROGRESS.collective("broadcast_object_list"):
+        dist.broadcast_object_list(box, group=group, group_src=0, device=comm_device(group))
+    return box[0]
 
 
 def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -335,9 +390,34 @@ def all_reduce_in_place(tensor: torch.Tensor, group: Any = None) -> None:
             dist.all_reduce(tensor, group=group)
 
 
+def group_timeout() -> datetime.timedelta | None:
+    """The collective timeout of every group this rank makes: the default group's (watchdog.collective_timeout_s),
+    where torch would give a new group its own default (30 min on gloo), which outlasts the watchdog. None before
+    init_process_group (torch's default)."""
+    return _GROUP_TIMEOUT
+
+
 def side_group(desc: str) -> Any:
     """A gloo group of its own, for work that runs beside training (the step's flags, async checkpoint writes):
-    sharing the default group with the training loop crashes or hangs. "local" in a single process."""
+    sharing the default group with the training loop crashes or hangs. "local" in a single process. Its pairs
+    connect when first used (TORCH_GLOO_LAZY_INIT), so a rank holds sockets only to the peers it talks to."""
     if dist.is_available() and dist.is_initialized():
-        return dist.new_group(backend="gloo", group_desc=desc)  # what hang reports call it
+        return dist.new_group(backend="gloo", group_desc=desc, timeout=group_timeout())  # what hang reports call it
     return "local"
+
+
+def subgroups(groups: Sequence[Sequence[int]], desc: str) -> Any:
+    """This rank's group among the disjoint `groups` of global ranks (None when it is in none), made without a
+    world-wide step per group. torch's new_group takes every rank into each group's creation; on a group bound to
+    its GPU that is a split of the world's NCCL communicator per group. Here: bound to a GPU, one split makes them
+    all (dist.split_group); otherwise only the members of this rank's group meet (use_local_synchronization: a
+    member makes one store write, any other rank nothing). Every rank calls it alike, with the same groups."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    ranks = [sorted(g) for g in groups]
+    if getattr(dist.group.WORLD, "bound_device_id", None) is not None:
+        return dist.split_group(split_ranks=ranks, timeout=group_timeout(), group_desc=desc)
+    mine = next((g for g in ranks if dist.get_rank() in g), None)
+    if mine is None:
+        return None
+    return dist.new_group(mine, timeout=group_timeout(), group_desc=desc, use_local_synchronization=True)

@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 from torch.nn.parallel import DistributedDataParallel
 
+from gpt.collectives.process_group import subgroups
 from gpt.model.flops import flops_per_token
 from gpt.train.divergence import spread_nonfinite
 from gpt.train.metrics import layer_grad_norms
@@ -166,16 +167,14 @@ class Pipeline(Strategy):
 
     def _tie_embeddings(self) -> None:
         """A group per replica (and tp rank) joining its first and last stage ranks, to sum the tied weight's
-        gradients (under tp both copies are split over the vocabulary alike, so the shards pair up)."""
+        gradients (under tp both copies are split over the vocabulary alike, so the shards pair up). Made in one
+        step for all of them, not one world-wide step per group (process_group.subgroups)."""
         if not self.model_cfg.tie_embeddings:
             return
         last_owner = (self.n_stages - 1) % self.pp
         coordinates = self.mesh.mesh.reshape(self.pp, -1)  # stage x (dp, tp)
-        for c in range(coordinates.size(1)):
-            ranks = sorted({int(coordinates[0, c]), int(coordinates[last_owner, c])})
-            group = dist.new_group(ranks)  # every rank creates every group, in the same order
-            if self.env.rank in ranks:
-                self.tie_group = group
+        pairs = [sorted({int(coordinates[0, c]), int(coordinates[last_owner, c])}) for c in range(coordinates.size(1))]
+        self.tie_group = subgroups(pairs, "tie_embeddings")
 
     def _tied_parameters(self) -> list[nn.Parameter]:
         """This rank's copies of the tied embedding weight: wte on the first stage, lm_head on the last."""

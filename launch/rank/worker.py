@@ -46,6 +46,7 @@ from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E
 from launch.run.job_record import record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
+from launch.rank.open_files import raised_for  # noqa: E402
 from launch.rank.threads import apply_threads  # noqa: E402
 
 log = logging.getLogger("launch.rank.worker")
@@ -83,6 +84,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     setup_logging(run_dir, env)
     run = run or launch_config.load(folder.config)
     threads = apply_threads(env.local_rank)
+    log.info("%s", raised_for(env.world_size, env.is_main), extra={EVERY_RANK: True})  # before any socket
     device = pick_device(run.train.device, env)
     gpus = GpuPlan.of(env, os.environ)
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from gpt.config.sections import HealthConfig
-from gpt.collectives.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects
+from gpt.collectives.process_group import DistEnv, all_reduce_in_place, barrier, gather_objects, subgroups
 from gpt.train.step_timer import PhaseClock
 from launch.recovery.health_verdict import (BusBandwidth, GpuHealth, GpuVerdict, NodeHealth, below_fraction,
                                            bus_figures, bus_groups, matmul_iterations, node_sums)
@@ -156,12 +156,11 @@ def measure_bus(nodes: list[int], device: torch.device, nbytes: int) -> BusBandw
     intra_groups, inter_group = bus_groups(nodes)
     times: dict[str, float] = {}
     if max(map(len, intra_groups)) > 1:  # every rank sees the same layout, so every rank decides alike
-        mine, subgroups = dist.new_subgroups_by_enumeration(intra_groups)
+        mine = subgroups(intra_groups, "health_intra_node")  # one step for every node, not one world-wide step each
         barrier()
         if dist.get_world_size(mine) > 1:
             times["intra"] = timed_all_reduce(mine, device, nbytes)
-        for group in subgroups:
-            dist.destroy_process_group(group)
+        dist.destroy_process_group(mine)
     if inter_group:
         barrier()
         times["inter"] = timed_all_reduce(None, device, nbytes)

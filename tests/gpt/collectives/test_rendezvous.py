@@ -2,10 +2,13 @@
 and its host within the timeout, never a hang."""
 from __future__ import annotations
 
+import os
 import time
+from unittest import mock
 
 import pytest
 import torch
+import torch.distributed as dist
 
 from gpt.collectives.process_group import DistEnv, RendezvousError, init_process_group
 from helpers import free_port
@@ -31,3 +34,38 @@ def test_rank_that_cannot_reach_the_master_names_itself():
         init_process_group(env, torch.device("cpu"), join_timeout_s=1.5)
     message = str(e.value)
     assert message.startswith(f"rank 2 on node-c could not reach the rendezvous at 127.0.0.1:{env.master_port}")
+
+
+@pytest.mark.timeout(60)
+def test_a_rank_who_waits_for_a_missing_rank_0_says_so():
+    """Only rank 0 reads every rank's entry, so another rank does not name every missing one: it says how many
+    came, and whether rank 0 (which names the rest in its log) did."""
+    store = dist.TCPStore("127.0.0.1", 0, 2, is_master=True, wait_for_workers=False)  # served by another (the agent)
+    env = DistEnv(rank=1, world_size=2, master_addr="127.0.0.1", master_port=store.port, hostname="node-b")
+    with mock.patch.dict(os.environ, {"TORCHELASTIC_USE_AGENT_STORE": "True"}), pytest.raises(RendezvousError) as e:
+        init_process_group(env, torch.device("cpu"), join_timeout_s=1.5)
+    assert str(e.value) == (f"rank 1 on node-b: only 1 of 2 ranks joined the rendezvous at 127.0.0.1:{store.port} "
+                            "within 2 s; rank 0 is missing (raise rendezvous.timeout_s if nodes start slowly)")
+
+
+def _rendezvous_costs(world: int) -> dict[int, tuple[int, int]]:
+    """Each rank's (store requests, keys read) to join a `world`-rank job, every rank a thread of this process."""
+    from benchmarks.startup_scale import Rank, join_in_threads
+
+    store = dist.TCPStore("127.0.0.1", 0, world, is_master=True, wait_for_workers=False)
+    ranks = {r: Rank(r, world) for r in range(world)}
+    join_in_threads(ranks, store.port)
+    assert not [me.error for me in ranks.values() if me.error]
+    return {r: me.spent["rendezvous"] for r, me in ranks.items()}
+
+
+@pytest.mark.timeout(120)
+def test_no_rank_but_rank_0_reads_the_others_entries(monkeypatch):
+    """Each rank reading every rank's entry made W^2 store reads over the job (67 million at 8,192 ranks, all from
+    one server): now a rank reads one key (the verdict), and rank 0 reads all entries in one request."""
+    monkeypatch.delenv("TORCH_GLOO_LAZY_INIT", raising=False)  # init_process_group sets it for the rank's life
+    small, large = _rendezvous_costs(8), _rendezvous_costs(16)
+    for costs in (small, large):
+        assert max(keys for r, (_, keys) in costs.items() if r) == 1, costs
+    requests = [[c[0] for c in costs.values()] for costs in (small, large)]
+    assert requests[0][0] == requests[1][0] and max(requests[0]) == max(requests[1]), (small, large)
