@@ -40,15 +40,16 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
         return GPT(cfg)
 
 
-def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device) -> Strategy:
-    """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device, and its
-    optimizer (the train section)."""
+def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device,
+                             model_device: torch.device | None = None) -> Strategy:
+    """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device (or on
+    `model_device`: the meta device of a dry run, gpt.train.dry_build), and its optimizer (the train section)."""
     train = run.train
     use_tf32(device, train.precision)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
     strategy.attention_kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
-    model = build_model(model_cfg, device, run.seed)
+    model = build_model(model_cfg, model_device or device, run.seed)
     if run.init != "none":  # before the layout wraps it; a run's own checkpoint, if any, replaces these weights
         load_into(model, run.init)
     every = train.recompute_every()
