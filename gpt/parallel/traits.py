@@ -119,6 +119,8 @@ class StrategyTraits:
     whole_model_compile = True
     # Why train.compile_mode's CUDA graphs cannot replay this strategy's compiled code (None: they can)
     no_cuda_graphs: str | None = None
+    # Why the dry run (launch.dry_run, gpt.train.dry_build) cannot build this strategy (None: it can)
+    no_dry_run: str | None = None
 
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
@@ -251,6 +253,10 @@ class DeepSpeedTraits(StrategyTraits):
     data_axis = "dp_shard"
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
+    no_dry_run = ("DeepSpeed's ZeRO optimizers copy every parameter's values as they are built (a meta tensor has "
+                  "none), so each rank would be built at real size (llama_1b's ZeRO-1: 9.5 GB of host memory per "
+                  "rank), and their state comes only from a step on the gradients a backward through the engine "
+                  "reduced into its partitions")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"
