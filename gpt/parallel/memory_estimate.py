@@ -110,7 +110,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     activation checkpointing. model.vocab_size must be known."""
     traits = traits_of(strategy.name)
     held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
-    p_share, g_share, o_share = traits.state_shares(strategy, dims)
+    p_share, g_share, _ = traits.state_shares(strategy, dims)
+    o_share = traits.optimizer_share(strategy, dims, model)
     if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
         g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)

@@ -11,6 +11,7 @@ offline from a run folder.
 """
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gpt.config.parse import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import CUDA_GRAPH_MODES, TrainConfig
 from gpt.errors import ConfigError
+from gpt.model.shapes import parameter_shapes
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
 
@@ -83,6 +85,19 @@ def check_compile(model: ModelConfig, train: TrainConfig | None) -> None:
         raise ConfigError("train.compile", True, f"false with model.n_expert={model.n_expert} (a mixture-of-experts "
                           "block reads its expert counts to the host, which the compiled blocks' shared graph does not "
                           "carry), or model.n_expert=0 to compile")
+
+
+def _most_partitioned(model: ModelConfig, ranks: int) -> int:
+    """Parameters of the rank that gets the most under ZeroRedundancyOptimizer's partition (torch 2.13,
+    _partition_parameters): per parameter group, largest first, each to the rank with the fewest so far, the lowest
+    rank on a tie; the counts carry over from one group to the next."""
+    shapes = [shape for _, shape in parameter_shapes(model)]
+    held = [(0, rank) for rank in range(ranks)]  # a heap: the fewest first, then the lowest rank
+    for matrices in (True, False):
+        for size in sorted((math.prod(s) for s in shapes if (len(s) >= 2) == matrices), reverse=True):
+            count, rank = heapq.heappop(held)
+            heapq.heappush(held, (count + size, rank))
+    return max(count for count, _ in held)
 
 
 REGISTRY: dict[str, StrategyTraits] = {}  # strategy.name -> its traits: the one list of strategies
@@ -164,6 +179,11 @@ class StrategyTraits:
         share = self.param_fraction(strategy, dims)
         return share, share, share
 
+    def optimizer_share(self, strategy: StrategyConfig, dims: ParallelDims, model: ModelConfig) -> float:
+        """The share of the model's optimizer state held by the rank that holds the most: state_shares', where the
+        state splits evenly."""
+        return self.state_shares(strategy, dims)[2]
+
     def accumulating_grad_share(self, strategy: StrategyConfig, dims: ParallelDims) -> float:
         """The share of the model's gradients a rank holds between the micro-steps of gradient accumulation: the
         step's (state_shares), where they accumulate in place."""
@@ -234,6 +254,14 @@ class Zero1Traits(DDPTraits):
 
     def state_shares(self, strategy, dims):
         return 1.0, 1.0, 1.0 / dims.dp  # the AdamW state split over the replicas
+
+    def optimizer_share(self, strategy, dims, model):
+        """torch's ZeroRedundancyOptimizer splits whole parameters, not their elements: each parameter group's
+        (gpt.train.optim: the matrices, then the vectors), largest first, to the rank that holds the fewest so far.
+        The rank given the largest keeps all its state however many ranks there are: llama_1b's 32k x 2048
+        embedding, 1/16 of its parameters, is rank 0's alone at 64 ranks and at 1,024, where an even split is 1/64
+        and 1/1,024 (the dry run, launch.dry_run, found it: 500 MiB held where 124 and 8 MiB were estimated)."""
+        return _most_partitioned(model, dims.dp) / sum(math.prod(s) for _, s in parameter_shapes(model))
 
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
