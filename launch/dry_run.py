@@ -191,7 +191,7 @@ def report(done: DryRun) -> list[str]:
         error = row.error()
         shown = "" if error is None or row.part == "peak" else f"{error:+.1%}"
         cells = "".join(f"{size(b) if b is not None else '-':>13}" for b in row.built)
-        lines.append(f"{row.part:<12}{size(row.estimate):>13}{cells}   {shown}")
+        lines.append(f"{row.part:<12}{size(row.estimate):>13}{cells}   {shown}".rstrip())
     lines.append("")
     if first.device == "meta":
         lines.append("activations and the peak are the estimate's alone: a dry run runs no forward")
