@@ -49,6 +49,18 @@ def nonfinite(grad_norm: torch.Tensor) -> torch.Tensor:
     return ~torch.isfinite(grad_norm)
 
 
+def on_meta(model: nn.Module) -> bool:
+    """Whether `model` was built on the meta device (a dry run, gpt.train.dry_build): its tensors have their real
+    shapes and no memory or values."""
+    return any(p.is_meta for p in model.parameters())
+
+
+def on_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """`model` moved to the rank's device; one on the meta device stays there (it has no values to move), and the
+    strategy wraps it as it wraps a real one."""
+    return model if on_meta(model) else model.to(device)
+
+
 def plain(value: torch.Tensor) -> torch.Tensor:
     """A value every rank holds whole (a loss), as a plain tensor: a replicated DTensor's full value."""
     return value.full_tensor() if hasattr(value, "full_tensor") else value
@@ -139,7 +151,7 @@ class Strategy:
 
     # --- building -------------------------------------------------------------------------------------
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
-        model.to(self.device)
+        on_device(model, self.device)
         if self.compile:
             self.compile.apply(model)
         self.model = self.wrap(model)

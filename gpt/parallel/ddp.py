@@ -6,7 +6,7 @@ import contextlib
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from gpt.parallel.base import Strategy
+from gpt.parallel.base import Strategy, on_meta
 from gpt.parallel.mesh import ensure_process_group
 
 
@@ -17,7 +17,10 @@ class DDP(Strategy):
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.device)
         device_ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.bucket_cap_mb)
+        # On the meta device (a dry run) DDP's start-up check that every rank's shapes match, and its broadcast of
+        # rank 0's weights, are left out: both read values, which a meta tensor has not.
+        return DistributedDataParallel(model, device_ids=device_ids, bucket_cap_mb=self.cfg.bucket_cap_mb,
+                                       init_sync=not on_meta(model))
 
     def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

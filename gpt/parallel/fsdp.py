@@ -19,7 +19,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor.parallel import loss_parallel
 
 from gpt.config.strategy import StrategyConfig
-from gpt.parallel.base import DTYPES, Strategy, StrategySettings, local_part
+from gpt.parallel.base import DTYPES, Strategy, StrategySettings, local_part, on_device
 from gpt.parallel.mesh import build_mesh
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.train.optim import build_adamw
@@ -70,7 +70,7 @@ class FSDP(Strategy):
         return f"{what}; {', '.join(options)}"
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
-        model.to(self.device)
+        on_device(model, self.device)
         d = self.dims
         self.mesh = build_mesh(self.device, dp_replicate=d.dp_replicate, dp_shard=d.dp_shard, tp=d.tp)
         if d.tp > 1:

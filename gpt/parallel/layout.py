@@ -37,11 +37,14 @@ class ParallelDims:
     def sizes(self) -> dict[str, int]:
         return {axis: getattr(self, axis) for axis in AXES}
 
+    def axes(self) -> str:
+        """'dp_shard=2 x tp=2, sequence parallel'; axes of size 1 left out."""
+        axes = " x ".join(f"{a}={n}" for a, n in self.sizes().items() if n > 1) or "one rank"
+        return axes + (", sequence parallel" if self.sequence_parallel else "")
+
     def describe(self, ranks_per_node: int) -> str:
         """'dp_shard=2 x tp=2 (node 0: ranks 0-1, node 1: ranks 2-3)' for the banner; axes of size 1 left out."""
-        axes = " x ".join(f"{a}={n}" for a, n in self.sizes().items() if n > 1) or "one rank"
-        if self.sequence_parallel:
-            axes += ", sequence parallel"
+        axes = self.axes()
         nodes = [(start, min(start + ranks_per_node, self.world_size) - 1)
                  for start in range(0, self.world_size, max(ranks_per_node, 1))]
         where = ", ".join(f"node {i}: ranks {a}-{b}" if b > a else f"node {i}: rank {a}"

@@ -4,7 +4,8 @@ state a rank holds and how many layers' activations it keeps at once; the model 
 
 The estimate: the bytes per parameter the strategy's traits state (fp32 parameters and gradients, AdamW's two fp32
 moments; DeepSpeed's fp32 partition beside them), of the parameters of the rank holding the most (the norms tensor
-parallelism replicates, a pipeline's tied embedding on its first and last stage); activations are the tensors
+parallelism replicates, a pipeline's tied embedding on its first and last stage; ZeRO-1's optimizer state, of the
+whole parameters its partition gives that rank); activations are the tensors
 autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs; the attention's,
 projection's and MLP's inputs, q, k and v, the MLP's hidden twice, in the compute precision; under
 train.attention=math the softmax of every head too), the head (its input, the cross-entropy's fp32 log-probabilities
@@ -110,7 +111,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     activation checkpointing. model.vocab_size must be known."""
     traits = traits_of(strategy.name)
     held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
-    p_share, g_share, o_share = traits.state_shares(strategy, dims)
+    p_share, g_share, _ = traits.state_shares(strategy, dims)
+    o_share = traits.optimizer_share(strategy, dims, model)
     if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
         g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)

@@ -21,12 +21,13 @@ def local(t: torch.Tensor) -> torch.Tensor:
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:
-    """Bytes of `tensors`, each once (a DTensor: its local shard, without the padding its storage may have)."""
+    """Bytes of `tensors`, each once (a DTensor: its local shard, without the padding its storage may have). A meta
+    tensor (a dry run, gpt.train.dry_build) has no address to tell copies by: each tensor object counts once."""
     seen: dict[tuple[int, int], int] = {}
     for t in tensors:
         if t is not None:
-            t = local(t)
-            seen[t.data_ptr(), t.numel()] = t.numel() * t.element_size()
+            whole, t = t, local(t)
+            seen[(id(whole), -1) if t.is_meta else (t.data_ptr(), t.numel())] = t.numel() * t.element_size()
     return sum(seen.values())
 
 

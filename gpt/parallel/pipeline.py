@@ -43,7 +43,7 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite
+from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device, on_meta
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
@@ -133,7 +133,7 @@ class Pipeline(Strategy):
         schedule_stages = []
         for i, sid in enumerate(ids):
             part = model if i == len(ids) - 1 else copy.deepcopy(model)
-            part = make_stage(part, sid, self.n_stages, self.runs).to(self.device)
+            part = on_device(make_stage(part, sid, self.n_stages, self.runs), self.device)
             if self.tp > 1:  # the last stage gathers its logits: the schedule's loss takes whole ones
                 apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=False, sharded_loss=False)
             wrapped = self._data_parallel(part)
@@ -159,7 +159,7 @@ class Pipeline(Strategy):
             return stage
         device_ids = [self.device] if self.device.type == "cuda" else None
         return DistributedDataParallel(stage, device_ids=device_ids, process_group=self.dp_group,
-                                       bucket_cap_mb=self.cfg.bucket_cap_mb)
+                                       bucket_cap_mb=self.cfg.bucket_cap_mb, init_sync=not on_meta(stage))
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:

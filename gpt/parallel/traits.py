@@ -11,6 +11,7 @@ offline from a run folder.
 """
 from __future__ import annotations
 
+import heapq
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -21,6 +22,7 @@ from gpt.config.parse import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import CUDA_GRAPH_MODES, TrainConfig
 from gpt.errors import ConfigError
+from gpt.model.shapes import parameter_shapes
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
 
@@ -85,6 +87,19 @@ def check_compile(model: ModelConfig, train: TrainConfig | None) -> None:
                           "carry), or model.n_expert=0 to compile")
 
 
+def _most_partitioned(model: ModelConfig, ranks: int) -> int:
+    """Parameters of the rank that gets the most under ZeroRedundancyOptimizer's partition (torch 2.13,
+    _partition_parameters): per parameter group, largest first, each to the rank with the fewest so far, the lowest
+    rank on a tie; the counts carry over from one group to the next."""
+    shapes = [shape for _, shape in parameter_shapes(model)]
+    held = [(0, rank) for rank in range(ranks)]  # a heap: the fewest first, then the lowest rank
+    for matrices in (True, False):
+        for size in sorted((math.prod(s) for s in shapes if (len(s) >= 2) == matrices), reverse=True):
+            count, rank = heapq.heappop(held)
+            heapq.heappush(held, (count + size, rank))
+    return max(count for count, _ in held)
+
+
 REGISTRY: dict[str, StrategyTraits] = {}  # strategy.name -> its traits: the one list of strategies
 
 
@@ -119,6 +134,8 @@ class StrategyTraits:
     whole_model_compile = True
     # Why train.compile_mode's CUDA graphs cannot replay this strategy's compiled code (None: they can)
     no_cuda_graphs: str | None = None
+    # Why the dry run (launch.dry_run, gpt.train.dry_build) cannot build this strategy (None: it can)
+    no_dry_run: str | None = None
 
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
@@ -161,6 +178,11 @@ class StrategyTraits:
         estimate, gpt.parallel.memory_estimate)."""
         share = self.param_fraction(strategy, dims)
         return share, share, share
+
+    def optimizer_share(self, strategy: StrategyConfig, dims: ParallelDims, model: ModelConfig) -> float:
+        """The share of the model's optimizer state held by the rank that holds the most: state_shares', where the
+        state splits evenly."""
+        return self.state_shares(strategy, dims)[2]
 
     def accumulating_grad_share(self, strategy: StrategyConfig, dims: ParallelDims) -> float:
         """The share of the model's gradients a rank holds between the micro-steps of gradient accumulation: the
@@ -233,6 +255,14 @@ class Zero1Traits(DDPTraits):
     def state_shares(self, strategy, dims):
         return 1.0, 1.0, 1.0 / dims.dp  # the AdamW state split over the replicas
 
+    def optimizer_share(self, strategy, dims, model):
+        """torch's ZeroRedundancyOptimizer splits whole parameters, not their elements: each parameter group's
+        (gpt.train.optim: the matrices, then the vectors), largest first, to the rank that holds the fewest so far.
+        The rank given the largest keeps all its state however many ranks there are: llama_1b's 32k x 2048
+        embedding, 1/16 of its parameters, is rank 0's alone at 64 ranks and at 1,024, where an even split is 1/64
+        and 1/1,024 (the dry run, launch.dry_run, found it: 500 MiB held where 124 and 8 MiB were estimated)."""
+        return _most_partitioned(model, dims.dp) / sum(math.prod(s) for _, s in parameter_shapes(model))
+
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
@@ -251,6 +281,10 @@ class DeepSpeedTraits(StrategyTraits):
     data_axis = "dp_shard"
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
+    no_dry_run = ("DeepSpeed's ZeRO optimizers copy every parameter's values as they are built (a meta tensor has "
+                  "none), so each rank would be built at real size (llama_1b's ZeRO-1: 9.5 GB of host memory per "
+                  "rank), and their state comes only from a step on the gradients a backward through the engine "
+                  "reduced into its partitions")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"

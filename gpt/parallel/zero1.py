@@ -15,6 +15,7 @@ from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from gpt.train.optim import build_adamw, step_unless
+from gpt.parallel.base import on_device
 from gpt.parallel.ddp import DDP
 
 
@@ -63,7 +64,7 @@ class Zero1(DDP):
         return f"ZeRO-1 (ZeroRedundancyOptimizer over DDP), optimizer state split over {self.dp_size} ranks"
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
-        model.to(self.device)
+        on_device(model, self.device)
         if self.compile:
             self.compile.apply(model)
         self.model = self.wrap(model)

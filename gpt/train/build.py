@@ -50,16 +50,18 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
 
 
 def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device,
-                             initialise: bool = True, before_update: Callable[[], None] = no_wait) -> Strategy:
-    """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device, and its
-    optimizer (the train section). `initialise`: load init=hf:PATH's weights (not when the run continues from a
-    checkpoint of its own, whose weights replace them: the folder is not read again, and may be gone).
-    `before_update`: what the strategy calls before each update changes a weight."""
+                             initialise: bool = True, before_update: Callable[[], None] = no_wait,
+                             model_device: torch.device | None = None) -> Strategy:
+    """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device (or on
+    `model_device`: the meta device of a dry run, gpt.train.dry_build), and its optimizer (the train section).
+    `initialise`: load init=hf:PATH's weights (not when the run continues from a checkpoint of its own, whose
+    weights replace them: the folder is not read again, and may be gone). `before_update`: what the strategy calls
+    before each update changes a weight."""
     train = run.train
     use_tf32(device, train.precision)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
     kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
-    model = build_model(model_cfg, device, run.seed)
+    model = build_model(model_cfg, model_device or device, run.seed)
     if run.init != "none" and initialise:  # before the layout wraps it
         load_into(model, run.init)
     elif run.init != "none":

@@ -13,11 +13,13 @@ from gpt.config import schema
 from launch import launch_config
 from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
+from gpt.config.train import TrainConfig
 from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import PREFIX, check_init
 from gpt.parallel import plan_layout
+from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
 from launch.backends import get_backend
 from launch.local_gpus import local_gpus
@@ -57,11 +59,10 @@ def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
                           f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
 
 
-def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> Plan:
-    """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
-    resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
-    config, which this command must then equal."""
-    run = checked_paths(run, run_dir)
+def plan_layout_of(run: LaunchConfig) -> tuple[str, TrainConfig, ParallelDims]:
+    """What needs the sections together before the data: the nodes, the device, the attention kernel, the layout
+    and the batch. Returns the planned device, the train section resolved to it, and the layout (what the dry run,
+    launch.dry_run, plans too)."""
     nodes, per_node = run.cluster.nodes, run.cluster.tasks_per_node
     if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
         raise ConfigError("cluster.nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
@@ -72,8 +73,16 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
     train.check_attention(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
-    train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, below
+    train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, by the fit check
+    return device, train, dims
 
+
+def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> Plan:
+    """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
+    resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
+    config, which this command must then equal."""
+    run = checked_paths(run, run_dir)
+    device, train, dims = plan_layout_of(run)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run, run.model, train, dims, device)
     data = absolute(run.data, to_absolute_path)
@@ -94,7 +103,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
-    return Plan(run_dir, nodes, per_node, prepare_job)
+    return Plan(run_dir, run.cluster.nodes, run.cluster.tasks_per_node, prepare_job)
 
 
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)

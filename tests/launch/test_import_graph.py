@@ -55,11 +55,12 @@ def test_no_module_imports_itself_back():
     assert "launch.report.build" in edges and "launch.backends.slurm.submit" in edges
 
 
-# What runs on a login node: the app, our Hydra launcher, the report, the Slurm backend. None may import torch. Nor
-# may the local backend: its ranks' server imports torch once, and a launcher that did so too would pay it again.
+# What runs on a login node: the app, our Hydra launcher, the report, the Slurm backend, the dry run (torch only once it
+# builds). None may import torch at import. Nor may the local backend: its ranks' server imports torch once, and a
+# launcher that did so too would pay it again.
 LAUNCHER_ENTRIES = ["launch.app", "launch.hydra_launcher", "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher",
                     "launch.planning.plan", "launch.backends.slurm.backend", "launch.backends.srun", "launch.report",
-                    "gpt.config.schema", "launch.backends.local"]
+                    "gpt.config.schema", "launch.backends.local", "launch.dry_run"]
 
 
 @pytest.mark.parametrize("module", LAUNCHER_ENTRIES)
