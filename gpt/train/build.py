@@ -71,8 +71,8 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     for i, block in enumerate(model.layers.values()):
         block.recompute = every > 0 and i % every == 0
         block.attn.kernels = kernels
-    compiled = Compile(traits_of(run.strategy.name).compile_scope(train), train.compile_mode) if train.compile \
-        else None
+    # the strategy after the model: its settings name the model's layers (per-layer gradient norms)
+    compiled = Compile(traits_of(run.strategy.name).compile_scope(train), train.compile_mode) if train.compile else None
     settings = StrategySettings(kernel, compiled, tuple(layer_keys(name for name, _ in model.named_parameters())),
                                 before_update)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision, settings)
