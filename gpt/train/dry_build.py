@@ -49,6 +49,8 @@ def fake_world(rank: int, world_size: int) -> Iterator[None]:
     rank can be built in the same process)."""
     from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
+    if dist.is_initialized():  # a one-process world another build left in this process (gpt.parallel.mesh)
+        dist.destroy_process_group()
     dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
     try:
         yield
