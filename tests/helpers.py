@@ -29,6 +29,17 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def spawn_ranks(rank_fn, world: int) -> dict:
+    """`rank_fn(rank, world, port, out)` in `world` processes of a real process group on loopback (`port` free for
+    its store); what they put in the shared dict `out`, by key."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        out = manager.dict()
+        mp.spawn(rank_fn, args=(world, free_port(), out), nprocs=world, join=True)
+        return dict(out)
+
+
 def launch(*overrides: str, run_dir: Path, check: bool = True, timeout: float = 600,
            env: dict[str, str] | None = None, multirun: bool = False) -> subprocess.CompletedProcess:
     """Run `python -m launch [-m]` with Hydra overrides into `run_dir` (a sweep: into hydra.sweep.dir): in this test

@@ -11,12 +11,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from gpt.collectives import process_group
 from gpt.collectives.process_group import (GLOO_LAZY_INIT, DistEnv, all_reduce_values, from_rank0_object,
                                            init_process_group, leave, side_group, subgroups)
-from helpers import free_port
+from helpers import spawn_ranks
 
 TIMEOUT_S = 123.0
 
@@ -45,10 +44,7 @@ def _rank(rank: int, world: int, port: int, out) -> None:
 @pytest.mark.timeout(120)
 def test_groups_take_the_jobs_timeout_connect_lazily_and_partition_by_members():
     world = 3
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(world, free_port(), out), nprocs=world, join=True)
-        got = dict(out)
+    got = spawn_ranks(_rank, world)
     assert {r["lazy"] for r in got.values()} == {"1"}
     assert {t for r in got.values() for t in r["timeouts"]} == {TIMEOUT_S}
     assert [got[r]["pair"] for r in range(world)] == [[0, 2], [1], [0, 2]]

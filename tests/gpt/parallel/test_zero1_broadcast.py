@@ -9,11 +9,10 @@ import datetime
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.distributed.optim import ZeroRedundancyOptimizer
 
-from helpers import compose, free_port
+from helpers import compose, spawn_ranks
 from launch import launch_config
 from gpt.collectives.process_group import DistEnv
 from gpt.parallel.zero1 import GatheringZero
@@ -71,7 +70,4 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
 @pytest.mark.timeout(120)
 def test_the_all_gather_leaves_the_parameters_bitwise_as_the_broadcasts_do():
     world = 3
-    with mp.Manager() as manager:
-        out = manager.dict()
-        mp.spawn(_rank, args=(world, free_port(), out), nprocs=world, join=True)
-        assert dict(out) == {r: True for r in range(world)}
+    assert spawn_ranks(_rank, world) == {r: True for r in range(world)}
