@@ -7,7 +7,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from gpt.errors import EXIT_USER, UserError
+from gpt.errors import EXIT_USER, ConfigError, UserError
 
 
 def checkpoint_parser(module: str, doc: str) -> argparse.ArgumentParser:
@@ -28,3 +28,12 @@ def user_errors() -> Iterator[None]:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(EXIT_USER)
+
+
+@contextmanager
+def option_errors(flag: str) -> Iterator[None]:
+    """A file given on the command line, checked by code that names a config key: the error names the flag."""
+    try:
+        yield
+    except ConfigError as e:
+        raise UserError(f"{flag} {e.value}: {e.valid}") from None

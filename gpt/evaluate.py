@@ -1,17 +1,29 @@
-"""Validation loss and perplexity of a checkpoint on its data's validation split.
+"""Score a checkpoint after the fact: its validation loss and perplexity, multiple-choice tasks, text files.
 
-    python -m gpt.evaluate RUN_OR_CHECKPOINT_DIR [--batches 50] [--batch-size 16]
+    python -m gpt.evaluate RUN_OR_CHECKPOINT_DIR [--step N] [--tasks FILE ...] [--text FILE ...]
+        [--limit N] [--batches 50] [--batch-size 16] [--device cpu|cuda]
+
+--tasks takes task files in HellaSwag's format, scored as `eval.tasks` scores them during training (the same
+`tasks/<name>/acc` and `acc_norm`); --text takes text files, each read with the run's tokenizer
+(`text/<name>/loss` and `perplexity`). One JSON line on stdout.
 """
 from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import torch
 
+from gpt.checkpoint.store import list_checkpoints, step_of
 from gpt.checkpoint.writer import load_model
-from gpt.cli import checkpoint_parser, user_errors
+from gpt.cli import checkpoint_parser, option_errors, user_errors
 from gpt.data.loader import TokenDataset, ValBatches
+from gpt.data.tokenizer import load_tokenizer
+from gpt.errors import UserError
+from gpt.eval.multiple_choice import TaskScorer
+from gpt.eval.perplexity import text_loss
+from gpt.run_folder import RunFolder
 
 
 @torch.no_grad()
@@ -22,16 +34,45 @@ def evaluate(model, data_dir: str, batches: int, batch_size: int, seed: int, dev
     return sum(losses) / len(losses)
 
 
+def at_step(path: Path, step: int) -> Path:
+    """The checkpoint of `step` in the run folder `path`; the steps it has, when it has not that one."""
+    found = list_checkpoints(RunFolder(path).checkpoints)
+    for checkpoint in found:
+        if step_of(checkpoint) == step:
+            return checkpoint
+    have = ", ".join(str(step_of(c)) for c in found) or "none"
+    raise UserError(f"--step {step}: {path} has no complete checkpoint of that step (steps it has: {have})")
+
+
+def scores(model, meta: dict, args) -> dict[str, float]:
+    """Every figure asked for, keyed as in a run's metrics."""
+    loss = evaluate(model, meta["data_dir"], args.batches, args.batch_size, args.seed, args.device)
+    out = {"val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}
+    if args.tasks or args.text:
+        tokenizer = load_tokenizer(meta["data_dir"])
+    if args.tasks:
+        with option_errors("--tasks"):
+            tasks = TaskScorer(args.tasks, args.limit, tokenizer, model.cfg.block_size)
+        out.update(tasks.score(lambda x, y: model(x, y)[1], 0, 1, None, lambda: False, torch.device(args.device)))
+    for path in args.text:
+        out.update(text_loss(model, path, tokenizer, args.batch_size, args.limit, args.device))
+    return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = checkpoint_parser("gpt.evaluate", __doc__)
+    parser.add_argument("--step", type=int, help="the run's checkpoint of this step (default: its newest)")
+    parser.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files")
+    parser.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text files: loss and perplexity")
+    parser.add_argument("--limit", type=int, default=0, help="each task's first N examples, each text's first N rows")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=16)
     args = parser.parse_args(argv)
     with user_errors():
-        model, meta, path = load_model(args.path, args.device)
-        loss = evaluate(model, meta["data_dir"], args.batches, args.batch_size, args.seed, args.device)
-    print(json.dumps({"checkpoint": str(path), "step": meta["step"], "val_loss": round(loss, 4),
-                      "perplexity": round(math.exp(loss), 3)}))
+        path = args.path if args.step is None else at_step(Path(args.path), args.step)
+        model, meta, path = load_model(path, args.device)
+        figures = scores(model, meta, args)
+    print(json.dumps({"checkpoint": str(path), "step": meta["step"], **figures}))
 
 
 if __name__ == "__main__":

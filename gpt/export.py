@@ -1,9 +1,10 @@
 """Write a trained model as a Hugging Face folder that transformers loads with from_pretrained, no custom code.
 
-    python -m gpt.export RUN_OR_CHECKPOINT_DIR OUT_DIR
+    python -m gpt.export RUN_OR_CHECKPOINT_DIR OUT_DIR [--lm-eval-task FILE ...]
 
-OUT_DIR gets model.safetensors, config.json, generation_config.json and the tokenizer. The checkpoint may come from
-any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weights are read in this one process.
+OUT_DIR gets model.safetensors, config.json, generation_config.json and the tokenizer, and with --lm-eval-task
+each task file (HellaSwag's format) as an lm-evaluation-harness task in OUT_DIR/lm_eval/. The checkpoint may come
+from any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weights are read in this one process.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any
 
 import torch
 
-from gpt.cli import user_errors
+from gpt.cli import option_errors, user_errors
 from gpt.errors import UserError
 
 
@@ -36,15 +37,21 @@ def hf_model(model: Any, eot: int | None) -> Any:
     return hf.eval()
 
 
-def export(path: Path, out: Path) -> Path:
-    """Export the checkpoint at `path` (a run folder: its newest) to `out`; returns the checkpoint used."""
+def export(path: Path, out: Path, tasks: list[str] = ()) -> tuple[Path, str | None]:
+    """Export the checkpoint at `path` (a run folder: its newest) to `out`, with `tasks` for lm-eval; returns the
+    checkpoint used and the lm-eval command that scores the tasks (None without tasks)."""
     from gpt.checkpoint.writer import load_model
     from gpt.data.tokenizer import load_tokenizer
+    from gpt.eval.lm_eval_task import lm_eval_command, write_lm_eval_tasks
+    from gpt.eval.task_file import read_task
     from gpt.hf.architecture import architecture
     from gpt.hf.tokenizer import save_tokenizer
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new folder")
+    with option_errors("--lm-eval-task"):
+        for task in tasks:
+            read_task(task)  # refused before anything is written
     model, meta, checkpoint = load_model(path)
     architecture(model.cfg)  # refused before anything is written
     tokenizer = load_tokenizer(meta["data_dir"])
@@ -52,18 +59,25 @@ def export(path: Path, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     hf.save_pretrained(str(out), safe_serialization=True)
     save_tokenizer(tokenizer, model.cfg.block_size, out)
-    return checkpoint
+    if not tasks:
+        return checkpoint, None
+    names = write_lm_eval_tasks(list(tasks), out)
+    return checkpoint, lm_eval_command(names, 0 if tokenizer.eot is None else None)
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint is used) or a checkpoint folder")
     parser.add_argument("out", type=Path, help="the Hugging Face folder to write (new or empty)")
+    parser.add_argument("--lm-eval-task", nargs="+", default=[], metavar="FILE",
+                        help="task files (HellaSwag's format) to write as lm-eval tasks beside the model")
     args = parser.parse_args(argv)
     torch.set_grad_enabled(False)
     with user_errors():
-        checkpoint = export(args.path, args.out)
+        checkpoint, command = export(args.path, args.out, args.lm_eval_task)
     print(f"exported {checkpoint} to {args.out}", file=sys.stderr)
+    if command:
+        print(f"score its tasks: cd {args.out} && {command}", file=sys.stderr)
 
 
 if __name__ == "__main__":

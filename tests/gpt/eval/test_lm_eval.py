@@ -1,5 +1,5 @@
-"""After training: an exported folder runs under lm-evaluation-harness (`lm_eval --model hf`, its command line as
-docs/export.md gives it) on a local task made here, and scores what gptlaunch's own `eval.tasks` scores on the same
+"""After training: an exported folder runs under lm-evaluation-harness (`lm_eval --model hf`, the command
+`python -m gpt.export --lm-eval-task` prints) on a local task made here and written beside the model, and scores what gptlaunch's own `eval.tasks` scores on the same
 file: the same `acc` and `acc_norm`. lm-eval is installed by `make setup` (the `eval` extra); nothing is downloaded."""
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ import torch
 from helpers import SHAKESPEARE
 from gpt.config.model import load_preset
 from gpt.data.tokenizer import CharTokenizer
+from gpt.eval.lm_eval_task import lm_eval_command, write_lm_eval_tasks
 from gpt.eval.multiple_choice import TaskScorer
 from gpt.export import hf_model
 from gpt.hf.tokenizer import save_tokenizer
@@ -23,20 +24,6 @@ from gpt.model.transformer import GPT
 from test_eval_tasks import CHANCE, corpus_task
 
 N = 40
-TASK_YAML = """task: order
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {path}
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{ctx}}}}"
-doc_to_choice: "{{{{endings}}}}"
-doc_to_target: label
-metric_list:
-  - metric: acc
-  - metric: acc_norm
-"""
 
 
 def trained_char_model(tokenizer: CharTokenizer, steps: int = 150) -> GPT:
@@ -58,17 +45,20 @@ def trained_char_model(tokenizer: CharTokenizer, steps: int = 150) -> GPT:
 
 
 def lm_eval_scores(folder: Path, task: str, tmp_path: Path) -> dict[str, float]:
-    """`lm_eval` on the exported folder, offline, as docs/export.md runs it; its acc and acc_norm."""
-    tasks = tmp_path / "tasks"
-    tasks.mkdir()
-    (tasks / "order.yaml").write_text(TASK_YAML.format(path=task))
+    """`lm_eval` on the exported folder, offline, from inside it, on the task that `python -m gpt.export
+    --lm-eval-task` writes beside the model (relative paths: the folder is moved first); its acc and acc_norm."""
+    assert write_lm_eval_tasks([task], folder) == ["order"]
+    folder = folder.rename(tmp_path / "moved")
+    command = lm_eval_command(["order"], 0).split()[2:]  # after its two environment variables, set below
+    assert command == ["lm_eval", "--model", "hf", "--model_args", "pretrained=.,prefix_token_id=0",
+                       "--include_path", "lm_eval", "--tasks", "order"]
+    command[4] += ",dtype=float32"
     out = tmp_path / "lm_eval_out"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_DATASETS_CACHE": str(tmp_path / "hf"),
            "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.run([sys.executable, "-m", "lm_eval", "--model", "hf", "--include_path", str(tasks),
-                           "--tasks", "order", "--model_args", f"pretrained={folder},dtype=float32,prefix_token_id=0",
-                           "--device", "cpu", "--batch_size", "16", "--output_path", str(out)],
-                          capture_output=True, text=True, env=env, timeout=600)
+    proc = subprocess.run([sys.executable, "-m", *command, "--device", "cpu", "--batch_size", "16",
+                           "--output_path", str(out)],
+                          capture_output=True, text=True, env=env, timeout=600, cwd=folder)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads(next(out.rglob("results_*.json")).read_text())["results"]["order"]
     return {"acc": results["acc,none"], "acc_norm": results["acc_norm,none"]}

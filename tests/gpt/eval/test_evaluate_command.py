@@ -1,0 +1,67 @@
+"""`python -m gpt.evaluate` scores any checkpoint of a run after the fact: a step chosen by --step, task files
+scored with the figures training logged for that step, text files' perplexity, and bad input in one line."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from helpers import launch, read_metrics
+from gpt.eval.perplexity import text_loss, text_rows
+from gpt import evaluate
+from test_eval_tasks import corpus_task
+
+TRAIN = ["model=tiny", "train.max_steps=20", "train.warmup_steps=5", "train.lr=3e-3", "train.global_batch_size=8",
+         "train.eval_interval=10", "train.eval_batches=2", "checkpoint.interval_steps=10", "checkpoint.keep=2"]
+
+
+def scored(capsys, *argv: str) -> dict:
+    evaluate.main([*argv, "--device", "cpu", "--batches", "2"])
+    return json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(data_overrides, tmp_path, capsys):
+    task = corpus_task(tmp_path / "order.jsonl", 31)
+    text = tmp_path / "held_out.txt"
+    text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6)
+    launch(*TRAIN, *data_overrides, f"eval.tasks=[{task}]", run_dir=tmp_path / "run")
+    logged = {r["step"]: r for r in read_metrics(tmp_path / "run", kind="val")}
+    for step in (10, 20):
+        figures = scored(capsys, str(tmp_path / "run"), "--step", str(step), "--tasks", task, "--text", str(text))
+        assert figures["step"] == step and figures["checkpoint"].endswith(f"step_{step:08d}")
+        assert figures["tasks/order/acc"] == pytest.approx(logged[step]["tasks/order/acc"], abs=1e-4)
+        assert figures["tasks/order/acc_norm"] == pytest.approx(logged[step]["tasks/order/acc_norm"], abs=1e-4)
+        assert figures["text/held_out/perplexity"] == pytest.approx(2.718281828 ** figures["text/held_out/loss"],
+                                                                    rel=1e-3)
+    assert scored(capsys, str(tmp_path / "run"))["step"] == 20  # without --step: the newest
+    with pytest.raises(SystemExit) as stop:
+        scored(capsys, str(tmp_path / "run"), "--step", "15")
+    assert stop.value.code == 2
+    assert capsys.readouterr().err.strip().endswith("has no complete checkpoint of that step (steps it has: 10, 20)")
+    with pytest.raises(SystemExit):
+        scored(capsys, str(tmp_path / "run"), "--tasks", str(text))
+    assert capsys.readouterr().err.startswith(f"error: --tasks {text}:1: a JSONL file of")
+
+
+def test_a_text_file_is_scored_on_every_token_after_its_first(tmp_path):
+    from gpt.config.model import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
+    from gpt.model.transformer import GPT
+
+    tokenizer = CharTokenizer(sorted(set("abcdefgh ")))
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=tokenizer.vocab_size)).eval()
+    text = tmp_path / "t.txt"
+    text.write_text("abc defgh abcdefg ")  # 18 tokens: rows of 8, 8 and 1 predicted tokens
+    x, y = text_rows(str(text), tokenizer, 8, 0)
+    assert x.shape == (3, 8) and (y != -1).sum().item() == 17
+    tokens = torch.tensor(tokenizer.encode(text.read_text()))
+    pieces = [tokens[start:start + 9] for start in (0, 8, 16)]  # each row's inputs and its next tokens
+    with torch.no_grad():
+        summed = sum(float(model(p[None, :-1], p[None, 1:])[1]) * (len(p) - 1) for p in pieces)
+    expected = summed / 17
+    figures = text_loss(model, str(text), tokenizer, batch_size=2, limit=0, device="cpu")
+    assert figures["text/t/loss"] == pytest.approx(expected, rel=1e-5)
+    assert text_rows(str(text), tokenizer, 8, 2)[0].shape == (2, 8)  # --limit: the first rows
