@@ -9,6 +9,7 @@ user had it before anything runs (`composed`), so that Hydra reports our bugs as
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import sys
@@ -18,6 +19,7 @@ from typing import Any
 
 from launch.launch_config import valid_for
 from gpt.errors import EXIT_USER, ConfigError, UserError
+from gpt.resilience.disk_faults import WHY, cause, os_error
 
 FULL_ERROR = "HYDRA_FULL_ERROR"
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"  # strategy=NAME has no folder: its registry stores them
@@ -80,7 +82,21 @@ def user_error(e: Exception, overrides: Sequence[str]) -> UserError | None:
         return UserError(f"an override Hydra cannot parse: {one_line(e)}")
     if isinstance(e, (ConfigCompositionException, OmegaConfBaseException)):
         return UserError(one_line(e) + (f" ({one_line(cause)})" if cause is not None else ""))
-    return None
+    return storage_error(e)
+
+
+def storage_error(e: BaseException) -> UserError | None:
+    """A run folder Hydra cannot write (its log file, the folder itself) on a read-only, full or foreign file
+    system: what it is and what to do, in one line, before anything ran."""
+    error = os_error(e)
+    if error is None or error.errno not in WHY:
+        return None
+    where = error.filename or "the run folder"
+    todo = {errno.ENOSPC: "free space there", errno.EDQUOT: "free space or ask for more quota",
+            errno.EROFS: "remount it read-write (or ask your site why it went read-only)"}.get(
+        error.errno, "make it writable for you")
+    return UserError(f"cannot write {where}: {cause(error)}; nothing started: {todo} and run the same command "
+                     f"again, or give the run another folder (hydra.run.dir=DIR; a sweep: hydra.sweep.dir=DIR)")
 
 
 def override_of(key: str, overrides: Sequence[str]) -> tuple[str, Any]:

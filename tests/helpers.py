@@ -2,6 +2,7 @@
 as a user would, read what a run folder holds, and compose configs as the app does."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,3 +135,25 @@ def plan(run_dir: Path, *overrides: str) -> Path:
 
     make_plan(launch_config.parse(compose(*overrides)), run_dir)
     return run_dir
+
+
+@contextlib.contextmanager
+def tmpfs(path: Path, size: int) -> Iterator[Path]:
+    """A tmpfs of `size` bytes mounted at `path` (made here), as root; unmounted after, with any read-only view a
+    test stacked over it."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                             text=True)
+    assert mounted.returncode == 0, f"this test mounts a small tmpfs as root: {mounted.stderr.strip()}"
+    try:
+        yield path
+    finally:
+        while os.path.ismount(path):
+            subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def read_only(mount: Path) -> None:
+    """New opens under `mount` fail with EROFS: a read-only bind mount over it (a file a process keeps open for
+    writing makes the file system itself refuse `remount,ro`: EBUSY)."""
+    subprocess.run(["mount", "--bind", str(mount), str(mount)], check=True)
+    subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)

@@ -55,12 +55,13 @@ class Outage:
 
 
 class LogFile(logging.FileHandler):
-    """A rank's log file in the run folder: a line it cannot write is dropped, said once on the console, never
-    logging's "--- Logging error ---" traceback for each line."""
+    """A log file in the run folder (a rank's; the launcher's, as Hydra's job logging's file handler): a line it
+    cannot write is dropped, said once on the console, never logging's "--- Logging error ---" traceback for each
+    line."""
 
-    def __init__(self, path: Path):
-        super().__init__(path)
-        self.outage = Outage("the log file", path.parent, "its lines go to the console only")
+    def __init__(self, filename: str | Path, mode: str = "a", encoding: str | None = None, delay: bool = False):
+        super().__init__(filename, mode, encoding, delay)
+        self.outage = Outage("the log file", Path(filename).parent, "its lines go to the console only")
 
     def handleError(self, record: logging.LogRecord) -> None:
         e = sys.exc_info()[1]
@@ -68,6 +69,13 @@ class LogFile(logging.FileHandler):
             self.outage.failed(e)
         else:
             super().handleError(record)
+
+    def close(self) -> None:
+        """The last buffered lines flushed at close may find the disk full too: dropped as any other line."""
+        try:
+            super().close()
+        except OSError as e:
+            self.outage.failed(e)
 
 
 class RecordFile:

@@ -4,7 +4,6 @@ rank says the same one line (the folder, the space a checkpoint needs), and the 
 checkpoint.on_save_error=continue trains on and saves once there is room again, bitwise as if nothing happened."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -18,24 +17,12 @@ from pathlib import Path
 
 import pytest
 
-from helpers import REPO, launch, losses, wait_until
+from helpers import REPO, launch, losses, tmpfs, wait_until
 from gpt.checkpoint.store import list_checkpoints, verify
 from gpt.run_folder import RunFolder
 
 RUN = ["model=tiny", "strategy=ddp", "cluster.tasks_per_node=2", "train.warmup_steps=2", "train.eval_interval=0",
        "train.log_interval=1", "checkpoint.interval_steps=4"]
-
-
-@contextlib.contextmanager
-def tmpfs(path: Path, size: int):
-    path.mkdir(parents=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
-                             text=True)
-    assert mounted.returncode == 0, f"this test mounts a small tmpfs as root: {mounted.stderr.strip()}"
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from gpt.errors import EXIT_HANG
 from gpt.resilience.progress import Progress
 from launch.recovery.hang import HangReport
 from launch.recovery.watchdog import Watchdog
-from helpers import launch
+from helpers import launch, read_only, tmpfs
 from test_watchdog import RUN
 
 # A rank that hangs in start-up: its watchdog fires after startup_s (3 s: the test breaks the storage first, with
@@ -65,20 +65,9 @@ def run_rank(tmp_path: Path, run_dir: Path, break_storage) -> tuple[subprocess.C
 
 
 @pytest.fixture
-def tmpfs(tmp_path):
-    mount = tmp_path / "mnt"
-    mount.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mount)], check=True)
-    yield mount
-    while os.path.ismount(mount):  # the tmpfs, and the read-only view over it where a test made one
-        subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
-def read_only(mount: Path) -> None:
-    """New opens under `mount` fail with EROFS. A read-only view over it (a bind mount), since a file the rank
-    keeps open for writing (its node's heartbeat record) makes the tmpfs itself refuse `remount,ro` (EBUSY)."""
-    subprocess.run(["mount", "--bind", str(mount), str(mount)], check=True)
-    subprocess.run(["mount", "-o", "remount,bind,ro", str(mount)], check=True)
+def mount(tmp_path):
+    with tmpfs(tmp_path / "mnt", 256 * 1024) as mounted:
+        yield mounted
 
 
 def fill(mount: Path) -> None:
@@ -95,15 +84,15 @@ def fill(mount: Path) -> None:
 
 @pytest.mark.parametrize("fault", ["report path is a directory", "disk full", "read-only"])
 @pytest.mark.slow
-def test_a_watchdog_whose_report_fails_still_requeues_and_exits(tmp_path, tmpfs, fault):
-    run_dir = tmpfs / "run"
+def test_a_watchdog_whose_report_fails_still_requeues_and_exits(tmp_path, mount, fault):
+    run_dir = mount / "run"
     if fault == "report path is a directory":
         (run_dir / "hang-1.txt").mkdir(parents=True)  # EISDIR at every write of the readable report
         breaks = lambda: None  # noqa: E731
     elif fault == "disk full":
-        breaks = lambda: fill(tmpfs)  # noqa: E731
+        breaks = lambda: fill(mount)  # noqa: E731
     else:
-        breaks = lambda: read_only(tmpfs)  # noqa: E731
+        breaks = lambda: read_only(mount)  # noqa: E731
     proc, asked, took = run_rank(tmp_path, run_dir, breaks)
     print(f"{fault}: the rank asked to requeue and exited {took:.1f} s after it started (startup_s=3)")
     assert proc.returncode == EXIT_HANG, proc.stdout[-3000:]
