@@ -287,6 +287,11 @@ NOT_RUNS = tuple(str(p) for p in (_NAMES.report, _NAMES.tensorboard, _NAMES.hydr
                                   _NAMES.checkpoints, _NAMES.logs))
 
 
+# How an attempt the user ended ended, in its line: neither a preemption nor a failure, and not a fault of the run
+CANCELLED = "cancelled by the user"  # scancel, launch.cancel
+CTRL_C = "Ctrl-C"  # a local run stopped from its terminal
+
+
 class Next(Enum):
     """What follows an attempt that ended early, in order of cost (launch.recovery.decision decides it)."""
 

@@ -20,13 +20,13 @@ from launch import launch_config
 from gpt.data import absolute
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
-from gpt.run_folder import RunFolder
+from gpt.run_folder import CANCELLED, RunFolder
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, backend_for, scheduler
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
-from launch.run.job_record import CANCELLED, cancelled_by_user, record_job
+from launch.run.job_record import cancelled_by_user, record_job
 from launch.planning.plan import make_plan
 from launch.planning.planned_run import PlannedRun
 

@@ -16,7 +16,7 @@ from typing import Any
 from launch import launch_config
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
-from gpt.run_folder import NOT_RUNS, AttemptLine, Next, RunFolder
+from gpt.run_folder import CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import failed_saves_line, ran_on
@@ -27,7 +27,6 @@ REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that bui
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
 UNKNOWN = "unknown"  # its job's state: the scheduler does not answer (launch.status exits 4)
 STOPPED = "stopped (the same command continues it)"  # saved after a signal or a preemption, not requeued: exits 1
-CANCELLED = "cancelled by the user"  # a verdict too: launch.status exits 0 for it
 
 
 @dataclass(frozen=True)
@@ -146,7 +145,8 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
     interrupted = next((a.ended for a in reversed(attempts) if a.ended and not (a.finished or a.stopped_early)), "")
     early = AttemptLine.stopped_early_why(attempts)
-    stopped = bool(attempts) and attempts[-1].ended.startswith("preempted") and not attempts[-1].requeued
+    stopped = bool(attempts) and (attempts[-1].ended.startswith("preempted") or attempts[-1].ended == CTRL_C) \
+        and not attempts[-1].requeued
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,

@@ -18,7 +18,7 @@ from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpt.run_folder import AttemptLine, RunFolder
+from gpt.run_folder import CANCELLED, CTRL_C, AttemptLine, RunFolder
 
 PRIOR_MTBI_H = 24.0  # the prior mean time between interruptions, until the run has seen some
 PRIOR_SAVE_S = 30.0  # the prior cost of a save, until the run has measured one
@@ -168,7 +168,7 @@ def young_daly_minutes(save_s: float, mtbi_s: float) -> float:
 def interruption_rate(attempts: list[AttemptLine]) -> tuple[float, str]:
     """Mean seconds between interruptions seen in the attempts log, or the prior; and where it came from."""
     ended = [a for a in attempts if a.goodput]
-    stops = sum(1 for a in ended if not a.finished)
+    stops = sum(1 for a in ended if not a.finished and a.ended not in (CANCELLED, CTRL_C))
     allocated = sum(a.goodput["allocated_s"] for a in ended)
     if stops:
         return allocated / stops, f"{stops} interruption(s) in {allocated / 3600:.2f} h of this run's attempts"

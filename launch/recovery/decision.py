@@ -126,8 +126,8 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
     cause, job = end.cause, end.job
     if cause is Cause.STOPPED:
         return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
-    if cause is Cause.CANCELLED:
-        return Outcome(Next.STOP, f"{end.ended}; {continues(newest)}")
+    if cause is Cause.CANCELLED:  # the line says "cancelled by the user" in `ended`: the note says what then
+        return Outcome(Next.STOP, continues(newest))
     began = end.began if end.began is not None else end.mark.get("first_step") if end.mark else newest
     if cause.bounded and (repeated := repeated_recovery(earlier, began, newest)):
         where = f"step {newest}" if newest is not None else "the start"

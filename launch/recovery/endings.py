@@ -12,12 +12,13 @@ from gpt.errors import error_line
 from gpt.resilience.progress import PROGRESS
 from gpt.resilience.timing import ACTOR_WAIT_S
 from gpt.train.summary import FitSummary
+from gpt.run_folder import CANCELLED, CTRL_C
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
 from launch.recovery.lost import end_for_lost_node
 from launch.recovery.rounds import hosts_of
 from launch.recovery.watchdog import Watchdog
 from launch.run.attempts import Attempt, hang_report_name
-from launch.run.job_record import CANCELLED, cancel_requested
+from launch.run.job_record import cancel_requested
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ def why_stopped(attempt: Attempt, restarts: int, summary: FitSummary, record: di
     record = {**record, **({"straggler": straggler} if straggler else {})}
     ended = f"node failure: {lost}" if lost_here else f"preempted:{signalled}"
     if signalled == "SIGINT":
-        return Ending(run_dir, job, Cause.STOPPED, ended, restarts, record=record)
+        return Ending(run_dir, job, Cause.STOPPED, CTRL_C, restarts, record=record)
     if lost_here:
         return Ending(run_dir, job, Cause.NODE_FAILURE, ended, restarts, lost_here, record)
     if cancel_requested(run_dir, job.job_id) or (signalled == "SIGTERM" and job.cancelled()):

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from gpt.resilience.lease import fence
-from gpt.run_folder import RunFolder, write_json
+from gpt.run_folder import CANCELLED, RunFolder, write_json
 from launch.rank.job_env import JobEnvironment
 
 
@@ -34,7 +34,6 @@ def recorded_job(run_dir: Path) -> tuple[str | None, float]:
         return None, 0.0
 
 
-CANCELLED = "cancelled by the user"  # how an attempt the user cancelled ended, in its line (launch.recovery.decision)
 
 
 def request_cancel(run_dir: Path, job_ids: list[str]) -> None:

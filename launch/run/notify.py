@@ -13,9 +13,8 @@ from pathlib import Path
 
 from gpt.config.notify import NotifyConfig
 from gpt.errors import UserError
-from gpt.run_folder import AttemptLine, Next, RunFolder
+from gpt.run_folder import CANCELLED, CTRL_C, AttemptLine, Next, RunFolder
 from launch import launch_config
-from launch.run.job_record import CANCELLED
 
 log = logging.getLogger(__name__)
 TIMEOUT_S = 10.0  # a webhook or command that takes longer is given up: the attempt's end must not wait on it
@@ -27,7 +26,7 @@ def event_of(line: AttemptLine) -> str:
         return "finished"
     if line.stopped_early:
         return "stopped early"
-    if line.ended.startswith(CANCELLED):
+    if line.ended.startswith(CANCELLED) or line.ended == CTRL_C:  # the user stopped it
         return "cancelled"
     if line.ended.startswith("diverged"):
         return "diverged"

@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from helpers import REPO, launch, losses
+from gpt.resilience.goodput import interruption_rate, run_goodput
+from gpt.run_folder import RunFolder
 
 RUN = ["model=tiny", "cluster.nodes=2", "strategy=ddp", "train.max_steps=60", "train.log_interval=1",
        "train.eval_interval=0", "checkpoint.interval_steps=1000", "debug.delay_rank=0", "debug.delay_s=0.05",
@@ -42,6 +44,10 @@ def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_ove
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     stopped_at = len(losses(run))
     assert 10 <= stopped_at < 60 and (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
+    line = RunFolder(run).attempts.read()[-1]
+    assert line.ended == "Ctrl-C" and not line.requeued, line  # the user stopped it: no preemption, no fault
+    assert run_goodput([line]).describe().endswith("interrupted by Ctrl-C")
+    assert interruption_rate([line])[1].startswith("no interruption seen yet")  # it sets no checkpoint interval
     again = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
     assert again.startswith("python -m launch ") and f"hydra.run.dir={run}" in again
     resumed = subprocess.run([sys.executable, *shlex.split(again)[1:]], cwd=REPO, capture_output=True, text=True,

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from launch import launch_config
 from gpt.errors import UserError
 from launch.recovery.hang import newest_hang
-from gpt.run_folder import AttemptLine, Next, RunFolder
+from gpt.run_folder import CANCELLED, AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submit import Submitted, show_path
 from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
-from launch.run.job_record import CANCELLED, cancelled_by_user
+from launch.run.job_record import cancelled_by_user
 from launch.recovery.rounds import finished_on_spares
 
 OUTAGE_GRACE_S = 120  # Slurm's commands may fail this long before the waiter gives up on them
