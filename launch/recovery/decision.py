@@ -61,6 +61,7 @@ class Ending:
     began: int | None = None
     mark: dict[str, Any] | None = None
     wait_s: float = 0.0  # how long to wait for the line of the process that decided instead
+    claimed: bool = False  # this process claimed the attempt already (AttemptsLog.claim: the one claim of its end)
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,7 @@ def recover(end: Ending) -> Outcome:
     attempts = RunFolder(end.run_dir).attempts
     key = marked_attempt(end.mark) if end.mark is not None else this_attempt(end.job)
     try:
-        mine = attempts.claim(key)
+        mine = end.claimed or attempts.claim(key)
     except OSError:  # the storage fails: decide anyway (the requeue comes first), the line may not be written
         mine = True
     if not mine:
