@@ -60,6 +60,27 @@ def write_json(path: Path, record: Any, indent: int | None = None) -> None:
         raise
 
 
+def claim(path: Path, text: str = "") -> bool:
+    """The one claim of a run folder (an attempt's line, a hang report, an in-job round, a lease generation): True for
+    the first process of any host to create `path`, False for every other. `text` is in the file as it appears (a
+    hard link of a finished temporary file). Errors other than "it exists" are the caller's (the storage failed)."""
+    if not text:
+        try:
+            os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            return False
+        return True
+    tmp = path.with_name(f".{path.name}.{socket.gethostname()}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink(missing_ok=True)
+    return True
+
+
 def read_json_lines(path: Path) -> list[Any]:
     """Each line of a JSON-lines file, oldest first; none if it cannot be read. A line cut short (its writer was
     killed, or is still writing) is skipped."""
@@ -185,10 +206,6 @@ class RunFolder:
     @property
     def node_secret(self) -> Path:
         return self.watchdog / "node-secret"
-
-    def attempt_claim(self, job_id: str | None, restart: int, round_: int = 0, launch: str = "") -> Path:
-        """Taken (created exclusively) by the one task that records how an attempt ended for its aborted peers."""
-        return self.watchdog / f"claim-{job_id}-{restart}{AttemptsLog.round_suffix(round_, launch)}"
 
     @property
     def rounds(self) -> Path:
@@ -394,11 +411,7 @@ class AttemptsLog:
     def claim(self, key: str) -> bool:
         """Whether this process is the one that writes attempt `key`'s line (the first to ask, of any host)."""
         self.claims.mkdir(parents=True, exist_ok=True)
-        try:
-            os.close(os.open(self.claims / key, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-        except FileExistsError:
-            return False
-        return True
+        return claim(self.claims / key)
 
     def unclaim(self, key: str) -> None:
         """Give attempt `key`'s line back (its attempt went on after all: it writes its own)."""

@@ -4,7 +4,9 @@ Without --now each running job gets the run's preemption signal (preemption.sign
 limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
 cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
 cancelled, pending jobs at once. The same launch command continues the run from that checkpoint. --now cancels at
-once (the run continues from its newest earlier checkpoint). A sweep's report job is left to run: it builds the
+once (the run continues from its newest earlier checkpoint). A packed allocation (launcher.pack) is one job of
+several runs: each of them is told, the packer then requeues nothing (launch.recovery.packed), and the cancel waits
+for every one of its running points to save. A sweep's report job is left to run: it builds the
 report of what was done. When the scheduler does not answer it says so and exits 1: an outage is not "no job".
 Torch-free: it runs on a login node.
 """
@@ -35,8 +37,10 @@ def preemption_signal(run_dir: Path) -> str:
 
 
 def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdout) -> int:
-    runs = run_folders(target)
-    by_job = {j: r for r in runs for j in job_ids(r)}
+    by_job: dict[str, list[Path]] = {}  # a packed allocation's job runs several
+    for r in run_folders(target):
+        for j in job_ids(r):
+            by_job.setdefault(j, []).append(r)
     try:
         infos = ask_scheduler(sorted(by_job))
     except SchedulerUnavailable as e:  # not "no job": its jobs may wait or run
@@ -53,7 +57,7 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     first = sorted(set(live) - set(running)) if not now and running else []
     jobs = scheduler()
     try:  # each run's signal, read before anything is sent or written: a config that cannot be read stops nothing
-        signals = {j: preemption_signal(by_job[j]) for j in running} if not now else {}
+        signals = {j: preemption_signal(by_job[j][0]) for j in running} if not now else {}
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -64,7 +68,8 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
                 signal_saving(jobs, by_job[j], j, name)
             print(f"sent the preemption signal to job(s) {' '.join(running)}: their ranks save a checkpoint",
                   file=out, flush=True)
-            _wait_off_running(running, wait_s, lambda: all(cancelled_by_user(by_job[j], j) for j in running))
+            _wait_off_running(running, wait_s,
+                              lambda: all(cancelled_by_user(r, j) for j in running for r in by_job[j]))
         jobs.cancel(sorted(set(live) - set(first)))
     except SchedulerUnavailable as e:
         return _unanswered(e, f"job(s) {' '.join(sorted(live))} may not all be cancelled")
@@ -79,15 +84,18 @@ def _unanswered(error: SchedulerUnavailable, done: str) -> int:
     return 1
 
 
-def signal_saving(jobs: Backend, run_dir: Path, job_id: str, name: str) -> None:
-    """The request first (a rank reads it once it has saved at the signal, to stop as cancelled rather than
-    requeue), then the signal; a signal that fails takes its request back: a request no signal follows would make
-    the job's next preemption read as the user's cancel."""
-    request_cancel(run_dir, [job_id])
+def signal_saving(jobs: Backend, run_dirs: list[Path], job_id: str, name: str) -> None:
+    """The request first, in every run folder of the job (a rank reads it once it has saved at the signal, to stop as
+    cancelled rather than requeue; a packer, not to requeue the allocation), then the signal; a signal that fails
+    takes its requests back: a request no signal follows would make the job's next preemption read as the user's
+    cancel."""
+    for run_dir in run_dirs:
+        request_cancel(run_dir, [job_id])
     try:
         jobs.cancel([job_id], signal=name)
     except BaseException:
-        withdraw_cancel(run_dir, job_id)
+        for run_dir in run_dirs:
+            withdraw_cancel(run_dir, job_id)
         raise
 
 

@@ -26,7 +26,7 @@ from pathlib import Path
 from gpt.errors import EXIT_FAILED, UserError
 from gpt.resilience.disk_faults import Outage
 from gpt.resilience.timing import LEASE_BEAT_S, LEASE_STALE_S
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, claim
 
 log = logging.getLogger(__name__)
 
@@ -129,14 +129,8 @@ class Lease:
                   launch=launch)
         claims = RunFolder(run_dir).lease_claims
         claims.mkdir(parents=True, exist_ok=True)
-        tmp = claims / f".{g}.{me.host}.{me.pid}.tmp"
-        tmp.write_text(json.dumps(asdict(me)))
-        try:
-            os.link(tmp, claims / str(g))  # atomic create: exactly one taker of generation g
-        except FileExistsError:
-            raise LeaseLost(f"another process took generation {g} of {run_dir} first") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+        if not claim(claims / str(g), json.dumps(asdict(me))):  # exactly one taker of generation g
+            raise LeaseLost(f"another process took generation {g} of {run_dir} first")
         lease = cls(run_dir, g, me)
         lease.beat()
         RunFolder(run_dir).lease_beat_before_rename.unlink(missing_ok=True)  # lease.json is read from now on

@@ -49,7 +49,8 @@ class Ending:
     """An attempt that ends early, as the site that saw it knows it: `ended` and `record` go into its line;
     `hosts` are left out of the next round and the requeue; `began` is the step it resumed from (None: it had not
     begun training, nothing saved since); `mark` is the mark of an attempt that wrote no line (its line is made from
-    it, with the training its checkpoint kept)."""
+    it, with the training its checkpoint kept); `points`: the run folders of a packed allocation, where the ending is
+    the allocation's (launch.recovery.packed; `run_dir` is its first)."""
 
     run_dir: Path
     job: JobEnvironment
@@ -61,6 +62,8 @@ class Ending:
     began: int | None = None
     mark: dict[str, Any] | None = None
     wait_s: float = 0.0  # how long to wait for the line of the process that decided instead
+    claimed: bool = False  # this process claimed the attempt already (AttemptsLog.claim: the one claim of its end)
+    points: tuple[Path, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,7 @@ def recover(end: Ending) -> Outcome:
     attempts = RunFolder(end.run_dir).attempts
     key = marked_attempt(end.mark) if end.mark is not None else this_attempt(end.job)
     try:
-        mine = attempts.claim(key)
+        mine = end.claimed or attempts.claim(key)
     except OSError:  # the storage fails: decide anyway (the requeue comes first), the line may not be written
         mine = True
     if not mine:
@@ -126,8 +129,9 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
     cause, job = end.cause, end.job
     if cause is Cause.STOPPED:
         return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
-    if cause is Cause.CANCELLED:  # the line says "cancelled by the user" in `ended`: the note says what then
-        return Outcome(Next.STOP, continues(newest))
+    if cause is Cause.CANCELLED:  # an attempt's line says "cancelled by the user" as how it ended: the note, what then
+        said = f"{end.ended}; " if end.points else ""  # a packed allocation has no line of its own
+        return Outcome(Next.STOP, said + continues(newest, end.points))
     began = end.began if end.began is not None else end.mark.get("first_step") if end.mark else newest
     if cause.bounded and (repeated := repeated_recovery(earlier, began, newest)):
         where = f"step {newest}" if newest is not None else "the start"
@@ -147,7 +151,7 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
         return Outcome(Next.REQUEUE, note)
     if cause is Cause.HEALTH:
         return Outcome(Next.CONTINUE, note)
-    hint = "" if cause is Cause.PREEMPTED and "preempted_by" not in end.record else continues(newest)
+    hint = "" if cause is Cause.PREEMPTED and "preempted_by" not in end.record else continues(newest, end.points)
     return Outcome(Next.STOP, "; ".join(filter(None, [note, hint])))
 
 
@@ -175,7 +179,9 @@ def decided_elsewhere(run_dir: Path, job: JobEnvironment, wait_s: float) -> Outc
         time.sleep(0.2)
 
 
-def continues(newest: int | None) -> str:
+def continues(newest: int | None, points: tuple[Path, ...] = ()) -> str:
+    if points:
+        return f"the same command continues its {len(points)} point(s), each from its newest checkpoint"
     where = f"its newest checkpoint (step {newest})" if newest is not None else "the start (no checkpoint yet)"
     return f"the same command continues the run from {where}"
 

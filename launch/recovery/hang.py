@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch.recovery.flight_recorder import Stuck, as_records, read_dumps
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, claim
 
 log = logging.getLogger(__name__)
 
@@ -187,9 +187,8 @@ class HangReport:
     def claim(self) -> bool | None:
         """Create the (empty) report: True for the first rank, False for the others, None when it cannot be."""
         try:
-            os.close(os.open(self.json_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
-            return True
-        except FileExistsError:
+            if claim(self.json_path):
+                return True
             if not self.json_path.is_dir():
                 return False
             log.warning("watchdog: cannot write the hang report %s: it is a directory", self.json_path)

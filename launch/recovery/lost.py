@@ -8,11 +8,12 @@ repeat on every restart. The job then fails with the rank named, and the same co
 
 The task records the attempt's line itself, then marks the rank's heartbeat ended, so that its peers (whose
 collectives failed) leave the attempt to it instead of reporting a hang or a failure of their own. When several
-ranks vanish at once (every rank of a node killed), one task claims the attempt (AttemptsLog.claim) and records it
-and asks Slurm to requeue; the others read its line.
+ranks vanish at once (every rank of a node killed), one task claims the attempt (AttemptsLog.claim, the one claim of
+an attempt's end) and records it and asks Slurm to requeue; the others read its line.
 
 A rank that died of SIGABRT may be a survivor instead: on GPUs NCCL's error handling aborts every rank left once a
-peer is lost or fails. Its task then names that peer (culprit_of_abort), and only one task records the attempt. A peer
+peer is lost or fails. Its task then names that peer (culprit_of_abort), and only the task that claims the attempt
+records it. A peer
 whose heartbeat stopped while no rank on its host shows life took its host with it: that host is left out of the next
 round and of the requeue at once, without waiting minutes for Slurm to mark it down.
 
@@ -25,7 +26,6 @@ alone: from every rank, a lost node at a thousand nodes would be thousands of ca
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +42,14 @@ from launch.recovery.rounds import hosts_of
 
 
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
-                          gone: tuple[str, ...] = ()) -> Outcome:
+                          gone: tuple[str, ...] = (), claimed: bool = False) -> Outcome:
     """`line` says which rank died how; `started` is when this attempt's task began; `gone`: hosts the heartbeats
-    say are lost, whatever the scheduler says yet (left out of the next round and the requeue)."""
+    say are lost, whatever the scheduler says yet (left out of the next round and the requeue); `claimed`: this task
+    claimed the attempt already (a survivor that found the culprit)."""
     job = job_environment()
     outcome = recover(Ending(run_dir, job, Cause.LOST_RANK, line, _max_restarts(run_dir), tuple(gone),
-                             {"lost_rank": rank}, mark=_mark(run_dir, job, started), wait_s=SCHEDULER_GRACE_S))
+                             {"lost_rank": rank}, mark=_mark(run_dir, job, started), wait_s=SCHEDULER_GRACE_S,
+                             claimed=claimed))
     end_heartbeat(run_dir, rank, f"vanished: {line}")
     return outcome
 
@@ -142,20 +144,9 @@ def _peers(run_dir: Path, rank: int, with_self: bool = False) -> dict[int, dict]
             if b.get("attempt") == attempt and (with_self or r != rank) and "time" in b}
 
 
-def claim_attempt(run_dir: Path) -> bool:
-    """Whether this task is the one that records this attempt's end for the aborted survivors (the first to ask)."""
-    job = job_environment()
-    try:
-        claim = RunFolder(run_dir).attempt_claim(job.job_id, job.restart, job.round, job.launch)
-        os.close(os.open(claim, os.O_CREAT | os.O_EXCL))
-    except FileExistsError:
-        return False
-    return True
-
-
 def record_failed_peer(run_dir: Path, line: str) -> None:
     """A peer failed with an error of its own and NCCL aborted the rest: the attempt's line carries that error,
-    unless a rank wrote it already (rank 0 records its own failure)."""
+    unless a rank wrote it already (rank 0 records its own failure) or another process claimed it."""
     job = job_environment()
     mark = RunFolder(run_dir).attempts.read_mark()
     if this_attempts_line(run_dir, job) is not None or mark is None:

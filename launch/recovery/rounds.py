@@ -13,14 +13,13 @@ size, same layout, a new rendezvous port (launch.rank.environment.master_port), 
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from launch import launch_config
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, claim
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
 
 
@@ -64,15 +63,7 @@ class Rounds:
         """Ask for round `k`; False when another process asked first (its request stands)."""
         path = self.path(k)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(record))
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        finally:
-            tmp.unlink(missing_ok=True)
-        return True
+        return claim(path, json.dumps(record))
 
 
 IN_JOB = "restarting inside the allocation"

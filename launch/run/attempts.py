@@ -41,6 +41,11 @@ def this_attempt(job: JobEnvironment) -> str:
     return AttemptsLog.key(job.job_id, job.restart, fenced_generation(), job.round, job.launch)
 
 
+def claim_this_attempt(run_dir: Path, job: JobEnvironment) -> bool:
+    """Whether this process decides and writes this attempt's line (the first to ask, of any host)."""
+    return RunFolder(run_dir).attempts.claim(this_attempt(job))
+
+
 def hang_report_name(job: JobEnvironment, number: int) -> Callable[[], str]:
     """What names this attempt's hang report when a hang is seen: its own id, never the count of the attempts log's
     lines (`number`, a fallback for ranks started by hand before the lease): an attempt killed before its line

@@ -62,7 +62,8 @@ def test_launches_that_share_one_job_keep_their_own_attempts(tmp_path: Path):
     assert log.append_once(log.key("7", 0, None, 0, "L2"), "7", 0, {"ended": "finished"}, 0, "L2")
     assert log.line_of("7", 0).launch == "" and log.line_of("7", 0, 0, "L1").in_job_restart == 1
     assert log.line_of("7", 0, 0, "L2").finished and log.line_of("7", 0, 0, "L3") is None
-    assert RunFolder(tmp_path).attempt_claim("7", 0, 0, "L1") != RunFolder(tmp_path).attempt_claim("7", 0)
+    third = log.key("7", 0, None, 0, "L3")
+    assert not log.claim(key) and log.claim(third) and not log.claim(third)
 
 
 def test_a_line_cut_short_is_skipped(tmp_path: Path):

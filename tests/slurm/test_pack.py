@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 import time
 
 import pytest
 
-from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses
+from helpers import wait_until
+from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, run_launch
 from test_slurm_preemption import FIRST_WAITS, urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -95,3 +97,29 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
         assert len(losses(run)) == 30
     err = open(record["stderr"]).read()
     assert "while the packed job's task started; requeued job" in err, err[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_launch_cancel_of_a_packed_sweep_cancels_every_point_after_it_saved_and_requeues_nothing(
+        slurm_cluster, tmp_path, data_overrides):
+    """launch.cancel on a packed sweep whose job runs 2 points at once, a third waiting: one decision for the whole
+    allocation (launch.recovery.packed). Each running point saves and records the user's cancel (not a preemption),
+    the packer requeues nothing and starts no other point, and the job ends with no restart."""
+    sweep = tmp_path / "sweep"
+    slow = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_steps=600"]  # a minute: time to act
+    proc = run_launch(slurm_cluster.env, "-m", "seed=1,2,3", "launcher.pack=true", "launcher.detach=true",
+                      "cluster.cpus_per_task=2", *SLURM, *slow, *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    runs = [sweep / f"seed={s}" for s in SEEDS]
+    wait_until(lambda: all(len(losses(r)) >= 10 if training(r) else False for r in runs[:2]), 200, "2 points training")
+    job = json.loads((runs[0] / "slurm_job.json").read_text())["job_id"]
+    cancel = subprocess.run([sys.executable, "-m", "launch.cancel", str(sweep)], cwd=REPO, env=slurm_cluster.env,
+                            capture_output=True, text=True, timeout=200)
+    assert cancel.returncode == 0 and "sent the preemption signal" in cancel.stdout, cancel.stdout + cancel.stderr
+    assert slurm_cluster.wait_state(job) in ("CANCELLED", "COMPLETED")
+    assert slurm_cluster.job_info(job)["Restarts"] == "0"
+    for run in runs[:2]:
+        [attempt] = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+        assert attempt["ended"] == "cancelled by the user" and not attempt["requeued"], attempt
+        assert 10 <= attempt["last_step"] < 600 and (run / "checkpoints").is_dir(), attempt
+    assert not (runs[2] / "attempts.jsonl").exists() and not training(runs[2])  # never started

@@ -2,10 +2,12 @@
 CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
 starting as one ends.
 
-A preemption signal reaches every step from Slurm itself; here it stops new points from starting. A point's rank
-leaves the requeue to this task (job.PACKED_VAR), which asks for it once every running point has saved: a requeue
-ends every step of the allocation. The requeued allocation skips the finished points, resumes the saved ones and
-runs the ones not started. Kept free of heavy imports: it is unpickled before anything else runs.
+A preemption signal (or launch.cancel's) reaches every step from Slurm itself; here it stops new points from
+starting. A point's rank leaves the requeue to this task (job.PACKED_VAR). Once every running point has saved, the
+recovery wing decides for the whole allocation (launch.recovery.packed) and this task carries it out: a requeue
+(which ends every step of the allocation; the requeued allocation skips the finished points, resumes the saved ones
+and runs the ones not started), or for the user's cancel, none. Kept free of heavy imports: it is unpickled before
+anything else runs.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from pathlib import Path
 from launch import launch_config
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
-from gpt.run_folder import RunFolder
+from gpt.run_folder import Next, RunFolder
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
 from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
@@ -89,13 +91,18 @@ class PackTask:
                     if code != 0 or finished(d):
                         results[str(d)] = outcome(d, code)
         if relay.received or unfinished:
-            self.requeue(dirs[0])
+            ended_early(dirs)
         return results
 
-    def requeue(self, run_dir: Path) -> None:
-        """Every running point has saved: the allocation runs again, for the points not finished."""
-        job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
-        requeued, how = job.requeue(launch_config.load(RunFolder(run_dir).config).preemption.max_restarts)
-        print(f"packed job: {how}", file=sys.stderr, flush=True)
-        if requeued:
-            time.sleep(REQUEUE_WAIT_S)  # Slurm ends this attempt
+
+def ended_early(run_dirs: list[Path]) -> None:
+    """Every running point has saved: recovery's one decision for the allocation, carried out (the requeue is asked
+    for as it decides)."""
+    from launch.recovery.packed import recover_allocation
+
+    outcome = recover_allocation(run_dirs, SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR}))
+    if outcome is None:
+        return  # the batch step decided (this task was killed as it started, and ran again)
+    print(f"packed job: {outcome.note}", file=sys.stderr, flush=True)
+    if outcome.next is Next.REQUEUE:
+        time.sleep(REQUEUE_WAIT_S)  # Slurm ends this attempt

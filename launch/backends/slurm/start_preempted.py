@@ -18,6 +18,7 @@ from gpt.run_folder import RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.run.attempts import this_attempts_line
 from launch.recovery.decision import Cause, Ending, Outcome, recover
+from launch.recovery.packed import recover_allocation
 from launch.recovery.rounds import Rounds
 
 
@@ -38,17 +39,16 @@ def after_failed_step(run_dir: Path, job: JobEnvironment) -> Outcome | None:
     return outcome
 
 
-def after_failed_pack(run_dirs: list[Path], job: JobEnvironment) -> None:
+def after_failed_pack(run_dirs: list[Path], job: JobEnvironment) -> Outcome | None:
     """A packed allocation's one task (launch.backends.slurm.pack_task) killed as it started, before its signal
-    relay: it started no point, so none recorded this attempt, and the allocation is requeued as the task would have
-    requeued it (where Slurm's policy requeues). SlurmJob.requeue reads Slurm's restart count: an allocation the task
-    requeued itself is not requeued twice."""
+    relay: it started no point, so none recorded this attempt, and recovery decides for the allocation as the task
+    would have (launch.recovery.packed: a requeue where Slurm's policy requeues). None when Slurm preempts nothing, or
+    the task decided itself (it claimed the allocation's attempt first)."""
     preempted = job.preemption()
-    if preempted is None:
-        return
-    restarts = launch_config.load(RunFolder(run_dirs[0]).config).preemption.max_restarts
-    _, how = job.requeue(restarts)
-    print(f"{preempted.said} while the packed job's task started; {how}", file=sys.stderr, flush=True)
+    if preempted is None or (outcome := recover_allocation(run_dirs, job)) is None:
+        return None
+    print(f"{preempted.said} while the packed job's task started; {outcome.note}", file=sys.stderr, flush=True)
+    return outcome
 
 
 def main() -> None:

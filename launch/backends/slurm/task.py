@@ -140,14 +140,14 @@ class RankTask:
             result["summary"] = summary
         return result
 
-    def lost(self, rank: int, line: str, started: float, gone: tuple[str, ...] = ()) -> bool:
+    def lost(self, rank: int, line: str, started: float, gone: tuple[str, ...] = (), claimed: bool = False) -> bool:
         """The rank vanished without a word (a signal, not an error of its own): restart the ranks inside the
         allocation or requeue the job, unless that would repeat a crash (launch.recovery.lost); `gone`: hosts to
-        leave out. True: restarted inside the allocation; else this waits for Slurm to stop this attempt (exiting
-        first fails the task)."""
+        leave out; `claimed`: this task claimed the attempt already. True: restarted inside the allocation; else this
+        waits for Slurm to stop this attempt (exiting first fails the task)."""
         from launch.recovery.lost import requeue_for_lost_rank
 
-        outcome = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone)
+        outcome = requeue_for_lost_rank(Path(self.run_dir), rank, line, started, gone, claimed)
         if outcome.runs_again:
             print(f"{line}: {outcome.note}", file=sys.stderr, flush=True)
             if outcome.next is Next.RESTART:
@@ -159,7 +159,8 @@ class RankTask:
         """The rank died of SIGABRT: when NCCL aborted it because a peer was lost or failed, fail this task naming
         that peer (one task records the attempt, and restarts or requeues for a lost one, without the peer's host
         when that went too); True when the next round is asked for instead; False when the abort was its own."""
-        from launch.recovery.lost import claim_attempt, culprit_of_abort, record_failed_peer
+        from launch.recovery.lost import culprit_of_abort, record_failed_peer
+        from launch.run.attempts import claim_this_attempt
 
         run_dir = Path(self.run_dir)
         culprit = culprit_of_abort(run_dir, rank, time.time())
@@ -168,12 +169,11 @@ class RankTask:
         survivor = f"rank {rank} on {host} was aborted (SIGABRT, NCCL's error handling) because"
         if culprit.how == "failed":
             line = describe_failure(culprit.rank, culprit.host, culprit.code, run_dir)
-            if claim_attempt(run_dir):
-                record_failed_peer(run_dir, line)
+            record_failed_peer(run_dir, line)  # by the survivor that claims the attempt
             raise RankFailed(f"{survivor} {line}")
-        if culprit.how == "lost" and claim_attempt(run_dir):
+        if culprit.how == "lost" and claim_this_attempt(run_dir, job_environment()):
             return self.lost(culprit.rank, f"rank {culprit.rank} on {culprit.host} was lost (its heartbeat stopped)",
-                             started, (culprit.host,) if culprit.host_gone else ())
+                             started, (culprit.host,) if culprit.host_gone else (), claimed=True)
         if next_round():  # the task that recorded the loss restarts the ranks inside the allocation
             return True
         if culprit.how == "aborted first":
