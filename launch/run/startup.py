@@ -73,7 +73,10 @@ class StartupClock:
 
     @staticmethod
     def describe(breakdown: dict[str, float]) -> str:
-        parts = [f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in PHASES if k in breakdown]
+        """The phases inside the total; a requeue's wait in the scheduler came before the attempt started, after."""
+        parts = [f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in PHASES if k in breakdown and k != "scheduler_s"]
         total = breakdown.get("to_first_step_s")
         head = f"start-up {total:.1f} s to the first step" if total is not None else "start-up"
-        return f"{head} ({', '.join(parts)})"
+        waited = breakdown.get("scheduler_s")
+        after = f", after {waited:.1f} s in the scheduler since the previous attempt" if waited is not None else ""
+        return f"{head} ({', '.join(parts)}){after}"

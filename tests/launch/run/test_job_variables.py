@@ -27,3 +27,14 @@ def test_a_mangled_launcher_pid_is_ignored():
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60,
                           env={"GPTLAUNCH_LAUNCHER_PID": "12ab", "PATH": "/usr/bin:/bin"})
     assert proc.stdout == "alive\n", proc.stderr
+
+
+def test_the_start_up_line_adds_up_to_its_total_and_says_a_requeues_wait_apart():
+    breakdown = {"scheduler_s": 50.8, "launcher_s": 1.2, "imports_s": 6.0, "rendezvous_s": 0.4, "health_s": 0.3,
+                 "model_s": 0.5, "data_s": 0.1, "checkpoint_load_s": 2.0, "first_step_s": 6.1, "to_first_step_s": 16.6}
+    line = StartupClock.describe(breakdown)
+    assert line == ("start-up 16.6 s to the first step (launcher 1.2, imports 6.0, rendezvous 0.4, health 0.3, model "
+                    "0.5, data 0.1, checkpoint load 2.0, first step 6.1), after 50.8 s in the scheduler since the "
+                    "previous attempt")
+    inside = [float(p.rsplit(" ", 1)[1]) for p in line.split("(", 1)[1].split(")")[0].split(", ")]
+    assert abs(sum(inside) - breakdown["to_first_step_s"]) < 0.05
