@@ -74,7 +74,8 @@ class StartupClock:
     @staticmethod
     def describe(breakdown: dict[str, float]) -> str:
         """The phases inside the total; a requeue's wait in the scheduler came before the attempt started, after."""
-        parts = [f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in PHASES if k in breakdown and k != "scheduler_s"]
+        inside = [k for k in PHASES if k in breakdown and k != "scheduler_s"]
+        parts = [f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in inside]
         total = breakdown.get("to_first_step_s")
         head = f"start-up {total:.1f} s to the first step" if total is not None else "start-up"
         waited = breakdown.get("scheduler_s")
