@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -104,8 +105,17 @@ def check_free(run_dir: Path, job_id: str | None, restart: int, job_state: AskJo
     if observe(run_dir, beat, watch_s):
         raise _refuse(run_dir, beat, "its lease is beating", ask)
     if alive:
-        raise _refuse(run_dir, beat, f"its lease did not beat for {watch_s:.0f} s, but {alive}", ask)
-    return beat, f"its lease did not beat for {stale_s:.0f} s"
+        raise _refuse(run_dir, beat, f"{silent(beat, watch_s)}, but {alive}", ask)
+    return beat, silent(beat, stale_s)
+
+
+def silent(beat: Beat, watched_s: float) -> str:
+    """How long the holder's lease has been silent: at least the time this process watched it; since its last beat
+    by the holder's clock (another host's: said as such) when that is longer."""
+    since = time.time() - beat.time if beat.time else 0.0
+    if since > watched_s + 1:
+        return f"its lease has not beaten since {since:.0f} s ago (its host's clock; none in {watched_s:.0f} s watched)"
+    return f"its lease did not beat in {watched_s:.0f} s watched"
 
 
 def _earlier_of_this_job(beat: Beat, job_id: str | None, restart: int, round_: int, launch: str) -> str | None:

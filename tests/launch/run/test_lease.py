@@ -4,7 +4,9 @@ scheduler's answer is a plain function here (the Slurm tests ask the real one)."
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -95,7 +97,7 @@ def test_a_late_beat_is_no_take_over_while_the_holder_still_runs_here(tmp_path):
     try:
         started = time.monotonic()
         with pytest.raises(UserError, match=f"in use by another run \\(pid {first.pid} on .*: its lease did not beat "
-                                            f"for 5 s, but process {first.pid} runs on this host\\)"):
+                                            f"in 5 s watched, but process {first.pid} runs on this host\\)"):
             take_lease(tmp_path, None, 0)
         assert time.monotonic() - started < LEASE_STALE_S and generation(tmp_path) == 1
     finally:
@@ -116,17 +118,23 @@ def test_a_late_beat_is_no_take_over_while_the_scheduler_lists_the_holders_job(t
     assert generation(tmp_path) == held.generation
 
 
-def test_a_frozen_holder_that_cannot_be_asked_after_is_taken_over_and_stops_without_writing_when_it_wakes(tmp_path):
+def test_a_frozen_holder_that_cannot_be_asked_after_is_taken_over_and_stops_without_writing_when_it_wakes(tmp_path,
+                                                                                                            caplog):
     """A holder on another host without a job (a local run there) can be proven neither alive nor gone: its lease
     is taken over once it did not beat for the stale time, and the fence stops it when it wakes."""
     first = holder(tmp_path)
     os.kill(first.pid, signal.SIGSTOP)  # frozen for longer than the lease's stale time
     beat = json.loads((tmp_path / "lease.json").read_text())
-    (tmp_path / "lease.json").write_text(json.dumps({**beat, "host": "another-host"}))  # its beat names its host
+    beat = {**beat, "host": "another-host", "time": time.time() - 25}  # its beat names its host; 25 s silent
+    (tmp_path / "lease.json").write_text(json.dumps(beat))
     try:
-        lease = take_lease(tmp_path, None, 0, stale_s=1)
+        with caplog.at_level(logging.WARNING):
+            lease = take_lease(tmp_path, None, 0, stale_s=1)
         taken = time.time()
         assert lease.generation == 2
+        took = [r.getMessage() for r in caplog.records if r.getMessage().startswith("took over")]
+        assert len(took) == 1 and re.search(r"generation 1: its lease has not beaten since 2[5-9] s ago \(its "
+                                            r"host's clock; none in 1 s watched\)$", took[0]), took
     finally:
         os.kill(first.pid, signal.SIGCONT)
     try:
