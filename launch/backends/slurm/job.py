@@ -219,6 +219,11 @@ class SlurmJob(JobEnvironment):
             info = commands.scontrol_job(job)
             if info is None:
                 return False, f"job {job} is unknown to Slurm"
+            named = sorted(set(hosts) & set(_nodes(info.get("ReqNodeList"))))
+            if named:  # excluding a node the job asks for by name leaves it pending for ever (BadConstraints)
+                requeued, how = self.requeue(max_restarts)
+                return requeued, (f"{how}; not without {', '.join(named)}: the job asks for it by name (--nodelist, "
+                                  f"cluster.sbatch.nodelist): leave it out of that list to keep the run off it")
             excluded = set(hosts) | set(_nodes(info.get("ExcNodeList")))
             partition = commands.run("sinfo", "-h", "-N", "-p", info.get("Partition", ""), "-o", "%N").split()
             need, left = _int((info.get("NumNodes") or "").split("-")[0]), len(set(partition) - excluded)

@@ -97,3 +97,21 @@ def test_a_job_past_its_time_limit_is_timed_out_not_cancelled():
     assert timed_out(JobInfo("7", "COMPLETING", fields=(*ending, ("RunTime", "00:10:01"))))
     assert not timed_out(JobInfo("7", "COMPLETING", fields=(*ending, ("RunTime", "00:03:12"))))
     assert not timed_out(JobInfo("7", "COMPLETING", fields=(("RunTime", "00:03:12"), ("TimeLimit", "UNLIMITED"))))
+
+
+def test_a_node_the_job_asks_for_by_name_is_not_excluded_and_the_line_says_why(monkeypatch):
+    """Excluding a node of the job's own --nodelist leaves the requeued job pending for ever (BadConstraints): the
+    job is requeued without the exclusion, and the line says that its nodelist is why."""
+    from launch.backends.slurm import job as slurm_job
+
+    record = {"ReqNodeList": "gl-n[1-2]", "ExcNodeList": "(null)", "Partition": "batch", "NumNodes": "2"}
+    asked = []
+    monkeypatch.setattr(slurm_job.commands, "scontrol_job", lambda job: record)  # what scontrol show job says
+    monkeypatch.setattr(slurm_job.commands, "hostnames", {"gl-n[1-2]": ["gl-n1", "gl-n2"]}.__getitem__)
+    monkeypatch.setattr(slurm_job.commands, "exclude_nodes", lambda job, nodes: asked.append(("exclude", nodes)))
+    monkeypatch.setattr(slurm_job.SlurmJob, "requeue", lambda self, limit: (True, "requeued job 7"))
+    job = slurm_job.SlurmJob({"SLURM_JOB_ID": "7"})
+    requeued, how = job.requeue_excluding(["gl-n2"], 3)
+    assert requeued and asked == []
+    assert how == ("requeued job 7; not without gl-n2: the job asks for it by name (--nodelist, "
+                   "cluster.sbatch.nodelist): leave it out of that list to keep the run off it")
