@@ -331,7 +331,8 @@ class AttemptLine:
     launch: str = ""  # which launch inside the job (several may share one allocation)
     time: float = 0.0  # when the line was written
     first_step: int | None = None
-    last_step: int | None = None
+    last_step: int | None = None  # the step the run resumes from after it: its newest checkpoint then
+    trained_to: int | None = None  # an attempt that ended past its last save: the last step it trained
     ended: str = ""  # "finished", "hang", "preempted:SIGTERM", "preempted by another job (...)", "node failure: ...",
     # "excluded n1", "failed: ...", "stopped early at step S ..." (STOPPED_EARLY)
     requeued: bool = False  # the job asked the scheduler to run it again

@@ -161,8 +161,10 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
     beat = None if record.get("recorded_by") else _last_beat(run_dir)
     last_alive = beat or last_record_time(run_dir, mark["started"]) or mark["started"]
     began = mark.get("first_step") or 0
+    trained = last_trained_step(run_dir, mark["started"])
     attempts.append(mark.get("job_id"), mark.get("restart", 0), {
         "first_step": began, "last_step": resumes_from, **({"nodes": mark["nodes"]} if "nodes" in mark else {}),
+        **({"trained_to": trained} if trained is not None and trained > resumes_from else {}),
         **record,
         "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
                     "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),

@@ -372,8 +372,10 @@ class Backoff:
 
 def requeue_line(attempt: AttemptLine) -> str:
     """'attempt 0 ended (excluded gl-n2) before its first step: requeued job 7 (...), without gl-n2'."""
-    step = attempt.last_step
-    where = f"at step {step}" if step is not None else "before its first step"
+    step, trained = attempt.last_step, attempt.trained_to
+    resumes = f"step {step}" if step else "the start: no checkpoint yet"
+    where = f"after step {trained} (the run resumes from {resumes})" if trained is not None else \
+        f"at step {step}" if step is not None else "before its first step"
     name = f"attempt {attempt.restart}" + (f" round {attempt.round}" if attempt.round else "")
     return f"{name} ended ({attempt.ended}) {where}: {attempt.note or 'requeued'}{ran_on(attempt)}"
 

@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from launch import launch_config
-from gpt.run_folder import AttemptLine
+from gpt.run_folder import AttemptLine, RunFolder
 from launch.backends import Point
 from launch.backends.slurm.submit import Submitted
 from launch.backends.slurm.wait import Watch
@@ -311,3 +311,23 @@ def test_a_completing_job_whose_run_finished_on_spares_has_ended(tmp_path: Path)
     assert ended(JobInfo("5", "FAILED", "None"), job) == "FAILED"
     (tmp_path / "run" / "attempts.jsonl").write_text(attempt("5", 0, ended="finished"))  # no node was replaced
     assert ended(JobInfo("5", "COMPLETING", "None"), job) is None
+
+
+def test_an_attempt_killed_past_its_last_save_says_what_it_trained_and_where_the_run_resumes(tmp_path: Path):
+    """Killed outright after 430 steps without a checkpoint: not 'at step 0', but the step it trained to and the step
+    the run resumes from; with a checkpoint at 400, the same."""
+    from launch.backends.slurm.wait import requeue_line
+    from launch.run.attempts import log_killed
+
+    metrics = RunFolder(tmp_path).metrics_file(0)
+    metrics.parent.mkdir(parents=True)
+    records = (json.dumps({"kind": "train", "step": s, "time": 100.0 + s}) + "\n" for s in range(1, 431))
+    metrics.write_text("".join(records))
+    mark = {"job_id": "7", "restart": 0, "round": 0, "started": 100.0, "first_step": 0}
+    log_killed(tmp_path, mark, 0, {"ended": "killed outright", "note": "requeued job 7", "requeued": True})
+    log_killed(tmp_path, {**mark, "restart": 1}, 400, {"ended": "killed outright", "note": "requeued job 7"})
+    first, second = RunFolder(tmp_path).attempts.read()
+    assert requeue_line(first) == ("attempt 0 ended (killed outright) after step 430 (the run resumes from the start: "
+                                   "no checkpoint yet): requeued job 7")
+    assert requeue_line(second).startswith("attempt 1 ended (killed outright) after step 430 (the run resumes from "
+                                           "step 400)")
