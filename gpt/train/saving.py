@@ -93,8 +93,9 @@ class Saver:
 
     def rolled_back(self, step: int) -> None:
         """Training goes on from the checkpoint of `step`: the next step is saved, so that the batches passed over
-        are on disk from then on."""
-        self.saved_step = step
+        are on disk from then on. The checkpoint of `step` on disk still holds the data position from before: a stop
+        before the next step saves `step` again, with the new one (the batches would be replayed otherwise)."""
+        self.saved_step = None
         self.policy.due = True
 
     def failed(self, step: int, e: SaveFailed) -> None:

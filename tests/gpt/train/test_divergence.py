@@ -261,6 +261,23 @@ def test_a_run_resumed_after_a_rollback_does_not_replay_the_batches_it_passed_ov
 
 
 @pytest.mark.slow
+def test_a_stop_right_after_a_rollback_saves_the_new_data_position(train, monkeypatch):
+    """A preemption signal agreed on just after the rollback, before the next step: the final save writes the
+    restored step again with the batches passed over, so that the resumed run does not replay them."""
+    rolled_back = Trainer.roll_back
+
+    def then_stopped(self, r):
+        rolled_back(self, r)
+        self.stop.reason = "SIGTERM"  # as the step flags set it on every rank
+
+    monkeypatch.setattr(Trainer, "roll_back", then_stopped)
+    run_dir, fit = train("debug.nan_at_step=5", "divergence.policy=rollback", "checkpoint.keep=10")
+    assert fit().last_step == 4
+    newest = list_checkpoints(run_dir / "checkpoints")[-1]
+    assert step_of(newest) == 4 and read_meta(newest)["data"]["skipped_batches"] == 2
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", [["strategy=ddp"], ["strategy=fsdp"], ["strategy=pipeline", "strategy.microbatches=2"]],
                          ids=["ddp", "fsdp", "pipeline"])
 def test_rollback_on_two_ranks(tmp_path, data_overrides, layout):
