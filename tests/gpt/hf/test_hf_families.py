@@ -13,7 +13,7 @@ import torch
 import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
 
-from gpt.config.model import ModelConfig  # noqa: E402
+from gpt.config.model import ModelConfig, load_preset  # noqa: E402
 from gpt.errors import ConfigError  # noqa: E402
 from gpt.export import hf_model, main as export_main  # noqa: E402
 from gpt.hf.folder import filled_model, load_into  # noqa: E402
@@ -125,3 +125,18 @@ def test_export_in_bf16_sharded_with_an_index_loads_with_the_same_logits(tmp_pat
     tokens = torch.randint(0, 97, (2, BLOCK), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(back.eval()(tokens).logits.float(), theirs(tokens).logits, rtol=0.05, atol=0.05)
+
+
+def test_init_alone_composes_the_folders_model_and_a_command_key_stays_the_commands(tmp_path):
+    """What `python -m launch` and its dry run compose: init=hf:PATH with the default preset (a GPT-2-style
+    shakespeare_cpu) gives the folder's Llama 3.2, the preset keeping what config.json does not say (block size), a
+    key the command sets keeping its value (planning then refuses it, as above)."""
+    from launch.dry_run import compose
+
+    written_by_transformers("llama3.2", tmp_path)
+    run = compose([f"init=hf:{tmp_path}", "model.n_layer=3"])
+    assert (run.model.position, run.model.norm, run.model.rope_scaling, run.model.rope_factor) == (
+        "rope", "rmsnorm", "llama3", 32.0)
+    assert (run.model.vocab_size, run.model.mlp_hidden, run.model.n_query_groups, run.model.tie_embeddings) == (
+        97, 88, 2, True)
+    assert (run.model.n_layer, run.model.block_size) == (3, load_preset("shakespeare_cpu").block_size)
