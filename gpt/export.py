@@ -1,15 +1,17 @@
 """Write a trained model as a Hugging Face folder that transformers loads with from_pretrained, no custom code.
 
-    python -m gpt.export RUN_OR_CHECKPOINT_DIR OUT_DIR [--lm-eval-task FILE ...]
+    python -m gpt.export RUN_OR_CHECKPOINT_DIR OUT_DIR [--dtype bf16] [--max-shard-size 5GB] [--lm-eval-task FILE ...]
 
-OUT_DIR gets model.safetensors, config.json, generation_config.json and the tokenizer, and with --lm-eval-task
-each task file (HellaSwag's format) as an lm-evaluation-harness task in OUT_DIR/lm_eval/. The checkpoint may come
-from any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weights are read in this one process.
+OUT_DIR gets model.safetensors, config.json, generation_config.json and the tokenizer; a model over the shard size is
+written as several safetensors files and their index (transformers' save_pretrained shards it). With --lm-eval-task,
+each task file (HellaSwag's format) becomes an lm-evaluation-harness task in OUT_DIR/lm_eval/. The checkpoint may
+come from any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weights are read in this one process.
 """
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,27 +21,32 @@ from gpt.cli import option_errors, user_errors
 from gpt.errors import UserError
 
 
-def hf_model(model: Any, eot: int | None) -> Any:
-    """The transformers model computing what gptlaunch's `model` (a GPT) computes, with its weights; `eot` the
-    tokenizer's end of text (bos and eos), or None."""
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def hf_model(model: Any, eot: int | None, dtype: str = "fp32") -> Any:
+    """The transformers model computing what gptlaunch's `model` (a GPT) computes, with its weights in `dtype` (fp32
+    as checkpoints hold them, or bf16); `eot` the tokenizer's end of text (bos and eos), or None."""
     import transformers
     from transformers.modeling_utils import no_init_weights
 
     from gpt.hf.architecture import hf_config
     from gpt.hf.weights import to_hf
 
-    config = hf_config(model.cfg, eot)
+    config = hf_config(model.cfg, eot, str(DTYPES[dtype]).removeprefix("torch."))
     with no_init_weights():  # every weight is replaced below
         hf = getattr(transformers, config.architectures[0])(config)
     shapes = {k: v.shape for k, v in hf.state_dict().items()}
     hf.load_state_dict(to_hf(model.state_dict(), model.cfg, shapes), strict=True)
     hf.generation_config = transformers.GenerationConfig(bos_token_id=eot, eos_token_id=eot)
-    return hf.eval()
+    return hf.to(DTYPES[dtype]).eval()
 
 
-def export(path: Path, out: Path, tasks: list[str] = ()) -> tuple[Path, str | None]:
-    """Export the checkpoint at `path` (a run folder: its newest) to `out`, with `tasks` for lm-eval; returns the
-    checkpoint used and the lm-eval command that scores the tasks (None without tasks)."""
+def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB",
+           tasks: Sequence[str] = ()) -> tuple[Path, str | None]:
+    """Export the checkpoint at `path` (a run folder: its newest) to `out`, in `dtype`, in safetensors files of at most
+    `max_shard_size`, with `tasks` for lm-eval; returns the checkpoint used and the lm-eval command that scores the
+    tasks (None without tasks)."""
     from gpt.checkpoint.writer import load_model
     from gpt.data.tokenizer import load_tokenizer
     from gpt.eval.lm_eval_task import lm_eval_command, write_lm_eval_tasks
@@ -55,9 +62,9 @@ def export(path: Path, out: Path, tasks: list[str] = ()) -> tuple[Path, str | No
     model, meta, checkpoint = load_model(path)
     architecture(model.cfg)  # refused before anything is written
     tokenizer = load_tokenizer(meta["data_dir"])
-    hf = hf_model(model, tokenizer.eot)
+    hf = hf_model(model, tokenizer.eot, dtype)
     out.mkdir(parents=True, exist_ok=True)
-    hf.save_pretrained(str(out), safe_serialization=True)
+    hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer, model.cfg.block_size, out)
     if not tasks:
         return checkpoint, None
@@ -69,12 +76,15 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint is used) or a checkpoint folder")
     parser.add_argument("out", type=Path, help="the Hugging Face folder to write (new or empty)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32",
+                        help="the weights' type: fp32 as checkpoints hold them, or bf16 (half the size)")
+    parser.add_argument("--max-shard-size", default="5GB",
+                        help="the largest safetensors file; a bigger model is sharded with an index (default 5GB)")
     parser.add_argument("--lm-eval-task", nargs="+", default=[], metavar="FILE",
                         help="task files (HellaSwag's format) to write as lm-eval tasks beside the model")
     args = parser.parse_args(argv)
-    torch.set_grad_enabled(False)
-    with user_errors():
-        checkpoint, command = export(args.path, args.out, args.lm_eval_task)
+    with user_errors(), torch.no_grad():
+        checkpoint, command = export(args.path, args.out, args.dtype, args.max_shard_size, args.lm_eval_task)
     print(f"exported {checkpoint} to {args.out}", file=sys.stderr)
     if command:
         print(f"score its tasks: cd {args.out} && {command}", file=sys.stderr)

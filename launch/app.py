@@ -27,7 +27,7 @@ from launch.backends import RunFailed, backend_for, scheduler
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.run.job_record import cancelled_by_user, record_job
-from launch.planning.plan import make_plan
+from launch.planning.plan import given_model_keys, init_model, make_plan
 from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
@@ -40,7 +40,7 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    run = launch_config.parse(cfg)
+    run = init_model(launch_config.parse(cfg), run_dir, given_model_keys(list(hydra_cfg.overrides.task)))
     backend = backend_for(run.cluster.name, hydra_cfg)
     run, resources = backend.check(run)
     if run.launcher.detach and not backend.submits:

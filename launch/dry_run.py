@@ -32,7 +32,7 @@ from launch import hydra_errors, launch_config
 from launch.app import CONFIGS
 from launch.launch_config import LaunchConfig
 from launch.planning.memory_fit import USABLE, fit
-from launch.planning.plan import plan_layout_of
+from launch.planning.plan import given_model_keys, init_model, plan_layout_of
 
 HEADROOM = 1 - USABLE  # the fit check's: a disagreement larger than this is more than it absorbs
 COMPARED = ("params", "grads", "optimizer")  # what a build without a forward holds
@@ -100,7 +100,8 @@ def compose(overrides: Sequence[str]) -> LaunchConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        return launch_config.parse(hydra_compose("config", overrides=list(overrides)))
+        run = launch_config.parse(hydra_compose("config", overrides=list(overrides)))
+    return init_model(run, None, given_model_keys(list(overrides)))
 
 
 def model_of(run: LaunchConfig) -> ModelConfig:

@@ -11,6 +11,7 @@ from gpt.errors import ConfigError
 NORMS = ("layernorm", "layernorm_nobias", "rmsnorm")
 NORM_POSITIONS = ("pre", "post")
 POSITIONS = ("learned", "rope", "none")
+ROPE_SCALINGS = ("none", "llama3")  # llama3: Llama 3.1's rule over the RoPE frequencies (the rope_* keys below)
 MLPS = ("gelu", "gelu_tanh", "relu", "silu", "swiglu")  # gelu_tanh: GELU's tanh approximation (OpenAI GPT-2)
 
 
@@ -28,10 +29,17 @@ class ModelConfig:
     norm_position: str = "pre"
     position: str = "learned"
     rope_base: float = 10000.0
+    rope_scaling: str = "none"
+    rope_factor: float = 8.0  # llama3: how much slower the low frequencies turn
+    rope_low_freq_factor: float = 1.0  # llama3: wavelengths over rope_original_context / this are slowed
+    rope_high_freq_factor: float = 4.0  # llama3: wavelengths under rope_original_context / this are kept
+    rope_original_context: int = 8192  # llama3: the context the model was first trained at
     mlp: str = "gelu"
     mlp_ratio: float = 4.0  # hidden = mlp_ratio * n_embd; swiglu uses 2/3 of that, rounded up to mlp_multiple_of
     mlp_multiple_of: int = 64
+    mlp_width: int | None = None  # the MLP's hidden width as a number (a folder's intermediate_size); None: mlp_ratio's
     bias: bool = True
+    qkv_bias: bool = False  # q, k and v projections with a bias even where model.bias is false (Qwen2)
     dropout: float = 0.0
     n_expert: int = 0  # 0: dense MLP; >0: mixture of experts with top-k routing
     moe_top_k: int = 2
@@ -49,6 +57,8 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
+        if self.mlp_width:
+            return self.mlp_width
         hidden = int(self.mlp_ratio * self.n_embd)
         if self.mlp == "swiglu":
             hidden = int(2 * hidden / 3)
@@ -68,6 +78,12 @@ class ModelConfig:
         choice("norm_position", self.norm_position, NORM_POSITIONS)
         choice("position", self.position, POSITIONS)
         choice("mlp", self.mlp, MLPS)
+        choice("rope_scaling", self.rope_scaling, ROPE_SCALINGS)
+        if self.rope_scaling != "none" and self.position != "rope":
+            raise ConfigError("model.rope_scaling", self.rope_scaling, "none with model.position=" + self.position)
+        if self.rope_scaling == "llama3" and not 0 < self.rope_low_freq_factor < self.rope_high_freq_factor:
+            raise ConfigError("model.rope_high_freq_factor", self.rope_high_freq_factor,
+                              f"above model.rope_low_freq_factor={self.rope_low_freq_factor} > 0")
         for key in ("n_layer", "n_head", "n_embd", "block_size"):
             positive(key, getattr(self, key))
         if self.vocab_size is not None:

@@ -72,8 +72,9 @@ class RunConfig:
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
     # folder: its newest), only while this run has none
     resume: str = "auto"
-    # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2, LLaMA or Mixtral), like
-    # resume=PATH only while this run has no checkpoint of its own (docs/export.md)
+    # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2 or
+    # Mixtral; its config.json fills model.*), like resume=PATH only while this run has no checkpoint of its own
+    # (docs/export.md)
     init: str = "none"
     # one key per knob: keys this section no longer has, refused with the key to use
     MOVED: ClassVar[dict[str, str]] = {"metrics": "stragglers.KEY (metrics.straggler_windows is stragglers.windows)"}

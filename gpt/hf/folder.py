@@ -3,6 +3,7 @@ before anything is submitted (torch-free, config.json only), and its weights rea
 older pytorch_model*.bin through torch.load(weights_only=True))."""
 from __future__ import annotations
 
+import dataclasses
 import filecmp
 import json
 import pickle
@@ -17,9 +18,14 @@ from gpt.errors import ConfigError, UserError
 PREFIX = "hf:"
 TOKENIZER = "tokenizer.json"
 SENTENCEPIECE = "tokenizer.model"  # LLaMA-2-style folders: converted by gpt/hf/sentencepiece.py
-# the ModelConfig keys a folder's config.json fixes (mlp_hidden is said as model.mlp_ratio)
+# the ModelConfig keys a folder's config.json fixes (mlp_hidden is said as model.mlp_width or model.mlp_ratio)
 CHECKED = ("n_layer", "n_head", "n_embd", "n_query_groups", "position", "norm", "mlp", "mlp_hidden", "norm_eps",
-           "rope_base", "bias", "n_expert", "moe_top_k", "norm_position", "tie_embeddings")
+           "rope_base", "rope_scaling", "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor",
+           "rope_original_context", "bias", "qkv_bias", "n_expert", "moe_top_k", "norm_position", "tie_embeddings")
+# the keys that set mlp_hidden
+MLP_WIDTH = ("mlp_width", "mlp_ratio", "mlp_multiple_of")
+# the keys filled from a folder (filled_model)
+FILLED = tuple(k for k in CHECKED if k != "mlp_hidden") + ("vocab_size", "mlp_width")
 
 
 VALID = "none, or hf:PATH with PATH a local Hugging Face folder (config.json, weights, tokenizer.json)"
@@ -43,32 +49,61 @@ def check_init_choice(init: str, resume: str) -> None:
 def check_init(init: str, model: ModelConfig, data: DataConfig, resume: str) -> None:
     """At planning, while the run has no checkpoint of its own: the folder's architecture, shapes and vocabulary
     against model.*, and its tokenizer against data.*: the first key that differs, in one line."""
-    from gpt.hf.architecture import implied_model
-
     check_init_choice(init, resume)
     folder = folder_of(init)
     if folder is None:
         return
-    if not (folder / "config.json").is_file():
-        raise ConfigError("init", init, VALID)
-    implied = implied_model(json.loads((folder / "config.json").read_text()), str(folder))
+    implied = implied_by(folder)
     where = f"as {folder / 'config.json'} has it"
     if model.vocab_size != implied["vocab_size"]:
         raise ConfigError("model.vocab_size", model.vocab_size, f"{implied['vocab_size']}, {where}")
     for key in CHECKED:
         wanted = implied.get(key, getattr(model, key))
         if getattr(model, key) not in (wanted if isinstance(wanted, tuple) else (wanted,)):
-            shown = "model.mlp_ratio" if key == "mlp_hidden" else f"model.{key}"
-            value = model.mlp_ratio if key == "mlp_hidden" else getattr(model, key)
-            if key == "mlp_hidden":
+            shown = f"model.{mlp_key(model) if key == 'mlp_hidden' else key}"
+            value = getattr(model, mlp_key(model) if key == "mlp_hidden" else key)
+            if key == "mlp_hidden" and not model.mlp_width:
                 wanted = f"{wanted / model.n_embd:g} (hidden {wanted})"
             elif isinstance(wanted, tuple):
                 wanted = " or ".join(wanted)
             raise ConfigError(shown, value, f"{wanted}, {where}")
     limit, key = implied.get("max_block_size", (model.block_size, ""))
-    if model.block_size > limit:  # GPT-2's positions, Mixtral's attention window
+    if model.block_size > limit:  # GPT-2's positions, a sliding attention window
         raise ConfigError("model.block_size", model.block_size, f"at most {key}={limit}, {where}")
     check_tokenizer(folder, data)
+
+
+def implied_by(folder: Path) -> dict[str, Any]:
+    """The model.* keys the folder's config.json fixes (gpt.hf.implied)."""
+    from gpt.hf.implied import implied_model
+
+    if not (folder / "config.json").is_file():
+        raise ConfigError("init", f"{PREFIX}{folder}", VALID)
+    return implied_model(json.loads((folder / "config.json").read_text()), str(folder))
+
+
+def mlp_key(model: ModelConfig) -> str:
+    return "mlp_width" if model.mlp_width else "mlp_ratio"
+
+
+def filled_model(init: str, model: ModelConfig, given: set[str]) -> ModelConfig:
+    """`model` with every key the folder `init` names fixes taken from its config.json, but those in `given` (the
+    command's own), which check_init then checks against it. No folder: `model` as it is."""
+    folder = folder_of(init)
+    if folder is None:
+        return model
+    filled = {}
+    for key, value in implied_by(folder).items():
+        if key == "mlp_hidden":
+            if not given & set(MLP_WIDTH):
+                filled["mlp_width"] = value
+        elif key in given or key == "max_block_size":
+            continue
+        elif not isinstance(value, tuple):
+            filled[key] = value
+        elif getattr(model, key) not in value:  # of values that compute the same, the first
+            filled[key] = value[0]
+    return dataclasses.replace(model, **filled)
 
 
 def check_tokenizer(folder: Path, data: DataConfig) -> None:

@@ -157,7 +157,7 @@ def param_count(cfg: ModelConfig) -> dict[str, int]:
     if cfg.vocab_size is None:
         raise ValueError("cfg.vocab_size is None; set it from the tokenizer first")
     C, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
-    attn = 2 * C * C + 2 * C * kv + (2 * C + 2 * kv if cfg.bias else 0)
+    attn = 2 * C * C + 2 * C * kv + (C + 2 * kv if cfg.bias or cfg.qkv_bias else 0) + (C if cfg.bias else 0)
     mlp = cfg.n_expert * _mlp_params(cfg) + C * cfg.n_expert if cfg.n_expert else _mlp_params(cfg)
     layer = attn + mlp + 2 * norm_params(cfg)
     embedding = cfg.vocab_size * C + (cfg.block_size * C if cfg.position == "learned" else 0)

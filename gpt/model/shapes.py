@@ -27,8 +27,9 @@ def _mlp(name: str, cfg: ModelConfig) -> list[tuple[str, Shape]]:
 
 def _layer(i: int, cfg: ModelConfig) -> list[tuple[str, Shape]]:
     p, c, kv = f"layers.{i}", cfg.n_embd, cfg.n_kv_head * cfg.head_dim
-    attn = [*_linear(f"{p}.attn.q_proj", c, cfg.n_head * cfg.head_dim, cfg.bias),
-            *_linear(f"{p}.attn.k_proj", c, kv, cfg.bias), *_linear(f"{p}.attn.v_proj", c, kv, cfg.bias),
+    qkv_bias = cfg.bias or cfg.qkv_bias
+    attn = [*_linear(f"{p}.attn.q_proj", c, cfg.n_head * cfg.head_dim, qkv_bias),
+            *_linear(f"{p}.attn.k_proj", c, kv, qkv_bias), *_linear(f"{p}.attn.v_proj", c, kv, qkv_bias),
             *_linear(f"{p}.attn.o_proj", cfg.n_head * cfg.head_dim, c, cfg.bias)]
     if cfg.n_expert:
         mlp = [*_linear(f"{p}.mlp.router", c, cfg.n_expert, False),

@@ -29,21 +29,34 @@ def make_norm(cfg: ModelConfig) -> nn.Module:
     return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.norm == "layernorm")
 
 
-class RotaryEmbedding(nn.Module):
-    """Rotary position embedding tables (cos and sin of position * frequency) for positions 0..max_len-1."""
+def llama3_frequencies(inv_freq: Tensor, cfg: ModelConfig) -> Tensor:
+    """Llama 3.1's RoPE scaling: frequencies whose wavelength is over rope_original_context / rope_low_freq_factor
+    turn rope_factor times slower, those under rope_original_context / rope_high_freq_factor are kept, and those
+    between are interpolated smoothly from one to the other."""
+    wavelength = 2 * math.pi / inv_freq
+    low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    kept = ((cfg.rope_original_context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: slowed, 1: kept
+    return (1 - kept) * inv_freq / cfg.rope_factor + kept * inv_freq
 
-    def __init__(self, head_dim: int, max_len: int, base: float):
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding tables (cos and sin of position * frequency) for positions 0..block_size-1."""
+
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.head_dim, self.max_len, self.base = head_dim, max_len, base
+        self.cfg, self.head_dim, self.max_len = cfg, cfg.head_dim, cfg.block_size
         # Non-persistent: derived from the config, so checkpoints need not carry them.
-        self.register_buffer("cos", torch.empty(max_len, head_dim // 2), persistent=False)
-        self.register_buffer("sin", torch.empty(max_len, head_dim // 2), persistent=False)
+        self.register_buffer("cos", torch.empty(self.max_len, self.head_dim // 2), persistent=False)
+        self.register_buffer("sin", torch.empty(self.max_len, self.head_dim // 2), persistent=False)
         self.reset_buffers()
 
     def reset_buffers(self) -> None:
         """Recompute the tables; needed after a model built on the meta device is materialised."""
         device = self.cos.device
-        inv_freq = self.base ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32) / self.head_dim)
+        inv_freq = self.cfg.rope_base ** -(torch.arange(0, self.head_dim, 2, device=device, dtype=torch.float32)
+                                           / self.head_dim)
+        if self.cfg.rope_scaling == "llama3":
+            inv_freq = llama3_frequencies(inv_freq, self.cfg)
         angles = torch.outer(torch.arange(self.max_len, device=device, dtype=torch.float32), inv_freq)
         self.cos.copy_(angles.cos())
         self.sin.copy_(angles.sin())
@@ -93,9 +106,10 @@ class CausalSelfAttention(nn.Module):
         self.layer_id = layer_id  # this layer's key in a KVCache
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         # Separate q, k, v (not one fused qkv) so tensor parallelism can shard each by heads.
-        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=cfg.bias)
-        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
-        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=cfg.bias)
+        qkv_bias = cfg.bias or cfg.qkv_bias
+        self.q_proj = nn.Linear(cfg.n_embd, cfg.n_head * cfg.head_dim, bias=qkv_bias)
+        self.k_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
+        self.v_proj = nn.Linear(cfg.n_embd, cfg.n_kv_head * cfg.head_dim, bias=qkv_bias)
         self.o_proj = nn.Linear(cfg.n_head * cfg.head_dim, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
         # The SDPA kernels this layer may use (train.attention, set by the trainer); None: SDPA chooses.
@@ -232,7 +246,7 @@ class GPT(nn.Module):
         self.cfg = cfg
         self.wte: nn.Embedding | None = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe: nn.Embedding | None = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.position == "learned" else None
-        self.rope = RotaryEmbedding(cfg.head_dim, cfg.block_size, cfg.rope_base) if cfg.position == "rope" else None
+        self.rope = RotaryEmbedding(cfg) if cfg.position == "rope" else None
         self.drop = nn.Dropout(cfg.dropout)
         self.layers = nn.ModuleDict({str(i): Block(cfg, str(i)) for i in range(cfg.n_layer)})
         # Post-norm layers end in a norm already; pre-norm needs one before the head.

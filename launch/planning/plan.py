@@ -17,7 +17,7 @@ from gpt.config.train import TrainConfig
 from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
-from gpt.hf.folder import PREFIX, check_init
+from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
@@ -104,6 +104,28 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
     return Plan(run_dir, run.cluster.nodes, run.cluster.tasks_per_node, prepare_job)
+
+
+def given_model_keys(overrides: list[str]) -> set[str]:
+    """The model.* keys a command sets itself (model.KEY=VALUE): with init=hf:PATH, checked against the folder's
+    config.json rather than taken from it."""
+    keys = (o.lstrip("+~").partition("=")[0] for o in overrides)
+    return {k.removeprefix("model.") for k in keys if k.startswith("model.")}
+
+
+def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> LaunchConfig:
+    """With init=hf:PATH, the model as the folder's config.json has it, but the keys in `given`; once the run has a
+    checkpoint of its own, as its config.yaml recorded it then (the folder is read no more: a purged one does not
+    stop a requeue or the same command)."""
+    if run.init == "none":
+        return run
+    saved = RunFolder(run_dir).config if run_dir is not None else None
+    if saved is not None and saved.is_file() and newest_step(run_dir) is not None:
+        model = launch_config.load(saved).model
+        return dataclasses.replace(run, model=dataclasses.replace(
+            run.model, **{k: getattr(model, k) for k in FILLED if k not in given}))
+    init = f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
+    return dataclasses.replace(run, model=filled_model(init, run.model, given))
 
 
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)

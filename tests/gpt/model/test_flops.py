@@ -44,6 +44,7 @@ ARCHITECTURES = {
     "gpt2": {},
     "llama_gqa": LLAMA,
     "llama_mqa_tied": LLAMA | dict(n_query_groups=1, tie_embeddings=True),
+    "qwen2_qkv_bias": LLAMA | dict(bias=False, qkv_bias=True),
     "moe_top2": LLAMA | dict(n_expert=4, moe_top_k=2),
     "moe_top1_gelu": dict(n_expert=3, moe_top_k=1),
     "post_norm_relu_nopos": dict(norm_position="post", mlp="relu", position="none", norm="layernorm_nobias"),

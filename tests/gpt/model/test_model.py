@@ -187,7 +187,7 @@ def test_gradcheck_attention(position, groups):
     cfg = tiny(position=position, n_query_groups=groups, n_embd=8, n_head=4)
     torch.manual_seed(0)
     attn = CausalSelfAttention(cfg, "0").double()
-    rope = RotaryEmbedding(cfg.head_dim, 8, cfg.rope_base)(2, 4) if position == "rope" else None
+    rope = RotaryEmbedding(dataclasses.replace(cfg, block_size=8))(2, 4) if position == "rope" else None
     x = torch.randn(1, 4, 8, dtype=torch.float64, requires_grad=True)
     gradcheck(lambda x: attn(x, rope), x)
     # And the weights' gradients, through q/k/v/o (fast mode: a random projection of the Jacobian).
@@ -213,13 +213,13 @@ def test_gradcheck_norm(norm):
 
 
 def test_gradcheck_rope():
-    rope = RotaryEmbedding(8, 16, 10000.0)
+    rope = RotaryEmbedding(tiny(position="rope", n_embd=8, n_head=1, block_size=16))
     gradcheck(lambda x: apply_rope(x, rope(3, 5)), torch.randn(2, 2, 5, 8, dtype=torch.float64, requires_grad=True))
 
 
 def test_rope_rotates_relative_positions():
     # <rope(q, m), rope(k, n)> depends only on m - n: the property that makes it a relative position code.
-    rope = RotaryEmbedding(8, 32, 10000.0)
+    rope = RotaryEmbedding(tiny(position="rope", n_embd=8, n_head=1, block_size=32))
     q, k = torch.randn(2, 8, dtype=torch.float64)
     def score(m, n):
         return (apply_rope(q.view(1, 1, 1, 8), rope(m, 1)) * apply_rope(k.view(1, 1, 1, 8), rope(n, 1))).sum()

@@ -12,7 +12,7 @@ from gpt.model.shapes import parameter_shapes
 from gpt.model.transformer import GPT
 
 VARIANTS = [{}, {"norm": "layernorm", "bias": True, "tie_embeddings": False}, {"norm": "layernorm_nobias"},
-            {"norm_position": "post", "position": "learned"}]
+            {"norm_position": "post", "position": "learned"}, {"bias": False, "qkv_bias": True}]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
