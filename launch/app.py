@@ -24,6 +24,7 @@ from gpt.run_folder import RunFolder
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, backend_for, scheduler
+from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.run.job_record import CANCELLED, cancelled_by_user, record_job
@@ -42,10 +43,11 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run = launch_config.parse(cfg)
     backend = backend_for(run.cluster.name, hydra_cfg)
+    launcher = launcher_section(hydra_cfg.launcher)
     run, resources = backend.check(run)
-    if run.launcher.detach and not backend.submits:
-        raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
-                          "without the launcher")
+    if launcher.detach and not backend.submits:
+        raise ConfigError("hydra.launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs "
+                          "run without the launcher")
     if run.launcher.early_stop != "none" and hydra_cfg.mode != RunMode.MULTIRUN:
         raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
                           "compares the points of a sweep (python -m launch -m ...)")
@@ -64,7 +66,7 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
             if not backend.submits:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)
                 record_job(run_dir, job)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
-    return PlannedRun(run, plan, backend, resources, budget, checked and checked.existing, live)
+    return PlannedRun(run, plan, backend, launcher, resources, budget, checked and checked.existing, live)
 
 
 def record_overrides(path: Path, overrides: list[str]) -> None:
@@ -90,10 +92,10 @@ def run(cfg: DictConfig) -> Path:
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
         submitted, _ = backend.submit_all([planned], plan.run_dir / backend.name)
-        if planned.run.launcher.detach:
+        if planned.launcher.detach:
             backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
-        [outcome] = backend.wait(submitted)
+        [outcome] = backend.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
         if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
             return plan.run_dir
         if not outcome.ok:

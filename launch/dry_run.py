@@ -166,7 +166,7 @@ def build(planned: DryRun, model: ModelConfig, device: str) -> DryRun:
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, attention="auto"))
     for rank in planned.ranks:
         env = DistEnv(rank=rank, world_size=planned.dims.world_size, local_rank=rank % per_node,
-                      local_world_size=per_node, node_rank=rank // per_node, num_nodes=run.cluster.nodes)
+                      local_world_size=per_node, node_rank=rank // per_node, num_nodes=run.nodes)
         planned.built.append(build_rank(run, model, env, where))
     return planned
 
@@ -182,7 +182,7 @@ def report(done: DryRun) -> list[str]:
     micro, steps = run.train.micro_batches(dims.dp)
     where = "on the meta device" if first.device == "meta" else f"at real size on {first.device}"
     lines = [f"dry run of {run.name}: rank{'s' if len(done.ranks) > 1 else ''} "
-             f"{', '.join(map(str, done.ranks))} of {dims.world_size} ({run.cluster.nodes} node(s) x "
+             f"{', '.join(map(str, done.ranks))} of {dims.world_size} ({run.nodes} node(s) x "
              f"{run.cluster.tasks_per_node}) on torch's fake process group, the model {where}",
              f"layout: {dims.axes()}; {first.layout}",
              f"batch: micro-batches of {micro} sequence(s), {steps} per step; train.precision={run.train.precision}",

@@ -63,9 +63,9 @@ def plan_layout_of(run: LaunchConfig) -> tuple[str, TrainConfig, ParallelDims]:
     """What needs the sections together before the data: the nodes, the device, the attention kernel, the layout
     and the batch. Returns the planned device, the train section resolved to it, and the layout (what the dry run,
     launch.dry_run, plans too)."""
-    nodes, per_node = run.cluster.nodes, run.cluster.tasks_per_node
+    nodes, per_node = run.nodes, run.cluster.tasks_per_node
     if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
-        raise ConfigError("cluster.nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
+        raise ConfigError("nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
                           nodes if not isinstance(nodes, int) else per_node, "a positive integer")
     device = planned_device(run)
     check_local_gpus(run, device, nodes * per_node)
@@ -103,7 +103,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
-    return Plan(run_dir, run.cluster.nodes, run.cluster.tasks_per_node, prepare_job)
+    return Plan(run_dir, run.nodes, run.cluster.tasks_per_node, prepare_job)
 
 
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
@@ -138,7 +138,7 @@ def in_preparation_job(run: LaunchConfig, data: DataConfig) -> bool:
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:
     """The job trains with the folder's config.yaml: this command may wait for it only if it asks for the same
-    (the launcher section aside: waiting or detached is this command's own business)."""
+    (the launcher section aside: what a sweep judges its points by is this command's own business)."""
     path = RunFolder(run_dir).config
     saved = flat(schema.config_plain(launch_config.load(path))) if path.is_file() else {}
     current = flat(schema.config_plain(run))

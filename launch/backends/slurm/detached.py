@@ -1,4 +1,4 @@
-"""What a detached launch (launcher.detach=true) leaves behind once Slurm accepted its jobs: the commands that
+"""What a detached launch (hydra.launcher.detach=true) leaves behind once Slurm accepted its jobs: the commands that
 follow them, and for a sweep the dependency job that builds its report when every job has ended (afterany), so
 that nothing has to stay up on the login node. Torch-free."""
 from __future__ import annotations

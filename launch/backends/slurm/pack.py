@@ -1,4 +1,4 @@
-"""launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
+"""hydra.launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
 with equal resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack_task runs them). The plan
 (points per allocation, waves, node-hours against one job per point) is printed before the budget guard, which
 counts the allocations, not the points. Torch-free."""
@@ -63,7 +63,7 @@ def packable(point: Point) -> None:
     why = ("more than one node" if r.nodes > 1 else "GPUs" if r.node_gpus else "cluster.chain" if r.chain > 1
            else "cluster.spare_nodes" if r.spare_nodes else "a container" if r.step.image else None)
     if why:
-        raise ConfigError("launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
+        raise ConfigError("hydra.launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
                           "runs points of one node's CPUs as steps of one allocation")
 
 
@@ -83,14 +83,14 @@ def plan(points: list[Point], cpus: int) -> list[Pack]:
     for group in groups.values():
         step = group[0].resources.tasks_per_node * (group[0].resources.cpus_per_task or 1)
         if step > cpus:
-            raise ConfigError("launcher.pack", True, f"false for point {group[0].label}: its {step} CPU(s) are more "
-                              f"than a node's {cpus}")
+            raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {step} CPU(s) are "
+                              f"more than a node's {cpus}")
         packs.append(Pack(tuple(group), min(len(group), cpus // step)))
     return packs
 
 
 def print_plan(packs: list[Pack], out=sys.stdout) -> None:
-    print(f"launcher.pack: {sum(len(p.points) for p in packs)} point(s) in {len(packs)} allocation(s)", file=out)
+    print(f"hydra.launcher.pack: {sum(len(p.points) for p in packs)} point(s) in {len(packs)} allocation(s)", file=out)
     for pack in packs:
         print(f"  {pack.line()}", file=out, flush=True)
 

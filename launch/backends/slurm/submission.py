@@ -69,13 +69,13 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
         for point in points:  # a folder no container can mount, or Slurm would misname, is refused before anything
             point.resources.mounting(workdir(), folder, point.run_dir)  # is queued
             no_filename_pattern(folder, point.run_dir)
-        cpus = pack.node_cpus(points[0].resources) if fresh[0].run.launcher.pack else None
+        cpus = pack.node_cpus(points[0].resources) if fresh[0].launcher.pack else None
         if cpus is not None:  # the plan, and the budget of its allocations
             pack.print_plan(pack.plan(points, cpus), out)
         billed = points if cpus is None else [k.budget_point() for k in pack.plan(points, cpus)]
         # a refused sweep leaves no snapshot behind; its data preparation jobs are part of its cost
         fresh[0].backend.budget_gate([*preparation_points(fresh), *billed], fresh[0].budget)
-        if fresh[0].run.launcher.snapshot:
+        if fresh[0].launcher.snapshot:
             snapshot = take(folder)
             points = [with_snapshot(point, snapshot) for point in points]
             for p in fresh:
@@ -91,7 +91,7 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
         by_dir = {s.point.run_dir: s for s in jobs}  # submitted group by group: in another order than the points
         for p in fresh:
             submitted[id(p)] = by_dir[p.plan.run_dir]
-        if not fresh[0].run.launcher.detach:  # detached, Slurm cancels the training jobs if a preparation fails
+        if not fresh[0].launcher.detach:  # detached, Slurm cancels the training jobs if a preparation fails
             for job in {j.job_id: j for j in preparations.values()}.values():
                 job.wait([submitted[id(p)].job_id for p in fresh if preparations.get(p.label) == job])
     for p in planned:

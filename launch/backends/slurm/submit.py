@@ -28,7 +28,7 @@ class Submitted:
     job_id: str
     folder: Path
     links: tuple[str, ...] = ()  # a chain's jobs, oldest first (cluster.chain); job_id is the last one
-    packed: bool = False  # a step of a packed allocation (launcher.pack), whose one task reports every point
+    packed: bool = False  # a step of a packed allocation (hydra.launcher.pack), whose one task reports every point
 
     @property
     def job_ids(self) -> tuple[str, ...]:

@@ -120,7 +120,7 @@ def test_bad_site_keys_are_one_line_naming_the_key(overrides, message):
 ])
 def test_bad_step_keys_are_refused(key, value, message):
     with pytest.raises(ConfigError) as e:
-        ClusterConfig(name="srun", nodes="auto", tasks_per_node="auto", **{key: value}).validate()
+        ClusterConfig(name="srun", tasks_per_node="auto", **{key: value}).validate()
     assert message in str(e.value)
 
 
