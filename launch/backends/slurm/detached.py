@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gpt.run_folder import write_json
 from launch.backends.slurm import commands
-from launch.backends.slurm.submit import show_path
+from launch.backends.slurm.submitted import show_path
 from launch.run_status import REPORT_JOB
 from launch.snapshot import Snapshot
 

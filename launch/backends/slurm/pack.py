@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import ConfigError, UserError, error_line
-from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point
 from launch.backends.slurm import commands as slurm_commands, partitions
 from launch.backends.slurm.resources import SlurmResources, make_executor
-from launch.backends.slurm.submit import Submitted, inherited_rank_variables, show_path
+from launch.backends.slurm.submitted import Submitted, show_path
 from launch.backends.slurm.step import workdir
 
 
@@ -120,11 +119,7 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
     submitted = []
     for p in pack.points:
         s = Submitted(p, job.job_id, folder, packed=True)
-        paths = s.paths(0)
-        write_json(RunFolder(p.run_dir).slurm_job, {
-            "job_id": s.job_id, "packed": True, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-            "submission": str(paths.submission_file), "resources": res.describe(),
-            "inherited": inherited_rank_variables(dict(res.step.env))}, indent=1)
+        s.record(res)
         submitted.append(s)
     print(f"submitted job {job.job_id} for {len(pack.points)} packed point(s): {res.describe()}; log: "
           f"{show_path(submitted[-1].paths(0).stdout)}", file=out, flush=True)

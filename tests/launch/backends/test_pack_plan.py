@@ -13,7 +13,7 @@ from launch.backends import Point
 from launch.backends.slurm import pack
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
 from launch.backends.slurm.resources import SlurmResources
-from launch.backends.slurm.submit import Submitted
+from launch.backends.slurm.submitted import Submitted
 from launch.backends.slurm.wait import collect
 
 ONE_RANK = SlurmResources(nodes=1, tasks_per_node=1, cpus_per_task=2, time_min=10)

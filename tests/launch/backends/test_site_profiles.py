@@ -16,7 +16,7 @@ from gpt.errors import ConfigError
 from helpers import REPO, compose
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.step import RankStep
-from launch.backends.slurm.submit import inherited_rank_variables
+from launch.backends.slurm.submitted import inherited_rank_variables
 from launch.backends.srun import SIGNAL_LINE, with_job_signal
 from launch.planning.plan import planned_device
 

@@ -22,7 +22,7 @@ from launch.backends.slurm import partitions
 from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,
                                               resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
-from launch.backends.slurm.submission import no_filename_pattern
+from launch.backends.slurm.submit import no_filename_pattern
 from helpers import REPO, SHAKESPEARE
 
 SINFO = """debug*|4|2|8000|(null)|8:00:00|up
