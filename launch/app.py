@@ -13,11 +13,9 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from launch import launch_config
-from gpt.data import absolute
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import RunFolder
@@ -28,7 +26,7 @@ from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.run.job_record import CANCELLED, cancelled_by_user, record_job
-from launch.planning.plan import make_plan
+from launch.planning.plan import absolute_paths, make_plan
 from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
@@ -41,7 +39,7 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    run = launch_config.parse(cfg)
+    run = absolute_paths(launch_config.parse(cfg))  # once: every part of planning reads them as they are
     backend = backend_for(run.cluster.name, hydra_cfg)
     launcher = launcher_section(hydra_cfg.launcher)
     run, resources = backend.check(run)
@@ -55,11 +53,11 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
     # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
     job = job_environment()
-    if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
+    if live is None and inputs_exist(run.data):  # else planning names the corpus
         checked = check_run_folder(run, run_dir, job,
                                    lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
     budget = run.budget if backend.submits else None
-    plan = make_plan(run, run_dir, live)
+    plan = make_plan(run, run_dir, live, backend)
     if live is None:  # every check passed: the folder gets its records
         if checked is not None:
             checked.record(run_dir)

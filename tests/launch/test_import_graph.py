@@ -166,11 +166,12 @@ from hydra import compose, initialize_config_dir
 from gpt.config import schema
 from launch import launch_config
 from gpt.errors import ConfigError
+from launch.backends import get_backend
 from launch.planning.plan import check_local_gpus, planned_device
 launch_config.register()
 with initialize_config_dir(sys.argv[1], version_base="1.3"):
     run = launch_config.parse(compose("config", overrides=["model=tiny"]))
-device = planned_device(run)
+device = planned_device(run, get_backend(run.cluster.name))
 try:
     check_local_gpus(dataclasses.replace(run, train=dataclasses.replace(run.train, device="cuda")), "cuda", 1)
 except ConfigError as e:

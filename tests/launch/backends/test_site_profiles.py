@@ -18,6 +18,7 @@ from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.step import RankStep
 from launch.backends.slurm.submitted import inherited_rank_variables
 from launch.backends.srun import SIGNAL_LINE, with_job_signal
+from launch.backends import get_backend
 from launch.planning.plan import planned_device
 
 PROFILE = """# @package _global_
@@ -175,7 +176,8 @@ def test_gpus_asked_for_as_gres_count_as_the_nodes_gpus(gres, gpus):
     against its tasks and the partition, and the budget counts them."""
     run = launch_config.parse(compose("cluster=slurm", f"cluster.gres='{gres}'", f"cluster.tasks_per_node={max(gpus, 1)}"))
     res = SlurmResources.from_run(run)
-    assert (run.cluster.node_gpus, res.node_gpus, planned_device(run)) == (gpus, gpus, "cuda" if gpus else "cpu")
+    device = planned_device(run, get_backend(run.cluster.name))
+    assert (run.cluster.node_gpus, res.node_gpus, device) == (gpus, gpus, "cuda" if gpus else "cpu")
     assert res.gpu_hours == gpus
 
 
