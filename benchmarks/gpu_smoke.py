@@ -67,7 +67,7 @@ class Row:
 
     def command_overrides(self, world: int) -> list[str]:
         base = FIGURE if self.kind == "figure" else SMOKE
-        return [*base, *self.overrides, "cluster.nodes=1", f"cluster.tasks_per_node={self.ranks(world)}"]
+        return [*base, *self.overrides, "nodes=1", f"cluster.tasks_per_node={self.ranks(world)}"]
 
 
 ONCE = ["train.max_steps=40", "train.log_interval=5", "train.eval_interval=0", "checkpoint.interval_steps=10"]

@@ -1,5 +1,5 @@
 """A 16-point single-rank learning-rate sweep on the local Slurm cluster, run side by side in one session: one job per
-point (cluster=slurm), packed into one allocation (launcher.pack=true), and packed with the sweep's early stopping
+point (cluster=slurm), packed into one allocation (hydra.launcher.pack=true), and packed with the sweep's early stopping
 (launcher.early_stop=asha), and the same with Optuna choosing the learning rates (hydra/sweeper=optuna, 16 trials in
 batches of 4). For each: jobs submitted, node-hours held (Slurm's accounting: each job's elapsed time
 times its nodes), steps trained, and the wall time from the command to its report.
@@ -26,10 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, SHARED_TEXT, save_results  # noqa: E402
 from benchmarks.launch_latency import cluster_env  # noqa: E402
 
-ASHA = ["launcher.pack=true", "launcher.early_stop=asha", "launcher.eta=2"]
+ASHA = ["hydra.launcher.pack=true", "launcher.early_stop=asha", "launcher.eta=2"]
 # Optuna's TPE over the same range, in batches of 4 (an allocation each), the grid's count of trials
 OPTUNA = ["hydra/sweeper=optuna", "hydra.sweeper.n_jobs=4", "hydra.sweeper.sampler.seed=0", *ASHA]
-WAYS = {"one job per point": [], "packed": ["launcher.pack=true"], "packed, early stopping": ASHA,
+WAYS = {"one job per point": [], "packed": ["hydra.launcher.pack=true"], "packed, early stopping": ASHA,
         "Optuna, packed, early stopping": OPTUNA}
 
 

@@ -13,21 +13,20 @@ from pathlib import Path
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from hydra.utils import to_absolute_path
 from omegaconf import DictConfig
 
 from launch import launch_config
-from gpt.data import absolute
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import CANCELLED, RunFolder
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, backend_for, scheduler
+from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.run.job_record import cancelled_by_user, record_job
-from launch.planning.plan import given_model_keys, init_model, make_plan
+from launch.planning.plan import absolute_paths, given_model_keys, init_model, make_plan
 from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
@@ -40,12 +39,14 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     once, and every part of planning receives its typed sections."""
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    run = init_model(launch_config.parse(cfg), run_dir, given_model_keys(list(hydra_cfg.overrides.task)))
+    run = absolute_paths(launch_config.parse(cfg))  # once: every part of planning reads them as they are
+    run = init_model(run, run_dir, given_model_keys(list(hydra_cfg.overrides.task)))
     backend = backend_for(run.cluster.name, hydra_cfg)
+    launcher = launcher_section(hydra_cfg.launcher)
     run, resources = backend.check(run)
-    if run.launcher.detach and not backend.submits:
-        raise ConfigError("launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs run "
-                          "without the launcher")
+    if launcher.detach and not backend.submits:
+        raise ConfigError("hydra.launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs "
+                          "run without the launcher")
     if run.launcher.early_stop != "none" and hydra_cfg.mode != RunMode.MULTIRUN:
         raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
                           "compares the points of a sweep (python -m launch -m ...)")
@@ -53,18 +54,18 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
     # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
     job = job_environment()
-    if live is None and inputs_exist(absolute(run.data, to_absolute_path)):  # else planning names the corpus
+    if live is None and inputs_exist(run.data):  # else planning names the corpus
         checked = check_run_folder(run, run_dir, job,
                                    lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
     budget = run.budget if backend.submits else None
-    plan = make_plan(run, run_dir, live)
+    plan = make_plan(run, run_dir, live, backend)
     if live is None:  # every check passed: the folder gets its records
         if checked is not None:
             checked.record(run_dir)
             if not backend.submits:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)
                 record_job(run_dir, job)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
-    return PlannedRun(run, plan, backend, resources, budget, checked and checked.existing, live)
+    return PlannedRun(run, plan, backend, launcher, resources, budget, checked and checked.existing, live)
 
 
 def record_overrides(path: Path, overrides: list[str]) -> None:
@@ -90,10 +91,10 @@ def run(cfg: DictConfig) -> Path:
              plan.nodes, plan.tasks_per_node, backend.name)
     if backend.submits:
         submitted, _ = backend.submit_all([planned], plan.run_dir / backend.name)
-        if planned.run.launcher.detach:
+        if planned.launcher.detach:
             backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
-        [outcome] = backend.wait(submitted)
+        [outcome] = backend.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
         if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
             return plan.run_dir
         if not outcome.ok:

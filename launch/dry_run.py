@@ -19,10 +19,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra.utils import to_absolute_path
 
 from gpt.config.model import ModelConfig
-from gpt.data import absolute, check_vocab, is_prepared
+from gpt.data import check_vocab, is_prepared
 from gpt.errors import EXIT_FAILED, ConfigError
 from gpt.model.flops import param_count
 from gpt.parallel.layout import ParallelDims
@@ -31,8 +30,9 @@ from gpt.parallel.traits import traits_of
 from launch import hydra_errors, launch_config
 from launch.app import CONFIGS
 from launch.launch_config import LaunchConfig
-from launch.planning.memory_fit import USABLE, fit
-from launch.planning.plan import given_model_keys, init_model, plan_layout_of
+from launch.backends import get_backend
+from launch.planning.memory_fit import USABLE, device_memory_gib, fit
+from launch.planning.plan import absolute_paths, given_model_keys, init_model, plan_layout_of
 
 HEADROOM = 1 - USABLE  # the fit check's: a disagreement larger than this is more than it absorbs
 COMPARED = ("params", "grads", "optimizer")  # what a build without a forward holds
@@ -100,7 +100,7 @@ def compose(overrides: Sequence[str]) -> LaunchConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        run = launch_config.parse(hydra_compose("config", overrides=list(overrides)))
+        run = absolute_paths(launch_config.parse(hydra_compose("config", overrides=list(overrides))))
     return init_model(run, None, given_model_keys(list(overrides)))
 
 
@@ -109,7 +109,7 @@ def model_of(run: LaunchConfig) -> ModelConfig:
     nothing)."""
     if run.model.vocab_size:
         return run.model
-    data = absolute(run.data, to_absolute_path)
+    data = run.data
     if not is_prepared(data):
         raise ConfigError("model.vocab_size", None, f"a vocabulary size for a dry run: the data in {data.dir} is not "
                           "prepared, and a dry run prepares nothing (or prepare it: python -m gpt.data.prepare)")
@@ -120,9 +120,10 @@ def plan(overrides: Sequence[str], ranks: Sequence[int] | None = None) -> tuple[
     """The run planned as `python -m launch` plans it (the fit check refuses what it refuses), with nothing written:
     the dry run before its ranks are built, its model, and the device the run plans for."""
     run = compose(overrides)
-    device, train, dims = plan_layout_of(run)
+    backend = get_backend(run.cluster.name)
+    device, train, dims = plan_layout_of(run, backend)
     model = model_of(run)
-    train = fit(run, model, train, dims, device)
+    train = fit(run, model, train, dims, device, device_memory_gib(run, device, backend))
     if why := traits_of(run.strategy.name).no_dry_run:
         raise ConfigError("strategy", run.strategy.name, f"a strategy the dry run builds: {why}")
     bad = [r for r in ranks or () if not 0 <= r < dims.world_size]
@@ -167,7 +168,7 @@ def build(planned: DryRun, model: ModelConfig, device: str) -> DryRun:
         run = dataclasses.replace(run, train=dataclasses.replace(run.train, attention="auto"))
     for rank in planned.ranks:
         env = DistEnv(rank=rank, world_size=planned.dims.world_size, local_rank=rank % per_node,
-                      local_world_size=per_node, node_rank=rank // per_node, num_nodes=run.cluster.nodes)
+                      local_world_size=per_node, node_rank=rank // per_node, num_nodes=run.nodes)
         planned.built.append(build_rank(run, model, env, where))
     return planned
 
@@ -183,7 +184,7 @@ def report(done: DryRun) -> list[str]:
     micro, steps = run.train.micro_batches(dims.dp)
     where = "on the meta device" if first.device == "meta" else f"at real size on {first.device}"
     lines = [f"dry run of {run.name}: rank{'s' if len(done.ranks) > 1 else ''} "
-             f"{', '.join(map(str, done.ranks))} of {dims.world_size} ({run.cluster.nodes} node(s) x "
+             f"{', '.join(map(str, done.ranks))} of {dims.world_size} ({run.nodes} node(s) x "
              f"{run.cluster.tasks_per_node}) on torch's fake process group, the model {where}",
              f"layout: {dims.axes()}; {first.layout}",
              f"batch: micro-batches of {micro} sequence(s), {steps} per step; train.precision={run.train.precision}",

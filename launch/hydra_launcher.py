@@ -98,7 +98,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)
-        if jobs[0][1].run.launcher.detach:
+        if jobs[0][1].launcher.detach:
             return _detach(sweep_dir, submitted, jobs, points, returns, snapshot)
 
     # 3. points that run here, one after another
@@ -113,7 +113,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     # 4. wait for the jobs
     if submitted:
-        _collect(backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns)
+        section = jobs[0][1].launcher
+        _collect(backend.wait(submitted, section.poll_s, section.progress), jobs, points, returns)
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
     from launch.report import write_report
@@ -174,7 +175,7 @@ def _collect(outcomes, jobs, points, returns) -> None:
 
 def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
     """Return once the scheduler accepted every job: a dependency job builds the report after them."""
-    # packed points (launcher.pack) share their job: each id once
+    # packed points (hydra.launcher.pack) share their job: each id once
     ids, backend = list(dict.fromkeys(s.job_id for s in submitted)), jobs[0][1].backend
     report = backend.submit_report(sweep_dir, ids, jobs[0][1].resources, snapshot)
     backend.print_follow_up(sweep_dir, list(dict.fromkeys(j for s in submitted for j in s.job_ids)), report)
@@ -194,8 +195,9 @@ def _check_objective(config: Any, planned: list[PlannedRun]) -> None:
     """Such a sweeper needs every point's objective when the point returns. One line, before anything runs."""
     if not chooses_from_results(config):
         return
-    for run in (p.run for p in planned):
-        why = ("launcher.detach=true returns before any point has a result" if run.launcher.detach else
+    for p in planned:
+        run = p.run
+        why = ("hydra.launcher.detach=true returns before any point has a result" if p.launcher.detach else
                "the runs never evaluate (train.eval_interval=0)"
                if run.launcher.objective == "val_loss" and not run.train.eval_interval else None)
         if why:

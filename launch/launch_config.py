@@ -19,15 +19,34 @@ from launch.backends.cluster_config import BudgetConfig, ClusterConfig
 class LaunchConfig(RunConfig):
     cluster: ClusterConfig
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    # the run's node count, the one key for it (sweep it with -m nodes=1,2,4); cluster=srun: auto, the allocation's
+    # (SLURM_JOB_NUM_NODES)
+    nodes: int | str = 1
+
+    def validate(self) -> None:
+        super().validate()
+        self.cluster.check_count("nodes", self.nodes)
 
     def keys_read(self) -> dict[str, tuple[str, ...]]:
         return {**super().keys_read(), "cluster": self.cluster.keys_read}
 
-    def with_cluster(self, **changes: Any) -> LaunchConfig:
-        """This run with cluster keys a backend resolved (srun's auto shape, Slurm's cpus_per_task), checked."""
+    def with_cluster(self, nodes: int | None = None, **changes: Any) -> LaunchConfig:
+        """This run with the shape and cluster keys a backend resolved (srun's auto shape, Slurm's cpus_per_task),
+        checked."""
         cluster = dataclasses.replace(self.cluster, **changes)
         cluster.validate()
-        return dataclasses.replace(self, cluster=cluster)
+        run = dataclasses.replace(self, cluster=cluster, nodes=self.nodes if nodes is None else nodes)
+        cluster.check_count("nodes", run.nodes)
+        return run
+
+    @classmethod
+    def moved_in_place(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A config.yaml saved before `cluster.nodes` was `nodes`: the cluster's count is the resolved one (srun's
+        auto), so it wins."""
+        saved = super().moved_in_place(saved)
+        if isinstance(saved.get("cluster"), dict) and "nodes" in saved["cluster"]:
+            saved["nodes"] = saved["cluster"].pop("nodes")
+        return saved
 
 
 def parse(cfg: Any) -> LaunchConfig:

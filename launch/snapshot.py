@@ -5,7 +5,7 @@ the package and its configs (the files git tracks at HEAD with the uncommitted c
 ignore; a plain copy where there is no git) are copied into the submission folder, and every attempt of the job
 imports them: the batch script puts the snapshot first on PYTHONPATH, and PYTHONSAFEPATH keeps `python -m` from
 putting the working directory (the checkout) before it. `code.json` beside it records the commit and whether the
-checkout was dirty; the uncommitted changes are kept as `uncommitted.diff`. `launcher.snapshot=false` opts out.
+checkout was dirty; the uncommitted changes are kept as `uncommitted.diff`. `hydra.launcher.snapshot=false` opts out.
 Torch-free.
 """
 from __future__ import annotations

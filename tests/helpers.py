@@ -131,9 +131,9 @@ def compose(*overrides: str):
 def plan(run_dir: Path, *overrides: str) -> Path:
     """What `python -m launch OVERRIDES` plans into `run_dir` (its config.yaml, for a Trainer run in this process)."""
     from launch import launch_config
-    from launch.planning.plan import make_plan
+    from launch.planning.plan import absolute_paths, make_plan
 
-    make_plan(launch_config.parse(compose(*overrides)), run_dir)
+    make_plan(absolute_paths(launch_config.parse(compose(*overrides))), run_dir)
     return run_dir
 
 

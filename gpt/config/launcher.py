@@ -1,21 +1,16 @@
-"""The launcher section: how `python -m launch` behaves once a cluster=slurm job is accepted. Torch-free."""
+"""The launcher section: what a sweep's points are judged by (its objective) and early stopping across them. How
+`python -m launch` submits and waits is the launcher's own section, hydra.launcher (launch.launcher_section).
+Torch-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 from gpt.errors import ConfigError
 
 
 @dataclass(frozen=True)
 class LauncherConfig:
-    # true: return as soon as Slurm accepted every job, printing their ids and the commands that follow them
-    # (launch.status, launch.logs, launch.cancel); a sweep's report is then built by a dependency job
-    detach: bool = False
-    # true: every job runs a snapshot of the code taken at submission (launch.snapshot), not the checkout
-    snapshot: bool = True
-    # true: a cluster=slurm sweep's one-node points run as job steps inside one allocation per group of equal
-    # resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack)
-    pack: bool = False
     # the value of each point's training summary (summary.json) a sweeper that chooses points from results
     # minimises or maximises (hydra/sweeper=optuna): val_loss (the last evaluation), train_loss, tokens_per_s, ...
     objective: str = "val_loss"
@@ -25,6 +20,9 @@ class LauncherConfig:
     early_stop: str = "none"
     eta: int = 3
     rung_steps: int = 0  # the first rung's step: a multiple of train.eval_interval (0: train.eval_interval)
+    # one key per knob: keys this section no longer has, refused with the key to use
+    MOVED: ClassVar[dict[str, str]] = {key: f"hydra.launcher.{key} (the launcher's own section)"
+                                       for key in ("detach", "snapshot", "pack")}
 
     def __post_init__(self) -> None:
         if self.early_stop not in ("none", "asha"):

@@ -67,7 +67,6 @@ class RunConfig:
     profile: ProfileConfig = field(default_factory=ProfileConfig)  # traces of chosen steps, memory snapshots
     debug: DebugConfig = field(default_factory=DebugConfig)
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
-    nodes: int = 1  # sweep it with -m nodes=1,2,4; the launcher's cluster section takes its node count from here
     # auto: continue from the newest usable checkpoint in the run folder (none there: start fresh); none: start
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
     # folder: its newest), only while this run has none
@@ -92,6 +91,11 @@ class RunConfig:
     def keys_read(self) -> dict[str, tuple[str, ...]]:
         """The sections that are the union of their presets' keys, and the keys the chosen preset reads."""
         return {"strategy": traits_of(self.strategy.name).keys_read}
+
+    @classmethod
+    def moved_in_place(cls, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved config.yaml with its moved keys where this tree has them (a larger tree adds its own)."""
+        return moved_keys_in_place(saved)
 
 
 Root = TypeVar("Root", bound=RunConfig)
@@ -141,7 +145,8 @@ def _load(path: str, inode: int, mtime_ns: int, size: int, root: type[Root]) -> 
     except (YAMLError, OmegaConfBaseException) as e:
         raise _unreadable(path, f"not YAML: {str(e).splitlines()[0]}") from None
     try:
-        return run_config(OmegaConf.create(moved_keys_in_place(OmegaConf.to_container(cfg))), root)
+        saved = OmegaConf.to_container(cfg)
+        return run_config(OmegaConf.create(root.moved_in_place(saved) if isinstance(saved, dict) else saved), root)
     except UserError as e:
         raise _unreadable(path, str(e)) from None
 
@@ -150,9 +155,13 @@ def moved_keys_in_place(saved: Any) -> Any:
     """A config.yaml saved before a key moved (one key per knob: strategy.pp is parallel.pp,
     strategy.activation_checkpointing is train.activation_checkpointing, metrics.straggler_X is stragglers.X) reads
     as it was meant: a run folder stays readable, resumable and reportable. A command that names an old key is still
-    refused with the key to use."""
+    refused with the key to use. launcher.detach, .snapshot and .pack are the launcher's own section's now
+    (hydra.launcher), which a run's config does not hold: they are left out."""
     if not isinstance(saved, dict):
         return saved
+    if isinstance(saved.get("launcher"), dict):
+        for key in LauncherConfig.MOVED:
+            saved["launcher"].pop(key, None)
     if isinstance(saved.get("metrics"), dict):
         old = saved.pop("metrics")
         saved.setdefault("stragglers", {k.removeprefix("straggler_"): v for k, v in old.items()})

@@ -15,12 +15,14 @@ from collections.abc import Sequence
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.launcher import Launcher
 
+from launch.launcher_section import TARGET, LauncherSection
+
 
 @dataclass
-class GptlaunchLauncherConf:
-    _target_: str = "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher.GptlaunchLauncher"
-    poll_s: float = 1.0  # how often Slurm is asked about the jobs, until a minute without change (then up to 30 s)
-    progress: bool = True  # a progress bar while waiting for the jobs
+class GptlaunchLauncherConf(LauncherSection):
+    """The launcher's section, hydra.launcher: its keys are launch.launcher_section's."""
+
+    _target_: str = TARGET
 
 
 ConfigStore.instance().store(group="hydra/launcher", name="gptlaunch", node=GptlaunchLauncherConf,
@@ -28,9 +30,7 @@ ConfigStore.instance().store(group="hydra/launcher", name="gptlaunch", node=Gptl
 
 
 class GptlaunchLauncher(Launcher):
-    def __init__(self, poll_s: float = 1.0, progress: bool = True) -> None:
-        self.poll_s = poll_s
-        self.progress = progress
+    def __init__(self, **section: Any) -> None:  # hydra.launcher's keys: planning reads them with each point
         self.config: Any | None = None
         self.hydra_context: Any | None = None
         self.task_function: Any | None = None

@@ -82,14 +82,6 @@ class Backend:
         launcher asks how the attempt ended."""
         raise NotImplementedError
 
-    def budget_gate(self, points: list, budget) -> None:
-        """Show what the points may cost; refuse it above budget, before anything is written or submitted."""
-        raise NotImplementedError
-
-    def submit(self, points: list, folder) -> list:
-        """Submit every point; nothing is left half-submitted."""
-        raise NotImplementedError
-
     def wait(self, submitted: list, poll_s: float, progress: bool) -> list:
         """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
         raise NotImplementedError

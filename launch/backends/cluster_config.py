@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 from gpt.config.credentials import check_env, check_lines
 from gpt.config.names import one_line
@@ -14,8 +14,9 @@ from gpt.config.parse import only_own_keys
 from gpt.config.sections import signal_names
 from gpt.errors import ConfigError
 
-# the shape, the time-limit warning the trainer allows for, and each device's memory (the planner's fit check)
-SHAPE = ("nodes", "tasks_per_node", "signal_delay_s", "gpu_memory_gb")
+# the shape (with the run's `nodes`), the time-limit warning the trainer allows for, and each device's memory (the
+# planner's fit check)
+SHAPE = ("tasks_per_node", "signal_delay_s", "gpu_memory_gb")
 # what every rank of a Slurm job gets, whoever made the allocation (a site profile sets them)
 STEP = ("srun_args", "env", "master_host_suffix", "container", "spare_nodes")
 # what a job asks sbatch for: cluster=slurm asks; inside an allocation (cluster=srun) sbatch or salloc already did,
@@ -61,7 +62,6 @@ class ContainerConfig:
 @dataclass(frozen=True)
 class ClusterConfig:
     name: str
-    nodes: int | str  # the run's `nodes`; srun: auto, the allocation's (SLURM_JOB_NUM_NODES)
     tasks_per_node: int | str  # ranks per node, one per GPU on GPU nodes; srun: auto, the allocation's
     # GPUs, in the one form the site takes (at most one of the three): --gpus-per-node (0: none; when > 0,
     # tasks_per_node must equal it), --gpus-per-task, or --gres (e.g. gpu:4, or gpu:a100:4)
@@ -102,6 +102,8 @@ class ClusterConfig:
     # GiB of memory per GPU, for the planner's check that each rank fits (launch.planning.memory_fit); 0: known from the
     # GPU's name (a local GPU, or the type in cluster.gres / cluster.constraint), else no check
     gpu_memory_gb: float = 0.0
+    # one key per knob: keys this section no longer has, refused with the key to use
+    MOVED: ClassVar[dict[str, str]] = {"nodes": "nodes (the run's node count: -m nodes=1,2,4; cluster=srun: auto)"}
 
     def __post_init__(self) -> None:
         if self.timeout_min is not None:  # a profile written for submitit: its time limit, never the default
@@ -120,17 +122,20 @@ class ClusterConfig:
         if isinstance(self.setup, str) or all(isinstance(line, str) for line in self.setup):
             check_lines("cluster.setup", self.setup_lines)
         only_own_keys(self, "cluster", BACKENDS)
-        for key in ("nodes", "tasks_per_node"):
-            value = getattr(self, key)
-            if not (self.name == "srun" and value == "auto") and not _count(value, 1):
-                auto = ", or auto (the allocation's)" if self.name == "srun" else ""
-                raise ConfigError(f"cluster.{key}", value, f"a positive integer{auto}")
+        self.check_count("cluster.tasks_per_node", self.tasks_per_node)
         if isinstance(self.gpu_memory_gb, bool) or self.gpu_memory_gb < 0:
             raise ConfigError("cluster.gpu_memory_gb", self.gpu_memory_gb, "GiB per GPU (e.g. 80), or 0 to know it "
                               "from the GPU's name")
         if self.signal_delay_s is not None and self.signal_delay_s < 0:
             raise ConfigError("cluster.signal_delay_s", self.signal_delay_s, "seconds >= 0, or null")
         self.validate_job()
+
+    def check_count(self, key: str, value: Any) -> None:
+        """A count of the job's shape (the run's `nodes`, tasks_per_node): cluster=srun may leave it to the
+        allocation."""
+        if not (self.name == "srun" and value == "auto") and not _count(value, 1):
+            auto = ", or auto (the allocation's)" if self.name == "srun" else ""
+            raise ConfigError(key, value, f"a positive integer{auto}")
 
     def validate_job(self) -> None:
         """What a Slurm job asks for, as far as it can be checked without a cluster."""

@@ -37,7 +37,7 @@ from launch.run.startup import STEP_TOKEN
 
 
 def resolve_allocation(run: LaunchConfig, environ: dict[str, str] | None = None) -> LaunchConfig:
-    """cluster.nodes and cluster.tasks_per_node from the allocation (for `auto`), checked against it."""
+    """nodes and cluster.tasks_per_node from the allocation (for `auto`), checked against it."""
     env = dict(os.environ if environ is None else environ)
     if "SLURM_JOB_ID" not in env:
         raise UserError("cluster=srun runs inside a Slurm allocation (sbatch slurm/multi_node.sh, or salloc), and "
@@ -53,11 +53,10 @@ def resolve_allocation(run: LaunchConfig, environ: dict[str, str] | None = None)
         ntasks = first_int(env, "SLURM_NTASKS")
         tasks = max(1, ntasks // (nodes + spares)) if ntasks else 1
     gpus = gpus_on_node(env)
-    for key, have in (("nodes", nodes), ("tasks_per_node", tasks)):
-        want = getattr(run.cluster, key)
+    for key, want, have in (("nodes", run.nodes, nodes), ("cluster.tasks_per_node", run.cluster.tasks_per_node, tasks)):
         if want not in ("auto", have):
             less = f" less cluster.spare_nodes={spares}" if spares and key == "nodes" else ""
-            raise ConfigError(f"cluster.{key}", want, f"auto or {have}, what this allocation has{less} "
+            raise ConfigError(key, want, f"auto or {have}, what this allocation has{less} "
                               f"(sbatch --{'nodes' if key == 'nodes' else 'ntasks-per-node'}={want} to get it)")
     if gpus and tasks != gpus:
         why = (f"this allocation has {gpus} GPU(s) per node but {tasks} task(s) per node: one rank per GPU needs "
@@ -107,7 +106,7 @@ def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankSt
     """The srun line that starts every rank: one task wrapper each, in the site's container if it has one; and one
     on each spare node (it waits until it replaces a lost node, launch.recovery.rounds). The site's setup lines run
     first, in the shell that then becomes srun, as cluster=slurm's batch script runs them before its srun. `exact`:
-    a step of a packed allocation (launcher.pack), on its own CPUs beside the other points' steps."""
+    a step of a packed allocation (hydra.launcher.pack), on its own CPUs beside the other points' steps."""
     nodes += spares
     # srun takes the environment the setup lines leave (module load, a venv); exec keeps srun the signalled child
     shell = ["bash", "-c", "\n".join([*setup, 'exec "$@"']), "setup"] if setup else []

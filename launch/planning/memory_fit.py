@@ -16,7 +16,7 @@ from gpt.errors import ConfigError, UserError
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.memory_estimate import GIB, MemoryParts, estimate
 from gpt.parallel.traits import traits_of
-from launch.backends import get_backend
+from launch.backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +25,28 @@ log = logging.getLogger(__name__)
 USABLE = 0.9
 
 
-def device_memory_gib(run: LaunchConfig, device: str) -> float | None:
+def device_memory_gib(run: LaunchConfig, device: str, backend: Backend) -> float | None:
     """cluster.gpu_memory_gb on GPUs when set, else what the backend knows (a GPU by its name, a node's memory)."""
     if device == "cuda" and run.cluster.gpu_memory_gb:
         return float(run.cluster.gpu_memory_gb)
-    return get_backend(run.cluster.name).device_memory_gib(run, device)
+    return backend.device_memory_gib(run, device)
 
 
-def fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str) -> TrainConfig:
-    """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit)."""
-    train = fit_micro_batch(run, model, train, dims, device)
-    check_fit(run, model, train, dims, device)
+def fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
+        memory: float | None) -> TrainConfig:
+    """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit),
+    against `memory`, GiB of one rank's device (device_memory_gib; None: not known)."""
+    train = fit_micro_batch(run, model, train, dims, device, memory)
+    check_fit(run, model, train, dims, device, memory)
     return train
 
 
-def fit_micro_batch(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str
-                    ) -> TrainConfig:
+def fit_micro_batch(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
+                    memory: float | None) -> TrainConfig:
     """train.micro_batch_size=auto: the largest divisor of the per-rank batch whose estimate fits USABLE of the
     device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are."""
     if train.micro_batch_size != "auto":
         return train
-    memory = device_memory_gib(run, device)
     if memory is None:
         raise ConfigError("train.micro_batch_size", "auto", "a positive integer or null: this device's memory is not "
                           "known, so auto cannot choose (or state it: cluster.gpu_memory_gb)")
@@ -67,11 +68,10 @@ def what_device(device: str) -> str:
 
 
 def check_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
-              device: str) -> MemoryParts:
+              device: str, memory: float | None) -> MemoryParts:
     """The estimate of one rank's memory; a ConfigError when it exceeds USABLE of the device's memory."""
     micro, _ = train.micro_batches(dims.dp)
     parts = estimate(model, train, run.strategy, dims, micro)
-    memory = device_memory_gib(run, device)
     if memory is None:
         log.info("memory per rank: about %.2f GiB (%s); the device's memory is not known, so it is not checked "
                  "(state it: %s)", parts.peak / GIB, parts.describe(),

@@ -21,9 +21,9 @@ from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
-from launch.backends import get_backend
+from launch.backends import Backend, get_backend
 from launch.local_gpus import local_gpus
-from launch.planning.memory_fit import fit
+from launch.planning.memory_fit import device_memory_gib, fit
 from launch.run.identity import flat, newest_step
 
 
@@ -40,10 +40,10 @@ class Plan:
         return self.nodes * self.tasks_per_node
 
 
-def planned_device(run: LaunchConfig) -> str:
+def planned_device(run: LaunchConfig, backend: Backend) -> str:
     """The device the ranks will compute on: train.device, or for `auto` what the backend says its ranks get (a
     submitted job has the GPUs it asks for, whatever this login node has)."""
-    return run.train.device if run.train.device != "auto" else get_backend(run.cluster.name).device(run)
+    return run.train.device if run.train.device != "auto" else backend.device(run)
 
 
 def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
@@ -59,15 +59,15 @@ def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
                           f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
 
 
-def plan_layout_of(run: LaunchConfig) -> tuple[str, TrainConfig, ParallelDims]:
+def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[str, TrainConfig, ParallelDims]:
     """What needs the sections together before the data: the nodes, the device, the attention kernel, the layout
     and the batch. Returns the planned device, the train section resolved to it, and the layout (what the dry run,
     launch.dry_run, plans too)."""
-    nodes, per_node = run.cluster.nodes, run.cluster.tasks_per_node
+    nodes, per_node = run.nodes, run.cluster.tasks_per_node
     if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
-        raise ConfigError("cluster.nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
+        raise ConfigError("nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
                           nodes if not isinstance(nodes, int) else per_node, "a positive integer")
-    device = planned_device(run)
+    device = planned_device(run, backend)
     check_local_gpus(run, device, nodes * per_node)
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
     train.check_attention(device)
@@ -77,33 +77,36 @@ def plan_layout_of(run: LaunchConfig) -> tuple[str, TrainConfig, ParallelDims]:
     return device, train, dims
 
 
-def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> Plan:
+def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None, backend: Backend | None = None) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
-    config, which this command must then equal."""
-    run = checked_paths(run, run_dir)
-    device, train, dims = plan_layout_of(run)
+    config, which this command must then equal. `run`'s paths are absolute (absolute_paths); `backend` is the one
+    planning chose (None: cluster.name's), asked here once for the device and its memory."""
+    backend = backend or get_backend(run.cluster.name)
+    checked_paths(run, run_dir)
+    device, train, dims = plan_layout_of(run, backend)
+    memory = device_memory_gib(run, device, backend)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
-        train = fit(run, run.model, train, dims, device)
-    data = absolute(run.data, to_absolute_path)
-    prepare_job = data if in_preparation_job(run, data) else None
+        train = fit(run, run.model, train, dims, device, memory)
+    data = run.data
+    prepare_job = data if in_preparation_job(run, data, backend) else None
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:
         vocab = check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
         if not run.model.vocab_size:  # the model takes the tokenizer's
-            train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
+            train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device, memory)
 
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
-    resolved = dataclasses.replace(run, data=data, train=dataclasses.replace(
+    resolved = dataclasses.replace(run, train=dataclasses.replace(
         run.train, micro_batch_size=train.micro_batch_size))
     if live_job is not None:
         check_same_config(resolved, run_dir, live_job)
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
-    return Plan(run_dir, run.cluster.nodes, run.cluster.tasks_per_node, prepare_job)
+    return Plan(run_dir, run.nodes, run.cluster.tasks_per_node, prepare_job)
 
 
 def given_model_keys(overrides: list[str]) -> set[str]:
@@ -131,36 +134,39 @@ def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> Laun
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
 
 
-def checked_paths(run: LaunchConfig, run_dir: Path) -> LaunchConfig:
-    """The paths the ranks read besides the data (eval.tasks, init=hf:PATH, resume=PATH), made absolute from where
-    the launcher was started, so that config.yaml means them in any process and folder; and checked here, once,
-    not at each read of config.yaml: the task files always (every attempt scores them), the folder or checkpoint
-    the run starts from only while the run has no checkpoint of its own (nothing reads them after its first save:
-    a purged folder does not stop a requeue)."""
+def absolute_paths(run: LaunchConfig) -> LaunchConfig:
+    """Every path the ranks read (the data's, eval.tasks, init=hf:PATH, resume=PATH), made absolute from where the
+    launcher was started, once, before planning reads any: config.yaml means them in any process and folder."""
     tasks = [to_absolute_path(t) for t in run.eval.tasks]
     init = run.init if run.init == "none" else f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
     resume = run.resume if run.resume.lower() in KEYWORDS else to_absolute_path(run.resume)
-    run = dataclasses.replace(run, eval=dataclasses.replace(run.eval, tasks=tasks), init=init, resume=resume)
+    return dataclasses.replace(run, data=absolute(run.data, to_absolute_path), init=init, resume=resume,
+                               eval=dataclasses.replace(run.eval, tasks=tasks))
+
+
+def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
+    """The paths checked here, once, not at each read of config.yaml: the task files always (every attempt scores
+    them), the folder or checkpoint the run starts from only while the run has no checkpoint of its own (nothing
+    reads them after its first save: a purged folder does not stop a requeue)."""
     run.eval.check_files()
     if newest_step(run_dir) is None:
-        if resume.lower() not in KEYWORDS:
-            check_resume(resume)
-        check_init(init, run.model, absolute(run.data, to_absolute_path), resume)
-    return run
+        if run.resume.lower() not in KEYWORDS:
+            check_resume(run.resume)
+        check_init(run.init, run.model, run.data, run.resume)
 
 
-def in_preparation_job(run: LaunchConfig, data: DataConfig) -> bool:
+def in_preparation_job(run: LaunchConfig, data: DataConfig, backend: Backend) -> bool:
     """data.prepare_on=job with cluster=slurm, and the data not yet prepared the same way. Under srun (sbatch
     slurm/multi_node.sh) the launcher already runs inside the job: it prepares there, on the job's first node."""
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
                           "cluster=slurm")
-    return data.prepare_on == "job" and get_backend(run.cluster.name).submits and not is_prepared(data)
+    return data.prepare_on == "job" and backend.submits and not is_prepared(data)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:
     """The job trains with the folder's config.yaml: this command may wait for it only if it asks for the same
-    (the launcher section aside: waiting or detached is this command's own business)."""
+    (the launcher section aside: what a sweep judges its points by is this command's own business)."""
     path = RunFolder(run_dir).config
     saved = flat(schema.config_plain(launch_config.load(path))) if path.is_file() else {}
     current = flat(schema.config_plain(run))

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 from launch.backends.cluster_config import BudgetConfig
 from launch.launch_config import LaunchConfig
+from launch.launcher_section import LauncherSection
 from launch.backends import Backend, Point
 from launch.planning.plan import Plan
 from launch.run.identity import Existing
@@ -17,6 +18,7 @@ class PlannedRun:
     run: LaunchConfig
     plan: Plan
     backend: Backend
+    launcher: LauncherSection  # how this launch submits and waits (hydra.launcher)
     resources: object | None = None  # what a submitting backend's job asks for
     budget: BudgetConfig | None = None  # what a submitting backend's jobs may cost
     existing: Existing | None = None  # what the run folder already holds (None: a new run)

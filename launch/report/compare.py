@@ -13,6 +13,7 @@ from typing import Any
 
 from launch.report.points import PointResult
 
+# (cluster.nodes: the overrides of a sweep run before the node count was one key, `nodes`)
 SCALING_KEYS = {"nodes", "cluster.nodes", "cluster.tasks_per_node", "cluster.gpus_per_node"}
 # Keys that follow from others (the run's name from model and strategy) or do not change what is trained.
 DERIVED_KEYS = {"name", "train.progress"}

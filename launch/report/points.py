@@ -17,8 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.config.schema import moved_keys_in_place
 from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder
+from launch.launch_config import LaunchConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class PointResult:
 
     @property
     def nodes(self) -> int:
-        n = get(self.config, "cluster.nodes") or get(self.config, "nodes")
+        n = get(self.config, "nodes")
         if n is None and self.environments:
             n = self.environments[0].get("num_nodes")
         return int(n or 1)
@@ -125,7 +125,8 @@ def load_yaml(path: Path) -> Any:
     from omegaconf import OmegaConf
 
     # already resolved when written; keys moved since read where they now are
-    return moved_keys_in_place(OmegaConf.to_container(OmegaConf.load(path), resolve=False))
+    saved = OmegaConf.to_container(OmegaConf.load(path), resolve=False)
+    return LaunchConfig.moved_in_place(saved) if isinstance(saved, dict) else saved
 
 
 def find_run_folders(root: Path, max_depth: int = 4) -> list[Path]:

@@ -18,7 +18,7 @@ from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from launch.launch_config import LaunchConfig
 from gpt.config.parse import to_plain
 from gpt.config.data import DataConfig
-from gpt.data import absolute, data_identity, identities, read_meta
+from gpt.data import data_identity, identities, read_meta
 from gpt.data.content import content_md5, corpus_record, describe_change, file_rows, recorded_rows
 from gpt.data.inputs import corpus_files
 from gpt.errors import UserError
@@ -45,12 +45,6 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def absolute_data(run: LaunchConfig) -> DataConfig:
-    from hydra.utils import to_absolute_path  # the launcher's; a rank imports this module and needs no Hydra
-
-    return absolute(run.data, to_absolute_path)
-
-
 def prepared_rows(data: DataConfig) -> list[dict[str, Any]]:
     """The rows of the input files the run's prepared folders were made from (each source's, in order)."""
     return [r for d in ([s.dir for s in data.sources] or [data.dir]) for r in recorded_rows(Path(d), ("train", "val"))]
@@ -58,7 +52,7 @@ def prepared_rows(data: DataConfig) -> list[dict[str, Any]]:
 
 def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what must not change, flattened; the corpus's size, mtime, listing and md5: run.json's corpus record)."""
-    c, data = to_plain(run), absolute_data(run)
+    c, data = to_plain(run), run.data  # its paths absolute (launch.planning.plan.absolute_paths)
     corpus = corpus_record(corpus_files(data), known_text, lambda: prepared_rows(data))
     values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
     for key in KEYS:
@@ -197,7 +191,7 @@ def same_corpus_before(saved: dict[str, Any], known: dict[str, Any] | None, corp
 def corpus_change(run: LaunchConfig, known: dict[str, Any] | None, corpus: dict[str, Any]) -> str:
     """data.text_md5's line of a refusal: which files of the corpus changed and how, in words, and the remedies
     that hold (a prepared folder is never prepared again: a run on the changed corpus needs a folder of its own)."""
-    data = absolute_data(run)
+    data = run.data
     files = corpus_files(data)
     now = file_rows(files)  # read already, by identity()
     before = rows_before(data, now, known)
@@ -243,7 +237,7 @@ def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_
                         f"the folder")
     if record is not None and step is not None:
         check_same_run(run, run_dir, record, (current, corpus), step)
-    data_dir = absolute_data(run).dir
+    data_dir = run.data.dir
     check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
     early = stopped_early(run_dir, run) if step is not None else None
     existing = None if step is None else Existing(step, step >= run.train.max_steps or early is not None, early)

@@ -1,4 +1,4 @@
-"""launch.cancel on a packed sweep (launcher.pack): its points share one job, and the cancel is one decision for the
+"""launch.cancel on a packed sweep (hydra.launcher.pack): its points share one job, and the cancel is one decision for the
 whole allocation. Every point is told (a request in each run folder), so that each records its own cancel and the
 packer requeues nothing; the final scancel comes only once every running point has saved. Slurm's client commands
 are stood in for as commands.run calls them; tests/slurm/test_pack.py cancels a real packed job."""

@@ -17,7 +17,7 @@ from helpers import REPO, launch, losses
 from gpt.resilience.goodput import interruption_rate, run_goodput
 from gpt.run_folder import RunFolder
 
-RUN = ["model=tiny", "cluster.nodes=2", "strategy=ddp", "train.max_steps=60", "train.log_interval=1",
+RUN = ["model=tiny", "nodes=2", "strategy=ddp", "train.max_steps=60", "train.log_interval=1",
        "train.eval_interval=0", "checkpoint.interval_steps=1000", "debug.delay_rank=0", "debug.delay_s=0.05",
        "train.progress=false"]
 

@@ -85,7 +85,8 @@ BACKEND_INTERFACE = {"launch.backends", "launch.backends.job_state", "launch.bac
 
 def test_the_runs_own_config_holds_no_schedulers_section():
     """gpt/ knows no scheduler, its config neither: what a job asks the scheduler for (`cluster`) and what a sweep
-    may cost (`budget`) are the launcher's tree (launch.launch_config), which is the run's with those sections."""
+    may cost (`budget`) are the launcher's tree (launch.launch_config), which is the run's with those sections and
+    the node count (srun's may be `auto`, the allocation's)."""
     import dataclasses
 
     from gpt.config.schema import RunConfig
@@ -94,7 +95,7 @@ def test_the_runs_own_config_holds_no_schedulers_section():
 
     own = {f.name for f in dataclasses.fields(RunConfig)}
     assert not own & {"cluster", "budget"}, own
-    assert {f.name for f in dataclasses.fields(LaunchConfig)} == own | {"cluster", "budget"}
+    assert {f.name for f in dataclasses.fields(LaunchConfig)} == own | {"cluster", "budget", "nodes"}
     scheduler_keys = {"partition", "sbatch", "srun_args", "gres", "qos", "account"}
     assert scheduler_keys <= {f.name for f in dataclasses.fields(ClusterConfig)}
     nested = [tp for tp in typing.get_type_hints(RunConfig).values() if dataclasses.is_dataclass(tp)]
@@ -165,11 +166,12 @@ from hydra import compose, initialize_config_dir
 from gpt.config import schema
 from launch import launch_config
 from gpt.errors import ConfigError
+from launch.backends import get_backend
 from launch.planning.plan import check_local_gpus, planned_device
 launch_config.register()
 with initialize_config_dir(sys.argv[1], version_base="1.3"):
     run = launch_config.parse(compose("config", overrides=["model=tiny"]))
-device = planned_device(run)
+device = planned_device(run, get_backend(run.cluster.name))
 try:
     check_local_gpus(dataclasses.replace(run, train=dataclasses.replace(run.train, device="cuda")), "cuda", 1)
 except ConfigError as e:

@@ -120,16 +120,16 @@ def test_status_prints_one_line_per_in_job_restart(tmp_path):
 
 @pytest.mark.slow
 def test_detach_is_refused_where_no_job_is_submitted(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "launch", "launcher.detach=true", f"hydra.run.dir={tmp_path}"],
+    proc = subprocess.run([sys.executable, "-m", "launch", "hydra.launcher.detach=true", f"hydra.run.dir={tmp_path}"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2, proc.stderr
-    assert "launcher.detach" in proc.stderr and "only cluster=slurm jobs" in proc.stderr
+    assert "hydra.launcher.detach" in proc.stderr and "only cluster=slurm jobs" in proc.stderr
 
 
 def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
     """The same command picks a live job up (it waits for it); another setting would be silently ignored by the
     job, which reads the folder's config.yaml, so it is refused naming the job and the keys. The launcher section
-    is the command's own (waiting or detached)."""
+    is the command's own (what a sweep judges its points by)."""
     import pytest
 
     from gpt.config.schema import save
@@ -140,7 +140,8 @@ def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
 
     run = launch_config.parse(compose("model=tiny", "train.lr=1e-3"))
     save(run, tmp_path / "config.yaml")
-    check_same_config(launch_config.parse(compose("model=tiny", "train.lr=1e-3", "launcher.detach=true")), tmp_path, "42")
+    check_same_config(launch_config.parse(compose("model=tiny", "train.lr=1e-3", "launcher.objective=train_loss")),
+                      tmp_path, "42")
     with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*"
                        r"python -m launch\.cancel "):
         check_same_config(launch_config.parse(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")

@@ -104,7 +104,7 @@ def test_a_detached_chain_shows_its_links_and_cancel_saves_and_stops_every_link(
                                                                                  data_overrides):
     run_dir = tmp_path / "run"
     proc = run_launch(slurm_cluster.env, "nodes=2", *SLURM, *RUN, *data_overrides, "cluster.chain=3",
-                      "launcher.detach=true", f"hydra.run.dir={run_dir}")
+                      "hydra.launcher.detach=true", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, output(proc)
     links = json.loads((run_dir / "slurm_job.json").read_text())["chain"]
     assert f"detached: job(s) {' '.join(links)} accepted" in proc.stdout, output(proc)

@@ -57,7 +57,7 @@ def test_jobs_older_than_min_job_age_are_told_from_accounting_by_the_verbs_and_t
     squeue and scontrol within seconds of ending."""
     runs = {"finished": ["nodes=1"], "failed": ["nodes=2", "debug.kill_rank=1", "debug.kill_step=3",
                                                 "preemption.max_restarts=0", "preemption.in_job_restarts=0"]}
-    commands = {name: launch_cmd(*SLURM, *TINY, *data_overrides, *extra, "launcher.detach=true",
+    commands = {name: launch_cmd(*SLURM, *TINY, *data_overrides, *extra, "hydra.launcher.detach=true",
                                  f"hydra.run.dir={tmp_path / name}") for name, extra in runs.items()}
     slurm_cluster.script("min-job-age", "2")
     try:

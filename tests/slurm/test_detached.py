@@ -1,4 +1,4 @@
-"""Runs that need no launcher on the login node: launcher.detach=true, then launch.status, launch.logs,
+"""Runs that need no launcher on the login node: hydra.launcher.detach=true, then launch.status, launch.logs,
 launch.cancel and launch.list; the sweep's report from an afterany job; code snapshots; a killed waiting launcher."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def test_detached_sweep_needs_no_launcher_for_its_status_and_report(slurm_cluste
     data = dict(o.split("=", 1) for o in data_overrides)
     prepare(data["data.text_path"], data["data.dir"])  # what is timed below is the submission, not a first preparation
     started = time.monotonic()
-    proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data_overrides, "launcher.detach=true",
+    proc = run_launch(slurm_cluster.env, "-m", "nodes=1,2", *SLURM, *TINY, *data_overrides, "hydra.launcher.detach=true",
                       f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, output(proc)
     # the launcher is gone once it submitted (the status below finds the jobs not yet done): its own start-up is a few
@@ -75,7 +75,7 @@ def test_logs_follow_a_requeue_and_cancel_saves_then_the_same_command_continues(
                                                                                    data_overrides):
     run_dir = tmp_path / "run"
     args = [*SLURM, *SLOW, *data_overrides, f"hydra.run.dir={run_dir}"]
-    proc = run_launch(slurm_cluster.env, *args, "launcher.detach=true")
+    proc = run_launch(slurm_cluster.env, *args, "hydra.launcher.detach=true")
     assert proc.returncode == 0, output(proc)
     job = re.search(r"submitted job (\d+)", proc.stdout).group(1)
     follow = subprocess.Popen([sys.executable, "-m", "launch.logs", str(run_dir), "-f"], cwd=REPO,
@@ -123,7 +123,7 @@ def test_a_held_job_runs_the_code_submitted_not_the_edited_checkout(slurm_cluste
     worker = checkout / "launch" / "rank" / "worker.py"
     worker.write_text(worker.read_text() + "\n# an uncommitted comment: the checkout is dirty\n")
     run_dir = tmp_path / "run"
-    proc = subprocess.run(launch_cmd(*SLURM, *TINY, *data_overrides, "launcher.detach=true", "+cluster.sbatch.hold=true",
+    proc = subprocess.run(launch_cmd(*SLURM, *TINY, *data_overrides, "hydra.launcher.detach=true", "+cluster.sbatch.hold=true",
                                      f"hydra.run.dir={run_dir}"), cwd=checkout, env=slurm_cluster.env,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, output(proc)

@@ -13,7 +13,7 @@ from slurm_helpers import SLURM, TINY, run_launch
 pytestmark = pytest.mark.slurm
 
 RUN = [o for o in TINY if not o.startswith(("train.max_steps", "train.eval_interval"))] + [
-    "strategy=single", "train.max_steps=6", "train.eval_interval=2", "train.min_lr=0", "launcher.pack=true",
+    "strategy=single", "train.max_steps=6", "train.eval_interval=2", "train.min_lr=0", "hydra.launcher.pack=true",
     "cluster.cpus_per_task=4", "train.lr=0.01,0.000001,0.003"]
 
 

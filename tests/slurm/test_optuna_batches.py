@@ -24,7 +24,7 @@ def test_optuna_batches_on_slurm_find_the_learning_rate_a_grid_knows_is_best(slu
     sweep = tmp_path / "sweep"
     proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=2",
                       "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=0", "train.lr=choice(0.0003,0.01)",
-                      "launcher.pack=true", *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
+                      "hydra.launcher.pack=true", *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert proc.stdout.count("submitted job ") == 1 and "2 packed point(s)" in proc.stdout, proc.stdout
     summaries = {float(t.name.split("train.lr=")[1]): json.loads((t / "summary.json").read_text())

@@ -1,4 +1,4 @@
-"""launcher.pack on the real local Slurm cluster: a sweep's single-rank points as steps of one allocation."""
+"""hydra.launcher.pack on the real local Slurm cluster: a sweep's single-rank points as steps of one allocation."""
 from __future__ import annotations
 
 import json
@@ -34,7 +34,7 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
     not started. Each finishes; seed=1 with the losses of its unpacked run."""
     sweep, alone = tmp_path / "sweep", tmp_path / "alone"
     seeds = ",".join(map(str, SEEDS))
-    proc = subprocess.Popen(launch_cmd("-m", f"seed={seeds}", "launcher.pack=true", "cluster.cpus_per_task=2", *SLURM, *RUN, *data_overrides,
+    proc = subprocess.Popen(launch_cmd("-m", f"seed={seeds}", "hydra.launcher.pack=true", "cluster.cpus_per_task=2", *SLURM, *RUN, *data_overrides,
                                        f"hydra.sweep.dir={sweep}"), cwd=REPO, env=slurm_cluster.env,
                             stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     runs = [sweep / f"seed={s}" for s in SEEDS]
@@ -53,7 +53,7 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
                                  stdout=subprocess.DEVNULL, stderr=(tmp_path / "alone.err").open("w"))
     assert proc.wait(timeout=300) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
     out = (tmp_path / "out").read_text()
-    assert "launcher.pack: 3 point(s) in 1 allocation(s)" in out and "2 at once, 2 wave(s)" in out, out
+    assert "hydra.launcher.pack: 3 point(s) in 1 allocation(s)" in out and "2 at once, 2 wave(s)" in out, out
     assert out.count("submitted job") == 1 and "for 3 packed point(s)" in out, out
 
     for run, first in zip(runs, ("preempted:SIGUSR2", "preempted:SIGUSR2", None)):
@@ -77,7 +77,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
                       f"\n{FIRST_WAITS}")
     prolog.chmod(0o755)
     sweep = tmp_path / "sweep"
-    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2", "launcher.pack=true", "cluster.cpus_per_task=2",
+    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2", "hydra.launcher.pack=true", "cluster.cpus_per_task=2",
                                        "cluster.partition=low", f"cluster.srun_args=['--task-prolog={prolog}']",
                                        *SLURM, *RUN, *data_overrides, f"hydra.sweep.dir={sweep}"),
                             cwd=REPO, env=slurm_cluster.env,
@@ -107,7 +107,7 @@ def test_launch_cancel_of_a_packed_sweep_cancels_every_point_after_it_saved_and_
     the packer requeues nothing and starts no other point, and the job ends with no restart."""
     sweep = tmp_path / "sweep"
     slow = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_steps=600"]  # a minute: time to act
-    proc = run_launch(slurm_cluster.env, "-m", "seed=1,2,3", "launcher.pack=true", "launcher.detach=true",
+    proc = run_launch(slurm_cluster.env, "-m", "seed=1,2,3", "hydra.launcher.pack=true", "hydra.launcher.detach=true",
                       "cluster.cpus_per_task=2", *SLURM, *slow, *data_overrides, f"hydra.sweep.dir={sweep}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
     runs = [sweep / f"seed={s}" for s in SEEDS]

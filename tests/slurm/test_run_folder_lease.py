@@ -91,7 +91,7 @@ def test_a_waiting_multi_node_script_job_refuses_the_launcher_for_its_run(slurm_
         assert "Traceback" not in again.stderr
         assert {p.name for p in run_dir.iterdir()} <= {"app.log"}  # nothing of the run's (Hydra's own log aside)
         other = run_launch(slurm_cluster.env, *SLURM, *TINY, *data_overrides, f"hydra.run.dir={tmp_path / 'other'}",
-                           "launcher.detach=true")
+                           "hydra.launcher.detach=true")
         assert other.returncode == 0, output(other)
     finally:
         slurm_cluster.run("scancel", held, check=False)

@@ -1,4 +1,4 @@
-"""What a detached launch (launcher.detach=true) leaves behind once Slurm accepted its jobs: the commands that
+"""What a detached launch (hydra.launcher.detach=true) leaves behind once Slurm accepted its jobs: the commands that
 follow them, and for a sweep the dependency job that builds its report when every job has ended (afterany), so
 that nothing has to stay up on the login node. Torch-free."""
 from __future__ import annotations
@@ -10,7 +10,7 @@ from pathlib import Path
 
 from gpt.run_folder import write_json
 from launch.backends.slurm import commands
-from launch.backends.slurm.submit import show_path
+from launch.backends.slurm.submitted import show_path
 from launch.run_status import REPORT_JOB
 from launch.snapshot import Snapshot
 

@@ -13,7 +13,7 @@ from launch.recovery.rounds import hosts_of
 
 REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
 REQUEUE_BACKOFF_S = 1.0
-# Set in the steps of a packed allocation (launcher.pack): a point's rank leaves the requeue to the packer, which
+# Set in the steps of a packed allocation (hydra.launcher.pack): a point's rank leaves the requeue to the packer, which
 # asks for it once every running point has saved (a requeue ends every step of the allocation).
 PACKED_VAR = "GPTLAUNCH_PACKED"
 

@@ -1,4 +1,4 @@
-"""launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
+"""hydra.launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
 with equal resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack_task runs them). The plan
 (points per allocation, waves, node-hours against one job per point) is printed before the budget guard, which
 counts the allocations, not the points. Torch-free."""
@@ -11,11 +11,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.errors import ConfigError, UserError, error_line
-from gpt.run_folder import RunFolder, write_json
 from launch.backends import Point
 from launch.backends.slurm import commands as slurm_commands, partitions
 from launch.backends.slurm.resources import SlurmResources, make_executor
-from launch.backends.slurm.submit import Submitted, inherited_rank_variables, show_path
+from launch.backends.slurm.submitted import Submitted, show_path
 from launch.backends.slurm.step import workdir
 
 
@@ -63,7 +62,7 @@ def packable(point: Point) -> None:
     why = ("more than one node" if r.nodes > 1 else "GPUs" if r.node_gpus else "cluster.chain" if r.chain > 1
            else "cluster.spare_nodes" if r.spare_nodes else "a container" if r.step.image else None)
     if why:
-        raise ConfigError("launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
+        raise ConfigError("hydra.launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
                           "runs points of one node's CPUs as steps of one allocation")
 
 
@@ -83,14 +82,14 @@ def plan(points: list[Point], cpus: int) -> list[Pack]:
     for group in groups.values():
         step = group[0].resources.tasks_per_node * (group[0].resources.cpus_per_task or 1)
         if step > cpus:
-            raise ConfigError("launcher.pack", True, f"false for point {group[0].label}: its {step} CPU(s) are more "
-                              f"than a node's {cpus}")
+            raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {step} CPU(s) are "
+                              f"more than a node's {cpus}")
         packs.append(Pack(tuple(group), min(len(group), cpus // step)))
     return packs
 
 
 def print_plan(packs: list[Pack], out=sys.stdout) -> None:
-    print(f"launcher.pack: {sum(len(p.points) for p in packs)} point(s) in {len(packs)} allocation(s)", file=out)
+    print(f"hydra.launcher.pack: {sum(len(p.points) for p in packs)} point(s) in {len(packs)} allocation(s)", file=out)
     for pack in packs:
         print(f"  {pack.line()}", file=out, flush=True)
 
@@ -120,11 +119,7 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
     submitted = []
     for p in pack.points:
         s = Submitted(p, job.job_id, folder, packed=True)
-        paths = s.paths(0)
-        write_json(RunFolder(p.run_dir).slurm_job, {
-            "job_id": s.job_id, "packed": True, "stdout": str(paths.stdout), "stderr": str(paths.stderr),
-            "submission": str(paths.submission_file), "resources": res.describe(),
-            "inherited": inherited_rank_variables(dict(res.step.env))}, indent=1)
+        s.record(res)
         submitted.append(s)
     print(f"submitted job {job.job_id} for {len(pack.points)} packed point(s): {res.describe()}; log: "
           f"{show_path(submitted[-1].paths(0).stdout)}", file=out, flush=True)

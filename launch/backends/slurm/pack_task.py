@@ -1,5 +1,5 @@
-"""The one task of a packed allocation (launcher.pack): each point runs as its own `srun --exact` step, with its own
-CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
+"""The one task of a packed allocation (hydra.launcher.pack): each point runs as its own `srun --exact` step, with its
+own CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
 starting as one ends.
 
 A preemption signal (or launch.cancel's) reaches every step from Slurm itself; here it stops new points from

@@ -20,7 +20,7 @@ from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, PENDING, RUNNING
 from launch.backends.slurm.resources import SlurmResources, make_executor
 from launch.backends.slurm.step import workdir
-from launch.backends.slurm.submit import show_path
+from launch.backends.slurm.submitted import show_path
 
 
 @dataclass(frozen=True)

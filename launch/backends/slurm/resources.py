@@ -111,7 +111,7 @@ class SlurmResources:
         other sections too: the device, the checkpoint interval."""
         c = run.cluster
         res = cls(
-            nodes=c.nodes, tasks_per_node=c.tasks_per_node, gpus_per_node=c.gpus_per_node,
+            nodes=run.nodes, tasks_per_node=c.tasks_per_node, gpus_per_node=c.gpus_per_node,
             gpus_per_task=c.gpus_per_task, gres=c.gres,
             cpus_per_task=None if c.cpus_per_task == "auto" else c.cpus_per_task, time_min=c.time_min,
             partition=c.partition, mem=c.mem, account=c.account, qos=c.qos, constraint=c.constraint,

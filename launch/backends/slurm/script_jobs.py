@@ -1,7 +1,7 @@
 """Jobs submitted with `sbatch slurm/multi_node.sh OVERRIDES` write nothing into their run folder until they start.
 The launcher finds them in the queue by the arguments Slurm keeps for them, so that while one waits (or is held,
 or runs), a second submission of its run is refused as it is for the launcher's own jobs
-(launch.backends.slurm.submission).
+(launch.backends.slurm.submit).
 One squeue call per launcher process, whatever the number of sweep points. Torch-free."""
 from __future__ import annotations
 

@@ -11,7 +11,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from collections.abc import Callable
 
 from launch import launch_config
 from gpt.errors import UserError
@@ -19,7 +18,7 @@ from launch.recovery.hang import newest_hang
 from gpt.run_folder import CANCELLED, AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
-from launch.backends.slurm.submit import Submitted, show_path
+from launch.backends.slurm.submitted import Submitted, show_path
 from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
 from launch.run.job_record import cancelled_by_user
@@ -198,9 +197,9 @@ def _preempted_at_start(s: Submitted, info: JobInfo | None) -> AttemptLine | Non
     return line if line is not None and "preempted_by" in line.extra else None
 
 
-def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
-         on_done: Callable[[JobOutcome], None] | None = None) -> list[JobOutcome]:
-    """Poll Slurm until every job has ended; report each as it ends (errors at once, not after the sweep)."""
+def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True) -> list[JobOutcome]:
+    """Poll Slurm until every job has ended; report each as it ends (print_outcome: errors at once, not after the
+    sweep)."""
     from tqdm import tqdm
 
     pending = {s.job_id: s for s in submitted}
@@ -228,9 +227,8 @@ def wait(submitted: list[Submitted], poll_s: float = 1.0, progress: bool = True,
                     for s in members[jid]:
                         outcomes[id(s)] = collect(s, state)
                         bar.update(1)
-                        if on_done:
-                            bar.clear()
-                            on_done(outcomes[id(s)])
+                        bar.clear()
+                        print_outcome(outcomes[id(s)])
             status = watch.status(pending)
             bar.set_postfix_str(status, refresh=True)
             if progress and not live and status and status != watch.last_status:

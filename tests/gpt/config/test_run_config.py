@@ -53,9 +53,9 @@ BAD = {
     "parallel.tp=0": "parallel.tp=0 is not valid: a positive integer, or -1",
     "strategy.stage=9": "strategy.stage=9 is not valid: strategy=single reads name (strategy.stage is for "
                         "strategy=deepspeed)",
-    "cluster.partition=gpu": "cluster.partition='gpu' is not valid: cluster=local reads gpu_memory_gb, name, nodes, signal_delay_s, "
+    "cluster.partition=gpu": "cluster.partition='gpu' is not valid: cluster=local reads gpu_memory_gb, name, signal_delay_s, "
                              "tasks_per_node",
-    "cluster.chain=3": "cluster.chain=3 is not valid: cluster=local reads gpu_memory_gb, name, nodes, signal_delay_s, tasks_per_node "
+    "cluster.chain=3": "cluster.chain=3 is not valid: cluster=local reads gpu_memory_gb, name, signal_delay_s, tasks_per_node "
                        "(cluster.chain is for cluster=slurm)",
 }
 # An unknown key in every section, as a user types it: Hydra refuses it against the schema.
@@ -100,7 +100,7 @@ def test_defaults_live_in_the_dataclasses():
     assert run.preemption == PreemptionConfig() and run.preemption.signals == ("SIGTERM", "SIGUSR2")
     assert run.debug == DebugConfig() and run.watchdog == WatchdogConfig() and run.health == HealthConfig()
     assert run.stragglers == StragglerConfig()
-    assert run.cluster.name == "local" and run.cluster.nodes == run.nodes == 1
+    assert run.cluster.name == "local" and run.nodes == 1
     assert run.strategy.name == "single" and run.name == "shakespeare_cpu-single"
 
 
@@ -197,3 +197,52 @@ def test_the_straggler_settings_are_a_section_of_their_own_and_the_old_keys_say_
     assert launch_config.load(tmp_path / "config.yaml").stragglers == StragglerConfig(windows=7, action="exclude",
                                                                                        top_k=2)
     assert schema.moved_keys_in_place({"metrics": {"straggler_ema_alpha": 0.5}}) == {"stragglers": {"ema_alpha": 0.5}}
+
+
+MOVED_NOW = {
+    "cluster.nodes=2": "cluster.nodes=2 is not valid: use nodes (the run's node count: -m nodes=1,2,4; cluster=srun: "
+                       "auto) instead",
+    **{f"launcher.{key}={value}": f"launcher.{key}={value.capitalize()} is not valid: use hydra.launcher.{key} (the "
+       "launcher's own section) instead" for key, value in (("detach", "true"), ("snapshot", "false"), ("pack", "true"))},
+}
+
+
+@pytest.mark.parametrize("old", MOVED_NOW)
+def test_the_node_count_is_one_key_and_the_launchers_settings_are_its_section_and_the_old_keys_say_so(old):
+    """One key per knob: the node count is `nodes` (cluster.nodes took it), and detach, snapshot and pack are the
+    launcher's own section's (hydra.launcher, beside poll_s and progress). An old command gets one line naming the
+    new key, and the new key is the one read."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    from launch.hydra_errors import user_error
+    from launch.launcher_section import launcher_section
+    from helpers import REPO
+
+    with pytest.raises(ConfigCompositionException) as composing:
+        compose(old)
+    assert str(user_error(composing.value, [old])) == MOVED_NOW[old]
+    key, value = old.split("=")
+    if key == "cluster.nodes":
+        assert launch_config.parse(compose("nodes=2", "cluster=slurm")).nodes == 2
+        return
+    with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
+        cfg = hydra_compose("config", overrides=[f"hydra.{old}"], return_hydra_config=True)
+    assert getattr(launcher_section(cfg.hydra.launcher), key.split(".")[1]) is (value == "true")
+
+def test_a_run_folder_saved_before_the_node_count_and_the_launchers_settings_moved_still_reads(tmp_path):
+    """config.yaml written with cluster.nodes (srun's resolved count, while the top-level `nodes` kept its default)
+    and launcher.detach/snapshot/pack reads with the count in `nodes` and without the launcher's settings, for the
+    launcher, the ranks and the report."""
+    import yaml
+
+    from gpt.config import schema
+    from launch.report.points import load_yaml
+
+    old = to_plain(launch_config.parse(compose()))
+    old["cluster"]["nodes"] = 4
+    old["launcher"].update(detach=True, snapshot=False, pack=True)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert launch_config.load(tmp_path / "config.yaml").nodes == 4
+    assert schema.load(tmp_path / "config.yaml").launcher == launch_config.parse(compose()).launcher
+    assert load_yaml(tmp_path / "config.yaml")["nodes"] == 4 and "nodes" not in load_yaml(tmp_path / "config.yaml")[
+        "cluster"]

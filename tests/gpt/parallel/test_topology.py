@@ -137,7 +137,7 @@ def plan(overrides: list[str]) -> int:
 def layout(overrides: list[str]) -> ParallelDims:
     run = launch_config.parse(compose("model=tiny", *overrides))
     per_node = run.cluster.tasks_per_node
-    dims = plan_layout(run.strategy, run.parallel, run.model, run.cluster.nodes * per_node, per_node, run.train)
+    dims = plan_layout(run.strategy, run.parallel, run.model, run.nodes * per_node, per_node, run.train)
     run.train.micro_batches(dims.dp)
     return dims
 

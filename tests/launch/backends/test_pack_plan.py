@@ -1,4 +1,4 @@
-"""launcher.pack without a cluster: the plan and its cost, the points it refuses, a point's deferred requeue, and
+"""hydra.launcher.pack without a cluster: the plan and its cost, the points it refuses, a point's deferred requeue, and
 each point's outcome read from the packed job's one result (the Slurm test is tests/slurm/test_pack.py)."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from launch.backends import Point
 from launch.backends.slurm import pack
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
 from launch.backends.slurm.resources import SlurmResources
-from launch.backends.slurm.submit import Submitted
+from launch.backends.slurm.submitted import Submitted
 from launch.backends.slurm.wait import collect
 
 ONE_RANK = SlurmResources(nodes=1, tasks_per_node=1, cpus_per_task=2, time_min=10)
@@ -41,7 +41,7 @@ def test_points_of_other_resources_get_their_own_allocation(tmp_path):
 @pytest.mark.parametrize("change, why", [({"nodes": 2}, "more than one node"), ({"gpus_per_node": 1}, "GPUs"),
                                          ({"cpus_per_task": 8}, "more than a node's 4")])
 def test_a_point_that_does_not_fit_in_a_node_is_refused_in_one_line(tmp_path, change, why):
-    with pytest.raises(ConfigError, match=f"launcher.pack.*{why}"):
+    with pytest.raises(ConfigError, match=f"hydra.launcher.pack.*{why}"):
         pack.plan(points(tmp_path, 2, dataclasses.replace(ONE_RANK, **change)), cpus=4)
 
 

@@ -16,8 +16,9 @@ from gpt.errors import ConfigError
 from helpers import REPO, compose
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.step import RankStep
-from launch.backends.slurm.submit import inherited_rank_variables
+from launch.backends.slurm.submitted import inherited_rank_variables
 from launch.backends.srun import SIGNAL_LINE, with_job_signal
+from launch.backends import get_backend
 from launch.planning.plan import planned_device
 
 PROFILE = """# @package _global_
@@ -120,7 +121,7 @@ def test_bad_site_keys_are_one_line_naming_the_key(overrides, message):
 ])
 def test_bad_step_keys_are_refused(key, value, message):
     with pytest.raises(ConfigError) as e:
-        ClusterConfig(name="srun", nodes="auto", tasks_per_node="auto", **{key: value}).validate()
+        ClusterConfig(name="srun", tasks_per_node="auto", **{key: value}).validate()
     assert message in str(e.value)
 
 
@@ -175,7 +176,8 @@ def test_gpus_asked_for_as_gres_count_as_the_nodes_gpus(gres, gpus):
     against its tasks and the partition, and the budget counts them."""
     run = launch_config.parse(compose("cluster=slurm", f"cluster.gres='{gres}'", f"cluster.tasks_per_node={max(gpus, 1)}"))
     res = SlurmResources.from_run(run)
-    assert (run.cluster.node_gpus, res.node_gpus, planned_device(run)) == (gpus, gpus, "cuda" if gpus else "cpu")
+    device = planned_device(run, get_backend(run.cluster.name))
+    assert (run.cluster.node_gpus, res.node_gpus, device) == (gpus, gpus, "cuda" if gpus else "cpu")
     assert res.gpu_hours == gpus
 
 

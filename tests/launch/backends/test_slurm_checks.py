@@ -22,7 +22,7 @@ from launch.backends.slurm import partitions
 from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus, parse_sinfo, parse_time_min,
                                               resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
-from launch.backends.slurm.submission import no_filename_pattern
+from launch.backends.slurm.submit import no_filename_pattern
 from helpers import REPO, SHAKESPEARE
 
 SINFO = """debug*|4|2|8000|(null)|8:00:00|up
@@ -56,7 +56,7 @@ CONFLICTS = {
     "cuda without GPUs": (["train.device=cuda"], "cluster.gpus_per_node=0 is not valid: at least 1 with train.device=cuda"),
     "sbatch flag the launcher owns": (["+cluster.sbatch.nodes=3"], "cluster.sbatch.nodes=3 is not valid: set through nodes"),
     "sbatch output flag": (["+cluster.sbatch.output=x.out"], "cluster.sbatch.output='x.out' is not valid: a flag the launcher"),
-    "zero nodes": (["nodes=0"], "cluster.nodes=0 is not valid: a positive integer"),
+    "zero nodes": (["nodes=0"], "nodes=0 is not valid: a positive integer"),
     "bad memory": (["cluster.mem=lots"], "cluster.mem='lots' is not valid: memory per node like 64G"),
     "a chain of no jobs": (["cluster.chain=0"], "cluster.chain=0 is not valid: an integer >= 1"),
     "time limit shorter than the checkpoint interval": (
@@ -253,9 +253,9 @@ def test_srun_backend_takes_nodes_and_tasks_from_the_allocation(srun_on_path):
     from launch.backends.srun import resolve_allocation
 
     run = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_JOB_NUM_NODES": "3", "SLURM_NTASKS_PER_NODE": "4"})
-    assert (run.cluster.nodes, run.cluster.tasks_per_node) == (3, 4)
+    assert (run.nodes, run.cluster.tasks_per_node) == (3, 4)
     run = resolve_allocation(srun_cfg(), {"SLURM_JOB_ID": "7", "SLURM_NNODES": "2", "SLURM_TASKS_PER_NODE": "2(x2)"})
-    assert (run.cluster.nodes, run.cluster.tasks_per_node) == (2, 2)
+    assert (run.nodes, run.cluster.tasks_per_node) == (2, 2)
 
 
 def test_srun_backend_checks_its_environment(srun_on_path):
@@ -274,8 +274,8 @@ def test_gpus_an_exclusive_job_was_handed_unasked_are_a_warning(srun_on_path, ca
     run = resolve_allocation(srun_cfg(), {**ALLOCATION, "SLURM_GPUS_ON_NODE": "4"})  # sbatch --exclusive
     assert run.cluster.tasks_per_node == 1
     assert "warning: this allocation has 4 GPU(s) per node but 1 task(s) per node" in capsys.readouterr().err
-    with pytest.raises(ConfigError, match="cluster.nodes=4 is not valid: auto or 2"):
-        resolve_allocation(srun_cfg("cluster.nodes=4"), ALLOCATION)
+    with pytest.raises(ConfigError, match="nodes=4 is not valid: auto or 2"):
+        resolve_allocation(srun_cfg("nodes=4"), ALLOCATION)
 
 
 def test_the_budget_table_of_a_large_sweep_has_a_row_per_kind_of_job():

@@ -9,7 +9,7 @@ from types import SimpleNamespace
 from launch import launch_config
 from gpt.run_folder import AttemptLine, RunFolder
 from launch.backends import Point
-from launch.backends.slurm.submit import Submitted
+from launch.backends.slurm.submitted import Submitted
 from launch.backends.slurm.wait import Watch
 
 

@@ -26,7 +26,7 @@ CASES = {
     "negative learning rate": (["train.lr=-1"], "train.lr=-1 is not valid: a positive learning rate"),
     "a key of another strategy": (["strategy.stage=9"], "strategy.stage=9 is not valid: strategy=single reads name"),
     "a key of another backend": (["cluster.partition=gpu"], "cluster.partition='gpu' is not valid: cluster=local reads "
-                                 "gpu_memory_gb, name, nodes, signal_delay_s, tasks_per_node (cluster.partition is for cluster=srun|slurm)"),
+                                 "gpu_memory_gb, name, signal_delay_s, tasks_per_node (cluster.partition is for cluster=srun|slurm)"),
     "a ZeRO stage that does not exist": (["strategy=deepspeed", "strategy.stage=9"],
                                          "strategy.stage=9 is not valid: 0, 1, 2 or 3 (ZeRO stage)"),
     "unknown preset": (["model=gpt5"], "model='gpt5' is not valid: one of gpt2_1.5b, gpt2_124m,"),

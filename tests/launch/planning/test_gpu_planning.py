@@ -15,6 +15,7 @@ from gpt.collectives.process_group import DistEnv, pick_device
 from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
 from launch.rank.gpu_plan import GpuPlan, shared_gpus
+from launch.backends import get_backend
 from launch.planning.plan import make_plan, planned_device
 
 TINY = ["model=tiny", f"data.text_path={SHAKESPEARE}"]
@@ -35,7 +36,7 @@ def plan(tmp_path_factory):
 def test_a_gpu_job_is_planned_from_the_requested_gpus_on_a_cpu_login_node(plan):
     assert not torch.cuda.is_available()  # this machine: the login node of the test
     cfg, _ = plan("cluster=slurm", "cluster.gpus_per_node=1", "strategy=fsdp", "strategy.cpu_offload=true")
-    assert planned_device(cfg) == "cuda"
+    assert planned_device(cfg, get_backend(cfg.cluster.name)) == "cuda"
     cfg, p = plan("cluster=slurm", "nodes=2", "cluster.gpus_per_node=8", "cluster.tasks_per_node=8", "strategy=fsdp",
                   "strategy.cpu_offload=true", "train.global_batch_size=16")
     assert p.world_size == 16
@@ -55,7 +56,7 @@ def test_more_local_ranks_than_gpus_is_refused(plan, monkeypatch):
     with pytest.raises(ConfigError, match=r"cluster.tasks_per_node.*at most 1 rank\(s\).*is 2"):
         plan("strategy=ddp", "nodes=2")
     cfg, p = plan("strategy=ddp", "nodes=1")  # one rank, one GPU
-    assert planned_device(cfg) == "cuda" and p.world_size == 1
+    assert planned_device(cfg, get_backend(cfg.cluster.name)) == "cuda" and p.world_size == 1
     plan("strategy=ddp", "nodes=2", "train.device=cpu")  # on the CPU, as many as wanted
     _fake_gpus(monkeypatch, 0)
     with pytest.raises(ConfigError, match="train.device='cuda' is not valid: cpu or auto: this machine has no CUDA"):

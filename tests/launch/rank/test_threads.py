@@ -33,7 +33,7 @@ def test_each_sweep_point_gets_its_own_thread_count(order, tmp_path, data_overri
 @pytest.mark.slow
 def test_the_users_omp_num_threads_is_respected_and_oversubscription_warned(tmp_path, data_overrides):
     cpus = usable_cpus()
-    proc = launch("cluster.nodes=2", *QUICK, *data_overrides, run_dir=tmp_path, env={"OMP_NUM_THREADS": str(cpus)})
+    proc = launch("nodes=2", *QUICK, *data_overrides, run_dir=tmp_path, env={"OMP_NUM_THREADS": str(cpus)})
     ranks = recorded(tmp_path)
     assert [r["threads"] for r in ranks] == [cpus, cpus]
     assert all("(yours)" in r["threads_source"] for r in ranks)

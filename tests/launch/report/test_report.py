@@ -197,7 +197,7 @@ def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_ti
     (folder / "config.yaml").write_text(
         f"model:\n  name: tiny\n  n_layer: 2\n  n_head: 2\n  n_embd: 64\n  block_size: {block}\n  vocab_size: 65\n"
         f"train:\n  global_batch_size: {global_batch}\n  precision: fp32\n  lr: {lr}\n"
-        f"strategy:\n  name: {strategy}\n  bucket_cap_mb: 25\ncluster:\n  name: {cluster}\n  nodes: {nodes}\n"
+        f"strategy:\n  name: {strategy}\n  bucket_cap_mb: 25\ncluster:\n  name: {cluster}\n"
         f"  tasks_per_node: {tasks}\nnodes: {nodes}\n")
     (folder / "metrics").mkdir()
     (folder / "environment").mkdir()

@@ -69,7 +69,7 @@ def test_when_nodes_and_another_key_vary_the_report_gives_both(tmp_path):
     write_lr_sweep(tmp_path, nodes=1, lrs=(1e-3, 1e-4), finals=(2.0, 2.2))
     write_lr_sweep(tmp_path, nodes=2, lrs=(1e-3, 1e-4), finals=(2.01, 2.21))
     rep = build_report(tmp_path)
-    assert rep.keys == ["cluster.nodes", "nodes", "train.lr"] and rep.compared_keys == ["train.lr"]
+    assert rep.keys == ["nodes", "train.lr"] and rep.compared_keys == ["train.lr"]
     assert rep.scaling and [r.label for r in rep.compare][:2] == ["train.lr=0.001", "train.lr=0.001"]
     out = write_report(tmp_path)
     md = (out / "scaling.md").read_text()

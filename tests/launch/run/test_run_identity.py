@@ -113,7 +113,7 @@ def test_resume_path_initialises_and_the_runs_own_checkpoints_win_afterwards(tmp
 def test_every_rank_resumes_from_the_same_step(tmp_path, data_overrides):
     """Rank 1 cannot read the newest checkpoint: every rank falls back to the one before, together."""
     reference, run = tmp_path / "reference", tmp_path / "run"
-    two = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=20", "strategy=ddp", "cluster.nodes=2"]
+    two = [o for o in RUN if "max_steps" not in o] + ["train.max_steps=20", "strategy=ddp", "nodes=2"]
     launch(*two, *data_overrides, run_dir=reference)
     launch(*two, "debug.signal_at_step=12", *data_overrides, run_dir=run, check=False)
     launch(*two, "debug.unreadable_rank=1", *data_overrides, run_dir=run)
