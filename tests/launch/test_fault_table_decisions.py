@@ -42,3 +42,47 @@ def test_a_local_launch_during_a_slurm_outage_goes_on(tmp_path, monkeypatch):
     monkeypatch.setattr(commands.subprocess, "run", slurm({"scontrol": pending}))
     with pytest.raises(UserError, match="belongs to job 5, which is PENDING"):
         check_queued_job(run_dir, JobEnvironment({}), ask)
+
+
+class Link(JobEnvironment):
+    """A chain's link (job 77) whose next link, job 78, waits; it records what is asked of the scheduler."""
+    scheduler = "stand-in"
+
+    def __init__(self):
+        super().__init__({})
+        self.asked: list[str] = []
+
+    @property
+    def job_id(self) -> str:
+        return "77"
+
+    def next_link(self, run_dir) -> str | None:
+        return "78"
+
+    def requeue(self, max_restarts: int) -> tuple[bool, str]:
+        self.asked.append("requeue")
+        return True, "requeued job 77"
+
+
+@pytest.mark.parametrize("said", ["preempted by another job (Slurm, at T; partition low, PreemptMode=REQUEUE)",
+                                  "preempted by another job (Slurm, at T; partition lowcancel, PreemptMode=CANCEL)"])
+def test_a_preempted_chain_link_hands_the_run_to_the_next_link_whatever_the_preemption_mode(tmp_path, said):
+    """It ends inside its grace time, so Slurm requeues it under neither mode, and the next link continues the run:
+    a requeue would run it again ahead of that link."""
+    job = Link()
+    got = recover(Ending(tmp_path, job, Cause.PREEMPTED, said, 5, record={"first_step": 0, "last_step": 4,
+                                                                            "preempted_by": said}))
+    assert (got.next, got.link, job.asked) == (Next.NEXT_LINK, "78", [])
+    assert got.note == "ends here: job 78, the chain's next link, continues the run"
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert (line.ended, line.next_link, line.requeued) == (said, "78", False)
+
+
+def test_a_links_hand_over_during_a_slurm_outage_trusts_the_run_folders_record(tmp_path, monkeypatch):
+    """Slurm cannot say whether the next link still waits: the record of the chain's links is trusted, so the link
+    ends rather than requeue itself ahead of a link that may well start."""
+    from launch.backends.slurm.chain import next_link
+
+    (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "9", "chain": ["7", "8", "9"]}))
+    monkeypatch.setattr(commands.subprocess, "run", slurm({}))
+    assert next_link(tmp_path, "7") == "8" and next_link(tmp_path, "9") is None
