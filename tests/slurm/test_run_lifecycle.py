@@ -108,7 +108,9 @@ def test_a_sweep_run_again_finishes_only_what_did_not_finish(slurm_cluster, tmp_
         trained(sweep / "nodes=2", 10)
         job = json.loads((sweep / "nodes=2" / "slurm_job.json").read_text())["job_id"]
         slurm_cluster.run("scancel", job)
-        first.wait(timeout=240)
+        code = first.wait(timeout=240)
+    said = (tmp_path / "first.out").read_text()
+    assert code == 0 and f"job {job} (nodes=2) cancelled by the user" in said, said[-3000:]  # a cancel fails nothing
     assert attempts(sweep / "nodes=1")[-1]["ended"] == "finished"
     again = subprocess.run(command, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, output(again)

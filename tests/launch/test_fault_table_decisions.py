@@ -1,0 +1,88 @@
+"""Cells of docs/fault-tolerance.md's table of every interruption against every entry point that no scenario of their
+own shows: the launcher's decision, with Slurm's commands stood in for as commands.run calls them (the error path is
+the real one)."""
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+
+from gpt.errors import UserError
+from gpt.run_folder import Next, RunFolder
+from launch.backends import scheduler
+from launch.backends.slurm import commands
+from launch.rank.job_env import JobEnvironment
+from launch.recovery.decision import Cause, Ending, recover
+from launch.run.identity import check_queued_job
+
+
+def slurm(answers: dict[str, str]):
+    """subprocess.run for commands.run: the commands named answer so, every other one times out (an outage)."""
+    def run(cmd, **kw):
+        if cmd[0] in answers:
+            return subprocess.CompletedProcess(cmd, 0, answers[cmd[0]], "")
+        raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
+    return run
+
+
+def folder_of_job(tmp_path, job_id: str = "5"):
+    (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": job_id}))
+    return tmp_path
+
+
+def test_a_local_launch_during_a_slurm_outage_goes_on(tmp_path, monkeypatch):
+    """cluster=local asks Slurm whether the job its folder records still waits: without an answer that is no job
+    (a machine without Slurm never answers either), and the folder's lease, which needs no Slurm, guards a live
+    holder. The same question answered PENDING refuses the launch, naming the job."""
+    run_dir, ask = folder_of_job(tmp_path), (lambda j: scheduler().job_state(j))
+    monkeypatch.setattr(commands.subprocess, "run", slurm({}))
+    check_queued_job(run_dir, JobEnvironment({}), ask)
+    pending = "JobId=5 JobName=run JobState=PENDING Reason=Priority UserId=me(1000)\n"
+    monkeypatch.setattr(commands.subprocess, "run", slurm({"scontrol": pending}))
+    with pytest.raises(UserError, match="belongs to job 5, which is PENDING"):
+        check_queued_job(run_dir, JobEnvironment({}), ask)
+
+
+class Link(JobEnvironment):
+    """A chain's link (job 77) whose next link, job 78, waits; it records what is asked of the scheduler."""
+    scheduler = "stand-in"
+
+    def __init__(self):
+        super().__init__({})
+        self.asked: list[str] = []
+
+    @property
+    def job_id(self) -> str:
+        return "77"
+
+    def next_link(self, run_dir) -> str | None:
+        return "78"
+
+    def requeue(self, max_restarts: int) -> tuple[bool, str]:
+        self.asked.append("requeue")
+        return True, "requeued job 77"
+
+
+@pytest.mark.parametrize("said", ["preempted by another job (Slurm, at T; partition low, PreemptMode=REQUEUE)",
+                                  "preempted by another job (Slurm, at T; partition lowcancel, PreemptMode=CANCEL)"])
+def test_a_preempted_chain_link_hands_the_run_to_the_next_link_whatever_the_preemption_mode(tmp_path, said):
+    """It ends inside its grace time, so Slurm requeues it under neither mode, and the next link continues the run:
+    a requeue would run it again ahead of that link."""
+    job = Link()
+    got = recover(Ending(tmp_path, job, Cause.PREEMPTED, said, 5, record={"first_step": 0, "last_step": 4,
+                                                                            "preempted_by": said}))
+    assert (got.next, got.link, job.asked) == (Next.NEXT_LINK, "78", [])
+    assert got.note == "ends here: job 78, the chain's next link, continues the run"
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert (line.ended, line.next_link, line.requeued) == (said, "78", False)
+
+
+def test_a_links_hand_over_during_a_slurm_outage_trusts_the_run_folders_record(tmp_path, monkeypatch):
+    """Slurm cannot say whether the next link still waits: the record of the chain's links is trusted, so the link
+    ends rather than requeue itself ahead of a link that may well start."""
+    from launch.backends.slurm.chain import next_link
+
+    (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "9", "chain": ["7", "8", "9"]}))
+    monkeypatch.setattr(commands.subprocess, "run", slurm({}))
+    assert next_link(tmp_path, "7") == "8" and next_link(tmp_path, "9") is None
