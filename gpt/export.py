@@ -10,6 +10,8 @@ come from any layout (FSDP, tensor parallel, pipeline, DeepSpeed): its full weig
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -42,6 +44,20 @@ def hf_model(model: Any, eot: int | None, dtype: str = "fp32") -> Any:
     return hf.to(DTYPES[dtype]).eval()
 
 
+def accelerator_chosen_quietly() -> None:
+    """save_pretrained imports accelerate, which imports DeepSpeed where it is installed, whose first choice of an
+    accelerator prints a warning on a machine without a GPU: chosen here first, that line left out."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return
+    logging.disable(logging.WARNING)
+    try:
+        from deepspeed.accelerator import get_accelerator
+
+        get_accelerator()
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB",
            tasks: Sequence[str] = ()) -> tuple[Path, str | None]:
     """Export the checkpoint at `path` (a run folder: its newest) to `out`, in `dtype`, in safetensors files of at most
@@ -64,6 +80,7 @@ def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
     tokenizer = load_tokenizer(meta["data_dir"])
     hf = hf_model(model, tokenizer.eot, dtype)
     out.mkdir(parents=True, exist_ok=True)
+    accelerator_chosen_quietly()
     hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer, model.cfg.block_size, out)
     if not tasks:

@@ -3,11 +3,13 @@ scored with the figures training logged for that step, text files' perplexity, a
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from helpers import launch, read_metrics
+from helpers import REPO, launch, read_metrics
 from gpt.eval.perplexity import text_loss, text_rows
 from gpt import evaluate
 from test_eval_tasks import corpus_task
@@ -43,6 +45,17 @@ def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(dat
     with pytest.raises(SystemExit):
         scored(capsys, str(tmp_path / "run"), "--tasks", str(text))
     assert capsys.readouterr().err.startswith(f"error: --tasks {text}:1: a JSONL file of")
+
+    # exported with the task, as a user runs it: two lines, no library's warning (DeepSpeed's accelerator line)
+    out = tmp_path / "hf"
+    export = subprocess.run([sys.executable, "-m", "gpt.export", str(tmp_path / "run"), str(out), "--lm-eval-task",
+                             task], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert export.returncode == 0, export.stderr[-3000:]
+    assert export.stderr.splitlines() == [
+        f"exported {tmp_path / 'run' / 'checkpoints' / 'step_00000020'} to {out}",
+        f"score its tasks: cd {out} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
+        f"pretrained=.,prefix_token_id=0 --include_path lm_eval --tasks order"], export.stderr[-3000:]
+    assert (out / "lm_eval" / "order.yaml").is_file() and (out / "lm_eval" / "order.jsonl").is_file()
 
 
 def test_a_text_file_is_scored_on_every_token_after_its_first(tmp_path):
