@@ -50,7 +50,7 @@ def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(dat
     out = tmp_path / "hf"
     export = subprocess.run([sys.executable, "-m", "gpt.export", str(tmp_path / "run"), str(out), "--lm-eval-task",
                              task], capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert export.returncode == 0, export.stderr[-3000:]
+    assert export.returncode == 0 and export.stdout == "", export.stdout[-3000:] + export.stderr[-3000:]
     assert export.stderr.splitlines() == [
         f"exported {tmp_path / 'run' / 'checkpoints' / 'step_00000020'} to {out}",
         f"score its tasks: cd {out} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
