@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import filecmp
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -15,6 +16,7 @@ from gpt.config.data import DataConfig
 from gpt.config.model import ModelConfig
 from gpt.errors import ConfigError, UserError
 
+log = logging.getLogger(__name__)
 PREFIX = "hf:"
 TOKENIZER = "tokenizer.json"
 SENTENCEPIECE = "tokenizer.model"  # LLaMA-2-style folders: converted by gpt/hf/sentencepiece.py
@@ -148,3 +150,5 @@ def load_into(model: Any, init: str) -> None:
     assert folder is not None
     shapes = {k: v.shape for k, v in model.state_dict().items()}
     model.load_state_dict(from_hf(read_weights(folder), model.cfg, shapes, str(folder)))
+    log.info("weights from init=hf:%s (%d tensors, %.1fM parameters): training starts from them", folder,
+             len(shapes), sum(p.numel() for p in model.parameters()) / 1e6)

@@ -41,13 +41,15 @@ def planned(folder, cfg) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.slow
-def test_an_exported_folder_imports_with_the_same_logits(family, tmp_path):
+def test_an_exported_folder_imports_with_the_same_logits(family, tmp_path, caplog):
     model = trained_like(*FAMILIES[family][:1], **FAMILIES[family][1])
     hf_model(model, eot=None).save_pretrained(tmp_path)
     planned(tmp_path, model.cfg)  # config.json agrees with model.* in every key it fixes
     torch.manual_seed(1)
     fresh = GPT(model.cfg)  # model.bias=false takes GPT-2's zero biases
-    load_into(fresh, f"hf:{tmp_path}")
+    with caplog.at_level("INFO", logger="gpt.hf.folder"):
+        load_into(fresh, f"hf:{tmp_path}")
+    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"weights from init=hf:{tmp_path}"]
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
