@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from launch import launch_config
-from gpt.errors import EXIT_PREEMPTED, UserError
+from gpt.errors import EXIT_PREEMPTED, EXIT_USER, UserError
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
@@ -35,6 +35,9 @@ from launch.rank.signal_relay import SignalRelay, catches
 from launch.recovery.standby import Standby
 from launch.rank.threads import ThreadPlan
 from launch.backends.slurm.job import gpus_on_node
+
+
+REFUSED = "refused to run"  # a rank's UserError: the same command is refused again until it is put right
 
 
 class RankFailed(RuntimeError):
@@ -226,6 +229,8 @@ def started_up(run_dir: Path, rank: int, pid: int) -> bool:
 def describe_failure(rank: int, host: str, code: int, run_dir: Path, output: Path | None = None) -> str:
     """One line: which rank, where, how it ended, its last error, and where to read more."""
     log_file = RunFolder(run_dir).log(rank)
+    if code == EXIT_USER:  # the run's own refusal (other data, a folder in use): the whole of it, not a sentence
+        return f"rank {rank} on {host} {REFUSED}: {last_error(log_file, whole=True)} (its log: {log_file})"
     if code < 0:
         how = f"was killed by {signal.Signals(-code).name}"
     else:
@@ -254,17 +259,26 @@ def _short(message: str, limit: int = 300) -> str:
     return (first if len(first) > 20 else message)[:limit]
 
 
-def last_error(log_file: Path) -> str:
-    """The last error a rank logged: its message, or the last line of its traceback."""
+def last_error(log_file: Path, whole: bool = False) -> str:
+    """The last error a rank logged: its message (`whole`: every line of it, joined), or the last line of its
+    traceback."""
     lines = _read(log_file)
     for i in range(len(lines) - 1, -1, -1):
         if " ERROR] " in lines[i]:
             message = lines[i].split(" ERROR] ", 1)[1].strip()
             tail = [x for x in lines[i + 1:] if x.strip() and not x.startswith("[rank")]
             if tail and tail[0].startswith("Traceback"):
-                message = tail[-1].strip()
-            return _short(message)
+                return _short(tail[-1].strip())
+            return _joined([message, *(x.strip() for x in tail)])[:2000] if whole else _short(message)
     return ""
+
+
+def _joined(lines: list[str]) -> str:
+    """A message's lines as one: a line that introduces the next ("Differing keys:") runs on into it."""
+    text = lines[0]
+    for line in lines[1:]:
+        text += (" " if text.endswith(":") else "; ") + line
+    return text
 
 
 def last_traceback_line(output: Path) -> str:

@@ -19,6 +19,7 @@ from gpt.run_folder import CANCELLED, AttemptLine, Next, RunFolder
 from launch.backends.slurm import commands as slurm_commands
 from launch.backends.slurm.commands import FINAL, GONE, RUNNING, JobInfo, SlurmUnavailable
 from launch.backends.slurm.submitted import Submitted, show_path
+from launch.backends.slurm.task import REFUSED
 from launch.run.attempts import failed_saves_line, ran_on
 from launch.run.identity import newest_step
 from launch.run.job_record import cancelled_by_user
@@ -64,7 +65,10 @@ class JobOutcome:
         step = newest_step(s.point.run_dir)
         if self.state == "TIMEOUT":
             lines.append(f"  {timeout_line(s.point.run_dir, s.job_id, step)}")
-        if step is not None:
+        if step is not None and any(REFUSED in e for e in self.errors):
+            lines.append(f"  once that is put right, the same command continues the run from its newest checkpoint "
+                         f"(step {step})")
+        elif step is not None:
             lines.append(f"  the same command continues the run from its newest checkpoint (step {step})")
         if s.paths(0).stderr.exists():  # a job cancelled while pending has none
             lines.append(f"  job log: {show_path(s.paths(0).stderr)}")

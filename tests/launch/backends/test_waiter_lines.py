@@ -331,3 +331,31 @@ def test_an_attempt_killed_past_its_last_save_says_what_it_trained_and_where_the
                                    "no checkpoint yet): requeued job 7")
     assert requeue_line(second).startswith("attempt 1 ended (killed outright) after step 430 (the run resumes from "
                                            "step 400)")
+
+
+def test_a_ranks_refusal_is_told_whole_and_the_same_command_is_not_said_to_continue(tmp_path: Path):
+    """A rank that refuses to run (exit code 2: here the data prepared again under the run) is told with its whole
+    message, not its first sentence, and the waiter does not promise that the same command continues."""
+    from launch.backends.slurm.task import describe_failure
+    from launch.backends.slurm.wait import JobOutcome
+
+    run_dir = tmp_path / "run"
+    log_file = RunFolder(run_dir).log(0)
+    log_file.parent.mkdir(parents=True)
+    log_file.write_text("[rank0 12:00:01 INFO] starting\n"
+                        f"[rank0 12:00:02 ERROR] {run_dir} holds a run with other settings (step 760); it cannot "
+                        "continue with these. Differing keys:\n"
+                        "  data.text_md5: input.txt changed (1,115,394 -> 1,115,400 bytes) since the run trained on it\n"
+                        "Run it with its own settings, or start a new run under another name (run=NAME).\n")
+    line = describe_failure(0, "gl-n1", 2, run_dir)
+    assert line == (f"rank 0 on gl-n1 refused to run: {run_dir} holds a run with other settings (step 760); it cannot "
+                    "continue with these. Differing keys: data.text_md5: input.txt changed (1,115,394 -> 1,115,400 "
+                    "bytes) since the run trained on it; Run it with its own settings, or start a new run under "
+                    f"another name (run=NAME). (its log: {log_file})")
+    (RunFolder(run_dir).checkpoints / "step_00000760").mkdir(parents=True)
+    for name in ("meta.json", ".metadata"):
+        (RunFolder(run_dir).checkpoints / "step_00000760" / name).write_text("{}")
+    point = Point(label="run", run_dir=run_dir, job_name="gptlaunch", resources=None)
+    said = JobOutcome(Submitted(point, "19", tmp_path), "FAILED", errors=[line]).message()
+    assert "  once that is put right, the same command continues the run from its newest checkpoint (step 760)" in said
+    assert "\n  the same command continues" not in said
