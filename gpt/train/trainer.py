@@ -16,6 +16,7 @@ from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
 from gpt.train.build import build_strategy_and_model, model_config, open_data
+from gpt.train.data_watch import DataWatch
 from gpt.train.divergence import DivergenceGuard, Rollback
 from gpt.train.evaluation import Evaluator
 from gpt.train.hooks import Hooks, LoopHook
@@ -71,7 +72,7 @@ class Trainer:
         # In this order around the step: a slow device's lag (test-only) before the profiler starts, and the
         # profiler outside the first step's measurement, which measures the step's memory alone.
         self.hooks = Hooks([self.faults, step_profiler(run.profile, env, attempt, run_dir, self.device),
-                            self.reporter.first_step_memory(), *hooks])
+                            self.reporter.first_step_memory(), DataWatch(run.data.dir, env.is_main), *hooks])
 
     def load_checkpoint(self) -> bool:
         """The checkpoint this attempt starts from (resume=auto: the run's newest), if any. Returns whether a signal
