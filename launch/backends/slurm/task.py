@@ -37,7 +37,7 @@ from launch.rank.threads import ThreadPlan
 from launch.backends.slurm.job import gpus_on_node
 
 
-REFUSED = "refused to run"  # a rank's UserError: the same command is refused again until it is put right
+REFUSED = "stopped the run"  # a rank's UserError (exit code 2): the same command meets it again until it is put right
 
 
 class RankFailed(RuntimeError):

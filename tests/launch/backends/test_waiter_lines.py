@@ -334,8 +334,8 @@ def test_an_attempt_killed_past_its_last_save_says_what_it_trained_and_where_the
 
 
 def test_a_ranks_refusal_is_told_whole_and_the_same_command_is_not_said_to_continue(tmp_path: Path):
-    """A rank that refuses to run (exit code 2: here the data prepared again under the run) is told with its whole
-    message, not its first sentence, and the waiter does not promise that the same command continues."""
+    """A rank that stops the run on its own error (exit code 2: here the data prepared again under it) is told with
+    its whole message, not its first sentence, and the waiter does not promise that the same command continues."""
     from launch.backends.slurm.task import describe_failure
     from launch.backends.slurm.wait import JobOutcome
 
@@ -348,7 +348,7 @@ def test_a_ranks_refusal_is_told_whole_and_the_same_command_is_not_said_to_conti
                         "  data.text_md5: input.txt changed (1,115,394 -> 1,115,400 bytes) since the run trained on it\n"
                         "Run it with its own settings, or start a new run under another name (run=NAME).\n")
     line = describe_failure(0, "gl-n1", 2, run_dir)
-    assert line == (f"rank 0 on gl-n1 refused to run: {run_dir} holds a run with other settings (step 760); it cannot "
+    assert line == (f"rank 0 on gl-n1 stopped the run: {run_dir} holds a run with other settings (step 760); it cannot "
                     "continue with these. Differing keys: data.text_md5: input.txt changed (1,115,394 -> 1,115,400 "
                     "bytes) since the run trained on it; Run it with its own settings, or start a new run under "
                     f"another name (run=NAME). (its log: {log_file})")
