@@ -31,13 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def spawn_ranks(rank_fn, world: int) -> dict:
+def spawn_ranks(rank_fn, world: int, given: dict | None = None) -> dict:
     """`rank_fn(rank, world, port, out)` in `world` processes of a real process group on loopback (`port` free for
-    its store); what they put in the shared dict `out`, by key."""
+    its store); what they put in the shared dict `out`, by key (`out` holds `given` when they start)."""
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
-        out = manager.dict()
+        out = manager.dict(given or {})
         mp.spawn(rank_fn, args=(world, free_port(), out), nprocs=world, join=True)
         return dict(out)
 
