@@ -4,6 +4,7 @@ are counted with torch imported only then."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from gpt.run_folder import RunFolder
 from launch.backends import get_backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import fit
+from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
         if not run.model.vocab_size:  # the model takes the tokenizer's
             train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
 
+    train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
     resolved = dataclasses.replace(run, data=data, train=dataclasses.replace(
@@ -104,6 +109,19 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None) -> 
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
     return Plan(run_dir, run.cluster.nodes, run.cluster.tasks_per_node, prepare_job)
+
+
+def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
+    """The micro-batch the run went on with after a rank ran out of memory (launch.recovery.out_of_memory), where
+    this command asks again for one it ran out with: said in one line."""
+    if train.micro_batch_size == "auto":  # not chosen here (the data is prepared in a job): nothing was recorded
+        return train
+    asked = train.micro_batches(dp)[0]
+    micro, why = kept_micro_batch(RunFolder(run_dir).attempts.read(), asked, train.activation_checkpointing)
+    if not why:
+        return train
+    log.info("%s", why)
+    return dataclasses.replace(train, micro_batch_size=micro)
 
 
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
