@@ -20,7 +20,7 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
 - The allocator's history (`torch.cuda.memory._record_memory_history`) takes only CUDA's settings, and a snapshot
   (`_dump_snapshot`) holds a trace only while it is recorded.
 - The allocator gives out `capacity` bytes and no more: an allocation past it raises torch.OutOfMemoryError with
-  CUDA's words, and leaves what was allocated as it was. `hold_saved_tensors` makes what autograd saves for the
+  CUDA's words, and leaves what was allocated as it was. `holding_saved_tensors` makes what autograd saves for the
   backward (the activations, which grow with the micro-batch) allocations of it while they are held, so that a step on
   the CPU runs out of memory where a GPU with that much memory would, in its forward.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
@@ -247,25 +247,36 @@ class StrictCuda:
     def release(self, nbytes: int) -> None:
         self.memory["allocated"] -= nbytes
 
-    def hold_saved_tensors(self) -> Any:
-        """From now on, in this thread (and a process forked from it), each tensor autograd saves for the backward is
-        allocated here while it is held (torch.autograd.graph.saved_tensors_hooks, entered here: the `__exit__` of
-        what it returns ends it)."""
-        cuda = self
+    @contextlib.contextmanager
+    def holding_saved_tensors(self):
+        """Inside, in this thread (and a process forked from it), each tensor autograd saves for the backward is
+        allocated here while it is held: through torch.autograd.graph.saved_tensors_hooks, composed with any that
+        code enters inside (the trainer measures a step's activations with its own), where a pack that keeps no
+        tensor (activation checkpointing's) holds nothing."""
+        cuda, plain = self, torch.autograd.graph.saved_tensors_hooks
 
         class Held:
             nbytes = 0  # an allocation refused holds nothing
 
-            def __init__(self, tensor: torch.Tensor):
-                cuda.allocate(tensor.nbytes)
-                self.tensor, self.nbytes = tensor, tensor.nbytes
+            def __init__(self, kept: Any):
+                if isinstance(kept, torch.Tensor):
+                    cuda.allocate(kept.nbytes)
+                    self.nbytes = kept.nbytes
+                self.kept = kept
 
             def __del__(self):
                 cuda.release(self.nbytes)
 
-        hooks = torch.autograd.graph.saved_tensors_hooks(Held, lambda held: held.tensor)
-        hooks.__enter__()
-        return hooks
+        class Holding(plain):
+            def __init__(self, pack_hook: Any, unpack_hook: Any):
+                super().__init__(lambda t: Held(pack_hook(t)), lambda held: unpack_hook(held.kept))
+
+        torch.autograd.graph.saved_tensors_hooks = Holding
+        try:
+            with Holding(lambda t: t, lambda t: t):
+                yield self
+        finally:
+            torch.autograd.graph.saved_tensors_hooks = plain
 
     def pin_memory(self, ptr: int, size: int) -> None:
         """torch.cuda._pin_memory_utils.pin_memory (cudaHostRegister): in the current device's context."""

@@ -1,8 +1,8 @@
 """profile.*: torch.profiler traces of chosen steps on chosen ranks, and on GPUs CUDA's allocator history with a
-memory snapshot when the rank runs out of memory (its path goes into the attempt's line: launch.recovery.out_of_memory), after the traced steps, and when asked (python -m
-launch.memory_snapshot). Written into the run folder per attempt and rank (gpt.run_folder: profiles/attempt-N/), so a
-requeued attempt never overwrites an earlier one's. With the section's defaults the trainer builds none of this, and
-a step runs exactly as without it."""
+memory snapshot when the rank runs out of memory (its path goes into the attempt's line), after the traced steps, and
+when asked (python -m launch.memory_snapshot). Written into the run folder per attempt and rank (gpt.run_folder:
+profiles/attempt-N/), so a requeued attempt never overwrites an earlier one's. With the section's defaults the
+trainer builds none of this, and a step runs exactly as without it."""
 from __future__ import annotations
 
 import contextlib

@@ -139,7 +139,7 @@ def recover(end: Ending) -> Outcome:
 
 def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outcome:
     """The outcome, in order of cost, bounded by progress for the run's own faults."""
-    cause, job = end.cause, end.job
+    cause = end.cause
     if cause is Cause.STOPPED:
         return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
     if cause is Cause.CANCELLED:  # an attempt's line says "cancelled by the user" as how it ended: the note, what then

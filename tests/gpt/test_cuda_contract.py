@@ -197,6 +197,8 @@ def test_out_of_memory_writes_the_snapshot_the_attempts_line_names(strict_cuda, 
 
 
 def test_the_allocator_refuses_past_its_capacity_as_cuda_does(strict_cuda):
+    from gpt.parallel.memory_held import SavedForBackward
+
     """An allocation past the capacity raises torch.OutOfMemoryError and leaves the allocator as it was; what autograd
     saves for the backward is held in it until the backward frees it, in proportion to the batch."""
     strict_cuda.capacity = 1000
@@ -208,18 +210,20 @@ def test_the_allocator_refuses_past_its_capacity_as_cuda_does(strict_cuda):
     strict_cuda.release(600)
     strict_cuda.capacity = 32 << 10  # a few rows of 64 floats, not 128
     layer = torch.nn.Linear(64, 64, bias=False)
-    hooks = strict_cuda.hold_saved_tensors()
-    try:
+    with strict_cuda.holding_saved_tensors():
         loss = torch.tanh(layer(torch.ones(1, 64))).sum()  # saves its input and tanh's output
-        assert torch.cuda.memory_allocated() > 0
+        assert torch.cuda.memory_allocated() == 2 * 64 * 4
         loss.backward()
         del loss
         assert torch.cuda.memory_allocated() == 0
         with pytest.raises(torch.OutOfMemoryError):
             torch.tanh(layer(torch.ones(128, 64))).sum()
-    finally:
-        hooks.__exit__()
-    assert torch.cuda.memory_allocated() == 0  # what the refused forward saved is given back with it
+        assert torch.cuda.memory_allocated() == 0  # what the refused forward saved is given back with it
+        with SavedForBackward([], []) as measured:  # the trainer's own hooks, inside: composed with the allocator's
+            loss = torch.tanh(layer(torch.ones(1, 64))).sum()
+        assert measured.bytes == 2 * 64 * 4 == torch.cuda.memory_allocated()
+        del loss
+    assert torch.autograd.graph.saved_tensors_hooks is not type(measured.hooks)  # torch's own again
 
 
 @pytest.mark.slow
