@@ -96,14 +96,16 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
 def end_out_of_memory(attempt: Attempt, error: RanOutOfMemory, restarts: int) -> int:
     """This rank ran out of device memory in a step: the one decision goes on with a smaller micro-batch (its ranks
     stop: the next round's, or the requeued job's, start with it), or stops at micro-batch 1. Another rank that ran
-    out at once reads what the first decided. Returns the rank's exit code: a failed attempt, or at micro-batch 1 a
-    size the user must change (2)."""
+    out at once leaves it to the first (without a scheduler's job id it cannot read its line, and needs not: the
+    launcher reads the round). Returns the rank's exit code: a failed attempt, or at micro-batch 1 a size the user
+    must change (2)."""
+    run_dir, job = attempt.run_dir, attempt.job
+    ran_out = RanOut.of(error.record)
     began = attempt.loop.first_step if attempt.loop else None
-    record = attempt.early_end(Cause.OUT_OF_MEMORY.value, with_startup=True,
-                               out_of_memory=RanOut.of(error.record).record())
-    outcome = recover(Ending(attempt.run_dir, attempt.job, Cause.OUT_OF_MEMORY, Cause.OUT_OF_MEMORY.value, restarts,
-                             record=record, began=began, wait_s=ACTOR_WAIT_S))
-    return EXIT_FAILED if outcome.goes_on or outcome.micro_batch else EXIT_USER
+    record = attempt.early_end(Cause.OUT_OF_MEMORY.value, with_startup=True, out_of_memory=ran_out.record())
+    recover(Ending(run_dir, job, Cause.OUT_OF_MEMORY, Cause.OUT_OF_MEMORY.value, restarts, record=record, began=began,
+                   wait_s=ACTOR_WAIT_S if job.scheduler != "none" else 0.0))
+    return EXIT_FAILED if ran_out.next_micro_batch else EXIT_USER
 
 
 def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) -> None:
