@@ -340,6 +340,7 @@ class AttemptLine:
     next_link: str | None = None  # the chain's job that continues the run
     note: str = ""  # how the run goes on, or why it does not, in words
     lost_rank: int | None = None  # the rank that vanished
+    out_of_memory: Mapping[str, Any] | None = None  # a rank ran out (launch.recovery.out_of_memory)
     replaced: Mapping[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
     nodes: tuple[str, ...] = ()  # the hosts the attempt ran on, in rank order
     failed_saves: tuple[int, ...] = ()  # steps whose interval save storage refused (checkpoint.on_save_error)

@@ -44,7 +44,7 @@ class RunStatus:
     restarts: int  # attempts that ended by requeueing their job (preempted, hung, a node lost)
     goodput: float | None
     links: tuple[str, ...] = ()  # a chain's links (cluster.chain), each as "JOB STATE"
-    in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.recovery.rounds): cause, step, spare
+    in_job: tuple[str, ...] = ()  # one line per in-job restart (launch.recovery.rounds) or rank out of memory
     stuck: str | None = None  # it waits and will not start by itself: what the user can do
     cancelled: bool = False  # its job was cancelled (scancel, launch.cancel), or its last attempt says so
     # its job lives on (an allocation: salloc), but the run's newest attempt in it ended for good, and no launch
@@ -140,8 +140,7 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     attempts = RunFolder(run_dir).attempts.read()
     restarts = sum(1 for a in attempts if a.requeued)
     links = tuple(f"{j} {shown(infos, j)}" for j in ids) if len(ids) > 1 else ()
-    in_job = tuple(f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step "
-                   f"{a.last_step}; {a.note}{ran_on(a)}" for a in attempts if a.in_job_restart)
+    in_job = tuple(filter(None, map(recovered, attempts)))
     cancelled = (current is not None and current.cancelled) or cancelled_by_user(run_dir)
     interrupted = next((a.ended for a in reversed(attempts) if a.ended and not (a.finished or a.stopped_early)), "")
     early = AttemptLine.stopped_early_why(attempts)
@@ -151,6 +150,15 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
                      stopped, failed_saves_line(attempts), early)
+
+
+def recovered(a: AttemptLine) -> str:
+    """The line under the run for an in-job restart (cause, step, spare), or for a rank out of memory, which says the
+    micro-batch the run went on with ("": neither)."""
+    if a.in_job_restart:
+        return (f"in-job restart {a.in_job_restart} of job {a.job_id}: {a.ended} at step {a.last_step}; "
+                f"{a.note}{ran_on(a)}")
+    return f"{a.ended} in job {a.job_id}: {a.note}" if a.out_of_memory else ""
 
 
 def ended_in(run_dir: Path, job: JobStanding | None, attempts: list[AttemptLine]) -> bool:

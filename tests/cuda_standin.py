@@ -19,6 +19,10 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   --gpu-bind=closest.
 - The allocator's history (`torch.cuda.memory._record_memory_history`) takes only CUDA's settings, and a snapshot
   (`_dump_snapshot`) holds a trace only while it is recorded.
+- The allocator gives out `capacity` bytes and no more: an allocation past it raises torch.OutOfMemoryError with
+  CUDA's words, and leaves what was allocated as it was. `holding_saved_tensors` makes what autograd saves for the
+  backward (the activations, which grow with the micro-batch) allocations of it while they are held, so that a step on
+  the CPU runs out of memory where a GPU with that much memory would, in its forward.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
   index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
 
@@ -90,13 +94,13 @@ class StrictCuda:
 
     def __init__(self, devices: int = 1, name: str = "NVIDIA H100 80GB HBM3", bf16: bool = True,
                  clock_khz: int = 1_980_000, visible: str | None = None, mig: bool = False,
-                 rank_gpu: int | None = None):
+                 rank_gpu: int | None = None, capacity: int = MEMORY):
         """`devices` GPUs in the machine (MIG slices with `mig`), of which the process enumerates those
         CUDA_VISIBLE_DEVICES=`visible` names; `rank_gpu`: the one index this rank may open a context on."""
         self.uuids = [f"{'MIG' if mig else 'GPU'}-{i:08x}-0000-0000-0000-000000000000" for i in range(devices)]
         self.shown = enumerated(self.uuids, visible)
         devices = len(self.shown)
-        self.rank_gpu = rank_gpu
+        self.rank_gpu, self.capacity = rank_gpu, capacity
         self.count, self.name, self.bf16, self.clock_khz = devices, name, bf16, clock_khz
         self.default_streams = [Stream(self, i) for i in range(devices)]
         self.streams: list[Stream] = list(self.default_streams)
@@ -225,6 +229,54 @@ class StrictCuda:
     def reset_peak_memory_stats(self, device: Any = None) -> None:
         self._checked(device)
         self.memory["peak"] = self.memory["allocated"]
+
+    def allocate(self, nbytes: int) -> None:
+        """The caching allocator's malloc on the current device: refused past `capacity`, as CUDA refuses."""
+        index, mem = self._checked(None), self.memory
+        if mem["allocated"] + nbytes > self.capacity:
+            gib, mib = 1 << 30, 1 << 20
+            raise torch.OutOfMemoryError(
+                f"CUDA out of memory. Tried to allocate {nbytes / mib:.2f} MiB. GPU {index} has a total capacity of "
+                f"{self.capacity / gib:.2f} GiB of which {(self.capacity - mem['allocated']) / mib:.2f} MiB is free. "
+                f"Of the allocated memory {mem['allocated'] / gib:.2f} GiB is allocated by PyTorch, and 0 bytes is "
+                "reserved by PyTorch but unallocated.")
+        mem["allocated"] += nbytes
+        mem["reserved"] = max(mem["reserved"], mem["allocated"])
+        mem["peak"] = max(mem["peak"], mem["allocated"])
+
+    def release(self, nbytes: int) -> None:
+        self.memory["allocated"] -= nbytes
+
+    @contextlib.contextmanager
+    def holding_saved_tensors(self):
+        """Inside, in this thread (and a process forked from it), each tensor autograd saves for the backward is
+        allocated here while it is held: through torch.autograd.graph.saved_tensors_hooks, composed with any that
+        code enters inside (the trainer measures a step's activations with its own), where a pack that keeps no
+        tensor (activation checkpointing's) holds nothing."""
+        cuda, plain = self, torch.autograd.graph.saved_tensors_hooks
+
+        class Held:
+            nbytes = 0  # an allocation refused holds nothing
+
+            def __init__(self, kept: Any):
+                if isinstance(kept, torch.Tensor):
+                    cuda.allocate(kept.nbytes)
+                    self.nbytes = kept.nbytes
+                self.kept = kept
+
+            def __del__(self):
+                cuda.release(self.nbytes)
+
+        class Holding(plain):
+            def __init__(self, pack_hook: Any, unpack_hook: Any):
+                super().__init__(lambda t: Held(pack_hook(t)), lambda held: unpack_hook(held.kept))
+
+        torch.autograd.graph.saved_tensors_hooks = Holding
+        try:
+            with Holding(lambda t: t, lambda t: t):
+                yield self
+        finally:
+            torch.autograd.graph.saved_tensors_hooks = plain
 
     def pin_memory(self, ptr: int, size: int) -> None:
         """torch.cuda._pin_memory_utils.pin_memory (cudaHostRegister): in the current device's context."""

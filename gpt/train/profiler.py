@@ -1,8 +1,8 @@
 """profile.*: torch.profiler traces of chosen steps on chosen ranks, and on GPUs CUDA's allocator history with a
-memory snapshot when the rank runs out of memory, after the traced steps, and when asked (python -m
-launch.memory_snapshot). Written into the run folder per attempt and rank (gpt.run_folder: profiles/attempt-N/), so a
-requeued attempt never overwrites an earlier one's. With the section's defaults the trainer builds none of this, and
-a step runs exactly as without it."""
+memory snapshot when the rank runs out of memory (its path goes into the attempt's line), after the traced steps, and
+when asked (python -m launch.memory_snapshot). Written into the run folder per attempt and rank (gpt.run_folder:
+profiles/attempt-N/), so a requeued attempt never overwrites an earlier one's. With the section's defaults the
+trainer builds none of this, and a step runs exactly as without it."""
 from __future__ import annotations
 
 import contextlib
@@ -16,9 +16,9 @@ from torch.profiler import ProfilerActivity, profile, record_function
 
 from gpt.config.profile import ProfileConfig
 from gpt.collectives.process_group import DistEnv
-from gpt.errors import UserError, error_line
 from gpt.run_folder import RunFolder
 from gpt.train.hooks import LoopHook
+from gpt.train.out_of_memory import RanOutOfMemory
 
 log = logging.getLogger(__name__)
 
@@ -26,10 +26,6 @@ HISTORY_ENTRIES = 100_000  # allocations and frees kept (several KB each): the l
 # how often a rank keeping the history looks for a `python -m launch.memory_snapshot` request: a file read on shared
 # storage, so not every step (thousands of ranks, steps of 100 ms)
 LOOK_S = 5.0
-
-
-class OutOfMemory(UserError):
-    """A rank ran out of device memory; the message names its memory snapshot when one was written."""
 
 
 class StepProfiler(LoopHook):
@@ -53,8 +49,10 @@ class StepProfiler(LoopHook):
         try:
             with record_function(f"train step {step}") if self.prof else contextlib.nullcontext():
                 yield
-        except torch.OutOfMemoryError as e:
-            raise self.out_of_memory(step, e) from None
+        except RanOutOfMemory as e:  # the trainer's, in place of torch's: the run goes on with a smaller micro-batch
+            if self.history:
+                e.record["snapshot"] = str(self.snapshot("oom"))
+            raise
         if self.prof is not None and step >= self.steps[1]:
             self.finish()
         if self.history and time.monotonic() >= self.looked + LOOK_S:
@@ -92,16 +90,6 @@ class StepProfiler(LoopHook):
         path.parent.mkdir(parents=True, exist_ok=True)
         torch.cuda.memory._dump_snapshot(str(path))
         return path
-
-    def out_of_memory(self, step: int, error: torch.OutOfMemoryError) -> OutOfMemory:
-        where = f"rank {self.rank} ran out of device memory at step {step} ({error_line(error, limit=160)})"
-        if not self.history:
-            return OutOfMemory(f"{where}; run again with profile.memory_snapshot=true to see what held it, or with a "
-                               "smaller train.micro_batch_size, train.activation_checkpointing=full or strategy=fsdp")
-        path = self.snapshot("oom")
-        return OutOfMemory(f"{where}; its memory snapshot is {path} (drag it into https://pytorch.org/memory_viz); a "
-                           "smaller train.micro_batch_size, train.activation_checkpointing=full or strategy=fsdp "
-                           "needs less")
 
 
 def step_profiler(cfg: ProfileConfig, env: DistEnv, attempt: int, run_dir: Path,

@@ -5,13 +5,17 @@ checkpoint holds (gpt.train.state), saving (gpt.train.saving), evaluation (gpt.t
 returns (gpt.train.summary). A feature that needs the loop reaches it through a hook (gpt.train.hooks)."""
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt.collectives.process_group import DistEnv, pick_device
 from gpt.config.schema import RunConfig
+from gpt.errors import error_line
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
@@ -21,6 +25,7 @@ from gpt.train.divergence import DivergenceGuard, Rollback
 from gpt.train.evaluation import Evaluator
 from gpt.train.hooks import Hooks, LoopHook
 from gpt.train.metrics import open_metrics
+from gpt.train.out_of_memory import RanOutOfMemory
 from gpt.train.profiler import step_profiler
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
 from gpt.train.resume import Resume, continues_own
@@ -165,7 +170,8 @@ class Trainer:
             return None
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         loss_factor = self.faults.loss_factor(batches.index(self.step))  # test-only: 1 unless debug.* says
-        with self.hooks.around_step(self.step):  # a slow device (test-only) lags first, as a GPU's would
+        # a slow device (test-only) lags first, as a GPU's would; the profiler sees an out-of-memory first
+        with self.hooks.around_step(self.step), self.out_of_memory():
             result = self.strategy.train_step(micro, self.data.n_micro, lr, t.grad_clip,
                                               layer_norms=log_now and t.layer_grad_norms, loss_factor=loss_factor)
         self.hooks.after_step(self.step)
@@ -177,6 +183,16 @@ class Trainer:
             self.guard.settle()
             self.guard.after_record(self.step - 1, values["loss"])
         return values
+
+    @contextlib.contextmanager
+    def out_of_memory(self) -> Iterator[None]:
+        """torch's out-of-memory error in the step, as RanOutOfMemory: the run goes on with a smaller micro-batch."""
+        try:
+            yield
+        except torch.OutOfMemoryError as e:
+            raise RanOutOfMemory(self.env.rank, self.env.hostname, self.step, self.data.micro_batch,
+                                 self.data.n_micro, self.train.global_batch_size, self.train.activation_checkpointing,
+                                 error_line(e, limit=300)) from None
 
     def run_eval(self, summary: FitSummary, bar: ProgressBar) -> bool:
         """An evaluation after the current step; False when a preemption signal interrupted it."""

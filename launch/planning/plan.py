@@ -4,6 +4,7 @@ are counted with torch imported only then."""
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,10 @@ from gpt.run_folder import RunFolder
 from launch.backends import Backend, get_backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import device_memory_gib, fit
+from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -97,6 +101,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None, bac
         if not run.model.vocab_size:  # the model takes the tokenizer's
             train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device, memory)
 
+    train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
     resolved = dataclasses.replace(run, train=dataclasses.replace(
@@ -129,6 +134,19 @@ def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> Laun
             run.model, **{k: getattr(model, k) for k in FILLED if k not in given}))
     init = f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
     return dataclasses.replace(run, model=filled_model(init, run.model, given))
+
+
+def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
+    """The micro-batch the run went on with after a rank ran out of memory (launch.recovery.out_of_memory), where
+    this command asks again for one it ran out with: said in one line."""
+    if train.micro_batch_size == "auto":  # not chosen here (the data is prepared in a job): nothing was recorded
+        return train
+    asked = train.micro_batches(dp)[0]
+    micro, why = kept_micro_batch(RunFolder(run_dir).attempts.read(), asked, train.activation_checkpointing)
+    if not why:
+        return train
+    log.info("%s", why)
+    return dataclasses.replace(train, micro_batch_size=micro)
 
 
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)

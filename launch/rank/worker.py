@@ -31,6 +31,7 @@ from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from launch.recovery.watchdog import flight_recorder_env  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
+from gpt.train.out_of_memory import RanOutOfMemory  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.train.summary import FitSummary  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
@@ -41,7 +42,8 @@ from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
 from launch.recovery.health_gate import check_health  # noqa: E402
 from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
-from launch.recovery.endings import collective_failed, end_stopped, start_watchdog, when_a_rank_vanished  # noqa: E402
+from launch.recovery.endings import (collective_failed, end_out_of_memory, end_stopped, start_watchdog,  # noqa: E402
+                                     when_a_rank_vanished)
 from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
 from launch.run.job_record import record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
@@ -221,6 +223,8 @@ def main() -> None:
         log.error("%s", e)
         code = EXIT_USER
         log_failure(attempt, str(e))
+    except RanOutOfMemory as e:  # a smaller micro-batch next (launch.recovery.out_of_memory)
+        code = end_out_of_memory(attempt, e, run.preemption.max_restarts if run else 0)
     except Diverged as e:  # every rank at the same step; a failed run, not requeued
         log.error("%s", e, extra={EVERY_RANK: True})
         code = EXIT_FAILED

@@ -1,17 +1,21 @@
 """What follows an attempt that ends early, decided in one place for every site that sees one end (a preemption
-signal, a hang, a node failing its health check, a node the scheduler holds down, a rank killed).
+signal, a hang, a node failing its health check, a node the scheduler holds down, a rank killed, a rank out of
+memory).
 
 In order of cost: continue (a flagged node kept where no requeue could leave it out), the next round inside the
 allocation (launch.recovery.rounds: a spare for the hosts named), the chain's next link (cluster.chain: a requeue would
 run ahead of it), a requeue (without the named hosts), else stop with one line that says how to continue. A fault of
 the run itself (a lost rank, a hang) is bounded by progress: no second recovery in a row without a newer checkpoint,
-since a fault that repeats (running out of memory, or hanging, at the same step) would repeat on every restart.
+since a fault that repeats (hanging at the same step) would repeat on every restart. A rank out of device memory goes
+on the same ways with a smaller micro-batch and the same global batch (launch.recovery.out_of_memory), and stops at
+micro-batch 1: each recovery is bounded by the micro-batch, not by progress.
 
 One process decides each attempt's end, the first to claim its line in the attempts log; it writes the line, with
 the outcome in it (gpt.run_folder.AttemptLine.next), and starts the next round. Any other process reads that outcome
 from the line."""
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -19,10 +23,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from gpt.errors import UserError
 from gpt.run_folder import AttemptLine, Next, RunFolder
 from launch.rank.job_env import JobEnvironment
 from launch.run.attempts import end_attempt, log_attempt, log_killed, marked_attempt, this_attempt
 from launch.run.identity import newest_step
+from launch.recovery.out_of_memory import RanOut, write_micro_batch
 from launch.recovery.rounds import InJobRestart, hosts_of, in_job_restart
 
 log = logging.getLogger("launch.recovery.decision")
@@ -37,6 +43,7 @@ class Cause(Enum):
     HEALTH = "health"  # flagged at start-up: kept when nothing can leave it out
     HANG = "hang"
     LOST_RANK = "lost rank"
+    OUT_OF_MEMORY = "out of memory"  # a rank's step: its record (`out_of_memory`) says which, where and at what size
 
     @property
     def bounded(self) -> bool:
@@ -72,6 +79,7 @@ class Outcome:
     note: str  # how the run goes on, or why it does not and how to continue it
     restart: InJobRestart | None = None
     link: str | None = None
+    micro_batch: int | None = None  # the smaller train.micro_batch_size the run goes on with (out of memory)
 
     @property
     def goes_on(self) -> bool:
@@ -117,6 +125,11 @@ def recover(end: Ending) -> Outcome:
         end_attempt(end.run_dir, key)
     except OSError as e:
         log.warning("cannot record the attempt in %s: %s; the next attempt records it", attempts.log, e)
+    if outcome.micro_batch is not None:  # before the next round's ranks start: they read config.yaml
+        try:
+            write_micro_batch(end.run_dir, outcome.micro_batch)
+        except (OSError, UserError) as e:
+            log.warning("cannot write train.micro_batch_size=%d into the run's config.yaml: %s", outcome.micro_batch, e)
     if outcome.restart:
         outcome.restart.begin(end.run_dir, end.job)
     if end.cause not in (Cause.STOPPED, Cause.CANCELLED, Cause.PREEMPTED):  # they say where they stopped (worker)
@@ -126,18 +139,27 @@ def recover(end: Ending) -> Outcome:
 
 def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outcome:
     """The outcome, in order of cost, bounded by progress for the run's own faults."""
-    cause, job = end.cause, end.job
+    cause = end.cause
     if cause is Cause.STOPPED:
         return Outcome(Next.STOP, "stopped by Ctrl-C; the same command continues the run")
     if cause is Cause.CANCELLED:  # an attempt's line says "cancelled by the user" as how it ended: the note, what then
         said = f"{end.ended}; " if end.points else ""  # a packed allocation has no line of its own
         return Outcome(Next.STOP, said + continues(newest, end.points))
+    if cause is Cause.OUT_OF_MEMORY:
+        return smaller_micro_batch(end, newest)
     began = end.began if end.began is not None else end.mark.get("first_step") if end.mark else newest
     if cause.bounded and (repeated := repeated_recovery(earlier, began, newest)):
         where = f"step {newest}" if newest is not None else "the start"
         return Outcome(Next.STOP, f"not requeued: the attempt before {repeated} too, and no checkpoint newer than "
                                   f"{where} was saved since (a fault that repeats would repeat on every restart); "
                                   f"{continues(newest)}")
+    return goes_on(end, newest)
+
+
+def goes_on(end: Ending, newest: int | None) -> Outcome:
+    """How the run goes on, cheapest first: a round inside the allocation, the chain's next link, a requeue; else
+    stop with the line that says how to continue."""
+    cause, job = end.cause, end.job
     why_not = ""
     if cause is not Cause.PREEMPTED:  # a preempted job leaves its allocation
         restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end))
@@ -153,6 +175,21 @@ def decide(end: Ending, newest: int | None, earlier: list[AttemptLine]) -> Outco
         return Outcome(Next.CONTINUE, note)
     hint = "" if cause is Cause.PREEMPTED and "preempted_by" not in end.record else continues(newest, end.points)
     return Outcome(Next.STOP, "; ".join(filter(None, [note, hint])))
+
+
+WHO = {Next.RESTART: "the next round", Next.REQUEUE: "the requeued job", Next.NEXT_LINK: "the chain's next link",
+       Next.STOP: "the same command"}
+
+
+def smaller_micro_batch(end: Ending, newest: int | None) -> Outcome:
+    """A rank ran out of memory: the run goes on as after any other early end, with a smaller micro-batch; at 1,
+    it stops with what needs less memory."""
+    ran_out = RanOut.of(end.record["out_of_memory"])
+    if ran_out.next_micro_batch is None:
+        return Outcome(Next.STOP, ran_out.stop())
+    then = goes_on(end, newest)
+    note = "; ".join([ran_out.going_on(WHO[then.next]), then.note])
+    return dataclasses.replace(then, note=note, micro_batch=ran_out.next_micro_batch)
 
 
 def repeated_recovery(earlier: list[AttemptLine], began: int | None, newest: int | None) -> str | None:

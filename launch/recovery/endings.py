@@ -1,20 +1,23 @@
 """The ways a rank's attempt ends before it finishes, each turned into an `Ending` for the one decision
 (launch.recovery.decision): its ranks stopped together with a checkpoint saved (a preemption signal, Ctrl-C, a node
 the scheduler lost, a straggler's host to leave out, the user's cancel), a hang its watchdog saw, a peer that
-vanished under a collective. A rank's own error is no ending here: it fails the job (launch.rank.worker)."""
+vanished under a collective, a rank out of device memory. A rank's other errors are no ending here: they fail the job
+(launch.rank.worker)."""
 from __future__ import annotations
 
 import logging
 
 from gpt.collectives.process_group import DistEnv, from_rank0, leave
 from gpt.config.sections import WatchdogConfig
-from gpt.errors import error_line
+from gpt.errors import EXIT_FAILED, EXIT_USER, error_line
 from gpt.resilience.progress import PROGRESS
 from gpt.resilience.timing import ACTOR_WAIT_S
+from gpt.train.out_of_memory import RanOutOfMemory
 from gpt.train.summary import FitSummary
 from gpt.run_folder import CANCELLED, CTRL_C
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
 from launch.recovery.lost import end_for_lost_node
+from launch.recovery.out_of_memory import RanOut
 from launch.recovery.rounds import hosts_of
 from launch.recovery.watchdog import Watchdog
 from launch.run.attempts import Attempt, hang_report_name
@@ -88,6 +91,21 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
     return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
                           attempt.early_end("hang", hang=report["summary"], hang_report=report["report"]),
                           began=began, wait_s=ACTOR_WAIT_S)).runs_again
+
+
+def end_out_of_memory(attempt: Attempt, error: RanOutOfMemory, restarts: int) -> int:
+    """This rank ran out of device memory in a step: the one decision goes on with a smaller micro-batch (its ranks
+    stop: the next round's, or the requeued job's, start with it), or stops at micro-batch 1. Another rank that ran
+    out at once leaves it to the first (without a scheduler's job id it cannot read its line, and needs not: the
+    launcher reads the round). Returns the rank's exit code: a failed attempt, or at micro-batch 1 a size the user
+    must change (2)."""
+    run_dir, job = attempt.run_dir, attempt.job
+    ran_out = RanOut.of(error.record)
+    began = attempt.loop.first_step if attempt.loop else None
+    record = attempt.early_end(Cause.OUT_OF_MEMORY.value, with_startup=True, out_of_memory=ran_out.record())
+    recover(Ending(run_dir, job, Cause.OUT_OF_MEMORY, Cause.OUT_OF_MEMORY.value, restarts, record=record, began=began,
+                   wait_s=ACTOR_WAIT_S if job.scheduler != "none" else 0.0))
+    return EXIT_FAILED if ran_out.next_micro_batch else EXIT_USER
 
 
 def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) -> None:

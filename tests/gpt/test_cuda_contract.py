@@ -178,21 +178,52 @@ def test_the_allocator_history_takes_only_cudas_settings_and_a_snapshot_holds_it
         torch.cuda.memory._record_memory_history()
 
 
-def test_out_of_memory_writes_the_snapshot_the_one_line_error_names(strict_cuda, tmp_path):
-    """profile.memory_snapshot=true on a GPU: the allocator's history kept from the start, its snapshot written when
-    the step runs out of memory, and its path in the rank's one-line error (a UserError: exit 2)."""
+def test_out_of_memory_writes_the_snapshot_the_attempts_line_names(strict_cuda, tmp_path):
+    """profile.memory_snapshot=true on a GPU: the allocator's history kept from the start, and its snapshot written
+    when the step runs out of memory, its path in the rank's record (launch.recovery.out_of_memory says it)."""
     from gpt.config.profile import ProfileConfig
-    from gpt.train.profiler import OutOfMemory, step_profiler
+    from gpt.train.out_of_memory import RanOutOfMemory
+    from gpt.train.profiler import step_profiler
 
     assert step_profiler(ProfileConfig(), DistEnv(), 1, tmp_path, torch.device("cuda", 0)) is None  # off: nothing
     profiler = step_profiler(ProfileConfig(memory_snapshot=True), DistEnv(), 2, tmp_path, torch.device("cuda", 0))
     assert strict_cuda.history == []  # recording
     strict_cuda.history.append({"action": "alloc", "size": 1 << 30})
-    with pytest.raises(OutOfMemory) as refused, profiler.around_step(7):
-        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB")
+    with pytest.raises(RanOutOfMemory) as refused, profiler.around_step(7):
+        raise RanOutOfMemory(0, "n1", 7, 8, 2, 16, "none", "CUDA out of memory. Tried to allocate 20.00 GiB")
     path = tmp_path / "profiles" / "attempt-2" / "rank0-memory-oom.pickle"
-    assert str(path) in str(refused.value) and "at step 7" in str(refused.value) and "\n" not in str(refused.value)
+    assert refused.value.record["snapshot"] == str(path)
     assert pickle.loads(path.read_bytes())["device_traces"][0] == [{"action": "alloc", "size": 1 << 30}]
+
+
+def test_the_allocator_refuses_past_its_capacity_as_cuda_does(strict_cuda):
+    from gpt.parallel.memory_held import SavedForBackward
+
+    """An allocation past the capacity raises torch.OutOfMemoryError and leaves the allocator as it was; what autograd
+    saves for the backward is held in it until the backward frees it, in proportion to the batch."""
+    strict_cuda.capacity = 1000
+    strict_cuda.allocate(600)
+    with pytest.raises(torch.OutOfMemoryError, match=r"CUDA out of memory\. Tried to allocate .* MiB\. GPU 0 has a "
+                                                     r"total capacity of"):
+        strict_cuda.allocate(600)
+    assert torch.cuda.memory_allocated() == 600 and torch.cuda.max_memory_allocated() == 600
+    strict_cuda.release(600)
+    strict_cuda.capacity = 32 << 10  # a few rows of 64 floats, not 128
+    layer = torch.nn.Linear(64, 64, bias=False)
+    with strict_cuda.holding_saved_tensors():
+        loss = torch.tanh(layer(torch.ones(1, 64))).sum()  # saves its input and tanh's output
+        assert torch.cuda.memory_allocated() == 2 * 64 * 4
+        loss.backward()
+        del loss
+        assert torch.cuda.memory_allocated() == 0
+        with pytest.raises(torch.OutOfMemoryError):
+            torch.tanh(layer(torch.ones(128, 64))).sum()
+        assert torch.cuda.memory_allocated() == 0  # what the refused forward saved is given back with it
+        with SavedForBackward([], []) as measured:  # the trainer's own hooks, inside: composed with the allocator's
+            loss = torch.tanh(layer(torch.ones(1, 64))).sum()
+        assert measured.bytes == 2 * 64 * 4 == torch.cuda.memory_allocated()
+        del loss
+    assert torch.autograd.graph.saved_tensors_hooks is not type(measured.hooks)  # torch's own again
 
 
 @pytest.mark.slow

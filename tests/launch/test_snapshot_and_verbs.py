@@ -110,12 +110,15 @@ def test_status_prints_one_line_per_in_job_restart(tmp_path):
     (run / "run.json").write_text("{}")
     restart = {"job_id": "7", "restart": 0, "ended": "hang", "last_step": 20, "in_job_restart": 1,
                "note": "restarting inside the allocation (in-job restart 1 of at most 3, n3 replaces n2)"}
-    (run / "attempts.jsonl").write_text(json.dumps(restart) + "\n" + json.dumps({"ended": "finished", "round": 1})
-                                        + "\n")
+    halved = "rank 1 ran out of device memory at step 30 with micro-batch 8: the requeued job trains with micro-batch 4"
+    requeued = {"job_id": "7", "restart": 0, "round": 1, "ended": "out of memory", "requeued": True, "note": halved,
+                "out_of_memory": {"rank": 1, "step": 30, "micro_batch": 8, "next_micro_batch": 4}}
+    (run / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in [
+        restart, requeued, {"job_id": "7", "restart": 1, "ended": "finished"}]))
     proc = subprocess.run([sys.executable, "-m", "launch.status", str(run)], capture_output=True, text=True, cwd=REPO,
                           env={"PATH": "/nonexistent"})
     assert "\n  in-job restart 1 of job 7: hang at step 20; restarting inside the allocation (in-job restart 1 of " \
-           "at most 3, n3 replaces n2)\n" in proc.stdout, proc.stdout
+           f"at most 3, n3 replaces n2)\n  out of memory in job 7: {halved}\n" in proc.stdout, proc.stdout
 
 
 @pytest.mark.slow
