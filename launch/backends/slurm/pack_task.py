@@ -1,6 +1,6 @@
 """The one task of a packed allocation (launcher.pack): each point runs as its own `srun --exact` step, with its own
-CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
-starting as one ends.
+CPUs, GPUs and memory, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once,
+the next one starting as one ends.
 
 A preemption signal (or launch.cancel's) reaches every step from Slurm itself; here it stops new points from
 starting. A point's rank leaves the requeue to this task (job.PACKED_VAR). Once every running point has saved, the
@@ -11,6 +11,7 @@ anything else runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -24,6 +25,7 @@ from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+from launch.backends.slurm.resources import SlurmResources
 from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
 from launch.rank.signal_relay import SignalRelay
@@ -37,14 +39,33 @@ def finished(run_dir: Path) -> bool:
     return step is not None and (step >= run.train.max_steps or stopped_early(run_dir, run) is not None)
 
 
+# What the allocation asked for, which srun reads as its own flags: a step would ask for every slot's GPUs and memory
+# (measured on Slurm 22.05: SLURM_GPUS_PER_NODE outweighs a step's --gpus-per-task; --gres=gpu:1 alone works). The
+# allocation's --gpu-bind (the points' own cluster.sbatch.gpu-bind) stays: each step binds as the point asked.
+ALLOCATION_REQUEST = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_SOCKET",
+                      "SLURM_CPUS_PER_GPU", "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_MEM_PER_GPU",
+                      "SLURM_TRES_PER_TASK")
+
+
+def own_share(res: SlurmResources) -> list[str]:
+    """The point's GPUs and memory as flags of its step, in the form its own job would ask for them (each step gets
+    GPUs of its own: Slurm sets its tasks' CUDA_VISIBLE_DEVICES to them)."""
+    gres = res.gres or dict(res.sbatch).get("gres")
+    flags = ([f"--gpus-per-node={res.gpus_per_node}"] if res.gpus_per_node else
+             [f"--gpus-per-task={res.gpus_per_task}"] if res.gpus_per_task else [f"--gres={gres}"] if gres else [])
+    return [*flags, *([f"--mem={res.mem}"] if res.mem else [])]
+
+
 def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The point's srun line and environment: its own tasks and CPUs, its site flags, its threads."""
+    """The point's srun line and environment: its own tasks, CPUs, GPUs and memory, its site flags, its threads."""
     run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
+    step = dataclasses.replace(step, srun_args=(*own_share(SlurmResources.from_run(run)), *step.srun_args))
     cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
     host = socket.gethostname()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}  # the points are no submitit tasks
+    # the points are no submitit tasks, and ask for their own share of the allocation
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_") and k not in ALLOCATION_REQUEST}
     env.update({**ThreadPlan.decide(ranks_on_host=c.tasks_per_node, cpus_per_task=cpus).env(),
                 **step.environ(host), PACKED_VAR: "1"})
     cmd = srun_command(1, c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
