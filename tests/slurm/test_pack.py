@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import wait_until
-from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, run_launch
+from slurm_helpers import REPO, SLURM, TINY, environments, launch_cmd, losses, run_launch
 from test_slurm_preemption import FIRST_WAITS, urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -61,6 +61,51 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
         assert [a["ended"] for a in ends] == [first, "finished"][not first:], ends  # the third started after
         assert {a["job_id"] for a in ends} == {job} and ends[-1]["restart"] == 1, ends
         assert len(losses(run)) == 30
+    assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
+    assert losses(runs[0]) == losses(alone)
+
+
+# a point with one GPU (of the local cluster's 4 per node, device files) and one CPU, training on CPU
+GPU_POINT = ["cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "cluster.cpus_per_task=1", "train.device=cpu"]
+LONGER = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_steps=60"]  # time to be preempted
+
+
+def gpus_seen(runs) -> list[str]:
+    """The GPU each point's rank drives (CUDA_VISIBLE_DEVICES as Slurm set it for its step), in its newest attempt."""
+    return [e["gpu_plan"]["visible"] for run in runs for e in environments(run)]
+
+
+@pytest.mark.timeout(300)
+def test_one_gpu_points_packed_on_a_four_gpu_node_each_drive_their_own_gpu_through_a_preemption(
+        slurm_cluster, tmp_path, data_overrides):
+    """4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
+    A job of `urgent` that needs every node preempts the allocation while they train: each point saves in the grace
+    time, the allocation is requeued once, and each point resumes on a GPU of its own to its end; seed=1 with the
+    losses of its unpacked run."""
+    sweep, alone, seeds = tmp_path / "sweep", tmp_path / "alone", (1, 2, 3, 4)
+    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2,3,4", "launcher.pack=true", "cluster.partition=low", *GPU_POINT,
+                                       *SLURM, *LONGER, *data_overrides, f"hydra.sweep.dir={sweep}"), cwd=REPO,
+                            env=slurm_cluster.env, stdout=(tmp_path / "out").open("w"),
+                            stderr=(tmp_path / "err").open("w"))
+    runs = [sweep / f"seed={s}" for s in seeds]
+    wait_until(lambda: proc.poll() is None and all(training(r) for r in runs), 200, "4 points training")
+    assert sorted(gpus_seen(runs)) == ["0", "1", "2", "3"]
+    urgent_job(slurm_cluster, tmp_path)
+    reference = subprocess.Popen(launch_cmd("cluster=local", "seed=1", *LONGER, *data_overrides,
+                                            f"hydra.run.dir={alone}"), cwd=REPO,
+                                 env={**slurm_cluster.env, "OMP_NUM_THREADS": "1"},  # the packed point's 1 CPU
+                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "alone.err").open("w"))
+    assert proc.wait(timeout=240) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
+    out = (tmp_path / "out").read_text()
+    assert "launcher.pack: 4 point(s) in 1 allocation(s)" in out, out
+    assert "1 node x 4 CPU(s), 4 GPU(s): 4 at once, 1 wave(s)" in out and out.count("submitted job") == 1, out
+    job = json.loads((runs[0] / "slurm_job.json").read_text())["job_id"]
+    for run in runs:
+        first, last = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+        assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"], first
+        assert (last["ended"], last["restart"], {first["job_id"], last["job_id"]}) == ("finished", 1, {job}), last
+        assert len(losses(run)) == 60
+    assert sorted(gpus_seen(runs)) == ["0", "1", "2", "3"]  # the requeued attempt's steps too
     assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
     assert losses(runs[0]) == losses(alone)
 

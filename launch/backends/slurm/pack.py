@@ -160,9 +160,11 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
 
     res = pack.resources
     executor = make_executor(res, folder, pack.points[0].job_name, here)
-    # the packer's own step overlaps the points' steps: each of those gets its CPUs with --exact
-    srun_args = res.executor_parameters(pack.points[0].job_name, here, folder)["srun_args"]
-    executor.update_parameters(srun_args=[*srun_args, "--overlap"])
+    # the packer runs in the batch step, not a step of its own: a preemption's SIGTERM reaches every process of the
+    # job's steps, and an srun that gets it kills its step at once (measured on Slurm 22.05: "forcing job
+    # termination", whether SIGTERM is ignored or blocked), so the points' steps would die inside the grace time
+    # instead of saving; the batch step is signalled only by the requeue that follows
+    executor.update_parameters(use_srun=False)
     job = executor.submit(PackTask(tuple(str(p.run_dir) for p in pack.points), pack.slots))
     submitted = []
     for p in pack.points:

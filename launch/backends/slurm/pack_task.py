@@ -2,8 +2,11 @@
 CPUs, GPUs and memory, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once,
 the next one starting as one ends.
 
-A preemption signal (or launch.cancel's) reaches every step from Slurm itself; here it stops new points from
-starting. A point's rank leaves the requeue to this task (job.PACKED_VAR). Once every running point has saved, the
+It runs in the batch step (launch.backends.slurm.pack), where Slurm's preemption signal and launch.cancel's do not
+reach it: they reach every point's step, whose rank saves and leaves the requeue to this task (job.PACKED_VAR). A
+point that comes back so, or whose step failed as a preemption came before its rank recorded the attempt (killed
+as it started), stops new points from starting, as does a signal to this task (the requeue's). Once every running
+point has ended, the
 recovery wing decides for the whole allocation (launch.recovery.packed) and this task carries it out: a requeue
 (which ends every step of the allocation; the requeued allocation skips the finished points, resumes the saved ones
 and runs the ones not started), or for the user's cancel, none. Kept free of heavy imports: it is unpickled before
@@ -30,6 +33,7 @@ from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
+from launch.run.attempts import this_attempts_line
 from launch.run.identity import newest_step, stopped_early
 
 
@@ -97,23 +101,32 @@ class PackTask:
         running: dict[Path, subprocess.Popen] = {}
         unfinished = False
         while waiting or running:
-            while waiting and len(running) < self.slots and not relay.received:
+            while waiting and len(running) < self.slots and not relay.received and not unfinished:
                 d = waiting.pop(0)
                 cmd, env = step_command(d)
                 print(f"point {d.name}: {' '.join(cmd[-2:])}", flush=True)
                 running[d] = subprocess.Popen(cmd, env=env)
-            if relay.received and not running:
+            if (relay.received or unfinished) and not running:
                 break
             time.sleep(RELAY_POLL_S)
             for d, child in list(running.items()):
                 if (code := child.poll()) is not None:
                     del running[d]
-                    unfinished |= code == 0 and not finished(d)  # saved and asked for the requeue
-                    if code != 0 or finished(d):
+                    stopped = not finished(d) and (code == 0 or preempted_as_it_started(d))
+                    unfinished |= stopped  # saved and asked for the requeue, or never started
+                    if not stopped:
                         results[str(d)] = outcome(d, code)
         if relay.received or unfinished:
             ended_early(dirs)
         return results
+
+
+def preempted_as_it_started(run_dir: Path) -> bool:
+    """The point's step failed while Slurm preempts the allocation, and its rank recorded no attempt: it was killed
+    as it started (a site's task prolog, the shell before its trap), as launch.backends.slurm.start_preempted finds
+    for a job of its own. It runs again in the requeued allocation."""
+    job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+    return job.preemption() is not None and this_attempts_line(run_dir, job) is None
 
 
 def ended_early(run_dirs: list[Path]) -> None:
