@@ -111,12 +111,13 @@ def test_one_gpu_points_packed_on_a_four_gpu_node_each_drive_their_own_gpu_throu
 
 
 @pytest.mark.timeout(300)
-def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the_allocation_once(
+def test_a_higher_tier_job_that_comes_while_the_points_start_requeues_the_allocation_once(
         slurm_cluster, tmp_path, data_overrides):
-    """The packed job's one task is killed by Slurm's SIGTERM in a site's task prolog (`srun --task-prolog`, here
-    sleeping so that the urgent job comes there every time), before its signal relay: it started no point, and none
-    recorded the attempt. The batch script's teardown requeues the allocation once, as the task would have
-    (launch.backends.slurm.start_preempted), and the requeued allocation runs each point to its end."""
+    """Both points' steps are killed by Slurm's SIGTERM in a site's task prolog (`srun --task-prolog`, here sleeping
+    so that the urgent job comes there every time), before their ranks start: neither recorded the attempt. The
+    packer (in the batch step, which the preemption does not signal) finds each step failed in a preemption with no
+    attempt recorded, starts nothing more, and requeues the allocation once, as a job of its own would be
+    (launch.backends.slurm.start_preempted); the requeued allocation runs each point to its end."""
     prolog = tmp_path / "task_prolog.sh"
     prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.${{SLURM_STEP_ID:-$SLURM_STEPID}}"
                       f"\n{FIRST_WAITS}")
@@ -128,7 +129,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
                             cwd=REPO, env=slurm_cluster.env,
                             stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     deadline = time.monotonic() + 120
-    while not (tmp_path / "prolog.0.0").exists():  # the packer's own step, the job's first
+    while not (tmp_path / "prolog.0.0").exists():  # the first point's step, the job's first
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
         time.sleep(0.05)
     urgent_job(slurm_cluster, tmp_path)
@@ -141,7 +142,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
         assert [(a["ended"], a["restart"]) for a in ends] == [("finished", 1)], ends  # the first attempt ran no point
         assert len(losses(run)) == 30
     err = open(record["stderr"]).read()
-    assert "while the packed job's task started; requeued job" in err, err[-3000:]
+    assert "packed job: requeued job" in err and "task_prolog did not exit normally" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)
