@@ -23,7 +23,7 @@
 # gl-n<i> at 10.77.0.<10+i>, with its own hostname (UTS namespace) and a private /etc/hosts (mount
 # namespace) that names the controller and every node.  All client commands run on the host with
 # SLURM_CONF pointing at the generated config.  Each node has GL_CPUS_PER_NODE CPUs (4) and GL_GPUS_PER_NODE GPUs
-# (2) as a generic resource: character devices in the cluster's folder, which Slurm allocates, binds and shows to
+# (4) as a generic resource: character devices in the cluster's folder, which Slurm allocates, binds and shows to
 # tasks in CUDA_VISIBLE_DEVICES as real ones (nothing runs CUDA).  Everything generated lives in
 # $GPTLAUNCH_CLUSTER_DIR (default <repo>/slurm/.cluster).  Besides root, the cluster has a second user, gl-other
 # (made once per machine), whose jobs run beside root's as another user's do at a site.  Facts behind the choices:
@@ -73,7 +73,7 @@ DB_TEMPLATE="$BASE_DIR-mariadb/db"
 CPUS_PER_NODE="${GL_CPUS_PER_NODE:-4}"
 # GPUs as a generic resource: Slurm allocates them and sets each task's CUDA_VISIBLE_DEVICES as on a GPU
 # cluster; the "GPUs" are character devices made in the cluster's folder (nothing runs CUDA on them).
-GPUS_PER_NODE="${GL_GPUS_PER_NODE:-2}"
+GPUS_PER_NODE="${GL_GPUS_PER_NODE:-4}"
 UP_TIMEOUT="${GL_UP_TIMEOUT:-60}"
 # Seconds a preempted job of the low tiers has between Slurm's SIGTERM and its kill (docs/slurm.md: above the
 # measured save time).

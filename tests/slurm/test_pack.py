@@ -9,7 +9,7 @@ import time
 import pytest
 
 from helpers import wait_until
-from slurm_helpers import REPO, SLURM, TINY, launch_cmd, losses, run_launch
+from slurm_helpers import REPO, SLURM, TINY, environments, launch_cmd, losses, run_launch
 from test_slurm_preemption import FIRST_WAITS, urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -65,13 +65,59 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
     assert losses(runs[0]) == losses(alone)
 
 
+# a point with one GPU (of the local cluster's 4 per node, device files) and one CPU, training on CPU
+GPU_POINT = ["cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "cluster.cpus_per_task=1", "train.device=cpu"]
+LONGER = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_steps=60"]  # time to be preempted
+
+
+def gpus_seen(runs) -> list[str]:
+    """The GPU each point's rank drives (CUDA_VISIBLE_DEVICES as Slurm set it for its step), in its newest attempt."""
+    return [e["gpu_plan"]["visible"] for run in runs for e in environments(run)]
+
+
 @pytest.mark.timeout(300)
-def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the_allocation_once(
+def test_one_gpu_points_packed_on_a_four_gpu_node_each_drive_their_own_gpu_through_a_preemption(
         slurm_cluster, tmp_path, data_overrides):
-    """The packed job's one task is killed by Slurm's SIGTERM in a site's task prolog (`srun --task-prolog`, here
-    sleeping so that the urgent job comes there every time), before its signal relay: it started no point, and none
-    recorded the attempt. The batch script's teardown requeues the allocation once, as the task would have
-    (launch.backends.slurm.start_preempted), and the requeued allocation runs each point to its end."""
+    """4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
+    A job of `urgent` that needs every node preempts the allocation while they train: each point saves in the grace
+    time, the allocation is requeued once, and each point resumes on a GPU of its own to its end; seed=1 with the
+    losses of its unpacked run."""
+    sweep, alone, seeds = tmp_path / "sweep", tmp_path / "alone", (1, 2, 3, 4)
+    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2,3,4", "hydra.launcher.pack=true", "cluster.partition=low", *GPU_POINT,
+                                       *SLURM, *LONGER, *data_overrides, f"hydra.sweep.dir={sweep}"), cwd=REPO,
+                            env=slurm_cluster.env, stdout=(tmp_path / "out").open("w"),
+                            stderr=(tmp_path / "err").open("w"))
+    runs = [sweep / f"seed={s}" for s in seeds]
+    wait_until(lambda: proc.poll() is None and all(training(r) for r in runs), 200, "4 points training")
+    assert sorted(gpus_seen(runs)) == ["0", "1", "2", "3"]
+    urgent_job(slurm_cluster, tmp_path)
+    reference = subprocess.Popen(launch_cmd("cluster=local", "seed=1", *LONGER, *data_overrides,
+                                            f"hydra.run.dir={alone}"), cwd=REPO,
+                                 env={**slurm_cluster.env, "OMP_NUM_THREADS": "1"},  # the packed point's 1 CPU
+                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "alone.err").open("w"))
+    assert proc.wait(timeout=240) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
+    out = (tmp_path / "out").read_text()
+    assert "launcher.pack: 4 point(s) in 1 allocation(s)" in out, out
+    assert "1 node x 4 CPU(s), 4 GPU(s): 4 at once, 1 wave(s)" in out and out.count("submitted job") == 1, out
+    job = json.loads((runs[0] / "slurm_job.json").read_text())["job_id"]
+    for run in runs:
+        first, last = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
+        assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"], first
+        assert (last["ended"], last["restart"], {first["job_id"], last["job_id"]}) == ("finished", 1, {job}), last
+        assert len(losses(run)) == 60
+    assert sorted(gpus_seen(runs)) == ["0", "1", "2", "3"]  # the requeued attempt's steps too
+    assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
+    assert losses(runs[0]) == losses(alone)
+
+
+@pytest.mark.timeout(300)
+def test_a_higher_tier_job_that_comes_while_the_points_start_requeues_the_allocation_once(
+        slurm_cluster, tmp_path, data_overrides):
+    """Both points' steps are killed by Slurm's SIGTERM in a site's task prolog (`srun --task-prolog`, here sleeping
+    so that the urgent job comes there every time), before their ranks start: neither recorded the attempt. The
+    packer (in the batch step, which the preemption does not signal) finds each step failed in a preemption with no
+    attempt recorded, starts nothing more, and requeues the allocation once, as a job of its own would be
+    (launch.backends.slurm.start_preempted); the requeued allocation runs each point to its end."""
     prolog = tmp_path / "task_prolog.sh"
     prolog.write_text(f"#!/bin/bash\ntouch {tmp_path}/prolog.${{SLURM_RESTART_COUNT:-0}}.${{SLURM_STEP_ID:-$SLURM_STEPID}}"
                       f"\n{FIRST_WAITS}")
@@ -83,7 +129,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
                             cwd=REPO, env=slurm_cluster.env,
                             stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     deadline = time.monotonic() + 120
-    while not (tmp_path / "prolog.0.0").exists():  # the packer's own step, the job's first
+    while not (tmp_path / "prolog.0.0").exists():  # the first point's step, the job's first
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
         time.sleep(0.05)
     urgent_job(slurm_cluster, tmp_path)
@@ -96,7 +142,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
         assert [(a["ended"], a["restart"]) for a in ends] == [("finished", 1)], ends  # the first attempt ran no point
         assert len(losses(run)) == 30
     err = open(record["stderr"]).read()
-    assert "while the packed job's task started; requeued job" in err, err[-3000:]
+    assert "packed job: requeued job" in err and "task_prolog did not exit normally" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)

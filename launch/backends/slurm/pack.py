@@ -1,7 +1,7 @@
 """hydra.launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
-with equal resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack_task runs them). The plan
-(points per allocation, waves, node-hours against one job per point) is printed before the budget guard, which
-counts the allocations, not the points. Torch-free."""
+with equal resources, as many at once as a node's CPUs, GPUs and memory hold (launch.backends.slurm.pack_task runs
+them, each step with its own share). The plan (points per allocation, waves, node-hours against one job per point)
+is printed before the budget guard, which counts the allocations, not the points. Torch-free."""
 from __future__ import annotations
 
 import dataclasses
@@ -13,17 +13,39 @@ from pathlib import Path
 from gpt.errors import ConfigError, UserError, error_line
 from launch.backends import Point
 from launch.backends.slurm import commands as slurm_commands, partitions
+from launch.backends.slurm.partitions import mem_mb
 from launch.backends.slurm.resources import SlurmResources, make_executor
 from launch.backends.slurm.submitted import Submitted, show_path
 from launch.backends.slurm.step import workdir
 
 
 @dataclass(frozen=True)
+class Node:
+    """What the slots are counted on: the smallest node of the partition that holds a point (sinfo's)."""
+
+    cpus: int
+    gpus: int = 0
+    mem_mb: int = 0  # 0: sinfo does not know it (no RealMemory), and memory is not counted
+
+    def slots(self, each: SlurmResources) -> dict[str, int]:
+        """How many points of `each` the node holds at once, by each of its resources the points ask for."""
+        asked = {"CPUs": (self.cpus, step_cpus(each)), "GPUs": (self.gpus, each.node_gpus),
+                 "memory": (self.mem_mb, mem_mb(each.mem))}
+        return {name: have // want for name, (have, want) in asked.items() if want and (have or name != "memory")}
+
+
+def step_cpus(each: SlurmResources) -> int:
+    return each.tasks_per_node * (each.cpus_per_task or 1)
+
+
+@dataclass(frozen=True)
 class Pack:
-    """Points with equal resources, run `slots` at a time as steps of one single-task allocation."""
+    """Points with equal resources, run `slots` at a time as steps of one single-task allocation; `by`: what a node
+    holds no more of (empty: the points all fit at once)."""
 
     points: tuple[Point, ...]
     slots: int
+    by: str = ""
 
     @property
     def each(self) -> SlurmResources:
@@ -35,13 +57,16 @@ class Pack:
 
     @property
     def step_cpus(self) -> int:
-        return self.each.tasks_per_node * (self.each.cpus_per_task or 1)
+        return step_cpus(self.each)
 
     @property
     def resources(self) -> SlurmResources:
-        """The allocation: one task (the packer) holding every slot's CPUs, for as many time limits as waves."""
-        return dataclasses.replace(self.each, nodes=1, tasks_per_node=1, cpus_per_task=self.slots * self.step_cpus,
-                                   time_min=self.waves * self.each.time_min)
+        """The allocation: one task (the packer) holding every slot's CPUs, GPUs and memory, for as many time limits
+        as waves."""
+        each, n = self.each, self.slots
+        return dataclasses.replace(each, nodes=1, tasks_per_node=1, cpus_per_task=n * self.step_cpus,
+                                   time_min=self.waves * each.time_min, mem=f"{n * mem_mb(each.mem)}M" if each.mem
+                                   else None, **gpu_request(each, n))
 
     def budget_point(self) -> Point:
         first = self.points[0]
@@ -50,41 +75,63 @@ class Pack:
 
     def line(self) -> str:
         apart = sum(p.resources.node_hours for p in self.points)
+        res = self.resources
+        gpus = f", {res.node_gpus} GPU(s)" if res.node_gpus else ""
+        full = f" (a node's {self.by} hold no more at once)" if self.by else ""
         return (f"{len(self.points)} point(s) ({self.points[0].label}, ...) in one allocation of 1 node x "
-                f"{self.resources.cpus_per_task} CPU(s): {self.slots} at once, {self.waves} wave(s) of "
-                f"{self.each.time_min} min; {self.resources.node_hours:.2f} node-hours against {apart:.2f} for one "
-                "job per point")
+                f"{res.cpus_per_task} CPU(s){gpus}: {self.slots} at once, {self.waves} wave(s) of {self.each.time_min} "
+                f"min{full}; {res.node_hours:.2f} node-hours against {apart:.2f} for one job per point")
+
+
+def gpu_request(each: SlurmResources, slots: int) -> dict:
+    """The allocation's GPUs, every slot's, in the form the points ask for theirs (a site may take only --gres; the
+    allocation's one task cannot carry --gpus-per-task)."""
+    if not each.node_gpus:
+        return {}
+    gres = each.gres or dict(each.sbatch).get("gres")
+    if gres is None:
+        return {"gpus_per_node": slots * each.node_gpus, "gpus_per_task": 0}
+    fields = [f for f in str(gres).split(",") if f.split(":")[0] == "gpu"][0].split(":")
+    kind = fields[1:-1] if fields[-1].isdigit() else fields[1:]  # gpu:a100:1, gpu:a100, gpu
+    return {"gres": ":".join(["gpu", *kind, str(slots * each.node_gpus)]), "gpus_per_node": 0, "gpus_per_task": 0,
+            "sbatch": tuple((k, v) for k, v in each.sbatch if k != "gres")}
 
 
 def packable(point: Point) -> None:
     """A point that needs a node or more of its own, or an allocation's own features, is refused in one line."""
     r = point.resources
-    why = ("more than one node" if r.nodes > 1 else "GPUs" if r.node_gpus else "cluster.chain" if r.chain > 1
-           else "cluster.spare_nodes" if r.spare_nodes else "a container" if r.step.image else None)
+    why = ("more than one node" if r.nodes > 1 else "cluster.chain" if r.chain > 1
+           else "cluster.spare_nodes" if r.spare_nodes else "a container" if r.step.image
+           else "a node's whole memory (cluster.mem=0)" if r.mem is not None and mem_mb(r.mem) == 0 else None)
     if why:
         raise ConfigError("hydra.launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
-                          "runs points of one node's CPUs as steps of one allocation")
+                          "runs points that each fit in a share of one node as steps of one allocation")
 
 
-def node_cpus(resources: SlurmResources) -> int:
-    """CPUs of the smallest node of the partition the points run on."""
+def smallest_node(resources: SlurmResources) -> Node:
+    """The smallest node of the partition the points run on (CPUs, GPUs, memory) among those that have their GPUs."""
     part = partitions.check_against_cluster(resources, partitions.read_partitions())
-    return min(cpus for _, cpus, _, _ in part.groups)
+    fit = [g for g in part.groups if g[3] >= resources.node_gpus] or part.groups
+    return Node(min(g[1] for g in fit), min(g[3] for g in fit), min(g[2] for g in fit))
 
 
-def plan(points: list[Point], cpus: int) -> list[Pack]:
-    """One pack per group of equal resources (each point's own job name included), its slots what `cpus` hold."""
+def plan(points: list[Point], node: Node) -> list[Pack]:
+    """One pack per group of equal resources (each point's own job name included), its slots what `node` holds."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
         packable(p)
         groups.setdefault((p.resources, p.job_name), []).append(p)
     packs = []
     for group in groups.values():
-        step = group[0].resources.tasks_per_node * (group[0].resources.cpus_per_task or 1)
-        if step > cpus:
-            raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {step} CPU(s) are "
-                              f"more than a node's {cpus}")
-        packs.append(Pack(tuple(group), min(len(group), cpus // step)))
+        each, slots = group[0].resources, node.slots(group[0].resources)
+        for name in [name for name, n in slots.items() if n < 1][:1]:
+            want, have = {"CPUs": (step_cpus(each), node.cpus), "GPUs": (each.node_gpus, node.gpus),
+                          "memory": (f"{mem_mb(each.mem)} MB", f"{node.mem_mb} MB")}[name]
+            raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {want} {name} are "
+                              f"more than a node's {have}")
+        fewest = min(slots.values())
+        by = "" if fewest >= len(group) else next(name for name, n in slots.items() if n == fewest)
+        packs.append(Pack(tuple(group), min(len(group), fewest), by))
     return packs
 
 
@@ -112,9 +159,11 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
 
     res = pack.resources
     executor = make_executor(res, folder, pack.points[0].job_name, here)
-    # the packer's own step overlaps the points' steps: each of those gets its CPUs with --exact
-    srun_args = res.executor_parameters(pack.points[0].job_name, here, folder)["srun_args"]
-    executor.update_parameters(srun_args=[*srun_args, "--overlap"])
+    # the packer runs in the batch step, not a step of its own: a preemption's SIGTERM reaches every process of the
+    # job's steps, and an srun that gets it kills its step at once (measured on Slurm 22.05: "forcing job
+    # termination", whether SIGTERM is ignored or blocked), so the points' steps would die inside the grace time
+    # instead of saving; the batch step is signalled only by the requeue that follows
+    executor.update_parameters(use_srun=False)
     job = executor.submit(PackTask(tuple(str(p.run_dir) for p in pack.points), pack.slots))
     submitted = []
     for p in pack.points:

@@ -1,9 +1,12 @@
 """The one task of a packed allocation (hydra.launcher.pack): each point runs as its own `srun --exact` step, with its
-own CPUs, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at once, the next one
-starting as one ends.
+own CPUs, GPUs and memory, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at
+once, the next one starting as one ends.
 
-A preemption signal (or launch.cancel's) reaches every step from Slurm itself; here it stops new points from
-starting. A point's rank leaves the requeue to this task (job.PACKED_VAR). Once every running point has saved, the
+It runs in the batch step (launch.backends.slurm.pack), where Slurm's preemption signal and launch.cancel's do not
+reach it: they reach every point's step, whose rank saves and leaves the requeue to this task (job.PACKED_VAR). A
+point that comes back so, or whose step failed as a preemption came before its rank recorded the attempt (killed
+as it started), stops new points from starting, as does a signal to this task (the requeue's). Once every running
+point has ended, the
 recovery wing decides for the whole allocation (launch.recovery.packed) and this task carries it out: a requeue
 (which ends every step of the allocation; the requeued allocation skips the finished points, resumes the saved ones
 and runs the ones not started), or for the user's cancel, none. Kept free of heavy imports: it is unpickled before
@@ -11,6 +14,7 @@ anything else runs.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -24,10 +28,12 @@ from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+from launch.backends.slurm.resources import SlurmResources
 from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
+from launch.run.attempts import this_attempts_line
 from launch.run.identity import newest_step, stopped_early
 
 
@@ -37,14 +43,33 @@ def finished(run_dir: Path) -> bool:
     return step is not None and (step >= run.train.max_steps or stopped_early(run_dir, run) is not None)
 
 
+# What the allocation asked for, which srun reads as its own flags: a step would ask for every slot's GPUs and memory
+# (measured on Slurm 22.05: SLURM_GPUS_PER_NODE outweighs a step's --gpus-per-task; --gres=gpu:1 alone works). The
+# allocation's --gpu-bind (the points' own cluster.sbatch.gpu-bind) stays: each step binds as the point asked.
+ALLOCATION_REQUEST = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK", "SLURM_GPUS_PER_SOCKET",
+                      "SLURM_CPUS_PER_GPU", "SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU", "SLURM_MEM_PER_GPU",
+                      "SLURM_TRES_PER_TASK")
+
+
+def own_share(res: SlurmResources) -> list[str]:
+    """The point's GPUs and memory as flags of its step, in the form its own job would ask for them (each step gets
+    GPUs of its own: Slurm sets its tasks' CUDA_VISIBLE_DEVICES to them)."""
+    gres = res.gres or dict(res.sbatch).get("gres")
+    flags = ([f"--gpus-per-node={res.gpus_per_node}"] if res.gpus_per_node else
+             [f"--gpus-per-task={res.gpus_per_task}"] if res.gpus_per_task else [f"--gres={gres}"] if gres else [])
+    return [*flags, *([f"--mem={res.mem}"] if res.mem else [])]
+
+
 def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The point's srun line and environment: its own tasks and CPUs, its site flags, its threads."""
+    """The point's srun line and environment: its own tasks, CPUs, GPUs and memory, its site flags, its threads."""
     run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
+    step = dataclasses.replace(step, srun_args=(*own_share(SlurmResources.from_run(run)), *step.srun_args))
     cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
     host = socket.gethostname()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_")}  # the points are no submitit tasks
+    # the points are no submitit tasks, and ask for their own share of the allocation
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_") and k not in ALLOCATION_REQUEST}
     env.update({**ThreadPlan.decide(ranks_on_host=c.tasks_per_node, cpus_per_task=cpus).env(),
                 **step.environ(host), PACKED_VAR: "1"})
     cmd = srun_command(1, c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
@@ -76,23 +101,32 @@ class PackTask:
         running: dict[Path, subprocess.Popen] = {}
         unfinished = False
         while waiting or running:
-            while waiting and len(running) < self.slots and not relay.received:
+            while waiting and len(running) < self.slots and not relay.received and not unfinished:
                 d = waiting.pop(0)
                 cmd, env = step_command(d)
                 print(f"point {d.name}: {' '.join(cmd[-2:])}", flush=True)
                 running[d] = subprocess.Popen(cmd, env=env)
-            if relay.received and not running:
+            if (relay.received or unfinished) and not running:
                 break
             time.sleep(RELAY_POLL_S)
             for d, child in list(running.items()):
                 if (code := child.poll()) is not None:
                     del running[d]
-                    unfinished |= code == 0 and not finished(d)  # saved and asked for the requeue
-                    if code != 0 or finished(d):
+                    stopped = not finished(d) and (code == 0 or preempted_as_it_started(d))
+                    unfinished |= stopped  # saved and asked for the requeue, or never started
+                    if not stopped:
                         results[str(d)] = outcome(d, code)
         if relay.received or unfinished:
             ended_early(dirs)
         return results
+
+
+def preempted_as_it_started(run_dir: Path) -> bool:
+    """The point's step failed while Slurm preempts the allocation, and its rank recorded no attempt: it was killed
+    as it started (a site's task prolog, the shell before its trap), as launch.backends.slurm.start_preempted finds
+    for a job of its own. It runs again in the requeued allocation."""
+    job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+    return job.preemption() is not None and this_attempts_line(run_dir, job) is None
 
 
 def ended_early(run_dirs: list[Path]) -> None:

@@ -100,15 +100,16 @@ def read_partitions() -> dict[str, Partition]:
 
 
 def resolve_cpus(res: SlurmResources, part: Partition) -> SlurmResources:
-    """cluster.cpus_per_task=auto: a GPU rank gets its share of the smallest node that has its GPUs, for its data
-    loading, NCCL's proxy thread and the checkpoint writer; a CPU job keeps one CPU per task (set it to the cores
-    a CPU rank should use)."""
+    """cluster.cpus_per_task=auto: a GPU rank gets its GPUs' share of the smallest node that has them (64 CPUs and 8
+    GPUs: 8 per GPU), for its data loading, NCCL's proxy thread and the checkpoint writer, and leaves the node's other
+    GPUs their CPUs (a one-GPU job, or a packed point, on an 8-GPU node); a CPU job keeps one CPU per task (set it to
+    the cores a CPU rank should use)."""
     if res.cpus_per_task is not None:
         return res
     if not res.node_gpus:
         return dataclasses.replace(res, cpus_per_task=1)
-    cpus = min((g[1] for g in part.groups if g[3] >= res.node_gpus), default=res.tasks_per_node)
-    return dataclasses.replace(res, cpus_per_task=max(cpus // res.tasks_per_node, 1))
+    per_gpu = min((g[1] // g[3] for g in part.groups if g[3] >= res.node_gpus), default=1)
+    return dataclasses.replace(res, cpus_per_task=max(per_gpu * res.node_gpus // res.tasks_per_node, 1))
 
 
 def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition]) -> Partition:

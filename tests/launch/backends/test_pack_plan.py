@@ -24,25 +24,62 @@ def points(tmp_path: Path, n: int, resources: SlurmResources = ONE_RANK) -> list
 
 
 def test_plan_fills_the_node_and_counts_waves_and_node_hours(tmp_path):
-    [p] = pack.plan(points(tmp_path, 5), cpus=4)
+    [p] = pack.plan(points(tmp_path, 5), pack.Node(cpus=4))
     assert (p.slots, p.waves) == (2, 3)  # 2 CPUs each on a 4-CPU node: 2 at once, 3 waves
     assert (p.resources.nodes, p.resources.tasks_per_node, p.resources.cpus_per_task, p.resources.time_min) == (
         1, 1, 4, 30)
-    assert p.line().endswith("2 at once, 3 wave(s) of 10 min; 0.50 node-hours against 0.83 for one job per point")
+    assert p.line().endswith("2 at once, 3 wave(s) of 10 min (a node's CPUs hold no more at once); 0.50 node-hours "
+                             "against 0.83 for one job per point")
     assert p.budget_point().resources == p.resources  # the budget bills the allocation, not the points
 
 
 def test_points_of_other_resources_get_their_own_allocation(tmp_path):
     wide = dataclasses.replace(ONE_RANK, tasks_per_node=4, cpus_per_task=1)
-    packs = pack.plan([*points(tmp_path, 2), *points(tmp_path / "w", 2, wide)], cpus=8)
+    packs = pack.plan([*points(tmp_path, 2), *points(tmp_path / "w", 2, wide)], pack.Node(cpus=8))
     assert [(len(p.points), p.slots, p.resources.cpus_per_task) for p in packs] == [(2, 2, 4), (2, 2, 8)]
 
 
-@pytest.mark.parametrize("change, why", [({"nodes": 2}, "more than one node"), ({"gpus_per_node": 1}, "GPUs"),
-                                         ({"cpus_per_task": 8}, "more than a node's 4")])
+@pytest.mark.parametrize("change, why", [({"nodes": 2}, "more than one node"), ({"cpus_per_task": 8}, "more than a node's 4"),
+                                         ({"gpus_per_node": 1}, "its 1 GPUs are more than a node's 0"),
+                                         ({"mem": "9G"}, "its 9216 MB memory are more than a node's 8000 MB"),
+                                         ({"mem": "0"}, r"a node's whole memory \(cluster.mem=0\)")])
 def test_a_point_that_does_not_fit_in_a_node_is_refused_in_one_line(tmp_path, change, why):
     with pytest.raises(ConfigError, match=f"hydra.launcher.pack.*{why}"):
-        pack.plan(points(tmp_path, 2, dataclasses.replace(ONE_RANK, **change)), cpus=4)
+        pack.plan(points(tmp_path, 2, dataclasses.replace(ONE_RANK, **change)), pack.Node(cpus=4, mem_mb=8000))
+
+
+ONE_GPU = dataclasses.replace(ONE_RANK, gpus_per_node=1, cpus_per_task=1, mem="1G")
+
+
+@pytest.mark.parametrize("node, slots, by", [(pack.Node(cpus=96, gpus=8, mem_mb=64000), 8, "GPUs"),
+                                             (pack.Node(cpus=4, gpus=8), 4, "CPUs"),
+                                             (pack.Node(cpus=96, gpus=8, mem_mb=3000), 2, "memory")])
+def test_gpu_points_are_counted_by_the_gpus_cpus_and_memory_of_a_node(tmp_path, node, slots, by):
+    """One-GPU points on 8-GPU nodes: as many at once as the scarcest of a node's resources holds; the allocation
+    asks for every slot's GPUs and memory (memory unknown to sinfo does not count)."""
+    [p] = pack.plan(points(tmp_path, 10, ONE_GPU), node)
+    assert (p.slots, p.by, p.waves) == (slots, by, -(-10 // slots))
+    res = p.resources
+    assert (res.tasks_per_node, res.cpus_per_task, res.gpus_per_node, res.mem) == (1, slots, slots, f"{slots * 1024}M")
+    assert f"1 node x {slots} CPU(s), {slots} GPU(s): {slots} at once" in p.line()
+    assert f"(a node's {by} hold no more at once)" in p.line()
+
+
+@pytest.mark.parametrize("form, asked", [({"gpus_per_task": 1}, {"gpus_per_node": 4}),
+                                         ({"gres": "gpu:a100:1"}, {"gres": "gpu:a100:4"}),
+                                         ({"sbatch": (("gpu-bind", "closest"), ("gres", "gpu"))},
+                                          {"gres": "gpu:4", "sbatch": (("gpu-bind", "closest"),)})])
+def test_the_allocation_asks_for_the_gpus_in_the_points_form_and_each_step_for_its_own(tmp_path, form, asked):
+    """A site that takes only --gres gets --gres (its type kept); --gpus-per-task, which the allocation's one task
+    cannot carry, becomes --gpus-per-node. Each point's step asks for its own GPU in its own form."""
+    from launch.backends.slurm.pack_task import own_share
+
+    each = dataclasses.replace(ONE_RANK, cpus_per_task=1, **form)
+    [p] = pack.plan(points(tmp_path, 4, each), pack.Node(cpus=4, gpus=4))
+    got = {k: getattr(p.resources, k) for k in asked}
+    assert got == asked and p.resources.node_gpus == 4
+    gres = each.gres or dict(each.sbatch).get("gres")
+    assert own_share(each) == ([f"--gres={gres}"] if gres else ["--gpus-per-task=1"])
 
 
 def test_a_packed_rank_leaves_the_requeue_to_its_allocation(monkeypatch):

@@ -144,6 +144,8 @@ def test_cpus_per_task_auto_gives_a_gpu_rank_its_share_of_the_node():
     assert resolve_cpus(gpu, check_against_cluster(gpu, parts)).cpus_per_task == 8  # 64 CPUs / 8 ranks
     four = resources("cluster.partition=gpu", "cluster.gpus_per_node=4", "cluster.tasks_per_node=4")
     assert resolve_cpus(four, parts["gpu"]).cpus_per_task == 8  # the smallest node with 4 GPUs has 32 CPUs
+    one = resources("cluster.partition=gpu", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1")
+    assert resolve_cpus(one, parts["gpu"]).cpus_per_task == 8  # one GPU's share, not its node's 32 or 64 CPUs
     cpu = resources("cluster.tasks_per_node=2")
     assert resolve_cpus(cpu, check_against_cluster(cpu, parts)).cpus_per_task == 1
     assert resolve_cpus(resources("cluster.cpus_per_task=2"), parts["debug"]).cpus_per_task == 2
