@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 
 import pytest
 
-from gpt.errors import UserError
+from gpt.errors import EXIT_UNKNOWN, UserError
 from gpt.run_folder import Next, RunFolder
 from launch.backends import scheduler
 from launch.backends.slurm import commands
@@ -17,9 +18,11 @@ from launch.recovery.decision import Cause, Ending, recover
 from launch.run.identity import check_queued_job
 
 
-def slurm(answers: dict[str, str]):
-    """subprocess.run for commands.run: the commands named answer so, every other one times out (an outage)."""
+def slurm(answers: dict[str, str], asked: list[str] | None = None):
+    """subprocess.run for commands.run: the commands named answer so, every other one times out (an outage);
+    `asked` collects each command's name."""
     def run(cmd, **kw):
+        (asked if asked is not None else []).append(cmd[0])
         if cmd[0] in answers:
             return subprocess.CompletedProcess(cmd, 0, answers[cmd[0]], "")
         raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
@@ -86,3 +89,27 @@ def test_a_links_hand_over_during_a_slurm_outage_trusts_the_run_folders_record(t
     (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "9", "chain": ["7", "8", "9"]}))
     monkeypatch.setattr(commands.subprocess, "run", slurm({}))
     assert next_link(tmp_path, "7") == "8" and next_link(tmp_path, "9") is None
+
+
+@pytest.mark.parametrize("answers, unanswered", [({"sinfo": "debug*|4|8|16000|(null)|8:00:00|up\n"}, "squeue"),
+                                                 ({}, "sinfo")])
+def test_a_slurm_launch_during_an_outage_says_slurm_does_not_answer_and_submits_nothing(tmp_path, monkeypatch,
+                                                                                        capsys, answers, unanswered):
+    """cluster=slurm asks whether the job its folder records still waits or runs: no answer is not "no job" (the
+    same command would submit a second job of the run), so it stops in one line, exit 4 as launch.status's unknown.
+    An unanswered sinfo (the partitions' check, first) is the same outage, not a user's error."""
+    from launch import app
+    from launch.backends.slurm import partitions
+
+    run_dir, asked = folder_of_job(tmp_path), []
+    monkeypatch.setattr(commands.subprocess, "run", slurm(answers, asked))
+    monkeypatch.setattr(partitions, "require_slurm", lambda: None)
+    partitions._sinfo.cache_clear()  # one sinfo per PATH: this test's own answer
+    monkeypatch.setattr(sys, "argv", ["launch", "cluster=slurm", "model=tiny", f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as stop:
+        app.main()
+    partitions._sinfo.cache_clear()
+    err = capsys.readouterr().err
+    assert stop.value.code == EXIT_UNKNOWN == 4 and "sbatch" not in asked and "git" not in asked, (asked, err)
+    assert err.startswith(f"error: Slurm does not answer ({unanswered} ") and err.count("\n") == 1, err
+    assert err.endswith("nothing was submitted; run this command again once it answers\n"), err
