@@ -21,7 +21,7 @@ from gpt.errors import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USER, ConfigError, UserEr
 from gpt.run_folder import CANCELLED, RunFolder
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
-from launch.backends import RunFailed, backend_for, scheduler
+from launch.backends import RunFailed, RunStopped, backend_for, scheduler
 from launch.backends.job_state import SchedulerUnavailable
 from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
@@ -108,6 +108,8 @@ def run(cfg: DictConfig) -> Path:
         [outcome] = backend.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
         if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
             return plan.run_dir
+        if outcome.stopped is not None:  # said by the waiter, with how to continue: not a failure, not finished
+            raise RunStopped(plan.run_dir)
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
     else:
@@ -132,6 +134,8 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_errors.composed()
     try:
         run(cfg)
+    except RunStopped:
+        sys.exit(EXIT_FAILED)  # as launch.status's "stopped": the run did not finish
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()

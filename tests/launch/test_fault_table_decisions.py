@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 
@@ -113,3 +114,67 @@ def test_a_slurm_launch_during_an_outage_says_slurm_does_not_answer_and_submits_
     assert stop.value.code == EXIT_UNKNOWN == 4 and "sbatch" not in asked and "git" not in asked, (asked, err)
     assert err.startswith(f"error: Slurm does not answer ({unanswered} ") and err.count("\n") == 1, err
     assert err.endswith("nothing was submitted; run this command again once it answers\n"), err
+
+
+CANCELS = "preempted by another job (Slurm, at T; partition lowcancel, PreemptMode=CANCEL, GraceTime=20 s)"
+
+
+def stopped_point(tmp_path, monkeypatch):
+    """Job 12, the point `lowcancel` of a sweep, preempted under PreemptMode=CANCEL: its attempt's line as recovery
+    writes it, and the job as the waiter collects it (each task failed with the rank's line, and Slurm said FAILED)."""
+    from launch.backends import Point
+    from launch.backends.slurm.job import SlurmJob
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.task import not_requeued
+    from launch.backends.slurm.wait import JobOutcome
+    from launch.rank.job_env import Preemption
+
+    run_dir = tmp_path / "cluster.partition=lowcancel"
+    run_dir.mkdir()
+    job = SlurmJob({"SLURM_JOB_ID": "12"})
+    monkeypatch.setattr(SlurmJob, "preemption", lambda self: Preemption(CANCELS, False))
+    got = recover(Ending(run_dir, job, Cause.PREEMPTED, CANCELS, 5, record={"first_step": 0, "last_step": 7,
+                                                                            "preempted_by": CANCELS}))
+    assert got.next is Next.STOP and got.note.startswith("not requeued: Slurm's preemption cancels job 12; "), got
+    errors = [not_requeued(r, f"n{r}", RunFolder(run_dir), job, 0) for r in (0, 1)]
+    point = Point("cluster.partition=lowcancel", run_dir, "gptlaunch", SimpleNamespace(nodes=1, world_size=1))
+    return JobOutcome(Submitted(point, "12", tmp_path), "FAILED", errors=errors), got.note
+
+
+def test_a_point_preempted_under_cancel_is_said_once_as_preempted_and_not_requeued_not_as_failed(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """The site's policy ends the job: the point stopped, it did not fail. One line says how it ended, that Slurm's
+    preemption does not requeue it, and how the same command continues it."""
+    from launch.backends.slurm.wait import print_outcome
+
+    outcome, note = stopped_point(tmp_path, monkeypatch)
+    print_outcome(outcome, sys.stdout)
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"job 12 (cluster.partition=lowcancel) {CANCELS}: {note}\n", "")
+    assert out.count("the same command continues") == 1 and "FAILED" not in out
+
+
+def test_a_sweep_with_a_point_preempted_under_cancel_exits_1_as_a_single_run_and_fails_nothing(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Exit 1, as a single run whose job stopped so and as launch.status's "stopped": the sweep did not finish. No
+    job is said to have failed, and how to continue is not said again."""
+    from hydra.core.utils import JobReturn
+
+    from launch.backends import Point
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.wait import JobOutcome
+    from launch.hydra_launcher import _collect
+
+    stopped, _ = stopped_point(tmp_path, monkeypatch)
+    low = tmp_path / "cluster.partition=low"
+    low.mkdir()
+    one_node = SimpleNamespace(nodes=1, world_size=1)
+    finished = JobOutcome(Submitted(Point("cluster.partition=low", low, "gptlaunch", one_node), "11", tmp_path),
+                          "COMPLETED", results=[{"rank": 0, "host": "n1"}])
+    planned = [SimpleNamespace(plan=SimpleNamespace(run_dir=o.submitted.point.run_dir),
+                               run=SimpleNamespace(launcher=SimpleNamespace(objective="val_loss")))
+               for o in (finished, stopped)]
+    points = [(n, [], None, JobReturn()) for n in range(2)]
+    with pytest.raises(SystemExit) as stop:
+        _collect([finished, stopped], list(enumerate(planned)), points, [None, None])
+    assert stop.value.code == 1 and capsys.readouterr().err == ""

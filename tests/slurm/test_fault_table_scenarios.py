@@ -32,7 +32,8 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
         slurm_cluster, tmp_path, data_overrides):
     """One urgent job takes every node from a sweep's two points: the one in `low` (PreemptMode=REQUEUE) saves, is
     requeued and finishes; the one in `lowcancel` (PreemptMode=CANCEL) saves and ends, not requeued, and the sweep
-    says how to continue it. The same command then submits only that point and finishes it."""
+    says once how to continue it, failing nothing (exit 1, as a single run stopped so). The same command then submits
+    only that point and finishes it."""
     sweep = tmp_path / "sweep"
     command = launch_cmd("-m", "cluster.partition=low,lowcancel", *SLURM, *SWEEP, *data_overrides,
                          f"hydra.sweep.dir={sweep}")
@@ -54,6 +55,8 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
     (ended,) = attempts(cancel)
     assert "PreemptMode=CANCEL" in ended["ended"] and not ended["requeued"], ended
     assert "not requeued: Slurm's preemption cancels job" in said and "the same command continues" in said, said
+    # it stopped, it did not fail: said once, as preempted and not requeued (the site's PreemptMode=CANCEL)
+    assert "ended FAILED" not in said and "job(s) failed" not in said and said.count("the same command continues") == 1, said
     code = first.returncode
     again = subprocess.run(command, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=200)
     assert again.returncode == 0, output(again)
