@@ -178,3 +178,43 @@ def test_a_sweep_with_a_point_preempted_under_cancel_exits_1_as_a_single_run_and
     with pytest.raises(SystemExit) as stop:
         _collect([finished, stopped], list(enumerate(planned)), points, [None, None])
     assert stop.value.code == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cause, ended", [(Cause.LOST_RANK, "rank 1 on n2 was killed by SIGKILL"),
+                                          (Cause.HANG, "hang"), (Cause.NODE_FAILURE, "node failure: n2 down")],
+                         ids=["lost rank", "hang", "node failure"])
+def test_a_chain_link_that_loses_a_rank_or_a_node_or_hangs_hands_the_run_to_the_next_link(tmp_path, cause, ended):
+    """Detected as under cluster=slurm; with no spare to restart on inside the allocation, the next link, already
+    queued, continues the run: a requeue would run this link again ahead of it. The link's line says so."""
+    job = Link()
+    got = recover(Ending(tmp_path, job, cause, ended, 5, record={"first_step": 0, "last_step": 4}, began=0))
+    assert (got.next, got.link, job.asked) == (Next.NEXT_LINK, "78", [])
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert (line.ended, line.next_link, line.requeued) == (ended, "78", False)
+    assert line.note.endswith("ends here: job 78, the chain's next link, continues the run"), line.note
+
+
+@pytest.mark.parametrize("cause, ended, update", [
+    (Cause.HANG, "hang", [["scontrol", "update", "jobid=11_1", "ExcNodeList=n2"]]),
+    (Cause.NODE_FAILURE, "node failure: n2 down", [])], ids=["hang", "node failure"])  # Slurm keeps it off n2
+def test_a_point_of_a_sweeps_job_array_that_hangs_or_loses_a_node_requeues_its_own_task_and_no_other_point(
+        tmp_path, monkeypatch, cause, ended, update):
+    """Points with equal resources are the tasks of one job array: a point that hangs (its watchdog names the host)
+    or loses a node is requeued as its own array task, 11_1, without the host; `scontrol requeue 11` would requeue
+    every point."""
+    from launch.backends.slurm.job import SlurmJob
+
+    asked: list[list[str]] = []
+
+    def run(cmd, **kw):
+        asked.append(cmd)
+        running = "JobId=12 ArrayJobId=11 ArrayTaskId=1 JobState=RUNNING Reason=None Restarts=0 NodeList=n[1-2]\n"
+        out = running if cmd[:3] == ["scontrol", "-o", "show"] else "n1\nn2\n" if "hostnames" in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    monkeypatch.setattr(commands.subprocess, "run", run)
+    job = SlurmJob({"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "11", "SLURM_ARRAY_TASK_ID": "1",
+                    "SLURM_JOB_NODELIST": "n[1-2]"})
+    got = recover(Ending(tmp_path, job, cause, ended, 5, hosts=("n2",), record={"first_step": 0}, began=0))
+    assert got.next is Next.REQUEUE and got.note.startswith("requeued job 11_1 (restart 1 of at most 5)"), got
+    told = [c for c in asked if c[0] == "scontrol" and c[1] in ("update", "requeue")]
+    assert told == [["scontrol", "requeue", "11_1"], *update], asked  # the exclusion once it no longer runs

@@ -424,9 +424,9 @@ def _job_info(job_id: str) -> JobInfo | None:
 def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:
     lines = [x for x in traceback_text.strip().splitlines() if x.strip()]
     last = lines[-1] if lines else "unknown error"
-    prefix = "launch.backends.slurm.task.RankFailed: "
-    if last.startswith(prefix):
-        return last[len(prefix):]
+    for prefix in ("launch.backends.slurm.task.RankFailed: ", "launch.backends.slurm.task.RankStopped: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
     return f"task {task}: {last} (traceback in {show_path(s.paths(task).stderr)})"
 
 
