@@ -5,6 +5,9 @@ EXIT_FAILED = 1     # a run that was started failed
 EXIT_USER = 2       # a user error, caught before anything ran
 EXIT_PREEMPTED = 3  # a rank saved a checkpoint after a signal and the job was not requeued: run again to resume
 EXIT_HANG = 4       # a rank's watchdog saw no progress (RUN_DIR/hang-*.txt says where) and the job was not requeued
+# the launcher, launch.status: the scheduler does not answer, so where its jobs stand is unknown (no launcher exits
+# with a rank's EXIT_HANG: it names the hang and exits 1)
+EXIT_UNKNOWN = 4
 EXIT_INTERRUPTED = 130  # Ctrl-C twice: stopped at once (128 + SIGINT, as a shell reports it)
 
 

@@ -17,11 +17,12 @@ from omegaconf import DictConfig
 
 from launch import launch_config
 from gpt.data.inputs import inputs_exist
-from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
+from gpt.errors import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import CANCELLED, RunFolder
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
-from launch.backends import RunFailed, backend_for, scheduler
+from launch.backends import RunFailed, RunStopped, backend_for, scheduler
+from launch.backends.job_state import SchedulerUnavailable
 from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
@@ -36,7 +37,17 @@ launch_config.register()  # configs/config.yaml composes onto it
 
 def plan_run(cfg: DictConfig) -> PlannedRun:
     """Everything that can be checked before a process starts or a job is submitted: the config is parsed here,
-    once, and every part of planning receives its typed sections."""
+    once, and every part of planning receives its typed sections. A scheduler that does not answer (sinfo, whether
+    the run's job still waits) stops the launch in one line, nothing submitted: an outage is not "no job"."""
+    try:
+        return _plan(cfg)
+    except SchedulerUnavailable as e:
+        print(f"error: {e.scheduler} does not answer ({e}): nothing was submitted; run this command again once it "
+              "answers", file=sys.stderr, flush=True)
+        sys.exit(EXIT_UNKNOWN)
+
+
+def _plan(cfg: DictConfig) -> PlannedRun:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run = absolute_paths(launch_config.parse(cfg))  # once: every part of planning reads them as they are
@@ -97,6 +108,8 @@ def run(cfg: DictConfig) -> Path:
         [outcome] = backend.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
         if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
             return plan.run_dir
+        if outcome.stopped is not None:  # said by the waiter, with how to continue: not a failure, not finished
+            raise RunStopped(plan.run_dir)
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
     else:
@@ -121,6 +134,8 @@ def hydra_main(cfg: DictConfig) -> None:
     hydra_errors.composed()
     try:
         run(cfg)
+    except RunStopped:
+        sys.exit(EXIT_FAILED)  # as launch.status's "stopped": the run did not finish
     except RunFailed as e:
         print(f"error: {e}", file=sys.stderr)
         sys.stdout.flush()

@@ -157,19 +157,22 @@ def swept_keys(config: Any) -> list[str]:
 
 
 def _collect(outcomes, jobs, points, returns) -> None:
-    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs."""
-    failed = []
+    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs, or, silently, when a point stopped
+    (the waiter said how and how the same command continues it: the exit is a single run's, launch.status's)."""
+    failed, stopped = [], False
     for (n, planned), outcome in zip(jobs, outcomes):
         ret = points[n][3]
         ret.return_value = point_return(planned, outcome.result)
         ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled else JobStatus.FAILED
         returns[n] = ret
-        if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure
+        stopped = stopped or outcome.stopped is not None
+        if not outcome.ok and not outcome.cancelled and outcome.stopped is None:  # a cancel, a stop: no failure
             failed.append(outcome)
     if failed:
         ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
         print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
               file=sys.stderr, flush=True)
+    if failed or stopped:
         sys.exit(EXIT_FAILED)
 
 

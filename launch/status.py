@@ -12,10 +12,11 @@ import signal
 import sys
 from pathlib import Path
 
+from gpt.errors import EXIT_UNKNOWN
 from launch.run_status import (FAILED, STOPPED, UNKNOWN, WAITING, RunStatus, job_ids, read_status, report_job,
                                run_folders, shown, standings)
 
-EXIT_RUNNING, EXIT_UNKNOWN = 3, 4
+EXIT_RUNNING = 3
 
 
 def line(s: RunStatus, root: Path) -> str:

@@ -37,6 +37,11 @@ class RunFailed(UserError):
     """The run was planned and started, and failed (exit code 1, not 2)."""
 
 
+class RunStopped(Exception):
+    """The run's job saved after a preemption and nothing runs it again (its site's preemption cancels it): the waiter
+    said so and how the same command continues it; the launcher exits 1, as launch.status for a stopped run."""
+
+
 @dataclass
 class Point:
     """A planned sweep point that a submitting backend turns into a job."""

@@ -19,8 +19,8 @@ from launch import launch_config
 from launch.launch_config import LaunchConfig
 from gpt.errors import EXIT_PREEMPTED, ConfigError, UserError
 from gpt.resilience.preemption import configured_signals
-from gpt.run_folder import RunFolder
-from launch.backends import Backend, RunFailed
+from gpt.run_folder import AttemptLine, Next, RunFolder
+from launch.backends import Backend, RunFailed, RunStopped
 from launch.backends.slurm import allocation, commands
 from launch.backends.slurm.job import first_int, gpus_on_node
 from launch.backends.slurm.resources import SPARE_SRUN_ARGS, SRUN_ARGS
@@ -162,6 +162,11 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
         return ranks_job
     if requeued(run_dir, ranks_job):  # Slurm's requeue stops the batch step as well (SIGTERM): the launcher says so
         return ranks_job
+    stop = _attempt_line(folder, launch) if code != 0 else None  # srun's code: the first task's, or its kill's
+    if stop is not None and stop.ended.startswith("preempted") and stop.next is Next.STOP:
+        # saved, and nothing runs it again (the site's policy, the restart limit): stopped, said once
+        print(f"job {ranks_job.job_id} {stop.ended}: {stop.note}", file=sys.stderr, flush=True)
+        raise RunStopped(run_dir)
     if code == EXIT_PREEMPTED:
         raise SrunFailed(f"the ranks stopped after a preemption signal and saved a checkpoint, but the job was not "
                          f"requeued (see {folder.attempts.log}); submit the same command to resume")
@@ -184,12 +189,16 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
 
 def _attempt_end(folder: RunFolder, launch: str) -> str | None:
     """How this attempt ended as its line records it (a rank lost, and why the job was not requeued): truer than
-    the first error in the rank logs, which is often a survivor's failed collective. After in-job restarts
-    (launch.recovery.rounds) that is the newest round's line."""
+    the first error in the rank logs, which is often a survivor's failed collective."""
+    line = _attempt_line(folder, launch)
+    return f"{line.ended}; {line.note}" if line and line.note else None
+
+
+def _attempt_line(folder: RunFolder, launch: str) -> AttemptLine | None:
+    """This attempt's line; after in-job restarts (launch.recovery.rounds), the newest round's."""
     job = job_environment()
     lines = [a for a in folder.attempts.read() if (a.job_id, a.restart, a.launch) == (job.job_id, job.restart, launch)]
-    line = lines[-1] if lines else None
-    return f"{line.ended}; {line.note}" if line and line.note else None
+    return lines[-1] if lines else None
 
 
 def ranks_up(folder: RunFolder, world: int, token: str) -> bool:

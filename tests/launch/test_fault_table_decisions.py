@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
+from types import SimpleNamespace
 
 import pytest
 
-from gpt.errors import UserError
+from gpt.errors import EXIT_UNKNOWN, UserError
 from gpt.run_folder import Next, RunFolder
 from launch.backends import scheduler
 from launch.backends.slurm import commands
@@ -17,9 +19,11 @@ from launch.recovery.decision import Cause, Ending, recover
 from launch.run.identity import check_queued_job
 
 
-def slurm(answers: dict[str, str]):
-    """subprocess.run for commands.run: the commands named answer so, every other one times out (an outage)."""
+def slurm(answers: dict[str, str], asked: list[str] | None = None):
+    """subprocess.run for commands.run: the commands named answer so, every other one times out (an outage);
+    `asked` collects each command's name."""
     def run(cmd, **kw):
+        (asked if asked is not None else []).append(cmd[0])
         if cmd[0] in answers:
             return subprocess.CompletedProcess(cmd, 0, answers[cmd[0]], "")
         raise subprocess.TimeoutExpired(cmd, kw.get("timeout"))
@@ -86,3 +90,131 @@ def test_a_links_hand_over_during_a_slurm_outage_trusts_the_run_folders_record(t
     (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "9", "chain": ["7", "8", "9"]}))
     monkeypatch.setattr(commands.subprocess, "run", slurm({}))
     assert next_link(tmp_path, "7") == "8" and next_link(tmp_path, "9") is None
+
+
+@pytest.mark.parametrize("answers, unanswered", [({"sinfo": "debug*|4|8|16000|(null)|8:00:00|up\n"}, "squeue"),
+                                                 ({}, "sinfo")])
+def test_a_slurm_launch_during_an_outage_says_slurm_does_not_answer_and_submits_nothing(tmp_path, monkeypatch,
+                                                                                        capsys, answers, unanswered):
+    """cluster=slurm asks whether the job its folder records still waits or runs: no answer is not "no job" (the
+    same command would submit a second job of the run), so it stops in one line, exit 4 as launch.status's unknown.
+    An unanswered sinfo (the partitions' check, first) is the same outage, not a user's error."""
+    from launch import app
+    from launch.backends.slurm import partitions
+
+    run_dir, asked = folder_of_job(tmp_path), []
+    monkeypatch.setattr(commands.subprocess, "run", slurm(answers, asked))
+    monkeypatch.setattr(partitions, "require_slurm", lambda: None)
+    partitions._sinfo.cache_clear()  # one sinfo per PATH: this test's own answer
+    monkeypatch.setattr(sys, "argv", ["launch", "cluster=slurm", "model=tiny", f"hydra.run.dir={run_dir}"])
+    with pytest.raises(SystemExit) as stop:
+        app.main()
+    partitions._sinfo.cache_clear()
+    err = capsys.readouterr().err
+    assert stop.value.code == EXIT_UNKNOWN == 4 and "sbatch" not in asked and "git" not in asked, (asked, err)
+    assert err.startswith(f"error: Slurm does not answer ({unanswered} ") and err.count("\n") == 1, err
+    assert err.endswith("nothing was submitted; run this command again once it answers\n"), err
+
+
+CANCELS = "preempted by another job (Slurm, at T; partition lowcancel, PreemptMode=CANCEL, GraceTime=20 s)"
+
+
+def stopped_point(tmp_path, monkeypatch):
+    """Job 12, the point `lowcancel` of a sweep, preempted under PreemptMode=CANCEL: its attempt's line as recovery
+    writes it, and the job as the waiter collects it (each task failed with the rank's line, and Slurm said FAILED)."""
+    from launch.backends import Point
+    from launch.backends.slurm.job import SlurmJob
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.task import not_requeued
+    from launch.backends.slurm.wait import JobOutcome
+    from launch.rank.job_env import Preemption
+
+    run_dir = tmp_path / "cluster.partition=lowcancel"
+    run_dir.mkdir()
+    job = SlurmJob({"SLURM_JOB_ID": "12"})
+    monkeypatch.setattr(SlurmJob, "preemption", lambda self: Preemption(CANCELS, False))
+    got = recover(Ending(run_dir, job, Cause.PREEMPTED, CANCELS, 5, record={"first_step": 0, "last_step": 7,
+                                                                            "preempted_by": CANCELS}))
+    assert got.next is Next.STOP and got.note.startswith("not requeued: Slurm's preemption cancels job 12; "), got
+    errors = [not_requeued(r, f"n{r}", RunFolder(run_dir), job, 0) for r in (0, 1)]
+    point = Point("cluster.partition=lowcancel", run_dir, "gptlaunch", SimpleNamespace(nodes=1, world_size=1))
+    return JobOutcome(Submitted(point, "12", tmp_path), "FAILED", errors=errors), got.note
+
+
+def test_a_point_preempted_under_cancel_is_said_once_as_preempted_and_not_requeued_not_as_failed(tmp_path,
+                                                                                                 monkeypatch, capsys):
+    """The site's policy ends the job: the point stopped, it did not fail. One line says how it ended, that Slurm's
+    preemption does not requeue it, and how the same command continues it."""
+    from launch.backends.slurm.wait import print_outcome
+
+    outcome, note = stopped_point(tmp_path, monkeypatch)
+    print_outcome(outcome, sys.stdout)
+    out, err = capsys.readouterr()
+    assert (out, err) == (f"job 12 (cluster.partition=lowcancel) {CANCELS}: {note}\n", "")
+    assert out.count("the same command continues") == 1 and "FAILED" not in out
+
+
+def test_a_sweep_with_a_point_preempted_under_cancel_exits_1_as_a_single_run_and_fails_nothing(tmp_path, monkeypatch,
+                                                                                                capsys):
+    """Exit 1, as a single run whose job stopped so and as launch.status's "stopped": the sweep did not finish. No
+    job is said to have failed, and how to continue is not said again."""
+    from hydra.core.utils import JobReturn
+
+    from launch.backends import Point
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.wait import JobOutcome
+    from launch.hydra_launcher import _collect
+
+    stopped, _ = stopped_point(tmp_path, monkeypatch)
+    low = tmp_path / "cluster.partition=low"
+    low.mkdir()
+    one_node = SimpleNamespace(nodes=1, world_size=1)
+    finished = JobOutcome(Submitted(Point("cluster.partition=low", low, "gptlaunch", one_node), "11", tmp_path),
+                          "COMPLETED", results=[{"rank": 0, "host": "n1"}])
+    planned = [SimpleNamespace(plan=SimpleNamespace(run_dir=o.submitted.point.run_dir),
+                               run=SimpleNamespace(launcher=SimpleNamespace(objective="val_loss")))
+               for o in (finished, stopped)]
+    points = [(n, [], None, JobReturn()) for n in range(2)]
+    with pytest.raises(SystemExit) as stop:
+        _collect([finished, stopped], list(enumerate(planned)), points, [None, None])
+    assert stop.value.code == 1 and capsys.readouterr().err == ""
+
+
+@pytest.mark.parametrize("cause, ended", [(Cause.LOST_RANK, "rank 1 on n2 was killed by SIGKILL"),
+                                          (Cause.HANG, "hang"), (Cause.NODE_FAILURE, "node failure: n2 down")],
+                         ids=["lost rank", "hang", "node failure"])
+def test_a_chain_link_that_loses_a_rank_or_a_node_or_hangs_hands_the_run_to_the_next_link(tmp_path, cause, ended):
+    """Detected as under cluster=slurm; with no spare to restart on inside the allocation, the next link, already
+    queued, continues the run: a requeue would run this link again ahead of it. The link's line says so."""
+    job = Link()
+    got = recover(Ending(tmp_path, job, cause, ended, 5, record={"first_step": 0, "last_step": 4}, began=0))
+    assert (got.next, got.link, job.asked) == (Next.NEXT_LINK, "78", [])
+    (line,) = RunFolder(tmp_path).attempts.read()
+    assert (line.ended, line.next_link, line.requeued) == (ended, "78", False)
+    assert line.note.endswith("ends here: job 78, the chain's next link, continues the run"), line.note
+
+
+@pytest.mark.parametrize("cause, ended, update", [
+    (Cause.HANG, "hang", [["scontrol", "update", "jobid=11_1", "ExcNodeList=n2"]]),
+    (Cause.NODE_FAILURE, "node failure: n2 down", [])], ids=["hang", "node failure"])  # Slurm keeps it off n2
+def test_a_point_of_a_sweeps_job_array_that_hangs_or_loses_a_node_requeues_its_own_task_and_no_other_point(
+        tmp_path, monkeypatch, cause, ended, update):
+    """Points with equal resources are the tasks of one job array: a point that hangs (its watchdog names the host)
+    or loses a node is requeued as its own array task, 11_1, without the host; `scontrol requeue 11` would requeue
+    every point."""
+    from launch.backends.slurm.job import SlurmJob
+
+    asked: list[list[str]] = []
+
+    def run(cmd, **kw):
+        asked.append(cmd)
+        running = "JobId=12 ArrayJobId=11 ArrayTaskId=1 JobState=RUNNING Reason=None Restarts=0 NodeList=n[1-2]\n"
+        out = running if cmd[:3] == ["scontrol", "-o", "show"] else "n1\nn2\n" if "hostnames" in cmd else ""
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    monkeypatch.setattr(commands.subprocess, "run", run)
+    job = SlurmJob({"SLURM_JOB_ID": "12", "SLURM_ARRAY_JOB_ID": "11", "SLURM_ARRAY_TASK_ID": "1",
+                    "SLURM_JOB_NODELIST": "n[1-2]"})
+    got = recover(Ending(tmp_path, job, cause, ended, 5, hosts=("n2",), record={"first_step": 0}, began=0))
+    assert got.next is Next.REQUEUE and got.note.startswith("requeued job 11_1 (restart 1 of at most 5)"), got
+    told = [c for c in asked if c[0] == "scontrol" and c[1] in ("update", "requeue")]
+    assert told == [["scontrol", "requeue", "11_1"], *update], asked  # the exclusion once it no longer runs

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from slurm_helpers import REPO, SLURM, launch_cmd, output
-from test_preemption import RUN
+from test_preemption import RUN, Job
 from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -32,7 +32,8 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
         slurm_cluster, tmp_path, data_overrides):
     """One urgent job takes every node from a sweep's two points: the one in `low` (PreemptMode=REQUEUE) saves, is
     requeued and finishes; the one in `lowcancel` (PreemptMode=CANCEL) saves and ends, not requeued, and the sweep
-    says how to continue it. The same command then submits only that point and finishes it."""
+    says once how to continue it, failing nothing (exit 1, as a single run stopped so). The same command then submits
+    only that point and finishes it."""
     sweep = tmp_path / "sweep"
     command = launch_cmd("-m", "cluster.partition=low,lowcancel", *SLURM, *SWEEP, *data_overrides,
                          f"hydra.sweep.dir={sweep}")
@@ -54,6 +55,8 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
     (ended,) = attempts(cancel)
     assert "PreemptMode=CANCEL" in ended["ended"] and not ended["requeued"], ended
     assert "not requeued: Slurm's preemption cancels job" in said and "the same command continues" in said, said
+    # it stopped, it did not fail: said once, as preempted and not requeued (the site's PreemptMode=CANCEL)
+    assert "ended FAILED" not in said and "job(s) failed" not in said and said.count("the same command continues") == 1, said
     code = first.returncode
     again = subprocess.run(command, cwd=REPO, env=slurm_cluster.env, capture_output=True, text=True, timeout=200)
     assert again.returncode == 0, output(again)
@@ -90,3 +93,24 @@ def test_a_chain_link_preempted_by_slurm_hands_the_run_to_the_next_link_and_is_n
     assert (finished["job_id"], finished["ended"], finished["first_step"]) == (links[1], "finished",
                                                                                handed["last_step"]), finished
     assert slurm_cluster.job_info(links[0]).get("Restarts", "0") == "0"
+
+
+@pytest.mark.timeout(180)
+def test_a_multi_node_sh_job_preempted_under_cancel_saves_and_ends_not_requeued_saying_so_once(
+        slurm_cluster, tmp_path, data_overrides):
+    """`sbatch --partition=lowcancel slurm/multi_node.sh ...` (nothing waits for it) whose nodes an urgent job takes:
+    the ranks save inside the grace time, Slurm's policy ends the job (no restart), and the launcher inside it says
+    once how the attempt ended, that it is not requeued and how the same command continues, calling nothing failed."""
+    job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True,
+              sbatch_flags=("--nodes=2", "--partition=lowcancel"))
+    job.training(0)
+    urgent_job(slurm_cluster, tmp_path)
+    job.wait(120)
+    (first,) = attempts(job.run_dir)
+    assert "partition lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
+    assert first["note"].startswith(f"not requeued: Slurm's preemption cancels job {job.id()}; the same command "
+                                    "continues the run from its newest checkpoint (step "), first
+    said = f"job {job.id()} {first['ended']}: {first['note']}"
+    text = job.log.read_text()
+    assert text.count(said) == 1 and "error: the ranks stopped" not in text, text[-5000:]
+    assert slurm_cluster.job_info(job.id()).get("Restarts", "0") == "0"

@@ -15,7 +15,7 @@ from gpt.run_folder import RunFolder
 from launch.backends import Point
 from launch.backends.cluster_config import BudgetConfig
 from launch.backends.slurm import chain, commands, pack
-from launch.backends.slurm.commands import PENDING, RUNNING, SlurmUnavailable
+from launch.backends.slurm.commands import PENDING, RUNNING
 from launch.backends.slurm.prepare_job import PreparationJob, preparation_resources, submit_preparation
 from launch.backends.slurm.resources import make_executor
 from launch.backends.slurm.script_jobs import script_job
@@ -30,12 +30,10 @@ from launch.snapshot import Snapshot, record_in, take, with_snapshot
 
 def live_job(run_dir: Path) -> str | None:
     """The newest of the run folder's jobs that Slurm still runs or keeps pending, if any: the same command waits
-    for it instead of submitting again. Refused when it is held or suspended: it would not go on by itself."""
+    for it instead of submitting again. Refused when it is held or suspended: it would not go on by itself.
+    SlurmUnavailable when Slurm does not answer: an outage is not "no job" (a second job would train the run twice)."""
     ids = list(job_ids(run_dir))
-    try:
-        infos = commands.job_infos(ids) if ids else {}
-    except SlurmUnavailable:
-        infos = {}
+    infos = commands.job_infos(ids) if ids else {}
     live = [infos[j] for j in ids if j in infos and (infos[j].state in PENDING or infos[j].state in RUNNING)]
     if not live:
         refuse_script_job(run_dir, tuple(ids))

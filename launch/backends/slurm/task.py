@@ -44,6 +44,11 @@ class RankFailed(RuntimeError):
     """A rank's process failed; the message is what the launcher shows the user."""
 
 
+class RankStopped(RankFailed):
+    """The rank saved after a preemption signal and nothing runs the job again (the site's policy, the restart
+    limit): under srun the task exits EXIT_PREEMPTED and the batch step's launcher says it once."""
+
+
 def standby_wanted(folder: RunFolder) -> bool:
     """preemption.standby_rank for this task's ranks: on GPUs when train.device is auto and Slurm gave this node
     GPUs."""
@@ -126,7 +131,7 @@ class RankTask:
         if watch.killed:
             raise RankFailed(watch.killed)
         if code == EXIT_PREEMPTED:
-            raise RankFailed(not_requeued(rank, host, folder, agent.job, k))
+            raise RankStopped(not_requeued(rank, host, folder, agent.job, k))
         if code < 0 and not relay.received:  # killed, and not as part of a stop Slurm signalled
             next_round = functools.partial(agent.wait_next, k) if agent.in_job_restarts else lambda: False
             if code == -signal.SIGABRT and self.aborted(rank, host, started, next_round):
@@ -199,6 +204,8 @@ def main() -> None:
     """Under srun (sbatch slurm/multi_node.sh, cluster=srun): the same wrapper; its failure is one line, exit 1."""
     try:
         RankTask(sys.argv[1])()
+    except RankStopped:  # the rank's log said so; the batch step's launcher says it once for the job
+        sys.exit(EXIT_PREEMPTED)
     except (RankFailed, UserError) as e:  # a run config that cannot be read (gpt.config.schema.load) too
         print(f"error: {e}", file=sys.stderr, flush=True)
         sys.exit(1)

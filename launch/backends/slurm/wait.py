@@ -48,6 +48,21 @@ class JobOutcome:
         return self.state == "CANCELLED" or cancelled_by_user(self.submitted.point.run_dir, self.submitted.job_id)
 
     @property
+    def stopped(self) -> AttemptLine | None:
+        """The line of its newest attempt when that saved after a preemption or a signal and nothing runs it again
+        (a site whose preemption cancels, the restart limit): the run stopped, it did not fail (launch.status: stopped);
+        the line says how, and how the same command continues it."""
+        if self.ok or self.cancelled:
+            return None
+        s = self.submitted
+        try:
+            mine = [a for a in RunFolder(s.point.run_dir).attempts.read() if a.job_id == s.job_id]
+        except OSError:
+            return None
+        last = mine[-1] if mine else None
+        return last if last is not None and last.ended.startswith("preempted") and last.next is Next.STOP else None
+
+    @property
     def result(self) -> dict:
         """What a sweep point returns: where and how it ran, and rank 0's training summary."""
         s = self.submitted
@@ -68,7 +83,7 @@ class JobOutcome:
         if step is not None and any(REFUSED in e for e in self.errors):
             lines.append(f"  once that is put right, the same command continues the run from its newest checkpoint "
                          f"(step {step})")
-        elif step is not None:
+        elif step is not None and not any("the same command continues" in e for e in self.errors):  # said once
             lines.append(f"  the same command continues the run from its newest checkpoint (step {step})")
         if s.paths(0).stderr.exists():  # a job cancelled while pending has none
             lines.append(f"  job log: {show_path(s.paths(0).stderr)}")
@@ -392,6 +407,8 @@ def print_outcome(outcome: JobOutcome, out=sys.stdout) -> None:
         failed = failed_saves_line(RunFolder(s.point.run_dir).attempts.read())
         print(f"job {s.job_id} ({s.point.label}) COMPLETED on {hosts}{loss}; run folder: {show_path(s.point.run_dir)}"
               + (f"; {failed}" if failed else ""), file=out, flush=True)
+    elif (line := outcome.stopped) is not None:  # not requeued, by the site's policy or the restart limit
+        print(f"job {s.job_id} ({s.point.label}) {line.ended}: {line.note}", file=out, flush=True)
     elif outcome.cancelled:
         step = newest_step(s.point.run_dir)
         where = f"its newest checkpoint (step {step})" if step is not None else "the start"
@@ -411,9 +428,9 @@ def _job_info(job_id: str) -> JobInfo | None:
 def _exception_line(traceback_text: str, s: Submitted, task: int) -> str:
     lines = [x for x in traceback_text.strip().splitlines() if x.strip()]
     last = lines[-1] if lines else "unknown error"
-    prefix = "launch.backends.slurm.task.RankFailed: "
-    if last.startswith(prefix):
-        return last[len(prefix):]
+    for prefix in ("launch.backends.slurm.task.RankFailed: ", "launch.backends.slurm.task.RankStopped: "):
+        if last.startswith(prefix):
+            return last[len(prefix):]
     return f"task {task}: {last} (traceback in {show_path(s.paths(task).stderr)})"
 
 
