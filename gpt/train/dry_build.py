@@ -64,7 +64,7 @@ def zero_grad_step(strategy: Strategy) -> int:
     for p in strategy.held_parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
-    grads = tensor_bytes(strategy.held_gradients())
+    grads = tensor_bytes(strategy.held_gradients()) + strategy.gradient_buffer_bytes()
     for _, optimizer in strategy.state_parts():
         if any(p.is_meta for group in optimizer.param_groups for p in group["params"]):
             for group in optimizer.param_groups:
