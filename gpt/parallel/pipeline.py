@@ -42,8 +42,8 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.ddp import bucket_bytes
 from gpt.parallel.base import StepResult, Strategy, local_part, nonfinite, on_device, on_meta
+from gpt.parallel.ddp import bucket_bytes
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
