@@ -3,11 +3,11 @@ rank r of W and every collective does nothing): the real DeviceMesh, fully_shard
 split run at that rank's real shapes, as gpt.train.build builds them in a rank. On a CPU the model is built on the
 meta device (real shapes, no memory, no values); on a GPU at real size, where the allocator counts what it holds.
 
-What the rank holds is read from its tensors as the rank's own first-step record reads them
-(gpt.parallel.memory_held): its parameters, the gradients its update reads (zero-filled, each shaped and typed as
-its parameter is held: a DTensor's local shard, a pipeline rank's stages, a replica's whole model) and its optimizer
-state after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these beside the
-fit check's estimate."""
+What the rank holds is read from its tensors as the rank's own first-step record reads them (gpt.parallel.memory_held):
+its parameters, the gradients its update reads (zero-filled, each shaped and typed as its parameter is held: a DTensor's
+local shard, a pipeline rank's stages, a replica's whole model; DDP's reducer buckets with them) and its optimizer state
+after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these beside the fit
+check's estimate."""
 from __future__ import annotations
 
 import contextlib
