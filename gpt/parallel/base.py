@@ -306,6 +306,10 @@ class Strategy:
         """The gradients the update reads, as they are just before it (after clipping)."""
         return (p.grad for p in self.held_parameters() if p.grad is not None)
 
+    def gradient_buffer_bytes(self) -> int:
+        """Bytes of gradient memory held beside the gradients' own tensors (DDP's reducer buckets)."""
+        return 0
+
     def held_optimizer_state(self) -> Iterator[torch.Tensor]:
         return (v for _, opt in self.state_parts() for state in opt.state.values() for v in state.values()
                 if isinstance(v, torch.Tensor))

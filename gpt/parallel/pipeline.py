@@ -44,6 +44,7 @@ from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
 from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device, on_meta
+from gpt.parallel.ddp import bucket_bytes
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
@@ -293,6 +294,9 @@ class Pipeline(Strategy):
     # --- what other parts need ------------------------------------------------------------------------
     def state_parts(self):
         return [(self._unwrap(self.stages[sid]), opt) for sid, opt in zip(sorted(self.stages), self.optimizers)]
+
+    def gradient_buffer_bytes(self) -> int:
+        return sum(bucket_bytes(s) for s in self.stages.values() if isinstance(s, DistributedDataParallel))
 
     def parameter_bytes(self) -> int:
         total = 0

@@ -61,6 +61,15 @@ def test_the_command_prints_the_layout_and_agrees(capsys):
     assert "agrees with the build within the fit check's 10% headroom" in out.splitlines()[-1]
 
 
+def test_ddp_holds_its_gradients_twice_and_the_estimate_says_so():
+    """DDP (ZeRO-1's too, and a pipeline's inside its stages) copies every gradient into its reducer's buckets to
+    all-reduce it, and the buckets stay beside the .grad tensors (no gradient_as_bucket_view): the rank holds its
+    gradients twice, as the estimate now counts them."""
+    done = dry_run.dry_run([*TINY, "strategy=ddp"])
+    [built] = done.built
+    assert built.grads == 2 * built.params and done.disagreement() is None
+
+
 def test_a_disagreement_fails_in_one_line(capsys, monkeypatch):
     """An estimate whose optimizer state is half of what ZeRO-1's rank 0 holds (the even split the fit check
     estimated before the dry run found the whole-parameter partition) fails the command in one line, exit code 1."""
