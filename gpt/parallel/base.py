@@ -117,6 +117,10 @@ class StrategySettings:
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
+    # After each update the gradients are freed (set to None), or zeroed in place where they are views into a
+    # buffer that outlives the step (DDP's buckets: gpt.parallel.ddp.replicate)
+    zero_grads_in_place = False
+
     def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims,
                  settings: StrategySettings = StrategySettings()):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
@@ -212,7 +216,7 @@ class Strategy:
         else:
             skipped = nonfinite(grad_norm)
             self.optimizer_step(skipped)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.zero_grads_in_place)
         clock.mark("optimizer")
         return StepResult(total, grad_norm, layers, clock, skipped)
 

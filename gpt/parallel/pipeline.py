@@ -43,8 +43,8 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device, on_meta
-from gpt.parallel.ddp import bucket_bytes
+from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device
+from gpt.parallel.ddp import bucket_bytes, replicate
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
@@ -158,9 +158,7 @@ class Pipeline(Strategy):
             return shard(stage, self.mesh["dp"], self.precision, self.cfg)
         if self.dp_size == 1:
             return stage
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(stage, device_ids=device_ids, process_group=self.dp_group,
-                                       bucket_cap_mb=self.cfg.bucket_cap_mb, init_sync=not on_meta(stage))
+        return replicate(stage, self.device, self.cfg.bucket_cap_mb, self.dp_group)
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:
@@ -222,9 +220,10 @@ class Pipeline(Strategy):
         grad_norm = self.clip_gradients(grad_clip)
         skipped = nonfinite(grad_norm)  # a non-finite loss made it so (no GradScaler here)
         self.before_update()
-        for optimizer in self.optimizers:
+        for sid, optimizer in zip(sorted(self.stages), self.optimizers):
             step_unless(optimizer, skipped)
-            optimizer.zero_grad(set_to_none=True)
+            # a DDP stage's gradients are views into its buckets (gpt.parallel.ddp.replicate): zeroed, not freed
+            optimizer.zero_grad(set_to_none=not isinstance(self.stages[sid], DistributedDataParallel))
         clock.mark("optimizer")
         return StepResult(loss, grad_norm, layers, clock, skipped)
 

@@ -230,18 +230,13 @@ class SingleTraits(StrategyTraits):
 
 @register
 class DDPTraits(StrategyTraits):
-    """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced in buckets."""
+    """DistributedDataParallel: every rank holds the whole model; gradients are all-reduced in buckets, and held
+    once: each .grad is a view into its bucket (gpt.parallel.ddp.replicate; ZeRO-1's DDP and DDP inside pipeline
+    stages too). Without that view they were held twice, 3.87 GiB more for llama_1b, as the dry run showed."""
 
     name = "ddp"
     implementation = "gpt.parallel.ddp:DDP"
     keys = ("bucket_cap_mb",)
-
-    def state_shares(self, strategy, dims):
-        """The whole model's parameters and optimizer state, and its gradients twice: every parameter's .grad, and
-        the reducer's buckets DDP copies them into to all-reduce them (gpt.parallel.ddp.bucket_bytes; they would be
-        one copy with gradient_as_bucket_view). Before the dry run counted the buckets the estimate counted one copy:
-        3.87 GiB low for llama_1b."""
-        return 1.0, 2.0, 1.0
 
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
@@ -260,7 +255,7 @@ class Zero1Traits(DDPTraits):
     data_axis = "dp_shard"
 
     def state_shares(self, strategy, dims):
-        return 1.0, 2.0, 1.0 / dims.dp  # DDP's gradients (twice: DDPTraits); the AdamW state split over the replicas
+        return 1.0, 1.0, 1.0 / dims.dp  # the AdamW state split over the replicas
 
     def optimizer_share(self, strategy, dims, model):
         """torch's ZeroRedundancyOptimizer splits whole parameters, not their elements: each parameter group's
@@ -469,11 +464,6 @@ class PipelineTraits(StrategyTraits):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
-
-    def state_shares(self, strategy, dims):
-        """A stage's share; its gradients twice where DDP runs inside the stages (DDPTraits.state_shares)."""
-        share = self.param_fraction(strategy, dims)
-        return share, share * (2 if strategy.dp == "ddp" and dims.dp > 1 else 1), share
 
     def activation_layers(self, strategy, dims, n_layer):
         """A stage's layers, for the micro-batches in flight at once (all of them under gpipe; under 1f1b and the

@@ -61,13 +61,15 @@ def test_the_command_prints_the_layout_and_agrees(capsys):
     assert "agrees with the build within the fit check's 10% headroom" in out.splitlines()[-1]
 
 
-def test_ddp_holds_its_gradients_twice_and_the_estimate_says_so():
-    """DDP (ZeRO-1's too, and a pipeline's inside its stages) copies every gradient into its reducer's buckets to
-    all-reduce it, and the buckets stay beside the .grad tensors (no gradient_as_bucket_view): the rank holds its
-    gradients twice, as the estimate now counts them."""
-    done = dry_run.dry_run([*TINY, "strategy=ddp"])
-    [built] = done.built
-    assert built.grads == 2 * built.params and done.disagreement() is None
+@pytest.mark.parametrize("layout", [["strategy=ddp"], ["strategy=zero1"],
+                                    ["strategy=pipeline", "parallel.pp=2", "strategy.dp=ddp", "strategy.microbatches=2"]])
+def test_ddp_holds_its_gradients_once_and_the_estimate_says_so(layout):
+    """DDP (ZeRO-1's too, and a pipeline's inside its stages) all-reduces the gradients in its reducer's buckets,
+    each .grad a view into its bucket (gradient_as_bucket_view): a rank holds them once, as the estimate counts
+    them. Without the view the buckets were held beside the .grad tensors: twice what the estimate says."""
+    done = dry_run.dry_run([*TINY, *layout])
+    assert done.built and all(built.grads == built.params for built in done.built)
+    assert done.disagreement() is None
 
 
 def test_a_disagreement_fails_in_one_line(capsys, monkeypatch):
