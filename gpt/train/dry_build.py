@@ -5,9 +5,9 @@ meta device (real shapes, no memory, no values); on a GPU at real size, where th
 
 What the rank holds is read from its tensors as the rank's own first-step record reads them (gpt.parallel.memory_held):
 its parameters, the gradients its update reads (zero-filled, each shaped and typed as its parameter is held: a DTensor's
-local shard, a pipeline rank's stages, a replica's whole model; DDP's reducer buckets where held beside them) and its optimizer state
-after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these beside the fit
-check's estimate."""
+local shard, a pipeline rank's stages, a replica's whole model; DDP's reducer buckets where held beside them) and its
+optimizer state after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these
+beside the fit check's estimate."""
 from __future__ import annotations
 
 import contextlib
