@@ -127,7 +127,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
         activations = tokens * (layers * ((1 - checkpointed) * layer + checkpointed * kept) + layer + head)
     else:
         activations = tokens * (layers * layer + head)
-    if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output (the fp32 residual stream)
-        activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * 4
+    if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output, sent in the compute dtype
+        sent = 2 if train.precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
+        activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * sent
     activations += gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
     return MemoryParts(params, grads, optimizer, activations, params + grads + optimizer + activations)

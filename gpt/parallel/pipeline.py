@@ -43,7 +43,7 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device
+from gpt.parallel.base import DTYPES, StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device
 from gpt.parallel.ddp import bucket_bytes, replicate
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
@@ -54,10 +54,22 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": Schedu
 
 
 class StageGPT(GPT):
-    """A pipeline stage: GPT with parts deleted; forward returns only the output (hidden states or logits)."""
+    """A pipeline stage: GPT with parts deleted; forward returns only the output (hidden states or logits).
+
+    `sent_dtype`: under autocast the residual stream is fp32 (fp32 weights and embeddings; each block adds its bf16
+    output to it), so the hidden states a stage sends, and the gradients sent back for them, would travel in fp32.
+    Set, a stage sends its hidden states in that dtype, and the next one computes on them in fp32 again: half the
+    bytes on every pipeline hop and in every micro-batch's held stage input and output, for one bf16 rounding of the
+    residual stream per stage boundary (as Megatron-LM's bf16 pipeline sends it). Under FSDP's bf16 parameters the
+    stream is bf16 already."""
+
+    sent_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return GPT.forward(self, x)[0]
+        if self.wte is None and self.sent_dtype is not None:
+            x = x.float()
+        out = GPT.forward(self, x)[0]
+        return out.to(self.sent_dtype) if self.lm_head is None and self.sent_dtype is not None else out
 
 
 def make_stage(model: GPT, stage: int, n_stages: int, runs: list[range]) -> StageGPT:
@@ -135,6 +147,8 @@ class Pipeline(Strategy):
         for i, sid in enumerate(ids):
             part = model if i == len(ids) - 1 else copy.deepcopy(model)
             part = on_device(make_stage(part, sid, self.n_stages, self.runs), self.device)
+            if self.precision != "fp32" and self.dp_kind != "fsdp":  # autocast: see StageGPT
+                part.sent_dtype = DTYPES[self.precision]
             if self.tp > 1:  # the last stage gathers its logits: the schedule's loss takes whole ones
                 apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=False, sharded_loss=False)
             wrapped = self._data_parallel(part)
