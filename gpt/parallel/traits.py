@@ -55,6 +55,10 @@ class Workload:
         return self.global_batch / dims.dp * self.block_size * self.n_embd * self.value_bytes
 
 
+# DDP's first gradient bucket, in MiB (torch.distributed._DEFAULT_FIRST_BUCKET_BYTES)
+FIRST_BUCKET_MB = 1
+
+
 def _buckets(nbytes: float, bucket_bytes: float) -> int:
     return max(1, math.ceil(nbytes / bucket_bytes))
 
@@ -237,6 +241,18 @@ class DDPTraits(StrategyTraits):
     name = "ddp"
     implementation = "gpt.parallel.ddp:DDP"
     keys = ("bucket_cap_mb",)
+
+    def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
+        """A model compiled whole is split at DDP's buckets by torch's DDP optimizer (torch._dynamo's optimize_ddp),
+        which fails at the first step on buckets smaller than DDP's first one (1 MiB: "First bucket should be
+        smaller/equal to other buckets")."""
+        if (train is not None and train.compile and self.compile_scope(train) == "model"
+                and strategy.bucket_cap_mb < FIRST_BUCKET_MB):
+            raise ConfigError("strategy.bucket_cap_mb", strategy.bucket_cap_mb, f"{FIRST_BUCKET_MB} or more with "
+                              f"train.compile and train.compile_scope={train.compile_scope} (torch's DDP optimizer "
+                              "splits the compiled model at DDP's buckets, none smaller than its first, of 1 MiB), "
+                              "or train.compile_scope=blocks")
+        return world_size
 
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
