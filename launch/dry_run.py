@@ -195,8 +195,10 @@ def report(done: DryRun) -> list[str]:
         cells = "".join(f"{size(b) if b is not None else '-':>13}" for b in row.built)
         lines.append(f"{row.part:<12}{size(row.estimate):>13}{cells}   {shown}".rstrip())
     lines.append("")
-    if first.device == "meta":
-        lines.append("activations and the peak are the estimate's alone: a dry run runs no forward")
+    on_meta = first.device == "meta"
+    lines.append("activations and the peak are the estimate's alone: a dry run runs no forward" if on_meta else
+                 "activations are the estimate's alone (a dry run runs no forward); the allocator's peak is that of "
+                 "the build and one optimizer step")
     line = done.disagreement()
     lines.append(f"error: {line}" if line else f"the estimate agrees with the build within the fit check's "
                  f"{HEADROOM:.0%} headroom")
@@ -204,7 +206,9 @@ def report(done: DryRun) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m launch.dry_run", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m launch.dry_run", description="Build a planned run as rank R of "
+                                     "its planned world on torch's fake process group, here, and print what it holds "
+                                     "beside the fit check's estimate.")
     parser.add_argument("--rank", type=int, action="append", help="a rank to build (repeatable); default: the "
                         "ranks that hold the most")
     parser.add_argument("overrides", nargs="*", help="the overrides `python -m launch` takes")

@@ -117,6 +117,10 @@ class StrategySettings:
 class Strategy:
     """Single process: the model as it is, optionally under autocast. Subclasses spread it over ranks."""
 
+    # After each update the gradients are freed (set to None), or zeroed in place where they are views into a
+    # buffer that outlives the step (DDP's buckets: gpt.parallel.ddp.replicate)
+    zero_grads_in_place = False
+
     def __init__(self, cfg: StrategyConfig, env: DistEnv, device: torch.device, precision: str, dims: ParallelDims,
                  settings: StrategySettings = StrategySettings()):
         self.cfg, self.env, self.device, self.precision, self.dims = cfg, env, device, precision, dims
@@ -212,7 +216,7 @@ class Strategy:
         else:
             skipped = nonfinite(grad_norm)
             self.optimizer_step(skipped)
-        self.optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=not self.zero_grads_in_place)
         clock.mark("optimizer")
         return StepResult(total, grad_norm, layers, clock, skipped)
 
@@ -305,6 +309,10 @@ class Strategy:
     def held_gradients(self) -> Iterator[torch.Tensor]:
         """The gradients the update reads, as they are just before it (after clipping)."""
         return (p.grad for p in self.held_parameters() if p.grad is not None)
+
+    def gradient_buffer_bytes(self) -> int:
+        """Bytes of gradient memory held beside the gradients' own tensors (DDP's reducer buckets)."""
+        return 0
 
     def held_optimizer_state(self) -> Iterator[torch.Tensor]:
         return (v for _, opt in self.state_parts() for state in opt.state.values() for v in state.values()

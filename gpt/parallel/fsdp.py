@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 
 from gpt.config.strategy import StrategyConfig
 from gpt.parallel.base import DTYPES, Strategy, StrategySettings, local_part, on_device
-from gpt.parallel.mesh import build_mesh
+from gpt.parallel.mesh import build_mesh, timed
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.train.optim import build_adamw
 
@@ -77,7 +77,7 @@ class FSDP(Strategy):
             apply_tensor_parallel(model, self.mesh["tp"], d.sequence_parallel)
         if self.compile:  # after tensor parallelism, before sharding (per block: the traits say so)
             self.compile.apply(model)
-        self.dp_mesh = self.mesh["dp_replicate", "dp_shard"]._flatten("dp")
+        self.dp_mesh = timed(self.mesh["dp_replicate", "dp_shard"]._flatten("dp"))
         shard_mesh = self.mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else self.mesh["dp_shard"]
         self.model = shard(model, shard_mesh, self.precision, self.cfg)
         self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)

@@ -111,8 +111,9 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     activation checkpointing. model.vocab_size must be known."""
     traits = traits_of(strategy.name)
     held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
-    p_share, g_share, _ = traits.state_shares(strategy, dims)
-    o_share = traits.optimizer_share(strategy, dims, model)
+    padding = traits.padding(strategy, dims, model)
+    p_share, g_share, _ = (share * padding for share in traits.state_shares(strategy, dims))
+    o_share = traits.optimizer_share(strategy, dims, model) * padding
     if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
         g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
@@ -127,7 +128,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
         activations = tokens * (layers * ((1 - checkpointed) * layer + checkpointed * kept) + layer + head)
     else:
         activations = tokens * (layers * layer + head)
-    if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output (the fp32 residual stream)
-        activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * 4
+    if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output, sent in the compute dtype
+        sent = 2 if train.precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
+        activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * sent
     activations += gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
     return MemoryParts(params, grads, optimizer, activations, params + grads + optimizer + activations)

@@ -1,8 +1,8 @@
-"""What one rank holds in memory, by part, measured during its first step from the tensors themselves: the
-parameters, gradients and optimizer state the strategy says it holds (Strategy.held_*: exact, each tensor once, a
-DTensor's local shard), the tensors autograd saved for backward (activations) and the most parameters a
-strategy gathered at once (FSDP's and ZeRO-3's unsharded layers), and the peak: the allocator's on a GPU; on a
-CPU, which has no allocator peak, the sum of the parts. Compared with the planner's estimate
+"""What one rank holds in memory, by part, measured during its first step from the tensors themselves: the parameters,
+gradients and optimizer state the strategy says it holds (Strategy.held_*: exact, each tensor once, a DTensor's local
+shard; DDP's reducer buckets where held beside the gradients), the tensors autograd saved for backward (activations) and
+the most parameters a strategy gathered at once (FSDP's and ZeRO-3's unsharded layers), and the peak: the allocator's on
+a GPU; on a CPU, which has no allocator peak, the sum of the parts. Compared with the planner's estimate
 (gpt.parallel.memory_estimate) by benchmarks/memory_fit.py."""
 from __future__ import annotations
 
@@ -81,7 +81,7 @@ class MeasuredStep:
         self.before_update = before_update = strategy.before_update
 
         def read_grads() -> None:
-            self.grads.append(tensor_bytes(strategy.held_gradients()))
+            self.grads.append(tensor_bytes(strategy.held_gradients()) + strategy.gradient_buffer_bytes())
             before_update()
 
         if strategy.device.type == "cuda":

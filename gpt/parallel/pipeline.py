@@ -43,7 +43,8 @@ from gpt.train.metrics import layer_grad_norms
 from gpt.model.transformer import GPT
 from gpt.train.optim import build_adamw, step_unless
 from gpt.train.step_timer import PhaseClock
-from gpt.parallel.base import StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device, on_meta
+from gpt.parallel.base import DTYPES, StepResult, Strategy, StrategySettings, local_part, nonfinite, on_device
+from gpt.parallel.ddp import bucket_bytes, replicate
 from gpt.parallel.fsdp import shard
 from gpt.parallel.layout import split_layers
 from gpt.parallel.mesh import build_mesh, describe_mesh
@@ -53,10 +54,22 @@ SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved": Schedu
 
 
 class StageGPT(GPT):
-    """A pipeline stage: GPT with parts deleted; forward returns only the output (hidden states or logits)."""
+    """A pipeline stage: GPT with parts deleted; forward returns only the output (hidden states or logits).
+
+    `sent_dtype`: under autocast the residual stream is fp32 (fp32 weights and embeddings; each block adds its bf16
+    output to it), so the hidden states a stage sends, and the gradients sent back for them, would travel in fp32.
+    Set, a stage sends its hidden states in that dtype, and the next one computes on them in fp32 again: half the
+    bytes on every pipeline hop and in every micro-batch's held stage input and output, for one bf16 rounding of the
+    residual stream per stage boundary (as Megatron-LM's bf16 pipeline sends it). Under FSDP's bf16 parameters the
+    stream is bf16 already."""
+
+    sent_dtype: torch.dtype | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return GPT.forward(self, x)[0]
+        if self.wte is None and self.sent_dtype is not None:
+            x = x.float()
+        out = GPT.forward(self, x)[0]
+        return out.to(self.sent_dtype) if self.lm_head is None and self.sent_dtype is not None else out
 
 
 def make_stage(model: GPT, stage: int, n_stages: int, runs: list[range]) -> StageGPT:
@@ -134,6 +147,8 @@ class Pipeline(Strategy):
         for i, sid in enumerate(ids):
             part = model if i == len(ids) - 1 else copy.deepcopy(model)
             part = on_device(make_stage(part, sid, self.n_stages, self.runs), self.device)
+            if self.precision != "fp32" and self.dp_kind != "fsdp":  # autocast: see StageGPT
+                part.sent_dtype = DTYPES[self.precision]
             if self.tp > 1:  # the last stage gathers its logits: the schedule's loss takes whole ones
                 apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=False, sharded_loss=False)
             wrapped = self._data_parallel(part)
@@ -157,9 +172,7 @@ class Pipeline(Strategy):
             return shard(stage, self.mesh["dp"], self.precision, self.cfg)
         if self.dp_size == 1:
             return stage
-        device_ids = [self.device] if self.device.type == "cuda" else None
-        return DistributedDataParallel(stage, device_ids=device_ids, process_group=self.dp_group,
-                                       bucket_cap_mb=self.cfg.bucket_cap_mb, init_sync=not on_meta(stage))
+        return replicate(stage, self.device, self.cfg.bucket_cap_mb, self.dp_group)
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:
@@ -221,9 +234,10 @@ class Pipeline(Strategy):
         grad_norm = self.clip_gradients(grad_clip)
         skipped = nonfinite(grad_norm)  # a non-finite loss made it so (no GradScaler here)
         self.before_update()
-        for optimizer in self.optimizers:
+        for sid, optimizer in zip(sorted(self.stages), self.optimizers):
             step_unless(optimizer, skipped)
-            optimizer.zero_grad(set_to_none=True)
+            # a DDP stage's gradients are views into its buckets (gpt.parallel.ddp.replicate): zeroed, not freed
+            optimizer.zero_grad(set_to_none=not isinstance(self.stages[sid], DistributedDataParallel))
         clock.mark("optimizer")
         return StepResult(loss, grad_norm, layers, clock, skipped)
 
@@ -293,6 +307,9 @@ class Pipeline(Strategy):
     # --- what other parts need ------------------------------------------------------------------------
     def state_parts(self):
         return [(self._unwrap(self.stages[sid]), opt) for sid, opt in zip(sorted(self.stages), self.optimizers)]
+
+    def gradient_buffer_bytes(self) -> int:
+        return sum(bucket_bytes(s) for s in self.stages.values() if isinstance(s, DistributedDataParallel))
 
     def parameter_bytes(self) -> int:
         total = 0

@@ -3,11 +3,11 @@ rank r of W and every collective does nothing): the real DeviceMesh, fully_shard
 split run at that rank's real shapes, as gpt.train.build builds them in a rank. On a CPU the model is built on the
 meta device (real shapes, no memory, no values); on a GPU at real size, where the allocator counts what it holds.
 
-What the rank holds is read from its tensors as the rank's own first-step record reads them
-(gpt.parallel.memory_held): its parameters, the gradients its update reads (zero-filled, each shaped and typed as
-its parameter is held: a DTensor's local shard, a pipeline rank's stages, a replica's whole model) and its optimizer
-state after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these beside the
-fit check's estimate."""
+What the rank holds is read from its tensors as the rank's own first-step record reads them (gpt.parallel.memory_held):
+its parameters, the gradients its update reads (zero-filled, each shaped and typed as its parameter is held: a DTensor's
+local shard, a pipeline rank's stages, a replica's whole model; DDP's reducer buckets where held beside them) and its
+optimizer state after one step on them. No forward runs, so no activations. `python -m launch.dry_run` prints these
+beside the fit check's estimate."""
 from __future__ import annotations
 
 import contextlib
@@ -66,7 +66,7 @@ def zero_grad_step(strategy: Strategy) -> int:
     for p in strategy.held_parameters():
         if p.requires_grad:
             p.grad = torch.zeros_like(p)
-    grads = tensor_bytes(strategy.held_gradients())
+    grads = tensor_bytes(strategy.held_gradients()) + strategy.gradient_buffer_bytes()
     for _, optimizer in strategy.state_parts():
         if any(p.is_meta for group in optimizer.param_groups for p in group["params"]):
             for group in optimizer.param_groups:

@@ -1,4 +1,4 @@
-"""The groups a rank makes beside the default one: every one takes the job's collective timeout
+"""The groups a rank makes beside the default one (its own, and a strategy's DeviceMesh): every one takes the job's collective timeout
 (watchdog.collective_timeout_s), not torch's default (30 min on gloo, past every watchdog budget); gloo connects a
 pair of ranks when they first talk; and a partition into subgroups (the health check's node groups, the pipeline's
 tie groups) costs a rank one step, not one world-wide step per group."""
@@ -15,6 +15,7 @@ import torch.distributed as dist
 from gpt.collectives import process_group
 from gpt.collectives.process_group import (GLOO_LAZY_INIT, DistEnv, all_reduce_values, from_rank0_object,
                                            init_process_group, leave, side_group, subgroups)
+from gpt.parallel.mesh import build_mesh
 from helpers import spawn_ranks
 
 TIMEOUT_S = 123.0
@@ -32,9 +33,11 @@ def _rank(rank: int, world: int, port: int, out) -> None:
     flags = side_group("step_flags")
     pair = subgroups([[2, 0], [1]], "pairs")  # a partition: every rank in one group
     only = subgroups([[0, 2]], "one pair")  # rank 1 in none: it takes no part
+    mesh = build_mesh(torch.device("cpu"), one=1, three=3)  # a group of each rank alone, and the world
     out[rank] = {
         "lazy": os.environ.get(GLOO_LAZY_INIT),
-        "timeouts": [_timeout_s(g) for g in (dist.group.WORLD, flags, pair, *([only] if only else []))],
+        "timeouts": [_timeout_s(g) for g in (dist.group.WORLD, flags, pair, *([only] if only else []),
+                                             mesh.get_group("one"), mesh.get_group("three"))],
         "pair": dist.get_process_group_ranks(pair), "only": only and dist.get_process_group_ranks(only),
         "pair sum": all_reduce_values([1.0], group=pair)[0],
         "rank 0's": from_rank0_object(f"from rank {rank}")}

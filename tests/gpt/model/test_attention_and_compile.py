@@ -108,6 +108,18 @@ def test_fsdp_compiles_each_block_under_the_preset_and_refuses_the_whole_model(m
         make_plan(cfg, tmp_path / "run")
 
 
+@pytest.mark.parametrize("strategy", ["ddp", "zero1"])
+def test_ddp_refuses_buckets_below_its_first_under_the_whole_model_compile(strategy, tmp_path, data_overrides):
+    """torch's DDP optimizer, which splits a whole compiled model at DDP's buckets, fails at the first step on a
+    bucket smaller than DDP's first (1 MiB); each block compiled, DDP runs with any."""
+    overrides = ("model=tiny", f"strategy={strategy}", "train=gpu", "train.device=cpu", "strategy.bucket_cap_mb=0.5",
+                 *data_overrides)
+    with pytest.raises(ConfigError, match=r"^strategy.bucket_cap_mb=0.5 is not valid: 1 or more with train.compile "
+                                          r"and train.compile_scope=auto"):
+        make_plan(launch_config.parse(compose(*overrides)), tmp_path / "run")
+    assert make_plan(launch_config.parse(compose(*overrides, "train.compile_scope=blocks")), tmp_path / "blocks")
+
+
 def test_a_named_kernel_reaches_every_layer(monkeypatch):
     strategy_built, calls = built(monkeypatch, "train.attention=math")
     assert calls == [] and strategy_built.attention_kernel == "math"

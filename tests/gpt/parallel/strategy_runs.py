@@ -58,6 +58,8 @@ BF16_CASES: dict[str, tuple[list[str], int]] = {
     "fsdp_bf16": (["strategy=fsdp", "train.precision=bf16", "cluster.tasks_per_node=2"], 2),
     "deepspeed_zero2_bf16": (["strategy=deepspeed", "strategy.stage=2", "train.precision=bf16",
                               "cluster.tasks_per_node=2"], 2),
+    # autocast: the stages send their hidden states in bf16, a rounding of the fp32 residual stream per hop
+    "pipeline_1f1b_bf16": ([*PIPELINE, "strategy.schedule=1f1b", "train.precision=bf16", "cluster.tasks_per_node=2"], 2),
 }
 SINGLE: tuple[list[str], int] = (["strategy=single"], 1)
 BASELINES = {"single": SINGLE, "single_gqa": (["strategy=single", *GQA], 1)}

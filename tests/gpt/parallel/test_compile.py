@@ -43,6 +43,23 @@ def test_compiled_layout_trains_as_one_eager_process(name, tmp_path, tmp_path_fa
     compiled, _, _ = load_model(run_dir)  # a plain GPT: the checkpoint's names are the model's, no `_orig_mod`
     assert {k: v.shape for k, v in compiled.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
 
+# train=gpu's compile under DDP: the whole model with its loss, which DDP's optimizer (torch._dynamo's optimize_ddp)
+# splits at DDP's buckets; this model's 1.6 MB of gradients fill two of 1 MiB, and the graph is split in four
+WHOLE_MODEL_DDP = ["strategy=ddp", "nodes=2", "model.n_embd=128", "strategy.bucket_cap_mb=1"]
+
+
+@pytest.mark.slow
+def test_ddp_trains_the_whole_compiled_model_as_eager_ddp(tmp_path, data_overrides):
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    launch(*COMMON, *data_overrides, *WHOLE_MODEL_DDP, run_dir=eager)
+    launch(*COMMON, *data_overrides, *WHOLE_MODEL_DDP, "train.compile=true", "train.compile_scope=auto",
+           run_dir=compiled)
+    expected, got = losses(eager), losses(compiled)
+    assert len(got) == STEPS and expected[-1] < expected[0] - 0.5
+    assert max_rel_diff(expected, got) <= COMPILED_RTOL, (expected, got)
+    assert max_rel_diff(val_losses(eager), val_losses(compiled)) <= COMPILED_RTOL
+
+
 @pytest.mark.parametrize("strategy", ["single", "ddp", "zero1", "fsdp"])
 def test_compile_wraps_each_block_in_place_and_leaves_the_loss_eager(strategy, tmp_path):
     """The wiring, in one process: each block's call is compiled (nothing compiles until it runs), the GPT
@@ -55,4 +72,18 @@ def test_compile_wraps_each_block_in_place_and_leaves_the_loss_eager(strategy, t
     assert model._compiled_call_impl is None and model.lm_head._compiled_call_impl is None
     assert not any("_orig_mod" in name for name, _ in built.model.named_parameters())
     if dist.is_initialized():  # the one-rank group the distributed strategies made
+        dist.destroy_process_group()
+
+
+def test_ddp_compiles_the_whole_model_inside_its_wrapper_and_splits_it_at_its_buckets():
+    """train=gpu's compile under DDP, as the build leaves it (nothing compiles until it runs): the GPT compiled whole,
+    in place, inside DDP's wrapper, whose buckets (each .grad a view into one) DDP's optimizer in torch._dynamo
+    splits the graph at, so that each bucket's all-reduce starts as its part of the backward ends."""
+    cfg = launch_config.parse(compose("model=tiny", "strategy=ddp", "train=gpu", "train.device=cpu",
+                                      "train.precision=fp32", "model.vocab_size=64"))
+    built = build_strategy_and_model(cfg, cfg.model, DistEnv(), torch.device("cpu"))
+    try:
+        assert built.compile.scope == "model" and built.unwrapped._compiled_call_impl is not None
+        assert built.model.gradient_as_bucket_view and torch._dynamo.config.optimize_ddp
+    finally:
         dist.destroy_process_group()

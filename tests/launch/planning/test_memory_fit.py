@@ -71,7 +71,7 @@ def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplo
 
 
 def test_auto_refuses_as_the_fit_check_when_one_sequence_does_not_fit(tmp_path):
-    with pytest.raises(UserError, match=r"needs about 2.80 GiB .*activations 0.95.* of the 2.0 GiB of its GPU; what would fit"):
+    with pytest.raises(UserError, match=r"needs about 2.80 GiB .*grads 0.46.*activations 0.95.* of the 2.0 GiB of its GPU; what would fit"):
         make_plan(auto_job(tmp_path, 2), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
