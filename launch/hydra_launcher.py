@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 class PointReturn(dict):
     """A sweep point's return value: its result (job id, hosts, summary...) and, as a float, its objective:
-    launcher.objective, a value of its training summary. Hydra's Optuna sweeper reads `float(return_value)`."""
+    launcher.objective, a value of its training summary. The Optuna sweeper reads `float(return_value)`."""
 
     def __init__(self, values: dict, objective: str):
         super().__init__(values)
@@ -113,7 +113,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     # 4. wait for the jobs
     if submitted:
-        _collect(backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns)
+        _collect(backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns,
+                 stop=not chooses_from_results(config))
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
     from launch.report import write_report
@@ -155,8 +156,9 @@ def swept_keys(config: Any) -> list[str]:
     return list(dict.fromkeys([o.key_or_group for o in task if o.is_sweep_override()] + list(params)))
 
 
-def _collect(outcomes, jobs, points, returns) -> None:
-    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs."""
+def _collect(outcomes, jobs, points, returns, stop: bool) -> None:
+    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs, unless the sweeper goes on
+    without them (`stop` false: it records each failed point as a failed trial)."""
     failed = []
     for (n, planned), outcome in zip(jobs, outcomes):
         ret = points[n][3]
@@ -165,7 +167,7 @@ def _collect(outcomes, jobs, points, returns) -> None:
         returns[n] = ret
         if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure
             failed.append(outcome)
-    if failed:
+    if failed and stop:
         ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
         print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
               file=sys.stderr, flush=True)
@@ -194,6 +196,11 @@ def _check_objective(config: Any, planned: list[PlannedRun]) -> None:
     """Such a sweeper needs every point's objective when the point returns. One line, before anything runs."""
     if not chooses_from_results(config):
         return
+    if str(config.hydra.sweeper._target_).startswith("hydra_plugins.hydra_optuna_sweeper."):
+        print("error: hydra/sweeper=optuna is hydra-optuna-sweeper's here, which needs optuna<3: "
+              "`pip uninstall hydra-optuna-sweeper` leaves gptlaunch's (hydra_plugins/gptlaunch_optuna)",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
     for run in (p.run for p in planned):
         why = ("launcher.detach=true returns before any point has a result" if run.launcher.detach else
                "the runs never evaluate (train.eval_interval=0)"
