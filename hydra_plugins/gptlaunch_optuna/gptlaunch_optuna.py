@@ -9,7 +9,7 @@ on imports: Hydra imports every plugin module on every start; the work is in lau
 """
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.core.plugins import Plugins
@@ -26,7 +26,7 @@ class Direction(Enum):
 class TPESamplerConf:  # made when the search starts (_partial_); TPESampler takes more: +hydra.sweeper.sampler.KEY=V
     _target_: str = "optuna.samplers.TPESampler"
     _partial_: bool = True
-    seed: Optional[int] = None
+    seed: int | None = None
     n_startup_trials: int = 10
     multivariate: bool = False
     constant_liar: bool = False  # a batch's trials avoid the values of those still running
@@ -36,27 +36,27 @@ class TPESamplerConf:  # made when the search starts (_partial_); TPESampler tak
 class RandomSamplerConf:
     _target_: str = "optuna.samplers.RandomSampler"
     _partial_: bool = True
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
 class GridSamplerConf:  # the grid is the search space's values (choice or range sweeps), each point once
     _target_: str = "optuna.samplers.GridSampler"
     _partial_: bool = True
-    seed: Optional[int] = None
+    seed: int | None = None
 
 
 @dataclass
 class OptunaSweeperConf:
     _target_: str = "hydra_plugins.gptlaunch_optuna.gptlaunch_optuna.OptunaSweeper"
-    defaults: List[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
+    defaults: list[Any] = field(default_factory=lambda: [{"sampler": "tpe"}])
     sampler: Any = MISSING  # hydra/sweeper/sampler=tpe|random|grid
     direction: Direction = Direction.minimize  # of launcher.objective
-    storage: Optional[str] = None  # an Optuna storage URL; None: sqlite:///SWEEP/optuna.db
-    study_name: Optional[str] = None  # None: the sweep folder's name
+    storage: str | None = None  # an Optuna storage URL; None: sqlite:///SWEEP/optuna.db
+    study_name: str | None = None  # None: the sweep folder's name
     n_trials: int = 20  # the study's trials in all, those of earlier commands included
     n_jobs: int = 2  # trials launched together (a batch)
-    params: Optional[Dict[str, str]] = None  # the search space, as key: 'interval(1e-4, 1e-2)' (or on the command line)
+    params: dict[str, str] | None = None  # the search space, as key: 'interval(1e-4, 1e-2)' (or on the command line)
 
 
 ConfigStore.instance().store(group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="gptlaunch")
@@ -65,8 +65,8 @@ for _name, _node in (("tpe", TPESamplerConf), ("random", RandomSamplerConf), ("g
 
 
 class OptunaSweeper(Sweeper):
-    def __init__(self, sampler: Any, direction: Direction, storage: Optional[str], study_name: Optional[str],
-                 n_trials: int, n_jobs: int, params: Optional[Dict[str, str]]) -> None:
+    def __init__(self, sampler: Any, direction: Direction, storage: str | None, study_name: str | None,
+                 n_trials: int, n_jobs: int, params: dict[str, str] | None) -> None:
         self.sampler, self.direction, self.storage, self.study_name = sampler, direction, storage, study_name
         self.n_trials, self.n_jobs, self.params = n_trials, n_jobs, params
         self.config: Any = None
@@ -77,7 +77,7 @@ class OptunaSweeper(Sweeper):
         self.launcher = Plugins.instance().instantiate_launcher(config=config, hydra_context=hydra_context,
                                                                 task_function=task_function)
 
-    def sweep(self, arguments: List[str]) -> None:
+    def sweep(self, arguments: list[str]) -> None:
         from launch.optuna_sweep import run_search
 
         run_search(self, arguments)
