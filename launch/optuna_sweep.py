@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 
 
 def run_search(sweeper: Any, arguments: list[str]) -> None:
+    if OmegaConf.select(sweeper.config, "launcher.detach"):
+        print("error: hydra/sweeper=optuna runs its search in this process, which launcher.detach=true would leave "
+              "before any trial has a result: run the command in tmux or screen, or in a job of its own (the study in "
+              "SWEEP/optuna.db lets the same command go on where it stopped)", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir)).absolute()
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
     space = search_space(params + list(arguments))

@@ -77,6 +77,15 @@ def test_an_objective_the_runs_never_have_is_refused_before_anything_runs(tmp_pa
     assert not (sweep / "optuna.db").exists()  # a refused first batch leaves no study behind
 
 
+def test_a_detached_search_is_refused_before_a_study_is_made(tmp_path: Path, data_overrides):
+    sweep = tmp_path / "sweep"
+    proc = launch("hydra/sweeper=optuna", "train.lr=choice(0.0003,0.01)", "launcher.detach=true", *RUN,
+                  *data_overrides, run_dir=sweep, multirun=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.startswith(
+        "error: hydra/sweeper=optuna runs its search in this process, which launcher.detach=true would leave"), proc.stderr
+    assert not sweep.exists()
+
+
 def test_the_override_grammar_is_optunas_search_space():
     """Hydra's sweeps as Optuna 4's distributions: a range's stop is left out, as the grid sweeper leaves it out; a
     plain override is every trial's; a key given again (the command line after hydra.sweeper.params) wins."""

@@ -1,9 +1,10 @@
-"""Hydra's Optuna sweeper on the real local Slurm cluster: each batch of trials is one packed allocation, and the
+"""The Optuna sweeper (hydra/sweeper=optuna) on the real local Slurm cluster: each batch of trials is one packed allocation, and the
 sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointReturn), with the
 sweep's early stopping (launcher.early_stop=asha) at a rung half way."""
 from __future__ import annotations
 
 import json
+import sqlite3
 
 import pytest
 import yaml
@@ -38,3 +39,26 @@ def test_optuna_batches_on_slurm_find_the_learning_rate_a_grid_knows_is_best(slu
     assert worse["last_step"] == 20 or worse["stopped_early"].startswith("stopped early at step 10 (rung 0)"), worse
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"train.lr": 0.01} and best["best_value"] == pytest.approx(losses[0.01]), best
+
+
+@pytest.mark.timeout(300)
+def test_a_trial_whose_job_fails_is_a_failed_trial_and_the_search_goes_on(slurm_cluster, tmp_path, data_overrides):
+    """Two trials one after the other over where rank 0 kills itself (debug.kill_step=3, with no restart), or past the
+    last step (1000: never): the job that fails is a failed trial of the study in the sweep folder, with a line, and
+    the other trial still runs and is the best, whichever the grid sampler tries first."""
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra/sweeper/sampler=grid",
+                      "hydra.sweeper.n_trials=2", "hydra.sweeper.n_jobs=1", "debug.kill_step=choice(3,1000)",
+                      "debug.kill_rank=0", "preemption.max_restarts=0", "preemption.in_job_restarts=0",
+                      *SLURM, *RUN[:-2], *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("submitted job ") == 2, proc.stdout
+    failed = next(t for t in sweep.glob("trial=*") if t.name.endswith("debug.kill_step=3"))
+    number = failed.name.split(",")[0].split("=")[1]
+    assert f"optuna: trial {number} failed: its job " in proc.stderr and f"(run folder {failed})" in proc.stderr, (
+        proc.stderr[-3000:])
+    assert "optuna: 1 of 2 trial(s) failed" in proc.stderr
+    with sqlite3.connect(sweep / "optuna.db") as db:
+        assert sorted(db.execute("SELECT state FROM trials").fetchall()) == [("COMPLETE",), ("FAIL",)]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"] == {"debug.kill_step": 1000} and best["failed"] == 1, best
