@@ -81,8 +81,8 @@ def test_a_detached_search_is_refused_before_a_study_is_made(tmp_path: Path, dat
     sweep = tmp_path / "sweep"
     proc = launch("hydra/sweeper=optuna", "train.lr=choice(0.0003,0.01)", "launcher.detach=true", *RUN,
                   *data_overrides, run_dir=sweep, multirun=True, check=False)
-    assert proc.returncode == 2 and proc.stderr.startswith(
-        "error: hydra/sweeper=optuna runs its search in this process, which launcher.detach=true would leave"), proc.stderr
+    refused = "error: hydra/sweeper=optuna runs its search in this process, which launcher.detach=true would leave"
+    assert proc.returncode == 2 and proc.stderr.startswith(refused), proc.stderr
     assert not sweep.exists()
 
 

@@ -1,6 +1,7 @@
-"""The Optuna sweeper (hydra/sweeper=optuna) on the real local Slurm cluster: each batch of trials is one packed allocation, and the
-sweeper chooses from the validation losses the jobs' runs return (launch.hydra_launcher.PointReturn), with the
-sweep's early stopping (launcher.early_stop=asha) at a rung half way."""
+"""The Optuna sweeper (hydra/sweeper=optuna) on the real local Slurm cluster: each batch of trials is one packed
+allocation, and the sweeper chooses from the validation losses the jobs' runs return
+(launch.hydra_launcher.PointReturn), with the sweep's early stopping (launcher.early_stop=asha) at a rung half way; a
+trial whose job fails is a failed trial, and the search goes on."""
 from __future__ import annotations
 
 import json
