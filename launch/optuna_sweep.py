@@ -7,6 +7,9 @@ with their own values and number: their run folders, trial=N,..., are the same, 
 or their results, or resumes their runs. Each batch of n_jobs trials is asked from the study (Optuna's ask/tell API),
 launched together, and told back: the objective each point's PointReturn gives (launcher.objective), or FAIL for a
 point whose run failed or whose objective is missing or not finite; the search goes on without it.
+
+Detached (launcher.detach=true), the command submits one batch and returns: a job of the search's own, queued after
+that batch (the backend's submit_search), runs the same command without detach, which resumes the study as above.
 """
 from __future__ import annotations
 
@@ -31,11 +34,6 @@ log = logging.getLogger(__name__)
 
 
 def run_search(sweeper: Any, arguments: list[str]) -> None:
-    if OmegaConf.select(sweeper.config, "launcher.detach"):
-        print("error: hydra/sweeper=optuna runs its search in this process, which launcher.detach=true would leave "
-              "before any trial has a result: run the command in tmux or screen, or in a job of its own (the study in "
-              "SWEEP/optuna.db lets the same command go on where it stopped)", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER)
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir)).absolute()
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
     space = search_space(params + list(arguments))
@@ -52,21 +50,32 @@ def run_search(sweeper: Any, arguments: list[str]) -> None:
     if left:
         print(f"optuna: trial(s) {', '.join(str(t.number) for t in left)} were running when the last search ended: "
               "launched again (a job still queued or running is picked up, a finished run is read back)", flush=True)
-    first = new_db
+    detach = bool(OmegaConf.select(sweeper.config, "launcher.detach"))
     while left or to_ask > 0:
         if left:
             batch, left = left[:sweeper.n_jobs], left[sweeper.n_jobs:]
         else:
             batch = [study.ask(space.distributions) for _ in range(min(sweeper.n_jobs, to_ask))]
             to_ask -= len(batch)
-        _run_batch(sweeper, study, space, batch, db if first else None)
-        first = False
+        if detach:  # once the batch is submitted, a job of its own goes on with the search (launch.hydra_launcher)
+            sweeper.launcher.search = (_search_args(sweeper.config, sweep_dir),
+                                       math.ceil((len(left) + to_ask) / sweeper.n_jobs))
+        if _run_batch(sweeper, study, space, batch, db if new_db else None):
+            return
+        new_db = False
     _results(study, sweep_dir, storage)
 
 
-def _run_batch(sweeper: Any, study: optuna.Study, space: SearchSpace, batch: list, new_db: Path | None) -> None:
-    """Launch the batch and tell the study each trial's outcome. A batch the launcher refuses before anything runs
-    (exit 2: a bad point) fails its trials, and leaves no new database behind when nothing else is in it."""
+def _search_args(config: Any, sweep_dir: Path) -> list[str]:
+    """The command that goes on with a detached search: this one, waiting for each batch, in this sweep folder."""
+    return ["-m", *config.hydra.overrides.hydra, *config.hydra.overrides.task, f"hydra.sweep.dir={sweep_dir}",
+            "launcher.detach=false", "hydra.launcher.progress=false"]
+
+
+def _run_batch(sweeper: Any, study: optuna.Study, space: SearchSpace, batch: list, new_db: Path | None) -> bool:
+    """Launch the batch and tell the study each trial's outcome; True where the launcher detached instead (the
+    trials stay running, for the search's job). A batch the launcher refuses before anything runs (exit 2: a bad
+    point) fails its trials, and leaves no new database behind when nothing else is in it."""
     try:
         returns = []
         for run in _consecutive(batch):  # the launcher numbers (names) a call's points from its first index
@@ -78,12 +87,15 @@ def _run_batch(sweeper: Any, study: optuna.Study, space: SearchSpace, batch: lis
             if new_db is not None:  # this command made it, for this batch alone
                 new_db.unlink(missing_ok=True)
         raise
+    if getattr(sweeper.launcher, "search_job", None):
+        return True
     for trial, ret in zip(batch, returns):
         value, why = _outcome(ret, trial.number)
         if why:
             print(f"optuna: trial {trial.number} failed: {why}; the study records it as failed and the search goes on",
                   file=sys.stderr, flush=True)
         _tell(study, trial.number, value)
+    return False
 
 
 def _tell(study: optuna.Study, number: int, value: float | None) -> None:

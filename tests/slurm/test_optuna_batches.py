@@ -5,12 +5,14 @@ trial whose job fails is a failed trial, and the search goes on."""
 from __future__ import annotations
 
 import json
+import re
 import sqlite3
 
 import pytest
 import yaml
 
 from slurm_helpers import SLURM, TINY, run_launch
+from test_detached import verb
 
 pytestmark = pytest.mark.slurm
 
@@ -63,3 +65,32 @@ def test_a_trial_whose_job_fails_is_a_failed_trial_and_the_search_goes_on(slurm_
         assert sorted(db.execute("SELECT state FROM trials").fetchall()) == [("COMPLETE",), ("FAIL",)]
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"debug.kill_step": 1000} and best["failed"] == 1, best
+
+
+@pytest.mark.timeout(400)
+def test_a_detached_search_goes_on_in_a_job_of_its_own(slurm_cluster, tmp_path, data_overrides):
+    """launcher.detach=true: the command submits the first batch, then a job of the search's own after it, and
+    returns. That job runs the same command without detach: it reads the first batch's results back as its trials
+    (numbers 0 and 1, run folders as they were), asks and runs the second batch, and writes the best; launch.status
+    shows it and waits for it (exit 3) until it ends."""
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+                      "hydra.sweeper.n_jobs=2", "hydra.sweeper.sampler.seed=0", "train.lr=choice(0.0003,0.01)",
+                      "launcher.detach=true", *SLURM, *RUN[:-2], *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("submitted job ") == 2 and "detached: job(s) " in proc.stdout, proc.stdout
+    job = re.search(r"^search: job (\d+) goes on with the search once they have ended", proc.stdout, re.M)[1]
+    assert not (sweep / "optimization_results.yaml").exists()
+    status = verb(slurm_cluster.env, "status", str(sweep))
+    assert status.returncode == 3 and f"search: job {job} " in status.stdout, status.stdout
+    assert slurm_cluster.wait_state(job, timeout=300) == "COMPLETED", (sweep / "slurm" / f"search-{job}.out").read_text()
+    log = (sweep / "slurm" / f"search-{job}.out").read_text()
+    assert "2 trial(s) so far, 2 to ask (n_trials=4)" in log and "trial(s) 0, 1 were running" in log, log
+    assert log.count("finished at step 20; nothing to do") == 2 and log.count("submitted job ") == 2, log
+    with sqlite3.connect(sweep / "optuna.db") as db:
+        assert db.execute("SELECT number, state FROM trials ORDER BY number").fetchall() == [
+            (n, "COMPLETE") for n in range(4)]
+    assert sorted(t.name.split(",")[0] for t in sweep.glob("trial=*")) == [f"trial={n}" for n in range(4)]
+    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
+    assert best["best_params"] == {"train.lr": 0.01} and best["complete"] == 4, best
+    assert verb(slurm_cluster.env, "status", str(sweep)).returncode == 0

@@ -63,6 +63,9 @@ class SlurmBackend(Backend):
     def submit_report(self, sweep_dir, job_ids, resources, snapshot):
         return detached.submit_report_job(sweep_dir, job_ids, resources, snapshot)
 
+    def submit_search(self, sweep_dir, job_ids, resources, snapshot, args, batches):
+        return detached.submit_search_job(sweep_dir, job_ids, resources, snapshot, args, batches)
+
     def print_follow_up(self, target, job_ids, report_job=None, out=sys.stdout):
         detached.print_follow_up(target, job_ids, report_job, out)
 
