@@ -11,7 +11,7 @@ import sqlite3
 import pytest
 import yaml
 
-from slurm_helpers import SLURM, TINY, run_launch
+from slurm_helpers import SLURM, TINY, output, run_launch
 from test_detached import verb
 
 pytestmark = pytest.mark.slurm
@@ -94,3 +94,21 @@ def test_a_detached_search_goes_on_in_a_job_of_its_own(slurm_cluster, tmp_path, 
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
     assert best["best_params"] == {"train.lr": 0.01} and best["complete"] == 4, best
     assert verb(slurm_cluster.env, "status", str(sweep)).returncode == 0
+
+
+@pytest.mark.timeout(300)
+def test_cancelling_a_detached_search_cancels_its_job_first(slurm_cluster, tmp_path, data_overrides):
+    """launch.cancel SWEEP --now: the search's job (waiting on the first batch) is cancelled with the trials' jobs, so
+    that nothing launches them again; the study keeps the trials running, for the same command."""
+    sweep = tmp_path / "sweep"
+    proc = run_launch(slurm_cluster.env, "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=4",
+                      "hydra.sweeper.n_jobs=2", "train.lr=choice(0.0003,0.01)", "launcher.detach=true",
+                      *SLURM, *RUN[:-2], "train.max_steps=1000", *data_overrides, f"hydra.sweep.dir={sweep}")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-4000:]
+    job = re.search(r"^search: job (\d+) goes on", proc.stdout, re.M)[1]
+    cancel = verb(slurm_cluster.env, "cancel", str(sweep), "--now")
+    assert cancel.returncode == 0 and f"cancelled the search's job {job}" in cancel.stdout, output(cancel)
+    assert "cancelled job(s) " in cancel.stdout, output(cancel)  # the trials' jobs too
+    assert slurm_cluster.wait_state(job) == "CANCELLED"
+    with sqlite3.connect(sweep / "optuna.db") as db:
+        assert db.execute("SELECT state FROM trials").fetchall() == [("RUNNING",), ("RUNNING",)]
