@@ -13,7 +13,6 @@ that batch (the backend's submit_search), runs the same command without detach, 
 """
 from __future__ import annotations
 
-import logging
 import math
 import sys
 from pathlib import Path
@@ -30,14 +29,19 @@ from launch.optuna_space import SearchSpace, search_space
 DB = "optuna.db"
 FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
-log = logging.getLogger(__name__)
-
 
 def run_search(sweeper: Any, arguments: list[str]) -> None:
     sweep_dir = Path(str(sweeper.config.hydra.sweep.dir)).absolute()
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
-    space = search_space(params + list(arguments))
-    sampler, n_trials = _sampler(sweeper.sampler, space, sweeper.n_trials)
+    try:  # a search Optuna cannot run: one line, before anything
+        if sweeper.n_jobs < 1:
+            raise ValueError(f"hydra.sweeper.n_jobs={sweeper.n_jobs} is not valid: the trials launched together, "
+                             "at least 1")
+        space = search_space(params + list(arguments))
+        sampler, n_trials = _sampler(sweeper.sampler, space, sweeper.n_trials)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
     storage, db = _storage(sweeper.storage, sweep_dir)
     new_db = db is not None and not db.exists()
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # a line per trial: the launcher says what each does

@@ -105,6 +105,18 @@ def test_the_override_grammar_is_optunas_search_space():
                             "train.clip": [0.5, 1.0, 1.5]}
 
 
+@pytest.mark.parametrize("args, error", [
+    (["hydra/sweeper/sampler=grid", "train.lr=interval(1e-4, 1e-2)"],
+     "error: hydra/sweeper/sampler=grid runs every value of train.lr, and an interval(...) has no list of them: use "
+     "choice(...) or range(...)"),
+    (["hydra.sweeper.n_jobs=0", "train.lr=choice(0.0003,0.01)"],
+     "error: hydra.sweeper.n_jobs=0 is not valid: the trials launched together, at least 1")])
+def test_a_search_optuna_cannot_run_is_one_line(tmp_path: Path, args, error):
+    proc = launch("hydra/sweeper=optuna", *args, *RUN, run_dir=tmp_path / "sweep", multirun=True, check=False)
+    assert proc.returncode == 2 and proc.stderr.splitlines() == [error], proc.stderr
+    assert not (tmp_path / "sweep").exists()
+
+
 class FakeLauncher:
     """Each point's objective is a function of its train.lr; lr=0.5 fails as a job does (a run that crashed), lr=0.25
     returns NaN (a run that diverged). Records every (trial number, overrides) it launches."""
