@@ -25,6 +25,8 @@ $(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt --upgrade pip  # pip itself as tested, too
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'
+	# the stock Optuna sweeper an older venv holds would claim hydra/sweeper=optuna too (hydra_plugins/gptlaunch_optuna)
+	$(BIN)/pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	touch $@
 
 # Every dependency pinned to what the venv holds (after an upgrade the tests passed): what CI and a fresh machine

@@ -4,11 +4,12 @@ Without --now each running job gets the run's preemption signal (preemption.sign
 limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
 cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
 cancelled, pending jobs at once. The same launch command continues the run from that checkpoint. --now cancels at
-once (the run continues from its newest earlier checkpoint). A packed allocation (launcher.pack) is one job of
+once (the run continues from its newest earlier checkpoint). A packed allocation (hydra.launcher.pack) is one job of
 several runs: each of them is told, the packer then requeues nothing (launch.recovery.packed), and the cancel waits
-for every one of its running points to save. A sweep's report job is left to run: it builds the
-report of what was done. When the scheduler does not answer it says so and exits 1: an outage is not "no job".
-Torch-free: it runs on a login node.
+for every one of its running points to save. A sweep's report job is left to run: it builds the report of what was
+done. A detached search's job is cancelled first, at once: it would launch the trials again (its study keeps them
+running, and the same command goes on with the search). When the scheduler does not answer it says so and exits 1:
+an outage is not "no job". Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from gpt.errors import UserError
 from launch.backends import Backend, scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
 from launch.run.job_record import cancelled_by_user, request_cancel, withdraw_cancel
-from launch.run_status import ask_scheduler, job_ids, run_folders
+from launch.run_status import SEARCH_JOB, ask_scheduler, job_ids, run_folders, sweep_job
 
 WAIT_S = 300.0  # how long a signalled job may take to save and requeue before it is cancelled anyway
 POLL_S = 0.5
@@ -42,6 +43,7 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
         for j in job_ids(r):
             by_job.setdefault(j, []).append(r)
     try:
+        _cancel_search(target, out)
         infos = ask_scheduler(sorted(by_job))
     except SchedulerUnavailable as e:  # not "no job": its jobs may wait or run
         return _unanswered(e, "nothing was cancelled or signalled")
@@ -76,6 +78,13 @@ def cancel(target: Path, now: bool = False, wait_s: float = WAIT_S, out=sys.stdo
     print(f"cancelled job(s) {' '.join(sorted(live))}; the same launch command continues the run(s) from their newest "
           "checkpoint", file=out)
     return 0
+
+
+def _cancel_search(target: Path, out) -> None:
+    job = sweep_job(target, SEARCH_JOB)
+    if job and any(i.state.live for i in ask_scheduler([job]).values()):
+        scheduler().cancel([job])
+        print(f"cancelled the search's job {job}; the same command goes on with the search", file=out, flush=True)
 
 
 def _unanswered(error: SchedulerUnavailable, done: str) -> int:

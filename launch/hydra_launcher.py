@@ -76,7 +76,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     _stop_on_bad_points(points)
 
     planned: list[PlannedRun] = [ret.return_value for *_, ret in points]
-    _check_objective(config, planned)
+    _check_objective(config, planned, detached_search=launcher.search is not None)
     returns: list[JobReturn | None] = [None] * len(points)
     for n, p in enumerate(planned):  # a run again: the points that finished before say so, and run no more
         if p.finished and p.backend.submits:
@@ -99,7 +99,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)
         if jobs[0][1].launcher.detach:
-            return _detach(sweep_dir, submitted, jobs, points, returns, snapshot)
+            return _detach(launcher, sweep_dir, submitted, jobs, points, returns, snapshot)
 
     # 3. points that run here, one after another
     for n, (idx, _, sweep_config, _) in enumerate(points):
@@ -114,7 +114,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     # 4. wait for the jobs
     if submitted:
         section = jobs[0][1].launcher
-        _collect(backend.wait(submitted, section.poll_s, section.progress), jobs, points, returns)
+        _collect(backend.wait(submitted, section.poll_s, section.progress), jobs, points, returns,
+                 stop=not chooses_from_results(config))
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
     from launch.report import write_report
@@ -156,8 +157,9 @@ def swept_keys(config: Any) -> list[str]:
     return list(dict.fromkeys([o.key_or_group for o in task if o.is_sweep_override()] + list(params)))
 
 
-def _collect(outcomes, jobs, points, returns) -> None:
-    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs, or, silently, when a point stopped
+def _collect(outcomes, jobs, points, returns, stop: bool) -> None:
+    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs, unless the sweeper goes on
+    without them (`stop` false: it records each failed point as a failed trial); or, silently, when a point stopped
     (the waiter said how and how the same command continues it: the exit is a single run's, launch.status's)."""
     failed, stopped = [], False
     for (n, planned), outcome in zip(jobs, outcomes):
@@ -168,6 +170,8 @@ def _collect(outcomes, jobs, points, returns) -> None:
         stopped = stopped or outcome.stopped is not None
         if not outcome.ok and not outcome.cancelled and outcome.stopped is None:  # a cancel, a stop: no failure
             failed.append(outcome)
+    if not stop:
+        return
     if failed:
         ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)
         print(f"error: {len(failed)} of {len(outcomes)} job(s) failed: {ids}; errors and logs above",
@@ -176,12 +180,21 @@ def _collect(outcomes, jobs, points, returns) -> None:
         sys.exit(EXIT_FAILED)
 
 
-def _detach(sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
-    """Return once the scheduler accepted every job: a dependency job builds the report after them."""
+def _detach(launcher: Any, sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
+    """Return once the scheduler accepted every job: a dependency job builds the report after them, or, for a
+    detached search, goes on with the search (and builds the report after each batch)."""
     # packed points (hydra.launcher.pack) share their job: each id once
     ids, backend = list(dict.fromkeys(s.job_id for s in submitted)), jobs[0][1].backend
-    report = backend.submit_report(sweep_dir, ids, jobs[0][1].resources, snapshot)
-    backend.print_follow_up(sweep_dir, list(dict.fromkeys(j for s in submitted for j in s.job_ids)), report)
+    all_ids = list(dict.fromkeys(j for s in submitted for j in s.job_ids))
+    if launcher.search:
+        launcher.search_job = backend.submit_search(sweep_dir, ids, jobs[0][1].resources, snapshot, *launcher.search)
+        backend.print_follow_up(sweep_dir, all_ids)
+        print(f"search: job {launcher.search_job} goes on with the search once they have ended (its log: "
+              f"{sweep_dir / 'slurm' / f'search-{launcher.search_job}.out'}); launch.cancel cancels it too",
+              flush=True)
+    else:
+        backend.print_follow_up(sweep_dir, all_ids, backend.submit_report(sweep_dir, ids, jobs[0][1].resources,
+                                                                          snapshot))
     for (n, _), s in zip(jobs, submitted):
         ret = points[n][3]
         ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED
@@ -194,13 +207,20 @@ def chooses_from_results(config: Any) -> bool:
     return not str(config.hydra.sweeper.get("_target_", "")).endswith(".BasicSweeper")
 
 
-def _check_objective(config: Any, planned: list[PlannedRun]) -> None:
-    """Such a sweeper needs every point's objective when the point returns. One line, before anything runs."""
+def _check_objective(config: Any, planned: list[PlannedRun], detached_search: bool) -> None:
+    """Such a sweeper needs every point's objective when the point returns (unless a job of its own goes on with a
+    detached search). One line, before anything runs."""
     if not chooses_from_results(config):
         return
+    if str(config.hydra.sweeper._target_).startswith("hydra_plugins.hydra_optuna_sweeper."):
+        print("error: hydra/sweeper=optuna is hydra-optuna-sweeper's here, which needs optuna<3: "
+              "`pip uninstall hydra-optuna-sweeper` leaves gptlaunch's (hydra_plugins/gptlaunch_optuna)",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER)
     for p in planned:
         run = p.run
-        why = ("hydra.launcher.detach=true returns before any point has a result" if p.launcher.detach else
+        why = ("hydra.launcher.detach=true returns before any point has a result"
+               if p.launcher.detach and not detached_search else
                "the runs never evaluate (train.eval_interval=0)"
                if run.launcher.objective == "val_loss" and not run.train.eval_interval else None)
         if why:

@@ -24,6 +24,7 @@ from launch.run.identity import newest_step
 from launch.run.job_record import cancelled_by_user, recorded_job
 
 REPORT_JOB = "report_job.json"  # in a sweep folder: the dependency job that builds its report
+SEARCH_JOB = "search_job.json"  # in a sweep folder: the job that goes on with a detached search (hydra/sweeper=optuna)
 FINISHED, FAILED, WAITING = "finished", "failed", "running"  # a run's verdict; launch.status exits 0, 1, 3
 UNKNOWN = "unknown"  # its job's state: the scheduler does not answer (launch.status exits 4)
 STOPPED = "stopped (the same command continues it)"  # saved after a signal or a preemption, not requeued: exits 1
@@ -197,7 +198,12 @@ def _train_records(run_dir: Path) -> list[dict[str, Any]]:
 
 
 def report_job(sweep_dir: Path) -> str | None:
+    return sweep_job(sweep_dir, REPORT_JOB)
+
+
+def sweep_job(sweep_dir: Path, record: str) -> str | None:
+    """The job of the sweep's own that this record names (REPORT_JOB, SEARCH_JOB), if it has one."""
     try:
-        return json.loads((sweep_dir / REPORT_JOB).read_text())["job_id"]
+        return json.loads((sweep_dir / record).read_text())["job_id"]
     except (OSError, ValueError, KeyError):
         return None

@@ -1,9 +1,10 @@
 """`python -m launch.status RUN_OR_SWEEP`: where each job of a run or a sweep stands, without the launcher.
 
 One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
-steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last. Exit code 0 when every run finished,
-1 when any failed or stopped, 3 while any still runs or waits, 4 when the scheduler does not answer for a run that has
-not finished (its state is unknown, never taken for failed). Torch-free: it runs on a login node.
+steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last, and a detached search's job. Exit
+code 0 when every run finished, 1 when any failed or stopped, 3 while any (or the search's job) still runs or waits,
+4 when the scheduler does not answer for a run that has not finished (its state is unknown, never taken for failed).
+Torch-free: it runs on a login node.
 """
 from __future__ import annotations
 
@@ -13,8 +14,8 @@ import sys
 from pathlib import Path
 
 from gpt.errors import EXIT_UNKNOWN
-from launch.run_status import (FAILED, STOPPED, UNKNOWN, WAITING, RunStatus, job_ids, read_status, report_job,
-                               run_folders, shown, standings)
+from launch.run_status import (FAILED, SEARCH_JOB, STOPPED, UNKNOWN, WAITING, RunStatus, job_ids, read_status,
+                               report_job, run_folders, shown, standings, sweep_job)
 
 EXIT_RUNNING = 3
 
@@ -50,8 +51,8 @@ def status(target: Path, out=sys.stdout) -> int:
     if not runs:
         print(f"error: no run folder at or under {target} (a folder with a config.yaml)", file=sys.stderr)
         return 2
-    report = report_job(target)
-    infos = standings(sorted({j for r in runs for j in job_ids(r)} | ({report} if report else set())))
+    report, search = report_job(target), sweep_job(target, SEARCH_JOB)
+    infos = standings(sorted({j for r in runs for j in job_ids(r)} | {j for j in (report, search) if j}))
     statuses = [read_status(r, infos) for r in runs]
     for s in statuses:
         print(line(s, target), file=out)
@@ -61,8 +62,11 @@ def status(target: Path, out=sys.stdout) -> int:
         reason = infos[report].reason if report in infos else ""
         print(f"report: job {report} {shown(infos, report)}{f' ({reason})' if reason else ''}; {target / 'report'}",
               file=out)
+    if search:
+        print(f"search: job {search} {shown(infos, search)}; its log: {target / 'slurm' / f'search-{search}.out'}",
+              file=out)
     verdicts = {s.verdict for s in statuses}
-    if WAITING in verdicts:
+    if WAITING in verdicts or (search in infos and infos[search].state.live):
         return EXIT_RUNNING
     return 1 if verdicts & {FAILED, STOPPED} else EXIT_UNKNOWN if UNKNOWN in verdicts else 0
 

@@ -34,6 +34,10 @@ class GptlaunchLauncher(Launcher):
         self.config: Any | None = None
         self.hydra_context: Any | None = None
         self.task_function: Any | None = None
+        # a detached search (hydra/sweeper=optuna, hydra.launcher.detach=true): the command that goes on with it, and
+        # the batches it may wait for, submitted as a job after the batch being launched; search_job is then its id
+        self.search: tuple[list[str], int] | None = None
+        self.search_job: str | None = None
 
     def setup(self, *, hydra_context: Any, task_function: Any, config: Any) -> None:
         self.config = config

@@ -105,6 +105,12 @@ class Backend:
         """A detached sweep's report job, run once every job has ended; returns its id."""
         raise NotImplementedError
 
+    def submit_search(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any, args: list[str],
+                      batches: int) -> str:
+        """A detached search's job (`python -m launch ARGS`), run once these jobs have ended, long enough for
+        `batches` more batches; returns its id (an earlier one's, while it waits or runs)."""
+        raise NotImplementedError
+
     def print_follow_up(self, target: Path, job_ids: list[str], report_job: str | None = None,
                         out=sys.stdout) -> None:
         """What a detached launch prints: the commands that follow its jobs."""

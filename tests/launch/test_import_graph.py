@@ -59,6 +59,7 @@ def test_no_module_imports_itself_back():
 # builds). None may import torch at import. Nor may the local backend: its ranks' server imports torch once, and a
 # launcher that did so too would pay it again.
 LAUNCHER_ENTRIES = ["launch.app", "launch.hydra_launcher", "hydra_plugins.gptlaunch_launcher.gptlaunch_launcher",
+                    "hydra_plugins.gptlaunch_optuna.gptlaunch_optuna", "launch.optuna_sweep",
                     "launch.planning.plan", "launch.backends.slurm.backend", "launch.backends.srun", "launch.report",
                     "gpt.config.schema", "launch.backends.local", "launch.dry_run"]
 

@@ -53,5 +53,6 @@ class SlurmBackend(Backend):
     live_job = staticmethod(submit.live_job)
     submit_all = staticmethod(submit.submit_jobs)
     submit_report = staticmethod(detached.submit_report_job)
+    submit_search = staticmethod(detached.submit_search_job)
     print_follow_up = staticmethod(detached.print_follow_up)
     wait = staticmethod(wait.wait)

@@ -9,9 +9,9 @@ import sys
 from pathlib import Path
 
 from gpt.run_folder import write_json
-from launch.backends.slurm import commands
+from launch.backends.slurm import commands, partitions
 from launch.backends.slurm.submitted import show_path
-from launch.run_status import REPORT_JOB
+from launch.run_status import REPORT_JOB, SEARCH_JOB, sweep_job
 from launch.snapshot import Snapshot
 
 REPORT_TIME_MIN = 10
@@ -20,18 +20,42 @@ REPORT_TIME_MIN = 10
 def submit_report_job(sweep_dir: Path, job_ids: list[str], resources, snapshot: Snapshot | None) -> str:
     """`python -m launch.report SWEEP_DIR` as a one-task job after every job of the sweep, on the sweep's partition
     and account; it runs the sweep's code snapshot when there is one."""
+    job_id = _job_after(job_ids, resources, snapshot, f"launch.report {shlex.quote(str(sweep_dir))}",
+                        f"{sweep_dir.name}-report", REPORT_TIME_MIN, sweep_dir / "slurm" / "report-%j.out")
+    write_json(sweep_dir / REPORT_JOB, {"job_id": job_id, "after": job_ids})
+    return job_id
+
+
+def submit_search_job(sweep_dir: Path, job_ids: list[str], resources, snapshot: Snapshot | None, args: list[str],
+                      batches: int) -> str:
+    """`python -m launch ARGS` (a search that goes on from its study, hydra/sweeper=optuna) as a one-task job after
+    the batch just submitted, long enough to wait for `batches` more, as the partition allows: it runs the rest of the
+    search, and builds the report after each batch. One such job at a time: a live one is kept."""
+    earlier = sweep_job(sweep_dir, SEARCH_JOB)
+    if earlier and any(commands.standing(i).state.live for i in commands.job_infos([earlier]).values()):
+        return earlier
+    limit = next((p.max_time_min for p in partitions.read_partitions().values()
+                  if p.name == resources.partition or (resources.partition is None and p.default)), None)
+    time_min = min(x for x in (resources.time_min * resources.chain * batches + REPORT_TIME_MIN, limit) if x)
+    job_id = _job_after(job_ids, resources, snapshot, "launch " + " ".join(map(shlex.quote, args)),
+                        f"{sweep_dir.name}-search", time_min, sweep_dir / "slurm" / "search-%j.out")
+    write_json(sweep_dir / SEARCH_JOB, {"job_id": job_id, "after": job_ids, "time_min": time_min})
+    return job_id
+
+
+def _job_after(job_ids: list[str], resources, snapshot: Snapshot | None, module: str, name: str, time_min: int,
+               output: Path) -> str:
+    """`python -m MODULE` as a one-task job once those jobs have ended (afterany), from this folder, on their
+    partition, account and qos, with their code snapshot when they have one."""
     env = " ".join(snapshot.setup_lines()) + "; " if snapshot else ""
-    command = f"{env}cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m launch.report " \
-              f"{shlex.quote(str(sweep_dir))}"
-    flags = [f"--dependency=afterany:{':'.join(job_ids)}", f"--job-name={sweep_dir.name}-report", "--nodes=1",
-             "--ntasks=1", f"--time={REPORT_TIME_MIN}", f"--output={sweep_dir / 'slurm' / 'report-%j.out'}"]
+    command = f"{env}cd {shlex.quote(os.getcwd())} && {shlex.quote(sys.executable)} -m {module}"
+    flags = [f"--dependency=afterany:{':'.join(job_ids)}", f"--job-name={name}", "--nodes=1", "--ntasks=1",
+             f"--time={time_min}", f"--output={output}"]
     for flag in ("partition", "account", "qos"):
         value = getattr(resources, flag, None)
         if value:
             flags.append(f"--{flag}={value}")
-    job_id = commands.run("sbatch", "--parsable", *flags, "--wrap", command).strip().split(";")[0]
-    write_json(sweep_dir / REPORT_JOB, {"job_id": job_id, "after": job_ids})
-    return job_id
+    return commands.run("sbatch", "--parsable", *flags, "--wrap", command).strip().split(";")[0]
 
 
 def print_follow_up(target: Path, job_ids: list[str], report_job: str | None = None, out=sys.stdout) -> None:
