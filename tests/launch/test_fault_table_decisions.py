@@ -176,7 +176,7 @@ def test_a_sweep_with_a_point_preempted_under_cancel_exits_1_as_a_single_run_and
                for o in (finished, stopped)]
     points = [(n, [], None, JobReturn()) for n in range(2)]
     with pytest.raises(SystemExit) as stop:
-        _collect([finished, stopped], list(enumerate(planned)), points, [None, None])
+        _collect([finished, stopped], list(enumerate(planned)), points, [None, None], stop=True)
     assert stop.value.code == 1 and capsys.readouterr().err == ""
 
 
