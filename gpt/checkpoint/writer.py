@@ -137,7 +137,7 @@ class Checkpointer:
 
     def _abandon(self, tmp: Path, error: OSError | None) -> None:
         """Remove the partial save `tmp` and raise, on every rank, the line that says why it failed."""
-        errors = [e for e in gather_objects(_picklable(error)) if e is not None]
+        errors = [OSError(*e) for e in gather_objects(_plain(error)) if e is not None]
         line = None
         if self.is_main:
             written = folder_bytes(tmp)
@@ -297,6 +297,8 @@ def load_model(path: Path, device: str = "cpu"):
     return model.to(device).eval(), meta, path
 
 
-def _picklable(error: OSError | None) -> OSError | None:
-    """The error as it travels to rank 0: errno, message and file name survive pickling."""
-    return None if error is None else OSError(error.errno, error.strerror, error.filename)
+def _plain(error: OSError | None) -> list | None:
+    """The error as it travels to rank 0 (as JSON): its errno, message and file name."""
+    if error is None:
+        return None
+    return [error.errno, error.strerror, None if error.filename is None else str(error.filename)]

@@ -160,8 +160,8 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
     if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
         os.environ.update(flight_recorder_env(run_dir, os.environ))
     rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
-                                    join_timeout_s=rendezvous_cfg.timeout_s, card=gpus,
-                                    vet=lambda plans: vet_gpus(device, plans))
+                                    join_timeout_s=rendezvous_cfg.timeout_s, card=gpus.card(),
+                                    vet=lambda cards: vet_gpus(device, [GpuPlan.from_card(c) for c in cards]))
     if rendezvous is None:
         return None
     rendezvous = preflight(rendezvous, device)
