@@ -45,6 +45,24 @@ from pathlib import Path
 from typing import Any
 
 STOPPED_EARLY = "stopped early"  # how the attempts line of a sweep point stopped at a rung begins
+# What a run's processes create: the user's alone (a site's umask 002 would let its group write them, checkpoints and
+# the job's pickles included), or readable by the group under share_with_group=true; never writable by others.
+PRIVATE_UMASK, GROUP_UMASK = 0o077, 0o027
+
+
+def keep_to_user(share_with_group: bool) -> None:
+    """This process, and what it starts, create files and folders for the user alone (0600, 0700), or with
+    share_with_group readable by the group too (0640, 0750)."""
+    os.umask(GROUP_UMASK if share_with_group else PRIVATE_UMASK)
+
+
+def close_folder(folder: Path, share_with_group: bool) -> None:
+    """`folder` (a run's or a sweep's, made before this process knew its config) as keep_to_user would make it; what
+    it holds then stays out of others' reach whatever its own modes (a folder written before this rule)."""
+    keep_to_user(share_with_group)
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):  # another user's folder: the run folder's checks say so
+        os.chmod(folder, 0o777 & ~(GROUP_UMASK if share_with_group else PRIVATE_UMASK))
 
 
 def write_json(path: Path, record: Any, indent: int | None = None) -> None:

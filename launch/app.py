@@ -20,7 +20,7 @@ from launch import launch_config
 from gpt.data import absolute
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_USER, ConfigError, UserError
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, close_folder, keep_to_user
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, backend_for, scheduler
@@ -41,6 +41,8 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run = launch_config.parse(cfg)
+    for folder in [run_dir, *([run_dir.parent] if hydra_cfg.mode == RunMode.MULTIRUN else [])]:
+        close_folder(folder, run.share_with_group)
     backend = backend_for(run.cluster.name, hydra_cfg)
     run, resources = backend.check(run)
     if run.launcher.detach and not backend.submits:
@@ -132,5 +134,6 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """`python -m launch`: Hydra's own errors (an unknown key, a wrong type) are one line and exit code 2 too."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's sweeper imports it: a line per plugin at INFO
+    keep_to_user(share_with_group=False)  # what Hydra writes before the config is read (its log); plan_run may share
     with hydra_errors.composing(sys.argv[1:]):
         hydra_main()

@@ -34,7 +34,7 @@ from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.train.summary import FitSummary  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
-from gpt.run_folder import RunFolder, write_json  # noqa: E402
+from gpt.run_folder import RunFolder, keep_to_user, write_json  # noqa: E402
 from launch.run.attempts import (Attempt, BeginAttempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
                                  log_failure, this_attempt)
 from launch.rank.environment import detect  # noqa: E402
@@ -182,6 +182,7 @@ def install_flag(run_dir: Path) -> LaunchConfig | None:
     except Exception:
         PreemptionFlag()
         return None
+    keep_to_user(run.share_with_group)  # a rank forked from a server made at an earlier launch has its umask
     if run.preemption.enabled:
         PreemptionFlag(run.preemption.signals)
         return run
