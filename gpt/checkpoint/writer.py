@@ -73,6 +73,7 @@ class Checkpointer:
         self.stager: ShareStager | None = None  # created at the first asynchronous save, reused by the next
         self.staging_wait_s = 0.0  # in all: training waiting for staging copies, after save() returned
         self.diverged_at: int | None = None  # the run's first divergence: later saves are marked with it
+        self.unusable: set[Path] = set()  # what resume skipped as unusable: retention does not count them
 
     def diverged(self, step: int) -> None:
         """The run diverged at `step` (gpt.train.divergence): saves from now on say so, and retention keeps the newest
@@ -229,13 +230,16 @@ class Checkpointer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
-        """Keep the newest `keep` by write order, and the newest from before a divergence. The checkpoint this run
-        resumed from is among them until a newer one is complete, and the one just written is always kept."""
+        """Keep the newest `keep` usable ones by write order, and the newest from before a divergence. The checkpoint
+        this run resumed from is among them until a newer one is complete, and the one just written is always kept;
+        one that resume found unusable counts for nothing, and goes once a newer one is complete."""
         fence()
         found = list_checkpoints(self.root)
-        pinned = before_divergence(found)
-        for old in found[: -self.keep]:
-            if old != pinned:
+        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1]}
+        for old in found:
+            if old not in kept:
+                if old in self.unusable:
+                    log.info("removing %s, which resume found unusable", old)
                 shutil.rmtree(old, ignore_errors=True)
         for partial in named(self.root, TMP_PREFIX):  # left by a crash during an earlier save
             if self.pending is None or partial != self.pending.tmp:
