@@ -454,6 +454,15 @@ class AttemptsLog:
         mine = [a for a in self.read() if a.of(job_id, restart, round_, launch)]
         return mine[-1] if mine else None
 
+    def next_number(self) -> int:
+        """The number of the attempt about to start (1 for a run's first): its place in the log once every earlier
+        attempt's line is in, one killed outright included (its mark is there, its line not yet: the next attempt
+        writes it). Read before this attempt marks itself; its profiles and health figures are named by it."""
+        mark, lines = self.read_mark(), self.read()
+        pending = mark is not None and (mark.get("job_id") is None or self.line_of(
+            mark.get("job_id"), mark.get("restart", 0), mark.get("round", 0), mark.get("launch", "")) is None)
+        return len(lines) + pending + 1
+
     def mark(self, record: dict[str, Any]) -> None:
         write_json(self.in_flight, record)
 

@@ -90,7 +90,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
                                              "ranks_on_host": threads.ranks_on_host, "gpu_plan": gpus.record(),
                                              "scheduler": job.variables(), "step": os.environ.get(STEP_TOKEN)})
-    attempt.number = len(folder.attempts.read()) + 1  # read before rank 0 writes this attempt's first line
+    attempt.number = folder.attempts.next_number()  # read before rank 0 marks this attempt or writes a line
     restarts = run.preemption.max_restarts
     start_watchdog(attempt, env, run.watchdog, restarts)
     Faults(run.debug, env.rank, attempt.number).before_start()
