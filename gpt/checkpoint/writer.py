@@ -114,10 +114,16 @@ class Checkpointer:
         tmp.mkdir()
 
     def _write_rank_state(self, tmp: Path, rank_state: dict[str, Any] | None) -> None:
+        """This rank's file, flushed by the rank that wrote it: on a shared file system another node's fsync (rank
+        0's, at the commit) does not flush what this node still caches, as DCP's writers sync their own shards."""
         if rank_state is None:
             return
         (tmp / RANKS).mkdir(exist_ok=True)
-        torch.save(rank_state, tmp / RANKS / f"rank{self.rank}.pt")
+        with open(tmp / RANKS / f"rank{self.rank}.pt", "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp / RANKS)
 
     def _agreed(self, tmp: Path, write: Callable[[], Any]) -> Any:
         """Run one part of a save on every rank. When storage refused it anywhere (DCP already gathers its

@@ -249,3 +249,16 @@ def test_a_checkpoint_a_user_copied_aside_is_left_alone(tmp_path, data_overrides
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000012"] and all(c.is_dir() for c in copies)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert all(log.count(f"{copy} is not a checkpoint of the run") <= 1 for copy in copies), log[-3000:]
+
+
+def test_each_rank_syncs_its_own_file(tmp_path, monkeypatch):
+    """On a shared file system rank 0's fsync at the commit does not flush what another node still caches: the rank
+    that writes ranks/rank<R>.pt syncs it, and the folder's entry for it, before its part of the save is done."""
+    from gpt.checkpoint.writer import Checkpointer
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    (tmp_path / "tmp").mkdir()
+    Checkpointer(tmp_path, rank=3, is_main=False)._write_rank_state(tmp_path / "tmp", {"rng": [1, 2]})
+    assert synced == [str(tmp_path / "tmp" / "ranks" / "rank3.pt"), str(tmp_path / "tmp" / "ranks")]
