@@ -45,24 +45,27 @@ from pathlib import Path
 from typing import Any
 
 STOPPED_EARLY = "stopped early"  # how the attempts line of a sweep point stopped at a rung begins
-# What a run's processes create: the user's alone (a site's umask 002 would let its group write them, checkpoints and
-# the job's pickles included), or readable by the group under share_with_group=true; never writable by others.
-PRIVATE_UMASK, GROUP_UMASK = 0o077, 0o027
+# A run folder is closed to everyone but its user (0700), or open to its group for reading (share_with_group: 0750):
+# what it holds is out of others' reach whatever its own modes. Nothing a run's processes create is writable by
+# anyone else (a site's umask 002 let a group write checkpoints and the job's pickles), and under share_with_group
+# the group may read it. Files outside run folders (a prepared corpus) otherwise keep the user's umask.
+NEVER_WRITABLE, GROUP_READS = 0o022, 0o050
 
 
 def keep_to_user(share_with_group: bool) -> None:
-    """This process, and what it starts, create files and folders for the user alone (0600, 0700), or with
-    share_with_group readable by the group too (0640, 0750)."""
-    os.umask(GROUP_UMASK if share_with_group else PRIVATE_UMASK)
+    """This process, and what it starts, create nothing that group or others may write; with share_with_group,
+    nothing that the group may not read."""
+    mask = os.umask(0) | NEVER_WRITABLE
+    os.umask(mask & ~GROUP_READS if share_with_group else mask)
 
 
 def close_folder(folder: Path, share_with_group: bool) -> None:
-    """`folder` (a run's or a sweep's, made before this process knew its config) as keep_to_user would make it; what
-    it holds then stays out of others' reach whatever its own modes (a folder written before this rule)."""
+    """`folder` (a run's or a sweep's, made before this process read its config): its user's alone (0700), or open
+    to the group for reading (0750); and keep_to_user for what this process creates in it."""
     keep_to_user(share_with_group)
     folder.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(PermissionError):  # another user's folder: the run folder's checks say so
-        os.chmod(folder, 0o777 & ~(GROUP_UMASK if share_with_group else PRIVATE_UMASK))
+        os.chmod(folder, 0o750 if share_with_group else 0o700)
 
 
 def write_json(path: Path, record: Any, indent: int | None = None) -> None:
