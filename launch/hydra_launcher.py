@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import logging
-import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -32,25 +31,15 @@ DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any oth
 log = logging.getLogger(__name__)
 
 
-# A point that failed by its own fault (its attempts line): it diverged, or its settings did not fit in device memory
-# (gpt.train.profiler.OutOfMemory). Under a sweeper that chooses from results, such a point is a bad result, not a
-# failed search; a lost job, a cancel or a config error still stops the sweep.
-OWN_FAULT = re.compile(r"^(diverged|failed: rank \d+ ran out of device memory)")
-WORST = 1e30  # its objective: finite (Optuna fails a trial whose value is inf or nan), past any real loss
-
-
 class PointReturn(dict):
     """A sweep point's return value: its result (job id, hosts, summary...) and, as a float, its objective:
-    launcher.objective, a value of its training summary. Hydra's Optuna sweeper reads `float(return_value)`. A point
-    that failed by its own fault (`fault`: its attempts line) is worth `worst`."""
+    launcher.objective, a value of its training summary. Hydra's Optuna sweeper reads `float(return_value)`."""
 
-    def __init__(self, values: dict, objective: str, fault: str | None = None, worst: float = WORST):
+    def __init__(self, values: dict, objective: str):
         super().__init__(values)
-        self.objective, self.fault, self.worst = objective, fault, worst
+        self.objective = objective
 
     def __float__(self) -> float:
-        if self.fault:
-            return self.worst
         summary = self.get("summary") or {}
         if not isinstance(summary.get(self.objective), (int, float)):
             raise ValueError(f"launcher.objective={self.objective}: the run {self.get('run_dir')} has no such value "
@@ -64,37 +53,6 @@ def point_return(planned: PlannedRun, values: dict | None = None) -> PointReturn
     if values.get("summary") is None:
         values["summary"] = RunFolder(planned.plan.run_dir).read_summary()
     return PointReturn(values, planned.run.launcher.objective)
-
-
-def own_fault(run_dir: Path) -> str | None:
-    """The line of the point's last attempt when the point failed by its own fault (OWN_FAULT), else None."""
-    lines = RunFolder(run_dir).attempts.read()
-    return lines[-1].ended if lines and OWN_FAULT.match(lines[-1].ended) else None
-
-
-def worst_for(config: Any) -> float:
-    """WORST in the direction of the search: Optuna's hydra.sweeper.direction (the first of several), Nevergrad's
-    hydra.sweeper.optim.maximize."""
-    sweeper = config.hydra.sweeper
-    direction = sweeper.get("direction") or ""
-    if OmegaConf.is_list(direction) or isinstance(direction, (list, tuple)):
-        direction = direction[0] if len(direction) else ""
-    direction = getattr(direction, "name", direction)  # Optuna's Direction enum, or its name
-    maximize = "max" in str(direction).lower() or bool((sweeper.get("optim") or {}).get("maximize"))
-    return -WORST if maximize else WORST
-
-
-def bad_point(config: Any, planned: PlannedRun, values: dict | None = None) -> PointReturn | None:
-    """Under a sweeper that chooses from results, a point that failed by its own fault: its bad objective, said in one
-    line. None for any other failure (the sweep stops)."""
-    if not chooses_from_results(config) or not (fault := own_fault(planned.plan.run_dir)):
-        return None
-    worst = worst_for(config)
-    print(f"{planned.label} {fault}; the search goes on with {planned.run.launcher.objective}={worst:g} for it "
-          f"(the worst, as {'maximizing' if worst < 0 else 'minimizing'})", flush=True)
-    values = dict(values or {"run_dir": str(planned.plan.run_dir)})
-    values.setdefault("summary", RunFolder(planned.plan.run_dir).read_summary())
-    return PointReturn(values, planned.run.launcher.objective, fault, worst)
 
 
 def _plan_task(cfg) -> PlannedRun | UserError:
@@ -147,12 +105,15 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     for n, (idx, _, sweep_config, _) in enumerate(points):
         if not planned[n].backend.submits:
             log.info("#%d : %s", idx, planned[n].label)
-            returns[n] = _run_here(config, context, launcher, sweep_config, planned[n], points[n][3])
+            returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
+                                 job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
+            if returns[n].status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
+                returns[n].return_value = point_return(planned[n])
             configure_log(config.hydra.hydra_logging, config.hydra.verbose)
 
     # 4. wait for the jobs
     if submitted:
-        _collect(config, backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns)
+        _collect(backend.wait(submitted, launcher.poll_s, launcher.progress), jobs, points, returns)
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
     from launch.report import write_report
@@ -184,23 +145,6 @@ def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str
     return points
 
 
-def _run_here(config: Any, context: Any, launcher: Any, sweep_config: Any, planned: PlannedRun,
-              ret: JobReturn) -> JobReturn:
-    """A point that runs in this process; a failed one ends the sweep (the app's exit), unless it failed by its own
-    fault under a sweeper that chooses from results (bad_point)."""
-    try:
-        done = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
-                       job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-    except SystemExit as e:
-        if e.code in (0, None) or (bad := bad_point(config, planned)) is None:
-            raise
-        ret.return_value, ret.status = bad, JobStatus.COMPLETED
-        return ret
-    if done.status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
-        done.return_value = point_return(planned)
-    return done
-
-
 def swept_keys(config: Any) -> list[str]:
     """The keys the command line or the sweeper's params sweep: they name every point, also where a sweeper that
     chooses points from results (hydra/sweeper=optuna) launches them one batch, or one point, at a time."""
@@ -211,17 +155,15 @@ def swept_keys(config: Any) -> list[str]:
     return list(dict.fromkeys([o.key_or_group for o in task if o.is_sweep_override()] + list(params)))
 
 
-def _collect(config, outcomes, jobs, points, returns) -> None:
-    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs (but those that failed by their own
-    fault under a sweeper that chooses from results: bad_point)."""
+def _collect(outcomes, jobs, points, returns) -> None:
+    """Each job's outcome as its point's JobReturn; exit 1 naming the failed jobs."""
     failed = []
     for (n, planned), outcome in zip(jobs, outcomes):
         ret = points[n][3]
-        bad = None if outcome.ok or outcome.cancelled else bad_point(config, planned, outcome.result)
-        ret.return_value = bad or point_return(planned, outcome.result)
-        ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled or bad else JobStatus.FAILED
+        ret.return_value = point_return(planned, outcome.result)
+        ret.status = JobStatus.COMPLETED if outcome.ok or outcome.cancelled else JobStatus.FAILED
         returns[n] = ret
-        if ret.status == JobStatus.FAILED:  # a cancel the user asked for is no failure
+        if not outcome.ok and not outcome.cancelled:  # a cancel the user asked for is no failure
             failed.append(outcome)
     if failed:
         ids = ", ".join(f"{o.submitted.job_id} ({o.submitted.point.label})" for o in failed)

@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from helpers import launch
-from launch.hydra_launcher import WORST, PointReturn
+from launch.hydra_launcher import PointReturn
 
 RUN = ["model=tiny", "train.max_steps=20", "train.eval_interval=20", "train.warmup_steps=2",
        "checkpoint.interval_steps=0"]
@@ -55,57 +55,3 @@ def test_an_objective_the_runs_never_have_is_refused_before_anything_runs(tmp_pa
         "error: hydra_plugins.hydra_optuna_sweeper.optuna_sweeper.OptunaSweeper chooses points from their "
         "launcher.objective=val_loss, and the runs never evaluate (train.eval_interval=0)"], proc.stderr[-3000:]
     assert not list(sweep.glob("*/summary.json"))
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("direction, worst", [(None, WORST), ("maximize", -WORST)])  # None: Optuna's default
-def test_a_diverging_trial_is_a_bad_result_and_the_search_goes_on(direction, worst, tmp_path: Path, data_overrides):
-    """One trial diverges (a NaN loss at step 3, divergence.policy=stop): Optuna's own sweep loop gets a finite worst
-    objective for it, in the direction of the study, the next trial runs, and the search ends with the sound one
-    best. Before, the diverged point's failure ended the sweep (exit 1) and the study lost the rest."""
-    sweep = tmp_path / "sweep"
-    proc = launch("hydra/sweeper=optuna", "hydra/sweeper/sampler=grid", "hydra.sweeper.n_trials=2",
-                  *([f"hydra.sweeper.direction={direction}"] if direction else []), "debug.nan_at_step=choice(3,100)", *RUN, *data_overrides,
-                  run_dir=sweep, multirun=True, check=False)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trials = {t.name: t for t in sweep.glob("trial=*")}
-    assert len(trials) == 2, trials
-    diverged = next(n for n in trials if "debug.nan_at_step=3" in n)
-    said = [x for x in proc.stdout.splitlines() if x.startswith(f"{diverged} diverged: the run diverged at step 3")]
-    assert len(said) == 1 and said[0].endswith(f"; the search goes on with val_loss={worst:g} for it (the worst, as "
-                                               f"{'maximizing' if worst < 0 else 'minimizing'})"), proc.stdout[-3000:]
-    best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
-    assert best["best_params"] == {"debug.nan_at_step": 100}
-    assert best["best_value"] != worst
-
-
-def test_a_job_that_diverged_is_a_bad_result_and_a_lost_one_still_ends_the_sweep(tmp_path: Path, capsys):
-    """The jobs' path (cluster=slurm): a point whose attempts log says it diverged returns the worst objective; a
-    job that failed otherwise (lost, killed) still ends the sweep with exit 1."""
-    from types import SimpleNamespace
-
-    from hydra.core.utils import JobReturn, JobStatus
-    from omegaconf import OmegaConf
-
-    from gpt.run_folder import RunFolder
-    from launch.hydra_launcher import _collect
-
-    config = OmegaConf.create({"hydra": {"sweeper": {"_target_": "OptunaSweeper", "direction": ["maximize"]}}})
-    jobs, points = [], []
-    for n, ended in enumerate(["diverged: the run diverged at step 3", "node failure: gl-n2 lost"]):
-        run_dir = tmp_path / f"p{n}"
-        run_dir.mkdir()
-        RunFolder(run_dir).attempts.append(str(n), 0, {"ended": ended})
-        planned = SimpleNamespace(label=f"p{n}", plan=SimpleNamespace(run_dir=run_dir),
-                                  run=SimpleNamespace(launcher=SimpleNamespace(objective="val_loss")))
-        jobs.append((n, planned))
-        points.append((n, [], None, JobReturn()))
-    outcome = SimpleNamespace(ok=False, cancelled=False, result=None, submitted=SimpleNamespace(job_id="7"))
-    returns: list = [None, None]
-    _collect(config, [outcome], jobs[:1], points, returns)
-    assert returns[0].status == JobStatus.COMPLETED and float(returns[0].return_value) == -WORST
-    assert "p0 diverged: the run diverged at step 3; the search goes on with val_loss=-1e+30" in capsys.readouterr().out
-    lost = SimpleNamespace(**{**vars(outcome), "submitted": SimpleNamespace(job_id="8", point=SimpleNamespace(label="p1"))})
-    with pytest.raises(SystemExit) as e:
-        _collect(config, [lost], jobs[1:], points, returns)
-    assert e.value.code == 1
