@@ -45,6 +45,27 @@ from pathlib import Path
 from typing import Any
 
 STOPPED_EARLY = "stopped early"  # how the attempts line of a sweep point stopped at a rung begins
+# A run folder is closed to everyone but its user (0700), or open to its group for reading (share_with_group: 0750):
+# what it holds is out of others' reach whatever its own modes. Nothing a run's processes create is writable by
+# anyone else (a site's umask 002 let a group write checkpoints and the job's pickles), and under share_with_group
+# the group may read it. Files outside run folders (a prepared corpus) otherwise keep the user's umask.
+NEVER_WRITABLE, GROUP_READS = 0o022, 0o050
+
+
+def keep_to_user(share_with_group: bool) -> None:
+    """This process, and what it starts, create nothing that group or others may write; with share_with_group,
+    nothing that the group may not read."""
+    mask = os.umask(0) | NEVER_WRITABLE
+    os.umask(mask & ~GROUP_READS if share_with_group else mask)
+
+
+def close_folder(folder: Path, share_with_group: bool) -> None:
+    """`folder` (a run's or a sweep's, made before this process read its config): its user's alone (0700), or open
+    to the group for reading (0750); and keep_to_user for what this process creates in it."""
+    keep_to_user(share_with_group)
+    folder.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(PermissionError):  # another user's folder: the run folder's checks say so
+        os.chmod(folder, 0o750 if share_with_group else 0o700)
 
 
 def write_json(path: Path, record: Any, indent: int | None = None) -> None:
@@ -455,6 +476,15 @@ class AttemptsLog:
             return None
         mine = [a for a in self.read() if a.of(job_id, restart, round_, launch)]
         return mine[-1] if mine else None
+
+    def next_number(self) -> int:
+        """The number of the attempt about to start (1 for a run's first): its place in the log once every earlier
+        attempt's line is in, one killed outright included (its mark is there, its line not yet: the next attempt
+        writes it). Read before this attempt marks itself; its profiles and health figures are named by it."""
+        mark, lines = self.read_mark(), self.read()
+        pending = mark is not None and (mark.get("job_id") is None or self.line_of(
+            mark.get("job_id"), mark.get("restart", 0), mark.get("round", 0), mark.get("launch", "")) is None)
+        return len(lines) + pending + 1
 
     def mark(self, record: dict[str, Any]) -> None:
         write_json(self.in_flight, record)

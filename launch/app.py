@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 from launch import launch_config
 from gpt.data.inputs import inputs_exist
 from gpt.errors import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USER, ConfigError, UserError
-from gpt.run_folder import CANCELLED, RunFolder
+from gpt.run_folder import CANCELLED, RunFolder, close_folder, keep_to_user
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, RunStopped, backend_for, scheduler
@@ -52,6 +52,8 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     run_dir = Path(hydra_cfg.runtime.output_dir)
     run = absolute_paths(launch_config.parse(cfg))  # once: every part of planning reads them as they are
     run = init_model(run, run_dir, given_model_keys(list(hydra_cfg.overrides.task)))
+    for folder in [run_dir, *([run_dir.parent] if hydra_cfg.mode == RunMode.MULTIRUN else [])]:
+        close_folder(folder, run.share_with_group)
     backend = backend_for(run.cluster.name, hydra_cfg)
     launcher = launcher_section(hydra_cfg.launcher)
     run, resources = backend.check(run)
@@ -148,5 +150,6 @@ def hydra_main(cfg: DictConfig) -> None:
 def main() -> None:
     """`python -m launch`: Hydra's own errors (an unknown key, a wrong type) are one line and exit code 2 too."""
     logging.getLogger("alembic").setLevel(logging.WARNING)  # Optuna's sweeper imports it: a line per plugin at INFO
+    keep_to_user(share_with_group=False)  # what Hydra writes before the config is read (its log); plan_run may share
     with hydra_errors.composing(sys.argv[1:]):
         hydra_main()

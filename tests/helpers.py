@@ -64,7 +64,8 @@ def launch_here(args: list[str]) -> subprocess.CompletedProcess:
     """`python -m launch ARGS` as launch.__main__ runs it, in this process: its exit code, and what it and its ranks
     wrote to stdout and stderr. The ranks fork from this process's rank server (launch.rank.forked), started by its
     first launch: each later launch saves starting an interpreter and the server's imports (3-4 CPU-seconds, most
-    of a test's small run). What this process had (argv, environment, streams, logging, Hydra's state) is put back."""
+    of a test's small run). What this process had (argv, environment, streams, logging, Hydra's state, umask) is put
+    back."""
     import logging
 
     from hydra.core.global_hydra import GlobalHydra
@@ -73,6 +74,8 @@ def launch_here(args: list[str]) -> subprocess.CompletedProcess:
 
     root, environ, argv, streams = logging.getLogger(), dict(os.environ), sys.argv, (sys.stdout, sys.stderr)
     handlers, level, fds, cwd = root.handlers[:], root.level, (os.dup(1), os.dup(2)), os.getcwd()
+    umask = os.umask(0o022)  # the launcher sets its own (gpt.run_folder.keep_to_user)
+    os.umask(umask)
     code: int | str | None = 0
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         for stream in streams:
@@ -99,6 +102,7 @@ def launch_here(args: list[str]) -> subprocess.CompletedProcess:
             root.handlers[:], root.level = handlers, level
             sys.argv, (sys.stdout, sys.stderr) = argv, streams
             os.chdir(cwd)
+            os.umask(umask)
             os.environ.clear()
             os.environ.update(environ)
             for fd, saved in zip((1, 2), fds):

@@ -39,7 +39,8 @@ def assign_writers(held: list[dict[tuple[str, str], int]]) -> dict[tuple[str, st
 def this_ranks_share(state: State, group: dist.ProcessGroup | None) -> State:
     """`state` without the plain tensors another rank writes (agreed in one all_gather_object over `group`);
     DTensor shards and non-tensor values stay."""
-    held: list[dict[tuple[str, str], int]] = gather_objects(plain_tensor_bytes(state), group)
+    rows = gather_objects([[s, n, b] for (s, n), b in plain_tensor_bytes(state).items()], group)  # JSON: no tuple keys
+    held = [{(s, n): b for s, n, b in mine} for mine in rows]
     writer, rank = assign_writers(held), dist.get_rank(group)
     return {section: {name: value for name, value in values.items() if writer.get((section, name), rank) == rank}
             for section, values in state.items()}

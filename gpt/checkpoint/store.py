@@ -12,7 +12,8 @@ mid-save leaves the previous checkpoint loadable; the partial folder is never lo
 
 Checkpoints are ordered by when they were written, not by step: a run that resumed from an older checkpoint
 (its newest was unreadable) writes steps below the ones it abandoned, and those abandoned ones are older. The
-newest `keep` by write order are kept, and resume=auto takes the newest by write order. A checkpoint saved after the
+newest `keep` by write order are kept (one resume found unusable counts for nothing, and goes once a newer one
+is complete), and resume=auto takes the newest by write order. A checkpoint saved after the
 run diverged (divergence.policy=skip) says at which step in meta.json (`after_divergence`); the newest one from before
 that is kept whatever `keep` says. A folder there whose name is not one of these (a copy a user set aside:
 `step_N.bak`, `step_N-copy`) is not the run's: it is never listed, loaded or pruned.

@@ -73,6 +73,7 @@ class Checkpointer:
         self.stager: ShareStager | None = None  # created at the first asynchronous save, reused by the next
         self.staging_wait_s = 0.0  # in all: training waiting for staging copies, after save() returned
         self.diverged_at: int | None = None  # the run's first divergence: later saves are marked with it
+        self.unusable: set[Path] = set()  # what resume skipped as unusable: retention does not count them
 
     def diverged(self, step: int) -> None:
         """The run diverged at `step` (gpt.train.divergence): saves from now on say so, and retention keeps the newest
@@ -113,10 +114,16 @@ class Checkpointer:
         tmp.mkdir()
 
     def _write_rank_state(self, tmp: Path, rank_state: dict[str, Any] | None) -> None:
+        """This rank's file, flushed by the rank that wrote it: on a shared file system another node's fsync (rank
+        0's, at the commit) does not flush what this node still caches, as DCP's writers sync their own shards."""
         if rank_state is None:
             return
         (tmp / RANKS).mkdir(exist_ok=True)
-        torch.save(rank_state, tmp / RANKS / f"rank{self.rank}.pt")
+        with open(tmp / RANKS / f"rank{self.rank}.pt", "wb") as f:
+            torch.save(rank_state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        fsync_path(tmp / RANKS)
 
     def _agreed(self, tmp: Path, write: Callable[[], Any]) -> Any:
         """Run one part of a save on every rank. When storage refused it anywhere (DCP already gathers its
@@ -137,7 +144,7 @@ class Checkpointer:
 
     def _abandon(self, tmp: Path, error: OSError | None) -> None:
         """Remove the partial save `tmp` and raise, on every rank, the line that says why it failed."""
-        errors = [e for e in gather_objects(_picklable(error)) if e is not None]
+        errors = [OSError(*e) for e in gather_objects(_plain(error)) if e is not None]
         line = None
         if self.is_main:
             written = folder_bytes(tmp)
@@ -229,13 +236,16 @@ class Checkpointer:
         shutil.rmtree(old, ignore_errors=True)
 
     def _prune(self) -> None:
-        """Keep the newest `keep` by write order, and the newest from before a divergence. The checkpoint this run
-        resumed from is among them until a newer one is complete, and the one just written is always kept."""
+        """Keep the newest `keep` usable ones by write order, and the newest from before a divergence. The checkpoint
+        this run resumed from is among them until a newer one is complete, and the one just written is always kept;
+        one that resume found unusable counts for nothing, and goes once a newer one is complete."""
         fence()
         found = list_checkpoints(self.root)
-        pinned = before_divergence(found)
-        for old in found[: -self.keep]:
-            if old != pinned:
+        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1]}
+        for old in found:
+            if old not in kept:
+                if old in self.unusable:
+                    log.info("removing %s, which resume found unusable", old)
                 shutil.rmtree(old, ignore_errors=True)
         for partial in named(self.root, TMP_PREFIX):  # left by a crash during an earlier save
             if self.pending is None or partial != self.pending.tmp:
@@ -297,6 +307,8 @@ def load_model(path: Path, device: str = "cpu"):
     return model.to(device).eval(), meta, path
 
 
-def _picklable(error: OSError | None) -> OSError | None:
-    """The error as it travels to rank 0: errno, message and file name survive pickling."""
-    return None if error is None else OSError(error.errno, error.strerror, error.filename)
+def _plain(error: OSError | None) -> list | None:
+    """The error as it travels to rank 0 (as JSON): its errno, message and file name."""
+    if error is None:
+        return None
+    return [error.errno, error.strerror, None if error.filename is None else str(error.filename)]

@@ -5,8 +5,8 @@ import contextlib
 import dataclasses
 import datetime
 import logging
+import json
 import os
-import pickle
 import socket
 import time
 from dataclasses import dataclass
@@ -134,9 +134,10 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     rank 0 that does not see every rank within `join_timeout_s`, raises RendezvousError naming the rank,
     its host and the missing ranks, instead of hanging. `timeout_s` bounds collectives afterwards, on every group.
 
-    Each rank leaves its picklable `card` there too, and rank 0 hands every card, in rank order, to `vet` before any
-    backend starts: a line it returns stops every rank with that UserError, where NCCL would fail or hang (two
-    ranks on one GPU: "Duplicate GPU detected")."""
+    Each rank leaves its `card` there too, as JSON (the store takes anyone who reaches the port, so rank 0 parses
+    data and never unpickles), and rank 0 hands every card, in rank order, to `vet` before any backend starts: a
+    line it returns stops every rank with that UserError, where NCCL would fail or hang (two ranks on one GPU:
+    "Duplicate GPU detected"). An entry that is not a rank's JSON stops every rank too."""
     global _GROUP_TIMEOUT
     if not env.distributed:
         _refuse(vet([card]) if vet else None)
@@ -194,7 +195,7 @@ def _meet(store: Any, env: DistEnv, join: float, start: float, card: Any,
 
 def _check_in(store: Any, env: DistEnv, card: Any) -> None:
     """This rank's entry (its host and card); the last rank in says that everyone is, so nobody polls the count."""
-    store.set(f"{_KEY}/rank/{env.rank}", pickle.dumps((env.hostname, card)))
+    store.set(f"{_KEY}/rank/{env.rank}", json.dumps([env.hostname, card]))
     if store.add(f"{_KEY}/joined", 1) == env.world_size:
         store.set(f"{_KEY}/full", b"")
 
@@ -217,13 +218,28 @@ def _judge(store: Any, env: DistEnv, vet: Vet | None, join: float, deadline: flo
             f"{where}: only {env.world_size - len(missing)} of {env.world_size} ranks joined the rendezvous at "
             f"{master} within {join:.0f} s; missing rank(s): {_span(missing)} (see their logs; raise "
             f"rendezvous.timeout_s if nodes start slowly)") from None
-    entries = [pickle.loads(e) for e in store.multi_get([f"{_KEY}/rank/{r}" for r in range(env.world_size)])]
-    verdict = (vet([c for _, c in entries]) if vet else None) or ""
+    entries = [_entry(e) for e in store.multi_get([f"{_KEY}/rank/{r}" for r in range(env.world_size)])]
+    bad = [r for r, e in enumerate(entries) if e is None]
+    if bad:
+        verdict = (f"the rendezvous entry of rank(s) {_span(bad)} at {master} is not a gptlaunch rank's (JSON [host, "
+                   "card]): refused, nothing was run from it; something else reaches that port (see docs/security.md)")
+        entries = [e or ("?", None) for e in entries]
+    else:
+        verdict = (vet([c for _, c in entries]) if vet else None) or ""
     store.set(f"{_KEY}/verdict", verdict)
     if verdict:
         with contextlib.suppress(dist.DistStoreError):
             store.wait([f"{_KEY}/all_read"], _left(deadline))
     return tuple(h for h, _ in entries), verdict
+
+
+def _entry(raw: bytes) -> tuple[str, Any] | None:
+    """A rank's [host, card] as JSON; None for anything else."""
+    try:
+        host, card = json.loads(raw)
+    except (ValueError, TypeError):
+        return None
+    return (host, card) if isinstance(host, str) else None
 
 
 def _await_verdict(store: Any, env: DistEnv, join: float, deadline: float, where: str, master: str) -> str:
@@ -349,25 +365,66 @@ def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[floa
     return [t.tolist() for t in out]
 
 
-def gather_objects(obj: Any, group: Any = None) -> list[Any]:
-    """Every rank's picklable `obj`, in rank order."""
-    if not is_multi(group):
-        return [obj]
-    out: list[Any] = [None] * dist.get_world_size(group)
-    with PROGRESS.collective("all_gather_object"):
-        dist.all_gather_object(out, obj, group=group)
+class NotPlainData(RuntimeError):
+    """A peer sent something other than JSON where a rank expects plain data."""
+
+
+def _plain(obj: Any) -> bytes:
+    return json.dumps(obj, allow_nan=True).encode()
+
+
+def _parse(raw: bytes, sender: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise NotPlainData(f"{sender} sent {len(raw)} bytes that are not JSON (torch's object collectives would "
+                           "have unpickled them): refused") from None
+
+
+def _as_bytes(data: bytes, length: int, device: torch.device) -> torch.Tensor:
+    """`data` (JSON, never empty) in a uint8 tensor of `length` bytes, zero-padded."""
+    out = torch.zeros(length, dtype=torch.uint8, device=device)
+    out[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
     return out
 
 
-def from_rank0_object(obj: Any, group: Any = None) -> Any:
-    """Rank 0's picklable `obj` on every rank (a choice every rank must follow): one broadcast, so a rank receives
-    one object, not every rank's."""
+def _text(t: torch.Tensor) -> bytes:
+    return t.cpu().numpy().tobytes()
+
+
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """Every rank's `obj`, in rank order, as JSON makes it (tuples come back as lists). torch's all_gather_object
+    unpickles what a peer sends, which runs code a crafted peer names: this sends JSON and parses it, in the same two
+    all_gathers (the sizes, then the bytes padded to the longest)."""
+    data = _plain(obj)
     if not is_multi(group):
-        return obj
-    box = [obj]
+        return [json.loads(data)]
+    device, world = comm_device(group), dist.get_world_size(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
+    sizes = [torch.empty_like(size) for _ in range(world)]
+    with PROGRESS.collective("all_gather_object"):
+        dist.all_gather(sizes, size, group=group)
+        lengths = [int(s.item()) for s in sizes]
+        mine = _as_bytes(data, max(lengths), device)
+        out = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(out, mine, group=group)
+    return [_parse(_text(t[:n]), f"rank {r}") for r, (t, n) in enumerate(zip(out, lengths))]
+
+
+def from_rank0_object(obj: Any, group: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (a choice every rank must follow), as JSON makes it: one broadcast of its size
+    and one of its bytes, so a rank receives one object, not every rank's, and parses it rather than unpickle it."""
+    data = _plain(obj)
+    if not is_multi(group):
+        return json.loads(data)
+    device = comm_device(group)
+    size = torch.tensor([len(data)], dtype=torch.int64, device=device)
     with PROGRESS.collective("broadcast_object_list"):
-        dist.broadcast_object_list(box, group=group, group_src=0, device=comm_device(group))
-    return box[0]
+        dist.broadcast(size, group=group, group_src=0)
+        box = _as_bytes(data, int(size.item()), device) if dist.get_rank(group) == 0 else \
+            torch.empty(int(size.item()), dtype=torch.uint8, device=device)
+        dist.broadcast(box, group=group, group_src=0)
+    return _parse(_text(box), "rank 0")
 
 
 def sum_over_ranks(tensor: torch.Tensor, group: Any = None) -> torch.Tensor:

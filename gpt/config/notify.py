@@ -11,7 +11,8 @@ EVENTS = ("finished", "failed", "diverged", "stopped early", "cancelled", "preem
 @dataclass(frozen=True)
 class NotifyConfig:
     # an http(s) URL: each event is POSTed as JSON {"text", "event", "run", "line"} (Slack's and Mattermost's
-    # incoming webhooks show "text"); the URL is kept in the run's config.yaml, which only its user can read
+    # incoming webhooks show "text"); the URL is kept in the run's config.yaml (its user's alone unless
+    # share_with_group: docs/security.md)
     webhook: str | None = None
     # a shell command: the text on its stdin, GPTLAUNCH_EVENT, GPTLAUNCH_RUN_DIR and GPTLAUNCH_TEXT in its
     # environment (`mail -s "gptlaunch" me@example.org`, `curl -d @- https://ntfy.sh/mytopic`)

@@ -75,6 +75,9 @@ class RunConfig:
     # Mixtral; its config.json fills model.*), like resume=PATH only while this run has no checkpoint of its own
     # (docs/export.md)
     init: str = "none"
+    # the run folder is the user's alone (0700) and nothing in it writable by others; true: the group may read it
+    # (0750), to look at a colleague's run or report; nobody else, and no group may write
+    share_with_group: bool = False
     # one key per knob: keys this section no longer has, refused with the key to use
     MOVED: ClassVar[dict[str, str]] = {"metrics": "stragglers.KEY (metrics.straggler_windows is stragglers.windows)"}
 

@@ -15,6 +15,7 @@ from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard.summary import scalar, text
 
 from gpt.collectives.process_group import DistEnv
+from gpt.config.credentials import redacted
 from gpt.config.parse import to_plain
 from gpt.config.schema import RunConfig
 from gpt.resilience.disk_faults import Outage, RecordFile
@@ -172,6 +173,6 @@ def open_metrics(run: RunConfig, env: DistEnv, run_dir: Path, resume_step: int,
                  keep_val_at_resume: bool) -> MetricsWriter:
     """This rank's metrics writer, with rank 0's experiment tracker (tracking.*), from `resume_step` on: from step 0
     too, since an attempt killed before its first checkpoint left records this one trains again."""
-    tracker = open_tracker(run.tracking, run_dir, run.run_name, to_plain(run)) if env.is_main else None
+    tracker = open_tracker(run.tracking, run_dir, run.run_name, redacted(to_plain(run))) if env.is_main else None
     return MetricsWriter(run_dir, env.rank, env.hostname, resume_step=resume_step,
                          keep_val_at_resume=keep_val_at_resume, world_size=env.world_size, tracker=tracker)

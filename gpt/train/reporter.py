@@ -7,7 +7,7 @@ import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -175,8 +175,9 @@ class StepReporter:
         worst = max(events, key=lambda e: e.busy_s - e.median_s)
         others = statistics.median(r.busy_s for r in summary.ranks if r.rank != worst.rank)
         save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
-        decision = from_rank0_object(decide(worst, others, self.train.max_steps - step - 1, save_s,
-                                            RunFolder(self.shape.run_dir).attempts.read()))
+        mine = decide(worst, others, self.train.max_steps - step - 1, save_s,
+                      RunFolder(self.shape.run_dir).attempts.read())
+        decision = ExclusionDecision(**from_rank0_object(asdict(mine)))
         if self.env.is_main:
             log.warning("%s", decision.message())
         if decision.pays:

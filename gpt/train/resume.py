@@ -75,6 +75,7 @@ class Resume:
             if explicit:
                 raise UserError(f"cannot resume from {path}: {problem}")
             log.warning("checkpoint %s is unusable (%s); falling back to the previous one", path, problem)
+            self.checkpointer.unusable.add(path)
             skipped.append(f"{path.name}: {problem}")
         if skipped:
             raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +

@@ -33,6 +33,15 @@ class GpuPlan:
                    gpu_bind=environ.get("SLURM_GPU_BIND"), cpus_per_task=_int(environ.get("SLURM_CPUS_PER_TASK")),
                    cpus_on_node=_int(environ.get("SLURM_CPUS_ON_NODE")))
 
+    def card(self) -> dict:
+        """What this rank leaves at the rendezvous for rank 0's check (JSON)."""
+        return asdict(self)
+
+    @classmethod
+    def from_card(cls, card: dict) -> GpuPlan:
+        visible = card.get("visible")
+        return cls(**{**card, "visible": None if visible is None else tuple(str(v) for v in visible)})
+
     @property
     def gpu(self) -> str:
         """The GPU as its host names it (CUDA_VISIBLE_DEVICES' entry), whatever this task's index for it."""

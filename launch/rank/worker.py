@@ -35,7 +35,7 @@ from gpt.train.out_of_memory import RanOutOfMemory  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.train.summary import FitSummary  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
-from gpt.run_folder import RunFolder, write_json  # noqa: E402
+from gpt.run_folder import RunFolder, keep_to_user, write_json  # noqa: E402
 from launch.run.attempts import (Attempt, BeginAttempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
                                  log_failure, this_attempt)
 from launch.rank.environment import detect  # noqa: E402
@@ -92,7 +92,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
                                              "ranks_on_host": threads.ranks_on_host, "gpu_plan": gpus.record(),
                                              "scheduler": job.variables(), "step": os.environ.get(STEP_TOKEN)})
-    attempt.number = len(folder.attempts.read()) + 1  # read before rank 0 writes this attempt's first line
+    attempt.number = folder.attempts.next_number()  # read before rank 0 marks this attempt or writes a line
     restarts = run.preemption.max_restarts
     start_watchdog(attempt, env, run.watchdog, restarts)
     Faults(run.debug, env.rank, attempt.number).before_start()
@@ -162,8 +162,8 @@ def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, 
     if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
         os.environ.update(flight_recorder_env(run_dir, os.environ))
     rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
-                                    join_timeout_s=rendezvous_cfg.timeout_s, card=gpus,
-                                    vet=lambda plans: vet_gpus(device, plans))
+                                    join_timeout_s=rendezvous_cfg.timeout_s, card=gpus.card(),
+                                    vet=lambda cards: vet_gpus(device, [GpuPlan.from_card(c) for c in cards]))
     if rendezvous is None:
         return None
     rendezvous = preflight(rendezvous, device)
@@ -184,6 +184,7 @@ def install_flag(run_dir: Path) -> LaunchConfig | None:
     except Exception:
         PreemptionFlag()
         return None
+    keep_to_user(run.share_with_group)  # a rank forked from a server made at an earlier launch has its umask
     if run.preemption.enabled:
         PreemptionFlag(run.preemption.signals)
         return run

@@ -101,9 +101,27 @@ def first_round(job: JobEnvironment, spare_nodes: int) -> dict[str, Any]:
     return {"round": 0, "hosts": hosts[:keep], "spares": hosts[keep:]}
 
 
+class RoundUnreadable(RuntimeError):
+    """A round was asked for and its request cannot be read: where its ranks run is unknown."""
+
+
 def round_record(run_dir: Path, job: JobEnvironment, spare_nodes: int, k: int) -> dict[str, Any]:
-    """Round `k` of the job's attempt: its hosts and spares."""
-    return (Rounds.of(run_dir, job).read(k) if k else None) or first_round(job, spare_nodes)
+    """Round `k` of the job's attempt: its hosts and spares. A later round's request must be read: round 0's
+    placement in its stead would start ranks on the node it replaced, or a spare's rank beside a live one."""
+    if not k:
+        return first_round(job, spare_nodes)
+    path = Rounds.of(run_dir, job).path(k)
+    try:
+        record = json.loads(path.read_text())
+        hosts = record["hosts"]
+    except (OSError, ValueError, TypeError, KeyError) as e:
+        why = e.strerror if isinstance(e, OSError) else "not a round's request"
+        raise RoundUnreadable(f"in-job restart {k}'s request {path} cannot be read ({why}): where its ranks run is "
+                              "unknown, and round 0's nodes may hold the one it replaced") from None
+    if not (isinstance(hosts, list) and hosts and all(isinstance(h, str) for h in hosts)):
+        raise RoundUnreadable(f"in-job restart {k}'s request {path} names no hosts: where its ranks run is unknown, "
+                              "and round 0's nodes may hold the one it replaced")
+    return record
 
 
 def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
@@ -115,7 +133,10 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
     limit = run.preemption.in_job_restarts
     if job.round >= limit:
         return None, f"in-job restart limit reached ({job.round} of preemption.in_job_restarts={limit})"
-    now = round_record(run_dir, job, run.cluster.spare_nodes, job.round)
+    try:
+        now = round_record(run_dir, job, run.cluster.spare_nodes, job.round)
+    except RoundUnreadable as e:
+        return None, str(e)
     spares = [h for h in now["spares"] if h not in exclude]
     hosts, replaced = [], {}
     for host in now["hosts"]:

@@ -114,3 +114,22 @@ def test_an_attempts_line_has_one_writer(tmp_path: Path):
     assert log.append_once(log.key(None, 0, 3), None, 0, {"ended": "finished"})  # a local run: by its lease
     assert not log.append_once(log.key(None, 0, 3), None, 0, {"ended": "finished"})
     assert log.append_once(log.key(None, 0, 4), None, 0, {"ended": "finished"}) and len(log.read()) == 3
+
+
+def test_an_attempt_after_one_killed_outright_has_a_number_of_its_own(tmp_path: Path):
+    """An attempt killed outright (kill -9 of the job) leaves its mark and no line; the next attempt writes that line
+    later. Counted by lines alone, the next one took the killed one's number, and its profiles
+    (profiles/attempt-N/) and health figures (health-N.json) overwrote the killed one's."""
+    folder = RunFolder(tmp_path)
+    log = folder.attempts
+    assert log.next_number() == 1
+    log.mark({"job_id": "7", "restart": 0, "round": 0, "generation": 1})  # job 7's attempt 1, in flight: ends well
+    log.append("7", 0, {"ended": "finished"})
+    log.unmark(log.key("7", 0, 1))
+    log.mark({"job_id": "8", "restart": 0, "round": 0, "generation": 2})  # job 8's attempt: killed outright
+    assert log.next_number() == 3  # job 9's: the second line will be job 8's, written by job 9
+    assert folder.profile_trace(3, 0) != folder.profile_trace(2, 0)
+    log.append("8", 0, {"ended": "killed"})  # job 9 writes job 8's line; the mark stays until 9 marks itself
+    assert log.next_number() == 3  # counted once
+    log.mark({"job_id": None, "restart": 0, "generation": 3})  # without a scheduler, a mark is an attempt's own
+    assert log.next_number() == 4

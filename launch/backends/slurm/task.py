@@ -31,6 +31,7 @@ from gpt.run_folder import Next, RunFolder
 from launch.rank.job_env import ROUND_VAR, JobEnvironment, job_environment
 from launch.rank.rank_watch import RankWatch, signalled_exit_s
 from launch.recovery.round_agent import RoundAgent, RoundSilent
+from launch.recovery.rounds import RoundUnreadable
 from launch.rank.signal_relay import SignalRelay, catches
 from launch.recovery.standby import Standby
 from launch.rank.threads import ThreadPlan
@@ -93,7 +94,10 @@ class RankTask:
         """One round of ranks after another, as long as each ends in an in-job restart."""
         k = 0
         while True:
-            place = agent.placement(k)
+            try:
+                place = agent.placement(k)
+            except RoundUnreadable as e:
+                raise RankFailed(str(e)) from None
             if place is None:  # a spare node this round
                 standby.start()
                 try:

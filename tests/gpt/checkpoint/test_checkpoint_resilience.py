@@ -180,14 +180,15 @@ def test_kill_9_while_writing_a_checkpoint_leaves_the_previous_one_and_the_same_
 @pytest.mark.slow
 def test_checkpoints_are_kept_and_resumed_by_write_order_not_by_step(trainer, tmp_path):
     """A run that resumed from step 8 (step 12 was unreadable) and saved step 10 has written 10 after 12: 12 is
-    the abandoned one. The newest `keep` by write order are kept, and the next resume takes 10."""
+    the abandoned one. The newest `keep` usable ones by write order are kept, 12 counting for nothing (before, with
+    keep=2, it was kept and 8, the sound one, went), and the next resume takes 10."""
     run_dir = tmp_path / "run"
     trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2").fit()  # writes 4, 8, 12; keeps 8, 12
     resumed = trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2", "train.max_steps=10",
                       "debug.unreadable_rank=0")
     assert resumed.step == 8
-    resumed.fit()  # writes 10, then keeps 12 and 10: 8, the one it resumed from, goes once 10 is complete
-    assert [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")] == [12, 10]
+    resumed.fit()  # writes 10, then keeps 8 and 10: 12, unusable, goes once 10 is complete
+    assert [step_of(p) for p in list_checkpoints(run_dir / "checkpoints")] == [8, 10]
     again = trainer(run_dir, "train.decay_steps=12", "checkpoint.keep=2", "train.max_steps=10")
     assert again.step == 10
 
@@ -248,3 +249,16 @@ def test_a_checkpoint_a_user_copied_aside_is_left_alone(tmp_path, data_overrides
     assert [p.name for p in list_checkpoints(ckpts)] == ["step_00000012"] and all(c.is_dir() for c in copies)
     log = (run_dir / "logs" / "rank0.log").read_text()
     assert all(log.count(f"{copy} is not a checkpoint of the run") <= 1 for copy in copies), log[-3000:]
+
+
+def test_each_rank_syncs_its_own_file(tmp_path, monkeypatch):
+    """On a shared file system rank 0's fsync at the commit does not flush what another node still caches: the rank
+    that writes ranks/rank<R>.pt syncs it, and the folder's entry for it, before its part of the save is done."""
+    from gpt.checkpoint.writer import Checkpointer
+
+    synced = []
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), fsync(fd))[1])
+    (tmp_path / "tmp").mkdir()
+    Checkpointer(tmp_path, rank=3, is_main=False)._write_rank_state(tmp_path / "tmp", {"rng": [1, 2]})
+    assert synced == [str(tmp_path / "tmp" / "ranks" / "rank3.pt"), str(tmp_path / "tmp" / "ranks")]

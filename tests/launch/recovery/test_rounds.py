@@ -83,3 +83,30 @@ def test_a_preemption_while_a_rounds_ranks_start_is_that_rounds_line(tmp_path):
     line = folder.attempts.read()[-1]
     assert (line.round, line.ended, line.requeued) == (1, "preempted by another job (Slurm)", True), line
     assert outcome is not None and outcome.runs_again, outcome
+
+
+def test_a_round_whose_request_cannot_be_read_is_placed_nowhere(tmp_path):
+    """Round 1 replaced h2 by h3; its request file is then cut short. Before, reading it failed quietly and round 0's
+    placement stood in: h2, the node round 1 left out, got its rank back. Now the task wrapper stops with the line,
+    and the rank that records the attempt asks for no further round."""
+    from launch.recovery.round_agent import RoundAgent
+    from launch.recovery.rounds import RoundUnreadable, in_job_restart
+
+    run = tmp_path / "run"
+    plan(run, "preemption.in_job_restarts=3")
+    request = Rounds.of(run, _Job({ROUND_VAR: "1"})).path(1)
+    request.parent.mkdir(parents=True)
+    request.write_text('{"round": 1, "hosts": ["h1", "h')  # torn
+    class OnThreeHosts(_Job):
+        hosts = ["h1", "h2", "h3"]
+
+    agent = RoundAgent(run, OnThreeHosts({}), "h2")
+    try:
+        agent.placement(1)
+    except RoundUnreadable as e:
+        said = str(e)
+    else:
+        raise AssertionError("round 1 was placed from round 0's nodes")
+    assert said == (f"in-job restart 1's request {request} cannot be read (not a round's request): where its ranks "
+                    "run is unknown, and round 0's nodes may hold the one it replaced")
+    assert in_job_restart(run, _Job({ROUND_VAR: "1"}), "hang") == (None, said)
