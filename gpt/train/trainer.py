@@ -5,27 +5,22 @@ checkpoint holds (gpt.train.state), saving (gpt.train.saving), evaluation (gpt.t
 returns (gpt.train.summary). A feature that needs the loop reaches it through a hook (gpt.train.hooks)."""
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from gpt.collectives.process_group import DistEnv, pick_device
 from gpt.config.schema import RunConfig
-from gpt.errors import error_line
 from gpt.resilience.faults import Faults
 from gpt.resilience.goodput import Spent
 from gpt.resilience.progress import PROGRESS
 from gpt.train.build import build_strategy_and_model, model_config, open_data
-from gpt.train.data_watch import DataWatch
 from gpt.train.divergence import DivergenceGuard, Rollback
 from gpt.train.evaluation import Evaluator
 from gpt.train.hooks import Hooks, LoopHook
 from gpt.train.metrics import open_metrics
-from gpt.train.out_of_memory import RanOutOfMemory
+from gpt.train.out_of_memory import OutOfMemoryHook
 from gpt.train.profiler import step_profiler
 from gpt.train.reporter import ProgressBar, RunShape, StepReporter
 from gpt.train.resume import Resume, continues_own
@@ -76,8 +71,10 @@ class Trainer:
                                    self.spent, eval_pending)
         # In this order around the step: a slow device's lag (test-only) before the profiler starts, and the
         # profiler outside the first step's measurement, which measures the step's memory alone.
+        shape = (self.data.micro_batch, self.data.n_micro, self.train.global_batch_size,
+                 self.train.activation_checkpointing)
         self.hooks = Hooks([self.faults, step_profiler(run.profile, env, attempt, run_dir, self.device),
-                            self.reporter.first_step_memory(), DataWatch(run.data.dir, env.is_main), *hooks])
+                            self.reporter.first_step_memory(), *hooks, OutOfMemoryHook(env.rank, env.hostname, shape)])
 
     def load_checkpoint(self) -> bool:
         """The checkpoint this attempt starts from (resume=auto: the run's newest), if any. Returns whether a signal
@@ -171,7 +168,7 @@ class Trainer:
         log_now = (self.step + 1) % t.log_interval == 0 or self.step == t.max_steps - 1
         loss_factor = self.faults.loss_factor(batches.index(self.step))  # test-only: 1 unless debug.* says
         # a slow device (test-only) lags first, as a GPU's would; the profiler sees an out-of-memory first
-        with self.hooks.around_step(self.step), self.out_of_memory():
+        with self.hooks.around_step(self.step):
             result = self.strategy.train_step(micro, self.data.n_micro, lr, t.grad_clip,
                                               layer_norms=log_now and t.layer_grad_norms, loss_factor=loss_factor)
         self.hooks.after_step(self.step)
@@ -183,16 +180,6 @@ class Trainer:
             self.guard.settle()
             self.guard.after_record(self.step - 1, values["loss"])
         return values
-
-    @contextlib.contextmanager
-    def out_of_memory(self) -> Iterator[None]:
-        """torch's out-of-memory error in the step, as RanOutOfMemory: the run goes on with a smaller micro-batch."""
-        try:
-            yield
-        except torch.OutOfMemoryError as e:
-            raise RanOutOfMemory(self.env.rank, self.env.hostname, self.step, self.data.micro_batch,
-                                 self.data.n_micro, self.train.global_batch_size, self.train.activation_checkpointing,
-                                 error_line(e, limit=300)) from None
 
     def run_eval(self, summary: FitSummary, bar: ProgressBar) -> bool:
         """An evaluation after the current step; False when a preemption signal interrupted it."""

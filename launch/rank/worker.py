@@ -25,11 +25,11 @@ from gpt.collectives.process_group import (DistEnv, Rendezvous, all_reduce_value
                                     pick_device, preflight)
 from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line  # noqa: E402
 from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
-from gpt.resilience.disk_faults import LogFile  # noqa: E402
 from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from launch.recovery.watchdog import flight_recorder_env  # noqa: E402
+from gpt.train.data_watch import DataWatch  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.out_of_memory import RanOutOfMemory  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
@@ -45,6 +45,7 @@ from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.recovery.endings import (collective_failed, end_out_of_memory, end_stopped, start_watchdog,  # noqa: E402
                                      when_a_rank_vanished)
 from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
+from launch.rank.rank_log import EVERY_RANK, setup_logging  # noqa: E402
 from launch.run.job_record import record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
 from launch.run.startup import STEP_TOKEN, StartupClock  # noqa: E402
@@ -52,27 +53,6 @@ from launch.rank.open_files import raised_for  # noqa: E402
 from launch.rank.threads import apply_threads  # noqa: E402
 
 log = logging.getLogger("launch.rank.worker")
-EVERY_RANK = "every_rank"  # a log record's flag: every rank logs it alike (its own log file), rank 0's console says it
-
-
-def setup_logging(run_dir: Path, env: DistEnv) -> None:
-    """Every line says which rank wrote it; each rank also keeps its own log file in the run folder."""
-    folder = RunFolder(run_dir)
-    folder.logs.mkdir(parents=True, exist_ok=True)
-    fmt = logging.Formatter(f"[rank{env.rank} %(asctime)s %(levelname)s] %(message)s", "%H:%M:%S")
-    file = LogFile(folder.log(env.rank))  # a full disk drops its lines, said once
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.INFO if env.is_main else logging.WARNING)
-    if not env.is_main:  # what every rank says alike reaches the console once, from rank 0
-        console.addFilter(lambda record: not getattr(record, EVERY_RANK, False))
-    root = logging.getLogger()
-    root.handlers.clear()
-    root.setLevel(logging.INFO)
-    for handler in (file, console):
-        handler.setFormatter(fmt)
-        root.addHandler(handler)
-
-
 def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     """`run` is the run folder's config as install_flag read it (None: it could not, and reading it again here
     reports why). Returns the rank's exit code: 0, or EXIT_PREEMPTED for a stop that nothing runs again."""
@@ -107,7 +87,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
         return 0  # requeued without the sick node
     clock.mark("health")
     trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
-                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir)])
+                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main)])
     summary = trainer.fit()
     return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
 
