@@ -96,7 +96,7 @@ def test_a_higher_tier_job_that_comes_while_the_packers_task_starts_requeues_the
         assert [(a["ended"], a["restart"]) for a in ends] == [("finished", 1)], ends  # the first attempt ran no point
         assert len(losses(run)) == 30
     err = open(record["stderr"]).read()
-    assert "while the packed job's task started; requeued job" in err, err[-3000:]
+    assert "packed job, killed as its task started: preempted by job " in err and "; requeued job" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)

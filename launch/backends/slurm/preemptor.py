@@ -1,0 +1,90 @@
+"""Which job preempts this one. `scontrol show job` gives the victim's PreemptTime and never the job it makes room for,
+and sacct records neither. During the grace time that job still pends (Reason=Resources) in a higher tier, another
+partition (PreemptType=preempt/partition_prio) or QOS (preempt/qos), with the victim's nodes among those the scheduler
+planned for it (squeue's SchedNodes, %Y); a job of the victim's own partition and QOS pending there waits, it does not
+preempt. One squeue answers for every pending job, asked only at a preemption; another user's job is listed unless the
+site hides it (PrivateData=jobs), and then Slurm does not say which.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from launch.backends.slurm import commands
+
+PENDING_FORMAT = "%i|%P|%q|%u|%Y"  # job id, partition, QOS, user, the nodes the scheduler planned for it
+UNNAMED = "by another job (Slurm did not say which)"
+_ITEM = re.compile(r"(?:[^,\[]|\[[^\]]*\])+")  # 'gl-n[1-3,5]' in 'gl-n[1-3,5],gpu7'
+_GROUP = re.compile(r"([^\[]*)(?:\[([^\]]*)\])?")  # 'rack' '1-2' then '-n' '01-04' in 'rack[1-2]-n[01-04]'
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    partition: str
+    qos: str
+    user: str
+    nodes: tuple[str, ...]  # planned for it (SchedNodes), expanded
+
+    def describe(self, victim_qos: str) -> str:
+        """'job 10 (partition urgent, user alice)', with its QOS where it is not the victim's (preempt/qos)."""
+        qos = [f"QOS {self.qos}"] if self.qos != victim_qos else []
+        return f"job {self.job_id} ({', '.join([f'partition {self.partition}', *qos, f'user {self.user}'])})"
+
+
+def expand_nodelist(text: str) -> list[str]:
+    """Slurm's hostlist ('gl-n[1-3,05-06],gpu7') as host names, as `scontrol show hostnames` gives them: here
+    without a call for each pending job."""
+    if not text or text == "(null)":
+        return []
+    hosts: list[str] = []
+    try:
+        for item in _ITEM.findall(text):
+            names = [""]
+            for literal, ranges in _GROUP.findall(item):
+                names = [n + literal + i for n in names for i in (_numbers(ranges) if ranges else [""])]
+            hosts += names
+    except ValueError:  # not a hostlist this parser knows: nothing is said to overlap it
+        return []
+    return hosts
+
+
+def _numbers(ranges: str) -> list[str]:
+    """'01-03,7' -> ['01', '02', '03', '7']: zero-padded to the width of the range's first number, as Slurm does."""
+    out: list[str] = []
+    for part in ranges.split(","):
+        low, _, high = part.partition("-")
+        out += [str(n).zfill(len(low)) for n in range(int(low), int(high or low) + 1)]
+    return out
+
+
+def parse_pending(text: str) -> list[QueuedJob]:
+    """`squeue -h -a -r -t PENDING,CONFIGURING -o '%i|%P|%q|%u|%Y'` -> the jobs, with the nodes planned for each."""
+    rows = [line.strip().split("|") for line in text.splitlines()]
+    return [QueuedJob(r[0], r[1], r[2], r[3], tuple(expand_nodelist(r[4]))) for r in rows if len(r) == 5 and r[0]]
+
+
+def preemptors(pending: list[QueuedJob], job_id: str, nodes: list[str], partition: str, qos: str) -> list[QueuedJob]:
+    """The pending jobs that take some of the victim's `nodes`, from another partition or QOS than its own."""
+    held = set(nodes)
+    return [p for p in pending if p.job_id != job_id and held.intersection(p.nodes)
+            and (p.partition, p.qos) != (partition, qos)]
+
+
+def named(found: list[QueuedJob], victim_qos: str) -> str:
+    """'by job 10 (partition urgent, user alice)'; several that may each take some of the nodes, one or the other."""
+    if not found:
+        return UNNAMED
+    return "by " + " or ".join(p.describe(victim_qos) for p in found)
+
+
+def preempting(info: commands.JobInfo) -> str:
+    """Who preempts the job `info` describes (scontrol's record of it, in its grace time), in one squeue call."""
+    try:
+        text = commands.run("squeue", "-h", "-a", "-r", "-t", "PENDING,CONFIGURING", "-o", PENDING_FORMAT)
+    except commands.SlurmUnavailable:
+        return UNNAMED
+    qos = info.get("QOS") or ""
+    found = preemptors(parse_pending(text), info.job_id, expand_nodelist(info.get("NodeList") or ""),
+                       info.get("Partition") or "", qos)
+    return named(found, qos)
