@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.backends.slurm import commands
+from launch.backends.slurm import commands, preemptor
 from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.preemptor import (UNNAMED, expand_nodelist, named, parse_pending, preempting,
                                              preemptors)
@@ -53,6 +53,13 @@ def test_one_squeue_at_a_preemption_names_the_preemptor_and_an_unanswered_one_sa
     monkeypatch.setattr(commands, "run", lambda *cmd, **kw: asked.append(cmd) or PENDING)
     assert preempting(victim()) == "by job 10 (partition urgent, user gl-other)"
     assert len(asked) == 1 and asked[0][0] == "squeue" and "%Y" in asked[0][-1], asked
+
+    # Slurm sets the victim's PreemptTime a moment before the preemptor's SchedNodes: a lookup then asks once more
+    answers = [PENDING.replace("gl22-n[1-3]", "(null)"), PENDING]
+    asked.clear()
+    monkeypatch.setattr(commands, "run", lambda *cmd, **kw: asked.append(cmd) or answers[len(asked) - 1])
+    monkeypatch.setattr(preemptor, "PLAN_WAIT_S", 0.0)
+    assert preempting(victim()) == "by job 10 (partition urgent, user gl-other)" and len(asked) == 2
 
     def down(*cmd, **kw):
         raise commands.SlurmUnavailable("squeue: Unable to contact slurm controller")
