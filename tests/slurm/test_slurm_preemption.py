@@ -103,12 +103,12 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
     job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.qos=low"],
               tmp_path / "run")
     job.training(0)
-    urgent_job(slurm_cluster, tmp_path, "--qos=urgent")
+    urgent = urgent_job(slurm_cluster, tmp_path, "--qos=urgent")
     assert job.wait() == 0, job.text()
     assert_same_run(job.run_dir, reference)
     first, last = attempts(job.run_dir)
     grace = slurm_cluster.run("sacctmgr", "-n", "-P", "show", "qos", "low", "format=GraceTime").stdout.strip()
-    assert first["ended"].startswith("preempted by job "), first
+    assert first["ended"].startswith(f"preempted by job {urgent} (partition debug, QOS urgent, user root) at "), first
     policy = f"the run's QOS low: PreemptMode=REQUEUE, GraceTime={int(grace.split(':')[-1])} s"
     assert policy in first["ended"], (first, grace)
     assert first["requeued"] is True and last["ended"] == "finished" and last["restart"] == 1, (first, last)
