@@ -258,16 +258,17 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
                                             "train.max_steps=12", "checkpoint.interval_steps=5",
                                             "debug.save_sleep_s=25", "debug.save_sleep_step=10"], tmp_path / "run")
         log = saving(job, 10)
-        urgent_job(slurm_cluster, tmp_path)
+        urgent = urgent_job(slurm_cluster, tmp_path)
         code = job.wait()
     finally:
         slurm_cluster.run("scontrol", "update", "PartitionName=low", f"GraceTime={original}")
     assert code == 0, job.text()
     first, last = attempts(job.run_dir)
     assert first["recorded_by"] == "the next attempt" and first["last_step"] == 5, first  # the cut save left nothing
-    assert first["ended"].startswith("requeued by Slurm: preempted by another job (accounting: PREEMPTED at "), first
-    assert ("the run's partition low: PreemptMode=REQUEUE, GraceTime=2 s) and killed when its grace time ran out"
-            in first["ended"]), first
+    # accounting names the job that started on its nodes after it
+    assert first["ended"].startswith(f"requeued by Slurm: preempted by job {urgent} (partition urgent, user root) at "), first
+    assert ("(accounting: PREEMPTED); the run's partition low: PreemptMode=REQUEUE, GraceTime=2 s; killed when its "
+            "grace time ran out" in first["ended"]), first
     assert last["first_step"] == 5 and last["ended"] == "finished", last  # resumed from step 5's checkpoint
     said = log.read_text()
     assert said.count("inside the save of step 10") == 2 and "resumed from " in said, said  # the save cut, then redone

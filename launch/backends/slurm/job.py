@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
-from launch.backends.slurm.preemptor import preempting
+from launch.backends.slurm.preemptor import preempted_after, preempting
 from launch.rank.job_env import JobEnvironment, Preemption
 from launch.recovery.rounds import hosts_of
 
@@ -99,13 +99,13 @@ class SlurmJob(JobEnvironment):
         that attempt says why (PREEMPTED: killed when the grace time ran out, before its ranks' save finished and
         they could say so); without accounting Slurm cannot tell."""
         before = commands.sacct_attempts(self.job_id)[:-1]  # the last record is this attempt's
-        state, ended = before[-1] if before else ("", "")
+        state, ended, nodes = before[-1] if before else ("", "", "")
         if state == "PREEMPTED":
-            policy = preemption_policy(self.environ.get("SLURM_JOB_PARTITION") or "?",
-                                       self.environ.get("SLURM_JOB_QOS") or "?")
-            return (f"requeued by Slurm: preempted by another job (accounting: PREEMPTED at {ended}; the run's "
-                    f"{policy}) and killed when its grace time ran out, before its ranks' save finished (the grace "
-                    "time is shorter than a save: docs/slurm.md)")
+            partition, qos = self.environ.get("SLURM_JOB_PARTITION") or "?", self.environ.get("SLURM_JOB_QOS") or "?"
+            by = preempted_after(self.job_id, ended, nodes, partition, qos)
+            return (f"requeued by Slurm: preempted {by} at {ended} (accounting: PREEMPTED); the run's "
+                    f"{preemption_policy(partition, qos)}; killed when its grace time ran out, before its ranks' save "
+                    "finished (the grace time is shorter than a save: docs/slurm.md)")
         if state == "NODE_FAIL":
             return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
         return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"

@@ -3,13 +3,15 @@ and sacct records neither. During the grace time that job still pends (Reason=Re
 partition (PreemptType=preempt/partition_prio) or QOS (preempt/qos), with the victim's nodes among those the scheduler
 planned for it (squeue's SchedNodes, %Y); a job of the victim's own partition and QOS pending there waits, it does not
 preempt. One squeue answers for every pending job, asked only at a preemption; another user's job is listed unless the
-site hides it (PrivateData=jobs), and then Slurm does not say which.
+site hides it (PrivateData=jobs), and then Slurm does not say which. An attempt killed at the end of its grace time
+cannot ask: the next one asks accounting which job of another tier started on its nodes first, after its end.
 """
 from __future__ import annotations
 
 import re
 import time
 from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from launch.backends.slurm import commands
 
@@ -18,6 +20,9 @@ UNNAMED = "by another job (Slurm did not say which)"
 # Slurm sets the victim's PreemptTime a moment before the preemptor's SchedNodes (0.25 s measured on the local
 # cluster, Slurm 22.05): a lookup that comes that early asks once more.
 PLAN_WAIT_S = 1.0
+STARTED_FORMAT = "JobID,Partition,QOS,User,NodeList,Start"
+# The preemptor starts once the victim's nodes are free: within KillWait and a scheduling pass of its end.
+START_WINDOW_S = 120
 _ITEM = re.compile(r"(?:[^,\[]|\[[^\]]*\])+")  # 'gl-n[1-3,5]' in 'gl-n[1-3,5],gpu7'
 _GROUP = re.compile(r"([^\[]*)(?:\[([^\]]*)\])?")  # 'rack' '1-2' then '-n' '01-04' in 'rack[1-2]-n[01-04]'
 
@@ -28,7 +33,8 @@ class QueuedJob:
     partition: str
     qos: str
     user: str
-    nodes: tuple[str, ...]  # planned for it (SchedNodes), expanded
+    nodes: tuple[str, ...]  # planned for it (SchedNodes), or where it ran (accounting's NodeList), expanded
+    start: str = ""  # when it started (accounting)
 
     def describe(self, victim_qos: str) -> str:
         """'job 10 (partition urgent, user alice)', with its QOS where it is not the victim's (preempt/qos)."""
@@ -63,9 +69,11 @@ def _numbers(ranges: str) -> list[str]:
 
 
 def parse_pending(text: str) -> list[QueuedJob]:
-    """`squeue -h -a -r -t PENDING,CONFIGURING -o '%i|%P|%q|%u|%Y'` -> the jobs, with the nodes planned for each."""
+    """`squeue -h -a -r -t PENDING,CONFIGURING -o '%i|%P|%q|%u|%Y'` -> the jobs, with the nodes planned for each;
+    `sacct -n -P -o JobID,Partition,QOS,User,NodeList,Start` -> the jobs, with their nodes and start."""
     rows = [line.strip().split("|") for line in text.splitlines()]
-    return [QueuedJob(r[0], r[1], r[2], r[3], tuple(expand_nodelist(r[4]))) for r in rows if len(r) == 5 and r[0]]
+    return [QueuedJob(r[0], r[1], r[2], r[3], tuple(expand_nodelist(r[4])), *r[5:]) for r in rows
+            if len(r) in (5, 6) and r[0]]
 
 
 def preemptors(pending: list[QueuedJob], job_id: str, nodes: list[str], partition: str, qos: str) -> list[QueuedJob]:
@@ -95,3 +103,18 @@ def preempting(info: commands.JobInfo) -> str:
         if found := preemptors(parse_pending(text), info.job_id, nodes, info.get("Partition") or "", qos):
             return named(found, qos)
     return UNNAMED
+
+
+def preempted_after(job_id: str, ended: str, nodelist: str, partition: str, qos: str) -> str:
+    """Who took the nodes of an attempt Slurm killed at `ended` (accounting's End of its PREEMPTED record): the job of
+    another partition or QOS that started on them first, within START_WINDOW_S of it. One sacct call."""
+    try:
+        until = datetime.fromisoformat(ended) + timedelta(seconds=START_WINDOW_S)
+        text = commands.run("sacct", "-X", "-n", "-P", "-a", "-s", "R", "-S", ended, "-E",
+                            until.isoformat(timespec="seconds"), "-N", nodelist, "-o", STARTED_FORMAT)
+    except (ValueError, commands.SlurmUnavailable):
+        return UNNAMED
+    after = [j for j in preemptors(parse_pending(text), job_id, expand_nodelist(nodelist), partition, qos)
+             if j.start >= ended]  # ISO times: ordered as strings
+    first = min((j.start for j in after), default="")
+    return named([j for j in after if j.start == first], qos)

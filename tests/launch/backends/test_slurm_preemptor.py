@@ -10,8 +10,8 @@ import pytest
 
 from launch.backends.slurm import commands, preemptor
 from launch.backends.slurm.job import SlurmJob
-from launch.backends.slurm.preemptor import (UNNAMED, expand_nodelist, named, parse_pending, preempting,
-                                             preemptors)
+from launch.backends.slurm.preemptor import (UNNAMED, expand_nodelist, named, parse_pending, preempted_after,
+                                             preempting, preemptors)
 
 OUTPUTS = Path(__file__).parent / "slurm_outputs"
 PENDING = (OUTPUTS / "squeue_pending_22.05.txt").read_text()
@@ -79,3 +79,19 @@ def test_the_line_names_the_preemptor_then_the_runs_own_policy_asking_squeue_onc
     assert said == ("preempted by job 10 (partition urgent, user gl-other) at 2026-11-27T18:29:24; the run's "
                     "partition low: PreemptMode=REQUEUE, GraceTime=20 s"), said
     assert job.preemption().said == said and len(asked) == 1  # the requeue asks again: Slurm is not
+
+
+def test_an_attempt_killed_at_the_end_of_its_grace_time_is_told_by_accounting_who_started_on_its_nodes(monkeypatch):
+    """The next attempt asks sacct: job 7's PREEMPTED record (its end, its nodes), then the jobs that ran on those
+    nodes in the window after it: job 10 of `urgent` started first; job 7's own next attempt is not its preemptor."""
+    [(state, ended, nodes), _] = commands.parse_sacct_attempts(
+        (OUTPUTS / "sacct_attempts_22.05_preempted.txt").read_text())
+    assert (state, ended, nodes) == ("PREEMPTED", "2026-11-27T18:29:54", "gl22-n[1-2]")
+    asked = []
+    monkeypatch.setattr(commands, "run", lambda *cmd, **kw: asked.append(cmd) or (
+        OUTPUTS / "sacct_started_22.05.txt").read_text())
+    assert preempted_after("7", ended, nodes, "low", "normal") == "by job 10 (partition urgent, user gl-other)"
+    assert len(asked) == 1 and asked[0][asked[0].index("-S") + 1] == ended, asked
+    assert asked[0][asked[0].index("-E") + 1] == "2026-11-27T18:31:54", asked
+    assert preempted_after("7", "2026-11-27T18:30:00", nodes, "low", "normal") == UNNAMED  # started before that
+    assert preempted_after("7", "Unknown", nodes, "low", "normal") == UNNAMED
