@@ -168,7 +168,8 @@ def goes_on(end: Ending, newest: int | None) -> Outcome:
     if (link := job.next_link(end.run_dir)) is not None:
         return Outcome(Next.NEXT_LINK, f"ends here: job {link}, the chain's next link, continues the run", link=link)
     requeued, how = _requeue(end)
-    note = "; ".join(filter(None, [why_not, how]))
+    said = end.record.get("preempted_by") if end.points else None  # a packed allocation has no line of its own
+    note = "; ".join(filter(None, [said, why_not, how]))
     if requeued:
         return Outcome(Next.REQUEUE, note)
     if cause is Cause.HEALTH:

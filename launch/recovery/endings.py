@@ -39,9 +39,10 @@ def end_stopped(attempt: Attempt, env: DistEnv, restarts: int, summary: FitSumma
         goes_on = outcome.goes_on or ending.cause is Cause.CANCELLED
         if ending.cause is Cause.CANCELLED:
             log.info("%s at step %d, checkpoint saved; %s", CANCELLED, summary.last_step, outcome.note)
-        else:
-            (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved; %s",
-                                                   summary.last_step, summary.preempted, outcome.note)
+        else:  # the scheduler's word on a preemption, which the signal alone does not say
+            by = f": {ending.record['preempted_by']}" if "preempted_by" in ending.record else ""
+            (log.info if goes_on else log.warning)("stopped at step %d after %s, checkpoint saved%s; %s",
+                                                   summary.last_step, summary.preempted, by, outcome.note)
     goes_on = from_rank0(goes_on)
     leave()
     return goes_on

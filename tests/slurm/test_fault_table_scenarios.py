@@ -50,7 +50,7 @@ def test_a_sweep_preempted_by_slurm_requeues_its_requeue_point_and_the_same_comm
         first.kill()
     said = out + err
     requeued, finished = attempts(low)
-    assert requeued["ended"].startswith("preempted by another job") and requeued["requeued"], requeued
+    assert requeued["ended"].startswith("preempted by job ") and requeued["requeued"], requeued
     assert finished["ended"] == "finished", finished
     (ended,) = attempts(cancel)
     assert "PreemptMode=CANCEL" in ended["ended"] and not ended["requeued"], ended
@@ -88,7 +88,7 @@ def test_a_chain_link_preempted_by_slurm_hands_the_run_to_the_next_link_and_is_n
     assert first.returncode == 0, out[-3000:] + err[-3000:]
     links = json.loads((run_dir / "slurm_job.json").read_text())["chain"]
     handed, finished = attempts(run_dir)
-    assert handed["ended"].startswith("preempted by another job") and f"PreemptMode={mode}" in handed["ended"], handed
+    assert handed["ended"].startswith("preempted by job ") and f"PreemptMode={mode}" in handed["ended"], handed
     assert (handed["job_id"], handed["requeued"], handed["next_link"]) == (links[0], False, links[1]), handed
     assert (finished["job_id"], finished["ended"], finished["first_step"]) == (links[1], "finished",
                                                                                handed["last_step"]), finished

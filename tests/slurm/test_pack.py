@@ -142,7 +142,8 @@ def test_a_higher_tier_job_that_comes_while_the_points_start_requeues_the_alloca
         assert [(a["ended"], a["restart"]) for a in ends] == [("finished", 1)], ends  # the first attempt ran no point
         assert len(losses(run)) == 30
     err = open(record["stderr"]).read()
-    assert "packed job: requeued job" in err and "task_prolog did not exit normally" in err, err[-3000:]
+    assert "packed job: preempted by job " in err and "; requeued job" in err, err[-3000:]
+    assert "task_prolog did not exit normally" in err, err[-3000:]
 
 
 @pytest.mark.timeout(300)

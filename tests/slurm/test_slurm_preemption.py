@@ -42,8 +42,8 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     assert_same_run(job.run_dir, reference)
 
     first, last = attempts(job.run_dir)  # one requeue: Slurm's preemption and the job's own are one
-    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
-    assert "partition low, PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
+    assert first["ended"].startswith(f"preempted by job {urgent} (partition urgent, user root) at "), first
+    assert "the run's partition low: PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
     assert last["ended"] == "finished" and last["restart"] == 1, last
     saved = first["goodput"]
     info = slurm_cluster.job_info(job.id())
@@ -72,14 +72,14 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
     assert len(runs) == 2 and runs[0][1] in ("PREEMPTED", "REQUEUED") and runs[1][1] == "COMPLETED", books
     assert runs[0][3] <= urgent_start and runs[1][2] >= urgent_end, books  # ISO times: ordered as strings
     said = job.text()
-    assert "preempted by another job" in said and "node failure" not in said, said
+    assert "preempted by job " in said and "node failure" not in said, said
     status = subprocess.run([sys.executable, "-m", "launch.status", str(job.run_dir)], cwd=REPO,
                             env=slurm_cluster.env, capture_output=True, text=True, timeout=60)
-    assert "1 restart(s) (last interrupted: preempted by another job (Slurm, at " in status.stdout, (
+    assert "1 restart(s) (last interrupted: preempted by job " in status.stdout, (
         status.stdout + status.stderr)
     log = (job.run_dir / "logs" / "rank0.log").read_text()  # the run's goodput line, as rank 0 ends it
     goodput = [line for line in log.splitlines() if "run finished: goodput" in line]
-    assert goodput and "interrupted by preempted by another job (Slurm" in goodput[-1], log[-3000:]
+    assert goodput and "interrupted by preempted by job " in goodput[-1], log[-3000:]
 
 
 @pytest.fixture
@@ -103,17 +103,18 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
     job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "cluster.qos=low"],
               tmp_path / "run")
     job.training(0)
-    urgent_job(slurm_cluster, tmp_path, "--qos=urgent")
+    urgent = urgent_job(slurm_cluster, tmp_path, "--qos=urgent")
     assert job.wait() == 0, job.text()
     assert_same_run(job.run_dir, reference)
     first, last = attempts(job.run_dir)
     grace = slurm_cluster.run("sacctmgr", "-n", "-P", "show", "qos", "low", "format=GraceTime").stdout.strip()
-    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
-    assert f"QOS low, PreemptMode=REQUEUE, GraceTime={int(grace.split(':')[-1])} s" in first["ended"], (first, grace)
+    assert first["ended"].startswith(f"preempted by job {urgent} (partition debug, QOS urgent, user root) at "), first
+    policy = f"the run's QOS low: PreemptMode=REQUEUE, GraceTime={int(grace.split(':')[-1])} s"
+    assert policy in first["ended"], (first, grace)
     assert first["requeued"] is True and last["ended"] == "finished" and last["restart"] == 1, (first, last)
     assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     said = job.text()
-    assert "preempted by another job" in said and "node failure" not in said, said
+    assert "preempted by job " in said and "node failure" not in said, said
 
 
 # A task prolog's wait on the first attempt only: the urgent job's SIGTERM ends it (a loaded machine may take
@@ -149,10 +150,10 @@ def test_a_higher_tier_job_that_comes_while_the_tasks_start_requeues_the_job_onc
     assert_same_run(job.run_dir, reference)
     assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     first, last = attempts(job.run_dir)
-    assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"] is True, first
+    assert first["ended"].startswith("preempted by job ") and first["requeued"] is True, first
     assert last["ended"] == "finished" and last["restart"] == 1, last
     said = job.text() if job.proc else job.log.read_text()
-    assert "preempted by another job" in said and "node failure" not in said, said
+    assert "preempted by job " in said and "node failure" not in said, said
     assert " failed" not in said.replace("--task-prolog failed", ""), said
     err = job.log.read_text() if job.proc is None else (job.run_dir / "slurm" / f"{job.id()}_0_log.err").read_text()
     assert "while the tasks started, before any rank could save; requeued job" in err, err[-3000:]
@@ -168,16 +169,19 @@ def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_
     job = Job(slurm_cluster, tmp_path, [*RUN, *data_overrides], tmp_path / "run", sbatch=True,
               sbatch_flags=("--nodes=2", "--partition=low"))
     job.training(0)
-    urgent_job(slurm_cluster, tmp_path)
+    urgent = urgent_job(slurm_cluster, tmp_path)
     assert job.wait() == 0, job.log.read_text()[-5000:]
     assert_same_run(job.run_dir, reference)
     first, last = attempts(job.run_dir)
-    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
-    assert "partition low, PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
+    assert first["ended"].startswith("preempted by job "), first
+    assert "the run's partition low: PreemptMode=REQUEUE" in first["ended"] and first["requeued"] is True, first
     assert last["ended"] == "finished" and last["restart"] == 1, last
     assert slurm_cluster.job_info(job.id())["Restarts"] == "1"
     text = job.log.read_text()
-    assert "preempted by another job" in text and "node failure" not in text, text[-5000:]
+    assert "preempted by job " in text and "node failure" not in text, text[-5000:]
+    # rank 0's own line, the one such a job's output has, says by whom (not only "after SIGTERM")
+    stopped = f"after SIGTERM, checkpoint saved: preempted by job {urgent} (partition urgent, user root) at "
+    assert stopped in text, text[-5000:]
 
 
 @pytest.mark.timeout(300)
@@ -197,11 +201,11 @@ def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_r
     code = job.wait()
     said = job.text()
     (first,) = attempts(job.run_dir)
-    assert first["ended"].startswith("preempted by another job (Slurm, at "), first
-    assert f"{by} lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
+    assert first["ended"].startswith("preempted by job "), first
+    assert f"the run's {by} lowcancel: PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
     assert f"not requeued: Slurm's preemption cancels job {job.id()}" in first["note"], first
     assert "the same command continues the run from its newest checkpoint" in first["note"], first
-    assert code != 0 and "preempted by another job" in said and "cancels job" in said, (code, said)
+    assert code != 0 and "preempted by job " in said and "cancels job" in said, (code, said)
     assert slurm_cluster.job_info(job.id()).get("Restarts", "0") == "0"
 
     again = Job(slurm_cluster, tmp_path, args, tmp_path / "run", name="again")
@@ -234,7 +238,7 @@ def test_a_preemption_during_a_save_the_grace_time_covers_ends_after_it_and_resu
     urgent_job(slurm_cluster, tmp_path)
     assert job.wait() == 0, job.text()
     first, last = attempts(job.run_dir)
-    assert first["ended"].startswith("preempted by another job (Slurm, at ") and first["requeued"] is True, first
+    assert first["ended"].startswith("preempted by job ") and first["requeued"] is True, first
     assert first["last_step"] > 10, first  # the stop's own save came after the one in progress
     assert last["first_step"] == first["last_step"] and last["ended"] == "finished", (first, last)
     assert log.read_text().count("inside the save of step 10") == 1, log.read_text()  # finished once, not redone
@@ -254,15 +258,17 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
                                             "train.max_steps=12", "checkpoint.interval_steps=5",
                                             "debug.save_sleep_s=25", "debug.save_sleep_step=10"], tmp_path / "run")
         log = saving(job, 10)
-        urgent_job(slurm_cluster, tmp_path)
+        urgent = urgent_job(slurm_cluster, tmp_path)
         code = job.wait()
     finally:
         slurm_cluster.run("scontrol", "update", "PartitionName=low", f"GraceTime={original}")
     assert code == 0, job.text()
     first, last = attempts(job.run_dir)
     assert first["recorded_by"] == "the next attempt" and first["last_step"] == 5, first  # the cut save left nothing
-    assert first["ended"].startswith("requeued by Slurm: preempted by another job (accounting: PREEMPTED at "), first
-    assert "partition low, PreemptMode=REQUEUE, GraceTime=2 s) and killed when its grace time ran out" in first["ended"]
+    # accounting names the job that started on its nodes after it
+    assert first["ended"].startswith(f"requeued by Slurm: preempted by job {urgent} (partition urgent, user root) at "), first
+    assert ("(accounting: PREEMPTED); the run's partition low: PreemptMode=REQUEUE, GraceTime=2 s; killed when its "
+            "grace time ran out" in first["ended"]), first
     assert last["first_step"] == 5 and last["ended"] == "finished", last  # resumed from step 5's checkpoint
     said = log.read_text()
     assert said.count("inside the save of step 10") == 2 and "resumed from " in said, said  # the save cut, then redone

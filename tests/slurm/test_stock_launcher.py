@@ -128,7 +128,7 @@ def test_a_point_of_the_stock_launcher_preempted_by_a_higher_tier_job_saves_requ
     point = sweep / "lr0.001"
     attempts = [json.loads(x) for x in (point / "attempts.jsonl").read_text().splitlines()]
     assert len(attempts) == 2 and attempts[1]["ended"] == "finished" and attempts[1]["restart"] == 1, attempts
-    assert attempts[0]["ended"].startswith("preempted by another job (Slurm, at "), attempts[0]
-    assert "partition low, PreemptMode=REQUEUE" in attempts[0]["ended"] and attempts[0]["requeued"], attempts[0]
+    assert attempts[0]["ended"].startswith("preempted by job "), attempts[0]
+    assert "the run's partition low: PreemptMode=REQUEUE" in attempts[0]["ended"] and attempts[0]["requeued"], attempts[0]
     assert slurm_cluster.job_info(job)["Restarts"] == "1"
     assert losses(point) == losses(reference)  # bitwise, every step once

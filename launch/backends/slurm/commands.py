@@ -239,15 +239,20 @@ def sacct_state(job_id: str) -> str | None:
         return None
 
 
-def sacct_attempts(job_id: str) -> list[tuple[str, str]]:
-    """Every attempt of the job that accounting recorded, oldest first: (state, end time); [] without accounting.
-    A requeued job keeps one record per attempt (`sacct -D`): PREEMPTED, NODE_FAIL, REQUEUED, then its current."""
+def sacct_attempts(job_id: str) -> list[tuple[str, str, str]]:
+    """Every attempt of the job that accounting recorded, oldest first: (state, end time, nodes); [] without
+    accounting. A requeued job keeps one record per attempt (`sacct -D`): PREEMPTED, NODE_FAIL, REQUEUED, then its
+    current."""
     try:
-        text = run("sacct", "-n", "-D", "-X", "-P", "-o", "State,End", "-j", str(job_id))
+        text = run("sacct", "-n", "-D", "-X", "-P", "-o", "State,End,NodeList", "-j", str(job_id))
     except SlurmUnavailable:
         return []
+    return parse_sacct_attempts(text)
+
+
+def parse_sacct_attempts(text: str) -> list[tuple[str, str, str]]:
     rows = [line.strip().split("|") for line in text.splitlines() if line.strip()]
-    return [(state_of(row[0]), row[1]) for row in rows if len(row) == 2]
+    return [(state_of(row[0]), row[1], row[2]) for row in rows if len(row) == 3]
 
 
 def sacct_states(job_ids: list[str]) -> dict[str, str]:

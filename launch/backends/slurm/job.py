@@ -8,6 +8,7 @@ from collections.abc import Mapping
 from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
+from launch.backends.slurm.preemptor import preempted_after, preempting
 from launch.rank.job_env import JobEnvironment, Preemption
 from launch.recovery.rounds import hosts_of
 
@@ -40,6 +41,10 @@ def gpus_on_node(env: dict[str, str]) -> int:
 
 class SlurmJob(JobEnvironment):
     scheduler = "slurm"
+
+    def __init__(self, environ: Mapping[str, str] | None = None):
+        super().__init__(environ)
+        self._preempted: tuple[str, str] | None = None  # (PreemptTime, what preemption() says of it)
 
     @classmethod
     def detect(cls, environ: Mapping[str, str]) -> bool:
@@ -94,13 +99,13 @@ class SlurmJob(JobEnvironment):
         that attempt says why (PREEMPTED: killed when the grace time ran out, before its ranks' save finished and
         they could say so); without accounting Slurm cannot tell."""
         before = commands.sacct_attempts(self.job_id)[:-1]  # the last record is this attempt's
-        state, ended = before[-1] if before else ("", "")
+        state, ended, nodes = before[-1] if before else ("", "", "")
         if state == "PREEMPTED":
-            policy = preemption_policy(self.environ.get("SLURM_JOB_PARTITION") or "?",
-                                       self.environ.get("SLURM_JOB_QOS") or "?")
-            return (f"requeued by Slurm: preempted by another job (accounting: PREEMPTED at {ended}; {policy}) and "
-                    "killed when its grace time ran out, before its ranks' save finished (the grace time is shorter "
-                    "than a save: docs/slurm.md)")
+            partition, qos = self.environ.get("SLURM_JOB_PARTITION") or "?", self.environ.get("SLURM_JOB_QOS") or "?"
+            by = preempted_after(self.job_id, ended, nodes, partition, qos)
+            return (f"requeued by Slurm: preempted {by} at {ended} (accounting: PREEMPTED); the run's "
+                    f"{preemption_policy(partition, qos)}; killed when its grace time ran out, before its ranks' save "
+                    "finished (the grace time is shorter than a save: docs/slurm.md)")
         if state == "NODE_FAIL":
             return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
         return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
@@ -134,9 +139,10 @@ class SlurmJob(JobEnvironment):
         return ending and not self._requeued(self.job_id, info) and not commands.timed_out(info)
 
     def preemption(self) -> Preemption | None:
-        """Slurm preempts this job for another: scontrol shows its PreemptTime while the partition's grace time runs
-        (and does not say for which job). PreemptMode=CANCEL ends the job; REQUEUE requeues it, but only once the
-        grace time is out (a job that ends inside it is not requeued by Slurm: it requeues itself)."""
+        """Slurm preempts this job for another: scontrol shows its PreemptTime while the partition's grace time runs,
+        and squeue the job it preempts for (launch.backends.slurm.preemptor), asked once per preemption. PreemptMode=
+        CANCEL ends the job; REQUEUE requeues it, but only once the grace time is out (a job that ends inside it is not
+        requeued by Slurm: it requeues itself)."""
         try:
             info = commands.scontrol_job(self.job_id)
         except SlurmUnavailable:
@@ -144,8 +150,11 @@ class SlurmJob(JobEnvironment):
         when = info.get("PreemptTime") if info else None
         if info is None or not when or when in ("None", "Unknown"):
             return None
-        policy = preemption_policy(info.get("Partition") or "?", info.get("QOS") or "?")
-        return Preemption(f"preempted by another job (Slurm, at {when}; {policy})", "PreemptMode=CANCEL" not in policy)
+        if self._preempted is None or self._preempted[0] != when:
+            policy = preemption_policy(info.get("Partition") or "?", info.get("QOS") or "?")
+            self._preempted = when, f"preempted {preempting(info)} at {when}; the run's {policy}"
+        said = self._preempted[1]
+        return Preemption(said, "PreemptMode=CANCEL" not in said)
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it runs (RUNNING, or SIGNALING in a preemption's
@@ -273,15 +282,15 @@ def _int(value: str | None) -> int:
 
 
 def preemption_policy(partition: str, qos: str) -> str:
-    """'partition low, PreemptMode=REQUEUE, GraceTime=20 s': what preemption does to the job, by its partition's
-    settings, or by its QOS's where the cluster preempts by QOS (PreemptType=preempt/qos: 'QOS low, ...')."""
+    """'partition low: PreemptMode=REQUEUE, GraceTime=20 s': what preemption does to the job, by its partition's
+    settings, or by its QOS's where the cluster preempts by QOS (PreemptType=preempt/qos: 'QOS low: ...')."""
     config = commands.controller_config()
     if config.get("PreemptType") == "preempt/qos":
         mode, grace = commands.qos_fields(qos) or ("?", "")
         if mode.lower() in ("cluster", ""):  # the cluster's own PreemptMode
             mode = config.get("PreemptMode") or "?"
         seconds = commands.duration_s(grace) if grace else None
-        return f"QOS {qos}, PreemptMode={mode.upper()}" + (f", GraceTime={seconds} s" if seconds else "")
+        return f"QOS {qos}: PreemptMode={mode.upper()}" + (f", GraceTime={seconds} s" if seconds else "")
     mode = commands.partition_field(partition, "PreemptMode") or "?"
     grace = commands.partition_field(partition, "GraceTime")
-    return f"partition {partition}, PreemptMode={mode}" + (f", GraceTime={grace} s" if grace else "")
+    return f"partition {partition}: PreemptMode={mode}" + (f", GraceTime={grace} s" if grace else "")

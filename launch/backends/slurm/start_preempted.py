@@ -47,7 +47,7 @@ def after_failed_pack(run_dirs: list[Path], job: JobEnvironment) -> Outcome | No
     preempted = job.preemption()
     if preempted is None or (outcome := recover_allocation(run_dirs, job)) is None:
         return None
-    print(f"{preempted.said} while the packed job's task started; {outcome.note}", file=sys.stderr, flush=True)
+    print(f"packed job, killed as its task started: {outcome.note}", file=sys.stderr, flush=True)  # says by whom
     return outcome
 
 

@@ -108,7 +108,7 @@ def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_ne
     """preemption.max_restarts bounds the job's own requeues: a job Slurm preempts with REQUEUE would be requeued by
     Slurm at the end of its grace time, so the rank that saved inside it requeues it at once, at the limit too. The
     mode is the partition's, or the job's QOS's where the cluster preempts by QOS (a QOS may defer to the cluster's)."""
-    from launch.backends.slurm import commands
+    from launch.backends.slurm import commands, preemptor
 
     asked = []
     monkeypatch.setattr(commands, "scontrol_job", lambda job: commands.JobInfo(job, "RUNNING", "", (
@@ -117,8 +117,11 @@ def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_ne
     monkeypatch.setattr(commands, "controller_config", lambda: config)
     monkeypatch.setattr(commands, "partition_field", lambda p, key: {"PreemptMode": mode, "GraceTime": "20"}[key])
     monkeypatch.setattr(commands, "qos_fields", lambda q: ("cluster" if mode == "REQUEUE" else mode.lower(), "00:00:20"))
-    assert SlurmJob({"SLURM_JOB_ID": "42"}).preemption().said.endswith(
-        f"{'partition' if by == 'partition_prio' else 'QOS'} low, PreemptMode={mode}, GraceTime=20 s)")
+    monkeypatch.setattr(commands, "run", lambda *cmd, **kw: "")  # squeue lists no pending job
+    monkeypatch.setattr(preemptor, "PLAN_WAIT_S", 0.0)
+    assert SlurmJob({"SLURM_JOB_ID": "42"}).preemption().said == (
+        "preempted by another job (Slurm did not say which) at 2026-11-24T14:00:00; the run's "
+        f"{'partition' if by == 'partition_prio' else 'QOS'} low: PreemptMode={mode}, GraceTime=20 s")
     monkeypatch.setattr(commands, "requeue", asked.append)
     done, why = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}).requeue(max_restarts=2)
     assert (done, asked) == (requeued, ["42"] if requeued else []), why

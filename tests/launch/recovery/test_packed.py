@@ -86,3 +86,15 @@ def test_a_packers_task_killed_as_it_started_is_decided_by_the_batch_step_unless
     assert after_failed_pack(points, preempted).next is Next.REQUEUE and preempted.asked == [("requeue",)]
     again = Packed(preemption=Preemption("preempted by another job", True))
     assert after_failed_pack(points, again) is None and again.asked == []
+
+
+def test_a_packed_jobs_one_line_names_the_preemption_once(points, capsys):
+    """The points' ranks leave the requeue to the packer: its line (and the batch step's, when the packer was killed as
+    it started) says who preempted the allocation, once, then what follows."""
+    from launch.backends.slurm.start_preempted import after_failed_pack
+
+    said = "preempted by job 10 (partition urgent, user gl-other) at T; the run's partition low: PreemptMode=REQUEUE"
+    outcome = after_failed_pack(points, Packed(preemption=Preemption(said, True)))
+    assert (outcome.next, outcome.note) == (Next.REQUEUE, f"{said}; requeued job 77"), outcome
+    err = capsys.readouterr().err
+    assert err.count("preempted by job 10") == 1 and err.startswith("packed job, killed as its task started: "), err
