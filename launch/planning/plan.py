@@ -22,7 +22,7 @@ from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
-from launch.backends import Backend, get_backend
+from launch.backends import Backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import device_memory_gib, fit
 from launch.recovery.out_of_memory import kept_micro_batch
@@ -81,12 +81,11 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[str, TrainConfi
     return device, train, dims
 
 
-def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None, backend: Backend | None = None) -> Plan:
+def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
     config, which this command must then equal. `run`'s paths are absolute (absolute_paths); `backend` is the one
-    planning chose (None: cluster.name's), asked here once for the device and its memory."""
-    backend = backend or get_backend(run.cluster.name)
+    planning chose (launch.backends.backend_for), asked here once for the device and its memory."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
     memory = device_memory_gib(run, device, backend)

@@ -122,14 +122,14 @@ def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_
     from gpt.config import schema
     from launch import launch_config
     from gpt.train.trainer import Trainer
-    from launch.planning.plan import make_plan
+    from helpers import make_plan_of
 
     run_dir = tmp_path_factory.mktemp("run")
     overrides = ["model=tiny", "train.device=cpu", "train.max_steps=6", "train.log_interval=3", "train.eval_interval=0",
                  "train.progress=false", f"data.text_path={SHAKESPEARE}",
                  f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        make_plan(launch_config.parse(compose("config", overrides=overrides)), run_dir)
+        make_plan_of(launch_config.parse(compose("config", overrides=overrides)), run_dir)
     trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     record, spans = trainer.reporter.record, []
 
