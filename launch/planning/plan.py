@@ -92,7 +92,12 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run, run.model, train, dims, device, memory)
     data = run.data
-    prepare_job = data if in_preparation_job(run, data, backend) else None
+    if data.prepare_on == "job" and run.cluster.name == "local":
+        raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
+                          "cluster=slurm")
+    # a job prepares the data, before the run's, where the backend submits jobs and the data is not yet prepared the
+    # same way; under srun (sbatch slurm/multi_node.sh) the launcher already runs inside the job: it prepares here
+    prepare_job = data if data.prepare_on == "job" and backend.submits and not is_prepared(data) else None
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:
@@ -170,15 +175,6 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
         if run.resume.lower() not in KEYWORDS:
             check_resume(run.resume)
         check_init(run.init, run.model, run.data, run.resume)
-
-
-def in_preparation_job(run: LaunchConfig, data: DataConfig, backend: Backend) -> bool:
-    """data.prepare_on=job with cluster=slurm, and the data not yet prepared the same way. Under srun (sbatch
-    slurm/multi_node.sh) the launcher already runs inside the job: it prepares there, on the job's first node."""
-    if data.prepare_on == "job" and run.cluster.name == "local":
-        raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
-                          "cluster=slurm")
-    return data.prepare_on == "job" and backend.submits and not is_prepared(data)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:
