@@ -126,9 +126,9 @@ def given_model_keys(overrides: list[str]) -> set[str]:
 
 
 def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> LaunchConfig:
-    """With init=hf:PATH, the model as the folder's config.json has it, but the keys in `given`; once the run has a
-    checkpoint of its own, as its config.yaml recorded it then (the folder is read no more: a purged one does not
-    stop a requeue or the same command)."""
+    """With init=hf:PATH (made absolute by absolute_paths), the model as the folder's config.json has it, but the
+    keys in `given`; once the run has a checkpoint of its own, as its config.yaml recorded it then (the folder is
+    read no more: a purged one does not stop a requeue or the same command)."""
     if run.init == "none":
         return run
     saved = RunFolder(run_dir).config if run_dir is not None else None
@@ -136,8 +136,7 @@ def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> Laun
         model = launch_config.load(saved).model
         return dataclasses.replace(run, model=dataclasses.replace(
             run.model, **{k: getattr(model, k) for k in FILLED if k not in given}))
-    init = f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
-    return dataclasses.replace(run, model=filled_model(init, run.model, given))
+    return dataclasses.replace(run, model=filled_model(run.init, run.model, given))
 
 
 def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
