@@ -62,6 +62,7 @@ def timed_saves(t, repeats: int) -> dict:
 def save_load(model: str, repeats: int, block: int) -> dict:
     from gpt.collectives.process_group import DistEnv
     from gpt.train.trainer import Trainer
+    from launch.backends import get_backend
     from launch.planning.plan import make_plan
     from launch import launch_config
 
@@ -74,7 +75,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
                                   "train.max_steps=100", "train.progress=false", "train.eval_interval=0",
                                   "resume=none", f"checkpoint.async={'true' if mode == 'async' else 'false'}",
                                   f"data.dir={Path(tmp) / 'data'}"])
-            make_plan(cfg, run_dir)
+            make_plan(cfg, run_dir, get_backend(cfg.cluster.name))
             t = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
             step_s = []
             for _ in range(2):

@@ -24,6 +24,7 @@ from gpt.model.transformer import GPT  # noqa: E402
 from gpt.train.optim import build_adamw  # noqa: E402
 from gpt.train.schedule import lr_at  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
+from launch.backends import get_backend  # noqa: E402
 from launch.planning.plan import make_plan  # noqa: E402
 
 
@@ -38,7 +39,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="gptlaunch-overhead-"))
     total = args.warmup + args.steps
     cfg = compose_config([f"train.max_steps={total}", "train.progress=false", *args.overrides])
-    make_plan(cfg, run_dir)
+    make_plan(cfg, run_dir, get_backend(cfg.cluster.name))
     cfg = launch_config.load(run_dir / "config.yaml")
     trainer = Trainer(cfg, DistEnv(), run_dir)
     t = trainer.train

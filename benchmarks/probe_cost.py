@@ -24,6 +24,7 @@ from launch import launch_config  # noqa: E402
 from gpt.collectives.process_group import DistEnv  # noqa: E402
 from gpt.train.compute_probe import ComputeProbe  # noqa: E402
 from gpt.train.trainer import Trainer  # noqa: E402
+from launch.backends import get_backend  # noqa: E402
 from launch.planning.plan import make_plan  # noqa: E402
 
 
@@ -43,7 +44,7 @@ def main() -> None:
     run_dir = Path(tempfile.mkdtemp(prefix="gptlaunch-probe-"))
     cfg = compose_config(["model=tiny", "train.max_steps=100000", "train.progress=false", "train.eval_interval=0",
                           "train.device=cpu", *args.overrides])
-    make_plan(cfg, run_dir)
+    make_plan(cfg, run_dir, get_backend(cfg.cluster.name))
     trainer = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     t, reporter = trainer.train, trainer.reporter
     probe = ComputeProbe(trainer.model_cfg, trainer.data.micro_batch * trainer.model_cfg.block_size, trainer.device,

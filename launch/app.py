@@ -71,7 +71,7 @@ def _plan(cfg: DictConfig) -> PlannedRun:
         checked = check_run_folder(run, run_dir, job,
                                    lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
     budget = run.budget if backend.submits else None
-    plan = make_plan(run, run_dir, live, backend)
+    plan = make_plan(run, run_dir, backend, live)
     if live is None:  # every check passed: the folder gets its records
         if checked is not None:
             checked.record(run_dir)

@@ -132,12 +132,20 @@ def compose(*overrides: str):
         return hydra_compose("config", overrides=list(overrides))
 
 
+def make_plan_of(run, run_dir: Path):
+    """launch.planning.plan.make_plan with the backend cluster.name names, as the launcher chooses it outside a job."""
+    from launch.backends import get_backend
+    from launch.planning.plan import make_plan
+
+    return make_plan(run, run_dir, get_backend(run.cluster.name))
+
+
 def plan(run_dir: Path, *overrides: str) -> Path:
     """What `python -m launch OVERRIDES` plans into `run_dir` (its config.yaml, for a Trainer run in this process)."""
     from launch import launch_config
-    from launch.planning.plan import absolute_paths, make_plan
+    from launch.planning.plan import absolute_paths
 
-    make_plan(absolute_paths(launch_config.parse(compose(*overrides))), run_dir)
+    make_plan_of(absolute_paths(launch_config.parse(compose(*overrides))), run_dir)
     return run_dir
 
 

@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +84,55 @@ def content_md5(rows: list[dict[str, Any]]) -> str:
     return h.hexdigest()
 
 
-def corpus_record(files: list[Path], known: dict[str, Any] | None = None,
-                  recorded: Callable[[], list[dict[str, Any]]] = list) -> dict[str, Any]:
+def corpus_record(files: list[Path], known: dict[str, Any] | None = None, prepared: list[Path] = ()
+                  ) -> dict[str, Any]:
     """What run.json records of a run's corpus: where it lies, its size, newest modification time, listing and
     content md5 (content_md5). The content is read only when the listing differs from `known`'s (a copy, a touch,
-    a move: its md5 then says whether the content changed too), and then only of the files whose rows `recorded`
-    (those of the prepared folders) does not know."""
+    a move: its md5 then says whether the content changed too), and then only of the files whose rows the
+    `prepared` folders (prepared_rows) do not know."""
     stats = [f.stat() for f in files]
     record = {"path": os.path.commonpath([str(f.resolve()) for f in files]), "size": sum(s.st_size for s in stats),
               "mtime": max(s.st_mtime for s in stats), "listing": listing_md5(files)}
     if known and known.get("listing") == record["listing"] and known.get("md5"):
         return {**record, "md5": known["md5"]}
-    remember(recorded())
+    remember(prepared_rows(prepared))
     return {**record, "md5": content_md5(file_rows(files))}
+
+
+def prepared_rows(prepared: list[Path]) -> list[dict[str, Any]]:
+    """The rows of the train and val files the `prepared` folders were made from, in order."""
+    return [r for d in prepared for r in recorded_rows(d, ("train", "val"))]
+
+
+def corpus_change(files: list[Path], prepared: list[Path], known: dict[str, Any] | None,
+                  corpus: dict[str, Any]) -> str:
+    """data.text_md5's line of a refusal: which of the corpus's `files` changed since run.json's `known` record and
+    how, in words (corpus_record's `corpus` as it is now), and the remedies that hold (a prepared folder is never
+    prepared again: a run on the changed corpus needs a folder of its own)."""
+    now = file_rows(files)  # read already, by corpus_record
+    before = rows_before(prepared_rows(prepared), now, known)
+    what = describe_change(before, now) if before else ""
+    if not what and known:
+        what = (f"the corpus changed ({known.get('size', 0):,} -> {corpus['size']:,} bytes in {len(files)} file(s), "
+                f"newest modified {_when_s(known.get('mtime'))} -> {_when_s(corpus['mtime'])})")
+    return (f"data.text_md5: {what or 'the corpus changed'} since the run trained on it. Restore its content to "
+            "continue this run, or train on this corpus as a new run (run=NAME) with a data.dir of its own")
+
+
+def rows_before(prepared: list[dict[str, Any]], now: list[dict[str, Any]], known: dict[str, Any] | None
+                ) -> list[dict[str, Any]]:
+    """The corpus's files as the run trained on them: as its `prepared` folders' rows when they hold the run's
+    corpus, else for one file as run.json recorded it; [] when neither tells."""
+    if known and prepared and content_md5(prepared) == known.get("md5"):
+        return prepared
+    if known and len(now) == 1 and "mtime" in known and "size" in known:
+        return [{"path": known.get("path", now[0]["path"]), "size": known["size"], "md5": known.get("md5"),
+                 "mtime_ns": int(known["mtime"] * 1e9)}]
+    return []
+
+
+def _when_s(mtime: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)) if mtime else "?"
 
 
 def _when(mtime_ns: int) -> str:

@@ -109,18 +109,19 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
              micro_batch: int) -> MemoryParts:
     """One rank's memory at its peak for this model, layout, micro-batch (sequences per forward), precision and
     activation checkpointing. model.vocab_size must be known."""
+    # what the strategy's traits say, then the sizes they are shares of
     traits = traits_of(strategy.name)
-    held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     padding = traits.padding(strategy, dims, model)
     p_share, g_share, _ = (share * padding for share in traits.state_shares(strategy, dims))
     o_share = traits.optimizer_share(strategy, dims, model) * padding
     if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
         g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
-    params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
-    layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel)
-    tokens = micro_batch * model.block_size
     layers = traits.activation_layers(strategy, dims, model.n_layer)
+    layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel)
+    held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
+    params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
+    tokens = micro_batch * model.block_size
     every = train.recompute_every()
     if every:  # a checkpointed layer keeps its input; one layer is recomputed whole at a time
         checkpointed = math.ceil(model.n_layer / every) / model.n_layer

@@ -22,7 +22,7 @@ from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
-from launch.backends import Backend, get_backend
+from launch.backends import Backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import device_memory_gib, fit
 from launch.recovery.out_of_memory import kept_micro_batch
@@ -81,19 +81,23 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[str, TrainConfi
     return device, train, dims
 
 
-def make_plan(run: LaunchConfig, run_dir: Path, live_job: str | None = None, backend: Backend | None = None) -> Plan:
+def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
     config, which this command must then equal. `run`'s paths are absolute (absolute_paths); `backend` is the one
-    planning chose (None: cluster.name's), asked here once for the device and its memory."""
-    backend = backend or get_backend(run.cluster.name)
+    planning chose (launch.backends.backend_for), asked here once for the device and its memory."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
     memory = device_memory_gib(run, device, backend)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run, run.model, train, dims, device, memory)
     data = run.data
-    prepare_job = data if in_preparation_job(run, data, backend) else None
+    if data.prepare_on == "job" and run.cluster.name == "local":
+        raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
+                          "cluster=slurm")
+    # a job prepares the data, before the run's, where the backend submits jobs and the data is not yet prepared the
+    # same way; under srun (sbatch slurm/multi_node.sh) the launcher already runs inside the job: it prepares here
+    prepare_job = data if data.prepare_on == "job" and backend.submits and not is_prepared(data) else None
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:
@@ -122,9 +126,9 @@ def given_model_keys(overrides: list[str]) -> set[str]:
 
 
 def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> LaunchConfig:
-    """With init=hf:PATH, the model as the folder's config.json has it, but the keys in `given`; once the run has a
-    checkpoint of its own, as its config.yaml recorded it then (the folder is read no more: a purged one does not
-    stop a requeue or the same command)."""
+    """With init=hf:PATH (made absolute by absolute_paths), the model as the folder's config.json has it, but the
+    keys in `given`; once the run has a checkpoint of its own, as its config.yaml recorded it then (the folder is
+    read no more: a purged one does not stop a requeue or the same command)."""
     if run.init == "none":
         return run
     saved = RunFolder(run_dir).config if run_dir is not None else None
@@ -132,8 +136,7 @@ def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> Laun
         model = launch_config.load(saved).model
         return dataclasses.replace(run, model=dataclasses.replace(
             run.model, **{k: getattr(model, k) for k in FILLED if k not in given}))
-    init = f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
-    return dataclasses.replace(run, model=filled_model(init, run.model, given))
+    return dataclasses.replace(run, model=filled_model(run.init, run.model, given))
 
 
 def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
@@ -171,15 +174,6 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
         if run.resume.lower() not in KEYWORDS:
             check_resume(run.resume)
         check_init(run.init, run.model, run.data, run.resume)
-
-
-def in_preparation_job(run: LaunchConfig, data: DataConfig, backend: Backend) -> bool:
-    """data.prepare_on=job with cluster=slurm, and the data not yet prepared the same way. Under srun (sbatch
-    slurm/multi_node.sh) the launcher already runs inside the job: it prepares there, on the job's first node."""
-    if data.prepare_on == "job" and run.cluster.name == "local":
-        raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
-                          "cluster=slurm")
-    return data.prepare_on == "job" and backend.submits and not is_prepared(data)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:

@@ -18,9 +18,9 @@ from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from launch.launch_config import LaunchConfig
 from gpt.config.parse import to_plain
 from gpt.config.data import DataConfig
+from gpt.config.train import TrainConfig
 from gpt.data import data_identity, identities, read_meta
-from gpt.data.content import content_md5, corpus_record, describe_change, file_rows, recorded_rows
-from gpt.data.inputs import corpus_files
+from gpt.data import corpus as run_corpus
 from gpt.errors import UserError
 from gpt.run_folder import AttemptLine, RunFolder, write_json
 from gpt.train import schedule
@@ -45,21 +45,16 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def prepared_rows(data: DataConfig) -> list[dict[str, Any]]:
-    """The rows of the input files the run's prepared folders were made from (each source's, in order)."""
-    return [r for d in ([s.dir for s in data.sources] or [data.dir]) for r in recorded_rows(Path(d), ("train", "val"))]
-
-
 def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """(what must not change, flattened; the corpus's size, mtime, listing and md5: run.json's corpus record)."""
-    c, data = to_plain(run), run.data  # its paths absolute (launch.planning.plan.absolute_paths)
-    corpus = corpus_record(corpus_files(data), known_text, lambda: prepared_rows(data))
-    values = {"seed": run.seed, "model": c["model"], "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
+    c = flat(to_plain(run))
+    corpus = run_corpus.record(run.data, known_text)  # its paths absolute (launch.planning.plan.absolute_paths)
+    values = {"seed": run.seed, **{k: v for k, v in c.items() if k.startswith("model.")},
+              "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
     for key in KEYS:
-        section, _, name = key.partition(".")
-        if key not in values:
-            values[key] = c[section][name]
-    return flat(values), corpus
+        if key not in values and key != "model":
+            values[key] = c[key]
+    return values, corpus
 
 
 @dataclass(frozen=True)
@@ -121,11 +116,13 @@ def prepared_data(data_dir: str) -> dict[str, Any] | None:
         return None
 
 
-def check_same_data(run_dir: Path, saved: dict[str, Any] | None, current: dict[str, Any] | None,
-                    step: int | None) -> None:
-    """A run with checkpoints continues only on the data it was trained on."""
+def check_same_data(run_dir: Path, saved: dict[str, Any] | None, data_dir: str, step: int | None
+                    ) -> dict[str, Any] | None:
+    """A run with checkpoints continues only on the data it was trained on (`saved`: run.json's record of it).
+    Returns the identity of the data in `data_dir` now (prepared_data)."""
+    current = prepared_data(data_dir)
     if step is None or not saved or not current or None in (saved.get("fingerprint"), current["fingerprint"]):
-        return
+        return current
     if saved["fingerprint"] != current["fingerprint"] and saved["fingerprint"] not in identities(
             read_meta(current["dir"])):
         raise UserError(f"{run_dir} was trained (to step {step}) on data with fingerprint {saved['fingerprint']} "
@@ -156,22 +153,22 @@ class FolderCheck:
     def record(self, run_dir: Path) -> None:
         """Written after planning prepared the data: its identity as it is now (checked again: planning may have
         prepared it just now), else as recorded before."""
-        now = prepared_data(self.data_dir)
-        check_same_data(run_dir, self.identity.get("data"), now, self.existing and self.existing.step)
+        now = check_same_data(run_dir, self.identity.get("data"), self.data_dir, self.existing and self.existing.step)
         data = now or self.identity.get("data")
         write_record(run_dir, {**self.identity, **({"data": data} if data else {})})
 
 
-def check_same_run(run: LaunchConfig, run_dir: Path, record: dict[str, Any],
-                   now: tuple[dict[str, Any], dict[str, Any]], step: int) -> None:
-    """The run run_dir holds (its run.json `record`) is this command's (`now`: identity()'s), or UserError listing
-    the keys that differ."""
+def check_same_run(run_dir: Path, record: dict[str, Any], now: tuple[dict[str, Any], dict[str, Any]], step: int,
+                   train: TrainConfig, data: DataConfig) -> None:
+    """The run run_dir holds (its run.json `record`) is this command's (`now`: identity()'s, of its `train` and
+    `data` sections), or UserError listing the keys that differ."""
     current, corpus = now
-    saved = same_corpus_before(schedule.settle(record["identity"], current, step), record.get("corpus"), corpus)
-    stable = stable_checkpoint(run_dir, saved.get(schedule.WSD_KEY))
-    diffs = [corpus_change(run, record.get("corpus"), corpus) if k == "data.text_md5" else
-             f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
-             + schedule.hint(k, saved, run.train, step, stable)
+    stable = stable_checkpoint(run_dir, record["identity"].get(schedule.WSD_KEY))  # the run's own decay
+    saved = same_corpus_before(record["identity"], record.get("corpus"), corpus)
+    saved = schedule.settle(saved, current, step)
+    diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
+             + schedule.hint(k, saved, train, step, stable) if k != "data.text_md5" else
+             run_corpus.change(data, record.get("corpus"), corpus)
              for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
     if diffs:
         raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
@@ -188,37 +185,6 @@ def same_corpus_before(saved: dict[str, Any], known: dict[str, Any] | None, corp
     return saved
 
 
-def corpus_change(run: LaunchConfig, known: dict[str, Any] | None, corpus: dict[str, Any]) -> str:
-    """data.text_md5's line of a refusal: which files of the corpus changed and how, in words, and the remedies
-    that hold (a prepared folder is never prepared again: a run on the changed corpus needs a folder of its own)."""
-    data = run.data
-    files = corpus_files(data)
-    now = file_rows(files)  # read already, by identity()
-    before = rows_before(data, now, known)
-    what = describe_change(before, now) if before else ""
-    if not what and known:
-        what = (f"the corpus changed ({known.get('size', 0):,} -> {corpus['size']:,} bytes in {len(files)} file(s), "
-                f"newest modified {_when(known.get('mtime'))} -> {_when(corpus['mtime'])})")
-    return (f"data.text_md5: {what or 'the corpus changed'} since the run trained on it. Restore its content to "
-            "continue this run, or train on this corpus as a new run (run=NAME) with a data.dir of its own")
-
-
-def rows_before(data: DataConfig, now: list[dict[str, Any]], known: dict[str, Any] | None) -> list[dict[str, Any]]:
-    """The corpus's files as the run trained on them: as its prepared folders recorded them when they hold the run's
-    corpus, else for one file as run.json recorded it; [] when neither tells."""
-    before = prepared_rows(data)
-    if known and before and content_md5(before) == known.get("md5"):
-        return before
-    if known and len(now) == 1 and "mtime" in known and "size" in known:
-        return [{"path": known.get("path", now[0]["path"]), "size": known["size"], "md5": known.get("md5"),
-                 "mtime_ns": int(known["mtime"] * 1e9)}]
-    return []
-
-
-def _when(mtime: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(mtime)) if mtime else "?"
-
-
 def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
                      ) -> FolderCheck:
     """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
@@ -229,17 +195,17 @@ def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_
     job_state = job_state or job.job_state
     check_queued_job(run_dir, job, job_state)
     check_free(run_dir, job.job_id, job.restart, job_state)  # a late beat is no proof: as long as rank 0 waits
-    current, corpus = identity(run, (record or {}).get("corpus"))
     step = newest_step(run_dir)
+    early = stopped_early(run_dir, run) if step is not None else None
+    current, corpus = identity(run, (record or {}).get("corpus"))
     if step is not None and run.resume == "none":
         raise UserError(f"{run_dir} already holds this run at step {step}: resume=none would start over on top of "
                         f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
                         f"the folder")
     if record is not None and step is not None:
-        check_same_run(run, run_dir, record, (current, corpus), step)
+        check_same_run(run_dir, record, (current, corpus), step, run.train, run.data)
     data_dir = run.data.dir
-    check_same_data(run_dir, (record or {}).get("data"), prepared_data(data_dir), step)
-    early = stopped_early(run_dir, run) if step is not None else None
+    check_same_data(run_dir, (record or {}).get("data"), data_dir, step)
     existing = None if step is None else Existing(step, step >= run.train.max_steps or early is not None, early)
     return FolderCheck(existing, {"identity": current, "corpus": corpus, "data": (record or {}).get("data"),
                                   "created": (record or {}).get("created", time.time())}, data_dir)

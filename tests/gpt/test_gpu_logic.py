@@ -12,7 +12,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from cuda_standin import StrictCuda
-from helpers import REPO, SHAKESPEARE
+from helpers import REPO, SHAKESPEARE, make_plan_of
 from gpt.collectives import process_group as distributed
 from gpt.train import rng
 from gpt.config.model import ModelConfig
@@ -26,7 +26,6 @@ from gpt.train import step_flags
 from gpt.train.trainer import Trainer
 from gpt.config import schema
 from launch import launch_config
-from launch.planning.plan import make_plan
 
 TINY = ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64)
 
@@ -119,7 +118,7 @@ def test_no_host_sync_on_steps_that_do_not_log(preset, tmp_path, monkeypatch):
         cfg = compose("config", overrides=[*preset, "model=tiny", "train.max_steps=8", "train.log_interval=4",
                                            "train.eval_interval=0", "train.progress=false",
                                            f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}"])
-    make_plan(launch_config.parse(cfg), tmp_path / "run")
+    make_plan_of(launch_config.parse(cfg), tmp_path / "run")
     trainer = Trainer(schema.load(tmp_path / "run" / "config.yaml"), DistEnv(), tmp_path / "run")
     cast = []  # as if other ranks took part: the flags handed to the summing thread, as host floats
     monkeypatch.setattr(step_flags, "sum_in_background",

@@ -17,8 +17,8 @@ from gpt.config.data import DataConfig
 from launch import launch_config
 from gpt.errors import UserError
 from cuda_standin import StrictCuda
-from helpers import REPO, compose
-from launch.planning.plan import Plan, make_plan
+from helpers import REPO, compose, make_plan_of
+from launch.planning.plan import Plan
 
 SOURCES = ["README.md", *[str(p.relative_to(REPO)) for p in sorted((REPO / "docs").glob("*.md"))], "slurm/multi_node.sh",
            *[str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")]]
@@ -106,7 +106,7 @@ def plan(program: str, shape: dict[str, int], args: list[str], run_dir) -> Plan:
                                tasks_per_node=shape.get("ntasks-per-node", 1))
     elif run.cluster.name == "srun":  # as the script runs it, in a 1-node allocation
         run = run.with_cluster(nodes=1, tasks_per_node=1)
-    return make_plan(run, run_dir)
+    return make_plan_of(run, run_dir)
 
 
 def test_the_script_header_offers_no_more_nodes_than_its_default_and_says_to_check_sinfo():

@@ -39,7 +39,7 @@ class SlurmBackend(Backend):
             return next((m for m in map(memory_gib, [*names, cluster.constraint]) if m), None)
         mem = partitions.mem_mb(cluster.mem) if cluster.mem else None
         if mem == 0:  # Slurm's --mem=0: all of each node's memory, not none
-            mem = partitions.node_mem_mb(SlurmResources.from_run(run), partitions.read_partitions())
+            mem = partitions.node_mem_mb(cluster, partitions.read_partitions())
         return mem / 1024 / cluster.tasks_per_node if mem else None
 
     def standings(self, job_ids):

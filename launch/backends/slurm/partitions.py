@@ -10,6 +10,7 @@ import shutil
 from dataclasses import dataclass, field
 
 from gpt.errors import UserError
+from launch.backends.cluster_config import ClusterConfig
 from launch.backends.slurm import commands
 from launch.backends.slurm.resources import SlurmResources
 
@@ -150,14 +151,15 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     return part
 
 
-def node_mem_mb(res: SlurmResources, partitions: dict[str, Partition]) -> int | None:
+def node_mem_mb(cluster: ClusterConfig, partitions: dict[str, Partition]) -> int | None:
     """The memory of the smallest node of the job's partition that has its CPUs and GPUs (sinfo's MB): what
     --mem=0 gives the job. None when unknown: no such partition, or nodes without RealMemory (Slurm's default is
-    1 MB)."""
-    part = (partitions.get(res.partition) if res.partition
+    1 MB). `cluster`: the section as SlurmBackend.check resolved it (cpus_per_task=auto: one CPU a task)."""
+    part = (partitions.get(cluster.partition) if cluster.partition
             else next((p for p in partitions.values() if p.default), None))
-    cpus = res.tasks_per_node * (res.cpus_per_task or 1)
-    smallest = min((g[2] for g in part.groups if g[1] >= cpus and g[3] >= res.node_gpus), default=0) if part else 0
+    cpus = cluster.tasks_per_node * ((None if cluster.cpus_per_task == "auto" else cluster.cpus_per_task) or 1)
+    gpus = cluster.node_gpus
+    smallest = min((g[2] for g in part.groups if g[1] >= cpus and g[3] >= gpus), default=0) if part else 0
     return smallest if smallest > 1 else None
 
 

@@ -16,7 +16,7 @@ import psutil
 import pytest
 from hydra import compose, initialize_config_dir
 
-from helpers import REPO, SHAKESPEARE, launch, losses
+from helpers import REPO, SHAKESPEARE, launch, losses, make_plan_of
 from gpt.checkpoint.store import list_checkpoints, step_of
 from gpt.data import read_meta
 from gpt.data.prepare import prepare
@@ -25,7 +25,6 @@ from gpt.errors import UserError
 from gpt.train.trainer import Trainer
 from gpt.config import schema
 from launch import launch_config
-from launch.planning.plan import make_plan
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
         "train.progress=false", "train.lr=3e-3", f"data.text_path={SHAKESPEARE}", "checkpoint.interval_steps=4"]
@@ -38,7 +37,7 @@ def trainer(tmp_path_factory):
     def make(run_dir: Path, *overrides: str) -> Trainer:
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
-        make_plan(launch_config.parse(cfg), run_dir)
+        make_plan_of(launch_config.parse(cfg), run_dir)
         return Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
 
     return make

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import compose
+from helpers import compose, make_plan_of
 from gpt.config.model import ModelConfig
 from launch import launch_config
 from gpt.config.train import TrainConfig
@@ -19,7 +19,6 @@ from gpt.errors import ConfigError, UserError
 from gpt.model import attention
 from gpt.model.transformer import GPT
 from gpt.train.build import build_strategy_and_model
-from launch.planning.plan import make_plan
 
 TINY = ModelConfig(n_layer=2, n_head=4, n_query_groups=2, n_embd=32, block_size=16, vocab_size=64)
 CPU = torch.device("cpu")
@@ -62,7 +61,7 @@ def test_auto_reports_what_sdpa_chose_here():
 def test_planning_refuses_what_the_device_says_cannot_run(tmp_path, data_overrides):
     cfg = launch_config.parse(compose("model=tiny", "train.attention=cudnn", "train.device=cpu", *data_overrides))
     with pytest.raises(ConfigError, match=r"^train.attention='cudnn' is not valid: auto, flash or math on a CPU run"):
-        make_plan(cfg, tmp_path / "run")
+        make_plan_of(cfg, tmp_path / "run")
     assert not (tmp_path / "run").exists()
     train = TrainConfig(attention="flash")  # fp32, the default precision
     with pytest.raises(ConfigError, match=r"with train.precision=fp32 \(the flash kernel takes bf16 or fp16 on a GPU"):
@@ -105,7 +104,7 @@ def test_fsdp_compiles_each_block_under_the_preset_and_refuses_the_whole_model(m
                              "train.device=cpu", *data_overrides))
     with pytest.raises(ConfigError, match=r"^train.compile_scope='model' is not valid: blocks or auto with "
                                           r"strategy=fsdp"):
-        make_plan(cfg, tmp_path / "run")
+        make_plan_of(cfg, tmp_path / "run")
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "zero1"])
@@ -116,8 +115,8 @@ def test_ddp_refuses_buckets_below_its_first_under_the_whole_model_compile(strat
                  *data_overrides)
     with pytest.raises(ConfigError, match=r"^strategy.bucket_cap_mb=0.5 is not valid: 1 or more with train.compile "
                                           r"and train.compile_scope=auto"):
-        make_plan(launch_config.parse(compose(*overrides)), tmp_path / "run")
-    assert make_plan(launch_config.parse(compose(*overrides, "train.compile_scope=blocks")), tmp_path / "blocks")
+        make_plan_of(launch_config.parse(compose(*overrides)), tmp_path / "run")
+    assert make_plan_of(launch_config.parse(compose(*overrides, "train.compile_scope=blocks")), tmp_path / "blocks")
 
 
 def test_a_named_kernel_reaches_every_layer(monkeypatch):
@@ -133,7 +132,7 @@ def test_the_gpu_preset_plans_on_any_strategy_that_compiles(strategy, tmp_path, 
     train = cfg.train
     assert (train.precision, train.compile, train.compile_scope, train.attention) == ("bf16", True, "auto", "auto")
     assert train.log_interval == 50 and not train.layer_grad_norms
-    assert make_plan(cfg, tmp_path / "run").world_size == 1
+    assert make_plan_of(cfg, tmp_path / "run").world_size == 1
 
 
 GPU_JOB = ("train=gpu", "model=tiny", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1")
@@ -148,14 +147,14 @@ def test_cuda_graphs_with_gradient_accumulation_are_refused_at_planning(mode, tm
     accumulating = [*GPU_JOB, f"train.compile_mode={mode}", "train.global_batch_size=8", "train.micro_batch_size=2",
                     *data_overrides]
     with pytest.raises(ConfigError) as refused:
-        make_plan(launch_config.parse(compose(*accumulating)), tmp_path / "run")
+        make_plan_of(launch_config.parse(compose(*accumulating)), tmp_path / "run")
     assert str(refused.value) == (
         f"train.compile_mode='{mode}' is not valid: default with 4 micro-steps per optimizer step "
         "(train.micro_batch_size=2 of a per-rank batch of 8: CUDA graphs replay into the same buffers, so a micro-step "
         "would overwrite the gradients of the one before); or train.micro_batch_size=8, one micro-step")
     assert not (tmp_path / "run").exists()
     for valid in ("train.micro_batch_size=8", "train.compile_mode=default", "train.device=cpu", "train.compile=false"):
-        make_plan(launch_config.parse(compose(*accumulating, valid)), tmp_path / valid)
+        make_plan_of(launch_config.parse(compose(*accumulating, valid)), tmp_path / valid)
 
 
 def test_fsdp_with_cuda_graphs_is_refused_at_planning(tmp_path, data_overrides):
@@ -163,5 +162,5 @@ def test_fsdp_with_cuda_graphs_is_refused_at_planning(tmp_path, data_overrides):
     with pytest.raises(ConfigError, match=r"^train.compile_mode='reduce-overhead' is not valid: default with "
                                           r"strategy=fsdp \(FSDP frees each block's gathered parameters .*\); "
                                           r"reduce-overhead with single, ddp or zero1$"):
-        make_plan(cfg, tmp_path / "run")
-    make_plan(dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="single")), tmp_path / "run")
+        make_plan_of(cfg, tmp_path / "run")
+    make_plan_of(dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="single")), tmp_path / "run")

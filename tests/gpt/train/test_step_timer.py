@@ -118,18 +118,17 @@ def test_the_loaders_own_cost_is_in_the_breakdown_beside_the_wait_for_it():
 def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_factory, monkeypatch):
     from hydra import compose, initialize_config_dir
 
-    from helpers import REPO, SHAKESPEARE, read_metrics
+    from helpers import REPO, SHAKESPEARE, make_plan_of, read_metrics
     from gpt.config import schema
     from launch import launch_config
     from gpt.train.trainer import Trainer
-    from launch.planning.plan import make_plan
 
     run_dir = tmp_path_factory.mktemp("run")
     overrides = ["model=tiny", "train.device=cpu", "train.max_steps=6", "train.log_interval=3", "train.eval_interval=0",
                  "train.progress=false", f"data.text_path={SHAKESPEARE}",
                  f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}"]
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-        make_plan(launch_config.parse(compose("config", overrides=overrides)), run_dir)
+        make_plan_of(launch_config.parse(compose("config", overrides=overrides)), run_dir)
     trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
     record, spans = trainer.reporter.record, []
 

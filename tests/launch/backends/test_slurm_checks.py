@@ -157,14 +157,14 @@ def test_mem_0_is_the_whole_node_in_the_fit_check(node_mb, share_gib, tmp_path, 
     tells it, not of 0 GiB ("more than 90% of 0.0 GiB" refused every CPU run). Nodes without RealMemory (Slurm's
     default, 1 MB) have an unknown memory: not checked, and the line says which key would state it."""
     from launch.backends import get_backend
-    from launch.planning.plan import make_plan
+    from helpers import make_plan_of
 
     monkeypatch.setattr(partitions, "_sinfo", lambda path: f"debug*|4|8|{node_mb}|(null)|8:00:00|up\n")
     run = slurm_cfg("model=gpt2_124m", "cluster.mem=0", "cluster.tasks_per_node=2", "strategy=ddp",
                     "train.global_batch_size=8", "data.prepare_on=job", f"data.text_path={SHAKESPEARE}",
                     f"data.dir={tmp_path / 'data'}")
     caplog.set_level("INFO")
-    make_plan(run, tmp_path / "run")  # each rank needs about 5.7 GiB
+    make_plan_of(run, tmp_path / "run")  # each rank needs about 5.7 GiB
     assert get_backend("slurm").device_memory_gib(run, "cpu") == share_gib
     assert ("is not known, so it is not checked (state it: cluster.mem)" in caplog.text) == (share_gib is None)
 

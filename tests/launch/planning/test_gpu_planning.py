@@ -10,13 +10,13 @@ from cuda_standin import GpuNode, StrictCuda, slurm_closest_tasks
 from hydra import compose, initialize_config_dir
 
 from launch import launch_config
-from helpers import REPO, SHAKESPEARE
+from helpers import REPO, SHAKESPEARE, make_plan_of
 from gpt.collectives.process_group import DistEnv, pick_device
 from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
 from launch.rank.gpu_plan import GpuPlan, shared_gpus
 from launch.backends import get_backend
-from launch.planning.plan import make_plan, planned_device
+from launch.planning.plan import planned_device
 
 TINY = ["model=tiny", f"data.text_path={SHAKESPEARE}"]
 
@@ -28,7 +28,7 @@ def plan(tmp_path_factory):
     def make(*overrides: str):
         with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
             run = launch_config.parse(compose("config", overrides=[*TINY, f"data.dir={data}", *overrides]))
-        return run, make_plan(run, tmp_path_factory.mktemp("run"))
+        return run, make_plan_of(run, tmp_path_factory.mktemp("run"))
 
     return make
 

@@ -12,11 +12,10 @@ from gpt.errors import UserError
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.memory_estimate import GIB, estimate
 from gpt.run_folder import RunFolder
-from helpers import SHAKESPEARE, compose
+from helpers import SHAKESPEARE, compose, make_plan_of
 from gpt.config.schema import load
 from launch import launch_config
 from launch.planning.memory_fit import USABLE, fit
-from launch.planning.plan import make_plan
 
 GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "strategy=ddp",
            "train.global_batch_size=8", f"data.text_path={SHAKESPEARE}"]
@@ -27,10 +26,10 @@ GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "clust
 def test_a_layout_that_does_not_fit_the_stated_memory_is_refused_before_anything(memory, fits, tmp_path):
     run = launch_config.parse(compose(*GPU_JOB, f"cluster.gpu_memory_gb={memory}", f"data.dir={tmp_path / 'data'}"))
     if fits:
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
         return
     with pytest.raises(UserError) as refused:
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
     line = str(refused.value)
     assert "\n" not in line and "does not fit" in line and "4.0 GiB of its GPU" in line
     assert line.endswith("what would fit: train.micro_batch_size=1")  # the largest micro-batch that fits
@@ -62,7 +61,7 @@ def test_auto_picks_the_largest_divisor_of_the_per_rank_batch_that_fits_the_stat
 
 def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplog):
     with caplog.at_level("INFO", logger="launch.planning.memory_fit"):
-        make_plan(auto_job(tmp_path, 8), tmp_path / "run")
+        make_plan_of(auto_job(tmp_path, 8), tmp_path / "run")
     lines = [r.getMessage() for r in caplog.records if "micro_batch_size=auto" in r.getMessage()]
     assert len(lines) == 1 and lines[0].startswith("train.micro_batch_size=auto: 4 of a per-rank batch of 12; each "
                                                    "rank about ")
@@ -72,7 +71,7 @@ def test_the_plan_states_its_choice_and_writes_it_for_every_rank(tmp_path, caplo
 
 def test_auto_refuses_as_the_fit_check_when_one_sequence_does_not_fit(tmp_path):
     with pytest.raises(UserError, match=r"needs about 2.80 GiB .*grads 0.46.*activations 0.95.* of the 2.0 GiB of its GPU; what would fit"):
-        make_plan(auto_job(tmp_path, 2), tmp_path / "run")
+        make_plan_of(auto_job(tmp_path, 2), tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
@@ -101,10 +100,10 @@ def test_a_gpu_named_by_the_job_is_checked_against_that_gpus_memory(asks, memory
                              f"data.dir={tmp_path / 'data'}"))
     assert not run.cluster.gpu_memory_gb  # known from the name alone
     if fits:
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
         return
     with pytest.raises(UserError, match=rf"does not fit: .* more than 90% of the {memory}.0 GiB of its GPU; what "):
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
 
 
 CPU_JOB = ["model=gpt2_124m", "cluster.tasks_per_node=2", "strategy=ddp", "train.global_batch_size=8",
@@ -121,8 +120,8 @@ def test_a_cpu_rank_is_checked_against_its_share_of_the_nodes_memory(cluster, no
     asks = [f"cluster.mem={node_gib}G", "data.prepare_on=job"] if cluster == "slurm" else []
     run = launch_config.parse(compose(*CPU_JOB, f"cluster={cluster}", *asks, f"data.dir={tmp_path / 'data'}"))
     if fits:
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
         return
     with pytest.raises(UserError, match=rf"more than 90% of the {node_gib / 2:.1f} GiB of its CPU rank's share of its "
                                         "node; what would fit"):
-        make_plan(run, tmp_path / "run")
+        make_plan_of(run, tmp_path / "run")
