@@ -6,6 +6,7 @@
 #                                   (N above 8: light nodes for a large simulated cluster, see light_shape);
 #                                   with accounting (slurmdbd on a private MariaDB, so `sacct` answers) unless
 #                                   --no-accounting or GL_ACCOUNTING=0 (a cluster without slurmdbd, as some sites)
+#                                   GL_MEMORY=consumable: memory is a consumable resource (CR_Core_Memory)
 #   slurm/local_cluster.sh down     stop everything, remove namespaces, veths and bridge; idempotent
 #   slurm/local_cluster.sh down --all   the same for every instance that has a folder beside this one
 #   slurm/local_cluster.sh status   sinfo and daemon liveness; exit 0 if up, 1 if not
@@ -16,6 +17,8 @@
 #   slurm/local_cluster.sh preempt partition_prio|qos   restart slurmctld with that PreemptType (jobs and the
 #                                   queue survive it): partitions in priority tiers (the default), or QOS (needs
 #                                   accounting; the QOS low, lowcancel and urgent mirror the partitions)
+#   slurm/local_cluster.sh memory cap|consumable   every daemon again with memory a per-node cap (CR_Core, the
+#                                   default) or a consumable resource (CR_Core_Memory); only while no job runs
 #   slurm/local_cluster.sh min-job-age SECONDS   how long slurmctld keeps a finished job (3600 at `up`; Slurm's
 #                                   default is 300): past it only accounting knows the job
 #
@@ -79,6 +82,13 @@ UP_TIMEOUT="${GL_UP_TIMEOUT:-60}"
 # measured save time).
 GRACE_S="${GL_GRACE_S:-20}"
 REAL_MEMORY=8000
+# Memory as a site may count it: GL_MEMORY=cap (the default) makes RealMemory only a per-node cap (CR_Core);
+# GL_MEMORY=consumable makes it a resource jobs and steps hold like CPUs (CR_Core_Memory), as most sites do.
+case "${GL_MEMORY:-cap}" in
+  cap) SELECT_PARAMS=CR_Core ;;
+  consumable) SELECT_PARAMS=CR_Core_Memory ;;
+  *) echo "local_cluster: error: GL_MEMORY must be cap or consumable, got '$GL_MEMORY'" >&2; exit 2 ;;
+esac
 # A large simulated cluster (`up N` with N above GL_LIGHT_ABOVE, 8): light nodes, so that tens of slurmd fit on
 # one small machine: 2 CPUs and 512 MB declared, 1 fake GPU, slurmd logging errors only, and glibc limited to
 # one malloc arena (each of slurmd's short-lived message threads otherwise keeps its own). The 4-node cluster
@@ -286,7 +296,7 @@ JobCompType=jobcomp/none
 SwitchType=switch/none
 MpiDefault=none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
+SelectTypeParameters=$SELECT_PARAMS
 GresTypes=gpu
 # Trust the node lines below even where this machine has fewer cores or less memory (no DRAIN).
 SlurmdParameters=config_overrides
@@ -298,7 +308,7 @@ Waittime=0
 MinJobAge=3600
 SchedulerParameters=sched_interval=1,bf_interval=1
 MailProg=/bin/true
-# RealMemory is not a consumable (CR_Core), only a per-node cap: --mem up to this value is accepted.
+# Under CR_Core RealMemory is only a per-node cap (--mem up to it is accepted); under CR_Core_Memory it is held.
 EOF
   for i in $(seq "$n"); do
     echo "NodeName=$NS_PREFIX$i NodeAddr=$SUBNET.$((10 + i)) NodeHostname=$NS_PREFIX$i CPUs=$CPUS_PER_NODE Sockets=1 CoresPerSocket=$CPUS_PER_NODE ThreadsPerCore=1 RealMemory=$REAL_MEMORY Gres=gpu:$GPUS_PER_NODE State=UNKNOWN" >> "$CONF"
@@ -475,6 +485,26 @@ do_preempt() {  # do_preempt TYPE: slurmctld again with PreemptType=preempt/TYPE
   log "PreemptType=preempt/$type"
 }
 
+do_memory() {  # do_memory cap|consumable: every daemon again with memory a cap (CR_Core) or held (CR_Core_Memory)
+  local how="$1" params pids=() f node
+  case "$how" in cap) params=CR_Core ;; consumable) params=CR_Core_Memory ;;
+    *) die "memory: cap or consumable, got '$how'" ;; esac
+  accounting_from_state
+  is_up "$(nodes_from_state)" || die "memory: the cluster is not up"
+  [ -z "$(squeue -h -t RUNNING,COMPLETING -o %i)" ] || die "memory: jobs run (Slurm's select plugin changes only between them)"
+  sed -i "s|^SelectTypeParameters=.*|SelectTypeParameters=$params|" "$CONF"
+  # slurmctld and every slurmd read it at their start only
+  stop_pids slurmctld "$(pidof_file "$CDIR/run/slurmctld.pid")"
+  for f in "$CDIR"/run/slurmd-*.pid; do [ -e "$f" ] && pids+=("$(pidof_file "$f")"); done
+  [ ${#pids[@]} -eq 0 ] || stop_pids slurmd "${pids[@]}"
+  setsid slurmctld -D </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
+  poll "slurmctld" 60 scontrol ping
+  light_shape "$(nodes_from_state)"
+  for node in $(our_namespaces); do start_slurmd "$node"; done
+  poll "the nodes' registration" 60 bash -c "! sinfo -h -N -o '%T' | grep -qvx idle"
+  log "SelectTypeParameters=$params"
+}
+
 do_min_job_age() {  # do_min_job_age SECONDS: how long slurmctld keeps a finished job's record (Slurm's default: 300)
   local seconds="$1"
   [[ "$seconds" =~ ^[0-9]+$ ]] || die "min-job-age: a number of seconds, got '$seconds'"
@@ -556,6 +586,8 @@ do_up() {
   if is_up "$have"; then
     [ "$have" = "$n" ] && [ "$ACCOUNTING" = "$want" ] ||
       die "cluster is already up with $have nodes (accounting $ACCOUNTING); run '$(me slurm/local_cluster.sh) down' first"
+    grep -qx "SelectTypeParameters=$SELECT_PARAMS" "$CONF" ||
+      die "cluster is already up with $(grep '^SelectTypeParameters=' "$CONF"), not $SELECT_PARAMS (GL_MEMORY); run '$(me slurm/local_cluster.sh) down' first"
     log "already up ($n nodes); SLURM_CONF=$CONF"
     sinfo
     return 0
@@ -696,12 +728,12 @@ case "$cmd" in
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
     fi
     ;;
-  preempt|min-job-age)  # slurmctld's configuration changed while jobs run
+  preempt|min-job-age|memory)  # slurmctld's configuration changed
     [ "$(id -u)" -eq 0 ] || die "must run as root"
     [ -d "$CDIR" ] || die "no cluster here ($CDIR): start one with slurm/local_cluster.sh up"
     hold_instance_lock
     not_foreign "reconfigure $CDIR's slurmctld"
-    if [ "$cmd" = preempt ]; then do_preempt "${2:-}"; else do_min_job_age "${2:-}"; fi
+    case "$cmd" in preempt) do_preempt "${2:-}" ;; memory) do_memory "${2:-}" ;; *) do_min_job_age "${2:-}" ;; esac
     ;;
   status) do_status ;;
   env) do_env ;;
@@ -715,6 +747,6 @@ case "$cmd" in
     start_slurmd "$node"
     log "$node: slurmd started"
     ;;
-  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE | preempt partition_prio|qos | min-job-age SECONDS" >&2
+  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE | preempt partition_prio|qos | memory cap|consumable | min-job-age SECONDS" >&2
      echo "  (GPTLAUNCH_CLUSTER_INSTANCE=K selects instance K; see the header of this script)" >&2; exit 2 ;;
 esac

@@ -64,12 +64,36 @@ class Beat:
         return self.host == socket.gethostname() and self.pidns == pid_namespace()
 
 
+def listed(path: Path) -> bool:
+    """Whether `path` is in its folder's listing. On NFS a lookup of a name that was absent may be answered from the
+    client's cache of that absence (lookupcache=all, the default) until the folder's cached attributes expire
+    (acdirmax, 60 s): a successor's claim or beat would stay hidden that long. Opening the folder to list it is a
+    close-to-open event: the client asks the server for the folder's attributes, a changed folder drops the cached
+    absence, and the listing is the server's. Asked only after a name was not found (a found one needs no second
+    look), so a holder's fence pays one small listing of lease/ for its one lookup."""
+    try:
+        return path.name in os.listdir(path.parent)
+    except FileNotFoundError:
+        return False
+
+
+def read_text_uncached(path: Path) -> str:
+    """The file's text, FileNotFoundError only when its folder's listing agrees it is absent (`listed`)."""
+    try:
+        return path.read_text()
+    except FileNotFoundError:
+        if not listed(path):
+            raise
+    return path.read_text()
+
+
 def read_beat(run_dir: Path) -> Beat | None:
     """The holder's last beat; None when there is none. An unreadable one fails closed: a UserError naming it."""
     folder = RunFolder(run_dir)
-    path = folder.lease_beat if folder.lease_beat.exists() else folder.lease_beat_before_rename
+    path = folder.lease_beat if folder.lease_beat.exists() or listed(folder.lease_beat) \
+        else folder.lease_beat_before_rename
     try:
-        text = path.read_text()
+        text = read_text_uncached(path)
     except FileNotFoundError:
         return None
     except OSError as e:
@@ -140,7 +164,7 @@ class Lease:
         """Who took the folder over from this lease, or None while it is still this one's."""
         claim = RunFolder(self.run_dir).lease_claims / str(self.generation + 1)
         try:
-            return Beat(**json.loads(claim.read_text()))
+            return Beat(**json.loads(read_text_uncached(claim)))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError):  # a successor's claim exists even when its text cannot be read

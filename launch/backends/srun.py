@@ -29,8 +29,8 @@ from launch.backends.slurm.start_preempted import after_failed_step
 from launch.backends.slurm.step import RankStep, ignoring, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
-from launch.recovery.rounds import finished_on_spares
-from launch.rank.job_env import LAUNCH_VAR, JobEnvironment, job_environment, new_launch
+from launch.recovery.rounds import Rounds, finished_on_spares
+from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
 from launch.run.startup import STEP_TOKEN
@@ -157,7 +157,7 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
     finally:
         relay.restore()
     logs = f"rank logs: {folder.logs}/rank*.log"
-    ranks_job = job_environment({**os.environ, LAUNCH_VAR: launch})
+    ranks_job = newest_round(run_dir, launch)
     if cancelled_by_user(run_dir, ranks_job.job_id):  # the ranks saved and stopped; the launcher says so
         return ranks_job
     if requeued(run_dir, ranks_job):  # Slurm's requeue stops the batch step as well (SIGTERM): the launcher says so
@@ -185,6 +185,15 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
         why = _attempt_end(folder, launch) or _first_rank_error(folder, nodes * tasks_per_node)
         raise SrunFailed(f"srun exited with code {code}: {why}; {logs}")
     return ranks_job
+
+
+def newest_round(run_dir: Path, launch: str) -> JobEnvironment:
+    """The job environment of this launch's newest round: after in-job restarts (launch.recovery.rounds) its line,
+    not the first round's, says whether the job requeued itself (this process never runs a round, so its own
+    environment names none)."""
+    job = job_environment({**os.environ, LAUNCH_VAR: launch})
+    k = Rounds.of(run_dir, job).newest()
+    return type(job)({**job.environ, ROUND_VAR: str(k)}) if k else job
 
 
 def _attempt_end(folder: RunFolder, launch: str) -> str | None:

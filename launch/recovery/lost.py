@@ -41,6 +41,9 @@ from launch.recovery.decision import Cause, Ending, Outcome, recover
 from launch.recovery.rounds import hosts_of
 
 
+VANISHED = "vanished: "  # how a lost rank's heartbeat ends once its task has seen it go
+
+
 def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
                           gone: tuple[str, ...] = (), claimed: bool = False) -> Outcome:
     """`line` says which rank died how; `started` is when this attempt's task began; `gone`: hosts the heartbeats
@@ -50,7 +53,7 @@ def requeue_for_lost_rank(run_dir: Path, rank: int, line: str, started: float,
     outcome = recover(Ending(run_dir, job, Cause.LOST_RANK, line, _max_restarts(run_dir), tuple(gone),
                              {"lost_rank": rank}, mark=_mark(run_dir, job, started), wait_s=SCHEDULER_GRACE_S,
                              claimed=claimed))
-    end_heartbeat(run_dir, rank, f"vanished: {line}")
+    end_heartbeat(run_dir, rank, f"{VANISHED}{line}")
     return outcome
 
 
@@ -120,6 +123,9 @@ def _evidence(run_dir: Path, rank: int, liveness: Liveness) -> Culprit | None:
         ended = str(beat.get("ended") or "")
         if ended.startswith("exit code "):
             return Culprit(r, beat.get("host", "?"), "failed", int(ended.split()[-1]))
+        if ended.startswith(VANISHED):  # its task saw it killed, though the attempt's line (a hang report, a node
+            # failure another process decided) may not name it: it went before NCCL aborted anyone
+            return Culprit(r, beat.get("host", "?"), "recorded")
     silent = {r for r, b in every.items() if not b.get("ended") and (liveness.silent_s(r) or 0.0) > SCHEDULER_GRACE_S}
     for r in sorted(silent - {rank}):
         host = beats[r].get("host", "?")  # a dead host's ranks went silent within a beat of each other

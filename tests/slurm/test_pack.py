@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import time
@@ -170,3 +171,40 @@ def test_launch_cancel_of_a_packed_sweep_cancels_every_point_after_it_saved_and_
         assert attempt["ended"] == "cancelled by the user" and not attempt["requeued"], attempt
         assert 10 <= attempt["last_step"] < 600 and (run / "checkpoints").is_dir(), attempt
     assert not (runs[2] / "attempts.jsonl").exists() and not training(runs[2])  # never started
+
+
+STEADY = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_steps=100"]  # 10 s: its steps are seen
+
+
+@pytest.fixture
+def memory_consumable(slurm_cluster):
+    """The cluster with memory a consumable resource (CR_Core_Memory, as most sites count it) for one test."""
+    slurm_cluster.script("memory", "consumable")
+    yield
+    slurm_cluster.run("scancel", "--me")  # a failed test's job may still run: Slurm's select plugin changes between jobs
+    wait_until(lambda: not slurm_cluster.run("squeue", "--me", "-h").stdout.strip(), 60, "no job running")
+    slurm_cluster.script("memory", "cap")
+
+
+@pytest.mark.timeout(300)
+def test_points_that_set_no_memory_each_get_their_share_where_memory_is_consumable(
+        slurm_cluster, memory_consumable, tmp_path, data_overrides):
+    """2 points of 2 CPUs that set no cluster.mem, in one allocation of 4 CPUs that asked for no memory: Slurm gives
+    it the node's 8000 MB, and each point's step asks for its half (a step without --mem would be given all 8000 MB
+    as its limit). Both train at once and finish."""
+    sweep = tmp_path / "sweep"
+    proc = subprocess.Popen(launch_cmd("-m", "seed=1,2", "hydra.launcher.pack=true", "cluster.cpus_per_task=2", *SLURM,
+                                       *STEADY, *data_overrides, f"hydra.sweep.dir={sweep}"), cwd=REPO,
+                            env=slurm_cluster.env, stdout=(tmp_path / "out").open("w"),
+                            stderr=(tmp_path / "err").open("w"))
+    runs = [sweep / f"seed={s}" for s in (1, 2)]
+    wait_until(lambda: proc.poll() is None and all(training(r) for r in runs), 200, "2 points training at once")
+    job = json.loads((runs[0] / "slurm_job.json").read_text())["job_id"]
+    steps = slurm_cluster.run("scontrol", "-o", "show", "step", job).stdout
+    mems = re.findall(rf"StepId={job}\.\d+ .*?TRES=\S*?mem=(\w+)", steps)
+    assert mems == ["4000M", "4000M"], steps  # the steps' own (a step without --mem: the allocation's 8000M)
+    assert "mem=8000M" in slurm_cluster.job_info(job)["TRES"]  # the node's RealMemory, as nothing asked for less
+    assert proc.wait(timeout=200) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
+    assert "2 at once, 1 wave(s)" in (tmp_path / "out").read_text()
+    for run in runs:
+        assert len(losses(run)) == 100

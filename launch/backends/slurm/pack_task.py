@@ -27,7 +27,9 @@ from launch import launch_config
 from gpt.resilience.preemption import configured_signals
 from gpt.resilience.timing import RELAY_POLL_S, REQUEUE_WAIT_S
 from gpt.run_folder import Next, RunFolder
+from launch.backends.slurm import commands
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+from launch.backends.slurm.partitions import mem_mb
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
@@ -51,21 +53,53 @@ ALLOCATION_REQUEST = ("SLURM_GPUS", "SLURM_GPUS_PER_NODE", "SLURM_GPUS_PER_TASK"
                       "SLURM_TRES_PER_TASK")
 
 
-def own_share(res: SlurmResources) -> list[str]:
+def own_share(res: SlurmResources, share_mb: int | None = None) -> list[str]:
     """The point's GPUs and memory as flags of its step, in the form its own job would ask for them (each step gets
-    GPUs of its own: Slurm sets its tasks' CUDA_VISIBLE_DEVICES to them)."""
+    GPUs of its own: Slurm sets its tasks' CUDA_VISIBLE_DEVICES to them); a point that sets no memory gets
+    `share_mb`, its slot's share of the allocation's."""
     gres = res.gres or dict(res.sbatch).get("gres")
     flags = ([f"--gpus-per-node={res.gpus_per_node}"] if res.gpus_per_node else
              [f"--gpus-per-task={res.gpus_per_task}"] if res.gpus_per_task else [f"--gres={gres}"] if gres else [])
-    return [*flags, *([f"--mem={res.mem}"] if res.mem else [])]
+    mem = res.mem or (f"{share_mb}M" if share_mb else None)
+    return [*flags, *([f"--mem={mem}"] if mem else [])]
 
 
-def step_command(run_dir: Path) -> tuple[list[str], dict[str, str]]:
-    """The point's srun line and environment: its own tasks, CPUs, GPUs and memory, its site flags, its threads."""
+def slot_mem_mb(env: dict[str, str], slots: int) -> int | None:
+    """Each slot's share of the allocation's memory (None where Slurm gives it none). Measured on Slurm 22.05 with
+    CR_Core_Memory: a step without --mem is given the allocation's whole memory as its limit (one point could take
+    its neighbours'), and one that asks for the allocation's (an inherited SLURM_MEM_PER_NODE) waits for the step
+    before it to end."""
+    total = env_mem_mb(env) or allocated_mem_mb(env.get("SLURM_JOB_ID"))
+    return total // slots or None
+
+
+def env_mem_mb(env: dict[str, str]) -> int:
+    """The allocation's memory as Slurm tells the batch step: --mem or DefMemPerNode, or per CPU times its CPUs."""
+    per_node, per_cpu, cpus = (env.get(k, "") for k in ("SLURM_MEM_PER_NODE", "SLURM_MEM_PER_CPU",
+                                                        "SLURM_CPUS_ON_NODE"))
+    if per_node.isdigit():
+        return int(per_node)
+    return int(per_cpu) * int(cpus) if per_cpu.isdigit() and cpus.isdigit() else 0
+
+
+def allocated_mem_mb(job_id: str | None) -> int:
+    """The memory scontrol says the job holds (its TRES): the node's whole memory where the allocation asked for
+    none and the site sets no default, which no variable tells; 0 where it cannot be asked."""
+    try:
+        info = commands.scontrol_job(job_id) if job_id else None
+    except commands.SlurmUnavailable:
+        return 0
+    tres = dict(f.split("=", 1) for f in str(info.get("TRES") or "").split(",") if "=" in f) if info else {}
+    return mem_mb(tres.get("mem"))
+
+
+def step_command(run_dir: Path, share_mb: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The point's srun line and environment: its own tasks, CPUs, GPUs and memory (`share_mb` where it sets none),
+    its site flags, its threads."""
     run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
-    step = dataclasses.replace(step, srun_args=(*own_share(SlurmResources.from_run(run)), *step.srun_args))
+    step = dataclasses.replace(step, srun_args=(*own_share(SlurmResources.from_run(run), share_mb), *step.srun_args))
     cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
     host = socket.gethostname()
     # the points are no submitit tasks, and ask for their own share of the allocation
@@ -100,10 +134,11 @@ class PackTask:
         relay = SignalRelay(configured_signals(RunFolder(dirs[0]).config))  # instead of submitit's own handlers
         running: dict[Path, subprocess.Popen] = {}
         unfinished = False
+        share_mb = slot_mem_mb(dict(os.environ), self.slots)
         while waiting or running:
             while waiting and len(running) < self.slots and not relay.received and not unfinished:
                 d = waiting.pop(0)
-                cmd, env = step_command(d)
+                cmd, env = step_command(d, share_mb)
                 print(f"point {d.name}: {' '.join(cmd[-2:])}", flush=True)
                 running[d] = subprocess.Popen(cmd, env=env)
             if (relay.received or unfinished) and not running:

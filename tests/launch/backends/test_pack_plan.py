@@ -102,3 +102,21 @@ def test_each_point_reads_its_own_entry_of_the_packed_result(tmp_path):
     ok, failed = (collect(s, "COMPLETED", grace_s=0) for s in jobs)
     assert ok.ok and ok.result["summary"] == summary and ok.result["hosts"] == ["n1"]
     assert failed.state == "FAILED" and failed.errors == ["rank 0 diverged (its log: x)"]
+
+
+def test_a_point_that_sets_no_memory_gets_its_slots_share_of_the_allocations(monkeypatch):
+    """Where memory is a consumable, a step without --mem is given the allocation's whole memory: each point's step
+    asks for the allocation's memory over its slots instead (Slurm's variables, else the job's TRES); one that sets
+    its own keeps it, and where Slurm holds none for the job no flag is added."""
+    from launch.backends.slurm import commands
+    from launch.backends.slurm.pack_task import own_share, slot_mem_mb
+
+    assert slot_mem_mb({"SLURM_MEM_PER_NODE": "8000"}, 4) == 2000
+    assert slot_mem_mb({"SLURM_MEM_PER_CPU": "1000", "SLURM_CPUS_ON_NODE": "4"}, 2) == 2000
+    info = commands.JobInfo("7", "RUNNING", fields=(("TRES", "cpu=4,mem=7.5G,node=1,billing=4"),))
+    monkeypatch.setattr(commands, "scontrol_job", {"7": info}.get)
+    assert slot_mem_mb({"SLURM_JOB_ID": "7"}, 3) == 2560
+    assert slot_mem_mb({"SLURM_JOB_ID": "8"}, 3) is None
+    each = dataclasses.replace(ONE_RANK, cpus_per_task=1)
+    assert own_share(each, 2000) == ["--mem=2000M"] and own_share(each) == []
+    assert own_share(dataclasses.replace(each, mem="1G"), 2000) == ["--mem=1G"]

@@ -174,6 +174,16 @@ def test_a_silent_rank_whose_host_still_shows_life_keeps_its_host(run_dir, monke
         1, "n2", "lost", host_gone=True)
 
 
+def test_a_peer_whose_task_saw_it_killed_is_blamed_not_the_first_to_abort(run_dir, monkeypatch):
+    """Rank 1 was killed; its task ended its heartbeat, but the attempt's line was another process's (a hang report
+    that names no lost rank). Rank 2 aborted before rank 0: rank 1, which went before any abort, is the culprit."""
+    (run_dir / "attempts.jsonl").write_text(json.dumps({"job_id": "42", "restart": 0, "ended": "hang"}) + "\n")
+    beat(run_dir, 1, ended="vanished: rank 1 on n2 was killed by SIGKILL")
+    beat(run_dir, 2, ended=lost.ABORTED, aborted_at=time.time() - 2)
+    assert lost.culprit_of_abort(run_dir, 0, time.time(), poll_s=0.1) == lost.Culprit(1, "n2", "recorded")
+    assert lost.culprit_of_abort(run_dir, 2, time.time() - 2, poll_s=0.1) == lost.Culprit(1, "n2", "recorded")
+
+
 def culprit_while_beating(run_dir: Path, rank: int, every_s: float, clock_behind_s: float = 0.0, **fields):
     """Rank 0's culprit_of_abort while `rank` keeps beating every `every_s` (its host's clock `clock_behind_s`
     behind)."""

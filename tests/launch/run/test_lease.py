@@ -307,3 +307,24 @@ def test_run_json_is_written_under_a_name_no_other_host_uses(tmp_path, data_over
     other.write_text("another host's")
     check_run_folder(run, tmp_path, JobEnvironment({})).record(tmp_path)
     assert other.read_text() == "another host's" and "identity" in json.loads((tmp_path / "run.json").read_text())
+
+
+def test_a_name_an_nfs_client_still_caches_as_absent_is_found_in_its_folders_listing(tmp_path, monkeypatch):
+    """NFS may answer a lookup of a name that was absent from its cache of that absence: the successor's claim and
+    the holder's lease.json, looked up before they existed, then read as missing. A unit test can only check the
+    path: each lookup that says 'absent' is checked against its folder's listing, which the server answers."""
+    holder = Lease.take(tmp_path, 0, "7", 0)
+    Lease.take(tmp_path, 1, "8", 0)  # the successor's claim, lease/2, and its beat
+    hidden = {tmp_path / "lease" / "2", tmp_path / "lease.json"}  # cached as absent by this client
+    real_read, real_exists = Path.read_text, Path.exists
+
+    def read_text(path, *args, **kwargs):
+        if path in hidden:
+            hidden.discard(path)  # listing the folder dropped the cached absence
+            raise FileNotFoundError(path)
+        return real_read(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", read_text)
+    monkeypatch.setattr(Path, "exists", lambda path: path not in hidden and real_exists(path))
+    assert holder.successor().job_id == "8"
+    assert read_beat(tmp_path).job_id == "8"
