@@ -64,13 +64,16 @@ class Beat:
         return self.host == socket.gethostname() and self.pidns == pid_namespace()
 
 
+LIST_EVERY = 10  # beats between two listings of lease/ by the holder's beat (`listed`)
+
+
 def listed(path: Path) -> bool:
     """Whether `path` is in its folder's listing. On NFS a lookup of a name that was absent may be answered from the
     client's cache of that absence (lookupcache=all, the default) until the folder's cached attributes expire
     (acdirmax, 60 s): a successor's claim or beat would stay hidden that long. Opening the folder to list it is a
     close-to-open event: the client asks the server for the folder's attributes, a changed folder drops the cached
     absence, and the listing is the server's. Asked only after a name was not found (a found one needs no second
-    look), so a holder's fence pays one small listing of lease/ for its one lookup."""
+    look): a fence before a write pays one small listing of lease/, the holder's beat one every LIST_EVERY beats."""
     try:
         return path.name in os.listdir(path.parent)
     except FileNotFoundError:
@@ -160,19 +163,20 @@ class Lease:
         RunFolder(run_dir).lease_beat_before_rename.unlink(missing_ok=True)  # lease.json is read from now on
         return lease
 
-    def successor(self) -> Beat | None:
-        """Who took the folder over from this lease, or None while it is still this one's."""
+    def successor(self, listing: bool = True) -> Beat | None:
+        """Who took the folder over from this lease, or None while it is still this one's. `listing`: an absent
+        claim is checked against its folder's listing too (`listed`)."""
         claim = RunFolder(self.run_dir).lease_claims / str(self.generation + 1)
         try:
-            return Beat(**json.loads(read_text_uncached(claim)))
+            return Beat(**json.loads(read_text_uncached(claim) if listing else claim.read_text()))
         except FileNotFoundError:
             return None
         except (OSError, ValueError, TypeError):  # a successor's claim exists even when its text cannot be read
             return Beat(self.generation + 1, 0, None, 0, "?", 0)
 
-    def check(self) -> None:
+    def check(self, listing: bool = True) -> None:
         """Raise LeaseLost when a later generation has been claimed."""
-        taker = self.successor()
+        taker = self.successor(listing)
         if taker is not None:
             who = f"job {taker.job_id}" if taker.job_id else f"pid {taker.pid} on {taker.host}"
             raise LeaseLost(f"lost the run folder {self.run_dir} to {who} (generation {taker.generation}); "
@@ -180,7 +184,9 @@ class Lease:
 
     def beat(self, ended: bool = False) -> None:
         with self._lock:
-            self.check()
+            # the listing every LIST_EVERY beats: a cached absence hides a successor that long at most, where a
+            # listing each beat would double the job's metadata operations in steady state
+            self.check(listing=ended or self.me.seq % LIST_EVERY == 0)
             self.me = Beat(**{**asdict(self.me), "seq": self.me.seq + 1, "time": time.time(), "ended": ended})
             tmp = self.path.with_name(f".{self.path.name}.{self.me.host}.{self.me.pid}.{threading.get_ident()}")
             try:
