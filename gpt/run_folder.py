@@ -19,6 +19,8 @@ rank, a task wrapper and the report all find the files here.
     logs/rank<R>.log      each rank's log
     environment/rank<R>.json, environment/rendezvous.json    where and how each rank ran
     metrics/rank<R>.jsonl, tensorboard/rank<R>/              per-rank metrics
+    eval-jobs/step<N>.json   the evaluation job of the checkpoint of step N, submitted once (eval.after_save=job)
+    metrics/eval_jobs.jsonl, tensorboard/eval_jobs/          those jobs' figures, a line per checkpoint scored
     watchdog/node-<H>.json   the heartbeats of host H's ranks (launch.recovery.node_heartbeat)
     watchdog/rank<R>.json each rank's last heartbeat once it ended (launch.recovery.heartbeat)
     watchdog/node-secret  the run's secret (mode 0600): part of its nodes' folder names in memory
@@ -198,6 +200,17 @@ class RunFolder:
 
     def metrics_files(self) -> list[Path]:
         return sorted(self.metrics.glob("rank*.jsonl"))
+
+    @property
+    def eval_jobs_metrics(self) -> Path:
+        return self.metrics / "eval_jobs.jsonl"
+
+    @property
+    def eval_jobs_board(self) -> Path:
+        return self.tensorboard / "eval_jobs"
+
+    def eval_job(self, step: int) -> Path:
+        return self.path / "eval-jobs" / f"step{step}.json"
 
     @property
     def tensorboard(self) -> Path:

@@ -60,6 +60,9 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     if launcher.detach and not backend.submits:
         raise ConfigError("hydra.launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs "
                           "run without the launcher")
+    if run.eval.after_save == "job" and not backend.submits:
+        raise ConfigError("eval.after_save", "job", f"none with cluster={backend.name}: evaluation jobs are Slurm "
+                          "jobs (cluster=slurm); python -m gpt.evaluate RUN --step N scores a checkpoint here")
     if run.launcher.early_stop != "none" and hydra_cfg.mode != RunMode.MULTIRUN:
         raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
                           "compares the points of a sweep (python -m launch -m ...)")

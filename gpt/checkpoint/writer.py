@@ -64,11 +64,13 @@ class Pending:
 
 class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, is_main: bool = True, rank: int = 0,
-                 async_group: Any = None, async_save: bool = False, before_commit: Callable[[int], None] | None = None):
+                 async_group: Any = None, async_save: bool = False, before_commit: Callable[[int], None] | None = None,
+                 after_commit: Callable[[int, Path], None] | None = None):
         self.root, self.keep, self.is_main, self.rank = root, keep, is_main, rank
         self.async_save, self.async_group = async_save, async_group
         self.pending: Pending | None = None
         self.before_commit = before_commit  # a test hook (debug.save_sleep_s): runs before meta.json is written
+        self.after_commit = after_commit  # rank 0's, once a checkpoint is in place and every rank knows it
         self.last_blocked_s = 0.0  # how long the last save() held up training
         self.stager: ShareStager | None = None  # created at the first asynchronous save, reused by the next
         self.staging_wait_s = 0.0  # in all: training waiting for staging copies, after save() returned
@@ -203,6 +205,8 @@ class Checkpointer:
             except Exception as e:  # reported below, after the ranks agree
                 error = e
         if all_ranks_ok(error is None):
+            if self.is_main and self.after_commit is not None:
+                self.after_commit(step, final)
             return
         if error is None:
             raise SaveFailed(f"checkpoint {tmp} was not committed: rank 0 failed to (its log says why)")

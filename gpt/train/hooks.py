@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterable, Iterator
+from pathlib import Path
 from typing import Protocol
 
 
@@ -37,6 +38,9 @@ class LoopHook:
     def after_step(self, step: int) -> None:
         """After the strategy's step, before its metrics record."""
 
+    def saved(self, step: int, path: Path) -> None:
+        """On rank 0 alone, once the checkpoint of `step` is committed at `path` (complete, loadable)."""
+
 
 class Hooks:
     """The loop's hooks, called in order (`around_step`: the first given is the outermost)."""
@@ -62,3 +66,7 @@ class Hooks:
     def after_step(self, step: int) -> None:
         for hook in self.hooks:
             hook.after_step(step)
+
+    def saved(self, step: int, path: Path) -> None:
+        for hook in self.hooks:
+            hook.saved(step, path)

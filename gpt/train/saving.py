@@ -25,8 +25,8 @@ from gpt.train.state import TrainState
 log = logging.getLogger(__name__)
 
 
-def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path,
-                      before_commit: Callable[[int], None]) -> Checkpointer:
+def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path, before_commit: Callable[[int], None],
+                      after_commit: Callable[[int, Path], None] | None = None) -> Checkpointer:
     """The run folder's checkpointer. Built before the strategy, which waits for its background saves' staging
     copies before each update; those saves write on a gloo group of their own (side_group), where the strategy
     can save in the background at all."""
@@ -34,7 +34,8 @@ def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path,
     background = ckpt.async_save and strategy_class(run.strategy.name).supports_async_save
     async_group = side_group("async_checkpoint") if background else None
     return Checkpointer(RunFolder(run_dir).checkpoints, ckpt.keep, env.is_main, env.rank, async_group=async_group,
-                        async_save=ckpt.async_save, before_commit=before_commit)
+                        async_save=ckpt.async_save, before_commit=before_commit,
+                        after_commit=after_commit)
 
 
 class Saver:

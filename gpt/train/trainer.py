@@ -42,8 +42,10 @@ class Trainer:
         self.device = pick_device(self.train.device, env)
         self.model_cfg = model_config(run.model, Path(run.data.dir))
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)  # test-only injections
-        # before the strategy, which waits for a background save's staging copy before each update
-        checkpointer = open_checkpointer(run, env, run_dir, self.faults.before_commit)
+        # before the strategy, which waits for a background save's staging copy before each update; the hooks (built
+        # below, before the first save) hear of each committed one
+        checkpointer = open_checkpointer(run, env, run_dir, self.faults.before_commit,
+                                         lambda step, path: self.hooks.saved(step, path))
 
         self.startup: dict[str, float] = {}  # seconds per start-up phase, for the attempts log
         clock = time.perf_counter()

@@ -116,6 +116,10 @@ class Backend:
         """What a detached launch prints: the commands that follow its jobs."""
         raise NotImplementedError
 
+    def after_save_hook(self, run: LaunchConfig, run_dir: Path) -> Any:
+        """Rank 0's loop hook (gpt.train.hooks.LoopHook) for eval.after_save=job, or None: this backend's has none."""
+        return None
+
     def job_state(self, job_id: str) -> JobStanding | None:
         """Where that job stands, as this backend's scheduler says (None: it cannot tell, and a run folder's lease
         goes by its beat)."""

@@ -18,6 +18,7 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from launch import launch_config  # noqa: E402
+from launch.backends import get_backend  # noqa: E402
 from launch.launch_config import LaunchConfig  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
 
@@ -86,8 +87,10 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
         leave()
         return 0  # requeued without the sick node
     clock.mark("health")
+    after_save = get_backend(run.cluster.name).after_save_hook(run, run_dir) if env.is_main else None
     trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
-                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main)])
+                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main),
+                             after_save])
     summary = trainer.fit()
     return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
 

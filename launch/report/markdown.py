@@ -140,7 +140,8 @@ def downstream(rep: Report) -> str:
             for p in rep.points for name, (step, acc) in sorted(p.tasks.items()) if name.endswith("/acc")]
     if not rows:
         return ""
-    out = ["## Downstream tasks\n", "Multiple-choice accuracy at the newest evaluation (`eval.tasks`).\n",
+    out = ["## Downstream tasks\n", "Multiple-choice accuracy at the newest evaluation (`eval.tasks`, during training "
+           "or by a checkpoint's evaluation job).\n",
            "| point | task | step | acc | acc_norm |", "|---|---|---|---|---|"]
     out += [f"| {point} | {task} | {step} | {pct(acc)} | {pct(norm)} |" for point, task, step, acc, norm in rows]
     return "\n".join(out) + "\n"

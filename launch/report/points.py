@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder
+from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder, read_json_lines
 from launch.launch_config import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -167,6 +167,23 @@ def _environments(path: Path) -> list[dict[str, Any]]:
     return sorted(envs, key=lambda e: int(e.get("rank", 0)))
 
 
+def _task_scores(records: list[dict[str, Any]]) -> dict[str, tuple[int, float]]:
+    """Each task's newest score and its step, from records in step order."""
+    return {k.removeprefix("tasks/"): (r["step"], v) for r in records for k, v in r.items()
+            if k.startswith("tasks/") and isinstance(v, (int, float))}
+
+
+def _with_eval_jobs(folder: RunFolder, val_loss: list[tuple[int, float]], tasks: dict[str, tuple[int, float]]):
+    """The figures of the checkpoints' evaluation jobs (eval.after_save=job) beside the training's own: a step's
+    validation loss the training measured is kept, and each task's newest score is whichever is newer."""
+    jobs = _newest_per_step(r for r in read_json_lines(folder.eval_jobs_metrics) if isinstance(r, dict))
+    measured = {step for step, _ in val_loss}
+    val_loss = sorted(val_loss + [(r["step"], r["val_loss"]) for r in jobs
+                                  if r["step"] not in measured and isinstance(r.get("val_loss"), (int, float))])
+    newer = {k: v for k, v in _task_scores(jobs).items() if k not in tasks or v[0] > tasks[k][0]}
+    return val_loss, {**tasks, **newer}
+
+
 def load_point(path: Path, root: Path) -> PointResult:
     records: dict[int, list[dict[str, Any]]] = {}
     train_loss: list[tuple[int, float]] = []
@@ -182,8 +199,8 @@ def load_point(path: Path, root: Path) -> PointResult:
             train_loss = [(r["step"], r["loss"]) for r in train if isinstance(r.get("loss"), (int, float))]
             val = _newest_per_step(r for r in recs if r.get("kind") == "val")
             val_loss = [(r["step"], r["loss"]) for r in val if isinstance(r.get("loss"), (int, float))]
-            tasks = {k.removeprefix("tasks/"): (r["step"], v) for r in val for k, v in r.items()
-                     if k.startswith("tasks/") and isinstance(v, (int, float))}
+            tasks = _task_scores(val)
+    val_loss, tasks = _with_eval_jobs(folder, val_loss, tasks)
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name

@@ -129,6 +129,14 @@ def test_detach_is_refused_where_no_job_is_submitted(tmp_path):
     assert "hydra.launcher.detach" in proc.stderr and "only cluster=slurm jobs" in proc.stderr
 
 
+def test_eval_jobs_are_refused_where_no_job_is_submitted(tmp_path):
+    from helpers import launch
+    proc = launch("eval.after_save=job", run_dir=tmp_path, check=False)
+    assert proc.returncode == 2 and "eval.after_save='job' is not valid: none with cluster=local: evaluation jobs are " \
+        "Slurm jobs (cluster=slurm); python -m gpt.evaluate RUN --step N scores a checkpoint here" in proc.stderr, \
+        proc.stderr
+
+
 def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
     """The same command picks a live job up (it waits for it); another setting would be silently ignored by the
     job, which reads the folder's config.yaml, so it is refused naming the job and the keys. The launcher section

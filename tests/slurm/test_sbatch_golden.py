@@ -6,8 +6,10 @@ really submitted in a sweep match one_node.sh and four_nodes.sh.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,31 @@ def test_golden_container_lines_say_what_matters():
         binds = "--bind /scratch/data:/data,/golden:/golden --pwd /golden"
         assert f"apptainer exec --nv {binds} /images/pytorch.sif python" in srun
         assert "--container" not in srun and "<PYTHON>" not in srun
+
+
+def test_an_eval_jobs_sbatch_line_matches_golden(tmp_path, monkeypatch):
+    """eval.after_save=job: the one-task CPU job each checkpoint gets, on the training job's partition, account and
+    qos, with no dependency (the checkpoint is complete, the training job still runs), submitted once per
+    checkpoint whatever saves it again; a refused submission is recorded and training goes on."""
+    from gpt.config.evaluation import EvalConfig
+    from launch.backends.slurm import commands, eval_job
+
+    run_dir = tmp_path / "runs" / "tiny-ddp"
+    run_dir.mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    submitted = []
+    monkeypatch.setattr(commands, "run", lambda *cmd, **kw: submitted.append(cmd) or "4242;cluster\n")
+    cfg = EvalConfig(tasks=["/data/tasks/order.jsonl"], limit=50, after_save="job")
+    placement = {"SLURM_JOB_PARTITION": "cpu", "SLURM_JOB_ACCOUNT": "proj42", "SLURM_JOB_QOS": ""}
+    assert eval_job.submit_eval_job(run_dir, 200, cfg, placement) == "4242"
+    assert eval_job.submit_eval_job(run_dir, 200, cfg, placement) is None  # a requeue saving it again
+    line = shlex.join(submitted[0]).replace(str(tmp_path), str(WORK))
+    check_golden("eval_job", normalise(line, LOGS).replace(shlex.quote(sys.executable), "<PYTHON>") + "\n")
+    assert len(submitted) == 1 and not any(a.startswith("--dependency") for a in submitted[0])
+    assert json.loads((run_dir / "eval-jobs" / "step200.json").read_text()) == {"step": 200, "job_id": "4242"}
+
+    def refused(*cmd, **kw):
+        raise commands.SlurmUnavailable("sbatch: error: QOSMaxSubmitJobPerUserLimit")
+    monkeypatch.setattr(commands, "run", refused)
+    assert eval_job.submit_eval_job(run_dir, 400, cfg, placement) is None
+    assert "QOSMaxSubmitJobPerUserLimit" in json.loads((run_dir / "eval-jobs" / "step400.json").read_text())["error"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from launch.backends import Backend
 from gpt.model.flops import memory_gib
-from launch.backends.slurm import commands, detached, partitions, submit, wait
+from launch.backends.slurm import commands, detached, eval_job, partitions, submit, wait
 from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.resources import SlurmResources
 
@@ -55,4 +55,5 @@ class SlurmBackend(Backend):
     submit_report = staticmethod(detached.submit_report_job)
     submit_search = staticmethod(detached.submit_search_job)
     print_follow_up = staticmethod(detached.print_follow_up)
+    after_save_hook = staticmethod(eval_job.after_save_hook)
     wait = staticmethod(wait.wait)

@@ -51,6 +51,7 @@ BAD = {
     "budget.applies_to=best": "budget.applies_to='best' is not valid: one of worst, expected",
     "budget.max_node_hours=0": "budget.max_node_hours=0 is not valid: a positive number of node-hours",
     "parallel.tp=0": "parallel.tp=0 is not valid: a positive integer, or -1",
+    "eval.after_save=always": "eval.after_save='always' is not valid: none or job",
     "strategy.stage=9": "strategy.stage=9 is not valid: strategy=single reads name (strategy.stage is for "
                         "strategy=deepspeed)",
     "cluster.partition=gpu": "cluster.partition='gpu' is not valid: cluster=local reads gpu_memory_gb, name, signal_delay_s, "

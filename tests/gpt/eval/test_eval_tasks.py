@@ -80,6 +80,7 @@ def test_missing_files_same_names_a_negative_limit_and_no_interval_are_refused(t
         section(EvalConfig, "eval", {"limit": -1})
     with pytest.raises(ConfigError, match=r"train\.eval_interval=0 .*eval\.tasks"):
         section(EvalConfig, "eval", {"tasks": same[:1]}).check_interval(0)
+    section(EvalConfig, "eval", {"tasks": same[:1], "after_save": "job"}).check_interval(0)  # each save's job scores
 
 
 def test_text_the_tokenizer_cannot_encode_is_refused_naming_the_example(tmp_path):

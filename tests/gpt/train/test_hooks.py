@@ -32,6 +32,9 @@ class Recorder(LoopHook):
     def after_step(self, step):
         self.calls.append(("after", step))
 
+    def saved(self, step, path):
+        self.calls.append(("saved", step, path.name, (path / "meta.json").is_file()))
+
 
 def test_a_callers_hook_sees_the_loop_at_its_fixed_points(tmp_path_factory):
     run_dir = plan(tmp_path_factory.mktemp("run"), "model=tiny", "train.max_steps=2", "train.log_interval=1",
@@ -40,7 +43,8 @@ def test_a_callers_hook_sees_the_loop_at_its_fixed_points(tmp_path_factory):
     hook = Recorder()
     summary = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir, hooks=[hook]).fit()
     assert hook.calls == [("started", 0, 0, True), ("before", 0), ("enter", 0), ("exit", 0), ("after", 0),
-                          ("before", 1), ("enter", 1), ("exit", 1), ("after", 1)]
+                          ("before", 1), ("enter", 1), ("exit", 1), ("after", 1),
+                          ("saved", 2, "step_00000002", True)]  # rank 0's final save, once committed
     assert (summary.first_step, summary.last_step, summary.preempted) == (0, 2, None)
     assert summary.train_loss is not None and summary.spent["steps"] == 2
 

@@ -392,3 +392,29 @@ def test_the_report_links_each_points_traces_of_every_attempt(tmp_path):
     assert "| nodes=2 | [attempt-1/rank1](../nodes=2/profiles/attempt-1/rank1.pt.trace.json), " \
            "[attempt-2/rank1](../nodes=2/profiles/attempt-2/rank1.pt.trace.json) |" in text
     assert "| nodes=1 |" not in text.split("## Profiler traces")[1]
+
+
+def test_the_figures_of_eval_jobs_join_the_runs_metrics_tensorboard_and_report(tmp_path):
+    """eval.after_save=job: each evaluation job's line (python -m gpt.evaluate --record) is in metrics/ and
+    TensorBoard; the report reads a task's newest score from whichever is newer, and a validation loss from the
+    jobs where training measured none at that step."""
+    from gpt.evaluate import record
+    from launch.report.points import load_point
+
+    run = tmp_path / "run"
+    write_point(run, 1, 1, 8, [0.1], val=((10, 1.5),))
+    for step, loss, acc in ((10, 1.6, 0.25), (20, 1.2, 0.5)):
+        record(run, {"checkpoint": str(run / "checkpoints" / f"step_{step:08d}"), "step": step, "val_loss": loss,
+                     "perplexity": 3.3, "tasks/order/acc": acc})
+    lines = [json.loads(line) for line in (run / "metrics" / "eval_jobs.jsonl").read_text().splitlines()]
+    assert [(r["kind"], r["step"], r["tasks/order/acc"]) for r in lines] == [("eval_job", 10, 0.25),
+                                                                             ("eval_job", 20, 0.5)]
+    board = EventAccumulator(str(RunFolder(run).eval_jobs_board))
+    board.Reload()
+    assert [(e.step, e.value) for e in board.Scalars("eval_job/val_loss")] == [(10, pytest.approx(1.6)),
+                                                                               (20, pytest.approx(1.2))]
+    assert [e.step for e in board.Scalars("tasks/order/acc")] == [10, 20]
+    point = load_point(run, tmp_path)
+    assert point.val_loss == [(10, 1.5), (20, 1.2)]  # step 10: the training's own measurement
+    assert point.tasks == {"order/acc": (20, 0.5)}
+    assert "| run | order | 20 | 50.0% | n/a |" in markdown(build_report(run))

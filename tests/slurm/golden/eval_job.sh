@@ -1,0 +1,1 @@
+sbatch --parsable --job-name=tiny-ddp-eval-200 --nodes=1 --ntasks=1 --time=30 --output=/golden/runs/tiny-ddp/slurm/eval-200-%j.out --partition=cpu --account=proj42 --wrap 'cd /golden && <PYTHON> -m gpt.evaluate /golden/runs/tiny-ddp --step 200 --device cpu --record --tasks /data/tasks/order.jsonl --limit 50'
