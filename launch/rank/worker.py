@@ -29,6 +29,7 @@ from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from launch.recovery.watchdog import flight_recorder_env  # noqa: E402
+from gpt.train.compile_cache import CompileRecord  # noqa: E402
 from gpt.train.data_watch import DataWatch  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.out_of_memory import RanOutOfMemory  # noqa: E402
@@ -87,7 +88,8 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
         return 0  # requeued without the sick node
     clock.mark("health")
     trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
-                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main)])
+                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main),
+                             CompileRecord(run.train, run_dir)])  # Inductor's caches pointed at before the model builds
     summary = trainer.fit()
     return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
 
