@@ -16,7 +16,8 @@ from gpt.config.train import TrainConfig
 from gpt.run_folder import RunFolder
 from gpt.train.hooks import LoopHook, RunningLoop
 
-CACHE_DIR = "TORCHINDUCTOR_CACHE_DIR"  # read each time Inductor opens its cache (torch._inductor.runtime.cache_dir_utils)
+# read each time Inductor opens its cache (torch._inductor.runtime.cache_dir_utils)
+CACHE_DIR = "TORCHINDUCTOR_CACHE_DIR"
 # (counter group, name) of Inductor's and AOTAutograd's cache lookups (torch._dynamo.utils.counters)
 HITS = (("inductor", "fxgraph_cache_hit"), ("aot_autograd", "autograd_cache_hit"))
 MISSES = (("inductor", "fxgraph_cache_miss"), ("aot_autograd", "autograd_cache_miss"))

@@ -34,3 +34,25 @@ def test_a_second_attempt_loads_the_first_ones_compiled_graphs_and_another_model
            f"train.compile_cache_dir={RunFolder(run_dir).compile_cache}", run_dir=other)
     changed = startup(other)
     assert changed["compile_cache_misses"] > 0 and changed["compile_cache_hits"] == 0, changed
+
+
+def test_the_caches_are_the_run_folders_unless_a_site_names_a_folder(tmp_path):
+    from gpt.config.train import TrainConfig
+    from gpt.train.compile_cache import CACHE_DIR, point_caches
+
+    environ: dict[str, str] = {}
+    assert point_caches(TrainConfig(compile=False), tmp_path, environ) is None and not environ
+    assert point_caches(TrainConfig(compile=True), tmp_path, environ) == tmp_path / "compile_cache"
+    assert environ[CACHE_DIR] == str(tmp_path / "compile_cache")
+    site = tmp_path / "node-local"
+    assert point_caches(TrainConfig(compile=True, compile_cache_dir=str(site)), tmp_path, environ) == site
+    assert environ[CACHE_DIR] == str(site)
+
+
+def test_the_start_up_line_says_how_long_compiling_took_and_what_the_caches_served():
+    from launch.run.startup import StartupClock
+
+    line = StartupClock.describe({"first_step_s": 20.0, "to_first_step_s": 25.0, "compile_s": 19.5,
+                                  "compile_cache_hits": 3, "compile_cache_misses": 0})
+    assert line.endswith("first step 20.0); compiling took 19.5 s of the first step (compile cache: 3 hits, 0 misses)")
+    assert "compil" not in StartupClock.describe({"first_step_s": 1.0, "to_first_step_s": 2.0})
