@@ -56,3 +56,14 @@ def test_the_start_up_line_says_how_long_compiling_took_and_what_the_caches_serv
                                   "compile_cache_hits": 3, "compile_cache_misses": 0})
     assert line.endswith("first step 20.0); compiling took 19.5 s of the first step (compile cache: 3 hits, 0 misses)")
     assert "compil" not in StartupClock.describe({"first_step_s": 1.0, "to_first_step_s": 2.0})
+
+
+def test_a_site_folder_is_made_absolute_where_the_launcher_started(tmp_path, monkeypatch):
+    from helpers import compose
+    from launch import launch_config
+    from launch.planning.plan import absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    run = absolute_paths(launch_config.parse(compose("train.compile=true", "train.compile_cache_dir=caches")))
+    assert run.train.compile_cache_dir == str(tmp_path / "caches")
+    assert absolute_paths(launch_config.parse(compose())).train.compile_cache_dir is None
