@@ -298,6 +298,11 @@ class RunFolder:
         return self.profiles / "snapshot-request"
 
     @property
+    def compile_cache(self) -> Path:
+        """torch.compile's caches (Inductor's FX graphs, AOTAutograd's, Triton's kernels), kept for the next attempt."""
+        return self.path / "compile_cache"
+
+    @property
     def checkpoints(self) -> Path:
         return self.path / "checkpoints"
 

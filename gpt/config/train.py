@@ -40,6 +40,9 @@ class TrainConfig:
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "blocks"
+    # Inductor's caches (FX graphs, AOTAutograd, Triton kernels): null keeps them in the run folder (compile_cache/),
+    # so a requeued attempt loads its compiled graphs; a site may name a faster shared folder (gpt.train.compile_cache)
+    compile_cache_dir: str | None = None
     attention: str = "auto"
     device: str = "auto"
     eval_interval: int = 250

@@ -156,13 +156,16 @@ KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no pat
 
 
 def absolute_paths(run: LaunchConfig) -> LaunchConfig:
-    """Every path the ranks read (the data's, eval.tasks, init=hf:PATH, resume=PATH), made absolute from where the
-    launcher was started, once, before planning reads any: config.yaml means them in any process and folder."""
+    """Every path the ranks read (the data's, eval.tasks, init=hf:PATH, resume=PATH, train.compile_cache_dir), made
+    absolute from where the launcher was started, once, before planning reads any: config.yaml means them in any
+    process and folder."""
     tasks = [to_absolute_path(t) for t in run.eval.tasks]
     init = run.init if run.init == "none" else f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
     resume = run.resume if run.resume.lower() in KEYWORDS else to_absolute_path(run.resume)
+    cache = run.train.compile_cache_dir and to_absolute_path(str(Path(run.train.compile_cache_dir).expanduser()))
     return dataclasses.replace(run, data=absolute(run.data, to_absolute_path), init=init, resume=resume,
-                               eval=dataclasses.replace(run.eval, tasks=tasks))
+                               eval=dataclasses.replace(run.eval, tasks=tasks),
+                               train=dataclasses.replace(run.train, compile_cache_dir=cache))
 
 
 def checked_paths(run: LaunchConfig, run_dir: Path) -> None:

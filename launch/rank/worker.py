@@ -18,7 +18,6 @@ import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 from launch import launch_config  # noqa: E402
-from launch.backends import get_backend  # noqa: E402
 from launch.launch_config import LaunchConfig  # noqa: E402
 from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
 
@@ -30,14 +29,13 @@ from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
 from gpt.config.sections import RendezvousConfig, WatchdogConfig  # noqa: E402
 from launch.recovery.watchdog import flight_recorder_env  # noqa: E402
-from gpt.train.data_watch import DataWatch  # noqa: E402
 from gpt.train.divergence import Diverged  # noqa: E402
 from gpt.train.out_of_memory import RanOutOfMemory  # noqa: E402
 from gpt.train.runinfo import write_environment  # noqa: E402
 from gpt.train.summary import FitSummary  # noqa: E402
 from gpt.resilience.goodput import run_goodput  # noqa: E402
 from gpt.run_folder import RunFolder, keep_to_user, write_json  # noqa: E402
-from launch.run.attempts import (Attempt, BeginAttempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
+from launch.run.attempts import (Attempt, end_attempt, goodput_record, log_attempt,  # noqa: E402
                                  log_failure, this_attempt)
 from launch.rank.environment import detect  # noqa: E402
 from launch.rank.gpu_plan import GpuPlan, vet_gpus  # noqa: E402
@@ -46,6 +44,7 @@ from launch.rank.job_env import JobEnvironment, job_environment  # noqa: E402
 from launch.recovery.endings import (collective_failed, end_out_of_memory, end_stopped, start_watchdog,  # noqa: E402
                                      when_a_rank_vanished)
 from launch.rank.parent import end_with_launcher, pause_with_launcher  # noqa: E402
+from launch.rank.loop_hooks import rank_hooks  # noqa: E402
 from launch.rank.rank_log import EVERY_RANK, setup_logging  # noqa: E402
 from launch.run.job_record import record_job  # noqa: E402
 from launch.run.take_lease import take_lease  # noqa: E402
@@ -87,10 +86,8 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
         leave()
         return 0  # requeued without the sick node
     clock.mark("health")
-    after_save = get_backend(run.cluster.name).after_save_hook(run, run_dir) if env.is_main else None
     trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
-                      hooks=[BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main),
-                             after_save])
+                      hooks=rank_hooks(attempt, env, run, run_dir))
     summary = trainer.fit()
     return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
 

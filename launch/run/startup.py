@@ -8,6 +8,8 @@ its first training step. Each phase is the gap between two marks; rank 0 writes 
     rendezvous_s       process group joined and the preflight all-reduce done
     health_s           the run folder's lease taken and the node health checks done (launch.recovery.health_gate)
     model_s, data_s, checkpoint_load_s, first_step_s    measured by the trainer
+    compile_s          inside first_step_s: torch.compile's time (train.compile), with compile_cache_hits and
+                       compile_cache_misses, Inductor's cache lookups (gpt.train.compile_cache)
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ ATTEMPT_START = "GPTLAUNCH_ATTEMPT_START"  # epoch seconds; set by whoever start
 STEP_TOKEN = "GPTLAUNCH_STEP"
 PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "health_s", "model_s", "data_s",
           "checkpoint_load_s", "first_step_s")
+COMPILE = ("compile_s", "compile_cache_hits", "compile_cache_misses")  # parts of first_step_s, not phases of their own
 
 
 def attempt_start_env() -> dict[str, str]:
@@ -65,7 +68,7 @@ class StartupClock:
             out["rendezvous_s"] = self.marks["rendezvous"] - self.marks["imported"]
         if "health" in self.marks and "rendezvous" in self.marks:
             out["health_s"] = self.marks["health"] - self.marks["rendezvous"]
-        out.update({k: v for k, v in trainer_phases.items() if k in PHASES})
+        out.update({k: v for k, v in trainer_phases.items() if k in PHASES or k in COMPILE})
         first = trainer_phases.get("first_step_at")
         if first is not None:
             out["to_first_step_s"] = first - (self.attempt_start or self.process_start)
@@ -80,4 +83,12 @@ class StartupClock:
         head = f"start-up {total:.1f} s to the first step" if total is not None else "start-up"
         waited = breakdown.get("scheduler_s")
         after = f", after {waited:.1f} s in the scheduler since the previous attempt" if waited is not None else ""
-        return f"{head} ({', '.join(parts)}){after}"
+        return f"{head} ({', '.join(parts)}){after}{StartupClock.describe_compile(breakdown)}"
+
+    @staticmethod
+    def describe_compile(breakdown: dict[str, float]) -> str:
+        if "compile_s" not in breakdown:
+            return ""
+        hits, misses = int(breakdown.get("compile_cache_hits", 0)), int(breakdown.get("compile_cache_misses", 0))
+        return (f"; compiling took {breakdown['compile_s']:.1f} s of the first step (compile cache: {hits} hits, "
+                f"{misses} misses)")
