@@ -8,7 +8,8 @@ chain's next link (cluster.chain: a requeue would run ahead of it), a requeue (w
 with one line that says how to continue. A fault of the run itself (a lost rank, a hang) is bounded by progress: no
 second recovery in a row without a newer checkpoint, since a fault that repeats (hanging at the same step) would
 repeat on every restart. A rank out of device memory goes on the same ways with a smaller micro-batch and the same
-global batch (launch.recovery.out_of_memory), and stops at micro-batch 1: each recovery is bounded by the micro-batch, not by progress.
+global batch (launch.recovery.out_of_memory), and stops at micro-batch 1: each recovery is bounded by the micro-batch,
+not by progress.
 
 One process decides each attempt's end, the first to claim its line in the attempts log; it writes the line, with
 the outcome in it (gpt.run_folder.AttemptLine.next), and starts the next round. Any other process reads that outcome
