@@ -45,6 +45,12 @@ class Shrink:
                 f"{self.accumulation_to} at micro-batch {self.micro_batch}, the same global batch {self.global_batch}")
 
 
+def survives_lost_node(run: LaunchConfig) -> bool:
+    """Whether a lost node leaves the job running (a spare takes its place, or the run goes on with the nodes left):
+    the scheduler must then neither end the job nor its step for a failed node."""
+    return bool(run.cluster.spare_nodes) or (run.preemption.shrink == "auto" and run.preemption.in_job_restarts > 0)
+
+
 def shrink(run: LaunchConfig, nodes: int, left: int, per_node: int) -> tuple[Shrink | None, str]:
     """The round on the `left` of `nodes` nodes (`per_node` ranks each) when the run may go on with them: (it, '');
     else (None, why not: '' under preemption.shrink=never, which requeues as ever)."""
