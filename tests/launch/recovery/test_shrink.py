@@ -8,6 +8,7 @@ import pytest
 
 from gpt.config import schema
 from gpt.errors import ConfigError
+from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import Next, RunFolder
 from helpers import compose
 from launch import launch_config
@@ -46,6 +47,7 @@ def test_a_lost_node_with_no_spare_left_shrinks_the_data_parallel_size_and_keeps
     assert request["hosts"] == ["n1", "n3"] and request["shrunk"]["world_to"] == 2
     run = launch_config.load(RunFolder(tmp_path).config)
     assert run.train.micro_batches(2) == (2, 3)  # 2 ranks x 3 micro-steps x 2 sequences: the global batch 12
+    assert run_goodput([line]).interruptions == ["hang (went on with 2 of 3 ranks)"]  # in the goodput line
 
 
 def test_an_unset_micro_batch_is_kept_in_config_yaml_so_that_the_ranks_accumulate_more(tmp_path):
