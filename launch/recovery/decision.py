@@ -164,7 +164,9 @@ def goes_on(end: Ending, newest: int | None) -> Outcome:
     cause, job = end.cause, end.job
     why_not = ""
     if cause is not Cause.PREEMPTED:  # a preempted job leaves its allocation
-        restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end))
+        # a straggler is slow, not lost: a requeue without it gets the whole world back, fewer nodes would not
+        restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end),
+                                          may_shrink=cause is not Cause.STRAGGLER)
         if restart is not None:  # on fewer nodes: the micro-batch kept in config.yaml, the accumulation grows
             pinned = restart.shrunk.micro_batch if restart.shrunk else None
             return Outcome(Next.RESTART, restart.note, restart, micro_batch=pinned)

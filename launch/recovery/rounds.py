@@ -130,9 +130,10 @@ def round_record(run_dir: Path, job: JobEnvironment, spare_nodes: int, k: int) -
     return record
 
 
-def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
-                   exclude: list[str] | tuple[str, ...] = ()) -> tuple[InJobRestart | None, str]:
-    """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks)."""
+def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str, exclude: list[str] | tuple[str, ...] = (),
+                   may_shrink: bool = True) -> tuple[InJobRestart | None, str]:
+    """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks).
+    `may_shrink`: the excluded hosts are lost (not merely slow), so the nodes left may go on without them."""
     if ROUND_VAR not in job.environ:
         return None, ""
     run = launch_config.load(RunFolder(run_dir).config)
@@ -154,7 +155,7 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
         hosts.append(replaced.get(host, host))
     shrunk = None
     if lost:
-        shrunk, why = shrink(run, len(now["hosts"]), len(hosts), tasks_per_node(job))
+        shrunk, why = shrink(run, len(now["hosts"]), len(hosts), tasks_per_node(job)) if may_shrink else (None, "")
         if shrunk is None:  # said only where spares or shrinking were asked for
             asked = run.cluster.spare_nodes or why
             none_left = f"too few healthy nodes to restart inside the allocation ({lost[0]} is lost, no spare left)"

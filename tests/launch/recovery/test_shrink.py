@@ -27,13 +27,13 @@ class TwoNodes(Scheduler):
         return ["n1", "n2"]
 
 
-def lose_n2(run_dir, *overrides: str, per_node: int = 1, nodes: int = 3):
+def lose_n2(run_dir, *overrides: str, per_node: int = 1, nodes: int = 3, cause: Cause = Cause.HANG):
     """A job of `nodes` nodes (n1, n2, n3) of `per_node` ranks a node, no spare, whose node n2 hung: what the one
     decision makes of it."""
     schema.save(launch_config.parse(compose("cluster=srun", *overrides)), RunFolder(run_dir).config)
     environ = {ROUND_VAR: "0", "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_NTASKS": str(nodes * per_node)}
     job = Scheduler(environ=environ) if nodes == 3 else TwoNodes(environ=environ)
-    return recover(end(run_dir, job, Cause.HANG, ("n2",))), job
+    return recover(end(run_dir, job, cause, ("n2",))), job
 
 
 def test_a_lost_node_with_no_spare_left_shrinks_the_data_parallel_size_and_keeps_the_global_batch(tmp_path):
@@ -71,6 +71,11 @@ def test_a_layout_that_cannot_shrink_requeues_and_says_why(tmp_path, overrides, 
     assert line.shrunk is None and (why in line.note if why else "cannot go on" not in line.note)
     if why:
         assert line.note.startswith("too few healthy nodes to restart inside the allocation (n2 is lost, no spare")
+
+
+def test_a_straggler_is_left_out_by_a_requeue_that_gets_the_whole_world_back_not_by_shrinking(tmp_path):
+    got, job = lose_n2(tmp_path, *SHRINKS, cause=Cause.STRAGGLER)
+    assert got.next is Next.REQUEUE and job.asked == [("requeue_excluding", ["n2"])] and "cannot" not in got.note
 
 
 def test_the_lost_nodes_task_starts_no_rank_and_the_others_are_placed_in_the_smaller_world(tmp_path):
