@@ -381,6 +381,7 @@ class AttemptLine:
     lost_rank: int | None = None  # the rank that vanished
     out_of_memory: Mapping[str, Any] | None = None  # a rank ran out (launch.recovery.out_of_memory)
     replaced: Mapping[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
+    shrunk: Mapping[str, int] | None = None  # {"from": W, "to": W'} ranks: on the nodes left (launch.recovery.shrink)
     nodes: tuple[str, ...] = ()  # the hosts the attempt ran on, in rank order
     failed_saves: tuple[int, ...] = ()  # steps whose interval save storage refused (checkpoint.on_save_error)
     goodput: Mapping[str, Any] | None = None

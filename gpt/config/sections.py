@@ -78,6 +78,12 @@ class PreemptionConfig:
     # compute on every CPU the task has (there its imports took CPU from training on every round, for a restart's
     # few seconds saved); true or false to choose
     standby_rank: bool | str = "auto"
+    # a node lost with no spare left (cluster.spare_nodes): auto restarts inside the allocation on the nodes left, the
+    # data-parallel size shrunk and the global batch kept by more accumulation (launch.recovery.shrink), down to
+    # min_nodes; never requeues. Opt-in: the run then trains slower than its time budget planned, its job runs with
+    # --no-kill, and its losses match an unshrunk run's only to rounding (a sum over fewer ranks)
+    shrink: str = "never"
+    min_nodes: int = 1
 
     def __post_init__(self) -> None:  # as Python names them: TERM -> SIGTERM
         object.__setattr__(self, "signals", signal_names("preemption.signals", list(self.signals)))
@@ -87,6 +93,9 @@ class PreemptionConfig:
         at_least("preemption.in_job_restarts", self.in_job_restarts, 0, "an integer >= 0")
         if self.standby_rank not in (True, False, "auto"):
             raise ConfigError("preemption.standby_rank", self.standby_rank, "auto, true or false")
+        if self.shrink not in ("auto", "never"):
+            raise ConfigError("preemption.shrink", self.shrink, "auto or never")
+        at_least("preemption.min_nodes", self.min_nodes, 1, "an integer >= 1 (the fewest nodes a run shrinks to)")
 
     def standby(self, device: str) -> bool:
         """Whether each task keeps the next round's rank started ahead, for ranks on `device` (cpu or cuda)."""

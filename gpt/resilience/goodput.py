@@ -137,9 +137,15 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
         losses["saving"] += g.get("save_s", 0.0)
         losses["steps trained again"] += lost
     losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
-    interruptions = [a.ended for a in attempts if a.ended and not (a.finished or a.stopped_early)]
+    interruptions = [a.ended + shrunk(a) for a in attempts if a.ended and not (a.finished or a.stopped_early)]
     return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
                       estimated=sum(1 for g in kept if g.get(ESTIMATED)), interruptions=interruptions)
+
+
+def shrunk(attempt: AttemptLine) -> str:
+    """What an interruption the run went on from with fewer ranks says of it (launch.recovery.shrink)."""
+    fewer = attempt.shrunk or {}
+    return f" (went on with {fewer['to']} of {fewer['from']} ranks)" if "to" in fewer and "from" in fewer else ""
 
 
 def recovery(before: AttemptLine) -> str:

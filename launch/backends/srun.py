@@ -30,6 +30,7 @@ from launch.backends.slurm.step import RankStep, ignoring, workdir
 from launch.run.attempts import requeued
 from launch.run.job_record import cancelled_by_user
 from launch.recovery.rounds import Rounds, finished_on_spares
+from launch.recovery.shrink import survives_lost_node
 from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_environment, new_launch
 from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
@@ -102,16 +103,17 @@ def with_job_signal(run: LaunchConfig, job_id: str) -> LaunchConfig:
 
 def srun_command(nodes: int, tasks_per_node: int, cpus: str | None, step: RankStep, signals: list[signal.Signals],
                  run_dir: Path, here: Path, python: str = sys.executable, spares: int = 0,
-                 setup: tuple[str, ...] = (), exact: bool = False) -> list[str]:
+                 setup: tuple[str, ...] = (), exact: bool = False, no_kill: bool = False) -> list[str]:
     """The srun line that starts every rank: one task wrapper each, in the site's container if it has one; and one
     on each spare node (it waits until it replaces a lost node, launch.recovery.rounds). The site's setup lines run
     first, in the shell that then becomes srun, as cluster=slurm's batch script runs them before its srun. `exact`:
-    a step of a packed allocation (hydra.launcher.pack), on its own CPUs beside the other points' steps."""
+    a step of a packed allocation (hydra.launcher.pack), on its own CPUs beside the other points' steps. `no_kill`: a
+    lost node's tasks end neither the step nor the others (spares, or preemption.shrink=auto: the nodes left go on)."""
     nodes += spares
     # srun takes the environment the setup lines leave (module load, a venv); exec keeps srun the signalled child
     shell = ["bash", "-c", "\n".join([*setup, 'exec "$@"']), "setup"] if setup else []
     cmd = [*shell, "srun", *(["--exact"] if exact else []), f"--nodes={nodes}", f"--ntasks={nodes * tasks_per_node}",
-           f"--ntasks-per-node={tasks_per_node}", *(SPARE_SRUN_ARGS if spares else SRUN_ARGS)]
+           f"--ntasks-per-node={tasks_per_node}", *(SPARE_SRUN_ARGS if spares or no_kill else SRUN_ARGS)]
     if cpus:  # Slurm 22.05+: srun no longer inherits --cpus-per-task from sbatch
         cmd.append(f"--cpus-per-task={cpus}")
     # Each task is the rank's wrapper, as under cluster=slurm: it starts the rank and sees how it ends (a rank
@@ -126,8 +128,10 @@ def configured_step(config_file: Path) -> RankStep:
     return RankStep.from_cluster(launch_config.load(config_file).cluster)
 
 
-def step_spares(config_file: Path) -> int:
-    return launch_config.load(config_file).cluster.spare_nodes
+def step_spares(config_file: Path) -> tuple[int, bool]:
+    """The spare nodes, and whether a lost node leaves the step running (launch.recovery.shrink)."""
+    run = launch_config.load(config_file)
+    return run.cluster.spare_nodes, survives_lost_node(run)
 
 
 def step_setup(config_file: Path) -> tuple[str, ...]:
@@ -147,11 +151,11 @@ def run_srun(run_dir: Path, nodes: int, tasks_per_node: int) -> JobEnvironment:
     signals = configured_signals(folder.config)
     env[STEP_TOKEN] = token = uuid.uuid4().hex
     env[LAUNCH_VAR] = launch = new_launch()  # launches sharing the allocation (salloc) share no attempt or round
-    spares = step_spares(folder.config)
+    spares, no_kill = step_spares(folder.config)
     child = subprocess.Popen(srun_command(nodes, tasks_per_node, cpus, step, signals, run_dir, here, spares=spares,
-                                          setup=step_setup(folder.config)), env=env)
+                                          setup=step_setup(folder.config), no_kill=no_kill), env=env)
     relay = SignalRelay([*signals, signal.SIGINT])
-    outlived = Linger(run_dir, job_environment().job_id).over if spares else lambda: False
+    outlived = Linger(run_dir, job_environment().job_id).over if no_kill else lambda: False
     try:  # srun passes each signal on to every task
         code = relay.wait(child, lambda _signum: ranks_up(folder, nodes * tasks_per_node, token), stop=outlived)
     finally:

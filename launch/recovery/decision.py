@@ -3,12 +3,13 @@ signal, a hang, a node failing its health check, a node the scheduler holds down
 memory).
 
 In order of cost: continue (a flagged node kept where no requeue could leave it out), the next round inside the
-allocation (launch.recovery.rounds: a spare for the hosts named), the chain's next link (cluster.chain: a requeue would
-run ahead of it), a requeue (without the named hosts), else stop with one line that says how to continue. A fault of
-the run itself (a lost rank, a hang) is bounded by progress: no second recovery in a row without a newer checkpoint,
-since a fault that repeats (hanging at the same step) would repeat on every restart. A rank out of device memory goes
-on the same ways with a smaller micro-batch and the same global batch (launch.recovery.out_of_memory), and stops at
-micro-batch 1: each recovery is bounded by the micro-batch, not by progress.
+allocation (launch.recovery.rounds: a spare for the hosts named, else the nodes left, launch.recovery.shrink), the
+chain's next link (cluster.chain: a requeue would run ahead of it), a requeue (without the named hosts), else stop
+with one line that says how to continue. A fault of the run itself (a lost rank, a hang) is bounded by progress: no
+second recovery in a row without a newer checkpoint, since a fault that repeats (hanging at the same step) would
+repeat on every restart. A rank out of device memory goes on the same ways with a smaller micro-batch and the same
+global batch (launch.recovery.out_of_memory), and stops at micro-batch 1: each recovery is bounded by the micro-batch,
+not by progress.
 
 One process decides each attempt's end, the first to claim its line in the attempts log; it writes the line, with
 the outcome in it (gpt.run_folder.AttemptLine.next), and starts the next round. Any other process reads that outcome
@@ -79,7 +80,8 @@ class Outcome:
     note: str  # how the run goes on, or why it does not and how to continue it
     restart: InJobRestart | None = None
     link: str | None = None
-    micro_batch: int | None = None  # the smaller train.micro_batch_size the run goes on with (out of memory)
+    # the train.micro_batch_size the run goes on with: smaller (out of memory), or kept on fewer nodes (shrink)
+    micro_batch: int | None = None
 
     @property
     def goes_on(self) -> bool:
@@ -162,9 +164,12 @@ def goes_on(end: Ending, newest: int | None) -> Outcome:
     cause, job = end.cause, end.job
     why_not = ""
     if cause is not Cause.PREEMPTED:  # a preempted job leaves its allocation
-        restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end))
-        if restart is not None:
-            return Outcome(Next.RESTART, restart.note, restart)
+        # a straggler is slow, not lost: a requeue without it gets the whole world back, fewer nodes would not
+        restart, why_not = in_job_restart(end.run_dir, job, end.ended, _in_job_excluded(end),
+                                          may_shrink=cause is not Cause.STRAGGLER)
+        if restart is not None:  # on fewer nodes: the micro-batch kept in config.yaml, the accumulation grows
+            pinned = restart.shrunk.micro_batch if restart.shrunk else None
+            return Outcome(Next.RESTART, restart.note, restart, micro_batch=pinned)
     if (link := job.next_link(end.run_dir)) is not None:
         return Outcome(Next.NEXT_LINK, f"ends here: job {link}, the chain's next link, continues the run", link=link)
     requeued, how = _requeue(end)

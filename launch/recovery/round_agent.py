@@ -12,7 +12,7 @@ from gpt.run_folder import Next, RunFolder
 from gpt.resilience.lease import read_beat
 from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
-from launch.recovery.rounds import Rounds, round_record
+from launch.recovery.rounds import Rounds, round_record, tasks_per_node
 from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2
@@ -87,8 +87,7 @@ class RoundAgent:
             place[ATTEMPT_START] = f"{record['requested']:.3f}"
         if hosts == self.job.hosts:  # every node of the job runs ranks, in Slurm's order
             return place
-        nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
-        per_node = int(env.get("SLURM_NTASKS", "1")) // max(nodes, 1)
+        per_node = tasks_per_node(self.job)  # a round on fewer nodes (preemption.shrink) has fewer ranks
         node = hosts.index(self.host)
         place.update({"SLURM_PROCID": str(node * per_node + int(env.get("SLURM_LOCALID", "0"))),
                       "SLURM_NTASKS": str(len(hosts) * per_node), "SLURM_NNODES": str(len(hosts)),

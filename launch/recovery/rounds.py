@@ -5,7 +5,9 @@ seen or a node failed its health check, the rank that records the attempt asks f
 requeueing the job, as long as preemption.in_job_restarts allows and enough healthy nodes remain (a spare node,
 cluster.spare_nodes, replaces a lost one). Every task wrapper (launch.backends.slurm.task) watches for that request,
 stops its rank if it still runs, and starts the rank of the next round on the nodes the request names: same world
-size, same layout, a new rendezvous port (launch.rank.environment.master_port), resumed from the newest checkpoint.
+size, same layout, a new rendezvous port (launch.rank.environment.master_port), resumed from the newest checkpoint. With
+no spare left, preemption.shrink=auto runs it on the nodes left instead (launch.recovery.shrink: fewer data-parallel
+ranks, the same global batch); the tasks of the lost nodes start no rank.
 
     RUN_DIR/rounds/job<J>-restart<R>/round-<K>.json   created once (link(2) of a complete file) by the one that asks
     RUN_DIR/rounds/launch-<L>/round-<K>.json           the same, for launch L inside an allocation (local, srun)
@@ -21,6 +23,7 @@ from typing import Any
 from launch import launch_config
 from gpt.run_folder import RunFolder, claim
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
+from launch.recovery.shrink import Shrink, shrink
 
 
 @dataclass(frozen=True)
@@ -79,15 +82,18 @@ class InJobRestart:
     cause: str
     limit: int
     replaced: dict[str, str] = field(default_factory=dict)  # lost host -> the spare that takes its place
+    shrunk: Shrink | None = None  # on the nodes left: fewer ranks, the same global batch (preemption.shrink)
 
     @property
     def note(self) -> str:
         spare = "".join(f", {new} replaces {old}" for old, new in self.replaced.items())
-        return f"{IN_JOB} (in-job restart {self.round} of at most {self.limit}{spare})"
+        fewer = f", {self.shrunk.said}" if self.shrunk else ""
+        return f"{IN_JOB} (in-job restart {self.round} of at most {self.limit}{spare}{fewer})"
 
     def record(self) -> dict[str, Any]:
         """What the attempt's line says of it."""
-        return {"in_job_restart": self.round, **({"replaced": self.replaced} if self.replaced else {})}
+        return {"in_job_restart": self.round, **({"replaced": self.replaced} if self.replaced else {}),
+                **({"shrunk": self.shrunk.record()} if self.shrunk else {})}
 
     def begin(self, run_dir: Path, job: JobEnvironment) -> None:
         """Ask the task wrappers for this round (once the attempt's line is written: the round reads it)."""
@@ -124,9 +130,10 @@ def round_record(run_dir: Path, job: JobEnvironment, spare_nodes: int, k: int) -
     return record
 
 
-def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
-                   exclude: list[str] | tuple[str, ...] = ()) -> tuple[InJobRestart | None, str]:
-    """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks)."""
+def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str, exclude: list[str] | tuple[str, ...] = (),
+                   may_shrink: bool = True) -> tuple[InJobRestart | None, str]:
+    """The next round when one may run: (it, ''); else (None, why not: '' when no task wrapper restarts ranks).
+    `may_shrink`: the excluded hosts are lost (not merely slow), so the nodes left may go on without them."""
     if ROUND_VAR not in job.environ:
         return None, ""
     run = launch_config.load(RunFolder(run_dir).config)
@@ -138,15 +145,29 @@ def in_job_restart(run_dir: Path, job: JobEnvironment, cause: str,
     except RoundUnreadable as e:
         return None, str(e)
     spares = [h for h in now["spares"] if h not in exclude]
-    hosts, replaced = [], {}
+    hosts, replaced, lost = [], {}, []
     for host in now["hosts"]:
-        if host in exclude:
-            if not spares:  # said only where spares were asked for
-                return None, (f"too few healthy nodes to restart inside the allocation ({host} is lost, no spare "
-                              "left)" if run.cluster.spare_nodes else "")
+        if host in exclude and spares:
             replaced[host] = spares.pop(0)
+        elif host in exclude:
+            lost.append(host)
+            continue
         hosts.append(replaced.get(host, host))
-    return InJobRestart(job.round + 1, hosts, spares, cause, limit, replaced), ""
+    shrunk = None
+    if lost:
+        shrunk, why = shrink(run, len(now["hosts"]), len(hosts), tasks_per_node(job)) if may_shrink else (None, "")
+        if shrunk is None:  # said only where spares or shrinking were asked for
+            asked = run.cluster.spare_nodes or why
+            none_left = f"too few healthy nodes to restart inside the allocation ({lost[0]} is lost, no spare left)"
+            return None, "; ".join(filter(None, [none_left if asked else "", why]))
+    return InJobRestart(job.round + 1, hosts, spares, cause, limit, replaced, shrunk), ""
+
+
+def tasks_per_node(job: JobEnvironment) -> int:
+    """Ranks per node: the job's (a round's placement keeps the ratio, launch.recovery.round_agent)."""
+    env = job.environ
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", env.get("SLURM_NNODES", "1")))
+    return max(int(env.get("SLURM_NTASKS", "1")) // max(nodes, 1), 1)
 
 
 def lost_hosts(job: JobEnvironment) -> list[str]:
@@ -160,7 +181,8 @@ def hosts_of(lost: str) -> list[str]:
 
 
 def finished_on_spares(run_dir: Path, job_id: str | None) -> bool:
-    """Whether job `job_id` finished the run after a spare replaced a lost node: the tasks of that node were killed
+    """Whether job `job_id` finished the run after a spare replaced a lost node (or on the nodes left,
+    preemption.shrink): the tasks of that node were killed
     with it (srun then exits non-zero, and they report nothing), which does not make the run fail."""
     lines = [a for a in RunFolder(run_dir).attempts.read() if a.job_id == job_id]
-    return bool(lines) and lines[-1].finished and any(a.replaced for a in lines)
+    return bool(lines) and lines[-1].finished and any(a.replaced or a.shrunk for a in lines)

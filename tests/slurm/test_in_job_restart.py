@@ -16,10 +16,11 @@ import pytest
 from benchmarks.recovery_latency import first_step_after
 from gpt.resilience.timing import ROUND_SILENT_S
 from launch.backends.slurm.commands import FINAL
+from launch.run.identity import newest_step
 from launch.backends.slurm.spare_exit import LINGER_S
-from slurm_helpers import REPO, SLURM, cut_link
+from slurm_helpers import REPO, SLURM, cut_link, losses
 from test_preemption import RUN as REQUEUE_RUN
-from test_preemption import Job, assert_same_run, attempts
+from test_preemption import STEPS, Job, assert_same_run, attempts
 from test_slurm_preemption import urgent_job
 
 pytestmark = pytest.mark.slurm
@@ -251,3 +252,42 @@ def kill_every_python_of(job_id: str, hosts: list[str]) -> int:
         with contextlib.suppress(psutil.Error):
             proc.kill()
     return len(procs)
+
+
+@pytest.mark.timeout(300)
+def test_a_node_set_down_with_no_spare_left_goes_on_with_the_node_left_and_the_same_global_batch(
+        slurm_cluster, tmp_path, data_overrides, reference):
+    """2 nodes, no spare, preemption.shrink=auto: rank 1's node is set down; the next round runs 1 rank on the node
+    left, accumulating 2 micro-batches where each of 2 ranks took one: the global batch, and so the schedule, are the
+    same, and the losses equal the uninterrupted 2-rank run's up to the checkpoint it resumed from (bitwise) and
+    after it to rounding (a sum over micro-steps instead of over ranks)."""
+    job = Job(slurm_cluster, tmp_path, ["nodes=2", *SLURM, *RUN, *data_overrides, "preemption.shrink=auto"],
+              tmp_path / "run")
+    node = None
+    try:
+        job.training(0)
+        deadline = time.monotonic() + 60
+        while (newest_step(job.run_dir) or 0) < 5:  # a resume from a checkpoint, not from the start
+            assert time.monotonic() < deadline and job.alive(), job.text()
+            time.sleep(0.1)
+        hosts = slurm_cluster.hostnames(slurm_cluster.job_info(job.id())["NodeList"])
+        node = json.loads((job.run_dir / "environment" / "rank1.json").read_text())["host"]
+        slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=down", "reason=set down by a test")
+        seen = states_until_done(job)
+        code = job.wait()
+    finally:
+        if node:
+            slurm_cluster.run("scontrol", "update", f"nodename={node}", "state=resume", check=False)
+    assert code == 0, job.text()
+    assert slurm_cluster.job_info(job.id())["JobState"] == "COMPLETED", slurm_cluster.job_info(job.id())
+    assert {restarts for _, restarts in seen} == {"0"}, seen  # never requeued
+    log = attempts(job.run_dir)
+    assert [(a.get("in_job_restart"), a.get("shrunk")) for a in log] == [(1, {"from": 2, "to": 1}), (None, None)], log
+    assert "accumulation 1 -> 2 at micro-batch 6, the same global batch 12" in log[0]["note"], log[0]
+    assert log[1]["nodes"] == [hosts[0]] and log[1]["ended"] == "finished", log
+    assert log[1]["first_step"] == log[0]["last_step"] >= 5, log
+    assert "the same global batch 12" in job.text(), job.text()  # the launcher's one line
+    resumed, got, want = log[0]["last_step"], losses(job.run_dir), losses(reference)
+    assert len(got) == len(want) == STEPS and got[:resumed] == want[:resumed]
+    assert got[resumed:] == pytest.approx(want[resumed:], rel=1e-4)
+    print(f"shrunk at step {resumed}: {sum(a == b for a, b in zip(got, want))} of {STEPS} losses bitwise equal")

@@ -108,7 +108,7 @@ def preparation_resources(data: DataConfig, like: SlurmResources) -> SlurmResour
     return dataclasses.replace(
         like, nodes=data.prepare_nodes, tasks_per_node=1, gpus_per_node=0, gpus_per_task=0, gres=None,
         cpus_per_task=(like.cpus_per_task or 1) * like.tasks_per_node, requeue=False, restarts=0, chain=1,
-        spare_nodes=0, sbatch=tuple((k, v) for k, v in like.sbatch if k != "gres"))
+        spare_nodes=0, no_kill=False, sbatch=tuple((k, v) for k, v in like.sbatch if k != "gres"))
 
 
 def submit_preparation(data: DataConfig, like: SlurmResources, job_name: str, folder: Path,

@@ -16,6 +16,7 @@ from typing import Any
 
 from launch.backends.cluster_config import ClusterConfig, node_gpus
 from launch.launch_config import LaunchConfig
+from launch.recovery.shrink import survives_lost_node
 from gpt.errors import ConfigError
 from launch.backends.slurm.step import RankStep, ignoring
 from launch.run.startup import ATTEMPT_START
@@ -70,6 +71,7 @@ class SlurmResources:
     step: RankStep = RankStep()  # the site's srun flags, environment and container
     chain: int = ClusterConfig.chain  # jobs one after another, each to its time limit (launch.backends.slurm.chain)
     spare_nodes: int = ClusterConfig.spare_nodes  # allocated on top of `nodes`, idle until one replaces a lost node
+    no_kill: bool = False  # a lost node leaves the job running: spares, or preemption.shrink=auto
 
     @property
     def allocated_nodes(self) -> int:
@@ -119,6 +121,7 @@ class SlurmResources:
             signal=c.signal.upper().removeprefix("SIG"), step=RankStep.from_cluster(c),
             signal_delay_s=cls.signal_delay_s if c.signal_delay_s is None else c.signal_delay_s,
             max_num_timeout=c.max_num_timeout, chain=c.chain, spare_nodes=c.spare_nodes,
+            no_kill=survives_lost_node(run),
             restarts=run.preemption.max_restarts if c.requeue and run.preemption.enabled else 0,
         )
         if run.train.device == "cuda" and not res.node_gpus:
@@ -154,8 +157,9 @@ class SlurmResources:
             extra["reservation"] = self.reservation
         if self.signal != ClusterConfig.signal:  # submitit writes USR2 itself
             extra["signal"] = f"{self.signal}@{self.signal_delay_s}"
-        # a failed node must not end the allocation: a spare takes its place (launch.recovery.rounds)
-        if self.spare_nodes:
+        # a failed node must not end the allocation: a spare takes its place, or the nodes left go on
+        # (launch.recovery.rounds, launch.recovery.shrink)
+        if self.no_kill:
             extra["no-kill"] = True
         extra.update(self.sbatch)
         if self.chain > 1:  # each link starts once the one before (same user, same job name) has ended, and after
@@ -165,14 +169,14 @@ class SlurmResources:
             "job_name": job_name, "time": self.time_min, "nodes": self.allocated_nodes,
             "ntasks_per_node": self.tasks_per_node, "cpus_per_task": self.cpus_per_task,
             "signal_delay_s": self.signal_delay_s, "wckey": None,
-            "srun_args": [*(SPARE_SRUN_ARGS if self.spare_nodes else SRUN_ARGS), *self.srun_cpus(),
+            "srun_args": [*(SPARE_SRUN_ARGS if self.no_kill else SRUN_ARGS), *self.srun_cpus(),
                           *self.step.srun_flags(workdir)],
             "additional_parameters": extra,
             # when this attempt started (the start-up breakdown in attempts.jsonl); each task then sets its rank's
             # threads from its -c (launch.rank.threads)
             "setup": [f"export {ATTEMPT_START}=$(date +%s.%N)", *self.step.exports(), *self.setup],
         }
-        if self.spare_nodes:  # srun may outlive a run finished on spares: a watcher ends it (disowned: its end is no
+        if self.no_kill:  # srun may outlive a run finished on spares: a watcher ends it (disowned: its end is no
             # line in the job's log, "Killed ...")
             params["setup"].append(f"{batch_module('spare_exit', folder)} --watch $$ & spare_watch=$!; "
                                    "disown $spare_watch")
@@ -185,10 +189,10 @@ class SlurmResources:
 
     def teardown(self, folder: Path) -> list[str]:
         """The batch script's lines after srun: a failed step may be a preemption that came while the tasks started
-        (launch.backends.slurm.start_preempted); with spare nodes, one whose run finished on spares while srun
-        counts a lost node's tasks (launch.backends.slurm.spare_exit)."""
+        (launch.backends.slurm.start_preempted); with spare nodes (or preemption.shrink=auto), one whose run finished
+        on spares (or on the nodes left) while srun counts a lost node's tasks (launch.backends.slurm.spare_exit)."""
         lines = ["code=$?"]
-        if self.spare_nodes:
+        if self.no_kill:
             lines += ["kill $spare_watch 2>/dev/null",
                       f"if [ $code -ne 0 ] && {batch_module('spare_exit', folder)}; then code=0; fi"]
         # the shell ignores a requeue's SIGTERM until the attempt's line is written

@@ -337,3 +337,14 @@ def test_a_percent_sign_slurm_would_read_as_a_filename_pattern_is_refused():
     with pytest.raises(UserError, match=r"^/w/a%xb/run has a '%', which Slurm reads in the job's log paths"):
         no_filename_pattern(Path("/w/sweep/slurm"), Path("/w/a%xb/run"))
     no_filename_pattern(Path("/w/sweep/slurm"), Path("/w/sweep/run"))
+
+
+@pytest.mark.parametrize("overrides, no_kill", [((), False), (("cluster.spare_nodes=1",), True),
+                                                (("preemption.shrink=auto",), True),
+                                                (("preemption.shrink=auto", "preemption.in_job_restarts=0"), False)])
+def test_a_job_that_goes_on_without_a_lost_node_runs_with_no_kill(overrides, no_kill):
+    """A spare, or preemption.shrink=auto's round on the nodes left: Slurm must end neither the job nor its step."""
+    params = resources("nodes=2", *overrides).executor_parameters("n", Path("/work"), Path("/logs"))
+    assert ("no-kill" in params["additional_parameters"]) is no_kill
+    assert ("--kill-on-bad-exit=0" in params["srun_args"]) is no_kill
+    assert any("spare_exit" in line for line in params["teardown"]) is no_kill
