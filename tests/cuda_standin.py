@@ -25,6 +25,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   the CPU runs out of memory where a GPU with that much memory would, in its forward.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
   index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
+- `NcclGroups` refuses, as NCCL does, a collective that hands a tensor moved to the host on purpose to a group that
+  NCCL alone would serve on GPUs.
 
 Tensors stay on the CPU: a GPU path under test takes its tensors' device from the test, and the timing, device
 and memory calls from here. What only a GPU shows (kernels, NCCL, real overlap) is listed in docs/benchmarks.md.
@@ -473,3 +475,76 @@ class StrictNvml:
                      "nvmlDeviceGetUUID", "nvmlDeviceGetMemoryInfo"):
             monkeypatch.setattr(pynvml, name, getattr(self, name))
         return self
+
+
+class NcclGroups:
+    """The groups a GPU run would give NCCL alone, and NCCL's refusal of a host tensor on one of them, for a CPU run.
+
+    On GPUs the default group is "cpu:gloo,cuda:nccl" and a side group gloo (gpt.collectives.process_group), both of
+    which take host tensors; a group split from the GPU-bound default one (process_group.subgroups, a device mesh's
+    dimensions) is NCCL alone, which refuses a CPU tensor. On the CPU every tensor is a CPU tensor, so this marks the
+    ones code moves to the host on purpose (`.cpu()`, `.to("cpu")`; a torch.device passed along is the run's own, the
+    CPU only because the test runs there, and torch's factories are left alone, as TorchScript compiles calls to
+    them) and refuses, with torch's words, a collective that hands one to a group other than the default one or a
+    gloo side group."""
+
+    COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
+                   "reduce_scatter", "send", "recv")  # not isend/irecv: P2POp takes only torch's own
+
+    def __init__(self) -> None:
+        self.host_only: set[int] = set()  # id() of the groups made for gloo alone
+        self.refused: list[str] = []
+
+    def install(self, monkeypatch: Any) -> NcclGroups:
+        import torch.distributed as dist
+
+        for name in self.COLLECTIVES:
+            monkeypatch.setattr(dist, name, self._checked(name, getattr(dist, name)))
+        monkeypatch.setattr(dist, "new_group", self._recording(dist.new_group))
+        cpu, to = torch.Tensor.cpu, torch.Tensor.to
+        monkeypatch.setattr(torch.Tensor, "cpu", lambda t, *a, **k: self._host(t, cpu(t, *a, **k)))
+        monkeypatch.setattr(torch.Tensor, "to", lambda t, *a, **k: self._host(t, to(t, *a, **k))
+                            if _to_host(*a, **k) else to(t, *a, **k))
+        return self
+
+    @staticmethod
+    def _host(source: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        out = out.clone() if out is source else out  # a GPU tensor's copy, not the tensor itself
+        out._host_placed = True
+        return out
+
+    def _recording(self, new_group: Any) -> Any:
+        def made(*args: Any, **kwargs: Any) -> Any:
+            group = new_group(*args, **kwargs)
+            if kwargs.get("backend") == "gloo":
+                self.host_only.add(id(group))
+            return group
+        return made
+
+    def nccl_alone(self, group: Any) -> bool:
+        import torch.distributed as dist
+
+        return group is not None and group is not dist.group.WORLD and id(group) not in self.host_only
+
+    def _checked(self, name: str, collective: Any) -> Any:
+        def checked(*args: Any, **kwargs: Any) -> Any:
+            group = kwargs.get("group")
+            tensors = [t for a in (*args, *kwargs.values()) for t in (a if isinstance(a, list) else [a])
+                       if isinstance(t, torch.Tensor)]
+            if self.nccl_alone(group) and any(getattr(t, "_host_placed", False) for t in tensors):
+                self.refused.append(name)
+                raise RuntimeError(f"{name}: No backend type associated with device type cpu (a host tensor on a "
+                                   "group NCCL alone serves)")
+            return collective(*args, **kwargs)
+        return checked
+
+
+def _names_host(device: Any) -> bool:
+    """Whether code names the host itself ("cpu", "cpu:0"), rather than passing a device it was given (a run's
+    torch.device, which is the CPU only because the test runs there)."""
+    return isinstance(device, str) and device.split(":")[0] == "cpu"
+
+
+def _to_host(*args: Any, **kwargs: Any) -> bool:
+    """Whether Tensor.to(ARGS) names the host."""
+    return _names_host(kwargs.get("device", next((a for a in args if isinstance(a, str)), None)))
