@@ -30,6 +30,7 @@ def site_umask():
     os.umask(old)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("share, folder", [(False, 0o700), (True, 0o750)])
 def test_a_run_folder_is_its_users_alone_unless_shared_with_the_group(share, folder, tmp_path, site_umask,
                                                                        data_overrides):

@@ -22,6 +22,7 @@ def mount(tmp_path):
         yield mounted
 
 
+@pytest.mark.slow
 def test_a_run_whose_folder_went_read_only_says_so_in_one_line(mount, data_overrides):
     launch(*TINY, *data_overrides, run_dir=mount / "run")  # a run that trained there
     read_only(mount)

@@ -89,6 +89,7 @@ def _rank(rank: int, world: int, port: int, out) -> None:
     leave()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_object_collectives_carry_json_and_refuse_a_peers_pickle(tmp_path, monkeypatch):
     marker = tmp_path / "the-pickle-ran"

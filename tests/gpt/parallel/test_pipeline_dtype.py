@@ -41,6 +41,7 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_stages_send_hidden_states_and_their_gradients_in_bf16_under_bf16_autocast():
     got = spawn_ranks(_rank, 2)
