@@ -6,15 +6,16 @@ The estimate: the bytes per parameter the strategy's traits state (fp32 paramete
 moments; DeepSpeed's fp32 partition beside them), of the parameters of the rank holding the most (the norms tensor
 parallelism replicates, a pipeline's tied embedding on its first and last stage; ZeRO-1's optimizer state, of the
 whole parameters its partition gives that rank); activations are the tensors
-autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs; the attention's,
-projection's and MLP's inputs, q, k and v, the MLP's hidden twice, in the compute precision; under
-train.attention=math the softmax of every head too), the head (its input, the cross-entropy's fp32 log-probabilities
-and their gradient), and a pipeline stage's input and output per micro-batch in flight; where the parameters are
+autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs; the projections'
+inputs, q, k and v, the MLP's hidden, in the compute precision, eager and compiled apart: activation_bytes_per_token;
+under train.attention=math the softmax of every head too), the head at the start of backward (its input, the
+cross-entropy's fp32 rows), autocast's compute-precision copies of the weights, and a pipeline stage's input and
+output per micro-batch in flight; where the parameters are
 sharded over data-parallel ranks, the root and one layer gathered at a time; with gradient accumulation, the
 gradients as a rank holds them between micro-steps (FSDP: unsharded, in fp32; traits.accumulating_grad_share).
-Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. train.compile
-is counted as eager (its fused element-wise ops save fewer intermediates). The peak counts all parts at once.
-Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held."""
+Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. The peak counts
+all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held, and
+calibrated against CUDA's peaks on GPUs (tests/gpt/parallel/test_memory_calibration.py, docs/profiling.md)."""
 from __future__ import annotations
 
 import math
@@ -50,24 +51,35 @@ class MemoryParts:
         return ", ".join(f"{name} {getattr(self, name) / size:.2f}" for name in (*PARTS, "peak")) + f" {unit}"
 
 
-def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int = 1, sequence_parallel: bool = False
-                               ) -> tuple[float, float]:
-    """(bytes one layer saves for backward per token, bytes the head saves per token) on one rank, without
-    activation checkpointing. Tensor parallelism splits what lies between its all-reduces; sequence parallelism
-    the rest too."""
+def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int = 1, sequence_parallel: bool = False,
+                               fused_loss: bool = False) -> tuple[float, float]:
+    """(bytes one layer saves for backward per token, bytes the head holds per token at the peak) on one rank,
+    without activation checkpointing. Tensor parallelism splits what lies between its all-reduces; sequence
+    parallelism the rest too. fused_loss: the head and loss compiled with the model (train.compile_scope).
+    Calibrated on one H200 (docs/profiling.md, "Will it fit")."""
     v = 2 if train.precision in ("bf16", "fp16") else 4
     h, kv = model.n_embd, model.n_kv_head * model.head_dim
-    hidden = model.mlp_hidden * (3 if model.mlp == "swiglu" else 2)
+    swiglu = model.mlp == "swiglu"
+    # Eager, the MLP's hidden is saved by each op that reads it (GELU: its input and output; SwiGLU: the gate, its
+    # SiLU, the up projection and their product); compiled, Inductor recomputes an element-wise op from the one
+    # tensor it saves (GELU's output from its input) and keeps the rest (SwiGLU: the gate, up and their product)
+    hidden = model.mlp_hidden * ((3 if swiglu else 1) if train.compile else (4 if swiglu else 2))
     if model.n_expert:
         hidden *= model.moe_top_k
-    # the column-parallel projections' inputs (attention's, the MLP's) are whole on every rank (gathered from the
-    # sequence shards under sequence parallel); q, k and v, the projection's input and the MLP's hidden are split
-    whole = 2 * h * v
+    # the projections' inputs, whole on every rank (gathered from the sequence shards under sequence parallel):
+    # eager autocast casts the norm's fp32 output once per projection that reads it (q, k, v; the MLP's one or two),
+    # compiled the cast is one; without autocast the norm's output itself
+    casts = 3 + (2 if swiglu else 1) if v < 4 and not train.compile else 2
+    whole = casts * h * v
+    # q, k and v, the projection's input and the MLP's hidden are split
     split = (h + 2 * kv) * v + h * v + hidden * v
     if train.attention == "math":
         split += model.n_head * model.block_size * v  # the softmax of every head over the sequence
     kept = 2 * h * 4  # the norms' fp32 inputs (the residual stream)
-    head = h * v + model.vocab_size * 8 / tp  # the head's input; the loss's fp32 log-probabilities and their gradient
+    # the head: its input (and, eager, the final norm's fp32 input); at the start of backward the loss's fp32
+    # log-probabilities, their gradient and the logits' fp32 gradient at once, eager; compiled with the model, the
+    # fused loss holds two fp32 vocabulary-wide rows
+    head = h * v + (model.vocab_size * 8 if fused_loss else model.vocab_size * 12 + 4 * h) / tp
     return (kept / tp if sequence_parallel else kept) + whole + split / tp, head
 
 
@@ -118,7 +130,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
         g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
     layers = traits.activation_layers(strategy, dims, model.n_layer)
-    layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel)
+    fused_loss = train.compile and traits.compile_scope(train) == "model"
+    layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel, fused_loss)
     held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     tokens = micro_batch * model.block_size
@@ -132,5 +145,9 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output, sent in the compute dtype
         sent = 2 if train.precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
         activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * sent
-    activations += gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
+    gathered = gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
+    compute = 2 if train.precision in ("bf16", "fp16") else 4
+    if not gathered and compute < p_bytes:  # autocast's copies of the weights, each saved by its matmul
+        activations += compute * held * p_share
+    activations += gathered
     return MemoryParts(params, grads, optimizer, activations, params + grads + optimizer + activations)
