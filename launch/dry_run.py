@@ -123,7 +123,7 @@ def plan(overrides: Sequence[str], ranks: Sequence[int] | None = None) -> tuple[
     backend = get_backend(run.cluster.name)
     device, train, dims = plan_layout_of(run, backend)
     model = model_of(run)
-    train = fit(run, model, train, dims, device, device_memory_gib(run, device, backend))
+    train = fit(run.strategy, model, train, dims, device, device_memory_gib(run, device, backend))
     if why := traits_of(run.strategy.name).no_dry_run:
         raise ConfigError("strategy", run.strategy.name, f"a strategy the dry run builds: {why}")
     bad = [r for r in ranks or () if not 0 <= r < dims.world_size]

@@ -10,6 +10,7 @@ import logging
 import math
 
 from gpt.config.model import ModelConfig
+from gpt.config.strategy import StrategyConfig
 from launch.launch_config import LaunchConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
@@ -32,16 +33,16 @@ def device_memory_gib(run: LaunchConfig, device: str, backend: Backend) -> float
     return backend.device_memory_gib(run, device)
 
 
-def fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
+def fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
         memory: float | None) -> TrainConfig:
     """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit),
-    against `memory`, GiB of one rank's device (device_memory_gib; None: not known)."""
-    train = fit_micro_batch(run, model, train, dims, device, memory)
-    check_fit(run, model, train, dims, device, memory)
+    against `memory`, GiB of one rank's device (device_memory_gib; None: not known), for the run's `strategy`."""
+    train = fit_micro_batch(strategy, model, train, dims, device, memory)
+    check_fit(strategy, model, train, dims, device, memory)
     return train
 
 
-def fit_micro_batch(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
+def fit_micro_batch(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
                     memory: float | None) -> TrainConfig:
     """train.micro_batch_size=auto: the largest divisor of the per-rank batch whose estimate fits USABLE of the
     device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are."""
@@ -53,7 +54,7 @@ def fit_micro_batch(run: LaunchConfig, model: ModelConfig, train: TrainConfig, d
     per_rank = train.per_rank_batch(dims.dp)
     for micro in (m for m in range(per_rank, 0, -1) if per_rank % m == 0):
         chosen = dataclasses.replace(train, micro_batch_size=micro)
-        parts = estimate(model, chosen, run.strategy, dims, micro)
+        parts = estimate(model, chosen, strategy, dims, micro)
         if parts.peak <= USABLE * memory * GIB:
             log.info("train.micro_batch_size=auto: %d of a per-rank batch of %d; each rank about %.2f GiB at its "
                      "peak (%s), within %.0f%% of the %.1f GiB of its %s (%.0f%% headroom)", micro, per_rank,
@@ -67,11 +68,11 @@ def what_device(device: str) -> str:
     return "GPU" if device == "cuda" else "CPU rank's share of its node"
 
 
-def check_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+def check_fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
               device: str, memory: float | None) -> MemoryParts:
     """The estimate of one rank's memory; a ConfigError when it exceeds USABLE of the device's memory."""
     micro, _ = train.micro_batches(dims.dp)
-    parts = estimate(model, train, run.strategy, dims, micro)
+    parts = estimate(model, train, strategy, dims, micro)
     if memory is None:
         log.info("memory per rank: about %.2f GiB (%s); the device's memory is not known, so it is not checked "
                  "(state it: %s)", parts.peak / GIB, parts.describe(),
@@ -82,30 +83,30 @@ def check_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: P
         raise UserError(f"this layout does not fit: each rank needs about {parts.peak / GIB:.2f} GiB at its peak "
                         f"({parts.describe()}), more than {USABLE:.0%} of the {memory:.1f} GiB of its "
                         f"{what_device(device)}; what "
-                        f"would fit: {'; '.join(would_fit(run, model, train, dims, usable)) or 'a smaller model'}")
+                        f"would fit: {'; '.join(would_fit(strategy, model, train, dims, usable)) or 'a smaller model'}")
     return parts
 
 
-def would_fit(run: LaunchConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+def would_fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
               usable: float) -> list[str]:
     """The changes that bring the estimate under `usable` bytes, each on its own."""
     out = []
     micro, _ = train.micro_batches(dims.dp)
     smaller = [m for m in range(micro - 1, 0, -1) if micro % m == 0 and estimate(
-        model, dataclasses.replace(train, micro_batch_size=m), run.strategy, dims, m).peak <= usable]
+        model, dataclasses.replace(train, micro_batch_size=m), strategy, dims, m).peak <= usable]
     if smaller:
         out.append(f"train.micro_batch_size={smaller[0]}")
     if train.activation_checkpointing != "full":
         recomputed = dataclasses.replace(train, activation_checkpointing="full")
-        if estimate(model, recomputed, run.strategy, dims, micro).peak <= usable:
+        if estimate(model, recomputed, strategy, dims, micro).peak <= usable:
             out.append("train.activation_checkpointing=full")
-    if traits_of(run.strategy.name).state_shares(run.strategy, dims) != (1 / dims.world_size,) * 3:
+    if traits_of(strategy.name).state_shares(strategy, dims) != (1 / dims.world_size,) * 3:
         sharded = ParallelDims(dp_shard=dims.world_size)
         try:
             micro, _ = train.micro_batches(sharded.dp)
         except ConfigError:  # the global batch does not split over every rank
             return out
-        parts = estimate(model, train, dataclasses.replace(run.strategy, name="fsdp"), sharded, micro)
+        parts = estimate(model, train, dataclasses.replace(strategy, name="fsdp"), sharded, micro)
         if parts.peak <= usable:
             out.append(f"strategy=fsdp on these {dims.world_size} ranks")
         elif parts.activations < usable:  # states shrink with the ranks, activations per rank do not

@@ -90,7 +90,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     device, train, dims = plan_layout_of(run, backend)
     memory = device_memory_gib(run, device, backend)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
-        train = fit(run, run.model, train, dims, device, memory)
+        train = fit(run.strategy, run.model, train, dims, device, memory)
     data = run.data
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
@@ -103,7 +103,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     else:
         vocab = check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
         if not run.model.vocab_size:  # the model takes the tokenizer's
-            train = fit(run, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device, memory)
+            train = fit(run.strategy, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device, memory)
 
     train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
