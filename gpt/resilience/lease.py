@@ -64,7 +64,7 @@ class Beat:
         return self.host == socket.gethostname() and self.pidns == pid_namespace()
 
 
-LIST_EVERY = 10  # beats between two listings of lease/ by the holder's beat (`listed`)
+LIST_EVERY = 10  # beats or fences between two listings of lease/ (`listed`)
 
 
 def listed(path: Path) -> bool:
@@ -73,7 +73,7 @@ def listed(path: Path) -> bool:
     (acdirmax, 60 s): a successor's claim or beat would stay hidden that long. Opening the folder to list it is a
     close-to-open event: the client asks the server for the folder's attributes, a changed folder drops the cached
     absence, and the listing is the server's. Asked only after a name was not found (a found one needs no second
-    look): a fence before a write pays one small listing of lease/, the holder's beat one every LIST_EVERY beats."""
+    look): a fence (before a write, at each heartbeat) and the holder's beat pay one listing every LIST_EVERY calls."""
     try:
         return path.name in os.listdir(path.parent)
     except FileNotFoundError:
@@ -237,10 +237,12 @@ class Fence:
 
     def __init__(self, run_dir: Path, generation: int):
         self.lease = Lease(run_dir, generation, Beat(generation, 0, None, 0, "", 0))
+        self.calls = 0
 
     def __call__(self) -> None:
+        self.calls += 1  # the node's heartbeat fences each beat: the listing (`listed`) every LIST_EVERY fences
         try:
-            self.lease.check()
+            self.lease.check(listing=self.calls % LIST_EVERY == 1)
         except LeaseLost as e:
             stop_writing(e)
 

@@ -107,7 +107,7 @@ def test_a_multi_node_sh_job_preempted_under_cancel_saves_and_ends_not_requeued_
     urgent_job(slurm_cluster, tmp_path)
     job.wait(120)
     (first,) = attempts(job.run_dir)
-    assert "partition lowcancel, PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
+    assert "the run's partition lowcancel: PreemptMode=CANCEL" in first["ended"] and first["requeued"] is False, first
     assert first["note"].startswith(f"not requeued: Slurm's preemption cancels job {job.id()}; the same command "
                                     "continues the run from its newest checkpoint (step "), first
     said = f"job {job.id()} {first['ended']}: {first['note']}"
