@@ -44,6 +44,7 @@ def _rank(rank: int, world: int, port: int, out) -> None:
     leave()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_groups_take_the_jobs_timeout_connect_lazily_and_partition_by_members():
     world = 3

@@ -60,6 +60,7 @@ def test_llama3_frequencies_are_transformers():
     assert not torch.allclose(plain, theirs)  # the rule changes some frequencies at this length
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_folder_transformers_wrote_fills_the_model_and_gives_its_logits_in_and_out(family, tmp_path):
     theirs = written_by_transformers(family, tmp_path / "in")

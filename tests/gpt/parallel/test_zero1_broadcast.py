@@ -67,6 +67,7 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
     dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(120)
 def test_the_all_gather_leaves_the_parameters_bitwise_as_the_broadcasts_do():
     world = 3
