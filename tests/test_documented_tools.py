@@ -59,6 +59,7 @@ def test_a_documented_command_parses(source, module, words, monkeypatch, capsys)
     original = argparse.ArgumentParser.parse_known_args
     monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args", parse)
     monkeypatch.setattr(sys, "argv", [module, *words])
+    monkeypatch.delitem(sys.modules, module, raising=False)  # run as `python -m` runs it: not imported before
     with pytest.raises((Parsed, SystemExit)) as stop:
         runpy.run_module(module, run_name="__main__", alter_sys=True)
     assert stop.type is Parsed or stop.value.code == 0, f"{source}: python -m {module} {' '.join(words)}: {capsys.readouterr().err[-600:]}"
