@@ -30,7 +30,8 @@ def test_each_checkpoint_gets_one_eval_job_whose_figures_join_the_run(slurm_clus
     training_job = json.loads((run_dir / "job.json").read_text())["job_id"]
     for step, record in records.items():
         info = slurm_cluster.job_info(record["job_id"])
-        assert info["NumNodes"] == "1" and info["NumTasks"] == "1" and info.get("Dependency") in (None, "(null)")
+        # a job still pending shows its node count as min-max ("1-1")
+        assert set(info["NumNodes"].split("-")) == {"1"} and info["NumTasks"] == "1" and info.get("Dependency") in (None, "(null)")
         assert info["JobName"] == f"run-eval-{step}" and record["job_id"] != training_job
         assert slurm_cluster.wait_state(record["job_id"]) == "COMPLETED", (
             (run_dir / "slurm").joinpath(f"eval-{step}-{record['job_id']}.out").read_text()[-3000:])
