@@ -16,7 +16,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from launch import launch_config
-from gpt.data.inputs import inputs_exist
+from gpt.data.inputs import corpus_of
 from gpt.errors import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USER, ConfigError, UserError
 from gpt.run_folder import CANCELLED, RunFolder, close_folder, keep_to_user
 from launch import hydra_errors
@@ -70,8 +70,8 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
     # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
     job = job_environment()
-    if live is None and inputs_exist(run.data):  # else planning names the corpus
-        checked = check_run_folder(run, run_dir, job,
+    if live is None and (corpus := corpus_of(run.data)) is not None:  # else planning names the corpus
+        checked = check_run_folder(run, corpus, run_dir, job,
                                    lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
     budget = run.budget if backend.submits else None
     plan = make_plan(run, run_dir, backend, live)

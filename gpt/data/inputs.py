@@ -8,6 +8,7 @@ import gzip
 import json
 import re
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 from gpt.config.data import DataConfig
@@ -127,8 +128,18 @@ def corpus_files(cfg: DataConfig) -> list[Path]:
     return files
 
 
-def inputs_exist(cfg: DataConfig) -> bool:
+@dataclass(frozen=True)
+class Corpus:
+    """A run's corpus as its data section names it, listed once: its input files, and the folders prepared from them
+    (each source's, or the data's own). What run.json records of it and what changed are gpt.data.content's."""
+    files: list[Path]
+    prepared: list[Path]
+
+
+def corpus_of(cfg: DataConfig) -> Corpus | None:
+    """The corpus of an (absolute) data config; None when an input names no files (planning then names it)."""
+    prepared = [Path(s.dir) for s in cfg.sources] or [Path(cfg.dir)]
     try:
-        return bool(corpus_files(cfg))
+        return Corpus(corpus_files(cfg), prepared)
     except UserError:
-        return False
+        return None

@@ -17,10 +17,10 @@ from typing import Any
 from gpt.checkpoint.store import list_checkpoints, newest_sound, step_of
 from launch.launch_config import LaunchConfig
 from gpt.config.parse import to_plain
-from gpt.config.data import DataConfig
 from gpt.config.train import TrainConfig
 from gpt.data import data_identity, identities, read_meta
-from gpt.data import corpus as run_corpus
+from gpt.data.content import corpus_change, corpus_record
+from gpt.data.inputs import Corpus
 from gpt.errors import UserError
 from gpt.run_folder import AttemptLine, RunFolder, write_json
 from gpt.train import schedule
@@ -45,16 +45,18 @@ def flat(d: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def identity(run: LaunchConfig, known_text: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """(what must not change, flattened; the corpus's size, mtime, listing and md5: run.json's corpus record)."""
+def identity(run: LaunchConfig, corpus: Corpus, known_text: dict[str, Any] | None = None
+             ) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(what must not change, flattened; the `corpus`'s size, mtime, listing and md5: run.json's corpus record, its
+    content read only where `known_text`, the record before, and the prepared folders do not tell it)."""
     c = flat(to_plain(run))
-    corpus = run_corpus.record(run.data, known_text)  # its paths absolute (launch.planning.plan.absolute_paths)
+    record = corpus_record(corpus.files, known_text, corpus.prepared)
     values = {"seed": run.seed, **{k: v for k, v in c.items() if k.startswith("model.")},
-              "data.text_md5": corpus["md5"], **schedule.identity(run.train)}
+              "data.text_md5": record["md5"], **schedule.identity(run.train)}
     for key in KEYS:
         if key not in values and key != "model":
             values[key] = c[key]
-    return values, corpus
+    return values, record
 
 
 @dataclass(frozen=True)
@@ -159,16 +161,16 @@ class FolderCheck:
 
 
 def check_same_run(run_dir: Path, record: dict[str, Any], now: tuple[dict[str, Any], dict[str, Any]], step: int,
-                   train: TrainConfig, data: DataConfig) -> None:
-    """The run run_dir holds (its run.json `record`) is this command's (`now`: identity()'s, of its `train` and
-    `data` sections), or UserError listing the keys that differ."""
-    current, corpus = now
+                   train: TrainConfig, corpus: Corpus) -> None:
+    """The run run_dir holds (its run.json `record`) is this command's (`now`: identity()'s, of its `train` section
+    and `corpus`), or UserError listing the keys that differ."""
+    current, now_corpus = now
     stable = stable_checkpoint(run_dir, record["identity"].get(schedule.WSD_KEY))  # the run's own decay
-    saved = same_corpus_before(record["identity"], record.get("corpus"), corpus)
+    saved = same_corpus_before(record["identity"], record.get("corpus"), now_corpus)
     saved = schedule.settle(saved, current, step)
     diffs = [f"{k}: the run has {saved.get(k, '<unset>')!r}, this command {current.get(k, '<unset>')!r}"
              + schedule.hint(k, saved, train, step, stable) if k != "data.text_md5" else
-             run_corpus.change(data, record.get("corpus"), corpus)
+             corpus_change(corpus.files, corpus.prepared, record.get("corpus"), now_corpus)
              for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
     if diffs:
         raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
@@ -185,9 +187,10 @@ def same_corpus_before(saved: dict[str, Any], known: dict[str, Any] | None, corp
     return saved
 
 
-def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_state: AskJob | None = None
-                     ) -> FolderCheck:
-    """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run.
+def check_run_folder(run: LaunchConfig, corpus: Corpus, run_dir: Path, job: JobEnvironment,
+                     job_state: AskJob | None = None) -> FolderCheck:
+    """Before anything runs: what the folder holds (no checkpoint: None), once it is known to be this run
+    (`corpus`: its data section's, gpt.data.inputs.corpus_of).
     Raises UserError when a job of the run is queued or running, when another run holds the folder, when its run
     differs (the keys are listed), or when resume=none would start over on top of it."""
     record_path = RunFolder(run_dir).identity
@@ -197,17 +200,17 @@ def check_run_folder(run: LaunchConfig, run_dir: Path, job: JobEnvironment, job_
     check_free(run_dir, job.job_id, job.restart, job_state)  # a late beat is no proof: as long as rank 0 waits
     step = newest_step(run_dir)
     early = stopped_early(run_dir, run) if step is not None else None
-    current, corpus = identity(run, (record or {}).get("corpus"))
+    current, corpus_now = identity(run, corpus, (record or {}).get("corpus"))
     if step is not None and run.resume == "none":
         raise UserError(f"{run_dir} already holds this run at step {step}: resume=none would start over on top of "
                         f"it. Continue it (resume=auto), or start a new run under another name (run=NAME), or delete "
                         f"the folder")
     if record is not None and step is not None:
-        check_same_run(run_dir, record, (current, corpus), step, run.train, run.data)
+        check_same_run(run_dir, record, (current, corpus_now), step, run.train, corpus)
     data_dir = run.data.dir
     check_same_data(run_dir, (record or {}).get("data"), data_dir, step)
     existing = None if step is None else Existing(step, step >= run.train.max_steps or early is not None, early)
-    return FolderCheck(existing, {"identity": current, "corpus": corpus, "data": (record or {}).get("data"),
+    return FolderCheck(existing, {"identity": current, "corpus": corpus_now, "data": (record or {}).get("data"),
                                   "created": (record or {}).get("created", time.time())}, data_dir)
 
 

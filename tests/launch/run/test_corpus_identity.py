@@ -11,6 +11,7 @@ import launch.run.identity as identity_module
 from launch import launch_config
 from gpt.data import ensure_prepared, read_meta
 from gpt.data.content import listing_md5
+from gpt.data.inputs import corpus_of
 from gpt.data.loader import TokenDataset
 from gpt.data.prepare import prepare
 from gpt.errors import UserError
@@ -25,12 +26,12 @@ def test_a_folder_of_inputs_identifies_the_run(tmp_path):
     for i in range(3):
         (folder / f"doc_{i}.txt").write_text(f"document {i}\n")
     run = launch_config.parse(compose("model=tiny", f"data.text_path={folder}", f"data.dir={tmp_path / 'prepared'}"))
-    values, corpus = identity(run)
+    values, corpus = identity(run, corpus_of(run.data))
     assert corpus["size"] == sum(f.stat().st_size for f in folder.iterdir())
-    assert identity(run, corpus) == (values, corpus)  # unchanged: the same record
+    assert identity(run, corpus_of(run.data), corpus) == (values, corpus)  # unchanged: the same record
     (folder / "doc_1.txt").write_text("another document\n")
     os.utime(folder / "doc_1.txt", ns=(1, 1))
-    changed, _ = identity(run, corpus)
+    changed, _ = identity(run, corpus_of(run.data), corpus)
     assert changed["data.text_md5"] != values["data.text_md5"]
 
 
@@ -42,7 +43,7 @@ def test_run_json_records_the_prepared_data_and_a_run_continues_only_on_it(tmp_p
     run = launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
     prepare(SHAKESPEARE, data)
     fingerprint = read_meta(data)["fingerprint"]
-    check_run_folder(run, run_dir, JobEnvironment({})).record(run_dir)
+    check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({})).record(run_dir)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["data"] == {"dir": str(data), "fingerprint": fingerprint}
 
@@ -51,12 +52,12 @@ def test_run_json_records_the_prepared_data_and_a_run_continues_only_on_it(tmp_p
     prepare(SHAKESPEARE, data, val_fraction=0.2)
     with pytest.raises(UserError, match=f"trained \\(to step 4\\) on data with fingerprint {fingerprint} .*now holds "
                        f"data with fingerprint {read_meta(data)['fingerprint']}") as e:
-        check_run_folder(run, run_dir, JobEnvironment({}))
+        check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
     assert "\n" not in str(e.value)
 
     del record["data"]  # written before run.json recorded the data
     (run_dir / "run.json").write_text(json.dumps(record))
-    check_run_folder(run, run_dir, JobEnvironment({})).record(run_dir)
+    check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({})).record(run_dir)
     assert json.loads((run_dir / "run.json").read_text())["data"]["fingerprint"] == read_meta(data)["fingerprint"]
     record_data(run_dir, str(data), "another")  # rank 0 records what it trains on (data prepared in a job)
     assert json.loads((run_dir / "run.json").read_text())["data"] == {"dir": str(data), "fingerprint": "another"}
@@ -69,11 +70,11 @@ def test_data_prepared_again_by_the_planning_itself_is_refused_before_the_record
     data, run_dir = tmp_path / "data", tmp_path / "run"
     run = launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={data}"))
     prepare(SHAKESPEARE, data)
-    check_run_folder(run, run_dir, JobEnvironment({})).record(run_dir)
+    check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({})).record(run_dir)
     before = (run_dir / "run.json").read_text()
     monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: 4)
     shutil.rmtree(data)
-    checked = check_run_folder(run, run_dir, JobEnvironment({}))
+    checked = check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
     prepare(SHAKESPEARE, data, val_fraction=0.2)  # as planning would, with other settings
     with pytest.raises(UserError, match="now holds data with fingerprint"):
         checked.record(run_dir)
@@ -88,7 +89,7 @@ def write_corpus(folder):
 
 def planned(run, run_dir):
     """What planning does with the data of a run with a checkpoint: check the folder, prepare, record."""
-    checked = check_run_folder(run, run_dir, JobEnvironment({}))
+    checked = check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
     ensure_prepared(run.data)
     checked.record(run_dir)
 
@@ -127,7 +128,7 @@ def test_an_edited_corpus_is_refused_naming_the_file_and_how_it_changed(tmp_path
     with pytest.raises(UserError, match=f"data.text_md5: {text} changed \\(1,115,394 -> 1,115,400 bytes, modified "
                        ".* since the run trained on it. Restore its content to continue this run, or train on this "
                        "corpus as a new run \\(run=NAME\\) with a data.dir of its own"):
-        check_run_folder(run, run_dir, JobEnvironment({}))
+        check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
     with pytest.raises(UserError, match=f"other inputs or settings \\({text} changed \\(1,115,394 -> 1,115,400 "):
         ensure_prepared(run.data)  # the prepared folder refuses it too, as what it is: another corpus
 
@@ -143,7 +144,7 @@ def test_a_corpus_of_many_files_names_the_file_that_changed(tmp_path, monkeypatc
     (corpus / "doc_x.txt").write_text("new\n")
     with pytest.raises(UserError, match=f"data.text_md5: {corpus / 'doc_3.txt'} changed \\(2,300 -> 7 bytes, "
                        f"modified .*; added: {corpus / 'doc_x.txt'} since the run trained on it"):
-        check_run_folder(run, run_dir, JobEnvironment({}))
+        check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
 
 
 def as_written_before(data, run_dir, files):

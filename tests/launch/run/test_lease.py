@@ -300,12 +300,13 @@ def test_run_json_is_written_under_a_name_no_other_host_uses(tmp_path, data_over
     from launch import launch_config
     from helpers import compose
     from launch.rank.job_env import JobEnvironment
+    from gpt.data.inputs import corpus_of
     from launch.run.identity import check_run_folder
 
     run = launch_config.parse(compose("model=tiny", *data_overrides))
     other = tmp_path / f".run.json.{os.getpid()}"  # another host's task with the same pid, mid-write
     other.write_text("another host's")
-    check_run_folder(run, tmp_path, JobEnvironment({})).record(tmp_path)
+    check_run_folder(run, corpus_of(run.data), tmp_path, JobEnvironment({})).record(tmp_path)
     assert other.read_text() == "another host's" and "identity" in json.loads((tmp_path / "run.json").read_text())
 
 

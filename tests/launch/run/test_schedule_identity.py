@@ -11,6 +11,7 @@ from launch import launch_config
 from gpt.errors import UserError
 from helpers import SHAKESPEARE, compose
 from launch.rank.job_env import JobEnvironment
+from gpt.data.inputs import corpus_of
 from launch.run.identity import check_run_folder
 
 
@@ -19,20 +20,23 @@ def planned(tmp_path, *overrides: str):
                               "train.warmup_steps=2", *overrides))
 
 
+def check(run, run_dir):
+    return check_run_folder(run, corpus_of(run.data), run_dir, JobEnvironment({}))
+
+
 def at_step(monkeypatch, step: int) -> None:
     monkeypatch.setattr(identity_module, "newest_step", lambda run_dir: step)
 
 
 def test_a_longer_cosine_run_is_told_the_decay_steps_that_continue_it(tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
-    check_run_folder(planned(tmp_path, "train.max_steps=3000"), run_dir, JobEnvironment({})).record(run_dir)
+    check(planned(tmp_path, "train.max_steps=3000"), run_dir).record(run_dir)
     at_step(monkeypatch, 3000)
     with pytest.raises(UserError) as e:
-        check_run_folder(planned(tmp_path, "train.max_steps=3500"), run_dir, JobEnvironment({}))
+        check(planned(tmp_path, "train.max_steps=3500"), run_dir)
     assert ("train.decay_steps (or max_steps): the run has 3000, this command 3500: add train.decay_steps=3000 to "
             "this command") in str(e.value)
-    typed = check_run_folder(planned(tmp_path, "train.max_steps=3500", "train.decay_steps=3000"), run_dir,
-                             JobEnvironment({}))
+    typed = check(planned(tmp_path, "train.max_steps=3500", "train.decay_steps=3000"), run_dir)
     assert typed.existing is not None and not typed.existing.finished  # what the hint says trains on
 
 
@@ -46,19 +50,19 @@ def checkpoint(run_dir, step: int, index: int) -> None:
 
 def test_a_wsd_run_extends_from_its_stable_phase_and_else_is_told_where_to_branch(tmp_path, monkeypatch):
     run_dir, wsd = tmp_path / "run", ("train.schedule=wsd", "train.decay_fraction=0.25")
-    check_run_folder(planned(tmp_path, *wsd, "train.max_steps=12"), run_dir, JobEnvironment({})).record(run_dir)
+    check(planned(tmp_path, *wsd, "train.max_steps=12"), run_dir).record(run_dir)
     for i, step in enumerate((4, 8, 12)):
         checkpoint(run_dir, step, i)
     at_step(monkeypatch, 8)  # stable (the decay starts at 9): a longer run needs nothing
-    check_run_folder(planned(tmp_path, *wsd, "train.max_steps=16"), run_dir, JobEnvironment({}))
+    check(planned(tmp_path, *wsd, "train.max_steps=16"), run_dir)
     with pytest.raises(UserError) as e:  # its decay would start at 7, before the step taken
-        check_run_folder(planned(tmp_path, *wsd, "train.max_steps=9"), run_dir, JobEnvironment({}))
+        check(planned(tmp_path, *wsd, "train.max_steps=9"), run_dir)
     assert "this decay would begin at step 7, before the run's step 8; train.max_steps=10 or more" in str(e.value)
 
     at_step(monkeypatch, 12)  # decayed: branch from the newest stable checkpoint into a new run
     with pytest.raises(UserError) as e:
-        check_run_folder(planned(tmp_path, *wsd, "train.max_steps=16"), run_dir, JobEnvironment({}))
+        check(planned(tmp_path, *wsd, "train.max_steps=16"), run_dir)
     assert (f"its decay began at step 9 and it is at step 12; extend or anneal from a checkpoint of its stable "
             f"phase into a new run: resume={run_dir / 'checkpoints' / 'step_00000008'} run=NEW_NAME "
             "train.max_steps=M") in str(e.value)
-    check_run_folder(planned(tmp_path, *wsd, "train.max_steps=12"), run_dir, JobEnvironment({}))  # the same: fine
+    check(planned(tmp_path, *wsd, "train.max_steps=12"), run_dir)  # the same: fine
