@@ -27,7 +27,7 @@ from launch.launcher_section import launcher_section
 from launch.rank.job_env import job_environment
 from launch.run.identity import check_run_folder
 from launch.run.job_record import cancelled_by_user, record_job
-from launch.planning.plan import absolute_paths, given_model_keys, init_model, make_plan
+from launch.planning.plan import make_plan, resolved
 from launch.planning.planned_run import PlannedRun
 
 log = logging.getLogger("launch")
@@ -50,8 +50,7 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
 def _plan(cfg: DictConfig) -> PlannedRun:
     hydra_cfg = HydraConfig.get()
     run_dir = Path(hydra_cfg.runtime.output_dir)
-    run = absolute_paths(launch_config.parse(cfg))  # once: every part of planning reads them as they are
-    run = init_model(run, run_dir, given_model_keys(list(hydra_cfg.overrides.task)))
+    run = resolved(launch_config.parse(cfg), run_dir, list(hydra_cfg.overrides.task))  # once: planning reads it so
     for folder in [run_dir, *([run_dir.parent] if hydra_cfg.mode == RunMode.MULTIRUN else [])]:
         close_folder(folder, run.share_with_group)
     backend = backend_for(run.cluster.name, hydra_cfg)

@@ -31,8 +31,8 @@ from launch import hydra_errors, launch_config
 from launch.app import CONFIGS
 from launch.launch_config import LaunchConfig
 from launch.backends import get_backend
-from launch.planning.memory_fit import USABLE, device_memory_gib, fit
-from launch.planning.plan import absolute_paths, given_model_keys, init_model, plan_layout_of
+from launch.planning.memory_fit import USABLE, fit
+from launch.planning.plan import plan_layout_of, resolved
 
 HEADROOM = 1 - USABLE  # the fit check's: a disagreement larger than this is more than it absorbs
 COMPARED = ("params", "grads", "optimizer")  # what a build without a forward holds
@@ -100,8 +100,8 @@ def compose(overrides: Sequence[str]) -> LaunchConfig:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(str(CONFIGS), version_base="1.3"):
-        run = absolute_paths(launch_config.parse(hydra_compose("config", overrides=list(overrides))))
-    return init_model(run, None, given_model_keys(list(overrides)))
+        run = launch_config.parse(hydra_compose("config", overrides=list(overrides)))
+    return resolved(run, None, list(overrides))
 
 
 def model_of(run: LaunchConfig) -> ModelConfig:
@@ -123,7 +123,7 @@ def plan(overrides: Sequence[str], ranks: Sequence[int] | None = None) -> tuple[
     backend = get_backend(run.cluster.name)
     device, train, dims = plan_layout_of(run, backend)
     model = model_of(run)
-    train = fit(run.strategy, model, train, dims, device, device_memory_gib(run, device, backend))
+    train = fit(run.strategy, model, train, dims, device)
     if why := traits_of(run.strategy.name).no_dry_run:
         raise ConfigError("strategy", run.strategy.name, f"a strategy the dry run builds: {why}")
     bad = [r for r in ranks or () if not 0 <= r < dims.world_size]
@@ -133,7 +133,7 @@ def plan(overrides: Sequence[str], ranks: Sequence[int] | None = None) -> tuple[
     parts = estimate(model, train, run.strategy, dims, micro)
     at_update = estimate(model, train, run.strategy, dims, train.per_rank_batch(dims.dp)).grads
     return DryRun(dataclasses.replace(run, train=train), dims, parts, at_update, list(ranks or ranks_to_build(dims)),
-                  named=bool(ranks)), model, device
+                  named=bool(ranks)), model, device.kind
 
 
 def ranks_to_build(dims: ParallelDims) -> list[int]:

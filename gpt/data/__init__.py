@@ -6,12 +6,10 @@ spawning ranks. Preparing lives in gpt.data.prepare (also a command line), the b
 """
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +17,7 @@ from gpt.config.data import DataConfig
 from gpt.data.tokenizer import TOKENIZER_FILE, BPETokenizer, CharTokenizer, Tokenizer, load_tokenizer
 from gpt.errors import ConfigError, UserError
 
-__all__ = ["absolute", "data_identity", "identities", "ensure_prepared", "is_prepared", "check_tokenizer_vocab",
+__all__ = ["data_identity", "identities", "ensure_prepared", "is_prepared", "check_tokenizer_vocab",
            "check_vocab", "read_meta", "Tokenizer", "CharTokenizer", "BPETokenizer", "load_tokenizer"]
 
 META_FILE = "meta.json"
@@ -36,17 +34,6 @@ def read_meta(data_dir: str | Path) -> dict[str, Any]:
 
 
 VOCAB_MULTIPLE = 64  # a vocabulary from someone else's tokenizer is padded up to this (nanoGPT: 50257 -> 50304)
-
-
-def absolute(cfg: DataConfig, resolve: Callable[[str], str]) -> DataConfig:
-    """cfg with every path made absolute by `resolve` (the launcher's: from the directory it was started in)."""
-    def opt(p: str | None) -> str | None:
-        return resolve(p) if p else p
-
-    sources = [dataclasses.replace(s, text_path=resolve(s.text_path), dir=resolve(s.dir), val_path=opt(s.val_path))
-               for s in cfg.sources]
-    return dataclasses.replace(cfg, text_path=resolve(cfg.text_path), dir=resolve(cfg.dir),
-                               val_path=opt(cfg.val_path), tokenizer_file=opt(cfg.tokenizer_file), sources=sources)
 
 
 def check_tokenizer_vocab(cfg: DataConfig, model_vocab_size: int | None) -> None:

@@ -83,12 +83,13 @@ def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int =
     return (kept / tp if sequence_parallel else kept) + whole + split / tp, head
 
 
-def rank_params(model: ModelConfig, strategy: StrategyConfig, dims: ParallelDims) -> float:
+def rank_params(model: ModelConfig, counts: dict[str, int], strategy: StrategyConfig, dims: ParallelDims) -> float:
     """Parameters of the rank that holds the most, before any data-parallel sharding. Tensor parallelism splits the
     projections, the embedding and the head, and replicates the norms, the row-parallel biases and learned
     positions; a pipeline's first stage holds the embeddings and its last the final norm and the head (a tied
-    embedding's second copy), the first stages one layer more where the layers do not divide evenly."""
-    counts, tp = param_count(model), dims.tp
+    embedding's second copy), the first stages one layer more where the layers do not divide evenly. `counts`: the
+    model's parameters by part (gpt.model.flops.param_count)."""
+    tp = dims.tp
     norm, head = norm_params(model), model.vocab_size * model.n_embd
     final_norm = norm if model.norm_position == "pre" else 0
     positions = counts["embedding"] - head
@@ -104,13 +105,13 @@ def rank_params(model: ModelConfig, strategy: StrategyConfig, dims: ParallelDims
                    for s in range(p, stages, dims.pp)) for p in range(dims.pp))
 
 
-def gathered_bytes(model: ModelConfig, train: TrainConfig, dims: ParallelDims, param_fraction: float) -> float:
+def gathered_bytes(model: ModelConfig, counts: dict[str, int], train: TrainConfig, dims: ParallelDims,
+                   param_fraction: float) -> float:
     """Parameters a rank gathers for its forward when they are sharded over data-parallel ranks (FSDP, ZeRO-3): the
     unsharded root (embeddings, final norm, head: kept through the step) and one layer at a time, in the compute
     precision, split over tp."""
     if param_fraction * dims.pp * dims.tp >= 1:
         return 0.0
-    counts = param_count(model)
     layer = (counts["non_embedding"] - (0 if model.tie_embeddings else model.vocab_size * model.n_embd)) / model.n_layer
     root = counts["total"] - model.n_layer * layer
     v = 2 if train.precision in ("bf16", "fp16") else 4
@@ -123,16 +124,21 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     activation checkpointing. model.vocab_size must be known."""
     # what the strategy's traits say, then the sizes they are shares of
     traits = traits_of(strategy.name)
-    padding = traits.padding(strategy, dims, model)
-    p_share, g_share, _ = (share * padding for share in traits.state_shares(strategy, dims))
-    o_share = traits.optimizer_share(strategy, dims, model) * padding
-    if train.global_batch_size // dims.dp > micro_batch:  # gradient accumulation: held between the micro-steps
-        g_share = max(g_share, traits.accumulating_grad_share(strategy, dims))
+    p_share, g_share, _ = traits.state_shares(strategy, dims)
+    o_share = traits.optimizer_share(strategy, dims, model)
+    # gradient accumulation: the gradients as a rank holds them between the micro-steps
+    accumulating = traits.accumulating_grad_share(strategy, dims) if train.global_batch_size // dims.dp > micro_batch \
+        else 0.0
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
     layers = traits.activation_layers(strategy, dims, model.n_layer)
     fused_loss = train.compile and traits.compile_scope(train) == "model"
+    fraction = traits.param_fraction(strategy, dims)
+    padding = traits.padding(strategy, dims, model)
+    p_share, g_share, o_share = p_share * padding, max(g_share * padding, accumulating), o_share * padding
+    counts = param_count(model)
     layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel, fused_loss)
-    held = rank_params(model, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
+    gathered = gathered_bytes(model, counts, train, dims, fraction)
+    held = rank_params(model, counts, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     tokens = micro_batch * model.block_size
     every = train.recompute_every()
@@ -145,7 +151,6 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output, sent in the compute dtype
         sent = 2 if train.precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
         activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * sent
-    gathered = gathered_bytes(model, train, dims, traits.param_fraction(strategy, dims))
     compute = 2 if train.precision in ("bf16", "fp16") else 4
     if not gathered and compute < p_bytes:  # autocast's copies of the weights, each saved by its matmul
         activations += compute * held * p_share

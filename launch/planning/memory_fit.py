@@ -2,22 +2,21 @@
 memory, before anything is submitted. A layout that cannot fit is refused in one line with the estimate and what
 would fit: a smaller micro-batch, activation checkpointing, FSDP, more ranks. train.micro_batch_size=auto is chosen
 here from the same estimate. Torch-free (a local GPU's memory is
-asked of torch by the backend)."""
+asked of torch by the backend, at planning)."""
 from __future__ import annotations
 
 import dataclasses
 import logging
 import math
+from dataclasses import dataclass
 
 from gpt.config.model import ModelConfig
 from gpt.config.strategy import StrategyConfig
-from launch.launch_config import LaunchConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
 from gpt.parallel.layout import ParallelDims
 from gpt.parallel.memory_estimate import GIB, MemoryParts, estimate
 from gpt.parallel.traits import traits_of
-from launch.backends import Backend
 
 log = logging.getLogger(__name__)
 
@@ -26,28 +25,31 @@ log = logging.getLogger(__name__)
 USABLE = 0.9
 
 
-def device_memory_gib(run: LaunchConfig, device: str, backend: Backend) -> float | None:
-    """cluster.gpu_memory_gb on GPUs when set, else what the backend knows (a GPU by its name, a node's memory)."""
-    if device == "cuda" and run.cluster.gpu_memory_gb:
-        return float(run.cluster.gpu_memory_gb)
-    return backend.device_memory_gib(run, device)
+@dataclass(frozen=True)
+class Device:
+    """What one rank computes on ("cuda" or "cpu"), and its memory in GiB (a GPU's, or a CPU rank's share of its
+    node's; None: not known), as planning resolved them once (launch.planning.plan.plan_layout_of)."""
+    kind: str
+    memory_gib: float | None
 
 
-def fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
-        memory: float | None) -> TrainConfig:
-    """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit),
-    against `memory`, GiB of one rank's device (device_memory_gib; None: not known), for the run's `strategy`."""
-    train = fit_micro_batch(strategy, model, train, dims, device, memory)
-    check_fit(strategy, model, train, dims, device, memory)
+def fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+        device: Device) -> TrainConfig:
+    """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit)
+    against one rank's `device`, for the run's `strategy`."""
+    train, micro = fit_micro_batch(strategy, model, train, dims, device)
+    check_fit(strategy, model, train, dims, device, micro)
     return train
 
 
-def fit_micro_batch(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims, device: str,
-                    memory: float | None) -> TrainConfig:
+def fit_micro_batch(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
+                    device: Device) -> tuple[TrainConfig, int]:
     """train.micro_batch_size=auto: the largest divisor of the per-rank batch whose estimate fits USABLE of the
-    device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are."""
+    device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are.
+    Returns `train` so resolved and its sequences per rank per forward."""
     if train.micro_batch_size != "auto":
-        return train
+        return train, train.micro_batches(dims.dp)[0]
+    memory = device.memory_gib
     if memory is None:
         raise ConfigError("train.micro_batch_size", "auto", "a positive integer or null: this device's memory is not "
                           "known, so auto cannot choose (or state it: cluster.gpu_memory_gb)")
@@ -60,23 +62,24 @@ def fit_micro_batch(strategy: StrategyConfig, model: ModelConfig, train: TrainCo
                      "peak (%s), within %.0f%% of the %.1f GiB of its %s (%.0f%% headroom)", micro, per_rank,
                      parts.peak / GIB, parts.describe(), USABLE * 100, memory, what_device(device),
                      (1 - USABLE) * 100)
-            return chosen
-    return dataclasses.replace(train, micro_batch_size=1)
+            return chosen, micro
+    return dataclasses.replace(train, micro_batch_size=1), 1
 
 
-def what_device(device: str) -> str:
-    return "GPU" if device == "cuda" else "CPU rank's share of its node"
+def what_device(device: Device) -> str:
+    return "GPU" if device.kind == "cuda" else "CPU rank's share of its node"
 
 
 def check_fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
-              device: str, memory: float | None) -> MemoryParts:
-    """The estimate of one rank's memory; a ConfigError when it exceeds USABLE of the device's memory."""
-    micro, _ = train.micro_batches(dims.dp)
+              device: Device, micro: int) -> MemoryParts:
+    """The estimate of one rank's memory at `micro` sequences per forward; a ConfigError when it exceeds USABLE of
+    the device's memory."""
     parts = estimate(model, train, strategy, dims, micro)
+    memory = device.memory_gib
     if memory is None:
         log.info("memory per rank: about %.2f GiB (%s); the device's memory is not known, so it is not checked "
                  "(state it: %s)", parts.peak / GIB, parts.describe(),
-                 "cluster.gpu_memory_gb" if device == "cuda" else "cluster.mem")
+                 "cluster.gpu_memory_gb" if device.kind == "cuda" else "cluster.mem")
         return parts
     usable = USABLE * memory * GIB
     if parts.peak > usable:

@@ -15,7 +15,7 @@ from launch import launch_config
 from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
 from gpt.config.train import TrainConfig
-from gpt.data import absolute, check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
+from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
@@ -24,7 +24,7 @@ from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
 from launch.backends import Backend
 from launch.local_gpus import local_gpus
-from launch.planning.memory_fit import device_memory_gib, fit
+from launch.planning.memory_fit import Device, fit
 from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
 
@@ -63,10 +63,11 @@ def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
                           f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
 
 
-def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[str, TrainConfig, ParallelDims]:
+def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainConfig, ParallelDims]:
     """What needs the sections together before the data: the nodes, the device, the attention kernel, the layout
-    and the batch. Returns the planned device, the train section resolved to it, and the layout (what the dry run,
-    launch.dry_run, plans too)."""
+    and the batch. Returns the planned device with its memory (cluster.gpu_memory_gb on GPUs when set, else what
+    the backend knows: a GPU by its name, a node's memory), the train section resolved to it, and the layout (what
+    the dry run, launch.dry_run, plans too)."""
     nodes, per_node = run.nodes, run.cluster.tasks_per_node
     if not isinstance(nodes, int) or not isinstance(per_node, int):  # srun's auto, unresolved outside a job
         raise ConfigError("nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
@@ -78,19 +79,20 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[str, TrainConfi
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
     train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, by the fit check
-    return device, train, dims
+    stated = device == "cuda" and run.cluster.gpu_memory_gb
+    memory = float(run.cluster.gpu_memory_gb) if stated else backend.device_memory_gib(run, device)
+    return Device(device, memory), train, dims
 
 
 def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
     config, which this command must then equal. `run`'s paths are absolute (absolute_paths); `backend` is the one
-    planning chose (launch.backends.backend_for), asked here once for the device and its memory."""
+    planning chose (launch.backends.backend_for), asked once for the device and its memory (plan_layout_of)."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
-    memory = device_memory_gib(run, device, backend)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
-        train = fit(run.strategy, run.model, train, dims, device, memory)
+        train = fit(run.strategy, run.model, train, dims, device)
     data = run.data
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
@@ -103,7 +105,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     else:
         vocab = check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
         if not run.model.vocab_size:  # the model takes the tokenizer's
-            train = fit(run.strategy, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device, memory)
+            train = fit(run.strategy, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
 
     train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
@@ -155,15 +157,31 @@ def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> Trai
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
 
 
+def resolved(run: LaunchConfig, run_dir: Path | None, overrides: list[str]) -> LaunchConfig:
+    """The parsed config as every part of planning reads it, resolved once: its paths absolute (absolute_paths),
+    and with init=hf:PATH its model filled from the folder but for the model keys the command's `overrides` set
+    (init_model; `run_dir`: the run's folder, None for a dry run)."""
+    run = absolute_paths(run)
+    return init_model(run, run_dir, given_model_keys(overrides))
+
+
 def absolute_paths(run: LaunchConfig) -> LaunchConfig:
     """Every path the ranks read (the data's, eval.tasks, init=hf:PATH, resume=PATH, train.compile_cache_dir), made
     absolute from where the launcher was started, once, before planning reads any: config.yaml means them in any
     process and folder."""
+    def opt(p: str | None) -> str | None:
+        return to_absolute_path(p) if p else p
+
+    data = run.data
+    sources = [dataclasses.replace(s, text_path=to_absolute_path(s.text_path), dir=to_absolute_path(s.dir),
+                                   val_path=opt(s.val_path)) for s in data.sources]
+    data = dataclasses.replace(data, text_path=to_absolute_path(data.text_path), dir=to_absolute_path(data.dir),
+                               val_path=opt(data.val_path), tokenizer_file=opt(data.tokenizer_file), sources=sources)
     tasks = [to_absolute_path(t) for t in run.eval.tasks]
     init = run.init if run.init == "none" else f"{PREFIX}{to_absolute_path(run.init.removeprefix(PREFIX))}"
     resume = run.resume if run.resume.lower() in KEYWORDS else to_absolute_path(run.resume)
     cache = run.train.compile_cache_dir and to_absolute_path(str(Path(run.train.compile_cache_dir).expanduser()))
-    return dataclasses.replace(run, data=absolute(run.data, to_absolute_path), init=init, resume=resume,
+    return dataclasses.replace(run, data=data, init=init, resume=resume,
                                eval=dataclasses.replace(run.eval, tasks=tasks),
                                train=dataclasses.replace(run.train, compile_cache_dir=cache))
 

@@ -15,7 +15,7 @@ from gpt.run_folder import RunFolder
 from helpers import SHAKESPEARE, compose, make_plan_of
 from gpt.config.schema import load
 from launch import launch_config
-from launch.planning.memory_fit import USABLE, fit
+from launch.planning.memory_fit import USABLE, Device, fit
 
 GPU_JOB = ["model=gpt2_124m", "cluster=slurm", "cluster.gpus_per_node=1", "cluster.tasks_per_node=1", "strategy=ddp",
            "train.global_batch_size=8", f"data.text_path={SHAKESPEARE}"]
@@ -51,7 +51,7 @@ def peak_gib(run, micro: int) -> float:
 @pytest.mark.parametrize("memory,chosen", [(4, 1), (9, 4), (12, 6)])
 def test_auto_picks_the_largest_divisor_of_the_per_rank_batch_that_fits_the_stated_memory(memory, chosen, tmp_path):
     run = auto_job(tmp_path, memory)
-    train = fit(run.strategy, run.model, run.train, ParallelDims(), "cuda", memory)
+    train = fit(run.strategy, run.model, run.train, ParallelDims(), Device("cuda", memory))
     assert train.micro_batch_size == chosen  # a bigger memory picks a bigger one
     assert peak_gib(run, chosen) <= USABLE * memory
     assert all(peak_gib(run, m) > USABLE * memory for m in (3, 4, 6, 12) if m > chosen)  # larger divisors do not fit
