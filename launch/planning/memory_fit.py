@@ -15,7 +15,7 @@ from gpt.config.strategy import StrategyConfig
 from gpt.config.train import TrainConfig
 from gpt.errors import ConfigError, UserError
 from gpt.parallel.layout import ParallelDims
-from gpt.parallel.memory_estimate import GIB, MemoryParts, estimate
+from gpt.parallel.memory_estimate import GIB, estimate
 from gpt.parallel.traits import traits_of
 
 log = logging.getLogger(__name__)
@@ -35,59 +35,41 @@ class Device:
 
 def fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
         device: Device) -> TrainConfig:
-    """`train` with train.micro_batch_size=auto chosen (fit_micro_batch), once its estimate is checked (check_fit)
-    against one rank's `device`, for the run's `strategy`."""
-    train, micro = fit_micro_batch(strategy, model, train, dims, device)
-    check_fit(strategy, model, train, dims, device, micro)
-    return train
-
-
-def fit_micro_batch(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
-                    device: Device) -> tuple[TrainConfig, int]:
-    """train.micro_batch_size=auto: the largest divisor of the per-rank batch whose estimate fits USABLE of the
-    device's memory, logged in one line; 1 when none does (check_fit then refuses it). Other values as they are.
-    Returns `train` so resolved and its sequences per rank per forward."""
-    if train.micro_batch_size != "auto":
-        return train, train.micro_batches(dims.dp)[0]
-    memory = device.memory_gib
-    if memory is None:
+    """`train`, its estimate checked against one rank's `device` for the run's `strategy`: refused (UserError) where
+    it exceeds USABLE of the device's memory, logged where that is not known. train.micro_batch_size=auto is chosen
+    first: the largest divisor of the per-rank batch whose estimate fits, logged in one line (none: 1, refused)."""
+    auto, memory = train.micro_batch_size == "auto", device.memory_gib
+    if auto and memory is None:
         raise ConfigError("train.micro_batch_size", "auto", "a positive integer or null: this device's memory is not "
                           "known, so auto cannot choose (or state it: cluster.gpu_memory_gb)")
     per_rank = train.per_rank_batch(dims.dp)
-    for micro in (m for m in range(per_rank, 0, -1) if per_rank % m == 0):
-        chosen = dataclasses.replace(train, micro_batch_size=micro)
+    # auto: each divisor of the per-rank batch, the largest first, down to 1; else the one asked for
+    micros = [m for m in range(per_rank, 0, -1) if per_rank % m == 0] if auto else [train.micro_batches(dims.dp)[0]]
+    for micro in micros:
+        chosen = dataclasses.replace(train, micro_batch_size=micro) if auto else train
         parts = estimate(model, chosen, strategy, dims, micro)
-        if parts.peak <= USABLE * memory * GIB:
+        if auto and parts.peak <= USABLE * memory * GIB:
             log.info("train.micro_batch_size=auto: %d of a per-rank batch of %d; each rank about %.2f GiB at its "
                      "peak (%s), within %.0f%% of the %.1f GiB of its %s (%.0f%% headroom)", micro, per_rank,
                      parts.peak / GIB, parts.describe(), USABLE * 100, memory, what_device(device),
                      (1 - USABLE) * 100)
-            return chosen, micro
-    return dataclasses.replace(train, micro_batch_size=1), 1
-
-
-def what_device(device: Device) -> str:
-    return "GPU" if device.kind == "cuda" else "CPU rank's share of its node"
-
-
-def check_fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
-              device: Device, micro: int) -> MemoryParts:
-    """The estimate of one rank's memory at `micro` sequences per forward; a ConfigError when it exceeds USABLE of
-    the device's memory."""
-    parts = estimate(model, train, strategy, dims, micro)
-    memory = device.memory_gib
+            break
     if memory is None:
         log.info("memory per rank: about %.2f GiB (%s); the device's memory is not known, so it is not checked "
                  "(state it: %s)", parts.peak / GIB, parts.describe(),
                  "cluster.gpu_memory_gb" if device.kind == "cuda" else "cluster.mem")
-        return parts
+        return chosen
     usable = USABLE * memory * GIB
     if parts.peak > usable:
         raise UserError(f"this layout does not fit: each rank needs about {parts.peak / GIB:.2f} GiB at its peak "
                         f"({parts.describe()}), more than {USABLE:.0%} of the {memory:.1f} GiB of its "
-                        f"{what_device(device)}; what "
-                        f"would fit: {'; '.join(would_fit(strategy, model, train, dims, usable)) or 'a smaller model'}")
-    return parts
+                        f"{what_device(device)}; what would fit: "
+                        f"{'; '.join(would_fit(strategy, model, chosen, dims, usable)) or 'a smaller model'}")
+    return chosen
+
+
+def what_device(device: Device) -> str:
+    return "GPU" if device.kind == "cuda" else "CPU rank's share of its node"
 
 
 def would_fit(strategy: StrategyConfig, model: ModelConfig, train: TrainConfig, dims: ParallelDims,
