@@ -21,17 +21,13 @@ from launch.rank.job_env import JobEnvironment, job_environment
 STOCK_LAUNCHER = "hydra_plugins.hydra_submitit_launcher.submitit_launcher.SlurmLauncher"
 
 
-def under_stock_launcher(hydra_cfg) -> bool:
-    """True in a task of a job the stock plugin submitted (never on the login node: it runs no task there)."""
-    return hydra_cfg.launcher["_target_"] == STOCK_LAUNCHER and "SLURM_JOB_ID" in os.environ
-
-
 class InJobBackend(Backend):
     name = "submitit_slurm"
 
     @classmethod
     def detect(cls, hydra_cfg) -> bool:
-        return under_stock_launcher(hydra_cfg)
+        """True in a task of a job the stock plugin submitted (never on the login node: it runs no task there)."""
+        return hydra_cfg.launcher["_target_"] == STOCK_LAUNCHER and "SLURM_JOB_ID" in os.environ
 
     def check(self, run):
         from launch.backends.slurm.job import first_int

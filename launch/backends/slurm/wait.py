@@ -113,11 +113,6 @@ def timeout_line(run_dir: Path, job_id: str, step: int | None) -> str:
 
 
 
-def job_states(job_ids: list[str]) -> dict[str, JobInfo]:
-    """Job id -> state and pending reason; GONE for the jobs Slurm forgot. SlurmUnavailable in an outage."""
-    return slurm_commands.job_infos(job_ids)
-
-
 def ended(info: JobInfo, members: list[Submitted]) -> str | None:
     """The state a job ended in; None while it runs. A job COMPLETING whose run finished on spares has ended
     COMPLETED (its batch script says so, launch.backends.slurm.spare_exit): Slurm only waits to hear from a node it
@@ -332,7 +327,7 @@ class Watch:
 
     def poll(self, job_ids: list[str]) -> dict[str, JobInfo]:
         try:
-            fresh = job_states(job_ids)
+            fresh = slurm_commands.job_infos(job_ids)
         except SlurmUnavailable as e:
             now = time.monotonic()
             if self.outage_since is None:

@@ -144,7 +144,7 @@ def test_only_running_jobs_and_jobs_that_just_changed_have_their_run_folders_rea
     jobs = {j: Submitted(Point(label=j, run_dir=tmp_path / j, job_name="g", resources=None), j, tmp_path)
             for j in ("1", "2", "3")}
     states = {"1": "RUNNING", "2": "PENDING", "3": "PENDING"}
-    monkeypatch.setattr(wait, "job_states", lambda ids: {j: JobInfo(j, states[j]) for j in ids})
+    monkeypatch.setattr(wait.slurm_commands, "job_infos", lambda ids: {j: JobInfo(j, states[j]) for j in ids})
     watch = Watch()
     watch.poll(list(jobs))
     assert [s.job_id for s in watch.active(jobs)] == ["1", "2", "3"]  # the first poll: every state is news
@@ -184,7 +184,7 @@ def test_a_chain_stands_where_its_link_in_flight_stands(tmp_path: Path, monkeypa
     chain = Submitted(Point(label="run", run_dir=tmp_path / "run", job_name="g", resources=None), "11", tmp_path,
                       links=("10", "11"))
     states = {"10": JobInfo("10", "RUNNING"), "11": JobInfo("11", "PENDING", reason="Dependency")}
-    monkeypatch.setattr(wait, "job_states", lambda ids: {j: states[j] for j in ids})
+    monkeypatch.setattr(wait.slurm_commands, "job_infos", lambda ids: {j: states[j] for j in ids})
     watch, pending = Watch(), {"11": chain}
     watch.poll(list(chain.job_ids))
     watch.poll(list(chain.job_ids))
