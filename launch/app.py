@@ -56,28 +56,29 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     backend = backend_for(run.cluster.name, hydra_cfg)
     launcher = launcher_section(hydra_cfg.launcher)
     run, resources = backend.check(run)
-    if launcher.detach and not backend.submits:
+    queue = backend.queue
+    if launcher.detach and queue is None:
         raise ConfigError("hydra.launcher.detach", True, f"false with cluster={backend.name}: only cluster=slurm jobs "
                           "run without the launcher")
-    if run.eval.after_save == "job" and not backend.submits:
+    if run.eval.after_save == "job" and queue is None:
         raise ConfigError("eval.after_save", "job", f"none with cluster={backend.name}: evaluation jobs are Slurm "
                           "jobs (cluster=slurm); python -m gpt.evaluate RUN --step N scores a checkpoint here")
     if run.launcher.early_stop != "none" and hydra_cfg.mode != RunMode.MULTIRUN:
         raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
                           "compares the points of a sweep (python -m launch -m ...)")
-    checked, live = None, backend.live_job(run_dir)
+    checked, live = None, queue.live_job(run_dir) if queue else None
     # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
     # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
     job = job_environment()
     if live is None and (corpus := corpus_of(run.data)) is not None:  # else planning names the corpus
         checked = check_run_folder(run, corpus, run_dir, job,
                                    lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
-    budget = run.budget if backend.submits else None
+    budget = run.budget if queue else None
     plan = make_plan(run, run_dir, backend, live)
     if live is None:  # every check passed: the folder gets its records
         if checked is not None:
             checked.record(run_dir)
-            if not backend.submits:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)
+            if queue is None:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)
                 record_job(run_dir, job)
         record_overrides(RunFolder(run_dir).hydra_overrides, list(hydra_cfg.overrides.task))
     return PlannedRun(run, plan, backend, launcher, resources, budget, checked and checked.existing, live)
@@ -93,7 +94,7 @@ def record_overrides(path: Path, overrides: list[str]) -> None:
 
 def run(cfg: DictConfig) -> Path:
     planned = plan_run(cfg)
-    plan, backend = planned.plan, planned.backend
+    plan, backend, queue = planned.plan, planned.backend, planned.backend.queue
     if planned.finished:
         longer = "" if planned.existing.stopped_early else (
             " Train it longer with a higher train.max_steps (its schedule must not change: set train.decay_steps), or "
@@ -104,12 +105,12 @@ def run(cfg: DictConfig) -> Path:
         log.info("continuing %s from step %d", plan.run_dir, planned.existing.step)
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", planned.run.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
-    if backend.submits:
-        submitted, _ = backend.submit_all([planned], plan.run_dir / backend.name)
+    if queue is not None:
+        submitted, _ = queue.submit_all([planned], plan.run_dir / backend.name)
         if planned.launcher.detach:
-            backend.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
+            queue.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
-        [outcome] = backend.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
+        [outcome] = queue.wait(submitted, planned.launcher.poll_s, planned.launcher.progress)
         if outcome.cancelled:  # said by the waiter: the user's cancel is no failure
             return plan.run_dir
         if outcome.stopped is not None:  # said by the waiter, with how to continue: not a failure, not finished

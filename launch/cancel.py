@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gpt.run_folder import RunFolder
 from gpt.errors import UserError
-from launch.backends import Backend, scheduler
+from launch.backends import Queue, scheduler
 from launch.backends.job_state import JobState, SchedulerUnavailable
 from launch.run.job_record import cancelled_by_user, request_cancel, withdraw_cancel
 from launch.run_status import SEARCH_JOB, ask_scheduler, job_ids, run_folders, sweep_job
@@ -93,7 +93,7 @@ def _unanswered(error: SchedulerUnavailable, done: str) -> int:
     return 1
 
 
-def signal_saving(jobs: Backend, run_dirs: list[Path], job_id: str, name: str) -> None:
+def signal_saving(jobs: Queue, run_dirs: list[Path], job_id: str, name: str) -> None:
     """The request first, in every run folder of the job (a rank reads it once it has saved at the signal, to stop as
     cancelled rather than requeue; a packer, not to requeue the allocation), then the signal; a signal that fails
     takes its requests back: a request no signal follows would make the job's next preemption read as the user's

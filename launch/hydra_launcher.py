@@ -23,6 +23,7 @@ from gpt.errors import EXIT_FAILED, EXIT_USER, UserError
 from gpt.run_folder import RunFolder
 from launch import hydra_errors
 from launch.app import plan_run
+from launch.backends import Queue
 from launch.planning.planned_run import PlannedRun
 from launch.planning.labels import point_labels
 
@@ -79,31 +80,31 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     _check_objective(config, planned, detached_search=launcher.search is not None)
     returns: list[JobReturn | None] = [None] * len(points)
     for n, p in enumerate(planned):  # a run again: the points that finished before say so, and run no more
-        if p.finished and p.backend.submits:
+        if p.finished and p.backend.queue:
             print(f"{p.label} {p.existing.done()}; nothing to do", flush=True)
             points[n][3].status, returns[n] = JobStatus.COMPLETED, points[n][3]
             returns[n].return_value = point_return(p)
-    jobs = [(n, p) for n, p in enumerate(planned) if p.backend.submits and not p.finished]
+    jobs = [(n, p) for n, p in enumerate(planned) if p.backend.queue and not p.finished]
 
     # 2. budget and submission of every point that is a job, before anything else runs (a job from an earlier
     # launch that still waits or runs is picked up instead)
     submitted = []
     if jobs:
-        backend = jobs[0][1].backend
+        backend, queue = jobs[0][1].backend, jobs[0][1].backend.queue
         if any(p.backend.name != backend.name for _, p in jobs):
             print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
             sys.exit(EXIT_USER)
         try:
-            submitted, snapshot = backend.submit_all([p for _, p in jobs], sweep_dir / backend.name)
+            submitted, snapshot = queue.submit_all([p for _, p in jobs], sweep_dir / backend.name)
         except UserError as e:
             print(f"error: {e}", file=sys.stderr)
             sys.exit(EXIT_USER)
         if jobs[0][1].launcher.detach:
-            return _detach(launcher, sweep_dir, submitted, jobs, points, returns, snapshot)
+            return _detach(launcher, queue, sweep_dir, submitted, jobs, points, returns, snapshot)
 
     # 3. points that run here, one after another
     for n, (idx, _, sweep_config, _) in enumerate(points):
-        if not planned[n].backend.submits:
+        if not planned[n].backend.queue:
             log.info("#%d : %s", idx, planned[n].label)
             returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
                                  job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
@@ -114,7 +115,7 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     # 4. wait for the jobs
     if submitted:
         section = jobs[0][1].launcher
-        _collect(backend.wait(submitted, section.poll_s, section.progress), jobs, points, returns,
+        _collect(queue.wait(submitted, section.poll_s, section.progress), jobs, points, returns,
                  stop=not chooses_from_results(config))
 
     # 5. the sweep's scaling report, from the run folders alone (`python -m launch.report DIR` rebuilds it)
@@ -180,21 +181,21 @@ def _collect(outcomes, jobs, points, returns, stop: bool) -> None:
         sys.exit(EXIT_FAILED)
 
 
-def _detach(launcher: Any, sweep_dir: Path, submitted, jobs, points, returns, snapshot) -> list[JobReturn]:
+def _detach(launcher: Any, queue: Queue, sweep_dir: Path, submitted, jobs, points, returns,
+            snapshot) -> list[JobReturn]:
     """Return once the scheduler accepted every job: a dependency job builds the report after them, or, for a
     detached search, goes on with the search (and builds the report after each batch)."""
     # packed points (hydra.launcher.pack) share their job: each id once
-    ids, backend = list(dict.fromkeys(s.job_id for s in submitted)), jobs[0][1].backend
+    ids = list(dict.fromkeys(s.job_id for s in submitted))
     all_ids = list(dict.fromkeys(j for s in submitted for j in s.job_ids))
     if launcher.search:
-        launcher.search_job = backend.submit_search(sweep_dir, ids, jobs[0][1].resources, snapshot, *launcher.search)
-        backend.print_follow_up(sweep_dir, all_ids)
+        launcher.search_job = queue.submit_search(sweep_dir, ids, jobs[0][1].resources, snapshot, *launcher.search)
+        queue.print_follow_up(sweep_dir, all_ids)
         print(f"search: job {launcher.search_job} goes on with the search once they have ended (its log: "
               f"{sweep_dir / 'slurm' / f'search-{launcher.search_job}.out'}); launch.cancel cancels it too",
               flush=True)
     else:
-        backend.print_follow_up(sweep_dir, all_ids, backend.submit_report(sweep_dir, ids, jobs[0][1].resources,
-                                                                          snapshot))
+        queue.print_follow_up(sweep_dir, all_ids, queue.submit_report(sweep_dir, ids, jobs[0][1].resources, snapshot))
     for (n, _), s in zip(jobs, submitted):
         ret = points[n][3]
         ret.return_value, ret.status = {"job_id": s.job_id, "run_dir": str(s.point.run_dir)}, JobStatus.COMPLETED

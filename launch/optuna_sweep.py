@@ -9,7 +9,7 @@ launched together, and told back: the objective each point's PointReturn gives (
 point whose run failed or whose objective is missing or not finite; the search goes on without it.
 
 Detached (hydra.launcher.detach=true), the command submits one batch and returns: a job of the search's own, queued
-after that batch (the backend's submit_search), runs the same command without detach, which resumes the study as
+after that batch (the queue's submit_search), runs the same command without detach, which resumes the study as
 above.
 """
 from __future__ import annotations

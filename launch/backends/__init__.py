@@ -1,9 +1,10 @@
 """Backends: how a planned point becomes processes. Each is one module (or package) behind `Backend`, named
 by `cluster.name` (configs/cluster/<name>.yaml). Kept light: a Slurm task imports this package first thing.
 
-A backend either runs a point here and waits for it (local, srun), or submits it as a job to a scheduler
-(slurm). What a new one (PBS, LSF, ...) implements is written in docs/backends.md. Code outside launch/backends/
-reaches a scheduler only through this interface, the job environment (JOB_ENVIRONMENTS) and `job_state`.
+A backend either runs a point here and waits for it (local, srun), or submits it as a job to a scheduler through
+its `Queue` (slurm). What a new one (PBS, LSF, ...) implements is written in docs/backends.md. Code outside
+launch/backends/ reaches a scheduler only through this interface, the job environment (JOB_ENVIRONMENTS) and
+`job_state`.
 """
 from __future__ import annotations
 
@@ -29,7 +30,8 @@ REGISTRY = {  # cluster.name -> "module:class"
 IN_JOB_BACKENDS = ("launch.backends.slurm.in_job:InJobBackend",)
 # Inside a rank: each scheduler's launch.rank.job_env.JobEnvironment, tried in order (detect(environ) -> bool).
 JOB_ENVIRONMENTS = ("launch.backends.slurm.job:SlurmJob",)
-# The backend whose jobs a run folder records (RUN_DIR/slurm_job.json): status, list, logs and cancel ask it.
+# The backend whose queue holds the jobs a run folder records (RUN_DIR/slurm_job.json): status, list, logs and cancel
+# ask it.
 SCHEDULER = "slurm"
 
 
@@ -52,11 +54,64 @@ class Point:
     resources: Any  # the backend's own request, from Backend.check
 
 
+class Queue:
+    """What a backend that queues jobs with a scheduler offers (`Backend.queue`), beyond what every backend does:
+    submitting a run's or sweep's jobs and following them, a detached launch's jobs, the jobs a run folder records,
+    and a rank's evaluation jobs."""
+
+    def live_job(self, run_dir: Path) -> str | None:
+        """The job an earlier launch submitted for this run folder, if it still waits or runs: the same command
+        waits for it instead of submitting again (refused when it would not go on by itself)."""
+        raise NotImplementedError
+
+    def submit_all(self, planned: list, folder: Path, out=sys.stdout) -> tuple[list, Any]:
+        """Every planned point's job, in order: picked up when live, else submitted (with the budget, the code
+        snapshot and data preparation jobs). Returns the submitted jobs and the snapshot (or None)."""
+        raise NotImplementedError
+
+    def wait(self, submitted: list, poll_s: float, progress: bool) -> list:
+        """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
+        raise NotImplementedError
+
+    def submit_report(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any) -> str:
+        """A detached sweep's report job, run once every job has ended; returns its id."""
+        raise NotImplementedError
+
+    def submit_search(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any, args: list[str],
+                      batches: int) -> str:
+        """A detached search's job (`python -m launch ARGS`), run once these jobs have ended, long enough for
+        `batches` more batches; returns its id (an earlier one's, while it waits or runs)."""
+        raise NotImplementedError
+
+    def print_follow_up(self, target: Path, job_ids: list[str], report_job: str | None = None,
+                        out=sys.stdout) -> None:
+        """What a detached launch prints: the commands that follow its jobs."""
+        raise NotImplementedError
+
+    def after_save_hook(self, run: LaunchConfig, run_dir: Path) -> Any:
+        """Rank 0's loop hook (gpt.train.hooks.LoopHook) for eval.after_save=job, or None."""
+        raise NotImplementedError
+
+    def job_state(self, job_id: str) -> JobStanding | None:
+        """Where that job stands, as the scheduler says (None: it cannot tell, and a run folder's lease goes by its
+        beat)."""
+        raise NotImplementedError
+
+    def standings(self, job_ids: list[str]) -> dict[str, JobStanding]:
+        """Every job's standing in one question to the scheduler (launch.status, list, logs, cancel); raises
+        launch.backends.job_state.SchedulerUnavailable when the scheduler cannot be asked."""
+        raise NotImplementedError
+
+    def cancel(self, job_ids: list[str], signal: str | None = None) -> None:
+        """Cancel the jobs, or send their steps `signal` (e.g. USR2) instead; raises SchedulerUnavailable."""
+        raise NotImplementedError
+
+
 class Backend:
-    """The interface. `check` runs before anything starts; then `run` (here) or `submit` + `wait` (jobs)."""
+    """The interface. `check` runs before anything starts; then `run` (here), or the jobs through `queue`."""
 
     name = "?"
-    submits = False  # True: every point is a job of a scheduler, submitted from here
+    queue: Queue | None = None  # a scheduler's: every point is one of its jobs, submitted from here
 
     def check(self, run: LaunchConfig) -> tuple[LaunchConfig, Any]:
         """Validate what can be checked without running anything, against the real cluster if there is
@@ -82,62 +137,15 @@ class Backend:
         return psutil.virtual_memory().total / 2**30 / run.cluster.tasks_per_node
 
     def run(self, plan) -> Any:
-        """Run one planned point here and return when it has finished (backends that do not submit): the job
+        """Run one planned point here and return when it has finished (backends without a queue): the job
         environment its ranks ran in (a launch.rank.job_env.JobEnvironment, their launch's id included), which the
         launcher asks how the attempt ended."""
         raise NotImplementedError
 
-    def wait(self, submitted: list, poll_s: float, progress: bool) -> list:
-        """Wait for the submitted jobs, reporting each as it ends; returns their outcomes in order."""
-        raise NotImplementedError
 
-    def live_job(self, run_dir: Path) -> str | None:
-        """The job an earlier launch submitted for this run folder, if it still waits or runs: the same command
-        waits for it instead of submitting again (refused when it would not go on by itself)."""
-        return None
-
-    def submit_all(self, planned: list, folder: Path, out=sys.stdout) -> tuple[list, Any]:
-        """Every planned point's job, in order: picked up when live, else submitted (with the budget, the code
-        snapshot and data preparation jobs). Returns the submitted jobs and the snapshot (or None)."""
-        raise NotImplementedError
-
-    def submit_report(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any) -> str:
-        """A detached sweep's report job, run once every job has ended; returns its id."""
-        raise NotImplementedError
-
-    def submit_search(self, sweep_dir: Path, job_ids: list[str], resources: Any, snapshot: Any, args: list[str],
-                      batches: int) -> str:
-        """A detached search's job (`python -m launch ARGS`), run once these jobs have ended, long enough for
-        `batches` more batches; returns its id (an earlier one's, while it waits or runs)."""
-        raise NotImplementedError
-
-    def print_follow_up(self, target: Path, job_ids: list[str], report_job: str | None = None,
-                        out=sys.stdout) -> None:
-        """What a detached launch prints: the commands that follow its jobs."""
-        raise NotImplementedError
-
-    def after_save_hook(self, run: LaunchConfig, run_dir: Path) -> Any:
-        """Rank 0's loop hook (gpt.train.hooks.LoopHook) for eval.after_save=job, or None: this backend's has none."""
-        return None
-
-    def job_state(self, job_id: str) -> JobStanding | None:
-        """Where that job stands, as this backend's scheduler says (None: it cannot tell, and a run folder's lease
-        goes by its beat)."""
-        return None
-
-    def standings(self, job_ids: list[str]) -> dict[str, JobStanding]:
-        """Every job's standing in one question to the scheduler (launch.status, list, logs, cancel); raises
-        launch.backends.job_state.SchedulerUnavailable when the scheduler cannot be asked."""
-        return {}
-
-    def cancel(self, job_ids: list[str], signal: str | None = None) -> None:
-        """Cancel the jobs, or send their steps `signal` (e.g. USR2) instead; raises SchedulerUnavailable."""
-        raise NotImplementedError
-
-
-def scheduler() -> Backend:
-    """The backend that answers for the jobs recorded in run folders."""
-    return get_backend(SCHEDULER)
+def scheduler() -> Queue:
+    """The queue that answers for the jobs recorded in run folders."""
+    return get_backend(SCHEDULER).queue
 
 
 def backend_for(name: object, hydra_cfg) -> Backend:

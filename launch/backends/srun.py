@@ -254,8 +254,3 @@ class SrunBackend(Backend):
 
     def run(self, plan) -> JobEnvironment:
         return run_srun(plan.run_dir, plan.nodes, plan.tasks_per_node)
-
-    def job_state(self, job_id: str):
-        from launch.backends.slurm.job import SlurmJob
-
-        return SlurmJob({}).job_state(job_id)

@@ -97,9 +97,9 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     if data.prepare_on == "job" and run.cluster.name == "local":
         raise ConfigError("data.prepare_on", "job", "login with cluster=local (the data is prepared here), or "
                           "cluster=slurm")
-    # a job prepares the data, before the run's, where the backend submits jobs and the data is not yet prepared the
+    # a job prepares the data, before the run's, where the backend queues jobs and the data is not yet prepared the
     # same way; under srun (sbatch slurm/multi_node.sh) the launcher already runs inside the job: it prepares here
-    prepare_job = data if data.prepare_on == "job" and backend.submits and not is_prepared(data) else None
+    prepare_job = data if data.prepare_on == "job" and backend.queue and not is_prepared(data) else None
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:

@@ -15,6 +15,7 @@ from launch.run.attempts import Attempt, BeginAttempt
 
 
 def rank_hooks(attempt: Attempt, env: DistEnv, run: LaunchConfig, run_dir: Path) -> list[LoopHook | None]:
-    after_save = get_backend(run.cluster.name).after_save_hook(run, run_dir) if env.is_main else None
+    queue = get_backend(run.cluster.name).queue
+    after_save = queue.after_save_hook(run, run_dir) if env.is_main and queue else None
     return [BeginAttempt(attempt, env.is_main, run.data.dir), DataWatch(run.data.dir, env.is_main), after_save,
             CompileRecord(run.train, run_dir)]

@@ -2,17 +2,35 @@
 node) through submitit, after every check that can be made against the cluster (sinfo) and the budget."""
 from __future__ import annotations
 
-
-from launch.backends import Backend
 from gpt.model.flops import memory_gib
+from launch.backends import Backend, Queue
 from launch.backends.slurm import commands, detached, eval_job, partitions, submit, wait
-from launch.backends.slurm.job import SlurmJob
 from launch.backends.slurm.resources import SlurmResources
+
+
+class SlurmQueue(Queue):
+    """Slurm's queue: the Slurm modules' own functions."""
+
+    live_job = staticmethod(submit.live_job)
+    submit_all = staticmethod(submit.submit_jobs)
+    wait = staticmethod(wait.wait)
+    submit_report = staticmethod(detached.submit_report_job)
+    submit_search = staticmethod(detached.submit_search_job)
+    print_follow_up = staticmethod(detached.print_follow_up)
+    after_save_hook = staticmethod(eval_job.after_save_hook)
+    job_state = staticmethod(commands.job_standing)
+
+    def standings(self, job_ids):
+        return {j: commands.standing(i) for j, i in commands.job_infos(job_ids).items()} if job_ids else {}
+
+    def cancel(self, job_ids, signal=None):
+        if job_ids:
+            commands.run("scancel", *([f"--signal={signal}"] if signal else []), *job_ids, timeout=60)
 
 
 class SlurmBackend(Backend):
     name = "slurm"
-    submits = True
+    queue = SlurmQueue()
 
     def check(self, run):
         partitions.require_slurm()
@@ -26,9 +44,6 @@ class SlurmBackend(Backend):
     def device(self, run):
         return "cuda" if run.cluster.node_gpus > 0 else "cpu"  # the GPUs it asks for, whatever this node has
 
-    def job_state(self, job_id: str):
-        return SlurmJob({}).job_state(job_id)
-
     def device_memory_gib(self, run, device):
         """A GPU's by the type the job asks for (--gres=gpu:a100:4, --constraint=a100); on CPU nodes each rank's
         share of --mem (--mem=0: of the node's whole memory, as sinfo tells it). None when the job names neither."""
@@ -41,19 +56,3 @@ class SlurmBackend(Backend):
         if mem == 0:  # Slurm's --mem=0: all of each node's memory, not none
             mem = partitions.node_mem_mb(cluster, partitions.read_partitions())
         return mem / 1024 / cluster.tasks_per_node if mem else None
-
-    def standings(self, job_ids):
-        return {j: commands.standing(i) for j, i in commands.job_infos(job_ids).items()} if job_ids else {}
-
-    def cancel(self, job_ids, signal=None):
-        if job_ids:
-            commands.run("scancel", *([f"--signal={signal}"] if signal else []), *job_ids, timeout=60)
-
-    # the interface's submitting half is the Slurm modules' own functions
-    live_job = staticmethod(submit.live_job)
-    submit_all = staticmethod(submit.submit_jobs)
-    submit_report = staticmethod(detached.submit_report_job)
-    submit_search = staticmethod(detached.submit_search_job)
-    print_follow_up = staticmethod(detached.print_follow_up)
-    after_save_hook = staticmethod(eval_job.after_save_hook)
-    wait = staticmethod(wait.wait)

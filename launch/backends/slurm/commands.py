@@ -207,6 +207,16 @@ def standing(info: JobInfo) -> JobStanding:
                        theirs=state.live and not info.mine)
 
 
+def job_standing(job_id: str) -> JobStanding | None:
+    """Where one job stands, from scontrol, or accounting once scontrol has forgotten it; None when Slurm cannot
+    be asked (a run folder's lease then goes by its beat)."""
+    try:
+        info = scontrol_job(job_id) or JobInfo(job_id, sacct_state(job_id) or GONE)
+    except SlurmUnavailable:
+        return None
+    return standing(info)
+
+
 def scontrol_job(job_id: str) -> JobInfo | None:
     """None when Slurm does not know the job (any more); SlurmUnavailable when it cannot be asked."""
     try:

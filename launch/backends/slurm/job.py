@@ -5,7 +5,6 @@ import contextlib
 import time
 from collections.abc import Mapping
 
-from launch.backends.job_state import JobStanding
 from launch.backends.slurm import chain, commands
 from launch.backends.slurm.commands import SlurmUnavailable
 from launch.backends.slurm.preemptor import preempted_after, preempting
@@ -110,13 +109,7 @@ class SlurmJob(JobEnvironment):
             return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
         return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
 
-    def job_state(self, job_id: str) -> JobStanding | None:
-        try:
-            info = commands.scontrol_job(job_id)
-        except SlurmUnavailable:
-            return None
-        info = info or commands.JobInfo(job_id, commands.sacct_state(job_id) or commands.GONE)
-        return commands.standing(info)
+    job_state = staticmethod(commands.job_standing)
 
     def lost_nodes(self) -> str:
         """Down, failed or not responding by sinfo, or taken out of this job by Slurm (its NodeList drops them)."""
