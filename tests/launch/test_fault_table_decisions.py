@@ -218,3 +218,77 @@ def test_a_point_of_a_sweeps_job_array_that_hangs_or_loses_a_node_requeues_its_o
     assert got.next is Next.REQUEUE and got.note.startswith("requeued job 11_1 (restart 1 of at most 5)"), got
     told = [c for c in asked if c[0] == "scontrol" and c[1] in ("update", "requeue")]
     assert told == [["scontrol", "requeue", "11_1"], *update], asked  # the exclusion once it no longer runs
+
+
+class Trials:
+    """The launcher under the Optuna sweeper: each trial's run ends as `ends` says, by recovery's own decision
+    (`recover`, which writes the attempt's line the sweeper then reads), and comes back as the launcher returns it."""
+
+    def __init__(self, sweep, monkeypatch, ends):
+        self.sweep, self.monkeypatch, self.ends, self.launched = sweep, monkeypatch, ends, []
+
+    def launch(self, job_overrides, initial_job_idx):
+        from hydra.core.utils import JobReturn, JobStatus
+
+        from launch.hydra_launcher import PointReturn
+
+        returns = []
+        for n, overrides in enumerate(job_overrides, initial_job_idx):
+            self.launched.append(n)
+            run_dir = self.sweep / f"trial={n},{overrides[0]}"
+            run_dir.mkdir(parents=True, exist_ok=True)
+            how = self.ends[n] if n < len(self.ends) else "finished"
+            ret = JobReturn(overrides=list(overrides), status=JobStatus.COMPLETED)
+            summary = {"val_loss": 1.0 + n} if how == "finished" else {}
+            if how == "cancelled":  # scancel or launch.cancel of the trial's job
+                recover(Ending(run_dir, JobEnvironment({}), Cause.CANCELLED, "cancelled by the user", 5,
+                               record={"first_step": 0, "last_step": 7}))
+            elif how == "preempted, cancelled":  # Slurm's PreemptMode=CANCEL
+                from launch.backends.slurm.job import SlurmJob
+                from launch.rank.job_env import Preemption
+
+                self.monkeypatch.setattr(SlurmJob, "preemption", lambda self: Preemption(CANCELS, False))
+                recover(Ending(run_dir, SlurmJob({"SLURM_JOB_ID": str(20 + n)}), Cause.PREEMPTED, CANCELS, 5,
+                               record={"first_step": 0, "last_step": 7, "preempted_by": CANCELS}))
+                ret.status = JobStatus.FAILED  # the waiter's: the job ended without its result
+            ret.return_value = PointReturn({"run_dir": str(run_dir), "job_id": str(20 + n), "summary": summary},
+                                           "val_loss")
+            returns.append(ret)
+        return returns
+
+
+@pytest.mark.parametrize("how, code", [("cancelled", 0), ("preempted, cancelled", 1)])
+def test_an_optuna_trial_cancelled_or_stopped_by_a_preemption_is_left_running_and_the_same_command_continues_it(
+        tmp_path, monkeypatch, capsys, how, code):
+    """A trial is a point of gptlaunch's launcher (one job, or a packed allocation's step): its run ends by recovery's
+    decision, as any point's. Cancelled by the user, or stopped by a preemption that cancels, it did not fail: the
+    study keeps it running and asks nothing more, the search ends as a single run would (exit 0, 1), and the same
+    command launches it again first with its number (its run then resumes from its checkpoint)."""
+    import sqlite3
+
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    from hydra_plugins.gptlaunch_optuna.gptlaunch_optuna import Direction, OptunaSweeper, TPESamplerConf
+
+    sweep = tmp_path / "sweep"
+
+    def search(ends):
+        launcher = Trials(sweep, monkeypatch, ends)
+        sweeper = OptunaSweeper(sampler=instantiate(OmegaConf.structured(TPESamplerConf(seed=0))),
+                                direction=Direction.minimize, storage=None, study_name=None, n_trials=4, n_jobs=2,
+                                params={"train.lr": "choice(0.01,0.1)"})
+        sweeper.config, sweeper.launcher = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}}), launcher
+        sweeper.sweep(["model=tiny"])
+        return launcher
+
+    with pytest.raises(SystemExit) as stop:
+        search(["finished", how])
+    assert stop.value.code == code
+    err = capsys.readouterr().err
+    assert "optuna: trial 1 " in err and "left running in the study; the same command continues it" in err, err
+    assert "failed" not in err, err
+    with sqlite3.connect(sweep / "optuna.db") as db:
+        assert db.execute("SELECT number, state FROM trials ORDER BY number").fetchall() == [(0, "COMPLETE"),
+                                                                                           (1, "RUNNING")]
+    assert search([]).launched == [1, 2, 3]  # the same command: trial 1 first, then the rest of the search
