@@ -236,8 +236,9 @@ do_down() {
   stop_pids munged "$(pidof_file "$MUNGE_DIR/munged.pid")"
   for ns in $(our_namespaces); do ip netns delete "$ns" 2>/dev/null || true; done
   # proctrack/cgroup's folders, deepest first (a cgroup goes once its processes have)
-  find "$HOST_FREEZER" -maxdepth 1 -name "$CLUSTER_NAME-$NS_PREFIX*" -print0 2>/dev/null |
-    xargs -0 -r -I{} find {} -depth -type d -exec rmdir {} + 2>/dev/null || true
+  for f in "$HOST_FREEZER/$CLUSTER_NAME-$NS_PREFIX"*; do
+    [ -d "$f" ] && find "$f" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
   for link in $(our_links); do ip link delete "$link" 2>/dev/null || true; done
   fw_close
   rm -rf "$MUNGE_DIR" "$CDIR/run" "$STATE_FILE"
