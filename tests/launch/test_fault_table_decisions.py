@@ -292,3 +292,62 @@ def test_an_optuna_trial_cancelled_or_stopped_by_a_preemption_is_left_running_an
         assert db.execute("SELECT number, state FROM trials ORDER BY number").fetchall() == [(0, "COMPLETE"),
                                                                                            (1, "RUNNING")]
     assert search([]).launched == [1, 2, 3]  # the same command: trial 1 first, then the rest of the search
+
+
+def packed_points(tmp_path, n: int = 2) -> list:
+    from gpt.config import schema
+    from helpers import compose
+    from launch import launch_config
+
+    config = launch_config.parse(compose("preemption.max_restarts=3"))
+    dirs = [tmp_path / f"seed={s}" for s in range(n)]
+    for d in dirs:
+        d.mkdir()
+        schema.save(config, RunFolder(d).config)
+    return dirs
+
+
+def allocation_slurm(asked: list[list[str]]):
+    """Slurm as job 7, a one-node packed allocation that runs, answers: every command is recorded."""
+    def run(cmd, **kw):
+        asked.append(cmd)
+        out = ("JobId=7 JobState=RUNNING Reason=None Restarts=0 NodeList=n1 NumNodes=1 Partition=debug\n"
+               if cmd[:3] == ["scontrol", "-o", "show"] else "")
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    return run
+
+
+@pytest.mark.parametrize("cause, ended", [(Cause.LOST_RANK, "rank 0 on n1 was killed by SIGKILL"),
+                                          (Cause.HANG, "hang")], ids=["lost rank", "hang"])
+def test_a_packed_point_that_loses_a_rank_or_hangs_requeues_its_allocation_once_its_step_has_ended(
+        tmp_path, monkeypatch, capsys, cause, ended):
+    """The point's rank decides as any rank does (recovery's `recover`): a requeue, which for a packed point is its
+    allocation's, so its rank does not wait to be stopped (no one would stop it) and its step ends. The packer reads
+    that decision from the point's line, starts no waiting point, and requeues the allocation once (recovery's
+    `recover_allocation`); the point resumes in the requeued allocation. It is not a failed point."""
+    import signal
+
+    from launch.backends.slurm import pack_task
+    from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+
+    hung, waiting = packed_points(tmp_path)
+    asked: list[list[str]] = []
+    monkeypatch.setattr(commands.subprocess, "run", allocation_slurm(asked))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    rank_job = SlurmJob({"SLURM_JOB_ID": "7", PACKED_VAR: "1"})
+    got = recover(Ending(hung, rank_job, cause, ended, 3, record={"first_step": 0, "last_step": 4}, began=0))
+    assert (got.next, got.note) == (Next.REQUEUE, "job 7 (packed) requeues once every running point of it has saved")
+    assert not got.ends_attempt(rank_job) and ["scontrol", "requeue", "7"] not in asked  # the rank exits at once
+    failed_step = [sys.executable, "-c", "raise SystemExit(1)"]  # the rank's task after that decision
+    monkeypatch.setattr(pack_task, "step_command", lambda d, share_mb=None: (failed_step, {}))
+    monkeypatch.setattr(pack_task, "REQUEUE_WAIT_S", 0.0)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        results = pack_task.PackTask((str(hung), str(waiting)), slots=1)()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+    out, err = capsys.readouterr()
+    assert results == {} and out.count("point ") == 1, (results, out)  # the waiting point never started
+    assert err == "packed job: requeued job 7 (restart 1 of at most 3)\n", err
+    assert [c for c in asked if c[:2] == ["scontrol", "requeue"]] == [["scontrol", "requeue", "7"]]

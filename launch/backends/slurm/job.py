@@ -159,6 +159,11 @@ class SlurmJob(JobEnvironment):
         said = self._preempted[1]
         return Preemption(said, "PreemptMode=CANCEL" not in said)
 
+    @property
+    def requeue_ends_attempt(self) -> bool:
+        """A packed point's requeue is its allocation's, asked by the packer once this point's step has ended."""
+        return not self.environ.get(PACKED_VAR)
+
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it runs (RUNNING, or SIGNALING in a preemption's
         grace time). Only a grown restart count or a REQUEUED state means requeued: a COMPLETING job is as likely

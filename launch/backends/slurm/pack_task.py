@@ -147,8 +147,8 @@ class PackTask:
             for d, child in list(running.items()):
                 if (code := child.poll()) is not None:
                     del running[d]
-                    stopped = not finished(d) and (code == 0 or preempted_as_it_started(d))
-                    unfinished |= stopped  # saved and asked for the requeue, or never started
+                    stopped = not finished(d) and (code == 0 or asked_requeue(d) or preempted_as_it_started(d))
+                    unfinished |= stopped  # saved and asked for the requeue, lost a rank or hung, or never started
                     if not stopped:
                         results[str(d)] = outcome(d, code)
         if relay.received or unfinished:
@@ -156,11 +156,24 @@ class PackTask:
         return results
 
 
+def allocation_job() -> SlurmJob:
+    """The allocation's job, as the packer sees it (a point's rank leaves the requeue to it)."""
+    return SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+
+
+def asked_requeue(run_dir: Path) -> bool:
+    """The point's rank lost a rank or hung, and recovery decided on a requeue, which for a packed point is its
+    allocation's (its step failed, as a rank's does that is not stopped by Slurm): it runs again in the requeued
+    allocation, from its checkpoint."""
+    line = this_attempts_line(run_dir, allocation_job())
+    return line is not None and line.next is Next.REQUEUE
+
+
 def preempted_as_it_started(run_dir: Path) -> bool:
     """The point's step failed while Slurm preempts the allocation, and its rank recorded no attempt: it was killed
     as it started (a site's task prolog, the shell before its trap), as launch.backends.slurm.start_preempted finds
     for a job of its own. It runs again in the requeued allocation."""
-    job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+    job = allocation_job()
     return job.preemption() is not None and this_attempts_line(run_dir, job) is None
 
 
@@ -169,7 +182,7 @@ def ended_early(run_dirs: list[Path]) -> None:
     for as it decides)."""
     from launch.recovery.packed import recover_allocation
 
-    outcome = recover_allocation(run_dirs, SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR}))
+    outcome = recover_allocation(run_dirs, allocation_job())
     if outcome is None:
         return  # the batch step decided (this task was killed as it started, and ran again)
     print(f"packed job: {outcome.note}", file=sys.stderr, flush=True)
