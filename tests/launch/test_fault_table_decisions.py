@@ -317,6 +317,23 @@ def allocation_slurm(asked: list[list[str]]):
     return run
 
 
+def run_packer(monkeypatch, dirs, code: int) -> dict:
+    """The packer's task, its points' steps ending with `code` as each rank's task did after its decision."""
+    import signal
+
+    from launch.backends.slurm import pack_task
+
+    step = [sys.executable, "-c", f"raise SystemExit({code})"]
+    monkeypatch.setattr(pack_task, "step_command", lambda d, share_mb=None: (step, {}))
+    monkeypatch.setattr(pack_task, "REQUEUE_WAIT_S", 0.0)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
+    try:
+        return pack_task.PackTask(tuple(map(str, dirs)), slots=1)()
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
 @pytest.mark.parametrize("cause, ended", [(Cause.LOST_RANK, "rank 0 on n1 was killed by SIGKILL"),
                                           (Cause.HANG, "hang")], ids=["lost rank", "hang"])
 def test_a_packed_point_that_loses_a_rank_or_hangs_requeues_its_allocation_once_its_step_has_ended(
@@ -325,9 +342,6 @@ def test_a_packed_point_that_loses_a_rank_or_hangs_requeues_its_allocation_once_
     allocation's, so its rank does not wait to be stopped (no one would stop it) and its step ends. The packer reads
     that decision from the point's line, starts no waiting point, and requeues the allocation once (recovery's
     `recover_allocation`); the point resumes in the requeued allocation. It is not a failed point."""
-    import signal
-
-    from launch.backends.slurm import pack_task
     from launch.backends.slurm.job import PACKED_VAR, SlurmJob
 
     hung, waiting = packed_points(tmp_path)
@@ -338,16 +352,60 @@ def test_a_packed_point_that_loses_a_rank_or_hangs_requeues_its_allocation_once_
     got = recover(Ending(hung, rank_job, cause, ended, 3, record={"first_step": 0, "last_step": 4}, began=0))
     assert (got.next, got.note) == (Next.REQUEUE, "job 7 (packed) requeues once every running point of it has saved")
     assert not got.ends_attempt(rank_job) and ["scontrol", "requeue", "7"] not in asked  # the rank exits at once
-    failed_step = [sys.executable, "-c", "raise SystemExit(1)"]  # the rank's task after that decision
-    monkeypatch.setattr(pack_task, "step_command", lambda d, share_mb=None: (failed_step, {}))
-    monkeypatch.setattr(pack_task, "REQUEUE_WAIT_S", 0.0)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
-    try:
-        results = pack_task.PackTask((str(hung), str(waiting)), slots=1)()
-    finally:
-        for s, h in handlers.items():
-            signal.signal(s, h)
+    capsys.readouterr()  # the rank's own line, logged
+    results = run_packer(monkeypatch, [hung, waiting], 1)  # the rank's task fails after that decision
     out, err = capsys.readouterr()
     assert results == {} and out.count("point ") == 1, (results, out)  # the waiting point never started
     assert err == "packed job: requeued job 7 (restart 1 of at most 3)\n", err
     assert [c for c in asked if c[:2] == ["scontrol", "requeue"]] == [["scontrol", "requeue", "7"]]
+
+
+def test_a_packed_allocation_preempted_under_cancel_stops_says_so_per_point_and_exits_1(tmp_path, monkeypatch,
+                                                                                        capsys):
+    """The running point's rank saves and records the site's preemption, not requeued (recovery's `recover`); its step
+    ends EXIT_PREEMPTED. The packer starts no waiting point and decides once for the allocation (`recover_allocation`):
+    not requeued, the same command continues its points. The waiter says of the point how it ended and how to go on,
+    not that it failed; the sweep exits 1, as a single run stopped so."""
+    import pickle
+
+    from hydra.core.utils import JobReturn
+
+    from gpt.errors import EXIT_PREEMPTED
+    from launch.hydra_launcher import _collect
+    from launch.backends import Point
+    from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.wait import collect, print_outcome
+    from launch.rank.job_env import Preemption
+
+    stopped, waiting = packed_points(tmp_path)
+    asked: list[list[str]] = []
+    monkeypatch.setattr(commands.subprocess, "run", allocation_slurm(asked))
+    monkeypatch.setattr(SlurmJob, "preemption", lambda self: Preemption(CANCELS, False))
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    got = recover(Ending(stopped, SlurmJob({"SLURM_JOB_ID": "7", PACKED_VAR: "1"}), Cause.PREEMPTED, CANCELS, 3,
+                         record={"first_step": 0, "last_step": 7, "preempted_by": CANCELS}))
+    assert got.next is Next.STOP and got.note.startswith("not requeued: Slurm's preemption cancels job 7; "), got
+    results = run_packer(monkeypatch, [stopped, waiting], EXIT_PREEMPTED)
+    out, err = capsys.readouterr()
+    note = (f"{CANCELS}; not requeued: Slurm's preemption cancels job 7; the same command continues its 2 point(s), "
+            "each from its newest checkpoint")
+    assert results == {str(waiting): {"unstarted": note}} and out.count("point ") == 1, (results, out)  # not started
+    assert err == f"packed job: {note}\n", err
+    assert not [c for c in asked if c[:2] == ["scontrol", "requeue"]]
+    one_rank = SimpleNamespace(nodes=1, world_size=1)
+    jobs = [Submitted(Point(d.name, d, "gptlaunch", one_rank), "7", tmp_path, packed=True) for d in (stopped, waiting)]
+    jobs[0].paths(0).result_pickle.parent.mkdir(parents=True, exist_ok=True)
+    jobs[0].paths(0).result_pickle.write_bytes(pickle.dumps(("success", results)))
+    outcomes = [collect(s, "PREEMPTED", grace_s=0) for s in jobs]
+    for o in outcomes:
+        print_outcome(o, sys.stdout)
+    out, err = capsys.readouterr()
+    assert out == (f"job 7 (seed=0) {CANCELS}: {got.note}\n"
+                   f"job 7 (seed=1) did not start: {note}\n") and err == "", (out, err)
+    planned = [SimpleNamespace(plan=SimpleNamespace(run_dir=d), run=SimpleNamespace(launcher=SimpleNamespace(
+        objective="val_loss"))) for d in (stopped, waiting)]
+    with pytest.raises(SystemExit) as stop:
+        _collect(outcomes, list(enumerate(planned)), [(n, [], None, JobReturn()) for n in range(2)], [None, None],
+                 stop=True)
+    assert stop.value.code == 1 and capsys.readouterr().err == ""  # no job said to have failed

@@ -37,6 +37,7 @@ class JobOutcome:
     state: str
     results: list[Any] = field(default_factory=list)  # per task, when every task succeeded
     errors: list[str] = field(default_factory=list)
+    unstarted: str = ""  # a packed point its allocation stopped before it started: the allocation's decision
 
     @property
     def ok(self) -> bool:
@@ -55,6 +56,8 @@ class JobOutcome:
         if self.ok or self.cancelled:
             return None
         s = self.submitted
+        if self.unstarted:
+            return AttemptLine(job_id=s.job_id, ended="did not start", note=self.unstarted)
         try:
             mine = [a for a in RunFolder(s.point.run_dir).attempts.read() if a.job_id == s.job_id]
         except OSError:
@@ -181,8 +184,8 @@ def collect_packed(outcome: JobOutcome, grace_s: float) -> JobOutcome:
     else:
         failed = {"error": _exception_line(str(value), s, 0)}
         entry = value.get(str(s.point.run_dir), {}) if kind == "success" else failed
-        outcome.results = entry.get("results", [])
-        if "error" in entry or not outcome.results:
+        outcome.results, outcome.unstarted = entry.get("results", []), entry.get("unstarted", "")
+        if "error" in entry or not (outcome.results or outcome.unstarted):
             outcome.errors.append(entry.get("error", "its step did not finish (the packed job's log says why)"))
     if outcome.state == GONE and not outcome.errors:
         outcome.state = "COMPLETED"
