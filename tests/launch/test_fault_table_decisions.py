@@ -390,7 +390,8 @@ def test_a_packed_allocation_preempted_under_cancel_stops_says_so_per_point_and_
     out, err = capsys.readouterr()
     note = (f"{CANCELS}; not requeued: Slurm's preemption cancels job 7; the same command continues its 2 point(s), "
             "each from its newest checkpoint")
-    assert results == {str(waiting): {"unstarted": note}} and out.count("point ") == 1, (results, out)  # not started
+    assert results == {str(d): {"stopped": note} for d in (stopped, waiting)} and out.count("point ") == 1, (
+        results, out)  # the waiting point never started
     assert err == f"packed job: {note}\n", err
     assert not [c for c in asked if c[:2] == ["scontrol", "requeue"]]
     one_rank = SimpleNamespace(nodes=1, world_size=1)
@@ -409,3 +410,119 @@ def test_a_packed_allocation_preempted_under_cancel_stops_says_so_per_point_and_
         _collect(outcomes, list(enumerate(planned)), [(n, [], None, JobReturn()) for n in range(2)], [None, None],
                  stop=True)
     assert stop.value.code == 1 and capsys.readouterr().err == ""  # no job said to have failed
+
+
+@pytest.mark.parametrize("before, said", [
+    ([], None),  # the first hang: its rank requeued the job (the line says so), the launcher leaves the rest to Slurm
+    ([{"job_id": "42", "restart": 0, "ended": "hang", "first_step": 0, "last_step": 0}],
+     "hang; not requeued: the attempt before hung too, and no checkpoint newer than the start was saved since")],
+    ids=["first", "again"])
+def test_a_multi_node_sh_job_that_hangs_is_requeued_or_stops_with_recoverys_line(tmp_path, monkeypatch, before, said):
+    """Under sbatch slurm/multi_node.sh the ranks' watchdog decides as under cluster=slurm (recovery's `recover`,
+    bounded by progress); the launcher inside the job reads the attempt's line: requeued, it leaves the job to Slurm;
+    hung again without a newer checkpoint, it fails with that line once (exit 1, `error: srun exited with code 1:
+    hang; not requeued: ...; the same command continues the run ...`). srun is stood in for: its ranks' decision is
+    the real one."""
+    from launch.backends import srun
+    from launch.backends.slurm.job import SlurmJob
+    from launch.rank.job_env import LAUNCH_VAR
+    from launch.run.attempts import requeued
+
+    monkeypatch.setenv("SLURM_JOB_ID", "42")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", str(len(before)))
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n1")
+    packed_points(tmp_path, 1)
+    run_dir = tmp_path / "seed=0"
+    (run_dir / "attempts.jsonl").write_text("".join(json.dumps(b) + "\n" for b in before))
+    monkeypatch.setattr(commands.subprocess, "run", allocation_slurm([]))
+
+    class Srun:
+        """Its ranks hung: the watchdog's rank decided (the real decision), and the tasks exited 1."""
+
+        def __init__(self, cmd, env, **kwargs):
+            job = SlurmJob({**env, "SLURM_JOB_ID": "42", LAUNCH_VAR: env[LAUNCH_VAR]})
+            recover(Ending(run_dir, job, Cause.HANG, "hang", 3, record={"first_step": 0, "last_step": 0}, began=0))
+            self.pid = 0
+
+        def wait(self, timeout=None):
+            return 1
+
+        def poll(self):
+            return 1
+
+    monkeypatch.setattr(srun.subprocess, "Popen", Srun)
+    if said is None:
+        job = srun.run_srun(run_dir, 1, 1)
+        assert requeued(run_dir, job)
+        return
+    with pytest.raises(srun.SrunFailed) as failed:
+        srun.run_srun(run_dir, 1, 1)
+    assert str(failed.value).startswith(f"srun exited with code 1: {said} (a fault that repeats would repeat on "
+                                        "every restart); the same command continues the run from the start"), failed
+
+
+def test_a_multi_node_sh_job_during_a_slurm_outage_is_unknown_to_status_and_cancel_cancels_nothing(tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """A job of sbatch slurm/multi_node.sh runs without a launcher outside it; the run folder knows it only by the
+    job its ranks recorded (job.json). During an outage launch.status says UNKNOWN (exit 4), not failed, and
+    launch.cancel cancels and signals nothing (exit 1): no answer is not "no job"."""
+    import io
+
+    from launch.backends.slurm.job import SlurmJob
+    from launch.cancel import cancel
+    from launch.run.job_record import record_job
+    from launch.status import status
+
+    packed_points(tmp_path, 1)
+    run_dir = tmp_path / "seed=0"
+    (run_dir / "run.json").write_text("{}")
+    record_job(run_dir, SlurmJob({"SLURM_JOB_ID": "5"}))  # as the launcher inside the job records it
+    asked: list[str] = []
+    monkeypatch.setattr(commands.subprocess, "run", slurm({}, asked))
+    out = io.StringIO()
+    assert status(run_dir, out) == EXIT_UNKNOWN
+    assert "job 5 UNKNOWN (Slurm does not answer: " in out.getvalue() and "failed" not in out.getvalue(), out.getvalue()
+    assert cancel(run_dir, wait_s=0) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: Slurm does not answer (") and err.count("\n") == 1, err
+    assert "scancel" not in asked and not (run_dir / "cancel.json").exists()
+
+
+def test_a_packed_allocation_whose_requeue_slurm_does_not_answer_stops_and_fails_no_point(tmp_path, monkeypatch,
+                                                                                         capsys):
+    """During an outage a packed point trains on (its steps need no Slurm), and the waiter keeps its job; a point
+    that loses a rank then is decided as any (a requeue, its allocation's), and the packer's one decision asks Slurm
+    for it, tried again while Slurm fails, then stops saying so. The waiter says of each point how it ended (or that it
+    did not start) and that line; no point is said to have failed, and the same command continues them."""
+    import pickle
+
+    from launch.backends import Point
+    from launch.backends.slurm import job as slurm_job
+    from launch.backends.slurm.job import PACKED_VAR, SlurmJob
+    from launch.backends.slurm.submitted import Submitted
+    from launch.backends.slurm.wait import collect, print_outcome
+
+    lost, waiting = packed_points(tmp_path)
+    asked: list[str] = []
+    monkeypatch.setattr(commands.subprocess, "run", slurm({}, asked))
+    monkeypatch.setattr(slurm_job, "REQUEUE_BACKOFF_S", 0.0)
+    monkeypatch.setenv("SLURM_JOB_ID", "7")
+    ended = "rank 0 on n1 was killed by SIGKILL"
+    got = recover(Ending(lost, SlurmJob({"SLURM_JOB_ID": "7", PACKED_VAR: "1"}), Cause.LOST_RANK, ended, 3,
+                         record={"first_step": 0, "last_step": 4}, began=0))
+    assert got.next is Next.REQUEUE and "scancel" not in asked, got
+    capsys.readouterr()
+    results = run_packer(monkeypatch, [lost, waiting], 1)
+    err = capsys.readouterr().err
+    note = results[str(lost)]["stopped"]
+    assert note.startswith("scontrol requeue 7 failed (") and note.endswith("submit the same command again to resume")
+    assert results == {str(d): {"stopped": note} for d in (lost, waiting)} and err == f"packed job: {note}\n", err
+    one_rank = SimpleNamespace(nodes=1, world_size=1)
+    jobs = [Submitted(Point(d.name, d, "gptlaunch", one_rank), "7", tmp_path, packed=True) for d in (lost, waiting)]
+    jobs[0].paths(0).result_pickle.parent.mkdir(parents=True, exist_ok=True)
+    jobs[0].paths(0).result_pickle.write_bytes(pickle.dumps(("success", results)))
+    for o in [collect(s, "COMPLETED", grace_s=0) for s in jobs]:
+        assert o.stopped is not None, o
+        print_outcome(o, sys.stdout)
+    out, err = capsys.readouterr()
+    assert out == f"job 7 (seed=0) {ended}: {note}\njob 7 (seed=1) did not start: {note}\n" and err == "", (out, err)

@@ -159,7 +159,7 @@ class PackTask:
         if relay.received or unfinished:
             decided = ended_early(dirs)
             if decided is not None and decided.next is Next.STOP:  # the same command runs them: none failed
-                results.update({str(d): {"unstarted": decided.note} for d in waiting})
+                results.update({str(d): {"stopped": decided.note} for d in dirs if str(d) not in results})
         return results
 
 
