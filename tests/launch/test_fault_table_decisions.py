@@ -92,13 +92,16 @@ def test_a_links_hand_over_during_a_slurm_outage_trusts_the_run_folders_record(t
     assert next_link(tmp_path, "7") == "8" and next_link(tmp_path, "9") is None
 
 
+@pytest.mark.parametrize("chain", [[], ["cluster.chain=3"]], ids=["one job", "a chain"])
 @pytest.mark.parametrize("answers, unanswered", [({"sinfo": "debug*|4|8|16000|(null)|8:00:00|up\n"}, "squeue"),
                                                  ({}, "sinfo")])
 def test_a_slurm_launch_during_an_outage_says_slurm_does_not_answer_and_submits_nothing(tmp_path, monkeypatch,
-                                                                                        capsys, answers, unanswered):
+                                                                                        capsys, answers, unanswered,
+                                                                                        chain):
     """cluster=slurm asks whether the job its folder records still waits or runs: no answer is not "no job" (the
     same command would submit a second job of the run), so it stops in one line, exit 4 as launch.status's unknown.
-    An unanswered sinfo (the partitions' check, first) is the same outage, not a user's error."""
+    An unanswered sinfo (the partitions' check, first) is the same outage, not a user's error. A chain's launch
+    likewise submits none of its links."""
     from launch import app
     from launch.backends.slurm import partitions
 
@@ -106,7 +109,7 @@ def test_a_slurm_launch_during_an_outage_says_slurm_does_not_answer_and_submits_
     monkeypatch.setattr(commands.subprocess, "run", slurm(answers, asked))
     monkeypatch.setattr(partitions, "require_slurm", lambda: None)
     partitions._sinfo.cache_clear()  # one sinfo per PATH: this test's own answer
-    monkeypatch.setattr(sys, "argv", ["launch", "cluster=slurm", "model=tiny", f"hydra.run.dir={run_dir}"])
+    monkeypatch.setattr(sys, "argv", ["launch", "cluster=slurm", "model=tiny", *chain, f"hydra.run.dir={run_dir}"])
     with pytest.raises(SystemExit) as stop:
         app.main()
     partitions._sinfo.cache_clear()
@@ -526,3 +529,36 @@ def test_a_packed_allocation_whose_requeue_slurm_does_not_answer_stops_and_fails
         print_outcome(o, sys.stdout)
     out, err = capsys.readouterr()
     assert out == f"job 7 (seed=0) {ended}: {note}\njob 7 (seed=1) did not start: {note}\n" and err == "", (out, err)
+
+
+@pytest.mark.parametrize("ending, queued, then", [
+    ("8", "8|RUNNING|None\n9|PENDING|Dependency\n", Next.NEXT_LINK),  # link 8, requeued by Slurm, ran first
+    ("9", "8|PENDING|Dependency\n9|RUNNING|None\n", Next.REQUEUE)], ids=["requeued link first", "next link first"])
+def test_a_chain_link_slurm_requeued_after_its_node_failed_and_the_next_link_both_continue_the_run(
+        tmp_path, monkeypatch, ending, queued, then):
+    """Link 8's node failed and Slurm requeued it: it and link 9 wait on --dependency=singleton, and either may start
+    first. Whichever does resumes from the newest checkpoint and, at its time limit's warning, hands the run to a
+    later link still queued, else (the last link) requeues itself: recovery's one decision, so the run goes on in
+    either order and no link runs beside another."""
+    from launch.backends.slurm.job import SlurmJob
+
+    (tmp_path / "slurm_job.json").write_text(json.dumps({"job_id": "9", "chain": ["7", "8", "9"]}))
+    asked: list[list[str]] = []
+
+    def run(cmd, **kw):
+        asked.append(cmd)
+        out = (queued if cmd[0] == "squeue" else
+               f"JobId={ending} JobState=RUNNING Reason=None Restarts=0 NodeList=n1 NumNodes=1 Partition=debug\n"
+               if cmd[:3] == ["scontrol", "-o", "show"] else "")
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+    monkeypatch.setattr(commands.subprocess, "run", run)
+    job = SlurmJob({"SLURM_JOB_ID": ending, "SLURM_RESTART_COUNT": "1" if ending == "8" else "0"})
+    got = recover(Ending(tmp_path, job, Cause.PREEMPTED, "preempted:SIGUSR2", 5,
+                         record={"first_step": 0, "last_step": 40}))
+    assert got.next is then, got
+    requeues = [c for c in asked if c[:2] == ["scontrol", "requeue"]]
+    if then is Next.NEXT_LINK:
+        assert got.note == "ends here: job 9, the chain's next link, continues the run" and requeues == []
+    else:
+        assert got.note.startswith("requeued job 9 (restart 1 of at most 5)") and requeues == [["scontrol", "requeue",
+                                                                                                "9"]]

@@ -7,10 +7,11 @@ reach it: they reach every point's step, whose rank saves and leaves the requeue
 point that comes back so, one whose rank lost a rank or hung (its decision, a requeue, is the allocation's) or was
 stopped by a preemption the site does not requeue, or one whose step failed as a preemption came before its rank
 recorded the attempt (killed as it started), stops new points from starting, as does a signal to this task (the
-requeue's). Once every running point has ended, the recovery wing decides for the whole allocation (launch.recovery.packed) and this task carries it out: a requeue
-(which ends every step of the allocation; the requeued allocation skips the finished points, resumes the saved ones
-and runs the ones not started), or for the user's cancel, none. Kept free of heavy imports: it is unpickled before
-anything else runs.
+requeue's). Once every running point has ended, the recovery wing decides for the whole allocation
+(launch.recovery.packed) and this task carries it out: a requeue (which ends every step of the allocation; the
+requeued allocation skips the finished points, resumes the saved ones and runs the ones not started), or none (the
+user's cancel, a preemption that cancels, a requeue refused), which its result says for each point not finished.
+Kept free of heavy imports: it is unpickled before anything else runs.
 """
 from __future__ import annotations
 
