@@ -25,6 +25,8 @@ from omegaconf import OmegaConf
 from optuna.trial import TrialState
 
 from gpt.errors import EXIT_FAILED, EXIT_USER
+from gpt.run_folder import CANCELLED, CTRL_C, RunFolder
+from launch.run.job_record import cancelled_by_user
 from launch.optuna_space import SearchSpace, search_space
 
 DB = "optuna.db"
@@ -32,7 +34,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.FAIL, TrialState.PRUNED)
 
 
 def run_search(sweeper: Any, arguments: list[str]) -> None:
-    sweep_dir = Path(str(sweeper.config.hydra.sweep.dir)).absolute()
+    sweep_dir = _sweep_dir(sweeper)
     params = [f"{k}={v}" for k, v in (sweeper.params or {}).items()]
     try:  # a search Optuna cannot run: one line, before anything
         if sweeper.n_jobs < 1:
@@ -86,7 +88,11 @@ def _run_batch(sweeper: Any, study: optuna.Study, space: SearchSpace, batch: lis
         for run in _consecutive(batch):  # the launcher numbers (names) a call's points from its first index
             returns += sweeper.launcher.launch([space.overrides(t.params) for t in run], initial_job_idx=run[0].number)
     except SystemExit as e:
-        if e.code == EXIT_USER:
+        ran = [t.number for t in batch if _ran(_sweep_dir(sweeper), t.number)]
+        if e.code == EXIT_USER and ran:  # Ctrl-C or SIGTERM: every rank saved; the trials stay running
+            print(f"optuna: trial(s) {', '.join(map(str, ran))} interrupted: left running in the study; the same "
+                  "command continues them from their newest checkpoints, then the search", file=sys.stderr, flush=True)
+        elif e.code == EXIT_USER:
             for trial in batch:
                 _tell(study, trial.number, None)
             if new_db is not None:  # this command made it, for this batch alone
@@ -94,13 +100,54 @@ def _run_batch(sweeper: Any, study: optuna.Study, space: SearchSpace, batch: lis
         raise
     if getattr(sweeper.launcher, "search_job", None):
         return True
+    held = []
     for trial, ret in zip(batch, returns):
         value, why = _outcome(ret, trial.number)
+        if value is None and (how := _interrupted(ret)):  # not the trial's fault: its run goes on later
+            held.append((trial.number, how))
+            continue
         if why:
             print(f"optuna: trial {trial.number} failed: {why}; the study records it as failed and the search goes on",
                   file=sys.stderr, flush=True)
         _tell(study, trial.number, value)
+    if held:
+        _stop(held)
     return False
+
+
+def _sweep_dir(sweeper: Any) -> Path:
+    return Path(str(sweeper.config.hydra.sweep.dir)).absolute()
+
+
+def _ran(sweep: Path, number: int) -> bool:
+    """Whether trial `number`'s run began (its run folder has an attempt), where a refusal at planning runs none."""
+    return any((d / "attempts.jsonl").exists() or (d / "attempt.json").exists()
+               for d in (*sweep.glob(f"trial={number},*"), sweep / f"trial={number}"))
+
+
+def _interrupted(ret: JobReturn) -> str:
+    """How a trial's run stopped without failing, by recovery's line in its run folder: cancelled by the user, or
+    stopped after it saved and was not requeued (a preemption that cancels, Ctrl-C); '' otherwise."""
+    value = ret._return_value
+    run_dir = value.get("run_dir") if isinstance(value, dict) else None
+    if not run_dir:
+        return ""
+    attempts = RunFolder(Path(run_dir)).attempts.read()
+    last = attempts[-1] if attempts else None
+    if cancelled_by_user(Path(run_dir)) or (last is not None and last.ended == CANCELLED):
+        return CANCELLED
+    if last is not None and not last.requeued and (last.ended.startswith("preempted") or last.ended == CTRL_C):
+        return f"stopped ({last.ended})"
+    return ""
+
+
+def _stop(held: list[tuple[int, str]]) -> None:
+    """The search ends with its interrupted trials left running in the study: the same command continues their runs
+    from their newest checkpoints, then the search. Exit 0 where the user cancelled them all, 1 (stopped) else."""
+    for number, how in held:
+        print(f"optuna: trial {number} {how}: left running in the study; the same command continues it from its "
+              "newest checkpoint, then the search", file=sys.stderr, flush=True)
+    sys.exit(0 if all(how == CANCELLED for _, how in held) else EXIT_FAILED)
 
 
 def _tell(study: optuna.Study, number: int, value: float | None) -> None:

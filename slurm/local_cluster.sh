@@ -19,6 +19,9 @@
 #                                   accounting; the QOS low, lowcancel and urgent mirror the partitions)
 #   slurm/local_cluster.sh memory cap|consumable   every daemon again with memory a per-node cap (CR_Core, the
 #                                   default) or a consumable resource (CR_Core_Memory); only while no job runs
+#   slurm/local_cluster.sh proctrack linuxproc|cgroup   every daemon again with ProctrackType=proctrack/linuxproc
+#                                   (the default) or proctrack/cgroup (cgroup v1's freezer, each node a folder of
+#                                   its own in the host's hierarchy, removed at down); only while no job runs
 #   slurm/local_cluster.sh min-job-age SECONDS   how long slurmctld keeps a finished job (3600 at `up`; Slurm's
 #                                   default is 300): past it only accounting knows the job
 #
@@ -62,6 +65,8 @@ else
 fi
 CONF="$CDIR/slurm.conf"
 STATE_FILE="$CDIR/cluster.env"
+# proctrack/cgroup (`proctrack cgroup`): each node a folder of its own in the host's cgroup-v1 freezer hierarchy
+HOST_FREEZER=/sys/fs/cgroup/freezer
 # Not Slurm's default 6817, so a system slurmctld on this host cannot clash; two ports per instance (slurmctld
 # listens on every address of the host).
 CTL_PORT=$((6917 + 2 * INSTANCE))
@@ -230,6 +235,10 @@ do_down() {
   wait  # slurmdbd and mariadbd (munged stops last: slurmdbd needs it to the end)
   stop_pids munged "$(pidof_file "$MUNGE_DIR/munged.pid")"
   for ns in $(our_namespaces); do ip netns delete "$ns" 2>/dev/null || true; done
+  # proctrack/cgroup's folders, deepest first (a cgroup goes once its processes have)
+  for f in "$HOST_FREEZER/$CLUSTER_NAME-$NS_PREFIX"*; do
+    [ -d "$f" ] && find "$f" -depth -type d -exec rmdir {} + 2>/dev/null || true
+  done
   for link in $(our_links); do ip link delete "$link" 2>/dev/null || true; done
   fw_close
   rm -rf "$MUNGE_DIR" "$CDIR/run" "$STATE_FILE"
@@ -505,6 +514,23 @@ do_memory() {  # do_memory cap|consumable: every daemon again with memory a cap 
   log "SelectTypeParameters=$params"
 }
 
+do_proctrack() {  # do_proctrack linuxproc|cgroup: every daemon again with that ProctrackType
+  local how="$1" pids=() f node
+  case "$how" in linuxproc|cgroup) ;; *) die "proctrack: linuxproc or cgroup, got '$how'" ;; esac
+  is_up "$(nodes_from_state)" || die "proctrack: the cluster is not up"
+  [ -z "$(squeue -h -t RUNNING,COMPLETING -o %i)" ] || die "proctrack: jobs run"
+  sed -i "s|^ProctrackType=.*|ProctrackType=proctrack/$how|" "$CONF"
+  stop_pids slurmctld "$(pidof_file "$CDIR/run/slurmctld.pid")"
+  for f in "$CDIR"/run/slurmd-*.pid; do [ -e "$f" ] && pids+=("$(pidof_file "$f")"); done
+  [ ${#pids[@]} -eq 0 ] || stop_pids slurmd "${pids[@]}"
+  setsid slurmctld -D </dev/null >>"$CDIR/log/slurmctld.out" 2>&1 9>&- &
+  poll "slurmctld" 60 scontrol ping
+  light_shape "$(nodes_from_state)"
+  for node in $(our_namespaces); do start_slurmd "$node"; done
+  poll "the nodes' registration" 60 bash -c "! sinfo -h -N -o '%T' | grep -qvx idle"
+  log "ProctrackType=proctrack/$how"
+}
+
 do_min_job_age() {  # do_min_job_age SECONDS: how long slurmctld keeps a finished job's record (Slurm's default: 300)
   local seconds="$1"
   [[ "$seconds" =~ ^[0-9]+$ ]] || die "min-job-age: a number of seconds, got '$seconds'"
@@ -551,8 +577,17 @@ start_slurmd() {  # start_slurmd NODE
     mount --bind '$CDIR/hosts' /etc/hosts &&
     { mount --bind '$CDIR/resolv.conf' /etc/resolv.conf 2>/dev/null || true; } &&
     mount -t tmpfs -o size=1m,mode=755 gl-cgroup /sys/fs/cgroup &&
+    $(freezer_mount "$node")
     exec env $([ "$SLURMD_DEBUG" = info ] || echo MALLOC_ARENA_MAX=1) slurmd -D -N $node" \
     </dev/null >>"$CDIR/log/slurmd-$node.out" 2>&1 9>&- &
+}
+
+freezer_mount() {  # freezer_mount NODE: under proctrack/cgroup, the commands that give the node a freezer of its own
+  local own="$HOST_FREEZER/$CLUSTER_NAME-$1"
+  grep -qx 'ProctrackType=proctrack/cgroup' "$CONF" || return 0
+  mkdir -p "$own"
+  echo "mkdir /sys/fs/cgroup/freezer && mount -t cgroup -o freezer gl-freezer /sys/fs/cgroup/freezer &&"
+  echo "mount --bind '/sys/fs/cgroup/freezer/${own##*/}' /sys/fs/cgroup/freezer &&"
 }
 
 show_logs() {  # tails of the logs, without the noise every start prints
@@ -728,12 +763,12 @@ case "$cmd" in
       t0=$(now); do_down; log "down in $(elapsed "$t0") s"
     fi
     ;;
-  preempt|min-job-age|memory)  # slurmctld's configuration changed
+  preempt|min-job-age|memory|proctrack)  # slurmctld's configuration changed
     [ "$(id -u)" -eq 0 ] || die "must run as root"
     [ -d "$CDIR" ] || die "no cluster here ($CDIR): start one with slurm/local_cluster.sh up"
     hold_instance_lock
     not_foreign "reconfigure $CDIR's slurmctld"
-    case "$cmd" in preempt) do_preempt "${2:-}" ;; memory) do_memory "${2:-}" ;; *) do_min_job_age "${2:-}" ;; esac
+    case "$cmd" in preempt) do_preempt "${2:-}" ;; memory) do_memory "${2:-}" ;; proctrack) do_proctrack "${2:-}" ;; *) do_min_job_age "${2:-}" ;; esac
     ;;
   status) do_status ;;
   env) do_env ;;
@@ -747,6 +782,6 @@ case "$cmd" in
     start_slurmd "$node"
     log "$node: slurmd started"
     ;;
-  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE | preempt partition_prio|qos | memory cap|consumable | min-job-age SECONDS" >&2
+  *) echo "usage: $0 up [N] [--no-accounting] | down [--all] | status | env | describe | start-node NODE | preempt partition_prio|qos | memory cap|consumable | proctrack linuxproc|cgroup | min-job-age SECONDS" >&2
      echo "  (GPTLAUNCH_CLUSTER_INSTANCE=K selects instance K; see the header of this script)" >&2; exit 2 ;;
 esac

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from gpt.collectives.c10d_stderr import without_hostname_warning
 from gpt.errors import UserError, error_line
 from gpt.resilience.progress import PROGRESS
 
@@ -165,8 +166,9 @@ def _open_store(env: DistEnv, join: float) -> Any:
     the master port, as under the local backend)."""
     host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
-        return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
-                             timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
+        with without_hostname_warning():
+            return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
+                                 timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
     except (RuntimeError, OSError) as e:
         raise RendezvousError(f"rank {env.rank} on {env.hostname} could not {'open' if env.rank == 0 else 'reach'} "
                               f"the rendezvous at {env.master_addr}:{env.master_port} within {join:.0f} s: "

@@ -95,6 +95,12 @@ class JobEnvironment:
     def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
         return False, f"no scheduler to run the job without {', '.join(hosts)}: training goes on with it"
 
+    @property
+    def requeue_ends_attempt(self) -> bool:
+        """A requeue this job asks for ends this attempt at once: its processes wait for that (exiting first would
+        fail their task). False where the requeue is asked for once this process has ended (a packed point's)."""
+        return True
+
     def next_link(self, run_dir) -> str | None:
         """The job that continues this run once this one ends (cluster.chain), if one is queued."""
         return None

@@ -92,6 +92,11 @@ class Outcome:
         """The job runs again by itself (a round inside the allocation, or a requeue): Slurm stops this attempt."""
         return self.next in (Next.RESTART, Next.REQUEUE)
 
+    def ends_attempt(self, job: JobEnvironment) -> bool:
+        """The attempt's processes wait to be stopped: by the next round, or by the requeue where that ends the
+        attempt at once (a packed point's step ends first, and its allocation then requeues)."""
+        return self.next is Next.RESTART or (self.next is Next.REQUEUE and job.requeue_ends_attempt)
+
     def record(self) -> dict[str, Any]:
         """What the attempt's line says of it."""
         return {"requeued": self.next is Next.REQUEUE, "note": self.note,

@@ -83,15 +83,16 @@ def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, res
 def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bool:
     """Called by the watchdog while the main thread is stuck. The one rank that acts (it has the report) says so
     in one line and ends the attempt, leaving out the hosts the report names gone or cut off; another rank learns
-    from the attempts log what it decided. Returns whether the job runs again."""
+    from the attempts log what it decided. Returns whether the job runs again and stops this attempt itself (the
+    rank waits for that; a packed point's rank exits, and its allocation requeues once its step has ended)."""
     run_dir, job = attempt.run_dir, attempt.job
     if report is None:
-        return job.scheduler != "none" and decided_elsewhere(run_dir, job, ACTOR_WAIT_S).runs_again
+        return job.scheduler != "none" and decided_elsewhere(run_dir, job, ACTOR_WAIT_S).ends_attempt(job)
     log.error("%s", report["summary"])
     began = attempt.loop.first_step if attempt.loop else None  # hung in start-up: nothing saved since
     return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
                           attempt.early_end("hang", hang=report["summary"], hang_report=report["report"]),
-                          began=began, wait_s=ACTOR_WAIT_S)).runs_again
+                          began=began, wait_s=ACTOR_WAIT_S)).ends_attempt(job)
 
 
 def end_out_of_memory(attempt: Attempt, error: RanOutOfMemory, restarts: int) -> int:

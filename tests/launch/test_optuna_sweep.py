@@ -198,3 +198,40 @@ def test_trials_an_ended_search_left_running_are_launched_again_with_their_numbe
     search(sweep, 3, again)
     assert again.launched[:2] == first.launched and [n for n, _ in again.launched] == [0, 1, 2], again.launched
     assert [s for _, s in study_states(sweep)] != ["RUNNING"] * 3 and len(study_states(sweep)) == 3
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_search_leaves_its_trial_running_and_the_same_command_continues_it(tmp_path: Path, data_overrides):
+    """A real interruption on cluster=local: Ctrl-C while the one trial trains. Its ranks save (exit 2, as any local
+    run's), the study keeps the trial running (not failed), and the same command continues that trial's run from
+    its checkpoint to the end and completes the study."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from helpers import REPO, losses
+    from gpt.run_folder import RunFolder
+
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "launch", "-m", "hydra/sweeper=optuna", "hydra.sweeper.n_trials=1",
+           "hydra.sweeper.n_jobs=1", "train.lr=choice(0.01)", "model=tiny", "train.max_steps=40", "train.log_interval=1",
+           "train.eval_interval=40", "train.warmup_steps=2", "checkpoint.interval_steps=1000", "debug.delay_rank=0",
+           "debug.delay_s=0.05", "train.progress=false", *data_overrides, f"hydra.sweep.dir={sweep}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 120
+    while not any(m.read_text().count("\n") >= 5 for m in sweep.glob("trial=0*/metrics/rank0.jsonl")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "optuna: trial(s) 0 interrupted: left running in the study" in err, err[-3000:]
+    assert study_states(sweep) == [(0, "RUNNING")]
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert study_states(sweep) == [(0, "COMPLETE")]
+    (run,) = sweep.glob("trial=0*")
+    assert [a.ended for a in RunFolder(run).attempts.read()] == ["Ctrl-C", "finished"] and len(losses(run)) == 40

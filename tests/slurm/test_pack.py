@@ -76,10 +76,23 @@ def gpus_seen(runs) -> list[str]:
     return [e["gpu_plan"]["visible"] for run in runs for e in environments(run)]
 
 
+@pytest.fixture(params=["linuxproc", "cgroup"])
+def proctrack(request, slurm_cluster):
+    """The cluster under each process-tracking plugin sites use: proctrack/cgroup (a freezer cgroup a step) kills a
+    step's every process when the step ends, where proctrack/linuxproc follows parent ids."""
+    if request.param == "cgroup":
+        slurm_cluster.script("proctrack", "cgroup")
+    yield request.param
+    if request.param == "cgroup":
+        slurm_cluster.run("scancel", "--me")  # a failed test's job may still run
+        wait_until(lambda: not slurm_cluster.run("squeue", "--me", "-h").stdout.strip(), 60, "no job running")
+        slurm_cluster.script("proctrack", "linuxproc")
+
+
 @pytest.mark.timeout(300)
 def test_one_gpu_points_packed_on_a_four_gpu_node_each_drive_their_own_gpu_through_a_preemption(
-        slurm_cluster, tmp_path, data_overrides):
-    """4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
+        slurm_cluster, proctrack, tmp_path, data_overrides):
+    """Under proctrack/linuxproc and proctrack/cgroup alike: 4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
     A job of `urgent` that needs every node preempts the allocation while they train: each point saves in the grace
     time, the allocation is requeued once, and each point resumes on a GPU of its own to its end; seed=1 with the
     losses of its unpacked run."""

@@ -349,6 +349,31 @@ def parse_lost_nodes(rows: list[str]) -> list[str]:
     return lost
 
 
+def node_reasons(nodelist: str | None) -> dict[str, str]:
+    """Slurm's reason for each node of `nodelist` that has one, `scontrol show node`'s Reason= without the
+    '[user@time]' after it ('Not responding', 'Kill task failed', an administrator's words); {} when none, or when
+    Slurm cannot say."""
+    if not nodelist or nodelist == "(null)":
+        return {}
+    try:
+        return parse_node_reasons(run("scontrol", "-o", "show", "node", nodelist))
+    except SlurmUnavailable:
+        return {}
+
+
+NODE_REASON = re.compile(r"(?:^|\s)Reason=(.*?)(?:\s+\[[^\]@]*@[^\]]*\])?(?=\s+[A-Za-z]\w*=|\s*$)")
+
+
+def parse_node_reasons(text: str) -> dict[str, str]:
+    """`scontrol -o show node` (a line per node) -> {node: reason} for the nodes with one."""
+    reasons = {}
+    for line in text.splitlines():
+        node, reason = re.search(r"(?:^|\s)NodeName=(\S+)", line), NODE_REASON.search(line)
+        if node and reason and reason.group(1).strip() not in ("", "(null)", "none"):
+            reasons[node.group(1)] = reason.group(1).strip()
+    return reasons
+
+
 def dropped_nodes(job_id: str | None, nodelist: str | None) -> list[str]:
     """The nodes of `nodelist` (the job's at its start) that running job `job_id` holds no more: Slurm takes a node set
     down or failed out of a --no-kill job (cluster.spare_nodes) and may return it to service at once, where sinfo

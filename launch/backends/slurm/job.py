@@ -105,8 +105,10 @@ class SlurmJob(JobEnvironment):
             return (f"requeued by Slurm: preempted {by} at {ended} (accounting: PREEMPTED); the run's "
                     f"{preemption_policy(partition, qos)}; killed when its grace time ran out, before its ranks' save "
                     "finished (the grace time is shorter than a save: docs/slurm.md)")
-        if state == "NODE_FAIL":
-            return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended})"
+        if state == "NODE_FAIL":  # the node, with Slurm's reason while it still holds one
+            said = commands.lost_nodes(nodes) or ", ".join(f"{n} ({why})" for n, why in
+                                                           commands.node_reasons(nodes).items())
+            return f"requeued by Slurm after a node failure (accounting: NODE_FAIL at {ended}{'; ' * bool(said)}{said})"
         return "requeued by Slurm (the attempt was stopped without a word: a node failure or preemption)"
 
     job_state = staticmethod(commands.job_standing)
@@ -115,9 +117,10 @@ class SlurmJob(JobEnvironment):
         """Down, failed or not responding by sinfo, or taken out of this job by Slurm (its NodeList drops them)."""
         nodelist = self.environ.get("SLURM_JOB_NODELIST")
         said = commands.lost_nodes(nodelist)
-        dropped = [f"{h} down (taken out of job {self.job_id} by Slurm)"
-                   for h in commands.dropped_nodes(self.job_id, nodelist) if h not in hosts_of(said)]
-        return ", ".join(filter(None, [said, *dropped]))
+        dropped = [h for h in commands.dropped_nodes(self.job_id, nodelist) if h not in hosts_of(said)]
+        why = commands.node_reasons(",".join(dropped)) if dropped else {}  # sinfo may show them back in service
+        return ", ".join(filter(None, [said, *(f"{h} down ({why[h] + '; ' if h in why else ''}taken out of job "
+                                               f"{self.job_id} by Slurm)" for h in dropped)]))
 
     def cancelled(self) -> bool:
         """scancel: accounting says CANCELLED at once; the controller shows the job COMPLETING (KillWait runs)
@@ -148,6 +151,11 @@ class SlurmJob(JobEnvironment):
             self._preempted = when, f"preempted {preempting(info)} at {when}; the run's {policy}"
         said = self._preempted[1]
         return Preemption(said, "PreemptMode=CANCEL" not in said)
+
+    @property
+    def requeue_ends_attempt(self) -> bool:
+        """A packed point's requeue is its allocation's, asked by the packer once this point's step has ended."""
+        return not self.environ.get(PACKED_VAR)
 
     def requeue(self, max_restarts: int) -> tuple[bool, str]:
         """Ask Slurm to run this job again (same job id), only while it runs (RUNNING, or SIGNALING in a preemption's

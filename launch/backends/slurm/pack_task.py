@@ -4,13 +4,14 @@ once, the next one starting as one ends.
 
 It runs in the batch step (launch.backends.slurm.pack), where Slurm's preemption signal and launch.cancel's do not
 reach it: they reach every point's step, whose rank saves and leaves the requeue to this task (job.PACKED_VAR). A
-point that comes back so, or whose step failed as a preemption came before its rank recorded the attempt (killed
-as it started), stops new points from starting, as does a signal to this task (the requeue's). Once every running
-point has ended, the
-recovery wing decides for the whole allocation (launch.recovery.packed) and this task carries it out: a requeue
-(which ends every step of the allocation; the requeued allocation skips the finished points, resumes the saved ones
-and runs the ones not started), or for the user's cancel, none. Kept free of heavy imports: it is unpickled before
-anything else runs.
+point that comes back so, one whose rank lost a rank or hung (its decision, a requeue, is the allocation's) or was
+stopped by a preemption the site does not requeue, or one whose step failed as a preemption came before its rank
+recorded the attempt (killed as it started), stops new points from starting, as does a signal to this task (the
+requeue's). Once every running point has ended, the recovery wing decides for the whole allocation
+(launch.recovery.packed) and this task carries it out: a requeue (which ends every step of the allocation; the
+requeued allocation skips the finished points, resumes the saved ones and runs the ones not started), or none (the
+user's cancel, a preemption that cancels, a requeue refused), which its result says for each point not finished.
+Kept free of heavy imports: it is unpickled before anything else runs.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from launch import launch_config
 from gpt.resilience.preemption import configured_signals
@@ -37,6 +39,9 @@ from launch.rank.signal_relay import SignalRelay
 from launch.rank.threads import ThreadPlan
 from launch.run.attempts import this_attempts_line
 from launch.run.identity import newest_step, stopped_early
+
+if TYPE_CHECKING:
+    from launch.recovery.decision import Outcome
 
 
 def finished(run_dir: Path) -> bool:
@@ -147,31 +152,49 @@ class PackTask:
             for d, child in list(running.items()):
                 if (code := child.poll()) is not None:
                     del running[d]
-                    stopped = not finished(d) and (code == 0 or preempted_as_it_started(d))
-                    unfinished |= stopped  # saved and asked for the requeue, or never started
+                    stopped = not finished(d) and (code == 0 or ended_for_the_allocation(d)
+                                                   or preempted_as_it_started(d))
+                    unfinished |= stopped  # saved, lost a rank or hung, or never started: the allocation decides
                     if not stopped:
                         results[str(d)] = outcome(d, code)
         if relay.received or unfinished:
-            ended_early(dirs)
+            decided = ended_early(dirs)
+            if decided is not None and decided.next is Next.STOP:  # the same command runs them: none failed
+                results.update({str(d): {"stopped": decided.note} for d in dirs if str(d) not in results})
         return results
+
+
+def allocation_job() -> SlurmJob:
+    """The allocation's job, as the packer sees it (a point's rank leaves the requeue to it)."""
+    return SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+
+
+def ended_for_the_allocation(run_dir: Path) -> bool:
+    """The point's rank recorded an end its allocation shares, by recovery's decision: a requeue (a lost rank, a
+    hang; a packed point's requeue is its allocation's), or Slurm's preemption that the site's policy does not
+    requeue (the allocation ends too). Its step failed, as a rank's does that Slurm did not stop; it is not a failed
+    point."""
+    line = this_attempts_line(run_dir, allocation_job())
+    return line is not None and (line.next is Next.REQUEUE or line.ended.startswith("preempted"))
 
 
 def preempted_as_it_started(run_dir: Path) -> bool:
     """The point's step failed while Slurm preempts the allocation, and its rank recorded no attempt: it was killed
     as it started (a site's task prolog, the shell before its trap), as launch.backends.slurm.start_preempted finds
     for a job of its own. It runs again in the requeued allocation."""
-    job = SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR})
+    job = allocation_job()
     return job.preemption() is not None and this_attempts_line(run_dir, job) is None
 
 
-def ended_early(run_dirs: list[Path]) -> None:
+def ended_early(run_dirs: list[Path]) -> Outcome | None:
     """Every running point has saved: recovery's one decision for the allocation, carried out (the requeue is asked
-    for as it decides)."""
+    for as it decides); None where the batch step decided (this task was killed as it started, and ran again)."""
     from launch.recovery.packed import recover_allocation
 
-    outcome = recover_allocation(run_dirs, SlurmJob({k: v for k, v in os.environ.items() if k != PACKED_VAR}))
+    outcome = recover_allocation(run_dirs, allocation_job())
     if outcome is None:
-        return  # the batch step decided (this task was killed as it started, and ran again)
+        return None
     print(f"packed job: {outcome.note}", file=sys.stderr, flush=True)
     if outcome.next is Next.REQUEUE:
         time.sleep(REQUEUE_WAIT_S)  # Slurm ends this attempt
+    return outcome

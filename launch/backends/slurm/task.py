@@ -164,7 +164,8 @@ class RankTask:
             print(f"{line}: {outcome.note}", file=sys.stderr, flush=True)
             if outcome.next is Next.RESTART:
                 return True
-            time.sleep(REQUEUE_WAIT_S)
+            if outcome.ends_attempt(job_environment()):  # a packed point's step ends first: its allocation requeues
+                time.sleep(REQUEUE_WAIT_S)
         raise RankFailed(f"{line}; {outcome.note}")
 
     def aborted(self, rank: int, host: str, started: float, next_round: Callable[[], bool]) -> bool:

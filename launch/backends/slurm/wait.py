@@ -37,10 +37,11 @@ class JobOutcome:
     state: str
     results: list[Any] = field(default_factory=list)  # per task, when every task succeeded
     errors: list[str] = field(default_factory=list)
+    stopped_with: str = ""  # a packed point its allocation stopped (not requeued): the allocation's decision
 
     @property
     def ok(self) -> bool:
-        return self.state == "COMPLETED" and not self.errors and not self.cancelled
+        return self.state == "COMPLETED" and not self.errors and not self.cancelled and not self.stopped_with
 
     @property
     def cancelled(self) -> bool:
@@ -58,9 +59,13 @@ class JobOutcome:
         try:
             mine = [a for a in RunFolder(s.point.run_dir).attempts.read() if a.job_id == s.job_id]
         except OSError:
-            return None
+            mine = []
         last = mine[-1] if mine else None
-        return last if last is not None and last.ended.startswith("preempted") and last.next is Next.STOP else None
+        if last is not None and last.ended.startswith("preempted") and last.next is Next.STOP:
+            return last
+        if self.stopped_with:  # a packed point: how it ended (or that it did not start), then its allocation's end
+            return AttemptLine(job_id=s.job_id, ended=last.ended if last else "did not start", note=self.stopped_with)
+        return None
 
     @property
     def result(self) -> dict:
@@ -176,8 +181,8 @@ def collect_packed(outcome: JobOutcome, grace_s: float) -> JobOutcome:
     else:
         failed = {"error": _exception_line(str(value), s, 0)}
         entry = value.get(str(s.point.run_dir), {}) if kind == "success" else failed
-        outcome.results = entry.get("results", [])
-        if "error" in entry or not outcome.results:
+        outcome.results, outcome.stopped_with = entry.get("results", []), entry.get("stopped", "")
+        if "error" in entry or not (outcome.results or outcome.stopped_with):
             outcome.errors.append(entry.get("error", "its step did not finish (the packed job's log says why)"))
     if outcome.state == GONE and not outcome.errors:
         outcome.state = "COMPLETED"

@@ -69,3 +69,22 @@ def test_no_rank_but_rank_0_reads_the_others_entries(monkeypatch):
         assert max(keys for r, (_, keys) in costs.items() if r) == 1, costs
     requests = [[c[0] for c in costs.values()] for costs in (small, large)]
     assert requests[0][0] == requests[1][0] and max(requests[0]) == max(requests[1]), (small, large)
+
+
+def test_c10ds_hostname_warning_is_left_out_of_the_ranks_log_and_every_other_line_kept(monkeypatch, capfd):
+    """c10d writes it from C++ to fd 2 as the store connects, on every rank of a node whose resolver cannot answer
+    (the test cluster's nodes, many sites' compute nodes): the stand-in store writes to fd 2 as C++ does."""
+    from gpt.collectives import process_group
+
+    said = (b"[W1127 21:22:06.895335639 socket.cpp:207] [c10d] The hostname of the client socket cannot be "
+            b"retrieved. err=-3\n")
+    other = b"[W1127 21:22:06.9 socket.cpp:941] [c10d] The server socket on gl-n1:29500 is not yet listening\n"
+
+    def store(*args, **kw):
+        os.write(2, said + other)
+        return "store"
+    monkeypatch.setattr(process_group.dist, "TCPStore", store)
+    env = process_group.DistEnv(rank=1, world_size=2, master_addr="gl-n1", master_port=29500, hostname="gl-n2")
+    assert process_group._open_store(env, 5.0) == "store"
+    out, err = capfd.readouterr()
+    assert err == other.decode() and out == "", err

@@ -85,6 +85,60 @@ def test_lost_nodes_are_the_down_failed_and_unresponsive_ones_with_slurms_reason
     assert parse_lost_nodes(rows) == ["n2 down, not responding (Not responding)", "n3 idle, not responding"]
 
 
+# `scontrol -o show node`, as slurmd 22.05 prints it (shortened): Reason= with the user and time Slurm adds, then
+# the optional Comment=; a node back in service has no Reason=
+SHOW_NODE = ("NodeName=n2 Arch=x86_64 CoresPerSocket=4 State=IDLE+DRAIN ThreadsPerCore=1 ExtSensorsTemp=n/s "
+             "Reason=Kill task failed [root@2026-11-27T21:30:01] Comment=rack 4\n"
+             "NodeName=n3 Arch=x86_64 State=DOWN* ExtSensorsTemp=n/s Reason=Not responding [slurm@2026-11-27T21:30:02]\n"
+             "NodeName=n4 Arch=x86_64 State=IDLE ExtSensorsTemp=n/s\n")
+
+
+def stand_in_slurm(monkeypatch, answers: dict[tuple[str, ...], str]) -> list[tuple[str, ...]]:
+    """commands.run answering each command that begins with a key of `answers`; '' for every other."""
+    from launch.backends.slurm import commands
+
+    asked: list[tuple[str, ...]] = []
+
+    def run(*cmd, **kw):
+        asked.append(cmd)
+        return next((out for start, out in answers.items() if cmd[:len(start)] == start), "")
+    monkeypatch.setattr(commands, "run", run)
+    return asked
+
+
+def test_slurms_reason_for_a_node_is_scontrols_without_who_and_when():
+    from launch.backends.slurm.commands import parse_node_reasons
+
+    assert parse_node_reasons(SHOW_NODE) == {"n2": "Kill task failed", "n3": "Not responding"}
+
+
+def test_a_node_slurm_took_out_of_the_job_is_named_with_slurms_reason(monkeypatch):
+    """sinfo no longer lists it down (--no-kill: Slurm took it out of the job), but scontrol still holds its reason."""
+    asked = stand_in_slurm(monkeypatch, {
+        ("sinfo",): "n1|allocated|none\nn2|idle|none\n",
+        ("scontrol", "-o", "show", "job"): "JobId=42 JobState=RUNNING NodeList=n1\n",
+        ("scontrol", "show", "hostnames", "n1"): "n1\n",
+        ("scontrol", "show", "hostnames", "n[1-2]"): "n1\nn2\n", ("scontrol", "-o", "show", "node"): SHOW_NODE})
+    job = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_JOB_NODELIST": "n[1-2]"})
+    assert job.lost_nodes() == "n2 down (Kill task failed; taken out of job 42 by Slurm)", asked
+    assert ("scontrol", "-o", "show", "node", "n2") in asked
+
+
+def test_a_node_failure_slurm_requeued_names_the_node_and_slurms_reason(monkeypatch):
+    """The attempt ended without a word (the batch host failed): accounting's NODE_FAIL, the attempt's nodes, and
+    Slurm's reason for the one it holds down."""
+    stand_in_slurm(monkeypatch, {
+        ("sacct",): "NODE_FAIL|2026-11-27T21:30:05|n[2-3]\nRUNNING|Unknown|n[1-2]\n",
+        ("sinfo",): "n2|idle|none\nn3|down*|Not responding\n"})
+    job = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "1"})
+    assert job.requeued_why() == ("requeued by Slurm after a node failure (accounting: NODE_FAIL at "
+                                  "2026-11-27T21:30:05; n3 down, not responding (Not responding))")
+    stand_in_slurm(monkeypatch, {  # back in service by sinfo, its reason still held (drained)
+        ("sacct",): "NODE_FAIL|2026-11-27T21:30:05|n[2-3]\nRUNNING|Unknown|n[1-2]\n",
+        ("scontrol", "-o", "show", "node"): SHOW_NODE})
+    assert job.requeued_why().endswith("NODE_FAIL at 2026-11-27T21:30:05; n2 (Kill task failed), n3 (Not responding))")
+
+
 def test_ranks_are_up_when_every_record_carries_this_steps_token(tmp_path):
     """srun's wrapper passes signals on once every rank wrote its environment record: records of an earlier step
     (an earlier attempt's, whatever their file times say) do not count."""
