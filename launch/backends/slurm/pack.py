@@ -27,6 +27,7 @@ class Node:
     cpus: int
     gpus: int = 0
     mem_mb: int = 0  # 0: sinfo does not know it (no RealMemory), and memory is not counted
+    of: int = 0  # how many such nodes the partition has: the most an allocation gets (0: not known)
 
     def slots(self, each: SlurmResources) -> dict[str, int]:
         """How many points of `each` the node holds at once, by each of its resources the points ask for."""
@@ -108,10 +109,13 @@ def gpu_request(each: SlurmResources, slots: int) -> dict:
             "sbatch": tuple((k, v) for k, v in each.sbatch if k != "gres")}
 
 
-def packable(point: Point, nodes: int) -> None:
-    """A point that needs more nodes than the allocation's `nodes`, or an allocation's own features, is refused in
-    one line."""
+def packable(point: Point, nodes: int, partition_nodes: int = 0) -> None:
+    """A point that needs more nodes than the allocation's `nodes` (or the partition's), or an allocation's own
+    features, is refused in one line."""
     r = point.resources
+    if partition_nodes and r.nodes > partition_nodes:
+        raise UserError(f"point {point.label} asks for nodes={r.nodes}, more than its partition's {partition_nodes} "
+                        "node(s) that hold it")
     if r.nodes > nodes:
         raise ConfigError("hydra.launcher.pack_nodes", nodes, f"at least {r.nodes} for point {point.label}, which "
                           f"asks for nodes={r.nodes}: each packed point runs on nodes of its own in the allocation")
@@ -123,23 +127,20 @@ def packable(point: Point, nodes: int) -> None:
                           "runs points that each fit in a share of the allocation's nodes as steps of one allocation")
 
 
-def smallest_node(resources: SlurmResources, nodes: int = 1) -> Node:
-    """The smallest node of the partition the points run on (CPUs, GPUs, memory) among those that have their GPUs;
-    the partition must have the allocation's `nodes` (hydra.launcher.pack_nodes)."""
+def smallest_node(resources: SlurmResources) -> Node:
+    """The smallest node of the partition the points run on (CPUs, GPUs, memory) among those that have their GPUs."""
     part = partitions.check_against_cluster(resources, partitions.read_partitions())
-    if nodes > part.nodes:
-        raise ConfigError("hydra.launcher.pack_nodes", nodes, f"at most {part.nodes}, the nodes of partition "
-                          f"{part.name!r}")
     fit = [g for g in part.groups if g[3] >= resources.node_gpus] or part.groups
-    return Node(min(g[1] for g in fit), min(g[3] for g in fit), min(g[2] for g in fit))
+    return Node(min(g[1] for g in fit), min(g[3] for g in fit), min(g[2] for g in fit), sum(g[0] for g in fit))
 
 
 def plan(points: list[Point], node: Node, nodes: int = 1) -> list[Pack]:
     """One pack per group of equal resources (each point's own job name included) in an allocation of up to `nodes`
-    nodes: its points' nodes as many times as fit, each holding as many points at once as `node` holds."""
+    nodes (the partition's at most): its points' nodes as many times as fit, each holding as many points at once as
+    `node` holds."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
-        packable(p, nodes)
+        packable(p, nodes, node.of)
         groups.setdefault((p.resources, p.job_name), []).append(p)
     packs = []
     for group in groups.values():
@@ -150,8 +151,9 @@ def plan(points: list[Point], node: Node, nodes: int = 1) -> list[Pack]:
             raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {want} {name} are "
                               f"more than a node's {have}")
         fewest = min(slots.values())
-        by = "" if fewest * (nodes // each.nodes) >= len(group) else next(n for n, k in slots.items() if k == fewest)
-        used = min(nodes // each.nodes, math.ceil(len(group) / fewest))  # no node the points leave idle
+        most = min(nodes, node.of or nodes) // each.nodes  # groups of a point's nodes
+        by = "" if fewest * most >= len(group) else next(n for n, k in slots.items() if k == fewest)
+        used = min(most, math.ceil(len(group) / fewest))  # no node the points leave idle
         packs.append(Pack(tuple(group), min(fewest, math.ceil(len(group) / used)), used, by))
     return packs
 

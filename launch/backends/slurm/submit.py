@@ -71,7 +71,7 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
             point.resources.mounting(workdir(), folder, point.run_dir)  # is queued
             no_filename_pattern(folder, point.run_dir)
         launcher = fresh[0].launcher
-        node = pack.smallest_node(points[0].resources, launcher.pack_nodes) if launcher.pack else None
+        node = pack.smallest_node(points[0].resources) if launcher.pack else None
         if node is not None:  # the plan, and the budget of its allocations
             pack.print_plan(pack.plan(points, node, launcher.pack_nodes), out)
         billed = points if node is None else [k.budget_point() for k in pack.plan(points, node, launcher.pack_nodes)]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, UserError
 from launch.backends import Point
 from launch.backends.slurm import pack
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
@@ -78,6 +78,10 @@ def test_a_point_of_more_nodes_than_the_allocation_is_refused_before_anything_is
         pack.plan([*points(tmp_path, 2), *points(tmp_path / "w", 1, wide)], pack.Node(cpus=4), nodes=4)
     assert str(e.value) == ("hydra.launcher.pack_nodes=4 is not valid: at least 8 for point seed=0, which asks for "
                             "nodes=8: each packed point runs on nodes of its own in the allocation")
+    with pytest.raises(UserError, match="point seed=0 asks for nodes=4, more than its partition's 3 node"):
+        pack.plan(points(tmp_path, 1, dataclasses.replace(ONE_RANK, nodes=4)), pack.Node(cpus=4, of=3), nodes=8)
+    [p] = pack.plan(points(tmp_path, 8), pack.Node(cpus=2, of=3), nodes=16)  # no more than the partition's 3
+    assert (p.resources.nodes, p.slots, p.waves) == (3, 3, 3)
 
 
 def test_the_packer_names_each_point_its_own_nodes_and_a_step_is_its_points_job(monkeypatch, tmp_path):
