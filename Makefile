@@ -1,5 +1,6 @@
 # gptlaunch's front door. `make run` trains a small sweep on this machine; `make test` runs the tests.
-# Both set everything up first: the virtual environment (torch pinned to the CPU wheel) and the data.
+# Both set everything up first: the virtual environment (torch pinned to the CPU wheel, or its CUDA build on a machine
+# with an NVIDIA GPU) and the data.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
@@ -17,16 +18,29 @@ INSTANCES = $(shell seq $${GPTLAUNCH_CLUSTER_INSTANCE:-0} $$(( $${GPTLAUNCH_CLUS
 # checkpoints, and ends in the scaling report and its TensorBoard dashboard.
 RUN_ARGS ?= -m nodes=1,2 strategy=ddp train.max_steps=1000
 
+# torch's build: `cuda` where nvidia-smi answers with a GPU, from PyTorch's index for CUDA (cu128, as environment.yml;
+# CUDA=cu126 for an older driver: nvidia-smi shows the newest CUDA it runs), the version constraints.txt pins; else
+# (CI too) `cpu`, the wheel constraints.txt pins, and no CUDA package. TORCH_BUILD=cpu keeps a GPU machine on it.
+ifndef TORCH_BUILD
+TORCH_BUILD := $(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu)
+endif
+CUDA ?= cu128
+TORCH_PIN = $(shell grep '^torch==' constraints.txt)
+
 .PHONY: setup data cluster cluster-down run lint test test-fast clean constraints
 
-setup: $(VENV)/.installed
+setup: $(VENV)/.installed-$(TORCH_BUILD)
 
-$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt
+# the build in the stamp's name: a CPU venv on a GPU machine gets the CUDA build
+$(VENV)/.installed-$(TORCH_BUILD): setup.cfg pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -c constraints.txt --upgrade pip  # pip itself as tested, too
+	$(if $(filter cuda,$(TORCH_BUILD)),$(BIN)/pip install -q -c constraints.txt \
+	  --extra-index-url https://download.pytorch.org/whl/$(CUDA) '$(TORCH_PIN)+$(CUDA)')
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'
 	# the stock Optuna sweeper an older venv holds would claim hydra/sweeper=optuna too (hydra_plugins/gptlaunch_optuna)
 	$(BIN)/pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
+	rm -f $(VENV)/.installed-*
 	touch $@
 
 # Every dependency pinned to what the venv holds (after an upgrade the tests passed): what CI and a fresh machine

@@ -20,9 +20,11 @@ class LauncherSection:
     detach: bool = False
     # true: every job runs a snapshot of the code taken at submission (launch.snapshot), not the checkout
     snapshot: bool = True
-    # true: a cluster=slurm sweep's one-node points run as job steps inside one allocation per group of equal
-    # resources, as many at once as the node's CPUs hold (launch.backends.slurm.pack)
+    # true: a cluster=slurm sweep's points run as job steps inside one allocation per group of equal resources, as
+    # many at once as its nodes' CPUs, GPUs and memory hold (launch.backends.slurm.pack)
     pack: bool = False
+    # the nodes of each packed allocation: a point of K nodes runs on K of them of its own (at most this many)
+    pack_nodes: int = 1
 
 
 def launcher_section(hydra_launcher: Any) -> LauncherSection:

@@ -27,18 +27,28 @@ def training(run_dir) -> bool:
     return metrics.exists() and '"kind": "train"' in metrics.read_text()
 
 
+# the points' shape, their seeds, and what the plan says of them: 3 one-node points of half a node in one node; 2
+# two-node points of a node's memory (8000 MB nodes) in 4 nodes, each point on 2 of its own
+SHAPES = {"one-node": (["cluster.cpus_per_task=2"], SEEDS, "1 node x 4 CPU(s): 2 at once, 2 wave(s)"),
+          "two-node": (["nodes=2", "strategy=ddp", "cluster.cpus_per_task=2", "cluster.mem=5000M",
+                        "hydra.launcher.pack_nodes=4"], SEEDS[:2],
+                       "4 nodes x 2 CPU(s): 2 at once (each on 2 node(s) of its own), 1 wave(s)")}
+
+
 @pytest.mark.timeout(400)
-def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_path, data_overrides):
-    """3 single-rank points of 2 CPUs in one 1-node allocation of 4 CPUs, as `srun --exact` steps 2 at once: the
-    plan is printed before the one job is submitted. USR2 to the allocation while the first wave trains saves both
-    its points, and the packer requeues the allocation once; the requeued allocation resumes them and runs the point
-    not started. Each finishes; seed=1 with the losses of its unpacked run."""
+@pytest.mark.parametrize("shape", SHAPES)
+def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_path, data_overrides, shape):
+    """Points in one allocation, as `srun --exact` steps 2 at once: 3 single-rank points of 2 CPUs in one node of 4
+    CPUs, or 2 two-node points in 4 nodes, each point's step on 2 nodes of its own. The plan is printed before the one
+    job is submitted. USR2 to the allocation while the first wave trains saves both its points, and the packer
+    requeues the allocation once; the requeued allocation resumes them and runs the point not started. Each finishes;
+    a one-node seed=1 with the losses of its unpacked run."""
     sweep, alone = tmp_path / "sweep", tmp_path / "alone"
-    seeds = ",".join(map(str, SEEDS))
-    proc = subprocess.Popen(launch_cmd("-m", f"seed={seeds}", "hydra.launcher.pack=true", "cluster.cpus_per_task=2", *SLURM, *RUN, *data_overrides,
-                                       f"hydra.sweep.dir={sweep}"), cwd=REPO, env=slurm_cluster.env,
+    asked, seeds, planned = SHAPES[shape]
+    proc = subprocess.Popen(launch_cmd("-m", f"seed={','.join(map(str, seeds))}", "hydra.launcher.pack=true", *SLURM, *RUN, *asked,
+                                       *data_overrides, f"hydra.sweep.dir={sweep}"), cwd=REPO, env=slurm_cluster.env,
                             stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
-    runs = [sweep / f"seed={s}" for s in SEEDS]
+    runs = [sweep / f"seed={s}" for s in seeds]
     deadline = time.monotonic() + 200
     while not all(training(r) for r in runs[:2]):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
@@ -46,24 +56,30 @@ def test_packed_sweep_is_one_job_that_survives_a_preemption(slurm_cluster, tmp_p
     job_ids = {json.loads((r / "slurm_job.json").read_text())["job_id"] for r in runs}
     assert len(job_ids) == 1, job_ids
     job = job_ids.pop()
+    if shape == "two-node":  # the first wave's points side by side, each on 2 nodes of its own, its master its first
+        met = [json.loads((r / "environment" / "rendezvous.json").read_text()) for r in runs[:2]]
+        assert [len(set(m["hosts"])) for m in met] == [2, 2] and not set(met[0]["hosts"]) & set(met[1]["hosts"]), met
+        assert all(m["master"].split(":")[0] == m["hosts"][0] for m in met), met
     slurm_cluster.run("scancel", "--signal=USR2", job)
     # seed=1 unpacked, on this machine meanwhile (its data is prepared by now), with the packed point's 2 threads
     # (another count sums in another order)
-    reference = subprocess.Popen(launch_cmd("cluster=local", "seed=1", *RUN, *data_overrides, f"hydra.run.dir={alone}"),
-                                 cwd=REPO, env={**slurm_cluster.env, "OMP_NUM_THREADS": "2"},
-                                 stdout=subprocess.DEVNULL, stderr=(tmp_path / "alone.err").open("w"))
+    reference = None if shape != "one-node" else subprocess.Popen(
+        launch_cmd("cluster=local", "seed=1", *RUN, *data_overrides, f"hydra.run.dir={alone}"), cwd=REPO,
+        env={**slurm_cluster.env, "OMP_NUM_THREADS": "2"}, stdout=subprocess.DEVNULL,
+        stderr=(tmp_path / "alone.err").open("w"))
     assert proc.wait(timeout=300) == 0, (tmp_path / "out").read_text()[-3000:] + (tmp_path / "err").read_text()[-6000:]
     out = (tmp_path / "out").read_text()
-    assert "hydra.launcher.pack: 3 point(s) in 1 allocation(s)" in out and "2 at once, 2 wave(s)" in out, out
-    assert out.count("submitted job") == 1 and "for 3 packed point(s)" in out, out
+    assert f"hydra.launcher.pack: {len(seeds)} point(s) in 1 allocation(s)" in out and planned in out, out
+    assert out.count("submitted job") == 1 and f"for {len(seeds)} packed point(s)" in out, out
 
     for run, first in zip(runs, ("preempted:SIGUSR2", "preempted:SIGUSR2", None)):
         ends = [json.loads(x) for x in (run / "attempts.jsonl").read_text().splitlines()]
         assert [a["ended"] for a in ends] == [first, "finished"][not first:], ends  # the third started after
         assert {a["job_id"] for a in ends} == {job} and ends[-1]["restart"] == 1, ends
         assert len(losses(run)) == 30
-    assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
-    assert losses(runs[0]) == losses(alone)
+    if reference is not None:
+        assert reference.wait(timeout=200) == 0, (tmp_path / "alone.err").read_text()[-4000:]
+        assert losses(runs[0]) == losses(alone)
 
 
 # a point with one GPU (of the local cluster's 4 per node, device files) and one CPU, training on CPU

@@ -1,7 +1,8 @@
-"""hydra.launcher.pack: a cluster=slurm sweep's one-node points as job steps inside one allocation per group of points
-with equal resources, as many at once as a node's CPUs, GPUs and memory hold (launch.backends.slurm.pack_task runs
-them, each step with its own share). The plan (points per allocation, waves, node-hours against one job per point)
-is printed before the budget guard, which counts the allocations, not the points. Torch-free."""
+"""hydra.launcher.pack: a cluster=slurm sweep's points as job steps inside one allocation per group of points with
+equal resources (launch.backends.slurm.pack_task runs them, each step with its own share). The allocation has
+hydra.launcher.pack_nodes nodes: a point of K nodes runs on K of them of its own, as many points at once on each K
+nodes as a node's CPUs, GPUs and memory hold. The plan (points per allocation, waves, node-hours against one job per
+point) is printed before the budget guard, which counts the allocations, not the points. Torch-free."""
 from __future__ import annotations
 
 import dataclasses
@@ -26,6 +27,7 @@ class Node:
     cpus: int
     gpus: int = 0
     mem_mb: int = 0  # 0: sinfo does not know it (no RealMemory), and memory is not counted
+    of: int = 0  # how many such nodes the partition has: the most an allocation gets (0: not known)
 
     def slots(self, each: SlurmResources) -> dict[str, int]:
         """How many points of `each` the node holds at once, by each of its resources the points ask for."""
@@ -40,16 +42,22 @@ def step_cpus(each: SlurmResources) -> int:
 
 @dataclass(frozen=True)
 class Pack:
-    """Points with equal resources, run `slots` at a time as steps of one single-task allocation; `by`: what a node
-    holds no more of (empty: the points all fit at once)."""
+    """Points with equal resources, run `slots` at a time as steps of one allocation of `groups` x a point's nodes,
+    `per_group` points at once on each group; `by`: what a node holds no more of (empty: the points all fit at
+    once)."""
 
     points: tuple[Point, ...]
-    slots: int
+    per_group: int
+    groups: int = 1
     by: str = ""
 
     @property
     def each(self) -> SlurmResources:
         return self.points[0].resources
+
+    @property
+    def slots(self) -> int:
+        return self.per_group * self.groups
 
     @property
     def waves(self) -> int:
@@ -61,12 +69,12 @@ class Pack:
 
     @property
     def resources(self) -> SlurmResources:
-        """The allocation: one task (the packer) holding every slot's CPUs, GPUs and memory, for as many time limits
-        as waves."""
-        each, n = self.each, self.slots
-        return dataclasses.replace(each, nodes=1, tasks_per_node=1, cpus_per_task=n * self.step_cpus,
-                                   time_min=self.waves * each.time_min, mem=f"{n * mem_mb(each.mem)}M" if each.mem
-                                   else None, **gpu_request(each, n))
+        """The allocation: one task (the packer) and on each node every slot's CPUs, GPUs and memory there, for as
+        many time limits as waves."""
+        each, n = self.each, self.per_group
+        return dataclasses.replace(each, nodes=self.groups * each.nodes, tasks_per_node=1,
+                                   cpus_per_task=n * self.step_cpus, time_min=self.waves * each.time_min,
+                                   mem=f"{n * mem_mb(each.mem)}M" if each.mem else None, **gpu_request(each, n))
 
     def budget_point(self) -> Point:
         first = self.points[0]
@@ -77,10 +85,14 @@ class Pack:
         apart = sum(p.resources.node_hours for p in self.points)
         res = self.resources
         gpus = f", {res.node_gpus} GPU(s)" if res.node_gpus else ""
-        full = f" (a node's {self.by} hold no more at once)" if self.by else ""
-        return (f"{len(self.points)} point(s) ({self.points[0].label}, ...) in one allocation of 1 node x "
-                f"{res.cpus_per_task} CPU(s){gpus}: {self.slots} at once, {self.waves} wave(s) of {self.each.time_min} "
-                f"min{full}; {res.node_hours:.2f} node-hours against {apart:.2f} for one job per point")
+        nodes = "1 node" if res.nodes == 1 else f"{res.nodes} nodes"
+        own = f" (each on {self.each.nodes} node(s) of its own)" if self.each.nodes > 1 else ""
+        full = "" if not self.by else f" (a node's {self.by} hold no more at once)" if res.nodes == 1 else (
+            f" (its {res.nodes} nodes hold no more at once: a node's {self.by} hold {self.per_group} point(s))")
+        return (f"{len(self.points)} point(s) ({self.points[0].label}, ...) in one allocation of {nodes} x "
+                f"{res.cpus_per_task} CPU(s){gpus}: {self.slots} at once{own}, {self.waves} wave(s) of "
+                f"{self.each.time_min} min{full}; {res.node_hours:.2f} node-hours against {apart:.2f} for one job "
+                "per point")
 
 
 def gpu_request(each: SlurmResources, slots: int) -> dict:
@@ -97,29 +109,38 @@ def gpu_request(each: SlurmResources, slots: int) -> dict:
             "sbatch": tuple((k, v) for k, v in each.sbatch if k != "gres")}
 
 
-def packable(point: Point) -> None:
-    """A point that needs a node or more of its own, or an allocation's own features, is refused in one line."""
+def packable(point: Point, nodes: int, partition_nodes: int = 0) -> None:
+    """A point that needs more nodes than the allocation's `nodes` (or the partition's), or an allocation's own
+    features, is refused in one line."""
     r = point.resources
-    why = ("more than one node" if r.nodes > 1 else "cluster.chain" if r.chain > 1
-           else "cluster.spare_nodes" if r.spare_nodes else "a container" if r.step.image
-           else "a node's whole memory (cluster.mem=0)" if r.mem is not None and mem_mb(r.mem) == 0 else None)
+    if partition_nodes and r.nodes > partition_nodes:
+        raise UserError(f"point {point.label} asks for nodes={r.nodes}, more than its partition's {partition_nodes} "
+                        "node(s) that hold it")
+    if r.nodes > nodes:
+        raise ConfigError("hydra.launcher.pack_nodes", nodes, f"at least {r.nodes} for point {point.label}, which "
+                          f"asks for nodes={r.nodes}: each packed point runs on nodes of its own in the allocation")
+    why = ("cluster.chain" if r.chain > 1 else "cluster.spare_nodes" if r.spare_nodes else "a container"
+           if r.step.image else "a node's whole memory (cluster.mem=0)" if r.mem is not None and mem_mb(r.mem) == 0
+           else None)
     if why:
         raise ConfigError("hydra.launcher.pack", True, f"false for point {point.label}, which asks for {why}: packing "
-                          "runs points that each fit in a share of one node as steps of one allocation")
+                          "runs points that each fit in a share of the allocation's nodes as steps of one allocation")
 
 
 def smallest_node(resources: SlurmResources) -> Node:
     """The smallest node of the partition the points run on (CPUs, GPUs, memory) among those that have their GPUs."""
     part = partitions.check_against_cluster(resources, partitions.read_partitions())
     fit = [g for g in part.groups if g[3] >= resources.node_gpus] or part.groups
-    return Node(min(g[1] for g in fit), min(g[3] for g in fit), min(g[2] for g in fit))
+    return Node(min(g[1] for g in fit), min(g[3] for g in fit), min(g[2] for g in fit), sum(g[0] for g in fit))
 
 
-def plan(points: list[Point], node: Node) -> list[Pack]:
-    """One pack per group of equal resources (each point's own job name included), its slots what `node` holds."""
+def plan(points: list[Point], node: Node, nodes: int = 1) -> list[Pack]:
+    """One pack per group of equal resources (each point's own job name included) in an allocation of up to `nodes`
+    nodes (the partition's at most): its points' nodes as many times as fit, each holding as many points at once as
+    `node` holds."""
     groups: dict[tuple, list[Point]] = {}
     for p in points:
-        packable(p)
+        packable(p, nodes, node.of)
         groups.setdefault((p.resources, p.job_name), []).append(p)
     packs = []
     for group in groups.values():
@@ -130,8 +151,10 @@ def plan(points: list[Point], node: Node) -> list[Pack]:
             raise ConfigError("hydra.launcher.pack", True, f"false for point {group[0].label}: its {want} {name} are "
                               f"more than a node's {have}")
         fewest = min(slots.values())
-        by = "" if fewest >= len(group) else next(name for name, n in slots.items() if n == fewest)
-        packs.append(Pack(tuple(group), min(len(group), fewest), by))
+        most = min(nodes, node.of or nodes) // each.nodes  # groups of a point's nodes
+        by = "" if fewest * most >= len(group) else next(n for n, k in slots.items() if k == fewest)
+        used = min(most, math.ceil(len(group) / fewest))  # no node the points leave idle
+        packs.append(Pack(tuple(group), min(fewest, math.ceil(len(group) / used)), used, by))
     return packs
 
 
@@ -164,7 +187,8 @@ def submit_pack(pack: Pack, folder: Path, here: Path, out) -> list[Submitted]:
     # termination", whether SIGTERM is ignored or blocked), so the points' steps would die inside the grace time
     # instead of saving; the batch step is signalled only by the requeue that follows
     executor.update_parameters(use_srun=False)
-    job = executor.submit(PackTask(tuple(str(p.run_dir) for p in pack.points), pack.slots))
+    run_dirs = tuple(str(p.run_dir) for p in pack.points)
+    job = executor.submit(PackTask(run_dirs, pack.per_group, pack.each.nodes))
     submitted = []
     for p in pack.points:
         s = Submitted(p, job.job_id, folder, packed=True)

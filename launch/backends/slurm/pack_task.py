@@ -1,6 +1,7 @@
 """The one task of a packed allocation (hydra.launcher.pack): each point runs as its own `srun --exact` step, with its
-own CPUs, GPUs and memory, through the task wrapper every Slurm path runs (launch.backends.slurm.task), `slots` at
-once, the next one starting as one ends.
+own CPUs, GPUs and memory on nodes named for it (--nodelist: a point of K nodes on K nodes of its own), through the
+task wrapper every Slurm path runs (launch.backends.slurm.task), `per_group` at once on each group of nodes, the
+next one starting as one ends.
 
 It runs in the batch step (launch.backends.slurm.pack), where Slurm's preemption signal and launch.cancel's do not
 reach it: they reach every point's step, whose rank saves and leaves the requeue to this task (job.PACKED_VAR). A
@@ -70,11 +71,12 @@ def own_share(res: SlurmResources, share_mb: int | None = None) -> list[str]:
 
 
 def slot_mem_mb(env: dict[str, str], slots: int) -> int | None:
-    """Each slot's share of the allocation's memory (None where Slurm gives it none). Measured on Slurm 22.05 with
+    """Each of a node's `slots` share of its memory (None where Slurm gives it none). Measured on Slurm 22.05 with
     CR_Core_Memory: a step without --mem is given the allocation's whole memory as its limit (one point could take
     its neighbours'), and one that asks for the allocation's (an inherited SLURM_MEM_PER_NODE) waits for the step
     before it to end."""
-    total = env_mem_mb(env) or allocated_mem_mb(env.get("SLURM_JOB_ID"))
+    nodes = int(env.get("SLURM_JOB_NUM_NODES", "1") or 1)
+    total = env_mem_mb(env) or allocated_mem_mb(env.get("SLURM_JOB_ID")) // nodes
     return total // slots or None
 
 
@@ -98,65 +100,77 @@ def allocated_mem_mb(job_id: str | None) -> int:
     return mem_mb(tres.get("mem"))
 
 
-def step_command(run_dir: Path, share_mb: int | None = None) -> tuple[list[str], dict[str, str]]:
-    """The point's srun line and environment: its own tasks, CPUs, GPUs and memory (`share_mb` where it sets none),
-    its site flags, its threads."""
+def step_command(run_dir: Path, hosts: list[str], share_mb: int | None = None) -> tuple[list[str], dict[str, str]]:
+    """The point's srun line and environment on `hosts` (nodes of the allocation named for it): its own tasks, CPUs,
+    GPUs and memory (`share_mb` where it sets none), its site flags, its threads."""
     run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
-    step = dataclasses.replace(step, srun_args=(*own_share(SlurmResources.from_run(run), share_mb), *step.srun_args))
+    share = own_share(SlurmResources.from_run(run), share_mb)
+    step = dataclasses.replace(step, srun_args=(*share, f"--nodelist={','.join(hosts)}", *step.srun_args))
     cpus = c.cpus_per_task if isinstance(c.cpus_per_task, int) else 1
-    host = socket.gethostname()
     # the points are no submitit tasks, and ask for their own share of the allocation
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_") and k not in ALLOCATION_REQUEST}
     env.update({**ThreadPlan.decide(ranks_on_host=c.tasks_per_node, cpus_per_task=cpus).env(),
-                **step.environ(host), PACKED_VAR: "1"})
-    cmd = srun_command(1, c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
+                **step.environ(hosts[0]), PACKED_VAR: "1"})
+    cmd = srun_command(len(hosts), c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
                        run_dir, here, setup=c.setup_lines, exact=True)
     return cmd, env
 
 
-def outcome(run_dir: Path, code: int) -> dict:
-    """What the launcher's waiter reads for the point: rank 0's result (with the summary) or one error line."""
+def outcome(run_dir: Path, code: int, hosts: list[str] | None = None) -> dict:
+    """What the launcher's waiter reads for the point: rank 0's result (with the summary) on the first of its
+    `hosts`, and its other hosts, or one error line."""
     folder = RunFolder(run_dir)
+    first, *others = hosts or [socket.gethostname()]
     if code == 0 and (summary := folder.read_summary()) is not None:
-        return {"results": [{"rank": 0, "host": socket.gethostname(), "summary": summary}]}
+        return {"results": [{"rank": 0, "host": first, "summary": summary}, *({"host": h} for h in others)]}
     from launch.backends.slurm.task import last_error
 
     error = last_error(folder.log(0)) or f"its step exited with code {code}"
     return {"error": f"{error} (its log: {folder.log(0)})"}
 
 
+def node_groups(nodes_each: int, per_group: int) -> list[list[str]]:
+    """The allocation's nodes in groups of a point's `nodes_each`, each group once per point it holds at once."""
+    hosts = commands.hostnames(os.environ["SLURM_JOB_NODELIST"])
+    groups = [hosts[i:i + nodes_each] for i in range(0, len(hosts) - nodes_each + 1, nodes_each)]
+    return [g for _ in range(per_group) for g in groups]  # the groups in turn: points spread over the nodes
+
+
 @dataclass(frozen=True)
 class PackTask:
     run_dirs: tuple[str, ...]
-    slots: int
+    per_group: int
+    nodes_each: int = 1
 
     def __call__(self) -> dict[str, dict]:
         dirs = [Path(d) for d in self.run_dirs]
         results = {str(d): outcome(d, 0) for d in dirs if finished(d)}  # in an earlier attempt of this job
         waiting = [d for d in dirs if str(d) not in results]
         relay = SignalRelay(configured_signals(RunFolder(dirs[0]).config))  # instead of submitit's own handlers
-        running: dict[Path, subprocess.Popen] = {}
+        free = node_groups(self.nodes_each, self.per_group)
+        running: dict[Path, tuple[subprocess.Popen, list[str]]] = {}
         unfinished = False
-        share_mb = slot_mem_mb(dict(os.environ), self.slots)
+        share_mb = slot_mem_mb(dict(os.environ), self.per_group)
         while waiting or running:
-            while waiting and len(running) < self.slots and not relay.received and not unfinished:
-                d = waiting.pop(0)
-                cmd, env = step_command(d, share_mb)
-                print(f"point {d.name}: {' '.join(cmd[-2:])}", flush=True)
-                running[d] = subprocess.Popen(cmd, env=env)
+            while waiting and free and not relay.received and not unfinished:
+                d, hosts = waiting.pop(0), free.pop(0)
+                cmd, env = step_command(d, hosts, share_mb)
+                print(f"point {d.name} on {','.join(hosts)}: {' '.join(cmd[-2:])}", flush=True)
+                running[d] = subprocess.Popen(cmd, env=env), hosts
             if (relay.received or unfinished) and not running:
                 break
             time.sleep(RELAY_POLL_S)
-            for d, child in list(running.items()):
+            for d, (child, hosts) in list(running.items()):
                 if (code := child.poll()) is not None:
                     del running[d]
+                    free.append(hosts)
                     stopped = not finished(d) and (code == 0 or ended_for_the_allocation(d)
                                                    or preempted_as_it_started(d))
                     unfinished |= stopped  # saved, lost a rank or hung, or never started: the allocation decides
                     if not stopped:
-                        results[str(d)] = outcome(d, code)
+                        results[str(d)] = outcome(d, code, hosts)
         if relay.received or unfinished:
             decided = ended_early(dirs)
             if decided is not None and decided.next is Next.STOP:  # the same command runs them: none failed

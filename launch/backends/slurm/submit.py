@@ -70,10 +70,11 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
         for point in points:  # a folder no container can mount, or Slurm would misname, is refused before anything
             point.resources.mounting(workdir(), folder, point.run_dir)  # is queued
             no_filename_pattern(folder, point.run_dir)
-        node = pack.smallest_node(points[0].resources) if fresh[0].launcher.pack else None
+        launcher = fresh[0].launcher
+        node = pack.smallest_node(points[0].resources) if launcher.pack else None
         if node is not None:  # the plan, and the budget of its allocations
-            pack.print_plan(pack.plan(points, node), out)
-        billed = points if node is None else [k.budget_point() for k in pack.plan(points, node)]
+            pack.print_plan(pack.plan(points, node, launcher.pack_nodes), out)
+        billed = points if node is None else [k.budget_point() for k in pack.plan(points, node, launcher.pack_nodes)]
         # a refused sweep leaves no snapshot behind; its data preparation jobs are part of its cost
         budget_gate([*preparation_points(fresh), *billed], fresh[0].budget)
         if fresh[0].launcher.snapshot:
@@ -87,7 +88,8 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
         preparations = prepare_first(fresh, folder, out)
         points = [preparations[p.label].gate(point) if p.label in preparations else point
                   for p, point in zip(fresh, points)]
-        jobs = submit(points, folder) if node is None else pack.submit(pack.plan(points, node), folder, out)
+        jobs = submit(points, folder) if node is None else pack.submit(pack.plan(points, node, launcher.pack_nodes),
+                                                                         folder, out)
         by_dir = {s.point.run_dir: s for s in jobs}  # submitted group by group: in another order than the points
         for p in fresh:
             submitted[id(p)] = by_dir[p.plan.run_dir]

@@ -35,7 +35,7 @@ from launch.recovery.rounds import RoundUnreadable
 from launch.rank.signal_relay import SignalRelay, catches
 from launch.recovery.standby import Standby
 from launch.rank.threads import ThreadPlan
-from launch.backends.slurm.job import gpus_on_node
+from launch.backends.slurm.job import gpus_on_node, packed_step_as_job
 
 
 REFUSED = "stopped the run"  # a rank's UserError (exit code 2): the same command meets it again until it is put right
@@ -76,6 +76,7 @@ class RankTask:
         host = socket.gethostname()
         run_dir = Path(self.run_dir)
         folder = RunFolder(run_dir)
+        os.environ.update(packed_step_as_job(os.environ))
         env = {**without_inherited(dict(os.environ), run_dir), **ThreadPlan.from_env().env()}
         # Preemption is the rank's business: on one of preemption.signals (by default USR2, Slurm's time-limit
         # warning or `scancel --signal=USR2`, and TERM, preemption or `scontrol requeue`) every rank sets a flag,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, UserError
 from launch.backends import Point
 from launch.backends.slurm import pack
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
@@ -39,13 +39,67 @@ def test_points_of_other_resources_get_their_own_allocation(tmp_path):
     assert [(len(p.points), p.slots, p.resources.cpus_per_task) for p in packs] == [(2, 2, 4), (2, 2, 8)]
 
 
-@pytest.mark.parametrize("change, why", [({"nodes": 2}, "more than one node"), ({"cpus_per_task": 8}, "more than a node's 4"),
+@pytest.mark.parametrize("change, why", [({"nodes": 2}, "_nodes=1 is not valid: at least 2 for point seed=0, which asks "
+                                                       "for nodes=2"),
+                                         ({"cpus_per_task": 8}, "more than a node's 4"),
                                          ({"gpus_per_node": 1}, "its 1 GPUs are more than a node's 0"),
                                          ({"mem": "9G"}, "its 9216 MB memory are more than a node's 8000 MB"),
                                          ({"mem": "0"}, r"a node's whole memory \(cluster.mem=0\)")])
 def test_a_point_that_does_not_fit_in_a_node_is_refused_in_one_line(tmp_path, change, why):
     with pytest.raises(ConfigError, match=f"hydra.launcher.pack.*{why}"):
         pack.plan(points(tmp_path, 2, dataclasses.replace(ONE_RANK, **change)), pack.Node(cpus=4, mem_mb=8000))
+
+
+@pytest.mark.parametrize("each, points, slots, line", [
+    # 2-node points of a node's CPUs each, in 4 nodes: 2 at once, each on 2 nodes of its own
+    ({"nodes": 2, "cpus_per_task": 4}, 3, (2, 1, 4), "one allocation of 4 nodes x 4 CPU(s): 2 at once (each on 2 "
+     "node(s) of its own), 2 wave(s) of 10 min (its 4 nodes hold no more at once: a node's CPUs hold 1 point(s)); "
+     "1.33 node-hours against 1.00 for one job per point"),
+    # 2-node points of half a node: 2 on each 2 nodes, 4 at once in 4 nodes
+    ({"nodes": 2}, 4, (4, 2, 4), "4 nodes x 4 CPU(s): 4 at once (each on 2 node(s) of its own), 1 wave(s)"),
+    # one-node points of half a node spread over 3 nodes: 6 at once, and a 4th node would stay idle
+    ({}, 6, (6, 2, 3), "3 nodes x 4 CPU(s): 6 at once, 1 wave(s) of 10 min; 0.50 node-hours against 1.00"),
+    # 2 points of 2 nodes need 2 of 4: no idle node is asked for
+    ({"nodes": 2, "cpus_per_task": 4}, 2, (2, 1, 4), "4 nodes x 4 CPU(s): 2 at once (each on 2 node(s) of its own), "
+     "1 wave(s)")])
+def test_points_of_several_nodes_each_get_nodes_of_their_own_in_an_allocation_of_several(tmp_path, each, points,
+                                                                                       slots, line):
+    """hydra.launcher.pack_nodes=4: slots counted per node, in groups of a point's nodes; the allocation asks on each
+    node for what the points there hold at once, and for no node they would leave idle."""
+    [p] = pack.plan(globals()["points"](tmp_path, points, dataclasses.replace(ONE_RANK, **each)), pack.Node(cpus=4),
+                    nodes=4)
+    assert (p.slots, p.per_group, p.resources.nodes) == slots
+    assert line in p.line()
+
+
+def test_a_point_of_more_nodes_than_the_allocation_is_refused_before_anything_is_submitted(tmp_path):
+    wide = dataclasses.replace(ONE_RANK, nodes=8)
+    with pytest.raises(ConfigError) as e:
+        pack.plan([*points(tmp_path, 2), *points(tmp_path / "w", 1, wide)], pack.Node(cpus=4), nodes=4)
+    assert str(e.value) == ("hydra.launcher.pack_nodes=4 is not valid: at least 8 for point seed=0, which asks for "
+                            "nodes=8: each packed point runs on nodes of its own in the allocation")
+    with pytest.raises(UserError, match="point seed=0 asks for nodes=4, more than its partition's 3 node"):
+        pack.plan(points(tmp_path, 1, dataclasses.replace(ONE_RANK, nodes=4)), pack.Node(cpus=4, of=3), nodes=8)
+    [p] = pack.plan(points(tmp_path, 8), pack.Node(cpus=2, of=3), nodes=16)  # no more than the partition's 3
+    assert (p.resources.nodes, p.slots, p.waves) == (3, 3, 3)
+
+
+def test_the_packer_names_each_point_its_own_nodes_and_a_step_is_its_points_job(monkeypatch, tmp_path):
+    """The allocation's nodes in groups of a point's nodes, in turn; a packed point's ranks see their step's nodes as
+    their job's (Slurm names the allocation's there), a rank of a job of its own keeps the job's."""
+    from launch.backends.slurm import commands
+    from launch.backends.slurm.job import packed_step_as_job
+    from launch.backends.slurm.pack_task import node_groups
+
+    monkeypatch.setattr(commands, "hostnames", lambda nodelist: {"n[1-5]": [f"n{i}" for i in range(1, 6)]}[nodelist])
+    monkeypatch.setenv("SLURM_JOB_NODELIST", "n[1-5]")
+    assert node_groups(2, 2) == [["n1", "n2"], ["n3", "n4"], ["n1", "n2"], ["n3", "n4"]]
+    assert node_groups(1, 1) == [["n1"], ["n2"], ["n3"], ["n4"], ["n5"]]
+    step = {"SLURM_JOB_NODELIST": "n[1-4]", "SLURM_JOB_NUM_NODES": "4", "SLURM_NNODES": "2",
+            "SLURM_STEP_NODELIST": "n[3-4]", "SLURM_STEP_NUM_NODES": "2"}
+    assert packed_step_as_job({**step, PACKED_VAR: "1"}) == {
+        "SLURM_JOB_NODELIST": "n[3-4]", "SLURM_NODELIST": "n[3-4]", "SLURM_JOB_NUM_NODES": "2", "SLURM_NNODES": "2"}
+    assert packed_step_as_job(step) == {}
 
 
 ONE_GPU = dataclasses.replace(ONE_RANK, gpus_per_node=1, cpus_per_task=1, mem="1G")
@@ -117,6 +171,7 @@ def test_a_point_that_sets_no_memory_gets_its_slots_share_of_the_allocations(mon
     monkeypatch.setattr(commands, "scontrol_job", {"7": info}.get)
     assert slot_mem_mb({"SLURM_JOB_ID": "7"}, 3) == 2560
     assert slot_mem_mb({"SLURM_JOB_ID": "8"}, 3) is None
+    assert slot_mem_mb({"SLURM_JOB_ID": "7", "SLURM_JOB_NUM_NODES": "3"}, 1) == 2560  # the TRES is every node's
     each = dataclasses.replace(ONE_RANK, cpus_per_task=1)
     assert own_share(each, 2000) == ["--mem=2000M"] and own_share(each) == []
     assert own_share(dataclasses.replace(each, mem="1G"), 2000) == ["--mem=1G"]
