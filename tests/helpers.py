@@ -16,6 +16,17 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# Compiled test runs share one Inductor cache (train.compile_cache_dir) rather than each run folder's own: a block
+# graph one test compiled (minutes of CPU on two ranks) is loaded by the next test that compiles the same graph.
+# Inductor's keys hold torch's version and the graph, so a hit is never stale. A test of the per-run cache itself
+# names its own (train.compile_cache_dir=null: the run folder's).
+SHARED_COMPILE_CACHE = Path(tempfile.gettempdir()) / "gptlaunch-tests-inductor"
+
+
+def with_shared_compile_cache(overrides) -> list[str]:
+    compiles = any(o in ("train.compile=true", "train=gpu") for o in overrides)
+    named = any(o.startswith("train.compile_cache_dir=") for o in overrides)
+    return [*overrides, f"train.compile_cache_dir={SHARED_COMPILE_CACHE}"] if compiles and not named else list(overrides)
 
 
 def wait_until(check, timeout: float = 120, what: str = "", poll_s: float = 0.5) -> None:
@@ -48,7 +59,7 @@ def launch(*overrides: str, run_dir: Path, check: bool = True, timeout: float = 
     process (`launch_here`), or, with `env` (read as the ranks' modules load), as a process of its own (within
     `timeout`; in this process, the test's own timeout mark bounds it)."""
     where = f"hydra.sweep.dir={run_dir}" if multirun else f"hydra.run.dir={run_dir}"
-    args = [*(["-m"] if multirun else []), where, "train.progress=false", *overrides]
+    args = [*(["-m"] if multirun else []), where, "train.progress=false", *with_shared_compile_cache(overrides)]
     cmd = [sys.executable, "-m", "launch", *args]
     if env is None:
         proc = launch_here(args)

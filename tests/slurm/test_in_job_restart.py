@@ -45,7 +45,8 @@ def states_until_done(job: Job, timeout: float = 240) -> set[tuple[str, str]]:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("path", ["launcher", "sbatch"])
+# sbatch slurm/multi_node.sh here; the launcher's path is the spare test's below (one path each keeps CI in bounds)
+@pytest.mark.parametrize("path", ["sbatch"])
 def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm_cluster, tmp_path, data_overrides,
                                                                           reference, path):
     """cluster=slurm through the launcher (submitit), and sbatch slurm/multi_node.sh (cluster=srun)."""
@@ -82,7 +83,8 @@ def test_a_killed_rank_restarts_inside_the_allocation_and_finishes_exactly(slurm
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("path", ["launcher", "sbatch"])
+# the launcher here; sbatch slurm/multi_node.sh is the killed rank's path above
+@pytest.mark.parametrize("path", ["launcher"])
 def test_a_node_set_down_is_replaced_by_the_spare_and_the_run_finishes_exactly(slurm_cluster, tmp_path,
                                                                               data_overrides, reference, path):
     """2 nodes and 1 spare (3 allocated): rank 1's node is set down; the spare takes its place in the next round.
@@ -130,7 +132,8 @@ def round_asked(run_dir: Path, k: int, timeout: float = 60) -> None:
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("preemption", ["signal", "urgent job"])
+# a real preemption (Slurm's signal to the steps, then its kill); a signal alone is the other preemption tests'
+@pytest.mark.parametrize("preemption", ["urgent job"])
 def test_a_preemption_during_an_in_job_restart_still_saves_and_requeues(slurm_cluster, tmp_path, data_overrides,
                                                                        reference, preemption):
     """A rank is killed, and while the wrappers stop round 0 and start round 1 the job is preempted: by the signal

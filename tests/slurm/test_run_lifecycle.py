@@ -189,7 +189,8 @@ def ranks_started(run_dir: Path, restart: int, ranks: int = 2) -> bool:
 
 
 @pytest.mark.timeout(420)
-@pytest.mark.parametrize("path", ["cluster=slurm", "sbatch --batch"])
+# sbatch here; under cluster=slurm a preemption as the tasks start is test_slurm_preemption's (one path each)
+@pytest.mark.parametrize("path", ["sbatch --batch"])
 def test_a_signal_during_start_up_ends_in_a_requeue_never_failed(path, slurm_cluster, tmp_path, data_overrides,
                                                                   reference):
     """USR2 as soon as a requeued attempt has started its ranks, long before they have imported torch."""

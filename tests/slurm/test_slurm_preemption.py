@@ -123,7 +123,8 @@ FIRST_WAITS = '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && sleep 60\nexit 0\n'
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("path", ["cluster=slurm", "sbatch multi_node.sh"])
+# cluster=slurm here; under sbatch a signal as the tasks start is test_run_lifecycle's (one path each)
+@pytest.mark.parametrize("path", ["cluster=slurm"])
 def test_a_higher_tier_job_that_comes_while_the_tasks_start_requeues_the_job_once_and_it_finishes(
         slurm_cluster, tmp_path, data_overrides, reference_run, path):
     """Slurm's SIGTERM reaches the tasks before they can ignore it, here in a site's task prolog (`srun
@@ -185,7 +186,8 @@ def test_a_higher_tier_job_preempts_a_multi_node_sh_job_which_saves_and_resumes_
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("by", ["partition", "QOS"])
+# by partition; preemption by QOS is test_under_qos_preemption_...'s
+@pytest.mark.parametrize("by", ["partition"])
 def test_a_cancel_preemption_saves_and_ends_and_the_same_command_continues_the_run(
         slurm_cluster, tmp_path, data_overrides, reference_run, request, by):
     """PreemptMode=CANCEL (partition lowcancel, or QOS lowcancel under preempt/qos): the ranks save inside the grace

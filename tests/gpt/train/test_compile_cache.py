@@ -9,7 +9,8 @@ from gpt.run_folder import RunFolder
 from helpers import launch
 
 RUN = ["model=tiny", "model.n_layer=2", "train.compile=true", "train.device=cpu", "train.global_batch_size=2",
-       "train.eval_interval=0", "train.log_interval=1", "checkpoint.interval_steps=1"]
+       "train.eval_interval=0", "train.log_interval=1", "checkpoint.interval_steps=1",
+       "train.compile_cache_dir=null"]  # the run folder's own, not the suite's shared one (tests/helpers.py)
 
 
 def startup(run_dir) -> dict:
@@ -30,7 +31,7 @@ def test_a_second_attempt_loads_the_first_ones_compiled_graphs_and_another_model
     assert second["compile_s"] < first["compile_s"], (first, second)
 
     # another shape, the same caches: Inductor's keys hold the graph, so it misses rather than load the first model's
-    launch(*RUN, *prepared_data, "model.n_embd=48", "train.max_steps=1",
+    launch(*RUN[:-1], *prepared_data, "model.n_embd=48", "train.max_steps=1",
            f"train.compile_cache_dir={RunFolder(run_dir).compile_cache}", run_dir=other)
     changed = startup(other)
     assert changed["compile_cache_misses"] > 0 and changed["compile_cache_hits"] == 0, changed
