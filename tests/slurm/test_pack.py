@@ -159,7 +159,9 @@ def test_a_higher_tier_job_that_comes_while_the_points_start_requeues_the_alloca
                             cwd=REPO, env=slurm_cluster.env,
                             stdout=(tmp_path / "out").open("w"), stderr=(tmp_path / "err").open("w"))
     deadline = time.monotonic() + 120
-    while not (tmp_path / "prolog.0.0").exists():  # the first point's step, the job's first
+    # both points' steps in their prolog: a step that comes there after the urgent job gets no SIGTERM and sleeps
+    # through the grace time, and Slurm, not the packer, requeues the allocation
+    while not all((tmp_path / f"prolog.0.{step}").exists() for step in (0, 1)):
         assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "err").read_text()[-4000:]
         time.sleep(0.05)
     urgent_job(slurm_cluster, tmp_path)
