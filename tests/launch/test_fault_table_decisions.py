@@ -327,11 +327,12 @@ def run_packer(monkeypatch, dirs, code: int) -> dict:
     from launch.backends.slurm import pack_task
 
     step = [sys.executable, "-c", f"raise SystemExit({code})"]
-    monkeypatch.setattr(pack_task, "step_command", lambda d, share_mb=None: (step, {}))
+    monkeypatch.setattr(pack_task, "step_command", lambda d, hosts, share_mb=None, point=0: (step, {}))
+    monkeypatch.setattr(pack_task, "node_groups", lambda nodes_each, per_group: [["n1"]] * per_group)
     monkeypatch.setattr(pack_task, "REQUEUE_WAIT_S", 0.0)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGUSR2)}
     try:
-        return pack_task.PackTask(tuple(map(str, dirs)), slots=1)()
+        return pack_task.PackTask(tuple(map(str, dirs)), per_group=1)()
     finally:
         for s, h in handlers.items():
             signal.signal(s, h)

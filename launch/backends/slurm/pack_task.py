@@ -33,6 +33,7 @@ from gpt.run_folder import Next, RunFolder
 from launch.backends.slurm import commands
 from launch.backends.slurm.job import PACKED_VAR, SlurmJob
 from launch.backends.slurm.partitions import mem_mb
+from launch.backends.slurm.placement import point_port
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.srun import srun_command
 from launch.backends.slurm.step import RankStep, workdir
@@ -100,9 +101,11 @@ def allocated_mem_mb(job_id: str | None) -> int:
     return mem_mb(tres.get("mem"))
 
 
-def step_command(run_dir: Path, hosts: list[str], share_mb: int | None = None) -> tuple[list[str], dict[str, str]]:
+def step_command(run_dir: Path, hosts: list[str], share_mb: int | None = None,
+                 point: int = 0) -> tuple[list[str], dict[str, str]]:
     """The point's srun line and environment on `hosts` (nodes of the allocation named for it): its own tasks, CPUs,
-    GPUs and memory (`share_mb` where it sets none), its site flags, its threads."""
+    GPUs and memory (`share_mb` where it sets none), its site flags, its threads, and its own rendezvous port (`point`:
+    its index in the allocation)."""
     run = launch_config.load(RunFolder(run_dir).config)
     here, c = workdir(), run.cluster
     step = RankStep.from_cluster(c).mounting(here, run_dir)
@@ -113,6 +116,7 @@ def step_command(run_dir: Path, hosts: list[str], share_mb: int | None = None) -
     env = {k: v for k, v in os.environ.items() if not k.startswith("SUBMITIT_") and k not in ALLOCATION_REQUEST}
     env.update({**ThreadPlan.decide(ranks_on_host=c.tasks_per_node, cpus_per_task=cpus).env(),
                 **step.environ(hosts[0]), PACKED_VAR: "1"})
+    env["MASTER_PORT"] = str(point_port(env, point))
     cmd = srun_command(len(hosts), c.tasks_per_node, str(cpus), step, configured_signals(RunFolder(run_dir).config),
                        run_dir, here, setup=c.setup_lines, exact=True)
     return cmd, env
@@ -156,7 +160,7 @@ class PackTask:
         while waiting or running:
             while waiting and free and not relay.received and not unfinished:
                 d, hosts = waiting.pop(0), free.pop(0)
-                cmd, env = step_command(d, hosts, share_mb)
+                cmd, env = step_command(d, hosts, share_mb, point=dirs.index(d))
                 print(f"point {d.name} on {','.join(hosts)}: {' '.join(cmd[-2:])}", flush=True)
                 running[d] = subprocess.Popen(cmd, env=env), hosts
             if (relay.received or unfinished) and not running:

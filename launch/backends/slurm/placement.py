@@ -65,6 +65,16 @@ def master_port(env) -> int:
     return slurm_port(env["SLURM_JOB_ID"], round_)
 
 
+# A packed allocation's points each take the job's port moved by 64 a point (rounds move a port by 1 each): two
+# points of several ranks side by side on one node never share a rendezvous port.
+POINT_PORT_STRIDE = 64
+
+
+def point_port(env, point: int) -> int:
+    """The rendezvous port of packed point `point` (its index in the allocation) in round 0."""
+    return master_port({**env, ROUND_VAR: "0"}) + POINT_PORT_STRIDE * point
+
+
 def slurm_port(job_id: str, round_: int = 0) -> int:
     return SLURM_PORT_BASE + (int(job_id) + 997 * round_) % SLURM_PORT_SPAN
 

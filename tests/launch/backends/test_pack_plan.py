@@ -175,3 +175,17 @@ def test_a_point_that_sets_no_memory_gets_its_slots_share_of_the_allocations(mon
     each = dataclasses.replace(ONE_RANK, cpus_per_task=1)
     assert own_share(each, 2000) == ["--mem=2000M"] and own_share(each) == []
     assert own_share(dataclasses.replace(each, mem="1G"), 2000) == ["--mem=1G"]
+
+
+def test_packed_points_side_by_side_rendezvous_on_ports_of_their_own():
+    """Points of one allocation share its job id, from which a job's port follows: each point's step is given the
+    port moved by its index, and its ranks' rounds move it by one each, never onto another point's."""
+    from launch.backends.slurm.placement import master_port, point_port
+    from launch.rank.job_env import ROUND_VAR
+
+    job = {"SLURM_JOB_ID": "4242"}
+    ports = [point_port(job, p) for p in range(4)]
+    assert ports[0] == master_port(job) and len(set(ports)) == 4
+    met = {master_port({**job, "MASTER_PORT": str(port), ROUND_VAR: str(r)}) for port in ports for r in range(3)}
+    assert len(met) == 12
+    assert point_port({**job, ROUND_VAR: "2"}, 1) == ports[1]  # the packer's own round does not move it
