@@ -60,6 +60,7 @@ def test_fsdp_rank_0_holds_a_padded_chunk_of_every_tensor_at_4096_ranks_as_estim
     assert all(abs(rows[part].error()) < 0.001 for part in dry_run.COMPARED), dry_run.report(done)
 
 
+@pytest.mark.slow
 def test_the_command_prints_the_layout_and_agrees(capsys):
     with pytest.raises(SystemExit) as ended:
         dry_run.main([*TINY, "strategy=fsdp", "parallel.tp=2"])
@@ -72,6 +73,7 @@ def test_the_command_prints_the_layout_and_agrees(capsys):
 
 @pytest.mark.parametrize("layout", [["strategy=ddp"], ["strategy=zero1"],
                                     ["strategy=pipeline", "parallel.pp=2", "strategy.dp=ddp", "strategy.microbatches=2"]])
+@pytest.mark.slow
 def test_ddp_holds_its_gradients_once_and_the_estimate_says_so(layout):
     """DDP (ZeRO-1's too, and a pipeline's inside its stages) all-reduces the gradients in its reducer's buckets,
     each .grad a view into its bucket (gradient_as_bucket_view): a rank holds them once, as the estimate counts
@@ -81,6 +83,7 @@ def test_ddp_holds_its_gradients_once_and_the_estimate_says_so(layout):
     assert done.disagreement() is None
 
 
+@pytest.mark.slow
 def test_a_disagreement_fails_in_one_line(capsys, monkeypatch):
     """An estimate whose optimizer state is half of what ZeRO-1's rank 0 holds (the even split the fit check
     estimated before the dry run found the whole-parameter partition) fails the command in one line, exit code 1."""
@@ -99,6 +102,7 @@ def test_a_disagreement_fails_in_one_line(capsys, monkeypatch):
                           "optimizer ") and "held by rank 0 of 8 (-50.0%)" in err
 
 
+@pytest.mark.slow
 def test_a_named_rank_that_holds_less_than_the_most_is_no_disagreement(capsys):
     """A middle pipeline stage holds layers only: less than the estimate, which is of the rank that holds the most
     (the first stage's, with the embeddings), and that is no failure."""

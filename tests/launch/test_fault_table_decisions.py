@@ -261,6 +261,7 @@ class Trials:
 
 
 @pytest.mark.parametrize("how, code", [("cancelled", 0), ("preempted, cancelled", 1)])
+@pytest.mark.slow
 def test_an_optuna_trial_cancelled_or_stopped_by_a_preemption_is_left_running_and_the_same_command_continues_it(
         tmp_path, monkeypatch, capsys, how, code):
     """A trial is a point of gptlaunch's launcher (one job, or a packed allocation's step): its run ends by recovery's

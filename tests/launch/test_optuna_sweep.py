@@ -77,6 +77,7 @@ def test_an_objective_the_runs_never_have_is_refused_before_anything_runs(tmp_pa
     assert not (sweep / "optuna.db").exists()  # a refused first batch leaves no study behind
 
 
+@pytest.mark.slow
 def test_a_detached_search_on_this_machine_is_refused_and_leaves_no_study(tmp_path: Path, data_overrides):
     """Detached, a search goes on in a job of its own (tests/slurm/test_optuna_batches.py): cluster=local has none."""
     sweep = tmp_path / "sweep"

@@ -83,6 +83,7 @@ FIELDS = {"text": "text", "jsonl": "content", "parquet": "body"}
 
 
 @pytest.mark.parametrize("fmt", ["text", "jsonl", "parquet"])
+@pytest.mark.slow
 def test_documents_end_with_end_of_text_and_validate_whole(fmt, corpus, tmp_path):
     out = prepare(corpus[fmt], tmp_path / fmt, "hf", tokenizer_file=corpus["tokenizer"], fmt=fmt,
                   field=FIELDS[fmt], workers=1)

@@ -139,6 +139,7 @@ GPU_JOB = ("train=gpu", "model=tiny", "cluster=slurm", "cluster.gpus_per_node=1"
 
 
 @pytest.mark.parametrize("mode", ["reduce-overhead", "max-autotune"])
+@pytest.mark.slow
 def test_cuda_graphs_with_gradient_accumulation_are_refused_at_planning(mode, tmp_path, data_overrides):
     """Both modes replay CUDA graphs on a GPU, and a replay writes its outputs where the one before wrote them: with
     4 micro-steps per optimizer step each would overwrite the gradients of the one before (torch refuses it at run

@@ -109,6 +109,7 @@ def test_skip_stops_after_max_skips_in_a_row(train):
         fit()
 
 
+@pytest.mark.slow
 def test_a_loss_spike_stops_the_run(train):
     run_dir, fit = train("debug.spike_at_step=8", "debug.spike_factor=50", "divergence.spike_window=4",
                          "divergence.spike_threshold=4")

@@ -239,6 +239,7 @@ def stock(*overrides: str):
 
 
 @pytest.mark.parametrize("site", EXAMPLES)
+@pytest.mark.slow
 def test_the_stock_launcher_submits_with_an_example_profile(site, monkeypatch):
     """On the login node, before the stock launcher submits: the profile's keys become its hydra.launcher.* keys,
     as cluster=slurm's sbatch script has them; a hydra.launcher key on the command line wins."""

@@ -141,6 +141,7 @@ def test_survivors_of_a_lost_host_name_it_and_one_of_them_requeues_without_it(ru
     assert line["note"].endswith("requeued job 42 (restart 1 of at most 5), without n2 (ExcNodeList)"), line
 
 
+@pytest.mark.slow
 def test_the_next_round_runs_on_a_spare_in_place_of_the_lost_host(run_dir, asked, excluded, monkeypatch):
     """In-job restarts: the round after the lost host's runs on the spare (n4), not on n2 again (whose rendezvous it
     would wait out), though Slurm does not hold n2 down yet; the survivor's task goes on to that round."""
