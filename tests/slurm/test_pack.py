@@ -92,16 +92,23 @@ def gpus_seen(runs) -> list[str]:
     return [e["gpu_plan"]["visible"] for run in runs for e in environments(run)]
 
 
+def no_job_left(cluster) -> None:
+    """No job left on this worker's cluster before its daemons change plugins (a test before, or a failed one, may
+    still be ending its job): the daemons are restarted under the new settings."""
+    cluster.run("scancel", "--me")
+    wait_until(lambda: not cluster.run("squeue", "--me", "-h").stdout.strip(), 90, "no job running")
+
+
 @pytest.fixture(params=["linuxproc", "cgroup"])
 def proctrack(request, slurm_cluster):
     """The cluster under each process-tracking plugin sites use: proctrack/cgroup (a freezer cgroup a step) kills a
     step's every process when the step ends, where proctrack/linuxproc follows parent ids."""
     if request.param == "cgroup":
+        no_job_left(slurm_cluster)
         slurm_cluster.script("proctrack", "cgroup")
     yield request.param
     if request.param == "cgroup":
-        slurm_cluster.run("scancel", "--me")  # a failed test's job may still run
-        wait_until(lambda: not slurm_cluster.run("squeue", "--me", "-h").stdout.strip(), 60, "no job running")
+        no_job_left(slurm_cluster)
         slurm_cluster.script("proctrack", "linuxproc")
 
 
@@ -210,10 +217,10 @@ STEADY = [o for o in RUN if not o.startswith("train.max_steps")] + ["train.max_s
 @pytest.fixture
 def memory_consumable(slurm_cluster):
     """The cluster with memory a consumable resource (CR_Core_Memory, as most sites count it) for one test."""
+    no_job_left(slurm_cluster)
     slurm_cluster.script("memory", "consumable")
     yield
-    slurm_cluster.run("scancel", "--me")  # a failed test's job may still run: Slurm's select plugin changes between jobs
-    wait_until(lambda: not slurm_cluster.run("squeue", "--me", "-h").stdout.strip(), 60, "no job running")
+    no_job_left(slurm_cluster)
     slurm_cluster.script("memory", "cap")
 
 
