@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import importlib.util
 import json
 import subprocess
@@ -227,6 +226,12 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return out
 
 
+def ratio(row: dict, other: dict | None) -> str:
+    """A gptlaunch row's tokens/s over another row's."""
+    ok = row["side"] == "ours" and other is not None and other is not row
+    return f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}x" if ok else "-"
+
+
 def table(rows: list[dict]) -> str:
     """One line a row; the ratio of each gptlaunch row to its pair's peer (and to its pair's first row)."""
     lines = ["| pair | row | micro x block x accumulation | tokens/s | s a step | MFU | peak GiB | vs peer | vs bf16 |",
@@ -238,14 +243,10 @@ def table(rows: list[dict]) -> str:
         if "error" in row:
             lines.append(f"| {row['pair']} | {row['label']} | {row['shape']} | {row['error']} | | | | | |")
             continue
-
-        def ratio(other: dict | None) -> str:
-            ok = row["side"] == "ours" and other is not None and other is not row
-            return f"{row['tokens_per_s'] / other['tokens_per_s']:.2f}x" if ok else "-"
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
         peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "-"
         lines.append(f"| {row['pair']} | {row['label']} | {row['shape']} | {row['tokens_per_s']:,.0f} | "
-                     f"{row['step_s']:.4f} | {mfu} | {peak} | {ratio(peer)} | {ratio(base)} |")
+                     f"{row['step_s']:.4f} | {mfu} | {peak} | {ratio(row, peer)} | {ratio(row, base)} |")
     return "\n".join(lines)
 
 

@@ -49,27 +49,35 @@ class DistEnv:
         return self.world_size > 1
 
 
-def pick_device(requested: str, env: DistEnv) -> torch.device:
+def pick_device(requested: str, env: DistEnv, share: bool = False) -> torch.device:
+    """The device a rank computes on. `share` (debug.share_gpu): the ranks of a node take its GPUs in turn, several
+    to one GPU."""
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":
         count = torch.cuda.device_count()
         index = env.local_rank if env.device_index is None else env.device_index
+        if share and count:
+            index %= count
         if index >= count:
             # Two ranks on one GPU make NCCL fail later with "Duplicate GPU detected": say it now.
             raise UserError(f"rank {env.rank} should drive GPU {index} but sees {count} GPU(s) "
                             f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')}); "
-                            "run at most one rank per GPU")
+                            "run at most one rank per GPU (or debug.share_gpu=true, a debugging mode over gloo)")
         device = torch.device("cuda", index)
         torch.cuda.set_device(device)
         return device
     return torch.device(requested)
 
 
-def process_group_backend(device: torch.device) -> str:
+def process_group_backend(device: torch.device, share: bool = False) -> str:
     """gloo on CPU. On GPUs NCCL for device tensors plus gloo for host tensors: checkpoint agreement, flags and
-    CPU-offloaded gradients then have a path too (an NCCL-only group accepts only CUDA tensors)."""
-    return "cpu:gloo,cuda:nccl" if device.type == "cuda" else "gloo"
+    CPU-offloaded gradients then have a path too (an NCCL-only group accepts only CUDA tensors). Ranks that share a
+    GPU (debug.share_gpu) use gloo for both: its CUDA collectives stage through the host, and NCCL is never
+    started."""
+    if device.type == "cuda" and not share:
+        return "cpu:gloo,cuda:nccl"
+    return "gloo"
 
 
 class RendezvousError(UserError):
@@ -128,8 +136,9 @@ Vet = Callable[[list[Any]], str | None]
 
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 600.0,
                        join_timeout_s: float | None = None, card: Any = None,
-                       vet: Vet | None = None) -> Rendezvous | None:
-    """Join the job's process group: NCCL on GPUs, gloo on CPU. A single process joins nothing.
+                       vet: Vet | None = None, share_gpu: bool = False) -> Rendezvous | None:
+    """Join the job's process group: NCCL on GPUs, gloo on CPU (and on GPUs that ranks share: `share_gpu`). A
+    single process joins nothing.
 
     Every rank first checks in at a TCP store on the master (rank 0): a rank that cannot reach it, or a
     rank 0 that does not see every rank within `join_timeout_s`, raises RendezvousError naming the rank,
@@ -151,12 +160,12 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
     os.environ.setdefault(GLOO_LAZY_INIT, "1")  # before any gloo group exists: read when its device is made
     _GROUP_TIMEOUT = datetime.timedelta(seconds=timeout_s)
     dist.init_process_group(
-        backend=process_group_backend(device),
+        backend=process_group_backend(device, share_gpu),
         store=store,
         rank=env.rank,
         world_size=env.world_size,
         timeout=_GROUP_TIMEOUT,
-        device_id=device if device.type == "cuda" else None,
+        device_id=device if device.type == "cuda" and not share_gpu else None,  # binds NCCL's communicator
     )
     return Rendezvous(env.world_size, hosts, time.monotonic() - start)
 

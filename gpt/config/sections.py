@@ -238,6 +238,10 @@ class DebugConfig:
     spike_at_step: int | None = None  # spike_rank's loss is multiplied by spike_factor on the batch of this step
     spike_factor: float = 100.0
     spike_rank: int | None = None  # null: every rank
+    # The ranks of a node share its GPUs over gloo's CUDA collectives, NCCL never started (it refuses two ranks on
+    # one GPU): two ranks on one GPU run ddp, fsdp, tp and async checkpointing on real CUDA tensors, for debugging
+    # only (no NCCL timeline, aborts or speed). launch.planning.shared_gpu says what it refuses.
+    share_gpu: bool = False
 
     def validate(self) -> None:
         ranks = ("delay_rank", "unreadable_rank", "hang_rank", "kill_rank", "straggler_rank", "signal_rank", "nan_rank",

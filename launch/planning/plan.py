@@ -25,6 +25,7 @@ from gpt.run_folder import RunFolder
 from launch.backends import Backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import Device, fit
+from launch.planning.shared_gpu import check_shared_gpu
 from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
 
@@ -51,16 +52,18 @@ def planned_device(run: LaunchConfig, backend: Backend) -> str:
 
 
 def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
-    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU")."""
+    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU"); several
+    to a GPU only with debug.share_gpu (gloo, no NCCL)."""
     if run.cluster.name != "local" or device != "cuda":
         return
     gpus = len(local_gpus())
     if gpus == 0:
         raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
-    if world_size > gpus:
+    if world_size > gpus and not run.debug.share_gpu:
         raise ConfigError("cluster.tasks_per_node", run.cluster.tasks_per_node,
                           f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
-                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu")
+                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu (or "
+                          "debug.share_gpu=true, a debugging mode over gloo)")
 
 
 def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainConfig, ParallelDims]:
@@ -73,6 +76,7 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainCo
         raise ConfigError("nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
                           nodes if not isinstance(nodes, int) else per_node, "a positive integer")
     device = planned_device(run, backend)
+    check_shared_gpu(run, device)
     check_local_gpus(run, device, nodes * per_node)
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
     train.check_attention(device)

@@ -26,10 +26,12 @@ class GpuPlan:
     cpus_on_node: int | None         # SLURM_CPUS_ON_NODE: the CPUs the job step holds on this host
 
     @classmethod
-    def of(cls, env: DistEnv, environ: Mapping[str, str]) -> GpuPlan:
+    def of(cls, env: DistEnv, environ: Mapping[str, str], index: int | None = None) -> GpuPlan:
+        """`index`: the GPU the rank took (pick_device), where it differs from its plan's (debug.share_gpu)."""
         visible = visible_gpus(environ)
+        planned = env.local_rank if env.device_index is None else env.device_index
         return cls(rank=env.rank, host=env.hostname, visible=None if visible is None else tuple(visible),
-                   index=env.local_rank if env.device_index is None else env.device_index,
+                   index=planned if index is None else index,
                    gpu_bind=environ.get("SLURM_GPU_BIND"), cpus_per_task=_int(environ.get("SLURM_CPUS_PER_TASK")),
                    cpus_on_node=_int(environ.get("SLURM_CPUS_ON_NODE")))
 
@@ -68,7 +70,8 @@ def shared_gpus(plans: list[GpuPlan]) -> str | None:
     first = next(p for p in plans if len(owners[(p.host, p.gpu)]) > 1)
     shown = ",".join(first.visible) if first.visible is not None else "unset"
     return (f"more than one rank per GPU: {'; '.join(shared)} (rank {first.rank} sees CUDA_VISIBLE_DEVICES={shown}); "
-            "run one task per GPU: sbatch --ntasks-per-node equal to --gpus-per-node, or --gpus-per-task=1")
+            "run one task per GPU: sbatch --ntasks-per-node equal to --gpus-per-node, or --gpus-per-task=1 (or "
+            "debug.share_gpu=true to debug on shared GPUs over gloo)")
 
 
 def describe(plans: list[GpuPlan]) -> str:
@@ -84,15 +87,20 @@ def describe(plans: list[GpuPlan]) -> str:
     return "; ".join(lines)
 
 
-def vet_gpus(device: torch.device, plans: list[GpuPlan]) -> str | None:
+def vet_gpus(device: torch.device, plans: list[GpuPlan], share: bool = False) -> str | None:
     """Rank 0, with every rank's plan, before the process group starts NCCL (which would fail on, or hang at, two
     ranks on one GPU): logs which GPU each rank drives, and returns the line that stops a GPU run whose ranks share
-    one. A CPU run of a GPU job (train.device=cpu) drives none, and only warns."""
+    one. A CPU run of a GPU job (train.device=cpu) drives none, and only warns; so does a run that shares GPUs on
+    purpose (debug.share_gpu: gloo, no NCCL)."""
     shared = shared_gpus(plans)
     if device.type == "cuda" or any(p.visible is not None for p in plans):
         log.info("GPUs: %s", describe(plans))
-    if shared and device.type == "cuda":
+    if shared and device.type == "cuda" and not share:
         return shared
+    if shared and share:
+        log.warning("debug.share_gpu: ranks share GPUs over gloo's CUDA collectives, for debugging only (no NCCL: "
+                    "neither its timeline, its aborts nor its speed)")
+        return None
     if shared:
         log.warning("%s (this run trains on %s)", shared, device.type)
     return None

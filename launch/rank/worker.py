@@ -67,8 +67,8 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     run = run or launch_config.load(folder.config)
     threads = apply_threads(env.local_rank)
     log.info("%s", raised_for(env.world_size, env.is_main), extra={EVERY_RANK: True})  # before any socket
-    device = pick_device(run.train.device, env)
-    gpus = GpuPlan.of(env, os.environ)
+    device = pick_device(run.train.device, env, run.debug.share_gpu)
+    gpus = GpuPlan.of(env, os.environ, device.index if device.type == "cuda" else None)
     write_environment(run_dir, env, device, {"threads": threads.threads, "threads_source": threads.source,
                                              "ranks_on_host": threads.ranks_on_host, "gpu_plan": gpus.record(),
                                              "scheduler": job.variables(), "step": os.environ.get(STEP_TOKEN)})
@@ -77,7 +77,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     start_watchdog(attempt, env, run.watchdog, restarts)
     Faults(run.debug, env.rank, attempt.number).before_start()
     PROGRESS.phase("startup", "joining the process group")
-    rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog, gpus)
+    rendezvous = join(run_dir, env, device, run.rendezvous, run.watchdog, gpus, run.debug.share_gpu)
     attempt.nodes = list(rendezvous.by_host()) if rendezvous else [env.hostname]
     clock.mark("rendezvous")
     hold_the_folder(attempt, env, job)
@@ -136,14 +136,15 @@ def write_for(attempt: Attempt, generation: int) -> None:
 
 
 def join(run_dir: Path, env: DistEnv, device, rendezvous_cfg: RendezvousConfig, watchdog: WatchdogConfig,
-         gpus: GpuPlan) -> Rendezvous | None:
+         gpus: GpuPlan, share_gpu: bool = False) -> Rendezvous | None:
     """The process group, once rank 0 has seen that no two ranks share a GPU, and a preflight all-reduce that proves
     every rank can talk to every other."""
     if device.type == "cuda":  # NCCL's flight recorder, dumped into the run folder on a hang
         os.environ.update(flight_recorder_env(run_dir, os.environ))
     rendezvous = init_process_group(env, device, watchdog.process_group_timeout(),
                                     join_timeout_s=rendezvous_cfg.timeout_s, card=gpus.card(),
-                                    vet=lambda cards: vet_gpus(device, [GpuPlan.from_card(c) for c in cards]))
+                                    vet=lambda cards: vet_gpus(device, list(map(GpuPlan.from_card, cards)), share_gpu),
+                                    share_gpu=share_gpu)
     if rendezvous is None:
         return None
     rendezvous = preflight(rendezvous, device)

@@ -11,10 +11,10 @@ from hydra import compose, initialize_config_dir
 
 from launch import launch_config
 from helpers import REPO, SHAKESPEARE, make_plan_of
-from gpt.collectives.process_group import DistEnv, pick_device
+from gpt.collectives.process_group import DistEnv, pick_device, process_group_backend
 from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
-from launch.rank.gpu_plan import GpuPlan, shared_gpus
+from launch.rank.gpu_plan import GpuPlan, shared_gpus, vet_gpus
 from launch.backends import get_backend
 from launch.planning.plan import planned_device
 
@@ -68,6 +68,36 @@ def test_a_rank_never_shares_a_gpu(monkeypatch):
     assert pick_device("cuda", DistEnv(rank=1, world_size=2, local_rank=1)) == torch.device("cuda", 1)
     with pytest.raises(UserError, match="should drive GPU 2 but sees 2 GPU"):
         pick_device("cuda", DistEnv(rank=2, world_size=3, local_rank=2))
+
+
+def test_two_ranks_share_one_gpu_only_when_asked_and_never_over_nccl(plan, monkeypatch):
+    """debug.share_gpu: two local ranks on one GPU, both on cuda:0 over gloo; refused without it, on the CPU, and
+    with the strategies that need NCCL."""
+    _fake_gpus(monkeypatch, 1)
+    with pytest.raises(ConfigError, match=r"at most 1 rank\(s\).*or debug.share_gpu=true"):
+        plan("strategy=ddp", "nodes=2")
+    _, p = plan("strategy=ddp", "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true")
+    assert p.world_size == 2
+    plan("strategy=fsdp", "parallel.tp=2", "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true")
+    for strategy, why in (("strategy=deepspeed", "DeepSpeed starts NCCL"), ("strategy=pipeline", "send/recv")):
+        with pytest.raises(ConfigError, match=f"debug.share_gpu=True is not valid: false with {strategy}: .*{why}"):
+            plan(strategy, "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true")
+    with pytest.raises(ConfigError, match="debug.share_gpu=True is not valid: false on cpu"):
+        plan("strategy=ddp", "nodes=2", "train.device=cpu", "debug.share_gpu=true")
+    shared = [DistEnv(rank=r, world_size=2, local_rank=r) for r in (0, 1)]
+    assert [pick_device("cuda", env, share=True) for env in shared] == [torch.device("cuda", 0)] * 2
+    with pytest.raises(UserError, match="should drive GPU 1 but sees 1 GPU.*debug.share_gpu"):
+        pick_device("cuda", shared[1])
+
+
+def test_the_rendezvous_lets_ranks_share_a_gpu_only_in_the_debugging_mode():
+    plans = [GpuPlan.of(DistEnv(rank=r, world_size=2, local_rank=r), {}, index=0) for r in (0, 1)]
+    assert [p.gpu for p in plans] == ["0", "0"]  # the GPU each really took, not its local rank
+    assert "GPU 0 on" in vet_gpus(torch.device("cuda", 0), plans) and "debug.share_gpu" in vet_gpus(
+        torch.device("cuda", 0), plans)
+    assert vet_gpus(torch.device("cuda", 0), plans, share=True) is None
+    assert process_group_backend(torch.device("cuda", 0), share=True) == "gloo"
+    assert process_group_backend(torch.device("cuda", 0)) == "cpu:gloo,cuda:nccl"
 
 
 SLURM = {"SLURM_PROCID": "11", "SLURM_NTASKS": "16", "SLURM_STEP_ID": "0", "SLURM_LOCALID": "3",
