@@ -14,12 +14,13 @@ Triton caches of its own, so that no row reuses another's kernels or memory. gpt
 training scripts run: bf16 autocast, the model with its loss compiled, fused AdamW, gradients clipped at 1.0, tokens
 already on the GPU; `--steps` warm-up steps, then `--steps` timed ones. MFU is gptlaunch's formula
 (gpt.model.flops) for every row. `--ours LABEL=OVERRIDES` adds a gptlaunch row with more overrides (comma-separated);
-a row whose run fails is printed with its last line and the others go on. Writes benchmarks/results/peers.json.
+a row whose run fails is printed with its last line and the others go on. Writes benchmarks/results/peers[_PAIR].json.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib.util
 import json
 import subprocess
@@ -101,8 +102,14 @@ def run_peer(pair: Pair, steps: int, tiny: bool, peer_dir: Path | None, folder: 
     return json.loads(found[-1][len(RESULT):])
 
 
+@functools.lru_cache
+def model_of(pair: Pair):
+    """The ModelConfig both sides build (composed once: Hydra takes a second)."""
+    return compose_config(list(pair.model)).model
+
+
 def block(pair: Pair) -> int:
-    return compose_config(list(pair.model)).model.block_size
+    return model_of(pair).block_size
 
 
 # --- the peers' loops, in their own process -------------------------------------------------------------------
@@ -112,7 +119,7 @@ def nanogpt_model(pair: Pair, checkout: Path, device: str):
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    cfg = compose_config(list(pair.model)).model
+    cfg = model_of(pair)
     conf = module.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
                             n_head=cfg.n_head, n_embd=cfg.n_embd, dropout=0.0, bias=cfg.bias)
     model = module.GPT(conf).to(device)
@@ -130,7 +137,7 @@ def hf_model(pair: Pair, device: str):
 
     from gpt.hf.architecture import hf_config
 
-    cfg = compose_config(list(pair.model)).model
+    cfg = model_of(pair)
     conf = hf_config(cfg, None)
     conf.use_cache = False
     model = transformers.AutoModelForCausalLM.from_config(conf, attn_implementation="sdpa").to(device)
@@ -149,7 +156,7 @@ def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn) -> dict
     import torch
 
     cuda = device == "cuda"
-    cfg = compose_config(list(pair.model)).model
+    cfg = model_of(pair)
     step_fn = torch.compile(loss_fn) if cuda else loss_fn
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     batches = [torch.randint(0, cfg.vocab_size, (2, pair.micro, cfg.block_size), device=device)
@@ -234,8 +241,8 @@ def ratio(row: dict, other: dict | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line a row; the ratio of each gptlaunch row to its pair's peer (and to its pair's first row)."""
-    lines = ["| pair | row | micro x block x accumulation | tokens/s | s a step | MFU | peak GiB | vs peer | vs bf16 |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| pair | row | micro x block x accumulation | tokens/s | s a step | MFU | peak GiB | vs peer "
+             "| vs gptlaunch |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mates = [r for r in rows if r["pair"] == row["pair"] and "error" not in r]
         peer = next((r for r in mates if r["side"] == "peer"), None)
@@ -279,7 +286,8 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu (tiny shapes)" if args.tiny else torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}, {args.steps} warm-up and {args.steps} timed steps a row\n")
     print(table(rows))
-    print(f"\nresults: {save_results('peers_tiny' if args.tiny else 'peers', {'device': device, 'rows': rows})}")
+    name = "_".join(["peers", *(["tiny"] if args.tiny else []), *(args.pair or [])])  # a file a call
+    print(f"\nresults: {save_results(name, {'device': device, 'steps': args.steps, 'rows': rows})}")
     if all("error" in r for r in rows):
         sys.exit(1)
 

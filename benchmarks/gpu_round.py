@@ -1,0 +1,253 @@
+"""One GPU session's measurements in one call (issues 55 and 58), each part a process of its own with a time limit, in
+order of value, within one overall budget: a part that hangs is killed at its limit and the next goes on; a part
+that no longer fits the budget is skipped and named, for a second call with --only.
+
+    bash benchmarks/gpu_round.sh                      # on the GPU machine: docs/benchmarks.md, "One GPU round"
+    python -m benchmarks.gpu_round --plan             # anywhere: each part's command line and limit, nothing run
+    python -m benchmarks.gpu_round --cpu --out /tmp/r # anywhere: every part at tiny shapes on the CPU (minutes)
+
+Parts: check (the machine, torch.cuda, the packages), peers_gpt2 and peers_llama (benchmarks/peers.py with the fp8
+rows), save (benchmarks/checkpoint.py for llama_1b), requeue (a gpt2_124m run's second attempt, its start-up with the
+first attempt's compile cache), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the GPU), shared (two
+ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints). Writes into --out:
+round.md (one line a part, and each part's last lines), round.log (everything the parts printed), results.tgz
+(benchmarks/results/*.json and the run folders' small records).
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+PY = sys.executable
+STOP_GRACE_S = 15  # a stopped part's launcher relays SIGTERM to its ranks, which save and leave the GPU
+
+
+@dataclass
+class Part:
+    name: str
+    limit_s: int  # on the GPU; expected times are in docs/benchmarks.md
+    commands: list[list[str]]
+    optional: list[str] = field(default_factory=list)  # options a newer version takes: dropped where refused
+    result: dict = field(default_factory=dict)
+
+
+def data_overrides() -> list[str]:
+    text = REPO / "data" / "tinyshakespeare" / "input.txt"
+    shared = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+    return [f"data.text_path={text if text.exists() else shared}"]
+
+
+def launch(run_dir: Path, *overrides: str) -> list[str]:
+    return [PY, "-m", "launch", f"hydra.run.dir={run_dir}", *data_overrides(), "train.progress=false", *overrides]
+
+
+def requeue_commands(work: Path, cpu: bool) -> list[list[str]]:
+    """The same command twice in one run folder: the second attempt resumes, its compile cache the first's
+    (RUN/compile_cache); the start-up of each is in attempts.jsonl, printed by `startup` below."""
+    run = work / "requeue"
+    model = ["model=tiny", "train.device=cpu"] if cpu else ["model=gpt2_124m", "train=gpu"]
+    common = [*model, "data=shakespeare_bpe", "train.global_batch_size=16", "train.micro_batch_size=16",
+              "train.decay_steps=4", "train.eval_interval=0", "train.log_interval=1", "train.compile=true"]
+    return [launch(run, *common, "train.max_steps=2"), launch(run, *common, "train.max_steps=4"),
+            [PY, "-m", "benchmarks.gpu_round", "--startup", str(run)]]
+
+
+def shared_commands(work: Path, cpu: bool) -> list[list[str]]:
+    """Two ranks on the one GPU over gloo (debug.share_gpu): on the CPU the same runs without the mode (it refuses
+    the CPU), to try the commands."""
+    mode = ["train.device=cpu"] if cpu else ["train.device=cuda", "debug.share_gpu=true", "train.precision=bf16"]
+    common = ["model=tiny", "nodes=1", "cluster.tasks_per_node=2", "train.global_batch_size=8", "train.max_steps=6",
+              "train.decay_steps=6", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval_steps=3",
+              "checkpoint.async=true", *mode]
+    layouts = {"ddp": ["strategy=ddp"], "fsdp": ["strategy=fsdp"], "tp": ["strategy=fsdp", "parallel.tp=2"]}
+    return [launch(work / f"shared-{name}", *common, *extra) for name, extra in layouts.items()]
+
+
+def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> list[Part]:
+    tiny = ["--tiny", "--steps", "1"] if cpu else ["--steps", "10"]
+    peers = [PY, "-m", "benchmarks.peers", *tiny, *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
+    fp8 = ["--ours", "fp8=train.precision=fp8"]
+    save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
+             "64" if cpu else "2048", "--repeats", "1"])
+    size = ["model=tiny", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"] if cpu else \
+        ["model=llama_1b", "train.precision=bf16", "cluster.gpus_per_node=8", "cluster.gpu_memory_gb=80"]
+    dry = [PY, "-m", "launch.dry_run", "cluster=slurm", "cluster.tasks_per_node=8", "strategy=fsdp", *size,
+           *data_overrides(), "data=shakespeare_bpe"]
+    return [
+        Part("check", 60, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
+        Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2"]]),
+        Part("peers_llama", 240, [[*peers, "--pair", "llama", *fp8]]),
+        Part("save", 150, [save], optional=save_args),
+        Part("requeue", 120, requeue_commands(work, cpu)),
+        Part("dry_run", 120, [[*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)]),
+        Part("shared", 150, shared_commands(work, cpu)),
+    ]
+
+
+def run_command(cmd: list[str], limit_s: float, log) -> tuple[int | None, str]:
+    """One command in a process group of its own, stopped at its limit (None: stopped): SIGTERM first, which the
+    launcher relays to its ranks (they run in a session of their own), then SIGKILL. Its output goes through a file,
+    not a pipe, which a process it leaves behind would hold open. Returns the exit code and the output."""
+    log.write(f"\n$ {' '.join(cmd)}\n")
+    log.flush()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": os.pathsep.join(
+        [p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p])}
+    with tempfile.TemporaryFile("w+") as sink:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, text=True, env=env,
+                                start_new_session=True)
+        try:
+            code: int | None = proc.wait(timeout=max(1.0, limit_s))
+        except subprocess.TimeoutExpired:
+            code = None
+            for signum, grace in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signum)
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    proc.wait(timeout=grace)
+                    break
+        sink.seek(0)
+        out = sink.read()
+    log.write(out)
+    log.flush()
+    return code, out
+
+
+def run_part(part: Part, left_s: float, log) -> dict:
+    """A part's commands in turn within min(its limit, what the budget has left); an option it lists as optional
+    is dropped, and the command run again, where the program refuses it (argparse: exit 2)."""
+    start, tails = time.monotonic(), []
+
+    def run(cmd: list[str]) -> tuple[int | None, str]:
+        return run_command(cmd, min(part.limit_s, left_s) - (time.monotonic() - start), log)
+    for cmd in part.commands:
+        code, out = run([*cmd, *part.optional])
+        if part.optional and code == 2 and "unrecognized arguments" in out:
+            code, out = run(cmd)
+        tails.append(out.strip().splitlines()[-12:])
+        if code != 0:
+            status = "killed at its limit" if code is None else f"exit {code}"
+            return {"status": status, "seconds": time.monotonic() - start, "tails": tails}
+    return {"status": "ok", "seconds": time.monotonic() - start, "tails": tails}
+
+
+def run_round(todo: list[Part], budget_s: float, out: Path) -> list[Part]:
+    """Each part in order while the budget has at least a minute left (or its whole limit, if less)."""
+    start = time.monotonic()
+    with open(out / "round.log", "a") as log:
+        for part in todo:
+            left = budget_s - (time.monotonic() - start)
+            if left < min(60, part.limit_s):
+                part.result = {"status": f"skipped: {left:.0f} s of the budget left", "seconds": 0, "tails": []}
+            else:
+                print(f"== {part.name} (limit {min(part.limit_s, left):.0f} s)", flush=True)
+                part.result = run_part(part, left, log)
+            print(f"== {part.name}: {part.result['status']} in {part.result['seconds']:.0f} s", flush=True)
+            (out / "round.md").write_text(report(todo))
+    return todo
+
+
+def report(done: list[Part]) -> str:
+    lines = ["| part | status | seconds |", "|---|---|---:|"]
+    lines += [f"| {p.name} | {p.result.get('status', 'not run')} | {p.result.get('seconds', 0):.0f} |" for p in done]
+    for p in done:
+        for tail in p.result.get("tails", []):
+            lines += ["", f"### {p.name}", "```", *tail, "```"]
+    return "\n".join(lines) + "\n"
+
+
+def pack(work: Path, out: Path) -> None:
+    """benchmarks/results/*.json and the run folders' small records (no checkpoint, no compile cache) into one
+    file: the device tool brings back few files."""
+    small = ("attempts.jsonl", "rendezvous.json", "summary.json", "metrics/rank0.jsonl")
+    with tarfile.open(out / "results.tgz", "w:gz") as tar:
+        for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
+            tar.add(path, f"results/{path.name}")
+        for run in sorted(p for p in work.glob("*") if p.is_dir()):
+            found = [run / s for s in small] + sorted(run.glob("environment/*.json")) + sorted(run.glob("logs/*.log"))
+            for path in found:
+                if path.is_file() and path.stat().st_size < 4 << 20:
+                    tar.add(path, f"runs/{path.relative_to(work)}")
+
+
+def check(cpu: bool) -> int:
+    """The machine, as the round needs it: a CUDA GPU (not with --cpu) and the packages its parts import."""
+    import importlib
+
+    import torch
+
+    print(f"python {sys.version.split()[0]}, torch {torch.__version__}, CUDA {torch.version.cuda}")
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        free, total = torch.cuda.mem_get_info(0)
+        print(f"GPU 0 of {torch.cuda.device_count()}: {props.name}, capability {props.major}.{props.minor}, "
+              f"{free / 2**30:.1f} of {total / 2**30:.1f} GiB free, bf16 {torch.cuda.is_bf16_supported()}")
+    missing = []
+    for name in ("hydra", "omegaconf", "submitit", "transformers", "torchao"):
+        try:
+            print(f"{name} {getattr(importlib.import_module(name), '__version__', '?')}")
+        except Exception as e:  # noqa: BLE001 - a package built for another torch raises more than ImportError
+            print(f"{name}: MISSING ({type(e).__name__}: {e})")
+            missing.append(name)
+    needed = [m for m in missing if m != "torchao"]  # the fp8 rows say so themselves
+    if needed or not (cpu or torch.cuda.is_available()):
+        print(f"cannot run the round: {', '.join(needed) or 'no CUDA GPU'}")
+        return 1
+    return 0
+
+
+def startup(run: Path) -> int:
+    """Each attempt's start-up (attempts.jsonl): seconds to the first step, the first step's compile, cache hits."""
+    import json
+
+    lines = (run / "attempts.jsonl").read_text().splitlines()
+    for i, line in enumerate(json.loads(x) for x in lines):
+        s = line.get("startup") or {}
+        print(f"attempt {i + 1}: to the first step {s.get('to_first_step_s', float('nan')):.1f} s, compiling "
+              f"{s.get('compile_s', float('nan')):.1f} s, compile cache {s.get('compile_cache_hits', 0):.0f} hits "
+              f"{s.get('compile_cache_misses', 0):.0f} misses; {json.dumps(s)}")
+    return 0 if lines else 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "benchmarks/results/round"))
+    ap.add_argument("--budget", type=float, default=500, help="seconds for all parts together (default 500)")
+    ap.add_argument("--only", action="append", help="only this part (repeatable), in the round's order")
+    ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (default: .peers/nanoGPT when there)")
+    ap.add_argument("--save-args", default="", help="more options for benchmarks/checkpoint.py, dropped if refused")
+    ap.add_argument("--cpu", action="store_true", help="every part at tiny shapes on the CPU")
+    ap.add_argument("--plan", action="store_true", help="print each part's commands and limit; run nothing")
+    ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--startup", type=Path, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.check:
+        return check(args.cpu)
+    if args.startup:
+        return startup(args.startup)
+    nanogpt = args.nanogpt or (REPO / ".peers" / "nanoGPT")
+    args.out.mkdir(parents=True, exist_ok=True)
+    work = args.out.parent / f"{args.out.name}-runs" if args.out.name else Path("/tmp/gpu_round_runs")
+    todo = [p for p in parts(work, args.cpu, nanogpt if (nanogpt / "model.py").is_file() else None,
+                             args.save_args.split()) if not args.only or p.name in args.only]
+    if args.plan:
+        for p in todo:
+            print(f"{p.name} (limit {p.limit_s} s):" + "".join(f"\n  {' '.join(c)}" for c in p.commands))
+        return 0
+    run_round(todo, args.budget, args.out)
+    pack(work, args.out)
+    print(report(todo))
+    return 0 if all(p.result["status"] == "ok" for p in todo) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

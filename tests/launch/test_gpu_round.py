@@ -1,0 +1,45 @@
+"""benchmarks/gpu_round.py without a GPU: its parts in order of value, each command a config `python -m launch`
+composes, a part that hangs killed at its limit while the next goes on, a part past the budget skipped and named,
+and an option a program refuses dropped."""
+from __future__ import annotations
+
+import sys
+
+from benchmarks import gpu_round
+from benchmarks.common import compose_config
+
+ORDER = ["check", "peers_gpt2", "peers_llama", "save", "requeue", "dry_run", "shared"]
+
+
+def test_the_round_runs_its_parts_in_order_of_value_within_eight_minutes(tmp_path):
+    parts = gpu_round.parts(tmp_path, cpu=False, nanogpt=tmp_path / "nanoGPT", save_args=[])
+    assert [p.name for p in parts] == ORDER
+    assert sum(p.limit_s for p in parts[:4]) <= 600 and gpu_round.main(["--plan"]) == 0
+    peers = {p.name: p.commands[0] for p in parts}
+    assert peers["peers_llama"][-2:] == ["--ours", "fp8=train.precision=fp8"]  # refused rows do not stop the part
+    assert ["--nanogpt", str(tmp_path / "nanoGPT")] == peers["peers_gpt2"][5:7]
+
+
+def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
+    """A key misspelt in a command would cost a GPU call: each composes here (debug.share_gpu included)."""
+    for part in gpu_round.parts(tmp_path, cpu=False, nanogpt=None, save_args=[]):
+        for cmd in part.commands:
+            if cmd[2] in ("launch", "launch.dry_run"):
+                overrides = [o for o in cmd[3:] if "=" in o and not o.startswith("hydra.")]
+                compose_config(overrides)
+
+
+def test_a_hung_part_is_killed_at_its_limit_and_the_round_goes_on(tmp_path):
+    py = sys.executable
+    refuses = [py, "-c", "import argparse; argparse.ArgumentParser().parse_args(); print('plain')"]
+    todo = [gpu_round.Part("hangs", 1, [[py, "-c", "import time; print('started', flush=True); time.sleep(60)"]]),
+            gpu_round.Part("newer option", 20, [refuses], optional=["--modes", "sync"]),
+            gpu_round.Part("past the budget", 300, [[py, "-c", "print(1)"]])]  # needs a minute left
+    gpu_round.run_round(todo, budget_s=50, out=tmp_path)
+    assert todo[0].result["status"] == "killed at its limit" and todo[0].result["seconds"] < 20
+    assert todo[0].result["tails"] == [["started"]]
+    assert todo[1].result["status"] == "ok" and todo[1].result["tails"] == [["plain"]]  # run again without it
+    assert todo[2].result["status"].startswith("skipped: ")
+    report = (tmp_path / "round.md").read_text()
+    assert "| hangs | killed at its limit |" in report and "unrecognized arguments: --modes sync" in (
+        tmp_path / "round.log").read_text()
