@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+LOSS_TOLERANCE = 5e-3  # fp32 (TF32 on a GPU) layouts of one tiny model, reduced in other orders
 STOP_GRACE_S = 15  # a stopped part's launcher relays SIGTERM to its ranks, which save and leave the GPU
 
 
@@ -55,27 +56,32 @@ def requeue_commands(work: Path, cpu: bool) -> list[list[str]]:
     """The same command twice in one run folder: the second attempt resumes, its compile cache the first's
     (RUN/compile_cache); the start-up of each is in attempts.jsonl, printed by `startup` below."""
     run = work / "requeue"
-    model = ["model=tiny", "train.device=cpu"] if cpu else ["model=gpt2_124m", "train=gpu"]
+    # on the CPU without compiling: minutes on 2 cores, and the commands are what --cpu tries
+    model = ["model=tiny", "train.device=cpu", "train.compile=false"] if cpu else ["model=gpt2_124m", "train=gpu"]
     common = [*model, "data=shakespeare_bpe", "train.global_batch_size=16", "train.micro_batch_size=16",
-              "train.decay_steps=4", "train.eval_interval=0", "train.log_interval=1", "train.compile=true"]
+              "train.decay_steps=4", "train.eval_interval=0", "train.log_interval=1"]
     return [launch(run, *common, "train.max_steps=2"), launch(run, *common, "train.max_steps=4"),
             [PY, "-m", "benchmarks.gpu_round", "--startup", str(run)]]
 
 
 def shared_commands(work: Path, cpu: bool) -> list[list[str]]:
-    """Two ranks on the one GPU over gloo (debug.share_gpu): on the CPU the same runs without the mode (it refuses
-    the CPU), to try the commands."""
-    mode = ["train.device=cpu"] if cpu else ["train.device=cuda", "debug.share_gpu=true", "train.precision=bf16"]
+    """Two ranks on the one GPU over gloo (debug.share_gpu), in fp32, then their losses side by side: the layouts
+    train alike (a gradient summed where it should be averaged would not). On the CPU the same runs without the mode
+    (it refuses the CPU), to try the commands."""
+    mode = ["train.device=cpu"] if cpu else ["train.device=cuda", "debug.share_gpu=true"]
     common = ["model=tiny", "nodes=1", "cluster.tasks_per_node=2", "train.global_batch_size=8", "train.max_steps=6",
               "train.decay_steps=6", "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval_steps=3",
               "checkpoint.async=true", *mode]
     layouts = {"ddp": ["strategy=ddp"], "fsdp": ["strategy=fsdp"], "tp": ["strategy=fsdp", "parallel.tp=2"]}
-    return [launch(work / f"shared-{name}", *common, *extra) for name, extra in layouts.items()]
+    runs = [work / f"shared-{name}" for name in layouts]
+    return [*(launch(run, *common, *extra) for run, extra in zip(runs, layouts.values())),
+            [PY, "-m", "benchmarks.gpu_round", "--losses", *map(str, runs)]]
 
 
 def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> list[Part]:
-    tiny = ["--tiny", "--steps", "1"] if cpu else ["--steps", "10"]
-    peers = [PY, "-m", "benchmarks.peers", *tiny, *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
+    peers = [PY, "-m", "benchmarks.peers", *(["--tiny"] if cpu else []),
+             *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
+    steps = {"gpt2": "1" if cpu else "10", "llama": "1" if cpu else "6"}  # llama_1b's step: 0.84 s on an H200
     fp8 = ["--ours", "fp8=train.precision=fp8"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
@@ -85,11 +91,13 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
            *data_overrides(), "data=shakespeare_bpe"]
     return [
         Part("check", 60, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
-        Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2"]]),
-        Part("peers_llama", 240, [[*peers, "--pair", "llama", *fp8]]),
+        Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"]]]),
+        Part("peers_llama", 240, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
         Part("save", 150, [save], optional=save_args),
         Part("requeue", 120, requeue_commands(work, cpu)),
-        Part("dry_run", 120, [[*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)]),
+        Part("dry_run", 150, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
+                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
+                               "train.global_batch_size=8"]]),
         Part("shared", 150, shared_commands(work, cpu)),
     ]
 
@@ -218,10 +226,34 @@ def startup(run: Path) -> int:
     return 0 if lines else 1
 
 
+def losses(runs: list[Path], tolerance: float = LOSS_TOLERANCE) -> int:
+    """Each run's training losses step by step beside the first run's; exit 1 where one differs by more than
+    `tolerance` (relative)."""
+    import json
+
+    curves = {}
+    for run in runs:
+        records = map(json.loads, (run / "metrics" / "rank0.jsonl").read_text().splitlines())
+        curves[run.name] = {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    first, *others = curves.values()
+    worst = 0.0
+    for name, curve in curves.items():
+        shared = sorted(set(curve) & set(first))
+        worst = max([worst, *(abs(curve[s] / first[s] - 1) for s in shared)])
+        run = next(r for r in runs if r.name == name)
+        envs = [json.loads(p.read_text()) for p in sorted(run.glob("environment/rank*.json"))]
+        devices = ", ".join(f"{e.get('device')} ({e.get('gpu')})" for e in envs)
+        print(f"{name:14}" + " ".join(f"{curve[s]:.5f}" for s in shared) + f"   ranks on {devices}")
+    agree = worst <= tolerance and all(set(c) == set(first) for c in others)
+    print(f"largest relative difference from {next(iter(curves))}: {worst:.2e} "
+          f"({'agree' if agree else 'DIFFER'}: tolerance {tolerance:.0e})")
+    return 0 if agree else 1
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "benchmarks/results/round"))
-    ap.add_argument("--budget", type=float, default=500, help="seconds for all parts together (default 500)")
+    ap.add_argument("--budget", type=float, default=540, help="seconds for all parts together (default 540)")
     ap.add_argument("--only", action="append", help="only this part (repeatable), in the round's order")
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (default: .peers/nanoGPT when there)")
     ap.add_argument("--save-args", default="", help="more options for benchmarks/checkpoint.py, dropped if refused")
@@ -229,11 +261,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plan", action="store_true", help="print each part's commands and limit; run nothing")
     ap.add_argument("--check", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--startup", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--losses", type=Path, nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.check:
         return check(args.cpu)
     if args.startup:
         return startup(args.startup)
+    if args.losses:
+        return losses(args.losses)
     nanogpt = args.nanogpt or (REPO / ".peers" / "nanoGPT")
     args.out.mkdir(parents=True, exist_ok=True)
     work = args.out.parent / f"{args.out.name}-runs" if args.out.name else Path("/tmp/gpu_round_runs")

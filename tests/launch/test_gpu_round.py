@@ -17,7 +17,7 @@ def test_the_round_runs_its_parts_in_order_of_value_within_eight_minutes(tmp_pat
     assert sum(p.limit_s for p in parts[:4]) <= 600 and gpu_round.main(["--plan"]) == 0
     peers = {p.name: p.commands[0] for p in parts}
     assert peers["peers_llama"][-2:] == ["--ours", "fp8=train.precision=fp8"]  # refused rows do not stop the part
-    assert ["--nanogpt", str(tmp_path / "nanoGPT")] == peers["peers_gpt2"][5:7]
+    assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10"]
 
 
 def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
@@ -43,3 +43,19 @@ def test_a_hung_part_is_killed_at_its_limit_and_the_round_goes_on(tmp_path):
     report = (tmp_path / "round.md").read_text()
     assert "| hangs | killed at its limit |" in report and "unrecognized arguments: --modes sync" in (
         tmp_path / "round.log").read_text()
+
+
+def _metrics(run, losses):
+    (run / "metrics").mkdir(parents=True)
+    lines = [f'{{"kind": "train", "step": {s}, "loss": {v}}}' for s, v in enumerate(losses)]
+    (run / "metrics" / "rank0.jsonl").write_text("\n".join([*lines, '{"kind": "val", "step": 1, "loss": 9.0}']))
+    return run
+
+
+def test_the_shared_gpu_layouts_must_train_alike(tmp_path, capsys):
+    """ddp, fsdp and tp on one GPU over gloo: a gradient summed where it should be averaged shows in the loss."""
+    ddp = _metrics(tmp_path / "shared-ddp", [5.5, 5.1, 4.8])
+    fsdp = _metrics(tmp_path / "shared-fsdp", [5.5, 5.1001, 4.8002])
+    assert gpu_round.losses([ddp, fsdp]) == 0 and "agree" in capsys.readouterr().out
+    summed = _metrics(tmp_path / "shared-tp", [5.5, 4.9, 4.3])
+    assert gpu_round.losses([ddp, fsdp, summed]) == 1 and "DIFFER" in capsys.readouterr().out
