@@ -47,7 +47,8 @@ class Pair:
 
 PAIRS = {"gpt2": Pair("gpt2", ("model=gpt2_124m",), 16, 4, "nanogpt"),
          "llama": Pair("llama", ("model=llama_1b",), 8, 4, "hf")}
-TINY_MODEL = ("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=32")
+# the BPE corpus's vocabulary: the smallest a run on it takes
+TINY_MODEL = ("model.n_layer=2", "model.n_head=4", "model.n_embd=64", "model.block_size=32", "model.vocab_size=2048")
 TINY = {"gpt2": Pair("gpt2", ("model=gpt2_124m", *TINY_MODEL), 2, 2, "nanogpt"),
         "llama": Pair("llama", ("model=llama_124m", *TINY_MODEL, "model.n_query_groups=2"), 2, 2, "hf")}
 OURS_GPU = ("train=gpu",)

@@ -82,15 +82,16 @@ def test_nanogpts_model_is_built_at_our_shape_and_timed_on_the_cpu(tmp_path):
     pair = peers.TINY["gpt2"]
     model, opt, loss = peers.nanogpt_model(pair, tmp_path, "cpu")
     assert (model.config.n_layer, model.config.n_embd, model.config.block_size, model.config.vocab_size,
-            model.config.bias) == (2, 64, 32, 50304, True)  # gpt2_124m's vocabulary and biases
+            model.config.bias) == (2, 64, 32, 2048, True)  # gpt2_124m's biases
     result = peers.timed_loop(pair, 1, "cpu", model, opt, loss)
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["loss"] > 0
 
 
+@pytest.mark.slow  # importing transformers and compiling nothing still takes seconds alone
 def test_transformers_llama_is_built_at_our_shape_and_timed_on_the_cpu():
     pair = peers.TINY["llama"]
     model, opt, loss = peers.hf_model(pair, "cpu")
     conf = model.config
     assert (type(model).__name__, conf.num_hidden_layers, conf.hidden_size, conf.num_key_value_heads,
-            conf.vocab_size, conf._attn_implementation) == ("LlamaForCausalLM", 2, 64, 2, 32000, "sdpa")
+            conf.vocab_size, conf._attn_implementation) == ("LlamaForCausalLM", 2, 64, 2, 2048, "sdpa")
     assert peers.timed_loop(pair, 1, "cpu", model, opt, loss)["tokens_per_s"] > 0

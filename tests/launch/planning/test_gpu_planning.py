@@ -153,7 +153,8 @@ def test_the_ranks_of_a_node_each_drive_a_gpu_of_their_own():
     crowded = _plans("0,1", [0, 1, 2])  # three tasks on a node with two GPUs
     assert shared_gpus(crowded) == ("more than one rank per GPU: GPU 0 on node1 by ranks 0, 2 (rank 0 sees "
                                     "CUDA_VISIBLE_DEVICES=0,1); run one task per GPU: sbatch --ntasks-per-node equal "
-                                    "to --gpus-per-node, or --gpus-per-task=1").replace("node1", crowded[0].host)
+                                    "to --gpus-per-node, or --gpus-per-task=1 (or debug.share_gpu=true to debug on shared "
+                                    "GPUs over gloo)").replace("node1", crowded[0].host)
 
 
 @pytest.mark.parametrize("distribution", [None, "block:block", "cyclic:cyclic"])
