@@ -25,9 +25,9 @@ from gpt.run_folder import RunFolder
 from launch.backends import Backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import Device, fit
-from launch.planning.shared_gpu import check_shared_gpu
 from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
+from launch.planning.shared_gpu import check_shared_gpu
 
 log = logging.getLogger(__name__)
 
