@@ -29,6 +29,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
+# the save's path before staging beside today's (the saves branch's options; an older checkpoint.py refuses them and
+# runs its sync and async saves)
+SAVE_MODES = ["--modes", "sync-old", "sync"]
 LOSS_TOLERANCE = 5e-3  # fp32 (TF32 on a GPU) layouts of one tiny model, reduced in other orders
 STOP_GRACE_S = 15  # a stopped part's launcher relays SIGTERM to its ranks, which save and leave the GPU
 
@@ -93,7 +96,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
         Part("check", 60, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"]]]),
         Part("peers_llama", 240, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
-        Part("save", 150, [save], optional=save_args),
+        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
         Part("dry_run", 150, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                               [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
@@ -276,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                              args.save_args.split()) if not args.only or p.name in args.only]
     if args.plan:
         for p in todo:
-            print(f"{p.name} (limit {p.limit_s} s):" + "".join(f"\n  {' '.join(c)}" for c in p.commands))
+            extra = f"; each command with {' '.join(p.optional)} where it takes them" if p.optional else ""
+            print(f"{p.name} (limit {p.limit_s} s{extra}):" + "".join(f"\n  {' '.join(c)}" for c in p.commands))
         return 0
     run_round(todo, args.budget, args.out)
     pack(work, args.out)
