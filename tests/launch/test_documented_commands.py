@@ -73,9 +73,10 @@ def test_documented_command_composes_and_plans(source, command, words, tmp_path,
     monkeypatch.setenv("GPTLAUNCH_SITE_DIR", str(REPO / "examples"))
     program = "make run" if command.startswith("make run") else "sbatch" if "sbatch" in command else "launch"
     choices, shape = overrides(program, words)
-    if shape.get("gpus-per-node") or "train=gpu" in words:  # planned where it runs: on GPUs (the fit check's memory)
-        monkeypatch.setenv("SLURM_GPUS_ON_NODE", str(shape.get("gpus-per-node", 8)))
-        StrictCuda(devices=shape.get("gpus-per-node", 8)).install(monkeypatch)
+    if shape.get("gpus-per-node") or "train=gpu" in words or "train.device=cuda" in words:  # planned where it runs:
+        gpus = 1 if "debug.share_gpu=true" in words else shape.get("gpus-per-node", 8)  # on GPUs (the fit check's memory)
+        monkeypatch.setenv("SLURM_GPUS_ON_NODE", str(gpus))
+        StrictCuda(devices=gpus).install(monkeypatch)
     if program == "make run" and not any(w.startswith("RUN_ARGS=") for w in words):
         choices = [["nodes=1", "nodes=2"], ["strategy=ddp"], ["train.max_steps=1000"], *choices]  # the Makefile's RUN_ARGS
     for i, args in enumerate(itertools.product(*choices)):
