@@ -27,7 +27,7 @@ from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import Device, fit
 from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
-from launch.planning.shared_gpu import check_shared_gpu
+from launch.planning.shared_gpu import check_shared_gpu, memory_per_rank
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainCo
     train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, by the fit check
     stated = device == "cuda" and run.cluster.gpu_memory_gb
     memory = float(run.cluster.gpu_memory_gb) if stated else backend.device_memory_gib(run, device)
-    return Device(device, memory), train, dims
+    return Device(device, memory_per_rank(run, device, memory)), train, dims
 
 
 def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from gpt.errors import ConfigError
 from launch.launch_config import LaunchConfig
+from launch.local_gpus import local_gpus
 
 # What needs NCCL or a collective gloo lacks on CUDA tensors: DeepSpeed starts NCCL itself, and a pipeline passes
 # activations by send/recv, which gloo does on host tensors only.
@@ -24,3 +25,12 @@ def check_shared_gpu(run: LaunchConfig, device: str) -> None:
         raise ConfigError("debug.share_gpu", True, f"false with strategy={run.strategy.name}: {why}; ddp, zero1, "
                           "fsdp and tensor parallelism run on shared GPUs")
 
+
+
+def memory_per_rank(run: LaunchConfig, device: str, memory: float | None) -> float | None:
+    """The GiB each rank has for the fit check: a shared GPU's split between the ranks of a node that take it in turn
+    (debug.share_gpu); otherwise the device's."""
+    if not run.debug.share_gpu or device != "cuda" or not memory:
+        return memory
+    gpus = run.cluster.gpus_per_node or len(local_gpus()) or 1
+    return memory / -(-run.cluster.tasks_per_node // gpus)

@@ -16,7 +16,7 @@ from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
 from launch.rank.gpu_plan import GpuPlan, shared_gpus, vet_gpus
 from launch.backends import get_backend
-from launch.planning.plan import planned_device
+from launch.planning.plan import plan_layout_of, planned_device
 
 TINY = ["model=tiny", f"data.text_path={SHAKESPEARE}"]
 
@@ -76,8 +76,9 @@ def test_two_ranks_share_one_gpu_only_when_asked_and_never_over_nccl(plan, monke
     _fake_gpus(monkeypatch, 1)
     with pytest.raises(ConfigError, match=r"at most 1 rank\(s\).*or debug.share_gpu=true"):
         plan("strategy=ddp", "nodes=2")
-    _, p = plan("strategy=ddp", "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true")
-    assert p.world_size == 2
+    run, p = plan("strategy=ddp", "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true",
+                  "cluster.gpu_memory_gb=80")
+    assert p.world_size == 2 and plan_layout_of(run, get_backend("local"))[0].memory_gib == 40  # half the GPU each
     plan("strategy=fsdp", "parallel.tp=2", "nodes=1", "cluster.tasks_per_node=2", "debug.share_gpu=true")
     for strategy, why in (("strategy=deepspeed", "DeepSpeed starts NCCL"), ("strategy=pipeline", "send/recv")):
         with pytest.raises(ConfigError, match=f"debug.share_gpu=True is not valid: false with {strategy}: .*{why}"):
