@@ -88,10 +88,10 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     fp8 = ["--ours", "fp8=train.precision=fp8"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
-    size = ["model=tiny", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"] if cpu else \
-        ["model=llama_1b", "train.precision=bf16", "cluster.gpus_per_node=8", "cluster.gpu_memory_gb=80"]
-    dry = [PY, "-m", "launch.dry_run", "cluster=slurm", "cluster.tasks_per_node=8", "strategy=fsdp", *size,
-           *data_overrides(), "data=shakespeare_bpe"]
+    tiny = ["model=tiny", "model.n_head=8", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"]
+    full = ["model=llama_1b", "train.precision=bf16", "cluster.gpus_per_node=8", "cluster.gpu_memory_gb=80"]
+    dry = [PY, "-m", "launch.dry_run", "cluster=slurm", "cluster.tasks_per_node=8", "strategy=fsdp",
+           *(tiny if cpu else full), *data_overrides(), "data=shakespeare_bpe"]
     return [
         Part("check", 60, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"]]]),
@@ -223,9 +223,10 @@ def startup(run: Path) -> int:
     lines = (run / "attempts.jsonl").read_text().splitlines()
     for i, line in enumerate(json.loads(x) for x in lines):
         s = line.get("startup") or {}
-        print(f"attempt {i + 1}: to the first step {s.get('to_first_step_s', float('nan')):.1f} s, compiling "
-              f"{s.get('compile_s', float('nan')):.1f} s, compile cache {s.get('compile_cache_hits', 0):.0f} hits "
-              f"{s.get('compile_cache_misses', 0):.0f} misses; {json.dumps(s)}")
+        compiled = (f"compiling {s['compile_s']:.1f} s, compile cache {s.get('compile_cache_hits', 0):.0f} hits "
+                    f"{s.get('compile_cache_misses', 0):.0f} misses" if "compile_s" in s else "no compile")
+        print(f"attempt {i + 1}: to the first step {s.get('to_first_step_s', float('nan')):.1f} s, {compiled}; "
+              f"{json.dumps(s)}")
     return 0 if lines else 1
 
 
