@@ -25,6 +25,10 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   the CPU runs out of memory where a GPU with that much memory would, in its forward.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
   index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
+- `HostReads` counts each implicit read of a device tensor (`.item()`, `.tolist()`, `float(t)`, `bool(t)`, `int(t)`,
+  `.cpu()`, `.numpy()`, a format) as the host wait it is on a GPU, with the code that made it: a tensor is the
+  host's only where code puts it there (made from Python values or on "cpu", moved with `.cpu()`, or computed from
+  host tensors alone).
 - `NcclGroups` refuses, as NCCL does, a collective that hands a tensor moved to the host on purpose to a group that
   NCCL alone would serve on GPUs.
 
@@ -42,6 +46,8 @@ from typing import Any
 
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten
 
 
 def index_of(device: Any, current: int) -> int:
@@ -537,6 +543,50 @@ class NcclGroups:
                                    "group NCCL alone serves)")
             return collective(*args, **kwargs)
         return checked
+
+
+class HostReads(TorchFunctionMode):
+    """Inside (this thread), each implicit read of a device tensor is a host wait of `cuda` (`host_waits`), its
+    place in the project's code in `sites`. A GPU run's tensors are the device's unless code makes them the host's:
+    from Python values without a device or with "cpu" (torch.tensor, torch.zeros(3)), with `.cpu()`/`.to("cpu")`,
+    or computed from host tensors alone; a torch.device passed is the run's own (the CPU only because the test runs
+    there). Tensors made before entering, by autograd, or in another thread are the device's."""
+
+    READS = {"item", "tolist", "__float__", "__bool__", "__int__", "__index__", "__format__", "numpy", "cpu"}
+
+    def __init__(self, cuda: StrictCuda):
+        super().__init__()
+        self.cuda, self.sites = cuda, []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        to_host = name == "cpu" or name == "to" and _to_host(*args[1:], **kwargs)
+        if (name in self.READS or to_host) and inputs and not getattr(inputs[0], "_host_placed", False):
+            self.cuda.host_waits += 1
+            self.sites.append(f"{name} at {_project_caller()}")
+        out = func(*args, **kwargs)
+        if to_host and out is inputs[0]:
+            out = out.clone()  # a copy of the device tensor on a GPU, not the tensor itself
+        device = kwargs.get("device")
+        host = to_host or (all(getattr(t, "_host_placed", False) for t in inputs) and
+                           (device is None and not any(isinstance(a, torch.device) for a in args) or
+                            _names_host(device)))
+        if host:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    t._host_placed = True
+        return out
+
+
+def _project_caller() -> str:
+    """The innermost frame of the project's code (gpt/, launch/) on the stack, as path:line."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack() if "/gpt/" in f.filename or "/launch/" in f.filename]
+    return f"{frames[-1].filename.rsplit('/', 2)[-2]}/{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" \
+        if frames else "?"
 
 
 def _names_host(device: Any) -> bool:

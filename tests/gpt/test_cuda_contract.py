@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from cuda_standin import StrictCuda
+from cuda_standin import HostReads, StrictCuda
 from gpt.config.sections import HealthConfig
 from gpt.collectives.process_group import DistEnv, pick_device
 from launch.recovery import health
@@ -299,3 +299,44 @@ def test_an_async_save_touches_no_gpu_but_the_ranks_own(monkeypatch, tmp_path):
     stager.close()
     assert (tmp_path / "step_1" / ".metadata").is_file()
     assert cuda.contexts == {1}
+
+
+def test_an_implicit_read_of_a_device_tensor_is_a_host_wait_and_of_a_host_tensor_none(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    with HostReads(cuda) as reads:
+        flags = torch.tensor([1.0, 0.0])  # made from Python values: the host's
+        assert (flags + 1).tolist() == [2.0, 1.0] and cuda.host_waits == 0
+        on_device = torch.zeros(3, device=torch.device("cpu"))  # the run's device
+        for read in (lambda t: t.sum().item(), lambda t: bool(t.any()), lambda t: float(t[0]), lambda t: f"{t[1]}",
+                     lambda t: t.tolist()):
+            read(on_device)
+        moved = on_device.cpu()  # a copy to the host: a wait, then the host's
+        moved.tolist()
+    assert cuda.host_waits == 6 and [s.split(" ")[0] for s in reads.sites] == \
+        ["item", "__bool__", "__float__", "__format__", "tolist", "cpu"]
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"])
+def test_a_step_that_logs_nothing_never_waits_for_the_device(strict_cuda, tmp_path_factory, monkeypatch, precision):
+    """Every implicit read of a device tensor (.item(), bool(t), ...) in the training loop: on log steps only.
+    fp16's GradScaler.step reads whether any gradient overflowed, every step, before it steps."""
+    from helpers import SHAKESPEARE, plan
+    from gpt.config import schema
+    from gpt.train.trainer import Trainer
+
+    run_dir = plan(tmp_path_factory.mktemp("run"), "model=tiny", "train.device=cpu", "train.max_steps=4",
+                   "train.log_interval=2", "train.eval_interval=0", "train.progress=false",
+                   f"train.precision={precision}", f"data.text_path={SHAKESPEARE}",
+                   f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}")
+    trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
+    step, reads = trainer.train_step, {}
+
+    def counted():
+        with HostReads(strict_cuda) as mode:
+            values = step()
+        reads[trainer.step - 1] = mode.sites
+        return values
+
+    monkeypatch.setattr(trainer, "train_step", counted)
+    trainer.fit()
+    assert reads[0] == reads[2] == [] and reads[1] and reads[3]  # log steps 1 and 3 read the loss
