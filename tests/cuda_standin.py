@@ -12,7 +12,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   context (`torch.cuda.stream`) makes the stream's device current and, on leaving, sets the thread's device back, as
   torch's does (under CUDA 12 setting a device opens its context): every device a process touches is in `contexts`,
   and a rank given its GPU (`rank_gpu`, GPUs in exclusive-process mode, one per rank) fails on any other. Pinning
-  host memory opens a context on the current device too.
+  host memory (`Tensor.pin_memory`, DCP's cudaHostRegister) opens a context on the current device too, and a copy
+  to a CUDA device (`Tensor.to`) on that device (the copy stays on the CPU).
 - `CUDA_VISIBLE_DEVICES` (`visible`) is read as CUDA reads it: indices, GPU UUIDs or MIG slices (one MIG slice per
   process), renumbered 0..n-1 in the process; `physical` names the machine's GPU behind an index. `GpuNode` refuses
   two ranks on one GPU, as NCCL does, and `slurm_closest_tasks` shows each task of a node its GPUs as Slurm does under
@@ -291,6 +292,24 @@ class StrictCuda:
         self._checked(None)
         self.pinned[ptr] = size
 
+    def pin_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Tensor.pin_memory: a page-locked copy, allocated in the current device's context (CUDA opens it)."""
+        self._checked(None)
+        pinned = tensor.clone()
+        self.pinned[pinned.data_ptr()] = pinned.nbytes
+        return pinned
+
+    def to_device(self, to: Any) -> Any:
+        """Tensor.to over `to` (torch's): a copy to a CUDA device opens a context there (the tensor stays on the
+        CPU, a copy of its own, as a GPU copy would be)."""
+        def moved(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            device, dtype, _, _ = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})
+            if device is None or device.type != "cuda":
+                return to(tensor, *args, **kwargs)
+            self._checked(device)
+            return to(tensor, "cpu", dtype=dtype, copy=True)
+        return moved
+
     def unpin_memory(self, ptr: int) -> None:
         if self.pinned.pop(ptr, None) is None:
             raise RuntimeError("CUDA error: host memory not registered")
@@ -381,6 +400,8 @@ class StrictCuda:
             monkeypatch.setattr(torch.cuda.memory, name, getattr(self, name))
         for name in self.PIN_NAMES:
             monkeypatch.setattr(pin_memory_utils, name, getattr(self, name))
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, device=None: self.pin_tensor(tensor))
+        monkeypatch.setattr(torch.Tensor, "to", self.to_device(torch.Tensor.to))
         return self
 
 
