@@ -13,7 +13,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   torch's does (under CUDA 12 setting a device opens its context): every device a process touches is in `contexts`,
   and a rank given its GPU (`rank_gpu`, GPUs in exclusive-process mode, one per rank) fails on any other. Pinning
   host memory (`Tensor.pin_memory`, DCP's cudaHostRegister) opens a context on the current device too, and a copy
-  to a CUDA device (`Tensor.to`) on that device (the copy stays on the CPU).
+  to a CUDA device (`Tensor.to`) on that device (the copy stays on the CPU). A `non_blocking` copy into pinned host
+  memory holds garbage until the host synchronises with its stream, as on a GPU.
 - `CUDA_VISIBLE_DEVICES` (`visible`) is read as CUDA reads it: indices, GPU UUIDs or MIG slices (one MIG slice per
   process), renumbered 0..n-1 in the process; `physical` names the machine's GPU behind an index. `GpuNode` refuses
   two ranks on one GPU, as NCCL does, and `slurm_closest_tasks` shows each task of a node its GPUs as Slurm does under
@@ -73,10 +74,18 @@ class Stream:
     tail: float = 0.0
     done: float = 0.0
     seen: dict[int, float] = field(default_factory=dict)  # id(other stream): how far this one waited for it
+    copies: list[tuple[float, Any]] = field(default_factory=list)  # (ends at, fill the host destination)
 
     def synchronize(self) -> None:
         self.cuda.host_waits += 1
-        self.done = self.tail
+        self.reach(self.tail)
+
+    def reach(self, at: float) -> None:
+        """The host learnt that the stream got to `at`: what it copied into host memory until then is there."""
+        self.done = max(self.done, at)
+        for copy in [c for c in self.copies if c[0] <= self.done]:
+            self.copies.remove(copy)
+            copy[1]()
 
     def query(self) -> bool:
         return self.done >= self.tail
@@ -202,7 +211,7 @@ class StrictCuda:
         self.host_waits += 1
         for stream in self.streams:
             if stream.device == index:
-                stream.done = stream.tail
+                stream.reach(stream.tail)
 
     def visible(self, writer: Stream, at: float, reader: Stream) -> bool:
         """Whether work `writer` enqueued up to `at` is visible to work enqueued now on `reader`."""
@@ -310,6 +319,22 @@ class StrictCuda:
             return to(tensor, "cpu", dtype=dtype, copy=True)
         return moved
 
+    def copy_to_host(self, copy: Any) -> Any:
+        """Tensor.copy_ and UntypedStorage.copy_ over `copy` (torch's): a non_blocking copy into pinned host memory
+        is device work on the current stream, and the destination holds garbage (all bits set: NaN) until the host
+        learns that the stream got there (a synchronisation of it, its device or a later event)."""
+        def copied(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+            storage = dst if isinstance(dst, torch.UntypedStorage) else dst.untyped_storage()
+            if not (non_blocking and storage.data_ptr() in self.pinned):
+                return copy(dst, src, non_blocking)
+            stream = self.current_stream()
+            stream.tail += 1e-6  # the copy's own time on the device
+            source = src.clone()  # what the device reads now
+            stream.copies.append((stream.tail, lambda: copy(dst, source, False)))
+            storage.fill_(0xFF)
+            return dst
+        return copied
+
     def unpin_memory(self, ptr: int) -> None:
         if self.pinned.pop(ptr, None) is None:
             raise RuntimeError("CUDA error: host memory not registered")
@@ -357,7 +382,7 @@ class StrictCuda:
             def synchronize(self) -> None:
                 cuda.host_waits += 1
                 if self.stream is not None:
-                    self.stream.done = max(self.stream.done, self.at)
+                    self.stream.reach(self.at)
 
             def wait(self, stream: Stream | None = None) -> None:
                 if self.stream is not None:
@@ -402,6 +427,8 @@ class StrictCuda:
             monkeypatch.setattr(pin_memory_utils, name, getattr(self, name))
         monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, device=None: self.pin_tensor(tensor))
         monkeypatch.setattr(torch.Tensor, "to", self.to_device(torch.Tensor.to))
+        for kind in (torch.Tensor, torch.UntypedStorage):
+            monkeypatch.setattr(kind, "copy_", self.copy_to_host(kind.copy_))
         return self
 
 

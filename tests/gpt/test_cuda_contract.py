@@ -103,6 +103,20 @@ def test_a_stream_context_moves_the_thread_to_its_device_and_back_opening_a_cont
         exclusive.set_device(0)
 
 
+def test_a_non_blocking_copy_into_pinned_memory_is_garbage_until_the_host_syncs_its_stream(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    host, event = torch.zeros(3).pin_memory(), cuda.Event()
+    assert cuda.contexts == {0}  # pinning opens a context on the current device
+    host.copy_(torch.arange(3.0), non_blocking=True)
+    assert host.isnan().all()  # not there yet
+    event.record()
+    event.synchronize()
+    assert host.tolist() == [0.0, 1.0, 2.0]
+    pageable = torch.zeros(3)
+    pageable.copy_(torch.ones(3), non_blocking=True)  # from pageable memory CUDA copies synchronously
+    assert pageable.tolist() == [1.0, 1.0, 1.0]
+
+
 @pytest.mark.parametrize("visible, shown", [("4,5,6,7", [4, 5, 6, 7]), ("1abc,3", [1, 3]), ("2,-1,3", [2]),
                                             ("1,1", []), ("GPU-00000006,GPU-00000002", [6, 2]), ("GPU-0,1", [])])
 def test_cuda_visible_devices_renumbers_what_it_names_from_0(visible, shown):
