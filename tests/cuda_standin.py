@@ -31,6 +31,8 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   `.cpu()`, `.numpy()`, a format) as the host wait it is on a GPU, with the code that made it: a tensor is the
   host's only where code puts it there (made from Python values or on "cpu", moved with `.cpu()`, or computed from
   host tensors alone).
+- `GraphReplays` runs a module as CUDA graphs do: no host read or synchronisation while one is captured, and each
+  replay overwrites the outputs of the one before.
 - `NcclGroups` refuses, as NCCL does, a collective that hands a tensor moved to the host on purpose to a group that
   NCCL alone would serve on GPUs.
 
@@ -49,7 +51,7 @@ from typing import Any
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
 from torch.overrides import TorchFunctionMode
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 def index_of(device: Any, current: int) -> int:
@@ -77,7 +79,7 @@ class Stream:
     copies: list[tuple[float, Any]] = field(default_factory=list)  # (ends at, fill the host destination)
 
     def synchronize(self) -> None:
-        self.cuda.host_waits += 1
+        self.cuda.host_wait()
         self.reach(self.tail)
 
     def reach(self, at: float) -> None:
@@ -124,6 +126,7 @@ class StrictCuda:
         self.streams: list[Stream] = list(self.default_streams)
         self.thread = threading.local()
         self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
+        self.capturing = False  # a CUDA graph is being captured (GraphReplays)
         self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
         self.pinned: dict[int, int] = {}  # host memory pinned: address -> bytes
         self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
@@ -208,10 +211,16 @@ class StrictCuda:
 
     def synchronize(self, device: Any = None) -> None:
         index = self._checked(device)
-        self.host_waits += 1
+        self.host_wait()
         for stream in self.streams:
             if stream.device == index:
                 stream.reach(stream.tail)
+
+    def host_wait(self, what: str = "a synchronisation") -> None:
+        """The host waits for the device: refused while a CUDA graph is captured, as CUDA refuses it."""
+        if self.capturing:
+            raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing ({what})")
+        self.host_waits += 1
 
     def visible(self, writer: Stream, at: float, reader: Stream) -> bool:
         """Whether work `writer` enqueued up to `at` is visible to work enqueued now on `reader`."""
@@ -380,7 +389,7 @@ class StrictCuda:
                 return self.stream is None or self.stream.done >= self.at
 
             def synchronize(self) -> None:
-                cuda.host_waits += 1
+                cuda.host_wait()
                 if self.stream is not None:
                     self.stream.reach(self.at)
 
@@ -593,6 +602,32 @@ class NcclGroups:
         return checked
 
 
+class GraphReplays:
+    """A module compiled into CUDA graphs (train.compile_mode=reduce-overhead), as CUDA runs them: the first call for
+    each input shape captures (with `HostReads` refusing any host read or synchronisation meanwhile), and every call
+    returns the same output tensors, which the next call with that shape overwrites in place."""
+
+    def __init__(self, cuda: StrictCuda, module: Any):
+        self.cuda, self.module, self.outputs = cuda, module, {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in self.outputs:
+            self.cuda.capturing = True
+            try:
+                with HostReads(self.cuda):
+                    captured = self.module(*args)
+            finally:
+                self.cuda.capturing = False
+            self.outputs[key] = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, captured)
+            return self.outputs[key]
+        replayed, static = tree_flatten(self.module(*args))[0], tree_flatten(self.outputs[key])[0]
+        for out, new in zip(static, replayed):
+            if isinstance(out, torch.Tensor):
+                out.copy_(new.detach())
+        return self.outputs[key]
+
+
 class HostReads(TorchFunctionMode):
     """Inside (this thread), each implicit read of a device tensor is a host wait of `cuda` (`host_waits`), its
     place in the project's code in `sites`. A GPU run's tensors are the device's unless code makes them the host's:
@@ -612,8 +647,8 @@ class HostReads(TorchFunctionMode):
         inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
         to_host = name == "cpu" or name == "to" and _to_host(*args[1:], **kwargs)
         if (name in self.READS or to_host) and inputs and not getattr(inputs[0], "_host_placed", False):
-            self.cuda.host_waits += 1
             self.sites.append(f"{name} at {_project_caller()}")
+            self.cuda.host_wait(self.sites[-1])
         out = func(*args, **kwargs)
         if to_host and out is inputs[0]:
             out = out.clone()  # a copy of the device tensor on a GPU, not the tensor itself

@@ -6,14 +6,16 @@ What the stand-in cannot show (kernels, NCCL, how much really overlaps) is measu
 a GPU (docs/benchmarks.md)."""
 from __future__ import annotations
 
+import json
 import pickle
+import random
 import threading
 import time
 
 import pytest
 import torch
 
-from cuda_standin import HostReads, StrictCuda
+from cuda_standin import GraphReplays, HostReads, StrictCuda
 from gpt.config.sections import HealthConfig
 from gpt.collectives.process_group import DistEnv, pick_device
 from launch.recovery import health
@@ -354,3 +356,41 @@ def test_a_step_that_logs_nothing_never_waits_for_the_device(strict_cuda, tmp_pa
     monkeypatch.setattr(trainer, "train_step", counted)
     trainer.fit()
     assert reads[0] == reads[2] == [] and reads[1] and reads[3]  # log steps 1 and 3 read the loss
+
+
+def test_a_graph_replay_overwrites_the_outputs_of_the_one_before_and_its_capture_reads_nothing(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    doubled = GraphReplays(cuda, lambda x: x * 2)
+    first = doubled(torch.ones(2))
+    assert doubled(torch.full((2,), 3.0)) is first and first.tolist() == [6.0, 6.0]
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        GraphReplays(cuda, lambda x: x.sum().item())(torch.ones(2))
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        GraphReplays(cuda, lambda x: torch.cuda.synchronize())(torch.ones(2))
+
+
+def test_multiple_choice_scores_under_cuda_graphs_are_the_eager_ones(strict_cuda, tmp_path):
+    """train.compile_mode=reduce-overhead with eval.tasks: the endings' losses are stacked after their forwards, and
+    each replay overwrote the loss before: every ending scored as the last one."""
+    from gpt.config.model import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
+    from gpt.eval.multiple_choice import TaskScorer
+    from gpt.model.transformer import GPT
+    from gpt.parallel.base import Strategy
+    from gpt.parallel.layout import ParallelDims
+
+    rng, letters = random.Random(3), "abcdefgh"
+    tokenizer = CharTokenizer(sorted(set(letters + " ")))
+    lines = [{"ctx": "".join(rng.choices(letters, k=12)), "label": rng.randrange(4),
+              "endings": ["".join(rng.choices(letters, k=rng.randint(1, 6))) for _ in range(4)]} for _ in range(12)]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    scorer = TaskScorer([str(tmp_path / "mix.jsonl")], 0, tokenizer, 32)
+    torch.manual_seed(0)
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
+    strategy.setup(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size)),
+                   1e-3, 0.0, (0.9, 0.95))
+    strategy.model.eval()
+    score = lambda: scorer.score(strategy.forward_loss, 0, 1, None, lambda: False, torch.device("cpu"))  # noqa: E731
+    eager = score()
+    strategy.model = GraphReplays(strict_cuda, strategy.model)
+    assert score() == eager
