@@ -12,8 +12,9 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   context (`torch.cuda.stream`) makes the stream's device current and, on leaving, sets the thread's device back, as
   torch's does (under CUDA 12 setting a device opens its context): every device a process touches is in `contexts`,
   and a rank given its GPU (`rank_gpu`, GPUs in exclusive-process mode, one per rank) fails on any other. Pinning
-  host memory (`Tensor.pin_memory`, DCP's cudaHostRegister) opens a context on the current device too, and a copy
-  to a CUDA device (`Tensor.to`) on that device (the copy stays on the CPU). A `non_blocking` copy into pinned host
+  host memory with DCP's cudaHostRegister opens a context on the current device too; `Tensor.pin_memory` uses a
+  device that has one, as PyTorch's host allocator does; a copy to a CUDA device (`Tensor.to`) opens that device's
+  (the copy stays on the CPU). A `non_blocking` copy into pinned host
   memory holds garbage until the host synchronises with its stream, as on a GPU.
 - `CUDA_VISIBLE_DEVICES` (`visible`) is read as CUDA reads it: indices, GPU UUIDs or MIG slices (one MIG slice per
   process), renumbered 0..n-1 in the process; `physical` names the machine's GPU behind an index. `GpuNode` refuses
@@ -311,15 +312,18 @@ class StrictCuda:
         self.pinned[ptr] = size
 
     def pin_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
-        """Tensor.pin_memory: a page-locked copy, allocated in the current device's context (CUDA opens it)."""
-        self._checked(None)
+        """Tensor.pin_memory: a page-locked copy. PyTorch's host allocator allocates it in a device's context that
+        exists already (pytorch#21081), and opens one on the current device only where none does."""
+        if not self.contexts:
+            self._checked(None)
         pinned = tensor.clone()
         self.pinned[pinned.data_ptr()] = pinned.nbytes
         return pinned
 
     def to_device(self, to: Any) -> Any:
-        """Tensor.to over `to` (torch's): a copy to a CUDA device opens a context there (the tensor stays on the
-        CPU, a copy of its own, as a GPU copy would be)."""
+        """Tensor.to over `to` (torch's): a copy to a CUDA device opens a context there, and no other (torch's device
+        guard sets the thread's device back only where it has a context); the tensor stays on the CPU, a copy of its
+        own, as a GPU copy would be."""
         def moved(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
             device, dtype, _, _ = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})
             if device is None or device.type != "cuda":

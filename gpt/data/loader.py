@@ -238,12 +238,7 @@ class Prefetcher:
 
     def __init__(self, batches: TrainBatches):
         self.batches = batches
-        # On a GPU the thread takes the rank's device first: it starts on device 0, where pinning a batch would open
-        # a CUDA context in every rank (about 0.5 GB each; refused where GPUs are in exclusive-process mode).
-        cuda = batches.device.type == "cuda"
-        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch",
-                                       initializer=torch.cuda.set_device if cuda else None,
-                                       initargs=(batches.device,) if cuda else ())
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="prefetch")
         self.ahead: tuple[int, Future] | None = None
         self.read_s = 0.0
 

@@ -464,21 +464,3 @@ def test_uint32_shards_for_large_vocabularies(tmp_path):
     x, y = TrainBatches(ds, 0, 8, 64, 64).get(0, 0)
     assert torch.equal(x[:, 1:], y[:, :-1]) and torch.all(y - x == 1)  # consecutive ids, never across shards
     assert x.min() >= 70_000 and x.max() > 100_000
-
-
-def test_the_prefetch_thread_pins_and_copies_on_the_ranks_gpu_alone(char_dir, monkeypatch):
-    """A rank on GPU 1 of 2 in exclusive-process mode: the prefetch thread starts on device 0, where pinning the next
-    step's batch would open a context (about 0.5 GB on GPU 0 in every rank; refused where GPUs are exclusive)."""
-    from cuda_standin import StrictCuda
-
-    cuda = StrictCuda(devices=2, rank_gpu=1).install(monkeypatch)
-    cuda.set_device(1)
-    device = torch.device("cuda", 1)
-    plain, ahead = TrainBatches(TokenDataset(char_dir, "train"), 1337, 32, 16, 4, device=device), \
-        TrainBatches(TokenDataset(char_dir, "train"), 1337, 32, 16, 4, device=device)
-    prefetch = Prefetcher(ahead)
-    for step in (0, 1):  # step 1: read ahead on the prefetch thread
-        micro = prefetch.take(step)
-        assert all(torch.equal(a, b) for got, m in zip(micro, range(4)) for a, b in zip(got, plain.get(step, m)))
-    prefetch.close()
-    assert cuda.contexts == {1} and cuda.pinned
