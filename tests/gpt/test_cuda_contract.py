@@ -332,32 +332,6 @@ def test_an_implicit_read_of_a_device_tensor_is_a_host_wait_and_of_a_host_tensor
         ["item", "__bool__", "__float__", "__format__", "tolist", "cpu"]
 
 
-@pytest.mark.parametrize("precision", ["fp32", "fp16"])
-def test_a_step_that_logs_nothing_never_waits_for_the_device(strict_cuda, tmp_path_factory, monkeypatch, precision):
-    """Every implicit read of a device tensor (.item(), bool(t), ...) in the training loop: on log steps only.
-    fp16's GradScaler.step reads whether any gradient overflowed, every step, before it steps."""
-    from helpers import SHAKESPEARE, plan
-    from gpt.config import schema
-    from gpt.train.trainer import Trainer
-
-    run_dir = plan(tmp_path_factory.mktemp("run"), "model=tiny", "train.device=cpu", "train.max_steps=4",
-                   "train.log_interval=2", "train.eval_interval=0", "train.progress=false",
-                   f"train.precision={precision}", f"data.text_path={SHAKESPEARE}",
-                   f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}")
-    trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
-    step, reads = trainer.train_step, {}
-
-    def counted():
-        with HostReads(strict_cuda) as mode:
-            values = step()
-        reads[trainer.step - 1] = mode.sites
-        return values
-
-    monkeypatch.setattr(trainer, "train_step", counted)
-    trainer.fit()
-    assert reads[0] == reads[2] == [] and reads[1] and reads[3]  # log steps 1 and 3 read the loss
-
-
 def test_a_graph_replay_overwrites_the_outputs_of_the_one_before_and_its_capture_reads_nothing(monkeypatch):
     cuda = StrictCuda().install(monkeypatch)
     doubled = GraphReplays(cuda, lambda x: x * 2)
