@@ -12,7 +12,10 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   context (`torch.cuda.stream`) makes the stream's device current and, on leaving, sets the thread's device back, as
   torch's does (under CUDA 12 setting a device opens its context): every device a process touches is in `contexts`,
   and a rank given its GPU (`rank_gpu`, GPUs in exclusive-process mode, one per rank) fails on any other. Pinning
-  host memory opens a context on the current device too.
+  host memory with DCP's cudaHostRegister opens a context on the current device too; `Tensor.pin_memory` uses a
+  device that has one, as PyTorch's host allocator does; a copy to a CUDA device (`Tensor.to`) opens that device's
+  (the copy stays on the CPU). A `non_blocking` copy into pinned host
+  memory holds garbage until the host synchronises with its stream, as on a GPU.
 - `CUDA_VISIBLE_DEVICES` (`visible`) is read as CUDA reads it: indices, GPU UUIDs or MIG slices (one MIG slice per
   process), renumbered 0..n-1 in the process; `physical` names the machine's GPU behind an index. `GpuNode` refuses
   two ranks on one GPU, as NCCL does, and `slurm_closest_tasks` shows each task of a node its GPUs as Slurm does under
@@ -25,6 +28,12 @@ It is at least as strict as CUDA, so that a GPU-only fault shows up on the CPU:
   the CPU runs out of memory where a GPU with that much memory would, in its forward.
 - Memory statistics, random generator states, bf16 support, device names and properties answer for a device
   index that exists, and refuse another; `manual_seed` seeds the current device's generator only.
+- `HostReads` counts each implicit read of a device tensor (`.item()`, `.tolist()`, `float(t)`, `bool(t)`, `int(t)`,
+  `.cpu()`, `.numpy()`, a format) as the host wait it is on a GPU, with the code that made it: a tensor is the
+  host's only where code puts it there (made from Python values or on "cpu", moved with `.cpu()`, or computed from
+  host tensors alone).
+- `GraphReplays` runs a module as CUDA graphs do: no host read or synchronisation while one is captured, and each
+  replay overwrites the outputs of the one before.
 - `NcclGroups` refuses, as NCCL does, a collective that hands a tensor moved to the host on purpose to a group that
   NCCL alone would serve on GPUs.
 
@@ -42,6 +51,8 @@ from typing import Any
 
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_flatten, tree_map
 
 
 def index_of(device: Any, current: int) -> int:
@@ -66,10 +77,18 @@ class Stream:
     tail: float = 0.0
     done: float = 0.0
     seen: dict[int, float] = field(default_factory=dict)  # id(other stream): how far this one waited for it
+    copies: list[tuple[float, Any]] = field(default_factory=list)  # (ends at, fill the host destination)
 
     def synchronize(self) -> None:
-        self.cuda.host_waits += 1
-        self.done = self.tail
+        self.cuda.host_wait()
+        self.reach(self.tail)
+
+    def reach(self, at: float) -> None:
+        """The host learnt that the stream got to `at`: what it copied into host memory until then is there."""
+        self.done = max(self.done, at)
+        for copy in [c for c in self.copies if c[0] <= self.done]:
+            self.copies.remove(copy)
+            copy[1]()
 
     def query(self) -> bool:
         return self.done >= self.tail
@@ -108,6 +127,7 @@ class StrictCuda:
         self.streams: list[Stream] = list(self.default_streams)
         self.thread = threading.local()
         self.host_waits = 0  # synchronisations of an event, a stream or a device: the host blocked on the GPU
+        self.capturing = False  # a CUDA graph is being captured (GraphReplays)
         self.contexts: set[int] = set()  # devices touched: each one a CUDA context (about 0.5 GB) in this process
         self.pinned: dict[int, int] = {}  # host memory pinned: address -> bytes
         self.memory = {"allocated": 0, "peak": 0, "reserved": 0}
@@ -192,10 +212,16 @@ class StrictCuda:
 
     def synchronize(self, device: Any = None) -> None:
         index = self._checked(device)
-        self.host_waits += 1
+        self.host_wait()
         for stream in self.streams:
             if stream.device == index:
-                stream.done = stream.tail
+                stream.reach(stream.tail)
+
+    def host_wait(self, what: str = "a synchronisation") -> None:
+        """The host waits for the device: refused while a CUDA graph is captured, as CUDA refuses it."""
+        if self.capturing:
+            raise RuntimeError(f"CUDA error: operation not permitted when stream is capturing ({what})")
+        self.host_waits += 1
 
     def visible(self, writer: Stream, at: float, reader: Stream) -> bool:
         """Whether work `writer` enqueued up to `at` is visible to work enqueued now on `reader`."""
@@ -285,6 +311,43 @@ class StrictCuda:
         self._checked(None)
         self.pinned[ptr] = size
 
+    def pin_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Tensor.pin_memory: a page-locked copy. PyTorch's host allocator allocates it in a device's context that
+        exists already (pytorch#21081), and opens one on the current device only where none does."""
+        if not self.contexts:
+            self._checked(None)
+        pinned = tensor.clone()
+        self.pinned[pinned.data_ptr()] = pinned.nbytes
+        return pinned
+
+    def to_device(self, to: Any) -> Any:
+        """Tensor.to over `to` (torch's): a copy to a CUDA device opens a context there, and no other (torch's device
+        guard sets the thread's device back only where it has a context); the tensor stays on the CPU, a copy of its
+        own, as a GPU copy would be."""
+        def moved(tensor: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+            device, dtype, _, _ = torch._C._nn._parse_to(*args, **{k: v for k, v in kwargs.items() if k != "copy"})
+            if device is None or device.type != "cuda":
+                return to(tensor, *args, **kwargs)
+            self._checked(device)
+            return to(tensor, "cpu", dtype=dtype, copy=True)
+        return moved
+
+    def copy_to_host(self, copy: Any) -> Any:
+        """Tensor.copy_ and UntypedStorage.copy_ over `copy` (torch's): a non_blocking copy into pinned host memory
+        is device work on the current stream, and the destination holds garbage (all bits set: NaN) until the host
+        learns that the stream got there (a synchronisation of it, its device or a later event)."""
+        def copied(dst: Any, src: Any, non_blocking: bool = False) -> Any:
+            storage = dst if isinstance(dst, torch.UntypedStorage) else dst.untyped_storage()
+            if not (non_blocking and storage.data_ptr() in self.pinned):
+                return copy(dst, src, non_blocking)
+            stream = self.current_stream()
+            stream.tail += 1e-6  # the copy's own time on the device
+            source = src.clone()  # what the device reads now
+            stream.copies.append((stream.tail, lambda: copy(dst, source, False)))
+            storage.fill_(0xFF)
+            return dst
+        return copied
+
     def unpin_memory(self, ptr: int) -> None:
         if self.pinned.pop(ptr, None) is None:
             raise RuntimeError("CUDA error: host memory not registered")
@@ -330,9 +393,9 @@ class StrictCuda:
                 return self.stream is None or self.stream.done >= self.at
 
             def synchronize(self) -> None:
-                cuda.host_waits += 1
+                cuda.host_wait()
                 if self.stream is not None:
-                    self.stream.done = max(self.stream.done, self.at)
+                    self.stream.reach(self.at)
 
             def wait(self, stream: Stream | None = None) -> None:
                 if self.stream is not None:
@@ -375,6 +438,10 @@ class StrictCuda:
             monkeypatch.setattr(torch.cuda.memory, name, getattr(self, name))
         for name in self.PIN_NAMES:
             monkeypatch.setattr(pin_memory_utils, name, getattr(self, name))
+        monkeypatch.setattr(torch.Tensor, "pin_memory", lambda tensor, device=None: self.pin_tensor(tensor))
+        monkeypatch.setattr(torch.Tensor, "to", self.to_device(torch.Tensor.to))
+        for kind in (torch.Tensor, torch.UntypedStorage):
+            monkeypatch.setattr(kind, "copy_", self.copy_to_host(kind.copy_))
         return self
 
 
@@ -537,6 +604,76 @@ class NcclGroups:
                                    "group NCCL alone serves)")
             return collective(*args, **kwargs)
         return checked
+
+
+class GraphReplays:
+    """A module compiled into CUDA graphs (train.compile_mode=reduce-overhead), as CUDA runs them: the first call for
+    each input shape captures (with `HostReads` refusing any host read or synchronisation meanwhile), and every call
+    returns the same output tensors, which the next call with that shape overwrites in place."""
+
+    def __init__(self, cuda: StrictCuda, module: Any):
+        self.cuda, self.module, self.outputs = cuda, module, {}
+
+    def __call__(self, *args: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+        if key not in self.outputs:
+            self.cuda.capturing = True
+            try:
+                with HostReads(self.cuda):
+                    captured = self.module(*args)
+            finally:
+                self.cuda.capturing = False
+            self.outputs[key] = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, captured)
+            return self.outputs[key]
+        replayed, static = tree_flatten(self.module(*args))[0], tree_flatten(self.outputs[key])[0]
+        for out, new in zip(static, replayed):
+            if isinstance(out, torch.Tensor):
+                out.copy_(new.detach())
+        return self.outputs[key]
+
+
+class HostReads(TorchFunctionMode):
+    """Inside (this thread), each implicit read of a device tensor is a host wait of `cuda` (`host_waits`), its
+    place in the project's code in `sites`. A GPU run's tensors are the device's unless code makes them the host's:
+    from Python values without a device or with "cpu" (torch.tensor, torch.zeros(3)), with `.cpu()`/`.to("cpu")`,
+    or computed from host tensors alone; a torch.device passed is the run's own (the CPU only because the test runs
+    there). Tensors made before entering, by autograd, or in another thread are the device's."""
+
+    READS = {"item", "tolist", "__float__", "__bool__", "__int__", "__index__", "__format__", "numpy", "cpu"}
+
+    def __init__(self, cuda: StrictCuda):
+        super().__init__()
+        self.cuda, self.sites = cuda, []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", "")
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        to_host = name == "cpu" or name == "to" and _to_host(*args[1:], **kwargs)
+        if (name in self.READS or to_host) and inputs and not getattr(inputs[0], "_host_placed", False):
+            self.sites.append(f"{name} at {_project_caller()}")
+            self.cuda.host_wait(self.sites[-1])
+        out = func(*args, **kwargs)
+        if to_host and out is inputs[0]:
+            out = out.clone()  # a copy of the device tensor on a GPU, not the tensor itself
+        device = kwargs.get("device")
+        host = to_host or (all(getattr(t, "_host_placed", False) for t in inputs) and
+                           (device is None and not any(isinstance(a, torch.device) for a in args) or
+                            _names_host(device)))
+        if host:
+            for t in tree_flatten(out)[0]:
+                if isinstance(t, torch.Tensor):
+                    t._host_placed = True
+        return out
+
+
+def _project_caller() -> str:
+    """The innermost frame of the project's code (gpt/, launch/) on the stack, as path:line."""
+    import traceback
+
+    frames = [f for f in traceback.extract_stack() if "/gpt/" in f.filename or "/launch/" in f.filename]
+    return f"{frames[-1].filename.rsplit('/', 2)[-2]}/{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" \
+        if frames else "?"
 
 
 def _names_host(device: Any) -> bool:

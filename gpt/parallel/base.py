@@ -238,7 +238,8 @@ class Strategy:
         """Loss of one evaluation batch on this rank."""
         with self.autocast(), self.loss_context():
             _, loss = self.model(x, y)
-        return plain(loss.detach()).float()
+        # a copy: under CUDA graphs (compile_mode=reduce-overhead) the next forward's replay overwrites its output
+        return plain(loss.detach()).to(torch.float32, copy=True)
 
     # --- checkpoints ----------------------------------------------------------------------------------
     def state_parts(self) -> list[tuple[nn.Module, torch.optim.Optimizer]]:

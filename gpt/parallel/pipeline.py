@@ -284,6 +284,7 @@ class Pipeline(Strategy):
         hidden = None
         loss = torch.zeros((), device=self.device)
         shape = (x.size(0), x.size(1), self.model_cfg.n_embd)
+        sent = DTYPES[self.precision]  # the hidden states travel in the compute dtype, as in training
         with self.autocast():
             for sid in range(self.n_stages):
                 owner, prev_owner = sid % self.pp, (sid - 1) % self.pp
@@ -292,13 +293,13 @@ class Pipeline(Strategy):
                 if sid == 0:
                     hidden = x
                 elif prev_owner != self.pp_rank:
-                    hidden = torch.empty(shape, dtype=torch.float32, device=self.device)
+                    hidden = torch.empty(shape, dtype=sent, device=self.device)
                     dist.recv(hidden, group=self.pp_group, group_src=prev_owner)
                 out = self._unwrap(self.stages[sid])(hidden)
                 if sid == self.n_stages - 1:
                     loss = loss_fn(out, y).detach().float()
                 elif (sid + 1) % self.pp != self.pp_rank:
-                    dist.send(out.float().contiguous(), group=self.pp_group, group_dst=(sid + 1) % self.pp)
+                    dist.send(out.to(sent).contiguous(), group=self.pp_group, group_dst=(sid + 1) % self.pp)
                 else:
                     hidden = out
         dist.all_reduce(loss, group=self.pp_group)

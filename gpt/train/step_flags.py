@@ -16,6 +16,7 @@ class StepFlags:
     def __init__(self, saver: Saver, stop: StopControl, is_main: bool):
         self.saver, self.stop, self.is_main = saver, stop, is_main
         self.group = side_group("step_flags")  # the flags travel beside training
+        stop.votes_group = self.group  # and an evaluation's votes, in the order every rank casts them
         self.cast: tuple[BackgroundSum, Any] | None = None  # cast at the last step, with the save they polled
 
     def exchange(self, step: int) -> float:

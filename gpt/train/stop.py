@@ -8,9 +8,11 @@ import logging
 import signal
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gpt.config.schema import RunConfig
 from gpt.config.sections import PreemptionConfig
+from gpt.collectives.flag_sum import sum_in_background
 from gpt.collectives.process_group import all_reduce_values
 from gpt.train.early_stop import Rungs
 from gpt.resilience.exclusion import ExclusionDecision
@@ -30,6 +32,9 @@ class StopControl:
         self.stopped_early: str | None = None  # why this sweep point stopped at a rung (rank 0's words)
         self.reason: str | None = None  # set on every rank once any rank got a preemption signal
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
+        # the step flags' gloo group (set by gpt.train.step_flags): an evaluation's votes are summed there in
+        # log2(ranks) rounds, not in a ring of 2(ranks - 1) hops on the default group, once per evaluation batch
+        self.votes_group: Any = None
 
     @classmethod
     def of(cls, run: RunConfig, run_dir: Path, is_main: bool) -> StopControl:
@@ -57,7 +62,10 @@ class StopControl:
         """Whether any rank was signalled (a collective: every rank calls it, between evaluation batches)."""
         if self.flag is None:  # preemption.enabled=false: on every rank alike
             return False
-        votes = all_reduce_values(self.votes())
+        if self.votes_group is None:
+            votes = all_reduce_values(self.votes())
+        else:
+            votes = sum_in_background(self.votes(), self.votes_group).wait()[1]
         if not any(votes):
             return False
         self.reason = self._named(votes)

@@ -6,14 +6,16 @@ What the stand-in cannot show (kernels, NCCL, how much really overlaps) is measu
 a GPU (docs/benchmarks.md)."""
 from __future__ import annotations
 
+import json
 import pickle
+import random
 import threading
 import time
 
 import pytest
 import torch
 
-from cuda_standin import StrictCuda
+from cuda_standin import GraphReplays, HostReads, StrictCuda
 from gpt.config.sections import HealthConfig
 from gpt.collectives.process_group import DistEnv, pick_device
 from launch.recovery import health
@@ -101,6 +103,20 @@ def test_a_stream_context_moves_the_thread_to_its_device_and_back_opening_a_cont
     exclusive = StrictCuda(devices=2, rank_gpu=1).install(monkeypatch)
     with pytest.raises(RuntimeError, match="busy or unavailable"):
         exclusive.set_device(0)
+
+
+def test_a_non_blocking_copy_into_pinned_memory_is_garbage_until_the_host_syncs_its_stream(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    host, event = torch.zeros(3).pin_memory(), cuda.Event()
+    assert cuda.contexts == {0}  # pinning opens a context on the current device
+    host.copy_(torch.arange(3.0), non_blocking=True)
+    assert host.isnan().all()  # not there yet
+    event.record()
+    event.synchronize()
+    assert host.tolist() == [0.0, 1.0, 2.0]
+    pageable = torch.zeros(3)
+    pageable.copy_(torch.ones(3), non_blocking=True)  # from pageable memory CUDA copies synchronously
+    assert pageable.tolist() == [1.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("visible, shown", [("4,5,6,7", [4, 5, 6, 7]), ("1abc,3", [1, 3]), ("2,-1,3", [2]),
@@ -299,3 +315,56 @@ def test_an_async_save_touches_no_gpu_but_the_ranks_own(monkeypatch, tmp_path):
     stager.close()
     assert (tmp_path / "step_1" / ".metadata").is_file()
     assert cuda.contexts == {1}
+
+
+def test_an_implicit_read_of_a_device_tensor_is_a_host_wait_and_of_a_host_tensor_none(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    with HostReads(cuda) as reads:
+        flags = torch.tensor([1.0, 0.0])  # made from Python values: the host's
+        assert (flags + 1).tolist() == [2.0, 1.0] and cuda.host_waits == 0
+        on_device = torch.zeros(3, device=torch.device("cpu"))  # the run's device
+        for read in (lambda t: t.sum().item(), lambda t: bool(t.any()), lambda t: float(t[0]), lambda t: f"{t[1]}",
+                     lambda t: t.tolist()):
+            read(on_device)
+        moved = on_device.cpu()  # a copy to the host: a wait, then the host's
+        moved.tolist()
+    assert cuda.host_waits == 6 and [s.split(" ")[0] for s in reads.sites] == \
+        ["item", "__bool__", "__float__", "__format__", "tolist", "cpu"]
+
+
+def test_a_graph_replay_overwrites_the_outputs_of_the_one_before_and_its_capture_reads_nothing(monkeypatch):
+    cuda = StrictCuda().install(monkeypatch)
+    doubled = GraphReplays(cuda, lambda x: x * 2)
+    first = doubled(torch.ones(2))
+    assert doubled(torch.full((2,), 3.0)) is first and first.tolist() == [6.0, 6.0]
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        GraphReplays(cuda, lambda x: x.sum().item())(torch.ones(2))
+    with pytest.raises(RuntimeError, match="not permitted when stream is capturing"):
+        GraphReplays(cuda, lambda x: torch.cuda.synchronize())(torch.ones(2))
+
+
+def test_multiple_choice_scores_under_cuda_graphs_are_the_eager_ones(strict_cuda, tmp_path):
+    """train.compile_mode=reduce-overhead with eval.tasks: the endings' losses are stacked after their forwards, and
+    each replay overwrote the loss before: every ending scored as the last one."""
+    from gpt.config.model import ModelConfig
+    from gpt.data.tokenizer import CharTokenizer
+    from gpt.eval.multiple_choice import TaskScorer
+    from gpt.model.transformer import GPT
+    from gpt.parallel.base import Strategy
+    from gpt.parallel.layout import ParallelDims
+
+    rng, letters = random.Random(3), "abcdefgh"
+    tokenizer = CharTokenizer(sorted(set(letters + " ")))
+    lines = [{"ctx": "".join(rng.choices(letters, k=12)), "label": rng.randrange(4),
+              "endings": ["".join(rng.choices(letters, k=rng.randint(1, 6))) for _ in range(4)]} for _ in range(12)]
+    (tmp_path / "mix.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    scorer = TaskScorer([str(tmp_path / "mix.jsonl")], 0, tokenizer, 32)
+    torch.manual_seed(0)
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
+    strategy.setup(GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=tokenizer.vocab_size)),
+                   1e-3, 0.0, (0.9, 0.95))
+    strategy.model.eval()
+    score = lambda: scorer.score(strategy.forward_loss, 0, 1, None, lambda: False, torch.device("cpu"))  # noqa: E731
+    eager = score()
+    strategy.model = GraphReplays(strict_cuda, strategy.model)
+    assert score() == eager

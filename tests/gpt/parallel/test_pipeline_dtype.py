@@ -1,5 +1,5 @@
 """What pipeline stages send each other: under bf16 autocast the hidden states go forward, and their gradients back, in
-bf16, not in the fp32 of the residual stream (gpt.parallel.pipeline.StageGPT)."""
+bf16, not in the fp32 of the residual stream (gpt.parallel.pipeline.StageGPT), in training and in evaluation."""
 from __future__ import annotations
 
 import datetime
@@ -30,13 +30,26 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
             sent.append(tensor.dtype)
         return real(op, tensor, *args, **kwargs)
 
-    dist.P2POp = recording
+    evaluated, send, recv = [], dist.send, dist.recv
+
+    def sending(tensor, *args, **kwargs):
+        if tensor.is_floating_point():
+            evaluated.append(("sent", str(tensor.dtype)))
+        return send(tensor, *args, **kwargs)
+
+    def receiving(tensor, *args, **kwargs):
+        if tensor.is_floating_point():
+            evaluated.append(("received", str(tensor.dtype)))
+        return recv(tensor, *args, **kwargs)
+
+    dist.P2POp, dist.send, dist.recv = recording, sending, receiving
     try:
         x = torch.randint(0, 64, (4, 16))
         strategy.train_step([(x, x)], 1, 1e-3, 1.0)
+        loss = strategy.forward_loss(x, x)  # evaluation: the stages in turn, outside the schedule
     finally:
-        dist.P2POp = real
-    out[rank] = sorted({str(dtype) for dtype in sent})
+        dist.P2POp, dist.send, dist.recv = real, send, recv
+    out[rank] = sorted({str(dtype) for dtype in sent}), evaluated, bool(torch.isfinite(loss))
     dist.barrier()
     dist.destroy_process_group()
 
@@ -45,4 +58,6 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
 @pytest.mark.timeout(120)
 def test_stages_send_hidden_states_and_their_gradients_in_bf16_under_bf16_autocast():
     got = spawn_ranks(_rank, 2)
-    assert got == {0: ["torch.bfloat16"], 1: ["torch.bfloat16"]}  # rank 0 sends hidden states, rank 1 their gradients
+    # training: rank 0 sends hidden states, rank 1 their gradients; evaluation: the hidden states alone
+    assert got == {0: (["torch.bfloat16"], [("sent", "torch.bfloat16")], True),
+                   1: (["torch.bfloat16"], [("received", "torch.bfloat16")], True)}

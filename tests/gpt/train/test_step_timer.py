@@ -11,6 +11,7 @@ import time
 import pytest
 import torch
 
+from cuda_standin import HostReads
 from gpt.config.model import ModelConfig
 from gpt.config.sections import StragglerConfig
 from gpt.collectives.process_group import DistEnv
@@ -130,7 +131,7 @@ def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         make_plan_of(launch_config.parse(compose("config", overrides=overrides)), run_dir)
     trainer = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
-    record, spans = trainer.reporter.record, []
+    record, spans, step, reads = trainer.reporter.record, [], trainer.train_step, {}
 
     def recording(*args):  # the host waits for the device in a log step (before, after)
         before = strict_cuda.host_waits
@@ -138,10 +139,18 @@ def test_the_trainer_reads_the_gpu_path_only_on_log_steps(strict_cuda, tmp_path_
         spans.append((before, strict_cuda.host_waits))
         return values
 
+    def reading():  # every implicit read of a device tensor (.item(), bool(t), ...) in each step
+        with HostReads(strict_cuda) as mode:
+            values = step()
+        reads[trainer.step - 1] = mode.sites
+        return values
+
     monkeypatch.setattr(trainer.reporter, "record", recording)
+    monkeypatch.setattr(trainer, "train_step", reading)
     trainer.fit()
+    assert [s for s in reads if reads[s]] == [2, 5], reads  # only log steps wait for the device or read it
     (before_1, after_1), (before_2, after_2) = spans
-    assert before_1 == 0 and after_1 > 0 and before_2 == after_1  # only log steps wait for the device
+    assert after_1 > before_1 and after_2 > before_2  # the record waits for the window's events
     records = read_metrics(run_dir)
     assert [r["step"] for r in records] == [2, 5]
     for r in records:  # the figures the straggler check gathered: compute_s among them, from the events
