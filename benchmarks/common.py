@@ -20,7 +20,7 @@ SHARED_TEXT = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 def compose_config(overrides: list[str]) -> LaunchConfig:
     """The config `python -m launch OVERRIDES` would run, reading the shared corpus when the repo has no copy."""
     text = REPO / "data" / "tinyshakespeare" / "input.txt"
-    data = [] if text.exists() else [f"data.text_path={SHARED_TEXT}"]
+    data = [f"data.text_path={text if text.exists() else SHARED_TEXT}"]  # absolute: planning refuses relative
     launch_config.register()
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
         return launch_config.parse(compose("config", overrides=data + overrides))

@@ -65,8 +65,10 @@ class Pending:
 class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, is_main: bool = True, rank: int = 0,
                  async_group: Any = None, async_save: bool = False, before_commit: Callable[[int], None] | None = None,
-                 after_commit: Callable[[int, Path], None] | None = None):
+                 after_commit: Callable[[int, Path], None] | None = None, threads: int = 1, staging: bool = False):
         self.root, self.keep, self.is_main, self.rank = root, keep, is_main, rank
+        self.threads = threads  # files each rank writes at once (DCP's thread_count)
+        self.staging = staging  # a synchronous save on a GPU copies through the stager's pinned buffers first
         self.async_save, self.async_group = async_save, async_group
         self.pending: Pending | None = None
         self.before_commit = before_commit  # a test hook (debug.save_sleep_s): runs before meta.json is written
@@ -96,19 +98,31 @@ class Checkpointer:
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
         self._agreed(tmp, lambda: self._make_folder(tmp) if self.is_main else None)
         self._agreed(tmp, lambda: self._write_rank_state(tmp, rank_state))
-        if allow_async and self.async_save and getattr(strategy, "supports_async_save", False):
-            group = None if self.async_group == "local" else self.async_group
-            self.stager = self.stager or make_stager(strategy.device, group)
+        dcp_strategy = getattr(strategy, "supports_async_save", False)  # DeepSpeed's engine writes its own
+        if allow_async and self.async_save and dcp_strategy:
             response = self._agreed(tmp, lambda: strategy.save_state(tmp, async_group=self.async_group,
-                                                                     stager=self.stager))
+                                                                     stager=self._stager(strategy),
+                                                                     threads=self.threads))
             self.pending = Pending(response.upload_completion, response.staging_completion, step, tmp, final,
                                    meta, time.perf_counter())
             self.last_blocked_s = time.perf_counter() - start
             return final
-        self._agreed(tmp, lambda: strategy.save_state(tmp))
+        if dcp_strategy:  # a CPU run's state is in host memory already: nothing to stage
+            stager = self._stager(strategy) if self.staging and strategy.device.type == "cuda" else None
+            self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
+        else:
+            self._agreed(tmp, lambda: strategy.save_state(tmp))
         self._commit(step, tmp, final, meta)
         self.last_blocked_s = time.perf_counter() - start
         return final
+
+    def _stager(self, strategy) -> ShareStager:
+        """The stager, made at the first save that stages and kept with its buffers: the asynchronous saves' and the
+        synchronous ones' alike (they agree on writers over the background saves' group, or the default one)."""
+        if self.stager is None:
+            group = None if self.async_group == "local" else self.async_group
+            self.stager = make_stager(strategy.device, group)
+        return self.stager
 
     def _make_folder(self, tmp: Path) -> None:
         self.root.mkdir(parents=True, exist_ok=True)

@@ -52,8 +52,17 @@ class CheckpointConfig:
     # a save that storage refuses (disk full, quota): stop (the previous checkpoint is kept), or continue training
     # and try again at the next interval (the final save still stops the run when it fails)
     on_save_error: str = "stop"
+    thread_count: int = 4  # files each rank writes at once (DCP's FileSystemWriter threads)
+    # a synchronous save on a GPU (preemption, time limit, the final one) copies the state into host buffers kept
+    # from save to save, pinned, then writes from there (the asynchronous saves' buffers); false: the writer copies
+    # from the device a few MB at a time, and no host memory of the state's size is held
+    staging: bool = True
+    # torch.save's CRC32 of every record in a shard: it protects nothing the manifest's sizes and DCP's offsets do
+    # not already check at load, and costs a pass over every byte
+    crc32: bool = False
 
     def validate(self) -> None:
+        at_least("checkpoint.thread_count", self.thread_count, 1, "a positive number of writer threads")
         if self.on_save_error not in ("stop", "continue"):
             raise ConfigError("checkpoint.on_save_error", self.on_save_error, "stop or continue")
         at_least("checkpoint.interval_steps", self.interval_steps, 0,

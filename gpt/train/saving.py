@@ -9,6 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt.checkpoint.policy import SavePolicy
 from gpt.checkpoint.save_errors import SaveFailed
 from gpt.checkpoint.writer import Checkpointer
@@ -33,9 +35,11 @@ def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path, before_commit
     ckpt = run.checkpoint
     background = ckpt.async_save and strategy_class(run.strategy.name).supports_async_save
     async_group = side_group("async_checkpoint") if background else None
+    # process-wide: every torch.save of a rank writes into a checkpoint, whose manifest checks every file's size
+    torch.serialization.set_crc32_options(ckpt.crc32)
     return Checkpointer(RunFolder(run_dir).checkpoints, ckpt.keep, env.is_main, env.rank, async_group=async_group,
                         async_save=ckpt.async_save, before_commit=before_commit,
-                        after_commit=after_commit)
+                        after_commit=after_commit, threads=ckpt.thread_count, staging=ckpt.staging)
 
 
 class Saver:

@@ -118,3 +118,24 @@ def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with
     writer = assign_writers([rank0, rank1])
     assert writer[("optim", "m0")] == 0 and writer[("optim", "m1")] == 1
     assert sorted(writer[k] for k in replicated) == [0, 0, 1, 1]
+
+
+def test_a_gpu_runs_synchronous_save_stages_through_the_asynchronous_saves_pinned_buffers(tmp_path, monkeypatch):
+    """A preemption's, time limit's or final save (synchronous) copies the state into the same pinned buffers as the
+    run's background saves, once the step is done, and writes from there with several threads."""
+    cuda = StrictCuda().install(monkeypatch)
+    pinned = []
+    monkeypatch.setattr(pin_memory_utils, "pin_memory", lambda ptr, size: pinned.append(ptr))
+    monkeypatch.setattr(pin_memory_utils, "unpin_memory", lambda ptr: None)
+    strategy = cpu_strategy()
+    strategy.device = torch.device("cuda", 0)
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=True, threads=2, staging=True)
+    checkpointer.save(1, strategy, {})  # a background save pins the buffers
+    checkpointer.wait()
+    pins = len(pinned)
+    cuda.run(0.1)
+    path = checkpointer.save(2, strategy, {}, allow_async=False)
+    assert checkpointer.pending is None and pins and len(pinned) == pins  # the same buffers, staged and written
+    assert len(list(path.glob("*.distcp"))) == 2
+    assert_restores(checkpointer, path, strategy)
+    checkpointer.close()
