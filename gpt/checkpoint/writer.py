@@ -24,7 +24,7 @@ from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, s
 from gpt.checkpoint.staging import ShareStager, make_stager
 from gpt.checkpoint.store import (AFTER_DIVERGENCE, META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, before_divergence,
                                   is_complete, is_whole, list_checkpoints, manifest, named, read_meta, resolve,
-                                  save_index, step_of, verify)
+                                  save_cost, save_index, step_of, verify)
 from gpt.collectives.process_group import all_true, from_rank0_object, gather_objects
 from gpt.errors import UserError, error_line
 from gpt.resilience.lease import fence
@@ -112,7 +112,7 @@ class Checkpointer:
             self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
         else:
             self._agreed(tmp, lambda: strategy.save_state(tmp))
-        self._commit(step, tmp, final, meta)
+        self._commit(step, tmp, final, meta, start)
         self.last_blocked_s = time.perf_counter() - start
         return final
 
@@ -196,7 +196,7 @@ class Checkpointer:
         if p is None:
             return None
         self._agreed(p.tmp, p.future.result)  # the write's error, if any, on every rank
-        self._commit(p.step, p.tmp, p.final, p.meta)
+        self._commit(p.step, p.tmp, p.final, p.meta, p.started)
         log.info("saved checkpoint %s (written in the background in %.2f s; this rank staged %.1f MiB and training "
                  "waited %.2f s for it)", p.final, time.perf_counter() - p.started, self.stager.staged_bytes / 2**20,
                  p.staging_wait_s)
@@ -208,13 +208,13 @@ class Checkpointer:
             return None
         return self.finish_async()
 
-    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
         """Rank 0 makes every file durable, writes meta.json (with the manifest) and renames the folder into
         place, then prunes; every rank learns whether the checkpoint is in."""
         error: BaseException | None = None
         if self.is_main:
             try:
-                self._put_in_place(step, tmp, final, meta)
+                self._put_in_place(step, tmp, final, meta, started)
                 self._prune()
             except Exception as e:  # reported below, after the ranks agree
                 error = e
@@ -228,13 +228,17 @@ class Checkpointer:
             raise error
         self._abandon(tmp, storage_error(error, self.root))
 
-    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
+        slept = time.perf_counter()
         if self.before_commit is not None:
             self.before_commit(step)
+        slept = time.perf_counter() - slept  # a test's sleep is no part of what the save cost
         fsync_tree(tmp)  # the shards and rank files of every rank, before meta.json says they are whole
         files = manifest(tmp)
+        cost = save_cost(files, meta.get("world_size", 1), time.perf_counter() - started - slept)
         index = max((save_index(p) for p in list_checkpoints(self.root)), default=-1) + 1
-        write_durably(tmp / META, json.dumps({"step": step, **meta, "save_index": index, "files": files}, indent=1))
+        write_durably(tmp / META, json.dumps({"step": step, **meta, **cost, "save_index": index, "files": files},
+                                             indent=1))
         fsync_path(tmp)
         fence()  # a writer whose attempt lost the run folder commits nothing into it
         self._replace(tmp, final)

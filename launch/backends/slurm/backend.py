@@ -41,6 +41,18 @@ class SlurmBackend(Backend):
         return run.with_cluster(cpus_per_task=resources.cpus_per_task,
                                 signal_delay_s=resources.signal_delay_s), resources
 
+    def preemption_grace_s(self, run):
+        """The GraceTime of the job's partition, or of its QOS where the cluster preempts by QOS, where its
+        PreemptMode cancels or requeues it (suspending, gang scheduling or none: it is not stopped)."""
+        partition = run.cluster.partition or next(
+            (p.name for p in partitions.read_partitions().values() if p.default), None)
+        if partition is None:
+            return None
+        where, mode, grace = commands.preemption_settings(partition, run.cluster.qos)
+        if grace is None or not {"CANCEL", "REQUEUE"} & set(mode.upper().split(",")):
+            return None
+        return grace, f"{where}: PreemptMode={mode}, GraceTime={grace} s"
+
     def device(self, run):
         return "cuda" if run.cluster.node_gpus > 0 else "cpu"  # the GPUs it asks for, whatever this node has
 

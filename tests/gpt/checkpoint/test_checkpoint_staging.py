@@ -2,6 +2,8 @@
 and a run on the CPU makes no CUDA call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
@@ -9,6 +11,7 @@ from cuda_standin import StrictCuda
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 from gpt.checkpoint.staging import assign_writers
+from gpt.checkpoint.store import SAVE_RATE
 from gpt.checkpoint.writer import Checkpointer
 from gpt.collectives.process_group import DistEnv
 from gpt.parallel.base import Strategy
@@ -137,5 +140,6 @@ def test_a_gpu_runs_synchronous_save_stages_through_the_asynchronous_saves_pinne
     path = checkpointer.save(2, strategy, {}, allow_async=False)
     assert checkpointer.pending is None and pins and len(pinned) == pins  # the same buffers, staged and written
     assert len(list(path.glob("*.distcp"))) == 2
+    assert json.loads((path / "meta.json").read_text())[SAVE_RATE] > 0  # what planning's save-time check reads
     assert_restores(checkpointer, path, strategy)
     checkpointer.close()
