@@ -130,7 +130,8 @@ def main() -> None:
     if "sync-old" in sl and "sync" in sl:
         before, after = sl["sync-old"], sl["sync"]
         print(f"synchronous save: before {before['write_gbps']:.2f} GB/s ({before['written_s']:.2f} s), after "
-              f"{after['write_gbps']:.2f} GB/s ({after['written_s']:.2f} s): {before['written_s'] / after['written_s']:.2f}x")
+              f"{after['write_gbps']:.2f} GB/s ({after['written_s']:.2f} s): "
+              f"{before['written_s'] / after['written_s']:.2f}x")
     print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s; loads read files just "
           "written, from the page cache")
     print(f"results: {save_results('checkpoint', results)}")

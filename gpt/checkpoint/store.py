@@ -31,6 +31,7 @@ from gpt.run_folder import RunFolder
 
 PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
 SAVE_RATE = "save_bytes_per_rank_per_s"  # meta.json: the rate each rank wrote this checkpoint at (save_cost)
+MODEL_ONLY = "model_only"  # meta.json: the weights alone, in this dtype (checkpoint.final_model_only), no optimizer
 AFTER_DIVERGENCE = "after_divergence"  # meta.json: the step of the run's first divergence, in checkpoints saved after
 
 log = logging.getLogger(__name__)
@@ -122,6 +123,20 @@ def before_divergence(checkpoints: list[Path]) -> Path | None:
         return None
     good = [p for p, m in zip(checkpoints, marked) if not m]
     return good[-1] if good else None
+
+
+def holds_optimizer(path: Path) -> bool:
+    """Whether a checkpoint holds its optimizer state (all but a finished run's final save under
+    checkpoint.final_model_only): what training resumes from."""
+    try:
+        return not json.loads((path / META).read_text()).get(MODEL_ONLY)
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: resume says why when it gets there
+
+
+def newest_full(checkpoints: list[Path]) -> Path | None:
+    """The newest of `checkpoints` (in write order) that holds its optimizer state: retention keeps it."""
+    return next((p for p in reversed(checkpoints) if holds_optimizer(p)), None)
 
 
 def _diverged_at(path: Path) -> int | None:

@@ -24,7 +24,7 @@ from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, s
 from gpt.checkpoint.staging import ShareStager, make_stager
 from gpt.checkpoint.store import (AFTER_DIVERGENCE, META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, before_divergence,
                                   is_complete, is_whole, list_checkpoints, manifest, named, read_meta, resolve,
-                                  save_cost, save_index, step_of, verify)
+                                  newest_full, save_cost, save_index, step_of, verify)
 from gpt.collectives.process_group import all_true, from_rank0_object, gather_objects
 from gpt.errors import UserError, error_line
 from gpt.resilience.lease import fence
@@ -87,9 +87,10 @@ class Checkpointer:
 
     # --- saving -----------------------------------------------------------------------------------------
     def save(self, step: int, strategy, meta: dict[str, Any], rank_state: dict[str, Any] | None = None,
-             allow_async: bool = True) -> Path:
+             allow_async: bool = True, weights_dtype: Any = None) -> Path:
         """Every rank calls it at the same step. Returns the final folder (complete once the save is done). A
-        write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone."""
+        write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone.
+        `weights_dtype`: the model alone, in that dtype (synchronously; the caller marks it in `meta`)."""
         start = time.perf_counter()
         self.wait()  # the previous asynchronous save first
         if self.diverged_at is not None:
@@ -107,7 +108,9 @@ class Checkpointer:
                                    meta, time.perf_counter())
             self.last_blocked_s = time.perf_counter() - start
             return final
-        if dcp_strategy:  # a CPU run's state is in host memory already: nothing to stage
+        if weights_dtype is not None:
+            self._agreed(tmp, lambda: strategy.save_weights(tmp, weights_dtype, self.threads))
+        elif dcp_strategy:  # a CPU run's state is in host memory already: nothing to stage
             stager = self._stager(strategy) if self.staging and strategy.device.type == "cuda" else None
             self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
         else:
@@ -241,29 +244,18 @@ class Checkpointer:
                                              indent=1))
         fsync_path(tmp)
         fence()  # a writer whose attempt lost the run folder commits nothing into it
-        self._replace(tmp, final)
+        replace_folder(self.root, tmp, final)
         fsync_path(self.root)  # the rename is on disk before anything older is pruned
 
-    def _replace(self, tmp: Path, final: Path) -> None:
-        """Put the new copy in place; an existing copy of the step moves aside first and goes only once the new
-        one is in (a crash in between leaves it listed and loadable)."""
-        if not final.exists():
-            os.replace(tmp, final)
-            return
-        old = self.root / f"{OLD_PREFIX}{step_of(final):08d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_path(self.root)
-        shutil.rmtree(old, ignore_errors=True)
-
     def _prune(self) -> None:
-        """Keep the newest `keep` usable ones by write order, and the newest from before a divergence. The checkpoint
+        """Keep the newest `keep` usable ones by write order, the newest from before a divergence, and the newest that
+        holds its optimizer state. The checkpoint
         this run resumed from is among them until a newer one is complete, and the one just written is always kept;
         one that resume found unusable counts for nothing, and goes once a newer one is complete."""
         fence()
         found = list_checkpoints(self.root)
-        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1]}
+        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1],
+                newest_full(found)}  # a run continued past a final save of the weights alone resumes from it
         for old in found:
             if old not in kept:
                 if old in self.unusable:
@@ -311,6 +303,20 @@ class Checkpointer:
         except Exception as e:
             raise UserError(f"checkpoint {path}: {f} is unreadable "
                             f"({error_line(e, from_end=True, prefer_error=True, limit=400)})") from e
+
+
+def replace_folder(root: Path, tmp: Path, final: Path) -> None:
+    """Put the new copy in place; an existing copy of the step moves aside first and goes only once the new one is
+    in (a crash in between leaves it listed and loadable)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = root / f"{OLD_PREFIX}{step_of(final):08d}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(root)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(path: Path, device: str = "cpu"):

@@ -60,9 +60,19 @@ class CheckpointConfig:
     # torch.save's CRC32 of every record in a shard: it protects nothing the manifest's sizes and DCP's offsets do
     # not already check at load, and costs a pass over every byte
     crc32: bool = False
+    # the final checkpoint of a finished run holds the weights alone (TorchTitan's last_save_model_only), in
+    # final_dtype (fp32 or bf16): what export, evaluation and generation read. A preemption's or time limit's save
+    # keeps the optimizer; a run continued past its max_steps resumes from the newest checkpoint that holds it
+    final_model_only: bool = False
+    final_dtype: str = "fp32"
 
     def validate(self) -> None:
         at_least("checkpoint.thread_count", self.thread_count, 1, "a positive number of writer threads")
+        if self.final_dtype not in ("fp32", "bf16"):
+            raise ConfigError("checkpoint.final_dtype", self.final_dtype, "fp32 or bf16")
+        if self.final_dtype != "fp32" and not self.final_model_only:
+            raise ConfigError("checkpoint.final_dtype", self.final_dtype, "fp32 unless checkpoint.final_model_only="
+                              "true (a checkpoint that holds its optimizer keeps the weights it trains on)")
         if self.on_save_error not in ("stop", "continue"):
             raise ConfigError("checkpoint.on_save_error", self.on_save_error, "stop or continue")
         at_least("checkpoint.interval_steps", self.interval_steps, 0,

@@ -11,7 +11,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch import nn
 
 from gpt.checkpoint.safe_load import load_dcp
@@ -262,9 +263,10 @@ class Strategy:
             model_sd.update(m)
             optim_sd.update(o)
         state = {"model": model_sd, "optim": optim_sd}
-        # A synchronous save on a GPU without a stager copies device tensors ahead on the current stream of the training thread. An
-        # asynchronous one writes the stager's copy, in host memory, from a thread of its own: a CUDA call there
-        # would open a context on GPU 0 (a new thread's device) in every rank. A CPU run touches no accelerator.
+        # A synchronous save on a GPU without a stager copies device tensors ahead on the current stream of the
+        # training thread. An asynchronous one writes the stager's copy, in host memory, from a thread of its own: a
+        # CUDA call there would open a context on GPU 0 (a new thread's device) in every rank. A CPU run touches no
+        # accelerator.
         copy_ahead = 10_000_000 if self.device.type == "cuda" and async_group is None and stager is None else 0
         writer = ThreadedWriter(folder, per_thread_copy_ahead=copy_ahead, thread_count=threads)
         if stager is not None and self.device.type == "cuda":  # the stager copies on its own stream
@@ -276,6 +278,16 @@ class Strategy:
             state = stager.stage(state).result()
         dcp.save(state, storage_writer=writer)
         return None
+
+    def save_weights(self, folder: Path, dtype: torch.dtype, threads: int = 1) -> None:
+        """The model alone into `folder`, its floating-point tensors in `dtype`, every rank its own part: the final
+        checkpoint of a finished run under checkpoint.final_model_only, which export, evaluation and generation
+        read (gpt.checkpoint.writer.load_model)."""
+        weights = {}
+        for module, _ in self.state_parts():
+            weights.update(get_model_state_dict(module, options=STATE_OPTIONS))
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        dcp.save({"model": weights}, storage_writer=ThreadedWriter(folder, thread_count=threads))
 
     def load_state(self, folder: Path) -> None:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]

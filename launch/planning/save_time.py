@@ -86,9 +86,13 @@ def unfit_saves(cost: SaveCost, grace: tuple[int, str] | None, lead_s: float | N
 
 
 def check_save_time(run, model: ModelConfig, train: TrainConfig, run_dir: Path, backend, world_size: int) -> None:
-    """Planning's save-time check of `run` (a LaunchConfig) on `backend`: its lines logged as warnings."""
+    """Planning's save-time check of `run` (a LaunchConfig) on `backend`: its lines logged as warnings. A run whose
+    ranks do not save at a signal (preemption.enabled=false) is not checked, nor a time limit that sends none
+    (cluster.signal_delay_s=0)."""
+    if not run.preemption.enabled:
+        return
     extra = run.debug.save_sleep_s or 0.0
     cost = save_cost(rank_save_bytes(model, train, run.strategy, world_size), run_dir, extra)
-    for line in unfit_saves(cost, backend.preemption_grace_s(run), run.cluster.signal_delay_s,
+    for line in unfit_saves(cost, backend.preemption_grace_s(run), run.cluster.signal_delay_s or None,
                             run.checkpoint.async_save):
         log.warning("%s", line)
