@@ -30,16 +30,16 @@ class _KeptErrors(FileSystem):
 
     @contextmanager
     def create_stream(self, path: str | Path, mode: str) -> Generator[Any, None, None]:
-        with ExitStack() as opened:
-            try:
-                stream = opened.enter_context(super().create_stream(path, mode))
-            except Exception as e:  # noqa: BLE001 - raised again by ThreadedWriter.write_data, on the save's thread
-                self.keep(e)
-                stream = io.BytesIO()
-            try:
+        try:  # the file's close flushes it: the disk full may come only then
+            with ExitStack() as opened:
+                try:
+                    stream = opened.enter_context(super().create_stream(path, mode))
+                except Exception as e:  # noqa: BLE001 - raised again by ThreadedWriter.write_data, on the save's thread
+                    self.keep(e)
+                    stream = io.BytesIO()
                 yield stream
-            except Exception as e:  # noqa: BLE001 - as above
-                self.keep(e)
+        except Exception as e:  # noqa: BLE001 - as above
+            self.keep(e)
 
 
 class ThreadedWriter(FileSystemWriter):

@@ -44,11 +44,12 @@ class SlurmBackend(Backend):
     def preemption_grace_s(self, run):
         """The GraceTime of the job's partition, or of its QOS where the cluster preempts by QOS, where its
         PreemptMode cancels or requeues it (suspending, gang scheduling or none: it is not stopped)."""
-        partition = run.cluster.partition or next(
-            (p.name for p in partitions.read_partitions().values() if p.default), None)
-        if partition is None:
+        try:
+            partition = run.cluster.partition or next(
+                (p.name for p in partitions.read_partitions().values() if p.default), None)
+            where, mode, grace = commands.preemption_settings(partition, run.cluster.qos) if partition else ("", "", None)
+        except commands.SlurmUnavailable:  # a warning's input: planning goes on without it
             return None
-        where, mode, grace = commands.preemption_settings(partition, run.cluster.qos)
         if grace is None or not {"CANCEL", "REQUEUE"} & set(mode.upper().split(",")):
             return None
         return grace, f"{where}: PreemptMode={mode}, GraceTime={grace} s"
