@@ -47,9 +47,12 @@ class SlurmBackend(Backend):
         try:
             partition = run.cluster.partition or next(
                 (p.name for p in partitions.read_partitions().values() if p.default), None)
-            where, mode, grace = commands.preemption_settings(partition, run.cluster.qos) if partition else ("", "", None)
+            settings = commands.preemption_settings(partition, run.cluster.qos) if partition else None
         except commands.SlurmUnavailable:  # a warning's input: planning goes on without it
             return None
+        if settings is None:
+            return None
+        where, mode, grace = settings
         if grace is None or not {"CANCEL", "REQUEUE"} & set(mode.upper().split(",")):
             return None
         return grace, f"{where}: PreemptMode={mode}, GraceTime={grace} s"
