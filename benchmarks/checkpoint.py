@@ -1,13 +1,18 @@
 """Checkpoint costs: how long the training loop is blocked by a save (synchronous vs `checkpoint.async`), how
 long a load takes, in seconds and GB/s next to the disk's own write speed, for gpt2_124m on this machine's CPU
-(and a GPU when there is one). A requeued job's restart is measured by `benchmarks/launch_latency.py --requeues`.
+(and a GPU when there is one). The synchronous save (preemption, time limit, the final one) is measured twice in
+the same run: `sync-old`, the path before staging (one writer thread, torch's CRC32 per record, no pinned buffers),
+and `sync`, today's defaults (checkpoint.thread_count, staging, no CRC32). A requeued job's restart is measured by
+`benchmarks/launch_latency.py --requeues`.
 
     python -m benchmarks.checkpoint
+    python -m benchmarks.checkpoint --model llama_1b --block 2048 --modes sync-old sync   # the GPU's save target
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import tempfile
 import time
@@ -59,7 +64,12 @@ def timed_saves(t, repeats: int) -> dict:
             "bytes": size, "path": path}
 
 
-def save_load(model: str, repeats: int, block: int) -> dict:
+# each mode's checkpoint.* overrides
+MODES = {"sync-old": ["checkpoint.thread_count=1", "checkpoint.crc32=true", "checkpoint.staging=false"],
+         "sync": [], "async": ["checkpoint.async=true"]}
+
+
+def save_load(model: str, repeats: int, block: int, modes: list[str]) -> dict:
     from gpt.collectives.process_group import DistEnv
     from gpt.train.trainer import Trainer
     from launch.backends import get_backend
@@ -69,12 +79,11 @@ def save_load(model: str, repeats: int, block: int) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         out["disk_write_gbps"] = disk_write_gbps(Path(tmp))
-        for mode in ("sync", "async"):
+        for mode in modes:
             run_dir = Path(tmp) / mode
             cfg = compose_config([f"model={model}", f"model.block_size={block}", "train.global_batch_size=1",
                                   "train.max_steps=100", "train.progress=false", "train.eval_interval=0",
-                                  "resume=none", f"checkpoint.async={'true' if mode == 'async' else 'false'}",
-                                  f"data.dir={Path(tmp) / 'data'}"])
+                                  "resume=none", *MODES[mode], f"data.dir={Path(tmp) / 'data'}"])
             make_plan(cfg, run_dir, get_backend(cfg.cluster.name))
             t = Trainer(launch_config.load(run_dir / "config.yaml"), DistEnv(), run_dir)
             step_s = []
@@ -93,6 +102,7 @@ def save_load(model: str, repeats: int, block: int) -> dict:
             out[mode] = r
             t.saver.checkpointer.close()
             t.metrics.close()
+            shutil.rmtree(run_dir)  # the next mode's saves go to an emptier disk
     return out
 
 
@@ -101,21 +111,27 @@ def main() -> None:
     ap.add_argument("--model", default="gpt2_124m")
     ap.add_argument("--block", type=int, default=256)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     args = ap.parse_args()
     torch.set_num_threads(1)
     results = {"model": args.model, "device": "cuda" if torch.cuda.is_available() else "cpu",
-               "save_load": save_load(args.model, args.repeats, args.block)}
+               "save_load": save_load(args.model, args.repeats, args.block, args.modes)}
     sl = results["save_load"]
     print(f"\ncheckpoint costs, {args.model} on {results['device']} (medians of {args.repeats}, blocked: of the saves "
           "after the first; blocked = save() plus the next step's wait for the staging copy)")
-    print(f"{'mode':6} {'size GB':>8} {'blocked s':>10} {'1st blocked s':>14} {'staged in s':>12} {'written in s':>13} "
+    print(f"{'mode':8} {'size GB':>8} {'blocked s':>10} {'1st blocked s':>14} {'staged in s':>12} {'written in s':>13} "
           f"{'write GB/s':>11} {'load s':>7} {'load GB/s':>10} {'one step s':>11}")
-    for mode in ("sync", "async"):
+    for mode in args.modes:
         r = sl[mode]
         staged = f"{r['staged_s']:12.3f}" if r["staged_s"] is not None else f"{'-':>12}"
-        print(f"{mode:6} {r['bytes'] / 1e9:8.2f} {r['blocked_s']:10.3f} {r['blocked_first_s']:14.3f} {staged} "
+        print(f"{mode:8} {r['bytes'] / 1e9:8.2f} {r['blocked_s']:10.3f} {r['blocked_first_s']:14.3f} {staged} "
               f"{r['written_s']:13.3f} {r['write_gbps']:11.2f} {r['load_s']:7.3f} {r['load_gbps']:10.2f} "
               f"{r['step_s']:11.3f}")
+    if "sync-old" in sl and "sync" in sl:
+        before, after = sl["sync-old"], sl["sync"]
+        print(f"synchronous save: before {before['write_gbps']:.2f} GB/s ({before['written_s']:.2f} s), after "
+              f"{after['write_gbps']:.2f} GB/s ({after['written_s']:.2f} s): "
+              f"{before['written_s'] / after['written_s']:.2f}x")
     print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s; loads read files just "
           "written, from the page cache")
     print(f"results: {save_results('checkpoint', results)}")

@@ -5,8 +5,8 @@ A checkpoint folder `step_<N>/` holds
   - `ranks/rank<R>.pt`: each rank's own small state (RNG streams of python, numpy, torch and CUDA, the data
     position, the GradScaler),
   - `meta.json`, written last: step, tokens seen, the config fingerprint, world size, strategy, its place in the
-    write order (`save_index`), and a manifest of every file with its size (a missing or truncated shard is found
-    before anything is loaded).
+    write order (`save_index`), what the save cost (`save_s`, `save_bytes_per_rank_per_s`), and a manifest of every
+    file with its size (a missing or truncated shard is found before anything is loaded).
 It is written as `.tmp-step_<N>/` and renamed once every rank's part is on disk (gpt.checkpoint.writer): a crash
 mid-save leaves the previous checkpoint loadable; the partial folder is never loaded and is removed by the next save.
 
@@ -30,6 +30,8 @@ from gpt.errors import UserError
 from gpt.run_folder import RunFolder
 
 PREFIX, TMP_PREFIX, OLD_PREFIX, META, RANKS = "step_", ".tmp-step_", ".old-step_", "meta.json", "ranks"
+SAVE_RATE = "save_bytes_per_rank_per_s"  # meta.json: the rate each rank wrote this checkpoint at (save_cost)
+MODEL_ONLY = "model_only"  # meta.json: the weights alone, in this dtype (checkpoint.final_model_only), no optimizer
 AFTER_DIVERGENCE = "after_divergence"  # meta.json: the step of the run's first divergence, in checkpoints saved after
 
 log = logging.getLogger(__name__)
@@ -123,6 +125,20 @@ def before_divergence(checkpoints: list[Path]) -> Path | None:
     return good[-1] if good else None
 
 
+def holds_optimizer(path: Path) -> bool:
+    """Whether a checkpoint holds its optimizer state (all but a finished run's final save under
+    checkpoint.final_model_only): what training resumes from."""
+    try:
+        return not json.loads((path / META).read_text()).get(MODEL_ONLY)
+    except (OSError, ValueError, AttributeError):
+        return True  # unreadable: resume says why when it gets there
+
+
+def newest_full(checkpoints: list[Path]) -> Path | None:
+    """The newest of `checkpoints` (in write order) that holds its optimizer state: retention keeps it."""
+    return next((p for p in reversed(checkpoints) if holds_optimizer(p)), None)
+
+
 def _diverged_at(path: Path) -> int | None:
     try:
         return json.loads((path / META).read_text()).get(AFTER_DIVERGENCE)
@@ -139,6 +155,26 @@ def read_meta(path: Path) -> dict[str, Any]:
 
 def manifest(folder: Path) -> dict[str, int]:
     return {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def save_cost(files: dict[str, int], world_size: int, seconds: float) -> dict[str, float]:
+    """meta.json's record of what the save cost: its seconds, and the bytes each rank wrote per second (the whole
+    checkpoint over its ranks: DCP spreads replicated state over its holders), which planning's save-time check
+    (launch.planning.save_time) reads for the run's next attempt."""
+    rate = sum(files.values()) / max(world_size, 1) / max(seconds, 1e-6)
+    return {"save_s": round(seconds, 3), SAVE_RATE: round(rate)}
+
+
+def last_save_rate(root: Path) -> tuple[float, int] | None:
+    """(bytes per second per rank, its step) as measured at the newest checkpoint's save; None before one was."""
+    for path in reversed(list_checkpoints(root)):
+        try:
+            rate = json.loads((path / META).read_text()).get(SAVE_RATE)
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(rate, (int, float)) and rate > 0:
+            return float(rate), step_of(path)
+    return None
 
 
 def verify(path: Path) -> str | None:

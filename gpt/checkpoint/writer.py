@@ -24,7 +24,7 @@ from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, s
 from gpt.checkpoint.staging import ShareStager, make_stager
 from gpt.checkpoint.store import (AFTER_DIVERGENCE, META, OLD_PREFIX, PREFIX, RANKS, TMP_PREFIX, before_divergence,
                                   is_complete, is_whole, list_checkpoints, manifest, named, read_meta, resolve,
-                                  save_index, step_of, verify)
+                                  newest_full, save_cost, save_index, step_of, verify)
 from gpt.collectives.process_group import all_true, from_rank0_object, gather_objects
 from gpt.errors import UserError, error_line
 from gpt.resilience.lease import fence
@@ -65,8 +65,10 @@ class Pending:
 class Checkpointer:
     def __init__(self, root: Path, keep: int = 3, is_main: bool = True, rank: int = 0,
                  async_group: Any = None, async_save: bool = False, before_commit: Callable[[int], None] | None = None,
-                 after_commit: Callable[[int, Path], None] | None = None):
+                 after_commit: Callable[[int, Path], None] | None = None, threads: int = 1, staging: bool = False):
         self.root, self.keep, self.is_main, self.rank = root, keep, is_main, rank
+        self.threads = threads  # files each rank writes at once (DCP's thread_count)
+        self.staging = staging  # a synchronous save on a GPU copies through the stager's pinned buffers first
         self.async_save, self.async_group = async_save, async_group
         self.pending: Pending | None = None
         self.before_commit = before_commit  # a test hook (debug.save_sleep_s): runs before meta.json is written
@@ -85,9 +87,10 @@ class Checkpointer:
 
     # --- saving -----------------------------------------------------------------------------------------
     def save(self, step: int, strategy, meta: dict[str, Any], rank_state: dict[str, Any] | None = None,
-             allow_async: bool = True) -> Path:
+             allow_async: bool = True, weights_dtype: Any = None) -> Path:
         """Every rank calls it at the same step. Returns the final folder (complete once the save is done). A
-        write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone."""
+        write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone.
+        `weights_dtype`: the model alone, in that dtype (synchronously; the caller marks it in `meta`)."""
         start = time.perf_counter()
         self.wait()  # the previous asynchronous save first
         if self.diverged_at is not None:
@@ -96,19 +99,33 @@ class Checkpointer:
         tmp = self.root / f"{TMP_PREFIX}{step:08d}"
         self._agreed(tmp, lambda: self._make_folder(tmp) if self.is_main else None)
         self._agreed(tmp, lambda: self._write_rank_state(tmp, rank_state))
-        if allow_async and self.async_save and getattr(strategy, "supports_async_save", False):
-            group = None if self.async_group == "local" else self.async_group
-            self.stager = self.stager or make_stager(strategy.device, group)
+        dcp_strategy = getattr(strategy, "supports_async_save", False)  # DeepSpeed's engine writes its own
+        if allow_async and self.async_save and dcp_strategy:
             response = self._agreed(tmp, lambda: strategy.save_state(tmp, async_group=self.async_group,
-                                                                     stager=self.stager))
+                                                                     stager=self._stager(strategy),
+                                                                     threads=self.threads))
             self.pending = Pending(response.upload_completion, response.staging_completion, step, tmp, final,
                                    meta, time.perf_counter())
             self.last_blocked_s = time.perf_counter() - start
             return final
-        self._agreed(tmp, lambda: strategy.save_state(tmp))
-        self._commit(step, tmp, final, meta)
+        if weights_dtype is not None:
+            self._agreed(tmp, lambda: strategy.save_weights(tmp, weights_dtype, self.threads))
+        elif dcp_strategy:  # a CPU run's state is in host memory already: nothing to stage
+            stager = self._stager(strategy) if self.staging and strategy.device.type == "cuda" else None
+            self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
+        else:
+            self._agreed(tmp, lambda: strategy.save_state(tmp))
+        self._commit(step, tmp, final, meta, start)
         self.last_blocked_s = time.perf_counter() - start
         return final
+
+    def _stager(self, strategy) -> ShareStager:
+        """The stager, made at the first save that stages and kept with its buffers: the asynchronous saves' and the
+        synchronous ones' alike (they agree on writers over the background saves' group, or the default one)."""
+        if self.stager is None:
+            group = None if self.async_group == "local" else self.async_group
+            self.stager = make_stager(strategy.device, group)
+        return self.stager
 
     def _make_folder(self, tmp: Path) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -182,7 +199,7 @@ class Checkpointer:
         if p is None:
             return None
         self._agreed(p.tmp, p.future.result)  # the write's error, if any, on every rank
-        self._commit(p.step, p.tmp, p.final, p.meta)
+        self._commit(p.step, p.tmp, p.final, p.meta, p.started)
         log.info("saved checkpoint %s (written in the background in %.2f s; this rank staged %.1f MiB and training "
                  "waited %.2f s for it)", p.final, time.perf_counter() - p.started, self.stager.staged_bytes / 2**20,
                  p.staging_wait_s)
@@ -194,13 +211,13 @@ class Checkpointer:
             return None
         return self.finish_async()
 
-    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
         """Rank 0 makes every file durable, writes meta.json (with the manifest) and renames the folder into
         place, then prunes; every rank learns whether the checkpoint is in."""
         error: BaseException | None = None
         if self.is_main:
             try:
-                self._put_in_place(step, tmp, final, meta)
+                self._put_in_place(step, tmp, final, meta, started)
                 self._prune()
             except Exception as e:  # reported below, after the ranks agree
                 error = e
@@ -214,38 +231,31 @@ class Checkpointer:
             raise error
         self._abandon(tmp, storage_error(error, self.root))
 
-    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any]) -> None:
+    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
+        slept = time.perf_counter()
         if self.before_commit is not None:
             self.before_commit(step)
+        slept = time.perf_counter() - slept  # a test's sleep is no part of what the save cost
         fsync_tree(tmp)  # the shards and rank files of every rank, before meta.json says they are whole
         files = manifest(tmp)
+        cost = save_cost(files, meta.get("world_size", 1), time.perf_counter() - started - slept)
         index = max((save_index(p) for p in list_checkpoints(self.root)), default=-1) + 1
-        write_durably(tmp / META, json.dumps({"step": step, **meta, "save_index": index, "files": files}, indent=1))
+        write_durably(tmp / META, json.dumps({"step": step, **meta, **cost, "save_index": index, "files": files},
+                                             indent=1))
         fsync_path(tmp)
         fence()  # a writer whose attempt lost the run folder commits nothing into it
-        self._replace(tmp, final)
+        replace_folder(self.root, tmp, final)
         fsync_path(self.root)  # the rename is on disk before anything older is pruned
 
-    def _replace(self, tmp: Path, final: Path) -> None:
-        """Put the new copy in place; an existing copy of the step moves aside first and goes only once the new
-        one is in (a crash in between leaves it listed and loadable)."""
-        if not final.exists():
-            os.replace(tmp, final)
-            return
-        old = self.root / f"{OLD_PREFIX}{step_of(final):08d}"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_path(self.root)
-        shutil.rmtree(old, ignore_errors=True)
-
     def _prune(self) -> None:
-        """Keep the newest `keep` usable ones by write order, and the newest from before a divergence. The checkpoint
+        """Keep the newest `keep` usable ones by write order, the newest from before a divergence, and the newest that
+        holds its optimizer state. The checkpoint
         this run resumed from is among them until a newer one is complete, and the one just written is always kept;
         one that resume found unusable counts for nothing, and goes once a newer one is complete."""
         fence()
         found = list_checkpoints(self.root)
-        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1]}
+        kept = {*[p for p in found if p not in self.unusable][-self.keep:], before_divergence(found), found[-1],
+                newest_full(found)}  # a run continued past a final save of the weights alone resumes from it
         for old in found:
             if old not in kept:
                 if old in self.unusable:
@@ -293,6 +303,20 @@ class Checkpointer:
         except Exception as e:
             raise UserError(f"checkpoint {path}: {f} is unreadable "
                             f"({error_line(e, from_end=True, prefer_error=True, limit=400)})") from e
+
+
+def replace_folder(root: Path, tmp: Path, final: Path) -> None:
+    """Put the new copy in place; an existing copy of the step moves aside first and goes only once the new one is
+    in (a crash in between leaves it listed and loadable)."""
+    if not final.exists():
+        os.replace(tmp, final)
+        return
+    old = root / f"{OLD_PREFIX}{step_of(final):08d}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    fsync_path(root)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_model(path: Path, device: str = "cpu"):

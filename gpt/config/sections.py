@@ -52,8 +52,27 @@ class CheckpointConfig:
     # a save that storage refuses (disk full, quota): stop (the previous checkpoint is kept), or continue training
     # and try again at the next interval (the final save still stops the run when it fails)
     on_save_error: str = "stop"
+    thread_count: int = 4  # files each rank writes at once (DCP's FileSystemWriter threads)
+    # a synchronous save on a GPU (preemption, time limit, the final one) copies the state into host buffers kept
+    # from save to save, pinned, then writes from there (the asynchronous saves' buffers); false: the writer copies
+    # from the device a few MB at a time, and no host memory of the state's size is held
+    staging: bool = True
+    # torch.save's CRC32 of every record in a shard: it protects nothing the manifest's sizes and DCP's offsets do
+    # not already check at load, and costs a pass over every byte
+    crc32: bool = False
+    # the final checkpoint of a finished run holds the weights alone (TorchTitan's last_save_model_only), in
+    # final_dtype (fp32 or bf16): what export, evaluation and generation read. A preemption's or time limit's save
+    # keeps the optimizer; a run continued past its max_steps resumes from the newest checkpoint that holds it
+    final_model_only: bool = False
+    final_dtype: str = "fp32"
 
     def validate(self) -> None:
+        at_least("checkpoint.thread_count", self.thread_count, 1, "a positive number of writer threads")
+        if self.final_dtype not in ("fp32", "bf16"):
+            raise ConfigError("checkpoint.final_dtype", self.final_dtype, "fp32 or bf16")
+        if self.final_dtype != "fp32" and not self.final_model_only:
+            raise ConfigError("checkpoint.final_dtype", self.final_dtype, "fp32 unless checkpoint.final_model_only="
+                              "true (a checkpoint that holds its optimizer keeps the weights it trains on)")
         if self.on_save_error not in ("stop", "continue"):
             raise ConfigError("checkpoint.on_save_error", self.on_save_error, "stop or continue")
         at_least("checkpoint.interval_steps", self.interval_steps, 0,

@@ -11,11 +11,12 @@ from typing import Any
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemWriter
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_state_dict)
 from torch import nn
 
 from gpt.checkpoint.safe_load import load_dcp
+from gpt.checkpoint.threaded_writer import ThreadedWriter
 from gpt.config.strategy import StrategyConfig
 from gpt.collectives.process_group import DistEnv
 from gpt.train.divergence import spread_nonfinite
@@ -248,30 +249,46 @@ class Strategy:
 
     supports_async_save = True  # save_state(folder, async_group=..., stager=...) returns an AsyncSaveResponse
 
-    def save_state(self, folder: Path, async_group: Any = None, stager: Any = None) -> Any:
-        """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load).
+    def save_state(self, folder: Path, async_group: Any = None, stager: Any = None, threads: int = 1) -> Any:
+        """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load), in `threads`
+        files per rank written at once.
 
         With `async_group` (a gloo group of its own: on the default group async_save crashes or hangs while
         training goes on) the state is copied by `stager` in the background and written after; returns DCP's
-        AsyncSaveResponse. Until its staging completes, call before_update() before changing any weight."""
+        AsyncSaveResponse. Until its staging completes, call before_update() before changing any weight. Without
+        it, a `stager` copies the state into its host buffers (pinned on CUDA) first, and the save writes from
+        there: one fast device-to-host copy instead of the writer's pageable copies a few MB at a time."""
         model_sd, optim_sd = {}, {}
         for module, optimizer in self.state_parts():
             m, o = get_state_dict(module, optimizer, options=STATE_OPTIONS)
             model_sd.update(m)
             optim_sd.update(o)
         state = {"model": model_sd, "optim": optim_sd}
-        # A synchronous save on a GPU copies device tensors ahead on the current stream of the training thread. An
-        # asynchronous one writes the stager's copy, in host memory, from a thread of its own: a CUDA call there
-        # would open a context on GPU 0 (a new thread's device) in every rank. A CPU run touches no accelerator.
-        copy_ahead = 10_000_000 if self.device.type == "cuda" and async_group is None else 0
-        writer = FileSystemWriter(folder, per_thread_copy_ahead=copy_ahead)
+        # A synchronous save on a GPU without a stager copies device tensors ahead on the current stream of the
+        # training thread. An asynchronous one writes the stager's copy, in host memory, from a thread of its own: a
+        # CUDA call there would open a context on GPU 0 (a new thread's device) in every rank. A CPU run touches no
+        # accelerator.
+        copy_ahead = 10_000_000 if self.device.type == "cuda" and async_group is None and stager is None else 0
+        writer = ThreadedWriter(folder, per_thread_copy_ahead=copy_ahead, thread_count=threads)
+        if stager is not None and self.device.type == "cuda":  # the stager copies on its own stream
+            torch.cuda.current_stream(self.device).synchronize()  # after the step's updates
         if async_group is not None:
-            if self.device.type == "cuda":  # the stager copies on its own stream: the step's updates must be done
-                torch.cuda.current_stream(self.device).synchronize()
             group = None if async_group == "local" else async_group
             return dcp.async_save(state, storage_writer=writer, process_group=group, async_stager=stager)
+        if stager is not None:
+            state = stager.stage(state).result()
         dcp.save(state, storage_writer=writer)
         return None
+
+    def save_weights(self, folder: Path, dtype: torch.dtype, threads: int = 1) -> None:
+        """The model alone into `folder`, its floating-point tensors in `dtype`, every rank its own part: the final
+        checkpoint of a finished run under checkpoint.final_model_only, which export, evaluation and generation
+        read (gpt.checkpoint.writer.load_model)."""
+        weights = {}
+        for module, _ in self.state_parts():
+            weights.update(get_model_state_dict(module, options=STATE_OPTIONS))
+        weights = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.items()}
+        dcp.save({"model": weights}, storage_writer=ThreadedWriter(folder, thread_count=threads))
 
     def load_state(self, folder: Path) -> None:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.safe_load import warn_if_foreign
-from gpt.checkpoint.store import check_fingerprint, list_checkpoints, read_meta, resolve, verify
+from gpt.checkpoint.store import check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resolve, verify
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.config.model import ModelConfig
@@ -59,7 +59,7 @@ class Resume:
         explicit = mode.lower() != "auto" and not own
         if mode.lower() != "auto" and own:
             log.info("resume=%s is not used: this run continues from its own checkpoints", mode)
-        candidates = [resolve(Path(mode))] if explicit else own
+        candidates = [resolve(Path(mode))] if explicit else self.with_optimizer(own)
         if explicit and self.env.is_main:
             warn_if_foreign(candidates[0])
         candidates = [Path(p) for p in from_rank0_object([str(p) for p in candidates])]
@@ -81,6 +81,20 @@ class Resume:
             raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +
                             "; remove the broken ones, or start a new run under another name (run=NAME)")
         return None
+
+    def with_optimizer(self, own: list[Path]) -> list[Path]:
+        """The run's checkpoints (newest first) that hold their optimizer state: a finished run's final weights
+        alone (checkpoint.final_model_only) are passed over, in one line, or refused where nothing else is left."""
+        full = [p for p in own if holds_optimizer(p)]
+        if own and own[0] not in full:
+            if not full:
+                raise UserError(f"{own[0]} holds the weights alone (checkpoint.final_model_only), and no checkpoint "
+                                "of the run holds its optimizer state to continue from: train a new run (run=NAME) to "
+                                "the longer train.max_steps")
+            if self.env.is_main:
+                log.info("%s holds the weights alone (checkpoint.final_model_only): resuming from %s, the newest "
+                         "checkpoint that holds its optimizer state", own[0].name, full[0].name)
+        return full
 
     def readable_everywhere(self, path: Path, newest: bool) -> str | None:
         """None when every rank can read `path`; else which ranks cannot, and why (every rank takes part)."""

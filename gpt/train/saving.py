@@ -9,8 +9,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from gpt.checkpoint.policy import SavePolicy
 from gpt.checkpoint.save_errors import SaveFailed
+from gpt.checkpoint.store import MODEL_ONLY
 from gpt.checkpoint.writer import Checkpointer
 from gpt.collectives.process_group import DistEnv, side_group
 from gpt.config.schema import RunConfig
@@ -33,9 +36,11 @@ def open_checkpointer(run: RunConfig, env: DistEnv, run_dir: Path, before_commit
     ckpt = run.checkpoint
     background = ckpt.async_save and strategy_class(run.strategy.name).supports_async_save
     async_group = side_group("async_checkpoint") if background else None
+    # process-wide: every torch.save of a rank writes into a checkpoint, whose manifest checks every file's size
+    torch.serialization.set_crc32_options(ckpt.crc32)
     return Checkpointer(RunFolder(run_dir).checkpoints, ckpt.keep, env.is_main, env.rank, async_group=async_group,
                         async_save=ckpt.async_save, before_commit=before_commit,
-                        after_commit=after_commit)
+                        after_commit=after_commit, threads=ckpt.thread_count, staging=ckpt.staging)
 
 
 class Saver:
@@ -44,6 +49,7 @@ class Saver:
         """`warning_s`: how long before the time limit the scheduler signals the job (cluster.signal_delay_s), which
         the policy checks a step and a save fit in."""
         self.ckpt, self.env, self.run_dir, self.checkpointer = run.checkpoint, env, run_dir, checkpointer
+        self.max_steps = run.train.max_steps
         self.strategy, self.state, self.guard, self.spent = strategy, state, guard, spent
         self.policy = SavePolicy(self.ckpt, run_dir, spent, env.is_main, warning_s)
         self.saved_step: int | None = None  # the newest step saved (or resumed from)
@@ -69,6 +75,8 @@ class Saver:
         """The policy's save after `step` steps, if one is due; whether it saved."""
         if not self.policy.save_now(step):
             return False
+        if self.ckpt.final_model_only and step >= self.max_steps:  # the final save, the weights alone, comes next
+            return False
         try:
             self.save(step, eval_pending)
         except SaveFailed as e:
@@ -83,14 +91,31 @@ class Saver:
         except SaveFailed as e:
             self.failed(step, e)
 
-    def final(self, step: int, eval_pending: bool) -> None:
+    def final(self, step: int, eval_pending: bool, finished: bool = False) -> None:
         """The attempt's last save, synchronous, unless `step` is saved already; then every write done. Nothing
         trained yet (a signal before the first step): no checkpoint, the next attempt starts afresh as this one
         did. A step-0 checkpoint would not resume exactly: DCP gives an optimizer without state a step of its own,
-        which shifts AdamW's bias correction."""
+        which shifts AdamW's bias correction. A `finished` run (at train.max_steps, no signal) under
+        checkpoint.final_model_only saves its weights alone (DCP strategies; DeepSpeed's engine saves whole)."""
         if step > 0 and (self.saved_step != step or eval_pending):
-            self.save(step, eval_pending, allow_async=False)
+            if finished and self.ckpt.final_model_only and self.strategy.supports_async_save:
+                self.save_weights(step)
+            else:
+                self.save(step, eval_pending, allow_async=False)
         self.checkpointer.close()
+
+    def save_weights(self, step: int) -> Path:
+        """The final checkpoint of a finished run, the weights alone in checkpoint.final_dtype, marked so in its
+        meta.json: resume passes over it for the newest that holds its optimizer state."""
+        dtype = torch.bfloat16 if self.ckpt.final_dtype == "bf16" else torch.float32
+        meta = {**self.meta(step, False), MODEL_ONLY: self.ckpt.final_dtype}
+        PROGRESS.phase("save", f"the final weights at step {step}", step)
+        with self.spent.timed("save_s"):
+            path = self.checkpointer.save(step, self.strategy, meta, allow_async=False, weights_dtype=dtype)
+        self.saved_step = step
+        log.info("saved the final weights alone, %s, in %s (checkpoint.final_model_only; training blocked %.2f s)",
+                 self.ckpt.final_dtype, path, self.checkpointer.last_blocked_s)
+        return path
 
     def rolled_back(self, step: int) -> None:
         """Training goes on from the checkpoint of `step`: the next step is saved, so that the batches passed over

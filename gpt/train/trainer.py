@@ -122,7 +122,8 @@ class Trainer:
         self.data.prefetch.close()
         PROGRESS.phase("finish", "the final save", self.step)
         self.stop.summarise(summary, self.step)
-        self.saver.final(self.step, self.evaluator.pending)
+        finished = self.step >= t.max_steps and not self.stop.reason  # else a signal's save: the optimizer kept
+        self.saver.final(self.step, self.evaluator.pending, finished)
         summary.last_step, summary.spent = self.step, self.spent.as_dict()
         summary.failed_saves = self.saver.failed_saves
         self.metrics.close()

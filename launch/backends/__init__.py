@@ -136,6 +136,12 @@ class Backend:
 
         return psutil.virtual_memory().total / 2**30 / run.cluster.tasks_per_node
 
+    def preemption_grace_s(self, run: LaunchConfig) -> tuple[int, str] | None:
+        """(seconds, where they are set) that the scheduler leaves a preempted job between its signal and the kill,
+        for planning's save-time check (launch.planning.save_time); None where its jobs are not preempted or it
+        cannot say. Here: a local run is not preempted."""
+        return None
+
     def run(self, plan) -> Any:
         """Run one planned point here and return when it has finished (backends without a queue): the job
         environment its ranks ran in (a launch.rank.job_env.JobEnvironment, their launch's id included), which the

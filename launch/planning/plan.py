@@ -25,6 +25,7 @@ from gpt.run_folder import RunFolder
 from launch.backends import Backend
 from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import Device, fit
+from launch.planning.save_time import check_save_time
 from launch.recovery.out_of_memory import kept_micro_batch
 from launch.run.identity import flat, newest_step
 from launch.planning.shared_gpu import check_shared_gpu, memory_per_rank
@@ -104,15 +105,19 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     # a job prepares the data, before the run's, where the backend queues jobs and the data is not yet prepared the
     # same way; under srun (sbatch slurm/multi_node.sh) the launcher already runs inside the job: it prepares here
     prepare_job = data if data.prepare_on == "job" and backend.queue and not is_prepared(data) else None
+    model = run.model
     if prepare_job:
         check_tokenizer_vocab(data, run.model.vocab_size)
     else:
         vocab = check_vocab(run.model.vocab_size, ensure_prepared(data, run.model.vocab_size))
         if not run.model.vocab_size:  # the model takes the tokenizer's
-            train = fit(run.strategy, dataclasses.replace(run.model, vocab_size=vocab), train, dims, device)
+            model = dataclasses.replace(run.model, vocab_size=vocab)
+            train = fit(run.strategy, model, train, dims, device)
 
     train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
+    if model.vocab_size:
+        check_save_time(run, model, train, run_dir, backend, run.nodes * run.cluster.tasks_per_node)
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
     resolved = dataclasses.replace(run, train=dataclasses.replace(
         run.train, micro_batch_size=train.micro_batch_size))

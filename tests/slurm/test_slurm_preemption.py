@@ -265,6 +265,10 @@ def test_a_grace_time_too_short_for_the_save_keeps_the_previous_checkpoint_and_s
     finally:
         slurm_cluster.run("scontrol", "update", "PartitionName=low", f"GraceTime={original}")
     assert code == 0, job.text()
+    # planning saw it coming: the save (its 25 s sleep, at the default rate before any save) against the grace time
+    launcher = Path(job.out.name).read_text() + Path(job.err.name).read_text()
+    assert ("about 38 s with the step under way, longer than the 2 s a preemption leaves (partition low: "
+            "PreemptMode=REQUEUE, GraceTime=2 s)") in launcher, launcher[:3000]
     first, last = attempts(job.run_dir)
     assert first["recorded_by"] == "the next attempt" and first["last_step"] == 5, first  # the cut save left nothing
     # accounting names the job that started on its nodes after it

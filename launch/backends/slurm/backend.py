@@ -41,6 +41,22 @@ class SlurmBackend(Backend):
         return run.with_cluster(cpus_per_task=resources.cpus_per_task,
                                 signal_delay_s=resources.signal_delay_s), resources
 
+    def preemption_grace_s(self, run):
+        """The GraceTime of the job's partition, or of its QOS where the cluster preempts by QOS, where its
+        PreemptMode cancels or requeues it (suspending, gang scheduling or none: it is not stopped)."""
+        try:
+            partition = run.cluster.partition or next(
+                (p.name for p in partitions.read_partitions().values() if p.default), None)
+            settings = commands.preemption_settings(partition, run.cluster.qos) if partition else None
+        except commands.SlurmUnavailable:  # a warning's input: planning goes on without it
+            return None
+        if settings is None:
+            return None
+        where, mode, grace = settings
+        if grace is None or not {"CANCEL", "REQUEUE"} & set(mode.upper().split(",")):
+            return None
+        return grace, f"{where}: PreemptMode={mode}, GraceTime={grace} s"
+
     def device(self, run):
         return "cuda" if run.cluster.node_gpus > 0 else "cpu"  # the GPUs it asks for, whatever this node has
 

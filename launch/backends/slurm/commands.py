@@ -317,6 +317,20 @@ def qos_fields(qos: str) -> tuple[str, str] | None:
     return tuple(rows[0].split("|")) if rows and rows[0].count("|") == 1 else None
 
 
+def preemption_settings(partition: str, qos: str | None) -> tuple[str, str, int | None]:
+    """(where they are set, 'partition P' or 'QOS Q'; its PreemptMode; its GraceTime in seconds, None when Slurm
+    does not say): the partition's, or the QOS's where the cluster preempts by QOS (PreemptType=preempt/qos)."""
+    config = controller_config()
+    if config.get("PreemptType") == "preempt/qos":
+        mode, grace = (qos_fields(qos) if qos else None) or ("?", "")
+        if mode.lower() in ("cluster", ""):  # the cluster's own PreemptMode
+            mode = config.get("PreemptMode") or "?"
+        return f"QOS {qos}", mode.upper(), duration_s(grace) if grace else None
+    mode = partition_field(partition, "PreemptMode") or "?"
+    grace = partition_field(partition, "GraceTime")
+    return f"partition {partition}", mode, int(grace) if grace and grace.isdigit() else None
+
+
 def requeue(job_id: str) -> None:
     """Run from inside the job: the requeue sends SIGTERM to every process of the job, scontrol included."""
     run("scontrol", "requeue", str(job_id), timeout=60, keep_on_term=True)

@@ -297,13 +297,5 @@ def _int(value: str | None) -> int:
 def preemption_policy(partition: str, qos: str) -> str:
     """'partition low: PreemptMode=REQUEUE, GraceTime=20 s': what preemption does to the job, by its partition's
     settings, or by its QOS's where the cluster preempts by QOS (PreemptType=preempt/qos: 'QOS low: ...')."""
-    config = commands.controller_config()
-    if config.get("PreemptType") == "preempt/qos":
-        mode, grace = commands.qos_fields(qos) or ("?", "")
-        if mode.lower() in ("cluster", ""):  # the cluster's own PreemptMode
-            mode = config.get("PreemptMode") or "?"
-        seconds = commands.duration_s(grace) if grace else None
-        return f"QOS {qos}: PreemptMode={mode.upper()}" + (f", GraceTime={seconds} s" if seconds else "")
-    mode = commands.partition_field(partition, "PreemptMode") or "?"
-    grace = commands.partition_field(partition, "GraceTime")
-    return f"partition {partition}: PreemptMode={mode}" + (f", GraceTime={grace} s" if grace else "")
+    where, mode, grace = commands.preemption_settings(partition, qos)
+    return f"{where}: PreemptMode={mode}" + (f", GraceTime={grace} s" if grace is not None else "")

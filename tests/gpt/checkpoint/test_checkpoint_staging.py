@@ -2,6 +2,8 @@
 and a run on the CPU makes no CUDA call on a machine that has GPUs (the mirror: CUDA reported available, every call that would open a context raising)."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
@@ -9,6 +11,7 @@ from cuda_standin import StrictCuda
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
 
 from gpt.checkpoint.staging import assign_writers
+from gpt.checkpoint.store import SAVE_RATE
 from gpt.checkpoint.writer import Checkpointer
 from gpt.collectives.process_group import DistEnv
 from gpt.parallel.base import Strategy
@@ -118,3 +121,25 @@ def test_replicated_tensors_are_spread_over_their_holders_and_the_rest_stay_with
     writer = assign_writers([rank0, rank1])
     assert writer[("optim", "m0")] == 0 and writer[("optim", "m1")] == 1
     assert sorted(writer[k] for k in replicated) == [0, 0, 1, 1]
+
+
+def test_a_gpu_runs_synchronous_save_stages_through_the_asynchronous_saves_pinned_buffers(tmp_path, monkeypatch):
+    """A preemption's, time limit's or final save (synchronous) copies the state into the same pinned buffers as the
+    run's background saves, once the step is done, and writes from there with several threads."""
+    cuda = StrictCuda().install(monkeypatch)
+    pinned = []
+    monkeypatch.setattr(pin_memory_utils, "pin_memory", lambda ptr, size: pinned.append(ptr))
+    monkeypatch.setattr(pin_memory_utils, "unpin_memory", lambda ptr: None)
+    strategy = cpu_strategy()
+    strategy.device = torch.device("cuda", 0)
+    checkpointer = Checkpointer(tmp_path, async_group="local", async_save=True, threads=2, staging=True)
+    checkpointer.save(1, strategy, {})  # a background save pins the buffers
+    checkpointer.wait()
+    pins = len(pinned)
+    cuda.run(0.1)
+    path = checkpointer.save(2, strategy, {}, allow_async=False)
+    assert checkpointer.pending is None and pins and len(pinned) == pins  # the same buffers, staged and written
+    assert len(list(path.glob("*.distcp"))) == 2
+    assert json.loads((path / "meta.json").read_text())[SAVE_RATE] > 0  # what planning's save-time check reads
+    assert_restores(checkpointer, path, strategy)
+    checkpointer.close()

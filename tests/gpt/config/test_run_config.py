@@ -22,7 +22,7 @@ from helpers import compose, launch
 BAD = {
     "checkpoint.keep=0": "checkpoint.keep=0 is not valid: a positive number of checkpoints to keep",
     "checkpoint.interval_minutes=-1": "checkpoint.interval_minutes=-1 is not valid",
-    "+checkpoint.every=3": "checkpoint.every=3 is not valid: known checkpoint keys are async, interval_minutes",
+    "+checkpoint.every=3": "checkpoint.every=3 is not valid: known checkpoint keys are async, crc32, final_dtype",
     "preemption.signals=[SIGKILL]": "preemption.signals='SIGKILL' is not valid",
     "preemption.max_restarts=-2": "preemption.max_restarts=-2 is not valid: an integer >= 0",
     "+preemption.retries=3": "preemption.retries=3 is not valid: known preemption keys are",
