@@ -3,6 +3,8 @@ composes, a part that hangs killed at its limit while the next goes on, a part p
 and an option a program refuses dropped."""
 from __future__ import annotations
 
+import pytest
+
 import sys
 
 from benchmarks import gpu_round
@@ -20,6 +22,7 @@ def test_the_round_runs_its_parts_in_order_of_value_within_eight_minutes(tmp_pat
     assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10"]
 
 
+@pytest.mark.slow  # composes and plans every run of the round: seconds
 def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
     """A key misspelt in a command would cost a GPU call: each composes here (debug.share_gpu included)."""
     for part in gpu_round.parts(tmp_path, cpu=False, nanogpt=None, save_args=[]):

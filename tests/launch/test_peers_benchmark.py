@@ -60,6 +60,7 @@ def test_each_gptlaunch_row_is_divided_by_its_pairs_peer_and_first_row():
     assert lines[5].endswith("| 65,000 | 1.0000 | 46.0% | 50.0 | - | - |")
 
 
+@pytest.mark.slow  # builds and times a model: seconds
 def test_gptlaunch_runs_at_the_peers_shape_and_tokens_per_step(tmp_path):
     args = argparse.Namespace(pair=None, ours=[peers.variant("fp8=train.precision=fp8,train.compile=true")],
                               nanogpt=None, tiny=False)
@@ -77,6 +78,7 @@ def test_gptlaunch_runs_at_the_peers_shape_and_tokens_per_step(tmp_path):
         peers.variant("fp8")
 
 
+@pytest.mark.slow  # builds and times a model: seconds
 def test_nanogpts_model_is_built_at_our_shape_and_timed_on_the_cpu(tmp_path):
     (tmp_path / "model.py").write_text(NANOGPT)
     pair = peers.TINY["gpt2"]
