@@ -3,9 +3,9 @@ composes, a part that hangs killed at its limit while the next goes on, a part p
 and an option a program refuses dropped."""
 from __future__ import annotations
 
-import pytest
-
 import sys
+
+import pytest
 
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
