@@ -99,23 +99,22 @@ def no_job_left(cluster) -> None:
     wait_until(lambda: not cluster.run("squeue", "--me", "-h").stdout.strip(), 90, "no job running")
 
 
-@pytest.fixture(params=["linuxproc", "cgroup"])
-def proctrack(request, slurm_cluster):
-    """The cluster under each process-tracking plugin sites use: proctrack/cgroup (a freezer cgroup a step) kills a
-    step's every process when the step ends, where proctrack/linuxproc follows parent ids."""
-    if request.param == "cgroup":
-        no_job_left(slurm_cluster)
-        slurm_cluster.script("proctrack", "cgroup")
-    yield request.param
-    if request.param == "cgroup":
-        no_job_left(slurm_cluster)
-        slurm_cluster.script("proctrack", "linuxproc")
+@pytest.fixture
+def proctrack_cgroup(slurm_cluster):
+    """The cluster under proctrack/cgroup (a freezer cgroup a step), which kills a step's every process when the step
+    ends, where the cluster's own proctrack/linuxproc, which every other packed scenario runs under, follows parent
+    ids: the stricter of the two plugins sites use."""
+    no_job_left(slurm_cluster)
+    slurm_cluster.script("proctrack", "cgroup")
+    yield
+    no_job_left(slurm_cluster)
+    slurm_cluster.script("proctrack", "linuxproc")
 
 
 @pytest.mark.timeout(300)
 def test_one_gpu_points_packed_on_a_four_gpu_node_each_drive_their_own_gpu_through_a_preemption(
-        slurm_cluster, proctrack, tmp_path, data_overrides):
-    """Under proctrack/linuxproc and proctrack/cgroup alike: 4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
+        slurm_cluster, proctrack_cgroup, tmp_path, data_overrides):
+    """Under proctrack/cgroup: 4 one-GPU points of `low` in one allocation of one 4-GPU node, as 4 steps at once, each with a GPU of its own.
     A job of `urgent` that needs every node preempts the allocation while they train: each point saves in the grace
     time, the allocation is requeued once, and each point resumes on a GPU of its own to its end; seed=1 with the
     losses of its unpacked run."""
