@@ -152,18 +152,27 @@ class StrategyTraits:
     # Why train.reduce_dtype=bf16 cannot apply: no gradients reduced across ranks (None: they are, and it can)
     no_reduce_dtype: str | None = None
 
-    def check_precision(self, train: TrainConfig, parallel: ParallelConfig) -> None:
+    def reduces_with_ddp(self, strategy: StrategyConfig) -> bool:
+        """Whether DDP reduces this strategy's gradients (train.reduce_dtype=bf16: torch's bf16 compress hook)."""
+        return False
+
+    def check_precision(self, train: TrainConfig, strategy: StrategyConfig, parallel: ParallelConfig) -> None:
         """Refuse, at planning, train.precision=fp8 and train.reduce_dtype=bf16 where this layout cannot honour
         them. torchao's float8 under tensor parallelism needs its own plans (Float8ColwiseParallel, ...), which
-        gpt.parallel.tensor does not apply."""
+        gpt.parallel.tensor does not apply. torch registers DDP's bf16 compress hook only over NCCL (or XCCL)."""
         if train.precision == "fp8" and (self.no_fp8 or parallel.tp > 1):
             why = self.no_fp8 or ("tensor parallelism (parallel.tp > 1) would need torchao's float8 tensor-parallel "
                                   "plans, not applied here")
             raise ConfigError("train.precision", "fp8", f"bf16 with strategy={self.name} ({why}); fp8 with single, "
                               "ddp, zero1 or fsdp without tensor parallelism")
-        if train.reduce_dtype != "fp32" and self.no_reduce_dtype:
+        if train.reduce_dtype == "fp32":
+            return
+        if self.no_reduce_dtype:
             raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} "
                               f"({self.no_reduce_dtype})")
+        if self.reduces_with_ddp(strategy) and device_type(train) == "cpu":
+            raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} on a CPU "
+                              "run (torch's bf16 compress hook for DDP needs NCCL, a GPU run); or strategy=fsdp")
 
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
@@ -271,6 +280,9 @@ class DDPTraits(StrategyTraits):
     name = "ddp"
     implementation = "gpt.parallel.ddp:DDP"
     keys = ("bucket_cap_mb",)
+
+    def reduces_with_ddp(self, strategy):
+        return True
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         """A model compiled whole is split at DDP's buckets by torch's DDP optimizer (torch._dynamo's optimize_ddp),
@@ -510,6 +522,9 @@ class PipelineTraits(StrategyTraits):
             raise ConfigError("strategy.microbatches", micro, f"a divisor of the per-replica batch "
                               f"{train.global_batch_size // dp} (train.global_batch_size={train.global_batch_size} / "
                               f"data-parallel size {dp}), at least pp={pp}")
+
+    def reduces_with_ddp(self, strategy):
+        return strategy.dp == "ddp"
 
     def layout(self, strategy, parallel, world_size):
         dims = read_dims(parallel, world_size)
