@@ -10,10 +10,12 @@ from torch import nn
 
 from helpers import compose, launch
 from launch import launch_config
+from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.model import float8
 from gpt.model.transformer import GPT
 from gpt.parallel import plan_layout
+from gpt.train.build import build_strategy_and_model
 
 LLAMA_1B = ("model=llama_1b", "model.vocab_size=32000")
 
@@ -90,3 +92,28 @@ def test_a_cpu_run_is_refused_in_one_line_before_anything_runs(tmp_path, data_ov
     assert proc.returncode == 2 and len(lines) == 1, proc.stderr
     assert "train.precision='fp8' is not valid: bf16 or fp32 on a CPU run (float8 matmuls need" in lines[0]
     assert not (tmp_path / "run" / "config.yaml").exists()  # not planned: Hydra's log alone
+
+
+FLOAT8_GPU = torch.cuda.is_available() and torch.cuda.get_device_capability() >= float8.MIN_CAPABILITY
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not FLOAT8_GPU, reason="needs an NVIDIA GPU of compute capability 8.9 or more")
+def test_fp8_trains_like_bf16_on_a_gpu():
+    """The rank's own build path on a GPU (device check, conversion, compiled blocks, bf16 autocast): a 2-layer
+    model whose MLP gate and up gain (1,024 -> 4,096) learns one batch in 30 steps, its loss within 5% of bf16's."""
+    def run(precision: str) -> tuple[list[float], list[str]]:
+        cfg = launch_config.parse(compose(
+            "model=llama_124m", "model.n_layer=2", "model.n_embd=1024", "model.n_head=8", "model.n_query_groups=4",
+            "model.mlp_ratio=6.0", "model.vocab_size=512", "model.block_size=256", "train.device=cuda",
+            f"train.precision={precision}", "train.compile=true"))
+        strategy = build_strategy_and_model(cfg, cfg.model, DistEnv(), torch.device("cuda"))
+        layers = [n for n, m in strategy.unwrapped.named_modules() if type(m).__name__ == "Float8Linear"]
+        batch = torch.randint(0, 512, (8, 257), generator=torch.Generator().manual_seed(0)).cuda()
+        x, y = batch[:, :-1], batch[:, 1:]
+        return [strategy.train_step([(x, y)], 1, 1e-3, 1.0).loss.item() for _ in range(30)], layers
+
+    fp8, converted = run("fp8")
+    bf16, none = run("bf16")
+    assert converted == ["layers.0.mlp.gate", "layers.0.mlp.up", "layers.1.mlp.gate", "layers.1.mlp.up"] and not none
+    assert fp8[-1] < 0.7 * fp8[0] and abs(fp8[-1] - bf16[-1]) < 0.05 * bf16[-1], (fp8, bf16)
