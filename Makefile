@@ -37,7 +37,7 @@ $(VENV)/.installed-$(TORCH_BUILD): setup.cfg pyproject.toml constraints.txt
 	$(BIN)/pip install -q -c constraints.txt --upgrade pip  # pip itself as tested, too
 	$(if $(filter cuda,$(TORCH_BUILD)),$(BIN)/pip install -q -c constraints.txt \
 	  --extra-index-url https://download.pytorch.org/whl/$(CUDA) '$(TORCH_PIN)+$(CUDA)')
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep,fp8]'
 	# the stock Optuna sweeper an older venv holds would claim hydra/sweeper=optuna too (hydra_plugins/gptlaunch_optuna)
 	$(BIN)/pip uninstall -q -y hydra-optuna-sweeper 2>/dev/null || true
 	rm -f $(VENV)/.installed-*

@@ -11,8 +11,8 @@ import pytest
 
 from helpers import REPO
 
-# today's CPU line, word for word: a CPU machine installs exactly what it did
-CPU_LINE = "DS_BUILD_OPS=0 {venv}/bin/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep]'"
+# today's CPU line, word for word: a CPU machine installs exactly what it did (with torchao since fp8)
+CPU_LINE = "DS_BUILD_OPS=0 {venv}/bin/pip install -q -c constraints.txt -e '.[dev,deepspeed,tracking,hf,eval,sweep,fp8]'"
 SMI = {"gpu": 'echo "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-5e4b)"',
        # installed, but no driver answers (a login node with the tools, a container without the GPU)
        "no driver": "echo \"NVIDIA-SMI has failed because it couldn't communicate with the NVIDIA driver.\"; exit 9"}

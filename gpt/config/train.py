@@ -1,11 +1,16 @@
 """The train section (configs/train/): the training loop's settings and their validation."""
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 
 from gpt.errors import ConfigError
 
-PRECISIONS = ("fp32", "bf16", "fp16")
+PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
+# fp8: torchao's float8 training (gpt.model.float8): its scaling recipes; every layer it does not convert runs bf16
+FP8_RECIPES = ("tensorwise", "rowwise")
+# The dtype gradients are reduced in across data-parallel ranks (train.reduce_dtype)
+REDUCE_DTYPES = ("fp32", "bf16")
 # SDPA's kernels (gpt.model.attention); `auto` lets SDPA choose, a named one is the only one allowed (strict).
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -37,6 +42,9 @@ class TrainConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.99])
     grad_clip: float = 1.0
     precision: str = "fp32"
+    fp8_recipe: str = "tensorwise"  # with precision=fp8: tensorwise or rowwise scaling (torchao's recipes)
+    # fp32: gradients reduced across data-parallel ranks in fp32; bf16: half the bytes, rounded (docs/strategies.md)
+    reduce_dtype: str = "fp32"
     compile: bool = False
     compile_mode: str = "default"
     compile_scope: str = "blocks"
@@ -63,7 +71,7 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         for key, valid in (("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES),
-                           ("attention", ATTENTION)):
+                           ("attention", ATTENTION), ("fp8_recipe", FP8_RECIPES), ("reduce_dtype", REDUCE_DTYPES)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}", getattr(self, key), f"one of {', '.join(valid)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -78,6 +86,25 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
         self.check_schedule()
+        if self.precision == "fp8" and not self.compile:
+            raise ConfigError("train.precision", "fp8", "bf16, or fp8 with train.compile=true (uncompiled, torchao's "
+                              "float8 casts and scales run as kernels of their own: slower than bf16)")
+
+    @property
+    def compute_precision(self) -> str:
+        """The precision of autocast, mixed precision and the activations: fp8's layers not converted run bf16."""
+        return "bf16" if self.precision == "fp8" else self.precision
+
+    def check_fp8(self, device: str) -> None:
+        """Refuse, at planning, float8 where it cannot run: on a CPU (no float8 matmuls), or without torchao. A GPU
+        older than compute capability 8.9 is refused by its ranks, which see it (gpt.model.float8.check_device)."""
+        if self.precision != "fp8":
+            return
+        if device == "cpu":
+            raise ConfigError("train.precision", "fp8", "bf16 or fp32 on a CPU run (float8 matmuls need an NVIDIA GPU "
+                              "of compute capability 8.9 or more: L4, L40, H100, H200, B200)")
+        if importlib.util.find_spec("torchao") is None:
+            raise ConfigError("train.precision", "fp8", "bf16, or install torchao for fp8: pip install -e '.[fp8]'")
 
     def check_schedule(self) -> None:
         for key, valid in (("schedule", SCHEDULES), ("decay_shape", DECAY_SHAPES)):

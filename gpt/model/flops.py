@@ -129,9 +129,13 @@ def peak_flops(device_name: str | None, dtype: str | torch.dtype) -> float | Non
 
 
 def matmul_precision(precision: str, tf32: bool) -> str:
-    """The precision a run's matmuls run at, whose peak its MFU divides by: train.precision, except that fp32
-    training runs them on TF32 tensor cores when torch allows it (torch.backends.cuda.matmul.allow_tf32, which
-    torch.set_float32_matmul_precision("high") also sets; gpt.train.build turns it on for fp32 GPU runs)."""
+    """The precision whose peak a run's MFU divides by: train.precision, except that fp32 training runs its matmuls
+    on TF32 tensor cores when torch allows it (torch.backends.cuda.matmul.allow_tf32, which
+    torch.set_float32_matmul_precision("high") also sets; gpt.train.build turns it on for fp32 GPU runs), and fp8
+    counts against the bf16 peak: the table has no fp8 peaks, only the large matmuls run in float8, and a float8
+    run's MFU then compares with a bf16 run's directly (its speed-up is the ratio of the two)."""
+    if precision == "fp8":
+        return "bf16"
     return "tf32" if precision == "fp32" and tf32 else precision
 
 

@@ -113,6 +113,7 @@ class StrategySettings:
     # Called just before the optimizer changes any weight: the checkpointer waits there for a background save's
     # staging copy (which reads the weights) to finish.
     before_update: Callable[[], None] = no_wait
+    reduce_dtype: str = "fp32"  # train.reduce_dtype: the dtype gradients are reduced in across data-parallel ranks
 
 
 class Strategy:
@@ -129,6 +130,7 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.attention_kernel, self.compile = settings.attention_kernel, settings.compile
+        self.reduce_dtype = settings.reduce_dtype
         self.layer_keys = list(settings.layer_keys)
         # memory_held swaps it for the first step's measurement, and puts it back
         self.before_update: Callable[[], None] = settings.before_update

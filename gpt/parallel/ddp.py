@@ -6,6 +6,7 @@ import contextlib
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel
 
 from gpt.parallel.base import Strategy, on_meta
@@ -13,7 +14,7 @@ from gpt.parallel.mesh import ensure_process_group
 
 
 def replicate(module: nn.Module, device: torch.device, bucket_cap_mb: float,
-              group: dist.ProcessGroup | None = None) -> DistributedDataParallel:
+              group: dist.ProcessGroup | None = None, reduce_dtype: str = "fp32") -> DistributedDataParallel:
     """`module` as DDP builds a replica here (the whole model, or a pipeline stage over its replicas).
 
     gradient_as_bucket_view: every .grad is a view into the reducer's bucket, so the gradients are held once (the
@@ -25,9 +26,12 @@ def replicate(module: nn.Module, device: torch.device, bucket_cap_mb: float,
     DDP's start-up sync still copies rank 0's to every rank. On the meta device (a dry run) that sync and the
     check that every rank's shapes match are left out: both read values, which a meta tensor has not."""
     device_ids = [device] if device.type == "cuda" else None
-    return DistributedDataParallel(module, device_ids=device_ids, process_group=group, bucket_cap_mb=bucket_cap_mb,
-                                   gradient_as_bucket_view=True, forward_sync_buffers=False,
-                                   init_sync=not on_meta(module))
+    ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=group, bucket_cap_mb=bucket_cap_mb,
+                                  gradient_as_bucket_view=True, forward_sync_buffers=False,
+                                  init_sync=not on_meta(module))
+    if reduce_dtype == "bf16":  # each bucket cast to bf16, all-reduced, and written back (train.reduce_dtype)
+        ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
+    return ddp
 
 
 def bucket_bytes(module: DistributedDataParallel) -> int:
@@ -44,11 +48,12 @@ class DDP(Strategy):
     zero_grads_in_place = True  # each .grad is a view into DDP's buckets (replicate)
 
     def describe(self) -> str:
-        return f"DDP, {self.dp_size} replicas"
+        reduced = f", gradients reduced in {self.reduce_dtype}" if self.reduce_dtype != "fp32" else ""
+        return f"DDP, {self.dp_size} replicas{reduced}"
 
     def wrap(self, model: nn.Module) -> nn.Module:
         ensure_process_group(self.device)
-        return replicate(model, self.device, self.cfg.bucket_cap_mb)
+        return replicate(model, self.device, self.cfg.bucket_cap_mb, reduce_dtype=self.reduce_dtype)
 
     def sync_gradients(self, last_micro_step: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext() if last_micro_step else self.model.no_sync()

@@ -38,8 +38,9 @@ TAG = "engine"
 
 
 def ds_config(cfg: StrategyConfig, precision: str, grad_clip: float = 0.0, micro_batch: int = 1, grad_accum: int = 1,
-              world_size: int = 1) -> dict[str, Any]:
-    """The DeepSpeed JSON config for our strategy config; strategy.config entries are merged in last."""
+              world_size: int = 1, reduce_dtype: str = "fp32") -> dict[str, Any]:
+    """The DeepSpeed JSON config for our strategy config; strategy.config entries are merged in last. Gradients are
+    reduced in train.reduce_dtype (communication_data_type): the engine's own default is the compute precision."""
     zero: dict[str, Any] = {"stage": cfg.stage, "overlap_comm": cfg.overlap_comm,
                             "reduce_bucket_size": cfg.reduce_bucket_size, "contiguous_gradients": True}
     if zero["stage"] == 3:
@@ -54,6 +55,7 @@ def ds_config(cfg: StrategyConfig, precision: str, grad_clip: float = 0.0, micro
         "zero_optimization": zero,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "communication_data_type": reduce_dtype,
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**62,
         "wall_clock_breakdown": False,
@@ -112,7 +114,8 @@ class DeepSpeed(Strategy):
             optimizer = DeepSpeedCPUAdam(optimizer.param_groups, lr=lr, betas=betas, eps=optimizer.defaults["eps"],
                                          weight_decay=weight_decay, adamw_mode=True)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, optimizer=optimizer, config=ds_config(self.cfg, self.precision, world_size=self.dp_size),
+            model=model, optimizer=optimizer, config=ds_config(self.cfg, self.precision, world_size=self.dp_size,
+                                                reduce_dtype=self.reduce_dtype),
             dist_init_required=False)
         self.model = self.engine
 

@@ -3,8 +3,8 @@
 Each transformer layer is its own unit: its parameters are all-gathered just before its forward and backward and
 freed after, its gradients reduce-scattered so each rank keeps the shard it owns. Mixed precision follows
 train.precision through a MixedPrecisionPolicy (parameters cast to bf16/fp16 for compute, gradients reduced in
-fp32), not autocast. Option: parameters and optimizer on the CPU (activation checkpointing is
-train.activation_checkpointing, set on the blocks before any strategy wraps them).
+train.reduce_dtype, fp32 by default), not autocast. Option: parameters and optimizer on the CPU (activation
+checkpointing is train.activation_checkpointing, set on the blocks before any strategy wraps them).
 """
 from __future__ import annotations
 
@@ -24,12 +24,18 @@ from gpt.parallel.mesh import build_mesh, timed
 from gpt.parallel.tensor import apply_tensor_parallel
 from gpt.train.optim import build_adamw
 
-def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: StrategyConfig) -> nn.Module:
+def mixed_precision(precision: str, reduce_dtype: str = "fp32") -> MixedPrecisionPolicy:
+    """FSDP2's policy: parameters gathered in the compute precision (none under fp32), gradients reduced in
+    train.reduce_dtype (fp32 unless bf16 is asked for: under bf16 compute FSDP would otherwise reduce in bf16)."""
+    param = DTYPES[precision] if precision != "fp32" else None
+    reduce = DTYPES[reduce_dtype] if param is not None or reduce_dtype != "fp32" else None
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def shard(model: nn.Module, mesh: DeviceMesh, precision: str, cfg: StrategyConfig,
+          reduce_dtype: str = "fp32") -> nn.Module:
     """fully_shard each transformer layer of `model` (a GPT or a pipeline stage of one), then the rest."""
-    mp = None
-    if precision != "fp32":
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[precision], reduce_dtype=torch.float32)
-    kwargs = {"mesh": mesh, "mp_policy": mp or MixedPrecisionPolicy(),
+    kwargs = {"mesh": mesh, "mp_policy": mixed_precision(precision, reduce_dtype),
               "offload_policy": CPUOffloadPolicy() if cfg.cpu_offload else OffloadPolicy()}
     for block in model.layers.values():
         fully_shard(block, reshard_after_forward=cfg.reshard_after_forward, **kwargs)
@@ -59,6 +65,7 @@ class FSDP(Strategy):
     def describe(self) -> str:
         options = [f"{self.precision} compute" if self.precision != "fp32" else "fp32"]
         options += ["cpu offload"] if self.cfg.cpu_offload else []
+        options += [f"gradients reduced in {self.reduce_dtype}"] if self.reduce_dtype != "fp32" else []
         d = self.dims
         kind = "HSDP" if d.dp_replicate > 1 else "FSDP2"
         shards = f"dp_shard={d.dp_shard}"
@@ -79,7 +86,7 @@ class FSDP(Strategy):
             self.compile.apply(model)
         self.dp_mesh = timed(self.mesh["dp_replicate", "dp_shard"]._flatten("dp"))
         shard_mesh = self.mesh["dp_replicate", "dp_shard"] if d.dp_replicate > 1 else self.mesh["dp_shard"]
-        self.model = shard(model, shard_mesh, self.precision, self.cfg)
+        self.model = shard(model, shard_mesh, self.precision, self.cfg, self.reduce_dtype)
         self.optimizer = build_adamw(self.model, lr, weight_decay, betas, self.device)
 
     def autocast(self) -> contextlib.AbstractContextManager:

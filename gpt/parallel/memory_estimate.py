@@ -57,7 +57,7 @@ def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int =
     without activation checkpointing. Tensor parallelism splits what lies between its all-reduces; sequence
     parallelism the rest too. fused_loss: the head and loss compiled with the model (train.compile_scope).
     Calibrated on one H200 (docs/profiling.md, "Will it fit")."""
-    v = 2 if train.precision in ("bf16", "fp16") else 4
+    v = 2 if train.compute_precision in ("bf16", "fp16") else 4
     h, kv = model.n_embd, model.n_kv_head * model.head_dim
     swiglu = model.mlp == "swiglu"
     # Eager, the MLP's hidden is saved by each op that reads it (GELU: its input and output; SwiGLU: the gate, its
@@ -114,7 +114,7 @@ def gathered_bytes(model: ModelConfig, counts: dict[str, int], train: TrainConfi
         return 0.0
     layer = (counts["non_embedding"] - (0 if model.tie_embeddings else model.vocab_size * model.n_embd)) / model.n_layer
     root = counts["total"] - model.n_layer * layer
-    v = 2 if train.precision in ("bf16", "fp16") else 4
+    v = 2 if train.compute_precision in ("bf16", "fp16") else 4
     return v * (layer + root / dims.pp) / dims.tp
 
 
@@ -129,7 +129,7 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     # gradient accumulation: the gradients as a rank holds them between the micro-steps
     accumulating = traits.accumulating_grad_share(strategy, dims) if train.global_batch_size // dims.dp > micro_batch \
         else 0.0
-    p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.precision)
+    p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.compute_precision)
     layers = traits.activation_layers(strategy, dims, model.n_layer)
     fused_loss = train.compile and traits.compile_scope(train) == "model"
     fraction = traits.param_fraction(strategy, dims)
@@ -149,9 +149,9 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     else:
         activations = tokens * (layers * layer + head)
     if dims.pp > 1:  # each micro-batch in flight keeps its stage's input and output, sent in the compute dtype
-        sent = 2 if train.precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
+        sent = 2 if train.compute_precision in ("bf16", "fp16") else 4  # (gpt.parallel.pipeline.StageGPT)
         activations += tokens * layers * dims.pp / model.n_layer * 2 * model.n_embd * sent
-    compute = 2 if train.precision in ("bf16", "fp16") else 4
+    compute = 2 if train.compute_precision in ("bf16", "fp16") else 4
     if not gathered and compute < p_bytes:  # autocast's copies of the weights, each saved by its matmul
         activations += compute * held * p_share
     activations += gathered

@@ -169,10 +169,10 @@ class Pipeline(Strategy):
 
     def _data_parallel(self, stage: nn.Module) -> nn.Module:
         if self.dp_kind == "fsdp":
-            return shard(stage, self.mesh["dp"], self.precision, self.cfg)
+            return shard(stage, self.mesh["dp"], self.precision, self.cfg, self.reduce_dtype)
         if self.dp_size == 1:
             return stage
-        return replicate(stage, self.device, self.cfg.bucket_cap_mb, self.dp_group)
+        return replicate(stage, self.device, self.cfg.bucket_cap_mb, self.dp_group, self.reduce_dtype)
 
     @staticmethod
     def _unwrap(module: nn.Module) -> nn.Module:

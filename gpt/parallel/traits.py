@@ -45,10 +45,17 @@ class Workload:
     block_size: int
     global_batch: int
     precision: str = "fp32"
+    reduce_dtype: str = "fp32"  # train.reduce_dtype
 
     @property
     def value_bytes(self) -> int:
-        return 2 if self.precision in ("bf16", "fp16") else 4
+        """Bytes of a parameter or activation in the compute precision (fp8's unconverted layers run bf16)."""
+        return 2 if self.precision in ("bf16", "fp16", "fp8") else 4
+
+    @property
+    def grad_bytes(self) -> int:
+        """Bytes of a gradient as data-parallel ranks reduce it."""
+        return 2 if self.reduce_dtype == "bf16" else 4
 
     def activation_bytes(self, dims: ParallelDims) -> float:
         """One layer's activations of one replica's batch (what tp reduces and pp sends)."""
@@ -140,6 +147,32 @@ class StrategyTraits:
     no_cuda_graphs: str | None = None
     # Why the dry run (launch.dry_run, gpt.train.dry_build) cannot build this strategy (None: it can)
     no_dry_run: str | None = None
+    # Why train.precision=fp8 (torchao's float8 linear layers) cannot run in this strategy (None: it can)
+    no_fp8: str | None = None
+    # Why train.reduce_dtype=bf16 cannot apply: no gradients reduced across ranks (None: they are, and it can)
+    no_reduce_dtype: str | None = None
+
+    def reduces_with_ddp(self, strategy: StrategyConfig) -> bool:
+        """Whether DDP reduces this strategy's gradients (train.reduce_dtype=bf16: torch's bf16 compress hook)."""
+        return False
+
+    def check_precision(self, train: TrainConfig, strategy: StrategyConfig, parallel: ParallelConfig) -> None:
+        """Refuse, at planning, train.precision=fp8 and train.reduce_dtype=bf16 where this layout cannot honour
+        them. torchao's float8 under tensor parallelism needs its own plans (Float8ColwiseParallel, ...), which
+        gpt.parallel.tensor does not apply. torch registers DDP's bf16 compress hook only over NCCL (or XCCL)."""
+        if train.precision == "fp8" and (self.no_fp8 or parallel.tp > 1):
+            why = self.no_fp8 or ("tensor parallelism (parallel.tp > 1) would need torchao's float8 tensor-parallel "
+                                  "plans, not applied here")
+            raise ConfigError("train.precision", "fp8", f"bf16 with strategy={self.name} ({why}); fp8 with single, "
+                              "ddp, zero1 or fsdp without tensor parallelism")
+        if train.reduce_dtype == "fp32":
+            return
+        if self.no_reduce_dtype:
+            raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} "
+                              f"({self.no_reduce_dtype})")
+        if self.reduces_with_ddp(strategy) and device_type(train) == "cpu":
+            raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} on a CPU "
+                              "run (torch's bf16 compress hook for DDP needs NCCL, a GPU run); or strategy=fsdp")
 
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
@@ -229,6 +262,7 @@ class SingleTraits(StrategyTraits):
     name = "single"
     implementation = "gpt.parallel.base:Strategy"
     axes = ()
+    no_reduce_dtype = "one process reduces no gradients"
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         if world_size != 1:
@@ -247,6 +281,9 @@ class DDPTraits(StrategyTraits):
     implementation = "gpt.parallel.ddp:DDP"
     keys = ("bucket_cap_mb",)
 
+    def reduces_with_ddp(self, strategy):
+        return True
+
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         """A model compiled whole is split at DDP's buckets by torch's DDP optimizer (torch._dynamo's optimize_ddp),
         which fails at the first step on buckets smaller than DDP's first one (1 MiB: "First bucket should be
@@ -262,9 +299,10 @@ class DDPTraits(StrategyTraits):
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
-        grads = 4.0 * w.params  # gradients reduced in fp32
-        bucket = strategy.bucket_cap_mb * 2**20
-        return [Collective("all_reduce", grads, _buckets(grads, bucket), "dp", "fp32 gradients, in buckets")]
+        grads = w.grad_bytes * w.params  # buckets of fp32 gradients, reduced in train.reduce_dtype
+        bucket = strategy.bucket_cap_mb * 2**20 * w.grad_bytes / 4
+        return [Collective("all_reduce", grads, _buckets(grads, bucket), "dp",
+                           f"{w.reduce_dtype} gradients, in buckets")]
 
 
 @register
@@ -308,6 +346,7 @@ class DeepSpeedTraits(StrategyTraits):
                   "none), so each rank would be built at real size (llama_1b's ZeRO-1: 9.5 GB of host memory per "
                   "rank), and their state comes only from a step on the gradients a backward through the engine "
                   "reduced into its partitions")
+    no_fp8 = "the engine casts the model itself and is not compiled; torchao's float8 is built for FSDP2 and DDP"
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"
@@ -345,12 +384,12 @@ class DeepSpeedTraits(StrategyTraits):
     def collectives(self, strategy, dims, w):
         if dims.dp == 1:
             return []
-        stage, grads = strategy.stage, 4.0 * w.params
+        stage, grads, reduced = strategy.stage, 4.0 * w.params, w.grad_bytes * w.params
         calls = _buckets(grads, strategy.reduce_bucket_size * 4)
         if stage < 3:
-            return [Collective("all_reduce", grads, calls, "dp", f"ZeRO-{stage} gradient reduction")]
+            return [Collective("all_reduce", reduced, calls, "dp", f"ZeRO-{stage} gradient reduction")]
         return [Collective("all_gather", 2 * grads, calls * w.n_layer, "dp", "parameters, forward and backward"),
-                Collective("reduce_scatter", grads, calls * w.n_layer, "dp", "gradients")]
+                Collective("reduce_scatter", reduced, calls * w.n_layer, "dp", "gradients")]
 
 
 @register
@@ -408,9 +447,10 @@ class FSDPTraits(StrategyTraits):
             units = w.n_layer + 1
             out += [Collective("all_gather", gathers * w.value_bytes * local, gathers * units, "dp_shard",
                                "parameters of each layer"),
-                    Collective("reduce_scatter", 4.0 * local, units, "dp_shard", "fp32 gradients of each layer")]
+                    Collective("reduce_scatter", w.grad_bytes * local, units, "dp_shard",
+                               f"{w.reduce_dtype} gradients of each layer")]
         if dims.dp_replicate > 1:
-            out.append(Collective("all_reduce", 4.0 * local / dims.dp_shard, w.n_layer + 1, "dp_replicate",
+            out.append(Collective("all_reduce", w.grad_bytes * local / dims.dp_shard, w.n_layer + 1, "dp_replicate",
                                   "gradient shards across replicas (HSDP)"))
         if dims.tp > 1:
             act = w.activation_bytes(dims)
@@ -433,6 +473,7 @@ class PipelineTraits(StrategyTraits):
             "cpu_offload")
     preset = {"parallel": {"pp": 2}}
     whole_model_compile = False
+    no_fp8 = "its stages are not compiled (train.compile=false), and float8 is slower than bf16 uncompiled"
     axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
@@ -482,6 +523,9 @@ class PipelineTraits(StrategyTraits):
                               f"{train.global_batch_size // dp} (train.global_batch_size={train.global_batch_size} / "
                               f"data-parallel size {dp}), at least pp={pp}")
 
+    def reduces_with_ddp(self, strategy):
+        return strategy.dp == "ddp"
+
     def layout(self, strategy, parallel, world_size):
         dims = read_dims(parallel, world_size)
         refuse_axes(dims, self.name, self.axes)
@@ -508,7 +552,7 @@ class PipelineTraits(StrategyTraits):
         return True  # a stage receives its inputs and its gradients from its neighbours
 
     def collectives(self, strategy, dims, w):
-        stage = 4.0 * w.params / dims.pp / dims.tp
+        stage = w.grad_bytes * w.params / dims.pp / dims.tp
         out = []
         if dims.dp > 1:
             bucket = strategy.bucket_cap_mb * 2**20

@@ -18,7 +18,7 @@ from gpt.eval.multiple_choice import TaskScorer
 from gpt.train import rng
 from gpt.collectives.process_group import DistEnv
 from gpt.hf.folder import load_into
-from gpt.model import attention
+from gpt.model import attention, float8
 from gpt.model.transformer import GPT
 from gpt.parallel import build_strategy
 from gpt.parallel.base import DTYPES, Compile, Strategy, StrategySettings, no_wait
@@ -59,8 +59,10 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     before each update changes a weight."""
     train = run.train
     use_tf32(device, train.precision)
+    if train.precision == "fp8" and model_device is None:  # a dry run's meta model has no device to ask
+        float8.check_device(device)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
-    kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.precision])
+    kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.compute_precision])
     model = build_model(model_cfg, model_device or device, run.seed)
     if run.init != "none" and initialise:  # before the layout wraps it
         load_into(model, run.init)
@@ -71,11 +73,14 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     for i, block in enumerate(model.layers.values()):
         block.recompute = every > 0 and i % every == 0
         block.attn.kernels = kernels
+    if train.precision == "fp8":  # after the weights, before compile and the data-parallel wrapper
+        converted = float8.convert(model, train.fp8_recipe)
+        log.info("fp8 (%s scaling): %d linear layers in float8, the rest bf16", train.fp8_recipe, len(converted))
     # the strategy after the model: its settings name the model's layers (per-layer gradient norms)
     compiled = Compile(traits_of(run.strategy.name).compile_scope(train), train.compile_mode) if train.compile else None
     settings = StrategySettings(kernel, compiled, tuple(layer_keys(name for name, _ in model.named_parameters())),
-                                before_update)
-    strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.precision, settings)
+                                before_update, train.reduce_dtype)
+    strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.compute_precision, settings)
     strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
     rng.seed_device(run.seed, rng.stream_index(env.rank, strategy.dims.tp), device)
     return strategy

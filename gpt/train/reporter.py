@@ -66,7 +66,7 @@ class StepReporter:
         self.probe = None  # where the step timer cannot tell the wait, devices are compared (gpt.train.compute_probe)
         if self.env.world_size > 1 and self.waits_in_compute:
             self.probe = ComputeProbe(self.model_cfg, shape.micro_batch * self.model_cfg.block_size, device,
-                                      self.train.precision, self.rank_step_flops(), slow)
+                                      self.train.compute_precision, self.rank_step_flops(), slow)
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
         # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
         # waits are inside forward/backward, the compute probe judges them instead.

@@ -81,6 +81,7 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainCo
     check_local_gpus(run, device, nodes * per_node)
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
     train.check_attention(device)
+    train.check_fp8(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
     train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, by the fit check

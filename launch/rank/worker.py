@@ -82,7 +82,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
     clock.mark("rendezvous")
     hold_the_folder(attempt, env, job)
     if check_health(run_dir, env, job, attempt.number, device, rendezvous, health=run.health, debug=run.debug,
-                    precision=run.train.precision, restarts=restarts):
+                    precision=run.train.compute_precision, restarts=restarts):
         leave()
         return 0  # requeued without the sick node
     clock.mark("health")

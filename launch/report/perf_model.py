@@ -63,6 +63,7 @@ class Shape:
     params: int                 # model parameters (tied counted once)
     strategy: StrategyConfig = StrategyConfig("ddp")
     precision: str = "fp32"
+    reduce_dtype: str = "fp32"  # train.reduce_dtype
     parallel: ParallelConfig = ParallelConfig()
     cores_per_rank: float | None = None  # CPU cores a rank computes with; None on GPUs or when not recorded
     shared_host: bool = False            # several "nodes" on one machine: no network between them
@@ -111,7 +112,8 @@ def collectives(s: Shape) -> list[Collective]:
     """The strategy's own list of collectives per step on this shape (gpt.parallel.traits)."""
     if s.ranks == 1:
         return []
-    work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision)
+    work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision,
+                    s.reduce_dtype)
     return traits_of(s.strategy.name).collectives(s.strategy, s.dims, work)
 
 

@@ -122,6 +122,7 @@ def shape_of(point: PointResult, params: int | None = None) -> Shape:
         params=parameter_count(point) if params is None else params,
         strategy=section(StrategyConfig, "strategy", get(cfg, "strategy", {"name": "single"})),
         precision=str(get(cfg, "train.precision", "fp32")),
+        reduce_dtype=str(get(cfg, "train.reduce_dtype", "fp32")),
         parallel=section(ParallelConfig, "parallel", get(cfg, "parallel")),
         cores_per_rank=point.cores_per_rank,
         shared_host=bool(point.shared_host),
