@@ -168,25 +168,24 @@ def check_example_ranks(site: str, out: Path, run_dir: Path, text: str) -> None:
 
 @pytest.mark.timeout(360)
 def test_the_example_profiles_inside_an_allocation(slurm_cluster, tmp_path, data_overrides):
-    """sbatch slurm/multi_node.sh site=NAME and salloc ... python -m launch cluster=srun site=NAME, each example on
-    each, the four one-node jobs at once: every key of the profile that can still apply does (the setup lines run
-    before srun), and those of the allocation agree with it, where the launcher used to refuse the profile once the
-    job had started."""
+    """sbatch slurm/multi_node.sh site=gpu_cluster and salloc ... python -m launch cluster=srun site=cpu_cluster, the
+    two one-node jobs at once (each example runs under the launcher too, above and below): every key of the
+    profile that can still apply does (the setup lines run before srun), and those of the allocation agree with it,
+    where the launcher used to refuse the profile once the job had started."""
     env = {**slurm_cluster.env, "GPTLAUNCH_SITE_DIR": str(REPO / "examples")}
     script = str(REPO / "slurm" / "multi_node.sh")
-    plan(tmp_path / "prepare", *EXAMPLE, *data_overrides)  # the corpus, before four jobs could race to prepare it
+    plan(tmp_path / "prepare", *EXAMPLE, *data_overrides)  # the corpus, before two jobs could race to prepare it
     jobs = {}
-    for site in ASKED:
-        for path in ("sbatch", "salloc"):
-            probe_dir, out = probe(tmp_path / path / site)
-            run_dir, log = tmp_path / path / site / "run", tmp_path / path / site / "job.out"
-            overrides = [f"site={site}", *EXAMPLE, *data_overrides, "cluster.partition=null",
-                         f"+cluster.env.PYTHONPATH={probe_dir}", f"hydra.run.dir={run_dir}"]
-            head = ["sbatch", "--wait", f"--output={log}", "--nodes=1", *ASKED[site], script] if path == "sbatch" else \
-                ["salloc", "--nodes=1", "--time=5", *ASKED[site], *launch_cmd("cluster=srun")]
-            with log.open("a") as f:
-                jobs[path, site] = (subprocess.Popen([*head, *overrides], cwd=REPO, env=env, stdout=f,
-                                                     stderr=subprocess.STDOUT), out, run_dir, log)
+    for path, site in (("sbatch", "gpu_cluster"), ("salloc", "cpu_cluster")):
+        probe_dir, out = probe(tmp_path / path / site)
+        run_dir, log = tmp_path / path / site / "run", tmp_path / path / site / "job.out"
+        overrides = [f"site={site}", *EXAMPLE, *data_overrides, "cluster.partition=null",
+                     f"+cluster.env.PYTHONPATH={probe_dir}", f"hydra.run.dir={run_dir}"]
+        head = ["sbatch", "--wait", f"--output={log}", "--nodes=1", *ASKED[site], script] if path == "sbatch" else \
+            ["salloc", "--nodes=1", "--time=5", *ASKED[site], *launch_cmd("cluster=srun")]
+        with log.open("a") as f:
+            jobs[path, site] = (subprocess.Popen([*head, *overrides], cwd=REPO, env=env, stdout=f,
+                                                 stderr=subprocess.STDOUT), out, run_dir, log)
     for (path, site), (proc, out, run_dir, log) in jobs.items():
         code = proc.wait(timeout=300)
         text = log.read_text()
