@@ -78,13 +78,16 @@ lint: setup
 # writes it, and each of the suite's ~1,500 interpreters (launchers, rank servers, Slurm ranks and task wrappers)
 # would compile the modules it imports again, 0.05-0.25 CPU-s each.
 PYC = $(BIN)/python -m compileall -q -j 0 launch gpt benchmarks hydra_plugins
+# pytest keeps each test module as it rewrote its asserts (tests/**/__pycache__) only where bytecode may be written:
+# without it every worker parses and rewrites every test module again, a third of its collection (about 4 CPU-s).
+PYTEST = env -u PYTHONDONTWRITEBYTECODE $(BIN)/python -m pytest
 # The venv and the clusters are set up at once: pip keeps one core busy for minutes, apt-get and the clusters' daemons
 # the other.
 test:
 	$(MAKE) -j2 --no-print-directory setup data cluster
 	$(MAKE) --no-print-directory lint
 	$(PYC)
-	$(BIN)/python -m pytest -n $(WORKERS) $(ARGS)
+	$(PYTEST) -n $(WORKERS) $(ARGS)
 
 # The quick slice a contributor runs before a commit: no Slurm, no training through `python -m launch` (such a test
 # is marked slow: tests/slow_marks.py), no test that takes more than a few seconds (a subprocess that imports torch
@@ -92,7 +95,7 @@ test:
 # and gains nothing now that few of these tests wait.
 test-fast: setup data
 	$(PYC)
-	$(BIN)/python -m pytest -n 3 -m "not slow and not slurm" $(ARGS)
+	$(PYTEST) -n 3 -m "not slow and not slurm" $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe

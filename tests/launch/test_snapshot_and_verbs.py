@@ -103,6 +103,7 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
         in proc.stdout
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_status_prints_one_line_per_in_job_restart(tmp_path):
     run = tmp_path / "run"
     (run / "metrics").mkdir(parents=True)

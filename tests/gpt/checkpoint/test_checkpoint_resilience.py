@@ -79,6 +79,7 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tra
     assert t.step == 4 and "is missing" in caplog.text
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_a_checkpoint_of_another_model_config_lists_the_mismatching_keys(trainer, full):
     with pytest.raises(UserError) as e:
         trainer(full, "model.n_layer=3", "train.lr=1e-3")
@@ -127,6 +128,7 @@ def test_read_only_checkpoint_folder_is_a_clear_error_naming_it(trainer, tmp_pat
         folder.chmod(0o755)
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_resume_none_starts_over_and_a_config_typo_is_named(trainer, full):
     assert trainer(full, "resume=none").step == 0
     from gpt.errors import ConfigError
@@ -206,6 +208,7 @@ def test_saving_a_step_again_replaces_it_only_once_the_new_copy_is_whole(trainer
     assert not list(ckpts.glob(".old-*")) and trainer(full, "train.max_steps=12").step == 12
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_every_file_and_folder_is_fsynced_before_the_rename_and_the_rename_before_the_prune(trainer, tmp_path,
                                                                                           monkeypatch):
     """What a power cut would lose cannot be made here, so the order is watched instead: os.fsync, os.replace and

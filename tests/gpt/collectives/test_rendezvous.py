@@ -59,6 +59,7 @@ def _rendezvous_costs(world: int) -> dict[int, tuple[int, int]]:
     return {r: me.spent["rendezvous"] for r, me in ranks.items()}
 
 
+@pytest.mark.slow  # rendezvous of 8 and 16 ranks in threads: seconds
 @pytest.mark.timeout(120)
 def test_no_rank_but_rank_0_reads_the_others_entries(monkeypatch):
     """Each rank reading every rank's entry made W^2 store reads over the job (67 million at 8,192 ranks, all from

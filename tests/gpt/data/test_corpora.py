@@ -96,6 +96,7 @@ def test_documents_end_with_end_of_text_and_validate_whole(fmt, corpus, tmp_path
     assert check_vocab(None, out) == 320  # someone else's tokenizer: padded up to a multiple of 64
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_a_separate_validation_path_and_the_character_tokenizer(corpus, tmp_path):
     out = prepare(f"{corpus['text']}/0[0-5]/*.txt", tmp_path / "c", "char", val_path=corpus["text"] / "06")
     tok = load_tokenizer(out)

@@ -346,6 +346,7 @@ def test_prefetching_reads_the_next_step_off_the_training_thread_and_changes_no_
     assert all(readers[s] and main not in readers[s] for s in (4, 5, 6, 10))
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 @pytest.mark.parametrize("data", ["char_dir", "bpe_dir"])
 def test_resharding_keeps_the_global_batch_in_order(data, request):
     ds = TokenDataset(request.getfixturevalue(data), "train")

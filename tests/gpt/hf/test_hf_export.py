@@ -71,6 +71,7 @@ def test_exported_model_loads_stock_and_gives_the_same_logits_and_greedy_tokens(
     ({"n_query_groups": 2}, "model.n_query_groups"),
     ({"n_expert": 2}, "model.n_expert"),
 ])
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_a_gpt2_style_model_with_no_stock_equivalent_is_refused_naming_the_key(changes, key):
     with pytest.raises(ConfigError, match=rf"^{key}="):
         hf_model(trained_like("tiny", **changes), eot=None)
@@ -101,6 +102,7 @@ def test_the_exported_char_tokenizer_encodes_and_decodes_as_training_did(end_of_
         theirs("~unseen ¤")
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_the_exported_bpe_tokenizer_encodes_as_training_did(tmp_path):
     text = SHAKESPEARE.read_text()[:200000]
     ours = BPETokenizer.train(text, 400)

@@ -82,6 +82,7 @@ def test_a_folder_transformers_wrote_fills_the_model_and_gives_its_logits_in_and
     ("model.qkv_bias=false", "model.qkv_bias=False is not valid: True, as "),
     ("model.rope_base=10000", "model.rope_base=10000 is not valid: 1000000.0, as "),
 ])
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_a_key_the_command_sets_that_disagrees_with_config_json_is_refused_naming_both(override, refusal, tmp_path):
     written_by_transformers("qwen2.5", tmp_path)
     key, _, value = override.partition("=")

@@ -54,6 +54,7 @@ def test_a_sentencepiece_model_encodes_as_sentencepiece_bpe_does(tmp_path):
     assert ours.vocab_size == len(IDS) and ours.eot == IDS["</s>"]
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 @pytest.mark.parametrize("model_type", ["unigram", "bpe"])
 def test_a_model_trained_by_sentencepiece_on_the_corpus_encodes_as_sentencepiece_does(model_type, tmp_path):
     """LLaMA's settings (identity normalisation, whitespace kept, byte fallback), trained on the corpus's start and

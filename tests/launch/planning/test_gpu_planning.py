@@ -70,6 +70,7 @@ def test_a_rank_never_shares_a_gpu(monkeypatch):
         pick_device("cuda", DistEnv(rank=2, world_size=3, local_rank=2))
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_two_ranks_share_one_gpu_only_when_asked_and_never_over_nccl(plan, monkeypatch):
     """debug.share_gpu: two local ranks on one GPU, both on cuda:0 over gloo; refused without it, on the CPU, and
     with the strategies that need NCCL."""

@@ -68,6 +68,7 @@ def test_a_real_gloo_dump_names_the_rank_that_never_entered_the_collective(gloo_
     assert stuck.describe() == "rank 1 never entered gloo:all_reduce #4 of group 0 (default_pg), rank 0 waits in it"
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_the_hang_report_prefers_the_dumps_to_heartbeats_that_blame_a_healthy_rank(gloo_dumps):
     """The host-side view on a GPU: rank 1's host thread enqueued its collectives and waits in a host sync, looking
     like the rank in the newest collective, while rank 0 looks like it never arrived. The dumps say otherwise."""
