@@ -13,7 +13,7 @@ CASES = {
     "unknown component": (["model.norm=batchnorm"], "one of layernorm, layernorm_nobias, rmsnorm"),
     "vocabulary smaller than the tokenizer's": (["model.vocab_size=10"], "model.vocab_size=10 is not valid: at least 65"),
     "unknown model key": (["+model.n_layers=3"], "model.n_layers=3 is not valid: known model keys are"),
-    "bad precision": (["train.precision=fp8"], "train.precision='fp8' is not valid: one of fp32, bf16, fp16"),
+    "bad precision": (["train.precision=fp4"], "train.precision='fp4' is not valid: one of fp32, bf16, fp16, fp8"),
     "batch not divisible": (["train.global_batch_size=12", "train.micro_batch_size=5"],
                             "train.micro_batch_size=5 is not valid: a divisor of the per-rank batch 12"),
     "single strategy on two ranks": (["cluster.tasks_per_node=2"], "strategy=single runs exactly one process"),
