@@ -95,7 +95,7 @@ test:
 # and gains nothing now that few of these tests wait.
 test-fast: setup data
 	$(PYC)
-	$(PYTEST) -n 3 -m "not slow and not slurm" $(ARGS)
+	$(PYTEST) -n 3 -m "not slow and not slurm and not gpu" $(ARGS)
 
 clean:
 	rm -rf runs multirun outputs data/shakespeare_char data/shakespeare_bpe
