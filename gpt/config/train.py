@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from typing import Any
 
 from gpt.errors import ConfigError
 
@@ -89,6 +90,13 @@ class TrainConfig:
         if self.precision == "fp8" and not self.compile:
             raise ConfigError("train.precision", "fp8", "bf16, or fp8 with train.compile=true (uncompiled, torchao's "
                               "float8 casts and scales run as kernels of their own: slower than bf16)")
+
+    def numerics(self) -> dict[str, Any]:
+        """The precision, and fp8's scaling recipe: a run continues only with the same (launch.run.identity; its
+        checkpoints' fingerprint, gpt.train.state). train.reduce_dtype may change, as the node count may: it rounds
+        the gradients' sums, and holds no state (docs/strategies.md)."""
+        keys = {"train.precision": self.precision}
+        return {**keys, "train.fp8_recipe": self.fp8_recipe} if self.precision == "fp8" else keys
 
     @property
     def compute_precision(self) -> str:

@@ -35,7 +35,7 @@ class TrainState:
         fp.update({"seed": self.seed, "train.global_batch_size": t.global_batch_size, "train.lr": t.lr,
                    "train.min_lr": t.min_lr, "train.warmup_steps": t.warmup_steps,
                    **schedule.identity(t), "train.weight_decay": t.weight_decay,
-                   "train.betas": list(t.betas), "train.grad_clip": t.grad_clip, "train.precision": t.precision})
+                   "train.betas": list(t.betas), "train.grad_clip": t.grad_clip, **t.numerics()})
         return fp
 
     @property

@@ -29,10 +29,10 @@ from launch.rank.job_env import JobEnvironment
 from launch.run.take_lease import AskJob, check_free
 
 # What must be equal for a run to continue exactly, besides its schedule's own part (gpt.train.schedule: train.max_steps
-# may grow where the steps taken do not depend on it).
+# may grow where the steps taken do not depend on it) and its numerics (TrainConfig.numerics).
 KEYS = ("seed", "model", "data.text_md5", "data.tokenizer", "data.vocab_size", "data.val_fraction",
         "train.global_batch_size", "train.lr", "train.min_lr", "train.warmup_steps", "train.weight_decay",
-        "train.betas", "train.grad_clip", "train.precision")
+        "train.betas", "train.grad_clip")
 
 
 def flat(d: Any, prefix: str = "") -> dict[str, Any]:
@@ -52,7 +52,7 @@ def identity(run: LaunchConfig, corpus: Corpus, known_text: dict[str, Any] | Non
     c = flat(to_plain(run))
     record = corpus_record(corpus.files, known_text, corpus.prepared)
     values = {"seed": run.seed, **{k: v for k, v in c.items() if k.startswith("model.")},
-              "data.text_md5": record["md5"], **schedule.identity(run.train)}
+              "data.text_md5": record["md5"], **schedule.identity(run.train), **run.train.numerics()}
     for key in KEYS:
         if key not in values and key != "model":
             values[key] = c[key]
