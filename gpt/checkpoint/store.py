@@ -139,6 +139,20 @@ def newest_full(checkpoints: list[Path]) -> Path | None:
     return next((p for p in reversed(checkpoints) if holds_optimizer(p)), None)
 
 
+def resumable(path: Path) -> Path:
+    """What resume=PATH continues from: the checkpoint PATH names, or a run folder's newest that holds its optimizer
+    state; a checkpoint of the weights alone is refused, saying how a run starts from them."""
+    chosen = resolve(path)
+    if holds_optimizer(chosen):
+        return chosen
+    full = newest_full(list_checkpoints(chosen.parent)) if chosen != Path(path) else None
+    if full is not None:
+        return full
+    raise UserError(f"resume={path}: {chosen} holds the weights alone (checkpoint.final_model_only), without the "
+                    f"optimizer state a run continues with; to start a run from these weights, export them "
+                    f"(python -m gpt.export {chosen} DIR) and train with init=hf:DIR (docs/export.md)")
+
+
 def _diverged_at(path: Path) -> int | None:
     try:
         return json.loads((path / META).read_text()).get(AFTER_DIVERGENCE)

@@ -69,7 +69,7 @@ class RunConfig:
     seed: int = 1337  # initialisation, the order of the batches, every rank's random number generators
     # auto: continue from the newest usable checkpoint in the run folder (none there: start fresh); none: start
     # fresh, refused when the folder holds checkpoints; PATH: initialise from another run's checkpoint (or a run
-    # folder: its newest), only while this run has none
+    # folder: its newest that holds its optimizer state), only while this run has none
     resume: str = "auto"
     # none, or hf:PATH: initialise the weights from a local Hugging Face folder (GPT-2, LLaMA, Mistral, Qwen2 or
     # Mixtral; its config.json fills model.*), like resume=PATH only while this run has no checkpoint of its own

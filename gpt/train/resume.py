@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.safe_load import warn_if_foreign
-from gpt.checkpoint.store import check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resolve, verify
+from gpt.checkpoint.store import check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resumable, verify
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.config.model import ModelConfig
@@ -59,7 +59,7 @@ class Resume:
         explicit = mode.lower() != "auto" and not own
         if mode.lower() != "auto" and own:
             log.info("resume=%s is not used: this run continues from its own checkpoints", mode)
-        candidates = [resolve(Path(mode))] if explicit else self.with_optimizer(own)
+        candidates = [resumable(Path(mode))] if explicit else self.with_optimizer(own)
         if explicit and self.env.is_main:
             warn_if_foreign(candidates[0])
         candidates = [Path(p) for p in from_rank0_object([str(p) for p in candidates])]

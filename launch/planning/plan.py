@@ -16,6 +16,7 @@ from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
 from gpt.config.train import TrainConfig
 from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
+from gpt.checkpoint.store import resumable
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
@@ -204,6 +205,7 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
     if newest_step(run_dir) is None:
         if run.resume.lower() not in KEYWORDS:
             check_resume(run.resume)
+            resumable(Path(run.resume))
         check_init(run.init, run.model, run.data, run.resume)
 
 

@@ -56,3 +56,29 @@ def test_a_finished_run_keeps_its_weights_alone_and_goes_on_from_its_newest_full
 def test_bf16_alone_is_refused_with_its_optimizer(tmp_path, data):
     with pytest.raises(ConfigError, match="checkpoint.final_dtype"):
         trainer(tmp_path / "run", data, "checkpoint.final_model_only=false")
+
+
+def fake_checkpoint(run_dir, step: int, model_only: bool = False):
+    """A whole checkpoint as the store lists it (meta.json and DCP's .metadata), nothing to load."""
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"")
+    (path / "meta.json").write_text(json.dumps({"step": step, **({"model_only": "bf16"} if model_only else {})}))
+    return path
+
+
+def test_resume_path_at_weights_alone_is_refused_at_planning_and_a_run_folder_gives_its_newest_full(tmp_path):
+    from gpt.checkpoint.store import resumable
+    from gpt.errors import UserError
+    from helpers import compose
+
+    other = tmp_path / "other"
+    full, alone = fake_checkpoint(other, 4), fake_checkpoint(other, 5, model_only=True)
+    assert resumable(other) == full and resumable(full) == full  # a run folder: the newest that continues
+    with pytest.raises(UserError, match=rf"resume={alone}: {alone} holds the weights alone .*export them "
+                                        rf"\(python -m gpt.export {alone} DIR\) and train with init=hf:DIR"):
+        make_plan_of(launch_config.parse(compose(*BASE, f"resume={alone}")), tmp_path / "run")
+    assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
+    (full / "meta.json").write_text(json.dumps({"step": 4, "model_only": "fp32"}))
+    with pytest.raises(UserError, match="holds the weights alone"):
+        resumable(other)  # nothing in the folder continues
