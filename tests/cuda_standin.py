@@ -555,8 +555,8 @@ class NcclGroups:
     them) and refuses, with torch's words, a collective that hands one to a group other than the default one or a
     gloo side group."""
 
-    COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "broadcast", "reduce_scatter_tensor",
-                   "reduce_scatter", "send", "recv")  # not isend/irecv: P2POp takes only torch's own
+    COLLECTIVES = ("all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_single", "broadcast",
+                   "reduce_scatter_tensor", "reduce_scatter", "send", "recv")  # not isend/irecv: P2POp takes only torch's own
 
     def __init__(self) -> None:
         self.host_only: set[int] = set()  # id() of the groups made for gloo alone

@@ -21,7 +21,7 @@ from gpt.parallel.ddp import DDP
 
 class GatheringZero(ZeroRedundancyOptimizer):
     """torch's ZeroRedundancyOptimizer with every rank's bucket a slice of one flat buffer per device, each slice as
-    long as the longest bucket: after the local step one all_gather_into_tensor fills every slice, where torch
+    long as the longest bucket: after the local step one all-gather (all_gather_single) fills every slice, where torch
     broadcasts one bucket per rank (W collectives every step on every rank, each paying its latency). Both only
     copy the stepped values: the parameters come out bitwise the same."""
 
@@ -45,7 +45,7 @@ class GatheringZero(ZeroRedundancyOptimizer):
         for flat, width in self._flats:
             # a copy: gloo does not promise an all-gather whose input aliases its output (NCCL does)
             mine = flat[self.rank * width:(self.rank + 1) * width].clone()
-            dist.all_gather_into_tensor(flat, mine, group=self.process_group)
+            dist.all_gather_single(flat, mine, group=self.process_group)
 
 
 def _fill(bucket: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:

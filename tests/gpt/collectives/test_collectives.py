@@ -19,7 +19,8 @@ from helpers import REPO
 
 COLLECTIVES = {
     "all_reduce", "all_reduce_coalesced", "broadcast", "broadcast_object_list", "all_gather", "all_gather_object",
-    "all_gather_into_tensor", "all_gather_coalesced", "reduce", "reduce_scatter", "reduce_scatter_tensor", "gather",
+    "all_gather_into_tensor", "all_gather_single", "all_gather_coalesced", "reduce", "reduce_scatter",
+    "reduce_scatter_tensor", "gather",
     "gather_object", "scatter", "scatter_object_list", "all_to_all", "all_to_all_single", "barrier",
     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list",
     "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
