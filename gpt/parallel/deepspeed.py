@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
+import os
 import warnings
 from pathlib import Path
 from collections.abc import Iterable, Iterator
@@ -94,6 +95,8 @@ class DeepSpeed(Strategy):
                 f"{self.precision}{offload}")
 
     def setup(self, model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float]) -> None:
+        if self.device.type == "cpu":  # named, not guessed: DeepSpeed warns in every rank's log when it guesses
+            os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # installed: the planner checked (gpt.parallel.traits)
 
         logging.getLogger("DeepSpeed").setLevel(logging.WARNING)

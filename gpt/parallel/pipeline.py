@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable, Iterator
 
 import torch
@@ -151,6 +152,10 @@ class Pipeline(Strategy):
                 part.sent_dtype = DTYPES[self.precision]
             if self.tp > 1:  # the last stage gathers its logits: the schedule's loss takes whole ones
                 apply_tensor_parallel(part, self.mesh["tp"], sequence_parallel=False, sharded_loss=False)
+                # Those logits are DTensor.to_local()'s view, which FSDP2 warns of (an in-place op on it would skip
+                # its hook); the schedule only sends them or hands them to the loss, which changes nothing in place.
+                warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPStageGPT\) returned a view",
+                                        category=UserWarning)
             wrapped = self._data_parallel(part)
             self.stages[sid] = wrapped
             self.optimizers.append(build_adamw(self._unwrap(wrapped), lr, weight_decay, betas, self.device))

@@ -21,7 +21,7 @@ from gpt.config.model import ModelConfig
 from gpt.config.parse import only_own_keys
 from gpt.config.strategy import ParallelConfig, StrategyConfig
 from gpt.config.train import CUDA_GRAPH_MODES, TrainConfig
-from gpt.errors import ConfigError
+from gpt.errors import ConfigError, UserError
 from gpt.model.shapes import parameter_shapes
 from gpt.parallel.layout import ParallelDims, read_dims, refuse_axes
 
@@ -571,3 +571,19 @@ class PipelineTraits(StrategyTraits):
 def saved_format(meta: dict[str, Any]) -> str:
     """The checkpoint format a checkpoint's metadata names (older checkpoints: that of the strategy that wrote it)."""
     return meta.get("checkpoint_format") or traits_of(meta.get("strategy") or "single").checkpoint_format
+
+
+def check_loadable(path: Any, meta: dict[str, Any], strategy: str, world_size: int) -> None:
+    """Refuse, in one line, a checkpoint (`meta`: its meta.json) that `strategy` on `world_size` ranks cannot load:
+    another format, or a format tied to the world size that wrote it (checked at planning, and by the ranks)."""
+    written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
+    traits = traits_of(strategy)
+    if saved != traits.checkpoint_format:
+        raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
+                        f"does not load into strategy={strategy} ({traits.checkpoint_format}): resume "
+                        f"with strategy={written_by}")
+    if not traits.reshardable and world != world_size:
+        raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
+                        f"has {world_size}: its {saved} checkpoints cannot be resharded; resume on "
+                        f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
+                        "pipeline)")

@@ -17,7 +17,7 @@ from gpt.config.schema import RunConfig
 from gpt.data.loader import TrainBatches
 from gpt.errors import UserError
 from gpt.parallel.base import Strategy
-from gpt.parallel.traits import saved_format
+from gpt.parallel.traits import check_loadable
 from gpt.resilience.faults import Faults
 from gpt.train.schedule import settle
 from gpt.train.state import TrainState
@@ -127,17 +127,7 @@ class Resume:
         if own and saved is not None:  # a wsd run extends from its stable phase
             saved = settle(saved, current, int(meta["step"]))
         check_fingerprint(path, saved, current)
-        written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
-        traits = self.strategy.traits()
-        if saved != traits.checkpoint_format:
-            raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
-                            f"does not load into strategy={self.strategy.name} ({traits.checkpoint_format}): resume "
-                            f"with strategy={written_by}")
-        if not traits.reshardable and world != self.env.world_size:
-            raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
-                            f"has {self.env.world_size}: its {saved} checkpoints cannot be resharded; resume on "
-                            f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
-                            "pipeline)")
+        check_loadable(path, meta, self.strategy.name, self.env.world_size)
 
     def restore(self, path: Path) -> Resumed:
         meta = read_meta(path)

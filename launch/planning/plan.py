@@ -16,11 +16,12 @@ from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
 from gpt.config.train import TrainConfig
 from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
-from gpt.checkpoint.store import resumable
+from gpt.checkpoint.store import list_checkpoints, newest_full, read_meta, resumable
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
+from gpt.parallel.traits import check_loadable
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
 from launch.backends import Backend
@@ -98,6 +99,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     planning chose (launch.backends.backend_for), asked once for the device and its memory (plan_layout_of)."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
+    check_checkpoint_loads(run, run_dir, run.nodes * run.cluster.tasks_per_node)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run.strategy, run.model, train, dims, device)
     data = run.data
@@ -207,6 +209,21 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
             check_resume(run.resume)
             resumable(Path(run.resume))
         check_init(run.init, run.model, run.data, run.resume)
+
+
+def check_checkpoint_loads(run: LaunchConfig, run_dir: Path, world_size: int) -> None:
+    """The checkpoint the ranks will load (the run's newest that holds its optimizer, else resume=PATH's) in a
+    format this strategy on `world_size` ranks loads: refused here, not by the ranks once the job has queued. One
+    whose meta.json cannot be read is left to the ranks, which fall back to the one before."""
+    path = newest_full(list_checkpoints(RunFolder(run_dir).checkpoints))
+    if path is None and run.resume.lower() not in KEYWORDS:
+        path = resumable(Path(run.resume))
+    try:
+        meta = read_meta(path) if path is not None else None
+    except UserError:
+        return
+    if meta is not None:
+        check_loadable(path, meta, run.strategy.name, world_size)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:

@@ -2,6 +2,7 @@
 every rank, the same per-layer gradient norms, and the same weights in its final checkpoint."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -55,6 +56,8 @@ def test_losses_match_one_process(name, baseline, tmp_path_factory, data_overrid
     log = (run_dir / "launcher.log").read_text()
     assert BANNERS[name] in log
     assert "shm_comm" not in log  # DeepSpeed's shared-memory all-reduce serves inference only: never built here
+    noise = [line for line in log.splitlines() if re.search(r"\w+Warning: |\[WARNING\] \[", line)]
+    assert not noise, noise  # a library's warning (a deprecated name, a guessed device) in every rank's log
 
 
 @pytest.mark.parametrize("name", CASES)

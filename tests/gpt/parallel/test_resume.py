@@ -120,8 +120,9 @@ def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
     launch(*args, "cluster.tasks_per_node=2", run_dir=tmp_path / "two")
     proc = launch(*args, "train.max_steps=4", "cluster.tasks_per_node=1",
                   f"resume={tmp_path / 'two'}", run_dir=tmp_path / "one", check=False)
-    assert proc.returncode != 0
+    assert proc.returncode == 2  # refused at planning, before any rank (or a job's queue)
     assert "cannot be resharded" in proc.stderr, proc.stderr[-3000:]
+    assert not (tmp_path / "one" / "metrics").exists()
 
 
 @pytest.mark.slow

@@ -1,0 +1,51 @@
+"""The checkpoint a run will load is checked against its strategy and world size at planning: a format the
+strategy cannot load, or DeepSpeed's files on another number of ranks, are refused in one line before anything is
+submitted, not by the ranks once the job has waited in the queue."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from gpt.errors import UserError
+from helpers import SHAKESPEARE, compose, make_plan_of
+from launch import launch_config
+
+
+def checkpoint(run_dir, step: int, **meta) -> None:
+    path = run_dir / "checkpoints" / f"step_{step:08d}"
+    path.mkdir(parents=True)
+    (path / ".metadata").write_bytes(b"")
+    (path / "meta.json").write_text(json.dumps({"step": step, **meta}))
+
+
+def plan(tmp_path, run_dir, *overrides: str):
+    run = launch_config.parse(compose("model=tiny", f"data.text_path={SHAKESPEARE}", f"data.dir={tmp_path / 'data'}",
+                                      *overrides))
+    return make_plan_of(run, run_dir)
+
+
+@pytest.mark.parametrize("meta, overrides, refusal", [
+    ({"strategy": "zero1", "checkpoint_format": "dcp", "world_size": 2}, ["strategy=deepspeed", "nodes=2"],
+     "written by strategy=zero1 in the dcp format, which does not load into strategy=deepspeed"),
+    ({"strategy": "deepspeed", "checkpoint_format": "deepspeed", "world_size": 2}, ["strategy=fsdp", "nodes=2"],
+     "in the deepspeed format, which does not load into strategy=fsdp"),
+    ({"strategy": "deepspeed", "checkpoint_format": "deepspeed", "world_size": 2}, ["strategy=deepspeed"],
+     "on 2 ranks and this run has 1: its deepspeed checkpoints cannot be resharded"),
+])
+def test_a_checkpoint_the_layout_cannot_load_is_refused_before_submission(tmp_path, meta, overrides, refusal):
+    checkpoint(tmp_path / "run", 5, **meta)
+    with pytest.raises(UserError, match=refusal):
+        plan(tmp_path, tmp_path / "run", *overrides)
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_one_it_loads_plans_and_so_does_another_runs_named_by_resume(tmp_path):
+    checkpoint(tmp_path / "run", 5, strategy="deepspeed", checkpoint_format="deepspeed", world_size=2)
+    plan(tmp_path, tmp_path / "run", "strategy=deepspeed", "nodes=2")
+    checkpoint(tmp_path / "other", 5, strategy="ddp", checkpoint_format="dcp", world_size=4)
+    plan(tmp_path, tmp_path / "fresh", "strategy=fsdp", f"resume={tmp_path / 'other'}")  # DCP reshards
+    with pytest.raises(UserError, match="in the dcp format, which does not load into strategy=deepspeed"):
+        plan(tmp_path, tmp_path / "new", "strategy=deepspeed", f"resume={tmp_path / 'other'}")
+    (tmp_path / "run" / "checkpoints" / "step_00000005" / "meta.json").write_text("{")
+    plan(tmp_path, tmp_path / "run", "strategy=fsdp")  # unreadable: left to the ranks, which fall back
