@@ -6,10 +6,11 @@ that no longer fits the budget is skipped and named, for a second call with --on
     python -m benchmarks.gpu_round --plan             # anywhere: each part's command line and limit, nothing run
     python -m benchmarks.gpu_round --cpu --out /tmp/r # anywhere: every part at tiny shapes on the CPU (minutes)
 
-Parts: check (the machine, torch.cuda, the packages), peers_gpt2 and peers_llama (benchmarks/peers.py with the fp8
-rows), save (benchmarks/checkpoint.py for llama_1b), requeue (a gpt2_124m run's second attempt, its start-up with the
-first attempt's compile cache), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the GPU), shared (two
-ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints). Writes into --out:
+Parts: check (the machine, torch.cuda, the packages), peers_gpt2 and peers_llama (benchmarks/peers.py, with a
+CUDA-graph row for gpt2_124m and fp8 rows for llama_1b), save (benchmarks/checkpoint.py for llama_1b), requeue (a
+gpt2_124m run's second attempt, its start-up with the first attempt's compile cache), dry_run (launch.dry_run of
+llama_1b at 8 and 64 ranks on the GPU), shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp,
+each with async checkpoints). Writes into --out:
 round.md (one line a part, and each part's last lines), round.log (everything the parts printed), results.tgz
 (benchmarks/results/*.json and the run folders' small records).
 """
@@ -86,6 +87,8 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
              *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
     steps = {"gpt2": "1" if cpu else "10", "llama": "1" if cpu else "6"}  # llama_1b's step: 0.84 s on an H200
     fp8 = ["--ours", "fp8=train.precision=fp8"]
+    # issue 58's CUDA-graph lever: the same 65,536 tokens a step as one micro-step of 64, replayed as CUDA graphs
+    graphs = ["--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={4 if cpu else 64}"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
     tiny = ["model=tiny", "model.n_head=8", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"]
@@ -93,10 +96,10 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     dry = [PY, "-m", "launch.dry_run", "cluster=slurm", "cluster.tasks_per_node=8", "strategy=fsdp",
            *(tiny if cpu else full), *data_overrides(), "data=shakespeare_bpe"]
     return [
-        Part("check", 60, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
-        Part("peers_gpt2", 150, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"]]]),
+        Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
+        Part("peers_gpt2", 195, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
         Part("peers_llama", 240, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
-        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
+        Part("save", 120, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
         Part("dry_run", 150, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                               [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",

@@ -226,8 +226,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
             folder = Path(tmp) / f"row{i}"
             r = (run_ours(pair, args.steps, args.tiny, overrides, folder) if side == "ours"
                  else run_peer(pair, args.steps, args.tiny, args.nanogpt, folder))
+            micro = next((int(o.split("=", 1)[1]) for o in reversed(overrides)
+                          if o.startswith("train.micro_batch_size=")), pair.micro)
             row = {"pair": pair.name, "label": label, "side": side, "overrides": overrides,
-                   "shape": f"{pair.micro} x {block(pair):,} x {pair.accum}", **r}
+                   "shape": f"{micro} x {block(pair):,} x {pair.micro * pair.accum // micro}", **r}
             shown = r.get("error") or f"{r['tokens_per_s']:,.0f} tokens/s"
             print(f"  {pair.name} {label}: {shown}", flush=True)
             out.append(row)

@@ -19,7 +19,8 @@ def test_the_round_runs_its_parts_in_order_of_value_within_eight_minutes(tmp_pat
     assert sum(p.limit_s for p in parts[:4]) <= 600 and gpu_round.main(["--plan"]) == 0
     peers = {p.name: p.commands[0] for p in parts}
     assert peers["peers_llama"][-2:] == ["--ours", "fp8=train.precision=fp8"]  # refused rows do not stop the part
-    assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10"]
+    assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10",
+                                       "--ours", "graphs=train.compile_mode=reduce-overhead,train.micro_batch_size=64"]
 
 
 @pytest.mark.slow  # composes and plans every run of the round: seconds
