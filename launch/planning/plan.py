@@ -14,9 +14,10 @@ from gpt.config import schema
 from launch import launch_config
 from launch.launch_config import LaunchConfig
 from gpt.config.data import DataConfig
+from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
 from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
-from gpt.checkpoint.store import list_checkpoints, newest_full, read_meta, resumable
+from gpt.checkpoint.store import check_fingerprint, list_checkpoints, newest_full, read_meta, resumable
 from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
@@ -99,7 +100,6 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     planning chose (launch.backends.backend_for), asked once for the device and its memory (plan_layout_of)."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
-    check_checkpoint_loads(run, run_dir, run.nodes * run.cluster.tasks_per_node)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
         train = fit(run.strategy, run.model, train, dims, device)
     data = run.data
@@ -118,6 +118,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
             model = dataclasses.replace(run.model, vocab_size=vocab)
             train = fit(run.strategy, model, train, dims, device)
 
+    check_checkpoint_loads(run, model, run_dir, run.nodes * run.cluster.tasks_per_node)
     train = keep_smaller_micro_batch(run_dir, train, dims.dp)
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     if model.vocab_size:
@@ -207,23 +208,30 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
     if newest_step(run_dir) is None:
         if run.resume.lower() not in KEYWORDS:
             check_resume(run.resume)
-            resumable(Path(run.resume))
         check_init(run.init, run.model, run.data, run.resume)
 
 
-def check_checkpoint_loads(run: LaunchConfig, run_dir: Path, world_size: int) -> None:
-    """The checkpoint the ranks will load (the run's newest that holds its optimizer, else resume=PATH's) in a
-    format this strategy on `world_size` ranks loads: refused here, not by the ranks once the job has queued. One
-    whose meta.json cannot be read is left to the ranks, which fall back to the one before."""
-    path = newest_full(list_checkpoints(RunFolder(run_dir).checkpoints))
-    if path is None and run.resume.lower() not in KEYWORDS:
-        path = resumable(Path(run.resume))
+def check_checkpoint_loads(run: LaunchConfig, model: ModelConfig, run_dir: Path, world_size: int) -> None:
+    """The checkpoint the ranks will load (the run's newest that holds its optimizer, else resume=PATH's, whose
+    model must be `model`) in a format this strategy on `world_size` ranks loads: refused here, not by the ranks
+    once the job has queued. One whose meta.json cannot be read is left to the ranks, which fall back."""
+    own = newest_step(run_dir) is not None
+    if own:
+        path = newest_full(list_checkpoints(RunFolder(run_dir).checkpoints))
+    else:
+        path = None if run.resume.lower() in KEYWORDS else resumable(Path(run.resume))
     try:
         meta = read_meta(path) if path is not None else None
     except UserError:
         return
-    if meta is not None:
-        check_loadable(path, meta, run.strategy.name, world_size)
+    if meta is None:
+        return
+    check_loadable(path, meta, run.strategy.name, world_size)
+    saved = {k: v for k, v in (meta.get("fingerprint") or {}).items() if k.startswith("model.")}
+    # the run's own checkpoints are its record's (launch.run.identity); a vocabulary a job's preparation will give
+    # is checked by the ranks
+    if not own and saved and model.vocab_size:
+        check_fingerprint(path, saved, {f"model.{k}": v for k, v in dataclasses.asdict(model).items()})
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:

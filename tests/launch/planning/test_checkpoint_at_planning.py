@@ -3,6 +3,7 @@ strategy cannot load, or DeepSpeed's files on another number of ranks, are refus
 submitted, not by the ranks once the job has waited in the queue."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -49,3 +50,13 @@ def test_one_it_loads_plans_and_so_does_another_runs_named_by_resume(tmp_path):
         plan(tmp_path, tmp_path / "new", "strategy=deepspeed", f"resume={tmp_path / 'other'}")
     (tmp_path / "run" / "checkpoints" / "step_00000005" / "meta.json").write_text("{")
     plan(tmp_path, tmp_path / "run", "strategy=fsdp")  # unreadable: left to the ranks, which fall back
+
+
+def test_another_runs_checkpoint_of_another_model_is_refused_naming_the_keys(tmp_path):
+    run = launch_config.parse(compose("model=tiny", "model.n_embd=64", "model.vocab_size=65"))
+    model = {f"model.{k}": v for k, v in dataclasses.asdict(run.model).items()}  # as a rank's fingerprint has it
+    checkpoint(tmp_path / "other", 5, strategy="ddp", checkpoint_format="dcp", world_size=1, fingerprint=model)
+    with pytest.raises(UserError, match=r"mismatching keys:\n  model.n_embd: checkpoint 64, this run 128\n[^ ]"):
+        plan(tmp_path, tmp_path / "fresh", "model.n_embd=128", f"resume={tmp_path / 'other'}")
+    plan(tmp_path, tmp_path / "fresh", "model.n_embd=64", "train.lr=1",
+         f"resume={tmp_path / 'other'}")  # the model alone must match: a schedule of its own starts from it
