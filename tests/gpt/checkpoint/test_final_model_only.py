@@ -70,14 +70,14 @@ def fake_checkpoint(run_dir, step: int, model_only: bool = False):
 def test_resume_path_at_weights_alone_is_refused_at_planning_and_a_run_folder_gives_its_newest_full(tmp_path):
     from gpt.checkpoint.store import resumable
     from gpt.errors import UserError
-    from helpers import compose
+    from helpers import plan
 
     other = tmp_path / "other"
     full, alone = fake_checkpoint(other, 4), fake_checkpoint(other, 5, model_only=True)
     assert resumable(other) == full and resumable(full) == full  # a run folder: the newest that continues
     with pytest.raises(UserError, match=rf"resume={alone}: {alone} holds the weights alone .*export them "
                                         rf"\(python -m gpt.export {alone} DIR\) and train with init=hf:DIR"):
-        make_plan_of(launch_config.parse(compose(*BASE, f"resume={alone}")), tmp_path / "run")
+        plan(tmp_path / "run", *BASE, f"data.dir={tmp_path / 'data'}", f"resume={alone}")
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
     (full / "meta.json").write_text(json.dumps({"step": 4, "model_only": "fp32"}))
     with pytest.raises(UserError, match="holds the weights alone"):
