@@ -55,6 +55,8 @@ class RunStatus:
     stopped: bool = False  # its newest attempt saved after a signal or a preemption and was not requeued
     failed_saves: str = ""  # the interval saves storage refused, in words (launch.run.attempts.failed_saves_line)
     stopped_early: str = ""  # its newest attempt ended at a rung of its sweep's early stopping: done (exit 0)
+    # its summary.json is the newest attempt's (an attempt that failed since, asked for more steps, is not done)
+    summarised: bool = False
 
     @property
     def finished(self) -> bool:
@@ -62,7 +64,7 @@ class RunStatus:
 
     @property
     def verdict(self) -> str:
-        summary = RunFolder(self.run_dir).summary.is_file()
+        summary = self.summarised
         if self.state.live and not self.ended_in_job and not (self.finished and summary):
             return WAITING
         if self.stopped_early and not self.finished:
@@ -150,7 +152,14 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
-                     stopped, failed_saves_line(attempts), early)
+                     stopped, failed_saves_line(attempts), early, summarised(run_dir, attempts))
+
+
+def summarised(run_dir: Path, attempts: list[AttemptLine]) -> bool:
+    """Whether the run's summary.json (written when an attempt finishes) tells where it stands: no attempt that
+    ended otherwise came after it."""
+    last = next((a for a in reversed(attempts) if a.ended), None)
+    return RunFolder(run_dir).summary.is_file() and (last is None or last.finished or bool(last.stopped_early))
 
 
 def recovered(a: AttemptLine) -> str:

@@ -101,6 +101,11 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
     assert proc.returncode == 0, proc.stderr
     assert "nodes=1: no job, step 3/3, 100 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
         in proc.stdout
+    # continued to 6 steps, its next attempt failed: the summary of the first is no longer where the run stands
+    schema.save(launch_config.parse(compose("train.max_steps=6")), run / "config.yaml")
+    with (run / "attempts.jsonl").open("a") as f:
+        f.write(json.dumps({"first_step": None, "last_step": None, "ended": "failed: RuntimeError"}) + "\n")
+    assert read_status(run, {}).verdict == "failed"
 
 
 @pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
