@@ -193,9 +193,12 @@ def model_section(rep: Report) -> str:
            f"as fast as the configured network); {m.method}; rms residual {m.residual_rms_s:.3g} s"),
            (f"- network (`report.network.*`): intra-node {net.intra_node_GBps:g} GB/s, {net.intra_node_latency_us:g} "
            f"us; inter-node {net.inter_node_GBps:g} GB/s, {net.inter_node_latency_us:g} us")]
-    # the collectives each point's strategy lists, once per distinct list (their sizes change with the point)
-    seen = dict.fromkeys(comm_volume(s).description for s in rep.shapes)
-    out += [f"- collectives per step: {what}" for what in seen]
+    # the collectives each point's strategy lists, once per distinct list (their sizes change with the point), with
+    # the points that run them
+    seen: dict[str, list[str]] = {}
+    for point, shape in zip(rep.points, rep.shapes):
+        seen.setdefault(comm_volume(shape).description, []).append(f"`{point.name}`")
+    out += [f"- collectives per step ({', '.join(names)}): {what}" for what, names in seen.items()]
     return "\n".join(out) + "\n\n" + model_error(rep)
 
 

@@ -87,8 +87,8 @@ def test_report_states_the_models_error_on_every_point(sweep):
     rows = {r["point"]: r for r in csv_rows(sweep / "report" / "scaling.csv")}
     assert "### Model error" in md and "(leave-one-out needs 3 points or more)" in md
     # the communication term is built from what the strategy lists: nothing on one rank, DDP's all-reduce on two
-    assert "- collectives per step: no communication" in md
-    assert "- collectives per step: all_reduce over dp: fp32 gradients, in buckets" in md
+    assert "- collectives per step (`nodes=1`): no communication" in md  # each list names its points
+    assert "- collectives per step (`nodes=2`): all_reduce over dp: fp32 gradients, in buckets" in md
     for name, row in rows.items():
         measured, model = float(row["step_time_p50_s"]), float(row["predicted_step_time_s"])
         assert float(row["model_error"]) == pytest.approx(model / measured - 1)
