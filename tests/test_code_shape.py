@@ -2,21 +2,24 @@
 from __future__ import annotations
 
 import ast
+import functools
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gpt", "launch")
 
 
+@functools.cache
+def nodes() -> list[tuple[ast.AST, str]]:
+    """Every node of the packages' modules, with its module's path (parsed once for all the tests here)."""
+    return [(node, str(path.relative_to(ROOT))) for package in PACKAGES
+            for path in sorted((ROOT / package).rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))]
+
+
 def sizes(kind: type | tuple[type, ...]) -> list[tuple[int, str]]:
     """(lines, file:name) of every node of `kind` in the packages."""
-    found = []
-    for package in PACKAGES:
-        for path in sorted((ROOT / package).rglob("*.py")):
-            for node in ast.walk(ast.parse(path.read_text())):
-                if isinstance(node, kind):
-                    found.append((node.end_lineno - node.lineno + 1, f"{path.relative_to(ROOT)}:{node.name}"))
-    return found
+    return [(node.end_lineno - node.lineno + 1, f"{where}:{node.name}") for node, where in nodes()
+            if isinstance(node, kind)]
 
 
 def test_no_class_is_over_250_lines():
