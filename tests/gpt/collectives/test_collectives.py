@@ -232,7 +232,6 @@ def _gather_rows(rank: int, world: int, port: int, out) -> None:
     os._exit(0)  # skips gloo's racy teardown
 
 
-@pytest.mark.slow  # processes that import torch: seconds of CPU
 @pytest.mark.parametrize("world", [3, 4])
 def test_gather_vectors_gives_every_rank_every_row_without_a_ring(world):
     from helpers import spawn_ranks
