@@ -31,8 +31,7 @@ import torch.multiprocessing as mp
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import save_results  # noqa: E402
 from benchmarks.control_plane import fit_growth  # noqa: E402
-from gpt.collectives.doubling import doubling_rounds  # noqa: E402
-from gpt.collectives.flag_sum import sum_in_background  # noqa: E402
+from gpt.collectives.flag_sum import doubling_rounds, sum_in_background  # noqa: E402
 
 VALUES = [0.0, 0.0, 0.0, 0.0]  # checkpoint writing, interval due, one vote per handled signal (two by default)
 PROJECT = (64, 512, 8192)

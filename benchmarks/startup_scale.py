@@ -52,7 +52,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import save_results  # noqa: E402
 from benchmarks.control_plane import fit_growth  # noqa: E402
 from gpt.collectives import process_group  # noqa: E402
-from gpt.collectives.doubling import doubling_rounds  # noqa: E402
+from gpt.collectives.flag_sum import doubling_rounds  # noqa: E402
 from launch.rank.open_files import raise_open_files  # noqa: E402
 
 RANKS = (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096)
