@@ -366,15 +366,14 @@ def barrier(group: Any = None) -> None:
 
 
 def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[float]]:
-    """Every rank's vector of floats (all the same length), in rank order: in log2(ranks) rounds of exchanges, not
-    gloo's ring of ranks - 1 hops (gpt.collectives.doubling; a log window's figures on every rank at 8,192 ranks)."""
+    """Every rank's vector of floats (all the same length), in rank order."""
     if not is_multi(group):
         return [[float(v) for v in vector]]
-    from gpt.collectives.doubling import doubling_gather
-
     mine = torch.tensor(list(vector), dtype=torch.float64, device=comm_device(group))
-    with PROGRESS.collective("all_gather (recursive doubling)"):
-        return doubling_gather(mine, group).tolist()
+    out = [torch.empty_like(mine) for _ in range(dist.get_world_size(group))]
+    with PROGRESS.collective("all_gather"):
+        dist.all_gather(out, mine, group=group)
+    return [t.tolist() for t in out]
 
 
 class NotPlainData(RuntimeError):

@@ -1,9 +1,9 @@
 """Per-rank step-time figures brought together once per log window, and straggler detection.
 
 Every rank hands `StragglerMonitor.update` its figures for the window just closed (means per step: step time and
-its breakdown, tokens/s). One small gather of a float vector (gpt.collectives.process_group.gather_vectors, on the
-host path, in log2(ranks) rounds) brings every rank's figures to every rank; the hosts are gathered once, at the
-first window. Rank 0 logs `summary.metrics()` and warns on `summary.events`.
+its breakdown, tokens/s). One small `all_gather` of a float vector (through gpt.collectives.process_group, on the host
+path) brings every rank's figures to every rank; the hosts are gathered once, at the first window. Rank 0 logs
+`summary.metrics()` and warns on `summary.events`.
 
 The detection itself (`StragglerDetector`) is pure: it sees a list of per-rank figure dicts per window, so it is
 tested without processes and replayed offline by the scaling report (launch.report) on the metrics files.
@@ -211,7 +211,7 @@ class StragglerMonitor:
         self.detector = StragglerDetector(world_size, self.config)
 
     def gather(self, local: Mapping[str, Any]) -> list[dict[str, float | None]]:
-        """Every rank's figures, in rank order: one gather of len(FIGURES) floats per rank."""
+        """Every rank's figures, in rank order: one all_gather of len(FIGURES) floats per rank."""
         from gpt.collectives.process_group import gather_vectors
 
         return [figures_dict(v) for v in gather_vectors(figures_vector(local), group=self.group)]

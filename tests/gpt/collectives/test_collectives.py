@@ -5,7 +5,6 @@ scanned for one."""
 from __future__ import annotations
 
 import ast
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -15,7 +14,7 @@ import torch
 from cuda_standin import StrictCuda
 
 from gpt.collectives import process_group as distributed
-from gpt.collectives.doubling import doubling_rounds, held
+from gpt.collectives.flag_sum import doubling_rounds
 from helpers import REPO
 
 COLLECTIVES = {
@@ -26,7 +25,7 @@ COLLECTIVES = {
     "monitored_barrier", "send", "recv", "isend", "irecv", "batch_isend_irecv", "send_object_list",
     "recv_object_list", "_all_gather_base", "_reduce_scatter_base",
 }
-ALLOWED = {"gpt/collectives/process_group.py", "gpt/collectives/doubling.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
+ALLOWED = {"gpt/collectives/process_group.py", "gpt/collectives/flag_sum.py"}  # the helpers themselves; gpt/parallel/ keeps collectives on model tensors
 
 
 def _dist_aliases(tree: ast.Module) -> tuple[set[str], set[str]]:
@@ -191,51 +190,3 @@ def test_recursive_doubling_sums_every_ranks_values_in_log_rounds(world):
             else:
                 values[a] = values[a] + values[b]
     assert all(sorted(v) == list(range(world)) for v in values.values())
-
-
-@pytest.mark.parametrize("world", range(1, 41))
-def test_recursive_doubling_gathers_every_ranks_row_in_the_blocks_each_side_expects(world):
-    """The gather played out by hand: in each swap a rank sends the rows it holds (`held`) and its peer expects
-    exactly those; every rank ends with every rank's row, in as many rounds as the sum."""
-    plans = {r: doubling_rounds(r, world) for r in range(world)}
-    p = 1 << (world.bit_length() - 1)
-    rows = {r: {r} for r in range(world)}
-    while any(plans.values()):
-        pairs = [(r, q[0][1]) for r, q in plans.items() if q and r < q[0][1] and plans[q[0][1]]
-                 and plans[q[0][1]][0][1] == r]
-        assert pairs, f"world {world}: deadlock"
-        for a, b in pairs:
-            (op_a, _), (op_b, _) = plans[a].pop(0), plans[b].pop(0)
-            if op_a == "swap":
-                bit = a ^ b
-                assert set(held(a, bit, world)) == rows[a] and set(held(b, bit, world)) == rows[b]
-                rows[a] = rows[b] = rows[a] | rows[b]
-            elif b >= p and op_b == "send":  # b folds its row into a
-                rows[a] |= rows[b]
-            else:  # a hands every row back to b
-                rows[b] = set(rows[a])
-    assert all(r == set(range(world)) for r in rows.values())
-
-
-def _gather_rows(rank: int, world: int, port: int, out) -> None:
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=30))
-    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
-    calls = []
-    for name in ("all_gather", "all_gather_into_tensor", "all_reduce"):
-        real = getattr(dist, name)
-        setattr(dist, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    out[rank] = (distributed.gather_vectors([float(rank), 10.0 * rank]), calls)
-    os._exit(0)  # skips gloo's racy teardown
-
-
-@pytest.mark.parametrize("world", [3, 4])
-def test_gather_vectors_gives_every_rank_every_row_without_a_ring(world):
-    from helpers import spawn_ranks
-
-    out = spawn_ranks(_gather_rows, world)
-    expected = [[float(r), 10.0 * r] for r in range(world)]
-    assert out == {r: (expected, []) for r in range(world)}  # point to point only: no gloo ring

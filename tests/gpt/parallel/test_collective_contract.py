@@ -76,8 +76,8 @@ def _mismatched_ranks(rank: int, world: int, port: int, out) -> None:
     store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=30))
     dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
     broken = {"sizes": lambda: pg.all_reduce_values([0.0] * (rank + 1)),
-              "order": lambda: (pg.barrier(), pg.gather_objects(1)) if rank == 0 else
-              (pg.gather_objects(1), pg.barrier())}
+              "order": lambda: (pg.barrier(), pg.gather_vectors([1.0])) if rank == 0 else
+              (pg.gather_vectors([1.0]), pg.barrier())}
     for name, call in broken.items():
         try:
             call()
