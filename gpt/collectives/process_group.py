@@ -366,7 +366,10 @@ def barrier(group: Any = None) -> None:
 
 
 def gather_vectors(vector: Sequence[float], group: Any = None) -> list[list[float]]:
-    """Every rank's vector of floats (all the same length), in rank order."""
+    """Every rank's vector of floats (all the same length), in rank order. A collective, not point-to-point
+    exchanges, on the default group: a hang report reads that group's sequence numbers from torch's flight recorder
+    (launch.recovery.flight_recorder), and gloo counts a send or a recv there without recording it, by different
+    counts on different ranks under recursive doubling."""
     if not is_multi(group):
         return [[float(v) for v in vector]]
     mine = torch.tensor(list(vector), dtype=torch.float64, device=comm_device(group))
