@@ -64,12 +64,11 @@ class RunStatus:
 
     @property
     def verdict(self) -> str:
-        summary = self.summarised
-        if self.state.live and not self.ended_in_job and not (self.finished and summary):
+        if self.state.live and not self.ended_in_job and not (self.finished and self.summarised):
             return WAITING
         if self.stopped_early and not self.finished:
             return self.stopped_early.split(":")[0]  # "stopped early at step S (rung K)"
-        if self.finished or summary:
+        if self.finished or self.summarised:
             return FINISHED
         if self.state is JobState.UNKNOWN:  # its last attempt's line may be older than what the job did since
             return UNKNOWN

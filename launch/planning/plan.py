@@ -220,11 +220,11 @@ def check_checkpoint_loads(run: LaunchConfig, model: ModelConfig, run_dir: Path,
         path = newest_full(list_checkpoints(RunFolder(run_dir).checkpoints))
     else:
         path = None if run.resume.lower() in KEYWORDS else resumable(Path(run.resume))
-    try:
-        meta = read_meta(path) if path is not None else None
-    except UserError:
+    if path is None:
         return
-    if meta is None:
+    try:
+        meta = read_meta(path)
+    except UserError:
         return
     check_loadable(path, meta, run.strategy.name, world_size)
     saved = {k: v for k, v in (meta.get("fingerprint") or {}).items() if k.startswith("model.")}
