@@ -3,6 +3,7 @@ compress hook (each bucket rounded to bf16 for its all-reduce: the gradients tha
 DeepSpeed's communication_data_type; a strategy with no reduction refuses it in one line."""
 from __future__ import annotations
 
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -24,29 +25,36 @@ def built(*overrides: str):
     return cfg, build_strategy_and_model(cfg, cfg.model, DistEnv(), torch.device("cpu"))
 
 
-def ddp_gradients(monkeypatch, *overrides: str) -> list[torch.Tensor]:
-    """The gradients DDP's reduction leaves after one backward, on one gloo rank (its all-reduce still runs). torch
-    registers its bf16 compress hook by that name only over NCCL (planning refuses it on a CPU run); here the same
-    hook runs under another name, over gloo, which reduces bf16."""
-    def bf16_on_gloo(state, bucket):
-        return default_hooks.bf16_compress_hook(state, bucket)
+def bf16_on_gloo(state, bucket):
+    return default_hooks.bf16_compress_hook(state, bucket)
 
-    monkeypatch.setattr("gpt.parallel.ddp.default_hooks", SimpleNamespace(bf16_compress_hook=bf16_on_gloo))
-    _, strategy = built("strategy=ddp", *overrides)
-    try:
+
+def _reduced_in_bf16(rank: int, world: int, port: int, out) -> None:
+    """Whether the gradients DDP's reduction leaves after one backward are bf16 values, with and without
+    train.reduce_dtype=bf16, on one gloo rank (its all-reduce still runs). torch registers its bf16 compress hook by
+    that name only over NCCL (planning refuses it on a CPU run); here the same hook runs under another name, over
+    gloo, which reduces bf16. In a process of its own that ends without tearing down: a gloo group freed while its
+    worker thread still drops the hook's Python callback waits for the GIL its freeing thread holds (a deadlock)."""
+    import gpt.parallel.ddp as ddp_module
+
+    launch_config.register()  # what tests/conftest.py does in the test process
+    ddp_module.default_hooks = SimpleNamespace(bf16_compress_hook=bf16_on_gloo)
+    kept = []  # never freed: see above
+    for name, overrides in (("bf16", ["train.reduce_dtype=bf16"]), ("fp32", [])):
+        _, strategy = built("strategy=ddp", *overrides)
         x = torch.randint(0, 64, (2, 16))
         strategy.model(x, x)[1].backward()
-        return [p.grad.clone() for p in strategy.model.parameters()]
-    finally:
+        out[name] = all(torch.equal(p.grad, p.grad.bfloat16().float()) for p in strategy.model.parameters())
+        kept.append(strategy)
         dist.destroy_process_group()
+    os._exit(0)
 
 
-def test_ddp_reduces_in_bf16_when_asked(monkeypatch):
-    def in_bf16(grads):
-        return all(torch.equal(g, g.bfloat16().float()) for g in grads)
+@pytest.mark.slow  # a process that imports torch: seconds of CPU
+def test_ddp_reduces_in_bf16_when_asked():
+    from helpers import spawn_ranks
 
-    assert in_bf16(ddp_gradients(monkeypatch, "train.reduce_dtype=bf16"))
-    assert not in_bf16(ddp_gradients(monkeypatch))  # fp32 gradients, reduced as they are
+    assert spawn_ranks(_reduced_in_bf16, 1) == {"bf16": True, "fp32": False}  # fp32 gradients, reduced as they are
 
 
 @pytest.mark.parametrize("precision,reduce,expected", [("fp32", "bf16", torch.bfloat16), ("bf16", "fp32", torch.float32),
