@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import inspect
 
 import torch
 import torch.distributed as dist
@@ -11,6 +12,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from gpt.parallel.base import Strategy, on_meta
 from gpt.parallel.mesh import ensure_process_group
+
+
+# torch 2.13 renamed broadcast_buffers (now deprecated) to forward_sync_buffers; earlier releases know only the first
+_NO_FORWARD_SYNC = ({"forward_sync_buffers": False}
+                    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                    else {"broadcast_buffers": False})
 
 
 def replicate(module: nn.Module, device: torch.device, bucket_cap_mb: float,
@@ -27,8 +34,7 @@ def replicate(module: nn.Module, device: torch.device, bucket_cap_mb: float,
     check that every rank's shapes match are left out: both read values, which a meta tensor has not."""
     device_ids = [device] if device.type == "cuda" else None
     ddp = DistributedDataParallel(module, device_ids=device_ids, process_group=group, bucket_cap_mb=bucket_cap_mb,
-                                  gradient_as_bucket_view=True, forward_sync_buffers=False,
-                                  init_sync=not on_meta(module))
+                                  gradient_as_bucket_view=True, init_sync=not on_meta(module), **_NO_FORWARD_SYNC)
     if reduce_dtype == "bf16":  # each bucket cast to bf16, all-reduced, and written back (train.reduce_dtype)
         ddp.register_comm_hook(group, default_hooks.bf16_compress_hook)
     return ddp

@@ -45,7 +45,9 @@ class GatheringZero(ZeroRedundancyOptimizer):
         for flat, width in self._flats:
             # a copy: gloo does not promise an all-gather whose input aliases its output (NCCL does)
             mine = flat[self.rank * width:(self.rank + 1) * width].clone()
-            dist.all_gather_single(flat, mine, group=self.process_group)
+            # torch 2.13 deprecates all_gather_into_tensor for all_gather_single, which earlier releases lack
+            gather = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+            gather(flat, mine, group=self.process_group)
 
 
 def _fill(bucket: torch.Tensor, params: list[nn.Parameter]) -> torch.Tensor:

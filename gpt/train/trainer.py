@@ -39,7 +39,7 @@ class Trainer:
         cluster.signal_delay_s), which the save policy checks a step and a save fit in. `hooks`: the caller's
         features that need the loop, called after the loop's own."""
         self.env, self.run_dir, self.train = env, run_dir, run.train
-        self.device = pick_device(self.train.device, env)
+        self.device = pick_device(self.train.device, env, run.debug.share_gpu)
         self.model_cfg = model_config(run.model, Path(run.data.dir))
         self.faults = Faults(run.debug, env.rank, attempt, self.device, run_dir)  # test-only injections
         # before the strategy, which waits for a background save's staging copy before each update; the hooks (built

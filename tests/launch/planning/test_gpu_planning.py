@@ -11,6 +11,7 @@ from hydra import compose, initialize_config_dir
 
 from launch import launch_config
 from helpers import REPO, SHAKESPEARE, make_plan_of
+from gpt.train import trainer
 from gpt.collectives.process_group import DistEnv, pick_device, process_group_backend
 from gpt.errors import ConfigError, UserError
 from launch.rank.environment import detect, export_for_libraries
@@ -90,6 +91,16 @@ def test_two_ranks_share_one_gpu_only_when_asked_and_never_over_nccl(plan, monke
     assert [pick_device("cuda", env, share=True) for env in shared] == [torch.device("cuda", 0)] * 2
     with pytest.raises(UserError, match="should drive GPU 1 but sees 1 GPU.*debug.share_gpu"):
         pick_device("cuda", shared[1])
+    # the trainer takes rank 1's device as the worker did (it once picked again without the mode: on a GPU, rank 1
+    # stopped there); stopped right after, at the model's config
+    class Picked(Exception):
+        pass
+
+    def stop(*_):
+        raise Picked(torch.cuda.current_device())
+    monkeypatch.setattr(trainer, "model_config", stop)
+    with pytest.raises(Picked, match="^0$"):
+        trainer.Trainer(run, shared[1], p.run_dir)
 
 
 def test_the_rendezvous_lets_ranks_share_a_gpu_only_in_the_debugging_mode():
