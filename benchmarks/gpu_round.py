@@ -34,6 +34,7 @@ PY = sys.executable
 # runs its sync and async saves)
 SAVE_MODES = ["--modes", "sync-old", "sync"]
 LOSS_TOLERANCE = 5e-3  # fp32 (TF32 on a GPU) layouts of one tiny model, reduced in other orders
+BUDGET_S = 540  # of a device call's 600 s: the rest stops the last part and brings the files back
 STOP_GRACE_S = 15  # a stopped part's launcher relays SIGTERM to its ranks, which save and leave the GPU
 
 
@@ -85,7 +86,7 @@ def shared_commands(work: Path, cpu: bool) -> list[list[str]]:
 def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> list[Part]:
     peers = [PY, "-m", "benchmarks.peers", *(["--tiny"] if cpu else []),
              *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
-    steps = {"gpt2": "1" if cpu else "10", "llama": "1" if cpu else "6"}  # llama_1b's step: 0.84 s on an H200
+    steps = {"gpt2": "1" if cpu else "10", "llama": "1" if cpu else "4"}  # llama_1b's step: 0.8-1.0 s on an H200
     fp8 = ["--ours", "fp8=train.precision=fp8"]
     # issue 58's CUDA-graph lever: the same 65,536 tokens a step as one micro-step of 64, replayed as CUDA graphs
     graphs = ["--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={4 if cpu else 64}"]
@@ -97,14 +98,14 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
            *(tiny if cpu else full), *data_overrides(), "data=shakespeare_bpe"]
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
+        Part("shared", 120, shared_commands(work, cpu)),
         Part("peers_gpt2", 195, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
-        Part("peers_llama", 240, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
+        Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
         Part("save", 120, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
-        Part("dry_run", 150, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
-                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
-                               "train.global_batch_size=8"]]),
-        Part("shared", 150, shared_commands(work, cpu)),
+        Part("dry_run", 90, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
+                             [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
+                              "train.global_batch_size=8"]]),
     ]
 
 
@@ -260,7 +261,8 @@ def losses(runs: list[Path], tolerance: float = LOSS_TOLERANCE) -> int:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, default=Path(os.environ.get("OUT") or REPO / "benchmarks/results/round"))
-    ap.add_argument("--budget", type=float, default=540, help="seconds for all parts together (default 540)")
+    ap.add_argument("--budget", type=float, default=BUDGET_S,
+                    help=f"seconds for all parts together (default {BUDGET_S})")
     ap.add_argument("--only", action="append", help="only this part (repeatable), in the round's order")
     ap.add_argument("--nanogpt", type=Path, help="a nanoGPT checkout (default: .peers/nanoGPT when there)")
     ap.add_argument("--save-args", default="", help="more options for benchmarks/checkpoint.py, dropped if refused")

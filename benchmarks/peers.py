@@ -23,6 +23,7 @@ import contextlib
 import functools
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -73,7 +74,9 @@ def ours_command(pair: Pair, steps: int, tiny: bool, extra: list[str], run_dir: 
 def fresh_env(folder: Path) -> dict[str, str]:
     from benchmarks.shakespeare import fresh_caches
 
-    return {**fresh_caches(folder), "PYTHONPATH": str(REPO)}
+    # the caller's PYTHONPATH too: the GPU round's packages (benchmarks/gpu_round.sh) are found through it
+    path = [p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p]
+    return {**fresh_caches(folder), "PYTHONPATH": os.pathsep.join(path)}
 
 
 def run_ours(pair: Pair, steps: int, tiny: bool, extra: list[str], folder: Path) -> dict:
@@ -119,6 +122,7 @@ def nanogpt_model(pair: Pair, checkout: Path, device: str):
     """nanoGPT's GPT from its checkout's model.py, of our model's shape, and its own optimizer setup."""
     spec = importlib.util.spec_from_file_location("nanogpt_model", checkout / "model.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # torch.compile imports the module of the code it traces by its name
     spec.loader.exec_module(module)
     cfg = model_of(pair)
     conf = module.GPTConfig(block_size=cfg.block_size, vocab_size=cfg.vocab_size, n_layer=cfg.n_layer,
