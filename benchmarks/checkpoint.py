@@ -16,6 +16,7 @@ import shutil
 import statistics
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -23,19 +24,23 @@ import torch
 from benchmarks.common import compose_config, save_results
 
 
-def disk_write_gbps(folder: Path, size: int = 1 << 30, block: int = 8 << 20) -> float:
-    """This disk's own sequential write speed: `size` bytes in `block`-sized writes, fsync'd, as a checkpoint's
-    shards are."""
-    path = folder / "disk_probe.bin"
+def disk_write_gbps(folder: Path, size: int = 1 << 30, block: int = 8 << 20, streams: int = 1) -> float:
+    """This disk's own write speed: `size` bytes in `block`-sized writes, fsync'd, as a checkpoint's shards are,
+    split over `streams` files written at once (a save's writer threads, checkpoint.thread_count)."""
     data = os.urandom(block)
+
+    def write(i: int) -> None:
+        with open(folder / f"disk_probe{i}.bin", "wb") as f:
+            for _ in range(size // block // streams):
+                f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
     start = time.perf_counter()
-    with open(path, "wb") as f:
-        for _ in range(size // block):
-            f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+    with ThreadPoolExecutor(streams) as pool:
+        list(pool.map(write, range(streams)))
     seconds = time.perf_counter() - start
-    path.unlink()
+    for i in range(streams):
+        (folder / f"disk_probe{i}.bin").unlink()
     return size / seconds / 1e9
 
 
@@ -66,7 +71,7 @@ def timed_saves(t, repeats: int) -> dict:
 
 # each mode's checkpoint.* overrides
 MODES = {"sync-old": ["checkpoint.thread_count=1", "checkpoint.crc32=true", "checkpoint.staging=false"],
-         "sync": [], "async": ["checkpoint.async=true"]}
+         "sync": [], "sync-8": ["checkpoint.thread_count=8"], "async": ["checkpoint.async=true"]}
 
 
 def save_load(model: str, repeats: int, block: int, modes: list[str]) -> dict:
@@ -79,6 +84,7 @@ def save_load(model: str, repeats: int, block: int, modes: list[str]) -> dict:
     out = {}
     with tempfile.TemporaryDirectory() as tmp:
         out["disk_write_gbps"] = disk_write_gbps(Path(tmp))
+        out["disk_write_gbps_4"] = disk_write_gbps(Path(tmp), streams=4)
         for mode in modes:
             run_dir = Path(tmp) / mode
             cfg = compose_config([f"model={model}", f"model.block_size={block}", "train.global_batch_size=1",
@@ -132,8 +138,9 @@ def main() -> None:
         print(f"synchronous save: before {before['write_gbps']:.2f} GB/s ({before['written_s']:.2f} s), after "
               f"{after['write_gbps']:.2f} GB/s ({after['written_s']:.2f} s): "
               f"{before['written_s'] / after['written_s']:.2f}x")
-    print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s; loads read files just "
-          "written, from the page cache")
+    print(f"this disk's sequential write (1 GiB, fsync'd): {sl['disk_write_gbps']:.2f} GB/s in one stream, "
+          f"{sl.get('disk_write_gbps_4', float('nan')):.2f} in four at once; loads read files just written, from the "
+          "page cache")
     print(f"results: {save_results('checkpoint', results)}")
 
 

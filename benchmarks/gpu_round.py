@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
 # the save's path before staging beside today's (the saves branch's options; an older checkpoint.py refuses them and
 # runs its sync and async saves)
-SAVE_MODES = ["--modes", "sync-old", "sync"]
+SAVE_MODES = ["--modes", "sync-old", "sync", "sync-8"]
 LOSS_TOLERANCE = 5e-3  # fp32 (TF32 on a GPU) layouts of one tiny model, reduced in other orders
 BUDGET_S = 540  # of a device call's 600 s: the rest stops the last part and brings the files back
 STOP_GRACE_S = 15  # a stopped part's launcher relays SIGTERM to its ranks, which save and leave the GPU
@@ -100,9 +100,9 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         Part("shared", 120, shared_commands(work, cpu)),
         Part("peers_gpt2", 195, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
-        Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
-        Part("save", 120, [save], optional=[*SAVE_MODES, *save_args]),
+        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
+        Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
         Part("dry_run", 90, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
                               "train.global_batch_size=8"]]),
