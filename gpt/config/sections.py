@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import signal
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from gpt.config.parse import renamed
@@ -284,10 +283,3 @@ class DebugConfig:
     def signal_steps(self) -> list[int]:
         at = self.signal_at_step
         return [] if at is None else list(at) if isinstance(at, (list, tuple)) else [at]
-
-
-
-def check_resume(value: str) -> None:
-    """auto, none, or a checkpoint or run folder that exists."""
-    if value not in ("auto", "none") and not Path(value).exists():
-        raise ConfigError("resume", value, "auto, none, or an existing checkpoint or run folder")

@@ -18,7 +18,6 @@ from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
 from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
 from gpt.checkpoint.store import check_fingerprint, list_checkpoints, newest_full, read_meta, resumable
-from gpt.config.sections import check_resume
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
@@ -26,12 +25,11 @@ from gpt.parallel.traits import check_loadable
 from gpt.parallel.layout import ParallelDims
 from gpt.run_folder import RunFolder
 from launch.backends import Backend
-from launch.local_gpus import local_gpus
 from launch.planning.memory_fit import Device, fit
 from launch.planning.save_time import check_save_time
-from launch.recovery.out_of_memory import kept_micro_batch
+from launch.recovery.out_of_memory import keep_smaller_micro_batch
 from launch.run.identity import flat, newest_step
-from launch.planning.shared_gpu import check_shared_gpu, memory_per_rank
+from launch.planning.shared_gpu import rank_memory
 
 log = logging.getLogger(__name__)
 
@@ -55,21 +53,6 @@ def planned_device(run: LaunchConfig, backend: Backend) -> str:
     return run.train.device if run.train.device != "auto" else backend.device(run)
 
 
-def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
-    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU"); several
-    to a GPU only with debug.share_gpu (gloo, no NCCL)."""
-    if run.cluster.name != "local" or device != "cuda":
-        return
-    gpus = len(local_gpus())
-    if gpus == 0:
-        raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
-    if world_size > gpus and not run.debug.share_gpu:
-        raise ConfigError("cluster.tasks_per_node", run.cluster.tasks_per_node,
-                          f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
-                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu (or "
-                          "debug.share_gpu=true, a debugging mode over gloo)")
-
-
 def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainConfig, ParallelDims]:
     """What needs the sections together before the data: the nodes, the device, the attention kernel, the layout
     and the batch. Returns the planned device with its memory (cluster.gpu_memory_gb on GPUs when set, else what
@@ -80,17 +63,16 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainCo
         raise ConfigError("nodes" if not isinstance(nodes, int) else "cluster.tasks_per_node",
                           nodes if not isinstance(nodes, int) else per_node, "a positive integer")
     device = planned_device(run, backend)
-    check_shared_gpu(run, device)
-    check_local_gpus(run, device, nodes * per_node)
+    stated = device == "cuda" and run.cluster.gpu_memory_gb
+    memory = float(run.cluster.gpu_memory_gb) if stated else backend.device_memory_gib(run, device)
+    memory = rank_memory(run, device, nodes * per_node, memory)
     train = dataclasses.replace(run.train, device=device)  # the presets check their options against it
     train.check_attention(device)
     train.check_fp8(device)
     dims = plan_layout(run.strategy, run.parallel, run.model, nodes * per_node, per_node, train)
     train.per_rank_batch(dims.dp) if train.micro_batch_size == "auto" else train.micro_batches(dims.dp)
     train.check_cuda_graphs(dims.dp)  # with micro_batch_size=auto: once chosen, by the fit check
-    stated = device == "cuda" and run.cluster.gpu_memory_gb
-    memory = float(run.cluster.gpu_memory_gb) if stated else backend.device_memory_gib(run, device)
-    return Device(device, memory_per_rank(run, device, memory)), train, dims
+    return Device(device, memory), train, dims
 
 
 def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:
@@ -155,19 +137,6 @@ def init_model(run: LaunchConfig, run_dir: Path | None, given: set[str]) -> Laun
     return dataclasses.replace(run, model=filled_model(run.init, run.model, given))
 
 
-def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
-    """The micro-batch the run went on with after a rank ran out of memory (launch.recovery.out_of_memory), where
-    this command asks again for one it ran out with: said in one line."""
-    if train.micro_batch_size == "auto":  # not chosen here (the data is prepared in a job): nothing was recorded
-        return train
-    asked = train.micro_batches(dp)[0]
-    micro, why = kept_micro_batch(RunFolder(run_dir).attempts.read(), asked, train.activation_checkpointing)
-    if not why:
-        return train
-    log.info("%s", why)
-    return dataclasses.replace(train, micro_batch_size=micro)
-
-
 KEYWORDS = ("auto", "none", "false", "null")  # resume's values that name no path (gpt.train.resume)
 
 
@@ -206,8 +175,8 @@ def checked_paths(run: LaunchConfig, run_dir: Path) -> None:
     reads them after its first save: a purged folder does not stop a requeue)."""
     run.eval.check_files()
     if newest_step(run_dir) is None:
-        if run.resume.lower() not in KEYWORDS:
-            check_resume(run.resume)
+        if run.resume.lower() not in KEYWORDS and not Path(run.resume).exists():
+            raise ConfigError("resume", run.resume, "auto, none, or an existing checkpoint or run folder")
         check_init(run.init, run.model, run.data, run.resume)
 
 
@@ -226,12 +195,12 @@ def check_checkpoint_loads(run: LaunchConfig, model: ModelConfig, run_dir: Path,
         meta = read_meta(path)
     except UserError:
         return
-    check_loadable(path, meta, run.strategy.name, world_size)
     saved = {k: v for k, v in (meta.get("fingerprint") or {}).items() if k.startswith("model.")}
     # the run's own checkpoints are its record's (launch.run.identity); a vocabulary a job's preparation will give
     # is checked by the ranks
     if not own and saved and model.vocab_size:
         check_fingerprint(path, saved, {f"model.{k}": v for k, v in dataclasses.asdict(model).items()})
+    check_loadable(path, meta, run.strategy.name, world_size)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:

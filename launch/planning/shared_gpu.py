@@ -1,6 +1,7 @@
-"""debug.share_gpu, checked at planning: the ranks of a node share its GPUs over gloo's CUDA collectives, NCCL never
-started. A debugging mode, so that a machine with one GPU runs two ranks of ddp, fsdp or tp (and async checkpoints)
-on real CUDA tensors; refused in one line where it cannot run, and never taken unless asked for."""
+"""The GPUs the ranks of a node take, checked at planning: one each (a local run's on this machine's), or, in the
+debugging mode debug.share_gpu, several ranks to one GPU over gloo's CUDA collectives, NCCL never started, so that a
+machine with one GPU runs two ranks of ddp, fsdp or tp (and async checkpoints) on real CUDA tensors; refused in one
+line where it cannot run, and never taken unless asked for. Then the memory each rank has for the fit check."""
 from __future__ import annotations
 
 from gpt.errors import ConfigError
@@ -11,6 +12,28 @@ from launch.local_gpus import local_gpus
 # activations by send/recv, which gloo does on host tensors only.
 NEEDS_NCCL = {"deepspeed": "DeepSpeed starts NCCL itself, which refuses two ranks on one GPU",
               "pipeline": "a pipeline's stages pass activations by send/recv, which gloo has for host tensors only"}
+
+
+def rank_memory(run: LaunchConfig, device: str, world_size: int, memory: float | None) -> float | None:
+    """The GiB each rank has of `memory`, the device's, once its ranks are known to get GPUs they may take."""
+    check_shared_gpu(run, device)
+    check_local_gpus(run, device, world_size)
+    return memory_per_rank(run, device, memory)
+
+
+def check_local_gpus(run: LaunchConfig, device: str, world_size: int) -> None:
+    """Local ranks share this machine's GPUs one each: two ranks on one GPU make NCCL fail ("Duplicate GPU"); several
+    to a GPU only with debug.share_gpu (gloo, no NCCL)."""
+    if run.cluster.name != "local" or device != "cuda":
+        return
+    gpus = len(local_gpus())
+    if gpus == 0:
+        raise ConfigError("train.device", "cuda", "cpu or auto: this machine has no CUDA GPU for the local ranks")
+    if world_size > gpus and not run.debug.share_gpu:
+        raise ConfigError("cluster.tasks_per_node", run.cluster.tasks_per_node,
+                          f"at most {gpus} rank(s) in all (nodes x tasks_per_node is {world_size}): this machine "
+                          f"has {gpus} GPU(s) and each rank needs its own; or train.device=cpu (or "
+                          "debug.share_gpu=true, a debugging mode over gloo)")
 
 
 def check_shared_gpu(run: LaunchConfig, device: str) -> None:

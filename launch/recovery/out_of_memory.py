@@ -1,7 +1,7 @@
 """A rank that ran out of device memory in a training step (gpt.train.out_of_memory): the smaller micro-batch the run
 goes on with, the global batch kept exactly (the accumulation grows by as much; Composer's automatic micro-batching
 halves it so too), written into the run's config.yaml, which the next round's ranks, a requeue and a chained job
-read; and what a later `python -m launch` of the same command keeps of it (launch.planning.plan). Torch-free.
+read; and what a later `python -m launch` of the same command keeps of it (keep_smaller_micro_batch, which planning calls). Torch-free.
 
     attempts.jsonl   the attempt's line: "out_of_memory": {rank, host, step, micro_batch, accumulation, global_batch,
                      activation_checkpointing, error, snapshot?, next_micro_batch, next_accumulation}
@@ -9,15 +9,18 @@ read; and what a later `python -m launch` of the same command keeps of it (launc
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from gpt.config import schema
+from gpt.config.train import TrainConfig
 from gpt.run_folder import AttemptLine, RunFolder
 from launch import launch_config
 
 HINT = "train.activation_checkpointing=full or strategy=fsdp needs less"
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,19 @@ def write_micro_batch(run_dir: Path, micro_batch: int) -> None:
     path = RunFolder(run_dir).config
     run = launch_config.load(path)
     schema.save(dataclasses.replace(run, train=dataclasses.replace(run.train, micro_batch_size=micro_batch)), path)
+
+
+def keep_smaller_micro_batch(run_dir: Path, train: TrainConfig, dp: int) -> TrainConfig:
+    """`train` with the micro-batch the run went on with after a rank ran out of memory, where this command asks
+    again for one it ran out with (kept_micro_batch): said in one line."""
+    if train.micro_batch_size == "auto":  # not chosen here (the data is prepared in a job): nothing was recorded
+        return train
+    attempts = RunFolder(run_dir).attempts.read()
+    micro, why = kept_micro_batch(attempts, train.micro_batches(dp)[0], train.activation_checkpointing)
+    if not why:
+        return train
+    log.info("%s", why)
+    return dataclasses.replace(train, micro_batch_size=micro)
 
 
 def kept_micro_batch(attempts: list[AttemptLine], asked: int, checkpointing: str) -> tuple[int, str]:

@@ -170,7 +170,8 @@ from gpt.config import schema
 from launch import launch_config
 from gpt.errors import ConfigError
 from launch.backends import get_backend
-from launch.planning.plan import check_local_gpus, planned_device
+from launch.planning.plan import planned_device
+from launch.planning.shared_gpu import check_local_gpus
 launch_config.register()
 with initialize_config_dir(sys.argv[1], version_base="1.3"):
     run = launch_config.parse(compose("config", overrides=["model=tiny"]))

@@ -110,10 +110,10 @@ def test_planning_the_same_command_again_keeps_the_recorded_micro_batch_and_says
     command = ["model=tiny", "train.global_batch_size=32", "train.micro_batch_size=8", *prepared_data]
     plan(tmp_path, *command)
     RunFolder(tmp_path).attempts.append(None, 0, {"ended": "out of memory", "out_of_memory": ran_out(8, 4, rank=0)})
-    with caplog.at_level(logging.INFO, logger="launch.planning.plan"):
+    with caplog.at_level(logging.INFO, logger="launch.recovery.out_of_memory"):
         plan(tmp_path, *command)
     assert micro_in_config(tmp_path) == 4
-    assert [r.getMessage() for r in caplog.records if r.name == "launch.planning.plan"] == [
+    assert [r.getMessage() for r in caplog.records if r.name == "launch.recovery.out_of_memory"] == [
         "train.micro_batch_size=4 kept, the same global batch: this run ran out of device memory with micro-batch 8 "
         "(rank 0, step 12); another train.micro_batch_size on the command is taken as asked"]
     plan(tmp_path, *command[:-len(prepared_data) - 1], "train.micro_batch_size=2", *prepared_data)
