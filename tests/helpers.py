@@ -14,6 +14,8 @@ import traceback
 from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[1]
 SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 # Compiled test runs share one Inductor cache (train.compile_cache_dir) rather than each run folder's own: a block
@@ -27,6 +29,19 @@ def with_shared_compile_cache(overrides) -> list[str]:
     compiles = any(o in ("train.compile=true", "train=gpu") for o in overrides)
     named = any(o.startswith("train.compile_cache_dir=") for o in overrides)
     return [*overrides, f"train.compile_cache_dir={SHARED_COMPILE_CACHE}"] if compiles and not named else list(overrides)
+
+
+def spread(argnames: str, params, keep: int) -> list:
+    """`params` of `parametrize(argnames, ...)` for `make test`; `keep` of them, evenly spread, for `make test-fast`
+    (the others marked slow): a long table of cases that each cost a compose or a model build keeps a sample in the
+    quick slice."""
+    params, step, several = list(params), max(1, -(-len(params) // keep)), "," in argnames
+
+    def slow(p):
+        if isinstance(p, type(pytest.param(None))):  # already a pytest.param: its marks and id kept
+            return pytest.param(*p.values, marks=[*p.marks, pytest.mark.slow], id=p.id)
+        return pytest.param(*(p if several else (p,)), marks=pytest.mark.slow)
+    return [p if i % step == 0 else slow(p) for i, p in enumerate(params)]
 
 
 def wait_until(check, timeout: float = 120, what: str = "", poll_s: float = 0.5) -> None:

@@ -8,7 +8,7 @@ from gpt.config.credentials import HIDDEN, redacted
 from gpt.config.parse import to_plain
 from launch import launch_config
 from gpt.errors import ConfigError
-from helpers import compose
+from helpers import compose, spread
 
 
 @pytest.mark.parametrize("overrides, key", [
@@ -32,7 +32,7 @@ def test_what_keeps_the_credential_out_of_the_files_is_taken():
                        "tracking.uri=https://mlflow.example.org:5000"))
 
 
-@pytest.mark.parametrize("overrides, key", [
+@pytest.mark.parametrize("overrides, key", spread("overrides, key", [
     (("cluster=slurm", "+cluster.env.PGPASSWORD=k3y"), "cluster.env.PGPASSWORD"),
     (("cluster=slurm", "+cluster.env.SSH_PRIVATE_KEY=k3y"), "cluster.env.SSH_PRIVATE_KEY"),
     (("cluster=slurm", "+cluster.env.WANDB_KEY=k3y"), "cluster.env.WANDB_KEY"),
@@ -43,7 +43,7 @@ def test_what_keeps_the_credential_out_of_the_files_is_taken():
     (("cluster=slurm", "cluster.setup=['mysql --password=k3y -e \"select 1\"']"), "cluster.setup"),
     (("cluster=slurm", "cluster.setup=['pip install --index-url https://me:k3y@pypi.example.org/simple x']"),
      "cluster.setup"),
-])
+], 3))
 def test_credentials_a_name_rule_missed_are_refused_without_showing_them(overrides, key):
     """PGPASSWORD, SSH_PRIVATE_KEY, WANDB_KEY and GITHUB_PAT passed the old name rule, as did a token given as an
     option (`--token X`) and a URL's password."""

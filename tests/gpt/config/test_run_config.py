@@ -17,7 +17,7 @@ from gpt.config.parse import section, to_plain
 from gpt.config.sections import (CheckpointConfig, DebugConfig, HealthConfig, PreemptionConfig, StragglerConfig,
                                  WatchdogConfig)
 from gpt.errors import ConfigError
-from helpers import compose, launch
+from helpers import compose, launch, spread
 
 BAD = {
     "checkpoint.keep=0": "checkpoint.keep=0 is not valid: a positive number of checkpoints to keep",
@@ -63,7 +63,7 @@ BAD = {
 SECTIONS = [name for name, tp in typing.get_type_hints(LaunchConfig).items() if dataclasses.is_dataclass(tp)]
 
 
-@pytest.mark.parametrize("override", BAD)
+@pytest.mark.parametrize("override", spread("override", BAD, 10))
 def test_bad_values_name_key_value_and_valid(override):
     with pytest.raises(ConfigError) as e:
         launch_config.parse(compose(override))

@@ -112,6 +112,7 @@ def test_what_gptlaunch_does_not_compute_is_refused_at_planning(family, change, 
     assert refusal in str(refused.value)
 
 
+@pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_export_in_bf16_sharded_with_an_index_loads_with_the_same_logits(tmp_path, monkeypatch):
     theirs = written_by_transformers("llama3.2", tmp_path / "in")
     ours = GPT(filled_model(f"hf:{tmp_path / 'in'}", ModelConfig(block_size=BLOCK), set()))

@@ -23,6 +23,7 @@ from gpt.parallel.layout import ParallelDims
 from gpt.parallel.layout import split_layers
 from gpt.parallel.pipeline import Pipeline
 from gpt.train.reporter import RunShape, StepReporter
+from helpers import spread
 
 PRESETS = sorted(p.stem for p in (Path(__file__).resolve().parents[3] / "configs" / "model").glob("*.yaml"))
 
@@ -67,7 +68,7 @@ def instantiated_counts(cfg: ModelConfig) -> dict[str, int]:
             "non_embedding": model.num_parameters(non_embedding=True), "active": total - idle}
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", spread("name", PRESETS, 3))
 def test_param_count_matches_every_preset(name):
     cfg = preset(name)
     assert param_count(cfg) == instantiated_counts(cfg)

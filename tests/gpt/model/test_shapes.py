@@ -10,13 +10,14 @@ import torch
 from gpt.config.model import MODEL_PRESETS_DIR, load_preset
 from gpt.model.shapes import parameter_shapes
 from gpt.model.transformer import GPT
+from helpers import spread
 
 VARIANTS = [{}, {"norm": "layernorm", "bias": True, "tie_embeddings": False}, {"norm": "layernorm_nobias"},
             {"norm_position": "post", "position": "learned"}, {"bias": False, "qkv_bias": True}]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("name", sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml")))
+@pytest.mark.parametrize("name", spread("name", sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml")), 4))
 def test_the_shapes_are_those_of_the_model(name, variant):
     preset = load_preset(name)
     cfg = dataclasses.replace(preset, vocab_size=preset.vocab_size or 50304, **variant)

@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from helpers import compose, launch, losses
+from helpers import compose, launch, losses, spread
 from gpt.checkpoint.writer import load_model
 from launch import launch_config
 from gpt.collectives.process_group import DistEnv
@@ -61,7 +61,7 @@ def test_ddp_trains_the_whole_compiled_model_as_eager_ddp(tmp_path, data_overrid
     assert max_rel_diff(val_losses(eager), val_losses(compiled)) <= COMPILED_RTOL
 
 
-@pytest.mark.parametrize("strategy", ["single", "ddp", "zero1", "fsdp"])
+@pytest.mark.parametrize("strategy", spread("strategy", ["single", "ddp", "zero1", "fsdp"], 2))
 def test_compile_wraps_each_block_in_place_and_leaves_the_loss_eager(strategy, tmp_path):
     """The wiring, in one process: each block's call is compiled (nothing compiles until it runs), the GPT
     itself and its head are not, and parameter names are the model's."""

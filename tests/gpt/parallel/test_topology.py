@@ -8,7 +8,7 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
 
-from helpers import compose, launch
+from helpers import compose, launch, spread
 from gpt.config.model import ModelConfig
 from launch import launch_config
 from gpt.config.parse import to_plain
@@ -184,18 +184,18 @@ def test_pipeline_data_parallel_degree_is_world_over_pp(pp, world, dp):
     assert traits_of("pipeline").data_parallel_size(cfg, parallel, tiny(), world, TrainConfig(global_batch_size=8)) == dp
 
 
-@pytest.mark.parametrize("overrides,dp", [(["strategy=ddp", "cluster.tasks_per_node=4"], 4),
+@pytest.mark.parametrize("overrides,dp", spread("overrides,dp", [(["strategy=ddp", "cluster.tasks_per_node=4"], 4),
                                           (["strategy=fsdp", "cluster.tasks_per_node=2"], 2),
                                           (["strategy=zero1", "cluster.tasks_per_node=2"], 2),
                                           (["strategy=deepspeed", "strategy.stage=3", "train.precision=bf16"], 1),
                                           (["strategy=pipeline", "strategy.dp=fsdp", "strategy.schedule=gpipe",
                                             "cluster.tasks_per_node=4"], 2),
-                                          (["strategy=fsdp"], 1)])
+                                          (["strategy=fsdp"], 1)], 3))
 def test_good_topologies_pass(overrides, dp):
     assert plan(overrides) == dp
 
 
-@pytest.mark.parametrize("overrides,dims", [
+@pytest.mark.parametrize("overrides,dims", spread("overrides,dims", [
     (["strategy=ddp", *FOUR], ParallelDims(dp_replicate=4)),
     (["strategy=zero1", *FOUR], ParallelDims(dp_shard=4)),
     (["strategy=fsdp", *FOUR], ParallelDims(dp_shard=4)),
@@ -207,7 +207,7 @@ def test_good_topologies_pass(overrides, dp):
     (["strategy=pipeline", *FOUR], ParallelDims(pp=2, dp_replicate=2)),
     (["strategy=pipeline", "strategy.dp=fsdp", "parallel.tp=2", "cluster.tasks_per_node=8"],
      ParallelDims(pp=2, dp_shard=2, tp=2)),
-])
+], 3))
 def test_presets_are_layouts(overrides, dims):
     assert layout(overrides) == dims
 

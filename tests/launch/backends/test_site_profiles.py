@@ -13,7 +13,7 @@ import pytest
 from launch import launch_config
 from launch.backends.cluster_config import ClusterConfig, ContainerConfig
 from gpt.errors import ConfigError
-from helpers import REPO, compose
+from helpers import REPO, compose, spread
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.step import RankStep
 from launch.backends.slurm.submitted import inherited_rank_variables
@@ -106,7 +106,7 @@ REFUSED = {
 }
 
 
-@pytest.mark.parametrize("overrides,message", REFUSED.values(), ids=REFUSED.keys())
+@pytest.mark.parametrize("overrides,message", spread("overrides,message", REFUSED.values(), 2), ids=REFUSED.keys())
 def test_bad_site_keys_are_one_line_naming_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         SlurmResources.from_run(launch_config.parse(compose("cluster=slurm", *overrides)))

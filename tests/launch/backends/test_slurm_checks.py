@@ -23,7 +23,7 @@ from launch.backends.slurm.partitions import (check_against_cluster, parse_gpus,
                                               resolve_cpus)
 from launch.backends.slurm.resources import SlurmResources
 from launch.backends.slurm.submit import no_filename_pattern
-from helpers import REPO, SHAKESPEARE
+from helpers import REPO, SHAKESPEARE, spread
 
 SINFO = """debug*|4|2|8000|(null)|8:00:00|up
 gpu|2|64|512000|gpu:a100:8(S:0-1)|2-00:00:00|up
@@ -69,7 +69,7 @@ CONFLICTS = {
 }
 
 
-@pytest.mark.parametrize("overrides,message", CONFLICTS.values(), ids=CONFLICTS.keys())
+@pytest.mark.parametrize("overrides,message", spread("overrides,message", CONFLICTS.values(), 3), ids=CONFLICTS.keys())
 def test_conflicting_resources_name_the_key(overrides, message):
     with pytest.raises(ConfigError) as e:
         resources(*overrides)
@@ -123,7 +123,7 @@ CLUSTER = {
 }
 
 
-@pytest.mark.parametrize("overrides,message", CLUSTER.values(), ids=CLUSTER.keys())
+@pytest.mark.parametrize("overrides,message", spread("overrides,message", CLUSTER.values(), 3), ids=CLUSTER.keys())
 def test_resources_checked_against_the_partitions(overrides, message):
     with pytest.raises(UserError) as e:
         check_against_cluster(resources(*overrides), parse_sinfo(SINFO))
