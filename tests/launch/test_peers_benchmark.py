@@ -4,6 +4,8 @@ stand-in here, nanoGPT not being vendored; transformers' Llama itself)."""
 from __future__ import annotations
 
 import argparse
+import importlib
+import sys
 
 import pytest
 
@@ -87,6 +89,9 @@ def test_nanogpts_model_is_built_at_our_shape_and_timed_on_the_cpu(tmp_path):
             model.config.bias) == (2, 64, 32, 2048, True)  # gpt2_124m's biases
     result = peers.timed_loop(pair, 1, "cpu", model, opt, loss)
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["loss"] > 0
+    # torch.compile imports the module of the code it traces by name: on a GPU the row failed with "No module named
+    # 'nanogpt_model'" while it was loaded from its file alone
+    assert importlib.import_module(type(model).__module__) is sys.modules[type(model).__module__]
 
 
 @pytest.mark.slow  # importing transformers and compiling nothing still takes seconds alone
