@@ -1,7 +1,8 @@
 """A rank that ran out of device memory in a training step (gpt.train.out_of_memory): the smaller micro-batch the run
 goes on with, the global batch kept exactly (the accumulation grows by as much; Composer's automatic micro-batching
 halves it so too), written into the run's config.yaml, which the next round's ranks, a requeue and a chained job
-read; and what a later `python -m launch` of the same command keeps of it (keep_smaller_micro_batch, which planning calls). Torch-free.
+read; and what a later `python -m launch` of the same command keeps of it (keep_smaller_micro_batch, which planning
+calls). Torch-free.
 
     attempts.jsonl   the attempt's line: "out_of_memory": {rank, host, step, micro_batch, accumulation, global_batch,
                      activation_checkpointing, error, snapshot?, next_micro_batch, next_accumulation}
