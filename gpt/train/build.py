@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,18 +52,19 @@ def build_model(cfg: ModelConfig, device: torch.device, seed: int) -> GPT:
 
 def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEnv, device: torch.device,
                              initialise: bool = True, before_update: Callable[[], None] = no_wait,
-                             model_device: torch.device | None = None) -> Strategy:
+                             model_device: torch.device | None = None, phases: dict | None = None) -> Strategy:
     """The run's strategy (its strategy and parallel sections), wrapping a model built on this rank's device (or on
     `model_device`: the meta device of a dry run, gpt.train.dry_build), and its optimizer (the train section).
     `initialise`: load init=hf:PATH's weights (not when the run continues from a checkpoint of its own, whose
     weights replace them: the folder is not read again, and may be gone). `before_update`: what the strategy calls
-    before each update changes a weight."""
-    train = run.train
+    before each update changes a weight. `phases`: where the seconds went, filled in (MODEL_PARTS)."""
+    train, clock = run.train, time.perf_counter()
     use_tf32(device, train.precision)
     if train.precision == "fp8" and model_device is None:  # a dry run's meta model has no device to ask
         float8.check_device(device)
     # before the model: a kernel that cannot run refuses in one line, not at the first step
     kernel = attention.check(model_cfg, train.attention, device, DTYPES[train.compute_precision])
+    kernel_s, clock = time.perf_counter() - clock, time.perf_counter()
     model = build_model(model_cfg, model_device or device, run.seed)
     if run.init != "none" and initialise:  # before the layout wraps it
         load_into(model, run.init)
@@ -81,7 +83,10 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     settings = StrategySettings(kernel, compiled, tuple(layer_keys(name for name, _ in model.named_parameters())),
                                 before_update, train.reduce_dtype)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.compute_precision, settings)
+    build_s, clock = time.perf_counter() - clock, time.perf_counter()
     strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
+    if phases is not None:
+        phases.update(kernel_check_s=kernel_s, build_s=build_s, setup_s=time.perf_counter() - clock)
     rng.seed_device(run.seed, rng.stream_index(env.rank, strategy.dims.tp), device)
     return strategy
 

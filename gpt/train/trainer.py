@@ -52,7 +52,7 @@ class Trainer:
         PROGRESS.phase("startup", "building the model")
         own = continues_own(run.resume, checkpointer.root)  # then init=hf: is not read again
         self.strategy = build_strategy_and_model(run, self.model_cfg, env, self.device, initialise=not own,
-                                                 before_update=checkpointer.wait_staged)
+                                                 before_update=checkpointer.wait_staged, phases=self.startup)
         self.startup["model_s"], clock = time.perf_counter() - clock, time.perf_counter()
         self.data = open_data(run, self.model_cfg, self.strategy, self.device)
         self.startup["data_s"] = time.perf_counter() - clock

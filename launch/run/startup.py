@@ -8,6 +8,10 @@ its first training step. Each phase is the gap between two marks; rank 0 writes 
     rendezvous_s       process group joined and the preflight all-reduce done
     health_s           the run folder's lease taken and the node health checks done (launch.recovery.health_gate)
     model_s, data_s, checkpoint_load_s, first_step_s    measured by the trainer
+    kernel_check_s, build_s, setup_s    inside model_s: the attention kernel's check, the model built (its weights
+                       initialised or loaded, float8, the strategy made), the strategy's setup (the layout's
+                       wrappers, compile's, the optimizer); on a GPU each as the host saw it (its kernels may finish
+                       later)
     compile_s          inside first_step_s: torch.compile's time (train.compile), with compile_cache_hits and
                        compile_cache_misses, Inductor's cache lookups (gpt.train.compile_cache)
 """
@@ -26,6 +30,7 @@ STEP_TOKEN = "GPTLAUNCH_STEP"
 PHASES = ("scheduler_s", "launcher_s", "imports_s", "rendezvous_s", "health_s", "model_s", "data_s",
           "checkpoint_load_s", "first_step_s")
 COMPILE = ("compile_s", "compile_cache_hits", "compile_cache_misses")  # parts of first_step_s, not phases of their own
+MODEL_PARTS = ("kernel_check_s", "build_s", "setup_s")  # parts of model_s
 
 
 def attempt_start_env() -> dict[str, str]:
@@ -68,7 +73,7 @@ class StartupClock:
             out["rendezvous_s"] = self.marks["rendezvous"] - self.marks["imported"]
         if "health" in self.marks and "rendezvous" in self.marks:
             out["health_s"] = self.marks["health"] - self.marks["rendezvous"]
-        out.update({k: v for k, v in trainer_phases.items() if k in PHASES or k in COMPILE})
+        out.update({k: v for k, v in trainer_phases.items() if k in PHASES or k in COMPILE or k in MODEL_PARTS})
         first = trainer_phases.get("first_step_at")
         if first is not None:
             out["to_first_step_s"] = first - (self.attempt_start or self.process_start)
@@ -83,7 +88,9 @@ class StartupClock:
         head = f"start-up {total:.1f} s to the first step" if total is not None else "start-up"
         waited = breakdown.get("scheduler_s")
         after = f", after {waited:.1f} s in the scheduler since the previous attempt" if waited is not None else ""
-        return f"{head} ({', '.join(parts)}){after}{StartupClock.describe_compile(breakdown)}"
+        model = ", ".join(f"{k[:-2].replace('_', ' ')} {breakdown[k]:.1f}" for k in MODEL_PARTS if k in breakdown)
+        model = f"; the model's: {model}" if model else ""
+        return f"{head} ({', '.join(parts)}){after}{model}{StartupClock.describe_compile(breakdown)}"
 
     @staticmethod
     def describe_compile(breakdown: dict[str, float]) -> str:

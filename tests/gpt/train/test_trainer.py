@@ -32,6 +32,14 @@ def train(tmp_path_factory):
     return run
 
 
+def test_the_model_phase_of_the_start_up_is_timed_in_its_parts(tmp_path_factory):
+    """model_s's parts (launch.run.startup.MODEL_PARTS), for the start-up line: where a requeue's seconds go."""
+    run_dir = plan(tmp_path_factory.mktemp("run"), *BASE, f"data.dir={tmp_path_factory.getbasetemp() / 'trainer-data'}")
+    startup = Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).startup
+    parts = [startup["kernel_check_s"], startup["build_s"], startup["setup_s"]]
+    assert min(parts) >= 0 and sum(parts) <= startup["model_s"]
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(train):
     whole, _ = train("train.global_batch_size=12")

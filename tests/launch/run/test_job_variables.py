@@ -38,3 +38,6 @@ def test_the_start_up_line_adds_up_to_its_total_and_says_a_requeues_wait_apart()
                     "previous attempt")
     inside = [float(p.rsplit(" ", 1)[1]) for p in line.split("(", 1)[1].split(")")[0].split(", ")]
     assert abs(sum(inside) - breakdown["to_first_step_s"]) < 0.05
+    parts = {"kernel_check_s": 0.1, "build_s": 0.2, "setup_s": 0.2}
+    assert StartupClock.describe({**breakdown, **parts}).endswith(
+        "previous attempt; the model's: kernel check 0.1, build 0.2, setup 0.2")
