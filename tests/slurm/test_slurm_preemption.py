@@ -117,9 +117,10 @@ def test_under_qos_preemption_a_job_of_the_urgent_qos_preempts_the_run_which_sav
     assert "preempted by job " in said and "node failure" not in said, said
 
 
-# A task prolog's wait on the first attempt only: the urgent job's SIGTERM ends it (a loaded machine may take
-# seconds to submit and schedule it); the requeued attempt's tasks go on at once.
-FIRST_WAITS = '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && sleep 60\nexit 0\n'
+# A task prolog that never lets the first attempt's tasks start: the urgent job's SIGTERM ends it, or the grace
+# time's SIGKILL (a loaded machine once took a minute to submit and schedule that job, and a timed wait let the rank
+# start); the requeued attempt's tasks go on at once.
+FIRST_WAITS = '[ "${SLURM_RESTART_COUNT:-0}" = 0 ] && { sleep 600; exit 1; }\nexit 0\n'
 
 
 @pytest.mark.timeout(300)
