@@ -10,7 +10,7 @@ import pytest
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
 
-ORDER = ["check", "shared", "peers_gpt2", "save", "requeue", "peers_llama", "dry_run"]
+ORDER = ["check", "shared", "peers_gpt2", "save", "requeue", "peers_llama", "fp8_loss", "dry_run"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
@@ -66,3 +66,13 @@ def test_the_shared_gpu_layouts_must_train_alike(tmp_path, capsys):
     assert gpu_round.losses([ddp, fsdp]) == 0 and "agree" in capsys.readouterr().out
     summed = _metrics(tmp_path / "shared-tp", [5.5, 4.9, 4.3])
     assert gpu_round.losses([ddp, fsdp, summed]) == 1 and "DIFFER" in capsys.readouterr().out
+
+
+def test_fp8s_final_loss_must_stay_within_one_percent_of_bf16s(tmp_path, capsys):
+    """Issue 58's parity: the mean of the last steps' losses (one step's moves with its batch), fp8 beside bf16."""
+    bf16 = _metrics(tmp_path / "loss-bf16", [9.0] * 10 + [4.00] * 25)
+    close = _metrics(tmp_path / "loss-fp8", [9.0] * 10 + [4.03] * 24 + [4.2])  # one noisy last step
+    assert gpu_round.final_losses([bf16, close]) == 0
+    assert "step 34: 4.2000; mean of the last 25 steps 4.0368 (+0.92%)" in capsys.readouterr().out
+    worse = _metrics(tmp_path / "loss-fp8-worse", [9.0] * 10 + [4.05] * 25)
+    assert gpu_round.final_losses([bf16, worse]) == 1 and "DIFFERS" in capsys.readouterr().out
