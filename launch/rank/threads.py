@@ -3,7 +3,8 @@ environment. The launcher's environment is never changed, so nothing leaks from 
 
     an OMP_NUM_THREADS the user set        that, as given
     cluster.cpus_per_task (Slurm's -c)     that many: Slurm gave each task its own CPUs
-    otherwise                              the CPUs this process may use, divided by the ranks sharing them
+    otherwise                              the CPUs this process may use (its affinity mask, no more than its
+                                           cgroup's CPU quota), divided by the ranks sharing them
 
 Kept free of torch: the launcher and the Slurm task wrapper plan with it before any rank starts.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from collections.abc import Mapping
 
 THREADS = "OMP_NUM_THREADS"
@@ -22,15 +24,45 @@ THREADS = "OMP_NUM_THREADS"
 WAIT_POLICY = "OMP_WAIT_POLICY"
 SOURCE = "GPTLAUNCH_THREADS_SOURCE"
 RANKS_ON_HOST = "GPTLAUNCH_RANKS_ON_HOST"
+CGROUPS = Path("/sys/fs/cgroup")
+COMPILE_THREADS = "TORCHINDUCTOR_COMPILE_THREADS"  # Inductor's compile workers: min(32, CPUs) by default
 log = logging.getLogger(__name__)
 
 
-def usable_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, which Slurm and taskset narrow), not the machine's."""
+def usable_cpus(cgroups: Path = CGROUPS) -> int:
+    """CPUs this process may run on (its affinity mask, which Slurm and taskset narrow), not the machine's, and no
+    more than its cgroup's CPU quota allows (a container's --cpus, a Kubernetes limit: the mask still shows every
+    CPU of the host, and a thread per CPU there is throttled, not run)."""
     try:
-        return len(os.sched_getaffinity(0))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
-        return os.cpu_count() or 1
+        cpus = os.cpu_count() or 1
+    quota = cpu_quota(cgroups)
+    return min(cpus, quota) if quota else cpus
+
+
+def cpu_quota(cgroups: Path = CGROUPS) -> int | None:
+    """The CPUs the CFS quota of this process's cgroup allows, rounded up (cgroup v2's cpu.max, v1's
+    cpu.cfs_quota_us); None without a quota."""
+    own = next((line.split(":", 2)[2].strip("/\n") for line in _read(Path("/proc/self/cgroup")).splitlines()
+                if line.startswith("0::")), "")
+    for folder in dict.fromkeys((cgroups / own, cgroups)):  # v2: its own cgroup, or the root a container sees
+        if fields := _read(folder / "cpu.max").split():
+            return _ceil_ratio(fields[0], fields[1] if len(fields) > 1 else "100000")
+    return _ceil_ratio(_read(cgroups / "cpu" / "cpu.cfs_quota_us"), _read(cgroups / "cpu" / "cpu.cfs_period_us"))
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _ceil_ratio(quota: str, period: str) -> int | None:
+    if not (quota.isdigit() and period.isdigit() and int(period) > 0):  # "max", -1 or absent: no quota
+        return None
+    return max(1, -(-int(quota) // int(period)))
 
 
 def _positive(value: str | None) -> int | None:
@@ -96,6 +128,8 @@ def apply_threads(local_rank: int) -> ThreadPlan:
 
     plan = ThreadPlan.from_env()
     torch.set_num_threads(plan.threads)
+    if (quota := cpu_quota()) and COMPILE_THREADS not in os.environ:  # Inductor counts the affinity mask alone
+        os.environ[COMPILE_THREADS] = str(min(quota, 32))  # read once, when torch._inductor is first imported
     warning = plan.oversubscribed()
     if warning and local_rank == 0:
         log.warning("%s", warning)

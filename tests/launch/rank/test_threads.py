@@ -71,3 +71,38 @@ def test_a_task_slurm_bound_to_its_own_cpus_is_judged_on_them_alone():
     # not bound (task/none): every rank of the host runs on the same 16 CPUs
     shared = ThreadPlan(4, "x", 8).oversubscribed(cpus=16, environ=bound)
     assert "8 rank(s) x 4 thread(s) = 32 threads on 16 CPU(s)" in shared
+
+
+@pytest.mark.parametrize("files, quota", [
+    ({"cpu.max": "150000 100000"}, 2),  # cgroup v2: a container's --cpus=1.5
+    ({"cpu.max": "max 100000"}, None),
+    ({"cpu/cpu.cfs_quota_us": "50000", "cpu/cpu.cfs_period_us": "100000"}, 1),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ({}, None)])
+def test_a_cgroups_cpu_quota_caps_the_cpus_a_rank_plans_threads_for(tmp_path, files, quota):
+    """A container limited to 1.5 CPUs on a many-core host still sees every core in its affinity mask: a thread per
+    core there is throttled. The plan takes the quota, rounded up, where it is smaller."""
+    from launch.rank.threads import cpu_quota
+
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text + "\n")
+    assert cpu_quota(tmp_path) == quota
+    assert usable_cpus(tmp_path) == min(usable_cpus(tmp_path / "none"), quota or 1 << 20)
+
+
+def test_inductors_compile_workers_follow_the_quota_unless_set(monkeypatch):
+    import torch
+
+    from launch.rank import threads
+
+    before = torch.get_num_threads()
+    monkeypatch.setenv("OMP_NUM_THREADS", str(before))
+    monkeypatch.delenv(threads.COMPILE_THREADS, raising=False)
+    monkeypatch.setattr(threads, "cpu_quota", lambda: 3)
+    threads.apply_threads(local_rank=1)
+    assert threads.os.environ[threads.COMPILE_THREADS] == "3"
+    monkeypatch.setenv(threads.COMPILE_THREADS, "7")
+    threads.apply_threads(local_rank=1)
+    assert threads.os.environ[threads.COMPILE_THREADS] == "7"
+    assert torch.get_num_threads() == before
