@@ -99,7 +99,7 @@ def test_inductors_compile_workers_follow_the_quota_unless_set(monkeypatch):
     before = torch.get_num_threads()
     monkeypatch.setenv("OMP_NUM_THREADS", str(before))
     monkeypatch.delenv(threads.COMPILE_THREADS, raising=False)
-    monkeypatch.setattr(threads, "cpu_quota", lambda: 3)
+    monkeypatch.setattr(threads, "cpu_quota", lambda *_: 3)
     threads.apply_threads(local_rank=1)
     assert threads.os.environ[threads.COMPILE_THREADS] == "3"
     monkeypatch.setenv(threads.COMPILE_THREADS, "7")
