@@ -3,6 +3,8 @@ as a user would, read what a run folder holds, and compose configs as the app do
 from __future__ import annotations
 
 import contextlib
+import copy
+import functools
 import json
 import os
 import socket
@@ -151,7 +153,34 @@ def losses(run_dir: Path, rank: int = 0) -> list[float]:
 
 
 def compose(*overrides: str):
-    """The config `python -m launch OVERRIDES` would run, composed by Hydra (no run folder, nothing runs)."""
+    """The config `python -m launch OVERRIDES` would run, composed by Hydra (no run folder, nothing runs). Hydra
+    composes the config groups' choices, then sets each `a.b=value` on the result (its ConfigLoaderImpl, the same
+    function in that order): the first step is kept per choice of groups in this process, the second runs on a copy.
+    A compose costs 120 ms of CPU, and the quick slice composed about 250 times, a quarter of its CPU."""
+    from hydra._internal.config_loader_impl import ConfigLoaderImpl
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    values = OverridesParser.create().parse_overrides([o for o in overrides if _a_value(o)])
+    if any(v.is_sweep_override() for v in values):
+        return _hydra_compose(overrides)
+    cfg = copy.deepcopy(_composed(tuple(o for o in overrides if not _a_value(o))))
+    ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
+    return cfg
+
+
+def _a_value(override: str) -> bool:
+    """`section.key=value`: a value Hydra sets after composing (not a group's choice, a +, ++ or ~ override, a
+    package's @, nor a key of Hydra's own node, which compose drops)."""
+    key = override.partition("=")[0]
+    return "." in key and key[0].isalpha() and "@" not in key and not key.startswith("hydra.")
+
+
+@functools.cache
+def _composed(groups: tuple[str, ...]):
+    return _hydra_compose(groups)
+
+
+def _hydra_compose(overrides) -> object:
     from hydra import compose as hydra_compose, initialize_config_dir
 
     with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):

@@ -1,0 +1,40 @@
+"""tests/helpers.compose keeps Hydra's composition of the config groups per choice of groups and sets the values on a
+copy, by Hydra's own step for them: for every kind of override the suite uses, the config (or the error) is the one
+Hydra's compose gives."""
+from __future__ import annotations
+
+import pytest
+from omegaconf import OmegaConf
+
+import helpers
+
+CASES = [
+    (),
+    ("model=tiny", "model.n_layer=2", "train.max_steps=3"),
+    ("train.max_steps=3", "model=tiny", "train=gpu", "train.max_steps=5"),  # values after the groups, in order
+    ("cluster=srun", "strategy=ddp", "train.micro_batch_size=null", "preemption.signals=[SIGTERM,SIGUSR2]"),
+    ("cluster=slurm", "+cluster.env.KEEP_N=1", "cluster.setup=['pip install \"$X\"']"),
+    ("train.max_stepz=3",),  # a key the config does not have
+    ("train.max_steps=three",),  # a value of the wrong type
+    ("model=nonesuch",),
+    ("seed=1,2",),  # a sweep: the launcher's, not a compose's
+]
+
+
+def outcome(compose, overrides):
+    try:
+        return OmegaConf.to_yaml(compose(overrides))
+    except Exception as e:  # noqa: BLE001 - the error itself is compared
+        return f"{type(e).__name__}: {e}"
+
+
+@pytest.mark.parametrize("overrides", CASES, ids=lambda o: " ".join(o) or "defaults")
+def test_the_helpers_compose_is_hydras(overrides):
+    assert outcome(lambda o: helpers.compose(*o), overrides) == outcome(helpers._hydra_compose, overrides)
+
+
+def test_a_composed_config_changed_by_a_test_does_not_reach_the_next():
+    first = helpers.compose("model=tiny", "train.max_steps=3")
+    first.train.max_steps = 99
+    assert helpers.compose("model=tiny", "train.max_steps=3").train.max_steps == 3
+    assert helpers.compose("model=tiny").train.max_steps != 99
