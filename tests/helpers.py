@@ -169,10 +169,20 @@ def compose(*overrides: str):
 
 
 def _a_value(override: str) -> bool:
-    """`section.key=value`: a value Hydra sets after composing (not a group's choice, a +, ++ or ~ override, a
-    package's @, nor a key of Hydra's own node, which compose drops)."""
+    """`section.key=value` or `top_level_value=...`: a value Hydra sets after composing (not a group's choice, a +,
+    ++ or ~ override, a package's @, nor a key of Hydra's own node, which compose drops)."""
     key = override.partition("=")[0]
-    return "." in key and key[0].isalpha() and "@" not in key and not key.startswith("hydra.")
+    if "." not in key:
+        return key in _top_level_values()
+    return key[0].isalpha() and "@" not in key and not key.startswith("hydra.")
+
+
+@functools.cache
+def _top_level_values() -> frozenset[str]:
+    from omegaconf import DictConfig
+
+    defaults = _composed(())
+    return frozenset(k for k in defaults if not isinstance(defaults._get_node(k), DictConfig))
 
 
 @functools.cache

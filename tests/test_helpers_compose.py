@@ -14,6 +14,7 @@ CASES = [
     ("train.max_steps=3", "model=tiny", "train=gpu", "train.max_steps=5"),  # values after the groups, in order
     ("cluster=srun", "strategy=ddp", "train.micro_batch_size=null", "preemption.signals=[SIGTERM,SIGUSR2]"),
     ("cluster=slurm", "+cluster.env.KEEP_N=1", "cluster.setup=['pip install \"$X\"']"),
+    ("model=tiny", "nodes=2", "seed=7", "init=hf:gone"),  # top-level values, not groups
     ("train.max_stepz=3",),  # a key the config does not have
     ("train.max_steps=three",),  # a value of the wrong type
     ("model=nonesuch",),
