@@ -14,9 +14,8 @@ from pathlib import Path
 
 import psutil
 import pytest
-from hydra import compose, initialize_config_dir
 
-from helpers import REPO, SHAKESPEARE, launch, losses, make_plan_of
+from helpers import REPO, SHAKESPEARE, compose, launch, losses, make_plan_of
 from gpt.checkpoint.store import list_checkpoints, step_of
 from gpt.data import read_meta
 from gpt.data.prepare import prepare
@@ -35,8 +34,7 @@ def trainer(tmp_path_factory):
     prepared = tmp_path_factory.getbasetemp() / "resilience-data"
 
     def make(run_dir: Path, *overrides: str) -> Trainer:
-        with initialize_config_dir(str(REPO / "configs"), version_base="1.3"):
-            cfg = compose("config", overrides=[*BASE, f"data.dir={prepared}", *overrides])
+        cfg = compose(*BASE, f"data.dir={prepared}", *overrides)
         make_plan_of(launch_config.parse(cfg), run_dir)
         return Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir)
 
