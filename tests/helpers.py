@@ -24,6 +24,7 @@ SHAKESPEARE = REPO.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 # graph one test compiled (minutes of CPU on two ranks) is loaded by the next test that compiles the same graph.
 # Inductor's keys hold torch's version and the graph, so a hit is never stale. A test of the per-run cache itself
 # names its own (train.compile_cache_dir=null: the run folder's).
+SITE_DIR = "GPTLAUNCH_SITE_DIR"  # hydra_plugins/gptlaunch_site: a folder on Hydra's search path
 SHARED_COMPILE_CACHE = Path(tempfile.gettempdir()) / "gptlaunch-tests-inductor"
 
 
@@ -160,10 +161,13 @@ def compose(*overrides: str):
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    from hydra.core.config_store import ConfigStore
+
     values = OverridesParser.create().parse_overrides([o for o in overrides if _a_value(o)])
-    if any(v.is_sweep_override() for v in values):
+    if any(v.is_sweep_override() for v in values) or os.environ.get(SITE_DIR):  # a site folder a test wrote
         return _hydra_compose(overrides)
-    cfg = copy.deepcopy(_composed(tuple(o for o in overrides if not _a_value(o))))
+    strategies = repr(sorted(ConfigStore.instance().repo.get("strategy", {}).items()))  # a test may register one
+    cfg = copy.deepcopy(_composed(tuple(o for o in overrides if not _a_value(o)), strategies))
     ConfigLoaderImpl._apply_overrides_to_config(values, cfg)
     return cfg
 
@@ -186,7 +190,7 @@ def _top_level_values() -> frozenset[str]:
 
 
 @functools.cache
-def _composed(groups: tuple[str, ...]):
+def _composed(groups: tuple[str, ...], strategies: str = ""):
     return _hydra_compose(groups)
 
 

@@ -39,3 +39,28 @@ def test_a_composed_config_changed_by_a_test_does_not_reach_the_next():
     first.train.max_steps = 99
     assert helpers.compose("model=tiny", "train.max_steps=3").train.max_steps == 3
     assert helpers.compose("model=tiny").train.max_steps != 99
+
+
+def test_a_site_folder_a_test_writes_is_read_by_each_compose(tmp_path, monkeypatch):
+    """Hydra's search path then holds a folder of the test's (hydra_plugins/gptlaunch_site): nothing is kept."""
+    monkeypatch.setenv(helpers.SITE_DIR, str(tmp_path))
+    (tmp_path / "site").mkdir()
+    for account in ("one", "two"):
+        (tmp_path / "site" / "mysite.yaml").write_text(f"# @package _global_\ncluster:\n  account: {account}\n")
+        assert helpers.compose("site=mysite").cluster.account == account
+
+
+def test_a_strategy_a_test_registers_is_composed_as_it_is_now():
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    try:
+        for name in ("ddp", "fsdp"):  # the same option registered again with another preset
+            store.store(group="strategy", name="later", node={"strategy": {"name": name}}, package="_global_",
+                        provider="test")
+            assert helpers.compose("strategy=later").strategy.name == name
+        store.repo["strategy"].pop("later.yaml")
+        with pytest.raises(Exception, match="strategy/later"):
+            helpers.compose("strategy=later")
+    finally:
+        store.repo["strategy"].pop("later.yaml", None)
