@@ -121,8 +121,8 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
         Part("peers_gpt2", 240, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
         Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
+        Part("fp8_loss", 300, fp8_loss_commands(work, cpu)),  # before peers_llama, whose ratios one round measured
         Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
-        Part("fp8_loss", 300, fp8_loss_commands(work, cpu)),
         Part("dry_run", 90, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
                               "train.global_batch_size=8"]]),
