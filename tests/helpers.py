@@ -159,9 +159,8 @@ def compose(*overrides: str):
     function in that order): the first step is kept per choice of groups in this process, the second runs on a copy.
     A compose costs 120 ms of CPU, and the quick slice composed about 250 times, a quarter of its CPU."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     from hydra.core.config_store import ConfigStore
+    from hydra.core.override_parser.overrides_parser import OverridesParser
 
     values = OverridesParser.create().parse_overrides([o for o in overrides if _a_value(o)])
     if any(v.is_sweep_override() for v in values) or os.environ.get(SITE_DIR):  # a site folder a test wrote

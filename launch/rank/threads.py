@@ -128,8 +128,8 @@ def apply_threads(local_rank: int) -> ThreadPlan:
 
     plan = ThreadPlan.from_env()
     torch.set_num_threads(plan.threads)
-    if (quota := cpu_quota()) and COMPILE_THREADS not in os.environ:  # Inductor counts the affinity mask alone
-        os.environ[COMPILE_THREADS] = str(min(quota, 32))  # read once, when torch._inductor is first imported
+    if cpu_quota() and COMPILE_THREADS not in os.environ:  # Inductor counts the affinity mask alone
+        os.environ[COMPILE_THREADS] = str(min(usable_cpus(), 32))  # read once, when torch._inductor is first imported
     warning = plan.oversubscribed()
     if warning and local_rank == 0:
         log.warning("%s", warning)
