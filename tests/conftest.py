@@ -16,6 +16,12 @@ launch_config.register()  # configs/config.yaml composes onto it, in every test 
 TRAINING_WATCH = pytest.StashKey()
 
 
+def pytest_configure(config):
+    from progress_log import install
+
+    install(config)  # .ci/run's record of failures as they happen
+
+
 @pytest.fixture(scope="session")
 def data_overrides(tmp_path_factory) -> list[str]:
     """Point runs at the shared corpus and a prepared copy private to this test session."""
