@@ -18,7 +18,8 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -26,6 +27,7 @@ import pytest
 from filelock import FileLock
 
 from helpers import REPO
+import at_rest
 from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
 from slurm_helpers import local_reference
 
@@ -52,6 +54,7 @@ class SlurmCluster:
     veth_prefix: str  # the host side of node i's link is <veth_prefix><i>
     subnet: ipaddress.IPv4Network
     nodes: int = NODES
+    settings: dict[str, str] = field(default_factory=dict, repr=False)  # as the session found them (at_rest.py)
 
     @property
     def node_re(self) -> str:
@@ -157,6 +160,22 @@ def slurm_cluster() -> SlurmCluster:
     return SlurmCluster(conf=Path(names["SLURM_CONF"]), env=env, instance=instance,
                         node_prefix=names["NODE_PREFIX"], veth_prefix=names["VETH_PREFIX"],
                         subnet=ipaddress.ip_network(names["SUBNET"]))
+
+
+@pytest.fixture(autouse=True)
+def cluster_at_rest(request) -> Iterator[None]:
+    """A test on the cluster starts on it at rest (tests/slurm/at_rest.py), and its jobs end with it (a sweep's report
+    job may still wait for its points): a test that failed part-way neither fails the next ones nor leaves ranks that
+    slow every worker. What had to be repaired is a warning in the suite's summary."""
+    if "slurm_cluster" not in request.fixturenames:
+        yield
+        return
+    cluster = request.getfixturevalue("slurm_cluster")
+    cluster.settings = cluster.settings or at_rest.settings(cluster)
+    if wrong := at_rest.restore(cluster, cluster.settings):
+        warnings.warn(f"the cluster was not at rest before {request.node.nodeid}: {'; '.join(wrong)}", stacklevel=1)
+    yield
+    at_rest.cancel_jobs(cluster)
 
 
 @pytest.fixture(scope="session")

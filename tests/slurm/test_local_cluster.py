@@ -228,3 +228,24 @@ def test_without_accounting_the_launcher_reads_scontrol_until_slurm_forgets(slur
     infos = commands.job_infos([failed, "999999"])
     assert (infos[failed].state, infos["999999"].state) == ("FAILED", commands.GONE)
     assert commands.scontrol_job(failed).get("ExitCode") == "3:0"
+
+
+@pytest.mark.timeout(600)
+def test_a_cluster_left_in_disorder_is_put_back_at_rest_before_the_next_test(slurm_cluster):
+    """tests/slurm/at_rest.py, as the gate before each Slurm test runs it: a job left running, a node left down and a
+    partition's setting left changed are each repaired, and a cluster at rest is left alone."""
+    import at_rest
+
+    baseline = at_rest.settings(slurm_cluster)
+    first, second = sorted(slurm_cluster.node_names())[:2]
+    job = slurm_cluster.sbatch("#!/bin/bash\nsleep 600\n", "-N1", f"--nodelist={first}", "--output=/dev/null")
+    slurm_cluster.wait_state(job, {"RUNNING"})
+    slurm_cluster.run("scontrol", "update", f"nodename={second}", "state=down", "reason=left down by a test")
+    slurm_cluster.run("scontrol", "update", "PartitionName=low", "GraceTime=7")
+
+    wrong = at_rest.restore(slurm_cluster, baseline)
+    assert wrong[0] == f"job(s) {job} still held: cancelled", wrong
+    assert wrong[1].startswith("nodes not idle (") and f"'{second}': 'down'" in wrong[1], wrong
+    assert wrong[2:] == ["settings changed (partitions): the cluster was started again"], wrong
+    assert at_rest.settings(slurm_cluster) == baseline
+    assert at_rest.restore(slurm_cluster, baseline) == []
