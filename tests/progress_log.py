@@ -36,7 +36,7 @@ class ProgressLog:
             crash = getattr(report.longrepr, "reprcrash", None)  # what pytest's short summary says
             reason = " ".join((crash.message if crash else str(report.longrepr)).split())
             with (self.folder / "failed").open("a") as out:
-                out.write(f"{report.nodeid} ({report.when}, {report.duration:.0f} s): {reason[:300]}\n")
+                out.write(f"{report.nodeid} ({report.when}, {report.duration:.0f} s): {shorten(reason)}\n")
         if report.when == "teardown":
             self.started.pop(report.nodeid, None)
             self.done += 1
@@ -46,6 +46,11 @@ class ProgressLog:
     def _write_running(self) -> None:
         lines = [f"{time.strftime('%H:%M:%S', time.localtime(t))} {nodeid}" for nodeid, t in self.started.items()]
         (self.folder / "running").write_text("".join(f"{line}\n" for line in lines))
+
+
+def shorten(text: str, keep: int = 300) -> str:
+    """Its start and its end (a failed run's output says what happened last)."""
+    return text if len(text) <= 2 * keep else f"{text[:keep]} [...] {text[-keep:]}"
 
 
 def install(config) -> None:
