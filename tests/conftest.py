@@ -22,6 +22,20 @@ def pytest_configure(config):
     install(config)  # .ci/run's record of failures as they happen
 
 
+@pytest.fixture(autouse=True)
+def no_process_left(request):
+    """What a test started ends with it (tests/leftovers.py)."""
+    import warnings
+
+    from leftovers import descendants, end_new
+
+    before = descendants()
+    yield
+    if ended := end_new(before):
+        warnings.warn(f"{request.node.nodeid} left {len(ended)} process(es) running, now ended: {ended[:3]}",
+                      stacklevel=1)
+
+
 @pytest.fixture(scope="session")
 def data_overrides(tmp_path_factory) -> list[str]:
     """Point runs at the shared corpus and a prepared copy private to this test session."""
