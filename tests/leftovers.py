@@ -9,6 +9,8 @@ of compile workers, with its workers.
 from __future__ import annotations
 
 import contextlib
+import glob
+import os
 
 import psutil
 
@@ -16,8 +18,24 @@ SERVERS = ("multiprocessing.forkserver", "torch/_inductor/compile_worker")
 POOLS = ("torch/_inductor/compile_worker",)  # kept with the processes they started
 
 
-def descendants() -> dict[int, psutil.Process]:
-    return {p.pid: p for p in psutil.Process().children(recursive=True)}
+def _children(pid: int) -> list[int]:
+    """Linux's list of a process's children (psutil's finds them by reading every process's status: 1-4 ms, twice
+    per test of the quick slice)."""
+    found = []
+    for tasks in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError):
+            found += map(int, open(tasks).read().split())
+    return found
+
+
+def descendants() -> set[int]:
+    found, todo = set(), _children(os.getpid())
+    while todo:
+        pid = todo.pop()
+        if pid not in found:
+            found.add(pid)
+            todo += _children(pid)
+    return found
 
 
 def _command(proc: psutil.Process) -> str:
@@ -26,20 +44,19 @@ def _command(proc: psutil.Process) -> str:
     return ""
 
 
-def end_new(before: dict[int, psutil.Process]) -> list[str]:
+def _kept(proc: psutil.Process) -> bool:
+    return any(k in _command(proc) for k in SERVERS) or any(
+        k in _command(parent) for parent in proc.parents() for k in POOLS)
+
+
+def end_new(before: set[int]) -> list[str]:
     """SIGKILL the descendants not in `before`, other than SERVERS and the POOLS' workers; their command lines."""
-    now = descendants()
-    kept = {pid for pid, proc in now.items() if any(k in _command(proc) for k in SERVERS)}
-    pools = {pid for pid, proc in now.items() if any(k in _command(proc) for k in POOLS)}
-    for pid, proc in now.items():
-        with contextlib.suppress(psutil.Error):
-            if any(parent.pid in pools for parent in proc.parents()):
-                kept.add(pid)
     ended = []
-    for pid, proc in now.items():
-        if pid not in before and pid not in kept:
-            command = _command(proc)
-            with contextlib.suppress(psutil.Error):
+    for pid in descendants() - before:
+        with contextlib.suppress(psutil.Error):
+            proc = psutil.Process(pid)
+            if not _kept(proc):
+                command = _command(proc)
                 proc.kill()
                 ended.append(command[:200])
     return ended

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import subprocess
+import sys
+import time
 
 import psutil
 
@@ -38,10 +40,12 @@ def test_a_process_started_in_the_test_is_ended_and_named_and_an_older_one_is_le
 
 def test_the_rank_server_is_kept_and_its_ranks_are_not():
     before = descendants()
-    server = subprocess.Popen(["sh", "-c", "sleep 63 & wait; : multiprocessing.forkserver"])
+    server = subprocess.Popen([sys.executable, "-c", "import subprocess, time; subprocess.Popen(['sleep', '63']); "
+                               "time.sleep(60)  # multiprocessing.forkserver"])
     try:
         child(server.pid, "sleep 63")
         assert end_new(before) == ["sleep 63"]
+        time.sleep(0.2)
         assert server.poll() is None
     finally:
         server.kill()
