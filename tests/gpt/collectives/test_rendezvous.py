@@ -68,8 +68,11 @@ def test_no_rank_but_rank_0_reads_the_others_entries(monkeypatch):
     small, large = _rendezvous_costs(8), _rendezvous_costs(16)
     for costs in (small, large):
         assert max(keys for r, (_, keys) in costs.items() if r) == 1, costs
-    requests = [[c[0] for c in costs.values()] for costs in (small, large)]
-    assert requests[0][0] == requests[1][0] and max(requests[0]) == max(requests[1]), (small, large)
+    # a rank's requests do not grow with the world: the same in both, but one more for whichever rank checks in
+    # last (it marks the world full), which the machine's timing picks
+    zero = {costs[0][0] for costs in (small, large)}
+    others = {c[0] for costs in (small, large) for r, c in costs.items() if r}
+    assert max(zero) - min(zero) <= 1 and max(others) - min(others) <= 1, (small, large)
 
 
 def test_c10ds_hostname_warning_is_left_out_of_the_ranks_log_and_every_other_line_kept(monkeypatch, capfd):
