@@ -2,9 +2,9 @@
 
 A test that fails part-way (a wait that ran out on a slow machine, a timeout) can leave its `python -m launch` and
 its ranks training; on two cores they slow every later test of the session, which then fail in turn. So whatever a
-test started is ended with it, and named in a warning. Two are kept, each started by the first test of a worker that
-needs it and serving every later one: the local backend's rank server (its ranks are not kept), and Inductor's pool
-of compile workers, with its workers.
+test started is ended with it, and named in a warning. Servers are kept, each started by the first test of a worker
+that needs it and serving every later one: the local backend's rank server (its ranks are not kept), multiprocessing's
+resource tracker, and Inductor's pool of compile workers, with its workers.
 """
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import os
 
 import psutil
 
-SERVERS = ("multiprocessing.forkserver", "torch/_inductor/compile_worker")
+SERVERS = ("multiprocessing.forkserver", "multiprocessing.resource_tracker", "torch/_inductor/compile_worker")
 POOLS = ("torch/_inductor/compile_worker",)  # kept with the processes they started
 
 
