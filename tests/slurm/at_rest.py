@@ -13,7 +13,8 @@ import time
 
 # What the tests may change and must put back, as `scontrol show config` and `show partition` print them.
 SETTINGS = ("PreemptType", "ProctrackType", "SelectTypeParameters", "MinJobAge")
-BUSY = {"allocated", "completing", "mixed"}  # a node's states while jobs hold it
+# a node's states while jobs hold it, or until the scheduler's next pass after its pending job went ("planned")
+BUSY = {"allocated", "completing", "mixed", "planned"}
 QUIET_S = 60  # how long cancelled jobs and resumed nodes may take to settle
 
 
