@@ -1,4 +1,4 @@
-"""tests/leftovers.py: what a test started ends with it, except Inductor's compile workers."""
+"""tests/leftovers.py: what a test started ends with it, except the servers later tests use (and a pool's workers)."""
 from __future__ import annotations
 
 import subprocess
