@@ -59,7 +59,7 @@ class _Lane:
     def __init__(self, group: Any) -> None:
         self.group = group
         self.todo: queue.SimpleQueue[tuple[torch.Tensor, Future]] = queue.SimpleQueue()
-        threading.Thread(target=self._run, name="step-flags", daemon=True).start()
+        threading.Thread(target=self._run, name="gptlaunch-step-flags", daemon=True).start()
 
     def _run(self) -> None:
         while True:

@@ -156,6 +156,12 @@ class WatchdogConfig:
         seconds("watchdog.collective_timeout_s", self.collective_timeout_s, auto=True)
         at_least("watchdog.step_factor", self.step_factor, 1.0, "a factor >= 1")
 
+    def longest_budget_s(self) -> float:
+        """The longest fixed budget: a rank past its own budget waits no longer than this for a slower peer."""
+        saves = [self.save_first_s, self.save_floor_s] if self.save_s == "auto" else [float(self.save_s)]
+        steps = [self.step_floor_s] + ([float(self.step_s)] if self.step_s != "auto" else [])
+        return max([self.startup_s, self.eval_s, *saves, *steps])
+
     def process_group_timeout(self) -> float:
         """auto: a minute longer than the longest fixed watchdog budget, so the watchdog always speaks first;
         without a watchdog, torch's usual 600 s."""
@@ -163,9 +169,7 @@ class WatchdogConfig:
             return float(self.collective_timeout_s)
         if not self.enabled:
             return 600.0
-        saves = [self.save_first_s, self.save_floor_s] if self.save_s == "auto" else [float(self.save_s)]
-        steps = [self.step_floor_s] + ([float(self.step_s)] if self.step_s != "auto" else [])
-        return max([self.startup_s, self.eval_s, *saves, *steps]) + 60.0
+        return self.longest_budget_s() + 60.0
 
 
 

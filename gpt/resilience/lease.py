@@ -197,7 +197,7 @@ class Lease:
                 raise
 
     def start(self, beat_s: float = LEASE_BEAT_S) -> None:
-        self._thread = threading.Thread(target=self._run, args=(beat_s,), name="run-lease", daemon=True)
+        self._thread = threading.Thread(target=self._run, args=(beat_s,), name="gptlaunch-lease", daemon=True)
         self._thread.start()
 
     def _run(self, beat_s: float) -> None:

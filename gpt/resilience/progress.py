@@ -83,6 +83,11 @@ class Progress:
         for name in ("since", "started", "_step_began", "_save_began"):
             setattr(self, name, min(getattr(self, name) + frozen_s, now))
 
+    def wrote(self, now: float) -> None:
+        """The watchdog saw this rank's save write since its last look: progress, as a mark is (no longest stretch
+        is recorded: the main thread's own marks keep those)."""
+        self.since = max(self.since, now)
+
     @contextlib.contextmanager
     def collective(self, name: str) -> Iterator[None]:
         if threading.current_thread() is not threading.main_thread():  # a background save's own group

@@ -50,4 +50,4 @@ def pause_with_launcher() -> None:
             if state == "T":
                 os.kill(os.getpid(), signal.SIGSTOP)
 
-    threading.Thread(target=watch, name="pause-with-launcher", daemon=True).start()
+    threading.Thread(target=watch, name="gptlaunch-pause-with-launcher", daemon=True).start()

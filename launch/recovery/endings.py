@@ -16,7 +16,7 @@ from gpt.train.out_of_memory import RanOutOfMemory
 from gpt.train.summary import FitSummary
 from gpt.run_folder import CANCELLED, CTRL_C
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
-from launch.recovery.lost import end_for_lost_node
+from launch.recovery.lost import end_for_lost_node, lost_peers
 from launch.recovery.out_of_memory import RanOut
 from launch.recovery.rounds import hosts_of
 from launch.recovery.watchdog import Watchdog
@@ -119,7 +119,7 @@ def when_a_rank_vanished(attempt: Attempt, e: BaseException, max_restarts: int) 
     if end_for_lost_node(attempt, max_restarts):  # rank 0, on the scheduler's word: no wait for silent heartbeats
         return
     dog.end(f"failed: {type(e).__name__}")
-    if dog.lost_peers():
+    if lost_peers(dog):
         dog.fire(f"a collective failed ({error_line(e, limit=200)})", 0.0, PROGRESS.snapshot()["idle_s"])
     PROGRESS.stop_if_halted()  # the watchdog thread ran out of budget meanwhile: it ends the attempt
 

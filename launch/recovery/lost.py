@@ -39,6 +39,7 @@ from launch.rank.job_env import JobEnvironment, job_environment
 from launch.run.identity import newest_step
 from launch.recovery.decision import Cause, Ending, Outcome, recover
 from launch.recovery.rounds import hosts_of
+from launch.recovery.watchdog import Watchdog
 
 
 VANISHED = "vanished: "  # how a lost rank's heartbeat ends once its task has seen it go
@@ -177,3 +178,20 @@ def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
     if outcome.next is Next.REQUEUE:  # Slurm stops this attempt; exiting first would count as a failed task
         time.sleep(REQUEUE_WAIT_S)
     return True
+
+
+def lost_peers(dog: Watchdog) -> list[int]:
+    """After a collective failed in `dog`'s rank: the ranks that vanished (their heartbeat stopped, and they never
+    said they were ending), waiting as long as a heartbeat takes to go silent. Empty when a rank said it failed:
+    that rank's error is the job's, and the job fails as it should."""
+    stale = max(10 * dog.cfg.interval_s, SCHEDULER_GRACE_S)  # a task Slurm saw die: Slurm ends the job first
+    deadline = time.monotonic() + stale + 2 * dog.cfg.interval_s
+    while time.monotonic() < deadline:
+        others = [(r, b) for r, b in enumerate(dog.peers()) if r != dog.rank]
+        if any(b is not None and b.get("ended") for _, b in others):
+            return []
+        lost = [r for r, b in others if b is not None and (dog.liveness.silent_s(r) or 0.0) > stale]
+        if lost:
+            return lost
+        time.sleep(dog.cfg.interval_s)
+    return []

@@ -1,9 +1,9 @@
 """A watchdog thread in every rank. It writes the rank's heartbeat (what gpt.resilience.progress says it is doing) into
-the run folder every `interval_s`, and when the rank has made no progress for longer than its budget, or another
-rank has reported a hang (looked for only while this rank is stuck itself), it ends the attempt (Watchdog.fire): one
-rank decides and requeues through `on_hang` first, then every rank adds to the report as far as the storage lets it,
-and the process exits within HANG_EXIT_S whatever happens (a report on a full or lost file system must not park the
-allocation).
+the run folder every `interval_s`, and when the rank has made no progress for longer than its budget (in a save, once
+no slower peer still saves within its own), or another rank has reported a hang (looked for only while this rank is
+stuck itself), it ends the attempt (Watchdog.fire): one rank decides and requeues through `on_hang` first, then every
+rank adds to the report as far as the storage lets it, and the process exits within HANG_EXIT_S whatever happens (a
+report on a full or lost file system must not park the allocation).
 
 The report (launch.recovery.hang writes its files): the first rank to time out writes the summary line, every
 rank's heartbeat, who waited in which collective (from torch's flight recorder where it has dumps, preferred to the
@@ -30,9 +30,10 @@ from launch.recovery.hang import HangReport
 from launch.recovery.heartbeat import Liveness, read_heartbeats, write_heartbeat
 from gpt.resilience.lease import fence, fenced_generation
 from launch.recovery.node_heartbeat import NodeHeartbeat
+from launch.recovery.slow_saves import SAVES, WriteWatch, slower_savers
 from gpt.resilience.progress import PROGRESS, Progress
 from gpt.resilience.timing import (HANG_EXIT_S, PROBE_EVERY_S, PROBE_TIMEOUT_S, REPORTER_GRACE_S, REQUEUE_WAIT_S,
-                                   SCHEDULER_GRACE_S, FROZEN_S, SILENT_S)
+                                   FROZEN_S, SILENT_S)
 from gpt.config.sections import WatchdogConfig
 from gpt.errors import EXIT_HANG
 from gpt.run_folder import RunFolder
@@ -56,6 +57,8 @@ class Watchdog:
         self.reaches_master: bool | None = None  # probed only while this rank is stuck
         self.probed = 0.0
         self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says
+        self.waiting_for: list[int] = []  # past its save budget, the slower peers still saving within theirs
+        self.writes = WriteWatch()  # this rank's own save writing
         self.fired = threading.Lock()  # the attempt is ended once, by the thread or by the main thread
         self.exit_by: float | None = None  # after fire(), the monotonic time by which the process is gone
         self.outage = Outage("the heartbeat", RunFolder(run_dir).heartbeat(rank).parent,
@@ -81,7 +84,7 @@ class Watchdog:
         c = self.cfg
         if kind == "startup":
             return "watchdog.startup_s", c.startup_s
-        if kind in ("save", "finish"):  # the final save is synchronous even where the others are not: unlike them
+        if kind in SAVES:  # the final save is synchronous even where the others are not: unlike them
             return self._save_budget(measured=kind == "save")
         if kind == "eval":
             return "watchdog.eval_s", c.eval_s
@@ -133,6 +136,7 @@ class Watchdog:
         self.beats_sent += 1
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
                   "restart": self.restart, "beat": self.beats_sent, "time": time.time(),
+                  "budget_left_s": round(seconds - used, 3),
                   "reaches_master": self.reaches_master, "ended": self.ended, "closest": self.closest(),
                   "longest_s": {k: round(v, 3) for k, v in self.progress.longest.items()}, **self.progress.snapshot(),
                   "generation": fenced_generation()}
@@ -157,15 +161,29 @@ class Watchdog:
             if (overran := now - last - self.cfg.interval_s) > FROZEN_S:
                 self.progress.resumed(overran)
             last = now
+            if self.writes.moved() and self.progress.kind in SAVES:
+                self.progress.wrote(now)  # a save that writes progresses, however long it takes
             key, seconds, used = self.budget(now)
             stuck = used > seconds / 2
-            if stuck:  # stuck for a while: watch the peers, to tell the gone from the slow
-                self.peers()
+            beats = self.peers() if stuck else []  # stuck for a while: watch the peers, to tell the gone from the slow
             # another rank's report is looked for only while stuck: a rank that still progresses makes no lookup
             # per second on the shared file system, and one that waits for a hung peer is stuck itself by then
-            if used > seconds or (stuck and self.report.reported_elsewhere()):
+            if (used > seconds and not self.waits_for_slower_savers(beats, used)) or (
+                    stuck and self.report.reported_elsewhere()):
                 self.fire(key, seconds, used)
                 return
+
+    def waits_for_slower_savers(self, beats: list[dict | None], used: float) -> bool:
+        """Past its budget in a save, whether a peer still saves within its own (launch.recovery.slow_saves); never
+        past the run's longest fixed budget, which the process group's timeout and the task wrappers count on."""
+        if self.progress.kind not in SAVES or used > self.cfg.longest_budget_s():
+            return False
+        slower = slower_savers(beats, self.liveness, self.rank, self.stale_s())
+        if slower and not self.waiting_for:
+            log.warning("watchdog: past this rank's save budget after %.0f s; rank(s) %s still save within their own: "
+                        "waiting for them", used, ", ".join(map(str, slower)))
+        self.waiting_for = slower
+        return bool(slower)
 
     def peers(self) -> list[dict | None]:
         """Every rank's heartbeat, read now and fed to the liveness record (None where unreadable)."""
@@ -265,22 +283,6 @@ class Watchdog:
     def close(self) -> None:
         """The process exits now: no more beats, and this rank's beat leaves the node's memory."""
         self.node.close()
-
-    def lost_peers(self) -> list[int]:
-        """After a collective failed here: the ranks that vanished (their heartbeat stopped, and they never said
-        they were ending), waiting as long as a heartbeat takes to go silent. Empty when a rank said it failed:
-        that rank's error is the job's, and the job fails as it should."""
-        stale = max(10 * self.cfg.interval_s, SCHEDULER_GRACE_S)  # a task Slurm saw die: Slurm ends the job first
-        deadline = time.monotonic() + stale + 2 * self.cfg.interval_s
-        while time.monotonic() < deadline:
-            others = [(r, b) for r, b in enumerate(self.peers()) if r != self.rank]
-            if any(b is not None and b.get("ended") for _, b in others):
-                return []
-            lost = [r for r, b in others if b is not None and (self.liveness.silent_s(r) or 0.0) > stale]
-            if lost:
-                return lost
-            time.sleep(self.cfg.interval_s)
-        return []
 
     def stale_s(self) -> float:
         """A live rank's heartbeat moves every interval_s; one that has not moved for this long is gone."""

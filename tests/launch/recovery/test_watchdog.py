@@ -262,3 +262,55 @@ def test_a_stop_that_lands_during_a_heartbeat_is_credited_not_taken_for_a_hang(t
     assert fired and len(turns) >= 3, (turns, fired)
     # no progress after the stop either: the hang is still seen, a budget after the thread woke, not at once
     assert fired[0][0] - (turns[2] + 2.0) > 0.5 and fired[0][1][0] == "watchdog.step_s", (fired, turns)
+
+
+
+def saver(tmp_path: Path, rank: int, longest_save_s: float, fired: list) -> tuple[Watchdog, Progress]:
+    """Rank `rank` of 2, on a host of its own, in a save; its save budget 10x `longest_save_s`, at least 0.5 s."""
+    progress = Progress()
+    progress.phase("step", "step 0", 0)
+    progress.phase("step", "step 1", 1)
+    progress.save_times.append(longest_save_s)
+    progress.phase("save", "checkpoint save at step 1", 1)
+    cfg = WatchdogConfig(interval_s=0.05, save_floor_s=0.5, step_factor=10)
+    dog = Watchdog(cfg, tmp_path, rank, 2, f"h{rank}", 1, lambda r: None, progress)
+    dog.fire = lambda key, seconds, used: fired.append((rank, key, round(used, 2)))
+    return dog, progress
+
+
+@pytest.mark.parametrize("peer", ["slower", "hung", "frozen", "waiting"])
+def test_a_rank_past_its_save_budget_waits_for_a_slower_peer_saving_within_its_own(tmp_path, monkeypatch, peer):
+    """Rank 0 saves fast (budget 0.5 s) and waits in the save's collective; rank 1 saves slower (budget 2 s). A
+    slower save is no hang: rank 0 waits while rank 1 beats, works (in no collective) and has budget left. A peer
+    hung in its save is reported by its own watchdog at its budget, and rank 0 waits until then; a frozen peer (no
+    heartbeat) or one waiting in a collective itself gives rank 0 nothing to wait for: its own budget applies."""
+    from launch.recovery import watchdog
+
+    monkeypatch.setattr(watchdog, "SILENT_S", 0.5)  # a frozen peer is gone after 0.5 s without a beat
+    (tmp_path / "watchdog").mkdir()
+    fired: list[tuple] = []
+    dog0, progress0 = saver(tmp_path, 0, 0.02, fired)
+    dog1, progress1 = saver(tmp_path, 1, 0.2, fired)
+    dog0.start(), dog1.start()
+    start = time.monotonic()
+    with progress0.collective("all_gather"):  # rank 0 is done with its shards and waits for rank 1
+        if peer == "waiting":
+            barrier = progress1.collective("barrier")  # a collective of its own: both wait
+            barrier.__enter__()
+        if peer == "frozen":
+            monkeypatch.setattr(dog1, "beat", lambda last=False: time.sleep(3600))
+        deadline = start + (1.25 if peer == "slower" else 10)
+        while time.monotonic() < deadline and not (peer != "slower" and any(r == 0 for r, *_ in fired)):
+            time.sleep(0.05)  # rank 1 works on its shards meanwhile
+        if peer == "slower":
+            with progress1.collective("all_gather"):
+                pass
+    took = time.monotonic() - start
+    by_rank = {r: (key, used) for r, key, used in fired}
+    if peer == "slower":
+        assert fired == [], fired  # 1.25 s into rank 0's save of budget 0.5 s: rank 1's (2 s) was not spent
+    elif peer == "hung":
+        assert by_rank[1][0] == "watchdog.save_s (auto)" and 2 <= by_rank[1][1] < 3, fired
+        assert 2 <= by_rank[0][1] < 4, fired  # waited for rank 1's own budget, not its own 0.5 s
+    else:
+        assert 0.5 <= by_rank[0][1] < 1.5 and took < 2, (fired, took)  # its own budget: nothing to wait for
