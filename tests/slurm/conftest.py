@@ -28,6 +28,7 @@ from filelock import FileLock
 
 from helpers import REPO
 import at_rest
+from daemon_aborts import pytest_runtest_protocol, watched  # noqa: F401 (the hook, registered here)
 from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
 from slurm_helpers import local_reference
 
@@ -166,7 +167,8 @@ def slurm_cluster() -> SlurmCluster:
 def cluster_at_rest(request) -> Iterator[None]:
     """A test on the cluster starts on it at rest (tests/slurm/at_rest.py), and its jobs end with it (a sweep's report
     job may still wait for its points): a test that failed part-way neither fails the next ones nor leaves ranks that
-    slow every worker. What had to be repaired is a warning in the suite's summary."""
+    slow every worker. What had to be repaired is a warning in the suite's summary. A test that failed while a daemon
+    of the cluster aborted on its own heap check runs once more (tests/slurm/daemon_aborts.py)."""
     if "slurm_cluster" not in request.fixturenames:
         yield
         return
@@ -174,7 +176,8 @@ def cluster_at_rest(request) -> Iterator[None]:
     cluster.settings = cluster.settings or at_rest.settings(cluster)
     if wrong := at_rest.restore(cluster, cluster.settings):
         warnings.warn(f"the cluster was not at rest before {request.node.nodeid}: {'; '.join(wrong)}", stacklevel=1)
-    yield
+    with watched(request.node, cluster.conf):
+        yield
     at_rest.cancel_jobs(cluster)
 
 
