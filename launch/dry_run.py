@@ -131,7 +131,7 @@ def plan(overrides: Sequence[str], ranks: Sequence[int] | None = None) -> tuple[
         raise ConfigError("--rank", bad[0], f"a rank of the planned world, 0 to {dims.world_size - 1}")
     micro, _ = train.micro_batches(dims.dp)
     parts = estimate(model, train, run.strategy, dims, micro)
-    at_update = estimate(model, train, run.strategy, dims, train.per_rank_batch(dims.dp)).grads
+    at_update = estimate(model, train, run.strategy, dims, micro, at_update=True).grads
     return DryRun(dataclasses.replace(run, train=train), dims, parts, at_update, list(ranks or ranks_to_build(dims)),
                   named=bool(ranks)), model, device.kind
 

@@ -11,8 +11,9 @@ inputs, q, k and v, the MLP's hidden, in the compute precision, eager and compil
 under train.attention=math the softmax of every head too), the head at the start of backward (its input, the
 cross-entropy's fp32 rows), autocast's compute-precision copies of the weights, and a pipeline stage's input and
 output per micro-batch in flight; where the parameters are
-sharded over data-parallel ranks, the root and one layer gathered at a time; with gradient accumulation, the
-gradients as a rank holds them between micro-steps (FSDP: unsharded, in fp32; traits.accumulating_grad_share).
+sharded over data-parallel ranks, the root and one layer gathered at a time (a pipeline's FSDP stage: all of it,
+from its first backward to the step's end); with gradient accumulation, the gradients as a rank holds them between
+micro-steps (FSDP and a pipeline's FSDP stage: unsharded, in fp32; traits.accumulating_grad_share).
 Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. The peak counts
 all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held, and
 calibrated against CUDA's peaks on GPUs (tests/gpt/parallel/test_memory_calibration.py, docs/profiling.md)."""
@@ -106,29 +107,32 @@ def rank_params(model: ModelConfig, counts: dict[str, int], strategy: StrategyCo
 
 
 def gathered_bytes(model: ModelConfig, counts: dict[str, int], train: TrainConfig, dims: ParallelDims,
-                   param_fraction: float) -> float:
+                   param_fraction: float, whole: float | None = None) -> float:
     """Parameters a rank gathers for its forward when they are sharded over data-parallel ranks (FSDP, ZeRO-3): the
     unsharded root (embeddings, final norm, head: kept through the step) and one layer at a time, in the compute
-    precision, split over tp."""
+    precision, split over tp; or, where the strategy keeps them all gathered, the `whole` of the rank's."""
     if param_fraction * dims.pp * dims.tp >= 1:
         return 0.0
+    v = 2 if train.compute_precision in ("bf16", "fp16") else 4
+    if whole is not None:
+        return v * whole
     layer = (counts["non_embedding"] - (0 if model.tie_embeddings else model.vocab_size * model.n_embd)) / model.n_layer
     root = counts["total"] - model.n_layer * layer
-    v = 2 if train.compute_precision in ("bf16", "fp16") else 4
     return v * (layer + root / dims.pp) / dims.tp
 
 
 def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, dims: ParallelDims,
-             micro_batch: int) -> MemoryParts:
+             micro_batch: int, at_update: bool = False) -> MemoryParts:
     """One rank's memory at its peak for this model, layout, micro-batch (sequences per forward), precision and
-    activation checkpointing. model.vocab_size must be known."""
+    activation checkpointing; `at_update`: its gradients as the update reads them, once reduced. model.vocab_size
+    must be known."""
     # what the strategy's traits say, then the sizes they are shares of
     traits = traits_of(strategy.name)
     p_share, g_share, _ = traits.state_shares(strategy, dims)
     o_share = traits.optimizer_share(strategy, dims, model)
     # gradient accumulation: the gradients as a rank holds them between the micro-steps
-    accumulating = traits.accumulating_grad_share(strategy, dims) if train.global_batch_size // dims.dp > micro_batch \
-        else 0.0
+    accumulating = 0.0 if at_update else traits.accumulating_grad_share(
+        strategy, dims, train.global_batch_size // dims.dp > micro_batch)
     p_bytes, g_bytes, o_bytes = traits.state_bytes(strategy, train.compute_precision)
     layers = traits.activation_layers(strategy, dims, model.n_layer)
     fused_loss = train.compile and traits.compile_scope(train) == "model"
@@ -137,8 +141,10 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     p_share, g_share, o_share = p_share * padding, max(g_share * padding, accumulating), o_share * padding
     counts = param_count(model)
     layer, head = activation_bytes_per_token(model, train, dims.tp, dims.sequence_parallel, fused_loss)
-    gathered = gathered_bytes(model, counts, train, dims, fraction)
-    held = rank_params(model, counts, strategy, dims) * dims.pp * dims.tp  # the traits' shares divide by pp and tp
+    stage = rank_params(model, counts, strategy, dims)
+    whole = stage if traits.gathers_whole(strategy, dims) else None
+    gathered = gathered_bytes(model, counts, train, dims, fraction, whole)
+    held = stage * dims.pp * dims.tp  # the traits' shares divide by pp and tp
     params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     tokens = micro_batch * model.block_size
     every = train.recompute_every()

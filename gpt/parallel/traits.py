@@ -226,10 +226,14 @@ class StrategyTraits:
         the strategy splits every tensor in padded chunks."""
         return 1.0
 
-    def accumulating_grad_share(self, strategy: StrategyConfig, dims: ParallelDims) -> float:
-        """The share of the model's gradients a rank holds between the micro-steps of gradient accumulation: the
-        step's (state_shares), where they accumulate in place."""
-        return self.state_shares(strategy, dims)[1]
+    def accumulating_grad_share(self, strategy: StrategyConfig, dims: ParallelDims, micro_steps: bool) -> float:
+        """The share of the model's gradients a rank holds between the micro-steps of gradient accumulation (0 where
+        a step is one micro-step): the step's (state_shares), where they accumulate in place."""
+        return self.state_shares(strategy, dims)[1] if micro_steps else 0.0
+
+    def gathers_whole(self, strategy: StrategyConfig, dims: ParallelDims) -> bool:
+        """Whether a rank holds all its sharded parameters gathered through its backward, not one layer at a time."""
+        return False
 
     def activation_layers(self, strategy: StrategyConfig, dims: ParallelDims, n_layer: int) -> float:
         """How many layers' activations of one micro-batch a rank holds at once at its peak."""
@@ -428,13 +432,13 @@ class FSDPTraits(StrategyTraits):
         chunks = sum(math.ceil(shape[0] / dims.dp_shard) * math.prod(shape[1:]) for shape in shapes)
         return chunks * dims.dp_shard / sum(math.prod(shape) for shape in shapes)
 
-    def accumulating_grad_share(self, strategy, dims):
+    def accumulating_grad_share(self, strategy, dims, micro_steps):
         """Before the last micro-step gpt.parallel.fsdp turns the gradients' reduction off
         (set_requires_gradient_sync(False)), and torch 2.13's FSDP2 then keeps every block's gradients unsharded
         until it (FSDPParamGroup.post_backward: unsharded_accumulated_grad, in the fp32 reduce dtype under bf16 and
         fp16; the fp32 parameter's own .grad under fp32): the rank's tensor-parallel part of the whole model's,
         whatever dp_shard."""
-        return 1.0 / dims.tp
+        return 1.0 / dims.tp if micro_steps else 0.0
 
     def waits_in_compute(self, strategy, dims):
         return dims.dp > 1 or dims.tp > 1  # per-layer all-gathers and reductions, tensor-parallel all-reduces
@@ -540,6 +544,19 @@ class PipelineTraits(StrategyTraits):
 
     def param_fraction(self, strategy, dims):
         return 1.0 / (dims.pp * dims.dp_shard * dims.tp)
+
+    def accumulating_grad_share(self, strategy, dims, micro_steps):
+        """A step is micro-batches (strategy.microbatches), and torch 2.13's schedules run each backward with FSDP's
+        reduction off and its parameters left gathered (PipelineStage.backward_maybe_with_nosync), reducing only
+        at the step's end (perform_reduce_grad): under dp=fsdp a rank holds its stage's gradients unsharded (fp32,
+        the reduce dtype) through the backward; under dp=ddp in place, the step's own."""
+        if self.gathers_whole(strategy, dims):
+            return 1.0 / (dims.pp * dims.tp)
+        return super().accumulating_grad_share(strategy, dims, micro_steps)
+
+    def gathers_whole(self, strategy, dims):
+        """dp=fsdp: a stage's parameters stay gathered from its first backward to the step's end (above)."""
+        return strategy.dp == "fsdp" and dims.dp_shard > 1
 
     def activation_layers(self, strategy, dims, n_layer):
         """A stage's layers, for the micro-batches in flight at once (all of them under gpipe; under 1f1b and the
