@@ -58,11 +58,19 @@ def accelerator_chosen_quietly() -> None:
         logging.disable(logging.NOTSET)
 
 
+def train_from(out: Path, model: Any) -> str:
+    """The overrides that start a run from the exported folder `out` (init=hf:PATH) of `model` (a ModelConfig): its
+    tokenizer, data prepared with it in a folder of its own, and what config.json does not say: the block size it
+    was trained at, and (GPT-2's config has no such keys) its biases and its norm."""
+    return (f"init=hf:{out} data.tokenizer=hf data.tokenizer_file={out / 'tokenizer.json'} data.dir={out}-data "
+            f"model.block_size={model.block_size} model.bias={str(model.bias).lower()} model.norm={model.norm}")
+
+
 def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5GB",
-           tasks: Sequence[str] = ()) -> tuple[Path, str | None]:
+           tasks: Sequence[str] = ()) -> tuple[Path, str | None, Any]:
     """Export the checkpoint at `path` (a run folder: its newest) to `out`, in `dtype`, in safetensors files of at most
-    `max_shard_size`, with `tasks` for lm-eval; returns the checkpoint used and the lm-eval command that scores the
-    tasks (None without tasks)."""
+    `max_shard_size`, with `tasks` for lm-eval; returns the checkpoint used, the lm-eval command that scores the
+    tasks (None without tasks) and the model's config."""
     from gpt.checkpoint.writer import load_model
     from gpt.data.tokenizer import load_tokenizer
     from gpt.eval.lm_eval_task import lm_eval_command, write_lm_eval_tasks
@@ -84,9 +92,9 @@ def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
     hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
     save_tokenizer(tokenizer, model.cfg.block_size, out)
     if not tasks:
-        return checkpoint, None
+        return checkpoint, None, model.cfg
     names = write_lm_eval_tasks(list(tasks), out)
-    return checkpoint, lm_eval_command(names, 0 if tokenizer.eot is None else None)
+    return checkpoint, lm_eval_command(names, 0 if tokenizer.eot is None else None), model.cfg
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -101,10 +109,12 @@ def main(argv: list[str] | None = None) -> None:
                         help="task files (HellaSwag's format) to write as lm-eval tasks beside the model")
     args = parser.parse_args(argv)
     with user_errors(), torch.no_grad():
-        checkpoint, command = export(args.path, args.out, args.dtype, args.max_shard_size, args.lm_eval_task)
+        checkpoint, command, model = export(args.path, args.out, args.dtype, args.max_shard_size,
+                                                 args.lm_eval_task)
     print(f"exported {checkpoint} to {args.out}", file=sys.stderr)
     if command:
         print(f"score its tasks: cd {args.out} && {command}", file=sys.stderr)
+    print(f"train from it: python -m launch {train_from(args.out.absolute(), model)} ...", file=sys.stderr)
 
 
 if __name__ == "__main__":

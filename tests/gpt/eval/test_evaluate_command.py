@@ -54,7 +54,10 @@ def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(dat
     assert export.stderr.splitlines() == [
         f"exported {tmp_path / 'run' / 'checkpoints' / 'step_00000020'} to {out}",
         f"score its tasks: cd {out} && HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 lm_eval --model hf --model_args "
-        f"pretrained=.,prefix_token_id=0 --include_path lm_eval --tasks order"], export.stderr[-3000:]
+        f"pretrained=.,prefix_token_id=0 --include_path lm_eval --tasks order",
+        f"train from it: python -m launch init=hf:{out} data.tokenizer=hf data.tokenizer_file={out}/tokenizer.json "
+        f"data.dir={out}-data model.block_size=64 model.bias=true "
+        f"model.norm=layernorm ..."], export.stderr[-3000:]
     assert (out / "lm_eval" / "order.yaml").is_file() and (out / "lm_eval" / "order.jsonl").is_file()
 
 

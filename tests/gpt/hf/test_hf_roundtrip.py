@@ -49,7 +49,8 @@ def test_an_exported_folder_imports_with_the_same_logits(family, tmp_path, caplo
     fresh = GPT(model.cfg)  # model.bias=false takes GPT-2's zero biases
     with caplog.at_level("INFO", logger="gpt.hf.folder"):
         load_into(fresh, f"hf:{tmp_path}")
-    assert [r.getMessage().split(" (")[0] for r in caplog.records] == [f"weights from init=hf:{tmp_path}"]
+    said = [r.getMessage().split(" (")[0] for r in caplog.records if r.name == "gpt.hf.folder"]  # a library's
+    assert said == [f"weights from init=hf:{tmp_path}"]  # first import may warn too, in whichever test imports it
     tokens = torch.randint(0, model.cfg.vocab_size, (2, 32))
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(tokens)[0], model(tokens)[0], rtol=1e-5, atol=1e-5)
@@ -87,14 +88,14 @@ def exported(tmp_path_factory, data_overrides):
     run_dir = tmp_path_factory.mktemp("fsdp")
     launch(*TRAIN, *data_overrides, "strategy=fsdp", "cluster.tasks_per_node=2", run_dir=run_dir)
     out = tmp_path_factory.mktemp("hf") / "tiny"
-    subprocess.run([sys.executable, "-m", "gpt.export", str(run_dir), str(out)], cwd=REPO, check=True,
-                   capture_output=True, text=True, timeout=300)
-    return run_dir, out
+    proc = subprocess.run([sys.executable, "-m", "gpt.export", str(run_dir), str(out)], cwd=REPO, check=True,
+                          capture_output=True, text=True, timeout=300)
+    return run_dir, out, proc.stderr
 
 
 @pytest.mark.slow
 def test_export_of_an_fsdp_checkpoint_loads_in_transformers_with_the_same_logits_and_tokens(exported):
-    run_dir, out = exported
+    run_dir, out, _ = exported
     ours, meta, _ = load_model(run_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     text = "ROMEO:\nWhat light through yonder window breaks?"
@@ -108,14 +109,16 @@ def test_export_of_an_fsdp_checkpoint_loads_in_transformers_with_the_same_logits
 @pytest.mark.slow
 def test_a_run_initialised_from_the_exported_folder_starts_from_its_weights(exported, data_overrides,
                                                                            tmp_path):
-    run_dir, out = exported
+    """With the overrides the export printed, as a user pastes them: the same text, the default model preset."""
+    run_dir, out, said = exported
     original, meta, _ = load_model(run_dir)
-    tokenizer = ["data.tokenizer=hf", f"data.tokenizer_file={out / 'tokenizer.json'}",
-                 f"data.dir={tmp_path / 'data'}", f"model.vocab_size={original.cfg.vocab_size}"]
+    (line,) = [x for x in said.splitlines() if x.startswith("train from it: python -m launch ")]
+    assert line.endswith(" ...")
+    hint = line.removeprefix("train from it: python -m launch ").removesuffix(" ...").split()
+    assert f"init=hf:{out}" in hint and f"data.dir={out}-data" in hint
     # a learning rate so small that one step leaves the weights where the import put them
-    launch("model=tiny", "train.max_steps=1", "train.warmup_steps=0", "train.lr=1e-12", "train.min_lr=0",
-           "train.global_batch_size=8",
-           "train.eval_interval=0", data_overrides[0], *tokenizer, f"init=hf:{out}", run_dir=tmp_path / "run")
+    launch("train.max_steps=1", "train.warmup_steps=0", "train.lr=1e-12", "train.min_lr=0", "train.global_batch_size=8",
+           "train.eval_interval=0", data_overrides[0], *hint, run_dir=tmp_path / "run")
     started, _, _ = load_model(tmp_path / "run")
     for key, value in original.state_dict().items():
         torch.testing.assert_close(started.state_dict()[key], value, rtol=0, atol=1e-6, msg=key)
@@ -125,7 +128,7 @@ def test_a_run_initialised_from_the_exported_folder_starts_from_its_weights(expo
 def test_a_run_whose_init_folder_was_purged_continues_from_its_own_checkpoint(exported, data_overrides, tmp_path):
     """Once the run has a checkpoint of its own, the folder it was initialised from is read no more, at planning nor
     by a rank: purged meanwhile, it does not stop the same command (nor a requeue, which plans again)."""
-    _, out = exported
+    _, out, _ = exported
     folder, tokenizer, run = tmp_path / "hf", tmp_path / "tokenizer.json", tmp_path / "run"
     shutil.copytree(out, folder)
     shutil.copyfile(out / "tokenizer.json", tokenizer)
@@ -143,7 +146,7 @@ def test_a_run_whose_init_folder_was_purged_continues_from_its_own_checkpoint(ex
 
 @pytest.mark.slow
 def test_a_folder_whose_shapes_differ_is_refused_before_anything_runs(exported, data_overrides, tmp_path):
-    _, out = exported
+    _, out, _ = exported
     proc = launch("model=tiny", "model.n_layer=3", "model.vocab_size=65", *data_overrides, "data.tokenizer=hf",
                   f"data.tokenizer_file={out / 'tokenizer.json'}", f"init=hf:{out}", run_dir=tmp_path / "run",
                   check=False)
