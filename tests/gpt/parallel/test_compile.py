@@ -19,6 +19,12 @@ from strategy_runs import COMMON, GQA, STEPS, TP, baseline_of, max_rel_diff, run
 # steps in every case below. A wrong gradient moves them by far more: before the embedding's all-reduce was waited
 # for in eager (gpt.parallel.tensor), compiled tensor-parallel blocks moved the second step's loss by 2e-3.
 COMPILED_RTOL = 1e-4
+# The evaluation after the last update reads weights that ten AdamW updates moved apart: AdamW divides each gradient by
+# its own running size, so where a gradient is rounding noise (the k projection's bias, which softmax makes
+# gradient-free) two orders of reduction give updates of a whole learning rate in different directions. On an AMD
+# EPYC whole-model compiled DDP's weights ended up to 0.3% apart with the train losses within 3e-5, and its last
+# validation loss 6e-4 relative from eager's; the train losses above still catch a wrong gradient (2e-3).
+VAL_RTOL = 2e-3
 CASES = {
     "ddp": ["strategy=ddp", "nodes=2"],
     "fsdp": ["strategy=fsdp", "cluster.tasks_per_node=2"],
@@ -39,7 +45,7 @@ def test_compiled_layout_trains_as_one_eager_process(name, tmp_path, tmp_path_fa
     expected, got = losses(baseline), losses(run_dir)
     assert len(got) == STEPS and expected[-1] < expected[0] - 0.5
     assert max_rel_diff(expected, got) <= COMPILED_RTOL, (expected, got)
-    assert max_rel_diff(val_losses(baseline), val_losses(run_dir)) <= COMPILED_RTOL
+    assert max_rel_diff(val_losses(baseline), val_losses(run_dir)) <= VAL_RTOL
     eager, _, _ = load_model(baseline)
     compiled, _, _ = load_model(run_dir)  # a plain GPT: the checkpoint's names are the model's, no `_orig_mod`
     assert {k: v.shape for k, v in compiled.state_dict().items()} == {k: v.shape for k, v in eager.state_dict().items()}
@@ -58,7 +64,7 @@ def test_ddp_trains_the_whole_compiled_model_as_eager_ddp(tmp_path, data_overrid
     expected, got = losses(eager), losses(compiled)
     assert len(got) == STEPS and expected[-1] < expected[0] - 0.5
     assert max_rel_diff(expected, got) <= COMPILED_RTOL, (expected, got)
-    assert max_rel_diff(val_losses(eager), val_losses(compiled)) <= COMPILED_RTOL
+    assert max_rel_diff(val_losses(eager), val_losses(compiled)) <= VAL_RTOL
 
 
 @pytest.mark.parametrize("strategy", spread("strategy", ["single", "ddp", "zero1", "fsdp"], 2))
