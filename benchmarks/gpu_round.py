@@ -107,8 +107,8 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     # issue 58's CUDA-graph lever: the same 65,536 tokens a step as one micro-step of 64, replayed as CUDA graphs,
     # and that micro-batch without graphs beside it (which of the two pays)
     micro = 4 if cpu else 64
-    graphs = ["--ours", f"micro{micro}=train.micro_batch_size={micro}",
-              "--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={micro}"]
+    graphs = ["--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={micro}",
+              "--ours", f"micro{micro}=train.micro_batch_size={micro}"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
     tiny = ["model=tiny", "model.n_head=8", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"]
@@ -118,10 +118,10 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         Part("shared", 120, shared_commands(work, cpu)),
+        Part("fp8_loss", 300, fp8_loss_commands(work, cpu)),  # never measured yet: before the parts measured once
         Part("peers_gpt2", 240, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
-        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
-        Part("fp8_loss", 300, fp8_loss_commands(work, cpu)),  # before peers_llama, whose ratios one round measured
+        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
         Part("dry_run", 90, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",

@@ -211,15 +211,16 @@ def worker(args: argparse.Namespace) -> None:
 # --- the table ------------------------------------------------------------------------------------------------
 
 def rows_of(args: argparse.Namespace) -> list[tuple[Pair, str, str, list[str]]]:
-    """(pair, label, side, overrides): gptlaunch, each --ours variant, then the peer, pair by pair."""
+    """(pair, label, side, overrides): gptlaunch, the peer, then each --ours variant, pair by pair (the comparison
+    the pair is for first, should a time limit stop the rest)."""
     rows = []
     for name in args.pair or list(PAIRS):
         pair = (TINY if args.tiny else PAIRS)[name]
         rows.append((pair, "gptlaunch", "ours", []))
-        for label, overrides in args.ours:
-            rows.append((pair, f"gptlaunch {label}", "ours", overrides))
         if pair.peer == "hf" or args.nanogpt:
             rows.append((pair, "nanoGPT" if pair.peer == "nanogpt" else "transformers Llama", "peer", []))
+        for label, overrides in args.ours:
+            rows.append((pair, f"gptlaunch {label}", "ours", overrides))
     return rows
 
 

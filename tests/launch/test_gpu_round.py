@@ -10,7 +10,7 @@ import pytest
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
 
-ORDER = ["check", "shared", "peers_gpt2", "save", "requeue", "fp8_loss", "peers_llama", "dry_run"]
+ORDER = ["check", "shared", "fp8_loss", "peers_gpt2", "requeue", "save", "peers_llama", "dry_run"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
@@ -22,8 +22,8 @@ def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_p
     peers = {p.name: p.commands[0] for p in parts}
     assert peers["peers_llama"][-2:] == ["--ours", "fp8=train.precision=fp8"]  # refused rows do not stop the part
     assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10",
-                                       "--ours", "micro64=train.micro_batch_size=64",
-                                       "--ours", "graphs=train.compile_mode=reduce-overhead,train.micro_batch_size=64"]
+                                       "--ours", "graphs=train.compile_mode=reduce-overhead,train.micro_batch_size=64",
+                                       "--ours", "micro64=train.micro_batch_size=64"]
 
 
 @pytest.mark.slow  # composes and plans every run of the round: seconds

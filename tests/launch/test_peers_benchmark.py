@@ -70,8 +70,8 @@ def test_gptlaunch_runs_at_the_peers_shape_and_tokens_per_step(tmp_path):
     assert rows == [("gpt2", "gptlaunch", "ours", []),  # no nanoGPT checkout named: ours alone
                     ("gpt2", "gptlaunch fp8", "ours", ["train.precision=fp8", "train.compile=true"]),
                     ("llama", "gptlaunch", "ours", []),
-                    ("llama", "gptlaunch fp8", "ours", ["train.precision=fp8", "train.compile=true"]),
-                    ("llama", "transformers Llama", "peer", [])]
+                    ("llama", "transformers Llama", "peer", []),  # the pair's own comparison before the variants
+                    ("llama", "gptlaunch fp8", "ours", ["train.precision=fp8", "train.compile=true"])]
     cmd = peers.ours_command(peers.PAIRS["llama"], 10, False, ["train.precision=fp8"], tmp_path)
     assert {"model=llama_1b", "train=gpu", "train.global_batch_size=32", "train.micro_batch_size=8",
             "train.max_steps=20", "train.log_interval=10"} <= set(cmd) and cmd[-1] == "train.precision=fp8"
