@@ -121,7 +121,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         # what a round has still to measure first: the gpt2 levers, the save with eight writers, a requeue's imports
-        Part("peers_gpt2", 240, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], *graphs]]),
+        Part("peers_gpt2", 240, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *graphs]]),
         Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
         Part("fp8_loss", 450, fp8_loss_commands(work, cpu)),

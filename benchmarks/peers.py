@@ -14,7 +14,9 @@ Triton caches of its own, so that no row reuses another's kernels or memory. gpt
 training scripts run: bf16 autocast, the model with its loss compiled, fused AdamW, gradients clipped at 1.0, tokens
 already on the GPU; `--steps` warm-up steps, then `--steps` timed ones. MFU is gptlaunch's formula
 (gpt.model.flops) for every row. `--ours LABEL=OVERRIDES` adds a gptlaunch row with more overrides (comma-separated);
-a row whose run fails is printed with its last line and the others go on. Writes benchmarks/results/peers[_PAIR].json.
+a row whose run fails is printed with its last line and the others go on. `--trace` profiles two more steps of
+every row after its timed ones and prints where each row's step went on the device, by family of kernel
+(launch.step_trace). Writes benchmarks/results/peers[_PAIR].json.
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, SHARED_TEXT, compose_config, save_results  # noqa: E402
 
 RESULT = "PEER_RESULT "  # the line a peer's process prints its figures on
+TRACED = 2  # steps profiled after the timed ones (--trace)
 
 
 @dataclass(frozen=True)
@@ -63,9 +66,11 @@ def data_overrides() -> list[str]:
     return ["data=shakespeare_bpe", f"data.text_path={text if text.exists() else SHARED_TEXT}"]
 
 
-def ours_command(pair: Pair, steps: int, tiny: bool, extra: list[str], run_dir: Path) -> list[str]:
+def ours_command(pair: Pair, steps: int, tiny: bool, extra: list[str], run_dir: Path, trace: bool = False) -> list[str]:
+    total = 2 * steps + (TRACED if trace else 0)  # the traced steps after the timed window, which they leave alone
     batch = [f"train.global_batch_size={pair.micro * pair.accum}", f"train.micro_batch_size={pair.micro}",
-             f"train.max_steps={2 * steps}", f"train.decay_steps={2 * steps}", f"train.log_interval={steps}"]
+             f"train.max_steps={total}", f"train.decay_steps={total}", f"train.log_interval={steps}",
+             *([f"profile.steps={2 * steps}-{total - 1}"] if trace else [])]
     quiet = ["train.eval_interval=0", "train.progress=false", "checkpoint.interval_steps=0", "resume=none"]
     return [sys.executable, "-m", "launch", f"hydra.run.dir={run_dir}", *pair.model, *data_overrides(),
             *(OURS_CPU if tiny else OURS_GPU), *batch, *quiet, *extra]
@@ -79,26 +84,33 @@ def fresh_env(folder: Path) -> dict[str, str]:
     return {**fresh_caches(folder), "PYTHONPATH": os.pathsep.join(path)}
 
 
-def run_ours(pair: Pair, steps: int, tiny: bool, extra: list[str], folder: Path) -> dict:
-    """`python -m launch` as a user runs it; its last logged window (the steps after the warm-up's)."""
+def run_ours(pair: Pair, steps: int, tiny: bool, extra: list[str], folder: Path, trace: bool = False) -> dict:
+    """`python -m launch` as a user runs it; the logged window of the steps after the warm-up's."""
+    from gpt.run_folder import RunFolder
+    from launch.step_trace import summarize
+
     run_dir = folder / "run"
     start = time.perf_counter()
-    proc = subprocess.run(ours_command(pair, steps, tiny, extra, run_dir), cwd=REPO, capture_output=True, text=True,
-                          env=fresh_env(folder))
+    proc = subprocess.run(ours_command(pair, steps, tiny, extra, run_dir, trace), cwd=REPO, capture_output=True,
+                          text=True, env=fresh_env(folder))
     if proc.returncode:
         return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
     lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
-    train = [r for r in map(json.loads, lines) if r["kind"] == "train"]
-    last = train[-1]
-    return {"tokens_per_s": last["tokens_per_s"], "step_s": (pair.micro * pair.accum * block(pair))
-            / last["tokens_per_s"], "mfu": last.get("mfu"), "peak_gib": last.get("mem/peak_gib"),
-            "loss": last["loss"], "command_s": time.perf_counter() - start}
+    timed = next(r for r in map(json.loads, lines) if r["kind"] == "train" and r["step"] == 2 * steps - 1)
+    out = {"tokens_per_s": timed["tokens_per_s"], "step_s": (pair.micro * pair.accum * block(pair))
+           / timed["tokens_per_s"], "mfu": timed.get("mfu"), "peak_gib": timed.get("mem/peak_gib"),
+           "loss": timed["loss"], "command_s": time.perf_counter() - start}
+    traces = RunFolder(run_dir).profile_traces()
+    if trace and traces:
+        out["trace"] = asdict(summarize(json.loads(traces[0].read_text())))
+    return out
 
 
-def run_peer(pair: Pair, steps: int, tiny: bool, peer_dir: Path | None, folder: Path) -> dict:
+def run_peer(pair: Pair, steps: int, tiny: bool, peer_dir: Path | None, folder: Path, trace: bool = False) -> dict:
     """A peer's loop in a process of its own (this module's --worker)."""
     cmd = [sys.executable, "-m", "benchmarks.peers", "--worker", pair.peer, "--pair", pair.name,
-           "--steps", str(steps), *(["--tiny"] if tiny else []), *(["--nanogpt", str(peer_dir)] if peer_dir else [])]
+           "--steps", str(steps), *(["--tiny"] if tiny else []), *(["--nanogpt", str(peer_dir)] if peer_dir else []),
+           *(["--trace-to", str(folder / "peer.pt.trace.json")] if trace else [])]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=fresh_env(folder))
     found = [line for line in proc.stdout.splitlines() if line.startswith(RESULT)]
     if proc.returncode or not found:
@@ -155,9 +167,10 @@ def hf_model(pair: Pair, device: str):
     return model, opt, loss
 
 
-def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn) -> dict:
+def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn, trace_to: Path | None = None) -> dict:
     """`steps` warm-up steps then `steps` timed ones of `accum` micro-steps each, with bf16 autocast and the loss
-    compiled on a GPU (fp32, eager on the CPU: the smoke)."""
+    compiled on a GPU (fp32, eager on the CPU: the smoke); with `trace_to`, TRACED more under torch.profiler, each a
+    `train step N` range as gptlaunch's traces have them, and where they went (launch.step_trace)."""
     import torch
 
     cuda = device == "cuda"
@@ -166,11 +179,8 @@ def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn) -> dict
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if cuda else contextlib.nullcontext
     batches = [torch.randint(0, cfg.vocab_size, (2, pair.micro, cfg.block_size), device=device)
                for _ in range(pair.accum)]
-    start = 0.0
-    for step in range(2 * steps):
-        if step == steps:
-            torch.cuda.synchronize() if cuda else None
-            start = time.perf_counter()
+
+    def one_step() -> torch.Tensor:
         for x, y in batches:
             with autocast():
                 loss = step_fn(x, y) / pair.accum
@@ -178,11 +188,36 @@ def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn) -> dict
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return loss
+    for _ in range(steps):
+        one_step()
+    torch.cuda.synchronize() if cuda else None
+    start = time.perf_counter()
+    for _ in range(steps):
+        loss = one_step()
     torch.cuda.synchronize() if cuda else None
     step_s = (time.perf_counter() - start) / steps
     tokens_per_s = pair.micro * pair.accum * cfg.block_size / step_s
-    return {"tokens_per_s": tokens_per_s, "step_s": step_s, "mfu": mfu_of(cfg, tokens_per_s, device),
-            "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss.item() * pair.accum}
+    out = {"tokens_per_s": tokens_per_s, "step_s": step_s, "mfu": mfu_of(cfg, tokens_per_s, device),
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss.item() * pair.accum}
+    if trace_to is not None:
+        out["trace"] = traced(one_step, 2 * steps, cuda, trace_to)
+    return out
+
+
+def traced(one_step, first: int, cuda: bool, path: Path) -> dict:
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from launch.step_trace import summarize
+
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        for step in range(first, first + TRACED):
+            with record_function(f"train step {step}"):
+                one_step()
+        torch.cuda.synchronize() if cuda else None
+    prof.export_chrome_trace(str(path))
+    return asdict(summarize(json.loads(path.read_text())))
 
 
 def mfu_of(cfg, tokens_per_s: float, device: str) -> float | None:
@@ -205,7 +240,7 @@ def worker(args: argparse.Namespace) -> None:
     else:
         torch.backends.cuda.matmul.allow_tf32 = True
     built = nanogpt_model(pair, args.nanogpt, device) if args.worker == "nanogpt" else hf_model(pair, device)
-    print(RESULT + json.dumps(timed_loop(pair, args.steps, device, *built)), flush=True)
+    print(RESULT + json.dumps(timed_loop(pair, args.steps, device, *built, trace_to=args.trace_to)), flush=True)
 
 
 # --- the table ------------------------------------------------------------------------------------------------
@@ -229,8 +264,8 @@ def measure(args: argparse.Namespace) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         for i, (pair, label, side, overrides) in enumerate(rows_of(args)):
             folder = Path(tmp) / f"row{i}"
-            r = (run_ours(pair, args.steps, args.tiny, overrides, folder) if side == "ours"
-                 else run_peer(pair, args.steps, args.tiny, args.nanogpt, folder))
+            r = (run_ours(pair, args.steps, args.tiny, overrides, folder, args.trace) if side == "ours"
+                 else run_peer(pair, args.steps, args.tiny, args.nanogpt, folder, args.trace))
             micro = next((int(o.split("=", 1)[1]) for o in reversed(overrides)
                           if o.startswith("train.micro_batch_size=")), pair.micro)
             row = {"pair": pair.name, "label": label, "side": side, "overrides": overrides,
@@ -265,6 +300,20 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def trace_table(rows: list[dict]) -> str:
+    """One line a traced row: the span of a step where it ran (the device, or the host on a CPU), how busy, and the
+    time of each family of kernel, the families in the first traced row's order."""
+    traced = [r for r in rows if "trace" in r]
+    families = list(traced[0]["trace"]["families"])
+    lines = [f"| pair | row | where | span | busy | {' | '.join(families)} |",
+             "|---|---|---|" + "---:|" * (2 + len(families))]
+    for r in traced:
+        t = r["trace"]
+        lines.append(f"| {r['pair']} | {r['label']} | {t['source']} | {t['span_ms']:.1f} | {t['busy_ms']:.1f} | "
+                     + " | ".join(f"{t['families'].get(f, 0.0):.1f}" for f in families) + " |")
+    return "\n".join(lines)
+
+
 def variant(text: str) -> tuple[str, list[str]]:
     label, _, overrides = text.partition("=")
     if not overrides:
@@ -280,7 +329,9 @@ def main(argv: list[str] | None = None) -> None:
                     help="another gptlaunch row, e.g. fp8=train.precision=fp8 (repeatable)")
     ap.add_argument("--steps", type=int, default=10, help="warm-up steps, and as many timed ones")
     ap.add_argument("--tiny", action="store_true", help="tiny shapes on the CPU, eager and fp32: a smoke")
+    ap.add_argument("--trace", action="store_true", help=f"profile {TRACED} more steps a row: where each went")
     ap.add_argument("--worker", choices=["nanogpt", "hf"], help=argparse.SUPPRESS)
+    ap.add_argument("--trace-to", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.nanogpt and not (args.nanogpt / "model.py").is_file():
         ap.error(f"--nanogpt {args.nanogpt}: no model.py there (git clone https://github.com/karpathy/nanoGPT)")
@@ -294,6 +345,9 @@ def main(argv: list[str] | None = None) -> None:
     device = "cpu (tiny shapes)" if args.tiny else torch.cuda.get_device_name(0)
     print(f"\n{device}, torch {torch.__version__}, {args.steps} warm-up and {args.steps} timed steps a row\n")
     print(table(rows))
+    if any("trace" in r for r in rows):
+        print(f"\nwhere a step went (ms a step, {TRACED} profiled steps after the timed ones):\n")
+        print(trace_table(rows))
     name = "_".join(["peers", *(["tiny"] if args.tiny else []), *(args.pair or [])])  # a file a call
     print(f"\nresults: {save_results(name, {'device': device, 'steps': args.steps, 'rows': rows})}")
     if all("error" in r for r in rows):

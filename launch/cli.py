@@ -10,6 +10,7 @@ VERBS = {  # verb -> (module, arguments put first)
     "logs": ("launch.logs", ()), "cancel": ("launch.cancel", ()), "list": ("launch.list", ()),
     "report": ("launch.report", ()), "export": ("gpt.export", ()), "evaluate": ("gpt.evaluate", ()),
     "generate": ("gpt.generate", ()), "memory-snapshot": ("launch.memory_snapshot", ()),
+    "step-trace": ("launch.step_trace", ()),
 }
 
 

@@ -54,6 +54,17 @@ class GPT(nn.Module):
 '''
 
 
+def test_where_each_traced_rows_step_went_is_one_line_a_row_in_the_first_rows_families():
+    trace = {"source": "device", "steps": 2, "span_ms": 140.3, "busy_ms": 133.3,
+             "families": {"matmul": 68.7, "fused (Triton)": 38.2, "attention": 15.4}}
+    peer = {**trace, "span_ms": 134.0, "families": {"fused (Triton)": 35.0, "matmul": 68.0, "attention": 15.0}}
+    rows = [{**ROWS[0], "trace": trace}, ROWS[2], {**ROWS[3], "trace": peer}]
+    lines = peers.trace_table(rows).splitlines()
+    assert lines[0] == "| pair | row | where | span | busy | matmul | fused (Triton) | attention |"
+    assert lines[2:] == ["| llama | gptlaunch | device | 140.3 | 133.3 | 68.7 | 38.2 | 15.4 |",
+                         "| llama | transformers Llama | device | 134.0 | 133.3 | 68.0 | 35.0 | 15.0 |"]
+
+
 def test_each_gptlaunch_row_is_divided_by_its_pairs_peer_and_first_row():
     lines = peers.table(ROWS).splitlines()
     assert lines[2].endswith("| 78,000 | 0.8400 | 55.3% | 42.1 | 1.20x | - |")
@@ -75,6 +86,10 @@ def test_gptlaunch_runs_at_the_peers_shape_and_tokens_per_step(tmp_path):
     cmd = peers.ours_command(peers.PAIRS["llama"], 10, False, ["train.precision=fp8"], tmp_path)
     assert {"model=llama_1b", "train=gpu", "train.global_batch_size=32", "train.micro_batch_size=8",
             "train.max_steps=20", "train.log_interval=10"} <= set(cmd) and cmd[-1] == "train.precision=fp8"
+    assert not any(o.startswith("profile.") for o in cmd)
+    # --trace: the profiled steps after the timed window (steps 10-19), which the metrics record of step 19 closes
+    traced = peers.ours_command(peers.PAIRS["llama"], 10, False, [], tmp_path, trace=True)
+    assert {"train.max_steps=22", "train.decay_steps=22", "train.log_interval=10", "profile.steps=20-21"} <= set(traced)
     assert peers.block(peers.PAIRS["llama"]) == 2048 and peers.block(peers.PAIRS["gpt2"]) == 1024
     with pytest.raises(argparse.ArgumentTypeError):
         peers.variant("fp8")
@@ -87,8 +102,11 @@ def test_nanogpts_model_is_built_at_our_shape_and_timed_on_the_cpu(tmp_path):
     model, opt, loss = peers.nanogpt_model(pair, tmp_path, "cpu")
     assert (model.config.n_layer, model.config.n_embd, model.config.block_size, model.config.vocab_size,
             model.config.bias) == (2, 64, 32, 2048, True)  # gpt2_124m's biases
-    result = peers.timed_loop(pair, 1, "cpu", model, opt, loss)
+    result = peers.timed_loop(pair, 1, "cpu", model, opt, loss, trace_to=tmp_path / "peer.pt.trace.json")
     assert result["tokens_per_s"] > 0 and result["mfu"] is None and result["loss"] > 0
+    # --trace: two more steps profiled, as gptlaunch's traces name them, and where they went
+    assert (result["trace"]["source"], result["trace"]["steps"]) == ("host", peers.TRACED)
+    assert result["trace"]["families"]["matmul"] > 0
     # torch.compile imports the module of the code it traces by name: on a GPU the row failed with "No module named
     # 'nanogpt_model'" while it was loaded from its file alone
     assert importlib.import_module(type(model).__module__) is sys.modules[type(model).__module__]
