@@ -111,6 +111,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     # and that micro-batch without graphs beside it (which of the two pays)
     micro = 4 if cpu else 64
     graphs = ["--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={micro}",
+              "--ours", "fusedqkv=train.fused_qkv=true",  # q, k and v as one matmul, as nanoGPT's c_attn
               "--ours", f"micro{micro}=train.micro_batch_size={micro}"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
@@ -121,7 +122,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         # what a round has still to measure first: the gpt2 levers, the save with eight writers, a requeue's imports
-        Part("peers_gpt2", 240, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *graphs]]),
+        Part("peers_gpt2", 330, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *graphs]]),
         Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
         Part("fp8_loss", 450, fp8_loss_commands(work, cpu)),

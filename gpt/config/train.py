@@ -53,6 +53,9 @@ class TrainConfig:
     # so a requeued attempt loads its compiled graphs; a site may name a faster shared folder (gpt.train.compile_cache)
     compile_cache_dir: str | None = None
     attention: str = "auto"
+    # q, k and v as one matmul (nanoGPT's c_attn), their weights still three parameters: checkpoints and exports as
+    # without it (gpt.model.transformer.CausalSelfAttention)
+    fused_qkv: bool = False
     device: str = "auto"
     eval_interval: int = 250
     eval_batches: int = 20
@@ -87,6 +90,9 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
         self.check_schedule()
+        if self.fused_qkv and self.precision == "fp8":
+            raise ConfigError("train.fused_qkv", True, "false with train.precision=fp8 (float8 converts q's layer and "
+                              "not k's and v's: one matmul of the three would bypass it)")
         if self.precision == "fp8" and not self.compile:
             raise ConfigError("train.precision", "fp8", "bf16, or fp8 with train.compile=true (uncompiled, torchao's "
                               "float8 casts and scales run as kernels of their own: slower than bf16)")

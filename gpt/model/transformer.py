@@ -114,13 +114,12 @@ class CausalSelfAttention(nn.Module):
         self.dropout = cfg.dropout
         # The SDPA kernels this layer may use (train.attention, set by the trainer); None: SDPA chooses.
         self.kernels: list[SDPBackend] | None = None
+        self.fused_qkv = False  # train.fused_qkv, set by the trainer
 
     def forward(self, x: Tensor, rope: Rope | None = None, cache: KVCache | None = None) -> Tensor:
         B, T, _ = x.shape
         # Heads counted from the projections' width: under tensor parallelism a rank holds only its own heads.
-        q = self.q_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        q, k, v = (t.view(B, T, -1, self.head_dim).transpose(1, 2) for t in self.project_qkv(x))
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
@@ -135,6 +134,16 @@ class CausalSelfAttention(nn.Module):
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+    def project_qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v: one matmul of the three weights side by side when fused (a wider GEMM, one launch, and the
+        backward's input gradient in one), else each its own."""
+        layers = (self.q_proj, self.k_proj, self.v_proj)
+        if not self.fused_qkv:
+            return tuple(layer(x) for layer in layers)
+        weight = torch.cat([layer.weight for layer in layers])
+        bias = torch.cat([layer.bias for layer in layers]) if self.q_proj.bias is not None else None
+        return F.linear(x, weight, bias).split([layer.out_features for layer in layers], dim=-1)
 
 
 class MLP(nn.Module):

@@ -174,6 +174,12 @@ class StrategyTraits:
             raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} on a CPU "
                               "run (torch's bf16 compress hook for DDP needs NCCL, a GPU run); or strategy=fsdp")
 
+    def check_fused_qkv(self, train: TrainConfig, strategy: StrategyConfig, parallel: ParallelConfig) -> None:
+        """Refuse, at planning, train.fused_qkv where q, k and v are not whole on the rank as its forward runs."""
+        if train.fused_qkv and parallel.tp > 1:
+            raise ConfigError("train.fused_qkv", True, "false with tensor parallelism (parallel.tp > 1 shards q, k "
+                              "and v by heads, each its own way)")
+
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
         graphs = train.compile and train.device == "cuda" and train.compile_mode in CUDA_GRAPH_MODES
@@ -351,6 +357,12 @@ class DeepSpeedTraits(StrategyTraits):
                   "rank), and their state comes only from a step on the gradients a backward through the engine "
                   "reduced into its partitions")
     no_fp8 = "the engine casts the model itself and is not compiled; torchao's float8 is built for FSDP2 and DDP"
+
+    def check_fused_qkv(self, train, strategy, parallel):
+        super().check_fused_qkv(train, strategy, parallel)
+        if train.fused_qkv and strategy.stage == 3:
+            raise ConfigError("train.fused_qkv", True, "false with strategy=deepspeed strategy.stage=3 (ZeRO-3 "
+                              "gathers each layer's weights as that layer runs, and q, k and v would run as one)")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"

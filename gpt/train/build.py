@@ -75,6 +75,7 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
     for i, block in enumerate(model.layers.values()):
         block.recompute = every > 0 and i % every == 0
         block.attn.kernels = kernels
+        block.attn.fused_qkv = train.fused_qkv
     if train.precision == "fp8":  # after the weights, before compile and the data-parallel wrapper
         converted = float8.convert(model, train.fp8_recipe)
         log.info("fp8 (%s scaling): %d linear layers in float8, the rest bf16", train.fp8_recipe, len(converted))

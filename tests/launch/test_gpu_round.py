@@ -24,6 +24,7 @@ def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_p
     assert peers["peers_gpt2"][3:] == ["--nanogpt", str(tmp_path / "nanoGPT"), "--pair", "gpt2", "--steps", "10",
                                        "--trace",  # where each row's step went: the gap to nanoGPT's loop
                                        "--ours", "graphs=train.compile_mode=reduce-overhead,train.micro_batch_size=64",
+                                       "--ours", "fusedqkv=train.fused_qkv=true",
                                        "--ours", "micro64=train.micro_batch_size=64"]
 
 
