@@ -107,12 +107,15 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
              *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
     steps = {"gpt2": "1" if cpu else "10", "llama": "1" if cpu else "4"}  # llama_1b's step: 0.8-1.0 s on an H200
     fp8 = ["--ours", "fp8=train.precision=fp8"]
-    # issue 58's CUDA-graph lever: the same 65,536 tokens a step as one micro-step of 64, replayed as CUDA graphs,
-    # and that micro-batch without graphs beside it (which of the two pays)
+    # issue 58's levers, each alone and together: the same 65,536 tokens a step as one micro-step of 64 replayed as
+    # CUDA graphs, q, k and v as one matmul, a bf16 residual stream
     micro = 4 if cpu else 64
-    graphs = ["--ours", f"graphs=train.compile_mode=reduce-overhead,train.micro_batch_size={micro}",
+    graphs = f"train.compile_mode=reduce-overhead,train.micro_batch_size={micro}"
+    bf16res = "train.residual_dtype=bf16" + (",train.precision=bf16" if cpu else "")  # the CPU smoke is fp32
+    levers = ["--ours", f"graphs={graphs}",
               "--ours", "fusedqkv=train.fused_qkv=true",  # q, k and v as one matmul, as nanoGPT's c_attn
-              "--ours", f"micro{micro}=train.micro_batch_size={micro}"]
+              "--ours", f"bf16res={bf16res}",  # the residual stream in bf16, as llm.c's
+              "--ours", f"all={graphs},train.fused_qkv=true,{bf16res}"]
     save = ([PY, "-m", "benchmarks.checkpoint", "--model", "tiny" if cpu else "llama_1b", "--block",
              "64" if cpu else "2048", "--repeats", "1"])
     tiny = ["model=tiny", "model.n_head=8", "model.vocab_size=256", "train.device=cpu", "cluster.gpus_per_node=0"]
@@ -122,7 +125,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
         # what a round has still to measure first: the gpt2 levers, the save with eight writers, a requeue's imports
-        Part("peers_gpt2", 330, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *graphs]]),
+        Part("peers_gpt2", 420, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *levers]]),
         Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
         Part("requeue", 120, requeue_commands(work, cpu)),
         Part("fp8_loss", 450, fp8_loss_commands(work, cpu)),

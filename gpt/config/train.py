@@ -10,7 +10,8 @@ from gpt.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 # fp8: torchao's float8 training (gpt.model.float8): its scaling recipes; every layer it does not convert runs bf16
 FP8_RECIPES = ("tensorwise", "rowwise")
-# The dtype gradients are reduced in across data-parallel ranks (train.reduce_dtype)
+# The dtype gradients are reduced in across data-parallel ranks (train.reduce_dtype), and the dtype of the residual
+# stream between blocks (train.residual_dtype)
 REDUCE_DTYPES = ("fp32", "bf16")
 # SDPA's kernels (gpt.model.attention); `auto` lets SDPA choose, a named one is the only one allowed (strict).
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
@@ -56,6 +57,9 @@ class TrainConfig:
     # q, k and v as one matmul (nanoGPT's c_attn), their weights still three parameters: checkpoints and exports as
     # without it (gpt.model.transformer.CausalSelfAttention)
     fused_qkv: bool = False
+    # fp32: under autocast the residual stream between blocks stays fp32 (fp32 embeddings, bf16 outputs added to
+    # it); bf16: held in bf16 from the embeddings on, as FSDP's mixed precision holds it and llm.c trains
+    residual_dtype: str = "fp32"
     device: str = "auto"
     eval_interval: int = 250
     eval_batches: int = 20
@@ -75,7 +79,8 @@ class TrainConfig:
         if self.precision not in PRECISIONS:
             raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         for key, valid in (("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES),
-                           ("attention", ATTENTION), ("fp8_recipe", FP8_RECIPES), ("reduce_dtype", REDUCE_DTYPES)):
+                           ("attention", ATTENTION), ("fp8_recipe", FP8_RECIPES), ("reduce_dtype", REDUCE_DTYPES),
+                           ("residual_dtype", REDUCE_DTYPES)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}", getattr(self, key), f"one of {', '.join(valid)}")
         if self.device not in ("auto", "cpu", "cuda"):
@@ -90,6 +95,9 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
         self.check_schedule()
+        if self.residual_dtype == "bf16" and self.precision not in ("bf16", "fp8"):
+            raise ConfigError("train.residual_dtype", "bf16", f"fp32 with train.precision={self.precision} (a bf16 "
+                              "residual stream is for bf16 compute: train.precision=bf16 or fp8)")
         if self.fused_qkv and self.precision == "fp8":
             raise ConfigError("train.fused_qkv", True, "false with train.precision=fp8 (float8 converts q's layer and "
                               "not k's and v's: one matmul of the three would bypass it)")

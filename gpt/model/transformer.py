@@ -261,6 +261,9 @@ class GPT(nn.Module):
         # Post-norm layers end in a norm already; pre-norm needs one before the head.
         self.ln_f: nn.Module | None = make_norm(cfg) if cfg.norm_position == "pre" else None
         self.lm_head: nn.Linear | None = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        # The residual stream's dtype from the embeddings on (train.residual_dtype, set by the trainer); None: the
+        # embeddings' (fp32 under autocast, each block's bf16 output added to it in fp32)
+        self.residual_dtype: torch.dtype | None = None
         self.tie_weights()
         self.init_weights()
 
@@ -309,6 +312,8 @@ class GPT(nn.Module):
             if self.wpe is not None:
                 x = x + self.wpe(torch.arange(start, start + T, device=idx.device))
             x = self.drop(x)
+            if self.residual_dtype is not None:
+                x = x.to(self.residual_dtype)
         rope = self.rope(start, T) if self.rope is not None else None
         for block in self.layers.values():
             x = block(x, rope, cache)

@@ -33,7 +33,7 @@ def plan_layout(strategy: StrategyConfig, parallel: ParallelConfig, model_cfg: M
     slice_ranks = world_size // tp if tp > 0 and world_size % tp == 0 else world_size
     if train is not None:  # before the preset's own checks: fp8 on a strategy that refuses compile says why
         traits.check_precision(train, strategy, parallel)
-        traits.check_fused_qkv(train, strategy, parallel)
+        traits.check_compute(train, strategy, parallel)
     traits.data_parallel_size(strategy, parallel, model_cfg, slice_ranks, train)
     check_compile(model_cfg, train)
     if train is not None:

@@ -151,6 +151,8 @@ class StrategyTraits:
     no_fp8: str | None = None
     # Why train.reduce_dtype=bf16 cannot apply: no gradients reduced across ranks (None: they are, and it can)
     no_reduce_dtype: str | None = None
+    # Why train.residual_dtype=bf16 cannot apply (None: it can)
+    no_bf16_residual: str | None = None
 
     def reduces_with_ddp(self, strategy: StrategyConfig) -> bool:
         """Whether DDP reduces this strategy's gradients (train.reduce_dtype=bf16: torch's bf16 compress hook)."""
@@ -174,11 +176,15 @@ class StrategyTraits:
             raise ConfigError("train.reduce_dtype", train.reduce_dtype, f"fp32 with strategy={self.name} on a CPU "
                               "run (torch's bf16 compress hook for DDP needs NCCL, a GPU run); or strategy=fsdp")
 
-    def check_fused_qkv(self, train: TrainConfig, strategy: StrategyConfig, parallel: ParallelConfig) -> None:
-        """Refuse, at planning, train.fused_qkv where q, k and v are not whole on the rank as its forward runs."""
+    def check_compute(self, train: TrainConfig, strategy: StrategyConfig, parallel: ParallelConfig) -> None:
+        """Refuse, at planning, train.fused_qkv where q, k and v are not whole on the rank as its forward runs, and
+        train.residual_dtype=bf16 where this strategy cannot hold it."""
         if train.fused_qkv and parallel.tp > 1:
             raise ConfigError("train.fused_qkv", True, "false with tensor parallelism (parallel.tp > 1 shards q, k "
                               "and v by heads, each its own way)")
+        if train.residual_dtype == "bf16" and self.no_bf16_residual:
+            raise ConfigError("train.residual_dtype", "bf16", f"fp32 with strategy={self.name} "
+                              f"({self.no_bf16_residual})")
 
     def check_compile_mode(self, train: TrainConfig) -> None:
         """Refuse, at planning, a compile mode that runs CUDA graphs (on a GPU) where this strategy cannot."""
@@ -358,8 +364,8 @@ class DeepSpeedTraits(StrategyTraits):
                   "reduced into its partitions")
     no_fp8 = "the engine casts the model itself and is not compiled; torchao's float8 is built for FSDP2 and DDP"
 
-    def check_fused_qkv(self, train, strategy, parallel):
-        super().check_fused_qkv(train, strategy, parallel)
+    def check_compute(self, train, strategy, parallel):
+        super().check_compute(train, strategy, parallel)
         if train.fused_qkv and strategy.stage == 3:
             raise ConfigError("train.fused_qkv", True, "false with strategy=deepspeed strategy.stage=3 (ZeRO-3 "
                               "gathers each layer's weights as that layer runs, and q, k and v would run as one)")
@@ -490,6 +496,7 @@ class PipelineTraits(StrategyTraits):
     preset = {"parallel": {"pp": 2}}
     whole_model_compile = False
     no_fp8 = "its stages are not compiled (train.compile=false), and float8 is slower than bf16 uncompiled"
+    no_bf16_residual = "each stage sends its hidden states in bf16 already, and the next continues them in fp32"
     axes = ("pp", "dp_replicate", "dp_shard", "tp")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):

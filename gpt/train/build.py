@@ -70,6 +70,7 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
         load_into(model, run.init)
     elif run.init != "none":
         log.info("init=%s is not read: this run continues from its own checkpoints", run.init)
+    model.residual_dtype = DTYPES[train.residual_dtype] if train.residual_dtype != "fp32" else None
     every = train.recompute_every()
     kernels = attention.backends(train.attention)
     for i, block in enumerate(model.layers.values()):

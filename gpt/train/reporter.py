@@ -111,7 +111,9 @@ class StepReporter:
 
     def recomputed(self) -> str:
         policy = self.train.activation_checkpointing
-        return "" if policy == "none" else f"; activation checkpointing {policy}"
+        levers = ["q, k and v in one matmul"] * self.train.fused_qkv + \
+            [f"residual stream {self.train.residual_dtype}"] * (self.train.residual_dtype != "fp32")
+        return ("" if policy == "none" else f"; activation checkpointing {policy}") + "".join(f"; {x}" for x in levers)
 
     def compiled(self) -> str:
         c = self.strategy.compile

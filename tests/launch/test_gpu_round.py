@@ -25,7 +25,9 @@ def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_p
                                        "--trace",  # where each row's step went: the gap to nanoGPT's loop
                                        "--ours", "graphs=train.compile_mode=reduce-overhead,train.micro_batch_size=64",
                                        "--ours", "fusedqkv=train.fused_qkv=true",
-                                       "--ours", "micro64=train.micro_batch_size=64"]
+                                       "--ours", "bf16res=train.residual_dtype=bf16",
+                                       "--ours", "all=train.compile_mode=reduce-overhead,train.micro_batch_size=64,"
+                                                 "train.fused_qkv=true,train.residual_dtype=bf16"]
 
 
 @pytest.mark.slow  # composes and plans every run of the round: seconds
