@@ -10,7 +10,8 @@ Parts, in this order: check (the machine, torch.cuda, the packages), peers_gpt2 
 rows), save (benchmarks/checkpoint.py for llama_1b), requeue (a gpt2_124m run's second attempt, its start-up with the
 first attempt's compile cache, and a rank's imports), fp8_loss (llama_1b for 300 steps in bf16 at two seeds and in
 fp8, their final losses), peers_llama (with an fp8 row), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the
-GPU), shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints). Writes
+GPU), shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints),
+lever_loss (gpt2_124m's loss with issue 58's levers against two seeds without them). Writes
 into --out: round.md (one line a part, and each part's last lines), round.log (everything the parts printed),
 results.tgz (benchmarks/results/*.json and the run folders' small records).
 """
@@ -102,6 +103,23 @@ def fp8_loss_commands(work: Path, cpu: bool) -> list[list[str]]:
             [PY, "-m", "benchmarks.gpu_round", "--final-losses", *(str(work / f"loss-{n}") for n in runs)]]
 
 
+def lever_loss_commands(work: Path, cpu: bool) -> list[list[str]]:
+    """`gpt2_124m` for 500 steps of 16 x 1,024 at two seeds as `train=gpu` runs it, then with issue 58's levers
+    (CUDA graphs, q, k and v as one matmul, a bf16 residual stream) at the first seed, and the levers' final loss
+    held to the band of the two (what a lever needs before it becomes the preset's default). On the CPU, tiny and
+    eager, to try the commands."""
+    model = ["model=tiny", "train.device=cpu", "train.compile=false", "train.precision=bf16", "train.max_steps=6"] \
+        if cpu else ["model=gpt2_124m", "train=gpu", "train.max_steps=500"]
+    common = [*model, "data=shakespeare_bpe", "train.micro_batch_size=16", "train.global_batch_size=16",
+              "train.log_interval=1", "train.eval_interval=0", "checkpoint.interval_steps=0",
+              "checkpoint.final_model_only=true"]
+    graphs = [] if cpu else ["train.compile_mode=reduce-overhead"]
+    levers = ["train.fused_qkv=true", "train.residual_dtype=bf16", *graphs]
+    runs = {"gpt2": [], "gpt2-seed2": [f"seed={SEED + 1}"], "gpt2-levers": levers}
+    return [*(launch(work / f"loss-{name}", *common, *extra) for name, extra in runs.items()),
+            [PY, "-m", "benchmarks.gpu_round", "--final-losses", *(str(work / f"loss-{n}") for n in runs)]]
+
+
 def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> list[Part]:
     peers = [PY, "-m", "benchmarks.peers", *(["--tiny"] if cpu else []),
              *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
@@ -134,6 +152,7 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
                               "train.global_batch_size=8"]]),
         Part("shared", 120, shared_commands(work, cpu)),
+        Part("lever_loss", 300, lever_loss_commands(work, cpu)),
     ]
 
 

@@ -10,7 +10,7 @@ import pytest
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
 
-ORDER = ["check", "peers_gpt2", "save", "requeue", "fp8_loss", "peers_llama", "dry_run", "shared"]
+ORDER = ["check", "peers_gpt2", "save", "requeue", "fp8_loss", "peers_llama", "dry_run", "shared", "lever_loss"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
