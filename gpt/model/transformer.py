@@ -317,6 +317,8 @@ class GPT(nn.Module):
         rope = self.rope(start, T) if self.rope is not None else None
         for block in self.layers.values():
             x = block(x, rope, cache)
+            if self.residual_dtype is not None:  # a no-op where the block kept it; an output promoted to fp32 (an
+                x = x.to(self.residual_dtype)  # MoE's routing weights out of autocast's fp32 softmax) goes back
         if cache is not None:
             cache.pos += T
         if self.ln_f is not None:

@@ -16,7 +16,9 @@ from gpt.parallel import plan_layout
 from gpt.train.build import build_strategy_and_model
 
 
-def _block_inputs(residual: str) -> tuple[list[torch.dtype], float]:
+def _block_inputs(residual: str, promoted: bool = False) -> tuple[list[torch.dtype], float]:
+    """Each block's input dtype in a training step, and its loss; `promoted`: the first block's output made fp32,
+    as an MoE block's is under CUDA's autocast (its routing weights come out of an fp32 softmax)."""
     run = launch_config.parse(compose("model=tiny", "model.vocab_size=64", "train.device=cpu", "train.precision=bf16",
                                       f"train.residual_dtype={residual}"))
     torch.manual_seed(0)
@@ -24,14 +26,17 @@ def _block_inputs(residual: str) -> tuple[list[torch.dtype], float]:
     seen = []
     for block in strategy.unwrapped.layers.values():
         block.register_forward_pre_hook(lambda _, args: seen.append(args[0].dtype))
+    if promoted:
+        strategy.unwrapped.layers["0"].register_forward_hook(lambda _, args, out: out.float())
     x = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(0))
     loss = strategy.train_step([(x, x.roll(-1, 1))], 1, 1e-3, 1.0).loss
     return seen, loss.item()
 
 
-def test_each_block_reads_a_bf16_residual_stream_and_the_loss_stays_bf16s():
-    fp32, loss = _block_inputs("fp32")
-    bf16, loss_bf16 = _block_inputs("bf16")
+@pytest.mark.parametrize("promoted", [False, True], ids=["dense", "a-block-promoting-to-fp32"])
+def test_each_block_reads_a_bf16_residual_stream_and_the_loss_stays_bf16s(promoted):
+    fp32, loss = _block_inputs("fp32", promoted)
+    bf16, loss_bf16 = _block_inputs("bf16", promoted)
     assert set(fp32) == {torch.float32} and set(bf16) == {torch.bfloat16} and len(bf16) == len(fp32) > 1
     assert loss_bf16 == pytest.approx(loss, rel=2e-2)  # bf16's rounding of the sums, not another model
 
