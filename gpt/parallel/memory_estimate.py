@@ -5,9 +5,10 @@ state a rank holds and how many layers' activations it keeps at once; the model 
 The estimate: the bytes per parameter the strategy's traits state (fp32 parameters and gradients, AdamW's two fp32
 moments; DeepSpeed's fp32 partition beside them), of the parameters of the rank holding the most (the norms tensor
 parallelism replicates, a pipeline's tied embedding on its first and last stage; ZeRO-1's optimizer state, of the
-whole parameters its partition gives that rank); activations are the tensors
-autograd saves for backward, per token and layer (a pre-norm block: the two norms' fp32 inputs; the projections'
-inputs, q, k and v, the MLP's hidden, in the compute precision, eager and compiled apart: activation_bytes_per_token;
+whole parameters its partition gives that rank); activations are the tensors autograd saves for backward, per
+token and layer (a pre-norm block: the two norms' inputs, the residual stream, fp32 or train.residual_dtype; the
+projections' inputs, q, k and v, the MLP's hidden, in the compute precision, eager and compiled apart:
+activation_bytes_per_token;
 under train.attention=math the softmax of every head too), the head at the start of backward (its input, the
 cross-entropy's fp32 rows), autocast's compute-precision copies of the weights, and a pipeline stage's input and
 output per micro-batch in flight; where the parameters are
@@ -76,7 +77,7 @@ def activation_bytes_per_token(model: ModelConfig, train: TrainConfig, tp: int =
     split = (h + 2 * kv) * v + h * v + hidden * v
     if train.attention == "math":
         split += model.n_head * model.block_size * v  # the softmax of every head over the sequence
-    kept = 2 * h * 4  # the norms' fp32 inputs (the residual stream)
+    kept = 2 * h * (2 if train.residual_dtype == "bf16" else 4)  # the norms' inputs: the residual stream
     # the head: its input (and, eager, the final norm's fp32 input); at the start of backward the loss's fp32
     # log-probabilities, their gradient and the logits' fp32 gradient at once, eager; compiled with the model, the
     # fused loss holds two fp32 vocabulary-wide rows

@@ -69,3 +69,15 @@ def test_fsdp_gradient_accumulation_is_estimated_with_the_unsharded_fp32_gradien
 
     assert estimated_grads(1) == pytest.approx(after, rel=0.01)
     assert estimated_grads(4) == pytest.approx(between, rel=0.01)  # today: the shard alone, RANKS times too little
+
+
+def test_a_bf16_residual_stream_halves_what_the_norms_keep_per_token():
+    """train.residual_dtype=bf16: the two norms' inputs a layer keeps are bf16, 2 x n_embd x 2 bytes a token fewer."""
+    from gpt.parallel.memory_estimate import activation_bytes_per_token
+
+    model = ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, vocab_size=50304)
+    for compile_ in (False, True):
+        fp32 = activation_bytes_per_token(model, TrainConfig(precision="bf16", compile=compile_))
+        bf16 = activation_bytes_per_token(model, TrainConfig(precision="bf16", compile=compile_,
+                                                             residual_dtype="bf16"))
+        assert fp32[0] - bf16[0] == 2 * 768 * 2 and fp32[1] == bf16[1]
