@@ -45,6 +45,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     precision: str = "fp32"
     fp8_recipe: str = "tensorwise"  # with precision=fp8: tensorwise or rowwise scaling (torchao's recipes)
+    # with precision=fp8 under FSDP: the converted layers' weights all-gathered in float8, not bf16 (half the bytes),
+    # their scales precomputed after each update in one all-reduce (torchao's, as TorchTitan's option)
+    fp8_all_gather: bool = False
     # fp32: gradients reduced across data-parallel ranks in fp32; bf16: half the bytes, rounded (docs/strategies.md)
     reduce_dtype: str = "fp32"
     compile: bool = False
@@ -95,6 +98,9 @@ class TrainConfig:
             raise ConfigError("train.warmup_steps", self.warmup_steps, "0 or more (eval_interval too)")
         self.recompute_every()
         self.check_schedule()
+        if self.fp8_all_gather and (self.precision != "fp8" or self.fp8_recipe != "tensorwise"):
+            raise ConfigError("train.fp8_all_gather", True, "false, or true with train.precision=fp8 and "
+                              "train.fp8_recipe=tensorwise (torchao gathers float8 weights with one scale each)")
         if self.residual_dtype == "bf16" and self.precision not in ("bf16", "fp8"):
             raise ConfigError("train.residual_dtype", "bf16", f"fp32 with train.precision={self.precision} (a bf16 "
                               "residual stream is for bf16 compute: train.precision=bf16 or fp8)")

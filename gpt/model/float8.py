@@ -58,9 +58,12 @@ def check_device(device: torch.device) -> None:
                           "H100, H200, B200)")
 
 
-def convert(model: nn.Module, recipe: str) -> list[str]:
+def convert(model: nn.Module, recipe: str, all_gather: bool = False) -> list[str]:
     """Swap `model`'s linear layers that gain (gains) for torchao's Float8Linear, in place; their names. Before
-    compile and before the strategy wraps the model: FSDP2 and DDP then take Float8Linear as any nn.Linear."""
+    compile and before the strategy wraps the model: FSDP2 and DDP then take Float8Linear as any nn.Linear.
+    `all_gather`: their weights become torchao's float8-castable tensors, which FSDP2 all-gathers in float8."""
+    import dataclasses
+
     from torch import nn
     from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
@@ -72,5 +75,6 @@ def convert(model: nn.Module, recipe: str) -> list[str]:
             converted.append(name)
         return chosen
 
-    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig.from_recipe_name(recipe))
+    config = dataclasses.replace(Float8LinearConfig.from_recipe_name(recipe), enable_fsdp_float8_all_gather=all_gather)
+    convert_to_float8_training(model, module_filter_fn=keep, config=config)
     return converted

@@ -114,6 +114,7 @@ class StrategySettings:
     # staging copy (which reads the weights) to finish.
     before_update: Callable[[], None] = no_wait
     reduce_dtype: str = "fp32"  # train.reduce_dtype: the dtype gradients are reduced in across data-parallel ranks
+    fp8_all_gather: bool = False  # train.fp8_all_gather: FSDP gathers float8 weights (gpt.parallel.fsdp)
 
 
 class Strategy:
@@ -130,7 +131,7 @@ class Strategy:
         self.optimizer: torch.optim.Optimizer | None = None
         self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
         self.attention_kernel, self.compile = settings.attention_kernel, settings.compile
-        self.reduce_dtype = settings.reduce_dtype
+        self.reduce_dtype, self.fp8_all_gather = settings.reduce_dtype, settings.fp8_all_gather
         self.layer_keys = list(settings.layer_keys)
         # memory_held swaps it for the first step's measurement, and puts it back
         self.before_update: Callable[[], None] = settings.before_update

@@ -66,6 +66,7 @@ class FSDP(Strategy):
         options = [f"{self.precision} compute" if self.precision != "fp32" else "fp32"]
         options += ["cpu offload"] if self.cfg.cpu_offload else []
         options += [f"gradients reduced in {self.reduce_dtype}"] if self.reduce_dtype != "fp32" else []
+        options += ["float8 weights gathered in float8"] if self.fp8_all_gather else []
         d = self.dims
         kind = "HSDP" if d.dp_replicate > 1 else "FSDP2"
         shards = f"dp_shard={d.dp_shard}"
@@ -91,6 +92,13 @@ class FSDP(Strategy):
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # the MixedPrecisionPolicy casts parameters instead
+
+    def optimizer_step(self, skipped: torch.Tensor) -> None:
+        super().optimizer_step(skipped)
+        if self.fp8_all_gather:  # the next all-gather's float8 scales, from every weight's amax in one all-reduce
+            from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+
+            precompute_float8_dynamic_scale_for_fsdp(self.model)
 
     def loss_context(self) -> contextlib.AbstractContextManager:
         return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()

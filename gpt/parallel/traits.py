@@ -153,6 +153,8 @@ class StrategyTraits:
     no_reduce_dtype: str | None = None
     # Why train.residual_dtype=bf16 cannot apply (None: it can)
     no_bf16_residual: str | None = None
+    # Whether each step all-gathers sharded parameters (train.fp8_all_gather can gather them in float8)
+    gathers_parameters = False
 
     def reduces_with_ddp(self, strategy: StrategyConfig) -> bool:
         """Whether DDP reduces this strategy's gradients (train.reduce_dtype=bf16: torch's bf16 compress hook)."""
@@ -167,6 +169,9 @@ class StrategyTraits:
                                   "plans, not applied here")
             raise ConfigError("train.precision", "fp8", f"bf16 with strategy={self.name} ({why}); fp8 with single, "
                               "ddp, zero1 or fsdp without tensor parallelism")
+        if train.fp8_all_gather and not self.gathers_parameters:
+            raise ConfigError("train.fp8_all_gather", True, f"false with strategy={self.name} (it gathers no "
+                              "parameters: float8 all-gathers are FSDP's, strategy=fsdp)")
         if train.reduce_dtype == "fp32":
             return
         if self.no_reduce_dtype:
@@ -422,6 +427,7 @@ class FSDPTraits(StrategyTraits):
     implementation = "gpt.parallel.fsdp:FSDP"
     keys = ("reshard_after_forward", "cpu_offload")
     whole_model_compile = False
+    gathers_parameters = True
     no_cuda_graphs = ("FSDP frees each block's gathered parameters after use and gathers them again into new memory, "
                       "which a CUDA graph, recorded at fixed addresses, cannot replay")
     data_axis = "dp_shard"

@@ -78,12 +78,12 @@ def build_strategy_and_model(run: RunConfig, model_cfg: ModelConfig, env: DistEn
         block.attn.kernels = kernels
         block.attn.fused_qkv = train.fused_qkv
     if train.precision == "fp8":  # after the weights, before compile and the data-parallel wrapper
-        converted = float8.convert(model, train.fp8_recipe)
+        converted = float8.convert(model, train.fp8_recipe, train.fp8_all_gather)
         log.info("fp8 (%s scaling): %d linear layers in float8, the rest bf16", train.fp8_recipe, len(converted))
     # the strategy after the model: its settings name the model's layers (per-layer gradient norms)
     compiled = Compile(traits_of(run.strategy.name).compile_scope(train), train.compile_mode) if train.compile else None
     settings = StrategySettings(kernel, compiled, tuple(layer_keys(name for name, _ in model.named_parameters())),
-                                before_update, train.reduce_dtype)
+                                before_update, train.reduce_dtype, train.fp8_all_gather)
     strategy = build_strategy(run.strategy, run.parallel, model_cfg, env, device, train.compute_precision, settings)
     build_s, clock = time.perf_counter() - clock, time.perf_counter()
     strategy.setup(model, train.lr, train.weight_decay, tuple(train.betas))
