@@ -127,10 +127,13 @@ class CausalSelfAttention(nn.Module):
         S = k.size(2)  # key length: T, or more when earlier positions come from the cache
         # SDPA's is_causal aligns the mask top-left, which is wrong when S > T; give the bottom-right mask then.
         mask = None if T in (1, S) else torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)
+        # `True if ... else False`, a branch: compiled for a second sequence length T is symbolic, `T > 1` a SymBool
+        # that SDPA refuses, and only a branch makes torch.compile decide it (a guard)
+        causal = True if mask is None and T > 1 else False
         # enable_gqa: query head h attends with key/value head h // (n_head / n_kv_head), as in LLaMA, without
         # materialising the repeated keys and values.
         with allowed(self.kernels):
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and T > 1,
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal,
                                                dropout_p=self.dropout if self.training else 0.0,
                                                enable_gqa=self.n_kv_head != self.n_head)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))

@@ -165,3 +165,15 @@ def test_fsdp_with_cuda_graphs_is_refused_at_planning(tmp_path, data_overrides):
                                           r"reduce-overhead with single, ddp or zero1$"):
         make_plan_of(cfg, tmp_path / "run")
     make_plan_of(dataclasses.replace(cfg, strategy=dataclasses.replace(cfg.strategy, name="single")), tmp_path / "run")
+
+
+@pytest.mark.slow  # three compilations on the CPU: seconds
+def test_a_compiled_model_runs_a_second_and_third_sequence_length():
+    """A second length makes torch.compile's T symbolic: `T > 1` was then a SymBool, which SDPA's is_causal refuses
+    (TypeError at the second length: an evaluation or task of other lengths beside training would have failed)."""
+    torch._dynamo.reset()  # this test's lengths alone decide what is symbolic
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=64))
+    compiled = torch.compile(model, fullgraph=True)
+    for T in (16, 24, 32):
+        x = torch.randint(0, 64, (2, T), generator=torch.Generator().manual_seed(T))
+        torch.testing.assert_close(compiled(x, x)[1], model(x, x)[1], rtol=1e-4, atol=1e-5)
