@@ -45,6 +45,7 @@ def test_one_matmul_gives_the_three_matmuls_outputs_and_gradients(shape):
         torch.testing.assert_close(p.grad, grads[name], rtol=1e-5, atol=1e-6, msg=name)
 
 
+@pytest.mark.slow  # builds two strategies and trains a step: a second
 def test_the_trainer_builds_every_layer_fused_when_asked():
     run = launch_config.parse(compose("model=tiny", "model.vocab_size=64", "train.device=cpu", "train.fused_qkv=true"))
     strategy = build_strategy_and_model(run, run.model, DistEnv(), torch.device("cpu"))

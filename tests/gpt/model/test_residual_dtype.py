@@ -33,6 +33,7 @@ def _block_inputs(residual: str, promoted: bool = False) -> tuple[list[torch.dty
     return seen, loss.item()
 
 
+@pytest.mark.slow  # four strategies built, a step each: seconds
 @pytest.mark.parametrize("promoted", [False, True], ids=["dense", "a-block-promoting-to-fp32"])
 def test_each_block_reads_a_bf16_residual_stream_and_the_loss_stays_bf16s(promoted):
     fp32, loss = _block_inputs("fp32", promoted)
