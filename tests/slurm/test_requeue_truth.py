@@ -16,13 +16,14 @@ from slurm_helpers import REPO
 pytestmark = pytest.mark.slurm
 
 # The batch shell's python asks for a requeue when Slurm sends it SIGTERM (scancel, a node failure), as a rank
-# that saved after a preemption signal does, and prints the answer.
+# that saved after a preemption signal does, and prints the answer in one write (os.write): with PYTHONUNBUFFERED, print()
+# writes each piece apart, and slurmstepd's "CANCELLED ... DUE TO JOB REQUEUE" line can land between them.
 ON_TERM = f"""#!/bin/bash
 [ -n "$SLURM_RESTART_COUNT" ] && {{ echo "restarted $SLURM_RESTART_COUNT"; exit 0; }}
 cd {REPO} && exec {sys.executable} -c '
 import os, signal, time
 from launch.backends.slurm.job import SlurmJob
-signal.signal(signal.SIGTERM, lambda *_: print("said:", SlurmJob(os.environ).requeue(max_restarts=3), flush=True))
+signal.signal(signal.SIGTERM, lambda *_: os.write(1, f"said: {{SlurmJob(os.environ).requeue(max_restarts=3)}}\\n".encode()))
 print("ready", flush=True)
 while True:
     time.sleep(1)
@@ -101,7 +102,7 @@ def test_a_failed_first_scontrol_requeue_still_requeues(slurm_cluster, tmp_path)
 [ -n "$SLURM_RESTART_COUNT" ] && {{ echo "restarted $SLURM_RESTART_COUNT"; exit 0; }}
 export REAL_SCONTROL={real} FLAKY_MARK={tmp_path}/failed-once PATH={bin_dir}:$PATH
 cd {REPO} && {sys.executable} -c 'import os, signal; from launch.backends.slurm.job import SlurmJob; \\
-signal.signal(signal.SIGTERM, signal.SIG_IGN); print("said:", SlurmJob(os.environ).requeue(max_restarts=3), flush=True)'
+signal.signal(signal.SIGTERM, signal.SIG_IGN); os.write(1, f"said: {{SlurmJob(os.environ).requeue(max_restarts=3)}}\\n".encode())'
 sleep 300
 """
     job = slurm_cluster.sbatch(script, "--requeue", "--time=5", "--open-mode=append", f"--output={out}")
