@@ -10,9 +10,10 @@ from gpt.errors import ConfigError
 PRECISIONS = ("fp32", "bf16", "fp16", "fp8")
 # fp8: torchao's float8 training (gpt.model.float8): its scaling recipes; every layer it does not convert runs bf16
 FP8_RECIPES = ("tensorwise", "rowwise")
-# The dtype gradients are reduced in across data-parallel ranks (train.reduce_dtype), and the dtype of the residual
-# stream between blocks (train.residual_dtype)
+# The dtype gradients are reduced in across data-parallel ranks (train.reduce_dtype)
 REDUCE_DTYPES = ("fp32", "bf16")
+# The dtype of the residual stream between blocks (train.residual_dtype)
+RESIDUAL_DTYPES = ("fp32", "bf16")
 # SDPA's kernels (gpt.model.attention); `auto` lets SDPA choose, a named one is the only one allowed (strict).
 ATTENTION = ("auto", "flash", "cudnn", "efficient", "math")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
@@ -83,7 +84,7 @@ class TrainConfig:
             raise ConfigError("train.precision", self.precision, f"one of {', '.join(PRECISIONS)}")
         for key, valid in (("compile_mode", COMPILE_MODES), ("compile_scope", COMPILE_SCOPES),
                            ("attention", ATTENTION), ("fp8_recipe", FP8_RECIPES), ("reduce_dtype", REDUCE_DTYPES),
-                           ("residual_dtype", REDUCE_DTYPES)):
+                           ("residual_dtype", RESIDUAL_DTYPES)):
             if getattr(self, key) not in valid:
                 raise ConfigError(f"train.{key}", getattr(self, key), f"one of {', '.join(valid)}")
         if self.device not in ("auto", "cpu", "cuda"):

@@ -101,7 +101,7 @@ class StepReporter:
             f"device       {s.device} ({self.train.precision}), {torch.get_num_threads()} CPU thread(s) per "
             f"rank on CPUs {cpu_list(cpu_affinity())}",
             f"compute      attention {self.strategy.attention_kernel} (train.attention={self.train.attention}); "
-            f"{self.compiled()}{self.recomputed()}",
+            f"{self.compiled()}{self.memory_and_levers()}",
             f"batch        {self.train.global_batch_size} x {self.model_cfg.block_size} = {self.tokens_per_step:,} "
             f"tokens/step; {s.micro_batch} per rank x {s.n_micro} micro-steps",
             f"at 50% MFU   {at_half}",
@@ -109,7 +109,8 @@ class StepReporter:
         ]
         return "\n".join(lines)
 
-    def recomputed(self) -> str:
+    def memory_and_levers(self) -> str:
+        """What the compute line adds after compile: activation checkpointing, then the step's levers."""
         policy = self.train.activation_checkpointing
         levers = ["q, k and v in one matmul"] * self.train.fused_qkv + \
             [f"residual stream {self.train.residual_dtype}"] * (self.train.residual_dtype != "fp32")
