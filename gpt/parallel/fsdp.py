@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -95,6 +96,13 @@ class FSDP(Strategy):
 
     def optimizer_step(self, skipped: torch.Tensor) -> None:
         super().optimizer_step(skipped)
+        self.precompute_fp8_scales()
+
+    def load_state(self, folder: Path) -> None:
+        super().load_state(folder)
+        self.precompute_fp8_scales()  # the loaded weights were copied into the tensors that keep the old scales
+
+    def precompute_fp8_scales(self) -> None:
         if self.fp8_all_gather:  # the next all-gather's float8 scales, from every weight's amax in one all-reduce
             from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
 

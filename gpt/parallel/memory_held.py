@@ -10,6 +10,7 @@ import contextlib
 from collections.abc import Callable, Iterable
 
 import torch
+from torch.utils._python_dispatch import is_traceable_wrapper_subclass
 
 from gpt.parallel.base import Strategy
 from gpt.parallel.memory_estimate import MemoryParts
@@ -17,7 +18,13 @@ from gpt.train.hooks import LoopHook
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
+    """The plain tensor that holds `t`'s memory: a DTensor's local shard, and inside a wrapper subclass (torchao's
+    float8-castable weights of train.fp8_all_gather), which has no storage of its own, the tensor it wraps."""
+    t = t.to_local() if hasattr(t, "to_local") else t
+    while is_traceable_wrapper_subclass(t):
+        inner, _ = t.__tensor_flatten__()
+        t = getattr(t, inner[0])
+    return t
 
 
 def tensor_bytes(tensors: Iterable[torch.Tensor | None]) -> int:

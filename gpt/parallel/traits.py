@@ -82,10 +82,15 @@ def device_type(train: TrainConfig | None) -> str:
 
 
 def check_fsdp_options(strategy: StrategyConfig, train: TrainConfig | None) -> None:
-    """Options a device cannot run: CPU offload moves parameters off a GPU, so it needs one."""
+    """Options a device cannot run: CPU offload moves parameters off a GPU, so it needs one; and it moves each shard
+    back with .to(device), which makes torchao's float8-castable weight anew, without its precomputed scale."""
     if strategy.cpu_offload and train is not None and device_type(train) != "cuda":
         raise ConfigError("strategy.cpu_offload", True, "false on a CPU run (offloading moves parameters from a GPU "
                           "to the CPU); set train.device=cuda on a GPU machine to use it")
+    if strategy.cpu_offload and train is not None and train.fp8_all_gather:
+        raise ConfigError("train.fp8_all_gather", True, "false with strategy.cpu_offload=true (each shard comes back "
+                          "from the CPU as a new weight without its float8 scale: every gather would all-reduce its "
+                          "own)")
 
 
 def check_compile(model: ModelConfig, train: TrainConfig | None) -> None:

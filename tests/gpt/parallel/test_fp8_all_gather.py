@@ -1,11 +1,16 @@
 """train.fp8_all_gather: under FSDP the converted layers' weights are gathered in float8 (torchao's float8-castable
 weights, whose FSDP2 pre-all-gather hook casts each shard), their scales precomputed after every update. On 2 real gloo
 ranks on the CPU (torch's CPU float8 matmul; planning refuses fp8 on a CPU run, so the device check is lifted here):
-the weights are torchao's, each update leaves a precomputed scale, and the losses follow the bf16-gathered run's to
-float8's rounding. Refused in one line where nothing is gathered, or with rowwise scaling."""
+the weights are torchao's, each update leaves a precomputed scale, a load (a resume, a rollback) the scale of the
+weights it loaded, and the losses follow the bf16-gathered run's to float8's rounding; the first step's memory is
+measured through torchao's wrapper (it holds no storage of its own). Refused in one line where nothing is gathered,
+with CPU offload, or with rowwise scaling."""
 from __future__ import annotations
 
 import datetime
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,10 +22,21 @@ from gpt.collectives.process_group import DistEnv
 from gpt.errors import ConfigError
 from gpt.model import float8
 from gpt.parallel import plan_layout
+from gpt.parallel.memory_held import MeasuredStep
 from gpt.train.build import build_strategy_and_model
 
 RUN = ("model=tiny", "model.vocab_size=64", "model.n_embd=64", "strategy=fsdp", "cluster.tasks_per_node=2",
        "train.device=cpu", "train.precision=fp8", "train.compile=true", "train.global_batch_size=8")
+
+
+def _step(strategy, rank: int, i: int) -> float:
+    x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(rank * 10 + i))
+    return strategy.train_step([(x, x.roll(-1, 1))], 1, 1e-3, 1.0).loss.item()
+
+
+def _scales(layers: list[torch.nn.Module]) -> list[torch.Tensor | None]:
+    """Where torchao keeps each weight's precomputed float8 scale."""
+    return [getattr(m.weight._local_tensor, "_precomputed_scale", None) for m in layers]
 
 
 def _rank(rank: int, world: int, port: int, out: dict) -> None:
@@ -38,14 +54,24 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
         torch.manual_seed(0)
         strategy = build_strategy_and_model(cfg, cfg.model, DistEnv(rank=rank, world_size=world), torch.device("cpu"))
         layers = [m for m in strategy.unwrapped.modules() if type(m).__name__ == "Float8Linear"]
-        losses = []
-        for step in range(3):
-            x = torch.randint(0, 64, (4, 16), generator=torch.Generator().manual_seed(rank * 10 + step))
-            losses.append(strategy.train_step([(x, x.roll(-1, 1))], 1, 1e-3, 1.0).loss.item())
-        local = [m.weight._local_tensor for m in layers]  # where torchao keeps its precomputed scale
+        with MeasuredStep(strategy, 1) as first:  # the trainer's first-step memory record
+            losses = [_step(strategy, rank, 0)]
+        losses += [_step(strategy, rank, i) for i in (1, 2)]
+        local = [m.weight._local_tensor for m in layers]
         out[(rank, gather)] = (losses, len(layers), all(isinstance(w, WeightWithDynamicFloat8CastTensor)
                                                          for w in local),
-                               all(getattr(w, "_precomputed_scale", None) is not None for w in local))
+                               all(s is not None for s in _scales(layers)), first.parts.params)
+        if gather:  # a rollback: the weights of step 3 loaded back after a fourth update
+            folder = Path(tempfile.gettempdir()) / f"fp8-gather-{port}"
+            strategy.save_state(folder)
+            saved = [s.clone() for s in _scales(layers)]
+            _step(strategy, rank, 3)
+            moved = [s.clone() for s in _scales(layers)]
+            strategy.load_state(folder)
+            out[(rank, "load")] = (saved, moved, _scales(layers))
+            dist.barrier()
+            if rank == 0:
+                shutil.rmtree(folder)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -54,12 +80,16 @@ def _rank(rank: int, world: int, port: int, out: dict) -> None:
 @pytest.mark.timeout(180)
 def test_fsdp_gathers_float8_weights_with_scales_precomputed_after_each_update():
     got = spawn_ranks(_rank, 2)
-    bf16, n, cast, scaled = got[(0, False)]
-    fp8, n_fp8, cast_fp8, scaled_fp8 = got[(0, True)]
+    bf16, n, cast, scaled, params = got[(0, False)]
+    fp8, n_fp8, cast_fp8, scaled_fp8, params_fp8 = got[(0, True)]
     assert n == n_fp8 > 0
     assert (cast, scaled) == (False, False)  # without it: plain weights, gathered in bf16
     assert (cast_fp8, scaled_fp8) == (True, True)
+    assert params_fp8 == params > 0  # each wrapped shard counted by the storage it wraps, none twice
     assert fp8 == pytest.approx(bf16, rel=0.02)  # float8's rounding of the gathered weights, not another model
+    saved, moved, loaded = got[(0, "load")]
+    assert any(not torch.equal(a, b) for a, b in zip(saved, moved))  # the fourth update moved the scales
+    assert all(torch.equal(a, b) for a, b in zip(saved, loaded))  # the load gave back the loaded weights' scales
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -70,6 +100,16 @@ def test_a_strategy_that_gathers_no_parameters_refuses_it(overrides, message):
     run = launch_config.parse(compose("model=tiny", "train.precision=fp8", "train.compile=true",
                                       "train.fp8_all_gather=true", "train.device=cuda", *overrides))
     with pytest.raises(ConfigError, match=rf"^train.fp8_all_gather=True is not valid: {message}"):
+        plan_layout(run.strategy, run.parallel, run.model, 2, 2, run.train)
+
+
+def test_cpu_offload_refuses_it():
+    """FSDP moves an offloaded shard back with .to(device), a new float8-castable weight without its scale."""
+    run = launch_config.parse(compose("model=tiny", "train.precision=fp8", "train.compile=true", "train.device=cuda",
+                                      "train.fp8_all_gather=true", "strategy=fsdp", "strategy.cpu_offload=true",
+                                      "cluster.tasks_per_node=2"))
+    with pytest.raises(ConfigError, match=r"^train.fp8_all_gather=True is not valid: false with "
+                                          r"strategy.cpu_offload=true \(each shard comes back"):
         plan_layout(run.strategy, run.parallel, run.model, 2, 2, run.train)
 
 
