@@ -13,7 +13,8 @@ under train.attention=math the softmax of every head too), the head at the start
 cross-entropy's fp32 rows), autocast's compute-precision copies of the weights, and a pipeline stage's input and
 output per micro-batch in flight; where the parameters are
 sharded over data-parallel ranks, the root and one layer gathered at a time (a pipeline's FSDP stage: all of it,
-from its first backward to the step's end); with gradient accumulation, the gradients as a rank holds them between
+from its first backward to the step's end); train.fused_qkv's joined q, k and v weight where autocast makes no
+copies (fp32, FSDP's gathered weights); with gradient accumulation, the gradients as a rank holds them between
 micro-steps (FSDP and a pipeline's FSDP stage: unsharded, in fp32; traits.accumulating_grad_share).
 Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. The peak counts
 all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held, and
@@ -149,9 +150,10 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     params, grads, optimizer = p_bytes * held * p_share, g_bytes * held * g_share, o_bytes * held * o_share
     tokens = micro_batch * model.block_size
     every = train.recompute_every()
-    if every:  # a checkpointed layer keeps its input; one layer is recomputed whole at a time
-        checkpointed = math.ceil(model.n_layer / every) / model.n_layer
-        kept = 4.0 * model.n_embd / (dims.tp if dims.sequence_parallel else 1)
+    checkpointed = math.ceil(model.n_layer / every) / model.n_layer if every else 0.0
+    if every:  # a checkpointed layer keeps its input (the residual stream); one layer is recomputed whole at a time
+        residual = 2 if train.residual_dtype == "bf16" else 4
+        kept = residual * model.n_embd / (dims.tp if dims.sequence_parallel else 1)
         activations = tokens * (layers * ((1 - checkpointed) * layer + checkpointed * kept) + layer + head)
     else:
         activations = tokens * (layers * layer + head)
@@ -161,5 +163,8 @@ def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, d
     compute = 2 if train.compute_precision in ("bf16", "fp16") else 4
     if not gathered and compute < p_bytes:  # autocast's copies of the weights, each saved by its matmul
         activations += compute * held * p_share
+    elif train.fused_qkv:  # the joined q, k and v weight each layer's matmul saves (autocast's copies stand in for it)
+        qkv = (model.n_embd + 2 * model.n_kv_head * model.head_dim) * model.n_embd
+        activations += compute * qkv * layers * (1 - checkpointed)
     activations += gathered
     return MemoryParts(params, grads, optimizer, activations, params + grads + optimizer + activations)
