@@ -114,8 +114,9 @@ class TrainConfig:
 
     def numerics(self) -> dict[str, Any]:
         """The precision, and fp8's scaling recipe: a run continues only with the same (launch.run.identity; its
-        checkpoints' fingerprint, gpt.train.state). train.reduce_dtype may change, as the node count may: it rounds
-        the gradients' sums, and holds no state (docs/strategies.md)."""
+        checkpoints' fingerprint, gpt.train.state). train.reduce_dtype, train.residual_dtype and train.fused_qkv may
+        change, as the node count may: they round the gradients' sums or the activations, and hold no state
+        (docs/strategies.md, docs/configuration.md)."""
         keys = {"train.precision": self.precision}
         return {**keys, "train.fp8_recipe": self.fp8_recipe} if self.precision == "fp8" else keys
 
