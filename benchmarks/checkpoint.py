@@ -106,6 +106,8 @@ def save_load(model: str, repeats: int, block: int, modes: list[str]) -> dict:
             r.update(load_s=statistics.median(loads), step_s=min(step_s))
             r.update(write_gbps=r["bytes"] / r["written_s"] / 1e9, load_gbps=r["bytes"] / r["load_s"] / 1e9)
             out[mode] = r
+            print(f"{mode}: {r['bytes'] / 1e9:.2f} GB written in {r['written_s']:.2f} s ({r['write_gbps']:.2f} GB/s), "
+                  f"loaded in {r['load_s']:.2f} s", flush=True)  # kept should a time limit stop the next mode
             t.saver.checkpointer.close()
             t.metrics.close()
             shutil.rmtree(run_dir)  # the next mode's saves go to an emptier disk

@@ -6,14 +6,14 @@ that no longer fits the budget is skipped and named, for a second call with --on
     python -m benchmarks.gpu_round --plan             # anywhere: each part's command line and limit, nothing run
     python -m benchmarks.gpu_round --cpu --out /tmp/r # anywhere: every part at tiny shapes on the CPU (minutes)
 
-Parts, in this order: check (the machine, torch.cuda, the packages), peers_gpt2 (benchmarks/peers.py, with CUDA-graph
-rows), save (benchmarks/checkpoint.py for llama_1b), requeue (a gpt2_124m run's second attempt, its start-up with the
-first attempt's compile cache, and a rank's imports), fp8_loss (llama_1b for 300 steps in bf16 at two seeds and in
-fp8, their final losses), peers_llama (with an fp8 row), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the
-GPU), shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints),
-lever_loss (gpt2_124m's loss with issue 58's levers against two seeds without them). Writes
-into --out: round.md (one line a part, and each part's last lines), round.log (everything the parts printed),
-results.tgz (benchmarks/results/*.json and the run folders' small records).
+Parts, in this order: check (the machine, torch.cuda, the packages), peers_gpt2 (benchmarks/peers.py, with the
+levers' rows, each traced), requeue (a gpt2_124m run's second attempt, its start-up with the first attempt's compile
+cache, and a rank's imports), save (benchmarks/checkpoint.py for llama_1b), lever_loss (gpt2_124m's loss with issue
+58's levers against two seeds without them), fp8_loss (llama_1b for 300 steps in bf16 at two seeds and in fp8, their
+final losses), peers_llama (with an fp8 row), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the GPU),
+shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints). Writes into
+--out, after every part: round.md (one line a part, and each part's last lines), round.log (everything the parts
+printed), results.tgz (benchmarks/results/*.json and the run folders' small records).
 """
 from __future__ import annotations
 
@@ -31,9 +31,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PY = sys.executable
-# the save's path before staging beside today's (the saves branch's options; an older checkpoint.py refuses them and
-# runs its sync and async saves)
-SAVE_MODES = ["--modes", "sync-old", "sync", "sync-8"]
+# the save with eight writers first, then today's default (the path before staging, sync-old, was measured on an H200
+# on 2026-11-28: 24.2 s); an older checkpoint.py refuses them and runs its sync and async saves
+SAVE_MODES = ["--modes", "sync-8", "sync"]
 LOSS_TOLERANCE = 5e-3  # fp32 (TF32 on a GPU) layouts of one tiny model, reduced in other orders
 FP8_TOLERANCE = 0.01  # issue 58: fp8's loss within 1% of bf16's at step 300 (of the band its seeds span)
 SEED = 1337  # the config's default (gpt.config.schema)
@@ -48,6 +48,7 @@ class Part:
     limit_s: int  # on the GPU; expected times are in docs/benchmarks.md
     commands: list[list[str]]
     optional: list[str] = field(default_factory=list)  # options a newer version takes: dropped where refused
+    needs_s: int = 60  # the least time in which it gives a figure: with less of the budget left, it is skipped
     result: dict = field(default_factory=dict)
 
 
@@ -116,7 +117,8 @@ def lever_loss_commands(work: Path, cpu: bool) -> list[list[str]]:
     graphs = [] if cpu else ["train.compile_mode=reduce-overhead"]
     levers = ["train.fused_qkv=true", "train.residual_dtype=bf16", *graphs]
     runs = {"gpt2": [], "gpt2-seed2": [f"seed={SEED + 1}"], "gpt2-levers": levers}
-    return [*(launch(work / f"loss-{name}", *common, *extra) for name, extra in runs.items()),
+    cache = [f"train.compile_cache_dir={work / 'lever-compile-cache'}"]  # the second seed compiles nothing anew
+    return [*(launch(work / f"loss-{name}", *common, *cache, *extra) for name, extra in runs.items()),
             [PY, "-m", "benchmarks.gpu_round", "--final-losses", *(str(work / f"loss-{n}") for n in runs)]]
 
 
@@ -142,17 +144,19 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
            *(tiny if cpu else full), *data_overrides(), "data=shakespeare_bpe"]
     return [
         Part("check", 45, [[PY, "-m", "benchmarks.gpu_round", "--check", *(["--cpu"] if cpu else [])]]),
-        # what a round has still to measure first: the gpt2 levers, the save with eight writers, a requeue's imports
-        Part("peers_gpt2", 420, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *levers]]),
-        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args]),
-        Part("requeue", 120, requeue_commands(work, cpu)),
-        Part("fp8_loss", 450, fp8_loss_commands(work, cpu)),
-        Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]]),
+        # what a round has still to measure first: the gpt2 levers (each row kept as it ends: gptlaunch and nanoGPT
+        # first), a requeue's start-up and imports, the save with eight writers, the levers' loss
+        Part("peers_gpt2", 420, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"], "--trace", *levers]],
+             needs_s=150),
+        Part("requeue", 120, requeue_commands(work, cpu), needs_s=80),
+        Part("save", 150, [save], optional=[*SAVE_MODES, *save_args], needs_s=100),
+        Part("lever_loss", 300, lever_loss_commands(work, cpu), needs_s=270),
+        Part("fp8_loss", 450, fp8_loss_commands(work, cpu), needs_s=400),
+        Part("peers_llama", 300, [[*peers, "--pair", "llama", "--steps", steps["llama"], *fp8]], needs_s=150),
         Part("dry_run", 90, [*([*dry, f"nodes={n}", f"train.global_batch_size={8 * n}"] for n in (1, 8)),
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
                               "train.global_batch_size=8"]]),
-        Part("shared", 120, shared_commands(work, cpu)),
-        Part("lever_loss", 300, lever_loss_commands(work, cpu)),
+        Part("shared", 120, shared_commands(work, cpu), needs_s=100),
     ]
 
 
@@ -202,19 +206,23 @@ def run_part(part: Part, left_s: float, log) -> dict:
     return {"status": "ok", "seconds": time.monotonic() - start, "tails": tails}
 
 
-def run_round(todo: list[Part], budget_s: float, out: Path) -> list[Part]:
-    """Each part in order while the budget has at least a minute left (or its whole limit, if less)."""
+def run_round(todo: list[Part], budget_s: float, out: Path, work: Path | None = None) -> list[Part]:
+    """Each part in order while the budget has what it needs left (or its whole limit, if less); the results packed
+    after each (`work`'s run folders too), so that a call the device tool cuts short still brings back the parts
+    it ran."""
     start = time.monotonic()
     with open(out / "round.log", "a") as log:
         for part in todo:
             left = budget_s - (time.monotonic() - start)
-            if left < min(60, part.limit_s):
+            if left < min(part.needs_s, part.limit_s):
                 part.result = {"status": f"skipped: {left:.0f} s of the budget left", "seconds": 0, "tails": []}
             else:
                 print(f"== {part.name} (limit {min(part.limit_s, left):.0f} s)", flush=True)
                 part.result = run_part(part, left, log)
             print(f"== {part.name}: {part.result['status']} in {part.result['seconds']:.0f} s", flush=True)
             (out / "round.md").write_text(report(todo))
+            if work is not None:
+                pack(work, out)
     return todo
 
 
@@ -231,7 +239,8 @@ def pack(work: Path, out: Path) -> None:
     """benchmarks/results/*.json and the run folders' small records (no checkpoint, no compile cache) into one
     file: the device tool brings back few files."""
     small = ("attempts.jsonl", "rendezvous.json", "summary.json", "metrics/rank0.jsonl")
-    with tarfile.open(out / "results.tgz", "w:gz") as tar:
+    partial = out / "results.tgz.part"  # renamed whole: a call cut short keeps the last complete one
+    with tarfile.open(partial, "w:gz") as tar:
         for path in sorted((REPO / "benchmarks" / "results").glob("*.json")):
             tar.add(path, f"results/{path.name}")
         for run in sorted(p for p in work.glob("*") if p.is_dir()):
@@ -239,6 +248,7 @@ def pack(work: Path, out: Path) -> None:
             for path in found:
                 if path.is_file() and path.stat().st_size < 4 << 20:
                     tar.add(path, f"runs/{path.relative_to(work)}")
+    partial.replace(out / "results.tgz")
 
 
 def check(cpu: bool) -> int:
@@ -387,8 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             extra = f"; each command with {' '.join(p.optional)} where it takes them" if p.optional else ""
             print(f"{p.name} (limit {p.limit_s} s{extra}):" + "".join(f"\n  {' '.join(c)}" for c in p.commands))
         return 0
-    run_round(todo, args.budget, args.out)
-    pack(work, args.out)
+    run_round(todo, args.budget, args.out, work)
     print(report(todo))
     return 0 if all(p.result["status"] == "ok" for p in todo) else 1
 

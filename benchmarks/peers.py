@@ -99,7 +99,8 @@ def run_ours(pair: Pair, steps: int, tiny: bool, extra: list[str], folder: Path,
     timed = next(r for r in map(json.loads, lines) if r["kind"] == "train" and r["step"] == 2 * steps - 1)
     out = {"tokens_per_s": timed["tokens_per_s"], "step_s": (pair.micro * pair.accum * block(pair))
            / timed["tokens_per_s"], "mfu": timed.get("mfu"), "peak_gib": timed.get("mem/peak_gib"),
-           "loss": timed["loss"], "command_s": time.perf_counter() - start}
+           "reserved_gib": timed.get("mem/reserved_gib"), "loss": timed["loss"],
+           "command_s": time.perf_counter() - start}
     traces = RunFolder(run_dir).profile_traces()
     if trace and traces:
         out["trace"] = asdict(summarize(json.loads(traces[0].read_text())))
@@ -199,7 +200,8 @@ def timed_loop(pair: Pair, steps: int, device: str, model, opt, loss_fn, trace_t
     step_s = (time.perf_counter() - start) / steps
     tokens_per_s = pair.micro * pair.accum * cfg.block_size / step_s
     out = {"tokens_per_s": tokens_per_s, "step_s": step_s, "mfu": mfu_of(cfg, tokens_per_s, device),
-           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None, "loss": loss.item() * pair.accum}
+           "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
+           "reserved_gib": torch.cuda.max_memory_reserved() / 2**30 if cuda else None, "loss": loss.item() * pair.accum}
     if trace_to is not None:
         out["trace"] = traced(one_step, 2 * steps, cuda, trace_to)
     return out
@@ -259,7 +261,11 @@ def rows_of(args: argparse.Namespace) -> list[tuple[Pair, str, str, list[str]]]:
     return rows
 
 
-def measure(args: argparse.Namespace) -> list[dict]:
+def measure(args: argparse.Namespace, keep) -> list[dict]:
+    """Each row in turn, printed and handed to `keep` as it ends: a call stopped at its time limit keeps the rows it
+    ran, their traces with them."""
+    from launch.step_trace import StepTime
+
     out = []
     with tempfile.TemporaryDirectory() as tmp:
         for i, (pair, label, side, overrides) in enumerate(rows_of(args)):
@@ -271,8 +277,10 @@ def measure(args: argparse.Namespace) -> list[dict]:
             row = {"pair": pair.name, "label": label, "side": side, "overrides": overrides,
                    "shape": f"{micro} x {block(pair):,} x {pair.micro * pair.accum // micro}", **r}
             shown = r.get("error") or f"{r['tokens_per_s']:,.0f} tokens/s"
-            print(f"  {pair.name} {label}: {shown}", flush=True)
+            traced = f"; traced: {StepTime(**r['trace']).line()}" if "trace" in r else ""
+            print(f"  {pair.name} {label}: {shown}{traced}", flush=True)
             out.append(row)
+            keep(out)
     return out
 
 
@@ -284,8 +292,8 @@ def ratio(row: dict, other: dict | None) -> str:
 
 def table(rows: list[dict]) -> str:
     """One line a row; the ratio of each gptlaunch row to its pair's peer (and to its pair's first row)."""
-    lines = ["| pair | row | micro x block x accumulation | tokens/s | s a step | MFU | peak GiB | vs peer "
-             "| vs gptlaunch |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| pair | row | micro x block x accumulation | tokens/s | s a step | MFU | peak (reserved) GiB "
+             "| vs peer | vs gptlaunch |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
         mates = [r for r in rows if r["pair"] == row["pair"] and "error" not in r]
         peer = next((r for r in mates if r["side"] == "peer"), None)
@@ -294,7 +302,9 @@ def table(rows: list[dict]) -> str:
             lines.append(f"| {row['pair']} | {row['label']} | {row['shape']} | {row['error']} | | | | | |")
             continue
         mfu = f"{row['mfu']:.1%}" if row.get("mfu") is not None else "-"
-        peak = f"{row['peak_gib']:.1f}" if row.get("peak_gib") is not None else "-"
+        # reserved: a CUDA graph's pool, which its replays allocate nothing from, shows there and not in the peak
+        reserved = f" ({row['reserved_gib']:.1f})" if row.get("reserved_gib") is not None else ""
+        peak = f"{row['peak_gib']:.1f}{reserved}" if row.get("peak_gib") is not None else "-"
         lines.append(f"| {row['pair']} | {row['label']} | {row['shape']} | {row['tokens_per_s']:,.0f} | "
                      f"{row['step_s']:.4f} | {mfu} | {peak} | {ratio(row, peer)} | {ratio(row, base)} |")
     return "\n".join(lines)
@@ -341,14 +351,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if not args.tiny and not torch.cuda.is_available():
         sys.exit("NO GPU WORK DONE: no CUDA GPU here; --tiny runs the rows at tiny shapes on the CPU")
-    rows = measure(args)
     device = "cpu (tiny shapes)" if args.tiny else torch.cuda.get_device_name(0)
+    name = "_".join(["peers", *(["tiny"] if args.tiny else []), *(args.pair or [])])  # a file a call
+    rows = measure(args, lambda rows: save_results(name, {"device": device, "steps": args.steps, "rows": rows}))
     print(f"\n{device}, torch {torch.__version__}, {args.steps} warm-up and {args.steps} timed steps a row\n")
     print(table(rows))
     if any("trace" in r for r in rows):
         print(f"\nwhere a step went (ms a step, {TRACED} profiled steps after the timed ones):\n")
         print(trace_table(rows))
-    name = "_".join(["peers", *(["tiny"] if args.tiny else []), *(args.pair or [])])  # a file a call
     print(f"\nresults: {save_results(name, {'device': device, 'steps': args.steps, 'rows': rows})}")
     if all("error" in r for r in rows):
         sys.exit(1)

@@ -17,14 +17,16 @@ from pathlib import Path
 
 from gpt.run_folder import RunFolder
 
-# first match wins: an Inductor matmul template is a matmul, its other Triton kernels fused ones (named after the ops
-# they fused, an addmm's epilogue among them); cuDNN's attention before cuBLAS; clipping's foreach kernels go with the
-# optimizer's
+# first match wins: Inductor's kernels first, by the names it gives them after the ops they fused (a Triton kernel
+# named after SDPA is the copy that feeds it, one named after an all-reduce its epilogue): its templates are matmuls
+# (flex attention's attention), the rest fused ones; then cuDNN's attention before cuBLAS; clipping's foreach
+# kernels go with the optimizer's
 FAMILIES = (
-    ("communication", r"nccl|gloo|all_?reduce|all_?gather|reduce_?scatter|broadcast|c10d::"),
-    ("attention", r"flash|fmha|attention|scaled_dot_product|cudnn"),
+    ("attention", r"^triton_tem.*flex_attention"),
     ("matmul", r"^triton_tem"),
     ("fused (Triton)", r"^triton|cpp_fused"),
+    ("communication", r"nccl|gloo|all_?reduce|all_?gather|reduce_?scatter|broadcast|c10d::"),
+    ("attention", r"flash|fmha|attention|scaled_dot_product|cudnn"),
     ("optimizer", r"adam|multi_tensor_apply|foreach"),
     ("matmul", r"gemm|cutlass|xmma|nvjet|cublas|wgmma|\bmm\b|addmm|bmm|matmul"),
     ("copies", r"memcpy|memset|copy_|_to_copy"),
@@ -32,6 +34,7 @@ FAMILIES = (
 )
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
 STEP = re.compile(r"^train step (\d+)$")
+TOP = 30  # kernels (or host operators) kept by name, the longest: families can be drawn again without the trace
 
 
 @dataclass
@@ -43,6 +46,7 @@ class StepTime:
     span_ms: float
     busy_ms: float
     families: dict[str, float] = field(default_factory=dict)
+    top: list[tuple[str, float]] = field(default_factory=list)  # (name, ms a step), the longest first
 
     def line(self) -> str:
         shares = ", ".join(f"{name} {ms:.1f}" for name, ms in self.families.items() if ms >= 0.05)
@@ -85,6 +89,19 @@ def busy(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def device_period(events: list[dict], intervals: list[tuple[float, float]]) -> tuple[float, float] | None:
+    """(span, busy) in us of one step on the device, from where each traced step began there (its `train step N`
+    range as CUDA saw it, gpu_user_annotation): the first's start to the last's over the steps between, so the gap
+    before each next step counts, which the last kernel's end would leave out. None with fewer than two."""
+    starts = sorted(float(e["ts"]) for e in events
+                    if e.get("cat") == "gpu_user_annotation" and STEP.match(e.get("name", "")))
+    if len(starts) < 2:
+        return None
+    first, last = starts[0], starts[-1]
+    inside = [(max(a, first), min(b, last)) for a, b in intervals if b > first and a < last]
+    return (last - first) / (len(starts) - 1), busy(inside) / (len(starts) - 1)
+
+
 def summarize(trace: dict) -> StepTime:
     events = [e for e in trace.get("traceEvents", []) if e.get("ph") == "X" and "dur" in e]
     steps = [e for e in events if e.get("cat") == "user_annotation" and STEP.match(e.get("name", ""))]
@@ -100,13 +117,18 @@ def summarize(trace: dict) -> StepTime:
         intervals = [(float(e["ts"]), float(e["ts"]) + e["dur"]) for e in steps] or \
             [(float(e["ts"]), float(e["ts"]) + e["dur"]) for e in ops]
         source = "host"
-    span = (max(b for _, b in intervals) - min(a for a, _ in intervals)) if intervals else 0.0
+    span = (max(b for _, b in intervals) - min(a for a, _ in intervals)) / n if intervals else 0.0
+    used = sum(us for _, us in timed) / n if source == "host" else busy(intervals) / n
+    if source == "device":
+        span, used = device_period(events, intervals) or (span, used)
     families = {name: 0.0 for name, _ in FAMILIES} | {"other": 0.0}
+    by_name: dict[str, float] = {}
     for name, us in timed:
         families[family(name)] += us
+        by_name[name] = by_name.get(name, 0.0) + us
     ordered = dict(sorted(((k, v / n / 1e3) for k, v in families.items()), key=lambda kv: -kv[1]))
-    used = sum(us for _, us in timed) if source == "host" else busy(intervals)
-    return StepTime(source, n, span / n / 1e3, used / n / 1e3, ordered)
+    top = sorted(((k, v / n / 1e3) for k, v in by_name.items()), key=lambda kv: -kv[1])[:TOP]
+    return StepTime(source, n, span / 1e3, used / 1e3, ordered, top)
 
 
 def traces_of(path: Path) -> list[Path]:

@@ -4,13 +4,14 @@ and an option a program refuses dropped."""
 from __future__ import annotations
 
 import sys
+import tarfile
 
 import pytest
 
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
 
-ORDER = ["check", "peers_gpt2", "save", "requeue", "fp8_loss", "peers_llama", "dry_run", "shared", "lever_loss"]
+ORDER = ["check", "peers_gpt2", "requeue", "save", "lever_loss", "fp8_loss", "peers_llama", "dry_run", "shared"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
@@ -54,6 +55,21 @@ def test_a_hung_part_is_killed_at_its_limit_and_the_round_goes_on(tmp_path):
     report = (tmp_path / "round.md").read_text()
     assert "| hangs | killed at its limit |" in report and "unrecognized arguments: --modes sync" in (
         tmp_path / "round.log").read_text()
+
+
+def test_a_part_is_skipped_without_the_time_it_needs_and_what_ran_is_packed_after_each(tmp_path):
+    """A part whose figure needs its whole run (the levers' loss) is not started with less left than that; the
+    results file is written after every part, so that a call the device tool cuts short brings back what ran."""
+    py, work = sys.executable, tmp_path / "runs"
+    (work / "a-run" / "metrics").mkdir(parents=True)
+    (work / "a-run" / "metrics" / "rank0.jsonl").write_text("{}")
+    todo = [gpu_round.Part("quick", 20, [[py, "-c", "print(1)"]]),
+            gpu_round.Part("needs its whole run", 300, [[py, "-c", "print(2)"]], needs_s=270)]
+    gpu_round.run_round(todo, budget_s=200, out=tmp_path, work=work)
+    assert todo[0].result["status"] == "ok" and todo[1].result["status"].startswith("skipped: ")
+    with tarfile.open(tmp_path / "results.tgz") as tar:
+        assert "runs/a-run/metrics/rank0.jsonl" in tar.getnames()
+    assert not (tmp_path / "results.tgz.part").exists()
 
 
 def _metrics(run, losses):

@@ -43,6 +43,31 @@ def test_a_gpu_traces_kernels_are_summed_by_family_per_step_and_its_busy_time_is
                                         "optimizer": 0.1, "copies": 0.05, "elementwise": 0.05, "other": 0.05})
     assert list(t.families)[:2] == ["matmul", "communication"]  # the largest first
     assert t.line().startswith("device 0.9 ms a step over 2 step(s), busy 95%: matmul 0.4, communication 0.3")
+    assert t.top[0] == ("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_cublas", pytest.approx(0.4))  # kept by name
+
+
+def test_a_step_on_the_device_lasts_from_its_start_to_the_next_steps_where_cuda_marked_them():
+    """With the steps' ranges as CUDA saw them (gpu_user_annotation), a step is the 1,000 us from one start to the
+    next, its 100 us idle at the end included, which the last kernel's end leaves out of the last step."""
+    trace = _gpu_trace()
+    trace["traceEvents"] += [{"ph": "X", "cat": "gpu_user_annotation", "name": f"train step {step}", "pid": 0,
+                              "tid": 7, "ts": t0, "dur": 900} for step, t0 in ((40, 0.0), (41, 1000.0))]
+    t = step_trace.summarize(trace)
+    assert (t.span_ms, t.busy_ms) == (pytest.approx(1.0), pytest.approx(0.9))
+    assert t.families["matmul"] == pytest.approx(0.4)  # the families still of both steps
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("triton_poi_fused__scaled_dot_product_flash_attention_transpose_view_2", "fused (Triton)"),  # SDPA's input copy
+    ("triton_poi_fused_all_reduce_0", "fused (Triton)"),
+    ("triton_tem_fused_mm_3", "matmul"),
+    ("triton_tem_fused_flex_attention_0", "attention"),
+    ("pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64, 128, 64, 4>>", "attention"),
+    ("nvjet_tst_128x256_64x4_2x1_v_bz_coopB_TNT", "matmul"),
+    ("ncclDevKernel_ReduceScatter_Sum_f32_RING_LL", "communication"),
+])
+def test_inductors_kernels_go_by_their_own_family_before_the_ops_they_are_named_after(name, expected):
+    assert step_trace.family(name) == expected
 
 
 @pytest.mark.slow  # a real profile: a second
