@@ -9,11 +9,16 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("gpt", "launch")
 
 
+DEFINITIONS = (ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
+
+
 @functools.cache
 def nodes() -> list[tuple[ast.AST, str]]:
-    """Every node of the packages' modules, with its module's path (parsed once for all the tests here)."""
+    """Every class and function of the packages' modules, with its module's path (parsed once for all the tests
+    here)."""
     return [(node, str(path.relative_to(ROOT))) for package in PACKAGES
-            for path in sorted((ROOT / package).rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))]
+            for path in sorted((ROOT / package).rglob("*.py")) for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, DEFINITIONS)]
 
 
 def sizes(kind: type | tuple[type, ...]) -> list[tuple[int, str]]:

@@ -8,8 +8,6 @@ import dataclasses
 import pytest
 import torch
 
-import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
-
 from helpers import SHAKESPEARE  # noqa: E402
 from gpt.config.model import load_preset  # noqa: E402
 from gpt.data.tokenizer import BPETokenizer, CharTokenizer  # noqa: E402
@@ -44,6 +42,8 @@ def trained_like(preset: str, **changes) -> GPT:
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.slow
 def test_exported_model_loads_stock_and_gives_the_same_logits_and_greedy_tokens(family, tmp_path):
+    import transformers  # the hf extra; imported here, not by every test worker's collection
+
     preset, changes = FAMILIES[family]
     model = trained_like(preset, **changes)
     hf_model(model, eot=None).save_pretrained(tmp_path, safe_serialization=True)
@@ -89,6 +89,8 @@ def test_a_llama_style_model_with_no_stock_equivalent_is_refused_naming_the_key(
 @pytest.mark.parametrize("end_of_text", [False, True])
 @pytest.mark.slow
 def test_the_exported_char_tokenizer_encodes_and_decodes_as_training_did(end_of_text, tmp_path):
+    import transformers  # the hf extra; imported here, not by every test worker's collection
+
     text = SHAKESPEARE.read_text()
     ours = CharTokenizer(sorted(set(text)), end_of_text=end_of_text)
     fast_tokenizer(ours, 64).save_pretrained(tmp_path)
@@ -104,6 +106,8 @@ def test_the_exported_char_tokenizer_encodes_and_decodes_as_training_did(end_of_
 
 @pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_the_exported_bpe_tokenizer_encodes_as_training_did(tmp_path):
+    import transformers  # the hf extra; imported here, not by every test worker's collection
+
     text = SHAKESPEARE.read_text()[:200000]
     ours = BPETokenizer.train(text, 400)
     fast_tokenizer(ours, 64).save_pretrained(tmp_path)

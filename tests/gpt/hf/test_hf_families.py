@@ -10,9 +10,6 @@ import json
 import pytest
 import torch
 
-import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
-from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # noqa: E402
-
 from gpt.config.model import ModelConfig, load_preset  # noqa: E402
 from gpt.errors import ConfigError  # noqa: E402
 from gpt.export import hf_model, main as export_main  # noqa: E402
@@ -26,21 +23,31 @@ LLAMA3_SCALING = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
 SHAPE = dict(vocab_size=97, hidden_size=64, intermediate_size=88, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2)
 FAMILIES = {  # the family's transformers config, as its model cards' config.json would say it, tiny
-    "llama3.2": transformers.LlamaConfig(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
-                                         tie_word_embeddings=True, rms_norm_eps=1e-5),
-    "smollm": transformers.LlamaConfig(**SHAPE, tie_word_embeddings=True, rope_theta=10000.0),  # SmolLM is LLaMA
-    "qwen2.5": transformers.Qwen2Config(**SHAPE, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False),
-    "mistral": transformers.MistralConfig(**SHAPE, sliding_window=64),
-    "mixtral": transformers.MixtralConfig(**SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None),
-    "gpt2": transformers.GPT2Config(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4),
+    "llama3.2": ("LlamaConfig", dict(**SHAPE, rope_theta=500000.0, rope_scaling=LLAMA3_SCALING,
+                                     tie_word_embeddings=True, rms_norm_eps=1e-5)),
+    "smollm": ("LlamaConfig", dict(**SHAPE, tie_word_embeddings=True, rope_theta=10000.0)),  # SmolLM is LLaMA
+    "qwen2.5": ("Qwen2Config", dict(**SHAPE, rope_theta=1e6, tie_word_embeddings=True, use_sliding_window=False)),
+    "mistral": ("MistralConfig", dict(**SHAPE, sliding_window=64)),
+    "mixtral": ("MixtralConfig", dict(**SHAPE, num_local_experts=4, num_experts_per_tok=2, sliding_window=None)),
+    "gpt2": ("GPT2Config", dict(vocab_size=97, n_positions=64, n_embd=64, n_layer=2, n_head=4)),
 }
 BLOCK = 48
 
 
-def written_by_transformers(family: str, folder) -> transformers.PreTrainedModel:
+def config_of(family: str):
+    """The family's transformers config (transformers imported here, not by every test worker's collection)."""
+    import transformers
+
+    name, values = FAMILIES[family]
+    return getattr(transformers, name)(**values)
+
+
+def written_by_transformers(family: str, folder):
     """The family's model with every weight away from its initial value (biases not zero, norms not one), saved."""
+    import transformers
+
     torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(FAMILIES[family])
+    model = transformers.AutoModelForCausalLM.from_config(config_of(family))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -49,6 +56,9 @@ def written_by_transformers(family: str, folder) -> transformers.PreTrainedModel
 
 
 def test_llama3_frequencies_are_transformers():
+    import transformers
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
     cfg = ModelConfig(n_embd=256, n_head=2, position="rope", rope_base=500000.0, rope_scaling="llama3",
                       rope_factor=32.0, rope_original_context=8192)
     theirs, scale = ROPE_INIT_FUNCTIONS["llama3"](transformers.LlamaConfig(
@@ -63,6 +73,8 @@ def test_llama3_frequencies_are_transformers():
 @pytest.mark.slow
 @pytest.mark.parametrize("family", FAMILIES)
 def test_a_folder_transformers_wrote_fills_the_model_and_gives_its_logits_in_and_out(family, tmp_path):
+    import transformers
+
     theirs = written_by_transformers(family, tmp_path / "in")
     cfg = filled_model(f"hf:{tmp_path / 'in'}", ModelConfig(block_size=BLOCK), given=set())
     planned(tmp_path / "in", cfg)  # the filled model passes planning's check
@@ -103,7 +115,7 @@ def test_a_key_the_command_sets_that_disagrees_with_config_json_is_refused_namin
     ("llama3.2", {"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, BLOCK, "rope_scaling is none or llama3"),
 ])
 def test_what_gptlaunch_does_not_compute_is_refused_at_planning(family, change, block, refusal, tmp_path):
-    FAMILIES[family].save_pretrained(tmp_path)
+    config_of(family).save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config.update(change)
     (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
@@ -114,6 +126,8 @@ def test_what_gptlaunch_does_not_compute_is_refused_at_planning(family, change, 
 
 @pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_export_in_bf16_sharded_with_an_index_loads_with_the_same_logits(tmp_path, monkeypatch):
+    import transformers
+
     theirs = written_by_transformers("llama3.2", tmp_path / "in")
     ours = GPT(filled_model(f"hf:{tmp_path / 'in'}", ModelConfig(block_size=BLOCK), set()))
     load_into(ours, f"hf:{tmp_path / 'in'}")

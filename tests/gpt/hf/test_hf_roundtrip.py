@@ -13,8 +13,6 @@ import sys
 import pytest
 import torch
 
-import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
-
 from helpers import REPO, launch  # noqa: E402
 from gpt.checkpoint.writer import load_model  # noqa: E402
 from gpt.config.data import DataConfig  # noqa: E402
@@ -95,6 +93,8 @@ def exported(tmp_path_factory, data_overrides):
 
 @pytest.mark.slow
 def test_export_of_an_fsdp_checkpoint_loads_in_transformers_with_the_same_logits_and_tokens(exported):
+    import transformers  # the hf extra; imported here, not by every test worker's collection
+
     run_dir, out, _ = exported
     ours, meta, _ = load_model(run_dir)
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()

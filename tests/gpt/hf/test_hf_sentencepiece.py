@@ -9,7 +9,6 @@ import dataclasses
 
 import pytest
 import sentencepiece
-from transformers.convert_slow_tokenizer import import_protobuf
 
 from helpers import SHAKESPEARE
 
@@ -28,6 +27,8 @@ IDS = {p: i for i, p in enumerate(["<unk>", "<s>", "</s>", *BYTES, *PIECES])}
 
 def write_model(path, **normalizer) -> None:
     """A LLaMA-style BPE tokenizer.model: <unk>, <s>, </s>, the 256 byte pieces, then the vocabulary."""
+    from transformers.convert_slow_tokenizer import import_protobuf  # here, not in every worker's collection
+
     proto = import_protobuf().ModelProto()
     proto.trainer_spec.model_type = 2  # BPE
     proto.trainer_spec.byte_fallback = True

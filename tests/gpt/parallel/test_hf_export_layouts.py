@@ -8,8 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import transformers  # noqa: E402  (the hf extra: make setup installs it; never skipped)
-
 from gpt.checkpoint.writer import load_model  # noqa: E402
 from gpt.export import export, hf_model  # noqa: E402
 from strategy_runs import baseline_of, run  # noqa: E402
@@ -22,6 +20,8 @@ LAYOUTS = ["tp2_gqa", "pipeline_gpipe", "deepspeed_zero3"]
 @pytest.mark.parametrize("name", LAYOUTS)
 def test_a_checkpoint_of_any_layout_exports_the_weights_one_process_trained(name, tmp_path, tmp_path_factory,
                                                                             data_overrides):
+    import transformers  # the hf extra; imported here, not by every test worker's collection
+
     baseline, _, _ = load_model(run(baseline_of(name), tmp_path_factory, data_overrides))
     trained, _, _ = load_model(run(name, tmp_path_factory, data_overrides))
     with torch.no_grad():
