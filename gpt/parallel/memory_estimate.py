@@ -13,9 +13,10 @@ under train.attention=math the softmax of every head too), the head at the start
 cross-entropy's fp32 rows), autocast's compute-precision copies of the weights, and a pipeline stage's input and
 output per micro-batch in flight; where the parameters are
 sharded over data-parallel ranks, the root and one layer gathered at a time (a pipeline's FSDP stage: all of it,
-from its first backward to the step's end); train.fused_qkv's joined q, k and v weight where autocast makes no
-copies (fp32, FSDP's gathered weights); with gradient accumulation, the gradients as a rank holds them between
-micro-steps (FSDP and a pipeline's FSDP stage: unsharded, in fp32; traits.accumulating_grad_share).
+from its first backward to the step's end; train.fp8_all_gather's float8 layers at a byte a value);
+train.fused_qkv's joined q, k and v weight where autocast makes no copies (fp32, FSDP's gathered weights); with
+gradient accumulation, the gradients as a rank holds them between micro-steps (FSDP and a pipeline's FSDP stage:
+unsharded, in fp32; traits.accumulating_grad_share).
 Activation checkpointing keeps a checkpointed layer's input only, and recomputes one layer at a time. The peak counts
 all parts at once. Measured on CPU (benchmarks/memory_fit.py, docs/results.md) against what each rank held, and
 calibrated against CUDA's peaks on GPUs (tests/gpt/parallel/test_memory_calibration.py, docs/profiling.md)."""
@@ -28,6 +29,8 @@ from gpt.config.model import ModelConfig
 from gpt.config.strategy import StrategyConfig
 from gpt.config.train import TrainConfig
 from gpt.model.flops import norm_params, param_count
+from gpt.model.float8 import float8_layers
+from gpt.model.shapes import parameter_shapes
 from gpt.parallel.layout import ParallelDims, split_layers
 from gpt.parallel.traits import traits_of
 
@@ -108,6 +111,15 @@ def rank_params(model: ModelConfig, counts: dict[str, int], strategy: StrategyCo
                    for s in range(p, stages, dims.pp)) for p in range(dims.pp))
 
 
+def float8_gathered(model: ModelConfig, train: TrainConfig) -> int:
+    """Values of the weights train.fp8_all_gather gathers in float8, a byte each where bf16 takes two: the float8
+    layers' (gpt.model.float8.float8_layers), the whole model's."""
+    if not train.fp8_all_gather:
+        return 0
+    layers = {f"{name}.weight" for name in float8_layers(model, train.fp8_recipe)}
+    return sum(math.prod(shape) for name, shape in parameter_shapes(model) if name in layers)
+
+
 def gathered_bytes(model: ModelConfig, counts: dict[str, int], train: TrainConfig, dims: ParallelDims,
                    param_fraction: float, whole: float | None = None) -> float:
     """Parameters a rank gathers for its forward when they are sharded over data-parallel ranks (FSDP, ZeRO-3): the
@@ -116,11 +128,12 @@ def gathered_bytes(model: ModelConfig, counts: dict[str, int], train: TrainConfi
     if param_fraction * dims.pp * dims.tp >= 1:
         return 0.0
     v = 2 if train.compute_precision in ("bf16", "fp16") else 4
+    fp8 = float8_gathered(model, train)
     if whole is not None:
-        return v * whole
+        return v * whole - (v - 1) * fp8 * whole / counts["total"]
     layer = (counts["non_embedding"] - (0 if model.tie_embeddings else model.vocab_size * model.n_embd)) / model.n_layer
     root = counts["total"] - model.n_layer * layer
-    return v * (layer + root / dims.pp) / dims.tp
+    return (v * (layer + root / dims.pp) - (v - 1) * fp8 / model.n_layer) / dims.tp
 
 
 def estimate(model: ModelConfig, train: TrainConfig, strategy: StrategyConfig, dims: ParallelDims,

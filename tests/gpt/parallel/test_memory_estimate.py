@@ -123,3 +123,19 @@ def test_a_checkpointed_layer_keeps_its_input_in_the_residual_streams_dtype():
             for r in ("fp32", "bf16")]
     # per token: 2 bytes fewer of each of the 12 layers' kept input, and of the recomputed layer's two norms' inputs
     assert kept[0] - kept[1] == 8 * 1024 * (12 + 2) * 768 * 2
+
+
+def test_float8_all_gathers_are_estimated_at_a_byte_a_value_of_the_float8_layers():
+    """train.fp8_all_gather: FSDP gathers the float8 layers' weights in float8, one layer at a time: a byte a value
+    fewer than bf16's for each of a layer's float8 weights; the embeddings and head stay bf16."""
+    from gpt.config.model import load_preset
+    from gpt.model.float8 import float8_layers
+    from gpt.model.shapes import parameter_shapes
+
+    model, dims = load_preset("llama_1b"), ParallelDims(dp_shard=8)
+    gathered = [estimate(model, TrainConfig(global_batch_size=64, micro_batch_size=8, precision="fp8", compile=True,
+                                            fp8_all_gather=g), StrategyConfig(name="fsdp"), dims, 8).activations
+                for g in (False, True)]
+    shapes, layer0 = dict(parameter_shapes(model)), [n for n in float8_layers(model, "tensorwise") if ".0." in n]
+    assert len(layer0) == 5  # q, o and the SwiGLU's three (k and v, 512 wide, too small to gain)
+    assert gathered[0] - gathered[1] == sum(shapes[f"{n}.weight"][0] * shapes[f"{n}.weight"][1] for n in layer0)
