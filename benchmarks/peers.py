@@ -353,13 +353,15 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit("NO GPU WORK DONE: no CUDA GPU here; --tiny runs the rows at tiny shapes on the CPU")
     device = "cpu (tiny shapes)" if args.tiny else torch.cuda.get_device_name(0)
     name = "_".join(["peers", *(["tiny"] if args.tiny else []), *(args.pair or [])])  # a file a call
-    rows = measure(args, lambda rows: save_results(name, {"device": device, "steps": args.steps, "rows": rows}))
+    saved: list[Path] = []
+    rows = measure(args, lambda rows: saved.append(save_results(name, {"device": device, "steps": args.steps,
+                                                                     "rows": rows})))
     print(f"\n{device}, torch {torch.__version__}, {args.steps} warm-up and {args.steps} timed steps a row\n")
     print(table(rows))
     if any("trace" in r for r in rows):
         print(f"\nwhere a step went (ms a step, {TRACED} profiled steps after the timed ones):\n")
         print(trace_table(rows))
-    print(f"\nresults: {save_results(name, {'device': device, 'steps': args.steps, 'rows': rows})}")
+    print(f"\nresults: {saved[-1]}")
     if all("error" in r for r in rows):
         sys.exit(1)
 
