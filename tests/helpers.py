@@ -60,14 +60,48 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class PlainValues:
+    """A manager's shared dict that takes plain values only. torch.multiprocessing sends a tensor as a shared-memory
+    file descriptor which the manager fetches from the sender afterwards, a race with the sender's next step (CI saw
+    the manager's connection close mid-call): a rank puts `t.tolist()` there instead."""
+
+    def __init__(self, proxy) -> None:
+        self._proxy = proxy
+
+    def __setitem__(self, key, value) -> None:
+        if _holds_tensor(value):
+            raise TypeError(f"out[{key!r}]: a tensor; put plain values (t.tolist(), t.item()) in the shared dict")
+        self._proxy[key] = value
+
+    def __getitem__(self, key):
+        return self._proxy[key]
+
+    def __contains__(self, key) -> bool:
+        return key in self._proxy
+
+    def get(self, key, default=None):
+        return self._proxy.get(key, default)
+
+
+def _holds_tensor(value) -> bool:
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return True
+    if isinstance(value, dict):
+        return any(_holds_tensor(k) or _holds_tensor(v) for k, v in value.items())
+    return isinstance(value, (list, tuple, set, frozenset)) and any(_holds_tensor(v) for v in value)
+
+
 def spawn_ranks(rank_fn, world: int, given: dict | None = None) -> dict:
     """`rank_fn(rank, world, port, out)` in `world` processes of a real process group on loopback (`port` free for
-    its store); what they put in the shared dict `out`, by key (`out` holds `given` when they start)."""
+    its store); what they put in the shared dict `out` (plain values, `PlainValues`), by key (`out` holds `given`
+    when they start)."""
     import torch.multiprocessing as mp
 
     with mp.Manager() as manager:
         out = manager.dict(given or {})
-        mp.spawn(rank_fn, args=(world, free_port(), out), nprocs=world, join=True)
+        mp.spawn(rank_fn, args=(world, free_port(), PlainValues(out)), nprocs=world, join=True)
         return dict(out)
 
 
