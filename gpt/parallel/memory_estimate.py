@@ -114,9 +114,12 @@ def rank_params(model: ModelConfig, counts: dict[str, int], strategy: StrategyCo
 def float8_gathered(model: ModelConfig, train: TrainConfig) -> int:
     """Values of the weights train.fp8_all_gather gathers in float8, a byte each where bf16 takes two: the float8
     layers' (gpt.model.float8.float8_layers), the whole model's."""
-    if not train.fp8_all_gather:
-        return 0
-    layers = {f"{name}.weight" for name in float8_layers(model, train.fp8_recipe)}
+    return float8_weights(model, train.fp8_recipe) if train.fp8_all_gather else 0
+
+
+def float8_weights(model: ModelConfig, recipe: str) -> int:
+    """Values of the weights float8 training converts under `recipe`."""
+    layers = {f"{name}.weight" for name in float8_layers(model, recipe)}
     return sum(math.prod(shape) for name, shape in parameter_shapes(model) if name in layers)
 
 

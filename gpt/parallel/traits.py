@@ -46,6 +46,7 @@ class Workload:
     global_batch: int
     precision: str = "fp32"
     reduce_dtype: str = "fp32"  # train.reduce_dtype
+    float8_gathered: int = 0  # parameter values train.fp8_all_gather gathers in float8, a byte each (whole model)
 
     @property
     def value_bytes(self) -> int:
@@ -478,8 +479,9 @@ class FSDPTraits(StrategyTraits):
         if dims.dp_shard > 1:
             gathers = 2 if strategy.reshard_after_forward else 1
             units = w.n_layer + 1
-            out += [Collective("all_gather", gathers * w.value_bytes * local, gathers * units, "dp_shard",
-                               "parameters of each layer"),
+            gathered = w.value_bytes * local - (w.value_bytes - 1) * w.float8_gathered / dims.tp
+            out += [Collective("all_gather", gathers * gathered, gathers * units, "dp_shard",
+                               "parameters of each layer" + (", float8 where converted" if w.float8_gathered else "")),
                     Collective("reduce_scatter", w.grad_bytes * local, units, "dp_shard",
                                f"{w.reduce_dtype} gradients of each layer")]
         if dims.dp_replicate > 1:

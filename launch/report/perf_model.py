@@ -64,6 +64,7 @@ class Shape:
     strategy: StrategyConfig = StrategyConfig("ddp")
     precision: str = "fp32"
     reduce_dtype: str = "fp32"  # train.reduce_dtype
+    float8_gathered: int = 0    # values gathered in float8 (train.fp8_all_gather; gpt.parallel.memory_estimate)
     parallel: ParallelConfig = ParallelConfig()
     cores_per_rank: float | None = None  # CPU cores a rank computes with; None on GPUs or when not recorded
     shared_host: bool = False            # several "nodes" on one machine: no network between them
@@ -113,7 +114,7 @@ def collectives(s: Shape) -> list[Collective]:
     if s.ranks == 1:
         return []
     work = Workload(s.params, s.n_layer, s.n_embd, s.block_size, s.global_batch, s.precision,
-                    s.reduce_dtype)
+                    s.reduce_dtype, s.float8_gathered)
     return traits_of(s.strategy.name).collectives(s.strategy, s.dims, work)
 
 

@@ -123,10 +123,33 @@ def shape_of(point: PointResult, params: int | None = None) -> Shape:
         strategy=section(StrategyConfig, "strategy", get(cfg, "strategy", {"name": "single"})),
         precision=str(get(cfg, "train.precision", "fp32")),
         reduce_dtype=str(get(cfg, "train.reduce_dtype", "fp32")),
+        float8_gathered=float8_gathered(point) if get(cfg, "train.fp8_all_gather", False) else 0,
         parallel=section(ParallelConfig, "parallel", get(cfg, "parallel")),
         cores_per_rank=point.cores_per_rank,
         shared_host=bool(point.shared_host),
     )
+
+
+def model_config(point: PointResult) -> ModelConfig:
+    """The run's model section, its vocabulary from the data's meta where the config left it to the data."""
+    model = dict(get(point.config, "model", {}))
+    if model.get("vocab_size") is None:
+        from gpt.data import read_meta
+
+        model["vocab_size"] = get(point.config, "data.vocab_size") or read_meta(get(point.config, "data.dir"))[
+            "vocab_size"]
+    return section(ModelConfig, "model", model)
+
+
+def float8_gathered(point: PointResult) -> int:
+    """Values a train.fp8_all_gather run gathers in float8 (a byte each): its all-gathers' bytes."""
+    from gpt.parallel.memory_estimate import float8_weights
+
+    try:
+        return float8_weights(model_config(point), str(get(point.config, "train.fp8_recipe", "tensorwise")))
+    except Exception as e:  # noqa: BLE001 - a report must survive a moved data folder
+        log.info("%s: the float8 layers could not be named (%s); their all-gathers counted at bf16", point.name, e)
+        return 0
 
 
 def parameter_count(point: PointResult) -> int:
@@ -137,13 +160,7 @@ def parameter_count(point: PointResult) -> int:
     try:
         from gpt.model.flops import param_count
 
-        model = dict(get(point.config, "model", {}))
-        if model.get("vocab_size") is None:
-            from gpt.data import read_meta
-
-            model["vocab_size"] = get(point.config, "data.vocab_size") or read_meta(get(point.config, "data.dir"))[
-                "vocab_size"]
-        return int(param_count(section(ModelConfig, "model", model))["total"])
+        return int(param_count(model_config(point))["total"])
     except Exception as e:  # noqa: BLE001 - a report must survive a moved data folder
         log.info("%s: counting parameters from the config failed (%s); estimating from param_bytes", point.name, e)
     held = first.get("param_bytes") or 0

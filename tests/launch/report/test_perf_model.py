@@ -163,3 +163,28 @@ def test_an_unknown_collective_or_strategy_is_an_error(monkeypatch):
     monkeypatch.setattr(REGISTRY["ddp"], "collectives", lambda *a: [Collective("all_to_all", 1.0, 1, "dp", "experts")])
     with pytest.raises(ValueError, match="unknown collective 'all_to_all' on axis dp"):
         nominal_comm_time(shape(2), Network())
+
+
+def test_fp8_all_gathers_move_a_byte_for_each_float8_weight():
+    """train.fp8_all_gather: FSDP gathers the float8 layers' weights at a byte a value, where bf16 takes two."""
+    from pathlib import Path
+
+    from gpt.config.model import ModelConfig
+    from gpt.parallel.memory_estimate import float8_weights
+    from launch.report.points import PointResult
+    from launch.report.rows import shape_of
+
+    model = {"n_layer": 12, "n_head": 12, "n_embd": 768, "block_size": 1024, "vocab_size": 50304}
+    config = {"nodes": 2, "model": model, "strategy": {"name": "fsdp"},
+              "train": {"precision": "fp8", "fp8_all_gather": True, "fp8_recipe": "tensorwise"}}
+    point = PointResult(Path("p"), "p", config, [{"world_size": 16}], {}, [], [], None)
+    f8 = float8_weights(section(ModelConfig, "model", model), "tensorwise")
+    assert shape_of(point, params=124_000_000).float8_gathered == f8 > 0
+    bf16 = replace(shape(2, strategy="fsdp"), precision="fp8")
+    gathers = comm_volume(bf16).bus_bytes - comm_volume(replace(bf16, float8_gathered=f8)).bus_bytes
+    assert gathers == pytest.approx(2 * 15 / 16 * f8)  # gathered twice a step (resharded after the forward)
+    tp = replace(bf16, parallel=ParallelConfig(tp=2))  # each tp rank gathers its half
+    assert comm_volume(tp).bus_bytes - comm_volume(replace(tp, float8_gathered=f8)).bus_bytes == pytest.approx(
+        2 * 7 / 8 * f8 / 2)
+    config["train"]["fp8_all_gather"] = False
+    assert shape_of(point, params=124_000_000).float8_gathered == 0
