@@ -71,7 +71,8 @@ def requeue_commands(work: Path, cpu: bool) -> list[list[str]]:
     common = [*model, "data=shakespeare_bpe", "train.global_batch_size=16", "train.micro_batch_size=16",
               "train.decay_steps=4", "train.eval_interval=0", "train.log_interval=1"]
     return [launch(run, *common, "train.max_steps=2"), launch(run, *common, "train.max_steps=4"),
-            [PY, "-m", "benchmarks.gpu_round", "--startup", str(run)], [PY, "-m", "benchmarks.gpu_round", "--imports"]]
+            [PY, "-m", "benchmarks.gpu_round", "--startup", str(run)],
+            [PY, "-m", "benchmarks.gpu_round", "--imports", *(["--cpu"] if cpu else [])]]
 
 
 def shared_commands(work: Path, cpu: bool) -> list[list[str]]:
@@ -292,11 +293,35 @@ def startup(run: Path) -> int:
 
 
 RANK_IMPORTS = "import launch.rank.worker, gpt.train.trainer, torch._dynamo, torch._inductor.compile_fx"
+# What any CUDA process pays before its first step, gptlaunch or not: the floor under a requeued attempt's start-up
+CUDA_FLOOR = """
+import time
+marks = [time.perf_counter()]
+import torch
+import torch.nn.functional as F
+marks.append(time.perf_counter())
+torch.cuda.init()
+marks.append(time.perf_counter())
+torch.empty(1, device="cuda")
+torch.cuda.synchronize()
+marks.append(time.perf_counter())
+q = torch.randn(1, 12, 1024, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+F.scaled_dot_product_attention(q, q, q, is_causal=True).sum().backward()
+torch.cuda.synchronize()
+marks.append(time.perf_counter())
+a = torch.randn(4096, 4096, device="cuda", dtype=torch.bfloat16)
+(a @ a).sum().item()
+marks.append(time.perf_counter())
+parts = ("import torch", "CUDA's init", "the context", "the first attention forward and backward",
+         "the first matmul")
+print("a CUDA process's floor: " + ", ".join(f"{p} {b - a:.2f} s" for p, a, b in zip(parts, marks, marks[1:])))
+"""
 
 
-def imports(top: int = 15) -> int:
+def imports(cuda: bool, top: int = 15) -> int:
     """What a rank imports before its first step (its worker, the trainer, and compile's), as `python -X
-    importtime` times it on a warm page cache: the whole, and the `top` heaviest modules below the first level."""
+    importtime` times it on a warm page cache: the whole, and the `top` heaviest modules below the first level;
+    `cuda`: then what a bare CUDA process pays before its first kernels (CUDA_FLOOR)."""
     out = subprocess.run([PY, "-X", "importtime", "-c", RANK_IMPORTS], cwd=REPO, capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": os.pathsep.join(
                              [p for p in (os.environ.get("PYTHONPATH"), str(REPO)) if p])})
@@ -311,6 +336,9 @@ def imports(top: int = 15) -> int:
     print(f"a rank's imports: {sum(s for s, depth, _ in rows if depth == 0):.1f} s ({RANK_IMPORTS})")
     for s, depth, name in sorted((r for r in rows if 1 <= r[1] <= 3), reverse=True)[:top]:
         print(f"  {s:5.2f} s  {name} (level {depth})")
+    if cuda:
+        floor = subprocess.run([PY, "-c", CUDA_FLOOR], capture_output=True, text=True)
+        print(floor.stdout.strip() or f"the CUDA floor failed: {(floor.stderr.strip().splitlines() or ['?'])[-1]}")
     return 0
 
 
@@ -382,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.startup:
         return startup(args.startup)
     if args.imports:
-        return imports()
+        return imports(cuda=not args.cpu)
     if args.losses:
         return losses(args.losses)
     if args.final_losses:
