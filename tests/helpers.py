@@ -178,8 +178,15 @@ def launch_here(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess([sys.executable, "-m", "launch", *args], returncode, *texts)
 
 
+def whole_lines(path: Path) -> list[str]:
+    """The lines of a file another process may be appending to, up to its last newline: a record read while it is
+    written (the page cache shows it a page at a time) is left for the next read."""
+    text = path.read_text()
+    return text[:text.rfind("\n") + 1].splitlines()
+
+
 def read_metrics(run_dir: Path, rank: int = 0, kind: str = "train") -> list[dict]:
-    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+    lines = whole_lines(run_dir / "metrics" / f"rank{rank}.jsonl")
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 

@@ -44,7 +44,7 @@ def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
 def test_a_hung_part_is_killed_at_its_limit_and_the_round_goes_on(tmp_path):
     py = sys.executable
     refuses = [py, "-c", "import argparse; argparse.ArgumentParser().parse_args(); print('plain')"]
-    todo = [gpu_round.Part("hangs", 1, [[py, "-c", "import time; print('started', flush=True); time.sleep(60)"]]),
+    todo = [gpu_round.Part("hangs", 5, [[py, "-c", "import time; print('started', flush=True); time.sleep(60)"]]),
             gpu_round.Part("newer option", 20, [refuses], optional=["--modes", "sync"]),
             gpu_round.Part("past the budget", 300, [[py, "-c", "print(1)"]])]  # needs a minute left
     gpu_round.run_round(todo, budget_s=50, out=tmp_path)

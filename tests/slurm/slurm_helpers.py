@@ -11,7 +11,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from helpers import REPO, launch_here
+from helpers import REPO, launch_here, whole_lines
 
 GOLDEN = Path(__file__).resolve().parent / "golden"
 # A few seconds of training per job; every step is recorded.
@@ -29,7 +29,7 @@ def run_launch(env: dict[str, str], *overrides: str, timeout: float = 240) -> su
 
 
 def train_records(run_dir: Path, rank: int = 0) -> list[dict]:
-    lines = (run_dir / "metrics" / f"rank{rank}.jsonl").read_text().splitlines()
+    lines = whole_lines(run_dir / "metrics" / f"rank{rank}.jsonl")
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from control_counters import FsOps, SlurmCalls
 from slurm_helpers import SLURM, TINY, launch_cmd, output
-from helpers import REPO
+from helpers import REPO, whole_lines
 
 pytestmark = pytest.mark.slurm
 
@@ -67,7 +67,7 @@ def steady(run_dir: Path, proc: subprocess.Popen, timeout: float = 180) -> float
 
 def records(run_dir: Path) -> list[dict]:
     try:
-        lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
+        lines = whole_lines(run_dir / "metrics" / "rank0.jsonl")
     except FileNotFoundError:
         return []
     return [r for r in map(json.loads, lines) if r["kind"] == "train"]

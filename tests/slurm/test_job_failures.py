@@ -99,5 +99,5 @@ def test_killed_rank_ends_the_job_and_the_wait_within_seconds(slurm_cluster, tmp
                      stderr), stderr
     assert f"error: job {job} (nodes=2) ended FAILED" in stderr
     assert "restart limit reached (0 of preemption.max_restarts=0); the same command continues the run" in stderr
-    assert waited < 20, f"the launcher took {waited:.1f} s to report the dead rank"
+    assert waited < 40, f"the launcher took {waited:.1f} s to report the dead rank"  # not its 60 s wait
     assert slurm_cluster.job_state(job) in {"FAILED", "CANCELLED"}

@@ -126,7 +126,9 @@ def test_two_launches_in_one_allocation_never_share_the_folder(slurm_cluster, tm
     """The default run name is the same for both, and so is SLURM_JOB_ID: the second is refused while the first
     beats its lease, and the first finishes alone."""
     run_dir, first_out, second_out = tmp_path / "run", tmp_path / "first.out", tmp_path / "second.out"
-    args = " ".join([o for o in SLOW if not o.startswith("train.progress")] + list(data_overrides))
+    # the first runs 30 s: the second launch, started at its first record, checks the lease well before it ends
+    args = " ".join([o for o in SLOW if not o.startswith(("train.progress", "train.max_steps"))] +
+                    ["train.max_steps=300", *data_overrides])
     launch = ALLOC_LAUNCH.format(python=sys.executable, run=run_dir, args=args, out="{out}")
     script = (f"cd {REPO}\n{launch.format(out=first_out)} &\n"
               f"while [ ! -e {run_dir}/metrics/rank0.jsonl ]; do sleep 0.2; done\n"

@@ -49,7 +49,7 @@ def test_only_the_working_threads_writes_are_seen(tmp_path):
 
 
 def test_a_save_that_writes_is_no_hang_and_one_that_stops_writing_is(tmp_path):
-    """Budget 0.5 s (10x a 0.02 s save, the floor 0.5 s): a save writing a chunk every 0.1 s for 1.5 s is not
+    """Budget 1 s (10x a 0.02 s save, the floor 1 s): a save writing a chunk every 0.1 s for 1.5 s is not
     reported; once it stops writing, it is, a budget later."""
     (tmp_path / "watchdog").mkdir()
     progress = Progress()
@@ -57,7 +57,7 @@ def test_a_save_that_writes_is_no_hang_and_one_that_stops_writing_is(tmp_path):
     progress.phase("step", "step 1", 1)
     progress.save_times.append(0.02)
     fired: list[tuple[float, str]] = []
-    dog = Watchdog(WatchdogConfig(interval_s=0.05, save_floor_s=0.5, step_factor=10), tmp_path, 0, 1, "h", 1,
+    dog = Watchdog(WatchdogConfig(interval_s=0.05, save_floor_s=1.0, step_factor=10), tmp_path, 0, 1, "h", 1,
                    lambda r: None, progress)
     dog.fire = lambda key, seconds, used: fired.append((time.monotonic(), key))
     dog.start()
@@ -72,4 +72,4 @@ def test_a_save_that_writes_is_no_hang_and_one_that_stops_writing_is(tmp_path):
     while not fired and time.monotonic() - stopped < 10:
         time.sleep(0.05)
     assert fired and fired[0][1] == "watchdog.save_s (auto)", fired
-    assert 0.4 <= fired[0][0] - stopped < 2, fired[0][0] - stopped
+    assert 0.9 <= fired[0][0] - stopped < 3, fired[0][0] - stopped

@@ -13,13 +13,14 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from gpt.errors import UserError
 from launch.backends.job_state import JobStanding, JobState
 from gpt.resilience.lease import Lease, generation, read_beat
 from gpt.resilience.timing import LEASE_BEAT_S, LEASE_STALE_S
-from helpers import REPO
+from helpers import REPO, wait_until
 from launch.backends.slurm.commands import JobInfo, standing
 from launch.run.take_lease import check_free, take_lease
 
@@ -124,6 +125,8 @@ def test_a_frozen_holder_that_cannot_be_asked_after_is_taken_over_and_stops_with
     is taken over once it did not beat for the stale time, and the fence stops it when it wakes."""
     first = holder(tmp_path)
     os.kill(first.pid, signal.SIGSTOP)  # frozen for longer than the lease's stale time
+    wait_until(lambda: psutil.Process(first.pid).status() == psutil.STATUS_STOPPED, 10, "the holder stopped",
+               poll_s=0.01)  # a beat it was writing as the signal came is written before the one below
     beat = json.loads((tmp_path / "lease.json").read_text())
     beat = {**beat, "host": "another-host", "time": time.time() - 25}  # its beat names its host; 25 s silent
     (tmp_path / "lease.json").write_text(json.dumps(beat))
