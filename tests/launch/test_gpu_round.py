@@ -41,6 +41,7 @@ def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
                 compose_config(overrides)
 
 
+@pytest.mark.slow  # waits out its hung part's limit
 def test_a_hung_part_is_killed_at_its_limit_and_the_round_goes_on(tmp_path):
     py = sys.executable
     refuses = [py, "-c", "import argparse; argparse.ArgumentParser().parse_args(); print('plain')"]

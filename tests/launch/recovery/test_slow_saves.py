@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+
 from gpt.config.sections import WatchdogConfig
 from gpt.resilience.progress import Progress
 from launch.recovery.slow_saves import WriteWatch
@@ -48,6 +50,7 @@ def test_only_the_working_threads_writes_are_seen(tmp_path):
         assert not watch.moved()
 
 
+@pytest.mark.slow  # writes for 1.5 s, then waits a budget
 def test_a_save_that_writes_is_no_hang_and_one_that_stops_writing_is(tmp_path):
     """Budget 1 s (10x a 0.02 s save, the floor 1 s): a save writing a chunk every 0.1 s for 1.5 s is not
     reported; once it stops writing, it is, a budget later."""

@@ -279,7 +279,8 @@ def saver(tmp_path: Path, rank: int, longest_save_s: float, fired: list) -> tupl
     return dog, progress
 
 
-@pytest.mark.parametrize("peer", ["slower", "hung", "frozen", "waiting"])
+@pytest.mark.parametrize("peer", [pytest.param("slower", marks=pytest.mark.slow),  # seconds of budgets each
+                                  pytest.param("hung", marks=pytest.mark.slow), "frozen", "waiting"])
 def test_a_rank_past_its_save_budget_waits_for_a_slower_peer_saving_within_its_own(tmp_path, monkeypatch, peer):
     """Rank 0 saves fast (budget 1 s) and waits in the save's collective; rank 1 saves slower (budget 4 s). A
     slower save is no hang: rank 0 waits while rank 1 beats, works (in no collective) and has budget left. A peer
