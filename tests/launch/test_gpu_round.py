@@ -11,7 +11,8 @@ import pytest
 from benchmarks import gpu_round
 from benchmarks.common import compose_config
 
-ORDER = ["check", "peers_gpt2", "requeue", "save", "lever_loss", "fp8_loss", "peers_llama", "dry_run", "shared"]
+ORDER = ["check", "peers_gpt2", "requeue", "save", "lever_loss", "fp8_loss", "peers_llama", "dry_run", "shared",
+         "autotune"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
