@@ -172,7 +172,7 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
 
 def _open_store(env: DistEnv, join: float) -> Any:
     """This rank's client of the job's TCP store (rank 0 serves it, unless torch elastic's agent already does on
-    the master port, as under the local backend)."""
+    the master port: a rank torchrun started)."""
     host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
         with without_hostname_warning():
