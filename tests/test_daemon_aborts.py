@@ -2,6 +2,10 @@
 of its own runs once more; any other failure, or a second one, stays a failure."""
 from __future__ import annotations
 
+import pytest
+
+from helpers import REPO
+
 pytest_plugins = ["pytester"]
 
 CONFTEST = """
@@ -70,3 +74,35 @@ def test_a_failure_under_a_daemons_heap_abort_runs_once_more(pytester):
     result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines(["*test_fails_once_as_its_daemon_aborts is run again: a Slurm daemon aborted under it "
                                  "(slurmd-gl-n2: tcache_thread_shutdown(): unaligned tcache chunk detected)*"])
+
+
+@pytest.mark.slow  # a pytest of its own, and seconds of sleeps
+def test_a_repair_before_a_test_is_not_counted_in_its_timeout(pytester, monkeypatch):
+    """conftest.cluster_at_rest restarts the test's timer after a repair (restart_timer): a fixture's 2 s then a 1.5 s
+    test fit a 2.5 s timeout; without the restart they would not."""
+    pytester.makeconftest("""
+import time
+
+import pytest
+
+from daemon_aborts import restart_timer
+
+@pytest.fixture(params=[True, False], ids=["restarted", "counted"])
+def repaired(request):
+    time.sleep(2)
+    if request.param:
+        restart_timer(request.node)
+""")
+    pytester.makepyfile(test_timer="""
+import time
+
+import pytest
+
+@pytest.mark.timeout(2.5)
+def test_after_a_repair(repaired):
+    time.sleep(1.5)
+""")
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests" / "slurm"))  # its own process: pytest-timeout's alarm its own
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-p", "no:randomly", "-p", "no:xdist")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*FAILED*test_after_a_repair?counted?*"])

@@ -28,7 +28,7 @@ from filelock import FileLock
 
 from helpers import REPO
 import at_rest
-from daemon_aborts import pytest_runtest_protocol, watched  # noqa: F401 (the hook, registered here)
+from daemon_aborts import pytest_runtest_protocol, restart_timer, watched  # noqa: F401 (the hook, registered here)
 from launch.backends.slurm.commands import FINAL, parse_hostnames, parse_scontrol_job
 from slurm_helpers import local_reference
 
@@ -176,6 +176,7 @@ def cluster_at_rest(request) -> Iterator[None]:
     cluster.settings = cluster.settings or at_rest.settings(cluster)
     if wrong := at_rest.restore(cluster, cluster.settings):
         warnings.warn(f"the cluster was not at rest before {request.node.nodeid}: {'; '.join(wrong)}", stacklevel=1)
+        restart_timer(request.node)  # a repair (a node resumed: tens of seconds) is not the test's time
     with watched(request.node, cluster.conf):
         yield
     at_rest.cancel_jobs(cluster)

@@ -48,17 +48,22 @@ def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> 
     if any(r.failed for r in reports) and (aborts := item.stash.get(ABORTS, [])):
         item.stash[RUN_AGAIN] = f"a Slurm daemon aborted under it ({'; '.join(aborts)})"
         item.stash[ABORTS] = []
-        settings = pytest_timeout._get_item_settings(item)
-        if settings.timeout and not settings.func_only:
-            hooks = item.config.pluginmanager.hook
-            hooks.pytest_timeout_cancel_timer(item=item)
-            hooks.pytest_timeout_set_timer(item=item, settings=settings)
+        restart_timer(item)
         item._initrequest()  # fresh fixtures for the second run
         reports = runtestprotocol(item, nextitem=nextitem, log=False)
     for report in reports:
         item.ihook.pytest_runtest_logreport(report=report)
     item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
     return True
+
+
+def restart_timer(item: pytest.Item) -> None:
+    """The test's timeout (pytest-timeout's, which counts its fixtures too) counted anew from now."""
+    settings = pytest_timeout._get_item_settings(item)
+    if settings.timeout and not settings.func_only:
+        hooks = item.config.pluginmanager.hook
+        hooks.pytest_timeout_cancel_timer(item=item)
+        hooks.pytest_timeout_set_timer(item=item, settings=settings)
 
 
 def daemon_logs(conf: Path) -> dict[Path, int]:
