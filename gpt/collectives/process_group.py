@@ -39,6 +39,9 @@ class DistEnv:
     # The GPU this rank drives, as an index among those it sees (None: its local rank); see
     # launch.rank.environment.device_index.
     device_index: int | None = None
+    # Rank 0 only: a socket already listening on master_port, which the launcher bound when it chose the port (the
+    # local backend's), so that no other process can take the port in between; None: the store binds it
+    store_fd: int | None = None
 
     @property
     def is_main(self) -> bool:
@@ -171,13 +174,14 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: float = 60
 
 
 def _open_store(env: DistEnv, join: float) -> Any:
-    """This rank's client of the job's TCP store (rank 0 serves it, unless torch elastic's agent already does on
-    the master port: a rank torchrun started)."""
+    """This rank's client of the job's TCP store (rank 0 serves it, on the socket its launcher bound where one did,
+    unless torch elastic's agent already does on the master port: a rank torchrun started)."""
     host_store = env.rank == 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True"
     try:
         with without_hostname_warning():
             return dist.TCPStore(env.master_addr, env.master_port, env.world_size, is_master=host_store,
-                                 timeout=datetime.timedelta(seconds=join), wait_for_workers=False)
+                                 timeout=datetime.timedelta(seconds=join), wait_for_workers=False,
+                                 master_listen_fd=env.store_fd if host_store else None)
     except (RuntimeError, OSError) as e:
         raise RendezvousError(f"rank {env.rank} on {env.hostname} could not {'open' if env.rank == 0 else 'reach'} "
                               f"the rendezvous at {env.master_addr}:{env.master_port} within {join:.0f} s: "

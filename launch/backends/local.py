@@ -1,8 +1,8 @@
 """The embedded default backend: a sweep point's ranks run as processes on this machine, through the same
 per-rank entry point (launch.rank.worker) that srun starts on a cluster. They fork from one preloaded server per
-launcher (launch.rank.forked), each in a session of its own; rank 0 serves their store, as on a cluster. This
-launcher watches them and stops the others once one fails, as torch's elastic agent does. This module imports no
-torch: the server imports it once for every rank of every round and sweep point."""
+launcher (launch.rank.forked), each in a session of its own; rank 0 serves their store, as on a cluster, on a
+socket this launcher bound. This launcher watches them and stops the others once one fails, as torch's elastic agent
+does. This module imports no torch: the server imports it once for every rank of every round and sweep point."""
 from __future__ import annotations
 
 import contextlib
@@ -54,14 +54,15 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
     # stays as the user left it, so that nothing carries over from one sweep point to the next.
     plan, start = ThreadPlan.decide(ranks_on_host=world), attempt_start_env()
     starter = RankStarter.get(plan.wait_policy)
-    common = {**os.environ, **plan.env(), **start, "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node),
-              LAUNCHER_PID: str(os.getpid()), PARENT_PID: str(starter.parent_pid),
-              "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": str(world),
-              "LOCAL_WORLD_SIZE": str(world), **round_env}
     job = job_environment({**os.environ, **round_env})  # the ranks' (inside an allocation, its job's)
     # Ctrl-C and SIGTERM reach the ranks too: they save at the next step and stop.
-    with _signals_relayed():
-        failures = starter.run(str(run_dir), [{**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(world)])
+    with store_socket() as store, _signals_relayed():
+        common = {**os.environ, **plan.env(), **start, "GPTLAUNCH_TASKS_PER_NODE": str(tasks_per_node),
+                  LAUNCHER_PID: str(os.getpid()), PARENT_PID: str(starter.parent_pid), "MASTER_ADDR": "127.0.0.1",
+                  "MASTER_PORT": str(store.getsockname()[1]), "WORLD_SIZE": str(world),
+                  "LOCAL_WORLD_SIZE": str(world), **round_env}
+        failures = starter.run(str(run_dir), [{**common, "RANK": str(r), "LOCAL_RANK": str(r)} for r in range(world)],
+                               store)
     if not failures:
         return True
     rank, code = root_failure(failures)
@@ -131,16 +132,20 @@ class RankStarter:
         server = multiprocessing.forkserver._forkserver._forkserver_pid
         return server if self.method == "forkserver" and server is not None else os.getpid()
 
-    def run(self, run_dir: str, envs: list[dict[str, str]]) -> dict[int, Failure]:
+    def run(self, run_dir: str, envs: list[dict[str, str]], store: socket.socket) -> dict[int, Failure]:
         """Start a rank per environment and wait: {} when every rank ended 0, else the ranks that had failed when
-        this launcher first saw one fail (the others are then stopped)."""
+        this launcher first saw one fail (the others are then stopped). `store`: the listening socket that rank 0's
+        store serves on (store_socket), closed here once rank 0 has its copy."""
         imports_from = self.server_started
         self.server_started = None  # its imports count for this round's ranks alone
-        _running[:] = [self.context.Process(target=forked.start, daemon=False,
-                                            args=(run_dir, env, imports_from, forked.Stdio())) for env in envs]
+        _running[:] = [self.context.Process(target=forked.start, daemon=False, args=(
+            run_dir, env, imports_from, forked.Stdio(), forked.StoreSocket(store.fileno()) if env["RANK"] == "0"
+            else None)) for env in envs]
         try:
             for process in _running:
                 process.start()
+            # rank 0 alone listens from here: were it to die, the others' connections fail at once (not queue here)
+            store.close()
             return _wait(_running)
         finally:
             _stop(_running)
@@ -153,11 +158,17 @@ def _default_method() -> str:
     return "spawn" if gpus_visible() else "forkserver"
 
 
-def free_port() -> int:
-    """A port free on this machine now, for rank 0's store (torch's elastic agent picks its master port so too)."""
-    with socket.socket() as s:
+def store_socket() -> socket.socket:
+    """A socket listening on a port of this machine that the kernel picked: rank 0's store serves on it, so the port
+    stays this run's from its choice on (a port found free and bound later could be taken in between)."""
+    s = socket.socket()
+    try:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        s.listen()
+    except OSError:
+        s.close()
+        raise
+    return s
 
 
 def _wait(ranks: list[multiprocessing.Process]) -> dict[int, Failure]:

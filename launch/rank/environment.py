@@ -12,6 +12,7 @@ import socket
 from gpt.collectives.process_group import DistEnv
 from launch.local_gpus import cuda_visible
 from launch.rank.job_env import scheduler_classes
+from launch.rank.forked import STORE_FD
 from launch.rank.parent import LAUNCHER_PID
 
 
@@ -79,4 +80,5 @@ def _from_torchrun(env) -> DistEnv:
         master_addr=env["MASTER_ADDR"],
         master_port=int(env["MASTER_PORT"]),
         hostname=socket.gethostname(),
+        store_fd=int(env[STORE_FD]) if rank == 0 and env.get(STORE_FD) else None,
     )

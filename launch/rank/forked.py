@@ -10,7 +10,8 @@ measured on a GPU yet.
 
 `start` is each rank's entry, in a forked (or spawned) child. Its stdout and stderr are the launcher's as they are
 when the rank starts (`Stdio`, sent with the request): the server keeps those it was started with, and a process
-that launches more than once (a test worker, a notebook) may have redirected its own since.
+that launches more than once (a test worker, a notebook) may have redirected its own since. Rank 0 also gets the
+socket its store serves on (`StoreSocket`), bound and listening since the launcher chose its port.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import sys
 import time
 
 PRELOAD = ["launch.rank.rank_server"]
+STORE_FD = "GPTLAUNCH_STORE_FD"  # in rank 0's environment: the descriptor of its store's listening socket
 
 
 class Stdio:
@@ -40,11 +42,30 @@ def _attach_stdio(out, err) -> None:
             os.close(sent)
 
 
-def start(run_dir: str, environ: dict[str, str], imports_from: float | None, stdio: None = None) -> None:
+class StoreSocket:
+    """The launcher's listening socket for rank 0's store, duplicated into the rank as Stdio's descriptors are: the
+    port stays bound from the moment the launcher chose it (a port found free and bound later could be taken in
+    between, by another run's store or anything else); the store serves on it (TCPStore's master_listen_fd)."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __reduce__(self):
+        from multiprocessing.reduction import DupFd
+
+        return _detach, (DupFd(self.fd),)
+
+
+def _detach(sent) -> int:
+    return sent.detach()
+
+
+def start(run_dir: str, environ: dict[str, str], imports_from: float | None, stdio: None = None,
+          store_fd: int | None = None) -> None:
     """Become rank RANK of `environ`: the environment a fresh rank would have been started with, whole.
     `imports_from`: when the server this rank forked from began its imports, if it began them for this attempt (its
     start-up breakdown counts them); otherwise the imports were done before, and count nothing. `stdio`: a `Stdio`,
-    attached as it arrived (unpickled to None)."""
+    attached as it arrived (unpickled to None). `store_fd`: rank 0's, a `StoreSocket` as it arrived (a descriptor)."""
     entered = time.time()
     os.setsid()  # a session of its own, as the spawned ranks had: the terminal's Ctrl-C reaches the launcher alone
     # The server's end should follow the launcher's alone (launch.rank.parent): a rank keeps no hold on it.
@@ -57,6 +78,8 @@ def start(run_dir: str, environ: dict[str, str], imports_from: float | None, std
     multiprocessing.set_start_method(None, force=True)
     os.environ.clear()
     os.environ.update(environ)
+    if store_fd is not None:
+        os.environ[STORE_FD] = str(store_fd)
     sys.argv = ["launch.rank.worker", run_dir]
     from gpt.resilience.progress import PROGRESS
     from launch.rank import worker

@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -110,3 +111,32 @@ def test_a_later_sweep_points_start_up_counts_from_its_own_ranks_start(tmp_path,
     assert report["budget"] == "watchdog.startup_s", report
     assert report["time"] - first_ended["time"] >= startup_s, (report["time"] - first_ended["time"], report)
     assert report["ranks"][0]["up_s"] <= report["time"] - first_ended["time"], report["ranks"][0]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_the_stores_port_is_held_from_its_choice_until_rank_0_serves_on_it(tmp_path, data_overrides, monkeypatch):
+    """A port found free and bound later could be taken in between, by another run's store or any program: the
+    launcher binds the port as it chooses it, and rank 0's store serves on that socket. A squatter that tries to take
+    the port just before the ranks start cannot, and the run trains."""
+    from launch.backends import local
+
+    tried, start = [], local.RankStarter.run
+
+    def squat_then_start(self, run_dir, envs, *rest):
+        squatter = socket.socket()
+        try:
+            squatter.bind(("127.0.0.1", int(envs[0]["MASTER_PORT"])))
+            squatter.listen()
+            tried.append("taken")
+        except OSError:
+            tried.append("refused")
+        try:
+            return start(self, run_dir, envs, *rest)
+        finally:
+            squatter.close()
+
+    monkeypatch.setattr(local.RankStarter, "run", squat_then_start)
+    proc = launch("model=tiny", "strategy=ddp", "nodes=2", "train.max_steps=2", "train.eval_interval=0",
+                  "checkpoint.interval_steps=0", *data_overrides, run_dir=tmp_path, check=False)
+    assert tried == ["refused"] and proc.returncode == 0, (tried, proc.stderr[-3000:])
