@@ -11,7 +11,8 @@ levers' rows, each traced), requeue (a gpt2_124m run's second attempt, its start
 cache, and a rank's imports), save (benchmarks/checkpoint.py for llama_1b), lever_loss (gpt2_124m's loss with issue
 58's levers against two seeds without them), fp8_loss (llama_1b for 300 steps in bf16 at two seeds and in fp8, their
 final losses), peers_llama (with an fp8 row), dry_run (launch.dry_run of llama_1b at 8 and 64 ranks on the GPU),
-shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints), autotune
+shared (two ranks on the one GPU, debug.share_gpu: ddp, fsdp, fsdp x tp, each with async checkpoints), shakespeare
+(shakespeare_char to val 1.47 with a compile cache before it, beside nanoGPT's train.py), autotune
 (gpt2_124m's CUDA graphs under max-autotune, beside nanoGPT: for a later call). Writes into
 --out, after every part: round.md (one line a part, and each part's last lines), round.log (everything the parts
 printed), results.tgz (benchmarks/results/*.json and the run folders' small records).
@@ -124,6 +125,15 @@ def lever_loss_commands(work: Path, cpu: bool) -> list[list[str]]:
             [PY, "-m", "benchmarks.gpu_round", "--final-losses", *(str(work / f"loss-{n}") for n in runs)]]
 
 
+def shakespeare_command(cpu: bool, nanogpt: Path | None) -> list[str]:
+    """shakespeare_char to step 2,000 (where nanoGPT's recipe reaches 1.47) with the compile cache of a 2-step run
+    before it, then nanoGPT's train.py; on the CPU, the CPU recipe to step 40 (no nanoGPT)."""
+    script = [PY, str(REPO / "benchmarks" / "shakespeare.py"), "--warm"]
+    if cpu:
+        return [*script, "--max-steps", "40", "train.eval_interval=20"]
+    return [*script, "--gpu", "--max-steps", "2000", *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
+
+
 def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> list[Part]:
     peers = [PY, "-m", "benchmarks.peers", *(["--tiny"] if cpu else []),
              *(["--nanogpt", str(nanogpt)] if nanogpt else [])]
@@ -159,6 +169,9 @@ def parts(work: Path, cpu: bool, nanogpt: Path | None, save_args: list[str]) -> 
                              [*dry, "nodes=8", "parallel.tp=8", "parallel.sequence_parallel=true",
                               "train.global_batch_size=8"]]),
         Part("shared", 120, shared_commands(work, cpu), needs_s=100),
+        # section 4's second target: shakespeare_char to val 1.47 with a run's compiled graphs before it, beside
+        # nanoGPT's train.py (target: half its time)
+        Part("shakespeare", 300, [shakespeare_command(cpu, nanogpt)], needs_s=240),
         # section 1's last lever, for a later call: graphs of one micro-step of 64 with Inductor's autotuned matmul
         # templates and their fused epilogues (minutes of autotuning the first time), beside the same two peers
         Part("autotune", 420, [[*peers, "--pair", "gpt2", "--steps", steps["gpt2"],

@@ -8,11 +8,11 @@ import tarfile
 
 import pytest
 
-from benchmarks import gpu_round
+from benchmarks import gpu_round, shakespeare
 from benchmarks.common import compose_config
 
 ORDER = ["check", "peers_gpt2", "requeue", "save", "lever_loss", "fp8_loss", "peers_llama", "dry_run", "shared",
-         "autotune"]
+         "shakespeare", "autotune"]
 
 
 def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_path):
@@ -30,6 +30,7 @@ def test_the_round_runs_its_parts_in_order_of_value_within_one_device_call(tmp_p
                                        "--ours", "bf16res=train.residual_dtype=bf16",
                                        "--ours", "all=train.compile_mode=reduce-overhead,train.micro_batch_size=64,"
                                                  "train.fused_qkv=true,train.residual_dtype=bf16"]
+    assert peers["shakespeare"][2:] == ["--warm", "--gpu", "--max-steps", "2000", "--nanogpt", str(tmp_path / "nanoGPT")]
 
 
 @pytest.mark.slow  # composes and plans every run of the round: seconds
@@ -40,6 +41,7 @@ def test_every_run_of_the_round_is_a_config_launch_composes(tmp_path):
             if cmd[2] in ("launch", "launch.dry_run"):
                 overrides = [o for o in cmd[3:] if "=" in o and not o.startswith("hydra.")]
                 compose_config(overrides)
+    compose_config([*shakespeare.RECIPES["gpu"], *shakespeare.PRIMER, "train.compile_cache_dir=/tmp/graphs"])
 
 
 @pytest.mark.slow  # waits out its hung part's limit

@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from benchmarks.shakespeare import run_nanogpt, summary, table
+from benchmarks.shakespeare import ratio, run_nanogpt, summary, table
 
 TRAIN_PY = '''import sys
 if sys.argv[1:] != ["config/train_shakespeare_char.py", "--max_iters=500"]:
@@ -41,3 +41,7 @@ def test_the_table_sets_both_curves_side_by_side_and_the_summary_says_when_each_
                                                 "less: at step 1750 (70.9 s)")
     assert summary("nanoGPT", nanogpt, 1.47).endswith("1.47 or less: never")
     assert "or less" not in summary("cpu", ours, None)
+    faster = [(1500, 40.2, 1.4719), (1750, 44.7, 1.4698)]
+    assert ratio({"gptlaunch, warm cache": faster, "nanoGPT": nanogpt + [(2000, 93.0, 1.4690)]}, 1.47) == (
+        "to 1.47: gptlaunch, warm cache 44.7 s, nanoGPT 93.0 s: 0.48x the time")  # its 1.4701 is not 1.47
+    assert ratio({"gptlaunch": ours, "nanoGPT": nanogpt[:2]}, 1.47) is None  # one never reached it
