@@ -29,8 +29,10 @@ def fast_tokenizer(tokenizer: Tokenizer, block_size: int) -> Any:
     hf = char_as_hf(tokenizer) if isinstance(tokenizer, CharTokenizer) else tokenizer.hf
     assert isinstance(tokenizer, (CharTokenizer, BPETokenizer))
     eot = None if tokenizer.eot is None else hf.id_to_token(tokenizer.eot)
+    # what the exported models take: GPT-2's would add token_type_ids' embeddings to every position, Llama's refuse them
     return PreTrainedTokenizerFast(tokenizer_object=hf, eos_token=eot, bos_token=eot, model_max_length=block_size,
-                                   clean_up_tokenization_spaces=False)
+                                   clean_up_tokenization_spaces=False,
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def save_tokenizer(tokenizer: Tokenizer, block_size: int, out: Path) -> None:

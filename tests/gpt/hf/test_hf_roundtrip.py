@@ -100,10 +100,14 @@ def test_export_of_an_fsdp_checkpoint_loads_in_transformers_with_the_same_logits
     theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     text = "ROMEO:\nWhat light through yonder window breaks?"
     tokens = load_tokenizer(meta["data_dir"]).encode(text)
-    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == tokens
+    # as transformers' users call it: the tokenizer's whole output into the model (GPT-2's adds token_type_ids'
+    # embeddings where it is given them, which GPT-2's own tokenizer does not give)
+    encoded = transformers.AutoTokenizer.from_pretrained(out)(text, return_tensors="pt")
+    assert encoded["input_ids"].tolist() == [tokens] and set(encoded) == {"input_ids", "attention_mask"}
     with torch.no_grad():
-        torch.testing.assert_close(theirs(torch.tensor([tokens])).logits, ours(torch.tensor([tokens]))[0],
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(theirs(**encoded).logits, ours(torch.tensor([tokens]))[0], rtol=1e-5, atol=1e-5)
+        greedy = theirs.generate(**encoded, max_new_tokens=12, do_sample=False)
+        assert torch.equal(greedy, ours.generate(torch.tensor([tokens]), 12, top_k=1))
 
 
 @pytest.mark.slow
