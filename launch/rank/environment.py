@@ -12,8 +12,7 @@ import socket
 from gpt.collectives.process_group import DistEnv
 from launch.local_gpus import cuda_visible
 from launch.rank.job_env import scheduler_classes
-from launch.rank.forked import STORE_FD
-from launch.rank.parent import LAUNCHER_PID
+from launch.rank.parent import LAUNCHER_PID, STORE_FD
 
 
 def detect(environ: dict[str, str] | None = None) -> DistEnv:

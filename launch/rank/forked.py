@@ -21,8 +21,9 @@ import os
 import sys
 import time
 
+from launch.rank.parent import STORE_FD
+
 PRELOAD = ["launch.rank.rank_server"]
-STORE_FD = "GPTLAUNCH_STORE_FD"  # in rank 0's environment: the descriptor of its store's listening socket
 
 
 class Stdio:

@@ -18,6 +18,7 @@ from pathlib import Path
 LAUNCHER_PID = "GPTLAUNCH_LAUNCHER_PID"
 PARENT_PID = "GPTLAUNCH_PARENT_PID"  # the rank's parent when it is not the launcher: the server it forked from, whose
 # end follows the launcher's (launch.rank.forked)
+STORE_FD = "GPTLAUNCH_STORE_FD"  # rank 0's: the descriptor of its store's listening socket (launch.rank.forked)
 PR_SET_PDEATHSIG = 1
 PAUSE_POLL_S = 0.5  # how often a rank looks at its launcher's state: a procfs read, no file system, no scheduler
 
