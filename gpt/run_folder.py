@@ -147,6 +147,11 @@ class RunFolder:
         return self.path / "lease"
 
     @property
+    def launch_lock(self) -> Path:
+        """flock'd by the launch that plans the folder (launch.run.launch_lock)."""
+        return self.path / ".launch.lock"
+
+    @property
     def summary(self) -> Path:
         return self.path / "summary.json"
 

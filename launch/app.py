@@ -22,11 +22,13 @@ from gpt.run_folder import CANCELLED, RunFolder, close_folder, keep_to_user
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
 from launch.backends import RunFailed, RunStopped, backend_for, scheduler
-from launch.backends.job_state import SchedulerUnavailable
+from launch.backends.job_state import JobStanding, SchedulerUnavailable
 from launch.launcher_section import launcher_section
-from launch.rank.job_env import job_environment
+from launch.rank.job_env import JobEnvironment, job_environment
 from launch.run.identity import check_run_folder
+from launch.run import launch_lock
 from launch.run.job_record import cancelled_by_user, record_job
+from launch.run.take_lease import AskJob, check_free
 from launch.planning.plan import make_plan, resolved
 from launch.planning.planned_run import PlannedRun
 
@@ -48,8 +50,30 @@ def plan_run(cfg: DictConfig) -> PlannedRun:
 
 
 def _plan(cfg: DictConfig) -> PlannedRun:
+    """The run planned, its folder's launch lock held from the first look at it (launch.run.launch_lock) until its job
+    is submitted or its ranks end (run, launch.hydra_launcher), or here where there is nothing to run."""
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
+    # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
+    job = job_environment()
+
+    def ask(job_id: str) -> JobStanding | None:
+        return job.job_state(job_id) if job.job_id else scheduler().job_state(job_id)
+
+    # a run another launch started here, whose rank 0 holds the folder by now, is refused at once, not waited for
+    launch_lock.hold(run_dir, while_waiting=lambda: check_free(run_dir, job.job_id, job.restart, ask))
+    try:
+        planned = _plan_folder(cfg, run_dir, job, ask)
+    except BaseException:
+        launch_lock.release(run_dir)
+        raise
+    if planned.finished or planned.live_job:
+        launch_lock.release(run_dir)
+    return planned
+
+
+def _plan_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment, ask: AskJob) -> PlannedRun:
     hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
     run = resolved(launch_config.parse(cfg), run_dir, list(hydra_cfg.overrides.task))  # once: planning reads it so
     for folder in [run_dir, *([run_dir.parent] if hydra_cfg.mode == RunMode.MULTIRUN else [])]:
         close_folder(folder, run.share_with_group)
@@ -67,12 +91,8 @@ def _plan(cfg: DictConfig) -> PlannedRun:
         raise ConfigError("launcher.early_stop", run.launcher.early_stop, "none for a single run: early stopping "
                           "compares the points of a sweep (python -m launch -m ...)")
     checked, live = None, queue.live_job(run_dir) if queue else None
-    # this process's own job, if any; the jobs a run folder records are the scheduler's, whichever backend runs this
-    # launch (cluster=local asks it too: a queued or requeued job keeps its folder)
-    job = job_environment()
     if live is None and (corpus := corpus_of(run.data)) is not None:  # else planning names the corpus
-        checked = check_run_folder(run, corpus, run_dir, job,
-                                   lambda j: job.job_state(j) if job.job_id else scheduler().job_state(j))
+        checked = check_run_folder(run, corpus, run_dir, job, ask)
     budget = run.budget if queue else None
     plan = make_plan(run, run_dir, backend, live)
     if live is None:  # every check passed: the folder gets its records
@@ -106,7 +126,10 @@ def run(cfg: DictConfig) -> Path:
     log.info("running %s on %d rank(s): %d node(s) x %d task(s), cluster=%s", planned.run.name, plan.world_size,
              plan.nodes, plan.tasks_per_node, backend.name)
     if queue is not None:
-        submitted, _ = queue.submit_all([planned], plan.run_dir / backend.name)
+        try:
+            submitted, _ = queue.submit_all([planned], plan.run_dir / backend.name)
+        finally:
+            launch_lock.release(plan.run_dir)
         if planned.launcher.detach:
             queue.print_follow_up(plan.run_dir, [j for s in submitted for j in s.job_ids])
             return plan.run_dir
@@ -118,7 +141,10 @@ def run(cfg: DictConfig) -> Path:
         if not outcome.ok:
             raise RunFailed(f"job {outcome.submitted.job_id} failed (run folder: {plan.run_dir})")
     else:
-        job = backend.run(plan)  # the ranks' job environment: their launch's attempts lines
+        try:
+            job = backend.run(plan)  # the ranks' job environment: their launch's attempts lines
+        finally:
+            launch_lock.release(plan.run_dir)
         if requeued(plan.run_dir, job):
             log.info("requeued: this job runs again and continues %s from its newest checkpoint", plan.run_dir)
             return plan.run_dir

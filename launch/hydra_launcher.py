@@ -26,6 +26,7 @@ from launch.app import plan_run
 from launch.backends import Queue
 from launch.planning.planned_run import PlannedRun
 from launch.planning.labels import point_labels
+from launch.run import launch_lock
 
 DEFAULT_SUBDIR = "${hydra.job.override_dirname}"  # configs/config.yaml; any other launcher uses it as it is
 
@@ -90,15 +91,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     # launch that still waits or runs is picked up instead)
     submitted = []
     if jobs:
-        backend, queue = jobs[0][1].backend, jobs[0][1].backend.queue
-        if any(p.backend.name != backend.name for _, p in jobs):
-            print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
-            sys.exit(EXIT_USER)
-        try:
-            submitted, snapshot = queue.submit_all([p for _, p in jobs], sweep_dir / backend.name)
-        except UserError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(EXIT_USER)
+        queue = jobs[0][1].backend.queue
+        submitted, snapshot = _submit([p for _, p in jobs], sweep_dir)
         if jobs[0][1].launcher.detach:
             return _detach(launcher, queue, sweep_dir, submitted, jobs, points, returns, snapshot)
 
@@ -124,6 +118,22 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     report = write_report(sweep_dir)
     print(f"report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
     return [r for r in returns if r is not None]
+
+
+def _submit(jobs: list[PlannedRun], sweep_dir: Path) -> tuple[list, Any]:
+    """Every point that is a job submitted (or its live job picked up): (submitted, the code snapshot)."""
+    backend = jobs[0].backend
+    if any(p.backend.name != backend.name for p in jobs):
+        print("error: the points of one sweep must use one cluster backend", file=sys.stderr)
+        sys.exit(EXIT_USER)
+    try:
+        return backend.queue.submit_all(jobs, sweep_dir / backend.name)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(EXIT_USER)
+    finally:
+        for p in jobs:  # each point's job submitted: the next launch may look at its folder
+            launch_lock.release(p.plan.run_dir)
 
 
 def _plan_points(config: Any, context: Any, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> list:
