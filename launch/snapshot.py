@@ -11,10 +11,12 @@ Torch-free.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import shlex
 import shutil
 import subprocess
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,13 +46,19 @@ class Snapshot:
 
 
 def take(folder: Path, root: Path = ROOT) -> Snapshot:
-    """A new snapshot under folder/code/ (earlier ones stay: jobs still waiting may run them)."""
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest, n = folder / "code" / stamp, 1
-    while dest.exists():
-        dest, n = folder / "code" / f"{stamp}.{n}", n + 1
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.mkdir(parents=True)
+    """A new snapshot under folder/code/ (earlier ones stay: jobs still waiting may run them). Its name is claimed
+    first (an empty folder: a sweep submitted into the same folder in the same second takes the next name), and it
+    is filled under a name of its own, then renamed onto the claim: a job never sees a part of it."""
+    stamp, code = time.strftime("%Y%m%d-%H%M%S"), folder / "code"
+    code.mkdir(parents=True, exist_ok=True)
+    for n in itertools.count():
+        dest = code / (f"{stamp}.{n}" if n else stamp)
+        try:
+            dest.mkdir()
+            break
+        except FileExistsError:
+            continue
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".tmp", dir=code))
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
         for part in PARTS:

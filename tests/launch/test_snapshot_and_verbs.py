@@ -71,6 +71,32 @@ def test_snapshot_without_git_copies_the_package(tmp_path):
     assert not (taken.path / "launch" / "__pycache__").exists()
 
 
+def test_snapshots_taken_in_the_same_second_by_two_launches_each_get_a_folder_of_their_own(tmp_path, monkeypatch):
+    """Two sweeps submitted into one folder at once: each claims its own name; one part-way (its temporary folder
+    there, as a launch killed while copying leaves it) stops neither."""
+    import threading
+
+    root = tmp_path / "plain"
+    (root / "launch").mkdir(parents=True)
+    (root / "launch" / "x.py").write_text("X = 1\n")
+    monkeypatch.setattr(snapshot.time, "strftime", lambda fmt: "20261129-053526")
+    (tmp_path / "sub" / "code" / ".20261129-053526.tmp").mkdir(parents=True)
+    taken, start = [], threading.Barrier(3)
+
+    def take():
+        start.wait()
+        taken.append(snapshot.take(tmp_path / "sub", root))
+
+    threads = [threading.Thread(target=take) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(t.path.name for t in taken) == ["20261129-053526", "20261129-053526.1", "20261129-053526.2"]
+    assert all(json.loads((t.path / "code.json").read_text())["path"] == str(t.path) for t in taken)
+    assert all((t.path / "launch" / "x.py").is_file() for t in taken)
+
+
 def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
     import time
 
