@@ -94,8 +94,9 @@ def _plan_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment, ask: AskJo
     if live is None and (corpus := corpus_of(run.data)) is not None:  # else planning names the corpus
         checked = check_run_folder(run, corpus, run_dir, job, ask)
     budget = run.budget if queue else None
-    plan = make_plan(run, run_dir, backend, live)
-    if live is None:  # every check passed: the folder gets its records
+    finished = checked is not None and checked.existing is not None and checked.existing.finished
+    plan = make_plan(run, run_dir, backend, live, keep_config=finished)
+    if live is None and not finished:  # every check passed: the folder gets its records (a finished run keeps its own)
         if checked is not None:
             checked.record(run_dir)
             if queue is None:  # the ranks run in this process's job (sbatch's script, salloc, a stock launcher)

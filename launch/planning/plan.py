@@ -75,11 +75,13 @@ def plan_layout_of(run: LaunchConfig, backend: Backend) -> tuple[Device, TrainCo
     return Device(device, memory), train, dims
 
 
-def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None) -> Plan:
+def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str | None = None,
+              keep_config: bool = False) -> Plan:
     """Check what needs the sections together (device, layout, batch, vocabulary), prepare the data, and write the
     resolved config to the run folder; unless the run's job `live_job` waits or runs: it trains with the folder's
-    config, which this command must then equal. `run`'s paths are absolute (absolute_paths); `backend` is the one
-    planning chose (launch.backends.backend_for), asked once for the device and its memory (plan_layout_of)."""
+    config, which this command must then equal; or `keep_config` (a finished run: its status and report describe what
+    it ran). `run`'s paths are absolute (absolute_paths); `backend` is the one planning chose
+    (launch.backends.backend_for), asked once for the device and its memory (plan_layout_of)."""
     checked_paths(run, run_dir)
     device, train, dims = plan_layout_of(run, backend)
     if run.model.vocab_size:  # before the data is prepared: a layout that cannot fit is refused first
@@ -110,7 +112,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
         run.train, micro_batch_size=train.micro_batch_size))
     if live_job is not None:
         check_same_config(resolved, run_dir, live_job)
-    else:
+    elif not keep_config:
         run_dir.mkdir(parents=True, exist_ok=True)
         schema.save(resolved, RunFolder(run_dir).config)
     return Plan(run_dir, run.nodes, run.cluster.tasks_per_node, prepare_job)

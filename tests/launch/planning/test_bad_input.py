@@ -56,7 +56,7 @@ def test_bad_config_is_one_clear_line(overrides, message, tmp_path, prepared_dat
     assert proc.stderr.strip().count("\n") == 0, proc.stderr  # one line
     assert "Traceback" not in proc.stderr + proc.stdout
     left = {p.name for p in (tmp_path / "run").iterdir()} if (tmp_path / "run").exists() else set()
-    assert left <= {"app.log"}, left  # nothing ran, and the run has no record yet (Hydra's own log aside)
+    assert left <= {"app.log", ".launch.lock"}, left  # nothing ran, no record yet (Hydra's log, the launch lock aside)
 
 
 @pytest.mark.slow

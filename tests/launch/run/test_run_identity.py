@@ -28,8 +28,14 @@ def attempts(run_dir) -> list[dict]:
 def test_a_finished_run_says_so_and_a_changed_one_is_refused(tmp_path, data_overrides):
     run = tmp_path / "run"
     launch(*RUN, *data_overrides, run_dir=run)
+    records = {name: (run / name).read_bytes() for name in ("config.yaml", "run.json")}
     again = launch(*RUN, *data_overrides, run_dir=run)
     assert "finished at step 20; nothing to do" in again.stdout and len(attempts(run)) == 1
+    # nothing to do with fewer steps, another layout or micro-batch: the run keeps the records of what it ran
+    fewer = launch(*RUN, "train.max_steps=10", "train.decay_steps=20", "train.micro_batch_size=3", *data_overrides,
+                   run_dir=run)
+    assert "finished at step 20; nothing to do" in fewer.stdout
+    assert {name: (run / name).read_bytes() for name in records} == records
 
     changed = launch(*RUN, "train.lr=0.01", *data_overrides, run_dir=run, check=False)
     assert changed.returncode == 2 and "train.lr: the run has 0.001, this command 0.01" in changed.stderr
