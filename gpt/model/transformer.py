@@ -352,8 +352,9 @@ class GPT(nn.Module):
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  use_cache: bool = True) -> Tensor:
-        """Sample max_new_tokens tokens after idx (B, T). With the cache, prompt + new tokens must fit in
-        block_size; without it, the context is cropped to the last block_size tokens (slower, no limit)."""
+        """Sample max_new_tokens tokens after idx (B, T); temperature 0 takes the likeliest each time (greedy). With
+        the cache, prompt + new tokens must fit in block_size; without it, the context is cropped to the last
+        block_size tokens (slower, no limit)."""
         cache = None
         if use_cache:
             if idx.size(1) + max_new_tokens > self.cfg.block_size:
@@ -366,10 +367,16 @@ class GPT(nn.Module):
             else:
                 context = idx[:, cache.pos:]  # the whole prompt first, then one new token per step
             logits, _ = self(context, cache=cache)
-            logits = logits[:, -1, :] / temperature
-            if top_k is not None:
-                kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                logits = logits.masked_fill(logits < kth, -float("inf"))
-            next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
+            next_token = self._next_token(logits[:, -1, :], temperature, top_k)
             idx = torch.cat((idx, next_token), dim=1)
         return idx
+
+    @staticmethod
+    def _next_token(logits: Tensor, temperature: float, top_k: int | None) -> Tensor:
+        if temperature == 0:
+            return logits.argmax(dim=-1, keepdim=True)
+        logits = logits / temperature
+        if top_k is not None:
+            kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
+            logits = logits.masked_fill(logits < kth, -float("inf"))
+        return torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)

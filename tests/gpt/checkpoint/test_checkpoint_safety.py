@@ -64,9 +64,21 @@ def write_item(checkpoint: Path, folder: Path, item: object) -> None:
     dcp.save(state, checkpoint_id=folder, no_dist=True)
 
 
-def generate(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "gpt.generate", str(path), "--tokens", "4"], cwd=REPO,
+def generate(path: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gpt.generate", str(path), "--tokens", "4", *args], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.slow
+def test_generate_refuses_what_it_cannot_sample_in_one_line_and_samples_greedily_at_temperature_0(checkpoint):
+    for args, line in ((["--prompt", "é"], "error: character 'é' is not in this character tokenizer's vocabulary"),
+                       (["--prompt="], "error: --prompt is empty"), (["--top-k", "-1"], "error: --top-k -1: at least 0"),
+                       (["--temperature", "nan"], "error: --temperature nan: at least 0")):
+        proc = generate(checkpoint, *args)
+        assert proc.returncode == 2 and line in proc.stderr and "Traceback" not in proc.stderr, (args, proc.stderr)
+    greedy = [generate(checkpoint, "--temperature", "0", "--seed", str(seed)) for seed in (1, 2)]
+    assert greedy[0].returncode == 0 and greedy[0].stdout == greedy[1].stdout, greedy[0].stderr[-2000:]
+    assert generate(checkpoint, "--top-k", "0").returncode == 0  # 0: every token
 
 
 @pytest.mark.slow

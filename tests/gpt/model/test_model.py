@@ -385,6 +385,13 @@ def test_generation_past_block_size():
         model(tokens(cfg, T=17))
 
 
+def test_temperature_0_is_greedy():
+    cfg = tiny()
+    model = seeded_model(cfg).eval()
+    prompt = tokens(cfg, T=3)
+    assert torch.equal(model.generate(prompt, max_new_tokens=6, temperature=0), model.generate(prompt, 6, top_k=1))
+
+
 def test_sampling_respects_top_k():
     cfg = tiny()
     model = seeded_model(cfg).eval()
