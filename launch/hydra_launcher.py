@@ -73,9 +73,13 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
     sweep_dir = Path(str(config.hydra.sweep.dir)).absolute()
     sweep_dir.mkdir(parents=True, exist_ok=True)
 
-    # 1. plan every point
+    # 1. plan every point (each holds its folder's launch lock until its job is submitted or its ranks end)
     points = _plan_points(config, context, job_overrides, initial_job_idx)
-    _stop_on_bad_points(points)
+    try:
+        _stop_on_bad_points(points)
+    except SystemExit:
+        launch_lock.release_all()  # nothing of this sweep runs: a caller that goes on (a search, a test) plans again
+        raise
 
     planned: list[PlannedRun] = [ret.return_value for *_, ret in points]
     _check_objective(config, planned, detached_search=launcher.search is not None)

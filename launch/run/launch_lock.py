@@ -88,3 +88,8 @@ def release(run_dir: Path) -> None:
     fd = _held.pop(run_dir.absolute(), None)
     if fd is not None:
         os.close(fd)
+
+
+def release_all() -> None:
+    for run_dir in list(_held):
+        release(run_dir)
