@@ -3,12 +3,14 @@ follow them, and for a sweep the dependency job that builds its report when ever
 that nothing has to stay up on the login node. Torch-free."""
 from __future__ import annotations
 
+import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
 from gpt.run_folder import write_json
+from launch.backends.job_state import JobState
 from launch.backends.slurm import commands, partitions
 from launch.backends.slurm.submitted import show_path
 from launch.run_status import REPORT_JOB, SEARCH_JOB, sweep_job
@@ -19,11 +21,32 @@ REPORT_TIME_MIN = 10
 
 def submit_report_job(sweep_dir: Path, job_ids: list[str], resources, snapshot: Snapshot | None) -> str:
     """`python -m launch.report SWEEP_DIR` as a one-task job after every job of the sweep, on the sweep's partition
-    and account; it runs the sweep's code snapshot when there is one."""
+    and account; it runs the sweep's code snapshot when there is one. One at a time (two would write one report): a
+    live one that already waits for these jobs is kept (the same command again), one that waits for fewer is
+    cancelled while it waits (the new one waits for them all)."""
+    earlier = _live_report_job(sweep_dir)
+    if earlier is not None:
+        job_id, after, state = earlier
+        if set(job_ids) <= set(after):
+            return job_id
+        if state is JobState.PENDING:
+            commands.cancel([job_id])
     job_id = _job_after(job_ids, resources, snapshot, f"launch.report {shlex.quote(str(sweep_dir))}",
                         f"{sweep_dir.name}-report", REPORT_TIME_MIN, sweep_dir / "slurm" / "report-%j.out")
     write_json(sweep_dir / REPORT_JOB, {"job_id": job_id, "after": job_ids})
     return job_id
+
+
+def _live_report_job(sweep_dir: Path) -> tuple[str, list[str], JobState] | None:
+    """The sweep's report job while it waits or runs: its id, the jobs it waits for, its state."""
+    try:
+        record = json.loads((sweep_dir / REPORT_JOB).read_text())
+        job_id, after = str(record["job_id"]), [str(j) for j in record["after"]]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    info = commands.job_infos([job_id]).get(job_id)
+    state = commands.standing(info).state if info is not None else None
+    return (job_id, after, state) if state is not None and state.live else None
 
 
 def submit_search_job(sweep_dir: Path, job_ids: list[str], resources, snapshot: Snapshot | None, args: list[str],

@@ -99,8 +99,8 @@ def submit_jobs(planned: list[PlannedRun], folder: Path, out=sys.stdout) -> tupl
     for p in planned:
         if p.live_job is not None:
             submitted[id(p)] = adopt(p)
-            print(f"{p.label}: job {p.live_job}, submitted earlier, still runs or waits; waiting for it", file=out,
-                  flush=True)
+            then = "" if p.launcher.detach else "; waiting for it"
+            print(f"{p.label}: job {p.live_job}, submitted earlier, still runs or waits{then}", file=out, flush=True)
     return [submitted[id(p)] for p in planned], snapshot
 
 
