@@ -59,6 +59,17 @@ def follow(run_dir: Path, rank: int, out=sys.stdout, poll_s: float = POLL_S) -> 
         time.sleep(poll_s if running else 0)
 
 
+def world_size(run_dir: Path) -> int | None:
+    """The ranks the run's config asks for (None where it cannot be read)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load(RunFolder(run_dir).config.read_text())
+        return int(config["nodes"]) * int(config["cluster"]["tasks_per_node"])
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError):
+        return None
+
+
 def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)  # `| head` ends it quietly, as any listing
     parser = argparse.ArgumentParser(prog="python -m launch.logs", description=__doc__.splitlines()[0])
@@ -69,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
     log_file = RunFolder(args.run).log(args.rank)
     if not RunFolder(args.run).config.is_file():
         print(f"error: {args.run} is not a run folder (it has no config.yaml)", file=sys.stderr)
+        sys.exit(2)
+    ranks = world_size(args.run)  # a rank of an earlier attempt on more ranks keeps its log
+    if ranks is not None and not 0 <= args.rank < ranks and not log_file.is_file():
+        print(f"error: --rank {args.rank}: {args.run} runs ranks 0 to {ranks - 1}", file=sys.stderr)
         sys.exit(2)
     if not args.follow:
         if not log_file.is_file():

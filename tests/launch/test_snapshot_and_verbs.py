@@ -262,3 +262,18 @@ def test_a_run_stopped_by_a_signal_or_a_preemption_is_stopped_not_failed(tmp_pat
     assert "(last interrupted: preempted by another job (Slurm" in status_line and status_line.endswith(STOPPED)
     attempts.append("8", 0, {"first_step": 9, "last_step": 12, "ended": "failed: RuntimeError"})
     assert read_status(tmp_path, {}).verdict == FAILED
+
+
+def test_logs_of_a_rank_the_run_does_not_have_says_which_it_has(tmp_path, capsys):
+    from launch import logs
+
+    (tmp_path / "logs").mkdir()
+    (tmp_path / "config.yaml").write_text("nodes: 2\ncluster:\n  tasks_per_node: 1\n")
+    (tmp_path / "logs" / "rank1.log").write_text("[rank1] step 1\n")
+    (tmp_path / "logs" / "rank3.log").write_text("[rank3] an earlier attempt on 4 ranks\n")
+    with pytest.raises(SystemExit) as ended:
+        logs.main([str(tmp_path), "--rank", "5"])
+    assert ended.value.code == 2 and capsys.readouterr().err == f"error: --rank 5: {tmp_path} runs ranks 0 to 1\n"
+    for rank in (1, 3):
+        logs.main([str(tmp_path), "--rank", str(rank)])
+        assert capsys.readouterr().out.startswith(f"[rank{rank}]")
