@@ -4,7 +4,8 @@ Without --now each running job gets the run's preemption signal (preemption.sign
 limit's warning would: every rank saves at the same step and, told by the run folder (cancel.json) that the user
 cancels the job, stops without requeueing it; once it has left the running state (or after --wait-s) it is
 cancelled, pending jobs at once. The same launch command continues the run from that checkpoint. --now cancels at
-once (the run continues from its newest earlier checkpoint). A packed allocation (hydra.launcher.pack) is one job of
+once, as a plain scancel: the ranks save if they can within Slurm's KillWait, unwaited for (the run continues from its
+newest whole checkpoint). A packed allocation (hydra.launcher.pack) is one job of
 several runs: each of them is told, the packer then requeues nothing (launch.recovery.packed), and the cancel waits
 for every one of its running points to save. A sweep's report job is left to run: it builds the report of what was
 done. A detached search's job is cancelled first, at once: it would launch the trials again (its study keeps them
@@ -126,7 +127,8 @@ def _wait_off_running(job_ids: list[str], wait_s: float, saved: Callable[[], boo
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m launch.cancel", description=__doc__.splitlines()[0])
     parser.add_argument("run", type=Path, help="a run folder (runs/NAME) or a sweep folder (runs/sweeps/NAME)")
-    parser.add_argument("--now", action="store_true", help="cancel at once, without saving first")
+    parser.add_argument("--now", action="store_true",
+                        help="cancel at once (scancel): the ranks save only if they can within KillWait")
     parser.add_argument("--wait-s", type=float, default=WAIT_S, help="the longest wait for the save (seconds)")
     args = parser.parse_args(argv)
     if not run_folders(args.run):
