@@ -55,7 +55,7 @@ def pct(v: float | None, signed: bool = False) -> str:
 
 
 def markdown(rep: Report) -> str:
-    parts = [intro(rep), shared_host_note(rep)]
+    parts = [intro(rep), unfinished_note(rep), shared_host_note(rep)]
     if rep.compare:
         parts.append(comparison(rep))
     parts.append(downstream(rep))
@@ -92,6 +92,15 @@ def intro(rep: Report) -> str:
     return (f"# Scaling report: {rep.root.name}\n\n{n} point(s); {MODE_TEXT[rep.mode]}.{swept} Reference: "
             f"`{ref.point}` ({ref.nodes} node(s), {ref.ranks} rank(s)). Steady state: the first "
             f"{rep.config.skip_windows} log window(s) of each rank are left out.\n")
+
+
+def unfinished_note(rep: Report) -> str:
+    """The points that have not finished: their figures are of the steps they ran (cancelled, stopped, running)."""
+    lines = [f"`{p.name}` at {p.unfinished}" for p in rep.points if p.unfinished]
+    if not lines:
+        return ""
+    return (f"> **Not finished.** {'; '.join(lines)}: the figures are of the steps run so far (the same command "
+            "continues a run).\n")
 
 
 def shared_host_note(rep: Report) -> str:

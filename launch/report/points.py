@@ -37,6 +37,7 @@ class PointResult:
     # rank 0's newest downstream-task scores (eval.tasks): "<task>/acc" -> (step, value)
     tasks: dict[str, tuple[int, float]] = field(default_factory=dict)
     stopped_early: str = ""  # why its sweep's early stopping ended it at a rung (its newest attempt's words)
+    unfinished: str = ""  # where a run that has not finished (cancelled, stopped, still running) stands: "step N of M"
 
     @property
     def ranks(self) -> int:
@@ -205,5 +206,14 @@ def load_point(path: Path, root: Path) -> PointResult:
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
     early = AttemptLine.stopped_early_why(folder.attempts.read())
-    return PointResult(path, name, load_yaml(folder.config), _environments(path), records, train_loss, val_loss,
-                       overrides, tasks, early)
+    config = load_yaml(folder.config)
+    return PointResult(path, name, config, _environments(path), records, train_loss, val_loss, overrides, tasks, early,
+                       "" if early else _unfinished(folder, config, train_loss))
+
+
+def _unfinished(folder: RunFolder, config: dict[str, Any], train_loss: list[tuple[int, float]]) -> str:
+    """'step N of M' for a run short of its train.max_steps without the summary a finished run writes; else ''."""
+    last, planned = (train_loss[-1][0] if train_loss else 0), get(config, "train.max_steps")
+    if not isinstance(planned, int) or last >= planned or folder.read_summary() is not None:
+        return ""
+    return f"step {last} of {planned}"

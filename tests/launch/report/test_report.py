@@ -228,6 +228,18 @@ def test_weak_scaling_efficiency(tmp_path):
     assert [r.step_time_p50_s for r in rep.rows] == pytest.approx([1.0, 1.25, 1.6])  # the 9 s window is skipped
 
 
+def test_a_point_that_has_not_finished_is_named_with_the_step_it_reached(tmp_path):
+    """A cancelled point's tokens/s are those of the steps it ran: the report says it stands short of its end."""
+    for nodes in (1, 2):
+        write_point(tmp_path / f"nodes={nodes}", nodes, 1, 8 * nodes, [1.0, 1.0, 1.0, 1.0])
+        config = tmp_path / f"nodes={nodes}" / "config.yaml"
+        config.write_text(config.read_text().replace("train:\n", "train:\n  max_steps: 100\n"))
+    (tmp_path / "nodes=1" / "summary.json").write_text("{}")  # finished (its last step logged or not)
+    md = markdown(build_report(tmp_path))
+    assert ("> **Not finished.** `nodes=2` at step 19 of 100: the figures are of the steps run so far" in md
+            and "nodes=1` at" not in md), md[:1500]
+
+
 @pytest.mark.slow
 def test_strong_scaling_efficiency_and_mixed(tmp_path):
     for nodes, t in ((1, 1.0), (2, 0.625), (4, 0.5)):
