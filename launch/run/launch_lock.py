@@ -10,6 +10,7 @@ The lease (launch.run.take_lease) stays the guard of a running folder: it works 
 where flock may not (a Lustre mounted with localflock locks per node; one that refuses flock is not locked here)."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -25,7 +26,8 @@ from gpt.run_folder import RunFolder
 
 WAIT_S = 120.0  # a launch's planning and submission take seconds; a sweep's, seconds a point
 POLL_S = 0.2
-UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}  # a file system without flock
+# a file system without flock; EBADF: NFS's flock (a POSIX lock there) on a file open for reading alone
+UNSUPPORTED = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.EBADF}
 _held: dict[Path, int] = {}  # this process's locks: run folder -> the lock file's descriptor
 
 
@@ -36,7 +38,9 @@ def hold(run_dir: Path, wait_s: float = WAIT_S, while_waiting: Callable[[], obje
     if run_dir in _held:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    fd = os.open(RunFolder(run_dir).launch_lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open(RunFolder(run_dir).launch_lock)
+    if fd is None:
+        return
     try:
         if not _wait_for(fd, run_dir, wait_s, while_waiting):
             os.close(fd)
@@ -44,9 +48,21 @@ def hold(run_dir: Path, wait_s: float = WAIT_S, while_waiting: Callable[[], obje
     except BaseException:
         os.close(fd)
         raise
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
+    with contextlib.suppress(OSError):  # the holder's name, for a waiting launch to say (a read-only file: unnamed)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": time.time()}).encode(), 0)
     _held[run_dir] = fd
+
+
+def _open(path: Path) -> int | None:
+    """The lock file, for writing where this user may (a folder shared with the group: another member's file may be
+    read-only here, and flock takes a file open for reading too); None where it cannot be opened at all."""
+    for flags in (os.O_RDWR | os.O_CREAT, os.O_RDONLY):
+        try:
+            return os.open(path, flags | os.O_CLOEXEC, 0o666)
+        except OSError:
+            continue
+    return None
 
 
 def _wait_for(fd: int, run_dir: Path, wait_s: float, while_waiting: Callable[[], object]) -> bool:
