@@ -11,6 +11,7 @@ import torch
 from gpt.checkpoint.writer import load_model
 from gpt.cli import checkpoint_parser, user_errors
 from gpt.data.tokenizer import load_tokenizer
+from gpt.errors import UserError
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -21,13 +22,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy, the likeliest token each time")
     parser.add_argument("--top-k", type=int, default=200, help="sample among the k likeliest tokens (0: all)")
     args = parser.parse_args(argv)
-    for flag, value, least in (("--tokens", args.tokens, 0), ("--samples", args.samples, 1),
-                               ("--temperature", args.temperature, 0), ("--top-k", args.top_k, 0)):
-        if not value >= least:  # a NaN temperature too
-            parser.error(f"{flag} {value}: at least {least}")
-    if not args.prompt:
-        parser.error("--prompt is empty: the samples continue a text of at least one token (the default: a newline)")
     with user_errors():
+        for flag, value, least in (("--tokens", args.tokens, 0), ("--samples", args.samples, 1),
+                                   ("--temperature", args.temperature, 0), ("--top-k", args.top_k, 0)):
+            if not value >= least:  # a NaN temperature too
+                raise UserError(f"{flag} {value}: at least {least}")
+        if not args.prompt:
+            raise UserError("--prompt is empty: the samples continue a text of at least one token (the default: a "
+                            "newline)")
         model, meta, path = load_model(args.path, args.device)
         tokenizer = load_tokenizer(meta["data_dir"])
         prompt = torch.tensor([tokenizer.encode(args.prompt)], dtype=torch.long, device=args.device)

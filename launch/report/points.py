@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from gpt.checkpoint.store import newest_sound, step_of
 from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder, read_json_lines
 from launch.launch_config import LaunchConfig
 
@@ -212,8 +213,11 @@ def load_point(path: Path, root: Path) -> PointResult:
 
 
 def _unfinished(folder: RunFolder, config: dict[str, Any], train_loss: list[tuple[int, float]]) -> str:
-    """'step N of M' for a run short of its train.max_steps without the summary a finished run writes; else ''."""
-    last, planned = (train_loss[-1][0] if train_loss else 0), get(config, "train.max_steps")
+    """'step N of M' for a run short of its train.max_steps without the summary a finished run writes; else ''. N: its
+    newest checkpoint's step or its last logged one, the later (a stop saves between log steps)."""
+    found, _ = newest_sound(folder.checkpoints)
+    last = max(train_loss[-1][0] if train_loss else 0, step_of(found) if found else 0)
+    planned = get(config, "train.max_steps")
     if not isinstance(planned, int) or last >= planned or folder.read_summary() is not None:
         return ""
     return f"step {last} of {planned}"

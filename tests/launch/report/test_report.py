@@ -238,6 +238,13 @@ def test_a_point_that_has_not_finished_is_named_with_the_step_it_reached(tmp_pat
     md = markdown(build_report(tmp_path))
     assert ("> **Not finished.** `nodes=2` at step 19 of 100: the figures are of the steps run so far" in md
             and "nodes=1` at" not in md), md[:1500]
+    saved = tmp_path / "nodes=2" / "checkpoints" / "step_00000026"  # a stop saved after the last logged step
+    saved.mkdir(parents=True)
+    (saved / ".metadata").write_text("")
+    (saved / "meta.json").write_text('{"step": 26, "files": {".metadata": 0}}')  # written last: the save is whole
+    md = markdown(build_report(tmp_path))
+    assert ("> **Not finished.** `nodes=2` at step 26 of 100: the figures are of the steps run so far" in md
+            and "nodes=1` at" not in md), md[:1500]
 
 
 @pytest.mark.slow
