@@ -21,7 +21,7 @@ from gpt.errors import EXIT_FAILED, EXIT_UNKNOWN, EXIT_USER, ConfigError, UserEr
 from gpt.run_folder import CANCELLED, RunFolder, close_folder, keep_to_user
 from launch import hydra_errors
 from launch.run.attempts import failed_saves_line, requeued
-from launch.backends import RunFailed, RunStopped, backend_for, scheduler
+from launch.backends import RunFailed, RunStopped, backend_for, in_a_submitted_task, scheduler
 from launch.backends.job_state import JobStanding, SchedulerUnavailable
 from launch.launcher_section import launcher_section
 from launch.rank.job_env import JobEnvironment, job_environment
@@ -60,6 +60,8 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     def ask(job_id: str) -> JobStanding | None:
         return job.job_state(job_id) if job.job_id else scheduler().job_state(job_id)
 
+    if in_a_submitted_task(HydraConfig.get()):  # every task of the job plans its run at once, as one of its ranks
+        return _plan_folder(cfg, run_dir, job, ask)
     # a run another launch started here, whose rank 0 holds the folder by now, is refused at once, not waited for
     launch_lock.hold(run_dir, while_waiting=lambda: check_free(run_dir, job.job_id, job.restart, ask))
     try:

@@ -154,6 +154,12 @@ def scheduler() -> Queue:
     return get_backend(SCHEDULER).queue
 
 
+def in_a_submitted_task(hydra_cfg) -> bool:
+    """Whether this process is a task of a job another Hydra launcher submitted: each task of it plans the run it is
+    a rank of, all at once by design (no launch lock between them: launch.run.launch_lock)."""
+    return any(cls.detect(hydra_cfg) for cls in map(_load, IN_JOB_BACKENDS))
+
+
 def backend_for(name: object, hydra_cfg) -> Backend:
     """`cluster.name`'s backend, or in a task of a job another Hydra launcher submitted, the one that makes this task
     a rank of it."""

@@ -2,7 +2,8 @@
 write its config and records over the other's: the ranks of one then train with the other's settings, or each
 submits a job. A launch holds the folder's launch lock (an flock on RUN/.launch.lock) from its first look at the folder
 until its job is submitted (launch.app.run; a sweep's, launch.hydra_launcher), or, where its ranks run under it (a
-local run, srun's), until they end. A second launch waits for the lock (up to WAIT_S), then looks at the folder as the
+local run, srun's), until they end. The tasks of a job the stock submitit launcher submitted take none: each plans
+the run it is a rank of, all at once. A second launch waits for the lock (up to WAIT_S), then looks at the folder as the
 first left it: a job with other settings is refused in one line, the same run's job is picked up. While it waits it
 looks at the lease: a run whose rank 0 holds the folder refuses it at once.
 
