@@ -212,8 +212,10 @@ def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:
     saved = flat(schema.config_plain(launch_config.load(path))) if path.is_file() else {}
     current = flat(schema.config_plain(run))
     keys = [k for k in sorted(set(saved) | set(current)) if not k.startswith("launcher.")]
-    changed = [f"{k}: {saved.get(k, '<unset>')!r} in the folder, {current.get(k, '<unset>')!r} here"
-               for k in keys if saved.get(k) != current.get(k)]
+    changed = [k for k in keys if saved.get(k) != current.get(k)]
+    if "cluster.name" in changed:  # another cluster's keys (srun's, slurm's) differ as a matter of course
+        changed = [k for k in changed if k == "cluster.name" or not k.startswith("cluster.")]
+    changed = [f"{k}: {saved.get(k, '<unset>')!r} in the folder, {current.get(k, '<unset>')!r} here" for k in changed]
     if changed:
         raise UserError(f"the run folder {run_dir} belongs to job {job_id}, which trains with its config.yaml, not "
                         f"this command's ({'; '.join(changed[:6])}). Wait for it (python -m launch.status "

@@ -188,6 +188,8 @@ def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
     with pytest.raises(UserError, match=r"belongs to job 42.*train\.lr: 0\.001 in the folder, 0\.0003 here.*"
                        r"python -m launch\.cancel "):
         check_same_config(launch_config.parse(compose("model=tiny", "train.lr=3e-4")), tmp_path, "42")
+    with pytest.raises(UserError, match=r"\(cluster\.name: 'local' in the folder, 'srun' here; nodes: 1 in the folder, 'auto' here\)"):
+        check_same_config(launch_config.parse(compose("model=tiny", "train.lr=1e-3", "cluster=srun")), tmp_path, "42")
 
 
 def test_the_verbs_see_the_job_a_run_recorded_from_inside_beside_its_submissions(tmp_path):
