@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from launch import launch_config
+from gpt.config.report import ReportConfig
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
 from gpt.run_folder import CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder
@@ -136,7 +137,7 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     train = _train_records(run_dir)
     saved = newest_step(run_dir)  # where a stop between log steps left it
     step = max((s for s in (train[-1]["step"] + 1 if train else None, saved) if s is not None), default=None)
-    tokens = train[-1].get("tokens_per_s") if train else None
+    tokens = steady_tokens_per_s(train)
     times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
     attempts = RunFolder(run_dir).attempts.read()
@@ -186,6 +187,15 @@ def _max_steps(run_dir: Path) -> int | None:
         return launch_config.load(RunFolder(run_dir).config).train.max_steps
     except UserError:  # the listing goes on; the run's own commands say what is wrong with it
         return None
+
+
+def steady_tokens_per_s(train: list[dict[str, Any]]) -> float | None:
+    """The run's tokens/s as its report gives it: the median of its log windows, the first left out (compiling,
+    warming up; report.skip_windows), not the last window alone, which a neighbour or the final save may have slowed."""
+    skip = ReportConfig.skip_windows
+    rates = [r["tokens_per_s"] for r in (train[skip:] if len(train) > skip else train)
+             if isinstance(r.get("tokens_per_s"), (int, float))]
+    return statistics.median(rates) if rates else None
 
 
 def _train_records(run_dir: Path) -> list[dict[str, Any]]:

@@ -2,8 +2,9 @@
 
 One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
 steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last, and a detached search's job. Exit
-code 0 when every run finished, 1 when any failed or stopped, 3 while any (or the search's job) still runs or waits,
-4 when the scheduler does not answer for a run that has not finished (its state is unknown, never taken for failed).
+code 0 when every run finished, 1 when any failed or stopped, 3 while any (or the report's or the search's job) still
+runs or waits, 4 when the scheduler does not answer for a run that has not finished (its state is unknown, never
+taken for failed).
 Torch-free: it runs on a login node.
 """
 from __future__ import annotations
@@ -66,7 +67,8 @@ def status(target: Path, out=sys.stdout) -> int:
         print(f"search: job {search} {shown(infos, search)}; its log: {target / 'slurm' / f'search-{search}.out'}",
               file=out)
     verdicts = {s.verdict for s in statuses}
-    if WAITING in verdicts or (search in infos and infos[search].state.live):
+    if WAITING in verdicts or any(j in infos and infos[j].state.live for j in (report, search)):  # a report half
+        # written is not the sweep's
         return EXIT_RUNNING
     return 1 if verdicts & {FAILED, STOPPED} else EXIT_UNKNOWN if UNKNOWN in verdicts else 0
 

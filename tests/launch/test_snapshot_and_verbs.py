@@ -1,6 +1,7 @@
 """Code snapshots (launch.snapshot) and the verbs' reading of run folders, without Slurm."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -109,11 +110,13 @@ def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
 def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path):
     run = tmp_path / "sweep" / "nodes=1"
     (run / "metrics").mkdir(parents=True)
-    schema.save(launch_config.parse(compose("train.max_steps=3")), run / "config.yaml")
+    schema.save(launch_config.parse(compose("train.max_steps=5")), run / "config.yaml")
     (run / "metrics" / "rank0.jsonl").write_text("".join(
-        json.dumps({"kind": "train", "step": s, "tokens_per_s": 100.0, "step_time_s": 0.5}) + "\n" for s in range(3)))
+        json.dumps({"kind": "train", "step": s, "tokens_per_s": t, "step_time_s": 0.5}) + "\n"
+        for s, t in enumerate((10.0, 100.0, 110.0, 90.0, 40.0))))  # status says the report's figure: the median after
+    # the first window (compiling), not the last one
     (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
-        "allocated_s": 4.0, "train_s": 2.0, "steps": 3}}) + "\n")
+        "allocated_s": 4.0, "train_s": 2.0, "steps": 5}}) + "\n")
     (run / "summary.json").write_text("{}")
     (run / "run.json").write_text("{}")
     (tmp_path / "configs").mkdir()
@@ -121,11 +124,11 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
     (tmp_path / "again").symlink_to(tmp_path / "sweep")
     assert run_folders(tmp_path) == [run]
     status = read_status(run, {})
-    assert (status.step, status.max_steps, status.attempts, status.goodput, status.verdict) == (3, 3, 1, 0.5, "finished")
+    assert (status.step, status.max_steps, status.attempts, status.goodput, status.verdict) == (5, 5, 1, 0.5, "finished")
     proc = subprocess.run([sys.executable, "-m", "launch.status", str(tmp_path / "sweep")], capture_output=True,
                           text=True, cwd=REPO, env={"PATH": "/nonexistent"})  # no Slurm here: the files tell
     assert proc.returncode == 0, proc.stderr
-    assert "nodes=1: no job, step 3/3, 100 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
+    assert "nodes=1: no job, step 5/5, 95 tokens/s, 1 attempt(s), 0 restart(s), goodput 50%, finished" \
         in proc.stdout
     # continued to 6 steps, its next attempt failed: the summary of the first is no longer where the run stands
     schema.save(launch_config.parse(compose("train.max_steps=6")), run / "config.yaml")
@@ -167,6 +170,24 @@ def test_eval_jobs_are_refused_where_no_job_is_submitted(tmp_path):
     assert proc.returncode == 2 and "eval.after_save='job' is not valid: none with cluster=local: evaluation jobs are " \
         "Slurm jobs (cluster=slurm); python -m gpt.evaluate RUN --step N scores a checkpoint here" in proc.stderr, \
         proc.stderr
+
+
+def test_status_waits_for_the_report_job_of_a_sweep_whose_runs_finished(tmp_path, monkeypatch):
+    """A script polling status reads the report once status exits 0: while the report job runs, the report is half
+    written (3 of its 8 files), so status exits 3 as it does for a detached search's job."""
+    from launch import status as status_verb
+    from launch.backends.job_state import JobStanding, JobState
+
+    run = tmp_path / "nodes=1"
+    run.mkdir()
+    schema.save(launch_config.parse(compose("train.max_steps=3")), run / "config.yaml")
+    (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "last_step": 2}) + "\n")
+    (run / "summary.json").write_text("{}")
+    (run / "run.json").write_text("{}")
+    (tmp_path / "report_job.json").write_text(json.dumps({"job_id": "7"}))
+    for state, code in ((JobState.RUNNING, 3), (JobState.ENDED, 0)):
+        monkeypatch.setattr(status_verb, "standings", lambda ids, state=state: {"7": JobStanding("7", state, "X")})
+        assert status_verb.status(tmp_path, out=io.StringIO()) == code, state
 
 
 def test_waiting_for_a_live_job_needs_the_config_it_trains_with(tmp_path):
