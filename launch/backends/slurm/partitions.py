@@ -132,10 +132,10 @@ def check_against_cluster(res: SlurmResources, partitions: dict[str, Partition])
     if part.max_time_min is not None and res.time_min > part.max_time_min:
         raise UserError(f"cluster.time_min={res.time_min} is longer than partition {part.name!r} allows "
                         f"({part.max_time_min} min)")
-    cpus = res.tasks_per_node * (res.cpus_per_task or 1)
+    cpus, per_task = res.tasks_per_node * (res.cpus_per_task or 1), res.cpus_per_task or "auto (1)"
     needs = [
-        (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={res.cpus_per_task} = "
-                  f"{cpus} CPU(s)", "CPU(s)"),
+        (cpus, 1, f"cluster.tasks_per_node={res.tasks_per_node} x cluster.cpus_per_task={per_task} = {cpus} CPU(s)",
+         "CPU(s)"),
         (res.node_gpus, 3, f"cluster.gpus_per_node={res.node_gpus}", "GPU(s)"),
         (mem_mb(res.mem), 2, f"cluster.mem={res.mem}", "MB of memory"),
     ]

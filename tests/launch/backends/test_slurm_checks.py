@@ -115,6 +115,8 @@ CLUSTER = {
     "partition down": (["cluster.partition=old"], "partition 'old' is not up"),
     "too many CPUs per node": (["cluster.tasks_per_node=2", "cluster.cpus_per_task=2"],
                                "= 4 CPU(s) per node, but the nodes of partition 'debug' have at most 2 CPU(s)"),
+    "too many tasks, CPUs per task auto": (["cluster.tasks_per_node=3", "cluster.cpus_per_task=auto"],
+                                           "cluster.tasks_per_node=3 x cluster.cpus_per_task=auto (1) = 3 CPU(s)"),
     "GPUs on a CPU partition": (["cluster.gpus_per_node=2", "cluster.tasks_per_node=2"],
                                 "cluster.gpus_per_node=2 per node, but the nodes of partition 'debug' have at most 0"),
     "too few nodes with 8 GPUs": (["cluster.partition=gpu", "nodes=3", "cluster.gpus_per_node=8",
