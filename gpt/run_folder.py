@@ -520,9 +520,22 @@ class AttemptsLog:
         except (OSError, ValueError):
             return None
 
+    def add_to_mark(self, key: str, progress: dict[str, Any]) -> None:
+        """Add `progress` (what attempt `key` has spent so far) to its mark: an attempt killed outright writes no
+        line, and the one written for it reads its saves from here. Another attempt's mark is left alone."""
+        mark = self.mark_of(key)
+        if mark is not None:
+            write_json(self.in_flight, {**mark, **progress})
+
     def unmark(self, key: str) -> None:
         """Remove the mark of attempt `key`; a later attempt's mark stays."""
+        if self.mark_of(key) is not None:
+            self.in_flight.unlink(missing_ok=True)
+
+    def mark_of(self, key: str) -> dict[str, Any] | None:
+        """The mark, where it is attempt `key`'s."""
         mark = self.read_mark()
         if mark is not None and self.key(mark.get("job_id"), mark.get("restart", 0), mark.get("generation"),
                                          mark.get("round", 0), mark.get("launch", "")) == key:
-            self.in_flight.unlink(missing_ok=True)
+            return mark
+        return None

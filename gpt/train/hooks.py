@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Protocol
 
+from gpt.resilience.goodput import Spent
+
 
 class RunningLoop(Protocol):
     """What a hook may read of the loop, live."""
@@ -16,6 +18,7 @@ class RunningLoop(Protocol):
     first_step: int  # the step this attempt began at (its checkpoint's)
     step: int  # the step it is at
     startup: dict[str, float]  # seconds per start-up phase so far
+    spent: Spent  # where the attempt's time went so far (goodput)
 
     @property
     def data_fingerprint(self) -> str | None:

@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+LOOP_BEGAN = "loop_began"  # a mark's key: when the attempt's training loop began (its start-up ended)
+SPENT = "spent"  # a mark's key: what the attempt spent up to its last save (BeginAttempt)
+
 
 def this_attempt(job: JobEnvironment) -> str:
     """This process's attempt's name in the attempts log."""
@@ -91,33 +94,61 @@ def requeued(run_dir: Path, job: JobEnvironment) -> bool:
 
 def goodput_record(run_dir: Path, started: float, startup: dict[str, float], summary: FitSummary) -> dict:
     """Where this attempt's allocated time went; `started` is when the attempt began (epoch seconds)."""
+    return {"allocated_s": round(time.time() - started, 3), "startup_s": startup_s(startup),
+            "load_s": startup.get("checkpoint_load_s", 0.0),
+            "steps_replayed": steps_replayed(run_dir, summary.first_step), **summary.spent}
+
+
+def startup_s(startup: dict[str, float], mark: dict[str, Any] | None = None) -> float:
+    """Seconds from the attempt's start to its first step, which is training time: from its start-up breakdown;
+    without one (the attempt did not live to write it), from its mark, which rank 0 wrote as its loop began."""
+    if "to_first_step_s" in startup:
+        to_first = startup["to_first_step_s"] - startup.get("first_step_s", 0.0)
+    elif mark is not None and LOOP_BEGAN in mark:
+        to_first = mark[LOOP_BEGAN] - mark["started"]
+    else:
+        to_first = 0.0
+    return round(max(to_first, 0.0), 3)
+
+
+def steps_replayed(run_dir: Path, first_step: int) -> int:
+    """How many steps of the attempt before this one (beginning at `first_step`) it trains again: those that attempt
+    trained past the checkpoint this one resumes from (lost). Read before this attempt's line is written."""
     earlier = RunFolder(run_dir).attempts.read()
-    last = earlier[-1].last_step if earlier else None
-    replayed = max(last - summary.first_step, 0) if isinstance(last, int) else 0
-    # start-up ends where the first step begins: that step is training time
-    to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
-    return {"allocated_s": round(time.time() - started, 3), "startup_s": round(max(to_first, 0.0), 3),
-            "load_s": startup.get("checkpoint_load_s", 0.0), "steps_replayed": replayed, **summary.spent}
+    if not earlier:
+        return 0
+    before = earlier[-1]  # a line written for an attempt killed outright says how far it trained in trained_to
+    last = before.trained_to if isinstance(before.trained_to, int) else before.last_step
+    return max(last - first_step, 0) if isinstance(last, int) else 0
+
+
+def spent_so_far(mark: dict[str, Any]) -> dict[str, Any]:
+    """What an attempt that wrote no time of its own spent evaluating and saving, up to its last save: rank 0 adds
+    it to the attempt's mark after each save (BeginAttempt)."""
+    spent = mark.get(SPENT) or {}
+    return {"eval_s": spent.get("eval_s", 0.0), "save_s": spent.get("save_s", 0.0), "saves": spent.get("saves", 0)}
 
 
 def estimated_goodput(run_dir: Path, mark: dict[str, Any], record: dict[str, Any]) -> dict:
     """The goodput record of this attempt, ending before its trainer returned: allocated until now (it holds the
-    allocation still), its steps timed by their median in rank 0's metrics, its start-up from its breakdown. Its
-    steps after the last checkpoint count as lost once the next attempt trains them again (steps_replayed)."""
+    allocation still), its steps timed by their median in rank 0's metrics, its start-up from its breakdown (or its
+    mark), its saves from its mark. Its steps after the last checkpoint count as lost once the next attempt trains
+    them again (steps_replayed)."""
     began = record.get("first_step") if isinstance(record.get("first_step"), int) else mark.get("first_step") or 0
     last = record.get("last_step")
     last = last if isinstance(last, int) else last_trained_step(run_dir, mark["started"]) or began
-    startup = record.get("startup") or {}
-    to_first = startup.get("to_first_step_s", 0.0) - startup.get("first_step_s", 0.0)
-    return {"allocated_s": round(max(time.time() - mark["started"], 0.0), 3), "startup_s": round(max(to_first, 0.0), 3),
-            "train_s": kept_training_s(run_dir, mark["started"], began, last), "eval_s": 0.0, "save_s": 0.0,
-            "steps": max(last - began, 0), "saves": 0, ESTIMATED: "rank 0's metrics"}
+    return {"allocated_s": round(max(time.time() - mark["started"], 0.0), 3),
+            "startup_s": startup_s(record.get("startup") or {}, mark),
+            "train_s": kept_training_s(run_dir, mark["started"], began, last), **spent_so_far(mark),
+            "steps": max(last - began, 0), "steps_replayed": steps_replayed(run_dir, began),
+            ESTIMATED: "rank 0's metrics"}
 
 
 def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step: int,
                   nodes: list[str]) -> None:
     """Rank 0, before the first step: record the attempt before it (if it left no line), then mark this one, with
     the `nodes` its ranks run on (in rank order)."""
+    began = time.time()
     attempts = RunFolder(run_dir).attempts
     previous = attempts.read_mark() or unbegun_round(run_dir, job, first_step)
     if previous is not None:
@@ -125,7 +156,7 @@ def begin_attempt(run_dir: Path, job: JobEnvironment, started: float, first_step
         log_killed(run_dir, previous, first_step, {"ended": how, "recorded_by": "the next attempt"})
     fence()
     attempts.mark({"job_id": job.job_id, "restart": job.restart, "round": job.round, "generation": fenced_generation(),
-                   "started": started, "first_step": first_step, "nodes": nodes,
+                   "started": started, LOOP_BEGAN: began, "first_step": first_step, "nodes": nodes,
                    **({"launch": job.launch} if job.launch else {})})
 
 
@@ -162,13 +193,15 @@ def log_killed(run_dir: Path, mark: dict[str, Any], resumes_from: int, record: d
     last_alive = beat or last_record_time(run_dir, mark["started"]) or mark["started"]
     began = mark.get("first_step") or 0
     trained = last_trained_step(run_dir, mark["started"])
+    # every step it trained is timed; those past resumes_from count as lost once the next attempt trains them again
+    to = max(trained or 0, resumes_from)
     attempts.append(mark.get("job_id"), mark.get("restart", 0), {
         "first_step": began, "last_step": resumes_from, **({"nodes": mark["nodes"]} if "nodes" in mark else {}),
         **({"trained_to": trained} if trained is not None and trained > resumes_from else {}),
         **record,
-        "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": 0.0,
-                    "train_s": kept_training_s(run_dir, mark["started"], began, resumes_from),
-                    "eval_s": 0.0, "save_s": 0.0, "steps": max(resumes_from - began, 0), "saves": 0,
+        "goodput": {"allocated_s": round(max(last_alive - mark["started"], 0.0), 3), "startup_s": startup_s({}, mark),
+                    "train_s": kept_training_s(run_dir, mark["started"], began, to), **spent_so_far(mark),
+                    "steps": max(to - began, 0), "steps_replayed": steps_replayed(run_dir, began),
                     ESTIMATED: "the lease's beat" if beat else "rank 0's last metrics record"}},
                     mark.get("round", 0), mark.get("launch", ""))
     notify(run_dir)
@@ -248,11 +281,12 @@ class Attempt:
 class BeginAttempt(LoopHook):
     """The training loop's hook that begins the attempt before its first step: rank 0 records the attempt before it
     (if it left no line) and marks this one, with the data it trains on; from then on an early end names the loop's
-    steps."""
+    steps, and after each save the mark holds what the attempt has spent (a line written for it reads it)."""
 
     attempt: Attempt
     is_main: bool
     data_dir: str
+    saves: int = 0  # the saves the mark holds
 
     def started(self, loop: RunningLoop) -> None:
         a = self.attempt
@@ -260,6 +294,20 @@ class BeginAttempt(LoopHook):
             begin_attempt(a.run_dir, a.job, a.clock.attempt_start or a.clock.process_start, loop.first_step, a.nodes)
             record_data(a.run_dir, self.data_dir, loop.data_fingerprint)
         a.loop = loop
+
+    def after_step(self, step: int) -> None:
+        """The step after a save: rank 0 adds what the attempt has spent so far to its mark (one write per save),
+        so that a line written for it after a kill -9 still counts its saves."""
+        loop = self.attempt.loop
+        if not self.is_main or loop is None or loop.spent.saves == self.saves:
+            return
+        self.saves = loop.spent.saves
+        fence()
+        try:  # a goodput figure: training goes on without it
+            RunFolder(self.attempt.run_dir).attempts.add_to_mark(this_attempt(self.attempt.job),
+                                                                 {SPENT: loop.spent.as_dict()})
+        except OSError as e:
+            log.warning("cannot note this attempt's saves in its mark: %s", cause(e))
 
 
 def log_failure(attempt: Attempt, message: str, peer_gone: bool = False, how: str = "failed") -> None:

@@ -152,3 +152,43 @@ def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(t
     said = goodput(folder.attempts.read()).describe()
     assert "300.0 s of training kept" in said and "recorded no time" not in said, said
     assert "(1 of them timed from what it left: its last metrics record or beat)" in said, said
+
+
+@pytest.mark.parametrize("writer", ["the launcher", "rank 0's watchdog"])
+def test_an_attempt_ended_by_a_killed_rank_keeps_its_start_up_its_saves_and_its_lost_steps(tmp_path, writer):
+    """A rank killed by SIGKILL at step 8 (saved at step 5) ends attempt 0, whose line another process writes from
+    what the attempt left as it went: its mark and rank 0's metrics. Its start-up is the run's, its save is counted,
+    and the steps 6-8 that round 1 trains again after resuming from step 5 are lost, not "other"."""
+    import time
+    from types import SimpleNamespace
+
+    from gpt.resilience.goodput import Spent, run_goodput as goodput
+    from gpt.run_folder import RunFolder
+    from gpt.train.summary import FitSummary
+    from launch.rank.job_env import JobEnvironment
+    from launch.run.attempts import Attempt, BeginAttempt, begin_attempt, goodput_record, log_attempt, log_killed
+
+    folder, job = RunFolder(tmp_path), JobEnvironment({})
+    folder.metrics.mkdir(parents=True)
+    started = time.time() - 15  # its loop begins (the mark) 15 s after the attempt started
+    begin_attempt(tmp_path, job, started, first_step=0, nodes=["here"])
+    loop = SimpleNamespace(first_step=0, step=6, startup={}, spent=Spent(train_s=5.0, save_s=0.5, saves=1, steps=5))
+    BeginAttempt(Attempt(tmp_path, job=job, loop=loop), is_main=True, data_dir="").after_step(6)  # saved at 5
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 15 + s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 9)))
+    ended = {"ended": "rank 1 was killed by SIGKILL", "in_job_restart": 1}
+    if writer == "the launcher":
+        log_killed(tmp_path, folder.attempts.read_mark(), 5, ended)
+    else:  # its line written from the watchdog's thread: the loop's steps, no start-up breakdown
+        log_attempt(tmp_path, job, {"first_step": 0, "last_step": 8, **ended})
+    resumed = FitSummary(first_step=5, last_step=16, spent={"train_s": 11.0, "eval_s": 0.0, "save_s": 1.0,
+                                                            "saves": 2, "steps": 11})
+    folder.attempts.append(None, 0, {"first_step": 5, "last_step": 16, "ended": "finished", "goodput": goodput_record(
+        tmp_path, time.time() - 20, {"to_first_step_s": 3.0, "first_step_s": 1.0}, resumed)}, 1)
+    killed, _ = folder.attempts.read()
+    assert 15.0 <= killed.goodput["startup_s"] < 60.0, killed.goodput
+    assert (killed.goodput["saves"], killed.goodput["save_s"]) == (1, 0.5), killed.goodput
+    g = goodput(folder.attempts.read())
+    assert g.losses["start-up"] >= 15.0 and g.losses["restart in job"] == pytest.approx(2.0), g.losses
+    assert g.losses["steps trained again"] == pytest.approx(3.0), g.losses  # steps 6-8, 1 s each
+    assert g.losses["saving"] == pytest.approx(1.5), g.losses
