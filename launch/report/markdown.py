@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import math
+from collections.abc import Callable
 from typing import Any
 
 from launch.report.model_fit import TOLERANCE
 from launch.report.contents import Report
 from launch.report.perf_model import comm_volume
-from gpt.resilience.goodput import run_goodput
+from gpt.resilience.goodput import RunGoodput, run_goodput
 from gpt.run_folder import RunFolder
 from launch.report.rows import BREAKDOWN, replay_stragglers
 
@@ -276,27 +277,37 @@ PLOTS = (("throughput.png", "throughput vs nodes"), ("efficiency.png", "efficien
 def goodput(rep: Report) -> str:
     """Per point (and over the sweep): the share of the allocated time that trained steps it kept, and where
     the rest went (from each run folder's attempts.jsonl)."""
-    runs = [(p.name, run_goodput(RunFolder(p.path).attempts.read())) for p in rep.points]
-    runs = [(name, g) for name, g in runs if g.attempts]
+    runs = [(p.name, p.nodes, run_goodput(RunFolder(p.path).attempts.read())) for p in rep.points]
+    runs = [(name, nodes, g) for name, nodes, g in runs if g.attempts]
     if not runs:
         return ""
-    causes = list(runs[0][1].losses)
+    causes = list(runs[0][2].losses)
     lines = ["## Goodput\n", "Training time of the steps each run kept, over the time its attempts were allocated "
-             "(attempts.jsonl); the rest, by cause.\n",
+             "(attempts.jsonl); the rest, by cause. The sweep's row weighs each point by its nodes (node-seconds: "
+             "what the allocations cost).\n",
              "| point | attempts | allocated | kept training | goodput | " + " | ".join(causes) + " |",
              "|---|---|---|---|---|" + "---|" * len(causes)]
-    shown_runs, gap = shown(runs, "each run folder's `attempts.jsonl`")
+    shown_runs, gap = shown([(name, g) for name, _, g in runs], "each run folder's `attempts.jsonl`")
     rendered = []
     for name, g in shown_runs:
         rendered.append(f"| {name} | {g.attempts} | {g.allocated_s:.1f} s | {g.kept_train_s:.1f} s | "
                         f"{pct(g.goodput)} | " + " | ".join(f"{g.losses[c]:.1f} s" for c in causes) + " |")
     lines += _collapse(rendered, gap)
     if len(runs) > 1:
-        allocated, kept = sum(g.allocated_s for _, g in runs), sum(g.kept_train_s for _, g in runs)
-        lines.append(f"| **sweep** | {sum(g.attempts for _, g in runs)} | {allocated:.1f} s | {kept:.1f} s | "
-                     f"{pct(kept / allocated if allocated else None)} | "
-                     + " | ".join(f"{sum(g.losses[c] for _, g in runs):.1f} s" for c in causes) + " |")
+        lines.append(sweep_goodput(runs, causes))
     return "\n".join(lines) + "\n"
+
+
+def sweep_goodput(runs: list[tuple[str, int, RunGoodput]], causes: list[str]) -> str:
+    """The sweep's goodput row in node-seconds: a second of a 4-node point costs four of a 1-node point's, so
+    adding up wall seconds would weigh the small points as much as the large ones."""
+    def node_s(of: Callable[[RunGoodput], float]) -> float:
+        return sum(nodes * of(g) for _, nodes, g in runs)
+
+    allocated, kept = node_s(lambda g: g.allocated_s), node_s(lambda g: g.kept_train_s)
+    return (f"| **sweep** (node-seconds) | {sum(g.attempts for _, _, g in runs)} | {allocated:.1f} node-s | "
+            f"{kept:.1f} node-s | {pct(kept / allocated if allocated else None)} | "
+            + " | ".join(f"{node_s(lambda g, c=c: g.losses[c]):.1f} node-s" for c in causes) + " |")
 
 
 def node_health(rep: Report) -> str:
