@@ -113,7 +113,7 @@ class RunGoodput:
         if self.untimed:
             text += f" ({self.untimed} of them recorded no time)"
         text += f"; lost to {lost}" if lost else ""
-        return text + (f"; interrupted by {'; '.join(self.interruptions)}" if self.interruptions else "")
+        return text + (f"; interruptions: {'; '.join(self.interruptions)}" if self.interruptions else "")
 
 
 def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:

@@ -46,7 +46,7 @@ def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_ove
     assert 10 <= stopped_at < 60 and (run / "checkpoints" / f"step_{stopped_at:08d}" / "meta.json").is_file()
     line = RunFolder(run).attempts.read()[-1]
     assert line.ended == "Ctrl-C" and not line.requeued, line  # the user stopped it: no preemption, no fault
-    assert run_goodput([line]).describe().endswith("interrupted by Ctrl-C")
+    assert run_goodput([line]).describe().endswith("interruptions: Ctrl-C")
     assert interruption_rate([line])[1].startswith("no interruption seen yet")  # it sets no checkpoint interval
     again = err.split("Continue with:\n", 1)[1].splitlines()[0].strip()
     assert again.startswith("python -m launch ") and f"hydra.run.dir={run}" in again

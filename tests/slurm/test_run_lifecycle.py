@@ -155,7 +155,7 @@ def test_a_node_failure_is_requeued_by_slurm_and_says_so(slurm_cluster, tmp_path
     said = (tmp_path / "out").read_text()
     assert f"attempt 0 ended (node failure: {lost} down (test-node-failure))" in said, said[-3000:]
     finished = [x for x in (run_dir / "logs" / "rank0.log").read_text().splitlines() if "run finished" in x]
-    assert f"interrupted by node failure: {lost} down" in finished[-1], finished
+    assert f"interruptions: node failure: {lost} down" in finished[-1], finished
     assert log[-1]["ended"] == "finished" and log[-1]["restart"] >= 1
     same_run(run_dir, reference)
 

@@ -79,7 +79,7 @@ def test_a_higher_tier_job_preempts_the_run_which_saves_in_its_grace_time_and_re
         status.stdout + status.stderr)
     log = (job.run_dir / "logs" / "rank0.log").read_text()  # the run's goodput line, as rank 0 ends it
     goodput = [line for line in log.splitlines() if "run finished: goodput" in line]
-    assert goodput and "interrupted by preempted by job " in goodput[-1], log[-3000:]
+    assert goodput and "interruptions: preempted by job " in goodput[-1], log[-3000:]
 
 
 @pytest.fixture
