@@ -15,7 +15,9 @@ where it happens, on the host or the device; under layouts whose peers wait insi
 the compute probe finds there, gpt.train.compute_probe); in records without it, the step time minus `comm_s` when
 that was measured, else the step time.
 
-The rule. Each window, a rank's lag is `busy / median(busy over ranks) - 1`. A rank that lags by more than
+The rule. Each window, a rank's lag is `busy / median(busy over the other ranks) - 1`: the other ranks, so that a
+straggler does not pull its own baseline up (with 2 ranks the median of both is halfway to the straggler's time,
+which would halve its lag). A rank that lags by more than
 `threshold_pct` (and by at least `min_excess_s`) is *lagging* this window; one that lags in `windows` consecutive
 windows is a *straggler* (chronic), which tells it from a one-off hiccup (GC pause, a slow batch). An exponential
 moving average of the lag (`ema_alpha`) ranks the slowest ranks for the top-k list and is logged; it is not the
@@ -23,6 +25,7 @@ rule itself, because an average lingers for windows after a single spike and wou
 """
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import statistics
@@ -75,7 +78,7 @@ class RankLag:
     host: str
     step_time_s: float
     busy_s: float
-    lag_pct: float       # this window, against the median busy time
+    lag_pct: float       # this window, against the median busy time of the other ranks
     ema_lag_pct: float   # moving average of the lag
 
 
@@ -87,15 +90,15 @@ class StragglerEvent:
     kind: str  # "straggler" (became chronic) or "recovered"
     lag_pct: float
     busy_s: float
-    median_s: float
+    median_s: float      # the median busy time of the other ranks
     windows: int  # consecutive lagging windows so far
 
     def message(self) -> str:
         if self.kind == "straggler":
-            return (f"straggler: rank {self.rank} on {self.host} is {self.lag_pct:.0f}% slower than the median rank "
-                    f"({self.busy_s * 1e3:.1f} ms vs {self.median_s * 1e3:.1f} ms per step) for {self.windows} "
-                    f"consecutive windows, at step {self.step}")
-        return f"rank {self.rank} on {self.host} no longer lags the median (step {self.step})"
+            return (f"straggler: rank {self.rank} on {self.host} is {self.lag_pct:.0f}% slower than the median of "
+                    f"the other ranks ({self.busy_s * 1e3:.1f} ms vs {self.median_s * 1e3:.1f} ms per step) for "
+                    f"{self.windows} consecutive windows, at step {self.step}")
+        return f"rank {self.rank} on {self.host} no longer lags the other ranks (step {self.step})"
 
 
 @dataclass
@@ -134,6 +137,17 @@ class WindowSummary:
         return out
 
 
+def median_without(xs: Sequence[float], i: int) -> float:
+    """The median of sorted `xs` without its element i (NaN when none is left): O(1), so that judging every rank
+    against the others costs one sort per window, not one per rank."""
+    n = len(xs) - 1
+    if n < 1:
+        return math.nan
+    mid = n // 2
+    at = [xs[j + (j >= i)] for j in (mid - 1, mid)] if n % 2 == 0 else [xs[mid + (mid >= i)]]
+    return sum(at) / len(at)
+
+
 class StragglerDetector:
     """The pure rule: feed one window of per-rank figures at a time."""
 
@@ -155,13 +169,16 @@ class StragglerDetector:
         finite_steps = [s for s in steps if math.isfinite(s)]
         finite_busy = [b for b in busy if math.isfinite(b)]
         median_busy = statistics.median(finite_busy) if finite_busy else math.nan
+        ordered = sorted(finite_busy)
         ranks: list[RankLag] = []
         lagging: list[int] = []
         events: list[StragglerEvent] = []
         for r in range(self.world_size):
-            if math.isfinite(busy[r]) and median_busy > 0:
-                lag = busy[r] / median_busy - 1.0
-                excess = busy[r] - median_busy
+            others = median_without(ordered, bisect.bisect_left(ordered, busy[r])) if math.isfinite(busy[r]) \
+                else math.nan
+            if others > 0:
+                lag = busy[r] / others - 1.0
+                excess = busy[r] - others
             else:
                 lag, excess = 0.0, 0.0
             prev = self.ema[r]
@@ -173,10 +190,10 @@ class StragglerDetector:
                 self.consecutive[r] = 0
             chronic = self.consecutive[r] >= cfg.windows
             if chronic and not self.flagged[r]:
-                events.append(StragglerEvent(step, r, hosts[r], "straggler", lag * 100, busy[r], median_busy,
+                events.append(StragglerEvent(step, r, hosts[r], "straggler", lag * 100, busy[r], others,
                                              self.consecutive[r]))
             elif not chronic and self.flagged[r]:
-                events.append(StragglerEvent(step, r, hosts[r], "recovered", lag * 100, busy[r], median_busy, 0))
+                events.append(StragglerEvent(step, r, hosts[r], "recovered", lag * 100, busy[r], others, 0))
             self.flagged[r] = chronic
             ranks.append(RankLag(r, hosts[r], steps[r], busy[r], lag * 100, self.ema[r] * 100))
         top = sorted(ranks, key=lambda x: (-x.ema_lag_pct, x.rank))[:cfg.top_k]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -176,9 +175,8 @@ class StepReporter:
         if self.stragglers.config.action != "exclude" or not events:
             return
         worst = max(events, key=lambda e: e.busy_s - e.median_s)
-        others = statistics.median(r.busy_s for r in summary.ranks if r.rank != worst.rank)
         save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
-        mine = decide(worst, others, self.train.max_steps - step - 1, save_s,
+        mine = decide(worst, worst.median_s, self.train.max_steps - step - 1, save_s,
                       RunFolder(self.shape.run_dir).attempts.read())
         decision = ExclusionDecision(**from_rank0_object(asdict(mine)))
         if self.env.is_main:

@@ -186,7 +186,8 @@ def scaling_table(rep: Report) -> str:
 def stragglers(rep: Report) -> str:
     sc = rep.straggler_config
     out = ["## Stragglers\n", (f"Rule: a rank whose busy time (step time minus time in collectives, when recorded) "
-           f"is more than {sc.threshold_pct:g}% above the median rank for {sc.windows} consecutive log windows.\n")]
+           f"is more than {sc.threshold_pct:g}% above the median of the other ranks for {sc.windows} consecutive log "
+           "windows.\n")]
     events = [f"- `{p.name}`: {e.message()}" for p in rep.points
               for e in replay_stragglers(p, sc, rep.config.skip_windows)[1]]
     out.append("\n".join(events) + "\n" if events else "No rank was a straggler at any point.\n")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import statistics
 import time
 
 import pytest
@@ -18,7 +19,7 @@ from gpt.config.parse import section
 from gpt.config.sections import DebugConfig, StragglerConfig
 from gpt.errors import ConfigError
 from gpt.resilience.stragglers import (FIGURES, StragglerDetector, StragglerMonitor, busy_time, figures_dict,
-                                       figures_vector)
+                                       figures_vector, median_without)
 
 
 def window(times, comm=None, hosts=None):
@@ -33,13 +34,25 @@ def test_chronic_lag_becomes_a_straggler_after_m_windows():
     assert [len(s.events) for s in summaries] == [0, 0, 1, 0]
     event = summaries[2].events[0]
     assert (event.rank, event.host, event.kind, event.step, event.windows) == (2, "n2", "straggler", 30, 3)
-    assert "rank 2 on n2" in event.message() and "49% slower" in event.message()
+    assert "rank 2 on n2" in event.message() and "50% slower than the median of the other ranks" in event.message()
     s = summaries[-1]
     assert (s.step_time_min_s, s.step_time_median_s, s.step_time_max_s) == (1.0, 1.01, 1.5)
     assert [r.rank for r in s.top] == [2, 3]
     m = s.metrics()
     assert m["stragglers/count"] == 1 and m["stragglers/step_time_max_s"] == 1.5
     assert m["rank_step_time_s/rank2"] == 1.5 and m["stragglers/top1_rank"] == 2
+
+
+def test_a_rank_is_judged_against_the_other_ranks_not_itself():
+    # 2 ranks: the median of both would be halfway to the straggler (246 ms), and its 4.1x lag would read as 61%
+    det = StragglerDetector(2, StragglerConfig(threshold_pct=20, windows=1))
+    event = det.observe(10, window([0.0972, 0.3953])).events[0]
+    assert (event.rank, event.median_s, round(event.lag_pct)) == (1, 0.0972, 307)
+    assert "307% slower than the median of the other ranks (395.3 ms vs 97.2 ms" in event.message()
+    xs = [0.1, 0.2, 0.2, 0.5, 0.9]
+    assert [median_without(xs, i) for i in range(5)] == [statistics.median(xs[:i] + xs[i + 1:]) for i in range(5)]
+    assert [median_without(xs[:4], i) for i in range(4)] == [statistics.median(xs[:i] + xs[i + 1:4]) for i in range(4)]
+    assert math.isnan(median_without([0.1], 0))
 
 
 def test_one_off_lag_is_not_a_straggler_and_recovery_is_reported():

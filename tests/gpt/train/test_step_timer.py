@@ -32,7 +32,7 @@ def test_a_gpu_shaped_straggler_is_detected_on_device_compute():
     summaries = [det.observe(10 * (w + 1), gpu_shaped([0.5, 0.5, 0.8, 0.51], step_s=0.8)) for w in range(2)]
     assert [s.stragglers for s in summaries] == [[], [2]]
     event = summaries[-1].events[0]
-    assert (event.rank, event.busy_s, event.median_s) == (2, 0.8, pytest.approx(0.505))
+    assert (event.rank, event.busy_s, event.median_s) == (2, 0.8, pytest.approx(0.5))  # the median of the other ranks
     assert figures_dict(figures_vector(gpu_shaped([0.5], 0.8)[0]))["compute_s"] == 0.5  # gathered between ranks
 
 
