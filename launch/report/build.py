@@ -71,7 +71,9 @@ def build_report(root: Path, config: ReportConfig | None = None) -> Report:
     # a scaling report unless only other keys than the node and rank counts vary
     rep.scaling = len({(r.nodes, r.ranks) for r in rows}) > 1 or not rep.compared_keys
     if rep.compared_keys:
-        rep.compare = compare_rows(points, rep.compared_keys, [r.tokens_per_s for r in rows])
+        # each point labelled with every key that varies, nodes too: two points that differ only in their node
+        # count would otherwise share a label in the table, comparison.csv and the plot's legend
+        rep.compare = compare_rows(points, keys, [r.tokens_per_s for r in rows])
     if rep.scaling:
         add_scaling(rep)
     return rep

@@ -10,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 from test_report import TINY, csv_rows, write_point
 
-from launch.report import build_report, write_report
+from launch.report import build_report, outputs, write_report
 
 SCALING_ONLY = ("scaling.csv", "prediction.csv", "model.json", "throughput.png", "efficiency.png",
                 "step_time_per_rank.png", "prediction.png")
@@ -70,7 +70,7 @@ def test_when_nodes_and_another_key_vary_the_report_gives_both(tmp_path):
     write_lr_sweep(tmp_path, nodes=2, lrs=(1e-3, 1e-4), finals=(2.01, 2.21))
     rep = build_report(tmp_path)
     assert rep.keys == ["nodes", "train.lr"] and rep.compared_keys == ["train.lr"]
-    assert rep.scaling and [r.label for r in rep.compare][:2] == ["train.lr=0.001", "train.lr=0.001"]
+    assert rep.scaling and [r.label for r in rep.compare][:2] == ["nodes=1, train.lr=0.001", "nodes=2, train.lr=0.001"]
     out = write_report(tmp_path)
     md = (out / "scaling.md").read_text()
     assert "## Comparison: train.lr" in md and "## Measured" in md and "### Model error" in md
@@ -78,6 +78,27 @@ def test_when_nodes_and_another_key_vary_the_report_gives_both(tmp_path):
     _, layout = layout_of(tmp_path)
     assert [c.title.split(" (")[0] for c in layout.category] == [
         "comparison: train.lr", "scaling: x = nodes", "stragglers during training"]
+
+
+def test_each_point_of_a_two_key_sweep_is_labelled_with_every_key_that_varies(tmp_path, monkeypatch):
+    """nodes=1,2 x lr=1e-3,1e-4: labels naming the lr alone would give two rows (and legend entries) each."""
+    write_lr_sweep(tmp_path, nodes=1, lrs=(1e-3, 1e-4), finals=(2.0, 2.2))
+    write_lr_sweep(tmp_path, nodes=2, lrs=(1e-3, 1e-4), finals=(2.01, 2.21))
+    legend, save = [], outputs._save
+
+    def keep_legend(fig, path):
+        if path.name == "loss_curves.png":
+            legend.extend(t.get_text() for t in fig.axes[0].get_legend().get_texts())
+        return save(fig, path)
+
+    monkeypatch.setattr(outputs, "_save", keep_legend)
+    out = write_report(tmp_path)
+    labels = [r["label"] for r in csv_rows(out / "comparison.csv")]
+    assert sorted(labels) == ["nodes=1, train.lr=0.0001", "nodes=1, train.lr=0.001", "nodes=2, train.lr=0.0001",
+                              "nodes=2, train.lr=0.001"]
+    assert len(legend) == 8 and len(set(legend)) == 8 and "nodes=2, train.lr=0.001 (val)" in legend, legend
+    md = (out / "scaling.md").read_text()
+    assert "## Comparison: train.lr" in md and "| 1 | nodes=1, train.lr=0.001 |" in md
 
 
 def test_the_swept_keys_come_from_hydras_saved_overrides(tmp_path):
