@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -60,7 +61,7 @@ def load_points(root: Path) -> list[PointResult]:
 
 
 def build_report(root: Path, config: ReportConfig | None = None) -> Report:
-    root = Path(root)
+    root = Path(os.path.abspath(root))  # `.` has no name to title the report with (symlinks kept: no resolve())
     points = load_points(root)
     first = points[0].config
     config = config or section(ReportConfig, "report", get(first, "report"))

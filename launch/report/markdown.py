@@ -349,7 +349,12 @@ def health_bus(record: dict) -> str:
 
 def plots(rep: Report) -> str:
     out = (["## Plots\n"] + [f"![{title}]({name})\n" for name, title in PLOTS]) if rep.scaling else []
-    board = RunFolder(rep.root).scaling_board.relative_to(rep.root).as_posix()
-    out.append(f"TensorBoard: `tensorboard --logdir {rep.root}`: run `{board}` holds this report's plots "
-               "(IMAGES) and tables (TEXT), and a dashboard (CUSTOM SCALARS).\n")
+    # paths relative to the report folder, as the plots' and traces' links are: the file is the same whichever
+    # directory the report was built from, and wherever the folder is moved or copied
+    folder = RunFolder(rep.root)
+    board = folder.scaling_board.relative_to(rep.root).as_posix()
+    up = os.path.relpath(rep.root, folder.report)
+    out.append(f"TensorBoard: `tensorboard --logdir {up}` from this report's folder (or `--logdir {rep.root.name}` "
+               f"from the folder holding `{rep.root.name}`): run `{board}` holds this report's plots (IMAGES) and "
+               "tables (TEXT), and a dashboard (CUSTOM SCALARS).\n")
     return "\n".join(out)

@@ -6,6 +6,7 @@ import csv
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -287,6 +288,22 @@ def test_report_names_a_gpu_straggler_from_its_device_compute(tmp_path):
     row = build_report(tmp_path).rows[0]
     assert (row.stragglers, row.straggler_ranks) == (1, "2@b")
     assert row.compute_s == pytest.approx(0.605)
+
+
+def test_the_report_files_are_the_same_from_any_directory_and_from_a_copy(tmp_path, monkeypatch):
+    for n in (1, 2):
+        write_point(tmp_path / "a" / "sweep" / f"nodes={n}", n, 1, 12, [0.1] * 3)
+    texts = []
+    for cwd, folder in ((tmp_path / "a", "sweep"), (tmp_path / "a" / "sweep", "."), (tmp_path, "a/sweep")):
+        monkeypatch.chdir(cwd)
+        out = write_report(folder)
+        texts.append({name: (out / name).read_text() for name in ("scaling.md", "scaling.csv", "model.json")})
+    shutil.copytree(tmp_path / "a" / "sweep", tmp_path / "b" / "sweep")
+    out = write_report(tmp_path / "b" / "sweep")
+    texts.append({name: (out / name).read_text() for name in ("scaling.md", "scaling.csv", "model.json")})
+    assert all(t == texts[0] for t in texts[1:])
+    assert "# Scaling report: sweep\n" in texts[0]["scaling.md"]
+    assert "`tensorboard --logdir ..` from this report's folder" in texts[0]["scaling.md"]
 
 
 def test_report_of_many_ranks(tmp_path):
