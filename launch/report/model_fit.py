@@ -2,8 +2,9 @@
 
 A point the model (fitted to every point) misses by more than `TOLERANCE` is flagged with the likely cause, read
 from the point's own files: oversubscribed cores, a shared host (whose collectives run over loopback between ranks
-that share cores, which the model's network term does not describe), a noisy measurement, or compute that does not
-scale with the per-rank batch.
+that share cores, which the model's network term does not describe), a noisy measurement, collectives slower or
+faster than the model's network term, or compute that does not scale with the per-rank batch. The cause agrees with
+the sign of the miss: oversubscribed cores and a noisy measurement explain only a point slower than the model.
 """
 from __future__ import annotations
 
@@ -46,20 +47,27 @@ def fit_points(points: Sequence[PointResult], rows: Sequence[Row], shapes: Seque
 
 
 def likely_cause(point: PointResult, row: Row, model: FittedModel, shape: Shape, noisy_others: Sequence[str]) -> str:
-    """Why the model misses this point, from what the point (and the others) recorded."""
-    if point.oversubscribed:
+    """Why the model misses this point, from what the point (and the others) recorded. A cause agrees with the sign
+    of the miss: waiting for cores, other load and loopback collectives only make a point slower than the model."""
+    short = row.step_time_p50_s - row.predicted_step_time_s
+    slower = short > 0
+    if slower and point.oversubscribed:
         return f"oversubscribed: {point.oversubscribed}, so ranks wait for cores"
-    if noisy(row):
+    if slower and noisy(row):
         return (f"noisy: step time p90 is {row.step_time_p90_s / row.step_time_p50_s:.2f}x p50 "
                 "(other load on the machine?)")
     busy = (row.step_time_p50_s - (row.comm_s or 0.0)) / model.compute_time(shape)
-    if noisy_others and busy < 1:  # a clean point runs faster than slow, noisy points made the model expect
+    if not slower and noisy_others and busy < 1:  # a clean point runs faster than noisy points made the model expect
         return (f"the fit rests on noisy point(s) {', '.join(noisy_others)} (p90 > {NOISY_P90_OVER_P50:g}x p50): "
                 f"this point's busy time per sequence is {busy:.2f}x the model's")
-    short = row.step_time_p50_s - row.predicted_step_time_s
-    if point.shared_host and row.comm_s and short > 0 and row.comm_s >= short / 2:
+    if point.shared_host and row.comm_s and slower and row.comm_s >= short / 2:
         return (f"shared host: {row.comm_s:.3g} s of each step is spent in collectives over loopback between ranks "
                 f"that share cores (the model's network term: {model.comm_time(shape):.2g} s)")
+    # the share of the miss that compute makes (the rest is the collectives'): under half, compute is not the cause
+    if (busy - 1) * model.compute_time(shape) / short < 0.5:
+        measured = f" (measured: {row.comm_s:.3g} s)" if row.comm_s is not None else ""
+        return (f"communication: {'more' if slower else 'less'} time in collectives than the model's "
+                f"{model.comm_time(shape):.2g} s{measured}")
     cause = f"compute: its busy time per sequence is {busy:.2f}x the model's"
     if point.shared_host:
         return (f"shared host: {cause}; ranks that share one machine's cores (and its other load) do not compute "

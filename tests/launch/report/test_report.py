@@ -362,6 +362,18 @@ def test_the_model_error_is_stated_and_a_point_missed_by_more_than_10_percent_is
     assert flags["nodes=2"].startswith("shared host: 0.025 s of each step is spent in collectives over loopback")
     assert flags["nodes=1"] == ""
     assert "| nodes=2 | 0.125 | 0.1 | -20.0% | " in md and "- `nodes=2` is off by more than 10%: shared host: 0.025 s" in md
+    # oversubscribed (3 ranks x 1 thread on 2 cores) but faster than the model: the cause must agree with the sign
+    write_point(tmp_path / "clean" / "nodes=3", 3, 1, 12, [0.05] * 4, comm=[0.0] * 3,
+                hosts=["gl-n1", "gl-n2", "gl-n3"], env=machine(["m0"] * 3, cpus=2, threads=1))
+    faster = next(r for r in build_report(tmp_path / "clean").rows if r.point == "nodes=3")
+    assert faster.model_error > 0.1 and faster.model_flag.startswith(
+        "shared host: compute: its busy time per sequence is 0.50x the model's"), faster.model_flag
+    # machines of their own, computing as the model says: the miss is in their collectives, either way
+    for n, comm in ((1, 0.0), (2, 0.01), (4, 0.09)):
+        write_point(tmp_path / "net" / f"nodes={n}", n, 1, 12 * n, [0.1 + comm] * 4, comm=[comm] * n,
+                    env=machine([f"m{i}" for i in range(n)], cpus=2, threads=2))
+    net = {r.point: r.model_flag for r in build_report(tmp_path / "net").rows}
+    assert net["nodes=2"].startswith("communication: less time in collectives than the model's"), net
     # a noisy point says so
     write_point(tmp_path / "noisy" / "nodes=1", 1, 1, 12, [0.1, 0.2, 0.2, 0.2, 0.5, 0.5])
     write_point(tmp_path / "noisy" / "nodes=2", 2, 1, 12, [0.05] * 4, comm=[0.0, 0.0], hosts=["a", "b"])
