@@ -41,7 +41,7 @@ from launch.report.compare import CompareRow, compare_rows, varying_keys
 from launch.report.model_fit import figures, fit_points, predict
 from launch.report.markdown import markdown
 from launch.report.contents import Report
-from launch.report.points import PointResult, find_run_folders, get, load_point
+from launch.report.points import PointResult, find_run_folders, get, load_point, mark_concurrent
 from launch.report.rows import Row, add_efficiency, scaling_mode, shape_of, summarize
 
 log = logging.getLogger(__name__)
@@ -57,6 +57,7 @@ def load_points(root: Path) -> list[PointResult]:
     points = [p for p in (load_point(f, root) for f in folders) if any(p.records.values())]
     if not points:
         raise FileNotFoundError(f"{root}: the run folders hold no train records yet")
+    mark_concurrent(points)
     return sorted(points, key=lambda p: (p.ranks, p.nodes, p.name))
 
 

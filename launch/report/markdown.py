@@ -7,7 +7,7 @@ import math
 from collections.abc import Callable
 from typing import Any
 
-from launch.report.model_fit import TOLERANCE
+from launch.report.model_fit import TOLERANCE, superlinear_cause
 from launch.report.contents import Report
 from launch.report.perf_model import comm_volume
 from gpt.resilience.goodput import RunGoodput, run_goodput
@@ -110,8 +110,9 @@ def shared_host_note(rep: Report) -> str:
         return ""
     lines = [f"> **Shared host.** `{p.name}`: {p.shared_host}" + (f"; {p.threads} thread(s) per rank" if p.threads
              else "") + (f", {p.cores_per_rank:g} core(s) each" if p.cores_per_rank else "") + "." for p in shared]
-    lines.append("> These points measure how ranks share one machine's cores and its loopback, not network "
-                 f"scaling. {_fit_of_shared(rep, len(shared))}")
+    lines.append("> These points measure how ranks share one machine's cores (with each other, or with another point's "
+                 f"ranks running at the same time) and its loopback, not network scaling. "
+                 f"{_fit_of_shared(rep, len(shared))}")
     return "\n>\n".join(lines) + "\n"
 
 
@@ -175,12 +176,24 @@ def scaling_table(rep: Report) -> str:
         f"{k.removesuffix('_s').replace('_time', '')} {fmt(getattr(r, k), '.3g')}" for k in BREAKDOWN)
         for r in rows) + ("; the other points' in scaling.csv" if gap else "")
     out.append(f"\nStep-time breakdown (medians, s): {breakdown}.\n")
+    out.append(superlinear(rep))
     out.append(f"{MFU_NOTE} comm is the median fraction of the step spent waiting for the other ranks, measured "
                "where the wait happens (the host's flags all-reduce and the device's gradient reduction), n/a where "
                "the run did not record `comm_s`. Per core: tokens/s per CPU core against the reference's; where "
                "ranks share one machine's cores (a shared host), this, not the per-rank efficiency, says how well "
                "they share them.\n")
     return "\n".join(out)
+
+
+def superlinear(rep: Report) -> str:
+    """A line for each point more than 100% efficient (superlinear), with the likely cause: never a silent figure."""
+    lines = []
+    for r in shown(rep.rows, "`scaling.csv`")[0]:
+        above = [f"{what} {pct(e)}" for what, e in (("per rank", r.efficiency), ("per core", r.efficiency_per_core))
+                 if e is not None and e > 1.0005]  # shown above 100.0%
+        if above:
+            lines.append(f"- `{r.point}` is above 100% ({', '.join(above)}): {superlinear_cause(r, rep.reference)}.")
+    return "Efficiency above 100% (superlinear):\n\n" + "\n".join(lines) + "\n" if lines else ""
 
 
 def stragglers(rep: Report) -> str:

@@ -75,6 +75,19 @@ def likely_cause(point: PointResult, row: Row, model: FittedModel, shape: Shape,
     return f"{cause} (the per-rank batch changes kernel efficiency)"
 
 
+def superlinear_cause(row: Row, ref: Row) -> str:
+    """Why a point is more than 100% efficient against the reference, per rank or per core: the likely cause."""
+    if ref.shared_host:  # its ranks shared cores, with each other or with another job: it measured slow
+        return f"the reference `{ref.point}` shared its machine's cores (see Shared host), so it measured slow"
+    if noisy(ref):
+        return (f"the reference `{ref.point}` is noisy (step time p90 {ref.step_time_p90_s / ref.step_time_p50_s:.2f}x "
+                "p50: other load on its machine?), so it measured slow")
+    if row.batch_per_rank < ref.batch_per_rank:
+        return (f"each rank computes {row.batch_per_rank:g} sequence(s) a step against the reference's "
+                f"{ref.batch_per_rank:g}: a smaller working set fits the caches better")
+    return "faster per rank than the reference at the same work: measure both again"
+
+
 def figures(model: FittedModel, s: Shape, ref: Shape) -> dict[str, float]:
     """The model's figures for one shape: the one computation behind every model figure of the report (the
     model-error table, the prediction tables, the plots, TensorBoard)."""

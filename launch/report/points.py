@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ class PointResult:
     tasks: dict[str, tuple[int, float]] = field(default_factory=dict)
     stopped_early: str = ""  # why its sweep's early stopping ended it at a rung (its newest attempt's words)
     unfinished: str = ""  # where a run that has not finished (cancelled, stopped, still running) stands: "step N of M"
+    concurrent: str = ""  # the other points that ran at the same time on one of its machines (mark_concurrent)
 
     @property
     def ranks(self) -> int:
@@ -69,7 +71,10 @@ class PointResult:
 
     @property
     def shared_host(self) -> str:
-        """Why this point's "nodes" share one machine ('' when they do not)."""
+        """Why this point's ranks shared a machine, with each other or with another point's ('' when they did not)."""
+        return "; ".join(why for why in (self._nodes_on_one_machine(), self.concurrent) if why)
+
+    def _nodes_on_one_machine(self) -> str:
         if self.nodes < 2:
             return ""
         machines = len(set(self.machines))
@@ -113,6 +118,45 @@ class PointResult:
         if ranks * env["threads"] > env["cpu_count"]:
             return f"{ranks} ranks x {env['threads']} threads on {env['cpu_count']} cores"
         return ""
+
+
+def _windows(point: PointResult) -> Iterable[tuple[str, str, float, float]]:
+    """(machine, host, start, end) of each rank's logged windows. A window ends at its record's `time` and starts at
+    the rank's previous record, or where its attempt started (`time - elapsed_s`) when that is later: a requeued
+    run's gap between attempts is no window. Records without times (older run folders) give none."""
+    machines = point.machines
+    for rank, records in point.records.items():
+        previous = -math.inf
+        for r in records:
+            end, elapsed = r.get("time"), r.get("elapsed_s")
+            if not isinstance(end, (int, float)) or not isinstance(elapsed, (int, float)):
+                continue
+            start = max(end - elapsed, previous) if previous <= end else end - elapsed
+            yield machines[rank] if rank < len(machines) else str(r.get("host")), str(r.get("host")), start, end
+            previous = end
+
+
+def mark_concurrent(points: Sequence[PointResult]) -> None:
+    """Set `concurrent` on the points whose windows overlapped in time with another point's on a common machine (a
+    scheduler that lets jobs share nodes, such as the local test cluster, runs a sweep's points at once): they
+    shared its cores, so they measure the other job's load as much as their own."""
+    windows = sorted((start, end, machine, host, i) for i, p in enumerate(points)
+                     for machine, host, start, end in _windows(p))
+    met: dict[int, tuple[set[str], set[str]]] = {}  # point -> (the other points' names, its hosts they met on)
+    active: list[tuple[float, float, str, str, int]] = []
+    for window in windows:
+        start, _, machine, host, i = window
+        active = [a for a in active if a[1] > start]  # still running when this window starts
+        for _, _, other_machine, other_host, j in active:
+            if other_machine == machine and j != i:
+                for me, them, where in ((i, j, host), (j, i, other_host)):
+                    names, hosts = met.setdefault(me, (set(), set()))
+                    names.add(points[them].name)
+                    hosts.add(where)
+        active.append(window)
+    for i, (names, hosts) in met.items():
+        others = ", ".join(f"`{n}`" for n in sorted(names))
+        points[i].concurrent = f"ran at the same time as {others} on the machine of {', '.join(sorted(hosts))}"
 
 
 def get(d: dict[str, Any], dotted: str, default: Any = None) -> Any:

@@ -190,9 +190,10 @@ def test_a_folder_without_runs_is_a_user_error(tmp_path, capsys):
 def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_times, comm=None, hosts=None,
                 compute=None,
                 strategy: str = "ddp", block: int = 64, cluster: str = "slurm", env=None, lr: float = 1e-3,
-                val=((99, 1.0),), losses=None, mfu=None) -> None:
+                val=((99, 1.0),), losses=None, mfu=None, clock=None) -> None:
     """A run folder as the trainer writes it; step_times[rank][window] (or one list for every rank); env(rank) gives
-    more keys of environment/rank<R>.json; val: (step, loss) records; losses: the train loss of each window."""
+    more keys of environment/rank<R>.json; val: (step, loss) records; losses: the train loss of each window;
+    clock: the wall-clock time each window ends (its attempt started at clock[0] - 1 s)."""
     ranks = nodes * tasks
     folder.mkdir(parents=True)
     (folder / "config.yaml").write_text(
@@ -215,6 +216,8 @@ def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_ti
                 rec["comm_s"] = comm[r][w] if isinstance(comm[r], list) else comm[r]
             if compute is not None:
                 rec["compute_s"] = compute[r]
+            if clock is not None:
+                rec.update(time=clock[w], elapsed_s=clock[w] - clock[0] + 1)
             lines.append(json.dumps(rec))
         lines += [json.dumps({"kind": "val", "step": step, "rank": r, "loss": loss}) for step, loss in val]
         (folder / "metrics" / f"rank{r}.jsonl").write_text("\n".join(lines) + "\n")
@@ -342,6 +345,37 @@ def test_shared_host_is_read_from_machine_ids_then_host_names_then_the_cluster(t
     md = (write_report(tmp_path / "a") / "scaling.md").read_text()
     assert "> **Shared host.** `nodes=2`: 2 nodes (gl-n1, gl-n2) on 1 machine(s); 2 thread(s) per rank" in md
     assert "shared host" not in (write_report(tmp_path / "b") / "scaling.md").read_text().split("## Measured")[0]
+
+
+def test_points_that_ran_at_the_same_time_on_a_machine_share_it_and_stay_out_of_the_fit(tmp_path):
+    """A cluster that lets jobs share nodes ran nodes=1 and nodes=2 at once on gl-n1; nodes=4 ran alone later."""
+    hosts = [f"gl-n{i + 1}" for i in range(4)]
+    for n, step, start in ((1, 0.4, 1000.0), (2, 0.15, 1002.0), (4, 0.1, 2000.0)):
+        write_point(tmp_path / f"nodes={n}", n, 1, 12, [step] * 4, comm=[0.01] * n, hosts=hosts[:n],
+                    env=machine(hosts[:n], cpus=2, threads=2), clock=[start + 10 * w for w in range(4)])
+    rep = build_report(tmp_path)
+    assert [r.shared_host for r in rep.rows] == [True, True, False]
+    assert rep.points[0].shared_host == "ran at the same time as `nodes=2` on the machine of gl-n1"
+    assert "c from the busy time of the 1 point(s) on machines of their own" in rep.model.method
+    md = markdown(rep)
+    assert "| nodes=1 | 1 | 1 | ddp | 12 | 12 |" in md and "| 100.0% | 100.0% | 2 | yes |" in md
+    assert "- `nodes=4` is above 100% (per rank 100.0%" not in md  # 12 sequences over 4 ranks: 4 x 0.1 s = 0.4 s
+    assert "- `nodes=2` is above 100% (per rank 133.3%, per core 133.3%): the reference `nodes=1` shared" in md
+
+
+def test_a_gap_between_attempts_is_no_window_and_another_point_in_it_runs_alone(tmp_path):
+    write_point(tmp_path / "nodes=1", 1, 1, 12, [0.1] * 4, env=machine(["m0"]), clock=[1000.0, 1010.0, 2000.0, 2010.0])
+    path = tmp_path / "nodes=1" / "metrics" / "rank0.jsonl"  # a requeued second attempt started at 1995 s
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    for rec in records[2:4]:
+        rec["elapsed_s"] = rec["time"] - 1995.0
+    path.write_text("\n".join(json.dumps(rec) for rec in records) + "\n")
+    write_point(tmp_path / "nodes=2", 2, 1, 12, [0.1] * 4, comm=[0.0] * 2, hosts=["node0", "node1"],
+                env=machine(["m0", "m1"]), clock=[1500.0 + 10 * w for w in range(4)])
+    assert [p.shared_host for p in build_report(tmp_path).points] == ["", ""]
+    write_point(tmp_path / "nodes=3", 3, 1, 12, [0.1] * 4, hosts=["node0", "x", "y"], env=machine(["m0", "m5", "m6"]),
+                clock=[2003.0 + w for w in range(4)])
+    assert [bool(p.shared_host) for p in build_report(tmp_path).points] == [True, False, True]
 
 
 @pytest.mark.slow
