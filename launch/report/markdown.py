@@ -109,7 +109,8 @@ def shared_host_note(rep: Report) -> str:
     if not shared:
         return ""
     lines = [f"> **Shared host.** `{p.name}`: {p.shared_host}" + (f"; {p.threads} thread(s) per rank" if p.threads
-             else "") + (f", {p.cores_per_rank:g} core(s) each" if p.cores_per_rank else "") + "." for p in shared]
+             else "") + (f", {round(p.cores_per_rank, 2):g} core(s) each" if p.cores_per_rank else "") + "."
+             for p in shared]
     lines.append("> These points measure how ranks share one machine's cores (with each other, or with another point's "
                  f"ranks running at the same time) and its loopback, not network scaling. "
                  f"{_fit_of_shared(rep, len(shared))}")
@@ -179,7 +180,10 @@ def scaling_table(rep: Report) -> str:
     out.append(superlinear(rep))
     out.append(f"{MFU_NOTE} comm is the median fraction of the step spent waiting for the other ranks, measured "
                "where the wait happens (the host's flags all-reduce and the device's gradient reduction), n/a where "
-               "the run did not record `comm_s`. Per core: tokens/s per CPU core against the reference's; where "
+               "the run did not record `comm_s`. Under FSDP, HSDP, tensor parallel, pipeline and ZeRO-3 the "
+               "collectives run inside forward and backward: there comm holds only the wait the compute probe finds "
+               "(for a slower rank), and the collectives' transfer time stays in compute. Per core: tokens/s per "
+               "CPU core against the reference's; where "
                "ranks share one machine's cores (a shared host), this, not the per-rank efficiency, says how well "
                "they share them.\n")
     return "\n".join(out)
