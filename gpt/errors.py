@@ -37,3 +37,10 @@ def error_line(error: BaseException | str, *, from_end: bool = False, prefer_err
         return type(error).__name__ if isinstance(error, BaseException) else ""
     errors = [x for x in lines if "error" in x.lower()] if prefer_error else []
     return (errors or lines)[0][:limit]
+
+
+def failure_line(error: BaseException) -> str:
+    """An unexpected exception in one line: its type and its message's first non-blank line (a message that begins
+    with a newline, as torch's pipelining schedules raise, would otherwise say nothing after the type)."""
+    what = error_line(str(error))
+    return f"{type(error).__name__}: {what}" if what else type(error).__name__

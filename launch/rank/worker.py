@@ -23,7 +23,7 @@ from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E40
 
 from gpt.collectives.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
                                     pick_device, preflight)
-from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line  # noqa: E402
+from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line, failure_line  # noqa: E402
 from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
 from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
@@ -221,7 +221,7 @@ def main() -> None:
         else:
             log.exception("rank failed")
         code = EXIT_FAILED
-        log_failure(attempt, f"{type(e).__name__}: {e}", peer_gone=collective_failed(e))
+        log_failure(attempt, failure_line(e), peer_gone=collective_failed(e))
     attempt.release(code)
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from gpt.errors import UserError, error_line
+from gpt.errors import UserError, error_line, failure_line
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -22,3 +22,8 @@ def test_error_line_picks_one_line_of_a_message(kwargs, expected):
 def test_error_line_of_an_empty_message():
     assert error_line(UserError()) == "UserError"
     assert error_line(" \n") == ""
+
+
+def test_failure_line_names_the_type_and_the_first_line_that_says_something():
+    assert failure_line(RuntimeError("\nStage 0 failed\n  in forward")) == "RuntimeError: Stage 0 failed"
+    assert failure_line(KeyError()) == "KeyError"
