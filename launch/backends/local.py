@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gpt.errors import EXIT_HANG, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError
 from launch.recovery.hang import newest_hang
-from gpt.run_folder import RunFolder
+from gpt.run_folder import CTRL_C, RunFolder
 from launch.backends import Backend, RunFailed
 from launch.local_gpus import gpus_visible
 from launch.rank import forked
@@ -29,6 +29,8 @@ from launch.rank.job_env import LAUNCH_VAR, ROUND_VAR, JobEnvironment, job_envir
 from launch.rank.parent import LAUNCHER_PID, PARENT_PID, PAUSE_POLL_S
 from launch.recovery.rounds import IN_JOB, Rounds
 from launch.recovery.lost import record_lost_rank
+from launch.run.attempts import log_killed
+from launch.run.identity import newest_step
 from launch.run.startup import attempt_start_env
 from launch.rank.threads import WAIT_POLICY, ThreadPlan
 
@@ -68,6 +70,8 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
     rank, code = root_failure(failures)
     if code < 0 and code != -signal.SIGTERM:  # killed, not stopped by this launcher
         record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-code).name}", job)
+    if code == EXIT_INTERRUPTED:
+        record_ctrl_c_twice(run_dir)
     if Rounds.of(run_dir, job).path(job.round + 1).exists():
         print(f"{_failure(run_dir, rank, code)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr, flush=True)
         return False
@@ -207,7 +211,11 @@ def _failure(run_dir: Path, rank: int, code: int) -> str:
         return (f"stopped after a signal; every rank saved a checkpoint in {folder.checkpoints}. "
                 f"Continue with:\n  {again}")
     if code == EXIT_INTERRUPTED:
-        return (f"stopped at once (Ctrl-C twice); the newest checkpoint in {folder.checkpoints} is kept. "
+        step = newest_step(run_dir)
+        if step is None:
+            return ("stopped at once (Ctrl-C twice), before its first checkpoint: the same command starts it "
+                    f"over:\n  {again}")
+        return (f"stopped at once (Ctrl-C twice); the newest checkpoint (step {step}) in {folder.checkpoints} is kept. "
                 f"Continue with:\n  {again}")
     if code == EXIT_HANG:
         return newest_hang(run_dir) or f"rank {rank}'s watchdog saw a hang; its log: {folder.logs}"
@@ -215,6 +223,15 @@ def _failure(run_dir: Path, rank: int, code: int) -> str:
         return f"rank {rank} was killed by {signal.Signals(-code).name}; its log: {folder.log(rank)}"
     hint = "a configuration error (see above)" if code == EXIT_USER else f"exit code {code}"
     return f"rank {rank} failed with {hint}; its log: {folder.log(rank)}"
+
+
+def record_ctrl_c_twice(run_dir: Path) -> None:
+    """Ranks stopped at once write no line of their own (os._exit in the signal handler): the attempt's line, with
+    the time and steps it spent since its newest checkpoint counted as lost, says Ctrl-C, not "killed outright"."""
+    mark = RunFolder(run_dir).attempts.read_mark()
+    if mark is not None:
+        log_killed(run_dir, mark, newest_step(run_dir) or mark.get("first_step") or 0,
+                   {"ended": CTRL_C, "requeued": False})
 
 
 def continue_command() -> str:

@@ -57,6 +57,29 @@ def test_ctrl_c_saves_stops_and_the_printed_command_continues(tmp_path, data_ove
 
 
 @pytest.mark.slow
+def test_ctrl_c_twice_before_the_first_checkpoint_says_so_and_counts_the_attempt(tmp_path, data_overrides):
+    """The second Ctrl-C stops the ranks at once (inside the first's save here): no checkpoint is kept, and the
+    line says the same command starts over, not that a checkpoint is. The attempt's line says Ctrl-C, with its time
+    and its steps (lost once the next attempt trains them again), not "killed outright" with nothing allocated."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", *RUN, *data_overrides, "debug.save_sleep_s=60", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    metrics, deadline = run / "metrics" / "rank0.jsonl", time.monotonic() + 120
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 5) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(3)  # the ranks reached the save, which sleeps
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=120)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "stopped at once (Ctrl-C twice), before its first checkpoint: the same command starts it over" in err, \
+        err[-3000:]
+    line = RunFolder(run).attempts.read()[-1]
+    assert line.ended == "Ctrl-C" and not line.requeued, line
+    assert run_goodput([line]).allocated_s > 3 and line.goodput["steps"] >= 5, line  # lost once trained again
+
+
+@pytest.mark.slow
 def test_sigterm_to_the_process_group_saves_and_stops_like_ctrl_c(tmp_path, data_overrides):
     """`kill -TERM -PGID` (a process manager, a closed terminal) ends as Ctrl-C does: saved, one line, no Hydra
     'Error executing job' and no traceback."""
