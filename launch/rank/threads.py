@@ -117,8 +117,11 @@ class ThreadPlan:
         wanted = self.threads * sharing
         if wanted <= cpus:
             return None
-        return (f"{sharing} rank(s) x {self.threads} thread(s) = {wanted} threads on {cpus} CPU(s): "
-                f"they slow each other down; unset {THREADS} or set it to {max(1, cpus // sharing)}")
+        head = (f"{sharing} rank(s) x {self.threads} thread(s) = {wanted} threads on {cpus} CPU(s): they slow each "
+                "other down")
+        if sharing > cpus:  # one thread each already: only fewer ranks on this host helps
+            return f"{head}; run at most {cpus} rank(s) on it (cluster.tasks_per_node, or more nodes)"
+        return f"{head}; unset {THREADS} or set it to {max(1, cpus // sharing)}"
 
 
 def apply_threads(local_rank: int) -> ThreadPlan:

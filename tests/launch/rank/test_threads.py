@@ -52,6 +52,10 @@ def test_plan_rules():
     assert (slurm.threads, slurm.ranks_on_host) == (3, 4)
     assert ThreadPlan(4, "x", 2).oversubscribed(cpus=8, environ={}) is None
     assert "2 rank(s) x 4 thread(s) = 8 threads on 4 CPU(s)" in ThreadPlan(4, "x", 2).oversubscribed(cpus=4, environ={})
+    assert ThreadPlan(4, "x", 2).oversubscribed(cpus=4, environ={}).endswith("set it to 2")
+    # one thread each already: fewer threads cannot help, fewer ranks can
+    assert ThreadPlan(1, "x", 4).oversubscribed(cpus=2, environ={}).endswith(
+        "run at most 2 rank(s) on it (cluster.tasks_per_node, or more nodes)")
 
 
 def test_idle_openmp_threads_sleep_unless_the_user_said_otherwise():
