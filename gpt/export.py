@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,11 +91,21 @@ def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
     out.mkdir(parents=True, exist_ok=True)
     accelerator_chosen_quietly()
     hf.save_pretrained(str(out), safe_serialization=True, max_shard_size=max_shard_size)
+    readable_as_the_rest(out)
     save_tokenizer(tokenizer, model.cfg.block_size, out)
     if not tasks:
         return checkpoint, None, model.cfg
     names = write_lm_eval_tasks(list(tasks), out)
     return checkpoint, lm_eval_command(names, 0 if tokenizer.eot is None else None), model.cfg
+
+
+def readable_as_the_rest(out: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask; the folder's other files follow the umask, and an
+    exported model is made to be shared (a group's model folder, a hub upload from another account)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    for f in out.glob("*.safetensors"):
+        f.chmod(0o666 & ~mask)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -137,6 +137,8 @@ def test_export_in_bf16_sharded_with_an_index_loads_with_the_same_logits(tmp_pat
     export_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--dtype", "bf16", "--max-shard-size", "20KB"])
     shards = sorted(p.name for p in (tmp_path / "out").glob("*.safetensors"))
     assert len(shards) > 1 and (tmp_path / "out" / "model.safetensors.index.json").is_file(), shards
+    mode = (tmp_path / "out" / "config.json").stat().st_mode & 0o777  # as the umask allows, not safetensors' 0600
+    assert {(tmp_path / "out" / s).stat().st_mode & 0o777 for s in shards} == {mode}, oct(mode)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype="auto")  # as config.json says
     assert back.dtype == torch.bfloat16
     tokens = torch.randint(0, 97, (2, BLOCK), generator=torch.Generator().manual_seed(1))
