@@ -40,6 +40,10 @@ CASES: dict[str, tuple[list[str], int]] = {
     "pipeline_interleaved": ([*PIPELINE, "strategy.schedule=interleaved", "cluster.tasks_per_node=2"], 2),
     "pp2_dp2_1f1b_ddp": ([*PIPELINE, "strategy.schedule=1f1b", "strategy.dp=ddp", "nodes=2",
                           "cluster.tasks_per_node=2"], 4),
+    # the default micro-batches (pp): the first stage runs no forward between its first and last backward, where
+    # DDP's reducer, armed by the schedule's first-step shape inference, once recorded every parameter twice
+    "pp2_dp2_1f1b_ddp_default_microbatches": (["strategy=pipeline", "strategy.dp=ddp", "nodes=2",
+                                               "cluster.tasks_per_node=2"], 4),
     "pp2_dp2_gpipe_fsdp_accumulation": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp",
                                          "train.micro_batch_size=2", "cluster.tasks_per_node=4"], 4),
     "tp2_gqa": ([*TP, *GQA, "cluster.tasks_per_node=2"], 2),
