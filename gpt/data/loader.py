@@ -262,21 +262,30 @@ class Prefetcher:
 
 
 class ValBatches:
-    """A fixed set of validation batches, identical on every run and world size.
+    """A fixed set of validation batches, identical on every run of the same seed, block size and batch size, whatever
+    its micro-batch size and world size.
 
-    Batch j holds the samples of `global_batch_offsets(seed, j, batch_size, ...)` on the validation split; with
-    dp_size > 1 each rank yields its contiguous share of every batch, so all ranks run the same number of
-    forward passes and the mean of the per-rank mean losses is the loss of the whole batch.
+    Batch j holds the samples of `global_batch_offsets(seed, j, batch_size, ...)` on the validation split (a run's
+    batch_size is its global batch size); rank r of dp_size takes its contiguous share of every batch and yields it
+    in slices of `micro_batch_size` (default: the whole share), as the run's forward passes are sized. All slices on
+    all ranks are equal, so the mean of the per-rank means of the slices' mean losses is the loss of the whole set.
     """
 
     def __init__(self, dataset: TokenDataset, seed: int, block_size: int, batch_size: int, num_batches: int,
-                 dp_rank: int = 0, dp_size: int = 1, device: str | torch.device = "cpu"):
+                 dp_rank: int = 0, dp_size: int = 1, device: str | torch.device = "cpu",
+                 micro_batch_size: int | None = None):
         per_rank = _rank_share(batch_size, dp_rank, dp_size, "validation batch size")
+        micro = micro_batch_size or per_rank
+        if micro <= 0 or per_rank % micro:
+            raise UserError(f"micro batch size {micro} must divide the per-rank validation batch {per_rank} "
+                            f"(batch size {batch_size} / {dp_size} data-parallel ranks)")
         self.dataset, self.block_size, self.device = dataset, block_size, torch.device(device)
-        self._offsets = [dataset.sample_offsets(seed, j, batch_size, block_size)
-                         [dp_rank * per_rank:(dp_rank + 1) * per_rank] for j in range(num_batches)]
+        shares = [dataset.sample_offsets(seed, j, batch_size, block_size)[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+                  for j in range(num_batches)]
+        self._offsets = [share[lo:lo + micro] for share in shares for lo in range(0, per_rank, micro)]
 
     def __len__(self) -> int:
+        """Forward passes per evaluation on this rank."""
         return len(self._offsets)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

@@ -112,8 +112,10 @@ def open_data(run: RunConfig, model_cfg: ModelConfig, strategy: Strategy, device
     block, dp_rank, dp_size = model_cfg.block_size, strategy.dp_rank, strategy.dp_size
     batches = TrainBatches(TokenDataset(data_dir, "train"), run.seed, block, train.global_batch_size, micro_batch,
                            dp_rank, dp_size, device)
-    val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, micro_batch * dp_size, train.eval_batches,
-                     dp_rank, dp_size, device)
+    # the run's validation set is eval_batches global batches: what the micro-batch size and the data-parallel size
+    # change is how it is split into forward passes, never which samples it holds
+    val = ValBatches(TokenDataset(data_dir, "val"), run.seed, block, train.global_batch_size, train.eval_batches,
+                     dp_rank, dp_size, device, micro_batch)
     prefetch = Prefetcher(batches)
     tasks = TaskScorer(run.eval.tasks, run.eval.limit, load_tokenizer(data_dir), block) if run.eval.tasks else None
     return RankData(batches, prefetch, val, tasks, micro_batch, n_micro)

@@ -61,7 +61,8 @@ class Evaluator:
 
 
 def validation_loss(strategy: Strategy, batches: Iterable, interrupted: Callable[[], bool]) -> float | None:
-    """The mean validation loss over the data-parallel replicas; None once a preemption signal interrupts it."""
+    """The mean validation loss over the data-parallel replicas; None once a preemption signal interrupts it. Every
+    batch of every rank holds as many sequences (ValBatches), so this mean of means is the mean over the whole set."""
     total, count = torch.zeros((), device=strategy.device), 0
     for x, y in batches:
         if interrupted():

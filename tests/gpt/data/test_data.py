@@ -444,6 +444,12 @@ def test_validation_batches_are_fixed_and_split_across_ranks(char_dir):
     x, y = next(iter(ValBatches(ds, 1, 32, 8, 5)))
     assert torch.equal(x, whole[0]) and torch.equal(x[:, 1:], y[:, :-1])
     assert not torch.equal(x, whole[1]) and x.max() < 65
+    # a micro-batch size slices each rank's share into equal forward passes of the same samples
+    sliced = [x for x, _ in ValBatches(ds, 1, 32, 8, 5, 1, 2, micro_batch_size=2)]
+    assert len(sliced) == 10 and all(x.shape == (2, 32) for x in sliced)
+    assert all(torch.equal(torch.cat(sliced[2 * j:2 * j + 2]), whole[j][4:]) for j in range(5))
+    with pytest.raises(UserError, match="micro batch size 3 must divide the per-rank validation batch 4"):
+        ValBatches(ds, 1, 32, 8, 5, 0, 2, micro_batch_size=3)
 
 
 def test_offsets_never_cross_shards():
