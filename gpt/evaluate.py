@@ -1,7 +1,11 @@
 """Score a checkpoint after the fact: its validation loss and perplexity, multiple-choice tasks, text files.
 
     python -m gpt.evaluate RUN_OR_CHECKPOINT_DIR [--step N] [--tasks FILE ...] [--text FILE ...]
-        [--limit N] [--batches 50] [--batch-size 16] [--device cpu|cuda] [--record]
+        [--limit N] [--batches N] [--batch-size B] [--seed S] [--device cpu|cuda] [--record]
+
+The validation loss is over the run's own validation set (train.eval_batches batches of its global batch, drawn with
+its seed, as its checkpoint records them): the loss training logged at that step. --batches, --batch-size and --seed
+draw another set instead, and say so.
 
 --tasks takes task files in HellaSwag's format, scored as `eval.tasks` scores them during training (the same
 `tasks/<name>/acc` and `acc_norm`); --text takes text files, each read with the run's tokenizer
@@ -13,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -34,12 +39,40 @@ from gpt.train.event_file import EventFile
 from gpt.train.metrics import scalars
 
 
+# Sequences per forward pass at most (the text files' rows too): a run's global batch, which its ranks shared in
+# micro-batches, may not fit one device in one pass.
+FORWARD_ROWS = 16
+
+
+def forward_rows(batch_size: int) -> int:
+    """The largest divisor of `batch_size` up to FORWARD_ROWS: equal passes, so their mean loss is the batch's."""
+    return max(d for d in range(1, min(batch_size, FORWARD_ROWS) + 1) if batch_size % d == 0)
+
+
 @torch.no_grad()
 def evaluate(model, data_dir: str, batches: int, batch_size: int, seed: int, device: str) -> float:
     val = ValBatches(TokenDataset(data_dir, "val"), seed, model.cfg.block_size, batch_size, batches, 0, 1,
-                     torch.device(device))
+                     torch.device(device), forward_rows(batch_size))
     losses = [model(x, y)[1].item() for x, y in val]
     return sum(losses) / len(losses)
+
+
+def validation_set(meta: dict, args) -> tuple[int, int, int]:
+    """(seed, batches, batch size) to score: the run's validation set, as its checkpoint records it, with what
+    --seed, --batches and --batch-size override; a note on stderr when that is another set."""
+    data = meta.get("data") or {}
+    run = (data.get("seed"), meta.get("eval_batches"), data.get("global_batch_size"))
+    given = (args.seed, args.batches, args.batch_size)
+    chosen = tuple(g if g is not None else r for g, r in zip(given, run))
+    missing = [flag for flag, value in zip(("--seed", "--batches", "--batch-size"), chosen) if value is None]
+    if missing:  # a checkpoint written before checkpoints recorded their validation set
+        raise UserError(f"this checkpoint does not record the run's validation set: give {' and '.join(missing)} "
+                        f"(the run's seed, train.eval_batches and train.global_batch_size score the loss it logged)")
+    if chosen != run:
+        print(f"note: the validation loss is over {chosen[1]} batches of {chosen[2]} sequences drawn with seed "
+              f"{chosen[0]}, not the run's set ({run[1]} of {run[2]}, seed {run[0]}): it differs from the loss "
+              f"the run logged", file=sys.stderr)
+    return chosen
 
 
 def at_step(path: Path, step: int) -> Path:
@@ -54,7 +87,8 @@ def at_step(path: Path, step: int) -> Path:
 
 def scores(model, meta: dict, args) -> dict[str, float]:
     """Every figure asked for, keyed as in a run's metrics."""
-    loss = evaluate(model, meta["data_dir"], args.batches, args.batch_size, args.seed, args.device)
+    seed, batches, batch_size = validation_set(meta, args)
+    loss = evaluate(model, meta["data_dir"], batches, batch_size, seed, args.device)
     out = {"val_loss": round(loss, 4), "perplexity": round(math.exp(loss), 3)}
     if args.tasks or args.text:
         tokenizer = load_tokenizer(meta["data_dir"])
@@ -63,7 +97,7 @@ def scores(model, meta: dict, args) -> dict[str, float]:
             tasks = TaskScorer(args.tasks, args.limit, tokenizer, model.cfg.block_size)
         out.update(tasks.score(lambda x, y: model(x, y)[1], 0, 1, None, lambda: False, torch.device(args.device)))
     for path in args.text:
-        out.update(text_loss(model, path, tokenizer, args.batch_size, args.limit, args.device))
+        out.update(text_loss(model, path, tokenizer, args.batch_size or FORWARD_ROWS, args.limit, args.device))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}
 
 
@@ -86,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files")
     parser.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text files: loss and perplexity")
     parser.add_argument("--limit", type=int, default=0, help="each task's first N examples, each text's first N rows")
-    parser.add_argument("--batches", type=int, default=50)
-    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--batches", type=int, help="validation batches (default: the run's train.eval_batches)")
+    parser.add_argument("--batch-size", type=int,
+                        help="sequences per validation batch (default: the run's global batch), per text file's "
+                             f"forward pass (default: {FORWARD_ROWS})")
+    parser.set_defaults(seed=None)  # the run's own, which its checkpoint records
     parser.add_argument("--record", action="store_true", help="also into the run folder's metrics and TensorBoard")
     args = parser.parse_args(argv)
     with user_errors():

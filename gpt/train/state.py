@@ -66,6 +66,7 @@ class TrainState:
             "layout": self.strategy.dims.sizes(),
             "fingerprint": self.fingerprint(),
             "eval_pending": eval_pending,
+            "eval_batches": self.train.eval_batches,  # with data's seed and global batch: the validation set
             "time": time.time(),
         }
 

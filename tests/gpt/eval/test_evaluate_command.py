@@ -19,25 +19,33 @@ TRAIN = ["model=tiny", "train.max_steps=20", "train.warmup_steps=5", "train.lr=3
 
 
 def scored(capsys, *argv: str) -> dict:
-    evaluate.main([*argv, "--device", "cpu", "--batches", "2"])
+    evaluate.main([*argv, "--device", "cpu"])
     return json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.slow
 def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(data_overrides, tmp_path, capsys):
+    """By default over the run's own validation set (its seed, eval_batches and global batch, which its micro-batches
+    split): the validation loss it logged at that step."""
     task = corpus_task(tmp_path / "order.jsonl", 31)
     text = tmp_path / "held_out.txt"
     text.write_text("To be, or not to be, that is the question:\nWhether 'tis nobler in the mind to suffer\n" * 6)
-    launch(*TRAIN, *data_overrides, f"eval.tasks=[{task}]", run_dir=tmp_path / "run")
+    launch(*TRAIN, *data_overrides, f"eval.tasks=[{task}]", "train.micro_batch_size=2", run_dir=tmp_path / "run")
     logged = {r["step"]: r for r in read_metrics(tmp_path / "run", kind="val")}
     for step in (10, 20):
         figures = scored(capsys, str(tmp_path / "run"), "--step", str(step), "--tasks", task, "--text", str(text))
         assert figures["step"] == step and figures["checkpoint"].endswith(f"step_{step:08d}")
+        assert figures["val_loss"] == pytest.approx(logged[step]["loss"], abs=2e-4)
         assert figures["tasks/order/acc"] == pytest.approx(logged[step]["tasks/order/acc"], abs=1e-4)
         assert figures["tasks/order/acc_norm"] == pytest.approx(logged[step]["tasks/order/acc_norm"], abs=1e-4)
         assert figures["text/held_out/perplexity"] == pytest.approx(2.718281828 ** figures["text/held_out/loss"],
                                                                     rel=1e-3)
     assert scored(capsys, str(tmp_path / "run"))["step"] == 20  # without --step: the newest
+    evaluate.main([str(tmp_path / "run"), "--device", "cpu", "--batches", "3", "--batch-size", "4"])  # another set
+    out, err = capsys.readouterr()
+    assert json.loads(out)["val_loss"] != pytest.approx(logged[20]["loss"], abs=2e-4)
+    assert err == ("note: the validation loss is over 3 batches of 4 sequences drawn with seed 1337, not the run's "
+                   "set (2 of 8, seed 1337): it differs from the loss the run logged\n")
     with pytest.raises(SystemExit) as stop:
         scored(capsys, str(tmp_path / "run"), "--step", "15")
     assert stop.value.code == 2
