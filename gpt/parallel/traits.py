@@ -526,10 +526,6 @@ class PipelineTraits(StrategyTraits):
             raise ConfigError("parallel.pp", pp, f"at most model.n_layer={model.n_layer} stages in all; "
                               f"pp={pp} x stages_per_rank={per_rank} gives {pp * per_rank}")
         self.check_microbatches(micro, pp, schedule)
-        if strategy.dp == "ddp" and schedule != "1f1b" and dp > 1:
-            raise ConfigError("strategy.dp", "ddp", f"fsdp with schedule={schedule}, or schedule=1f1b with dp=ddp: "
-                              f"DDP's reducer fails inside {schedule} stages in torch 2.13 (and "
-                              "DDP(static_graph=True) there trains to wrong losses)")
         check_fsdp_options(strategy, train)
         if model.n_expert:
             raise ConfigError("model.n_expert", model.n_expert, "0 with strategy=pipeline (the MoE "

@@ -44,6 +44,9 @@ CASES: dict[str, tuple[list[str], int]] = {
     # DDP's reducer, armed by the schedule's first-step shape inference, once recorded every parameter twice
     "pp2_dp2_1f1b_ddp_default_microbatches": (["strategy=pipeline", "strategy.dp=ddp", "nodes=2",
                                                "cluster.tasks_per_node=2"], 4),
+    # interleaved: two DDP stages on each rank, each reducing its own gradients after its last backward
+    "pp2_dp2_interleaved_ddp": ([*PIPELINE, "strategy.schedule=interleaved", "strategy.dp=ddp", "nodes=2",
+                                 "cluster.tasks_per_node=2"], 4),
     "pp2_dp2_gpipe_fsdp_accumulation": ([*PIPELINE, "strategy.schedule=gpipe", "strategy.dp=fsdp",
                                          "train.micro_batch_size=2", "cluster.tasks_per_node=4"], 4),
     "tp2_gqa": ([*TP, *GQA, "cluster.tasks_per_node=2"], 2),

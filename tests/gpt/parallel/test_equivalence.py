@@ -27,6 +27,7 @@ BANNERS = {
     "pipeline_interleaved": "pipeline interleaved, mesh pp=2 x dp=1 (4 stages",
     "pp2_dp2_1f1b_ddp": "pipeline 1f1b, mesh pp=2 x dp=2 (2 stages, 4 micro-batches, DDP inside stages",
     "pp2_dp2_1f1b_ddp_default_microbatches": "pipeline 1f1b, mesh pp=2 x dp=2 (2 stages, 2 micro-batches, DDP inside",
+    "pp2_dp2_interleaved_ddp": "pipeline interleaved, mesh pp=2 x dp=2 (4 stages",
     "pp2_dp2_gpipe_fsdp_accumulation": "pipeline gpipe, mesh pp=2 x dp=2 (2 stages, 4 micro-batches, FSDP inside",
     "tp2_gqa": "layout       tp=2 (node 0: ranks 0-1)",
     "tp2_sequence_parallel_gqa": "tensor parallel over tp=2 with sequence parallel",

@@ -39,8 +39,6 @@ CASES = {
     "microbatches not dividing the replica batch": (
         ["strategy=pipeline", "strategy.microbatches=3", "train.global_batch_size=8", *FOUR],
         "strategy.microbatches=3 is not valid: a divisor of the per-replica batch 4"),
-    "gpipe with ddp inside stages": (["strategy=pipeline", "strategy.schedule=gpipe", *FOUR],
-                                     "strategy.dp='ddp' is not valid: fsdp with schedule=gpipe, or schedule=1f1b"),
     "unknown schedule": (["strategy=pipeline", "strategy.schedule=zigzag", "cluster.tasks_per_node=2"],
                          "one of gpipe, 1f1b, interleaved"),
     "pipeline on one rank": (["strategy=pipeline"], "parallel.pp=2 is not valid: a divisor >= 2 of the world size 1"),
@@ -81,7 +79,7 @@ CASES = {
 
 
 # Through the launcher, as a user meets them; all cases are also checked in process below.
-LAUNCHED = ["world size not divisible by pp", "gpipe with ddp inside stages", "cpu offload on a cpu",
+LAUNCHED = ["world size not divisible by pp", "cpu offload on a cpu",
             "deepspeed bf16 at stage 0", "layout product not the world size", "tp not dividing the heads",
             "tp across nodes", "tp with moe", "sequence parallel without tp"]
 
