@@ -223,7 +223,7 @@ class Pipeline(Strategy):
         losses: list[torch.Tensor] = []
         args = (x,) if first else ()
         kwargs = {"target": y, "losses": losses} if last else {}
-        with self.autocast(), self._no_forward_sync():
+        with self.autocast(), no_forward_sync(self.stages.values()):
             self.schedule.step(*args, **kwargs)
         loss = torch.stack([x.detach().float() for x in losses]).mean() if last else torch.zeros((), device=self.device)
         dist.all_reduce(loss, group=self.pp_group)  # only the last stage has it
@@ -245,20 +245,6 @@ class Pipeline(Strategy):
             optimizer.zero_grad(set_to_none=not isinstance(self.stages[sid], DistributedDataParallel))
         clock.mark("optimizer")
         return StepResult(loss, grad_norm, layers, clock, skipped)
-
-    def _no_forward_sync(self) -> contextlib.ExitStack:
-        """Every DDP stage's no_sync, around the schedule's step. The schedule runs each micro-batch's forward under
-        no_sync and arms the reducer itself for the last backward only (PipelineStage.backward_maybe_with_nosync),
-        but on the first step its shape inference runs one forward through the DDP module outside no_sync: DDP arms
-        the reducer for a backward that never comes, so the first micro-batch's backward is reduced and recorded
-        for DDP's bucket rebuild. When no forward follows it before the last backward (the first stage under 1F1B
-        with microbatches == pp), the last backward records every parameter again, and the rebuild at the next
-        step's forward fails on twice the parameters."""
-        stack = contextlib.ExitStack()
-        for stage in self.stages.values():
-            if isinstance(stage, DistributedDataParallel):
-                stack.enter_context(stage.no_sync())
-        return stack
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.dp_kind == "fsdp":
@@ -347,3 +333,18 @@ class Pipeline(Strategy):
         if self.n_stages - 1 not in self.stages:
             local -= 6.0 * cfg.n_embd * cfg.vocab_size  # the head's matmul runs on the last stage only
         return local / flops_per_token(cfg, cfg.block_size) / self.tp
+
+
+def no_forward_sync(stages: Iterable[nn.Module]) -> contextlib.ExitStack:
+    """Every DDP stage's no_sync, around the schedule's step. The schedule runs each micro-batch's forward under
+    no_sync and arms the reducer itself for the last backward only (PipelineStage.backward_maybe_with_nosync),
+    but on the first step its shape inference runs one forward through the DDP module outside no_sync: DDP arms
+    the reducer for a backward that never comes, so the first micro-batch's backward is reduced and recorded
+    for DDP's bucket rebuild. When no forward follows it before the last backward (the first stage under 1F1B
+    with microbatches == pp), the last backward records every parameter again, and the rebuild at the next
+    step's forward fails on twice the parameters."""
+    stack = contextlib.ExitStack()
+    for stage in stages:
+        if isinstance(stage, DistributedDataParallel):
+            stack.enter_context(stage.no_sync())
+    return stack
