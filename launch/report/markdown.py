@@ -108,9 +108,13 @@ def shared_host_note(rep: Report) -> str:
     shared = [p for p in rep.points if p.shared_host]
     if not shared:
         return ""
+    listed, gap = shown(shared, "scaling.csv's `shared_host` column")
     lines = [f"> **Shared host.** `{p.name}`: {p.shared_host}" + (f"; {p.threads} thread(s) per rank" if p.threads
              else "") + (f", {round(p.cores_per_rank, 2):g} core(s) each" if p.cores_per_rank else "") + "."
-             for p in shared]
+             for p in listed]
+    if gap:
+        lines.insert(SHOWN_ROWS, f"> ... {len(shared) - len(listed)} more point(s) that shared a host: every point is "
+                                 "in scaling.csv's `shared_host` column")
     lines.append("> These points measure how ranks share one machine's cores (with each other, or with another point's "
                  f"ranks running at the same time) and its loopback, not network scaling. "
                  f"{_fit_of_shared(rep, len(shared))}")

@@ -155,8 +155,15 @@ def mark_concurrent(points: Sequence[PointResult]) -> None:
                     hosts.add(where)
         active.append(window)
     for i, (names, hosts) in met.items():
-        others = ", ".join(f"`{n}`" for n in sorted(names))
-        points[i].concurrent = f"ran at the same time as {others} on the machine of {', '.join(sorted(hosts))}"
+        others = few(f"`{n}`" for n in sorted(names))
+        points[i].concurrent = f"ran at the same time as {others} on the machine of {few(sorted(hosts))}"
+
+
+def few(items: Iterable[str], most: int = 3) -> str:
+    """At most `most` of them, then how many more: a packed sweep of 100 points on one node names no 99 each."""
+    items = list(items)
+    more = f" and {len(items) - most} more" if len(items) > most else ""
+    return ", ".join(items[:most]) + more
 
 
 def get(d: dict[str, Any], dotted: str, default: Any = None) -> Any:

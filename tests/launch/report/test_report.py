@@ -363,6 +363,21 @@ def test_points_that_ran_at_the_same_time_on_a_machine_share_it_and_stay_out_of_
     assert "- `nodes=2` is above 100% (per rank 133.3%, per core 133.3%): the reference `nodes=1` shared" in md
 
 
+def test_a_packed_sweep_that_ran_at_once_names_a_few_neighbours_and_lists_a_few_points(tmp_path):
+    """30 seeds packed on one node at once: each note names 3 of its 29 neighbours, and the note lists the first and
+    last points with the count between, as the tables do, not 30 lines of 29 names."""
+    for seed in range(30):
+        write_point(tmp_path / f"seed={seed:02d}", 1, 1, 12, [0.1] * 4, hosts=["gl-n1"], env=machine(["m0"]),
+                    clock=[1000.0 + 10 * w for w in range(4)])
+    rep = build_report(tmp_path)
+    assert rep.points[0].shared_host == ("ran at the same time as `seed=01`, `seed=02`, `seed=03` and 26 more on the "
+                                         "machine of gl-n1")
+    md = markdown(rep)
+    assert md.count("> **Shared host.**") == 20 and "> ... 10 more point(s) that shared a host" in md
+    with (write_report(tmp_path) / "scaling.csv").open() as f:
+        assert sum(row["shared_host"] == "True" for row in csv.DictReader(f)) == 30
+
+
 def test_a_gap_between_attempts_is_no_window_and_another_point_in_it_runs_alone(tmp_path):
     write_point(tmp_path / "nodes=1", 1, 1, 12, [0.1] * 4, env=machine(["m0"]), clock=[1000.0, 1010.0, 2000.0, 2010.0])
     path = tmp_path / "nodes=1" / "metrics" / "rank0.jsonl"  # a requeued second attempt started at 1995 s
