@@ -61,7 +61,8 @@ def validation_set(meta: dict, args) -> tuple[int, int, int]:
     """(seed, batches, batch size) to score: the run's validation set, as its checkpoint records it, with what
     --seed, --batches and --batch-size override; a note on stderr when that is another set."""
     data = meta.get("data") or {}
-    run = (data.get("seed"), meta.get("eval_batches"), data.get("global_batch_size"))
+    run = (data.get("seed"), meta.get("eval_batches") or run_eval_batches(args.checkpoint),
+           data.get("global_batch_size"))
     given = (args.seed, args.batches, args.batch_size)
     chosen = tuple(g if g is not None else r for g, r in zip(given, run))
     missing = [flag for flag, value in zip(("--seed", "--batches", "--batch-size"), chosen) if value is None]
@@ -73,6 +74,19 @@ def validation_set(meta: dict, args) -> tuple[int, int, int]:
               f"{chosen[0]}, not the run's set ({run[1]} of {run[2]}, seed {run[0]}): it differs from the loss "
               f"the run logged", file=sys.stderr)
     return chosen
+
+
+def run_eval_batches(checkpoint: Path) -> int | None:
+    """train.eval_batches of the run folder a checkpoint written before checkpoints recorded it sits in
+    (RUN/checkpoints/step_N), from its config.yaml."""
+    from omegaconf import OmegaConf
+
+    config = checkpoint.parent.parent / "config.yaml"
+    try:
+        value = OmegaConf.select(OmegaConf.load(config), "train.eval_batches")
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, int) else None
 
 
 def at_step(path: Path, step: int) -> Path:
@@ -132,6 +146,7 @@ def main(argv: list[str] | None = None) -> None:
             raise UserError(f"--record: {args.path} is not a run folder (its config.yaml beside metrics/)")
         path = args.path if args.step is None else at_step(Path(args.path), args.step)
         model, meta, path = load_model(path, args.device)
+        args.checkpoint = Path(path)
         figures = scores(model, meta, args)
     line = {"checkpoint": str(path), "step": meta["step"], **figures}
     if args.record:

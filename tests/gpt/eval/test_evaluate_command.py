@@ -12,6 +12,7 @@ import torch
 from helpers import REPO, launch, read_metrics
 from gpt.eval.perplexity import text_loss, text_rows
 from gpt import evaluate
+from gpt.errors import UserError
 from test_eval_tasks import corpus_task
 
 TRAIN = ["model=tiny", "train.max_steps=20", "train.warmup_steps=5", "train.lr=3e-3", "train.global_batch_size=8",
@@ -89,3 +90,18 @@ def test_a_text_file_is_scored_on_every_token_after_its_first(tmp_path):
     figures = text_loss(model, str(text), tokenizer, batch_size=2, limit=0, device="cpu")
     assert figures["text/t/loss"] == pytest.approx(expected, rel=1e-5)
     assert text_rows(str(text), tokenizer, 8, 2)[0].shape == (2, 8)  # --limit: the first rows
+
+
+def test_a_checkpoint_from_before_the_record_scores_its_run_folders_eval_batches(tmp_path, capsys):
+    """Checkpoints written before they recorded train.eval_batches: the run folder's config.yaml says it."""
+    from argparse import Namespace
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000020"
+    checkpoint.mkdir(parents=True)
+    (tmp_path / "run" / "config.yaml").write_text("train:\n  eval_batches: 7\n")
+    meta = {"data": {"seed": 5, "global_batch_size": 8}}
+    args = Namespace(seed=None, batches=None, batch_size=None, checkpoint=checkpoint)
+    assert evaluate.validation_set(meta, args) == (5, 7, 8) and capsys.readouterr().err == ""
+    (tmp_path / "run" / "config.yaml").unlink()
+    with pytest.raises(UserError, match="give --batches"):
+        evaluate.validation_set(meta, args)
