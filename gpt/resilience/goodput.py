@@ -80,9 +80,11 @@ def last_record_time(run_dir: Path, since: float) -> float | None:
 
 
 def last_trained_step(run_dir: Path, since: float) -> int | None:
-    """The last step rank 0 recorded from `since` on (an attempt whose trainer cannot say)."""
+    """How many steps the run had trained at rank 0's last record from `since` on (an attempt whose trainer cannot
+    say), counted as checkpoints and last_step count them: a train record's step is the index, from 0, of the step
+    that closed its window, so one more."""
     steps = [r["step"] for r in _records(run_dir, since) if r.get("kind") == "train" and isinstance(r.get("step"), int)]
-    return max(steps) if steps else None
+    return max(steps) + 1 if steps else None
 
 
 ESTIMATED = "estimated"  # a goodput record's key: how an attempt that recorded no time was timed afterwards

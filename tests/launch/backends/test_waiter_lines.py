@@ -321,7 +321,7 @@ def test_an_attempt_killed_past_its_last_save_says_what_it_trained_and_where_the
 
     metrics = RunFolder(tmp_path).metrics_file(0)
     metrics.parent.mkdir(parents=True)
-    records = (json.dumps({"kind": "train", "step": s, "time": 100.0 + s}) + "\n" for s in range(1, 431))
+    records = (json.dumps({"kind": "train", "step": s, "time": 100.0 + s}) + "\n" for s in range(430))  # indices
     metrics.write_text("".join(records))
     mark = {"job_id": "7", "restart": 0, "round": 0, "started": 100.0, "first_step": 0}
     log_killed(tmp_path, mark, 0, {"ended": "killed outright", "note": "requeued job 7", "requeued": True})

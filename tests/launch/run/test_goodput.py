@@ -143,8 +143,8 @@ def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(t
     folder.metrics.mkdir(parents=True)
     started = time.time() - 400
     folder.attempts.mark({"job_id": None, "restart": 0, "round": 0, "started": started, "first_step": 0})
-    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 10 + s,
-                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 301)))
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 11 + s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(300)))  # indices
     log_attempt(tmp_path, JobEnvironment({}), {"first_step": 0, "last_step": None, "ended": "hang"})
     [hung] = folder.attempts.read()
     assert hung.goodput["steps"] == 300 and hung.goodput["train_s"] == pytest.approx(300.0), hung.goodput
@@ -174,8 +174,9 @@ def test_an_attempt_ended_by_a_killed_rank_keeps_its_start_up_its_saves_and_its_
     begin_attempt(tmp_path, job, started, first_step=0, nodes=["here"])
     loop = SimpleNamespace(first_step=0, step=6, startup={}, spent=Spent(train_s=5.0, save_s=0.5, saves=1, steps=5))
     BeginAttempt(Attempt(tmp_path, job=job, loop=loop), is_main=True, data_dir="").after_step(6)  # saved at 5
-    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 15 + s,
-                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 9)))
+    # eight steps trained: records of step indices 0-7
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 16 + s,
+                                                          "step_time_s": 1.0}) + "\n" for s in range(8)))
     ended = {"ended": "rank 1 was killed by SIGKILL", "in_job_restart": 1}
     if writer == "the launcher":
         log_killed(tmp_path, folder.attempts.read_mark(), 5, ended)
