@@ -97,9 +97,13 @@ def spawn_ranks(rank_fn, world: int, given: dict | None = None) -> dict:
     """`rank_fn(rank, world, port, out)` in `world` processes of a real process group on loopback (`port` free for
     its store); what they put in the shared dict `out` (plain values, `PlainValues`), by key (`out` holds `given`
     when they start)."""
+    import multiprocessing
+
     import torch.multiprocessing as mp
 
-    with mp.Manager() as manager:
+    # the manager in a fresh interpreter: forked from this torch-laden process, its garbage collector once ran a
+    # torch object's C++ destructor it inherited and aborted the manager ("std::system_error"), failing the test
+    with multiprocessing.get_context("spawn").Manager() as manager:
         out = manager.dict(given or {})
         mp.spawn(rank_fn, args=(world, free_port(), PlainValues(out)), nprocs=world, join=True)
         return dict(out)
