@@ -13,6 +13,12 @@ FORMATS = TEXT_FORMATS + TOKEN_FORMATS
 DEFAULT_SHARD_TOKENS = 100_000_000
 PREPARE_ON = ("login", "job")
 MIN_BPE_VOCAB = 256 + 1  # every byte, plus <|endoftext|>
+DEFAULT_BPE_VOCAB = 2048  # tokenizer=bpe with vocab_size null: the shakespeare_bpe preset's
+
+
+def vocab_to_learn(tokenizer: str, vocab_size: int | None) -> int | None:
+    """data.vocab_size as preparation uses it: null with tokenizer=bpe learns DEFAULT_BPE_VOCAB tokens."""
+    return DEFAULT_BPE_VOCAB if tokenizer == "bpe" and vocab_size is None else vocab_size
 
 
 @dataclass
@@ -40,7 +46,7 @@ class DataConfig:
     dir: str = "data/shakespeare_char"  # prepared token shards
     tokenizer: str = "char"  # char | bpe (learned from the corpus) | hf (tokenizer_file)
     tokenizer_file: str | None = None  # tokenizer=hf: a Hugging Face tokenizer.json
-    vocab_size: int | None = None  # char: from the text (null); bpe: how many tokens to learn
+    vocab_size: int | None = None  # char, hf: from the tokenizer (null); bpe: how many tokens to learn (null: 2048)
     val_fraction: float = 0.1
     shard_tokens: int = DEFAULT_SHARD_TOKENS
     workers: int = 0  # preparation processes; 0: one per core
@@ -90,6 +96,7 @@ def check_settings(tokenizer: str, vocab_size: int | None, val_fraction: float, 
 
     if tokenizer not in TOKENIZERS:
         raise ConfigError("data.tokenizer", tokenizer, f"one of {', '.join(TOKENIZERS)}")
+    vocab_size = vocab_to_learn(tokenizer, vocab_size)
     if tokenizer == "bpe" and (not is_int(vocab_size) or vocab_size < MIN_BPE_VOCAB):
         raise ConfigError("data.vocab_size", vocab_size,
                           f"an integer >= {MIN_BPE_VOCAB} for tokenizer=bpe (256 bytes + <|endoftext|>)")

@@ -42,7 +42,8 @@ from typing import Any
 import numpy as np
 from tqdm import tqdm
 
-from gpt.config.data import DEFAULT_SHARD_TOKENS, FORMATS, TOKEN_FORMATS, TOKENIZERS, check_inputs, check_settings
+from gpt.config.data import (DEFAULT_SHARD_TOKENS, FORMATS, TOKEN_FORMATS, TOKENIZERS, check_inputs, check_settings,
+                             vocab_to_learn)
 from gpt.data import META_FILE, SPLITS
 from gpt.data import pretokenized
 from gpt.data.content import INPUTS_FILE, describe_change, file_rows, listing_md5, recorded_rows, remember
@@ -140,7 +141,8 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
 def _settings(fmt: str, field: str, tokenizer: str, vocab_size: int | None, val_fraction: float,
               shard_tokens: int) -> dict[str, Any]:
     return {"format": FORMAT_VERSION, "input_format": fmt, "field": field, "tokenizer": tokenizer,
-            "vocab_size": vocab_size, "val_fraction": val_fraction, "shard_tokens": shard_tokens}
+            "vocab_size": vocab_to_learn(tokenizer, vocab_size), "val_fraction": val_fraction,
+            "shard_tokens": shard_tokens}
 
 
 class Inputs:

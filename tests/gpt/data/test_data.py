@@ -270,7 +270,6 @@ def test_missing_text_file_is_user_error_naming_the_path(tmp_path, capsys):
 @pytest.mark.parametrize("kwargs, key", [
     ({"tokenizer": "word"}, "data.tokenizer"),
     ({"tokenizer": "bpe", "vocab_size": 256}, "data.vocab_size"),
-    ({"tokenizer": "bpe", "vocab_size": None}, "data.vocab_size"),
     ({"tokenizer": "char", "vocab_size": 100}, "data.vocab_size"),
     ({"val_fraction": 0.5}, "data.val_fraction"),
     ({"val_fraction": 0}, "data.val_fraction"),
@@ -280,6 +279,14 @@ def test_bad_settings_are_config_errors(kwargs, key):
     with pytest.raises(ConfigError) as e:
         DataConfig(**kwargs).validate()
     assert e.value.key == key
+
+
+def test_bpe_without_a_vocab_size_learns_the_documented_2048(tmp_path):
+    DataConfig(tokenizer="bpe").validate()
+    text = tmp_path / "input.txt"
+    text.write_text("".join(f"line {i}: the quick brown fox jumps over the lazy dog\n" for i in range(400)))
+    out = prepare(text, tmp_path / "out", "bpe")
+    assert json.loads((out / "meta.json").read_text())["requested_vocab_size"] == 2048
 
 
 def test_yaml_configs_fill_the_data_config():
