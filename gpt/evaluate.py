@@ -131,8 +131,10 @@ def record(run_dir: Path, line: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = checkpoint_parser("gpt.evaluate", __doc__)
     parser.add_argument("--step", type=int, help="the run's checkpoint of this step (default: its newest)")
-    parser.add_argument("--tasks", nargs="+", default=[], metavar="FILE", help="multiple-choice task files")
-    parser.add_argument("--text", nargs="+", default=[], metavar="FILE", help="text files: loss and perplexity")
+    parser.add_argument("--tasks", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="multiple-choice task files")
+    parser.add_argument("--text", nargs="+", action="extend", default=[], metavar="FILE",
+                        help="text files: loss and perplexity")
     parser.add_argument("--limit", type=int, default=0, help="each task's first N examples, each text's first N rows")
     parser.add_argument("--batches", type=int, help="validation batches (default: the run's train.eval_batches)")
     parser.add_argument("--batch-size", type=int,

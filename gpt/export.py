@@ -81,6 +81,7 @@ def export(path: Path, out: Path, dtype: str = "fp32", max_shard_size: str = "5G
 
     if out.exists() and any(out.iterdir()):
         raise UserError(f"{out} is not empty: export into a new folder")
+    check_shard_size(max_shard_size)
     with option_errors("--lm-eval-task"):
         for task in tasks:
             read_task(task)  # refused before anything is written
@@ -108,6 +109,17 @@ def readable_as_the_rest(out: Path) -> None:
         f.chmod(0o666 & ~mask)
 
 
+def check_shard_size(text: str) -> None:
+    """--max-shard-size as transformers' save_pretrained reads it, before anything is written (a bad one failed
+    after config.json, and the folder, no longer empty, refused the retry)."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    try:
+        parse_size_to_int(text)
+    except ValueError:
+        raise UserError(f"--max-shard-size {text}: a number and a unit (KB, MB, GB, TB), e.g. 5GB or 500MB") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.splitlines()[0])
     parser.add_argument("path", type=Path, help="a run folder (its newest checkpoint is used) or a checkpoint folder")
@@ -116,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="the weights' type: fp32 as checkpoints hold them, or bf16 (half the size)")
     parser.add_argument("--max-shard-size", default="5GB",
                         help="the largest safetensors file; a bigger model is sharded with an index (default 5GB)")
-    parser.add_argument("--lm-eval-task", nargs="+", default=[], metavar="FILE",
+    parser.add_argument("--lm-eval-task", nargs="+", action="extend", default=[], metavar="FILE",
                         help="task files (HellaSwag's format) to write as lm-eval tasks beside the model")
     args = parser.parse_args(argv)
     with user_errors(), torch.no_grad():

@@ -42,6 +42,9 @@ def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(dat
         assert figures["text/held_out/perplexity"] == pytest.approx(2.718281828 ** figures["text/held_out/loss"],
                                                                     rel=1e-3)
     assert scored(capsys, str(tmp_path / "run"))["step"] == 20  # without --step: the newest
+    (tmp_path / "other.txt").write_text(text.read_text().upper())
+    both = scored(capsys, str(tmp_path / "run"), "--text", str(text), "--text", str(tmp_path / "other.txt"))
+    assert "text/held_out/loss" in both and "text/other/loss" in both  # a second --text adds, as `--text A B`
     evaluate.main([str(tmp_path / "run"), "--device", "cpu", "--batches", "3", "--batch-size", "4"])  # another set
     out, err = capsys.readouterr()
     assert json.loads(out)["val_loss"] != pytest.approx(logged[20]["loss"], abs=2e-4)

@@ -159,3 +159,14 @@ def test_init_alone_composes_the_folders_model_and_a_command_key_stays_the_comma
     assert (run.model.vocab_size, run.model.mlp_hidden, run.model.n_query_groups, run.model.tie_embeddings) == (
         97, 88, 2, True)
     assert (run.model.n_layer, run.model.block_size) == (3, load_preset("shakespeare_cpu").block_size)
+
+
+def test_a_shard_size_without_a_unit_is_refused_before_anything_is_written(tmp_path, monkeypatch, capsys):
+    """A bad --max-shard-size failed after config.json was written, and the folder, no longer empty, refused the
+    retry: it is one line before the checkpoint is even read."""
+    monkeypatch.setattr("gpt.checkpoint.writer.load_model", lambda path: pytest.fail("read the checkpoint"))
+    with pytest.raises(SystemExit) as stop:
+        export_main([str(tmp_path / "ckpt"), str(tmp_path / "out"), "--max-shard-size", "10"])
+    assert stop.value.code == 2 and not (tmp_path / "out").exists()
+    assert capsys.readouterr().err.strip() == ("error: --max-shard-size 10: a number and a unit (KB, MB, GB, TB), "
+                                               "e.g. 5GB or 500MB")
