@@ -124,6 +124,10 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
             meta.update(described)
         _write_synced(tmp / INPUTS_FILE, json.dumps(inputs.rows).encode())
         _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
+    except UserError:
+        if node == 0:  # inputs it cannot read: no part of its work is kept for a run that fixes them (another listing)
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     except FileNotFoundError:
         # Two preparations of the same inputs share one temp folder: the one that finished first moved it into
         # place under this one, and its data is this one's.

@@ -74,7 +74,7 @@ def remove_stale(out_dir: Path, keep: Path) -> list[Path]:
     removed = []
     for tmp in out_dir.parent.glob(f".{out_dir.name}.tmp-*"):
         if tmp != keep and tmp.is_dir() and is_stale(tmp):
-            log.info("removing %s: a killed preparation's work with other inputs or settings", tmp)
+            log.info("removing %s: the work of a preparation that stopped midway, with other inputs or settings", tmp)
             shutil.rmtree(tmp, ignore_errors=True)
             removed.append(tmp)
     return removed

@@ -136,6 +136,7 @@ def test_bad_shards_and_vocabularies_are_user_errors(corpus, tmp_path):
     assert not (tmp_path / "j").exists()  # refused before any preparation
     with pytest.raises(UserError, match="data.field='text'"):
         prepare(corpus["jsonl"], tmp_path / "j", "hf", tokenizer_file=corpus["tokenizer"], fmt="jsonl")
+    assert not list(tmp_path.glob(".j.tmp-*"))  # nothing a later preparation would take for a killed one's work
 
 
 @pytest.fixture(scope="module")
