@@ -53,7 +53,7 @@ def forward_rows(batch_size: int) -> int:
 def evaluate(model, data_dir: str, batches: int, batch_size: int, seed: int, device: str) -> float:
     val = ValBatches(TokenDataset(data_dir, "val"), seed, model.cfg.block_size, batch_size, batches, 0, 1,
                      torch.device(device), forward_rows(batch_size))
-    losses = [model(x, y)[1].item() for x, y in val]
+    losses = [model(x, y, with_aux=False)[1].item() for x, y in val]
     return sum(losses) / len(losses)
 
 
@@ -109,7 +109,9 @@ def scores(model, meta: dict, args) -> dict[str, float]:
     if args.tasks:
         with option_errors("--tasks"):
             tasks = TaskScorer(args.tasks, args.limit, tokenizer, model.cfg.block_size)
-        out.update(tasks.score(lambda x, y: model(x, y)[1], 0, 1, None, lambda: False, torch.device(args.device)))
+        def forward_loss(x, y):  # the cross-entropy alone, as training scores tasks
+            return model(x, y, with_aux=False)[1]
+        out.update(tasks.score(forward_loss, 0, 1, None, lambda: False, torch.device(args.device)))
     for path in args.text:
         out.update(text_loss(model, path, tokenizer, args.batch_size or FORWARD_ROWS, args.limit, args.device))
     return {k: round(v, 4) if isinstance(v, float) else v for k, v in out.items()}

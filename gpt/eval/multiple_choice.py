@@ -3,8 +3,8 @@
 then the ending, its targets -1 (ignored) except at the ending's tokens, so that the loss times the ending's token
 count is the ending's summed negative log-likelihood. `acc` picks the ending with the highest summed log-likelihood
 (llm.c's hellaswag.py, lm-evaluation-harness's `acc`), `acc_norm` the highest per character of the ending
-(lm-evaluation-harness's `acc_norm`). A model whose loss adds a mixture-of-experts router term scores with it, as its
-validation loss does.
+(lm-evaluation-harness's `acc_norm`). `forward_loss` is the cross-entropy alone: a mixture of experts' router term is
+left out, as from its validation loss.
 
 The examples are split over the data-parallel replicas (every rank of a replica scores the same ones, as its
 tensor and pipeline parts need), padded so that every rank runs the same number of forwards, and the counts are

@@ -43,7 +43,8 @@ def text_loss(model, path: str, tokenizer: Tokenizer, batch_size: int, limit: in
     for start in range(0, len(x), batch_size):
         xb, yb = x[start:start + batch_size].to(device), y[start:start + batch_size].to(device)
         tokens = int((yb != -1).sum())
-        total += float(model(xb, yb)[1]) * tokens  # the model's loss is the mean over the targets not ignored
+        # the cross-entropy alone (no MoE router term), the mean over the targets not ignored
+        total += float(model(xb, yb, with_aux=False)[1]) * tokens
         count += tokens
     loss = total / count
     name = task_name(path)

@@ -298,12 +298,14 @@ class GPT(nn.Module):
         if self.rope is not None:
             self.rope.reset_buffers()
 
-    def forward(self, idx: Tensor, targets: Tensor | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor | None]:
+    def forward(self, idx: Tensor, targets: Tensor | None = None, cache: KVCache | None = None, *,
+                with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
         """idx: token ids (B, T), or hidden states (B, T, n_embd) when wte is None.
 
         Returns (logits (B, T, vocab) for every position, or hidden states when lm_head is None; loss or None).
-        The loss is the cross-entropy over targets != -1 plus moe_aux_loss_weight times the MoE aux losses.
+        The loss is the cross-entropy over targets != -1 plus, with `with_aux` (training: what is optimized),
+        moe_aux_loss_weight times the MoE aux losses. Evaluation passes with_aux=False: a validation loss or
+        perplexity is the cross-entropy alone, comparable with dense models' and with transformers' Mixtral.
         """
         T = idx.size(1)
         start = cache.pos if cache is not None else 0
@@ -332,7 +334,7 @@ class GPT(nn.Module):
         loss = None
         if targets is not None:
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-1)
-            if self.cfg.n_expert:
+            if self.cfg.n_expert and with_aux:
                 loss = loss + self.cfg.moe_aux_loss_weight * self.aux_loss()
         return logits, loss
 

@@ -241,7 +241,7 @@ class Strategy:
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         """Loss of one evaluation batch on this rank."""
         with self.autocast(), self.loss_context():
-            _, loss = self.model(x, y)
+            _, loss = self.model(x, y, with_aux=False)
         # a copy: under CUDA graphs (compile_mode=reduce-overhead) the next forward's replay overwrites its output
         return plain(loss.detach()).to(torch.float32, copy=True)
 

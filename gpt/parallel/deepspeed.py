@@ -194,7 +194,7 @@ class DeepSpeed(Strategy):
 
     @torch.no_grad()
     def forward_loss(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _, loss = self.engine(x, y)
+        _, loss = self.engine(x, y, with_aux=False)
         return loss.detach().float()
 
     def local_gradients(self) -> Iterator[tuple[str, torch.Tensor, int]]:

@@ -73,14 +73,16 @@ def test_a_checkpoint_scores_after_the_fact_what_training_logged_at_its_step(dat
     assert (out / "lm_eval" / "order.yaml").is_file() and (out / "lm_eval" / "order.jsonl").is_file()
 
 
-def test_a_text_file_is_scored_on_every_token_after_its_first(tmp_path):
+@pytest.mark.parametrize("n_expert", [0, 4])  # a mixture of experts: the cross-entropy alone, no router term
+def test_a_text_file_is_scored_on_every_token_after_its_first(n_expert, tmp_path):
     from gpt.config.model import ModelConfig
     from gpt.data.tokenizer import CharTokenizer
     from gpt.model.transformer import GPT
 
     tokenizer = CharTokenizer(sorted(set("abcdefgh ")))
     torch.manual_seed(0)
-    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=tokenizer.vocab_size)).eval()
+    model = GPT(ModelConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=tokenizer.vocab_size,
+                            n_expert=n_expert, moe_aux_loss_weight=0.5)).eval()
     text = tmp_path / "t.txt"
     text.write_text("abc defgh abcdefg ")  # 18 tokens: rows of 8, 8 and 1 predicted tokens
     x, y = text_rows(str(text), tokenizer, 8, 0)
@@ -88,7 +90,8 @@ def test_a_text_file_is_scored_on_every_token_after_its_first(tmp_path):
     tokens = torch.tensor(tokenizer.encode(text.read_text()))
     pieces = [tokens[start:start + 9] for start in (0, 8, 16)]  # each row's inputs and its next tokens
     with torch.no_grad():
-        summed = sum(float(model(p[None, :-1], p[None, 1:])[1]) * (len(p) - 1) for p in pieces)
+        summed = sum(float(torch.nn.functional.cross_entropy(model(p[None, :-1])[0][0], p[1:], reduction="sum"))
+                     for p in pieces)
     expected = summed / 17
     figures = text_loss(model, str(text), tokenizer, batch_size=2, limit=0, device="cpu")
     assert figures["text/t/loss"] == pytest.approx(expected, rel=1e-5)

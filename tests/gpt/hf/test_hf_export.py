@@ -53,6 +53,9 @@ def test_exported_model_loads_stock_and_gives_the_same_logits_and_greedy_tokens(
     tokens = torch.randint(0, SMALL["vocab_size"], (3, 40), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(loaded(tokens).logits, model(tokens)[0], rtol=1e-5, atol=1e-5)
+        # the evaluation loss is transformers' (a Mixtral's router term only with output_router_logits)
+        torch.testing.assert_close(loaded(tokens, labels=tokens).loss, model(tokens[:, :-1], tokens[:, 1:],
+                                                                               with_aux=False)[1])
         prompt = tokens[:, :8]
         ours = model.generate(prompt, 24, top_k=1)  # top-1 sampling is greedy
         theirs = loaded.generate(prompt, max_new_tokens=24, do_sample=False)

@@ -271,7 +271,7 @@ def test_moe_output_is_weighted_sum_of_top_k_experts():
     torch.testing.assert_close(moe(x), expected)
 
 
-def test_moe_loss_includes_weighted_aux_loss():
+def test_moe_training_loss_adds_weighted_aux_loss_and_evaluation_loss_is_the_cross_entropy():
     cfg = tiny(n_expert=4, moe_aux_loss_weight=0.5)
     model = seeded_model(cfg)
     idx = tokens(cfg)
@@ -281,6 +281,8 @@ def test_moe_loss_includes_weighted_aux_loss():
     assert aux.item() >= 2.0 - 1e-6  # each layer's aux loss is at least 1
     torch.testing.assert_close(loss, ce + 0.5 * aux)
     torch.testing.assert_close(model.aux_loss(), aux)
+    _, evaluated = model(idx, idx, with_aux=False)
+    torch.testing.assert_close(evaluated, ce)
 
 
 def test_loss_ignores_minus_one_targets():

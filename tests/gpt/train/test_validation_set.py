@@ -52,3 +52,19 @@ def test_the_micro_batch_size_does_not_change_the_validation_loss(prepared_data)
 def test_two_data_parallel_ranks_score_the_validation_loss_of_one(prepared_data):
     got = spawn_ranks(_ddp_rank, 2, {"data": prepared_data})
     assert got[0] == got[1] == pytest.approx(val_loss(prepared_data), abs=1e-5)
+
+
+def test_a_mixture_of_experts_validation_loss_is_the_cross_entropy_without_the_router_term(prepared_data):
+    run = launch_config.parse(compose(*RUN, *prepared_data, "model.n_expert=4", "model.moe_aux_loss_weight=1.0"))
+    ensure_prepared(run.data)
+    model_cfg = model_config(run.model, Path(run.data.dir))
+    strategy = build_strategy_and_model(run, model_cfg, DistEnv(), CPU)
+    data = open_data(run, model_cfg, strategy, CPU)
+    data.prefetch.close()
+    batches = list(data.val)
+    with torch.no_grad():
+        ce = [torch.nn.functional.cross_entropy(strategy.model(x)[0].flatten(0, 1), y.flatten()) for x, y in batches]
+        trained = [strategy.model(x, y)[1] for x, y in batches]  # the training loss: its router term is ~1 here
+    expected = float(torch.stack(ce).mean())
+    assert float(torch.stack(trained).mean()) > expected + 0.5
+    assert validation_loss(strategy, batches, lambda: False) == pytest.approx(expected, rel=1e-5)
