@@ -7,6 +7,7 @@ the sweep to our launcher (hydra_plugins/gptlaunch_launcher), which plans every 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -66,12 +67,28 @@ def _plan(cfg: DictConfig) -> PlannedRun:
     launch_lock.hold(run_dir, while_waiting=lambda: check_free(run_dir, job.job_id, job.restart, ask))
     try:
         planned = _plan_folder(cfg, run_dir, job, ask)
-    except BaseException:
+    except BaseException as e:
         launch_lock.release(run_dir)
+        if isinstance(e, UserError):
+            _forget_refused(run_dir)
         raise
     if planned.finished or planned.live_job:
         launch_lock.release(run_dir)
     return planned
+
+
+def _forget_refused(run_dir: Path) -> None:
+    """A refused command leaves no run folder behind: one that holds nothing but what this launch made in it (its
+    launch lock, Hydra's log of it) goes; a folder with anything else is the run's, and stays as it was."""
+    made = {RunFolder(run_dir).launch_lock.name, f"{HydraConfig.get().job.name}.log"}
+    try:
+        if not set(os.listdir(run_dir)) <= made:
+            return
+        for name in made:
+            (run_dir / name).unlink(missing_ok=True)
+        run_dir.rmdir()
+    except OSError:  # another launch's file meanwhile, or a folder this user cannot change: left as it is
+        pass
 
 
 def _plan_folder(cfg: DictConfig, run_dir: Path, job: JobEnvironment, ask: AskJob) -> PlannedRun:
