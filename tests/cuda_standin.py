@@ -614,18 +614,18 @@ class GraphReplays:
     def __init__(self, cuda: StrictCuda, module: Any):
         self.cuda, self.module, self.outputs = cuda, module, {}
 
-    def __call__(self, *args: Any) -> Any:
-        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args)
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        key = tuple(tuple(a.shape) if isinstance(a, torch.Tensor) else a for a in args) + tuple(sorted(kwargs.items()))
         if key not in self.outputs:
             self.cuda.capturing = True
             try:
                 with HostReads(self.cuda):
-                    captured = self.module(*args)
+                    captured = self.module(*args, **kwargs)
             finally:
                 self.cuda.capturing = False
             self.outputs[key] = tree_map(lambda t: t.detach().clone() if isinstance(t, torch.Tensor) else t, captured)
             return self.outputs[key]
-        replayed, static = tree_flatten(self.module(*args))[0], tree_flatten(self.outputs[key])[0]
+        replayed, static = tree_flatten(self.module(*args, **kwargs))[0], tree_flatten(self.outputs[key])[0]
         for out, new in zip(static, replayed):
             if isinstance(out, torch.Tensor):
                 out.copy_(new.detach())

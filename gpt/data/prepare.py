@@ -92,10 +92,7 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
     val_files = input_files(val_path, fmt, "data.val_path") if val_path else []
     inputs = Inputs(files, val_files, tokenizer_file, _settings(fmt, field, tokenizer, vocab_size, val_fraction,
                                                                 shard_tokens))
-    if _is_prepared(out_dir, inputs):
-        if (out_dir, inputs.listing) not in _SAID_PREPARED:  # a sweep plans every point against the same data: once
-            _SAID_PREPARED.add((out_dir, inputs.listing))
-            log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
+    if _already_prepared(out_dir, inputs, text_path):
         return out_dir
     refuse_other(out_dir, inputs)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -124,9 +121,8 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
             meta.update(described)
         _write_synced(tmp / INPUTS_FILE, json.dumps(inputs.rows).encode())
         _write_synced(tmp / META_FILE, json.dumps(meta, indent=2).encode())
-    except UserError:
-        if node == 0:  # inputs it cannot read: no part of its work is kept for a run that fixes them (another listing)
-            shutil.rmtree(tmp, ignore_errors=True)
+    except UserError:  # inputs it cannot read: no part of its work is kept, for a run that fixes them has another
+        shutil.rmtree(tmp, ignore_errors=True)  # listing (every node's preparation fails with the job)
         raise
     except FileNotFoundError:
         # Two preparations of the same inputs share one temp folder: the one that finished first moved it into
@@ -140,6 +136,15 @@ def prepare(text_path: str | Path, out_dir: str | Path, tokenizer: str = "char",
     log.info("prepared %s in %.1fs: vocab %d, %d train and %d val tokens", out_dir, time.monotonic() - start,
              meta["vocab_size"], meta["splits"]["train"]["tokens"], meta["splits"]["val"]["tokens"])
     return out_dir
+
+
+def _already_prepared(out_dir: Path, inputs: Inputs, text_path: str | Path) -> bool:
+    if not _is_prepared(out_dir, inputs):
+        return False
+    if (out_dir, inputs.listing) not in _SAID_PREPARED:  # a sweep plans every point against the same data: once
+        _SAID_PREPARED.add((out_dir, inputs.listing))
+        log.info("%s is already prepared from %s; nothing to do", out_dir, text_path)
+    return True
 
 
 def _settings(fmt: str, field: str, tokenizer: str, vocab_size: int | None, val_fraction: float,
