@@ -196,9 +196,9 @@ class SlurmJob(JobEnvironment):
                 return False, _not_requeued(job, info)
         error = self._ask_requeue(job)
         if error is None:
-            if past:
-                return True, (f"requeued job {job} (restart {self.restart + 1}, past preemption.max_restarts="
-                              f"{max_restarts}: Slurm's PreemptMode=REQUEUE requeues a preempted job)")
+            if preempted is not None:  # Slurm would requeue it anyway: the limit bounds the job's own requeues only
+                return True, (f"requeued job {job} after Slurm's preemption (restart {self.restart + 1}; "
+                              f"preemption.max_restarts={max_restarts} does not stop PreemptMode=REQUEUE)")
             return True, f"requeued job {job} (restart {self.restart + 1} of at most {max_restarts})"
         return False, f"scontrol requeue {job} failed ({error}): submit the same command again to resume"
 

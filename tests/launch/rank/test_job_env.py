@@ -179,5 +179,5 @@ def test_slurms_requeue_preemption_requeues_past_the_restart_limit_and_cancel_ne
     monkeypatch.setattr(commands, "requeue", asked.append)
     done, why = SlurmJob({"SLURM_JOB_ID": "42", "SLURM_RESTART_COUNT": "2"}).requeue(max_restarts=2)
     assert (done, asked) == (requeued, ["42"] if requeued else []), why
-    assert why == ("requeued job 42 (restart 3, past preemption.max_restarts=2: Slurm's PreemptMode=REQUEUE "
-                   "requeues a preempted job)" if requeued else "not requeued: Slurm's preemption cancels job 42")
+    assert why == ("requeued job 42 after Slurm's preemption (restart 3; preemption.max_restarts=2 does not stop "
+                   "PreemptMode=REQUEUE)" if requeued else "not requeued: Slurm's preemption cancels job 42")
