@@ -148,9 +148,14 @@ def resumable(path: Path) -> Path:
     full = newest_full(list_checkpoints(chosen.parent)) if chosen != Path(path) else None
     if full is not None:
         return full
-    raise UserError(f"resume={path}: {chosen} holds the weights alone (checkpoint.final_model_only), without the "
-                    f"optimizer state a run continues with; to start a run from these weights, export them "
-                    f"(python -m gpt.export {chosen} DIR) and train with init=hf:DIR (docs/export.md)")
+    raise weights_alone(chosen, f"resume={path}")
+
+
+def weights_alone(path: Path, what: str) -> UserError:
+    """`what` (resume=PATH, or the run itself) has nothing to continue from but `path`, the weights alone."""
+    return UserError(f"{what}: {path} holds the weights alone (checkpoint.final_model_only), without the optimizer "
+                     f"state a run continues with; to train on from these weights, export them (python -m gpt.export "
+                     f"{path} DIR) and start a new run with init=hf:DIR (docs/export.md)")
 
 
 def _diverged_at(path: Path) -> int | None:

@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.safe_load import warn_if_foreign
-from gpt.checkpoint.store import check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resumable, verify
+from gpt.checkpoint.store import (check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resumable, verify,
+                                  weights_alone)
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.config.model import ModelConfig
@@ -88,9 +89,7 @@ class Resume:
         full = [p for p in own if holds_optimizer(p)]
         if own and own[0] not in full:
             if not full:
-                raise UserError(f"{own[0]} holds the weights alone (checkpoint.final_model_only), and no checkpoint "
-                                "of the run holds its optimizer state to continue from: train a new run (run=NAME) to "
-                                "the longer train.max_steps")
+                raise weights_alone(own[0], "the run")
             if self.env.is_main:
                 log.info("%s holds the weights alone (checkpoint.final_model_only): resuming from %s, the newest "
                          "checkpoint that holds its optimizer state", own[0].name, full[0].name)

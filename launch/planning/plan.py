@@ -17,7 +17,8 @@ from gpt.config.data import DataConfig
 from gpt.config.model import ModelConfig
 from gpt.config.train import TrainConfig
 from gpt.data import check_tokenizer_vocab, check_vocab, ensure_prepared, is_prepared
-from gpt.checkpoint.store import check_fingerprint, list_checkpoints, newest_full, read_meta, resumable
+from gpt.checkpoint.store import (check_fingerprint, list_checkpoints, newest_full, read_meta, resumable,
+                                  weights_alone)
 from gpt.errors import ConfigError, UserError
 from gpt.hf.folder import FILLED, PREFIX, check_init, filled_model
 from gpt.parallel import plan_layout
@@ -186,9 +187,13 @@ def check_checkpoint_loads(run: LaunchConfig, model: ModelConfig, run_dir: Path,
     """The checkpoint the ranks will load (the run's newest that holds its optimizer, else resume=PATH's, whose
     model must be `model`) in a format this strategy on `world_size` ranks loads: refused here, not by the ranks
     once the job has queued. One whose meta.json cannot be read is left to the ranks, which fall back."""
-    own = newest_step(run_dir) is not None
+    newest = newest_step(run_dir)
+    own = newest is not None
     if own:
-        path = newest_full(list_checkpoints(RunFolder(run_dir).checkpoints))
+        checkpoints = list_checkpoints(RunFolder(run_dir).checkpoints)
+        path = newest_full(checkpoints)
+        if path is None and checkpoints and newest < run.train.max_steps:  # more steps, from the weights alone
+            raise weights_alone(checkpoints[-1], f"train.max_steps={run.train.max_steps}")
     else:
         path = None if run.resume.lower() in KEYWORDS else resumable(Path(run.resume))
     if path is None:

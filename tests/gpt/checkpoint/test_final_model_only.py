@@ -53,6 +53,20 @@ def test_a_finished_run_keeps_its_weights_alone_and_goes_on_from_its_newest_full
                             "step_00000004, the newest checkpoint that holds its optimizer state") in caplog.text
 
 
+@pytest.mark.slow
+def test_more_steps_from_the_weights_alone_are_refused_at_planning(tmp_path, data):
+    from gpt.errors import UserError
+
+    run_dir = tmp_path / "run"
+    trainer(run_dir, data, "train.max_steps=3", "checkpoint.interval_steps=0").fit()
+    alone = run_dir / "checkpoints" / "step_00000003"
+    assert [p.name for p in list_checkpoints(run_dir / "checkpoints")] == [alone.name]
+    with pytest.raises(UserError, match=rf"^train.max_steps=5: {alone} holds the weights alone .*export them "
+                                        rf"\(python -m gpt.export {alone} DIR\) and start a new run with init=hf:DIR"):
+        trainer(run_dir, data, "train.max_steps=5", "checkpoint.interval_steps=0")
+    assert "max_steps: 3" in (run_dir / "config.yaml").read_text()  # refused before the folder's config changed
+
+
 def test_bf16_alone_is_refused_with_its_optimizer(tmp_path, data):
     with pytest.raises(ConfigError, match="checkpoint.final_dtype"):
         trainer(tmp_path / "run", data, "checkpoint.final_model_only=false")
@@ -76,7 +90,7 @@ def test_resume_path_at_weights_alone_is_refused_at_planning_and_a_run_folder_gi
     full, alone = fake_checkpoint(other, 4), fake_checkpoint(other, 5, model_only=True)
     assert resumable(other) == full and resumable(full) == full  # a run folder: the newest that continues
     with pytest.raises(UserError, match=rf"resume={alone}: {alone} holds the weights alone .*export them "
-                                        rf"\(python -m gpt.export {alone} DIR\) and train with init=hf:DIR"):
+                                        rf"\(python -m gpt.export {alone} DIR\) and start a new run with init=hf:DIR"):
         plan(tmp_path / "run", *BASE, f"data.dir={tmp_path / 'data'}", f"resume={alone}")
     assert not (tmp_path / "run" / "config.yaml").exists()  # refused before anything was written
     (full / "meta.json").write_text(json.dumps({"step": 4, "model_only": "fp32"}))
