@@ -33,6 +33,7 @@ import json
 import logging
 import multiprocessing
 import os
+import re
 import shutil
 import sys
 import time
@@ -442,9 +443,24 @@ def main(argv: list[str] | None = None) -> int:
                 fmt=args.format, field=args.field, val_path=args.val, tokenizer_file=args.tokenizer_file,
                 workers=args.workers)
     except UserError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {as_flags(str(e))}", file=sys.stderr)
         return 2
     return 0
+
+
+FLAGS = {"data.text_path": "--text", "data.val_path": "--val", "data.dir": "--out", "data.format": "--format",
+         "data.field": "--field", "data.tokenizer": "--tokenizer", "data.tokenizer_file": "--tokenizer-file",
+         "data.vocab_size": "--vocab-size", "data.val_fraction": "--val-fraction", "val_fraction": "--val-fraction",
+         "data.shard_tokens": "--shard-tokens"}
+
+
+def as_flags(message: str) -> str:
+    """A refusal worded for `python -m launch` (data.field='body'), in this command's flags (--field 'body')."""
+    def flag(m: re.Match) -> str:
+        key, value = m.group(1), m.group(2)
+        return FLAGS[key] + (" " if value else "") if key in FLAGS else m.group(0)
+
+    return re.sub(r"\b((?:data\.)?[a-z_]+)(=?)", flag, message)
 
 
 if __name__ == "__main__":

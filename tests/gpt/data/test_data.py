@@ -267,6 +267,16 @@ def test_missing_text_file_is_user_error_naming_the_path(tmp_path, capsys):
     assert str(missing) in capsys.readouterr().err
 
 
+def test_the_standalone_command_words_its_refusals_in_its_own_flags(tmp_path, capsys):
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text('{"body": 1}\n')
+    assert prepare_main(["--text", str(corpus), "--format", "jsonl", "--field", "body", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith(f"error: {corpus}:1: --field 'body' is int, not a string\n")
+    corpus.write_text('{"body": "one document"}\n')
+    assert prepare_main(["--text", str(corpus), "--format", "jsonl", "--field", "body", "--out", str(tmp_path / "o")]) == 2
+    assert capsys.readouterr().err.endswith("too few documents for --val-fraction 0.1; give --val or more documents\n")
+
+
 @pytest.mark.parametrize("kwargs, key", [
     ({"tokenizer": "word"}, "data.tokenizer"),
     ({"tokenizer": "bpe", "vocab_size": 256}, "data.vocab_size"),
