@@ -122,7 +122,9 @@ class PreemptionConfig:
 
 @dataclass(frozen=True)
 class RendezvousConfig:
-    timeout_s: float | None = 180.0  # every rank must join the process group within this, else the missing are named
+    # every rank must join the process group within this, else the missing are named: 300 s, as torch's store waits,
+    # for nodes that import from a busy shared file system or unpack a container image
+    timeout_s: float | None = 300.0
 
     def validate(self) -> None:
         at_least("rendezvous.timeout_s", self.timeout_s, 1e-3, "a positive number of seconds, or null", none_ok=True)
@@ -132,7 +134,9 @@ class RendezvousConfig:
 class WatchdogConfig:
     """How long a rank may make no progress before its watchdog (launch.recovery.watchdog) reports a hang and ends the
     attempt (RUN_DIR/hang-*.txt). Each budget counts from the rank's last progress mark (a step, a collective entered
-    or left, a save, an evaluation batch); startup_s counts from the rank's start to its first step."""
+    or left, a save, an evaluation batch); startup_s bounds each phase of start-up in turn (joining, the health checks,
+    building the model, loading a checkpoint, the first step and its compile), not their sum, which grows with the
+    model and the world."""
 
     enabled: bool = True
     startup_s: float = 600.0

@@ -34,12 +34,12 @@ class Progress:
     halted: bool = False  # the watchdog has ended this attempt: the main thread must not go on
     step_times: deque = field(default_factory=lambda: deque(maxlen=1000))
     save_times: deque = field(default_factory=lambda: deque(maxlen=100))  # whole saves, from their phase marks
-    longest: dict = field(default_factory=dict)  # per kind, the longest stretch without a mark (startup: in all)
+    longest: dict = field(default_factory=dict)  # per kind, the longest stretch without a mark
     _step_began: float = 0.0
     _save_began: float = 0.0
 
     def _mark(self, now: float) -> None:
-        used = now - (self.started if self.kind == "startup" else self.since)
+        used = now - self.since
         self.longest[self.kind] = max(self.longest.get(self.kind, 0.0), used)
         self.since = now
 

@@ -78,7 +78,7 @@ class Watchdog:
         p, now = self.progress, time.monotonic() if now is None else now
         kind = p.kind if p.first_step_done else "startup"
         key, seconds = self.budget_for(kind)
-        return key, seconds, now - (p.started if kind == "startup" else p.since)
+        return key, seconds, now - p.since  # start-up too: each of its phases in turn (a large checkpoint's load)
 
     def budget_for(self, kind: str) -> tuple[str, float]:
         c = self.cfg

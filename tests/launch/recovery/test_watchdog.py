@@ -33,6 +33,20 @@ def hang_report(run_dir) -> dict:
     return json.loads(hang_path(run_dir).read_text())
 
 
+def test_start_up_budget_bounds_each_phase_not_their_sum(tmp_path):
+    """A large model's start (the join, its checkpoint's load, the first compile) may take longer than startup_s in
+    all: each phase is bounded, so a hang in any of them is still seen within startup_s of its last mark."""
+    progress = Progress()
+    dog = Watchdog(WatchdogConfig(startup_s=600), tmp_path, 0, 1, "h", 1, lambda r: None, progress)
+    progress.phase("startup", "choosing and loading a checkpoint")
+    now = time.monotonic()
+    progress.started, progress.since = now - 1000, now - 400  # up 1,000 s, loading for 400 s
+    assert dog.budget(now) == ("watchdog.startup_s", 600, 400)
+    progress.phase("step", "step 0", 0)  # the first step, its compile: start-up's last phase, a budget of its own
+    assert dog.budget(progress.since + 500)[:2] == ("watchdog.startup_s", 600)
+    assert dog.budget(progress.since + 500)[2] == pytest.approx(500)
+
+
 @pytest.mark.timeout(240)
 @pytest.mark.slow
 def test_hang_in_a_step_is_reported_within_step_s(tmp_path, data_overrides):
