@@ -96,7 +96,7 @@ def run_ours(pair: Pair, steps: int, tiny: bool, extra: list[str], folder: Path,
     if proc.returncode:
         return {"error": f"exit {proc.returncode}: {(proc.stderr.strip().splitlines() or ['?'])[-1]}"}
     lines = (run_dir / "metrics" / "rank0.jsonl").read_text().splitlines()
-    timed = next(r for r in map(json.loads, lines) if r["kind"] == "train" and r["step"] == 2 * steps - 1)
+    timed = next(r for r in map(json.loads, lines) if r["kind"] == "train" and r["step"] == 2 * steps)
     out = {"tokens_per_s": timed["tokens_per_s"], "step_s": (pair.micro * pair.accum * block(pair))
            / timed["tokens_per_s"], "mfu": timed.get("mfu"), "peak_gib": timed.get("mem/peak_gib"),
            "reserved_gib": timed.get("mem/reserved_gib"), "loss": timed["loss"],

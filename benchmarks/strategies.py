@@ -70,7 +70,7 @@ def run_one(name: str, overrides: list[str], world: int, steps: int, common: lis
     timed = per_rank[0][-steps:]
     memory_key = "mem/peak_gib" if "mem/peak_gib" in timed[-1] else "mem/rss_gib"
     step_s = statistics.median(r["step_time_s"] for r in timed)
-    tokens_per_step = timed[-1]["tokens_seen"] // (timed[-1]["step"] + 1)
+    tokens_per_step = timed[-1]["tokens_seen"] // timed[-1]["step"]
     return {
         "ranks": world,
         "tokens_per_step": tokens_per_step,

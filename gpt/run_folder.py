@@ -118,6 +118,24 @@ def read_json_lines(path: Path) -> list[Any]:
     return out
 
 
+# A metrics record's own field: its step counts the steps done, as checkpoints and the log count them (the log's
+# `step 10/100` is step 10). A train or memory record written before it (an older run folder) counted from 0: the
+# index of its step, one less.
+STEP_COUNTS = "step_counts"
+
+
+def in_steps_done(record: Any) -> Any:
+    """A metrics record with its step as the steps done, whichever way it was written."""
+    old = isinstance(record, dict) and STEP_COUNTS not in record and isinstance(record.get("step"), int) \
+        and record.get("kind", "train") in ("train", "memory")
+    return {**record, "step": record["step"] + 1} if old else record
+
+
+def read_metrics_lines(path: Path) -> list[Any]:
+    """A metrics file's records (read_json_lines), every step counting the steps done (in_steps_done)."""
+    return [in_steps_done(r) for r in read_json_lines(path)]
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """The paths of one run folder's files (AttemptsLog writes the attempts log; the one record written here is

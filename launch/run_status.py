@@ -17,7 +17,7 @@ from launch import launch_config
 from gpt.config.report import ReportConfig
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
-from gpt.run_folder import CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder
+from gpt.run_folder import CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder, read_metrics_lines
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import failed_saves_line, ran_on
@@ -136,7 +136,7 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     max_steps = _max_steps(run_dir)
     train = _train_records(run_dir)
     saved = newest_step(run_dir)  # where a stop between log steps left it
-    step = max((s for s in (train[-1]["step"] + 1 if train else None, saved) if s is not None), default=None)
+    step = max((s for s in (train[-1]["step"] if train else None, saved) if s is not None), default=None)
     tokens = steady_tokens_per_s(train)
     times = [r["step_time_s"] for r in train[-20:] if isinstance(r.get("step_time_s"), (int, float))]
     eta = statistics.median(times) * (max_steps - step) if times and step is not None and max_steps else None
@@ -199,18 +199,10 @@ def steady_tokens_per_s(train: list[dict[str, Any]]) -> float | None:
 
 
 def _train_records(run_dir: Path) -> list[dict[str, Any]]:
-    """Rank 0's train records in step order (a requeued attempt appends to the same file)."""
-    try:
-        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
-    except OSError:
-        return []
+    """Rank 0's train records in step order, the steps done (a requeued attempt appends to the same file)."""
     by_step: dict[int, dict[str, Any]] = {}
-    for line in lines:
-        try:
-            r = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a killed job
-        if r.get("kind") == "train" and isinstance(r.get("step"), int):
+    for r in read_metrics_lines(RunFolder(run_dir).metrics_file(0)):
+        if isinstance(r, dict) and r.get("kind") == "train" and isinstance(r.get("step"), int):
             by_step[r["step"]] = r
     return [by_step[s] for s in sorted(by_step)]
 

@@ -11,14 +11,13 @@ sqrt(2 x the cost of one save x the mean time between interruptions).
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from gpt.run_folder import CANCELLED, CTRL_C, AttemptLine, RunFolder
+from gpt.run_folder import CANCELLED, CTRL_C, AttemptLine, RunFolder, read_metrics_lines
 
 PRIOR_MTBI_H = 24.0  # the prior mean time between interruptions, until the run has seen some
 PRIOR_SAVE_S = 30.0  # the prior cost of a save, until the run has measured one
@@ -48,15 +47,11 @@ class Spent:
 
 
 def _records(run_dir: Path, since: float) -> list[dict]:
-    """Rank 0's metrics records from `since` on (a line cut short by a kill is skipped)."""
-    try:
-        lines = RunFolder(run_dir).metrics_file(0).read_text().splitlines()
-    except OSError:
-        return []
+    """Rank 0's metrics records from `since` on, their steps counting the steps done (a line cut short by a kill is
+    skipped)."""
     records = []
-    for line in lines:
+    for r in read_metrics_lines(RunFolder(run_dir).metrics_file(0)):
         try:
-            r = json.loads(line)
             if float(r.get("time", 0.0)) >= since:
                 records.append(r)
         except (ValueError, TypeError, AttributeError):
@@ -80,11 +75,10 @@ def last_record_time(run_dir: Path, since: float) -> float | None:
 
 
 def last_trained_step(run_dir: Path, since: float) -> int | None:
-    """How many steps the run had trained at rank 0's last record from `since` on (an attempt whose trainer cannot
-    say), counted as checkpoints and last_step count them: a train record's step is the index, from 0, of the step
-    that closed its window, so one more."""
+    """How many steps the run had trained at rank 0's last train record from `since` on (an attempt whose trainer
+    cannot say): its step, the steps done, as checkpoints and last_step count them."""
     steps = [r["step"] for r in _records(run_dir, since) if r.get("kind") == "train" and isinstance(r.get("step"), int)]
-    return max(steps) + 1 if steps else None
+    return max(steps) if steps else None
 
 
 ESTIMATED = "estimated"  # a goodput record's key: how an attempt that recorded no time was timed afterwards

@@ -19,7 +19,7 @@ from gpt.config.credentials import redacted
 from gpt.config.parse import to_plain
 from gpt.config.schema import RunConfig
 from gpt.resilience.disk_faults import Outage, RecordFile
-from gpt.run_folder import RunFolder
+from gpt.run_folder import STEP_COUNTS, RunFolder, in_steps_done
 from gpt.train.event_file import EventFile
 from gpt.train.tracker import TrackerRun, open_tracker
 
@@ -73,7 +73,7 @@ def layer_grad_norms(local_grads: Iterable[tuple[str, torch.Tensor, int]], keys:
     return {f"grad_norm/{k}": math.sqrt(max(v, 0.0)) for k, v in zip(keys, total.tolist())}
 
 
-RECORD_FIELDS = ("kind", "step", "rank", "host", "time", "elapsed_s")  # a record's own fields, not measured values
+RECORD_FIELDS = ("kind", "step", STEP_COUNTS, "rank", "host", "time", "elapsed_s")  # a record's own fields
 
 
 def scalars(kind: str, values: dict) -> dict[str, float]:
@@ -88,8 +88,8 @@ def _ranks_beyond(folder: RunFolder, world_size: int) -> list[int]:
 
 
 def _drop_from(path: Path, resume_step: int, keep_val_at_resume: bool, tracker: TrackerRun | None = None) -> None:
-    """Keep the records of steps before `resume_step` (and its evaluation, if it is not run again); give the
-    tracker those it lacks."""
+    """Keep the records up to `resume_step` steps done (its evaluation only if it is not run again); give the tracker
+    those it lacks. An older folder's records are kept as they were written (gpt.run_folder.in_steps_done)."""
     if not path.exists():
         return
     keep = []
@@ -98,8 +98,8 @@ def _drop_from(path: Path, resume_step: int, keep_val_at_resume: bool, tracker: 
             r = json.loads(line)
         except json.JSONDecodeError:  # cut short by a killed attempt
             continue
-        step = r.get("step", -1)
-        if step < resume_step or (step == resume_step and r.get("kind") == "val" and keep_val_at_resume):
+        step = in_steps_done(r).get("step", -1)
+        if step < resume_step or (step == resume_step and (r.get("kind") != "val" or keep_val_at_resume)):
             keep.append(line)
             if tracker is not None:
                 tracker.log(step, scalars(r.get("kind", "train"), r))
@@ -117,7 +117,7 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, rank: int, hostname: str, resume_step: int | None = None,
                  keep_val_at_resume: bool = True, world_size: int | None = None, tracker: TrackerRun | None = None):
         """resume_step: the step this attempt starts from (its checkpoint's, or 0); records an earlier attempt
-        wrote from it on (steps it trained but did not checkpoint) are dropped, here and in TensorBoard
+        wrote after it (steps it trained but did not checkpoint) are dropped, here and in TensorBoard
         (purge_step), so the run reads as one continuous run. Rank 0 drops them too from the files of ranks
         beyond `world_size` (an earlier attempt's, before a resume on fewer ranks), which no rank writes now. An
         experiment tracker cannot drop points: it is given the records kept here that it lacks (an earlier attempt
@@ -136,14 +136,15 @@ class MetricsWriter:
         self.jsonl = RecordFile(path, Outage(f"metrics file {path.name}", path.parent,
                                              "its records are dropped until there is room; training goes on"))
         tb_dir = self.tb_dir
+        purge = None if resume_step is None else resume_step + 1  # the records at resume_step are its checkpoint's
         self.events = EventFile(tb_dir, Outage("TensorBoard events", tb_dir,
-                                               "they are dropped until there is room; training goes on"), resume_step)
+                                               "they are dropped until there is room; training goes on"), purge)
         for r in gone:
-            EventFile(folder.tensorboard_run(r), self.events.file.outage, resume_step).close()
+            EventFile(folder.tensorboard_run(r), self.events.file.outage, purge).close()
 
     def write(self, step: int, values: dict[str, float | None], kind: str = "train") -> None:
-        record = {"kind": kind, "step": step, "rank": self.rank, "host": self.hostname, "time": time.time(),
-                  "elapsed_s": time.time() - self.start, **values}
+        record = {"kind": kind, "step": step, STEP_COUNTS: "done", "rank": self.rank, "host": self.hostname,
+                  "time": time.time(), "elapsed_s": time.time() - self.start, **values}
         points = scalars(kind, values)
         self.jsonl.append((json.dumps(record) + "\n").encode())
         self.events.add(step, Summary(value=[v for key, value in points.items() for v in scalar(key, value).value]))
@@ -157,7 +158,7 @@ class MetricsWriter:
         self.events.close()
         _drop_from(self.path, step, keep_val_at_resume=True)
         self.jsonl = RecordFile(self.path, self.jsonl.outage)
-        self.events = EventFile(self.tb_dir, self.events.file.outage, step)
+        self.events = EventFile(self.tb_dir, self.events.file.outage, step + 1)
 
     def text(self, tag: str, text_string: str) -> None:
         self.events.add(0, text(tag, text_string))

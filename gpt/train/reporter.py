@@ -126,7 +126,8 @@ class StepReporter:
             self.metrics.text("banner", "    " + self.banner().replace("\n", "\n    "))
 
     def record(self, step: int, result: StepResult, lr: float) -> dict[str, Any]:
-        """The metrics record of the window that `step` closes (every rank: the straggler check is a collective)."""
+        """The metrics record of the window closed once `step` steps are done (every rank: the straggler check is a
+        collective)."""
         if self.shape.device.type == "cuda":
             torch.cuda.synchronize(self.shape.device)
         window_s, window = time.perf_counter() - self.window.start, self.window
@@ -138,7 +139,7 @@ class StepReporter:
             **window.read(window_s),  # the step's parts, means over the window
             "tokens_per_s": tokens_per_s,
             "tokens_per_s_rank": tokens_per_s / self.env.world_size,
-            "tokens_seen": (step + 1) * self.tokens_per_step,
+            "tokens_seen": step * self.tokens_per_step,
         }
         # A rank computes flops_share() of the FLOPs of each token its replica trains on (tp and stages split them).
         replica_tokens_per_s = tokens_per_s / self.strategy.dp_size
@@ -163,8 +164,9 @@ class StepReporter:
         return values
 
     def memory_held(self, step: int, parts: MemoryParts) -> None:
-        """What the rank holds after its first step, by part: a metrics record of its own (kind "memory")."""
-        self.metrics.write(step, parts.metrics(), kind="memory")
+        """What the rank holds after its first step (index `step`), by part: a metrics record of its own (kind
+        "memory"), at the steps done then, as every record."""
+        self.metrics.write(step + 1, parts.metrics(), kind="memory")
         if self.env.is_main:
             log.info("memory held by rank 0 in its first step: %s", parts.describe())
 
@@ -176,7 +178,7 @@ class StepReporter:
             return
         worst = max(events, key=lambda e: e.busy_s - e.median_s)
         save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
-        mine = decide(worst, worst.median_s, self.train.max_steps - step - 1, save_s,
+        mine = decide(worst, worst.median_s, self.train.max_steps - step, save_s,
                       RunFolder(self.shape.run_dir).attempts.read())
         decision = ExclusionDecision(**from_rank0_object(asdict(mine)))
         if self.env.is_main:

@@ -176,9 +176,9 @@ class Trainer:
                                               layer_norms=log_now and t.layer_grad_norms, loss_factor=loss_factor)
         self.hooks.after_step(self.step)
         window.step_done(result.clock)
-        values = self.reporter.record(self.step, result, lr) if log_now else None
         self.guard.after_step(self.step, result.skipped)  # a skipped update: the step and its batches are spent
         self.step += 1  # trained: a rollback the guard raises below undoes it too
+        values = self.reporter.record(self.step, result, lr) if log_now else None  # at the steps done, as checkpoints
         if values is not None:  # the loss was read: the guard's tally is read with it
             self.guard.settle()
             self.guard.after_record(self.step - 1, values["loss"])

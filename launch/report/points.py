@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.store import newest_sound, step_of
-from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder, read_json_lines
+from gpt.run_folder import NOT_RUNS, AttemptLine, RunFolder, read_json_lines, read_metrics_lines
 from launch.launch_config import LaunchConfig
 
 log = logging.getLogger(__name__)
@@ -196,12 +196,6 @@ def find_run_folders(root: Path, max_depth: int = 4) -> list[Path]:
     return found
 
 
-def _jsonl(path: Path) -> Iterable[dict[str, Any]]:
-    for line in path.read_text().splitlines():
-        try:
-            yield json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut short by a killed job
 
 
 def _newest_per_step(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -245,7 +239,7 @@ def load_point(path: Path, root: Path) -> PointResult:
     folder = RunFolder(path)
     for f in folder.metrics_files():
         rank = int(f.stem.removeprefix("rank"))
-        recs = list(_jsonl(f))
+        recs = [r for r in read_metrics_lines(f) if isinstance(r, dict)]  # a line cut short by a kill is skipped
         train = _newest_per_step(r for r in recs if r.get("kind") == "train")
         records[rank] = [r for r in train if r.get("step_time_s") is not None]
         if rank == 0:

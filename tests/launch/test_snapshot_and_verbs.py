@@ -11,6 +11,7 @@ import time
 import pytest
 
 from gpt.config import schema
+from gpt.run_folder import STEP_COUNTS
 from launch import launch_config
 from helpers import REPO, compose
 from launch import snapshot
@@ -107,14 +108,17 @@ def test_a_snapshot_of_this_checkout_is_fast(tmp_path):
     assert (taken.path / "launch" / "snapshot.py").is_file() and (taken.path / "configs" / "config.yaml").is_file()
 
 
-def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path):
+@pytest.mark.parametrize("counted", [{STEP_COUNTS: "done"}, {}], ids=["steps-done", "older-folder"])
+def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_path, counted):
+    """An older folder's train records counted their steps from 0: its last, step 4, was the 5th."""
     run = tmp_path / "sweep" / "nodes=1"
     (run / "metrics").mkdir(parents=True)
     schema.save(launch_config.parse(compose("train.max_steps=5")), run / "config.yaml")
+    first = 1 if counted else 0
     (run / "metrics" / "rank0.jsonl").write_text("".join(
-        json.dumps({"kind": "train", "step": s, "tokens_per_s": t, "step_time_s": 0.5}) + "\n"
-        for s, t in enumerate((10.0, 100.0, 110.0, 90.0, 40.0))))  # status says the report's figure: the median after
-    # the first window (compiling), not the last one
+        json.dumps({"kind": "train", "step": s, **counted, "tokens_per_s": t, "step_time_s": 0.5}) + "\n"
+        for s, t in enumerate((10.0, 100.0, 110.0, 90.0, 40.0), first)))  # status says the report's figure: the
+    # median after the first window (compiling), not the last one
     (run / "attempts.jsonl").write_text(json.dumps({"ended": "finished", "goodput": {
         "allocated_s": 4.0, "train_s": 2.0, "steps": 5}}) + "\n")
     (run / "summary.json").write_text("{}")
@@ -272,12 +276,13 @@ def test_a_run_stopped_by_a_signal_or_a_preemption_is_stopped_not_failed(tmp_pat
     attempts = RunFolder(tmp_path).attempts
     attempts.append("7", 0, {"first_step": 0, "last_step": 9, "ended": "preempted by another job (Slurm, at 12:00; "
                              "partition lowcancel, PreemptMode=CANCEL, GraceTime=20 s)", "requeued": False})
-    saved = tmp_path / "checkpoints" / "step_00000009"  # the save at the stop, after the last logged step (4)
+    saved = tmp_path / "checkpoints" / "step_00000009"  # the save at the stop, after the last logged step (5)
     saved.mkdir(parents=True)
     (saved / ".metadata").write_bytes(b"")
     (saved / "meta.json").write_text(json.dumps({"files": {}, "save_index": 0}))
     (tmp_path / "metrics").mkdir()
-    (tmp_path / "metrics" / "rank0.jsonl").write_text(json.dumps({"kind": "train", "step": 4}) + "\n")
+    (tmp_path / "metrics" / "rank0.jsonl").write_text(json.dumps({"kind": "train", "step": 5, STEP_COUNTS: "done"})
+                                                      + "\n")
     stopped = read_status(tmp_path, {})
     assert stopped.verdict == STOPPED and stopped.interrupted.startswith("preempted by another job"), stopped
     assert stopped.step == 9, stopped

@@ -22,16 +22,16 @@ RUN = ["model=tiny", "train.max_steps=16", "train.warmup_steps=2", "train.log_in
 @pytest.mark.parametrize("kind", ["mlflow"])
 def test_a_killed_attempt_and_its_continuation_log_each_point_once(tmp_path, kind):
     run_dir = tmp_path / "run"
-    # rank 0 dies at step 13 after logging steps up to 12; the next attempt resumes from step 10
+    # rank 0 dies in step 13 (from 0) after logging 13 steps done; the next attempt resumes from step 10
     killed = launch(f"tracking={kind}", *RUN, "debug.kill_rank=0", "debug.kill_step=13", "preemption.in_job_restarts=0", run_dir=run_dir,
                     check=False)
     assert killed.returncode != 0
     ids, before = tracker_points(kind, run_dir)
     last = max(step for _, step in before)
-    assert len(ids) == 1 and (last == 12 if kind == "mlflow" else last >= 5), sorted(before)
+    assert len(ids) == 1 and (last == 13 if kind == "mlflow" else last >= 5), sorted(before)
     launch(f"tracking={kind}", *RUN, run_dir=run_dir)
     assert_tracked_once(kind, run_dir, ids)
-    assert {step for key, step in expected_points(run_dir) if key == "train/loss"} == set(range(16))
+    assert {step for key, step in expected_points(run_dir) if key == "train/loss"} == set(range(1, 17))
     report = subprocess.run([sys.executable, "-m", "launch.report", str(run_dir)], cwd=REPO, capture_output=True,
                             text=True, timeout=300)
     assert report.returncode == 0, report.stderr[-3000:]

@@ -226,7 +226,7 @@ def test_a_killed_rank_requeues_once_then_fails_clearly_and_the_same_command_res
         job.kill_rank(0)
 
     kill_inside_the_save(0)
-    assert job.training(restarts=1) >= 5  # requeued by the killed rank's task, and resumed from step 5
+    assert job.training(restarts=1) > 5  # requeued by the killed rank's task, and resumed from step 5
     kill_inside_the_save(time.time() - 5)
     assert job.wait(timeout=120) == 1
     text = job.text()

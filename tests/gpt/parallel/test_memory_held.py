@@ -85,7 +85,7 @@ def test_each_rank_records_exactly_the_state_its_layout_holds_and_the_estimate_i
         name, tmp_path_factory, data_overrides):
     run_dir = run(name, tmp_path_factory, data_overrides)
     records = [read_metrics(run_dir, rank, kind="memory") for rank in range(ranks(name))]
-    assert all(len(r) == 1 and r[0]["step"] == 0 for r in records), records
+    assert all(len(r) == 1 and r[0]["step"] == 1 for r in records), records
     held = {part: sum(r[0][f"mem/{part}_gib"] * GIB for r in records) for part in EXACT}
     assert held == exact_sums(run_dir, ranks(name))
     # the fit check plans for the rank holding the most (a tensor-parallel rank's replicated norms, a pipeline's

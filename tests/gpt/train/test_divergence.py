@@ -94,9 +94,9 @@ def test_skip_leaves_the_update_out_and_keeps_the_good_checkpoint(train):
     run_dir, fit = train("debug.nan_at_step=5", "divergence.policy=skip", "checkpoint.keep=1")
     summary = fit()
     records = read_metrics(run_dir)
-    assert summary.last_step == 10 and [r["step"] for r in records] == list(range(10))
+    assert summary.last_step == 10 and [r["step"] for r in records] == list(range(1, 11))
     bad = [r["step"] for r in records if not math.isfinite(r["loss"]) or not math.isfinite(r["grad_norm"])]
-    assert bad == [5]  # the weights stayed finite: the NaN step's update was left out
+    assert bad == [6]  # step 5's record, once 6 are done; the weights stayed finite: its update was left out
     kept = list_checkpoints(run_dir / "checkpoints")
     assert [step_of(p) for p in kept] == [4, 10]  # keep=1, and the newest from before the divergence
     assert AFTER_DIVERGENCE not in read_meta(kept[0]) and read_meta(kept[1])[AFTER_DIVERGENCE] == 5
@@ -114,7 +114,7 @@ def test_a_loss_spike_stops_the_run(train):
                          "divergence.spike_threshold=4")
     with pytest.raises(Diverged, match=r"diverged at step 8: the loss spiked .* of the last 4 logged.*step_00000008"):
         fit()
-    assert max(r["step"] for r in read_metrics(run_dir)) == 8
+    assert max(r["step"] for r in read_metrics(run_dir)) == 9  # the record of step 8, once 9 are done
 
 
 class Checkpoints:
@@ -189,9 +189,9 @@ def test_a_nan_on_one_rank_is_skipped_on_both(tmp_path, data_overrides, layout):
            "debug.nan_rank=1", "divergence.policy=skip", *data_overrides, run_dir=run_dir)
     for rank in (0, 1):
         records = read_metrics(run_dir, rank)
-        assert [r["step"] for r in records] == list(range(6))
-        assert [r["step"] for r in records if not math.isfinite(r["grad_norm"])] == [3], f"rank {rank}"
-        assert all(math.isfinite(r["loss"]) for r in records if r["step"] > 3), f"rank {rank}"
+        assert [r["step"] for r in records] == list(range(1, 7))
+        assert [r["step"] for r in records if not math.isfinite(r["grad_norm"])] == [4], f"rank {rank}"
+        assert all(math.isfinite(r["loss"]) for r in records if r["step"] > 4), f"rank {rank}"
     assert json.loads((run_dir / "summary.json").read_text())["last_step"] == 6
 
 
@@ -225,8 +225,8 @@ def test_rollback_restores_the_checkpoint_before_and_passes_over_its_batches(tra
     assert [(r["step"], r["diverged_at"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == \
         [(4, 5, 4, 5)]
     records = read_metrics(run_dir)  # the steps the rollback undid are dropped, as at a resume
-    assert [r["step"] for r in records] == list(range(10)) and all(math.isfinite(r["loss"]) for r in records)
-    assert [r["step"] for r in records if r["time"] > rollback[0]["time"]] == list(range(4, 10))
+    assert [r["step"] for r in records] == list(range(1, 11)) and all(math.isfinite(r["loss"]) for r in records)
+    assert [r["step"] for r in records if r["time"] > rollback[0]["time"]] == list(range(5, 11))
     kept = list_checkpoints(run_dir / "checkpoints")
     assert [step_of(p) for p in kept] == [2, 4, 5, 6, 8, 10]  # the step after the rollback is saved
     assert read_meta(kept[2])["data"]["skipped_batches"] == 2 and read_meta(kept[2])[AFTER_DIVERGENCE] == 5
@@ -255,8 +255,8 @@ def test_a_run_resumed_after_a_rollback_does_not_replay_the_batches_it_passed_ov
     plan(run_dir, *BASE, f"data.dir={tmp_path.parent / 'divergence-data'}", *rollback)
     Trainer(schema.load(run_dir / "config.yaml"), DistEnv(), run_dir).fit()
     whole = {r["step"]: r["loss"] for r in read_metrics(whole_dir)}
-    resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["step"] >= 8}
-    assert resumed == {8: whole[8], 9: whole[9]}
+    resumed = {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["step"] > 8}
+    assert resumed == {9: whole[9], 10: whole[10]}
 
 
 @pytest.mark.slow
@@ -292,8 +292,8 @@ def test_rollback_on_two_ranks(tmp_path, data_overrides, layout):
         rollback = read_metrics(run_dir, rank, kind="rollback")
         assert [(r["step"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == [(4, 4, 5)]
         records = read_metrics(run_dir, rank)
-        assert [r["step"] for r in records] == list(range(8)) and all(math.isfinite(r["loss"]) for r in records)
-        assert [r["step"] for r in records if r["time"] > rollback[0]["time"]] == [4, 5, 6, 7]
+        assert [r["step"] for r in records] == list(range(1, 9)) and all(math.isfinite(r["loss"]) for r in records)
+        assert [r["step"] for r in records if r["time"] > rollback[0]["time"]] == [5, 6, 7, 8]
     lines = [x for x in (proc.stdout + proc.stderr).splitlines() if "divergence.policy=rollback" in x]
     assert len(lines) == 1 and "(4..5) are passed over" in lines[0], lines
     assert json.loads((run_dir / "summary.json").read_text())["last_step"] == 8
@@ -308,7 +308,7 @@ def test_a_loss_spike_rolls_back_past_its_batch(train):
     assert fit().last_step == 10
     rollback = read_metrics(run_dir, kind="rollback")
     assert [(r["step"], r["skipped_batches_from"], r["skipped_batches_to"]) for r in rollback] == [(8, 8, 8)]
-    assert max(r["loss"] for r in read_metrics(run_dir) if r["step"] >= 8) < 10  # batches 9 and 10, no spike
+    assert max(r["loss"] for r in read_metrics(run_dir) if r["step"] > 8) < 10  # batches 9 and 10, no spike
 
 
 @pytest.mark.slow

@@ -71,15 +71,15 @@ def test_wsd_extends_and_anneals_from_its_stable_phase_exactly(tmp_path_factory)
     root = tmp_path_factory.mktemp("wsd")
     whole = by_step(fit(root / "whole", "train.max_steps=16").run_dir)  # decays from step 12
     fit(short := root / "short", "train.max_steps=12")  # decays from step 9: checkpoints 4, 8 stable, 12 decayed
-    assert {s: whole[s] for s in range(9)} == {s: v for s, v in by_step(short).items() if s < 9}
+    assert {s: whole[s] for s in range(1, 10)} == {s: v for s, v in by_step(short).items() if s <= 9}
 
     shutil.copytree(short, extended := root / "extended")  # the same run, stopped at its stable step 8
     shutil.rmtree(extended / "checkpoints" / "step_00000012")
     assert fit(extended, "train.max_steps=16").step == 16
-    assert by_step(extended) == whole  # steps 0-7 as taken, 8-15 as the uninterrupted run's
+    assert by_step(extended) == whole  # steps 1-8 as taken, 9-16 as the uninterrupted run's
 
     branch = fit(root / "anneal", f"resume={short / 'checkpoints' / 'step_00000008'}",
                  f"train.max_steps={first_max_steps(8, 0.2)}", "train.decay_fraction=0.2")
     annealed = by_step(branch.run_dir)
-    assert sorted(annealed) == [8, 9] and annealed[8] == whole[8]  # the decay's first step is still at lr
-    assert annealed[9][1] == pytest.approx(3e-4 + 0.5 * 2.7e-3)
+    assert sorted(annealed) == [9, 10] and annealed[9] == whole[9]  # the decay's first step is still at lr
+    assert annealed[10][1] == pytest.approx(3e-4 + 0.5 * 2.7e-3)

@@ -40,6 +40,26 @@ def test_the_model_phase_of_the_start_up_is_timed_in_its_parts(tmp_path_factory)
     assert min(parts) >= 0 and sum(parts) <= startup["model_s"]
 
 
+def test_every_record_counts_the_steps_done_as_the_log_and_the_checkpoints_do(train, caplog):
+    """The log's `step 2/4` is train record step 2, the validation after it shares that step, and so does their x in
+    TensorBoard: train and validation curves line up."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    with caplog.at_level("INFO", logger="gpt.train.reporter"):
+        run_dir, _ = train("train.max_steps=4", "train.eval_interval=2", "train.progress=true")
+    records = read_metrics(run_dir)
+    assert [r["step"] for r in records] == [1, 2, 3, 4]
+    assert [r["step"] for r in read_metrics(run_dir, kind="val")] == [2, 4]
+    run = schema.load(run_dir / "config.yaml")
+    assert records[0]["tokens_seen"] == run.train.global_batch_size * run.model.block_size  # one step's
+    logged = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 2/4: ")]
+    assert logged == [f"step 2/4: loss {records[1]['loss']:.4f}, {records[1]['tokens_per_s']:,.0f} tokens/s"], logged
+    board = EventAccumulator(str(run_dir / "tensorboard" / "rank0"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [e.step for e in board.Scalars("val/loss")] == [2, 4]
+
+
 @pytest.mark.slow
 def test_gradient_accumulation_matches_one_big_batch(train):
     whole, _ = train("train.global_batch_size=12")

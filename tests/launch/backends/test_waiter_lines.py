@@ -7,7 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from launch import launch_config
-from gpt.run_folder import AttemptLine, RunFolder
+from gpt.run_folder import STEP_COUNTS, AttemptLine, RunFolder
 from launch.backends import Point
 from launch.backends.slurm.submitted import Submitted
 from launch.backends.slurm.wait import Watch
@@ -321,7 +321,8 @@ def test_an_attempt_killed_past_its_last_save_says_what_it_trained_and_where_the
 
     metrics = RunFolder(tmp_path).metrics_file(0)
     metrics.parent.mkdir(parents=True)
-    records = (json.dumps({"kind": "train", "step": s, "time": 100.0 + s}) + "\n" for s in range(430))  # indices
+    records = (json.dumps({"kind": "train", "step": s, STEP_COUNTS: "done", "time": 100.0 + s}) + "\n"
+               for s in range(1, 431))
     metrics.write_text("".join(records))
     mark = {"job_id": "7", "restart": 0, "round": 0, "started": 100.0, "first_step": 0}
     log_killed(tmp_path, mark, 0, {"ended": "killed outright", "note": "requeued job 7", "requeued": True})

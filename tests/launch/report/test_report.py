@@ -16,7 +16,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tensorboard.plugins.custom_scalar import layout_pb2
 
 from gpt.config.report import ReportConfig
-from gpt.run_folder import RunFolder
+from gpt.run_folder import STEP_COUNTS, RunFolder
 from launch.report import build_report, outputs, write_report
 from launch.report.__main__ import main
 from launch.report.markdown import markdown
@@ -210,7 +210,7 @@ def write_point(folder: Path, nodes: int, tasks: int, global_batch: int, step_ti
         times = step_times[r] if isinstance(step_times[0], list) else step_times
         lines = []
         for w, t in enumerate(times):
-            rec = {"kind": "train", "step": 5 * w + 4, "rank": r, "host": host, "step_time_s": t,
+            rec = {"kind": "train", "step": 5 * w + 5, STEP_COUNTS: "done", "rank": r, "host": host, "step_time_s": t,
                    "tokens_per_s": global_batch * block / t, "mfu": mfu, "loss": losses[w] if losses else 2.0}
             if comm is not None:
                 rec["comm_s"] = comm[r][w] if isinstance(comm[r], list) else comm[r]
@@ -240,7 +240,7 @@ def test_a_point_that_has_not_finished_is_named_with_the_step_it_reached(tmp_pat
         config.write_text(config.read_text().replace("train:\n", "train:\n  max_steps: 100\n"))
     (tmp_path / "nodes=1" / "summary.json").write_text("{}")  # finished (its last step logged or not)
     md = markdown(build_report(tmp_path))
-    assert ("> **Not finished.** `nodes=2` at step 19 of 100: the figures are of the steps run so far" in md
+    assert ("> **Not finished.** `nodes=2` at step 20 of 100: the figures are of the steps run so far" in md
             and "nodes=1` at" not in md), md[:1500]
     saved = tmp_path / "nodes=2" / "checkpoints" / "step_00000026"  # a stop saved after the last logged step
     saved.mkdir(parents=True)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gpt.resilience.goodput import interruption_rate as rate_of, run_goodput as goodput_of, young_daly_minutes
-from gpt.run_folder import AttemptLine
+from gpt.run_folder import STEP_COUNTS, AttemptLine
 from helpers import launch
 
 RUN = ["model=tiny", "train.max_steps=40", "train.log_interval=5", "train.eval_interval=0",
@@ -116,8 +116,9 @@ def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_th
     folder.metrics.mkdir(parents=True)
     started = time.time() - 1000  # killed 950 s ago, 50 s after it started; then the queue
     folder.attempts.mark({"job_id": None, "restart": 0, "started": started, "first_step": 0})
-    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 5 * s,
-                                                          "step_time_s": 1.0}) + "\n" for s in range(1, 11)))
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, STEP_COUNTS: "done",
+                                                          "time": started + 5 * s, "step_time_s": 1.0}) + "\n"
+                                              for s in range(1, 11)))
     lease = take_lease(tmp_path, None, 0)  # the next attempt holds the folder, with a fresh heartbeat
     try:
         begin_attempt(tmp_path, JobEnvironment({}), time.time(), first_step=10, nodes=["here"])
@@ -128,10 +129,12 @@ def test_an_attempt_killed_outright_counts_its_time_up_to_its_last_record_not_th
     assert killed.goodput["estimated"] == "rank 0's last metrics record", killed
 
 
-def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(tmp_path):
+@pytest.mark.parametrize("counted", [{STEP_COUNTS: "done"}, {}], ids=["steps-done", "older-folder"])
+def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(tmp_path, counted):
     """A hang's (or a failure's) line is written before the trainer returns, with no time of its own: its steps
     are timed from rank 0's metrics and its allocated time runs to the line, and the goodput line says so, rather
-    than leaving out an attempt that trained hundreds of steps."""
+    than leaving out an attempt that trained hundreds of steps. An older folder's train records counted their steps
+    from 0: its last, step 299, was the 300th."""
     import time
 
     from gpt.resilience.goodput import run_goodput as goodput
@@ -143,8 +146,10 @@ def test_a_hung_attempt_is_timed_from_its_metrics_and_the_goodput_line_says_so(t
     folder.metrics.mkdir(parents=True)
     started = time.time() - 400
     folder.attempts.mark({"job_id": None, "restart": 0, "round": 0, "started": started, "first_step": 0})
-    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 11 + s,
-                                                          "step_time_s": 1.0}) + "\n" for s in range(300)))  # indices
+    first = 1 if counted else 0
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, **counted, "time": started + 11 + s,
+                                                          "step_time_s": 1.0}) + "\n"
+                                              for s in range(first, first + 300)))
     log_attempt(tmp_path, JobEnvironment({}), {"first_step": 0, "last_step": None, "ended": "hang"})
     [hung] = folder.attempts.read()
     assert hung.goodput["steps"] == 300 and hung.goodput["train_s"] == pytest.approx(300.0), hung.goodput
@@ -174,9 +179,10 @@ def test_an_attempt_ended_by_a_killed_rank_keeps_its_start_up_its_saves_and_its_
     begin_attempt(tmp_path, job, started, first_step=0, nodes=["here"])
     loop = SimpleNamespace(first_step=0, step=6, startup={}, spent=Spent(train_s=5.0, save_s=0.5, saves=1, steps=5))
     BeginAttempt(Attempt(tmp_path, job=job, loop=loop), is_main=True, data_dir="").after_step(6)  # saved at 5
-    # eight steps trained: records of step indices 0-7
-    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, "time": started + 16 + s,
-                                                          "step_time_s": 1.0}) + "\n" for s in range(8)))
+    # eight steps trained: records of steps 1-8
+    folder.metrics_file(0).write_text("".join(json.dumps({"kind": "train", "step": s, STEP_COUNTS: "done",
+                                                          "time": started + 15 + s, "step_time_s": 1.0}) + "\n"
+                                              for s in range(1, 9)))
     ended = {"ended": "rank 1 was killed by SIGKILL", "in_job_restart": 1}
     if writer == "the launcher":
         log_killed(tmp_path, folder.attempts.read_mark(), 5, ended)
