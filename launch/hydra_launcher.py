@@ -100,15 +100,8 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
         if jobs[0][1].launcher.detach:
             return _detach(launcher, queue, sweep_dir, submitted, jobs, points, returns, snapshot)
 
-    # 3. points that run here, one after another
-    for n, (idx, _, sweep_config, _) in enumerate(points):
-        if not planned[n].backend.queue:
-            log.info("#%d : %s", idx, planned[n].label)
-            returns[n] = run_job(hydra_context=context, task_function=launcher.task_function, config=sweep_config,
-                                 job_dir_key="hydra.sweep.dir", job_subdir_key="hydra.sweep.subdir")
-            if returns[n].status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
-                returns[n].return_value = point_return(planned[n])
-            configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    # 3. points that run here, one after another: one that fails is a failed point, and the others still run
+    failed_here = _run_here(launcher, points, planned, returns)
 
     # 4. wait for the jobs
     if submitted:
@@ -121,7 +114,36 @@ def launch_sweep(launcher: Any, job_overrides: Sequence[Sequence[str]], initial_
 
     report = write_report(sweep_dir)
     print(f"report: {report}\n  tensorboard --logdir {sweep_dir}", flush=True)
+    if failed_here and not chooses_from_results(config):  # a sweeper that does records them as failed trials
+        print(f"error: {len(failed_here)} of {len(points)} point(s) failed: {', '.join(failed_here)}; errors above",
+              file=sys.stderr, flush=True)
+        sys.exit(EXIT_FAILED)
     return [r for r in returns if r is not None]
+
+
+def _run_here(launcher: Any, points, planned: list[PlannedRun], returns: list) -> list[str]:
+    """Run the points that are not jobs, through the app's task function, into `returns`; the labels of those whose
+    run failed (exit 1). A user's error or Ctrl-C (exit 2) stops the sweep, as it stops a single run."""
+    config, failed = launcher.config, []
+    for n, (idx, _, sweep_config, ret) in enumerate(points):
+        if planned[n].backend.queue:
+            continue
+        log.info("#%d : %s", idx, planned[n].label)
+        try:
+            returns[n] = run_job(hydra_context=launcher.hydra_context, task_function=launcher.task_function,
+                                 config=sweep_config, job_dir_key="hydra.sweep.dir",
+                                 job_subdir_key="hydra.sweep.subdir")
+        except SystemExit as e:
+            if e.code != EXIT_FAILED:
+                raise
+            ret.return_value, ret.status = point_return(planned[n]), JobStatus.FAILED
+            returns[n] = ret
+            failed.append(planned[n].label)
+        else:
+            if returns[n].status == JobStatus.COMPLETED:  # a failed one raises its error where it is read
+                returns[n].return_value = point_return(planned[n])
+        configure_log(config.hydra.hydra_logging, config.hydra.verbose)
+    return failed
 
 
 def _submit(jobs: list[PlannedRun], sweep_dir: Path) -> tuple[list, Any]:

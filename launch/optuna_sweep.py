@@ -177,7 +177,8 @@ def _outcome(ret: JobReturn, number: int) -> tuple[float | None, str | None]:
         if isinstance(value, BaseException):
             return None, f"{type(value).__name__}: {value}"
         value = value if isinstance(value, dict) else {}
-        return None, f"its job {value.get('job_id', '?')} failed (run folder {value.get('run_dir', '?')})"
+        which = f"its job {value['job_id']}" if "job_id" in value else "its run"  # a job's, or a local run's
+        return None, f"{which} failed (run folder {value.get('run_dir', '?')})"
     try:
         objective = float(ret.return_value)
     except (TypeError, ValueError) as e:

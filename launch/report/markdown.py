@@ -101,7 +101,7 @@ def unfinished_note(rep: Report) -> str:
     if not lines:
         return ""
     return (f"> **Not finished.** {'; '.join(lines)}: the figures are of the steps run so far (the same command "
-            "continues a run).\n")
+            "continues a run that stopped; one that failed or diverged says why in its run folder's logs).\n")
 
 
 def shared_host_note(rep: Report) -> str:

@@ -251,18 +251,23 @@ def load_point(path: Path, root: Path) -> PointResult:
     overrides_file = folder.hydra_overrides
     overrides = [str(o) for o in load_yaml(overrides_file)] if overrides_file.is_file() else None
     name = str(path.relative_to(root)) if path != root else path.name
-    early = AttemptLine.stopped_early_why(folder.attempts.read())
+    attempts = folder.attempts.read()
+    early = AttemptLine.stopped_early_why(attempts)
     config = load_yaml(folder.config)
     return PointResult(path, name, config, _environments(path), records, train_loss, val_loss, overrides, tasks, early,
-                       "" if early else _unfinished(folder, config, train_loss))
+                       "" if early else _unfinished(folder, config, train_loss, attempts))
 
 
-def _unfinished(folder: RunFolder, config: dict[str, Any], train_loss: list[tuple[int, float]]) -> str:
-    """'step N of M' for a run short of its train.max_steps without the summary a finished run writes; else ''. N: its
-    newest checkpoint's step or its last logged one, the later (a stop saves between log steps)."""
+def _unfinished(folder: RunFolder, config: dict[str, Any], train_loss: list[tuple[int, float]],
+                attempts: list) -> str:
+    """'step N of M' for a run short of its train.max_steps without the summary a finished run writes, with how its
+    last attempt ended where it failed or diverged (the same command would not simply go on); else ''. N: its newest
+    checkpoint's step or its last logged one, the later (a stop saves between log steps)."""
     found, _ = newest_sound(folder.checkpoints)
     last = max(train_loss[-1][0] if train_loss else 0, step_of(found) if found else 0)
     planned = get(config, "train.max_steps")
     if not isinstance(planned, int) or last >= planned or folder.read_summary() is not None:
         return ""
-    return f"step {last} of {planned}"
+    ended = attempts[-1].ended if attempts else ""
+    how = next((f" ({w})" for w in ("diverged", "failed") if ended.startswith(w)), "")
+    return f"step {last} of {planned}{how}"
