@@ -92,3 +92,17 @@ def test_c10ds_hostname_warning_is_left_out_of_the_ranks_log_and_every_other_lin
     assert process_group._open_store(env, 5.0) == "store"
     out, err = capfd.readouterr()
     assert err == other.decode() and out == "", err
+
+
+def test_stragglers_figures_go_over_nccl_where_the_group_has_it(monkeypatch):
+    """gloo's all_gather is a ring of TCP hops that grows with the world, at every log step: on GPUs the figures go
+    over NCCL's leg (here, a CPU build, the attempt to place them on the GPU is what shows it)."""
+    import torch
+
+    from gpt.collectives import process_group
+
+    monkeypatch.setattr(process_group, "is_multi", lambda group=None: True)
+    monkeypatch.setattr(process_group.dist, "get_backend", lambda group=None: "cpu:gloo,cuda:nccl")
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    with pytest.raises((AssertionError, RuntimeError), match="CUDA"):
+        process_group.gather_vectors([1.0, 2.0])
