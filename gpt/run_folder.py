@@ -407,6 +407,9 @@ class AttemptLine:
     shrunk: Mapping[str, int] | None = None  # {"from": W, "to": W'} ranks: on the nodes left (launch.recovery.shrink)
     nodes: tuple[str, ...] = ()  # the hosts the attempt ran on, in rank order
     failed_saves: tuple[int, ...] = ()  # steps whose interval save storage refused (checkpoint.on_save_error)
+    # how long its end went unseen, by what it was ({"hang": s} or {"lost node": s}): from its last progress to the
+    # hang report, or to the scheduler's word on a lost node (gpt.resilience.goodput counts it as its own loss)
+    detection_s: Mapping[str, float] = field(default_factory=dict)
     goodput: Mapping[str, Any] | None = None
     startup: Mapping[str, float] | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)

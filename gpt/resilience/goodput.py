@@ -3,8 +3,10 @@
 Each attempt's line in RUN_DIR/attempts.jsonl carries a `goodput` record: its allocated wall time, and the
 seconds it spent starting up (to the first step), training, evaluating, saving (the loop's blocked time) and
 loading, how many steps of the attempt before it were trained again (lost: trained after that attempt's last
-checkpoint), and how many of its own steps a rollback undid (lost too: trained again). The run's goodput is the
-training time of the steps it kept over the allocated time of every attempt. Torch-free: the report reads it offline.
+checkpoint), and how many of its own steps a rollback undid (lost too: trained again). An attempt that hung or lost
+a node also says, in its line, how long that went unseen: from its last progress to the hang report (watchdog.*_s),
+or to the scheduler's word on the node (AttemptLine.detection_s). The run's goodput is the training time of the steps
+it kept over the allocated time of every attempt. Torch-free: the report reads it offline.
 
 checkpoint.interval_minutes=auto chooses the interval that maximises expected goodput (Young/Daly):
 sqrt(2 x the cost of one save x the mean time between interruptions).
@@ -117,7 +119,7 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
     records = [a.goodput for a in attempts]
     kept = [g for g in records if g]
     losses = {"start-up": 0.0, "restart in job": 0.0, "requeue": 0.0, "evaluation": 0.0, "saving": 0.0,
-              "steps trained again": 0.0, "other": 0.0}
+              "steps trained again": 0.0, **{f"{seen} detection": 0.0 for seen in DETECTED}, "other": 0.0}
     allocated = train = 0.0
     for i, g in enumerate(records):
         if not g:
@@ -132,10 +134,28 @@ def run_goodput(attempts: list[AttemptLine]) -> RunGoodput:
         losses["evaluation"] += g.get("eval_s", 0.0)
         losses["saving"] += g.get("save_s", 0.0)
         losses["steps trained again"] += lost
+        for seen, seconds in detected(attempts[i], g):
+            losses[f"{seen} detection"] += seconds
     losses["other"] = max(allocated - train - sum(losses.values()), 0.0)
     interruptions = [a.ended + shrunk(a) for a in attempts if a.ended and not (a.finished or a.stopped_early)]
     return RunGoodput(len(records), allocated, train, losses, untimed=len(records) - len(kept),
                       estimated=sum(1 for g in kept if g.get(ESTIMATED)), interruptions=interruptions)
+
+
+DETECTED = ("hang", "lost node")  # what an attempt's detection_s may name: an end seen only after a wait
+
+
+def detected(attempt: AttemptLine, g: dict) -> list[tuple[str, float]]:
+    """How long the attempt's hang or lost node went unseen, by what it was; no more than the attempt's time that
+    nothing else explains (its steps are timed by their median: the two may overlap by a step)."""
+    unexplained = g["allocated_s"] - g.get("train_s", 0.0) - g.get("startup_s", 0.0) - g.get("eval_s", 0.0) \
+        - g.get("save_s", 0.0)
+    out = []
+    for seen, seconds in attempt.detection_s.items():
+        if seen in DETECTED and isinstance(seconds, (int, float)):
+            out.append((seen, min(max(float(seconds), 0.0), max(unexplained, 0.0))))
+            unexplained -= out[-1][1]
+    return out
 
 
 def shrunk(attempt: AttemptLine) -> str:

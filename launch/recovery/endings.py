@@ -16,6 +16,7 @@ from gpt.train.out_of_memory import RanOutOfMemory
 from gpt.train.summary import FitSummary
 from gpt.run_folder import CANCELLED, CTRL_C
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
+from launch.recovery.hang import detection_s
 from launch.recovery.lost import end_for_lost_node, lost_peers
 from launch.recovery.out_of_memory import RanOut
 from launch.recovery.rounds import hosts_of
@@ -91,7 +92,8 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
     log.error("%s", report["summary"])
     began = attempt.loop.first_step if attempt.loop else None  # hung in start-up: nothing saved since
     return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
-                          attempt.early_end("hang", hang=report["summary"], hang_report=report["report"]),
+                          attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
+                                            detection_s=detection_s(report)),
                           began=began, wait_s=ACTOR_WAIT_S)).ends_attempt(job)
 
 

@@ -149,6 +149,20 @@ class Hang:
                 "flight_recorder": as_records(list(self.stuck))}
 
 
+def detection_s(report: dict) -> dict[str, float]:
+    """How long the hang went unseen (an attempt line's detection_s): from the last progress of the rank that saw
+    it (its last heartbeat's time less the seconds it had made none: that rank's clock, as the report's time) to the
+    report; a "lost node" where the report names a rank gone (no heartbeat), else a "hang"."""
+    seen_by = report.get("detected_by")
+    ranks = report.get("ranks") or []
+    beat = ranks[seen_by] if isinstance(seen_by, int) and 0 <= seen_by < len(ranks) else None
+    seconds = float(report.get("idle_s") or 0.0)
+    times = (report.get("time"), *((beat or {}).get(k) for k in ("time", "idle_s")))
+    if all(isinstance(t, (int, float)) for t in times):
+        seconds = max(seconds, times[0] - (times[1] - times[2]))
+    return {"lost node" if report.get("lost") else "hang": round(seconds, 3)}
+
+
 def newest_hang(run_dir: Path, earlier: Collection[Path] = ()) -> str | None:
     """The summary line of the run's newest hang report, leaving out the `earlier` ones (there before the caller
     began to watch: a set of files, not a time, since the file server's clock is not the caller's)."""

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from launch import launch_config
 from launch.recovery.heartbeat import Liveness, all_heartbeats, end_heartbeat
+from gpt.resilience.progress import PROGRESS
 from gpt.resilience.timing import ABORT_GRACE_S, REQUEUE_WAIT_S, SCHEDULER_GRACE_S
 from gpt.run_folder import Next, RunFolder
 from launch.run.attempts import Attempt, end_attempt, log_killed, marked_attempt, this_attempts_line
@@ -174,10 +175,15 @@ def end_for_lost_node(attempt: Attempt, max_restarts: int) -> bool:
         return False
     ended = f"node failure: {said}"
     outcome = recover(Ending(attempt.run_dir, job, Cause.NODE_FAILURE, ended, max_restarts, tuple(lost),
-                             attempt.early_end(ended, with_startup=True)))
+                             attempt.early_end(ended, with_startup=True, detection_s=_unseen())))
     if outcome.next is Next.REQUEUE:  # Slurm stops this attempt; exiting first would count as a failed task
         time.sleep(REQUEUE_WAIT_S)
     return True
+
+
+def _unseen() -> dict[str, float]:
+    """How long the lost node went unseen: since this rank's last progress, until the scheduler named it."""
+    return {"lost node": PROGRESS.snapshot()["idle_s"]}
 
 
 def lost_peers(dog: Watchdog) -> list[int]:

@@ -108,7 +108,7 @@ class Scheduler(JobEnvironment):
 
 
 REPORT = {"summary": "watchdog: rank 1 on n2 cannot reach the master over the network (cut off)",
-          "report": "hang-2.txt", "exclude": ["n2"]}
+          "report": "hang-2.txt", "exclude": ["n2"], "idle_s": 61.5}
 
 
 def test_a_hang_requeues_without_the_host_it_names(tmp_path):
@@ -117,6 +117,7 @@ def test_a_hang_requeues_without_the_host_it_names(tmp_path):
     assert job.asked == [("requeue_excluding", ["n2"])]
     (line,) = RunFolder(tmp_path).attempts.read()
     assert (line.ended, line.requeued, line.note) == ("hang", True, "requeued job 77, without n2")
+    assert line.detection_s == {"hang": 61.5}  # the wait to see it: goodput's "hang detection"
 
 
 def test_a_second_hang_without_a_newer_checkpoint_is_not_requeued(tmp_path):

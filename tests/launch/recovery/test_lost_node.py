@@ -60,6 +60,7 @@ def test_without_a_spare_the_job_requeues_on_the_schedulers_word(tmp_path, slurm
     assert lost.end_for_lost_node(attempt, max_restarts=5)
     (line,) = lines(tmp_path)
     assert line["ended"] == f"node failure: {DOWN}" and line["requeued"] is True, line
+    assert set(line["detection_s"]) == {"lost node"}, line  # the wait to see it: goodput's "lost node detection"
     assert slurm_job == ["42"]
 
 

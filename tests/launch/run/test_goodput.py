@@ -199,3 +199,32 @@ def test_an_attempt_ended_by_a_killed_rank_keeps_its_start_up_its_saves_and_its_
     assert g.losses["start-up"] >= 15.0 and g.losses["restart in job"] == pytest.approx(2.0), g.losses
     assert g.losses["steps trained again"] == pytest.approx(3.0), g.losses  # steps 6-8, 1 s each
     assert g.losses["saving"] == pytest.approx(1.5), g.losses
+
+
+def test_the_wait_to_see_a_hang_or_a_lost_node_is_a_cause_of_its_own_not_other():
+    """A hung attempt trained 30 s of its 100, started in 5 and waited 62 s for its watchdog (watchdog.step_s=60)
+    to report the hang; the next lost a node, seen 40 s after its last step. Those waits are named, not "other",
+    and a wait longer than what nothing else explains is cut to it (its steps are timed by their median)."""
+    def line(seen: dict, train_s: float = 30.0) -> dict:
+        return {"ended": "hang", "requeued": True, "last_step": 10, "detection_s": seen,
+                "goodput": {"allocated_s": 100.0, "startup_s": 5.0, "train_s": train_s, "eval_s": 0.0,
+                            "save_s": 0.0, "steps": 10, "saves": 1, "estimated": "rank 0's metrics"}}
+
+    g = run_goodput([line({"hang": 62.0}), line({"lost node": 40.0}), line({"hang": 80.0}, train_s=50.0)])
+    assert g.losses["hang detection"] == pytest.approx(62.0 + 45.0), g.losses
+    assert g.losses["lost node detection"] == pytest.approx(40.0), g.losses
+    assert g.losses["other"] == pytest.approx(3.0 + 25.0), g.losses
+    assert "hang detection 107.0 s, lost node detection 40.0 s, other 28.0 s" in g.describe(), g.describe()
+
+
+def test_a_hang_report_says_how_long_the_hang_went_unseen():
+    """From the last progress of the rank that saw it (its last beat at t=1060 had made none for 58 s: since
+    t=1002) to the report at t=1064: 62 s, more than the budget it used when it fired; a "lost node" where the report
+    names a rank gone."""
+    from launch.recovery.hang import detection_s
+
+    beat = {"rank": 1, "time": 1060.0, "idle_s": 58.0}
+    report = {"time": 1064.0, "detected_by": 1, "idle_s": 60.5, "ranks": [None, beat], "lost": []}
+    assert detection_s(report) == {"hang": 62.0}
+    assert detection_s({**report, "lost": [0]}) == {"lost node": 62.0}
+    assert detection_s({**report, "ranks": []}) == {"hang": 60.5}  # no beat of its own: the budget it used
