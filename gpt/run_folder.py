@@ -37,6 +37,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -381,6 +382,15 @@ class Next(Enum):
     STOP = "stop"  # nothing runs the job again: the same command continues the run
 
 
+# A requeue's note when the scheduler took the hosts to leave out (launch.backends: requeue_excluding)
+REQUEUED_WITHOUT = re.compile(r", without ([^\s,:()]+(?:,[^\s,:()]+)*) \(")
+
+
+def excluded_hosts(attempts: list[AttemptLine]) -> list[str]:
+    """Every host the run's attempts were kept off (AttemptLine.excluded), in the order they were first."""
+    return list(dict.fromkeys(h for a in attempts for h in a.excluded))
+
+
 @dataclass(frozen=True)
 class AttemptLine:
     """One line of the attempts log, as every reader sees it. A key an older line lacks reads as its default; the
@@ -432,6 +442,15 @@ class AttemptLine:
         if self.requeued:
             return Next.REQUEUE
         return Next.NEXT_LINK if self.next_link else Next.STOP
+
+    @property
+    def excluded(self) -> tuple[str, ...]:
+        """The hosts this attempt's end kept the run's later attempts off, whatever named them (a health check, a
+        hang, a lost node, a straggler): those its requeue left out (its note, as the scheduler's backend words it:
+        `..., without H1,H2 (HOW)`, the job's whole exclusion list; never a list the scheduler refused) and those a
+        spare replaced in the job."""
+        requeue = [h for m in REQUEUED_WITHOUT.finditer(self.note) for h in m[1].split(",")]
+        return tuple(dict.fromkeys([*requeue, *self.replaced]))
 
     @property
     def finished(self) -> bool:

@@ -17,7 +17,8 @@ from launch import launch_config
 from gpt.config.report import ReportConfig
 from gpt.errors import UserError
 from gpt.resilience.goodput import run_goodput
-from gpt.run_folder import CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder, read_metrics_lines
+from gpt.run_folder import (CANCELLED, CTRL_C, NOT_RUNS, AttemptLine, Next, RunFolder, excluded_hosts,
+                            read_metrics_lines)
 from launch.backends import REGISTRY, scheduler
 from launch.backends.job_state import JobStanding, JobState, SchedulerUnavailable
 from launch.run.attempts import failed_saves_line, ran_on
@@ -58,6 +59,7 @@ class RunStatus:
     stopped_early: str = ""  # its newest attempt ended at a rung of its sweep's early stopping: done (exit 0)
     # its summary.json is the newest attempt's (an attempt that failed since, asked for more steps, is not done)
     summarised: bool = False
+    excluded: tuple[str, ...] = ()  # the hosts its attempts were kept off (gpt.run_folder.excluded_hosts)
 
     @property
     def finished(self) -> bool:
@@ -152,7 +154,8 @@ def read_status(run_dir: Path, infos: dict[str, JobStanding]) -> RunStatus:
     return RunStatus(run_dir, ids, state, current.label if current else state.name, reason, step, max_steps, tokens,
                      eta, len(attempts), restarts, run_goodput(attempts).goodput, links, in_job,
                      current.stuck if current else None, cancelled, ended_in(run_dir, current, attempts), interrupted,
-                     stopped, failed_saves_line(attempts), early, summarised(run_dir, attempts))
+                     stopped, failed_saves_line(attempts), early, summarised(run_dir, attempts),
+                     tuple(excluded_hosts(attempts)))
 
 
 def summarised(run_dir: Path, attempts: list[AttemptLine]) -> bool:

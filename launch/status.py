@@ -1,10 +1,10 @@
 """`python -m launch.status RUN_OR_SWEEP`: where each job of a run or a sweep stands, without the launcher.
 
 One line per run: its job(s) and the scheduler's state (and why it waits: held, priority, dependency), step of max
-steps, tokens/s, ETA, attempts, restarts and goodput; a sweep's report job last, and a detached search's job. Exit
-code 0 when every run finished, 1 when any failed or stopped, 3 while any (or the report's or the search's job) still
-runs or waits, 4 when the scheduler does not answer for a run that has not finished (its state is unknown, never
-taken for failed).
+steps, tokens/s, ETA, attempts, restarts, the nodes they were kept off, and goodput; a sweep's report job last, and
+a detached search's job. Exit code 0 when every run finished, 1 when any failed or stopped, 3 while any (or the
+report's or the search's job) still runs or waits, 4 when the scheduler does not answer for a run that has not
+finished (its state is unknown, never taken for failed).
 Torch-free: it runs on a login node.
 """
 from __future__ import annotations
@@ -34,6 +34,8 @@ def line(s: RunStatus, root: Path) -> str:
         parts.append(f"ETA {_duration(s.eta_s)}")
     parts.append(f"{s.attempts} attempt(s), {s.restarts} restart(s)"
                  + (f" (last interrupted: {s.interrupted})" if s.interrupted else ""))
+    if s.excluded:  # as the report's Nodes table names them
+        parts.append(f"excluded {', '.join(s.excluded)}")
     if s.goodput is not None:
         parts.append(f"goodput {100 * s.goodput:.0f}%")
     parts.append(s.verdict)

@@ -11,7 +11,7 @@ from launch.report.model_fit import TOLERANCE, superlinear_cause
 from launch.report.contents import Report
 from launch.report.perf_model import comm_volume
 from gpt.resilience.goodput import RunGoodput, run_goodput
-from gpt.run_folder import RunFolder
+from gpt.run_folder import RunFolder, excluded_hosts
 from launch.report.rows import BREAKDOWN, replay_stragglers
 
 MODE_TEXT = {
@@ -334,29 +334,31 @@ def sweep_goodput(runs: list[tuple[str, int, RunGoodput]], causes: list[str]) ->
 
 def node_health(rep: Report) -> str:
     """The nodes each point ran on, as the health checks of its last attempt measured them, and the nodes its
-    attempts excluded (health-<attempt>.json, attempts.jsonl)."""
+    attempts excluded, by a health check, a hang, a lost node or a straggler (health-<attempt>.json,
+    attempts.jsonl)."""
     lines = []
     for p in rep.points:
         found = RunFolder(p.path).health_records()
+        excluded = ", ".join(excluded_hosts(RunFolder(p.path).attempts.read())) or "-"
         if not found:
+            if excluded != "-":
+                lines.append(f"| {p.name} | - | - | - | - | {excluded} |")
             continue
         h = json.loads(found[-1].read_text())
         speed, median = ("median_tflops", h["median_tflops"]) if "gpus" in h else ("gflops", h["median_gflops"])
         nodes = ", ".join(f"{n['host']} {n[speed]:.1f} ({n['fraction']:.2f})" for n in h["nodes"])
-        bus = health_bus(h)
-        excluded = [a.ended.removeprefix("excluded ") for a in RunFolder(p.path).attempts.read()
-                    if a.ended.startswith("excluded ")]
-        lines.append(f"| {p.name} | {nodes} | {median:.1f} | {bus} | {', '.join(h['flagged']) or '-'} | "
-                     f"{', '.join(excluded) or '-'} |")
+        lines.append(f"| {p.name} | {nodes} | {median:.1f} | {health_bus(h)} | {', '.join(h['flagged']) or '-'} | "
+                     f"{excluded} |")
     if not lines:
         return ""
     return "\n".join(["## Nodes\n", "Each node's matmul speed before the last attempt (on CPU its ranks' GFLOP/s "
                       "together, and its share of the median node; on GPUs the median GPU's TFLOP/s, and its share "
                       "of the job's median GPU), the all-reduce bus bandwidth (on GPUs nccl-tests' busbw within "
                       "nodes / across nodes), the nodes below `health.min_fraction`, and the nodes earlier attempts "
-                      "excluded.\n",
+                      "excluded: flagged by a health check, or left out of a requeue after a hang, a lost node or a "
+                      "straggler, or replaced by a spare (a point without health checks shows those alone).\n",
                       "| point | nodes: speed (share of median) | median | bus GB/s | flagged | excluded |",
-                      "|---|---|---|---|---|---|", *_collapse(*shown(lines, "each run's `health-*.json`"))]) + "\n"
+                      "|---|---|---|---|---|---|", *_collapse(*shown(lines, "each run's `attempts.jsonl`"))]) + "\n"
 
 
 def health_bus(record: dict) -> str:

@@ -141,6 +141,20 @@ def test_status_of_a_finished_run_folder_reads_steps_attempts_and_goodput(tmp_pa
     assert read_status(run, {}).verdict == "failed"
 
 
+def test_status_names_the_nodes_a_requeue_left_out_as_the_reports_nodes_table_does(tmp_path):
+    from launch.status import line
+
+    run = tmp_path / "slow"
+    (run / "metrics").mkdir(parents=True)
+    schema.save(launch_config.parse(compose("train.max_steps=3")), run / "config.yaml")
+    (run / "attempts.jsonl").write_text("".join(json.dumps(a) + "\n" for a in [
+        {"job_id": "7", "restart": 0, "ended": "preempted:SIGUSR2", "requeued": True, "straggler": {"host": "gl6-n4"},
+         "note": "requeued job 7 (restart 1 of at most 10), without gl6-n2,gl6-n4 (ExcNodeList)"},
+        {"job_id": "7", "restart": 1, "ended": "finished"}]))
+    said = line(read_status(run, {}), tmp_path)
+    assert "2 attempt(s), 1 restart(s) (last interrupted: preempted:SIGUSR2), excluded gl6-n2, gl6-n4," in said, said
+
+
 @pytest.mark.slow  # seconds of CPU: out of make test-fast's slice
 def test_status_prints_one_line_per_in_job_restart(tmp_path):
     run = tmp_path / "run"
