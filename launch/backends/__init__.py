@@ -142,6 +142,11 @@ class Backend:
         cannot say. Here: a local run is not preempted."""
         return None
 
+    def time_limit_lines(self, run: LaunchConfig, times) -> list[str]:
+        """One line for each way the job's time limit leaves too little to train, given what an attempt spends
+        (`times`: launch.planning.time_limit.AttemptTimes), for planning's time-limit check. Here: no time limit."""
+        return []
+
     def run(self, plan) -> Any:
         """Run one planned point here and return when it has finished (backends without a queue): the job
         environment its ranks ran in (a launch.rank.job_env.JobEnvironment, their launch's id included), which the

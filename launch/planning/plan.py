@@ -28,6 +28,7 @@ from gpt.run_folder import RunFolder
 from launch.backends import Backend
 from launch.planning.memory_fit import Device, fit
 from launch.planning.save_time import check_save_time
+from launch.planning.time_limit import check_time_limit
 from launch.recovery.out_of_memory import keep_smaller_micro_batch
 from launch.run.identity import flat, newest_step
 from launch.planning.shared_gpu import rank_memory
@@ -108,6 +109,7 @@ def make_plan(run: LaunchConfig, run_dir: Path, backend: Backend, live_job: str 
     train.check_cuda_graphs(dims.dp)  # micro_batch_size=auto, as fit chose it
     if model.vocab_size:
         check_save_time(run, model, train, run_dir, backend, run.nodes * run.cluster.tasks_per_node)
+    check_time_limit(run, run_dir, backend)
     # micro_batch_size=auto as chosen: every rank, a requeue and a resumed attempt read this one
     resolved = dataclasses.replace(run, train=dataclasses.replace(
         run.train, micro_batch_size=train.micro_batch_size))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from gpt.model.flops import memory_gib
 from launch.backends import Backend, Queue
-from launch.backends.slurm import commands, detached, eval_job, partitions, submit, wait
+from launch.backends.slurm import commands, detached, eval_job, partitions, submit, time_limit, wait
 from launch.backends.slurm.resources import SlurmResources
 
 
@@ -56,6 +56,9 @@ class SlurmBackend(Backend):
         if grace is None or not {"CANCEL", "REQUEUE"} & set(mode.upper().split(",")):
             return None
         return grace, f"{where}: PreemptMode={mode}, GraceTime={grace} s"
+
+    def time_limit_lines(self, run, times):
+        return time_limit.time_limit_lines(SlurmResources.from_run(run), times)
 
     def device(self, run):
         return "cuda" if run.cluster.node_gpus > 0 else "cpu"  # the GPUs it asks for, whatever this node has
