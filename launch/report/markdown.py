@@ -356,7 +356,7 @@ def node_health(rep: Report) -> str:
                       "of the job's median GPU), the all-reduce bus bandwidth (on GPUs nccl-tests' busbw within "
                       "nodes / across nodes), the nodes below `health.min_fraction`, and the nodes earlier attempts "
                       "excluded: flagged by a health check, or left out of a requeue after a hang, a lost node or a "
-                      "straggler, or replaced by a spare (a point without health checks shows those alone).\n",
+                      "slow rank, or replaced by a spare (a point without health checks shows those alone).\n",
                       "| point | nodes: speed (share of median) | median | bus GB/s | flagged | excluded |",
                       "|---|---|---|---|---|---|", *_collapse(*shown(lines, "each run's `attempts.jsonl`"))]) + "\n"
 
