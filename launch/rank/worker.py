@@ -171,6 +171,7 @@ def install_flag(run_dir: Path) -> LaunchConfig | None:
         return run
     for signum in parse_signals(run.preemption.signals):  # a task wrapper started us ignoring them
         signal.signal(signum, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # the local launcher's ranks start ignoring Ctrl-C
     return run
 
 

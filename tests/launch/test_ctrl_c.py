@@ -133,3 +133,48 @@ def test_ctrl_z_pauses_the_ranks_and_the_launcher_and_sigcont_resumes_them(tmp_p
     err = proc.communicate(timeout=180)[1]
     assert proc.returncode == 0, err[-3000:]
     assert len(losses(run)) == 150 and not list(run.glob("hang-*")), err[-3000:]
+
+
+def started_up_to_its_rank_server(run: Path, overrides: list[str]) -> subprocess.Popen:
+    """A local run in its own process group, once its launcher started the server its ranks fork from: it relays
+    signals from then on, and the server's imports take seconds before any rank runs."""
+    import psutil
+
+    proc = subprocess.Popen([sys.executable, "-m", "launch", *overrides, f"hydra.run.dir={run}"], cwd=REPO,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    launcher = psutil.Process(proc.pid)
+    while not any("forkserver" in " ".join(p.cmdline()) for p in launcher.children()):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.05)
+    return proc
+
+
+@pytest.mark.slow
+def test_ctrl_c_while_the_ranks_start_stops_the_run_at_its_first_step(tmp_path, data_overrides):
+    """The ranks cannot take a signal in their start-up: the launcher holds the Ctrl-C until each can."""
+    run = tmp_path / "run"
+    proc = started_up_to_its_rank_server(run, [*RUN, *data_overrides])
+    os.killpg(proc.pid, signal.SIGINT)
+    err = proc.communicate(timeout=180)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "Continue with:\n  python -m launch " in err and "Traceback" not in err, err[-3000:]
+    assert len(losses(run)) == 1, err[-3000:]
+    (line,) = RunFolder(run).attempts.read()
+    assert line.ended == "Ctrl-C" and not line.requeued, line
+
+
+@pytest.mark.slow
+def test_ctrl_c_twice_while_the_ranks_start_stops_them_at_once(tmp_path, data_overrides):
+    run = tmp_path / "run"
+    proc = started_up_to_its_rank_server(run, [*RUN, *data_overrides])
+    os.killpg(proc.pid, signal.SIGINT)
+    err = ""
+    while "SIGINT: every rank saves at its next step" not in err:  # the launcher took the first
+        line = proc.stderr.readline()
+        assert line, err[-3000:]
+        err += line
+    os.killpg(proc.pid, signal.SIGINT)
+    err += proc.communicate(timeout=180)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "stopped at once (Ctrl-C twice)" in err and "Traceback" not in err, err[-3000:]
+    assert not (run / "checkpoints").is_dir() or not list((run / "checkpoints").glob("step_*")), err[-3000:]
