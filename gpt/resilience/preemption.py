@@ -86,3 +86,9 @@ class PreemptionFlag:
     @property
     def signal_name(self) -> str | None:
         return signal.Signals(self.received).name if self.received is not None else None
+
+
+def ctrl_c_pressed() -> bool:
+    """Whether this process's flag caught the user's Ctrl-C."""
+    flag = PreemptionFlag._installed
+    return flag is not None and flag.interrupted

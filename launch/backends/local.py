@@ -72,15 +72,16 @@ def run_round(run_dir: Path, nodes: int, tasks_per_node: int, round_env: dict[st
     if not failures:
         return True
     rank, code = root_failure(failures)
-    if code < 0 and code != -signal.SIGTERM and not relay.stopped_at_once:  # killed, not stopped by this launcher
-        record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-code).name}", job)
-    if code == EXIT_INTERRUPTED or relay.stopped_at_once:  # stopped at once by this launcher (HeldSignals)
+    if code == EXIT_INTERRUPTED or relay.stopped_at_once:  # over any round a rank asked for after it (a peer gone)
         record_ctrl_c_twice(run_dir)
+        raise UserError(_failure(run_dir, rank, EXIT_INTERRUPTED)) from None
+    if code < 0 and code != -signal.SIGTERM:  # killed, not stopped by this launcher
+        record_lost_rank(run_dir, rank, f"rank {rank} was killed by {signal.Signals(-code).name}", job)
     if Rounds.of(run_dir, job).path(job.round + 1).exists():
         print(f"{_failure(run_dir, rank, code)}: {IN_JOB} (round {job.round + 1})", file=sys.stderr, flush=True)
         return False
-    if code in (EXIT_USER, EXIT_PREEMPTED, EXIT_INTERRUPTED) or relay.stopped_at_once:  # the user's error, or signal: 2
-        raise UserError(_failure(run_dir, rank, EXIT_INTERRUPTED if relay.stopped_at_once else code)) from None
+    if code in (EXIT_USER, EXIT_PREEMPTED):  # the user's error, or signal: 2
+        raise UserError(_failure(run_dir, rank, code)) from None
     raise RunFailed(_failure(run_dir, rank, code)) from None  # a failed run: 1
 
 

@@ -19,11 +19,12 @@ from pathlib import Path  # noqa: E402
 
 from launch import launch_config  # noqa: E402
 from launch.launch_config import LaunchConfig  # noqa: E402
-from gpt.resilience.preemption import PreemptionFlag, parse_signals  # noqa: E402
+from gpt.resilience.preemption import PreemptionFlag, ctrl_c_pressed, parse_signals  # noqa: E402
 
 from gpt.collectives.process_group import (DistEnv, Rendezvous, all_reduce_values, init_process_group, leave,  # noqa: E402
                                     pick_device, preflight)
-from gpt.errors import EXIT_FAILED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line, failure_line  # noqa: E402
+from gpt.errors import (EXIT_FAILED, EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USER, UserError, error_line,  # noqa: E402
+                        failure_line)
 from gpt.resilience.faults import Faults, abort_like_nccl  # noqa: E402
 from gpt.resilience.lease import install_fence  # noqa: E402
 from gpt.resilience.progress import PROGRESS  # noqa: E402
@@ -191,6 +192,27 @@ def wait_for_round() -> None:
     STARTED = time.time()
 
 
+def stopped_with_peer(e: BaseException) -> int:
+    """A collective failed after the user's Ctrl-C: the peer that vanished was stopped at once by a second one (two
+    presses can reach this rank's handler as one). The user's stop, not a hang to restart from: the launcher records
+    it."""
+    log.warning("a peer stopped at once (Ctrl-C twice): this rank stops too (%s)", error_line(str(e), limit=200))
+    return EXIT_INTERRUPTED
+
+
+def failed(attempt: Attempt, run: LaunchConfig | None, e: BaseException) -> int:
+    """A rank's error that no ending covers: logged and recorded; a peer that vanished ends the attempt as a hang."""
+    if run is not None and collective_failed(e):
+        abort_like_nccl(run.debug)
+    when_a_rank_vanished(attempt, e, run.preemption.max_restarts if run else 0)
+    if run is not None and collective_failed(e):  # a peer is gone: its own log and task say why, not this trace
+        log.error("rank failed: a collective failed, a peer is gone (%s)", error_line(str(e), limit=200))
+    else:
+        log.exception("rank failed")
+    log_failure(attempt, failure_line(e), peer_gone=collective_failed(e))
+    return EXIT_FAILED
+
+
 def main() -> None:
     if "--standby" in sys.argv[2:]:
         wait_for_round()
@@ -214,15 +236,8 @@ def main() -> None:
         log_failure(attempt, str(e), how="diverged")
     except BaseException as e:
         PROGRESS.stop_if_halted()  # a collective the watchdog gave up on failed late: the watchdog ends the rank
-        if run is not None and collective_failed(e):
-            abort_like_nccl(run.debug)
-        when_a_rank_vanished(attempt, e, run.preemption.max_restarts if run else 0)
-        if run is not None and collective_failed(e):  # a peer is gone: its own log and task say why, not this trace
-            log.error("rank failed: a collective failed, a peer is gone (%s)", error_line(str(e), limit=200))
-        else:
-            log.exception("rank failed")
-        code = EXIT_FAILED
-        log_failure(attempt, failure_line(e), peer_gone=collective_failed(e))
+        code = stopped_with_peer(e) if run is not None and collective_failed(e) and ctrl_c_pressed() else \
+            failed(attempt, run, e)
     attempt.release(code)
     # A hard exit skips gloo's racy teardown ("terminate called without an active exception").
     sys.stdout.flush()

@@ -135,6 +135,32 @@ def test_ctrl_z_pauses_the_ranks_and_the_launcher_and_sigcont_resumes_them(tmp_p
     assert len(losses(run)) == 150 and not list(run.glob("hang-*")), err[-3000:]
 
 
+@pytest.mark.slow
+def test_ctrl_c_twice_inside_a_save_stops_and_no_rank_restarts_the_run(tmp_path, data_overrides):
+    """Two Ctrl-C half a second apart inside a save: the rank that took both stops at once, and a peer that took
+    them as one sees it vanish. That is the user's stop, not a hang: no hang report, no new round, the attempt
+    recorded as Ctrl-C, and the command that continues printed clean."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "launch", *RUN, *data_overrides, "checkpoint.interval_steps=5", "debug.save_sleep_s=10",
+           "debug.save_sleep_step=5", f"hydra.run.dir={run}"]
+    proc = subprocess.Popen(cmd, cwd=REPO, start_new_session=True, stderr=subprocess.PIPE, text=True)
+    err = ""
+    while "sleeping 10.0 s inside the save of step 5" not in err:
+        line = proc.stderr.readline()
+        assert line, err[-3000:]
+        err += line
+    os.killpg(proc.pid, signal.SIGINT)
+    time.sleep(0.5)  # what the user did; the outcome must not depend on it
+    os.killpg(proc.pid, signal.SIGINT)
+    err += proc.communicate(timeout=120)[1]
+    assert proc.returncode == 2, err[-3000:]
+    assert "restarting inside the allocation" not in err and not list(run.glob("hang-*")), err[-3000:]
+    again = err.split("stopped at once (Ctrl-C twice)", 1)[1].split(":\n  ", 1)[1].splitlines()[0]
+    assert again.endswith(f"hydra.run.dir={run}"), again
+    (line,) = RunFolder(run).attempts.read()
+    assert line.ended == "Ctrl-C" and not line.requeued, line
+
+
 def started_up_to_its_rank_server(run: Path, overrides: list[str]) -> subprocess.Popen:
     """A local run in its own process group, once its launcher started the server its ranks fork from: it relays
     signals from then on, and the server's imports take seconds before any rank runs."""
