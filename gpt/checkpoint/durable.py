@@ -16,15 +16,16 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(folder: Path) -> None:
-    """Every file under `folder`, then every folder from the deepest up to `folder` itself. A file already synced
-    (DCP syncs its shards) costs one cheap call."""
-    folders = [folder]
-    for path in sorted(folder.rglob("*")):
-        if path.is_dir():
-            folders.append(path)
-        elif path.is_file():
-            fsync_path(path)
+def fsync_tree(folder: Path, files: bool = True) -> None:
+    """Every file under `folder` (unless `files` is False: their writers synced them, and an open and fsync per file
+    from one process is a metadata operation per file on a shared file system), then every folder from the deepest
+    up to `folder` itself (the entries the files' creates and renames made)."""
+    folders = []
+    for top, _, names in os.walk(folder):
+        folders.append(Path(top))
+        for name in names if files else ():
+            if (path := Path(top) / name).is_file():
+                fsync_path(path)
     for path in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         fsync_path(path)
 

@@ -43,6 +43,12 @@ def is_whole(path: Path) -> bool:
     return (path / META).is_file() and (path / ".metadata").is_file()
 
 
+def seen_whole(path: Path) -> str | None:
+    """What this process cannot see of a whole checkpoint folder (its meta.json and .metadata), or None: the cheap
+    check of a rank that leaves the manifest's every file to rank 0 (verify)."""
+    return None if is_whole(path) else f"{path} is not whole from here (no {META} or .metadata)"
+
+
 def is_complete(path: Path) -> bool:
     return is_whole(path) and not path.name.startswith(".")
 

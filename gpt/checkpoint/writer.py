@@ -115,7 +115,8 @@ class Checkpointer:
             self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
         else:
             self._agreed(tmp, lambda: strategy.save_state(tmp))
-        self._commit(step, tmp, final, meta, start)
+        synced = weights_dtype is not None or getattr(strategy, "syncs_own_files", False)
+        self._commit(step, tmp, final, meta, start, synced)
         self.last_blocked_s = time.perf_counter() - start
         return final
 
@@ -199,7 +200,7 @@ class Checkpointer:
         if p is None:
             return None
         self._agreed(p.tmp, p.future.result)  # the write's error, if any, on every rank
-        self._commit(p.step, p.tmp, p.final, p.meta, p.started)
+        self._commit(p.step, p.tmp, p.final, p.meta, p.started, synced=True)  # DCP's writer synced its files
         log.info("saved checkpoint %s (written in the background in %.2f s; this rank staged %.1f MiB and training "
                  "waited %.2f s for it)", p.final, time.perf_counter() - p.started, self.stager.staged_bytes / 2**20,
                  p.staging_wait_s)
@@ -211,13 +212,14 @@ class Checkpointer:
             return None
         return self.finish_async()
 
-    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
-        """Rank 0 makes every file durable, writes meta.json (with the manifest) and renames the folder into
-        place, then prunes; every rank learns whether the checkpoint is in."""
+    def _commit(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float, synced: bool) -> None:
+        """Rank 0 makes every file durable (`synced`: their writers did, on their own nodes, as only they can on a
+        shared file system; it syncs the folders alone), writes meta.json (with the manifest) and renames the folder
+        into place, then prunes; every rank learns whether the checkpoint is in."""
         error: BaseException | None = None
         if self.is_main:
             try:
-                self._put_in_place(step, tmp, final, meta, started)
+                self._put_in_place(step, tmp, final, meta, started, synced)
                 self._prune()
             except Exception as e:  # reported below, after the ranks agree
                 error = e
@@ -231,12 +233,13 @@ class Checkpointer:
             raise error
         self._abandon(tmp, storage_error(error, self.root))
 
-    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float) -> None:
+    def _put_in_place(self, step: int, tmp: Path, final: Path, meta: dict[str, Any], started: float,
+                      synced: bool) -> None:
         slept = time.perf_counter()
         if self.before_commit is not None:
             self.before_commit(step)
         slept = time.perf_counter() - slept  # a test's sleep is no part of what the save cost
-        fsync_tree(tmp)  # the shards and rank files of every rank, before meta.json says they are whole
+        fsync_tree(tmp, files=not synced)  # every rank's files and their folders, before meta.json says they are whole
         files = manifest(tmp)
         cost = save_cost(files, meta.get("world_size", 1), time.perf_counter() - started - slept)
         index = max((save_index(p) for p in list_checkpoints(self.root)), default=-1) + 1
@@ -270,13 +273,14 @@ class Checkpointer:
                 shutil.rmtree(old, ignore_errors=True)
 
     # --- loading ----------------------------------------------------------------------------------------
-    def load(self, path: Path, strategy, accept: Callable[[dict[str, Any]], None] | None = None) -> dict[str, Any]:
+    def load(self, path: Path, strategy, accept: Callable[[dict[str, Any]], None] | None = None,
+             verified: bool = False) -> dict[str, Any]:
         """Load into the strategy's model and optimizer, whatever world size wrote them. `accept(meta)` raises a
         UserError before anything is loaded when the checkpoint must not go into this run; shards that fail to
-        load raise Unloadable."""
+        load raise Unloadable. `verified`: the caller has checked the manifest already (resume, on rank 0)."""
         if not is_whole(path):
             raise UserError(f"{path} is not a complete checkpoint (no {META} or .metadata)")
-        problem = verify(path)
+        problem = None if verified else verify(path)
         if problem:
             raise UserError(f"checkpoint {path} is unusable: {problem}")
         meta = read_meta(path)

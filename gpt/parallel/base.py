@@ -251,6 +251,7 @@ class Strategy:
         return [(self.model, self.optimizer)]
 
     supports_async_save = True  # save_state(folder, async_group=..., stager=...) returns an AsyncSaveResponse
+    syncs_own_files = True  # DCP's writer fsyncs every file it writes (sync_files): the commit need not again
 
     def save_state(self, folder: Path, async_group: Any = None, stager: Any = None, threads: int = 1) -> Any:
         """Write model and optimizer into `folder`, every rank its own part (DCP reshards on load), in `threads`

@@ -262,6 +262,7 @@ class DeepSpeed(Strategy):
         return weights
 
     supports_async_save = False  # the engine writes its own checkpoint, synchronously
+    syncs_own_files = False  # and its torch.save does not fsync: the commit syncs every file
 
     def save_state(self, folder: Path, async_group=None) -> None:
         self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)

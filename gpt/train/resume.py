@@ -9,8 +9,8 @@ from pathlib import Path
 from typing import Any
 
 from gpt.checkpoint.safe_load import warn_if_foreign
-from gpt.checkpoint.store import (check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resumable, verify,
-                                  weights_alone)
+from gpt.checkpoint.store import (check_fingerprint, holds_optimizer, list_checkpoints, read_meta, resumable,
+                                  seen_whole, verify, weights_alone)
 from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.config.model import ModelConfig
@@ -96,16 +96,21 @@ class Resume:
         return full
 
     def readable_everywhere(self, path: Path, newest: bool) -> str | None:
-        """None when every rank can read `path`; else which ranks cannot, and why (every rank takes part)."""
-        mine = self.faults.unreadable(newest) or verify(path)
+        """None when every rank can read `path`; else which ranks cannot, and why (every rank takes part). Rank 0
+        alone checks every file meta.json lists (a stat each: on every rank, W ranks times the files); the others
+        that they see the folder whole. One all-reduce gives the verdict; the ranks' words are gathered on a failure."""
+        mine = self.faults.unreadable(newest) or (verify(path) if self.env.is_main else seen_whole(path))
+        if all_ranks_ok(mine is None):
+            return None
         problems = [f"rank {r} on {host}: {p}" for r, (host, p) in enumerate(gather_objects((self.env.hostname, mine)))
                     if p is not None]
-        return "; ".join(problems) or None
+        return "; ".join(problems)
 
     def load_everywhere(self, path: Path) -> str | None:
         """Load `path` on every rank; None when every rank did."""
         try:
-            self.checkpointer.load(path, self.strategy, accept=lambda meta: self.check_resumable(path, meta))
+            self.checkpointer.load(path, self.strategy, accept=lambda meta: self.check_resumable(path, meta),
+                                   verified=True)
             problem = None
         except Unloadable as e:
             problem = f"loading failed: {e.why}"

@@ -3,6 +3,7 @@ a checkpoint of another model config, a read-only folder; also retention, time-b
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
 import json
 import os
 import shutil
@@ -222,7 +223,7 @@ def test_every_file_and_folder_is_fsynced_before_the_rename_and_the_rename_befor
     ckpts = run_dir / "checkpoints"
     tmp, final = str(ckpts / ".tmp-step_00000008"), str(ckpts / "step_00000008")
     commit = events.index(("replace", tmp, final))
-    synced = [e[1] for e in events[:commit] if e[0] == "fsync"]
+    synced = [e[1].removesuffix(".tmp") for e in events[:commit] if e[0] == "fsync"]  # DCP's .metadata: as .tmp
     files = [str(p).replace(final, tmp) for p in Path(final).rglob("*") if p.is_file()]
     assert set(files) <= set(synced) and f"{tmp}/meta.json" in synced and tmp in synced
     prune = events.index(("rmtree", str(ckpts / "step_00000004")))
@@ -262,3 +263,27 @@ def test_each_rank_syncs_its_own_file(tmp_path, monkeypatch):
     (tmp_path / "tmp").mkdir()
     Checkpointer(tmp_path, rank=3, is_main=False)._write_rank_state(tmp_path / "tmp", {"rng": [1, 2]})
     assert synced == [str(tmp_path / "tmp" / "ranks" / "rank3.pt"), str(tmp_path / "tmp" / "ranks")]
+
+
+def test_the_commit_syncs_the_folders_and_leaves_each_file_to_the_writer_that_synced_it(tmp_path, monkeypatch):
+    """DCP's writer fsyncs each file it writes (sync_files), as each rank does its rank file: rank 0 opening and
+    syncing every rank's files again at the commit cost a metadata operation per file, and flushed nothing that
+    another node still cached. Each file is synced once; the folders, whose entries the commit needs, by rank 0."""
+    import torch
+
+    from gpt.checkpoint.writer import Checkpointer
+    from gpt.parallel.base import Strategy
+    from gpt.parallel.layout import ParallelDims
+
+    synced: Counter[str] = Counter()
+    fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.update([os.readlink(f"/proc/self/fd/{fd}")]), fsync(fd))[1])
+    strategy = Strategy(None, DistEnv(), torch.device("cpu"), "fp32", ParallelDims())
+    strategy.setup(torch.nn.Linear(4, 4), 1e-3, 0.1, (0.9, 0.95))
+    path = Checkpointer(tmp_path / "checkpoints").save(1, strategy, {}, rank_state={"rng": [1]})
+    files = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
+    tmp = next(Path(p).parent for p in synced if p.endswith("meta.json"))
+    # DCP syncs .metadata under its temporary name, then renames it
+    once = {f: synced[str(tmp / f)] + synced[str(tmp / f"{f}.tmp")] for f in files}
+    assert once == {f: 1 for f in files}  # before: 2 for every file but meta.json, rank 0 syncing each again
+    assert synced[str(tmp)] >= 1 and synced[str(tmp / "ranks")] >= 1 and synced[str(tmp.parent)] >= 1
