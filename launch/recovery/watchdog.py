@@ -30,6 +30,7 @@ from launch.recovery.hang import HangReport
 from launch.recovery.heartbeat import Liveness, read_heartbeats, write_heartbeat
 from gpt.resilience.lease import fence, fenced_generation
 from launch.recovery.node_heartbeat import NodeHeartbeat
+from launch.recovery.peer_view import NodeView
 from launch.recovery.slow_saves import SAVES, WriteWatch, slower_savers
 from gpt.resilience.progress import PROGRESS, Progress
 from gpt.resilience.timing import (HANG_EXIT_S, PROBE_EVERY_S, PROBE_TIMEOUT_S, REPORTER_GRACE_S, REQUEUE_WAIT_S,
@@ -54,6 +55,7 @@ class Watchdog:
         self.restart, self.beats_sent = restart, 0  # the heartbeat's (restart, sequence number)
         self.node = NodeHeartbeat(run_dir, host, rank, cfg.interval_s)  # steady beats: one record per node
         self.liveness = Liveness()  # the peers' heartbeats, watched while this rank is stuck
+        self.view = NodeView(self.node.local, cfg.interval_s)  # what the node's stuck ranks read of their peers
         self.reaches_master: bool | None = None  # probed only while this rank is stuck
         self.probed = 0.0
         self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says
@@ -103,14 +105,6 @@ class Watchdog:
             return "watchdog.save_first_s", c.save_first_s
         return "watchdog.save_s (auto)", max(c.save_floor_s, c.step_factor * longest)
 
-    def closest(self) -> dict[str, float]:
-        """Per budget, the largest share of it this rank has used so far: the margin against false alarms."""
-        out: dict[str, float] = {}
-        for kind, used in list(self.progress.longest.items()):
-            key, seconds = self.budget_for(kind)
-            out[key] = round(max(out.get(key, 0.0), used / seconds), 4)
-        return out
-
     def probe(self) -> None:
         """While stuck past half its budget, whether this rank still reaches the master (the rendezvous store's
         port) over the network: a rank that cannot is cut off, which its heartbeat file alone would not show
@@ -136,8 +130,8 @@ class Watchdog:
         self.beats_sent += 1
         record = {"rank": self.rank, "host": self.host, "pid": os.getpid(), "attempt": self.attempt,
                   "restart": self.restart, "beat": self.beats_sent, "time": time.time(),
-                  "budget_left_s": round(seconds - used, 3),
-                  "reaches_master": self.reaches_master, "ended": self.ended, "closest": self.closest(),
+                  "budget_left_s": round(seconds - used, 3), "reaches_master": self.reaches_master, "ended": self.ended,
+                  "closest": closest(self.progress, self.budget_for),
                   "longest_s": {k: round(v, 3) for k, v in self.progress.longest.items()}, **self.progress.snapshot(),
                   "generation": fenced_generation()}
         if last:
@@ -164,12 +158,11 @@ class Watchdog:
             if self.writes.moved() and self.progress.kind in SAVES:
                 self.progress.wrote(now)  # a save that writes progresses, however long it takes
             key, seconds, used = self.budget(now)
-            stuck = used > seconds / 2
-            beats = self.peers() if stuck else []  # stuck for a while: watch the peers, to tell the gone from the slow
-            # another rank's report is looked for only while stuck: a rank that still progresses makes no lookup
-            # per second on the shared file system, and one that waits for a hung peer is stuck itself by then
-            if (used > seconds and not self.waits_for_slower_savers(beats, used)) or (
-                    stuck and self.report.reported_elsewhere()):
+            # stuck for a while: watch the peers, to tell the gone from the slow, and look for another rank's report (a
+            # rank that still progresses makes no lookup on the shared file system; one that waits for a hung peer is
+            # stuck itself by then), as this node read them: its stuck ranks make one read per interval between them
+            beats, reported = self.shared_peers() if used > seconds / 2 else ([], False)
+            if (used > seconds and not self.waits_for_slower_savers(beats, used)) or reported:
                 self.fire(key, seconds, used)
                 return
 
@@ -184,6 +177,16 @@ class Watchdog:
                         "waiting for them", used, ", ".join(map(str, slower)))
         self.waiting_for = slower
         return bool(slower)
+
+    def shared_peers(self) -> tuple[list[dict | None], bool]:
+        """The peers' heartbeats and whether another rank reported the hang, as this node read them within an interval
+        (launch.recovery.peer_view), fed to the liveness record."""
+        key = [str(self.report.json_path), self.restart, fenced_generation(), self.world]
+        seen = self.view.read(key, lambda: {"beats": read_heartbeats(self.run_dir, self.world, self.attempt,
+                                                                     self.restart),
+                                            "reported": self.report.reported_elsewhere()})
+        self.liveness.observe(seen["beats"])
+        return seen["beats"], seen["reported"]
 
     def peers(self) -> list[dict | None]:
         """Every rank's heartbeat, read now and fed to the liveness record (None where unreadable)."""
@@ -287,6 +290,15 @@ class Watchdog:
     def stale_s(self) -> float:
         """A live rank's heartbeat moves every interval_s; one that has not moved for this long is gone."""
         return max(10 * self.cfg.interval_s, SILENT_S)
+
+
+def closest(progress: Progress, budget_for: Callable[[str], tuple[str, float]]) -> dict[str, float]:
+    """Per budget, the largest share of it a rank has used so far: the margin against false alarms."""
+    out: dict[str, float] = {}
+    for kind, used in list(progress.longest.items()):
+        key, seconds = budget_for(kind)
+        out[key] = round(max(out.get(key, 0.0), used / seconds), 4)
+    return out
 
 
 def acting_rank(hang: Hang, rank: int, cut_off: bool) -> int:

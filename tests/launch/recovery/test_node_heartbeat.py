@@ -223,3 +223,36 @@ def test_stray_files_in_the_watchdog_folder_are_skipped_not_fatal(tmp_path, capl
         assert all_heartbeats(tmp_path) == {1: good}
     named = [r.getMessage() for r in caplog.records]
     assert len(named) == 3 and all("is not a heartbeat record" in m for m in named), named
+
+
+def test_the_stuck_ranks_of_a_node_read_their_peers_once_per_interval_between_them(tmp_path, monkeypatch):
+    """8 ranks on 2 nodes, all stuck: each interval the run folder's heartbeat records are read (and the hang report
+    looked for) once per node, not once per rank (8 each: 2,048 ranks on 256 nodes read 256 files each, every
+    second), and every rank still sees every peer's beat and another rank's report."""
+    from launch.recovery import peer_view, watchdog
+    from launch.recovery.hang import HangReport
+
+    (tmp_path / "watchdog").mkdir()
+    dogs = [Watchdog(WatchdogConfig(interval_s=1), tmp_path, r, 8, f"n{r // 4}", 1, lambda report: False)
+            for r in range(8)]
+    for dog in dogs * 2:  # the second time round, each node's writer publishes its peers' first beats
+        dog.beat()
+    reads, looks, clock = [], [], [1000.0]
+    real_read, real_look = watchdog.read_heartbeats, HangReport.reported_elsewhere
+    monkeypatch.setattr(watchdog, "read_heartbeats", lambda *a, **k: (reads.append(a), real_read(*a, **k))[1])
+    monkeypatch.setattr(HangReport, "reported_elsewhere", lambda self: (looks.append(self), real_look(self))[1])
+    monkeypatch.setattr(peer_view.time, "monotonic", lambda: clock[0])
+    for _ in range(5):
+        clock[0] += 1.0  # an interval on
+        seen = [dog.shared_peers() for dog in dogs]
+    assert len(reads) == len(looks) == 5 * 2  # before: 5 * 8
+    beats = [b["beat"] for b in read_heartbeats(tmp_path, 8, 1)]
+    assert all([b["beat"] for b in got] == beats and not reported for got, reported in seen)
+    assert all(dog.liveness.silent_s(5) is not None for dog in dogs)  # every rank's liveness record is fed
+    RunFolder(tmp_path).hang_report(1)[0].write_text("")  # another rank claimed the report
+    assert not any(dog.shared_peers()[1] for dog in dogs)  # each node's copy is of this interval still
+    clock[0] += 1.0
+    assert all(dog.shared_peers()[1] for dog in dogs)  # found within an interval
+    for dog in dogs:
+        dog.close()
+    assert not node_local_dir(tmp_path, "n0").parent.exists()  # the node's shared copy went with its last rank
