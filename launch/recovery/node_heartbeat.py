@@ -30,7 +30,7 @@ from pathlib import Path
 
 from gpt.errors import UserError
 from launch.recovery.heartbeat import Liveness, of_attempt
-from launch.recovery.peer_view import NAMES as PEER_VIEW_NAMES
+from launch.recovery.peer_view import release
 from gpt.resilience.lease import fence
 from gpt.run_folder import RunFolder
 
@@ -180,14 +180,7 @@ class NodeHeartbeat:
             self.closed = True
             self._close()
             self.path.unlink(missing_ok=True)
-            if not any(self.local.glob("rank*.json")):  # the node's last rank: what its stuck ranks shared goes too
-                for name in PEER_VIEW_NAMES:
-                    (self.local / name).unlink(missing_ok=True)
-            for folder in (self.local, self.local.parent):
-                try:
-                    folder.rmdir()
-                except OSError:  # another rank of this node (or run) still beats there
-                    break
+            release(self.local)  # with the node's last rank, what its processes shared (launch.recovery.peer_view)
 
     def _close(self) -> None:
         if self.fd is not None:

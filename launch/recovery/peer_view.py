@@ -1,10 +1,12 @@
-"""What a stuck rank reads of its peers, read once per node: every rank of a node stuck in the same collective would
-otherwise read every node's heartbeat record (and look for a hang report) each interval, ranks times nodes reads of
-the shared file system per second exactly while the job is stuck. The first of the node's stuck ranks to find this
-node's copy older than an interval reads the run folder and leaves what it saw in node-local memory (next to the
-node's beats, in NodeHeartbeat's private folder); the others read that copy. One rank fetches at a time (a lock in
-the same folder); a rank that waits longer than an interval for the lock takes the copy as it is, or fetches itself
-when there is none. Torch-free."""
+"""What several processes of a node would each read of the run folder, read once per node. Every rank of a node stuck
+in the same collective would otherwise read every node's heartbeat record (and look for a hang report) each interval,
+ranks times nodes reads of the shared file system per second exactly while the job is stuck; every task wrapper would
+look for its round's next round each second, and for its attempt's line every few. The first process to find this
+node's copy older than its age reads the run folder and leaves what it saw in node-local memory (next to the node's
+beats, in NodeHeartbeat's private folder); the others read that copy. One process fetches at a time (a lock in the
+same folder); one that waits longer than the age for the lock takes the copy as it is, or fetches itself when there is
+none. Torch-free.
+"""
 from __future__ import annotations
 
 import fcntl
@@ -15,15 +17,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-NAMES = ("peers.json", "peers.lock")  # what this module keeps in the node's folder
+PREFIX = "view-"  # this module's files in the node's folder: view-<name>.json and its lock
 
 
 class NodeView:
     """`read(key, fetch)`: what `fetch()` returns (plain JSON), fetched at most once per `max_age_s` on this node for
     a given `key` (the attempt's: an earlier one's copy is never taken for this one's)."""
 
-    def __init__(self, local: Path, max_age_s: float):
-        self.path, self.lock, self.max_age_s = local / NAMES[0], local / NAMES[1], max_age_s
+    def __init__(self, local: Path, max_age_s: float, name: str):
+        self.path, self.lock = local / f"{PREFIX}{name}.json", local / f"{PREFIX}{name}.lock"
+        self.max_age_s = max_age_s
 
     def read(self, key: Any, fetch: Callable[[], Any]) -> Any:
         try:
@@ -68,3 +71,16 @@ class NodeView:
             os.replace(tmp, self.path)
         except OSError:  # node memory full: the node's other ranks fetch for themselves
             tmp.unlink(missing_ok=True)
+
+
+def release(local: Path) -> None:
+    """A process of the node ends: once no rank of the node beats there (rank*.json), the views go, and the folder
+    with its parent when they are empty (memory, not disk: one left behind per run would fill /dev/shm)."""
+    try:
+        if not any(local.glob("rank*.json")):
+            for path in local.glob(f"{PREFIX}*"):
+                path.unlink(missing_ok=True)
+        for folder in (local, local.parent):
+            folder.rmdir()
+    except OSError:  # another process of this node (or run) still uses it
+        pass

@@ -2,6 +2,7 @@
 it waits as a spare), and when a round is over. Torch-free: it runs in every task wrapper."""
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,13 +11,16 @@ from launch import launch_config
 from gpt.errors import UserError
 from gpt.run_folder import Next, RunFolder
 from gpt.resilience.lease import read_beat
-from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, LEASE_BEAT_S, ROUND_SILENT_S
+from gpt.resilience.timing import ABORT_GRACE_S, ENDED_EXIT_S, ENDED_LOOK_S, LEASE_BEAT_S, ROUND_SILENT_S
 from launch.rank.job_env import ROUND_VAR, JobEnvironment
+from launch.recovery.node_heartbeat import node_local_dir, private_folder
+from launch.recovery.peer_view import NodeView, release
 from launch.recovery.rounds import Rounds, round_record, tasks_per_node
 from launch.run.startup import ATTEMPT_START
 
 POLL_S = 0.2
-LOOK_S = 1.0  # a look for the next round is a lookup on the shared file system, per task: one a second at most
+LOOK_S = 1.0  # a look for the next round is a lookup on the shared file system: one a second at most
+log = logging.getLogger(__name__)
 
 
 class RoundSilent(RuntimeError):
@@ -74,6 +78,30 @@ class RoundAgent:
             self.silent_s = run.watchdog.process_group_timeout() + ROUND_SILENT_S
         self.rounds = Rounds.of(self.run_dir, self.job)
         self.looked: dict[int, float] = {}  # round -> when its next round was last looked for, not found
+        self.local: Path | None = None  # the node's folder, once this task shares its lookups there (share_on_node)
+        self.views: dict[str, NodeView] = {}
+
+    def share_on_node(self) -> None:
+        """From now on the node's task wrappers share their looks at the run folder (launch.recovery.peer_view): for
+        the next round and for the attempt's line, one per node, not one per task. Without the node's folder (another
+        user's, no memory left), this task looks alone."""
+        try:
+            local = node_local_dir(self.run_dir, self.host)
+            private_folder(local.parent)
+            local.mkdir(exist_ok=True)
+        except (OSError, UserError) as e:
+            log.warning("%s: this task looks at the run folder alone (%s)", self.host, e)
+            return
+        self.local = local
+        self.views = {"next": NodeView(local, LOOK_S, "next-round"), "ended": NodeView(local, ENDED_LOOK_S, "ended")}
+
+    def release(self) -> None:
+        """The task ends: the node's last process removes what they shared."""
+        if self.local is not None:
+            release(self.local)
+
+    def _looked_up(self, view: str, key: list, look) -> bool:
+        return self.views[view].read(key, look) if view in self.views else look()
 
     def placement(self, k: int) -> dict[str, str] | None:
         """The variables that place this task's rank in round `k`; None: this task waits as a spare."""
@@ -104,11 +132,20 @@ class RoundAgent:
             return False
         if not now and time.monotonic() - self.looked.get(k, -LOOK_S) < LOOK_S:
             return False
-        if self.rounds.path(k + 1).exists():
+        path = self.rounds.path(k + 1)
+        if path.exists() if now else self._looked_up("next", [str(path)], path.exists):
             self.looked.pop(k, None)
             return True
         self.looked[k] = time.monotonic()
         return False
+
+    def attempt_ended(self, k: int) -> bool:
+        """Whether round `k`'s attempt has its line in the attempts log (read once per node per ENDED_LOOK_S, once
+        shared)."""
+        job = self.job
+        key = [str(self.run_dir), job.job_id, job.restart, k, job.launch]
+        return self._looked_up("ended", key, lambda: RunFolder(self.run_dir).attempts.line_of(
+            job.job_id, job.restart, k, job.launch) is not None)
 
     def wait_next(self, k: int, seconds: float = ABORT_GRACE_S) -> bool:
         """A rank of round `k` ended with an error: whether the next round is asked for within `seconds` (the rank

@@ -55,7 +55,7 @@ class Watchdog:
         self.restart, self.beats_sent = restart, 0  # the heartbeat's (restart, sequence number)
         self.node = NodeHeartbeat(run_dir, host, rank, cfg.interval_s)  # steady beats: one record per node
         self.liveness = Liveness()  # the peers' heartbeats, watched while this rank is stuck
-        self.view = NodeView(self.node.local, cfg.interval_s)  # what the node's stuck ranks read of their peers
+        self.view = NodeView(self.node.local, cfg.interval_s, "peers")  # what the node's stuck ranks read of peers
         self.reaches_master: bool | None = None  # probed only while this rank is stuck
         self.probed = 0.0
         self.ended: str | None = None  # how this rank ends, once it knows: a vanished rank never says

@@ -84,12 +84,14 @@ class RankTask:
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
         relay = SignalRelay(configured_signals(folder.config))
         agent = RoundAgent(run_dir, job_environment(env), host)
+        agent.share_on_node()
         missed_preemption(relay, agent.job)
         standby = Standby(self.run_dir, env, list(relay.previous), standby_wanted(folder))
         try:
             return self.rounds(relay, agent, standby)
         finally:
             standby.stop()
+            agent.release()
 
     def rounds(self, relay: SignalRelay, agent: RoundAgent, standby: Standby) -> dict:
         """One round of ranks after another, as long as each ends in an in-job restart."""
@@ -128,8 +130,7 @@ class RankTask:
                 standby.start_when_up(up)  # the next round's rank imports while this one trains
             return agent.next_asked(k)
         folder = RunFolder(run_dir)
-        watch = RankWatch(f"rank {rank} on {host}", lambda: folder.attempts.line_of(agent.job.job_id,
-                          agent.job.restart, k, agent.job.launch) is not None, signalled_exit_s(folder.config))
+        watch = RankWatch(f"rank {rank} on {host}", lambda: agent.attempt_ended(k), signalled_exit_s(folder.config))
         code = relay.wait(child, functools.partial(catches, child.pid), stop=over, watch=watch)
         if agent.next_asked(k, now=True):
             return None

@@ -54,6 +54,42 @@ def test_a_task_looks_for_the_next_round_once_a_second_and_keeps_what_it_found(t
     assert agent.next_asked(0) and agent.next_asked(0)
 
 
+def test_the_tasks_of_a_node_share_one_look_at_the_run_folder_per_interval(tmp_path, monkeypatch):
+    """8 task wrappers on 2 nodes: the look for the next round (each second) and for the attempt's line (every
+    ENDED_LOOK_S) reach the run folder once per node, not once per task (2,048 tasks on 256 nodes made 2,048 lookups
+    a second); every task still sees the next round asked, a second later at most, and the last one cleans up."""
+    from pathlib import Path
+
+    from gpt.resilience.timing import ENDED_LOOK_S
+    from gpt.run_folder import AttemptsLog
+    from launch.recovery.node_heartbeat import node_local_dir
+
+    schema.save(launch_config.parse(compose("preemption.in_job_restarts=1")), RunFolder(tmp_path).config)
+    env = {"SLURM_JOB_ID": "7", "SLURM_RESTART_COUNT": "0"}
+    agents = [RoundAgent(tmp_path, JobEnvironment(env), f"n{t // 4}") for t in range(8)]
+    for agent in agents:
+        agent.share_on_node()
+    following, looks, lines, clock = agents[0].rounds.path(1), [], [], [1000.0]
+    real_exists, real_line = Path.exists, AttemptsLog.line_of
+    monkeypatch.setattr(Path, "exists", lambda p, *a: (looks.append(p) if p == following else 0, real_exists(p, *a))[1])
+    monkeypatch.setattr(AttemptsLog, "line_of", lambda log, *a: (lines.append(a), real_line(log, *a))[1])
+    monkeypatch.setattr(time, "monotonic", lambda: clock[0])
+    for _ in range(5):
+        clock[0] += ENDED_LOOK_S  # as often as each task's RankWatch asks
+        assert not any(agent.attempt_ended(0) for agent in agents)
+    for _ in range(5):
+        clock[0] += LOOK_S
+        assert not any(agent.next_asked(0) for agent in agents)
+    assert (len(lines), len(looks)) == (5 * 2, 5 * 2)  # before: 5 * 8 each
+    following.parent.mkdir(parents=True, exist_ok=True)
+    following.write_text("{}")
+    clock[0] += LOOK_S
+    assert all(agent.next_asked(0) for agent in agents)
+    for agent in agents:
+        agent.release()
+    assert not node_local_dir(tmp_path, "n0").parent.exists()
+
+
 def test_without_in_job_restarts_a_task_never_looks_for_a_next_round(tmp_path, monkeypatch):
     """No round follows (launch.recovery.rounds.in_job_restart): the wrapper's once-a-second look would be a metadata
     operation per task per second on the shared file system, for nothing."""
