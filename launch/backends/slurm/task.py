@@ -63,8 +63,11 @@ def standby_wanted(folder: RunFolder) -> bool:
 def missed_preemption(relay: SignalRelay, job: JobEnvironment) -> None:
     """A preemption Slurm signalled before this task's handlers were in place (its SIGTERM was ignored:
     launch.backends.slurm.step.ignoring) is taken as caught now, so that the rank saves and the job requeues (or
-    ends) as the site's policy says."""
-    if signal.SIGTERM in relay.previous and job.preemption() is not None:
+    ends) as the site's policy says. One task per node asks Slurm (SLURM_LOCALID 0; every task asking sent thousands
+    of scontrol calls to slurmctld within a second): the ranks OR-reduce the preemption flag, so the rank of any task
+    that takes it makes every rank save at the same step, and a node that waits as a spare leaves it to the others."""
+    if signal.SIGTERM in relay.previous and job.environ.get("SLURM_LOCALID", "0") == "0" and \
+            job.preemption() is not None:
         relay.received.append(signal.SIGTERM)
 
 

@@ -159,3 +159,22 @@ def test_a_rank_gets_its_preemption_signal_when_its_launcher_is_killed_outright(
         assert said.read_text() == "SIGUSR2"
     finally:
         launcher.kill()
+
+
+def test_one_task_per_node_asks_slurm_whether_a_preemption_came_before_its_handlers(monkeypatch):
+    """8 tasks on 2 nodes start while Slurm preempts the job: the node's first task (SLURM_LOCALID 0) asks scontrol
+    and takes the SIGTERM it missed as caught; the others do not ask (every task asked: 2,048 calls to slurmctld
+    within a second), and their ranks save all the same, the flag being OR-reduced across ranks."""
+    from types import SimpleNamespace
+
+    from launch.backends.slurm.job import SlurmJob
+    from launch.rank.job_env import Preemption
+
+    asked = []
+    monkeypatch.setattr(SlurmJob, "preemption", lambda job: asked.append(job) or Preemption("preempted", True))
+    relays = [SimpleNamespace(previous={signal.SIGTERM: signal.SIG_IGN}, received=[]) for _ in range(8)]
+    for t, relay in enumerate(relays):
+        task.missed_preemption(relay, SlurmJob({"SLURM_JOB_ID": "7", "SLURM_PROCID": str(t),
+                                                "SLURM_LOCALID": str(t % 4), "SLURM_NODEID": str(t // 4)}))
+    assert len(asked) == 2  # before: 8
+    assert [r.received for r in relays] == [[signal.SIGTERM], [], [], [], [signal.SIGTERM], [], [], []]
