@@ -170,7 +170,7 @@ def test_failed_points_are_failed_trials_and_the_same_command_resumes_the_study(
     by_lr = {float(o[0].split("=")[1]): n for n, o in first.launched + again.launched}
     assert states[by_lr[0.5]] == states[by_lr[0.25]] == "FAIL" and states[by_lr[0.1]] == "COMPLETE", states
     err = capsys.readouterr().err
-    assert f"optuna: trial {by_lr[0.5]} failed: its job ? failed (run folder trial={by_lr[0.5]})" in err, err
+    assert f"optuna: trial {by_lr[0.5]} failed: its run failed (run folder trial={by_lr[0.5]})" in err, err
     assert f"optuna: trial {by_lr[0.25]} failed: its objective is nan (trial={by_lr[0.25]})" in err, err
     assert "optuna: 2 of 4 trial(s) failed" in err
     best = yaml.safe_load((sweep / "optimization_results.yaml").read_text())
