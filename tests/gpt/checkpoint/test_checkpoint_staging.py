@@ -3,12 +3,14 @@ and a run on the CPU makes no CUDA call on a machine that has GPUs (the mirror: 
 from __future__ import annotations
 
 import json
+from concurrent.futures import Future
 
 import pytest
 import torch
 import torch.cuda._pin_memory_utils as pin_memory_utils
 from cuda_standin import StrictCuda
 from torch.distributed.checkpoint._state_dict_stager import StateDictStager
+from torch.distributed.checkpoint.staging import AsyncStager
 
 from gpt.checkpoint.staging import assign_writers
 from gpt.checkpoint.store import SAVE_RATE
@@ -143,3 +145,51 @@ def test_a_gpu_runs_synchronous_save_stages_through_the_asynchronous_saves_pinne
     assert json.loads((path / "meta.json").read_text())[SAVE_RATE] > 0  # what planning's save-time check reads
     assert_restores(checkpointer, path, strategy)
     checkpointer.close()
+
+
+class Handed(AsyncStager):
+    """An inner stager that hands the state on as it is: what the share stager passed it."""
+
+    def stage(self, state_dict):
+        done = Future()
+        done.set_result(state_dict)
+        return done
+
+
+def _shares_over_saves(rank: int, world: int, port: int, out) -> None:
+    """Four saves on each rank: the same tensors twice, then rank 1 alone gains one (an optimizer's first moments
+    on one rank), then the same again. What each save gathered and what each rank staged."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from gpt.checkpoint import staging
+
+    store = dist.TCPStore("127.0.0.1", port, world, rank == 0, timeout=timedelta(seconds=30))
+    dist.init_process_group("gloo", store=store, rank=rank, world_size=world)
+    gathered = []
+    gather = staging.gather_objects
+    staging.gather_objects = lambda obj, group=None: gathered.append(len(obj)) or gather(obj, group)
+    stager = staging.ShareStager(Handed(), None)
+    model = {"w": torch.ones(4), "b": torch.ones(2)}  # replicated: 16 and 8 bytes
+    saves = [{"model": model}, {"model": model}, {"model": model, "optim": {"m": torch.ones(1)} if rank else {}},
+             {"model": model, "optim": {"m": torch.ones(1)} if rank else {}}]
+    seen = []
+    for state in saves:
+        staged = stager.stage(state).result()
+        seen.append([len(gathered), *sorted(name for values in staged.values() for name in values)])
+        gathered.clear()
+    out[rank] = seen
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two processes that import torch
+def test_the_ranks_agree_on_writers_once_and_again_only_when_a_ranks_tensors_change():
+    """The writers of replicated tensors are agreed in one gather at the first save and kept: the second save
+    gathers nothing. When one rank's tensors change, every rank gathers again (a rank that did not would leave
+    the others waiting), and the next save gathers nothing again."""
+    from helpers import spawn_ranks
+
+    shares = spawn_ranks(_shares_over_saves, 2)
+    assert shares[0] == [[1, "b"], [0, "b"], [1, "b"], [0, "b"]]
+    assert shares[1] == [[1, "w"], [0, "w"], [1, "m", "w"], [0, "m", "w"]]
