@@ -7,14 +7,17 @@ groups), which DCP's default planner loads with weights_only=False, through a pl
 folder someone else owns is warned about before it is read."""
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import os
 import pickle
 import pwd
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import numpy as np
 import torch
@@ -55,12 +58,28 @@ def load_rank_state(path: Path) -> dict[str, Any]:
     return _load_data(path, RANK_STATE_GLOBALS, "a rank's state")
 
 
-def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
-    """One file of DeepSpeed's engine checkpoint, loaded as data only: the engine's checkpoint_engine.load."""
+def _deepspeed_globals() -> list[Any]:
     import importlib
 
-    allowed = [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
-    return _load_data(Path(path), allowed, "a DeepSpeed checkpoint", map_location)
+    return [getattr(importlib.import_module(module), name) for module, name in DEEPSPEED_GLOBALS]
+
+
+def load_deepspeed_file(path: str | Path, map_location: Any = None) -> Any:
+    """One file of DeepSpeed's engine checkpoint, loaded as data only: the engine's checkpoint_engine.load."""
+    return _load_data(Path(path), _deepspeed_globals(), "a DeepSpeed checkpoint", map_location)
+
+
+@contextlib.contextmanager
+def deepspeed_files_as_data(folder: Path) -> Iterator[None]:
+    """Every torch.load inside, loading data only, as load_deepspeed_file does: for DeepSpeed's own readers
+    (zero_to_fp32), which call torch.load(weights_only=False); torch's TORCH_FORCE_WEIGHTS_ONLY_LOAD overrides
+    that, per call. A refused file raises Refused, naming `folder`."""
+    with mock.patch.dict(os.environ, {"TORCH_FORCE_WEIGHTS_ONLY_LOAD": "1"}), \
+            torch.serialization.safe_globals(_deepspeed_globals()):
+        try:
+            yield
+        except pickle.UnpicklingError as e:
+            raise refusal(folder, "a DeepSpeed checkpoint", e) from None
 
 
 def _load_data(path: Path, allowed: list[Any], holder: str, map_location: Any = None) -> Any:
@@ -143,6 +162,11 @@ def load_dcp(state: dict[str, Any], folder: Path) -> None:
         if refused is None:
             raise
         raise Refused(f"checkpoint {folder}: {refused}") from None
+
+
+def saved_keys(folder: Path) -> set[str]:
+    """The names DCP's metadata in `folder` lists (`model.wte.weight`, ...), read as data."""
+    return set(SafeReader(folder).read_metadata().state_dict_metadata)
 
 
 def check_metadata(folder: Path) -> None:

@@ -19,6 +19,7 @@ import torch
 from torch.distributed.checkpoint.api import CheckpointException
 
 from gpt.checkpoint.durable import fsync_path, fsync_tree, write_durably
+from gpt.checkpoint.engine_weights import engine_weights, needs_engine
 from gpt.checkpoint.safe_load import Refused, check_metadata, load_dcp, load_rank_state, warn_if_foreign
 from gpt.checkpoint.save_errors import SaveFailed, failure_line, folder_bytes, storage_error
 from gpt.checkpoint.staging import ShareStager, make_stager
@@ -87,10 +88,11 @@ class Checkpointer:
 
     # --- saving -----------------------------------------------------------------------------------------
     def save(self, step: int, strategy, meta: dict[str, Any], rank_state: dict[str, Any] | None = None,
-             allow_async: bool = True, weights_dtype: Any = None) -> Path:
+             allow_async: bool = True, weights_dtype: Any = None, last: bool = False) -> Path:
         """Every rank calls it at the same step. Returns the final folder (complete once the save is done). A
         write that storage refuses on any rank raises SaveFailed on every rank, once the partial folder is gone.
-        `weights_dtype`: the model alone, in that dtype (synchronously; the caller marks it in `meta`)."""
+        `weights_dtype`: the model alone, in that dtype (synchronously; the caller marks it in `meta`). `last`: the
+        run's last weights (DeepSpeed then adds them whole, beside its engine's partitions)."""
         start = time.perf_counter()
         self.wait()  # the previous asynchronous save first
         if self.diverged_at is not None:
@@ -114,7 +116,7 @@ class Checkpointer:
             stager = self._stager(strategy) if self.staging and strategy.device.type == "cuda" else None
             self._agreed(tmp, lambda: strategy.save_state(tmp, stager=stager, threads=self.threads))
         else:
-            self._agreed(tmp, lambda: strategy.save_state(tmp))
+            self._agreed(tmp, lambda: strategy.save_state(tmp, last=last))
         synced = weights_dtype is not None or getattr(strategy, "syncs_own_files", False)
         self._commit(step, tmp, final, meta, start, synced)
         self.last_blocked_s = time.perf_counter() - start
@@ -333,9 +335,13 @@ def load_model(path: Path, device: str = "cpu"):
     meta = read_meta(path)
     check_metadata(path)
     model = GPT(ModelConfig(**meta["model"]))
-    state = {"model": model.state_dict()}
-    load_dcp(state, path)  # a DCP checkpoint loads into one plain process too
-    model.load_state_dict(state["model"])
+    if needs_engine(path):  # a DeepSpeed checkpoint other than its run's last
+        weights = engine_weights(path)
+    else:
+        state = {"model": model.state_dict()}
+        load_dcp(state, path)  # a DCP checkpoint loads into one plain process too
+        weights = state["model"]
+    model.load_state_dict(weights)
     return model.to(device).eval(), meta, path
 
 

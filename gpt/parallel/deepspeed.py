@@ -7,7 +7,10 @@
   bf16 needs stage >= 1: at stage 0 gradients accumulate in bf16 and training drifts.
 - The engine's micro-batch and accumulation steps are set from the batches the trainer hands over.
 - Checkpoints: the engine's own save_checkpoint/load_checkpoint under `deepspeed/` (exact resume on the same
-  world size), plus the fp32 weights as a DCP `model` entry so `gpt.generate` and evaluation read any run alike.
+  world size), every rank writing its partitions. The run's last save adds the fp32 weights whole as a DCP `model`
+  entry, gathered onto rank 0; any other save leaves it out (gathering costs rank 0 4 bytes of host memory per
+  parameter, inside a preemption's grace time), and readers put the weights together from the engine's files
+  (gpt.checkpoint.engine_weights).
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 
+from gpt.checkpoint.engine_weights import FOLDER, TAG
 from gpt.checkpoint.safe_load import load_deepspeed_file
 from gpt.errors import ConfigError
 from gpt.train.divergence import spread_nonfinite
@@ -34,9 +38,6 @@ from gpt.train.step_timer import PhaseClock
 from gpt.config.strategy import StrategyConfig
 from gpt.parallel.base import StepResult, Strategy, StrategySettings, nonfinite
 from gpt.parallel.mesh import ensure_process_group
-
-TAG = "engine"
-
 
 def ds_config(cfg: StrategyConfig, precision: str, grad_clip: float = 0.0, micro_batch: int = 1, grad_accum: int = 1,
               world_size: int = 1, reduce_dtype: str = "fp32") -> dict[str, Any]:
@@ -264,16 +265,18 @@ class DeepSpeed(Strategy):
     supports_async_save = False  # the engine writes its own checkpoint, synchronously
     syncs_own_files = False  # and its torch.save does not fsync: the commit syncs every file
 
-    def save_state(self, folder: Path, async_group=None) -> None:
-        self.engine.save_checkpoint(str(folder / "deepspeed"), tag=TAG, save_latest=False)
-        weights = self.full_weights()
-        if self.env.rank == 0:  # the DCP `model` entry, written by the rank that holds it
-            dcp.save({"model": weights}, checkpoint_id=folder, no_dist=True)
+    def save_state(self, folder: Path, async_group=None, last: bool = False) -> None:
+        """The engine's checkpoint; the `last` save of a run adds the weights whole, as the DCP `model` entry that
+        a reader without DeepSpeed reads. Any other's DCP part is empty: its `.metadata` marks the folder whole."""
+        self.engine.save_checkpoint(str(folder / FOLDER), tag=TAG, save_latest=False)
+        weights = self.full_weights() if last else {}  # a collective per parameter, on every rank
+        if self.env.rank == 0:  # written by the rank that holds the weights
+            dcp.save({"model": weights} if last else {}, checkpoint_id=folder, no_dist=True)
 
     def load_state(self, folder: Path) -> None:
         # DeepSpeed's own loader unpickles with weights_only=False (code); every file it reads goes through this
         self.engine.checkpoint_engine.load = load_deepspeed_file
-        path, _ = self.engine.load_checkpoint(str(folder / "deepspeed"), tag=TAG, load_optimizer_states=True,
+        path, _ = self.engine.load_checkpoint(str(folder / FOLDER), tag=TAG, load_optimizer_states=True,
                                               load_lr_scheduler_states=False)
         if path is None:
             raise ConfigError("strategy", "deepspeed", f"a checkpoint written by strategy=deepspeed; {folder} has no "

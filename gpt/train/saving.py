@@ -60,7 +60,8 @@ class Saver:
         PROGRESS.phase("save", f"checkpoint save at step {step}", step)
         with self.spent.timed("save_s"):
             path = self.checkpointer.save(step, self.strategy, self.meta(step, eval_pending),
-                                          self.state.rank_state(step), allow_async=allow_async)
+                                          self.state.rank_state(step), allow_async=allow_async,
+                                          last=step >= self.max_steps)
         self.spent.saves += 1
         self.policy.saved()
         self.saved_step = step

@@ -137,3 +137,22 @@ def test_deepspeed_engine_files_load_as_data_and_a_crafted_one_is_refused(tmp_pa
     with pytest.raises(Refused, match=r"crafted.pt names posix.system, which a DeepSpeed checkpoint does not hold"):
         load_deepspeed_file(tmp_path / "crafted.pt")
     assert not marker.exists()
+
+
+@pytest.mark.slow
+def test_deepspeeds_own_readers_load_data_only(tmp_path):
+    """zero_to_fp32, which puts a DeepSpeed checkpoint's weights together for export and generation, calls
+    torch.load(weights_only=False): inside deepspeed_files_as_data that loads data only, and a crafted file is
+    refused, naming the engine's folder, before its command runs."""
+    from gpt.checkpoint.safe_load import Refused, deepspeed_files_as_data
+
+    marker = tmp_path / "the-command-ran"
+    torch.save({"optimizer_state_dict": RunsACommand(marker)}, tmp_path / "crafted.pt")
+    with pytest.raises(Refused, match=rf"{tmp_path} names posix.system, which a DeepSpeed checkpoint does not hold"):
+        with deepspeed_files_as_data(tmp_path):
+            torch.load(tmp_path / "crafted.pt", weights_only=False)
+    assert not marker.exists()
+    torch.save({"w": torch.ones(2)}, tmp_path / "plain.pt")
+    with deepspeed_files_as_data(tmp_path):
+        assert torch.equal(torch.load(tmp_path / "plain.pt", weights_only=False)["w"], torch.ones(2))
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
