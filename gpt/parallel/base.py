@@ -33,6 +33,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 STATE_OPTIONS = StateDictOptions(flatten_optimizer_state_dict=True)
 
 
+def saved_key(key: str, copies: dict[str, str]) -> str:
+    """A flattened optimizer key ("state.NAME.exp_avg", "param_groups.NAME.lr") as a checkpoint names it: a copy's
+    NAME replaced by its original's (Strategy.tied_copies)."""
+    section, rest = key.split(".", 1)
+    for copy, original in copies.items():
+        if rest.startswith(f"{copy}."):
+            return f"{section}.{original}{rest[len(copy):]}"
+    return key
+
+
 @dataclass
 class StepResult:
     loss: torch.Tensor  # this rank's mean loss over its micro-batches (detached, 0-dim)
@@ -265,8 +275,9 @@ class Strategy:
         model_sd, optim_sd = {}, {}
         for module, optimizer in self.state_parts():
             m, o = get_state_dict(module, optimizer, options=STATE_OPTIONS)
+            copies = self.tied_copies(module)
             model_sd.update(m)
-            optim_sd.update(o)
+            optim_sd.update({k: v for k, v in o.items() if saved_key(k, copies) == k})  # a copy: its original saves it
         state = {"model": model_sd, "optim": optim_sd}
         # A synchronous save on a GPU without a stager copies device tensors ahead on the current stream of the
         # training thread. An asynchronous one writes the stager's copy, in host memory, from a thread of its own: a
@@ -296,12 +307,20 @@ class Strategy:
 
     def load_state(self, folder: Path) -> None:
         parts = [get_state_dict(module, optimizer, options=STATE_OPTIONS) for module, optimizer in self.state_parts()]
+        saved = [{k: saved_key(k, self.tied_copies(module)) for k in o}
+                 for (module, _), (_, o) in zip(self.state_parts(), parts)]
         state = {"model": {k: v for m, _ in parts for k, v in m.items()},
-                 "optim": {k: v for _, o in parts for k, v in o.items()}}
+                 "optim": {names[k]: v for (_, o), names in zip(parts, saved) for k, v in o.items()}}
         load_dcp(state, folder)  # its metadata and items read as data, not code
-        for (module, optimizer), (m, o) in zip(self.state_parts(), parts):
+        for (module, optimizer), (m, o), names in zip(self.state_parts(), parts, saved):
             set_state_dict(module, optimizer, model_state_dict={k: state["model"][k] for k in m},
-                           optim_state_dict={k: state["optim"][k] for k in o}, options=STATE_OPTIONS)
+                           optim_state_dict={k: state["optim"][names[k]] for k in o}, options=STATE_OPTIONS)
+
+    def tied_copies(self, module: nn.Module) -> dict[str, str]:
+        """Parameters of `module` (a state part) that are copies of a parameter another rank holds, as {name here:
+        the original's name}: a checkpoint holds the original's optimizer state alone, as a model whose two names
+        are one parameter has it, and a copy loads its state from there (a pipeline's tied head)."""
+        return {}
 
     # --- what other parts need ------------------------------------------------------------------------
     def mean_over_dp(self, value: torch.Tensor) -> torch.Tensor:

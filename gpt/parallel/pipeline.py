@@ -14,7 +14,8 @@ again into `strategy.microbatches` pipeline micro-batches (which must divide the
 the mean over them, so a step is the same as one process on the whole global batch.
 
 Tied embeddings: the first stage's wte and the last stage's lm_head are two copies of one weight; their gradients
-are summed across the two stages before the step, so both copies stay equal (as Megatron-LM does).
+are summed across the two stages before the step, so both copies stay equal (as Megatron-LM does). A checkpoint
+holds wte's optimizer state alone, as every other strategy's does; the last stage's copy loads its state from there.
 
 Data parallelism inside stages: `fsdp` (FSDP2 on the dp sub-mesh) works with every schedule. `ddp` works with
 1f1b only: under gpipe and interleaved DDP's reducer fails in torch 2.13 ("rebuilt parameter indices size is not
@@ -193,6 +194,12 @@ class Pipeline(Strategy):
         coordinates = self.mesh.mesh.reshape(self.pp, -1)  # stage x (dp, tp)
         pairs = [sorted({int(coordinates[0, c]), int(coordinates[last_owner, c])}) for c in range(coordinates.size(1))]
         self.tie_group = subgroups(pairs, "tie_embeddings")
+
+    def tied_copies(self, module: nn.Module) -> dict[str, str]:
+        """The last stage's lm_head is the first stage's wte in a tied model: checkpoints hold wte's optimizer state
+        alone, as every other strategy writes and reads them."""
+        last = self.stages.get(self.n_stages - 1)
+        return {"lm_head.weight": "wte.weight"} if self.tie_group is not None and module is self._unwrap(last) else {}
 
     def _tied_parameters(self) -> list[nn.Parameter]:
         """This rank's copies of the tied embedding weight: wte on the first stage, lm_head on the last."""

@@ -113,6 +113,29 @@ def test_resume_on_another_world_size_reshards_and_continues_by_sample(tmp_path,
     assert one == pytest.approx(baseline[10:], rel=1e-5)  # 2-rank vs 1-rank reduction order: not bitwise
 
 
+@pytest.fixture(scope="module")
+def one_process(tmp_path_factory, data_overrides) -> list[float]:
+    """20 steps of one process: what a run continued under another strategy follows."""
+    run_dir = tmp_path_factory.mktemp("one_process")
+    launch(*RESUME_COMMON, *data_overrides, "train.decay_steps=20", "checkpoint.interval_steps=0", run_dir=run_dir)
+    return losses(run_dir)
+
+
+@pytest.mark.parametrize("first, then", [("ddp", "pipeline"), ("fsdp", "pipeline"), ("zero1", "pipeline"),
+                                         ("pipeline", "fsdp")])
+@pytest.mark.slow
+def test_a_tied_model_continues_into_and_out_of_the_pipeline(first, then, one_process, tmp_path, data_overrides):
+    """The tiny model ties its embeddings: the pipeline's last stage holds a copy of wte as lm_head, where every
+    other strategy holds one parameter. Its checkpoints hold that parameter's optimizer state once, under wte, as
+    the others' do, so the run continues under the other strategy as if uninterrupted."""
+    args = [*RESUME_COMMON, *data_overrides, "train.decay_steps=20", "checkpoint.interval_steps=10",
+            "cluster.tasks_per_node=2"]
+    launch(*args, f"strategy={first}", "train.max_steps=10", run_dir=tmp_path)
+    launch(*args, f"strategy={then}", run_dir=tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == list(range(1, 21))
+    assert losses(tmp_path) == pytest.approx(one_process, rel=1e-5)  # 2-rank vs 1-rank reduction order
+
+
 @pytest.mark.slow
 def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
     args = [*COMMON, *data_overrides, "strategy=deepspeed", "strategy.stage=2", "train.max_steps=3",
