@@ -146,6 +146,8 @@ class StrategyTraits:
     axes: tuple[str, ...] = ("dp_replicate", "dp_shard")
     checkpoint_format = "dcp"  # DCP: every rank writes its part; loads into any layout
     reshardable = True
+    # The strategy.* keys its checkpoint files depend on, recorded in meta.json (strategy_keys) for check_loadable
+    checkpoint_keys: tuple[str, ...] = ()
     # train.compile may cover the whole model with its loss: no per-block hooks (FSDP's, tensor parallelism's) and
     # a rank runs the whole model (not a pipeline stage)
     whole_model_compile = True
@@ -275,6 +277,10 @@ class StrategyTraits:
     def keys_read(self) -> tuple[str, ...]:
         return ("name", *self.keys)
 
+    def check_checkpoint_keys(self, path: Any, saved: dict[str, Any], strategy: StrategyConfig) -> None:
+        """Refuse, in one line, a checkpoint of this strategy whose checkpoint_keys (`saved`, those recorded)
+        these settings cannot load."""
+
     def check(self, strategy: StrategyConfig) -> None:
         """The strategy section: a non-default value of a key only other strategies read is refused, naming them;
         then the values."""
@@ -369,6 +375,7 @@ class DeepSpeedTraits(StrategyTraits):
     data_axis = "dp_shard"
     checkpoint_format = "deepspeed"  # the engine's own files, tied to the world size that wrote them
     reshardable = False
+    checkpoint_keys = ("stage",)  # ZeRO-1 and 2 share one optimizer and its files; ZeRO-0 and ZeRO-3 have their own
     no_dry_run = ("DeepSpeed's ZeRO optimizers copy every parameter's values as they are built (a meta tensor has "
                   "none), so each rank would be built at real size (llama_1b's ZeRO-1: 9.5 GB of host memory per "
                   "rank), and their state comes only from a step on the gradients a backward through the engine "
@@ -380,6 +387,16 @@ class DeepSpeedTraits(StrategyTraits):
         if train.fused_qkv and strategy.stage == 3:
             raise ConfigError("train.fused_qkv", True, "false with strategy=deepspeed strategy.stage=3 (ZeRO-3 "
                               "gathers each layer's weights as that layer runs, and q, k and v would run as one)")
+
+    def check_checkpoint_keys(self, path, saved, strategy):
+        stage, asked = saved.get("stage"), strategy.stage
+        loads = {1, 2} if stage in (1, 2) else {stage}
+        if stage is not None and asked not in loads:
+            raise UserError(f"checkpoint {path} was written with strategy.stage={stage} and this run asks for "
+                            f"strategy.stage={asked}: DeepSpeed's ZeRO-{stage} checkpoint does not load into "
+                            f"ZeRO-{asked}; continue with strategy.stage={' or '.join(map(str, sorted(loads)))} (or "
+                            f"export its weights, python -m gpt.export RUN_DIR DIR, and start a new run from them "
+                            f"with the init=hf:DIR command it prints)")
 
     def data_parallel_size(self, strategy, parallel, model, world_size, train=None):
         precision = train.precision if train is not None else "fp32"
@@ -618,17 +635,32 @@ def saved_format(meta: dict[str, Any]) -> str:
     return meta.get("checkpoint_format") or traits_of(meta.get("strategy") or "single").checkpoint_format
 
 
-def check_loadable(path: Any, meta: dict[str, Any], strategy: str, world_size: int) -> None:
+def strategy_keys(strategy: StrategyConfig) -> dict[str, Any]:
+    """The strategy's checkpoint_keys and their values, as meta.json records them."""
+    return {key: getattr(strategy, key) for key in traits_of(strategy.name).checkpoint_keys}
+
+
+def written_with(meta: dict[str, Any]) -> str:
+    """The settings a checkpoint was written with, as overrides (those it records): strategy=deepspeed
+    strategy.stage=2."""
+    keys = meta.get("strategy_keys") or {}
+    return " ".join([f"strategy={meta.get('strategy') or 'single'}", *(f"strategy.{k}={v}" for k, v in keys.items())])
+
+
+def check_loadable(path: Any, meta: dict[str, Any], strategy: StrategyConfig, world_size: int) -> None:
     """Refuse, in one line, a checkpoint (`meta`: its meta.json) that `strategy` on `world_size` ranks cannot load:
-    another format, or a format tied to the world size that wrote it (checked at planning, and by the ranks)."""
+    another format, a format tied to the world size that wrote it, or to strategy keys it was written with
+    (checked at planning, and by the ranks; a checkpoint that does not record them is left to the ranks)."""
     written_by, world, saved = meta.get("strategy"), meta.get("world_size"), saved_format(meta)
-    traits = traits_of(strategy)
+    traits = traits_of(strategy.name)
     if saved != traits.checkpoint_format:
         raise UserError(f"checkpoint {path} was written by strategy={written_by} in the {saved} format, which "
-                        f"does not load into strategy={strategy} ({traits.checkpoint_format}): resume "
+                        f"does not load into strategy={strategy.name} ({traits.checkpoint_format}): resume "
                         f"with strategy={written_by}")
     if not traits.reshardable and world != world_size:
         raise UserError(f"checkpoint {path} was written by strategy={written_by} on {world} ranks and this run "
                         f"has {world_size}: its {saved} checkpoints cannot be resharded; resume on "
                         f"{world} ranks (or use a strategy whose DCP checkpoints reshard: ddp, fsdp, zero1, "
                         "pipeline)")
+    if written_by == strategy.name:
+        traits.check_checkpoint_keys(path, meta.get("strategy_keys") or {}, strategy)

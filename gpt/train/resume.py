@@ -15,15 +15,36 @@ from gpt.checkpoint.writer import Checkpointer, Unloadable, all_ranks_ok
 from gpt.collectives.process_group import DistEnv, from_rank0_object, gather_objects
 from gpt.config.model import ModelConfig
 from gpt.config.schema import RunConfig
+from gpt.config.strategy import StrategyConfig
 from gpt.data.loader import TrainBatches
 from gpt.errors import UserError
 from gpt.parallel.base import Strategy
-from gpt.parallel.traits import check_loadable
+from gpt.parallel.traits import check_loadable, strategy_keys, traits_of, written_with
 from gpt.resilience.faults import Faults
 from gpt.train.schedule import settle
 from gpt.train.state import TrainState
 
 log = logging.getLogger(__name__)
+
+
+def what_to_do(newest: Path, strategy: StrategyConfig) -> str:
+    """The advice when none of a run's checkpoints loads. Written with other strategy settings than this run's, they
+    are most likely whole, in a layout these settings cannot read (their files were checked: verify): continue with
+    theirs. Else they are broken."""
+    new_run = "start a new run under another name (run=NAME)"
+    try:
+        meta = read_meta(newest)
+    except UserError:
+        return f"remove the broken ones, or {new_run}"
+    saved = meta.get("strategy_keys") or {}
+    mine = {k: v for k, v in strategy_keys(strategy).items() if k in saved}
+    if (meta.get("strategy") or "single") != strategy.name or saved != mine:
+        return f"they were written with {written_with(meta)}: continue with that, or {new_run}"
+    unrecorded = [f"strategy.{k}" for k in traits_of(strategy.name).checkpoint_keys if k not in saved]
+    if unrecorded:  # written before meta.json recorded them
+        return (f"if they were written with another {' or '.join(unrecorded)}, continue with that; else remove the "
+                f"broken ones, or {new_run}")
+    return f"remove the broken ones, or {new_run}"
 
 
 @dataclass(frozen=True)
@@ -79,8 +100,8 @@ class Resume:
             self.checkpointer.unusable.add(path)
             skipped.append(f"{path.name}: {problem}")
         if skipped:
-            raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) +
-                            "; remove the broken ones, or start a new run under another name (run=NAME)")
+            raise UserError(f"no usable checkpoint in {self.checkpointer.root}: " + "; ".join(skipped) + "; " +
+                            what_to_do(candidates[0], self.strategy.cfg))
         return None
 
     def with_optimizer(self, own: list[Path]) -> list[Path]:
@@ -131,7 +152,7 @@ class Resume:
         if own and saved is not None:  # a wsd run extends from its stable phase
             saved = settle(saved, current, int(meta["step"]))
         check_fingerprint(path, saved, current)
-        check_loadable(path, meta, self.strategy.name, self.env.world_size)
+        check_loadable(path, meta, self.strategy.cfg, self.env.world_size)
 
     def restore(self, path: Path) -> Resumed:
         meta = read_meta(path)

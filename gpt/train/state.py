@@ -16,6 +16,7 @@ from gpt.train import rng
 from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError
 from gpt.parallel.base import Strategy
+from gpt.parallel.traits import strategy_keys
 from gpt.train import schedule
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,7 @@ class TrainState:
             "dp_size": self.strategy.dp_size,
             "strategy": self.strategy.name,
             "checkpoint_format": self.strategy.traits().checkpoint_format,
+            "strategy_keys": strategy_keys(self.strategy.cfg),
             "layout": self.strategy.dims.sizes(),
             "fingerprint": self.fingerprint(),
             "eval_pending": eval_pending,

@@ -209,7 +209,7 @@ def check_checkpoint_loads(run: LaunchConfig, model: ModelConfig, run_dir: Path,
     # is checked by the ranks
     if not own and saved and model.vocab_size:
         check_fingerprint(path, saved, {f"model.{k}": v for k, v in dataclasses.asdict(model).items()})
-    check_loadable(path, meta, run.strategy.name, world_size)
+    check_loadable(path, meta, run.strategy, world_size)
 
 
 def check_same_config(run: LaunchConfig, run_dir: Path, job_id: str) -> None:

@@ -24,6 +24,8 @@ from gpt.collectives.process_group import DistEnv
 from gpt.errors import UserError
 from gpt.train.trainer import Trainer
 from gpt.config import schema
+from gpt.config.strategy import StrategyConfig
+from gpt.train.resume import what_to_do
 from launch import launch_config
 
 BASE = ["model=tiny", "train.max_steps=12", "train.warmup_steps=2", "train.log_interval=1", "train.eval_interval=0",
@@ -76,6 +78,21 @@ def test_corrupt_newest_checkpoint_falls_back_to_the_previous_with_a_warning(tra
     (run_dir / "checkpoints" / "step_00000008" / shard.name).unlink()
     t = trainer(run_dir, "train.max_steps=16", "train.decay_steps=12")
     assert t.step == 4 and "is missing" in caplog.text
+
+
+@pytest.mark.parametrize("meta, strategy, advice", [
+    ({"strategy": "ddp"}, StrategyConfig("pipeline"), "they were written with strategy=ddp: continue with that, or "),
+    ({"strategy": "deepspeed", "strategy_keys": {"stage": 2}}, StrategyConfig("deepspeed", stage=3),
+     "they were written with strategy=deepspeed strategy.stage=2: continue with that, or "),
+    ({"strategy": "deepspeed"}, StrategyConfig("deepspeed", stage=3),  # written before meta.json recorded the stage
+     "if they were written with another strategy.stage, continue with that; else remove the broken ones, or "),
+    ({"strategy": "ddp"}, StrategyConfig("ddp"), "remove the broken ones, or "),
+])
+def test_when_no_checkpoint_loads_the_advice_fits_the_likely_cause(tmp_path, meta, strategy, advice):
+    """Whole checkpoints (their files were checked) that do not load, written with other strategy settings than
+    this run's, are in a layout it cannot read: not broken."""
+    (tmp_path / "meta.json").write_text(json.dumps({"step": 4, **meta}))
+    assert what_to_do(tmp_path, strategy) == advice + "start a new run under another name (run=NAME)"
 
 
 @pytest.mark.slow  # seconds of CPU: out of make test-fast's slice

@@ -149,6 +149,23 @@ def test_deepspeed_refuses_another_world_size(tmp_path, data_overrides):
 
 
 @pytest.mark.slow
+def test_deepspeed_refuses_a_zero_stage_its_checkpoint_does_not_load_into_and_continues_into_one_it_does(
+        tmp_path, data_overrides):
+    """ZeRO-3's checkpoint files are not ZeRO-2's: refused at planning in one line naming both stages, where the
+    ranks failed with a bare AssertionError and advised removing the checkpoints. ZeRO-1 continues ZeRO-2's."""
+    args = [*COMMON, *data_overrides, "strategy=deepspeed", "cluster.tasks_per_node=2", "train.decay_steps=20",
+            "checkpoint.interval_steps=0"]
+    launch(*args, "strategy.stage=2", "train.max_steps=3", run_dir=tmp_path)
+    proc = launch(*args, "strategy.stage=3", "train.max_steps=4", run_dir=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert ("was written with strategy.stage=2 and this run asks for strategy.stage=3: DeepSpeed's ZeRO-2 "
+            "checkpoint does not load into ZeRO-3; continue with strategy.stage=1 or 2") in proc.stderr, proc.stderr
+    assert "loading failed" not in proc.stderr and "remove the broken ones" not in proc.stderr
+    launch(*args, "strategy.stage=1", "train.max_steps=4", run_dir=tmp_path)
+    assert [r["step"] for r in read_metrics(tmp_path)] == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
 def test_resume_under_another_layout_reshards_model_and_optimizer(tmp_path, data_overrides):
     """FSDP on 4 ranks to step 10, resumed as tp=2 x dp_shard=2: DCP reshards every parameter and Adam moment
     from 4 flat shards into tensor-parallel pieces that are themselves sharded. Losses continue those of one

@@ -41,6 +41,25 @@ def test_a_checkpoint_the_layout_cannot_load_is_refused_before_submission(tmp_pa
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+@pytest.mark.parametrize("saved, asked, loads", [(2, 3, "1 or 2"), (3, 2, "3"), (1, 3, "1 or 2"), (0, 1, "0")])
+def test_a_zero_stage_its_deepspeed_checkpoint_does_not_load_into_is_refused_naming_both(tmp_path, saved, asked,
+                                                                                          loads):
+    checkpoint(tmp_path / "run", 5, strategy="deepspeed", checkpoint_format="deepspeed", world_size=2,
+               strategy_keys={"stage": saved})
+    with pytest.raises(UserError, match=rf"written with strategy.stage={saved} and this run asks for "
+                                        rf"strategy.stage={asked}: .* continue with strategy.stage={loads} ") as e:
+        plan(tmp_path, tmp_path / "run", "strategy=deepspeed", f"strategy.stage={asked}", "nodes=2")
+    assert "\n" not in str(e.value)
+
+
+def test_zero_1_and_2_continue_each_other_and_an_unrecorded_stage_is_left_to_the_ranks(tmp_path):
+    checkpoint(tmp_path / "run", 5, strategy="deepspeed", checkpoint_format="deepspeed", world_size=2,
+               strategy_keys={"stage": 2})
+    plan(tmp_path, tmp_path / "run", "strategy=deepspeed", "strategy.stage=1", "nodes=2")
+    checkpoint(tmp_path / "old", 5, strategy="deepspeed", checkpoint_format="deepspeed", world_size=2)
+    plan(tmp_path, tmp_path / "old", "strategy=deepspeed", "strategy.stage=3", "nodes=2")
+
+
 def test_one_it_loads_plans_and_so_does_another_runs_named_by_resume(tmp_path):
     checkpoint(tmp_path / "run", 5, strategy="deepspeed", checkpoint_format="deepspeed", world_size=2)
     plan(tmp_path, tmp_path / "run", "strategy=deepspeed", "nodes=2")
