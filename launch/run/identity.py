@@ -173,9 +173,17 @@ def check_same_run(run_dir: Path, record: dict[str, Any], now: tuple[dict[str, A
              corpus_change(corpus.files, corpus.prepared, record.get("corpus"), now_corpus)
              for k in sorted(set(current) | set(saved)) if saved.get(k) != current.get(k)]
     if diffs:
-        raise UserError(f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these. "
-                        "Differing keys:\n  " + "\n  ".join(diffs) + "\nRun it with its own settings, or start a "
-                        "new run under another name (run=NAME).")
+        raise UserError(other_settings(run_dir, step, diffs))
+
+
+def other_settings(run_dir: Path, step: int, diffs: list[str]) -> str:
+    """The refusal of a command whose settings differ from the run's in `diffs`: one line for one key; for several,
+    a line that says it all, then one line per key."""
+    what = f"{run_dir} holds a run with other settings (step {step}); it cannot continue with these"
+    advice = "Run it with its own settings, or start a new run under another name (run=NAME)."
+    if len(diffs) == 1:
+        return f"{what}: {diffs[0]}. {advice}"
+    return f"{what}. {advice} The {len(diffs)} keys that differ:\n  " + "\n  ".join(diffs)
 
 
 def same_corpus_before(saved: dict[str, Any], known: dict[str, Any] | None, corpus: dict[str, Any]) -> dict[str, Any]:

@@ -291,7 +291,7 @@ def last_error(log_file: Path, whole: bool = False) -> str:
 
 
 def _joined(lines: list[str]) -> str:
-    """A message's lines as one: a line that introduces the next ("Differing keys:") runs on into it."""
+    """A message's lines as one: a line that introduces the next ("The 2 keys that differ:") runs on into it."""
     text = lines[0]
     for line in lines[1:]:
         text += (" " if text.endswith(":") else "; ") + line

@@ -40,6 +40,23 @@ def test_a_longer_cosine_run_is_told_the_decay_steps_that_continue_it(tmp_path, 
     assert typed.existing is not None and not typed.existing.finished  # what the hint says trains on
 
 
+def test_a_refused_continuation_is_one_line_for_one_key_and_a_line_per_key_for_several(tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    check(planned(tmp_path, "train.max_steps=3000"), run_dir).record(run_dir)
+    at_step(monkeypatch, 3000)
+    with pytest.raises(UserError) as one:
+        check(planned(tmp_path, "train.max_steps=3000", "train.lr=0.01"), run_dir)
+    assert str(one.value) == (f"{run_dir} holds a run with other settings (step 3000); it cannot continue with these: "
+                              "train.lr: the run has 0.001, this command 0.01. Run it with its own settings, or start "
+                              "a new run under another name (run=NAME).")
+    with pytest.raises(UserError) as several:
+        check(planned(tmp_path, "train.max_steps=3500", "train.lr=0.01"), run_dir)
+    first, *keys = str(several.value).split("\n")
+    assert first.endswith("Run it with its own settings, or start a new run under another name (run=NAME). The 2 "
+                          "keys that differ:")
+    assert [k.split(":")[0] for k in keys] == ["  train.decay_steps (or max_steps)", "  train.lr"]
+
+
 def checkpoint(run_dir, step: int, index: int) -> None:
     """A whole checkpoint as the store lists it (meta.json and DCP's .metadata), nothing to load."""
     path = run_dir / "checkpoints" / f"step_{step:08d}"
