@@ -5,14 +5,15 @@ When a rank connects to the job's TCP store, c10d formats the socket's addresses
 cannot answer (no DNS server reachable, as on many compute nodes and on the test cluster's), the lookup fails with
 EAI_AGAIN and c10d warns `[c10d] The hostname of the client socket cannot be retrieved. err=-3`. Nothing is wrong
 with the job: the lookup only decorates a log line. The warning comes from C++ straight to file descriptor 2, so no
-Python filter sees it: while the store connects, fd 2 goes to a temporary file, and every other line is passed on.
+Python filter sees it: while the store connects (up to rendezvous.timeout_s), fd 2 goes through a pipe whose reader
+passes every other line on as it comes, so a rank killed meanwhile (its watchdog's last words included) loses none.
 """
 from __future__ import annotations
 
 import contextlib
 import os
 import sys
-import tempfile
+import threading
 from collections.abc import Iterator
 
 HOSTNAME_WARNING = b"The hostname of the client socket cannot be retrieved"
@@ -20,18 +21,25 @@ HOSTNAME_WARNING = b"The hostname of the client socket cannot be retrieved"
 
 @contextlib.contextmanager
 def without_hostname_warning() -> Iterator[None]:
-    """fd 2 without c10d's hostname warning while the block runs; whatever else was written is written after it."""
+    """fd 2 without c10d's hostname warning while the block runs; every other line is written on at once."""
     sys.stderr.flush()
     saved = os.dup(2)
-    with tempfile.TemporaryFile() as held:
-        os.dup2(held.fileno(), 2)
-        try:
-            yield
-        finally:
-            sys.stderr.flush()
-            os.dup2(saved, 2)
-            os.close(saved)
-            held.seek(0)
-            kept = [x for x in held.read().splitlines(keepends=True) if HOSTNAME_WARNING not in x]
-            if kept:
-                os.write(2, b"".join(kept))
+    read, write = os.pipe()
+    reader = threading.Thread(target=_pass_on, args=(read, os.dup(saved)), name="gptlaunch-c10d-stderr", daemon=True)
+    reader.start()
+    os.dup2(write, 2)
+    os.close(write)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)  # the pipe's last writer is gone: the reader reads to its end
+        reader.join(timeout=5.0)  # a process forked meanwhile may hold the pipe: the reader then ends with it
+        os.close(saved)
+
+
+def _pass_on(read: int, out: int) -> None:
+    with os.fdopen(read, "rb", buffering=0) as pipe, os.fdopen(out, "wb", buffering=0) as to:
+        for line in iter(pipe.readline, b""):
+            if HOSTNAME_WARNING not in line:
+                to.write(line)

@@ -94,6 +94,25 @@ def test_c10ds_hostname_warning_is_left_out_of_the_ranks_log_and_every_other_lin
     assert err == other.decode() and out == "", err
 
 
+def test_what_a_rank_says_while_its_store_connects_is_written_at_once(monkeypatch, capfd):
+    """The store may wait rendezvous.timeout_s for its master: a line written meanwhile (the watchdog's, c10d's) is
+    in the rank's log at once, not held until the store answers, where a rank killed first would lose it."""
+    from gpt.collectives import process_group
+
+    line = b"[W1127 21:22:06.9 socket.cpp:941] [c10d] The server socket on gl-n1:29500 is not yet listening\n"
+
+    def store(*args, **kw):
+        os.write(2, line)
+        deadline, seen = time.monotonic() + 10, ""
+        while line.decode() not in seen and time.monotonic() < deadline:
+            time.sleep(0.05)
+            seen += capfd.readouterr().err
+        return seen
+    monkeypatch.setattr(process_group.dist, "TCPStore", store)
+    env = process_group.DistEnv(rank=1, world_size=2, master_addr="gl-n1", master_port=29500, hostname="gl-n2")
+    assert process_group._open_store(env, 5.0) == line.decode()
+
+
 def test_stragglers_figures_go_over_nccl_where_the_group_has_it(monkeypatch):
     """gloo's all_gather is a ring of TCP hops that grows with the world, at every log step: on GPUs the figures go
     over NCCL's leg (here, a CPU build, the attempt to place them on the GPU is what shows it)."""
