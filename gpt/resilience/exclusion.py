@@ -15,6 +15,7 @@ from gpt.run_folder import AttemptLine
 from gpt.resilience.stragglers import StragglerEvent
 
 PRIOR_RESTART_S = 60.0  # a requeue, the scheduler and a start-up, until this run has measured one
+EXCLUDED_IN_VAIN = 2  # a rank still slow after this many of its hosts were excluded: its host is not the cause
 
 
 def restart_cost(attempts: list[AttemptLine]) -> tuple[float, str]:
@@ -37,6 +38,7 @@ class ExclusionDecision:
     save_s: float
     restart_s: float
     restart_source: str
+    kept: str = ""  # why the host stays whatever it costs: the scheduler cannot leave it out, or excluding did not help
 
     @property
     def leave_s(self) -> float:
@@ -44,7 +46,8 @@ class ExclusionDecision:
 
     @property
     def pays(self) -> bool:
-        return self.keep_s > self.leave_s
+        """The host goes: removing it costs less than keeping it, and it can be removed."""
+        return self.keep_s > self.leave_s and not self.kept
 
     def message(self) -> str:
         figures = (f"keeping it costs {self.keep_s:.0f} s ({self.excess_s * 1e3:.0f} ms x {self.remaining_steps} "
@@ -52,6 +55,8 @@ class ExclusionDecision:
                    f"{self.restart_s:.0f} s, {self.restart_source})")
         if self.pays:
             return f"straggler: excluding {self.host} (rank {self.rank}) at step {self.step}: {figures}"
+        if self.kept:
+            return f"straggler: keeping {self.host} (rank {self.rank}), training goes on: {self.kept}; {figures}"
         return f"straggler: keeping {self.host} (rank {self.rank}): it does not pay; {figures}"
 
     def as_dict(self) -> dict[str, Any]:
@@ -64,4 +69,15 @@ def decide(event: StragglerEvent, others_s: float, remaining_steps: int, save_s:
     restart_s, source = restart_cost(attempts)
     excess = max(event.busy_s - others_s, 0.0)
     return ExclusionDecision(event.rank, event.host, event.step, excess, remaining_steps, excess * remaining_steps,
-                             save_s, restart_s, source)
+                             save_s, restart_s, source, follows_the_rank(event.rank, attempts))
+
+
+def follows_the_rank(rank: int, attempts: list[AttemptLine]) -> str:
+    """Why excluding another host would not help: the rank was excluded EXCLUDED_IN_VAIN times already, and is slow
+    again on the hosts it ran on since ('' when not)."""
+    hosts = [a.extra["straggler"].get("host") for a in attempts
+             if isinstance(a.extra.get("straggler"), dict) and a.extra["straggler"].get("rank") == rank]
+    if len(hosts) < EXCLUDED_IN_VAIN:
+        return ""
+    return (f"rank {rank} stayed slow after {', '.join(map(str, hosts))} were excluded: the slowness follows the "
+            "rank, not the host")

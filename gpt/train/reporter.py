@@ -6,7 +6,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,8 @@ class RunShape:
 
 class StepReporter:
     def __init__(self, shape: RunShape, metrics: MetricsWriter, stragglers: StragglerConfig | None, spent: Spent,
-                 slow: Callable[[float], float] = lambda share: 0.0):
+                 slow: Callable[[float], float] = lambda share: 0.0,
+                 cannot_spare: Callable[[str], str] = lambda host: ""):
         self.shape, self.metrics, self.spent = shape, metrics, spent
         self.stragglers = StragglerMonitor(shape.env.world_size, config=stragglers, host=shape.env.hostname)
         self.env, self.strategy, self.model_cfg, self.train = shape.env, shape.strategy, shape.model_cfg, shape.train
@@ -67,6 +68,7 @@ class StepReporter:
             self.probe = ComputeProbe(self.model_cfg, shape.micro_batch * self.model_cfg.block_size, device,
                                       self.train.compute_precision, self.rank_step_flops(), slow)
         self.exclusion: ExclusionDecision | None = None  # a straggler's host to requeue without
+        self.cannot_spare = cannot_spare  # why the scheduler could not requeue the job without that host ('': it could)
         # Gradients reduced over replicas after the backward's compute: a fast one's device waits there. Where the
         # waits are inside forward/backward, the compute probe judges them instead.
         if strategy.dp_size > 1 and not self.waits_in_compute:
@@ -180,6 +182,8 @@ class StepReporter:
         save_s = self.spent.save_s / self.spent.saves if self.spent.saves else PRIOR_SAVE_S
         mine = decide(worst, worst.median_s, self.train.max_steps - step, save_s,
                       RunFolder(self.shape.run_dir).attempts.read())
+        if self.env.is_main and mine.pays and (kept := self.cannot_spare(worst.host)):  # before every rank stops
+            mine = replace(mine, kept=kept)
         decision = ExclusionDecision(**from_rank0_object(asdict(mine)))
         if self.env.is_main:
             log.warning("%s", decision.message())

@@ -6,7 +6,7 @@ returns (gpt.train.summary). A feature that needs the loop reaches it through a 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +34,12 @@ from gpt.train.summary import FitSummary
 
 class Trainer:
     def __init__(self, run: RunConfig, env: DistEnv, run_dir: Path, attempt: int = 1,
-                 warning_s: float | None = None, hooks: Sequence[LoopHook] = ()):
+                 warning_s: float | None = None, hooks: Sequence[LoopHook] = (),
+                 cannot_spare: Callable[[str], str] = lambda host: ""):
         """`warning_s`: how long before the time limit the scheduler signals the job (the launcher's
         cluster.signal_delay_s), which the save policy checks a step and a save fit in. `hooks`: the caller's
-        features that need the loop, called after the loop's own."""
+        features that need the loop, called after the loop's own. `cannot_spare`: why the scheduler could not run
+        the job without a host ('' when it could), asked before a straggler's host is excluded."""
         self.env, self.run_dir, self.train = env, run_dir, run.train
         self.device = pick_device(self.train.device, env, run.debug.share_gpu)
         self.model_cfg = model_config(run.model, Path(run.data.dir))
@@ -68,7 +70,8 @@ class Trainer:
         self.metrics = open_metrics(run, env, run_dir, self.step, keep_val_at_resume=not eval_pending)
         shape = RunShape(env, self.strategy, self.model_cfg, self.train, self.device, run_dir, self.data.micro_batch,
                          self.data.n_micro)
-        self.reporter = StepReporter(shape, self.metrics, run.stragglers, self.spent, self.faults.slow_device)
+        self.reporter = StepReporter(shape, self.metrics, run.stragglers, self.spent, self.faults.slow_device,
+                                     cannot_spare)
         self.evaluator = Evaluator(self.train, self.strategy, self.data.val, self.data.tasks, self.stop, self.metrics,
                                    self.spent, eval_pending)
         # In this order around the step: a slow device's lag (test-only) before the profiler starts, and the

@@ -95,6 +95,10 @@ class JobEnvironment:
     def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
         return False, f"no scheduler to run the job without {', '.join(hosts)}: training goes on with it"
 
+    def cannot_spare(self, hosts: list[str]) -> str:
+        """Why a requeue could not leave `hosts` out ('' when it could, or when nothing requeues)."""
+        return ""
+
     @property
     def requeue_ends_attempt(self) -> bool:
         """A requeue this job asks for ends this attempt at once: its processes wait for that (exiting first would

@@ -88,7 +88,7 @@ def run_rank(attempt: Attempt, run: LaunchConfig | None) -> int:
         return 0  # requeued without the sick node
     clock.mark("health")
     trainer = Trainer(run, env, run_dir, attempt.number, run.cluster.signal_delay_s,
-                      hooks=rank_hooks(attempt, env, run, run_dir))
+                      hooks=rank_hooks(attempt, env, run, run_dir), cannot_spare=lambda host: job.cannot_spare([host]))
     summary = trainer.fit()
     return end_trained(attempt, env, restarts, summary, clock.breakdown(trainer.startup))
 

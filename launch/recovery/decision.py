@@ -26,7 +26,7 @@ from typing import Any
 
 from gpt.errors import UserError
 from gpt.run_folder import AttemptLine, Next, RunFolder
-from launch.rank.job_env import JobEnvironment
+from launch.rank.job_env import ROUND_VAR, JobEnvironment
 from launch.run.attempts import end_attempt, log_attempt, log_killed, marked_attempt, this_attempt
 from launch.run.identity import newest_step
 from launch.recovery.out_of_memory import RanOut, write_micro_batch
@@ -175,6 +175,8 @@ def goes_on(end: Ending, newest: int | None) -> Outcome:
         if restart is not None:  # on fewer nodes: the micro-batch kept in config.yaml, the accumulation grows
             pinned = restart.shrunk.micro_batch if restart.shrunk else None
             return Outcome(Next.RESTART, restart.note, restart, micro_batch=pinned)
+        if (kept := _restart_keeping(end)) is not None:
+            return kept
     if (link := job.next_link(end.run_dir)) is not None:
         return Outcome(Next.NEXT_LINK, f"ends here: job {link}, the chain's next link, continues the run", link=link)
     requeued, how = _requeue(end)
@@ -247,11 +249,25 @@ def _in_job_excluded(end: Ending) -> list[str]:
     return sorted({*end.hosts, *lost})
 
 
+def _restart_keeping(end: Ending) -> Outcome | None:
+    """A hang whose named hosts no spare replaces and no requeue could leave out (the partition cannot spare them):
+    the next round inside the allocation on the same hosts, cheaper than a requeue onto them."""
+    job = end.job
+    if end.cause is not Cause.HANG or not end.hosts or ROUND_VAR not in job.environ:
+        return None
+    kept = job.cannot_spare(list(end.hosts))
+    restart = in_job_restart(end.run_dir, job, end.ended)[0] if kept else None
+    return Outcome(Next.RESTART, f"{restart.note}; {kept}", restart) if restart else None
+
+
 def _requeue(end: Ending) -> tuple[bool, str]:
-    """Without the named hosts, but where the scheduler holds them down already (it keeps the job off them)."""
+    """Without the named hosts, but where the scheduler holds them down already (it keeps the job off them). A
+    flagged node no requeue can leave out is kept where it is: requeued, the job would be flagged on it again."""
     job = end.job
     if job.scheduler == "none" and end.cause.bounded:  # nothing requeues: the continue hint says what does
         return False, ""
+    if end.cause is Cause.HEALTH and (kept := job.cannot_spare(list(end.hosts))):
+        return False, kept
     if end.hosts and end.cause is not Cause.NODE_FAILURE:
         return job.requeue_excluding(list(end.hosts), end.max_restarts)
     return job.requeue(end.max_restarts)

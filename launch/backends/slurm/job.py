@@ -235,23 +235,17 @@ class SlurmJob(JobEnvironment):
 
     def requeue_excluding(self, hosts: list[str], max_restarts: int) -> tuple[bool, str]:
         """Requeue the job, and keep it off `hosts` (Slurm's ExcNodeList, added to what it already excludes), as
-        long as the partition keeps enough nodes for it."""
+        long as the partition keeps enough nodes for it; else requeue it all the same, on them, saying why."""
         job = self.job_id
         try:
             info = commands.scontrol_job(job)
             if info is None:
                 return False, f"job {job} is unknown to Slurm"
-            named = sorted(set(hosts) & set(_nodes(info.get("ReqNodeList"))))
-            if named:  # excluding a node the job asks for by name leaves it pending for ever (BadConstraints)
+            kept = self._kept(hosts, info)
+            if kept:  # a requeue that cannot leave them out still runs the job again
                 requeued, how = self.requeue(max_restarts)
-                return requeued, (f"{how}; not without {', '.join(named)}: the job asks for it by name (--nodelist, "
-                                  f"cluster.sbatch.nodelist): leave it out of that list to keep the run off it")
+                return requeued, f"{how}; {kept}"
             excluded = set(hosts) | set(_nodes(info.get("ExcNodeList")))
-            partition = commands.run("sinfo", "-h", "-N", "-p", info.get("Partition", ""), "-o", "%N").split()
-            need, left = _int((info.get("NumNodes") or "").split("-")[0]), len(set(partition) - excluded)
-            if left < need:
-                return False, (f"not excluding {', '.join(hosts)}: {left} node(s) of partition "
-                               f"{info.get('Partition')} would remain for a {need}-node job")
             requeued, how = self.requeue(max_restarts)
         except SlurmUnavailable as e:
             return False, f"could not requeue job {job} without {', '.join(hosts)}: {e}"
@@ -261,6 +255,30 @@ class SlurmJob(JobEnvironment):
         if not _retry(lambda: commands.exclude_nodes(job, sorted(excluded))):
             return True, f"{how}, but Slurm refused ExcNodeList={nodes}: it may run on them again"
         return True, f"{how}, without {nodes} (ExcNodeList)"
+
+    def cannot_spare(self, hosts: list[str]) -> str:
+        try:
+            info = commands.scontrol_job(self.job_id)
+            return self._kept(hosts, info) if info is not None else ""
+        except SlurmUnavailable:  # the requeue asks again
+            return ""
+
+    @staticmethod
+    def _kept(hosts: list[str], info: commands.JobInfo) -> str:
+        """Why a requeue cannot leave `hosts` out ('' when it can): the job asks for one by name (excluding it would
+        leave the job pending for ever, BadConstraints), or its partition, less what the job excludes already
+        (ExcNodeList grows over the job's life), would keep too few nodes."""
+        named = sorted(set(hosts) & set(_nodes(info.get("ReqNodeList"))))
+        if named:
+            return (f"not without {', '.join(named)}: the job asks for it by name (--nodelist, "
+                    "cluster.sbatch.nodelist): leave it out of that list to keep the run off it")
+        excluded = set(hosts) | set(_nodes(info.get("ExcNodeList")))
+        partition = commands.run("sinfo", "-h", "-N", "-p", info.get("Partition", ""), "-o", "%N").split()
+        need, left = _int((info.get("NumNodes") or "").split("-")[0]), len(set(partition) - excluded)
+        if left < need:
+            return (f"keeping {', '.join(hosts)}: partition {info.get('Partition')} cannot spare it ({left} node(s) "
+                    f"would remain for a {need}-node job)")
+        return ""
 
 
 def _retry(call, seconds: float = 4.0) -> bool:

@@ -1,0 +1,97 @@
+"""How an attempt's end reads Slurm, with the real SlurmJob over a stand-in for Slurm's commands: a host the
+partition cannot spare (the run goes on with it)."""
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from gpt.config import schema
+from gpt.run_folder import Next
+from helpers import compose
+from launch import launch_config
+from launch.backends.slurm import commands
+from launch.backends.slurm.job import SlurmJob
+from launch.rank.job_env import ROUND_VAR
+from launch.recovery.decision import Cause, Ending, recover
+
+FULL = "keeping gl-n4: partition debug cannot spare it (3 node(s) would remain for a 4-node job)"
+
+
+class Slurm:
+    """Slurm's commands as the job sees them: `scontrol show job` says `job`, sinfo lists the partition's nodes
+    (`down`: sinfo -n's rows of nodes it holds down); every command asked is kept."""
+
+    def __init__(self, job: str, partition: str = "gl-n1\ngl-n2\ngl-n3\ngl-n4", down: str = ""):
+        self.job, self.partition, self.down, self.asked = job, partition, down, []
+
+    def __call__(self, cmd, **kw):
+        self.asked.append(cmd)
+        out = ""
+        if cmd[:3] == ["scontrol", "-o", "show"]:
+            out = f"JobId=22 {self.job}\n"
+        elif cmd[:3] == ["scontrol", "show", "hostnames"]:
+            out = "\n".join(HOSTNAMES.get(cmd[3], cmd[3].split(","))) + "\n"
+        elif cmd[:4] == ["sinfo", "-h", "-N", "-p"]:
+            out = self.partition
+        elif cmd[:4] == ["sinfo", "-h", "-N", "-n"]:
+            out = self.down
+        return subprocess.CompletedProcess(cmd, 0, out, "")
+
+    def commands(self, *head: str) -> list[list[str]]:
+        return [c for c in self.asked if c[:len(head)] == list(head)]
+
+
+HOSTNAMES = {"gl-n[1-4]": ["gl-n1", "gl-n2", "gl-n3", "gl-n4"], "gl-n[1,3-4]": ["gl-n1", "gl-n3", "gl-n4"]}
+RUNNING = ("JobState=RUNNING Reason=None Restarts=0 NodeList=gl-n[1-4] NumNodes=4 Partition=debug "
+           "ExcNodeList=(null) ReqNodeList=(null) RunTime=00:05:00 TimeLimit=01:00:00")
+
+
+@pytest.fixture
+def run_dir(tmp_path):
+    schema.save(launch_config.parse(compose("cluster=srun", "cluster.signal_delay_s=30")), tmp_path / "config.yaml")
+    return tmp_path
+
+
+def job_of(monkeypatch, slurm: Slurm, **environ: str) -> SlurmJob:
+    monkeypatch.setattr(commands.subprocess, "run", slurm)
+    return SlurmJob({"SLURM_JOB_ID": "22", "SLURM_JOB_NODELIST": "gl-n[1-4]", "SLURM_JOB_NUM_NODES": "4",
+                     "SLURM_NTASKS": "4", "SLURM_RESTART_COUNT": "0", **environ})
+
+
+def ending(run_dir, job, cause: Cause, hosts=("gl-n4",)) -> Ending:
+    return Ending(run_dir, job, cause, cause.value, 10, hosts, {"first_step": 0, "last_step": 50}, began=0)
+
+
+def test_a_hang_on_a_host_the_partition_cannot_spare_restarts_inside_the_allocation_with_it(run_dir, monkeypatch):
+    slurm = Slurm(RUNNING)
+    got = recover(ending(run_dir, job_of(monkeypatch, slurm, **{ROUND_VAR: "0"}), Cause.HANG))
+    assert got.next is Next.RESTART and got.restart.hosts == ["gl-n1", "gl-n2", "gl-n3", "gl-n4"]
+    assert got.note == f"restarting inside the allocation (in-job restart 1 of at most 3); {FULL}"
+    assert slurm.commands("scontrol", "requeue") == []
+
+
+@pytest.mark.parametrize("cause, environ", [(Cause.HANG, {ROUND_VAR: "3"}), (Cause.STRAGGLER, {}),
+                                            (Cause.LOST_RANK, {})])
+def test_past_the_in_job_restarts_a_host_the_partition_cannot_spare_is_requeued_with(run_dir, monkeypatch, cause,
+                                                                                    environ):
+    """The run goes on: requeued onto the host (ExcNodeList left as it was), the line says why it stays."""
+    slurm = Slurm(RUNNING)
+    got = recover(ending(run_dir, job_of(monkeypatch, slurm, **environ), cause))
+    assert got.next is Next.REQUEUE and got.note.endswith(f"requeued job 22 (restart 1 of at most 10); {FULL}")
+    assert slurm.commands("scontrol", "requeue") == [["scontrol", "requeue", "22"]]
+    assert slurm.commands("scontrol", "update") == []
+
+
+def test_what_the_job_excludes_already_counts_against_the_partition(run_dir, monkeypatch):
+    slurm = Slurm(RUNNING.replace("NumNodes=4", "NumNodes=2").replace("ExcNodeList=(null)", "ExcNodeList=gl-n2"))
+    job = job_of(monkeypatch, slurm)
+    assert job.cannot_spare(["gl-n3"]) == ""
+    assert job.cannot_spare(["gl-n3", "gl-n4"]) == ("keeping gl-n3, gl-n4: partition debug cannot spare it (1 node(s) "
+                                                    "would remain for a 2-node job)")
+
+
+def test_a_flagged_node_the_partition_cannot_spare_is_kept_and_training_goes_on(run_dir, monkeypatch):
+    slurm = Slurm(RUNNING)
+    got = recover(ending(run_dir, job_of(monkeypatch, slurm), Cause.HEALTH))
+    assert (got.next, got.note) == (Next.CONTINUE, FULL) and slurm.commands("scontrol", "requeue") == []
