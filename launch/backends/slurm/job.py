@@ -209,7 +209,7 @@ class SlurmJob(JobEnvironment):
         restarts = info.restarts
         if restarts <= self.restart and info.state not in commands.REQUEUED:
             return None
-        lost = self.lost_nodes()
+        lost = commands.lost_nodes(self.environ.get("SLURM_JOB_NODELIST"))  # down now: one dropped long ago is not
         if lost:
             return f"requeued by Slurm after a node failure ({lost}; job {job} is on restart {restarts})"
         return f"requeued by Slurm or by another rank already (job {job} is on restart {restarts})"

@@ -1,5 +1,5 @@
 """How an attempt's end reads Slurm, with the real SlurmJob over a stand-in for Slurm's commands: a host the
-partition cannot spare (the run goes on with it)."""
+partition cannot spare (the run goes on with it), a requeue that an old, mended node failure does not explain."""
 from __future__ import annotations
 
 import subprocess
@@ -95,3 +95,13 @@ def test_a_flagged_node_the_partition_cannot_spare_is_kept_and_training_goes_on(
     slurm = Slurm(RUNNING)
     got = recover(ending(run_dir, job_of(monkeypatch, slurm), Cause.HEALTH))
     assert (got.next, got.note) == (Next.CONTINUE, FULL) and slurm.commands("scontrol", "requeue") == []
+
+
+
+def test_a_requeue_is_not_blamed_on_a_node_dropped_long_ago_and_back_in_service(run_dir, monkeypatch):
+    """A spare replaced gl-n2 in round 1; minutes later an admin requeues the job: gl-n2 is up again."""
+    slurm = Slurm(RUNNING.replace("Restarts=0", "Restarts=1").replace("NodeList=gl-n[1-4]", "NodeList=gl-n[1,3-4]"))
+    requeued, how = job_of(monkeypatch, slurm).requeue(10)
+    assert requeued and how == "requeued by Slurm or by another rank already (job 22 is on restart 1)"
+    slurm.down = "gl-n2|down|Not responding\n"
+    assert "node failure (gl-n2 down" in job_of(monkeypatch, slurm).requeue(10)[1]
