@@ -210,7 +210,8 @@ def repeated_recovery(earlier: list[AttemptLine], began: int | None, newest: int
     newest checkpoint's step now. When the attempt before ended in a recovery too and nothing newer was saved since,
     how it ended ("lost a rank", "hung"); else None."""
     last = earlier[-1] if earlier else AttemptLine()
-    how = "lost a rank" if last.lost_rank is not None else "hung" if last.ended == "hang" else None
+    how = "lost a rank" if last.lost_rank is not None else "hung" if last.ended == "hang" \
+        else "lost a node" if "hang_report" in last.extra else None  # a host its watchdog found gone
     return how if how and (newest or 0) <= (began or 0) else None
 
 

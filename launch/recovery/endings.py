@@ -91,10 +91,20 @@ def end_hung_attempt(attempt: Attempt, restarts: int, report: dict | None) -> bo
         return job.scheduler != "none" and decided_elsewhere(run_dir, job, ACTOR_WAIT_S).ends_attempt(job)
     log.error("%s", report["summary"])
     began = attempt.loop.first_step if attempt.loop else None  # hung in start-up: nothing saved since
-    return recover(Ending(run_dir, job, Cause.HANG, "hang", restarts, tuple(report.get("exclude") or ()),
-                          attempt.early_end("hang", hang=report["summary"], hang_report=report["report"],
+    gone = hosts_gone(report)
+    ended = f"node failure: {', '.join(gone)} gone (no heartbeat from any of its ranks)" if gone else "hang"
+    return recover(Ending(run_dir, job, Cause.HANG, ended, restarts, tuple(report.get("exclude") or ()),
+                          attempt.early_end(ended, hang=report["summary"], hang_report=report["report"],
                                             detection_s=detection_s(report)),
                           began=began, wait_s=ACTOR_WAIT_S)).ends_attempt(job)
+
+
+def hosts_gone(report: dict) -> list[str]:
+    """The hosts a hang report finds lost: every rank on them gone, none surviving (a lost node, not a hang)."""
+    beats = report.get("ranks") or []
+    host = [(b or {}).get("host") for b in beats]
+    alive = {host[r] for r in report.get("surviving") or () if r < len(host)}
+    return sorted({host[r] for r in report.get("lost") or () if r < len(host) and host[r]} - alive)
 
 
 def end_out_of_memory(attempt: Attempt, error: RanOutOfMemory, restarts: int) -> int:

@@ -103,7 +103,9 @@ def checkpoint(run_dir: Path, step: int) -> None:
     (folder / "meta.json").write_text(json.dumps({"step": step, "save_index": step}))
 
 
-@pytest.mark.parametrize("before", [{"ended": "hang"}, {"ended": "rank 1 was killed", "lost_rank": 1}])
+@pytest.mark.parametrize("before", [{"ended": "hang"}, {"ended": "rank 1 was killed", "lost_rank": 1},
+                                    {"ended": "node failure: n2 gone (no heartbeat from any of its ranks)",
+                                     "hang_report": "hang.txt"}])  # the watchdog found its host lost
 @pytest.mark.parametrize("cause", [Cause.HANG, Cause.LOST_RANK])
 def test_the_progress_rule_bounds_the_runs_own_faults(tmp_path, before, cause):
     RunFolder(tmp_path).attempts.append("77", 0, {**before, "requeued": True})

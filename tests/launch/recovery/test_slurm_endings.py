@@ -1,5 +1,6 @@
 """How an attempt's end reads Slurm, with the real SlurmJob over a stand-in for Slurm's commands: a host the
-partition cannot spare (the run goes on with it), a requeue that an old, mended node failure does not explain."""
+partition cannot spare (the run goes on with it), a requeue that an old, mended node failure does not explain, a
+host whose ranks all went silent (a lost node, not a hang)."""
 from __future__ import annotations
 
 import subprocess
@@ -7,13 +8,15 @@ import subprocess
 import pytest
 
 from gpt.config import schema
-from gpt.run_folder import Next
+from gpt.run_folder import Next, RunFolder
 from helpers import compose
 from launch import launch_config
 from launch.backends.slurm import commands
 from launch.backends.slurm.job import SlurmJob
 from launch.rank.job_env import ROUND_VAR
 from launch.recovery.decision import Cause, Ending, recover
+from launch.recovery.endings import end_hung_attempt
+from launch.run.attempts import Attempt
 
 FULL = "keeping gl-n4: partition debug cannot spare it (3 node(s) would remain for a 4-node job)"
 
@@ -105,3 +108,21 @@ def test_a_requeue_is_not_blamed_on_a_node_dropped_long_ago_and_back_in_service(
     assert requeued and how == "requeued by Slurm or by another rank already (job 22 is on restart 1)"
     slurm.down = "gl-n2|down|Not responding\n"
     assert "node failure (gl-n2 down" in job_of(monkeypatch, slurm).requeue(10)[1]
+
+
+def beat(host: str) -> dict:
+    return {"host": host, "seq": 4, "beat": 9}
+
+
+@pytest.mark.parametrize("ranks, lost, ended", [
+    (["gl-n1", "gl-n2"], [1], "node failure: gl-n2 gone (no heartbeat from any of its ranks)"),
+    (["gl-n1", "gl-n2", "gl-n2"], [1], "hang"),  # rank 2 lives on gl-n2: its host is there
+])
+def test_a_host_whose_every_rank_went_silent_is_recorded_as_a_lost_node(run_dir, monkeypatch, ranks, lost, ended):
+    slurm = Slurm(RUNNING.replace("NumNodes=4", "NumNodes=1"), partition="gl-n1\ngl-n2\ngl-n3")
+    attempt = Attempt(run_dir, 1, job_of(monkeypatch, slurm))
+    surviving = [r for r in range(len(ranks)) if r not in lost]
+    report = {"summary": "watchdog: rank 1 on gl-n2 is gone", "report": "hang.txt", "exclude": ["gl-n2"],
+              "ranks": [beat(h) for h in ranks], "lost": lost, "surviving": surviving}
+    end_hung_attempt(attempt, 10, report)
+    assert RunFolder(run_dir).attempts.read()[-1].ended == ended
