@@ -126,6 +126,11 @@ class JobEnvironment:
         failure): its stop signal came from a cancel."""
         return False
 
+    def time_limit(self, warning_s: float) -> str | None:
+        """Why the job's time limit is what stops it (reached, or its warning `warning_s` before it), in words; None
+        when it is not, or this environment cannot tell."""
+        return None
+
     def preemption(self) -> Preemption | None:
         """The scheduler's own preemption of this job, while its grace time runs (None: its stop signal came from
         elsewhere, or this environment cannot tell)."""

@@ -186,7 +186,8 @@ def goes_on(end: Ending, newest: int | None) -> Outcome:
         return Outcome(Next.REQUEUE, note)
     if cause is Cause.HEALTH:
         return Outcome(Next.CONTINUE, note)
-    hint = "" if cause is Cause.PREEMPTED and "preempted_by" not in end.record else continues(newest, end.points)
+    said_why = "preempted_by" in end.record or "time_limit" in end.record  # else the signal: the worker says it
+    hint = "" if cause is Cause.PREEMPTED and not said_why else continues(newest, end.points)
     return Outcome(Next.STOP, "; ".join(filter(None, [note, hint])))
 
 

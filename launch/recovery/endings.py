@@ -9,12 +9,13 @@ import logging
 
 from gpt.collectives.process_group import DistEnv, from_rank0, leave
 from gpt.config.sections import WatchdogConfig
-from gpt.errors import EXIT_FAILED, EXIT_USER, error_line
+from gpt.errors import EXIT_FAILED, EXIT_USER, UserError, error_line
 from gpt.resilience.progress import PROGRESS
 from gpt.resilience.timing import ACTOR_WAIT_S
 from gpt.train.out_of_memory import RanOutOfMemory
 from gpt.train.summary import FitSummary
-from gpt.run_folder import CANCELLED, CTRL_C
+from gpt.run_folder import CANCELLED, CTRL_C, RunFolder
+from launch import launch_config
 from launch.recovery.decision import Cause, Ending, decided_elsewhere, recover
 from launch.recovery.hang import detection_s
 from launch.recovery.lost import end_for_lost_node, lost_peers
@@ -25,6 +26,7 @@ from launch.run.attempts import Attempt, hang_report_name
 from launch.run.job_record import cancel_requested
 
 log = logging.getLogger(__name__)
+TIME_LIMIT = "preempted:time limit"  # saved at the time limit's warning, or at the limit: a stop like a preemption
 
 
 def end_stopped(attempt: Attempt, env: DistEnv, restarts: int, summary: FitSummary, record: dict) -> bool:
@@ -68,7 +70,17 @@ def why_stopped(attempt: Attempt, restarts: int, summary: FitSummary, record: di
         return Ending(run_dir, job, Cause.STRAGGLER, ended, restarts, (straggler["host"],), record)
     if signalled == "SIGTERM" and (by := job.preemption()) is not None:  # not a self-requeue or a node failure
         return Ending(run_dir, job, Cause.PREEMPTED, by.said, restarts, record={**record, "preempted_by": by.said})
+    if signalled in ("SIGTERM", "SIGUSR2") and (limit := job.time_limit(_warning_s(run_dir))) is not None:
+        return Ending(run_dir, job, Cause.PREEMPTED, TIME_LIMIT, restarts, record={**record, "time_limit": limit})
     return Ending(run_dir, job, Cause.PREEMPTED, ended, restarts, record=record)
+
+
+def _warning_s(run_dir) -> float:
+    """How long before the time limit the scheduler warns the job (cluster.signal_delay_s; none: no warning)."""
+    try:
+        return float(launch_config.load(RunFolder(run_dir).config).cluster.signal_delay_s or 0)
+    except (OSError, UserError):
+        return 0.0
 
 
 def start_watchdog(attempt: Attempt, env: DistEnv, watchdog: WatchdogConfig, restarts: int) -> None:

@@ -63,7 +63,7 @@ def test_a_chain_of_time_limited_jobs_is_one_run_equal_to_an_uninterrupted_one(s
     assert [a["job_id"] for a in log[:3]] == links and {a["job_id"] for a in log[3:]} <= {links[2]}, log
     for a, nxt in zip(log, links[1:]):  # each earlier link's one attempt hands over, or finishes the run
         if a["ended"] != "finished":
-            assert a["ended"] == "preempted:SIGUSR2" and a["requeued"] is False and a["next_link"] == nxt, log
+            assert a["ended"] == "preempted:time limit" and a["requeued"] is False and a["next_link"] == nxt, log
             assert f"job {nxt}, the chain's next link, continues the run" in a["note"], a
     assert "next_link" in log[0], log
     assert all(a["requeued"] for a in log[3:-1] if a["ended"] != "finished"), log  # the last link requeues itself

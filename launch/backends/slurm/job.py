@@ -13,6 +13,7 @@ from launch.recovery.rounds import hosts_of
 
 REQUEUE_TRIES = 4  # scontrol requeue, tried again after 1, 2 and 4 s while the controller fails transiently
 REQUEUE_BACKOFF_S = 1.0
+WARNING_EARLY_S = 60  # Slurm sends the time limit's warning (--signal=SIG@N) up to this much early
 # Set in the steps of a packed allocation (hydra.launcher.pack): a point's rank leaves the requeue to the packer, which
 # asks for it once every running point has saved (a requeue ends every step of the allocation).
 PACKED_VAR = "GPTLAUNCH_PACKED"
@@ -145,6 +146,23 @@ class SlurmJob(JobEnvironment):
             return False
         ending = info is not None and info.state in ("CANCELLED", "COMPLETING")
         return ending and not self._requeued(self.job_id, info) and not commands.timed_out(info)
+
+    def time_limit(self, warning_s: float) -> str | None:
+        """Slurm's TimeLimit reason once it ends the job there, or a run time within the warning's lead of the limit
+        (Slurm may send the warning up to WARNING_EARLY_S early): not a preemption, nor a user's signal."""
+        try:
+            info = commands.scontrol_job(self.job_id)
+        except SlurmUnavailable:
+            return None
+        if info is None:
+            return None
+        limit = info.get("TimeLimit") or "?"
+        if info.reason == "TimeLimit" or commands.timed_out(info):
+            return f"stopped by Slurm: job {self.job_id} ended TIMEOUT (its time limit, {limit})"
+        left = _left_s(info)
+        if left is not None and left <= warning_s + WARNING_EARLY_S:
+            return f"job {self.job_id}'s time limit ({limit}) is {left} s away"
+        return None
 
     def preemption(self) -> Preemption | None:
         """Slurm preempts this job for another: scontrol shows its PreemptTime while the partition's grace time runs,
@@ -298,10 +316,17 @@ def _retry(call, seconds: float = 4.0) -> bool:
 def _not_requeued(job: str, info: commands.JobInfo | None) -> str:
     if info is None:
         return f"job {job} is unknown to Slurm: not requeued"
+    if info.reason == "TimeLimit" or commands.timed_out(info):
+        return f"stopped by Slurm: job {job} ended TIMEOUT (its time limit, {info.get('TimeLimit')}): not requeued"
     reason = f", {info.reason}" if info.reason not in ("", "None") else ""
     if info.state == "COMPLETING":  # this attempt ends, and nothing asked Slurm to run it again
         return f"job {job} is ending (COMPLETING{reason}: cancelled, timed out or failed): not requeued"
     return f"job {job} is {info.state}{reason}: not requeued; Slurm decides what happens next"
+
+
+def _left_s(info: commands.JobInfo) -> int | None:
+    run, limit = (commands.duration_s(info.get(k) or "") for k in ("RunTime", "TimeLimit"))
+    return None if run is None or limit is None else limit - run
 
 
 def _nodes(value: str | None) -> list[str]:

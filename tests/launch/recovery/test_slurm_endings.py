@@ -1,6 +1,6 @@
 """How an attempt's end reads Slurm, with the real SlurmJob over a stand-in for Slurm's commands: a host the
-partition cannot spare (the run goes on with it), a requeue that an old, mended node failure does not explain, a
-host whose ranks all went silent (a lost node, not a hang)."""
+partition cannot spare (the run goes on with it), a time limit (named, not a preemption), a requeue that an old,
+mended node failure does not explain, a host whose ranks all went silent (a lost node, not a hang)."""
 from __future__ import annotations
 
 import subprocess
@@ -9,13 +9,14 @@ import pytest
 
 from gpt.config import schema
 from gpt.run_folder import Next, RunFolder
+from gpt.train.summary import FitSummary
 from helpers import compose
 from launch import launch_config
 from launch.backends.slurm import commands
 from launch.backends.slurm.job import SlurmJob
 from launch.rank.job_env import ROUND_VAR
 from launch.recovery.decision import Cause, Ending, recover
-from launch.recovery.endings import end_hung_attempt
+from launch.recovery.endings import end_hung_attempt, why_stopped
 from launch.run.attempts import Attempt
 
 FULL = "keeping gl-n4: partition debug cannot spare it (3 node(s) would remain for a 4-node job)"
@@ -99,6 +100,29 @@ def test_a_flagged_node_the_partition_cannot_spare_is_kept_and_training_goes_on(
     got = recover(ending(run_dir, job_of(monkeypatch, slurm), Cause.HEALTH))
     assert (got.next, got.note) == (Next.CONTINUE, FULL) and slurm.commands("scontrol", "requeue") == []
 
+
+def stopped(run_dir, job: SlurmJob, signalled: str) -> Ending:
+    attempt = Attempt(run_dir, 1, job, nodes=["gl-n1", "gl-n2"])
+    return why_stopped(attempt, 10, FitSummary(0, 100, preempted=signalled), {"first_step": 0, "last_step": 100})
+
+
+def test_the_time_limit_is_named_not_called_a_preemption_and_says_how_to_continue(run_dir, monkeypatch):
+    at_limit = RUNNING.replace("RUNNING Reason=None", "COMPLETING Reason=TimeLimit").replace("01:00:00", "00:05:00")
+    end = stopped(run_dir, job_of(monkeypatch, Slurm(at_limit)), "SIGTERM")
+    assert end.ended == "preempted:time limit"
+    got = recover(end)
+    assert got.next is Next.STOP and got.note == (
+        "stopped by Slurm: job 22 ended TIMEOUT (its time limit, 00:05:00): not requeued; the same command continues "
+        "the run from the start (no checkpoint yet)")
+    assert RunFolder(run_dir).attempts.read()[-1].ended == "preempted:time limit"
+
+
+@pytest.mark.parametrize("run_time, ended", [("00:59:10", "preempted:time limit"), ("00:05:00", "preempted:SIGUSR2")])
+def test_a_warning_signal_is_the_time_limits_only_near_it(run_dir, monkeypatch, run_time, ended):
+    """cluster.signal_delay_s=30, and Slurm may warn up to a minute early: 50 s before the limit is its warning;
+    an hour before, the same SIGUSR2 is someone's (scancel --signal=USR2)."""
+    end = stopped(run_dir, job_of(monkeypatch, Slurm(RUNNING.replace("00:05:00", run_time))), "SIGUSR2")
+    assert end.ended == ended and recover(end).next is Next.REQUEUE
 
 
 def test_a_requeue_is_not_blamed_on_a_node_dropped_long_ago_and_back_in_service(run_dir, monkeypatch):
