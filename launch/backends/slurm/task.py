@@ -86,6 +86,7 @@ class RankTask:
         # all of them save at the same step, and rank 0 requeues the job. submitit's own USR2 handler here would
         # requeue from rank 0 only, with no checkpoint, and exit: replaced by passing the signal on.
         relay = SignalRelay(configured_signals(folder.config))
+        sys.excepthook = one_line(sys.excepthook)
         agent = RoundAgent(run_dir, job_environment(env), host)
         agent.share_on_node()
         missed_preemption(relay, agent.job)
@@ -208,6 +209,18 @@ def peer_lost(rank: int, host: str, run_dir: Path) -> str | None:
     if lost is None or lost == rank:
         return None
     return f"rank {rank} on {host} stopped because rank {lost} was lost"
+
+
+def one_line(hook):
+    """The excepthook for submitit's job process: a RankFailed (the restart limit's stop too) is one line in the
+    task's error file, as it is to the launcher, which reads it from submitit's result; other errors keep their
+    traceback."""
+    def said(kind, error, tb):
+        if isinstance(error, RankFailed):
+            print(f"error: {error}", file=sys.stderr, flush=True)
+        else:
+            hook(kind, error, tb)
+    return said
 
 
 def main() -> None:
