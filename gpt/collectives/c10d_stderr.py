@@ -22,20 +22,48 @@ HOSTNAME_WARNING = b"The hostname of the client socket cannot be retrieved"
 @contextlib.contextmanager
 def without_hostname_warning() -> Iterator[None]:
     """fd 2 without c10d's hostname warning while the block runs; every other line is written on at once."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    read, write = os.pipe()
-    reader = threading.Thread(target=_pass_on, args=(read, os.dup(saved)), name="gptlaunch-c10d-stderr", daemon=True)
-    reader.start()
-    os.dup2(write, 2)
-    os.close(write)
+    _FILTER.enter()
     try:
         yield
     finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)  # the pipe's last writer is gone: the reader reads to its end
-        reader.join(timeout=5.0)  # a process forked meanwhile may hold the pipe: the reader then ends with it
-        os.close(saved)
+        _FILTER.leave()
+
+
+class _Filter:
+    """One pipe for the process, however many threads connect at once (fd 2 is the process's: ranks simulated as
+    threads, benchmarks/startup_scale.py, would otherwise swap it under each other); the last to leave restores it."""
+
+    def __init__(self) -> None:
+        self.lock, self.users = threading.Lock(), 0
+        self.saved: int | None = None
+        self.reader: threading.Thread | None = None
+
+    def enter(self) -> None:
+        with self.lock:
+            self.users += 1
+            if self.users > 1:
+                return
+            sys.stderr.flush()
+            self.saved = os.dup(2)
+            read, write = os.pipe()
+            self.reader = threading.Thread(target=_pass_on, args=(read, os.dup(self.saved)), daemon=True,
+                                           name="gptlaunch-c10d-stderr")
+            self.reader.start()
+            os.dup2(write, 2)
+            os.close(write)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.users -= 1
+            if self.users:
+                return
+            sys.stderr.flush()
+            os.dup2(self.saved, 2)  # the pipe's last writer is gone: the reader reads to its end
+            self.reader.join(timeout=5.0)  # a process forked meanwhile may hold the pipe: the reader ends with it
+            os.close(self.saved)
+
+
+_FILTER = _Filter()
 
 
 def _pass_on(read: int, out: int) -> None:
